@@ -1,0 +1,270 @@
+"""Comparators of spec §6: does a backend's output match the reference within tolerance?
+
+``ratio_allclose`` and ``topk_allclose`` compare one output; ``compare`` applies the spec's table
+to every output of an op and returns a readable ``Report``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .config import COMPRESS_RATIO
+
+MASKED_SCORE = torch.finfo(torch.float32).min  # -3.4028235e38
+_MASK_LIKE = -1e38  # anything below this counts as "masked" (-inf or the most negative finite)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """``|a - e| <= atol + rtol*|e|`` for all but ``max_error_ratio`` of the elements."""
+
+    atol: float
+    rtol: float
+    max_error_ratio: float = 0.005
+
+    def __str__(self) -> str:
+        return f"atol={self.atol:g} rtol={self.rtol:g} ratio={self.max_error_ratio:g}"
+
+
+# Spec §6, per output name.
+TOLERANCES: dict[str, Tolerance] = {
+    "q": Tolerance(1e-4, 1 / 128),
+    "kv": Tolerance(1e-4, 1 / 128),
+    "qr": Tolerance(1.0, 0.0, 0.0),
+    "qr_scale": Tolerance(2.5e-5, 5e-3),
+    "score": Tolerance(1e-4, 1 / 128),
+    "idx_kv_cache": Tolerance(1e-4, 1 / 128),
+    "kv_state": Tolerance(1e-4, 1e-4),
+    "score_state": Tolerance(1e-4, 1e-4),
+}
+OUTPUTS: dict[str, tuple[str, ...]] = {
+    "qkv_proj_rope": ("q", "kv", "qr", "qr_scale"),
+    "indexer_compressor": ("kv_state", "score_state", "idx_kv_cache"),
+    "indexer": ("score", "topk_idxs", "kv_state", "score_state", "idx_kv_cache"),
+}
+
+
+@dataclass
+class Check:
+    """The verdict on one output. Truthy when it passed."""
+
+    name: str
+    passed: bool
+    rule: str
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    violation_ratio: float = 0.0
+    detail: str = ""
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+
+def _fail(name: str, rule: str, detail: str) -> Check:
+    return Check(name, False, rule, float("nan"), float("nan"), 1.0, detail)
+
+
+def ratio_allclose(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    atol: float,
+    rtol: float,
+    max_error_ratio: float = 0.005,
+    name: str = "output",
+) -> Check:
+    """Pass when at most ``max_error_ratio`` of elements violate ``|a-e| <= atol + rtol*|e|``.
+
+    NaN always violates; an infinity matches only the same infinity (``-inf`` where the reference
+    has ``-inf``, enforced for every element). Shapes must match.
+    """
+    rule = str(Tolerance(atol, rtol, max_error_ratio))
+    if actual.shape != expected.shape:
+        return _fail(name, rule, f"shape {list(actual.shape)} != expected {list(expected.shape)}")
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    n = e.numel()
+    if n == 0:
+        return Check(name, True, rule)
+    e_inf, a_inf = torch.isinf(e), torch.isinf(a)
+    inf_mismatch = (e_inf | a_inf) & ~(a == e)
+    finite = ~(e_inf | a_inf)
+    err = torch.where(finite, (a - e).abs(), torch.zeros_like(a))
+    bad = torch.isnan(a) | torch.isnan(e) | inf_mismatch | (err > atol + rtol * e.abs())
+    rel = torch.where(finite & (e != 0), err / e.abs(), torch.zeros_like(a))
+    count = int(bad.sum())
+    ratio = count / n
+    passed = ratio <= max_error_ratio and not bool(inf_mismatch.any())
+    detail = ""
+    if count:
+        i = int(bad.flatten().nonzero()[0])
+        idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), e.shape))
+        detail = f"{count}/{n} off; first at {list(idx)}: got {a.flatten()[i]:.6g}, expected {e.flatten()[i]:.6g}"
+    return Check(name, passed, rule, float(err.max()), float(rel.max()), ratio, detail)
+
+
+def topk_allclose(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    ref_score: torch.Tensor,
+    offset: int = 0,
+    atol: float = 1e-4,
+    rtol: float = 1 / 128,
+    name: str = "topk_idxs",
+) -> Check:
+    """Tie-tolerant top-k comparison (spec §6).
+
+    ``actual``, ``expected``: ``[B, S, K]`` int indices (``+offset``, ``-1`` padded); ``ref_score``:
+    the reference's ``[B, S, N]`` scores. Per token: the same number of valid entries, as a prefix;
+    no duplicates; every index inside the scored range; the reference scores at the chosen indices
+    non-increasing and equal to the reference's own top-k scores position by position, both within
+    the score tolerance — so only near-equal scores may swap.
+    """
+    rule = f"tie-tolerant, score atol={atol:g} rtol={rtol:g}"
+    if actual.shape != expected.shape:
+        return _fail(name, rule, f"shape {list(actual.shape)} != expected {list(expected.shape)}")
+    a = actual.detach().to("cpu", torch.int64)
+    e = expected.detach().to("cpu", torch.int64)
+    sc = ref_score.detach().to("cpu", torch.float64)
+    n = sc.shape[-1]
+    worst = 0.0
+    failures: list[str] = []
+    rows = a.reshape(-1, a.shape[-1])
+    for r in range(rows.shape[0]):
+        b, s = divmod(r, a.shape[1])
+        av, ev = rows[r], e[b, s]
+        k = int((ev != -1).sum())
+        where = f"[b={b}, s={s}]"
+        if int((av != -1).sum()) != k or bool((av[:k] == -1).any()):
+            failures.append(f"{where} {int((av != -1).sum())} valid entries, expected {k} as a prefix")
+            continue
+        got, ref = av[:k] - offset, ev[:k] - offset
+        if k and (int(got.min()) < 0 or int(got.max()) >= n):
+            failures.append(f"{where} index out of [offset, offset+{n})")
+            continue
+        if torch.unique(got).numel() != k:
+            failures.append(f"{where} duplicate indices")
+            continue
+        got_s, ref_s = sc[b, s, got], sc[b, s, ref]
+        tol = atol + rtol * ref_s.abs()
+        diff = (got_s - ref_s).abs()
+        worst = max(worst, float(diff.max()) if k else 0.0)
+        if bool((diff > tol).any()):
+            i = int((diff > tol).nonzero()[0])
+            failures.append(f"{where} slot {i}: score {float(got_s[i]):.6g} where the reference's top-k has "
+                            f"{float(ref_s[i]):.6g}")
+        elif k > 1 and bool((got_s[1:] > got_s[:-1] + atol + rtol * got_s[:-1].abs()).any()):
+            failures.append(f"{where} scores not in descending order")
+    ratio = len(failures) / max(1, rows.shape[0])
+    detail = f"{len(failures)} token(s) off; first {failures[0]}" if failures else ""
+    return Check(name, not failures, rule, worst, 0.0, ratio, detail)
+
+
+def _written_rows(start_pos: torch.Tensor, seq: int, batch: int, rows: int) -> torch.Tensor:
+    """``[batch, rows]`` bool: cache rows that a step of ``seq`` tokens from ``start_pos`` writes."""
+    mask = torch.zeros(batch, rows, dtype=torch.bool)
+    for b, p in enumerate(start_pos.tolist()):
+        mask[b, p // COMPRESS_RATIO : (p + seq) // COMPRESS_RATIO] = True
+    return mask
+
+
+def _check_cache(actual: torch.Tensor, expected: torch.Tensor, inputs: Mapping[str, Any]) -> Check:
+    tol = TOLERANCES["idx_kv_cache"]
+    before = inputs.get("idx_kv_cache")
+    if before is None or "start_pos" not in inputs or "seq" not in inputs:
+        return ratio_allclose(actual, expected, tol.atol, tol.rtol, tol.max_error_ratio, "idx_kv_cache")
+    if actual.shape != expected.shape:
+        return _fail("idx_kv_cache", str(tol), f"shape {list(actual.shape)} != expected {list(expected.shape)}")
+    written = torch.zeros(actual.shape[:2], dtype=torch.bool)
+    start = torch.as_tensor(inputs["start_pos"]).reshape(-1)
+    written[: start.numel()] = _written_rows(start, int(inputs["seq"]), start.numel(), actual.shape[1])
+    a, e, prior = actual.cpu(), expected.cpu(), before.cpu()
+    check = ratio_allclose(a[written], e[written], tol.atol, tol.rtol, tol.max_error_ratio, "idx_kv_cache")
+    check.rule += "; unwritten rows bit-identical"
+    changed = (a[~written].view(torch.int16) != prior[~written].view(torch.int16)).any(-1)
+    if bool(changed.any()):
+        check.passed = False
+        check.detail = (check.detail + "; " if check.detail else "") + f"{int(changed.sum())} unwritten row(s) changed"
+    return check
+
+
+def _check_score(actual: torch.Tensor, expected: torch.Tensor) -> Check:
+    tol = TOLERANCES["score"]
+    a, e = actual.detach().cpu(), expected.detach().cpu()
+    n = e.shape[-1]
+    if a.shape[:-1] != e.shape[:-1] or a.shape[-1] < n:
+        return _fail("score", str(tol), f"shape {list(a.shape)} does not cover expected {list(e.shape)}")
+    masked_e = e <= _MASK_LIKE
+    a_head = a[..., :n]
+    extra_ok = bool((a[..., n:] <= _MASK_LIKE).all())
+    mask_ok = bool((a_head[masked_e] <= _MASK_LIKE).all())
+    check = ratio_allclose(
+        torch.where(masked_e, 0.0, a_head), torch.where(masked_e, 0.0, e), tol.atol, tol.rtol,
+        tol.max_error_ratio, "score",
+    )
+    check.rule += "; masked entries -inf-like"
+    if not (extra_ok and mask_ok):
+        check.passed = False
+        check.detail = (check.detail + "; " if check.detail else "") + "a masked position holds a real score"
+    return check
+
+
+@dataclass
+class Report:
+    """Verdicts on every output of one op call. Truthy when all passed."""
+
+    op: str
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(self.checks)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def __str__(self) -> str:
+        lines = [f"{self.op}: {'PASS' if self.passed else 'FAIL'}"]
+        for c in self.checks:
+            lines.append(
+                f"  {c.name:<13} {'ok  ' if c.passed else 'FAIL'} max_abs={c.max_abs:<10.3g} "
+                f"max_rel={c.max_rel:<10.3g} violations={c.violation_ratio:<8.3%} [{c.rule}]"
+                + (f"  {c.detail}" if c.detail else "")
+            )
+        return "\n".join(lines)
+
+
+def compare(
+    op: str,
+    outputs: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    inputs: Mapping[str, Any] | None = None,
+) -> Report:
+    """Check every output of ``op`` against ``expected`` with the spec §6 table.
+
+    ``inputs`` (optional) lets the stricter rules apply: ``offset`` for ``topk_idxs``; the pre-step
+    ``idx_kv_cache`` with ``start_pos`` (``[B]``) and ``seq`` (S) so rows the step did not write
+    must be bit-identical to before.
+    """
+    if op not in OUTPUTS:
+        raise ValueError(f"op: expected one of {sorted(OUTPUTS)}, got {op!r}")
+    inputs = inputs or {}
+    report = Report(op)
+    for name in OUTPUTS[op]:
+        if name not in outputs or name not in expected:
+            report.checks.append(_fail(name, "-", "missing from outputs" if name not in outputs else "no expected value"))
+        elif name == "topk_idxs":
+            t = TOLERANCES["score"]
+            report.checks.append(topk_allclose(outputs[name], expected[name], expected["score"],
+                                               int(inputs.get("offset", 0)), t.atol, t.rtol))
+        elif name == "score":
+            report.checks.append(_check_score(outputs[name], expected[name]))
+        elif name == "idx_kv_cache":
+            report.checks.append(_check_cache(outputs[name], expected[name], inputs))
+        else:
+            t = TOLERANCES[name]
+            report.checks.append(ratio_allclose(outputs[name], expected[name], t.atol, t.rtol, t.max_error_ratio, name))
+    return report

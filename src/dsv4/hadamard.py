@@ -1,0 +1,24 @@
+"""The orthonormal Sylvester Walsh-Hadamard matrix used by the indexer (spec §2)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=8)
+def _hadamard_cpu(n: int) -> torch.Tensor:
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"Hadamard order must be a power of two, got {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h * n**-0.5
+
+
+def hadamard_matrix(
+    n: int = 128, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """``[n, n]`` Sylvester Hadamard matrix times ``n^-0.5`` (orthonormal and symmetric)."""
+    return _hadamard_cpu(n).to(dtype=dtype, device=device)

@@ -1,0 +1,103 @@
+"""The public ops: validate every argument, pick the backend, run it.
+
+Validation (spec §7) happens before anything is computed, so a call that raises leaves the
+caller's state and caches untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backends import get_backend
+from .rope import RopeTable
+from .state import IndexerState
+from .structs import QKV, IndexerOut
+from .validate import check_compressor, check_indexer, check_qkv_proj_rope
+from .weights import AttnWeights, CompressorWeights, IndexerWeights
+
+
+def qkv_proj_rope(
+    x: torch.Tensor,
+    w: AttnWeights,
+    positions: torch.Tensor,
+    rope: RopeTable,
+    *,
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> QKV:
+    """Attention Q/KV projection with RMSNorm and interleaved RoPE (spec §3).
+
+    Args:
+        x: ``[T, D] bf16`` attention-normed hidden states, any ``T >= 1``.
+        w: ``AttnWeights``; ``H`` and ``HD`` come from ``w.wq_b`` and ``w.wkv``.
+        positions: ``[T] int32|int64`` position of every token, inside the rope table.
+        rope: the layer's ``RopeTable`` (``R`` = twice its width).
+        eps: RMSNorm epsilon.
+        backend: ``"reference"``, ``"triton"`` or ``"auto"`` (Triton on CUDA, else the reference).
+
+    Returns:
+        ``QKV(q [T, H, HD] bf16, kv [T, HD] bf16, qr [T, QL] int8, qr_scale [T, 1] fp32)``.
+    """
+    check_qkv_proj_rope(x, w, positions, rope, eps)
+    return get_backend(backend, x.device).qkv_proj_rope(x, w, positions, rope, eps)
+
+
+def indexer_compressor(
+    x: torch.Tensor,
+    w: CompressorWeights,
+    state: IndexerState,
+    start_pos: int | torch.Tensor,
+    rope: RopeTable,
+    *,
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> None:
+    """Advance the ratio-4 compressor over one step of ``S`` tokens per sequence (spec §4).
+
+    Args:
+        x: ``[B, S, D] bf16`` hidden states of the step's tokens, in order.
+        w: ``CompressorWeights``; ``HID`` comes from ``w.norm_w``.
+        state: ``IndexerState`` with at least ``B`` rows; rows ``0..B-1`` are updated in place:
+            ``kv_state``/``score_state`` ring slots, and one ``idx_kv_cache`` row per block of 4
+            positions that this step closes. Nothing else changes.
+        start_pos: position of each row's first token: an int, or an int tensor ``[B]``.
+        rope: the compressed-key ``RopeTable``.
+    """
+    pos = check_compressor(x, w, state, start_pos, rope, eps)
+    get_backend(backend, x.device).indexer_compressor(x, w, state, pos, rope, eps)
+
+
+def indexer(
+    x: torch.Tensor,
+    qr: torch.Tensor,
+    qr_scale: torch.Tensor,
+    w: IndexerWeights,
+    state: IndexerState,
+    start_pos: int | torch.Tensor,
+    offset: int,
+    rope: RopeTable,
+    *,
+    topk: int,
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> IndexerOut:
+    """Lightning indexer: compress this step's keys, score the cache, select the top-k (spec §5).
+
+    Args:
+        x: ``[B, S, D] bf16`` hidden states.
+        qr: ``[B*S, QL] int8`` and ``qr_scale``: ``[B*S, 1] fp32``, from ``qkv_proj_rope``.
+        w: ``IndexerWeights``; ``HI`` from ``w.weights_proj``, ``HID`` from ``w.compressor.norm_w``.
+        state: ``IndexerState``, updated in place by the compressor first (see ``indexer_compressor``).
+        start_pos: an int, or an int tensor ``[B]``; token ``s`` of row ``b`` sits at
+            ``start_pos[b] + s`` and sees cache rows ``j < (position + 1) // 4``.
+        offset: added to every selected index (the attention passes its window size).
+        rope: the compressed-layer ``RopeTable``.
+        topk: how many indices to select per token (``index_topk``).
+
+    Returns:
+        ``IndexerOut(score [B, S, max_b cache_len[b]] fp32, topk_idxs [B, S, topk] int32)`` with
+        ``cache_len[b] = (start_pos[b] + S) // 4``; invisible scores are ``-3.4028235e38`` and
+        unused index slots ``-1``.
+    """
+    pos = check_indexer(x, qr, qr_scale, w, state, start_pos, offset, rope, topk, eps)
+    return get_backend(backend, x.device).indexer(x, qr, qr_scale, w, state, pos, offset, rope, topk, eps)

@@ -1,0 +1,46 @@
+"""Small fp32 building blocks of the reference, each one line of the spec."""
+
+from __future__ import annotations
+
+import torch
+
+from ..rope import RopeTable
+
+
+def rms_norm(v: torch.Tensor, gamma: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``v * 1/sqrt(mean(v^2) + eps) * gamma`` over the last axis, fp32 (no gain when ``gamma`` is None)."""
+    v = v.to(torch.float32)
+    out = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)
+    return out if gamma is None else out * gamma.to(torch.float32)
+
+
+def apply_rope(u: torch.Tensor, positions: torch.Tensor, rope: RopeTable) -> torch.Tensor:
+    """Interleaved RoPE of the pairs ``(u[2i], u[2i+1])``; ``u [..., R]`` fp32, ``positions``
+    broadcastable to ``u.shape[:-1]`` (int)."""
+    cos = rope.cos[positions]
+    sin = rope.sin[positions]
+    while cos.dim() < u.dim():  # broadcast over head axes between the token axes and R
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    u0, u1 = u[..., 0::2], u[..., 1::2]
+    return torch.stack((u0 * cos - u1 * sin, u0 * sin + u1 * cos), dim=-1).flatten(-2)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` with bf16 operands and fp32 accumulation (operands are exact in fp32)."""
+    return x.to(torch.float32) @ w.to(torch.float32).T
+
+
+_EXACT_CHUNK = 1 << 24  # output elements per float64 chunk: bounds the temporary to 128 MiB
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact ``a @ b.T`` of INT8 matrices as int32: ``a [M, K]``, ``b [N, K]`` -> ``[M, N]``.
+
+    float64 holds every partial sum exactly (|sum| <= 127^2 * K << 2^53), on any device.
+    """
+    a64 = a.to(torch.float64)
+    step = max(1, _EXACT_CHUNK // max(1, a.shape[0]))
+    out = torch.empty(a.shape[0], b.shape[0], dtype=torch.int32, device=a.device)
+    for n0 in range(0, b.shape[0], step):
+        out[:, n0 : n0 + step] = (a64 @ b[n0 : n0 + step].to(torch.float64).T).to(torch.int32)
+    return out

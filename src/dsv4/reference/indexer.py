@@ -1,0 +1,75 @@
+"""Reference ``indexer`` (spec §5): the lightning indexer's query path, scores and top-k."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import COMPRESS_RATIO
+from ..hadamard import hadamard_matrix
+from ..quant import quantize_int8_per_row
+from ..rope import RopeTable
+from ..state import IndexerState
+from ..structs import IndexerOut, StepPositions
+from ..weights import IndexerWeights
+from .common import apply_rope, int8_matmul, linear
+from .compressor import indexer_compressor
+
+MASKED_SCORE = torch.finfo(torch.float32).min  # -3.4028235e38, the most negative finite fp32: "not visible"
+
+
+def index_query(qr: torch.Tensor, qr_scale: torch.Tensor, w: IndexerWeights, positions: torch.Tensor,
+                rope: RopeTable) -> torch.Tensor:
+    """``qr [T, QL] int8`` -> Hadamard-rotated queries ``[T, HI, HID]`` fp32 (steps 1-2)."""
+    hid = w.compressor.norm_w.shape[0]
+    nope = hid - rope.rope_dim
+    qh = (int8_matmul(qr, w.wq_b).to(torch.float32) * qr_scale * w.wq_b_scale).view(qr.shape[0], -1, hid)
+    qh[..., nope:] = apply_rope(qh[..., nope:], positions, rope)
+    return qh.to(torch.bfloat16).to(torch.float32) @ hadamard_matrix(hid, device=qr.device)
+
+
+def index_scores(q: torch.Tensor, weights: torch.Tensor, cache: torch.Tensor, pos: StepPositions) -> torch.Tensor:
+    """Scores ``[B, S, max cache_len]`` fp32 (steps 4-5).
+
+    ``q [B, S, HI, HID]`` fp32 rotated queries, ``weights [B, S, HI]`` fp32 head weights,
+    ``cache [B, rows, HID]`` bf16. Entries a token cannot see hold ``MASKED_SCORE``.
+    """
+    b, s = q.shape[:2]
+    n = pos.max_cache_len
+    q8, qs = quantize_int8_per_row(q)  # [B, S, HI, HID], [B, S, HI, 1]
+    k8, ks = quantize_int8_per_row(cache[:, :n])  # [B, n, HID], [B, n, 1]
+    score = torch.empty(b, s, n, dtype=torch.float32, device=q.device)
+    for i in range(b):  # each row has its own keys; heads and tokens go in one GEMM
+        dots = int8_matmul(q8[i].reshape(-1, q8.shape[-1]), k8[i]).to(torch.float32).view(s, q8.shape[2], n)
+        logits = torch.relu(dots * qs[i] * ks[i].view(1, 1, n))
+        score[i] = (logits * weights[i].unsqueeze(-1)).sum(dim=1)
+    vis = (pos.token_positions() + 1) // COMPRESS_RATIO  # [B, S]
+    hidden = torch.arange(n, device=q.device).view(1, 1, n) >= vis.unsqueeze(-1)
+    return score.masked_fill_(hidden, MASKED_SCORE)
+
+
+def select_topk(score: torch.Tensor, pos: StepPositions, topk: int, offset: int) -> torch.Tensor:
+    """``topk_idxs [B, S, topk] int32`` (step 6): the ``min(topk, vis)`` best visible indices in
+    descending score order (ties: lower index first), plus ``offset``; the rest ``-1``."""
+    b, s, n = score.shape
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :topk]
+    out = torch.full((b, s, topk), -1, dtype=torch.int32, device=score.device)
+    out[..., : order.shape[-1]] = (order + offset).to(torch.int32)
+    vis = (pos.token_positions() + 1) // COMPRESS_RATIO
+    k = vis.clamp(max=topk)
+    keep = torch.arange(topk, device=score.device).view(1, 1, topk) < k.unsqueeze(-1)
+    return out.masked_fill_(~keep, -1)
+
+
+def indexer(
+    x: torch.Tensor, qr: torch.Tensor, qr_scale: torch.Tensor, w: IndexerWeights, state: IndexerState,
+    pos: StepPositions, offset: int, rope: RopeTable, topk: int, eps: float,
+) -> IndexerOut:
+    """x ``[B, S, D] bf16``, ``qr [B*S, QL] int8``, ``qr_scale [B*S, 1] fp32`` -> ``IndexerOut``;
+    runs the compressor first (updates ``state`` in place)."""
+    indexer_compressor(x, w.compressor, state, pos, rope, eps)
+    b, s = x.shape[:2]
+    hi, hid = w.weights_proj.shape[0], w.compressor.norm_w.shape[0]
+    q = index_query(qr, qr_scale, w, pos.token_positions().reshape(-1), rope).view(b, s, hi, hid)
+    weights = linear(x, w.weights_proj) * hid**-0.5 * hi**-0.5
+    score = index_scores(q, weights, state.idx_kv_cache, pos)
+    return IndexerOut(score, select_topk(score, pos, topk, offset))
