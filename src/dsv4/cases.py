@@ -46,7 +46,11 @@ class Case:
 
 
 def prefilled_state(
-    cfg: DeepSeekV4Config, batch: int, max_position: int, start_pos: torch.Tensor, seed: int,
+    cfg: DeepSeekV4Config,
+    batch: int,
+    max_position: int,
+    start_pos: torch.Tensor,
+    seed: int,
     device: torch.device | str | None = None,
 ) -> IndexerState:
     """State as if each row had already seen ``start_pos[b]`` tokens: cache rows of those blocks

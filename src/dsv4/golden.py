@@ -154,8 +154,9 @@ def topk_allclose(
         worst = max(worst, float(diff.max()) if k else 0.0)
         if bool((diff > tol).any()):
             i = int((diff > tol).nonzero()[0])
-            failures.append(f"{where} slot {i}: score {float(got_s[i]):.6g} where the reference's top-k has "
-                            f"{float(ref_s[i]):.6g}")
+            failures.append(
+                f"{where} slot {i}: score {float(got_s[i]):.6g} where the reference's top-k has {float(ref_s[i]):.6g}"
+            )
         elif k > 1 and bool((got_s[1:] > got_s[:-1] + atol + rtol * got_s[:-1].abs()).any()):
             failures.append(f"{where} scores not in descending order")
     ratio = len(failures) / max(1, rows.shape[0])
@@ -202,8 +203,12 @@ def _check_score(actual: torch.Tensor, expected: torch.Tensor) -> Check:
     extra_ok = bool((a[..., n:] <= _MASK_LIKE).all())
     mask_ok = bool((a_head[masked_e] <= _MASK_LIKE).all())
     check = ratio_allclose(
-        torch.where(masked_e, 0.0, a_head), torch.where(masked_e, 0.0, e), tol.atol, tol.rtol,
-        tol.max_error_ratio, "score",
+        torch.where(masked_e, 0.0, a_head),
+        torch.where(masked_e, 0.0, e),
+        tol.atol,
+        tol.rtol,
+        tol.max_error_ratio,
+        "score",
     )
     check.rule += "; masked entries -inf-like"
     if not (extra_ok and mask_ok):
@@ -255,11 +260,16 @@ def compare(
     report = Report(op)
     for name in OUTPUTS[op]:
         if name not in outputs or name not in expected:
-            report.checks.append(_fail(name, "-", "missing from outputs" if name not in outputs else "no expected value"))
+            report.checks.append(
+                _fail(name, "-", "missing from outputs" if name not in outputs else "no expected value")
+            )
         elif name == "topk_idxs":
             t = TOLERANCES["score"]
-            report.checks.append(topk_allclose(outputs[name], expected[name], expected["score"],
-                                               int(inputs.get("offset", 0)), t.atol, t.rtol))
+            report.checks.append(
+                topk_allclose(
+                    outputs[name], expected[name], expected["score"], int(inputs.get("offset", 0)), t.atol, t.rtol
+                )
+            )
         elif name == "score":
             report.checks.append(_check_score(outputs[name], expected[name]))
         elif name == "idx_kv_cache":

@@ -41,7 +41,11 @@ def _correction_dim(rotations: float, dim: int, base: float, orig_len: int) -> f
 
 
 def rope_frequencies(
-    dim: int, theta: float, factor: float = 1.0, orig_len: int = 0, beta_fast: float = 32.0,
+    dim: int,
+    theta: float,
+    factor: float = 1.0,
+    orig_len: int = 0,
+    beta_fast: float = 32.0,
     beta_slow: float = 1.0,
 ) -> torch.Tensor:
     """``[dim/2]`` float64 inverse frequencies; YaRN-corrected when ``orig_len > 0``."""
@@ -75,8 +79,12 @@ def rope_table(
         raise ValueError(f"max_position must be >= 1, got {n}")
     if kind == "compressed":
         freqs = rope_frequencies(
-            cfg.qk_rope_head_dim, cfg.compress_rope_theta, cfg.rope_factor,
-            cfg.original_max_position_embeddings, cfg.beta_fast, cfg.beta_slow,
+            cfg.qk_rope_head_dim,
+            cfg.compress_rope_theta,
+            cfg.rope_factor,
+            cfg.original_max_position_embeddings,
+            cfg.beta_fast,
+            cfg.beta_slow,
         )
     elif kind == "window":
         freqs = rope_frequencies(cfg.qk_rope_head_dim, cfg.rope_theta)

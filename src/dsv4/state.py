@@ -43,9 +43,7 @@ class IndexerState:
         width = 2 * cfg.index_head_dim
         return cls(
             kv_state=torch.zeros(batch, STATE_SLOTS, width, dtype=torch.float32, device=device),
-            score_state=torch.full(
-                (batch, STATE_SLOTS, width), float("-inf"), dtype=torch.float32, device=device
-            ),
+            score_state=torch.full((batch, STATE_SLOTS, width), float("-inf"), dtype=torch.float32, device=device),
             idx_kv_cache=torch.zeros(
                 batch, n // COMPRESS_RATIO, cfg.index_head_dim, dtype=torch.bfloat16, device=device
             ),

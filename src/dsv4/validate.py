@@ -78,9 +78,7 @@ def check_rope(rope: object, device: torch.device, max_rope_dim: int, what: str)
     return rope
 
 
-def check_qkv_proj_rope(
-    x: object, w: object, positions: object, rope: object, eps: object
-) -> None:
+def check_qkv_proj_rope(x: object, w: object, positions: object, rope: object, eps: object) -> None:
     """Checks of ``qkv_proj_rope``'s arguments (see its docstring for the contract)."""
     check_tensor("x", x, torch.bfloat16, (None, None), x.device if isinstance(x, torch.Tensor) else None)
     t, d = x.shape
@@ -102,9 +100,7 @@ def check_qkv_proj_rope(
     check_tensor("positions", positions, INTS, (t,), dev)
     lo, hi = int(positions.min()), int(positions.max())
     if lo < 0 or hi >= rope.max_position:
-        raise ValueError(
-            f"positions: expected values in [0, {rope.max_position}) (the rope table), got [{lo}, {hi}]"
-        )
+        raise ValueError(f"positions: expected values in [0, {rope.max_position}) (the rope table), got [{lo}, {hi}]")
     _check_eps(eps)
 
 
@@ -151,8 +147,16 @@ def check_compressor(
 
 
 def check_indexer(
-    x: object, qr: object, qr_scale: object, w: object, state: object, start_pos: object,
-    offset: object, rope: object, topk: object, eps: object,
+    x: object,
+    qr: object,
+    qr_scale: object,
+    w: object,
+    state: object,
+    start_pos: object,
+    offset: object,
+    rope: object,
+    topk: object,
+    eps: object,
 ) -> StepPositions:
     """Checks of ``indexer``'s arguments (the compressor's included); returns the step's positions."""
     _check_instance("w", w, IndexerWeights)

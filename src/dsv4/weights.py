@@ -16,9 +16,7 @@ class _Tensors:
 
     def to(self, device: torch.device | str):
         """A copy with every tensor on ``device``."""
-        return dataclasses.replace(
-            self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)}
-        )
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
 
     def nbytes(self) -> int:
         """Total bytes of every tensor held."""
@@ -89,9 +87,7 @@ def _gain(g: torch.Generator, n: int) -> torch.Tensor:
     return (1.0 + _normal(g, (n,), 0.1)).to(torch.bfloat16)
 
 
-def synthetic_weights(
-    cfg: DeepSeekV4Config, seed: int = 0, device: torch.device | str | None = None
-) -> LayerWeights:
+def synthetic_weights(cfg: DeepSeekV4Config, seed: int = 0, device: torch.device | str | None = None) -> LayerWeights:
     """Seeded random weights of realistic magnitude for ``cfg``.
 
     Projections are drawn with std ``1/sqrt(in_features)`` so their outputs have unit RMS on

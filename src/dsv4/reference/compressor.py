@@ -31,8 +31,9 @@ def pool_block(kv_state: torch.Tensor, score_state: torch.Tensor) -> torch.Tenso
     return (kv * torch.softmax(sc, dim=1)).sum(dim=1)
 
 
-def finish_key(k: torch.Tensor, w: CompressorWeights, first_pos: torch.Tensor, rope: RopeTable,
-               eps: float) -> torch.Tensor:
+def finish_key(
+    k: torch.Tensor, w: CompressorWeights, first_pos: torch.Tensor, rope: RopeTable, eps: float
+) -> torch.Tensor:
     """Pooled ``k [N, HID]`` fp32 -> cache rows ``[N, HID]`` bf16: RMSNorm, RoPE at the block's
     first position, Hadamard, each rounded to bf16 where the model rounds."""
     hid = k.shape[-1]
@@ -43,7 +44,11 @@ def finish_key(k: torch.Tensor, w: CompressorWeights, first_pos: torch.Tensor, r
 
 
 def indexer_compressor(
-    x: torch.Tensor, w: CompressorWeights, state: IndexerState, pos: StepPositions, rope: RopeTable,
+    x: torch.Tensor,
+    w: CompressorWeights,
+    state: IndexerState,
+    pos: StepPositions,
+    rope: RopeTable,
     eps: float,
 ) -> None:
     """x ``[B, S, D] bf16``; updates rows ``0..B-1`` of ``state`` in place."""

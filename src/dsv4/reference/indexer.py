@@ -17,8 +17,9 @@ from .compressor import indexer_compressor
 MASKED_SCORE = torch.finfo(torch.float32).min  # -3.4028235e38, the most negative finite fp32: "not visible"
 
 
-def index_query(qr: torch.Tensor, qr_scale: torch.Tensor, w: IndexerWeights, positions: torch.Tensor,
-                rope: RopeTable) -> torch.Tensor:
+def index_query(
+    qr: torch.Tensor, qr_scale: torch.Tensor, w: IndexerWeights, positions: torch.Tensor, rope: RopeTable
+) -> torch.Tensor:
     """``qr [T, QL] int8`` -> Hadamard-rotated queries ``[T, HI, HID]`` fp32 (steps 1-2)."""
     hid = w.compressor.norm_w.shape[0]
     nope = hid - rope.rope_dim
@@ -61,8 +62,16 @@ def select_topk(score: torch.Tensor, pos: StepPositions, topk: int, offset: int)
 
 
 def indexer(
-    x: torch.Tensor, qr: torch.Tensor, qr_scale: torch.Tensor, w: IndexerWeights, state: IndexerState,
-    pos: StepPositions, offset: int, rope: RopeTable, topk: int, eps: float,
+    x: torch.Tensor,
+    qr: torch.Tensor,
+    qr_scale: torch.Tensor,
+    w: IndexerWeights,
+    state: IndexerState,
+    pos: StepPositions,
+    offset: int,
+    rope: RopeTable,
+    topk: int,
+    eps: float,
 ) -> IndexerOut:
     """x ``[B, S, D] bf16``, ``qr [B*S, QL] int8``, ``qr_scale [B*S, 1] fp32`` -> ``IndexerOut``;
     runs the compressor first (updates ``state`` in place)."""

@@ -20,9 +20,7 @@ def _nope_rope_bf16(v: torch.Tensor, positions: torch.Tensor, rope: RopeTable) -
     return out
 
 
-def qkv_proj_rope(
-    x: torch.Tensor, w: AttnWeights, positions: torch.Tensor, rope: RopeTable, eps: float
-) -> QKV:
+def qkv_proj_rope(x: torch.Tensor, w: AttnWeights, positions: torch.Tensor, rope: RopeTable, eps: float) -> QKV:
     """x ``[T, D] bf16``, positions ``[T] int`` -> ``QKV(q [T, H, HD], kv [T, HD], qr [T, QL], qr_scale [T, 1])``."""
     t = x.shape[0]
     hd = w.wkv.shape[0]
