@@ -1,0 +1,132 @@
+"""The ``dsv4`` command: ``run`` (the main job), ``info``, ``golden save|check``."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from importlib import metadata
+
+import torch
+
+from .backends import BACKENDS, unavailable_reason
+from .config import PRESETS, get_config
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .run import HEADER, format_row, run_front_end
+
+    cfg = get_config(args.preset)
+    print(f"dsv4 run: preset={cfg.name} device={args.device} backend={args.backend} batch={args.batch} "
+          f"seq={args.seq} start_pos={args.start_pos} steps={args.steps}")  # fmt: skip
+    print(HEADER)
+    t0 = time.perf_counter()
+    rows = run_front_end(
+        cfg, backend=args.backend, steps=args.steps, start_pos=args.start_pos, batch=args.batch, seq=args.seq,
+        seed=args.seed, device=args.device, log=lambda r: print(format_row(r), flush=True),
+    )  # fmt: skip
+    failed = [r for r in rows if not r.passed]
+    print(f"{len(rows)} op calls in {time.perf_counter() - t0:.1f} s; "
+          + (f"{len(failed)} MISMATCH(ES)" if failed else "all checks passed"))  # fmt: skip
+    return 1 if failed else 0
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from . import __version__
+
+    print(f"dsv4 {__version__}")
+    print(f"python {platform.python_version()} ({platform.machine()})")
+    for dist in ("torch", "triton", "numpy", "safetensors"):
+        print(f"{dist} {_version(dist)}")
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    for dev in devices:
+        label = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else platform.processor() or "cpu"
+        print(f"device {dev}: {label}")
+        for name in BACKENDS:
+            reason = unavailable_reason(name, dev)
+            print(f"  backend {name:<9} {'available' if reason is None else 'unavailable: ' + reason}")
+    return 0
+
+
+def _cmd_golden_save(args: argparse.Namespace) -> int:
+    from .cases import make_case, run_case
+    from .golden_io import save
+
+    case = make_case(get_config(args.preset), args.op, args.mode, args.seed, device=args.device)
+    path = save(case, run_case(case, "reference"), args.dir)
+    print(f"saved {path.stem} ({case.op}, preset {args.preset}, mode {args.mode}, seed {args.seed}) to {args.dir}")
+    return 0
+
+
+def _cmd_golden_check(args: argparse.Namespace) -> int:
+    from .golden_io import check
+
+    results = check(args.dir, args.backend, args.device)
+    for name, report in results:
+        print(f"[{name}] {report}")
+    failed = sum(not r for _, r in results)
+    print(f"{len(results) - failed}/{len(results)} golden cases passed on backend {args.backend}")
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsv4", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    backends = ["auto", *BACKENDS]
+
+    run = sub.add_parser("run", help="run the front end on synthetic weights and check it against the reference")
+    run.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    run.add_argument("--backend", default="auto", choices=backends)
+    run.add_argument("--steps", type=int, default=4, help="decode steps after the prefill")
+    run.add_argument("--start-pos", type=int, default=64, help="tokens prefilled before the first decode step")
+    run.add_argument("--batch", type=int, default=4, help="sequences per step")
+    run.add_argument("--seq", type=int, default=2, help="new tokens per sequence per decode step")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--device", default=_default_device())
+    run.set_defaults(func=_cmd_run)
+
+    info = sub.add_parser("info", help="versions, devices and available backends")
+    info.set_defaults(func=_cmd_info)
+
+    golden = sub.add_parser("golden", help="save reference cases to disk, or check a backend against them")
+    gsub = golden.add_subparsers(dest="golden_command", required=True)
+    save = gsub.add_parser("save", help="write a case's inputs and reference outputs (safetensors + JSON)")
+    save.add_argument("dir")
+    save.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    save.add_argument("--op", required=True, choices=["qkv_proj_rope", "indexer_compressor", "indexer"])
+    save.add_argument("--mode", default="decode", choices=["decode", "prefill"])
+    save.add_argument("--seed", type=int, default=0)
+    save.add_argument("--device", default="cpu")
+    save.set_defaults(func=_cmd_golden_save)
+    chk = gsub.add_parser("check", help="replay every case in DIR on a backend and compare (spec §6)")
+    chk.add_argument("dir")
+    chk.add_argument("--backend", default="auto", choices=backends)
+    chk.add_argument("--device", default=_default_device())
+    chk.set_defaults(func=_cmd_golden_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"dsv4 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

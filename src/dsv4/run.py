@@ -1,0 +1,119 @@
+"""``dsv4 run``: the front end of one layer over a prefill and a few decode steps, each op checked
+against the reference."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import ops
+from .backends import resolve
+from .config import COMPRESS_RATIO, DeepSeekV4Config
+from .golden import compare
+from .rope import rope_table
+from .state import IndexerState
+from .weights import synthetic_activations, synthetic_weights
+
+
+@dataclass
+class Row:
+    """One line of the run table."""
+
+    step: str
+    op: str
+    backend: str
+    shapes: str
+    ms: float
+    check: str
+    passed: bool = True
+
+
+def _timed(device: torch.device, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, (time.perf_counter() - t0) * 1e3
+
+
+def _verdict(report) -> tuple[str, bool]:
+    if report.passed:
+        worst = max((c.violation_ratio for c in report.checks), default=0.0)
+        return f"ok (vs reference, worst violation ratio {worst:.2%})", True
+    bad = [c for c in report.checks if not c.passed]
+    return "MISMATCH " + "; ".join(f"{c.name}: {c.detail}" for c in bad), False
+
+
+def run_front_end(
+    cfg: DeepSeekV4Config,
+    backend: str = "auto",
+    steps: int = 4,
+    start_pos: int = 64,
+    batch: int = 4,
+    seq: int = 2,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    log: Callable[[Row], None] | None = None,
+) -> list[Row]:
+    """Prefill ``start_pos`` tokens, then ``steps`` decode steps of ``seq`` tokens for ``batch``
+    sequences: ``qkv_proj_rope`` then ``indexer`` each time. When ``backend`` is not the
+    reference, every call is checked against the reference run on the same inputs."""
+    device = torch.device(device)
+    name = resolve(backend, device)
+    end = start_pos + steps * seq
+    if end > cfg.max_position_embeddings:
+        raise ValueError(f"start_pos + steps*seq = {end} exceeds max_position_embeddings {cfg.max_position_embeddings}")
+    max_position = -(-end // COMPRESS_RATIO) * COMPRESS_RATIO
+    weights = synthetic_weights(cfg, seed=seed, device=device)
+    rope = rope_table(cfg, "compressed", max_position=max_position, device=device)
+    state = IndexerState.empty(cfg, batch, max_position, device=device)
+    plan = ([("prefill", 0, start_pos)] if start_pos else []) + [
+        (f"decode {i + 1}", start_pos + i * seq, seq) for i in range(steps)
+    ]
+    rows: list[Row] = []
+
+    def emit(row: Row) -> None:
+        rows.append(row)
+        if log:
+            log(row)
+
+    for i, (label, pos, s) in enumerate(plan):
+        x = synthetic_activations((batch, s, cfg.hidden_size), seed=seed + 1000 + i, device=device)
+        positions = (pos + torch.arange(s, device=device)).repeat(batch)
+        qkv_args = (x.view(-1, cfg.hidden_size), weights.attn, positions, rope)
+        qkv, ms = _timed(device, ops.qkv_proj_rope, *qkv_args, backend=name)
+        check, ok = "is the reference", True
+        if name != "reference":
+            ref = ops.qkv_proj_rope(*qkv_args, backend="reference")
+            check, ok = _verdict(compare("qkv_proj_rope", qkv._asdict(), ref._asdict()))
+        emit(Row(label, "qkv_proj_rope", name, f"T={batch * s} q{list(qkv.q.shape)}", ms, check, ok))
+
+        before = state.clone() if name != "reference" else None
+        idx_args = (x, qkv.qr, qkv.qr_scale, weights.indexer)
+        idx_kwargs = dict(start_pos=pos, offset=cfg.sliding_window, rope=rope, topk=cfg.index_topk)
+        idx, ms = _timed(device, ops.indexer, *idx_args, state=state, **idx_kwargs, backend=name)
+        check, ok = "is the reference", True
+        if before is not None:
+            expected_state = before.clone()
+            ref = ops.indexer(*idx_args, state=expected_state, **idx_kwargs, backend="reference")
+            inputs = {"offset": cfg.sliding_window, "start_pos": torch.full((batch,), pos), "seq": s,
+                      "idx_kv_cache": before.idx_kv_cache.cpu()}  # fmt: skip
+            got = {**idx._asdict(), **state.tensors()}
+            want = {**ref._asdict(), **expected_state.tensors()}
+            check, ok = _verdict(compare("indexer", got, want, inputs))
+        shapes = f"B={batch} S={s} cache={idx.score.shape[-1]} topk={cfg.index_topk}"
+        emit(Row(label, "indexer", name, shapes, ms, check, ok))
+    return rows
+
+
+def format_row(row: Row) -> str:
+    return f"{row.step:<10} {row.op:<14} {row.backend:<9} {row.shapes:<34} {row.ms:>9.2f}  {row.check}"
+
+
+HEADER = f"{'step':<10} {'op':<14} {'backend':<9} {'shapes':<34} {'time ms':>9}  check"
