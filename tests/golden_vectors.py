@@ -1,0 +1,53 @@
+"""Loader for the fixed golden vectors in ``tests/data/golden_vectors`` (computed by an independent
+float64 implementation of the spec; see the README there)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import dsv4
+
+FOLDER = Path(__file__).parent / "data" / "golden_vectors"
+INDEX: dict[str, dict] = json.loads((FOLDER / "index.json").read_text())
+QKV_CASES = sorted(k for k, v in INDEX.items() if v["op"] == "qkv_proj_rope")
+INDEXER_CASES = sorted(k for k, v in INDEX.items() if v["op"] == "indexer")
+
+
+class Vectors:
+    """One ``.npz`` case; ``t(name)`` gives a tensor on ``device``, ``bf16=True`` for bf16 inputs."""
+
+    def __init__(self, name: str, device: torch.device):
+        self.meta = INDEX[name]
+        self.data = np.load(FOLDER / f"{name}.npz")
+        self.device = device
+
+    def t(self, name: str, bf16: bool = False) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(self.data[name])).to(self.device)
+        return x.to(torch.bfloat16) if bf16 else x
+
+    def rope(self) -> dsv4.RopeTable:
+        return dsv4.RopeTable(self.t("rope_cos"), self.t("rope_sin"))
+
+    def attn_weights(self) -> dsv4.AttnWeights:
+        t = self.t
+        return dsv4.AttnWeights(
+            t("wq_a", True), t("gamma_cq"), t("wq_b"), t("wq_b_scale"), t("wkv", True), t("gamma_ckv")
+        )
+
+    def indexer_weights(self) -> dsv4.IndexerWeights:
+        t = self.t
+        comp = dsv4.CompressorWeights(t("wkv", True), t("wgate", True), t("ape"), t("norm_w"))
+        return dsv4.IndexerWeights(t("wq_b"), t("wq_b_scale"), t("weights_proj", True), comp)
+
+    def empty_state(self) -> dsv4.IndexerState:
+        m = self.meta
+        b, hid = m["B"], m["index_head_dim"]
+        return dsv4.IndexerState(
+            torch.zeros(b, 8, 2 * hid, device=self.device),
+            torch.full((b, 8, 2 * hid), float("-inf"), device=self.device),
+            torch.zeros(b, m["max_position"] // 4, hid, dtype=torch.bfloat16, device=self.device),
+        )
