@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, OP_BACKENDS
-from golden_vectors import INDEXER_CASES, QKV_CASES, Vectors
 
 import dsv4
+from conftest import DEVICE, OP_BACKENDS
 from dsv4.golden import compare
+from golden_vectors import INDEXER_CASES, QKV_CASES, Vectors
 
 
 @pytest.mark.parametrize("backend", OP_BACKENDS["qkv_proj_rope"])

@@ -1,0 +1,143 @@
+"""The ratio-4 compressor's state ring (spec §4), checked against the model's whole-sequence form.
+
+Feeding a sequence a step at a time must give the same cache rows as computing every block at once
+with overlapping windows (block j pools the first half of block j-1 with the second half of block j).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsv4
+from conftest import DEVICE, OP_BACKENDS
+
+CFG = dsv4.get_config("tiny")
+N_TOKENS = 40  # ten blocks
+MAX_POS = 64
+
+
+def whole_sequence_cache(x: torch.Tensor, w: dsv4.CompressorWeights, rope: dsv4.RopeTable) -> torch.Tensor:
+    """Every closed block of one sequence ``x [N, D]`` (positions 0..N-1) -> ``[N//4, HID]`` bf16."""
+    hid = w.norm_w.shape[0]
+    nb = x.shape[0] // 4
+    kv = (x[: 4 * nb].float() @ w.wkv.float().T).view(nb, 4, 2 * hid)
+    sc = (x[: 4 * nb].float() @ w.wgate.float().T).view(nb, 4, 2 * hid) + w.ape
+    prev_kv = torch.cat((torch.zeros(1, 4, hid, device=x.device), kv[:-1, :, :hid]))
+    prev_sc = torch.cat((torch.full((1, 4, hid), float("-inf"), device=x.device), sc[:-1, :, :hid]))
+    cand_kv = torch.cat((prev_kv, kv[:, :, hid:]), dim=1)  # [nb, 8, HID] overlapping windows
+    cand_sc = torch.cat((prev_sc, sc[:, :, hid:]), dim=1)
+    pooled = (cand_kv * torch.softmax(cand_sc, dim=1)).sum(dim=1)
+
+    k = pooled.to(torch.bfloat16).float()
+    k = (k * torch.rsqrt(k.square().mean(-1, keepdim=True) + 1e-6) * w.norm_w.float()).to(torch.bfloat16)
+    first = torch.arange(nb, device=x.device) * 4
+    rot = torch.complex(rope.cos[first], rope.sin[first])  # [nb, R/2]
+    r = rope.rope_dim
+    roped = torch.view_as_real(torch.view_as_complex(k[:, -r:].float().reshape(nb, r // 2, 2)) * rot)
+    k[:, -r:] = roped.flatten(1).to(torch.bfloat16)
+    return (k.float() @ dsv4.hadamard_matrix(hid, device=x.device)).to(torch.bfloat16)
+
+
+def _inputs(batch: int, seed: int):
+    w = dsv4.synthetic_weights(CFG, seed=seed, device=DEVICE).indexer.compressor
+    rope = dsv4.rope_table(CFG, "compressed", max_position=MAX_POS, device=DEVICE)
+    x = dsv4.synthetic_activations((batch, N_TOKENS, CFG.hidden_size), seed=seed + 1, device=DEVICE)
+    return w, rope, x
+
+
+# Both sides round to bf16 three times before the Hadamard rotation; where their fp32 sums differ in
+# the last bit, one rounding may flip by an ulp (<= 2^-6 for |k| < 4) and the rotation spreads it over
+# the row (2^-6 / sqrt(128) = 1.4e-3 per entry). Allow two such flips per row; a wrong window,
+# slot or position is off by 0.1 or more.
+FLIP_ATOL = 4e-3
+
+
+def _check_rows(state: dsv4.IndexerState, b: int, expected: torch.Tensor, n_tokens: int) -> None:
+    nb = n_tokens // 4
+    got = state.idx_kv_cache[b, :nb].float()
+    torch.testing.assert_close(got, expected[:nb].float(), atol=FLIP_ATOL, rtol=1 / 128, msg=lambda m: f"row {b}: {m}")
+    assert not state.idx_kv_cache[b, nb:].any(), "rows of blocks not yet closed must stay zero"
+
+
+def _check_ring(state: dsv4.IndexerState, b: int, x: torch.Tensor, w: dsv4.CompressorWeights, n: int) -> None:
+    """After n tokens: slots 4.. hold the open block's tokens, slots 0..3 the last closed block."""
+    kv = x[:n].float() @ w.wkv.float().T
+    r = n % 4
+    for i in range(r):
+        torch.testing.assert_close(state.kv_state[b, 4 + i], kv[n - r + i], rtol=1e-5, atol=1e-5)
+    if n >= 4:
+        torch.testing.assert_close(state.kv_state[b, :4], kv[n - r - 4 : n - r], rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.isinf(state.score_state[b, :4]).all()
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS["indexer_compressor"])
+@pytest.mark.parametrize("seq", [1, 2, 3])
+@pytest.mark.parametrize("prefill", [0, 1, 2, 3, 5, 8])
+def test_stepwise_equals_whole_sequence(backend: str, seq: int, prefill: int) -> None:
+    """Prefill ``prefill`` tokens in one call, then steps of ``seq`` tokens: with seq=2 from an odd
+    start a block closes on a step's first token, from an even start on its last; seq=3 mixes."""
+    w, rope, x = _inputs(batch=1, seed=seq * 10 + prefill)
+    expected = whole_sequence_cache(x[0], w, rope)
+    state = dsv4.IndexerState.empty(CFG, 1, MAX_POS, device=DEVICE)
+    p = 0
+    if prefill:
+        dsv4.indexer_compressor(x[:, :prefill].contiguous(), w, state, 0, rope, backend=backend)
+        p = prefill
+    while p + seq <= N_TOKENS:
+        dsv4.indexer_compressor(x[:, p : p + seq].contiguous(), w, state, p, rope, backend=backend)
+        p += seq
+    _check_rows(state, 0, expected, p)
+    _check_ring(state, 0, x[0], w, p)
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS["indexer_compressor"])
+def test_one_step_closing_many_blocks(backend: str) -> None:
+    w, rope, x = _inputs(batch=1, seed=3)
+    expected = whole_sequence_cache(x[0], w, rope)
+    state = dsv4.IndexerState.empty(CFG, 1, MAX_POS, device=DEVICE)
+    dsv4.indexer_compressor(x[:, :3].contiguous(), w, state, 0, rope, backend=backend)
+    dsv4.indexer_compressor(
+        x[:, 3:29].contiguous(), w, state, 3, rope, backend=backend
+    )  # closes blocks 0..6 in one step
+    _check_rows(state, 0, expected, 29)
+    _check_ring(state, 0, x[0], w, 29)
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS["indexer_compressor"])
+def test_per_row_start_positions(backend: str) -> None:
+    """Three sequences at different positions advance together with a ``start_pos`` tensor."""
+    w, rope, x = _inputs(batch=3, seed=4)
+    offsets = [0, 3, 6]
+    rows = []
+    for b, o in enumerate(offsets):  # bring each sequence to its own position first
+        s = dsv4.IndexerState.empty(CFG, 1, MAX_POS, device=DEVICE)
+        if o:
+            dsv4.indexer_compressor(x[b : b + 1, :o].contiguous(), w, s, 0, rope, backend=backend)
+        rows.append(s)
+    state = dsv4.IndexerState(
+        *(torch.cat([getattr(s, f) for s in rows]) for f in ("kv_state", "score_state", "idx_kv_cache"))
+    )
+    seq, steps = 2, 12
+    for k in range(steps):
+        start = torch.tensor([o + k * seq for o in offsets], device=DEVICE)
+        xs = torch.stack([x[b, o + k * seq : o + (k + 1) * seq] for b, o in enumerate(offsets)])
+        dsv4.indexer_compressor(xs, w, state, start, rope, backend=backend)
+    for b, o in enumerate(offsets):
+        n = o + steps * seq
+        _check_rows(state, b, whole_sequence_cache(x[b], w, rope), n)
+        _check_ring(state, b, x[b], w, n)
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS["indexer_compressor"])
+def test_only_rows_of_the_batch_change(backend: str) -> None:
+    """A step over B rows leaves state rows >= B untouched."""
+    w, rope, x = _inputs(batch=2, seed=5)
+    state = dsv4.IndexerState.empty(CFG, 4, MAX_POS, device=DEVICE)
+    state.idx_kv_cache[2:] = 1.0
+    before = state.clone()
+    dsv4.indexer_compressor(x[:, :8].contiguous(), w, state, 0, rope, backend=backend)
+    for name, t in state.tensors().items():
+        assert torch.equal(t[2:], getattr(before, name)[2:]), name
+    assert state.idx_kv_cache[:2, :2].any()
