@@ -1,0 +1,88 @@
+"""The ``dsv4`` command end to end: ``run``, ``info``, ``golden save|check``, exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import dsv4.backends
+import dsv4.reference
+from dsv4.cli import main
+from dsv4.structs import QKV
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _dsv4(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "dsv4", *argv], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_run_prints_table_and_passes() -> None:
+    proc = _dsv4("run", "--steps", "2", "--start-pos", "6", "--batch", "2")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("prefill    qkv_proj_rope") for line in lines)
+    assert sum(line.startswith("decode") for line in lines) == 4  # 2 steps x 2 ops
+    assert "all checks passed" in lines[-1]
+
+
+def test_info_lists_backends() -> None:
+    proc = _dsv4("info")
+    assert proc.returncode == 0, proc.stderr
+    assert "torch" in proc.stdout and "backend reference available" in proc.stdout
+
+
+def test_bad_arguments_exit_nonzero() -> None:
+    proc = _dsv4("run", "--preset", "tiny", "--start-pos", "5000")
+    assert proc.returncode == 2 and "max_position_embeddings" in proc.stderr
+
+
+def test_golden_save_then_check(tmp_path: Path) -> None:
+    for op in ("qkv_proj_rope", "indexer_compressor", "indexer"):
+        assert main(["golden", "save", str(tmp_path), "--op", op, "--seed", "3"]) == 0
+    assert main(["golden", "save", str(tmp_path), "--op", "indexer", "--mode", "prefill"]) == 0
+    assert len(list(tmp_path.glob("*.json"))) == 4
+    proc = _dsv4("golden", "check", str(tmp_path), "--backend", "reference", "--device", "cpu")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "4/4 golden cases passed" in proc.stdout
+
+    # tamper with one expected output: the check must fail and say where
+    path = tmp_path / "qkv_proj_rope-tiny-decode-seed3.expected.safetensors"
+    expected = load_file(str(path))
+    expected["kv"] = (expected["kv"].float() * 1.05).to(torch.bfloat16)
+    save_file(expected, str(path))
+    proc = _dsv4("golden", "check", str(tmp_path), "--backend", "reference", "--device", "cpu")
+    assert proc.returncode == 1
+    assert "3/4 golden cases passed" in proc.stdout and "kv            FAIL" in proc.stdout
+
+
+def test_golden_check_empty_folder(tmp_path: Path) -> None:
+    assert main(["golden", "check", str(tmp_path), "--backend", "reference", "--device", "cpu"]) == 2
+
+
+def test_run_exits_nonzero_on_mismatch(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """A backend whose q is 2% off must make ``dsv4 run`` report a mismatch and exit 1."""
+    broken = types.ModuleType("broken_backend")
+
+    def qkv_proj_rope(*args):
+        out = dsv4.reference.qkv_proj_rope(*args)
+        return QKV((out.q.float() * 1.02).to(torch.bfloat16), out.kv, out.qr, out.qr_scale)
+
+    broken.qkv_proj_rope = qkv_proj_rope
+    broken.indexer = dsv4.reference.indexer
+    broken.indexer_compressor = dsv4.reference.indexer_compressor
+    monkeypatch.setitem(sys.modules, "broken_backend", broken)
+    monkeypatch.setitem(dsv4.backends._MODULES, "triton", "broken_backend")
+    code = main(["run", "--backend", "triton", "--steps", "1", "--start-pos", "0", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "MISMATCH q:" in out and "1 MISMATCH(ES)" in out
+    assert "indexer        triton    B=4 S=2" in out and "ok (vs reference" in out

@@ -1,0 +1,86 @@
+"""The spec §6 comparators accept what the spec allows and reject the rest."""
+
+from __future__ import annotations
+
+import torch
+
+from dsv4.golden import compare, ratio_allclose, topk_allclose
+
+MASKED = torch.finfo(torch.float32).min
+
+
+def test_ratio_allclose_counts_violations() -> None:
+    e = torch.linspace(1, 2, 1000)
+    a = e.clone()
+    a[:5] += 0.1  # 0.5% off: allowed
+    assert ratio_allclose(a, e, 1e-4, 1 / 128, 0.005)
+    a[5] += 0.1  # 0.6%: rejected
+    check = ratio_allclose(a, e, 1e-4, 1 / 128, 0.005)
+    assert not check and "6/1000" in check.detail and abs(check.violation_ratio - 0.006) < 1e-9
+    assert ratio_allclose(e * (1 + 1 / 256), e, 1e-4, 1 / 128, 0.0)  # inside rtol everywhere
+
+
+def test_ratio_allclose_nan_inf_and_shape() -> None:
+    e = torch.tensor([0.0, float("-inf"), 1.0, 2.0] * 100)
+    assert ratio_allclose(e.clone(), e, 1e-4, 1e-4)
+    a = e.clone()
+    a[1] = -1e30  # finite where the reference has -inf: never allowed, whatever the ratio
+    assert not ratio_allclose(a, e, 1e-4, 1e-4, 0.5)
+    a = e.clone()
+    a[2] = float("nan")
+    assert ratio_allclose(a, e, 1e-4, 1e-4, 0.005)  # one NaN counts as one violation (1/400 allowed)
+    a[3::4] = float("nan")
+    assert not ratio_allclose(a, e, 1e-4, 1e-4, 0.005)
+    assert not ratio_allclose(e[:3], e[:4], 1, 1, 1)
+
+
+def _scores() -> torch.Tensor:
+    s = torch.tensor([[[0.5, 3.0, 2.0, 2.0 + 1e-6, 1.0, MASKED]]])  # indices 2 and 3 nearly tie
+    return s
+
+
+def test_topk_accepts_near_tie_swap() -> None:
+    sc = _scores()
+    ref = torch.tensor([[[101, 103, 102, -1]]])  # offset 100; k=3
+    swapped = torch.tensor([[[101, 102, 103, -1]]])
+    assert topk_allclose(swapped, ref, sc, offset=100)
+    assert topk_allclose(ref.clone(), ref, sc, offset=100)
+
+
+def test_topk_rejects_real_miss_duplicates_count_and_range() -> None:
+    sc = _scores()
+    ref = torch.tensor([[[101, 103, 102, -1]]])
+    miss = torch.tensor([[[101, 103, 104, -1]]])  # 1.0 where the reference's 3rd best is 2.0
+    assert not topk_allclose(miss, ref, sc, offset=100)
+    assert not topk_allclose(torch.tensor([[[101, 103, 103, -1]]]), ref, sc, offset=100)
+    assert not topk_allclose(torch.tensor([[[101, 103, -1, -1]]]), ref, sc, offset=100)
+    assert not topk_allclose(torch.tensor([[[101, 103, 102, 104]]]), ref, sc, offset=100)
+    assert not topk_allclose(torch.tensor([[[101, 103, 199, -1]]]), ref, sc, offset=100)
+    wrong_order = torch.tensor([[[102, 101, 103, -1]]])  # same set, 2.0 before 3.0
+    assert not topk_allclose(wrong_order, ref, sc, offset=100)
+
+
+def test_compare_cache_rows_not_written_must_be_identical() -> None:
+    before = torch.zeros(2, 4, 8, dtype=torch.bfloat16)
+    expected = before.clone()
+    expected[0, 1] = 1.0  # start_pos 4, S=4: row 0 writes cache row 1 only (batch of one)
+    state = {"kv_state": torch.zeros(1), "score_state": torch.zeros(1)}
+    inputs = {"start_pos": torch.tensor([4]), "seq": 4, "idx_kv_cache": before}
+    good = expected.clone()
+    good[0, 1] += 1 / 512  # within tolerance on a written row
+    assert compare("indexer_compressor", {**state, "idx_kv_cache": good}, {**state, "idx_kv_cache": expected}, inputs)
+    bad = expected.clone()
+    bad[1, 3, 0] = 2**-20  # a tiny change in a row nobody wrote
+    report = compare("indexer_compressor", {**state, "idx_kv_cache": bad}, {**state, "idx_kv_cache": expected}, inputs)
+    assert not report and "unwritten" in str(report)
+
+
+def test_compare_score_masking() -> None:
+    e = torch.tensor([[[1.0, 2.0, MASKED]]])
+    assert compare("indexer", {"score": e.clone()}, {"score": e}).checks[0]
+    leaked = torch.tensor([[[1.0, 2.0, 0.5]]])
+    assert not compare("indexer", {"score": leaked}, {"score": e}).checks[0]
+    padded = torch.tensor([[[1.0, 2.0, float("-inf"), MASKED]]])  # a padded view is allowed
+    assert compare("indexer", {"score": padded}, {"score": e}).checks[0]
+    report = compare("indexer", {"score": e}, {"score": e})
+    assert not report and "missing" in str(report)  # the other outputs were not given

@@ -1,0 +1,121 @@
+"""The lightning indexer (spec §5): scores, causal visibility, top-k, padding and offset."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsv4
+from conftest import DEVICE, OP_BACKENDS
+from dsv4.cases import clone_args, make_case, prefilled_state
+from dsv4.golden import TOLERANCES, ratio_allclose
+
+CFG = dsv4.get_config("tiny")
+MASKED = torch.finfo(torch.float32).min  # -3.4028235e38
+
+
+def spec_scores(args: dict, cache: torch.Tensor) -> torch.Tensor:
+    """Spec §5 steps 1-5 written out with einsum, from the post-compressor cache."""
+    x, qr, qr_scale, w, rope = args["x"], args["qr"], args["qr_scale"], args["w"], args["rope"]
+    b, s, _ = x.shape
+    hi, hid, r = w.weights_proj.shape[0], w.compressor.norm_w.shape[0], rope.rope_dim
+    start = torch.as_tensor(args["start_pos"], device=x.device).reshape(-1).expand(b)
+    p = start[:, None] + torch.arange(s, device=x.device)  # [B, S]
+    qh = torch.einsum("tk,nk->tn", qr.double(), w.wq_b.double()).float() * qr_scale * w.wq_b_scale
+    qh = qh.view(b, s, hi, hid)
+    rot = torch.complex(rope.cos[p], rope.sin[p])[:, :, None, :]  # [B, S, 1, R/2]
+    tail = torch.view_as_complex(qh[..., -r:].reshape(b, s, hi, r // 2, 2).contiguous())
+    qh[..., -r:] = torch.view_as_real(tail * rot).flatten(-2)
+    qh = torch.einsum("bshi,ij->bshj", qh.to(torch.bfloat16).float(), dsv4.hadamard_matrix(hid, device=x.device))
+    weights = torch.einsum("bsd,hd->bsh", x.float(), w.weights_proj.float()) * hid**-0.5 * hi**-0.5
+    n = int(((start + s) // 4).max())
+    q8, qs = dsv4.quantize_int8_per_row(qh)
+    k8, ks = dsv4.quantize_int8_per_row(cache[:b, :n])
+    dots = torch.einsum("bshi,bji->bshj", q8.double(), k8.double()).float()
+    logits = torch.relu(dots * qs * ks[:, None, None, :, 0])
+    score = torch.einsum("bshj,bsh->bsj", logits, weights)
+    vis = (p + 1) // 4
+    return score.masked_fill(torch.arange(n, device=x.device) >= vis[..., None], MASKED)
+
+
+def _run(case, backend: str):
+    args = clone_args(case.args)
+    out = dsv4.indexer(**args, backend=backend)
+    return args, out
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS["indexer"])
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_score_equals_spec_einsum(backend: str, mode: str) -> None:
+    case = make_case(CFG, "indexer", mode, seed=11, device=DEVICE, max_position=512)
+    args, out = _run(case, backend)
+    want = spec_scores(args, args["state"].idx_kv_cache)
+    t = TOLERANCES["score"]
+    assert out.score.shape == want.shape and out.score.dtype == torch.float32
+    check = ratio_allclose(out.score, want, t.atol, t.rtol, t.max_error_ratio)
+    assert check, check.detail
+
+
+def _step(batch: int, seq: int, start: list[int] | int, topk: int = 8, seed: int = 0):
+    """A case with explicit start positions (each row prefilled to its start)."""
+    case = make_case(CFG, "indexer", "decode", seed=seed, device=DEVICE, max_position=256, batch=batch, seq=seq)
+    st = torch.tensor(start if isinstance(start, list) else [start] * batch)
+    case.args["state"] = prefilled_state(CFG, batch, 256, st, seed, device=DEVICE)
+    case.args["start_pos"] = start if isinstance(start, int) else st.to(DEVICE)
+    case.args["topk"] = topk
+    return case
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS["indexer"])
+def test_token_does_not_see_block_closed_by_its_successor(backend: str) -> None:
+    """S=2 from position 6: token 1 (position 7) closes block 1; token 0 (position 6) sees only block 0."""
+    case = _step(batch=1, seq=2, start=6)
+    _, out = _run(case, backend)
+    assert out.score.shape == (1, 2, 2)
+    assert out.score[0, 0, 1].item() == MASKED and out.score[0, 1, 1].item() != MASKED
+    assert out.score[0, 0, 0].item() != MASKED
+    assert out.topk_idxs[0, 0].tolist() == [case.args["offset"]] + [-1] * 7
+    assert sorted(out.topk_idxs[0, 1, :2].tolist()) == [case.args["offset"], case.args["offset"] + 1]
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS["indexer"])
+def test_padding_k_and_offset(backend: str) -> None:
+    """Rows at different positions: vis = (p+1)//4 decides k = min(topk, vis); the rest is -1 / masked."""
+    starts = [0, 5, 13, 40]
+    case = _step(batch=4, seq=3, start=starts, topk=8, seed=1)
+    case.args["offset"] = 1000
+    _, out = _run(case, backend)
+    n = max((p + 3) // 4 for p in starts)
+    assert out.score.shape == (4, 3, n) and out.topk_idxs.shape == (4, 3, 8)
+    assert out.topk_idxs.dtype == torch.int32
+    for b, p0 in enumerate(starts):
+        for s in range(3):
+            vis = (p0 + s + 1) // 4
+            k = min(8, vis)
+            row = out.topk_idxs[b, s]
+            assert (row[k:] == -1).all() and (row[:k] >= 1000).all() and (row[:k] < 1000 + vis).all()
+            assert (out.score[b, s, vis:] == MASKED).all() and (out.score[b, s, :vis] > MASKED).all()
+            chosen = out.score[b, s, (row[:k] - 1000).long()]
+            assert (chosen[:-1] >= chosen[1:]).all(), "descending score order"
+            if vis > k:  # nothing left out scores higher than the last one chosen
+                rest = torch.ones(vis, dtype=torch.bool, device=DEVICE)
+                rest[(row[:k] - 1000).long()] = False
+                assert out.score[b, s, :vis][rest].max() <= chosen[-1]
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS["indexer"])
+def test_start_pos_int_equals_tensor(backend: str) -> None:
+    a = _step(batch=3, seq=2, start=17, seed=2)
+    b = _step(batch=3, seq=2, start=[17, 17, 17], seed=2)
+    (_, oa), (_, ob) = _run(a, backend), _run(b, backend)
+    assert torch.equal(oa.score, ob.score) and torch.equal(oa.topk_idxs, ob.topk_idxs)
+
+
+def test_reference_topk_order_and_tie_rule() -> None:
+    """Descending score; equal scores (ReLU makes exact zeros common) by lower index first."""
+    case = _step(batch=2, seq=1, start=[200, 150], topk=16, seed=3)
+    _, out = _run(case, "reference")
+    for b, p in enumerate([200, 150]):
+        scores = out.score[b, 0].tolist()
+        order = sorted(range((p + 1) // 4), key=lambda j: (-scores[j], j))[:16]
+        assert out.topk_idxs[b, 0].tolist() == [j + case.args["offset"] for j in order]

@@ -1,0 +1,132 @@
+"""Bad input (spec §7): a clear error naming the argument, raised before anything changes."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import dsv4
+from conftest import DEVICE, OP_BACKENDS
+from dsv4.cases import Case, make_case
+
+CFG = dsv4.get_config("tiny")
+
+
+def _case(op: str) -> Case:
+    return make_case(CFG, op, "decode", seed=0, device=DEVICE, max_position=64, batch=2, seq=2)
+
+
+def _set(args: dict, path: str, value) -> None:
+    """Replace ``args[path]``; ``w.wq_a`` style paths reach into the weights (copied, not mutated)."""
+    head, _, rest = path.partition(".")
+    if not rest:
+        args[head] = value
+        return
+    obj = args[head]
+    parts = rest.split(".")
+    if len(parts) == 2:  # w.compressor.wkv
+        inner = dataclasses.replace(getattr(obj, parts[0]), **{parts[1]: value})
+        args[head] = dataclasses.replace(obj, **{parts[0]: inner})
+    else:
+        args[head] = dataclasses.replace(obj, **{parts[0]: value})
+
+
+def _get(args: dict, path: str):
+    obj = args
+    for i, part in enumerate(path.split(".")):
+        obj = obj[part] if i == 0 else getattr(obj, part)
+    return obj
+
+
+def _meta(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t, device="meta")
+
+
+def _noncontig(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(0, 1).contiguous().transpose(0, 1) if t.dim() >= 2 and t.shape[0] > 1 else t[..., ::1]
+
+
+# (op, argument path, how to break it, error type, words the message must contain)
+BAD: list[tuple[str, str, Callable, type, tuple[str, ...]]] = [
+    ("qkv_proj_rope", "x", lambda t: t.float(), TypeError, ("x:", "bfloat16", "float32")),
+    ("qkv_proj_rope", "x", lambda t: t[:, :-8].contiguous(), ValueError, ("w.wkv", "shape")),
+    ("qkv_proj_rope", "x", _noncontig, ValueError, ("x:", "contiguous")),
+    ("qkv_proj_rope", "w.wq_a", lambda t: t.float(), TypeError, ("w.wq_a",)),
+    ("qkv_proj_rope", "w.wq_b", lambda t: t[:-3].contiguous(), ValueError, ("w.wq_b",)),
+    ("qkv_proj_rope", "w.wq_b_scale", lambda t: t[:-1].contiguous(), ValueError, ("w.wq_b_scale", "shape")),
+    ("qkv_proj_rope", "w.gamma_ckv", _meta, ValueError, ("w.gamma_ckv", "device", "meta")),
+    ("qkv_proj_rope", "positions", lambda t: t.float(), TypeError, ("positions",)),
+    ("qkv_proj_rope", "positions", lambda t: t[:-1].contiguous(), ValueError, ("positions", "shape")),
+    ("qkv_proj_rope", "positions", lambda t: t + 64, ValueError, ("positions", "rope table")),
+    ("qkv_proj_rope", "positions", lambda t: t - 1000, ValueError, ("positions",)),
+    ("qkv_proj_rope", "rope", lambda r: dsv4.RopeTable(r.cos[:, :8], r.sin[:, :8]), ValueError, ("rope",)),
+    ("qkv_proj_rope", "rope", lambda r: dsv4.RopeTable(r.cos.double(), r.sin.double()), TypeError, ("rope.cos",)),
+    ("qkv_proj_rope", "w", lambda w: "weights", TypeError, ("w:", "AttnWeights")),
+    ("indexer_compressor", "x", lambda t: t[:, :, :-1].contiguous(), ValueError, ("w.wkv", "shape")),
+    ("indexer_compressor", "x", lambda t: torch.cat([t, t, t]), ValueError, ("batch", "state")),
+    ("indexer_compressor", "start_pos", lambda t: t + 64, ValueError, ("start_pos", "cache rows")),
+    ("indexer_compressor", "start_pos", lambda t: t[:1].contiguous(), ValueError, ("start_pos", "shape")),
+    ("indexer_compressor", "start_pos", lambda t: t.float(), TypeError, ("start_pos",)),
+    ("indexer_compressor", "start_pos", lambda t: -1, ValueError, ("start_pos", ">= 0")),
+    ("indexer_compressor", "start_pos", lambda t: 1.5, TypeError, ("start_pos", "int")),
+    ("indexer_compressor", "w.ape", lambda t: t[:3].contiguous(), ValueError, ("w.ape", "shape")),
+    ("indexer_compressor", "w.norm_w", lambda t: t[:96].contiguous(), ValueError, ("w.norm_w", "power of two")),
+    ("indexer_compressor", "state.kv_state", lambda t: t.double(), TypeError, ("state.kv_state",)),
+    ("indexer_compressor", "state.idx_kv_cache", _meta, ValueError, ("state.idx_kv_cache", "device")),
+    ("indexer_compressor", "state.score_state", lambda t: t[:1].contiguous(), ValueError, ("state.score_state",)),
+    ("indexer", "qr", lambda t: t.float(), TypeError, ("qr:", "int8")),
+    ("indexer", "qr", lambda t: t[:-1].contiguous(), ValueError, ("qr:", "shape")),
+    ("indexer", "qr_scale", lambda t: t.view(-1).contiguous(), ValueError, ("qr_scale", "shape")),
+    ("indexer", "w.wq_b", lambda t: t[:, :-2].contiguous(), ValueError, ("w.wq_b", "shape")),
+    ("indexer", "w.weights_proj", lambda t: t.float(), TypeError, ("w.weights_proj",)),
+    ("indexer", "w.compressor.wgate", lambda t: t[:-1].contiguous(), ValueError, ("w.compressor.wgate",)),
+    ("indexer", "topk", lambda k: 0, ValueError, ("topk",)),
+    ("indexer", "offset", lambda k: "128", TypeError, ("offset",)),
+    ("indexer", "start_pos", lambda t: t + 62, ValueError, ("start_pos", "rope table")),
+]
+
+
+def _state_snapshot(args: dict) -> dict[str, torch.Tensor]:
+    state = args.get("state")
+    if state is None:
+        return {}
+    return {k: v.clone() for k, v in state.tensors().items() if v.device.type != "meta"}
+
+
+@pytest.mark.parametrize(
+    ("op", "path", "breaker", "exc", "words"), BAD, ids=[f"{b[0]}-{b[1]}-{i}" for i, b in enumerate(BAD)]
+)
+def test_bad_input_is_named_and_state_untouched(op, path, breaker, exc, words) -> None:
+    for backend in OP_BACKENDS[op]:
+        case = _case(op)
+        args = dict(case.args)
+        if path == "start_pos" and op == "indexer":  # reach past the table, not past the cache
+            args["state"] = dsv4.IndexerState.empty(CFG, 2, 4096, device=DEVICE)
+        _set(args, path, breaker(_get(args, path)))
+        before = _state_snapshot(args)
+        with pytest.raises(exc) as info:
+            getattr(dsv4, op)(**args, backend=backend)
+        message = str(info.value)
+        assert all(w in message for w in words), f"{backend}: {message!r} lacks {words}"
+        for name, t in before.items():
+            assert torch.equal(getattr(args["state"], name), t), f"{backend}: state.{name} changed"
+
+
+def test_unknown_backend_is_named() -> None:
+    case = _case("qkv_proj_rope")
+    with pytest.raises(ValueError, match="backend"):
+        dsv4.qkv_proj_rope(**case.args, backend="cuda-graphs")
+
+
+def test_unbroken_cases_run() -> None:
+    """The cases above differ from a valid call in one argument only: unbroken, each op runs."""
+    for op in ("qkv_proj_rope", "indexer_compressor", "indexer"):
+        for backend in OP_BACKENDS[op]:
+            args = dict(_case(op).args)
+            out = getattr(dsv4, op)(**args, backend=backend)
+            assert (out is None) == (op == "indexer_compressor")
+            if "state" in args:  # decode rows start at random positions: the ring slots always change
+                assert not torch.equal(args["state"].kv_state, _case(op).args["state"].kv_state)
