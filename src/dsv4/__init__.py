@@ -1,7 +1,9 @@
 """dsv4: fused kernels for the DeepSeek-V4 attention front end, with a spec-exact reference."""
 
+from . import library  # registers torch.ops.dsv4.*
 from .backends import BACKENDS, available_backends
 from .config import PRESETS, DeepSeekV4Config, get_config
+from .frontend import DecodeFrontEnd
 from .hadamard import hadamard_matrix
 from .ops import indexer, indexer_compressor, qkv_proj_rope
 from .quant import quantize_int8_per_row, quantize_weight_int8
@@ -25,6 +27,7 @@ __all__ = [
     "QKV",
     "AttnWeights",
     "CompressorWeights",
+    "DecodeFrontEnd",
     "DeepSeekV4Config",
     "IndexerOut",
     "IndexerState",
@@ -36,6 +39,7 @@ __all__ = [
     "hadamard_matrix",
     "indexer",
     "indexer_compressor",
+    "library",
     "qkv_proj_rope",
     "quantize_int8_per_row",
     "quantize_weight_int8",

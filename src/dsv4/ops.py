@@ -12,7 +12,7 @@ from .backends import get_backend
 from .rope import RopeTable
 from .state import IndexerState
 from .structs import QKV, IndexerOut
-from .validate import check_compressor, check_indexer, check_qkv_proj_rope
+from .validate import check_compressor, check_indexer, check_indexer_out, check_qkv_out, check_qkv_proj_rope
 from .weights import AttnWeights, CompressorWeights, IndexerWeights
 
 
@@ -24,6 +24,7 @@ def qkv_proj_rope(
     *,
     eps: float = 1e-6,
     backend: str = "auto",
+    out: QKV | None = None,
 ) -> QKV:
     """Attention Q/KV projection with RMSNorm and interleaved RoPE (spec §3).
 
@@ -34,12 +35,15 @@ def qkv_proj_rope(
         rope: the layer's ``RopeTable`` (``R`` = twice its width).
         eps: RMSNorm epsilon.
         backend: ``"reference"``, ``"triton"`` or ``"auto"`` (Triton on CUDA, else the reference).
+        out: optional preallocated ``QKV`` to write into (returned).
 
     Returns:
         ``QKV(q [T, H, HD] bf16, kv [T, HD] bf16, qr [T, QL] int8, qr_scale [T, 1] fp32)``.
     """
     check_qkv_proj_rope(x, w, positions, rope, eps)
-    return get_backend(backend, x.device).qkv_proj_rope(x, w, positions, rope, eps)
+    if out is not None:
+        check_qkv_out(out, x, w)
+    return get_backend(backend, x.device).qkv_proj_rope(x, w, positions, rope, eps, out)
 
 
 def indexer_compressor(
@@ -80,6 +84,7 @@ def indexer(
     topk: int,
     eps: float = 1e-6,
     backend: str = "auto",
+    out: IndexerOut | None = None,
 ) -> IndexerOut:
     """Lightning indexer: compress this step's keys, score the cache, select the top-k (spec §5).
 
@@ -93,6 +98,9 @@ def indexer(
         offset: added to every selected index (the attention passes its window size).
         rope: the compressed-layer ``RopeTable``.
         topk: how many indices to select per token (``index_topk``).
+        out: optional preallocated ``IndexerOut`` to write into (returned): ``score [B, S, L] fp32``
+            with ``L >= max_b cache_len[b]`` (every entry a token cannot see is written as masked,
+            so a fixed ``L`` serves every step) and ``topk_idxs [B, S, topk] int32``.
 
     Returns:
         ``IndexerOut(score [B, S, max_b cache_len[b]] fp32, topk_idxs [B, S, topk] int32)`` with
@@ -100,4 +108,6 @@ def indexer(
         unused index slots ``-1``.
     """
     pos = check_indexer(x, qr, qr_scale, w, state, start_pos, offset, rope, topk, eps)
-    return get_backend(backend, x.device).indexer(x, qr, qr_scale, w, state, pos, offset, rope, topk, eps)
+    if out is not None:
+        check_indexer_out(out, x, pos, topk)
+    return get_backend(backend, x.device).indexer(x, qr, qr_scale, w, state, pos, offset, rope, topk, eps, out)

@@ -27,6 +27,22 @@ class IndexerOut(NamedTuple):
     topk_idxs: torch.Tensor
 
 
+def copy_into(result: QKV | IndexerOut, out: QKV | IndexerOut | None) -> QKV | IndexerOut:
+    """``result`` written into the preallocated ``out`` (returned), or ``result`` when ``out`` is None.
+
+    A ``score`` narrower than ``out.score`` fills the first columns; the rest are masked.
+    """
+    if out is None:
+        return result
+    for src, dst in zip(result, out, strict=True):
+        if src.shape != dst.shape:  # a padded score buffer
+            dst[..., : src.shape[-1]].copy_(src)
+            dst[..., src.shape[-1] :].fill_(torch.finfo(torch.float32).min)
+        else:
+            dst.copy_(src)
+    return out
+
+
 @dataclass(frozen=True)
 class StepPositions:
     """Where each batch row of a step starts: ``start [B] int64`` on the op's device, the same

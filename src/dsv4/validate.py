@@ -13,7 +13,7 @@ import torch
 from .config import COMPRESS_RATIO
 from .rope import RopeTable
 from .state import STATE_SLOTS, IndexerState
-from .structs import StepPositions
+from .structs import QKV, IndexerOut, StepPositions
 from .weights import AttnWeights, CompressorWeights, IndexerWeights
 
 FLOATS = (torch.float32, torch.bfloat16)  # accepted for norm gains
@@ -194,3 +194,27 @@ def step_positions(start_pos: object, batch: int, seq: int, device: torch.device
     if min(host) < 0:
         raise ValueError(f"start_pos: expected values >= 0, got {min(host)}")
     return StepPositions(start=start, start_host=host, seq=seq)
+
+
+def check_qkv_out(out: object, x: torch.Tensor, w: AttnWeights) -> None:
+    """``out`` for ``qkv_proj_rope``: a ``QKV`` of preallocated tensors matching the op's outputs."""
+    _check_instance("out", out, QKV)
+    t, hd, ql = x.shape[0], w.wkv.shape[0], w.wq_a.shape[0]
+    check_tensor("out.q", out.q, torch.bfloat16, (t, w.wq_b.shape[0] // hd, hd), x.device)
+    check_tensor("out.kv", out.kv, torch.bfloat16, (t, hd), x.device)
+    check_tensor("out.qr", out.qr, torch.int8, (t, ql), x.device)
+    check_tensor("out.qr_scale", out.qr_scale, torch.float32, (t, 1), x.device)
+
+
+def check_indexer_out(out: object, x: torch.Tensor, pos: StepPositions, topk: int) -> None:
+    """``out`` for ``indexer``: ``score [B, S, L] fp32`` with ``L >= max cache_len`` (entries a token
+    cannot see are written as masked) and ``topk_idxs [B, S, topk] int32``."""
+    _check_instance("out", out, IndexerOut)
+    b, s = x.shape[:2]
+    check_tensor("out.score", out.score, torch.float32, (b, s, None), x.device)
+    if out.score.shape[2] < pos.max_cache_len:
+        raise ValueError(
+            f"out.score: expected at least {pos.max_cache_len} columns (the cache rows after this step), "
+            f"got {out.score.shape[2]}"
+        )
+    check_tensor("out.topk_idxs", out.topk_idxs, torch.int32, (b, s, topk), x.device)

@@ -18,7 +18,7 @@ import triton  # noqa: E402,F401  (an ImportError here marks the backend unavail
 
 from ..rope import RopeTable  # noqa: E402
 from ..state import IndexerState  # noqa: E402
-from ..structs import QKV, IndexerOut, StepPositions  # noqa: E402
+from ..structs import QKV, IndexerOut, StepPositions, copy_into  # noqa: E402
 from ..weights import AttnWeights, CompressorWeights, IndexerWeights  # noqa: E402
 
 
@@ -38,10 +38,12 @@ def unavailable_reason(device: torch.device) -> str | None:
     return f"no Triton target for device type {device.type!r}"
 
 
-def qkv_proj_rope(x: torch.Tensor, w: AttnWeights, positions: torch.Tensor, rope: RopeTable, eps: float) -> QKV:
+def qkv_proj_rope(
+    x: torch.Tensor, w: AttnWeights, positions: torch.Tensor, rope: RopeTable, eps: float, out: QKV | None = None
+) -> QKV:
     from .qkv_proj_rope import qkv_proj_rope as run
 
-    return run(x, w, positions, rope, eps)
+    return copy_into(run(x, w, positions, rope, eps), out)
 
 
 def indexer_compressor(
@@ -63,7 +65,8 @@ def indexer(
     rope: RopeTable,
     topk: int,
     eps: float,
+    out: IndexerOut | None = None,
 ) -> IndexerOut:
     from .indexer import indexer as run
 
-    return run(x, qr, qr_scale, w, state, pos, offset, rope, topk, eps)
+    return copy_into(run(x, qr, qr_scale, w, state, pos, offset, rope, topk, eps), out)

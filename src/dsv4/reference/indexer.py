@@ -9,7 +9,7 @@ from ..hadamard import hadamard_matrix
 from ..quant import quantize_int8_per_row
 from ..rope import RopeTable
 from ..state import IndexerState
-from ..structs import IndexerOut, StepPositions
+from ..structs import IndexerOut, StepPositions, copy_into
 from ..weights import IndexerWeights
 from .common import apply_rope, int8_matmul, linear
 from .compressor import indexer_compressor
@@ -72,6 +72,7 @@ def indexer(
     rope: RopeTable,
     topk: int,
     eps: float,
+    out: IndexerOut | None = None,
 ) -> IndexerOut:
     """x ``[B, S, D] bf16``, ``qr [B*S, QL] int8``, ``qr_scale [B*S, 1] fp32`` -> ``IndexerOut``;
     runs the compressor first (updates ``state`` in place)."""
@@ -81,4 +82,4 @@ def indexer(
     q = index_query(qr, qr_scale, w, pos.token_positions().reshape(-1), rope).view(b, s, hi, hid)
     weights = linear(x, w.weights_proj) * hid**-0.5 * hi**-0.5
     score = index_scores(q, weights, state.idx_kv_cache, pos)
-    return IndexerOut(score, select_topk(score, pos, topk, offset))
+    return copy_into(IndexerOut(score, select_topk(score, pos, topk, offset)), out)

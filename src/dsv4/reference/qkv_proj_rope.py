@@ -6,7 +6,7 @@ import torch
 
 from ..quant import quantize_int8_per_row
 from ..rope import RopeTable
-from ..structs import QKV
+from ..structs import QKV, copy_into
 from ..weights import AttnWeights
 from .common import apply_rope, int8_matmul, linear, rms_norm
 
@@ -20,7 +20,9 @@ def _nope_rope_bf16(v: torch.Tensor, positions: torch.Tensor, rope: RopeTable) -
     return out
 
 
-def qkv_proj_rope(x: torch.Tensor, w: AttnWeights, positions: torch.Tensor, rope: RopeTable, eps: float) -> QKV:
+def qkv_proj_rope(
+    x: torch.Tensor, w: AttnWeights, positions: torch.Tensor, rope: RopeTable, eps: float, out: QKV | None = None
+) -> QKV:
     """x ``[T, D] bf16``, positions ``[T] int`` -> ``QKV(q [T, H, HD], kv [T, HD], qr [T, QL], qr_scale [T, 1])``."""
     t = x.shape[0]
     hd = w.wkv.shape[0]
@@ -35,4 +37,4 @@ def qkv_proj_rope(x: torch.Tensor, w: AttnWeights, positions: torch.Tensor, rope
 
     k = rms_norm(linear(x, w.wkv), w.gamma_ckv, eps)
     kv = _nope_rope_bf16(k, positions, rope)
-    return QKV(q, kv, qr, qr_scale)
+    return copy_into(QKV(q, kv, qr, qr_scale), out)

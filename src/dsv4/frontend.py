@@ -1,0 +1,139 @@
+"""``DecodeFrontEnd``: one layer's attention front end as a module that owns its indexer state."""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops
+from .config import COMPRESS_RATIO
+from .rope import RopeTable
+from .state import IndexerState
+from .weights import AttnWeights, CompressorWeights, IndexerWeights, LayerWeights
+
+_ATTN = ("wq_a", "gamma_cq", "wq_b", "wq_b_scale", "wkv", "gamma_ckv")
+_INDEXER = ("wq_b", "wq_b_scale", "weights_proj")
+_COMPRESSOR = ("wkv", "wgate", "ape", "norm_w")
+_STATE = ("kv_state", "score_state", "idx_kv_cache")
+
+
+class DecodeFrontEnd(torch.nn.Module):
+    """Runs ``qkv_proj_rope`` then ``indexer`` for ``batch`` sequence slots, step after step.
+
+    Weights, the RoPE table and the ``IndexerState`` are buffers of the module (``.to(device)``
+    moves them all). Each slot remembers where its sequence stands, so ``forward(x)`` continues
+    every sequence; ``reset(rows)`` hands slots to new sequences (continuous batching).
+
+    Args:
+        weights: the layer's ``LayerWeights``.
+        rope: the layer's ``RopeTable``; it must cover ``max_position``.
+        batch: sequence slots.
+        max_position: longest sequence a slot holds (the cache keeps ``max_position // 4`` rows).
+        topk: indices selected per token (``index_topk``); offset: added to them (the window size).
+    """
+
+    def __init__(
+        self,
+        weights: LayerWeights,
+        rope: RopeTable,
+        *,
+        batch: int,
+        max_position: int,
+        topk: int,
+        offset: int,
+        eps: float = 1e-6,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        for name in _ATTN:
+            self.register_buffer(f"attn_{name}", getattr(weights.attn, name))
+        for name in _INDEXER:
+            self.register_buffer(f"indexer_{name}", getattr(weights.indexer, name))
+        for name in _COMPRESSOR:
+            self.register_buffer(f"compressor_{name}", getattr(weights.indexer.compressor, name))
+        self.register_buffer("rope_cos", rope.cos)
+        self.register_buffer("rope_sin", rope.sin)
+        hid = weights.indexer.compressor.norm_w.shape[0]
+        device = weights.attn.wq_a.device
+        state = IndexerState(
+            torch.zeros(batch, 8, 2 * hid, device=device),
+            torch.full((batch, 8, 2 * hid), float("-inf"), device=device),
+            torch.zeros(batch, max_position // COMPRESS_RATIO, hid, dtype=torch.bfloat16, device=device),
+        )
+        for name in _STATE:
+            self.register_buffer(name, getattr(state, name))
+        self.topk, self.offset, self.eps, self.backend = topk, offset, eps, backend
+        self.next_pos = [0] * batch  # where each slot's next token sits (host-side: no device sync)
+        self.last_score: torch.Tensor | None = None
+
+    @property
+    def attn(self) -> AttnWeights:
+        return AttnWeights(*(getattr(self, f"attn_{n}") for n in _ATTN))
+
+    @property
+    def indexer_weights(self) -> IndexerWeights:
+        comp = CompressorWeights(*(getattr(self, f"compressor_{n}") for n in _COMPRESSOR))
+        return IndexerWeights(*(getattr(self, f"indexer_{n}") for n in _INDEXER), comp)
+
+    @property
+    def rope(self) -> RopeTable:
+        return RopeTable(self.rope_cos, self.rope_sin)
+
+    @property
+    def state(self) -> IndexerState:
+        return IndexerState(self.kv_state, self.score_state, self.idx_kv_cache)
+
+    @property
+    def batch(self) -> int:
+        return len(self.next_pos)
+
+    def reset(self, batch_rows: int | list[int] | torch.Tensor) -> None:
+        """Empty the given slots; their next token sits at position 0."""
+        rows = torch.as_tensor(batch_rows, dtype=torch.long).reshape(-1).tolist()
+        for r in rows:
+            if not 0 <= r < self.batch:
+                raise ValueError(f"batch_rows: slot {r} outside [0, {self.batch})")
+        self.state.reset(rows)
+        for r in rows:
+            self.next_pos[r] = 0
+
+    def forward(
+        self, x: torch.Tensor, start_pos: int | list[int] | torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One step of ``S`` tokens for slots ``0..B-1``.
+
+        Args:
+            x: ``[B, S, D] bf16``, ``B <= batch``.
+            start_pos: position of each slot's first token (int, list or ``[B]`` int tensor); by
+                default where each slot's sequence stands.
+
+        Returns:
+            ``q [B, S, H, HD] bf16``, ``kv [B, S, HD] bf16``, ``topk_idxs [B, S, topk] int32``.
+            ``last_score`` keeps this step's ``[B, S, max cache_len]`` scores.
+        """
+        b, s, d = x.shape
+        if b > self.batch:
+            raise ValueError(f"x: batch {b} exceeds the module's {self.batch} slots")
+        if start_pos is None:
+            start = self.next_pos[:b]
+        elif isinstance(start_pos, torch.Tensor):
+            start = [int(p) for p in start_pos.tolist()]
+        elif isinstance(start_pos, int):
+            start = [start_pos] * b
+        else:
+            start = [int(p) for p in start_pos]
+        limit = min(self.rope_cos.shape[0], self.idx_kv_cache.shape[1] * COMPRESS_RATIO)
+        if len(start) != b or any(p < 0 or p + s > limit for p in start):
+            raise ValueError(f"start_pos: expected {b} positions in [0, {limit - s}] (S={s}), got {start}")
+        start_t = torch.tensor(start, dtype=torch.int64, device=x.device)
+        positions = (start_t[:, None] + torch.arange(s, device=x.device)).reshape(-1)
+        qkv = ops.qkv_proj_rope(
+            x.reshape(b * s, d), self.attn, positions, self.rope, eps=self.eps, backend=self.backend
+        )
+        out = ops.indexer(
+            x, qkv.qr, qkv.qr_scale, self.indexer_weights, self.state, start_t, self.offset, self.rope,
+            topk=self.topk, eps=self.eps, backend=self.backend,
+        )  # fmt: skip
+        for i, p in enumerate(start):
+            self.next_pos[i] = p + s
+        self.last_score = out.score
+        return qkv.q.view(b, s, *qkv.q.shape[1:]), qkv.kv.view(b, s, -1), out.topk_idxs

@@ -1,0 +1,112 @@
+"""``torch.ops.dsv4``: schemas, fake implementations and mutation annotations (opcheck), out-variants,
+and ``torch.compile(fullgraph=True)`` over a decode step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsv4
+import dsv4.library as lib
+from conftest import DEVICE, OP_BACKENDS
+from dsv4.cases import make_case
+
+CFG = dsv4.get_config("tiny")
+
+
+def _step_inputs():
+    case = make_case(CFG, "indexer", "decode", seed=0, device=DEVICE, max_position=256, batch=2, seq=2)
+    w = dsv4.synthetic_weights(CFG, seed=0, device=DEVICE)
+    start = case.args["start_pos"]
+    positions = (start[:, None] + torch.arange(2, device=DEVICE)).reshape(-1)
+    return case.args["x"], w, positions, start, case.args["rope"], case.args["state"]
+
+
+def _qkv_args(backend: str):
+    x, w, positions, _, rope, _ = _step_inputs()
+    return (x.view(4, -1), *lib._weights_of(w.attn), positions, rope.cos, rope.sin, 1e-6, backend)
+
+
+def _indexer_args(backend: str):
+    x, w, positions, start, rope, state = _step_inputs()
+    qkv = dsv4.qkv_proj_rope(x.view(4, -1), w.attn, positions, rope)
+    return (
+        x, qkv.qr, qkv.qr_scale, *lib._weights_of(w.indexer), *state.tensors().values(), start, 16, rope.cos,
+        rope.sin, CFG.index_topk, 1e-6, backend,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS["qkv_proj_rope"])
+def test_opcheck_qkv_proj_rope(backend: str) -> None:
+    args = _qkv_args(backend)
+    torch.library.opcheck(torch.ops.dsv4.qkv_proj_rope.default, args)
+    outs = tuple(torch.empty_like(t) for t in torch.ops.dsv4.qkv_proj_rope(*args))
+    torch.library.opcheck(torch.ops.dsv4.qkv_proj_rope_out.default, args + outs)
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS["indexer"])
+def test_opcheck_indexer(backend: str) -> None:
+    args = _indexer_args(backend)
+    torch.library.opcheck(torch.ops.dsv4.indexer.default, args)
+    b, s = args[0].shape[:2]
+    score = torch.empty(b, s, 64, device=DEVICE)  # padded: more columns than cache rows
+    topk = torch.empty(b, s, CFG.index_topk, dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(torch.ops.dsv4.indexer_out.default, args + (score, topk))
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS["indexer_compressor"])
+def test_opcheck_indexer_compressor(backend: str) -> None:
+    x, w, _, start, rope, state = _step_inputs()
+    args = (x, *lib._weights_of(w.indexer.compressor), *state.tensors().values(), start, rope.cos, rope.sin, 1e-6)
+    torch.library.opcheck(torch.ops.dsv4.indexer_compressor.default, args + (backend,))
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS["indexer"])
+def test_out_variants_equal_plain_calls(backend: str) -> None:
+    x, w, positions, start, rope, state = _step_inputs()
+    plain = dsv4.qkv_proj_rope(x.view(4, -1), w.attn, positions, rope, backend=backend)
+    out = dsv4.QKV(*(torch.full_like(t, 7) for t in plain))
+    assert lib.qkv_proj_rope(x.view(4, -1), w.attn, positions, rope, backend=backend, out=out) is out
+    assert all(torch.equal(a, b) for a, b in zip(out, plain, strict=True))
+
+    s1, s2 = state.clone(), state.clone()
+    ref = dsv4.indexer(x, plain.qr, plain.qr_scale, w.indexer, s1, start, 16, rope, topk=16, backend=backend)
+    n = ref.score.shape[-1]
+    padded = dsv4.IndexerOut(torch.zeros(2, 2, n + 5, device=DEVICE), torch.zeros_like(ref.topk_idxs))
+    lib.indexer(x, plain.qr, plain.qr_scale, w.indexer, s2, start, 16, rope, topk=16, backend=backend, out=padded)
+    assert torch.equal(padded.score[..., :n], ref.score) and torch.equal(padded.topk_idxs, ref.topk_idxs)
+    assert (padded.score[..., n:] == torch.finfo(torch.float32).min).all()
+    assert all(torch.equal(a, b) for a, b in zip(s1.tensors().values(), s2.tensors().values(), strict=True))
+
+
+def test_out_buffers_are_validated() -> None:
+    x, w, positions, start, rope, state = _step_inputs()
+    bad = dsv4.QKV(*(torch.empty(1) for _ in range(4)))
+    with pytest.raises(TypeError, match="out.q"):
+        dsv4.qkv_proj_rope(x.view(4, -1), w.attn, positions, rope, out=bad)
+    qkv = dsv4.qkv_proj_rope(x.view(4, -1), w.attn, positions, rope)
+    short = dsv4.IndexerOut(torch.empty(2, 2, 1, device=DEVICE), torch.empty(2, 2, 16, dtype=torch.int32))
+    before = state.clone()
+    with pytest.raises(ValueError, match="out.score"):
+        dsv4.indexer(x, qkv.qr, qkv.qr_scale, w.indexer, state, start, 16, rope, topk=16, out=short)
+    assert torch.equal(state.idx_kv_cache, before.idx_kv_cache) and torch.equal(state.kv_state, before.kv_state)
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS["indexer"])
+def test_compile_fullgraph_decode_step(backend: str) -> None:
+    x, w, positions, start, rope, state = _step_inputs()
+    eager_state = state.clone()
+
+    def step(x, positions, start):
+        q, kv, qr, qr_scale = lib.qkv_proj_rope(x.view(4, -1), w.attn, positions, rope, backend=backend)
+        out = lib.indexer(x, qr, qr_scale, w.indexer, state, start, 16, rope, topk=16, backend=backend)
+        return q, kv, out.score, out.topk_idxs
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    q, kv, score, topk = compiled(x, positions, start)
+    eq = dsv4.qkv_proj_rope(x.view(4, -1), w.attn, positions, rope, backend=backend)
+    eo = dsv4.indexer(x, eq.qr, eq.qr_scale, w.indexer, eager_state, start, 16, rope, topk=16, backend=backend)
+    assert torch.equal(q, eq.q) and torch.equal(kv, eq.kv)
+    assert torch.equal(score, eo.score) and torch.equal(topk, eo.topk_idxs)
+    assert torch.equal(state.idx_kv_cache, eager_state.idx_kv_cache)  # the compiled step mutated the state
