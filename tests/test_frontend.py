@@ -82,3 +82,20 @@ def test_module_moves_with_to_and_uses_its_buffers() -> None:
     assert {"attn_wq_a", "indexer_weights_proj", "compressor_norm_w", "idx_kv_cache", "rope_cos"} <= names
     m.to(torch.device("cpu"))
     assert m.state.idx_kv_cache.data_ptr() == m.idx_kv_cache.data_ptr()
+
+
+def test_decode_loop_example_runs() -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    proc = subprocess.run(
+        [sys.executable, str(root / "examples" / "decode_loop.py"), "--steps", "3", "--prefill", "16", "--device", "cpu"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["0", "1", "2"] and all(int(r[3]) == CFG.index_topk for r in rows)

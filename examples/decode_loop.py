@@ -1,0 +1,61 @@
+"""N decode steps of one layer's front end on synthetic weights.
+
+Prints each step's time and how the indexer's top-k set moves: how many of the selected cache
+positions are new compared with the previous step (slot 0, last token).
+
+    python examples/decode_loop.py --preset tiny --steps 32
+    python examples/decode_loop.py --preset flash --batch 64 --steps 100 --prefill 4096   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import dsv4
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", choices=sorted(dsv4.PRESETS))
+    parser.add_argument("--backend", default="auto", choices=["auto", *dsv4.BACKENDS])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=2, help="tokens per sequence per step (MTP)")
+    parser.add_argument("--prefill", type=int, default=256, help="prompt tokens before decoding")
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    cfg = dsv4.get_config(args.preset)
+    device = torch.device(args.device)
+    max_position = 4 * -(-(args.prefill + args.seq * args.steps) // 4)
+    frontend = dsv4.DecodeFrontEnd(
+        dsv4.synthetic_weights(cfg, seed=0, device=device),
+        dsv4.rope_table(cfg, "compressed", max_position=max_position, device=device),
+        batch=args.batch, max_position=max_position, topk=cfg.index_topk, offset=cfg.sliding_window,
+        backend=args.backend,
+    )  # fmt: skip
+    if args.prefill:
+        frontend(dsv4.synthetic_activations((args.batch, args.prefill, cfg.hidden_size), seed=1, device=device))
+    print(f"preset={cfg.name} backend={args.backend} device={device} batch={args.batch} seq={args.seq} "
+          f"prefill={args.prefill}")  # fmt: skip
+    print(f"{'step':>5} {'position':>9} {'ms':>9} {'selected':>9} {'new':>5}")
+    previous: set[int] = set()
+    for step in range(args.steps):
+        x = dsv4.synthetic_activations((args.batch, args.seq, cfg.hidden_size), seed=100 + step, device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        _, _, topk = frontend(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        ms = (time.perf_counter() - t0) * 1e3
+        chosen = {int(i) for i in topk[0, -1].tolist() if i >= 0}
+        print(f"{step:>5} {frontend.next_pos[0] - 1:>9} {ms:>9.2f} {len(chosen):>9} {len(chosen - previous):>5}")
+        previous = chosen
+
+
+if __name__ == "__main__":
+    main()
