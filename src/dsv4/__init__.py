@@ -1,6 +1,7 @@
 """dsv4: fused kernels for the DeepSeek-V4 attention front end, with a spec-exact reference."""
 
 from .backends import BACKENDS, available_backends
+from .checkpoint import CheckpointError, checkpoint_config, load_layer
 from .config import PRESETS, DeepSeekV4Config, get_config
 from .hadamard import hadamard_matrix
 from .ops import indexer, indexer_compressor, qkv_proj_rope
@@ -24,6 +25,7 @@ __all__ = [
     "PRESETS",
     "QKV",
     "AttnWeights",
+    "CheckpointError",
     "CompressorWeights",
     "DeepSeekV4Config",
     "IndexerOut",
@@ -32,10 +34,12 @@ __all__ = [
     "LayerWeights",
     "RopeTable",
     "available_backends",
+    "checkpoint_config",
     "get_config",
     "hadamard_matrix",
     "indexer",
     "indexer_compressor",
+    "load_layer",
     "qkv_proj_rope",
     "quantize_int8_per_row",
     "quantize_weight_int8",
