@@ -25,7 +25,7 @@ from .weights import AttnWeights, CompressorWeights, IndexerWeights, LayerWeight
 CONFIG_FILE = "config.json"
 DEFAULT_PREFIX = "layers.{layer}."
 DEFAULT_BLOCK = (128, 128)  # DeepSeek's weight_block_size when config.json does not say
-ROW_CHUNK_BYTES = 16 << 20  # fp32 bytes of weight rows dequantized at once: bounds the temporaries to a few
+ROW_CHUNK_BYTES = 4 << 20  # fp32 bytes of weight rows dequantized at once: bounds the temporaries to a few
 # of these whatever the layer's size (the 32768x1024 wq_b of flash would be 128 MiB in fp32)
 
 FP8, SCALE, GAIN = ("F8_E4M3",), ("F8_E8M0",), ("BF16", "F32")

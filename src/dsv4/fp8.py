@@ -60,5 +60,10 @@ def dequantize_rows_(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int
     ``w`` starting a block. Edge blocks (a dim not a multiple of the block) are partial.
     """
     rows, cols = w.shape
-    per_row = scale.repeat_interleave(block[0], dim=0)[:rows]
-    return w.mul_(per_row.repeat_interleave(block[1], dim=1)[:, :cols])
+    bm = block[0]
+    per_column = scale.repeat_interleave(block[1], dim=1)[:, :cols]  # [row blocks, in]: small
+    full = rows // bm * bm
+    w[:full].view(-1, bm, cols).mul_(per_column[: full // bm, None, :])
+    if full < rows:  # a partial last row block
+        w[full:].mul_(per_column[full // bm])
+    return w
