@@ -217,6 +217,14 @@ def test_config_matches_presets_or_is_built_from_the_file():
         config_from_json({k: v for k, v in raw.items() if k not in ("q_lora_rank", "sliding_window")})
 
 
+def test_block_size_from_config(tmp_path):
+    raw = config_json(TINY, RATIOS)
+    raw["quantization_config"]["weight_block_size"] = [128]
+    d = write_checkpoint(tmp_path, _tiny_shards(), raw)
+    with pytest.raises(CheckpointError, match="weight_block_size must be two positive ints, got .128."):
+        load_layer(d, 1)
+
+
 def test_compress_ratio_from_config_or_tensors(tiny_dir, tmp_path):
     with Checkpoint(tiny_dir) as ckpt:
         assert ckpt.layers() == [0, 1, 2, 3]

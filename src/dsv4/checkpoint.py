@@ -135,7 +135,10 @@ class Checkpoint(ShardedCheckpoint):
         except ValueError as e:
             raise CheckpointError(f"{path}: not valid JSON ({e})") from None
         block = ((self.config_json or {}).get("quantization_config") or {}).get("weight_block_size", DEFAULT_BLOCK)
-        self.block: tuple[int, int] = (int(block[0]), int(block[1]))
+        well_formed = isinstance(block, list | tuple) and len(block) == 2
+        if not (well_formed and all(isinstance(b, int) and b > 0 for b in block)):
+            raise CheckpointError(f"{path}: weight_block_size must be two positive ints, got {block}")
+        self.block: tuple[int, int] = (block[0], block[1])
 
     def config(self) -> DeepSeekV4Config:
         """The model dimensions from ``config.json`` (see ``config_from_json``)."""
