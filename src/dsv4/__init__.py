@@ -2,6 +2,7 @@
 
 from . import library  # registers torch.ops.dsv4.*
 from .backends import BACKENDS, available_backends
+from .checkpoint import CheckpointError, checkpoint_config, load_layer
 from .config import PRESETS, DeepSeekV4Config, get_config
 from .frontend import DecodeFrontEnd
 from .hadamard import hadamard_matrix
@@ -26,6 +27,7 @@ __all__ = [
     "PRESETS",
     "QKV",
     "AttnWeights",
+    "CheckpointError",
     "CompressorWeights",
     "DecodeFrontEnd",
     "DeepSeekV4Config",
@@ -35,11 +37,13 @@ __all__ = [
     "LayerWeights",
     "RopeTable",
     "available_backends",
+    "checkpoint_config",
     "get_config",
     "hadamard_matrix",
     "indexer",
     "indexer_compressor",
     "library",
+    "load_layer",
     "qkv_proj_rope",
     "quantize_int8_per_row",
     "quantize_weight_int8",

@@ -1,4 +1,4 @@
-"""The ``dsv4`` command: ``run`` (the main job), ``info``, ``golden save|check``, ``bench``."""
+"""The ``dsv4`` command: ``run`` (the main job), ``inspect``, ``info``, ``golden save|check``, ``bench``."""
 
 from __future__ import annotations
 
@@ -22,19 +22,41 @@ def _default_device() -> str:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .run import HEADER, format_row, run_front_end
 
-    cfg = get_config(args.preset)
+    cfg = get_config(args.preset) if args.preset else None
+    weights = None
+    if args.checkpoint:
+        from .checkpoint import Checkpoint
+
+        if args.layer is None:
+            raise ValueError("--checkpoint needs --layer N (`dsv4 inspect DIR` lists the layers and their ratios)")
+        t0 = time.perf_counter()
+        with Checkpoint(args.checkpoint) as ckpt:
+            cfg = cfg or ckpt.config()
+            weights = ckpt.load_layer(args.layer, cfg, device=args.device)
+        print(f"loaded layer {args.layer} of {args.checkpoint} ({weights.nbytes() / 2**20:.1f} MiB as bf16 + INT8) "
+              f"in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+    cfg = cfg or get_config("tiny")
     print(f"dsv4 run: preset={cfg.name} device={args.device} backend={args.backend} batch={args.batch} "
           f"seq={args.seq} start_pos={args.start_pos} steps={args.steps}")  # fmt: skip
     print(HEADER)
     t0 = time.perf_counter()
     rows = run_front_end(
         cfg, backend=args.backend, steps=args.steps, start_pos=args.start_pos, batch=args.batch, seq=args.seq,
-        seed=args.seed, device=args.device, log=lambda r: print(format_row(r), flush=True),
+        seed=args.seed, device=args.device, log=lambda r: print(format_row(r), flush=True), weights=weights,
     )  # fmt: skip
     failed = [r for r in rows if not r.passed]
     print(f"{len(rows)} op calls in {time.perf_counter() - t0:.1f} s; "
           + (f"{len(failed)} MISMATCH(ES)" if failed else "all checks passed"))  # fmt: skip
     return 1 if failed else 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .checkpoint_report import describe_checkpoint
+
+    cfg = get_config(args.preset) if args.preset else None
+    lines, ok = describe_checkpoint(args.dir, args.layer, cfg, prefix=args.prefix)
+    print("\n".join(lines))
+    return 0 if ok else 1
 
 
 def _version(dist: str) -> str:
@@ -134,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     backends = ["auto", *BACKENDS]
 
     run = sub.add_parser("run", help="run the front end on synthetic weights and check it against the reference")
-    run.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    run.add_argument("--preset", choices=sorted(PRESETS), help="default: tiny, or the checkpoint's config.json")
+    run.add_argument("--checkpoint", metavar="DIR", help="run on one layer's weights from a safetensors checkpoint")
+    run.add_argument("--layer", type=int, help="the checkpoint layer (a compress-ratio-4 layer)")
     run.add_argument("--backend", default="auto", choices=backends)
     run.add_argument("--steps", type=int, default=4, help="decode steps after the prefill")
     run.add_argument("--start-pos", type=int, default=64, help="tokens prefilled before the first decode step")
@@ -143,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default=_default_device())
     run.set_defaults(func=_cmd_run)
+
+    inspect = sub.add_parser("inspect", help="a checkpoint's layers, compress ratios and one layer's front-end tensors")
+    inspect.add_argument("dir")
+    inspect.add_argument("--layer", type=int, help="the layer to list (default: the first ratio-4 layer)")
+    inspect.add_argument("--preset", choices=sorted(PRESETS), help="check shapes against a preset, not config.json")
+    inspect.add_argument("--prefix", default="layers.{layer}.", help="tensor name prefix of a layer")
+    inspect.set_defaults(func=_cmd_inspect)
 
     info = sub.add_parser("info", help="versions, devices and available backends")
     info.set_defaults(func=_cmd_info)

@@ -16,7 +16,7 @@ from .config import COMPRESS_RATIO, DeepSeekV4Config
 from .golden import compare
 from .rope import rope_table
 from .state import IndexerState
-from .weights import synthetic_activations, synthetic_weights
+from .weights import LayerWeights, synthetic_activations, synthetic_weights
 
 
 @dataclass
@@ -60,17 +60,21 @@ def run_front_end(
     seed: int = 0,
     device: torch.device | str = "cpu",
     log: Callable[[Row], None] | None = None,
+    weights: LayerWeights | None = None,
 ) -> list[Row]:
     """Prefill ``start_pos`` tokens, then ``steps`` decode steps of ``seq`` tokens for ``batch``
     sequences: ``qkv_proj_rope`` then ``indexer`` each time. When ``backend`` is not the
-    reference, every call is checked against the reference run on the same inputs."""
+    reference, every call is checked against the reference run on the same inputs.
+
+    ``weights``: the layer's weights for ``cfg`` (e.g. from ``dsv4.load_layer``; default: seeded
+    synthetic ones). Activations are always synthetic RMS-normalized rows."""
     device = torch.device(device)
     name = resolve(backend, device)
     end = start_pos + steps * seq
     if end > cfg.max_position_embeddings:
         raise ValueError(f"start_pos + steps*seq = {end} exceeds max_position_embeddings {cfg.max_position_embeddings}")
     max_position = -(-end // COMPRESS_RATIO) * COMPRESS_RATIO
-    weights = synthetic_weights(cfg, seed=seed, device=device)
+    weights = synthetic_weights(cfg, seed=seed, device=device) if weights is None else weights.to(device)
     rope = rope_table(cfg, "compressed", max_position=max_position, device=device)
     state = IndexerState.empty(cfg, batch, max_position, device=device)
     plan = ([("prefill", 0, start_pos)] if start_pos else []) + [

@@ -1,0 +1,312 @@
+"""Load one layer's attention front end from a DeepSeek-V4 safetensors checkpoint.
+
+The published checkpoints store every linear weight as ``float8_e4m3fn`` with UE8M0 block scales
+(``.scale``, one per ``128 x 128`` block). ``wq_a`` and ``wkv`` are dequantized to bf16; ``attn.wq_b``
+and ``attn.indexer.wq_b`` are requantized to per-output-channel INT8 (spec §2), the W8A8 form the
+kernels take. Only the requested layer's tensors are read, a bounded number of rows at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import COMPRESS_RATIO, PRESETS, DeepSeekV4Config
+from .fp8 import dequantize_rows_, scale_grid
+from .quant import quantize_weight_int8
+from .safetensors_files import CheckpointError, ShardedCheckpoint, TensorInfo
+from .weights import AttnWeights, CompressorWeights, IndexerWeights, LayerWeights
+
+CONFIG_FILE = "config.json"
+DEFAULT_PREFIX = "layers.{layer}."
+DEFAULT_BLOCK = (128, 128)  # DeepSeek's weight_block_size when config.json does not say
+ROW_CHUNK_BYTES = 4 << 20  # fp32 bytes of weight rows dequantized at once: bounds the temporaries to a few
+# of these whatever the layer's size (the 32768x1024 wq_b of flash would be 128 MiB in fp32)
+
+FP8, SCALE, GAIN = ("F8_E4M3",), ("F8_E8M0",), ("BF16", "F32")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What the front end needs under a layer's prefix: a tensor name, accepted dtypes and shape."""
+
+    name: str
+    dtypes: tuple[str, ...]
+    shape: tuple[int, ...]
+
+
+def front_end_specs(cfg: DeepSeekV4Config, indexer: bool, block: tuple[int, int] = DEFAULT_BLOCK) -> list[TensorSpec]:
+    """The tensors of one layer's front end (names relative to the layer prefix), ``[out, in]``
+    layout; FP8 weights come with their ``.scale`` block grid. ``indexer``: include the lightning
+    indexer's tensors (ratio-4 layers only)."""
+    d, ql, hd, hid = cfg.hidden_size, cfg.q_lora_rank, cfg.head_dim, cfg.index_head_dim
+
+    def fp8(name: str, out: int, inp: int) -> list[TensorSpec]:
+        return [
+            TensorSpec(f"{name}.weight", FP8, (out, inp)),
+            TensorSpec(f"{name}.scale", SCALE, scale_grid((out, inp), block)),
+        ]
+
+    specs = [
+        *fp8("attn.wq_a", ql, d),
+        *fp8("attn.wq_b", cfg.num_attention_heads * hd, ql),
+        *fp8("attn.wkv", hd, d),
+        TensorSpec("attn.q_norm.weight", GAIN, (ql,)),
+        TensorSpec("attn.kv_norm.weight", GAIN, (hd,)),
+    ]
+    if indexer:
+        specs += [
+            *fp8("attn.indexer.wq_b", cfg.index_n_heads * hid, ql),
+            TensorSpec("attn.indexer.weights_proj.weight", ("BF16",), (cfg.index_n_heads, d)),
+            TensorSpec("attn.indexer.compressor.wkv.weight", ("BF16",), (2 * hid, d)),
+            TensorSpec("attn.indexer.compressor.wgate.weight", ("BF16",), (2 * hid, d)),
+            TensorSpec("attn.indexer.compressor.ape", ("F32",), (COMPRESS_RATIO, 2 * hid)),
+            TensorSpec("attn.indexer.compressor.norm.weight", GAIN, (hid,)),
+        ]
+    return specs
+
+
+# config.json field -> DeepSeekV4Config field, for the fields that must be present
+_REQUIRED_FIELDS = {
+    "hidden_size": "hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "head_dim": "head_dim",
+    "qk_rope_head_dim": "qk_rope_head_dim",
+    "q_lora_rank": "q_lora_rank",
+    "index_n_heads": "index_n_heads",
+    "index_head_dim": "index_head_dim",
+    "index_topk": "index_topk",
+    "max_position_embeddings": "max_position_embeddings",
+    "rope_theta": "rope_theta",
+    "compress_rope_theta": "compress_rope_theta",
+}
+
+
+def config_from_json(raw: dict[str, Any], source: str = CONFIG_FILE) -> DeepSeekV4Config:
+    """A ``DeepSeekV4Config`` from a checkpoint's ``config.json`` fields: the matching preset when
+    every dimension and RoPE parameter agrees with one, else a config named ``"checkpoint"``.
+
+    YaRN comes from ``rope_scaling`` (``factor``, ``original_max_position_embeddings``,
+    ``beta_fast``, ``beta_slow``; absent: no YaRN); the window from ``sliding_window`` (or ``window_size``).
+    """
+    missing = [k for k in _REQUIRED_FIELDS if k not in raw]
+    window = raw.get("sliding_window", raw.get("window_size"))
+    if window is None:
+        missing.append("sliding_window")
+    if missing:
+        raise CheckpointError(f"{source}: missing field(s) {', '.join(missing)}; pass cfg= to load_layer instead")
+    fields: dict[str, Any] = {ours: raw[theirs] for theirs, ours in _REQUIRED_FIELDS.items()}
+    yarn = raw.get("rope_scaling") or {}
+    fields.update(
+        sliding_window=int(window),
+        rope_theta=float(fields["rope_theta"]),
+        compress_rope_theta=float(fields["compress_rope_theta"]),
+        rope_factor=float(yarn.get("factor", 1.0)),
+        original_max_position_embeddings=int(yarn.get("original_max_position_embeddings", 0)),
+        beta_fast=float(yarn.get("beta_fast", 32.0)),
+        beta_slow=float(yarn.get("beta_slow", 1.0)),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+    )
+    cfg = DeepSeekV4Config(name="checkpoint", **fields)
+    for preset in PRESETS.values():
+        if _in_effect(preset.replace(name=cfg.name)) == _in_effect(cfg):
+            return preset
+    return cfg
+
+
+def _in_effect(cfg: DeepSeekV4Config) -> DeepSeekV4Config:
+    """``cfg`` with the YaRN parameters reset when YaRN is off (they change nothing then)."""
+    return cfg if cfg.original_max_position_embeddings else cfg.replace(rope_factor=1.0, beta_fast=32.0, beta_slow=1.0)
+
+
+class Checkpoint(ShardedCheckpoint):
+    """A DeepSeek-V4 checkpoint directory: its ``config.json`` (optional) and safetensors files."""
+
+    def __init__(self, directory: str | Path, raw_bytes: bool | None = None):
+        super().__init__(directory, raw_bytes)
+        path = self.directory / CONFIG_FILE
+        try:
+            self.config_json: dict[str, Any] | None = json.loads(path.read_text()) if path.is_file() else None
+        except ValueError as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        block = ((self.config_json or {}).get("quantization_config") or {}).get("weight_block_size", DEFAULT_BLOCK)
+        well_formed = isinstance(block, list | tuple) and len(block) == 2
+        if not (well_formed and all(isinstance(b, int) and b > 0 for b in block)):
+            raise CheckpointError(f"{path}: weight_block_size must be two positive ints, got {block}")
+        self.block: tuple[int, int] = (block[0], block[1])
+
+    def config(self) -> DeepSeekV4Config:
+        """The model dimensions from ``config.json`` (see ``config_from_json``)."""
+        if self.config_json is None:
+            raise CheckpointError(f"{self.directory}: no {CONFIG_FILE}; pass cfg= with the model's dimensions")
+        return config_from_json(self.config_json, str(self.directory / CONFIG_FILE))
+
+    def layers(self, prefix: str = DEFAULT_PREFIX) -> list[int]:
+        """Layer numbers that have tensors under ``prefix`` (a template with ``{layer}``)."""
+        pattern = re.compile(re.escape(prefix).replace(re.escape("{layer}"), r"(\d+)"))
+        return sorted({int(m.group(1)) for name in self.weight_map if (m := pattern.match(name))})
+
+    def compress_ratio(self, layer: int, prefix: str = DEFAULT_PREFIX) -> tuple[int, str]:
+        """``(ratio, where it came from)`` of a layer: ``config.json``'s ``compress_ratios[layer]``
+        for the default prefix; otherwise the tensors present decide (an indexer: 4; else the rows
+        of ``attn.compressor.ape``, the compressor's window; no compressor: 0)."""
+        ratios = (self.config_json or {}).get("compress_ratios")
+        if prefix == DEFAULT_PREFIX and isinstance(ratios, list) and layer < len(ratios):
+            return int(ratios[layer]), f"{CONFIG_FILE} compress_ratios[{layer}]"
+        p = prefix.format(layer=layer)
+        if f"{p}attn.indexer.wq_b.weight" in self.weight_map:
+            return COMPRESS_RATIO, "the layer has indexer tensors"
+        ape = self.info(f"{p}attn.compressor.ape")
+        if ape is not None:
+            return ape.shape[0], f"rows of {ape.name}"
+        return 0, "the layer has no compressor tensors"
+
+    def check(self, prefix: str, specs: list[TensorSpec]) -> list[str]:
+        """Every way the tensors under ``prefix`` differ from ``specs`` (empty: all present and right)."""
+        problems = []
+        for spec in specs:
+            name = prefix + spec.name
+            info = self.info(name)
+            want = f"{' or '.join(spec.dtypes)} {list(spec.shape)}"
+            if info is None:
+                problems.append(f"{name}: missing (expected {want})")
+            elif info.dtype not in spec.dtypes or info.shape != spec.shape:
+                problems.append(f"{name}: expected {want}, found {info.dtype} {list(info.shape)}")
+        return problems
+
+    def load_layer(
+        self,
+        layer: int,
+        cfg: DeepSeekV4Config | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        device: torch.device | str | None = None,
+    ) -> LayerWeights:
+        """See ``dsv4.load_layer``."""
+        cfg = self.config() if cfg is None else cfg
+        p = prefix.format(layer=layer)
+        if not any(name.startswith(p) for name in self.weight_map):
+            found = self.layers(prefix)
+            raise CheckpointError(
+                f"{self.directory}: no tensors under {p!r} (layers found: {format_ranges(found) or 'none'})"
+            )
+        ratio, source = self.compress_ratio(layer, prefix)
+        if ratio != COMPRESS_RATIO:
+            with_indexer = [n for n in self.layers(prefix) if self.compress_ratio(n, prefix)[0] == COMPRESS_RATIO]
+            raise CheckpointError(
+                f"layer {layer} has compress ratio {ratio} ({source}): it has no lightning indexer, which only "
+                f"ratio-{COMPRESS_RATIO} layers have; layers with one: {format_ranges(with_indexer) or 'none'}"
+            )
+        specs = front_end_specs(cfg, indexer=True, block=self.block)
+        problems = self.check(p, specs)
+        if problems:
+            raise CheckpointError(f"{self.directory}, layer {layer}: " + "; ".join(problems))
+        infos = {s.name: self.info(p + s.name) for s in specs}
+        scales = {name[: -len(".scale")]: self._scale(info) for name, info in infos.items() if name.endswith(".scale")}
+
+        def weight(name: str) -> tuple[TensorInfo, torch.Tensor]:
+            return infos[f"{name}.weight"], scales[name]
+
+        wq_b, wq_b_scale = self._requantized_int8(*weight("attn.wq_b"))
+        iq_b, iq_b_scale = self._requantized_int8(*weight("attn.indexer.wq_b"))
+        plain = {name: self.rows(info) for name, info in infos.items() if info.dtype not in FP8 + SCALE}
+        attn = AttnWeights(
+            wq_a=self._dequantized_bf16(*weight("attn.wq_a")),
+            gamma_cq=plain["attn.q_norm.weight"],
+            wq_b=wq_b,
+            wq_b_scale=wq_b_scale,
+            wkv=self._dequantized_bf16(*weight("attn.wkv")),
+            gamma_ckv=plain["attn.kv_norm.weight"],
+        )
+        compressor = CompressorWeights(
+            wkv=plain["attn.indexer.compressor.wkv.weight"],
+            wgate=plain["attn.indexer.compressor.wgate.weight"],
+            ape=plain["attn.indexer.compressor.ape"],
+            norm_w=plain["attn.indexer.compressor.norm.weight"],
+        )
+        indexer = IndexerWeights(iq_b, iq_b_scale, plain["attn.indexer.weights_proj.weight"], compressor)
+        weights = LayerWeights(attn, indexer)
+        return weights if device is None else weights.to(device)
+
+    def _scale(self, info: TensorInfo) -> torch.Tensor:
+        scale = self.rows(info)
+        bad = (~torch.isfinite(scale)).nonzero()
+        if len(bad):
+            raise CheckpointError(
+                f"{info.name}: {len(bad)} scale(s) are NaN (UE8M0 byte 255), first at block {bad[0].tolist()}"
+            )
+        return scale
+
+    def _row_chunks(self, info: TensorInfo) -> list[tuple[int, int]]:
+        """Row ranges of at most ``ROW_CHUNK_BYTES`` of fp32, each starting a scale block."""
+        rows, cols = info.shape
+        step = max(1, ROW_CHUNK_BYTES // (4 * cols) // self.block[0]) * self.block[0]
+        return [(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
+
+    def _dequantized_rows(self, info: TensorInfo, scale: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        bm = self.block[0]
+        w = dequantize_rows_(self.rows(info, r0, r1), scale[r0 // bm : -(-r1 // bm)], self.block)
+        if not torch.isfinite(w).all():
+            raise CheckpointError(f"{info.name}: rows {r0}..{r1 - 1} hold NaN or infinite values after dequantization")
+        return w
+
+    def _dequantized_bf16(self, info: TensorInfo, scale: torch.Tensor) -> torch.Tensor:
+        """``[out, in]`` bf16: FP8 x block scale, exact (a 4-bit significand times a power of two)."""
+        out = torch.empty(info.shape, dtype=torch.bfloat16)
+        for r0, r1 in self._row_chunks(info):
+            out[r0:r1] = self._dequantized_rows(info, scale, r0, r1)
+        return out
+
+    def _requantized_int8(self, info: TensorInfo, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-output-channel INT8 (``[out, in]`` int8, ``[out]`` fp32) of the dequantized weight."""
+        q = torch.empty(info.shape, dtype=torch.int8)
+        q_scale = torch.empty(info.shape[0], dtype=torch.float32)
+        for r0, r1 in self._row_chunks(info):
+            q[r0:r1], q_scale[r0:r1] = quantize_weight_int8(self._dequantized_rows(info, scale, r0, r1))
+        return q, q_scale
+
+
+def format_ranges(numbers: list[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2, 5, 7-8"``."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def load_layer(
+    checkpoint_dir: str | Path,
+    layer: int,
+    cfg: DeepSeekV4Config | None = None,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    device: torch.device | str | None = None,
+) -> LayerWeights:
+    """One layer's front-end weights from a DeepSeek-V4 safetensors checkpoint.
+
+    ``checkpoint_dir`` holds ``model.safetensors.index.json`` and its shards (or one
+    ``model.safetensors``) and, unless ``cfg`` is given, a ``config.json`` giving the dimensions.
+    Reads only the tensors under ``prefix.format(layer=layer)``, memory-mapped, a bounded number
+    of rows at a time. Returns ``LayerWeights`` on ``device`` (default CPU): ``wq_a``, ``wkv`` bf16
+    (FP8 x block scale, exact), ``wq_b`` and the indexer's ``wq_b`` INT8 per output channel with
+    fp32 scales (spec §2), norms as stored (bf16 or fp32), ``ape`` fp32.
+
+    Raises ``CheckpointError`` (a ``ValueError``), before anything is built, naming each missing or
+    mismatched tensor with the expected and found dtype/shape; and for a layer whose compress ratio
+    is not 4 (ratio 128 or 0: no indexer), naming the layer, its ratio and where the ratio came from.
+    """
+    with Checkpoint(checkpoint_dir) as ckpt:
+        return ckpt.load_layer(layer, cfg, prefix=prefix, device=device)
+
+
+def checkpoint_config(checkpoint_dir: str | Path) -> DeepSeekV4Config:
+    """The ``DeepSeekV4Config`` of a checkpoint, from its ``config.json`` (a preset when one matches)."""
+    with Checkpoint(checkpoint_dir) as ckpt:
+        return ckpt.config()

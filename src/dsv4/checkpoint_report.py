@@ -1,0 +1,107 @@
+"""``dsv4 inspect``: what a checkpoint holds for the attention front end, from file headers only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoint import (
+    CONFIG_FILE,
+    DEFAULT_PREFIX,
+    FP8,
+    SCALE,
+    Checkpoint,
+    TensorSpec,
+    format_ranges,
+    front_end_specs,
+)
+from .config import COMPRESS_RATIO, PRESETS, DeepSeekV4Config
+from .safetensors_files import TensorInfo
+
+_RATIO_MEANING = {
+    0: "sliding window only, no indexer",
+    COMPRESS_RATIO: "compressor + lightning indexer",
+    128: "compressor, no indexer",
+}
+
+
+def _loaded_bytes(spec: TensorSpec, info: TensorInfo) -> int:
+    """Bytes of a tensor once loaded: bf16 ``wq_a``/``wkv``, INT8 + fp32 scale ``wq_b``s, others as stored."""
+    if spec.dtypes == SCALE:
+        return 0  # folded into the weights
+    if spec.dtypes != FP8:
+        return info.nbytes
+    out, inp = info.shape
+    return out * inp + 4 * out if spec.name.endswith("wq_b.weight") else 2 * out * inp
+
+
+def describe_checkpoint(
+    checkpoint_dir: str | Path,
+    layer: int | None = None,
+    cfg: DeepSeekV4Config | None = None,
+    prefix: str = DEFAULT_PREFIX,
+) -> tuple[list[str], bool]:
+    """``dsv4 inspect``: the checkpoint's layers and compress ratios, and one layer's front-end
+    tensors (the first ratio-4 layer unless ``layer`` is given) with dtypes, shapes and bytes,
+    checked against ``cfg`` (default: from ``config.json``). Reads headers only, no tensor data.
+    Returns the report's lines and whether the layer holds what ``load_layer`` needs."""
+    with Checkpoint(checkpoint_dir) as ckpt:
+        files = sorted(set(ckpt.weight_map.values()))
+        lines = [f"checkpoint {ckpt.directory}: {len(ckpt.weight_map)} tensors in {len(files)} safetensors file(s)"]
+        if cfg is None and ckpt.config_json is not None:
+            cfg = ckpt.config()
+        if cfg is None:
+            lines.append(f"config: no {CONFIG_FILE} (pass --preset to check shapes)")
+        else:
+            lines.append(
+                f"config: {cfg.name} (D={cfg.hidden_size} H={cfg.num_attention_heads} HD={cfg.head_dim} "
+                f"R={cfg.qk_rope_head_dim} QL={cfg.q_lora_rank} HI={cfg.index_n_heads} HID={cfg.index_head_dim} "
+                f"index_topk={cfg.index_topk} window={cfg.sliding_window})"
+            )
+        lines.append(f"FP8 block scales: {ckpt.block[0]}x{ckpt.block[1]}")
+        layers = ckpt.layers(prefix)
+        lines.append(f"layers under {prefix!r}: {format_ranges(layers) or 'none'} ({len(layers)})")
+        ratios = {n: ckpt.compress_ratio(n, prefix) for n in layers}
+        for ratio in sorted({r for r, _ in ratios.values()}):
+            members = [n for n, (r, _) in ratios.items() if r == ratio]
+            meaning = _RATIO_MEANING.get(ratio, "unknown kind")
+            lines.append(f"  compress ratio {ratio:>3}: layers {format_ranges(members)} ({meaning})")
+        if not layers:
+            return lines, False
+        if layer is None:
+            layer = next((n for n in layers if ratios[n][0] == COMPRESS_RATIO), layers[0])
+        if layer not in ratios:
+            return [*lines, f"layer {layer}: no tensors under {prefix.format(layer=layer)!r}"], False
+        ratio, source = ratios[layer]
+        p = prefix.format(layer=layer)
+        # Without a config only the names of the specs are used (shapes are not checked).
+        specs = front_end_specs(cfg or PRESETS["tiny"], indexer=ratio == COMPRESS_RATIO, block=ckpt.block)
+        lines.append(f"layer {layer}: compress ratio {ratio} ({source}); front-end tensors:")
+        width = max(len(p + s.name) for s in specs)
+        lines.append(f"  {'name':<{width}}  {'dtype':<8} {'shape':<14} {'bytes':>12}")
+        stored = loaded = 0
+        for spec in specs:
+            info = ckpt.info(p + spec.name)
+            if info is None:
+                lines.append(f"  {p + spec.name:<{width}}  MISSING")
+                continue
+            stored += info.nbytes
+            loaded += _loaded_bytes(spec, info)
+            lines.append(f"  {info.name:<{width}}  {info.dtype:<8} {str(list(info.shape)):<14} {info.nbytes:>12,}")
+        lines.append(
+            f"  front end of layer {layer}: {stored:,} bytes stored ({stored / 2**20:.1f} MiB); "
+            f"{loaded:,} bytes loaded as bf16 + INT8 ({loaded / 2**20:.1f} MiB)"
+        )
+        others = sum(name.startswith(p) for name in ckpt.weight_map) - sum(
+            ckpt.info(p + s.name) is not None for s in specs
+        )
+        lines.append(f"  other tensors under {p!r} (not used by the front end): {others}")
+        if ratio != COMPRESS_RATIO:
+            lines.append(
+                f"check: layer {layer} has no indexer (compress ratio {ratio}); load_layer needs a ratio-4 layer"
+            )
+            return lines, False
+        if cfg is None:
+            return [*lines, "check: shapes not checked (no config)"], True
+        problems = ckpt.check(p, specs)
+        lines += ["check: ok, load_layer can load this layer"] if not problems else [f"check: {q}" for q in problems]
+        return lines, not problems

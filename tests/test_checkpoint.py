@@ -1,0 +1,357 @@
+"""Loading a layer from a DeepSeek-V4-format checkpoint (FP8 e4m3 + UE8M0 block scales, sharded
+safetensors): exact dequantization, spec §2 INT8 requantization, tensor mapping, the front end
+running on the loaded layer, and clear errors for every way a checkpoint can be wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import dsv4
+from dsv4 import PRESETS, CheckpointError, load_layer
+from dsv4.checkpoint import Checkpoint, config_from_json
+from dsv4.cli import main
+from dsv4.golden import compare
+from dsv4.quant import quantize_weight_int8
+from fp8_checkpoint import config_json, dequantize_f64, layer_tensors, write_checkpoint
+
+TINY = PRESETS["tiny"]
+# Dims that are not multiples of the 128x128 scale block (D=320, H*HD=288, QL=192): edge blocks.
+ODD = TINY.replace(name="checkpoint", hidden_size=320, num_attention_heads=3, head_dim=96, q_lora_rank=192)
+RATIOS = [0, 4, 128, 4]  # layer 0: window only, 1 and 3: indexer, 2: heavily compressed
+
+
+def _tiny_shards(seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Layer 1 split over the first two shards; layer 3 alone in the third."""
+    layers = [layer_tensors(TINY, n, r, seed) for n, r in enumerate(RATIOS)]
+    first = {**layers[0], **{k: v for k, v in layers[1].items() if ".indexer." not in k}}
+    second = {**{k: v for k, v in layers[1].items() if ".indexer." in k}, **layers[2]}
+    return [first, second, layers[3]]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("tiny"), _tiny_shards(), config_json(TINY, RATIOS))
+
+
+@pytest.fixture(scope="module")
+def odd_dir(tmp_path_factory) -> Path:
+    """A single ``model.safetensors`` (no index) with edge blocks in every FP8 weight."""
+    return write_checkpoint(tmp_path_factory.mktemp("odd"), [layer_tensors(ODD, 0, 4, 1)], config_json(ODD, [4]))
+
+
+def _stored(directory: Path, layer: int) -> dict[str, torch.Tensor]:
+    """Every stored tensor of a layer, by name under its prefix, read back with safetensors."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in directory.glob("*.safetensors"):
+        prefix = f"layers.{layer}."
+        out.update({k.removeprefix(prefix): v for k, v in load_file(f).items() if k.startswith(prefix)})
+    return out
+
+
+def _expected_layer(stored: dict[str, torch.Tensor]) -> dsv4.LayerWeights:
+    """The layer built directly from the stored tensors with float64 dequantization."""
+
+    def deq(name: str) -> torch.Tensor:
+        return dequantize_f64(stored[f"{name}.weight"], stored[f"{name}.scale"])
+
+    attn = dsv4.AttnWeights(
+        deq("attn.wq_a").to(torch.bfloat16),
+        stored["attn.q_norm.weight"],
+        *quantize_weight_int8(deq("attn.wq_b")),
+        deq("attn.wkv").to(torch.bfloat16),
+        stored["attn.kv_norm.weight"],
+    )
+    c = "attn.indexer.compressor."
+    compressor = dsv4.CompressorWeights(
+        stored[c + "wkv.weight"], stored[c + "wgate.weight"], stored[c + "ape"], stored[c + "norm.weight"]
+    )
+    indexer = dsv4.IndexerWeights(
+        *quantize_weight_int8(deq("attn.indexer.wq_b")), stored["attn.indexer.weights_proj.weight"], compressor
+    )
+    return dsv4.LayerWeights(attn, indexer)
+
+
+def _fields(w: object, prefix: str = "") -> dict[str, torch.Tensor]:
+    out = {}
+    for name, v in vars(w).items():
+        out.update(_fields(v, f"{prefix}{name}.") if not isinstance(v, torch.Tensor) else {prefix + name: v})
+    return out
+
+
+def _assert_same_layer(got: dsv4.LayerWeights, want: dsv4.LayerWeights) -> None:
+    g, w = _fields(got), _fields(want)
+    assert g.keys() == w.keys()
+    for name in w:
+        assert g[name].dtype == w[name].dtype and g[name].shape == w[name].shape, name
+        assert torch.equal(g[name], w[name]), f"{name}: {(g[name].double() - w[name].double()).abs().max()}"
+
+
+@pytest.mark.parametrize("raw_bytes", [False, True], ids=["safetensors", "raw-bytes"])
+@pytest.mark.parametrize("which", ["tiny-sharded", "odd-single-file"])
+def test_loaded_layer_equals_float64_dequantization(which, raw_bytes, tiny_dir, odd_dir):
+    directory, layer = (tiny_dir, 1) if which == "tiny-sharded" else (odd_dir, 0)
+    stored = _stored(directory, layer)
+    with Checkpoint(directory, raw_bytes=raw_bytes) as ckpt:
+        got = ckpt.load_layer(layer)
+    # bf16 projections: FP8 (4 significant bits) x 2^k is exact in bf16, so equal to float64 exactly.
+    for name, w in (("attn.wq_a", got.attn.wq_a), ("attn.wkv", got.attn.wkv)):
+        want = dequantize_f64(stored[f"{name}.weight"], stored[f"{name}.scale"])
+        assert torch.equal(want.to(torch.bfloat16).double(), want), "test premise: the dequantized values fit bf16"
+        assert torch.equal(w.double(), want), name
+    # Every field, INT8 weights included: the fp32 dequantization is exact, so it quantizes
+    # identically to the float64 one.
+    _assert_same_layer(got, _expected_layer(stored))
+
+
+@pytest.mark.parametrize("name", ["attn.wq_b", "attn.indexer.wq_b"])
+def test_int8_requantization_follows_spec(name, odd_dir):
+    """Spec §2 per output channel, evaluated in float64: amax = max(max|row|, 1e-4), q = round(row*127/amax).
+
+    FP8 values are coarse, so row*127/amax is often exactly n + 1/2 (e.g. a value of amax/2). There
+    the computed s = 127/amax (rounded in fp32 or float64) decides the side, so the loaded int may
+    differ by 1 from a float64 evaluation; everywhere else the ints are equal. Scales within fp32 rounding."""
+    stored = _stored(odd_dir, 0)
+    w = dequantize_f64(stored[f"{name}.weight"], stored[f"{name}.scale"])
+    amax = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-4)
+    q_want = torch.round(w * (127 / amax))
+    layer = load_layer(odd_dir, 0)
+    owner = layer.attn if name == "attn.wq_b" else layer.indexer
+    q, scale = owner.wq_b, owner.wq_b_scale
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (w.shape[0],)
+    diff = (q.double() - q_want).abs()
+    twice = 2 * w * (127 / amax)
+    tie = ((twice - twice.round()).abs() < 1e-9) & (twice.round().remainder(2) == 1)
+    assert diff.max() <= 1 and (diff[~tie] == 0).all() and tie.any()
+    assert q.abs().amax(dim=1).eq(127).all(), "every row uses the full INT8 range"
+    torch.testing.assert_close(scale.double(), (amax / 127).squeeze(1), rtol=2e-7, atol=0)
+
+
+def test_loaded_layer_runs_the_front_end(odd_dir):
+    """The loaded odd-sized layer through qkv_proj_rope and indexer (reference backend), equal to
+    the same ops on the layer built from the float64 dequantization."""
+    cfg = dsv4.checkpoint_config(odd_dir)
+    assert cfg == ODD
+    got, want = load_layer(odd_dir, 0), _expected_layer(_stored(odd_dir, 0))
+    b, s, start = 2, 5, 6
+    rope = dsv4.rope_table(cfg, "compressed", max_position=64)
+    x = dsv4.synthetic_activations((b, s, cfg.hidden_size), seed=3)
+    positions = (start + torch.arange(s)).repeat(b)
+    outs = []
+    for w in (got, want):
+        qkv = dsv4.qkv_proj_rope(x.view(-1, cfg.hidden_size), w.attn, positions, rope, backend="reference")
+        state = dsv4.IndexerState.empty(cfg, b, 64)
+        idx = dsv4.indexer(x, qkv.qr, qkv.qr_scale, w.indexer, state, start, cfg.sliding_window, rope,
+                           topk=cfg.index_topk, backend="reference")  # fmt: skip
+        outs.append((qkv, idx, state))
+    (qkv, idx, state), (qkv_ref, idx_ref, state_ref) = outs
+    assert qkv.q.shape == (b * s, 3, 96) and torch.isfinite(qkv.q.float()).all() and qkv.q.abs().max() > 0
+    assert compare("qkv_proj_rope", qkv._asdict(), qkv_ref._asdict()).passed
+    inputs = {"offset": cfg.sliding_window, "start_pos": torch.full((b,), start), "seq": s,
+              "idx_kv_cache": torch.zeros_like(state.idx_kv_cache)}  # fmt: skip
+    got_idx, want_idx = {**idx._asdict(), **state.tensors()}, {**idx_ref._asdict(), **state_ref.tensors()}
+    report = compare("indexer", got_idx, want_idx, inputs)
+    assert report.passed, report
+    assert (idx.topk_idxs >= 0).sum() > 0
+
+
+def test_device_and_bytes(tiny_dir):
+    layer = load_layer(tiny_dir, 3, device="cpu")
+    assert layer.attn.wq_a.device.type == "cpu" and layer.attn.wq_b.dtype == torch.int8
+    d, ql, hd, h, hi, hid = 256, 128, 128, 4, 4, 128
+    expected = (2 * ql * d + 2 * ql + (h * hd * ql + 4 * h * hd) + 2 * hd * d + 2 * hd  # attn
+                + (hi * hid * ql + 4 * hi * hid) + 2 * hi * d  # indexer wq_b, weights_proj
+                + 2 * (2 * 2 * hid * d) + 4 * 4 * 2 * hid + 2 * hid)  # compressor  # fmt: skip
+    assert layer.nbytes() == expected
+
+
+def test_reads_only_the_layers_shards(tmp_path):
+    """Layer 1 lives in shards 1 and 2; deleting shard 3 (layer 3) does not matter to it."""
+    d = write_checkpoint(tmp_path, _tiny_shards(), config_json(TINY, RATIOS))
+    want = load_layer(d, 1)
+    (d / "model-00003-of-00003.safetensors").unlink()
+    _assert_same_layer(load_layer(d, 1), want)
+    with pytest.raises(CheckpointError, match=r"maps layers\.3\.attn\..* to model-00003-of-00003\.safetensors, which"):
+        load_layer(d, 3)
+
+
+def test_falls_back_to_raw_bytes_when_safetensors_cannot_open(tiny_dir, monkeypatch):
+    """An older safetensors that does not know F8_E8M0 refuses the whole file; the bytes still decode."""
+    want = load_layer(tiny_dir, 1)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("unknown dtype F8_E8M0")
+
+    monkeypatch.setattr("dsv4.safetensors_files.safe_open", refuse)
+    _assert_same_layer(load_layer(tiny_dir, 1), want)
+
+
+def test_fp8_byte_decoders_match_torch():
+    from dsv4.fp8 import e4m3_bytes_to_float32, e8m0_bytes_to_float32
+
+    every = torch.arange(256, dtype=torch.uint8)
+    for decode, dtype in ((e4m3_bytes_to_float32, torch.float8_e4m3fn), (e8m0_bytes_to_float32, torch.float8_e8m0fnu)):
+        torch.testing.assert_close(decode(every), every.view(dtype).float(), equal_nan=True, rtol=0, atol=0)
+    assert e8m0_bytes_to_float32(torch.tensor([0, 127, 254], dtype=torch.uint8)).tolist() == [2.0**-127, 1.0, 2.0**127]
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+
+def test_config_matches_presets_or_is_built_from_the_file():
+    for preset in ("flash", "pro", "demo", "tiny"):
+        assert config_from_json(config_json(PRESETS[preset], None)) is PRESETS[preset]
+    raw = config_json(PRESETS["flash"], None) | {"index_topk": 256}
+    cfg = config_from_json(raw)
+    assert cfg.name == "checkpoint" and cfg == PRESETS["flash"].replace(name="checkpoint", index_topk=256)
+    with pytest.raises(CheckpointError, match="missing field.*q_lora_rank.*sliding_window"):
+        config_from_json({k: v for k, v in raw.items() if k not in ("q_lora_rank", "sliding_window")})
+
+
+def test_block_size_from_config(tmp_path):
+    raw = config_json(TINY, RATIOS)
+    raw["quantization_config"]["weight_block_size"] = [128]
+    d = write_checkpoint(tmp_path, _tiny_shards(), raw)
+    with pytest.raises(CheckpointError, match="weight_block_size must be two positive ints, got .128."):
+        load_layer(d, 1)
+
+
+def test_compress_ratio_from_config_or_tensors(tiny_dir, tmp_path):
+    with Checkpoint(tiny_dir) as ckpt:
+        assert ckpt.layers() == [0, 1, 2, 3]
+        assert [ckpt.compress_ratio(n)[0] for n in range(4)] == RATIOS
+        assert "config.json compress_ratios[2]" in ckpt.compress_ratio(2)[1]
+    d = write_checkpoint(tmp_path, _tiny_shards(), config_json(TINY, None))  # no compress_ratios
+    with Checkpoint(d) as ckpt:
+        assert [ckpt.compress_ratio(n)[0] for n in range(4)] == RATIOS
+        assert "rows of layers.2.attn.compressor.ape" in ckpt.compress_ratio(2)[1]
+    with pytest.raises(CheckpointError, match="layer 2 has compress ratio 128 .rows of layers.2.attn.compressor.ape"):
+        load_layer(d, 2)
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+def _broken(tmp_path: Path, edit) -> Path:
+    shards = _tiny_shards()
+    edit(shards[0], shards[1])
+    return write_checkpoint(tmp_path, shards, config_json(TINY, RATIOS))
+
+
+@pytest.mark.parametrize("layer,ratio", [(2, 128), (0, 0)])
+def test_layer_without_indexer_is_refused(layer, ratio, tiny_dir):
+    with pytest.raises(CheckpointError) as e:
+        load_layer(tiny_dir, layer)
+    msg = str(e.value)
+    assert f"layer {layer} has compress ratio {ratio} (config.json compress_ratios[{layer}])" in msg
+    assert "no lightning indexer" in msg and "layers with one: 1, 3" in msg
+
+
+def test_missing_tensor(tmp_path):
+    d = _broken(tmp_path, lambda first, second: second.pop("layers.1.attn.indexer.compressor.ape"))
+    with pytest.raises(CheckpointError) as e:
+        load_layer(d, 1)
+    assert "layers.1.attn.indexer.compressor.ape: missing (expected F32 [4, 256])" in str(e.value)
+
+
+def test_wrong_dtype(tmp_path):
+    def edit(first, second):
+        first["layers.1.attn.wq_a.weight"] = first["layers.1.attn.wq_a.weight"].to(torch.bfloat16)
+
+    with pytest.raises(CheckpointError) as e:
+        load_layer(_broken(tmp_path, edit), 1)
+    assert "layers.1.attn.wq_a.weight: expected F8_E4M3 [128, 256], found BF16 [128, 256]" in str(e.value)
+
+
+def test_wrong_shapes_are_all_named(tmp_path):
+    def edit(first, second):
+        first["layers.1.attn.kv_norm.weight"] = first["layers.1.attn.kv_norm.weight"][:64].clone()
+        first["layers.1.attn.wkv.scale"] = first["layers.1.attn.wkv.scale"].repeat(1, 2)
+
+    with pytest.raises(CheckpointError) as e:
+        load_layer(_broken(tmp_path, edit), 1)
+    msg = str(e.value)
+    assert "layers.1.attn.kv_norm.weight: expected BF16 or F32 [128], found BF16 [64]" in msg
+    assert "layers.1.attn.wkv.scale: expected F8_E8M0 [1, 2], found F8_E8M0 [1, 4]" in msg
+
+
+def test_cfg_that_does_not_match_the_checkpoint(tiny_dir):
+    with pytest.raises(CheckpointError) as e:
+        load_layer(tiny_dir, 1, PRESETS["flash"])
+    assert "layers.1.attn.wq_a.weight: expected F8_E4M3 [1024, 4096], found F8_E4M3 [128, 256]" in str(e.value)
+
+
+def test_nan_scale(tmp_path):
+    def edit(first, second):
+        scale = first["layers.1.attn.wq_b.scale"].view(torch.uint8).clone()
+        scale[2, 0] = 255
+        first["layers.1.attn.wq_b.scale"] = scale.view(torch.float8_e8m0fnu)
+
+    with pytest.raises(CheckpointError, match=r"layers\.1\.attn\.wq_b\.scale: 1 scale\(s\) are NaN .*block \[2, 0\]"):
+        load_layer(_broken(tmp_path, edit), 1)
+
+
+def test_missing_files_and_layers(tiny_dir, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_layer(tmp_path / "nowhere", 1)
+    with pytest.raises(CheckpointError, match="neither model.safetensors.index.json nor model.safetensors"):
+        load_layer(tmp_path, 1)
+    with pytest.raises(CheckpointError, match=r"no tensors under 'layers\.7\.' \(layers found: 0-3\)"):
+        load_layer(tiny_dir, 7)
+    save_file(layer_tensors(TINY, 1, 4), str(tmp_path / "model.safetensors"))  # no config.json
+    with pytest.raises(CheckpointError, match="no config.json; pass cfg="):
+        load_layer(tmp_path, 1)
+    assert load_layer(tmp_path, 1, TINY).attn.wq_a.shape == (128, 256)
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def test_cli_inspect(tiny_dir, capsys):
+    assert main(["inspect", str(tiny_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "config: tiny" in out and "layers under 'layers.{layer}.': 0-3 (4)" in out
+    assert "compress ratio   4: layers 1, 3 (compressor + lightning indexer)" in out
+    assert "compress ratio 128: layers 2 (compressor, no indexer)" in out
+    assert "layer 1: compress ratio 4 (config.json compress_ratios[1])" in out
+    assert "layers.1.attn.indexer.wq_b.weight" in out and "F8_E4M3  [512, 128]" in out
+    with Checkpoint(tiny_dir) as ckpt:
+        front = [n for n in ckpt.names() if n.startswith("layers.1.attn.") and ".attn.compressor." not in n]
+        stored = sum(ckpt.info(n).nbytes for n in front)
+    assert f"front end of layer 1: {stored:,} bytes stored" in out
+    assert f"{load_layer(tiny_dir, 1).nbytes():,} bytes loaded as bf16 + INT8" in out
+    assert "check: ok" in out
+    assert main(["inspect", str(tiny_dir), "--layer", "2"]) == 1
+    assert "check: layer 2 has no indexer (compress ratio 128)" in capsys.readouterr().out
+    assert main(["inspect", str(tiny_dir), "--preset", "demo"]) == 1
+    out = capsys.readouterr().out
+    assert "check: layers.1.attn.wq_a.weight: expected F8_E4M3 [1024, 4096], found F8_E4M3 [128, 256]" in out
+
+
+def test_cli_run_checkpoint(tiny_dir, capsys):
+    args = ["run", "--checkpoint", str(tiny_dir), "--layer", "3", "--backend", "reference", "--device", "cpu"]
+    assert main([*args, "--steps", "2", "--start-pos", "8", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "loaded layer 3 of" in out and "preset=tiny" in out
+    assert out.count("qkv_proj_rope") == 3 and out.count("indexer ") >= 3 and "6 op calls" in out
+    assert main([*args[:3], "--layer", "2"]) == 2
+    assert "layer 2 has compress ratio 128" in capsys.readouterr().err
+    assert main(args[:3]) == 2
+    assert "--checkpoint needs --layer N" in capsys.readouterr().err
+
+
+def test_cli_subprocess_inspect(odd_dir):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    r = subprocess.run([sys.executable, "-m", "dsv4", "inspect", str(odd_dir)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "config: checkpoint (D=320 H=3 HD=96" in r.stdout and "layers.0.attn.wq_b.scale" in r.stdout
+    assert "F8_E8M0  [3, 2]" in r.stdout and json.loads((odd_dir / "config.json").read_text())["compress_ratios"] == [4]
