@@ -112,10 +112,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     cfg = get_config(args.preset)
     device = "cpu" if args.cpu else _default_device()
     result = {"meta": report.provenance(_bench_command(args), device)}
+    measure = {"backends": [], "traffic": False} if args.model_only else {"backends": args.backends}
     result.update(run_bench(
-        cfg, modes=MODES if args.mode == "all" else (args.mode,), device=device, ops=args.ops,
-        backends=args.backends, reps=args.reps, budget_s=args.budget_s, flush_l2=not args.warm_l2,
-        use_graph=not args.no_graph, seed=args.seed,
+        cfg, modes=MODES if args.mode == "all" else (args.mode,), device=device, ops=args.ops, reps=args.reps,
+        budget_s=args.budget_s, flush_l2=not args.warm_l2, use_graph=not args.no_graph, seed=args.seed, **measure,
     ))  # fmt: skip
     print(report.render(result))
     if args.json:
@@ -135,7 +135,7 @@ def _bench_command(args: argparse.Namespace) -> str:
     words = ["bench", "--preset", args.preset, "--mode", args.mode, "--ops", ",".join(args.ops)]
     words += ["--backends", ",".join(args.backends)] if args.backends else []
     words += ["--reps", str(args.reps), "--budget-s", f"{args.budget_s:g}", "--seed", str(args.seed)]
-    flags = {"--cpu": args.cpu, "--warm-l2": args.warm_l2, "--no-graph": args.no_graph}
+    flags = {"--cpu": args.cpu, "--model-only": args.model_only, "--warm-l2": args.warm_l2, "--no-graph": args.no_graph}
     return " ".join(words + [flag for flag, on in flags.items() if on])
 
 
@@ -204,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ops", type=_names(OPS), default=list(OPS), help="comma-separated ops (default: all)")
     default_backends = "triton,reference,compile on a GPU; reference on a CPU"
     bench.add_argument("--backends", type=_names(BENCH_BACKENDS), help=f"backends to time ({default_backends})")
+    bench.add_argument("--model-only", action="store_true", help="bytes model and floors only: time and count nothing")
     bench.add_argument("--reps", type=int, default=100, help="repetitions per timing (fewer if over --budget-s)")
     bench.add_argument("--budget-s", type=float, default=2.0, help="seconds per timing at most (a few reps always run)")
     bench.add_argument("--warm-l2", action="store_true", help="do not flush L2 between repetitions")

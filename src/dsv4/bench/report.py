@@ -70,10 +70,15 @@ def _num(value: float | None, fmt: str = ".1f") -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _us(value: float) -> str:
+    return format(value, ".1f" if value < 1000 else ".0f")
+
+
 def model_table(result: dict[str, Any]) -> str:
     """Minimal bytes, FLOPs and floors per (op, shape)."""
     refs = list(result["shapes"][0]["floor_us_reference_devices"]) if result["shapes"] else []
     headers = ["op", "shape", "minimal MB", "read MB", "write MB", "GFLOP"] + [f"floor µs {n}" for n in refs]
+    headers += [f"bound ({refs[0]})"] if refs else []
     if result["bandwidth"]["device_table"] or result["bandwidth"]["measured_copy_bytes_per_s"]:
         headers += ["floor µs (table)", "floor µs (copy)"]
     rows = []
@@ -81,7 +86,9 @@ def model_table(result: dict[str, Any]) -> str:
         m = s["model"]
         row = [s["op"], s["shape"], f"{m['bytes'] / MB:.2f}", f"{m['read_bytes'] / MB:.2f}"]
         row += [f"{m['write_bytes'] / MB:.2f}", f"{sum(m['flops'].values()) / 1e9:.2f}"]
-        row += [_num(s["floor_us_reference_devices"][n]) for n in refs]
+        floors = s["floor_us_reference_devices"]
+        row += [_num(floors[n]["floor"]) for n in refs]
+        row += ["memory" if floors[refs[0]]["memory"] >= floors[refs[0]]["compute"] else "compute"] if refs else []
         if len(headers) > len(row):
             row += [_num(s["floor_us_device_table"]["floor"]), _num(s["floor_us_measured_copy"]["floor"])]
         rows.append(row)
@@ -99,8 +106,8 @@ def timing_table(result: dict[str, Any]) -> str:
             continue
         speed = t.get("speedup_vs", {})
         rows.append([
-            t["op"], t["shape"], t["backend"], t["launch"], f"{t['median_us']:.1f}",
-            f"{t['p10_us']:.1f}-{t['p90_us']:.1f}", f"{t['gb_per_s']:.1f}", _num(t["pct_of_floor_device_table"]),
+            t["op"], t["shape"], t["backend"], t["launch"], _us(t["median_us"]),
+            f"{_us(t['p10_us'])}-{_us(t['p90_us'])}", f"{t['gb_per_s']:.3g}", _num(t["pct_of_floor_device_table"]),
             _num(t["pct_of_floor_measured_copy"]), _num(speed.get("reference"), ".2f"),
             _num(speed.get("compile"), ".2f"), t["check"],
         ])  # fmt: skip
