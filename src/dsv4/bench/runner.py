@@ -3,18 +3,20 @@ reference, the timing of every backend and (on the CPU) the Triton kernels' traf
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 
-from ..cases import OPS, make_case
+from ..cases import OPS, Case, make_case
 from ..config import COMPRESS_RATIO, DeepSeekV4Config, mode_shape
 from ..golden import compare
 from .bytes_model import OpCost, op_cost
-from .calls import COMPILED, backend_reason, bind
-from .timing import DEVICE_TABLE, DeviceSpec, copy_bandwidth, device_spec, time_cpu, time_cuda
+from .calls import COMPILED, BoundCall, backend_reason, bind
+from .timing import DEVICE_TABLE, DeviceSpec, Timing, copy_bandwidth, device_spec, time_cpu, time_cuda
 from .traffic import measure_traffic
 
 MODES = ("decode", "prefill")
@@ -106,6 +108,52 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="dsv4 bench", unit="run", leave=False, disable=None if enabled else True)
 
 
+def _time_backend(
+    case: Case,
+    shape: BenchShape,
+    backend: str,
+    call: BoundCall | None,
+    expected: dict[str, torch.Tensor],
+    cost: OpCost,
+    floors: tuple[dict[str, float | None], dict[str, float | None]],
+    timer: Callable[[BoundCall], Timing],
+) -> dict[str, Any]:
+    """One timing row: check ``backend`` against the reference outputs, time it, relate it to the floors."""
+    row: dict[str, Any] = {"op": shape.op, "shape": shape.label, "backend": backend}
+    try:
+        if call is None:
+            call = bind(case, backend)
+            row["check"] = _verdict(compare(shape.op, call.outputs(call()), expected, case.compare_inputs()))
+        else:
+            row["check"] = "is the reference"
+        timing = timer(call)
+    except Exception as e:  # a backend that cannot run this op is reported, not fatal
+        if case.args["x"].is_cuda:
+            torch.cuda.synchronize()
+        return {**row, "status": "error", "error": _error(e)}
+    row.update(status="ok", **dataclasses.asdict(timing))
+    row["gb_per_s"] = cost.bytes / (timing.median_us * 1e-6) / 1e9
+    for key, floor in zip(("device_table", "measured_copy"), floors, strict=True):
+        row[f"pct_of_floor_{key}"] = 100.0 * floor["floor"] / timing.median_us if floor["floor"] else None
+    return row
+
+
+def _count_traffic(case: Case, shape: BenchShape, expected: dict[str, torch.Tensor], cost: OpCost) -> dict[str, Any]:
+    """One traffic row: check the Triton backend (its first call; autotuning stays out of the
+    count), then count the bytes of its second call."""
+    row: dict[str, Any] = {"op": shape.op, "shape": shape.label, "backend": "triton", "minimal_bytes": cost.bytes}
+    try:
+        call = bind(case, "triton")
+        row["check"] = _verdict(compare(shape.op, call.outputs(call()), expected, case.compare_inputs()))
+        counted, _ = measure_traffic(call)
+    except Exception as e:
+        return {**row, "status": "error", "error": _error(e)}
+    row.update(status="ok", **counted.to_dict())
+    for name in ("requested", "sector", "unique"):
+        row[f"{name}_over_minimal"] = row[f"{name}_bytes"] / cost.bytes
+    return row
+
+
 def run_bench(
     cfg: DeepSeekV4Config,
     *,
@@ -165,6 +213,10 @@ def run_bench(
         "timings": [],
         "traffic": [],
     }
+    if on_gpu:
+        timer = partial(time_cuda, reps=reps, budget_s=budget_s, flush_l2=flush_l2, use_graph=use_graph)
+    else:
+        timer = partial(time_cpu, reps=reps, budget_s=budget_s)
     bar = _progress(len(shapes) * (len(timed) + count_traffic), progress)
     for shape in shapes:
         if bar is not None:
@@ -186,34 +238,14 @@ def run_bench(
             "floor_us_reference_devices": {n: floors_us(cost, _SPECS[n].bandwidth, _SPECS[n]) for n in REFERENCE_SPECS},
         })  # fmt: skip
 
+        reference, expected = None, {}
         if timed or count_traffic:
             reference = bind(case, "reference")
             expected = {k: v.clone() for k, v in reference.outputs(reference()).items()}  # timing mutates the state
-        rows: list[dict[str, Any]] = []
+        rows = []
         for backend in timed:
-            row: dict[str, Any] = {"op": shape.op, "shape": shape.label, "backend": backend}
-            try:
-                call = reference if backend == "reference" else bind(case, backend)
-                if backend != "reference":
-                    got = call.outputs(call())
-                    row["check"] = _verdict(compare(shape.op, got, expected, case.compare_inputs()))
-                else:
-                    row["check"] = "is the reference"
-                timing = (
-                    time_cuda(call, reps=reps, budget_s=budget_s, flush_l2=flush_l2, use_graph=use_graph)
-                    if on_gpu
-                    else time_cpu(call, reps=reps, budget_s=budget_s)
-                )
-                row.update(status="ok", **timing.__dict__)
-                row["gb_per_s"] = cost.bytes / (timing.median_us * 1e-6) / 1e9
-                for key, floor in (("device_table", table_floor), ("measured_copy", copy_floor)):
-                    f = floor["floor"]
-                    row[f"pct_of_floor_{key}"] = 100.0 * f / timing.median_us if f else None
-            except Exception as e:  # a backend that cannot run this op is reported, not fatal
-                row.update(status="error", error=_error(e))
-                if on_gpu:
-                    torch.cuda.synchronize(device)
-            rows.append(row)
+            call = reference if backend == "reference" else None
+            rows.append(_time_backend(case, shape, backend, call, expected, cost, (table_floor, copy_floor), timer))
             if bar is not None:
                 bar.update()
         medians = {r["backend"]: r["median_us"] for r in rows if r["status"] == "ok"}
@@ -223,20 +255,8 @@ def run_bench(
                     b: medians[b] / row["median_us"] for b in BASELINES if b in medians and b != row["backend"]
                 }
         result["timings"].extend(rows)
-
         if count_traffic:
-            row = {"op": shape.op, "shape": shape.label, "backend": "triton", "minimal_bytes": cost.bytes}
-            try:
-                call = bind(case, "triton")
-                got = call.outputs(call())  # first call: the check, and any autotuning out of the count
-                row["check"] = _verdict(compare(shape.op, got, expected, case.compare_inputs()))
-                counted, _ = measure_traffic(call)
-                row.update(status="ok", **counted.to_dict())
-                for name in ("requested", "sector", "unique"):
-                    row[f"{name}_over_minimal"] = counted.to_dict()[f"{name}_bytes"] / cost.bytes
-            except Exception as e:
-                row.update(status="error", error=_error(e))
-            result["traffic"].append(row)
+            result["traffic"].append(_count_traffic(case, shape, expected, cost))
             if bar is not None:
                 bar.update()
     if bar is not None:
