@@ -3,7 +3,6 @@ path end to end, and the CLI smoke run (``dsv4 bench --preset tiny --cpu``)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import time
@@ -200,8 +199,8 @@ def test_table_and_plot_of_traffic_ratios(touching_qkv_result: dict, tmp_path) -
 
 
 def test_cli_bench_tiny_cpu(tmp_path) -> None:
-    """The CI smoke run: traffic mode on the CPU. Every op with a Triton kernel module has finite
-    ratios >= 1 and matches the reference; an op without one says so."""
+    """The CI smoke run: traffic mode on the CPU. Every op with a Triton kernel has finite ratios
+    >= 1 and matches the reference; an op whose kernel module does not exist yet says so."""
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     assert main(["bench", "--preset", "tiny", "--cpu", "--reps", "2", "--budget-s", "0.1",
                  "--json", str(out), "--plot", str(png)]) == 0  # fmt: skip
@@ -215,10 +214,9 @@ def test_cli_bench_tiny_cpu(tmp_path) -> None:
     assert [t["backend"] for t in result["timings"]] == ["reference"] * len(result["shapes"])
     assert all(t["status"] == "ok" and t["median_us"] > 0 for t in result["timings"])
     assert len(result["traffic"]) == len(result["shapes"])
-    modules = {"qkv_proj_rope": "qkv_proj_rope", "indexer_compressor": "compressor", "indexer": "indexer"}
     for row in result["traffic"]:
-        if importlib.util.find_spec(f"dsv4.kernels.{modules[row['op']]}") is None:
-            assert row["status"] == "error" and "No module named" in row["error"], row
+        if row["status"] == "error":  # allowed only while the op's kernel module is not written yet
+            assert "No module named 'dsv4.kernels." in row["error"], row
             continue
         assert row["status"] == "ok", row
         assert row["check"] == "ok", row
