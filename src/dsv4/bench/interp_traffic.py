@@ -46,6 +46,7 @@ class Launch:
     accesses: int = 0  # tl.load / tl.store / atomic calls across all program instances
     _sectors: list[np.ndarray] = field(default_factory=list, repr=False)
     _buffered: int = field(default=0, repr=False)
+    _merge_at: int = field(default=_MERGE_EVERY, repr=False)
 
     @property
     def requested_bytes(self) -> int:
@@ -65,8 +66,9 @@ class Launch:
         for kind in [np.uint64(0)] * loads + [np.uint64(1)] * stores:
             self._sectors.append(tagged | kind)
             self._buffered += int(sectors.size)
-        if self._buffered > _MERGE_EVERY:
+        if self._buffered > self._merge_at:
             self._merge()
+            self._merge_at = max(_MERGE_EVERY, 2 * self._buffered)  # amortized: merges stay linear overall
 
     def _merge(self) -> None:
         if self._sectors:
