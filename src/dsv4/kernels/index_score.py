@@ -24,9 +24,11 @@ from ..structs import StepPositions
 
 MASKED_SCORE = -3.4028235e38  # torch.finfo(torch.float32).min: the score of a key a token cannot see
 
-KEYS_PER_PROGRAM = 128  # 128 keys x 256 B (bf16, HID=128) = 32 KB read per program: enough bytes in
-# flight per SM to stream HBM, an M=128 INT8 MMA tile, and 262144 keys / 128 = 2048 programs at B=1
-# (15x the 132 SMs of an H100); flash decode (B=64, 2048 keys) still launches 1024 programs.
+KEYS_PER_PROGRAM = 64  # 64 keys x 256 B (bf16, HID=128) = 16 KB of keys per program. ptxas (sm_90,
+# 4 warps, HI=64) reports 168 registers and no spills, so three programs share an SM (48 KB of loads in
+# flight, enough to stream HBM); 128 keys need 255 registers and spill. 262144 keys at B=1 make 4096
+# programs, flash decode (B=64, 2048 keys) 2048: both many times an H100's 132 SMs.
+SCORE_WARPS = 4  # the INT8 MMA of a [64, 128] x [128, HI] tile: one warpgroup
 MIN_DOT_WIDTH = 16  # tl.dot needs every dimension >= 16: fewer heads are zero-padded up to it
 
 _MASKED = tl.constexpr(MASKED_SCORE)
@@ -139,5 +141,6 @@ def index_scores(
         HEADS_PAD=max(MIN_DOT_WIDTH, triton.next_power_of_2(heads)),
         HEAD_DIM=head_dim,
         KEYS=KEYS_PER_PROGRAM,
+        num_warps=SCORE_WARPS,
     )
     return score
