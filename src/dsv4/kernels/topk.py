@@ -18,10 +18,13 @@ Two launch plans, chosen by the row length ``n``:
   one program each, so a few rows still fill the GPU. Each digit pass is one launch over all
   chunks; each program advances the threshold found so far (stored by the previous pass) by the
   previous pass's histogram, skips its chunk if that settled it, else histograms the chunk's keys
-  that still tie and adds the counts to the row's global histogram with atomics. A gather launch writes the winners of each chunk into the row's scratch (a slot range reserved
-  with one atomic per program; the last pass's per-chunk histograms give each chunk how many
-  threshold ties lie before it, so tie filling is by lowest index and deterministic). A last
-  launch sorts each row's k winners. Launches: one memset, four passes, gather, sort.
+  that still tie and adds the counts to the row's global histogram with atomics. A gather launch
+  writes the winners of each chunk into the row's scratch (a slot range reserved with one atomic
+  per program; the last pass's per-chunk histograms give each chunk how many threshold ties lie
+  before it, so tie filling is by lowest index and deterministic). A last launch sorts each row's
+  k winners. Launches: one memset, four passes, gather, sort.
+
+Atomics are relaxed: every count they produce is read by a later launch only.
 """
 
 from __future__ import annotations
@@ -229,7 +232,7 @@ def _radix_pass_kernel(
     match = valid & ((key >> (shift + BITS)) == prefix)
     hist = tl.histogram(((key >> shift) & (BINS - 1)).to(tl.int32), BINS, mask=match)
     bins = tl.arange(0, BINS)
-    tl.atomic_add(hist_ptr + (r * PASSES + PASS) * BINS + bins, hist, mask=hist > 0)
+    tl.atomic_add(hist_ptr + (r * PASSES + PASS) * BINS + bins, hist, mask=hist > 0, sem="relaxed")
     if PASS == PASSES - 1:  # per-chunk counts of the last digit: threshold ties before each chunk
         tl.store(chunk_hist_ptr + (r * n_chunks + chunk) * BINS + bins, hist)
 
@@ -274,7 +277,7 @@ def _gather_kernel(
     valid = index < visible
     key = _order_key(tl.load(score_ptr + r * n + index, mask=valid, other=0.0))
     take = _take(key, valid, threshold, need, ties_before)
-    first = tl.atomic_add(taken_ptr + r, tl.sum(take.to(tl.int32), 0))
+    first = tl.atomic_add(taken_ptr + r, tl.sum(take.to(tl.int32), 0), sem="relaxed")
     slot = first + tl.cumsum(take.to(tl.int32), 0) - 1
     tl.store(cand_ptr + r * TOPK_PAD + slot, _sort_key(key, index), mask=take & (slot < TOPK_PAD))
 
