@@ -113,7 +113,7 @@ def _sort_descending(x, LOG_N: tl.constexpr):
 
     Each compare-exchange step views ``x`` as ``[blocks, 2, half]`` and splits out the partner
     halves (``tl.sort`` builds the same network from reductions, which the interpreter runs
-    element by element in Python: 12 s for 1024 keys against 0.1 s here).
+    element by element in Python: 2.8 s for 1024 keys against 0.07 s here).
     """
     N: tl.constexpr = 1 << LOG_N
     for stage in tl.static_range(1, LOG_N + 1):  # merge into sorted runs of 2^stage
