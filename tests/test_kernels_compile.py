@@ -29,7 +29,10 @@ F32, I64, I32 = "*fp32", "*i64", "*i32"
 
 def compile_sm90(fn, signature, constexprs, num_warps):
     full = {**signature, **{name: "constexpr" for name in constexprs}}
-    src = ASTSource(fn=fn, signature=full, constexprs=constexprs)
+    # As a launch specializes them: pointers from torch allocations and row strides are 16-aligned.
+    aligned = [name for name, kind in signature.items() if kind.startswith("*") or "stride" in name]
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    src = ASTSource(fn=fn, signature=full, constexprs=constexprs, attrs=attrs)
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     print("compiled", fn.__name__, constexprs)
 

@@ -24,11 +24,12 @@ from ..structs import StepPositions
 
 MASKED_SCORE = -3.4028235e38  # torch.finfo(torch.float32).min: the score of a key a token cannot see
 
-KEYS_PER_PROGRAM = 64  # 64 keys x 256 B (bf16, HID=128) = 16 KB of keys per program. ptxas (sm_90,
-# 4 warps, HI=64) reports 168 registers and no spills, so three programs share an SM (48 KB of loads in
-# flight, enough to stream HBM); 128 keys need 255 registers and spill. 262144 keys at B=1 make 4096
-# programs, flash decode (B=64, 2048 keys) 2048: both many times an H100's 132 SMs.
-SCORE_WARPS = 4  # the INT8 MMA of a [64, 128] x [128, HI] tile: one warpgroup
+KEYS_PER_PROGRAM = 128  # 128 keys x 256 B (bf16, HID=128) = 32 KB of keys per program. ptxas (sm_90,
+# 4 warps, HI=64, aligned operands) reports 165 registers, no spills and 41 KB of shared memory, so
+# three programs share an SM (96 KB of key loads in flight). Every program re-reads its tokens' query
+# rows (S*HI*136 B) from L2: 128 keys keep that at half the key bytes (64 keys: equal to them).
+# 262144 keys at B=1 make 2048 programs, flash decode (B=64, 2048 keys) 1024: several waves of 132 SMs.
+SCORE_WARPS = 4  # one warpgroup runs the INT8 MMA of a [128, 128] x [128, HI] tile
 MIN_DOT_WIDTH = 16  # tl.dot needs every dimension >= 16: fewer heads are zero-padded up to it
 
 _MASKED = tl.constexpr(MASKED_SCORE)
@@ -82,7 +83,8 @@ def _index_score_kernel(
     key = block * KEYS + tl.arange(0, KEYS)
     dim = tl.arange(0, HEAD_DIM)
     key_ptrs = cache_ptr + b * cache_stride_b + key.to(tl.int64)[:, None] * cache_stride_row + dim[None, :]
-    keys = tl.load(key_ptrs, mask=(key < cache_len)[:, None], other=0.0).to(tl.float32)
+    # Keys are read once: ".cg" keeps them out of L1, where the queries every key block re-reads stay.
+    keys = tl.load(key_ptrs, mask=(key < cache_len)[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
     k8, k_scale = quantize_rows_int8(keys)
 
     head = tl.arange(0, HEADS_PAD)
