@@ -174,7 +174,7 @@ def _select_row_kernel(
         prefix, need, done = _descend(prefix, need, done, hist, 1 << BITS)
 
     take = _take(key, valid, prefix, need, 0)
-    slot = tl.cumsum(take.to(tl.int32), 0) - 1
+    slot = tl.cumsum(take.to(tl.int32), 0) - 1  # exactly k are taken; the store's bound is a guard
     tl.store(cand_ptr + r * TOPK_PAD + slot, _sort_key(key, index), mask=take & (slot < TOPK_PAD))
     tl.debug_barrier()  # the scratch row is re-read by other threads of this program
     _sort_and_store(cand_ptr + r * TOPK_PAD, out_ptr + r * topk, k, topk, offset, TOPK_PAD, LOG_TOPK_PAD)
