@@ -17,7 +17,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 # The backends each op is tested on: every backend that implements it.
 OP_BACKENDS: dict[str, list[str]] = {
-    "qkv_proj_rope": ["reference"],
+    "qkv_proj_rope": ["reference", "triton"],
     "indexer_compressor": ["reference"],
     "indexer": ["reference"],
 }

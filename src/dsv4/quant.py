@@ -17,7 +17,7 @@ def quantize_int8_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     v = x.to(torch.float32)
     amax = v.abs().amax(dim=-1, keepdim=True).clamp_min(AMAX_FLOOR)
-    s = INT8_MAX / amax
+    s = torch.full_like(amax, INT8_MAX) / amax  # correctly rounded; ``127.0 / amax`` would be 127 * (1/amax)
     q = torch.round(v * s).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, 1.0 / s
 

@@ -18,8 +18,8 @@ import triton  # noqa: E402,F401  (an ImportError here marks the backend unavail
 
 from ..rope import RopeTable  # noqa: E402
 from ..state import IndexerState  # noqa: E402
-from ..structs import QKV, IndexerOut, StepPositions, copy_into  # noqa: E402
-from ..weights import AttnWeights, CompressorWeights, IndexerWeights  # noqa: E402
+from ..structs import IndexerOut, StepPositions, copy_into  # noqa: E402
+from ..weights import CompressorWeights, IndexerWeights  # noqa: E402
 
 
 def interpreted() -> bool:
@@ -38,12 +38,9 @@ def unavailable_reason(device: torch.device) -> str | None:
     return f"no Triton target for device type {device.type!r}"
 
 
-def qkv_proj_rope(
-    x: torch.Tensor, w: AttnWeights, positions: torch.Tensor, rope: RopeTable, eps: float, out: QKV | None = None
-) -> QKV:
-    from .qkv_proj_rope import qkv_proj_rope as run
-
-    return copy_into(run(x, w, positions, rope, eps), out)
+# Imported here (after ``interpreted``, which the kernel modules use), not on first call: importing a
+# submodule binds it as an attribute of this package, replacing an entry point of the same name.
+from .qkv_proj_rope import qkv_proj_rope  # noqa: E402,F401
 
 
 def indexer_compressor(

@@ -45,11 +45,11 @@ _ROUND_MAGIC = tl.constexpr(12582912.0)
 def quantize_rows_int8(rows):
     """``rows [M, K] fp32`` -> ``(q [M, K] int8, scale [M] fp32)``, spec §2 per row.
 
-    Matches ``quantize_int8_per_row`` bit for bit: its ``127 / amax`` is torch's scalar-by-tensor
-    division, computed as ``127 * (1 / amax)``, so the same two roundings happen here.
+    Matches ``quantize_int8_per_row`` bit for bit: ``s = 127 / amax`` and ``1 / s`` are correctly
+    rounded divisions (a plain ``/`` compiles to an approximate one on NVIDIA GPUs).
     """
     amax = tl.maximum(tl.max(tl.abs(rows), axis=1), _AMAX_FLOOR)
-    inv_scale = tl.math.div_rn(1.0, amax) * _INT8_MAX
+    inv_scale = tl.math.div_rn(_INT8_MAX, amax)
     scaled = rows * inv_scale[:, None]
     # Clamping between the multiply and the rounding add also keeps them from fusing into an FMA,
     # which would round the exact product instead of the fp32 one as the reference does.

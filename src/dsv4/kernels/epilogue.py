@@ -1,0 +1,76 @@
+"""Register-tile epilogues shared by the kernels: RMS scale, per-row INT8 quantization, interleaved RoPE.
+
+Each acts on fp32 tiles ``[BM, BN]`` (one row per token) that a kernel already holds, so nothing here
+touches global memory except the final store of ``store_rope_bf16``. The math is spec §2.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .launch import INTERPRETED
+
+# 1.5 * 2^23: adding it to |v| < 2^22 leaves no fraction bits, so fp32's own round-to-nearest-even
+# rounds v to an integer; subtracting it back is exact. Works alike compiled and in the interpreter
+# (which has no libdevice rint).
+ROUND_MAGIC = tl.constexpr(12582912.0)
+INT8_MAX = tl.constexpr(127.0)
+AMAX_FLOOR = tl.constexpr(1e-4)  # spec §2: rows smaller than this quantize as if their amax were 1e-4
+
+
+@triton.jit
+def to_bf16(v):
+    """fp32 -> bf16, rounded to nearest even (as torch and the GPU's ``cvt.rn`` do).
+
+    The interpreter's own fp32 -> bf16 cast truncates (Triton 3.6-3.9 pass it no rounding mode), so
+    there the rounding is done on the bits: add ``0x7FFF`` plus the lowest kept bit, drop 16 bits.
+    """
+    if INTERPRETED:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(tl.bfloat16)
+
+
+@triton.jit
+def rms_inv(v, n: tl.constexpr, eps):
+    """``1/sqrt(mean(v^2) + eps)`` per row: ``v [BM, BN]`` fp32 with padding 0, ``n`` real columns -> ``[BM, 1]``.
+
+    Correctly rounded square root and divisions, as the reference computes them on the CPU.
+    """
+    mean_sq = tl.div_rn(tl.sum(v * v, axis=1), n * 1.0)
+    return tl.div_rn(1.0, tl.sqrt_rn(mean_sq + eps))[:, None]
+
+
+@triton.jit
+def quantize_int8_rows(v):
+    """Spec §2 per-row INT8: ``v [BM, BN]`` fp32 (padding 0) -> ``(q [BM, BN] int8, scale [BM, 1] fp32)``.
+
+    ``amax = max(max|v|, 1e-4)``, ``s = 127/amax``, ``q = round_half_even(v*s)``, ``scale = 1/s``.
+    """
+    amax = tl.maximum(tl.max(tl.abs(v), axis=1), AMAX_FLOOR)
+    s = tl.div_rn(INT8_MAX, amax)[:, None]
+    # The clamp also keeps the multiply from fusing into the rounding add (an FMA would round v*s only once).
+    scaled = tl.minimum(tl.maximum(v * s, -INT8_MAX), INT8_MAX)
+    q = (scaled + ROUND_MAGIC) - ROUND_MAGIC
+    return q.to(tl.int8), tl.div_rn(1.0, s)
+
+
+@triton.jit
+def store_rope_bf16(out_ptrs, v, cos, sin, mask, HD: tl.constexpr, R: tl.constexpr):
+    """Store ``bf16(v)`` with interleaved RoPE applied to the last ``R`` entries of every row.
+
+    ``v``, ``out_ptrs``, ``mask``: ``[BM, HD]``; ``cos``, ``sin``: ``[BM, R/2]`` fp32, each row at its
+    token's position. The row is viewed as ``[HD/R, R/2, 2]`` pairs: the last ``R``-chunk rotates, the
+    others keep cos=1, sin=0, which leaves them bit-exact (``u*1 - w*0 == u``).
+    """
+    BM: tl.constexpr = v.shape[0]
+    CHUNKS: tl.constexpr = HD // R
+    even, odd = tl.split(tl.reshape(v, (BM, CHUNKS, R // 2, 2)))
+    is_rope = (tl.arange(0, CHUNKS) == CHUNKS - 1)[None, :, None]
+    c = tl.where(is_rope, cos[:, None, :], 1.0)
+    s = tl.where(is_rope, sin[:, None, :], 0.0)
+    rotated = tl.join(even * c - odd * s, even * s + odd * c)
+    tl.store(out_ptrs, to_bf16(tl.reshape(rotated, (BM, HD))), mask=mask)

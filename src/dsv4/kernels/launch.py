@@ -1,0 +1,47 @@
+"""Launch helpers shared by every kernel family: device facts and tile arithmetic.
+
+Tiles are fixed, reasoned choices keyed on shapes (no autotuning): the interpreter would run every
+candidate configuration, and a fixed choice is reproducible from run to run.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreted
+
+H100_SMS = 132  # SMs of an H100 SXM; off-GPU the grids are laid out for it, so CPU runs use the decode tiling
+
+# Kernels branch on this (at compile time) only to work around the interpreter's bf16 handling.
+INTERPRETED = tl.constexpr(interpreted())
+
+# The interpreter stores bf16 as raw uint16 and its tl.dot multiplies those bits (triton-lang/triton#11584):
+# there bf16 dot operands are widened to fp32 first (exact: products of bf16 values fit fp32's mantissa);
+# compiled, they stay bf16 for the tensor cores.
+BF16_DOT_DTYPE = tl.constexpr(tl.float32 if interpreted() else tl.bfloat16)
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; ``H100_SMS`` when the kernels do not run on a GPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return H100_SMS
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(n)
+
+
+def is_pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def pow2_divisor(n: int, cap: int) -> int:
+    """The largest power of two that divides ``n`` and is at most ``cap`` (``cap`` a power of two)."""
+    return min(n & -n, cap)
