@@ -184,7 +184,8 @@ def touching_qkv_result() -> dict:
 def test_traffic_of_a_kernel_moving_exactly_the_minimal_bytes_is_1x(touching_qkv_result: dict) -> None:
     (row,) = touching_qkv_result["traffic"]
     assert row["status"] == "ok", row
-    assert row["launches"] == bench_kernels.TOUCHING_QKV_LAUNCHES
+    assert row["launches"] == bench_kernels.TOUCHING_QKV_LAUNCHES == len(row["per_launch"])
+    assert sum(launch["load_bytes"] + launch["store_bytes"] for launch in row["per_launch"]) == row["minimal_bytes"]
     assert row["requested_bytes"] == row["minimal_bytes"] == touching_qkv_result["shapes"][0]["model"]["bytes"]
     assert row["requested_over_minimal"] == 1.0
     assert row["sector_over_minimal"] >= 1.0 and row["unique_over_minimal"] >= 1.0

@@ -14,6 +14,7 @@ from torch.utils._pytree import tree_leaves
 from .calls import BoundCall
 from .interp_traffic import TrafficLog, count_traffic
 
+_LAUNCH_BYTES = ("load_bytes", "store_bytes", "sector_bytes", "unique_bytes")
 _FREE_OPS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "lift_fresh"}
 
 
@@ -49,6 +50,7 @@ class Traffic:
     unique_bytes: int
     torch_ops: dict[str, int] = field(default_factory=dict)
     torch_op_bytes: int = 0
+    per_launch: list[dict[str, Any]] = field(default_factory=list)  # kernel, grid and bytes of each launch
 
     @property
     def requested_bytes(self) -> int:
@@ -66,6 +68,7 @@ class Traffic:
             "torch_ops": self.torch_ops,
             "torch_op_bytes": self.torch_op_bytes,
             "requested_bytes": self.requested_bytes,
+            "per_launch": self.per_launch,
         }
 
 
@@ -83,5 +86,9 @@ def measure_traffic(call: BoundCall) -> tuple[Traffic, Any]:
         unique_bytes=log.total("unique_bytes") + torch_ops.bytes,
         torch_ops=dict(torch_ops.ops),
         torch_op_bytes=torch_ops.bytes,
+        per_launch=[
+            {"kernel": launch.kernel, "grid": list(launch.grid), **{k: getattr(launch, k) for k in _LAUNCH_BYTES}}
+            for launch in log.launches
+        ],
     )
     return traffic, result
