@@ -1,0 +1,138 @@
+"""The indexer's x-side projection: one GEMM of ``x`` against the stacked compressor ``wkv``,
+compressor ``wgate`` and (for the indexer) ``weights_proj`` — they share ``x``, so ``x`` is read
+once per M-tile and every weight row once per M-tile.
+
+The three weights are not concatenated: each N-tile picks its weight and output pointer from
+its tile index. Epilogues: the gate tiles add ``ape[p % 4]`` (spec §4 step 1), the head-weight
+tiles multiply by ``HID^-0.5 * HI^-0.5`` (spec §5 step 3). Decode has few tokens, so a
+split-K over ``D`` (fp32 atomic adds into a zeroed output) gives the grid enough programs to
+stream the weights at full bandwidth.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..config import COMPRESS_RATIO
+from ..structs import StepPositions
+from ..weights import CompressorWeights
+
+BLOCK_M = 64  # tokens per tile: a decode step (T=128) is two tiles; fp32 acc [64, 64] = 16 regs/thread at 8 warps
+BLOCK_N = 64  # output columns per tile: divides 2*HID, so no tile straddles two weights
+BLOCK_K = 64  # D per step: 128 B of each bf16 row (one 128-B line); with 8 warps the sm_90 build has no spills
+TARGET_PROGRAMS = 132  # split-K until the grid covers one H100's SMs (weights then stream at full bandwidth)
+NUM_WARPS = 8  # 64x64 fp32 tiles: the sm_90 build at 4 warps spills, at 8 it does not
+RATIO = tl.constexpr(COMPRESS_RATIO)
+
+
+@triton.jit
+def _x_proj_kernel(
+    x_ptr,  # [T, D] bf16
+    wkv_ptr,  # [2*HID, D] bf16
+    wgate_ptr,  # [2*HID, D] bf16
+    wproj_ptr,  # [HI, D] bf16 (unused when there are no head-weight tiles)
+    ape_ptr,  # [4, 2*HID] fp32
+    start_ptr,  # [B] int64
+    kvg_ptr,  # out [T, 4*HID] fp32: kv projection | gate + ape
+    weights_ptr,  # out [T, HI] fp32
+    T,
+    D,
+    S,
+    HI,
+    weights_scale,
+    K_PER_SPLIT,
+    TWO_HID: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    tiles_per_weight: tl.constexpr = TWO_HID // BLOCK_N
+    if pid_n < tiles_per_weight:
+        w_ptr = wkv_ptr
+        out_ptr = kvg_ptr
+    elif pid_n < 2 * tiles_per_weight:
+        w_ptr = wgate_ptr
+        out_ptr = kvg_ptr + TWO_HID
+    else:
+        w_ptr = wproj_ptr
+        out_ptr = weights_ptr
+    segment = tl.minimum(pid_n // tiles_per_weight, 2)  # 0 kv, 1 gate, 2 head weights
+    n_rows = tl.where(segment == 2, HI, TWO_HID)
+    out_stride = tl.where(segment == 2, HI, 2 * TWO_HID)
+
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (pid_n - segment * tiles_per_weight) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < T
+    col_ok = cols < n_rows
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, D)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < k_hi
+        a = tl.load(x_ptr + rows[:, None] * D + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[None, :] * D + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        # bf16 values are exact in tf32: exact products, fp32 sums (see epilogue.py on the interpreter)
+        acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="tf32")
+
+    if (segment == 1) & (pid_k == 0):  # gate: + ape[p % 4], added once (by the first K split)
+        b = rows // S
+        pos = tl.load(start_ptr + b, mask=row_ok, other=0) + rows % S
+        ape = tl.load(ape_ptr + (pos % RATIO)[:, None] * TWO_HID + cols[None, :], mask=row_ok[:, None], other=0.0)
+        acc += ape
+    if segment == 2:
+        acc = acc * weights_scale
+
+    out = out_ptr + rows[:, None] * out_stride + cols[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    if SPLIT_K == 1:
+        tl.store(out, acc, mask=mask)
+    else:
+        tl.atomic_add(out, acc, mask=mask)
+
+
+def split_k_for(tiles: int, d: int) -> int:
+    """K splits so that ``tiles * splits`` reaches ``TARGET_PROGRAMS``, at most one per ``BLOCK_K`` step of ``D``."""
+    return max(1, min(TARGET_PROGRAMS // tiles, triton.cdiv(d, BLOCK_K)))
+
+
+def x_projection(
+    x: torch.Tensor,
+    w: CompressorWeights,
+    pos: StepPositions,
+    weights_proj: torch.Tensor | None = None,
+    weights_scale: float = 1.0,
+    split_k: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x [T, D] bf16`` (token ``t = b*S + s``) -> ``kvg [T, 4*HID] fp32`` and ``weights [T, HI] fp32``.
+
+    ``kvg[:, :2*HID] = x @ w.wkv.T``; ``kvg[:, 2*HID:] = x @ w.wgate.T + w.ape[p % 4]`` at each
+    token's position ``p``; ``weights = (x @ weights_proj.T) * weights_scale`` when
+    ``weights_proj [HI, D] bf16`` is given (else None). ``split_k`` overrides the K split.
+    One launch, plus a zero-fill of the outputs when split over K.
+    """
+    t, d = x.shape
+    two_hid = w.wkv.shape[0]
+    assert two_hid % BLOCK_N == 0, f"2*HID={two_hid} must be a multiple of BLOCK_N={BLOCK_N}"
+    hi = 0 if weights_proj is None else weights_proj.shape[0]
+    n_tiles = 2 * (two_hid // BLOCK_N) + triton.cdiv(hi, BLOCK_N)
+    m_tiles = triton.cdiv(t, BLOCK_M)
+    split = split_k or split_k_for(n_tiles * m_tiles, d)
+    k_per_split = triton.cdiv(triton.cdiv(d, BLOCK_K), split) * BLOCK_K
+    split = triton.cdiv(d, k_per_split)  # drop splits left without a K step
+    alloc = torch.zeros if split > 1 else torch.empty
+    kvg = alloc(t, 2 * two_hid, dtype=torch.float32, device=x.device)
+    weights = alloc(t, max(hi, 1), dtype=torch.float32, device=x.device)
+    _x_proj_kernel[(n_tiles, m_tiles, split)](
+        x, w.wkv, w.wgate, w.wkv if weights_proj is None else weights_proj, w.ape, pos.start, kvg, weights,
+        t, d, pos.seq, hi, weights_scale, k_per_split,
+        TWO_HID=two_hid, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT_K=split,
+        num_warps=NUM_WARPS,
+    )  # fmt: skip
+    return kvg, (weights if weights_proj is not None else None)
