@@ -64,6 +64,7 @@ def indexer(
     topk: int,
     eps: float,
 ) -> IndexerOut:
-    from .indexer import indexer as run
+    # not kernels/indexer.py: importing a submodule binds its name on this package, over this function
+    from .lightning_indexer import indexer as run
 
     return run(x, qr, qr_scale, w, state, pos, offset, rope, topk, eps)
