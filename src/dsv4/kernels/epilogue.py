@@ -22,10 +22,6 @@ import triton.language as tl
 
 from ..hadamard import hadamard_matrix
 
-ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + M) - M rounds |v| < 2**22 half-to-even in fp32
-INT8_MAX = tl.constexpr(127.0)
-AMAX_FLOOR = tl.constexpr(1e-4)  # spec §2: rows smaller than this are scaled as if their amax were 1e-4
-
 
 @functools.lru_cache(maxsize=8)
 def hadamard_signs(hid: int, device: torch.device) -> torch.Tensor:
@@ -75,18 +71,3 @@ def round_bf16(v):
     bits = v.to(tl.uint32, bitcast=True)
     bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
     return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def quantize_rows(v):
-    """Per-row INT8 of ``v [M, N]`` fp32 (spec §2) -> ``(q [M, N] int8, dequant scale [M] fp32)``.
-
-    ``s = 127/amax`` and ``1/s`` are IEEE divisions (``div_rn``); the rounding is exact
-    half-to-even; launch with ``enable_fp_fusion=False`` so ``v*s`` is rounded before the
-    rounding step rather than fused into it.
-    """
-    amax = tl.maximum(tl.max(tl.abs(v), axis=1), AMAX_FLOOR)
-    s = tl.math.div_rn(tl.full(amax.shape, INT8_MAX, tl.float32), amax)
-    q = (v * s[:, None] + ROUND_MAGIC) - ROUND_MAGIC
-    q = tl.minimum(tl.maximum(q, -INT8_MAX), INT8_MAX)
-    return q.to(tl.int8), tl.math.div_rn(tl.full(amax.shape, 1.0, tl.float32), s)

@@ -15,7 +15,8 @@ import triton.language as tl
 
 from ..rope import RopeTable
 from ..structs import StepPositions
-from .epilogue import hadamard_rows, hadamard_signs, quantize_rows, rope_pairs, round_bf16, split_head_dims
+from .epilogue import hadamard_rows, hadamard_signs, rope_pairs, round_bf16, split_head_dims
+from .index_score import quantize_rows_int8
 
 BLOCK_M = 64  # tokens per program: a decode step (T=128) x 64 heads is 128 programs, about one per H100 SM
 BLOCK_K = 64  # QL per step: 64 B of each int8 row, K % 32 == 0 for Hopper int8 MMA; 128 spills on sm_90
@@ -81,7 +82,7 @@ def _index_query_kernel(
     rotated = hadamard_rows(
         round_bf16(q_nope), round_bf16(q_even), round_bf16(q_odd), signs_ptr, hadamard_scale, HID, NOPE, HALF_R
     )
-    q8, q_scale = quantize_rows(rotated)
+    q8, q_scale = quantize_rows_int8(rotated)  # the same per-row INT8 as the keys get
     out = (rows * HI + head)[:, None] * HID + tl.arange(0, HID)[None, :]
     tl.store(q8_ptr + out, q8, mask=row_ok[:, None])
     tl.store(q_scale_ptr + rows * HI + head, q_scale, mask=row_ok)
