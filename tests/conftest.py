@@ -18,6 +18,6 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # The backends each op is tested on: every backend that implements it.
 OP_BACKENDS: dict[str, list[str]] = {
     "qkv_proj_rope": ["reference"],
-    "indexer_compressor": ["reference"],
-    "indexer": ["reference"],
+    "indexer_compressor": ["reference", "triton"],
+    "indexer": ["reference", "triton"],
 }

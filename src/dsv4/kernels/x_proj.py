@@ -70,12 +70,11 @@ def _x_proj_kernel(
     cols = (pid_n - segment * tiles_per_weight) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < T
     col_ok = cols < n_rows
-    k_lo = pid_k * K_PER_SPLIT
-    k_hi = tl.minimum(k_lo + K_PER_SPLIT, D)
+    k_lo = pid_k * K_PER_SPLIT  # this program's K range: [k_lo, k_lo + K_PER_SPLIT) within [0, D)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < k_hi
+    for k_step in range(0, K_PER_SPLIT, BLOCK_K):
+        ks = k_lo + k_step + tl.arange(0, BLOCK_K)
+        k_ok = ks < D
         a = tl.load(x_ptr + rows[:, None] * D + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + cols[None, :] * D + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
         # bf16 values are exact in tf32: exact products, fp32 sums (see epilogue.py on the interpreter)
@@ -115,7 +114,7 @@ def x_projection(
     ``kvg[:, :2*HID] = x @ w.wkv.T``; ``kvg[:, 2*HID:] = x @ w.wgate.T + w.ape[p % 4]`` at each
     token's position ``p``; ``weights = (x @ weights_proj.T) * weights_scale`` when
     ``weights_proj [HI, D] bf16`` is given (else None). ``split_k`` overrides the K split.
-    One launch, plus a zero-fill of the outputs when split over K.
+    One launch, plus one zero-fill of the outputs when split over K.
     """
     t, d = x.shape
     two_hid = w.wkv.shape[0]
@@ -126,9 +125,10 @@ def x_projection(
     split = split_k or split_k_for(n_tiles * m_tiles, d)
     k_per_split = triton.cdiv(triton.cdiv(d, BLOCK_K), split) * BLOCK_K
     split = triton.cdiv(d, k_per_split)  # drop splits left without a K step
-    alloc = torch.zeros if split > 1 else torch.empty
-    kvg = alloc(t, 2 * two_hid, dtype=torch.float32, device=x.device)
-    weights = alloc(t, max(hi, 1), dtype=torch.float32, device=x.device)
+    alloc = torch.zeros if split > 1 else torch.empty  # one buffer: one memset for both outputs
+    out = alloc(t * (2 * two_hid + hi), dtype=torch.float32, device=x.device)
+    kvg = out[: t * 2 * two_hid].view(t, 2 * two_hid)
+    weights = out[t * 2 * two_hid :].view(t, hi)
     _x_proj_kernel[(n_tiles, m_tiles, split)](
         x, w.wkv, w.wgate, w.wkv if weights_proj is None else weights_proj, w.ape, pos.start, kvg, weights,
         t, d, pos.seq, hi, weights_scale, k_per_split,
