@@ -30,7 +30,7 @@ from ..rope import RopeTable
 from ..state import STATE_SLOTS, IndexerState
 from ..structs import StepPositions
 from ..weights import CompressorWeights
-from .epilogue import hadamard_rows, hadamard_signs, rope_pairs, round_bf16, split_head_dims
+from .head_rotation import hadamard_rows, hadamard_signs, rope_pairs, round_bf16, split_head_dims
 from .x_proj import x_projection
 
 BLOCKS_PER_PROGRAM = 16  # closing blocks pooled per program: the Hadamard tl.dot needs M >= 16 rows

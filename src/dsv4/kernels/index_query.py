@@ -3,7 +3,7 @@ INT8 ``qr @ wq_b.T`` (int32 accumulate) -> dequant -> interleaved RoPE at each t
 -> bf16 -> Hadamard -> per-row INT8 with its scale. Nothing but ``q8`` and ``q_scale`` is written.
 
 One program per (``BLOCK_M`` tokens, head): the head's ``HID`` weight rows are loaded split into
-the no-RoPE rows and the even and odd rotary rows (see ``epilogue.py``), so the accumulators come
+the no-RoPE rows and the even and odd rotary rows (see ``head_rotation.py``), so the accumulators come
 out already de-interleaved and RoPE and the Hadamard need no register shuffles.
 """
 
@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ..rope import RopeTable
 from ..structs import StepPositions
-from .epilogue import hadamard_rows, hadamard_signs, rope_pairs, round_bf16, split_head_dims
+from .head_rotation import hadamard_rows, hadamard_signs, rope_pairs, round_bf16, split_head_dims
 from .index_score import quantize_rows_int8
 
 BLOCK_M = 64  # tokens per program: a decode step (T=128) x 64 heads is 128 programs, about one per H100 SM

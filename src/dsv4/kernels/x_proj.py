@@ -77,7 +77,7 @@ def _x_proj_kernel(
         k_ok = ks < D
         a = tl.load(x_ptr + rows[:, None] * D + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + cols[None, :] * D + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        # bf16 values are exact in tf32: exact products, fp32 sums (see epilogue.py on the interpreter)
+        # bf16 values are exact in tf32: exact products, fp32 sums (see head_rotation.py on the interpreter)
         acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="tf32")
 
     if (segment == 1) & (pid_k == 0):  # gate: + ape[p % 4], added once (by the first K split)

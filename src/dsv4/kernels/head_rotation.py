@@ -1,4 +1,4 @@
-"""Register-tile math shared by the compressor and indexer-query kernels.
+"""A head row in registers as three tiles, and its RoPE and Hadamard rotation (compressor and indexer query).
 
 A head row of ``HID`` entries is carried as three tiles: ``nope`` (entries ``[0, NOPE)``),
 ``even`` and ``odd`` (entries ``NOPE + 2i`` and ``NOPE + 2i + 1``, ``i < R/2``). Loading the
