@@ -24,9 +24,12 @@ from ..structs import StepPositions
 
 MASKED_SCORE = -3.4028235e38  # torch.finfo(torch.float32).min: the score of a key a token cannot see
 
-KEYS_PER_PROGRAM = 128  # 128 keys x 256 B (bf16, HID=128) = 32 KB read per program: enough bytes in
-# flight per SM to stream HBM, an M=128 INT8 MMA tile, and 262144 keys / 128 = 2048 programs at B=1
-# (15x the 132 SMs of an H100); flash decode (B=64, 2048 keys) still launches 1024 programs.
+KEYS_PER_PROGRAM = 128  # 128 keys x 256 B (bf16, HID=128) = 32 KB of keys per program. ptxas (sm_90,
+# 4 warps, HI=64, aligned operands) reports 165 registers, no spills and 41 KB of shared memory, so
+# three programs share an SM (96 KB of key loads in flight). Every program re-reads its tokens' query
+# rows (S*HI*136 B) from L2: 128 keys keep that at half the key bytes (64 keys: equal to them).
+# 262144 keys at B=1 make 2048 programs, flash decode (B=64, 2048 keys) 1024: several waves of 132 SMs.
+SCORE_WARPS = 4  # one warpgroup runs the INT8 MMA of a [128, 128] x [128, HI] tile
 MIN_DOT_WIDTH = 16  # tl.dot needs every dimension >= 16: fewer heads are zero-padded up to it
 
 _MASKED = tl.constexpr(MASKED_SCORE)
@@ -80,7 +83,8 @@ def _index_score_kernel(
     key = block * KEYS + tl.arange(0, KEYS)
     dim = tl.arange(0, HEAD_DIM)
     key_ptrs = cache_ptr + b * cache_stride_b + key.to(tl.int64)[:, None] * cache_stride_row + dim[None, :]
-    keys = tl.load(key_ptrs, mask=(key < cache_len)[:, None], other=0.0).to(tl.float32)
+    # Keys are read once: ".cg" keeps them out of L1, where the queries every key block re-reads stay.
+    keys = tl.load(key_ptrs, mask=(key < cache_len)[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
     k8, k_scale = quantize_rows_int8(keys)
 
     head = tl.arange(0, HEADS_PAD)
@@ -139,5 +143,6 @@ def index_scores(
         HEADS_PAD=max(MIN_DOT_WIDTH, triton.next_power_of_2(heads)),
         HEAD_DIM=head_dim,
         KEYS=KEYS_PER_PROGRAM,
+        num_warps=SCORE_WARPS,
     )
     return score
