@@ -4,8 +4,8 @@ once per M-tile and every weight row once per M-tile.
 
 The three weights are not concatenated: each N-tile picks its weight from its tile index.
 Epilogues: the gate tiles add ``ape[p % 4]`` (spec §4 step 1), the head-weight tiles multiply by
-``HID^-0.5 * HI^-0.5`` (spec §5 step 3). Decode has few tokens, so ``D`` is split over enough
-programs to stream the weights at full bandwidth; each K-slice writes its own fp32 partial tile
+``HID^-0.5 * HI^-0.5`` (spec §5 step 3). Decode has few tokens, so on a GPU ``D`` is split over
+enough programs to fill the SMs; each K-slice writes its own fp32 partial tile
 and a second kernel adds them in slice order and applies the epilogues. That costs the same two
 launches as zero-fill + atomic adds, and the result is the same bit for bit on every run.
 """
@@ -23,7 +23,6 @@ from ..weights import CompressorWeights
 BLOCK_M = 64  # tokens per tile: a decode step (T=128) is two tiles; fp32 acc [64, 64] = 16 regs/thread at 8 warps
 BLOCK_N = 64  # output columns per tile: divides 2*HID, so no tile straddles two weights
 BLOCK_K = 64  # D per step: 128 B of each bf16 row (one 128-B line); with 8 warps the sm_90 build has no spills
-TARGET_PROGRAMS = 132  # split D until the grid covers one H100's SMs (weights then stream at full bandwidth)
 NUM_WARPS = 8  # 64x64 fp32 tiles: the sm_90 build at 4 warps spills, at 8 it does not
 RATIO = tl.constexpr(COMPRESS_RATIO)
 
@@ -143,9 +142,14 @@ def _sum_splits_kernel(
     )
 
 
-def split_k_for(tiles: int, d: int) -> int:
-    """K-slices so that ``tiles * slices`` reaches ``TARGET_PROGRAMS``, at most one per ``BLOCK_K`` step of ``D``."""
-    return max(1, min(TARGET_PROGRAMS // tiles, triton.cdiv(d, BLOCK_K)))
+def split_k_for(tiles: int, d: int, device: torch.device) -> int:
+    """K-slices so that ``tiles * slices`` fills the GPU's SMs once (the weights then stream at full
+    bandwidth), at most one per ``BLOCK_K`` step of ``D``. None in the interpreter, which runs one
+    program at a time: there a split only adds programs."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(sms // tiles, triton.cdiv(d, BLOCK_K)))
 
 
 def x_projection(
@@ -168,7 +172,7 @@ def x_projection(
     assert two_hid % BLOCK_N == 0, f"2*HID={two_hid} must be a multiple of BLOCK_N={BLOCK_N}"
     hi = 0 if weights_proj is None else weights_proj.shape[0]
     grid_nm = (2 * (two_hid // BLOCK_N) + triton.cdiv(hi, BLOCK_N), triton.cdiv(t, BLOCK_M))
-    split = split_k or split_k_for(grid_nm[0] * grid_nm[1], d)
+    split = split_k or split_k_for(grid_nm[0] * grid_nm[1], d, x.device)
     k_per_split = triton.cdiv(triton.cdiv(d, BLOCK_K), split) * BLOCK_K
     split = triton.cdiv(d, k_per_split)  # drop slices left without a K step
     out = torch.empty(t * (2 * two_hid + hi), dtype=torch.float32, device=x.device)
