@@ -35,7 +35,7 @@ from .x_proj import x_projection
 
 BLOCKS_PER_PROGRAM = 16  # closing blocks pooled per program: the Hadamard tl.dot needs M >= 16 rows
 assert BLOCKS_PER_PROGRAM >= 2, "the (at most two) blocks that read the pre-step ring must share program 0"
-NUM_WARPS = 8  # twelve live [16, 64|32] fp32 tiles through three Hadamard dots: 4 warps spill on sm_90, 8 do not
+NUM_WARPS = 8  # pooling and Hadamard tiles of 16 blocks: 4 warps spill on sm_90 (384 B/thread), 8 do not
 RATIO = tl.constexpr(COMPRESS_RATIO)
 SLOTS = tl.constexpr(STATE_SLOTS)
 
