@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dsv4
-from conftest import DEVICE, OP_BACKENDS
+from conftest import BACKENDS, DEVICE
 
 CFG = dsv4.get_config("tiny")
 N_TOKENS = 40  # ten blocks
@@ -72,7 +72,7 @@ def _check_ring(state: dsv4.IndexerState, b: int, x: torch.Tensor, w: dsv4.Compr
         assert torch.isinf(state.score_state[b, :4]).all()
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS["indexer_compressor"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("seq", [1, 2, 3])
 @pytest.mark.parametrize("prefill", [0, 1, 2, 3, 5, 8])
 def test_stepwise_equals_whole_sequence(backend: str, seq: int, prefill: int) -> None:
@@ -92,7 +92,7 @@ def test_stepwise_equals_whole_sequence(backend: str, seq: int, prefill: int) ->
     _check_ring(state, 0, x[0], w, p)
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS["indexer_compressor"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_one_step_closing_many_blocks(backend: str) -> None:
     w, rope, x = _inputs(batch=1, seed=3)
     expected = whole_sequence_cache(x[0], w, rope)
@@ -105,7 +105,7 @@ def test_one_step_closing_many_blocks(backend: str) -> None:
     _check_ring(state, 0, x[0], w, 29)
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS["indexer_compressor"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_per_row_start_positions(backend: str) -> None:
     """Three sequences at different positions advance together with a ``start_pos`` tensor."""
     w, rope, x = _inputs(batch=3, seed=4)
@@ -130,7 +130,7 @@ def test_per_row_start_positions(backend: str) -> None:
         _check_ring(state, b, x[b], w, n)
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS["indexer_compressor"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_only_rows_of_the_batch_change(backend: str) -> None:
     """A step over B rows leaves state rows >= B untouched."""
     w, rope, x = _inputs(batch=2, seed=5)

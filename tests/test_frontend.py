@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dsv4
-from conftest import DEVICE, OP_BACKENDS
+from conftest import BACKENDS, DEVICE
 from dsv4.golden import TOLERANCES, ratio_allclose, topk_allclose
 
 CFG = dsv4.get_config("tiny")
@@ -22,7 +22,7 @@ def _module(batch: int, max_position: int, backend: str) -> dsv4.DecodeFrontEnd:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS["indexer"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_steps_with_resets_equal_fresh_sequences(backend: str) -> None:
     """Three slots; slots 1 and 2 get new sequences mid-run, so positions differ per slot. Each slot's
     outputs equal a fresh one-slot module fed that slot's tokens since its (re)start.

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import dsv4
-from conftest import DEVICE, OP_BACKENDS
+from conftest import BACKENDS, DEVICE
 from dsv4.golden import compare
 from golden_vectors import INDEXER_CASES, QKV_CASES, Vectors
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS["qkv_proj_rope"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", QKV_CASES)
 def test_qkv_proj_rope_golden(name: str, backend: str) -> None:
     v = Vectors(name, DEVICE)
@@ -21,7 +21,7 @@ def test_qkv_proj_rope_golden(name: str, backend: str) -> None:
     assert report, str(report)
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS["indexer"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", INDEXER_CASES)
 def test_indexer_golden(name: str, backend: str) -> None:
     """All steps in order, carrying this backend's own state from step to step."""

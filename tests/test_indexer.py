@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dsv4
-from conftest import DEVICE, OP_BACKENDS
+from conftest import BACKENDS, DEVICE
 from dsv4.cases import clone_args, make_case, prefilled_state
 from dsv4.golden import TOLERANCES, ratio_allclose
 
@@ -44,7 +44,7 @@ def _run(case, backend: str):
     return args, out
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS["indexer"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["decode", "prefill"])
 def test_score_equals_spec_einsum(backend: str, mode: str) -> None:
     case = make_case(CFG, "indexer", mode, seed=11, device=DEVICE, max_position=512)
@@ -66,7 +66,7 @@ def _step(batch: int, seq: int, start: list[int] | int, topk: int = 8, seed: int
     return case
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS["indexer"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_token_does_not_see_block_closed_by_its_successor(backend: str) -> None:
     """S=2 from position 6: token 1 (position 7) closes block 1; token 0 (position 6) sees only block 0."""
     case = _step(batch=1, seq=2, start=6)
@@ -78,7 +78,7 @@ def test_token_does_not_see_block_closed_by_its_successor(backend: str) -> None:
     assert sorted(out.topk_idxs[0, 1, :2].tolist()) == [case.args["offset"], case.args["offset"] + 1]
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS["indexer"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_padding_k_and_offset(backend: str) -> None:
     """Rows at different positions: vis = (p+1)//4 decides k = min(topk, vis); the rest is -1 / masked."""
     starts = [0, 5, 13, 40]
@@ -103,7 +103,7 @@ def test_padding_k_and_offset(backend: str) -> None:
                 assert out.score[b, s, :vis][rest].max() <= chosen[-1]
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS["indexer"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_start_pos_int_equals_tensor(backend: str) -> None:
     a = _step(batch=3, seq=2, start=17, seed=2)
     b = _step(batch=3, seq=2, start=[17, 17, 17], seed=2)

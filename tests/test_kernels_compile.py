@@ -1,4 +1,4 @@
-"""The score and top-k kernels compile for an H100 (sm_90) with the installed Triton, no GPU needed.
+"""The indexer's kernels compile for an H100 (sm_90) with the installed Triton, no GPU needed.
 
 The interpreter runs kernel source as Python and accepts things the compiler rejects (a named
 constexpr reassigned in a static loop, a shape computed at run time), so CI also lowers every
@@ -17,25 +17,26 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-COMPILE = r"""
+HELPER = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from dsv4.kernels import index_score as isc, topk as tk
-
 F32, I64, I32 = "*fp32", "*i64", "*i32"
 
 
-def compile_sm90(fn, signature, constexprs, num_warps):
+def compile_sm90(fn, signature, constexprs, num_warps, **options):
     full = {**signature, **{name: "constexpr" for name in constexprs}}
     # As a launch specializes them: pointers from torch allocations and row strides are 16-aligned.
     aligned = [name for name, kind in signature.items() if kind.startswith("*") or "stride" in name]
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     src = ASTSource(fn=fn, signature=full, constexprs=constexprs, attrs=attrs)
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, **options})
     print("compiled", fn.__name__, constexprs)
+"""
 
+SCORE_TOPK = r"""
+from dsv4.kernels import index_score as isc, topk as tk
 
 score_args = {"q8_ptr": "*i8", "q_scale_ptr": F32, "weights_ptr": F32, "cache_ptr": "*bf16", "start_ptr": I64,
               "score_ptr": F32, "seq": "i32", "n_keys": "i32", "cache_stride_b": "i64", "cache_stride_row": "i32"}
@@ -63,9 +64,41 @@ compile_sm90(tk._sort_rows_kernel,
 """
 
 
-def test_score_and_topk_kernels_compile_for_sm90() -> None:
+# The x-side projection (both K plans and the slice sum), the compressor step and the query kernel,
+# at the flash dims (HID 128, R 64) with the launchers' tiles and options.
+FRONT = r"""
+from dsv4.kernels import compressor as cp, index_query as iq, x_proj as xp
+
+x_args = {"x_ptr": "*bf16", "wkv_ptr": "*bf16", "wgate_ptr": "*bf16", "wproj_ptr": "*bf16", "ape_ptr": F32,
+          "start_ptr": I64, "kvg_ptr": F32, "weights_ptr": F32, "partial_ptr": F32, "T": "i32", "D": "i32",
+          "S": "i32", "HI": "i32", "weights_scale": "fp32", "K_PER_SPLIT": "i32"}
+tiles = {"TWO_HID": 256, "BLOCK_M": xp.BLOCK_M, "BLOCK_N": xp.BLOCK_N}
+for split in (1, 7):
+    compile_sm90(xp._x_proj_kernel, x_args, {**tiles, "BLOCK_K": xp.BLOCK_K, "SPLIT_K": split}, xp.NUM_WARPS)
+compile_sm90(xp._sum_splits_kernel,
+             {"partial_ptr": F32, "ape_ptr": F32, "start_ptr": I64, "kvg_ptr": F32, "weights_ptr": F32, "T": "i32",
+              "S": "i32", "HI": "i32", "weights_scale": "fp32"}, {**tiles, "SPLIT_K": 7}, xp.NUM_WARPS)
+head = {"HID": 128, "NOPE": 64, "HALF_R": 32}
+for norm_w in ("*bf16", "*fp32"):
+    compile_sm90(cp._compressor_step_kernel,
+                 {"kvg_ptr": F32, "start_ptr": I64, "kv_state_ptr": F32, "score_state_ptr": F32, "cache_ptr": "*bf16",
+                  "norm_w_ptr": norm_w, "cos_ptr": F32, "sin_ptr": F32, "signs_ptr": F32, "S": "i32",
+                  "cache_rows": "i32", "eps": "fp32", "hadamard_scale": "fp32"},
+                 {**head, "BLOCKS": cp.BLOCKS_PER_PROGRAM}, cp.NUM_WARPS, enable_fp_fusion=False)
+compile_sm90(iq._index_query_kernel,
+             {"qr_ptr": "*i8", "qr_scale_ptr": F32, "wq_b_ptr": "*i8", "wq_b_scale_ptr": F32, "start_ptr": I64,
+              "cos_ptr": F32, "sin_ptr": F32, "signs_ptr": F32, "q8_ptr": "*i8", "q_scale_ptr": F32, "T": "i32",
+              "S": "i32", "QL": "i32", "HI": "i32", "hadamard_scale": "fp32"},
+             {**head, "BLOCK_M": iq.BLOCK_M, "BLOCK_K": iq.BLOCK_K}, iq.NUM_WARPS, enable_fp_fusion=False)
+"""
+
+
+@pytest.mark.parametrize(("script", "kernels"), [(SCORE_TOPK, 7), (FRONT, 6)], ids=["score-topk", "front"])
+def test_kernels_compile_for_sm90(script: str, kernels: int) -> None:
     pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend cannot target sm_90")
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(SRC)}
-    result = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", HELPER + script], env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("compiled") == 7, result.stdout
+    assert result.stdout.count("compiled") == kernels, result.stdout

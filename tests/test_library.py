@@ -8,7 +8,7 @@ import torch
 
 import dsv4
 import dsv4.library as lib
-from conftest import DEVICE, OP_BACKENDS
+from conftest import BACKENDS, DEVICE
 from dsv4.cases import make_case
 
 CFG = dsv4.get_config("tiny")
@@ -36,7 +36,7 @@ def _indexer_args(backend: str):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS["qkv_proj_rope"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_qkv_proj_rope(backend: str) -> None:
     args = _qkv_args(backend)
     torch.library.opcheck(torch.ops.dsv4.qkv_proj_rope.default, args)
@@ -44,7 +44,7 @@ def test_opcheck_qkv_proj_rope(backend: str) -> None:
     torch.library.opcheck(torch.ops.dsv4.qkv_proj_rope_out.default, args + outs)
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS["indexer"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_indexer(backend: str) -> None:
     args = _indexer_args(backend)
     torch.library.opcheck(torch.ops.dsv4.indexer.default, args)
@@ -54,14 +54,14 @@ def test_opcheck_indexer(backend: str) -> None:
     torch.library.opcheck(torch.ops.dsv4.indexer_out.default, args + (score, topk))
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS["indexer_compressor"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_indexer_compressor(backend: str) -> None:
     x, w, _, start, rope, state = _step_inputs()
     args = (x, *lib._weights_of(w.indexer.compressor), *state.tensors().values(), start, rope.cos, rope.sin, 1e-6)
     torch.library.opcheck(torch.ops.dsv4.indexer_compressor.default, args + (backend,))
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS["indexer"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_out_variants_equal_plain_calls(backend: str) -> None:
     x, w, positions, start, rope, state = _step_inputs()
     plain = dsv4.qkv_proj_rope(x.view(4, -1), w.attn, positions, rope, backend=backend)
@@ -92,7 +92,7 @@ def test_out_buffers_are_validated() -> None:
     assert torch.equal(state.idx_kv_cache, before.idx_kv_cache) and torch.equal(state.kv_state, before.kv_state)
 
 
-@pytest.mark.parametrize("backend", OP_BACKENDS["indexer"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_compile_fullgraph_decode_step(backend: str) -> None:
     x, w, positions, start, rope, state = _step_inputs()
     eager_state = state.clone()

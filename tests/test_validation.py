@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dsv4
-from conftest import DEVICE, OP_BACKENDS
+from conftest import BACKENDS, DEVICE
 from dsv4.cases import Case, make_case
 
 CFG = dsv4.get_config("tiny")
@@ -99,20 +99,20 @@ def _state_snapshot(args: dict) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(
     ("op", "path", "breaker", "exc", "words"), BAD, ids=[f"{b[0]}-{b[1]}-{i}" for i, b in enumerate(BAD)]
 )
-def test_bad_input_is_named_and_state_untouched(op, path, breaker, exc, words) -> None:
-    for backend in OP_BACKENDS[op]:
-        case = _case(op)
-        args = dict(case.args)
-        if path == "start_pos" and op == "indexer":  # reach past the table, not past the cache
-            args["state"] = dsv4.IndexerState.empty(CFG, 2, 4096, device=DEVICE)
-        _set(args, path, breaker(_get(args, path)))
-        before = _state_snapshot(args)
-        with pytest.raises(exc) as info:
-            getattr(dsv4, op)(**args, backend=backend)
-        message = str(info.value)
-        assert all(w in message for w in words), f"{backend}: {message!r} lacks {words}"
-        for name, t in before.items():
-            assert torch.equal(getattr(args["state"], name), t), f"{backend}: state.{name} changed"
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_is_named_and_state_untouched(op, path, breaker, exc, words, backend) -> None:
+    case = _case(op)
+    args = dict(case.args)
+    if path == "start_pos" and op == "indexer":  # reach past the table, not past the cache
+        args["state"] = dsv4.IndexerState.empty(CFG, 2, 4096, device=DEVICE)
+    _set(args, path, breaker(_get(args, path)))
+    before = _state_snapshot(args)
+    with pytest.raises(exc) as info:
+        getattr(dsv4, op)(**args, backend=backend)
+    message = str(info.value)
+    assert all(w in message for w in words), f"{message!r} lacks {words}"
+    for name, t in before.items():
+        assert torch.equal(getattr(args["state"], name), t), f"state.{name} changed"
 
 
 def test_unknown_backend_is_named() -> None:
@@ -121,12 +121,12 @@ def test_unknown_backend_is_named() -> None:
         dsv4.qkv_proj_rope(**case.args, backend="cuda-graphs")
 
 
-def test_unbroken_cases_run() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["qkv_proj_rope", "indexer_compressor", "indexer"])
+def test_unbroken_cases_run(op: str, backend: str) -> None:
     """The cases above differ from a valid call in one argument only: unbroken, each op runs."""
-    for op in ("qkv_proj_rope", "indexer_compressor", "indexer"):
-        for backend in OP_BACKENDS[op]:
-            args = dict(_case(op).args)
-            out = getattr(dsv4, op)(**args, backend=backend)
-            assert (out is None) == (op == "indexer_compressor")
-            if "state" in args:  # decode rows start at random positions: the ring slots always change
-                assert not torch.equal(args["state"].kv_state, _case(op).args["state"].kv_state)
+    args = dict(_case(op).args)
+    out = getattr(dsv4, op)(**args, backend=backend)
+    assert (out is None) == (op == "indexer_compressor")
+    if "state" in args:  # decode rows start at random positions: the ring slots always change
+        assert not torch.equal(args["state"].kv_state, _case(op).args["state"].kv_state)

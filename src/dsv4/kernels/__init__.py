@@ -19,7 +19,7 @@ import triton  # noqa: E402,F401  (an ImportError here marks the backend unavail
 from ..rope import RopeTable  # noqa: E402
 from ..state import IndexerState  # noqa: E402
 from ..structs import IndexerOut, StepPositions, copy_into  # noqa: E402
-from ..weights import CompressorWeights, IndexerWeights  # noqa: E402
+from ..weights import IndexerWeights  # noqa: E402
 
 
 def interpreted() -> bool:
@@ -38,17 +38,11 @@ def unavailable_reason(device: torch.device) -> str | None:
     return f"no Triton target for device type {device.type!r}"
 
 
-# Imported here (after ``interpreted``, which the kernel modules use), not on first call: importing a
-# submodule binds it as an attribute of this package, replacing an entry point of the same name.
+# The entry points, imported after ``interpreted`` (the kernel modules use it). Submodule names
+# differ from the entry points: importing ``kernels/x.py`` binds ``x`` on this package.
+from .compressor import indexer_compressor  # noqa: E402,F401
+from .lightning_indexer import indexer as _indexer  # noqa: E402
 from .qkv_proj_rope import qkv_proj_rope  # noqa: E402,F401
-
-
-def indexer_compressor(
-    x: torch.Tensor, w: CompressorWeights, state: IndexerState, pos: StepPositions, rope: RopeTable, eps: float
-) -> None:
-    from .compressor import indexer_compressor as run
-
-    run(x, w, state, pos, rope, eps)
 
 
 def indexer(
@@ -64,6 +58,4 @@ def indexer(
     eps: float,
     out: IndexerOut | None = None,
 ) -> IndexerOut:
-    from .indexer import indexer as run
-
-    return copy_into(run(x, qr, qr_scale, w, state, pos, offset, rope, topk, eps), out)
+    return copy_into(_indexer(x, qr, qr_scale, w, state, pos, offset, rope, topk, eps), out)

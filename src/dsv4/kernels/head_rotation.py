@@ -1,0 +1,73 @@
+"""A head row in registers as three tiles, and its RoPE and Hadamard rotation (compressor and indexer query).
+
+A head row of ``HID`` entries is carried as three tiles: ``nope`` (entries ``[0, NOPE)``),
+``even`` and ``odd`` (entries ``NOPE + 2i`` and ``NOPE + 2i + 1``, ``i < R/2``). Loading the
+rotary pairs already split turns interleaved RoPE into plain elementwise math, and the Hadamard
+rotation of the whole row into three dots against the matching rows of the sign matrix, with no
+reshape, split or concatenation of register tiles.
+
+Every dot here multiplies bf16-exact values (and the ``±1`` signs) held as fp32 with
+``input_precision="tf32"``: tf32 represents bf16 values exactly, so the products are exact and the
+sum is fp32 — the same numbers as a bf16 MMA — and the interpreter, whose ``tl.dot`` mishandles
+bf16 operands, computes the same result.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ..hadamard import hadamard_matrix
+
+
+@functools.lru_cache(maxsize=8)
+def hadamard_signs(hid: int, device: torch.device) -> torch.Tensor:
+    """``[hid, hid] fp32`` Sylvester sign matrix (entries exactly ``±1``); ``Hn = signs * hid**-0.5``."""
+    return (hadamard_matrix(hid, torch.float64) * hid**0.5).round().to(torch.float32).to(device).contiguous()
+
+
+def split_head_dims(hid: int, rope_dim: int) -> tuple[int, int]:
+    """``(NOPE, R/2)`` for a head of ``hid`` entries whose last ``rope_dim`` rotate; both must be
+    powers of two >= 16 (``tl.arange`` extents and ``tl.dot`` K dims)."""
+    nope, half_r = hid - rope_dim, rope_dim // 2
+    for name, v in (("HID - R", nope), ("R/2", half_r)):
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"{name} = {v}: the fused kernels need a power of two >= 16 (HID={hid}, R={rope_dim})")
+    return nope, half_r
+
+
+@triton.jit
+def rope_pairs(even, odd, cos, sin):
+    """Interleaved RoPE on de-interleaved pairs: ``(u[2i], u[2i+1]) -> (y[2i], y[2i+1])`` (spec §2)."""
+    return even * cos - odd * sin, even * sin + odd * cos
+
+
+@triton.jit
+def hadamard_rows(nope, even, odd, signs_ptr, scale, HID: tl.constexpr, NOPE: tl.constexpr, HALF_R: tl.constexpr):
+    """``[nope | interleave(even, odd)] @ (signs * scale)``: ``[M, NOPE]``, ``[M, HALF_R]`` x2 fp32
+    holding bf16-exact values -> ``[M, HID]`` fp32."""
+    cols = tl.arange(0, HID)[None, :]
+    rows_even = NOPE + 2 * tl.arange(0, HALF_R)
+    h_nope = tl.load(signs_ptr + tl.arange(0, NOPE)[:, None] * HID + cols)
+    h_even = tl.load(signs_ptr + rows_even[:, None] * HID + cols)
+    h_odd = tl.load(signs_ptr + (rows_even + 1)[:, None] * HID + cols)
+    acc = tl.dot(nope, h_nope, input_precision="tf32")
+    acc = tl.dot(even, h_even, acc, input_precision="tf32")
+    acc = tl.dot(odd, h_odd, acc, input_precision="tf32")
+    return acc * scale
+
+
+@triton.jit
+def round_bf16(v):
+    """fp32 -> the nearest bf16 value (ties to even), still as fp32 (finite inputs).
+
+    Done on the bits because the interpreter's ``.to(tl.bfloat16)`` truncates toward zero while
+    the GPU rounds to nearest even; a value that is already bf16 converts exactly on both, so
+    ``round_bf16(v).to(tl.bfloat16)`` stores the same bits everywhere.
+    """
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)

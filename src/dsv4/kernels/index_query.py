@@ -1,0 +1,117 @@
+"""The indexer's query path in one kernel (spec §5 steps 1, 2 and the query half of 4):
+INT8 ``qr @ wq_b.T`` (int32 accumulate) -> dequant -> interleaved RoPE at each token's position
+-> bf16 -> Hadamard -> per-row INT8 with its scale. Nothing but ``q8`` and ``q_scale`` is written.
+
+One program per (``BLOCK_M`` tokens, head): the head's ``HID`` weight rows are loaded split into
+the no-RoPE rows and the even and odd rotary rows (see ``head_rotation.py``), so the accumulators come
+out already de-interleaved and RoPE and the Hadamard need no register shuffles.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..rope import RopeTable
+from ..structs import StepPositions
+from .head_rotation import hadamard_rows, hadamard_signs, rope_pairs, round_bf16, split_head_dims
+from .index_score import quantize_rows_int8
+
+BLOCK_M = 64  # tokens per program: a decode step (T=128) x 64 heads is 128 programs, about one per H100 SM
+BLOCK_K = 64  # QL per step: 64 B of each int8 row, K % 32 == 0 for Hopper int8 MMA; 128 spills on sm_90
+NUM_WARPS = 8  # int32 acc [64, 128] + fp32 Hadamard out [64, 128]: 4 warps spill on sm_90, 8 do not
+
+
+@triton.jit
+def _index_query_kernel(
+    qr_ptr,  # [T, QL] int8
+    qr_scale_ptr,  # [T] fp32
+    wq_b_ptr,  # [HI*HID, QL] int8
+    wq_b_scale_ptr,  # [HI*HID] fp32
+    start_ptr,  # [B] int64; token t = b*S + s sits at start[b] + s
+    cos_ptr,  # [P, R/2] fp32
+    sin_ptr,
+    signs_ptr,  # [HID, HID] fp32 Hadamard signs
+    q8_ptr,  # out [T, HI, HID] int8
+    q_scale_ptr,  # out [T, HI] fp32
+    T,
+    S,
+    QL,
+    HI,
+    hadamard_scale,
+    HID: tl.constexpr,
+    NOPE: tl.constexpr,
+    HALF_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    n_nope = head * HID + tl.arange(0, NOPE)
+    n_even = head * HID + NOPE + 2 * tl.arange(0, HALF_R)
+    n_odd = n_even + 1
+
+    acc_nope = tl.zeros([BLOCK_M, NOPE], dtype=tl.int32)
+    acc_even = tl.zeros([BLOCK_M, HALF_R], dtype=tl.int32)
+    acc_odd = tl.zeros([BLOCK_M, HALF_R], dtype=tl.int32)
+    for k0 in range(0, QL, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < QL
+        a = tl.load(qr_ptr + rows[:, None] * QL + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0)
+        w_nope = tl.load(wq_b_ptr + n_nope[None, :] * QL + ks[:, None], mask=k_ok[:, None], other=0)
+        w_even = tl.load(wq_b_ptr + n_even[None, :] * QL + ks[:, None], mask=k_ok[:, None], other=0)
+        w_odd = tl.load(wq_b_ptr + n_odd[None, :] * QL + ks[:, None], mask=k_ok[:, None], other=0)
+        acc_nope = tl.dot(a, w_nope, acc_nope, out_dtype=tl.int32)
+        acc_even = tl.dot(a, w_even, acc_even, out_dtype=tl.int32)
+        acc_odd = tl.dot(a, w_odd, acc_odd, out_dtype=tl.int32)
+
+    # dequant in the reference's order: (acc * qr_scale) * wq_b_scale
+    qs = tl.load(qr_scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    q_nope = acc_nope.to(tl.float32) * qs * tl.load(wq_b_scale_ptr + n_nope)[None, :]
+    q_even = acc_even.to(tl.float32) * qs * tl.load(wq_b_scale_ptr + n_even)[None, :]
+    q_odd = acc_odd.to(tl.float32) * qs * tl.load(wq_b_scale_ptr + n_odd)[None, :]
+
+    pos = tl.load(start_ptr + rows // S, mask=row_ok, other=0) + rows % S
+    trig = pos[:, None] * HALF_R + tl.arange(0, HALF_R)[None, :]
+    cos = tl.load(cos_ptr + trig, mask=row_ok[:, None], other=0.0)
+    sin = tl.load(sin_ptr + trig, mask=row_ok[:, None], other=0.0)
+    q_even, q_odd = rope_pairs(q_even, q_odd, cos, sin)
+    rotated = hadamard_rows(
+        round_bf16(q_nope), round_bf16(q_even), round_bf16(q_odd), signs_ptr, hadamard_scale, HID, NOPE, HALF_R
+    )
+    q8, q_scale = quantize_rows_int8(rotated)  # the same per-row INT8 as the keys get
+    out = (rows * HI + head)[:, None] * HID + tl.arange(0, HID)[None, :]
+    tl.store(q8_ptr + out, q8, mask=row_ok[:, None])
+    tl.store(q_scale_ptr + rows * HI + head, q_scale, mask=row_ok)
+
+
+def index_query(
+    qr: torch.Tensor,
+    qr_scale: torch.Tensor,
+    wq_b: torch.Tensor,
+    wq_b_scale: torch.Tensor,
+    pos: StepPositions,
+    rope: RopeTable,
+    hid: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantized, rotated indexer queries; one launch.
+
+    ``qr [T, QL] int8``, ``qr_scale [T, 1] fp32`` (token ``t = b*S + s`` at ``start[b] + s``),
+    ``wq_b [HI*HID, QL] int8``, ``wq_b_scale [HI*HID] fp32`` -> ``q8 [T, HI, HID] int8`` and
+    ``q_scale [T, HI] fp32`` (dequant: ``q8 * q_scale``).
+    """
+    t, ql = qr.shape
+    hi = wq_b.shape[0] // hid
+    nope, half_r = split_head_dims(hid, rope.rope_dim)
+    q8 = torch.empty(t, hi, hid, dtype=torch.int8, device=qr.device)
+    q_scale = torch.empty(t, hi, dtype=torch.float32, device=qr.device)
+    _index_query_kernel[(triton.cdiv(t, BLOCK_M), hi)](
+        qr, qr_scale, wq_b, wq_b_scale, pos.start, rope.cos, rope.sin, hadamard_signs(hid, qr.device), q8, q_scale,
+        t, pos.seq, ql, hi, hid**-0.5,
+        HID=hid, NOPE=nope, HALF_R=half_r, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
+        num_warps=NUM_WARPS, enable_fp_fusion=False,
+    )  # fmt: skip
+    return q8, q_scale

@@ -1,0 +1,143 @@
+"""The fused compressor (x-side projection GEMM + compressor step kernel) against the reference,
+with the spec §6 tolerances: block closes on the first / last / no token of a step, several blocks
+in one step, per-row start positions, prefill-sized steps and decode steps with state carried."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsv4
+from conftest import DEVICE
+from dsv4.cases import Case, make_case, prefilled_state, run_case
+from dsv4.config import PRESETS
+from dsv4.golden import TOLERANCES, compare, ratio_allclose
+from dsv4.kernels.x_proj import x_projection
+from dsv4.reference.common import linear
+from dsv4.validate import step_positions
+from dsv4.weights import synthetic_activations
+
+TINY = PRESETS["tiny"]
+Start = int | list[int]
+
+
+def compressor_case(batch: int, seq: int, start: Start, seed: int = 0) -> Case:
+    """A tiny compressor call at ``start`` (an int for every row, or one per row) with the ring and
+    cache prefilled as if each row had already seen ``start`` tokens."""
+    case = make_case(TINY, "indexer_compressor", seed=seed, device=DEVICE, batch=batch, seq=seq)
+    rows = torch.tensor(start if isinstance(start, list) else [start] * batch)
+    case.args["start_pos"] = start if isinstance(start, int) else rows.to(DEVICE)
+    case.args["state"] = prefilled_state(TINY, batch, case.meta["max_position"], rows, seed, DEVICE)
+    return case
+
+
+def step_inputs(before: dsv4.IndexerState, start: Start, batch: int, seq: int) -> dict:
+    """``compare``'s inputs: the pre-step cache and every row's start (an int start spans all rows)."""
+    rows = torch.tensor(start if isinstance(start, list) else [start] * batch)
+    return {"start_pos": rows, "seq": seq, "idx_kv_cache": before.idx_kv_cache.cpu()}
+
+
+def assert_matches_reference(case: Case, start: Start) -> None:
+    got = run_case(case, "triton")
+    expected = run_case(case, "reference")
+    b, s = case.args["x"].shape[:2]
+    report = compare("indexer_compressor", got, expected, step_inputs(case.state(), start, b, s))
+    assert report, str(report)
+
+
+# (batch, seq, start): positions start..start+S-1 close a block where (p + 1) % 4 == 0.
+STEPS = {
+    "B1-S1-closes-first": (1, 1, 3),
+    "B1-S1-closes-none": (1, 1, 4),
+    "B1-S2-closes-none": (1, 2, 4),
+    "B1-S3-closes-first": (1, 3, 3),
+    "B3-S1-closes-first": (3, 1, 11),
+    "B3-S2-closes-first": (3, 2, 7),
+    "B3-S2-closes-last": (3, 2, 2),
+    "B3-S3-closes-last": (3, 3, 5),
+    "B3-S3-closes-none-empty-state": (3, 3, 0),
+    "B1-S9-three-blocks-from-3": (1, 9, 3),
+    "B1-S9-two-blocks-from-5": (1, 9, 5),
+    "B3-S3-rows-first-none-middle": (3, 3, [3, 0, 6]),
+    "B3-S2-rows-none-last-first": (3, 2, [1, 2, 3]),
+    "B3-S1-rows-far-apart": (3, 1, [4091, 2, 1027]),
+}
+
+
+@pytest.mark.parametrize("name", STEPS)
+def test_compressor_step(name: str) -> None:
+    batch, seq, start = STEPS[name]
+    assert_matches_reference(compressor_case(batch, seq, start, seed=len(name)), start)
+
+
+@pytest.mark.parametrize(("batch", "seq", "start"), [(1, 64, 0), (2, 67, [0, 5]), (1, 131, 6)])
+def test_compressor_prefill(batch: int, seq: int, start: Start) -> None:
+    """Many blocks close in one step: up to 33 per row, pooled by several programs in parallel."""
+    assert_matches_reference(compressor_case(batch, seq, start, seed=seq), start)
+
+
+def test_state_rows_past_batch_untouched() -> None:
+    """A state with more rows than the step's batch: rows >= B stay bit-identical."""
+    case = compressor_case(2, 3, [1, 6], seed=3)
+    extra = prefilled_state(TINY, 4, case.meta["max_position"], torch.tensor([1, 6, 9, 13]), 3, DEVICE)
+    case.args["state"] = extra
+    got = run_case(case, "triton")
+    expected = run_case(case, "reference")
+    for name, before in extra.tensors().items():
+        assert torch.equal(got[name][2:], before[2:]), f"{name} rows 2..3 changed"
+        got[name], expected[name] = got[name][:2], expected[name][:2]
+    before = dsv4.IndexerState(*(t[:2] for t in extra.tensors().values()))
+    report = compare("indexer_compressor", got, expected, step_inputs(before, [1, 6], 2, 3))
+    assert report, str(report)
+
+
+def test_decode_steps_state_carried() -> None:
+    """Consecutive decode steps of uneven sizes: each step from the same pre-step state, and a run
+    where each backend carries its own state from step to step."""
+    starts = [0, 2, 5]
+    case = compressor_case(3, 1, starts, seed=21)
+    w, rope = case.args["w"], case.args["rope"]
+    ref_state = case.state().clone()
+    carried = case.state().clone()
+    done = 0
+    for step, seq in enumerate([1, 1, 2, 3, 1, 1]):
+        x = synthetic_activations((3, seq, TINY.hidden_size), seed=100 + step, device=DEVICE)
+        start = torch.tensor([p + done for p in starts], device=DEVICE)
+        rows = start.tolist()
+        same_start = ref_state.clone()
+        dsv4.indexer_compressor(x, w, same_start, start, rope, backend="triton")
+        before_ref = ref_state.clone()
+        dsv4.indexer_compressor(x, w, ref_state, start, rope, backend="reference")
+        report = compare("indexer_compressor", same_start.tensors(), ref_state.tensors(),
+                         step_inputs(before_ref, rows, 3, seq))  # fmt: skip
+        assert report, f"step {step} from the reference's state:\n{report}"
+        before_carried = carried.clone()
+        dsv4.indexer_compressor(x, w, carried, start, rope, backend="triton")
+        report = compare("indexer_compressor", carried.tensors(), ref_state.tensors(),
+                         step_inputs(before_carried, rows, 3, seq))  # fmt: skip
+        assert report, f"step {step} carried:\n{report}"
+        done += seq
+
+
+@pytest.mark.parametrize("split_k", [1, 3, 64])  # 64 > the 4 K-steps of tiny D: one slice per step
+@pytest.mark.parametrize(("batch", "seq"), [(3, 3), (1, 70)])
+def test_x_projection(batch: int, seq: int, split_k: int) -> None:
+    """kv, gate + ape[p % 4] at each token's own position, scaled head weights; one tile or
+    several along T, with and without split-K (which only a GPU launch chooses on its own)."""
+    case = make_case(TINY, "indexer", seed=seq, device=DEVICE, batch=batch, seq=seq)
+    x, w = case.args["x"], case.args["w"]
+    pos = step_positions(case.args["start_pos"], batch, seq, DEVICE)
+    scale = TINY.index_weights_scale
+    kvg, weights = x_projection(x.view(batch * seq, -1), w.compressor, pos, w.weights_proj, scale, split_k)
+    p = pos.token_positions().reshape(-1)
+    expected = {
+        "kv": linear(x, w.compressor.wkv).view(batch * seq, -1),
+        "gate": linear(x, w.compressor.wgate).view(batch * seq, -1) + w.compressor.ape[p % 4],
+        "weights": linear(x, w.weights_proj).view(batch * seq, -1) * scale,
+    }
+    two_hid = 2 * TINY.index_head_dim
+    got = {"kv": kvg[:, :two_hid], "gate": kvg[:, two_hid:], "weights": weights}
+    tol = TOLERANCES["kv_state"]  # the projections are what the ring stores
+    for name, e in expected.items():
+        check = ratio_allclose(got[name], e, tol.atol, tol.rtol, 0.0, name)
+        assert check, f"{name}: {check.detail} (max_abs {check.max_abs:.3g})"

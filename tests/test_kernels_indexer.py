@@ -1,0 +1,155 @@
+"""The fused indexer (x-side projection, compressor, INT8 query path, scores, top-k) and its query
+kernel against the reference, with the spec §6 tolerances."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import dsv4
+from conftest import DEVICE
+from dsv4.cases import Case, make_case, prefilled_state, run_case
+from dsv4.config import PRESETS, DeepSeekV4Config
+from dsv4.golden import TOLERANCES, compare, ratio_allclose
+from dsv4.kernels.index_query import index_query
+from dsv4.quant import quantize_int8_per_row
+from dsv4.reference.indexer import index_query as reference_index_query
+from dsv4.validate import step_positions
+
+TINY = PRESETS["tiny"]
+Start = int | list[int] | None
+
+
+def indexer_case(
+    cfg: DeepSeekV4Config, batch: int, seq: int, start: Start = None, seed: int = 0, max_position: int | None = None
+) -> Case:
+    """An indexer call; ``start`` None keeps ``make_case``'s random per-row starts, an int or list
+    sets them (with the state prefilled up to there)."""
+    case = make_case(cfg, "indexer", seed=seed, device=DEVICE, batch=batch, seq=seq, max_position=max_position)
+    if start is not None:
+        rows = torch.tensor(start if isinstance(start, list) else [start] * batch)
+        case.args["start_pos"] = start if isinstance(start, int) else rows.to(DEVICE)
+        case.args["state"] = prefilled_state(cfg, batch, case.meta["max_position"], rows, seed, DEVICE)
+    return case
+
+
+def assert_matches_reference(case: Case) -> dict[str, torch.Tensor]:
+    got = run_case(case, "triton")
+    expected = run_case(case, "reference")
+    b, s = case.args["x"].shape[:2]
+    inputs = case.compare_inputs()
+    inputs["start_pos"] = torch.as_tensor(case.args["start_pos"]).cpu().expand(b)  # an int start spans all rows
+    report = compare("indexer", got, expected, inputs)
+    assert report, str(report)
+    return got
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("seq", [1, 2, 3])
+def test_indexer_decode_tiny(batch: int, seq: int) -> None:
+    """Random per-row start positions (make_case's decode rows)."""
+    assert_matches_reference(indexer_case(TINY, batch, seq, seed=10 * batch + seq))
+
+
+# (batch, seq, start): block closes on the first / last / no token, several blocks, per-row starts.
+BOUNDARIES = {
+    "B3-S1-closes-first-cache-len-1": (3, 1, 3),
+    "B1-S2-closes-last": (1, 2, 10),
+    "B3-S3-closes-none-from-0": (3, 3, 0),
+    "B3-S3-cache-len-5": (3, 3, 17),
+    "B1-S9-three-blocks-from-3": (1, 9, 3),
+    "B3-S2-rows": (3, 2, [3, 4, 10]),
+}
+
+
+@pytest.mark.parametrize("name", BOUNDARIES)
+def test_indexer_block_boundaries(name: str) -> None:
+    batch, seq, start = BOUNDARIES[name]
+    assert_matches_reference(indexer_case(TINY, batch, seq, start, seed=len(name)))
+
+
+def test_indexer_prefill() -> None:
+    """One prompt chunk: the causal rule masks each token's later blocks."""
+    case = make_case(TINY, "indexer", "prefill", seed=4, device=DEVICE)
+    assert_matches_reference(case)
+
+
+def test_indexer_cache_len_4096() -> None:
+    """4096 visible rows: 32 score programs, a top-k row of 4096 keys."""
+    cfg = TINY.replace(max_position_embeddings=16384)
+    got = assert_matches_reference(indexer_case(cfg, 1, 1, 16383, seed=6, max_position=16384))
+    assert got["score"].shape[-1] == 4096
+
+
+def test_indexer_decode_steps_state_carried() -> None:
+    """Four decode steps of S=2: each from the same pre-step state, and a run where each backend
+    carries its own state."""
+    case = indexer_case(TINY, 3, 2, [1, 6, 13], seed=8)
+    ref_case, carried_case = case, Case(case.op, dict(case.args), case.meta)
+    for step in range(4):
+        expected = run_case(ref_case, "reference")
+        from_same = run_case(ref_case, "triton")
+        inputs = ref_case.compare_inputs()
+        report = compare("indexer", from_same, expected, inputs)
+        assert report, f"step {step} from the reference's state:\n{report}"
+        carried = run_case(carried_case, "triton")
+        report = compare("indexer", carried, expected, carried_case.compare_inputs())
+        assert report, f"step {step} carried:\n{report}"
+        nxt = make_case(TINY, "indexer", seed=100 + step, device=DEVICE, batch=3, seq=2)
+        fresh = {k: nxt.args[k] for k in ("x", "qr", "qr_scale")}
+        start = ref_case.args["start_pos"] + 2
+        ref_case = Case(case.op, {**case.args, **fresh, "start_pos": start, "state": state_of(expected)}, case.meta)
+        carried_case = Case(case.op, {**case.args, **fresh, "start_pos": start, "state": state_of(carried)}, case.meta)
+
+
+def state_of(outputs: dict[str, torch.Tensor]) -> dsv4.IndexerState:
+    return dsv4.IndexerState(outputs["kv_state"], outputs["score_state"], outputs["idx_kv_cache"])
+
+
+def test_indexer_demo_decode() -> None:
+    """Full model dims (D=4096, 64 heads, QL=1024), two sequences of a decode step."""
+    assert_matches_reference(indexer_case(PRESETS["demo"], 2, 2, seed=2))
+
+
+def test_indexer_long_context() -> None:
+    """B=1 at 1M tokens: 65536 compressed keys (tiny heads, HID=128), the chunked top-k path."""
+    n = 262144
+    cfg = TINY.replace(max_position_embeddings=n)
+    case = indexer_case(cfg, 1, 2, n - 2, seed=11, max_position=n)
+    t0 = time.perf_counter()
+    got = assert_matches_reference(case)
+    assert got["score"].shape[-1] == 65536
+    print(f"long-context indexer (65536 keys, triton + reference + compare): {time.perf_counter() - t0:.1f} s")
+
+
+@pytest.mark.parametrize(("preset", "batch", "seq"), [("tiny", 1, 1), ("tiny", 3, 3), ("tiny", 2, 70), ("demo", 1, 2)])
+def test_index_query(preset: str, batch: int, seq: int) -> None:
+    """INT8 rotated queries against the reference's fp32 queries quantized per row: q8 within ±1,
+    q_scale within the qr_scale tolerance."""
+    cfg = PRESETS[preset]
+    case = make_case(cfg, "indexer", seed=seq, device=DEVICE, batch=batch, seq=seq)
+    a = case.args
+    w = a["w"]
+    pos = step_positions(a["start_pos"], batch, seq, DEVICE)
+    q8, q_scale = index_query(a["qr"], a["qr_scale"], w.wq_b, w.wq_b_scale, pos, a["rope"], cfg.index_head_dim)
+    q = reference_index_query(a["qr"], a["qr_scale"], w, pos.token_positions().reshape(-1), a["rope"])
+    ref_q8, ref_scale = quantize_int8_per_row(q)
+    check = ratio_allclose(q8, ref_q8, 1.0, 0.0, 0.0, "q8")
+    assert check, check.detail
+    tol = TOLERANCES["qr_scale"]
+    check = ratio_allclose(q_scale, ref_scale.squeeze(-1), tol.atol, tol.rtol, tol.max_error_ratio, "q_scale")
+    assert check, check.detail
+
+
+def test_bad_input_leaves_state_untouched() -> None:
+    """Validation runs before any kernel: a start past the cache raises and changes nothing."""
+    case = indexer_case(TINY, 2, 2, seed=1)
+    state = case.state()
+    before = state.clone()
+    args = dict(case.args, start_pos=state.cache_rows * 4)
+    with pytest.raises(ValueError, match="start_pos"):
+        dsv4.indexer(**args, backend="triton")
+    for name, t in state.tensors().items():
+        assert torch.equal(t, before.tensors()[name]), name
