@@ -110,21 +110,23 @@ def index_scores(
     weights: torch.Tensor,
     cache: torch.Tensor,
     pos: StepPositions,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scores of every visible cache row for every query token (spec §5 steps 4-5).
 
     ``q8 [B, S, HI, HID] int8`` and ``q_scale [B, S, HI] fp32``: the rotated queries quantized per
     head row; ``weights [B, S, HI] fp32``: head weights, already scaled by ``HID^-0.5 * HI^-0.5``;
     ``cache [Bs, rows, HID] bf16`` with ``Bs >= B`` (rows ``0..B-1`` are used). Returns
-    ``score [B, S, pos.max_cache_len] fp32``, ``MASKED_SCORE`` where key ``j >= (start[b]+s+1)//4``.
+    ``score [B, S, pos.max_cache_len] fp32``, ``MASKED_SCORE`` where key ``j >= (start[b]+s+1)//4``;
+    or fills ``out [B, S, L] fp32`` (``L >= pos.max_cache_len``) the same way, all ``L`` columns.
     """
     b, s, heads, head_dim = q8.shape
     assert q_scale.shape == weights.shape == (b, s, heads), "q_scale and weights must be [B, S, HI]"
     assert q8.is_contiguous() and q_scale.is_contiguous() and weights.is_contiguous()
     assert cache.shape[0] >= b and cache.shape[2] == head_dim and cache.stride(2) == 1
     assert head_dim >= MIN_DOT_WIDTH and head_dim & (head_dim - 1) == 0, "HID must be a power of two >= 16"
-    n_keys = pos.max_cache_len
-    score = torch.empty(b, s, n_keys, dtype=torch.float32, device=q8.device)
+    score = torch.empty(b, s, pos.max_cache_len, dtype=torch.float32, device=q8.device) if out is None else out
+    n_keys = score.shape[2]
     if n_keys == 0:
         return score
     grid = (triton.cdiv(n_keys, KEYS_PER_PROGRAM), b)

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .launch import BF16_DOT_DTYPE, cdiv, next_pow2, pow2_divisor, sm_count
+from .workspace import Workspace, scratch
 
 BLOCK_M_MAX = 128  # rows of x per tile: all T=128 decode tokens in one M-tile, so each weight byte is read once
 BLOCK_M_MIN = 16  # smallest tl.dot M
@@ -107,7 +108,9 @@ def _split_k_projection_kernel(
     tl.store(out, acc, mask=row_ok[:, None])
 
 
-def split_k_projection(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
+def split_k_projection(
+    x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, ws: Workspace | None = None
+) -> torch.Tensor:
     """Partial sums of ``x @ [w0; w1].T`` over slices of the reduction axis, in one launch.
 
     ``x``: ``[T, D]`` bf16; ``w0``: ``[N0, D]``, ``w1``: ``[N1, D]`` bf16, all contiguous. Returns
@@ -117,7 +120,7 @@ def split_k_projection(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor) -> t
     t, d = x.shape
     n0, n1 = w0.shape[0], w1.shape[0]
     tiles = projection_tiles(t, d, n0, n1, sm_count(x.device))
-    partial = torch.empty(tiles.splits, t, n0 + n1, dtype=torch.float32, device=x.device)
+    partial = scratch(ws, "projection.partial", (tiles.splits, t, n0 + n1), torch.float32, x.device)
     _split_k_projection_kernel[tiles.grid(t, n0 + n1)](
         x, w0, w1, partial, t, tiles.splits,
         D=d, N0=n0, N1=n1, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,

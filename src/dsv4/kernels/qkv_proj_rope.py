@@ -21,6 +21,7 @@ from ..weights import AttnWeights
 from .epilogue import quantize_int8_rows, rms_inv, store_rope_bf16
 from .launch import cdiv, is_pow2, next_pow2, pow2_divisor
 from .projection import split_k_projection
+from .workspace import Workspace
 
 ROWS_NUM_WARPS = 4  # one token per program; its widest row (QL=1536, padded to 2048 fp32) is 16 values a thread
 
@@ -129,14 +130,21 @@ def _q_heads_kernel(
 
 
 def qkv_proj_rope(
-    x: torch.Tensor, w: AttnWeights, positions: torch.Tensor, rope: RopeTable, eps: float, out: QKV | None = None
+    x: torch.Tensor,
+    w: AttnWeights,
+    positions: torch.Tensor,
+    rope: RopeTable,
+    eps: float,
+    out: QKV | None = None,
+    ws: Workspace | None = None,
 ) -> QKV:
     """Fused spec §3 on validated arguments, in three launches.
 
     ``x``: ``[T, D] bf16``; ``w``: ``AttnWeights`` (``HD`` = ``w.wkv`` rows, ``H`` = ``w.wq_b`` rows / HD,
     ``QL`` = ``w.wq_a`` rows); ``positions``: ``[T] int32|int64``; ``rope``: table ``[P, R/2]`` fp32.
     Returns ``QKV(q [T, H, HD] bf16, kv [T, HD] bf16, qr [T, QL] int8, qr_scale [T, 1] fp32)``, written
-    straight into ``out`` (validated, contiguous, not aliasing the inputs) when it is given.
+    straight into ``out`` (validated, contiguous, not aliasing the inputs) when it is given; scratch
+    comes from ``ws`` when given.
     """
     t = x.shape[0]
     hd, ql = w.wkv.shape[0], w.wq_a.shape[0]
@@ -157,7 +165,7 @@ def qkv_proj_rope(
         )
     q, kv, qr, qr_scale = out
 
-    partial = split_k_projection(x, w.wq_a, w.wkv)
+    partial = split_k_projection(x, w.wq_a, w.wkv, ws)
     _qr_kv_rows_kernel[(t,)](
         partial, w.gamma_cq, w.gamma_ckv, positions, rope.cos, rope.sin, qr, qr_scale, kv,
         t, partial.shape[0], eps,
