@@ -43,7 +43,6 @@ class StaticDecodeStep:
         self.frontend, self.batch, self.seq, self.max_cache_len = frontend, batch, seq, length
         self.x = torch.zeros(batch, seq, d, dtype=torch.bfloat16, device=dev)
         self.start = torch.zeros(batch, dtype=torch.int64, device=dev)
-        self.start_staging = torch.zeros(batch, dtype=torch.int64, pin_memory=dev.type == "cuda")
         self.offsets = torch.arange(seq, dtype=torch.int64, device=dev)
         self.positions = torch.empty(t, dtype=torch.int64, device=dev)
         self.qkv = QKV(
@@ -68,8 +67,10 @@ class StaticDecodeStep:
         limit = self.max_cache_len * COMPRESS_RATIO
         if any((p + self.seq) > limit for p in start):
             raise ValueError(f"start_pos: {start} with S={self.seq} passes max_cache_len={self.max_cache_len} rows")
-        self.start_staging.numpy()[:] = start
-        self.start.copy_(self.start_staging, non_blocking=True)
+        staging = torch.tensor(start, dtype=torch.int64)
+        if self.start.is_cuda:  # pinned blocks are not reused before their copy is done: no race, no sync
+            staging = staging.pin_memory()
+        self.start.copy_(staging, non_blocking=True)
         self.x.copy_(x)
 
     def launch(self) -> None:
