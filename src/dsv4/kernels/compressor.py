@@ -30,7 +30,8 @@ from ..rope import RopeTable
 from ..state import STATE_SLOTS, IndexerState
 from ..structs import StepPositions
 from ..weights import CompressorWeights
-from .head_rotation import hadamard_rows, hadamard_signs, rope_pairs, round_bf16, split_head_dims
+from .epilogue import round_bf16
+from .head_rotation import hadamard_rows, hadamard_signs, rope_pairs, split_head_dims
 from .workspace import Workspace
 from .x_proj import x_projection
 

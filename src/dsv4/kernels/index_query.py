@@ -15,8 +15,8 @@ import triton.language as tl
 
 from ..rope import RopeTable
 from ..structs import StepPositions
-from .head_rotation import hadamard_rows, hadamard_signs, rope_pairs, round_bf16, split_head_dims
-from .index_score import quantize_rows_int8
+from .epilogue import quantize_int8_rows, round_bf16
+from .head_rotation import hadamard_rows, hadamard_signs, rope_pairs, split_head_dims
 from .workspace import Workspace, scratch
 
 BLOCK_M = 64  # tokens per program: a decode step (T=128) x 64 heads is 128 programs, about one per H100 SM
@@ -83,7 +83,7 @@ def _index_query_kernel(
     rotated = hadamard_rows(
         round_bf16(q_nope), round_bf16(q_even), round_bf16(q_odd), signs_ptr, hadamard_scale, HID, NOPE, HALF_R
     )
-    q8, q_scale = quantize_rows_int8(rotated)  # the same per-row INT8 as the keys get
+    q8, q_scale = quantize_int8_rows(rotated)  # the same per-row INT8 as the keys get
     out = (rows * HI + head)[:, None] * HID + tl.arange(0, HID)[None, :]
     tl.store(q8_ptr + out, q8, mask=row_ok[:, None])
     tl.store(q_scale_ptr + rows * HI + head, q_scale, mask=row_ok)

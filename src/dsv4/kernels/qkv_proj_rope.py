@@ -67,7 +67,7 @@ def _qr_kv_rows_kernel(
     c = a * rms_inv(a, QL, eps) * gamma_cq
     qr, qr_scale = quantize_int8_rows(c)
     tl.store(qr_ptr + t * QL + cq, qr, mask=cq_ok)
-    tl.store(qr_scale_ptr + t + tl.zeros((1, 1), dtype=tl.int64), qr_scale)
+    tl.store(qr_scale_ptr + t + tl.zeros((1,), dtype=tl.int64), qr_scale)
 
     # kv path: k = rms(x @ wkv.T, gamma_ckv); NOPE as is, RoPE on the last R entries
     ck = tl.arange(0, HD)[None, :]
