@@ -54,8 +54,12 @@ def projection_tiles(t: int, d: int, n0: int, n1: int, sms: int) -> ProjectionTi
     block_m = min(BLOCK_M_MAX, max(BLOCK_M_MIN, next_pow2(t)))
     block_n = min(pow2_divisor(n0, BLOCK_N_MAX), pow2_divisor(n1, BLOCK_N_MAX))
     block_k = pow2_divisor(d, BLOCK_K_MAX)
-    assert block_n >= BLOCK_MIN, f"output widths {n0}, {n1} must be multiples of {BLOCK_MIN}"
-    assert block_k >= BLOCK_MIN, f"reduction width D={d} must be a multiple of {BLOCK_MIN}"
+    if block_n < BLOCK_MIN:
+        raise ValueError(
+            f"w: the Triton backend needs projection widths that are multiples of {BLOCK_MIN}, got {n0}, {n1}"
+        )
+    if block_k < BLOCK_MIN:
+        raise ValueError(f"x: the Triton backend needs a hidden size D that is a multiple of {BLOCK_MIN}, got {d}")
     tiles = cdiv(t, block_m) * (n0 + n1) // block_n
     splits = max(1, min(d // block_k, sms // tiles))
     return ProjectionTiles(block_m, block_n, block_k, splits)

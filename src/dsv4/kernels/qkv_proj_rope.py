@@ -150,10 +150,16 @@ def qkv_proj_rope(
     hd, ql = w.wkv.shape[0], w.wq_a.shape[0]
     h = w.wq_b.shape[0] // hd
     r = rope.rope_dim
-    assert is_pow2(hd), f"head dim {hd} must be a power of two: a tile holds a whole head"
-    assert hd % r == 0 and is_pow2(hd // r), f"head dim {hd} must be a power-of-two multiple of rope dim {r}"
+    if not is_pow2(hd) or hd % r or not is_pow2(hd // r):
+        raise ValueError(
+            f"w.wkv: the Triton backend needs a head dim that is a power of two and a power-of-two multiple "
+            f"of the rope dim (a tile holds a whole head), got HD={hd}, R={r}"
+        )
     block_k = pow2_divisor(ql, Q_BLOCK_K_MAX)
-    assert block_k >= Q_BLOCK_K_MIN, f"q LoRA rank {ql} must be a multiple of {Q_BLOCK_K_MIN}"
+    if block_k < Q_BLOCK_K_MIN:
+        raise ValueError(
+            f"w.wq_a: the Triton backend needs a q LoRA rank that is a multiple of {Q_BLOCK_K_MIN}, got {ql}"
+        )
     dev = x.device
 
     if out is None:
