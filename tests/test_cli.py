@@ -26,11 +26,14 @@ def _dsv4(*argv: str) -> subprocess.CompletedProcess:
 
 
 def test_run_prints_table_and_passes() -> None:
+    """By default the fused kernels run (on a CPU through Triton's interpreter), each call checked."""
     proc = _dsv4("run", "--steps", "2", "--start-pos", "6", "--batch", "2")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert any(line.startswith("prefill    qkv_proj_rope") for line in lines)
-    assert sum(line.startswith("decode") for line in lines) == 4  # 2 steps x 2 ops
+    assert "backend=triton" in lines[0]
+    assert any(line.startswith("prefill    qkv_proj_rope  triton") for line in lines)
+    decode = [line for line in lines if line.startswith("decode")]
+    assert len(decode) == 4 and all("ok (vs reference" in line for line in decode)  # 2 steps x 2 ops
     assert "all checks passed" in lines[-1]
 
 

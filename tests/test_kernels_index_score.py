@@ -11,7 +11,8 @@ import triton.language as tl
 
 from conftest import DEVICE
 from dsv4.golden import MASKED_SCORE, TOLERANCES, ratio_allclose
-from dsv4.kernels.index_score import index_scores, quantize_rows_int8
+from dsv4.kernels.epilogue import quantize_int8_rows
+from dsv4.kernels.index_score import index_scores
 from dsv4.quant import quantize_int8_per_row
 from dsv4.reference.indexer import index_scores as reference_index_scores
 from dsv4.validate import step_positions
@@ -22,7 +23,7 @@ HEAD_DIM = 128  # index_head_dim of every preset
 @triton.jit
 def _quantize_kernel(rows_ptr, q_ptr, scale_ptr, M: tl.constexpr, K: tl.constexpr):
     offs = tl.arange(0, M)[:, None] * K + tl.arange(0, K)[None, :]
-    q, scale = quantize_rows_int8(tl.load(rows_ptr + offs))
+    q, scale = quantize_int8_rows(tl.load(rows_ptr + offs))
     tl.store(q_ptr + offs, q)
     tl.store(scale_ptr + tl.arange(0, M), scale)
 

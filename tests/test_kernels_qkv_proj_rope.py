@@ -124,3 +124,25 @@ def test_flash_decode_projection_fills_an_h100() -> None:
     n_tiles, m_tiles, splits = tiles.grid(128, ql + hd)
     assert m_tiles == 1
     assert n_tiles * m_tiles * splits == H100_SMS
+
+
+def test_shapes_the_kernels_do_not_take_are_named() -> None:
+    """Dims the reference takes but the Triton tiles do not: a ValueError naming the weight, before any launch."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 64, generator=g).to(torch.bfloat16).to(DEVICE)
+    rope = dsv4.rope_table(dsv4.get_config("tiny"), max_position=16, device=DEVICE)
+    wq_b, wq_b_scale = dsv4.quantize_weight_int8(torch.randn(2 * 96, 48, generator=g))
+
+    def weights(hd: int, ql: int, wq_b, wq_b_scale) -> dsv4.AttnWeights:
+        return dsv4.AttnWeights(
+            torch.randn(ql, 64, generator=g).to(torch.bfloat16), torch.ones(ql), wq_b, wq_b_scale,
+            torch.randn(hd, 64, generator=g).to(torch.bfloat16), torch.ones(hd),
+        ).to(DEVICE)  # fmt: skip
+
+    positions = torch.arange(3, device=DEVICE)
+    with pytest.raises(ValueError, match="w.wkv"):  # HD=96 is not a power of two
+        dsv4.qkv_proj_rope(x, weights(96, 48, wq_b, wq_b_scale), positions, rope, backend="triton")
+    dsv4.qkv_proj_rope(x, weights(96, 48, wq_b, wq_b_scale), positions, rope, backend="reference")
+    wq_b, wq_b_scale = dsv4.quantize_weight_int8(torch.randn(128, 48, generator=g))
+    with pytest.raises(ValueError, match="w.wq_a"):  # QL=48 is not a multiple of 32
+        dsv4.qkv_proj_rope(x, weights(128, 48, wq_b, wq_b_scale), positions, rope, backend="triton")

@@ -36,12 +36,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"loaded layer {args.layer} of {args.checkpoint} ({weights.nbytes() / 2**20:.1f} MiB as bf16 + INT8) "
               f"in {time.perf_counter() - t0:.1f} s")  # fmt: skip
     cfg = cfg or get_config("tiny")
-    print(f"dsv4 run: preset={cfg.name} device={args.device} backend={args.backend} batch={args.batch} "
+    backend = args.backend or ("triton" if unavailable_reason("triton", args.device) is None else "reference")
+    where = " (Triton's interpreter on the CPU)" if backend == "triton" and args.device == "cpu" else ""
+    print(f"dsv4 run: preset={cfg.name} device={args.device} backend={backend}{where} batch={args.batch} "
           f"seq={args.seq} start_pos={args.start_pos} steps={args.steps}")  # fmt: skip
     print(HEADER)
     t0 = time.perf_counter()
     rows = run_front_end(
-        cfg, backend=args.backend, steps=args.steps, start_pos=args.start_pos, batch=args.batch, seq=args.seq,
+        cfg, backend=backend, steps=args.steps, start_pos=args.start_pos, batch=args.batch, seq=args.seq,
         seed=args.seed, device=args.device, log=lambda r: print(format_row(r), flush=True), weights=weights,
     )  # fmt: skip
     failed = [r for r in rows if not r.passed]
@@ -159,7 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--preset", choices=sorted(PRESETS), help="default: tiny, or the checkpoint's config.json")
     run.add_argument("--checkpoint", metavar="DIR", help="run on one layer's weights from a safetensors checkpoint")
     run.add_argument("--layer", type=int, help="the checkpoint layer (a compress-ratio-4 layer)")
-    run.add_argument("--backend", default="auto", choices=backends)
+    run.add_argument(
+        "--backend",
+        choices=backends,
+        help="default: triton wherever it runs (on a CPU, its interpreter), else reference",
+    )
     run.add_argument("--steps", type=int, default=4, help="decode steps after the prefill")
     run.add_argument("--start-pos", type=int, default=64, help="tokens prefilled before the first decode step")
     run.add_argument("--batch", type=int, default=4, help="sequences per step")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from . import ops
+from .backends import resolve
 from .config import COMPRESS_RATIO
+from .decode_graph import DecodeGraph, StaticDecodeStep
 from .rope import RopeTable
 from .state import IndexerState
 from .weights import AttnWeights, CompressorWeights, IndexerWeights, LayerWeights
@@ -96,6 +98,27 @@ class DecodeFrontEnd(torch.nn.Module):
         for r in rows:
             self.next_pos[r] = 0
 
+    def step_starts(self, b: int, s: int, start_pos: int | list[int] | torch.Tensor | None) -> list[int]:
+        """Each slot's first position for a step of ``b`` x ``s`` tokens, checked on the host."""
+        if b > self.batch:
+            raise ValueError(f"x: batch {b} exceeds the module's {self.batch} slots")
+        if start_pos is None:
+            start = self.next_pos[:b]
+        elif isinstance(start_pos, torch.Tensor):
+            start = [int(p) for p in start_pos.tolist()]
+        elif isinstance(start_pos, int):
+            start = [start_pos] * b
+        else:
+            start = [int(p) for p in start_pos]
+        limit = min(self.rope_cos.shape[0], self.idx_kv_cache.shape[1] * COMPRESS_RATIO)
+        if len(start) != b or any(p < 0 or p + s > limit for p in start):
+            raise ValueError(f"start_pos: expected {b} positions in [0, {limit - s}] (S={s}), got {start}")
+        return list(start)
+
+    def advance(self, start: list[int], s: int) -> None:
+        for i, p in enumerate(start):
+            self.next_pos[i] = p + s
+
     def forward(
         self, x: torch.Tensor, start_pos: int | list[int] | torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -111,19 +134,7 @@ class DecodeFrontEnd(torch.nn.Module):
             ``last_score`` keeps this step's ``[B, S, max cache_len]`` scores.
         """
         b, s, d = x.shape
-        if b > self.batch:
-            raise ValueError(f"x: batch {b} exceeds the module's {self.batch} slots")
-        if start_pos is None:
-            start = self.next_pos[:b]
-        elif isinstance(start_pos, torch.Tensor):
-            start = [int(p) for p in start_pos.tolist()]
-        elif isinstance(start_pos, int):
-            start = [start_pos] * b
-        else:
-            start = [int(p) for p in start_pos]
-        limit = min(self.rope_cos.shape[0], self.idx_kv_cache.shape[1] * COMPRESS_RATIO)
-        if len(start) != b or any(p < 0 or p + s > limit for p in start):
-            raise ValueError(f"start_pos: expected {b} positions in [0, {limit - s}] (S={s}), got {start}")
+        start = self.step_starts(b, s, start_pos)
         start_t = torch.tensor(start, dtype=torch.int64, device=x.device)
         positions = (start_t[:, None] + torch.arange(s, device=x.device)).reshape(-1)
         qkv = ops.qkv_proj_rope(
@@ -133,7 +144,21 @@ class DecodeFrontEnd(torch.nn.Module):
             x, qkv.qr, qkv.qr_scale, self.indexer_weights, self.state, start_t, self.offset, self.rope,
             topk=self.topk, eps=self.eps, backend=self.backend,
         )  # fmt: skip
-        for i, p in enumerate(start):
-            self.next_pos[i] = p + s
+        self.advance(start, s)
         self.last_score = out.score
         return qkv.q.view(b, s, *qkv.q.shape[1:]), qkv.kv.view(b, s, -1), out.topk_idxs
+
+    def capture(self, batch: int | None = None, seq: int = 2, max_cache_len: int | None = None) -> DecodeGraph:
+        """Capture one decode step of ``batch`` (default: all slots) x ``seq`` tokens as a CUDA graph.
+
+        Needs a CUDA device and the Triton backend. The step runs from static buffers with no host
+        sync and no allocation; calling the returned ``DecodeGraph`` with ``x [batch, seq, D]``
+        replays it and advances the slots like ``forward``. ``max_cache_len`` (default: the whole
+        cache) bounds the cache rows the replayed steps reach and sizes the score buffer.
+        """
+        dev = self.attn_wq_a.device
+        if dev.type != "cuda":
+            raise ValueError(f"capture: CUDA graphs need the module on a CUDA device, it is on {dev}")
+        if resolve(self.backend, dev) != "triton":
+            raise ValueError(f"capture: needs the Triton backend (the module's backend is {self.backend!r})")
+        return DecodeGraph(StaticDecodeStep(self, batch or self.batch, seq, max_cache_len))

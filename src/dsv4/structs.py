@@ -45,25 +45,37 @@ def copy_into(result: QKV | IndexerOut, out: QKV | IndexerOut | None) -> QKV | I
 
 @dataclass(frozen=True)
 class StepPositions:
-    """Where each batch row of a step starts: ``start [B] int64`` on the op's device, the same
-    values on the host, and ``seq`` (S) new tokens per row."""
+    """Where each batch row of a step starts: ``start [B] int64`` on the op's device, ``seq`` (S) new
+    tokens per row, and ``max_cache_len``: the cache rows the longest row has after the step, which
+    sizes the score output. Eager calls also carry the start positions on the host; a captured
+    (CUDA-graph) step has none and uses a fixed ``max_cache_len`` that bounds every step it replays.
+    """
 
     start: torch.Tensor
-    start_host: tuple[int, ...]
     seq: int
+    max_cache_len: int
+    start_host: tuple[int, ...] | None = None
+
+    @classmethod
+    def from_host(cls, start: torch.Tensor, start_host: tuple[int, ...], seq: int) -> StepPositions:
+        """Positions known on the host: ``max_cache_len`` is exact."""
+        return cls(start, seq, max((p + seq) // COMPRESS_RATIO for p in start_host), tuple(start_host))
 
     @property
     def batch(self) -> int:
-        return len(self.start_host)
+        return self.start.shape[0]
 
     @property
     def cache_lens(self) -> tuple[int, ...]:
-        """Rows of the compressed cache that exist after the step, per batch row."""
+        """Rows of the compressed cache that exist after the step, per batch row (host positions only)."""
+        if self.start_host is None:
+            raise ValueError("cache_lens: the start positions are not known on the host")
         return tuple((p + self.seq) // COMPRESS_RATIO for p in self.start_host)
 
     @property
-    def max_cache_len(self) -> int:
-        return max(self.cache_lens)
+    def max_closing_blocks(self) -> int:
+        """An upper bound of the blocks one row closes in the step: ceil(S/4), whatever the start."""
+        return -(-self.seq // COMPRESS_RATIO)
 
     def token_positions(self) -> torch.Tensor:
         """``[B, S]`` int64 absolute position of every token of the step."""

@@ -193,7 +193,7 @@ def step_positions(start_pos: object, batch: int, seq: int, device: torch.device
         start = torch.full((batch,), p, dtype=torch.int64, device=device)
     if min(host) < 0:
         raise ValueError(f"start_pos: expected values >= 0, got {min(host)}")
-    return StepPositions(start=start, start_host=host, seq=seq)
+    return StepPositions.from_host(start, host, seq)
 
 
 def check_qkv_out(out: object, x: torch.Tensor, w: AttnWeights) -> None:

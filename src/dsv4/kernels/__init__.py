@@ -16,11 +16,6 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402,F401  (an ImportError here marks the backend unavailable)
 
-from ..rope import RopeTable  # noqa: E402
-from ..state import IndexerState  # noqa: E402
-from ..structs import IndexerOut, StepPositions, copy_into  # noqa: E402
-from ..weights import IndexerWeights  # noqa: E402
-
 
 def interpreted() -> bool:
     """True when kernels run through Triton's CPU interpreter."""
@@ -39,23 +34,9 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 # The entry points, imported after ``interpreted`` (the kernel modules use it). Submodule names
-# differ from the entry points: importing ``kernels/x.py`` binds ``x`` on this package.
+# differ from the entry points: importing ``kernels/x.py`` binds ``x`` on this package. Each takes
+# the reference's arguments plus ``out=`` (and ``ws=``, a ``Workspace`` for scratch).
 from .compressor import indexer_compressor  # noqa: E402,F401
-from .lightning_indexer import indexer as _indexer  # noqa: E402
+from .lightning_indexer import indexer  # noqa: E402,F401
 from .qkv_proj_rope import qkv_proj_rope  # noqa: E402,F401
-
-
-def indexer(
-    x: torch.Tensor,
-    qr: torch.Tensor,
-    qr_scale: torch.Tensor,
-    w: IndexerWeights,
-    state: IndexerState,
-    pos: StepPositions,
-    offset: int,
-    rope: RopeTable,
-    topk: int,
-    eps: float,
-    out: IndexerOut | None = None,
-) -> IndexerOut:
-    return copy_into(_indexer(x, qr, qr_scale, w, state, pos, offset, rope, topk, eps), out)
+from .workspace import Workspace  # noqa: E402,F401

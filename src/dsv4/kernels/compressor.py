@@ -30,7 +30,9 @@ from ..rope import RopeTable
 from ..state import STATE_SLOTS, IndexerState
 from ..structs import StepPositions
 from ..weights import CompressorWeights
-from .head_rotation import hadamard_rows, hadamard_signs, rope_pairs, round_bf16, split_head_dims
+from .epilogue import round_bf16
+from .head_rotation import hadamard_rows, hadamard_signs, rope_pairs, split_head_dims
+from .workspace import Workspace
 from .x_proj import x_projection
 
 BLOCKS_PER_PROGRAM = 16  # closing blocks pooled per program: the Hadamard tl.dot needs M >= 16 rows
@@ -188,8 +190,7 @@ def compressor_step(
     """
     hid = w.norm_w.shape[0]
     nope, half_r = split_head_dims(hid, rope.rope_dim)
-    n_close = max((p + pos.seq) // COMPRESS_RATIO - p // COMPRESS_RATIO for p in pos.start_host)
-    grid = (pos.batch, max(1, triton.cdiv(n_close, BLOCKS_PER_PROGRAM)))
+    grid = (pos.batch, max(1, triton.cdiv(pos.max_closing_blocks, BLOCKS_PER_PROGRAM)))
     _compressor_step_kernel[grid](
         kvg, pos.start, state.kv_state, state.score_state, state.idx_kv_cache, w.norm_w, rope.cos, rope.sin,
         hadamard_signs(hid, kvg.device), pos.seq, state.cache_rows, eps, hid**-0.5,
@@ -199,12 +200,18 @@ def compressor_step(
 
 
 def indexer_compressor(
-    x: torch.Tensor, w: CompressorWeights, state: IndexerState, pos: StepPositions, rope: RopeTable, eps: float
+    x: torch.Tensor,
+    w: CompressorWeights,
+    state: IndexerState,
+    pos: StepPositions,
+    rope: RopeTable,
+    eps: float,
+    ws: Workspace | None = None,
 ) -> None:
     """``x [B, S, D] bf16``; updates rows ``0..B-1`` of ``state`` in place (spec §4).
 
     Two launches: the x-side projection (``wkv``, ``wgate`` + ``ape``) and the compressor step.
     """
     b, s, d = x.shape
-    kvg, _ = x_projection(x.view(b * s, d), w, pos)
+    kvg, _ = x_projection(x.view(b * s, d), w, pos, ws=ws)
     compressor_step(kvg, w, state, pos, rope, eps)

@@ -1,4 +1,4 @@
-"""Register-tile epilogues shared by the kernels: RMS scale, per-row INT8 quantization, interleaved RoPE.
+"""Register-tile numerics shared by the kernels: bf16 rounding, RMS scale, per-row INT8, interleaved RoPE.
 
 Each acts on fp32 tiles ``[BM, BN]`` (one row per token) that a kernel already holds, so nothing here
 touches global memory except the final store of ``store_rope_bf16``. The math is spec §2.
@@ -9,14 +9,29 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..quant import AMAX_FLOOR as _AMAX_FLOOR
+from ..quant import INT8_MAX as _INT8_MAX
 from .launch import INTERPRETED
 
 # 1.5 * 2^23: adding it to |v| < 2^22 leaves no fraction bits, so fp32's own round-to-nearest-even
 # rounds v to an integer; subtracting it back is exact. Works alike compiled and in the interpreter
 # (which has no libdevice rint).
 ROUND_MAGIC = tl.constexpr(12582912.0)
-INT8_MAX = tl.constexpr(127.0)
-AMAX_FLOOR = tl.constexpr(1e-4)  # spec §2: rows smaller than this quantize as if their amax were 1e-4
+INT8_MAX = tl.constexpr(_INT8_MAX)
+AMAX_FLOOR = tl.constexpr(_AMAX_FLOOR)  # spec §2: rows smaller than this quantize as if their amax were 1e-4
+
+
+@triton.jit
+def round_bf16(v):
+    """fp32 -> the nearest bf16 value (ties to even), still as fp32 (finite inputs).
+
+    Done on the bits because the interpreter's ``.to(tl.bfloat16)`` truncates toward zero while
+    the GPU rounds to nearest even; a value that is already bf16 converts exactly on both, so
+    ``round_bf16(v).to(tl.bfloat16)`` stores the same bits everywhere.
+    """
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -24,12 +39,10 @@ def to_bf16(v):
     """fp32 -> bf16, rounded to nearest even (as torch and the GPU's ``cvt.rn`` do).
 
     The interpreter's own fp32 -> bf16 cast truncates (Triton 3.6-3.9 pass it no rounding mode), so
-    there the rounding is done on the bits: add ``0x7FFF`` plus the lowest kept bit, drop 16 bits.
+    there the rounding is done on the bits first.
     """
     if INTERPRETED:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits += 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return round_bf16(v).to(tl.bfloat16)  # exact: the value is already a bf16
     else:
         return v.to(tl.bfloat16)
 
@@ -46,14 +59,16 @@ def rms_inv(v, n: tl.constexpr, eps):
 
 @triton.jit
 def quantize_int8_rows(v):
-    """Spec §2 per-row INT8: ``v [BM, BN]`` fp32 (padding 0) -> ``(q [BM, BN] int8, scale [BM, 1] fp32)``.
+    """Spec §2 per-row INT8: ``v [BM, BN]`` fp32 (padding 0) -> ``(q [BM, BN] int8, scale [BM] fp32)``.
 
-    ``amax = max(max|v|, 1e-4)``, ``s = 127/amax``, ``q = round_half_even(v*s)``, ``scale = 1/s``.
+    ``amax = max(max|v|, 1e-4)``, ``s = 127/amax``, ``q = round_half_even(v*s)``, ``scale = 1/s``, with
+    correctly rounded divisions (a plain ``/`` compiles to an approximate one on NVIDIA GPUs): bit for
+    bit ``dsv4.quantize_int8_per_row``.
     """
     amax = tl.maximum(tl.max(tl.abs(v), axis=1), AMAX_FLOOR)
-    s = tl.div_rn(INT8_MAX, amax)[:, None]
+    s = tl.div_rn(INT8_MAX, amax)
     # The clamp also keeps the multiply from fusing into the rounding add (an FMA would round v*s only once).
-    scaled = tl.minimum(tl.maximum(v * s, -INT8_MAX), INT8_MAX)
+    scaled = tl.minimum(tl.maximum(v * s[:, None], -INT8_MAX), INT8_MAX)
     q = (scaled + ROUND_MAGIC) - ROUND_MAGIC
     return q.to(tl.int8), tl.div_rn(1.0, s)
 

@@ -58,16 +58,3 @@ def hadamard_rows(nope, even, odd, signs_ptr, scale, HID: tl.constexpr, NOPE: tl
     acc = tl.dot(even, h_even, acc, input_precision="tf32")
     acc = tl.dot(odd, h_odd, acc, input_precision="tf32")
     return acc * scale
-
-
-@triton.jit
-def round_bf16(v):
-    """fp32 -> the nearest bf16 value (ties to even), still as fp32 (finite inputs).
-
-    Done on the bits because the interpreter's ``.to(tl.bfloat16)`` truncates toward zero while
-    the GPU rounds to nearest even; a value that is already bf16 converts exactly on both, so
-    ``round_bf16(v).to(tl.bfloat16)`` stores the same bits everywhere.
-    """
-    bits = v.to(tl.uint32, bitcast=True)
-    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)

@@ -15,8 +15,9 @@ import triton.language as tl
 
 from ..rope import RopeTable
 from ..structs import StepPositions
-from .head_rotation import hadamard_rows, hadamard_signs, rope_pairs, round_bf16, split_head_dims
-from .index_score import quantize_rows_int8
+from .epilogue import quantize_int8_rows, round_bf16
+from .head_rotation import hadamard_rows, hadamard_signs, rope_pairs, split_head_dims
+from .workspace import Workspace, scratch
 
 BLOCK_M = 64  # tokens per program: a decode step (T=128) x 64 heads is 128 programs, about one per H100 SM
 BLOCK_K = 64  # QL per step: 64 B of each int8 row, K % 32 == 0 for Hopper int8 MMA; 128 spills on sm_90
@@ -82,7 +83,7 @@ def _index_query_kernel(
     rotated = hadamard_rows(
         round_bf16(q_nope), round_bf16(q_even), round_bf16(q_odd), signs_ptr, hadamard_scale, HID, NOPE, HALF_R
     )
-    q8, q_scale = quantize_rows_int8(rotated)  # the same per-row INT8 as the keys get
+    q8, q_scale = quantize_int8_rows(rotated)  # the same per-row INT8 as the keys get
     out = (rows * HI + head)[:, None] * HID + tl.arange(0, HID)[None, :]
     tl.store(q8_ptr + out, q8, mask=row_ok[:, None])
     tl.store(q_scale_ptr + rows * HI + head, q_scale, mask=row_ok)
@@ -96,6 +97,7 @@ def index_query(
     pos: StepPositions,
     rope: RopeTable,
     hid: int,
+    ws: Workspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantized, rotated indexer queries; one launch.
 
@@ -106,8 +108,8 @@ def index_query(
     t, ql = qr.shape
     hi = wq_b.shape[0] // hid
     nope, half_r = split_head_dims(hid, rope.rope_dim)
-    q8 = torch.empty(t, hi, hid, dtype=torch.int8, device=qr.device)
-    q_scale = torch.empty(t, hi, dtype=torch.float32, device=qr.device)
+    q8 = scratch(ws, "index_query.q8", (t, hi, hid), torch.int8, qr.device)
+    q_scale = scratch(ws, "index_query.q_scale", (t, hi), torch.float32, qr.device)
     _index_query_kernel[(triton.cdiv(t, BLOCK_M), hi)](
         qr, qr_scale, wq_b, wq_b_scale, pos.start, rope.cos, rope.sin, hadamard_signs(hid, qr.device), q8, q_scale,
         t, pos.seq, ql, hi, hid**-0.5,

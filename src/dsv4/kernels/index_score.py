@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from ..config import COMPRESS_RATIO
-from ..quant import AMAX_FLOOR, INT8_MAX
 from ..structs import StepPositions
+from .epilogue import quantize_int8_rows
 
 MASKED_SCORE = -3.4028235e38  # torch.finfo(torch.float32).min: the score of a key a token cannot see
 
@@ -34,28 +34,6 @@ MIN_DOT_WIDTH = 16  # tl.dot needs every dimension >= 16: fewer heads are zero-p
 
 _MASKED = tl.constexpr(MASKED_SCORE)
 _RATIO = tl.constexpr(COMPRESS_RATIO)
-_AMAX_FLOOR = tl.constexpr(AMAX_FLOOR)
-_INT8_MAX = tl.constexpr(INT8_MAX)
-# 1.5 * 2^23: adding and subtracting it rounds an fp32 |v| < 2^22 to an integer, half to even,
-# with fp32 adds alone, so the compiled kernel and the interpreter round identically.
-_ROUND_MAGIC = tl.constexpr(12582912.0)
-
-
-@triton.jit
-def quantize_rows_int8(rows):
-    """``rows [M, K] fp32`` -> ``(q [M, K] int8, scale [M] fp32)``, spec §2 per row.
-
-    Matches ``quantize_int8_per_row`` bit for bit: ``s = 127 / amax`` and ``1 / s`` are correctly
-    rounded divisions (a plain ``/`` compiles to an approximate one on NVIDIA GPUs).
-    """
-    amax = tl.maximum(tl.max(tl.abs(rows), axis=1), _AMAX_FLOOR)
-    inv_scale = tl.math.div_rn(_INT8_MAX, amax)
-    scaled = rows * inv_scale[:, None]
-    # Clamping between the multiply and the rounding add also keeps them from fusing into an FMA,
-    # which would round the exact product instead of the fp32 one as the reference does.
-    clamped = tl.minimum(tl.maximum(scaled, -_INT8_MAX), _INT8_MAX)
-    rounded = (clamped + _ROUND_MAGIC) - _ROUND_MAGIC
-    return rounded.to(tl.int8), tl.math.div_rn(1.0, inv_scale)
 
 
 @triton.jit
@@ -85,7 +63,7 @@ def _index_score_kernel(
     key_ptrs = cache_ptr + b * cache_stride_b + key.to(tl.int64)[:, None] * cache_stride_row + dim[None, :]
     # Keys are read once: ".cg" keeps them out of L1, where the queries every key block re-reads stay.
     keys = tl.load(key_ptrs, mask=(key < cache_len)[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
-    k8, k_scale = quantize_rows_int8(keys)
+    k8, k_scale = quantize_int8_rows(keys)
 
     head = tl.arange(0, HEADS_PAD)
     head_ok = head < HEADS
@@ -110,21 +88,23 @@ def index_scores(
     weights: torch.Tensor,
     cache: torch.Tensor,
     pos: StepPositions,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scores of every visible cache row for every query token (spec §5 steps 4-5).
 
     ``q8 [B, S, HI, HID] int8`` and ``q_scale [B, S, HI] fp32``: the rotated queries quantized per
     head row; ``weights [B, S, HI] fp32``: head weights, already scaled by ``HID^-0.5 * HI^-0.5``;
     ``cache [Bs, rows, HID] bf16`` with ``Bs >= B`` (rows ``0..B-1`` are used). Returns
-    ``score [B, S, pos.max_cache_len] fp32``, ``MASKED_SCORE`` where key ``j >= (start[b]+s+1)//4``.
+    ``score [B, S, pos.max_cache_len] fp32``, ``MASKED_SCORE`` where key ``j >= (start[b]+s+1)//4``;
+    or fills ``out [B, S, L] fp32`` (``L >= pos.max_cache_len``) the same way, all ``L`` columns.
     """
     b, s, heads, head_dim = q8.shape
     assert q_scale.shape == weights.shape == (b, s, heads), "q_scale and weights must be [B, S, HI]"
     assert q8.is_contiguous() and q_scale.is_contiguous() and weights.is_contiguous()
     assert cache.shape[0] >= b and cache.shape[2] == head_dim and cache.stride(2) == 1
     assert head_dim >= MIN_DOT_WIDTH and head_dim & (head_dim - 1) == 0, "HID must be a power of two >= 16"
-    n_keys = pos.max_cache_len
-    score = torch.empty(b, s, n_keys, dtype=torch.float32, device=q8.device)
+    score = torch.empty(b, s, pos.max_cache_len, dtype=torch.float32, device=q8.device) if out is None else out
+    n_keys = score.shape[2]
     if n_keys == 0:
         return score
     grid = (triton.cdiv(n_keys, KEYS_PER_PROGRAM), b)

@@ -20,6 +20,7 @@ from .compressor import compressor_step
 from .index_query import index_query
 from .index_score import index_scores
 from .topk import select_topk
+from .workspace import Workspace
 from .x_proj import x_projection
 
 
@@ -34,15 +35,22 @@ def indexer(
     rope: RopeTable,
     topk: int,
     eps: float,
+    out: IndexerOut | None = None,
+    ws: Workspace | None = None,
 ) -> IndexerOut:
     """x ``[B, S, D] bf16``, ``qr [B*S, QL] int8``, ``qr_scale [B*S, 1] fp32`` -> ``IndexerOut(score
-    [B, S, max cache_len] fp32, topk_idxs [B, S, topk] int32)``; updates rows ``0..B-1`` of ``state``."""
+    [B, S, max cache_len] fp32, topk_idxs [B, S, topk] int32)``; updates rows ``0..B-1`` of ``state``.
+
+    Writes into ``out`` when given (a wider ``score`` is filled whole, masked past each token's
+    visible rows); scratch comes from ``ws`` when given."""
     b, s, d = x.shape
     hi, hid = w.weights_proj.shape[0], w.compressor.norm_w.shape[0]
-    kvg, head_weights = x_projection(x.view(b * s, d), w.compressor, pos, w.weights_proj, hid**-0.5 * hi**-0.5)
+    kvg, head_weights = x_projection(x.view(b * s, d), w.compressor, pos, w.weights_proj, hid**-0.5 * hi**-0.5, ws=ws)
     compressor_step(kvg, w.compressor, state, pos, rope, eps)
-    q8, q_scale = index_query(qr, qr_scale, w.wq_b, w.wq_b_scale, pos, rope, hid)
+    q8, q_scale = index_query(qr, qr_scale, w.wq_b, w.wq_b_scale, pos, rope, hid, ws)
     score = index_scores(
-        q8.view(b, s, hi, hid), q_scale.view(b, s, hi), head_weights.view(b, s, hi), state.idx_kv_cache, pos
-    )
-    return IndexerOut(score, select_topk(score, pos, topk, offset))
+        q8.view(b, s, hi, hid), q_scale.view(b, s, hi), head_weights.view(b, s, hi), state.idx_kv_cache, pos,
+        None if out is None else out.score,
+    )  # fmt: skip
+    topk_idxs = select_topk(score, pos, topk, offset, None if out is None else out.topk_idxs, ws)
+    return IndexerOut(score, topk_idxs)

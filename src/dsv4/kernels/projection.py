@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .launch import BF16_DOT_DTYPE, cdiv, next_pow2, pow2_divisor, sm_count
+from .workspace import Workspace, scratch
 
 BLOCK_M_MAX = 128  # rows of x per tile: all T=128 decode tokens in one M-tile, so each weight byte is read once
 BLOCK_M_MIN = 16  # smallest tl.dot M
@@ -53,8 +54,12 @@ def projection_tiles(t: int, d: int, n0: int, n1: int, sms: int) -> ProjectionTi
     block_m = min(BLOCK_M_MAX, max(BLOCK_M_MIN, next_pow2(t)))
     block_n = min(pow2_divisor(n0, BLOCK_N_MAX), pow2_divisor(n1, BLOCK_N_MAX))
     block_k = pow2_divisor(d, BLOCK_K_MAX)
-    assert block_n >= BLOCK_MIN, f"output widths {n0}, {n1} must be multiples of {BLOCK_MIN}"
-    assert block_k >= BLOCK_MIN, f"reduction width D={d} must be a multiple of {BLOCK_MIN}"
+    if block_n < BLOCK_MIN:
+        raise ValueError(
+            f"w: the Triton backend needs projection widths that are multiples of {BLOCK_MIN}, got {n0}, {n1}"
+        )
+    if block_k < BLOCK_MIN:
+        raise ValueError(f"x: the Triton backend needs a hidden size D that is a multiple of {BLOCK_MIN}, got {d}")
     tiles = cdiv(t, block_m) * (n0 + n1) // block_n
     splits = max(1, min(d // block_k, sms // tiles))
     return ProjectionTiles(block_m, block_n, block_k, splits)
@@ -107,7 +112,9 @@ def _split_k_projection_kernel(
     tl.store(out, acc, mask=row_ok[:, None])
 
 
-def split_k_projection(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
+def split_k_projection(
+    x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, ws: Workspace | None = None
+) -> torch.Tensor:
     """Partial sums of ``x @ [w0; w1].T`` over slices of the reduction axis, in one launch.
 
     ``x``: ``[T, D]`` bf16; ``w0``: ``[N0, D]``, ``w1``: ``[N1, D]`` bf16, all contiguous. Returns
@@ -117,7 +124,7 @@ def split_k_projection(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor) -> t
     t, d = x.shape
     n0, n1 = w0.shape[0], w1.shape[0]
     tiles = projection_tiles(t, d, n0, n1, sm_count(x.device))
-    partial = torch.empty(tiles.splits, t, n0 + n1, dtype=torch.float32, device=x.device)
+    partial = scratch(ws, "projection.partial", (tiles.splits, t, n0 + n1), torch.float32, x.device)
     _split_k_projection_kernel[tiles.grid(t, n0 + n1)](
         x, w0, w1, partial, t, tiles.splits,
         D=d, N0=n0, N1=n1, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,

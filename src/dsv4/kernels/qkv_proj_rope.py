@@ -21,6 +21,7 @@ from ..weights import AttnWeights
 from .epilogue import quantize_int8_rows, rms_inv, store_rope_bf16
 from .launch import cdiv, is_pow2, next_pow2, pow2_divisor
 from .projection import split_k_projection
+from .workspace import Workspace
 
 ROWS_NUM_WARPS = 4  # one token per program; its widest row (QL=1536, padded to 2048 fp32) is 16 values a thread
 
@@ -66,7 +67,7 @@ def _qr_kv_rows_kernel(
     c = a * rms_inv(a, QL, eps) * gamma_cq
     qr, qr_scale = quantize_int8_rows(c)
     tl.store(qr_ptr + t * QL + cq, qr, mask=cq_ok)
-    tl.store(qr_scale_ptr + t + tl.zeros((1, 1), dtype=tl.int64), qr_scale)
+    tl.store(qr_scale_ptr + t + tl.zeros((1,), dtype=tl.int64), qr_scale)
 
     # kv path: k = rms(x @ wkv.T, gamma_ckv); NOPE as is, RoPE on the last R entries
     ck = tl.arange(0, HD)[None, :]
@@ -129,23 +130,36 @@ def _q_heads_kernel(
 
 
 def qkv_proj_rope(
-    x: torch.Tensor, w: AttnWeights, positions: torch.Tensor, rope: RopeTable, eps: float, out: QKV | None = None
+    x: torch.Tensor,
+    w: AttnWeights,
+    positions: torch.Tensor,
+    rope: RopeTable,
+    eps: float,
+    out: QKV | None = None,
+    ws: Workspace | None = None,
 ) -> QKV:
     """Fused spec §3 on validated arguments, in three launches.
 
     ``x``: ``[T, D] bf16``; ``w``: ``AttnWeights`` (``HD`` = ``w.wkv`` rows, ``H`` = ``w.wq_b`` rows / HD,
     ``QL`` = ``w.wq_a`` rows); ``positions``: ``[T] int32|int64``; ``rope``: table ``[P, R/2]`` fp32.
     Returns ``QKV(q [T, H, HD] bf16, kv [T, HD] bf16, qr [T, QL] int8, qr_scale [T, 1] fp32)``, written
-    straight into ``out`` (validated, contiguous, not aliasing the inputs) when it is given.
+    straight into ``out`` (validated, contiguous, not aliasing the inputs) when it is given; scratch
+    comes from ``ws`` when given.
     """
     t = x.shape[0]
     hd, ql = w.wkv.shape[0], w.wq_a.shape[0]
     h = w.wq_b.shape[0] // hd
     r = rope.rope_dim
-    assert is_pow2(hd), f"head dim {hd} must be a power of two: a tile holds a whole head"
-    assert hd % r == 0 and is_pow2(hd // r), f"head dim {hd} must be a power-of-two multiple of rope dim {r}"
+    if not is_pow2(hd) or hd % r or not is_pow2(hd // r):
+        raise ValueError(
+            f"w.wkv: the Triton backend needs a head dim that is a power of two and a power-of-two multiple "
+            f"of the rope dim (a tile holds a whole head), got HD={hd}, R={r}"
+        )
     block_k = pow2_divisor(ql, Q_BLOCK_K_MAX)
-    assert block_k >= Q_BLOCK_K_MIN, f"q LoRA rank {ql} must be a multiple of {Q_BLOCK_K_MIN}"
+    if block_k < Q_BLOCK_K_MIN:
+        raise ValueError(
+            f"w.wq_a: the Triton backend needs a q LoRA rank that is a multiple of {Q_BLOCK_K_MIN}, got {ql}"
+        )
     dev = x.device
 
     if out is None:
@@ -157,7 +171,7 @@ def qkv_proj_rope(
         )
     q, kv, qr, qr_scale = out
 
-    partial = split_k_projection(x, w.wq_a, w.wkv)
+    partial = split_k_projection(x, w.wq_a, w.wkv, ws)
     _qr_kv_rows_kernel[(t,)](
         partial, w.gamma_cq, w.gamma_ckv, positions, rope.cos, rope.sin, qr, qr_scale, kv,
         t, partial.shape[0], eps,

@@ -35,6 +35,7 @@ import triton.language as tl
 
 from ..config import COMPRESS_RATIO
 from ..structs import StepPositions
+from .workspace import Workspace, scratch
 
 RADIX_BITS = 8  # digit width: tl.histogram costs bins/32 counters per lane per element on a GPU,
 # so 256 bins stay cheap; 32-bit keys then need 32/8 = 4 passes.
@@ -298,20 +299,28 @@ def _sort_rows_kernel(
     _sort_and_store(cand_ptr + r * TOPK_PAD, out_ptr + r * topk, k, topk, offset, TOPK_PAD, LOG_TOPK_PAD)
 
 
-def select_topk(score: torch.Tensor, pos: StepPositions, topk: int, offset: int) -> torch.Tensor:
+def select_topk(
+    score: torch.Tensor,
+    pos: StepPositions,
+    topk: int,
+    offset: int,
+    out: torch.Tensor | None = None,
+    ws: Workspace | None = None,
+) -> torch.Tensor:
     """Indices of the best visible scores (spec §5 step 6).
 
     ``score [B, S, N] fp32`` (``N >= max cache_len``; only ``j < vis(b, s) = (start[b]+s+1)//4`` is
     read). Returns ``topk_idxs [B, S, topk] int32``: the ``k = min(topk, vis)`` indices of the
     largest visible scores in descending score order (equal scores: lower index first) plus
-    ``offset``, then ``-1``.
+    ``offset``, then ``-1`` — written into ``out`` when given; scratch comes from ``ws`` when given.
     """
     b, s, n = score.shape
     assert score.dtype == torch.float32 and score.is_contiguous() and topk >= 1
     rows = b * s
-    out = torch.empty(b, s, topk, dtype=torch.int32, device=score.device)
+    if out is None:
+        out = torch.empty(b, s, topk, dtype=torch.int32, device=score.device)
     topk_pad = triton.next_power_of_2(max(topk, 2))
-    cand = torch.empty(rows, topk_pad, dtype=torch.int64, device=score.device)
+    cand = scratch(ws, "topk.cand", (rows, topk_pad), torch.int64, score.device)
     if n <= ROW_IN_REGISTERS:
         _select_row_kernel[(rows,)](
             score,
@@ -333,10 +342,10 @@ def select_topk(score: torch.Tensor, pos: StepPositions, topk: int, offset: int)
 
     n_chunks = triton.cdiv(n, CHUNK)
     hist_size = rows * RADIX_PASSES * RADIX_BINS
-    counters = torch.zeros(hist_size + rows, dtype=torch.int32, device=score.device)  # the one memset
+    counters = scratch(ws, "topk.counters", (hist_size + rows,), torch.int32, score.device).zero_()  # the one memset
     hist, taken = counters[:hist_size], counters[hist_size:]
-    levels = torch.empty(rows, RADIX_PASSES, 3, dtype=torch.int64, device=score.device)
-    chunk_hist = torch.empty(rows, n_chunks, RADIX_BINS, dtype=torch.int32, device=score.device)
+    levels = scratch(ws, "topk.levels", (rows, RADIX_PASSES, 3), torch.int64, score.device)
+    chunk_hist = scratch(ws, "topk.chunk_hist", (rows, n_chunks, RADIX_BINS), torch.int32, score.device)
     grid = (rows, n_chunks)
     for p in range(RADIX_PASSES):
         _radix_pass_kernel[grid](

@@ -19,6 +19,7 @@ import triton.language as tl
 from ..config import COMPRESS_RATIO
 from ..structs import StepPositions
 from ..weights import CompressorWeights
+from .workspace import Workspace, scratch
 
 BLOCK_M = 64  # tokens per tile: a decode step (T=128) is two tiles; fp32 acc [64, 64] = 16 regs/thread at 8 warps
 BLOCK_N = 64  # output columns per tile: divides 2*HID, so no tile straddles two weights
@@ -159,6 +160,7 @@ def x_projection(
     weights_proj: torch.Tensor | None = None,
     weights_scale: float = 1.0,
     split_k: int | None = None,
+    ws: Workspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``x [T, D] bf16`` (token ``t = b*S + s``) -> ``kvg [T, 4*HID] fp32`` and ``weights [T, HI] fp32``.
 
@@ -175,10 +177,10 @@ def x_projection(
     split = split_k or split_k_for(grid_nm[0] * grid_nm[1], d, x.device)
     k_per_split = triton.cdiv(triton.cdiv(d, BLOCK_K), split) * BLOCK_K
     split = triton.cdiv(d, k_per_split)  # drop slices left without a K step
-    out = torch.empty(t * (2 * two_hid + hi), dtype=torch.float32, device=x.device)
+    out = scratch(ws, "x_proj.out", (t * (2 * two_hid + hi),), torch.float32, x.device)
     kvg = out[: t * 2 * two_hid].view(t, 2 * two_hid)
     weights = out[t * 2 * two_hid :].view(t, hi)
-    partial = torch.empty(split, t, 2 * two_hid + hi, dtype=torch.float32, device=x.device) if split > 1 else out
+    partial = scratch(ws, "x_proj.partial", (split, t, 2 * two_hid + hi), torch.float32, x.device) if split > 1 else out
     common = dict(TWO_HID=two_hid, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SPLIT_K=split, num_warps=NUM_WARPS)
     _x_proj_kernel[(*grid_nm, split)](
         x, w.wkv, w.wgate, w.wkv if weights_proj is None else weights_proj, w.ape, pos.start, kvg, weights, partial,
