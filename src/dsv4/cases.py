@@ -80,12 +80,13 @@ def make_case(
     max_position: int | None = None,
     batch: int | None = None,
     seq: int | None = None,
+    start_pos: int | None = None,
 ) -> Case:
     """Seeded arguments of ``op`` for preset ``cfg`` in ``mode`` (``decode`` or ``prefill``).
 
     Decode rows start at different random positions (a per-row ``start_pos`` tensor) with a
     prefilled state; prefill starts every row at 0 with an empty state. ``batch``/``seq``
-    override the mode's shape.
+    override the mode's shape; ``start_pos`` puts every row at that position (state prefilled).
     """
     if op not in OPS:
         raise ValueError(f"op: expected one of {OPS}, got {op!r}")
@@ -96,7 +97,11 @@ def make_case(
     if n < s + COMPRESS_RATIO:
         raise ValueError(f"max_position {n} too small for S={s}")
     g = torch.Generator().manual_seed(seed)
-    if mode == "prefill":
+    if start_pos is not None:
+        if not 0 <= start_pos <= n - s:
+            raise ValueError(f"start_pos: expected a value in [0, {n - s}] (max_position {n}, S={s}), got {start_pos}")
+        start = torch.full((b,), start_pos, dtype=torch.int64)
+    elif mode == "prefill":
         start = torch.zeros(b, dtype=torch.int64)
     else:
         start = torch.randint(0, n - s + 1, (b,), generator=g)

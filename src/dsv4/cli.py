@@ -1,4 +1,4 @@
-"""The ``dsv4`` command: ``run`` (the main job), ``inspect``, ``info``, ``golden save|check``."""
+"""The ``dsv4`` command: ``run`` (the main job), ``inspect``, ``info``, ``golden save|check``, ``bench``."""
 
 from __future__ import annotations
 
@@ -106,6 +106,52 @@ def _cmd_golden_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import report
+    from .bench.runner import MODES, run_bench
+    from .bench.trace import trace_decode_step
+
+    cfg = get_config(args.preset)
+    device = "cpu" if args.cpu else _default_device()
+    result = {"meta": report.provenance(_bench_command(args), device)}
+    measure = {"backends": [], "traffic": False} if args.model_only else {"backends": args.backends}
+    result.update(run_bench(
+        cfg, modes=MODES if args.mode == "all" else (args.mode,), device=device, ops=args.ops, reps=args.reps,
+        budget_s=args.budget_s, flush_l2=not args.warm_l2, use_graph=not args.no_graph, seed=args.seed, **measure,
+    ))  # fmt: skip
+    print(report.render(result))
+    if args.json:
+        report.write_json(result, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        report.plot(result, args.plot)
+        print(f"wrote {args.plot}")
+    if args.trace:
+        backend = trace_decode_step(cfg, args.trace, device, seed=args.seed)
+        print(f"wrote {args.trace} (one decode step on backend {backend})")
+    return 0
+
+
+def _bench_command(args: argparse.Namespace) -> str:
+    """The ``dsv4 bench`` arguments of this run, every setting spelled out."""
+    words = ["bench", "--preset", args.preset, "--mode", args.mode, "--ops", ",".join(args.ops)]
+    words += ["--backends", ",".join(args.backends)] if args.backends else []
+    words += ["--reps", str(args.reps), "--budget-s", f"{args.budget_s:g}", "--seed", str(args.seed)]
+    flags = {"--cpu": args.cpu, "--model-only": args.model_only, "--warm-l2": args.warm_l2, "--no-graph": args.no_graph}
+    return " ".join(words + [flag for flag, on in flags.items() if on])
+
+
+def _names(choices: Sequence[str]):
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        bad = [n for n in names if n not in choices]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(choices)}, got {text!r}")
+        return names
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsv4", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,6 +199,27 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--backend", default="auto", choices=backends)
     chk.add_argument("--device", default=_default_device())
     chk.set_defaults(func=_cmd_golden_check)
+
+    from .bench.calls import BENCH_BACKENDS
+    from .cases import OPS
+
+    bench = sub.add_parser("bench", help="roofline benchmark: bytes model, GPU timings vs floor, CPU traffic counts")
+    bench.add_argument("--preset", default="flash", choices=sorted(PRESETS))
+    bench.add_argument("--mode", default="decode", choices=["decode", "prefill", "all"])
+    bench.add_argument("--cpu", action="store_true", help="run on the CPU: Triton traffic counts and reference timings")
+    bench.add_argument("--ops", type=_names(OPS), default=list(OPS), help="comma-separated ops (default: all)")
+    default_backends = "triton,reference,compile on a GPU; reference on a CPU"
+    bench.add_argument("--backends", type=_names(BENCH_BACKENDS), help=f"backends to time ({default_backends})")
+    bench.add_argument("--model-only", action="store_true", help="bytes model and floors only: time and count nothing")
+    bench.add_argument("--reps", type=int, default=100, help="repetitions per timing (fewer if over --budget-s)")
+    bench.add_argument("--budget-s", type=float, default=2.0, help="seconds per timing at most (a few reps always run)")
+    bench.add_argument("--warm-l2", action="store_true", help="do not flush L2 between repetitions")
+    bench.add_argument("--no-graph", action="store_true", help="time plain launches, no CUDA graph")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--json", metavar="PATH", help="write every figure with device, versions, commit, command")
+    bench.add_argument("--plot", metavar="PATH.png", help="bar chart: %% of floor (GPU) or traffic ratios (CPU)")
+    bench.add_argument("--trace", metavar="PATH.json", help="Chrome/Perfetto trace of one decode step")
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 

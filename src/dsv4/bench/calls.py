@@ -1,0 +1,80 @@
+"""One op of a ``Case`` bound to one backend, ready to be called again and again.
+
+The arguments are validated once (as ``dsv4.ops`` would) and the backend function is called
+directly, so what is timed or counted is the backend's work, not the argument checks. Each bound
+call owns a copy of the caller state. The stateful ops (``indexer_compressor``, ``indexer``) are
+measured by applying the same step to that state repeatedly: every call writes the same ring
+slots and cache rows and reads the same cache rows, so each repetition does the same work (the
+values drift; sizes and addresses do not).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..backends import BACKENDS, unavailable_reason
+from ..cases import Case
+from ..state import IndexerState
+from ..validate import check_compressor, check_indexer, check_qkv_proj_rope
+
+COMPILED = "compile"  # torch.compile of the reference backend
+BENCH_BACKENDS = (*BACKENDS, COMPILED)
+_MODULES = {"reference": "dsv4.reference", "triton": "dsv4.kernels", COMPILED: "dsv4.reference"}
+
+
+@dataclass
+class BoundCall:
+    """``op`` of a case on ``backend``: call it to run one step on its own ``state``."""
+
+    op: str
+    backend: str
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    state: IndexerState | None
+
+    def __call__(self) -> Any:
+        return self.fn(*self.args)
+
+    def outputs(self, result: Any) -> dict[str, torch.Tensor]:
+        """``result`` of a call and the state after it, by output name (as ``golden.compare`` wants)."""
+        out: dict[str, torch.Tensor] = {} if result is None else dict(result._asdict())
+        if self.state is not None:
+            out.update(self.state.tensors())
+        return out
+
+
+def backend_reason(backend: str, device: torch.device | str) -> str | None:
+    """Why ``backend`` cannot run on ``device`` (None when it can); ``compile`` follows the reference."""
+    if backend == COMPILED:
+        return unavailable_reason("reference", device)
+    return unavailable_reason(backend, device)
+
+
+def bind(case: Case, backend: str) -> BoundCall:
+    """``case``'s op on ``backend`` with validated arguments and a private copy of the state."""
+    if backend not in BENCH_BACKENDS:
+        raise ValueError(f"backend: expected one of {BENCH_BACKENDS}, got {backend!r}")
+    fn = getattr(importlib.import_module(_MODULES[backend]), case.op)
+    if backend == COMPILED:
+        torch.compiler.reset()  # each case compiles afresh: no recompile limit reached across the grid
+        fn = torch.compile(fn, dynamic=False, options={"emulate_precision_casts": True})
+    a = dict(case.args)
+    eps = a.get("eps", 1e-6)
+    state = a["state"].clone() if "state" in a else None
+    if case.op == "qkv_proj_rope":
+        check_qkv_proj_rope(a["x"], a["w"], a["positions"], a["rope"], eps)
+        args: tuple[Any, ...] = (a["x"], a["w"], a["positions"], a["rope"], eps)
+    elif case.op == "indexer_compressor":
+        pos = check_compressor(a["x"], a["w"], state, a["start_pos"], a["rope"], eps)
+        args = (a["x"], a["w"], state, pos, a["rope"], eps)
+    else:
+        pos = check_indexer(
+            a["x"], a["qr"], a["qr_scale"], a["w"], state, a["start_pos"], a["offset"], a["rope"], a["topk"], eps
+        )
+        args = (a["x"], a["qr"], a["qr_scale"], a["w"], state, pos, a["offset"], a["rope"], a["topk"], eps)
+    return BoundCall(case.op, backend, fn, args, state)

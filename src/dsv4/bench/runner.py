@@ -1,0 +1,264 @@
+"""``dsv4 bench``: the shape grid, and for each shape the bytes model, a check against the
+reference, the timing of every backend and (on the CPU) the Triton kernels' traffic."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+
+from ..cases import OPS, Case, make_case
+from ..config import COMPRESS_RATIO, DeepSeekV4Config, mode_shape
+from ..golden import compare
+from .bytes_model import OpCost, op_cost
+from .calls import COMPILED, BoundCall, backend_reason, bind
+from .timing import DEVICE_TABLE, DeviceSpec, Timing, copy_bandwidth, device_spec, time_cpu, time_cuda
+from .traffic import measure_traffic
+
+MODES = ("decode", "prefill")
+# Indexer cache lengths (compressed rows) timed in decode: the deployment batch at the first,
+# one sequence at the long-context ones. ``tiny`` keeps the interpreter quick.
+DECODE_CACHE_LENS = {"tiny": (16, 512)}
+DEFAULT_DECODE_CACHE_LENS = (2048, 65536, 262144)
+PREFILL_TOKENS = {"tiny": (17, 64)}  # 17: one past a 16-token tile
+DEFAULT_PREFILL_TOKENS = (128, 1024, 8192)
+BASELINES = ("reference", COMPILED)  # what speedups are quoted against
+REFERENCE_SPECS = ("H100 SXM", "H200")  # floors printed with the bytes model on any machine
+_SPECS = {spec.name: spec for _, spec in DEVICE_TABLE}
+
+
+@dataclass(frozen=True)
+class BenchShape:
+    """One op at one shape: ``batch`` rows of ``seq`` tokens from ``start_pos`` (None: random per row)."""
+
+    op: str
+    mode: str
+    batch: int
+    seq: int
+    start_pos: int | None = None
+
+    @property
+    def label(self) -> str:
+        if self.mode == "prefill":
+            return f"prefill T={self.batch * self.seq}" + (f" B={self.batch}" if self.batch > 1 else "")
+        text = f"decode B={self.batch} S={self.seq}"
+        if self.start_pos is not None:
+            text += f" cache={(self.start_pos + self.seq) // COMPRESS_RATIO}"
+        return text
+
+    @property
+    def max_position(self) -> int | None:
+        if self.start_pos is None:
+            return None  # make_case's default span
+        end = max(self.start_pos + self.seq, self.seq + COMPRESS_RATIO)  # make_case wants room for S + 4
+        return -(-end // COMPRESS_RATIO) * COMPRESS_RATIO
+
+
+def shape_grid(cfg: DeepSeekV4Config, modes: Iterable[str], ops: Sequence[str] = OPS) -> list[BenchShape]:
+    """Every (op, shape) of the benchmark for ``cfg`` in ``modes``."""
+    shapes: list[BenchShape] = []
+    for mode in modes:
+        dec = mode_shape(cfg, mode)
+        if mode == "decode":
+            for op in ops:
+                if op != "indexer":
+                    shapes.append(BenchShape(op, mode, dec.batch, dec.seq))
+                    continue
+                for i, rows in enumerate(DECODE_CACHE_LENS.get(cfg.name, DEFAULT_DECODE_CACHE_LENS)):
+                    start = rows * COMPRESS_RATIO - dec.seq
+                    if start + dec.seq <= cfg.max_position_embeddings:
+                        shapes.append(BenchShape(op, mode, dec.batch if i == 0 else 1, dec.seq, start))
+        else:
+            for op in ops:
+                for t in PREFILL_TOKENS.get(cfg.name, DEFAULT_PREFILL_TOKENS):
+                    if t + COMPRESS_RATIO <= cfg.max_position_embeddings:
+                        shapes.append(BenchShape(op, mode, 1, t, 0))
+    return shapes
+
+
+def _error(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160] if text else ''}"
+
+
+def _verdict(report) -> str:
+    if report.passed:
+        return "ok"
+    return "MISMATCH " + "; ".join(f"{c.name}: {c.detail}" for c in report.checks if not c.passed)
+
+
+def floors_us(cost: OpCost, bandwidth: float | None, spec: DeviceSpec | None) -> dict[str, float | None]:
+    """The memory floor (bytes / bandwidth), the compute floor (FLOPs / datasheet peaks) and the
+    larger of the two, in microseconds; None where a figure is unknown."""
+    memory = cost.bytes / bandwidth * 1e6 if bandwidth else None
+    compute = sum(n / spec.peak_flops[k] for k, n in cost.flops.items()) * 1e6 if spec else None
+    known = [f for f in (memory, compute) if f is not None]
+    return {"memory": memory, "compute": compute, "floor": max(known) if known else None}
+
+
+def _progress(total: int, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the bench extra is not installed: run without a bar
+        return None
+    return tqdm(total=total, desc="dsv4 bench", unit="run", leave=False, disable=None if enabled else True)
+
+
+def _time_backend(
+    case: Case,
+    shape: BenchShape,
+    backend: str,
+    call: BoundCall | None,
+    expected: dict[str, torch.Tensor],
+    cost: OpCost,
+    floors: tuple[dict[str, float | None], dict[str, float | None]],
+    timer: Callable[[BoundCall], Timing],
+) -> dict[str, Any]:
+    """One timing row: check ``backend`` against the reference outputs, time it, relate it to the floors."""
+    row: dict[str, Any] = {"op": shape.op, "shape": shape.label, "backend": backend}
+    try:
+        if call is None:
+            call = bind(case, backend)
+            row["check"] = _verdict(compare(shape.op, call.outputs(call()), expected, case.compare_inputs()))
+        else:
+            row["check"] = "is the reference"
+        timing = timer(call)
+    except Exception as e:  # a backend that cannot run this op is reported, not fatal
+        if case.args["x"].is_cuda:
+            torch.cuda.synchronize()
+        return {**row, "status": "error", "error": _error(e)}
+    row.update(status="ok", **dataclasses.asdict(timing))
+    row["gb_per_s"] = cost.bytes / (timing.median_us * 1e-6) / 1e9
+    for key, floor in zip(("device_table", "measured_copy"), floors, strict=True):
+        row[f"pct_of_floor_{key}"] = 100.0 * floor["floor"] / timing.median_us if floor["floor"] else None
+    return row
+
+
+def _count_traffic(case: Case, shape: BenchShape, expected: dict[str, torch.Tensor], cost: OpCost) -> dict[str, Any]:
+    """One traffic row: check the Triton backend (its first call; autotuning stays out of the
+    count), then count the bytes of its second call."""
+    row: dict[str, Any] = {"op": shape.op, "shape": shape.label, "backend": "triton", "minimal_bytes": cost.bytes}
+    try:
+        call = bind(case, "triton")
+        row["check"] = _verdict(compare(shape.op, call.outputs(call()), expected, case.compare_inputs()))
+        counted, _ = measure_traffic(call)
+    except Exception as e:
+        return {**row, "status": "error", "error": _error(e)}
+    row.update(status="ok", **counted.to_dict())
+    for name in ("requested", "sector", "unique"):
+        row[f"{name}_over_minimal"] = row[f"{name}_bytes"] / cost.bytes
+    return row
+
+
+def run_bench(
+    cfg: DeepSeekV4Config,
+    *,
+    modes: Sequence[str] = ("decode",),
+    device: torch.device | str = "cpu",
+    ops: Sequence[str] = OPS,
+    backends: Sequence[str] | None = None,
+    traffic: bool | None = None,
+    reps: int = 100,
+    budget_s: float = 2.0,
+    flush_l2: bool = True,
+    use_graph: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the benchmark; returns every figure (see ``report`` for how it is shown).
+
+    ``backends`` to time: by default every backend available on ``device`` plus ``compile`` on a
+    GPU, the reference alone on the CPU. ``traffic`` (default: on the CPU) counts the Triton
+    kernels' bytes under the interpreter.
+    """
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    if backends is None:
+        backends = ["triton", "reference", COMPILED] if on_gpu else ["reference"]
+    traffic = (not on_gpu) if traffic is None else traffic
+    skipped = {b: backend_reason(b, device) for b in backends}
+    timed = [b for b in backends if skipped[b] is None]
+    traffic_reason = backend_reason("triton", device) if traffic else "not requested"
+    if traffic and on_gpu:
+        traffic_reason = "traffic is counted under Triton's CPU interpreter; run with --cpu"
+    count_traffic = traffic_reason is None
+
+    spec = device_spec(torch.cuda.get_device_name(device)) if on_gpu else None
+    copy_bw = copy_bandwidth() if on_gpu else None
+    shapes = shape_grid(cfg, modes, ops)
+    result: dict[str, Any] = {
+        "bandwidth": {
+            "device_table": {"name": spec.name, "bytes_per_s": spec.bandwidth} if spec else None,
+            "measured_copy_bytes_per_s": copy_bw,
+        },
+        "settings": {
+            "preset": cfg.name,
+            "modes": list(modes),
+            "device": str(device),
+            "backends": list(backends),
+            "skipped_backends": {b: r for b, r in skipped.items() if r is not None},
+            "traffic": count_traffic,
+            "traffic_skipped": None if count_traffic else traffic_reason,
+            "reps": reps,
+            "budget_s_per_timing": budget_s,
+            "l2": ("flushed" if flush_l2 else "warm") if on_gpu else "n/a",
+            "cuda_graph": use_graph and on_gpu,
+            "seed": seed,
+        },
+        "shapes": [],
+        "timings": [],
+        "traffic": [],
+    }
+    if on_gpu:
+        timer = partial(time_cuda, reps=reps, budget_s=budget_s, flush_l2=flush_l2, use_graph=use_graph)
+    else:
+        timer = partial(time_cpu, reps=reps, budget_s=budget_s)
+    bar = _progress(len(shapes) * (len(timed) + count_traffic), progress)
+    for shape in shapes:
+        if bar is not None:
+            bar.set_postfix_str(f"{shape.op} {shape.label}")
+        case = make_case(
+            cfg, shape.op, shape.mode, seed, device=device, max_position=shape.max_position,
+            batch=shape.batch, seq=shape.seq, start_pos=shape.start_pos,
+        )  # fmt: skip
+        start_host = [int(p) for p in torch.as_tensor(case.args.get("start_pos", 0)).reshape(-1).tolist()]
+        if shape.op == "qkv_proj_rope":
+            start_host = [int(p) for p in case.args["positions"].view(shape.batch, shape.seq)[:, 0].tolist()]
+        cost = op_cost(cfg, shape.op, start_host, shape.seq)
+        table_floor = floors_us(cost, spec.bandwidth if spec else None, spec)
+        copy_floor = floors_us(cost, copy_bw, spec)
+        result["shapes"].append({
+            "op": shape.op, "shape": shape.label, "batch": shape.batch, "seq": shape.seq,
+            "start_pos": start_host if len(set(start_host)) > 1 else start_host[0],
+            "model": cost.to_dict(), "floor_us_device_table": table_floor, "floor_us_measured_copy": copy_floor,
+            "floor_us_reference_devices": {n: floors_us(cost, _SPECS[n].bandwidth, _SPECS[n]) for n in REFERENCE_SPECS},
+        })  # fmt: skip
+
+        reference, expected = None, {}
+        if timed or count_traffic:
+            reference = bind(case, "reference")
+            expected = {k: v.clone() for k, v in reference.outputs(reference()).items()}  # timing mutates the state
+        rows = []
+        for backend in timed:
+            call = reference if backend == "reference" else None
+            rows.append(_time_backend(case, shape, backend, call, expected, cost, (table_floor, copy_floor), timer))
+            if bar is not None:
+                bar.update()
+        medians = {r["backend"]: r["median_us"] for r in rows if r["status"] == "ok"}
+        for row in rows:
+            if row["status"] == "ok":
+                row["speedup_vs"] = {
+                    b: medians[b] / row["median_us"] for b in BASELINES if b in medians and b != row["backend"]
+                }
+        result["timings"].extend(rows)
+        if count_traffic:
+            result["traffic"].append(_count_traffic(case, shape, expected, cost))
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
+    return result

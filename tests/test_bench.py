@@ -1,0 +1,234 @@
+"""``dsv4 bench``: the bytes model against hand counts, timing and report helpers, the traffic
+path end to end, and the CLI smoke run (``dsv4 bench --preset tiny --cpu``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pytest
+import torch
+
+import bench_kernels
+import dsv4.kernels
+from dsv4.bench import report
+from dsv4.bench.bytes_model import indexer_compressor_cost, indexer_cost, qkv_proj_rope_cost, ring_traffic
+from dsv4.bench.calls import BoundCall
+from dsv4.bench.runner import floors_us, run_bench, shape_grid
+from dsv4.bench.timing import _reps_for, device_spec, time_cpu
+from dsv4.bench.trace import trace_decode_step
+from dsv4.bench.traffic import measure_traffic
+from dsv4.cli import main
+from dsv4.config import get_config
+
+FLASH = get_config("flash")
+TINY = get_config("tiny")
+
+# flash decode: B=64 sequences, S=2 tokens each, T=128 (spec §1); dims written out from spec §1.
+B, S, T = 64, 2, 128
+D, H, HD, R, QL, HI, HID, TOPK = 4096, 64, 512, 64, 1024, 64, 128, 512
+ROPE_ROW = 2 * (R // 2) * 4  # cos + sin of one position, fp32
+
+
+def test_qkv_proj_rope_bytes_and_flops_at_flash_decode() -> None:
+    reads = (
+        T * D * 2  # x bf16
+        + T * 8  # positions int64
+        + T * ROPE_ROW  # rope rows
+        + QL * D * 2  # wq_a bf16: 1024 x 4096
+        + QL * 2  # gamma_cq bf16
+        + H * HD * QL * 1  # wq_b int8: 32768 x 1024
+        + H * HD * 4  # wq_b_scale fp32
+        + HD * D * 2  # wkv bf16: 512 x 4096
+        + HD * 2  # gamma_ckv bf16
+    )
+    writes = T * H * HD * 2 + T * HD * 2 + T * QL * 1 + T * 4  # q, kv, qr, qr_scale
+    cost = qkv_proj_rope_cost(FLASH, T)
+    assert (cost.read_bytes, cost.write_bytes) == (reads, writes)
+    assert cost.bytes == 56_005_120
+    assert abs(cost.bytes / 56e6 - 1) < 0.01  # the issue's ~56 MB
+    assert cost.flops == {"bf16": 2 * T * D * QL + 2 * T * D * HD, "int8": 2 * T * QL * H * HD}
+
+
+@pytest.mark.parametrize(
+    ("start", "expected"),
+    [
+        (1024, (0, 4, 0)),  # slots 4, 5 written (both halves); no block closes
+        (1025, (0, 4, 0)),  # slots 5, 6
+        # slot 6, then 7 closes the block: pool reads slots 0-3 first half and 4, 5 second half
+        # (6, 7 are on chip); the shift reads 4, 5 first half; writes 6, 7 and 0-3 (both halves)
+        (1026, (8, 12, 1)),
+        # slot 7 closes: pool reads 0-3 first half, 4-6 second half; shift reads 4-6 first half;
+        # writes 7, 0-3, then slot 4 for the next token
+        (1027, (10, 12, 1)),
+    ],
+)
+def test_ring_traffic_by_hand(start: int, expected: tuple[int, int, int]) -> None:
+    assert ring_traffic(start, 2) == expected
+
+
+def test_ring_traffic_long_step_counts_each_half_once() -> None:
+    # 16 blocks close; only the first block's pool needs pre-step values (slots 0-3, first half:
+    # the empty "previous block"); every half is written, each counted once
+    assert ring_traffic(0, 64) == (4, 16, 16)
+
+
+def test_compressor_bytes_at_flash_decode() -> None:
+    starts = [1026] * B  # each row closes one block at its second token
+    half = HID * 4  # one ring slot half, fp32
+    reads = (
+        B * S * D * 2  # x
+        + B * 8  # start_pos int64
+        + 2 * HID * D * 2 * 2  # wkv and wgate bf16: 256 x 4096 each
+        + 2 * 2 * HID * 4  # ape rows for p % 4 in {2, 3}
+        + HID * 2  # norm_w
+        + B * ROPE_ROW  # one block first position per row
+        + B * 8 * half * 2  # ring halves read, both state tensors
+    )
+    writes = B * 12 * half * 2 + B * HID * 2  # ring halves written; one cache row per row
+    cost = indexer_compressor_cost(FLASH, starts, S)
+    assert (cost.read_bytes, cost.write_bytes) == (reads, writes)
+    assert cost.flops == {"bf16": 2 * B * S * D * 2 * HID * 2, "fp32": B * 2 * HID * HID}
+
+
+def test_indexer_bytes_at_flash_decode() -> None:
+    starts = [1026] * B  # 256 cache rows before the step, 257 after
+    comp = indexer_compressor_cost(FLASH, starts, S)
+    extra_reads = (
+        T * QL  # qr int8
+        + T * 4  # qr_scale
+        + HI * HID * QL  # wq_b int8: 8192 x 1024
+        + HI * HID * 4  # wq_b_scale
+        + HI * D * 2  # weights_proj bf16
+        + T * ROPE_ROW  # query positions
+        + B * 256 * HID * 2  # old cache rows, read once per batch row
+    )
+    extra_writes = B * S * 257 * 4 + T * TOPK * 4  # score fp32 [64, 2, 257], topk_idxs int32
+    cost = indexer_cost(FLASH, starts, S)
+    assert cost.read_bytes == comp.read_bytes + extra_reads  # x is read once, shared with the compressor
+    assert cost.write_bytes == comp.write_bytes + extra_writes
+    visible = B * (1027 // 4 + 1028 // 4)  # rows each token scores: (p + 1) // 4
+    assert cost.flops["int8"] == 2 * T * QL * HI * HID + 2 * HI * HID * visible
+    assert cost.flops["bf16"] == comp.flops["bf16"] + 2 * T * D * HI
+    assert cost.flops["fp32"] == comp.flops["fp32"] + 2 * T * HI * HID * HID
+
+
+def test_floors_take_the_larger_of_memory_and_compute() -> None:
+    h100 = device_spec("NVIDIA H100 80GB HBM3")
+    cost = qkv_proj_rope_cost(FLASH, T)
+    f = floors_us(cost, h100.bandwidth, h100)
+    assert f["memory"] == pytest.approx(56_005_120 / 3.35e12 * 1e6)  # ~16.7 µs
+    assert f["compute"] == pytest.approx((2 * T * D * (QL + HD) / 989e12 + 2 * T * QL * H * HD / 1979e12) * 1e6)
+    assert f["floor"] == f["memory"]  # decode is memory-bound
+    prefill = qkv_proj_rope_cost(FLASH, 8192)
+    assert floors_us(prefill, h100.bandwidth, h100)["floor"] == floors_us(prefill, None, h100)["compute"]
+    assert floors_us(cost, None, None) == {"memory": None, "compute": None, "floor": None}
+
+
+def test_device_table() -> None:
+    assert device_spec("NVIDIA H100 80GB HBM3").bandwidth == 3.35e12
+    assert device_spec("NVIDIA H100 SXM5 80GB").bandwidth == 3.35e12
+    assert device_spec("NVIDIA H200").bandwidth == 4.8e12
+    assert device_spec("NVIDIA H100 PCIe").name == "H100 PCIe"
+    assert device_spec("NVIDIA A100-SXM4-80GB") is None
+
+
+def test_shape_grid_follows_the_issue() -> None:
+    labels = [(s.op, s.label) for s in shape_grid(FLASH, ["decode", "prefill"])]
+    assert ("qkv_proj_rope", "decode B=64 S=2") in labels
+    for rows, batch in ((2048, 64), (65536, 1), (262144, 1)):
+        assert ("indexer", f"decode B={batch} S=2 cache={rows}") in labels
+    for op in ("qkv_proj_rope", "indexer_compressor", "indexer"):
+        for t in (128, 1024, 8192):
+            assert (op, f"prefill T={t}") in labels
+    demo = {s.label for s in shape_grid(get_config("demo"), ["decode"])}  # 4096 positions: 1024 rows at most
+    assert not any("cache=2048" in label or "cache=65536" in label for label in demo)
+
+
+def test_time_cpu_reports_quantiles() -> None:
+    t = time_cpu(lambda: time.sleep(0.002), reps=5, budget_s=10.0)
+    assert t.reps == 5 and t.launch == "host clock"
+    assert 2000 <= t.p10_us <= t.median_us <= t.p90_us
+    assert _reps_for(0.5, reps=100, budget_s=2.0, min_reps=5) == 5
+    assert _reps_for(0.001, reps=100, budget_s=2.0, min_reps=5) == 100
+
+
+def test_measure_traffic_counts_kernels_and_torch_ops() -> None:
+    src = torch.randn(1000)
+    dst = torch.empty_like(src)
+
+    def op() -> None:
+        bench_kernels.masked_copy_kernel[(8,)](src, dst, 1000, BLOCK=128)
+        dst.add_(1.0)  # a PyTorch op between kernels: read and write 4000 B (estimate: every tensor once)
+
+    traffic, _ = measure_traffic(BoundCall("copy", "triton", op, (), None))
+    assert traffic.launches == 1 and traffic.kernels == {"masked_copy_kernel": 1}
+    assert (traffic.load_bytes, traffic.store_bytes) == (4000, 4000)
+    assert traffic.torch_ops == {"add_": 1}
+    assert traffic.torch_op_bytes == 8000
+    assert traffic.requested_bytes == 16000
+    assert torch.equal(dst, src + 1.0)
+
+
+@pytest.fixture(scope="module")
+def touching_qkv_result() -> dict:
+    """The bench at the tiny preset with ``bench_kernels.touching_qkv_proj_rope`` as the Triton qkv_proj_rope."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dsv4.kernels, "qkv_proj_rope", bench_kernels.touching_qkv_proj_rope)  # the backend's entry point
+        result = {"meta": report.provenance("bench --preset tiny --cpu --ops qkv_proj_rope", "cpu")}
+        result.update(run_bench(TINY, ops=["qkv_proj_rope"], reps=2, budget_s=0.1, progress=False))
+    return result
+
+
+def test_traffic_of_a_kernel_moving_exactly_the_minimal_bytes_is_1x(touching_qkv_result: dict) -> None:
+    (row,) = touching_qkv_result["traffic"]
+    assert row["status"] == "ok", row
+    assert row["launches"] == bench_kernels.TOUCHING_QKV_LAUNCHES == len(row["per_launch"])
+    assert sum(launch["load_bytes"] + launch["store_bytes"] for launch in row["per_launch"]) == row["minimal_bytes"]
+    assert row["requested_bytes"] == row["minimal_bytes"] == touching_qkv_result["shapes"][0]["model"]["bytes"]
+    assert row["requested_over_minimal"] == 1.0
+    assert row["sector_over_minimal"] >= 1.0 and row["unique_over_minimal"] >= 1.0
+    assert row["check"].startswith("MISMATCH")  # it computes nothing: the bench's check says so
+
+
+def test_table_and_plot_of_traffic_ratios(touching_qkv_result: dict, tmp_path) -> None:
+    text = report.render(touching_qkv_result)
+    assert "requested/min" in text and "1.00" in text and "CPU host clock" in text
+    report.plot(touching_qkv_result, tmp_path / "traffic.png")
+    assert (tmp_path / "traffic.png").stat().st_size > 1000
+
+
+def test_cli_bench_tiny_cpu(tmp_path) -> None:
+    """The CI smoke run: traffic mode on the CPU. Every op with a Triton kernel has finite ratios
+    >= 1 and matches the reference; an op whose kernel module does not exist yet says so."""
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    assert main(["bench", "--preset", "tiny", "--cpu", "--reps", "2", "--budget-s", "0.1",
+                 "--json", str(out), "--plot", str(png)]) == 0  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["meta"]["command"].startswith("dsv4 bench --preset tiny --mode decode")
+    assert result["meta"]["command"].endswith("--cpu")
+    assert set(result["meta"]["versions"]) >= {"torch", "triton", "python", "dsv4"}
+    ops = {s["op"] for s in result["shapes"]}
+    assert ops == {"qkv_proj_rope", "indexer_compressor", "indexer"}
+    assert all(s["model"]["bytes"] > 0 for s in result["shapes"])
+    assert [t["backend"] for t in result["timings"]] == ["reference"] * len(result["shapes"])
+    assert all(t["status"] == "ok" and t["median_us"] > 0 for t in result["timings"])
+    assert len(result["traffic"]) == len(result["shapes"])
+    for row in result["traffic"]:
+        if row["status"] == "error":  # allowed only while the op's kernel module is not written yet
+            assert "No module named 'dsv4.kernels." in row["error"], row
+            continue
+        assert row["status"] == "ok", row
+        assert row["check"] == "ok", row
+        assert row["launches"] >= 1
+        for key in ("requested_over_minimal", "sector_over_minimal", "unique_over_minimal"):
+            assert math.isfinite(row[key]) and row[key] >= 1.0, (key, row)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_trace_of_one_decode_step(tmp_path) -> None:
+    path = tmp_path / "trace.json"
+    backend = trace_decode_step(TINY, path, "cpu")
+    names = {e.get("name") for e in json.loads(path.read_text())["traceEvents"]}
+    assert {"qkv_proj_rope", "indexer", f"decode step ({backend})"} <= names

@@ -1,0 +1,106 @@
+"""The traffic counter against kernels whose traffic is known exactly.
+
+``dsv4.bench.interp_traffic`` hooks into Triton's interpreter internals; if a Triton release moves
+them, these counts stop matching (or the hook check raises) and this file fails loudly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+import triton.runtime.interpreter as interp
+
+from bench_kernels import masked_copy_kernel
+from dsv4.bench.interp_traffic import SECTOR, count_traffic
+
+
+@triton.jit
+def strided_gather_kernel(src, dst, n, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(dst + offs, tl.load(src + offs * STRIDE, mask=mask), mask=mask)
+
+
+@triton.jit
+def atomic_add_kernel(dst, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.atomic_add(dst + offs, 1.0, mask=offs < n)
+
+
+@triton.jit
+def descriptor_copy_kernel(src, dst, rows, cols, BR: tl.constexpr, BC: tl.constexpr):
+    src_desc = tl.make_tensor_descriptor(src, shape=[rows, cols], strides=[cols, 1], block_shape=[BR, BC])
+    dst_desc = tl.make_tensor_descriptor(dst, shape=[rows, cols], strides=[cols, 1], block_shape=[BR, BC])
+    r0 = tl.program_id(0) * BR
+    dst_desc.store([r0, 0], src_desc.load([r0, 0]))
+
+
+def test_masked_copy_counts_exact_bytes_and_launches() -> None:
+    n, block = 1000, 128
+    src = torch.randn(n)
+    dst = torch.zeros(n)
+    with count_traffic() as log:
+        masked_copy_kernel[(triton.cdiv(n, block),)](src, dst, n, BLOCK=block)
+        masked_copy_kernel[(triton.cdiv(n, block),)](src, dst, n, BLOCK=block)
+    assert torch.equal(dst, src)  # the counted kernel still computes
+    assert len(log.launches) == 2
+    launch = log.launches[0]
+    assert launch.kernel == "masked_copy_kernel"
+    assert launch.grid == (8, 1, 1)
+    assert (launch.load_bytes, launch.store_bytes) == (4 * n, 4 * n)  # the 24 masked-off lanes excluded
+    assert launch.accesses == 2 * 8
+    assert launch.sector_bytes == 2 * 4 * n  # contiguous and 32 B-aligned: sectors == requested
+    assert launch.unique_bytes == 2 * 4 * n
+    assert log.total("requested_bytes") == 4 * 4 * n
+
+
+def test_strided_access_pays_whole_sectors() -> None:
+    """Every 8th fp32 (a 32 B stride): 4 B requested per 32 B sector moved — the 8x over-fetch."""
+    n, stride = 64, 8
+    src = torch.randn(n * stride)
+    dst = torch.empty(n)
+    with count_traffic() as log:
+        strided_gather_kernel[(1,)](src, dst, n, STRIDE=stride, BLOCK=64)
+    (launch,) = log.launches
+    assert torch.equal(dst, src[::stride])
+    assert launch.load_bytes == 4 * n
+    assert launch.sector_bytes == n * SECTOR + 4 * n  # loads: one sector each; the store is contiguous
+    assert launch.sector_bytes - launch.store_bytes == 8 * launch.load_bytes
+
+
+def test_atomics_count_a_read_and_a_write_and_unique_bytes_dedupe_programs() -> None:
+    dst = torch.zeros(32)
+    with count_traffic() as log:
+        atomic_add_kernel[(2,)](dst, 30, BLOCK=32)  # both programs hit the same 30 floats
+    (launch,) = log.launches
+    assert torch.equal(dst[:30], torch.full((30,), 2.0)) and dst[30:].eq(0).all()
+    assert (launch.load_bytes, launch.store_bytes) == (2 * 30 * 4, 2 * 30 * 4)
+    assert launch.sector_bytes == 2 * 2 * 4 * SECTOR  # 120 B touch 4 sectors; read + write; 2 programs
+    assert launch.unique_bytes == 2 * 4 * SECTOR  # the same 4 sectors, read once and written once
+
+
+def test_tensor_descriptor_accesses_are_counted_within_bounds() -> None:
+    rows, cols = 10, 48  # a 4 x 64 block: rows past 10 and columns past 48 are out of bounds
+    src = torch.randn(rows, cols)
+    dst = torch.zeros(rows, cols)
+    with count_traffic() as log:
+        descriptor_copy_kernel[(triton.cdiv(rows, 4),)](src, dst, rows, cols, BR=4, BC=64)
+    (launch,) = log.launches
+    assert torch.equal(dst, src)
+    assert (launch.load_bytes, launch.store_bytes) == (rows * cols * 4, rows * cols * 4)
+
+
+def test_hooks_are_removed_and_not_reentrant() -> None:
+    real_ext, real_call = interp._interpreter, interp.GridExecutor.__call__
+    src, dst = torch.randn(16), torch.empty(16)
+    with count_traffic() as log, pytest.raises(RuntimeError, match="already active"), count_traffic():
+        pass
+    assert interp._interpreter is real_ext and interp.GridExecutor.__call__ is real_call
+    masked_copy_kernel[(1,)](src, dst, 16, BLOCK=16)  # after the block: not recorded
+    assert log.launches == []
+    assert "set_grid_dim" not in vars(interp.interpreter_builder)  # the per-launch shim is gone
+    with count_traffic() as again:
+        masked_copy_kernel[(1,)](src, dst, 16, BLOCK=16)
+    assert len(again.launches) == 1 and again.launches[0].requested_bytes == 2 * 16 * 4
