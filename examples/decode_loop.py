@@ -1,15 +1,18 @@
 """N decode steps of one layer's front end on synthetic weights.
 
 Prints each step's time and how the indexer's top-k set moves: how many of the selected cache
-positions are new compared with the previous step (slot 0, last token).
+positions are new compared with the previous step (slot 0, last token). With ``--capture`` (CUDA
+only) the steps run as eager launches first, then as replays of one captured CUDA graph, and the
+medians of both are printed.
 
     python examples/decode_loop.py --preset tiny --steps 32
-    python examples/decode_loop.py --preset flash --batch 64 --steps 100 --prefill 4096   # on a GPU
+    python examples/decode_loop.py --preset flash --batch 64 --steps 100 --prefill 4096 --capture   # GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -26,11 +29,13 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=256, help="prompt tokens before decoding")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--capture", action="store_true", help="then replay the steps from one CUDA graph")
     args = parser.parse_args()
 
     cfg = dsv4.get_config(args.preset)
     device = torch.device(args.device)
-    max_position = 4 * -(-(args.prefill + args.seq * args.steps) // 4)
+    runs = 2 if args.capture else 1
+    max_position = 4 * -(-(args.prefill + runs * args.seq * args.steps) // 4)
     frontend = dsv4.DecodeFrontEnd(
         dsv4.synthetic_weights(cfg, seed=0, device=device),
         dsv4.rope_table(cfg, "compressed", max_position=max_position, device=device),
@@ -41,20 +46,29 @@ def main() -> None:
         frontend(dsv4.synthetic_activations((args.batch, args.prefill, cfg.hidden_size), seed=1, device=device))
     print(f"preset={cfg.name} backend={args.backend} device={device} batch={args.batch} seq={args.seq} "
           f"prefill={args.prefill}")  # fmt: skip
-    print(f"{'step':>5} {'position':>9} {'ms':>9} {'selected':>9} {'new':>5}")
+    print(f"{'step':>5} {'mode':>6} {'position':>9} {'ms':>9} {'selected':>9} {'new':>5}")
+    modes = [("eager", frontend)]
+    if args.capture:
+        modes.append(("graph", frontend.capture(seq=args.seq)))
     previous: set[int] = set()
-    for step in range(args.steps):
-        x = dsv4.synthetic_activations((args.batch, args.seq, cfg.hidden_size), seed=100 + step, device=device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        _, _, topk = frontend(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        ms = (time.perf_counter() - t0) * 1e3
-        chosen = {int(i) for i in topk[0, -1].tolist() if i >= 0}
-        print(f"{step:>5} {frontend.next_pos[0] - 1:>9} {ms:>9.2f} {len(chosen):>9} {len(chosen - previous):>5}")
-        previous = chosen
+    medians = {}
+    for mode, step_fn in modes:
+        times = []
+        for step in range(args.steps):
+            x = dsv4.synthetic_activations((args.batch, args.seq, cfg.hidden_size), seed=100 + step, device=device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            _, _, topk = step_fn(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append((time.perf_counter() - t0) * 1e3)
+            chosen = {int(i) for i in topk[0, -1].tolist() if i >= 0}
+            position = frontend.next_pos[0] - 1
+            print(f"{step:>5} {mode:>6} {position:>9} {times[-1]:>9.3f} {len(chosen):>9} {len(chosen - previous):>5}")
+            previous = chosen
+        medians[mode] = statistics.median(times)
+    print("median ms per step: " + ", ".join(f"{m} {t:.3f}" for m, t in medians.items()))
 
 
 if __name__ == "__main__":

@@ -97,6 +97,8 @@ def test_decode_loop_example_runs() -> None:
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    rows = [line.split() for line in proc.stdout.splitlines()[2:]]
-    assert [r[0] for r in rows] == ["0", "1", "2"]
-    assert all(int(r[3]) == min(CFG.index_topk, (int(r[1]) + 1) // 4) for r in rows)  # k = min(topk, vis)
+    lines = proc.stdout.splitlines()
+    rows = [line.split() for line in lines[2:-1]]
+    assert [r[:2] for r in rows] == [["0", "eager"], ["1", "eager"], ["2", "eager"]]
+    assert all(int(r[4]) == min(CFG.index_topk, (int(r[2]) + 1) // 4) for r in rows)  # k = min(topk, vis)
+    assert lines[-1].startswith("median ms per step: eager")
