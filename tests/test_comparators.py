@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+import dsv4
+from dsv4.cases import make_case, run_case
 from dsv4.golden import compare, ratio_allclose, topk_allclose
 
 MASKED = torch.finfo(torch.float32).min
@@ -84,3 +86,13 @@ def test_compare_score_masking() -> None:
     assert compare("indexer", {"score": padded}, {"score": e}).checks[0]
     report = compare("indexer", {"score": e}, {"score": e})
     assert not report and "missing" in str(report)  # the other outputs were not given
+
+
+def test_case_compare_inputs_spread_an_int_start_over_the_batch() -> None:
+    """An int start_pos means every row starts there: every row's new cache rows count as written."""
+    case = make_case(dsv4.get_config("tiny"), "indexer_compressor", "decode", seed=0, max_position=64, batch=3)
+    case.args["start_pos"] = 6  # S=2: every row closes block 1
+    inputs = case.compare_inputs()
+    assert inputs["start_pos"].tolist() == [6, 6, 6]
+    outputs = run_case(case, "reference")
+    assert compare("indexer_compressor", outputs, outputs, inputs)

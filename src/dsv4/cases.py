@@ -37,9 +37,10 @@ class Case:
         """What ``golden.compare`` needs of the inputs (offset, start_pos, seq, pre-step cache)."""
         if self.op == "qkv_proj_rope":
             return {}
+        batch = self.args["x"].shape[0]
         return {
             "offset": self.args.get("offset", 0),
-            "start_pos": torch.as_tensor(self.args["start_pos"]).reshape(-1).cpu(),
+            "start_pos": torch.as_tensor(self.args["start_pos"]).reshape(-1).cpu().expand(batch),  # an int: every row
             "seq": self.args["x"].shape[1],
             "idx_kv_cache": self.args["state"].idx_kv_cache.cpu(),
         }
