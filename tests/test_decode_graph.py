@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_leaves
 import dsv4
 from conftest import DEVICE
 from dsv4.decode_graph import StaticDecodeStep
+from frontends import tiny_frontend
 
 CFG = dsv4.get_config("tiny")
 HOST_SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
@@ -40,15 +41,6 @@ class AllocationAndSyncWatch(TorchDispatchMode):
         return out
 
 
-def _frontend(backend: str, batch: int = 3, max_position: int = 256) -> dsv4.DecodeFrontEnd:
-    weights = dsv4.synthetic_weights(CFG, seed=0, device=DEVICE)
-    rope = dsv4.rope_table(CFG, "compressed", max_position=max_position, device=DEVICE)
-    return dsv4.DecodeFrontEnd(
-        weights, rope, batch=batch, max_position=max_position, topk=CFG.index_topk, offset=CFG.sliding_window,
-        backend=backend,
-    )  # fmt: skip
-
-
 def test_watch_catches_allocations_and_syncs() -> None:
     x = torch.ones(4)
     with AllocationAndSyncWatch() as watch:
@@ -60,7 +52,7 @@ def test_watch_catches_allocations_and_syncs() -> None:
 
 def test_static_step_allocates_nothing_and_matches_eager() -> None:
     """Steps that straddle block boundaries (several slots at different positions) after a prefill."""
-    static_fe, eager_fe = _frontend("triton"), _frontend("triton")
+    static_fe, eager_fe = tiny_frontend("triton"), tiny_frontend("triton")
     prompt = dsv4.synthetic_activations((3, 9, CFG.hidden_size), seed=1, device=DEVICE)
     static_fe(prompt)
     eager_fe(prompt)
@@ -88,7 +80,7 @@ def test_static_step_allocates_nothing_and_matches_eager() -> None:
 
 
 def test_static_step_checks_its_inputs() -> None:
-    fe = _frontend("triton", batch=2, max_position=64)
+    fe = tiny_frontend("triton", batch=2, max_position=64)
     step = StaticDecodeStep(fe, batch=2, seq=2, max_cache_len=4)
     with pytest.raises(ValueError, match="x: expected"):
         step.set_inputs(torch.zeros(1, 2, CFG.hidden_size, dtype=torch.bfloat16, device=DEVICE), [0, 0])
@@ -99,7 +91,7 @@ def test_static_step_checks_its_inputs() -> None:
 
 
 def test_capture_needs_cuda_or_says_why() -> None:
-    fe = _frontend("reference")
+    fe = tiny_frontend("reference")
     if DEVICE.type == "cuda":
         with pytest.raises(ValueError, match="Triton backend"):
             fe.capture()
@@ -112,7 +104,7 @@ def test_capture_needs_cuda_or_says_why() -> None:
 # skip says so in the test report (the static step above is what gets captured, and runs everywhere).
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graph capture needs a GPU: not run on this machine")
 def test_cuda_graph_replay_matches_eager_without_allocating() -> None:
-    graph_fe, eager_fe = _frontend("triton"), _frontend("triton")
+    graph_fe, eager_fe = tiny_frontend("triton"), tiny_frontend("triton")
     prompt = dsv4.synthetic_activations((3, 7, CFG.hidden_size), seed=1, device=DEVICE)
     graph_fe(prompt)
     eager_fe(prompt)

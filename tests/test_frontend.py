@@ -8,18 +8,10 @@ import torch
 import dsv4
 from conftest import BACKENDS, DEVICE
 from dsv4.golden import TOLERANCES, ratio_allclose, topk_allclose
+from frontends import tiny_frontend
 
 CFG = dsv4.get_config("tiny")
 SEQ = 2
-
-
-def _module(batch: int, max_position: int, backend: str) -> dsv4.DecodeFrontEnd:
-    weights = dsv4.synthetic_weights(CFG, seed=0, device=DEVICE)
-    rope = dsv4.rope_table(CFG, "compressed", max_position=max_position, device=DEVICE)
-    return dsv4.DecodeFrontEnd(
-        weights, rope, batch=batch, max_position=max_position, topk=CFG.index_topk, offset=CFG.sliding_window,
-        backend=backend,
-    )  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -33,8 +25,8 @@ def test_steps_with_resets_equal_fresh_sequences(backend: str) -> None:
     steps = 200 if backend == "reference" else 24
     resets = {1: steps // 3, 2: 2 * steps // 3}  # slot -> step at which a new sequence takes it
     max_position = 4 * (SEQ * steps // 4 + 1)
-    batched = _module(3, max_position, backend)
-    fresh = {b: _module(1, max_position, "reference") for b in range(3)}
+    batched = tiny_frontend(backend, 3, max_position)
+    fresh = {b: tiny_frontend("reference", 1, max_position) for b in range(3)}
     g = torch.Generator().manual_seed(0)
     got_qkv: list[tuple[torch.Tensor, torch.Tensor]] = []
     want_qkv: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -42,7 +34,7 @@ def test_steps_with_resets_equal_fresh_sequences(backend: str) -> None:
         for slot, at in resets.items():
             if step == at:
                 batched.reset([slot])
-                fresh[slot] = _module(1, max_position, "reference")
+                fresh[slot] = tiny_frontend("reference", 1, max_position)
         x = torch.randn(3, SEQ, CFG.hidden_size, generator=g).to(torch.bfloat16).to(DEVICE)
         q, kv, topk = batched(x)
         since = [at if step >= at else 0 for at in (0, resets[1], resets[2])]
@@ -62,7 +54,7 @@ def test_steps_with_resets_equal_fresh_sequences(backend: str) -> None:
 
 
 def test_explicit_start_positions_and_reset_validation() -> None:
-    m = _module(2, 64, "reference")
+    m = tiny_frontend("reference", 2, 64)
     x = dsv4.synthetic_activations((2, SEQ, CFG.hidden_size), seed=1, device=DEVICE)
     m(x)  # both slots at 0
     m(x, start_pos=torch.tensor([2, 2]))
@@ -77,7 +69,7 @@ def test_explicit_start_positions_and_reset_validation() -> None:
 
 
 def test_module_moves_with_to_and_uses_its_buffers() -> None:
-    m = _module(2, 64, "reference")
+    m = tiny_frontend("reference", 2, 64)
     names = {n for n, _ in m.named_buffers()}
     assert {"attn_wq_a", "indexer_weights_proj", "compressor_norm_w", "idx_kv_cache", "rope_cos"} <= names
     m.to(torch.device("cpu"))

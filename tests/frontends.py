@@ -1,0 +1,18 @@
+"""A ``tiny`` ``DecodeFrontEnd`` on the test device, for the module and CUDA-graph tests."""
+
+from __future__ import annotations
+
+import dsv4
+from conftest import DEVICE
+
+CFG = dsv4.get_config("tiny")
+
+
+def tiny_frontend(backend: str, batch: int = 3, max_position: int = 256) -> dsv4.DecodeFrontEnd:
+    """Seed-0 weights: two modules built alike hold the same weights."""
+    weights = dsv4.synthetic_weights(CFG, seed=0, device=DEVICE)
+    rope = dsv4.rope_table(CFG, "compressed", max_position=max_position, device=DEVICE)
+    return dsv4.DecodeFrontEnd(
+        weights, rope, batch=batch, max_position=max_position, topk=CFG.index_topk, offset=CFG.sliding_window,
+        backend=backend,
+    )  # fmt: skip
