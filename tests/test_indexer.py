@@ -7,7 +7,7 @@ import torch
 
 import dsv4
 from conftest import BACKENDS, DEVICE
-from dsv4.cases import clone_args, make_case, prefilled_state
+from dsv4.cases import clone_args, make_case
 from dsv4.golden import TOLERANCES, ratio_allclose
 
 CFG = dsv4.get_config("tiny")
@@ -58,10 +58,11 @@ def test_score_equals_spec_einsum(backend: str, mode: str) -> None:
 
 def _step(batch: int, seq: int, start: list[int] | int, topk: int = 8, seed: int = 0):
     """A case with explicit start positions (each row prefilled to its start)."""
-    case = make_case(CFG, "indexer", "decode", seed=seed, device=DEVICE, max_position=256, batch=batch, seq=seq)
-    st = torch.tensor(start if isinstance(start, list) else [start] * batch)
-    case.args["state"] = prefilled_state(CFG, batch, 256, st, seed, device=DEVICE)
-    case.args["start_pos"] = start if isinstance(start, int) else st.to(DEVICE)
+    case = make_case(
+        CFG, "indexer", "decode", seed=seed, device=DEVICE, max_position=256, batch=batch, seq=seq, start_pos=start
+    )
+    if isinstance(start, int):
+        case.args["start_pos"] = start  # the op's int form
     case.args["topk"] = topk
     return case
 

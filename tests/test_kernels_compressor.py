@@ -24,10 +24,9 @@ Start = int | list[int]
 def compressor_case(batch: int, seq: int, start: Start, seed: int = 0) -> Case:
     """A tiny compressor call at ``start`` (an int for every row, or one per row) with the ring and
     cache prefilled as if each row had already seen ``start`` tokens."""
-    case = make_case(TINY, "indexer_compressor", seed=seed, device=DEVICE, batch=batch, seq=seq)
-    rows = torch.tensor(start if isinstance(start, list) else [start] * batch)
-    case.args["start_pos"] = start if isinstance(start, int) else rows.to(DEVICE)
-    case.args["state"] = prefilled_state(TINY, batch, case.meta["max_position"], rows, seed, DEVICE)
+    case = make_case(TINY, "indexer_compressor", seed=seed, device=DEVICE, batch=batch, seq=seq, start_pos=start)
+    if isinstance(start, int):
+        case.args["start_pos"] = start  # the op's int form
     return case
 
 
@@ -37,11 +36,10 @@ def step_inputs(before: dsv4.IndexerState, start: Start, batch: int, seq: int) -
     return {"start_pos": rows, "seq": seq, "idx_kv_cache": before.idx_kv_cache.cpu()}
 
 
-def assert_matches_reference(case: Case, start: Start) -> None:
+def assert_matches_reference(case: Case) -> None:
     got = run_case(case, "triton")
     expected = run_case(case, "reference")
-    b, s = case.args["x"].shape[:2]
-    report = compare("indexer_compressor", got, expected, step_inputs(case.state(), start, b, s))
+    report = compare("indexer_compressor", got, expected, case.compare_inputs())
     assert report, str(report)
 
 
@@ -67,13 +65,13 @@ STEPS = {
 @pytest.mark.parametrize("name", STEPS)
 def test_compressor_step(name: str) -> None:
     batch, seq, start = STEPS[name]
-    assert_matches_reference(compressor_case(batch, seq, start, seed=len(name)), start)
+    assert_matches_reference(compressor_case(batch, seq, start, seed=len(name)))
 
 
 @pytest.mark.parametrize(("batch", "seq", "start"), [(1, 64, 0), (2, 67, [0, 5]), (1, 131, 6)])
 def test_compressor_prefill(batch: int, seq: int, start: Start) -> None:
     """Many blocks close in one step: up to 33 per row, pooled by several programs in parallel."""
-    assert_matches_reference(compressor_case(batch, seq, start, seed=seq), start)
+    assert_matches_reference(compressor_case(batch, seq, start, seed=seq))
 
 
 def test_state_rows_past_batch_untouched() -> None:

@@ -10,7 +10,7 @@ import torch
 
 import dsv4
 from conftest import DEVICE
-from dsv4.cases import Case, make_case, prefilled_state, run_case
+from dsv4.cases import Case, make_case, run_case
 from dsv4.config import PRESETS, DeepSeekV4Config
 from dsv4.golden import TOLERANCES, compare, ratio_allclose
 from dsv4.kernels.index_query import index_query
@@ -27,21 +27,18 @@ def indexer_case(
 ) -> Case:
     """An indexer call; ``start`` None keeps ``make_case``'s random per-row starts, an int or list
     sets them (with the state prefilled up to there)."""
-    case = make_case(cfg, "indexer", seed=seed, device=DEVICE, batch=batch, seq=seq, max_position=max_position)
-    if start is not None:
-        rows = torch.tensor(start if isinstance(start, list) else [start] * batch)
-        case.args["start_pos"] = start if isinstance(start, int) else rows.to(DEVICE)
-        case.args["state"] = prefilled_state(cfg, batch, case.meta["max_position"], rows, seed, DEVICE)
+    case = make_case(
+        cfg, "indexer", seed=seed, device=DEVICE, batch=batch, seq=seq, max_position=max_position, start_pos=start
+    )
+    if isinstance(start, int):
+        case.args["start_pos"] = start  # the op's int form
     return case
 
 
 def assert_matches_reference(case: Case) -> dict[str, torch.Tensor]:
     got = run_case(case, "triton")
     expected = run_case(case, "reference")
-    b, s = case.args["x"].shape[:2]
-    inputs = case.compare_inputs()
-    inputs["start_pos"] = torch.as_tensor(case.args["start_pos"]).cpu().expand(b)  # an int start spans all rows
-    report = compare("indexer", got, expected, inputs)
+    report = compare("indexer", got, expected, case.compare_inputs())
     assert report, str(report)
     return got
 

@@ -81,13 +81,14 @@ def make_case(
     max_position: int | None = None,
     batch: int | None = None,
     seq: int | None = None,
-    start_pos: int | None = None,
+    start_pos: int | list[int] | None = None,
 ) -> Case:
     """Seeded arguments of ``op`` for preset ``cfg`` in ``mode`` (``decode`` or ``prefill``).
 
     Decode rows start at different random positions (a per-row ``start_pos`` tensor) with a
     prefilled state; prefill starts every row at 0 with an empty state. ``batch``/``seq``
-    override the mode's shape; ``start_pos`` puts every row at that position (state prefilled).
+    override the mode's shape; ``start_pos`` puts every row at that position, or row ``b`` at
+    ``start_pos[b]`` (state prefilled either way).
     """
     if op not in OPS:
         raise ValueError(f"op: expected one of {OPS}, got {op!r}")
@@ -98,14 +99,17 @@ def make_case(
     if n < s + COMPRESS_RATIO:
         raise ValueError(f"max_position {n} too small for S={s}")
     g = torch.Generator().manual_seed(seed)
-    if start_pos is not None:
-        if not 0 <= start_pos <= n - s:
-            raise ValueError(f"start_pos: expected a value in [0, {n - s}] (max_position {n}, S={s}), got {start_pos}")
-        start = torch.full((b,), start_pos, dtype=torch.int64)
-    elif mode == "prefill":
+    if mode == "prefill":
         start = torch.zeros(b, dtype=torch.int64)
     else:
-        start = torch.randint(0, n - s + 1, (b,), generator=g)
+        start = torch.randint(0, n - s + 1, (b,), generator=g)  # drawn either way: same qr for any start_pos
+    if start_pos is not None:
+        rows = start_pos if isinstance(start_pos, list) else [start_pos] * b
+        if len(rows) != b or not all(0 <= p <= n - s for p in rows):
+            raise ValueError(
+                f"start_pos: expected {b} values in [0, {n - s}] (max_position {n}, S={s}), got {start_pos}"
+            )
+        start = torch.tensor(rows, dtype=torch.int64)
     weights = synthetic_weights(cfg, seed=seed, device=device)
     rope: RopeTable = rope_table(cfg, "compressed", max_position=n, device=device)
     x = synthetic_activations((b, s, cfg.hidden_size), seed=seed + 1, device=device)
