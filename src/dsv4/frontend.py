@@ -56,11 +56,7 @@ class DecodeFrontEnd(torch.nn.Module):
         self.register_buffer("rope_sin", rope.sin)
         hid = weights.indexer.compressor.norm_w.shape[0]
         device = weights.attn.wq_a.device
-        state = IndexerState(
-            torch.zeros(batch, 8, 2 * hid, device=device),
-            torch.full((batch, 8, 2 * hid), float("-inf"), device=device),
-            torch.zeros(batch, max_position // COMPRESS_RATIO, hid, dtype=torch.bfloat16, device=device),
-        )
+        state = IndexerState.fresh(batch, max_position // COMPRESS_RATIO, hid, device)
         for name in _STATE:
             self.register_buffer(name, getattr(state, name))
         self.topk, self.offset, self.eps, self.backend = topk, offset, eps, backend

@@ -40,13 +40,18 @@ class IndexerState:
         n = cfg.max_position_embeddings if max_position is None else int(max_position)
         if batch < 1 or n < COMPRESS_RATIO:
             raise ValueError(f"need batch >= 1 and max_position >= {COMPRESS_RATIO}, got {batch}, {n}")
-        width = 2 * cfg.index_head_dim
+        return cls.fresh(batch, n // COMPRESS_RATIO, cfg.index_head_dim, device)
+
+    @classmethod
+    def fresh(
+        cls, batch: int, cache_rows: int, head_dim: int, device: torch.device | str | None = None
+    ) -> IndexerState:
+        """``empty`` by sizes: ``cache_rows`` compressed keys of ``head_dim`` (``index_head_dim``) per row."""
+        width = 2 * head_dim
         return cls(
             kv_state=torch.zeros(batch, STATE_SLOTS, width, dtype=torch.float32, device=device),
             score_state=torch.full((batch, STATE_SLOTS, width), float("-inf"), dtype=torch.float32, device=device),
-            idx_kv_cache=torch.zeros(
-                batch, n // COMPRESS_RATIO, cfg.index_head_dim, dtype=torch.bfloat16, device=device
-            ),
+            idx_kv_cache=torch.zeros(batch, cache_rows, head_dim, dtype=torch.bfloat16, device=device),
         )
 
     @property
