@@ -63,6 +63,10 @@ class Check:
     def __bool__(self) -> bool:
         return self.passed
 
+    def failures(self) -> str:
+        """The failed checks on one line, ``name: detail; ...`` (empty when all passed)."""
+        return "; ".join(f"{c.name}: {c.detail}" for c in self.checks if not c.passed)
+
 
 def _fail(name: str, rule: str, detail: str) -> Check:
     return Check(name, False, rule, float("nan"), float("nan"), 1.0, detail)
@@ -230,6 +234,10 @@ class Report:
 
     def __bool__(self) -> bool:
         return self.passed
+
+    def failures(self) -> str:
+        """The failed checks on one line, ``name: detail; ...`` (empty when all passed)."""
+        return "; ".join(f"{c.name}: {c.detail}" for c in self.checks if not c.passed)
 
     def __str__(self) -> str:
         lines = [f"{self.op}: {'PASS' if self.passed else 'FAIL'}"]

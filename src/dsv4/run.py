@@ -46,8 +46,7 @@ def _verdict(report) -> tuple[str, bool]:
     if report.passed:
         worst = max((c.violation_ratio for c in report.checks), default=0.0)
         return f"ok (vs reference, worst violation ratio {worst:.2%})", True
-    bad = [c for c in report.checks if not c.passed]
-    return "MISMATCH " + "; ".join(f"{c.name}: {c.detail}" for c in bad), False
+    return "MISMATCH " + report.failures(), False
 
 
 def run_front_end(

@@ -88,7 +88,7 @@ def _error(e: BaseException) -> str:
 def _verdict(report) -> str:
     if report.passed:
         return "ok"
-    return "MISMATCH " + "; ".join(f"{c.name}: {c.detail}" for c in report.checks if not c.passed)
+    return "MISMATCH " + report.failures()
 
 
 def floors_us(cost: OpCost, bandwidth: float | None, spec: DeviceSpec | None) -> dict[str, float | None]:
