@@ -2,38 +2,14 @@
 
 The interpreter runs kernel source as Python and accepts things the compiler rejects (a named
 constexpr reassigned in a static loop, a shape computed at run time), so CI also lowers every
-kernel to a cubin. It runs in a subprocess because kernels defined under ``TRITON_INTERPRET=1``
-cannot be compiled.
+kernel to a cubin (``sm90.run_compile_script``).
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-
-HELPER = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-F32, I64, I32 = "*fp32", "*i64", "*i32"
-
-
-def compile_sm90(fn, signature, constexprs, num_warps, **options):
-    full = {**signature, **{name: "constexpr" for name in constexprs}}
-    # As a launch specializes them: pointers from torch allocations and row strides are 16-aligned.
-    aligned = [name for name, kind in signature.items() if kind.startswith("*") or "stride" in name]
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    src = ASTSource(fn=fn, signature=full, constexprs=constexprs, attrs=attrs)
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, **options})
-    print("compiled", fn.__name__, constexprs)
-"""
+from sm90 import run_compile_script
 
 SCORE_TOPK = r"""
 from dsv4.kernels import index_score as isc, topk as tk
@@ -95,10 +71,5 @@ compile_sm90(iq._index_query_kernel,
 
 @pytest.mark.parametrize(("script", "kernels"), [(SCORE_TOPK, 7), (FRONT, 6)], ids=["score-topk", "front"])
 def test_kernels_compile_for_sm90(script: str, kernels: int) -> None:
-    pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend cannot target sm_90")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(SRC)}
-    result = subprocess.run(
-        [sys.executable, "-c", HELPER + script], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("compiled") == kernels, result.stdout
+    out = run_compile_script(script, timeout=600)
+    assert out.count("compiled") == kernels, out

@@ -3,20 +3,13 @@
 The interpreter runs kernel source as Python and accepts things the compiler rejects, so the three
 kernels are also lowered to cubins, with the tiles the launchers pick at flash decode (T=128), at
 T=1 and for ``pro`` (QL=1536, not a power of two). The whole-head q accumulator is the register
-hog: the cubin must not spill (no local memory) and must fit the SM's shared memory. It runs in a
-subprocess because kernels defined under ``TRITON_INTERPRET=1`` cannot be compiled.
+hog: the cubin must not spill (no local memory) and must fit the SM's shared memory
+(``sm90.run_compile_script`` runs the script).
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-
-SRC = Path(__file__).resolve().parents[1] / "src"
+from sm90 import run_compile_script
 
 COMPILE = r"""
 import importlib
@@ -27,8 +20,6 @@ import tempfile
 
 import triton
 import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from dsv4.config import get_config
 from dsv4.kernels import launch, projection as pj
@@ -38,13 +29,9 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 H100_SHARED = 232448  # bytes of shared memory one block may use on sm_90
 
 
-def compile_sm90(fn, signature, constexprs, num_warps, num_stages):
-    full = {**signature, **{name: "constexpr" for name in constexprs}}
-    # As a launch specializes them: pointers from torch allocations are 16-aligned.
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, kind in signature.items() if kind[0] == "*"}
-    src = ASTSource(fn=fn, signature=full, constexprs=constexprs, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
+def compile_checked(fn, signature, constexprs, num_warps, num_stages):
+    # compile_sm90, then: within the SM's shared memory and no spills to local memory.
+    kernel = compile_sm90(fn, signature, constexprs, num_warps, num_stages=num_stages)
     assert kernel.metadata.shared <= H100_SHARED, (fn.__name__, kernel.metadata.shared)
     usage = ""
     if os.path.exists(CUOBJDUMP):
@@ -55,30 +42,29 @@ def compile_sm90(fn, signature, constexprs, num_warps, num_stages):
         local = re.search(r"LOCAL:(\d+)", usage)
         assert local and int(local.group(1)) == 0, (fn.__name__, "spills to local memory", usage)
     regs = re.search(r"REG:(\d+)", usage)
-    print("compiled", fn.__name__, constexprs.get("BLOCK_M", ""), "shared", kernel.metadata.shared,
-          "regs", regs.group(1) if regs else "?")
+    print("  shared", kernel.metadata.shared, "regs", regs.group(1) if regs else "?")
 
 
 def compile_op(cfg, t):
     d, ql, hd, h, r = cfg.hidden_size, cfg.q_lora_rank, cfg.head_dim, cfg.num_attention_heads, cfg.qk_rope_head_dim
     tiles = pj.projection_tiles(t, d, ql, hd, launch.H100_SMS)
-    compile_sm90(pj._split_k_projection_kernel,
-                 {"x_ptr": "*bf16", "w0_ptr": "*bf16", "w1_ptr": "*bf16", "partial_ptr": "*fp32",
-                  "T": "i32", "SPLITS": "i32"},
-                 {"D": d, "N0": ql, "N1": hd, "BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n,
-                  "BLOCK_K": tiles.block_k, "DOT_DTYPE": tl.bfloat16}, pj.NUM_WARPS, pj.NUM_STAGES)
-    compile_sm90(qk._qr_kv_rows_kernel,
-                 {"partial_ptr": "*fp32", "gamma_cq_ptr": "*bf16", "gamma_ckv_ptr": "*bf16", "positions_ptr": "*i64",
-                  "cos_ptr": "*fp32", "sin_ptr": "*fp32", "qr_ptr": "*i8", "qr_scale_ptr": "*fp32", "kv_ptr": "*bf16",
-                  "T": "i32", "SPLITS": "i32", "eps": "fp32"},
-                 {"QL": ql, "HD": hd, "R": r, "BLOCK_QL": launch.next_pow2(ql)}, qk.ROWS_NUM_WARPS, 1)
-    compile_sm90(qk._q_heads_kernel,
-                 {"qr_ptr": "*i8", "qr_scale_ptr": "*fp32", "wq_b_ptr": "*i8", "wq_b_scale_ptr": "*fp32",
-                  "positions_ptr": "*i32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "q_ptr": "*bf16",
-                  "T": "i32", "eps": "fp32"},
-                 {"QL": ql, "H": h, "HD": hd, "R": r,
-                  "BLOCK_M": min(qk.Q_BLOCK_M_MAX, max(qk.Q_BLOCK_M_MIN, launch.next_pow2(t))),
-                  "BLOCK_K": launch.pow2_divisor(ql, qk.Q_BLOCK_K_MAX)}, qk.Q_NUM_WARPS, qk.Q_NUM_STAGES)
+    compile_checked(pj._split_k_projection_kernel,
+                    {"x_ptr": "*bf16", "w0_ptr": "*bf16", "w1_ptr": "*bf16", "partial_ptr": "*fp32",
+                     "T": "i32", "SPLITS": "i32"},
+                    {"D": d, "N0": ql, "N1": hd, "BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n,
+                     "BLOCK_K": tiles.block_k, "DOT_DTYPE": tl.bfloat16}, pj.NUM_WARPS, pj.NUM_STAGES)
+    compile_checked(qk._qr_kv_rows_kernel,
+                    {"partial_ptr": "*fp32", "gamma_cq_ptr": "*bf16", "gamma_ckv_ptr": "*bf16",
+                     "positions_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "qr_ptr": "*i8",
+                     "qr_scale_ptr": "*fp32", "kv_ptr": "*bf16", "T": "i32", "SPLITS": "i32", "eps": "fp32"},
+                    {"QL": ql, "HD": hd, "R": r, "BLOCK_QL": launch.next_pow2(ql)}, qk.ROWS_NUM_WARPS, 1)
+    compile_checked(qk._q_heads_kernel,
+                    {"qr_ptr": "*i8", "qr_scale_ptr": "*fp32", "wq_b_ptr": "*i8", "wq_b_scale_ptr": "*fp32",
+                     "positions_ptr": "*i32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "q_ptr": "*bf16",
+                     "T": "i32", "eps": "fp32"},
+                    {"QL": ql, "H": h, "HD": hd, "R": r,
+                     "BLOCK_M": min(qk.Q_BLOCK_M_MAX, max(qk.Q_BLOCK_M_MIN, launch.next_pow2(t))),
+                     "BLOCK_K": launch.pow2_divisor(ql, qk.Q_BLOCK_K_MAX)}, qk.Q_NUM_WARPS, qk.Q_NUM_STAGES)
 
 
 compile_op(get_config("flash"), 128)
@@ -88,8 +74,5 @@ compile_op(get_config("pro"), 128)
 
 
 def test_qkv_proj_rope_kernels_compile_for_sm90() -> None:
-    pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend cannot target sm_90")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(SRC)}
-    result = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("compiled") == 9, result.stdout
+    out = run_compile_script(COMPILE, timeout=900)
+    assert out.count("compiled") == 9, out
