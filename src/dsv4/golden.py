@@ -63,10 +63,6 @@ class Check:
     def __bool__(self) -> bool:
         return self.passed
 
-    def failures(self) -> str:
-        """The failed checks on one line, ``name: detail; ...`` (empty when all passed)."""
-        return "; ".join(f"{c.name}: {c.detail}" for c in self.checks if not c.passed)
-
 
 def _fail(name: str, rule: str, detail: str) -> Check:
     return Check(name, False, rule, float("nan"), float("nan"), 1.0, detail)
