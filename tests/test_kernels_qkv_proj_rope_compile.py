@@ -57,13 +57,13 @@ def compile_op(cfg, t):
                     {"partial_ptr": "*fp32", "gamma_cq_ptr": "*bf16", "gamma_ckv_ptr": "*bf16",
                      "positions_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "qr_ptr": "*i8",
                      "qr_scale_ptr": "*fp32", "kv_ptr": "*bf16", "T": "i32", "SPLITS": "i32", "eps": "fp32"},
-                    {"QL": ql, "HD": hd, "R": r, "BLOCK_QL": launch.next_pow2(ql)}, qk.ROWS_NUM_WARPS, 1)
+                    {"QL": ql, "HD": hd, "R": r, "BLOCK_QL": triton.next_power_of_2(ql)}, qk.ROWS_NUM_WARPS, 1)
     compile_checked(qk._q_heads_kernel,
                     {"qr_ptr": "*i8", "qr_scale_ptr": "*fp32", "wq_b_ptr": "*i8", "wq_b_scale_ptr": "*fp32",
                      "positions_ptr": "*i32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "q_ptr": "*bf16",
                      "T": "i32", "eps": "fp32"},
                     {"QL": ql, "H": h, "HD": hd, "R": r,
-                     "BLOCK_M": min(qk.Q_BLOCK_M_MAX, max(qk.Q_BLOCK_M_MIN, launch.next_pow2(t))),
+                     "BLOCK_M": min(qk.Q_BLOCK_M_MAX, max(qk.Q_BLOCK_M_MIN, triton.next_power_of_2(t))),
                      "BLOCK_K": launch.pow2_divisor(ql, qk.Q_BLOCK_K_MAX)}, qk.Q_NUM_WARPS, qk.Q_NUM_STAGES)
 
 

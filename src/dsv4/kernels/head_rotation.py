@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ..hadamard import hadamard_matrix
+from .launch import is_pow2
 
 
 @functools.lru_cache(maxsize=8)
@@ -34,7 +35,7 @@ def split_head_dims(hid: int, rope_dim: int) -> tuple[int, int]:
     powers of two >= 16 (``tl.arange`` extents and ``tl.dot`` K dims)."""
     nope, half_r = hid - rope_dim, rope_dim // 2
     for name, v in (("HID - R", nope), ("R/2", half_r)):
-        if v < 16 or v & (v - 1):
+        if v < 16 or not is_pow2(v):
             raise ValueError(f"{name} = {v}: the fused kernels need a power of two >= 16 (HID={hid}, R={rope_dim})")
     return nope, half_r
 

@@ -21,6 +21,7 @@ import triton.language as tl
 from ..config import COMPRESS_RATIO
 from ..structs import StepPositions
 from .epilogue import quantize_int8_rows
+from .launch import is_pow2
 
 MASKED_SCORE = -3.4028235e38  # torch.finfo(torch.float32).min: the score of a key a token cannot see
 
@@ -102,7 +103,7 @@ def index_scores(
     assert q_scale.shape == weights.shape == (b, s, heads), "q_scale and weights must be [B, S, HI]"
     assert q8.is_contiguous() and q_scale.is_contiguous() and weights.is_contiguous()
     assert cache.shape[0] >= b and cache.shape[2] == head_dim and cache.stride(2) == 1
-    assert head_dim >= MIN_DOT_WIDTH and head_dim & (head_dim - 1) == 0, "HID must be a power of two >= 16"
+    assert head_dim >= MIN_DOT_WIDTH and is_pow2(head_dim), "HID must be a power of two >= 16"
     score = torch.empty(b, s, pos.max_cache_len, dtype=torch.float32, device=q8.device) if out is None else out
     n_keys = score.shape[2]
     if n_keys == 0:

@@ -7,7 +7,6 @@ candidate configuration, and a fixed choice is reproducible from run to run.
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
 from . import interpreted
@@ -28,14 +27,6 @@ def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return H100_SMS
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def next_pow2(n: int) -> int:
-    return triton.next_power_of_2(n)
 
 
 def is_pow2(n: int) -> bool:

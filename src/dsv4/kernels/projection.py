@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import BF16_DOT_DTYPE, cdiv, next_pow2, pow2_divisor, sm_count
+from .launch import BF16_DOT_DTYPE, pow2_divisor, sm_count
 from .workspace import Workspace, scratch
 
 BLOCK_M_MAX = 128  # rows of x per tile: all T=128 decode tokens in one M-tile, so each weight byte is read once
@@ -44,14 +44,14 @@ class ProjectionTiles:
     def grid(self, t: int, n: int) -> tuple[int, int, int]:
         """(column tiles, row tiles, K slices): column tiles vary fastest, so the programs that run
         together share one M-tile of ``x`` (in L2) and sweep all weight columns once."""
-        return (n // self.block_n, cdiv(t, self.block_m), self.splits)
+        return (n // self.block_n, triton.cdiv(t, self.block_m), self.splits)
 
 
 def projection_tiles(t: int, d: int, n0: int, n1: int, sms: int) -> ProjectionTiles:
     """Tiles for ``[T, D] @ [N0 + N1, D].T``: as many K slices as fit one wave of ``sms`` programs (all
     SMs busy, no ragged second wave), never more slices than K blocks; one slice once the output
     tiles alone fill the SMs (prefill)."""
-    block_m = min(BLOCK_M_MAX, max(BLOCK_M_MIN, next_pow2(t)))
+    block_m = min(BLOCK_M_MAX, max(BLOCK_M_MIN, triton.next_power_of_2(t)))
     block_n = min(pow2_divisor(n0, BLOCK_N_MAX), pow2_divisor(n1, BLOCK_N_MAX))
     block_k = pow2_divisor(d, BLOCK_K_MAX)
     if block_n < BLOCK_MIN:
@@ -60,7 +60,7 @@ def projection_tiles(t: int, d: int, n0: int, n1: int, sms: int) -> ProjectionTi
         )
     if block_k < BLOCK_MIN:
         raise ValueError(f"x: the Triton backend needs a hidden size D that is a multiple of {BLOCK_MIN}, got {d}")
-    tiles = cdiv(t, block_m) * (n0 + n1) // block_n
+    tiles = triton.cdiv(t, block_m) * (n0 + n1) // block_n
     splits = max(1, min(d // block_k, sms // tiles))
     return ProjectionTiles(block_m, block_n, block_k, splits)
 

@@ -19,7 +19,7 @@ from ..rope import RopeTable
 from ..structs import QKV
 from ..weights import AttnWeights
 from .epilogue import quantize_int8_rows, rms_inv, store_rope_bf16
-from .launch import cdiv, is_pow2, next_pow2, pow2_divisor
+from .launch import is_pow2, pow2_divisor
 from .projection import split_k_projection
 from .workspace import Workspace
 
@@ -175,11 +175,11 @@ def qkv_proj_rope(
     _qr_kv_rows_kernel[(t,)](
         partial, w.gamma_cq, w.gamma_ckv, positions, rope.cos, rope.sin, qr, qr_scale, kv,
         t, partial.shape[0], eps,
-        QL=ql, HD=hd, R=r, BLOCK_QL=next_pow2(ql), num_warps=ROWS_NUM_WARPS,
+        QL=ql, HD=hd, R=r, BLOCK_QL=triton.next_power_of_2(ql), num_warps=ROWS_NUM_WARPS,
     )  # fmt: skip
 
-    block_m = min(Q_BLOCK_M_MAX, max(Q_BLOCK_M_MIN, next_pow2(t)))
-    _q_heads_kernel[(cdiv(t, block_m), h)](
+    block_m = min(Q_BLOCK_M_MAX, max(Q_BLOCK_M_MIN, triton.next_power_of_2(t)))
+    _q_heads_kernel[(triton.cdiv(t, block_m), h)](
         qr, qr_scale, w.wq_b, w.wq_b_scale, positions, rope.cos, rope.sin, q,
         t, eps,
         QL=ql, H=h, HD=hd, R=r, BLOCK_M=block_m, BLOCK_K=block_k,

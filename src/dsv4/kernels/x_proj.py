@@ -19,6 +19,7 @@ import triton.language as tl
 from ..config import COMPRESS_RATIO
 from ..structs import StepPositions
 from ..weights import CompressorWeights
+from .launch import sm_count
 from .workspace import Workspace, scratch
 
 BLOCK_M = 64  # tokens per tile: a decode step (T=128) is two tiles; fp32 acc [64, 64] = 16 regs/thread at 8 warps
@@ -149,8 +150,7 @@ def split_k_for(tiles: int, d: int, device: torch.device) -> int:
     program at a time: there a split only adds programs."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(sms // tiles, triton.cdiv(d, BLOCK_K)))
+    return max(1, min(sm_count(device) // tiles, triton.cdiv(d, BLOCK_K)))
 
 
 def x_projection(
