@@ -18,7 +18,7 @@ import dsv4
 from dsv4 import PRESETS, CheckpointError, load_layer
 from dsv4.checkpoint import Checkpoint, config_from_json
 from dsv4.cli import main
-from dsv4.golden import compare
+from dsv4.golden import compare, step_inputs
 from dsv4.quant import quantize_weight_int8
 from fp8_checkpoint import config_json, dequantize_f64, layer_tensors, write_checkpoint
 
@@ -156,8 +156,7 @@ def test_loaded_layer_runs_the_front_end(odd_dir):
     (qkv, idx, state), (qkv_ref, idx_ref, state_ref) = outs
     assert qkv.q.shape == (b * s, 3, 96) and torch.isfinite(qkv.q.float()).all() and qkv.q.abs().max() > 0
     assert compare("qkv_proj_rope", qkv._asdict(), qkv_ref._asdict()).passed
-    inputs = {"offset": cfg.sliding_window, "start_pos": torch.full((b,), start), "seq": s,
-              "idx_kv_cache": torch.zeros_like(state.idx_kv_cache)}  # fmt: skip
+    inputs = step_inputs(x, start, torch.zeros_like(state.idx_kv_cache), cfg.sliding_window)
     got_idx, want_idx = {**idx._asdict(), **state.tensors()}, {**idx_ref._asdict(), **state_ref.tensors()}
     report = compare("indexer", got_idx, want_idx, inputs)
     assert report.passed, report

@@ -7,7 +7,7 @@ import torch
 
 import dsv4
 from conftest import BACKENDS, DEVICE
-from dsv4.golden import compare
+from dsv4.golden import compare, step_inputs
 from golden_vectors import INDEXER_CASES, QKV_CASES, Vectors
 
 
@@ -38,6 +38,7 @@ def test_indexer_golden(name: str, backend: str) -> None:
         names = ("score", "topk_idxs", "kv_state", "score_state", "idx_kv_cache")
         expected = {n: v.t(f"step{k}_expected_{n}") for n in names}
         expected["idx_kv_cache"] = expected["idx_kv_cache"].to(torch.bfloat16)
-        inputs = {"offset": m["offset"], "start_pos": start.cpu(), "seq": x.shape[1], "idx_kv_cache": before}
-        report = compare("indexer", {**out._asdict(), **state.tensors()}, expected, inputs)
+        report = compare(
+            "indexer", {**out._asdict(), **state.tensors()}, expected, step_inputs(x, start, before, m["offset"])
+        )
         assert report, f"step {k} (start_pos {start.tolist()}):\n{report}"

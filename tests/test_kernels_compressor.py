@@ -11,7 +11,7 @@ import dsv4
 from conftest import DEVICE
 from dsv4.cases import Case, make_case, prefilled_state, run_case
 from dsv4.config import PRESETS
-from dsv4.golden import TOLERANCES, compare, ratio_allclose
+from dsv4.golden import TOLERANCES, compare, ratio_allclose, step_inputs
 from dsv4.kernels.x_proj import x_projection
 from dsv4.reference.common import linear
 from dsv4.validate import step_positions
@@ -28,12 +28,6 @@ def compressor_case(batch: int, seq: int, start: Start, seed: int = 0) -> Case:
     if isinstance(start, int):
         case.args["start_pos"] = start  # the op's int form
     return case
-
-
-def step_inputs(before: dsv4.IndexerState, start: Start, batch: int, seq: int) -> dict:
-    """``compare``'s inputs: the pre-step cache and every row's start (an int start spans all rows)."""
-    rows = torch.tensor(start if isinstance(start, list) else [start] * batch)
-    return {"start_pos": rows, "seq": seq, "idx_kv_cache": before.idx_kv_cache.cpu()}
 
 
 def assert_matches_reference(case: Case) -> None:
@@ -85,7 +79,7 @@ def test_state_rows_past_batch_untouched() -> None:
         assert torch.equal(got[name][2:], before[2:]), f"{name} rows 2..3 changed"
         got[name], expected[name] = got[name][:2], expected[name][:2]
     before = dsv4.IndexerState(*(t[:2] for t in extra.tensors().values()))
-    report = compare("indexer_compressor", got, expected, step_inputs(before, [1, 6], 2, 3))
+    report = compare("indexer_compressor", got, expected, step_inputs(case.args["x"], [1, 6], before.idx_kv_cache))
     assert report, str(report)
 
 
@@ -101,18 +95,17 @@ def test_decode_steps_state_carried() -> None:
     for step, seq in enumerate([1, 1, 2, 3, 1, 1]):
         x = synthetic_activations((3, seq, TINY.hidden_size), seed=100 + step, device=DEVICE)
         start = torch.tensor([p + done for p in starts], device=DEVICE)
-        rows = start.tolist()
         same_start = ref_state.clone()
         dsv4.indexer_compressor(x, w, same_start, start, rope, backend="triton")
         before_ref = ref_state.clone()
         dsv4.indexer_compressor(x, w, ref_state, start, rope, backend="reference")
         report = compare("indexer_compressor", same_start.tensors(), ref_state.tensors(),
-                         step_inputs(before_ref, rows, 3, seq))  # fmt: skip
+                         step_inputs(x, start, before_ref.idx_kv_cache))  # fmt: skip
         assert report, f"step {step} from the reference's state:\n{report}"
         before_carried = carried.clone()
         dsv4.indexer_compressor(x, w, carried, start, rope, backend="triton")
         report = compare("indexer_compressor", carried.tensors(), ref_state.tensors(),
-                         step_inputs(before_carried, rows, 3, seq))  # fmt: skip
+                         step_inputs(x, start, before_carried.idx_kv_cache))  # fmt: skip
         assert report, f"step {step} carried:\n{report}"
         done += seq
 

@@ -13,6 +13,7 @@ import torch
 
 from . import ops
 from .config import COMPRESS_RATIO, DeepSeekV4Config, mode_shape
+from .golden import step_inputs
 from .quant import quantize_int8_per_row
 from .rope import RopeTable, rope_table
 from .state import IndexerState
@@ -37,13 +38,8 @@ class Case:
         """What ``golden.compare`` needs of the inputs (offset, start_pos, seq, pre-step cache)."""
         if self.op == "qkv_proj_rope":
             return {}
-        batch = self.args["x"].shape[0]
-        return {
-            "offset": self.args.get("offset", 0),
-            "start_pos": torch.as_tensor(self.args["start_pos"]).reshape(-1).cpu().expand(batch),  # an int: every row
-            "seq": self.args["x"].shape[1],
-            "idx_kv_cache": self.args["state"].idx_kv_cache.cpu(),
-        }
+        a = self.args
+        return step_inputs(a["x"], a["start_pos"], a["state"].idx_kv_cache, a.get("offset", 0))
 
 
 def prefilled_state(

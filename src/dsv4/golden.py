@@ -282,3 +282,14 @@ def compare(
             t = TOLERANCES[name]
             report.checks.append(ratio_allclose(outputs[name], expected[name], t.atol, t.rtol, t.max_error_ratio, name))
     return report
+
+
+def step_inputs(
+    x: torch.Tensor, start_pos: int | list[int] | torch.Tensor, cache_before: torch.Tensor, offset: int = 0
+) -> dict[str, Any]:
+    """``compare``'s ``inputs`` for one step of a stateful op on ``x [B, S, D]``: ``start_pos`` per
+    row (an int applies to every row), ``seq``, the ``idx_kv_cache`` from before the step and the
+    ``offset`` the indexer added."""
+    b, s = x.shape[:2]
+    start = torch.as_tensor(start_pos).reshape(-1).cpu().expand(b)
+    return {"offset": offset, "start_pos": start, "seq": s, "idx_kv_cache": cache_before.cpu()}

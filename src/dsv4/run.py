@@ -13,7 +13,7 @@ import torch
 from . import ops
 from .backends import resolve
 from .config import COMPRESS_RATIO, DeepSeekV4Config
-from .golden import compare
+from .golden import compare, step_inputs
 from .rope import rope_table
 from .state import IndexerState
 from .weights import LayerWeights, synthetic_activations, synthetic_weights
@@ -105,8 +105,7 @@ def run_front_end(
         if before is not None:
             expected_state = before.clone()
             ref = ops.indexer(*idx_args, state=expected_state, **idx_kwargs, backend="reference")
-            inputs = {"offset": cfg.sliding_window, "start_pos": torch.full((batch,), pos), "seq": s,
-                      "idx_kv_cache": before.idx_kv_cache.cpu()}  # fmt: skip
+            inputs = step_inputs(x, pos, before.idx_kv_cache, cfg.sliding_window)
             got = {**idx._asdict(), **state.tensors()}
             want = {**ref._asdict(), **expected_state.tensors()}
             check, ok = _verdict(compare("indexer", got, want, inputs))
