@@ -10,21 +10,19 @@ values drift; sizes and addresses do not).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..backends import BACKENDS, unavailable_reason
+from ..backends import BACKENDS, get_backend, unavailable_reason
 from ..cases import Case
 from ..state import IndexerState
 from ..validate import check_compressor, check_indexer, check_qkv_proj_rope
 
 COMPILED = "compile"  # torch.compile of the reference backend
 BENCH_BACKENDS = (*BACKENDS, COMPILED)
-_MODULES = {"reference": "dsv4.reference", "triton": "dsv4.kernels", COMPILED: "dsv4.reference"}
 
 
 @dataclass
@@ -59,7 +57,7 @@ def bind(case: Case, backend: str) -> BoundCall:
     """``case``'s op on ``backend`` with validated arguments and a private copy of the state."""
     if backend not in BENCH_BACKENDS:
         raise ValueError(f"backend: expected one of {BENCH_BACKENDS}, got {backend!r}")
-    fn = getattr(importlib.import_module(_MODULES[backend]), case.op)
+    fn = getattr(get_backend("reference" if backend == COMPILED else backend, case.args["x"].device), case.op)
     if backend == COMPILED:
         torch.compiler.reset()  # each case compiles afresh: no recompile limit reached across the grid
         fn = torch.compile(fn, dynamic=False, options={"emulate_precision_casts": True})
