@@ -14,7 +14,6 @@ import torch
 
 from .config import COMPRESS_RATIO
 
-MASKED_SCORE = torch.finfo(torch.float32).min  # -3.4028235e38
 _MASK_LIKE = -1e38  # anything below this counts as "masked" (-inf or the most negative finite)
 
 

@@ -9,6 +9,8 @@ import torch
 
 from .config import COMPRESS_RATIO
 
+MASKED_SCORE = torch.finfo(torch.float32).min  # -3.4028235e38, the most negative finite fp32: "not visible"
+
 
 class QKV(NamedTuple):
     """Outputs of ``qkv_proj_rope``: ``q [T, H, HD] bf16``, ``kv [T, HD] bf16``, ``qr [T, QL] int8``,
@@ -37,7 +39,7 @@ def copy_into(result: QKV | IndexerOut, out: QKV | IndexerOut | None) -> QKV | I
     for src, dst in zip(result, out, strict=True):
         if src.shape != dst.shape:  # a padded score buffer
             dst[..., : src.shape[-1]].copy_(src)
-            dst[..., src.shape[-1] :].fill_(torch.finfo(torch.float32).min)
+            dst[..., src.shape[-1] :].fill_(MASKED_SCORE)
         else:
             dst.copy_(src)
     return out

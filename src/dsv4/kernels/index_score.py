@@ -19,11 +19,9 @@ import triton
 import triton.language as tl
 
 from ..config import COMPRESS_RATIO
-from ..structs import StepPositions
+from ..structs import MASKED_SCORE, StepPositions
 from .epilogue import quantize_int8_rows
 from .launch import is_pow2
-
-MASKED_SCORE = -3.4028235e38  # torch.finfo(torch.float32).min: the score of a key a token cannot see
 
 KEYS_PER_PROGRAM = 128  # 128 keys x 256 B (bf16, HID=128) = 32 KB of keys per program. ptxas (sm_90,
 # 4 warps, HI=64, aligned operands) reports 165 registers, no spills and 41 KB of shared memory, so

@@ -9,12 +9,10 @@ from ..hadamard import hadamard_matrix
 from ..quant import quantize_int8_per_row
 from ..rope import RopeTable
 from ..state import IndexerState
-from ..structs import IndexerOut, StepPositions, copy_into
+from ..structs import MASKED_SCORE, IndexerOut, StepPositions, copy_into
 from ..weights import IndexerWeights
 from .common import apply_rope, int8_matmul, linear
 from .compressor import indexer_compressor
-
-MASKED_SCORE = torch.finfo(torch.float32).min  # -3.4028235e38, the most negative finite fp32: "not visible"
 
 
 def index_query(
