@@ -71,20 +71,20 @@ def front_end_specs(cfg: DeepSeekV4Config, indexer: bool, block: tuple[int, int]
     return specs
 
 
-# config.json field -> DeepSeekV4Config field, for the fields that must be present
-_REQUIRED_FIELDS = {
-    "hidden_size": "hidden_size",
-    "num_attention_heads": "num_attention_heads",
-    "head_dim": "head_dim",
-    "qk_rope_head_dim": "qk_rope_head_dim",
-    "q_lora_rank": "q_lora_rank",
-    "index_n_heads": "index_n_heads",
-    "index_head_dim": "index_head_dim",
-    "index_topk": "index_topk",
-    "max_position_embeddings": "max_position_embeddings",
-    "rope_theta": "rope_theta",
-    "compress_rope_theta": "compress_rope_theta",
-}
+# config.json fields that must be present; each is the DeepSeekV4Config field of the same name
+_REQUIRED_FIELDS = (
+    "hidden_size",
+    "num_attention_heads",
+    "head_dim",
+    "qk_rope_head_dim",
+    "q_lora_rank",
+    "index_n_heads",
+    "index_head_dim",
+    "index_topk",
+    "max_position_embeddings",
+    "rope_theta",
+    "compress_rope_theta",
+)
 
 
 def config_from_json(raw: dict[str, Any], source: str = CONFIG_FILE) -> DeepSeekV4Config:
@@ -100,7 +100,7 @@ def config_from_json(raw: dict[str, Any], source: str = CONFIG_FILE) -> DeepSeek
         missing.append("sliding_window")
     if missing:
         raise CheckpointError(f"{source}: missing field(s) {', '.join(missing)}; pass cfg= to load_layer instead")
-    fields: dict[str, Any] = {ours: raw[theirs] for theirs, ours in _REQUIRED_FIELDS.items()}
+    fields: dict[str, Any] = {k: raw[k] for k in _REQUIRED_FIELDS}
     yarn = raw.get("rope_scaling") or {}
     fields.update(
         sliding_window=int(window),

@@ -15,7 +15,6 @@ from .weights import AttnWeights, CompressorWeights, IndexerWeights, LayerWeight
 _ATTN = ("wq_a", "gamma_cq", "wq_b", "wq_b_scale", "wkv", "gamma_ckv")
 _INDEXER = ("wq_b", "wq_b_scale", "weights_proj")
 _COMPRESSOR = ("wkv", "wgate", "ape", "norm_w")
-_STATE = ("kv_state", "score_state", "idx_kv_cache")
 
 
 class DecodeFrontEnd(torch.nn.Module):
@@ -57,8 +56,8 @@ class DecodeFrontEnd(torch.nn.Module):
         hid = weights.indexer.compressor.norm_w.shape[0]
         device = weights.attn.wq_a.device
         state = IndexerState.fresh(batch, max_position // COMPRESS_RATIO, hid, device)
-        for name in _STATE:
-            self.register_buffer(name, getattr(state, name))
+        for name, t in state.tensors().items():
+            self.register_buffer(name, t)
         self.topk, self.offset, self.eps, self.backend = topk, offset, eps, backend
         self.next_pos = [0] * batch  # where each slot's next token sits (host-side: no device sync)
         self.last_score: torch.Tensor | None = None

@@ -225,9 +225,10 @@ def run_bench(
             cfg, shape.op, shape.mode, seed, device=device, max_position=shape.max_position,
             batch=shape.batch, seq=shape.seq, start_pos=shape.start_pos,
         )  # fmt: skip
-        start_host = [int(p) for p in torch.as_tensor(case.args.get("start_pos", 0)).reshape(-1).tolist()]
         if shape.op == "qkv_proj_rope":
-            start_host = [int(p) for p in case.args["positions"].view(shape.batch, shape.seq)[:, 0].tolist()]
+            start_host = case.args["positions"].view(shape.batch, shape.seq)[:, 0].tolist()
+        else:
+            start_host = case.args["start_pos"].tolist()
         cost = op_cost(cfg, shape.op, start_host, shape.seq)
         table_floor = floors_us(cost, spec.bandwidth if spec else None, spec)
         copy_floor = floors_us(cost, copy_bw, spec)
