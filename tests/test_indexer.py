@@ -9,6 +9,7 @@ import dsv4
 from conftest import BACKENDS, DEVICE
 from dsv4.cases import clone_args, make_case
 from dsv4.golden import TOLERANCES, ratio_allclose
+from op_cases import case_at
 
 CFG = dsv4.get_config("tiny")
 MASKED = torch.finfo(torch.float32).min  # -3.4028235e38
@@ -58,11 +59,7 @@ def test_score_equals_spec_einsum(backend: str, mode: str) -> None:
 
 def _step(batch: int, seq: int, start: list[int] | int, topk: int = 8, seed: int = 0):
     """A case with explicit start positions (each row prefilled to its start)."""
-    case = make_case(
-        CFG, "indexer", "decode", seed=seed, device=DEVICE, max_position=256, batch=batch, seq=seq, start_pos=start
-    )
-    if isinstance(start, int):
-        case.args["start_pos"] = start  # the op's int form
+    case = case_at(CFG, "indexer", batch, seq, start, seed, max_position=256)
     case.args["topk"] = topk
     return case
 

@@ -9,32 +9,16 @@ import torch
 
 import dsv4
 from conftest import DEVICE
-from dsv4.cases import Case, make_case, prefilled_state, run_case
+from dsv4.cases import make_case, prefilled_state, run_case
 from dsv4.config import PRESETS
 from dsv4.golden import TOLERANCES, compare, ratio_allclose, step_inputs
 from dsv4.kernels.x_proj import x_projection
 from dsv4.reference.common import linear
 from dsv4.validate import step_positions
 from dsv4.weights import synthetic_activations
+from op_cases import Start, assert_matches_reference, case_at
 
 TINY = PRESETS["tiny"]
-Start = int | list[int]
-
-
-def compressor_case(batch: int, seq: int, start: Start, seed: int = 0) -> Case:
-    """A tiny compressor call at ``start`` (an int for every row, or one per row) with the ring and
-    cache prefilled as if each row had already seen ``start`` tokens."""
-    case = make_case(TINY, "indexer_compressor", seed=seed, device=DEVICE, batch=batch, seq=seq, start_pos=start)
-    if isinstance(start, int):
-        case.args["start_pos"] = start  # the op's int form
-    return case
-
-
-def assert_matches_reference(case: Case) -> None:
-    got = run_case(case, "triton")
-    expected = run_case(case, "reference")
-    report = compare("indexer_compressor", got, expected, case.compare_inputs())
-    assert report, str(report)
 
 
 # (batch, seq, start): positions start..start+S-1 close a block where (p + 1) % 4 == 0.
@@ -59,18 +43,18 @@ STEPS = {
 @pytest.mark.parametrize("name", STEPS)
 def test_compressor_step(name: str) -> None:
     batch, seq, start = STEPS[name]
-    assert_matches_reference(compressor_case(batch, seq, start, seed=len(name)))
+    assert_matches_reference(case_at(TINY, "indexer_compressor", batch, seq, start, seed=len(name)))
 
 
 @pytest.mark.parametrize(("batch", "seq", "start"), [(1, 64, 0), (2, 67, [0, 5]), (1, 131, 6)])
 def test_compressor_prefill(batch: int, seq: int, start: Start) -> None:
     """Many blocks close in one step: up to 33 per row, pooled by several programs in parallel."""
-    assert_matches_reference(compressor_case(batch, seq, start, seed=seq))
+    assert_matches_reference(case_at(TINY, "indexer_compressor", batch, seq, start, seed=seq))
 
 
 def test_state_rows_past_batch_untouched() -> None:
     """A state with more rows than the step's batch: rows >= B stay bit-identical."""
-    case = compressor_case(2, 3, [1, 6], seed=3)
+    case = case_at(TINY, "indexer_compressor", 2, 3, [1, 6], seed=3)
     extra = prefilled_state(TINY, 4, case.meta["max_position"], torch.tensor([1, 6, 9, 13]), 3, DEVICE)
     case.args["state"] = extra
     got = run_case(case, "triton")
@@ -87,7 +71,7 @@ def test_decode_steps_state_carried() -> None:
     """Consecutive decode steps of uneven sizes: each step from the same pre-step state, and a run
     where each backend carries its own state from step to step."""
     starts = [0, 2, 5]
-    case = compressor_case(3, 1, starts, seed=21)
+    case = case_at(TINY, "indexer_compressor", 3, 1, starts, seed=21)
     w, rope = case.args["w"], case.args["rope"]
     ref_state = case.state().clone()
     carried = case.state().clone()

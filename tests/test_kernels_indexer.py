@@ -11,43 +11,22 @@ import torch
 import dsv4
 from conftest import DEVICE
 from dsv4.cases import Case, make_case, run_case
-from dsv4.config import PRESETS, DeepSeekV4Config
+from dsv4.config import PRESETS
 from dsv4.golden import TOLERANCES, compare, ratio_allclose
 from dsv4.kernels.index_query import index_query
 from dsv4.quant import quantize_int8_per_row
 from dsv4.reference.indexer import index_query as reference_index_query
 from dsv4.validate import step_positions
+from op_cases import assert_matches_reference, case_at
 
 TINY = PRESETS["tiny"]
-Start = int | list[int] | None
-
-
-def indexer_case(
-    cfg: DeepSeekV4Config, batch: int, seq: int, start: Start = None, seed: int = 0, max_position: int | None = None
-) -> Case:
-    """An indexer call; ``start`` None keeps ``make_case``'s random per-row starts, an int or list
-    sets them (with the state prefilled up to there)."""
-    case = make_case(
-        cfg, "indexer", seed=seed, device=DEVICE, batch=batch, seq=seq, max_position=max_position, start_pos=start
-    )
-    if isinstance(start, int):
-        case.args["start_pos"] = start  # the op's int form
-    return case
-
-
-def assert_matches_reference(case: Case) -> dict[str, torch.Tensor]:
-    got = run_case(case, "triton")
-    expected = run_case(case, "reference")
-    report = compare("indexer", got, expected, case.compare_inputs())
-    assert report, str(report)
-    return got
 
 
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("seq", [1, 2, 3])
 def test_indexer_decode_tiny(batch: int, seq: int) -> None:
     """Random per-row start positions (make_case's decode rows)."""
-    assert_matches_reference(indexer_case(TINY, batch, seq, seed=10 * batch + seq))
+    assert_matches_reference(case_at(TINY, "indexer", batch, seq, seed=10 * batch + seq))
 
 
 # (batch, seq, start): block closes on the first / last / no token, several blocks, per-row starts.
@@ -64,7 +43,7 @@ BOUNDARIES = {
 @pytest.mark.parametrize("name", BOUNDARIES)
 def test_indexer_block_boundaries(name: str) -> None:
     batch, seq, start = BOUNDARIES[name]
-    assert_matches_reference(indexer_case(TINY, batch, seq, start, seed=len(name)))
+    assert_matches_reference(case_at(TINY, "indexer", batch, seq, start, seed=len(name)))
 
 
 def test_indexer_prefill() -> None:
@@ -76,14 +55,14 @@ def test_indexer_prefill() -> None:
 def test_indexer_cache_len_4096() -> None:
     """4096 visible rows: 32 score programs, a top-k row of 4096 keys."""
     cfg = TINY.replace(max_position_embeddings=16384)
-    got = assert_matches_reference(indexer_case(cfg, 1, 1, 16383, seed=6, max_position=16384))
+    got = assert_matches_reference(case_at(cfg, "indexer", 1, 1, 16383, seed=6, max_position=16384))
     assert got["score"].shape[-1] == 4096
 
 
 def test_indexer_decode_steps_state_carried() -> None:
     """Four decode steps of S=2: each from the same pre-step state, and a run where each backend
     carries its own state."""
-    case = indexer_case(TINY, 3, 2, [1, 6, 13], seed=8)
+    case = case_at(TINY, "indexer", 3, 2, [1, 6, 13], seed=8)
     ref_case, carried_case = case, Case(case.op, dict(case.args), case.meta)
     for step in range(4):
         expected = run_case(ref_case, "reference")
@@ -107,14 +86,14 @@ def state_of(outputs: dict[str, torch.Tensor]) -> dsv4.IndexerState:
 
 def test_indexer_demo_decode() -> None:
     """Full model dims (D=4096, 64 heads, QL=1024), two sequences of a decode step."""
-    assert_matches_reference(indexer_case(PRESETS["demo"], 2, 2, seed=2))
+    assert_matches_reference(case_at(PRESETS["demo"], "indexer", 2, 2, seed=2))
 
 
 def test_indexer_long_context() -> None:
     """B=1 at 1M tokens: 65536 compressed keys (tiny heads, HID=128), the chunked top-k path."""
     n = 262144
     cfg = TINY.replace(max_position_embeddings=n)
-    case = indexer_case(cfg, 1, 2, n - 2, seed=11, max_position=n)
+    case = case_at(cfg, "indexer", 1, 2, n - 2, seed=11, max_position=n)
     t0 = time.perf_counter()
     got = assert_matches_reference(case)
     assert got["score"].shape[-1] == 65536
@@ -142,7 +121,7 @@ def test_index_query(preset: str, batch: int, seq: int) -> None:
 
 def test_bad_input_leaves_state_untouched() -> None:
     """Validation runs before any kernel: a start past the cache raises and changes nothing."""
-    case = indexer_case(TINY, 2, 2, seed=1)
+    case = case_at(TINY, "indexer", 2, 2, seed=1)
     state = case.state()
     before = state.clone()
     args = dict(case.args, start_pos=state.cache_rows * 4)
