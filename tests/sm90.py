@@ -8,14 +8,9 @@ compile tests also lower every kernel. A script runs in a subprocess because ker
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+from subprocesses import run_python
 
 COMPILE_SM90 = r"""
 import triton
@@ -40,9 +35,6 @@ def compile_sm90(fn, signature, constexprs, num_warps, **options):
 def run_compile_script(script: str, timeout: int) -> str:
     """Run ``COMPILE_SM90 + script`` in a fresh interpreter with the interpreter mode off -> its stdout."""
     pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend cannot target sm_90")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(SRC)}
-    result = subprocess.run(
-        [sys.executable, "-c", COMPILE_SM90 + script], env=env, capture_output=True, text=True, timeout=timeout
-    )
+    result = run_python(["-c", COMPILE_SM90 + script], timeout=timeout, TRITON_INTERPRET="0")
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout

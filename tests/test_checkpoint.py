@@ -5,9 +5,6 @@ running on the loaded layer, and clear errors for every way a checkpoint can be 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +18,7 @@ from dsv4.cli import main
 from dsv4.golden import compare, step_inputs
 from dsv4.quant import quantize_weight_int8
 from fp8_checkpoint import config_json, dequantize_f64, layer_tensors, write_checkpoint
+from subprocesses import run_dsv4
 
 TINY = PRESETS["tiny"]
 # Dims that are not multiples of the 128x128 scale block (D=320, H*HD=288, QL=192): edge blocks.
@@ -349,8 +347,7 @@ def test_cli_run_checkpoint(tiny_dir, capsys):
 
 
 def test_cli_subprocess_inspect(odd_dir):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    r = subprocess.run([sys.executable, "-m", "dsv4", "inspect", str(odd_dir)], capture_output=True, text=True, env=env)
+    r = run_dsv4("inspect", str(odd_dir))
     assert r.returncode == 0, r.stderr
     assert "config: checkpoint (D=320 H=3 HD=96" in r.stdout and "layers.0.attn.wq_b.scale" in r.stdout
     assert "F8_E8M0  [3, 2]" in r.stdout and json.loads((odd_dir / "config.json").read_text())["compress_ratios"] == [4]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -16,18 +14,12 @@ import dsv4.backends
 import dsv4.reference
 from dsv4.cli import main
 from dsv4.structs import QKV
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _dsv4(*argv: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "dsv4", *argv], capture_output=True, text=True, env=env, timeout=600)
+from subprocesses import run_dsv4
 
 
 def test_run_prints_table_and_passes() -> None:
     """By default the fused kernels run (on a CPU through Triton's interpreter), each call checked."""
-    proc = _dsv4("run", "--steps", "2", "--start-pos", "6", "--batch", "2")
+    proc = run_dsv4("run", "--steps", "2", "--start-pos", "6", "--batch", "2")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert "backend=triton" in lines[0]
@@ -38,13 +30,13 @@ def test_run_prints_table_and_passes() -> None:
 
 
 def test_info_lists_backends() -> None:
-    proc = _dsv4("info")
+    proc = run_dsv4("info")
     assert proc.returncode == 0, proc.stderr
     assert "torch" in proc.stdout and "backend reference available" in proc.stdout
 
 
 def test_bad_arguments_exit_nonzero() -> None:
-    proc = _dsv4("run", "--preset", "tiny", "--start-pos", "5000")
+    proc = run_dsv4("run", "--preset", "tiny", "--start-pos", "5000")
     assert proc.returncode == 2 and "max_position_embeddings" in proc.stderr
 
 
@@ -53,7 +45,7 @@ def test_golden_save_then_check(tmp_path: Path) -> None:
         assert main(["golden", "save", str(tmp_path), "--op", op, "--seed", "3"]) == 0
     assert main(["golden", "save", str(tmp_path), "--op", "indexer", "--mode", "prefill"]) == 0
     assert len(list(tmp_path.glob("*.json"))) == 4
-    proc = _dsv4("golden", "check", str(tmp_path), "--backend", "reference", "--device", "cpu")
+    proc = run_dsv4("golden", "check", str(tmp_path), "--backend", "reference", "--device", "cpu")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "4/4 golden cases passed" in proc.stdout
 
@@ -62,7 +54,7 @@ def test_golden_save_then_check(tmp_path: Path) -> None:
     expected = load_file(str(path))
     expected["kv"] = (expected["kv"].float() * 1.05).to(torch.bfloat16)
     save_file(expected, str(path))
-    proc = _dsv4("golden", "check", str(tmp_path), "--backend", "reference", "--device", "cpu")
+    proc = run_dsv4("golden", "check", str(tmp_path), "--backend", "reference", "--device", "cpu")
     assert proc.returncode == 1
     assert "3/4 golden cases passed" in proc.stdout and "kv            FAIL" in proc.stdout
 

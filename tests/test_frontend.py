@@ -9,6 +9,7 @@ import dsv4
 from conftest import BACKENDS, DEVICE
 from dsv4.golden import TOLERANCES, ratio_allclose, topk_allclose
 from frontends import tiny_frontend
+from subprocesses import ROOT, run_python
 
 CFG = dsv4.get_config("tiny")
 SEQ = 2
@@ -77,17 +78,7 @@ def test_module_moves_with_to_and_uses_its_buffers() -> None:
 
 
 def test_decode_loop_example_runs() -> None:
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root / "src")}
-    proc = subprocess.run(
-        [sys.executable, str(root / "examples" / "decode_loop.py"), "--steps", "3", "--prefill", "16"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
+    proc = run_python([str(ROOT / "examples" / "decode_loop.py"), "--steps", "3", "--prefill", "16"], timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     rows = [line.split() for line in lines[2:-1]]
