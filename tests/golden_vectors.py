@@ -45,9 +45,4 @@ class Vectors:
 
     def empty_state(self) -> dsv4.IndexerState:
         m = self.meta
-        b, hid = m["B"], m["index_head_dim"]
-        return dsv4.IndexerState(
-            torch.zeros(b, 8, 2 * hid, device=self.device),
-            torch.full((b, 8, 2 * hid), float("-inf"), device=self.device),
-            torch.zeros(b, m["max_position"] // 4, hid, dtype=torch.bfloat16, device=self.device),
-        )
+        return dsv4.IndexerState.fresh(m["B"], m["max_position"] // 4, m["index_head_dim"], self.device)

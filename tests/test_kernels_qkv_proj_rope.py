@@ -15,8 +15,8 @@ from dsv4.config import DeepSeekV4Config, get_config
 from dsv4.golden import compare
 from dsv4.kernels.launch import H100_SMS
 from dsv4.kernels.projection import projection_tiles
-from dsv4.rope import rope_table
-from dsv4.weights import synthetic_activations, synthetic_weights
+from dsv4.rope import RopeTable, rope_table
+from dsv4.weights import AttnWeights, synthetic_activations, synthetic_weights
 
 TINY = get_config("tiny")
 # Dims of no preset: odd head count, a q LoRA rank that is not a power of two (as in ``pro``) and a
@@ -36,12 +36,19 @@ def decode_positions(t: int, table: int, seed: int) -> torch.Tensor:
     return pos
 
 
-def check(cfg: DeepSeekV4Config, positions: torch.Tensor, table: int, seed: int, outliers: int) -> None:
-    """Run both backends on the same seeded inputs and hold the Triton outputs to spec §6."""
+def qkv_inputs(
+    cfg: DeepSeekV4Config, positions: torch.Tensor, table: int, seed: int, outliers: int = 0
+) -> tuple[torch.Tensor, AttnWeights, torch.Tensor, RopeTable]:
+    """``(x, w, positions, rope)`` on the test device: weights from ``seed``, activations from ``seed + 1``."""
     w = synthetic_weights(cfg, seed=seed).attn.to(DEVICE)
     x = synthetic_activations((positions.numel(), cfg.hidden_size), seed=seed + 1, outliers=outliers, device=DEVICE)
     rope = rope_table(cfg, "compressed", max_position=table, device=DEVICE)
-    positions = positions.to(DEVICE)
+    return x, w, positions.to(DEVICE), rope
+
+
+def check(cfg: DeepSeekV4Config, positions: torch.Tensor, table: int, seed: int, outliers: int) -> None:
+    """Run both backends on the same seeded inputs and hold the Triton outputs to spec §6."""
+    x, w, positions, rope = qkv_inputs(cfg, positions, table, seed, outliers)
     expected = dsv4.qkv_proj_rope(x, w, positions, rope, backend="reference")
     out = dsv4.qkv_proj_rope(x, w, positions, rope, backend="triton")
     report = compare("qkv_proj_rope", out._asdict(), expected._asdict())
@@ -90,10 +97,7 @@ def test_demo_prefill() -> None:
 
 def test_repeatable_bit_for_bit() -> None:
     """The split-K partial sums are added in a fixed order: two runs agree exactly."""
-    w = synthetic_weights(TINY, seed=3).attn.to(DEVICE)
-    x = synthetic_activations((64, TINY.hidden_size), seed=4, outliers=4, device=DEVICE)
-    rope = rope_table(TINY, "compressed", max_position=256, device=DEVICE)
-    positions = decode_positions(64, 256, seed=3).to(DEVICE)
+    x, w, positions, rope = qkv_inputs(TINY, decode_positions(64, 256, seed=3), 256, seed=3, outliers=4)
     first = dsv4.qkv_proj_rope(x, w, positions, rope, backend="triton")
     second = dsv4.qkv_proj_rope(x, w, positions, rope, backend="triton")
     for name, a, b in zip(first._fields, first, second, strict=True):
@@ -102,10 +106,7 @@ def test_repeatable_bit_for_bit() -> None:
 
 def test_writes_into_out() -> None:
     """``out=`` buffers are filled in place (no copy through temporaries) and returned."""
-    w = synthetic_weights(TINY, seed=6).attn.to(DEVICE)
-    x = synthetic_activations((17, TINY.hidden_size), seed=7, device=DEVICE)
-    rope = rope_table(TINY, "compressed", max_position=256, device=DEVICE)
-    positions = decode_positions(17, 256, seed=6).to(DEVICE)
+    x, w, positions, rope = qkv_inputs(TINY, decode_positions(17, 256, seed=6), 256, seed=6)
     plain = dsv4.qkv_proj_rope(x, w, positions, rope, backend="triton")
     out = dsv4.QKV(*(torch.full_like(t, 7) for t in plain))
     pointers = [t.data_ptr() for t in out]
