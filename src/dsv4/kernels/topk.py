@@ -94,6 +94,19 @@ def _descend(prefix, need, done, hist, BINS: tl.constexpr):
 
 
 @triton.jit
+def _first_level(k, visible):
+    """``(prefix, need, done)`` before any digit is fixed: all ``k`` to take, done when that is every key."""
+    return k * 0, k, k == visible
+
+
+@triton.jit
+def _digit_histogram(key, valid, prefix, shift, BITS: tl.constexpr):
+    """Counts of the ``BITS``-bit digit at ``shift`` among the valid keys that equal ``prefix`` above it."""
+    match = valid & ((key >> (shift + BITS)) == prefix)
+    return tl.histogram(((key >> shift) & ((1 << BITS) - 1)).to(tl.int32), 1 << BITS, mask=match)
+
+
+@triton.jit
 def _row_limits(start_ptr, r, seq, topk):
     """Visible keys of token row ``r = b*S + s`` and how many of them to select."""
     visible = (tl.load(start_ptr + r // seq) + r % seq + 1) // _RATIO
@@ -164,14 +177,9 @@ def _select_row_kernel(
     valid = index < visible
     key = _order_key(tl.load(score_ptr + r * n + index, mask=valid, other=0.0))
 
-    prefix = k * 0
-    need = k
-    done = k == visible
+    prefix, need, done = _first_level(k, visible)
     for p in tl.static_range(PASSES):
-        shift = 32 - (p + 1) * BITS
-        match = valid & ((key >> (shift + BITS)) == prefix)
-        digit = ((key >> shift) & ((1 << BITS) - 1)).to(tl.int32)
-        hist = tl.histogram(digit, 1 << BITS, mask=match)
+        hist = _digit_histogram(key, valid, prefix, 32 - (p + 1) * BITS, BITS)
         prefix, need, done = _descend(prefix, need, done, hist, 1 << BITS)
 
     take = _take(key, valid, prefix, need, 0)
@@ -185,9 +193,7 @@ def _select_row_kernel(
 def _threshold_level(level_row_ptr, hist_row_ptr, k, visible, LEVEL: tl.constexpr, BINS: tl.constexpr):
     """``(prefix, need, done)`` once ``LEVEL`` digits are fixed: the previous level as its pass stored
     it (level 0: nothing fixed, all ``k`` to take), advanced by the previous pass's histogram."""
-    prefix = k * 0
-    need = k
-    done = k == visible
+    prefix, need, done = _first_level(k, visible)
     if LEVEL >= 2:
         prefix = tl.load(level_row_ptr + (LEVEL - 1) * 3)
         need = tl.load(level_row_ptr + (LEVEL - 1) * 3 + 1)
@@ -229,9 +235,7 @@ def _radix_pass_kernel(
     index = chunk * CHUNK + tl.arange(0, CHUNK)
     valid = index < tl.where(done, 0, visible)  # nothing is read once the threshold is settled
     key = _order_key(tl.load(score_ptr + r * n + index, mask=valid, other=0.0))
-    shift: tl.constexpr = 32 - (PASS + 1) * BITS
-    match = valid & ((key >> (shift + BITS)) == prefix)
-    hist = tl.histogram(((key >> shift) & (BINS - 1)).to(tl.int32), BINS, mask=match)
+    hist = _digit_histogram(key, valid, prefix, 32 - (PASS + 1) * BITS, BITS)
     bins = tl.arange(0, BINS)
     tl.atomic_add(hist_ptr + (r * PASSES + PASS) * BINS + bins, hist, mask=hist > 0, sem="relaxed")
     if PASS == PASSES - 1:  # per-chunk counts of the last digit: threshold ties before each chunk
