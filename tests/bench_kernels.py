@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.structs import QKV
+from dsv4.model.structs import QKV
 
 BLOCK = 4096  # bytes per program of the read/write kernels: a few programs per tensor at the tiny preset
 

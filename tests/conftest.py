@@ -1,17 +1,14 @@
 """Shared test setup: the device under test and the backends every op test runs on.
 
-Without a GPU the Triton kernels run through Triton's interpreter; the variable must be set
-before any kernel module is imported.
+Without a GPU the Triton kernels run through Triton's interpreter; ``dsv4.kernels.interpreter``
+chooses it, and is imported here before any test module imports a kernel.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import dsv4.kernels.interpreter  # noqa: F401  (before any kernel module: selects the interpreter without CUDA)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from conftest import DEVICE
-from dsv4.cases import Case, make_case, run_case
-from dsv4.config import DeepSeekV4Config
-from dsv4.golden import compare
+from dsv4.harness.cases import Case, make_case, run_case
+from dsv4.harness.golden import compare
+from dsv4.model.config import DeepSeekV4Config
 
 Start = int | list[int] | None
 

@@ -20,7 +20,7 @@ from dsv4.bench.timing import _reps_for, device_spec, time_cpu
 from dsv4.bench.trace import trace_decode_step
 from dsv4.bench.traffic import measure_traffic
 from dsv4.cli import main
-from dsv4.config import get_config
+from dsv4.model.config import get_config
 
 FLASH = get_config("flash")
 TINY = get_config("tiny")

@@ -13,10 +13,10 @@ from safetensors.torch import save_file
 
 import dsv4
 from dsv4 import PRESETS, CheckpointError, load_layer
-from dsv4.checkpoint import Checkpoint, config_from_json
 from dsv4.cli import main
-from dsv4.golden import compare, step_inputs
-from dsv4.quant import quantize_weight_int8
+from dsv4.harness.golden import compare, step_inputs
+from dsv4.io.checkpoint import Checkpoint, config_from_json
+from dsv4.model.quant import quantize_weight_int8
 from fp8_checkpoint import config_json, dequantize_f64, layer_tensors, write_checkpoint
 from subprocesses import run_dsv4
 
@@ -188,12 +188,12 @@ def test_falls_back_to_raw_bytes_when_safetensors_cannot_open(tiny_dir, monkeypa
     def refuse(*args, **kwargs):
         raise RuntimeError("unknown dtype F8_E8M0")
 
-    monkeypatch.setattr("dsv4.safetensors_files.safe_open", refuse)
+    monkeypatch.setattr("dsv4.io.safetensors_files.safe_open", refuse)
     _assert_same_layer(load_layer(tiny_dir, 1), want)
 
 
 def test_fp8_byte_decoders_match_torch():
-    from dsv4.fp8 import e4m3_bytes_to_float32, e8m0_bytes_to_float32
+    from dsv4.io.fp8 import e4m3_bytes_to_float32, e8m0_bytes_to_float32
 
     every = torch.arange(256, dtype=torch.uint8)
     for decode, dtype in ((e4m3_bytes_to_float32, torch.float8_e4m3fn), (e8m0_bytes_to_float32, torch.float8_e8m0fnu)):

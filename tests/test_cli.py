@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import dsv4.backends
+import dsv4.ops.backends
 import dsv4.reference
 from dsv4.cli import main
-from dsv4.structs import QKV
+from dsv4.model.structs import QKV
 from subprocesses import run_dsv4
 
 
@@ -75,7 +75,7 @@ def test_run_exits_nonzero_on_mismatch(monkeypatch: pytest.MonkeyPatch, capsys: 
     broken.indexer = dsv4.reference.indexer
     broken.indexer_compressor = dsv4.reference.indexer_compressor
     monkeypatch.setitem(sys.modules, "broken_backend", broken)
-    monkeypatch.setitem(dsv4.backends._MODULES, "triton", "broken_backend")
+    monkeypatch.setitem(dsv4.ops.backends._MODULES, "triton", "broken_backend")
     code = main(["run", "--backend", "triton", "--steps", "1", "--start-pos", "0", "--device", "cpu"])
     out = capsys.readouterr().out
     assert code == 1

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 import dsv4
-from dsv4.cases import make_case, run_case
-from dsv4.golden import compare, ratio_allclose, topk_allclose
+from dsv4.harness.cases import make_case, run_case
+from dsv4.harness.golden import compare, ratio_allclose, topk_allclose
 
 MASKED = torch.finfo(torch.float32).min
 

@@ -15,11 +15,23 @@ from torch.utils._pytree import tree_leaves
 
 import dsv4
 from conftest import DEVICE
-from dsv4.decode_graph import StaticDecodeStep
 from frontends import tiny_frontend
 
 CFG = dsv4.get_config("tiny")
 HOST_SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
+
+
+def _live_storages() -> set[int]:
+    """Storage addresses of every tensor alive now (tensors without data, such as the fake tensors
+    torch.compile leaves behind, and dead weak proxies are skipped)."""
+    live = set()
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor):
+                live.add(obj.untyped_storage().data_ptr())
+        except (RuntimeError, ReferenceError):
+            continue
+    return live
 
 
 class AllocationAndSyncWatch(TorchDispatchMode):
@@ -27,7 +39,7 @@ class AllocationAndSyncWatch(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.live = {t.untyped_storage().data_ptr() for t in gc.get_objects() if isinstance(t, torch.Tensor)}
+        self.live = _live_storages()
         self.allocations: list[str] = []
         self.syncs: list[str] = []
 
@@ -58,7 +70,7 @@ def test_static_step_allocates_nothing_and_matches_eager() -> None:
     eager_fe(prompt)
     static_fe.reset([1])
     eager_fe.reset([1])  # slot 1 restarts at 0: slots at different positions
-    step = StaticDecodeStep(static_fe, batch=3, seq=2, max_cache_len=32)
+    step = static_fe.static_step(batch=3, seq=2, max_cache_len=32)
     step.warm_up()
     for i in range(4):
         x = dsv4.synthetic_activations((3, 2, CFG.hidden_size), seed=10 + i, device=DEVICE)
@@ -81,13 +93,13 @@ def test_static_step_allocates_nothing_and_matches_eager() -> None:
 
 def test_static_step_checks_its_inputs() -> None:
     fe = tiny_frontend("triton", batch=2, max_position=64)
-    step = StaticDecodeStep(fe, batch=2, seq=2, max_cache_len=4)
+    step = fe.static_step(batch=2, seq=2, max_cache_len=4)
     with pytest.raises(ValueError, match="x: expected"):
         step.set_inputs(torch.zeros(1, 2, CFG.hidden_size, dtype=torch.bfloat16, device=DEVICE), [0, 0])
     with pytest.raises(ValueError, match="max_cache_len"):
         step.set_inputs(torch.zeros(2, 2, CFG.hidden_size, dtype=torch.bfloat16, device=DEVICE), [15, 0])
     with pytest.raises(ValueError, match="max_cache_len"):
-        StaticDecodeStep(fe, batch=2, seq=2, max_cache_len=17)
+        fe.static_step(batch=2, seq=2, max_cache_len=17)
 
 
 def test_capture_needs_cuda_or_says_why() -> None:

@@ -7,7 +7,7 @@ import torch
 
 import dsv4
 from conftest import BACKENDS, DEVICE
-from dsv4.golden import TOLERANCES, ratio_allclose, topk_allclose
+from dsv4.harness.golden import TOLERANCES, ratio_allclose, topk_allclose
 from frontends import tiny_frontend
 from subprocesses import ROOT, run_python
 

@@ -7,7 +7,7 @@ import torch
 
 import dsv4
 from conftest import BACKENDS, DEVICE
-from dsv4.golden import compare, step_inputs
+from dsv4.harness.golden import compare, step_inputs
 from golden_vectors import INDEXER_CASES, QKV_CASES, Vectors
 
 

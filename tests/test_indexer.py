@@ -7,8 +7,8 @@ import torch
 
 import dsv4
 from conftest import BACKENDS, DEVICE
-from dsv4.cases import clone_args, make_case
-from dsv4.golden import TOLERANCES, ratio_allclose
+from dsv4.harness.cases import clone_args, make_case
+from dsv4.harness.golden import TOLERANCES, ratio_allclose
 from op_cases import case_at
 
 CFG = dsv4.get_config("tiny")

@@ -9,13 +9,13 @@ import torch
 
 import dsv4
 from conftest import DEVICE
-from dsv4.cases import make_case, prefilled_state, run_case
-from dsv4.config import PRESETS
-from dsv4.golden import TOLERANCES, compare, ratio_allclose, step_inputs
+from dsv4.harness.cases import make_case, prefilled_state, run_case
+from dsv4.harness.golden import TOLERANCES, compare, ratio_allclose, step_inputs
 from dsv4.kernels.x_proj import x_projection
+from dsv4.model.config import PRESETS
+from dsv4.model.weights import synthetic_activations
+from dsv4.ops.validate import step_positions
 from dsv4.reference.common import linear
-from dsv4.validate import step_positions
-from dsv4.weights import synthetic_activations
 from op_cases import Start, assert_matches_reference, case_at
 
 TINY = PRESETS["tiny"]

@@ -10,13 +10,13 @@ import triton
 import triton.language as tl
 
 from conftest import DEVICE
-from dsv4.golden import TOLERANCES, ratio_allclose
+from dsv4.harness.golden import TOLERANCES, ratio_allclose
 from dsv4.kernels.epilogue import quantize_int8_rows
 from dsv4.kernels.index_score import index_scores
-from dsv4.quant import quantize_int8_per_row
+from dsv4.model.quant import quantize_int8_per_row
+from dsv4.model.structs import MASKED_SCORE
+from dsv4.ops.validate import step_positions
 from dsv4.reference.indexer import index_scores as reference_index_scores
-from dsv4.structs import MASKED_SCORE
-from dsv4.validate import step_positions
 
 HEAD_DIM = 128  # index_head_dim of every preset
 

@@ -10,13 +10,13 @@ import torch
 
 import dsv4
 from conftest import DEVICE
-from dsv4.cases import Case, make_case, run_case
-from dsv4.config import PRESETS
-from dsv4.golden import TOLERANCES, compare, ratio_allclose
+from dsv4.harness.cases import Case, make_case, run_case
+from dsv4.harness.golden import TOLERANCES, compare, ratio_allclose
 from dsv4.kernels.index_query import index_query
-from dsv4.quant import quantize_int8_per_row
+from dsv4.model.config import PRESETS
+from dsv4.model.quant import quantize_int8_per_row
+from dsv4.ops.validate import step_positions
 from dsv4.reference.indexer import index_query as reference_index_query
-from dsv4.validate import step_positions
 from op_cases import assert_matches_reference, case_at
 
 TINY = PRESETS["tiny"]

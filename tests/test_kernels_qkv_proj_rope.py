@@ -11,12 +11,12 @@ import torch
 
 import dsv4
 from conftest import DEVICE
-from dsv4.config import DeepSeekV4Config, get_config
-from dsv4.golden import compare
+from dsv4.harness.golden import compare
 from dsv4.kernels.launch import H100_SMS
 from dsv4.kernels.projection import projection_tiles
-from dsv4.rope import RopeTable, rope_table
-from dsv4.weights import AttnWeights, synthetic_activations, synthetic_weights
+from dsv4.model.config import DeepSeekV4Config, get_config
+from dsv4.model.rope import RopeTable, rope_table
+from dsv4.model.weights import AttnWeights, synthetic_activations, synthetic_weights
 
 TINY = get_config("tiny")
 # Dims of no preset: odd head count, a q LoRA rank that is not a power of two (as in ``pro``) and a

@@ -21,7 +21,7 @@ import tempfile
 import triton
 import triton.language as tl
 
-from dsv4.config import get_config
+from dsv4.model.config import get_config
 from dsv4.kernels import launch, projection as pj
 
 qk = importlib.import_module("dsv4.kernels.qkv_proj_rope")

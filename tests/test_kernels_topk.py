@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from dsv4.golden import TOLERANCES, topk_allclose
+from dsv4.harness.golden import TOLERANCES, topk_allclose
 from dsv4.kernels.topk import CHUNK, ROW_IN_REGISTERS, select_topk
+from dsv4.model.structs import MASKED_SCORE, StepPositions
+from dsv4.ops.validate import step_positions
 from dsv4.reference.indexer import select_topk as reference_select_topk
-from dsv4.structs import MASKED_SCORE, StepPositions
-from dsv4.validate import step_positions
 
 OFFSET = 128  # the attention's window size, added to every index
 

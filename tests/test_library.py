@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import dsv4
-import dsv4.library as lib
+import dsv4.engine.library as lib
 from conftest import BACKENDS, DEVICE
-from dsv4.cases import make_case
+from dsv4.harness.cases import make_case
 
 CFG = dsv4.get_config("tiny")
 

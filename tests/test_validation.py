@@ -10,7 +10,7 @@ import torch
 
 import dsv4
 from conftest import BACKENDS, DEVICE
-from dsv4.cases import Case, make_case
+from dsv4.harness.cases import Case, make_case
 
 CFG = dsv4.get_config("tiny")
 

@@ -1,17 +1,17 @@
 """dsv4: fused kernels for the DeepSeek-V4 attention front end, with a spec-exact reference."""
 
-from . import library  # registers torch.ops.dsv4.*
-from .backends import BACKENDS, available_backends
-from .checkpoint import CheckpointError, checkpoint_config, load_layer
-from .config import PRESETS, DeepSeekV4Config, get_config
-from .frontend import DecodeFrontEnd
-from .hadamard import hadamard_matrix
-from .ops import indexer, indexer_compressor, qkv_proj_rope
-from .quant import quantize_int8_per_row, quantize_weight_int8
-from .rope import RopeTable, rope_table
-from .state import IndexerState
-from .structs import QKV, IndexerOut
-from .weights import (
+from .engine import library  # registers torch.ops.dsv4.*
+from .engine.frontend import DecodeFrontEnd
+from .harness import golden
+from .io import golden_io
+from .io.checkpoint import CheckpointError, checkpoint_config, load_layer
+from .model.config import PRESETS, DeepSeekV4Config, get_config
+from .model.hadamard import hadamard_matrix
+from .model.quant import quantize_int8_per_row, quantize_weight_int8
+from .model.rope import RopeTable, rope_table
+from .model.state import IndexerState
+from .model.structs import QKV, IndexerOut
+from .model.weights import (
     AttnWeights,
     CompressorWeights,
     IndexerWeights,
@@ -19,8 +19,9 @@ from .weights import (
     synthetic_activations,
     synthetic_weights,
 )
-
-__version__ = "0.1.0"
+from .ops.api import indexer, indexer_compressor, qkv_proj_rope
+from .ops.backends import BACKENDS, available_backends
+from .version import __version__ as __version__
 
 __all__ = [
     "BACKENDS",
@@ -42,6 +43,8 @@ __all__ = [
     "hadamard_matrix",
     "indexer",
     "indexer_compressor",
+    "golden",
+    "golden_io",
     "library",
     "load_layer",
     "qkv_proj_rope",

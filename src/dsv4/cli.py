@@ -11,8 +11,8 @@ from importlib import metadata
 
 import torch
 
-from .backends import BACKENDS, unavailable_reason
-from .config import PRESETS, get_config
+from .model.config import PRESETS, get_config
+from .ops.backends import BACKENDS, unavailable_reason
 
 
 def _default_device() -> str:
@@ -20,12 +20,12 @@ def _default_device() -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .run import HEADER, format_row, run_front_end
+    from .harness.run import HEADER, format_row, run_front_end
 
     cfg = get_config(args.preset) if args.preset else None
     weights = None
     if args.checkpoint:
-        from .checkpoint import Checkpoint
+        from .io.checkpoint import Checkpoint
 
         if args.layer is None:
             raise ValueError("--checkpoint needs --layer N (`dsv4 inspect DIR` lists the layers and their ratios)")
@@ -53,7 +53,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .checkpoint_report import describe_checkpoint
+    from .io.checkpoint_report import describe_checkpoint
 
     cfg = get_config(args.preset) if args.preset else None
     lines, ok = describe_checkpoint(args.dir, args.layer, cfg, prefix=args.prefix)
@@ -69,7 +69,7 @@ def _version(dist: str) -> str:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from . import __version__
+    from .version import __version__
 
     print(f"dsv4 {__version__}")
     print(f"python {platform.python_version()} ({platform.machine()})")
@@ -86,8 +86,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_golden_save(args: argparse.Namespace) -> int:
-    from .cases import make_case, run_case
-    from .golden_io import save
+    from .harness.cases import make_case, run_case
+    from .io.golden_io import save
 
     case = make_case(get_config(args.preset), args.op, args.mode, args.seed, device=args.device)
     path = save(case, run_case(case, "reference"), args.dir)
@@ -96,7 +96,7 @@ def _cmd_golden_save(args: argparse.Namespace) -> int:
 
 
 def _cmd_golden_check(args: argparse.Namespace) -> int:
-    from .golden_io import check
+    from .io.golden_io import check
 
     results = check(args.dir, args.backend, args.device)
     for name, report in results:
@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     chk.set_defaults(func=_cmd_golden_check)
 
     from .bench.calls import BENCH_BACKENDS
-    from .cases import OPS
+    from .harness.cases import OPS
 
     bench = sub.add_parser("bench", help="roofline benchmark: bytes model, GPU timings vs floor, CPU traffic counts")
     bench.add_argument("--preset", default="flash", choices=sorted(PRESETS))

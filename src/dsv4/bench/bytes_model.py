@@ -29,8 +29,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..config import COMPRESS_RATIO, DeepSeekV4Config
-from ..state import STATE_SLOTS
+from ..model.config import COMPRESS_RATIO, DeepSeekV4Config
+from ..model.state import STATE_SLOTS
 
 BF16, FP32, INT8, INT32, INT64 = 2, 4, 1, 4, 8  # bytes per element
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from ..backends import BACKENDS, get_backend, unavailable_reason
-from ..cases import Case
-from ..state import IndexerState
-from ..validate import check_compressor, check_indexer, check_qkv_proj_rope
+from ..harness.cases import Case
+from ..model.state import IndexerState
+from ..ops.backends import BACKENDS, get_backend, unavailable_reason
+from ..ops.validate import check_compressor, check_indexer, check_qkv_proj_rope
 
 COMPILED = "compile"  # torch.compile of the reference backend
 BENCH_BACKENDS = (*BACKENDS, COMPILED)

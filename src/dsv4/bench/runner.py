@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from ..cases import OPS, Case, make_case
-from ..config import COMPRESS_RATIO, DeepSeekV4Config, mode_shape
-from ..golden import compare
+from ..harness.cases import OPS, Case, make_case
+from ..harness.golden import compare
+from ..model.config import COMPRESS_RATIO, DeepSeekV4Config, mode_shape
 from .bytes_model import OpCost, op_cost
 from .calls import COMPILED, BoundCall, backend_reason, bind
 from .timing import DEVICE_TABLE, DeviceSpec, Timing, copy_bandwidth, device_spec, time_cpu, time_cuda

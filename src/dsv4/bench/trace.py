@@ -8,9 +8,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from .. import ops
-from ..backends import available_backends
-from ..cases import make_case
-from ..config import DeepSeekV4Config
+from ..harness.cases import make_case
+from ..model.config import DeepSeekV4Config
+from ..ops.backends import available_backends
 
 
 def trace_decode_step(cfg: DeepSeekV4Config, path: str | Path, device: torch.device | str, seed: int = 0) -> str:

@@ -25,11 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..config import COMPRESS_RATIO
-from ..rope import RopeTable
-from ..state import STATE_SLOTS, IndexerState
-from ..structs import StepPositions
-from ..weights import CompressorWeights
+from ..model.config import COMPRESS_RATIO
+from ..model.rope import RopeTable
+from ..model.state import STATE_SLOTS, IndexerState
+from ..model.structs import StepPositions
+from ..model.weights import CompressorWeights
 from .epilogue import round_bf16
 from .head_rotation import hadamard_rows, hadamard_signs, rope_pairs, split_head_dims
 from .workspace import Workspace

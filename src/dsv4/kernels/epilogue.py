@@ -9,8 +9,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..quant import AMAX_FLOOR as _AMAX_FLOOR
-from ..quant import INT8_MAX as _INT8_MAX
+from ..model.quant import AMAX_FLOOR as _AMAX_FLOOR
+from ..model.quant import INT8_MAX as _INT8_MAX
 from .launch import INTERPRETED
 
 # 1.5 * 2^23: adding it to |v| < 2^22 leaves no fraction bits, so fp32's own round-to-nearest-even

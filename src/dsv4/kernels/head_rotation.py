@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..hadamard import hadamard_matrix
+from ..model.hadamard import hadamard_matrix
 from .launch import is_pow2
 
 

@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..rope import RopeTable
-from ..structs import StepPositions
+from ..model.rope import RopeTable
+from ..model.structs import StepPositions
 from .epilogue import quantize_int8_rows, round_bf16
 from .head_rotation import hadamard_rows, hadamard_signs, rope_pairs, split_head_dims
 from .workspace import Workspace, scratch

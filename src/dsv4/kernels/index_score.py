@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..config import COMPRESS_RATIO
-from ..structs import MASKED_SCORE, StepPositions
+from ..model.config import COMPRESS_RATIO
+from ..model.structs import MASKED_SCORE, StepPositions
 from .epilogue import quantize_int8_rows
 from .launch import is_pow2
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
-from . import interpreted
+from .interpreter import interpreted
 
 H100_SMS = 132  # SMs of an H100 SXM; off-GPU the grids are laid out for it, so CPU runs use the decode tiling
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from ..rope import RopeTable
-from ..state import IndexerState
-from ..structs import IndexerOut, StepPositions
-from ..weights import IndexerWeights
+from ..model.rope import RopeTable
+from ..model.state import IndexerState
+from ..model.structs import IndexerOut, StepPositions
+from ..model.weights import IndexerWeights
 from .compressor import compressor_step
 from .index_query import index_query
 from .index_score import index_scores

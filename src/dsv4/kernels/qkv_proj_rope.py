@@ -15,9 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..rope import RopeTable
-from ..structs import QKV
-from ..weights import AttnWeights
+from ..model.rope import RopeTable
+from ..model.structs import QKV
+from ..model.weights import AttnWeights
 from .epilogue import quantize_int8_rows, rms_inv, store_rope_bf16
 from .launch import is_pow2, pow2_divisor
 from .projection import split_k_projection

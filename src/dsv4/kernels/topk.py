@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..config import COMPRESS_RATIO
-from ..structs import StepPositions
+from ..model.config import COMPRESS_RATIO
+from ..model.structs import StepPositions
 from .workspace import Workspace, scratch
 
 RADIX_BITS = 8  # digit width: tl.histogram costs bins/32 counters per lane per element on a GPU,

@@ -16,9 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..config import COMPRESS_RATIO
-from ..structs import StepPositions
-from ..weights import CompressorWeights
+from ..model.config import COMPRESS_RATIO
+from ..model.structs import StepPositions
+from ..model.weights import CompressorWeights
 from .launch import sm_count
 from .workspace import Workspace, scratch
 

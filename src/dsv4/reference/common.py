@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..rope import RopeTable
+from ..model.rope import RopeTable
 
 
 def rms_norm(v: torch.Tensor, gamma: torch.Tensor | None, eps: float) -> torch.Tensor:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from ..config import COMPRESS_RATIO
-from ..hadamard import hadamard_matrix
-from ..rope import RopeTable
-from ..state import IndexerState
-from ..structs import StepPositions
-from ..weights import CompressorWeights
+from ..model.config import COMPRESS_RATIO
+from ..model.hadamard import hadamard_matrix
+from ..model.rope import RopeTable
+from ..model.state import IndexerState
+from ..model.structs import StepPositions
+from ..model.weights import CompressorWeights
 from .common import apply_rope, linear, rms_norm
 
 RATIO = COMPRESS_RATIO

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from ..config import COMPRESS_RATIO
-from ..hadamard import hadamard_matrix
-from ..quant import quantize_int8_per_row
-from ..rope import RopeTable
-from ..state import IndexerState
-from ..structs import MASKED_SCORE, IndexerOut, StepPositions, copy_into
-from ..weights import IndexerWeights
+from ..model.config import COMPRESS_RATIO
+from ..model.hadamard import hadamard_matrix
+from ..model.quant import quantize_int8_per_row
+from ..model.rope import RopeTable
+from ..model.state import IndexerState
+from ..model.structs import MASKED_SCORE, IndexerOut, StepPositions, copy_into
+from ..model.weights import IndexerWeights
 from .common import apply_rope, int8_matmul, linear
 from .compressor import indexer_compressor
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..quant import quantize_int8_per_row
-from ..rope import RopeTable
-from ..structs import QKV, copy_into
-from ..weights import AttnWeights
+from ..model.quant import quantize_int8_per_row
+from ..model.rope import RopeTable
+from ..model.structs import QKV, copy_into
+from ..model.weights import AttnWeights
 from .common import apply_rope, int8_matmul, linear, rms_norm
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .config import COMPRESS_RATIO
+from ..model.config import COMPRESS_RATIO
 
 _MASK_LIKE = -1e38  # anything below this counts as "masked" (-inf or the most negative finite)
 

@@ -10,13 +10,13 @@ from typing import Any
 
 import torch
 
-from . import ops
-from .backends import resolve
-from .config import COMPRESS_RATIO, DeepSeekV4Config
+from .. import ops
+from ..model.config import COMPRESS_RATIO, DeepSeekV4Config
+from ..model.rope import rope_table
+from ..model.state import IndexerState
+from ..model.weights import LayerWeights, synthetic_activations, synthetic_weights
+from ..ops.backends import resolve
 from .golden import compare, step_inputs
-from .rope import rope_table
-from .state import IndexerState
-from .weights import LayerWeights, synthetic_activations, synthetic_weights
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..model.config import COMPRESS_RATIO, PRESETS, DeepSeekV4Config
 from .checkpoint import (
     CONFIG_FILE,
     DEFAULT_PREFIX,
@@ -14,7 +15,6 @@ from .checkpoint import (
     format_ranges,
     front_end_specs,
 )
-from .config import COMPRESS_RATIO, PRESETS, DeepSeekV4Config
 from .safetensors_files import TensorInfo
 
 _RATIO_MEANING = {

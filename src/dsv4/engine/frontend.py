@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
-from .backends import resolve
-from .config import COMPRESS_RATIO
+from .. import ops
+from ..model.config import COMPRESS_RATIO
+from ..model.rope import RopeTable
+from ..model.state import IndexerState
+from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights, LayerWeights
+from ..ops.backends import resolve
 from .decode_graph import DecodeGraph, StaticDecodeStep
-from .rope import RopeTable
-from .state import IndexerState
-from .weights import AttnWeights, CompressorWeights, IndexerWeights, LayerWeights
 
 _ATTN = ("wq_a", "gamma_cq", "wq_b", "wq_b_scale", "wkv", "gamma_ckv")
 _INDEXER = ("wq_b", "wq_b_scale", "weights_proj")
@@ -143,11 +143,19 @@ class DecodeFrontEnd(torch.nn.Module):
         self.last_score = out.score
         return qkv.q.view(b, s, *qkv.q.shape[1:]), qkv.kv.view(b, s, -1), out.topk_idxs
 
-    def capture(self, batch: int | None = None, seq: int = 2, max_cache_len: int | None = None) -> DecodeGraph:
+    def static_step(self, batch: int | None = None, seq: int = 2, max_cache_len: int | None = None) -> StaticDecodeStep:
+        """The decode step of ``batch`` (default: all slots) x ``seq`` tokens with static buffers, on
+        this module's weights and state (Triton backend; see ``StaticDecodeStep``)."""
+        return StaticDecodeStep(
+            self.attn, self.indexer_weights, self.rope, self.state, batch=batch or self.batch, seq=seq,
+            topk=self.topk, offset=self.offset, eps=self.eps, max_cache_len=max_cache_len,
+        )  # fmt: skip
+
+    def capture(self, batch: int | None = None, seq: int = 2, max_cache_len: int | None = None) -> CapturedDecodeStep:
         """Capture one decode step of ``batch`` (default: all slots) x ``seq`` tokens as a CUDA graph.
 
         Needs a CUDA device and the Triton backend. The step runs from static buffers with no host
-        sync and no allocation; calling the returned ``DecodeGraph`` with ``x [batch, seq, D]``
+        sync and no allocation; calling the returned ``CapturedDecodeStep`` with ``x [batch, seq, D]``
         replays it and advances the slots like ``forward``. ``max_cache_len`` (default: the whole
         cache) bounds the cache rows the replayed steps reach and sizes the score buffer.
         """
@@ -156,4 +164,26 @@ class DecodeFrontEnd(torch.nn.Module):
             raise ValueError(f"capture: CUDA graphs need the module on a CUDA device, it is on {dev}")
         if resolve(self.backend, dev) != "triton":
             raise ValueError(f"capture: needs the Triton backend (the module's backend is {self.backend!r})")
-        return DecodeGraph(StaticDecodeStep(self, batch or self.batch, seq, max_cache_len))
+        return CapturedDecodeStep(self, DecodeGraph(self.static_step(batch, seq, max_cache_len)))
+
+
+class CapturedDecodeStep:
+    """A ``DecodeFrontEnd`` decode step replayed from a CUDA graph (made by ``DecodeFrontEnd.capture``).
+
+    The returned tensors are the graph's static outputs: they hold this step's results until the
+    next call.
+    """
+
+    def __init__(self, frontend: DecodeFrontEnd, graph: DecodeGraph) -> None:
+        self.frontend, self.graph = frontend, graph
+
+    def __call__(
+        self, x: torch.Tensor, start_pos: int | list[int] | torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One step for slots ``0..batch-1``; ``x [batch, seq, D] bf16`` (the captured shape)."""
+        fe, step = self.frontend, self.graph.step
+        start = fe.step_starts(step.batch, step.seq, start_pos)
+        results = self.graph.replay(x, start)
+        fe.advance(start, step.seq)
+        fe.last_score = step.out.score
+        return results

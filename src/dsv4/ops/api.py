@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import torch
 
+from ..model.rope import RopeTable
+from ..model.state import IndexerState
+from ..model.structs import QKV, IndexerOut
+from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights
 from .backends import get_backend
-from .rope import RopeTable
-from .state import IndexerState
-from .structs import QKV, IndexerOut
 from .validate import check_compressor, check_indexer, check_indexer_out, check_qkv_out, check_qkv_proj_rope
-from .weights import AttnWeights, CompressorWeights, IndexerWeights
 
 
 def qkv_proj_rope(

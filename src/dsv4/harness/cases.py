@@ -11,13 +11,13 @@ from typing import Any
 
 import torch
 
-from . import ops
-from .config import COMPRESS_RATIO, DeepSeekV4Config, mode_shape
+from .. import ops
+from ..model.config import COMPRESS_RATIO, DeepSeekV4Config, mode_shape
+from ..model.quant import quantize_int8_per_row
+from ..model.rope import RopeTable, rope_table
+from ..model.state import IndexerState
+from ..model.weights import synthetic_activations, synthetic_weights
 from .golden import step_inputs
-from .quant import quantize_int8_per_row
-from .rope import RopeTable, rope_table
-from .state import IndexerState
-from .weights import synthetic_activations, synthetic_weights
 
 OPS = ("qkv_proj_rope", "indexer_compressor", "indexer")
 DEFAULT_MAX_POSITION = 8192  # positions a case spans unless told otherwise (keeps flash tables small)

@@ -8,39 +8,60 @@ on the host, so ``DecodeGraph`` can capture it once and replay it every step.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from types import ModuleType
 
 import torch
 
-from .config import COMPRESS_RATIO
-from .structs import QKV, IndexerOut, StepPositions
+from ..model.config import COMPRESS_RATIO
+from ..model.rope import RopeTable
+from ..model.state import IndexerState
+from ..model.structs import QKV, IndexerOut, StepPositions
+from ..model.weights import AttnWeights, IndexerWeights
 
-if TYPE_CHECKING:
-    from .frontend import DecodeFrontEnd
+
+def _triton_backend() -> ModuleType:
+    """``dsv4.kernels``, imported when a step is built: Triton is an optional dependency of ``dsv4``."""
+    from .. import kernels
+
+    return kernels
 
 
 class StaticDecodeStep:
     """Static buffers and launches of one decode step of ``batch`` x ``seq`` tokens.
 
-    ``max_cache_len`` bounds the cache rows any replayed step may reach (default: all rows of the
-    cache); it sizes the score buffer ``[batch, seq, max_cache_len]``, which every step fills whole.
+    Operands: the layer's weights, RoPE table and ``IndexerState`` (updated in place by every
+    launch), ``topk``, ``offset`` and ``eps``. ``max_cache_len`` bounds the cache rows any replayed
+    step may reach (default: all rows of the cache); it sizes the score buffer
+    ``[batch, seq, max_cache_len]``, which every step fills whole.
     """
 
-    def __init__(self, frontend: DecodeFrontEnd, batch: int, seq: int, max_cache_len: int | None = None) -> None:
-        from .kernels import Workspace  # the Triton backend: imported only when a step is built
-
-        rows = frontend.idx_kv_cache.shape[1]
+    def __init__(
+        self,
+        attn: AttnWeights,
+        indexer: IndexerWeights,
+        rope: RopeTable,
+        state: IndexerState,
+        *,
+        batch: int,
+        seq: int,
+        topk: int,
+        offset: int,
+        eps: float,
+        max_cache_len: int | None = None,
+    ) -> None:
+        rows = state.cache_rows
         length = rows if max_cache_len is None else int(max_cache_len)
-        if not 1 <= batch <= frontend.batch or seq < 1 or not 1 <= length <= rows:
+        if not 1 <= batch <= state.batch or seq < 1 or not 1 <= length <= rows:
             raise ValueError(
-                f"batch, seq, max_cache_len: expected 1 <= batch <= {frontend.batch}, seq >= 1, "
+                f"batch, seq, max_cache_len: expected 1 <= batch <= {state.batch}, seq >= 1, "
                 f"1 <= max_cache_len <= {rows}; got {batch}, {seq}, {max_cache_len}"
             )
-        dev = frontend.attn_wq_a.device
-        attn = frontend.attn
+        dev = attn.wq_a.device
         t, d = batch * seq, attn.wq_a.shape[1]
         hd, ql = attn.wkv.shape[0], attn.wq_a.shape[0]
-        self.frontend, self.batch, self.seq, self.max_cache_len = frontend, batch, seq, length
+        self.attn, self.indexer, self.rope, self.state = attn, indexer, rope, state
+        self.topk, self.offset, self.eps = topk, offset, eps
+        self.batch, self.seq, self.max_cache_len = batch, seq, length
         self.x = torch.zeros(batch, seq, d, dtype=torch.bfloat16, device=dev)
         self.start = torch.zeros(batch, dtype=torch.int64, device=dev)
         self.offsets = torch.arange(seq, dtype=torch.int64, device=dev)
@@ -53,10 +74,11 @@ class StaticDecodeStep:
         )
         self.out = IndexerOut(
             torch.empty(batch, seq, length, dtype=torch.float32, device=dev),
-            torch.empty(batch, seq, frontend.topk, dtype=torch.int32, device=dev),
+            torch.empty(batch, seq, topk, dtype=torch.int32, device=dev),
         )
         self.pos = StepPositions(self.start, seq, length)
-        self.workspace = Workspace()
+        self.kernels = _triton_backend()
+        self.workspace = self.kernels.Workspace()
 
     def set_inputs(self, x: torch.Tensor, start: list[int]) -> None:
         """Copy a step's inputs into the static buffers (no device sync; ``start`` checked on the host)."""
@@ -75,15 +97,12 @@ class StaticDecodeStep:
 
     def launch(self) -> None:
         """The step: every launch reads and writes only the static buffers."""
-        from . import kernels
-
-        fe = self.frontend
         torch.add(self.start[:, None], self.offsets[None, :], out=self.positions.view(self.batch, self.seq))
         x2d = self.x.view(self.batch * self.seq, -1)
-        kernels.qkv_proj_rope(x2d, fe.attn, self.positions, fe.rope, fe.eps, out=self.qkv, ws=self.workspace)
-        kernels.indexer(
-            self.x, self.qkv.qr, self.qkv.qr_scale, fe.indexer_weights, fe.state, self.pos, fe.offset, fe.rope,
-            fe.topk, fe.eps, out=self.out, ws=self.workspace,
+        self.kernels.qkv_proj_rope(x2d, self.attn, self.positions, self.rope, self.eps, out=self.qkv, ws=self.workspace)
+        self.kernels.indexer(
+            self.x, self.qkv.qr, self.qkv.qr_scale, self.indexer, self.state, self.pos, self.offset, self.rope,
+            self.topk, self.eps, out=self.out, ws=self.workspace,
         )  # fmt: skip
 
     def results(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,17 +112,17 @@ class StaticDecodeStep:
 
     def warm_up(self) -> None:
         """Run the step once (compiles the kernels, fills the workspace), leaving the state as it was."""
-        saved = self.frontend.state.clone()
+        saved = self.state.clone()
         self.launch()
-        for name, t in self.frontend.state.tensors().items():
+        for name, t in self.state.tensors().items():
             t.copy_(getattr(saved, name))
 
 
 class DecodeGraph:
-    """A ``StaticDecodeStep`` captured as a CUDA graph; calling it replays one decode step.
+    """A ``StaticDecodeStep`` captured as a CUDA graph; ``replay`` runs one decode step.
 
-    Made by ``DecodeFrontEnd.capture``. The returned tensors are the graph's static outputs: they
-    hold this step's results until the next call.
+    The returned tensors are the graph's static outputs: they hold this step's results until the
+    next replay.
     """
 
     def __init__(self, step: StaticDecodeStep) -> None:
@@ -117,14 +136,9 @@ class DecodeGraph:
         with torch.cuda.graph(self.graph):
             step.launch()
 
-    def __call__(
-        self, x: torch.Tensor, start_pos: int | list[int] | torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One step for slots ``0..batch-1``; ``x [batch, seq, D] bf16`` (the captured shape)."""
-        fe = self.step.frontend
-        start = fe.step_starts(self.step.batch, self.step.seq, start_pos)
+    def replay(self, x: torch.Tensor, start: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One step of ``x [batch, seq, D] bf16`` (the captured shape) with rows starting at ``start``
+        (checked on the host) -> ``q``, ``kv``, ``topk_idxs`` (see ``StaticDecodeStep.results``)."""
         self.step.set_inputs(x, start)
         self.graph.replay()
-        fe.advance(start, self.step.seq)
-        fe.last_score = self.step.out.score
         return self.step.results()

@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .cases import Case, run_case
-from .golden import Report, compare
-from .rope import RopeTable
-from .state import IndexerState
-from .weights import AttnWeights, CompressorWeights, IndexerWeights
+from ..harness.cases import Case, run_case
+from ..harness.golden import Report, compare
+from ..model.rope import RopeTable
+from ..model.state import IndexerState
+from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights
+from ..version import __version__
 
 _WEIGHTS = {"qkv_proj_rope": AttnWeights, "indexer_compressor": CompressorWeights, "indexer": IndexerWeights}
 _SCALARS = ("offset", "topk", "eps")

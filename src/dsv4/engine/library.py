@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import ops
-from .rope import RopeTable
-from .state import IndexerState
-from .structs import QKV, IndexerOut
-from .weights import AttnWeights, CompressorWeights, IndexerWeights
+from .. import ops
+from ..model.rope import RopeTable
+from ..model.state import IndexerState
+from ..model.structs import QKV, IndexerOut
+from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights
 
 
 def _attn(wq_a, gamma_cq, wq_b, wq_b_scale, wkv, gamma_ckv) -> AttnWeights:

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from .config import COMPRESS_RATIO, PRESETS, DeepSeekV4Config
+from ..model.config import COMPRESS_RATIO, PRESETS, DeepSeekV4Config
+from ..model.quant import quantize_weight_int8
+from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights, LayerWeights
 from .fp8 import dequantize_rows_, scale_grid
-from .quant import quantize_weight_int8
 from .safetensors_files import CheckpointError, ShardedCheckpoint, TensorInfo
-from .weights import AttnWeights, CompressorWeights, IndexerWeights, LayerWeights
 
 CONFIG_FILE = "config.json"
 DEFAULT_PREFIX = "layers.{layer}."

@@ -10,11 +10,11 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import COMPRESS_RATIO
-from .rope import RopeTable
-from .state import STATE_SLOTS, IndexerState
-from .structs import QKV, IndexerOut, StepPositions
-from .weights import AttnWeights, CompressorWeights, IndexerWeights
+from ..model.config import COMPRESS_RATIO
+from ..model.rope import RopeTable
+from ..model.state import STATE_SLOTS, IndexerState
+from ..model.structs import QKV, IndexerOut, StepPositions
+from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights
 
 FLOATS = (torch.float32, torch.bfloat16)  # accepted for norm gains
 INTS = (torch.int32, torch.int64)

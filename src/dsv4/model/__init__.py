@@ -1,0 +1,1 @@
+"""The model's data: dimensions (``config``), RoPE tables, weights, the indexer state, result records."""
