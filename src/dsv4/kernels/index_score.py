@@ -21,7 +21,7 @@ import triton.language as tl
 from ..model.config import COMPRESS_RATIO
 from ..model.structs import MASKED_SCORE, StepPositions
 from .epilogue import quantize_int8_rows
-from .launch import is_pow2
+from .launch import is_pow2, require
 
 KEYS_PER_PROGRAM = 128  # 128 keys x 256 B (bf16, HID=128) = 32 KB of keys per program. ptxas (sm_90,
 # 4 warps, HI=64, aligned operands) reports 165 registers, no spills and 41 KB of shared memory, so
@@ -98,10 +98,14 @@ def index_scores(
     or fills ``out [B, S, L] fp32`` (``L >= pos.max_cache_len``) the same way, all ``L`` columns.
     """
     b, s, heads, head_dim = q8.shape
-    assert q_scale.shape == weights.shape == (b, s, heads), "q_scale and weights must be [B, S, HI]"
-    assert q8.is_contiguous() and q_scale.is_contiguous() and weights.is_contiguous()
-    assert cache.shape[0] >= b and cache.shape[2] == head_dim and cache.stride(2) == 1
-    assert head_dim >= MIN_DOT_WIDTH and is_pow2(head_dim), "HID must be a power of two >= 16"
+    require(q_scale.shape == (b, s, heads) and q_scale.is_contiguous(), "q_scale", f"a contiguous [{b}, {s}, {heads}]")
+    require(weights.shape == (b, s, heads) and weights.is_contiguous(), "weights", f"a contiguous [{b}, {s}, {heads}]")
+    require(q8.is_contiguous(), "q8", "a contiguous tensor")
+    require(cache.shape[0] >= b and cache.shape[2] == head_dim and cache.stride(2) == 1, "cache",
+            f"[>= {b}, rows, {head_dim}] with contiguous rows")  # fmt: skip
+    require(
+        head_dim >= MIN_DOT_WIDTH and is_pow2(head_dim), "q8", f"a head dim that is a power of two >= {MIN_DOT_WIDTH}"
+    )
     score = torch.empty(b, s, pos.max_cache_len, dtype=torch.float32, device=q8.device) if out is None else out
     n_keys = score.shape[2]
     if n_keys == 0:

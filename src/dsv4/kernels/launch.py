@@ -36,3 +36,9 @@ def is_pow2(n: int) -> bool:
 def pow2_divisor(n: int, cap: int) -> int:
     """The largest power of two that divides ``n`` and is at most ``cap`` (``cap`` a power of two)."""
     return min(n & -n, cap)
+
+
+def require(ok: bool, name: str, expected: str) -> None:
+    """A launcher's check of an operand the kernels rely on: ``ValueError`` naming the tensor when not ``ok``."""
+    if not ok:
+        raise ValueError(f"{name}: the Triton kernels need {expected}")

@@ -35,6 +35,7 @@ import triton.language as tl
 
 from ..model.config import COMPRESS_RATIO
 from ..model.structs import StepPositions
+from .launch import require
 from .workspace import Workspace, scratch
 
 RADIX_BITS = 8  # digit width: tl.histogram costs bins/32 counters per lane per element on a GPU,
@@ -319,7 +320,8 @@ def select_topk(
     ``offset``, then ``-1`` — written into ``out`` when given; scratch comes from ``ws`` when given.
     """
     b, s, n = score.shape
-    assert score.dtype == torch.float32 and score.is_contiguous() and topk >= 1
+    require(score.dtype == torch.float32 and score.is_contiguous(), "score", "a contiguous fp32 tensor")
+    require(topk >= 1, "topk", "at least 1")
     rows = b * s
     if out is None:
         out = torch.empty(b, s, topk, dtype=torch.int32, device=score.device)
