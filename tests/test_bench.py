@@ -11,9 +11,7 @@ import pytest
 import torch
 
 import bench_kernels
-import dsv4.kernels
 from dsv4.bench import report
-from dsv4.bench.bytes_model import indexer_compressor_cost, indexer_cost, qkv_proj_rope_cost, ring_traffic
 from dsv4.bench.calls import BoundCall
 from dsv4.bench.runner import floors_us, run_bench, shape_grid
 from dsv4.bench.timing import _reps_for, device_spec, time_cpu
@@ -21,6 +19,8 @@ from dsv4.bench.trace import trace_decode_step
 from dsv4.bench.traffic import measure_traffic
 from dsv4.cli import main
 from dsv4.model.config import get_config
+from dsv4.ops import get_op
+from dsv4.ops.costs import OpCost, ring_traffic
 
 FLASH = get_config("flash")
 TINY = get_config("tiny")
@@ -29,6 +29,19 @@ TINY = get_config("tiny")
 B, S, T = 64, 2, 128
 D, H, HD, R, QL, HI, HID, TOPK = 4096, 64, 512, 64, 1024, 64, 128, 512
 ROPE_ROW = 2 * (R // 2) * 4  # cos + sin of one position, fp32
+
+
+def qkv_proj_rope_cost(cfg, tokens: int) -> OpCost:
+    """The bytes model of ``qkv_proj_rope`` on ``tokens`` tokens (one per row)."""
+    return get_op("qkv_proj_rope").cost(cfg, [0] * tokens, 1)
+
+
+def indexer_compressor_cost(cfg, starts: list[int], seq: int) -> OpCost:
+    return get_op("indexer_compressor").cost(cfg, starts, seq)
+
+
+def indexer_cost(cfg, starts: list[int], seq: int) -> OpCost:
+    return get_op("indexer").cost(cfg, starts, seq)
 
 
 def test_qkv_proj_rope_bytes_and_flops_at_flash_decode() -> None:
@@ -162,7 +175,7 @@ def test_measure_traffic_counts_kernels_and_torch_ops() -> None:
         bench_kernels.masked_copy_kernel[(8,)](src, dst, 1000, BLOCK=128)
         dst.add_(1.0)  # a PyTorch op between kernels: read and write 4000 B (estimate: every tensor once)
 
-    traffic, _ = measure_traffic(BoundCall("copy", "triton", op, (), None))
+    traffic, _ = measure_traffic(BoundCall("copy", "triton", op, {}, None))
     assert traffic.launches == 1 and traffic.kernels == {"masked_copy_kernel": 1}
     assert (traffic.load_bytes, traffic.store_bytes) == (4000, 4000)
     assert traffic.torch_ops == {"add_": 1}
@@ -175,7 +188,7 @@ def test_measure_traffic_counts_kernels_and_torch_ops() -> None:
 def touching_qkv_result() -> dict:
     """The bench at the tiny preset with ``bench_kernels.touching_qkv_proj_rope`` as the Triton qkv_proj_rope."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dsv4.kernels, "qkv_proj_rope", bench_kernels.touching_qkv_proj_rope)  # the backend's entry point
+        mp.setitem(get_op("qkv_proj_rope")._impls, "triton", bench_kernels.touching_qkv_proj_rope)  # the entry point
         result = {"meta": report.provenance("bench --preset tiny --cpu --ops qkv_proj_rope", "cpu")}
         result.update(run_bench(TINY, ops=["qkv_proj_rope"], reps=2, budget_s=0.1, progress=False))
     return result

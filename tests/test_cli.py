@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import dsv4.ops.backends
 import dsv4.reference
 from dsv4.cli import main
 from dsv4.model.structs import QKV
+from dsv4.ops import get_op
 from subprocesses import run_dsv4
 
 
@@ -65,17 +63,15 @@ def test_golden_check_empty_folder(tmp_path: Path) -> None:
 
 def test_run_exits_nonzero_on_mismatch(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """A backend whose q is 2% off must make ``dsv4 run`` report a mismatch and exit 1."""
-    broken = types.ModuleType("broken_backend")
 
-    def qkv_proj_rope(*args):
-        out = dsv4.reference.qkv_proj_rope(*args)
+    def qkv_proj_rope(**kwargs):
+        out = dsv4.reference.qkv_proj_rope(**kwargs)
         return QKV((out.q.float() * 1.02).to(torch.bfloat16), out.kv, out.qr, out.qr_scale)
 
-    broken.qkv_proj_rope = qkv_proj_rope
-    broken.indexer = dsv4.reference.indexer
-    broken.indexer_compressor = dsv4.reference.indexer_compressor
-    monkeypatch.setitem(sys.modules, "broken_backend", broken)
-    monkeypatch.setitem(dsv4.ops.backends._MODULES, "triton", "broken_backend")
+    # the "triton" backend of every op replaced: qkv_proj_rope broken, the others the reference
+    monkeypatch.setitem(get_op("qkv_proj_rope")._impls, "triton", qkv_proj_rope)
+    monkeypatch.setitem(get_op("indexer")._impls, "triton", dsv4.reference.indexer)
+    monkeypatch.setitem(get_op("indexer_compressor")._impls, "triton", dsv4.reference.indexer_compressor)
     code = main(["run", "--backend", "triton", "--steps", "1", "--start-pos", "0", "--device", "cpu"])
     out = capsys.readouterr().out
     assert code == 1

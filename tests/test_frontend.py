@@ -7,7 +7,7 @@ import torch
 
 import dsv4
 from conftest import BACKENDS, DEVICE
-from dsv4.harness.golden import TOLERANCES, ratio_allclose, topk_allclose
+from dsv4.harness.golden import ratio_allclose, tolerance, topk_allclose
 from frontends import tiny_frontend
 from subprocesses import ROOT, run_python
 
@@ -47,7 +47,7 @@ def test_steps_with_resets_equal_fresh_sequences(backend: str) -> None:
             check = topk_allclose(topk[b : b + 1], ftopk, fresh[b].last_score, CFG.sliding_window)
             assert check, f"step {step} slot {b}: {check.detail}"
     for i, name in enumerate(("q", "kv")):
-        t = TOLERANCES[name]
+        t = tolerance(name)
         got = torch.stack([pair[i] for pair in got_qkv])
         want = torch.stack([pair[i] for pair in want_qkv])
         check = ratio_allclose(got, want, t.atol, t.rtol, t.max_error_ratio, name)

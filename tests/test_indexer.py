@@ -8,7 +8,7 @@ import torch
 import dsv4
 from conftest import BACKENDS, DEVICE
 from dsv4.harness.cases import clone_args, make_case
-from dsv4.harness.golden import TOLERANCES, ratio_allclose
+from dsv4.harness.golden import ratio_allclose, tolerance
 from op_cases import case_at
 
 CFG = dsv4.get_config("tiny")
@@ -51,7 +51,7 @@ def test_score_equals_spec_einsum(backend: str, mode: str) -> None:
     case = make_case(CFG, "indexer", mode, seed=11, device=DEVICE, max_position=512)
     args, out = _run(case, backend)
     want = spec_scores(args, args["state"].idx_kv_cache)
-    t = TOLERANCES["score"]
+    t = tolerance("score")
     assert out.score.shape == want.shape and out.score.dtype == torch.float32
     check = ratio_allclose(out.score, want, t.atol, t.rtol, t.max_error_ratio)
     assert check, check.detail

@@ -9,11 +9,12 @@ import torch
 
 import dsv4
 from conftest import DEVICE
-from dsv4.harness.cases import make_case, prefilled_state, run_case
-from dsv4.harness.golden import TOLERANCES, compare, ratio_allclose, step_inputs
+from dsv4.harness.cases import make_case, run_case
+from dsv4.harness.golden import compare, ratio_allclose, step_inputs, tolerance
 from dsv4.kernels.x_proj import x_projection
 from dsv4.model.config import PRESETS
 from dsv4.model.weights import synthetic_activations
+from dsv4.ops.case_inputs import prefilled_state
 from dsv4.ops.validate import step_positions
 from dsv4.reference.common import linear
 from op_cases import Start, assert_matches_reference, case_at
@@ -112,7 +113,7 @@ def test_x_projection(batch: int, seq: int, split_k: int) -> None:
     }
     two_hid = 2 * TINY.index_head_dim
     got = {"kv": kvg[:, :two_hid], "gate": kvg[:, two_hid:], "weights": weights}
-    tol = TOLERANCES["kv_state"]  # the projections are what the ring stores
+    tol = tolerance("kv_state")  # the projections are what the ring stores
     for name, e in expected.items():
         check = ratio_allclose(got[name], e, tol.atol, tol.rtol, 0.0, name)
         assert check, f"{name}: {check.detail} (max_abs {check.max_abs:.3g})"

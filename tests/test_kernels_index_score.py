@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from conftest import DEVICE
-from dsv4.harness.golden import TOLERANCES, ratio_allclose
+from dsv4.harness.golden import ratio_allclose, tolerance
 from dsv4.kernels.epilogue import quantize_int8_rows
 from dsv4.kernels.index_score import index_scores
 from dsv4.model.quant import quantize_int8_per_row
@@ -68,7 +68,7 @@ def _check_scores(batch: int, seq: int, heads: int, start_pos, extra_cache_batch
     masked = expected == MASKED_SCORE
     assert torch.equal(score[masked], expected[masked]), "a position past vis(b, s) holds a real score"
     assert not bool((score[~masked] == MASKED_SCORE).any()), "a visible position is masked"
-    tol = TOLERANCES["score"]
+    tol = tolerance("score")
     check = ratio_allclose(score[~masked], expected[~masked], tol.atol, tol.rtol, tol.max_error_ratio, "score")
     assert check, check.detail
 

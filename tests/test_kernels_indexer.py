@@ -11,7 +11,7 @@ import torch
 import dsv4
 from conftest import DEVICE
 from dsv4.harness.cases import Case, make_case, run_case
-from dsv4.harness.golden import TOLERANCES, compare, ratio_allclose
+from dsv4.harness.golden import compare, ratio_allclose, tolerance
 from dsv4.kernels.index_query import index_query
 from dsv4.model.config import PRESETS
 from dsv4.model.quant import quantize_int8_per_row
@@ -114,7 +114,7 @@ def test_index_query(preset: str, batch: int, seq: int) -> None:
     ref_q8, ref_scale = quantize_int8_per_row(q)
     check = ratio_allclose(q8, ref_q8, 1.0, 0.0, 0.0, "q8")
     assert check, check.detail
-    tol = TOLERANCES["qr_scale"]
+    tol = tolerance("qr_scale")
     check = ratio_allclose(q_scale, ref_scale.squeeze(-1), tol.atol, tol.rtol, tol.max_error_ratio, "q_scale")
     assert check, check.detail
 

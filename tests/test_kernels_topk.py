@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from dsv4.harness.golden import TOLERANCES, topk_allclose
+from dsv4.harness.golden import tolerance, topk_allclose
 from dsv4.kernels.topk import CHUNK, ROW_IN_REGISTERS, select_topk
 from dsv4.model.structs import MASKED_SCORE, StepPositions
 from dsv4.ops.validate import step_positions
@@ -36,7 +36,7 @@ def _masked(score: torch.Tensor, pos: StepPositions) -> torch.Tensor:
 def _check(score: torch.Tensor, pos: StepPositions, topk: int) -> None:
     got = select_topk(score, pos, topk, OFFSET)
     expected = reference_select_topk(score, pos, topk, OFFSET)
-    tol = TOLERANCES["score"]
+    tol = tolerance("score")
     check = topk_allclose(got, expected, score, OFFSET, tol.atol, tol.rtol)
     assert check, check.detail
     assert got.dtype == torch.int32 and got.shape == expected.shape

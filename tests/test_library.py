@@ -24,14 +24,14 @@ def _step_inputs():
 
 def _qkv_args(backend: str):
     x, w, positions, _, rope, _ = _step_inputs()
-    return (x.view(4, -1), *lib._weights_of(w.attn), positions, rope.cos, rope.sin, 1e-6, backend)
+    return (x.view(4, -1), *lib.tensors_of(w.attn), positions, rope.cos, rope.sin, 1e-6, backend)
 
 
 def _indexer_args(backend: str):
     x, w, positions, start, rope, state = _step_inputs()
     qkv = dsv4.qkv_proj_rope(x.view(4, -1), w.attn, positions, rope)
     return (
-        x, qkv.qr, qkv.qr_scale, *lib._weights_of(w.indexer), *state.tensors().values(), start, 16, rope.cos,
+        x, qkv.qr, qkv.qr_scale, *lib.tensors_of(w.indexer), *state.tensors().values(), start, 16, rope.cos,
         rope.sin, CFG.index_topk, 1e-6, backend,
     )  # fmt: skip
 
@@ -57,7 +57,7 @@ def test_opcheck_indexer(backend: str) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_indexer_compressor(backend: str) -> None:
     x, w, _, start, rope, state = _step_inputs()
-    args = (x, *lib._weights_of(w.indexer.compressor), *state.tensors().values(), start, rope.cos, rope.sin, 1e-6)
+    args = (x, *lib.tensors_of(w.indexer.compressor), *state.tensors().values(), start, rope.cos, rope.sin, 1e-6)
     torch.library.opcheck(torch.ops.dsv4.indexer_compressor.default, args + (backend,))
 
 

@@ -12,7 +12,8 @@ from importlib import metadata
 import torch
 
 from .model.config import PRESETS, get_config
-from .ops.backends import BACKENDS, unavailable_reason
+from .ops.backends import BACKENDS, available_backends, unavailable_reason
+from .ops.registry import op_names
 
 
 def _default_device() -> str:
@@ -36,7 +37,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"loaded layer {args.layer} of {args.checkpoint} ({weights.nbytes() / 2**20:.1f} MiB as bf16 + INT8) "
               f"in {time.perf_counter() - t0:.1f} s")  # fmt: skip
     cfg = cfg or get_config("tiny")
-    backend = args.backend or ("triton" if unavailable_reason("triton", args.device) is None else "reference")
+    backend = args.backend or available_backends(args.device)[0]
     where = " (Triton's interpreter on the CPU)" if backend == "triton" and args.device == "cpu" else ""
     print(f"dsv4 run: preset={cfg.name} device={args.device} backend={backend}{where} batch={args.batch} "
           f"seq={args.seq} start_pos={args.start_pos} steps={args.steps}")  # fmt: skip
@@ -189,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     save = gsub.add_parser("save", help="write a case's inputs and reference outputs (safetensors + JSON)")
     save.add_argument("dir")
     save.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    save.add_argument("--op", required=True, choices=["qkv_proj_rope", "indexer_compressor", "indexer"])
+    save.add_argument("--op", required=True, choices=op_names())
     save.add_argument("--mode", default="decode", choices=["decode", "prefill"])
     save.add_argument("--seed", type=int, default=0)
     save.add_argument("--device", default="cpu")
@@ -201,13 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     chk.set_defaults(func=_cmd_golden_check)
 
     from .bench.calls import BENCH_BACKENDS
-    from .harness.cases import OPS
 
     bench = sub.add_parser("bench", help="roofline benchmark: bytes model, GPU timings vs floor, CPU traffic counts")
     bench.add_argument("--preset", default="flash", choices=sorted(PRESETS))
     bench.add_argument("--mode", default="decode", choices=["decode", "prefill", "all"])
     bench.add_argument("--cpu", action="store_true", help="run on the CPU: Triton traffic counts and reference timings")
-    bench.add_argument("--ops", type=_names(OPS), default=list(OPS), help="comma-separated ops (default: all)")
+    bench.add_argument(
+        "--ops", type=_names(op_names()), default=list(op_names()), help="comma-separated ops (default: all)"
+    )
     default_backends = "triton,reference,compile on a GPU; reference on a CPU"
     bench.add_argument("--backends", type=_names(BENCH_BACKENDS), help=f"backends to time ({default_backends})")
     bench.add_argument("--model-only", action="store_true", help="bytes model and floors only: time and count nothing")

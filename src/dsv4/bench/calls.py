@@ -18,8 +18,8 @@ import torch
 
 from ..harness.cases import Case
 from ..model.state import IndexerState
-from ..ops.backends import BACKENDS, get_backend, unavailable_reason
-from ..ops.validate import check_compressor, check_indexer, check_qkv_proj_rope
+from ..ops.backends import BACKENDS, unavailable_reason
+from ..ops.registry import get_op
 
 COMPILED = "compile"  # torch.compile of the reference backend
 BENCH_BACKENDS = (*BACKENDS, COMPILED)
@@ -32,11 +32,11 @@ class BoundCall:
     op: str
     backend: str
     fn: Callable[..., Any]
-    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
     state: IndexerState | None
 
     def __call__(self) -> Any:
-        return self.fn(*self.args)
+        return self.fn(**self.kwargs)
 
     def outputs(self, result: Any) -> dict[str, torch.Tensor]:
         """``result`` of a call and the state after it, by output name (as ``golden.compare`` wants)."""
@@ -57,22 +57,13 @@ def bind(case: Case, backend: str) -> BoundCall:
     """``case``'s op on ``backend`` with validated arguments and a private copy of the state."""
     if backend not in BENCH_BACKENDS:
         raise ValueError(f"backend: expected one of {BENCH_BACKENDS}, got {backend!r}")
-    fn = getattr(get_backend("reference" if backend == COMPILED else backend, case.args["x"].device), case.op)
+    desc = get_op(case.op)
+    fn = desc.implementation("reference" if backend == COMPILED else backend)
     if backend == COMPILED:
         torch.compiler.reset()  # each case compiles afresh: no recompile limit reached across the grid
         fn = torch.compile(fn, dynamic=False, options={"emulate_precision_casts": True})
-    a = dict(case.args)
-    eps = a.get("eps", 1e-6)
-    state = a["state"].clone() if "state" in a else None
-    if case.op == "qkv_proj_rope":
-        check_qkv_proj_rope(a["x"], a["w"], a["positions"], a["rope"], eps)
-        args: tuple[Any, ...] = (a["x"], a["w"], a["positions"], a["rope"], eps)
-    elif case.op == "indexer_compressor":
-        pos = check_compressor(a["x"], a["w"], state, a["start_pos"], a["rope"], eps)
-        args = (a["x"], a["w"], state, pos, a["rope"], eps)
-    else:
-        pos = check_indexer(
-            a["x"], a["qr"], a["qr_scale"], a["w"], state, a["start_pos"], a["offset"], a["rope"], a["topk"], eps
-        )
-        args = (a["x"], a["qr"], a["qr_scale"], a["w"], state, pos, a["offset"], a["rope"], a["topk"], eps)
-    return BoundCall(case.op, backend, fn, args, state)
+    args = dict(case.args)
+    state = args["state"].clone() if "state" in args else None
+    if state is not None:
+        args["state"] = state
+    return BoundCall(case.op, backend, fn, desc.validate(**args), state)

@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 
-from ..harness.cases import OPS, Case, make_case
+from ..harness.cases import Case, make_case
 from ..harness.golden import compare
 from ..model.config import COMPRESS_RATIO, DeepSeekV4Config, mode_shape
-from .bytes_model import OpCost, op_cost
+from ..ops.costs import OpCost
+from ..ops.registry import get_op, op_names
 from .calls import COMPILED, BoundCall, backend_reason, bind
 from .timing import DEVICE_TABLE, DeviceSpec, Timing, copy_bandwidth, device_spec, time_cpu, time_cuda
 from .traffic import measure_traffic
@@ -58,14 +59,15 @@ class BenchShape:
         return -(-end // COMPRESS_RATIO) * COMPRESS_RATIO
 
 
-def shape_grid(cfg: DeepSeekV4Config, modes: Iterable[str], ops: Sequence[str] = OPS) -> list[BenchShape]:
-    """Every (op, shape) of the benchmark for ``cfg`` in ``modes``."""
+def shape_grid(cfg: DeepSeekV4Config, modes: Iterable[str], ops: Sequence[str] | None = None) -> list[BenchShape]:
+    """Every (op, shape) of the benchmark for ``cfg`` in ``modes`` (``ops``: default every registered op)."""
+    ops = op_names() if ops is None else ops
     shapes: list[BenchShape] = []
     for mode in modes:
         dec = mode_shape(cfg, mode)
         if mode == "decode":
             for op in ops:
-                if op != "indexer":
+                if not get_op(op).cache_bound:
                     shapes.append(BenchShape(op, mode, dec.batch, dec.seq))
                     continue
                 for i, rows in enumerate(DECODE_CACHE_LENS.get(cfg.name, DEFAULT_DECODE_CACHE_LENS)):
@@ -83,12 +85,6 @@ def shape_grid(cfg: DeepSeekV4Config, modes: Iterable[str], ops: Sequence[str] =
 def _error(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:160] if text else ''}"
-
-
-def _verdict(report) -> str:
-    if report.passed:
-        return "ok"
-    return "MISMATCH " + report.failures()
 
 
 def floors_us(cost: OpCost, bandwidth: float | None, spec: DeviceSpec | None) -> dict[str, float | None]:
@@ -123,7 +119,7 @@ def _time_backend(
     try:
         if call is None:
             call = bind(case, backend)
-            row["check"] = _verdict(compare(shape.op, call.outputs(call()), expected, case.compare_inputs()))
+            row["check"] = compare(shape.op, call.outputs(call()), expected, case.compare_inputs()).verdict()
         else:
             row["check"] = "is the reference"
         timing = timer(call)
@@ -144,7 +140,7 @@ def _count_traffic(case: Case, shape: BenchShape, expected: dict[str, torch.Tens
     row: dict[str, Any] = {"op": shape.op, "shape": shape.label, "backend": "triton", "minimal_bytes": cost.bytes}
     try:
         call = bind(case, "triton")
-        row["check"] = _verdict(compare(shape.op, call.outputs(call()), expected, case.compare_inputs()))
+        row["check"] = compare(shape.op, call.outputs(call()), expected, case.compare_inputs()).verdict()
         counted, _ = measure_traffic(call)
     except Exception as e:
         return {**row, "status": "error", "error": _error(e)}
@@ -159,7 +155,7 @@ def run_bench(
     *,
     modes: Sequence[str] = ("decode",),
     device: torch.device | str = "cpu",
-    ops: Sequence[str] = OPS,
+    ops: Sequence[str] | None = None,
     backends: Sequence[str] | None = None,
     traffic: bool | None = None,
     reps: int = 100,
@@ -225,11 +221,8 @@ def run_bench(
             cfg, shape.op, shape.mode, seed, device=device, max_position=shape.max_position,
             batch=shape.batch, seq=shape.seq, start_pos=shape.start_pos,
         )  # fmt: skip
-        if shape.op == "qkv_proj_rope":
-            start_host = case.args["positions"].view(shape.batch, shape.seq)[:, 0].tolist()
-        else:
-            start_host = case.args["start_pos"].tolist()
-        cost = op_cost(cfg, shape.op, start_host, shape.seq)
+        start_host = case.meta["start_pos"]
+        cost = get_op(shape.op).cost(cfg, start_host, shape.seq)
         table_floor = floors_us(cost, spec.bandwidth if spec else None, spec)
         copy_floor = floors_us(cost, copy_bw, spec)
         result["shapes"].append({

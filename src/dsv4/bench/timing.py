@@ -28,7 +28,7 @@ class DeviceSpec:
 
     name: str
     bandwidth: float  # bytes/s
-    peak_flops: dict[str, float]  # per operand kind of ``bytes_model.OpCost.flops``
+    peak_flops: dict[str, float]  # per operand kind of ``dsv4.ops.costs.OpCost.flops``
 
 
 _HOPPER_PEAKS = {"bf16": 989e12, "int8": 1979e12, "fp32": 495e12}  # fp32 matmuls as TF32

@@ -1,139 +1,135 @@
-"""The ops as ``torch.library`` custom ops, so ``torch.compile`` and CUDA graphs take them whole.
+"""Every registered op as a ``torch.library`` custom op, so ``torch.compile`` and CUDA graphs take it whole.
 
-``torch.ops.dsv4.qkv_proj_rope``, ``torch.ops.dsv4.indexer_compressor`` and ``torch.ops.dsv4.indexer``
-take the weights as separate tensors and ``start_pos`` as an int tensor ``[B]`` (never a Python int,
-which would specialize a compiled graph on every step). The ``*_out`` variants write into
-preallocated outputs. Each op has a fake implementation (shapes only) and declares what it mutates:
-the state tensors, and the outputs of the ``*_out`` variants.
+``torch.ops.dsv4.<op>`` takes the op's public arguments with every dataclass (weights, RoPE table,
+state) flattened to its tensors, in field order, and ``start_pos`` as an int tensor ``[B]`` (never a
+Python int, which would specialize a compiled graph on every step); then ``backend``. The schema is
+derived from the op's descriptor: the tensors of the arguments the op updates in place are declared
+mutable, and ops that take ``out=`` also get ``torch.ops.dsv4.<op>_out``, which writes into
+preallocated outputs. Each op has a fake implementation (shapes only), from its descriptor.
 
-``qkv_proj_rope``/``indexer_compressor``/``indexer`` below are the same calls with the dataclass
-arguments of ``dsv4``; they are what a model calls inside ``torch.compile(fullgraph=True)``.
+``call`` (and ``qkv_proj_rope``/``indexer_compressor``/``indexer`` below) are the same calls with
+the dataclass arguments of ``dsv4``; they are what a model calls inside ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from .. import ops
+from ..model.fields import build, leaf_kinds, leaves
 from ..model.rope import RopeTable
 from ..model.state import IndexerState
 from ..model.structs import QKV, IndexerOut
 from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights
+from ..ops.api import call_op
+from ..ops.registry import INT_OR_TENSOR, OpDescriptor, get_op, on_register
+
+_SCALARS = {int: "int", float: "float", str: "str"}
 
 
-def _attn(wq_a, gamma_cq, wq_b, wq_b_scale, wkv, gamma_ckv) -> AttnWeights:
-    return AttnWeights(wq_a, gamma_cq, wq_b, wq_b_scale, wkv, gamma_ckv)
+def _flat_params(desc: OpDescriptor) -> list[tuple[str, str, bool]]:
+    """``(leaf name, schema type, mutable)`` of every flattened public argument of ``desc``."""
+    flat = []
+    for p in desc.params:
+        for path, kind in leaf_kinds(p.kind, p.name):
+            schema_type = "Tensor" if kind in (Tensor, INT_OR_TENSOR) else _SCALARS[kind]
+            flat.append((_leaf_name(path), schema_type, p.name in desc.mutates))
+    names = [n for n, _, _ in flat]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{desc.name}: flattened argument names repeat: {names}")
+    return flat
 
 
-def _indexer_weights(wq_b, wq_b_scale, weights_proj, wkv, wgate, ape, norm_w) -> IndexerWeights:
-    return IndexerWeights(wq_b, wq_b_scale, weights_proj, CompressorWeights(wkv, wgate, ape, norm_w))
+def _leaf_name(path: str) -> str:
+    """A custom-op argument's name: the last field of its dotted path (``w.compressor.wkv`` -> ``wkv``)."""
+    return path.rsplit(".", 1)[-1]
 
 
-@torch.library.custom_op("dsv4::qkv_proj_rope", mutates_args=())
-def _qkv_proj_rope(
-    x: Tensor, wq_a: Tensor, gamma_cq: Tensor, wq_b: Tensor, wq_b_scale: Tensor, wkv: Tensor, gamma_ckv: Tensor,
-    positions: Tensor, cos: Tensor, sin: Tensor, eps: float, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    w = _attn(wq_a, gamma_cq, wq_b, wq_b_scale, wkv, gamma_ckv)
-    return tuple(ops.qkv_proj_rope(x, w, positions, RopeTable(cos, sin), eps=eps, backend=backend))
+def _schema(desc: OpDescriptor, out: bool) -> str:
+    """The custom-op schema of ``desc`` (or of its ``_out`` variant)."""
+    flat = _flat_params(desc) + [("backend", "str", False)]
+    if out:
+        flat += [(f, "Tensor", True) for f in desc.result._fields]
+    args, alias = [], 0
+    for name, schema_type, mutable in flat:
+        if mutable:
+            schema_type, alias = f"Tensor(a{alias}!)", alias + 1
+        args.append(f"{schema_type} {name}")
+    returns = "()" if out or desc.result is None else _returns(len(desc.result._fields))
+    return f"({', '.join(args)}) -> {returns}"
 
 
-@_qkv_proj_rope.register_fake
-def _(x, wq_a, gamma_cq, wq_b, wq_b_scale, wkv, gamma_ckv, positions, cos, sin, eps, backend):
-    t, hd = x.shape[0], wkv.shape[0]
-    return (
-        x.new_empty((t, wq_b.shape[0] // hd, hd)),
-        x.new_empty((t, hd)),
-        x.new_empty((t, wq_a.shape[0]), dtype=torch.int8),
-        x.new_empty((t, 1), dtype=torch.float32),
+def _returns(n: int) -> str:
+    """The schema's return type for ``n`` tensors (a single tensor is not a tuple)."""
+    return "Tensor" if n == 1 else "(" + ", ".join(["Tensor"] * n) + ")"
+
+
+def _as_returned(result: Any) -> Any:
+    """A result ``NamedTuple`` as the custom op returns it: None, one tensor, or a tuple."""
+    if result is None:
+        return None
+    return result[0] if len(result) == 1 else tuple(result)
+
+
+def _unflatten(desc: OpDescriptor, flat: tuple[Any, ...]) -> tuple[dict[str, Any], str, tuple[Any, ...]]:
+    """``(public args, backend, the rest)`` from a custom op's flat arguments."""
+    values = iter(flat)
+    args = {p.name: build(p.kind, p.name, lambda _: next(values)) for p in desc.params}
+    backend = next(values)
+    return args, backend, tuple(values)
+
+
+def flatten(desc: OpDescriptor, args: dict[str, Any]) -> list[Any]:
+    """The flat arguments of ``torch.ops.dsv4.<op>`` for public ``args`` (``backend`` not included)."""
+    return [leaf for p in desc.params for _, leaf in leaves(args[p.name], p.name)]
+
+
+def _register(desc: OpDescriptor) -> None:
+    """Define ``torch.ops.dsv4.<op>`` (and ``<op>_out`` when the op takes ``out=``) for ``desc``."""
+
+    def impl(*flat: Any) -> Any:
+        args, backend, _ = _unflatten(desc, flat)
+        return _as_returned(call_op(desc.name, backend, **args))
+
+    def fake(*flat: Any) -> Any:
+        args, _, _ = _unflatten(desc, flat)
+        return None if desc.fake_result is None else _as_returned(desc.fake_result(**args))
+
+    mutated = [n for n, _, m in _flat_params(desc) if m]
+    op = torch.library.custom_op(f"dsv4::{desc.name}", impl, mutates_args=mutated, schema=_schema(desc, False))
+    op.register_fake(fake)
+    if desc.check_out is None:
+        return
+
+    def impl_out(*flat: Any) -> None:
+        args, backend, out = _unflatten(desc, flat)
+        call_op(desc.name, backend, desc.result(*out), **args)
+
+    outs = list(desc.result._fields)
+    op_out = torch.library.custom_op(
+        f"dsv4::{desc.name}_out", impl_out, mutates_args=mutated + outs, schema=_schema(desc, True)
     )
+    op_out.register_fake(lambda *flat: None)
 
 
-@torch.library.custom_op("dsv4::qkv_proj_rope_out", mutates_args=("q", "kv", "qr", "qr_scale"))
-def _qkv_proj_rope_out(
-    x: Tensor, wq_a: Tensor, gamma_cq: Tensor, wq_b: Tensor, wq_b_scale: Tensor, wkv: Tensor, gamma_ckv: Tensor,
-    positions: Tensor, cos: Tensor, sin: Tensor, eps: float, backend: str,
-    q: Tensor, kv: Tensor, qr: Tensor, qr_scale: Tensor,
-) -> None:  # fmt: skip
-    w = _attn(wq_a, gamma_cq, wq_b, wq_b_scale, wkv, gamma_ckv)
-    ops.qkv_proj_rope(x, w, positions, RopeTable(cos, sin), eps=eps, backend=backend, out=QKV(q, kv, qr, qr_scale))
+on_register(_register)
 
 
-@_qkv_proj_rope_out.register_fake
-def _(*args) -> None:
-    return None
-
-
-@torch.library.custom_op("dsv4::indexer_compressor", mutates_args=("kv_state", "score_state", "idx_kv_cache"))
-def _indexer_compressor(
-    x: Tensor, wkv: Tensor, wgate: Tensor, ape: Tensor, norm_w: Tensor,
-    kv_state: Tensor, score_state: Tensor, idx_kv_cache: Tensor,
-    start_pos: Tensor, cos: Tensor, sin: Tensor, eps: float, backend: str,
-) -> None:  # fmt: skip
-    w = CompressorWeights(wkv, wgate, ape, norm_w)
-    state = IndexerState(kv_state, score_state, idx_kv_cache)
-    ops.indexer_compressor(x, w, state, start_pos, RopeTable(cos, sin), eps=eps, backend=backend)
-
-
-@_indexer_compressor.register_fake
-def _(*args) -> None:
-    return None
-
-
-@torch.library.custom_op("dsv4::indexer", mutates_args=("kv_state", "score_state", "idx_kv_cache"))
-def _indexer(
-    x: Tensor, qr: Tensor, qr_scale: Tensor, wq_b: Tensor, wq_b_scale: Tensor, weights_proj: Tensor,
-    wkv: Tensor, wgate: Tensor, ape: Tensor, norm_w: Tensor,
-    kv_state: Tensor, score_state: Tensor, idx_kv_cache: Tensor,
-    start_pos: Tensor, offset: int, cos: Tensor, sin: Tensor, topk: int, eps: float, backend: str,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
-    w = _indexer_weights(wq_b, wq_b_scale, weights_proj, wkv, wgate, ape, norm_w)
-    state = IndexerState(kv_state, score_state, idx_kv_cache)
-    out = ops.indexer(x, qr, qr_scale, w, state, start_pos, offset, RopeTable(cos, sin), topk=topk, eps=eps,
-                      backend=backend)  # fmt: skip
-    return out.score, out.topk_idxs
-
-
-@_indexer.register_fake
-def _(x, qr, qr_scale, wq_b, wq_b_scale, weights_proj, wkv, wgate, ape, norm_w, kv_state, score_state,
-      idx_kv_cache, start_pos, offset, cos, sin, topk, eps, backend):  # fmt: skip
-    b, s = x.shape[:2]
-    cache_len = torch.library.get_ctx().new_dynamic_size()  # (start_pos + S) // 4: known at run time only
-    return (
-        x.new_empty((b, s, cache_len), dtype=torch.float32),
-        x.new_empty((b, s, topk), dtype=torch.int32),
-    )
-
-
-@torch.library.custom_op(
-    "dsv4::indexer_out", mutates_args=("kv_state", "score_state", "idx_kv_cache", "score", "topk_idxs")
-)
-def _indexer_out(
-    x: Tensor, qr: Tensor, qr_scale: Tensor, wq_b: Tensor, wq_b_scale: Tensor, weights_proj: Tensor,
-    wkv: Tensor, wgate: Tensor, ape: Tensor, norm_w: Tensor,
-    kv_state: Tensor, score_state: Tensor, idx_kv_cache: Tensor,
-    start_pos: Tensor, offset: int, cos: Tensor, sin: Tensor, topk: int, eps: float, backend: str,
-    score: Tensor, topk_idxs: Tensor,
-) -> None:  # fmt: skip
-    w = _indexer_weights(wq_b, wq_b_scale, weights_proj, wkv, wgate, ape, norm_w)
-    state = IndexerState(kv_state, score_state, idx_kv_cache)
-    ops.indexer(x, qr, qr_scale, w, state, start_pos, offset, RopeTable(cos, sin), topk=topk, eps=eps,
-                backend=backend, out=IndexerOut(score, topk_idxs))  # fmt: skip
-
-
-@_indexer_out.register_fake
-def _(*args) -> None:
-    return None
-
-
-def _weights_of(w: AttnWeights | CompressorWeights | IndexerWeights) -> tuple[Tensor, ...]:
-    if isinstance(w, IndexerWeights):
-        c = w.compressor
-        return (w.wq_b, w.wq_b_scale, w.weights_proj, c.wkv, c.wgate, c.ape, c.norm_w)
-    if isinstance(w, CompressorWeights):
-        return (w.wkv, w.wgate, w.ape, w.norm_w)
-    return (w.wq_a, w.gamma_cq, w.wq_b, w.wq_b_scale, w.wkv, w.gamma_ckv)
+def call(name: str, backend: str = "auto", out: Any = None, **args: Any) -> Any:
+    """Op ``name`` through ``torch.ops.dsv4`` on its public ``args`` (as ``dsv4.ops.call_op`` takes
+    them, with ``start_pos`` an int tensor ``[B]``). Returns the op's result (written into ``out``
+    when given)."""
+    desc = get_op(name)
+    flat = [*flatten(desc, args), backend]
+    if out is not None:
+        getattr(torch.ops.dsv4, f"{name}_out")(*flat, *out)
+        return out
+    result = getattr(torch.ops.dsv4, name)(*flat)
+    if desc.result is None:
+        return None
+    return desc.result(result) if len(desc.result._fields) == 1 else desc.result(*result)
 
 
 def qkv_proj_rope(
@@ -141,11 +137,7 @@ def qkv_proj_rope(
     out: QKV | None = None,
 ) -> QKV:  # fmt: skip
     """``dsv4.qkv_proj_rope`` through ``torch.ops.dsv4``; same arguments and result."""
-    args = (x, *_weights_of(w), positions, rope.cos, rope.sin, eps, backend)
-    if out is None:
-        return QKV(*torch.ops.dsv4.qkv_proj_rope(*args))
-    torch.ops.dsv4.qkv_proj_rope_out(*args, *out)
-    return out
+    return call("qkv_proj_rope", backend, out, x=x, w=w, positions=positions, rope=rope, eps=eps)
 
 
 def indexer_compressor(
@@ -153,10 +145,7 @@ def indexer_compressor(
     eps: float = 1e-6, backend: str = "auto",
 ) -> None:  # fmt: skip
     """``dsv4.indexer_compressor`` through ``torch.ops.dsv4``; ``start_pos`` is an int tensor ``[B]``."""
-    torch.ops.dsv4.indexer_compressor(
-        x, *_weights_of(w), state.kv_state, state.score_state, state.idx_kv_cache, start_pos, rope.cos, rope.sin,
-        eps, backend,
-    )  # fmt: skip
+    call("indexer_compressor", backend, x=x, w=w, state=state, start_pos=start_pos, rope=rope, eps=eps)
 
 
 def indexer(
@@ -164,11 +153,12 @@ def indexer(
     rope: RopeTable, *, topk: int, eps: float = 1e-6, backend: str = "auto", out: IndexerOut | None = None,
 ) -> IndexerOut:  # fmt: skip
     """``dsv4.indexer`` through ``torch.ops.dsv4``; ``start_pos`` is an int tensor ``[B]``."""
-    args = (
-        x, qr, qr_scale, *_weights_of(w), state.kv_state, state.score_state, state.idx_kv_cache, start_pos, offset,
-        rope.cos, rope.sin, topk, eps, backend,
+    return call(
+        "indexer", backend, out, x=x, qr=qr, qr_scale=qr_scale, w=w, state=state, start_pos=start_pos,
+        offset=offset, rope=rope, topk=topk, eps=eps,
     )  # fmt: skip
-    if out is None:
-        return IndexerOut(*torch.ops.dsv4.indexer(*args))
-    torch.ops.dsv4.indexer_out(*args, *out)
-    return out
+
+
+def tensors_of(value: Any) -> list[Tensor]:
+    """The tensors of a dataclass argument (weights, RoPE table, state) in the custom ops' order."""
+    return [leaf for _, leaf in leaves(value, "")]

@@ -13,38 +13,18 @@ from typing import Any
 import torch
 
 from ..model.config import COMPRESS_RATIO
+from ..ops.registry import Output, Tolerance, get_op, op_names
 
 _MASK_LIKE = -1e38  # anything below this counts as "masked" (-inf or the most negative finite)
 
 
-@dataclass(frozen=True)
-class Tolerance:
-    """``|a - e| <= atol + rtol*|e|`` for all but ``max_error_ratio`` of the elements."""
-
-    atol: float
-    rtol: float
-    max_error_ratio: float = 0.005
-
-    def __str__(self) -> str:
-        return f"atol={self.atol:g} rtol={self.rtol:g} ratio={self.max_error_ratio:g}"
-
-
-# Spec §6, per output name.
-TOLERANCES: dict[str, Tolerance] = {
-    "q": Tolerance(1e-4, 1 / 128),
-    "kv": Tolerance(1e-4, 1 / 128),
-    "qr": Tolerance(1.0, 0.0, 0.0),
-    "qr_scale": Tolerance(2.5e-5, 5e-3),
-    "score": Tolerance(1e-4, 1 / 128),
-    "idx_kv_cache": Tolerance(1e-4, 1 / 128),
-    "kv_state": Tolerance(1e-4, 1e-4),
-    "score_state": Tolerance(1e-4, 1e-4),
-}
-OUTPUTS: dict[str, tuple[str, ...]] = {
-    "qkv_proj_rope": ("q", "kv", "qr", "qr_scale"),
-    "indexer_compressor": ("kv_state", "score_state", "idx_kv_cache"),
-    "indexer": ("score", "topk_idxs", "kv_state", "score_state", "idx_kv_cache"),
-}
+def tolerance(output: str) -> Tolerance:
+    """The spec §6 tolerance of the output called ``output`` (of any registered op)."""
+    for name in op_names():
+        for o in get_op(name).outputs:
+            if o.name == output:
+                return o.tolerance
+    raise KeyError(f"no registered op has an output {output!r}")
 
 
 @dataclass
@@ -171,8 +151,7 @@ def _written_rows(start_pos: torch.Tensor, seq: int, batch: int, rows: int) -> t
     return mask
 
 
-def _check_cache(actual: torch.Tensor, expected: torch.Tensor, inputs: Mapping[str, Any]) -> Check:
-    tol = TOLERANCES["idx_kv_cache"]
+def _check_cache(actual: torch.Tensor, expected: torch.Tensor, inputs: Mapping[str, Any], tol: Tolerance) -> Check:
     before = inputs.get("idx_kv_cache")
     if before is None or "start_pos" not in inputs or "seq" not in inputs:
         return ratio_allclose(actual, expected, tol.atol, tol.rtol, tol.max_error_ratio, "idx_kv_cache")
@@ -191,8 +170,7 @@ def _check_cache(actual: torch.Tensor, expected: torch.Tensor, inputs: Mapping[s
     return check
 
 
-def _check_score(actual: torch.Tensor, expected: torch.Tensor) -> Check:
-    tol = TOLERANCES["score"]
+def _check_score(actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance) -> Check:
     a, e = actual.detach().cpu(), expected.detach().cpu()
     n = e.shape[-1]
     if a.shape[:-1] != e.shape[:-1] or a.shape[-1] < n:
@@ -234,6 +212,14 @@ class Report:
         """The failed checks on one line, ``name: detail; ...`` (empty when all passed)."""
         return "; ".join(f"{c.name}: {c.detail}" for c in self.checks if not c.passed)
 
+    def verdict(self) -> str:
+        """``ok``, or ``MISMATCH`` and the failed checks on one line."""
+        return "ok" if self.passed else "MISMATCH " + self.failures()
+
+    @property
+    def worst_violation_ratio(self) -> float:
+        return max((c.violation_ratio for c in self.checks), default=0.0)
+
     def __str__(self) -> str:
         lines = [f"{self.op}: {'PASS' if self.passed else 'FAIL'}"]
         for c in self.checks:
@@ -245,41 +231,40 @@ class Report:
         return "\n".join(lines)
 
 
+def _check(out: Output, actual: torch.Tensor, expected: Mapping[str, torch.Tensor], inputs: Mapping[str, Any]) -> Check:
+    """One output against the reference by its rule (see ``dsv4.ops.Output``)."""
+    tol = out.tolerance
+    if out.rule == "topk":
+        ref_score = expected["score"]
+        return topk_allclose(actual, expected[out.name], ref_score, int(inputs.get("offset", 0)), tol.atol, tol.rtol)
+    if out.rule == "score":
+        return _check_score(actual, expected[out.name], tol)
+    if out.rule == "cache":
+        return _check_cache(actual, expected[out.name], inputs, tol)
+    return ratio_allclose(actual, expected[out.name], tol.atol, tol.rtol, tol.max_error_ratio, out.name)
+
+
 def compare(
     op: str,
     outputs: Mapping[str, torch.Tensor],
     expected: Mapping[str, torch.Tensor],
     inputs: Mapping[str, Any] | None = None,
 ) -> Report:
-    """Check every output of ``op`` against ``expected`` with the spec §6 table.
+    """Check every output of ``op`` against ``expected`` with the spec §6 rule its descriptor gives.
 
     ``inputs`` (optional) lets the stricter rules apply: ``offset`` for ``topk_idxs``; the pre-step
     ``idx_kv_cache`` with ``start_pos`` (``[B]``) and ``seq`` (S) so rows the step did not write
     must be bit-identical to before.
     """
-    if op not in OUTPUTS:
-        raise ValueError(f"op: expected one of {sorted(OUTPUTS)}, got {op!r}")
+    desc = get_op(op)
     inputs = inputs or {}
     report = Report(op)
-    for name in OUTPUTS[op]:
-        if name not in outputs or name not in expected:
-            report.checks.append(
-                _fail(name, "-", "missing from outputs" if name not in outputs else "no expected value")
-            )
-        elif name == "topk_idxs":
-            t = TOLERANCES["score"]
-            report.checks.append(
-                topk_allclose(
-                    outputs[name], expected[name], expected["score"], int(inputs.get("offset", 0)), t.atol, t.rtol
-                )
-            )
-        elif name == "score":
-            report.checks.append(_check_score(outputs[name], expected[name]))
-        elif name == "idx_kv_cache":
-            report.checks.append(_check_cache(outputs[name], expected[name], inputs))
+    for out in desc.outputs:
+        if out.name not in outputs or out.name not in expected:
+            missing = "missing from outputs" if out.name not in outputs else "no expected value"
+            report.checks.append(_fail(out.name, "-", missing))
         else:
-            t = TOLERANCES[name]
-            report.checks.append(ratio_allclose(outputs[name], expected[name], t.atol, t.rtol, t.max_error_ratio, name))
+            report.checks.append(_check(out, outputs[out.name], expected, inputs))
     return report
 
 

@@ -16,7 +16,15 @@ from ..model.rope import rope_table
 from ..model.state import IndexerState
 from ..model.weights import LayerWeights, synthetic_activations, synthetic_weights
 from ..ops.backends import resolve
-from .golden import compare, step_inputs
+from ..ops.registry import op_names
+from .cases import make_case, run_case
+from .golden import Report, compare, step_inputs
+
+FRONT_END = (
+    "qkv_proj_rope",
+    "indexer_compressor",
+    "indexer",
+)  # the chain below runs them (the indexer, its compressor)
 
 
 @dataclass
@@ -42,11 +50,10 @@ def _timed(device: torch.device, fn: Callable[..., Any], *args: Any, **kwargs: A
     return out, (time.perf_counter() - t0) * 1e3
 
 
-def _verdict(report) -> tuple[str, bool]:
+def _verdict(report: Report) -> tuple[str, bool]:
     if report.passed:
-        worst = max((c.violation_ratio for c in report.checks), default=0.0)
-        return f"ok (vs reference, worst violation ratio {worst:.2%})", True
-    return "MISMATCH " + report.failures(), False
+        return f"{report.verdict()} (vs reference, worst violation ratio {report.worst_violation_ratio:.2%})", True
+    return report.verdict(), False
 
 
 def run_front_end(
@@ -62,11 +69,13 @@ def run_front_end(
     weights: LayerWeights | None = None,
 ) -> list[Row]:
     """Prefill ``start_pos`` tokens, then ``steps`` decode steps of ``seq`` tokens for ``batch``
-    sequences: ``qkv_proj_rope`` then ``indexer`` each time. When ``backend`` is not the
-    reference, every call is checked against the reference run on the same inputs.
+    sequences: ``qkv_proj_rope`` then ``indexer`` each time. Every other registered op runs once
+    on a seeded case at the first decode step's shape. When ``backend`` is not the reference, every
+    call is checked against the reference run on the same inputs.
 
     ``weights``: the layer's weights for ``cfg`` (e.g. from ``dsv4.load_layer``; default: seeded
-    synthetic ones). Activations are always synthetic RMS-normalized rows."""
+    synthetic ones; the other ops' cases use synthetic ones). Activations are always synthetic
+    RMS-normalized rows."""
     device = torch.device(device)
     name = resolve(backend, device)
     end = start_pos + steps * seq
@@ -111,6 +120,16 @@ def run_front_end(
             check, ok = _verdict(compare("indexer", got, want, inputs))
         shapes = f"B={batch} S={s} cache={idx.score.shape[-1]} topk={cfg.index_topk}"
         emit(Row(label, "indexer", name, shapes, ms, check, ok))
+
+    for op in op_names():  # every other registered op: one checked call at the first decode step's shape
+        if op in FRONT_END:
+            continue
+        case = make_case(cfg, op, "decode", seed, device, max_position, batch, seq, start_pos)
+        got, ms = _timed(device, run_case, case, name)
+        check, ok = "is the reference", True
+        if name != "reference":
+            check, ok = _verdict(compare(op, got, run_case(case, "reference"), case.compare_inputs()))
+        emit(Row("decode 1", op, name, f"B={batch} S={seq}", ms, check, ok))
     return rows
 
 

@@ -17,34 +17,14 @@ from safetensors.torch import load_file, save_file
 
 from ..harness.cases import Case, run_case
 from ..harness.golden import Report, compare
-from ..model.rope import RopeTable
-from ..model.state import IndexerState
-from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights
+from ..model.fields import build, leaves
+from ..ops.registry import get_op
 from ..version import __version__
-
-_WEIGHTS = {"qkv_proj_rope": AttnWeights, "indexer_compressor": CompressorWeights, "indexer": IndexerWeights}
-_SCALARS = ("offset", "topk", "eps")
 
 
 def case_name(case: Case) -> str:
     m = case.meta
     return f"{case.op}-{m['preset']}-{m['mode']}-seed{m['seed']}"
-
-
-def _flatten(prefix: str, value: Any, out: dict[str, torch.Tensor]) -> None:
-    if isinstance(value, torch.Tensor):
-        out[prefix] = value.detach().cpu().contiguous()
-    elif dataclasses.is_dataclass(value):
-        for f in dataclasses.fields(value):
-            _flatten(f"{prefix}.{f.name}", getattr(value, f.name), out)
-
-
-def _build(cls: type, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}.{f.name}"
-        kwargs[f.name] = _build(CompressorWeights, key, tensors) if f.name == "compressor" else tensors[key]
-    return cls(**kwargs)
 
 
 def save(case: Case, outputs: dict[str, torch.Tensor], folder: str | Path) -> Path:
@@ -54,15 +34,14 @@ def save(case: Case, outputs: dict[str, torch.Tensor], folder: str | Path) -> Pa
     name = case_name(case)
     inputs: dict[str, torch.Tensor] = {}
     for key, value in case.args.items():
-        if key not in _SCALARS:
-            _flatten(key, value, inputs)
+        inputs.update((path, v.detach().cpu().contiguous()) for path, v in leaves(value, key) if torch.is_tensor(v))
     save_file(inputs, folder / f"{name}.inputs.safetensors")
     save_file({k: v.detach().cpu().contiguous() for k, v in outputs.items()}, folder / f"{name}.expected.safetensors")
     manifest = {
         "name": name,
         "op": case.op,
         "meta": case.meta,
-        "scalars": {k: case.args[k] for k in _SCALARS if k in case.args},
+        "scalars": {k: v for k, v in case.args.items() if isinstance(v, int | float | str)},
         "inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in inputs.items()},
         "expected": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in outputs.items()},
         "dsv4_version": __version__,
@@ -80,18 +59,14 @@ def load(manifest_path: str | Path, device: torch.device | str = "cpu") -> tuple
     name, op = manifest["name"], manifest["op"]
     tensors = load_file(str(path.parent / f"{name}.inputs.safetensors"), device=str(device))
     expected = load_file(str(path.parent / f"{name}.expected.safetensors"), device=str(device))
-    args: dict[str, Any] = {
-        "w": _build(_WEIGHTS[op], "w", tensors),
-        "rope": RopeTable(tensors["rope.cos"], tensors["rope.sin"]),
-    }
-    for key in ("x", "positions", "start_pos", "qr", "qr_scale"):
-        if key in tensors:
-            args[key] = tensors[key]
-    if "state.kv_state" in tensors:
-        args["state"] = IndexerState(
-            tensors["state.kv_state"], tensors["state.score_state"], tensors["state.idx_kv_cache"]
-        )
-    args.update(manifest["scalars"])
+    args: dict[str, Any] = {}
+    for p in get_op(op).params:
+        if dataclasses.is_dataclass(p.kind):
+            args[p.name] = build(p.kind, p.name, tensors.__getitem__)
+        elif p.name in tensors:
+            args[p.name] = tensors[p.name]
+        elif p.name in manifest["scalars"]:
+            args[p.name] = manifest["scalars"][p.name]
     return Case(op, args, manifest["meta"]), expected
 
 

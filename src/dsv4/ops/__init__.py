@@ -1,5 +1,18 @@
-"""The public ops (validation, backend choice) and the backend registry."""
+"""The public ops (validation, backend choice), their descriptors and the backend registry."""
 
-from .api import indexer, indexer_compressor, qkv_proj_rope
+from .api import call_op, indexer, indexer_compressor, qkv_proj_rope
+from .registry import OpDescriptor, Output, Param, Tolerance, get_op, op_names, register_op
 
-__all__ = ["indexer", "indexer_compressor", "qkv_proj_rope"]
+__all__ = [
+    "OpDescriptor",
+    "Output",
+    "Param",
+    "Tolerance",
+    "call_op",
+    "get_op",
+    "indexer",
+    "indexer_compressor",
+    "op_names",
+    "qkv_proj_rope",
+    "register_op",
+]

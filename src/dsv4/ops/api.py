@@ -1,10 +1,13 @@
 """The public ops: validate every argument, pick the backend, run it.
 
 Validation (spec §7) happens before anything is computed, so a call that raises leaves the
-caller's state and caches untouched.
+caller's state and caches untouched. ``call_op`` does this for any registered op; the functions
+below are its typed, documented faces for the built-in ones.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -12,8 +15,23 @@ from ..model.rope import RopeTable
 from ..model.state import IndexerState
 from ..model.structs import QKV, IndexerOut
 from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights
-from .backends import get_backend
-from .validate import check_compressor, check_indexer, check_indexer_out, check_qkv_out, check_qkv_proj_rope
+from . import defs  # noqa: F401  (registers the built-in ops)
+from .backends import implementation
+from .registry import get_op
+
+
+def call_op(name: str, backend: str = "auto", out: Any = None, **args: Any) -> Any:
+    """Run op ``name`` on its public ``args``: check them (and ``out``), then call ``backend``'s
+    implementation on the device of the first tensor argument. Returns the op's result."""
+    desc = get_op(name)
+    if out is not None and desc.check_out is None:
+        raise TypeError(f"out: {name} takes no out= (it updates its state in place)")
+    kwargs = desc.validate(**args)
+    if out is not None:
+        desc.check_out(out, kwargs)
+        kwargs["out"] = out
+    device = next(v.device for v in kwargs.values() if isinstance(v, torch.Tensor))
+    return implementation(desc, backend, device)(**kwargs)
 
 
 def qkv_proj_rope(
@@ -40,10 +58,7 @@ def qkv_proj_rope(
     Returns:
         ``QKV(q [T, H, HD] bf16, kv [T, HD] bf16, qr [T, QL] int8, qr_scale [T, 1] fp32)``.
     """
-    check_qkv_proj_rope(x, w, positions, rope, eps)
-    if out is not None:
-        check_qkv_out(out, x, w)
-    return get_backend(backend, x.device).qkv_proj_rope(x, w, positions, rope, eps, out)
+    return call_op("qkv_proj_rope", backend, out, x=x, w=w, positions=positions, rope=rope, eps=eps)
 
 
 def indexer_compressor(
@@ -67,8 +82,7 @@ def indexer_compressor(
         start_pos: position of each row's first token: an int, or an int tensor ``[B]``.
         rope: the compressed-key ``RopeTable``.
     """
-    pos = check_compressor(x, w, state, start_pos, rope, eps)
-    get_backend(backend, x.device).indexer_compressor(x, w, state, pos, rope, eps)
+    call_op("indexer_compressor", backend, x=x, w=w, state=state, start_pos=start_pos, rope=rope, eps=eps)
 
 
 def indexer(
@@ -107,7 +121,7 @@ def indexer(
         ``cache_len[b] = (start_pos[b] + S) // 4``; invisible scores are ``-3.4028235e38`` and
         unused index slots ``-1``.
     """
-    pos = check_indexer(x, qr, qr_scale, w, state, start_pos, offset, rope, topk, eps)
-    if out is not None:
-        check_indexer_out(out, x, pos, topk)
-    return get_backend(backend, x.device).indexer(x, qr, qr_scale, w, state, pos, offset, rope, topk, eps, out)
+    return call_op(
+        "indexer", backend, out, x=x, qr=qr, qr_scale=qr_scale, w=w, state=state, start_pos=start_pos,
+        offset=offset, rope=rope, topk=topk, eps=eps,
+    )  # fmt: skip

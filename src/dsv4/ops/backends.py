@@ -1,40 +1,37 @@
-"""Backend registry: which implementations exist and which one ``backend="auto"`` picks.
+"""Backends: which implementations exist, which can run where, and which one ``backend="auto"`` picks.
 
-A backend is a module with ``qkv_proj_rope``, ``indexer_compressor`` and ``indexer`` taking
-already-validated arguments (see ``dsv4.reference`` for the signatures).
+A backend is a package (the reference, or the Triton kernels); each op's descriptor names the
+function that implements it in each backend (``OpDescriptor.implementations``).
 """
 
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
+from .registry import OpDescriptor
+
 BACKENDS = ("reference", "triton")
-_MODULES = {"reference": "dsv4.reference", "triton": "dsv4.kernels"}
-
-
-def _load(name: str) -> tuple[ModuleType | None, str | None]:
-    try:
-        return importlib.import_module(_MODULES[name]), None
-    except ImportError as e:  # triton not installed, or the backend is not built
-        return None, f"cannot import {_MODULES[name]}: {e}"
+_PACKAGES = {"reference": "dsv4.reference", "triton": "dsv4.kernels"}
 
 
 def unavailable_reason(name: str, device: torch.device | str) -> str | None:
-    """Why ``name`` cannot run on ``device``, or None when it can."""
+    """Why backend ``name`` cannot run on ``device``, or None when it can."""
     if name not in BACKENDS:
         return f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)} or 'auto'"
-    module, err = _load(name)
-    if module is None:
-        return err
-    check = getattr(module, "unavailable_reason", None)
+    try:
+        package = importlib.import_module(_PACKAGES[name])
+    except ImportError as e:  # triton not installed, or the backend is not built
+        return f"cannot import {_PACKAGES[name]}: {e}"
+    check = getattr(package, "unavailable_reason", None)
     return check(torch.device(device)) if check else None
 
 
 def available_backends(device: torch.device | str) -> list[str]:
-    """Backends that can run on ``device``, best first."""
+    """Backends that can run on ``device``, best first (the first is what ``dsv4 run`` uses)."""
     return [n for n in reversed(BACKENDS) if unavailable_reason(n, device) is None]
 
 
@@ -51,8 +48,6 @@ def resolve(backend: str, device: torch.device | str) -> str:
     return backend
 
 
-def get_backend(backend: str, device: torch.device | str) -> ModuleType:
-    """The module implementing ``backend`` (``"reference"``, ``"triton"`` or ``"auto"``) on ``device``."""
-    module, _ = _load(resolve(backend, device))
-    assert module is not None
-    return module
+def implementation(desc: OpDescriptor, backend: str, device: torch.device | str) -> Callable[..., Any]:
+    """The function implementing ``desc`` on ``backend`` (``"reference"``, ``"triton"`` or ``"auto"``) on ``device``."""
+    return desc.implementation(resolve(backend, device))

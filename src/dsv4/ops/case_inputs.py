@@ -1,0 +1,77 @@
+"""The seeded pieces every op's case is built from: one step of ``B`` rows x ``S`` tokens.
+
+``dsv4.harness.cases.make_case`` draws them once per case (start positions, weights, RoPE table,
+activations) and hands them to the op's descriptor, which picks its arguments from them; the
+generator is passed on so an op can draw more (the indexer's ``qr``) in a fixed order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..model.config import COMPRESS_RATIO, DeepSeekV4Config
+from ..model.rope import RopeTable
+from ..model.state import IndexerState
+from ..model.weights import LayerWeights
+
+
+@dataclass
+class CaseInputs:
+    """``start [B] int64`` (CPU): each row's first position; ``x [B, S, D] bf16``; weights, the
+    compressed-layer RoPE table (``max_position`` positions) and the case's generator, all for
+    ``cfg`` in ``mode`` with ``seed``, on ``device``."""
+
+    cfg: DeepSeekV4Config
+    mode: str
+    seed: int
+    device: torch.device | str | None
+    max_position: int
+    start: torch.Tensor
+    weights: LayerWeights
+    rope: RopeTable
+    x: torch.Tensor
+    generator: torch.Generator
+
+    @property
+    def batch(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def seq(self) -> int:
+        return self.x.shape[1]
+
+    def positions(self) -> torch.Tensor:
+        """``[B*S]`` int64 position of every token, row by row, on the case's device."""
+        return (self.start[:, None] + torch.arange(self.seq)).reshape(-1).to(self.device)
+
+    def prefilled_state(self) -> IndexerState:
+        """The indexer state as if each row had already seen ``start[b]`` tokens (see ``prefilled_state``)."""
+        return prefilled_state(self.cfg, self.batch, self.max_position, self.start, self.seed, self.device)
+
+
+def prefilled_state(
+    cfg: DeepSeekV4Config,
+    batch: int,
+    max_position: int,
+    start_pos: torch.Tensor,
+    seed: int,
+    device: torch.device | str | None = None,
+) -> IndexerState:
+    """State as if each row had already seen ``start_pos[b]`` tokens: cache rows of those blocks
+    hold unit-RMS bf16 keys; the compressor ring holds projection-sized values (score_state -inf
+    where a row has not written yet)."""
+    g = torch.Generator().manual_seed(seed + 7919)
+    state = IndexerState.empty(cfg, batch, max_position)
+    width = 2 * cfg.index_head_dim
+    for b, p in enumerate(start_pos.tolist()):
+        done, r = divmod(p, COMPRESS_RATIO)
+        state.idx_kv_cache[b, :done] = torch.randn(done, cfg.index_head_dim, generator=g).to(torch.bfloat16)
+        ring = [state.kv_state[b], state.score_state[b]]
+        for t in ring:
+            if done:  # slots 0..3: the last closed block; 4+r..7 still hold its copy after the shift
+                t[:COMPRESS_RATIO] = torch.randn(COMPRESS_RATIO, width, generator=g)
+                t[COMPRESS_RATIO + r :] = t[r:COMPRESS_RATIO]
+            t[COMPRESS_RATIO : COMPRESS_RATIO + r] = torch.randn(r, width, generator=g)
+    return state if device is None else state.to(device)

@@ -1,0 +1,119 @@
+"""The bytes an op must move and the arithmetic it must do: the roofline's two numbers.
+
+Each op's descriptor (``dsv4.ops.defs``) computes its ``OpCost`` with the rules below; this module
+holds the record and the pieces the ops share.
+
+**Minimal bytes** are what a perfect fusion of the op moves through device memory:
+
+- every input element the op needs is read once (weights, activations, per-token RoPE rows, the
+  cache rows that exist before the step), every output element is written once;
+- intermediates (projections, norms, unquantized queries, the INT8 copies of cache rows, this
+  step's new cache rows when the same op scores them) stay on chip and cost nothing;
+- caller-owned state costs what changes: the compressor ring (``kv_state``/``score_state``) is
+  charged for the slot halves whose pre-step values the step uses (read) and the slot halves it
+  changes (written), each once — see ``ring_traffic``; a cache row is charged when written;
+- ``score`` is an output of the indexer, so it is written once (the whole ``[B, S, max cache_len]``
+  tensor, masked entries included); top-k reads nothing more — a perfect fusion selects while it
+  scores. A two-pass kernel (score, then select) pays one more read of ``score``; the bench
+  reports that as traffic above the minimum, not as part of it.
+
+Dtypes are the contract's: activations and projection weights bf16, INT8 weights and ``qr``, fp32
+scales and state, RMSNorm gains bf16 (as ``dsv4.weights`` makes them), positions and ``start_pos``
+int64 (as ``dsv4.cases`` passes them). A RoPE table row is one position's cos and sin: ``R/2`` fp32
+each; one row is charged per token (per closed block for the compressed keys).
+
+**FLOPs** count matmuls only, ``2*M*N*K``, split by operand type: ``bf16`` (bf16 operands), ``int8``
+(INT8 x INT8 -> INT32) and ``fp32`` (the Hadamard rotations). Norms, RoPE, softmax, quantization
+and top-k are elementwise or smaller and left out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..model.config import COMPRESS_RATIO, DeepSeekV4Config
+from ..model.state import STATE_SLOTS
+
+BF16, FP32, INT8, INT32, INT64 = 2, 4, 1, 4, 8  # bytes per element
+
+
+@dataclass(frozen=True)
+class OpCost:
+    """Minimal traffic (bytes per tensor, read and written) and matmul FLOPs of one op call."""
+
+    op: str
+    reads: dict[str, int] = field(default_factory=dict)
+    writes: dict[str, int] = field(default_factory=dict)
+    flops: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(self.reads.values())
+
+    @property
+    def write_bytes(self) -> int:
+        return sum(self.writes.values())
+
+    @property
+    def bytes(self) -> int:
+        return self.read_bytes + self.write_bytes
+
+    @property
+    def total_flops(self) -> int:
+        return sum(self.flops.values())
+
+    def to_dict(self) -> dict:
+        return {
+            "op": self.op,
+            "bytes": self.bytes,
+            "read_bytes": self.read_bytes,
+            "write_bytes": self.write_bytes,
+            "flops": dict(self.flops),
+            "reads": dict(self.reads),
+            "writes": dict(self.writes),
+        }
+
+
+def rope_row_bytes(cfg: DeepSeekV4Config) -> int:
+    return 2 * (cfg.qk_rope_head_dim // 2) * FP32  # cos and sin of one position
+
+
+def ring_traffic(start: int, seq: int) -> tuple[int, int, int]:
+    """One batch row's compressor ring over a step of ``seq`` tokens from position ``start``.
+
+    The ring is 8 slots x 2 halves (columns ``[0:HID)`` and ``[HID:2*HID)``) per state tensor.
+    Returns ``(halves read, halves written, blocks closed)``: a half is read when the step needs
+    its pre-step value (a closing block pools slots 0..3 first half and slots 4..7 second half, then
+    shifts slots 4..7 into 0..3) and it is not already on chip (written or read earlier in the step);
+    a half is written when the step changes it. Each half counts at most once.
+    """
+    half = COMPRESS_RATIO  # slots per block
+    on_chip: set[tuple[int, int]] = set()
+    read: set[tuple[int, int]] = set()
+    written: set[tuple[int, int]] = set()
+
+    def use(loc: tuple[int, int]) -> None:
+        if loc not in on_chip:
+            read.add(loc)
+            on_chip.add(loc)
+
+    def write(loc: tuple[int, int]) -> None:
+        written.add(loc)
+        on_chip.add(loc)
+
+    closed = 0
+    for p in range(start, start + seq):
+        for h in (0, 1):
+            write((half + p % half, h))
+        if (p + 1) % half:
+            continue
+        closed += 1
+        for i in range(half):
+            use((i, 0))
+            use((half + i, 1))
+        for i in range(half):
+            for h in (0, 1):
+                use((half + i, h))
+                write((i, h))
+    assert all(0 <= s < STATE_SLOTS for s, _ in written | read)
+    return len(read), len(written), closed

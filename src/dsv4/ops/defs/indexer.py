@@ -1,0 +1,130 @@
+"""``indexer`` (spec §5): the lightning indexer — compressor, INT8 scores against the key cache, top-k."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ...model.config import COMPRESS_RATIO, DeepSeekV4Config
+from ...model.quant import quantize_int8_per_row
+from ...model.rope import RopeTable
+from ...model.state import IndexerState
+from ...model.structs import IndexerOut
+from ...model.weights import IndexerWeights
+from ..case_inputs import CaseInputs
+from ..costs import BF16, FP32, INT8, INT32, OpCost, rope_row_bytes
+from ..registry import INT_OR_TENSOR, OpDescriptor, Output, Param, Tolerance
+from ..validate import check_indexer, check_indexer_out
+from .indexer_compressor import STATE_OUTPUTS
+from .indexer_compressor import case_args as compressor_case_args
+from .indexer_compressor import cost as compressor_cost
+
+SCORE = Tolerance(1e-4, 1 / 128)  # spec §6: score, and the scores behind the chosen top-k indices
+
+
+def validate(
+    x: Any,
+    qr: Any,
+    qr_scale: Any,
+    w: Any,
+    state: Any,
+    start_pos: Any,
+    offset: Any,
+    rope: Any,
+    topk: Any,
+    eps: Any = 1e-6,
+) -> dict[str, Any]:
+    pos = check_indexer(x, qr, qr_scale, w, state, start_pos, offset, rope, topk, eps)
+    return {
+        "x": x, "qr": qr, "qr_scale": qr_scale, "w": w, "state": state, "pos": pos, "offset": offset,
+        "rope": rope, "topk": topk, "eps": eps,
+    }  # fmt: skip
+
+
+def check_out(out: Any, args: dict[str, Any]) -> None:
+    check_indexer_out(out, args["x"], args["pos"], args["topk"])
+
+
+def case_args(c: CaseInputs) -> dict[str, Any]:
+    args = compressor_case_args(c)
+    qr, qr_scale = quantize_int8_per_row(torch.randn(c.batch * c.seq, c.cfg.q_lora_rank, generator=c.generator))
+    args.update(
+        w=c.weights.indexer,
+        qr=qr.to(c.device),
+        qr_scale=qr_scale.to(c.device),
+        offset=c.cfg.sliding_window,
+        topk=c.cfg.index_topk,
+    )
+    return args
+
+
+def cost(cfg: DeepSeekV4Config, start_pos: Sequence[int], seq: int, topk: int | None = None) -> OpCost:
+    """``indexer`` (compressor included) for batch rows starting at ``start_pos[b]`` (spec §5)."""
+    topk = cfg.index_topk if topk is None else topk
+    comp = compressor_cost(cfg, start_pos, seq)
+    b, t = len(start_pos), len(start_pos) * seq
+    d, ql, hi, hid = cfg.hidden_size, cfg.q_lora_rank, cfg.index_n_heads, cfg.index_head_dim
+    cache_len = [(p + seq) // COMPRESS_RATIO for p in start_pos]
+    old_rows = sum(p // COMPRESS_RATIO for p in start_pos)  # rows this step did not write
+    visible = sum((p + s + 1) // COMPRESS_RATIO for p in start_pos for s in range(seq))
+    reads = {
+        **comp.reads,
+        "qr": t * ql * INT8,
+        "qr_scale": t * FP32,
+        "wq_b": hi * hid * ql * INT8,
+        "wq_b_scale": hi * hid * FP32,
+        "weights_proj": hi * d * BF16,
+        "rope rows (tokens)": t * rope_row_bytes(cfg),
+        "idx_kv_cache (old rows)": old_rows * hid * BF16,
+    }
+    writes = {**comp.writes, "score": b * seq * max(cache_len) * FP32, "topk_idxs": t * topk * INT32}
+    flops = {
+        "bf16": comp.flops["bf16"] + 2 * t * d * hi,
+        "int8": 2 * t * ql * hi * hid + 2 * hi * hid * visible,
+        "fp32": comp.flops["fp32"] + 2 * t * hi * hid * hid,
+    }
+    return OpCost("indexer", reads, writes, flops)
+
+
+def fake_result(
+    x: torch.Tensor, qr: torch.Tensor, qr_scale: torch.Tensor, w: IndexerWeights, state: IndexerState,
+    start_pos: torch.Tensor, offset: int, rope: RopeTable, topk: int, eps: float,
+) -> IndexerOut:  # fmt: skip
+    b, s = x.shape[:2]
+    cache_len = torch.library.get_ctx().new_dynamic_size()  # (start_pos + S) // 4: known at run time only
+    return IndexerOut(
+        x.new_empty((b, s, cache_len), dtype=torch.float32),
+        x.new_empty((b, s, topk), dtype=torch.int32),
+    )
+
+
+INDEXER = OpDescriptor(
+    name="indexer",
+    params=(
+        Param("x", torch.Tensor),
+        Param("qr", torch.Tensor),
+        Param("qr_scale", torch.Tensor),
+        Param("w", IndexerWeights),
+        Param("state", IndexerState),
+        Param("start_pos", INT_OR_TENSOR),
+        Param("offset", int),
+        Param("rope", RopeTable),
+        Param("topk", int),
+        Param("eps", float),
+    ),
+    outputs=(Output("score", SCORE, "score"), Output("topk_idxs", SCORE, "topk"), *STATE_OUTPUTS),
+    result=IndexerOut,
+    mutates=("state",),
+    validate=validate,
+    check_out=check_out,
+    case_args=case_args,
+    cost=cost,
+    fake_result=fake_result,
+    implementations={
+        "reference": "dsv4.reference.indexer:indexer",
+        "triton": "dsv4.kernels.lightning_indexer:indexer",
+    },
+    cache_bound=True,
+)

@@ -1,0 +1,90 @@
+"""``indexer_compressor`` (spec §4): the ratio-4 compressor that appends one key per closed block."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ...model.config import COMPRESS_RATIO, DeepSeekV4Config
+from ...model.rope import RopeTable
+from ...model.state import IndexerState
+from ...model.weights import CompressorWeights
+from ..case_inputs import CaseInputs
+from ..costs import BF16, FP32, INT64, OpCost, ring_traffic, rope_row_bytes
+from ..registry import INT_OR_TENSOR, OpDescriptor, Output, Param, Tolerance
+from ..validate import check_compressor
+
+STATE = Tolerance(1e-4, 1e-4)  # spec §6: kv_state, score_state
+CACHE = Tolerance(1e-4, 1 / 128)  # spec §6: the cache rows a step writes
+STATE_OUTPUTS = (
+    Output("kv_state", STATE),
+    Output("score_state", STATE),
+    Output("idx_kv_cache", CACHE, "cache"),
+)
+
+
+def validate(x: Any, w: Any, state: Any, start_pos: Any, rope: Any, eps: Any = 1e-6) -> dict[str, Any]:
+    pos = check_compressor(x, w, state, start_pos, rope, eps)
+    return {"x": x, "w": w, "state": state, "pos": pos, "rope": rope, "eps": eps}
+
+
+def case_args(c: CaseInputs) -> dict[str, Any]:
+    return {
+        "x": c.x,
+        "w": c.weights.indexer.compressor,
+        "state": c.prefilled_state(),
+        "start_pos": c.start.to(c.device),
+        "rope": c.rope,
+    }
+
+
+def cost(cfg: DeepSeekV4Config, start_pos: Sequence[int], seq: int) -> OpCost:
+    """``indexer_compressor`` for batch rows starting at ``start_pos[b]`` with ``seq`` new tokens each (spec §4)."""
+    b, d, hid = len(start_pos), cfg.hidden_size, cfg.index_head_dim
+    half_bytes = hid * FP32  # one slot half of one state tensor
+    ring = [ring_traffic(p, seq) for p in start_pos]
+    halves_read = sum(r for r, _, _ in ring)
+    halves_written = sum(w for _, w, _ in ring)
+    closed = sum(c for _, _, c in ring)
+    ape_rows = len({(p + s) % COMPRESS_RATIO for p in start_pos for s in range(seq)})
+    reads = {
+        "x": b * seq * d * BF16,
+        "start_pos": b * INT64,
+        "compressor.wkv": 2 * hid * d * BF16,
+        "compressor.wgate": 2 * hid * d * BF16,
+        "compressor.ape": ape_rows * 2 * hid * FP32,
+        "compressor.norm_w": hid * BF16 if closed else 0,
+        "rope rows (blocks)": closed * rope_row_bytes(cfg),
+        "kv_state + score_state": 2 * halves_read * half_bytes,
+    }
+    writes = {
+        "kv_state + score_state": 2 * halves_written * half_bytes,
+        "idx_kv_cache (new rows)": closed * hid * BF16,
+    }
+    flops = {"bf16": 2 * b * seq * d * 2 * hid * 2, "fp32": closed * 2 * hid * hid}
+    return OpCost("indexer_compressor", reads, writes, flops)
+
+
+INDEXER_COMPRESSOR = OpDescriptor(
+    name="indexer_compressor",
+    params=(
+        Param("x", torch.Tensor),
+        Param("w", CompressorWeights),
+        Param("state", IndexerState),
+        Param("start_pos", INT_OR_TENSOR),
+        Param("rope", RopeTable),
+        Param("eps", float),
+    ),
+    outputs=STATE_OUTPUTS,
+    result=None,
+    mutates=("state",),
+    validate=validate,
+    case_args=case_args,
+    cost=cost,
+    implementations={
+        "reference": "dsv4.reference.compressor:indexer_compressor",
+        "triton": "dsv4.kernels.compressor:indexer_compressor",
+    },
+)
