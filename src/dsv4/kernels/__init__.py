@@ -1,16 +1,16 @@
 """The Triton backend: fused kernels for every op, one module per kernel family.
 
 On a machine without CUDA the same kernel source runs on the CPU through Triton's interpreter
-(``interpreter.py``, imported first). The entry points take the reference's arguments plus
-``out=`` and ``ws=`` (a ``Workspace`` for scratch); an ImportError here (no Triton) marks the
-backend unavailable.
+(``interpreter.py``, imported first). Each op's descriptor (``dsv4.ops.defs``) names its launcher
+here; the launchers take the reference's arguments plus ``out=`` and ``ws=`` (a ``Workspace`` for
+scratch). The package exports what the captured decode step launches. An ImportError here (no
+Triton) marks the backend unavailable.
 """
 
 from . import interpreter  # noqa: F401  (first: chooses the interpreter before any kernel module imports Triton)
-from .compressor import indexer_compressor
 from .interpreter import interpreted, unavailable_reason
 from .lightning_indexer import indexer
 from .qkv_proj_rope import qkv_proj_rope
 from .workspace import Workspace
 
-__all__ = ["Workspace", "indexer", "indexer_compressor", "interpreted", "qkv_proj_rope", "unavailable_reason"]
+__all__ = ["Workspace", "indexer", "interpreted", "qkv_proj_rope", "unavailable_reason"]
