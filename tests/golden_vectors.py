@@ -46,3 +46,17 @@ class Vectors:
     def empty_state(self) -> dsv4.IndexerState:
         m = self.meta
         return dsv4.IndexerState.fresh(m["B"], m["max_position"] // 4, m["index_head_dim"], self.device)
+
+
+def expected_pool(before: dsv4.IndexerState, cache: torch.Tensor, start: torch.Tensor, seq: int) -> dict:
+    """The key pool the golden vectors expect after a step, as ``compare`` takes it: the rows the step
+    writes are the expected bf16 cache rows ``cache [B, rows, HID]`` quantized with the spec §2 rule,
+    placed through the block table; every other pool row is as ``before`` the step."""
+    keys, key_scale = before.keys.clone(), before.key_scale.clone()
+    block_size = keys.shape[1]
+    for b, p in enumerate(start.tolist()):
+        for row in range(p // 4, (p + seq) // 4):
+            k8, ks = dsv4.quantize_int8_per_row(cache[b, row])
+            block = int(before.block_table[b, row // block_size])
+            keys[block, row % block_size], key_scale[block, row % block_size] = k8, ks[0]
+    return {"keys": keys, "key_scale": key_scale, "block_table": before.block_table}

@@ -98,8 +98,9 @@ def test_compressor_bytes_at_flash_decode() -> None:
         + HID * 2  # norm_w
         + B * ROPE_ROW  # one block first position per row
         + B * 8 * half * 2  # ring halves read, both state tensors
+        + B * 4  # the block-table entry of each closed row, int32
     )
-    writes = B * 12 * half * 2 + B * HID * 2  # ring halves written; one cache row per row
+    writes = B * 12 * half * 2 + B * (HID + 4)  # ring halves written; one INT8 pool row + fp32 scale per row
     cost = indexer_compressor_cost(FLASH, starts, S)
     assert (cost.read_bytes, cost.write_bytes) == (reads, writes)
     assert cost.flops == {"bf16": 2 * B * S * D * 2 * HID * 2, "fp32": B * 2 * HID * HID}
@@ -115,7 +116,8 @@ def test_indexer_bytes_at_flash_decode() -> None:
         + HI * HID * 4  # wq_b_scale
         + HI * D * 2  # weights_proj bf16
         + T * ROPE_ROW  # query positions
-        + B * 256 * HID * 2  # old cache rows, read once per batch row
+        + B * 256 * (HID + 4)  # old pool rows (INT8 + fp32 scale), read once per batch row
+        + B * 5 * 4  # block-table entries: 257 rows in blocks of 64 are 5 blocks per batch row
     )
     extra_writes = B * S * 257 * 4 + T * TOPK * 4  # score fp32 [64, 2, 257], topk_idxs int32
     cost = indexer_cost(FLASH, starts, S)

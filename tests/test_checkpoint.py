@@ -154,7 +154,7 @@ def test_loaded_layer_runs_the_front_end(odd_dir):
     (qkv, idx, state), (qkv_ref, idx_ref, state_ref) = outs
     assert qkv.q.shape == (b * s, 3, 96) and torch.isfinite(qkv.q.float()).all() and qkv.q.abs().max() > 0
     assert compare("qkv_proj_rope", qkv._asdict(), qkv_ref._asdict()).passed
-    inputs = step_inputs(x, start, torch.zeros_like(state.idx_kv_cache), cfg.sliding_window)
+    inputs = step_inputs(x, start, dsv4.IndexerState.empty(cfg, b, 64), cfg.sliding_window)
     got_idx, want_idx = {**idx._asdict(), **state.tensors()}, {**idx_ref._asdict(), **state_ref.tensors()}
     report = compare("indexer", got_idx, want_idx, inputs)
     assert report.passed, report

@@ -6,7 +6,7 @@ import torch
 
 import dsv4
 from dsv4.harness.cases import make_case, run_case
-from dsv4.harness.golden import compare, ratio_allclose, topk_allclose
+from dsv4.harness.golden import compare, ratio_allclose, step_inputs, topk_allclose
 
 MASKED = torch.finfo(torch.float32).min
 
@@ -62,19 +62,33 @@ def test_topk_rejects_real_miss_duplicates_count_and_range() -> None:
     assert not topk_allclose(wrong_order, ref, sc, offset=100)
 
 
-def test_compare_cache_rows_not_written_must_be_identical() -> None:
-    before = torch.zeros(2, 4, 8, dtype=torch.bfloat16)
+def test_compare_key_pool_rows_not_written_must_be_identical() -> None:
+    """Slot 0 at start_pos 4, S=4 writes its row 1, which the shuffled table puts in pool block 2."""
+    before = dsv4.IndexerState.paged(2, 4, 16, 8, torch.tensor([[2, 0], [1, 3]]))
     expected = before.clone()
-    expected[0, 1] = 1.0  # start_pos 4, S=4: row 0 writes cache row 1 only (batch of one)
-    state = {"kv_state": torch.zeros(1), "score_state": torch.zeros(1)}
-    inputs = {"start_pos": torch.tensor([4]), "seq": 4, "idx_kv_cache": before}
-    good = expected.clone()
-    good[0, 1] += 1 / 512  # within tolerance on a written row
-    assert compare("indexer_compressor", {**state, "idx_kv_cache": good}, {**state, "idx_kv_cache": expected}, inputs)
-    bad = expected.clone()
-    bad[1, 3, 0] = 2**-20  # a tiny change in a row nobody wrote
-    report = compare("indexer_compressor", {**state, "idx_kv_cache": bad}, {**state, "idx_kv_cache": expected}, inputs)
-    assert not report and "unwritten" in str(report)
+    expected.keys[2, 1], expected.key_scale[2, 1] = 100, 0.01
+    inputs = step_inputs(torch.zeros(1, 4, 8), 4, before)
+
+    def with_pool(keys: torch.Tensor, key_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {**expected.tensors(), "keys": keys, "key_scale": key_scale}
+
+    good_scale = expected.key_scale.clone()
+    good_scale[2, 1] *= 1 + 1 / 1024  # ks (and so k8*ks) within rtol 1/128 on the written row
+    assert compare("indexer_compressor", with_pool(expected.keys, good_scale), expected.tensors(), inputs)
+    off_by_two = expected.keys.clone()
+    off_by_two[2, 1, 3] += 2
+    report = compare("indexer_compressor", with_pool(off_by_two, expected.key_scale), expected.tensors(), inputs)
+    assert not report and "k8 more than 1 off" in str(report)
+    scale_off = expected.key_scale.clone()
+    scale_off[2, 1] *= 1.02
+    assert not compare("indexer_compressor", with_pool(expected.keys, scale_off), expected.tensors(), inputs)
+    untouched = expected.key_scale.clone()
+    untouched[0, 1] = 2**-20  # a tiny change in slot 0's row 17, which nobody wrote (block 0 holds rows 16..31)
+    report = compare("indexer_compressor", with_pool(expected.keys, untouched), expected.tensors(), inputs)
+    assert not report and "does not write changed" in str(report)
+    moved = expected.keys.clone()
+    moved[1, 1] = 100  # the row written into slot 1's block instead of slot 0's
+    assert not compare("indexer_compressor", with_pool(moved, expected.key_scale), expected.tensors(), inputs)
 
 
 def test_compare_score_masking() -> None:

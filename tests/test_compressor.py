@@ -54,10 +54,30 @@ FLIP_ATOL = 4e-3
 
 
 def _check_rows(state: dsv4.IndexerState, b: int, expected: torch.Tensor, n_tokens: int) -> None:
+    """Slot ``b``'s pool rows are the expected bf16 keys quantized per row (spec §2; an ulp flip of
+    FLIP_ATOL moves k8 by well under one step, a wrong window or position by several); the rows of
+    blocks not yet closed are still empty."""
     nb = n_tokens // 4
-    got = state.idx_kv_cache[b, :nb].float()
-    torch.testing.assert_close(got, expected[:nb].float(), atol=FLIP_ATOL, rtol=1 / 128, msg=lambda m: f"row {b}: {m}")
-    assert not state.idx_kv_cache[b, nb:].any(), "rows of blocks not yet closed must stay zero"
+    k8, ks = state.dense_keys(b, nb)
+    e8, es = dsv4.quantize_int8_per_row(expected[:nb])
+    assert (k8.int() - e8.int()).abs().max() <= 1, f"row {b}: k8 more than 1 off"
+    torch.testing.assert_close(ks, es[:, 0], atol=0, rtol=1 / 128, msg=lambda m: f"row {b} key scale: {m}")
+    dequant = k8.float() * ks[:, None]
+    torch.testing.assert_close(dequant, expected[:nb].float(), atol=FLIP_ATOL + ks.max().item(), rtol=1 / 128)
+    rest_k8, rest_ks = state.dense_keys(b, state.cache_rows)
+    assert not rest_k8[nb:].any() and not rest_ks[nb:].any(), "rows of blocks not yet closed must stay empty"
+
+
+def stack_states(states: list[dsv4.IndexerState]) -> dsv4.IndexerState:
+    """One state whose slots are those of ``states`` in order (each keeps its pool blocks)."""
+    offsets = torch.tensor([0, *[s.keys.shape[0] for s in states[:-1]]]).cumsum(0)
+    tables = [
+        torch.where(s.block_table >= 0, s.block_table + o, -1) for s, o in zip(states, offsets.tolist(), strict=True)
+    ]
+    fields = {
+        name: torch.cat([getattr(s, name) for s in states]) for name in ("kv_state", "score_state", "keys", "key_scale")
+    }
+    return dsv4.IndexerState(**fields, block_table=torch.cat(tables).to(torch.int32))
 
 
 def _check_ring(state: dsv4.IndexerState, b: int, x: torch.Tensor, w: dsv4.CompressorWeights, n: int) -> None:
@@ -116,9 +136,7 @@ def test_per_row_start_positions(backend: str) -> None:
         if o:
             dsv4.indexer_compressor(x[b : b + 1, :o].contiguous(), w, s, 0, rope, backend=backend)
         rows.append(s)
-    state = dsv4.IndexerState(
-        *(torch.cat([getattr(s, f) for s in rows]) for f in ("kv_state", "score_state", "idx_kv_cache"))
-    )
+    state = stack_states(rows)
     seq, steps = 2, 12
     for k in range(steps):
         start = torch.tensor([o + k * seq for o in offsets], device=DEVICE)
@@ -132,12 +150,15 @@ def test_per_row_start_positions(backend: str) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_only_rows_of_the_batch_change(backend: str) -> None:
-    """A step over B rows leaves state rows >= B untouched."""
+    """A step over B rows leaves state rows >= B untouched, their pool blocks included."""
     w, rope, x = _inputs(batch=2, seed=5)
     state = dsv4.IndexerState.empty(CFG, 4, MAX_POS, device=DEVICE)
-    state.idx_kv_cache[2:] = 1.0
+    others = state.block_table[2:].flatten().long()
+    state.keys[others], state.key_scale[others] = 1, 1.0
     before = state.clone()
     dsv4.indexer_compressor(x[:, :8].contiguous(), w, state, 0, rope, backend=backend)
-    for name, t in state.tensors().items():
-        assert torch.equal(t[2:], getattr(before, name)[2:]), name
-    assert state.idx_kv_cache[:2, :2].any()
+    for name in ("kv_state", "score_state", "block_table"):
+        assert torch.equal(getattr(state, name)[2:], getattr(before, name)[2:]), name
+    assert torch.equal(state.keys[others], before.keys[others])
+    assert torch.equal(state.key_scale[others], before.key_scale[others])
+    assert state.dense_keys(0, 2)[0].any() and state.dense_keys(1, 2)[0].any()

@@ -72,9 +72,9 @@ def test_explicit_start_positions_and_reset_validation() -> None:
 def test_module_moves_with_to_and_uses_its_buffers() -> None:
     m = tiny_frontend("reference", 2, 64)
     names = {n for n, _ in m.named_buffers()}
-    assert {"attn_wq_a", "indexer_weights_proj", "compressor_norm_w", "idx_kv_cache", "rope_cos"} <= names
+    assert {"attn_wq_a", "indexer_weights_proj", "compressor_norm_w", "keys", "block_table", "rope_cos"} <= names
     m.to(torch.device("cpu"))
-    assert m.state.idx_kv_cache.data_ptr() == m.idx_kv_cache.data_ptr()
+    assert m.state.keys.data_ptr() == m.keys.data_ptr()
 
 
 def test_decode_loop_example_runs() -> None:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 import dsv4
 from conftest import BACKENDS, DEVICE
 from dsv4.harness.golden import compare, step_inputs
-from golden_vectors import INDEXER_CASES, QKV_CASES, Vectors
+from golden_vectors import INDEXER_CASES, QKV_CASES, Vectors, expected_pool
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -30,14 +29,13 @@ def test_indexer_golden(name: str, backend: str) -> None:
     w, rope, state = v.indexer_weights(), v.rope(), v.empty_state()
     for k in range(m["steps"]):
         x, start = v.t(f"step{k}_x", True), v.t(f"step{k}_start_pos")
-        before = state.idx_kv_cache.clone()
+        before = state.clone()
         out = dsv4.indexer(
             x, v.t(f"step{k}_qr"), v.t(f"step{k}_qr_scale"), w, state, start, m["offset"], rope,
             topk=m["index_topk"], backend=backend,
         )  # fmt: skip
-        names = ("score", "topk_idxs", "kv_state", "score_state", "idx_kv_cache")
-        expected = {n: v.t(f"step{k}_expected_{n}") for n in names}
-        expected["idx_kv_cache"] = expected["idx_kv_cache"].to(torch.bfloat16)
+        expected = {n: v.t(f"step{k}_expected_{n}") for n in ("score", "topk_idxs", "kv_state", "score_state")}
+        expected.update(expected_pool(before, v.t(f"step{k}_expected_idx_kv_cache", True), start, x.shape[1]))
         report = compare(
             "indexer", {**out._asdict(), **state.tensors()}, expected, step_inputs(x, start, before, m["offset"])
         )

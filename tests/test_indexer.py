@@ -15,8 +15,18 @@ CFG = dsv4.get_config("tiny")
 MASKED = torch.finfo(torch.float32).min  # -3.4028235e38
 
 
-def spec_scores(args: dict, cache: torch.Tensor) -> torch.Tensor:
-    """Spec §5 steps 1-5 written out with einsum, from the post-compressor cache."""
+def pool_keys(state: dsv4.IndexerState, b: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k8 [b, rows, HID]``, ``ks [b, rows]``: each slot's first ``rows`` keys through the block table
+    (rows a slot does not have are zero)."""
+    j = torch.arange(rows, device=state.keys.device)
+    blocks = state.block_table[:b, j // state.block_size].long()
+    held = blocks >= 0
+    k8 = torch.where(held[..., None], state.keys[blocks.clamp(min=0), j % state.block_size], 0)
+    return k8, torch.where(held, state.key_scale[blocks.clamp(min=0), j % state.block_size], 0.0)
+
+
+def spec_scores(args: dict, state: dsv4.IndexerState) -> torch.Tensor:
+    """Spec §5 steps 1-5 written out with einsum, from the post-compressor key pool."""
     x, qr, qr_scale, w, rope = args["x"], args["qr"], args["qr_scale"], args["w"], args["rope"]
     b, s, _ = x.shape
     hi, hid, r = w.weights_proj.shape[0], w.compressor.norm_w.shape[0], rope.rope_dim
@@ -31,10 +41,10 @@ def spec_scores(args: dict, cache: torch.Tensor) -> torch.Tensor:
     weights = torch.einsum("bsd,hd->bsh", x.float(), w.weights_proj.float()) * hid**-0.5 * hi**-0.5
     n = int(((start + s) // 4).max())
     q8, qs = dsv4.quantize_int8_per_row(qh)
-    k8, ks = dsv4.quantize_int8_per_row(cache[:b, :n])
+    k8, ks = pool_keys(state, b, n)
     dots = torch.einsum("bshi,bji->bshj", q8.double(), k8.double()).float()
-    logits = torch.relu(dots * qs * ks[:, None, None, :, 0])
-    score = torch.einsum("bshj,bsh->bsj", logits, weights)
+    logits = torch.relu(dots * qs)
+    score = torch.einsum("bshj,bsh->bsj", logits, weights) * ks[:, None, :]  # the key scale after the head sum
     vis = (p + 1) // 4
     return score.masked_fill(torch.arange(n, device=x.device) >= vis[..., None], MASKED)
 
@@ -50,7 +60,7 @@ def _run(case, backend: str):
 def test_score_equals_spec_einsum(backend: str, mode: str) -> None:
     case = make_case(CFG, "indexer", mode, seed=11, device=DEVICE, max_position=512)
     args, out = _run(case, backend)
-    want = spec_scores(args, args["state"].idx_kv_cache)
+    want = spec_scores(args, args["state"])
     t = tolerance("score")
     assert out.score.shape == want.shape and out.score.dtype == torch.float32
     check = ratio_allclose(out.score, want, t.atol, t.rtol, t.max_error_ratio)

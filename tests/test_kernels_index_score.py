@@ -14,6 +14,7 @@ from dsv4.harness.golden import ratio_allclose, tolerance
 from dsv4.kernels.epilogue import quantize_int8_rows
 from dsv4.kernels.index_score import index_scores
 from dsv4.model.quant import quantize_int8_per_row
+from dsv4.model.state import IndexerState
 from dsv4.model.structs import MASKED_SCORE
 from dsv4.ops.validate import step_positions
 from dsv4.reference.indexer import index_scores as reference_index_scores
@@ -49,20 +50,28 @@ def test_key_quantization_is_bit_exact() -> None:
 
 
 def _check_scores(batch: int, seq: int, heads: int, start_pos, extra_cache_batch: int = 0, seed: int = 0) -> None:
+    """Scores of the kernel and the reference from one key pool: blocks of 16 rows in shuffled
+    order; every pool row the step does not read holds garbage keys and a NaN scale, so a read of
+    one shows as a NaN score."""
     g = torch.Generator().manual_seed(seed)
     start = torch.tensor(start_pos) if isinstance(start_pos, list) else start_pos
     pos = step_positions(start, batch, seq, DEVICE)
-    rows = max(pos.max_cache_len, 1) + 3
-    cache = (torch.randn(batch + extra_cache_batch, rows, HEAD_DIM, generator=g) * 0.1).to(torch.bfloat16)
+    slots, block_size = batch + extra_cache_batch, 16
+    per_slot = -(-(max(pos.max_cache_len, 1) + 3) // block_size)
+    table = torch.randperm(slots * per_slot, generator=g).view(slots, per_slot)
+    state = IndexerState.paged(slots, slots * per_slot, block_size, HEAD_DIM, table, DEVICE)
+    state.keys.copy_(torch.randint(-127, 128, state.keys.shape, generator=g))
+    state.key_scale.fill_(float("nan"))
     for b, n in enumerate(pos.cache_lens):
-        cache[b, n:] = float("nan")  # rows the step has not written: never to be read as scores
+        keys = (torch.randn(n, HEAD_DIM, generator=g) * 0.1).to(torch.bfloat16).to(DEVICE)
+        state.write_keys(torch.full((n,), b, device=DEVICE), torch.arange(n, device=DEVICE), keys)
     q = torch.randn(batch, seq, heads, HEAD_DIM, generator=g)
     weights = torch.randn(batch, seq, heads, generator=g)
-    cache, q, weights = cache.to(DEVICE), q.to(DEVICE), weights.to(DEVICE)
+    q, weights = q.to(DEVICE), weights.to(DEVICE)
 
     q8, q_scale = quantize_int8_per_row(q)
-    score = index_scores(q8, q_scale.squeeze(-1).contiguous(), weights, cache, pos)
-    expected = reference_index_scores(q, weights, cache[:batch], pos)
+    score = index_scores(q8, q_scale.squeeze(-1).contiguous(), weights, state, pos)
+    expected = reference_index_scores(q, weights, state, pos)
 
     assert score.shape == expected.shape == (batch, seq, pos.max_cache_len)
     masked = expected == MASKED_SCORE

@@ -18,6 +18,7 @@ from dsv4.model.quant import quantize_int8_per_row
 from dsv4.ops.validate import step_positions
 from dsv4.reference.indexer import index_query as reference_index_query
 from op_cases import assert_matches_reference, case_at
+from pools import relayout
 
 TINY = PRESETS["tiny"]
 
@@ -81,7 +82,7 @@ def test_indexer_decode_steps_state_carried() -> None:
 
 
 def state_of(outputs: dict[str, torch.Tensor]) -> dsv4.IndexerState:
-    return dsv4.IndexerState(outputs["kv_state"], outputs["score_state"], outputs["idx_kv_cache"])
+    return dsv4.IndexerState(**{k: outputs[k] for k in ("kv_state", "score_state", "keys", "key_scale", "block_table")})
 
 
 def test_indexer_demo_decode() -> None:
@@ -90,10 +91,12 @@ def test_indexer_demo_decode() -> None:
 
 
 def test_indexer_long_context() -> None:
-    """B=1 at 1M tokens: 65536 compressed keys (tiny heads, HID=128), the chunked top-k path."""
+    """B=1 at 1M tokens: 65536 compressed keys (tiny heads, HID=128) in a shuffled pool of 1024 blocks
+    of 64, the chunked top-k path."""
     n = 262144
     cfg = TINY.replace(max_position_embeddings=n)
     case = case_at(cfg, "indexer", 1, 2, n - 2, seed=11, max_position=n)
+    case.args["state"] = relayout(case.state(), 64, [n // 4], seed=11)
     t0 = time.perf_counter()
     got = assert_matches_reference(case)
     assert got["score"].shape[-1] == 65536

@@ -7,7 +7,7 @@ import torch
 from .. import ops
 from ..model.config import COMPRESS_RATIO
 from ..model.rope import RopeTable
-from ..model.state import IndexerState
+from ..model.state import DEFAULT_BLOCK_SIZE, UNALLOCATED, IndexerState
 from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights, LayerWeights
 from ..ops.backends import resolve
 from .decode_graph import DecodeGraph, StaticDecodeStep
@@ -24,12 +24,18 @@ class DecodeFrontEnd(torch.nn.Module):
     moves them all). Each slot remembers where its sequence stands, so ``forward(x)`` continues
     every sequence; ``reset(rows)`` hands slots to new sequences (continuous batching).
 
+    The key pool is paged: a slot is given pool blocks (``block_size`` compressed rows each) as its
+    sequence grows, and gives them back on ``reset``; a step that needs more blocks than are free
+    raises before anything runs. The allocator lives on the host, so it never waits on the device.
+
     Args:
         weights: the layer's ``LayerWeights``.
         rope: the layer's ``RopeTable``; it must cover ``max_position``.
         batch: sequence slots.
-        max_position: longest sequence a slot holds (the cache keeps ``max_position // 4`` rows).
+        max_position: longest sequence a slot holds (up to ``max_position // 4`` compressed rows).
         topk: indices selected per token (``index_topk``); offset: added to them (the window size).
+        block_size: compressed rows per pool block (a power of two >= 16).
+        num_blocks: blocks in the pool (default: enough for every slot to reach ``max_position``).
     """
 
     def __init__(
@@ -43,6 +49,8 @@ class DecodeFrontEnd(torch.nn.Module):
         offset: int,
         eps: float = 1e-6,
         backend: str = "auto",
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        num_blocks: int | None = None,
     ) -> None:
         super().__init__()
         for name in _ATTN:
@@ -55,11 +63,16 @@ class DecodeFrontEnd(torch.nn.Module):
         self.register_buffer("rope_sin", rope.sin)
         hid = weights.indexer.compressor.norm_w.shape[0]
         device = weights.attn.wq_a.device
-        state = IndexerState.fresh(batch, max_position // COMPRESS_RATIO, hid, device)
+        per_slot = -(-(max_position // COMPRESS_RATIO) // block_size)  # table width
+        num_blocks = batch * per_slot if num_blocks is None else num_blocks
+        table = torch.full((batch, per_slot), UNALLOCATED, dtype=torch.int32)
+        state = IndexerState.paged(batch, num_blocks, block_size, hid, table, device)
         for name, t in state.tensors().items():
             self.register_buffer(name, t)
         self.topk, self.offset, self.eps, self.backend = topk, offset, eps, backend
         self.next_pos = [0] * batch  # where each slot's next token sits (host-side: no device sync)
+        self.slot_blocks: list[list[int]] = [[] for _ in range(batch)]  # each slot's pool blocks, in row order
+        self.free_blocks = list(range(num_blocks))  # handed out lowest first
         self.last_score: torch.Tensor | None = None
 
     @property
@@ -77,7 +90,7 @@ class DecodeFrontEnd(torch.nn.Module):
 
     @property
     def state(self) -> IndexerState:
-        return IndexerState(self.kv_state, self.score_state, self.idx_kv_cache)
+        return IndexerState(self.kv_state, self.score_state, self.keys, self.key_scale, self.block_table)
 
     @property
     def batch(self) -> int:
@@ -92,9 +105,13 @@ class DecodeFrontEnd(torch.nn.Module):
         self.state.reset(rows)
         for r in rows:
             self.next_pos[r] = 0
+            self.free_blocks = sorted(self.free_blocks + self.slot_blocks[r])
+            self.slot_blocks[r] = []
+            self.block_table[r] = UNALLOCATED
 
     def step_starts(self, b: int, s: int, start_pos: int | list[int] | torch.Tensor | None) -> list[int]:
-        """Each slot's first position for a step of ``b`` x ``s`` tokens, checked on the host."""
+        """Each slot's first position for a step of ``b`` x ``s`` tokens, checked on the host; the
+        pool blocks the step needs are reserved (``reserve``)."""
         if b > self.batch:
             raise ValueError(f"x: batch {b} exceeds the module's {self.batch} slots")
         if start_pos is None:
@@ -105,10 +122,28 @@ class DecodeFrontEnd(torch.nn.Module):
             start = [start_pos] * b
         else:
             start = [int(p) for p in start_pos]
-        limit = min(self.rope_cos.shape[0], self.idx_kv_cache.shape[1] * COMPRESS_RATIO)
+        limit = min(self.rope_cos.shape[0], self.block_table.shape[1] * self.keys.shape[1] * COMPRESS_RATIO)
         if len(start) != b or any(p < 0 or p + s > limit for p in start):
             raise ValueError(f"start_pos: expected {b} positions in [0, {limit - s}] (S={s}), got {start}")
+        self.reserve(start, s)
         return list(start)
+
+    def reserve(self, start: list[int], s: int) -> None:
+        """Give each slot ``b`` the pool blocks its rows up to ``(start[b] + s) // 4`` need; raises,
+        changing nothing, when the pool has too few free blocks."""
+        block_size = self.keys.shape[1]
+        blocks = [-(-((p + s) // COMPRESS_RATIO) // block_size) for p in start]
+        need = [max(0, n - len(self.slot_blocks[b])) for b, n in enumerate(blocks)]
+        if sum(need) > len(self.free_blocks):
+            raise ValueError(
+                f"start_pos: the step needs {sum(need)} more pool blocks, {len(self.free_blocks)} are free "
+                f"(num_blocks={self.keys.shape[0]}); reset finished slots or build the module with more blocks"
+            )
+        for b, n in enumerate(need):
+            for _ in range(n):
+                block = self.free_blocks.pop(0)
+                self.block_table[b, len(self.slot_blocks[b])] = block  # a device fill: no host sync
+                self.slot_blocks[b].append(block)
 
     def advance(self, start: list[int], s: int) -> None:
         for i, p in enumerate(start):

@@ -35,7 +35,8 @@ def _flat_params(desc: OpDescriptor) -> list[tuple[str, str, bool]]:
     for p in desc.params:
         for path, kind in leaf_kinds(p.kind, p.name):
             schema_type = "Tensor" if kind in (Tensor, INT_OR_TENSOR) else _SCALARS[kind]
-            flat.append((_leaf_name(path), schema_type, p.name in desc.mutates))
+            mutable = any(path == m or path.startswith(m + ".") for m in desc.mutates)
+            flat.append((_leaf_name(path), schema_type, mutable))
     names = [n for n, _, _ in flat]
     if len(set(names)) != len(names):
         raise ValueError(f"{desc.name}: flattened argument names repeat: {names}")

@@ -40,7 +40,7 @@ class Case:
         a = self.args
         if "state" not in a or "start_pos" not in a:
             return {}
-        return step_inputs(a["x"], a["start_pos"], a["state"].idx_kv_cache, a.get("offset", 0))
+        return step_inputs(a["x"], a["start_pos"], a["state"], a.get("offset", 0))
 
 
 def make_case(

@@ -13,8 +13,10 @@ from typing import Any
 import torch
 
 from ..model.config import COMPRESS_RATIO
+from ..model.state import IndexerState
 from ..ops.registry import Output, Tolerance, get_op, op_names
 
+KEY_SCALE_RTOL = 1 / 128  # spec §6: a written key row's scale
 _MASK_LIKE = -1e38  # anything below this counts as "masked" (-inf or the most negative finite)
 
 
@@ -143,30 +145,55 @@ def topk_allclose(
     return Check(name, not failures, rule, worst, 0.0, ratio, detail)
 
 
-def _written_rows(start_pos: torch.Tensor, seq: int, batch: int, rows: int) -> torch.Tensor:
-    """``[batch, rows]`` bool: cache rows that a step of ``seq`` tokens from ``start_pos`` writes."""
-    mask = torch.zeros(batch, rows, dtype=torch.bool)
+def _written_slots(table: torch.Tensor, pool: tuple[int, int], start_pos: torch.Tensor, seq: int) -> torch.Tensor:
+    """``[num_blocks, block_size]`` bool: the pool rows a step of ``seq`` tokens from ``start_pos``
+    writes through the block ``table`` (rows in unallocated blocks are not written)."""
+    mask = torch.zeros(pool, dtype=torch.bool)
+    block_size = pool[1]
     for b, p in enumerate(start_pos.tolist()):
-        mask[b, p // COMPRESS_RATIO : (p + seq) // COMPRESS_RATIO] = True
+        rows = torch.arange(p // COMPRESS_RATIO, (p + seq) // COMPRESS_RATIO)
+        blocks = table[b, rows // block_size].long()
+        mask[blocks[blocks >= 0], (rows % block_size)[blocks >= 0]] = True
     return mask
 
 
-def _check_cache(actual: torch.Tensor, expected: torch.Tensor, inputs: Mapping[str, Any], tol: Tolerance) -> Check:
-    before = inputs.get("idx_kv_cache")
-    if before is None or "start_pos" not in inputs or "seq" not in inputs:
-        return ratio_allclose(actual, expected, tol.atol, tol.rtol, tol.max_error_ratio, "idx_kv_cache")
-    if actual.shape != expected.shape:
-        return _fail("idx_kv_cache", str(tol), f"shape {list(actual.shape)} != expected {list(expected.shape)}")
-    written = torch.zeros(actual.shape[:2], dtype=torch.bool)
-    start = torch.as_tensor(inputs["start_pos"]).reshape(-1)
-    written[: start.numel()] = _written_rows(start, int(inputs["seq"]), start.numel(), actual.shape[1])
-    a, e, prior = actual.cpu(), expected.cpu(), before.cpu()
-    check = ratio_allclose(a[written], e[written], tol.atol, tol.rtol, tol.max_error_ratio, "idx_kv_cache")
-    check.rule += "; unwritten rows bit-identical"
-    changed = (a[~written].view(torch.int16) != prior[~written].view(torch.int16)).any(-1)
-    if bool(changed.any()):
+def _check_keys(
+    actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], inputs: Mapping[str, Any], tol: Tolerance
+) -> Check:
+    """The key pool (``keys`` with ``key_scale``, spec §6): rows the step wrote have ``k8`` within ±1,
+    ``ks`` within rtol 1/128 and ``k8*ks`` within ``tol``; every other pool row is bit-identical to
+    the pool before the step (when ``inputs`` give it; without, every row counts as written)."""
+    k8, ks = actual["keys"].detach().cpu(), actual["key_scale"].detach().cpu()
+    e8, es = expected["keys"].detach().cpu(), expected["key_scale"].detach().cpu()
+    rule = f"k8 within ±1, ks rtol {KEY_SCALE_RTOL:g}, k8*ks {tol}"
+    if k8.shape != e8.shape or ks.shape != es.shape:
+        return _fail("keys", rule, f"pool shape {list(k8.shape)} != expected {list(e8.shape)}")
+    written = torch.ones(ks.shape, dtype=torch.bool)
+    if "keys" in inputs:
+        start = torch.as_tensor(inputs["start_pos"]).reshape(-1)
+        written = _written_slots(inputs["block_table"].cpu(), tuple(ks.shape), start, int(inputs["seq"]))
+    int_off = (k8[written].int() - e8[written].int()).abs() > 1
+    scale_off = ~((ks[written] - es[written]).abs() <= KEY_SCALE_RTOL * es[written].abs())
+    check = ratio_allclose(
+        k8[written].float() * ks[written, None], e8[written].float() * es[written, None], tol.atol, tol.rtol,
+        tol.max_error_ratio, "keys",
+    )  # fmt: skip
+    check.rule = rule + ("; unwritten pool rows bit-identical" if "keys" in inputs else "")
+    problems = []
+    if bool(int_off.any()):
+        problems.append(f"{int(int_off.any(-1).sum())} written row(s) with k8 more than 1 off")
+    if bool(scale_off.any()):
+        problems.append(f"{int(scale_off.sum())} written row(s) with ks off")
+    if "keys" in inputs:
+        k_before, s_before = inputs["keys"].cpu(), inputs["key_scale"].cpu()
+        changed = (k8[~written] != k_before[~written]).any(-1) | (
+            ks[~written].view(torch.int32) != s_before[~written].view(torch.int32)
+        )
+        if bool(changed.any()):
+            problems.append(f"{int(changed.sum())} pool row(s) the step does not write changed")
+    if problems:
         check.passed = False
-        check.detail = (check.detail + "; " if check.detail else "") + f"{int(changed.sum())} unwritten row(s) changed"
+        check.detail = "; ".join(([check.detail] if check.detail else []) + problems)
     return check
 
 
@@ -231,16 +258,18 @@ class Report:
         return "\n".join(lines)
 
 
-def _check(out: Output, actual: torch.Tensor, expected: Mapping[str, torch.Tensor], inputs: Mapping[str, Any]) -> Check:
+def _check(
+    out: Output, outputs: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], inputs: Mapping[str, Any]
+) -> Check:
     """One output against the reference by its rule (see ``dsv4.ops.Output``)."""
-    tol = out.tolerance
+    tol, actual = out.tolerance, outputs[out.name]
     if out.rule == "topk":
         ref_score = expected["score"]
         return topk_allclose(actual, expected[out.name], ref_score, int(inputs.get("offset", 0)), tol.atol, tol.rtol)
     if out.rule == "score":
         return _check_score(actual, expected[out.name], tol)
     if out.rule == "cache":
-        return _check_cache(actual, expected[out.name], inputs, tol)
+        return _check_keys(outputs, expected, inputs, tol)
     return ratio_allclose(actual, expected[out.name], tol.atol, tol.rtol, tol.max_error_ratio, out.name)
 
 
@@ -264,16 +293,19 @@ def compare(
             missing = "missing from outputs" if out.name not in outputs else "no expected value"
             report.checks.append(_fail(out.name, "-", missing))
         else:
-            report.checks.append(_check(out, outputs[out.name], expected, inputs))
+            report.checks.append(_check(out, outputs, expected, inputs))
     return report
 
 
 def step_inputs(
-    x: torch.Tensor, start_pos: int | list[int] | torch.Tensor, cache_before: torch.Tensor, offset: int = 0
+    x: torch.Tensor, start_pos: int | list[int] | torch.Tensor, before: IndexerState, offset: int = 0
 ) -> dict[str, Any]:
     """``compare``'s ``inputs`` for one step of a stateful op on ``x [B, S, D]``: ``start_pos`` per
-    row (an int applies to every row), ``seq``, the ``idx_kv_cache`` from before the step and the
-    ``offset`` the indexer added."""
+    row (an int applies to every row), ``seq``, the key pool and block table from ``before`` the
+    step, and the ``offset`` the indexer added."""
     b, s = x.shape[:2]
     start = torch.as_tensor(start_pos).reshape(-1).cpu().expand(b)
-    return {"offset": offset, "start_pos": start, "seq": s, "idx_kv_cache": cache_before.cpu()}
+    return {
+        "offset": offset, "start_pos": start, "seq": s, "keys": before.keys.cpu(), "key_scale": before.key_scale.cpu(),
+        "block_table": before.block_table.cpu(),
+    }  # fmt: skip

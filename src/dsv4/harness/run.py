@@ -114,7 +114,7 @@ def run_front_end(
         if before is not None:
             expected_state = before.clone()
             ref = ops.indexer(*idx_args, state=expected_state, **idx_kwargs, backend="reference")
-            inputs = step_inputs(x, pos, before.idx_kv_cache, cfg.sliding_window)
+            inputs = step_inputs(x, pos, before, cfg.sliding_window)
             got = {**idx._asdict(), **state.tensors()}
             want = {**ref._asdict(), **expected_state.tensors()}
             check, ok = _verdict(compare("indexer", got, want, inputs))

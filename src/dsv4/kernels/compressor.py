@@ -1,5 +1,6 @@
 """Fused ratio-4 compressor step (spec §4): ring-slot writes and, for every block of 4 positions
-that closes in the step, softmax pooling, RMSNorm, RoPE, Hadamard and the bf16 cache store.
+that closes in the step, softmax pooling, RMSNorm, RoPE, Hadamard, and the INT8 row (quantized per row,
+with its scale) stored in the key pool through the block table.
 
 Why it can run in parallel: the block closing at position ``p`` (first position ``f = p - 3``)
 pools exactly the tokens ``q = f - 4 + j``, ``j = 0..7`` — columns ``[0, HID)`` of the previous
@@ -30,7 +31,7 @@ from ..model.rope import RopeTable
 from ..model.state import STATE_SLOTS, IndexerState
 from ..model.structs import StepPositions
 from ..model.weights import CompressorWeights
-from .epilogue import round_bf16
+from .epilogue import quantize_int8_rows, round_bf16
 from .head_rotation import hadamard_rows, hadamard_signs, rope_pairs, split_head_dims
 from .workspace import Workspace
 from .x_proj import x_projection
@@ -97,19 +98,22 @@ def _compressor_step_kernel(
     start_ptr,  # [B] int64
     kv_state_ptr,  # [Bs, 8, 2*HID] fp32, updated
     score_state_ptr,  # [Bs, 8, 2*HID] fp32, updated
-    cache_ptr,  # [Bs, rows, HID] bf16, one row per closed block written
+    keys_ptr,  # [num_blocks, BLOCK_SIZE, HID] int8 pool, one row per closed block written
+    key_scale_ptr,  # [num_blocks, BLOCK_SIZE] fp32
+    table_ptr,  # [Bs, max_blocks] int32 block table (-1: no block, the row is not written)
     norm_w_ptr,  # [HID] bf16|fp32
     cos_ptr,  # [P, R/2] fp32
     sin_ptr,
     signs_ptr,  # [HID, HID] fp32 Hadamard signs
     S,
-    cache_rows,
+    max_blocks,
     eps,
     hadamard_scale,
     HID: tl.constexpr,
     NOPE: tl.constexpr,
     HALF_R: tl.constexpr,
     BLOCKS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
@@ -141,8 +145,12 @@ def _compressor_step_kernel(
         sin = tl.load(sin_ptr + trig, mask=valid[:, None], other=0.0)
         k_even, k_odd = rope_pairs(k_even, k_odd, cos, sin)
         key = hadamard_rows(k_nope, round_bf16(k_even), round_bf16(k_odd), signs_ptr, hadamard_scale, HID, NOPE, HALF_R)
-        out = cache_ptr + (b * cache_rows + r)[:, None] * HID + tl.arange(0, HID)[None, :]
-        tl.store(out, round_bf16(key).to(tl.bfloat16), mask=valid[:, None])
+        k8, k_scale = quantize_int8_rows(round_bf16(key))  # spec §2 of the bf16 key: quantized on write
+        block = tl.load(table_ptr + b * max_blocks + r // BLOCK_SIZE, mask=valid, other=-1).to(tl.int64)
+        held = valid & (block >= 0)
+        slot = block * BLOCK_SIZE + r % BLOCK_SIZE
+        tl.store(keys_ptr + slot[:, None] * HID + tl.arange(0, HID)[None, :], k8, mask=held[:, None])
+        tl.store(key_scale_ptr + slot, k_scale, mask=held)
 
     if g == 0:  # the ring's final state
         last = start + S - 1
@@ -184,7 +192,7 @@ def compressor_step(
     kvg: torch.Tensor, w: CompressorWeights, state: IndexerState, pos: StepPositions, rope: RopeTable, eps: float
 ) -> None:
     """Advance the ring of rows ``0..B-1`` of ``state`` over one step and write the closed blocks'
-    keys into ``state.idx_kv_cache`` (spec §4 steps 2-3); one launch.
+    keys, quantized, into the key pool of ``state`` (spec §4 steps 2-3); one launch.
 
     ``kvg [B*S, 4*HID] fp32`` from ``x_projection`` (kv projection | gate + ape).
     """
@@ -192,9 +200,9 @@ def compressor_step(
     nope, half_r = split_head_dims(hid, rope.rope_dim)
     grid = (pos.batch, max(1, triton.cdiv(pos.max_closing_blocks, BLOCKS_PER_PROGRAM)))
     _compressor_step_kernel[grid](
-        kvg, pos.start, state.kv_state, state.score_state, state.idx_kv_cache, w.norm_w, rope.cos, rope.sin,
-        hadamard_signs(hid, kvg.device), pos.seq, state.cache_rows, eps, hid**-0.5,
-        HID=hid, NOPE=nope, HALF_R=half_r, BLOCKS=BLOCKS_PER_PROGRAM,
+        kvg, pos.start, state.kv_state, state.score_state, state.keys, state.key_scale, state.block_table, w.norm_w,
+        rope.cos, rope.sin, hadamard_signs(hid, kvg.device), pos.seq, state.block_table.shape[1], eps, hid**-0.5,
+        HID=hid, NOPE=nope, HALF_R=half_r, BLOCKS=BLOCKS_PER_PROGRAM, BLOCK_SIZE=state.block_size,
         num_warps=NUM_WARPS, enable_fp_fusion=False,
     )  # fmt: skip
 

@@ -2,9 +2,9 @@
 
 1. ``x_projection``: one GEMM of ``x`` against compressor ``wkv``, ``wgate`` (+ ``ape``) and
    ``weights_proj`` (x the weights scale) -> ``kvg [T, 4*HID]``, ``head_weights [T, HI]`` fp32.
-2. ``compressor_step``: ring update and this step's closed blocks into ``idx_kv_cache``.
+2. ``compressor_step``: ring update and this step's closed blocks, quantized, into the key pool.
 3. ``index_query``: ``qr`` -> INT8 rotated queries ``q8 [T, HI, HID]`` + ``q_scale [T, HI]``.
-4. ``index_scores``: INT8 scores of every token against its visible cache rows.
+4. ``index_scores``: INT8 scores of every token against its visible pool rows.
 5. ``select_topk``: the top-k indices per token.
 """
 
@@ -49,7 +49,7 @@ def indexer(
     compressor_step(kvg, w.compressor, state, pos, rope, eps)
     q8, q_scale = index_query(qr, qr_scale, w.wq_b, w.wq_b_scale, pos, rope, hid, ws)
     score = index_scores(
-        q8.view(b, s, hi, hid), q_scale.view(b, s, hi), head_weights.view(b, s, hi), state.idx_kv_cache, pos,
+        q8.view(b, s, hi, hid), q_scale.view(b, s, hi), head_weights.view(b, s, hi), state, pos,
         None if out is None else out.score,
     )  # fmt: skip
     topk_idxs = select_topk(score, pos, topk, offset, None if out is None else out.topk_idxs, ws)

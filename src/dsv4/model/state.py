@@ -1,4 +1,11 @@
-"""Caller-owned state of the indexer compressor and its compressed-key cache (spec §4)."""
+"""Caller-owned state of the indexer compressor and its compressed-key cache (spec §4).
+
+The key cache is a pool of fixed-size blocks shared by every sequence slot, addressed through a
+block table (the paged layout a serving engine manages): compressed row ``j`` of slot ``b`` lives at
+block ``block_table[b, j // block_size]``, offset ``j % block_size``, as an INT8 row with its fp32
+scale (quantized when it is written). ``IndexerState.empty`` builds the dense special case, in which
+slot ``b`` owns blocks ``b*n .. b*n + n - 1``.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from .config import COMPRESS_RATIO, DeepSeekV4Config
+from .quant import quantize_int8_per_row
 
 STATE_SLOTS = 2 * COMPRESS_RATIO  # slots 0..3: previous block, 4..7: the block being filled
+DEFAULT_BLOCK_SIZE = 64  # compressed rows per pool block (256 tokens): 8 KiB of INT8 keys at HID=128
+UNALLOCATED = -1  # a block-table entry with no block: writes there are skipped, reads never happen
 
 
 @dataclass
@@ -17,12 +27,17 @@ class IndexerState:
 
     ``kv_state [B, 8, 2*HID] fp32`` and ``score_state [B, 8, 2*HID] fp32``: the compressor's ring
     of projected rows and gate scores (slots 0..3 previous block, 4..7 current block).
-    ``idx_kv_cache [B, max_position/4, HID] bf16``: one compressed key per closed block of 4 tokens.
+    ``keys [num_blocks, block_size, HID] int8`` and ``key_scale [num_blocks, block_size] fp32``: the
+    pool of compressed keys (one INT8 row per closed block of 4 tokens, dequant ``keys * key_scale``).
+    ``block_table [B, max_blocks] int32``: the pool block holding each slot's rows
+    ``[i*block_size, (i+1)*block_size)``, or ``-1`` where none is allocated. The ops never change it.
     """
 
     kv_state: torch.Tensor
     score_state: torch.Tensor
-    idx_kv_cache: torch.Tensor
+    keys: torch.Tensor
+    key_scale: torch.Tensor
+    block_table: torch.Tensor
 
     @classmethod
     def empty(
@@ -31,27 +46,59 @@ class IndexerState:
         batch: int,
         max_position: int | None = None,
         device: torch.device | str | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
     ) -> IndexerState:
-        """Fresh state: ``kv_state`` zeros, ``score_state`` -inf, ``idx_kv_cache`` zeros.
+        """Fresh state in the dense layout: ``kv_state`` zeros, ``score_state`` -inf, an empty pool
+        with ``ceil(max_position // 4 / block_size)`` blocks per slot.
 
-        ``max_position`` (default ``cfg.max_position_embeddings``) sets the cache to
-        ``max_position // 4`` rows.
+        ``max_position`` (default ``cfg.max_position_embeddings``) sets the rows per slot to
+        ``max_position // 4``.
         """
         n = cfg.max_position_embeddings if max_position is None else int(max_position)
         if batch < 1 or n < COMPRESS_RATIO:
             raise ValueError(f"need batch >= 1 and max_position >= {COMPRESS_RATIO}, got {batch}, {n}")
-        return cls.fresh(batch, n // COMPRESS_RATIO, cfg.index_head_dim, device)
+        return cls.fresh(batch, n // COMPRESS_RATIO, cfg.index_head_dim, device, block_size)
 
     @classmethod
     def fresh(
-        cls, batch: int, cache_rows: int, head_dim: int, device: torch.device | str | None = None
+        cls,
+        batch: int,
+        cache_rows: int,
+        head_dim: int,
+        device: torch.device | str | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
     ) -> IndexerState:
-        """``empty`` by sizes: ``cache_rows`` compressed keys of ``head_dim`` (``index_head_dim``) per row."""
+        """``empty`` by sizes: room for ``cache_rows`` compressed keys of ``head_dim`` (``index_head_dim``)
+        per slot, each slot owning its own consecutive blocks."""
+        per_slot = -(-cache_rows // _check_block_size(block_size))
+        table = torch.arange(batch * per_slot, dtype=torch.int32).view(batch, per_slot)
+        return cls.paged(batch, batch * per_slot, block_size, head_dim, table, device)
+
+    @classmethod
+    def paged(
+        cls,
+        batch: int,
+        num_blocks: int,
+        block_size: int,
+        head_dim: int,
+        block_table: torch.Tensor,
+        device: torch.device | str | None = None,
+    ) -> IndexerState:
+        """Fresh state over a pool of ``num_blocks`` empty blocks of ``block_size`` rows, addressed by
+        ``block_table [batch, max_blocks] int`` (entries in ``[0, num_blocks)`` or ``-1``; copied)."""
+        _check_block_size(block_size)
+        table = torch.as_tensor(block_table).to(torch.int32)
+        if table.dim() != 2 or table.shape[0] != batch:
+            raise ValueError(f"block_table: expected shape [{batch}, max_blocks], got {list(table.shape)}")
+        if table.numel() and (int(table.min()) < UNALLOCATED or int(table.max()) >= num_blocks):
+            raise ValueError(f"block_table: expected entries in [0, {num_blocks}) or -1")
         width = 2 * head_dim
         return cls(
             kv_state=torch.zeros(batch, STATE_SLOTS, width, dtype=torch.float32, device=device),
             score_state=torch.full((batch, STATE_SLOTS, width), float("-inf"), dtype=torch.float32, device=device),
-            idx_kv_cache=torch.zeros(batch, cache_rows, head_dim, dtype=torch.bfloat16, device=device),
+            keys=torch.zeros(num_blocks, block_size, head_dim, dtype=torch.int8, device=device),
+            key_scale=torch.zeros(num_blocks, block_size, dtype=torch.float32, device=device),
+            block_table=table.to(device).contiguous(),
         )
 
     @property
@@ -59,22 +106,64 @@ class IndexerState:
         return self.kv_state.shape[0]
 
     @property
+    def block_size(self) -> int:
+        return self.keys.shape[1]
+
+    @property
     def cache_rows(self) -> int:
-        return self.idx_kv_cache.shape[1]
+        """Compressed rows each slot's block table can address."""
+        return self.block_table.shape[1] * self.block_size
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The three state tensors by field name."""
-        return {"kv_state": self.kv_state, "score_state": self.score_state, "idx_kv_cache": self.idx_kv_cache}
+        """The state tensors by field name."""
+        return {
+            "kv_state": self.kv_state,
+            "score_state": self.score_state,
+            "keys": self.keys,
+            "key_scale": self.key_scale,
+            "block_table": self.block_table,
+        }
 
     def to(self, device: torch.device | str) -> IndexerState:
-        return IndexerState(self.kv_state.to(device), self.score_state.to(device), self.idx_kv_cache.to(device))
+        return IndexerState(**{k: v.to(device) for k, v in self.tensors().items()})
 
     def clone(self) -> IndexerState:
-        return IndexerState(self.kv_state.clone(), self.score_state.clone(), self.idx_kv_cache.clone())
+        return IndexerState(**{k: v.clone() for k, v in self.tensors().items()})
+
+    def row_location(self, b: int, row: int) -> tuple[int, int] | None:
+        """``(block, offset)`` of compressed row ``row`` of slot ``b``, or None when no block holds it."""
+        block = int(self.block_table[b, row // self.block_size])
+        return None if block == UNALLOCATED else (block, row % self.block_size)
+
+    def dense_keys(self, b: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot ``b``'s first ``rows`` compressed keys gathered through the block table:
+        ``(k8 [rows, HID] int8, ks [rows] fp32)``. Every block they need must be allocated."""
+        j = torch.arange(rows, device=self.keys.device)
+        blocks = self.block_table[b, j // self.block_size].long()
+        if rows and bool((blocks < 0).any()):
+            raise ValueError(f"block_table: slot {b} reads rows [0, {rows}) but a block they need is not allocated")
+        return self.keys[blocks, j % self.block_size], self.key_scale[blocks, j % self.block_size]
+
+    def write_keys(self, slots: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor) -> None:
+        """Quantize ``keys [N, HID]`` (bf16 values) per row (spec §2) into the pool at compressed row
+        ``rows[i]`` of slot ``slots[i]``; rows whose block is not allocated (``-1``) are skipped."""
+        k8, ks = quantize_int8_per_row(keys)
+        blocks = self.block_table[slots, rows // self.block_size].long()
+        held = blocks >= 0
+        offsets = rows % self.block_size
+        self.keys[blocks[held], offsets[held]] = k8[held]
+        self.key_scale[blocks[held], offsets[held]] = ks[held, 0]
 
     def reset(self, rows: torch.Tensor | list[int] | int) -> None:
-        """Return batch ``rows`` to the empty state (a new sequence takes those slots)."""
+        """Return batch ``rows`` to the empty state (a new sequence takes those slots): their ring is
+        cleared; their cache rows need no clearing, since rows past a sequence's length are never read."""
         idx = torch.as_tensor(rows, dtype=torch.long, device=self.kv_state.device).reshape(-1)
         self.kv_state[idx] = 0.0
         self.score_state[idx] = float("-inf")
-        self.idx_kv_cache[idx] = 0
+
+
+def _check_block_size(block_size: int) -> int:
+    is_int = isinstance(block_size, int) and not isinstance(block_size, bool)
+    if not is_int or block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size: expected a power of two >= 16, got {block_size!r}")
+    return block_size

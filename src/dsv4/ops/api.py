@@ -77,8 +77,8 @@ def indexer_compressor(
         x: ``[B, S, D] bf16`` hidden states of the step's tokens, in order.
         w: ``CompressorWeights``; ``HID`` comes from ``w.norm_w``.
         state: ``IndexerState`` with at least ``B`` rows; rows ``0..B-1`` are updated in place:
-            ``kv_state``/``score_state`` ring slots, and one ``idx_kv_cache`` row per block of 4
-            positions that this step closes. Nothing else changes.
+            ``kv_state``/``score_state`` ring slots, and one quantized key row in the pool (through
+            ``state.block_table``) per block of 4 positions that this step closes. Nothing else changes.
         start_pos: position of each row's first token: an int, or an int tensor ``[B]``.
         rope: the compressed-key ``RopeTable``.
     """

@@ -59,19 +59,26 @@ def prefilled_state(
     seed: int,
     device: torch.device | str | None = None,
 ) -> IndexerState:
-    """State as if each row had already seen ``start_pos[b]`` tokens: cache rows of those blocks
-    hold unit-RMS bf16 keys; the compressor ring holds projection-sized values (score_state -inf
-    where a row has not written yet)."""
-    g = torch.Generator().manual_seed(seed + 7919)
+    """A dense-layout state as if each row had already seen ``start_pos[b]`` tokens (``fill_history``)."""
     state = IndexerState.empty(cfg, batch, max_position)
-    width = 2 * cfg.index_head_dim
+    fill_history(state, start_pos, seed)
+    return state if device is None else state.to(device)
+
+
+def fill_history(state: IndexerState, start_pos: torch.Tensor, seed: int) -> None:
+    """Write the history of ``start_pos[b]`` tokens into slot ``b`` of ``state`` (any layout): the
+    key rows of those blocks are unit-RMS bf16 rows, quantized into the pool as the compressor would;
+    the compressor ring holds projection-sized values (score_state -inf where a row has not written
+    yet)."""
+    g = torch.Generator().manual_seed(seed + 7919)
+    hid = state.keys.shape[2]
     for b, p in enumerate(start_pos.tolist()):
         done, r = divmod(p, COMPRESS_RATIO)
-        state.idx_kv_cache[b, :done] = torch.randn(done, cfg.index_head_dim, generator=g).to(torch.bfloat16)
+        history = torch.randn(done, hid, generator=g).to(torch.bfloat16)
+        state.write_keys(torch.full((done,), b), torch.arange(done), history.to(state.keys.device))
         ring = [state.kv_state[b], state.score_state[b]]
         for t in ring:
             if done:  # slots 0..3: the last closed block; 4+r..7 still hold its copy after the shift
-                t[:COMPRESS_RATIO] = torch.randn(COMPRESS_RATIO, width, generator=g)
+                t[:COMPRESS_RATIO] = torch.randn(COMPRESS_RATIO, 2 * hid, generator=g)
                 t[COMPRESS_RATIO + r :] = t[r:COMPRESS_RATIO]
-            t[COMPRESS_RATIO : COMPRESS_RATIO + r] = torch.randn(r, width, generator=g)
-    return state if device is None else state.to(device)
+            t[COMPRESS_RATIO : COMPRESS_RATIO + r] = torch.randn(r, 2 * hid, generator=g)

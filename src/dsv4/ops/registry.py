@@ -81,7 +81,8 @@ class OpDescriptor:
             the op updates in place.
         result: the ``NamedTuple`` the op returns (its fields are the first outputs), or None when
             the op only updates state.
-        mutates: the params the op updates in place (e.g. ``("state",)``).
+        mutates: what the op updates in place: params, or dotted paths of their tensors
+            (``"state.keys"``).
         validate: ``(**args) -> backend kwargs``: spec §7 checks of every public argument, raising
             before anything runs; returns the keyword arguments of the backend functions.
         check_out: ``(out, backend_kwargs) -> None``: checks a preallocated ``out`` (None: the op

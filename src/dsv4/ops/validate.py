@@ -126,16 +126,16 @@ def check_compressor(
     check_tensor("state.kv_state", state.kv_state, torch.float32, (None, STATE_SLOTS, 2 * hid), dev)
     rows_b = state.kv_state.shape[0]
     check_tensor("state.score_state", state.score_state, torch.float32, (rows_b, STATE_SLOTS, 2 * hid), dev)
-    check_tensor("state.idx_kv_cache", state.idx_kv_cache, torch.bfloat16, (rows_b, None, hid), dev)
+    check_key_pool(state, rows_b, hid, dev)
     if b > rows_b:
         raise ValueError(f"x: batch {b} exceeds the state's batch {rows_b} (state.kv_state)")
     pos = step_positions(start_pos, b, s, dev)
-    rows = state.idx_kv_cache.shape[1]
+    rows = state.cache_rows
     for i, p in enumerate(pos.start_host):
         if (p + s) // COMPRESS_RATIO > rows:
             raise ValueError(
                 f"start_pos: row {i} at {p} with S={s} needs {(p + s) // COMPRESS_RATIO} cache rows, "
-                f"state.idx_kv_cache has {rows}"
+                f"state.block_table addresses {rows} ({state.block_table.shape[1]} blocks of {state.block_size})"
             )
         if p + s > rope.max_position:
             raise ValueError(
@@ -143,6 +143,7 @@ def check_compressor(
                 f"beyond the rope table ({rope.max_position} positions)"
             )
     _check_eps(eps)
+    check_block_entries(state, pos, reads=False)
     return pos
 
 
@@ -175,7 +176,54 @@ def check_indexer(
     check_tensor("w.wq_b_scale", w.wq_b_scale, torch.float32, (hi * hid,), dev)
     _check_int("offset", offset)
     _check_int("topk", topk, minimum=1)
+    check_block_entries(state, pos, reads=True)
     return pos
+
+
+def check_key_pool(state: IndexerState, batch: int, hid: int, device: torch.device) -> None:
+    """The key pool and block table of ``state``: shapes, dtypes, devices, a power-of-two block size."""
+    check_tensor("state.keys", state.keys, torch.int8, (None, None, hid), device)
+    blocks, block_size = state.keys.shape[:2]
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"state.keys: expected a block size (dim 1) that is a power of two >= 16, got {block_size}")
+    check_tensor("state.key_scale", state.key_scale, torch.float32, (blocks, block_size), device)
+    check_tensor("state.block_table", state.block_table, torch.int32, (batch, None), device)
+
+
+def check_block_entries(state: IndexerState, pos: StepPositions, reads: bool) -> None:
+    """The block-table entries a step uses: every row it writes (``[start//4, cache_len)``) in a
+    block of the pool or unallocated (``-1``: the write is skipped), no pool row written by two
+    slots; with ``reads``, every row ``< cache_len`` in a block of the pool.
+
+    Checked on the host when the table is there; on a GPU the range check runs on the device
+    (``torch._assert_async``: no host round trip) and the two-writers check is the engine's."""
+    table, blocks, bs = state.block_table[: pos.batch], state.keys.shape[0], state.block_size
+    if table.is_cuda:
+        first_row = torch.arange(table.shape[1], device=table.device) * bs  # of each table column
+        lo = torch.zeros_like(pos.start) if reads else pos.start // COMPRESS_RATIO
+        used = (first_row + bs > lo[:, None]) & (first_row < ((pos.start + pos.seq) // COMPRESS_RATIO)[:, None])
+        ok = ((table >= 0) & (table < blocks)) | ((table == -1) & (not reads))
+        torch._assert_async(torch.all(ok | ~used), "state.block_table: an entry the step uses is outside the pool")
+        return
+    written: list[torch.Tensor] = []
+    for i, (start, end) in enumerate(zip(pos.start_host, pos.cache_lens, strict=True)):
+        first = start // COMPRESS_RATIO  # rows [first, end) are written, [0, end) read
+        lo = 0 if reads else first // bs
+        entries = table[i, lo : -(-end // bs)]
+        bad = ~((entries >= 0) & (entries < blocks)) & ~((entries == -1) & (not reads))
+        if bool(bad.any()):
+            column = lo + int(bad.nonzero()[0])
+            need = f"a pool block in [0, {blocks})" + ("" if reads else " or -1")
+            raise ValueError(
+                f"state.block_table: slot {i} column {column} (rows {column * bs}..{column * bs + bs - 1}) "
+                f"needs {need}, got {int(table[i, column])}"
+            )
+        rows = torch.arange(first, end)
+        block = table[i, rows // bs].long()
+        written.append((block * bs + rows % bs)[block >= 0])
+    flat = torch.cat(written) if written else torch.empty(0, dtype=torch.long)
+    if flat.numel() != torch.unique(flat).numel():
+        raise ValueError("state.block_table: two slots write the same pool row in this step (share read-only blocks)")
 
 
 def step_positions(start_pos: object, batch: int, seq: int, device: torch.device) -> StepPositions:

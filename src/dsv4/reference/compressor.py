@@ -34,7 +34,7 @@ def pool_block(kv_state: torch.Tensor, score_state: torch.Tensor) -> torch.Tenso
 def finish_key(
     k: torch.Tensor, w: CompressorWeights, first_pos: torch.Tensor, rope: RopeTable, eps: float
 ) -> torch.Tensor:
-    """Pooled ``k [N, HID]`` fp32 -> cache rows ``[N, HID]`` bf16: RMSNorm, RoPE at the block's
+    """Pooled ``k [N, HID]`` fp32 -> the model's keys ``[N, HID]`` bf16: RMSNorm, RoPE at the block's
     first position, Hadamard, each rounded to bf16 where the model rounds."""
     hid = k.shape[-1]
     nope = hid - rope.rope_dim
@@ -51,12 +51,13 @@ def indexer_compressor(
     rope: RopeTable,
     eps: float,
 ) -> None:
-    """x ``[B, S, D] bf16``; updates rows ``0..B-1`` of ``state`` in place."""
+    """x ``[B, S, D] bf16``; updates slots ``0..B-1`` of ``state`` in place: their ring, and one
+    quantized pool row per block closed."""
     b = x.shape[0]
     rows = torch.arange(b, device=x.device)
     kvp = linear(x, w.wkv)  # [B, S, 2*HID]
     score = linear(x, w.wgate)
-    kv_state, score_state, cache = state.kv_state, state.score_state, state.idx_kv_cache
+    kv_state, score_state = state.kv_state, state.score_state
     for s in range(pos.seq):
         p = pos.start + s  # [B]
         slot = RATIO + p % RATIO
@@ -69,4 +70,4 @@ def indexer_compressor(
         kv_state[closing, :RATIO] = kv_state[closing, RATIO:]
         score_state[closing, :RATIO] = score_state[closing, RATIO:]
         pc = p[closing]
-        cache[closing, pc // RATIO] = finish_key(k, w, pc + 1 - RATIO, rope, eps)
+        state.write_keys(closing, pc // RATIO, finish_key(k, w, pc + 1 - RATIO, rope, eps))

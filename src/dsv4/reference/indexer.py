@@ -26,21 +26,23 @@ def index_query(
     return qh.to(torch.bfloat16).to(torch.float32) @ hadamard_matrix(hid, device=qr.device)
 
 
-def index_scores(q: torch.Tensor, weights: torch.Tensor, cache: torch.Tensor, pos: StepPositions) -> torch.Tensor:
+def index_scores(q: torch.Tensor, weights: torch.Tensor, state: IndexerState, pos: StepPositions) -> torch.Tensor:
     """Scores ``[B, S, max cache_len]`` fp32 (steps 4-5).
 
-    ``q [B, S, HI, HID]`` fp32 rotated queries, ``weights [B, S, HI]`` fp32 head weights,
-    ``cache [B, rows, HID]`` bf16. Entries a token cannot see hold ``MASKED_SCORE``.
+    ``q [B, S, HI, HID]`` fp32 rotated queries, ``weights [B, S, HI]`` fp32 head weights; the keys
+    come quantized from the pool of ``state``. Entries a token cannot see hold ``MASKED_SCORE``.
     """
     b, s = q.shape[:2]
     n = pos.max_cache_len
     q8, qs = quantize_int8_per_row(q)  # [B, S, HI, HID], [B, S, HI, 1]
-    k8, ks = quantize_int8_per_row(cache[:, :n])  # [B, n, HID], [B, n, 1]
     score = torch.empty(b, s, n, dtype=torch.float32, device=q.device)
     for i in range(b):  # each row has its own keys; heads and tokens go in one GEMM
-        dots = int8_matmul(q8[i].reshape(-1, q8.shape[-1]), k8[i]).to(torch.float32).view(s, q8.shape[2], n)
-        logits = torch.relu(dots * qs[i] * ks[i].view(1, 1, n))
-        score[i] = (logits * weights[i].unsqueeze(-1)).sum(dim=1)
+        rows = pos.cache_lens[i]
+        k8, ks = state.dense_keys(i, rows)  # [rows, HID] int8, [rows] fp32
+        dots = int8_matmul(q8[i].reshape(-1, q8.shape[-1]), k8).to(torch.float32).view(s, q8.shape[2], rows)
+        logits = torch.relu(dots * qs[i])  # [S, HI, rows]
+        score[i, :, :rows] = (logits * weights[i].unsqueeze(-1)).sum(dim=1) * ks  # key scale after the head sum
+        score[i, :, rows:] = MASKED_SCORE
     vis = (pos.token_positions() + 1) // COMPRESS_RATIO  # [B, S]
     hidden = torch.arange(n, device=q.device).view(1, 1, n) >= vis.unsqueeze(-1)
     return score.masked_fill_(hidden, MASKED_SCORE)
@@ -79,5 +81,5 @@ def indexer(
     hi, hid = w.weights_proj.shape[0], w.compressor.norm_w.shape[0]
     q = index_query(qr, qr_scale, w, pos.token_positions().reshape(-1), rope).view(b, s, hi, hid)
     weights = linear(x, w.weights_proj) * hid**-0.5 * hi**-0.5
-    score = index_scores(q, weights, state.idx_kv_cache, pos)
+    score = index_scores(q, weights, state, pos)
     return copy_into(IndexerOut(score, select_topk(score, pos, topk, offset)), out)

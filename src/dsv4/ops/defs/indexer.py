@@ -10,6 +10,7 @@ import torch
 from ...model.config import COMPRESS_RATIO, DeepSeekV4Config
 from ...model.quant import quantize_int8_per_row
 from ...model.rope import RopeTable
+from ...model.state import DEFAULT_BLOCK_SIZE as BLOCK_SIZE
 from ...model.state import IndexerState
 from ...model.structs import IndexerOut
 from ...model.weights import IndexerWeights
@@ -17,7 +18,7 @@ from ..case_inputs import CaseInputs
 from ..costs import BF16, FP32, INT8, INT32, OpCost, rope_row_bytes
 from ..registry import INT_OR_TENSOR, OpDescriptor, Output, Param, Tolerance
 from ..validate import check_indexer, check_indexer_out
-from .indexer_compressor import STATE_OUTPUTS
+from .indexer_compressor import MUTATED_STATE, STATE_OUTPUTS
 from .indexer_compressor import case_args as compressor_case_args
 from .indexer_compressor import cost as compressor_cost
 
@@ -60,8 +61,11 @@ def case_args(c: CaseInputs) -> dict[str, Any]:
     return args
 
 
-def cost(cfg: DeepSeekV4Config, start_pos: Sequence[int], seq: int, topk: int | None = None) -> OpCost:
-    """``indexer`` (compressor included) for batch rows starting at ``start_pos[b]`` (spec §5)."""
+def cost(
+    cfg: DeepSeekV4Config, start_pos: Sequence[int], seq: int, topk: int | None = None, block_size: int = BLOCK_SIZE
+) -> OpCost:
+    """``indexer`` (compressor included) for batch rows starting at ``start_pos[b]`` (spec §5); the
+    keys are read from the pool (132 B a key at HID=128), one block-table entry per block."""
     topk = cfg.index_topk if topk is None else topk
     comp = compressor_cost(cfg, start_pos, seq)
     b, t = len(start_pos), len(start_pos) * seq
@@ -77,7 +81,8 @@ def cost(cfg: DeepSeekV4Config, start_pos: Sequence[int], seq: int, topk: int | 
         "wq_b_scale": hi * hid * FP32,
         "weights_proj": hi * d * BF16,
         "rope rows (tokens)": t * rope_row_bytes(cfg),
-        "idx_kv_cache (old rows)": old_rows * hid * BF16,
+        "keys + key_scale (old rows)": old_rows * (hid * INT8 + FP32),
+        "block_table (read rows)": sum(-(-n // block_size) for n in cache_len) * INT32,
     }
     writes = {**comp.writes, "score": b * seq * max(cache_len) * FP32, "topk_idxs": t * topk * INT32}
     flops = {
@@ -116,7 +121,7 @@ INDEXER = OpDescriptor(
     ),
     outputs=(Output("score", SCORE, "score"), Output("topk_idxs", SCORE, "topk"), *STATE_OUTPUTS),
     result=IndexerOut,
-    mutates=("state",),
+    mutates=MUTATED_STATE,
     validate=validate,
     check_out=check_out,
     case_args=case_args,

@@ -12,17 +12,19 @@ from ...model.rope import RopeTable
 from ...model.state import IndexerState
 from ...model.weights import CompressorWeights
 from ..case_inputs import CaseInputs
-from ..costs import BF16, FP32, INT64, OpCost, ring_traffic, rope_row_bytes
+from ..costs import BF16, FP32, INT8, INT32, INT64, OpCost, ring_traffic, rope_row_bytes
 from ..registry import INT_OR_TENSOR, OpDescriptor, Output, Param, Tolerance
 from ..validate import check_compressor
 
 STATE = Tolerance(1e-4, 1e-4)  # spec §6: kv_state, score_state
-CACHE = Tolerance(1e-4, 1 / 128)  # spec §6: the cache rows a step writes
+KEYS = Tolerance(1e-4, 1 / 128)  # spec §6: dequantized pool rows a step writes (k8 ±1, ks rtol 1/128 besides)
 STATE_OUTPUTS = (
     Output("kv_state", STATE),
     Output("score_state", STATE),
-    Output("idx_kv_cache", CACHE, "cache"),
+    Output("keys", KEYS, "cache"),  # with key_scale
+    Output("block_table", Tolerance(0.0, 0.0, 0.0)),  # the ops never change it
 )
+MUTATED_STATE = ("state.kv_state", "state.score_state", "state.keys", "state.key_scale")
 
 
 def validate(x: Any, w: Any, state: Any, start_pos: Any, rope: Any, eps: Any = 1e-6) -> dict[str, Any]:
@@ -58,10 +60,11 @@ def cost(cfg: DeepSeekV4Config, start_pos: Sequence[int], seq: int) -> OpCost:
         "compressor.norm_w": hid * BF16 if closed else 0,
         "rope rows (blocks)": closed * rope_row_bytes(cfg),
         "kv_state + score_state": 2 * halves_read * half_bytes,
+        "block_table (written rows)": closed * INT32,  # one entry per closed row, at most
     }
     writes = {
         "kv_state + score_state": 2 * halves_written * half_bytes,
-        "idx_kv_cache (new rows)": closed * hid * BF16,
+        "keys + key_scale (new rows)": closed * (hid * INT8 + FP32),
     }
     flops = {"bf16": 2 * b * seq * d * 2 * hid * 2, "fp32": closed * 2 * hid * hid}
     return OpCost("indexer_compressor", reads, writes, flops)
@@ -79,7 +82,7 @@ INDEXER_COMPRESSOR = OpDescriptor(
     ),
     outputs=STATE_OUTPUTS,
     result=None,
-    mutates=("state",),
+    mutates=MUTATED_STATE,
     validate=validate,
     case_args=case_args,
     cost=cost,

@@ -1,0 +1,120 @@
+"""The INT8 key pool addressed by a block table (spec §4): every layout an engine may hand the ops.
+
+Each case starts from a seeded decode case (its history written into the dense layout), moves the
+slots' rows into a pool of shuffled blocks — non-monotonic physical blocks, spare blocks holding
+garbage, ``-1`` past each slot's allocated rows, blocks shared by two slots for a common prefix —
+and checks the Triton backend against the reference (spec §6: written rows within tolerance, every
+other pool row bit-identical), and the reference against itself on the dense layout.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsv4
+from conftest import DEVICE
+from dsv4.harness.cases import Case, make_case, run_case
+from dsv4.harness.golden import compare
+from dsv4.model.state import UNALLOCATED
+from op_cases import assert_matches_reference
+from pools import relayout
+
+TINY = dsv4.get_config("tiny")
+
+
+def paged_case(op: str, batch: int, seq: int, start: list[int], block_size: int, seed: int) -> Case:
+    case = make_case(TINY, op, seed=seed, device=DEVICE, batch=batch, seq=seq, start_pos=start, max_position=1024)
+    rows = [(p + seq) // 4 for p in start]
+    case.args["state"] = relayout(case.state(), block_size, rows, seed)
+    return case
+
+
+STEPS = {  # (batch, seq, per-row start): decode rows, a block-boundary straddle, a long prefill-like step
+    "decode-B3-S2": (3, 2, [10, 63, 254]),
+    "straddle-B2-S10": (2, 10, [59, 123]),  # rows 14..16 and 30..32: across pool blocks of 16
+    "prefill-B1-S70": (1, 70, [0]),
+}
+
+
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("name", STEPS)
+@pytest.mark.parametrize("op", ["indexer_compressor", "indexer"])
+def test_shuffled_pool_matches_reference(op: str, name: str, block_size: int) -> None:
+    batch, seq, start = STEPS[name]
+    assert_matches_reference(paged_case(op, batch, seq, start, block_size, seed=block_size + len(name)))
+
+
+@pytest.mark.parametrize("op", ["indexer_compressor", "indexer"])
+def test_layout_does_not_change_the_numbers(op: str) -> None:
+    """The reference on a shuffled pool gives the dense layout's outputs and keys exactly."""
+    dense = make_case(TINY, op, seed=4, device=DEVICE, batch=3, seq=3, start_pos=[5, 40, 97], max_position=1024)
+    paged = Case(op, dict(dense.args), dense.meta)
+    paged.args["state"] = relayout(dense.state(), 16, [(p + 3) // 4 for p in (5, 40, 97)], seed=4)
+    a, b = run_case(dense, "reference"), run_case(paged, "reference")
+    for name in ("score", "topk_idxs") if op == "indexer" else ():
+        assert torch.equal(a[name], b[name]), name
+    for name in ("kv_state", "score_state"):
+        assert torch.equal(a[name], b[name]), name
+    dense_after, paged_after = (dsv4.IndexerState(**{k: o[k] for k in dense.state().tensors()}) for o in (a, b))
+    for slot, p in enumerate((5, 40, 97)):
+        rows = (p + 3) // 4
+        for x, y in zip(dense_after.dense_keys(slot, rows), paged_after.dense_keys(slot, rows), strict=True):
+            assert torch.equal(x, y), f"slot {slot}"
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_shared_prefix_blocks_are_read_only(backend: str) -> None:
+    """Slots 0 and 1 share the blocks of a common 128-token prefix (32 rows, two blocks of 16) and
+    then diverge into blocks of their own; a decode step writes only their own blocks, and both
+    read the shared rows."""
+    case = make_case(TINY, "indexer", seed=8, device=DEVICE, batch=2, seq=2, start_pos=[150, 150], max_position=1024)
+    base = relayout(case.state(), 16, [38, 38], seed=8)
+    table = base.block_table.clone()
+    table[1, :2] = table[0, :2]  # the prefix: slot 1 reads slot 0's first two blocks
+    k8, ks = base.dense_keys(0, 32)
+    shared = dsv4.IndexerState(base.kv_state, base.score_state, base.keys, base.key_scale, table)
+    case.args["state"] = shared
+    shared_blocks = table[0, :2].long()
+    before_keys, before_scale = base.keys[shared_blocks].clone(), base.key_scale[shared_blocks].clone()
+    got = run_case(case, backend)
+    assert torch.equal(got["keys"][shared_blocks], before_keys) and torch.equal(
+        got["key_scale"][shared_blocks], before_scale
+    )
+    if backend == "triton":
+        assert_matches_reference(case)
+    after = dsv4.IndexerState(**{k: got[k] for k in shared.tensors()})
+    for slot in (0, 1):
+        got_k8, got_ks = after.dense_keys(slot, 32)
+        assert torch.equal(got_k8, k8) and torch.equal(got_ks, ks), f"slot {slot} reads the shared prefix"
+
+
+def test_two_slots_writing_one_pool_row_is_refused() -> None:
+    """Slots sharing a block a step writes into would race: refused before anything changes."""
+    case = make_case(TINY, "indexer_compressor", seed=2, device=DEVICE, batch=2, seq=2, start_pos=[30, 30])
+    state = case.state()
+    state.block_table[1] = state.block_table[0]
+    before = state.clone()
+    with pytest.raises(ValueError, match="state.block_table: two slots write the same pool row"):
+        dsv4.indexer_compressor(**case.args, backend="reference")
+    assert all(torch.equal(t, getattr(before, n)) for n, t in state.tensors().items())
+
+
+def test_unallocated_rows_are_skipped_by_the_compressor() -> None:
+    """A block-table entry of -1 where the compressor writes: the write is skipped (both backends)."""
+    case = make_case(TINY, "indexer_compressor", seed=6, device=DEVICE, batch=2, seq=8, start_pos=[0, 0])
+    state = case.state()
+    state.block_table[1] = UNALLOCATED
+    before = state.clone()
+    for backend in ("reference", "triton"):
+        got = run_case(case, backend)
+        assert torch.equal(got["keys"][1:], before.keys[1:]), backend  # only slot 0's block 0 was written
+        assert got["keys"][0, :2].any(), backend
+    report = compare("indexer_compressor", run_case(case, "triton"), run_case(case, "reference"), case.compare_inputs())
+    assert report, str(report)
+
+
+@pytest.mark.parametrize(("block_size", "error"), [(48, ValueError), (8, ValueError), (16.0, ValueError)])
+def test_block_size_must_be_a_power_of_two_of_at_least_16(block_size, error) -> None:
+    with pytest.raises(error, match="block_size"):
+        dsv4.IndexerState.empty(TINY, 2, 256, block_size=block_size)
