@@ -72,6 +72,7 @@ class Variant:
     async_copies: int  # cp.async global -> shared copies (the software pipeliner's loads)
     tma_copies: int  # cp.async.bulk (TMA) copies
     mma: str  # the tensor-core instruction of its tl.dot: "wgmma" (Hopper), "mma.sync" (Ampere) or "-"
+    fma: int  # fused multiply-adds (fma.rn) in the PTX
 
     @property
     def plans(self) -> set[str]:
@@ -220,6 +221,7 @@ def _variant(fn, kernel, launches: list[tuple[str, tuple[int, ...]]]) -> dict[st
         "async_copies": len(re.findall(r"cp\.async\.c[ag]\.shared", ptx)),
         "tma_copies": ptx.count("cp.async.bulk.tensor"),
         "mma": "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "-",
+        "fma": len(re.findall(r"\bfma\.rn", ptx)),
     }
 
 

@@ -59,6 +59,8 @@ GRIDS["compressor-decode-fp32-norm"] = GRIDS["compressor-decode"]
 
 # Kernels whose main loop streams operands through shared memory with cp.async (docs/DESIGN.md).
 PIPELINED = {"_x_proj_kernel", "_index_query_kernel", "_index_score_kernel"}
+# Launched with enable_fp_fusion=False, so that a*b - c*d rounds each product as the reference does.
+UNFUSED = {"_compressor_step_kernel", "_index_query_kernel"}
 # Programs per SM that docs/DESIGN.md counts on: three 128-key score programs share an SM.
 MIN_BLOCKS_PER_SM = {"_index_score_kernel": 3}
 
@@ -92,3 +94,10 @@ def test_streaming_loops_are_pipelined(variants: list[Variant]) -> None:
         if v.kernel in PIPELINED:
             assert v.pipelined, (v.kernel, v.launches, "loads are not pipelined through shared memory")
     assert {v.kernel for v in variants} >= PIPELINED
+
+
+def test_unfused_kernels_have_no_fma(variants: list[Variant]) -> None:
+    for v in variants:
+        if v.kernel in UNFUSED:
+            assert v.fma == 0, (v.kernel, v.launches, v.fma)
+    assert {v.kernel for v in variants} >= UNFUSED
