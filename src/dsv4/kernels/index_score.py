@@ -24,10 +24,11 @@ from .epilogue import quantize_int8_rows
 from .launch import is_pow2
 
 KEYS_PER_PROGRAM = 128  # 128 keys x 256 B (bf16, HID=128) = 32 KB of keys per program. ptxas (sm_90,
-# 4 warps, HI=64, aligned operands) reports 165 registers, no spills and 41 KB of shared memory, so
-# three programs share an SM (96 KB of key loads in flight). Every program re-reads its tokens' query
-# rows (S*HI*136 B) from L2: 128 keys keep that at half the key bytes (64 keys: equal to them).
-# 262144 keys at B=1 make 2048 programs, flash decode (B=64, 2048 keys) 1024: several waves of 132 SMs.
+# 4 warps, HI=64, as launched) reports 165 registers (Triton 3.9; 168 on 3.6), no spills and 40.5 KiB
+# of shared memory, so three programs share an SM (96 KB of key loads in flight). Every program
+# re-reads its tokens' query rows (S*HI*136 B) from L2: 128 keys keep that at half the key bytes
+# (64 keys: equal to them). 262144 keys at B=1 make 2048 programs, flash decode (B=64, 2048 keys)
+# 1024: several waves of 132 SMs.
 SCORE_WARPS = 4  # one warpgroup runs the INT8 MMA of a [128, 128] x [128, HI] tile
 MIN_DOT_WIDTH = 16  # tl.dot needs every dimension >= 16: fewer heads are zero-padded up to it
 
