@@ -1,40 +1,243 @@
-"""Lower kernels to sm_90 (H100) cubins with the installed Triton: no GPU needed.
+"""Lower the kernel variants an H100 launch would run to sm_90 cubins, with the installed Triton: no GPU needed.
 
 The interpreter runs kernel source as Python and accepts things the compiler rejects, so the
-compile tests also lower every kernel. A script runs in a subprocess because kernels defined under
-``TRITON_INTERPRET=1`` cannot be compiled; it starts with ``COMPILE_SM90``, which defines
-``compile_sm90`` and the pointer kinds ``F32``, ``I64``, ``I32``.
+compile tests also lower every kernel, and they read the cubins' registers, local memory and
+shared memory. Those figures belong to one *variant* of a kernel: Triton's JIT specializes each
+launch on its arguments (every int divisible by 16 and every 16-byte-aligned pointer is marked
+divisible by 16, an int equal to 1 becomes a constant), and that decides e.g. whether a loop's
+loads are pipelined through shared memory. So the variants are not written down here: a plan
+(op, preset, batch, seq, start position) is run through the public op at its real shapes and
+every launch goes through the JIT's own ``run``, which specializes the real arguments by Triton's
+own rule and compiles them for an sm_90 target, with ``warmup=True`` so nothing is launched.
+
+What stands in for the H100 (``_on_h100``): Triton's driver reports an sm_90 device; CPU tensors
+stand in for device memory (the CPU allocator aligns to 64 bytes, the CUDA one to 512, so every
+alignment test comes out the same, views included); the launchers size their grids for the
+H100's SMs, as they already do off-GPU, except the x-projection's K split, which off-GPU they
+leave at 1 and here see a CUDA device for.
+
+This runs in a subprocess (``python tests/sm90.py PLAN_JSON...``, one JSON line per compiled
+variant) because kernels defined under ``TRITON_INTERPRET=1``, as in the test process, cannot be
+compiled.
 """
 
 from __future__ import annotations
 
-import pytest
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
-from subprocesses import run_python
-
-COMPILE_SM90 = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-F32, I64, I32 = "*fp32", "*i64", "*i32"
-
-
-def compile_sm90(fn, signature, constexprs, num_warps, **options):
-    full = {**signature, **{name: "constexpr" for name in constexprs}}
-    # As a launch specializes them: pointers from torch allocations and row strides are 16-aligned.
-    aligned = [name for name, kind in signature.items() if kind.startswith("*") or "stride" in name]
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    src = ASTSource(fn=fn, signature=full, constexprs=constexprs, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, **options})
-    print("compiled", fn.__name__, constexprs)
-    return kernel
-"""
+H100_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
+REGISTER_FILE = 65536  # 32-bit registers per SM
+MAX_WARPS_PER_SM = 64
+_PREFIX = "SM90 "
 
 
-def run_compile_script(script: str, timeout: int) -> str:
-    """Run ``COMPILE_SM90 + script`` in a fresh interpreter with the interpreter mode off -> its stdout."""
+@dataclass(frozen=True)
+class Plan:
+    """One op call whose launches are compiled: ``make_case(get_config(preset), op, batch=, seq=,
+    start_pos=, max_position=)``, with the weights named in ``fp32`` cast to fp32 (checkpoints
+    may store norm gains either way)."""
+
+    name: str
+    op: str
+    preset: str
+    batch: int
+    seq: int
+    start_pos: int = 0
+    max_position: int | None = None
+    fp32: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compiled kernel variant and what ptxas and the PTX say about it."""
+
+    kernel: str
+    hash: str  # Triton's key of the compiled kernel: source, specialization, options, target
+    launches: tuple[tuple[str, tuple[int, ...]], ...]  # (plan, grid) of every launch that runs it
+    constants: dict[str, Any]  # constexpr arguments and ints the JIT turned into constants (== 1)
+    aligned: tuple[str, ...]  # arguments the JIT marked divisible by 16
+    num_warps: int
+    num_stages: int
+    registers: int  # per thread
+    local_bytes: int  # local memory per thread: the stack frame (where ptxas spills) and local arrays
+    shared_bytes: int  # per block
+    async_copies: int  # cp.async global -> shared copies (the software pipeliner's loads)
+    tma_copies: int  # cp.async.bulk (TMA) copies
+    mma: str  # the tensor-core instruction of its tl.dot: "wgmma" (Hopper), "mma.sync" (Ampere) or "-"
+    fma: int  # fused multiply-adds (fma.rn) in the PTX
+
+    @property
+    def plans(self) -> set[str]:
+        return {plan for plan, _ in self.launches}
+
+    @property
+    def pipelined(self) -> bool:
+        """Its loop loads go global -> shared asynchronously (cp.async or TMA)."""
+        return self.async_copies + self.tma_copies > 0
+
+    def blocks_per_sm(self) -> int:
+        """Resident blocks per SM by registers (allocated per warp in units of 256), shared memory
+        (plus 1 KiB the driver reserves per block) and warps."""
+        warp_regs = -(-self.registers * 32 // 256) * 256
+        by_regs = REGISTER_FILE // (warp_regs * self.num_warps)
+        by_shared = (H100_SHARED + 1024) // (self.shared_bytes + 1024)
+        return min(by_regs, by_shared, MAX_WARPS_PER_SM // self.num_warps)
+
+
+def compile_plans(groups: list[list[Plan]], timeout: int = 900) -> list[Variant]:
+    """Every kernel variant the launchers run for the plans on an H100, compiled for sm_90: one
+    subprocess per group of plans, all at once (give plans that share variants to one group)."""
+    import pytest
+
+    from subprocesses import ROOT, run_python
+
     pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend cannot target sm_90")
-    result = run_python(["-c", COMPILE_SM90 + script], timeout=timeout, TRITON_INTERPRET="0")
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stdout
+
+    def run(plans: list[Plan]) -> str:
+        args = [json.dumps(dataclasses.asdict(p)) for p in plans]
+        result = run_python([str(ROOT / "tests" / "sm90.py"), *args], timeout=timeout, TRITON_INTERPRET="0")
+        assert result.returncode == 0, result.stderr[-4000:]
+        return result.stdout
+
+    with ThreadPoolExecutor(len(groups)) as pool:
+        outputs = list(pool.map(run, groups))
+    variants = {}
+    for line in "\n".join(outputs).splitlines():
+        if line.startswith(_PREFIX):
+            fields = json.loads(line[len(_PREFIX) :])
+            fields["launches"] = tuple((plan, tuple(grid)) for plan, grid in fields["launches"])
+            fields["aligned"] = tuple(fields["aligned"])
+            v = Variant(**fields)
+            if v.hash in variants:  # compiled by two groups: one variant, launched by both
+                v = dataclasses.replace(v, launches=variants[v.hash].launches + v.launches)
+            variants[v.hash] = v
+    return list(variants.values())
+
+
+# ----- below: the subprocess (TRITON_INTERPRET=0) -----
+
+
+class _H100Driver:
+    """What the JIT asks of its driver before it compiles: the current device, stream and target."""
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+
+def _on_h100(launches: list) -> None:
+    """From now on in this process, a launch compiles its variant for an H100 and appends ``(jit
+    function, grid, compiled kernel)`` to ``launches`` instead of running (the module docstring says
+    what stands in for the GPU)."""
+    import torch
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    import dsv4.kernels
+    from dsv4.kernels import launch, x_proj
+
+    run, split_k_for = JITFunction.run, x_proj.split_k_for
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        launches.append((self, grid, kernel))
+        return kernel
+
+    driver.set_active(_H100Driver())
+    JITFunction.run = compile_only
+    dsv4.kernels.unavailable_reason = lambda device: None
+    x_proj.sm_count = lambda device: launch.H100_SMS
+    x_proj.split_k_for = lambda tiles, d, device: split_k_for(tiles, d, torch.device("cuda"))
+
+
+def _run_plan(plan: Plan) -> None:
+    """Call ``plan``'s op on the Triton backend at its shapes (inputs on the CPU)."""
+    import torch
+
+    from dsv4 import ops
+    from dsv4.harness.cases import make_case
+    from dsv4.model.config import get_config
+
+    case = make_case(
+        get_config(plan.preset), plan.op, batch=plan.batch, seq=plan.seq, start_pos=plan.start_pos,
+        max_position=plan.max_position,
+    )  # fmt: skip
+    if plan.fp32:
+        w = case.args["w"]
+        owner = w.compressor if plan.op == "indexer" else w
+        changed = dataclasses.replace(owner, **{n: getattr(owner, n).to(torch.float32) for n in plan.fp32})
+        case.args["w"] = dataclasses.replace(w, compressor=changed) if plan.op == "indexer" else changed
+    getattr(ops, plan.op)(**case.args, backend="triton")
+
+
+def _resource_usage(cubin: bytes) -> dict[str, int]:
+    """``cuobjdump --dump-resource-usage`` of one kernel's cubin: REG, STACK, SHARED, LOCAL, ..."""
+    import triton
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run(
+            [triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    return {key: int(value) for key, value in re.findall(r"(\w+):(\d+)", out.split("Resource usage:")[-1])}
+
+
+def _variant(fn, kernel, launches: list[tuple[str, tuple[int, ...]]]) -> dict[str, Any]:
+    """The fields of a ``Variant`` for ``kernel``, the compiled ``fn`` (keys of its specialization:
+    ``(argument index,)``)."""
+    src, ptx = kernel.src, kernel.asm["ptx"]
+    usage = _resource_usage(kernel.asm["cubin"])
+    return {
+        "kernel": fn.__name__,
+        "hash": kernel.hash,
+        "launches": launches,
+        "constants": {
+            fn.arg_names[i]: v if isinstance(v, (int, float, bool, type(None))) else str(v)
+            for (i,), v in src.constants.items()
+        },
+        "aligned": sorted(fn.arg_names[i] for (i,), attr in src.attrs.items() if ["tt.divisibility", 16] in attr),
+        "num_warps": kernel.metadata.num_warps,
+        "num_stages": kernel.metadata.num_stages,
+        "registers": usage["REG"],
+        "local_bytes": usage["STACK"] + usage["LOCAL"],
+        "shared_bytes": kernel.metadata.shared,
+        "async_copies": len(re.findall(r"cp\.async\.c[ag]\.shared", ptx)),
+        "tma_copies": ptx.count("cp.async.bulk.tensor"),
+        "mma": "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "-",
+        "fma": len(re.findall(r"\bfma\.rn", ptx)),
+    }
+
+
+def main(argv: list[str]) -> None:
+    plans = [Plan(**{**fields, "fp32": tuple(fields["fp32"])}) for fields in map(json.loads, argv)]
+    compiled: dict[str, tuple[Any, Any, list]] = {}  # kernel hash -> (jit function, kernel, launches)
+    launches: list = []
+    _on_h100(launches)
+    for plan in plans:
+        launches.clear()
+        _run_plan(plan)
+        for fn, grid, kernel in launches:
+            compiled.setdefault(kernel.hash, (fn, kernel, []))[2].append((plan.name, tuple(grid)))
+    for fn, kernel, runs in compiled.values():
+        print(_PREFIX + json.dumps(_variant(fn, kernel, runs)), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

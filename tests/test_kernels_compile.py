@@ -1,75 +1,103 @@
-"""The indexer's kernels compile for an H100 (sm_90) with the installed Triton, no GPU needed.
+"""The indexer's kernels compile for an H100 (sm_90) as its launches specialize them, no GPU needed.
 
 The interpreter runs kernel source as Python and accepts things the compiler rejects (a named
 constexpr reassigned in a static loop, a shape computed at run time), so CI also lowers every
-kernel to a cubin (``sm90.run_compile_script``).
+kernel variant the launchers run at flash decode (2048 and 262144 cache rows), for a prefill chunk
+and for ``indexer_compressor`` alone (``sm90.compile_plans``), and checks what ``docs/DESIGN.md``
+says of them: the launch plans and grids, no spills, the shared memory, the pipelined loops.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from sm90 import run_compile_script
+from sm90 import H100_SHARED, Plan, Variant, compile_plans
 
-SCORE_TOPK = r"""
-from dsv4.kernels import index_score as isc, topk as tk
+LONG = 262144  # cache rows at 1M tokens
+# Two groups compiled side by side; the decode plans share their compressor and score variants,
+# and the B=1 ones their x-projection and query variants.
+PLANS = [
+    [
+        Plan("decode-2048", "indexer", "flash", batch=64, seq=2, start_pos=4 * 2048 - 2),
+        Plan("decode-262144", "indexer", "flash", batch=1, seq=2, start_pos=4 * LONG - 2, max_position=4 * LONG),
+        # the longest row the top-k selects in one program (ROW_IN_REGISTERS)
+        Plan("decode-4096", "indexer", "flash", batch=1, seq=2, start_pos=4 * 4096 - 2, max_position=4 * 4096),
+    ],
+    [
+        Plan("prefill-1024", "indexer", "flash", batch=1, seq=1024),
+        Plan("compressor-decode", "indexer_compressor", "flash", batch=64, seq=2, start_pos=4 * 2048 - 2),
+        Plan("compressor-decode-fp32-norm", "indexer_compressor", "flash", 64, 2, 4 * 2048 - 2, fp32=("norm_w",)),
+    ],
+]
 
-score_args = {"q8_ptr": "*i8", "q_scale_ptr": F32, "weights_ptr": F32, "cache_ptr": "*bf16", "start_ptr": I64,
-              "score_ptr": F32, "seq": "i32", "n_keys": "i32", "cache_stride_b": "i64", "cache_stride_row": "i32"}
-for heads in (4, 64):
-    compile_sm90(isc._index_score_kernel, score_args,
-                 {"HEADS": heads, "HEADS_PAD": max(isc.MIN_DOT_WIDTH, heads), "HEAD_DIM": 128,
-                  "KEYS": isc.KEYS_PER_PROGRAM}, isc.SCORE_WARPS)
-radix = {"BITS": tk.RADIX_BITS, "PASSES": tk.RADIX_PASSES}
-compile_sm90(tk._select_row_kernel,
-             {"score_ptr": F32, "start_ptr": I64, "cand_ptr": I64, "out_ptr": I32, "seq": "i32", "n": "i32",
-              "topk": "i32", "offset": "i32"},
-             {"ROW": tk.ROW_IN_REGISTERS, "TOPK_PAD": 1024, "LOG_TOPK_PAD": 10, **radix}, tk.SELECT_WARPS)
-for p in (0, tk.RADIX_PASSES - 1):
-    compile_sm90(tk._radix_pass_kernel,
-                 {"score_ptr": F32, "start_ptr": I64, "hist_ptr": I32, "level_ptr": I64, "chunk_hist_ptr": I32,
-                  "seq": "i32", "n": "i32", "topk": "i32", "n_chunks": "i32"},
-                 {"PASS": p, "CHUNK": tk.CHUNK, **radix}, tk.SELECT_WARPS)
-compile_sm90(tk._gather_kernel,
-             {"score_ptr": F32, "start_ptr": I64, "hist_ptr": I32, "level_ptr": I64, "chunk_hist_ptr": I32,
-              "taken_ptr": I32, "cand_ptr": I64, "seq": "i32", "n": "i32", "topk": "i32", "n_chunks": "i32"},
-             {"CHUNK": tk.CHUNK, "CHUNKS_PAD": 64, "TOPK_PAD": 1024, **radix}, tk.SELECT_WARPS)
-compile_sm90(tk._sort_rows_kernel,
-             {"cand_ptr": I64, "start_ptr": I64, "out_ptr": I32, "seq": "i32", "topk": "i32", "offset": "i32"},
-             {"TOPK_PAD": 1024, "LOG_TOPK_PAD": 10}, 4)
-"""
+# Launches per plan and their grids, as docs/DESIGN.md ("Launches", "Two launch plans") gives them:
+# D split 7 ways at T=128 and 13 at T=2, not at all at T=1024; top-k in one program per row up to
+# 4096 keys, in 4096-key chunks beyond.
+TOP_K_CHUNKED = {"_radix_pass_kernel": (2, 64), "_gather_kernel": (2, 64), "_sort_rows_kernel": (2,)}
+GRIDS = {
+    "decode-2048": {
+        "_x_proj_kernel": (9, 2, 7), "_sum_splits_kernel": (9, 2), "_compressor_step_kernel": (64, 1),
+        "_index_query_kernel": (2, 64), "_index_score_kernel": (16, 64), "_select_row_kernel": (128,),
+    },
+    "decode-262144": {
+        "_x_proj_kernel": (9, 1, 13), "_sum_splits_kernel": (9, 1), "_compressor_step_kernel": (1, 1),
+        "_index_query_kernel": (1, 64), "_index_score_kernel": (2048, 1), **TOP_K_CHUNKED,
+    },
+    "decode-4096": {
+        "_x_proj_kernel": (9, 1, 13), "_sum_splits_kernel": (9, 1), "_compressor_step_kernel": (1, 1),
+        "_index_query_kernel": (1, 64), "_index_score_kernel": (32, 1), "_select_row_kernel": (2,),
+    },
+    "prefill-1024": {
+        "_x_proj_kernel": (9, 16, 1), "_compressor_step_kernel": (1, 16), "_index_query_kernel": (16, 64),
+        "_index_score_kernel": (2, 1), "_select_row_kernel": (1024,),
+    },
+    "compressor-decode": {
+        "_x_proj_kernel": (8, 2, 8), "_sum_splits_kernel": (8, 2), "_compressor_step_kernel": (64, 1),
+    },
+}  # fmt: skip
+GRIDS["compressor-decode-fp32-norm"] = GRIDS["compressor-decode"]
 
-
-# The x-side projection (both K plans and the slice sum), the compressor step and the query kernel,
-# at the flash dims (HID 128, R 64) with the launchers' tiles and options.
-FRONT = r"""
-from dsv4.kernels import compressor as cp, index_query as iq, x_proj as xp
-
-x_args = {"x_ptr": "*bf16", "wkv_ptr": "*bf16", "wgate_ptr": "*bf16", "wproj_ptr": "*bf16", "ape_ptr": F32,
-          "start_ptr": I64, "kvg_ptr": F32, "weights_ptr": F32, "partial_ptr": F32, "T": "i32", "D": "i32",
-          "S": "i32", "HI": "i32", "weights_scale": "fp32", "K_PER_SPLIT": "i32"}
-tiles = {"TWO_HID": 256, "BLOCK_M": xp.BLOCK_M, "BLOCK_N": xp.BLOCK_N}
-for split in (1, 7):
-    compile_sm90(xp._x_proj_kernel, x_args, {**tiles, "BLOCK_K": xp.BLOCK_K, "SPLIT_K": split}, xp.NUM_WARPS)
-compile_sm90(xp._sum_splits_kernel,
-             {"partial_ptr": F32, "ape_ptr": F32, "start_ptr": I64, "kvg_ptr": F32, "weights_ptr": F32, "T": "i32",
-              "S": "i32", "HI": "i32", "weights_scale": "fp32"}, {**tiles, "SPLIT_K": 7}, xp.NUM_WARPS)
-head = {"HID": 128, "NOPE": 64, "HALF_R": 32}
-for norm_w in ("*bf16", "*fp32"):
-    compile_sm90(cp._compressor_step_kernel,
-                 {"kvg_ptr": F32, "start_ptr": I64, "kv_state_ptr": F32, "score_state_ptr": F32, "cache_ptr": "*bf16",
-                  "norm_w_ptr": norm_w, "cos_ptr": F32, "sin_ptr": F32, "signs_ptr": F32, "S": "i32",
-                  "cache_rows": "i32", "eps": "fp32", "hadamard_scale": "fp32"},
-                 {**head, "BLOCKS": cp.BLOCKS_PER_PROGRAM}, cp.NUM_WARPS, enable_fp_fusion=False)
-compile_sm90(iq._index_query_kernel,
-             {"qr_ptr": "*i8", "qr_scale_ptr": F32, "wq_b_ptr": "*i8", "wq_b_scale_ptr": F32, "start_ptr": I64,
-              "cos_ptr": F32, "sin_ptr": F32, "signs_ptr": F32, "q8_ptr": "*i8", "q_scale_ptr": F32, "T": "i32",
-              "S": "i32", "QL": "i32", "HI": "i32", "hadamard_scale": "fp32"},
-             {**head, "BLOCK_M": iq.BLOCK_M, "BLOCK_K": iq.BLOCK_K}, iq.NUM_WARPS, enable_fp_fusion=False)
-"""
+# Kernels whose main loop streams operands through shared memory with cp.async (docs/DESIGN.md).
+PIPELINED = {"_x_proj_kernel", "_index_query_kernel", "_index_score_kernel"}
+# Launched with enable_fp_fusion=False, so that a*b - c*d rounds each product as the reference does.
+UNFUSED = {"_compressor_step_kernel", "_index_query_kernel"}
+# Programs per SM that docs/DESIGN.md counts on: three 128-key score programs share an SM.
+MIN_BLOCKS_PER_SM = {"_index_score_kernel": 3}
 
 
-@pytest.mark.parametrize(("script", "kernels"), [(SCORE_TOPK, 7), (FRONT, 6)], ids=["score-topk", "front"])
-def test_kernels_compile_for_sm90(script: str, kernels: int) -> None:
-    out = run_compile_script(script, timeout=600)
-    assert out.count("compiled") == kernels, out
+@pytest.fixture(scope="module")
+def variants() -> list[Variant]:
+    return compile_plans(PLANS)
+
+
+def test_each_plan_launches_the_documented_kernels_and_grids(variants: list[Variant]) -> None:
+    for plan, grids in GRIDS.items():
+        launched = {}
+        for v in variants:
+            for p, grid in v.launches:
+                if p == plan:
+                    assert launched.setdefault(v.kernel, grid) == grid, (plan, v.kernel)
+        assert launched == grids, plan
+    radix = [v for v in variants if v.kernel == "_radix_pass_kernel"]
+    assert sorted(v.constants["PASS"] for v in radix) == [0, 1, 2, 3]
+
+
+def test_no_spills_and_each_block_fits_an_sm(variants: list[Variant]) -> None:
+    for v in variants:
+        assert v.local_bytes == 0, (v.kernel, v.launches, "spills", v.local_bytes)
+        assert v.shared_bytes <= H100_SHARED, (v.kernel, v.launches, v.shared_bytes)
+        assert v.blocks_per_sm() >= MIN_BLOCKS_PER_SM.get(v.kernel, 1), (v.kernel, v.registers, v.shared_bytes)
+
+
+def test_streaming_loops_are_pipelined(variants: list[Variant]) -> None:
+    for v in variants:
+        if v.kernel in PIPELINED:
+            assert v.pipelined, (v.kernel, v.launches, "loads are not pipelined through shared memory")
+    assert {v.kernel for v in variants} >= PIPELINED
+
+
+def test_unfused_kernels_have_no_fma(variants: list[Variant]) -> None:
+    for v in variants:
+        if v.kernel in UNFUSED:
+            assert v.fma == 0, (v.kernel, v.launches, v.fma)
+    assert {v.kernel for v in variants} >= UNFUSED

@@ -1,78 +1,60 @@
-"""The qkv_proj_rope kernels compile for an H100 (sm_90) with the installed Triton, no GPU needed.
+"""The qkv_proj_rope kernels compile for an H100 (sm_90) as its launches specialize them, no GPU needed.
 
-The interpreter runs kernel source as Python and accepts things the compiler rejects, so the three
-kernels are also lowered to cubins, with the tiles the launchers pick at flash decode (T=128), at
-T=1 and for ``pro`` (QL=1536, not a power of two). The whole-head q accumulator is the register
-hog: the cubin must not spill (no local memory) and must fit the SM's shared memory
-(``sm90.run_compile_script`` runs the script).
+The interpreter runs kernel source as Python and accepts things the compiler rejects, so the
+three kernels are also lowered to cubins, exactly the variants the launcher runs at flash decode
+(T=128), at T=1, for ``pro`` (QL=1536, not a power of two) and for a prefill chunk (T=1024, where D
+is not split) (``sm90.compile_plans``). The whole-head q accumulator is the register hog: no variant
+may spill (no local memory), each must fit the SM's shared memory, and the two GEMM loops must
+stream their operands through shared memory (cp.async), as ``docs/DESIGN.md`` says they do.
 """
 
 from __future__ import annotations
 
-from sm90 import run_compile_script
+import pytest
 
-COMPILE = r"""
-import importlib
-import os
-import re
-import subprocess
-import tempfile
+from sm90 import H100_SHARED, Plan, Variant, compile_plans
 
-import triton
-import triton.language as tl
-
-from dsv4.model.config import get_config
-from dsv4.kernels import launch, projection as pj
-
-qk = importlib.import_module("dsv4.kernels.qkv_proj_rope")
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-H100_SHARED = 232448  # bytes of shared memory one block may use on sm_90
-
-
-def compile_checked(fn, signature, constexprs, num_warps, num_stages):
-    # compile_sm90, then: within the SM's shared memory and no spills to local memory.
-    kernel = compile_sm90(fn, signature, constexprs, num_warps, num_stages=num_stages)
-    assert kernel.metadata.shared <= H100_SHARED, (fn.__name__, kernel.metadata.shared)
-    usage = ""
-    if os.path.exists(CUOBJDUMP):
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(kernel.asm["cubin"])
-            f.flush()
-            usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-        local = re.search(r"LOCAL:(\d+)", usage)
-        assert local and int(local.group(1)) == 0, (fn.__name__, "spills to local memory", usage)
-    regs = re.search(r"REG:(\d+)", usage)
-    print("  shared", kernel.metadata.shared, "regs", regs.group(1) if regs else "?")
+PLANS = [  # two groups, compiled side by side
+    [
+        Plan("flash-decode", "qkv_proj_rope", "flash", batch=64, seq=2),
+        Plan("pro-decode", "qkv_proj_rope", "pro", 64, 2),
+    ],
+    [Plan("flash-t1", "qkv_proj_rope", "flash", 1, 1), Plan("flash-prefill-1024", "qkv_proj_rope", "flash", 1, 1024)],
+]
+# Grids as docs/DESIGN.md gives them: 12 column tiles x 11 K-slices fill 132 SMs at T=128; at T=1024
+# the 96 output tiles alone do (one slice); q heads: ceil(T / 64) M-tiles x H heads.
+KERNELS = ("_split_k_projection_kernel", "_qr_kv_rows_kernel", "_q_heads_kernel")
+GRIDS = {
+    "flash-decode": ((12, 1, 11), (128,), (2, 64)),
+    "flash-t1": ((12, 1, 11), (1,), (1, 64)),
+    "pro-decode": ((16, 1, 8), (128,), (2, 128)),
+    "flash-prefill-1024": ((12, 8, 1), (1024,), (16, 64)),
+}
+PIPELINED = {"_split_k_projection_kernel", "_q_heads_kernel"}  # 3 and 2 stages of cp.async
+WGMMA_PLANS = {"flash-decode", "pro-decode", "flash-prefill-1024"}  # 64- and 128-row tiles; T=1 has 16 (mma.sync)
 
 
-def compile_op(cfg, t):
-    d, ql, hd, h, r = cfg.hidden_size, cfg.q_lora_rank, cfg.head_dim, cfg.num_attention_heads, cfg.qk_rope_head_dim
-    tiles = pj.projection_tiles(t, d, ql, hd, launch.H100_SMS)
-    compile_checked(pj._split_k_projection_kernel,
-                    {"x_ptr": "*bf16", "w0_ptr": "*bf16", "w1_ptr": "*bf16", "partial_ptr": "*fp32",
-                     "T": "i32", "SPLITS": "i32"},
-                    {"D": d, "N0": ql, "N1": hd, "BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n,
-                     "BLOCK_K": tiles.block_k, "DOT_DTYPE": tl.bfloat16}, pj.NUM_WARPS, pj.NUM_STAGES)
-    compile_checked(qk._qr_kv_rows_kernel,
-                    {"partial_ptr": "*fp32", "gamma_cq_ptr": "*bf16", "gamma_ckv_ptr": "*bf16",
-                     "positions_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "qr_ptr": "*i8",
-                     "qr_scale_ptr": "*fp32", "kv_ptr": "*bf16", "T": "i32", "SPLITS": "i32", "eps": "fp32"},
-                    {"QL": ql, "HD": hd, "R": r, "BLOCK_QL": triton.next_power_of_2(ql)}, qk.ROWS_NUM_WARPS, 1)
-    compile_checked(qk._q_heads_kernel,
-                    {"qr_ptr": "*i8", "qr_scale_ptr": "*fp32", "wq_b_ptr": "*i8", "wq_b_scale_ptr": "*fp32",
-                     "positions_ptr": "*i32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "q_ptr": "*bf16",
-                     "T": "i32", "eps": "fp32"},
-                    {"QL": ql, "H": h, "HD": hd, "R": r,
-                     "BLOCK_M": min(qk.Q_BLOCK_M_MAX, max(qk.Q_BLOCK_M_MIN, triton.next_power_of_2(t))),
-                     "BLOCK_K": launch.pow2_divisor(ql, qk.Q_BLOCK_K_MAX)}, qk.Q_NUM_WARPS, qk.Q_NUM_STAGES)
+@pytest.fixture(scope="module")
+def variants() -> list[Variant]:
+    return compile_plans(PLANS)
 
 
-compile_op(get_config("flash"), 128)
-compile_op(get_config("flash"), 1)
-compile_op(get_config("pro"), 128)
-"""
+def test_each_plan_launches_the_documented_grids(variants: list[Variant]) -> None:
+    for plan, grids in GRIDS.items():
+        launched = {v.kernel: grid for v in variants for p, grid in v.launches if p == plan}
+        assert launched == dict(zip(KERNELS, grids, strict=True)), plan
 
 
-def test_qkv_proj_rope_kernels_compile_for_sm90() -> None:
-    out = run_compile_script(COMPILE, timeout=900)
-    assert out.count("compiled") == 9, out
+def test_no_spills_and_each_block_fits_an_sm(variants: list[Variant]) -> None:
+    for v in variants:
+        assert v.local_bytes == 0, (v.kernel, v.launches, "spills", v.local_bytes)
+        assert v.shared_bytes <= H100_SHARED, (v.kernel, v.launches, v.shared_bytes)
+        assert v.blocks_per_sm() >= 1, (v.kernel, v.registers, v.shared_bytes)
+
+
+def test_gemm_loops_are_pipelined_on_tensor_cores(variants: list[Variant]) -> None:
+    for v in variants:
+        if v.kernel in PIPELINED:
+            assert v.pipelined, (v.kernel, v.launches, "loads are not pipelined through shared memory")
+            assert v.mma == ("wgmma" if v.plans <= WGMMA_PLANS else "mma.sync"), (v.kernel, v.launches, v.mma)
+    assert {v.kernel for v in variants} >= PIPELINED

@@ -44,11 +44,12 @@ RADIX_BINS = 1 << RADIX_BITS
 RADIX_PASSES = 32 // RADIX_BITS
 assert 32 % RADIX_BITS == 0, "digits must tile the 32-bit order key"
 ROW_IN_REGISTERS = 4096  # longest row one program selects alone, and the chunk of a longer row:
-# 4096 x (4 B score + 8 B key) over 8 warps; ptxas (sm_90) reports 167 registers and no spills for
-# the single-program kernel at topk 1024. Flash decode rows (2048 keys) stay one launch.
+# 4096 x (4 B score + 8 B key) over 8 warps; ptxas (sm_90, flash topk 512) reports 127 registers
+# (Triton 3.9; 170 on 3.6) and no spills for the single-program kernel there. Flash decode rows (2048
+# keys) stay one launch.
 CHUNK = ROW_IN_REGISTERS  # keys per program on long rows: 16 KB of scores; 262144 keys make 64
 # programs per row, so two decode rows (S=2) cover an H100's 132 SMs (one pass moves only 1 MB).
-SELECT_WARPS = 8  # 16 keys per thread for the 4096-key programs (4 warps: 200 registers in gather)
+SELECT_WARPS = 8  # 16 keys per thread for the 4096-key programs (4 warps: 220 registers in gather, Triton 3.9)
 INDEX_BITS = 31  # low bits of the sort key hold 2^31-1-j: rows up to 2^31 keys, key fits int64
 
 _RATIO = tl.constexpr(COMPRESS_RATIO)
