@@ -26,7 +26,9 @@ from ..model.structs import MASKED_SCORE, StepPositions
 from .launch import is_pow2, require
 
 KEYS_PER_PROGRAM = 128  # 128 keys x 132 B (INT8 row + fp32 scale, HID=128) = 16.5 KB of keys per
-# program, the operand of one [128, 128] x [128, HI] INT8 MMA. Every program re-reads its tokens' query
+# program, the operand of one [128, 128] x [128, HI] INT8 MMA. ptxas (sm_90, 4 warps, HI=64, as
+# launched): 128 registers (Triton 3.9 and 3.6), no spills, 40.5 KiB of shared memory, so three programs
+# share an SM. Every program re-reads its tokens' query
 # rows (S*HI*136 B = 17 KB at S=2, HI=64) from L2, as many bytes as its keys. 262144 keys at B=1 make
 # 2048 programs, flash decode (B=64, 2048 keys) 1024: several waves of 132 SMs.
 SCORE_WARPS = 4  # one warpgroup runs the INT8 MMA of a [128, 128] x [128, HI] tile
