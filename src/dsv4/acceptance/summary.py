@@ -191,7 +191,7 @@ def _targets(timings: dict[tuple[str, str, str], dict[str, Any]]) -> list[str]:
     for op, text, ratio in TARGETS:
         need = 100.0 / ratio
         found = [t for (o, s, b), t in timings.items() if o == op and text in s and b == "triton"]
-        what = f"`{op}` {text}: target within {ratio}x of the floor (>= {need:.0f}%)"
+        what = f"`{op}` {text}: target within {ratio}x of the floor (>= {need:.1f}%)"
         if not found or found[0]["status"] != "ok":
             lines.append(f"- {what}: not measured in this run")
             continue
@@ -274,12 +274,11 @@ def render(record: dict[str, Any]) -> str:
             "> acceptance run itself. No figure here is a GPU figure.",
             "",
         ]
-    commit = record.get("commit") or "unknown"
+    commit = f"commit `{record.get('commit') or 'unknown'}`" + (" (dirty)" if record.get("commit_dirty") else "")
+    digest = f" · source sha256 `{record['source_sha256'][:16]}`" if record.get("source_sha256") else ""
     lines.append(
-        f"commit `{commit}`{' (dirty)' if record.get('commit_dirty') else ''} · source sha256 "
-        f"`{(record.get('source_sha256') or '')[:16]}` · started {record['started']} · "
-        f"{record['elapsed_s']:.0f} s of a {record['budget_s']:g} s budget"
-        + ("" if record.get("finished") else " · **still running or cut off**")
+        f"{commit}{digest} · started {record['started']} · {record['elapsed_s']:.0f} s of a "
+        f"{record['budget_s']:g} s budget" + ("" if record.get("finished") else " · **still running or cut off**")
     )
     lines += ["", f"`{record.get('command', '')}`", ""]
     lines += (
