@@ -4,8 +4,8 @@ rewritten after every step, no step started once the budget cannot fit it.
 
 A step past its timeout, or running when the budget ends, gets SIGINT first (pytest then still
 writes its junit XML), SIGTERM, then SIGKILL: the run ends within the budget plus those few
-seconds of grace. If the runner itself is interrupted (SIGINT or SIGTERM), it stops the running step and
-writes the record and the summary before it exits.
+seconds of grace. If the runner itself is interrupted (SIGINT or SIGTERM), it stops the running
+step and writes the record and the summary before it exits.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .environment import describe
 from .plan import Paths, Step
 from .results import PARSERS
 from .summary import render
@@ -121,9 +122,8 @@ class Runner:
 
     # -- one step --------------------------------------------------------------------------
     def _run_commands(self, step: Step, log_path: Path, deadline: float) -> tuple[str, str, list[int | None]]:
-        """Run the step's commands in order -> (status, reason, return codes)."""
+        """Run the step's commands in order until ``deadline`` -> (status, reason, return codes)."""
         codes: list[int | None] = []
-        started = time.monotonic()
         for k, argv in enumerate(step.commands, 1):
             with log_path.open("ab") as log:
                 log.write(f"$ {shlex.join(argv)}\n".encode())
@@ -141,7 +141,7 @@ class Runner:
                 except subprocess.TimeoutExpired:
                     _stop(proc)
                     codes.append(proc.returncode)
-                    return "timeout", f"stopped at its time limit ({deadline - started:.0f} s)", codes
+                    return "timeout", "", codes
                 except _Interrupted:
                     _stop(proc)
                     raise
@@ -172,6 +172,9 @@ class Runner:
             status, reason, codes = self._run_commands(step, log_path, t0 + allowed)
         except _Interrupted as e:
             status, reason, codes = "interrupted", f"the run was interrupted ({e})", []
+        if status == "timeout":
+            limit = "its time limit" if allowed == step.timeout_s else "the end of the budget"
+            reason = f"stopped at {limit} ({allowed:.0f} s)"
         entry.update(status=status, reason=reason, returncodes=codes, seconds=round(time.monotonic() - t0, 1))
         text = log_path.read_text(errors="replace") if log_path.exists() else ""
         if status == "interrupted":
@@ -204,8 +207,6 @@ class Runner:
                     self.record["elapsed_s"] = round(time.monotonic() - start, 1)
                     self.save()
                 if step.name == "environment" and self.record["environment"]:
-                    from .environment import describe
-
                     print("\n".join("    " + line for line in describe(self.record["environment"])), flush=True)
         except _Interrupted:
             for entry in self.record["steps"]:
