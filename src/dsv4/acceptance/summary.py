@@ -27,7 +27,11 @@ NCU_COLUMNS = (
     ("lts__t_bytes.sum", "L2 MB", 1e6),
     ("gpu__time_duration.sum", "time µs", 1e3),
 )
-_UNIT_SCALE = {"byte": 1, "kbyte": 1e3, "mbyte": 1e6, "gbyte": 1e9, "nsecond": 1, "usecond": 1e3, "msecond": 1e6}
+# ncu's units (``--print-units base`` prints bytes and nanoseconds) -> bytes or nanoseconds
+_UNIT_SCALE = {
+    "byte": 1, "b": 1, "kbyte": 1e3, "kb": 1e3, "mbyte": 1e6, "mb": 1e6, "gbyte": 1e9, "gb": 1e9,
+    "nsecond": 1, "ns": 1, "usecond": 1e3, "us": 1e3, "msecond": 1e6, "ms": 1e6,
+}  # fmt: skip
 
 
 def _md_table(headers: list[str], rows: list[list[str]], right: set[int] | frozenset = frozenset()) -> list[str]:
@@ -240,7 +244,9 @@ def _profile_section(record: dict[str, Any]) -> list[str]:
         rows.append(row)
     headers = ["kernel", "grid", "block", "launches"] + [label for _, label, _ in NCU_COLUMNS]
     lines += ["", f"ncu: {n['profiled_launches']} launches profiled (`{n['file']}`); medians per kernel and grid:", ""]
-    return lines + _md_table(headers, rows, right={3, 4, 5, 6, 7})
+    printed = ", ".join(f"{m}: {units.get(m) or '?'}" for m, _, _ in NCU_COLUMNS)
+    lines += _md_table(headers, rows, right={3, 4, 5, 6, 7})
+    return lines + ["", f"<sub>units as ncu printed them: {printed}</sub>"]
 
 
 def _checkpoint_section(record: dict[str, Any]) -> list[str]:
