@@ -204,6 +204,8 @@ def _targets(timings: dict[tuple[str, str, str], dict[str, Any]]) -> list[str]:
             lines.append(f"- {what}: no floor on this device ({found[0]['shape']})")
             continue
         verdict = "met" if pct >= need else "missed"
+        if found[0]["check"] != "ok":  # fast but wrong counts for nothing
+            verdict += f", but the check says {found[0]['check']}"
         lines.append(f"- {what}: **{pct:.1f}%** ({_us(found[0]['median_us'])} µs) — {verdict}")
     return lines
 
