@@ -1,0 +1,102 @@
+"""``python -m dsv4.acceptance OUT_DIR``: see ``dsv4.acceptance`` and docs/PERFORMANCE.md."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from .plan import DRY, GPU, Paths, build_plan, injected_failure
+from .runner import Runner, clear_outputs
+
+ROOT = Path(__file__).resolve().parents[3]
+DRY_ENV = "DSV4_ACCEPTANCE_DRY"
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def source_sha256(root: Path) -> str:
+    """One digest of every ``src/**/*.py`` (path and bytes): names the code that ran where there is no git."""
+    digest = hashlib.sha256()
+    for path in sorted((root / "src").rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dsv4.acceptance", description=__doc__)
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="where summary.md, acceptance.json and the rest go")
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help=f"the whole run on the CPU with the tiny preset and tiny budgets (also: {DRY_ENV}=1)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--budget-s", type=float,
+        help=f"total seconds the steps share (default {GPU.budget_s:g}; dry run {DRY.budget_s:g})",
+    )  # fmt: skip
+    parser.add_argument("--steps", help="comma-separated steps to run, in plan order (environment always runs)")
+    parser.add_argument("--list", action="store_true", help="print the steps and their commands, run nothing")
+    parser.add_argument(
+        "--inject-failure", action="store_true", help="add a failing step first, to check that the rest still run"
+    )
+    parser.add_argument("--commit", help="the commit under test (default: git rev-parse HEAD, where git exists)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    dry = args.dry_run or os.environ.get(DRY_ENV, "") not in ("", "0")
+    profile = DRY if dry else GPU
+    out = Path(args.out_dir).resolve()
+    work = Path(tempfile.mkdtemp(prefix="dsv4-acceptance-"))
+    try:
+        paths = Paths(root=ROOT, out=out, work=work, python=sys.executable)
+        steps = build_plan(profile, paths)
+        if args.steps:
+            wanted = {s.strip() for s in args.steps.split(",") if s.strip()}
+            unknown = wanted - {s.name for s in steps}
+            if unknown:
+                names = ", ".join(s.name for s in steps)
+                print(f"--steps: unknown {', '.join(sorted(unknown))}; the steps are {names}", file=sys.stderr)
+                return 2
+            steps = [s for s in steps if s.name in wanted or s.name == "environment"]
+        if args.inject_failure:
+            steps.insert(1, injected_failure(paths))
+        if args.list:
+            for s in steps:
+                print(f"{s.name} (timeout {s.timeout_s:g} s){': skipped, ' + s.skip if s.skip else ''}")
+                print("\n".join("    " + shlex.join(c) for c in s.commands))
+            return 0
+        out.mkdir(parents=True, exist_ok=True)
+        clear_outputs(out)
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        meta = {
+            "kind": "dsv4 acceptance run",
+            "dry_run": dry,
+            "profile": profile.name,
+            "command": shlex.join(["python", "-m", "dsv4.acceptance", *(sys.argv[1:] if argv is None else argv)]),
+            "commit": args.commit or _git("rev-parse", "HEAD"),
+            "commit_dirty": None if args.commit or status is None else bool(status),
+            "source_sha256": source_sha256(ROOT),
+        }
+        budget = profile.budget_s if args.budget_s is None else args.budget_s
+        return Runner(steps, paths, budget, meta).run()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

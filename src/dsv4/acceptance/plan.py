@@ -1,0 +1,231 @@
+"""The steps of the acceptance run, most valuable first, as the commands a person would type.
+
+Every step drives an existing command (``dsv4 bench``, ``pytest``, ``examples/decode_loop.py``,
+``benchmarks/load_checkpoint.py``, ``ncu``) in its own process, so the run keeps working while the
+package's internals change. ``GPU`` is the real run (``flash``, all backends); ``DRY`` runs the
+same steps on the CPU with the ``tiny`` preset and a handful of repetitions, to check the run
+itself in CI: its figures are CPU figures.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..harness.cases import OPS
+
+# The GPU run's pytest selection: the op tests (every backend; on CUDA the compiled kernels),
+# top-k, the decode step as a CUDA graph, the torch.library ops and the bad-input checks.
+GPU_TESTS = (
+    "test_kernels_*.py", "test_indexer.py", "test_compressor.py", "test_golden_vectors.py", "test_frontend.py",
+    "test_library.py", "test_validation.py", "test_decode_graph.py",
+)  # fmt: skip
+XDIST_WORKERS = 8  # Triton compiles on the host: spread the test files over 8 of the 16 cores
+TEST_TIMEOUT_S = 120  # per test (pytest-timeout, where installed): one hung test cannot eat the step
+# ncu: per-kernel DRAM and L2 bytes and duration, for the Triton kernels only (their names start
+# with "_"; PyTorch's own kernels, e.g. the reference run for the check, do not)
+NCU_METRICS = ("dram__bytes_read.sum", "dram__bytes_write.sum", "lts__t_bytes.sum", "gpu__time_duration.sum")
+NCU_KERNELS = "regex:^_"
+CHECKPOINT_LAYER = 1  # a compress-ratio-4 layer of benchmarks/load_checkpoint.py's checkpoint
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What differs between the GPU run and the CPU dry run."""
+
+    name: str
+    preset: str
+    budget_s: float  # default total budget
+    ops: tuple[str, ...]  # ops the bench steps time
+    reps: int  # bench repetitions per timing (fewer when over budget_per_timing_s)
+    budget_per_timing_s: float
+    prefill_reps: int
+    prefill_backends: str  # the prefill step's --backends
+    tests: tuple[str, ...]  # pytest selection: globs under tests/
+    decode_loop: tuple[str, ...]  # examples/decode_loop.py arguments
+    device: str  # where the checkpoint is loaded
+    checkpoint_experts: int  # routed-expert fillers per layer in the synthetic checkpoint
+    checkpoint_backend: str  # dsv4 run --checkpoint --backend
+    timeouts: dict[str, float]  # per step; each step also stops when the total budget is spent
+    min_s: float  # a step is not started with less budget left than min(min_s, its timeout)
+    dry_skips: dict[str, str] = field(default_factory=dict)  # step -> why the dry run leaves it out
+
+
+# GPU: at most 100 repetitions or 1 s per timing (100 L2-flushed repetitions of a decode op take far less);
+# even if every step before it runs to its timeout, 40 s of the 480 s budget are left to the decode graph.
+GPU = Profile(
+    name="gpu", preset="flash", budget_s=480, ops=OPS, reps=100, budget_per_timing_s=1.0, prefill_reps=20,
+    prefill_backends="triton,reference",
+    tests=GPU_TESTS,
+    decode_loop=(
+        "--preset", "flash", "--batch", "64", "--seq", "2", "--prefill", "4096", "--steps", "100", "--capture",
+    ),
+    device="cuda", checkpoint_experts=8, checkpoint_backend="triton",
+    timeouts={
+        "environment": 30, "tests": 140, "bench_decode": 110, "bench_decode_compile": 70,
+        "bench_decode_compile_indexer": 90, "decode_graph": 90, "trace": 60, "ncu": 120, "bench_prefill": 90,
+        "checkpoint": 90, "bench_prefill_compile": 120,
+    },
+    min_s=30,
+)  # fmt: skip
+
+# Dry run: qkv_proj_rope alone (each interpreted indexer shape adds ~15 s of traffic counting), 3 repetitions.
+DRY = Profile(
+    name="dry", preset="tiny", budget_s=300, ops=("qkv_proj_rope",), reps=3, budget_per_timing_s=0.05,
+    prefill_reps=3, prefill_backends="reference", tests=("test_hadamard.py", "test_quant.py"),
+    decode_loop=("--preset", "tiny", "--batch", "4", "--seq", "2", "--prefill", "16", "--steps", "3"),
+    device="cpu", checkpoint_experts=0, checkpoint_backend="reference",
+    timeouts=dict.fromkeys(GPU.timeouts, 120), min_s=1,
+    dry_skips=dict.fromkeys(
+        ("bench_decode_compile", "bench_decode_compile_indexer", "bench_prefill_compile"),
+        "dry run: torch.compile builds C++ on the CPU for tens of seconds (bench_decode runs the same dsv4 bench)",
+    ),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step: ``commands`` run in order (the step stops at the first that fails) under one
+    timeout; ``parse`` names how its figures are read back (``results.PARSERS``)."""
+
+    name: str
+    title: str
+    commands: tuple[tuple[str, ...], ...]
+    timeout_s: float
+    min_s: float
+    parse: str | None = None
+    files: dict[str, str] = field(default_factory=dict)  # role -> path the parser reads or writes
+    covers: dict[str, object] = field(default_factory=dict)  # bench: the mode, ops and backends it times
+    skip: str | None = None  # why the step does not run here
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path  # the repository checkout (tests/, examples/, benchmarks/)
+    out: Path  # what comes back from the machine
+    work: Path  # scratch: raw bench JSONs, the checkpoint, the uncompressed trace
+    python: str
+
+
+def _tests(profile: Profile, root: Path) -> list[str]:
+    found: list[str] = []
+    for pattern in profile.tests:
+        found += sorted(str(p.relative_to(root)) for p in (root / "tests").glob(pattern))
+    return found
+
+
+def _bench(
+    paths: Paths,
+    profile: Profile,
+    mode: str,
+    ops: tuple[str, ...],
+    backends: str,
+    json_name: str,
+    *extra: str,
+    reps: int | None = None,
+    budget_s: float | None = None,
+) -> tuple[str, ...]:
+    """``dsv4 bench`` with ``profile``'s repetitions and per-timing budget unless given."""
+    reps = reps or (profile.reps if mode == "decode" else profile.prefill_reps)
+    budget_s = profile.budget_per_timing_s if budget_s is None else budget_s
+    return (
+        paths.python, "-m", "dsv4", "bench", "--preset", profile.preset, "--mode", mode, "--ops", ",".join(ops),
+        "--backends", backends, "--reps", str(reps), "--budget-s", f"{budget_s:g}",
+        "--json", str(paths.work / json_name), *extra,
+    )  # fmt: skip
+
+
+def build_plan(profile: Profile, paths: Paths) -> list[Step]:
+    """The steps for ``profile`` in the order they run (most valuable first)."""
+    py, out, work, t = paths.python, paths.out, paths.work, profile.timeouts
+    steps: list[Step] = []
+
+    def add(name: str, title: str, *commands: tuple[str, ...], **kw) -> None:
+        skip = kw.pop("skip", None) or profile.dry_skips.get(name)
+        steps.append(Step(name, title, tuple(commands), t[name], min(profile.min_s, t[name]), skip=skip, **kw))
+
+    add(
+        "environment", "versions, GPU, SMs, clocks",
+        (py, "-m", "dsv4.acceptance.environment", str(work / "environment.json")),
+        parse="environment", files={"json": str(work / "environment.json")},
+    )  # fmt: skip
+
+    tests = _tests(profile, paths.root)
+    pytest = [py, "-m", "pytest", "-v", "--tb=short", "-rfE", "-p", "no:cacheprovider", f"--junitxml={out}/junit.xml"]
+    if profile.name == "gpu" and importlib.util.find_spec("xdist"):
+        pytest += ["-n", str(XDIST_WORKERS)]
+    if profile.name == "gpu" and importlib.util.find_spec("pytest_timeout"):
+        pytest += [f"--timeout={TEST_TIMEOUT_S}"]
+    add(
+        "tests", "kernel tests compiled on the device (op tests, top-k, decode-graph capture/replay)",
+        tuple(pytest + tests), parse="tests", files={"junit": str(out / "junit.xml")},
+        skip=None if tests else f"no test file matches {', '.join(profile.tests)} under tests/",
+    )  # fmt: skip
+
+    def bench_step(name: str, title: str, mode: str, ops: tuple[str, ...], backends: str, *extra: str) -> None:
+        chosen = tuple(op for op in ops if op in profile.ops)
+        json_name = name.replace("_", "-") + ".json"
+        add(
+            name, title, _bench(paths, profile, mode, chosen, backends, json_name, *extra),
+            parse="bench", files={"json": str(work / json_name)},
+            covers={"mode": mode, "ops": list(chosen), "backends": backends.split(",")},
+            skip=None if chosen else f"{profile.name} run times {', '.join(profile.ops)} only",
+        )  # fmt: skip
+
+    bench_step(
+        "bench_decode", "dsv4 bench decode: Triton and the eager reference", "decode", OPS, "triton,reference",
+        "--plot", str(out / "bench-decode.png"),
+    )  # fmt: skip
+    bench_step(
+        "bench_decode_compile", "dsv4 bench decode: torch.compile of the reference (qkv_proj_rope, compressor)",
+        "decode", ("qkv_proj_rope", "indexer_compressor"), "compile",
+    )  # fmt: skip
+    bench_step(
+        "bench_decode_compile_indexer", "dsv4 bench decode: torch.compile of the reference (indexer)",
+        "decode", ("indexer",), "compile",
+    )  # fmt: skip
+    add(
+        "decode_graph", "decode step: one CUDA graph vs eager launches (examples/decode_loop.py)",
+        (py, str(paths.root / "examples" / "decode_loop.py"), *profile.decode_loop), parse="decode_loop",
+    )  # fmt: skip
+    add(
+        "trace", "torch.profiler trace of one decode step (dsv4 bench --trace)",
+        (py, "-m", "dsv4", "bench", "--preset", profile.preset, "--mode", "decode", "--ops", "qkv_proj_rope",
+         "--model-only", "--trace", str(work / "trace.json")),
+        parse="trace", files={"raw": str(work / "trace.json"), "gz": str(out / "trace.json.gz")},
+    )  # fmt: skip
+    ncu = shutil.which("ncu")
+    # plain launches, the fewest repetitions the bench takes (5): each kernel is profiled ~11 times per shape
+    profiled = _bench(
+        paths, profile, "decode", profile.ops, "triton", "ncu-bench.json", "--no-graph", reps=5, budget_s=0
+    )
+    add(
+        "ncu", "ncu: DRAM and L2 bytes per Triton kernel at decode",
+        (ncu or "ncu", "--target-processes", "all", "--kernel-name-base", "function", "--kernel-name", NCU_KERNELS,
+         "--metrics", ",".join(NCU_METRICS), "--csv", "--page", "raw", "--print-units", "base", *profiled),
+        parse="ncu", files={"csv": str(out / "ncu.csv")},
+        skip=None if ncu else "ncu not found on PATH",
+    )  # fmt: skip
+    bench_step(
+        "bench_prefill", f"dsv4 bench prefill ({profile.prefill_backends})", "prefill", OPS, profile.prefill_backends
+    )
+    ckpt = str(work / "checkpoint")
+    script = str(paths.root / "benchmarks" / "load_checkpoint.py")
+    add(
+        "checkpoint", f"checkpoint loading on {profile.device} (benchmarks/load_checkpoint.py, dsv4 run --checkpoint)",
+        (py, script, "write", ckpt, "--preset", profile.preset, "--experts", str(profile.checkpoint_experts)),
+        (py, script, "load", ckpt, "--layer", str(CHECKPOINT_LAYER), "--device", profile.device),
+        (py, "-m", "dsv4", "run", "--checkpoint", ckpt, "--layer", str(CHECKPOINT_LAYER),
+         "--backend", profile.checkpoint_backend, "--device", profile.device, "--steps", "2"),
+        parse="checkpoint",
+    )  # fmt: skip
+    bench_step("bench_prefill_compile", "dsv4 bench prefill: torch.compile of the reference", "prefill", OPS, "compile")
+    return steps
+
+
+def injected_failure(paths: Paths) -> Step:
+    """A step that fails on purpose (``--inject-failure``): the steps after it must still run."""
+    code = "raise SystemExit('injected failure (--inject-failure): the steps after this one must still run')"
+    return Step("injected_failure", "a step that fails on purpose", ((paths.python, "-c", code),), 30, 1)

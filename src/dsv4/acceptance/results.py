@@ -1,0 +1,170 @@
+"""Reading each step's figures back: from the files it wrote (junit XML, bench JSON, the trace) or
+from the lines it printed (decode loop medians, ncu CSV, checkpoint load times).
+
+Each parser takes the step's ``files`` and its output and returns a JSON-able dict; a parser that
+finds nothing raises, and the runner records why.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import re
+import shutil
+import statistics
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# pytest -v lines, without and with xdist: "tests/a.py::t PASSED [ 5%]", "[gw0] [ 5%] PASSED tests/a.py::t"
+_OUTCOMES = "PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS"
+_PYTEST_LINE = re.compile(
+    rf"^(?:(?P<id1>\S+::\S+) (?P<o1>{_OUTCOMES})\b"  # without xdist
+    rf"|(?:\[gw\d+\] \[\s*\d+%\] )?(?P<o2>{_OUTCOMES}) (?P<id2>\S+::\S+))"  # with xdist
+)
+_MEDIANS = re.compile(r"^median ms per step: (.+)$", re.M)
+_TRACE = re.compile(r"^wrote .* \(one decode step on backend (\w+)\)$", re.M)
+_LOAD = re.compile(r"^load_layer\(.*\): ([\d.]+) s wall; loaded ([\d.]+) MiB; .*peak (\d+) MiB \(\+(-?\d+) MiB\)", re.M)
+_RUN = re.compile(r"^(\d+) op calls in ([\d.]+) s; (.+)$", re.M)
+NCU_COLUMNS = {"Kernel Name": "kernel", "Grid Size": "grid", "Block Size": "block"}
+
+
+def _junit_counts(path: Path) -> dict[str, Any]:
+    root = ET.parse(path).getroot()
+    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+    failures: list[str] = []
+    for case in root.iter("testcase"):
+        kinds = {child.tag for child in case}
+        test_id = f"{case.get('classname', '')}::{case.get('name', '')}"
+        if "error" in kinds:
+            counts["errors"] += 1
+            failures.append(test_id)
+        elif "failure" in kinds:
+            counts["failed"] += 1
+            failures.append(test_id)
+        elif "skipped" in kinds:
+            counts["skipped"] += 1
+        else:
+            counts["passed"] += 1
+    return {**counts, "total": sum(counts.values()), "failures": failures, "source": path.name}
+
+
+def _log_counts(log: str) -> dict[str, Any]:
+    """Outcomes from pytest's ``-v`` lines: what a run stopped before writing its junit XML still shows."""
+    outcome: dict[str, str] = {}
+    for line in log.splitlines():
+        m = _PYTEST_LINE.match(line.strip())
+        if m:
+            outcome[m["id1"] or m["id2"]] = m["o1"] or m["o2"]  # a teardown ERROR after PASSED wins
+    if not outcome:
+        raise ValueError("no junit XML and no pytest result lines in the output")
+    groups = {
+        "passed": ("PASSED", "XFAIL"),
+        "failed": ("FAILED", "XPASS"),
+        "errors": ("ERROR",),
+        "skipped": ("SKIPPED",),
+    }
+    counts = {k: sum(o in v for o in outcome.values()) for k, v in groups.items()}
+    failures = [t for t, o in outcome.items() if o in ("FAILED", "XPASS", "ERROR")]
+    return {**counts, "total": len(outcome), "failures": failures, "source": "pytest -v lines (no junit XML)"}
+
+
+def parse_tests(files: dict[str, str], log: str) -> dict[str, Any]:
+    """Pass/fail counts and the failing test ids, from the junit XML or else from the log."""
+    junit = Path(files["junit"])
+    if junit.is_file() and junit.stat().st_size:
+        try:
+            return _junit_counts(junit)
+        except ET.ParseError:
+            pass  # a run killed while writing: fall back to the lines it printed
+    return _log_counts(log)
+
+
+def parse_json(files: dict[str, str], log: str) -> dict[str, Any]:
+    """The JSON file the step wrote (``environment``, ``dsv4 bench --json``)."""
+    return json.loads(Path(files["json"]).read_text())
+
+
+def parse_bench(files: dict[str, str], log: str) -> dict[str, Any]:
+    return {"bench": parse_json(files, log)}
+
+
+def parse_decode_loop(files: dict[str, str], log: str) -> dict[str, Any]:
+    """``median ms per step: eager 1.234, graph 0.567`` -> ``{"median_ms": {"eager": 1.234, "graph": 0.567}}``."""
+    m = _MEDIANS.search(log)
+    if not m:
+        raise ValueError("decode_loop printed no 'median ms per step' line")
+    medians = {}
+    for part in m[1].split(","):
+        mode, value = part.split()
+        medians[mode] = float(value)
+    return {"median_ms": medians, "line": m[0]}
+
+
+def parse_trace(files: dict[str, str], log: str) -> dict[str, Any]:
+    """Compress the trace into the output folder; the backend it ran on."""
+    raw, gz = Path(files["raw"]), Path(files["gz"])
+    with raw.open("rb") as src, gzip.open(gz, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    m = _TRACE.search(log)
+    return {"file": gz.name, "backend": m[1] if m else None, "json_bytes": raw.stat().st_size}
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def parse_ncu(files: dict[str, str], log: str) -> dict[str, Any]:
+    """ncu's raw-page CSV (the lines of the output that start with a quote) into ``files["csv"]``,
+    and per (kernel, grid, block): launches profiled and the median of each metric."""
+    lines = [line for line in log.splitlines() if line.startswith('"')]
+    if len(lines) < 2:
+        raise ValueError("ncu printed no CSV (no kernel matched, or profiling was not permitted: see log.txt)")
+    Path(files["csv"]).write_text("\n".join(lines) + "\n")
+    rows = list(csv.DictReader(io.StringIO("\n".join(lines))))
+    units, rows = (rows[0], rows[1:]) if rows and not rows[0].get("ID", "").strip().isdigit() else ({}, rows)
+    metrics = [c for c in (rows[0] if rows else {}) if "__" in c]
+    groups: dict[tuple[str, ...], list[dict[str, str]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row.get(c, "") for c in NCU_COLUMNS), []).append(row)
+    kernels = []
+    for key, members in groups.items():
+        entry: dict[str, Any] = dict(zip(NCU_COLUMNS.values(), key, strict=True))
+        entry["launches"] = len(members)
+        for metric in metrics:
+            values = [v for v in (_number(r[metric]) for r in members) if v is not None]
+            entry[metric] = statistics.median(values) if values else None
+        kernels.append(entry)
+    return {"file": Path(files["csv"]).name, "profiled_launches": len(rows), "units": units, "kernels": kernels}
+
+
+def parse_checkpoint(files: dict[str, str], log: str) -> dict[str, Any]:
+    """Load time and memory (``load_checkpoint.py load``) and the checked run (``dsv4 run --checkpoint``)."""
+    result: dict[str, Any] = {}
+    m = _LOAD.search(log)
+    if m:
+        result.update(load_s=float(m[1]), loaded_mib=float(m[2]), peak_rss_mib=int(m[3]), rss_growth_mib=int(m[4]))
+        result["load_line"] = m[0]
+    r = _RUN.search(log)
+    if r:
+        result.update(run_op_calls=int(r[1]), run_s=float(r[2]), run_result=r[3])
+    if not result:
+        raise ValueError("neither the load line nor the run line was printed")
+    return result
+
+
+PARSERS: dict[str, Callable[[dict[str, str], str], dict[str, Any]]] = {
+    "environment": parse_json,
+    "tests": parse_tests,
+    "bench": parse_bench,
+    "decode_loop": parse_decode_loop,
+    "trace": parse_trace,
+    "ncu": parse_ncu,
+    "checkpoint": parse_checkpoint,
+}

@@ -1,0 +1,334 @@
+"""The GPU acceptance run (``benchmarks/gpu_acceptance.sh``), checked on the CPU.
+
+The dry run drives every step of the real run with the ``tiny`` preset; with an injected failing
+step the rest must still run and the summary and record must be complete. The budget and the
+per-step timeout are checked on steps that sleep; the summary's merging of bench runs, absent
+figures and targets on a hand-built record; the output parsers on hand-written output.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dsv4.acceptance.__main__ import main
+from dsv4.acceptance.plan import GPU, Paths, Step
+from dsv4.acceptance.results import parse_decode_loop, parse_ncu, parse_tests
+from dsv4.acceptance.runner import KILL_GRACE_S, Runner
+from dsv4.acceptance.summary import render
+from subprocesses import ROOT, run_python
+
+# What the device tool brings back: at most 8 files, names of letters, digits, '.', '_', '-'
+MAX_FILES = 8
+NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def _tables(markdown: str) -> list[list[str]]:
+    """Every Markdown table (consecutive lines starting with '|')."""
+    tables, current = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+
+
+def _assert_well_formed(markdown: str) -> None:
+    """Each table has a header, an alignment row and rows of the header's width."""
+    tables = _tables(markdown)
+    assert tables
+    for table in tables:
+        width = len(_cells(table[0]))
+        assert all(re.fullmatch(r"-+:?|:?-+", c) for c in _cells(table[1])), table[:2]
+        assert all(len(_cells(row)) == width for row in table), table
+
+
+def _step_rows(markdown: str) -> dict[str, list[str]]:
+    steps = next(t for t in _tables(markdown) if _cells(t[0])[:2] == ["#", "step"])
+    return {_cells(row)[1].strip("`"): _cells(row) for row in steps[2:]}
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path, float]:
+    """The whole dry run through the shell entry point, with a failing step injected first."""
+    out = tmp_path_factory.mktemp("acceptance")
+    env = {**os.environ, "PYTHON": sys.executable}
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_acceptance.sh"), str(out), "--dry-run", "--inject-failure"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    print(f"dry run: {seconds:.1f} s wall")
+    return proc, out, seconds
+
+
+def test_dry_run_keeps_going_after_a_failing_step(dry_run) -> None:
+    proc, out, _ = dry_run
+    assert proc.returncode == 1, proc.stderr[-2000:]  # the injected failure
+    record = json.loads((out / "acceptance.json").read_text())
+    names = [s["name"] for s in record["steps"]]
+    assert names[:4] == ["environment", "injected_failure", "tests", "bench_decode"]
+    status = {s["name"]: s for s in record["steps"]}
+    assert status["injected_failure"]["status"] == "failed"
+    assert status["injected_failure"]["returncodes"] == [1]
+    after = record["steps"][2:]
+    assert all(s["status"] in ("ok", "skipped") for s in after), [(s["name"], s["status"]) for s in after]
+    ran = [s["name"] for s in after if s["status"] == "ok"]
+    assert {"tests", "bench_decode", "decode_graph", "trace", "bench_prefill", "checkpoint"} <= set(ran)
+    assert (status["ncu"]["status"] == "skipped") == (shutil.which("ncu") is None)
+    assert all(not s.get("parse_error") for s in record["steps"]), [s.get("parse_error") for s in record["steps"]]
+    assert record["finished"] and record["dry_run"] is True
+    assert record["elapsed_s"] < record["budget_s"]
+
+
+def test_dry_run_record_holds_every_figure(dry_run) -> None:
+    _, out, _ = dry_run
+    record = json.loads((out / "acceptance.json").read_text())
+    import torch
+
+    assert record["environment"]["torch"] == torch.__version__
+    steps = {s["name"]: s for s in record["steps"]}
+    tests = steps["tests"]["result"]
+    assert tests["passed"] == tests["total"] > 0 and tests["failures"] == []
+    timings = steps["bench_decode"]["result"]["bench"]["timings"]
+    assert {(t["backend"], t["status"], t["check"]) for t in timings} == {
+        ("triton", "ok", "ok"),
+        ("reference", "ok", "is the reference"),
+    }
+    assert steps["decode_graph"]["result"]["median_ms"]["eager"] > 0
+    with gzip.open(out / "trace.json.gz") as f:
+        assert json.load(f)["traceEvents"]
+    assert steps["checkpoint"]["result"]["run_result"] == "all checks passed"
+    assert steps["checkpoint"]["result"]["load_s"] > 0
+
+
+def test_dry_run_output_fits_what_the_device_returns(dry_run) -> None:
+    _, out, _ = dry_run
+    files = list(out.iterdir())
+    assert all(f.is_file() and NAME.match(f.name) for f in files), files
+    assert len(files) <= MAX_FILES
+    assert {"summary.md", "acceptance.json", "log.txt", "junit.xml", "trace.json.gz"} <= {f.name for f in files}
+    assert all(f.stat().st_size < 16 << 20 for f in files)
+
+
+def test_dry_run_summary_is_ready_to_paste(dry_run) -> None:
+    proc, out, _ = dry_run
+    summary = (out / "summary.md").read_text()
+    _assert_well_formed(summary)
+    record = json.loads((out / "acceptance.json").read_text())
+    rows = _step_rows(summary)
+    assert list(rows) == [s["name"] for s in record["steps"]]
+    assert rows["injected_failure"][2] == "failed" and rows["checkpoint"][2] == "ok"
+    tests = record["steps"][2]["result"]
+    assert f"**{tests['passed']} passed, 0 failed, 0 errors, 0 skipped**" in summary
+    timing = next(t for t in _tables(summary) if "median µs" in _cells(t[0]))
+    header = _cells(timing[0])
+    triton = next(dict(zip(header, _cells(r), strict=True)) for r in timing[2:] if "| triton |" in r)
+    assert triton["op"] == "qkv_proj_rope" and triton["check"] == "ok" and float(triton["median µs"]) > 0
+    assert "Dry run" in summary and "not measured in this run" in summary  # no flash shape on the CPU
+    assert summary in proc.stdout  # the summary is printed last
+
+
+def test_budget_stops_new_steps(tmp_path) -> None:
+    """A 2 s budget (dry mode from the environment variable): the first step is stopped when it
+    runs out, nothing after it starts, and the summary is still written."""
+    t0 = time.perf_counter()
+    proc = run_python(["-m", "dsv4.acceptance", str(tmp_path), "--budget-s", "2"], DSV4_ACCEPTANCE_DRY="1")
+    assert time.perf_counter() - t0 < 60
+    assert proc.returncode == 1
+    record = json.loads((tmp_path / "acceptance.json").read_text())
+    assert record["dry_run"] and record["elapsed_s"] <= 2 + sum(KILL_GRACE_S) + 1
+    later = record["steps"][1:]
+    assert all(s["status"] in ("not run", "skipped") for s in later)
+    assert any("budget spent" in s["reason"] for s in later)
+    rows = _step_rows((tmp_path / "summary.md").read_text())
+    assert rows["tests"][2] == "not run"
+
+
+def _runner(tmp_path: Path, steps: list[Step], budget_s: float) -> Runner:
+    (tmp_path / "work").mkdir()
+    paths = Paths(root=ROOT, out=tmp_path, work=tmp_path / "work", python=sys.executable)
+    return Runner(steps, paths, budget_s, {"dry_run": False, "command": "test"})
+
+
+def _python_step(name: str, code: str, timeout_s: float) -> Step:
+    return Step(name, name, ((sys.executable, "-c", code),), timeout_s, min_s=0.5)
+
+
+def test_a_step_past_its_timeout_is_stopped_and_the_next_one_runs(tmp_path) -> None:
+    hang = _python_step("hang", "import time; time.sleep(60)", timeout_s=1)
+    after = _python_step("after", "print('after the hang')", timeout_s=30)
+    runner = _runner(tmp_path, [hang, after], budget_s=60)
+    assert runner.run() == 1
+    steps = {s["name"]: s for s in runner.record["steps"]}
+    assert steps["hang"]["status"] == "timeout" and steps["hang"]["seconds"] < 1 + KILL_GRACE_S[0]
+    assert steps["hang"]["reason"] == "stopped at its time limit (1 s)"
+    assert steps["after"]["status"] == "ok"
+    assert "after the hang" in (tmp_path / "log.txt").read_text()
+    _assert_well_formed((tmp_path / "summary.md").read_text())
+
+
+def test_the_budget_stops_a_running_step_and_no_other_starts(tmp_path) -> None:
+    hang = _python_step("hang", "import time; time.sleep(60)", timeout_s=100)
+    after = _python_step("after", "print('never')", timeout_s=30)
+    runner = _runner(tmp_path, [hang, after], budget_s=1.5)
+    runner.run()
+    steps = {s["name"]: s for s in runner.record["steps"]}
+    assert steps["hang"]["status"] == "timeout" and steps["hang"]["seconds"] < 1.5 + KILL_GRACE_S[0]
+    assert steps["hang"]["reason"].startswith("stopped at the end of the budget")
+    assert steps["after"]["status"] == "not run" and "budget spent" in steps["after"]["reason"]
+    assert "never" not in (tmp_path / "log.txt").read_text()
+
+
+def test_the_gpu_plan_covers_every_owed_figure(capsys, monkeypatch) -> None:
+    monkeypatch.delenv("DSV4_ACCEPTANCE_DRY", raising=False)
+    assert main(["unused-out-dir", "--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "tests/test_decode_graph.py" in listing and "tests/test_kernels_topk.py" in listing
+    assert (
+        "--preset flash --mode decode --ops qkv_proj_rope,indexer_compressor,indexer --backends triton,reference"
+        in listing
+    )
+    assert "--ops qkv_proj_rope,indexer_compressor --backends compile" in listing
+    assert "--ops indexer --backends compile" in listing
+    assert "decode_loop.py --preset flash --batch 64 --seq 2 --prefill 4096 --steps 100 --capture" in listing
+    assert "--model-only --trace" in listing and "--mode prefill" in listing
+    assert "load_checkpoint.py load" in listing and "--device cuda" in listing
+    before_graph = listing.split("\ndecode_graph ")[0]
+    timeouts = [float(t) for t in re.findall(r"\(timeout (\d+) s\)", before_graph)]
+    assert sum(timeouts) + GPU.min_s <= GPU.budget_s  # steps that all time out still leave the graph its turn
+
+
+# -- the summary on a hand-built record: merged runs, absent figures, targets ----------------
+
+
+def _shape(op: str, label: str, floor_us: float) -> dict:
+    floor = {"memory": floor_us, "compute": 1.0, "floor": floor_us}
+    return {"op": op, "shape": label, "floor_us_device_table": floor, "floor_us_measured_copy": floor}
+
+
+def _timing(op: str, label: str, backend: str, median_us: float, floor_us: float) -> dict:
+    pct = 100.0 * floor_us / median_us
+    return {
+        "op": op, "shape": label, "backend": backend, "status": "ok", "median_us": median_us, "p10_us": median_us,
+        "p90_us": median_us, "launch": "cuda graph", "check": "ok", "note": "", "pct_of_floor_device_table": pct,
+        "pct_of_floor_measured_copy": pct,
+    }  # fmt: skip
+
+
+def _bench(timings: list[dict], shapes: list[dict], command: str) -> dict:
+    return {
+        "meta": {"device": "NVIDIA H100 80GB HBM3", "command": command},
+        "bandwidth": {"device_table": {"name": "H100 SXM", "bytes_per_s": 3.35e12}, "measured_copy_bytes_per_s": 3e12},
+        "settings": {"preset": "flash", "l2": "flushed"},
+        "shapes": shapes,
+        "timings": timings,
+    }
+
+
+def _entry(name: str, status: str, ops: list[str], backends: list[str], bench: dict | None = None) -> dict:
+    entry = {
+        "name": name, "status": status, "reason": "stopped at its time limit (120 s)" if status == "timeout" else "",
+        "seconds": 1.0, "commands": [name], "covers": {"mode": "decode", "ops": ops, "backends": backends},
+    }  # fmt: skip
+    if bench is not None:
+        entry["result"] = {"bench": bench}
+    return entry
+
+
+def test_summary_merges_runs_marks_absent_figures_and_judges_targets() -> None:
+    qkv, idx = ("qkv_proj_rope", "decode B=64 S=2"), ("indexer", "decode B=64 S=2 cache=2048")
+    shapes = [_shape(*qkv, 16.0), _shape(*idx, 15.0)]
+    wrong = {**_timing(*idx, "triton", 30.0, 15.0), "check": "MISMATCH score"}
+    first = _bench(
+        [_timing(*qkv, "triton", 20.0, 16.0), _timing(*qkv, "reference", 60.0, 16.0),
+         wrong, _timing(*idx, "reference", 90.0, 15.0)],
+        shapes, "dsv4 bench ... --backends triton,reference",
+    )  # fmt: skip
+    second = _bench([_timing(*qkv, "compile", 40.0, 16.0)], shapes[:1], "dsv4 bench ... --backends compile")
+    record = {
+        "started": "2026-01-01T00:00:00+00:00", "finished": "2026-01-01T00:08:00+00:00", "elapsed_s": 470.0,
+        "budget_s": 480, "command": "python -m dsv4.acceptance out", "environment": None,
+        "steps": [
+            _entry("bench_decode", "ok", ["qkv_proj_rope", "indexer"], ["triton", "reference"], first),
+            _entry("bench_decode_compile", "ok", ["qkv_proj_rope"], ["compile"], second),
+            _entry("bench_decode_compile_indexer", "timeout", ["indexer"], ["compile"]),
+        ],
+    }  # fmt: skip
+    summary = render(record)
+    _assert_well_formed(summary)
+    table = next(t for t in _tables(summary) if "median µs" in _cells(t[0]))
+    header = _cells(table[0])
+    rows = {(r["op"], r["backend"]): r for r in (dict(zip(header, _cells(line), strict=True)) for line in table[2:])}
+    assert rows[("qkv_proj_rope", "triton")]["× vs eager"] == "3.00"  # 60 / 20
+    assert rows[("qkv_proj_rope", "triton")]["× vs compile"] == "2.00"  # 40 / 20, from the second run
+    assert rows[("qkv_proj_rope", "triton")]["% floor (table)"] == "80.0"
+    assert rows[("indexer", "compile")]["launch"] == "absent"
+    assert "bench_decode_compile_indexer timeout" in rows[("indexer", "compile")]["check"]
+    assert re.search(r"`qkv_proj_rope` decode B=64 S=2: .*\*\*80\.0%\*\* .* met", summary)
+    assert re.search(r"`indexer` cache=2048: .*\*\*50\.0%\*\* .* missed, but the check says MISMATCH", summary)
+    assert re.search(r"`indexer` cache=262144: .* not measured", summary)
+    assert "No test counts: no step measures it." in summary
+
+
+# -- parsers -------------------------------------------------------------------------------
+
+
+def test_test_counts_come_from_pytest_lines_when_junit_is_missing(tmp_path) -> None:
+    log = "\n".join([
+        "tests/test_a.py::test_one PASSED                [ 25%]",
+        "[gw1] [ 50%] FAILED tests/test_a.py::test_two[flash]",
+        "[gw0] [ 75%] SKIPPED tests/test_b.py::test_gpu_only",
+        "tests/test_b.py::test_teardown PASSED           [100%]",
+        "tests/test_b.py::test_teardown ERROR            [100%]",
+    ])  # fmt: skip
+    counts = parse_tests({"junit": str(tmp_path / "missing.xml")}, log)
+    assert (counts["passed"], counts["failed"], counts["errors"], counts["skipped"]) == (1, 1, 1, 1)
+    assert counts["failures"] == ["tests/test_a.py::test_two[flash]", "tests/test_b.py::test_teardown"]
+    with pytest.raises(ValueError, match="no junit XML"):
+        parse_tests({"junit": str(tmp_path / "missing.xml")}, "collected 0 items")
+
+
+def test_decode_loop_medians() -> None:
+    log = "preset=flash ...\nmedian ms per step: eager 1.250, graph 0.500\n"
+    assert parse_decode_loop({}, log)["median_ms"] == {"eager": 1.25, "graph": 0.5}
+    with pytest.raises(ValueError):
+        parse_decode_loop({}, "Traceback ...")
+
+
+def test_ncu_csv_is_grouped_per_kernel_and_grid(tmp_path) -> None:
+    header = '"ID","Kernel Name","Grid Size","Block Size","dram__bytes_read.sum","lts__t_bytes.sum"'
+    rows = [
+        '"","","","","byte","byte"',
+        '"0","_score_kernel","(16, 64, 1)","(128, 1, 1)","1,000","5000"',
+        '"1","_score_kernel","(16, 64, 1)","(128, 1, 1)","3000","7000"',
+        '"2","_score_kernel","(16, 64, 1)","(128, 1, 1)","2000","6000"',
+        '"3","_score_kernel","(2048, 1, 1)","(128, 1, 1)","9000","9000"',
+    ]
+    log = "\n".join(
+        ["==PROF== Connected to process 1", "dsv4 bench: preset=flash", header, *rows, "==PROF== Disconnected"]
+    )
+    result = parse_ncu({"csv": str(tmp_path / "ncu.csv")}, log)
+    assert result["profiled_launches"] == 4 and result["units"]["dram__bytes_read.sum"] == "byte"
+    first, second = result["kernels"]
+    assert (first["grid"], first["launches"], first["dram__bytes_read.sum"], first["lts__t_bytes.sum"]) == (
+        "(16, 64, 1)", 3, 2000.0, 6000.0,
+    )  # fmt: skip
+    assert (second["grid"], second["launches"]) == ("(2048, 1, 1)", 1)
+    assert (tmp_path / "ncu.csv").read_text().splitlines()[0] == header
