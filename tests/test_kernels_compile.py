@@ -43,14 +43,14 @@ compile_sm90(tk._sort_rows_kernel,
 # The x-side projection (both K plans and the slice sum), the compressor step and the query kernel,
 # at the flash dims (HID 128, R 64) with the launchers' tiles and options.
 FRONT = r"""
-from dsv4.kernels import compressor as cp, index_query as iq, x_proj as xp
+from dsv4.kernels import compressor as cp, index_query as iq, split_k as sk, x_proj as xp
 
 x_args = {"x_ptr": "*bf16", "wkv_ptr": "*bf16", "wgate_ptr": "*bf16", "wproj_ptr": "*bf16", "ape_ptr": F32,
           "start_ptr": I64, "kvg_ptr": F32, "weights_ptr": F32, "partial_ptr": F32, "T": "i32", "D": "i32",
-          "S": "i32", "HI": "i32", "weights_scale": "fp32", "K_PER_SPLIT": "i32"}
+          "S": "i32", "HI": "i32", "weights_scale": "fp32"}
 tiles = {"TWO_HID": 256, "BLOCK_M": xp.BLOCK_M, "BLOCK_N": xp.BLOCK_N}
 for split in (1, 7):
-    compile_sm90(xp._x_proj_kernel, x_args, {**tiles, "BLOCK_K": xp.BLOCK_K, "SPLIT_K": split}, xp.NUM_WARPS)
+    compile_sm90(xp._x_proj_kernel, x_args, {**tiles, "BLOCK_K": sk.BLOCK_K, "SPLIT_K": split}, xp.NUM_WARPS)
 compile_sm90(xp._sum_splits_kernel,
              {"partial_ptr": F32, "ape_ptr": F32, "start_ptr": I64, "kvg_ptr": F32, "weights_ptr": F32, "T": "i32",
               "S": "i32", "HI": "i32", "weights_scale": "fp32"}, {**tiles, "SPLIT_K": 7}, xp.NUM_WARPS)

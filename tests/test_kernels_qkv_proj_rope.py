@@ -116,15 +116,15 @@ def test_writes_into_out() -> None:
         assert torch.equal(a, b), name
 
 
-def test_flash_decode_projection_fills_an_h100() -> None:
-    """At flash decode (T=128) the split-K grid has one program per H100 SM and a single M-tile, so
-    every weight byte is read once."""
+def test_flash_decode_projection_tiles() -> None:
+    """At flash decode (T=128) on an H100 the projection has a single M-tile, so every weight byte is
+    read once, and its fp32 partials (written once, read back once) cost at most half its weight traffic."""
     cfg = get_config("flash")
-    d, ql, hd = cfg.hidden_size, cfg.q_lora_rank, cfg.head_dim
-    tiles = projection_tiles(128, d, ql, hd, H100_SMS)
-    n_tiles, m_tiles, splits = tiles.grid(128, ql + hd)
-    assert m_tiles == 1
-    assert n_tiles * m_tiles * splits == H100_SMS
+    t, d, ql, hd = 128, cfg.hidden_size, cfg.q_lora_rank, cfg.head_dim
+    tiles = projection_tiles(t, d, ql, hd, H100_SMS)
+    n_tiles, m_tiles, splits = tiles.grid(t, ql + hd)
+    assert (n_tiles, m_tiles, splits) == (12, 1, 4)
+    assert 2 * splits * t * (ql + hd) * 4 <= (ql + hd) * d * 2 / 2
 
 
 def test_shapes_the_kernels_do_not_take_are_named() -> None:

@@ -19,10 +19,9 @@ import subprocess
 import tempfile
 
 import triton
-import triton.language as tl
 
 from dsv4.model.config import get_config
-from dsv4.kernels import launch, projection as pj
+from dsv4.kernels import launch, projection as pj, split_k as sk
 
 qk = importlib.import_module("dsv4.kernels.qkv_proj_rope")
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -50,14 +49,15 @@ def compile_op(cfg, t):
     tiles = pj.projection_tiles(t, d, ql, hd, launch.H100_SMS)
     compile_checked(pj._split_k_projection_kernel,
                     {"x_ptr": "*bf16", "w0_ptr": "*bf16", "w1_ptr": "*bf16", "partial_ptr": "*fp32",
-                     "T": "i32", "SPLITS": "i32"},
+                     "T": "i32"},
                     {"D": d, "N0": ql, "N1": hd, "BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n,
-                     "BLOCK_K": tiles.block_k, "DOT_DTYPE": tl.bfloat16}, pj.NUM_WARPS, pj.NUM_STAGES)
+                     "BLOCK_K": sk.BLOCK_K, "SPLITS": tiles.splits}, pj.NUM_WARPS, pj.NUM_STAGES)
     compile_checked(qk._qr_kv_rows_kernel,
                     {"partial_ptr": "*fp32", "gamma_cq_ptr": "*bf16", "gamma_ckv_ptr": "*bf16",
                      "positions_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "qr_ptr": "*i8",
-                     "qr_scale_ptr": "*fp32", "kv_ptr": "*bf16", "T": "i32", "SPLITS": "i32", "eps": "fp32"},
-                    {"QL": ql, "HD": hd, "R": r, "BLOCK_QL": triton.next_power_of_2(ql)}, qk.ROWS_NUM_WARPS, 1)
+                     "qr_scale_ptr": "*fp32", "kv_ptr": "*bf16", "T": "i32", "eps": "fp32"},
+                    {"QL": ql, "HD": hd, "R": r, "BLOCK_QL": triton.next_power_of_2(ql), "SPLITS": tiles.splits},
+                    qk.ROWS_NUM_WARPS, 1)
     compile_checked(qk._q_heads_kernel,
                     {"qr_ptr": "*i8", "qr_scale_ptr": "*fp32", "wq_b_ptr": "*i8", "wq_b_scale_ptr": "*fp32",
                      "positions_ptr": "*i32", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "q_ptr": "*bf16",

@@ -1,7 +1,7 @@
 """Fused ``qkv_proj_rope`` (spec §3) in three launches.
 
 1. ``split_k_projection``: ``x @ [wq_a; wkv].T`` as fp32 partial sums over slices of D (see projection.py).
-2. ``_qr_kv_rows_kernel``, one program per token: adds the slices, then
+2. ``_qr_kv_rows_kernel``, one program per token: adds the slices (all in flight, in slice order), then
    qr path: RMSNorm(gamma_cq) and per-row INT8 quantization -> ``qr``, ``qr_scale``;
    kv path: RMSNorm(gamma_ckv), NOPE and interleaved RoPE at the token's position -> ``kv``.
 3. ``_q_heads_kernel``, one program per (M-tile, head): INT8 x INT8 -> int32 ``qr @ wq_b.T`` for a
@@ -21,6 +21,7 @@ from ..model.weights import AttnWeights
 from .epilogue import quantize_int8_rows, rms_inv, store_rope_bf16
 from .launch import is_pow2, pow2_divisor
 from .projection import split_k_projection
+from .split_k import sum_k_slices
 from .workspace import Workspace
 
 ROWS_NUM_WARPS = 4  # one token per program; its widest row (QL=1536, padded to 2048 fp32) is 16 values a thread
@@ -46,12 +47,12 @@ def _qr_kv_rows_kernel(
     qr_scale_ptr,  # [T, 1] fp32 out
     kv_ptr,  # [T, HD] bf16 out
     T,
-    SPLITS,
     eps,
     QL: tl.constexpr,
     HD: tl.constexpr,
     R: tl.constexpr,
     BLOCK_QL: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     row = partial_ptr + t * (QL + HD)
@@ -60,9 +61,7 @@ def _qr_kv_rows_kernel(
     # qr path: c = rms(a, gamma_cq); qr, qr_scale = int8_per_row(c)
     cq = tl.arange(0, BLOCK_QL)[None, :]
     cq_ok = cq < QL
-    a = tl.zeros((1, BLOCK_QL), dtype=tl.float32)
-    for s in range(SPLITS):  # in slice order: the sum is the same on every run
-        a += tl.load(row + s * slice_stride + cq, mask=cq_ok, other=0.0)
+    a = sum_k_slices(row + cq, cq_ok, slice_stride, SPLITS)
     gamma_cq = tl.load(gamma_cq_ptr + cq, mask=cq_ok, other=0.0).to(tl.float32)
     c = a * rms_inv(a, QL, eps) * gamma_cq
     qr, qr_scale = quantize_int8_rows(c)
@@ -71,9 +70,7 @@ def _qr_kv_rows_kernel(
 
     # kv path: k = rms(x @ wkv.T, gamma_ckv); NOPE as is, RoPE on the last R entries
     ck = tl.arange(0, HD)[None, :]
-    k = tl.zeros((1, HD), dtype=tl.float32)
-    for s in range(SPLITS):
-        k += tl.load(row + s * slice_stride + QL + ck)
+    k = sum_k_slices(row + QL + ck, ck < HD, slice_stride, SPLITS)
     k = k * rms_inv(k, HD, eps) * tl.load(gamma_ckv_ptr + ck).to(tl.float32)
     pos = tl.load(positions_ptr + t).to(tl.int64)
     half = tl.arange(0, R // 2)[None, :]
@@ -174,8 +171,8 @@ def qkv_proj_rope(
     partial = split_k_projection(x, w.wq_a, w.wkv, ws)
     _qr_kv_rows_kernel[(t,)](
         partial, w.gamma_cq, w.gamma_ckv, positions, rope.cos, rope.sin, qr, qr_scale, kv,
-        t, partial.shape[0], eps,
-        QL=ql, HD=hd, R=r, BLOCK_QL=triton.next_power_of_2(ql), num_warps=ROWS_NUM_WARPS,
+        t, eps,
+        QL=ql, HD=hd, R=r, BLOCK_QL=triton.next_power_of_2(ql), SPLITS=partial.shape[0], num_warps=ROWS_NUM_WARPS,
     )  # fmt: skip
 
     block_m = min(Q_BLOCK_M_MAX, max(Q_BLOCK_M_MIN, triton.next_power_of_2(t)))
