@@ -24,6 +24,15 @@ def sm_count(device: torch.device) -> int:
     return H100_SMS
 
 
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch (``griddepcontrol``): compiled kernels on sm_90 or newer.
+
+    A kernel launched with ``launch_pdl=True`` may start while its predecessor in the stream still
+    runs; it must ``gdc_wait()`` before touching anything the predecessor writes or reads.
+    """
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def is_pow2(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from .launch import pow2_divisor, sm_count
 from .split_k import BLOCK_K, dot_k_slice, k_splits
@@ -70,7 +71,10 @@ def _split_k_projection_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLITS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:
+        gdc_launch_dependents()  # the consumer may be scheduled now; it waits for this grid to complete
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2).to(tl.int64)
@@ -90,13 +94,14 @@ def _split_k_projection_kernel(
 
 
 def split_k_projection(
-    x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, ws: Workspace | None = None
+    x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, ws: Workspace | None = None, pdl: bool = False
 ) -> torch.Tensor:
     """Partial sums of ``x @ [w0; w1].T`` over slices of the reduction axis, in one launch.
 
     ``x``: ``[T, D]`` bf16; ``w0``: ``[N0, D]``, ``w1``: ``[N1, D]`` bf16, all contiguous. Returns
     ``[splits, T, N0 + N1]`` fp32 whose sum over axis 0 (in index order, ``split_k.sum_k_slices``) is
-    the product; each slice is an exact-operand, fp32-accumulated partial dot product.
+    the product; each slice is an exact-operand, fp32-accumulated partial dot product. ``pdl``: the
+    consumer is launched with programmatic dependent launch (``launch.pdl_supported``).
     """
     t, d = x.shape
     n0, n1 = w0.shape[0], w1.shape[0]
@@ -105,6 +110,6 @@ def split_k_projection(
     _split_k_projection_kernel[tiles.grid(t, n0 + n1)](
         x, w0, w1, partial, t,
         D=d, N0=n0, N1=n1, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=BLOCK_K, SPLITS=tiles.splits,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        PDL=pdl, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
     return partial
