@@ -54,7 +54,7 @@ def projection_tiles(t: int, d: int, n0: int, n1: int, sms: int) -> ProjectionTi
             f"w: the Triton backend needs projection widths that are multiples of {BLOCK_N_MIN}, got {n0}, {n1}"
         )
     tiles = triton.cdiv(t, block_m) * (n0 + n1) // block_n
-    return ProjectionTiles(block_m, block_n, k_splits(tiles, min(t, block_m), d, sms))
+    return ProjectionTiles(block_m, block_n, k_splits(tiles, t, d, sms))
 
 
 @triton.jit

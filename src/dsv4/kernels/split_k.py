@@ -18,8 +18,8 @@ import triton.language as tl
 from .interpreter import interpreted
 
 BLOCK_K = 64  # D per step: 64 bf16 = 128 B, so every weight row read per step fills exactly one 128-B line
-SLICE_PER_ROW_MIN = 8  # K-slice length >= 8 x the tile's rows: its weight bytes (2 B x K per column) are then
-#                        at least twice its partials' traffic (4 B written + 4 B read per row and column)
+SLICE_PER_TOKEN_MIN = 8  # K-slice length >= 8 x T: the fp32 partials (T x N x 4 B per slice, written and read
+#                          back) then cost at most half the bytes of the bf16 weights (N x D x 2 B)
 
 # The interpreter stores bf16 as raw uint16 and its tl.dot multiplies those bits (triton-lang/triton#11584):
 # there bf16 dot operands are widened to fp32 first (exact: products of bf16 values fit fp32's mantissa, and
@@ -27,14 +27,14 @@ SLICE_PER_ROW_MIN = 8  # K-slice length >= 8 x the tile's rows: its weight bytes
 BF16_DOT_DTYPE = tl.constexpr(tl.float32 if interpreted() else tl.bfloat16)
 
 
-def k_splits(tiles: int, rows: int, d: int, sms: int) -> int:
-    """K-slices per output tile of ``[rows, D] @ [N, D].T`` with ``tiles`` output tiles of ``rows`` rows.
+def k_splits(tiles: int, t: int, d: int, sms: int) -> int:
+    """K-slices per output tile of ``[T, D] @ [N, D].T`` computed as ``tiles`` output tiles.
 
     As many as fill one wave of ``sms`` programs (all SMs streaming weights, no ragged second wave),
-    but no slice shorter than ``SLICE_PER_ROW_MIN * rows`` (the partials stay under half the weight
-    traffic) and none empty; one when the output tiles alone fill the SMs (prefill).
+    but no slice shorter than ``SLICE_PER_TOKEN_MIN * T`` (the partials stay under half the weight
+    bytes) and none empty; one when the output tiles alone fill the SMs (prefill).
     """
-    return max(1, min(sms // tiles, d // (SLICE_PER_ROW_MIN * rows), triton.cdiv(d, BLOCK_K)))
+    return max(1, min(sms // tiles, d // (SLICE_PER_TOKEN_MIN * t), triton.cdiv(d, BLOCK_K)))
 
 
 @triton.jit

@@ -160,7 +160,7 @@ def x_projection(
     if split_k:
         split = min(split_k, triton.cdiv(d, BLOCK_K))
     else:
-        split = k_splits(grid_nm[0] * grid_nm[1], min(t, BLOCK_M), d, sm_count(x.device))
+        split = k_splits(grid_nm[0] * grid_nm[1], t, d, sm_count(x.device))
     out = scratch(ws, "x_proj.out", (t * (2 * two_hid + hi),), torch.float32, x.device)
     kvg = out[: t * 2 * two_hid].view(t, 2 * two_hid)
     weights = out[t * 2 * two_hid :].view(t, hi)
