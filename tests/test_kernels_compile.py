@@ -49,11 +49,11 @@ x_args = {"x_ptr": "*bf16", "wkv_ptr": "*bf16", "wgate_ptr": "*bf16", "wproj_ptr
           "start_ptr": I64, "kvg_ptr": F32, "weights_ptr": F32, "partial_ptr": F32, "T": "i32", "D": "i32",
           "S": "i32", "HI": "i32", "weights_scale": "fp32"}
 tiles = {"TWO_HID": 256, "BLOCK_M": xp.BLOCK_M, "BLOCK_N": xp.BLOCK_N}
-for split in (1, 7):
+for split in (1, 4):
     compile_sm90(xp._x_proj_kernel, x_args, {**tiles, "BLOCK_K": sk.BLOCK_K, "SPLIT_K": split}, xp.NUM_WARPS)
 compile_sm90(xp._sum_splits_kernel,
              {"partial_ptr": F32, "ape_ptr": F32, "start_ptr": I64, "kvg_ptr": F32, "weights_ptr": F32, "T": "i32",
-              "S": "i32", "HI": "i32", "weights_scale": "fp32"}, {**tiles, "SPLIT_K": 7}, xp.NUM_WARPS)
+              "S": "i32", "HI": "i32", "weights_scale": "fp32"}, {**tiles, "SPLIT_K": 4}, xp.NUM_WARPS)
 head = {"HID": 128, "NOPE": 64, "HALF_R": 32}
 for norm_w in ("*bf16", "*fp32"):
     compile_sm90(cp._compressor_step_kernel,
