@@ -14,6 +14,7 @@ from conftest import DEVICE
 from dsv4.harness.golden import compare
 from dsv4.kernels.launch import H100_SMS
 from dsv4.kernels.projection import projection_tiles
+from dsv4.kernels.qkv_proj_rope import launch_q_heads, q_heads_tiles
 from dsv4.model.config import DeepSeekV4Config, get_config
 from dsv4.model.rope import RopeTable, rope_table
 from dsv4.model.weights import AttnWeights, synthetic_activations, synthetic_weights
@@ -95,13 +96,36 @@ def test_demo_prefill() -> None:
     check(cfg, torch.arange(1000, 1160), cfg.max_position_embeddings, seed=2, outliers=4)
 
 
-def test_repeatable_bit_for_bit() -> None:
-    """The split-K partial sums are added in a fixed order: two runs agree exactly."""
-    x, w, positions, rope = qkv_inputs(TINY, decode_positions(64, 256, seed=3), 256, seed=3, outliers=4)
+@pytest.mark.parametrize("t", [3, 64])
+def test_repeatable_bit_for_bit(t: int) -> None:
+    """The split-K partial sums are added in a fixed order and a head's halves combine their sums of
+    squares in a fixed order: two runs agree exactly (T=3 is split over K, T=64 is not)."""
+    x, w, positions, rope = qkv_inputs(TINY, decode_positions(t, 256, seed=3), 256, seed=3, outliers=4)
+    splits = projection_tiles(t, TINY.hidden_size, TINY.q_lora_rank, TINY.head_dim, H100_SMS).splits
+    assert (splits > 1) == (t == 3)
     first = dsv4.qkv_proj_rope(x, w, positions, rope, backend="triton")
-    second = dsv4.qkv_proj_rope(x, w, positions, rope, backend="triton")
-    for name, a, b in zip(first._fields, first, second, strict=True):
-        assert torch.equal(a, b), name
+    for _ in range(2):
+        again = dsv4.qkv_proj_rope(x, w, positions, rope, backend="triton")
+        for name, a, b in zip(first._fields, first, again, strict=True):
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("t", [5, 130])
+def test_paired_halves_compute_the_same_bits(t: int) -> None:
+    """The GPU's paired q-heads path (a program per half head, the two swapping their sums of squares)
+    run through the interpreter, which runs programs one at a time: a first launch publishes every
+    half's sums (the first half of each pair reads a placeholder 0 and stores garbage), a second
+    launch finds its partner's sums already published. Its ``q`` equals the one-program-per-head path
+    bit for bit."""
+    x, w, positions, rope = qkv_inputs(TINY, decode_positions(t, 256, seed=7), 256, seed=7, outliers=2)
+    expected = dsv4.qkv_proj_rope(x, w, positions, rope, backend="triton")
+    block_m, paired = q_heads_tiles(t, TINY.num_attention_heads, H100_SMS)
+    assert paired
+    sumsq = torch.zeros(2 * TINY.num_attention_heads * t, dtype=torch.float32, device=DEVICE)
+    q = torch.empty_like(expected.q)
+    for _ in range(2):
+        launch_q_heads(expected.qr, expected.qr_scale, w, positions, rope, TINY.rms_norm_eps, q, sumsq, block_m, True)
+    assert torch.equal(q, expected.q)
 
 
 def test_writes_into_out() -> None:
@@ -116,15 +140,19 @@ def test_writes_into_out() -> None:
         assert torch.equal(a, b), name
 
 
-def test_flash_decode_projection_fills_an_h100() -> None:
-    """At flash decode (T=128) the split-K grid has one program per H100 SM and a single M-tile, so
-    every weight byte is read once."""
+def test_flash_decode_tiles() -> None:
+    """At flash decode (T=128) on an H100 every weight byte is read once (one M-tile in the projection
+    and in the q heads), the fp32 partials cost under half the projection's weight traffic, and the
+    q heads pair up in one wave of SMs."""
     cfg = get_config("flash")
-    d, ql, hd = cfg.hidden_size, cfg.q_lora_rank, cfg.head_dim
-    tiles = projection_tiles(128, d, ql, hd, H100_SMS)
-    n_tiles, m_tiles, splits = tiles.grid(128, ql + hd)
-    assert m_tiles == 1
-    assert n_tiles * m_tiles * splits == H100_SMS
+    t, d, ql, hd, h = 128, cfg.hidden_size, cfg.q_lora_rank, cfg.head_dim, cfg.num_attention_heads
+    tiles = projection_tiles(t, d, ql, hd, H100_SMS)
+    n_tiles, m_tiles, splits = tiles.grid(t, ql + hd)
+    assert (n_tiles, m_tiles, splits) == (12, 1, 4)
+    partial_traffic = 2 * splits * t * (ql + hd) * 4  # written once, read back once
+    assert partial_traffic <= (ql + hd) * d * 2 / 2
+    assert q_heads_tiles(t, h, H100_SMS) == (128, True)
+    assert q_heads_tiles(129, h, H100_SMS) == (64, False)  # two M-tiles of pairs would need 256 SMs
 
 
 def test_shapes_the_kernels_do_not_take_are_named() -> None:

@@ -49,12 +49,17 @@ def to_bf16(v):
 
 @triton.jit
 def rms_inv(v, n: tl.constexpr, eps):
-    """``1/sqrt(mean(v^2) + eps)`` per row: ``v [BM, BN]`` fp32 with padding 0, ``n`` real columns -> ``[BM, 1]``.
+    """``1/sqrt(mean(v^2) + eps)`` per row: ``v [BM, BN]`` fp32 with padding 0, ``n`` real columns -> ``[BM, 1]``."""
+    return rms_inv_of_sumsq(tl.sum(v * v, axis=1), n, eps)
+
+
+@triton.jit
+def rms_inv_of_sumsq(sumsq, n: tl.constexpr, eps):
+    """``1/sqrt(sumsq/n + eps)``: ``sumsq [BM]`` fp32, the sum of squares of ``n`` values per row -> ``[BM, 1]``.
 
     Correctly rounded square root and divisions, as the reference computes them on the CPU.
     """
-    mean_sq = tl.div_rn(tl.sum(v * v, axis=1), n * 1.0)
-    return tl.div_rn(1.0, tl.sqrt_rn(mean_sq + eps))[:, None]
+    return tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(sumsq, n * 1.0) + eps))[:, None]
 
 
 @triton.jit

@@ -16,17 +16,21 @@ H100_SMS = 132  # SMs of an H100 SXM; off-GPU the grids are laid out for it, so 
 # Kernels branch on this (at compile time) only to work around the interpreter's bf16 handling.
 INTERPRETED = tl.constexpr(interpreted())
 
-# The interpreter stores bf16 as raw uint16 and its tl.dot multiplies those bits (triton-lang/triton#11584):
-# there bf16 dot operands are widened to fp32 first (exact: products of bf16 values fit fp32's mantissa);
-# compiled, they stay bf16 for the tensor cores.
-BF16_DOT_DTYPE = tl.constexpr(tl.float32 if interpreted() else tl.bfloat16)
-
 
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of ``device``; ``H100_SMS`` when the kernels do not run on a GPU."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return H100_SMS
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch (``griddepcontrol``): compiled kernels on sm_90 or newer.
+
+    A kernel launched with ``launch_pdl=True`` may start while its predecessor in the stream still
+    runs; it must ``gdc_wait()`` before touching anything the predecessor writes or reads.
+    """
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def is_pow2(n: int) -> bool:

@@ -1,12 +1,19 @@
 """Fused ``qkv_proj_rope`` (spec §3) in three launches.
 
 1. ``split_k_projection``: ``x @ [wq_a; wkv].T`` as fp32 partial sums over slices of D (see projection.py).
-2. ``_qr_kv_rows_kernel``, one program per token: adds the slices, then
+2. ``_qr_kv_rows_kernel``, one program per token: adds the slices (all in flight, in slice order), then
    qr path: RMSNorm(gamma_cq) and per-row INT8 quantization -> ``qr``, ``qr_scale``;
    kv path: RMSNorm(gamma_ckv), NOPE and interleaved RoPE at the token's position -> ``kv``.
-3. ``_q_heads_kernel``, one program per (M-tile, head): INT8 x INT8 -> int32 ``qr @ wq_b.T`` for a
-   whole head, dequant by ``qr_scale * wq_b_scale``, per-head RMSNorm, NOPE and RoPE in registers
-   -> ``q``. The fp32 ``[T, H*HD]`` projection never reaches memory.
+3. ``_q_heads_kernel``: INT8 x INT8 -> int32 ``qr @ wq_b.T`` with all decode tokens in one M-tile, so
+   every ``wq_b`` byte is read once; dequant by ``qr_scale * wq_b_scale``, per-head RMSNorm, NOPE and
+   RoPE in registers -> ``q``. The fp32 ``[T, H*HD]`` projection never reaches memory.
+
+A whole head for 128 tokens would need a 256 KiB int32 accumulator (the whole register file), so a
+head is computed as two column halves of HD/2. On a GPU, when the grid fits one wave of SMs (all
+programs resident together), each half is its own program and the two swap their rows' sums of
+squares through a small scratch buffer (``PAIRED``). Otherwise (a larger grid; and always under the
+interpreter, which runs programs one after another) one program computes both halves in turn. Both
+ways the per-head sum of squares is ``sum(half 0) + sum(half 1)``, so both give the same numbers.
 """
 
 from __future__ import annotations
@@ -14,24 +21,28 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..model.rope import RopeTable
 from ..model.structs import QKV
 from ..model.weights import AttnWeights
-from .epilogue import quantize_int8_rows, rms_inv, store_rope_bf16
-from .launch import is_pow2, pow2_divisor
+from .epilogue import quantize_int8_rows, rms_inv, rms_inv_of_sumsq, store_rope_bf16, to_bf16
+from .interpreter import interpreted
+from .launch import is_pow2, pdl_supported, pow2_divisor, sm_count
 from .projection import split_k_projection
-from .workspace import Workspace
+from .split_k import sum_k_slices
+from .workspace import Workspace, scratch
 
 ROWS_NUM_WARPS = 4  # one token per program; its widest row (QL=1536, padded to 2048 fp32) is 16 values a thread
 
-Q_BLOCK_M_MAX = 64  # tokens per tile: the 64 x 512 int32 accumulator of a whole head is 128 KiB of registers
-#                     (half an SM's file); T=128 decode -> 2 M-tiles x 64 heads = 128 programs on 132 SMs
+Q_BLOCK_M_PAIRED = 128  # tokens per tile: all T=128 decode tokens, so every wq_b byte is read once; a half head
+#                         (128 x 256 int32) is 128 KiB of registers; 64 heads x 2 halves = 128 programs on 132 SMs
+Q_BLOCK_M = 64  # tokens per tile when a program holds both halves of a head: 2 x 64 x 256 x 4 B = 128 KiB
 Q_BLOCK_M_MIN = 16  # smallest tl.dot M
 Q_BLOCK_K_MAX = 128  # 128 int8 = 128 B: each wq_b row read per step fills exactly one 128-B line
 Q_BLOCK_K_MIN = 32  # INT8 tensor-core MMA consumes K in steps of 32
-Q_NUM_WARPS = 8  # 128 KiB accumulator over 256 threads = 128 registers each
-Q_NUM_STAGES = 2  # (512 + 64) rows x 128 B = 72 KiB of shared memory per stage, 144 KiB for 2
+Q_NUM_WARPS = 8  # 128 KiB of accumulators over 256 threads = 128 registers each
+Q_NUM_STAGES = 3  # (128 + 256) rows x 128 B = 48 KiB of shared memory per stage, 144 KiB for 3
 
 
 @triton.jit
@@ -45,24 +56,34 @@ def _qr_kv_rows_kernel(
     qr_ptr,  # [T, QL] int8 out
     qr_scale_ptr,  # [T, 1] fp32 out
     kv_ptr,  # [T, HD] bf16 out
+    sumsq_ptr,  # [T * PAIR_SLOTS] fp32 out: -1, "not yet published", for the q heads' exchange (PAIRED)
     T,
-    SPLITS,
     eps,
     QL: tl.constexpr,
     HD: tl.constexpr,
     R: tl.constexpr,
     BLOCK_QL: tl.constexpr,
+    SPLITS: tl.constexpr,
+    PAIRED: tl.constexpr,
+    PAIR_SLOTS: tl.constexpr,  # 2*H: one sum of squares per head half and token
+    PAIR_BLOCK: tl.constexpr,  # PAIR_SLOTS rounded up to a power of two
+    PDL: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
+    if PDL:
+        gdc_wait()  # the projection's partials are complete and visible
+        gdc_launch_dependents()
     row = partial_ptr + t * (QL + HD)
     slice_stride = tl.cast(T, tl.int64) * (QL + HD)
 
-    # qr path: c = rms(a, gamma_cq); qr, qr_scale = int8_per_row(c)
+    # both rows of x @ [wq_a; wkv].T first, so that all their slices' loads are in flight together
     cq = tl.arange(0, BLOCK_QL)[None, :]
     cq_ok = cq < QL
-    a = tl.zeros((1, BLOCK_QL), dtype=tl.float32)
-    for s in range(SPLITS):  # in slice order: the sum is the same on every run
-        a += tl.load(row + s * slice_stride + cq, mask=cq_ok, other=0.0)
+    a = sum_k_slices(row + cq, cq_ok, slice_stride, SPLITS)
+    ck = tl.arange(0, HD)[None, :]
+    k = sum_k_slices(row + QL + ck, ck < HD, slice_stride, SPLITS)
+
+    # qr path: c = rms(a, gamma_cq); qr, qr_scale = int8_per_row(c)
     gamma_cq = tl.load(gamma_cq_ptr + cq, mask=cq_ok, other=0.0).to(tl.float32)
     c = a * rms_inv(a, QL, eps) * gamma_cq
     qr, qr_scale = quantize_int8_rows(c)
@@ -70,16 +91,70 @@ def _qr_kv_rows_kernel(
     tl.store(qr_scale_ptr + t + tl.zeros((1,), dtype=tl.int64), qr_scale)
 
     # kv path: k = rms(x @ wkv.T, gamma_ckv); NOPE as is, RoPE on the last R entries
-    ck = tl.arange(0, HD)[None, :]
-    k = tl.zeros((1, HD), dtype=tl.float32)
-    for s in range(SPLITS):
-        k += tl.load(row + s * slice_stride + QL + ck)
     k = k * rms_inv(k, HD, eps) * tl.load(gamma_ckv_ptr + ck).to(tl.float32)
     pos = tl.load(positions_ptr + t).to(tl.int64)
     half = tl.arange(0, R // 2)[None, :]
     cos = tl.load(cos_ptr + pos * (R // 2) + half)
     sin = tl.load(sin_ptr + pos * (R // 2) + half)
     store_rope_bf16(kv_ptr + t * HD + ck, k, cos, sin, ck < HD, HD, R)
+
+    if PAIRED:  # reset values [t * 2H, (t+1) * 2H) of the q heads' [H, 2, T] exchange buffer: all T programs, all of it
+        slots = tl.arange(0, PAIR_BLOCK)
+        tl.store(sumsq_ptr + t * PAIR_SLOTS + slots, tl.full((PAIR_BLOCK,), -1.0, tl.float32), mask=slots < PAIR_SLOTS)
+
+
+@triton.jit
+def _half_head(qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, QL: tl.constexpr, HALF: tl.constexpr,
+               BLOCK_K: tl.constexpr):  # fmt: skip
+    """Columns ``[col0, col0 + HALF)`` of ``qr @ wq_b.T`` for ``rows``, dequantized: ``qp [BM, HALF]`` fp32,
+    and its rows' sums of squares ``[BM]``. ``qr_scale``: ``[BM, 1]`` fp32."""
+    ks = tl.arange(0, BLOCK_K)
+    cols = col0 + tl.arange(0, HALF)
+    qr_rows = qr_ptr + rows[:, None] * QL
+    w_cols = wq_b_ptr + cols[None, :] * QL  # [BLOCK_K, HALF] tiles, K contiguous in memory
+
+    acc = tl.zeros((rows.shape[0], HALF), dtype=tl.int32)  # exact: |sum| <= 127^2 * QL < 2^31
+    for k0 in range(0, QL, BLOCK_K):
+        a = tl.load(qr_rows + (k0 + ks)[None, :], mask=row_ok[:, None], other=0)
+        w = tl.load(w_cols + (k0 + ks)[:, None])
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+    qp = acc.to(tl.float32) * qr_scale * tl.load(wq_b_scale_ptr + cols)[None, :]
+    return qp, tl.sum(qp * qp, axis=1)
+
+
+@triton.jit
+def _swap_sumsq(sumsq_ptr, pair, half, sumsq, rows, row_ok, T):
+    """Publish this half's ``sumsq [BM]`` and return the other half's, once the partner has published it.
+
+    GPU only: the partner program must be resident at the same time (the launcher pairs only grids
+    that fit one wave of SMs). Every value is its own flag: the rows kernel set them to -1, and a sum
+    of squares is never negative (NaN compares false, so it counts as published too).
+    """
+    mine = sumsq_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (pair * 2 + half) * T + rows
+    theirs = sumsq_ptr + (pair * 2 + 1 - half) * T + rows
+    # an atomic store (as the bits: the interpreter has no fp32 exchange), read by the partner's volatile loads
+    tl.atomic_xchg(mine, sumsq.to(tl.int32, bitcast=True), mask=row_ok, sem="relaxed", scope="gpu")
+    other = tl.load(theirs, mask=row_ok, other=0.0, volatile=True)
+    while tl.sum((other < 0).to(tl.int32), axis=0) > 0:
+        other = tl.load(theirs, mask=row_ok, other=0.0, volatile=True)
+    return other
+
+
+@triton.jit
+def _store_q_half(q_ptr, qn, rows, row_ok, col0, positions_ptr, cos_ptr, sin_ptr, H: tl.constexpr,
+                  HD: tl.constexpr, R: tl.constexpr, ROPE: tl.constexpr):  # fmt: skip
+    """Store ``qn [BM, HALF]`` (normalized) as bf16 at columns ``[col0, col0 + HALF)`` of ``q [T, H*HD]``;
+    ``ROPE``: the half that holds a head's last R columns, rotated at each token's position."""
+    HALF: tl.constexpr = qn.shape[1]
+    out = q_ptr + rows[:, None] * (H * HD) + col0 + tl.arange(0, HALF)[None, :]
+    if ROPE:
+        pos = tl.load(positions_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        pairs = tl.arange(0, R // 2)[None, :]
+        cos = tl.load(cos_ptr + pos[:, None] * (R // 2) + pairs, mask=row_ok[:, None], other=1.0)
+        sin = tl.load(sin_ptr + pos[:, None] * (R // 2) + pairs, mask=row_ok[:, None], other=0.0)
+        store_rope_bf16(out, qn, cos, sin, row_ok[:, None], HALF, R)
+    else:
+        tl.store(out, to_bf16(qn), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -92,6 +167,7 @@ def _q_heads_kernel(
     cos_ptr,  # [P, R/2] fp32
     sin_ptr,  # [P, R/2] fp32
     q_ptr,  # [T, H, HD] bf16 out
+    sumsq_ptr,  # [H, 2, T] fp32: the halves' sums of squares, -1 until published (PAIRED)
     T,
     eps,
     QL: tl.constexpr,
@@ -100,33 +176,70 @@ def _q_heads_kernel(
     R: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PAIRED: tl.constexpr,  # program (M-tile, 2*head + half); else (M-tile, head) computing both halves
+    PDL: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    HALF: tl.constexpr = HD // 2
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < T
-    dims = tl.arange(0, HD)
-    ks = tl.arange(0, BLOCK_K)
-    qr_rows = qr_ptr + rows[:, None] * QL
-    w_cols = wq_b_ptr + (head * HD + dims)[None, :] * QL  # [BLOCK_K, HD] tiles, K contiguous in memory
-
-    acc = tl.zeros((BLOCK_M, HD), dtype=tl.int32)  # exact: |sum| <= 127^2 * QL < 2^31
-    for k0 in range(0, QL, BLOCK_K):
-        a = tl.load(qr_rows + (k0 + ks)[None, :], mask=row_ok[:, None], other=0)
-        w = tl.load(w_cols + (k0 + ks)[:, None])
-        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
-
+    if PDL:
+        gdc_wait()  # qr, qr_scale and the exchange buffer's reset are complete and visible
     qr_scale = tl.load(qr_scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    w_scale = tl.load(wq_b_scale_ptr + head * HD + dims)[None, :]
-    qp = acc.to(tl.float32) * qr_scale * w_scale
-    qn = qp * rms_inv(qp, HD, eps)
+    if PAIRED:
+        head = tl.program_id(1).to(tl.int64) // 2
+        half = tl.program_id(1).to(tl.int64) % 2
+        col0 = head * HD + half * HALF
+        qp, sumsq = _half_head(qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, QL, HALF, BLOCK_K)
+        # fp32 addition commutes: both programs of a pair get the same sum, sum(half 0) + sum(half 1)
+        qn = qp * rms_inv_of_sumsq(sumsq + _swap_sumsq(sumsq_ptr, head, half, sumsq, rows, row_ok, T), HD, eps)
+        if half == 0:
+            _store_q_half(q_ptr, qn, rows, row_ok, col0, positions_ptr, cos_ptr, sin_ptr, H, HD, R, False)
+        else:
+            _store_q_half(q_ptr, qn, rows, row_ok, col0, positions_ptr, cos_ptr, sin_ptr, H, HD, R, True)
+    else:
+        col0 = tl.program_id(1).to(tl.int64) * HD
+        qp0, sumsq0 = _half_head(qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, QL, HALF, BLOCK_K)
+        qp1, sumsq1 = _half_head(
+            qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0 + HALF, QL, HALF, BLOCK_K
+        )
+        inv_rms = rms_inv_of_sumsq(sumsq0 + sumsq1, HD, eps)
+        _store_q_half(q_ptr, qp0 * inv_rms, rows, row_ok, col0, positions_ptr, cos_ptr, sin_ptr, H, HD, R, False)
+        _store_q_half(q_ptr, qp1 * inv_rms, rows, row_ok, col0 + HALF, positions_ptr, cos_ptr, sin_ptr, H, HD, R, True)
 
-    pos = tl.load(positions_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    half = tl.arange(0, R // 2)[None, :]
-    cos = tl.load(cos_ptr + pos[:, None] * (R // 2) + half, mask=row_ok[:, None], other=1.0)
-    sin = tl.load(sin_ptr + pos[:, None] * (R // 2) + half, mask=row_ok[:, None], other=0.0)
-    out = q_ptr + rows[:, None] * (H * HD) + head * HD + dims[None, :]
-    store_rope_bf16(out, qn, cos, sin, row_ok[:, None], HD, R)
+
+def q_heads_tiles(t: int, h: int, sms: int) -> tuple[int, bool]:
+    """``(BLOCK_M, paired)`` of the q heads on ``sms`` SMs: all tokens (up to 128) in one M-tile and one
+    program per half head when that grid fits one wave (every program resident, so the pairs can
+    swap their sums); else 64-token tiles, one program per head."""
+    block_m = min(Q_BLOCK_M_PAIRED, max(Q_BLOCK_M_MIN, triton.next_power_of_2(t)))
+    if triton.cdiv(t, block_m) * 2 * h <= sms:
+        return block_m, True
+    return min(Q_BLOCK_M, block_m), False
+
+
+def launch_q_heads(
+    qr: torch.Tensor,
+    qr_scale: torch.Tensor,
+    w: AttnWeights,
+    positions: torch.Tensor,
+    rope: RopeTable,
+    eps: float,
+    q: torch.Tensor,
+    sumsq: torch.Tensor,
+    block_m: int,
+    paired: bool,
+) -> None:
+    """Launch 3 into ``q [T, H, HD] bf16``. ``sumsq``: ``[H * 2 * T]`` fp32, every value -1 when ``paired``
+    (the rows kernel leaves it so); ``paired`` is honoured only when compiled."""
+    t, ql = qr.shape
+    h, hd = q.shape[1], q.shape[2]
+    pdl = pdl_supported(q.device)
+    _q_heads_kernel[(triton.cdiv(t, block_m), 2 * h if paired else h)](
+        qr, qr_scale, w.wq_b, w.wq_b_scale, positions, rope.cos, rope.sin, q, sumsq,
+        t, eps,
+        QL=ql, H=h, HD=hd, R=rope.rope_dim, BLOCK_M=block_m, BLOCK_K=pow2_divisor(ql, Q_BLOCK_K_MAX),
+        PAIRED=paired, PDL=pdl, num_warps=Q_NUM_WARPS, num_stages=Q_NUM_STAGES, launch_pdl=pdl,
+    )  # fmt: skip
 
 
 def qkv_proj_rope(
@@ -150,13 +263,12 @@ def qkv_proj_rope(
     hd, ql = w.wkv.shape[0], w.wq_a.shape[0]
     h = w.wq_b.shape[0] // hd
     r = rope.rope_dim
-    if not is_pow2(hd) or hd % r or not is_pow2(hd // r):
+    if not is_pow2(hd) or hd % (2 * r) or not is_pow2(hd // r):
         raise ValueError(
             f"w.wkv: the Triton backend needs a head dim that is a power of two and a power-of-two multiple "
-            f"of the rope dim (a tile holds a whole head), got HD={hd}, R={r}"
+            f"of twice the rope dim (a tile holds half a head), got HD={hd}, R={r}"
         )
-    block_k = pow2_divisor(ql, Q_BLOCK_K_MAX)
-    if block_k < Q_BLOCK_K_MIN:
+    if pow2_divisor(ql, Q_BLOCK_K_MAX) < Q_BLOCK_K_MIN:
         raise ValueError(
             f"w.wq_a: the Triton backend needs a q LoRA rank that is a multiple of {Q_BLOCK_K_MIN}, got {ql}"
         )
@@ -170,19 +282,18 @@ def qkv_proj_rope(
             qr_scale=torch.empty(t, 1, dtype=torch.float32, device=dev),
         )
     q, kv, qr, qr_scale = out
+    block_m, paired = q_heads_tiles(t, h, sm_count(dev))
+    paired = paired and not interpreted()  # the interpreter runs one program at a time: no pair could swap
+    sumsq = scratch(ws, "qkv.sumsq", (2 * h * t if paired else 1,), torch.float32, dev)
+    pdl = pdl_supported(dev)
 
-    partial = split_k_projection(x, w.wq_a, w.wkv, ws)
+    partial = split_k_projection(x, w.wq_a, w.wkv, ws, pdl)
     _qr_kv_rows_kernel[(t,)](
-        partial, w.gamma_cq, w.gamma_ckv, positions, rope.cos, rope.sin, qr, qr_scale, kv,
-        t, partial.shape[0], eps,
-        QL=ql, HD=hd, R=r, BLOCK_QL=triton.next_power_of_2(ql), num_warps=ROWS_NUM_WARPS,
-    )  # fmt: skip
-
-    block_m = min(Q_BLOCK_M_MAX, max(Q_BLOCK_M_MIN, triton.next_power_of_2(t)))
-    _q_heads_kernel[(triton.cdiv(t, block_m), h)](
-        qr, qr_scale, w.wq_b, w.wq_b_scale, positions, rope.cos, rope.sin, q,
+        partial, w.gamma_cq, w.gamma_ckv, positions, rope.cos, rope.sin, qr, qr_scale, kv, sumsq,
         t, eps,
-        QL=ql, H=h, HD=hd, R=r, BLOCK_M=block_m, BLOCK_K=block_k,
-        num_warps=Q_NUM_WARPS, num_stages=Q_NUM_STAGES,
+        QL=ql, HD=hd, R=r, BLOCK_QL=triton.next_power_of_2(ql), SPLITS=partial.shape[0],
+        PAIRED=paired, PAIR_SLOTS=2 * h, PAIR_BLOCK=triton.next_power_of_2(2 * h),
+        PDL=pdl, num_warps=ROWS_NUM_WARPS, launch_pdl=pdl,
     )  # fmt: skip
+    launch_q_heads(qr, qr_scale, w, positions, rope, eps, q, sumsq, block_m, paired)
     return out

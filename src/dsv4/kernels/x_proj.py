@@ -4,10 +4,11 @@ once per M-tile and every weight row once per M-tile.
 
 The three weights are not concatenated: each N-tile picks its weight from its tile index.
 Epilogues: the gate tiles add ``ape[p % 4]`` (spec §4 step 1), the head-weight tiles multiply by
-``HID^-0.5 * HI^-0.5`` (spec §5 step 3). Decode has few tokens, so on a GPU ``D`` is split over
-enough programs to fill the SMs; each K-slice writes its own fp32 partial tile
-and a second kernel adds them in slice order and applies the epilogues. That costs the same two
-launches as zero-fill + atomic adds, and the result is the same bit for bit on every run.
+``HID^-0.5 * HI^-0.5`` (spec §5 step 3). Decode has few tokens, so ``D`` is split over enough
+programs to fill the SMs (``split_k.py``: the K-slice dot, the split policy and the slice sum
+are shared with qkv's projection); each K-slice writes its own fp32 partial tile and a second
+kernel adds them in slice order and applies the epilogues. That costs the same two launches as
+zero-fill + atomic adds, and the result is the same bit for bit on every run.
 """
 
 from __future__ import annotations
@@ -20,13 +21,12 @@ from ..model.config import COMPRESS_RATIO
 from ..model.structs import StepPositions
 from ..model.weights import CompressorWeights
 from .launch import sm_count
+from .split_k import BLOCK_K, dot_k_slice, k_splits, sum_k_slices
 from .workspace import Workspace, scratch
 
 BLOCK_M = 64  # tokens per tile: a decode step (T=128) is two tiles; fp32 acc [64, 64] = 16 regs/thread at 8 warps
 BLOCK_N = 64  # output columns per tile: divides 2*HID, so no tile straddles two weights
-BLOCK_K = 64  # D per step: 128 B of each bf16 row (one 128-B line)
-NUM_WARPS = 8  # 64x64 fp32 tiles. sm_90 as launched (Triton 3.9): 113 registers, no spills, cp.async-pipelined;
-#                at 4 warps 164 registers, no spills either: which is faster is owed to a GPU measurement
+NUM_WARPS = 8  # 64x64 fp32 tiles: no spills on sm_90 as launched (registers in docs/DESIGN.md)
 RATIO = tl.constexpr(COMPRESS_RATIO)
 
 
@@ -72,7 +72,6 @@ def _x_proj_kernel(
     S,
     HI,
     weights_scale,
-    K_PER_SPLIT,
     TWO_HID: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -92,15 +91,7 @@ def _x_proj_kernel(
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < T
     col_ok = cols < n_rows
-    k_lo = pid_k * K_PER_SPLIT  # this program's K range: [k_lo, k_lo + K_PER_SPLIT) within [0, D)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k_step in range(0, K_PER_SPLIT, BLOCK_K):
-        ks = k_lo + k_step + tl.arange(0, BLOCK_K)
-        k_ok = ks < D
-        a = tl.load(x_ptr + rows[:, None] * D + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[None, :] * D + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        # bf16 values are exact in tf32: exact products, fp32 sums (see head_rotation.py on the interpreter)
-        acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="tf32")
+    acc = dot_k_slice(x_ptr + rows[:, None] * D, w_ptr + cols[None, :] * D, row_ok, col_ok, pid_k, D, SPLIT_K, BLOCK_K)
 
     mask = row_ok[:, None] & col_ok[None, :]
     if SPLIT_K == 1:
@@ -137,21 +128,10 @@ def _sum_splits_kernel(
     mask = row_ok[:, None] & (cols < n_rows)[None, :]
     n_out = 2 * TWO_HID + HI
     offsets = rows[:, None] * n_out + segment * TWO_HID + cols[None, :]
-    acc = tl.load(partial_ptr + offsets, mask=mask, other=0.0)
-    for k in tl.static_range(1, SPLIT_K):
-        acc += tl.load(partial_ptr + k * T * n_out + offsets, mask=mask, other=0.0)
+    acc = sum_k_slices(partial_ptr + offsets, mask, T * n_out, SPLIT_K)
     _finish_tile(
         acc, segment, rows, row_ok, cols, mask, ape_ptr, start_ptr, kvg_ptr, weights_ptr, S, HI, weights_scale, TWO_HID
     )
-
-
-def split_k_for(tiles: int, d: int, device: torch.device) -> int:
-    """K-slices so that ``tiles * slices`` fills the GPU's SMs once (the weights then stream at full
-    bandwidth), at most one per ``BLOCK_K`` step of ``D``. None in the interpreter, which runs one
-    program at a time: there a split only adds programs."""
-    if device.type != "cuda":
-        return 1
-    return max(1, min(sm_count(device) // tiles, triton.cdiv(d, BLOCK_K)))
 
 
 def x_projection(
@@ -168,16 +148,19 @@ def x_projection(
     ``kvg[:, :2*HID] = x @ w.wkv.T``; ``kvg[:, 2*HID:] = x @ w.wgate.T + w.ape[p % 4]`` at each
     token's position ``p``; ``weights = (x @ weights_proj.T) * weights_scale`` when
     ``weights_proj [HI, D] bf16`` is given (else None). ``split_k`` overrides the number of
-    K-slices. One launch, two when split over K (the slices are summed by a second kernel).
+    K-slices (at most one per ``BLOCK_K`` step of D; default: ``split_k.k_splits``). One launch, two
+    when split over K (the slices are summed by a second kernel).
     """
     t, d = x.shape
     two_hid = w.wkv.shape[0]
-    assert two_hid % BLOCK_N == 0, f"2*HID={two_hid} must be a multiple of BLOCK_N={BLOCK_N}"
+    if two_hid % BLOCK_N:
+        raise ValueError(f"w.wkv: the Triton backend needs 2*HID rows that are a multiple of {BLOCK_N}, got {two_hid}")
     hi = 0 if weights_proj is None else weights_proj.shape[0]
     grid_nm = (2 * (two_hid // BLOCK_N) + triton.cdiv(hi, BLOCK_N), triton.cdiv(t, BLOCK_M))
-    split = split_k or split_k_for(grid_nm[0] * grid_nm[1], d, x.device)
-    k_per_split = triton.cdiv(triton.cdiv(d, BLOCK_K), split) * BLOCK_K
-    split = triton.cdiv(d, k_per_split)  # drop slices left without a K step
+    if split_k:
+        split = min(split_k, triton.cdiv(d, BLOCK_K))
+    else:
+        split = k_splits(grid_nm[0] * grid_nm[1], t, d, sm_count(x.device))
     out = scratch(ws, "x_proj.out", (t * (2 * two_hid + hi),), torch.float32, x.device)
     kvg = out[: t * 2 * two_hid].view(t, 2 * two_hid)
     weights = out[t * 2 * two_hid :].view(t, hi)
@@ -185,7 +168,7 @@ def x_projection(
     common = dict(TWO_HID=two_hid, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SPLIT_K=split, num_warps=NUM_WARPS)
     _x_proj_kernel[(*grid_nm, split)](
         x, w.wkv, w.wgate, w.wkv if weights_proj is None else weights_proj, w.ape, pos.start, kvg, weights, partial,
-        t, d, pos.seq, hi, weights_scale, k_per_split, BLOCK_K=BLOCK_K, **common,
+        t, d, pos.seq, hi, weights_scale, BLOCK_K=BLOCK_K, **common,
     )  # fmt: skip
     if split > 1:
         _sum_splits_kernel[grid_nm](
