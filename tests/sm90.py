@@ -13,8 +13,8 @@ own rule and compiles them for an sm_90 target, with ``warmup=True`` so nothing 
 What stands in for the H100 (``_on_h100``): Triton's driver reports an sm_90 device; CPU tensors
 stand in for device memory (the CPU allocator aligns to 64 bytes, the CUDA one to 512, so every
 alignment test comes out the same, views included); the launchers size their grids for the
-H100's SMs, as they already do off-GPU, except the x-projection's K split, which off-GPU they
-leave at 1 and here see a CUDA device for.
+H100's SMs, as they already do off-GPU, and the qkv kernels launch with programmatic dependent
+launch, as they do on an sm_90 GPU.
 
 This runs in a subprocess (``python tests/sm90.py PLAN_JSON...``, one JSON line per compiled
 variant) because kernels defined under ``TRITON_INTERPRET=1``, as in the test process, cannot be
@@ -24,6 +24,7 @@ compiled.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import re
 import subprocess
@@ -73,6 +74,7 @@ class Variant:
     tma_copies: int  # cp.async.bulk (TMA) copies
     mma: str  # the tensor-core instruction of its tl.dot: "wgmma" (Hopper), "mma.sync" (Ampere) or "-"
     fma: int  # fused multiply-adds (fma.rn) in the PTX
+    dependent_launch: bool  # griddepcontrol in the PTX: it waits on / releases a PDL neighbour
 
     @property
     def plans(self) -> set[str]:
@@ -144,14 +146,13 @@ def _on_h100(launches: list) -> None:
     """From now on in this process, a launch compiles its variant for an H100 and appends ``(jit
     function, grid, compiled kernel)`` to ``launches`` instead of running (the module docstring says
     what stands in for the GPU)."""
-    import torch
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
 
     import dsv4.kernels
-    from dsv4.kernels import launch, x_proj
 
-    run, split_k_for = JITFunction.run, x_proj.split_k_for
+    qkv_proj_rope = importlib.import_module("dsv4.kernels.qkv_proj_rope")  # the package exports a function of that name
+    run = JITFunction.run
 
     def compile_only(self, *args, grid, warmup, **kwargs):
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
@@ -161,8 +162,7 @@ def _on_h100(launches: list) -> None:
     driver.set_active(_H100Driver())
     JITFunction.run = compile_only
     dsv4.kernels.unavailable_reason = lambda device: None
-    x_proj.sm_count = lambda device: launch.H100_SMS
-    x_proj.split_k_for = lambda tiles, d, device: split_k_for(tiles, d, torch.device("cuda"))
+    qkv_proj_rope.pdl_supported = lambda device: True  # an sm_90 device: launches with PDL
 
 
 def _run_plan(plan: Plan) -> None:
@@ -222,6 +222,7 @@ def _variant(fn, kernel, launches: list[tuple[str, tuple[int, ...]]]) -> dict[st
         "tma_copies": ptx.count("cp.async.bulk.tensor"),
         "mma": "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "-",
         "fma": len(re.findall(r"\bfma\.rn", ptx)),
+        "dependent_launch": "griddepcontrol" in ptx,
     }
 
 

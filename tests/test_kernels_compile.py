@@ -31,20 +31,20 @@ PLANS = [
 ]
 
 # Launches per plan and their grids, as docs/DESIGN.md ("Launches", "Two launch plans") gives them:
-# D split 7 ways at T=128 and 13 at T=2, not at all at T=1024; top-k in one program per row up to
+# D split 4 ways at T=128 and 14 at T=2, not at all at T=1024; top-k in one program per row up to
 # 4096 keys, in 4096-key chunks beyond.
 TOP_K_CHUNKED = {"_radix_pass_kernel": (2, 64), "_gather_kernel": (2, 64), "_sort_rows_kernel": (2,)}
 GRIDS = {
     "decode-2048": {
-        "_x_proj_kernel": (9, 2, 7), "_sum_splits_kernel": (9, 2), "_compressor_step_kernel": (64, 1),
+        "_x_proj_kernel": (9, 2, 4), "_sum_splits_kernel": (9, 2), "_compressor_step_kernel": (64, 1),
         "_index_query_kernel": (2, 64), "_index_score_kernel": (16, 64), "_select_row_kernel": (128,),
     },
     "decode-262144": {
-        "_x_proj_kernel": (9, 1, 13), "_sum_splits_kernel": (9, 1), "_compressor_step_kernel": (1, 1),
+        "_x_proj_kernel": (9, 1, 14), "_sum_splits_kernel": (9, 1), "_compressor_step_kernel": (1, 1),
         "_index_query_kernel": (1, 64), "_index_score_kernel": (2048, 1), **TOP_K_CHUNKED,
     },
     "decode-4096": {
-        "_x_proj_kernel": (9, 1, 13), "_sum_splits_kernel": (9, 1), "_compressor_step_kernel": (1, 1),
+        "_x_proj_kernel": (9, 1, 14), "_sum_splits_kernel": (9, 1), "_compressor_step_kernel": (1, 1),
         "_index_query_kernel": (1, 64), "_index_score_kernel": (32, 1), "_select_row_kernel": (2,),
     },
     "prefill-1024": {
@@ -52,7 +52,7 @@ GRIDS = {
         "_index_score_kernel": (2, 1), "_select_row_kernel": (1024,),
     },
     "compressor-decode": {
-        "_x_proj_kernel": (8, 2, 8), "_sum_splits_kernel": (8, 2), "_compressor_step_kernel": (64, 1),
+        "_x_proj_kernel": (8, 2, 4), "_sum_splits_kernel": (8, 2), "_compressor_step_kernel": (64, 1),
     },
 }  # fmt: skip
 GRIDS["compressor-decode-fp32-norm"] = GRIDS["compressor-decode"]

@@ -2,10 +2,12 @@
 
 The interpreter runs kernel source as Python and accepts things the compiler rejects, so the
 three kernels are also lowered to cubins, exactly the variants the launcher runs at flash decode
-(T=128), at T=1, for ``pro`` (QL=1536, not a power of two) and for a prefill chunk (T=1024, where D
-is not split) (``sm90.compile_plans``). The whole-head q accumulator is the register hog: no variant
-may spill (no local memory), each must fit the SM's shared memory, and the two GEMM loops must
-stream their operands through shared memory (cp.async), as ``docs/DESIGN.md`` says they do.
+(T=128: paired half-head q programs), at T=1, at T=256 and for ``pro`` (one program per head: the
+pairs would not fit one wave), and for a prefill chunk (T=1024, where D is not split)
+(``sm90.compile_plans``). The q accumulators are the register hog: no variant may spill (no local
+memory), each must fit the SM's shared memory, the two GEMM loops must stream their operands through
+shared memory (cp.async), and every kernel takes part in programmatic dependent launch
+(``griddepcontrol``), as ``docs/DESIGN.md`` says.
 """
 
 from __future__ import annotations
@@ -19,19 +21,25 @@ PLANS = [  # two groups, compiled side by side
         Plan("flash-decode", "qkv_proj_rope", "flash", batch=64, seq=2),
         Plan("pro-decode", "qkv_proj_rope", "pro", 64, 2),
     ],
-    [Plan("flash-t1", "qkv_proj_rope", "flash", 1, 1), Plan("flash-prefill-1024", "qkv_proj_rope", "flash", 1, 1024)],
+    [
+        Plan("flash-t1", "qkv_proj_rope", "flash", 1, 1),
+        Plan("flash-t256", "qkv_proj_rope", "flash", 128, 2),
+        Plan("flash-prefill-1024", "qkv_proj_rope", "flash", 1, 1024),
+    ],
 ]
-# Grids as docs/DESIGN.md gives them: 12 column tiles x 11 K-slices fill 132 SMs at T=128; at T=1024
-# the 96 output tiles alone do (one slice); q heads: ceil(T / 64) M-tiles x H heads.
+# Grids as docs/DESIGN.md gives them: 12 column tiles x 4 K-slices at T=128 (no slice shorter than 8 x T
+# rows of D), 11 at T=1; at T=1024 the 96 output tiles alone fill the SMs (one slice); q heads: one
+# M-tile of all T <= 128 tokens x 2H half heads when that fits one wave, else ceil(T / 64) x H heads.
 KERNELS = ("_split_k_projection_kernel", "_qr_kv_rows_kernel", "_q_heads_kernel")
 GRIDS = {
-    "flash-decode": ((12, 1, 11), (128,), (2, 64)),
-    "flash-t1": ((12, 1, 11), (1,), (1, 64)),
-    "pro-decode": ((16, 1, 8), (128,), (2, 128)),
+    "flash-decode": ((12, 1, 4), (128,), (1, 128)),
+    "flash-t1": ((12, 1, 11), (1,), (1, 128)),
+    "flash-t256": ((12, 2, 2), (256,), (4, 64)),
+    "pro-decode": ((16, 1, 7), (128,), (2, 128)),
     "flash-prefill-1024": ((12, 8, 1), (1024,), (16, 64)),
 }
 PIPELINED = {"_split_k_projection_kernel", "_q_heads_kernel"}  # 3 and 2 stages of cp.async
-WGMMA_PLANS = {"flash-decode", "pro-decode", "flash-prefill-1024"}  # 64- and 128-row tiles; T=1 has 16 (mma.sync)
+WGMMA_PLANS = {"flash-decode", "flash-t256", "pro-decode", "flash-prefill-1024"}  # 64/128-row tiles; T=1: 16 (mma.sync)
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +66,9 @@ def test_gemm_loops_are_pipelined_on_tensor_cores(variants: list[Variant]) -> No
             assert v.pipelined, (v.kernel, v.launches, "loads are not pipelined through shared memory")
             assert v.mma == ("wgmma" if v.plans <= WGMMA_PLANS else "mma.sync"), (v.kernel, v.launches, v.mma)
     assert {v.kernel for v in variants} >= PIPELINED
+
+
+def test_every_kernel_takes_part_in_dependent_launch(variants: list[Variant]) -> None:
+    """Launched with PDL on an sm_90 GPU, each kernel waits for its predecessor's results in the
+    kernel (``gdc_wait``), not at the launch boundary."""
+    assert all(v.dependent_launch for v in variants), [v.kernel for v in variants if not v.dependent_launch]
