@@ -13,7 +13,7 @@ from ..model.state import IndexerState
 from ..model.structs import QKV, IndexerOut
 from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights
 from .backends import get_backend
-from .validate import check_compressor, check_indexer, check_indexer_out, check_qkv_out, check_qkv_proj_rope
+from .validate import check_compressor, check_indexer, check_qkv_proj_rope
 
 
 def qkv_proj_rope(
@@ -40,9 +40,7 @@ def qkv_proj_rope(
     Returns:
         ``QKV(q [T, H, HD] bf16, kv [T, HD] bf16, qr [T, QL] int8, qr_scale [T, 1] fp32)``.
     """
-    check_qkv_proj_rope(x, w, positions, rope, eps)
-    if out is not None:
-        check_qkv_out(out, x, w)
+    check_qkv_proj_rope(x, w, positions, rope, eps, out)
     return get_backend(backend, x.device).qkv_proj_rope(x, w, positions, rope, eps, out)
 
 
@@ -107,7 +105,5 @@ def indexer(
         ``cache_len[b] = (start_pos[b] + S) // 4``; invisible scores are ``-3.4028235e38`` and
         unused index slots ``-1``.
     """
-    pos = check_indexer(x, qr, qr_scale, w, state, start_pos, offset, rope, topk, eps)
-    if out is not None:
-        check_indexer_out(out, x, pos, topk)
+    pos = check_indexer(x, qr, qr_scale, w, state, start_pos, offset, rope, topk, eps, out)
     return get_backend(backend, x.device).indexer(x, qr, qr_scale, w, state, pos, offset, rope, topk, eps, out)
