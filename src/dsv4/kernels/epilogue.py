@@ -23,7 +23,7 @@ AMAX_FLOOR = tl.constexpr(_AMAX_FLOOR)  # spec §2: rows smaller than this quant
 
 @triton.jit
 def round_bf16(v):
-    """fp32 -> the nearest bf16 value (ties to even), still as fp32 (finite inputs).
+    """fp32 -> the nearest bf16 value (ties to even), still as fp32; infinities stay, NaN stays NaN.
 
     Done on the bits because the interpreter's ``.to(tl.bfloat16)`` truncates toward zero while
     the GPU rounds to nearest even; a value that is already bf16 converts exactly on both, so
@@ -31,7 +31,9 @@ def round_bf16(v):
     """
     bits = v.to(tl.uint32, bitcast=True)
     bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
+    # A NaN stays NaN: rounding its bits would carry a full payload (0x7FFFFFFF, the NaN NVIDIA GPUs
+    # produce) into the sign bit and give -0.0.
+    return tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
 
 
 @triton.jit
@@ -63,13 +65,19 @@ def quantize_int8_rows(v):
 
     ``amax = max(max|v|, 1e-4)``, ``s = 127/amax``, ``q = round_half_even(v*s)``, ``scale = 1/s``, with
     correctly rounded divisions (a plain ``/`` compiles to an approximate one on NVIDIA GPUs): bit for
-    bit ``dsv4.quantize_int8_per_row``.
+    bit ``dsv4.quantize_int8_per_row``, non-finite rows included: a NaN in the row makes ``amax`` and
+    the scale NaN, an infinity makes the scale infinite, and ``q`` is 0 wherever ``v*s`` is NaN.
+    ``tl.max``/``tl.maximum``/``tl.minimum`` drop NaN (IEEE maxNum, on GPUs and in the interpreter), so
+    the NaN is carried explicitly.
     """
     amax = tl.maximum(tl.max(tl.abs(v), axis=1), AMAX_FLOOR)
+    row_has_nan = tl.max((v != v).to(tl.int32), axis=1) > 0
+    amax = tl.where(row_has_nan, float("nan"), amax)
     s = tl.div_rn(INT8_MAX, amax)
+    scaled = v * s[:, None]
     # The clamp also keeps the multiply from fusing into the rounding add (an FMA would round v*s only once).
-    scaled = tl.minimum(tl.maximum(v * s[:, None], -INT8_MAX), INT8_MAX)
-    q = (scaled + ROUND_MAGIC) - ROUND_MAGIC
+    clamped = tl.minimum(tl.maximum(scaled, -INT8_MAX), INT8_MAX)
+    q = tl.where(scaled != scaled, 0.0, (clamped + ROUND_MAGIC) - ROUND_MAGIC)
     return q.to(tl.int8), tl.div_rn(1.0, s)
 
 
