@@ -100,7 +100,10 @@ def check_topk(topk: object) -> int:
 
 def check_offset(offset: object, cache_rows: int) -> int:
     """``offset``: an int >= 0 with ``offset + cache_rows < 2^31`` (every selected index + offset fits int32)."""
-    return check_int("offset", offset, 0, INDEX_LIMIT - 1 - cache_rows)
+    check_int("offset", offset, 0)
+    if offset + cache_rows >= INDEX_LIMIT:
+        raise ValueError(f"offset: expected offset + {cache_rows} cache rows < 2^31 (int32 indices), got {offset}")
+    return offset
 
 
 def on_host(t: torch.Tensor) -> bool:
