@@ -24,6 +24,7 @@ from dsv4 import CheckpointError
 from dsv4.cli import main
 from dsv4.harness.cases import Case, run_case
 from dsv4.io.checkpoint import Checkpoint
+from dsv4.kernels import epilogue
 from dsv4.kernels.epilogue import quantize_int8_rows
 from dsv4.model.quant import quantize_int8_per_row
 from op_cases import case_at
@@ -127,10 +128,14 @@ def _quantize_rows_kernel(v_ptr, q_ptr, s_ptr, N: tl.constexpr):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("branch", ["interpreter", "compiled"])
 @pytest.mark.parametrize("value", ["nan", "+inf", "-inf", "payload-nan"])
-def test_int8_quantizer_of_a_nonfinite_row(value) -> None:
+def test_int8_quantizer_of_a_nonfinite_row(value, branch, monkeypatch) -> None:
     """The Triton quantizer alone, on rows with one non-finite element: bit for bit the reference's
-    ``quantize_int8_per_row`` (scale NaN or infinite, q 0 where v*s is NaN); finite rows unchanged."""
+    ``quantize_int8_per_row`` (scale NaN or infinite, q 0 in such a row); finite rows unchanged.
+    ``branch``: the row maximum as the interpreter computes it, or the source a GPU compiles (a
+    NaN-keeping ``tl.reduce``), run here through the interpreter too."""
+    monkeypatch.setattr(epilogue, "INTERPRETED", branch == "interpreter")
     g = torch.Generator().manual_seed(0)
     v = torch.randn(4, 32, generator=g)
     v[1, 5] = payload_nan(torch.float32) if value == "payload-nan" else VALUES[value]
