@@ -311,3 +311,23 @@ def test_frontend_step_validates_without_reading_its_start_positions(monkeypatch
     monkeypatch.setattr("dsv4.ops.api.check_indexer", watched)
     m(dsv4.synthetic_activations((2, 6, CFG.hidden_size), seed=1, device=DEVICE))
     assert not reads and m.next_pos == [6, 6]
+
+
+STATE_RESETS = [
+    ("float-list", [1.7], TypeError),
+    ("float-tensor", torch.tensor([1.7]), TypeError),
+    ("bool", True, TypeError),
+    ("negative", [-1], ValueError),
+    ("negative-tensor", torch.tensor([-1]), ValueError),
+    ("past-the-batch", [2], ValueError),
+]
+
+
+@pytest.mark.parametrize(("what", "rows", "exc"), STATE_RESETS, ids=[s[0] for s in STATE_RESETS])
+def test_state_reset_refuses_what_it_would_truncate_or_wrap(what, rows, exc) -> None:
+    """``IndexerState.reset`` itself: a float would be truncated to a slot, -1 would wrap to the last."""
+    state = _case("indexer").args["state"]
+    before = {k: v.clone() for k, v in state.tensors().items()}
+    with pytest.raises(exc, match="rows"):
+        state.reset(rows)
+    assert all(torch.equal(getattr(state, k), v) for k, v in before.items())
