@@ -115,7 +115,7 @@ def test_dry_run_record_holds_every_figure(dry_run) -> None:
     with gzip.open(out / "trace.json.gz") as f:
         assert json.load(f)["traceEvents"]
     assert steps["checkpoint"]["result"]["run_result"] == "all checks passed"
-    assert steps["checkpoint"]["result"]["load_s"] > 0
+    assert steps["checkpoint"]["result"]["load_s"] >= 0 and steps["checkpoint"]["result"]["loaded_mib"] > 0
 
 
 def test_dry_run_output_fits_what_the_device_returns(dry_run) -> None:

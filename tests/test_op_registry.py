@@ -61,9 +61,11 @@ def toy_kernel(x: torch.Tensor, w: ToyWeights, eps: float, out: ToyOut | None = 
     return out
 
 
-def _validate(x: Any, w: Any, eps: Any = 1e-6) -> dict[str, Any]:
+def _validate(x: Any, w: Any, eps: Any = 1e-6, out: ToyOut | None = None) -> dict[str, Any]:
     check_tensor("x", x, torch.bfloat16, (None, None), getattr(x, "device", None))
     check_tensor("w.gain", w.gain, torch.float32, (x.shape[1],), x.device)
+    if out is not None:
+        check_tensor("out.y", out.y, torch.bfloat16, tuple(x.shape), x.device)
     return {"x": x, "w": w, "eps": eps}
 
 
@@ -84,7 +86,6 @@ TOY = OpDescriptor(
     result=ToyOut,
     mutates=(),
     validate=_validate,
-    check_out=lambda out, args: check_tensor("out.y", out.y, torch.bfloat16, tuple(args["x"].shape), args["x"].device),
     case_args=_case_args,
     cost=_cost,
     fake_result=lambda x, w, eps: ToyOut(torch.empty_like(x)),

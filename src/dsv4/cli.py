@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import sys
 import time
@@ -18,6 +19,56 @@ from .ops.registry import op_names
 
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (exit code 2), like every other user error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    """``cpu`` or an available ``cuda[:N]``."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}") from None
+    if device.type == "cpu":
+        return "cpu"
+    if device.type != "cuda":
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available (a CPU-only torch, or no GPU found)")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: there are {torch.cuda.device_count()} CUDA device(s)")
+    return str(device)
+
+
+NON_NEGATIVE, POSITIVE = _int_at_least(0), _int_at_least(1)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -154,30 +205,30 @@ def _names(choices: Sequence[str]):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsv4", description=__doc__)
+    parser = _Parser(prog="dsv4", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     backends = ["auto", *BACKENDS]
 
     run = sub.add_parser("run", help="run the front end on synthetic weights and check it against the reference")
     run.add_argument("--preset", choices=sorted(PRESETS), help="default: tiny, or the checkpoint's config.json")
     run.add_argument("--checkpoint", metavar="DIR", help="run on one layer's weights from a safetensors checkpoint")
-    run.add_argument("--layer", type=int, help="the checkpoint layer (a compress-ratio-4 layer)")
+    run.add_argument("--layer", type=NON_NEGATIVE, help="the checkpoint layer (a compress-ratio-4 layer)")
     run.add_argument(
         "--backend",
         choices=backends,
         help="default: triton wherever it runs (on a CPU, its interpreter), else reference",
     )
-    run.add_argument("--steps", type=int, default=4, help="decode steps after the prefill")
-    run.add_argument("--start-pos", type=int, default=64, help="tokens prefilled before the first decode step")
-    run.add_argument("--batch", type=int, default=4, help="sequences per step")
-    run.add_argument("--seq", type=int, default=2, help="new tokens per sequence per decode step")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--device", default=_default_device())
+    run.add_argument("--steps", type=POSITIVE, default=4, help="decode steps after the prefill")
+    run.add_argument("--start-pos", type=NON_NEGATIVE, default=64, help="tokens prefilled before the first decode step")
+    run.add_argument("--batch", type=POSITIVE, default=4, help="sequences per step")
+    run.add_argument("--seq", type=POSITIVE, default=2, help="new tokens per sequence per decode step")
+    run.add_argument("--seed", type=NON_NEGATIVE, default=0)
+    run.add_argument("--device", type=_device, default=_default_device())
     run.set_defaults(func=_cmd_run)
 
     inspect = sub.add_parser("inspect", help="a checkpoint's layers, compress ratios and one layer's front-end tensors")
     inspect.add_argument("dir")
-    inspect.add_argument("--layer", type=int, help="the layer to list (default: the first ratio-4 layer)")
+    inspect.add_argument("--layer", type=NON_NEGATIVE, help="the layer to list (default: the first ratio-4 layer)")
     inspect.add_argument("--preset", choices=sorted(PRESETS), help="check shapes against a preset, not config.json")
     inspect.add_argument("--prefix", default="layers.{layer}.", help="tensor name prefix of a layer")
     inspect.set_defaults(func=_cmd_inspect)
@@ -192,13 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     save.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     save.add_argument("--op", required=True, choices=op_names())
     save.add_argument("--mode", default="decode", choices=["decode", "prefill"])
-    save.add_argument("--seed", type=int, default=0)
-    save.add_argument("--device", default="cpu")
+    save.add_argument("--seed", type=NON_NEGATIVE, default=0)
+    save.add_argument("--device", type=_device, default="cpu")
     save.set_defaults(func=_cmd_golden_save)
     chk = gsub.add_parser("check", help="replay every case in DIR on a backend and compare (spec §6)")
     chk.add_argument("dir")
     chk.add_argument("--backend", default="auto", choices=backends)
-    chk.add_argument("--device", default=_default_device())
+    chk.add_argument("--device", type=_device, default=_default_device())
     chk.set_defaults(func=_cmd_golden_check)
 
     from .bench.calls import BENCH_BACKENDS
@@ -213,11 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     default_backends = "triton,reference,compile on a GPU; reference on a CPU"
     bench.add_argument("--backends", type=_names(BENCH_BACKENDS), help=f"backends to time ({default_backends})")
     bench.add_argument("--model-only", action="store_true", help="bytes model and floors only: time and count nothing")
-    bench.add_argument("--reps", type=int, default=100, help="repetitions per timing (fewer if over --budget-s)")
-    bench.add_argument("--budget-s", type=float, default=2.0, help="seconds per timing at most (a few reps always run)")
+    bench.add_argument("--reps", type=POSITIVE, default=100, help="repetitions per timing (fewer if over --budget-s)")
+    bench.add_argument(
+        "--budget-s", type=_positive_float, default=2.0, help="seconds per timing at most (a few reps always run)"
+    )
     bench.add_argument("--warm-l2", action="store_true", help="do not flush L2 between repetitions")
     bench.add_argument("--no-graph", action="store_true", help="time plain launches, no CUDA graph")
-    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--seed", type=NON_NEGATIVE, default=0)
     bench.add_argument("--json", metavar="PATH", help="write every figure with device, versions, commit, command")
     bench.add_argument("--plot", metavar="PATH.png", help="bar chart: %% of floor (GPU) or traffic ratios (CPU)")
     bench.add_argument("--trace", metavar="PATH.json", help="Chrome/Perfetto trace of one decode step")
@@ -229,8 +282,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"dsv4 {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as e:  # user errors (bad input, files); anything else is a bug
+        message = " ".join(str(e).split())  # one line, whatever the message holds
+        print(f"dsv4 {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

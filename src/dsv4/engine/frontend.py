@@ -8,8 +8,10 @@ from .. import ops
 from ..model.config import COMPRESS_RATIO
 from ..model.rope import RopeTable
 from ..model.state import DEFAULT_BLOCK_SIZE, UNALLOCATED, IndexerState
+from ..model.structs import IndexerOut
 from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights, LayerWeights
-from ..ops.backends import resolve
+from ..ops.backends import BACKENDS, resolve
+from ..ops.validate import check_eps, check_int, check_offset, check_topk
 from .decode_graph import DecodeGraph, StaticDecodeStep
 
 _ATTN = ("wq_a", "gamma_cq", "wq_b", "wq_b_scale", "wkv", "gamma_ckv")
@@ -33,9 +35,14 @@ class DecodeFrontEnd(torch.nn.Module):
         rope: the layer's ``RopeTable``; it must cover ``max_position``.
         batch: sequence slots.
         max_position: longest sequence a slot holds (up to ``max_position // 4`` compressed rows).
-        topk: indices selected per token (``index_topk``); offset: added to them (the window size).
+        topk: indices selected per token (``index_topk``, 1..``MAX_TOPK``); offset: added to them (the
+            window size), ``>= 0``.
+        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
         block_size: compressed rows per pool block (a power of two >= 16).
         num_blocks: blocks in the pool (default: enough for every slot to reach ``max_position``).
+
+    Raises ``TypeError``/``ValueError`` naming the argument for anything else (``batch >= 1``,
+    ``max_position >= 4``, a rope table of at least ``max_position`` rows).
     """
 
     def __init__(
@@ -53,6 +60,19 @@ class DecodeFrontEnd(torch.nn.Module):
         num_blocks: int | None = None,
     ) -> None:
         super().__init__()
+        if not isinstance(weights, LayerWeights):
+            raise TypeError(f"weights: expected LayerWeights, got {type(weights).__name__}")
+        if not isinstance(rope, RopeTable):
+            raise TypeError(f"rope: expected RopeTable, got {type(rope).__name__}")
+        check_int("batch", batch, 1)
+        check_int("max_position", max_position, COMPRESS_RATIO)
+        if rope.max_position < max_position:
+            raise ValueError(f"rope: the table has {rope.max_position} positions, max_position is {max_position}")
+        check_topk(topk)
+        check_offset(offset, max_position // COMPRESS_RATIO)
+        check_eps(eps)
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"backend: expected 'auto' or one of {', '.join(BACKENDS)}, got {backend!r}")
         for name in _ATTN:
             self.register_buffer(f"attn_{name}", getattr(weights.attn, name))
         for name in _INDEXER:
@@ -98,7 +118,7 @@ class DecodeFrontEnd(torch.nn.Module):
 
     def reset(self, batch_rows: int | list[int] | torch.Tensor) -> None:
         """Empty the given slots; their next token sits at position 0."""
-        rows = torch.as_tensor(batch_rows, dtype=torch.long).reshape(-1).tolist()
+        rows = _host_ints("batch_rows", batch_rows)
         for r in rows:
             if not 0 <= r < self.batch:
                 raise ValueError(f"batch_rows: slot {r} outside [0, {self.batch})")
@@ -110,18 +130,17 @@ class DecodeFrontEnd(torch.nn.Module):
             self.block_table[r] = UNALLOCATED
 
     def step_starts(self, b: int, s: int, start_pos: int | list[int] | torch.Tensor | None) -> list[int]:
-        """Each slot's first position for a step of ``b`` x ``s`` tokens, checked on the host; the
-        pool blocks the step needs are reserved (``reserve``)."""
+        """Each slot's first position for a step of ``b`` x ``s`` tokens, checked on the host (a device
+        ``start_pos`` tensor is read there: the module keeps positions on the host); the pool blocks
+        the step needs are reserved (``reserve``)."""
         if b > self.batch:
             raise ValueError(f"x: batch {b} exceeds the module's {self.batch} slots")
         if start_pos is None:
             start = self.next_pos[:b]
-        elif isinstance(start_pos, torch.Tensor):
-            start = [int(p) for p in start_pos.tolist()]
-        elif isinstance(start_pos, int):
+        elif isinstance(start_pos, int) and not isinstance(start_pos, bool):
             start = [start_pos] * b
         else:
-            start = [int(p) for p in start_pos]
+            start = _host_ints("start_pos", start_pos)
         limit = min(self.rope_cos.shape[0], self.block_table.shape[1] * self.keys.shape[1] * COMPRESS_RATIO)
         if len(start) != b or any(p < 0 or p + s > limit for p in start):
             raise ValueError(f"start_pos: expected {b} positions in [0, {limit - s}] (S={s}), got {start}")
@@ -163,16 +182,27 @@ class DecodeFrontEnd(torch.nn.Module):
             ``q [B, S, H, HD] bf16``, ``kv [B, S, HD] bf16``, ``topk_idxs [B, S, topk] int32``.
             ``last_score`` keeps this step's ``[B, S, max cache_len]`` scores.
         """
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            raise ValueError(f"x: expected a [B, S, D] tensor, got {getattr(x, 'shape', type(x).__name__)}")
         b, s, d = x.shape
         start = self.step_starts(b, s, start_pos)
-        start_t = torch.tensor(start, dtype=torch.int64, device=x.device)
+        staging = torch.tensor(start, dtype=torch.int64)
+        if x.is_cuda:  # pinned: the copy needs no sync (and the block is not reused before it lands)
+            staging = staging.pin_memory()
+        start_t = staging.to(x.device, non_blocking=True)
         positions = (start_t[:, None] + torch.arange(s, device=x.device)).reshape(-1)
         qkv = ops.qkv_proj_rope(
             x.reshape(b * s, d), self.attn, positions, self.rope, eps=self.eps, backend=self.backend
         )
+        # out= sized from the host positions, so checking start_t needs no host read of it
+        width = max((p + s) // COMPRESS_RATIO for p in start)
+        out = IndexerOut(
+            torch.empty(b, s, width, dtype=torch.float32, device=x.device),
+            torch.empty(b, s, self.topk, dtype=torch.int32, device=x.device),
+        )
         out = ops.indexer(
             x, qkv.qr, qkv.qr_scale, self.indexer_weights, self.state, start_t, self.offset, self.rope,
-            topk=self.topk, eps=self.eps, backend=self.backend,
+            topk=self.topk, eps=self.eps, backend=self.backend, out=out,
         )  # fmt: skip
         self.advance(start, s)
         self.last_score = out.score
@@ -200,6 +230,21 @@ class DecodeFrontEnd(torch.nn.Module):
         if resolve(self.backend, dev) != "triton":
             raise ValueError(f"capture: needs the Triton backend (the module's backend is {self.backend!r})")
         return CapturedDecodeStep(self, DecodeGraph(self.static_step(batch, seq, max_cache_len)))
+
+
+def _host_ints(name: str, value: object) -> list[int]:
+    """``value`` (an int, a list/tuple of ints, or an integer tensor of at most one dimension) as a list of
+    Python ints; floats and bools are refused rather than truncated."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool or value.dim() > 1:
+            raise TypeError(f"{name}: expected an integer tensor of at most one dimension, got {value.dtype} "
+                            f"{list(value.shape)}")  # fmt: skip
+        return [int(v) for v in value.reshape(-1).tolist()]
+    items = list(value) if isinstance(value, list | tuple) else [value]
+    bad = [v for v in items if isinstance(v, bool) or not isinstance(v, int)]
+    if bad:
+        raise TypeError(f"{name}: expected ints, got {bad[0]!r} ({type(bad[0]).__name__})")
+    return items
 
 
 class CapturedDecodeStep:

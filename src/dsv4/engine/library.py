@@ -101,7 +101,7 @@ def _register(desc: OpDescriptor) -> None:
     mutated = [n for n, _, m in _flat_params(desc) if m]
     op = torch.library.custom_op(f"dsv4::{desc.name}", impl, mutates_args=mutated, schema=_schema(desc, False))
     op.register_fake(fake)
-    if desc.check_out is None:
+    if desc.result is None:
         return
 
     def impl_out(*flat: Any) -> None:

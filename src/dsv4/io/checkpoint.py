@@ -9,7 +9,9 @@ kernels take. Only the requested layer's tensors are read, a bounded number of r
 from __future__ import annotations
 
 import json
+import math
 import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,22 @@ _REQUIRED_FIELDS = (
     "rope_theta",
     "compress_rope_theta",
 )
+_INT_FIELDS = _REQUIRED_FIELDS[:9]  # positive ints; the two thetas are positive numbers
+
+
+def _field(source: str, name: str, value: object, kind: str) -> int | float:
+    """``value`` of config field ``name`` checked: ``kind`` "int" (> 0), "int0" (>= 0), "pos" (finite
+    number > 0) or "num" (finite number)."""
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if kind.startswith("int"):
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= (0 if kind == "int0" else 1)
+        want = "a non-negative int" if kind == "int0" else "a positive int"
+    else:
+        ok = is_number and math.isfinite(value) and (kind == "num" or value > 0)
+        want = "a finite number" + (" > 0" if kind == "pos" else "")
+    if not ok:
+        raise CheckpointError(f"{source}: {name} must be {want}, got {value!r:.60}")
+    return value
 
 
 def config_from_json(raw: dict[str, Any], source: str = CONFIG_FILE) -> DeepSeekV4Config:
@@ -93,24 +111,34 @@ def config_from_json(raw: dict[str, Any], source: str = CONFIG_FILE) -> DeepSeek
 
     YaRN comes from ``rope_scaling`` (``factor``, ``original_max_position_embeddings``,
     ``beta_fast``, ``beta_slow``; absent: no YaRN); the window from ``sliding_window`` (or ``window_size``).
+    Every field used is checked (dimensions positive ints, thetas, factor and eps finite and
+    positive); ``CheckpointError`` names ``source`` and the field.
     """
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{source}: expected a JSON object, got {type(raw).__name__}")
     missing = [k for k in _REQUIRED_FIELDS if k not in raw]
     window = raw.get("sliding_window", raw.get("window_size"))
     if window is None:
         missing.append("sliding_window")
     if missing:
         raise CheckpointError(f"{source}: missing field(s) {', '.join(missing)}; pass cfg= to load_layer instead")
-    fields: dict[str, Any] = {k: raw[k] for k in _REQUIRED_FIELDS}
+    fields: dict[str, Any] = {k: _field(source, k, raw[k], "int") for k in _INT_FIELDS}
     yarn = raw.get("rope_scaling") or {}
+    if not isinstance(yarn, dict):
+        raise CheckpointError(f"{source}: rope_scaling must be a JSON object or null, got {yarn!r:.60}")
+
+    def scaling(name: str, default: float, kind: str) -> int | float:
+        return _field(source, f"rope_scaling.{name}", yarn.get(name, default), kind)
+
     fields.update(
-        sliding_window=int(window),
-        rope_theta=float(fields["rope_theta"]),
-        compress_rope_theta=float(fields["compress_rope_theta"]),
-        rope_factor=float(yarn.get("factor", 1.0)),
-        original_max_position_embeddings=int(yarn.get("original_max_position_embeddings", 0)),
-        beta_fast=float(yarn.get("beta_fast", 32.0)),
-        beta_slow=float(yarn.get("beta_slow", 1.0)),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        sliding_window=_field(source, "sliding_window", window, "int"),
+        rope_theta=float(_field(source, "rope_theta", raw["rope_theta"], "pos")),
+        compress_rope_theta=float(_field(source, "compress_rope_theta", raw["compress_rope_theta"], "pos")),
+        rope_factor=float(scaling("factor", 1.0, "pos")),
+        original_max_position_embeddings=scaling("original_max_position_embeddings", 0, "int0"),
+        beta_fast=float(scaling("beta_fast", 32.0, "num")),
+        beta_slow=float(scaling("beta_slow", 1.0, "num")),
+        rms_norm_eps=float(_field(source, "rms_norm_eps", raw.get("rms_norm_eps", 1e-6), "pos")),
     )
     cfg = DeepSeekV4Config(name="checkpoint", **fields)
     for preset in PRESETS.values():
@@ -132,13 +160,23 @@ class Checkpoint(ShardedCheckpoint):
         path = self.directory / CONFIG_FILE
         try:
             self.config_json: dict[str, Any] | None = json.loads(path.read_text()) if path.is_file() else None
-        except ValueError as e:
+        except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-        block = ((self.config_json or {}).get("quantization_config") or {}).get("weight_block_size", DEFAULT_BLOCK)
+        if self.config_json is not None and not isinstance(self.config_json, dict):
+            raise CheckpointError(f"{path}: expected a JSON object, got {type(self.config_json).__name__}")
+        quant = (self.config_json or {}).get("quantization_config") or {}
+        if not isinstance(quant, dict):
+            raise CheckpointError(f"{path}: quantization_config must be a JSON object, got {quant!r:.60}")
+        block = quant.get("weight_block_size", DEFAULT_BLOCK)
         well_formed = isinstance(block, list | tuple) and len(block) == 2
-        if not (well_formed and all(isinstance(b, int) and b > 0 for b in block)):
+        if not (well_formed and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
             raise CheckpointError(f"{path}: weight_block_size must be two positive ints, got {block}")
         self.block: tuple[int, int] = (block[0], block[1])
+        ratios = (self.config_json or {}).get("compress_ratios")
+        if ratios is not None and not (
+            isinstance(ratios, list) and all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ratios)
+        ):
+            raise CheckpointError(f"{path}: compress_ratios must be a list of non-negative ints, got {ratios!r:.80}")
 
     def config(self) -> DeepSeekV4Config:
         """The model dimensions from ``config.json`` (see ``config_from_json``)."""
@@ -148,6 +186,7 @@ class Checkpoint(ShardedCheckpoint):
 
     def layers(self, prefix: str = DEFAULT_PREFIX) -> list[int]:
         """Layer numbers that have tensors under ``prefix`` (a template with ``{layer}``)."""
+        check_prefix(prefix)
         pattern = re.compile(re.escape(prefix).replace(re.escape("{layer}"), r"(\d+)"))
         return sorted({int(m.group(1)) for name in self.weight_map if (m := pattern.match(name))})
 
@@ -156,8 +195,8 @@ class Checkpoint(ShardedCheckpoint):
         for the default prefix; otherwise the tensors present decide (an indexer: 4; else the rows
         of ``attn.compressor.ape``, the compressor's window; no compressor: 0)."""
         ratios = (self.config_json or {}).get("compress_ratios")
-        if prefix == DEFAULT_PREFIX and isinstance(ratios, list) and layer < len(ratios):
-            return int(ratios[layer]), f"{CONFIG_FILE} compress_ratios[{layer}]"
+        if prefix == DEFAULT_PREFIX and ratios is not None and 0 <= layer < len(ratios):
+            return ratios[layer], f"{CONFIG_FILE} compress_ratios[{layer}]"
         p = prefix.format(layer=layer)
         if f"{p}attn.indexer.wq_b.weight" in self.weight_map:
             return COMPRESS_RATIO, "the layer has indexer tensors"
@@ -187,6 +226,9 @@ class Checkpoint(ShardedCheckpoint):
         device: torch.device | str | None = None,
     ) -> LayerWeights:
         """See ``dsv4.load_layer``."""
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise CheckpointError(f"layer: expected a non-negative int, got {layer!r}")
+        check_prefix(prefix)
         cfg = self.config() if cfg is None else cfg
         p = prefix.format(layer=layer)
         if not any(name.startswith(p) for name in self.weight_map):
@@ -213,7 +255,7 @@ class Checkpoint(ShardedCheckpoint):
 
         wq_b, wq_b_scale = self._requantized_int8(*weight("attn.wq_b"))
         iq_b, iq_b_scale = self._requantized_int8(*weight("attn.indexer.wq_b"))
-        plain = {name: self.rows(info) for name, info in infos.items() if info.dtype not in FP8 + SCALE}
+        plain = {name: self._finite(info) for name, info in infos.items() if info.dtype not in FP8 + SCALE}
         attn = AttnWeights(
             wq_a=self._dequantized_bf16(*weight("attn.wq_a")),
             gamma_cq=plain["attn.q_norm.weight"],
@@ -231,6 +273,16 @@ class Checkpoint(ShardedCheckpoint):
         indexer = IndexerWeights(iq_b, iq_b_scale, plain["attn.indexer.weights_proj.weight"], compressor)
         weights = LayerWeights(attn, indexer)
         return weights if device is None else weights.to(device)
+
+    def _finite(self, info: TensorInfo) -> torch.Tensor:
+        """A bf16/fp32 tensor as stored, refused when any value is NaN or infinite (spec §7)."""
+        t = self.rows(info)
+        bad = (~torch.isfinite(t)).nonzero()
+        if len(bad):
+            raise CheckpointError(
+                f"{info.file}: {info.name}: {len(bad)} value(s) are NaN or infinite, first at {bad[0].tolist()}"
+            )
+        return t
 
     def _scale(self, info: TensorInfo) -> torch.Tensor:
         scale = self.rows(info)
@@ -268,6 +320,20 @@ class Checkpoint(ShardedCheckpoint):
         for r0, r1 in self._row_chunks(info):
             q[r0:r1], q_scale[r0:r1] = quantize_weight_int8(self._dequantized_rows(info, scale, r0, r1))
         return q, q_scale
+
+
+def check_prefix(prefix: object) -> str:
+    """``prefix``, a tensor-name template with exactly one ``{layer}`` field and no other."""
+    if not isinstance(prefix, str):
+        raise CheckpointError(f"prefix: expected a string with one {{layer}}, got {type(prefix).__name__}")
+    try:
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(prefix) if f is not None]
+    except ValueError as e:  # an unmatched brace
+        raise CheckpointError(f"prefix: {prefix!r} is not a valid template ({e})") from None
+    if fields != [("layer", "", None)]:
+        found = ", ".join("{" + f + "}" for f, _, _ in fields) or "none"
+        raise CheckpointError(f"prefix: expected exactly one {{layer}} field in {prefix!r}, found {found}")
+    return prefix
 
 
 def format_ranges(numbers: list[int]) -> str:

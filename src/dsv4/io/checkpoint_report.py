@@ -1,4 +1,5 @@
-"""``dsv4 inspect``: what a checkpoint holds for the attention front end, from file headers only."""
+"""``dsv4 inspect``: what a checkpoint holds for the attention front end, from its file headers; the
+layer it reports on is then loaded as ``load_layer`` loads it, so "ok" means every check passed."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from .checkpoint import (
     format_ranges,
     front_end_specs,
 )
-from .safetensors_files import TensorInfo
+from .safetensors_files import CheckpointError, TensorInfo
 
 _RATIO_MEANING = {
     0: "sliding window only, no indexer",
@@ -42,8 +43,11 @@ def describe_checkpoint(
 ) -> tuple[list[str], bool]:
     """``dsv4 inspect``: the checkpoint's layers and compress ratios, and one layer's front-end
     tensors (the first ratio-4 layer unless ``layer`` is given) with dtypes, shapes and bytes,
-    checked against ``cfg`` (default: from ``config.json``). Reads headers only, no tensor data.
-    Returns the report's lines and whether the layer holds what ``load_layer`` needs."""
+    checked against ``cfg`` (default: from ``config.json``). The listing comes from the file headers
+    (every header is checked as ``load_layer`` checks it); when the layer's tensors are all present
+    with the right dtypes and shapes, the layer is then loaded exactly as ``load_layer`` does, so the
+    values are checked too (NaN/infinite values, NaN scales): ``check: ok`` is printed only for a layer
+    ``load_layer`` loads. Returns the report's lines and whether the layer loads."""
     with Checkpoint(checkpoint_dir) as ckpt:
         files = sorted(set(ckpt.weight_map.values()))
         lines = [f"checkpoint {ckpt.directory}: {len(ckpt.weight_map)} tensors in {len(files)} safetensors file(s)"]
@@ -103,5 +107,10 @@ def describe_checkpoint(
         if cfg is None:
             return [*lines, "check: shapes not checked (no config)"], True
         problems = ckpt.check(p, specs)
-        lines += ["check: ok, load_layer can load this layer"] if not problems else [f"check: {q}" for q in problems]
-        return lines, not problems
+        if problems:
+            return lines + [f"check: {q}" for q in problems], False
+        try:
+            ckpt.load_layer(layer, cfg, prefix=prefix)
+        except CheckpointError as e:
+            return [*lines, f"check: headers and shapes ok, but load_layer refuses the values: {e}"], False
+        return [*lines, "check: ok, load_layer loads this layer (headers, shapes and every value checked)"], True

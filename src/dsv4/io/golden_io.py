@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from ..harness.cases import Case, run_case
 from ..harness.golden import Report, compare
 from ..model.fields import build, leaves
-from ..ops.registry import get_op
+from ..ops.registry import get_op, op_names
 from ..version import __version__
 
 
@@ -27,11 +27,21 @@ def case_name(case: Case) -> str:
     return f"{case.op}-{m['preset']}-{m['mode']}-seed{m['seed']}"
 
 
+def _case_files(folder: Path, name: str) -> list[Path]:
+    """The manifest and the two tensor files of case ``name``."""
+    return [folder / f"{name}.json", folder / f"{name}.inputs.safetensors", folder / f"{name}.expected.safetensors"]
+
+
 def save(case: Case, outputs: dict[str, torch.Tensor], folder: str | Path) -> Path:
-    """Write ``case`` and its expected ``outputs`` into ``folder``; returns the manifest path."""
+    """Write ``case`` and its expected ``outputs`` into ``folder``; returns the manifest path.
+
+    Raises ``FileExistsError`` (writing nothing) when a file of the case is already there."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     name = case_name(case)
+    existing = [str(f) for f in _case_files(folder, name) if f.exists()]
+    if existing:
+        raise FileExistsError(f"golden case {name} is already in {folder} ({', '.join(existing)}); not overwritten")
+    folder.mkdir(parents=True, exist_ok=True)
     inputs: dict[str, torch.Tensor] = {}
     for key, value in case.args.items():
         inputs.update((path, v.detach().cpu().contiguous()) for path, v in leaves(value, key) if torch.is_tensor(v))
@@ -52,21 +62,69 @@ def save(case: Case, outputs: dict[str, torch.Tensor], folder: str | Path) -> Pa
     return path
 
 
+def _manifest(path: Path) -> dict[str, Any]:
+    """The manifest at ``path`` with the fields ``load`` uses checked; ``ValueError`` names the file and field.
+
+    ``name`` derives the tensor files' names, so it must be a plain file stem: no path separator, no
+    ``..``, not absolute (a manifest cannot make ``load`` read outside its folder)."""
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    name, op = manifest.get("name"), manifest.get("op")
+    if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
+        raise ValueError(
+            f"{path}: name must be a file stem in the manifest's folder (no '/', '\\' or '..'), got {name!r:.80}"
+        )
+    if op not in op_names():
+        raise ValueError(f"{path}: op must be one of {', '.join(op_names())}, got {op!r:.40}")
+    kinds = {p.name: p.kind for p in get_op(op).params if p.kind in (int, float, str)}
+    scalars, meta = manifest.get("scalars", {}), manifest.get("meta", {})
+    if not (isinstance(scalars, dict) and set(scalars) <= set(kinds)):
+        raise ValueError(f"{path}: scalars must be an object with keys among {', '.join(kinds)}, got {scalars!r:.80}")
+    for key, value in scalars.items():
+        if isinstance(value, bool) or not isinstance(value, kinds[key]):
+            raise ValueError(f"{path}: scalars.{key} must be a {kinds[key].__name__}, got {value!r}")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: meta must be a JSON object, got {meta!r:.80}")
+    return manifest
+
+
+def _tensors(path: Path, device: torch.device | str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as e:  # safetensors' own SafetensorError for a malformed file, OSError for a missing one
+        raise ValueError(f"{path}: cannot read the golden tensors ({e})") from None
+
+
 def load(manifest_path: str | Path, device: torch.device | str = "cpu") -> tuple[Case, dict[str, torch.Tensor]]:
-    """Read a saved case: ``(case, expected outputs)``, tensors on ``device``."""
+    """Read a saved case: ``(case, expected outputs)``, tensors on ``device``; the op's arguments are
+    rebuilt by their kinds (its descriptor's ``params``).
+
+    Raises ``ValueError`` naming the file for a malformed manifest (see ``_manifest``) or tensor file,
+    or a tensor the op needs that the file lacks."""
     path = Path(manifest_path)
-    manifest = json.loads(path.read_text())
+    manifest = _manifest(path)
     name, op = manifest["name"], manifest["op"]
-    tensors = load_file(str(path.parent / f"{name}.inputs.safetensors"), device=str(device))
-    expected = load_file(str(path.parent / f"{name}.expected.safetensors"), device=str(device))
+    _, inputs_file, expected_file = _case_files(path.parent, name)
+    tensors = _tensors(inputs_file, device)
+    expected = _tensors(expected_file, device)
     args: dict[str, Any] = {}
-    for p in get_op(op).params:
-        if dataclasses.is_dataclass(p.kind):
-            args[p.name] = build(p.kind, p.name, tensors.__getitem__)
-        elif p.name in tensors:
-            args[p.name] = tensors[p.name]
-        elif p.name in manifest["scalars"]:
-            args[p.name] = manifest["scalars"][p.name]
+    try:
+        for p in get_op(op).params:
+            if dataclasses.is_dataclass(p.kind):
+                args[p.name] = build(p.kind, p.name, tensors.__getitem__)
+            elif p.kind in (int, float, str):  # a scalar the case did not set keeps the op's default
+                if p.name in manifest["scalars"]:
+                    args[p.name] = manifest["scalars"][p.name]
+            elif p.name in manifest["scalars"]:  # an int start_pos
+                args[p.name] = manifest["scalars"][p.name]
+            else:
+                args[p.name] = tensors[p.name]
+    except KeyError as e:
+        raise ValueError(f"{inputs_file}: no tensor {e} (needed by {op})") from None
     return Case(op, args, manifest["meta"]), expected
 
 

@@ -82,7 +82,11 @@ def _pool(kvg_ptr, kv_state_ptr, score_state_ptr, b, start, S, f, valid, cols, T
     """
     m = _candidate(kvg_ptr, score_state_ptr, b, start, S, f, valid, cols, 0, 1, TWO_HID)
     for j in tl.static_range(1, 2 * RATIO):
-        m = tl.maximum(m, _candidate(kvg_ptr, score_state_ptr, b, start, S, f, valid, cols, j, 1, TWO_HID))
+        m = tl.maximum(
+            m,
+            _candidate(kvg_ptr, score_state_ptr, b, start, S, f, valid, cols, j, 1, TWO_HID),
+            propagate_nan=tl.PropagateNan.ALL,  # a NaN gate makes the column's softmax NaN, as in torch
+        )
     den = tl.exp(_candidate(kvg_ptr, score_state_ptr, b, start, S, f, valid, cols, 0, 1, TWO_HID) - m)
     for j in tl.static_range(1, 2 * RATIO):
         den += tl.exp(_candidate(kvg_ptr, score_state_ptr, b, start, S, f, valid, cols, j, 1, TWO_HID) - m)

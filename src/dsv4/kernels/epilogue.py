@@ -23,7 +23,7 @@ AMAX_FLOOR = tl.constexpr(_AMAX_FLOOR)  # spec §2: rows smaller than this quant
 
 @triton.jit
 def round_bf16(v):
-    """fp32 -> the nearest bf16 value (ties to even), still as fp32 (finite inputs).
+    """fp32 -> the nearest bf16 value (ties to even), still as fp32; infinities stay, NaN stays NaN.
 
     Done on the bits because the interpreter's ``.to(tl.bfloat16)`` truncates toward zero while
     the GPU rounds to nearest even; a value that is already bf16 converts exactly on both, so
@@ -31,7 +31,9 @@ def round_bf16(v):
     """
     bits = v.to(tl.uint32, bitcast=True)
     bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
+    # A NaN stays NaN: rounding its bits would carry a full payload (0x7FFFFFFF, the NaN NVIDIA GPUs
+    # produce) into the sign bit and give -0.0.
+    return tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
 
 
 @triton.jit
@@ -63,18 +65,43 @@ def rms_inv_of_sumsq(sumsq, n: tl.constexpr, eps):
 
 
 @triton.jit
+def _max_keeping_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _row_amax(v):
+    """``max|v|`` per row of ``v [BM, BN]``, NaN when the row holds one (as torch's ``amax``).
+
+    ``tl.max`` drops NaN (IEEE maxNum); a reduction whose combine keeps NaN compiles to the same
+    shuffle tree with ``max.NaN`` (no extra registers: 165 for the score kernel at sm_90, as without
+    it). The interpreter runs such a custom reduction element by element in Python, so there a
+    row's NaN count, a numpy reduction, marks the row instead: the same result.
+    """
+    if INTERPRETED:
+        has_nan = tl.max((v != v).to(tl.int32), axis=1) > 0
+        return tl.where(has_nan, float("nan"), tl.max(tl.abs(v), axis=1))
+    else:
+        return tl.reduce(tl.abs(v), 1, _max_keeping_nan)
+
+
+@triton.jit
 def quantize_int8_rows(v):
     """Spec §2 per-row INT8: ``v [BM, BN]`` fp32 (padding 0) -> ``(q [BM, BN] int8, scale [BM] fp32)``.
 
     ``amax = max(max|v|, 1e-4)``, ``s = 127/amax``, ``q = round_half_even(v*s)``, ``scale = 1/s``, with
     correctly rounded divisions (a plain ``/`` compiles to an approximate one on NVIDIA GPUs): bit for
-    bit ``dsv4.quantize_int8_per_row``.
+    bit ``dsv4.quantize_int8_per_row``, non-finite rows included: a NaN in the row makes ``amax`` and
+    the scale NaN, an infinity makes the scale infinite, and such a row's ``q`` is 0 (``v*s`` is 0
+    or NaN there, and torch turns NaN into int8 0). ``tl.max``/``tl.maximum``/``tl.minimum`` drop NaN
+    (IEEE maxNum, on GPUs and in the interpreter), so the NaN is carried explicitly.
     """
-    amax = tl.maximum(tl.max(tl.abs(v), axis=1), AMAX_FLOOR)
+    amax = tl.maximum(_row_amax(v), AMAX_FLOOR, propagate_nan=tl.PropagateNan.ALL)
     s = tl.div_rn(INT8_MAX, amax)
     # The clamp also keeps the multiply from fusing into the rounding add (an FMA would round v*s only once).
     scaled = tl.minimum(tl.maximum(v * s[:, None], -INT8_MAX), INT8_MAX)
-    q = (scaled + ROUND_MAGIC) - ROUND_MAGIC
+    finite_row = (s > 0)[:, None]  # s is NaN (a NaN in the row) or 0 (an infinity) otherwise
+    q = tl.where(finite_row, (scaled + ROUND_MAGIC) - ROUND_MAGIC, 0.0)
     return q.to(tl.int8), tl.div_rn(1.0, s)
 
 

@@ -82,7 +82,8 @@ def _index_score_kernel(
         q_scale = tl.load(q_scale_ptr + tok * HEADS + head, mask=head_ok, other=0.0)
         weight = tl.load(weights_ptr + tok * HEADS + head, mask=head_ok, other=0.0)
         dots = tl.dot(k8, q8_t, out_dtype=tl.int32).to(tl.float32)  # [KEYS, HEADS_PAD]
-        logits = tl.maximum(dots * q_scale[None, :], 0.0)
+        # ReLU that keeps NaN (torch.relu does; the default maxNum would turn a NaN logit into 0)
+        logits = tl.maximum(dots * q_scale[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
         score = tl.sum(logits * weight[None, :], axis=1) * k_scale  # the key scale after the head sum
         visible = (start + s + 1) // _RATIO
         score = tl.where(key < visible, score, _MASKED)

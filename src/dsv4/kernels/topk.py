@@ -56,16 +56,19 @@ _RATIO = tl.constexpr(COMPRESS_RATIO)
 _INDEX_MASK = tl.constexpr((1 << INDEX_BITS) - 1)
 _INDEX_BITS = tl.constexpr(INDEX_BITS)
 _INT32_MAX = tl.constexpr((1 << 31) - 1)  # constants stay int32 literals; sums are int64
+_NAN_KEY = tl.constexpr((1 << 32) - 1)  # the largest order key, held by every NaN score
 
 
 @triton.jit
 def _order_key(score):
     """fp32 -> int64 in ``[0, 2^32)`` with the same order as the floats (larger score, larger key).
 
-    ``+ 0.0`` turns -0.0 into +0.0 so that the two zeros tie, as they compare in the reference.
+    ``+ 0.0`` turns -0.0 into +0.0 so that the two zeros tie, as they compare in the reference. Every
+    NaN, whatever its sign bit, gets the largest key: torch's descending sort puts NaN first.
     """
     bits = (score + 0.0).to(tl.int32, bitcast=True).to(tl.int64)
-    return tl.where(bits < 0, -1 - bits, bits + _INT32_MAX + 1)
+    key = tl.where(bits < 0, -1 - bits, bits + _INT32_MAX + 1)
+    return tl.where(score != score, tl.full(key.shape, _NAN_KEY, tl.int64), key)
 
 
 @triton.jit

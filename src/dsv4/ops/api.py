@@ -24,11 +24,10 @@ def call_op(name: str, backend: str = "auto", out: Any = None, **args: Any) -> A
     """Run op ``name`` on its public ``args``: check them (and ``out``), then call ``backend``'s
     implementation on the device of the first tensor argument. Returns the op's result."""
     desc = get_op(name)
-    if out is not None and desc.check_out is None:
+    if out is not None and desc.result is None:
         raise TypeError(f"out: {name} takes no out= (it updates its state in place)")
-    kwargs = desc.validate(**args)
+    kwargs = desc.validate(**args, out=out)
     if out is not None:
-        desc.check_out(out, kwargs)
         kwargs["out"] = out
     device = next(v.device for v in kwargs.values() if isinstance(v, torch.Tensor))
     return implementation(desc, backend, device)(**kwargs)

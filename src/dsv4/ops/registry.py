@@ -83,17 +83,16 @@ class OpDescriptor:
             the op only updates state.
         mutates: what the op updates in place: params, or dotted paths of their tensors
             (``"state.keys"``).
-        validate: ``(**args) -> backend kwargs``: spec §7 checks of every public argument, raising
-            before anything runs; returns the keyword arguments of the backend functions.
-        check_out: ``(out, backend_kwargs) -> None``: checks a preallocated ``out`` (None: the op
-            takes no ``out``).
+        validate: ``(**args, out=None) -> backend kwargs``: spec §7 checks of every public argument
+            and of a preallocated ``out`` (ops with a ``result`` take one), raising before anything
+            runs; returns the keyword arguments of the backend functions (``out`` not included).
         case_args: ``(CaseInputs) -> args``: the public arguments of a seeded case.
         cost: ``(cfg, start_pos, seq) -> OpCost``: minimal bytes and FLOPs for batch rows starting
             at ``start_pos`` with ``seq`` tokens each.
         fake_result: ``(**args) -> tuple of tensors``: empty outputs of the right shapes (the custom
             op's fake implementation); None when ``result`` is None.
         implementations: backend name -> ``"module:function"``; each function takes the backend
-            kwargs (and ``out=`` when ``check_out`` is set).
+            kwargs (and ``out=`` when the op has a ``result``).
         cache_bound: the op's cost grows with the key cache, so the benchmark runs it at several
             cache lengths.
     """
@@ -107,7 +106,6 @@ class OpDescriptor:
     case_args: Callable[[CaseInputs], dict[str, Any]]
     cost: Callable[[DeepSeekV4Config, Sequence[int], int], OpCost]
     implementations: Mapping[str, str]
-    check_out: Callable[[Any, dict[str, Any]], None] | None = None
     fake_result: Callable[..., tuple[torch.Tensor, ...]] | None = None
     cache_bound: bool = False
     _impls: dict[str, Callable[..., Any]] = field(default_factory=dict, compare=False, repr=False)

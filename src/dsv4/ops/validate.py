@@ -1,11 +1,20 @@
 """Argument checks of spec §7, shared by every backend and run before anything is computed.
 
 Each check raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (shape, device, layout,
-range) naming the argument, what was expected and what came.
+range, overlapping memory) naming the argument, what was expected and what came.
+
+Checks of tensor *values* (``positions``, ``start_pos``) never synchronize a GPU stream: a tensor
+on the host (``HOST_DEVICE_TYPES``) is read there; a tensor on a GPU is checked on its device with
+``torch._assert_async`` (no host round trip: a violation surfaces as a device-side assert, which
+stops the stream before any kernel of the op runs). The one exception is the score width of an
+eager ``indexer`` call without ``out=``: it depends on ``start_pos`` (``max cache_len``), so a
+device ``start_pos`` is read on the host then; pass ``out=`` (or ``start_pos`` on the host) to avoid it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
 
 import torch
@@ -18,6 +27,10 @@ from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights
 
 FLOATS = (torch.float32, torch.bfloat16)  # accepted for norm gains
 INTS = (torch.int32, torch.int64)
+HOST_DEVICE_TYPES = ("cpu",)  # tensors whose values validation reads directly (no device to synchronize)
+MAX_TOPK = 4096  # 4x the largest preset index_topk (pro: 1024); the Triton top-k sorts a row's k winners in
+# one program's registers, like the 4096-key rows it selects from in registers (topk.ROW_IN_REGISTERS)
+INDEX_LIMIT = 2**31  # selected indices (+ offset) are int32
 
 
 def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
@@ -62,8 +75,91 @@ def _check_int(name: str, value: object, minimum: int | None = None) -> int:
 
 
 def _check_eps(eps: object) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps: expected a positive float, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps: expected a positive finite float, got {eps!r}")
+
+
+def check_eps(eps: object) -> float:
+    """``eps``: a positive finite number."""
+    _check_eps(eps)
+    return eps
+
+
+def check_int(name: str, value: object, minimum: int | None = None, maximum: int | None = None) -> int:
+    """``value`` must be a Python int (not a bool, float or tensor) in ``[minimum, maximum]``."""
+    _check_int(name, value, minimum)
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name}: expected <= {maximum}, got {value}")
+    return value
+
+
+def check_topk(topk: object) -> int:
+    """``topk``: an int in ``[1, MAX_TOPK]``."""
+    return check_int("topk", topk, 1, MAX_TOPK)
+
+
+def check_offset(offset: object, cache_rows: int) -> int:
+    """``offset``: an int >= 0 with ``offset + cache_rows < 2^31`` (every selected index + offset fits int32)."""
+    check_int("offset", offset, 0)
+    if offset + cache_rows >= INDEX_LIMIT:
+        raise ValueError(f"offset: expected offset + {cache_rows} cache rows < 2^31 (int32 indices), got {offset}")
+    return offset
+
+
+def on_host(t: torch.Tensor) -> bool:
+    """Whether validation may read ``t``'s values directly (no device stream to synchronize)."""
+    return t.device.type in HOST_DEVICE_TYPES
+
+
+def _assert_on_device(ok: torch.Tensor, message: str) -> None:
+    """Fail with ``message`` unless the bool tensor ``ok`` is all true, without a host round trip: on a
+    GPU a device-side assert queued ahead of the op's kernels (on the host it raises at once)."""
+    torch._assert_async(ok.all(), message)
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int] | None:
+    """``[first, last)`` byte addresses ``t`` spans, or None when it holds no memory."""
+    if t.numel() == 0 or t.device.type == "meta":
+        return None
+    span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
+    return t.data_ptr(), t.data_ptr() + span * t.element_size()
+
+
+def tensors_of(name: str, value: object) -> dict[str, torch.Tensor]:
+    """Every tensor field of a record (weights, state, outputs; nested records included), by its
+    argument path (``w.compressor.wkv``); a plain tensor as itself."""
+    if isinstance(value, torch.Tensor):
+        return {name: value}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # QKV, IndexerOut
+        return {f"{name}.{f}": t for f, t in zip(value._fields, value, strict=True)}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out: dict[str, torch.Tensor] = {}
+        for f in dataclasses.fields(value):
+            out.update(tensors_of(f"{name}.{f.name}", getattr(value, f.name)))
+        return out
+    return {}
+
+
+def check_no_overlap(written: dict[str, torch.Tensor], read: dict[str, torch.Tensor]) -> None:
+    """No tensor in ``written`` (outputs, state: what the op writes) may share a byte with another tensor
+    of ``written`` or with one of ``read`` (its inputs), the rule of torch's ``out=`` ops: an op reading
+    memory it also writes would compute from values it already overwrote, differently on each backend."""
+    spans = [(name, t.device, _byte_range(t)) for name, t in {**written, **read}.items()]
+    for i, (name, device, span) in enumerate(spans[: len(written)]):
+        if span is None:
+            continue
+        for other, other_device, other_span in spans[i + 1 :]:
+            if (
+                other_span is not None
+                and device == other_device
+                and span[0] < other_span[1]
+                and other_span[0] < span[1]
+            ):
+                raise ValueError(
+                    f"{name}: shares memory with {other} (bytes {max(span[0], other_span[0]):#x}.."
+                    f"{min(span[1], other_span[1]):#x}); an op's outputs and state must not overlap each other "
+                    "or its inputs"
+                )
 
 
 def check_rope(rope: object, device: torch.device, max_rope_dim: int, what: str) -> RopeTable:
@@ -78,8 +174,8 @@ def check_rope(rope: object, device: torch.device, max_rope_dim: int, what: str)
     return rope
 
 
-def check_qkv_proj_rope(x: object, w: object, positions: object, rope: object, eps: object) -> None:
-    """Checks of ``qkv_proj_rope``'s arguments (see its docstring for the contract)."""
+def check_qkv_proj_rope(x: object, w: object, positions: object, rope: object, eps: object, out: object = None) -> None:
+    """Checks of ``qkv_proj_rope``'s arguments (see its docstring for the contract), ``out`` included."""
     check_tensor("x", x, torch.bfloat16, (None, None), x.device if isinstance(x, torch.Tensor) else None)
     t, d = x.shape
     if t < 1:
@@ -98,16 +194,37 @@ def check_qkv_proj_rope(x: object, w: object, positions: object, rope: object, e
     check_tensor("w.wq_b_scale", w.wq_b_scale, torch.float32, (w.wq_b.shape[0],), dev)
     check_rope(rope, dev, hd, "head dim (w.wkv rows)")
     check_tensor("positions", positions, INTS, (t,), dev)
-    lo, hi = int(positions.min()), int(positions.max())
-    if lo < 0 or hi >= rope.max_position:
-        raise ValueError(f"positions: expected values in [0, {rope.max_position}) (the rope table), got [{lo}, {hi}]")
+    expected = f"positions: expected values in [0, {rope.max_position}) (the rope table)"
+    if on_host(positions):
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi >= rope.max_position:
+            raise ValueError(f"{expected}, got [{lo}, {hi}]")
+    else:
+        _assert_on_device((positions >= 0) & (positions < rope.max_position), expected)
     _check_eps(eps)
+    reads = {"x": x, **tensors_of("w", w), "positions": positions, **tensors_of("rope", rope)}
+    if out is not None:
+        check_qkv_out(out, x, w)
+        check_no_overlap(tensors_of("out", out), reads)
 
 
 def check_compressor(
-    x: object, w: object, state: object, start_pos: object, rope: object, eps: object, wname: str = "w"
+    x: object,
+    w: object,
+    state: object,
+    start_pos: object,
+    rope: object,
+    eps: object,
+    wname: str = "w",
+    need_host: bool = False,
+    pool_reads: bool = False,
 ) -> StepPositions:
-    """Checks of ``indexer_compressor``'s arguments (weights named ``wname``); returns the step's positions."""
+    """Checks of ``indexer_compressor``'s arguments (weights named ``wname``); returns the step's positions.
+
+    ``need_host``: the caller needs ``start_pos`` on the host (an exact ``max_cache_len``) even when it
+    is a device tensor; otherwise a device ``start_pos`` is checked on its device and the positions'
+    ``max_cache_len`` is the cache's row count (a bound). ``pool_reads``: the step also reads every
+    pool row below the cache length (the indexer), so those block-table entries must hold blocks."""
     check_tensor("x", x, torch.bfloat16, (None, None, None), x.device if isinstance(x, torch.Tensor) else None)
     b, s, d = x.shape
     if b < 1 or s < 1:
@@ -129,9 +246,16 @@ def check_compressor(
     check_key_pool(state, rows_b, hid, dev)
     if b > rows_b:
         raise ValueError(f"x: batch {b} exceeds the state's batch {rows_b} (state.kv_state)")
-    pos = step_positions(start_pos, b, s, dev)
     rows = state.cache_rows
-    for i, p in enumerate(pos.start_host):
+    pos = step_positions(start_pos, b, s, dev, None if need_host else rows)
+    if pos.start_host is None:
+        start = pos.start
+        _assert_on_device(
+            (start >= 0) & ((start + s) // COMPRESS_RATIO <= rows) & (start + s <= rope.max_position),
+            f"start_pos: expected every row's start p >= 0 with (p + S) // {COMPRESS_RATIO} <= {rows} "
+            f"(the rows state.block_table addresses) and p + S <= {rope.max_position} (the rope table), S={s}",
+        )
+    for i, p in enumerate(pos.start_host or ()):
         if (p + s) // COMPRESS_RATIO > rows:
             raise ValueError(
                 f"start_pos: row {i} at {p} with S={s} needs {(p + s) // COMPRESS_RATIO} cache rows, "
@@ -143,7 +267,10 @@ def check_compressor(
                 f"beyond the rope table ({rope.max_position} positions)"
             )
     _check_eps(eps)
-    check_block_entries(state, pos, reads=False)
+    start_t = {"start_pos": start_pos} if isinstance(start_pos, torch.Tensor) else {}
+    reads = {"x": x, **tensors_of(wname, w), **start_t, **tensors_of("rope", rope)}
+    check_no_overlap(tensors_of("state", state), reads)
+    check_block_entries(state, pos, reads=pool_reads)
     return pos
 
 
@@ -158,10 +285,13 @@ def check_indexer(
     rope: object,
     topk: object,
     eps: object,
+    out: object = None,
 ) -> StepPositions:
-    """Checks of ``indexer``'s arguments (the compressor's included); returns the step's positions."""
+    """Checks of ``indexer``'s arguments (the compressor's and ``out`` included); returns the step's positions."""
     _check_instance("w", w, IndexerWeights)
-    pos = check_compressor(x, w.compressor, state, start_pos, rope, eps, wname="w.compressor")
+    pos = check_compressor(
+        x, w.compressor, state, start_pos, rope, eps, wname="w.compressor", need_host=out is None, pool_reads=True
+    )
     b, s, d = x.shape
     dev = x.device
     hid = w.compressor.norm_w.shape[0]
@@ -174,9 +304,15 @@ def check_indexer(
     check_tensor("qr_scale", qr_scale, torch.float32, (b * s, 1), dev)
     check_tensor("w.wq_b", w.wq_b, torch.int8, (hi * hid, ql), dev)
     check_tensor("w.wq_b_scale", w.wq_b_scale, torch.float32, (hi * hid,), dev)
-    _check_int("offset", offset)
-    _check_int("topk", topk, minimum=1)
-    check_block_entries(state, pos, reads=True)
+    check_offset(offset, state.cache_rows)
+    check_topk(topk)
+    written = tensors_of("state", state)
+    if out is not None:
+        pos = check_indexer_out(out, x, pos, topk, state.cache_rows)
+        written.update(tensors_of("out", out))
+    start_t = {"start_pos": start_pos} if isinstance(start_pos, torch.Tensor) else {}
+    reads = {"x": x, "qr": qr, "qr_scale": qr_scale, **tensors_of("w", w), **start_t, **tensors_of("rope", rope)}
+    check_no_overlap(written, reads)
     return pos
 
 
@@ -198,12 +334,12 @@ def check_block_entries(state: IndexerState, pos: StepPositions, reads: bool) ->
     Checked on the host when the table is there; on a GPU the range check runs on the device
     (``torch._assert_async``: no host round trip) and the two-writers check is the engine's."""
     table, blocks, bs = state.block_table[: pos.batch], state.keys.shape[0], state.block_size
-    if table.is_cuda:
+    if not on_host(table) or pos.start_host is None:
         first_row = torch.arange(table.shape[1], device=table.device) * bs  # of each table column
         lo = torch.zeros_like(pos.start) if reads else pos.start // COMPRESS_RATIO
         used = (first_row + bs > lo[:, None]) & (first_row < ((pos.start + pos.seq) // COMPRESS_RATIO)[:, None])
         ok = ((table >= 0) & (table < blocks)) | ((table == -1) & (not reads))
-        torch._assert_async(torch.all(ok | ~used), "state.block_table: an entry the step uses is outside the pool")
+        _assert_on_device(ok | ~used, "state.block_table: an entry the step uses is outside the pool")
         return
     written: list[torch.Tensor] = []
     for i, (start, end) in enumerate(zip(pos.start_host, pos.cache_lens, strict=True)):
@@ -226,15 +362,25 @@ def check_block_entries(state: IndexerState, pos: StepPositions, reads: bool) ->
         raise ValueError("state.block_table: two slots write the same pool row in this step (share read-only blocks)")
 
 
-def step_positions(start_pos: object, batch: int, seq: int, device: torch.device) -> StepPositions:
-    """``start_pos`` (int, or int tensor ``[B]``) as a ``StepPositions`` on ``device``."""
+def step_positions(
+    start_pos: object, batch: int, seq: int, device: torch.device, bound: int | None = None
+) -> StepPositions:
+    """``start_pos`` (int, or int tensor ``[B]`` on ``device`` or the host) as a ``StepPositions`` on ``device``.
+
+    Values of an int or a host tensor are checked here and kept on the host. A tensor on another device
+    is read on the host only when ``bound`` is None; otherwise it stays there (no host round trip) and
+    ``bound`` becomes ``max_cache_len``: the caller checks its values on the device."""
     if isinstance(start_pos, torch.Tensor):
         if start_pos.dtype not in INTS:
             raise TypeError(f"start_pos: expected dtype {_dtype_names(INTS)}, got {start_pos.dtype}")
         if start_pos.shape != (batch,):
             raise ValueError(f"start_pos: expected shape [{batch}] (one per batch row), got {list(start_pos.shape)}")
-        host = tuple(int(v) for v in start_pos.tolist())
+        if start_pos.device != device and not on_host(start_pos):
+            raise ValueError(f"start_pos: expected a tensor on {device} or the CPU, got {start_pos.device}")
         start = start_pos.to(device=device, dtype=torch.int64)
+        if not on_host(start_pos) and bound is not None:
+            return StepPositions(start, seq, bound)
+        host = tuple(int(v) for v in start_pos.tolist())
     else:
         p = _check_int("start_pos", start_pos)
         host = (p,) * batch
@@ -254,15 +400,28 @@ def check_qkv_out(out: object, x: torch.Tensor, w: AttnWeights) -> None:
     check_tensor("out.qr_scale", out.qr_scale, torch.float32, (t, 1), x.device)
 
 
-def check_indexer_out(out: object, x: torch.Tensor, pos: StepPositions, topk: int) -> None:
+def check_indexer_out(
+    out: object, x: torch.Tensor, pos: StepPositions, topk: int, cache_rows: int | None = None
+) -> StepPositions:
     """``out`` for ``indexer``: ``score [B, S, L] fp32`` with ``L >= max cache_len`` (entries a token
-    cannot see are written as masked) and ``topk_idxs [B, S, topk] int32``."""
+    cannot see are written as masked) and ``topk_idxs [B, S, topk] int32``. Returns ``pos``; for
+    positions that stay on the device, with ``max_cache_len = min(L, cache_rows)`` and ``L`` checked there."""
     _check_instance("out", out, IndexerOut)
     b, s = x.shape[:2]
     check_tensor("out.score", out.score, torch.float32, (b, s, None), x.device)
-    if out.score.shape[2] < pos.max_cache_len:
-        raise ValueError(
-            f"out.score: expected at least {pos.max_cache_len} columns (the cache rows after this step), "
-            f"got {out.score.shape[2]}"
-        )
     check_tensor("out.topk_idxs", out.topk_idxs, torch.int32, (b, s, topk), x.device)
+    width = out.score.shape[2]
+    if pos.start_host is None:
+        _assert_on_device(
+            (pos.start + s) // COMPRESS_RATIO <= width,
+            f"out.score: expected at least (start_pos + S) // {COMPRESS_RATIO} columns (the cache rows after "
+            f"this step) for every row, got {width}",
+        )
+        return dataclasses.replace(
+            pos, max_cache_len=min(width, pos.max_cache_len if cache_rows is None else cache_rows)
+        )
+    if width < pos.max_cache_len:
+        raise ValueError(
+            f"out.score: expected at least {pos.max_cache_len} columns (the cache rows after this step), got {width}"
+        )
+    return pos

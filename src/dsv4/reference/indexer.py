@@ -36,8 +36,9 @@ def index_scores(q: torch.Tensor, weights: torch.Tensor, state: IndexerState, po
     n = pos.max_cache_len
     q8, qs = quantize_int8_per_row(q)  # [B, S, HI, HID], [B, S, HI, 1]
     score = torch.empty(b, s, n, dtype=torch.float32, device=q.device)
+    cache_lens = ((pos.start + s) // COMPRESS_RATIO).tolist()  # the reference reads values on the host
     for i in range(b):  # each row has its own keys; heads and tokens go in one GEMM
-        rows = pos.cache_lens[i]
+        rows = cache_lens[i]
         k8, ks = state.dense_keys(i, rows)  # [rows, HID] int8, [rows] fp32
         dots = int8_matmul(q8[i].reshape(-1, q8.shape[-1]), k8).to(torch.float32).view(s, q8.shape[2], rows)
         logits = torch.relu(dots * qs[i])  # [S, HI, rows]

@@ -17,7 +17,7 @@ from ...model.weights import IndexerWeights
 from ..case_inputs import CaseInputs
 from ..costs import BF16, FP32, INT8, INT32, OpCost, rope_row_bytes
 from ..registry import INT_OR_TENSOR, OpDescriptor, Output, Param, Tolerance
-from ..validate import check_indexer, check_indexer_out
+from ..validate import check_indexer
 from .indexer_compressor import MUTATED_STATE, STATE_OUTPUTS
 from .indexer_compressor import case_args as compressor_case_args
 from .indexer_compressor import cost as compressor_cost
@@ -36,16 +36,13 @@ def validate(
     rope: Any,
     topk: Any,
     eps: Any = 1e-6,
+    out: Any = None,
 ) -> dict[str, Any]:
-    pos = check_indexer(x, qr, qr_scale, w, state, start_pos, offset, rope, topk, eps)
+    pos = check_indexer(x, qr, qr_scale, w, state, start_pos, offset, rope, topk, eps, out)
     return {
         "x": x, "qr": qr, "qr_scale": qr_scale, "w": w, "state": state, "pos": pos, "offset": offset,
         "rope": rope, "topk": topk, "eps": eps,
     }  # fmt: skip
-
-
-def check_out(out: Any, args: dict[str, Any]) -> None:
-    check_indexer_out(out, args["x"], args["pos"], args["topk"])
 
 
 def case_args(c: CaseInputs) -> dict[str, Any]:
@@ -123,7 +120,6 @@ INDEXER = OpDescriptor(
     result=IndexerOut,
     mutates=MUTATED_STATE,
     validate=validate,
-    check_out=check_out,
     case_args=case_args,
     cost=cost,
     fake_result=fake_result,

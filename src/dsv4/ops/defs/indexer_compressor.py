@@ -27,7 +27,7 @@ STATE_OUTPUTS = (
 MUTATED_STATE = ("state.kv_state", "state.score_state", "state.keys", "state.key_scale")
 
 
-def validate(x: Any, w: Any, state: Any, start_pos: Any, rope: Any, eps: Any = 1e-6) -> dict[str, Any]:
+def validate(x: Any, w: Any, state: Any, start_pos: Any, rope: Any, eps: Any = 1e-6, out: Any = None) -> dict[str, Any]:
     pos = check_compressor(x, w, state, start_pos, rope, eps)
     return {"x": x, "w": w, "state": state, "pos": pos, "rope": rope, "eps": eps}
 

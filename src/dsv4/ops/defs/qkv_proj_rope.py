@@ -13,18 +13,14 @@ from ...model.weights import AttnWeights
 from ..case_inputs import CaseInputs
 from ..costs import BF16, FP32, INT8, INT64, OpCost, rope_row_bytes
 from ..registry import OpDescriptor, Output, Param, Tolerance
-from ..validate import check_qkv_out, check_qkv_proj_rope
+from ..validate import check_qkv_proj_rope
 
 BF16_OUT = Tolerance(1e-4, 1 / 128)  # spec §6: q, kv
 
 
-def validate(x: Any, w: Any, positions: Any, rope: Any, eps: Any = 1e-6) -> dict[str, Any]:
-    check_qkv_proj_rope(x, w, positions, rope, eps)
+def validate(x: Any, w: Any, positions: Any, rope: Any, eps: Any = 1e-6, out: Any = None) -> dict[str, Any]:
+    check_qkv_proj_rope(x, w, positions, rope, eps, out)
     return {"x": x, "w": w, "positions": positions, "rope": rope, "eps": eps}
-
-
-def check_out(out: Any, args: dict[str, Any]) -> None:
-    check_qkv_out(out, args["x"], args["w"])
 
 
 def case_args(c: CaseInputs) -> dict[str, Any]:
@@ -79,7 +75,6 @@ QKV_PROJ_ROPE = OpDescriptor(
     result=QKV,
     mutates=(),
     validate=validate,
-    check_out=check_out,
     case_args=case_args,
     cost=cost,
     fake_result=fake_result,

@@ -1,0 +1,278 @@
+"""Checkpoint and golden files that try to escape their directory or lie about their contents
+(spec §7): each is refused with a ``CheckpointError``/``ValueError`` naming the file and the entry
+or field, on the ``safetensors`` path and the raw-bytes path alike, and no file changes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bad_checkpoints import (
+    INDEX,
+    LAYER,
+    SHARDS,
+    TINY,
+    Corruption,
+    config_corruptions,
+    digest,
+    entry_corruptions,
+    index_corruptions,
+    structure_corruptions,
+    tiling_corruptions,
+    write_valid,
+)
+from dsv4 import CheckpointError, load_layer
+from dsv4.cli import main
+from dsv4.io.checkpoint import Checkpoint
+from dsv4.io.safetensors_files import ShardedCheckpoint
+
+FILE_CORRUPTIONS = [*structure_corruptions(), *entry_corruptions(), *tiling_corruptions()]
+
+
+@pytest.fixture(scope="module")
+def valid_dir(tmp_path_factory) -> Path:
+    return write_valid(tmp_path_factory.mktemp("valid") / "ckpt")
+
+
+def _broken_copy(valid_dir: Path, tmp_path: Path, corruption: Corruption) -> Path:
+    directory = tmp_path / "ckpt"
+    shutil.copytree(valid_dir, directory)
+    corruption.apply(directory)
+    return directory
+
+
+def _assert_refused(directory: Path, corruption: Corruption, raw_bytes: bool | None = None) -> None:
+    before = digest(directory)
+    with pytest.raises(CheckpointError) as info, Checkpoint(directory, raw_bytes=raw_bytes) as ckpt:
+        ckpt.load_layer(LAYER)
+    message = str(info.value)
+    missing = [w for w in corruption.message_words(directory) if w not in message]
+    assert not missing, f"{message!r} lacks {missing}"
+    assert digest(directory) == before, "a refused load changed a file"
+
+
+def test_the_valid_checkpoint_loads(valid_dir) -> None:
+    """The corruptions below each change one thing of this checkpoint, which loads on both read paths."""
+    for raw_bytes in (None, True):
+        with Checkpoint(valid_dir, raw_bytes=raw_bytes) as ckpt:
+            assert ckpt.load_layer(LAYER).attn.wq_a.shape == (TINY.q_lora_rank, TINY.hidden_size)
+    assert main(["inspect", str(valid_dir)]) == 0
+
+
+@pytest.mark.parametrize("raw_bytes", [None, True], ids=["safetensors", "raw-bytes"])
+@pytest.mark.parametrize("corruption", FILE_CORRUPTIONS, ids=[c.id for c in FILE_CORRUPTIONS])
+def test_corrupt_safetensors_file_is_refused(corruption, raw_bytes, valid_dir, tmp_path) -> None:
+    _assert_refused(_broken_copy(valid_dir, tmp_path, corruption), corruption, raw_bytes)
+
+
+@pytest.mark.parametrize("corruption", FILE_CORRUPTIONS[:6] + tiling_corruptions(), ids=lambda c: c.id)
+def test_inspect_refuses_the_same_files(corruption, valid_dir, tmp_path, capsys) -> None:
+    directory = _broken_copy(valid_dir, tmp_path, corruption)
+    assert main(["inspect", str(directory)]) == 2
+    captured = capsys.readouterr()
+    assert "check: ok" not in captured.out and str(directory / corruption.file) in captured.err
+
+
+def test_shared_offsets_would_have_loaded_wrong_weights(valid_dir, tmp_path) -> None:
+    """The reproducer of the issue: kv_norm pointing at q_norm's bytes (both [128] bf16) was loaded
+    as gamma_ckv == gamma_cq. The premise: the two norms differ in the valid file."""
+    with Checkpoint(valid_dir) as ckpt:
+        layer = ckpt.load_layer(LAYER)
+    assert not torch.equal(layer.attn.gamma_cq, layer.attn.gamma_ckv)
+    corruption = tiling_corruptions()[0]
+    _assert_refused(_broken_copy(valid_dir, tmp_path, corruption), corruption)
+
+
+def test_safetensors_refusal_is_not_papered_over(tmp_path, monkeypatch) -> None:
+    """The raw-bytes path is taken only for a file holding a dtype older safetensors releases do not
+    know (F8_E8M0); any other refusal of ``safe_open`` is an error naming the file."""
+    save_file({"a": torch.ones(4, dtype=torch.bfloat16)}, str(tmp_path / "model.safetensors"))
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("refused for a reason of its own")
+
+    monkeypatch.setattr("dsv4.io.safetensors_files.safe_open", refuse)
+    with ShardedCheckpoint(tmp_path) as ckpt:
+        with pytest.raises(CheckpointError, match=r"model\.safetensors: safetensors cannot open it .*of its own"):
+            ckpt.rows(ckpt.info("a"))
+        assert not ckpt.raw_reasons
+
+
+def test_raw_bytes_fallback_states_its_reason(valid_dir, monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise RuntimeError("unknown dtype F8_E8M0")
+
+    monkeypatch.setattr("dsv4.io.safetensors_files.safe_open", refuse)
+    with Checkpoint(valid_dir) as ckpt:
+        ckpt.load_layer(LAYER)
+        reasons = {p.name: r for p, r in ckpt.raw_reasons.items()}
+    assert set(reasons) == set(SHARDS) and all("F8_E8M0" in r for r in reasons.values())
+
+
+# --- shard names in the index: no escape ------------------------------------------------------------
+
+
+@pytest.fixture()
+def escape_dirs(valid_dir, tmp_path) -> tuple[Path, Path]:
+    """``(checkpoint, outside)``: ``outside`` is a sibling holding a valid copy of shard 1, so a loader that
+    followed an escaping name would load."""
+    directory, outside = tmp_path / "ckpt", tmp_path / "outside"
+    shutil.copytree(valid_dir, directory)
+    outside.mkdir()
+    shutil.copy(valid_dir / SHARDS[0], outside / SHARDS[0])
+    return directory, outside
+
+
+INDEX_IDS = [c.id for c in index_corruptions(Path("outside"))]
+
+
+@pytest.mark.parametrize("which", range(len(INDEX_IDS)), ids=INDEX_IDS)
+def test_index_shard_names_cannot_escape(which, escape_dirs, capsys) -> None:
+    directory, outside = escape_dirs
+    corruption = index_corruptions(outside)[which]
+    corruption.apply(directory)
+    _assert_refused(directory, corruption)
+    for argv in (["inspect", str(directory)], ["run", "--checkpoint", str(directory), "--layer", str(LAYER)]):
+        assert main([*argv, "--device", "cpu"] if argv[0] == "run" else argv) == 2
+        err = capsys.readouterr().err
+        assert str(directory / INDEX) in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_symlinked_shards_still_load(valid_dir, tmp_path) -> None:
+    """Hub-cache snapshots are directories of symlinks into a blob store: names are checked as
+    strings, not resolved."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+    shutil.copytree(valid_dir, blobs)
+    snapshot.mkdir()
+    for f in blobs.iterdir():
+        (snapshot / f.name).symlink_to(f)
+    with Checkpoint(snapshot) as ckpt:
+        assert ckpt.load_layer(LAYER).attn.wq_b.dtype == torch.int8
+
+
+# --- config.json ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("corruption", config_corruptions(), ids=lambda c: c.id)
+def test_config_fields_are_checked(corruption, valid_dir, tmp_path) -> None:
+    _assert_refused(_broken_copy(valid_dir, tmp_path, corruption), corruption)
+
+
+# --- layer and prefix arguments -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"layer": -1}, ("layer", "non-negative")),
+        ({"layer": "1"}, ("layer",)),
+        ({"layer": 1.0}, ("layer",)),
+        ({"layer": True}, ("layer",)),
+        ({"prefix": "layers."}, ("prefix", "{layer}")),
+        ({"prefix": "layers.{layer}.{layer}."}, ("prefix", "{layer}")),
+        ({"prefix": "layers.{n}."}, ("prefix", "{n}")),
+        ({"prefix": "layers.{layer:02d}."}, ("prefix",)),
+        ({"prefix": "layers.{"}, ("prefix",)),
+        ({"prefix": None}, ("prefix",)),
+    ],
+    ids=lambda v: str(v),
+)
+def test_layer_and_prefix_arguments(kwargs, words, valid_dir) -> None:
+    args = {"layer": LAYER, **kwargs}
+    with pytest.raises(CheckpointError) as info:
+        load_layer(valid_dir, args.pop("layer"), **args)
+    assert all(w in str(info.value) for w in words), str(info.value)
+
+
+# --- golden case manifests ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def golden_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("golden") / "cases"
+    assert main(["golden", "save", str(directory), "--op", "indexer", "--seed", "1"]) == 0
+    return directory
+
+
+def _manifest_edits(outside: Path) -> list[tuple[str, object, tuple[str, ...]]]:
+    """(id, how to change the manifest: a dict of fields or a whole JSON value, words of the error)."""
+    return [
+        ("name-dotdot", {"name": "../outside/case"}, ("name",)),
+        ("name-absolute", {"name": str(outside / "case")}, ("name",)),
+        ("name-backslash", {"name": "..\\outside\\case"}, ("name",)),
+        ("name-dotdot-only", {"name": ".."}, ("name",)),
+        ("name-empty", {"name": ""}, ("name",)),
+        ("name-a-number", {"name": 5}, ("name",)),
+        ("name-nul", {"name": "case\0"}, ("name",)),
+        ("op-unknown", {"op": "attention"}, ("op",)),
+        ("op-null", {"op": None}, ("op",)),
+        ("scalars-a-list", {"scalars": [1]}, ("scalars",)),
+        ("scalars-unknown-key", {"scalars": {"topk": 16, "path": "x"}}, ("scalars",)),
+        ("scalars-topk-float", {"scalars": {"topk": 16.5}}, ("scalars.topk",)),
+        ("scalars-offset-string", {"scalars": {"offset": "16"}}, ("scalars.offset",)),
+        ("meta-a-list", {"meta": []}, ("meta",)),
+        ("manifest-a-list", [1, 2], ("JSON object",)),
+        ("manifest-not-json", "{", ("not valid JSON",)),
+    ]
+
+
+MANIFEST_IDS = [e[0] for e in _manifest_edits(Path("outside"))]
+
+
+@pytest.mark.parametrize("which", range(len(MANIFEST_IDS)), ids=MANIFEST_IDS)
+def test_golden_manifest_is_checked(which, golden_dir, tmp_path, capsys) -> None:
+    """A manifest cannot make ``golden check`` read files outside its folder (``outside`` holds a
+    valid copy of the case's tensors), nor crash it with a traceback."""
+    from dsv4.io.golden_io import load
+
+    folder, outside = tmp_path / "cases", tmp_path / "outside"
+    shutil.copytree(golden_dir, folder)
+    shutil.copytree(golden_dir, outside)
+    for f in outside.glob("*.safetensors"):
+        f.rename(outside / ("case" + f.name[f.name.index(".") :]))
+    (manifest,) = folder.glob("*.json")
+    _, edit, words = _manifest_edits(outside)[which]
+    text = (
+        edit
+        if isinstance(edit, str)
+        else json.dumps({**json.loads(manifest.read_text()), **edit} if isinstance(edit, dict) else edit)
+    )
+    manifest.write_text(text)
+    before = digest(tmp_path)
+    with pytest.raises(ValueError) as info:
+        load(manifest)
+    assert str(manifest) in str(info.value) and all(w in str(info.value) for w in words), str(info.value)
+    assert main(["golden", "check", str(folder), "--backend", "reference", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert str(manifest) in err and len(err.strip().splitlines()) == 1, err
+    assert digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("which", ["inputs", "expected"])
+def test_golden_tensor_files_are_checked(which, golden_dir, tmp_path, capsys) -> None:
+    folder = tmp_path / "cases"
+    shutil.copytree(golden_dir, folder)
+    (path,) = folder.glob(f"*.{which}.safetensors")
+    path.write_bytes(path.read_bytes()[:-7])  # data cut short: safetensors' own error, as a ValueError
+    assert main(["golden", "check", str(folder), "--backend", "reference", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_golden_inputs_missing_a_tensor(golden_dir, tmp_path) -> None:
+    from dsv4.io.golden_io import load
+
+    folder = tmp_path / "cases"
+    shutil.copytree(golden_dir, folder)
+    (path,) = folder.glob("*.inputs.safetensors")
+    tensors = load_file(str(path))
+    del tensors["qr_scale"]
+    save_file(tensors, str(path))
+    (manifest,) = folder.glob("*.json")
+    with pytest.raises(ValueError, match=r"inputs\.safetensors: no tensor 'qr_scale'"):
+        load(manifest)

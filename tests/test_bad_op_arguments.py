@@ -1,0 +1,334 @@
+"""Op and module arguments that used to get through (spec §7): unbounded ``topk``, unchecked
+``offset`` and ``eps``, ``DecodeFrontEnd``'s constructor and float positions; and value checks that
+never read a device tensor on the host (no GPU stream synchronization)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import dsv4
+import dsv4.ops.validate as validate
+from conftest import BACKENDS, DEVICE
+from dsv4.model.structs import QKV, IndexerOut
+from frontends import tiny_frontend
+from op_cases import case_at
+
+CFG = dsv4.get_config("tiny")
+ROWS = 16  # cache rows of the cases below (max_position 64)
+CACHE_ROWS = 64  # rows each slot's block table addresses there: one pool block of 64 rows
+
+
+def _case(op: str):
+    return case_at(CFG, op, batch=2, seq=2, start=[5, 9], max_position=4 * ROWS)
+
+
+def _snapshot(args: dict) -> dict[str, torch.Tensor]:
+    state = args.get("state")
+    return {} if state is None else {k: v.clone() for k, v in state.tensors().items()}
+
+
+def _assert_unchanged(args: dict, before: dict[str, torch.Tensor]) -> None:
+    for name, t in before.items():
+        assert torch.equal(getattr(args["state"], name), t), f"state.{name} changed"
+
+
+# (argument, value, error type, words of the message)
+INDEXER_SCALARS = [
+    ("topk", 2**31 - 1, ValueError, ("topk", "<=")),
+    ("topk", 10**8, ValueError, ("topk", "<=")),
+    ("topk", lambda: validate.MAX_TOPK + 1, ValueError, ("topk", "<=")),
+    ("topk", 0, ValueError, ("topk", ">= 1")),
+    ("topk", -5, ValueError, ("topk", ">= 1")),
+    ("topk", True, TypeError, ("topk", "int")),
+    ("topk", 16.0, TypeError, ("topk", "int")),
+    ("topk", "16", TypeError, ("topk", "int")),
+    ("topk", torch.tensor(16), TypeError, ("topk", "int")),
+    ("offset", -1, ValueError, ("offset", ">= 0")),
+    ("offset", -(2**40), ValueError, ("offset", ">= 0")),
+    ("offset", 2**40, ValueError, ("offset", "2^31")),
+    ("offset", 2**31 - CACHE_ROWS, ValueError, ("offset", "2^31")),
+    ("offset", 2**64, ValueError, ("offset", "2^31")),
+    ("offset", 16.0, TypeError, ("offset", "int")),
+    ("offset", None, TypeError, ("offset", "int")),
+    ("offset", False, TypeError, ("offset", "int")),
+    ("eps", float("inf"), ValueError, ("eps", "finite")),
+    ("eps", float("nan"), ValueError, ("eps",)),
+    ("eps", 0.0, ValueError, ("eps",)),
+    ("eps", -1e-6, ValueError, ("eps",)),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("name", "value", "exc", "words"),
+    INDEXER_SCALARS,
+    ids=[f"{a}={'MAX_TOPK+1' if callable(b) else repr(b)}" for a, b, *_ in INDEXER_SCALARS],
+)
+def test_indexer_scalar_is_bounded_before_any_work(name, value, exc, words, backend) -> None:
+    args = dict(_case("indexer").args)
+    args[name] = value() if callable(value) else value
+    before = _snapshot(args)
+    with pytest.raises(exc) as info:
+        dsv4.indexer(**args, backend=backend)
+    assert all(w in str(info.value) for w in words), str(info.value)
+    _assert_unchanged(args, before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bounds_are_inclusive(backend) -> None:
+    """The largest accepted ``offset`` (``offset + cache rows = 2^31 - 1``) and ``topk = MAX_TOPK`` run;
+    every selected index stays a valid int32."""
+    args = dict(_case("indexer").args)
+    offset = 2**31 - 1 - CACHE_ROWS
+    out = dsv4.indexer(**{**args, "offset": offset, "topk": validate.MAX_TOPK}, backend="reference")
+    picked = out.topk_idxs[out.topk_idxs >= 0]
+    assert picked.numel() and int(picked.min()) >= offset and int(picked.max()) <= 2**31 - 1
+    assert out.topk_idxs.shape[-1] == validate.MAX_TOPK
+    if backend == "triton":  # a small topk keeps the interpreter quick: the offset bound is what is checked
+        got = dsv4.indexer(**{**dict(_case("indexer").args), "offset": offset}, backend="triton")
+        assert int(got.topk_idxs.max()) <= 2**31 - 1 and int(got.topk_idxs[got.topk_idxs >= 0].min()) >= offset
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 0.0])
+def test_qkv_eps_must_be_finite_and_positive(value) -> None:
+    with pytest.raises(ValueError, match="eps"):
+        dsv4.qkv_proj_rope(**_case("qkv_proj_rope").args, eps=value, backend="reference")
+
+
+# --- DecodeFrontEnd -------------------------------------------------------------------------------
+
+
+def _frontend_args() -> tuple[dsv4.LayerWeights, dsv4.RopeTable, dict]:
+    weights = dsv4.synthetic_weights(CFG, seed=0, device=DEVICE)
+    rope = dsv4.rope_table(CFG, "compressed", max_position=64, device=DEVICE)
+    return weights, rope, {"batch": 2, "max_position": 64, "topk": 16, "offset": 16}
+
+
+CONSTRUCTOR = [
+    ("batch", 0, ValueError),
+    ("batch", -1, ValueError),
+    ("batch", 2.0, TypeError),
+    ("batch", True, TypeError),
+    ("max_position", 0, ValueError),
+    ("max_position", 3, ValueError),
+    ("max_position", 128, ValueError),  # past the rope table's 64 rows
+    ("max_position", 64.0, TypeError),
+    ("topk", 0, ValueError),
+    ("topk", 2**31, ValueError),
+    ("topk", 16.5, TypeError),
+    ("offset", -1, ValueError),
+    ("offset", 2**31, ValueError),
+    ("offset", "16", TypeError),
+    ("eps", float("nan"), ValueError),
+    ("eps", -1.0, ValueError),
+    ("backend", "bogus", ValueError),
+    ("backend", "cuda", ValueError),
+    ("weights", "weights", TypeError),
+    ("rope", (1, 2), TypeError),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "exc"), CONSTRUCTOR, ids=[f"{a}={b!r}" for a, b, _ in CONSTRUCTOR])
+def test_frontend_constructor_checks_its_arguments(name, value, exc) -> None:
+    weights, rope, kwargs = _frontend_args()
+    kwargs = {"weights": weights, "rope": rope, **kwargs, name: value}
+    with pytest.raises(exc) as info:
+        dsv4.DecodeFrontEnd(kwargs.pop("weights"), kwargs.pop("rope"), **kwargs)
+    assert name in str(info.value), str(info.value)
+
+
+def _frontend_state(m: dsv4.DecodeFrontEnd) -> tuple[list[int], dict[str, torch.Tensor]]:
+    return list(m.next_pos), {k: v.clone() for k, v in m.state.tensors().items()}
+
+
+STEP_POSITIONS = [
+    ("float-tensor", torch.tensor([1.7, 2.2]), TypeError),
+    ("float-list", [1.7, 2.2], TypeError),
+    ("float", 2.0, TypeError),
+    ("bool-list", [True, 0], TypeError),
+    ("bool", True, TypeError),
+    ("bool-tensor", torch.tensor([True, False]), TypeError),
+    ("2d-tensor", torch.tensor([[2], [2]]), TypeError),
+    ("string", "2", TypeError),
+    ("negative", [-4, 0], ValueError),
+    ("past-the-cache", [63, 0], ValueError),
+    ("too-few", [2], ValueError),
+]
+
+
+@pytest.mark.parametrize(("what", "start_pos", "exc"), STEP_POSITIONS, ids=[s[0] for s in STEP_POSITIONS])
+def test_frontend_refuses_positions_it_would_truncate(what, start_pos, exc) -> None:
+    m = tiny_frontend("reference", 2, 64)
+    x = dsv4.synthetic_activations((2, 2, CFG.hidden_size), seed=1, device=DEVICE)
+    m(x)
+    before_pos, before = _frontend_state(m)
+    with pytest.raises(exc, match="start_pos"):
+        m(x, start_pos=start_pos)
+    after_pos, after = _frontend_state(m)
+    assert after_pos == before_pos and all(torch.equal(after[k], before[k]) for k in before)
+
+
+RESETS = [
+    ("float-list", [1.7], TypeError),
+    ("float-tensor", torch.tensor([1.7]), TypeError),
+    ("float", 1.0, TypeError),
+    ("bool", True, TypeError),
+    ("string", "1", TypeError),
+    ("outside", [2], ValueError),
+    ("negative", [-1], ValueError),
+]
+
+
+@pytest.mark.parametrize(("what", "rows", "exc"), RESETS, ids=[s[0] for s in RESETS])
+def test_frontend_reset_refuses_what_it_would_truncate(what, rows, exc) -> None:
+    m = tiny_frontend("reference", 2, 64)
+    m(dsv4.synthetic_activations((2, 6, CFG.hidden_size), seed=1, device=DEVICE))
+    before_pos, before = _frontend_state(m)
+    with pytest.raises(exc, match="batch_rows"):
+        m.reset(rows)
+    after_pos, after = _frontend_state(m)
+    assert after_pos == before_pos and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("x", ["text", torch.zeros(4, CFG.hidden_size, dtype=torch.bfloat16)], ids=["str", "2d"])
+def test_frontend_x_must_be_3d(x) -> None:
+    with pytest.raises(ValueError, match="x: expected a .B, S, D. tensor"):
+        tiny_frontend("reference", 2, 64)(x)
+
+
+# --- value checks without a host read -------------------------------------------------------------
+
+
+class HostReadWatch(TorchDispatchMode):
+    """Records ATen ops that read a tensor's value on the host, and the device-side asserts queued."""
+
+    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default, torch.ops.aten.equal.default}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+        self.asserts: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.reads.append(str(func))
+        if func.__name__.startswith("_assert_async"):
+            self.asserts.append(args[1] if len(args) > 1 else "")
+        return func(*args, **(kwargs or {}))
+
+
+def _on_meta(args: dict) -> dict:
+    """Every tensor of the arguments (weights, state, rope included) on the meta device: tensors
+    without data, so any host read of a value raises."""
+    return {k: v.to("meta") if hasattr(v, "to") else v for k, v in args.items()}
+
+
+def _meta_out(args: dict, width: int) -> IndexerOut:
+    b, s = args["x"].shape[:2]
+    score = torch.empty(b, s, width, device="meta")
+    return IndexerOut(score, torch.empty(b, s, args["topk"], dtype=torch.int32, device="meta"))
+
+
+@pytest.mark.parametrize("op", ["qkv_proj_rope", "indexer_compressor", "indexer-out"])
+def test_device_tensors_are_checked_without_a_host_read(op) -> None:
+    """Arguments on a device whose values cannot be read on the host (meta) validate completely: the
+    value checks of ``positions``/``start_pos`` (and ``out.score``'s width) are queued as device-side
+    asserts, and nothing reads a value (``item``, ``tolist``, ``nonzero``) — which on a GPU would
+    synchronize the stream on every call."""
+    name = op.removesuffix("-out")
+    args = _on_meta(dict(_case(name).args))
+    if name == "indexer_compressor":
+        check = lambda: validate.check_compressor(**args, eps=1e-6)  # noqa: E731
+    elif name == "indexer":
+        out = _meta_out(args, ROWS)
+        check = lambda: validate.check_indexer(**args, eps=1e-6, out=out)  # noqa: E731
+    else:
+        t, hd, ql = args["x"].shape[0], CFG.head_dim, CFG.q_lora_rank
+        out = QKV(
+            torch.empty(t, CFG.num_attention_heads, hd, dtype=torch.bfloat16, device="meta"),
+            torch.empty(t, hd, dtype=torch.bfloat16, device="meta"),
+            torch.empty(t, ql, dtype=torch.int8, device="meta"),
+            torch.empty(t, 1, device="meta"),
+        )
+        check = lambda: validate.check_qkv_proj_rope(**args, eps=1e-6, out=out)  # noqa: E731
+    with HostReadWatch() as watch:
+        check()
+    assert not watch.reads, watch.reads
+    expected = {
+        "qkv_proj_rope": ["positions"],
+        "indexer_compressor": ["start_pos", "state.block_table"],
+        "indexer": ["start_pos", "state.block_table", "out.score"],
+    }
+    assert [a.split(":")[0] for a in watch.asserts] == expected[name]
+
+
+@pytest.mark.parametrize(
+    ("op", "path", "value", "words"),
+    [
+        ("qkv_proj_rope", "positions", lambda t: t + 64, "positions"),
+        ("qkv_proj_rope", "positions", lambda t: t - 100, "positions"),
+        ("indexer_compressor", "start_pos", lambda t: t + 64, "start_pos"),
+        ("indexer_compressor", "start_pos", lambda t: t - 100, "start_pos"),
+        ("indexer", "start_pos", lambda t: t + 62, "start_pos"),
+        ("indexer", "out", lambda t: 1, "out.score"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_device_checks_catch_bad_values(op, path, value, words, monkeypatch) -> None:
+    """The device-side branch, run on the CPU (where ``torch._assert_async`` raises at once): out-of-range
+    values are caught, named, and nothing has run."""
+    monkeypatch.setattr(validate, "HOST_DEVICE_TYPES", ())
+    args = dict(_case(op).args)
+    if op == "indexer":  # out= keeps start_pos on the device; a narrow score buffer is caught there too
+        b, s = args["x"].shape[:2]
+        width = value(None) if path == "out" else ROWS
+        args["out"] = IndexerOut(torch.empty(b, s, width), torch.empty(b, s, args["topk"], dtype=torch.int32))
+        args["rope"] = dsv4.rope_table(CFG, "compressed", max_position=1024)
+    if path != "out":
+        args[path] = value(args[path])
+    before = _snapshot(args)
+    with HostReadWatch() as watch, pytest.raises(RuntimeError, match=words):
+        getattr(dsv4, op)(**args, backend="reference")
+    assert watch.asserts and not watch.reads, watch.reads
+    _assert_unchanged(args, before)
+
+
+def test_frontend_step_validates_without_reading_its_start_positions(monkeypatch) -> None:
+    """``DecodeFrontEnd`` knows its slots' positions on the host: its eager step sizes ``out`` from
+    them, so validating the device copy needs no host read (the reference backend itself reads)."""
+    monkeypatch.setattr(validate, "HOST_DEVICE_TYPES", ())
+    m = tiny_frontend("reference", 2, 64)
+    reads: list[str] = []
+    original = validate.check_indexer
+
+    def watched(*args, **kwargs):
+        with HostReadWatch() as watch:
+            pos = original(*args, **kwargs)
+        reads.extend(watch.reads)
+        return pos
+
+    monkeypatch.setattr("dsv4.ops.defs.indexer.check_indexer", watched)
+    m(dsv4.synthetic_activations((2, 6, CFG.hidden_size), seed=1, device=DEVICE))
+    assert not reads and m.next_pos == [6, 6]
+
+
+STATE_RESETS = [
+    ("float-list", [1.7], TypeError),
+    ("float-tensor", torch.tensor([1.7]), TypeError),
+    ("bool", True, TypeError),
+    ("negative", [-1], ValueError),
+    ("negative-tensor", torch.tensor([-1]), ValueError),
+    ("past-the-batch", [2], ValueError),
+]
+
+
+@pytest.mark.parametrize(("what", "rows", "exc"), STATE_RESETS, ids=[s[0] for s in STATE_RESETS])
+def test_state_reset_refuses_what_it_would_truncate_or_wrap(what, rows, exc) -> None:
+    """``IndexerState.reset`` itself: a float would be truncated to a slot, -1 would wrap to the last."""
+    state = _case("indexer").args["state"]
+    before = {k: v.clone() for k, v in state.tensors().items()}
+    with pytest.raises(exc, match="rows"):
+        state.reset(rows)
+    assert all(torch.equal(getattr(state, k), v) for k, v in before.items())

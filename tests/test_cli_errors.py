@@ -1,0 +1,134 @@
+"""Every user error of the ``dsv4`` command is one line on stderr and exit code 2: no traceback,
+no silent exit 0, and nothing written (spec §7)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from bad_checkpoints import SHARDS, digest, structure_corruptions, write_valid
+from dsv4.cli import main
+from subprocesses import run_dsv4
+
+NO_CUDA = not torch.cuda.is_available()
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _assert_one_line_error(code: int, err: str, words: tuple[str, ...]) -> None:
+    lines = err.strip().splitlines()
+    assert code == 2, (code, err)
+    assert len(lines) == 1 and lines[0].startswith("dsv4") and "error:" in lines[0], err
+    assert all(w in lines[0] for w in words), (words, err)
+
+
+@pytest.fixture(scope="module")
+def valid_dir(tmp_path_factory) -> Path:
+    return write_valid(tmp_path_factory.mktemp("valid") / "ckpt")
+
+
+# (argv, words of the error); {ckpt} is a valid checkpoint directory
+ARGS = [
+    (["run", "--start-pos", "-5"], ("--start-pos", "-5")),
+    (["run", "--start-pos", "1.5"], ("--start-pos",)),
+    (["run", "--start-pos", "5000"], ("max_position_embeddings",)),
+    (["run", "--steps", "0"], ("--steps",)),
+    (["run", "--steps", "-2"], ("--steps",)),
+    (["run", "--batch", "0"], ("--batch",)),
+    (["run", "--seq", "0"], ("--seq",)),
+    (["run", "--seed", "-1"], ("--seed",)),
+    (["run", "--layer", "-1", "--checkpoint", "{ckpt}"], ("--layer",)),
+    (["run", "--device", "bogus"], ("--device", "bogus")),
+    (["run", "--device", ""], ("--device",)),
+    (["run", "--device", "mps"], ("--device", "mps")),
+    (["run", "--preset", "huge"], ("--preset",)),
+    (["run", "--checkpoint", "/nonexistent/ckpt", "--layer", "1", "--device", "cpu"], ("/nonexistent/ckpt",)),
+    (["run", "--checkpoint", "{ckpt}", "--device", "cpu"], ("--layer",)),
+    (["run", "--checkpoint", "{ckpt}", "--layer", "7", "--device", "cpu"], ("layers.7.",)),
+    (["inspect", "{ckpt}", "--prefix", "layers."], ("prefix", "{layer}")),
+    (["inspect", "{ckpt}", "--prefix", "layers.{n}."], ("prefix", "{n}")),
+    (["inspect", "{ckpt}", "--prefix", "layers.{layer}.{layer}."], ("prefix",)),
+    (["inspect", "{ckpt}", "--prefix", "layers.{"], ("prefix",)),
+    (["inspect", "{ckpt}", "--layer", "-1"], ("--layer",)),
+    (["inspect", "/nonexistent/ckpt"], ("/nonexistent/ckpt",)),
+    (["bench", "--budget-s", "nan"], ("--budget-s", "nan")),
+    (["bench", "--budget-s", "inf"], ("--budget-s",)),
+    (["bench", "--budget-s", "-1"], ("--budget-s",)),
+    (["bench", "--budget-s", "0"], ("--budget-s",)),
+    (["bench", "--budget-s", "two"], ("--budget-s",)),
+    (["bench", "--reps", "0"], ("--reps",)),
+    (["bench", "--seed", "-3"], ("--seed",)),
+    (["bench", "--ops", "attention"], ("--ops",)),
+    (["golden", "save", "{tmp}", "--op", "indexer", "--device", "bogus"], ("--device",)),
+    (["golden", "save", "{tmp}", "--op", "indexer", "--seed", "-1"], ("--seed",)),
+    (["golden", "check", "{tmp}", "--device", "bogus"], ("--device",)),
+    (["golden", "check", "{tmp}", "--device", "cpu"], ("no golden cases",)),
+    ([], ("command",)),
+]
+if NO_CUDA:  # on a CPU-only torch (or no GPU), asking for CUDA is a user error
+    ARGS += [
+        (["run", "--device", "cuda"], ("--device", "CUDA is not available")),
+        (["run", "--device", "cuda:1"], ("--device", "CUDA is not available")),
+        (["golden", "check", "{tmp}", "--device", "cuda"], ("--device", "CUDA")),
+    ]
+
+
+@pytest.mark.parametrize(("argv", "words"), ARGS, ids=[" ".join(a) or "(none)" for a, _ in ARGS])
+def test_user_error_is_one_line_and_exit_2(argv, words, valid_dir, tmp_path, capsys) -> None:
+    argv = [a.replace("{ckpt}", str(valid_dir)).replace("{tmp}", str(tmp_path)) for a in argv]
+    before = digest(valid_dir)
+    code, out, err = _run(argv, capsys)
+    _assert_one_line_error(code, err, words)
+    assert "all checks passed" not in out
+    assert digest(valid_dir) == before
+
+
+def test_golden_save_does_not_overwrite(tmp_path, capsys) -> None:
+    argv = ["golden", "save", str(tmp_path), "--op", "qkv_proj_rope"]
+    assert _run(argv, capsys)[0] == 0
+    before = digest(tmp_path)
+    code, _, err = _run(argv, capsys)
+    _assert_one_line_error(code, err, ("already", "not overwritten"))
+    assert digest(tmp_path) == before
+    (manifest,) = tmp_path.glob("*.json")
+    manifest.unlink()  # a tensor file of the case is still there: still refused, still nothing written
+    before = digest(tmp_path)
+    code, _, err = _run(argv, capsys)
+    _assert_one_line_error(code, err, ("inputs.safetensors",))
+    assert digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("corruption", structure_corruptions()[:3], ids=lambda c: c.id)
+def test_checkpoint_errors_are_one_line(corruption, valid_dir, tmp_path, capsys) -> None:
+    directory = tmp_path / "ckpt"
+    shutil.copytree(valid_dir, directory)
+    corruption.apply(directory)
+    for argv in (
+        ["inspect", str(directory)],
+        ["run", "--checkpoint", str(directory), "--layer", "1", "--device", "cpu"],
+    ):
+        code, out, err = _run(argv, capsys)
+        _assert_one_line_error(code, err, (str(directory / SHARDS[0]),))
+        assert "check: ok" not in out and "all checks passed" not in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["bench", "--budget-s", "nan"], ["run", "--device", "bogus"], ["run", "--start-pos", "-5"]],
+    ids=lambda a: " ".join(a),
+)
+def test_the_command_itself(argv) -> None:
+    """The console command (a fresh interpreter): the same one line, exit 2, no traceback."""
+    proc = run_dsv4(*argv)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == "", proc.stderr

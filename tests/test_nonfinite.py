@@ -1,0 +1,201 @@
+"""NaN and infinity stay visible (spec §7): a non-finite input gives non-finite outputs on every
+backend exactly where the reference has them, and a checkpoint tensor holding one is refused by name.
+
+The Triton kernels' ``tl.maximum``/``tl.minimum``/``tl.max`` drop NaN (IEEE maxNum) on GPUs and in
+the interpreter alike, and rounding a NaN's bits to bf16 can carry its payload into the sign bit: the
+cases below put a NaN, an infinity or a NaN with a full payload (``0x7FFFFFFF``, the NaN NVIDIA GPUs
+produce) into one element of one input at a time.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from safetensors.torch import load_file, save_file
+
+import dsv4
+from bad_checkpoints import LAYER, PREFIX, SHARDS, digest, write_valid
+from dsv4 import CheckpointError
+from dsv4.cli import main
+from dsv4.harness.cases import Case, run_case
+from dsv4.io.checkpoint import Checkpoint
+from dsv4.kernels import epilogue
+from dsv4.kernels.epilogue import quantize_int8_rows
+from dsv4.model.quant import quantize_int8_per_row
+from op_cases import case_at
+from test_validation import _get, _set
+
+CFG = dsv4.get_config("tiny")
+HID = CFG.index_head_dim
+START = [10, 14]  # S=2: row 0 closes block 2 (positions 8..11), row 1 closes block 3 (12..15)
+
+
+def payload_nan(dtype: torch.dtype) -> float | torch.Tensor:
+    """A quiet NaN with every payload bit set (0x7FFFFFFF in fp32, 0x7FFF in bf16)."""
+    bits = {torch.float32: (0x7FFFFFFF, torch.int32), torch.bfloat16: (0x7FFF, torch.int16)}[dtype]
+    return torch.tensor([bits[0]], dtype=bits[1]).view(dtype)[0]
+
+
+VALUES = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf"), "payload-nan": None}
+
+# (op, argument path, element index, value): one element that reaches the outputs of the step
+CASES = [
+    ("qkv_proj_rope", "x", (1, 7), "nan"),
+    ("qkv_proj_rope", "x", (2, 0), "-inf"),
+    ("qkv_proj_rope", "x", (3, 5), "payload-nan"),
+    ("qkv_proj_rope", "w.wq_a", (0, 0), "nan"),
+    ("qkv_proj_rope", "w.gamma_cq", (3,), "+inf"),
+    ("qkv_proj_rope", "w.wq_b_scale", (5,), "payload-nan"),
+    ("qkv_proj_rope", "w.wkv", (2, 1), "nan"),
+    ("qkv_proj_rope", "w.gamma_ckv", (100,), "payload-nan"),
+    ("qkv_proj_rope", "rope.cos", (START[0], 3), "nan"),
+    ("qkv_proj_rope", "rope.sin", (START[1] + 1, 0), "+inf"),
+    ("indexer", "x", (0, 1, 4), "nan"),
+    ("indexer", "x", (1, 0, 9), "+inf"),
+    ("indexer", "qr_scale", (1, 0), "nan"),
+    ("indexer", "qr_scale", (2, 0), "+inf"),
+    ("indexer", "w.wq_b_scale", (3,), "payload-nan"),
+    ("indexer", "w.weights_proj", (0, 0), "nan"),
+    ("indexer", "w.compressor.wkv", (0, 0), "nan"),
+    ("indexer", "w.compressor.wgate", (HID, 3), "+inf"),
+    ("indexer", "w.compressor.ape", (2, HID), "payload-nan"),
+    ("indexer", "w.compressor.norm_w", (0,), "nan"),
+    ("indexer", "state.kv_state", (0, 0, 0), "payload-nan"),
+    ("indexer", "state.score_state", (0, 1, 0), "nan"),
+    ("indexer", "state.key_scale", (0, 5), "nan"),
+    ("indexer", "state.key_scale", (1, 1), "payload-nan"),
+    ("indexer", "rope.cos", (START[0], 1), "nan"),
+]
+
+
+def _poisoned(op: str, path: str, index: tuple[int, ...], value: str) -> Case:
+    case = case_at(CFG, op, batch=2, seq=2, start=START, max_position=64)
+    args = dict(case.args)
+    if op == "qkv_proj_rope":  # the same positions as the indexer case: rows at 10 and 14
+        args["positions"] = torch.tensor([10, 11, 14, 15], device=args["positions"].device)
+    t = _get(args, path).clone()
+    t[index] = payload_nan(t.dtype) if value == "payload-nan" else VALUES[value]
+    if path.startswith("state."):
+        field = path.split(".")[1]
+        args["state"] = dsv4.IndexerState(**{**args["state"].tensors(), field: t})
+    elif path.startswith("rope."):
+        field = path.split(".")[1]
+        other = "sin" if field == "cos" else "cos"
+        args["rope"] = dsv4.RopeTable(**{field: t, other: getattr(args["rope"], other)})
+    else:
+        _set(args, path, t)
+    return Case(op, args, case.meta)
+
+
+def _nonfinite(t: torch.Tensor) -> torch.Tensor:
+    return ~torch.isfinite(t.float())
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (the interpreter) on NaN/inf arithmetic
+@pytest.mark.parametrize(("op", "path", "index", "value"), CASES, ids=[f"{c[0]}-{c[1]}-{c[3]}" for c in CASES])
+def test_nonfinite_input_stays_visible_on_every_backend(op, path, index, value) -> None:
+    case = _poisoned(op, path, index, value)
+    want = run_case(case, "reference")
+    got = run_case(case, "triton")
+    assert any(_nonfinite(t).any() for t in want.values()), "premise: the reference's outputs show the NaN/inf"
+    for name, w in want.items():
+        if w.is_floating_point():
+            bad_w, bad_g = _nonfinite(w), _nonfinite(got[name])
+            assert torch.equal(bad_g, bad_w), (
+                f"{name}: non-finite at {bad_w.sum()} elements on the reference, {bad_g.sum()} on Triton "
+                f"({(bad_w & ~bad_g).sum()} hidden)"
+            )
+    if "qr" in want:  # rows with a NaN/inf scale quantize to 0, as the reference's NaN -> int8 does
+        rows = _nonfinite(want["qr_scale"]).view(-1)
+        assert torch.equal(got["qr"][rows], want["qr"][rows])
+    if "topk_idxs" in want:  # NaN scores rank first (torch's descending sort), ties by lower index
+        rows = _nonfinite(want["score"]).any(-1)
+        assert torch.equal(got["topk_idxs"][rows], want["topk_idxs"][rows])
+
+
+@triton.jit
+def _quantize_rows_kernel(v_ptr, q_ptr, s_ptr, N: tl.constexpr):
+    rows = tl.arange(0, 4)[:, None]
+    cols = tl.arange(0, N)[None, :]
+    q, s = quantize_int8_rows(tl.load(v_ptr + rows * N + cols))
+    tl.store(q_ptr + rows * N + cols, q)
+    tl.store(s_ptr + tl.arange(0, 4), s)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("branch", ["interpreter", "compiled"])
+@pytest.mark.parametrize("value", ["nan", "+inf", "-inf", "payload-nan"])
+def test_int8_quantizer_of_a_nonfinite_row(value, branch, monkeypatch) -> None:
+    """The Triton quantizer alone, on rows with one non-finite element: bit for bit the reference's
+    ``quantize_int8_per_row`` (scale NaN or infinite, q 0 in such a row); finite rows unchanged.
+    ``branch``: the row maximum as the interpreter computes it, or the source a GPU compiles (a
+    NaN-keeping ``tl.reduce``), run here through the interpreter too."""
+    monkeypatch.setattr(epilogue, "INTERPRETED", branch == "interpreter")
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(4, 32, generator=g)
+    v[1, 5] = payload_nan(torch.float32) if value == "payload-nan" else VALUES[value]
+    v[3] = 0.0  # the 1e-4 floor
+    q, s = torch.empty(4, 32, dtype=torch.int8), torch.empty(4)
+    _quantize_rows_kernel[(1,)](v, q, s, N=32)
+    q_ref, s_ref = quantize_int8_per_row(v)
+    assert torch.equal(q, q_ref)
+    assert torch.equal(s.view(torch.int32)[[0, 2, 3]], s_ref.view(-1).view(torch.int32)[[0, 2, 3]])
+    assert not torch.isfinite(s[1]) and (torch.isnan(s[1]) == torch.isnan(s_ref[1, 0]))
+
+
+# --- checkpoint tensors ---------------------------------------------------------------------------
+
+PLAIN = [  # every bf16/fp32 tensor the front end loads, and the shard that holds it
+    ("attn.q_norm.weight", SHARDS[0]),
+    ("attn.kv_norm.weight", SHARDS[0]),
+    ("attn.indexer.weights_proj.weight", SHARDS[1]),
+    ("attn.indexer.compressor.wkv.weight", SHARDS[1]),
+    ("attn.indexer.compressor.wgate.weight", SHARDS[1]),
+    ("attn.indexer.compressor.ape", SHARDS[1]),
+    ("attn.indexer.compressor.norm.weight", SHARDS[1]),
+]
+FP8 = [("attn.wq_a.weight", SHARDS[0]), ("attn.wq_b.weight", SHARDS[0]), ("attn.wkv.weight", SHARDS[0]),
+       ("attn.indexer.wq_b.weight", SHARDS[1])]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def valid_dir(tmp_path_factory) -> Path:
+    return write_valid(tmp_path_factory.mktemp("valid") / "ckpt")
+
+
+def _with_value(valid_dir: Path, tmp_path: Path, name: str, shard: str, value: str) -> Path:
+    directory = tmp_path / "ckpt"
+    shutil.copytree(valid_dir, directory)
+    tensors = load_file(str(directory / shard))
+    t = tensors[PREFIX + name].clone()
+    if t.dtype == torch.float8_e4m3fn:
+        t.view(torch.uint8).view(-1)[3] = 0x7F  # the e4m3 NaN byte
+    else:
+        t.view(-1)[3] = payload_nan(t.dtype) if value == "payload-nan" else VALUES[value]
+    tensors[PREFIX + name] = t
+    save_file(tensors, str(directory / shard))
+    return directory
+
+
+# float8_e4m3fn has no infinity: its one non-finite value is NaN
+BAD_VALUES = [(n, s, v) for n, s in PLAIN for v in ("nan", "+inf", "-inf")] + [(n, s, "nan") for n, s in FP8]
+
+
+@pytest.mark.parametrize(("name", "shard", "value"), BAD_VALUES, ids=[f"{n}-{v}" for n, _, v in BAD_VALUES])
+def test_checkpoint_tensor_with_nonfinite_value_is_refused(name, shard, value, valid_dir, tmp_path, capsys) -> None:
+    directory = _with_value(valid_dir, tmp_path, name, shard, value)
+    before = digest(directory)
+    for raw_bytes in (None, True):
+        with pytest.raises(CheckpointError) as info, Checkpoint(directory, raw_bytes=raw_bytes) as ckpt:
+            ckpt.load_layer(LAYER)
+        assert PREFIX + name in str(info.value) and ("NaN" in str(info.value) or "infinite" in str(info.value))
+    assert main(["inspect", str(directory)]) == 1
+    out = capsys.readouterr().out
+    assert "check: ok" not in out and "check: headers and shapes ok, but load_layer refuses" in out
+    assert PREFIX + name in out.splitlines()[-1]
+    assert digest(directory) == before
