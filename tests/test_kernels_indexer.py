@@ -12,7 +12,7 @@ import dsv4
 from conftest import DEVICE
 from dsv4.harness.cases import Case, make_case, run_case
 from dsv4.harness.golden import compare, ratio_allclose, tolerance
-from dsv4.kernels.index_query import index_query
+from dsv4.kernels.index_front import front
 from dsv4.model.config import PRESETS
 from dsv4.model.quant import quantize_int8_per_row
 from dsv4.ops.validate import step_positions
@@ -112,7 +112,7 @@ def test_index_query(preset: str, batch: int, seq: int) -> None:
     a = case.args
     w = a["w"]
     pos = step_positions(a["start_pos"], batch, seq, DEVICE)
-    q8, q_scale = index_query(a["qr"], a["qr_scale"], w.wq_b, w.wq_b_scale, pos, a["rope"], cfg.index_head_dim)
+    _, q8, q_scale = front(a["x"], w.compressor, pos, indexer=w, qr=a["qr"], qr_scale=a["qr_scale"], rope=a["rope"])
     q = reference_index_query(a["qr"], a["qr_scale"], w, pos.token_positions().reshape(-1), a["rope"])
     ref_q8, ref_scale = quantize_int8_per_row(q)
     check = ratio_allclose(q8, ref_q8, 1.0, 0.0, 0.0, "q8")

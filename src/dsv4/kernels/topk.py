@@ -53,6 +53,8 @@ SELECT_WARPS = 8  # 16 keys per thread for the 4096-key programs (4 warps: 220 r
 INDEX_BITS = 31  # low bits of the sort key hold 2^31-1-j: rows up to 2^31 keys, key fits int64
 
 _RATIO = tl.constexpr(COMPRESS_RATIO)
+_RADIX_BITS = tl.constexpr(RADIX_BITS)
+_RADIX_BINS = tl.constexpr(RADIX_BINS)
 _INDEX_MASK = tl.constexpr((1 << INDEX_BITS) - 1)
 _INDEX_BITS = tl.constexpr(INDEX_BITS)
 _INT32_MAX = tl.constexpr((1 << 31) - 1)  # constants stay int32 literals; sums are int64
@@ -102,6 +104,14 @@ def _descend(prefix, need, done, hist, BINS: tl.constexpr):
 def _first_level(k, visible):
     """``(prefix, need, done)`` before any digit is fixed: all ``k`` to take, done when that is every key."""
     return k * 0, k, k == visible
+
+
+@triton.jit
+def first_digit_histogram(score, valid):
+    """Counts of the first radix digit (the order key's top ``RADIX_BITS``) among the ``valid`` scores
+    of ``score [N] fp32``: ``[RADIX_BINS] int32``."""
+    key = _order_key(score)
+    return tl.histogram((key >> (32 - _RADIX_BITS)).to(tl.int32), _RADIX_BINS, mask=valid)
 
 
 @triton.jit
