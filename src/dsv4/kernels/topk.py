@@ -49,15 +49,15 @@ from ..model.structs import StepPositions
 from .launch import require
 from .workspace import Workspace, scratch
 
-RADIX_BITS = 8  # digit width: tl.histogram costs bins/32 counters per lane per element on a GPU,
-# so 256 bins stay cheap; 32-bit keys then need 32/8 = 4 passes.
+RADIX_BITS = 8  # digit width: tl.histogram's work per element grows with the bins on a GPU (bins/32
+# counters per lane on Triton 3.6), so 256 bins stay cheap; 32-bit keys then need 32/8 = 4 passes.
 RADIX_BINS = 1 << RADIX_BITS
 RADIX_PASSES = 32 // RADIX_BITS
 assert 32 % RADIX_BITS == 0, "digits must tile the 32-bit order key"
 FIRST_DIGIT_BINS = RADIX_BINS  # bins of ``first_digit_histogram``: the order key's top digit
 ROW_IN_REGISTERS = 4096  # longest row one program selects alone, and the chunk of a longer row:
-# 4096 x (4 B score + 8 B key) over 8 warps; ptxas (sm_90, flash topk 512) reports 127 registers
-# (Triton 3.9; 170 on 3.6) and no spills for the single-program kernel there. Flash decode rows (2048
+# 4096 x (4 B score + 8 B key) over 8 warps; ptxas (sm_90, flash topk 512) reports 97 registers
+# (Triton 3.9; 162 on 3.6) and no spills for the single-program kernel there. Flash decode rows (2048
 # keys) stay one launch.
 CHUNK = ROW_IN_REGISTERS  # keys per program on long rows: 16 KB of scores; 262144 keys make 64
 # programs per row, so two decode rows (S=2) cover an H100's 132 SMs.
@@ -292,7 +292,8 @@ def _partition(cand_row_ptr, wins_row_ptr, count, won, threshold, SHIFT: tl.cons
     keys above it (and keys equal to it once ``done``) are appended to the winners ``wins[won:]``;
     keys equal to it (not ``done``) stay, compacted to the front, for the next digit. Returns how
     many stay and the winners so far. In place: a key moves only to a slot at or below its own,
-    which this program has already read."""
+    already read (its slot comes from a scan over the whole block, which waits for every thread's
+    load)."""
     prefix = threshold >> SHIFT
     stay_count = count * 0
     for start in range(0, count, CHUNK):
