@@ -39,7 +39,7 @@ from ..model.weights import IndexerWeights
 from .compressor import CLOSE_CHUNK, NUM_WARPS, close_chunk
 from .head_rotation import split_head_dims
 from .launch import require, sm_count
-from .topk import RADIX_BINS, first_digit_histogram
+from .topk import FIRST_DIGIT_BINS, HIST_WORDS, first_digit_histogram
 from .workspace import Workspace, scratch
 from .x_proj import head_weights
 
@@ -53,7 +53,8 @@ MIN_DOT_WIDTH = 16  # tl.dot needs every dimension >= 16: fewer heads are zero-p
 _MASKED = tl.constexpr(MASKED_SCORE)
 _RATIO = tl.constexpr(COMPRESS_RATIO)
 _KEYS = tl.constexpr(KEYS_PER_PROGRAM)
-_BINS = tl.constexpr(RADIX_BINS)
+_BINS = tl.constexpr(FIRST_DIGIT_BINS)
+_HIST_ROW = tl.constexpr(HIST_WORDS)
 
 
 @triton.jit
@@ -96,7 +97,7 @@ def _score_kernel(
     sin_ptr,
     start_ptr,  # [B] int64
     score_ptr,  # out [B, S, n_keys] fp32
-    hist_ptr,  # out [B*S, 256] int32, zero on entry: first-digit histograms of the visible scores (HIST)
+    hist_ptr,  # out [B*S, HIST_WORDS] int32, zero on entry: first-digit histograms of the visible scores (HIST)
     B,
     S,
     n_keys,
@@ -196,7 +197,7 @@ def _score_kernel(
                     column = tl.sum(tl.where(cols[None, :] == t, score, 0.0), 1)
                     counts = first_digit_histogram(column, tl.sum(tl.where(cols[None, :] == t, seen, 0), 1) > 0)
                     bins = tl.arange(0, _BINS)
-                    dest = hist_ptr + (b64 * S + g * TOK + t) * _BINS + bins
+                    dest = hist_ptr + (b64 * S + g * TOK + t) * _HIST_ROW + bins
                     tl.atomic_add(dest, counts, mask=(counts > 0) & (g * TOK + t < S), sem="relaxed")
 
 
@@ -225,8 +226,9 @@ def index_scores(
     the front launch's outputs. Updates rows ``0..B-1`` of ``state`` (ring, the closed blocks' keys in
     the pool) and returns ``score [B, S, pos.max_cache_len] fp32`` — or fills ``out [B, S, L] fp32``
     (``L >= pos.max_cache_len``), all ``L`` columns — with ``MASKED_SCORE`` where key
-    ``j >= (start[b]+s+1)//4``. ``hist [B*S, 256] int32`` (zero on entry): the first radix digit's
-    histogram of each token's visible scores is added into it (``topk.first_digit_histogram``).
+    ``j >= (start[b]+s+1)//4``. ``hist [B*S, HIST_WORDS] int32`` (zero on entry): the first radix
+    digit's histogram of each token's visible scores is added into its first ``FIRST_DIGIT_BINS``
+    columns (``topk.first_digit_histogram``), as ``topk.select_topk`` takes it.
     """
     splits, t, _ = xp.shape
     b, s = pos.batch, pos.seq

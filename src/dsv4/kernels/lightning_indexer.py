@@ -4,7 +4,8 @@
    K-slices) and the INT8 query path (``q8 [T, HI, HID]``, ``q_scale [T, HI]``), two program families.
 2. ``index_score.index_scores``: the compressor's closes and ring update, then the scores of every token
    against its visible keys, in one persistent grid.
-3. ``topk.select_topk``: the top-k indices per token.
+3. ``topk.select_topk``: the top-k indices per token (rows longer than ``ROW_IN_REGISTERS`` keys
+   start from the first-digit histograms the score launch builds).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from ..model.weights import IndexerWeights
 from .compressor import close_splits_cap
 from .index_front import front
 from .index_score import index_scores
-from .topk import select_topk
-from .workspace import Workspace
+from .topk import HIST_WORDS, ROW_IN_REGISTERS, select_topk
+from .workspace import Workspace, scratch
 
 
 def indexer(
@@ -41,8 +42,15 @@ def indexer(
 
     Writes into ``out`` when given (a wider ``score`` is filled whole, masked past each token's
     visible rows); scratch comes from ``ws`` when given."""
-    cap = close_splits_cap(pos.seq)
-    xp, q8, q_scale = front(x, w.compressor, pos, indexer=w, qr=qr, qr_scale=qr_scale, rope=rope, ws=ws, max_splits=cap)
-    score = index_scores(xp, q8, q_scale, w, state, pos, rope, eps, None if out is None else out.score, ws=ws)
-    topk_idxs = select_topk(score, pos, topk, offset, None if out is None else out.topk_idxs, ws)
+    b, s = pos.batch, pos.seq
+    width = pos.max_cache_len if out is None else out.score.shape[2]
+    # Rows longer than one program selects alone: the score launch builds the first-digit histograms
+    # the selection starts from, in counters the front launch zeroes.
+    hist = scratch(ws, "indexer.hist", (b * s, HIST_WORDS), torch.int32, x.device) if width > ROW_IN_REGISTERS else None
+    cap = close_splits_cap(s)
+    xp, q8, q_scale = front(
+        x, w.compressor, pos, indexer=w, qr=qr, qr_scale=qr_scale, rope=rope, ws=ws, zero=hist, max_splits=cap
+    )
+    score = index_scores(xp, q8, q_scale, w, state, pos, rope, eps, None if out is None else out.score, hist, ws)
+    topk_idxs = select_topk(score, pos, topk, offset, None if out is None else out.topk_idxs, ws, hist)
     return IndexerOut(score, topk_idxs)
