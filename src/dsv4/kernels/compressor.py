@@ -49,7 +49,10 @@ assert CLOSE_TILE >= 2, "the (at most two) blocks that read the pre-step ring mu
 NUM_WARPS = 8  # pooling and Hadamard tiles of 16 blocks: no spills on sm_90 (figures in docs/DESIGN.md)
 RATIO = tl.constexpr(COMPRESS_RATIO)
 SLOTS = tl.constexpr(STATE_SLOTS)
-SUM_ROWS = 16  # tokens per step when chunk 0 adds its row's K-slices: [16, 4*HID] fp32 = 32 KiB of registers
+_CHUNK = tl.constexpr(CLOSE_CHUNK)
+_TILE = tl.constexpr(CLOSE_TILE)
+SUM_BLOCK = tl.constexpr(256)  # values per step when chunk 0 adds its K-slices: one value a thread per slice
+#                                at 8 warps, so every slice's load is in flight in SPLITS registers
 
 
 def close_splits_cap(seq: int) -> int | None:
@@ -196,15 +199,14 @@ def _update_ring(src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, start, S, T
 
 @triton.jit
 def _sum_row_slices(xp_ptr, dst_ptr, b, S, T, HI, TWO_HID: tl.constexpr, SPLITS: tl.constexpr):
-    """Row ``b``'s tokens' kv | gate columns of the x-projection's ``SPLITS`` K-slices, added in slice
-    order, into ``dst`` (laid out as one slice)."""
+    """Row ``b``'s tokens (all their columns) of the x-projection's ``SPLITS`` K-slices, added in slice
+    order, into ``dst`` (laid out as one slice). The row's tokens are contiguous: summed as one run."""
     n_out = 2 * TWO_HID + HI
-    cols = tl.arange(0, 2 * TWO_HID)
-    for t0 in range(0, S, SUM_ROWS):
-        tok = b * S + t0 + tl.arange(0, SUM_ROWS)
-        mask = (t0 + tl.arange(0, SUM_ROWS) < S)[:, None]
-        offsets = tok[:, None] * n_out + cols[None, :]
-        tl.store(dst_ptr + offsets, sum_k_slices(xp_ptr + offsets, mask, T * n_out, SPLITS), mask=mask)
+    n = S * n_out
+    lo = b * n
+    for i0 in tl.range(0, n, SUM_BLOCK, num_stages=1):  # the slices' loads are the pipeline
+        i = i0 + tl.arange(0, SUM_BLOCK)
+        tl.store(dst_ptr + lo + i, sum_k_slices(xp_ptr + lo + i, i < n, T * n_out, SPLITS), mask=i < n)
 
 
 @triton.jit
@@ -213,7 +215,7 @@ def close_chunk(
     norm_w_ptr, cos_ptr, sin_ptr, S, T, HI, max_blocks, eps, hadamard_scale,
     HID: tl.constexpr, NOPE: tl.constexpr, HALF_R: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLITS: tl.constexpr,
 ):  # fmt: skip
-    """Chunk ``c`` of row ``b``'s closing blocks (``[c, c+1) * CLOSE_CHUNK``); chunk 0 also writes the ring.
+    """Chunk ``c`` of row ``b``'s closing blocks (``[c, c+1) * _CHUNK``); chunk 0 also writes the ring.
 
     ``xp`` holds the x-projection's ``SPLITS`` raw K-slices; with more than one, chunk 0 first adds its
     row's into ``kvg`` (same layout, one slice) and reads them there (later chunks never exist then)."""
@@ -224,11 +226,11 @@ def close_chunk(
     else:
         src_ptr = xp_ptr
     n_close = (start + S) // RATIO - start // RATIO
-    lo = c * CLOSE_CHUNK
-    for k0 in range(lo, tl.minimum(lo + CLOSE_CHUNK, n_close), CLOSE_TILE):
+    lo = c * _CHUNK
+    for k0 in range(lo, tl.minimum(lo + _CHUNK, n_close), _TILE):
         _close_tile(
             src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, keys_ptr, key_scale_ptr, table_ptr, norm_w_ptr, cos_ptr,
-            sin_ptr, b, start, S, k0 + tl.arange(0, CLOSE_TILE), tl.minimum(n_close, lo + CLOSE_CHUNK), T, HI,
+            sin_ptr, b, start, S, k0 + tl.arange(0, _TILE), tl.minimum(n_close, lo + _CHUNK), T, HI,
             max_blocks, eps, hadamard_scale, HID, NOPE, HALF_R, BLOCK_SIZE,
         )  # fmt: skip
     if c == 0:
@@ -262,7 +264,7 @@ def _compressor_step_kernel(
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     start = tl.load(start_ptr + b)
-    if c * CLOSE_CHUNK < tl.maximum((start + S) // RATIO - start // RATIO, 1):
+    if c * _CHUNK < tl.maximum((start + S) // RATIO - start // RATIO, 1):
         close_chunk(
             c, b, start, xp_ptr, kvg_ptr, ape_ptr, kv_state_ptr, score_state_ptr, keys_ptr, key_scale_ptr, table_ptr,
             norm_w_ptr, cos_ptr, sin_ptr, S, tl.num_programs(0) * S, 0, max_blocks, eps, hadamard_scale,

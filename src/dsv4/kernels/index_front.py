@@ -32,7 +32,7 @@ from .x_proj import BLOCK_N, x_proj_tile, x_proj_tiles
 
 NUM_WARPS = 8  # both families' tiles: [128, 128] fp32 accumulators (x-projection), three int32 and one fp32
 #                [128, <=128] tiles (query head); registers and spills in docs/DESIGN.md
-ZERO_BLOCK = 1024  # int32 counters zeroed per step of the loop in program 0
+ZERO_BLOCK = tl.constexpr(1024)  # int32 counters zeroed per step of the loop in program 0
 
 
 @triton.jit

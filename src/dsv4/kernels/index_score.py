@@ -8,7 +8,7 @@ step closes (``[start//4, cache_len)``; a row always has at least one, which als
 in every program from ``start`` (no host values: a captured graph replays it), and program ``p`` of
 ``P`` takes the contiguous run ``[p*N/P, (p+1)*N/P)`` of it — so a program mostly walks consecutive
 items of one row, and the row's queries, their scales and head weights are loaded once and stay on
-chip across them (with every decode token of the row in one MMA: ``TOKENS`` x heads columns).
+chip across them (a decode step's two tokens — multi-token prediction — are held together).
 
 **New items close first.** A new item computes the keys its rows get this step
 (``compressor.close_chunk``: pooling, RMSNorm, RoPE, Hadamard, INT8), stores them in the pool, and
@@ -44,9 +44,7 @@ from .workspace import Workspace, scratch
 from .x_proj import head_weights
 
 KEYS_PER_PROGRAM = CLOSE_CHUNK  # rows per item: 128 keys x 132 B (INT8 row + fp32 scale) = 16.5 KB, one
-#                                 [128, HID] x [HID, TOKENS * HI] INT8 MMA; the compressor's close chunk
-TOKENS_MAX = 2  # tokens of a row scored by one MMA (its queries held across the row's items): a 2-token
-#                 decode step (multi-token prediction) is one; more tokens are taken two at a time
+#                                 [128, HID] x [HID, HI] INT8 MMA per token; the compressor's close chunk
 PROGRAMS_PER_SM = 1  # the persistent grid: one program per SM
 MIN_DOT_WIDTH = 16  # tl.dot needs every dimension >= 16: fewer heads are zero-padded up to it
 
@@ -64,20 +62,33 @@ def _pick(values, rows, b):
 
 
 @triton.jit
-def _queries(q8_ptr, q_scale_ptr, xp_ptr, tok0, n_tok, T, HI, weights_scale, SPLITS: tl.constexpr,
-             TWO_HID: tl.constexpr, HID: tl.constexpr, TOK: tl.constexpr, HEADS_PAD: tl.constexpr):  # fmt: skip
-    """Tokens ``tok0 .. tok0 + n_tok - 1`` (at most ``TOK``): their INT8 query rows as the dot's right
-    operand ``[HID, TOK*HEADS_PAD]`` (column ``t*HEADS_PAD + h``), the rows' scales and head weights
-    ``[TOK*HEADS_PAD]``; padding columns are zero."""
-    m = tl.arange(0, TOK * HEADS_PAD)
-    t = m // HEADS_PAD
-    h = m % HEADS_PAD
-    ok = (t < n_tok) & (h < HI)
-    tok = tok0 + t
-    q8 = tl.load(q8_ptr + ((tok * HI + h) * HID)[None, :] + tl.arange(0, HID)[:, None], mask=ok[None, :], other=0)
-    q_scale = tl.load(q_scale_ptr + tok * HI + h, mask=ok, other=0.0)
-    weight = head_weights(xp_ptr, tok, h, ok, T, HI, weights_scale, TWO_HID, SPLITS)
+def _queries(q8_ptr, q_scale_ptr, xp_ptr, tok, ok, T, HI, weights_scale, SPLITS: tl.constexpr,
+             TWO_HID: tl.constexpr, HID: tl.constexpr, HEADS_PAD: tl.constexpr):  # fmt: skip
+    """Token ``tok``'s INT8 query rows as the dot's right operand ``[HID, HEADS_PAD]``, their scales
+    and head weights ``[HEADS_PAD]``; padding heads (and every head when not ``ok``) are zero."""
+    h = tl.arange(0, HEADS_PAD)
+    live = (h < HI) & ok
+    q8 = tl.load(q8_ptr + ((tok * HI + h) * HID)[None, :] + tl.arange(0, HID)[:, None], mask=live[None, :], other=0)
+    q_scale = tl.load(q_scale_ptr + tok * HI + h, mask=live, other=0.0)
+    weight = head_weights(xp_ptr, tok + h * 0, h, live, T, HI, weights_scale, TWO_HID, SPLITS)
     return q8, q_scale, weight
+
+
+@triton.jit
+def _score_token(k8, k_scale, key, load_hi, store_hi, q8, q_scale, weight, row_ptr, hist_row_ptr, visible, ok,
+                 HIST: tl.constexpr):  # fmt: skip
+    """One token's scores of an item's keys: INT8 dot over the heads, dequantize, ReLU, head sum, key
+    scale; stored at ``row_ptr + key`` below ``store_hi`` (``MASKED_SCORE`` from ``visible`` on)."""
+    dots = tl.dot(k8, q8, out_dtype=tl.int32).to(tl.float32)  # [KEYS, HEADS_PAD]
+    # ReLU that keeps NaN (torch.relu does; the default maxNum would turn a NaN logit into 0)
+    logits = tl.maximum(dots * q_scale[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL) * weight[None, :]
+    score = tl.sum(logits, 1) * k_scale  # the key scale after the head sum
+    seen = (key < visible) & (key < load_hi)
+    score = tl.where(seen, score, _MASKED)
+    tl.store(row_ptr + key, score, mask=(key < store_hi) & ok)
+    if HIST:
+        counts = first_digit_histogram(score, seen)
+        tl.atomic_add(hist_row_ptr + tl.arange(0, _BINS), counts, mask=(counts > 0) & ok, sem="relaxed")
 
 
 @triton.jit
@@ -112,7 +123,6 @@ def _score_kernel(
     HALF_R: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     SPLITS: tl.constexpr,
-    TOK: tl.constexpr,
     B_PAD: tl.constexpr,
     HIST: tl.constexpr,
 ):
@@ -134,12 +144,12 @@ def _score_kernel(
     hi = ((pid + 1).to(tl.int64) * total // programs).to(tl.int32)
 
     dim = tl.arange(0, HID)
-    cols = tl.arange(0, TOK)
-    groups = tl.cdiv(S, TOK)
+    pairs = tl.cdiv(S, 2)
     q_row = pid * 0 - 1  # the row whose queries are on chip
-    q8_t = tl.zeros([HID, TOK * HEADS_PAD], dtype=tl.int8)
-    q_scale = tl.zeros([TOK * HEADS_PAD], dtype=tl.float32)
-    weight = tl.zeros([TOK * HEADS_PAD], dtype=tl.float32)
+    q8_0 = tl.zeros([HID, HEADS_PAD], dtype=tl.int8)
+    q_scale_0 = tl.zeros([HEADS_PAD], dtype=tl.float32)
+    weight_0 = tl.zeros([HEADS_PAD], dtype=tl.float32)
+    q8_1, q_scale_1, weight_1 = q8_0, q_scale_0, weight_0
     for i in range(lo, hi):
         b = tl.sum((ends <= i).to(tl.int32), 0)
         c = i - (_pick(ends, rows, b) - _pick(items, rows, b))
@@ -174,31 +184,29 @@ def _score_kernel(
             keys_ptr + slot[:, None] * HID + dim[None, :], mask=present[:, None], other=0, cache_modifier=".cg"
         )
         k_scale = tl.load(key_scale_ptr + slot, mask=present, other=0.0)
-        for g in range(groups):
-            tok0 = b64 * S + g * TOK
-            if (b != q_row) | (groups > 1):
-                q8_t, q_scale, weight = _queries(
-                    q8_ptr, q_scale_ptr, xp_ptr, tok0, tl.minimum(S - g * TOK, TOK), T, HI, weights_scale, SPLITS,
-                    2 * HID, HID, TOK, HEADS_PAD,
+        # Tokens two at a time (a decode step's two are one pair: their queries stay on chip).
+        for p in range(pairs):
+            s0 = 2 * p
+            tok0 = b64 * S + s0
+            if (b != q_row) | (pairs > 1):
+                q8_0, q_scale_0, weight_0 = _queries(
+                    q8_ptr, q_scale_ptr, xp_ptr, tok0, True, T, HI, weights_scale, SPLITS, 2 * HID, HID, HEADS_PAD
+                )
+                q8_1, q_scale_1, weight_1 = _queries(
+                    q8_ptr, q_scale_ptr, xp_ptr, tok0 + 1, s0 + 1 < S, T, HI, weights_scale, SPLITS, 2 * HID, HID,
+                    HEADS_PAD,
                 )  # fmt: skip
                 q_row = b
-            dots = tl.dot(k8, q8_t, out_dtype=tl.int32).to(tl.float32)  # [KEYS, TOK * HEADS_PAD]
-            # ReLU that keeps NaN (torch.relu does; the default maxNum would turn a NaN logit into 0)
-            logits = tl.maximum(dots * q_scale[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL) * weight[None, :]
-            score = tl.sum(tl.reshape(logits, (_KEYS, TOK, HEADS_PAD)), 2) * k_scale[:, None]  # key scale last
-            s_idx = g * TOK + cols
-            visible = (start + s_idx + 1) // _RATIO
-            seen = (key[:, None] < visible[None, :]) & (key[:, None] < load_hi)
-            score = tl.where(seen, score, _MASKED)
-            out = score_ptr + (b64 * S + s_idx)[None, :] * n_keys + key[:, None]
-            tl.store(out, score, mask=(key < store_hi)[:, None] & (s_idx < S)[None, :])
-            if HIST:
-                for t in tl.static_range(TOK):
-                    column = tl.sum(tl.where(cols[None, :] == t, score, 0.0), 1)
-                    counts = first_digit_histogram(column, tl.sum(tl.where(cols[None, :] == t, seen, 0), 1) > 0)
-                    bins = tl.arange(0, _BINS)
-                    dest = hist_ptr + (b64 * S + g * TOK + t) * _HIST_ROW + bins
-                    tl.atomic_add(dest, counts, mask=(counts > 0) & (g * TOK + t < S), sem="relaxed")
+            out_row = score_ptr + tok0 * n_keys
+            hist_row = hist_ptr + tok0 * _HIST_ROW
+            _score_token(
+                k8, k_scale, key, load_hi, store_hi, q8_0, q_scale_0, weight_0, out_row, hist_row,
+                (start + s0 + 1) // _RATIO, True, HIST,
+            )  # fmt: skip
+            _score_token(
+                k8, k_scale, key, load_hi, store_hi, q8_1, q_scale_1, weight_1, out_row + n_keys, hist_row + _HIST_ROW,
+                (start + s0 + 2) // _RATIO, s0 + 1 < S, HIST,
+            )  # fmt: skip
 
 
 def score_programs(pos: StepPositions, n_keys: int, device: torch.device) -> int:
@@ -241,14 +249,13 @@ def index_scores(
     nope, half_r = split_head_dims(hid, rope.rope_dim)
     score = torch.empty(b, s, pos.max_cache_len, dtype=torch.float32, device=xp.device) if out is None else out
     kvg = scratch(ws, "score.kvg", xp.shape[1:], torch.float32, xp.device) if splits > 1 else xp
-    tokens = min(triton.next_power_of_2(s), TOKENS_MAX)
-    heads_pad = max(triton.next_power_of_2(hi), triton.cdiv(MIN_DOT_WIDTH, tokens))
+    heads_pad = max(triton.next_power_of_2(hi), MIN_DOT_WIDTH)
     _score_kernel[(score_programs(pos, score.shape[2], xp.device),)](
         q8, q_scale, xp, kvg, w.compressor.ape, state.kv_state, state.score_state, state.keys, state.key_scale,
         state.block_table, w.compressor.norm_w, rope.cos, rope.sin, pos.start, score, score if hist is None else hist,
         b, s, score.shape[2], state.block_table.shape[1], hi, eps, hid**-0.5, hid**-0.5 * hi**-0.5,
         HEADS_PAD=heads_pad, HID=hid, NOPE=nope, HALF_R=half_r, BLOCK_SIZE=state.block_size, SPLITS=splits,
-        TOK=tokens, B_PAD=triton.next_power_of_2(b), HIST=hist is not None,
-        num_warps=NUM_WARPS, enable_fp_fusion=False,
+        B_PAD=triton.next_power_of_2(b), HIST=hist is not None,
+        num_warps=8, num_stages=1, enable_fp_fusion=False,
     )  # fmt: skip
     return score

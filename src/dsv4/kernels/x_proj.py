@@ -28,6 +28,7 @@ BLOCK_M_MIN = 16  # smallest tl.dot M
 BLOCK_N = 128  # output columns per tile: divides 2*HID (no tile straddles two weights); wkv and wgate are two
 #                tiles each, the 64 head weights one (half masked): x is re-read by 5 tiles, not 9 as at 64
 RATIO = tl.constexpr(COMPRESS_RATIO)
+_BLOCK_K = tl.constexpr(BLOCK_K)
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def x_proj_tile(
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < T
     col_ok = cols < tl.where(segment == 2, HI, TWO_HID)
-    acc = dot_k_slice(x_ptr + rows[:, None] * D, w_ptr + cols[None, :] * D, row_ok, col_ok, split, D, SPLITS, BLOCK_K)
+    acc = dot_k_slice(x_ptr + rows[:, None] * D, w_ptr + cols[None, :] * D, row_ok, col_ok, split, D, SPLITS, _BLOCK_K)
     n_out = 2 * TWO_HID + HI
     out = xp_ptr + (split * T + rows)[:, None] * n_out + segment * TWO_HID + cols[None, :]
     tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
