@@ -227,7 +227,7 @@ def close_chunk(
         src_ptr = xp_ptr
     n_close = (start + S) // RATIO - start // RATIO
     lo = c * _CHUNK
-    for k0 in range(lo, tl.minimum(lo + _CHUNK, n_close), _TILE):
+    for k0 in tl.range(lo, tl.minimum(lo + _CHUNK, n_close), _TILE, num_stages=1):  # L1 serves the candidates
         _close_tile(
             src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, keys_ptr, key_scale_ptr, table_ptr, norm_w_ptr, cos_ptr,
             sin_ptr, b, start, S, k0 + tl.arange(0, _TILE), tl.minimum(n_close, lo + _CHUNK), T, HI,

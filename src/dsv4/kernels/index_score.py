@@ -36,7 +36,7 @@ from ..model.rope import RopeTable
 from ..model.state import IndexerState
 from ..model.structs import MASKED_SCORE, StepPositions
 from ..model.weights import IndexerWeights
-from .compressor import CLOSE_CHUNK, NUM_WARPS, close_chunk
+from .compressor import CLOSE_CHUNK, close_chunk
 from .head_rotation import split_head_dims
 from .launch import require, sm_count
 from .topk import FIRST_DIGIT_BINS, HIST_WORDS, first_digit_histogram
@@ -68,7 +68,8 @@ def _queries(q8_ptr, q_scale_ptr, xp_ptr, tok, ok, T, HI, weights_scale, SPLITS:
     and head weights ``[HEADS_PAD]``; padding heads (and every head when not ``ok``) are zero."""
     h = tl.arange(0, HEADS_PAD)
     live = (h < HI) & ok
-    q8 = tl.load(q8_ptr + ((tok * HI + h) * HID)[None, :] + tl.arange(0, HID)[:, None], mask=live[None, :], other=0)
+    d = tl.arange(0, HID)[:, None]
+    q8 = tl.load(q8_ptr + ((tok * HI + h) * HID)[None, :] + d, mask=live[None, :] & (d >= 0), other=0)
     q_scale = tl.load(q_scale_ptr + tok * HI + h, mask=live, other=0.0)
     weight = head_weights(xp_ptr, tok + h * 0, h, live, T, HI, weights_scale, TWO_HID, SPLITS)
     return q8, q_scale, weight
@@ -150,6 +151,18 @@ def _score_kernel(
     q_scale_0 = tl.zeros([HEADS_PAD], dtype=tl.float32)
     weight_0 = tl.zeros([HEADS_PAD], dtype=tl.float32)
     q8_1, q_scale_1, weight_1 = q8_0, q_scale_0, weight_0
+    # Phase 1: the rows this step closes, in this program's items (no queries on chip yet).
+    for i in range(lo, hi):
+        b = tl.sum((ends <= i).to(tl.int32), 0)
+        k = i - (_pick(ends, rows, b) - _pick(items, rows, b)) - _pick(n_old, rows, b)
+        if (k >= 0) & (k < _pick(n_new, rows, b)):
+            close_chunk(
+                k, b.to(tl.int64), _pick(starts, rows, b), xp_ptr, kvg_ptr, ape_ptr, kv_state_ptr, score_state_ptr,
+                keys_ptr, key_scale_ptr, table_ptr, norm_w_ptr, cos_ptr, sin_ptr, S, T, HI, max_blocks, eps,
+                hadamard_scale, HID, NOPE, HALF_R, BLOCK_SIZE, SPLITS,
+            )  # fmt: skip
+    tl.debug_barrier()  # the new keys are stored before any thread of the program loads them
+    # Phase 2: the scores of every item.
     for i in range(lo, hi):
         b = tl.sum((ends <= i).to(tl.int32), 0)
         c = i - (_pick(ends, rows, b) - _pick(items, rows, b))
@@ -160,15 +173,8 @@ def _score_kernel(
             key_lo = c.to(tl.int64) * _KEYS
             load_hi = row_first_new
             store_hi = row_first_new
-        elif c < row_n_old + row_n_new:  # rows this step closes: compute them first
-            k = c - row_n_old
-            close_chunk(
-                k, b64, start, xp_ptr, kvg_ptr, ape_ptr, kv_state_ptr, score_state_ptr, keys_ptr, key_scale_ptr,
-                table_ptr, norm_w_ptr, cos_ptr, sin_ptr, S, T, HI, max_blocks, eps, hadamard_scale,
-                HID, NOPE, HALF_R, BLOCK_SIZE, SPLITS,
-            )  # fmt: skip
-            tl.debug_barrier()  # the new keys are stored before any thread of the program loads them
-            key_lo = row_first_new + k * _KEYS
+        elif c < row_n_old + row_n_new:  # rows this step closed (phase 1)
+            key_lo = row_first_new + (c - row_n_old) * _KEYS
             load_hi = (start + S) // _RATIO
             store_hi = row_first_new * 0 + n_keys
         else:  # masked columns past every key
@@ -190,10 +196,10 @@ def _score_kernel(
             tok0 = b64 * S + s0
             if (b != q_row) | (pairs > 1):
                 q8_0, q_scale_0, weight_0 = _queries(
-                    q8_ptr, q_scale_ptr, xp_ptr, tok0, True, T, HI, weights_scale, SPLITS, 2 * HID, HID, HEADS_PAD
+                    q8_ptr, q_scale_ptr, xp_ptr, tok0, tok0 >= 0, T, HI, weights_scale, SPLITS, 2 * HID, HID, HEADS_PAD
                 )
                 q8_1, q_scale_1, weight_1 = _queries(
-                    q8_ptr, q_scale_ptr, xp_ptr, tok0 + 1, s0 + 1 < S, T, HI, weights_scale, SPLITS, 2 * HID, HID,
+                    q8_ptr, q_scale_ptr, xp_ptr, tok0 + 1, tok0 + 1 < (b64 + 1) * S, T, HI, weights_scale, SPLITS, 2 * HID, HID,
                     HEADS_PAD,
                 )  # fmt: skip
                 q_row = b
@@ -201,11 +207,11 @@ def _score_kernel(
             hist_row = hist_ptr + tok0 * _HIST_ROW
             _score_token(
                 k8, k_scale, key, load_hi, store_hi, q8_0, q_scale_0, weight_0, out_row, hist_row,
-                (start + s0 + 1) // _RATIO, True, HIST,
+                (start + s0 + 1) // _RATIO, tok0 >= 0, HIST,
             )  # fmt: skip
             _score_token(
                 k8, k_scale, key, load_hi, store_hi, q8_1, q_scale_1, weight_1, out_row + n_keys, hist_row + _HIST_ROW,
-                (start + s0 + 2) // _RATIO, s0 + 1 < S, HIST,
+                (start + s0 + 2) // _RATIO, tok0 + 1 < (b64 + 1) * S, HIST,
             )  # fmt: skip
 
 
