@@ -62,21 +62,21 @@ def _pick(values, rows, b):
 
 
 @triton.jit
-def _queries(q8_ptr, q_scale_ptr, xp_ptr, tok, ok, T, HI, weights_scale, SPLITS: tl.constexpr,
+def _queries(q8_ptr, q_scale_ptr, xp_ptr, tok, tok_end, T, HI, weights_scale, SPLITS: tl.constexpr,
              TWO_HID: tl.constexpr, HID: tl.constexpr, HEADS_PAD: tl.constexpr):  # fmt: skip
     """Token ``tok``'s INT8 query rows as the dot's right operand ``[HID, HEADS_PAD]``, their scales
-    and head weights ``[HEADS_PAD]``; padding heads (and every head when not ``ok``) are zero."""
+    and head weights ``[HEADS_PAD]``; padding heads (and every head when ``tok >= tok_end``) are zero."""
     h = tl.arange(0, HEADS_PAD)
-    live = (h < HI) & ok
+    live = (h < HI) & (tok + h * 0 < tok_end)  # elementwise: the interpreter splats a scalar bool as int32
     d = tl.arange(0, HID)[:, None]
-    q8 = tl.load(q8_ptr + ((tok * HI + h) * HID)[None, :] + d, mask=live[None, :] & (d >= 0), other=0)
+    q8 = tl.load(q8_ptr + ((tok * HI + h) * HID)[None, :] + d, mask=live[None, :], other=0)
     q_scale = tl.load(q_scale_ptr + tok * HI + h, mask=live, other=0.0)
     weight = head_weights(xp_ptr, tok + h * 0, h, live, T, HI, weights_scale, TWO_HID, SPLITS)
     return q8, q_scale, weight
 
 
 @triton.jit
-def _score_token(k8, k_scale, key, load_hi, store_hi, q8, q_scale, weight, row_ptr, hist_row_ptr, visible, ok,
+def _score_token(k8, k_scale, key, load_hi, store_hi, q8, q_scale, weight, row_ptr, hist_row_ptr, visible, live,
                  HIST: tl.constexpr):  # fmt: skip
     """One token's scores of an item's keys: INT8 dot over the heads, dequantize, ReLU, head sum, key
     scale; stored at ``row_ptr + key`` below ``store_hi`` (``MASKED_SCORE`` from ``visible`` on)."""
@@ -84,12 +84,12 @@ def _score_token(k8, k_scale, key, load_hi, store_hi, q8, q_scale, weight, row_p
     # ReLU that keeps NaN (torch.relu does; the default maxNum would turn a NaN logit into 0)
     logits = tl.maximum(dots * q_scale[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL) * weight[None, :]
     score = tl.sum(logits, 1) * k_scale  # the key scale after the head sum
-    seen = (key < visible) & (key < load_hi)
+    seen = (key < visible) & (key < load_hi) & live  # nothing of a token past the row counts
     score = tl.where(seen, score, _MASKED)
-    tl.store(row_ptr + key, score, mask=(key < store_hi) & ok)
+    tl.store(row_ptr + key, score, mask=(key < store_hi) & live)
     if HIST:
         counts = first_digit_histogram(score, seen)
-        tl.atomic_add(hist_row_ptr + tl.arange(0, _BINS), counts, mask=(counts > 0) & ok, sem="relaxed")
+        tl.atomic_add(hist_row_ptr + tl.arange(0, _BINS), counts, mask=counts > 0, sem="relaxed")
 
 
 @triton.jit
@@ -194,12 +194,13 @@ def _score_kernel(
         for p in range(pairs):
             s0 = 2 * p
             tok0 = b64 * S + s0
+            tok_end = b64 * S + S
             if (b != q_row) | (pairs > 1):
                 q8_0, q_scale_0, weight_0 = _queries(
-                    q8_ptr, q_scale_ptr, xp_ptr, tok0, tok0 >= 0, T, HI, weights_scale, SPLITS, 2 * HID, HID, HEADS_PAD
+                    q8_ptr, q_scale_ptr, xp_ptr, tok0, tok_end, T, HI, weights_scale, SPLITS, 2 * HID, HID, HEADS_PAD
                 )
                 q8_1, q_scale_1, weight_1 = _queries(
-                    q8_ptr, q_scale_ptr, xp_ptr, tok0 + 1, tok0 + 1 < (b64 + 1) * S, T, HI, weights_scale, SPLITS, 2 * HID, HID,
+                    q8_ptr, q_scale_ptr, xp_ptr, tok0 + 1, tok_end, T, HI, weights_scale, SPLITS, 2 * HID, HID,
                     HEADS_PAD,
                 )  # fmt: skip
                 q_row = b
@@ -207,11 +208,11 @@ def _score_kernel(
             hist_row = hist_ptr + tok0 * _HIST_ROW
             _score_token(
                 k8, k_scale, key, load_hi, store_hi, q8_0, q_scale_0, weight_0, out_row, hist_row,
-                (start + s0 + 1) // _RATIO, tok0 >= 0, HIST,
+                (start + s0 + 1) // _RATIO, key >= 0, HIST,
             )  # fmt: skip
             _score_token(
                 k8, k_scale, key, load_hi, store_hi, q8_1, q_scale_1, weight_1, out_row + n_keys, hist_row + _HIST_ROW,
-                (start + s0 + 2) // _RATIO, tok0 + 1 < (b64 + 1) * S, HIST,
+                (start + s0 + 2) // _RATIO, tok0 + 1 + key * 0 < tok_end, HIST,
             )  # fmt: skip
 
 
