@@ -199,9 +199,10 @@ def build_plan(profile: Profile, paths: Paths) -> list[Step]:
         parse="trace", files={"raw": str(work / "trace.json"), "gz": str(out / "trace.json.gz")},
     )  # fmt: skip
     ncu = shutil.which("ncu")
-    # plain launches, the fewest repetitions the bench takes (5): each kernel is profiled ~11 times per shape
+    # plain launches, the fewest repetitions the bench takes (5; a per-timing budget of 1 ms keeps it at
+    # that minimum): each kernel is profiled ~11 times per shape
     profiled = _bench(
-        paths, profile, "decode", profile.ops, "triton", "ncu-bench.json", "--no-graph", reps=5, budget_s=0
+        paths, profile, "decode", profile.ops, "triton", "ncu-bench.json", "--no-graph", reps=5, budget_s=1e-3
     )
     add(
         "ncu", "ncu: DRAM and L2 bytes per Triton kernel at decode",
