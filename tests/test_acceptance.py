@@ -332,3 +332,22 @@ def test_ncu_csv_is_grouped_per_kernel_and_grid(tmp_path) -> None:
     )  # fmt: skip
     assert (second["grid"], second["launches"]) == ("(2048, 1, 1)", 1)
     assert (tmp_path / "ncu.csv").read_text().splitlines()[0] == header
+
+
+def test_every_dsv4_command_of_the_gpu_plan_parses(tmp_path) -> None:
+    """The GPU run's ``dsv4`` commands (inside ``ncu`` too) are accepted by ``dsv4``'s own parser:
+    an argument it refuses would lose the step on the GPU, where no one can fix it."""
+    from dsv4.acceptance.plan import build_plan
+    from dsv4.cli import build_parser
+
+    paths = Paths(root=ROOT, out=tmp_path / "out", work=tmp_path / "work", python=sys.executable)
+    parsed = 0
+    for step in build_plan(GPU, paths):
+        for command in step.commands:
+            words = list(command)
+            for i in range(len(words) - 1):
+                if words[i : i + 2] == ["-m", "dsv4"]:
+                    args = ["cpu" if w == "cuda" else w for w in words[i + 2 :]]  # no GPU here to name
+                    build_parser().parse_args(args)  # exits 2 on a refused argument
+                    parsed += 1
+    assert parsed >= 6, f"only {parsed} dsv4 commands found in the plan"

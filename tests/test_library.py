@@ -85,10 +85,12 @@ def test_out_buffers_are_validated() -> None:
     with pytest.raises(TypeError, match="out.q"):
         dsv4.qkv_proj_rope(x.view(4, -1), w.attn, positions, rope, out=bad)
     qkv = dsv4.qkv_proj_rope(x.view(4, -1), w.attn, positions, rope)
-    short = dsv4.IndexerOut(torch.empty(2, 2, 1, device=DEVICE), torch.empty(2, 2, 16, dtype=torch.int32))
+    short = dsv4.IndexerOut(
+        torch.empty(2, 2, 1, device=DEVICE), torch.empty(2, 2, 16, dtype=torch.int32, device=DEVICE)
+    )
     before = state.clone()
-    with pytest.raises(ValueError, match="out.score"):
-        dsv4.indexer(x, qkv.qr, qkv.qr_scale, w.indexer, state, start, 16, rope, topk=16, out=short)
+    with pytest.raises(ValueError, match="out.score"):  # start_pos on the host: checked there, also beside a GPU
+        dsv4.indexer(x, qkv.qr, qkv.qr_scale, w.indexer, state, start.cpu(), 16, rope, topk=16, out=short)
     assert all(torch.equal(t, getattr(before, name)) for name, t in state.tensors().items())
 
 

@@ -14,9 +14,11 @@ import torch
 
 import dsv4
 from conftest import DEVICE
+from device_assert import assert_stops_on_device
 from dsv4.harness.cases import Case, make_case, run_case
 from dsv4.harness.golden import compare
 from dsv4.model.state import UNALLOCATED
+from dsv4.ops.validate import TWO_WRITERS, _one_writer_per_row, check_block_entries, step_positions
 from op_cases import assert_matches_reference
 from pools import relayout
 
@@ -89,15 +91,56 @@ def test_shared_prefix_blocks_are_read_only(backend: str) -> None:
         assert torch.equal(got_k8, k8) and torch.equal(got_ks, ks), f"slot {slot} reads the shared prefix"
 
 
-def test_two_slots_writing_one_pool_row_is_refused() -> None:
-    """Slots sharing a block a step writes into would race: refused before anything changes."""
+def _two_writers_case() -> Case:
     case = make_case(TINY, "indexer_compressor", seed=2, device=DEVICE, batch=2, seq=2, start_pos=[30, 30])
+    case.state().block_table[1] = case.state().block_table[0]
+    return case
+
+
+def two_writers_call(backend: str) -> None:
+    """The call of the test below (for a child process: see ``device_assert``)."""
+    dsv4.indexer_compressor(**_two_writers_case().args, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_two_slots_writing_one_pool_row_is_refused(backend: str) -> None:
+    """Slots sharing a block a step writes into would race: refused before anything changes
+    (on a GPU by a device-side assert ahead of the op's kernels)."""
+    if DEVICE.type == "cuda":
+        assert_stops_on_device(f"import test_paged_cache as t\nt.two_writers_call({backend!r})", (TWO_WRITERS,))
+        return
+    case = _two_writers_case()
     state = case.state()
-    state.block_table[1] = state.block_table[0]
     before = state.clone()
     with pytest.raises(ValueError, match="state.block_table: two slots write the same pool row"):
-        dsv4.indexer_compressor(**case.args, backend="reference")
+        dsv4.indexer_compressor(**case.args, backend=backend)
     assert all(torch.equal(t, getattr(before, n)) for n, t in state.tensors().items())
+
+
+@pytest.mark.parametrize(
+    ("start", "seq", "share", "one_writer"),
+    [
+        ([30, 30], 2, True, False),  # both slots close row 7 of the same block
+        ([28, 30], 2, True, True),  # slot 0 closes no row this step; slot 1 closes row 7
+        ([30, 30], 2, False, True),
+        ([0, 4], 8, True, False),  # rows 0-1 and 1-2 of one block: row 1 twice
+        ([0, 8], 8, True, True),
+    ],
+)
+def test_two_writers_check_on_the_device_agrees_with_the_host(start, seq, share, one_writer) -> None:
+    """The device form of the two-writers check (run on a GPU, computed here on the host's tensors)
+    gives the verdict of the host form."""
+    case = make_case(TINY, "indexer_compressor", seed=2, device="cpu", batch=2, seq=seq, start_pos=start)
+    state = case.state()
+    if share:
+        state.block_table[1] = state.block_table[0]
+    pos = step_positions(torch.tensor(start), 2, seq, torch.device("cpu"))
+    assert bool(_one_writer_per_row(state.block_table[:2], pos, state.block_size)) == one_writer
+    if one_writer:
+        check_block_entries(state, pos, reads=False)
+    else:
+        with pytest.raises(ValueError, match="two slots write the same pool row"):
+            check_block_entries(state, pos, reads=False)
 
 
 def test_unallocated_rows_are_skipped_by_the_compressor() -> None:

@@ -10,6 +10,7 @@ import torch
 
 import dsv4
 from conftest import BACKENDS, DEVICE
+from device_assert import assert_stops_on_device
 from dsv4.harness.cases import Case, make_case
 
 CFG = dsv4.get_config("tiny")
@@ -49,6 +50,13 @@ def _noncontig(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(0, 1).contiguous().transpose(0, 1) if t.dim() >= 2 and t.shape[0] > 1 else t[..., ::1]
 
 
+def _values(breaker: Callable) -> Callable:
+    """Marks a breaker that keeps dtypes and shapes and changes only values: on a GPU that is caught
+    on the device (``device_assert``), elsewhere by a ``ValueError`` before anything runs."""
+    breaker.checked_on_device = True
+    return breaker
+
+
 # (op, argument path, how to break it, error type, words the message must contain)
 BAD: list[tuple[str, str, Callable, type, tuple[str, ...]]] = [
     ("qkv_proj_rope", "x", lambda t: t.float(), TypeError, ("x:", "bfloat16", "float32")),
@@ -60,14 +68,14 @@ BAD: list[tuple[str, str, Callable, type, tuple[str, ...]]] = [
     ("qkv_proj_rope", "w.gamma_ckv", _meta, ValueError, ("w.gamma_ckv", "device", "meta")),
     ("qkv_proj_rope", "positions", lambda t: t.float(), TypeError, ("positions",)),
     ("qkv_proj_rope", "positions", lambda t: t[:-1].contiguous(), ValueError, ("positions", "shape")),
-    ("qkv_proj_rope", "positions", lambda t: t + 64, ValueError, ("positions", "rope table")),
-    ("qkv_proj_rope", "positions", lambda t: t - 1000, ValueError, ("positions",)),
+    ("qkv_proj_rope", "positions", _values(lambda t: t + 64), ValueError, ("positions", "rope table")),
+    ("qkv_proj_rope", "positions", _values(lambda t: t - 1000), ValueError, ("positions",)),
     ("qkv_proj_rope", "rope", lambda r: dsv4.RopeTable(r.cos[:, :8], r.sin[:, :8]), ValueError, ("rope",)),
     ("qkv_proj_rope", "rope", lambda r: dsv4.RopeTable(r.cos.double(), r.sin.double()), TypeError, ("rope.cos",)),
     ("qkv_proj_rope", "w", lambda w: "weights", TypeError, ("w:", "AttnWeights")),
     ("indexer_compressor", "x", lambda t: t[:, :, :-1].contiguous(), ValueError, ("w.wkv", "shape")),
     ("indexer_compressor", "x", lambda t: torch.cat([t, t, t]), ValueError, ("batch", "state")),
-    ("indexer_compressor", "start_pos", lambda t: t + 256, ValueError, ("start_pos", "cache rows")),
+    ("indexer_compressor", "start_pos", _values(lambda t: t + 256), ValueError, ("start_pos", "cache rows")),
     ("indexer_compressor", "start_pos", lambda t: t[:1].contiguous(), ValueError, ("start_pos", "shape")),
     ("indexer_compressor", "start_pos", lambda t: t.float(), TypeError, ("start_pos",)),
     ("indexer_compressor", "start_pos", lambda t: -1, ValueError, ("start_pos", ">= 0")),
@@ -80,9 +88,9 @@ BAD: list[tuple[str, str, Callable, type, tuple[str, ...]]] = [
     ("indexer_compressor", "state.keys", lambda t: t[:, :12].contiguous(), ValueError, ("state.keys", "power of two")),
     ("indexer_compressor", "state.key_scale", lambda t: t[:, :-1].contiguous(), ValueError, ("state.key_scale",)),
     ("indexer_compressor", "state.block_table", lambda t: t.long(), TypeError, ("state.block_table", "int32")),
-    ("indexer_compressor", "state.block_table", lambda t: t[:, :0].contiguous(), ValueError, ("start_pos", "block")),
-    ("indexer_compressor", "state.block_table", lambda t: t + 1000, ValueError, ("state.block_table", "pool")),
-    ("indexer", "state.block_table", lambda t: torch.full_like(t, -1), ValueError, ("state.block_table", "needs")),
+    ("indexer_compressor", "state.block_table", _values(lambda t: t[:, :0] + 0), ValueError, ("start_pos", "block")),
+    ("indexer_compressor", "state.block_table", _values(lambda t: t + 1000), ValueError, ("state.block_table", "pool")),
+    ("indexer", "state.block_table", _values(lambda t: t * 0 - 1), ValueError, ("state.block_table", "needs")),
     ("indexer_compressor", "state.score_state", lambda t: t[:1].contiguous(), ValueError, ("state.score_state",)),
     ("indexer", "qr", lambda t: t.float(), TypeError, ("qr:", "int8")),
     ("indexer", "qr", lambda t: t[:-1].contiguous(), ValueError, ("qr:", "shape")),
@@ -92,8 +100,23 @@ BAD: list[tuple[str, str, Callable, type, tuple[str, ...]]] = [
     ("indexer", "w.compressor.wgate", lambda t: t[:-1].contiguous(), ValueError, ("w.compressor.wgate",)),
     ("indexer", "topk", lambda k: 0, ValueError, ("topk",)),
     ("indexer", "offset", lambda k: "128", TypeError, ("offset",)),
+    # read on the host even from a GPU: without out=, the score width depends on start_pos
     ("indexer", "start_pos", lambda t: t + 62, ValueError, ("start_pos", "rope table")),
 ]
+
+
+def _broken_args(op: str, path: str, breaker: Callable) -> dict:
+    args = dict(_case(op).args)
+    if path == "start_pos" and op == "indexer":  # reach past the table, not past the cache
+        args["state"] = dsv4.IndexerState.empty(CFG, 2, 4096, device=DEVICE)
+    _set(args, path, breaker(_get(args, path)))
+    return args
+
+
+def broken_call(index: int, backend: str) -> None:
+    """The op of ``BAD[index]`` on its broken arguments (for a child process: see ``device_assert``)."""
+    op, path, breaker = BAD[index][:3]
+    getattr(dsv4, op)(**_broken_args(op, path, breaker), backend=backend)
 
 
 def _state_snapshot(args: dict) -> dict[str, torch.Tensor]:
@@ -108,11 +131,12 @@ def _state_snapshot(args: dict) -> dict[str, torch.Tensor]:
 )
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_input_is_named_and_state_untouched(op, path, breaker, exc, words, backend) -> None:
-    case = _case(op)
-    args = dict(case.args)
-    if path == "start_pos" and op == "indexer":  # reach past the table, not past the cache
-        args["state"] = dsv4.IndexerState.empty(CFG, 2, 4096, device=DEVICE)
-    _set(args, path, breaker(_get(args, path)))
+    if DEVICE.type == "cuda" and getattr(breaker, "checked_on_device", False):
+        index = next(i for i, b in enumerate(BAD) if b[2] is breaker)
+        script = f"import test_validation as tv\ntv.broken_call({index}, {backend!r})"
+        assert_stops_on_device(script, words[:1])
+        return
+    args = _broken_args(op, path, breaker)
     before = _state_snapshot(args)
     with pytest.raises(exc) as info:
         getattr(dsv4, op)(**args, backend=backend)

@@ -167,9 +167,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     device = "cpu" if args.cpu else _default_device()
     result = {"meta": report.provenance(_bench_command(args), device)}
     measure = {"backends": [], "traffic": False} if args.model_only else {"backends": args.backends}
+
+    def keep(figures: dict) -> None:  # after each shape: a run stopped early keeps what it measured
+        report.write_json({**result, **figures}, args.json)
+
     result.update(run_bench(
         cfg, modes=MODES if args.mode == "all" else (args.mode,), device=device, ops=args.ops, reps=args.reps,
-        budget_s=args.budget_s, flush_l2=not args.warm_l2, use_graph=not args.no_graph, seed=args.seed, **measure,
+        budget_s=args.budget_s, flush_l2=not args.warm_l2, use_graph=not args.no_graph, seed=args.seed,
+        on_shape=keep if args.json else None, **measure,
     ))  # fmt: skip
     print(report.render(result))
     if args.json:

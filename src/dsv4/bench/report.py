@@ -165,7 +165,11 @@ def render(result: dict[str, Any]) -> str:
 
 
 def write_json(result: dict[str, Any], path: str | Path) -> None:
-    Path(path).write_text(json.dumps(result, indent=1, sort_keys=False) + "\n")
+    """Write ``result`` to ``path`` whole or not at all (a run stopped mid-write leaves the last file)."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(result, indent=1, sort_keys=False) + "\n")
+    partial.replace(path)
 
 
 def plot(result: dict[str, Any], path: str | Path) -> None:

@@ -164,12 +164,14 @@ def run_bench(
     use_graph: bool = True,
     seed: int = 0,
     progress: bool = True,
+    on_shape: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark; returns every figure (see ``report`` for how it is shown).
 
     ``backends`` to time: by default every backend available on ``device`` plus ``compile`` on a
     GPU, the reference alone on the CPU. ``traffic`` (default: on the CPU) counts the Triton
-    kernels' bytes under the interpreter.
+    kernels' bytes under the interpreter. ``on_shape`` is given the figures so far after each shape
+    (``dsv4 bench --json`` rewrites its file then, so a run stopped early keeps what it measured).
     """
     device = torch.device(device)
     on_gpu = device.type == "cuda"
@@ -253,6 +255,8 @@ def run_bench(
             result["traffic"].append(_count_traffic(case, shape, expected, cost))
             if bar is not None:
                 bar.update()
+        if on_shape is not None:
+            on_shape(result)
     if bar is not None:
         bar.close()
     return result

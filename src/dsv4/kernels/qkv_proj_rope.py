@@ -129,6 +129,11 @@ def _swap_sumsq(sumsq_ptr, pair, half, sumsq, rows, row_ok, T):
     GPU only: the partner program must be resident at the same time (the launcher pairs only grids
     that fit one wave of SMs). Every value is its own flag: the rows kernel set them to -1, and a sum
     of squares is never negative (NaN compares false, so it counts as published too).
+
+    The wait ends when the block-wide count of unpublished values is 0. A row's value may be held by
+    several threads (a tile split over warp groups along N replicates its rows), and the count sees
+    one copy of each; so after the wait every thread loads its values once more, which the barrier
+    of that count orders after the copies that were seen published.
     """
     mine = sumsq_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (pair * 2 + half) * T + rows
     theirs = sumsq_ptr + (pair * 2 + 1 - half) * T + rows
@@ -137,7 +142,8 @@ def _swap_sumsq(sumsq_ptr, pair, half, sumsq, rows, row_ok, T):
     other = tl.load(theirs, mask=row_ok, other=0.0, volatile=True)
     while tl.sum((other < 0).to(tl.int32), axis=0) > 0:
         other = tl.load(theirs, mask=row_ok, other=0.0, volatile=True)
-    return other
+    tl.debug_barrier()
+    return tl.load(theirs, mask=row_ok, other=0.0, volatile=True)
 
 
 @triton.jit

@@ -30,7 +30,20 @@ INTS = (torch.int32, torch.int64)
 HOST_DEVICE_TYPES = ("cpu",)  # tensors whose values validation reads directly (no device to synchronize)
 MAX_TOPK = 4096  # 4x the largest preset index_topk (pro: 1024); the Triton top-k sorts a row's k winners in
 # one program's registers, like the 4096-key rows it selects from in registers (topk.ROW_IN_REGISTERS)
+TWO_WRITERS = "state.block_table: two slots write the same pool row in this step (share read-only blocks)"
 INDEX_LIMIT = 2**31  # selected indices (+ offset) are int32
+
+
+def same_device(a: torch.device | str, b: torch.device | str) -> bool:
+    """Whether ``a`` and ``b`` name one device; a GPU named without an index is the current one."""
+
+    def canonical(d: torch.device | str) -> torch.device:
+        d = torch.device(d)
+        if d.index is None and d.type == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return d
+
+    return canonical(a) == canonical(b)
 
 
 def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
@@ -54,7 +67,7 @@ def check_tensor(
     if t.dim() != len(shape) or any(e is not None and e != a for e, a in zip(shape, t.shape, strict=True)):
         want = "[" + ", ".join("*" if e is None else str(e) for e in shape) + "]"
         raise ValueError(f"{name}: expected shape {want}, got {list(t.shape)}")
-    if t.device != device:
+    if not same_device(t.device, device):
         raise ValueError(f"{name}: expected device {device}, got {t.device}")
     if not t.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}")
@@ -331,8 +344,8 @@ def check_block_entries(state: IndexerState, pos: StepPositions, reads: bool) ->
     block of the pool or unallocated (``-1``: the write is skipped), no pool row written by two
     slots; with ``reads``, every row ``< cache_len`` in a block of the pool.
 
-    Checked on the host when the table is there; on a GPU the range check runs on the device
-    (``torch._assert_async``: no host round trip) and the two-writers check is the engine's."""
+    Checked on the host when the table is there; on a GPU both checks run on the device
+    (``torch._assert_async``: no host round trip)."""
     table, blocks, bs = state.block_table[: pos.batch], state.keys.shape[0], state.block_size
     if not on_host(table) or pos.start_host is None:
         first_row = torch.arange(table.shape[1], device=table.device) * bs  # of each table column
@@ -340,6 +353,8 @@ def check_block_entries(state: IndexerState, pos: StepPositions, reads: bool) ->
         used = (first_row + bs > lo[:, None]) & (first_row < ((pos.start + pos.seq) // COMPRESS_RATIO)[:, None])
         ok = ((table >= 0) & (table < blocks)) | ((table == -1) & (not reads))
         _assert_on_device(ok | ~used, "state.block_table: an entry the step uses is outside the pool")
+        if table.shape[1]:  # a table with no columns is refused by the cache-rows check of start_pos
+            _assert_on_device(_one_writer_per_row(table, pos, bs), TWO_WRITERS)
         return
     written: list[torch.Tensor] = []
     for i, (start, end) in enumerate(zip(pos.start_host, pos.cache_lens, strict=True)):
@@ -359,7 +374,20 @@ def check_block_entries(state: IndexerState, pos: StepPositions, reads: bool) ->
         written.append((block * bs + rows % bs)[block >= 0])
     flat = torch.cat(written) if written else torch.empty(0, dtype=torch.long)
     if flat.numel() != torch.unique(flat).numel():
-        raise ValueError("state.block_table: two slots write the same pool row in this step (share read-only blocks)")
+        raise ValueError(TWO_WRITERS)
+
+
+def _one_writer_per_row(table: torch.Tensor, pos: StepPositions, bs: int) -> torch.Tensor:
+    """On ``table``'s device: a bool, whether no pool row is written by two slots this step (the rows
+    ``[start // 4, (start + S) // 4)`` of each slot, at most ``S // 4 + 1``; unallocated rows are skipped)."""
+    first = pos.start // COMPRESS_RATIO
+    rows = first[:, None] + torch.arange(pos.seq // COMPRESS_RATIO + 1, device=table.device)
+    column = (rows // bs).clamp(max=table.shape[1] - 1)
+    block = table.gather(1, column).long()
+    written = (rows < ((pos.start + pos.seq) // COMPRESS_RATIO)[:, None]) & (block >= 0)
+    distinct = -1 - torch.arange(rows.numel(), device=table.device).view_as(rows)  # stands for a row not written
+    pool_rows = torch.where(written, block * bs + rows % bs, distinct).flatten().sort().values
+    return (pool_rows[1:] != pool_rows[:-1]).all()
 
 
 def step_positions(
@@ -375,7 +403,7 @@ def step_positions(
             raise TypeError(f"start_pos: expected dtype {_dtype_names(INTS)}, got {start_pos.dtype}")
         if start_pos.shape != (batch,):
             raise ValueError(f"start_pos: expected shape [{batch}] (one per batch row), got {list(start_pos.shape)}")
-        if start_pos.device != device and not on_host(start_pos):
+        if not same_device(start_pos.device, device) and not on_host(start_pos):
             raise ValueError(f"start_pos: expected a tensor on {device} or the CPU, got {start_pos.device}")
         start = start_pos.to(device=device, dtype=torch.int64)
         if not on_host(start_pos) and bound is not None:
