@@ -13,6 +13,7 @@ from conftest import DEVICE
 from dsv4.harness.cases import Case, make_case, run_case
 from dsv4.harness.golden import compare, ratio_allclose, tolerance
 from dsv4.kernels.index_front import front
+from dsv4.kernels.topk import ROW_IN_REGISTERS
 from dsv4.model.config import PRESETS
 from dsv4.model.quant import quantize_int8_per_row
 from dsv4.ops.validate import step_positions
@@ -79,6 +80,19 @@ def test_indexer_decode_steps_state_carried() -> None:
         start = ref_case.args["start_pos"] + 2
         ref_case = Case(case.op, {**case.args, **fresh, "start_pos": start, "state": state_of(expected)}, case.meta)
         carried_case = Case(case.op, {**case.args, **fresh, "start_pos": start, "state": state_of(carried)}, case.meta)
+
+
+def test_indexer_runs_are_bit_identical() -> None:
+    """Two runs of one step give the same bits: scores, indices, ring and pool. A long row (past
+    ``ROW_IN_REGISTERS``: the histogram atomics and the chunked selection) next to a short one that
+    closes a block, in the persistent score grid's shared work list."""
+    cfg = TINY.replace(max_position_embeddings=16512)
+    case = case_at(cfg, "indexer", 2, 2, [16410, 37], seed=12, max_position=16512)
+    first, second = run_case(case, "triton"), run_case(case, "triton")
+    assert first["score"].shape[-1] > ROW_IN_REGISTERS
+    assert first.keys() == second.keys()
+    for name, value in first.items():
+        assert value.cpu().numpy().tobytes() == second[name].cpu().numpy().tobytes(), name
 
 
 def state_of(outputs: dict[str, torch.Tensor]) -> dsv4.IndexerState:

@@ -8,7 +8,9 @@ step closes (``[start//4, cache_len)``; a row always has at least one, which als
 in every program from ``start`` (no host values: a captured graph replays it), and program ``p`` of
 ``P`` takes the contiguous run ``[p*N/P, (p+1)*N/P)`` of it — so a program mostly walks consecutive
 items of one row, and the row's queries, their scales and head weights are loaded once and stay on
-chip across them (a decode step's two tokens — multi-token prediction — are held together).
+chip across them (a decode step's two tokens — multi-token prediction — are held together; a step of
+more tokens per row reloads them two tokens at a time for every item). The item loop is software-
+pipelined (two stages): the next item's keys are in flight while this one's are scored.
 
 **New items close first.** A new item computes the keys its rows get this step
 (``compressor.close_chunk``: pooling, RMSNorm, RoPE, Hadamard, INT8), stores them in the pool, and
@@ -36,7 +38,7 @@ from ..model.rope import RopeTable
 from ..model.state import IndexerState
 from ..model.structs import MASKED_SCORE, StepPositions
 from ..model.weights import IndexerWeights
-from .compressor import CLOSE_CHUNK, close_chunk
+from .compressor import CLOSE_CHUNK, NUM_WARPS, close_chunk
 from .head_rotation import split_head_dims
 from .launch import require, sm_count
 from .topk import FIRST_DIGIT_BINS, HIST_WORDS, first_digit_histogram
@@ -46,30 +48,55 @@ from .x_proj import head_weights
 KEYS_PER_PROGRAM = CLOSE_CHUNK  # rows per item: 128 keys x 132 B (INT8 row + fp32 scale) = 16.5 KB, one
 #                                 [128, HID] x [HID, HI] INT8 MMA per token; the compressor's close chunk
 PROGRAMS_PER_SM = 1  # the persistent grid: one program per SM
+KEY_STAGES = 2  # the item loop's key loads: the next item's 16.5 KB in flight while this one is scored
 MIN_DOT_WIDTH = 16  # tl.dot needs every dimension >= 16: fewer heads are zero-padded up to it
 
 _MASKED = tl.constexpr(MASKED_SCORE)
 _RATIO = tl.constexpr(COMPRESS_RATIO)
 _KEYS = tl.constexpr(KEYS_PER_PROGRAM)
+_KEY_STAGES = tl.constexpr(KEY_STAGES)
 _BINS = tl.constexpr(FIRST_DIGIT_BINS)
 _HIST_ROW = tl.constexpr(HIST_WORDS)
 
 
 @triton.jit
-def _pick(values, rows, b):
-    """``values[b]`` of a ``[B_PAD]`` vector, as a scalar."""
-    return tl.sum(tl.where(rows == b, values, 0), 0)
+def _row_plan(start, S):
+    """A row's items for a step from ``start``: ``(first_new, n_old, n_new, tail_lo)``: the first row
+    the step closes, the old and new item counts, and where the tail items begin."""
+    first_new = start // _RATIO
+    n_old = tl.cdiv(first_new, _KEYS)
+    n_new = tl.maximum(tl.cdiv((start + S) // _RATIO - first_new, _KEYS), 1)
+    return first_new, n_old, n_new, first_new + n_new * _KEYS  # the new items cover the columns up to here
+
+
+@triton.jit
+def _row_items(start, S, n_keys, live):
+    """Items of each row (``start [B_PAD]``, ``live``: the real rows) over ``n_keys`` columns, int32."""
+    first_new, n_old, n_new, tail_lo = _row_plan(start, S)
+    n_tail = tl.cdiv(tl.maximum(n_keys - tail_lo, 0), _KEYS)
+    return tl.where(live, n_old + n_new + n_tail, 0).to(tl.int32)
+
+
+@triton.jit
+def _locate(i, ends, rows, start_ptr, S):
+    """Item ``i`` of the list (``ends``: the rows' cumulative item counts): its row ``b``, its index
+    ``c`` in the row, the row's start and ``_row_plan``."""
+    b = tl.sum((ends <= i).to(tl.int32), 0)
+    c = i - tl.sum(tl.where(rows == b - 1, ends, 0), 0)
+    start = tl.load(start_ptr + b)
+    first_new, n_old, n_new, tail_lo = _row_plan(start, S)
+    return b, c, start, first_new, n_old, n_new, tail_lo
 
 
 @triton.jit
 def _queries(q8_ptr, q_scale_ptr, xp_ptr, tok, tok_end, T, HI, weights_scale, SPLITS: tl.constexpr,
              TWO_HID: tl.constexpr, HID: tl.constexpr, HEADS_PAD: tl.constexpr):  # fmt: skip
-    """Token ``tok``'s INT8 query rows as the dot's right operand ``[HID, HEADS_PAD]``, their scales
-    and head weights ``[HEADS_PAD]``; padding heads (and every head when ``tok >= tok_end``) are zero."""
+    """Token ``tok``'s INT8 query rows ``[HEADS_PAD, HID]`` (the dot's left operand), their scales and
+    head weights ``[HEADS_PAD]``; padding heads (and every head when ``tok >= tok_end``) are zero."""
     h = tl.arange(0, HEADS_PAD)
     live = (h < HI) & (tok + h * 0 < tok_end)  # elementwise: the interpreter splats a scalar bool as int32
-    d = tl.arange(0, HID)[:, None]
-    q8 = tl.load(q8_ptr + ((tok * HI + h) * HID)[None, :] + d, mask=live[None, :], other=0)
+    d = tl.arange(0, HID)[None, :]
+    q8 = tl.load(q8_ptr + ((tok * HI + h) * HID)[:, None] + d, mask=live[:, None], other=0)
     q_scale = tl.load(q_scale_ptr + tok * HI + h, mask=live, other=0.0)
     weight = head_weights(xp_ptr, tok + h * 0, h, live, T, HI, weights_scale, TWO_HID, SPLITS)
     return q8, q_scale, weight
@@ -80,16 +107,32 @@ def _score_token(k8, k_scale, key, load_hi, store_hi, q8, q_scale, weight, row_p
                  HIST: tl.constexpr):  # fmt: skip
     """One token's scores of an item's keys: INT8 dot over the heads, dequantize, ReLU, head sum, key
     scale; stored at ``row_ptr + key`` below ``store_hi`` (``MASKED_SCORE`` from ``visible`` on)."""
-    dots = tl.dot(k8, q8, out_dtype=tl.int32).to(tl.float32)  # [KEYS, HEADS_PAD]
+    dots = tl.dot(q8, tl.trans(k8), out_dtype=tl.int32).to(tl.float32)  # [HEADS_PAD, KEYS]
     # ReLU that keeps NaN (torch.relu does; the default maxNum would turn a NaN logit into 0)
-    logits = tl.maximum(dots * q_scale[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL) * weight[None, :]
-    score = tl.sum(logits, 1) * k_scale  # the key scale after the head sum
+    logits = tl.maximum(dots * q_scale[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL) * weight[:, None]
+    score = tl.sum(logits, 0) * k_scale  # the key scale after the head sum
     seen = (key < visible) & (key < load_hi) & live  # nothing of a token past the row counts
     score = tl.where(seen, score, _MASKED)
     tl.store(row_ptr + key, score, mask=(key < store_hi) & live)
     if HIST:
         counts = first_digit_histogram(score, seen)
         tl.atomic_add(hist_row_ptr + tl.arange(0, _BINS), counts, mask=counts > 0, sem="relaxed")
+
+
+@triton.jit
+def _score_pair(k8, k_scale, key, load_hi, store_hi, q8_0, q_scale_0, weight_0, q8_1, q_scale_1, weight_1,
+                score_ptr, hist_ptr, tok0, tok_end, pos0, n_keys, HIST: tl.constexpr):  # fmt: skip
+    """Tokens ``tok0`` (at position ``pos0``) and ``tok0 + 1`` (if below ``tok_end``) against an item."""
+    out_row = score_ptr + tok0 * n_keys
+    hist_row = hist_ptr + tok0 * _HIST_ROW
+    _score_token(
+        k8, k_scale, key, load_hi, store_hi, q8_0, q_scale_0, weight_0, out_row, hist_row, (pos0 + 1) // _RATIO,
+        key >= 0, HIST,
+    )  # fmt: skip
+    _score_token(
+        k8, k_scale, key, load_hi, store_hi, q8_1, q_scale_1, weight_1, out_row + n_keys, hist_row + _HIST_ROW,
+        (pos0 + 2) // _RATIO, tok0 + 1 + key * 0 < tok_end, HIST,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -126,48 +169,37 @@ def _score_kernel(
     SPLITS: tl.constexpr,
     B_PAD: tl.constexpr,
     HIST: tl.constexpr,
+    ONE_PAIR: tl.constexpr,
 ):
     T = B * S
     rows = tl.arange(0, B_PAD)
-    starts = tl.load(start_ptr + rows, mask=rows < B, other=0)
-    first_new = starts // _RATIO
-    cache_len = (starts + S) // _RATIO
-    n_old = tl.cdiv(first_new, _KEYS)
-    n_new = tl.maximum(tl.cdiv(cache_len - first_new, _KEYS), 1)
-    tail_lo = first_new + n_new * _KEYS  # the new items cover the columns up to here
-    n_tail = tl.cdiv(tl.maximum(n_keys - tail_lo, 0), _KEYS)
-    items = tl.where(rows < B, n_old + n_new + n_tail, 0)
-    ends = tl.cumsum(items, 0)
-    total = tl.sum(items, 0)
+    ends = tl.cumsum(_row_items(tl.load(start_ptr + rows, mask=rows < B, other=0), S, n_keys, rows < B), 0)
+    total = tl.sum(tl.where(rows == B - 1, ends, 0), 0)
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     lo = (pid.to(tl.int64) * total // programs).to(tl.int32)
     hi = ((pid + 1).to(tl.int64) * total // programs).to(tl.int32)
 
     dim = tl.arange(0, HID)
-    pairs = tl.cdiv(S, 2)
-    q_row = pid * 0 - 1  # the row whose queries are on chip
-    q8_0 = tl.zeros([HID, HEADS_PAD], dtype=tl.int8)
-    q_scale_0 = tl.zeros([HEADS_PAD], dtype=tl.float32)
-    weight_0 = tl.zeros([HEADS_PAD], dtype=tl.float32)
-    q8_1, q_scale_1, weight_1 = q8_0, q_scale_0, weight_0
     # Phase 1: the rows this step closes, in this program's items (no queries on chip yet).
-    for i in range(lo, hi):
-        b = tl.sum((ends <= i).to(tl.int32), 0)
-        k = i - (_pick(ends, rows, b) - _pick(items, rows, b)) - _pick(n_old, rows, b)
-        if (k >= 0) & (k < _pick(n_new, rows, b)):
+    for i in tl.range(lo, hi, num_stages=1):  # L1 serves the closes' candidates
+        b, c, start, first_new, n_old, n_new, tail_lo = _locate(i, ends, rows, start_ptr, S)
+        k = c - n_old
+        if (k >= 0) & (k < n_new):
             close_chunk(
-                k, b.to(tl.int64), _pick(starts, rows, b), xp_ptr, kvg_ptr, ape_ptr, kv_state_ptr, score_state_ptr,
+                k, b.to(tl.int64), start, xp_ptr, kvg_ptr, ape_ptr, kv_state_ptr, score_state_ptr,
                 keys_ptr, key_scale_ptr, table_ptr, norm_w_ptr, cos_ptr, sin_ptr, S, T, HI, max_blocks, eps,
                 hadamard_scale, HID, NOPE, HALF_R, BLOCK_SIZE, SPLITS,
             )  # fmt: skip
     tl.debug_barrier()  # the new keys are stored before any thread of the program loads them
+    q_row = pid * 0 - 1  # the row whose queries are on chip
+    q8_0 = tl.zeros([HEADS_PAD, HID], dtype=tl.int8)
+    q_scale_0 = tl.zeros([HEADS_PAD], dtype=tl.float32)
+    weight_0 = tl.zeros([HEADS_PAD], dtype=tl.float32)
+    q8_1, q_scale_1, weight_1 = q8_0, q_scale_0, weight_0
     # Phase 2: the scores of every item.
-    for i in range(lo, hi):
-        b = tl.sum((ends <= i).to(tl.int32), 0)
-        c = i - (_pick(ends, rows, b) - _pick(items, rows, b))
-        start = _pick(starts, rows, b)
-        row_first_new, row_n_old, row_n_new = _pick(first_new, rows, b), _pick(n_old, rows, b), _pick(n_new, rows, b)
+    for i in tl.range(lo, hi, num_stages=_KEY_STAGES):
+        b, c, start, row_first_new, row_n_old, row_n_new, row_tail_lo = _locate(i, ends, rows, start_ptr, S)
         b64 = b.to(tl.int64)
         if c < row_n_old:  # rows of earlier steps
             key_lo = c.to(tl.int64) * _KEYS
@@ -178,7 +210,7 @@ def _score_kernel(
             load_hi = (start + S) // _RATIO
             store_hi = row_first_new * 0 + n_keys
         else:  # masked columns past every key
-            key_lo = _pick(tail_lo, rows, b) + (c - row_n_old - row_n_new) * _KEYS
+            key_lo = row_tail_lo + (c - row_n_old - row_n_new) * _KEYS
             load_hi = key_lo
             store_hi = row_first_new * 0 + n_keys
         key = key_lo + tl.arange(0, _KEYS)
@@ -190,12 +222,25 @@ def _score_kernel(
             keys_ptr + slot[:, None] * HID + dim[None, :], mask=present[:, None], other=0, cache_modifier=".cg"
         )
         k_scale = tl.load(key_scale_ptr + slot, mask=present, other=0.0)
-        # Tokens two at a time (a decode step's two are one pair: their queries stay on chip).
-        for p in range(pairs):
-            s0 = 2 * p
-            tok0 = b64 * S + s0
-            tok_end = b64 * S + S
-            if (b != q_row) | (pairs > 1):
+        tok_end = b64 * S + S
+        if ONE_PAIR:  # decode: the row's (at most) two tokens' queries stay on chip across its items
+            if b != q_row:
+                q8_0, q_scale_0, weight_0 = _queries(
+                    q8_ptr, q_scale_ptr, xp_ptr, b64 * S, tok_end, T, HI, weights_scale, SPLITS, 2 * HID, HID,
+                    HEADS_PAD,
+                )  # fmt: skip
+                q8_1, q_scale_1, weight_1 = _queries(
+                    q8_ptr, q_scale_ptr, xp_ptr, b64 * S + 1, tok_end, T, HI, weights_scale, SPLITS, 2 * HID, HID,
+                    HEADS_PAD,
+                )  # fmt: skip
+                q_row = b
+            _score_pair(
+                k8, k_scale, key, load_hi, store_hi, q8_0, q_scale_0, weight_0, q8_1, q_scale_1, weight_1,
+                score_ptr, hist_ptr, b64 * S, tok_end, start, n_keys, HIST,
+            )  # fmt: skip
+        else:  # longer steps: tokens two at a time, their queries reloaded for every item
+            for p in range(tl.cdiv(S, 2)):
+                tok0 = b64 * S + 2 * p
                 q8_0, q_scale_0, weight_0 = _queries(
                     q8_ptr, q_scale_ptr, xp_ptr, tok0, tok_end, T, HI, weights_scale, SPLITS, 2 * HID, HID, HEADS_PAD
                 )
@@ -203,17 +248,10 @@ def _score_kernel(
                     q8_ptr, q_scale_ptr, xp_ptr, tok0 + 1, tok_end, T, HI, weights_scale, SPLITS, 2 * HID, HID,
                     HEADS_PAD,
                 )  # fmt: skip
-                q_row = b
-            out_row = score_ptr + tok0 * n_keys
-            hist_row = hist_ptr + tok0 * _HIST_ROW
-            _score_token(
-                k8, k_scale, key, load_hi, store_hi, q8_0, q_scale_0, weight_0, out_row, hist_row,
-                (start + s0 + 1) // _RATIO, key >= 0, HIST,
-            )  # fmt: skip
-            _score_token(
-                k8, k_scale, key, load_hi, store_hi, q8_1, q_scale_1, weight_1, out_row + n_keys, hist_row + _HIST_ROW,
-                (start + s0 + 2) // _RATIO, tok0 + 1 + key * 0 < tok_end, HIST,
-            )  # fmt: skip
+                _score_pair(
+                    k8, k_scale, key, load_hi, store_hi, q8_0, q_scale_0, weight_0, q8_1, q_scale_1, weight_1,
+                    score_ptr, hist_ptr, tok0, tok_end, start + 2 * p, n_keys, HIST,
+                )  # fmt: skip
 
 
 def score_programs(pos: StepPositions, n_keys: int, device: torch.device) -> int:
@@ -262,7 +300,7 @@ def index_scores(
         state.block_table, w.compressor.norm_w, rope.cos, rope.sin, pos.start, score, score if hist is None else hist,
         b, s, score.shape[2], state.block_table.shape[1], hi, eps, hid**-0.5, hid**-0.5 * hi**-0.5,
         HEADS_PAD=heads_pad, HID=hid, NOPE=nope, HALF_R=half_r, BLOCK_SIZE=state.block_size, SPLITS=splits,
-        B_PAD=triton.next_power_of_2(b), HIST=hist is not None,
-        num_warps=8, num_stages=1, enable_fp_fusion=False,
+        B_PAD=triton.next_power_of_2(b), HIST=hist is not None, ONE_PAIR=s <= 2,
+        num_warps=NUM_WARPS, num_stages=KEY_STAGES, enable_fp_fusion=False,
     )  # fmt: skip
     return score
