@@ -10,6 +10,8 @@ import torch
 
 import dsv4
 from conftest import DEVICE
+from dsv4.bench.calls import bind
+from dsv4.bench.traffic import measure_traffic
 from dsv4.harness.cases import Case, make_case, run_case
 from dsv4.harness.golden import compare, ratio_allclose, tolerance
 from dsv4.kernels.index_front import front
@@ -93,6 +95,29 @@ def test_indexer_runs_are_bit_identical() -> None:
     assert first.keys() == second.keys()
     for name, value in first.items():
         assert value.cpu().numpy().tobytes() == second[name].cpu().numpy().tobytes(), name
+
+
+@pytest.mark.parametrize(
+    ("start", "select"),
+    [(37, "_select_row_kernel"), (16410, "_select_chunks_kernel")],
+    ids=["rows-in-registers", "chunked-rows"],
+)
+def test_indexer_is_three_launches_without_memset(start: int, select: str) -> None:
+    """The indexer is three kernel launches at any cache length, with no PyTorch op (fill, memset,
+    copy) between them: the front, the score launch (closes included), the selection (from the
+    score launch's histograms on rows past ``ROW_IN_REGISTERS``)."""
+    cfg = TINY.replace(max_position_embeddings=16512)
+    case = case_at(cfg, "indexer", 2, 2, [start, 9], seed=13, max_position=16512)
+    traffic, _ = measure_traffic(bind(case, "triton"))
+    assert [launch["kernel"] for launch in traffic.per_launch] == ["_front_kernel", "_score_kernel", select]
+    assert traffic.torch_ops == {}, traffic.torch_ops
+
+
+def test_indexer_compressor_is_two_launches_without_memset() -> None:
+    case = case_at(TINY, "indexer_compressor", 3, 2, [5, 17, 40], seed=14)
+    traffic, _ = measure_traffic(bind(case, "triton"))
+    assert [launch["kernel"] for launch in traffic.per_launch] == ["_front_kernel", "_compressor_step_kernel"]
+    assert traffic.torch_ops == {}, traffic.torch_ops
 
 
 def state_of(outputs: dict[str, torch.Tensor]) -> dsv4.IndexerState:
