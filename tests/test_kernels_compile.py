@@ -4,7 +4,8 @@ The interpreter runs kernel source as Python and accepts things the compiler rej
 constexpr reassigned in a static loop, a shape computed at run time), so CI also lowers every
 kernel variant the launchers run at flash decode (2048 and 262144 cache rows), for a prefill chunk
 and for ``indexer_compressor`` alone (``sm90.compile_plans``), and checks what ``docs/DESIGN.md``
-says of them: the launch plans and grids, no spills, the shared memory, the pipelined loops.
+says of them: the launch plans and grids, the spills (none but the score kernel's documented bound),
+the shared memory, the pipelined loops.
 """
 
 from __future__ import annotations
@@ -30,39 +31,26 @@ PLANS = [
     ],
 ]
 
-# Launches per plan and their grids, as docs/DESIGN.md ("Launches", "Two launch plans") gives them:
-# D split 4 ways at T=128 and 14 at T=2, not at all at T=1024; top-k in one program per row up to
-# 4096 keys, in 4096-key chunks beyond.
-TOP_K_CHUNKED = {"_radix_pass_kernel": (2, 64), "_gather_kernel": (2, 64), "_sort_rows_kernel": (2,)}
+# Launches per plan and their grids, as docs/DESIGN.md ("Launches") gives them: the front launch (x-projection
+# programs with D split 4 ways at T=128 and 14 at T=2, not at all at T=1024, then one query program
+# per head and token tile), the persistent score launch (one program per SM, fewer when there are fewer
+# items), and the top-k: one program per row up to 4096 keys, 4096-key chunks beyond.
 GRIDS = {
-    "decode-2048": {
-        "_x_proj_kernel": (9, 2, 4), "_sum_splits_kernel": (9, 2), "_compressor_step_kernel": (64, 1),
-        "_index_query_kernel": (2, 64), "_index_score_kernel": (16, 64), "_select_row_kernel": (128,),
-    },
-    "decode-262144": {
-        "_x_proj_kernel": (9, 1, 14), "_sum_splits_kernel": (9, 1), "_compressor_step_kernel": (1, 1),
-        "_index_query_kernel": (1, 64), "_index_score_kernel": (2048, 1), **TOP_K_CHUNKED,
-    },
-    "decode-4096": {
-        "_x_proj_kernel": (9, 1, 14), "_sum_splits_kernel": (9, 1), "_compressor_step_kernel": (1, 1),
-        "_index_query_kernel": (1, 64), "_index_score_kernel": (32, 1), "_select_row_kernel": (2,),
-    },
-    "prefill-1024": {
-        "_x_proj_kernel": (9, 16, 1), "_compressor_step_kernel": (1, 16), "_index_query_kernel": (16, 64),
-        "_index_score_kernel": (2, 1), "_select_row_kernel": (1024,),
-    },
-    "compressor-decode": {
-        "_x_proj_kernel": (8, 2, 4), "_sum_splits_kernel": (8, 2), "_compressor_step_kernel": (64, 1),
-    },
-}  # fmt: skip
+    "decode-2048": {"_front_kernel": (84,), "_score_kernel": (132,), "_select_row_kernel": (128,)},
+    "decode-262144": {"_front_kernel": (194,), "_score_kernel": (132,), "_select_chunks_kernel": (2, 64)},
+    "decode-4096": {"_front_kernel": (194,), "_score_kernel": (34,), "_select_row_kernel": (2,)},
+    "prefill-1024": {"_front_kernel": (552,), "_score_kernel": (4,), "_select_row_kernel": (1024,)},
+    "compressor-decode": {"_front_kernel": (16,), "_compressor_step_kernel": (64, 1)},
+}
 GRIDS["compressor-decode-fp32-norm"] = GRIDS["compressor-decode"]
 
 # Kernels whose main loop streams operands through shared memory with cp.async (docs/DESIGN.md).
-PIPELINED = {"_x_proj_kernel", "_index_query_kernel", "_index_score_kernel"}
+PIPELINED = {"_front_kernel", "_score_kernel"}
 # Launched with enable_fp_fusion=False, so that a*b - c*d rounds each product as the reference does.
-UNFUSED = {"_compressor_step_kernel", "_index_query_kernel"}
-# Programs per SM that docs/DESIGN.md counts on: three 128-key score programs share an SM.
-MIN_BLOCKS_PER_SM = {"_index_score_kernel": 3}
+UNFUSED = {"_front_kernel", "_score_kernel", "_compressor_step_kernel"}
+# Local memory the score kernel is known to use (docs/DESIGN.md, "sm_90 build"): its close phase runs
+# the compressor's close tile at the edge of the register file; every other kernel has none.
+SPILL_BYTES_AT_MOST = {"_score_kernel": 1024}  # Triton 3.9: at most 464 B, 3.6: 872 B
 
 
 @pytest.fixture(scope="module")
@@ -78,15 +66,13 @@ def test_each_plan_launches_the_documented_kernels_and_grids(variants: list[Vari
                 if p == plan:
                     assert launched.setdefault(v.kernel, grid) == grid, (plan, v.kernel)
         assert launched == grids, plan
-    radix = [v for v in variants if v.kernel == "_radix_pass_kernel"]
-    assert sorted(v.constants["PASS"] for v in radix) == [0, 1, 2, 3]
 
 
-def test_no_spills_and_each_block_fits_an_sm(variants: list[Variant]) -> None:
+def test_spills_and_each_block_fits_an_sm(variants: list[Variant]) -> None:
     for v in variants:
-        assert v.local_bytes == 0, (v.kernel, v.launches, "spills", v.local_bytes)
+        assert v.local_bytes <= SPILL_BYTES_AT_MOST.get(v.kernel, 0), (v.kernel, v.launches, "spills", v.local_bytes)
         assert v.shared_bytes <= H100_SHARED, (v.kernel, v.launches, v.shared_bytes)
-        assert v.blocks_per_sm() >= MIN_BLOCKS_PER_SM.get(v.kernel, 1), (v.kernel, v.registers, v.shared_bytes)
+        assert v.blocks_per_sm() >= 1, (v.kernel, v.registers, v.shared_bytes)
 
 
 def test_streaming_loops_are_pipelined(variants: list[Variant]) -> None:

@@ -11,7 +11,7 @@ import dsv4
 from conftest import DEVICE
 from dsv4.harness.cases import make_case, run_case
 from dsv4.harness.golden import compare, ratio_allclose, step_inputs, tolerance
-from dsv4.kernels.x_proj import x_projection
+from dsv4.kernels.index_front import front
 from dsv4.model.config import PRESETS
 from dsv4.model.weights import synthetic_activations
 from dsv4.ops.case_inputs import prefilled_state
@@ -93,16 +93,19 @@ def test_decode_steps_state_carried() -> None:
         done += seq
 
 
-@pytest.mark.parametrize("split_k", [1, 3, 64])  # 64 > the 4 K-steps of tiny D: one slice per step
+@pytest.mark.parametrize("max_splits", [1, 3, None])  # None: the launcher's own split (4 K-steps of tiny D)
 @pytest.mark.parametrize(("batch", "seq"), [(3, 3), (1, 70)])
-def test_x_projection(batch: int, seq: int, split_k: int) -> None:
-    """kv, gate + ape[p % 4] at each token's own position, scaled head weights; one tile or
-    several along T, with and without split-K (which only a GPU launch chooses on its own)."""
+def test_x_projection(batch: int, seq: int, max_splits: int | None) -> None:
+    """kv, gate + ape[p % 4] at each token's own position, scaled head weights, from the front launch's
+    raw K-slices added up; one tile or several along T, split over D or not."""
     case = make_case(TINY, "indexer", seed=seq, device=DEVICE, batch=batch, seq=seq)
-    x, w = case.args["x"], case.args["w"]
-    pos = step_positions(case.args["start_pos"], batch, seq, DEVICE)
+    a = case.args
+    x, w = a["x"], a["w"]
+    pos = step_positions(a["start_pos"], batch, seq, DEVICE)
     scale = TINY.index_weights_scale
-    kvg, weights = x_projection(x.view(batch * seq, -1), w.compressor, pos, w.weights_proj, scale, split_k)
+    xp, _, _ = front(x, w.compressor, pos, w, a["qr"], a["qr_scale"], a["rope"], max_splits=max_splits)
+    assert xp.shape[0] <= (max_splits or xp.shape[0]), "the cap bounds the split"
+    sums = xp.sum(0)
     p = pos.token_positions().reshape(-1)
     expected = {
         "kv": linear(x, w.compressor.wkv).view(batch * seq, -1),
@@ -110,7 +113,8 @@ def test_x_projection(batch: int, seq: int, split_k: int) -> None:
         "weights": linear(x, w.weights_proj).view(batch * seq, -1) * scale,
     }
     two_hid = 2 * TINY.index_head_dim
-    got = {"kv": kvg[:, :two_hid], "gate": kvg[:, two_hid:], "weights": weights}
+    got = {"kv": sums[:, :two_hid], "gate": sums[:, two_hid : 2 * two_hid] + w.compressor.ape[p % 4]}
+    got["weights"] = sums[:, 2 * two_hid :] * scale
     tol = tolerance("kv_state")  # the projections are what the ring stores
     for name, e in expected.items():
         check = ratio_allclose(got[name], e, tol.atol, tol.rtol, 0.0, name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -10,10 +11,14 @@ import triton
 import triton.language as tl
 
 from conftest import DEVICE
+from dsv4.harness.cases import make_case
 from dsv4.harness.golden import ratio_allclose, tolerance
 from dsv4.kernels.epilogue import quantize_int8_rows
 from dsv4.kernels.index_score import index_scores
+from dsv4.kernels.topk import FIRST_DIGIT_BINS, HIST_WORDS
+from dsv4.model.config import PRESETS
 from dsv4.model.quant import quantize_int8_per_row
+from dsv4.model.rope import rope_table
 from dsv4.model.state import IndexerState
 from dsv4.model.structs import MASKED_SCORE
 from dsv4.ops.validate import step_positions
@@ -49,11 +54,19 @@ def test_key_quantization_is_bit_exact() -> None:
     assert torch.equal(scale, scale_ref.squeeze(-1))
 
 
+def _order_bits(score: torch.Tensor) -> torch.Tensor:
+    """The selection's order key of fp32 scores as int64 in ``[0, 2^32)`` (``topk._order_bits``)."""
+    bits = (score + 0.0).view(torch.int32).to(torch.int64)
+    return torch.where(bits < 0, ~bits & 0xFFFFFFFF, bits | 0x80000000)
+
+
 def _check_scores(batch: int, seq: int, heads: int, start_pos, extra_cache_batch: int = 0, seed: int = 0) -> None:
     """Scores of the kernel and the reference from one key pool: blocks of 16 rows in shuffled
     order; every pool row the step does not read holds garbage keys and a NaN scale, so a read of
-    one shows as a NaN score."""
+    one shows as a NaN score. The launch also closes the step's keys (they land in the pool before
+    the reference reads it) and adds each token's first-digit histogram into ``hist``."""
     g = torch.Generator().manual_seed(seed)
+    cfg = PRESETS["tiny"]
     start = torch.tensor(start_pos) if isinstance(start_pos, list) else start_pos
     pos = step_positions(start, batch, seq, DEVICE)
     slots, block_size = batch + extra_cache_batch, 16
@@ -65,12 +78,21 @@ def _check_scores(batch: int, seq: int, heads: int, start_pos, extra_cache_batch
     for b, n in enumerate(pos.cache_lens):
         keys = (torch.randn(n, HEAD_DIM, generator=g) * 0.1).to(torch.bfloat16).to(DEVICE)
         state.write_keys(torch.full((n,), b, device=DEVICE), torch.arange(n, device=DEVICE), keys)
-    q = torch.randn(batch, seq, heads, HEAD_DIM, generator=g)
-    weights = torch.randn(batch, seq, heads, generator=g)
-    q, weights = q.to(DEVICE), weights.to(DEVICE)
+    state.kv_state.copy_(torch.randn(state.kv_state.shape, generator=g))
+    state.score_state.copy_(torch.randn(state.score_state.shape, generator=g))
 
+    w = make_case(cfg, "indexer", device=DEVICE, batch=1, seq=1).args["w"]
+    w = dataclasses.replace(w, weights_proj=torch.empty(heads, cfg.hidden_size, dtype=torch.bfloat16, device=DEVICE))
+    rope = rope_table(cfg, max_position=int(pos.start.max()) + seq + 4, device=DEVICE)
+    t = batch * seq
+    xp = torch.randn(1, t, 4 * HEAD_DIM + heads, generator=g).to(DEVICE)  # kv | gate | head weights, one K-slice
+    q = torch.randn(batch, seq, heads, HEAD_DIM, generator=g).to(DEVICE)
     q8, q_scale = quantize_int8_per_row(q)
-    score = index_scores(q8, q_scale.squeeze(-1).contiguous(), weights, state, pos)
+    hist = torch.zeros(t, HIST_WORDS, dtype=torch.int32, device=DEVICE)
+    score = index_scores(
+        xp, q8.view(t, heads, HEAD_DIM), q_scale.view(t, heads), w, state, pos, rope, cfg.rms_norm_eps, hist=hist
+    )
+    weights = (xp[0, :, 4 * HEAD_DIM :] * (HEAD_DIM**-0.5 * heads**-0.5)).view(batch, seq, heads)
     expected = reference_index_scores(q, weights, state, pos)
 
     assert score.shape == expected.shape == (batch, seq, pos.max_cache_len)
@@ -80,6 +102,12 @@ def _check_scores(batch: int, seq: int, heads: int, start_pos, extra_cache_batch
     tol = tolerance("score")
     check = ratio_allclose(score[~masked], expected[~masked], tol.atol, tol.rtol, tol.max_error_ratio, "score")
     assert check, check.detail
+    # the histogram of each token's visible scores, from the stored scores' own bits
+    visible = ~masked.view(t, -1)
+    digits = _order_bits(score.view(t, -1)) >> 24
+    counts = torch.stack([torch.bincount(digits[r][visible[r]], minlength=FIRST_DIGIT_BINS) for r in range(t)])
+    assert torch.equal(hist[:, :FIRST_DIGIT_BINS].to(torch.int64), counts)
+    assert not bool(hist[:, FIRST_DIGIT_BINS:].any()), "the selection's counters are left zero"
 
 
 @pytest.mark.parametrize(

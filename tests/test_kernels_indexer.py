@@ -10,9 +10,12 @@ import torch
 
 import dsv4
 from conftest import DEVICE
+from dsv4.bench.calls import bind
+from dsv4.bench.traffic import measure_traffic
 from dsv4.harness.cases import Case, make_case, run_case
 from dsv4.harness.golden import compare, ratio_allclose, tolerance
-from dsv4.kernels.index_query import index_query
+from dsv4.kernels.index_front import front
+from dsv4.kernels.topk import ROW_IN_REGISTERS
 from dsv4.model.config import PRESETS
 from dsv4.model.quant import quantize_int8_per_row
 from dsv4.ops.validate import step_positions
@@ -81,6 +84,42 @@ def test_indexer_decode_steps_state_carried() -> None:
         carried_case = Case(case.op, {**case.args, **fresh, "start_pos": start, "state": state_of(carried)}, case.meta)
 
 
+def test_indexer_runs_are_bit_identical() -> None:
+    """Two runs of one step give the same bits: scores, indices, ring and pool. A long row (past
+    ``ROW_IN_REGISTERS``: the histogram atomics and the chunked selection) next to a short one that
+    closes a block, in the persistent score grid's shared work list."""
+    cfg = TINY.replace(max_position_embeddings=16512)
+    case = case_at(cfg, "indexer", 2, 2, [16410, 37], seed=12, max_position=16512)
+    first, second = run_case(case, "triton"), run_case(case, "triton")
+    assert first["score"].shape[-1] > ROW_IN_REGISTERS
+    assert first.keys() == second.keys()
+    for name, value in first.items():
+        assert value.cpu().numpy().tobytes() == second[name].cpu().numpy().tobytes(), name
+
+
+@pytest.mark.parametrize(
+    ("start", "select"),
+    [(37, "_select_row_kernel"), (16410, "_select_chunks_kernel")],
+    ids=["rows-in-registers", "chunked-rows"],
+)
+def test_indexer_is_three_launches_without_memset(start: int, select: str) -> None:
+    """The indexer is three kernel launches at any cache length, with no PyTorch op (fill, memset,
+    copy) between them: the front, the score launch (closes included), the selection (from the
+    score launch's histograms on rows past ``ROW_IN_REGISTERS``)."""
+    cfg = TINY.replace(max_position_embeddings=16512)
+    case = case_at(cfg, "indexer", 2, 2, [start, 9], seed=13, max_position=16512)
+    traffic, _ = measure_traffic(bind(case, "triton"))
+    assert [launch["kernel"] for launch in traffic.per_launch] == ["_front_kernel", "_score_kernel", select]
+    assert traffic.torch_ops == {}, traffic.torch_ops
+
+
+def test_indexer_compressor_is_two_launches_without_memset() -> None:
+    case = case_at(TINY, "indexer_compressor", 3, 2, [5, 17, 40], seed=14)
+    traffic, _ = measure_traffic(bind(case, "triton"))
+    assert [launch["kernel"] for launch in traffic.per_launch] == ["_front_kernel", "_compressor_step_kernel"]
+    assert traffic.torch_ops == {}, traffic.torch_ops
+
+
 def state_of(outputs: dict[str, torch.Tensor]) -> dsv4.IndexerState:
     return dsv4.IndexerState(**{k: outputs[k] for k in ("kv_state", "score_state", "keys", "key_scale", "block_table")})
 
@@ -112,7 +151,7 @@ def test_index_query(preset: str, batch: int, seq: int) -> None:
     a = case.args
     w = a["w"]
     pos = step_positions(a["start_pos"], batch, seq, DEVICE)
-    q8, q_scale = index_query(a["qr"], a["qr_scale"], w.wq_b, w.wq_b_scale, pos, a["rope"], cfg.index_head_dim)
+    _, q8, q_scale = front(a["x"], w.compressor, pos, indexer=w, qr=a["qr"], qr_scale=a["qr_scale"], rope=a["rope"])
     q = reference_index_query(a["qr"], a["qr_scale"], w, pos.token_positions().reshape(-1), a["rope"])
     ref_q8, ref_scale = quantize_int8_per_row(q)
     check = ratio_allclose(q8, ref_q8, 1.0, 0.0, 0.0, "q8")

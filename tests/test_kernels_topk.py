@@ -1,19 +1,34 @@
-"""The radix-select top-k kernel against the reference ``select_topk`` (spec §5 step 6, §6 rule).
+"""The radix-select top-k kernels against the reference ``select_topk`` (spec §5 step 6, §6 rule).
 
 Ties are broken by lower index in both, so beyond the spec's tie-tolerant comparison the indices
-are expected to be identical.
+are expected to be identical. Rows longer than ``ROW_IN_REGISTERS`` go through the chunked plan:
+its first-digit histogram is built either by ``select_topk`` itself or, as a score kernel would,
+by a test kernel that calls ``first_digit_histogram`` per block of keys.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from conftest import DEVICE
 from dsv4.harness.golden import tolerance, topk_allclose
-from dsv4.kernels.topk import CHUNK, ROW_IN_REGISTERS, select_topk
+from dsv4.kernels.interpreter import interpreted
+from dsv4.kernels.topk import (
+    CHUNK,
+    FIRST_DIGIT_BINS,
+    HIST_WORDS,
+    ROW_IN_REGISTERS,
+    first_digit_histogram,
+    select_topk,
+)
 from dsv4.model.structs import MASKED_SCORE, StepPositions
 from dsv4.ops.validate import step_positions
 from dsv4.reference.indexer import select_topk as reference_select_topk
@@ -62,6 +77,7 @@ SHAPES = [  # (batch, seq, start_pos, topk): cache lengths from 0 keys up past o
     (1, 2, 4 * ROW_IN_REGISTERS - 2, 1024),  # the longest single-program row
     (1, 2, 4 * ROW_IN_REGISTERS + 2, 1024),  # one key more: the chunked path, a 1-key last chunk
     (3, 1, [60, 20000, 41000], 512),  # chunked; rows of 15, 5000 and 10250 keys
+    (2, 2, [1, 4 * ROW_IN_REGISTERS + 2], 16),  # chunked; two rows with nothing visible
 ]
 
 
@@ -100,3 +116,195 @@ def test_topk_long_context() -> None:
     t0 = time.perf_counter()
     _check(_masked(score, pos), pos, 1024)
     print(f"select_topk, 2 rows x 262144 keys, topk 1024, interpreter: {time.perf_counter() - t0:.1f} s")
+
+
+# ----- the chunked plan: the histogram a score kernel builds, long rows, worst cases, determinism -----
+
+SCORE_BLOCK = 128  # keys per program of the index score kernel, whose epilogue the histogram test mimics
+STAND_IN_BLOCK = 2048  # keys per program of the stand-in elsewhere: fewer interpreted programs
+
+
+@triton.jit
+def _score_epilogue_kernel(score_ptr, start_ptr, hist_ptr, seq, n, KEYS: tl.constexpr, WORDS: tl.constexpr):
+    """What a score kernel does for ``select_topk``: per (token row, block of keys), add the block's
+    first-digit histogram to the row's ``hist`` with relaxed atomics."""
+    r = tl.program_id(0).to(tl.int64)
+    index = tl.program_id(1) * KEYS + tl.arange(0, KEYS)
+    valid = index < (tl.load(start_ptr + r // seq) + r % seq + 1) // 4
+    counts = first_digit_histogram(tl.load(score_ptr + r * n + index, mask=valid, other=0.0), valid)
+    bins = tl.arange(0, 256)
+    tl.atomic_add(hist_ptr + r * WORDS + bins, counts, mask=counts > 0, sem="relaxed")
+
+
+def _score_kernel_hist(score: torch.Tensor, pos: StepPositions, block: int = STAND_IN_BLOCK) -> torch.Tensor:
+    b, s, n = score.shape
+    hist = torch.zeros(b * s, HIST_WORDS, dtype=torch.int32, device=score.device)
+    grid = (b * s, triton.cdiv(n, block))
+    _score_epilogue_kernel[grid](score, pos.start, hist, s, n, KEYS=block, WORDS=HIST_WORDS)
+    return hist
+
+
+def _first_digits_reference(score: torch.Tensor, pos: StepPositions) -> torch.Tensor:
+    """``[B*S, 256]`` counts of the top 8 bits of the order key over the visible keys, in torch."""
+    bits = (score + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0.0 counts as +0.0
+    key = torch.where(bits < 0, -1 - bits, bits + (1 << 31))  # integer order = float order
+    visible = torch.arange(score.shape[-1], device=score.device) < ((pos.token_positions() + 1) // 4).unsqueeze(-1)
+    digit = torch.where(visible, key >> 24, FIRST_DIGIT_BINS).view(-1, score.shape[-1])  # hidden: an extra bin
+    counts = torch.zeros(digit.shape[0], FIRST_DIGIT_BINS + 1, dtype=torch.int64, device=score.device)
+    return counts.scatter_add_(1, digit, torch.ones_like(digit))[:, :FIRST_DIGIT_BINS]
+
+
+def test_first_digit_histogram_matches_torch() -> None:
+    """Every bin, from the helper a score kernel calls, against torch; masked tails not counted."""
+    pos = _positions(2, 2, [400, 4001])  # 100 to 1000 visible keys of 1001
+    g = torch.Generator().manual_seed(3)
+    score = torch.randn(2, 2, 1001, generator=g) * torch.logspace(-30, 30, 1001)  # many exponents, both signs
+    score[..., :8] = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1e-45, -1e-45, 3e38, -3e38])
+    score = score.to(DEVICE)
+    hist = _score_kernel_hist(score, pos, SCORE_BLOCK)
+    expected = _first_digits_reference(score, pos)
+    assert torch.equal(hist[:, :FIRST_DIGIT_BINS].long(), expected)
+    assert expected.sum() == ((pos.token_positions() + 1) // 4).sum() and (expected > 0).sum() > 100
+    assert hist[:, FIRST_DIGIT_BINS:].eq(0).all()
+
+
+def _check_with_hist(score: torch.Tensor, pos: StepPositions, topk: int) -> None:
+    """``_check`` through the score kernel's histogram; the selection leaves its counters zero."""
+    hist = _score_kernel_hist(score, pos)
+    counts = hist[:, :FIRST_DIGIT_BINS].clone()
+    got = select_topk(score, pos, topk, OFFSET, hist=hist)
+    assert torch.equal(got, reference_select_topk(score, pos, topk, OFFSET))
+    assert torch.equal(hist[:, :FIRST_DIGIT_BINS], counts) and hist[:, FIRST_DIGIT_BINS:].eq(0).all()
+
+
+def _long_rows(n: int, seed: int) -> tuple[torch.Tensor, StepPositions]:
+    """Two tokens of one sequence, the second seeing ``n`` keys: random scores, and scores of 64
+    values (about n/64 keys on each, so thousands tie at the threshold)."""
+    pos = _positions(1, 2, 4 * n - 2)
+    g = torch.Generator().manual_seed(seed)
+    score = torch.stack([torch.randn(n, generator=g), torch.randint(0, 64, (n,), generator=g).float()])
+    return _masked(score.view(1, 2, n).to(DEVICE), pos), pos
+
+
+@pytest.mark.parametrize(
+    "n,topk,hist_given",
+    [(ROW_IN_REGISTERS + 1, 512, True), (65536, 512, True), (65536, 1024, False), (262144, 512, True)],
+    ids=["4097-512-hist", "65536-512-hist", "65536-1024", "262144-512-hist"],
+)
+def test_topk_long_rows(n: int, topk: int, hist_given: bool) -> None:
+    """Long rows through both ways of getting the first-digit histogram (262144 keys, topk 1024,
+    standalone: ``test_topk_long_context``)."""
+    score, pos = _long_rows(n, seed=n + topk)
+    if hist_given:
+        _check_with_hist(score, pos, topk)
+    else:
+        _check(score, pos, topk)
+
+
+@pytest.mark.parametrize("n,hist_given", [(65536, False), (262144, True)], ids=["65536", "262144-hist"])
+def test_topk_all_scores_equal(n: int, hist_given: bool) -> None:
+    """The worst case of the chunked plan: every visible key is in the tie bin, every one a candidate,
+    and the threshold ties are split by index alone (at 262144 keys on three live index digits).
+    Signed zeros in the second row."""
+    pos = _positions(1, 2, 4 * n - 2)
+    score = torch.ones(1, 2, n)
+    score[0, 1] = torch.where(torch.arange(n) % 3 == 0, -0.0, 0.0)
+    score = _masked(score.to(DEVICE), pos)
+    got = select_topk(score, pos, 1024, OFFSET, hist=_score_kernel_hist(score, pos) if hist_given else None)
+    lowest = torch.arange(1024, dtype=torch.int32, device=DEVICE) + OFFSET  # of the n - 1 and n visible keys
+    assert torch.equal(got[0, 0], lowest) and torch.equal(got[0, 1], lowest)
+
+
+def test_topk_ties_straddling_chunks() -> None:
+    """Threshold ties on both sides of chunk boundaries, more of them than are taken: the lowest
+    indices must win whichever program appended them first."""
+    n = 3 * CHUNK + 5
+    g = torch.Generator().manual_seed(11)
+    rows = torch.randn(2, n, generator=g)
+    rows[0, CHUNK - 300 : CHUNK + 300] = 7.0  # 600 ties around the first boundary, 512 - 10 taken
+    rows[0, torch.arange(10) * 300 + 2 * CHUNK] = 8.0  # 10 certain winners in chunk 2
+    rows[1, torch.arange(0, n, 7)] = 7.0  # ties spread over every chunk
+    rows[1, n - 1] = 7.0  # and in the 5-key last chunk
+    pos = _positions(1, 2, 4 * n - 2)
+    score = _masked(rows.view(1, 2, n).to(DEVICE), pos)
+    _check(score, pos, 512)
+    _check_with_hist(score, pos, 512)
+
+
+@contextlib.contextmanager
+def _programs_shuffled(seed: int) -> Iterator[None]:
+    """Run each interpreted launch's programs in a random order, as a GPU may schedule them: the
+    interpreter's ``i``-th program gets the grid index of the permutation's ``i``-th entry."""
+    import triton.runtime.interpreter as interp
+
+    builder = interp.interpreter_builder
+    real = builder.set_grid_idx
+    rng = np.random.default_rng(seed)
+    order: list[tuple[int, int, int]] = []
+
+    def shuffled(x: int, y: int, z: int) -> None:
+        nx, ny, nz = builder.grid_dim
+        if (x, y, z) == (0, 0, 0):  # a new launch
+            order[:] = [np.unravel_index(i, (nx, ny, nz)) for i in rng.permutation(nx * ny * nz)]
+        real(*map(int, order[(x * ny + y) * nz + z]))
+
+    builder.set_grid_idx = shuffled
+    try:
+        yield
+    finally:
+        del builder.set_grid_idx  # the instance attribute shadowed the method
+
+
+@pytest.mark.skipif(not interpreted(), reason="reorders the interpreter's programs; on a GPU the repeat test runs")
+def test_topk_independent_of_program_order() -> None:
+    """Another program finishing each row, candidates appended in another order: the same bits."""
+    n = 5 * CHUNK + 100
+    score, pos = _long_rows(n, seed=5)
+    expected = reference_select_topk(score, pos, 1024, OFFSET)
+    for seed in range(3):
+        with _programs_shuffled(seed):
+            assert torch.equal(select_topk(score, pos, 1024, OFFSET), expected)
+            hist = _score_kernel_hist(score, pos)
+            assert torch.equal(select_topk(score, pos, 1024, OFFSET, hist=hist), expected)
+
+
+def test_topk_runs_are_bit_identical() -> None:
+    """Repeated calls on the same scratch (a workspace) give the same bits, chunked and not."""
+    from dsv4.kernels.workspace import Workspace
+
+    ws = Workspace()
+    for n in (ROW_IN_REGISTERS, 3 * CHUNK + 77):
+        score, pos = _long_rows(n, seed=n)
+        first = select_topk(score, pos, 512, OFFSET, ws=ws)
+        for _ in range(2):
+            assert torch.equal(select_topk(score, pos, 512, OFFSET, ws=ws), first)
+            assert torch.equal(select_topk(score, pos, 512, OFFSET, ws=ws, hist=_score_kernel_hist(score, pos)), first)
+
+
+@pytest.mark.skipif(not interpreted(), reason="counts interpreted launches")
+def test_topk_launches() -> None:
+    """One launch per plan, two when the chunked plan builds its own histogram; no other torch op."""
+    from dsv4.bench.interp_traffic import count_traffic
+
+    short, pos_short = _long_rows(ROW_IN_REGISTERS, seed=1)
+    long, pos_long = _long_rows(2 * CHUNK + 1, seed=2)
+    hist = _score_kernel_hist(long, pos_long)
+    for args, hist_arg, kernels in [
+        ((short, pos_short), None, ["_select_row_kernel"]),
+        ((long, pos_long), None, ["_first_digit_kernel", "_select_chunks_kernel"]),
+        ((long, pos_long), hist, ["_select_chunks_kernel"]),
+    ]:
+        with count_traffic() as log:
+            select_topk(*args, 512, OFFSET, hist=hist_arg)
+        assert [launch.kernel for launch in log.launches] == kernels
+
+
+@pytest.mark.parametrize(
+    "hist",
+    [torch.zeros(2, HIST_WORDS, dtype=torch.int64), torch.zeros(2, FIRST_DIGIT_BINS, dtype=torch.int32)],
+    ids=["int64", "short-row"],
+)
+def test_topk_rejects_a_bad_hist(hist: torch.Tensor) -> None:
+    score, pos = _long_rows(2 * CHUNK + 1, seed=2)
+    with pytest.raises(ValueError, match="hist"):
+        select_topk(score, pos, 512, OFFSET, hist=hist.to(DEVICE))

@@ -14,10 +14,15 @@ slot ``4 + i`` holds the last token ``q <= L`` with ``q % 4 == i`` (``L`` the st
 position) if the step wrote it, and when a block closed, slot ``i`` holds the last closed
 block's token ``i`` (this step's projection, or the pre-step slot ``4 + i``).
 
-Grid ``(B, ceil(max closing blocks / BLOCKS_PER_PROGRAM))``: program ``(b, g)`` pools closing
-blocks ``g*16 .. g*16+15`` of row ``b``. Only the first two closing blocks of a row can read the
-pre-step ring (``f - 4 < start``); both belong to program ``(b, 0)``, which also writes the ring,
-after a barrier — so no program reads a ring slot after it is overwritten.
+Work comes in chunks of ``CLOSE_CHUNK`` closing blocks of one row (``close_chunk``), pooled
+``CLOSE_TILE`` at a time. Only the first two closing blocks of a row can read the pre-step ring
+(``f - 4 < start``); both belong to the row's chunk 0, which also writes the ring, after a barrier —
+so no program reads a ring slot after it is overwritten. The projections come as the x-projection's
+raw K-slices (``x_proj.py``): chunk 0 adds its row's slices in slice order into a scratch row block
+first when there is more than one slice (decode), and reads them once per candidate from there; a
+step long enough to have a chunk 1 is never split over K (``close_splits_cap``), so later chunks read
+the one slice directly. The standalone op runs one chunk per program (``_compressor_step_kernel``);
+the indexer runs the same chunks inside its score launch (``index_score.py``).
 """
 
 from __future__ import annotations
@@ -32,24 +37,38 @@ from ..model.state import STATE_SLOTS, IndexerState
 from ..model.structs import StepPositions
 from ..model.weights import CompressorWeights
 from .epilogue import quantize_int8_rows, round_bf16
-from .head_rotation import hadamard_rows, hadamard_signs, rope_pairs, split_head_dims
-from .workspace import Workspace
-from .x_proj import x_projection
+from .head_rotation import hadamard_rows, rope_pairs, split_head_dims
+from .index_front import front
+from .split_k import sum_k_slices
+from .workspace import Workspace, scratch
+from .x_proj import kvg_rows
 
-BLOCKS_PER_PROGRAM = 16  # closing blocks pooled per program: the Hadamard tl.dot needs M >= 16 rows
-assert BLOCKS_PER_PROGRAM >= 2, "the (at most two) blocks that read the pre-step ring must share program 0"
-NUM_WARPS = 8  # pooling and Hadamard tiles of 16 blocks: 221 registers on sm_90 (Triton 3.9), no spills;
-#                4 warps: 242, no spills either (which is faster is owed to a GPU measurement)
+CLOSE_CHUNK = 128  # closing blocks per work item: the indexer's key block (index_score.KEYS_PER_PROGRAM)
+CLOSE_TILE = 16  # closing blocks pooled at once: the Hadamard tl.dot needs M >= 16 rows
+assert CLOSE_TILE >= 2, "the (at most two) blocks that read the pre-step ring must share chunk 0's first tile"
+NUM_WARPS = 8  # pooling and Hadamard tiles of 16 blocks: no spills on sm_90 (figures in docs/DESIGN.md)
 RATIO = tl.constexpr(COMPRESS_RATIO)
 SLOTS = tl.constexpr(STATE_SLOTS)
+_CHUNK = tl.constexpr(CLOSE_CHUNK)
+_TILE = tl.constexpr(CLOSE_TILE)
+SUM_BLOCK = tl.constexpr(256)  # values per step when chunk 0 adds its K-slices: one value a thread per slice
+#                                at 8 warps, so every slice's load is in flight in SPLITS registers
+
+
+def close_splits_cap(seq: int) -> int | None:
+    """The most K-slices the x-projection may use for a step of ``seq`` tokens per row: one when a row
+    can close more than ``CLOSE_CHUNK`` blocks (its later chunks read the projections unsummed)."""
+    return 1 if -(-seq // COMPRESS_RATIO) + 1 > CLOSE_CHUNK else None
 
 
 @triton.jit
 def _candidate(
-    kvg_ptr, state_ptr, b, start, S, f, valid, cols, j: tl.constexpr, GATE: tl.constexpr, TWO_HID: tl.constexpr
-):
+    src_ptr, ape_ptr, state_ptr, b, start, S, f, valid, cols, T, HI, j: tl.constexpr, GATE: tl.constexpr,
+    TWO_HID: tl.constexpr,
+):  # fmt: skip
     """Candidate ``j`` (token ``f - 4 + j``) of each closing block, columns ``cols`` of its half:
-    ``[BLOCKS, len(cols)]`` fp32 from this step's projections or the pre-step ring ``state_ptr``."""
+    ``[BLOCKS, len(cols)]`` fp32 from this step's projections (``src_ptr``: one K-slice) or the
+    pre-step ring ``state_ptr``."""
     q = f - 4 + j
     from_proj = valid & (q >= start)
     from_ring = valid & (q < start)
@@ -59,12 +78,7 @@ def _candidate(
     else:  # this block, columns [HID, 2*HID)
         half = TWO_HID // 2
         slot = tl.full(f.shape, j, tl.int64)
-    proj_row = b * S + (q - start)
-    proj = tl.load(
-        kvg_ptr + proj_row[:, None] * (2 * TWO_HID) + (GATE * TWO_HID + half) + cols[None, :],
-        mask=from_proj[:, None],
-        other=0.0,
-    )
+    proj = kvg_rows(src_ptr, ape_ptr, b * S + (q - start), q, half + cols, from_proj[:, None], T, HI, GATE, TWO_HID, 1)
     ring = tl.load(
         state_ptr + (b * SLOTS + slot)[:, None] * TWO_HID + half + cols[None, :], mask=from_ring[:, None], other=0.0
     )
@@ -72,7 +86,7 @@ def _candidate(
 
 
 @triton.jit
-def _pool(kvg_ptr, kv_state_ptr, score_state_ptr, b, start, S, f, valid, cols, TWO_HID: tl.constexpr):
+def _pool(src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, start, S, f, valid, cols, T, HI, TWO_HID: tl.constexpr):
     """Softmax over the 8 candidates of each column, then the weighted sum: ``[BLOCKS, len(cols)]`` fp32.
 
     Three passes over the candidates (max; sum of exps; sum of ``kv * exp/sum`` in candidate
@@ -80,26 +94,154 @@ def _pool(kvg_ptr, kv_state_ptr, score_state_ptr, b, start, S, f, valid, cols, T
     the reference's softmax-then-sum: fewer pooled values land on the other side of a bf16
     rounding boundary. Repeated candidate loads hit L1.
     """
-    m = _candidate(kvg_ptr, score_state_ptr, b, start, S, f, valid, cols, 0, 1, TWO_HID)
+    m = _candidate(src_ptr, ape_ptr, score_state_ptr, b, start, S, f, valid, cols, T, HI, 0, 1, TWO_HID)
     for j in tl.static_range(1, 2 * RATIO):
         m = tl.maximum(
             m,
-            _candidate(kvg_ptr, score_state_ptr, b, start, S, f, valid, cols, j, 1, TWO_HID),
+            _candidate(src_ptr, ape_ptr, score_state_ptr, b, start, S, f, valid, cols, T, HI, j, 1, TWO_HID),
             propagate_nan=tl.PropagateNan.ALL,  # a NaN gate makes the column's softmax NaN, as in torch
         )
-    den = tl.exp(_candidate(kvg_ptr, score_state_ptr, b, start, S, f, valid, cols, 0, 1, TWO_HID) - m)
+    den = tl.exp(_candidate(src_ptr, ape_ptr, score_state_ptr, b, start, S, f, valid, cols, T, HI, 0, 1, TWO_HID) - m)
     for j in tl.static_range(1, 2 * RATIO):
-        den += tl.exp(_candidate(kvg_ptr, score_state_ptr, b, start, S, f, valid, cols, j, 1, TWO_HID) - m)
+        den += tl.exp(
+            _candidate(src_ptr, ape_ptr, score_state_ptr, b, start, S, f, valid, cols, T, HI, j, 1, TWO_HID) - m
+        )
     pooled = tl.zeros(m.shape, tl.float32)
     for j in tl.static_range(0, 2 * RATIO):
-        e = tl.exp(_candidate(kvg_ptr, score_state_ptr, b, start, S, f, valid, cols, j, 1, TWO_HID) - m)
-        pooled += _candidate(kvg_ptr, kv_state_ptr, b, start, S, f, valid, cols, j, 0, TWO_HID) * tl.math.div_rn(e, den)
+        e = tl.exp(_candidate(src_ptr, ape_ptr, score_state_ptr, b, start, S, f, valid, cols, T, HI, j, 1, TWO_HID) - m)
+        kv = _candidate(src_ptr, ape_ptr, kv_state_ptr, b, start, S, f, valid, cols, T, HI, j, 0, TWO_HID)
+        pooled += kv * tl.math.div_rn(e, den)
     return pooled
 
 
 @triton.jit
+def _close_tile(
+    src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, keys_ptr, key_scale_ptr, table_ptr, norm_w_ptr, cos_ptr, sin_ptr,
+    b, start, S, k, n_close, T, HI, max_blocks, eps, hadamard_scale,
+    HID: tl.constexpr, NOPE: tl.constexpr, HALF_R: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):  # fmt: skip
+    """The keys of closing blocks ``k [CLOSE_TILE]`` (``< n_close``) of row ``b``: pooled, RMSNorm,
+    RoPE, Hadamard, quantized per row and stored in the pool through the block table."""
+    valid = k < n_close
+    r = start // RATIO + k  # cache row of each closing block
+    f = r * RATIO  # its first position
+    c_nope = tl.arange(0, NOPE)
+    c_even = NOPE + 2 * tl.arange(0, HALF_R)
+    k_nope = round_bf16(
+        _pool(src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, start, S, f, valid, c_nope, T, HI, 2 * HID)
+    )
+    k_even = round_bf16(
+        _pool(src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, start, S, f, valid, c_even, T, HI, 2 * HID)
+    )
+    k_odd = round_bf16(
+        _pool(src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, start, S, f, valid, c_even + 1, T, HI, 2 * HID)
+    )
+
+    sumsq = tl.sum(k_nope * k_nope, axis=1) + tl.sum(k_even * k_even, axis=1) + tl.sum(k_odd * k_odd, axis=1)
+    inv_rms = tl.math.div_rn(tl.full(sumsq.shape, 1.0, tl.float32), tl.math.sqrt_rn(sumsq * (1.0 / HID) + eps))
+    g_nope = tl.load(norm_w_ptr + c_nope).to(tl.float32)
+    g_even = tl.load(norm_w_ptr + c_even).to(tl.float32)
+    g_odd = tl.load(norm_w_ptr + c_even + 1).to(tl.float32)
+    k_nope = round_bf16(k_nope * inv_rms[:, None] * g_nope[None, :])
+    k_even = round_bf16(k_even * inv_rms[:, None] * g_even[None, :])
+    k_odd = round_bf16(k_odd * inv_rms[:, None] * g_odd[None, :])
+
+    trig = f[:, None] * HALF_R + tl.arange(0, HALF_R)[None, :]  # RoPE at the block's first position
+    cos = tl.load(cos_ptr + trig, mask=valid[:, None], other=0.0)
+    sin = tl.load(sin_ptr + trig, mask=valid[:, None], other=0.0)
+    k_even, k_odd = rope_pairs(k_even, k_odd, cos, sin)
+    key = hadamard_rows(k_nope, round_bf16(k_even), round_bf16(k_odd), hadamard_scale, HID, NOPE, HALF_R)
+    k8, k_scale = quantize_int8_rows(round_bf16(key))  # spec §2 of the bf16 key: quantized on write
+    block = tl.load(table_ptr + b * max_blocks + r // BLOCK_SIZE, mask=valid, other=-1).to(tl.int64)
+    held = valid & (block >= 0)
+    slot = block * BLOCK_SIZE + r % BLOCK_SIZE
+    tl.store(keys_ptr + slot[:, None] * HID + tl.arange(0, HID)[None, :], k8, mask=held[:, None])
+    tl.store(key_scale_ptr + slot, k_scale, mask=held)
+
+
+@triton.jit
+def _update_ring(src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, start, S, T, HI, HID: tl.constexpr):
+    """Write row ``b``'s ring in its final state (see the module docstring); reads the pre-step ring
+    slots it needs first, then (after a barrier) overwrites them."""
+    last = start + S - 1
+    i = tl.arange(0, RATIO).to(tl.int64)
+    cols = tl.arange(0, 2 * HID)
+    # slots 4+i: the last token q <= last with q % 4 == i, if this step wrote it
+    q_cur = last - (last - i + RATIO) % RATIO
+    cur_new = q_cur >= start
+    kv_cur = kvg_rows(src_ptr, ape_ptr, b * S + q_cur - start, q_cur, cols, cur_new[:, None], T, HI, 0, 2 * HID, 1)
+    sc_cur = kvg_rows(src_ptr, ape_ptr, b * S + q_cur - start, q_cur, cols, cur_new[:, None], T, HI, 1, 2 * HID, 1)
+    # slots 0..3 (when a block closed): token i of the last closed block
+    q_prev = RATIO * ((start + S) // RATIO) - RATIO + i
+    closed = q_prev - i + (RATIO - 1) >= start  # [4], all equal: the last closed block ends in this step
+    prev_new = q_prev >= start  # implies closed
+    prev_old = closed & (q_prev < start)
+    ring_src = (b * SLOTS + RATIO + i)[:, None] * (2 * HID) + cols[None, :]
+    prev_tok = b * S + q_prev - start
+    kv_prev = tl.where(
+        prev_new[:, None],
+        kvg_rows(src_ptr, ape_ptr, prev_tok, q_prev, cols, prev_new[:, None], T, HI, 0, 2 * HID, 1),
+        tl.load(kv_state_ptr + ring_src, mask=prev_old[:, None], other=0.0),
+    )
+    sc_prev = tl.where(
+        prev_new[:, None],
+        kvg_rows(src_ptr, ape_ptr, prev_tok, q_prev, cols, prev_new[:, None], T, HI, 1, 2 * HID, 1),
+        tl.load(score_state_ptr + ring_src, mask=prev_old[:, None], other=0.0),
+    )
+    tl.debug_barrier()  # every pre-step ring read of this program is done before the ring is overwritten
+    dst_cur = (b * SLOTS + RATIO + i)[:, None] * (2 * HID) + cols[None, :]
+    tl.store(kv_state_ptr + dst_cur, kv_cur, mask=cur_new[:, None])
+    tl.store(score_state_ptr + dst_cur, sc_cur, mask=cur_new[:, None])
+    dst_prev = (b * SLOTS + i)[:, None] * (2 * HID) + cols[None, :]
+    tl.store(kv_state_ptr + dst_prev, kv_prev, mask=closed[:, None])
+    tl.store(score_state_ptr + dst_prev, sc_prev, mask=closed[:, None])
+
+
+@triton.jit
+def _sum_row_slices(xp_ptr, dst_ptr, b, S, T, HI, TWO_HID: tl.constexpr, SPLITS: tl.constexpr):
+    """Row ``b``'s tokens (all their columns) of the x-projection's ``SPLITS`` K-slices, added in slice
+    order, into ``dst`` (laid out as one slice). The row's tokens are contiguous: summed as one run."""
+    n_out = 2 * TWO_HID + HI
+    n = S * n_out
+    lo = b * n
+    for i0 in tl.range(0, n, SUM_BLOCK, num_stages=1):  # the slices' loads are the pipeline
+        i = i0 + tl.arange(0, SUM_BLOCK)
+        tl.store(dst_ptr + lo + i, sum_k_slices(xp_ptr + lo + i, i < n, T * n_out, SPLITS), mask=i < n)
+
+
+@triton.jit
+def close_chunk(
+    c, b, start, xp_ptr, kvg_ptr, ape_ptr, kv_state_ptr, score_state_ptr, keys_ptr, key_scale_ptr, table_ptr,
+    norm_w_ptr, cos_ptr, sin_ptr, S, T, HI, max_blocks, eps, hadamard_scale,
+    HID: tl.constexpr, NOPE: tl.constexpr, HALF_R: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLITS: tl.constexpr,
+):  # fmt: skip
+    """Chunk ``c`` of row ``b``'s closing blocks (``[c, c+1) * _CHUNK``); chunk 0 also writes the ring.
+
+    ``xp`` holds the x-projection's ``SPLITS`` raw K-slices; with more than one, chunk 0 first adds its
+    row's into ``kvg`` (same layout, one slice) and reads them there (later chunks never exist then)."""
+    if SPLITS > 1:
+        _sum_row_slices(xp_ptr, kvg_ptr, b, S, T, HI, 2 * HID, SPLITS)
+        tl.debug_barrier()  # the sums are stored before any thread of the program reads them
+        src_ptr = kvg_ptr
+    else:
+        src_ptr = xp_ptr
+    n_close = (start + S) // RATIO - start // RATIO
+    lo = c * _CHUNK
+    for k0 in tl.range(lo, tl.minimum(lo + _CHUNK, n_close), _TILE, num_stages=1):  # L1 serves the candidates
+        _close_tile(
+            src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, keys_ptr, key_scale_ptr, table_ptr, norm_w_ptr, cos_ptr,
+            sin_ptr, b, start, S, k0 + tl.arange(0, _TILE), tl.minimum(n_close, lo + _CHUNK), T, HI,
+            max_blocks, eps, hadamard_scale, HID, NOPE, HALF_R, BLOCK_SIZE,
+        )  # fmt: skip
+    if c == 0:
+        _update_ring(src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, start, S, T, HI, HID)
+
+
+@triton.jit
 def _compressor_step_kernel(
-    kvg_ptr,  # [B*S, 4*HID] fp32: kv projection | gate + ape, token t = b*S + s
+    xp_ptr,  # [SPLITS, B*S, 4*HID] fp32: raw K-slices of the kv | gate projections (x_proj.py)
+    kvg_ptr,  # [B*S, 4*HID] fp32 scratch: the slices added (SPLITS > 1)
+    ape_ptr,  # [4, 2*HID] fp32
     start_ptr,  # [B] int64
     kv_state_ptr,  # [Bs, 8, 2*HID] fp32, updated
     score_state_ptr,  # [Bs, 8, 2*HID] fp32, updated
@@ -109,7 +251,6 @@ def _compressor_step_kernel(
     norm_w_ptr,  # [HID] bf16|fp32
     cos_ptr,  # [P, R/2] fp32
     sin_ptr,
-    signs_ptr,  # [HID, HID] fp32 Hadamard signs
     S,
     max_blocks,
     eps,
@@ -117,97 +258,38 @@ def _compressor_step_kernel(
     HID: tl.constexpr,
     NOPE: tl.constexpr,
     HALF_R: tl.constexpr,
-    BLOCKS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    g = tl.program_id(1)
+    c = tl.program_id(1)
     start = tl.load(start_ptr + b)
-    first_block = start // RATIO
-    n_close = (start + S) // RATIO - first_block
-    if g * BLOCKS < n_close:
-        k = g * BLOCKS + tl.arange(0, BLOCKS)
-        valid = k < n_close
-        r = first_block + k  # cache row of each closing block
-        f = r * RATIO  # its first position
-        c_nope = tl.arange(0, NOPE)
-        c_even = NOPE + 2 * tl.arange(0, HALF_R)
-        k_nope = round_bf16(_pool(kvg_ptr, kv_state_ptr, score_state_ptr, b, start, S, f, valid, c_nope, 2 * HID))
-        k_even = round_bf16(_pool(kvg_ptr, kv_state_ptr, score_state_ptr, b, start, S, f, valid, c_even, 2 * HID))
-        k_odd = round_bf16(_pool(kvg_ptr, kv_state_ptr, score_state_ptr, b, start, S, f, valid, c_even + 1, 2 * HID))
-
-        sumsq = tl.sum(k_nope * k_nope, axis=1) + tl.sum(k_even * k_even, axis=1) + tl.sum(k_odd * k_odd, axis=1)
-        inv_rms = tl.math.div_rn(tl.full(sumsq.shape, 1.0, tl.float32), tl.math.sqrt_rn(sumsq * (1.0 / HID) + eps))
-        g_nope = tl.load(norm_w_ptr + c_nope).to(tl.float32)
-        g_even = tl.load(norm_w_ptr + c_even).to(tl.float32)
-        g_odd = tl.load(norm_w_ptr + c_even + 1).to(tl.float32)
-        k_nope = round_bf16(k_nope * inv_rms[:, None] * g_nope[None, :])
-        k_even = round_bf16(k_even * inv_rms[:, None] * g_even[None, :])
-        k_odd = round_bf16(k_odd * inv_rms[:, None] * g_odd[None, :])
-
-        trig = f[:, None] * HALF_R + tl.arange(0, HALF_R)[None, :]  # RoPE at the block's first position
-        cos = tl.load(cos_ptr + trig, mask=valid[:, None], other=0.0)
-        sin = tl.load(sin_ptr + trig, mask=valid[:, None], other=0.0)
-        k_even, k_odd = rope_pairs(k_even, k_odd, cos, sin)
-        key = hadamard_rows(k_nope, round_bf16(k_even), round_bf16(k_odd), signs_ptr, hadamard_scale, HID, NOPE, HALF_R)
-        k8, k_scale = quantize_int8_rows(round_bf16(key))  # spec §2 of the bf16 key: quantized on write
-        block = tl.load(table_ptr + b * max_blocks + r // BLOCK_SIZE, mask=valid, other=-1).to(tl.int64)
-        held = valid & (block >= 0)
-        slot = block * BLOCK_SIZE + r % BLOCK_SIZE
-        tl.store(keys_ptr + slot[:, None] * HID + tl.arange(0, HID)[None, :], k8, mask=held[:, None])
-        tl.store(key_scale_ptr + slot, k_scale, mask=held)
-
-    if g == 0:  # the ring's final state
-        last = start + S - 1
-        i = tl.arange(0, RATIO).to(tl.int64)
-        cols = tl.arange(0, 2 * HID)
-        # slots 4+i: the last token q <= last with q % 4 == i, if this step wrote it
-        q_cur = last - (last - i + RATIO) % RATIO
-        cur_new = q_cur >= start
-        cur_src = kvg_ptr + (b * S + q_cur - start)[:, None] * (4 * HID) + cols[None, :]
-        kv_cur = tl.load(cur_src, mask=cur_new[:, None], other=0.0)
-        sc_cur = tl.load(cur_src + 2 * HID, mask=cur_new[:, None], other=0.0)
-        # slots 0..3 (when a block closed): token i of the last closed block
-        q_prev = RATIO * ((start + S) // RATIO) - RATIO + i
-        closed = q_prev - i + (RATIO - 1) >= start  # [4], all equal: the last closed block ends in this step
-        prev_new = q_prev >= start  # implies closed
-        prev_old = closed & (q_prev < start)
-        prev_src = kvg_ptr + (b * S + q_prev - start)[:, None] * (4 * HID) + cols[None, :]
-        ring_src = (b * SLOTS + RATIO + i)[:, None] * (2 * HID) + cols[None, :]
-        kv_prev = tl.where(
-            prev_new[:, None],
-            tl.load(prev_src, mask=prev_new[:, None], other=0.0),
-            tl.load(kv_state_ptr + ring_src, mask=prev_old[:, None], other=0.0),
-        )
-        sc_prev = tl.where(
-            prev_new[:, None],
-            tl.load(prev_src + 2 * HID, mask=prev_new[:, None], other=0.0),
-            tl.load(score_state_ptr + ring_src, mask=prev_old[:, None], other=0.0),
-        )
-        tl.debug_barrier()  # every pre-step ring read of this program is done before the ring is overwritten
-        dst_cur = (b * SLOTS + RATIO + i)[:, None] * (2 * HID) + cols[None, :]
-        tl.store(kv_state_ptr + dst_cur, kv_cur, mask=cur_new[:, None])
-        tl.store(score_state_ptr + dst_cur, sc_cur, mask=cur_new[:, None])
-        dst_prev = (b * SLOTS + i)[:, None] * (2 * HID) + cols[None, :]
-        tl.store(kv_state_ptr + dst_prev, kv_prev, mask=closed[:, None])
-        tl.store(score_state_ptr + dst_prev, sc_prev, mask=closed[:, None])
+    if c * _CHUNK < tl.maximum((start + S) // RATIO - start // RATIO, 1):
+        close_chunk(
+            c, b, start, xp_ptr, kvg_ptr, ape_ptr, kv_state_ptr, score_state_ptr, keys_ptr, key_scale_ptr, table_ptr,
+            norm_w_ptr, cos_ptr, sin_ptr, S, tl.num_programs(0) * S, 0, max_blocks, eps, hadamard_scale,
+            HID, NOPE, HALF_R, BLOCK_SIZE, SPLITS,
+        )  # fmt: skip
 
 
 def compressor_step(
-    kvg: torch.Tensor, w: CompressorWeights, state: IndexerState, pos: StepPositions, rope: RopeTable, eps: float
-) -> None:
+    xp: torch.Tensor, w: CompressorWeights, state: IndexerState, pos: StepPositions, rope: RopeTable, eps: float,
+    ws: Workspace | None = None,
+) -> None:  # fmt: skip
     """Advance the ring of rows ``0..B-1`` of ``state`` over one step and write the closed blocks'
     keys, quantized, into the key pool of ``state`` (spec §4 steps 2-3); one launch.
 
-    ``kvg [B*S, 4*HID] fp32`` from ``x_projection`` (kv projection | gate + ape).
+    ``xp [SPLITS, B*S, 4*HID] fp32``: the raw K-slices of the kv | gate projections (``index_front``).
     """
     hid = w.norm_w.shape[0]
     nope, half_r = split_head_dims(hid, rope.rope_dim)
-    grid = (pos.batch, max(1, triton.cdiv(pos.max_closing_blocks, BLOCKS_PER_PROGRAM)))
+    splits = xp.shape[0]
+    kvg = scratch(ws, "compressor.kvg", xp.shape[1:], torch.float32, xp.device) if splits > 1 else xp
+    grid = (pos.batch, max(1, triton.cdiv(pos.max_closing_blocks, CLOSE_CHUNK)))
     _compressor_step_kernel[grid](
-        kvg, pos.start, state.kv_state, state.score_state, state.keys, state.key_scale, state.block_table, w.norm_w,
-        rope.cos, rope.sin, hadamard_signs(hid, kvg.device), pos.seq, state.block_table.shape[1], eps, hid**-0.5,
-        HID=hid, NOPE=nope, HALF_R=half_r, BLOCKS=BLOCKS_PER_PROGRAM, BLOCK_SIZE=state.block_size,
+        xp, kvg, w.ape, pos.start, state.kv_state, state.score_state, state.keys, state.key_scale, state.block_table,
+        w.norm_w, rope.cos, rope.sin, pos.seq, state.block_table.shape[1], eps, hid**-0.5,
+        HID=hid, NOPE=nope, HALF_R=half_r, BLOCK_SIZE=state.block_size, SPLITS=splits,
         num_warps=NUM_WARPS, enable_fp_fusion=False,
     )  # fmt: skip
 
@@ -223,8 +305,8 @@ def indexer_compressor(
 ) -> None:
     """``x [B, S, D] bf16``; updates rows ``0..B-1`` of ``state`` in place (spec §4).
 
-    Two launches: the x-side projection (``wkv``, ``wgate`` + ``ape``) and the compressor step.
+    Two launches: the x-side projection (``wkv``, ``wgate``; the front launch without the query path)
+    and the compressor step (which adds the projection's K-slices and ``ape`` as it reads them).
     """
-    b, s, d = x.shape
-    kvg, _ = x_projection(x.view(b * s, d), w, pos, ws=ws)
-    compressor_step(kvg, w, state, pos, rope, eps)
+    xp, _, _ = front(x, w, pos, ws=ws, max_splits=close_splits_cap(pos.seq))
+    compressor_step(xp, w, state, pos, rope, eps, ws)

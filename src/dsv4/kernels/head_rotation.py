@@ -4,7 +4,8 @@ A head row of ``HID`` entries is carried as three tiles: ``nope`` (entries ``[0,
 ``even`` and ``odd`` (entries ``NOPE + 2i`` and ``NOPE + 2i + 1``, ``i < R/2``). Loading the
 rotary pairs already split turns interleaved RoPE into plain elementwise math, and the Hadamard
 rotation of the whole row into three dots against the matching rows of the sign matrix, with no
-reshape, split or concatenation of register tiles.
+reshape, split or concatenation of register tiles. The signs are computed in registers from the
+bit parity of ``i & j`` (Sylvester's construction), so no program loads a sign matrix.
 
 Every dot here multiplies bf16-exact values (and the ``±1`` signs) held as fp32 with
 ``input_precision="tf32"``: tf32 represents bf16 values exactly, so the products are exact and the
@@ -14,20 +15,10 @@ bf16 operands, computes the same result.
 
 from __future__ import annotations
 
-import functools
-
-import torch
 import triton
 import triton.language as tl
 
-from ..model.hadamard import hadamard_matrix
 from .launch import is_pow2
-
-
-@functools.lru_cache(maxsize=8)
-def hadamard_signs(hid: int, device: torch.device) -> torch.Tensor:
-    """``[hid, hid] fp32`` Sylvester sign matrix (entries exactly ``±1``); ``Hn = signs * hid**-0.5``."""
-    return (hadamard_matrix(hid, torch.float64) * hid**0.5).round().to(torch.float32).to(device).contiguous()
 
 
 def split_head_dims(hid: int, rope_dim: int) -> tuple[int, int]:
@@ -47,14 +38,27 @@ def rope_pairs(even, odd, cos, sin):
 
 
 @triton.jit
-def hadamard_rows(nope, even, odd, signs_ptr, scale, HID: tl.constexpr, NOPE: tl.constexpr, HALF_R: tl.constexpr):
+def _signs(rows, cols):
+    """Sylvester Hadamard signs ``(-1)^popcount(i & j)`` as fp32 ``±1``, ``rows [R, 1]`` x ``cols [1, C]``
+    int32 indices below 2^16: computed in registers from the parity of ``i & j``, nothing loaded."""
+    v = rows & cols
+    v ^= v >> 8
+    v ^= v >> 4
+    v ^= v >> 2
+    v ^= v >> 1
+    return 1.0 - 2.0 * (v & 1).to(tl.float32)
+
+
+@triton.jit
+def hadamard_rows(nope, even, odd, scale, HID: tl.constexpr, NOPE: tl.constexpr, HALF_R: tl.constexpr):
     """``[nope | interleave(even, odd)] @ (signs * scale)``: ``[M, NOPE]``, ``[M, HALF_R]`` x2 fp32
-    holding bf16-exact values -> ``[M, HID]`` fp32."""
+    holding bf16-exact values -> ``[M, HID]`` fp32. The signs are exact in tf32, so the products are
+    exact and the sums fp32, as the reference's fp32 matmul."""
     cols = tl.arange(0, HID)[None, :]
     rows_even = NOPE + 2 * tl.arange(0, HALF_R)
-    h_nope = tl.load(signs_ptr + tl.arange(0, NOPE)[:, None] * HID + cols)
-    h_even = tl.load(signs_ptr + rows_even[:, None] * HID + cols)
-    h_odd = tl.load(signs_ptr + (rows_even + 1)[:, None] * HID + cols)
+    h_nope = _signs(tl.arange(0, NOPE)[:, None], cols)
+    h_even = _signs(rows_even[:, None], cols)
+    h_odd = _signs((rows_even + 1)[:, None], cols)
     acc = tl.dot(nope, h_nope, input_precision="tf32")
     acc = tl.dot(even, h_even, acc, input_precision="tf32")
     acc = tl.dot(odd, h_odd, acc, input_precision="tf32")

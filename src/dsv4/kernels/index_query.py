@@ -1,32 +1,35 @@
-"""The indexer's query path in one kernel (spec §5 steps 1, 2 and the query half of 4):
+"""The indexer's query path as one program per head (spec §5 steps 1, 2 and the query half of 4):
 INT8 ``qr @ wq_b.T`` (int32 accumulate) -> dequant -> interleaved RoPE at each token's position
 -> bf16 -> Hadamard -> per-row INT8 with its scale. Nothing but ``q8`` and ``q_scale`` is written.
 
-One program per (``BLOCK_M`` tokens, head): the head's ``HID`` weight rows are loaded split into
-the no-RoPE rows and the even and odd rotary rows (see ``head_rotation.py``), so the accumulators come
-out already de-interleaved and RoPE and the Hadamard need no register shuffles.
+``query_tile`` runs inside the indexer's front launch (``index_front.py``). A program owns one head
+and a tile of ``BLOCK_M`` tokens — every token of a decode step (T <= 128) — so each ``wq_b`` byte is
+read once. The head's ``HID`` weight rows are loaded split into the no-RoPE rows and the even and
+odd rotary rows (see ``head_rotation.py``), so the accumulators come out already de-interleaved and
+RoPE and the Hadamard need no register shuffles.
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from ..model.rope import RopeTable
-from ..model.structs import StepPositions
 from .epilogue import quantize_int8_rows, round_bf16
-from .head_rotation import hadamard_rows, hadamard_signs, rope_pairs, split_head_dims
-from .workspace import Workspace, scratch
+from .head_rotation import hadamard_rows, rope_pairs
 
-BLOCK_M = 64  # tokens per program: a decode step (T=128) x 64 heads is 128 programs, about one per H100 SM
-BLOCK_K = 64  # QL per step: 64 B of each int8 row, K % 32 == 0 for Hopper int8 MMA (128 does not spill either)
-NUM_WARPS = 8  # int32 acc [64, 128] + fp32 Hadamard out [64, 128]. sm_90 as launched (Triton 3.9): 126 registers,
-#                no spills, cp.async-pipelined; 4 warps: 210, no spills either (speed owed to a GPU measurement)
+BLOCK_M_MAX = 128  # tokens per program: a whole decode step (T=128), so every wq_b byte is read once
+BLOCK_M_MIN = 16  # smallest tl.dot M
+BLOCK_K = 64  # QL per step: 64 B of each int8 row, K % 32 == 0 for Hopper int8 MMA
+
+
+def query_block_m(t: int) -> int:
+    """Tokens per query program for ``t`` tokens."""
+    return min(BLOCK_M_MAX, max(BLOCK_M_MIN, triton.next_power_of_2(t)))
 
 
 @triton.jit
-def _index_query_kernel(
+def query_tile(
+    pid,  # program index among the query programs: (token tile, head), head fastest
     qr_ptr,  # [T, QL] int8
     qr_scale_ptr,  # [T] fp32
     wq_b_ptr,  # [HI*HID, QL] int8
@@ -34,7 +37,6 @@ def _index_query_kernel(
     start_ptr,  # [B] int64; token t = b*S + s sits at start[b] + s
     cos_ptr,  # [P, R/2] fp32
     sin_ptr,
-    signs_ptr,  # [HID, HID] fp32 Hadamard signs
     q8_ptr,  # out [T, HI, HID] int8
     q_scale_ptr,  # out [T, HI] fp32
     T,
@@ -48,9 +50,8 @@ def _index_query_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    head = tl.program_id(1).to(tl.int64)
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    head = (pid % HI).to(tl.int64)
+    rows = (pid // HI).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < T
     n_nope = head * HID + tl.arange(0, NOPE)
     n_even = head * HID + NOPE + 2 * tl.arange(0, HALF_R)
@@ -82,39 +83,9 @@ def _index_query_kernel(
     sin = tl.load(sin_ptr + trig, mask=row_ok[:, None], other=0.0)
     q_even, q_odd = rope_pairs(q_even, q_odd, cos, sin)
     rotated = hadamard_rows(
-        round_bf16(q_nope), round_bf16(q_even), round_bf16(q_odd), signs_ptr, hadamard_scale, HID, NOPE, HALF_R
+        round_bf16(q_nope), round_bf16(q_even), round_bf16(q_odd), hadamard_scale, HID, NOPE, HALF_R
     )
     q8, q_scale = quantize_int8_rows(rotated)  # the same per-row INT8 as the keys get
     out = (rows * HI + head)[:, None] * HID + tl.arange(0, HID)[None, :]
     tl.store(q8_ptr + out, q8, mask=row_ok[:, None])
     tl.store(q_scale_ptr + rows * HI + head, q_scale, mask=row_ok)
-
-
-def index_query(
-    qr: torch.Tensor,
-    qr_scale: torch.Tensor,
-    wq_b: torch.Tensor,
-    wq_b_scale: torch.Tensor,
-    pos: StepPositions,
-    rope: RopeTable,
-    hid: int,
-    ws: Workspace | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantized, rotated indexer queries; one launch.
-
-    ``qr [T, QL] int8``, ``qr_scale [T, 1] fp32`` (token ``t = b*S + s`` at ``start[b] + s``),
-    ``wq_b [HI*HID, QL] int8``, ``wq_b_scale [HI*HID] fp32`` -> ``q8 [T, HI, HID] int8`` and
-    ``q_scale [T, HI] fp32`` (dequant: ``q8 * q_scale``).
-    """
-    t, ql = qr.shape
-    hi = wq_b.shape[0] // hid
-    nope, half_r = split_head_dims(hid, rope.rope_dim)
-    q8 = scratch(ws, "index_query.q8", (t, hi, hid), torch.int8, qr.device)
-    q_scale = scratch(ws, "index_query.q_scale", (t, hi), torch.float32, qr.device)
-    _index_query_kernel[(triton.cdiv(t, BLOCK_M), hi)](
-        qr, qr_scale, wq_b, wq_b_scale, pos.start, rope.cos, rope.sin, hadamard_signs(hid, qr.device), q8, q_scale,
-        t, pos.seq, ql, hi, hid**-0.5,
-        HID=hid, NOPE=nope, HALF_R=half_r, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
-        num_warps=NUM_WARPS, enable_fp_fusion=False,
-    )  # fmt: skip
-    return q8, q_scale

@@ -1,11 +1,11 @@
-"""The fused lightning indexer (spec §5): a chain of kernels, each writing only what the next needs.
+"""The fused lightning indexer (spec §5) in three launches, each writing only what the next needs.
 
-1. ``x_projection``: one GEMM of ``x`` against compressor ``wkv``, ``wgate`` (+ ``ape``) and
-   ``weights_proj`` (x the weights scale) -> ``kvg [T, 4*HID]``, ``head_weights [T, HI]`` fp32.
-2. ``compressor_step``: ring update and this step's closed blocks, quantized, into the key pool.
-3. ``index_query``: ``qr`` -> INT8 rotated queries ``q8 [T, HI, HID]`` + ``q_scale [T, HI]``.
-4. ``index_scores``: INT8 scores of every token against its visible pool rows.
-5. ``select_topk``: the top-k indices per token.
+1. ``index_front.front``: the x-side projection (compressor ``wkv``, ``wgate``, ``weights_proj``, as raw
+   K-slices) and the INT8 query path (``q8 [T, HI, HID]``, ``q_scale [T, HI]``), two program families.
+2. ``index_score.index_scores``: the compressor's closes and ring update, then the scores of every token
+   against its visible keys, in one persistent grid.
+3. ``topk.select_topk``: the top-k indices per token (rows longer than ``ROW_IN_REGISTERS`` keys
+   start from the first-digit histograms the score launch builds).
 """
 
 from __future__ import annotations
@@ -16,12 +16,11 @@ from ..model.rope import RopeTable
 from ..model.state import IndexerState
 from ..model.structs import IndexerOut, StepPositions
 from ..model.weights import IndexerWeights
-from .compressor import compressor_step
-from .index_query import index_query
+from .compressor import close_splits_cap
+from .index_front import front
 from .index_score import index_scores
-from .topk import select_topk
-from .workspace import Workspace
-from .x_proj import x_projection
+from .topk import HIST_WORDS, ROW_IN_REGISTERS, select_topk
+from .workspace import Workspace, scratch
 
 
 def indexer(
@@ -43,14 +42,15 @@ def indexer(
 
     Writes into ``out`` when given (a wider ``score`` is filled whole, masked past each token's
     visible rows); scratch comes from ``ws`` when given."""
-    b, s, d = x.shape
-    hi, hid = w.weights_proj.shape[0], w.compressor.norm_w.shape[0]
-    kvg, head_weights = x_projection(x.view(b * s, d), w.compressor, pos, w.weights_proj, hid**-0.5 * hi**-0.5, ws=ws)
-    compressor_step(kvg, w.compressor, state, pos, rope, eps)
-    q8, q_scale = index_query(qr, qr_scale, w.wq_b, w.wq_b_scale, pos, rope, hid, ws)
-    score = index_scores(
-        q8.view(b, s, hi, hid), q_scale.view(b, s, hi), head_weights.view(b, s, hi), state, pos,
-        None if out is None else out.score,
-    )  # fmt: skip
-    topk_idxs = select_topk(score, pos, topk, offset, None if out is None else out.topk_idxs, ws)
+    b, s = pos.batch, pos.seq
+    width = pos.max_cache_len if out is None else out.score.shape[2]
+    # Rows longer than one program selects alone: the score launch builds the first-digit histograms
+    # the selection starts from, in counters the front launch zeroes.
+    hist = scratch(ws, "indexer.hist", (b * s, HIST_WORDS), torch.int32, x.device) if width > ROW_IN_REGISTERS else None
+    cap = close_splits_cap(s)
+    xp, q8, q_scale = front(
+        x, w.compressor, pos, indexer=w, qr=qr, qr_scale=qr_scale, rope=rope, ws=ws, zero=hist, max_splits=cap
+    )
+    score = index_scores(xp, q8, q_scale, w, state, pos, rope, eps, None if out is None else out.score, hist, ws)
+    topk_idxs = select_topk(score, pos, topk, offset, None if out is None else out.topk_idxs, ws, hist)
     return IndexerOut(score, topk_idxs)

@@ -6,25 +6,36 @@ top: a 256-bin histogram of the digit among the keys that still tie with the k-t
 above tells which digit value the k-th has and how many keys beat it. After four digits the
 threshold key ``T`` is exact: every key ``> T`` is selected, and of the keys ``== T`` the lowest
 indices fill the rest, so exactly ``k = min(topk, vis)`` distinct indices come out. Only those k
-are sorted (a bitonic sort of ``(key << 31) | (2^31 - 1 - j)``, which orders by score and then by
-lower index, as the reference's stable sort does), shifted by ``offset``, and padded with -1.
+are sorted (a bitonic sort of the *sort key* ``(key << 31) | (2^31 - 1 - j)``, which orders by
+score and then by lower index, as the reference's stable sort does), shifted by ``offset``, and
+padded with -1.
 
-Two launch plans, chosen by the row length ``n``:
+Two plans, chosen by the row length ``n``:
 
 - ``n <= ROW_IN_REGISTERS``: one program per (token) row holds the whole row in registers and runs
   all four digit passes there, then compacts the k winners through a small scratch row and sorts
   them. One launch.
-- longer rows (long context: 262144 keys at 1M tokens): a row is split into ``CHUNK``-key chunks,
-  one program each, so a few rows still fill the GPU. Each digit pass is one launch over all
-  chunks; each program advances the threshold found so far (stored by the previous pass) by the
-  previous pass's histogram, skips its chunk if that settled it, else histograms the chunk's keys
-  that still tie and adds the counts to the row's global histogram with atomics. A gather launch
-  writes the winners of each chunk into the row's scratch (a slot range reserved with one atomic
-  per program; the last pass's per-chunk histograms give each chunk how many threshold ties lie
-  before it, so tie filling is by lowest index and deterministic). A last launch sorts each row's
-  k winners. Launches: one memset, four passes, gather, sort.
+- longer rows (long context: 262144 keys at 1M tokens): one launch of ``CHUNK``-key programs,
+  ``ceil(n / CHUNK)`` per row, that starts from the row's *first-digit histogram* (the counts of
+  the order keys' top 8 bits over the visible keys). The score kernel builds it as it writes the
+  scores (``first_digit_histogram`` in its epilogue, added to ``hist`` with integer atomics);
+  called alone, ``select_topk`` builds it with one launch more. Each chunk program derives the
+  threshold's first digit ``d1`` from it, reads its chunk's scores once, appends every key whose
+  first digit is ``>= d1`` (certain winners and the tie bin) to the row's candidate list (one
+  atomic reserves its slots), adds the second-digit histogram of its tie-bin keys to the row's,
+  and takes a ticket from the row's arrival counter. The program that draws the last ticket
+  finishes the row: it fixes the second digit from the summed histogram, then the remaining
+  digits of the threshold's *sort key* (two of the order key, three of the index, so that ties
+  go by lowest index) by histograms over the candidate list, which it compacts after every digit;
+  it sorts the winners, stores them and clears the row's counters.
 
-Atomics are relaxed: every count they produce is read by a later launch only.
+The selected set is the k largest sort keys, so it depends neither on the order in which
+candidates were appended nor on which program finishes; integer atomic sums are order-free too:
+the output is the same bit for bit from run to run. Cross-program hand-off: every program's
+candidate stores and relaxed atomics come before its arrival ticket (``acq_rel``, after a block
+barrier), and the finishing program reads them after its ticket, with ``.cg`` loads (from L2).
+No program waits for another, so the same protocol runs under the CPU interpreter, where programs
+run one after another and the last of a row is simply the last to run.
 """
 
 from __future__ import annotations
@@ -38,37 +49,74 @@ from ..model.structs import StepPositions
 from .launch import require
 from .workspace import Workspace, scratch
 
-RADIX_BITS = 8  # digit width: tl.histogram costs bins/32 counters per lane per element on a GPU,
-# so 256 bins stay cheap; 32-bit keys then need 32/8 = 4 passes.
+RADIX_BITS = 8  # digit width: tl.histogram's work per element grows with the bins on a GPU (bins/32
+# counters per lane on Triton 3.6), so 256 bins stay cheap; 32-bit keys then need 32/8 = 4 passes.
 RADIX_BINS = 1 << RADIX_BITS
 RADIX_PASSES = 32 // RADIX_BITS
 assert 32 % RADIX_BITS == 0, "digits must tile the 32-bit order key"
+FIRST_DIGIT_BINS = RADIX_BINS  # bins of ``first_digit_histogram``: the order key's top digit
 ROW_IN_REGISTERS = 4096  # longest row one program selects alone, and the chunk of a longer row:
-# 4096 x (4 B score + 8 B key) over 8 warps; ptxas (sm_90, flash topk 512) reports 127 registers
-# (Triton 3.9; 170 on 3.6) and no spills for the single-program kernel there. Flash decode rows (2048
+# 4096 x (4 B score + 8 B key) over 8 warps; ptxas (sm_90, flash topk 512) reports 97 registers
+# (Triton 3.9; 162 on 3.6) and no spills for the single-program kernel there. Flash decode rows (2048
 # keys) stay one launch.
 CHUNK = ROW_IN_REGISTERS  # keys per program on long rows: 16 KB of scores; 262144 keys make 64
-# programs per row, so two decode rows (S=2) cover an H100's 132 SMs (one pass moves only 1 MB).
-SELECT_WARPS = 8  # 16 keys per thread for the 4096-key programs (4 warps: 220 registers in gather, Triton 3.9)
+# programs per row, so two decode rows (S=2) cover an H100's 132 SMs.
+SELECT_WARPS = 8  # 16 keys per thread for the 4096-key programs
 INDEX_BITS = 31  # low bits of the sort key hold 2^31-1-j: rows up to 2^31 keys, key fits int64
+TIE_INDEX_BITS = 24  # chunked rows hold up to 2^24 keys: ties at the threshold are split by the
+# index's low 24 bits, three digits (the sort key's bits 24..30 are then all ones among them)
+INDEX_DIGITS = TIE_INDEX_BITS // RADIX_BITS
+assert TIE_INDEX_BITS % RADIX_BITS == 0 and TIE_INDEX_BITS < INDEX_BITS
+STATE_WORDS = RADIX_BINS + 16  # a row's selection counters (int32): the tie bin's second-digit
+# histogram, candidate slots taken, arrivals; padded to 64 B
+HIST_WORDS = FIRST_DIGIT_BINS + STATE_WORDS  # a row of ``select_topk``'s ``hist`` argument
+HIST_PART_BLOCK = 16  # partial first-digit histograms summed per load when ``select_topk`` builds them
+# (one per chunk): [16, 256] int32 is 16 registers a thread at 8 warps
 
 _RATIO = tl.constexpr(COMPRESS_RATIO)
 _INDEX_MASK = tl.constexpr((1 << INDEX_BITS) - 1)
 _INDEX_BITS = tl.constexpr(INDEX_BITS)
-_INT32_MAX = tl.constexpr((1 << 31) - 1)  # constants stay int32 literals; sums are int64
-_NAN_KEY = tl.constexpr((1 << 32) - 1)  # the largest order key, held by every NaN score
+_INT32_MIN = tl.constexpr(-(1 << 31))  # an int32 literal
+_FIRST_SHIFT = tl.constexpr(32 - RADIX_BITS)
+_FIRST_BINS = tl.constexpr(FIRST_DIGIT_BINS)
+_TIE_ONES = tl.constexpr((1 << INDEX_BITS) - (1 << TIE_INDEX_BITS))  # sort-key bits 24..30 of every tie
+_SLOTS = tl.constexpr(RADIX_BINS)  # state word: candidate slots taken
+_ARRIVALS = tl.constexpr(RADIX_BINS + 1)  # state word: chunk programs done
+_STATE_WORDS = tl.constexpr(STATE_WORDS)
+
+
+@triton.jit
+def _order_bits(score):
+    """fp32 -> uint32 with the same order as the floats (larger score, larger key): the order key.
+
+    ``+ 0.0`` turns -0.0 into +0.0 so that the two zeros tie, as they compare in the reference.
+    Non-negative floats get the top bit set; negative ones have every bit flipped.
+    """
+    bits = (score + 0.0).to(tl.int32, bitcast=True)
+    return (bits ^ ((bits >> 31) | _INT32_MIN)).to(tl.uint32, bitcast=True)
 
 
 @triton.jit
 def _order_key(score):
-    """fp32 -> int64 in ``[0, 2^32)`` with the same order as the floats (larger score, larger key).
+    """The order key as an int64 in ``[0, 2^32)``."""
+    return _order_bits(score).to(tl.int64)
 
-    ``+ 0.0`` turns -0.0 into +0.0 so that the two zeros tie, as they compare in the reference. Every
-    NaN, whatever its sign bit, gets the largest key: torch's descending sort puts NaN first.
+
+@triton.jit
+def first_digit_histogram(score, valid):
+    """Counts of the order key's first (top 8-bit) digit among the ``valid`` keys of one row.
+
+    ``score [KEYS] fp32``, ``valid [KEYS] bool`` -> ``[FIRST_DIGIT_BINS] int32``. For a score
+    kernel's epilogue: for each token row ``r`` and block of keys it scores, add the counts to the
+    row's ``hist`` with relaxed integer atomics (order-free, so deterministic)::
+
+        counts = first_digit_histogram(score_block, key_index < visible)
+        tl.atomic_add(hist_ptr + r * HIST_WORDS + tl.arange(0, FIRST_DIGIT_BINS), counts,
+                      mask=counts > 0, sem="relaxed")
+
+    ``score`` must be the very fp32 values stored for ``select_topk`` (same bits).
     """
-    bits = (score + 0.0).to(tl.int32, bitcast=True).to(tl.int64)
-    key = tl.where(bits < 0, -1 - bits, bits + _INT32_MAX + 1)
-    return tl.where(score != score, tl.full(key.shape, _NAN_KEY, tl.int64), key)
+    return tl.histogram((_order_bits(score) >> _FIRST_SHIFT).to(tl.int32), _FIRST_BINS, mask=valid)
 
 
 @triton.jit
@@ -112,17 +160,23 @@ def _digit_histogram(key, valid, prefix, shift, BITS: tl.constexpr):
 
 
 @triton.jit
+def _visible(start_ptr, r, seq):
+    """Visible keys of token row ``r = b*S + s``."""
+    return (tl.load(start_ptr + r // seq) + r % seq + 1) // _RATIO
+
+
+@triton.jit
 def _row_limits(start_ptr, r, seq, topk):
     """Visible keys of token row ``r = b*S + s`` and how many of them to select."""
-    visible = (tl.load(start_ptr + r // seq) + r % seq + 1) // _RATIO
+    visible = _visible(start_ptr, r, seq)
     return visible, tl.minimum(visible, topk)
 
 
 @triton.jit
-def _take(key, valid, threshold, need, ties_before):
+def _take(key, valid, threshold, need):
     """Which keys are selected: all above the threshold, and threshold ties by lowest index."""
     tie = valid & (key == threshold)
-    tie_rank = ties_before + tl.cumsum(tie.to(tl.int32), 0) - 1
+    tie_rank = tl.cumsum(tie.to(tl.int32), 0) - 1
     return (valid & (key > threshold)) | (tie & (tie_rank < need))
 
 
@@ -187,7 +241,7 @@ def _select_row_kernel(
         hist = _digit_histogram(key, valid, prefix, 32 - (p + 1) * BITS, BITS)
         prefix, need, done = _descend(prefix, need, done, hist, 1 << BITS)
 
-    take = _take(key, valid, prefix, need, 0)
+    take = _take(key, valid, prefix, need)
     slot = tl.cumsum(take.to(tl.int32), 0) - 1  # exactly k are taken; the store's bound is a guard
     tl.store(cand_ptr + r * TOPK_PAD + slot, _sort_key(key, index), mask=take & (slot < TOPK_PAD))
     tl.debug_barrier()  # the scratch row is re-read by other threads of this program
@@ -195,117 +249,164 @@ def _select_row_kernel(
 
 
 @triton.jit
-def _threshold_level(level_row_ptr, hist_row_ptr, k, visible, LEVEL: tl.constexpr, BINS: tl.constexpr):
-    """``(prefix, need, done)`` once ``LEVEL`` digits are fixed: the previous level as its pass stored
-    it (level 0: nothing fixed, all ``k`` to take), advanced by the previous pass's histogram."""
-    prefix, need, done = _first_level(k, visible)
-    if LEVEL >= 2:
-        prefix = tl.load(level_row_ptr + (LEVEL - 1) * 3)
-        need = tl.load(level_row_ptr + (LEVEL - 1) * 3 + 1)
-        done = tl.load(level_row_ptr + (LEVEL - 1) * 3 + 2) != 0
-    if LEVEL >= 1:
-        hist = tl.load(hist_row_ptr + (LEVEL - 1) * BINS + tl.arange(0, BINS))
-        prefix, need, done = _descend(prefix, need, done, hist, BINS)
-    return prefix, need, done
-
-
-@triton.jit
-def _radix_pass_kernel(
+def _first_digit_kernel(
     score_ptr,  # [R, n] fp32
     start_ptr,  # [B] int64
-    hist_ptr,  # [R, PASSES, BINS] int32, zeroed before pass 0
-    level_ptr,  # [R, PASSES, 3] int64: (prefix, need, done) after each pass's digit
-    chunk_hist_ptr,  # [R, n_chunks, BINS] int32, written by the last pass
+    hist_ptr,  # [R, row_words] int32: n_chunks partial first-digit histograms, then STATE_WORDS counters
     seq,
     n,
-    topk,
-    n_chunks,
-    PASS: tl.constexpr,
+    row_words,
     CHUNK: tl.constexpr,
-    BITS: tl.constexpr,
-    PASSES: tl.constexpr,
+    STATE_PAD: tl.constexpr,
 ):
+    """``select_topk`` called alone: chunk ``c``'s first-digit histogram into part ``c`` of its row;
+    chunk 0 also zeroes the row's selection counters."""
     r = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
-    BINS: tl.constexpr = 1 << BITS
-    visible, k = _row_limits(start_ptr, r, seq, topk)
-    prefix, need, done = _threshold_level(
-        level_ptr + r * PASSES * 3, hist_ptr + r * PASSES * BINS, k, visible, PASS, BINS
-    )
-    if PASS >= 1 and chunk == 0:  # one program per row hands the level on to the next pass
-        tl.store(level_ptr + (r * PASSES + PASS) * 3, prefix)
-        tl.store(level_ptr + (r * PASSES + PASS) * 3 + 1, need)
-        tl.store(level_ptr + (r * PASSES + PASS) * 3 + 2, done.to(tl.int64))
-
     index = chunk * CHUNK + tl.arange(0, CHUNK)
-    valid = index < tl.where(done, 0, visible)  # nothing is read once the threshold is settled
-    key = _order_key(tl.load(score_ptr + r * n + index, mask=valid, other=0.0))
-    hist = _digit_histogram(key, valid, prefix, 32 - (PASS + 1) * BITS, BITS)
-    bins = tl.arange(0, BINS)
-    tl.atomic_add(hist_ptr + (r * PASSES + PASS) * BINS + bins, hist, mask=hist > 0, sem="relaxed")
-    if PASS == PASSES - 1:  # per-chunk counts of the last digit: threshold ties before each chunk
-        tl.store(chunk_hist_ptr + (r * n_chunks + chunk) * BINS + bins, hist)
+    valid = index < _visible(start_ptr, r, seq)
+    counts = first_digit_histogram(tl.load(score_ptr + r * n + index, mask=valid, other=0.0), valid)
+    hist_row = hist_ptr + r * row_words
+    tl.store(hist_row + chunk * _FIRST_BINS + tl.arange(0, _FIRST_BINS), counts)
+    if chunk == 0:
+        word = tl.arange(0, STATE_PAD)
+        tl.store(hist_row + tl.num_programs(1) * _FIRST_BINS + word, 0, mask=word < _STATE_WORDS)
 
 
 @triton.jit
-def _gather_kernel(
+def _first_digits(hist_row_ptr, parts, PART_BLOCK: tl.constexpr):
+    """The row's first-digit counts ``[FIRST_DIGIT_BINS]``: the sum of its ``parts`` partial histograms."""
+    part = tl.arange(0, PART_BLOCK)[:, None]
+    bins = tl.arange(0, _FIRST_BINS)
+    counts = tl.zeros([_FIRST_BINS], tl.int32)
+    for p in range(0, parts, PART_BLOCK):
+        block = tl.load(hist_row_ptr + (p + part) * _FIRST_BINS + bins[None, :], mask=p + part < parts, other=0)
+        counts += tl.sum(block, 0)
+    return counts
+
+
+@triton.jit
+def _partition(cand_row_ptr, wins_row_ptr, count, won, threshold, SHIFT: tl.constexpr, done, CHUNK: tl.constexpr,
+               TOPK_PAD: tl.constexpr):  # fmt: skip
+    """Split the candidate list ``cand[:count]`` by the threshold's sort-key bits above ``SHIFT``:
+    keys above it (and keys equal to it once ``done``) are appended to the winners ``wins[won:]``;
+    keys equal to it (not ``done``) stay, compacted to the front, for the next digit. Returns how
+    many stay and the winners so far. In place: a key moves only to a slot at or below its own,
+    already read (its slot comes from a scan over the whole block, which waits for every thread's
+    load)."""
+    prefix = threshold >> SHIFT
+    stay_count = count * 0
+    for start in range(0, count, CHUNK):
+        slot = start + tl.arange(0, CHUNK)
+        valid = slot < count
+        key = tl.load(cand_row_ptr + slot, mask=valid, other=0, cache_modifier=".cg")
+        high = key >> SHIFT
+        win = valid & tl.where(done, high >= prefix, high > prefix)
+        stay = valid & tl.where(done, False, high == prefix)
+        to = won + tl.cumsum(win.to(tl.int32), 0) - 1
+        tl.store(wins_row_ptr + to, key, mask=win & (to < TOPK_PAD))
+        to = stay_count + tl.cumsum(stay.to(tl.int32), 0) - 1
+        tl.store(cand_row_ptr + to, key, mask=stay)
+        won += tl.sum(win.to(tl.int32), 0)
+        stay_count += tl.sum(stay.to(tl.int32), 0)
+    tl.debug_barrier()  # the next pass reads what other threads of this program stored
+    return stay_count, won
+
+
+@triton.jit
+def _refine(cand_row_ptr, wins_row_ptr, count, won, threshold, need, done, SHIFT: tl.constexpr,
+            CHUNK: tl.constexpr, TOPK_PAD: tl.constexpr, BITS: tl.constexpr):  # fmt: skip
+    """Fix the threshold's sort-key digit at ``SHIFT`` from a histogram over the candidate list (all
+    of whose keys equal the threshold above it), then partition the list by it."""
+    BINS: tl.constexpr = 1 << BITS
+    hist = tl.zeros([BINS], tl.int32)
+    for start in range(0, count, CHUNK):
+        slot = start + tl.arange(0, CHUNK)
+        key = tl.load(cand_row_ptr + slot, mask=slot < count, other=0, cache_modifier=".cg")
+        hist += tl.histogram(((key >> SHIFT) & (BINS - 1)).to(tl.int32), BINS, mask=slot < count)
+    # Below the order key the ties' sort keys are ones down to the index digits: part of the prefix.
+    prefix = (threshold | _TIE_ONES) >> (SHIFT + BITS)
+    prefix, need, done = _descend(prefix, need, done, hist, BINS)
+    threshold = prefix << SHIFT
+    count, won = _partition(cand_row_ptr, wins_row_ptr, count, won, threshold, SHIFT, done, CHUNK, TOPK_PAD)
+    return count, won, threshold, need, done
+
+
+@triton.jit
+def _finish_row(state_ptr, cand_row_ptr, wins_row_ptr, out_row_ptr, n, prefix, need, done, topk, offset,
+                BLOCK: tl.constexpr, TOPK_PAD: tl.constexpr, LOG_TOPK_PAD: tl.constexpr, BITS: tl.constexpr,
+                INDEX_DIGITS: tl.constexpr):  # fmt: skip
+    """The row's last chunk program: every candidate is in and the second-digit counts are summed.
+    Finds the sort key ``S`` of the k-th winner digit by digit, takes the candidates ``>= S``,
+    sorts and stores them, and zeroes the row's counters."""
+    BINS: tl.constexpr = 1 << BITS
+    count = tl.minimum(tl.load(state_ptr + _SLOTS, cache_modifier=".cg"), n)
+    second = tl.load(state_ptr + tl.arange(0, BINS), cache_modifier=".cg")
+    prefix, need, done = _descend(prefix, need, done, second, BINS)
+    shift: tl.constexpr = _INDEX_BITS + 32 - 2 * BITS  # sort-key bits below the first two digits
+    threshold = prefix.to(tl.int64) << shift
+    count, won = _partition(cand_row_ptr, wins_row_ptr, count, count * 0, threshold, shift, done, BLOCK, TOPK_PAD)
+    for d in tl.static_range(1, 32 // BITS - 1):  # the order key's remaining digits
+        count, won, threshold, need, done = _refine(
+            cand_row_ptr, wins_row_ptr, count, won, threshold, need, done, shift - d * BITS, BLOCK, TOPK_PAD, BITS
+        )
+    for d in tl.static_range(INDEX_DIGITS):  # ties at the threshold key: lowest index first
+        count, won, threshold, need, done = _refine(
+            cand_row_ptr, wins_row_ptr, count, won, threshold, need, done, (INDEX_DIGITS - 1 - d) * BITS,
+            BLOCK, TOPK_PAD, BITS,
+        )  # fmt: skip
+    _sort_and_store(wins_row_ptr, out_row_ptr, won, topk, offset, TOPK_PAD, LOG_TOPK_PAD)
+    word = tl.arange(0, 2 * BINS)
+    tl.store(state_ptr + word, 0, mask=word < _STATE_WORDS)  # clean for the next call
+
+
+@triton.jit
+def _select_chunks_kernel(
     score_ptr,  # [R, n] fp32
     start_ptr,  # [B] int64
-    hist_ptr,  # [R, PASSES, BINS] int32
-    level_ptr,  # [R, PASSES, 3] int64
-    chunk_hist_ptr,  # [R, n_chunks, BINS] int32
-    taken_ptr,  # [R] int32, zeroed: scratch slots handed out so far
-    cand_ptr,  # [R, TOPK_PAD] int64 scratch
-    seq,
-    n,
-    topk,
-    n_chunks,
-    CHUNK: tl.constexpr,
-    CHUNKS_PAD: tl.constexpr,
-    TOPK_PAD: tl.constexpr,
-    BITS: tl.constexpr,
-    PASSES: tl.constexpr,
-):
-    r = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
-    BINS: tl.constexpr = 1 << BITS
-    visible, k = _row_limits(start_ptr, r, seq, topk)
-    threshold, need, _ = _threshold_level(
-        level_ptr + r * PASSES * 3, hist_ptr + r * PASSES * BINS, k, visible, PASSES, BINS
-    )
-
-    earlier = tl.arange(0, CHUNKS_PAD)
-    ties_before = tl.sum(
-        tl.load(
-            chunk_hist_ptr + (r * n_chunks + earlier) * BINS + (threshold & (BINS - 1)),
-            mask=earlier < chunk,
-            other=0,
-        ),
-        0,
-    )
-    index = chunk * CHUNK + tl.arange(0, CHUNK)
-    valid = index < visible
-    key = _order_key(tl.load(score_ptr + r * n + index, mask=valid, other=0.0))
-    take = _take(key, valid, threshold, need, ties_before)
-    first = tl.atomic_add(taken_ptr + r, tl.sum(take.to(tl.int32), 0), sem="relaxed")
-    slot = first + tl.cumsum(take.to(tl.int32), 0) - 1
-    tl.store(cand_ptr + r * TOPK_PAD + slot, _sort_key(key, index), mask=take & (slot < TOPK_PAD))
-
-
-@triton.jit
-def _sort_rows_kernel(
-    cand_ptr,  # [R, TOPK_PAD] int64
-    start_ptr,  # [B] int64
+    hist_ptr,  # [R, row_words] int32: `parts` first-digit histograms [FIRST_DIGIT_BINS], then the counters
+    cand_ptr,  # [R, n] int64 scratch: each row's candidate sort keys
+    wins_ptr,  # [R, TOPK_PAD] int64 scratch: each row's winners
     out_ptr,  # [R, topk] int32
     seq,
+    n,
     topk,
     offset,
+    row_words,
+    parts,
+    CHUNK: tl.constexpr,
+    PART_BLOCK: tl.constexpr,
     TOPK_PAD: tl.constexpr,
     LOG_TOPK_PAD: tl.constexpr,
+    BITS: tl.constexpr,
+    INDEX_DIGITS: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
-    _, k = _row_limits(start_ptr, r, seq, topk)
-    _sort_and_store(cand_ptr + r * TOPK_PAD, out_ptr + r * topk, k, topk, offset, TOPK_PAD, LOG_TOPK_PAD)
+    chunk = tl.program_id(1)
+    visible, k = _row_limits(start_ptr, r, seq, topk)
+    hist_row = hist_ptr + r * row_words
+    state = hist_row + parts * _FIRST_BINS
+    prefix, need, done = _first_level(k, visible)
+    prefix, need, done = _descend(prefix, need, done, _first_digits(hist_row, parts, PART_BLOCK), 1 << BITS)
+
+    index = chunk * CHUNK + tl.arange(0, CHUNK)
+    valid = index < visible
+    key = _order_bits(tl.load(score_ptr + r * n + index, mask=valid, other=0.0))  # 32-bit: half the registers
+    digit = (key >> _FIRST_SHIFT).to(tl.int32)
+    cand = valid & (digit >= prefix)  # certain winners and the tie bin
+    first = tl.atomic_add(state + _SLOTS, tl.sum(cand.to(tl.int32), 0), sem="relaxed")
+    slot = first + tl.cumsum(cand.to(tl.int32), 0) - 1
+    tl.store(cand_ptr + r * n + slot, _sort_key(key.to(tl.int64), index), mask=cand & (slot < n))
+    tie_bin = (index < tl.where(done, 0, visible)) & (digit == prefix)  # unless all of it is taken
+    second = tl.histogram(((key >> (_FIRST_SHIFT - BITS)) & ((1 << BITS) - 1)).to(tl.int32), 1 << BITS, mask=tie_bin)
+    tl.atomic_add(state + tl.arange(0, 1 << BITS), second, mask=second > 0, sem="relaxed")
+    tl.debug_barrier()  # every thread's stores and atomics come before the ticket that releases them
+    ticket = tl.atomic_add(state + _ARRIVALS, 1, sem="acq_rel")
+    if ticket == tl.num_programs(1) - 1:
+        _finish_row(
+            state, cand_ptr + r * n, wins_ptr + r * TOPK_PAD, out_ptr + r * topk, n, prefix, need, done, topk,
+            offset, CHUNK, TOPK_PAD, LOG_TOPK_PAD, BITS, INDEX_DIGITS,
+        )  # fmt: skip
 
 
 def select_topk(
@@ -315,6 +416,7 @@ def select_topk(
     offset: int,
     out: torch.Tensor | None = None,
     ws: Workspace | None = None,
+    hist: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Indices of the best visible scores (spec §5 step 6).
 
@@ -322,20 +424,35 @@ def select_topk(
     read). Returns ``topk_idxs [B, S, topk] int32``: the ``k = min(topk, vis)`` indices of the
     largest visible scores in descending score order (equal scores: lower index first) plus
     ``offset``, then ``-1`` — written into ``out`` when given; scratch comes from ``ws`` when given.
+
+    Launches: one for rows of ``N <= ROW_IN_REGISTERS`` keys (``hist`` is not read). Longer rows:
+    one when ``hist`` is given, else two (``hist`` is built from ``score`` first).
+
+    ``hist [B*S, HIST_WORDS] int32`` (contiguous), from a score kernel that builds it as it writes
+    ``score``: zero everywhere before that kernel runs; then row ``r = b*S + s``'s columns
+    ``[0, FIRST_DIGIT_BINS)`` hold ``first_digit_histogram`` summed over every visible key of the
+    row, each counted once, computed on the same fp32 values as ``score``; the other columns stay
+    zero (the selection's counters). The selection leaves those counters zero again and the counts
+    as they were. Counts that do not match ``score`` give wrong indices.
     """
     b, s, n = score.shape
     require(score.dtype == torch.float32 and score.is_contiguous(), "score", "a contiguous fp32 tensor")
     require(topk >= 1, "topk", "at least 1")
     rows = b * s
+    if hist is not None:
+        require(
+            hist.dtype == torch.int32 and hist.is_contiguous() and hist.numel() == rows * HIST_WORDS,
+            "hist", f"a contiguous int32 tensor [B*S, {HIST_WORDS}]",
+        )  # fmt: skip
     if out is None:
         out = torch.empty(b, s, topk, dtype=torch.int32, device=score.device)
     topk_pad = triton.next_power_of_2(max(topk, 2))
-    cand = scratch(ws, "topk.cand", (rows, topk_pad), torch.int64, score.device)
+    winners = scratch(ws, "topk.cand", (rows, topk_pad), torch.int64, score.device)
     if n <= ROW_IN_REGISTERS:
         _select_row_kernel[(rows,)](
             score,
             pos.start,
-            cand,
+            winners,
             out,
             s,
             n,
@@ -350,24 +467,21 @@ def select_topk(
         )
         return out
 
+    require(n <= 1 << TIE_INDEX_BITS, "score", f"rows of at most {1 << TIE_INDEX_BITS} keys")
     n_chunks = triton.cdiv(n, CHUNK)
-    hist_size = rows * RADIX_PASSES * RADIX_BINS
-    counters = scratch(ws, "topk.counters", (hist_size + rows,), torch.int32, score.device).zero_()  # the one memset
-    hist, taken = counters[:hist_size], counters[hist_size:]
-    levels = scratch(ws, "topk.levels", (rows, RADIX_PASSES, 3), torch.int64, score.device)
-    chunk_hist = scratch(ws, "topk.chunk_hist", (rows, n_chunks, RADIX_BINS), torch.int32, score.device)
     grid = (rows, n_chunks)
-    for p in range(RADIX_PASSES):
-        _radix_pass_kernel[grid](
-            score, pos.start, hist, levels, chunk_hist, s, n, topk, n_chunks,
-            PASS=p, CHUNK=CHUNK, BITS=RADIX_BITS, PASSES=RADIX_PASSES, num_warps=SELECT_WARPS,
+    parts = 1
+    if hist is None:  # a partial histogram per chunk: nothing to zero first
+        parts = n_chunks
+        hist = scratch(ws, "topk.hist", (rows, parts * FIRST_DIGIT_BINS + STATE_WORDS), torch.int32, score.device)
+        _first_digit_kernel[grid](
+            score, pos.start, hist, s, n, hist.shape[-1], CHUNK=CHUNK,
+            STATE_PAD=triton.next_power_of_2(STATE_WORDS), num_warps=SELECT_WARPS,
         )  # fmt: skip
-    _gather_kernel[grid](
-        score, pos.start, hist, levels, chunk_hist, taken, cand, s, n, topk, n_chunks,
-        CHUNK=CHUNK, CHUNKS_PAD=triton.next_power_of_2(n_chunks), TOPK_PAD=topk_pad,
-        BITS=RADIX_BITS, PASSES=RADIX_PASSES, num_warps=SELECT_WARPS,
+    candidates = scratch(ws, "topk.candidates", (rows, n), torch.int64, score.device)
+    _select_chunks_kernel[grid](
+        score, pos.start, hist, candidates, winners, out, s, n, topk, offset, parts * FIRST_DIGIT_BINS + STATE_WORDS,
+        parts, CHUNK=CHUNK, PART_BLOCK=min(triton.next_power_of_2(parts), HIST_PART_BLOCK), TOPK_PAD=topk_pad,
+        LOG_TOPK_PAD=topk_pad.bit_length() - 1, BITS=RADIX_BITS, INDEX_DIGITS=INDEX_DIGITS, num_warps=SELECT_WARPS,
     )  # fmt: skip
-    _sort_rows_kernel[(rows,)](
-        cand, pos.start, out, s, topk, offset, TOPK_PAD=topk_pad, LOG_TOPK_PAD=topk_pad.bit_length() - 1
-    )
     return out

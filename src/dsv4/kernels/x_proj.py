@@ -1,87 +1,85 @@
 """The indexer's x-side projection: one GEMM of ``x`` against the stacked compressor ``wkv``,
-compressor ``wgate`` and (for the indexer) ``weights_proj`` — they share ``x``, so ``x`` is read
-once per M-tile and every weight row once per M-tile.
+compressor ``wgate`` and (for the indexer) ``weights_proj`` — they share ``x``.
 
-The three weights are not concatenated: each N-tile picks its weight from its tile index.
-Epilogues: the gate tiles add ``ape[p % 4]`` (spec §4 step 1), the head-weight tiles multiply by
-``HID^-0.5 * HI^-0.5`` (spec §5 step 3). Decode has few tokens, so ``D`` is split over enough
-programs to fill the SMs (``split_k.py``: the K-slice dot, the split policy and the slice sum
-are shared with qkv's projection); each K-slice writes its own fp32 partial tile and a second
-kernel adds them in slice order and applies the epilogues. That costs the same two launches as
-zero-fill + atomic adds, and the result is the same bit for bit on every run.
+``x_proj_tile`` is one program of it, run inside the indexer's front launch (``index_front.py``):
+the three weights are not concatenated, each N-tile picks its weight from its tile index, and an
+M-tile holds every decode token (T <= 128), so each weight byte is read once. Decode has few
+tokens, so ``D`` is split over enough programs to fill the SMs (``split_k.py``: the K-slice dot
+and the split policy shared with qkv's projection). Every program writes the raw fp32 sums of its
+K-slice to ``xp [SPLITS, T, 4*HID + HI]`` (columns: kv | gate | head weights); there is no summing
+launch. The consumers add the slices in slice order and apply the epilogues where they read them
+(``kvg_rows``, ``head_weights``): the gate adds ``ape[p % 4]`` (spec §4 step 1), the head weights
+are multiplied by ``HID^-0.5 * HI^-0.5`` (spec §5 step 3). Deterministic, and the same numbers as
+summing first and storing ``kvg``.
 """
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+
 import triton
 import triton.language as tl
 
 from ..model.config import COMPRESS_RATIO
-from ..model.structs import StepPositions
-from ..model.weights import CompressorWeights
-from .launch import sm_count
 from .split_k import BLOCK_K, dot_k_slice, k_splits, sum_k_slices
-from .workspace import Workspace, scratch
 
-BLOCK_M = 64  # tokens per tile: a decode step (T=128) is two tiles; fp32 acc [64, 64] = 16 regs/thread at 8 warps
-BLOCK_N = 64  # output columns per tile: divides 2*HID, so no tile straddles two weights
-NUM_WARPS = 8  # 64x64 fp32 tiles: no spills on sm_90 as launched (registers in docs/DESIGN.md)
+BLOCK_M_MAX = 128  # tokens per tile: every decode token (T=128) in one M-tile, so each weight byte is read once
+BLOCK_M_MIN = 16  # smallest tl.dot M
+BLOCK_N = 128  # output columns per tile: divides 2*HID (no tile straddles two weights); wkv and wgate are two
+#                tiles each, the 64 head weights one (half masked): x is re-read by 5 tiles, not 9 as at 64
 RATIO = tl.constexpr(COMPRESS_RATIO)
+_BLOCK_K = tl.constexpr(BLOCK_K)
+
+
+@dataclass(frozen=True)
+class XProjTiles:
+    """The x-projection's programs: ``n_tiles`` column tiles x ``m_tiles`` token tiles x ``splits`` K-slices."""
+
+    block_m: int
+    n_tiles: int
+    m_tiles: int
+    splits: int
+
+    @property
+    def programs(self) -> int:
+        return self.n_tiles * self.m_tiles * self.splits
+
+
+def x_proj_tiles(t: int, d: int, two_hid: int, hi: int, sms: int) -> XProjTiles:
+    """Tiles of ``[T, D] @ [wkv; wgate; weights_proj].T`` (``hi`` head-weight rows, 0 for the
+    compressor alone); the K split fills one wave of ``sms`` (``split_k.k_splits``)."""
+    if two_hid % BLOCK_N:
+        raise ValueError(f"w.wkv: the Triton backend needs 2*HID rows that are a multiple of {BLOCK_N}, got {two_hid}")
+    block_m = min(BLOCK_M_MAX, max(BLOCK_M_MIN, triton.next_power_of_2(t)))
+    n_tiles = 2 * (two_hid // BLOCK_N) + triton.cdiv(hi, BLOCK_N)
+    m_tiles = triton.cdiv(t, block_m)
+    return XProjTiles(block_m, n_tiles, m_tiles, k_splits(n_tiles * m_tiles, t, d, sms))
 
 
 @triton.jit
-def _tile_columns(pid_n, HI, TWO_HID: tl.constexpr, BLOCK_N: tl.constexpr):
-    """N-tile ``pid_n`` -> (weight: 0 ``wkv``, 1 ``wgate``, 2 ``weights_proj``; its columns of that
-    weight ``[BLOCK_N]``; that weight's row count)."""
-    tiles_per_weight: tl.constexpr = TWO_HID // BLOCK_N
-    segment = tl.minimum(pid_n // tiles_per_weight, 2)
-    cols = (pid_n - segment * tiles_per_weight) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return segment, cols, tl.where(segment == 2, HI, TWO_HID)
-
-
-@triton.jit
-def _finish_tile(
-    acc, segment, rows, row_ok, cols, mask, ape_ptr, start_ptr, kvg_ptr, weights_ptr, S, HI, weights_scale,
-    TWO_HID: tl.constexpr,
-):  # fmt: skip
-    """Epilogue of a summed ``[BLOCK_M, BLOCK_N]`` tile: ``+ ape[p % 4]`` on the gate, ``* weights_scale``
-    on the head weights; store into ``kvg [T, 4*HID]`` (kv | gate) or ``weights [T, HI]``."""
-    if segment == 2:
-        tl.store(weights_ptr + rows[:, None] * HI + cols[None, :], acc * weights_scale, mask=mask)
-    else:
-        if segment == 1:
-            pos = tl.load(start_ptr + rows // S, mask=row_ok, other=0) + rows % S
-            acc += tl.load(ape_ptr + (pos % RATIO)[:, None] * TWO_HID + cols[None, :], mask=mask, other=0.0)
-        tl.store(kvg_ptr + rows[:, None] * (2 * TWO_HID) + segment * TWO_HID + cols[None, :], acc, mask=mask)
-
-
-@triton.jit
-def _x_proj_kernel(
+def x_proj_tile(
+    pid,  # program index among the x-projection's programs: (column tile, token tile, K-slice), column fastest
     x_ptr,  # [T, D] bf16
     wkv_ptr,  # [2*HID, D] bf16
     wgate_ptr,  # [2*HID, D] bf16
-    wproj_ptr,  # [HI, D] bf16 (unused when there are no head-weight tiles)
-    ape_ptr,  # [4, 2*HID] fp32
-    start_ptr,  # [B] int64; token t = b*S + s sits at start[b] + s
-    kvg_ptr,  # out [T, 4*HID] fp32: kv projection | gate + ape (SPLIT_K == 1)
-    weights_ptr,  # out [T, HI] fp32 (SPLIT_K == 1)
-    partial_ptr,  # out [SPLIT_K, T, 4*HID + HI] fp32: this K-slice's sums (SPLIT_K > 1)
+    wproj_ptr,  # [HI, D] bf16 (unused when HI == 0)
+    xp_ptr,  # out [SPLITS, T, 4*HID + HI] fp32: this K-slice's raw sums
     T,
     D,
-    S,
     HI,
-    weights_scale,
     TWO_HID: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    N_TILES: tl.constexpr,
+    M_TILES: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    segment, cols, n_rows = _tile_columns(pid_n, HI, TWO_HID, BLOCK_N)
+    pid_n = pid % N_TILES
+    pid_m = (pid // N_TILES) % M_TILES
+    split = pid // (N_TILES * M_TILES)
+    tiles_per_weight: tl.constexpr = TWO_HID // BLOCK_N
+    segment = tl.minimum(pid_n // tiles_per_weight, 2)  # 0 wkv, 1 wgate, 2 weights_proj
+    cols = (pid_n - segment * tiles_per_weight) * BLOCK_N + tl.arange(0, BLOCK_N)
     if segment == 0:
         w_ptr = wkv_ptr
     elif segment == 1:
@@ -90,88 +88,29 @@ def _x_proj_kernel(
         w_ptr = wproj_ptr
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < T
-    col_ok = cols < n_rows
-    acc = dot_k_slice(x_ptr + rows[:, None] * D, w_ptr + cols[None, :] * D, row_ok, col_ok, pid_k, D, SPLIT_K, BLOCK_K)
-
-    mask = row_ok[:, None] & col_ok[None, :]
-    if SPLIT_K == 1:
-        _finish_tile(
-            acc, segment, rows, row_ok, cols, mask, ape_ptr, start_ptr, kvg_ptr, weights_ptr, S, HI, weights_scale,
-            TWO_HID,
-        )  # fmt: skip
-    else:
-        n_out = 2 * TWO_HID + HI
-        out = partial_ptr + (pid_k * T + rows)[:, None] * n_out + segment * TWO_HID + cols[None, :]
-        tl.store(out, acc, mask=mask)
+    col_ok = cols < tl.where(segment == 2, HI, TWO_HID)
+    acc = dot_k_slice(x_ptr + rows[:, None] * D, w_ptr + cols[None, :] * D, row_ok, col_ok, split, D, SPLITS, _BLOCK_K)
+    n_out = 2 * TWO_HID + HI
+    out = xp_ptr + (split * T + rows)[:, None] * n_out + segment * TWO_HID + cols[None, :]
+    tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
-def _sum_splits_kernel(
-    partial_ptr,  # [SPLIT_K, T, 4*HID + HI] fp32
-    ape_ptr,
-    start_ptr,
-    kvg_ptr,  # out [T, 4*HID] fp32
-    weights_ptr,  # out [T, HI] fp32
-    T,
-    S,
-    HI,
-    weights_scale,
-    TWO_HID: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-):
-    """Adds the K-slices of one output tile in slice order (deterministic), then the epilogue."""
-    segment, cols, n_rows = _tile_columns(tl.program_id(0), HI, TWO_HID, BLOCK_N)
-    rows = tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < T
-    mask = row_ok[:, None] & (cols < n_rows)[None, :]
+def kvg_rows(xp_ptr, ape_ptr, tokens, positions, cols, mask, T, HI, GATE: tl.constexpr, TWO_HID: tl.constexpr,
+             SPLITS: tl.constexpr):  # fmt: skip
+    """Columns ``cols [C]`` of the kv projection (``GATE`` 0) or of the gate + ``ape[p % 4]`` (``GATE`` 1)
+    of ``tokens [R]`` at ``positions [R]``: ``[R, C]`` fp32, the K-slices added in slice order."""
     n_out = 2 * TWO_HID + HI
-    offsets = rows[:, None] * n_out + segment * TWO_HID + cols[None, :]
-    acc = sum_k_slices(partial_ptr + offsets, mask, T * n_out, SPLIT_K)
-    _finish_tile(
-        acc, segment, rows, row_ok, cols, mask, ape_ptr, start_ptr, kvg_ptr, weights_ptr, S, HI, weights_scale, TWO_HID
-    )
+    ptrs = xp_ptr + tokens[:, None] * n_out + GATE * TWO_HID + cols[None, :]
+    v = sum_k_slices(ptrs, mask, T * n_out, SPLITS)
+    if GATE:
+        v += tl.load(ape_ptr + (positions % RATIO)[:, None] * TWO_HID + cols[None, :], mask=mask, other=0.0)
+    return v
 
 
-def x_projection(
-    x: torch.Tensor,
-    w: CompressorWeights,
-    pos: StepPositions,
-    weights_proj: torch.Tensor | None = None,
-    weights_scale: float = 1.0,
-    split_k: int | None = None,
-    ws: Workspace | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``x [T, D] bf16`` (token ``t = b*S + s``) -> ``kvg [T, 4*HID] fp32`` and ``weights [T, HI] fp32``.
-
-    ``kvg[:, :2*HID] = x @ w.wkv.T``; ``kvg[:, 2*HID:] = x @ w.wgate.T + w.ape[p % 4]`` at each
-    token's position ``p``; ``weights = (x @ weights_proj.T) * weights_scale`` when
-    ``weights_proj [HI, D] bf16`` is given (else None). ``split_k`` overrides the number of
-    K-slices (at most one per ``BLOCK_K`` step of D; default: ``split_k.k_splits``). One launch, two
-    when split over K (the slices are summed by a second kernel).
-    """
-    t, d = x.shape
-    two_hid = w.wkv.shape[0]
-    if two_hid % BLOCK_N:
-        raise ValueError(f"w.wkv: the Triton backend needs 2*HID rows that are a multiple of {BLOCK_N}, got {two_hid}")
-    hi = 0 if weights_proj is None else weights_proj.shape[0]
-    grid_nm = (2 * (two_hid // BLOCK_N) + triton.cdiv(hi, BLOCK_N), triton.cdiv(t, BLOCK_M))
-    if split_k:
-        split = min(split_k, triton.cdiv(d, BLOCK_K))
-    else:
-        split = k_splits(grid_nm[0] * grid_nm[1], t, d, sm_count(x.device))
-    out = scratch(ws, "x_proj.out", (t * (2 * two_hid + hi),), torch.float32, x.device)
-    kvg = out[: t * 2 * two_hid].view(t, 2 * two_hid)
-    weights = out[t * 2 * two_hid :].view(t, hi)
-    partial = scratch(ws, "x_proj.partial", (split, t, 2 * two_hid + hi), torch.float32, x.device) if split > 1 else out
-    common = dict(TWO_HID=two_hid, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SPLIT_K=split, num_warps=NUM_WARPS)
-    _x_proj_kernel[(*grid_nm, split)](
-        x, w.wkv, w.wgate, w.wkv if weights_proj is None else weights_proj, w.ape, pos.start, kvg, weights, partial,
-        t, d, pos.seq, hi, weights_scale, BLOCK_K=BLOCK_K, **common,
-    )  # fmt: skip
-    if split > 1:
-        _sum_splits_kernel[grid_nm](
-            partial, w.ape, pos.start, kvg, weights, t, pos.seq, hi, weights_scale, **common
-        )  # fmt: skip
-    return kvg, (weights if weights_proj is not None else None)
+@triton.jit
+def head_weights(xp_ptr, tokens, heads, mask, T, HI, scale, TWO_HID: tl.constexpr, SPLITS: tl.constexpr):
+    """Head weight of (``tokens``, ``heads``) (index tensors of one shape): fp32
+    ``(x @ weights_proj.T) * scale``, the K-slices added in slice order."""
+    n_out = 2 * TWO_HID + HI
+    return sum_k_slices(xp_ptr + tokens * n_out + 2 * TWO_HID + heads, mask, T * n_out, SPLITS) * scale
