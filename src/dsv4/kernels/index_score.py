@@ -103,6 +103,19 @@ def _queries(q8_ptr, q_scale_ptr, xp_ptr, tok, tok_end, T, HI, weights_scale, SP
 
 
 @triton.jit
+def _pair_queries(q8_ptr, q_scale_ptr, xp_ptr, tok0, tok_end, T, HI, weights_scale, SPLITS: tl.constexpr,
+                  TWO_HID: tl.constexpr, HID: tl.constexpr, HEADS_PAD: tl.constexpr):  # fmt: skip
+    """``_queries`` of tokens ``tok0`` and ``tok0 + 1``: ``(q8_0, q_scale_0, weight_0, q8_1, q_scale_1, weight_1)``."""
+    q8_0, q_scale_0, weight_0 = _queries(
+        q8_ptr, q_scale_ptr, xp_ptr, tok0, tok_end, T, HI, weights_scale, SPLITS, TWO_HID, HID, HEADS_PAD
+    )
+    q8_1, q_scale_1, weight_1 = _queries(
+        q8_ptr, q_scale_ptr, xp_ptr, tok0 + 1, tok_end, T, HI, weights_scale, SPLITS, TWO_HID, HID, HEADS_PAD
+    )
+    return q8_0, q_scale_0, weight_0, q8_1, q_scale_1, weight_1
+
+
+@triton.jit
 def _score_token(k8, k_scale, key, load_hi, store_hi, q8, q_scale, weight, row_ptr, hist_row_ptr, visible, live,
                  HIST: tl.constexpr):  # fmt: skip
     """One token's scores of an item's keys: INT8 dot over the heads, dequantize, ReLU, head sum, key
@@ -225,12 +238,8 @@ def _score_kernel(
         tok_end = b64 * S + S
         if ONE_PAIR:  # decode: the row's (at most) two tokens' queries stay on chip across its items
             if b != q_row:
-                q8_0, q_scale_0, weight_0 = _queries(
+                q8_0, q_scale_0, weight_0, q8_1, q_scale_1, weight_1 = _pair_queries(
                     q8_ptr, q_scale_ptr, xp_ptr, b64 * S, tok_end, T, HI, weights_scale, SPLITS, 2 * HID, HID,
-                    HEADS_PAD,
-                )  # fmt: skip
-                q8_1, q_scale_1, weight_1 = _queries(
-                    q8_ptr, q_scale_ptr, xp_ptr, b64 * S + 1, tok_end, T, HI, weights_scale, SPLITS, 2 * HID, HID,
                     HEADS_PAD,
                 )  # fmt: skip
                 q_row = b
@@ -241,13 +250,9 @@ def _score_kernel(
         else:  # longer steps: tokens two at a time, their queries reloaded for every item
             for p in range(tl.cdiv(S, 2)):
                 tok0 = b64 * S + 2 * p
-                q8_0, q_scale_0, weight_0 = _queries(
+                q8_0, q_scale_0, weight_0, q8_1, q_scale_1, weight_1 = _pair_queries(
                     q8_ptr, q_scale_ptr, xp_ptr, tok0, tok_end, T, HI, weights_scale, SPLITS, 2 * HID, HID, HEADS_PAD
                 )
-                q8_1, q_scale_1, weight_1 = _queries(
-                    q8_ptr, q_scale_ptr, xp_ptr, tok0 + 1, tok_end, T, HI, weights_scale, SPLITS, 2 * HID, HID,
-                    HEADS_PAD,
-                )  # fmt: skip
                 _score_pair(
                     k8, k_scale, key, load_hi, store_hi, q8_0, q_scale_0, weight_0, q8_1, q_scale_1, weight_1,
                     score_ptr, hist_ptr, tok0, tok_end, start + 2 * p, n_keys, HIST,
