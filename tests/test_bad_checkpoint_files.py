@@ -19,6 +19,7 @@ from bad_checkpoints import (
     TINY,
     Corruption,
     config_corruptions,
+    deep_in_object,
     digest,
     entry_corruptions,
     index_corruptions,
@@ -218,6 +219,8 @@ def _manifest_edits(outside: Path) -> list[tuple[str, object, tuple[str, ...]]]:
         ("meta-a-list", {"meta": []}, ("meta",)),
         ("manifest-a-list", [1, 2], ("JSON object",)),
         ("manifest-not-json", "{", ("not valid JSON",)),
+        ("manifest-deeply-nested", "[" * 200_000 + "]" * 200_000, ("nested", "levels deep")),
+        ("field-deeply-nested", lambda text: deep_in_object(text, "scalars"), ("nested", "levels deep")),
     ]
 
 
@@ -237,11 +240,12 @@ def test_golden_manifest_is_checked(which, golden_dir, tmp_path, capsys) -> None
         f.rename(outside / ("case" + f.name[f.name.index(".") :]))
     (manifest,) = folder.glob("*.json")
     _, edit, words = _manifest_edits(outside)[which]
-    text = (
-        edit
-        if isinstance(edit, str)
-        else json.dumps({**json.loads(manifest.read_text()), **edit} if isinstance(edit, dict) else edit)
-    )
+    if callable(edit):
+        text = edit(manifest.read_text())
+    elif isinstance(edit, str):
+        text = edit
+    else:
+        text = json.dumps({**json.loads(manifest.read_text()), **edit} if isinstance(edit, dict) else edit)
     manifest.write_text(text)
     before = digest(tmp_path)
     with pytest.raises(ValueError) as info:

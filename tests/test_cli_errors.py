@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bad_checkpoints import SHARDS, digest, structure_corruptions, write_valid
+from bad_checkpoints import config_corruptions, digest, structure_corruptions, write_valid
 from dsv4.cli import main
 from subprocesses import run_dsv4
 
@@ -108,7 +108,13 @@ def test_golden_save_does_not_overwrite(tmp_path, capsys) -> None:
     assert digest(tmp_path) == before
 
 
-@pytest.mark.parametrize("corruption", structure_corruptions()[:3], ids=lambda c: c.id)
+ONE_LINE_CORRUPTIONS = [
+    *structure_corruptions()[:3],
+    *(c for c in structure_corruptions() + config_corruptions() if c.id.endswith("deeply-nested")),
+]
+
+
+@pytest.mark.parametrize("corruption", ONE_LINE_CORRUPTIONS, ids=lambda c: c.id)
 def test_checkpoint_errors_are_one_line(corruption, valid_dir, tmp_path, capsys) -> None:
     directory = tmp_path / "ckpt"
     shutil.copytree(valid_dir, directory)
@@ -118,7 +124,7 @@ def test_checkpoint_errors_are_one_line(corruption, valid_dir, tmp_path, capsys)
         ["run", "--checkpoint", str(directory), "--layer", "1", "--device", "cpu"],
     ):
         code, out, err = _run(argv, capsys)
-        _assert_one_line_error(code, err, (str(directory / SHARDS[0]),))
+        _assert_one_line_error(code, err, (str(directory / corruption.file),))
         assert "check: ok" not in out and "all checks passed" not in out
 
 

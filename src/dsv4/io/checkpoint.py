@@ -8,7 +8,6 @@ kernels take. Only the requested layer's tensors are read, a bounded number of r
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import string
@@ -22,6 +21,7 @@ from ..model.config import COMPRESS_RATIO, PRESETS, DeepSeekV4Config
 from ..model.quant import quantize_weight_int8
 from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights, LayerWeights
 from .fp8 import dequantize_rows_, scale_grid
+from .json_files import JSONFileError, read_json
 from .safetensors_files import CheckpointError, ShardedCheckpoint, TensorInfo
 
 CONFIG_FILE = "config.json"
@@ -159,9 +159,9 @@ class Checkpoint(ShardedCheckpoint):
         super().__init__(directory, raw_bytes)
         path = self.directory / CONFIG_FILE
         try:
-            self.config_json: dict[str, Any] | None = json.loads(path.read_text()) if path.is_file() else None
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+            self.config_json: dict[str, Any] | None = read_json(path) if path.is_file() else None
+        except JSONFileError as e:
+            raise CheckpointError(str(e)) from None
         if self.config_json is not None and not isinstance(self.config_json, dict):
             raise CheckpointError(f"{path}: expected a JSON object, got {type(self.config_json).__name__}")
         quant = (self.config_json or {}).get("quantization_config") or {}

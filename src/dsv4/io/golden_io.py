@@ -20,6 +20,7 @@ from ..harness.golden import Report, compare
 from ..model.fields import build, leaves
 from ..ops.registry import get_op, op_names
 from ..version import __version__
+from .json_files import read_json
 
 
 def case_name(case: Case) -> str:
@@ -67,10 +68,7 @@ def _manifest(path: Path) -> dict[str, Any]:
 
     ``name`` derives the tensor files' names, so it must be a plain file stem: no path separator, no
     ``..``, not absolute (a manifest cannot make ``load`` read outside its folder)."""
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    manifest = read_json(path)
     if not isinstance(manifest, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     name, op = manifest.get("name"), manifest.get("op")
