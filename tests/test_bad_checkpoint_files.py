@@ -5,6 +5,7 @@ or field, on the ``safetensors`` path and the raw-bytes path alike, and no file 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -162,6 +163,24 @@ def test_symlinked_shards_still_load(valid_dir, tmp_path) -> None:
 @pytest.mark.parametrize("corruption", config_corruptions(), ids=lambda c: c.id)
 def test_config_fields_are_checked(corruption, valid_dir, tmp_path) -> None:
     _assert_refused(_broken_copy(valid_dir, tmp_path, corruption), corruption)
+
+
+CONFIG_VALUES = [
+    ("hidden_size", 0), ("hidden_size", 256.0), ("head_dim", -128), ("num_attention_heads", True),
+    ("q_lora_rank", "128"), ("index_n_heads", None), ("index_topk", 0), ("sliding_window", -1),
+    ("original_max_position_embeddings", -1), ("original_max_position_embeddings", 1.5),
+    ("qk_rope_head_dim", 63), ("qk_rope_head_dim", 0), ("index_head_dim", 96), ("max_position_embeddings", 3),
+    ("rope_theta", 1.0), ("compress_rope_theta", math.inf), ("rope_factor", 0.0), ("rope_factor", math.nan),
+    ("beta_fast", -1e9), ("beta_slow", 0.0), ("rms_norm_eps", 0.0), ("rms_norm_eps", "1e-6"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("field", "value"), CONFIG_VALUES, ids=[f"{f}={v!r}" for f, v in CONFIG_VALUES])
+def test_config_refuses_values_no_model_can_have(field, value) -> None:
+    """``DeepSeekV4Config`` itself (a preset changed with ``replace``, or built by hand): every field is
+    checked, the error names it."""
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        TINY.replace(**{field: value})
 
 
 # --- layer and prefix arguments -------------------------------------------------------------------

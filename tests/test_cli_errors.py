@@ -111,6 +111,7 @@ def test_golden_save_does_not_overwrite(tmp_path, capsys) -> None:
 ONE_LINE_CORRUPTIONS = [
     *structure_corruptions()[:3],
     *(c for c in structure_corruptions() + config_corruptions() if c.id.endswith("deeply-nested")),
+    *(c for c in config_corruptions() if c.id in ("qk_rope_head_dim-odd", "rope_scaling-beta_fast-negative")),
 ]
 
 
