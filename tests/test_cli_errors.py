@@ -74,6 +74,12 @@ ARGS = [
     (["golden", "check", "{tmp}", "--device", "bogus"], ("--device",)),
     (["golden", "check", "{tmp}", "--device", "cpu"], ("no golden cases",)),
     ([], ("command",)),
+    (["run", "--batch", "1000000000"], ("batch=1000000000", "GiB")),  # before any allocation
+    (["run", "--batch", "100000", "--start-pos", "4000"], ("batch=100000", "GiB")),
+    (["run", "--seed", str(2**70)], ("--seed",)),
+    (["run", "--seed", str(2**64 - 1)], ("--seed",)),
+    (["golden", "save", "{tmp}", "--op", "indexer", "--seed", str(2**70)], ("--seed",)),
+    (["bench", "--seed", str(2**70)], ("--seed",)),
 ]
 if NO_CUDA:  # on a CPU-only torch (or no GPU), asking for CUDA is a user error
     ARGS += [
@@ -139,3 +145,56 @@ def test_the_command_itself(argv) -> None:
     proc = run_dsv4(*argv)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == "", proc.stderr
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried ..."),
+    ],
+    ids=["cuda", "cpu"],
+)
+def test_an_allocation_that_fails_anyway_is_one_line(error, monkeypatch, capsys) -> None:
+    """Memory the size check did not foresee (another process holds the GPU): one line, not a traceback."""
+
+    def run_out_of_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("dsv4.harness.run.run_front_end", run_out_of_memory)
+    code, _, err = _run(["run", "--device", "cpu"], capsys)
+    _assert_one_line_error(code, err, ("out of memory", "--batch"))
+
+
+def test_other_runtime_errors_still_show_their_traceback(monkeypatch) -> None:
+    """Only allocation failures are user errors; any other RuntimeError is a bug and is not hidden."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an internal error")
+
+    monkeypatch.setattr("dsv4.harness.run.run_front_end", broken)
+    with pytest.raises(RuntimeError, match="an internal error"):
+        main(["run", "--device", "cpu"])
+
+
+# --- run_front_end (what dsv4 run calls): arguments checked before anything is allocated -------------
+
+RUN_ARGS = [
+    ("cfg", "tiny", TypeError), ("steps", 0, ValueError), ("steps", 2.0, TypeError), ("steps", True, TypeError),
+    ("start_pos", -1, ValueError), ("start_pos", "64", TypeError), ("batch", 0, ValueError),
+    ("batch", 10**9, ValueError), ("batch", 4.5, TypeError), ("seq", 0, ValueError), ("seq", None, TypeError),
+    ("seed", -1, ValueError), ("seed", 2**70, ValueError), ("seed", 1.5, TypeError), ("device", "bogus", ValueError),
+    ("device", 3.5, ValueError), ("backend", "bogus", ValueError), ("log", "print", TypeError),
+    ("weights", "weights", TypeError), ("start_pos", 5000, ValueError),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "value", "exc"), RUN_ARGS, ids=[f"{n}={v!r:.20}" for n, v, _ in RUN_ARGS])
+def test_run_front_end_checks_its_arguments(name, value, exc) -> None:
+    from dsv4.harness.run import run_front_end
+    from dsv4.model.config import get_config
+
+    kwargs = {"cfg": get_config("tiny"), "backend": "reference", "device": "cpu", name: value}
+    with pytest.raises(exc) as info:
+        run_front_end(**kwargs)
+    assert name in str(info.value) or (name == "start_pos" and "max_position_embeddings" in str(info.value))
