@@ -219,6 +219,10 @@ def golden_dir(tmp_path_factory) -> Path:
     return directory
 
 
+def _without(text: str, *fields: str) -> str:
+    return json.dumps({k: v for k, v in json.loads(text).items() if k not in fields})
+
+
 def _manifest_edits(outside: Path) -> list[tuple[str, object, tuple[str, ...]]]:
     """(id, how to change the manifest: a dict of fields or a whole JSON value, words of the error)."""
     return [
@@ -240,6 +244,9 @@ def _manifest_edits(outside: Path) -> list[tuple[str, object, tuple[str, ...]]]:
         ("manifest-not-json", "{", ("not valid JSON",)),
         ("manifest-deeply-nested", "[" * 200_000 + "]" * 200_000, ("nested", "levels deep")),
         ("field-deeply-nested", lambda text: deep_in_object(text, "scalars"), ("nested", "levels deep")),
+        ("no-scalars", lambda text: _without(text, "scalars"), ("missing field", "scalars")),
+        ("no-meta", lambda text: _without(text, "meta"), ("missing field", "meta")),
+        ("no-name-no-op", lambda text: _without(text, "name", "op"), ("missing field", "name, op")),
     ]
 
 
@@ -299,3 +306,22 @@ def test_golden_inputs_missing_a_tensor(golden_dir, tmp_path) -> None:
     (manifest,) = folder.glob("*.json")
     with pytest.raises(ValueError, match=r"inputs\.safetensors: no tensor 'qr_scale'"):
         load(manifest)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool])
+def test_golden_topk_indices_must_be_integers(dtype, golden_dir, tmp_path, capsys) -> None:
+    """Expected ``topk_idxs`` stored as floats (which compare equal to the right integers) are refused."""
+    from dsv4.io.golden_io import load
+
+    folder = tmp_path / "cases"
+    shutil.copytree(golden_dir, folder)
+    (path,) = folder.glob("*.expected.safetensors")
+    tensors = load_file(str(path))
+    tensors["topk_idxs"] = tensors["topk_idxs"].to(dtype)
+    save_file(tensors, str(path))
+    (manifest,) = folder.glob("*.json")
+    with pytest.raises(ValueError, match=r"expected\.safetensors: topk_idxs must hold integer indices"):
+        load(manifest)
+    assert main(["golden", "check", str(folder), "--backend", "reference", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and len(err.strip().splitlines()) == 1, err

@@ -198,3 +198,26 @@ def test_run_front_end_checks_its_arguments(name, value, exc) -> None:
     with pytest.raises(exc) as info:
         run_front_end(**kwargs)
     assert name in str(info.value) or (name == "start_pos" and "max_position_embeddings" in str(info.value))
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot", "--trace"])
+@pytest.mark.parametrize("where", ["a-directory", "in-a-missing-directory"])
+def test_bench_output_paths_are_checked_before_measuring(flag, where, tmp_path, capsys) -> None:
+    """``dsv4 bench --json DIR`` used to measure, then fail to write and leave ``DIR.partial`` behind."""
+    target = tmp_path / "out"
+    target.mkdir()
+    path = target if where == "a-directory" else target / "missing" / "bench.out"
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code, out, err = _run(["bench", "--cpu", "--model-only", "--preset", "tiny", flag, str(path)], capsys)
+    _assert_one_line_error(code, err, (flag, str(path)))
+    assert out == ""  # refused before anything was measured
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no stray .partial
+
+
+def test_write_json_leaves_no_partial_file(tmp_path) -> None:
+    from dsv4.bench.report import write_json
+
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(OSError):
+        write_json({"a": 1}, tmp_path / "taken")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Sequence
 from importlib import metadata
+from pathlib import Path
 
 import torch
 
@@ -167,6 +168,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench.trace import trace_decode_step
 
     cfg = get_config(args.preset)
+    for flag, path in (("--json", args.json), ("--plot", args.plot), ("--trace", args.trace)):
+        _check_output_file(flag, path)  # before the measurements, not after them
     device = "cpu" if args.cpu else _default_device()
     result = {"meta": report.provenance(_bench_command(args), device)}
     measure = {"backends": [], "traffic": False} if args.model_only else {"backends": args.backends}
@@ -190,6 +193,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         backend = trace_decode_step(cfg, args.trace, device, seed=args.seed)
         print(f"wrote {args.trace} (one decode step on backend {backend})")
     return 0
+
+
+def _check_output_file(flag: str, path: str | None) -> None:
+    """``path`` can be written as a file: not a directory, in a directory that exists."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{flag}: {path} is a directory; name a file to write")
+    if not target.parent.is_dir():
+        raise ValueError(f"{flag}: the directory of {path} does not exist")
 
 
 def _bench_command(args: argparse.Namespace) -> str:

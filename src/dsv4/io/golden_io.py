@@ -71,6 +71,9 @@ def _manifest(path: Path) -> dict[str, Any]:
     manifest = read_json(path)
     if not isinstance(manifest, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    missing = [k for k in ("name", "op", "scalars", "meta") if k not in manifest]
+    if missing:
+        raise ValueError(f"{path}: missing field(s) {', '.join(missing)} (golden save writes them all)")
     name, op = manifest.get("name"), manifest.get("op")
     if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
         raise ValueError(
@@ -79,7 +82,7 @@ def _manifest(path: Path) -> dict[str, Any]:
     if op not in op_names():
         raise ValueError(f"{path}: op must be one of {', '.join(op_names())}, got {op!r:.40}")
     kinds = {p.name: p.kind for p in get_op(op).params if p.kind in (int, float, str)}
-    scalars, meta = manifest.get("scalars", {}), manifest.get("meta", {})
+    scalars, meta = manifest["scalars"], manifest["meta"]
     if not (isinstance(scalars, dict) and set(scalars) <= set(kinds)):
         raise ValueError(f"{path}: scalars must be an object with keys among {', '.join(kinds)}, got {scalars!r:.80}")
     for key, value in scalars.items():
@@ -109,6 +112,10 @@ def load(manifest_path: str | Path, device: torch.device | str = "cpu") -> tuple
     _, inputs_file, expected_file = _case_files(path.parent, name)
     tensors = _tensors(inputs_file, device)
     expected = _tensors(expected_file, device)
+    for out in get_op(op).outputs:
+        t = expected.get(out.name)
+        if out.rule == "topk" and t is not None and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+            raise ValueError(f"{expected_file}: {out.name} must hold integer indices, got {t.dtype}")
     args: dict[str, Any] = {}
     try:
         for p in get_op(op).params:
