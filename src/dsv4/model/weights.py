@@ -78,6 +78,10 @@ class LayerWeights(_Tensors):
     indexer: IndexerWeights
 
 
+MAX_SEED = 2**62  # largest seed the harnesses take: the seeds they derive from it (seed + 1000 + step,
+# seed + 7919, ...) stay within torch.Generator's int64
+
+
 def _normal(g: torch.Generator, shape: tuple[int, ...], std: float) -> torch.Tensor:
     return torch.randn(shape, generator=g, dtype=torch.float32) * std
 
