@@ -62,7 +62,8 @@ def cost(
     cfg: DeepSeekV4Config, start_pos: Sequence[int], seq: int, topk: int | None = None, block_size: int = BLOCK_SIZE
 ) -> OpCost:
     """``indexer`` (compressor included) for batch rows starting at ``start_pos[b]`` (spec §5); the
-    keys are read from the pool (132 B a key at HID=128), one block-table entry per block."""
+    keys are read from the pool (a row of ``IndexerState.key_format``: 132 B at HID=128), one
+    block-table entry per block."""
     topk = cfg.index_topk if topk is None else topk
     comp = compressor_cost(cfg, start_pos, seq)
     b, t = len(start_pos), len(start_pos) * seq
@@ -78,7 +79,7 @@ def cost(
         "wq_b_scale": hi * hid * FP32,
         "weights_proj": hi * d * BF16,
         "rope rows (tokens)": t * rope_row_bytes(cfg),
-        "keys + key_scale (old rows)": old_rows * (hid * INT8 + FP32),
+        "keys + key_scale (old rows)": old_rows * IndexerState.key_format.row_bytes(hid),
         "block_table (read rows)": sum(-(-n // block_size) for n in cache_len) * INT32,
     }
     writes = {**comp.writes, "score": b * seq * max(cache_len) * FP32, "topk_idxs": t * topk * INT32}

@@ -12,7 +12,7 @@ from ...model.rope import RopeTable
 from ...model.state import IndexerState
 from ...model.weights import CompressorWeights
 from ..case_inputs import CaseInputs
-from ..costs import BF16, FP32, INT8, INT32, INT64, OpCost, ring_traffic, rope_row_bytes
+from ..costs import BF16, FP32, INT32, INT64, OpCost, ring_traffic, rope_row_bytes
 from ..registry import INT_OR_TENSOR, OpDescriptor, Output, Param, Tolerance
 from ..validate import check_compressor
 
@@ -64,7 +64,7 @@ def cost(cfg: DeepSeekV4Config, start_pos: Sequence[int], seq: int) -> OpCost:
     }
     writes = {
         "kv_state + score_state": 2 * halves_written * half_bytes,
-        "keys + key_scale (new rows)": closed * (hid * INT8 + FP32),
+        "keys + key_scale (new rows)": closed * IndexerState.key_format.row_bytes(hid),
     }
     flops = {"bf16": 2 * b * seq * d * 2 * hid * 2, "fp32": closed * 2 * hid * hid}
     return OpCost("indexer_compressor", reads, writes, flops)
