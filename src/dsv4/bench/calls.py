@@ -32,11 +32,11 @@ class BoundCall:
     op: str
     backend: str
     fn: Callable[..., Any]
-    kwargs: dict[str, Any]
+    args: tuple[Any, ...]  # the backend's arguments, validated (``OpDescriptor.backend_args``)
     state: IndexerState | None
 
     def __call__(self) -> Any:
-        return self.fn(**self.kwargs)
+        return self.fn(*self.args)
 
     def outputs(self, result: Any) -> dict[str, torch.Tensor]:
         """``result`` of a call and the state after it, by output name (as ``golden.compare`` wants)."""
@@ -66,4 +66,4 @@ def bind(case: Case, backend: str) -> BoundCall:
     state = args["state"].clone() if "state" in args else None
     if state is not None:
         args["state"] = state
-    return BoundCall(case.op, backend, fn, desc.validate(**args), state)
+    return BoundCall(case.op, backend, fn, desc.backend_args(args), state)

@@ -1,7 +1,7 @@
 """The public ops (validation, backend choice), their descriptors and the backend registry."""
 
 from .api import call_op, indexer, indexer_compressor, qkv_proj_rope
-from .registry import OpDescriptor, Output, Param, Tolerance, get_op, op_names, register_op
+from .registry import OpDescriptor, Output, Param, Tolerance, get_op, op_function, op_names, register_op
 
 __all__ = [
     "OpDescriptor",
@@ -12,6 +12,7 @@ __all__ = [
     "get_op",
     "indexer",
     "indexer_compressor",
+    "op_function",
     "op_names",
     "qkv_proj_rope",
     "register_op",

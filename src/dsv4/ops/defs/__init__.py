@@ -7,3 +7,5 @@ from .qkv_proj_rope import QKV_PROJ_ROPE
 
 for _desc in (QKV_PROJ_ROPE, INDEXER_COMPRESSOR, INDEXER):
     register_op(_desc)
+
+__all__ = ["INDEXER", "INDEXER_COMPRESSOR", "QKV_PROJ_ROPE"]

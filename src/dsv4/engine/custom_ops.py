@@ -7,8 +7,8 @@ derived from the op's descriptor: the tensors of the arguments the op updates in
 mutable, and ops that take ``out=`` also get ``torch.ops.dsv4.<op>_out``, which writes into
 preallocated outputs. Each op has a fake implementation (shapes only), from its descriptor.
 
-``call`` (and ``qkv_proj_rope``/``indexer_compressor``/``indexer`` below) are the same calls with
-the dataclass arguments of ``dsv4``; they are what a model calls inside ``torch.compile(fullgraph=True)``.
+``call`` runs an op through them with the dataclass arguments of ``dsv4``; ``dsv4.library`` has a
+typed function per op made from it.
 """
 
 from __future__ import annotations
@@ -19,10 +19,6 @@ import torch
 from torch import Tensor
 
 from ..model.fields import build, leaf_kinds, leaves
-from ..model.rope import RopeTable
-from ..model.state import IndexerState
-from ..model.structs import QKV, IndexerOut
-from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights
 from ..ops.api import call_op
 from ..ops.registry import INT_OR_TENSOR, OpDescriptor, get_op, on_register
 
@@ -83,8 +79,14 @@ def _unflatten(desc: OpDescriptor, flat: tuple[Any, ...]) -> tuple[dict[str, Any
 
 
 def flatten(desc: OpDescriptor, args: dict[str, Any]) -> list[Any]:
-    """The flat arguments of ``torch.ops.dsv4.<op>`` for public ``args`` (``backend`` not included)."""
-    return [leaf for p in desc.params for _, leaf in leaves(args[p.name], p.name)]
+    """The flat arguments of ``torch.ops.dsv4.<op>`` for public ``args`` (by name, defaults filled in
+    from the op's signature; ``backend`` not included)."""
+    bound = desc.bind(args)
+    for p in desc.params:
+        if p.kind == INT_OR_TENSOR and not isinstance(bound[p.name], Tensor):
+            got = type(bound[p.name]).__name__
+            raise TypeError(f"{p.name}: torch.ops.dsv4.{desc.name} takes an int tensor [B], got {got}")
+    return [leaf for p in desc.params for _, leaf in leaves(bound[p.name], p.name)]
 
 
 def _register(desc: OpDescriptor) -> None:
@@ -96,7 +98,7 @@ def _register(desc: OpDescriptor) -> None:
 
     def fake(*flat: Any) -> Any:
         args, _, _ = _unflatten(desc, flat)
-        return None if desc.fake_result is None else _as_returned(desc.fake_result(**args))
+        return None if desc.fake_result is None else _as_returned(desc.fake_result(args))
 
     mutated = [n for n, _, m in _flat_params(desc) if m]
     op = torch.library.custom_op(f"dsv4::{desc.name}", impl, mutates_args=mutated, schema=_schema(desc, False))
@@ -123,6 +125,8 @@ def call(name: str, backend: str = "auto", out: Any = None, **args: Any) -> Any:
     them, with ``start_pos`` an int tensor ``[B]``). Returns the op's result (written into ``out``
     when given)."""
     desc = get_op(name)
+    if out is not None and desc.result is None:
+        raise TypeError(f"out: {name} takes no out= (it updates its state in place)")
     flat = [*flatten(desc, args), backend]
     if out is not None:
         getattr(torch.ops.dsv4, f"{name}_out")(*flat, *out)
@@ -131,33 +135,6 @@ def call(name: str, backend: str = "auto", out: Any = None, **args: Any) -> Any:
     if desc.result is None:
         return None
     return desc.result(result) if len(desc.result._fields) == 1 else desc.result(*result)
-
-
-def qkv_proj_rope(
-    x: Tensor, w: AttnWeights, positions: Tensor, rope: RopeTable, *, eps: float = 1e-6, backend: str = "auto",
-    out: QKV | None = None,
-) -> QKV:  # fmt: skip
-    """``dsv4.qkv_proj_rope`` through ``torch.ops.dsv4``; same arguments and result."""
-    return call("qkv_proj_rope", backend, out, x=x, w=w, positions=positions, rope=rope, eps=eps)
-
-
-def indexer_compressor(
-    x: Tensor, w: CompressorWeights, state: IndexerState, start_pos: Tensor, rope: RopeTable, *,
-    eps: float = 1e-6, backend: str = "auto",
-) -> None:  # fmt: skip
-    """``dsv4.indexer_compressor`` through ``torch.ops.dsv4``; ``start_pos`` is an int tensor ``[B]``."""
-    call("indexer_compressor", backend, x=x, w=w, state=state, start_pos=start_pos, rope=rope, eps=eps)
-
-
-def indexer(
-    x: Tensor, qr: Tensor, qr_scale: Tensor, w: IndexerWeights, state: IndexerState, start_pos: Tensor, offset: int,
-    rope: RopeTable, *, topk: int, eps: float = 1e-6, backend: str = "auto", out: IndexerOut | None = None,
-) -> IndexerOut:  # fmt: skip
-    """``dsv4.indexer`` through ``torch.ops.dsv4``; ``start_pos`` is an int tensor ``[B]``."""
-    return call(
-        "indexer", backend, out, x=x, qr=qr, qr_scale=qr_scale, w=w, state=state, start_pos=start_pos,
-        offset=offset, rope=rope, topk=topk, eps=eps,
-    )  # fmt: skip
 
 
 def tensors_of(value: Any) -> list[Tensor]:
