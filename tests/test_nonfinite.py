@@ -65,8 +65,8 @@ CASES = [
     ("indexer", "w.compressor.wgate", (HID, 3), "+inf"),
     ("indexer", "w.compressor.ape", (2, HID), "payload-nan"),
     ("indexer", "w.compressor.norm_w", (0,), "nan"),
-    ("indexer", "state.kv_state", (0, 0, 0), "payload-nan"),
-    ("indexer", "state.score_state", (0, 1, 0), "nan"),
+    ("indexer", "state.kv_state", (0, 4, 0), "payload-nan"),  # slots 4..7 first half: block 1, row 0's close reads it
+    ("indexer", "state.score_state", (0, 5, 0), "nan"),
     ("indexer", "state.key_scale", (0, 5), "nan"),
     ("indexer", "state.key_scale", (1, 1), "payload-nan"),
     ("indexer", "rope.cos", (START[0], 1), "nan"),
