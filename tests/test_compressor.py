@@ -29,8 +29,8 @@ def whole_sequence_cache(x: torch.Tensor, w: dsv4.CompressorWeights, rope: dsv4.
     cand_sc = torch.cat((prev_sc, sc[:, :, hid:]), dim=1)
     pooled = (cand_kv * torch.softmax(cand_sc, dim=1)).sum(dim=1)
 
-    k = pooled.to(torch.bfloat16).float()
-    k = (k * torch.rsqrt(k.square().mean(-1, keepdim=True) + 1e-6) * w.norm_w.float()).to(torch.bfloat16)
+    k = pooled.to(torch.bfloat16).double()  # the norm in float64: the spec's value for any finite key
+    k = (k * torch.rsqrt(k.square().mean(-1, keepdim=True) + 1e-6) * w.norm_w.double()).to(torch.bfloat16)
     first = torch.arange(nb, device=x.device) * 4
     rot = torch.complex(rope.cos[first], rope.sin[first])  # [nb, R/2]
     r = rope.rope_dim
@@ -225,3 +225,15 @@ def test_block_0_never_reads_the_ring(backend: str) -> None:
     assert torch.equal(k8, fresh.dense_keys(0, 2)[0]) and torch.equal(ks, fresh.dense_keys(0, 2)[1])
     assert torch.equal(garbage.kv_state, fresh.kv_state) and torch.equal(garbage.score_state, fresh.score_state)
     _check_rows(fresh, 0, whole_sequence_cache(x[0], w, rope), 9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_very_large_activations_give_the_spec_keys(backend: str) -> None:
+    """x = 1e30: the pooled keys' squares overflow fp32; the keys are still the spec's (float64 norm),
+    not zeros."""
+    w, rope, x = _inputs(batch=1, seed=8)
+    x = (x[:, :12].float() * 1e30).to(torch.bfloat16)
+    state = dsv4.IndexerState.empty(CFG, 1, MAX_POS, device=DEVICE)
+    dsv4.indexer_compressor(x, w, state, 0, rope, backend=backend)
+    assert state.dense_keys(0, 3)[0].any(dim=-1).all()
+    _check_rows(state, 0, whole_sequence_cache(x[0], w, rope), 12)

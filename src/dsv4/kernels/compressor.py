@@ -35,7 +35,7 @@ from ..model.rope import RopeTable
 from ..model.state import STATE_SLOTS, IndexerState
 from ..model.structs import StepPositions
 from ..model.weights import CompressorWeights
-from .epilogue import quantize_int8_rows, round_bf16
+from .epilogue import overflow_scale, quantize_int8_rows, round_bf16
 from .head_rotation import hadamard_rows, rope_pairs, split_head_dims
 from .index_front import front
 from .split_k import sum_k_slices
@@ -137,14 +137,19 @@ def _close_tile(
         _pool(src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, start, S, f, valid, c_even + 1, T, HI, 2 * HID)
     )
 
+    amax = tl.maximum(tl.maximum(tl.max(tl.abs(k_nope), axis=1), tl.max(tl.abs(k_even), axis=1)),
+                      tl.max(tl.abs(k_odd), axis=1))  # fmt: skip
+    scale = overflow_scale(amax)[:, None]  # 1 unless the squares could overflow (dsv4.model.rms)
+    k_nope, k_even, k_odd = k_nope * scale, k_even * scale, k_odd * scale
     sumsq = tl.sum(k_nope * k_nope, axis=1) + tl.sum(k_even * k_even, axis=1) + tl.sum(k_odd * k_odd, axis=1)
-    inv_rms = tl.math.div_rn(tl.full(sumsq.shape, 1.0, tl.float32), tl.math.sqrt_rn(sumsq * (1.0 / HID) + eps))
+    eps_scaled = eps * scale * scale
+    inv_rms = tl.math.div_rn(1.0, tl.math.sqrt_rn(sumsq[:, None] * (1.0 / HID) + eps_scaled))
     g_nope = tl.load(norm_w_ptr + c_nope).to(tl.float32)
     g_even = tl.load(norm_w_ptr + c_even).to(tl.float32)
     g_odd = tl.load(norm_w_ptr + c_even + 1).to(tl.float32)
-    k_nope = round_bf16(k_nope * inv_rms[:, None] * g_nope[None, :])
-    k_even = round_bf16(k_even * inv_rms[:, None] * g_even[None, :])
-    k_odd = round_bf16(k_odd * inv_rms[:, None] * g_odd[None, :])
+    k_nope = round_bf16(k_nope * inv_rms * g_nope[None, :])
+    k_even = round_bf16(k_even * inv_rms * g_even[None, :])
+    k_odd = round_bf16(k_odd * inv_rms * g_odd[None, :])
 
     trig = f[:, None] * HALF_R + tl.arange(0, HALF_R)[None, :]  # RoPE at the block's first position
     cos = tl.load(cos_ptr + trig, mask=valid[:, None], other=0.0)
