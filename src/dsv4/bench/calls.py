@@ -22,7 +22,8 @@ from ..ops.backends import BACKENDS, unavailable_reason
 from ..ops.registry import get_op
 
 COMPILED = "compile"  # torch.compile of the reference backend
-BENCH_BACKENDS = (*BACKENDS, COMPILED)
+LIBRARY = "library"  # the op composed of library calls (cuBLAS GEMMs, torch.topk): ``baseline.py``
+BENCH_BACKENDS = (*BACKENDS, COMPILED, LIBRARY)
 
 
 @dataclass
@@ -47,10 +48,24 @@ class BoundCall:
 
 
 def backend_reason(backend: str, device: torch.device | str) -> str | None:
-    """Why ``backend`` cannot run on ``device`` (None when it can); ``compile`` follows the reference."""
-    if backend == COMPILED:
+    """Why ``backend`` cannot run on ``device`` (None when it can); ``compile`` and ``library`` follow the reference."""
+    if backend in (COMPILED, LIBRARY):
         return unavailable_reason("reference", device)
     return unavailable_reason(backend, device)
+
+
+_COMPILED: dict[str, Callable[..., Any]] = {}  # op -> torch.compile of its reference, reused across shapes
+
+
+def compiled_reference(op: str) -> Callable[..., Any]:
+    """``torch.compile`` of ``op``'s reference, made once per op: each shape compiles on its first call
+    and later calls at that shape reuse it. Ints that differ between calls (a row index in the
+    reference's loops) become symbolic after the first change instead of recompiling each value."""
+    fn = _COMPILED.get(op)
+    if fn is None:
+        reference = get_op(op).implementation("reference")
+        fn = _COMPILED[op] = torch.compile(reference, options={"emulate_precision_casts": True})
+    return fn
 
 
 def bind(case: Case, backend: str) -> BoundCall:
@@ -58,10 +73,14 @@ def bind(case: Case, backend: str) -> BoundCall:
     if backend not in BENCH_BACKENDS:
         raise ValueError(f"backend: expected one of {BENCH_BACKENDS}, got {backend!r}")
     desc = get_op(case.op)
-    fn = desc.implementation("reference" if backend == COMPILED else backend)
     if backend == COMPILED:
-        torch.compiler.reset()  # each case compiles afresh: no recompile limit reached across the grid
-        fn = torch.compile(fn, dynamic=False, options={"emulate_precision_casts": True})
+        fn = compiled_reference(case.op)
+    elif backend == LIBRARY:
+        from . import baseline
+
+        fn = getattr(baseline, case.op)
+    else:
+        fn = desc.implementation(backend)
     args = dict(case.args)
     state = args["state"].clone() if "state" in args else None
     if state is not None:
