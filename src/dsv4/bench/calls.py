@@ -54,18 +54,19 @@ def backend_reason(backend: str, device: torch.device | str) -> str | None:
     return unavailable_reason(backend, device)
 
 
-_COMPILED: dict[str, Callable[..., Any]] = {}  # op -> torch.compile of its reference, reused across shapes
+# The reference's loops index rows by a Python int, which Dynamo specializes: each row index would
+# compile its frame again (seconds each; at B=64 the indexer's compile ran past its step's 90 s). Past
+# this many compiles a frame runs eagerly, as it does past Dynamo's default of 8.
+COMPILE_RECOMPILE_LIMIT = 2
 
 
 def compiled_reference(op: str) -> Callable[..., Any]:
-    """``torch.compile`` of ``op``'s reference, made once per op: each shape compiles on its first call
-    and later calls at that shape reuse it. Ints that differ between calls (a row index in the
-    reference's loops) become symbolic after the first change instead of recompiling each value."""
-    fn = _COMPILED.get(op)
-    if fn is None:
-        reference = get_op(op).implementation("reference")
-        fn = _COMPILED[op] = torch.compile(reference, options={"emulate_precision_casts": True})
-    return fn
+    """``torch.compile`` of ``op``'s reference for one shape: compiled on its first call, reused by the
+    calls after it (the check, the warm-up, the timing). Dynamo's caches are cleared first, so each
+    shape starts with the whole recompile allowance (``COMPILE_RECOMPILE_LIMIT``)."""
+    torch.compiler.reset()
+    torch._dynamo.config.cache_size_limit = COMPILE_RECOMPILE_LIMIT
+    return torch.compile(get_op(op).implementation("reference"), options={"emulate_precision_casts": True})
 
 
 def bind(case: Case, backend: str) -> BoundCall:

@@ -274,7 +274,13 @@ TUNING = Tunable(
         ),
         Param("num_warps", NUM_WARPS, (4, 8), "warps per program", compiled_only=True),
     ),
-    candidates=({"programs_per_sm": 2}, {"programs_per_sm": 3}, {"num_warps": 4}),
+    # at 8 warps a program takes the whole register file (sm_90 build): a second one per SM needs 4 warps
+    candidates=(
+        {"programs_per_sm": 2},
+        {"programs_per_sm": 3},
+        {"num_warps": 4},
+        {"programs_per_sm": 2, "num_warps": 4},
+    ),
 )
 
 
