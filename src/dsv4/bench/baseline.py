@@ -51,9 +51,9 @@ def _works(call: str, device: torch.device, probe) -> bool:
 def _bf16_f32_ok(device: torch.device) -> bool:
     if device.type != "cuda":  # no CPU kernel for the bf16 -> fp32 overloads
         return False
-    a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
 
     def probe() -> None:
+        a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
         torch.mm(a, a, out_dtype=torch.float32)
         torch.bmm(a[None], a[None], out_dtype=torch.float32)
 
@@ -76,8 +76,12 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if k % 8 or b.shape[0] % 8 or not hasattr(torch, "_int_mm"):
         return int8_matmul(a, b)
     rows = max(INT_MM_MIN_ROWS, -(-m // 8) * 8) if a.is_cuda else m
-    probe = torch.ones(INT_MM_MIN_ROWS, 8, dtype=torch.int8, device=a.device)
-    if not _works("_int_mm", a.device, lambda: torch._int_mm(probe, probe[:8].t())):
+
+    def probe() -> None:
+        ones = torch.ones(INT_MM_MIN_ROWS, 8, dtype=torch.int8, device=a.device)
+        torch._int_mm(ones, ones[:8].t())
+
+    if not _works("_int_mm", a.device, probe):
         return int8_matmul(a, b)
     if rows != m:
         a = torch.cat((a, a.new_zeros(rows - m, k)))
