@@ -7,7 +7,9 @@ Each experiment is a row (or a few) of the JSON:
 - ``copy``: a 1 GiB device-to-device copy (bytes read + written), the bench's measured bandwidth.
 - ``stream``: a read-only stream of ``STREAM_MIB`` at a grid of (programs per SM, bytes in flight per
   program): the bytes-in-flight against GB/s curve (Little's law: HBM bandwidth x latency of bytes in
-  flight per SM keep the memory busy).
+  flight per SM keep the memory busy). "In flight" is what a program issues before it uses any of
+  it; ptxas decides how much of that stays outstanding (the sm_90 build of 8 and 16 loads a thread
+  holds 36 and 54 registers, fewer than all of them would need), so the curve is against requests.
 - ``l2``: the same stream over buffers of 4 to 128 MiB read again and again without a flush: GB/s
   against size, whose knee is the usable L2 and whose plateau its bandwidth.
 - ``l2_prefetch``: a kernel reads a buffer that fits in L2, the next kernel reads it again: does the
