@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from ..model.rms import FP32_EXP_INF, RMS_SCALE_BITS, RMS_SCALE_MIN_EXP
@@ -57,3 +60,16 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     for n0 in range(0, b.shape[0], step):
         out[:, n0 : n0 + step] = (a64 @ b[n0 : n0 + step].to(torch.float64).T).to(torch.int32)
     return out
+
+
+@dataclass(frozen=True)
+class Gemms:
+    """The two matrix products the reference is written with: ``linear(x, w)`` = ``x @ w.T`` of bf16
+    operands as fp32, and ``int8(a, b)`` = exact ``a @ b.T`` of INT8 matrices as int32. The reference
+    uses ``EXACT``; a baseline may pass library GEMMs that compute the same products."""
+
+    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    int8: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+EXACT = Gemms(linear, int8_matmul)

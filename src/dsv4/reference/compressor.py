@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..model.config import COMPRESS_RATIO
-from ..model.hadamard import hadamard_matrix
+from ..model.hadamard import shared_hadamard
 from ..model.rope import RopeTable
 from ..model.state import STATE_SLOTS, IndexerState
 from ..model.structs import StepPositions
@@ -47,7 +47,7 @@ def finish_key(
     nope = hid - rope.rope_dim
     k = rms_norm(k.to(torch.bfloat16), w.norm_w, eps).to(torch.bfloat16)
     k[:, nope:] = apply_rope(k[:, nope:].to(torch.float32), first_pos, rope).to(torch.bfloat16)
-    return (k.to(torch.float32) @ hadamard_matrix(hid, device=k.device)).to(torch.bfloat16)
+    return (k.to(torch.float32) @ shared_hadamard(hid, k.device)).to(torch.bfloat16)
 
 
 def indexer_compressor(
