@@ -330,9 +330,7 @@ def _q_heads_kernel(
         col0 = head * HD + half * HALF
         width = HALF
     else:
-        head = tl.program_id(1).to(tl.int64)
-        half = 0
-        col0 = head * HD
+        col0 = tl.program_id(1).to(tl.int64) * HD
         width = HD
     if PREFETCH:  # noqa: SIM102 (wq_b depends on no earlier launch: it streams while the projection and rows run)
         if tl.program_id(0) == 0:
