@@ -28,6 +28,8 @@ from dsv4.acceptance.runner import KILL_GRACE_S, OUTPUTS, Runner
 from dsv4.acceptance.summary import render
 from subprocesses import ROOT, run_python
 
+pytestmark = pytest.mark.xdist_group("acceptance")  # one worker runs the dry run once
+
 # What the device tool brings back: at most 8 files, names of letters, digits, '.', '_', '-'
 MAX_FILES = 8
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -68,7 +70,8 @@ def _step_rows(markdown: str) -> dict[str, list[str]]:
 def dry_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path, float]:
     """The whole dry run through the shell entry point, with a failing step injected first."""
     out = tmp_path_factory.mktemp("acceptance")
-    env = {**os.environ, "PYTHON": sys.executable}
+    # its pytest step (two small test files) in one process: worker start-ups would cost more than the tests
+    env = {**os.environ, "PYTHON": sys.executable, "PYTEST_XDIST_AUTO_NUM_WORKERS": "0"}
     t0 = time.perf_counter()
     proc = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_acceptance.sh"), str(out), "--dry-run", "--inject-failure"],
