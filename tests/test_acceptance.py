@@ -66,7 +66,7 @@ def _step_rows(markdown: str) -> dict[str, list[str]]:
     return {_cells(row)[1].strip("`"): _cells(row) for row in steps[2:]}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dry_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path, float]:
     """The whole dry run through the shell entry point, with a failing step injected first."""
     out = tmp_path_factory.mktemp("acceptance")

@@ -186,7 +186,7 @@ def test_measure_traffic_counts_kernels_and_torch_ops() -> None:
     assert torch.equal(dst, src + 1.0)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def touching_qkv_result() -> dict:
     """The bench at the tiny preset with ``bench_kernels.touching_qkv_proj_rope`` as the Triton qkv_proj_rope."""
     with pytest.MonkeyPatch.context() as mp:
@@ -196,6 +196,7 @@ def touching_qkv_result() -> dict:
     return result
 
 
+@pytest.mark.xdist_group("touching-qkv")  # one worker runs the bench once
 def test_traffic_of_a_kernel_moving_exactly_the_minimal_bytes_is_1x(touching_qkv_result: dict) -> None:
     (row,) = touching_qkv_result["traffic"]
     assert row["status"] == "ok", row
@@ -207,6 +208,7 @@ def test_traffic_of_a_kernel_moving_exactly_the_minimal_bytes_is_1x(touching_qkv
     assert row["check"].startswith("MISMATCH")  # it computes nothing: the bench's check says so
 
 
+@pytest.mark.xdist_group("touching-qkv")  # one worker runs the bench once
 def test_table_and_plot_of_traffic_ratios(touching_qkv_result: dict, tmp_path) -> None:
     text = report.render(touching_qkv_result)
     assert "requested/min" in text and "1.00" in text and "CPU host clock" in text

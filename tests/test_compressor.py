@@ -143,7 +143,8 @@ def test_per_row_start_positions(backend: str) -> None:
             dsv4.indexer_compressor(x[b : b + 1, :o].contiguous(), w, s, 0, rope, backend=backend)
         rows.append(s)
     state = stack_states(rows)
-    seq, steps = 2, 12
+    seq = 2
+    steps = 12 if backend == "reference" else 4  # Triton: each row still closes two blocks on the way
     for k in range(steps):
         start = torch.tensor([o + k * seq for o in offsets], device=DEVICE)
         xs = torch.stack([x[b, o + k * seq : o + (k + 1) * seq] for b, o in enumerate(offsets)])
