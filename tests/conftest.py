@@ -35,6 +35,35 @@ BACKENDS = ["reference", "triton"]
 FULL = pytest.mark.full
 
 
+# Modules whose tests share one expensive session fixture (an sm_90 build of every variant, a dry run,
+# a bench run): all their tests go to one worker, so the fixture runs once per `pytest`. Every other
+# test is handed out on its own.
+ONE_WORKER_MODULES = frozenset({
+    "tests/test_acceptance.py",
+    "tests/test_bench.py",
+    "tests/test_kernels_compile.py",
+    "tests/test_kernels_qkv_proj_rope_compile.py",
+    "tests/test_tune.py",
+})  # fmt: skip
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """Under ``-n`` with the default ``--dist load``: tests one by one, except that a module of
+    ``ONE_WORKER_MODULES`` is one unit of work (pytest-xdist's ``loadgroup`` cannot do this on
+    pytest >= 9.2, which ignores the group suffix it appends to node ids)."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleOrTest(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in ONE_WORKER_MODULES else nodeid
+
+    return ModuleOrTest(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """On a CPU without ``-m``, leave out the ``full`` tests (on a GPU they are cheap: all run)."""
     if DEVICE.type == "cuda" or config.option.markexpr:

@@ -28,8 +28,6 @@ from dsv4.acceptance.runner import KILL_GRACE_S, OUTPUTS, Runner
 from dsv4.acceptance.summary import render
 from subprocesses import ROOT, run_python
 
-pytestmark = pytest.mark.xdist_group("acceptance")  # one worker runs the dry run once
-
 # What the device tool brings back: at most 8 files, names of letters, digits, '.', '_', '-'
 MAX_FILES = 8
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")

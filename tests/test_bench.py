@@ -196,7 +196,6 @@ def touching_qkv_result() -> dict:
     return result
 
 
-@pytest.mark.xdist_group("touching-qkv")  # one worker runs the bench once
 def test_traffic_of_a_kernel_moving_exactly_the_minimal_bytes_is_1x(touching_qkv_result: dict) -> None:
     (row,) = touching_qkv_result["traffic"]
     assert row["status"] == "ok", row
@@ -208,7 +207,6 @@ def test_traffic_of_a_kernel_moving_exactly_the_minimal_bytes_is_1x(touching_qkv
     assert row["check"].startswith("MISMATCH")  # it computes nothing: the bench's check says so
 
 
-@pytest.mark.xdist_group("touching-qkv")  # one worker runs the bench once
 def test_table_and_plot_of_traffic_ratios(touching_qkv_result: dict, tmp_path) -> None:
     text = report.render(touching_qkv_result)
     assert "requested/min" in text and "1.00" in text and "CPU host clock" in text

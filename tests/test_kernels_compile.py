@@ -14,8 +14,6 @@ import pytest
 
 from sm90 import H100_SHARED, Plan, Variant, compile_plans
 
-pytestmark = pytest.mark.xdist_group("sm90-indexer")  # one worker compiles the variants once
-
 LONG = 262144  # cache rows at 1M tokens
 # Two groups compiled side by side; the decode plans share their compressor and score variants,
 # and the B=1 ones their x-projection and query variants.

@@ -16,8 +16,6 @@ import pytest
 
 from sm90 import H100_SHARED, Plan, Variant, compile_plans
 
-pytestmark = pytest.mark.xdist_group("sm90-qkv")  # one worker compiles the variants once
-
 PLANS = [  # two groups, compiled side by side
     [
         Plan("flash-decode", "qkv_proj_rope", "flash", batch=64, seq=2),

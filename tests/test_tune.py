@@ -15,8 +15,6 @@ from dsv4.bench.tune import passed, plan, run_tune
 from dsv4.cli import main
 from dsv4.kernels import tuning
 
-pytestmark = pytest.mark.xdist_group("tune")  # one worker runs the dry run once
-
 
 @pytest.fixture(scope="session")
 def dry_run(tmp_path_factory):
