@@ -51,7 +51,7 @@ PDL_ORDER = {
 WGMMA_PLANS = {"flash-decode", "flash-t256", "pro-decode", "flash-prefill-1024"}  # 64/128-row tiles; T=1: 16 (mma.sync)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def variants() -> list[Variant]:
     return compile_plans(PLANS)
 
