@@ -75,6 +75,8 @@ class Variant:
     mma: str  # the tensor-core instruction of its tl.dot: "wgmma" (Hopper), "mma.sync" (Ampere) or "-"
     fma: int  # fused multiply-adds (fma.rn) in the PTX
     dependent_launch: bool  # griddepcontrol in the PTX: it waits on / releases a PDL neighbour
+    l2_prefetches: int  # cp.async.bulk.prefetch.L2 in the PTX: bytes asked of L2 ahead of their loads
+    pdl_order: tuple[str, ...]  # "prefetch", "launch_dependents", "wait" in the order they first appear in the PTX
 
     @property
     def plans(self) -> set[str]:
@@ -117,6 +119,7 @@ def compile_plans(groups: list[list[Plan]], timeout: int = 900) -> list[Variant]
             fields = json.loads(line[len(_PREFIX) :])
             fields["launches"] = tuple((plan, tuple(grid)) for plan, grid in fields["launches"])
             fields["aligned"] = tuple(fields["aligned"])
+            fields["pdl_order"] = tuple(fields["pdl_order"])
             v = Variant(**fields)
             if v.hash in variants:  # compiled by two groups: one variant, launched by both
                 v = dataclasses.replace(v, launches=variants[v.hash].launches + v.launches)
@@ -204,6 +207,13 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     return {key: int(value) for key, value in re.findall(r"(\w+):(\d+)", out.split("Resource usage:")[-1])}
 
 
+_PDL_STEPS = (
+    ("cp.async.bulk.prefetch.L2", "prefetch"),
+    ("griddepcontrol.launch_dependents", "launch_dependents"),
+    ("griddepcontrol.wait", "wait"),
+)
+
+
 def _variant(fn, kernel, launches: list[tuple[str, tuple[int, ...]]]) -> dict[str, Any]:
     """The fields of a ``Variant`` for ``kernel``, the compiled ``fn`` (keys of its specialization:
     ``(argument index,)``)."""
@@ -228,6 +238,8 @@ def _variant(fn, kernel, launches: list[tuple[str, tuple[int, ...]]]) -> dict[st
         "mma": "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "-",
         "fma": len(re.findall(r"\bfma\.rn", ptx)),
         "dependent_launch": "griddepcontrol" in ptx,
+        "l2_prefetches": ptx.count("cp.async.bulk.prefetch.L2"),
+        "pdl_order": [name for _, name in sorted((ptx.find(n), name) for n, name in _PDL_STEPS if n in ptx)],
     }
 
 

@@ -16,11 +16,13 @@ import triton.language as tl
 
 import dsv4
 from conftest import BACKENDS, DEVICE, FULL
+from dsv4.bench.interp_traffic import count_traffic
 from dsv4.harness.golden import compare, ratio_allclose, tolerance
 from dsv4.kernels.epilogue import rms_inv_of_sumsq, rms_scale
 from dsv4.kernels.launch import H100_SMS
 from dsv4.kernels.projection import projection_tiles
 from dsv4.kernels.qkv_proj_rope import launch_q_heads, q_heads_tiles
+from dsv4.kernels.split_k import BLOCK_K
 from dsv4.model.config import DeepSeekV4Config, get_config
 from dsv4.model.rope import RopeTable, rope_table
 from dsv4.model.weights import AttnWeights, synthetic_activations, synthetic_weights
@@ -123,10 +125,10 @@ def test_demo_prefill() -> None:
 @pytest.mark.parametrize("t", [3, 64])
 def test_repeatable_bit_for_bit(t: int) -> None:
     """The split-K partial sums are added in a fixed order and a head's halves combine their sums of
-    squares in a fixed order: two runs agree exactly (T=3 is split over K, T=64 is not)."""
+    squares in a fixed order: two runs agree exactly (both T split D into every one of its K blocks)."""
     x, w, positions, rope = qkv_inputs(TINY, decode_positions(t, 256, seed=3), 256, seed=3, outliers=4)
     splits = projection_tiles(t, TINY.hidden_size, TINY.q_lora_rank, TINY.head_dim, H100_SMS).splits
-    assert (splits > 1) == (t == 3)
+    assert splits == TINY.hidden_size // BLOCK_K
     first = dsv4.qkv_proj_rope(x, w, positions, rope, backend="triton")
     for _ in range(2):
         again = dsv4.qkv_proj_rope(x, w, positions, rope, backend="triton")
@@ -154,6 +156,23 @@ def test_paired_halves_compute_the_same_bits(t: int, huge: bool) -> None:
     for _ in range(2):
         launch_q_heads(expected.qr, expected.qr_scale, w, positions, rope, TINY.rms_norm_eps, q, sumsq, block_m, True)
     assert torch.equal(q, expected.q)
+
+
+def test_whole_head_programs_read_qr_once() -> None:
+    """A q-head program that computes both halves of its head reads each ``qr`` tile once for both
+    (the interpreter's plan; on a GPU the plan past one wave of pairs): the launch asks for ``wq_b``
+    and its scales once, per head program ``qr``, ``qr_scale``, the positions and the cos/sin rows once,
+    and writes ``q`` once: not a byte more."""
+    t = 17
+    x, w, positions, rope = qkv_inputs(TINY, decode_positions(t, 256, seed=4), 256, seed=4)
+    h, ql, r = TINY.num_attention_heads, TINY.q_lora_rank, rope.rope_dim
+    with count_traffic() as log:
+        out = dsv4.qkv_proj_rope(x, w, positions, rope, backend="triton")
+    (launch,) = [v for v in log.launches if v.kernel == "_q_heads_kernel"]
+    assert launch.grid == (1, h, 1)  # one 32-token tile of whole heads
+    per_head = t * ql + t * 4 + t * positions.element_size() + 2 * t * (r // 2) * 4
+    assert launch.load_bytes == w.wq_b.numel() + w.wq_b_scale.numel() * 4 + h * per_head
+    assert launch.store_bytes == out.q.numel() * 2
 
 
 # --- RMSNorm of very large finite values (spec §2, any finite input) -------------------------------
@@ -276,15 +295,14 @@ def test_writes_into_out() -> None:
 
 def test_flash_decode_tiles() -> None:
     """At flash decode (T=128) on an H100 every weight byte is read once (one M-tile in the projection
-    and in the q heads), the fp32 partials cost under half the projection's weight traffic, and the
-    q heads pair up in one wave of SMs."""
+    and in the q heads), the projection's K split fills one wave of the SMs (132 programs: its 12
+    column tiles x 11 K-slices) and the q heads pair up in one wave of SMs."""
     cfg = get_config("flash")
     t, d, ql, hd, h = 128, cfg.hidden_size, cfg.q_lora_rank, cfg.head_dim, cfg.num_attention_heads
     tiles = projection_tiles(t, d, ql, hd, H100_SMS)
     n_tiles, m_tiles, splits = tiles.grid(t, ql + hd)
-    assert (n_tiles, m_tiles, splits) == (12, 1, 4)
-    partial_traffic = 2 * splits * t * (ql + hd) * 4  # written once, read back once
-    assert partial_traffic <= (ql + hd) * d * 2 / 2
+    assert (n_tiles, m_tiles, splits) == (12, 1, 11)
+    assert H100_SMS - n_tiles < n_tiles * m_tiles * splits <= H100_SMS
     assert q_heads_tiles(t, h, H100_SMS) == (128, True)
     assert q_heads_tiles(129, h, H100_SMS) == (64, False)  # two M-tiles of pairs would need 256 SMs
 
