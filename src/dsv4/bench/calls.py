@@ -16,8 +16,7 @@ from typing import Any
 
 import torch
 
-from ..harness.cases import Case
-from ..model.state import IndexerState
+from ..harness.cases import Case, clone_args, mutated_args, record_outputs
 from ..ops.backends import BACKENDS, unavailable_reason
 from ..ops.registry import get_op
 
@@ -27,13 +26,14 @@ BENCH_BACKENDS = (*BACKENDS, COMPILED)
 
 @dataclass
 class BoundCall:
-    """``op`` of a case on ``backend``: call it to run one step on its own ``state``."""
+    """``op`` of a case on ``backend``: call it to run one step on its own ``state`` (the records the
+    op updates, by argument name; None when it updates none)."""
 
     op: str
     backend: str
     fn: Callable[..., Any]
     kwargs: dict[str, Any]
-    state: IndexerState | None
+    state: dict[str, Any] | None
 
     def __call__(self) -> Any:
         return self.fn(**self.kwargs)
@@ -41,8 +41,8 @@ class BoundCall:
     def outputs(self, result: Any) -> dict[str, torch.Tensor]:
         """``result`` of a call and the state after it, by output name (as ``golden.compare`` wants)."""
         out: dict[str, torch.Tensor] = {} if result is None else dict(result._asdict())
-        if self.state is not None:
-            out.update(self.state.tensors())
+        if self.state:
+            out.update(record_outputs(self.state))
         return out
 
 
@@ -62,8 +62,6 @@ def bind(case: Case, backend: str) -> BoundCall:
     if backend == COMPILED:
         torch.compiler.reset()  # each case compiles afresh: no recompile limit reached across the grid
         fn = torch.compile(fn, dynamic=False, options={"emulate_precision_casts": True})
-    args = dict(case.args)
-    state = args["state"].clone() if "state" in args else None
-    if state is not None:
-        args["state"] = state
-    return BoundCall(case.op, backend, fn, desc.validate(**args), state)
+    args = clone_args(case.args, case.op)
+    state = {name: args[name] for name in mutated_args(case.op) if name in args}
+    return BoundCall(case.op, backend, fn, desc.validate(**args), state or None)

@@ -104,6 +104,14 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="dsv4 bench", unit="run", leave=False, disable=None if enabled else True)
 
 
+def _missing(op: str, backend: str) -> str | None:
+    """Why ``op`` cannot run on ``backend`` (``compile`` compiles the reference): it has no implementation there."""
+    name = "reference" if backend == COMPILED else backend
+    if name in get_op(op).implementations:
+        return None
+    return f"no {name} implementation of {op} yet (reference only)"
+
+
 def _time_backend(
     case: Case,
     shape: BenchShape,
@@ -116,6 +124,9 @@ def _time_backend(
 ) -> dict[str, Any]:
     """One timing row: check ``backend`` against the reference outputs, time it, relate it to the floors."""
     row: dict[str, Any] = {"op": shape.op, "shape": shape.label, "backend": backend}
+    missing = _missing(shape.op, backend)
+    if missing:
+        return {**row, "status": "skipped", "error": missing}
     try:
         if call is None:
             call = bind(case, backend)
@@ -138,6 +149,9 @@ def _count_traffic(case: Case, shape: BenchShape, expected: dict[str, torch.Tens
     """One traffic row: check the Triton backend (its first call; autotuning stays out of the
     count), then count the bytes of its second call."""
     row: dict[str, Any] = {"op": shape.op, "shape": shape.label, "backend": "triton", "minimal_bytes": cost.bytes}
+    missing = _missing(shape.op, "triton")
+    if missing:
+        return {**row, "status": "skipped", "error": missing}
     try:
         call = bind(case, "triton")
         row["check"] = compare(shape.op, call.outputs(call()), expected, case.compare_inputs()).verdict()

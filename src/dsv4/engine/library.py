@@ -18,11 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..model.attention_state import CompressorState, KVPool
 from ..model.fields import build, leaf_kinds, leaves
 from ..model.rope import RopeTable
 from ..model.state import IndexerState
-from ..model.structs import QKV, IndexerOut
-from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights
+from ..model.structs import QKV, AttnOut, IndexerOut, OProjOut
+from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights, OProjWeights
 from ..ops.api import call_op
 from ..ops.registry import INT_OR_TENSOR, OpDescriptor, get_op, on_register
 
@@ -30,22 +31,38 @@ _SCALARS = {int: "int", float: "float", str: "str"}
 
 
 def _flat_params(desc: OpDescriptor) -> list[tuple[str, str, bool]]:
-    """``(leaf name, schema type, mutable)`` of every flattened public argument of ``desc``."""
+    """``(leaf name, schema type, mutable)`` of every flattened public argument of ``desc``; the
+    tensors of an optional argument are ``Tensor?``."""
     flat = []
     for p in desc.params:
         for path, kind in leaf_kinds(p.kind, p.name):
             schema_type = "Tensor" if kind in (Tensor, INT_OR_TENSOR) else _SCALARS[kind]
+            if p.optional:
+                schema_type += "?"
             mutable = any(path == m or path.startswith(m + ".") for m in desc.mutates)
-            flat.append((_leaf_name(path), schema_type, mutable))
-    names = [n for n, _, _ in flat]
+            flat.append((path, schema_type, mutable))
+    names = _leaf_names([path for path, _, _ in flat])
+    return [(name, t, m) for name, (_, t, m) in zip(names, flat, strict=True)]
+
+
+def _leaf_names(paths: list[str]) -> list[str]:
+    """Custom-op argument names: the last field of each dotted path (``w.compressor.wkv`` -> ``wkv``),
+    or, where two arguments would share it, the whole path (``window_pool.nope`` -> ``window_pool_nope``)."""
+    last = [path.rsplit(".", 1)[-1] for path in paths]
+    names = [n if last.count(n) == 1 else path.replace(".", "_") for n, path in zip(last, paths, strict=True)]
     if len(set(names)) != len(names):
-        raise ValueError(f"{desc.name}: flattened argument names repeat: {names}")
-    return flat
+        raise ValueError(f"flattened argument names repeat: {names}")
+    return names
 
 
-def _leaf_name(path: str) -> str:
-    """A custom-op argument's name: the last field of its dotted path (``w.compressor.wkv`` -> ``wkv``)."""
-    return path.rsplit(".", 1)[-1]
+def _in_order(items: list[Any]) -> Any:
+    """A ``build`` leaf function handing out ``items`` in order."""
+    it = iter(items)
+    return lambda _: next(it)
+
+
+def _leaf_count(kind: object, name: str) -> int:
+    return sum(1 for _ in leaf_kinds(kind, name))
 
 
 def _schema(desc: OpDescriptor, out: bool) -> str:
@@ -75,16 +92,31 @@ def _as_returned(result: Any) -> Any:
 
 
 def _unflatten(desc: OpDescriptor, flat: tuple[Any, ...]) -> tuple[dict[str, Any], str, tuple[Any, ...]]:
-    """``(public args, backend, the rest)`` from a custom op's flat arguments."""
+    """``(public args, backend, the rest)`` from a custom op's flat arguments (an optional argument
+    whose tensors are all None is None)."""
     values = iter(flat)
-    args = {p.name: build(p.kind, p.name, lambda _: next(values)) for p in desc.params}
+    args = {}
+    for p in desc.params:
+        mine = [next(values) for _ in range(_leaf_count(p.kind, p.name))]
+        if p.optional and all(v is None for v in mine):
+            args[p.name] = None
+            continue
+        args[p.name] = build(p.kind, p.name, _in_order(mine))
     backend = next(values)
     return args, backend, tuple(values)
 
 
 def flatten(desc: OpDescriptor, args: dict[str, Any]) -> list[Any]:
-    """The flat arguments of ``torch.ops.dsv4.<op>`` for public ``args`` (``backend`` not included)."""
-    return [leaf for p in desc.params for _, leaf in leaves(args[p.name], p.name)]
+    """The flat arguments of ``torch.ops.dsv4.<op>`` for public ``args`` (``backend`` not included;
+    an optional argument left out or None is None in each of its places)."""
+    flat: list[Any] = []
+    for p in desc.params:
+        value = args.get(p.name) if p.optional else args[p.name]
+        if value is None:
+            flat += [None] * _leaf_count(p.kind, p.name)
+        else:
+            flat += [leaf for _, leaf in leaves(value, p.name)]
+    return flat
 
 
 def _register(desc: OpDescriptor) -> None:
@@ -158,6 +190,37 @@ def indexer(
         "indexer", backend, out, x=x, qr=qr, qr_scale=qr_scale, w=w, state=state, start_pos=start_pos,
         offset=offset, rope=rope, topk=topk, eps=eps,
     )  # fmt: skip
+
+
+def kv_compressor(
+    x: Tensor, w: CompressorWeights, state: CompressorState, start_pos: Tensor, rope: RopeTable, *,
+    eps: float = 1e-6, backend: str = "auto",
+) -> None:  # fmt: skip
+    """``dsv4.kv_compressor`` through ``torch.ops.dsv4``; ``start_pos`` is an int tensor ``[B]``."""
+    call("kv_compressor", backend, x=x, w=w, state=state, start_pos=start_pos, rope=rope, eps=eps)
+
+
+def window_kv_write(kv: Tensor, pool: KVPool, start_pos: Tensor, *, window: int, backend: str = "auto") -> None:
+    """``dsv4.window_kv_write`` through ``torch.ops.dsv4``; ``start_pos`` is an int tensor ``[B]``."""
+    call("window_kv_write", backend, kv=kv, pool=pool, start_pos=start_pos, window=window)
+
+
+def sparse_attn(
+    q: Tensor, kv: Tensor, start_pos: Tensor, window_pool: KVPool, attn_sink: Tensor, rope: RopeTable, *,
+    kind: str, window: int, compress_ratio: int = 0, compressed_pool: KVPool | None = None,
+    topk_idxs: Tensor | None = None, topk_offset: int = 0, backend: str = "auto", out: AttnOut | None = None,
+) -> AttnOut:  # fmt: skip
+    """``dsv4.sparse_attn`` through ``torch.ops.dsv4``; ``start_pos`` is an int tensor ``[B]``."""
+    return call(
+        "sparse_attn", backend, out, q=q, kv=kv, start_pos=start_pos, window_pool=window_pool, attn_sink=attn_sink,
+        rope=rope, kind=kind, window=window, compress_ratio=compress_ratio, compressed_pool=compressed_pool,
+        topk_idxs=topk_idxs, topk_offset=topk_offset,
+    )  # fmt: skip
+
+
+def o_proj(o: Tensor, w: OProjWeights, *, backend: str = "auto", out: OProjOut | None = None) -> OProjOut:
+    """``dsv4.o_proj`` through ``torch.ops.dsv4``."""
+    return call("o_proj", backend, out, o=o, w=w)
 
 
 def tensors_of(value: Any) -> list[Tensor]:

@@ -172,38 +172,49 @@ def synthetic_weights(
 def attention_weights(
     cfg: DeepSeekV4Config, ratio: int, seed: int = 0, device: torch.device | str | None = None
 ) -> LayerWeights:
-    """Seeded weights of a whole attention layer of compress ``ratio`` (0 SWA, 4 CSA, else HCA):
-    the front end (``synthetic_weights(cfg, seed)``'s for CSA; no indexer otherwise), the main
-    compressor (CSA/HCA: ``wkv``/``wgate [COFF*HD, D]``, ``ape [RC, COFF*HD]``, ``norm_w [HD]``),
-    ``attn_sink [H]`` and the FP8 output projection with 128x128 block scales (``G``/``OL`` from ``cfg``)."""
-    if cfg.o_groups < 1 or cfg.o_lora_rank < 1:
-        raise ValueError(f"cfg: {cfg.name} has no o_groups / o_lora_rank (the output projection's sizes)")
+    """Seeded weights of a whole attention layer of compress ``ratio`` (0 SWA, 4 CSA, else HCA): the
+    front end (``synthetic_weights(cfg, seed)``'s; without the indexer unless CSA), the main
+    compressor (``synthetic_compressor``, CSA/HCA), ``attn_sink [H] fp32`` and the FP8 output
+    projection (``synthetic_o_proj``)."""
     front = synthetic_weights(cfg, seed)
-    g = torch.Generator().manual_seed(seed + 104729)
-    d, hd, h = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads
-    gr, ol = cfg.o_groups, cfg.o_lora_rank
-    if h % gr:
-        raise ValueError(f"cfg: num_attention_heads {h} is not a multiple of o_groups {gr}")
-    compressor = None
-    if ratio:
-        coff = 2 if ratio == 4 else 1
-        compressor = CompressorWeights(
-            wkv=_normal(g, (coff * hd, d), d**-0.5).to(torch.bfloat16),
-            wgate=_normal(g, (coff * hd, d), d**-0.5).to(torch.bfloat16),
-            ape=_normal(g, (ratio, coff * hd), 0.5),
-            norm_w=_gain(g, hd),
-        )
-    attn_sink = _normal(g, (h,), 1.0)
-    wo_a, wo_a_scale = quantize_fp8_weight(_normal(g, (gr * ol, h // gr * hd), (h // gr * hd) ** -0.5))
-    wo_b, wo_b_scale = quantize_fp8_weight(_normal(g, (d, gr * ol), (gr * ol) ** -0.5))
+    g = torch.Generator().manual_seed(seed + 7)
     layer = LayerWeights(
         attn=front.attn,
         indexer=front.indexer if ratio == 4 else None,
-        compressor=compressor,
-        attn_sink=attn_sink,
-        o_proj=OProjWeights(wo_a, wo_a_scale, wo_b, wo_b_scale),
+        compressor=synthetic_compressor(cfg, ratio, seed) if ratio else None,
+        attn_sink=_normal(g, (cfg.num_attention_heads,), 1.0),
+        o_proj=synthetic_o_proj(cfg, seed),
     )
     return layer if device is None else layer.to(device)
+
+
+def synthetic_compressor(cfg: DeepSeekV4Config, ratio: int, seed: int = 0) -> CompressorWeights:
+    """Seeded weights of the main compressor of a layer of compress ``ratio``: ``wkv``, ``wgate``
+    ``[COFF*HD, D] bf16`` (COFF 2 at ratio 4, else 1), ``ape [ratio, COFF*HD] fp32``, ``norm_w [HD]``."""
+    if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
+        raise ValueError(f"ratio: expected a compress ratio >= 1, got {ratio!r}")
+    g = torch.Generator().manual_seed(seed * 1009 + ratio)
+    d, hd = cfg.hidden_size, cfg.head_dim
+    width = (2 if ratio == 4 else 1) * hd
+    return CompressorWeights(
+        wkv=_normal(g, (width, d), d**-0.5).to(torch.bfloat16),
+        wgate=_normal(g, (width, d), d**-0.5).to(torch.bfloat16),
+        ape=_normal(g, (ratio, width), 0.5),
+        norm_w=_gain(g, hd),
+    )
+
+
+def synthetic_o_proj(cfg: DeepSeekV4Config, seed: int = 0) -> OProjWeights:
+    """Seeded FP8 output-projection weights with 128x128 block scales (``G``, ``OL`` from ``cfg``),
+    drawn with std ``1/sqrt(in_features)`` and quantized as DeepSeek's checkpoints store them."""
+    h, hd, gr, ol = cfg.num_attention_heads, cfg.head_dim, cfg.o_groups, cfg.o_lora_rank
+    if gr < 1 or ol < 1 or h % gr:
+        raise ValueError(f"cfg: {cfg.name} needs o_groups >= 1 dividing H={h} and o_lora_rank >= 1, got {gr}, {ol}")
+    g = torch.Generator().manual_seed(seed * 1009 + 3)
+    inner = h // gr * hd
+    wo_a, wo_a_scale = quantize_fp8_weight(_normal(g, (gr * ol, inner), inner**-0.5))
+    wo_b, wo_b_scale = quantize_fp8_weight(_normal(g, (cfg.hidden_size, gr * ol), (gr * ol) ** -0.5))
+    return OProjWeights(wo_a, wo_a_scale, wo_b, wo_b_scale)
 
 
 def synthetic_activations(

@@ -34,7 +34,7 @@ class Tolerance:
         return f"atol={self.atol:g} rtol={self.rtol:g} ratio={self.max_error_ratio:g}"
 
 
-RULES = ("allclose", "score", "topk", "cache")
+RULES = ("allclose", "score", "topk", "cache", "fp8_rows", "exact")
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,10 @@ class Output:
     ``rule``: ``allclose`` (the tolerance over the whole tensor), ``score`` (visible entries within
     the tolerance, masked entries -inf-like), ``topk`` (tie-tolerant indices, judged by the
     reference's ``score`` output within this tolerance), ``cache`` (rows the step wrote within the
-    tolerance, every other row bit-identical).
+    tolerance, every other row bit-identical), ``fp8_rows`` (a pool of FP8 KV rows, its tensors under
+    ``name.``: the rows the step wrote decoded within the tolerance and within one e4m3 step, scale
+    bytes within 1; every other row bit-identical), ``exact`` (the tensor ``name``, or every tensor
+    under ``name.``, bit-identical).
     """
 
     name: str
@@ -60,10 +63,12 @@ class Output:
 class Param:
     """A public argument: its name and kind (``torch.Tensor``, ``int``, ``float``, ``str``, a
     dataclass of tensors such as the weights, ``RopeTable`` or ``IndexerState``, or
-    ``INT_OR_TENSOR``: an int for every batch row or an int tensor ``[B]``)."""
+    ``INT_OR_TENSOR``: an int for every batch row or an int tensor ``[B]``). ``optional``: the
+    argument may be None (a custom op takes each of its tensors as ``Tensor?``)."""
 
     name: str
     kind: Any
+    optional: bool = False
 
 
 INT_OR_TENSOR = "int | Tensor"  # a Param kind: a custom op takes it as an int tensor
@@ -122,7 +127,10 @@ class OpDescriptor:
         fn = self._impls.get(backend)
         if fn is None:
             if backend not in self.implementations:
-                raise ValueError(f"backend: {self.name} has no {backend!r} implementation")
+                raise ValueError(
+                    f"backend: {self.name} has no {backend!r} implementation (it has: "
+                    f"{', '.join(self.implementations)}); pass backend='auto' or one of those"
+                )
             module, _, attr = self.implementations[backend].partition(":")
             fn = getattr(importlib.import_module(module), attr)
             self._impls[backend] = fn

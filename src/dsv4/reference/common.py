@@ -44,3 +44,14 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     for n0 in range(0, b.shape[0], step):
         out[:, n0 : n0 + step] = (a64 @ b[n0 : n0 + step].to(torch.float64).T).to(torch.int32)
     return out
+
+
+def inverse_rope(u: torch.Tensor, positions: torch.Tensor, rope: RopeTable) -> torch.Tensor:
+    """The inverse of ``apply_rope`` (attention spec §2): ``y[2i] = u[2i]*c + u[2i+1]*s``,
+    ``y[2i+1] = u[2i+1]*c - u[2i]*s`` with ``c, s`` the table's cos, sin at ``positions``; fp32."""
+    cos = rope.cos[positions]
+    sin = rope.sin[positions]
+    while cos.dim() < u.dim():
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    u0, u1 = u[..., 0::2], u[..., 1::2]
+    return torch.stack((u0 * cos + u1 * sin, u1 * cos - u0 * sin), dim=-1).flatten(-2)

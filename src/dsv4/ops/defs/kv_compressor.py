@@ -1,0 +1,111 @@
+"""``kv_compressor`` (attention spec §3): the main compressor of CSA (ratio 4, overlapping windows)
+and HCA (disjoint windows) layers, writing one FP8 KV row per closed block."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ...model.attention_state import CompressorState, compressor_dims
+from ...model.config import COMPRESS_RATIO, DeepSeekV4Config
+from ...model.fp8_row import row_bytes
+from ...model.rope import RopeTable
+from ...model.weights import CompressorWeights
+from ..attention_cases import kv_compressor_args
+from ..case_inputs import CaseInputs
+from ..costs import BF16, FP32, INT32, INT64, OpCost, rope_row_bytes
+from ..registry import INT_OR_TENSOR, OpDescriptor, Output, Param, Tolerance
+from ..validate_attention import check_kv_compressor
+
+STATE = Tolerance(1e-4, 1e-4, 0.0)  # attention spec §8: kv_state, score_state (every element)
+ROWS = Tolerance(1e-4, 1 / 128)  # §8: dequantized compressed rows written (each within one e4m3 step besides)
+EXACT = Tolerance(0.0, 0.0, 0.0)
+MUTATED = ("state.kv_state", "state.score_state", "state.pool.nope", "state.pool.rope", "state.pool.scale")
+
+
+def validate(x: Any, w: Any, state: Any, start_pos: Any, rope: Any, eps: Any = 1e-6, out: Any = None) -> dict[str, Any]:
+    pos = check_kv_compressor(x, w, state, start_pos, rope, eps)
+    return {"x": x, "w": w, "state": state, "pos": pos, "rope": rope, "eps": eps}
+
+
+def case_args(c: CaseInputs) -> dict[str, Any]:
+    return kv_compressor_args(c, COMPRESS_RATIO)
+
+
+def ring_traffic(start: int, seq: int, ratio: int, coff: int) -> tuple[int, int, int]:
+    """One slot's position-addressed ring over a step of ``seq`` tokens from ``start`` (spec §3).
+
+    The ring is ``COFF*RC`` slots of ``COFF`` halves (``HD`` values each) per state tensor. Returns
+    ``(halves read, halves written, blocks closed)``: a token writes every half of its slot; a
+    closing block reads its candidates (COFF 2: the previous block's slots, half 0, unless ``j = 0``;
+    its own slots, half 1; COFF 1: every slot), each once and only when this step has not written it."""
+    slots = coff * ratio
+    written: set[int] = set()
+    read: set[tuple[int, int]] = set()
+    closed = 0
+    for p in range(start, start + seq):
+        written.add(p % slots)
+        if (p + 1) % ratio:
+            continue
+        closed += 1
+        j = p // ratio
+        if coff == 1:
+            cands = [(i, 0) for i in range(ratio)]
+        else:
+            cands = [(ratio * (j % 2) + i, 1) for i in range(ratio)]
+            cands += [(ratio * ((j - 1) % 2) + i, 0) for i in range(ratio)] if j else []
+        read.update(c for c in cands if c[0] not in written)
+    return len(read), len(written) * coff, closed
+
+
+def cost(cfg: DeepSeekV4Config, start_pos: Sequence[int], seq: int, ratio: int = COMPRESS_RATIO) -> OpCost:
+    """``kv_compressor`` of a layer of ``ratio`` (default CSA) for rows starting at ``start_pos[b]``."""
+    b, d, hd = len(start_pos), cfg.hidden_size, cfg.head_dim
+    coff, _ = compressor_dims(ratio, hd)
+    ring = [ring_traffic(p, seq, ratio, coff) for p in start_pos]
+    halves_read, halves_written = sum(r for r, _, _ in ring), sum(w for _, w, _ in ring)
+    closed = sum(c for _, _, c in ring)
+    half = hd * FP32  # one slot half of one state tensor
+    reads = {
+        "x": b * seq * d * BF16,
+        "start_pos": b * INT64,
+        "w.wkv + w.wgate": 2 * coff * hd * d * BF16,
+        "w.ape (rows used)": len({(p + s) % ratio for p in start_pos for s in range(seq)}) * coff * hd * FP32,
+        "w.norm_w": hd * BF16 if closed else 0,
+        "rope rows (blocks)": closed * rope_row_bytes(cfg),
+        "kv_state + score_state": 2 * halves_read * half,
+        "block_table (written rows)": closed * INT32,
+    }
+    writes = {
+        "kv_state + score_state": 2 * halves_written * half,
+        "compressed rows (FP8)": closed * row_bytes(hd, cfg.qk_rope_head_dim),
+    }
+    flops = {"bf16": 2 * 2 * b * seq * d * coff * hd}
+    return OpCost("kv_compressor", reads, writes, flops)
+
+
+KV_COMPRESSOR = OpDescriptor(
+    name="kv_compressor",
+    params=(
+        Param("x", torch.Tensor),
+        Param("w", CompressorWeights),
+        Param("state", CompressorState),
+        Param("start_pos", INT_OR_TENSOR),
+        Param("rope", RopeTable),
+        Param("eps", float),
+    ),
+    outputs=(
+        Output("kv_state", STATE),
+        Output("score_state", STATE),
+        Output("pool", ROWS, "fp8_rows"),
+        Output("pool.block_table", EXACT),  # the ops never change it
+    ),
+    result=None,
+    mutates=MUTATED,
+    validate=validate,
+    case_args=case_args,
+    cost=cost,
+    implementations={"reference": "dsv4.reference.kv_compressor:kv_compressor"},
+)
