@@ -146,7 +146,7 @@ def test_fp8_rows_comparator_catches_a_code_two_steps_off_and_untouched_rows_mov
 def test_e4m3_step() -> None:
     e = torch.zeros(4)
     assert e4m3_step(torch.tensor([1.0, 1.9, 448.0, 0.0]), e).tolist() == [0.125, 0.125, 32.0, 2.0**-9]
-    assert float(e4m3_step(torch.tensor([3.0]), torch.tensor([-4.0]))) == 2.0**-3 * 2.0**-4 * 2
+    assert float(e4m3_step(torch.tensor([3.0]), torch.tensor([-4.0]))) == 0.25  # 3 = 48 * 2^-4: steps of 4 * 2^-4
 
 
 def test_bit_identical_sees_nan_payloads_and_signed_zeros() -> None:
