@@ -24,7 +24,9 @@ def test_kv_compressor_golden(name: str, backend: str) -> None:
     expected_state = dsv4.CompressorState(v.t("expected_kv_state"), v.t("expected_score_state"), v.pool("cmp", True))
     written = v.written_mask("written_rows_b_j_block_offset")
     inputs = {"before": before, "written": {"pool": written}}
-    report = compare("kv_compressor", record_outputs({"state": state}), record_outputs({"state": expected_state}), inputs)
+    report = compare(
+        "kv_compressor", record_outputs({"state": state}), record_outputs({"state": expected_state}), inputs
+    )
     assert report, str(report)
     assert bool(written.any()) or name.endswith("S1"), "each case with S > 1 closes blocks"
 

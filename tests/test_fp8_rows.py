@@ -40,7 +40,9 @@ def test_exponent_is_the_smallest_that_fits_448() -> None:
 
 def test_row_codes_never_saturate_and_decode_exactly() -> None:
     g = torch.Generator().manual_seed(0)
-    v = (torch.randn(64, 128, generator=g) * torch.exp2(torch.randint(-30, 30, (64, 1), generator=g).float())).bfloat16()
+    v = (
+        torch.randn(64, 128, generator=g) * torch.exp2(torch.randint(-30, 30, (64, 1), generator=g).float())
+    ).bfloat16()
     v[0, :64] = 0.0  # a zero block: the floor
     v[1, :64] = 1e-6  # a tiny block
     rows = dsv4.fp8_rows(v, 64)

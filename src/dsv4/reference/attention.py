@@ -29,40 +29,9 @@ def _host_starts(pos: StepPositions) -> list[int]:
     return list(pos.start_host) if pos.start_host is not None else pos.start.tolist()
 
 
-def token_keys(
-    b: int,
-    p: int,
-    start: int,
-    own: torch.Tensor,
-    window_pool: KVPool,
-    window: int,
-    kind: str,
-    ratio: int,
-    compressed: KVPool | None,
-    topk: torch.Tensor | None,
-    topk_offset: int,
-) -> torch.Tensor:
-    """The keys of the token at position ``p`` of slot ``b`` (``[n, HD] bf16``, spec §5): its window
-    (pool rows below ``start``, this call's rows ``own [S, HD]`` from ``start`` on), then the
-    compressed rows it sees (HCA: every row ``j < vis(p)``; CSA: each valid top-k entry, repeats
-    counted)."""
-    device = own.device
-    lo = max(0, p - window + 1)
-    parts = []
-    if lo < start:
-        rows = torch.arange(lo, min(start, p + 1), device=device)
-        parts.append(window_pool.read(torch.full_like(rows, b), rows))
-    parts.append(own[max(lo, start) - start : p + 1 - start])
-    if kind != "swa":
-        vis = (p + 1) // ratio
-        if kind == "hca":
-            rows = torch.arange(vis, device=device)
-        else:
-            j = topk.long() - topk_offset
-            rows = j[(topk >= 0) & (j >= 0) & (j < vis)]
-        if rows.numel():
-            parts.append(compressed.read(torch.full_like(rows, b), rows))
-    return torch.cat(parts)
+def _slot_rows(pool: KVPool, b: int, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` of slot ``b`` decoded (``[n, HD] bf16``)."""
+    return pool.read(torch.full_like(rows, b), rows)
 
 
 def sparse_attn(
@@ -82,28 +51,47 @@ def sparse_attn(
 ) -> AttnOut:
     """``q [B, S, H, HD] bf16``, ``kv [B, S, HD] bf16`` -> ``AttnOut(o [B, S, H, HD] bf16)``.
 
-    Per token and head: ``z = (q . k) * HD^-0.5`` over its keys, ``m = max z``, ``e = exp(z - m)``,
-    ``o1 = bf16(sum(bf16(e) * k) / (sum(e) + exp(sink - m)))`` (fp32), then the inverse RoPE of
-    ``o1``'s last R entries at the token's position (K = V: one MQA head for all H)."""
-    b_, s_, h, hd = q.shape
+    Keys of the token at ``p`` of slot ``b`` (one MQA head for all H, value = key): the window,
+    positions ``max(0, p - W + 1) .. p`` (rows below ``start[b]`` from the window pool, the rest this
+    call's ``kv`` as the pool will store it); HCA: every compressed row ``j < (p + 1) // RC``; CSA:
+    the row ``e - topk_offset`` of each entry ``e`` of ``topk_idxs[b, s]`` that is one of those
+    (repeats counted). Each slot's rows are decoded once. Per token and head: ``z = (q . k) * HD^-0.5``,
+    ``m = max z``, ``e = exp(z - m)``, ``o1 = bf16(sum(bf16(e) * k) / (sum(e) + exp(sink - m)))``
+    (fp32), then the inverse RoPE of ``o1``'s last R entries at ``p``."""
+    seq, h, hd = q.shape[1:]
     nope = hd - rope.rope_dim
     own = fp8_round_trip(kv, rope.rope_dim)  # this call's rows as the pool will hold them
     o = torch.empty(q.shape, dtype=torch.bfloat16, device=q.device) if out is None else out.o
     sink = attn_sink.to(torch.float32)
+    device = q.device
     for b, start in enumerate(_host_starts(pos)):
-        for s in range(s_):
+        first = max(0, start - window + 1)  # the slot's window keys: positions first .. start + S - 1
+        win_keys = torch.cat((_slot_rows(window_pool, b, torch.arange(first, start, device=device)), own[b]))
+        vis_last = (start + seq) // compress_ratio if compress_ratio else 0
+        if kind == "csa":
+            j = topk_idxs[b].long() - topk_offset  # [S, K]
+            valid = (topk_idxs[b] >= 0) & (j >= 0) & (j < vis_last)
+            cmp_rows = torch.unique(j[valid])  # every row a token of the slot selects, decoded once
+        else:
+            cmp_rows = torch.arange(vis_last, device=device)
+        cmp_keys = _slot_rows(compressed, b, cmp_rows) if cmp_rows.numel() else None
+        for s in range(seq):
             p = start + s
-            topk = None if topk_idxs is None else topk_idxs[b, s]
-            keys = token_keys(
-                b, p, start, own[b], window_pool, window, kind, compress_ratio, compressed, topk, topk_offset
-            )
-            k = keys.to(torch.float32)  # [n, HD]
+            vis = (p + 1) // compress_ratio if compress_ratio else 0
+            keys = [win_keys[max(0, p - window + 1) - first : p + 1 - first]]
+            if kind == "hca" and vis:
+                keys.append(cmp_keys[:vis])
+            elif kind == "csa":
+                js = j[s][valid[s] & (j[s] < vis)]  # in the list's order, repeats kept
+                if js.numel():
+                    keys.append(cmp_keys[torch.searchsorted(cmp_rows, js)])
+            k = torch.cat(keys).to(torch.float32)  # [n, HD]
             z = (q[b, s].to(torch.float32) @ k.T) * hd**-0.5  # [H, n]
             m = z.amax(dim=-1, keepdim=True)
             e = torch.exp(z - m)
             den = e.sum(dim=-1) + torch.exp(sink - m[:, 0])
             o1 = ((e.to(torch.bfloat16).to(torch.float32) @ k) / den[:, None]).to(torch.bfloat16)
-            at = torch.full((h,), p, dtype=torch.long, device=q.device)
+            at = torch.full((h,), p, dtype=torch.long, device=device)
             o[b, s, :, :nope] = o1[:, :nope]
             o[b, s, :, nope:] = inverse_rope(o1[:, nope:].to(torch.float32), at, rope).to(torch.bfloat16)
     return AttnOut(o) if out is None else out
