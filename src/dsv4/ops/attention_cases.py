@@ -116,6 +116,7 @@ def sparse_attn_args(c: CaseInputs, kind: str = "csa") -> dict:
         "kind": kind,
         "window": cfg.sliding_window,
         "compress_ratio": ratio,
+        "topk_offset": 0,
     }
     if kind != "swa":
         args["compressed_pool"] = compressed_pool(c, ratio)
