@@ -1,6 +1,7 @@
 """dsv4: fused kernels for the DeepSeek-V4 attention front end, with a spec-exact reference."""
 
 from .engine import library  # registers torch.ops.dsv4.*
+from .engine.attention import DecodeAttention
 from .engine.frontend import DecodeFrontEnd
 from .harness import golden
 from .io import golden_io
@@ -44,6 +45,7 @@ __all__ = [
     "CheckpointError",
     "CompressorState",
     "CompressorWeights",
+    "DecodeAttention",
     "DecodeFrontEnd",
     "DeepSeekV4Config",
     "IndexerOut",

@@ -62,6 +62,10 @@ class DecodeFrontEnd(torch.nn.Module):
         super().__init__()
         if not isinstance(weights, LayerWeights):
             raise TypeError(f"weights: expected LayerWeights, got {type(weights).__name__}")
+        if weights.indexer is None:
+            raise ValueError(
+                f"weights: a {weights.kind} layer has no lightning indexer (the front end needs a CSA layer)"
+            )
         if not isinstance(rope, RopeTable):
             raise TypeError(f"rope: expected RopeTable, got {type(rope).__name__}")
         check_int("batch", batch, 1)
