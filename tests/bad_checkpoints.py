@@ -122,6 +122,19 @@ def _raw_header(text: bytes) -> Callable[[Path], None]:
     return _edit_header(SHARDS[0], lambda header, data: (text, data))
 
 
+DEEP = 200_000  # levels of nesting in the files below: ~400 KB of brackets, valid JSON
+
+
+def _deep(inner: str = "") -> str:
+    """``inner`` nested ``DEEP`` arrays deep: valid JSON that a recursive parser cannot read."""
+    return "[" * DEEP + inner + "]" * DEEP
+
+
+def deep_in_object(text: str, key: str) -> str:
+    """The JSON object ``text`` with one more field, ``key``, nested ``DEEP`` levels deep."""
+    return text.rstrip()[:-1] + f', "{key}": {_deep()}}}'
+
+
 def _duplicate_entry(header: dict[str, Any], data: bytes) -> tuple[object, bytes]:
     """q_norm listed twice, the second time with kv_norm's offsets (JSON would keep the last silently)."""
     q, kv = f"{PREFIX}attn.q_norm.weight", f"{PREFIX}attn.kv_norm.weight"
@@ -148,6 +161,14 @@ def structure_corruptions() -> list[Corruption]:
         Corruption("header-a-string", SHARDS[0], _raw_header(b'"hello"'), ("JSON object", "str")),
         Corruption("header-null", SHARDS[0], _raw_header(b"null"), ("JSON object",)),
         Corruption("header-number", SHARDS[0], _raw_header(b"123"), ("JSON object",)),
+        Corruption("header-deeply-nested", SHARDS[0], _raw_header(_deep().encode()), ("nested", "levels deep")),
+        Corruption(
+            "header-metadata-deeply-nested",
+            SHARDS[0],
+            _edit_header(SHARDS[0], lambda h, d: (deep_in_object(json.dumps(h), "__metadata__").encode(), d)),
+            ("nested", "levels deep"),
+        ),  # fmt: skip
+        Corruption("header-nested-in-a-string", SHARDS[0], _raw_header(f'"{_deep()}"'.encode()), ("JSON object",)),
         Corruption(
             "duplicate-key",
             SHARDS[0],
@@ -290,6 +311,13 @@ def index_corruptions(outside: Path) -> list[Corruption]:
         Corruption("no-weight_map", INDEX, _index_edit(lambda i: {"metadata": {}}), ("weight_map",)),
         Corruption("index-a-list", INDEX, _index_edit(lambda i: [i]), ("weight_map",)),
         Corruption("index-not-json", INDEX, lambda d: (d / INDEX).write_text("{"), ("not valid JSON",)),
+        Corruption("index-deeply-nested", INDEX, lambda d: (d / INDEX).write_text(_deep()), ("nested", "levels deep")),
+        Corruption(
+            "index-field-deeply-nested",
+            INDEX,
+            lambda d: (d / INDEX).write_text(deep_in_object((d / INDEX).read_text(), "metadata_extra")),
+            ("nested", "levels deep"),
+        ),  # fmt: skip
     ]
 
 
@@ -335,6 +363,17 @@ def config_corruptions() -> list[Corruption]:
         ("rope_scaling-factor-negative", _scaling("factor", -16), ("rope_scaling.factor",)),
         ("rope_scaling-orig-negative", _scaling("original_max_position_embeddings", -1), ("original_max_position",)),
         ("rope_scaling-beta_fast-nan", _scaling("beta_fast", math.nan), ("rope_scaling.beta_fast",)),
+        ("rope_scaling-beta_fast-negative", _scaling("beta_fast", -1e9), ("rope_scaling.beta_fast", "> 0")),
+        ("rope_scaling-beta_slow-zero", _scaling("beta_slow", 0), ("rope_scaling.beta_slow", "> 0")),
+        ("qk_rope_head_dim-odd", _field("qk_rope_head_dim", 63), ("qk_rope_head_dim", "even")),
+        ("qk_rope_head_dim-over-head_dim", _field("qk_rope_head_dim", 256), ("qk_rope_head_dim", "head_dim")),
+        ("index_head_dim-below-rope", _field("index_head_dim", 32), ("qk_rope_head_dim", "index_head_dim")),
+        ("index_head_dim-not-power-of-two", _field("index_head_dim", 96), ("index_head_dim", "power of two")),
+        ("compress_rope_theta-one", _field("compress_rope_theta", 1), ("compress_rope_theta", "> 1")),
+        ("rope_theta-half", _field("rope_theta", 0.5), ("rope_theta", "> 1")),
+        ("index_topk-over-the-kernels", _field("index_topk", 5000), ("index_topk", "4096")),
+        ("sliding_window-past-int32", _field("sliding_window", 2**31), ("sliding_window", "2^31")),
+        ("max_position_embeddings-3", _field("max_position_embeddings", 3), ("max_position_embeddings", ">= 4")),
         ("quantization_config-a-list", _field("quantization_config", [128, 128]), ("quantization_config",)),
         ("compress_ratios-strings", _field("compress_ratios", ["0", "4"]), ("compress_ratios",)),
         ("compress_ratios-null-entry", _field("compress_ratios", [0, None]), ("compress_ratios",)),
@@ -342,4 +381,13 @@ def config_corruptions() -> list[Corruption]:
     ]
     out = [Corruption(i, "config.json", _config_edit(edit), words) for i, edit, words in cases]
     out.append(Corruption("config-not-json", "config.json", _config_edit(lambda r: r, raw="{"), ("not valid JSON",)))
+    deep = ("nested", "levels deep")
+    out.append(Corruption("config-deeply-nested", "config.json", _config_edit(lambda r: r, raw=_deep()), deep))
+    out.append(
+        Corruption(
+            "config-field-deeply-nested", "config.json",
+            lambda d: (d / "config.json").write_text(deep_in_object((d / "config.json").read_text(), "rope_scaling")),
+            deep,
+        )
+    )  # fmt: skip
     return out

@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 
 from dsv4.acceptance.__main__ import main
+from dsv4.acceptance.out_dir import KIND, RECORD
 from dsv4.acceptance.plan import GPU, Paths, Step
 from dsv4.acceptance.results import parse_decode_loop, parse_ncu, parse_tests
-from dsv4.acceptance.runner import KILL_GRACE_S, Runner
+from dsv4.acceptance.runner import KILL_GRACE_S, OUTPUTS, Runner
 from dsv4.acceptance.summary import render
 from subprocesses import ROOT, run_python
 
@@ -351,3 +352,77 @@ def test_every_dsv4_command_of_the_gpu_plan_parses(tmp_path) -> None:
                     build_parser().parse_args(args)  # exits 2 on a refused argument
                     parsed += 1
     assert parsed >= 6, f"only {parsed} dsv4 commands found in the plan"
+
+
+# -- arguments and OUT_DIR: refused before anything runs or changes ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--steps", ","], ["--steps", ""], ["--steps", " , "], ["--budget-s", "nan"], ["--budget-s", "-5"],
+        ["--budget-s", "0"], ["--budget-s", "inf"], ["--budget-s", "ten"],
+    ],
+    ids=lambda a: " ".join(a),
+)  # fmt: skip
+def test_bad_arguments_are_refused(argv, capsys) -> None:
+    """With ``--list`` (nothing would run either way): a refused argument exits 2 naming it."""
+    with pytest.raises(SystemExit) as info:
+        main(["unused-out-dir", "--list", *argv])
+    assert info.value.code == 2
+    assert argv[0] in capsys.readouterr().err
+
+
+def _out_dir_cases(tmp_path: Path) -> dict[str, Path]:
+    (tmp_path / "a-file").write_text("mine\n")
+    return {
+        "a-file": tmp_path / "a-file",
+        "below-a-file": tmp_path / "a-file" / "out",
+        "under-proc": Path("/proc/dsv4-acceptance-out"),
+        "proc-itself": Path("/proc/self"),
+    }
+
+
+@pytest.mark.parametrize("which", ["a-file", "below-a-file", "under-proc", "proc-itself"])
+def test_an_out_dir_it_cannot_use_is_one_line(which, tmp_path, capsys) -> None:
+    out = _out_dir_cases(tmp_path)[which]
+    assert main([str(out), "--dry-run", "--steps", "environment"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("OUT_DIR:") and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert (tmp_path / "a-file").read_text() == "mine\n"
+
+
+def test_a_directory_it_did_not_make_is_left_alone(tmp_path, capsys) -> None:
+    """A user's own summary.md and log.txt (no acceptance.json of an earlier run): refused, nothing deleted."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.md").write_text("my notes\n")
+    (out / "log.txt").write_text("my log\n")
+    (out / RECORD).write_text(json.dumps({"kind": "my own record"}))
+    assert main([str(out), "--dry-run", "--steps", "environment"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["acceptance.json", "log.txt", "summary.md"]
+    assert (out / "summary.md").read_text() == "my notes\n" and (out / "log.txt").read_text() == "my log\n"
+
+
+def test_planted_links_are_never_written_through(tmp_path) -> None:
+    """An earlier run's directory (re-used) with links planted at every name the run writes, temp names
+    included: the run replaces or removes the links and writes nothing outside OUT_DIR."""
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    out.mkdir()
+    outside.mkdir()
+    (out / RECORD).write_text(json.dumps({"kind": KIND, "steps": []}))
+    (out / "notes.txt").write_text("kept\n")
+    names = [*OUTPUTS, "acceptance.json.tmp", "summary.md.tmp", "log.txt.tmp", ".write-check.tmp"]
+    names.remove(RECORD)
+    for name in names:
+        (outside / name).write_text("outside\n")
+        (out / name).symlink_to(outside / name)
+    assert main([str(out), "--dry-run", "--steps", "environment", "--budget-s", "120"]) == 0
+    assert all((outside / name).read_text() == "outside\n" for name in names)
+    assert sorted(p.name for p in outside.iterdir()) == sorted(names)
+    for name in ("summary.md", "acceptance.json", "log.txt"):
+        assert (out / name).is_file() and not (out / name).is_symlink()
+    assert json.loads((out / RECORD).read_text())["kind"] == KIND
+    assert (out / "notes.txt").read_text() == "kept\n"  # not an output of the run: untouched
+    assert main([str(out), "--dry-run", "--steps", "environment", "--budget-s", "120"]) == 0  # its own dir again

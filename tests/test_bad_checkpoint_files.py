@@ -5,6 +5,7 @@ or field, on the ``safetensors`` path and the raw-bytes path alike, and no file 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from bad_checkpoints import (
     TINY,
     Corruption,
     config_corruptions,
+    deep_in_object,
     digest,
     entry_corruptions,
     index_corruptions,
@@ -163,6 +165,24 @@ def test_config_fields_are_checked(corruption, valid_dir, tmp_path) -> None:
     _assert_refused(_broken_copy(valid_dir, tmp_path, corruption), corruption)
 
 
+CONFIG_VALUES = [
+    ("hidden_size", 0), ("hidden_size", 256.0), ("head_dim", -128), ("num_attention_heads", True),
+    ("q_lora_rank", "128"), ("index_n_heads", None), ("index_topk", 0), ("sliding_window", -1),
+    ("original_max_position_embeddings", -1), ("original_max_position_embeddings", 1.5),
+    ("qk_rope_head_dim", 63), ("qk_rope_head_dim", 0), ("index_head_dim", 96), ("max_position_embeddings", 3),
+    ("rope_theta", 1.0), ("compress_rope_theta", math.inf), ("rope_factor", 0.0), ("rope_factor", math.nan),
+    ("beta_fast", -1e9), ("beta_slow", 0.0), ("rms_norm_eps", 0.0), ("rms_norm_eps", "1e-6"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("field", "value"), CONFIG_VALUES, ids=[f"{f}={v!r}" for f, v in CONFIG_VALUES])
+def test_config_refuses_values_no_model_can_have(field, value) -> None:
+    """``DeepSeekV4Config`` itself (a preset changed with ``replace``, or built by hand): every field is
+    checked, the error names it."""
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        TINY.replace(**{field: value})
+
+
 # --- layer and prefix arguments -------------------------------------------------------------------
 
 
@@ -199,6 +219,10 @@ def golden_dir(tmp_path_factory) -> Path:
     return directory
 
 
+def _without(text: str, *fields: str) -> str:
+    return json.dumps({k: v for k, v in json.loads(text).items() if k not in fields})
+
+
 def _manifest_edits(outside: Path) -> list[tuple[str, object, tuple[str, ...]]]:
     """(id, how to change the manifest: a dict of fields or a whole JSON value, words of the error)."""
     return [
@@ -218,6 +242,11 @@ def _manifest_edits(outside: Path) -> list[tuple[str, object, tuple[str, ...]]]:
         ("meta-a-list", {"meta": []}, ("meta",)),
         ("manifest-a-list", [1, 2], ("JSON object",)),
         ("manifest-not-json", "{", ("not valid JSON",)),
+        ("manifest-deeply-nested", "[" * 200_000 + "]" * 200_000, ("nested", "levels deep")),
+        ("field-deeply-nested", lambda text: deep_in_object(text, "scalars"), ("nested", "levels deep")),
+        ("no-scalars", lambda text: _without(text, "scalars"), ("missing field", "scalars")),
+        ("no-meta", lambda text: _without(text, "meta"), ("missing field", "meta")),
+        ("no-name-no-op", lambda text: _without(text, "name", "op"), ("missing field", "name, op")),
     ]
 
 
@@ -237,11 +266,12 @@ def test_golden_manifest_is_checked(which, golden_dir, tmp_path, capsys) -> None
         f.rename(outside / ("case" + f.name[f.name.index(".") :]))
     (manifest,) = folder.glob("*.json")
     _, edit, words = _manifest_edits(outside)[which]
-    text = (
-        edit
-        if isinstance(edit, str)
-        else json.dumps({**json.loads(manifest.read_text()), **edit} if isinstance(edit, dict) else edit)
-    )
+    if callable(edit):
+        text = edit(manifest.read_text())
+    elif isinstance(edit, str):
+        text = edit
+    else:
+        text = json.dumps({**json.loads(manifest.read_text()), **edit} if isinstance(edit, dict) else edit)
     manifest.write_text(text)
     before = digest(tmp_path)
     with pytest.raises(ValueError) as info:
@@ -276,3 +306,22 @@ def test_golden_inputs_missing_a_tensor(golden_dir, tmp_path) -> None:
     (manifest,) = folder.glob("*.json")
     with pytest.raises(ValueError, match=r"inputs\.safetensors: no tensor 'qr_scale'"):
         load(manifest)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool])
+def test_golden_topk_indices_must_be_integers(dtype, golden_dir, tmp_path, capsys) -> None:
+    """Expected ``topk_idxs`` stored as floats (which compare equal to the right integers) are refused."""
+    from dsv4.io.golden_io import load
+
+    folder = tmp_path / "cases"
+    shutil.copytree(golden_dir, folder)
+    (path,) = folder.glob("*.expected.safetensors")
+    tensors = load_file(str(path))
+    tensors["topk_idxs"] = tensors["topk_idxs"].to(dtype)
+    save_file(tensors, str(path))
+    (manifest,) = folder.glob("*.json")
+    with pytest.raises(ValueError, match=r"expected\.safetensors: topk_idxs must hold integer indices"):
+        load(manifest)
+    assert main(["golden", "check", str(folder), "--backend", "reference", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and len(err.strip().splitlines()) == 1, err

@@ -127,6 +127,16 @@ CONSTRUCTOR = [
     ("backend", "cuda", ValueError),
     ("weights", "weights", TypeError),
     ("rope", (1, 2), TypeError),
+    ("block_size", 0, ValueError),  # was a ZeroDivisionError
+    ("block_size", -16, ValueError),
+    ("block_size", 16.0, TypeError),
+    ("block_size", 24, ValueError),
+    ("block_size", True, TypeError),
+    ("num_blocks", -1, ValueError),
+    ("num_blocks", 0, ValueError),
+    ("num_blocks", 2.5, TypeError),
+    ("num_blocks", "4", TypeError),
+    ("num_blocks", True, TypeError),
 ]
 
 
@@ -139,8 +149,10 @@ def test_frontend_constructor_checks_its_arguments(name, value, exc) -> None:
     assert name in str(info.value), str(info.value)
 
 
-def _frontend_state(m: dsv4.DecodeFrontEnd) -> tuple[list[int], dict[str, torch.Tensor]]:
-    return list(m.next_pos), {k: v.clone() for k, v in m.state.tensors().items()}
+def _frontend_state(m: dsv4.DecodeFrontEnd) -> tuple[list, dict[str, torch.Tensor]]:
+    """Positions and the allocator (host lists), and every state tensor (block table included)."""
+    host = [list(m.next_pos), list(m.free_blocks), [list(b) for b in m.slot_blocks]]
+    return host, {k: v.clone() for k, v in m.state.tensors().items()}
 
 
 STEP_POSITIONS = [
@@ -155,6 +167,10 @@ STEP_POSITIONS = [
     ("negative", [-4, 0], ValueError),
     ("past-the-cache", [63, 0], ValueError),
     ("too-few", [2], ValueError),
+    ("meta-tensor", torch.tensor([2, 2], device="meta"), ValueError),
+    ("beyond-int64", 2**70, ValueError),
+    ("beyond-int64-list", [2**70, 2], ValueError),
+    ("below-int64", -(2**70), ValueError),
 ]
 
 
@@ -178,6 +194,7 @@ RESETS = [
     ("string", "1", TypeError),
     ("outside", [2], ValueError),
     ("negative", [-1], ValueError),
+    ("meta-tensor", torch.tensor([0], device="meta"), ValueError),
 ]
 
 
@@ -196,6 +213,80 @@ def test_frontend_reset_refuses_what_it_would_truncate(what, rows, exc) -> None:
 def test_frontend_x_must_be_3d(x) -> None:
     with pytest.raises(ValueError, match="x: expected a .B, S, D. tensor"):
         tiny_frontend("reference", 2, 64)(x)
+
+
+def test_frontend_refuses_a_step_past_max_position() -> None:
+    """``max_position=30`` with a rope table and block table that reach further: position 40 is refused."""
+    weights, _, kwargs = _frontend_args()
+    rope = dsv4.rope_table(CFG, "compressed", max_position=64, device=DEVICE)
+    m = dsv4.DecodeFrontEnd(weights, rope, **{**kwargs, "max_position": 30}, block_size=16)
+    x = dsv4.synthetic_activations((2, 2, CFG.hidden_size), seed=1, device=DEVICE)
+    before_host, before = _frontend_state(m)
+    for start in (40, 29, [28, 40]):
+        with pytest.raises(ValueError, match="start_pos.*max_position=30"):
+            m(x, start_pos=start)
+    after_host, after = _frontend_state(m)
+    assert after_host == before_host and all(torch.equal(after[k], before[k]) for k in before)
+    m(x, start_pos=28)  # the last step that fits
+    assert m.next_pos == [30, 30]
+
+
+def _bad_steps() -> list[tuple[str, object, type[Exception]]]:
+    """Steps of 8 tokens (each would need a pool block) that the module refuses."""
+    x = dsv4.synthetic_activations((2, 8, CFG.hidden_size), seed=1, device=DEVICE)
+    return [
+        ("fp32", x.float(), TypeError),
+        ("int8", x.to(torch.int8), TypeError),
+        ("wrong-hidden", x[..., : CFG.hidden_size // 2].contiguous(), ValueError),
+        ("S=0", x[:, :0].contiguous(), ValueError),
+        ("B=0", x[:0].contiguous(), ValueError),
+        ("B-past-slots", torch.cat([x, x[:1]]), ValueError),
+        ("non-contiguous", x.transpose(0, 1).contiguous().transpose(0, 1), ValueError),
+        ("meta", x.to("meta"), ValueError),
+    ]
+
+
+BAD_STEPS = _bad_steps()
+
+
+@pytest.mark.parametrize(("what", "x", "exc"), BAD_STEPS, ids=[s[0] for s in BAD_STEPS])
+def test_a_refused_step_leaves_the_allocator_alone(what, x, exc) -> None:
+    """A pool with exactly one block per slot: a refused step changes neither the block table, the free
+    list nor the slots' blocks, so the next valid step still gets its blocks."""
+    m = tiny_frontend("reference", 2, 64)  # num_blocks = 2: one block of 16 rows per slot
+    before_host, before = _frontend_state(m)
+    with pytest.raises(exc, match="x"):
+        m(x)
+    after_host, after = _frontend_state(m)
+    assert after_host == before_host and all(torch.equal(after[k], before[k]) for k in before)
+    m(dsv4.synthetic_activations((2, 8, CFG.hidden_size), seed=1, device=DEVICE))
+    assert m.next_pos == [8, 8] and m.slot_blocks == [[0], [1]] and m.free_blocks == []
+
+
+def test_a_step_the_op_refuses_gives_its_blocks_back(monkeypatch) -> None:
+    """Blocks are reserved before the ops run; when an op raises anyway, they go back to the free list."""
+    m = tiny_frontend("reference", 2, 64)
+    before_host, before = _frontend_state(m)
+
+    def refuse(*args, **kwargs):
+        raise ValueError("state: refused by the op")
+
+    monkeypatch.setattr(dsv4.ops, "indexer", refuse)
+    with pytest.raises(ValueError, match="refused by the op"):
+        m(dsv4.synthetic_activations((2, 8, CFG.hidden_size), seed=1, device=DEVICE))
+    after_host, after = _frontend_state(m)
+    assert after_host == before_host and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("op", ["indexer", "indexer_compressor"])
+@pytest.mark.parametrize("start_pos", [2**63, 2**70, -(2**63) - 1, -(2**70)], ids=str)
+def test_start_pos_beyond_int64_is_named(op, start_pos) -> None:
+    """A Python int that no int64 holds: a named ``ValueError``, not torch's ``OverflowError``."""
+    args = dict(_case(op).args)
+    before = _snapshot(args)
+    with pytest.raises(ValueError, match="start_pos.*int64"):
+        getattr(dsv4, op)(**{**args, "start_pos": start_pos}, backend="reference")
+    _assert_unchanged(args, before)
 
 
 # --- value checks without a host read -------------------------------------------------------------

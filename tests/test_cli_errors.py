@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bad_checkpoints import SHARDS, digest, structure_corruptions, write_valid
+from bad_checkpoints import config_corruptions, digest, structure_corruptions, write_valid
 from dsv4.cli import main
 from subprocesses import run_dsv4
 
@@ -74,6 +74,12 @@ ARGS = [
     (["golden", "check", "{tmp}", "--device", "bogus"], ("--device",)),
     (["golden", "check", "{tmp}", "--device", "cpu"], ("no golden cases",)),
     ([], ("command",)),
+    (["run", "--batch", "1000000000"], ("batch=1000000000", "GiB")),  # before any allocation
+    (["run", "--batch", "100000", "--start-pos", "4000"], ("batch=100000", "GiB")),
+    (["run", "--seed", str(2**70)], ("--seed",)),
+    (["run", "--seed", str(2**64 - 1)], ("--seed",)),
+    (["golden", "save", "{tmp}", "--op", "indexer", "--seed", str(2**70)], ("--seed",)),
+    (["bench", "--seed", str(2**70)], ("--seed",)),
 ]
 if NO_CUDA:  # on a CPU-only torch (or no GPU), asking for CUDA is a user error
     ARGS += [
@@ -108,7 +114,14 @@ def test_golden_save_does_not_overwrite(tmp_path, capsys) -> None:
     assert digest(tmp_path) == before
 
 
-@pytest.mark.parametrize("corruption", structure_corruptions()[:3], ids=lambda c: c.id)
+ONE_LINE_CORRUPTIONS = [
+    *structure_corruptions()[:3],
+    *(c for c in structure_corruptions() + config_corruptions() if c.id.endswith("deeply-nested")),
+    *(c for c in config_corruptions() if c.id in ("qk_rope_head_dim-odd", "rope_scaling-beta_fast-negative")),
+]
+
+
+@pytest.mark.parametrize("corruption", ONE_LINE_CORRUPTIONS, ids=lambda c: c.id)
 def test_checkpoint_errors_are_one_line(corruption, valid_dir, tmp_path, capsys) -> None:
     directory = tmp_path / "ckpt"
     shutil.copytree(valid_dir, directory)
@@ -118,7 +131,7 @@ def test_checkpoint_errors_are_one_line(corruption, valid_dir, tmp_path, capsys)
         ["run", "--checkpoint", str(directory), "--layer", "1", "--device", "cpu"],
     ):
         code, out, err = _run(argv, capsys)
-        _assert_one_line_error(code, err, (str(directory / SHARDS[0]),))
+        _assert_one_line_error(code, err, (str(directory / corruption.file),))
         assert "check: ok" not in out and "all checks passed" not in out
 
 
@@ -132,3 +145,79 @@ def test_the_command_itself(argv) -> None:
     proc = run_dsv4(*argv)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == "", proc.stderr
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried ..."),
+    ],
+    ids=["cuda", "cpu"],
+)
+def test_an_allocation_that_fails_anyway_is_one_line(error, monkeypatch, capsys) -> None:
+    """Memory the size check did not foresee (another process holds the GPU): one line, not a traceback."""
+
+    def run_out_of_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("dsv4.harness.run.run_front_end", run_out_of_memory)
+    code, _, err = _run(["run", "--device", "cpu"], capsys)
+    _assert_one_line_error(code, err, ("out of memory", "--batch"))
+
+
+def test_other_runtime_errors_still_show_their_traceback(monkeypatch) -> None:
+    """Only allocation failures are user errors; any other RuntimeError is a bug and is not hidden."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an internal error")
+
+    monkeypatch.setattr("dsv4.harness.run.run_front_end", broken)
+    with pytest.raises(RuntimeError, match="an internal error"):
+        main(["run", "--device", "cpu"])
+
+
+# --- run_front_end (what dsv4 run calls): arguments checked before anything is allocated -------------
+
+RUN_ARGS = [
+    ("cfg", "tiny", TypeError), ("steps", 0, ValueError), ("steps", 2.0, TypeError), ("steps", True, TypeError),
+    ("start_pos", -1, ValueError), ("start_pos", "64", TypeError), ("batch", 0, ValueError),
+    ("batch", 10**9, ValueError), ("batch", 4.5, TypeError), ("seq", 0, ValueError), ("seq", None, TypeError),
+    ("seed", -1, ValueError), ("seed", 2**70, ValueError), ("seed", 1.5, TypeError), ("device", "bogus", ValueError),
+    ("device", 3.5, ValueError), ("backend", "bogus", ValueError), ("log", "print", TypeError),
+    ("weights", "weights", TypeError), ("start_pos", 5000, ValueError),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "value", "exc"), RUN_ARGS, ids=[f"{n}={v!r:.20}" for n, v, _ in RUN_ARGS])
+def test_run_front_end_checks_its_arguments(name, value, exc) -> None:
+    from dsv4.harness.run import run_front_end
+    from dsv4.model.config import get_config
+
+    kwargs = {"cfg": get_config("tiny"), "backend": "reference", "device": "cpu", name: value}
+    with pytest.raises(exc) as info:
+        run_front_end(**kwargs)
+    assert name in str(info.value) or (name == "start_pos" and "max_position_embeddings" in str(info.value))
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot", "--trace"])
+@pytest.mark.parametrize("where", ["a-directory", "in-a-missing-directory"])
+def test_bench_output_paths_are_checked_before_measuring(flag, where, tmp_path, capsys) -> None:
+    """``dsv4 bench --json DIR`` used to measure, then fail to write and leave ``DIR.partial`` behind."""
+    target = tmp_path / "out"
+    target.mkdir()
+    path = target if where == "a-directory" else target / "missing" / "bench.out"
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code, out, err = _run(["bench", "--cpu", "--model-only", "--preset", "tiny", flag, str(path)], capsys)
+    _assert_one_line_error(code, err, (flag, str(path)))
+    assert out == ""  # refused before anything was measured
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no stray .partial
+
+
+def test_write_json_leaves_no_partial_file(tmp_path) -> None:
+    from dsv4.bench.report import write_json
+
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(OSError):
+        write_json({"a": 1}, tmp_path / "taken")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]

@@ -110,3 +110,14 @@ def test_case_compare_inputs_spread_an_int_start_over_the_batch() -> None:
     assert inputs["start_pos"].tolist() == [6, 6, 6]
     outputs = run_case(case, "reference")
     assert compare("indexer_compressor", outputs, outputs, inputs)
+
+
+def test_topk_indices_must_be_integers() -> None:
+    """Float indices equal to the right integers are not indices: refused on either side."""
+    sc = torch.tensor([[[5.0, 4.0, 3.0, 2.0]]])
+    ref = torch.tensor([[[100, 101, 102, -1]]], dtype=torch.int32)
+    assert topk_allclose(ref.clone(), ref, sc, offset=100)
+    for dtype in (torch.float32, torch.float64, torch.bool):
+        check = topk_allclose(ref.to(dtype), ref, sc, offset=100)
+        assert not check and "not integers" in check.detail
+        assert not topk_allclose(ref, ref.to(dtype), sc, offset=100)

@@ -134,5 +134,12 @@ def test_cuda_graph_replay_matches_eager_without_allocating() -> None:
         assert torch.cuda.memory_stats()["allocation.all.allocated"] == allocated, f"step {i} allocated"
         eq, ekv, etopk = eager_fe(x)
         assert torch.equal(q, eq) and torch.equal(kv, ekv) and torch.equal(topk, etopk), f"step {i}"
+        if i == 2:  # refused calls between replays change nothing (x checked, rollback rule) before reserving
+            allocator = (list(graph_fe.next_pos), list(graph_fe.free_blocks), [list(b) for b in graph_fe.slot_blocks])
+            with pytest.raises(ValueError, match="x: expected"):
+                graph(x.float())
+            with pytest.raises(ValueError, match="start_pos: slot 0"):
+                graph(x, start_pos=[0, 0, 0])
+            assert (list(graph_fe.next_pos), list(graph_fe.free_blocks), graph_fe.slot_blocks) == allocator
     for name, t in graph_fe.state.tensors().items():
         assert torch.equal(t, getattr(eager_fe.state, name)), name

@@ -85,3 +85,97 @@ def test_decode_loop_example_runs() -> None:
     assert [r[:2] for r in rows] == [["0", "eager"], ["1", "eager"], ["2", "eager"]]
     assert all(int(r[4]) == min(CFG.index_topk, (int(r[2]) + 1) // 4) for r in rows)  # k = min(topk, vis)
     assert lines[-1].startswith("median ms per step: eager")
+
+
+# --- rollback (spec §4 "Re-running positions") ----------------------------------------------------
+
+
+def _spec_allows(r: int, current: int) -> bool:
+    """The spec's words: a re-run from ``r`` of ``k = current - r`` positions equals a fresh run when
+    ``r + k <= max(8, 4*(r//4) + 4)``."""
+    k = current - r
+    return r + k <= max(8, 4 * (r // 4) + 4)
+
+
+def _allocator(m: dsv4.DecodeFrontEnd) -> tuple:
+    return list(m.next_pos), list(m.free_blocks), [list(b) for b in m.slot_blocks], m.block_table.clone()
+
+
+# (current position, r): allowed and refused on either side of the rule's edges
+ROLLBACKS = [(8, 2), (8, 0), (8, 7), (12, 8), (12, 11), (16, 12), (9, 4), (9, 7), (13, 9), (16, 2), (70, 64), (70, 60)]
+
+
+@pytest.mark.parametrize(("current", "r"), ROLLBACKS, ids=[f"{c}->{r}" for c, r in ROLLBACKS])
+def test_rollback_is_refused_beyond_the_spec_rule(current: int, r: int) -> None:
+    """Slot 0 runs to ``current``, then a step starts it again at ``r``: accepted exactly when the spec's
+    rule holds; a refusal names start_pos, the slot, r, the current position and the rule, and changes
+    nothing. An accepted rollback keeps the slot's blocks (its table is unchanged) and moves it to r + S."""
+    m = tiny_frontend("reference", 2, 128)
+    m(dsv4.synthetic_activations((1, current, CFG.hidden_size), seed=1, device=DEVICE))
+    x = dsv4.synthetic_activations((1, 1, CFG.hidden_size), seed=2, device=DEVICE)
+    before, state = _allocator(m), m.state.clone()
+    if _spec_allows(r, current):
+        m(x, start_pos=r)
+        assert m.next_pos[0] == r + 1
+        assert m.slot_blocks == before[2] and torch.equal(m.block_table, before[3])  # blocks kept
+    else:
+        with pytest.raises(ValueError) as info:
+            m(x, start_pos=r)
+        message = str(info.value)
+        words = ("start_pos", "slot 0", f"position {current}", f"r={r}", f"k={current - r}", "max(8, 4*(r//4) + 4)")
+        assert all(w in message for w in words), message
+        after = _allocator(m)
+        assert after[:3] == before[:3] and torch.equal(after[3], before[3])
+        assert all(torch.equal(a, b) for a, b in zip(m.state.tensors().values(), state.tensors().values(), strict=True))
+
+
+def test_rollback_keeps_the_allocator_consistent() -> None:
+    """Rolled-back slots keep their blocks; going forward again reuses them, and reset frees them all."""
+    m = tiny_frontend("reference", 2, 128)
+    m(dsv4.synthetic_activations((2, 66, CFG.hidden_size), seed=1, device=DEVICE))  # 16 rows: one block each
+    m(dsv4.synthetic_activations((2, 2, CFG.hidden_size), seed=2, device=DEVICE))  # row 16: the second block
+    assert m.next_pos == [68, 68] and [len(b) for b in m.slot_blocks] == [2, 2]
+    m(dsv4.synthetic_activations((2, 1, CFG.hidden_size), seed=3, device=DEVICE), start_pos=[65, 67])
+    assert m.next_pos == [66, 68] and [len(b) for b in m.slot_blocks] == [2, 2]  # slot 0 keeps its 2nd block
+    m(dsv4.synthetic_activations((2, 6, CFG.hidden_size), seed=4, device=DEVICE))
+    assert m.next_pos == [72, 74] and [len(b) for b in m.slot_blocks] == [2, 2]
+    held = sorted(b for blocks in m.slot_blocks for b in blocks)
+    assert sorted(m.free_blocks + held) == list(range(m.keys.shape[0]))
+    m.reset([0, 1])
+    assert m.free_blocks == list(range(m.keys.shape[0])) and (m.block_table == -1).all()
+
+
+class _NoReplay:
+    """A stand-in for ``DecodeGraph`` on the CPU: the checks of ``CapturedDecodeStep`` run before any replay."""
+
+    def __init__(self, step) -> None:
+        self.step = step
+
+    def replay(self, x, start):
+        raise AssertionError("a refused call must not replay the graph")
+
+
+@pytest.mark.parametrize("what", ["fp32", "wrong-shape", "deep-rollback", "past-max-cache-len"])
+def test_captured_step_refuses_before_reserving(what: str) -> None:
+    """``CapturedDecodeStep`` checks ``x`` and the positions (rollback rule included) before it reserves
+    pool blocks: a refused call leaves positions, block table, free list and slots' blocks alone."""
+    from dsv4.engine.frontend import CapturedDecodeStep
+
+    m = tiny_frontend("reference", 2, 128)
+    m(dsv4.synthetic_activations((2, 14, CFG.hidden_size), seed=1, device=DEVICE))
+    step = CapturedDecodeStep(m, _NoReplay(m.static_step(batch=2, seq=2, max_cache_len=16)))
+    x = dsv4.synthetic_activations((2, 2, CFG.hidden_size), seed=2, device=DEVICE)
+    start = None
+    if what == "fp32":
+        x = x.float()
+    elif what == "wrong-shape":
+        x = x[:1].contiguous()
+    elif what == "deep-rollback":
+        start = [2, 14]
+    else:
+        start = [66, 66]  # would reserve each slot's second block: past the captured 16 rows
+    before = _allocator(m)
+    with pytest.raises(ValueError, match="start_pos" if start else "x"):
+        step(x, start)
+    after = _allocator(m)
+    assert after[:3] == before[:3] and torch.equal(after[3], before[3])

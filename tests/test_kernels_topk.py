@@ -308,3 +308,28 @@ def test_topk_rejects_a_bad_hist(hist: torch.Tensor) -> None:
     score, pos = _long_rows(2 * CHUNK + 1, seed=2)
     with pytest.raises(ValueError, match="hist"):
         select_topk(score, pos, 512, OFFSET, hist=hist.to(DEVICE))
+
+
+@pytest.mark.parametrize("hist_given", [False, True], ids=["standalone", "hist"])
+def test_topk_candidate_buffer_is_capped(hist_given: bool, monkeypatch) -> None:
+    """The long-row plan's candidate buffer stays within ``CANDIDATE_BYTES`` (lowered here to two rows
+    of 4097 keys): six rows go in three launches of two, with the same indices as one launch."""
+    from dsv4.bench.interp_traffic import count_traffic
+    from dsv4.kernels import topk
+    from dsv4.kernels.workspace import Workspace
+
+    n, topk_k = ROW_IN_REGISTERS + 1, 64
+    pos = _positions(3, 2, [4 * n - 2, 4 * n - 40, 4 * n - 9000])  # rows see n, n-9 .. n-2250 keys
+    score = _masked(_random_scores(3, 2, n, seed=21, distinct_values=97), pos)
+    hist = (lambda: _score_kernel_hist(score, pos)) if hist_given else (lambda: None)
+    whole = select_topk(score, pos, topk_k, OFFSET, hist=hist())
+    monkeypatch.setattr(topk, "CANDIDATE_BYTES", 2 * 8 * n + 8 * n // 2)  # room for 2.5 rows: groups of 2
+    ws = Workspace()
+    with count_traffic() if interpreted() else contextlib.nullcontext() as log:  # launches counted when interpreted
+        got = select_topk(score, pos, topk_k, OFFSET, ws=ws, hist=hist())
+    if log is not None:
+        assert [launch.kernel for launch in log.launches].count("_select_chunks_kernel") == 3
+    candidates = ws._buffers["topk.candidates"]
+    assert candidates.shape == (2, n) and candidates.numel() * 8 <= topk.CANDIDATE_BYTES
+    assert torch.equal(got, whole)
+    assert torch.equal(got, reference_select_topk(score, pos, topk_k, OFFSET))

@@ -9,10 +9,12 @@ import sys
 import time
 from collections.abc import Sequence
 from importlib import metadata
+from pathlib import Path
 
 import torch
 
 from .model.config import PRESETS, get_config
+from .model.weights import MAX_SEED
 from .ops.backends import BACKENDS, available_backends, unavailable_reason
 from .ops.registry import op_names
 
@@ -28,14 +30,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _int_at_least(minimum: int):
+def _int_at_least(minimum: int, maximum: int | None = None):
+    want = f"an int >= {minimum}" + ("" if maximum is None else f" and <= {maximum}")
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {value}")
         return value
 
     return parse
@@ -68,7 +72,7 @@ def _device(text: str) -> str:
     return str(device)
 
 
-NON_NEGATIVE, POSITIVE = _int_at_least(0), _int_at_least(1)
+NON_NEGATIVE, POSITIVE, SEED = _int_at_least(0), _int_at_least(1), _int_at_least(0, MAX_SEED)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -165,6 +169,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench.trace import trace_decode_step
 
     cfg = get_config(args.preset)
+    for flag, path in (("--json", args.json), ("--plot", args.plot), ("--trace", args.trace)):
+        _check_output_file(flag, path)  # before the measurements, not after them
     device = "cpu" if args.cpu else _default_device()
     result = {"meta": report.provenance(_bench_command(args), device)}
     measure = {"backends": [], "traffic": False} if args.model_only else {"backends": args.backends}
@@ -188,6 +194,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         backend = trace_decode_step(cfg, args.trace, device, seed=args.seed)
         print(f"wrote {args.trace} (one decode step on backend {backend})")
     return 0
+
+
+def _check_output_file(flag: str, path: str | None) -> None:
+    """``path`` can be written as a file: not a directory, in a directory that exists."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{flag}: {path} is a directory; name a file to write")
+    if not target.parent.is_dir():
+        raise ValueError(f"{flag}: the directory of {path} does not exist")
 
 
 def _bench_command(args: argparse.Namespace) -> str:
@@ -230,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--start-pos", type=NON_NEGATIVE, default=64, help="tokens prefilled before the first decode step")
     run.add_argument("--batch", type=POSITIVE, default=4, help="sequences per step")
     run.add_argument("--seq", type=POSITIVE, default=2, help="new tokens per sequence per decode step")
-    run.add_argument("--seed", type=NON_NEGATIVE, default=0)
+    run.add_argument("--seed", type=SEED, default=0)
     run.add_argument("--device", type=_device, default=_default_device())
     run.set_defaults(func=_cmd_run)
 
@@ -251,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     save.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     save.add_argument("--op", required=True, choices=op_names())
     save.add_argument("--mode", default="decode", choices=["decode", "prefill"])
-    save.add_argument("--seed", type=NON_NEGATIVE, default=0)
+    save.add_argument("--seed", type=SEED, default=0)
     save.add_argument("--device", type=_device, default="cpu")
     save.set_defaults(func=_cmd_golden_save)
     chk = gsub.add_parser("check", help="replay every case in DIR on a backend and compare (spec §6)")
@@ -278,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--warm-l2", action="store_true", help="do not flush L2 between repetitions")
     bench.add_argument("--no-graph", action="store_true", help="time plain launches, no CUDA graph")
-    bench.add_argument("--seed", type=NON_NEGATIVE, default=0)
+    bench.add_argument("--seed", type=SEED, default=0)
     bench.add_argument("--json", metavar="PATH", help="write every figure with device, versions, commit, command")
     bench.add_argument("--plot", metavar="PATH.png", help="bar chart: %% of floor (GPU) or traffic ratios (CPU)")
     bench.add_argument("--trace", metavar="PATH.json", help="Chrome/Perfetto trace of one decode step")
@@ -291,9 +308,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, TypeError, OSError) as e:  # user errors (bad input, files); anything else is a bug
-        message = " ".join(str(e).split())  # one line, whatever the message holds
-        print(f"dsv4 {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        return _error(args, str(e))
+    except RuntimeError as e:  # memory a run asked for that the device or host does not have
+        if not (isinstance(e, torch.OutOfMemoryError) or CPU_ALLOCATOR_FAILED in str(e)):
+            raise
+        return _error(args, f"out of memory ({str(e)[:300]}); try a smaller --batch, --seq or --start-pos")
+
+
+CPU_ALLOCATOR_FAILED = "DefaultCPUAllocator: can't allocate memory"  # torch's RuntimeError for a failed host allocation
+
+
+def _error(args: argparse.Namespace, message: str) -> int:
+    message = " ".join(message.split())  # one line, whatever the message holds
+    print(f"dsv4 {args.command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

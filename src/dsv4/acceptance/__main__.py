@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import os
 import shlex
 import shutil
@@ -13,8 +14,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from .out_dir import KIND, OutDirError, prepare_out_dir
 from .plan import DRY, GPU, Paths, build_plan, injected_failure
-from .runner import Runner, clear_outputs
+from .runner import OUTPUTS, Runner
 
 ROOT = Path(__file__).resolve().parents[3]
 DRY_ENV = "DSV4_ACCEPTANCE_DRY"
@@ -36,6 +38,23 @@ def source_sha256(root: Path) -> str:
     return digest.hexdigest()
 
 
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0, got {text!r}")
+    return value
+
+
+def _step_names(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of step names, got {text!r}")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dsv4.acceptance", description=__doc__)
     parser.add_argument("out_dir", metavar="OUT_DIR", help="where summary.md, acceptance.json and the rest go")
@@ -44,10 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the whole run on the CPU with the tiny preset and tiny budgets (also: {DRY_ENV}=1)",
     )  # fmt: skip
     parser.add_argument(
-        "--budget-s", type=float,
+        "--budget-s", type=_budget,
         help=f"total seconds the steps share (default {GPU.budget_s:g}; dry run {DRY.budget_s:g})",
     )  # fmt: skip
-    parser.add_argument("--steps", help="comma-separated steps to run, in plan order (environment always runs)")
+    parser.add_argument(
+        "--steps", type=_step_names, help="comma-separated steps to run, in plan order (environment always runs)"
+    )
     parser.add_argument("--list", action="store_true", help="print the steps and their commands, run nothing")
     parser.add_argument(
         "--inject-failure", action="store_true", help="add a failing step first, to check that the rest still run"
@@ -66,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = Paths(root=ROOT, out=out, work=work, python=sys.executable)
         steps = build_plan(profile, paths)
         if args.steps:
-            wanted = {s.strip() for s in args.steps.split(",") if s.strip()}
+            wanted = set(args.steps)
             unknown = wanted - {s.name for s in steps}
             if unknown:
                 names = ", ".join(s.name for s in steps)
@@ -80,11 +101,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{s.name} (timeout {s.timeout_s:g} s){': skipped, ' + s.skip if s.skip else ''}")
                 print("\n".join("    " + shlex.join(c) for c in s.commands))
             return 0
-        out.mkdir(parents=True, exist_ok=True)
-        clear_outputs(out)
+        try:
+            prepare_out_dir(out, OUTPUTS)
+        except OutDirError as e:
+            print(e, file=sys.stderr)
+            return 2
         status = _git("status", "--porcelain", "--untracked-files=no")
         meta = {
-            "kind": "dsv4 acceptance run",
+            "kind": KIND,
             "dry_run": dry,
             "profile": profile.name,
             "command": shlex.join(["python", "-m", "dsv4.acceptance", *(sys.argv[1:] if argv is None else argv)]),

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .out_dir import open_nofollow
+
 # pytest -v lines, without and with xdist: "tests/a.py::t PASSED [ 5%]", "[gw0] [ 5%] PASSED tests/a.py::t"
 _OUTCOMES = "PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS"
 _PYTEST_LINE = re.compile(
@@ -107,7 +109,7 @@ def parse_decode_loop(files: dict[str, str], log: str) -> dict[str, Any]:
 def parse_trace(files: dict[str, str], log: str) -> dict[str, Any]:
     """Compress the trace into the output folder; the backend it ran on."""
     raw, gz = Path(files["raw"]), Path(files["gz"])
-    with raw.open("rb") as src, gzip.open(gz, "wb") as dst:
+    with raw.open("rb") as src, open_nofollow(gz) as f, gzip.GzipFile(fileobj=f, mode="wb") as dst:
         shutil.copyfileobj(src, dst)
     m = _TRACE.search(log)
     return {"file": gz.name, "backend": m[1] if m else None, "json_bytes": raw.stat().st_size}
@@ -126,7 +128,8 @@ def parse_ncu(files: dict[str, str], log: str) -> dict[str, Any]:
     lines = [line for line in log.splitlines() if line.startswith('"')]
     if len(lines) < 2:
         raise ValueError("ncu printed no CSV (no kernel matched, or profiling was not permitted: see log.txt)")
-    Path(files["csv"]).write_text("\n".join(lines) + "\n")
+    with open_nofollow(Path(files["csv"])) as f:
+        f.write(("\n".join(lines) + "\n").encode())
     rows = list(csv.DictReader(io.StringIO("\n".join(lines))))
     units, rows = (rows[0], rows[1:]) if rows and not rows[0].get("ID", "").strip().isdigit() else ({}, rows)
     metrics = [c for c in (rows[0] if rows else {}) if "__" in c]

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .environment import describe
+from .out_dir import RECORD, open_nofollow, write_atomic
 from .plan import Paths, Step
 from .results import PARSERS
 from .summary import render
@@ -33,12 +34,6 @@ OUTPUTS = ("summary.md", "acceptance.json", "log.txt", "junit.xml", "bench-decod
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -111,14 +106,14 @@ class Runner:
     # -- output ----------------------------------------------------------------------------
     def save(self) -> None:
         out = self.paths.out
-        _write_atomic(out / "acceptance.json", json.dumps(self.record, indent=1) + "\n")
-        _write_atomic(out / "summary.md", render(self.record))
+        write_atomic(out / RECORD, json.dumps(self.record, indent=1) + "\n")
+        write_atomic(out / "summary.md", render(self.record))
 
     def _append_log(self, step: Step, entry: dict[str, Any], text: str) -> None:
         reason = f" ({entry['reason']})" if entry["reason"] else ""
         header = f"===== {step.name}: {entry['status']}{reason} in {entry['seconds'] or 0:.1f} s =====\n"
-        with (self.paths.out / "log.txt").open("a") as f:
-            f.write(header + _tail(text, LOG_CAP_BYTES) + "\n")
+        with open_nofollow(self.paths.out / "log.txt", append=True) as f:
+            f.write((header + _tail(text, LOG_CAP_BYTES) + "\n").encode())
 
     # -- one step --------------------------------------------------------------------------
     def _run_commands(self, step: Step, log_path: Path, deadline: float) -> tuple[str, str, list[int | None]]:
@@ -221,9 +216,3 @@ class Runner:
         print("\n" + render(self.record), flush=True)
         bad = [e for e in self.record["steps"] if e["status"] not in ("ok", "skipped")]
         return 1 if bad else 0
-
-
-def clear_outputs(out: Path) -> None:
-    """Remove what an earlier run left in ``out``, so no stale file is read as this run's."""
-    for name in OUTPUTS:
-        (out / name).unlink(missing_ok=True)

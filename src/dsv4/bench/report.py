@@ -168,8 +168,12 @@ def write_json(result: dict[str, Any], path: str | Path) -> None:
     """Write ``result`` to ``path`` whole or not at all (a run stopped mid-write leaves the last file)."""
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(result, indent=1, sort_keys=False) + "\n")
-    partial.replace(path)
+    try:
+        partial.write_text(json.dumps(result, indent=1, sort_keys=False) + "\n")
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # no stray file beside a path that could not be written
+        raise
 
 
 def plot(result: dict[str, Any], path: str | Path) -> None:

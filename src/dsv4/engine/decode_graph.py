@@ -80,15 +80,19 @@ class StaticDecodeStep:
         self.kernels = _triton_backend()
         self.workspace = self.kernels.Workspace()
 
-    def set_inputs(self, x: torch.Tensor, start: list[int]) -> None:
-        """Copy a step's inputs into the static buffers (no device sync; ``start`` checked on the host)."""
-        if tuple(x.shape) != tuple(self.x.shape) or x.dtype != self.x.dtype:
-            raise ValueError(
-                f"x: expected {list(self.x.shape)} bf16 (the captured shape), got {list(x.shape)} {x.dtype}"
-            )
+    def check_inputs(self, x: object, start: list[int]) -> None:
+        """A step's inputs fit the static buffers: ``x`` of the captured shape (bf16), and ``start``
+        (host ints) within ``max_cache_len``. Changes nothing."""
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != tuple(self.x.shape) or x.dtype != self.x.dtype:
+            got = f"{list(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x: expected {list(self.x.shape)} bf16 (the captured shape), got {got}")
         limit = self.max_cache_len * COMPRESS_RATIO
         if any((p + self.seq) > limit for p in start):
             raise ValueError(f"start_pos: {start} with S={self.seq} passes max_cache_len={self.max_cache_len} rows")
+
+    def set_inputs(self, x: torch.Tensor, start: list[int]) -> None:
+        """Copy a step's inputs into the static buffers (no device sync; ``start`` checked on the host)."""
+        self.check_inputs(x, start)
         staging = torch.tensor(start, dtype=torch.int64)
         if self.start.is_cuda:  # pinned blocks are not reused before their copy is done: no race, no sync
             staging = staging.pin_memory()

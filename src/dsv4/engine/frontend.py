@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from .. import ops
 from ..model.config import COMPRESS_RATIO
 from ..model.rope import RopeTable
-from ..model.state import DEFAULT_BLOCK_SIZE, UNALLOCATED, IndexerState
+from ..model.state import DEFAULT_BLOCK_SIZE, STATE_SLOTS, UNALLOCATED, IndexerState
 from ..model.structs import IndexerOut
 from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights, LayerWeights
 from ..ops.backends import BACKENDS, resolve
-from ..ops.validate import check_eps, check_int, check_offset, check_topk
+from ..ops.validate import check_eps, check_int, check_offset, check_tensor, check_topk
 from .decode_graph import DecodeGraph, StaticDecodeStep
 
 _ATTN = ("wq_a", "gamma_cq", "wq_b", "wq_b_scale", "wkv", "gamma_ckv")
 _INDEXER = ("wq_b", "wq_b_scale", "weights_proj")
 _COMPRESSOR = ("wkv", "wgate", "ape", "norm_w")
+ROLLBACK_RULE = "r + k <= max(8, 4*(r//4) + 4), spec §4 'Re-running positions'"
+
+
+def rollback_exact(r: int, current: int) -> bool:
+    """Whether a slot at ``current`` that starts a step again at ``r < current`` (re-running
+    ``k = current - r`` positions, e.g. rejected draft tokens) gets exactly a fresh run's results
+    (spec §4): ``r + k <= max(8, 4*(r//4) + 4)``, i.e. no position run since ``r`` has overwritten
+    a ring slot the re-run still reads."""
+    return current <= max(STATE_SLOTS, COMPRESS_RATIO * (r // COMPRESS_RATIO + 1))
 
 
 class DecodeFrontEnd(torch.nn.Module):
@@ -29,6 +41,12 @@ class DecodeFrontEnd(torch.nn.Module):
     The key pool is paged: a slot is given pool blocks (``block_size`` compressed rows each) as its
     sequence grows, and gives them back on ``reset``; a step that needs more blocks than are free
     raises before anything runs. The allocator lives on the host, so it never waits on the device.
+    A call that raises changes nothing: positions, state, block table and free list stay as they were.
+
+    A step may start a slot again at an earlier position ``r`` (speculative decoding: rejected draft
+    tokens) when that re-run equals a fresh run (spec §4, ``rollback_exact``); a deeper rollback is
+    refused. The slot keeps the pool blocks it holds past ``r`` (its table is unchanged; the re-run
+    rewrites those rows and ``reset`` frees them).
 
     Args:
         weights: the layer's ``LayerWeights``.
@@ -42,7 +60,8 @@ class DecodeFrontEnd(torch.nn.Module):
         num_blocks: blocks in the pool (default: enough for every slot to reach ``max_position``).
 
     Raises ``TypeError``/``ValueError`` naming the argument for anything else (``batch >= 1``,
-    ``max_position >= 4``, a rope table of at least ``max_position`` rows).
+    ``max_position >= 4``, a rope table of at least ``max_position`` rows, ``num_blocks >= 1``;
+    every size a Python int).
     """
 
     def __init__(
@@ -70,6 +89,11 @@ class DecodeFrontEnd(torch.nn.Module):
             raise TypeError(f"rope: expected RopeTable, got {type(rope).__name__}")
         check_int("batch", batch, 1)
         check_int("max_position", max_position, COMPRESS_RATIO)
+        check_int("block_size", block_size, 16)
+        if block_size & (block_size - 1):
+            raise ValueError(f"block_size: expected a power of two >= 16, got {block_size}")
+        if num_blocks is not None:
+            check_int("num_blocks", num_blocks, 1)
         if rope.max_position < max_position:
             raise ValueError(f"rope: the table has {rope.max_position} positions, max_position is {max_position}")
         check_topk(topk)
@@ -94,6 +118,7 @@ class DecodeFrontEnd(torch.nn.Module):
         for name, t in state.tensors().items():
             self.register_buffer(name, t)
         self.topk, self.offset, self.eps, self.backend = topk, offset, eps, backend
+        self.max_position = max_position
         self.next_pos = [0] * batch  # where each slot's next token sits (host-side: no device sync)
         self.slot_blocks: list[list[int]] = [[] for _ in range(batch)]  # each slot's pool blocks, in row order
         self.free_blocks = list(range(num_blocks))  # handed out lowest first
@@ -133,10 +158,11 @@ class DecodeFrontEnd(torch.nn.Module):
             self.slot_blocks[r] = []
             self.block_table[r] = UNALLOCATED
 
-    def step_starts(self, b: int, s: int, start_pos: int | list[int] | torch.Tensor | None) -> list[int]:
+    def check_starts(self, b: int, s: int, start_pos: int | list[int] | torch.Tensor | None) -> list[int]:
         """Each slot's first position for a step of ``b`` x ``s`` tokens, checked on the host (a device
-        ``start_pos`` tensor is read there: the module keeps positions on the host); the pool blocks
-        the step needs are reserved (``reserve``)."""
+        ``start_pos`` tensor is read there: the module keeps positions on the host): inside
+        ``max_position``, the rope table and the block table, and no rollback deeper than spec §4
+        allows (``rollback_exact``). Changes nothing."""
         if b > self.batch:
             raise ValueError(f"x: batch {b} exceeds the module's {self.batch} slots")
         if start_pos is None:
@@ -145,15 +171,36 @@ class DecodeFrontEnd(torch.nn.Module):
             start = [start_pos] * b
         else:
             start = _host_ints("start_pos", start_pos)
-        limit = min(self.rope_cos.shape[0], self.block_table.shape[1] * self.keys.shape[1] * COMPRESS_RATIO)
+        limit = min(self.max_position, self.rope_cos.shape[0], self.cache_rows * COMPRESS_RATIO)
         if len(start) != b or any(p < 0 or p + s > limit for p in start):
-            raise ValueError(f"start_pos: expected {b} positions in [0, {limit - s}] (S={s}), got {start}")
-        self.reserve(start, s)
+            raise ValueError(
+                f"start_pos: expected {b} positions in [0, {limit - s}] (S={s}, max_position={self.max_position}), "
+                f"got {start!r:.120}"
+            )
+        for slot, (r, current) in enumerate(zip(start, self.next_pos, strict=False)):
+            if r < current and not rollback_exact(r, current):
+                raise ValueError(
+                    f"start_pos: slot {slot} is at position {current}; starting it again at r={r} re-runs "
+                    f"k={current - r} positions, deeper than a re-run equals a fresh run ({ROLLBACK_RULE}); "
+                    "reset the slot and run its sequence again instead"
+                )
         return list(start)
 
-    def reserve(self, start: list[int], s: int) -> None:
+    def step_starts(self, b: int, s: int, start_pos: int | list[int] | torch.Tensor | None) -> list[int]:
+        """``check_starts``, then the pool blocks the step needs are reserved (``reserve``)."""
+        start = self.check_starts(b, s, start_pos)
+        self.reserve(start, s)
+        return start
+
+    @property
+    def cache_rows(self) -> int:
+        """Compressed rows each slot's block table addresses."""
+        return self.block_table.shape[1] * self.keys.shape[1]
+
+    def reserve(self, start: list[int], s: int) -> list[tuple[int, int]]:
         """Give each slot ``b`` the pool blocks its rows up to ``(start[b] + s) // 4`` need; raises,
-        changing nothing, when the pool has too few free blocks."""
+        changing nothing, when the pool has too few free blocks. Returns the ``(slot, block)`` pairs
+        given, in order (``release`` takes them back)."""
         block_size = self.keys.shape[1]
         blocks = [-(-((p + s) // COMPRESS_RATIO) // block_size) for p in start]
         need = [max(0, n - len(self.slot_blocks[b])) for b, n in enumerate(blocks)]
@@ -162,11 +209,45 @@ class DecodeFrontEnd(torch.nn.Module):
                 f"start_pos: the step needs {sum(need)} more pool blocks, {len(self.free_blocks)} are free "
                 f"(num_blocks={self.keys.shape[0]}); reset finished slots or build the module with more blocks"
             )
+        given = []
         for b, n in enumerate(need):
             for _ in range(n):
                 block = self.free_blocks.pop(0)
                 self.block_table[b, len(self.slot_blocks[b])] = block  # a device fill: no host sync
                 self.slot_blocks[b].append(block)
+                given.append((b, block))
+        return given
+
+    def release(self, given: list[tuple[int, int]]) -> None:
+        """Undo ``reserve``: the blocks it gave (``(slot, block)`` pairs, in order) go back to the free list."""
+        for b, block in reversed(given):
+            assert self.slot_blocks[b][-1] == block, "release: blocks must come back in reverse order"
+            self.slot_blocks[b].pop()
+            self.block_table[b, len(self.slot_blocks[b])] = UNALLOCATED
+        self.free_blocks = sorted(self.free_blocks + [block for _, block in given])
+
+    @contextmanager
+    def reserved(self, start: list[int], s: int) -> Iterator[None]:
+        """``reserve`` for a step, released again if the step raises: a refused call leaves the allocator
+        as it was."""
+        given = self.reserve(start, s)
+        try:
+            yield
+        except BaseException:
+            self.release(given)
+            raise
+
+    def check_x(self, x: object) -> tuple[int, int, int]:
+        """``x [B, S, D] bf16`` on the module's device, contiguous, ``1 <= B <= batch``, ``S >= 1``, ``D``
+        the hidden size; returns ``(B, S, D)``."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            raise ValueError(f"x: expected a [B, S, D] tensor, got {getattr(x, 'shape', type(x).__name__)}")
+        d = self.attn_wq_a.shape[1]
+        check_tensor("x", x, torch.bfloat16, (None, None, d), self.attn_wq_a.device)
+        b, s, _ = x.shape
+        if not (1 <= b <= self.batch and s >= 1):
+            raise ValueError(f"x: expected 1 <= B <= {self.batch} and S >= 1, got shape {list(x.shape)}")
+        return b, s, d
 
     def advance(self, start: list[int], s: int) -> None:
         for i, p in enumerate(start):
@@ -185,11 +266,18 @@ class DecodeFrontEnd(torch.nn.Module):
         Returns:
             ``q [B, S, H, HD] bf16``, ``kv [B, S, HD] bf16``, ``topk_idxs [B, S, topk] int32``.
             ``last_score`` keeps this step's ``[B, S, max cache_len]`` scores.
+
+        A call that raises changes nothing (``x`` and ``start_pos`` are checked before any block is
+        reserved, and blocks reserved for a step that then raises are given back).
         """
-        if not isinstance(x, torch.Tensor) or x.dim() != 3:
-            raise ValueError(f"x: expected a [B, S, D] tensor, got {getattr(x, 'shape', type(x).__name__)}")
-        b, s, d = x.shape
-        start = self.step_starts(b, s, start_pos)
+        b, s, d = self.check_x(x)
+        start = self.check_starts(b, s, start_pos)
+        with self.reserved(start, s):
+            return self._step(x, start, b, s, d)
+
+    def _step(
+        self, x: torch.Tensor, start: list[int], b: int, s: int, d: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         staging = torch.tensor(start, dtype=torch.int64)
         if x.is_cuda:  # pinned: the copy needs no sync (and the block is not reused before it lands)
             staging = staging.pin_memory()
@@ -240,6 +328,8 @@ def _host_ints(name: str, value: object) -> list[int]:
     """``value`` (an int, a list/tuple of ints, or an integer tensor of at most one dimension) as a list of
     Python ints; floats and bools are refused rather than truncated."""
     if isinstance(value, torch.Tensor):
+        if value.device.type == "meta":
+            raise ValueError(f"{name}: a meta tensor holds no values; pass ints or a tensor on a real device")
         if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool or value.dim() > 1:
             raise TypeError(f"{name}: expected an integer tensor of at most one dimension, got {value.dtype} "
                             f"{list(value.shape)}")  # fmt: skip
@@ -266,8 +356,10 @@ class CapturedDecodeStep:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One step for slots ``0..batch-1``; ``x [batch, seq, D] bf16`` (the captured shape)."""
         fe, step = self.frontend, self.graph.step
-        start = fe.step_starts(step.batch, step.seq, start_pos)
-        results = self.graph.replay(x, start)
+        start = fe.check_starts(step.batch, step.seq, start_pos)
+        step.check_inputs(x, start)  # before any block is reserved: a refused call changes nothing
+        with fe.reserved(start, step.seq):
+            results = self.graph.replay(x, start)
         fe.advance(start, step.seq)
         fe.last_score = step.out.score
         return results

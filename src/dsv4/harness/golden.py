@@ -108,6 +108,9 @@ def topk_allclose(
     rule = f"tie-tolerant, score atol={atol:g} rtol={rtol:g}"
     if actual.shape != expected.shape:
         return _fail(name, rule, f"shape {list(actual.shape)} != expected {list(expected.shape)}")
+    for which, t in (("indices", actual), ("expected indices", expected)):
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            return _fail(name, rule, f"{which} are {str(t.dtype).removeprefix('torch.')}, not integers")
     a = actual.detach().to("cpu", torch.int64)
     e = expected.detach().to("cpu", torch.int64)
     sc = ref_score.detach().to("cpu", torch.float64)

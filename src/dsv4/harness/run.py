@@ -3,6 +3,7 @@ against the reference."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,10 +15,11 @@ from .. import ops
 from ..engine.attention import DecodeAttention
 from ..model.config import COMPRESS_RATIO, LAYER_KINDS, DeepSeekV4Config
 from ..model.rope import layer_rope_table, rope_table
-from ..model.state import IndexerState
-from ..model.weights import LayerWeights, synthetic_activations, synthetic_weights
+from ..model.state import DEFAULT_BLOCK_SIZE, STATE_SLOTS, IndexerState
+from ..model.weights import MAX_SEED, LayerWeights, synthetic_activations, synthetic_weights
 from ..ops.backends import resolve
 from ..ops.registry import get_op, op_names
+from ..ops.validate import check_int
 from .cases import make_case, run_case
 from .golden import Report, compare, step_inputs
 
@@ -79,13 +81,31 @@ def run_front_end(
     ``weights``: the layer's weights for ``cfg`` (e.g. from ``dsv4.load_layer``; default: seeded
     synthetic ones; the other ops' cases use synthetic ones), and ``layer`` its number: then the
     attention rows are that layer's (and without an indexer, a non-CSA layer, the front-end chain
-    runs ``qkv_proj_rope`` alone). Activations are always synthetic RMS-normalized rows."""
-    device = torch.device(device)
+    runs ``qkv_proj_rope`` alone). Activations are always synthetic RMS-normalized rows.
+
+    Raises ``TypeError``/``ValueError`` naming the argument before anything is allocated: sizes are
+    Python ints (``steps``, ``batch``, ``seq`` >= 1; ``start_pos`` >= 0; ``0 <= seed <= MAX_SEED``), the
+    positions fit ``cfg.max_position_embeddings``, and the run's tensors fit the device's memory."""
+    if not isinstance(cfg, DeepSeekV4Config):
+        raise TypeError(f"cfg: expected a DeepSeekV4Config, got {type(cfg).__name__}")
+    for arg, value, minimum in (("steps", steps, 1), ("start_pos", start_pos, 0), ("batch", batch, 1), ("seq", seq, 1)):
+        check_int(arg, value, minimum)
+    check_int("seed", seed, 0, MAX_SEED)
+    if log is not None and not callable(log):
+        raise TypeError(f"log: expected a callable or None, got {type(log).__name__}")
+    if weights is not None and not isinstance(weights, LayerWeights):
+        raise TypeError(f"weights: expected LayerWeights or None, got {type(weights).__name__}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: expected a torch device (cpu, cuda[:N]), got {device!r} ({e})") from None
     name = resolve(backend, device)
     end = start_pos + steps * seq
     if end > cfg.max_position_embeddings:
         raise ValueError(f"start_pos + steps*seq = {end} exceeds max_position_embeddings {cfg.max_position_embeddings}")
     max_position = -(-end // COMPRESS_RATIO) * COMPRESS_RATIO
+    check_fits(run_bytes(cfg, batch, seq, start_pos, max_position), device, f"batch={batch}, seq={seq}, "
+               f"start_pos={start_pos}, steps={steps}")  # fmt: skip
     weights = synthetic_weights(cfg, seed=seed, device=device) if weights is None else weights.to(device)
     rope = rope_table(cfg, "compressed", max_position=max_position, device=device)
     state = IndexerState.empty(cfg, batch, max_position, device=device)
@@ -194,6 +214,40 @@ def run_attention_layer(
                 check,
                 finite,
             )
+        )
+
+
+def run_bytes(cfg: DeepSeekV4Config, batch: int, seq: int, start_pos: int, max_position: int) -> int:
+    """A lower bound on the bytes ``run_front_end`` holds at once: the indexer state three times (the
+    state, its copy before a step and the reference's), and the largest step's activations, ``q``, ``kv``,
+    ``qr``, scores (two backends) and indices."""
+    hid, rows = cfg.index_head_dim, max_position // COMPRESS_RATIO
+    blocks = -(-rows // DEFAULT_BLOCK_SIZE) * DEFAULT_BLOCK_SIZE
+    state = batch * (2 * STATE_SLOTS * 2 * hid * 4 + blocks * (hid + 4))
+    tokens = batch * max(seq, start_pos)
+    per_token = 2 * cfg.hidden_size + 2 * (cfg.num_attention_heads + 1) * cfg.head_dim + cfg.q_lora_rank + 4
+    per_token += 2 * 4 * rows + 4 * cfg.index_topk
+    return 3 * state + tokens * per_token
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory on ``device`` (a GPU's total, or the host's physical memory); None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits(nbytes: int, device: torch.device, what: str) -> None:
+    """Raise ``ValueError`` naming ``what`` when ``nbytes`` exceed ``device``'s memory: a clear error
+    instead of an allocator failure (or the host swapping) part-way through."""
+    total = device_memory(device)
+    if total is not None and nbytes > total:
+        raise ValueError(
+            f"{what}: needs at least {nbytes / 2**30:.1f} GiB, more than the {total / 2**30:.1f} GiB of {device}; "
+            "use a smaller batch, seq or start_pos"
         )
 
 

@@ -9,7 +9,6 @@ kernels take; ``attn.wo_a`` and ``attn.wo_b`` stay FP8 with their block scales a
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import string
@@ -22,7 +21,9 @@ import torch
 from ..model.config import COMPRESS_RATIO, PRESETS, DeepSeekV4Config
 from ..model.quant import quantize_weight_int8
 from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights, LayerWeights, OProjWeights
+from ..ops.validate import INDEX_LIMIT, MAX_TOPK
 from .fp8 import dequantize_rows_, scale_grid
+from .json_files import JSONFileError, read_json
 from .safetensors_files import CheckpointError, ShardedCheckpoint, TensorInfo
 
 CONFIG_FILE = "config.json"
@@ -178,7 +179,18 @@ def config_from_json(raw: dict[str, Any], source: str = CONFIG_FILE) -> DeepSeek
         o_lora_rank=_field(source, "o_lora_rank", raw.get("o_lora_rank", 0), "int0"),
         compress_ratios=_ratios(source, raw.get("compress_ratios")),
     )
-    cfg = DeepSeekV4Config(name="checkpoint", **fields)
+    try:
+        cfg = DeepSeekV4Config(name="checkpoint", **fields)
+    except ValueError as e:  # a value of the right type that no model can have (an odd rope dim, beta <= 0)
+        raise CheckpointError(f"{source}: {_json_names(str(e))}") from None
+    if cfg.index_topk > MAX_TOPK:
+        raise CheckpointError(f"{source}: index_topk must be <= {MAX_TOPK} (the top-k kernels), got {cfg.index_topk}")
+    rows = cfg.max_position_embeddings // COMPRESS_RATIO
+    if cfg.sliding_window + rows >= INDEX_LIMIT:
+        raise CheckpointError(
+            f"{source}: sliding_window + max_position_embeddings // {COMPRESS_RATIO} must be < 2^31 (int32 indices), "
+            f"got {cfg.sliding_window} + {rows}"
+        )
     for preset in PRESETS.values():  # the layer list is the checkpoint's; o_groups / o_lora_rank the preset's if absent
         filled = cfg.replace(
             name=preset.name,
@@ -206,6 +218,20 @@ def _ratios(source: str, ratios: object) -> tuple[int, ...]:
     return tuple(ratios)
 
 
+_JSON_NAMES = {  # DeepSeekV4Config field -> where config.json holds it
+    "rope_factor": "rope_scaling.factor",
+    "original_max_position_embeddings": "rope_scaling.original_max_position_embeddings",
+    "beta_fast": "rope_scaling.beta_fast",
+    "beta_slow": "rope_scaling.beta_slow",
+}
+
+
+def _json_names(message: str) -> str:
+    """A ``DeepSeekV4Config`` error with its leading field named as in ``config.json``."""
+    field, sep, rest = message.partition(":")
+    return _JSON_NAMES.get(field, field) + sep + rest
+
+
 def _in_effect(cfg: DeepSeekV4Config) -> DeepSeekV4Config:
     """``cfg`` with the YaRN parameters reset when YaRN is off (they change nothing then)."""
     return cfg if cfg.original_max_position_embeddings else cfg.replace(rope_factor=1.0, beta_fast=32.0, beta_slow=1.0)
@@ -218,9 +244,9 @@ class Checkpoint(ShardedCheckpoint):
         super().__init__(directory, raw_bytes)
         path = self.directory / CONFIG_FILE
         try:
-            self.config_json: dict[str, Any] | None = json.loads(path.read_text()) if path.is_file() else None
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+            self.config_json: dict[str, Any] | None = read_json(path) if path.is_file() else None
+        except JSONFileError as e:
+            raise CheckpointError(str(e)) from None
         if self.config_json is not None and not isinstance(self.config_json, dict):
             raise CheckpointError(f"{path}: expected a JSON object, got {type(self.config_json).__name__}")
         quant = (self.config_json or {}).get("quantization_config") or {}

@@ -20,6 +20,7 @@ from ..harness.golden import Report, compare
 from ..model.fields import build, leaves
 from ..ops.registry import get_op, op_names
 from ..version import __version__
+from .json_files import read_json
 
 
 def case_name(case: Case) -> str:
@@ -67,12 +68,12 @@ def _manifest(path: Path) -> dict[str, Any]:
 
     ``name`` derives the tensor files' names, so it must be a plain file stem: no path separator, no
     ``..``, not absolute (a manifest cannot make ``load`` read outside its folder)."""
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    manifest = read_json(path)
     if not isinstance(manifest, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    missing = [k for k in ("name", "op", "scalars", "meta") if k not in manifest]
+    if missing:
+        raise ValueError(f"{path}: missing field(s) {', '.join(missing)} (golden save writes them all)")
     name, op = manifest.get("name"), manifest.get("op")
     if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
         raise ValueError(
@@ -81,7 +82,7 @@ def _manifest(path: Path) -> dict[str, Any]:
     if op not in op_names():
         raise ValueError(f"{path}: op must be one of {', '.join(op_names())}, got {op!r:.40}")
     kinds = {p.name: p.kind for p in get_op(op).params if p.kind in (int, float, str)}
-    scalars, meta = manifest.get("scalars", {}), manifest.get("meta", {})
+    scalars, meta = manifest["scalars"], manifest["meta"]
     if not (isinstance(scalars, dict) and set(scalars) <= set(kinds)):
         raise ValueError(f"{path}: scalars must be an object with keys among {', '.join(kinds)}, got {scalars!r:.80}")
     for key, value in scalars.items():
@@ -111,6 +112,10 @@ def load(manifest_path: str | Path, device: torch.device | str = "cpu") -> tuple
     _, inputs_file, expected_file = _case_files(path.parent, name)
     tensors = _tensors(inputs_file, device)
     expected = _tensors(expected_file, device)
+    for out in get_op(op).outputs:
+        t = expected.get(out.name)
+        if out.rule == "topk" and t is not None and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+            raise ValueError(f"{expected_file}: {out.name} must hold integer indices, got {t.dtype}")
     args: dict[str, Any] = {}
     try:
         for p in get_op(op).params:

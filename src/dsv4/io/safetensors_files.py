@@ -14,7 +14,6 @@ dtype older ``safetensors`` releases do not know (``NEWER_DTYPES``); any other r
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import struct
@@ -28,6 +27,7 @@ import torch
 from safetensors import safe_open
 
 from .fp8 import e4m3_bytes_to_float32, e8m0_bytes_to_float32
+from .json_files import JSONFileError, parse_json, read_json
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -129,13 +129,11 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                     f"{path}: header length {length} exceeds "
                     + (f"the file ({size} bytes)" if length > size - 8 else f"{MAX_HEADER_BYTES} bytes")
                 )
-            header = json.loads(f.read(length).decode("utf-8"), object_pairs_hook=_unique_keys)
+            header = parse_json(f.read(length), path, object_pairs_hook=_unique_keys)
     except OSError as e:
         raise CheckpointError(f"{path}: not a readable file ({e})") from None
-    except ValueError as e:  # bad UTF-8 or JSON, a repeated key
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{path}: the header is not valid JSON ({e})") from None
+    except JSONFileError as e:  # bad UTF-8 or JSON, a repeated key, nested too deep
+        raise CheckpointError(str(e)) from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the header must be a JSON object, got {type(header).__name__}")
     metadata = header.get("__metadata__", {})
@@ -213,9 +211,9 @@ class ShardedCheckpoint:
     def _read_index(index: Path) -> dict[str, str]:
         """The index file's ``weight_map`` (tensor name -> shard file name), every shard name checked."""
         try:
-            raw = json.loads(index.read_text(), object_pairs_hook=_unique_keys)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{index}: not valid JSON ({e})") from None
+            raw = read_json(index, object_pairs_hook=_unique_keys)
+        except JSONFileError as e:
+            raise CheckpointError(str(e)) from None
         weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: expected a JSON object with a weight_map object, got {raw!r:.80}")

@@ -62,6 +62,9 @@ ROW_IN_REGISTERS = 4096  # longest row one program selects alone, and the chunk 
 CHUNK = ROW_IN_REGISTERS  # keys per program on long rows: 16 KB of scores; 262144 keys make 64
 # programs per row, so two decode rows (S=2) cover an H100's 132 SMs.
 SELECT_WARPS = 8  # 16 keys per thread for the 4096-key programs
+CANDIDATE_BYTES = 256 << 20  # the long-row plan's candidate list (8 B per key of a row) is at most this: rows
+# are selected in groups of CANDIDATE_BYTES // (8 n), one launch each. 128 decode rows (B=64, S=2) of 262144 keys
+# (1M tokens) are one group; a 1024-token prefill there is 8 launches instead of a 2 GiB buffer.
 INDEX_BITS = 31  # low bits of the sort key hold 2^31-1-j: rows up to 2^31 keys, key fits int64
 TIE_INDEX_BITS = 24  # chunked rows hold up to 2^24 keys: ties at the threshold are split by the
 # index's low 24 bits, three digits (the sort key's bits 24..30 are then all ones among them)
@@ -365,7 +368,7 @@ def _select_chunks_kernel(
     score_ptr,  # [R, n] fp32
     start_ptr,  # [B] int64
     hist_ptr,  # [R, row_words] int32: `parts` first-digit histograms [FIRST_DIGIT_BINS], then the counters
-    cand_ptr,  # [R, n] int64 scratch: each row's candidate sort keys
+    cand_ptr,  # [group, n] int64 scratch: each row's candidate sort keys (rows row0.. of this launch)
     wins_ptr,  # [R, TOPK_PAD] int64 scratch: each row's winners
     out_ptr,  # [R, topk] int32
     seq,
@@ -374,6 +377,7 @@ def _select_chunks_kernel(
     offset,
     row_words,
     parts,
+    row0,  # the group's first row: program (i, c) selects row row0 + i, its candidates in row i of cand_ptr
     CHUNK: tl.constexpr,
     PART_BLOCK: tl.constexpr,
     TOPK_PAD: tl.constexpr,
@@ -381,7 +385,8 @@ def _select_chunks_kernel(
     BITS: tl.constexpr,
     INDEX_DIGITS: tl.constexpr,
 ):
-    r = tl.program_id(0).to(tl.int64)
+    local = tl.program_id(0).to(tl.int64)
+    r = row0 + local
     chunk = tl.program_id(1)
     visible, k = _row_limits(start_ptr, r, seq, topk)
     hist_row = hist_ptr + r * row_words
@@ -396,7 +401,7 @@ def _select_chunks_kernel(
     cand = valid & (digit >= prefix)  # certain winners and the tie bin
     first = tl.atomic_add(state + _SLOTS, tl.sum(cand.to(tl.int32), 0), sem="relaxed")
     slot = first + tl.cumsum(cand.to(tl.int32), 0) - 1
-    tl.store(cand_ptr + r * n + slot, _sort_key(key.to(tl.int64), index), mask=cand & (slot < n))
+    tl.store(cand_ptr + local * n + slot, _sort_key(key.to(tl.int64), index), mask=cand & (slot < n))
     tie_bin = (index < tl.where(done, 0, visible)) & (digit == prefix)  # unless all of it is taken
     second = tl.histogram(((key >> (_FIRST_SHIFT - BITS)) & ((1 << BITS) - 1)).to(tl.int32), 1 << BITS, mask=tie_bin)
     tl.atomic_add(state + tl.arange(0, 1 << BITS), second, mask=second > 0, sem="relaxed")
@@ -404,7 +409,7 @@ def _select_chunks_kernel(
     ticket = tl.atomic_add(state + _ARRIVALS, 1, sem="acq_rel")
     if ticket == tl.num_programs(1) - 1:
         _finish_row(
-            state, cand_ptr + r * n, wins_ptr + r * TOPK_PAD, out_ptr + r * topk, n, prefix, need, done, topk,
+            state, cand_ptr + local * n, wins_ptr + r * TOPK_PAD, out_ptr + r * topk, n, prefix, need, done, topk,
             offset, CHUNK, TOPK_PAD, LOG_TOPK_PAD, BITS, INDEX_DIGITS,
         )  # fmt: skip
 
@@ -426,7 +431,8 @@ def select_topk(
     ``offset``, then ``-1`` — written into ``out`` when given; scratch comes from ``ws`` when given.
 
     Launches: one for rows of ``N <= ROW_IN_REGISTERS`` keys (``hist`` is not read). Longer rows:
-    one when ``hist`` is given, else two (``hist`` is built from ``score`` first).
+    one when ``hist`` is given, else two (``hist`` is built from ``score`` first); and one more for each
+    further group of rows when the candidate lists of all ``B*S`` rows would pass ``CANDIDATE_BYTES``.
 
     ``hist [B*S, HIST_WORDS] int32`` (contiguous), from a score kernel that builds it as it writes
     ``score``: zero everywhere before that kernel runs; then row ``r = b*S + s``'s columns
@@ -478,10 +484,14 @@ def select_topk(
             score, pos.start, hist, s, n, hist.shape[-1], CHUNK=CHUNK,
             STATE_PAD=triton.next_power_of_2(STATE_WORDS), num_warps=SELECT_WARPS,
         )  # fmt: skip
-    candidates = scratch(ws, "topk.candidates", (rows, n), torch.int64, score.device)
-    _select_chunks_kernel[grid](
-        score, pos.start, hist, candidates, winners, out, s, n, topk, offset, parts * FIRST_DIGIT_BINS + STATE_WORDS,
-        parts, CHUNK=CHUNK, PART_BLOCK=min(triton.next_power_of_2(parts), HIST_PART_BLOCK), TOPK_PAD=topk_pad,
-        LOG_TOPK_PAD=topk_pad.bit_length() - 1, BITS=RADIX_BITS, INDEX_DIGITS=INDEX_DIGITS, num_warps=SELECT_WARPS,
-    )  # fmt: skip
+    group = max(1, min(rows, CANDIDATE_BYTES // (8 * n)))  # rows whose candidates fit the capped buffer
+    candidates = scratch(ws, "topk.candidates", (group, n), torch.int64, score.device)
+    for row0 in range(0, rows, group):  # one launch per group, each reusing the buffer (same stream: in order)
+        _select_chunks_kernel[(min(group, rows - row0), n_chunks)](
+            score, pos.start, hist, candidates, winners, out, s, n, topk, offset,
+            parts * FIRST_DIGIT_BINS + STATE_WORDS, parts, row0, CHUNK=CHUNK,
+            PART_BLOCK=min(triton.next_power_of_2(parts), HIST_PART_BLOCK), TOPK_PAD=topk_pad,
+            LOG_TOPK_PAD=topk_pad.bit_length() - 1, BITS=RADIX_BITS, INDEX_DIGITS=INDEX_DIGITS,
+            num_warps=SELECT_WARPS,
+        )  # fmt: skip
     return out

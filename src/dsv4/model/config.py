@@ -6,6 +6,7 @@ Field names follow the upstream/HF configs so a ``config.json`` maps onto them d
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,38 @@ class DeepSeekV4Config:
     o_groups: int = 0  # G: output-projection groups
     o_lora_rank: int = 0  # OL: rank of each group's wo_a
     compress_ratios: tuple[int, ...] = ()  # one per layer, then one per MTP layer: 0 SWA, 4 CSA, else HCA
+
+    def __post_init__(self) -> None:
+        """Every field checked: a ``ValueError`` naming the field for a value no model can have."""
+        for name in _DIMENSIONS:
+            _check_field(name, getattr(self, name), "int")
+        _check_field("original_max_position_embeddings", self.original_max_position_embeddings, "int0")
+        for name in ("rope_theta", "compress_rope_theta"):  # > 1: YaRN divides by log(theta)
+            _check_field(name, getattr(self, name), "number", above=1.0)
+        for name in ("rope_factor", "beta_fast", "beta_slow", "rms_norm_eps"):  # YaRN takes log(orig / beta)
+            _check_field(name, getattr(self, name), "number", above=0.0)
+        r = self.qk_rope_head_dim
+        if r % 2 or r > self.head_dim or r > self.index_head_dim:
+            raise ValueError(
+                f"qk_rope_head_dim: expected an even number of rotated entries (pairs) <= head_dim ({self.head_dim}) "
+                f"and <= index_head_dim ({self.index_head_dim}), got {r}"
+            )
+        if self.index_head_dim < 2 or self.index_head_dim & (self.index_head_dim - 1):
+            raise ValueError(f"index_head_dim: expected a power of two (Hadamard transform), got {self.index_head_dim}")
+        if self.max_position_embeddings < COMPRESS_RATIO:
+            raise ValueError(
+                f"max_position_embeddings: expected >= {COMPRESS_RATIO} (one compressed block), "
+                f"got {self.max_position_embeddings}"
+            )
+        for name in ("o_groups", "o_lora_rank"):  # 0: the config does not say
+            _check_field(name, getattr(self, name), "int0")
+        if self.o_groups and self.num_attention_heads % self.o_groups:
+            raise ValueError(
+                f"o_groups: expected a divisor of num_attention_heads {self.num_attention_heads}, got {self.o_groups}"
+            )
+        ratios = self.compress_ratios
+        if not isinstance(ratios, tuple) or any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in ratios):
+            raise ValueError(f"compress_ratios: expected a tuple of non-negative ints, got {ratios!r:.80}")
 
     @property
     def qk_nope_head_dim(self) -> int:
@@ -91,6 +124,25 @@ class DeepSeekV4Config:
 def kind_of_ratio(ratio: int) -> str:
     """The attention kind of a layer with compress ratio ``ratio``: 0 SWA, 4 CSA (with the indexer), else HCA."""
     return "swa" if ratio == 0 else "csa" if ratio == COMPRESS_RATIO else "hca"
+
+
+_DIMENSIONS = (  # fields that are positive ints
+    "hidden_size", "num_attention_heads", "head_dim", "qk_rope_head_dim", "q_lora_rank", "index_n_heads",
+    "index_head_dim", "index_topk", "sliding_window", "max_position_embeddings",
+)  # fmt: skip
+
+
+def _check_field(name: str, value: object, kind: str, above: float = 0.0) -> None:
+    """``kind``: "int" (an int >= 1), "int0" (an int >= 0) or "number" (a finite int or float > ``above``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or (kind != "number" and isinstance(value, float)):
+        want = "an int" if kind != "number" else "a number"
+        raise ValueError(f"{name}: expected {want}, got {value!r:.60} ({type(value).__name__})")
+    if kind == "int" and value < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {value}")
+    if kind == "int0" and value < 0:
+        raise ValueError(f"{name}: expected an int >= 0, got {value}")
+    if kind == "number" and not (math.isfinite(value) and value > above):
+        raise ValueError(f"{name}: expected a finite number > {above:g}, got {value!r}")
 
 
 _FLASH_ROPE = dict(

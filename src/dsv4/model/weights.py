@@ -120,6 +120,10 @@ class LayerWeights(_Tensors):
         return self.attn_sink is not None and self.o_proj is not None
 
 
+MAX_SEED = 2**62  # largest seed the harnesses take: the seeds they derive from it (seed + 1000 + step,
+# seed + 7919, ...) stay within torch.Generator's int64
+
+
 def _normal(g: torch.Generator, shape: tuple[int, ...], std: float) -> torch.Tensor:
     return torch.randn(shape, generator=g, dtype=torch.float32) * std
 

@@ -32,6 +32,7 @@ MAX_TOPK = 4096  # 4x the largest preset index_topk (pro: 1024); the Triton top-
 # one program's registers, like the 4096-key rows it selects from in registers (topk.ROW_IN_REGISTERS)
 TWO_WRITERS = "state.block_table: two slots write the same pool row in this step (share read-only blocks)"
 INDEX_LIMIT = 2**31  # selected indices (+ offset) are int32
+INT64_LIMIT = 2**63  # start positions are int64 on the device
 
 
 def same_device(a: torch.device | str, b: torch.device | str) -> bool:
@@ -411,6 +412,8 @@ def step_positions(
         host = tuple(int(v) for v in start_pos.tolist())
     else:
         p = _check_int("start_pos", start_pos)
+        if not -INT64_LIMIT <= p < INT64_LIMIT:
+            raise ValueError(f"start_pos: expected a value that fits int64 (|p| < 2^63), got {p}")
         host = (p,) * batch
         start = torch.full((batch,), p, dtype=torch.int64, device=device)
     if min(host) < 0:
