@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import ops
-from ..model.attention_state import CompressorState, KVPool, compressor_dims
+from ..model.attention_state import CompressorState, KVPool, rerun_exact
 from ..model.config import COMPRESS_RATIO, DeepSeekV4Config
 from ..model.rope import RopeTable
 from ..model.state import DEFAULT_BLOCK_SIZE, UNALLOCATED, IndexerState
@@ -322,8 +322,7 @@ class DecodeAttention(torch.nn.Module):
             )
         high = self.next_pos[i]
         for ratio in [r for r in (self.ratio, COMPRESS_RATIO if self.kind == "csa" else 0) if r]:
-            coff, ring = compressor_dims(ratio, 1)
-            if high > max(ring, ratio * (p // ratio) + ratio):
+            if not rerun_exact(p, high, ratio):
                 raise ValueError(
                     f"start_pos: slot {i} ran to {high - 1}; re-running from {p} would read compressor ring slots "
                     f"(ratio {ratio}) that later positions overwrote"

@@ -169,6 +169,15 @@ def compressor_dims(ratio: int, head_dim: int) -> tuple[int, int]:
     return coff, coff * ratio
 
 
+def rerun_exact(r: int, current: int, ratio: int) -> bool:
+    """Whether a slot at ``current`` that starts a step again at ``r < current`` (re-running
+    ``k = current - r`` positions, e.g. a rejected draft token) gets exactly a fresh run's results from
+    a position-addressed ring of a compressor of ``ratio``: no position run since ``r`` overwrote a
+    slot the re-run reads (``r + k <= max(COFF*RC, RC*(r // RC) + RC)``; spec §4, attention spec A3)."""
+    _, slots = compressor_dims(ratio, 1)
+    return current <= max(slots, ratio * (r // ratio + 1))
+
+
 @dataclass
 class CompressorState(_Record):
     """The main compressor's state (attention spec §3), updated in place by ``kv_compressor``.
