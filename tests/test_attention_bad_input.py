@@ -166,7 +166,7 @@ def test_device_tensors_are_checked_without_a_host_read(op: str) -> None:
     tables are checked by device-side asserts, nothing reads a value back (a GPU sync per call)."""
     args = _on_meta(_args(op))
     with HostReadWatch() as watch:
-        get_op(op).validate(**args)
+        get_op(op).backend_args(args)
     assert not watch.reads, watch.reads
     names = sorted({a.split(":")[0] for a in watch.asserts})
     expected = {
@@ -195,7 +195,7 @@ def test_device_checks_catch_bad_values(op, path, breaker, words, monkeypatch) -
     records = {name: args[name] for name in mutated_args(op)}
     before = {k: v.clone() for k, v in record_outputs(records).items()}
     with HostReadWatch() as watch, pytest.raises(RuntimeError, match=words):
-        get_op(op).validate(**args)
+        get_op(op).backend_args(args)
     assert watch.asserts and not watch.reads, watch.reads
     assert all(bit_identical(record_outputs(records)[k], t, k) for k, t in before.items())
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import dsv4
-import dsv4.engine.library as lib
+import dsv4.library as lib
 from conftest import DEVICE
-from dsv4.engine.library import flatten
+from dsv4.engine.custom_ops import flatten
 from dsv4.harness.cases import make_case, record_outputs
 from dsv4.harness.golden import bit_identical
 from dsv4.ops.attention_cases import sparse_attn_args

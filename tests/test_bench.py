@@ -177,7 +177,7 @@ def test_measure_traffic_counts_kernels_and_torch_ops() -> None:
         bench_kernels.masked_copy_kernel[(8,)](src, dst, 1000, BLOCK=128)
         dst.add_(1.0)  # a PyTorch op between kernels: read and write 4000 B (estimate: every tensor once)
 
-    traffic, _ = measure_traffic(BoundCall("copy", "triton", op, {}, None))
+    traffic, _ = measure_traffic(BoundCall("copy", "triton", op, (), None))
     assert traffic.launches == 1 and traffic.kernels == {"masked_copy_kernel": 1}
     assert (traffic.load_bytes, traffic.store_bytes) == (4000, 4000)
     assert traffic.torch_ops == {"add_": 1}

@@ -64,8 +64,8 @@ def test_golden_check_empty_folder(tmp_path: Path) -> None:
 def test_run_exits_nonzero_on_mismatch(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """A backend whose q is 2% off must make ``dsv4 run`` report a mismatch and exit 1."""
 
-    def qkv_proj_rope(**kwargs):
-        out = dsv4.reference.qkv_proj_rope(**kwargs)
+    def qkv_proj_rope(*args, **kwargs):
+        out = dsv4.reference.qkv_proj_rope(*args, **kwargs)
         return QKV((out.q.float() * 1.02).to(torch.bfloat16), out.kv, out.qr, out.qr_scale)
 
     # the "triton" backend of every op replaced: qkv_proj_rope broken, the others the reference

@@ -16,8 +16,8 @@ from dsv4.model.fp8_row import (
     fp8_round_trip,
     quantize_e4m3_blocks,
     quantize_fp8_weight,
-    row_bytes,
 )
+from dsv4.model.pool_format import FP8_KV
 from dsv4.ops import Tolerance
 from fp8_checkpoint import dequantize_f64, quantize_fp8_blocks
 
@@ -58,7 +58,10 @@ def test_row_codes_never_saturate_and_decode_exactly() -> None:
     exact = codes * torch.exp2(e.float())[:, None]
     assert torch.equal(deq[:, :64].float(), exact)  # exact in bf16
     assert torch.equal(fp8_round_trip(deq, 64), deq)  # stored values are fixed points
-    assert row_bytes(512, 64) == 584
+    assert FP8_KV.row_bytes(448, tail=64) == 584 and FP8_KV.scale_shape(448) == FP8_KV.scale_shape(64) == (8,)
+    codes, scales = FP8_KV.quantize(v[:, :64].float())  # the record quantizes as fp8_rows does
+    assert torch.equal(codes.view(torch.uint8), rows.nope.view(torch.uint8)) and torch.equal(scales, rows.scale)
+    assert torch.equal(FP8_KV.dequantize(codes, scales), exact)
 
 
 def test_codes_round_half_to_even() -> None:

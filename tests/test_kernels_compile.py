@@ -32,9 +32,10 @@ PLANS = [
 ]
 
 # Launches per plan and their grids, as docs/DESIGN.md ("Launches") gives them: the front launch (x-projection
-# programs with D split 4 ways at T=128 and 14 at T=2, not at all at T=1024, then one query program
-# per head and token tile), the persistent score launch (one program per SM, fewer when there are fewer
-# items), and the top-k: one program per row up to 4096 keys, 4096-key chunks beyond.
+# programs over 5 column tiles with D split 4 ways at T=128 (5 x 4 = 20), 26 at T=2 (132 SMs // 5 tiles:
+# 5 x 26 = 130), not at all at T=1024 (5 x 8 token tiles = 40), then one query program per head and token
+# tile), the persistent score launch (one program per SM, fewer when there are fewer items), and the top-k:
+# one program per row up to 4096 keys, 4096-key chunks beyond.
 GRIDS = {
     "decode-2048": {"_front_kernel": (84,), "_score_kernel": (132,), "_select_row_kernel": (128,)},
     "decode-262144": {"_front_kernel": (194,), "_score_kernel": (132,), "_select_chunks_kernel": (2, 64)},

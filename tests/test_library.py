@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dsv4
-import dsv4.engine.library as lib
+import dsv4.library as lib
 from conftest import BACKENDS, DEVICE
 from dsv4.harness.cases import make_case
 

@@ -17,7 +17,7 @@ import triton.language as tl
 import dsv4
 from dsv4.cli import main
 from dsv4.harness.golden import ratio_allclose
-from dsv4.ops import OpDescriptor, Output, Param, Tolerance, get_op, op_names, register_op, registry
+from dsv4.ops import OpDescriptor, Output, Tolerance, get_op, op_names, register_op, registry
 from dsv4.ops.case_inputs import CaseInputs
 from dsv4.ops.costs import BF16, OpCost
 from dsv4.ops.validate import check_tensor
@@ -61,12 +61,19 @@ def toy_kernel(x: torch.Tensor, w: ToyWeights, eps: float, out: ToyOut | None = 
     return out
 
 
-def _validate(x: Any, w: Any, eps: Any = 1e-6, out: ToyOut | None = None) -> dict[str, Any]:
-    check_tensor("x", x, torch.bfloat16, (None, None), getattr(x, "device", None))
-    check_tensor("w.gain", w.gain, torch.float32, (x.shape[1],), x.device)
+def toy_rms_norm(
+    x: torch.Tensor, w: ToyWeights, *, eps: float = 1e-6, backend: str = "auto", out: ToyOut | None = None
+) -> ToyOut:
+    """Gained RMSNorm: ``x [T, D] bf16``, ``w.gain [D] fp32`` -> ``ToyOut(y [T, D] bf16)``."""
+    raise NotImplementedError  # the op's signature
+
+
+def _validate(args: dict[str, Any], out: ToyOut | None) -> dict[str, Any]:
+    x = check_tensor("x", args["x"], torch.bfloat16, (None, None), getattr(args["x"], "device", None))
+    check_tensor("w.gain", args["w"].gain, torch.float32, (x.shape[1],), x.device)
     if out is not None:
         check_tensor("out.y", out.y, torch.bfloat16, tuple(x.shape), x.device)
-    return {"x": x, "w": w, "eps": eps}
+    return {}
 
 
 def _case_args(c: CaseInputs) -> dict[str, Any]:
@@ -81,14 +88,13 @@ def _cost(cfg: dsv4.DeepSeekV4Config, start_pos: list[int], seq: int) -> OpCost:
 
 TOY = OpDescriptor(
     name=NAME,
-    params=(Param("x", torch.Tensor), Param("w", ToyWeights), Param("eps", float)),
+    signature=toy_rms_norm,
     outputs=(Output("y", Tolerance(1e-4, 1 / 128)),),
-    result=ToyOut,
     mutates=(),
     validate=_validate,
     case_args=_case_args,
     cost=_cost,
-    fake_result=lambda x, w, eps: ToyOut(torch.empty_like(x)),
+    fake_result=lambda args: ToyOut(torch.empty_like(args["x"])),
     implementations={"reference": f"{__name__}:toy_reference", "triton": f"{__name__}:toy_kernel"},
 )
 

@@ -1,10 +1,18 @@
-"""Per-row INT8 quantization (spec §2)."""
+"""Per-row INT8 quantization (spec §2) and the pool-row formats built on it."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 
 import dsv4
+from conftest import DEVICE
+from dsv4.harness.cases import make_case, run_case
+from dsv4.harness.golden import compare
+from dsv4.model.pool_format import INT8_KEYS
+from dsv4.model.state import IndexerState
 
 
 def test_bounds_and_dequant_error() -> None:
@@ -51,3 +59,54 @@ def test_weight_quantization_per_output_channel() -> None:
     amax = w.abs().amax(1).clamp_min(1e-4)
     assert torch.allclose(scale, amax / 127, rtol=1e-6)
     assert torch.all((q.float() * scale[:, None] - w).abs() <= 0.5 * scale[:, None] * (1 + 1e-5))
+
+
+def test_int8_keys_format_is_the_spec_row() -> None:
+    """The indexer's key row (spec §2, §4): the per-row INT8 codes and one fp32 scale a row, stored
+    ``[..., HID]`` and ``[...]``; 128 + 4 bytes at HID=128; dequantized within half a step."""
+    x = torch.randn(3, 5, 128) * torch.logspace(-2, 2, 5).unsqueeze(-1)
+    codes, scales = INT8_KEYS.quantize(x)
+    q, scale = dsv4.quantize_int8_per_row(x)
+    assert torch.equal(codes, q) and torch.equal(scales, scale.squeeze(-1))
+    assert codes.dtype == INT8_KEYS.code_dtype == torch.int8 and scales.dtype == INT8_KEYS.scale_dtype
+    assert torch.all((INT8_KEYS.dequantize(codes, scales) - x).abs() <= 0.5 * scale * (1 + 1e-5))
+    assert INT8_KEYS.row_bytes(128) == 128 + 4 and INT8_KEYS.scale_shape(128) == ()
+    state = IndexerState.fresh(2, 40, 128, block_size=16)  # 3 blocks a slot
+    assert state.key_format is INT8_KEYS
+    assert (state.keys.dtype, tuple(state.keys.shape)) == (torch.int8, (6, 16, 128))
+    assert (state.key_scale.dtype, tuple(state.key_scale.shape)) == (torch.float32, (6, 16))
+    with pytest.raises(ValueError, match="tail"):
+        INT8_KEYS.row_bytes(128, tail=64)
+
+
+def test_the_record_holds_the_fp8_kv_row() -> None:
+    """The attention layer's FP8 KV row (attention spec §2: e4m3 codes of the 448 NOPE columns, a UE8M0
+    scale byte per 64 of them in 8 bytes, the 64 rope columns bf16) is an entry of the same record."""
+    fp8 = dataclasses.replace(
+        INT8_KEYS, name="fp8-kv", code_dtype=torch.float8_e4m3fn, scale_dtype=torch.uint8, scale_block=64,
+        scale_align=8, tail_dtype=torch.bfloat16, code_max=448.0,
+    )  # fmt: skip
+    assert fp8.row_bytes(448, tail=64) == 584 and fp8.scale_shape(448) == (8,)
+    codes, scales = fp8.empty(3, 16, 448)
+    assert (codes.dtype, tuple(codes.shape)) == (torch.float8_e4m3fn, (3, 16, 448))
+    assert (scales.dtype, tuple(scales.shape)) == (torch.uint8, (3, 16, 8))
+
+
+def _int6_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    codes, scale = dsv4.quantize_int8_per_row(rows, 31.0, 1e-3)
+    return codes, scale.squeeze(-1)
+
+
+def test_both_backends_write_keys_in_the_pool_format(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key pool of another format (codes in [-31, 31], amax floor 1e-3): the reference quantizes with
+    the format, the kernels get its constants from the launchers, and both write the same pool."""
+    int6 = dataclasses.replace(INT8_KEYS, name="int6", code_max=31.0, amax_floor=1e-3, quantize=_int6_rows)
+    monkeypatch.setattr(IndexerState, "key_format", int6)
+    case = make_case(dsv4.get_config("tiny"), "indexer_compressor", seed=2, device=DEVICE, batch=2, seq=4)
+    before = case.state().clone()
+    ref, tri = run_case(case, "reference"), run_case(case, "triton")
+    written = ref["key_scale"] != before.key_scale
+    assert written.sum() == 2  # one closed block a row
+    assert ref["keys"][written].abs().amax() == 31 and tri["keys"][written].abs().amax() == 31
+    report = compare("indexer_compressor", tri, ref, case.compare_inputs())
+    assert report, str(report)

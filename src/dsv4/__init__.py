@@ -1,6 +1,6 @@
 """dsv4: fused kernels for the DeepSeek-V4 attention front end, with a spec-exact reference."""
 
-from .engine import library  # registers torch.ops.dsv4.*
+from . import library  # registers torch.ops.dsv4.*
 from .engine.attention import DecodeAttention
 from .engine.frontend import DecodeFrontEnd
 from .harness import golden

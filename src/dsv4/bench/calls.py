@@ -32,11 +32,11 @@ class BoundCall:
     op: str
     backend: str
     fn: Callable[..., Any]
-    kwargs: dict[str, Any]
+    args: tuple[Any, ...]  # the backend's arguments, validated (``OpDescriptor.backend_args``)
     state: dict[str, Any] | None
 
     def __call__(self) -> Any:
-        return self.fn(**self.kwargs)
+        return self.fn(*self.args)
 
     def outputs(self, result: Any) -> dict[str, torch.Tensor]:
         """``result`` of a call and the state after it, by output name (as ``golden.compare`` wants)."""
@@ -64,4 +64,4 @@ def bind(case: Case, backend: str) -> BoundCall:
         fn = torch.compile(fn, dynamic=False, options={"emulate_precision_casts": True})
     args = clone_args(case.args, case.op)
     state = {name: args[name] for name in mutated_args(case.op) if name in args}
-    return BoundCall(case.op, backend, fn, desc.validate(**args), state or None)
+    return BoundCall(case.op, backend, fn, desc.backend_args(args), state or None)

@@ -17,6 +17,7 @@ from ..model.rope import RopeTable
 from ..model.state import IndexerState
 from ..model.structs import QKV, IndexerOut, StepPositions
 from ..model.weights import AttnWeights, IndexerWeights
+from ..ops.defs import INDEXER, QKV_PROJ_ROPE
 
 
 def _triton_backend() -> ModuleType:
@@ -77,6 +78,18 @@ class StaticDecodeStep:
             torch.empty(batch, seq, topk, dtype=torch.int32, device=dev),
         )
         self.pos = StepPositions(self.start, seq, length)
+        # The kernels' arguments in each op's order (its descriptor's), bound once: views of the buffers.
+        self.qkv_args = tuple(
+            QKV_PROJ_ROPE.bind(
+                {"x": self.x.view(t, d), "w": attn, "positions": self.positions, "rope": rope, "eps": eps}
+            ).values()
+        )
+        self.indexer_args = tuple(
+            INDEXER.bind(
+                {"x": self.x, "qr": self.qkv.qr, "qr_scale": self.qkv.qr_scale, "w": indexer, "state": state,
+                 "start_pos": self.pos, "offset": offset, "rope": rope, "topk": topk, "eps": eps}
+            ).values()
+        )  # fmt: skip
         self.kernels = _triton_backend()
         self.workspace = self.kernels.Workspace()
 
@@ -102,12 +115,8 @@ class StaticDecodeStep:
     def launch(self) -> None:
         """The step: every launch reads and writes only the static buffers."""
         torch.add(self.start[:, None], self.offsets[None, :], out=self.positions.view(self.batch, self.seq))
-        x2d = self.x.view(self.batch * self.seq, -1)
-        self.kernels.qkv_proj_rope(x2d, self.attn, self.positions, self.rope, self.eps, out=self.qkv, ws=self.workspace)
-        self.kernels.indexer(
-            self.x, self.qkv.qr, self.qkv.qr_scale, self.indexer, self.state, self.pos, self.offset, self.rope,
-            self.topk, self.eps, out=self.out, ws=self.workspace,
-        )  # fmt: skip
+        self.kernels.qkv_proj_rope(*self.qkv_args, out=self.qkv, ws=self.workspace)
+        self.kernels.indexer(*self.indexer_args, out=self.out, ws=self.workspace)
 
     def results(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``q [B, S, H, HD]``, ``kv [B, S, HD]``, ``topk_idxs [B, S, topk]``: views of the static outputs."""

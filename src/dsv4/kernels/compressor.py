@@ -36,7 +36,7 @@ from ..model.rope import RopeTable
 from ..model.state import STATE_SLOTS, IndexerState
 from ..model.structs import StepPositions
 from ..model.weights import CompressorWeights
-from .epilogue import quantize_int8_rows, round_bf16
+from .epilogue import quantize_rows, round_bf16
 from .head_rotation import hadamard_rows, rope_pairs, split_head_dims
 from .index_front import front
 from .split_k import sum_k_slices
@@ -119,9 +119,11 @@ def _close_tile(
     src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, keys_ptr, key_scale_ptr, table_ptr, norm_w_ptr, cos_ptr, sin_ptr,
     b, start, S, k, n_close, T, HI, max_blocks, eps, hadamard_scale,
     HID: tl.constexpr, NOPE: tl.constexpr, HALF_R: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    KEY_CODE_MAX: tl.constexpr, KEY_AMAX_FLOOR: tl.constexpr,
 ):  # fmt: skip
     """The keys of closing blocks ``k [CLOSE_TILE]`` (``< n_close``) of row ``b``: pooled, RMSNorm,
-    RoPE, Hadamard, quantized per row and stored in the pool through the block table."""
+    RoPE, Hadamard, quantized per row in the pool's format (``KEY_*``: ``IndexerState.key_format``) and
+    stored in the pool through the block table."""
     valid = k < n_close
     r = start // RATIO + k  # cache row of each closing block
     f = r * RATIO  # its first position
@@ -151,10 +153,11 @@ def _close_tile(
     sin = tl.load(sin_ptr + trig, mask=valid[:, None], other=0.0)
     k_even, k_odd = rope_pairs(k_even, k_odd, cos, sin)
     key = hadamard_rows(k_nope, round_bf16(k_even), round_bf16(k_odd), hadamard_scale, HID, NOPE, HALF_R)
-    k8, k_scale = quantize_int8_rows(round_bf16(key))  # spec §2 of the bf16 key: quantized on write
+    k8, k_scale = quantize_rows(round_bf16(key), KEY_CODE_MAX, KEY_AMAX_FLOOR)  # spec §2 of the bf16 key
     block = tl.load(table_ptr + b * max_blocks + r // BLOCK_SIZE, mask=valid, other=-1).to(tl.int64)
     held = valid & (block >= 0)
     slot = block * BLOCK_SIZE + r % BLOCK_SIZE
+    k8 = k8.to(keys_ptr.dtype.element_ty)  # the pool's code dtype
     tl.store(keys_ptr + slot[:, None] * HID + tl.arange(0, HID)[None, :], k8, mask=held[:, None])
     tl.store(key_scale_ptr + slot, k_scale, mask=held)
 
@@ -214,6 +217,7 @@ def close_chunk(
     c, b, start, xp_ptr, kvg_ptr, ape_ptr, kv_state_ptr, score_state_ptr, keys_ptr, key_scale_ptr, table_ptr,
     norm_w_ptr, cos_ptr, sin_ptr, S, T, HI, max_blocks, eps, hadamard_scale,
     HID: tl.constexpr, NOPE: tl.constexpr, HALF_R: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLITS: tl.constexpr,
+    KEY_CODE_MAX: tl.constexpr, KEY_AMAX_FLOOR: tl.constexpr,
 ):  # fmt: skip
     """Chunk ``c`` of row ``b``'s closing blocks (``[c, c+1) * _CHUNK``); chunk 0 also writes the ring.
 
@@ -231,7 +235,7 @@ def close_chunk(
         _close_tile(
             src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, keys_ptr, key_scale_ptr, table_ptr, norm_w_ptr, cos_ptr,
             sin_ptr, b, start, S, k0 + tl.arange(0, _TILE), tl.minimum(n_close, lo + _CHUNK), T, HI,
-            max_blocks, eps, hadamard_scale, HID, NOPE, HALF_R, BLOCK_SIZE,
+            max_blocks, eps, hadamard_scale, HID, NOPE, HALF_R, BLOCK_SIZE, KEY_CODE_MAX, KEY_AMAX_FLOOR,
         )  # fmt: skip
     if c == 0:
         _update_ring(src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, start, S, T, HI, HID)
@@ -260,6 +264,8 @@ def _compressor_step_kernel(
     HALF_R: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     SPLITS: tl.constexpr,
+    KEY_CODE_MAX: tl.constexpr,  # the key pool's format (IndexerState.key_format.constexprs)
+    KEY_AMAX_FLOOR: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
@@ -268,7 +274,7 @@ def _compressor_step_kernel(
         close_chunk(
             c, b, start, xp_ptr, kvg_ptr, ape_ptr, kv_state_ptr, score_state_ptr, keys_ptr, key_scale_ptr, table_ptr,
             norm_w_ptr, cos_ptr, sin_ptr, S, tl.num_programs(0) * S, 0, max_blocks, eps, hadamard_scale,
-            HID, NOPE, HALF_R, BLOCK_SIZE, SPLITS,
+            HID, NOPE, HALF_R, BLOCK_SIZE, SPLITS, KEY_CODE_MAX, KEY_AMAX_FLOOR,
         )  # fmt: skip
 
 
@@ -290,7 +296,7 @@ def compressor_step(
         xp, kvg, w.ape, pos.start, state.kv_state, state.score_state, state.keys, state.key_scale, state.block_table,
         w.norm_w, rope.cos, rope.sin, pos.seq, state.block_table.shape[1], eps, hid**-0.5,
         HID=hid, NOPE=nope, HALF_R=half_r, BLOCK_SIZE=state.block_size, SPLITS=splits,
-        num_warps=NUM_WARPS, enable_fp_fusion=False,
+        **state.key_format.constexprs("KEY_"), num_warps=NUM_WARPS, enable_fp_fusion=False,
     )  # fmt: skip
 
 

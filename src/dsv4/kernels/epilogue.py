@@ -86,23 +86,33 @@ def _row_amax(v):
 
 
 @triton.jit
-def quantize_int8_rows(v):
-    """Spec §2 per-row INT8: ``v [BM, BN]`` fp32 (padding 0) -> ``(q [BM, BN] int8, scale [BM] fp32)``.
+def quantize_rows(v, CODE_MAX: tl.constexpr, FLOOR: tl.constexpr):
+    """Spec §2 per-row symmetric quantization to integer codes in ``[-CODE_MAX, CODE_MAX]``:
+    ``v [BM, BN]`` fp32 (padding 0) -> ``(q [BM, BN] fp32 integers, scale [BM] fp32)``.
 
-    ``amax = max(max|v|, 1e-4)``, ``s = 127/amax``, ``q = round_half_even(v*s)``, ``scale = 1/s``, with
-    correctly rounded divisions (a plain ``/`` compiles to an approximate one on NVIDIA GPUs): bit for
-    bit ``dsv4.quantize_int8_per_row``, non-finite rows included: a NaN in the row makes ``amax`` and
-    the scale NaN, an infinity makes the scale infinite, and such a row's ``q`` is 0 (``v*s`` is 0
-    or NaN there, and torch turns NaN into int8 0). ``tl.max``/``tl.maximum``/``tl.minimum`` drop NaN
-    (IEEE maxNum, on GPUs and in the interpreter), so the NaN is carried explicitly.
+    ``amax = max(max|v|, FLOOR)``, ``s = CODE_MAX/amax``, ``q = round_half_even(v*s)``, ``scale = 1/s``,
+    with correctly rounded divisions (a plain ``/`` compiles to an approximate one on NVIDIA GPUs): bit
+    for bit ``dsv4.quantize_int8_per_row`` at ``CODE_MAX=127``, ``FLOOR=1e-4`` (``PoolFormat.constexprs``),
+    non-finite rows included: a NaN in the row makes ``amax`` and the scale NaN, an infinity makes the
+    scale infinite, and such a row's ``q`` is 0 (``v*s`` is 0 or NaN there, and torch turns NaN into
+    int8 0). ``tl.max``/``tl.maximum``/``tl.minimum`` drop NaN (IEEE maxNum, on GPUs and in the
+    interpreter), so the NaN is carried explicitly.
     """
-    amax = tl.maximum(_row_amax(v), AMAX_FLOOR, propagate_nan=tl.PropagateNan.ALL)
-    s = tl.div_rn(INT8_MAX, amax)
+    amax = tl.maximum(_row_amax(v), FLOOR, propagate_nan=tl.PropagateNan.ALL)
+    s = tl.div_rn(CODE_MAX, amax)
     # The clamp also keeps the multiply from fusing into the rounding add (an FMA would round v*s only once).
-    scaled = tl.minimum(tl.maximum(v * s[:, None], -INT8_MAX), INT8_MAX)
+    scaled = tl.minimum(tl.maximum(v * s[:, None], -CODE_MAX), CODE_MAX)
     finite_row = (s > 0)[:, None]  # s is NaN (a NaN in the row) or 0 (an infinity) otherwise
     q = tl.where(finite_row, (scaled + ROUND_MAGIC) - ROUND_MAGIC, 0.0)
-    return q.to(tl.int8), tl.div_rn(1.0, s)
+    return q, tl.div_rn(1.0, s)
+
+
+@triton.jit
+def quantize_int8_rows(v):
+    """Spec §2 per-row INT8 (``quantize_rows`` at 127 and 1e-4): ``v [BM, BN]`` fp32 (padding 0) ->
+    ``(q [BM, BN] int8, scale [BM] fp32)``; bit for bit ``dsv4.quantize_int8_per_row``."""
+    q, scale = quantize_rows(v, INT8_MAX, AMAX_FLOOR)
+    return q.to(tl.int8), scale
 
 
 @triton.jit

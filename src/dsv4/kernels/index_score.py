@@ -45,7 +45,7 @@ from .topk import FIRST_DIGIT_BINS, HIST_WORDS, first_digit_histogram
 from .workspace import Workspace, scratch
 from .x_proj import head_weights
 
-KEYS_PER_PROGRAM = CLOSE_CHUNK  # rows per item: 128 keys x 132 B (INT8 row + fp32 scale) = 16.5 KB, one
+KEYS_PER_PROGRAM = CLOSE_CHUNK  # rows per item: 128 keys x 132 B (an INT8_KEYS row at HID=128) = 16.5 KB, one
 #                                 [128, HID] x [HID, HI] INT8 MMA per token; the compressor's close chunk
 PROGRAMS_PER_SM = 1  # the persistent grid: one program per SM
 KEY_STAGES = 2  # the item loop's key loads: the next item's 16.5 KB in flight while this one is scored
@@ -183,6 +183,8 @@ def _score_kernel(
     B_PAD: tl.constexpr,
     HIST: tl.constexpr,
     ONE_PAIR: tl.constexpr,
+    KEY_CODE_MAX: tl.constexpr,  # the key pool's format (IndexerState.key_format.constexprs)
+    KEY_AMAX_FLOOR: tl.constexpr,
 ):
     T = B * S
     rows = tl.arange(0, B_PAD)
@@ -202,7 +204,7 @@ def _score_kernel(
             close_chunk(
                 k, b.to(tl.int64), start, xp_ptr, kvg_ptr, ape_ptr, kv_state_ptr, score_state_ptr,
                 keys_ptr, key_scale_ptr, table_ptr, norm_w_ptr, cos_ptr, sin_ptr, S, T, HI, max_blocks, eps,
-                hadamard_scale, HID, NOPE, HALF_R, BLOCK_SIZE, SPLITS,
+                hadamard_scale, HID, NOPE, HALF_R, BLOCK_SIZE, SPLITS, KEY_CODE_MAX, KEY_AMAX_FLOOR,
             )  # fmt: skip
     tl.debug_barrier()  # the new keys are stored before any thread of the program loads them
     q_row = pid * 0 - 1  # the row whose queries are on chip
@@ -306,6 +308,6 @@ def index_scores(
         b, s, score.shape[2], state.block_table.shape[1], hi, eps, hid**-0.5, hid**-0.5 * hi**-0.5,
         HEADS_PAD=heads_pad, HID=hid, NOPE=nope, HALF_R=half_r, BLOCK_SIZE=state.block_size, SPLITS=splits,
         B_PAD=triton.next_power_of_2(b), HIST=hist is not None, ONE_PAIR=s <= 2,
-        num_warps=NUM_WARPS, num_stages=KEY_STAGES, enable_fp_fusion=False,
+        **state.key_format.constexprs("KEY_"), num_warps=NUM_WARPS, num_stages=KEY_STAGES, enable_fp_fusion=False,
     )  # fmt: skip
     return score

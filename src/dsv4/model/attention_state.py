@@ -15,11 +15,13 @@ overwrites its slot.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import ClassVar
 
 import torch
 
 from .config import COMPRESS_RATIO, DeepSeekV4Config
-from .fp8_row import SCALE_BYTES, check_row_dims, dequantize_fp8_rows, fp8_rows, row_bytes
+from .fp8_row import check_row_dims, dequantize_fp8_rows, fp8_rows
+from .pool_format import FP8_KV, PoolFormat
 from .state import DEFAULT_BLOCK_SIZE, UNALLOCATED, IndexerState, _check_block_size
 
 
@@ -70,6 +72,7 @@ class KVPool(_Record):
     rope: torch.Tensor
     scale: torch.Tensor
     block_table: torch.Tensor
+    row_format: ClassVar[PoolFormat] = FP8_KV  # the rows' numerics (not a field: the ops' tensors are)
 
     @classmethod
     def paged(
@@ -90,11 +93,11 @@ class KVPool(_Record):
             raise ValueError(f"block_table: expected shape [batch, max_blocks], got {list(table.shape)}")
         if table.numel() and (int(table.min()) < UNALLOCATED or int(table.max()) >= num_blocks):
             raise ValueError(f"block_table: expected entries in [0, {num_blocks}) or -1")
-        nope = head_dim - rope_dim
+        codes, scales = cls.row_format.empty(num_blocks, block_size, head_dim - rope_dim, device)
         return cls(
-            nope=torch.zeros(num_blocks, block_size, nope, dtype=torch.float8_e4m3fn, device=device),
-            rope=torch.zeros(num_blocks, block_size, rope_dim, dtype=torch.bfloat16, device=device),
-            scale=torch.zeros(num_blocks, block_size, SCALE_BYTES, dtype=torch.uint8, device=device),
+            nope=codes,
+            rope=torch.zeros(num_blocks, block_size, rope_dim, dtype=cls.row_format.tail_dtype, device=device),
+            scale=scales,
             block_table=table.to(device).contiguous(),
         )
 
@@ -135,7 +138,7 @@ class KVPool(_Record):
 
     @property
     def row_bytes(self) -> int:
-        return row_bytes(self.head_dim, self.rope_dim)
+        return self.row_format.row_bytes(self.head_dim - self.rope_dim, tail=self.rope_dim)
 
     def locate(self, slots: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(block, offset)`` int64 of row ``rows[i]`` of slot ``slots[i]``; block -1 where none is allocated."""

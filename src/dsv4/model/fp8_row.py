@@ -1,5 +1,6 @@
 """FP8 e4m3 codes with power-of-two (UE8M0) block scales: the KV row of the attention's pools and
-the activation quant of its output projection (attention spec §2, §6).
+the activation quant of its output projection (attention spec §2, §6). The row's format record
+(dtypes, scale layout, bytes, kernel constants) is ``pool_format.FP8_KV``, made from these functions.
 
 **FP8 KV row** (``fp8_rows``): a row ``v [HD] bf16`` is stored as the codes of its first
 ``NOPE = HD - R`` entries in blocks of 64 (``float8_e4m3fn``), one scale byte per block (``e + 127``;
@@ -41,11 +42,6 @@ class FP8Rows(NamedTuple):
     nope: torch.Tensor
     scale: torch.Tensor
     rope: torch.Tensor
-
-
-def row_bytes(head_dim: int, rope_dim: int) -> int:
-    """Bytes of one stored KV row: NOPE e4m3 codes, R bf16 values, 8 scale bytes (584 at HD 512, R 64)."""
-    return (head_dim - rope_dim) + 2 * rope_dim + SCALE_BYTES
 
 
 def check_row_dims(head_dim: int, rope_dim: int) -> int:
@@ -91,24 +87,35 @@ def dequantize_e4m3_blocks(codes: torch.Tensor, e: torch.Tensor) -> torch.Tensor
     return (c * torch.exp2(e.to(torch.float32)).unsqueeze(-1)).flatten(-2)
 
 
+def fp8_blocks(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The quantized part of KV rows: ``rows [..., NOPE]`` (NOPE a multiple of 64, at most 512) ->
+    ``(codes [..., NOPE] float8_e4m3fn, scale bytes [..., 8] uint8)``: byte ``i`` is block ``i``'s
+    ``e + 127`` (255 for a block holding NaN or an infinity), bytes ``>= NOPE/64`` are 0."""
+    used = rows.shape[-1] // ROW_BLOCK
+    codes, e = quantize_e4m3_blocks(rows, ROW_BLOCK)
+    scale = torch.zeros(*rows.shape[:-1], SCALE_BYTES, dtype=torch.uint8, device=rows.device)
+    scale[..., :used] = (e + SCALE_BIAS).to(torch.uint8)
+    return codes, scale
+
+
+def fp8_blocks_dequantized(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``codes [..., NOPE]`` times ``2^(byte - 127)`` per 64 -> ``[..., NOPE]`` fp32 (exact)."""
+    used = codes.shape[-1] // ROW_BLOCK
+    return dequantize_e4m3_blocks(codes, scale[..., :used].to(torch.int32) - SCALE_BIAS)
+
+
 def fp8_rows(v: torch.Tensor, rope_dim: int) -> FP8Rows:
     """KV rows ``v [..., HD] bf16`` in the pool format (``fp8_row`` of attention spec §2)."""
     if v.dtype != torch.bfloat16:
         raise TypeError(f"v: expected bf16 rows, got {v.dtype}")
-    head_dim = v.shape[-1]
-    nope = head_dim - rope_dim
-    used = check_row_dims(head_dim, rope_dim)
-    codes, e = quantize_e4m3_blocks(v[..., :nope], ROW_BLOCK)
-    scale = torch.zeros(*v.shape[:-1], SCALE_BYTES, dtype=torch.uint8, device=v.device)
-    scale[..., :used] = (e + SCALE_BIAS).to(torch.uint8)
-    return FP8Rows(codes, scale, v[..., nope:].clone())
+    nope = v.shape[-1] - rope_dim
+    check_row_dims(v.shape[-1], rope_dim)
+    return FP8Rows(*fp8_blocks(v[..., :nope]), v[..., nope:].clone())
 
 
 def dequantize_fp8_rows(nope: torch.Tensor, scale: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """``deq`` of attention spec §2: rows in the pool format -> ``[..., HD] bf16`` (exact)."""
-    used = nope.shape[-1] // ROW_BLOCK
-    e = scale[..., :used].to(torch.int32) - SCALE_BIAS
-    return torch.cat((dequantize_e4m3_blocks(nope, e).to(torch.bfloat16), rope.to(torch.bfloat16)), dim=-1)
+    return torch.cat((fp8_blocks_dequantized(nope, scale).to(torch.bfloat16), rope.to(torch.bfloat16)), dim=-1)
 
 
 def fp8_round_trip(v: torch.Tensor, rope_dim: int) -> torch.Tensor:

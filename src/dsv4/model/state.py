@@ -2,19 +2,20 @@
 
 The key cache is a pool of fixed-size blocks shared by every sequence slot, addressed through a
 block table (the paged layout a serving engine manages): compressed row ``j`` of slot ``b`` lives at
-block ``block_table[b, j // block_size]``, offset ``j % block_size``, as an INT8 row with its fp32
-scale (quantized when it is written). ``IndexerState.empty`` builds the dense special case, in which
-slot ``b`` owns blocks ``b*n .. b*n + n - 1``.
+block ``block_table[b, j // block_size]``, offset ``j % block_size``, as a row of the pool's format
+(``IndexerState.key_format``: INT8 codes with an fp32 scale, quantized when it is written).
+``IndexerState.empty`` builds the dense special case, in which slot ``b`` owns blocks ``b*n .. b*n + n - 1``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from .config import COMPRESS_RATIO, DeepSeekV4Config
-from .quant import quantize_int8_per_row
+from .pool_format import INT8_KEYS, PoolFormat
 
 STATE_SLOTS = 2 * COMPRESS_RATIO  # slots 0..3: previous block, 4..7: the block being filled
 DEFAULT_BLOCK_SIZE = 64  # compressed rows per pool block (256 tokens): 8 KiB of INT8 keys at HID=128
@@ -28,10 +29,13 @@ class IndexerState:
     ``kv_state [B, 8, 2*HID] fp32`` and ``score_state [B, 8, 2*HID] fp32``: the compressor's ring
     of projected rows and gate scores (slots 0..3 previous block, 4..7 current block).
     ``keys [num_blocks, block_size, HID] int8`` and ``key_scale [num_blocks, block_size] fp32``: the
-    pool of compressed keys (one INT8 row per closed block of 4 tokens, dequant ``keys * key_scale``).
+    pool of compressed keys, one row per closed block of 4 tokens in the ``key_format`` (``INT8_KEYS``:
+    dequant ``keys * key_scale``).
     ``block_table [B, max_blocks] int32``: the pool block holding each slot's rows
     ``[i*block_size, (i+1)*block_size)``, or ``-1`` where none is allocated. The ops never change it.
     """
+
+    key_format: ClassVar[PoolFormat] = INT8_KEYS  # the pool's row format (not a field: the ops' tensors are)
 
     kv_state: torch.Tensor
     score_state: torch.Tensor
@@ -93,11 +97,12 @@ class IndexerState:
         if table.numel() and (int(table.min()) < UNALLOCATED or int(table.max()) >= num_blocks):
             raise ValueError(f"block_table: expected entries in [0, {num_blocks}) or -1")
         width = 2 * head_dim
+        keys, key_scale = cls.key_format.empty(num_blocks, block_size, head_dim, device)
         return cls(
             kv_state=torch.zeros(batch, STATE_SLOTS, width, dtype=torch.float32, device=device),
             score_state=torch.full((batch, STATE_SLOTS, width), float("-inf"), dtype=torch.float32, device=device),
-            keys=torch.zeros(num_blocks, block_size, head_dim, dtype=torch.int8, device=device),
-            key_scale=torch.zeros(num_blocks, block_size, dtype=torch.float32, device=device),
+            keys=keys,
+            key_scale=key_scale,
             block_table=table.to(device).contiguous(),
         )
 
@@ -145,14 +150,14 @@ class IndexerState:
         return self.keys[blocks, j % self.block_size], self.key_scale[blocks, j % self.block_size]
 
     def write_keys(self, slots: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor) -> None:
-        """Quantize ``keys [N, HID]`` (bf16 values) per row (spec §2) into the pool at compressed row
-        ``rows[i]`` of slot ``slots[i]``; rows whose block is not allocated (``-1``) are skipped."""
-        k8, ks = quantize_int8_per_row(keys)
+        """Quantize ``keys [N, HID]`` (bf16 values) in the pool's ``key_format`` (spec §2) into the pool at
+        compressed row ``rows[i]`` of slot ``slots[i]``; rows whose block is not allocated (``-1``) are skipped."""
+        k8, ks = self.key_format.quantize(keys)
         blocks = self.block_table[slots, rows // self.block_size].long()
         held = blocks >= 0
         offsets = rows % self.block_size
         self.keys[blocks[held], offsets[held]] = k8[held]
-        self.key_scale[blocks[held], offsets[held]] = ks[held, 0]
+        self.key_scale[blocks[held], offsets[held]] = ks[held]
 
     def reset(self, rows: torch.Tensor | list[int] | int) -> None:
         """Return batch ``rows`` to the empty state (a new sequence takes those slots): their ring is

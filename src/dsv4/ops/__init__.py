@@ -10,7 +10,7 @@ from .api import (
     sparse_attn,
     window_kv_write,
 )
-from .registry import OpDescriptor, Output, Param, Tolerance, get_op, op_names, register_op
+from .registry import OpDescriptor, Output, Param, Tolerance, get_op, op_function, op_names, register_op
 
 __all__ = [
     "OpDescriptor",
@@ -23,6 +23,7 @@ __all__ = [
     "indexer_compressor",
     "kv_compressor",
     "o_proj",
+    "op_function",
     "op_names",
     "qkv_proj_rope",
     "register_op",

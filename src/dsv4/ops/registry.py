@@ -1,19 +1,30 @@
 """One description per op, and the registry that every harness reads.
 
-An ``OpDescriptor`` says everything about an op that is not its math: its public arguments, its
+An ``OpDescriptor`` says everything about an op that is not its math: its public signature, its
 outputs with the spec §6 tolerance of each, how its arguments are checked, how a seeded case of it
 is built, what it must move through memory (the bytes model), and where each backend implements it.
-The public functions (``dsv4.ops``), the custom ops (``torch.ops.dsv4``), ``dsv4 run``,
-``dsv4 golden`` and ``dsv4 bench`` all read the registry instead of listing ops, so adding an op is
-one reference function, one kernels module and one descriptor passed to ``register_op``.
+The public functions (``dsv4.ops``), the custom ops (``torch.ops.dsv4``), ``dsv4.library``,
+``dsv4 run``, ``dsv4 golden`` and ``dsv4 bench`` all read the registry instead of listing ops, so
+adding an op is one reference function, one kernels module and one descriptor passed to ``register_op``.
+
+**One signature per op.** The descriptor's ``signature`` is a typed stub: its parameters (names,
+annotations, defaults, which are keyword-only) and its docstring are the op's public signature, once.
+``params`` and ``result`` are read from it; ``op_function`` makes the public function (``dsv4.indexer``)
+and the ``dsv4.library`` one from it; the custom op's schema is ``params`` flattened; validation gets
+the bound arguments by name and the backends get them in ``params`` order (``backend_args``). Adding an
+argument is one line in the stub, its check in ``validate``, and its use in the implementations.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
+import types
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, ParamSpec, TypeVar
 
 import torch
 
@@ -59,61 +70,126 @@ class Output:
             raise ValueError(f"rule: expected one of {RULES}, got {self.rule!r}")
 
 
+NO_DEFAULT = inspect.Parameter.empty  # a Param without a default
+INT_OR_TENSOR = "int | Tensor"  # a Param kind: a custom op takes it as an int tensor
+RESERVED = ("backend", "out")  # the stub's parameters every op function has that are not the op's arguments
+
+
 @dataclass(frozen=True)
 class Param:
-    """A public argument: its name and kind (``torch.Tensor``, ``int``, ``float``, ``str``, a
-    dataclass of tensors such as the weights, ``RopeTable`` or ``IndexerState``, or
-    ``INT_OR_TENSOR``: an int for every batch row or an int tensor ``[B]``). ``optional``: the
-    argument may be None (a custom op takes each of its tensors as ``Tensor?``)."""
+    """A public argument, as the signature stub declares it: its name, its kind (``torch.Tensor``,
+    ``int``, ``float``, ``str``, a dataclass of tensors such as the weights, ``RopeTable`` or
+    ``IndexerState``, or ``INT_OR_TENSOR``: an int for every batch row or an int tensor ``[B]``), its
+    default (``NO_DEFAULT`` when it has none), whether it is keyword-only, and whether it may be None
+    (``optional``: annotated ``X | None``; a custom op takes each of its tensors as ``Tensor?``)."""
 
     name: str
     kind: Any
+    default: Any = NO_DEFAULT
+    keyword_only: bool = False
     optional: bool = False
 
 
-INT_OR_TENSOR = "int | Tensor"  # a Param kind: a custom op takes it as an int tensor
+def _kind(op: str, name: str, annotation: Any) -> tuple[Any, bool]:
+    """``(the Param kind, optional)`` of an annotation of the signature stub of ``op``: a tensor or a
+    dataclass of tensors may be optional (``X | None``)."""
+    args = set(typing.get_args(annotation)) if isinstance(annotation, types.UnionType) else set()
+    if len(args) == 2 and type(None) in args:
+        (inner,) = args - {type(None)}
+        if inner is torch.Tensor or dataclasses.is_dataclass(inner):
+            return inner, True
+    if annotation in (torch.Tensor, int, float, str) or dataclasses.is_dataclass(annotation):
+        return annotation, False
+    if args == {int, torch.Tensor}:
+        return INT_OR_TENSOR, False
+    raise ValueError(
+        f"{op}: argument {name!r} is annotated {annotation!r}; an op takes tensors, int, float, str, "
+        "dataclasses of tensors (either may be optional: X | None) and int | Tensor"
+    )
+
+
+def _keyword_default(p: inspect.Parameter | None, default: Any) -> bool:
+    """Whether ``p`` is a keyword-only parameter with ``default``."""
+    return p is not None and p.kind is p.KEYWORD_ONLY and p.default == default
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
-class OpDescriptor:
+class OpDescriptor(Generic[P, R]):
     """Everything the harnesses need to know about one op.
 
     Attributes:
         name: the op's name (``dsv4.ops.<name>``, ``torch.ops.dsv4.<name>``).
-        params: the public arguments in order, ``backend`` and ``out`` excluded; ``eps`` last when
-            the op has one. The custom op's schema is these, each dataclass flattened to its tensors.
+        signature: the op's public signature, as a typed stub (its body is never run): the op's
+            arguments in order with their annotations, defaults and keyword-only marks, then
+            ``backend: str = "auto"`` and, for an op that returns a result, ``out: <result> | None =
+            None``, both keyword-only; the return annotation is the result ``NamedTuple`` (None when
+            the op only updates state); the docstring is the public function's, with shapes and dtypes.
         outputs: every output by name with its rule: the result's fields, then the state tensors
             the op updates in place.
-        result: the ``NamedTuple`` the op returns (its fields are the first outputs), or None when
-            the op only updates state.
         mutates: what the op updates in place: params, or dotted paths of their tensors
             (``"state.keys"``).
-        validate: ``(**args, out=None) -> backend kwargs``: spec §7 checks of every public argument
-            and of a preallocated ``out`` (ops with a ``result`` take one), raising before anything
-            runs; returns the keyword arguments of the backend functions (``out`` not included).
+        validate: ``(args, out) -> {name: value}``: spec §7 checks of the bound public ``args`` (a
+            dict by name, defaults filled in) and of a preallocated ``out`` (None when not given),
+            raising before anything runs; returns what the backends get in place of a public argument
+            (``{"start_pos": StepPositions}``), ``{}`` when they get the arguments as they came.
         case_args: ``(CaseInputs) -> args``: the public arguments of a seeded case.
         cost: ``(cfg, start_pos, seq) -> OpCost``: minimal bytes and FLOPs for batch rows starting
             at ``start_pos`` with ``seq`` tokens each.
-        fake_result: ``(**args) -> tuple of tensors``: empty outputs of the right shapes (the custom
-            op's fake implementation); None when ``result`` is None.
-        implementations: backend name -> ``"module:function"``; each function takes the backend
-            kwargs (and ``out=`` when the op has a ``result``).
+        implementations: backend name -> ``"module:function"``; each function takes the validated
+            arguments positionally in ``params`` order (``backend_args``), and ``out=`` when the op
+            has a result.
+        fake_result: ``(args) -> result`` of empty tensors of the right shapes for the bound public
+            ``args`` (the custom op's fake implementation); None when ``result`` is None.
         cache_bound: the op's cost grows with the key cache, so the benchmark runs it at several
             cache lengths.
+        params: the public arguments in order, ``backend`` and ``out`` excluded (from ``signature``).
+            The custom op's schema is these, each dataclass flattened to its tensors.
+        result: the ``NamedTuple`` the op returns (its fields are the first outputs), or None (from
+            ``signature``'s return annotation).
     """
 
     name: str
-    params: tuple[Param, ...]
+    signature: Callable[P, R]
     outputs: tuple[Output, ...]
-    result: type | None
     mutates: tuple[str, ...]
-    validate: Callable[..., dict[str, Any]]
+    validate: Callable[[dict[str, Any], Any], dict[str, Any]]
     case_args: Callable[[CaseInputs], dict[str, Any]]
     cost: Callable[[DeepSeekV4Config, Sequence[int], int], OpCost]
     implementations: Mapping[str, str]
-    fake_result: Callable[..., tuple[torch.Tensor, ...]] | None = None
+    fake_result: Callable[[dict[str, Any]], tuple[torch.Tensor, ...]] | None = None
     cache_bound: bool = False
-    _impls: dict[str, Callable[..., Any]] = field(default_factory=dict, compare=False, repr=False)
+    params: tuple[Param, ...] = field(init=False)
+    result: type | None = field(init=False)
+    _sig: inspect.Signature = field(init=False, compare=False, repr=False)
+    _impls: dict[str, Callable[..., Any]] = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        sig = inspect.signature(self.signature, eval_str=True)
+        result = None if sig.return_annotation in (None, type(None)) else sig.return_annotation
+        if result is not None and not (
+            isinstance(result, type) and issubclass(result, tuple) and getattr(result, "_fields", None)
+        ):
+            raise ValueError(f"{self.name}: the signature returns {result!r}; expected a NamedTuple or None")
+        stub = sig.parameters
+        if not _keyword_default(stub.get("backend"), "auto"):
+            raise ValueError(f"{self.name}: the signature needs a keyword-only backend: str = 'auto'")
+        if ("out" in stub) != (result is not None) or ("out" in stub and not _keyword_default(stub["out"], None)):
+            raise ValueError(
+                f"{self.name}: the signature needs a keyword-only out=None when (and only when) it returns"
+            )
+        params = []
+        for p in stub.values():
+            if p.name not in RESERVED:
+                kind, optional = _kind(self.name, p.name, p.annotation)
+                params.append(Param(p.name, kind, p.default, p.kind is p.KEYWORD_ONLY, optional))
+        params = tuple(params)
+        object.__setattr__(self, "params", params)
+        object.__setattr__(self, "result", result)
+        object.__setattr__(self, "_sig", sig)
 
     def output(self, name: str) -> Output:
         """The output called ``name``."""
@@ -121,6 +197,33 @@ class OpDescriptor:
             if o.name == name:
                 return o
         raise KeyError(f"{self.name} has no output {name!r}")
+
+    def bind(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """The public ``args`` (by name) in ``params`` order with the defaults filled in; ``TypeError``
+        naming an argument that is missing or that the op does not take."""
+        names = [p.name for p in self.params]
+        unknown = [n for n in args if n not in names]
+        if unknown:
+            raise TypeError(f"{self.name}() got an unexpected argument {unknown[0]!r}")
+        bound = {}
+        for p in self.params:
+            if p.name in args:
+                bound[p.name] = args[p.name]
+            elif p.default is NO_DEFAULT:
+                raise TypeError(f"{self.name}() missing the argument {p.name!r}")
+            else:
+                bound[p.name] = p.default
+        return bound
+
+    def backend_args(self, args: Mapping[str, Any], out: Any = None) -> tuple[Any, ...]:
+        """``validate`` the public ``args`` (and ``out``) -> the backends' positional arguments, in
+        ``params`` order (the validated form of an argument in its place)."""
+        bound = self.bind(args)
+        replaced = self.validate(dict(bound), out)
+        if not set(replaced) <= set(bound):
+            raise ValueError(f"{self.name}: validate returned {sorted(set(replaced) - set(bound))}, not arguments")
+        bound.update(replaced)
+        return tuple(bound.values())
 
     def implementation(self, backend: str) -> Callable[..., Any]:
         """The function of ``backend`` (imported on first use: a backend may be an optional dependency)."""
@@ -135,6 +238,29 @@ class OpDescriptor:
             fn = getattr(importlib.import_module(module), attr)
             self._impls[backend] = fn
         return fn
+
+
+def op_function(
+    desc: OpDescriptor[P, R], run: Callable[..., Any], module: str, doc: str | None = None
+) -> Callable[P, R]:
+    """A function with ``desc``'s public signature (``__signature__``, annotations) and docstring (or
+    ``doc``): it binds its arguments as Python would and returns ``run(desc.name, backend, out,
+    **args)`` with the op's public ``args`` by name. ``module`` is where it is documented."""
+    sig = desc._sig
+
+    def op(*args: P.args, **kwargs: P.kwargs) -> R:
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        backend, out = values.pop("backend"), values.pop("out", None)
+        return run(desc.name, backend, out, **values)
+
+    op.__name__ = op.__qualname__ = desc.name
+    op.__module__ = module
+    op.__doc__ = inspect.cleandoc(desc.signature.__doc__ or "") if doc is None else doc
+    op.__signature__ = sig  # type: ignore[attr-defined]
+    op.__annotations__ = {p.name: p.annotation for p in sig.parameters.values()} | {"return": sig.return_annotation}
+    return op
 
 
 _REGISTRY: dict[str, OpDescriptor] = {}

@@ -331,12 +331,15 @@ def check_indexer(
 
 
 def check_key_pool(state: IndexerState, batch: int, hid: int, device: torch.device) -> None:
-    """The key pool and block table of ``state``: shapes, dtypes, devices, a power-of-two block size."""
-    check_tensor("state.keys", state.keys, torch.int8, (None, None, hid), device)
+    """The key pool and block table of ``state``: shapes and dtypes of its ``key_format``, devices, a
+    power-of-two block size."""
+    fmt = state.key_format
+    check_tensor("state.keys", state.keys, fmt.code_dtype, (None, None, *fmt.codes_shape(hid)), device)
     blocks, block_size = state.keys.shape[:2]
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"state.keys: expected a block size (dim 1) that is a power of two >= 16, got {block_size}")
-    check_tensor("state.key_scale", state.key_scale, torch.float32, (blocks, block_size), device)
+    scale_shape = (blocks, block_size, *fmt.scale_shape(hid))
+    check_tensor("state.key_scale", state.key_scale, fmt.scale_dtype, scale_shape, device)
     check_tensor("state.block_table", state.block_table, torch.int32, (batch, None), device)
 
 

@@ -13,7 +13,7 @@ import torch
 
 from ..model.attention_state import CompressorState, KVPool, compressor_dims
 from ..model.config import LAYER_KINDS
-from ..model.fp8_row import ACT_BLOCK, SCALE_BYTES, check_row_dims
+from ..model.fp8_row import ACT_BLOCK, check_row_dims
 from ..model.state import UNALLOCATED
 from ..model.structs import AttnOut, OProjOut, StepPositions
 from ..model.weights import CompressorWeights, OProjWeights
@@ -49,13 +49,13 @@ def check_kv_pool(name: str, pool: object, batch: int, head_dim: int, rope_dim: 
         check_row_dims(head_dim, rope_dim)
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from None
-    nope = head_dim - rope_dim
-    check_tensor(f"{name}.nope", pool.nope, torch.float8_e4m3fn, (None, None, nope), device)
+    fmt, nope = KVPool.row_format, head_dim - rope_dim
+    check_tensor(f"{name}.nope", pool.nope, fmt.code_dtype, (None, None, *fmt.codes_shape(nope)), device)
     blocks, bs = pool.nope.shape[:2]
     if bs < 16 or bs & (bs - 1):
         raise ValueError(f"{name}.nope: expected a block size (dim 1) that is a power of two >= 16, got {bs}")
-    check_tensor(f"{name}.rope", pool.rope, torch.bfloat16, (blocks, bs, rope_dim), device)
-    check_tensor(f"{name}.scale", pool.scale, torch.uint8, (blocks, bs, SCALE_BYTES), device)
+    check_tensor(f"{name}.rope", pool.rope, fmt.tail_dtype, (blocks, bs, rope_dim), device)
+    check_tensor(f"{name}.scale", pool.scale, fmt.scale_dtype, (blocks, bs, *fmt.scale_shape(nope)), device)
     check_tensor(f"{name}.block_table", pool.block_table, torch.int32, (None, None), device)
     rows, width = pool.block_table.shape
     if rows < batch or width < 1:

@@ -11,3 +11,7 @@ from .window_kv_write import WINDOW_KV_WRITE
 
 for _desc in (QKV_PROJ_ROPE, INDEXER_COMPRESSOR, INDEXER, KV_COMPRESSOR, SPARSE_ATTN, WINDOW_KV_WRITE, O_PROJ):
     register_op(_desc)
+
+__all__ = [
+    "INDEXER", "INDEXER_COMPRESSOR", "KV_COMPRESSOR", "O_PROJ", "QKV_PROJ_ROPE", "SPARSE_ATTN", "WINDOW_KV_WRITE",
+]  # fmt: skip

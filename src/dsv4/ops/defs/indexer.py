@@ -16,7 +16,7 @@ from ...model.structs import IndexerOut
 from ...model.weights import IndexerWeights
 from ..case_inputs import CaseInputs
 from ..costs import BF16, FP32, INT8, INT32, OpCost, rope_row_bytes
-from ..registry import INT_OR_TENSOR, OpDescriptor, Output, Param, Tolerance
+from ..registry import OpDescriptor, Output, Tolerance
 from ..validate import check_indexer
 from .indexer_compressor import MUTATED_STATE, STATE_OUTPUTS
 from .indexer_compressor import case_args as compressor_case_args
@@ -25,24 +25,49 @@ from .indexer_compressor import cost as compressor_cost
 SCORE = Tolerance(1e-4, 1 / 128)  # spec §6: score, and the scores behind the chosen top-k indices
 
 
-def validate(
-    x: Any,
-    qr: Any,
-    qr_scale: Any,
-    w: Any,
-    state: Any,
-    start_pos: Any,
-    offset: Any,
-    rope: Any,
-    topk: Any,
-    eps: Any = 1e-6,
-    out: Any = None,
-) -> dict[str, Any]:
-    pos = check_indexer(x, qr, qr_scale, w, state, start_pos, offset, rope, topk, eps, out)
-    return {
-        "x": x, "qr": qr, "qr_scale": qr_scale, "w": w, "state": state, "pos": pos, "offset": offset,
-        "rope": rope, "topk": topk, "eps": eps,
-    }  # fmt: skip
+def indexer(
+    x: torch.Tensor,
+    qr: torch.Tensor,
+    qr_scale: torch.Tensor,
+    w: IndexerWeights,
+    state: IndexerState,
+    start_pos: int | torch.Tensor,
+    offset: int,
+    rope: RopeTable,
+    *,
+    topk: int,
+    eps: float = 1e-6,
+    backend: str = "auto",
+    out: IndexerOut | None = None,
+) -> IndexerOut:
+    """Lightning indexer: compress this step's keys, score the cache, select the top-k (spec §5).
+
+    Args:
+        x: ``[B, S, D] bf16`` hidden states.
+        qr: ``[B*S, QL] int8`` and ``qr_scale``: ``[B*S, 1] fp32``, from ``qkv_proj_rope``.
+        w: ``IndexerWeights``; ``HI`` from ``w.weights_proj``, ``HID`` from ``w.compressor.norm_w``.
+        state: ``IndexerState``, updated in place by the compressor first (see ``indexer_compressor``).
+        start_pos: an int, or an int tensor ``[B]``; token ``s`` of row ``b`` sits at
+            ``start_pos[b] + s`` and sees cache rows ``j < (position + 1) // 4``.
+        offset: added to every selected index (the attention passes its window size).
+        rope: the compressed-layer ``RopeTable``.
+        topk: how many indices to select per token (``index_topk``).
+        eps: RMSNorm epsilon of the compressor.
+        backend: ``"reference"``, ``"triton"`` or ``"auto"`` (Triton on CUDA, else the reference).
+        out: optional preallocated ``IndexerOut`` to write into (returned): ``score [B, S, L] fp32``
+            with ``L >= max_b cache_len[b]`` (every entry a token cannot see is written as masked,
+            so a fixed ``L`` serves every step) and ``topk_idxs [B, S, topk] int32``.
+
+    Returns:
+        ``IndexerOut(score [B, S, max_b cache_len[b]] fp32, topk_idxs [B, S, topk] int32)`` with
+        ``cache_len[b] = (start_pos[b] + S) // 4``; invisible scores are ``-3.4028235e38`` and
+        unused index slots ``-1``.
+    """
+    raise NotImplementedError  # the description of the op: dsv4.indexer is made from it
+
+
+def validate(args: dict[str, Any], out: IndexerOut | None) -> dict[str, Any]:
+    return {"start_pos": check_indexer(**args, out=out)}
 
 
 def case_args(c: CaseInputs) -> dict[str, Any]:
@@ -62,7 +87,8 @@ def cost(
     cfg: DeepSeekV4Config, start_pos: Sequence[int], seq: int, topk: int | None = None, block_size: int = BLOCK_SIZE
 ) -> OpCost:
     """``indexer`` (compressor included) for batch rows starting at ``start_pos[b]`` (spec §5); the
-    keys are read from the pool (132 B a key at HID=128), one block-table entry per block."""
+    keys are read from the pool (a row of ``IndexerState.key_format``: 132 B at HID=128), one
+    block-table entry per block."""
     topk = cfg.index_topk if topk is None else topk
     comp = compressor_cost(cfg, start_pos, seq)
     b, t = len(start_pos), len(start_pos) * seq
@@ -78,7 +104,7 @@ def cost(
         "wq_b_scale": hi * hid * FP32,
         "weights_proj": hi * d * BF16,
         "rope rows (tokens)": t * rope_row_bytes(cfg),
-        "keys + key_scale (old rows)": old_rows * (hid * INT8 + FP32),
+        "keys + key_scale (old rows)": old_rows * IndexerState.key_format.row_bytes(hid),
         "block_table (read rows)": sum(-(-n // block_size) for n in cache_len) * INT32,
     }
     writes = {**comp.writes, "score": b * seq * max(cache_len) * FP32, "topk_idxs": t * topk * INT32}
@@ -90,34 +116,20 @@ def cost(
     return OpCost("indexer", reads, writes, flops)
 
 
-def fake_result(
-    x: torch.Tensor, qr: torch.Tensor, qr_scale: torch.Tensor, w: IndexerWeights, state: IndexerState,
-    start_pos: torch.Tensor, offset: int, rope: RopeTable, topk: int, eps: float,
-) -> IndexerOut:  # fmt: skip
+def fake_result(args: dict[str, Any]) -> IndexerOut:
+    x = args["x"]
     b, s = x.shape[:2]
     cache_len = torch.library.get_ctx().new_dynamic_size()  # (start_pos + S) // 4: known at run time only
     return IndexerOut(
         x.new_empty((b, s, cache_len), dtype=torch.float32),
-        x.new_empty((b, s, topk), dtype=torch.int32),
+        x.new_empty((b, s, args["topk"]), dtype=torch.int32),
     )
 
 
 INDEXER = OpDescriptor(
     name="indexer",
-    params=(
-        Param("x", torch.Tensor),
-        Param("qr", torch.Tensor),
-        Param("qr_scale", torch.Tensor),
-        Param("w", IndexerWeights),
-        Param("state", IndexerState),
-        Param("start_pos", INT_OR_TENSOR),
-        Param("offset", int),
-        Param("rope", RopeTable),
-        Param("topk", int),
-        Param("eps", float),
-    ),
+    signature=indexer,
     outputs=(Output("score", SCORE, "score"), Output("topk_idxs", SCORE, "topk"), *STATE_OUTPUTS),
-    result=IndexerOut,
     mutates=MUTATED_STATE,
     validate=validate,
     case_args=case_args,

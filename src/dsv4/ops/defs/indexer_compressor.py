@@ -12,8 +12,8 @@ from ...model.rope import RopeTable
 from ...model.state import IndexerState
 from ...model.weights import CompressorWeights
 from ..case_inputs import CaseInputs
-from ..costs import BF16, FP32, INT8, INT32, INT64, OpCost, ring_traffic, rope_row_bytes
-from ..registry import INT_OR_TENSOR, OpDescriptor, Output, Param, Tolerance
+from ..costs import BF16, FP32, INT32, INT64, OpCost, ring_traffic, rope_row_bytes
+from ..registry import OpDescriptor, Output, Tolerance
 from ..validate import check_compressor
 
 STATE = Tolerance(1e-4, 1e-4)  # spec §6: kv_state, score_state
@@ -27,9 +27,34 @@ STATE_OUTPUTS = (
 MUTATED_STATE = ("state.kv_state", "state.score_state", "state.keys", "state.key_scale")
 
 
-def validate(x: Any, w: Any, state: Any, start_pos: Any, rope: Any, eps: Any = 1e-6, out: Any = None) -> dict[str, Any]:
-    pos = check_compressor(x, w, state, start_pos, rope, eps)
-    return {"x": x, "w": w, "state": state, "pos": pos, "rope": rope, "eps": eps}
+def indexer_compressor(
+    x: torch.Tensor,
+    w: CompressorWeights,
+    state: IndexerState,
+    start_pos: int | torch.Tensor,
+    rope: RopeTable,
+    *,
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> None:
+    """Advance the ratio-4 compressor over one step of ``S`` tokens per sequence (spec §4).
+
+    Args:
+        x: ``[B, S, D] bf16`` hidden states of the step's tokens, in order.
+        w: ``CompressorWeights``; ``HID`` comes from ``w.norm_w``.
+        state: ``IndexerState`` with at least ``B`` rows; rows ``0..B-1`` are updated in place:
+            ``kv_state``/``score_state`` ring slots, and one quantized key row in the pool (through
+            ``state.block_table``) per block of 4 positions that this step closes. Nothing else changes.
+        start_pos: position of each row's first token: an int, or an int tensor ``[B]``.
+        rope: the compressed-key ``RopeTable``.
+        eps: RMSNorm epsilon.
+        backend: ``"reference"``, ``"triton"`` or ``"auto"`` (Triton on CUDA, else the reference).
+    """
+    raise NotImplementedError  # the description of the op: dsv4.indexer_compressor is made from it
+
+
+def validate(args: dict[str, Any], out: None) -> dict[str, Any]:
+    return {"start_pos": check_compressor(**args)}
 
 
 def case_args(c: CaseInputs) -> dict[str, Any]:
@@ -64,7 +89,7 @@ def cost(cfg: DeepSeekV4Config, start_pos: Sequence[int], seq: int) -> OpCost:
     }
     writes = {
         "kv_state + score_state": 2 * halves_written * half_bytes,
-        "keys + key_scale (new rows)": closed * (hid * INT8 + FP32),
+        "keys + key_scale (new rows)": closed * IndexerState.key_format.row_bytes(hid),
     }
     flops = {"bf16": 2 * b * seq * d * 2 * hid * 2, "fp32": closed * 2 * hid * hid}
     return OpCost("indexer_compressor", reads, writes, flops)
@@ -72,16 +97,8 @@ def cost(cfg: DeepSeekV4Config, start_pos: Sequence[int], seq: int) -> OpCost:
 
 INDEXER_COMPRESSOR = OpDescriptor(
     name="indexer_compressor",
-    params=(
-        Param("x", torch.Tensor),
-        Param("w", CompressorWeights),
-        Param("state", IndexerState),
-        Param("start_pos", INT_OR_TENSOR),
-        Param("rope", RopeTable),
-        Param("eps", float),
-    ),
+    signature=indexer_compressor,
     outputs=STATE_OUTPUTS,
-    result=None,
     mutates=MUTATED_STATE,
     validate=validate,
     case_args=case_args,

@@ -10,13 +10,13 @@ import torch
 
 from ...model.attention_state import CompressorState, compressor_dims
 from ...model.config import COMPRESS_RATIO, DeepSeekV4Config
-from ...model.fp8_row import row_bytes
+from ...model.pool_format import FP8_KV
 from ...model.rope import RopeTable
 from ...model.weights import CompressorWeights
 from ..attention_cases import kv_compressor_args
 from ..case_inputs import CaseInputs
 from ..costs import BF16, FP32, INT32, INT64, OpCost, rope_row_bytes
-from ..registry import INT_OR_TENSOR, OpDescriptor, Output, Param, Tolerance
+from ..registry import OpDescriptor, Output, Tolerance
 from ..validate_attention import check_kv_compressor
 
 STATE = Tolerance(1e-4, 1e-4, 0.0)  # attention spec §8: kv_state, score_state (every element)
@@ -25,9 +25,37 @@ EXACT = Tolerance(0.0, 0.0, 0.0)
 MUTATED = ("state.kv_state", "state.score_state", "state.pool.nope", "state.pool.rope", "state.pool.scale")
 
 
-def validate(x: Any, w: Any, state: Any, start_pos: Any, rope: Any, eps: Any = 1e-6, out: Any = None) -> dict[str, Any]:
-    pos = check_kv_compressor(x, w, state, start_pos, rope, eps)
-    return {"x": x, "w": w, "state": state, "pos": pos, "rope": rope, "eps": eps}
+def kv_compressor(
+    x: torch.Tensor,
+    w: CompressorWeights,
+    state: CompressorState,
+    start_pos: int | torch.Tensor,
+    rope: RopeTable,
+    *,
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> None:
+    """Advance a CSA or HCA layer's compressor over one step of ``S`` tokens per sequence (attention spec A3).
+
+    Args:
+        x: ``[B, S, D] bf16`` hidden states of the step's tokens (the ``x`` of ``qkv_proj_rope``), in order.
+        w: the layer's ``CompressorWeights``: ``wkv``, ``wgate [COFF*HD, D] bf16``, ``ape [RC, COFF*HD]
+            fp32``, ``norm_w [HD]``; the ratio ``RC`` is the rows of ``ape`` (4: overlapping windows,
+            ``COFF = 2``; else disjoint, ``COFF = 1``).
+        state: ``CompressorState`` with at least ``B`` slots; slots ``0..B-1`` are updated in place:
+            the ring slot ``p % (COFF*RC)`` of every position, and one FP8 KV row ``j`` of
+            ``state.pool`` (through its block table; ``-1`` entries skipped) per block
+            ``[RC*j, RC*j + RC)`` this step closes. Nothing else changes.
+        start_pos: position of each slot's first token: an int, or an int tensor ``[B]``.
+        rope: the layer's ``RopeTable`` (the compressed rows are rotated at their block's first position).
+        eps: RMSNorm epsilon.
+        backend: ``"reference"`` or ``"auto"`` (the op has no Triton implementation yet).
+    """
+    raise NotImplementedError  # the description of the op: dsv4.kv_compressor is made from it
+
+
+def validate(args: dict[str, Any], out: None) -> dict[str, Any]:
+    return {"start_pos": check_kv_compressor(**args)}
 
 
 def case_args(c: CaseInputs) -> dict[str, Any]:
@@ -80,7 +108,7 @@ def cost(cfg: DeepSeekV4Config, start_pos: Sequence[int], seq: int, ratio: int =
     }
     writes = {
         "kv_state + score_state": 2 * halves_written * half,
-        "compressed rows (FP8)": closed * row_bytes(hd, cfg.qk_rope_head_dim),
+        "compressed rows (FP8)": closed * FP8_KV.row_bytes(cfg.qk_nope_head_dim, tail=cfg.qk_rope_head_dim),
     }
     flops = {"bf16": 2 * 2 * b * seq * d * coff * hd}
     return OpCost("kv_compressor", reads, writes, flops)
@@ -88,21 +116,13 @@ def cost(cfg: DeepSeekV4Config, start_pos: Sequence[int], seq: int, ratio: int =
 
 KV_COMPRESSOR = OpDescriptor(
     name="kv_compressor",
-    params=(
-        Param("x", torch.Tensor),
-        Param("w", CompressorWeights),
-        Param("state", CompressorState),
-        Param("start_pos", INT_OR_TENSOR),
-        Param("rope", RopeTable),
-        Param("eps", float),
-    ),
+    signature=kv_compressor,
     outputs=(
         Output("kv_state", STATE),
         Output("score_state", STATE),
         Output("pool", ROWS, "fp8_rows"),
         Output("pool.block_table", EXACT),  # the ops never change it
     ),
-    result=None,
     mutates=MUTATED,
     validate=validate,
     case_args=case_args,

@@ -13,15 +13,32 @@ from ...model.weights import OProjWeights, synthetic_o_proj
 from ..attention_cases import unit_rows
 from ..case_inputs import CaseInputs
 from ..costs import BF16, FP32, OpCost
-from ..registry import OpDescriptor, Output, Param, Tolerance
+from ..registry import OpDescriptor, Output, Tolerance
 from ..validate_attention import check_o_proj
 
 Y_RULE = Tolerance(1e-4, 1 / 128)  # attention spec §8: y, op by op from the same o
 
 
-def validate(o: Any, w: Any, out: Any = None) -> dict[str, Any]:
-    check_o_proj(o, w, out)
-    return {"o": o, "w": w}
+def o_proj(o: torch.Tensor, w: OProjWeights, *, backend: str = "auto", out: OProjOut | None = None) -> OProjOut:
+    """Grouped FP8 output projection (attention spec A6).
+
+    Args:
+        o: ``[T, H, HD] bf16`` (``sparse_attn``'s output, tokens flattened).
+        w: ``OProjWeights``: ``wo_a [G*OL, HG*HD]`` and ``wo_b [D, G*OL]`` float8_e4m3fn with their
+            128x128 block scales (fp32), as the checkpoint stores them; ``G = H*HD / (HG*HD)``.
+        backend: ``"reference"`` or ``"auto"`` (the op has no Triton implementation yet).
+        out: optional preallocated ``OProjOut`` to write into (returned).
+
+    Returns:
+        ``OProjOut(y [T, D] bf16)``: ``r = bf16(o_group @ wo_a[g].T)`` per group, FP8-quantized per
+        128, times ``wo_b`` with both block scales.
+    """
+    raise NotImplementedError  # the description of the op: dsv4.o_proj is made from it
+
+
+def validate(args: dict[str, Any], out: OProjOut | None) -> dict[str, Any]:
+    check_o_proj(args["o"], args["w"], out)
+    return {}
 
 
 def case_args(c: CaseInputs) -> dict[str, Any]:
@@ -48,15 +65,14 @@ def cost(cfg: DeepSeekV4Config, start_pos: Sequence[int], seq: int) -> OpCost:
     return OpCost("o_proj", reads, writes, flops)
 
 
-def fake_result(o: torch.Tensor, w: OProjWeights) -> OProjOut:
-    return OProjOut(o.new_empty((o.shape[0], w.wo_b.shape[0])))
+def fake_result(args: dict[str, Any]) -> OProjOut:
+    return OProjOut(args["o"].new_empty((args["o"].shape[0], args["w"].wo_b.shape[0])))
 
 
 O_PROJ = OpDescriptor(
     name="o_proj",
-    params=(Param("o", torch.Tensor), Param("w", OProjWeights)),
+    signature=o_proj,
     outputs=(Output("y", Y_RULE),),
-    result=OProjOut,
     mutates=(),
     validate=validate,
     case_args=case_args,

@@ -12,15 +12,42 @@ from ...model.structs import QKV
 from ...model.weights import AttnWeights
 from ..case_inputs import CaseInputs
 from ..costs import BF16, FP32, INT8, INT64, OpCost, rope_row_bytes
-from ..registry import OpDescriptor, Output, Param, Tolerance
+from ..registry import OpDescriptor, Output, Tolerance
 from ..validate import check_qkv_proj_rope
 
 BF16_OUT = Tolerance(1e-4, 1 / 128)  # spec §6: q, kv
 
 
-def validate(x: Any, w: Any, positions: Any, rope: Any, eps: Any = 1e-6, out: Any = None) -> dict[str, Any]:
-    check_qkv_proj_rope(x, w, positions, rope, eps, out)
-    return {"x": x, "w": w, "positions": positions, "rope": rope, "eps": eps}
+def qkv_proj_rope(
+    x: torch.Tensor,
+    w: AttnWeights,
+    positions: torch.Tensor,
+    rope: RopeTable,
+    *,
+    eps: float = 1e-6,
+    backend: str = "auto",
+    out: QKV | None = None,
+) -> QKV:
+    """Attention Q/KV projection with RMSNorm and interleaved RoPE (spec §3).
+
+    Args:
+        x: ``[T, D] bf16`` attention-normed hidden states, any ``T >= 1``.
+        w: ``AttnWeights``; ``H`` and ``HD`` come from ``w.wq_b`` and ``w.wkv``.
+        positions: ``[T] int32|int64`` position of every token, inside the rope table.
+        rope: the layer's ``RopeTable`` (``R`` = twice its width).
+        eps: RMSNorm epsilon.
+        backend: ``"reference"``, ``"triton"`` or ``"auto"`` (Triton on CUDA, else the reference).
+        out: optional preallocated ``QKV`` to write into (returned).
+
+    Returns:
+        ``QKV(q [T, H, HD] bf16, kv [T, HD] bf16, qr [T, QL] int8, qr_scale [T, 1] fp32)``.
+    """
+    raise NotImplementedError  # the description of the op: dsv4.qkv_proj_rope is made from it
+
+
+def validate(args: dict[str, Any], out: QKV | None) -> dict[str, Any]:
+    check_qkv_proj_rope(**args, out=out)
+    return {}
 
 
 def case_args(c: CaseInputs) -> dict[str, Any]:
@@ -47,7 +74,8 @@ def cost(cfg: DeepSeekV4Config, start_pos: list[int], seq: int) -> OpCost:
     return OpCost("qkv_proj_rope", reads, writes, flops)
 
 
-def fake_result(x: torch.Tensor, w: AttnWeights, positions: torch.Tensor, rope: RopeTable, eps: float) -> QKV:
+def fake_result(args: dict[str, Any]) -> QKV:
+    x, w = args["x"], args["w"]
     t, hd = x.shape[0], w.wkv.shape[0]
     return QKV(
         x.new_empty((t, w.wq_b.shape[0] // hd, hd)),
@@ -59,20 +87,13 @@ def fake_result(x: torch.Tensor, w: AttnWeights, positions: torch.Tensor, rope: 
 
 QKV_PROJ_ROPE = OpDescriptor(
     name="qkv_proj_rope",
-    params=(
-        Param("x", torch.Tensor),
-        Param("w", AttnWeights),
-        Param("positions", torch.Tensor),
-        Param("rope", RopeTable),
-        Param("eps", float),
-    ),
+    signature=qkv_proj_rope,
     outputs=(
         Output("q", BF16_OUT),
         Output("kv", BF16_OUT),
         Output("qr", Tolerance(1.0, 0.0, 0.0)),
         Output("qr_scale", Tolerance(2.5e-5, 5e-3)),
     ),
-    result=QKV,
     mutates=(),
     validate=validate,
     case_args=case_args,

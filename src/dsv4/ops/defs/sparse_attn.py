@@ -11,32 +11,65 @@ import torch
 
 from ...model.attention_state import KVPool
 from ...model.config import COMPRESS_RATIO, DeepSeekV4Config
-from ...model.fp8_row import row_bytes
+from ...model.pool_format import FP8_KV
 from ...model.rope import RopeTable
 from ...model.state import DEFAULT_BLOCK_SIZE
 from ...model.structs import AttnOut
 from ..attention_cases import sparse_attn_args
 from ..case_inputs import CaseInputs
 from ..costs import BF16, FP32, INT32, INT64, OpCost, rope_row_bytes
-from ..registry import INT_OR_TENSOR, OpDescriptor, Output, Param, Tolerance
+from ..registry import OpDescriptor, Output, Tolerance
 from ..validate_attention import check_sparse_attn
 
 O_RULE = Tolerance(1e-3, 1 / 128)  # attention spec §8: online-softmax tiling moves o by up to ~1e-3
 
 
-def validate(
-    q: Any, kv: Any, start_pos: Any, window_pool: Any, attn_sink: Any, rope: Any, kind: Any, window: Any,
-    compress_ratio: Any = 0, compressed_pool: Any = None, topk_idxs: Any = None, topk_offset: Any = 0, out: Any = None,
-) -> dict[str, Any]:  # fmt: skip
-    pos = check_sparse_attn(
-        q, kv, start_pos, window_pool, attn_sink, rope, kind, window, compress_ratio, compressed_pool, topk_idxs,
-        topk_offset, out,
-    )  # fmt: skip
-    return {
-        "q": q, "kv": kv, "pos": pos, "window_pool": window_pool, "attn_sink": attn_sink, "rope": rope, "kind": kind,
-        "window": window, "compress_ratio": compress_ratio, "compressed": compressed_pool, "topk_idxs": topk_idxs,
-        "topk_offset": topk_offset,
-    }  # fmt: skip
+def sparse_attn(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    start_pos: int | torch.Tensor,
+    window_pool: KVPool,
+    attn_sink: torch.Tensor,
+    rope: RopeTable,
+    *,
+    kind: str,
+    window: int,
+    compress_ratio: int = 0,
+    compressed_pool: KVPool | None = None,
+    topk_idxs: torch.Tensor | None = None,
+    topk_offset: int = 0,
+    backend: str = "auto",
+    out: AttnOut | None = None,
+) -> AttnOut:
+    """Sparse attention with sink over FP8 KV rows, for one step (attention spec A5).
+
+    Token ``s`` of slot ``b`` sits at ``p = start_pos[b] + s``; its keys (one MQA head shared by
+    all heads, value = key): its window, positions ``max(0, p - window + 1) .. p`` (rows below
+    ``start_pos[b]`` from ``window_pool``, the rest from this call's ``kv``); ``kind="hca"``: every
+    compressed row ``j < (p + 1) // compress_ratio``; ``kind="csa"``: the row ``e - topk_offset``
+    of each entry ``e`` of ``topk_idxs[b, s]`` that is one of those (others ignored, repeats counted).
+
+    Args:
+        q: ``[B, S, H, HD] bf16``; kv: ``[B, S, HD] bf16`` (from ``qkv_proj_rope``).
+        start_pos: an int, or an int tensor ``[B]``.
+        window_pool: the window ``KVPool`` (row = position); only rows below ``start_pos`` are read.
+        attn_sink: ``[H] fp32``, one extra logit per head with a zero value row (``-inf``: no sink).
+        rope: the layer's ``RopeTable``; the output's last ``R`` entries are rotated back at ``p``.
+        kind: ``"swa"``, ``"csa"`` or ``"hca"``; window: the sliding window ``W``.
+        compress_ratio: the layer's ratio (0 for SWA); compressed_pool: its compressed ``KVPool``
+            (CSA, HCA); topk_idxs: ``[B, S, K] int32`` from ``indexer`` (CSA); topk_offset: the
+            ``offset`` the indexer added.
+        backend: ``"reference"`` or ``"auto"`` (the op has no Triton implementation yet).
+        out: optional preallocated ``AttnOut`` to write into (returned).
+
+    Returns:
+        ``AttnOut(o [B, S, H, HD] bf16)``.
+    """
+    raise NotImplementedError  # the description of the op: dsv4.sparse_attn is made from it
+
+
+def validate(args: dict[str, Any], out: AttnOut | None) -> dict[str, Any]:
+    return {"start_pos": check_sparse_attn(*args.values(), out)}
 
 
 def case_args(c: CaseInputs) -> dict[str, Any]:
@@ -74,7 +107,7 @@ def cost(
         ratio = 0 if kind == "swa" else COMPRESS_RATIO if kind == "csa" else cfg.layer_ratio(cfg.first_layer("hca"))
     b, t = len(start_pos), len(start_pos) * seq
     h, hd, w = cfg.num_attention_heads, cfg.head_dim, cfg.sliding_window
-    row = row_bytes(hd, cfg.qk_rope_head_dim)
+    row = FP8_KV.row_bytes(cfg.qk_nope_head_dim, tail=cfg.qk_rope_head_dim)
     window_rows = sum(p - max(0, p - w + 1) for p in start_pos)  # rows [p - W + 1, p) of the pool
     counts = [[key_counts(cfg, p + s, p, kind, ratio, topk) for s in range(seq)] for p in start_pos]
     compressed_rows = sum(max(c for _, _, c in slot) for slot in counts)
@@ -98,32 +131,14 @@ def cost(
     return OpCost("sparse_attn", reads, writes, flops)
 
 
-def fake_result(
-    q: torch.Tensor, kv: torch.Tensor, start_pos: torch.Tensor, window_pool: KVPool, attn_sink: torch.Tensor,
-    rope: RopeTable, kind: str, window: int, compress_ratio: int, compressed_pool: KVPool | None,
-    topk_idxs: torch.Tensor | None, topk_offset: int,
-) -> AttnOut:  # fmt: skip
-    return AttnOut(q.new_empty(q.shape))
+def fake_result(args: dict[str, Any]) -> AttnOut:
+    return AttnOut(args["q"].new_empty(args["q"].shape))
 
 
 SPARSE_ATTN = OpDescriptor(
     name="sparse_attn",
-    params=(
-        Param("q", torch.Tensor),
-        Param("kv", torch.Tensor),
-        Param("start_pos", INT_OR_TENSOR),
-        Param("window_pool", KVPool),
-        Param("attn_sink", torch.Tensor),
-        Param("rope", RopeTable),
-        Param("kind", str),
-        Param("window", int),
-        Param("compress_ratio", int),
-        Param("compressed_pool", KVPool, optional=True),
-        Param("topk_idxs", torch.Tensor, optional=True),
-        Param("topk_offset", int),
-    ),
+    signature=sparse_attn,
     outputs=(Output("o", O_RULE),),
-    result=AttnOut,
     mutates=(),
     validate=validate,
     case_args=case_args,

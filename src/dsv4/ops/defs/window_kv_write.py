@@ -9,19 +9,35 @@ import torch
 
 from ...model.attention_state import KVPool
 from ...model.config import DeepSeekV4Config
-from ...model.fp8_row import row_bytes
+from ...model.pool_format import FP8_KV
 from ..attention_cases import unit_rows, window_pool
 from ..case_inputs import CaseInputs
 from ..costs import BF16, INT32, INT64, OpCost
-from ..registry import INT_OR_TENSOR, OpDescriptor, Output, Param, Tolerance
+from ..registry import OpDescriptor, Output, Tolerance
 from ..validate_attention import check_window_kv_write
 
 EXACT = Tolerance(0.0, 0.0, 0.0)  # attention spec §8: rows bit-identical, nothing else touched
 
 
-def validate(kv: Any, pool: Any, start_pos: Any, window: Any, out: Any = None) -> dict[str, Any]:
-    pos = check_window_kv_write(kv, pool, start_pos, window)
-    return {"kv": kv, "pool": pool, "pos": pos, "window": window}
+def window_kv_write(
+    kv: torch.Tensor, pool: KVPool, start_pos: int | torch.Tensor, *, window: int, backend: str = "auto"
+) -> None:
+    """Store the step's KV rows in the window pool (attention spec A4).
+
+    Args:
+        kv: ``[B, S, HD] bf16`` (the ``kv`` of ``qkv_proj_rope``).
+        pool: the window ``KVPool``; row ``p`` of slot ``b`` (``p = start_pos[b] + s``) becomes
+            ``fp8_row(kv[b, s])`` for the last ``min(S, window)`` tokens of each slot (the rows later
+            tokens may see); rows in unallocated (``-1``) blocks are skipped. Nothing else changes.
+        start_pos: an int, or an int tensor ``[B]``.
+        window: the sliding window ``W``.
+        backend: ``"reference"`` or ``"auto"`` (the op has no Triton implementation yet).
+    """
+    raise NotImplementedError  # the description of the op: dsv4.window_kv_write is made from it
+
+
+def validate(args: dict[str, Any], out: None) -> dict[str, Any]:
+    return {"start_pos": check_window_kv_write(**args)}
 
 
 def case_args(c: CaseInputs) -> dict[str, Any]:
@@ -41,20 +57,14 @@ def cost(cfg: DeepSeekV4Config, start_pos: Sequence[int], seq: int) -> OpCost:
         "start_pos": len(start_pos) * INT64,
         "block_table (written rows)": rows * INT32,
     }
-    writes = {"window rows (FP8)": rows * row_bytes(cfg.head_dim, cfg.qk_rope_head_dim)}
+    writes = {"window rows (FP8)": rows * FP8_KV.row_bytes(cfg.qk_nope_head_dim, tail=cfg.qk_rope_head_dim)}
     return OpCost("window_kv_write", reads, writes, {})
 
 
 WINDOW_KV_WRITE = OpDescriptor(
     name="window_kv_write",
-    params=(
-        Param("kv", torch.Tensor),
-        Param("pool", KVPool),
-        Param("start_pos", INT_OR_TENSOR),
-        Param("window", int),
-    ),
+    signature=window_kv_write,
     outputs=(Output("pool", EXACT, "exact"),),
-    result=None,
     mutates=("pool.nope", "pool.rope", "pool.scale"),
     validate=validate,
     case_args=case_args,

@@ -7,8 +7,8 @@ derived from the op's descriptor: the tensors of the arguments the op updates in
 mutable, and ops that take ``out=`` also get ``torch.ops.dsv4.<op>_out``, which writes into
 preallocated outputs. Each op has a fake implementation (shapes only), from its descriptor.
 
-``call`` (and ``qkv_proj_rope``/``indexer_compressor``/``indexer`` below) are the same calls with
-the dataclass arguments of ``dsv4``; they are what a model calls inside ``torch.compile(fullgraph=True)``.
+``call`` runs an op through them with the dataclass arguments of ``dsv4``; ``dsv4.library`` has a
+typed function per op made from it.
 """
 
 from __future__ import annotations
@@ -18,12 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..model.attention_state import CompressorState, KVPool
 from ..model.fields import build, leaf_kinds, leaves
-from ..model.rope import RopeTable
-from ..model.state import IndexerState
-from ..model.structs import QKV, AttnOut, IndexerOut, OProjOut
-from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights, OProjWeights
 from ..ops.api import call_op
 from ..ops.registry import INT_OR_TENSOR, OpDescriptor, get_op, on_register
 
@@ -107,15 +102,20 @@ def _unflatten(desc: OpDescriptor, flat: tuple[Any, ...]) -> tuple[dict[str, Any
 
 
 def flatten(desc: OpDescriptor, args: dict[str, Any]) -> list[Any]:
-    """The flat arguments of ``torch.ops.dsv4.<op>`` for public ``args`` (``backend`` not included;
-    an optional argument left out or None is None in each of its places)."""
+    """The flat arguments of ``torch.ops.dsv4.<op>`` for public ``args`` (by name, defaults filled in
+    from the op's signature; ``backend`` not included; an optional argument that is None is None in
+    each of its places)."""
+    bound = desc.bind(args)
+    for p in desc.params:
+        if p.kind == INT_OR_TENSOR and not isinstance(bound[p.name], Tensor):
+            got = type(bound[p.name]).__name__
+            raise TypeError(f"{p.name}: torch.ops.dsv4.{desc.name} takes an int tensor [B], got {got}")
     flat: list[Any] = []
     for p in desc.params:
-        value = args.get(p.name) if p.optional else args[p.name]
-        if value is None:
+        if bound[p.name] is None and p.optional:
             flat += [None] * _leaf_count(p.kind, p.name)
         else:
-            flat += [leaf for _, leaf in leaves(value, p.name)]
+            flat += [leaf for _, leaf in leaves(bound[p.name], p.name)]
     return flat
 
 
@@ -128,7 +128,7 @@ def _register(desc: OpDescriptor) -> None:
 
     def fake(*flat: Any) -> Any:
         args, _, _ = _unflatten(desc, flat)
-        return None if desc.fake_result is None else _as_returned(desc.fake_result(**args))
+        return None if desc.fake_result is None else _as_returned(desc.fake_result(args))
 
     mutated = [n for n, _, m in _flat_params(desc) if m]
     op = torch.library.custom_op(f"dsv4::{desc.name}", impl, mutates_args=mutated, schema=_schema(desc, False))
@@ -155,6 +155,8 @@ def call(name: str, backend: str = "auto", out: Any = None, **args: Any) -> Any:
     them, with ``start_pos`` an int tensor ``[B]``). Returns the op's result (written into ``out``
     when given)."""
     desc = get_op(name)
+    if out is not None and desc.result is None:
+        raise TypeError(f"out: {name} takes no out= (it updates its state in place)")
     flat = [*flatten(desc, args), backend]
     if out is not None:
         getattr(torch.ops.dsv4, f"{name}_out")(*flat, *out)
@@ -163,64 +165,6 @@ def call(name: str, backend: str = "auto", out: Any = None, **args: Any) -> Any:
     if desc.result is None:
         return None
     return desc.result(result) if len(desc.result._fields) == 1 else desc.result(*result)
-
-
-def qkv_proj_rope(
-    x: Tensor, w: AttnWeights, positions: Tensor, rope: RopeTable, *, eps: float = 1e-6, backend: str = "auto",
-    out: QKV | None = None,
-) -> QKV:  # fmt: skip
-    """``dsv4.qkv_proj_rope`` through ``torch.ops.dsv4``; same arguments and result."""
-    return call("qkv_proj_rope", backend, out, x=x, w=w, positions=positions, rope=rope, eps=eps)
-
-
-def indexer_compressor(
-    x: Tensor, w: CompressorWeights, state: IndexerState, start_pos: Tensor, rope: RopeTable, *,
-    eps: float = 1e-6, backend: str = "auto",
-) -> None:  # fmt: skip
-    """``dsv4.indexer_compressor`` through ``torch.ops.dsv4``; ``start_pos`` is an int tensor ``[B]``."""
-    call("indexer_compressor", backend, x=x, w=w, state=state, start_pos=start_pos, rope=rope, eps=eps)
-
-
-def indexer(
-    x: Tensor, qr: Tensor, qr_scale: Tensor, w: IndexerWeights, state: IndexerState, start_pos: Tensor, offset: int,
-    rope: RopeTable, *, topk: int, eps: float = 1e-6, backend: str = "auto", out: IndexerOut | None = None,
-) -> IndexerOut:  # fmt: skip
-    """``dsv4.indexer`` through ``torch.ops.dsv4``; ``start_pos`` is an int tensor ``[B]``."""
-    return call(
-        "indexer", backend, out, x=x, qr=qr, qr_scale=qr_scale, w=w, state=state, start_pos=start_pos,
-        offset=offset, rope=rope, topk=topk, eps=eps,
-    )  # fmt: skip
-
-
-def kv_compressor(
-    x: Tensor, w: CompressorWeights, state: CompressorState, start_pos: Tensor, rope: RopeTable, *,
-    eps: float = 1e-6, backend: str = "auto",
-) -> None:  # fmt: skip
-    """``dsv4.kv_compressor`` through ``torch.ops.dsv4``; ``start_pos`` is an int tensor ``[B]``."""
-    call("kv_compressor", backend, x=x, w=w, state=state, start_pos=start_pos, rope=rope, eps=eps)
-
-
-def window_kv_write(kv: Tensor, pool: KVPool, start_pos: Tensor, *, window: int, backend: str = "auto") -> None:
-    """``dsv4.window_kv_write`` through ``torch.ops.dsv4``; ``start_pos`` is an int tensor ``[B]``."""
-    call("window_kv_write", backend, kv=kv, pool=pool, start_pos=start_pos, window=window)
-
-
-def sparse_attn(
-    q: Tensor, kv: Tensor, start_pos: Tensor, window_pool: KVPool, attn_sink: Tensor, rope: RopeTable, *,
-    kind: str, window: int, compress_ratio: int = 0, compressed_pool: KVPool | None = None,
-    topk_idxs: Tensor | None = None, topk_offset: int = 0, backend: str = "auto", out: AttnOut | None = None,
-) -> AttnOut:  # fmt: skip
-    """``dsv4.sparse_attn`` through ``torch.ops.dsv4``; ``start_pos`` is an int tensor ``[B]``."""
-    return call(
-        "sparse_attn", backend, out, q=q, kv=kv, start_pos=start_pos, window_pool=window_pool, attn_sink=attn_sink,
-        rope=rope, kind=kind, window=window, compress_ratio=compress_ratio, compressed_pool=compressed_pool,
-        topk_idxs=topk_idxs, topk_offset=topk_offset,
-    )  # fmt: skip
-
-
-def o_proj(o: Tensor, w: OProjWeights, *, backend: str = "auto", out: OProjOut | None = None) -> OProjOut:
-    """``dsv4.o_proj`` through ``torch.ops.dsv4``."""
-    return call("o_proj", backend, out, o=o, w=w)
 
 
 def tensors_of(value: Any) -> list[Tensor]:
