@@ -60,3 +60,17 @@ def expected_pool(before: dsv4.IndexerState, cache: torch.Tensor, start: torch.T
             block = int(before.block_table[b, row // block_size])
             keys[block, row % block_size], key_scale[block, row % block_size] = k8, ks[0]
     return {"keys": keys, "key_scale": key_scale, "block_table": before.block_table}
+
+
+def ring_by_position(got: torch.Tensor, v2: torch.Tensor, next_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ring state ``got [B, 8, W]`` (spec v3: position ``q`` in slot ``q % 8``) and the golden vectors'
+    ``v2`` ring (the open block in slots ``4 + q % 4``, the last closed one in ``q % 4``) as two tensors
+    that hold the same values where the spec reads the ring, as the golden README says: after a step
+    whose next position is ``n = next_pos[b]``, the positions ``q`` in ``[max(0, 4*(n//4) - 4), n)``.
+    Every other slot (never read) is 0 in both, so ``compare`` checks exactly the positions read."""
+    got_read, want = torch.zeros_like(got), torch.zeros_like(got)
+    for b, n in enumerate(next_pos.tolist()):
+        for q in range(max(0, 4 * (n // 4) - 4), n):
+            got_read[b, q % 8] = got[b, q % 8]
+            want[b, q % 8] = v2[b, 4 + q % 4 if q >= 4 * (n // 4) else q % 4]
+    return got_read, want

@@ -347,13 +347,14 @@ def test_device_tensors_are_checked_without_a_host_read(op) -> None:
     with HostReadWatch() as watch:
         check()
     assert not watch.reads, watch.reads
-    expected = {  # the block table twice: its entries in the pool, and one writer per pool row
+    expected = {  # the block table: its entries in the pool, one writer per pool row, (indexer) no written row read
         "qkv_proj_rope": ["positions"],
         "indexer_compressor": ["start_pos", "state.block_table", "state.block_table"],
-        "indexer": ["start_pos", "state.block_table", "state.block_table", "out.score"],
+        "indexer": ["start_pos", "state.block_table", "state.block_table", "state.block_table", "out.score"],
     }
     assert [a.split(":")[0] for a in watch.asserts] == expected[name]
     assert (validate.TWO_WRITERS in watch.asserts) == (name != "qkv_proj_rope")
+    assert (validate.READ_AS_ANOTHER_ROW in watch.asserts) == (name == "indexer")
 
 
 @pytest.mark.parametrize(

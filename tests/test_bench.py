@@ -67,14 +67,14 @@ def test_qkv_proj_rope_bytes_and_flops_at_flash_decode() -> None:
 @pytest.mark.parametrize(
     ("start", "expected"),
     [
-        (1024, (0, 4, 0)),  # slots 4, 5 written (both halves); no block closes
-        (1025, (0, 4, 0)),  # slots 5, 6
-        # slot 6, then 7 closes the block: pool reads slots 0-3 first half and 4, 5 second half
-        # (6, 7 are on chip); the shift reads 4, 5 first half; writes 6, 7 and 0-3 (both halves)
-        (1026, (8, 12, 1)),
-        # slot 7 closes: pool reads 0-3 first half, 4-6 second half; shift reads 4-6 first half;
-        # writes 7, 0-3, then slot 4 for the next token
-        (1027, (10, 12, 1)),
+        (1024, (0, 4, 0)),  # slots 0, 1 written (both halves); no block closes
+        (1025, (0, 4, 0)),  # slots 1, 2
+        # slot 2, then 3 closes block 256: the pool reads slots 4-7 first half (block 255) and slots
+        # 0, 1 second half (2, 3 are on chip); writes slots 2, 3 (both halves)
+        (1026, (6, 4, 1)),
+        # slot 3 closes: the pool reads slots 4-7 first half and 0-2 second half; writes slot 3, then
+        # slot 4 for the next token (block 255's slot: read before it is overwritten)
+        (1027, (7, 4, 1)),
     ],
 )
 def test_ring_traffic_by_hand(start: int, expected: tuple[int, int, int]) -> None:
@@ -82,9 +82,9 @@ def test_ring_traffic_by_hand(start: int, expected: tuple[int, int, int]) -> Non
 
 
 def test_ring_traffic_long_step_counts_each_half_once() -> None:
-    # 16 blocks close; only the first block's pool needs pre-step values (slots 0-3, first half:
-    # the empty "previous block"); every half is written, each counted once
-    assert ring_traffic(0, 64) == (4, 16, 16)
+    # 16 blocks close; no pool needs a pre-step value (block 0 has no previous block, every later
+    # candidate was written in the step); every half is written, each counted once
+    assert ring_traffic(0, 64) == (0, 16, 16)
 
 
 def test_compressor_bytes_at_flash_decode() -> None:
@@ -97,10 +97,10 @@ def test_compressor_bytes_at_flash_decode() -> None:
         + 2 * 2 * HID * 4  # ape rows for p % 4 in {2, 3}
         + HID * 2  # norm_w
         + B * ROPE_ROW  # one block first position per row
-        + B * 8 * half * 2  # ring halves read, both state tensors
+        + B * 6 * half * 2  # ring halves read, both state tensors
         + B * 4  # the block-table entry of each closed row, int32
     )
-    writes = B * 12 * half * 2 + B * (HID + 4)  # ring halves written; one INT8 pool row + fp32 scale per row
+    writes = B * 4 * half * 2 + B * (HID + 4)  # ring halves written; one INT8 pool row + fp32 scale per row
     cost = indexer_compressor_cost(FLASH, starts, S)
     assert (cost.read_bytes, cost.write_bytes) == (reads, writes)
     assert cost.flops == {"bf16": 2 * B * S * D * 2 * HID * 2, "fp32": B * 2 * HID * HID}

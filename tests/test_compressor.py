@@ -29,8 +29,8 @@ def whole_sequence_cache(x: torch.Tensor, w: dsv4.CompressorWeights, rope: dsv4.
     cand_sc = torch.cat((prev_sc, sc[:, :, hid:]), dim=1)
     pooled = (cand_kv * torch.softmax(cand_sc, dim=1)).sum(dim=1)
 
-    k = pooled.to(torch.bfloat16).float()
-    k = (k * torch.rsqrt(k.square().mean(-1, keepdim=True) + 1e-6) * w.norm_w.float()).to(torch.bfloat16)
+    k = pooled.to(torch.bfloat16).double()  # the norm in float64: the spec's value for any finite key
+    k = (k * torch.rsqrt(k.square().mean(-1, keepdim=True) + 1e-6) * w.norm_w.double()).to(torch.bfloat16)
     first = torch.arange(nb, device=x.device) * 4
     rot = torch.complex(rope.cos[first], rope.sin[first])  # [nb, R/2]
     r = rope.rope_dim
@@ -81,15 +81,13 @@ def stack_states(states: list[dsv4.IndexerState]) -> dsv4.IndexerState:
 
 
 def _check_ring(state: dsv4.IndexerState, b: int, x: torch.Tensor, w: dsv4.CompressorWeights, n: int) -> None:
-    """After n tokens: slots 4.. hold the open block's tokens, slots 0..3 the last closed block."""
+    """After n tokens: slot ``q % 8`` holds position ``q`` for the last closed block and the open one
+    (``q >= 4*(n//4) - 4``: what the next steps read); slots no position has reached are still empty."""
     kv = x[:n].float() @ w.wkv.float().T
-    r = n % 4
-    for i in range(r):
-        torch.testing.assert_close(state.kv_state[b, 4 + i], kv[n - r + i], rtol=1e-5, atol=1e-5)
-    if n >= 4:
-        torch.testing.assert_close(state.kv_state[b, :4], kv[n - r - 4 : n - r], rtol=1e-5, atol=1e-5)
-    else:
-        assert torch.isinf(state.score_state[b, :4]).all()
+    for q in range(max(0, 4 * (n // 4) - 4), n):
+        torch.testing.assert_close(state.kv_state[b, q % 8], kv[q], rtol=1e-5, atol=1e-5)
+    if n < 8:
+        assert torch.isinf(state.score_state[b, n:]).all() and not state.kv_state[b, n:].any()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -162,3 +160,80 @@ def test_only_rows_of_the_batch_change(backend: str) -> None:
     assert torch.equal(state.keys[others], before.keys[others])
     assert torch.equal(state.key_scale[others], before.key_scale[others])
     assert state.dense_keys(0, 2)[0].any() and state.dense_keys(1, 2)[0].any()
+
+
+def _same_reads(a: dsv4.IndexerState, b: dsv4.IndexerState, n: int) -> tuple[bool, bool]:
+    """Whether what later steps of a sequence at position ``n`` (slot 0) read agrees in ``a`` and ``b``:
+    (its pool rows ``[0, n//4)`` within an ulp flip of the key, the ring slots of positions
+    ``[max(0, 4*(n//4) - 4), n)`` within the spec's state tolerance). The projections of a token differ
+    in the last bits between steps of other lengths (another GEMM shape); a wrong token is off by 0.1."""
+    slots = [q % 8 for q in range(max(0, 4 * (n // 4) - 4), n)]
+    (ka, sa), (kb, sb) = a.dense_keys(0, n // 4), b.dense_keys(0, n // 4)
+    keys = torch.allclose(ka.float() * sa[:, None], kb.float() * sb[:, None], rtol=1 / 128, atol=FLIP_ATOL)
+    ring = all(
+        torch.allclose(x[0, slots], y[0, slots], rtol=1e-4, atol=1e-4)
+        for x, y in ((a.kv_state, b.kv_state), (a.score_state, b.score_state))
+    )
+    return keys, ring
+
+
+# (r, n1, m): run positions 0..n1-1, then re-run m new tokens from r. Spec §4: the re-run equals a
+# fresh run iff r + k <= max(8, 4*(r//4) + 4) with k = n1 - r positions run since r.
+RERUNS = {
+    "one-draft-token": (3, 4, 1),  # the speculative-decoding case
+    "from-2-after-8": (2, 8, 2),  # the deepest rollback into block 0
+    "from-9-after-12-wrapped": (9, 12, 3),  # the first step (S=12) wraps the ring; block 1 intact
+    "from-2-after-9-too-deep": (2, 9, 2),  # position 8 overwrote slot 0 (position 0, block 0 needs it)
+    "from-9-after-13-too-deep": (9, 13, 3),  # position 12 overwrote slot 4 (block 1, block 2's close needs it)
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", RERUNS)
+def test_rerun_from_an_earlier_position(backend: str, name: str) -> None:
+    """A step re-run from an earlier position ``r`` (a rejected draft token) with other tokens equals a
+    fresh run of the same tokens exactly when the spec's rule allows it, and differs when it does not
+    (why engines refuse a deeper rollback)."""
+    r, n1, m = RERUNS[name]
+    w, rope, x = _inputs(batch=1, seed=6)
+    xb = dsv4.synthetic_activations((1, m, CFG.hidden_size), seed=99, device=DEVICE)
+    rerun = dsv4.IndexerState.empty(CFG, 1, MAX_POS, device=DEVICE)
+    dsv4.indexer_compressor(x[:, :n1].contiguous(), w, rerun, 0, rope, backend=backend)
+    dsv4.indexer_compressor(xb, w, rerun, r, rope, backend=backend)
+    fresh = dsv4.IndexerState.empty(CFG, 1, MAX_POS, device=DEVICE)
+    dsv4.indexer_compressor(torch.cat((x[:, :r], xb), dim=1), w, fresh, 0, rope, backend=backend)
+    keys, ring = _same_reads(rerun, fresh, r + m)
+    if r + (n1 - r) <= max(8, 4 * (r // 4) + 4):
+        assert keys and ring
+    else:
+        assert not keys  # the re-run's close read a slot a later position had overwritten
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_block_0_never_reads_the_ring(backend: str) -> None:
+    """A slot handed to a new sequence without a reset: whatever its ring holds (NaN kv, huge gates),
+    the first blocks' keys are those of a fresh state; the ring reaches 8 positions and wraps within
+    the step (S=9)."""
+    w, rope, x = _inputs(batch=1, seed=7)
+    fresh = dsv4.IndexerState.empty(CFG, 1, MAX_POS, device=DEVICE)
+    garbage = fresh.clone()
+    garbage.kv_state.fill_(float("nan"))
+    garbage.score_state.fill_(1e30)
+    for state in (fresh, garbage):
+        dsv4.indexer_compressor(x[:, :9].contiguous(), w, state, 0, rope, backend=backend)
+    k8, ks = garbage.dense_keys(0, 2)
+    assert torch.equal(k8, fresh.dense_keys(0, 2)[0]) and torch.equal(ks, fresh.dense_keys(0, 2)[1])
+    assert torch.equal(garbage.kv_state, fresh.kv_state) and torch.equal(garbage.score_state, fresh.score_state)
+    _check_rows(fresh, 0, whole_sequence_cache(x[0], w, rope), 9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_very_large_activations_give_the_spec_keys(backend: str) -> None:
+    """x = 1e30: the pooled keys' squares overflow fp32; the keys are still the spec's (float64 norm),
+    not zeros."""
+    w, rope, x = _inputs(batch=1, seed=8)
+    x = (x[:, :12].float() * 1e30).to(torch.bfloat16)
+    state = dsv4.IndexerState.empty(CFG, 1, MAX_POS, device=DEVICE)
+    dsv4.indexer_compressor(x, w, state, 0, rope, backend=backend)
+    assert state.dense_keys(0, 3)[0].any(dim=-1).all()
+    _check_rows(state, 0, whole_sequence_cache(x[0], w, rope), 12)

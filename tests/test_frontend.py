@@ -69,6 +69,25 @@ def test_explicit_start_positions_and_reset_validation() -> None:
     assert all(torch.equal(a, b) for a, b in zip(m.state.tensors().values(), before.tensors().values(), strict=True))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rerun_from_an_earlier_position_equals_a_fresh_run(backend: str) -> None:
+    """Speculative decoding: after 8 tokens, slot 0 goes back to position 2 with other tokens (the
+    deepest rollback spec §4 allows there: r + k = 2 + 6 <= 8). Its scores and selection equal a fresh
+    module's on the same tokens; the rolled-back positions are simply overwritten."""
+    m = tiny_frontend(backend, 1, 64)
+    x8 = dsv4.synthetic_activations((1, 8, CFG.hidden_size), seed=2, device=DEVICE)
+    xb = dsv4.synthetic_activations((1, SEQ, CFG.hidden_size), seed=3, device=DEVICE)
+    m(x8)
+    _, _, topk = m(xb, start_pos=2)
+    assert m.next_pos == [4]
+    fresh = tiny_frontend(backend, 1, 64)
+    _, _, ftopk = fresh(torch.cat((x8[:, :2], xb), dim=1))
+    t = tolerance("score")
+    check = ratio_allclose(m.last_score, fresh.last_score[:, 2:], t.atol, t.rtol, 0.0, "score")
+    assert check, check.detail
+    assert torch.equal(topk, ftopk[:, 2:])
+
+
 def test_module_moves_with_to_and_uses_its_buffers() -> None:
     m = tiny_frontend("reference", 2, 64)
     names = {n for n, _ in m.named_buffers()}

@@ -6,18 +6,24 @@ only (one decode, one prefill); the ``tiny`` preset carries the sweep over token
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import dsv4
-from conftest import DEVICE
-from dsv4.harness.golden import compare
+from conftest import BACKENDS, DEVICE
+from dsv4.harness.golden import compare, ratio_allclose, tolerance
+from dsv4.kernels.epilogue import rms_inv_of_sumsq, rms_scale
 from dsv4.kernels.launch import H100_SMS
 from dsv4.kernels.projection import projection_tiles
 from dsv4.kernels.qkv_proj_rope import launch_q_heads, q_heads_tiles
 from dsv4.model.config import DeepSeekV4Config, get_config
 from dsv4.model.rope import RopeTable, rope_table
 from dsv4.model.weights import AttnWeights, synthetic_activations, synthetic_weights
+from dsv4.reference.common import rms_norm
 
 TINY = get_config("tiny")
 # Dims of no preset: odd head count, a q LoRA rank that is not a power of two (as in ``pro``) and a
@@ -115,22 +121,132 @@ def test_repeatable_bit_for_bit(t: int) -> None:
             assert torch.equal(a, b), name
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the first launch's placeholder words: 0/0
+@pytest.mark.parametrize("huge", [False, True], ids=["plain", "huge-half-heads"])
 @pytest.mark.parametrize("t", [5, 130])
-def test_paired_halves_compute_the_same_bits(t: int) -> None:
+def test_paired_halves_compute_the_same_bits(t: int, huge: bool) -> None:
     """The GPU's paired q-heads path (a program per half head, the two swapping their sums of squares)
     run through the interpreter, which runs programs one at a time: a first launch publishes every
     half's sums (the first half of each pair reads a placeholder 0 and stores garbage), a second
     launch finds its partner's sums already published. Its ``q`` equals the one-program-per-head path
-    bit for bit."""
+    bit for bit. ``huge``: half heads whose squares overflow fp32, so the pairs swap scaled sums."""
     x, w, positions, rope = qkv_inputs(TINY, decode_positions(t, 256, seed=7), 256, seed=7, outliers=2)
+    if huge:
+        w = _huge_half_heads(w)
     expected = dsv4.qkv_proj_rope(x, w, positions, rope, backend="triton")
     block_m, paired = q_heads_tiles(t, TINY.num_attention_heads, H100_SMS)
     assert paired
-    sumsq = torch.zeros(2 * TINY.num_attention_heads * t, dtype=torch.float32, device=DEVICE)
+    sumsq = torch.zeros(2 * TINY.num_attention_heads * t, dtype=torch.int64, device=DEVICE)
     q = torch.empty_like(expected.q)
     for _ in range(2):
         launch_q_heads(expected.qr, expected.qr_scale, w, positions, rope, TINY.rms_norm_eps, q, sumsq, block_m, True)
     assert torch.equal(q, expected.q)
+
+
+# --- RMSNorm of very large finite values (spec §2, any finite input) -------------------------------
+
+BF16_MAX = torch.finfo(torch.bfloat16).max
+
+
+@triton.jit
+def _rms_rows_kernel(v_ptr, out_ptr, plain_ptr, eps, N: tl.constexpr):
+    rows = tl.arange(0, 8)[:, None]
+    cols = tl.arange(0, N)[None, :]
+    v = tl.load(v_ptr + rows * N + cols)
+    scale, inv = rms_scale(v, N, eps)
+    tl.store(out_ptr + rows * N + cols, (v * scale) * inv)
+    tl.store(plain_ptr + rows * N + cols, v * rms_inv_of_sumsq(tl.sum(v * v, axis=1), N, eps))  # unguarded
+
+
+def _spec_rms(v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The spec's RMSNorm in float64 (no overflow for any fp32 input)."""
+    v = v.double()
+    return v / torch.sqrt(v.square().mean(-1, keepdim=True) + eps)
+
+
+def _large_rows(n: int) -> torch.Tensor:
+    """8 rows: values of 1e30; near the bf16 maximum; one near-maximum entry among unit values; amax
+    2^48 (the first scaled) and just below it (the plain formula); the fp32 maximum; two ordinary rows."""
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(8, n, generator=g)
+    v[0] *= 1e30
+    v[1] = v[1].sign() * BF16_MAX * (1 - torch.rand(n, generator=g) / 64)
+    v[2, 5] = -BF16_MAX
+    v[3] = v[3] / v[3].abs().max() * 2.0**48
+    v[4] = v[4] / v[4].abs().max() * 2.0**48 * (1 - 2.0**-24)
+    v[5, :3] = torch.finfo(torch.float32).max
+    return v.to(DEVICE)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy: the unguarded formula's squares overflow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rms_norm_of_large_finite_rows_is_the_spec_value(backend: str) -> None:
+    """RMSNorm (every norm of both ops goes through one of these two helpers) of rows whose squares
+    overflow fp32: the float64 value of the spec, to fp32 accuracy; ordinary rows and those below
+    2^48 are bit for bit the unguarded formula's."""
+    n = 64
+    v = _large_rows(n)
+    if backend == "reference":
+        got = rms_norm(v, None, 1e-6)
+        plain = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)
+    else:
+        got, plain = torch.empty_like(v), torch.empty_like(v)
+        _rms_rows_kernel[(1,)](v, got, plain, 1e-6, N=n)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), _spec_rms(v), rtol=4e-7, atol=1e-37)
+    assert torch.equal(got[4:].view(torch.int32)[[0, 2, 3]], plain[4:].view(torch.int32)[[0, 2, 3]])
+    assert not plain[:3].any() or not torch.isfinite(plain[:3]).all()  # premise: the plain formula fails
+
+
+def _spec_qkv(x: torch.Tensor, w: AttnWeights, positions: torch.Tensor, rope: RopeTable, qr, qr_scale) -> dict:
+    """Spec §3 in float64 from ``x`` (``q`` from the given ``qr``/``qr_scale``, as the backends' own)."""
+    hd = w.wkv.shape[0]
+    r = rope.rope_dim
+
+    def rope64(u: torch.Tensor) -> torch.Tensor:
+        cos, sin = rope.cos[positions].double(), rope.sin[positions].double()
+        while cos.dim() < u.dim():
+            cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+        u0, u1 = u[..., 0::2], u[..., 1::2]
+        return torch.stack((u0 * cos - u1 * sin, u0 * sin + u1 * cos), dim=-1).flatten(-2)
+
+    x64 = x.double()
+    c = _spec_rms(x64 @ w.wq_a.double().T) * w.gamma_cq.double()
+    qp = (qr.double() @ w.wq_b.double().T) * qr_scale.double() * w.wq_b_scale.double()
+    qn = _spec_rms(qp.view(x.shape[0], -1, hd))
+    k = _spec_rms(x64 @ w.wkv.double().T) * w.gamma_ckv.double()
+    qn[..., -r:], k[..., -r:] = rope64(qn[..., -r:]), rope64(k[..., -r:])
+    return {"q": qn, "kv": k, "qr_scale": c.abs().amax(-1, keepdim=True).clamp_min(1e-4) / 127}
+
+
+def _huge_half_heads(w: AttnWeights) -> AttnWeights:
+    """``wq_b_scale`` times 1e25 on half 0 of head 0 and half 1 of head 1: those halves' squares
+    overflow fp32, the other half of each head stays ordinary."""
+    hd = w.wkv.shape[0]
+    scale = w.wq_b_scale.clone()
+    scale[: hd // 2] *= 1e25
+    scale[hd + hd // 2 : 2 * hd] *= 1e25
+    return dataclasses.replace(w, wq_b_scale=scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("what", ["x-1e30", "huge-half-heads"])
+def test_very_large_finite_activations(backend: str, what: str) -> None:
+    """x = 1e30 (the q-LoRA and kv norms' squares overflow fp32), or q heads of 1e25 (the per-head
+    norm's): ``q``, ``kv`` and ``qr_scale`` are the float64 spec's, finite, not zeros."""
+    x, w, positions, rope = qkv_inputs(TINY, decode_positions(3, 64, seed=9), 64, seed=9)
+    if what == "x-1e30":
+        x = (x.float() * 1e30).to(torch.bfloat16)
+    else:
+        w = _huge_half_heads(w)
+    out = dsv4.qkv_proj_rope(x, w, positions, rope, backend=backend)
+    want = _spec_qkv(x, w, positions, rope, out.qr, out.qr_scale)
+    for name, e in want.items():
+        got = getattr(out, name)
+        assert torch.isfinite(got.float()).all(), name
+        t = tolerance(name)
+        check = ratio_allclose(got.float(), e, t.atol, t.rtol, 0.0, name)
+        assert check, f"{name}: {check.detail}"
 
 
 def test_writes_into_out() -> None:

@@ -20,13 +20,18 @@ from safetensors.torch import load_file, save_file
 
 import dsv4
 from bad_checkpoints import LAYER, PREFIX, SHARDS, digest, write_valid
+from conftest import DEVICE
 from dsv4 import CheckpointError
 from dsv4.cli import main
 from dsv4.harness.cases import Case, run_case
 from dsv4.io.checkpoint import Checkpoint
 from dsv4.kernels import epilogue
 from dsv4.kernels.epilogue import quantize_int8_rows
+from dsv4.kernels.topk import select_topk
 from dsv4.model.quant import quantize_int8_per_row
+from dsv4.model.structs import MASKED_SCORE as MASKED
+from dsv4.ops.validate import step_positions
+from dsv4.reference.indexer import select_topk as reference_select_topk
 from op_cases import case_at
 from test_validation import _get, _set
 
@@ -65,8 +70,8 @@ CASES = [
     ("indexer", "w.compressor.wgate", (HID, 3), "+inf"),
     ("indexer", "w.compressor.ape", (2, HID), "payload-nan"),
     ("indexer", "w.compressor.norm_w", (0,), "nan"),
-    ("indexer", "state.kv_state", (0, 0, 0), "payload-nan"),
-    ("indexer", "state.score_state", (0, 1, 0), "nan"),
+    ("indexer", "state.kv_state", (0, 4, 0), "payload-nan"),  # slots 4..7 first half: block 1, row 0's close reads it
+    ("indexer", "state.score_state", (0, 5, 0), "nan"),
     ("indexer", "state.key_scale", (0, 5), "nan"),
     ("indexer", "state.key_scale", (1, 1), "payload-nan"),
     ("indexer", "rope.cos", (START[0], 1), "nan"),
@@ -116,6 +121,59 @@ def test_nonfinite_input_stays_visible_on_every_backend(op, path, index, value) 
     if "topk_idxs" in want:  # NaN scores rank first (torch's descending sort), ties by lower index
         rows = _nonfinite(want["score"]).any(-1)
         assert torch.equal(got["topk_idxs"][rows], want["topk_idxs"][rows])
+
+
+# --- top-k of non-finite scores ---------------------------------------------------------------------
+
+NEG_NAN = torch.tensor([-4194304], dtype=torch.int32).view(torch.float32)[0].item()  # 0xFFC00000, x86's NaN
+INF = float("inf")
+# start 14, S=2: token 0 sees 3 keys, token 1 four; columns past those hold what a token cannot see
+PLANTED = [
+    [-INF, NEG_NAN, 1.0, INF, float("nan"), 5.0, MASKED, -INF],
+    [MASKED, -INF, INF, float("nan"), float("nan"), INF, 7.0, 0.0],
+]
+# by hand: NaN first (any sign), then descending, a visible -inf last; nothing past vis
+EXPECTED = {16: [[1, 2, 0], [3, 2, 0, 1]], 2: [[1, 2], [3, 2]]}
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("topk", sorted(EXPECTED))
+def test_topk_of_nonfinite_scores_never_selects_a_hidden_column(backend: str, topk: int) -> None:
+    """Visible NaN, +-inf and the mask value itself, and +inf/NaN in columns a token cannot see."""
+    pos = step_positions(14, 1, 2, DEVICE)
+    score = torch.tensor([PLANTED], device=DEVICE)
+    select = reference_select_topk if backend == "reference" else select_topk
+    got = select(score, pos, topk, 128).cpu()
+    want = torch.full((1, 2, topk), -1, dtype=torch.int32)
+    for s, idx in enumerate(EXPECTED[topk]):
+        want[0, s, : len(idx)] = torch.tensor(idx) + 128
+    assert torch.equal(got, want), got.tolist()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_nonfinite_key_pool_selects_the_same_visible_rows_on_every_backend() -> None:
+    """+-inf and NaN key scales in rows each token sees and in pool rows past the cache (never read):
+    both backends select the same indices, all of them visible, k = min(topk, vis) of them."""
+    case = case_at(CFG, "indexer", batch=2, seq=2, start=START, max_position=64)
+    state = case.args["state"]
+    for b, bad in enumerate(([-INF, INF], [-INF, float("nan"), INF])):
+        for row, value in enumerate(bad):
+            block, offset = state.row_location(b, row)
+            state.key_scale[block, offset] = value
+        for row in range(5, 16):  # past the cache after the step: never read
+            block, offset = state.row_location(b, row)
+            state.key_scale[block, offset] = (INF, float("nan"))[row % 2]
+            state.keys[block, offset] = 127
+    want, got = run_case(case, "reference"), run_case(case, "triton")
+    assert torch.equal(got["topk_idxs"], want["topk_idxs"])
+    offset, topk = case.args["offset"], case.args["topk"]
+    for b, p in enumerate(START):
+        for s in range(2):
+            vis = (p + s + 1) // 4
+            idx = want["topk_idxs"][b, s].tolist()
+            assert sorted(i - offset for i in idx if i >= 0) == list(range(min(vis, topk)))
+            assert idx[min(vis, topk) :] == [-1] * (topk - min(vis, topk))
 
 
 @triton.jit

@@ -18,7 +18,14 @@ from device_assert import assert_stops_on_device
 from dsv4.harness.cases import Case, make_case, run_case
 from dsv4.harness.golden import compare
 from dsv4.model.state import UNALLOCATED
-from dsv4.ops.validate import TWO_WRITERS, _one_writer_per_row, check_block_entries, step_positions
+from dsv4.ops.validate import (
+    READ_AS_ANOTHER_ROW,
+    TWO_WRITERS,
+    _one_writer_per_row,
+    _read_as_another_row,
+    check_block_entries,
+    step_positions,
+)
 from op_cases import assert_matches_reference
 from pools import relayout
 
@@ -141,6 +148,63 @@ def test_two_writers_check_on_the_device_agrees_with_the_host(start, seq, share,
     else:
         with pytest.raises(ValueError, match="two slots write the same pool row"):
             check_block_entries(state, pos, reads=False)
+
+
+# (starts, (slot, column) <- (slot, column) of the table, refused): pool blocks of 16 rows; a slot at 70
+# (S=2) writes its row 17, column 1, offset 1, and reads rows 0..17
+ALIASES = {
+    "own-two-columns": ([70, 10], ((0, 1), (0, 0)), True),  # row 17 is row 1's pool row: read, then overwritten
+    "own-two-columns-none-written": ([68, 10], ((0, 1), (0, 0)), False),  # reads rows 16, 17 twice: no write
+    "other-slot-reads-it": ([70, 10], ((1, 0), (0, 1)), True),  # slot 1 reads offsets 0..2 of slot 0's block
+    "other-slot-reads-below-it": ([70, 4], ((1, 0), (0, 1)), False),  # slot 1 reads offset 0 only, writes none
+}
+
+
+def _aliased_case(name: str) -> Case:
+    start, (dst, src), _ = ALIASES[name]
+    case = make_case(TINY, "indexer", seed=3, device=DEVICE, batch=2, seq=2, start_pos=start, max_position=1024)
+    state = relayout(case.state(), 16, [(p + 2) // 4 for p in start], seed=3)
+    state.block_table[dst] = state.block_table[src]
+    case.args["state"] = state
+    return case
+
+
+def aliased_call(name: str, backend: str) -> None:
+    """The call of the test below (for a child process: see ``device_assert``)."""
+    dsv4.indexer(**_aliased_case(name).args, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("name", [n for n, (_, _, refused) in ALIASES.items() if refused])
+def test_a_written_row_the_step_reads_as_another_row_is_refused(backend: str, name: str) -> None:
+    """Two table entries mapping one block so that the step would overwrite a key it also scores as
+    another row: refused before anything changes (on a GPU by a device-side assert)."""
+    if DEVICE.type == "cuda":
+        assert_stops_on_device(
+            f"import test_paged_cache as t\nt.aliased_call({name!r}, {backend!r})", (READ_AS_ANOTHER_ROW,)
+        )
+        return
+    case = _aliased_case(name)
+    before = case.state().clone()
+    with pytest.raises(ValueError, match=r"also read by the step as another row.*: slot \d writes its row 17"):
+        dsv4.indexer(**case.args, backend=backend)
+    assert all(torch.equal(t, getattr(before, n)) for n, t in case.state().tensors().items())
+
+
+@pytest.mark.parametrize("name", ALIASES)
+def test_read_as_another_row_on_the_device_agrees_with_the_host(name: str) -> None:
+    """The device form of the check (computed here on the host's tensors) gives the host's verdict,
+    offset by offset: aliased blocks whose written offsets no other entry reads are accepted."""
+    start, _, refused = ALIASES[name]
+    state = _aliased_case(name).state().to("cpu")
+    pos = step_positions(torch.tensor(start), 2, 2, torch.device("cpu"))
+    assert bool(_read_as_another_row(state.block_table, pos, 16, state.keys.shape[0]).any()) == refused
+    if refused:
+        with pytest.raises(ValueError, match="also read by the step as another row"):
+            check_block_entries(state, pos, reads=True)
+    else:
+        check_block_entries(state, pos, reads=True)
+    check_block_entries(state, pos, reads=False)  # the compressor alone reads no pool row
 
 
 def test_unallocated_rows_are_skipped_by_the_compressor() -> None:

@@ -2,17 +2,16 @@
 that closes in the step, softmax pooling, RMSNorm, RoPE, Hadamard, and the INT8 row (quantized per row,
 with its scale) stored in the key pool through the block table.
 
-Why it can run in parallel: the block closing at position ``p`` (first position ``f = p - 3``)
+Why it can run in parallel: the ring is addressed by position (spec v3: position ``q`` lives in slot
+``q % 8``, nothing shifts), and the block closing at position ``p`` (first position ``f = p - 3``)
 pools exactly the tokens ``q = f - 4 + j``, ``j = 0..7`` — columns ``[0, HID)`` of the previous
 block's tokens and ``[HID, 2*HID)`` of its own. A token of this step (``q >= start``) comes from
-the step's projections; an earlier token comes from the pre-step ring: slot ``j`` (``j >= 4``,
-this block) or, for the previous block, slot ``4 + j`` if that block closed in this step
-(``f - 1 >= start``: the shift copied slots 4..7 to 0..3, and slot ``4 + j`` still held it) and
-slot ``j`` if it closed before. So every closing block is computed independently from the
-projections and the pre-step ring, and the ring's final state is written once at the end:
-slot ``4 + i`` holds the last token ``q <= L`` with ``q % 4 == i`` (``L`` the step's last
-position) if the step wrote it, and when a block closed, slot ``i`` holds the last closed
-block's token ``i`` (this step's projection, or the pre-step slot ``4 + i``).
+the step's projections; an earlier one (``0 <= q < start``) from the pre-step ring slot ``q % 8``,
+which no position of the step before the close can have overwritten (that would be ``q + 8 > p``);
+``q < 0`` (block 0's previous block) is kv 0 and score -inf, whatever the ring holds. So every
+closing block is computed independently from the projections and the pre-step ring, and the ring's
+final state is written once at the end, from the projections alone: slot ``q % 8`` <- token ``q``
+for the last (up to 8) positions ``q`` of the step.
 
 Work comes in chunks of ``CLOSE_CHUNK`` closing blocks of one row (``close_chunk``), pooled
 ``CLOSE_TILE`` at a time. Only the first two closing blocks of a row can read the pre-step ring
@@ -36,7 +35,7 @@ from ..model.rope import RopeTable
 from ..model.state import STATE_SLOTS, IndexerState
 from ..model.structs import StepPositions
 from ..model.weights import CompressorWeights
-from .epilogue import quantize_rows, round_bf16
+from .epilogue import overflow_scale, quantize_rows, round_bf16
 from .head_rotation import hadamard_rows, rope_pairs, split_head_dims
 from .index_front import front
 from .split_k import sum_k_slices
@@ -66,22 +65,23 @@ def _candidate(
     src_ptr, ape_ptr, state_ptr, b, start, S, f, valid, cols, T, HI, j: tl.constexpr, GATE: tl.constexpr,
     TWO_HID: tl.constexpr,
 ):  # fmt: skip
-    """Candidate ``j`` (token ``f - 4 + j``) of each closing block, columns ``cols`` of its half:
-    ``[BLOCKS, len(cols)]`` fp32 from this step's projections (``src_ptr``: one K-slice) or the
-    pre-step ring ``state_ptr``."""
+    """Candidate ``j`` (token ``q = f - 4 + j``) of each closing block, columns ``cols`` of its half:
+    ``[BLOCKS, len(cols)]`` fp32 from this step's projections (``src_ptr``: one K-slice), the pre-step
+    ring ``state_ptr`` (slot ``q % 8``) or, for ``q < 0``, kv 0 / score -inf."""
     q = f - 4 + j
     from_proj = valid & (q >= start)
-    from_ring = valid & (q < start)
-    if j < RATIO:  # previous block, columns [0, HID): slot 4+j if it closed in this step, else slot j
+    from_ring = valid & (q < start) & (q >= 0)
+    if j < RATIO:  # previous block, columns [0, HID)
         half = 0
-        slot = tl.where(f - 1 >= start, RATIO + j, j)
     else:  # this block, columns [HID, 2*HID)
         half = TWO_HID // 2
-        slot = tl.full(f.shape, j, tl.int64)
     proj = kvg_rows(src_ptr, ape_ptr, b * S + (q - start), q, half + cols, from_proj[:, None], T, HI, GATE, TWO_HID, 1)
+    slot = (q + SLOTS) % SLOTS  # q >= -4
     ring = tl.load(
         state_ptr + (b * SLOTS + slot)[:, None] * TWO_HID + half + cols[None, :], mask=from_ring[:, None], other=0.0
     )
+    if GATE:  # q < 0 only for block 0's previous block, which does not exist
+        ring = tl.where((q < 0)[:, None], float("-inf"), ring)
     return tl.where(from_proj[:, None], proj, ring)
 
 
@@ -139,14 +139,19 @@ def _close_tile(
         _pool(src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, start, S, f, valid, c_even + 1, T, HI, 2 * HID)
     )
 
+    amax = tl.maximum(tl.maximum(tl.max(tl.abs(k_nope), axis=1), tl.max(tl.abs(k_even), axis=1)),
+                      tl.max(tl.abs(k_odd), axis=1))  # fmt: skip
+    scale = overflow_scale(amax)[:, None]  # 1 unless the squares could overflow (dsv4.model.rms)
+    k_nope, k_even, k_odd = k_nope * scale, k_even * scale, k_odd * scale
     sumsq = tl.sum(k_nope * k_nope, axis=1) + tl.sum(k_even * k_even, axis=1) + tl.sum(k_odd * k_odd, axis=1)
-    inv_rms = tl.math.div_rn(tl.full(sumsq.shape, 1.0, tl.float32), tl.math.sqrt_rn(sumsq * (1.0 / HID) + eps))
+    eps_scaled = eps * scale * scale
+    inv_rms = tl.math.div_rn(1.0, tl.math.sqrt_rn(sumsq[:, None] * (1.0 / HID) + eps_scaled))
     g_nope = tl.load(norm_w_ptr + c_nope).to(tl.float32)
     g_even = tl.load(norm_w_ptr + c_even).to(tl.float32)
     g_odd = tl.load(norm_w_ptr + c_even + 1).to(tl.float32)
-    k_nope = round_bf16(k_nope * inv_rms[:, None] * g_nope[None, :])
-    k_even = round_bf16(k_even * inv_rms[:, None] * g_even[None, :])
-    k_odd = round_bf16(k_odd * inv_rms[:, None] * g_odd[None, :])
+    k_nope = round_bf16(k_nope * inv_rms * g_nope[None, :])
+    k_even = round_bf16(k_even * inv_rms * g_even[None, :])
+    k_odd = round_bf16(k_odd * inv_rms * g_odd[None, :])
 
     trig = f[:, None] * HALF_R + tl.arange(0, HALF_R)[None, :]  # RoPE at the block's first position
     cos = tl.load(cos_ptr + trig, mask=valid[:, None], other=0.0)
@@ -164,40 +169,20 @@ def _close_tile(
 
 @triton.jit
 def _update_ring(src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, start, S, T, HI, HID: tl.constexpr):
-    """Write row ``b``'s ring in its final state (see the module docstring); reads the pre-step ring
-    slots it needs first, then (after a barrier) overwrites them."""
+    """Write row ``b``'s ring in its final state: slot ``i`` <- the last token ``q <= start + S - 1``
+    with ``q % 8 == i``, if this step wrote it (from the projections; other slots keep their values).
+    Called after the row's closes, which may read the pre-step values of those slots: a barrier first."""
     last = start + S - 1
-    i = tl.arange(0, RATIO).to(tl.int64)
+    i = tl.arange(0, SLOTS).to(tl.int64)
     cols = tl.arange(0, 2 * HID)
-    # slots 4+i: the last token q <= last with q % 4 == i, if this step wrote it
-    q_cur = last - (last - i + RATIO) % RATIO
-    cur_new = q_cur >= start
-    kv_cur = kvg_rows(src_ptr, ape_ptr, b * S + q_cur - start, q_cur, cols, cur_new[:, None], T, HI, 0, 2 * HID, 1)
-    sc_cur = kvg_rows(src_ptr, ape_ptr, b * S + q_cur - start, q_cur, cols, cur_new[:, None], T, HI, 1, 2 * HID, 1)
-    # slots 0..3 (when a block closed): token i of the last closed block
-    q_prev = RATIO * ((start + S) // RATIO) - RATIO + i
-    closed = q_prev - i + (RATIO - 1) >= start  # [4], all equal: the last closed block ends in this step
-    prev_new = q_prev >= start  # implies closed
-    prev_old = closed & (q_prev < start)
-    ring_src = (b * SLOTS + RATIO + i)[:, None] * (2 * HID) + cols[None, :]
-    prev_tok = b * S + q_prev - start
-    kv_prev = tl.where(
-        prev_new[:, None],
-        kvg_rows(src_ptr, ape_ptr, prev_tok, q_prev, cols, prev_new[:, None], T, HI, 0, 2 * HID, 1),
-        tl.load(kv_state_ptr + ring_src, mask=prev_old[:, None], other=0.0),
-    )
-    sc_prev = tl.where(
-        prev_new[:, None],
-        kvg_rows(src_ptr, ape_ptr, prev_tok, q_prev, cols, prev_new[:, None], T, HI, 1, 2 * HID, 1),
-        tl.load(score_state_ptr + ring_src, mask=prev_old[:, None], other=0.0),
-    )
-    tl.debug_barrier()  # every pre-step ring read of this program is done before the ring is overwritten
-    dst_cur = (b * SLOTS + RATIO + i)[:, None] * (2 * HID) + cols[None, :]
-    tl.store(kv_state_ptr + dst_cur, kv_cur, mask=cur_new[:, None])
-    tl.store(score_state_ptr + dst_cur, sc_cur, mask=cur_new[:, None])
-    dst_prev = (b * SLOTS + i)[:, None] * (2 * HID) + cols[None, :]
-    tl.store(kv_state_ptr + dst_prev, kv_prev, mask=closed[:, None])
-    tl.store(score_state_ptr + dst_prev, sc_prev, mask=closed[:, None])
+    q = last - (last - i + SLOTS) % SLOTS
+    new = q >= start
+    kv = kvg_rows(src_ptr, ape_ptr, b * S + q - start, q, cols, new[:, None], T, HI, 0, 2 * HID, 1)
+    sc = kvg_rows(src_ptr, ape_ptr, b * S + q - start, q, cols, new[:, None], T, HI, 1, 2 * HID, 1)
+    tl.debug_barrier()  # every pre-step ring read of this program (the closes) is done before the ring changes
+    dst = (b * SLOTS + i)[:, None] * (2 * HID) + cols[None, :]
+    tl.store(kv_state_ptr + dst, kv, mask=new[:, None])
+    tl.store(score_state_ptr + dst, sc, mask=new[:, None])
 
 
 @triton.jit

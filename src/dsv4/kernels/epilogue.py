@@ -1,4 +1,4 @@
-"""Register-tile numerics shared by the kernels: bf16 rounding, RMS scale, per-row INT8, interleaved RoPE.
+"""Register-tile numerics shared by the kernels: bf16 rounding, RMSNorm, per-row INT8, interleaved RoPE.
 
 Each acts on fp32 tiles ``[BM, BN]`` (one row per token) that a kernel already holds, so nothing here
 touches global memory except the final store of ``store_rope_bf16``. The math is spec §2.
@@ -11,6 +11,9 @@ import triton.language as tl
 
 from ..model.quant import AMAX_FLOOR as _AMAX_FLOOR
 from ..model.quant import INT8_MAX as _INT8_MAX
+from ..model.rms import FP32_EXP_INF as _FP32_EXP_INF
+from ..model.rms import RMS_SCALE_BITS as _RMS_SCALE_BITS
+from ..model.rms import RMS_SCALE_MIN_EXP as _RMS_SCALE_MIN_EXP
 from .launch import INTERPRETED
 
 # 1.5 * 2^23: adding it to |v| < 2^22 leaves no fraction bits, so fp32's own round-to-nearest-even
@@ -19,6 +22,9 @@ from .launch import INTERPRETED
 ROUND_MAGIC = tl.constexpr(12582912.0)
 INT8_MAX = tl.constexpr(_INT8_MAX)
 AMAX_FLOOR = tl.constexpr(_AMAX_FLOOR)  # spec §2: rows smaller than this quantize as if their amax were 1e-4
+RMS_SCALE_MIN_EXP = tl.constexpr(_RMS_SCALE_MIN_EXP)  # a row is scaled before squaring from amax >= 2^48 on
+RMS_SCALE_BITS = tl.constexpr(_RMS_SCALE_BITS)  # its scale's biased exponent is this minus amax's
+FP32_EXP_INF = tl.constexpr(_FP32_EXP_INF)  # rows holding an infinity or NaN are not scaled
 
 
 @triton.jit
@@ -50,14 +56,29 @@ def to_bf16(v):
 
 
 @triton.jit
-def rms_inv(v, n: tl.constexpr, eps):
-    """``1/sqrt(mean(v^2) + eps)`` per row: ``v [BM, BN]`` fp32 with padding 0, ``n`` real columns -> ``[BM, 1]``."""
-    return rms_inv_of_sumsq(tl.sum(v * v, axis=1), n, eps)
+def overflow_scale(amax):
+    """The power of two a row is scaled by before its squares are summed (``dsv4.model.rms``):
+    ``amax [BM]`` fp32 (each row's ``max|v|``) -> ``[BM]``: 1 where it is below ``2^48`` or not finite,
+    else ``2^(143 - E)`` (``E`` its biased exponent)."""
+    e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    big = (e >= RMS_SCALE_MIN_EXP) & (e < FP32_EXP_INF)
+    return tl.where(big, ((e * -1 + RMS_SCALE_BITS) << 23).to(tl.float32, bitcast=True), 1.0)
+
+
+@triton.jit
+def rms_scale(v, n: tl.constexpr, eps):
+    """RMSNorm of the rows of ``v [BM, BN]`` fp32 (padding 0, ``n`` real columns) as two factors
+    ``(c, inv)``, each ``[BM, 1]``: ``rms(v) = (v * c) * inv`` with ``c`` the row's ``overflow_scale``
+    (1 for every row whose squares cannot overflow: then ``inv = 1/sqrt(mean(v^2) + eps)``)."""
+    c = overflow_scale(tl.max(tl.abs(v), axis=1))
+    u = v * c[:, None]
+    return c[:, None], rms_inv_of_sumsq(tl.sum(u * u, axis=1), n, eps * c * c)
 
 
 @triton.jit
 def rms_inv_of_sumsq(sumsq, n: tl.constexpr, eps):
-    """``1/sqrt(sumsq/n + eps)``: ``sumsq [BM]`` fp32, the sum of squares of ``n`` values per row -> ``[BM, 1]``.
+    """``1/sqrt(sumsq/n + eps)``: ``sumsq [BM]`` fp32, the sum of squares of ``n`` values per row (``eps``
+    a scalar or ``[BM]``) -> ``[BM, 1]``.
 
     Correctly rounded square root and divisions, as the reference computes them on the CPU.
     """

@@ -26,7 +26,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from ..model.rope import RopeTable
 from ..model.structs import QKV
 from ..model.weights import AttnWeights
-from .epilogue import quantize_int8_rows, rms_inv, rms_inv_of_sumsq, store_rope_bf16, to_bf16
+from .epilogue import overflow_scale, quantize_int8_rows, rms_inv_of_sumsq, rms_scale, store_rope_bf16, to_bf16
 from .interpreter import interpreted
 from .launch import is_pow2, pdl_supported, pow2_divisor, sm_count
 from .projection import split_k_projection
@@ -42,6 +42,8 @@ Q_BLOCK_M_MIN = 16  # smallest tl.dot M
 Q_BLOCK_K_MAX = 128  # 128 int8 = 128 B: each wq_b row read per step fills exactly one 128-B line
 Q_BLOCK_K_MIN = 32  # INT8 tensor-core MMA consumes K in steps of 32
 Q_NUM_WARPS = 8  # 128 KiB of accumulators over 256 threads = 128 registers each
+_LOW32 = tl.constexpr(0xFFFFFFFF)  # the low word of an exchanged int64: a half's sum of squares
+_ONE_AND_ZERO = tl.constexpr(0x3F800000 << 32)  # the word of c = 1.0, sum 0 (masked rows)
 Q_NUM_STAGES = 3  # (128 + 256) rows x 128 B = 48 KiB of shared memory per stage, 144 KiB for 3
 
 
@@ -56,7 +58,7 @@ def _qr_kv_rows_kernel(
     qr_ptr,  # [T, QL] int8 out
     qr_scale_ptr,  # [T, 1] fp32 out
     kv_ptr,  # [T, HD] bf16 out
-    sumsq_ptr,  # [T * PAIR_SLOTS] fp32 out: -1, "not yet published", for the q heads' exchange (PAIRED)
+    sumsq_ptr,  # [T * PAIR_SLOTS] int64 out: -1, "not yet published", for the q heads' exchange (PAIRED)
     T,
     eps,
     QL: tl.constexpr,
@@ -85,13 +87,15 @@ def _qr_kv_rows_kernel(
 
     # qr path: c = rms(a, gamma_cq); qr, qr_scale = int8_per_row(c)
     gamma_cq = tl.load(gamma_cq_ptr + cq, mask=cq_ok, other=0.0).to(tl.float32)
-    c = a * rms_inv(a, QL, eps) * gamma_cq
+    a_scale, a_inv = rms_scale(a, QL, eps)
+    c = (a * a_scale) * a_inv * gamma_cq
     qr, qr_scale = quantize_int8_rows(c)
     tl.store(qr_ptr + t * QL + cq, qr, mask=cq_ok)
     tl.store(qr_scale_ptr + t + tl.zeros((1,), dtype=tl.int64), qr_scale)
 
     # kv path: k = rms(x @ wkv.T, gamma_ckv); NOPE as is, RoPE on the last R entries
-    k = k * rms_inv(k, HD, eps) * tl.load(gamma_ckv_ptr + ck).to(tl.float32)
+    k_scale, k_inv = rms_scale(k, HD, eps)
+    k = (k * k_scale) * k_inv * tl.load(gamma_ckv_ptr + ck).to(tl.float32)
     pos = tl.load(positions_ptr + t).to(tl.int64)
     half = tl.arange(0, R // 2)[None, :]
     cos = tl.load(cos_ptr + pos * (R // 2) + half)
@@ -100,14 +104,15 @@ def _qr_kv_rows_kernel(
 
     if PAIRED:  # reset values [t * 2H, (t+1) * 2H) of the q heads' [H, 2, T] exchange buffer: all T programs, all of it
         slots = tl.arange(0, PAIR_BLOCK)
-        tl.store(sumsq_ptr + t * PAIR_SLOTS + slots, tl.full((PAIR_BLOCK,), -1.0, tl.float32), mask=slots < PAIR_SLOTS)
+        tl.store(sumsq_ptr + t * PAIR_SLOTS + slots, tl.full((PAIR_BLOCK,), -1, tl.int64), mask=slots < PAIR_SLOTS)
 
 
 @triton.jit
 def _half_head(qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, QL: tl.constexpr, HALF: tl.constexpr,
                BLOCK_K: tl.constexpr):  # fmt: skip
     """Columns ``[col0, col0 + HALF)`` of ``qr @ wq_b.T`` for ``rows``, dequantized: ``qp [BM, HALF]`` fp32,
-    and its rows' sums of squares ``[BM]``. ``qr_scale``: ``[BM, 1]`` fp32."""
+    then per row the half's ``overflow_scale`` ``c [BM]`` and the sum of squares of ``qp * c`` ``[BM]``.
+    ``qr_scale``: ``[BM, 1]`` fp32."""
     ks = tl.arange(0, BLOCK_K)
     cols = col0 + tl.arange(0, HALF)
     qr_rows = qr_ptr + rows[:, None] * QL
@@ -119,31 +124,49 @@ def _half_head(qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, Q
         w = tl.load(w_cols + (k0 + ks)[:, None])
         acc = tl.dot(a, w, acc, out_dtype=tl.int32)
     qp = acc.to(tl.float32) * qr_scale * tl.load(wq_b_scale_ptr + cols)[None, :]
-    return qp, tl.sum(qp * qp, axis=1)
+    c = overflow_scale(tl.max(tl.abs(qp), axis=1))
+    u = qp * c[:, None]
+    return qp, c, tl.sum(u * u, axis=1)
 
 
 @triton.jit
-def _swap_sumsq(sumsq_ptr, pair, half, sumsq, rows, row_ok, T):
-    """Publish this half's ``sumsq [BM]`` and return the other half's, once the partner has published it.
+def _head_rms(c0, sumsq0, c1, sumsq1, HD: tl.constexpr, eps):
+    """A head's RMSNorm from its halves (half 0's values first, so every program adds in one order):
+    ``(c, inv)``, each ``[BM, 1]``, with ``rms(qp) = (qp * c) * inv``. The head takes the smaller half
+    scale (its amax's); the other half's sum is rescaled by ``(c/c_h)^2``, a power of two — 1 when no
+    half was scaled, so ``inv`` is then ``1/sqrt((sumsq0 + sumsq1)/HD + eps)``, as without scaling."""
+    c = tl.minimum(c0, c1)
+    r0 = tl.div_rn(c, c0)
+    r1 = tl.div_rn(c, c1)
+    return c[:, None], rms_inv_of_sumsq(sumsq0 * r0 * r0 + sumsq1 * r1 * r1, HD, eps * c * c)
+
+
+@triton.jit
+def _swap_sumsq(sumsq_ptr, pair, half, c, sumsq, rows, row_ok, T):
+    """Publish this half's scale and sum of squares (``[BM]`` each) and return the other half's
+    ``(c, sumsq)``, once the partner has published them.
 
     GPU only: the partner program must be resident at the same time (the launcher pairs only grids
-    that fit one wave of SMs). Every value is its own flag: the rows kernel set them to -1, and a sum
-    of squares is never negative (NaN compares false, so it counts as published too).
+    that fit one wave of SMs). Both travel in one int64 word, ``c``'s bits above the sum's, and every
+    word is its own flag: the rows kernel set them to -1, and a published word is positive (``c`` is a
+    positive power of two; a NaN sum's sign bit stays in the low word).
 
     The wait ends when the block-wide count of unpublished values is 0. A row's value may be held by
     several threads (a tile split over warp groups along N replicates its rows), and the count sees
     one copy of each; so after the wait every thread loads its values once more, which the barrier
     of that count orders after the copies that were seen published.
     """
-    mine = sumsq_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + (pair * 2 + half) * T + rows
+    mine = sumsq_ptr + (pair * 2 + half) * T + rows
     theirs = sumsq_ptr + (pair * 2 + 1 - half) * T + rows
-    # an atomic store (as the bits: the interpreter has no fp32 exchange), read by the partner's volatile loads
-    tl.atomic_xchg(mine, sumsq.to(tl.int32, bitcast=True), mask=row_ok, sem="relaxed", scope="gpu")
-    other = tl.load(theirs, mask=row_ok, other=0.0, volatile=True)
+    word = (c.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (sumsq.to(tl.int32, bitcast=True).to(tl.int64) & _LOW32)
+    # an atomic store, read by the partner's volatile loads
+    tl.atomic_xchg(mine, word, mask=row_ok, sem="relaxed", scope="gpu")
+    other = tl.load(theirs, mask=row_ok, other=_ONE_AND_ZERO, volatile=True)
     while tl.sum((other < 0).to(tl.int32), axis=0) > 0:
-        other = tl.load(theirs, mask=row_ok, other=0.0, volatile=True)
+        other = tl.load(theirs, mask=row_ok, other=_ONE_AND_ZERO, volatile=True)
     tl.debug_barrier()
-    return tl.load(theirs, mask=row_ok, other=0.0, volatile=True)
+    other = tl.load(theirs, mask=row_ok, other=_ONE_AND_ZERO, volatile=True)
+    return (other >> 32).to(tl.int32).to(tl.float32, bitcast=True), other.to(tl.int32).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -173,7 +196,7 @@ def _q_heads_kernel(
     cos_ptr,  # [P, R/2] fp32
     sin_ptr,  # [P, R/2] fp32
     q_ptr,  # [T, H, HD] bf16 out
-    sumsq_ptr,  # [H, 2, T] fp32: the halves' sums of squares, -1 until published (PAIRED)
+    sumsq_ptr,  # [H, 2, T] int64: the halves' scales and sums of squares, -1 until published (PAIRED)
     T,
     eps,
     QL: tl.constexpr,
@@ -195,22 +218,29 @@ def _q_heads_kernel(
         head = tl.program_id(1).to(tl.int64) // 2
         half = tl.program_id(1).to(tl.int64) % 2
         col0 = head * HD + half * HALF
-        qp, sumsq = _half_head(qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, QL, HALF, BLOCK_K)
-        # fp32 addition commutes: both programs of a pair get the same sum, sum(half 0) + sum(half 1)
-        qn = qp * rms_inv_of_sumsq(sumsq + _swap_sumsq(sumsq_ptr, head, half, sumsq, rows, row_ok, T), HD, eps)
+        qp, c, sumsq = _half_head(qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, QL, HALF, BLOCK_K)
+        c_other, sumsq_other = _swap_sumsq(sumsq_ptr, head, half, c, sumsq, rows, row_ok, T)
+        first = half == 0  # both programs of a pair combine half 0's values first: the same bits
+        scale, inv = _head_rms(
+            tl.where(first, c, c_other), tl.where(first, sumsq, sumsq_other),
+            tl.where(first, c_other, c), tl.where(first, sumsq_other, sumsq), HD, eps,
+        )  # fmt: skip
+        qn = (qp * scale) * inv
         if half == 0:
             _store_q_half(q_ptr, qn, rows, row_ok, col0, positions_ptr, cos_ptr, sin_ptr, H, HD, R, False)
         else:
             _store_q_half(q_ptr, qn, rows, row_ok, col0, positions_ptr, cos_ptr, sin_ptr, H, HD, R, True)
     else:
         col0 = tl.program_id(1).to(tl.int64) * HD
-        qp0, sumsq0 = _half_head(qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, QL, HALF, BLOCK_K)
-        qp1, sumsq1 = _half_head(
+        qp0, c0, sumsq0 = _half_head(qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, QL, HALF, BLOCK_K)
+        qp1, c1, sumsq1 = _half_head(
             qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0 + HALF, QL, HALF, BLOCK_K
         )
-        inv_rms = rms_inv_of_sumsq(sumsq0 + sumsq1, HD, eps)
-        _store_q_half(q_ptr, qp0 * inv_rms, rows, row_ok, col0, positions_ptr, cos_ptr, sin_ptr, H, HD, R, False)
-        _store_q_half(q_ptr, qp1 * inv_rms, rows, row_ok, col0 + HALF, positions_ptr, cos_ptr, sin_ptr, H, HD, R, True)
+        scale, inv = _head_rms(c0, sumsq0, c1, sumsq1, HD, eps)
+        _store_q_half(q_ptr, (qp0 * scale) * inv, rows, row_ok, col0, positions_ptr, cos_ptr, sin_ptr, H, HD, R, False)
+        _store_q_half(
+            q_ptr, (qp1 * scale) * inv, rows, row_ok, col0 + HALF, positions_ptr, cos_ptr, sin_ptr, H, HD, R, True
+        )
 
 
 def q_heads_tiles(t: int, h: int, sms: int) -> tuple[int, bool]:
@@ -235,7 +265,7 @@ def launch_q_heads(
     block_m: int,
     paired: bool,
 ) -> None:
-    """Launch 3 into ``q [T, H, HD] bf16``. ``sumsq``: ``[H * 2 * T]`` fp32, every value -1 when ``paired``
+    """Launch 3 into ``q [T, H, HD] bf16``. ``sumsq``: ``[H * 2 * T]`` int64, every value -1 when ``paired``
     (the rows kernel leaves it so); ``paired`` is honoured only when compiled."""
     t, ql = qr.shape
     h, hd = q.shape[1], q.shape[2]
@@ -290,7 +320,7 @@ def qkv_proj_rope(
     q, kv, qr, qr_scale = out
     block_m, paired = q_heads_tiles(t, h, sm_count(dev))
     paired = paired and not interpreted()  # the interpreter runs one program at a time: no pair could swap
-    sumsq = scratch(ws, "qkv.sumsq", (2 * h * t if paired else 1,), torch.float32, dev)
+    sumsq = scratch(ws, "qkv.sumsq", (2 * h * t if paired else 1,), torch.int64, dev)
     pdl = pdl_supported(dev)
 
     partial = split_k_projection(x, w.wq_a, w.wkv, ws, pdl)

@@ -80,6 +80,7 @@ _RATIO = tl.constexpr(COMPRESS_RATIO)
 _INDEX_MASK = tl.constexpr((1 << INDEX_BITS) - 1)
 _INDEX_BITS = tl.constexpr(INDEX_BITS)
 _INT32_MIN = tl.constexpr(-(1 << 31))  # an int32 literal
+_NAN_BITS = tl.constexpr(0x7FFFFFFF)  # the NaN every NaN score is ranked as (above +inf)
 _FIRST_SHIFT = tl.constexpr(32 - RADIX_BITS)
 _FIRST_BINS = tl.constexpr(FIRST_DIGIT_BINS)
 _TIE_ONES = tl.constexpr((1 << INDEX_BITS) - (1 << TIE_INDEX_BITS))  # sort-key bits 24..30 of every tie
@@ -93,9 +94,11 @@ def _order_bits(score):
     """fp32 -> uint32 with the same order as the floats (larger score, larger key): the order key.
 
     ``+ 0.0`` turns -0.0 into +0.0 so that the two zeros tie, as they compare in the reference.
+    Every NaN, whatever its sign and payload, becomes the largest key (``0x7FFFFFFF``), so NaNs rank
+    first and tie with each other, as in torch's descending sort (x86 makes negative NaNs).
     Non-negative floats get the top bit set; negative ones have every bit flipped.
     """
-    bits = (score + 0.0).to(tl.int32, bitcast=True)
+    bits = tl.where(score != score, _NAN_BITS, (score + 0.0).to(tl.int32, bitcast=True))
     return (bits ^ ((bits >> 31) | _INT32_MIN)).to(tl.uint32, bitcast=True)
 
 

@@ -17,7 +17,7 @@ import torch
 from .config import COMPRESS_RATIO, DeepSeekV4Config
 from .pool_format import INT8_KEYS, PoolFormat
 
-STATE_SLOTS = 2 * COMPRESS_RATIO  # slots 0..3: previous block, 4..7: the block being filled
+STATE_SLOTS = 2 * COMPRESS_RATIO  # the compressor ring: position p in slot p % 8 (two blocks of 4)
 DEFAULT_BLOCK_SIZE = 64  # compressed rows per pool block (256 tokens): 8 KiB of INT8 keys at HID=128
 UNALLOCATED = -1  # a block-table entry with no block: writes there are skipped, reads never happen
 
@@ -27,7 +27,8 @@ class IndexerState:
     """Per-sequence state, updated in place by ``indexer_compressor`` / ``indexer``.
 
     ``kv_state [B, 8, 2*HID] fp32`` and ``score_state [B, 8, 2*HID] fp32``: the compressor's ring
-    of projected rows and gate scores (slots 0..3 previous block, 4..7 current block).
+    of projected rows and gate scores, addressed by position (position ``p`` in slot ``p % 8``; spec §4
+    v3): it holds the last closed block and the open one.
     ``keys [num_blocks, block_size, HID] int8`` and ``key_scale [num_blocks, block_size] fp32``: the
     pool of compressed keys, one row per closed block of 4 tokens in the ``key_format`` (``INT8_KEYS``:
     dequant ``keys * key_scale``).

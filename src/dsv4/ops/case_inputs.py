@@ -66,9 +66,12 @@ def prefilled_state(
 
 
 def fill_history(state: IndexerState, start_pos: torch.Tensor, seed: int) -> None:
-    """Write the history of ``start_pos[b]`` tokens into slot ``b`` of ``state`` (any layout): the
+    """Write the history of ``start_pos[b]`` tokens into slot ``b`` of ``state`` (any pool layout): the
     key rows of those blocks are unit-RMS bf16 rows, quantized into the pool as the compressor would;
-    the compressor ring holds projection-sized values (score_state -inf where a row has not written
+    the compressor ring (addressed by position, spec §4 v3) holds projection-sized values at the slots
+    ``q % 8`` of the positions ``q`` the next step can read (the last closed block and the open one),
+    the same numbers at the same positions as before the ring was addressed by position; the open
+    block's later slots get values the spec never reads (score_state -inf where a row has not written
     yet)."""
     g = torch.Generator().manual_seed(seed + 7919)
     hid = state.keys.shape[2]
@@ -76,9 +79,10 @@ def fill_history(state: IndexerState, start_pos: torch.Tensor, seed: int) -> Non
         done, r = divmod(p, COMPRESS_RATIO)
         history = torch.randn(done, hid, generator=g).to(torch.bfloat16)
         state.write_keys(torch.full((done,), b), torch.arange(done), history.to(state.keys.device))
-        ring = [state.kv_state[b], state.score_state[b]]
-        for t in ring:
-            if done:  # slots 0..3: the last closed block; 4+r..7 still hold its copy after the shift
-                t[:COMPRESS_RATIO] = torch.randn(COMPRESS_RATIO, 2 * hid, generator=g)
-                t[COMPRESS_RATIO + r :] = t[r:COMPRESS_RATIO]
-            t[COMPRESS_RATIO : COMPRESS_RATIO + r] = torch.randn(r, 2 * hid, generator=g)
+        prev = COMPRESS_RATIO * ((done - 1) % 2)  # the slots of block done-1 (positions 4*done-4 ..)
+        cur = COMPRESS_RATIO * (done % 2)  # the slots of the open block done
+        for t in (state.kv_state[b], state.score_state[b]):
+            if done:
+                t[prev : prev + COMPRESS_RATIO] = torch.randn(COMPRESS_RATIO, 2 * hid, generator=g)
+                t[cur + r : cur + COMPRESS_RATIO] = t[prev + r : prev + COMPRESS_RATIO]  # never read
+            t[cur : cur + r] = torch.randn(r, 2 * hid, generator=g)

@@ -81,11 +81,12 @@ def rope_row_bytes(cfg: DeepSeekV4Config) -> int:
 def ring_traffic(start: int, seq: int) -> tuple[int, int, int]:
     """One batch row's compressor ring over a step of ``seq`` tokens from position ``start``.
 
-    The ring is 8 slots x 2 halves (columns ``[0:HID)`` and ``[HID:2*HID)``) per state tensor.
-    Returns ``(halves read, halves written, blocks closed)``: a half is read when the step needs
-    its pre-step value (a closing block pools slots 0..3 first half and slots 4..7 second half, then
-    shifts slots 4..7 into 0..3) and it is not already on chip (written or read earlier in the step);
-    a half is written when the step changes it. Each half counts at most once.
+    The ring is 8 slots x 2 halves (columns ``[0:HID)`` and ``[HID:2*HID)``) per state tensor,
+    position ``p`` in slot ``p % 8`` (spec §4 v3). Returns ``(halves read, halves written, blocks
+    closed)``: a half is read when the step needs its pre-step value (block ``j`` closing pools the
+    first halves of block ``j-1``'s slots ``4*((j-1)%2)..+3`` — none for ``j = 0`` — and the second
+    halves of its own, ``4*(j%2)..+3``) and it is not already on chip (written or read earlier in
+    the step); a half is written when the step changes it. Each half counts at most once.
     """
     half = COMPRESS_RATIO  # slots per block
     on_chip: set[tuple[int, int]] = set()
@@ -97,23 +98,17 @@ def ring_traffic(start: int, seq: int) -> tuple[int, int, int]:
             read.add(loc)
             on_chip.add(loc)
 
-    def write(loc: tuple[int, int]) -> None:
-        written.add(loc)
-        on_chip.add(loc)
-
     closed = 0
     for p in range(start, start + seq):
         for h in (0, 1):
-            write((half + p % half, h))
+            written.add((p % STATE_SLOTS, h))
+            on_chip.add((p % STATE_SLOTS, h))
         if (p + 1) % half:
             continue
         closed += 1
+        j = p // half
         for i in range(half):
-            use((i, 0))
-            use((half + i, 1))
-        for i in range(half):
-            for h in (0, 1):
-                use((half + i, h))
-                write((i, h))
-    assert all(0 <= s < STATE_SLOTS for s, _ in written | read)
+            if j:
+                use((half * ((j - 1) % 2) + i, 0))
+            use((half * (j % 2) + i, 1))
     return len(read), len(written), closed

@@ -31,6 +31,10 @@ HOST_DEVICE_TYPES = ("cpu",)  # tensors whose values validation reads directly (
 MAX_TOPK = 4096  # 4x the largest preset index_topk (pro: 1024); the Triton top-k sorts a row's k winners in
 # one program's registers, like the 4096-key rows it selects from in registers (topk.ROW_IN_REGISTERS)
 TWO_WRITERS = "state.block_table: two slots write the same pool row in this step (share read-only blocks)"
+READ_AS_ANOTHER_ROW = (
+    "state.block_table: a pool row this step writes is also read by the step as another row (two table entries "
+    "map one block: share only blocks no step writes)"
+)
 INDEX_LIMIT = 2**31  # selected indices (+ offset) are int32
 INT64_LIMIT = 2**63  # start positions are int64 on the device
 
@@ -346,9 +350,11 @@ def check_key_pool(state: IndexerState, batch: int, hid: int, device: torch.devi
 def check_block_entries(state: IndexerState, pos: StepPositions, reads: bool) -> None:
     """The block-table entries a step uses: every row it writes (``[start//4, cache_len)``) in a
     block of the pool or unallocated (``-1``: the write is skipped), no pool row written by two
-    slots; with ``reads``, every row ``< cache_len`` in a block of the pool.
+    slots; with ``reads``, every row ``< cache_len`` in a block of the pool, and no pool row the step
+    writes read by the step as another row (a slot's two columns, or two slots, mapping one block: the
+    step would overwrite a key it scores, in an order each backend takes differently).
 
-    Checked on the host when the table is there; on a GPU both checks run on the device
+    Checked on the host when the table is there; on a GPU every check runs on the device
     (``torch._assert_async``: no host round trip)."""
     table, blocks, bs = state.block_table[: pos.batch], state.keys.shape[0], state.block_size
     if not on_host(table) or pos.start_host is None:
@@ -359,6 +365,8 @@ def check_block_entries(state: IndexerState, pos: StepPositions, reads: bool) ->
         _assert_on_device(ok | ~used, "state.block_table: an entry the step uses is outside the pool")
         if table.shape[1]:  # a table with no columns is refused by the cache-rows check of start_pos
             _assert_on_device(_one_writer_per_row(table, pos, bs), TWO_WRITERS)
+            if reads:
+                _assert_on_device(~_read_as_another_row(table, pos, bs, blocks), READ_AS_ANOTHER_ROW)
         return
     written: list[torch.Tensor] = []
     for i, (start, end) in enumerate(zip(pos.start_host, pos.cache_lens, strict=True)):
@@ -379,6 +387,19 @@ def check_block_entries(state: IndexerState, pos: StepPositions, reads: bool) ->
     flat = torch.cat(written) if written else torch.empty(0, dtype=torch.long)
     if flat.numel() != torch.unique(flat).numel():
         raise ValueError(TWO_WRITERS)
+    if reads and table.shape[1]:
+        clash = _read_as_another_row(table, pos, bs, blocks)
+        if bool(clash.any()):
+            b, k = (int(v) for v in clash.nonzero()[0])
+            row = pos.start_host[b] // COMPRESS_RATIO + k
+            block = int(table[b, row // bs])
+            ends = torch.tensor(pos.cache_lens)[:, None]
+            readers = ((table == block) & (torch.arange(table.shape[1]) * bs + row % bs < ends)).nonzero().tolist()
+            other_b, column = next(e for e in readers if e != [b, row // bs])
+            raise ValueError(
+                f"{READ_AS_ANOTHER_ROW}: slot {b} writes its row {row} (column {row // bs}) to block {block} "
+                f"offset {row % bs}, which slot {other_b} reads as its row {column * bs + row % bs} (column {column})"
+            )
 
 
 def _one_writer_per_row(table: torch.Tensor, pos: StepPositions, bs: int) -> torch.Tensor:
@@ -392,6 +413,31 @@ def _one_writer_per_row(table: torch.Tensor, pos: StepPositions, bs: int) -> tor
     distinct = -1 - torch.arange(rows.numel(), device=table.device).view_as(rows)  # stands for a row not written
     pool_rows = torch.where(written, block * bs + rows % bs, distinct).flatten().sort().values
     return (pool_rows[1:] != pool_rows[:-1]).all()
+
+
+def _read_as_another_row(table: torch.Tensor, pos: StepPositions, bs: int, blocks: int) -> torch.Tensor:
+    """On ``table``'s device, ``[B, S // 4 + 1]`` bool: whether the ``k``-th row a slot writes this step
+    (row ``start // 4 + k``, if below its cache length) is a pool row that the step also reads as another
+    row: another table entry (of any slot) maps the same block and covers the same offset among the rows
+    it reads (``[0, cache_len)``). No host read: per block, the largest and second largest coverage
+    among the entries that map it, by scatter; entries outside the pool are skipped (another check
+    refuses them)."""
+    batch, cols = table.shape
+    dev = table.device
+    end = (pos.start + pos.seq) // COMPRESS_RATIO  # each slot reads its rows [0, end)
+    cover = (end[:, None] - torch.arange(cols, device=dev) * bs).clamp(0, bs)  # an entry reads offsets [0, cover)
+    valid = (cover > 0) & (table >= 0) & (table < blocks)
+    block = torch.where(valid, table, 0).long().flatten()
+    cover = torch.where(valid, cover, 0).flatten()
+    zeros = torch.zeros(max(blocks, 1), dtype=torch.long, device=dev)
+    best = zeros.scatter_reduce(0, block, cover, "amax")
+    n_best = zeros.scatter_add(0, block, (valid.flatten() & (cover == best[block])).long())
+    second = zeros.scatter_reduce(0, block, torch.where(cover < best[block], cover, 0), "amax")
+    rows = (pos.start // COMPRESS_RATIO)[:, None] + torch.arange(pos.seq // COMPRESS_RATIO + 1, device=dev)
+    entry = torch.arange(batch, device=dev)[:, None] * cols + (rows // bs).clamp(max=cols - 1)
+    own, b = cover[entry], block[entry]
+    other = torch.where((own < best[b]) | (n_best[b] > 1), best[b], second[b])  # the best other entry's cover
+    return (rows < end[:, None]) & valid.flatten()[entry] & (other > rows % bs)
 
 
 def step_positions(

@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import torch
 
+from ..model.rms import FP32_EXP_INF, RMS_SCALE_BITS, RMS_SCALE_MIN_EXP
 from ..model.rope import RopeTable
 
 
+def overflow_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The power of two a row is scaled by before its squares are summed (``dsv4.model.rms``): ``amax``
+    fp32 (a row's ``max|v|``) -> 1 where it is below ``2^48`` or not finite, else ``2^(143 - E)``."""
+    e = (amax.contiguous().view(torch.int32) >> 23) & 0xFF
+    big = (e >= RMS_SCALE_MIN_EXP) & (e < FP32_EXP_INF)
+    return torch.where(big, ((RMS_SCALE_BITS - e) << 23).view(torch.float32), 1.0)
+
+
 def rms_norm(v: torch.Tensor, gamma: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """``v * 1/sqrt(mean(v^2) + eps) * gamma`` over the last axis, fp32 (no gain when ``gamma`` is None)."""
+    """``v * 1/sqrt(mean(v^2) + eps) * gamma`` over the last axis, fp32 (no gain when ``gamma`` is None),
+    for any finite ``v``: a row whose squares could overflow is scaled by a power of two ``c`` first,
+    ``(v*c) * 1/sqrt(mean((v*c)^2) + eps*c^2)`` (``c = 1`` for every other row: the plain formula)."""
     v = v.to(torch.float32)
-    out = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)
+    c = overflow_scale(v.abs().amax(-1, keepdim=True))
+    u = v * c
+    out = u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + eps * c * c)
     return out if gamma is None else out * gamma.to(torch.float32)
 
 

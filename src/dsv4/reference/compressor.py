@@ -1,7 +1,8 @@
 """Reference ``indexer_compressor`` (spec §4): the ratio-4 overlapping-window KV compressor.
 
 Projections are computed for the whole step at once; the state ring is then advanced token by
-token, in order, because each token's write depends on the blocks closed before it.
+token, in order: position ``p`` is written to ring slot ``p % 8`` (spec v3: a ring addressed by
+position, nothing shifts), and a block closes when its last position is written.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 from ..model.config import COMPRESS_RATIO
 from ..model.hadamard import hadamard_matrix
 from ..model.rope import RopeTable
-from ..model.state import IndexerState
+from ..model.state import STATE_SLOTS, IndexerState
 from ..model.structs import StepPositions
 from ..model.weights import CompressorWeights
 from .common import apply_rope, linear, rms_norm
@@ -19,15 +20,21 @@ from .common import apply_rope, linear, rms_norm
 RATIO = COMPRESS_RATIO
 
 
-def pool_block(kv_state: torch.Tensor, score_state: torch.Tensor) -> torch.Tensor:
+def pool_block(kv_state: torch.Tensor, score_state: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     """Softmax-pool the 8 candidates of each closing block: ``[N, 8, 2*HID]`` -> ``[N, HID]`` fp32.
 
-    Candidates are slots 0..3 columns ``[0:HID)`` (previous block) and slots 4..7 columns
-    ``[HID:2*HID)`` (this block).
+    ``block [N]``: the index ``j`` of each closing block. Candidates are slots ``4*((j-1)%2) + i``
+    columns ``[0:HID)`` (block ``j-1``; for ``j = 0`` kv 0 and score -inf, whatever the ring holds) and
+    slots ``4*(j%2) + i`` columns ``[HID:2*HID)`` (block ``j``), ``i = 0..3``.
     """
     hid = kv_state.shape[-1] // 2
-    kv = torch.cat((kv_state[:, :RATIO, :hid], kv_state[:, RATIO:, hid:]), dim=1)
-    sc = torch.cat((score_state[:, :RATIO, :hid], score_state[:, RATIO:, hid:]), dim=1)
+    n = torch.arange(block.shape[0], device=block.device)[:, None]
+    i = torch.arange(RATIO, device=block.device)
+    prev = (RATIO * ((block - 1) % 2))[:, None] + i
+    cur = (RATIO * (block % 2))[:, None] + i
+    first = (block == 0)[:, None, None]  # no previous block
+    kv = torch.cat((kv_state[n, prev, :hid].masked_fill(first, 0.0), kv_state[n, cur, hid:]), dim=1)
+    sc = torch.cat((score_state[n, prev, :hid].masked_fill(first, float("-inf")), score_state[n, cur, hid:]), dim=1)
     return (kv * torch.softmax(sc, dim=1)).sum(dim=1)
 
 
@@ -60,14 +67,12 @@ def indexer_compressor(
     kv_state, score_state = state.kv_state, state.score_state
     for s in range(pos.seq):
         p = pos.start + s  # [B]
-        slot = RATIO + p % RATIO
+        slot = p % STATE_SLOTS
         kv_state[rows, slot] = kvp[:, s]
         score_state[rows, slot] = score[:, s] + w.ape[p % RATIO]
         closing = rows[(p + 1) % RATIO == 0]
         if closing.numel() == 0:
             continue
-        k = pool_block(kv_state[closing], score_state[closing])
-        kv_state[closing, :RATIO] = kv_state[closing, RATIO:]
-        score_state[closing, :RATIO] = score_state[closing, RATIO:]
-        pc = p[closing]
-        state.write_keys(closing, pc // RATIO, finish_key(k, w, pc + 1 - RATIO, rope, eps))
+        block = p[closing] // RATIO
+        k = pool_block(kv_state[closing], score_state[closing], block)
+        state.write_keys(closing, block, finish_key(k, w, block * RATIO, rope, eps))

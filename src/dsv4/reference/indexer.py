@@ -51,14 +51,17 @@ def index_scores(q: torch.Tensor, weights: torch.Tensor, state: IndexerState, po
 
 def select_topk(score: torch.Tensor, pos: StepPositions, topk: int, offset: int) -> torch.Tensor:
     """``topk_idxs [B, S, topk] int32`` (step 6): the ``min(topk, vis)`` best visible indices in
-    descending score order (ties: lower index first), plus ``offset``; the rest ``-1``."""
+    descending score order (NaN first, as torch's descending sort puts it; ties: lower index first),
+    plus ``offset``; the rest ``-1``. A column ``j >= vis`` is never selected, whatever ``score``
+    holds there (a visible ``-inf`` sorts below the mask value, yet it is visible)."""
     b, s, n = score.shape
-    order = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :topk]
+    vis = (pos.token_positions() + 1) // COMPRESS_RATIO  # [B, S]
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    hidden = order >= vis.unsqueeze(-1)  # of each sorted column
+    order = order.gather(-1, torch.sort(hidden.to(torch.uint8), dim=-1, stable=True).indices)[..., :topk]
     out = torch.full((b, s, topk), -1, dtype=torch.int32, device=score.device)
     out[..., : order.shape[-1]] = (order + offset).to(torch.int32)
-    vis = (pos.token_positions() + 1) // COMPRESS_RATIO
-    k = vis.clamp(max=topk)
-    keep = torch.arange(topk, device=score.device).view(1, 1, topk) < k.unsqueeze(-1)
+    keep = torch.arange(topk, device=score.device).view(1, 1, topk) < vis.clamp(max=topk).unsqueeze(-1)
     return out.masked_fill_(~keep, -1)
 
 
