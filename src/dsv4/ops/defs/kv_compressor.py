@@ -127,5 +127,5 @@ KV_COMPRESSOR = OpDescriptor(
     validate=validate,
     case_args=case_args,
     cost=cost,
-    implementations={"reference": "dsv4.reference.kv_compressor:kv_compressor"},
+    implementations={"reference": "dsv4.reference.compressor:kv_compressor"},
 )
