@@ -15,7 +15,7 @@ from ...model.rope import RopeTable
 from ...model.weights import CompressorWeights
 from ..attention_cases import kv_compressor_args
 from ..case_inputs import CaseInputs
-from ..costs import BF16, FP32, INT32, INT64, OpCost, rope_row_bytes
+from ..costs import BF16, FP32, INT32, INT64, OpCost, ring_traffic, rope_row_bytes
 from ..registry import OpDescriptor, Output, Tolerance
 from ..validate_attention import check_kv_compressor
 
@@ -60,32 +60,6 @@ def validate(args: dict[str, Any], out: None) -> dict[str, Any]:
 
 def case_args(c: CaseInputs) -> dict[str, Any]:
     return kv_compressor_args(c, COMPRESS_RATIO)
-
-
-def ring_traffic(start: int, seq: int, ratio: int, coff: int) -> tuple[int, int, int]:
-    """One slot's position-addressed ring over a step of ``seq`` tokens from ``start`` (spec §3).
-
-    The ring is ``COFF*RC`` slots of ``COFF`` halves (``HD`` values each) per state tensor. Returns
-    ``(halves read, halves written, blocks closed)``: a token writes every half of its slot; a
-    closing block reads its candidates (COFF 2: the previous block's slots, half 0, unless ``j = 0``;
-    its own slots, half 1; COFF 1: every slot), each once and only when this step has not written it."""
-    slots = coff * ratio
-    written: set[int] = set()
-    read: set[tuple[int, int]] = set()
-    closed = 0
-    for p in range(start, start + seq):
-        written.add(p % slots)
-        if (p + 1) % ratio:
-            continue
-        closed += 1
-        j = p // ratio
-        if coff == 1:
-            cands = [(i, 0) for i in range(ratio)]
-        else:
-            cands = [(ratio * (j % 2) + i, 1) for i in range(ratio)]
-            cands += [(ratio * ((j - 1) % 2) + i, 0) for i in range(ratio)] if j else []
-        read.update(c for c in cands if c[0] not in written)
-    return len(read), len(written) * coff, closed
 
 
 def cost(cfg: DeepSeekV4Config, start_pos: Sequence[int], seq: int, ratio: int = COMPRESS_RATIO) -> OpCost:
