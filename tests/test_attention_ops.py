@@ -289,3 +289,29 @@ def test_o_proj_against_float64(t: int, backend: str) -> None:
         for i in range(0, r.shape[1], 128)
     )
     assert ratio_allclose(y, acc.to(torch.bfloat16), 1e-4, 1 / 128)
+
+
+# --- bytes models ----------------------------------------------------------------------------------
+
+
+def test_bytes_models_by_hand() -> None:
+    """The attention ops' minimal bytes at flash decode, counted by hand (PERFORMANCE's layer tables)."""
+    from dsv4.ops import get_op
+    from dsv4.ops.costs import ring_traffic
+
+    flash = dsv4.get_config("flash")
+    row = 448 + 2 * 64 + 8  # an FP8 KV row: codes, bf16 rope part, scale bytes
+    starts = [8190] * 64  # every slot at the same place: token 1 closes a CSA block and an HCA block
+    o = get_op("o_proj").cost(flash, starts, 2)
+    assert o.reads["w.wo_a (FP8)"] == o.reads["w.wo_b (FP8)"] == 8192 * 4096 and o.writes["y"] == 128 * 4096 * 2
+    attn = get_op("sparse_attn").cost(flash, starts, 2, kind="csa")
+    assert attn.reads["compressed rows (FP8)"] == 64 * 512 * row  # the pair's shared top-k
+    assert attn.reads["window rows (FP8, below start)"] == 64 * 127 * row  # rows start-127 .. start-1
+    hca = get_op("sparse_attn").cost(flash, starts, 2, kind="hca")
+    assert hca.reads["compressed rows (FP8)"] == 64 * (8192 // 128) * row
+    assert get_op("window_kv_write").cost(flash, starts, 2).writes["window rows (FP8)"] == 128 * row
+    comp = get_op("kv_compressor").cost(flash, starts, 2, ratio=128)
+    assert comp.writes["compressed rows (FP8)"] == 64 * row
+    # the ring: HCA closes block 0 at 127, reading the 126 slots this step did not write
+    assert ring_traffic(126, 2, ratio=128, coff=1) == (126, 2, 1)
+    assert ring_traffic(6, 2, ratio=4, coff=2) == ring_traffic(6, 2)  # the indexer's ring
