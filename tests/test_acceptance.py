@@ -91,7 +91,9 @@ def test_dry_run_keeps_going_after_a_failing_step(dry_run) -> None:
     after = record["steps"][2:]
     assert all(s["status"] in ("ok", "skipped") for s in after), [(s["name"], s["status"]) for s in after]
     ran = [s["name"] for s in after if s["status"] == "ok"]
-    assert {"tests", "bench_decode", "decode_graph", "trace", "bench_prefill", "checkpoint"} <= set(ran)
+    assert {"tests", "bench_decode", "probe", "tune", "decode_graph", "trace", "bench_prefill", "checkpoint"} <= set(
+        ran
+    )
     assert (status["ncu"]["status"] == "skipped") == (shutil.which("ncu") is None)
     assert all(not s.get("parse_error") for s in record["steps"]), [s.get("parse_error") for s in record["steps"]]
     assert record["finished"] and record["dry_run"] is True
@@ -111,7 +113,15 @@ def test_dry_run_record_holds_every_figure(dry_run) -> None:
     assert {(t["backend"], t["status"], t["check"]) for t in timings} == {
         ("triton", "ok", "ok"),
         ("reference", "ok", "is the reference"),
+        ("library", "ok", "ok"),
     }
+    assert all(r["check"] == "ok" for r in steps["probe"]["result"]["probe"]["rows"])
+    tune = steps["tune"]["result"]
+    assert {b["kernel"] for b in tune["tune"]["buckets"]} == {"qkv.rows", "qkv.q_heads"}
+    assert all(
+        v["check"] in ("bit-identical", "within tolerance") for b in tune["tune"]["buckets"] for v in b["variants"]
+    )
+    assert tune["config"]["file"] == "kernel-config.json" and tune["config"]["device"] == "cpu"
     assert steps["decode_graph"]["result"]["median_ms"]["eager"] > 0
     with gzip.open(out / "trace.json.gz") as f:
         assert json.load(f)["traceEvents"]
@@ -124,7 +134,9 @@ def test_dry_run_output_fits_what_the_device_returns(dry_run) -> None:
     files = list(out.iterdir())
     assert all(f.is_file() and NAME.match(f.name) for f in files), files
     assert len(files) <= MAX_FILES
-    assert {"summary.md", "acceptance.json", "log.txt", "junit.xml", "trace.json.gz"} <= {f.name for f in files}
+    assert {"summary.md", "acceptance.json", "log.txt", "junit.xml", "trace.json.gz", "kernel-config.json"} <= {
+        f.name for f in files
+    }
     assert all(f.stat().st_size < 16 << 20 for f in files)
 
 
@@ -286,6 +298,74 @@ def test_summary_merges_runs_marks_absent_figures_and_judges_targets() -> None:
     assert re.search(r"`indexer` cache=2048: .*\*\*50\.0%\*\* .* missed, but the check says MISMATCH", summary)
     assert re.search(r"`indexer` cache=262144: .* not measured", summary)
     assert "No test counts: no step measures it." in summary
+
+
+def test_summary_shows_the_probe_and_the_tuning() -> None:
+    """The probe's and the tune's GPU figures (hand-built) become tables: the machine's limits, the
+    bytes-in-flight curve, and per tuned bucket the default's time against the best candidate's."""
+    rows = [
+        {"name": "zero_point", "empty_graph_us": 2.1, "one_kernel_graph_us": 4.0, "plain_launch_us": 6.5, "us": 2.1},
+        {"name": "copy", "gb_per_s": 4300.0},
+        *(
+            {"name": "stream", "programs_per_sm": p, "bytes_in_flight_per_program": b, "gb_per_s": 1000.0 * p}
+            for p in (1, 2)
+            for b in (4096, 16384)
+        ),  # fmt: skip
+        {
+            "name": "stream_summary",
+            "best_gb_per_s": 2000.0,
+            "best_programs_per_sm": 2,
+            "best_bytes_in_flight_per_program": 16384,
+            "bytes_in_flight_per_sm_for_90pct": 32768,
+        },  # fmt: skip
+        {
+            "name": "l2_summary",
+            "l2_bytes_reported": 60 << 20,
+            "largest_mib_read_from_l2": 48,
+            "l2_gb_per_s": 9000.0,
+            "dram_gb_per_s": 4000.0,
+        },  # fmt: skip
+        {"name": "launch_gap", "mode": "graph + PDL", "us_per_launch": 0.8},
+        {"name": "flush_method", "error": "RuntimeError: out of memory"},
+    ]
+    variant = {"check": "bit-identical", "median_us": 40.0, "changed": {}}
+    best = {"check": "within tolerance", "median_us": 30.0, "changed": {"splits": 8}}
+    bad = {"check": "MISMATCH q: 3/100 off", "changed": {"block_n": 64}}
+    tune = {
+        "buckets": [
+            {
+                "kernel": "qkv.projection",
+                "bucket": "T=128,D=4096,N=1536",
+                "workload": "flash qkv_proj_rope",
+                "variants": [variant, best, bad],
+                "gain_pct": 25.0,
+                "winner": {"splits": 8},
+            }
+        ],  # fmt: skip
+        "workloads": [{"label": "flash indexer decode B=1 S=2 cache=65536", "status": "not run: budget spent"}],
+        "stopped": "budget spent",
+    }
+    record = {
+        "started": "2026-01-01T00:00:00+00:00", "finished": "2026-01-01T00:08:00+00:00", "elapsed_s": 470.0,
+        "budget_s": 480, "command": "python -m dsv4.acceptance out", "environment": None,
+        "steps": [
+            {"name": "probe", "status": "ok", "reason": "", "seconds": 20.0, "result": {"probe": {"rows": rows}}},
+            {"name": "tune", "status": "ok", "reason": "", "seconds": 100.0, "result": {
+                "tune": tune, "config": {"file": "kernel-config.json", "device": "h200-132", "entries": 1}}},
+        ],
+    }  # fmt: skip
+    summary = render(record)
+    _assert_well_formed(summary)
+    assert "| graph-launch zero point (empty graph) | 2.10 µs |" in summary
+    assert "| launch gap, graph + PDL | 0.80 µs per dependent launch |" in summary
+    assert "| 16 KiB | 1000 | 2000 |" in summary  # the bytes-in-flight curve
+    assert "`flush_method` failed: RuntimeError: out of memory" in summary
+    tuned = next(t for t in _tables(summary) if "gain %" in _cells(t[0]))
+    row = dict(zip(_cells(tuned[0]), _cells(tuned[2]), strict=True))
+    assert (row["default µs"], row["best µs"], row["gain %"], row["config"]) == ("40.0", "30.0", "25.0", "written")
+    assert "commit it as `src/dsv4/kernels/configs/h200-132.json`" in summary
+    assert '`{"block_n": 64}`: MISMATCH q: 3/100 off' in summary
+    assert "shapes left: flash indexer decode B=1 S=2 cache=65536" in summary
 
 
 # -- parsers -------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The ``dsv4`` command: ``run`` (the main job), ``inspect``, ``info``, ``golden save|check``, ``bench``."""
+"""The ``dsv4`` command: ``run`` (the main job), ``inspect``, ``info``, ``golden save|check``, ``bench``, ``tune``."""
 
 from __future__ import annotations
 
@@ -139,6 +139,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
         for name in BACKENDS:
             reason = unavailable_reason(name, dev)
             print(f"  backend {name:<9} {'available' if reason is None else 'unavailable: ' + reason}")
+        if unavailable_reason("triton", dev) is None:
+            from .kernels import tuning
+
+            print(f"  {tuning.describe_active(dev)}")
     return 0
 
 
@@ -180,8 +184,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     result.update(run_bench(
         cfg, modes=MODES if args.mode == "all" else (args.mode,), device=device, ops=args.ops, reps=args.reps,
-        budget_s=args.budget_s, flush_l2=not args.warm_l2, use_graph=not args.no_graph, seed=args.seed,
-        on_shape=keep if args.json else None, **measure,
+        budget_s=args.budget_s, flush_l2=not args.warm_l2, use_graph=not args.no_graph,
+        kernel_split=not args.no_kernel_split, seed=args.seed, on_shape=keep if args.json else None, **measure,
     ))  # fmt: skip
     print(report.render(result))
     if args.json:
@@ -213,7 +217,78 @@ def _bench_command(args: argparse.Namespace) -> str:
     words += ["--backends", ",".join(args.backends)] if args.backends else []
     words += ["--reps", str(args.reps), "--budget-s", f"{args.budget_s:g}", "--seed", str(args.seed)]
     flags = {"--cpu": args.cpu, "--model-only": args.model_only, "--warm-l2": args.warm_l2, "--no-graph": args.no_graph}
+    flags["--no-kernel-split"] = args.no_kernel_split
     return " ".join(words + [flag for flag, on in flags.items() if on])
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    if args.probe:
+        return _cmd_probe(args)
+    from .bench import tune
+    from .kernels import tuning
+
+    if args.list:
+        print(tune.describe_tunables())
+        return 0
+    unknown = sorted(set(args.kernels or ()) - set(tuning.TUNABLES))
+    if unknown:
+        known = ", ".join(sorted(tuning.TUNABLES))
+        raise ValueError(f"--kernels: unknown {', '.join(unknown)}; the kernels are {known}")
+    device = _tune_device(args)
+    json_path = args.json or (None if args.dry_run else f"tune-{tuning.device_key(device)}.json")
+    words = ["tune", "--preset", ",".join(args.preset), "--mode", args.mode, "--budget-s", f"{args.budget_s:g}"]
+    words += ["--dry-run"] if args.dry_run else []
+    t0 = time.perf_counter()
+    result = tune.run_tune(
+        device=device, presets=args.preset, modes=MODES_OF[args.mode], ops=args.ops, kernels=args.kernels,
+        shapes=args.shapes, budget_s=args.budget_s, reps=args.reps, timing_s=args.timing_s, json_path=json_path,
+        config_path=args.config, dry_run=args.dry_run, seed=args.seed, command=" ".join(words),
+    )  # fmt: skip
+    print(tune.render(result))
+    if json_path:
+        print(f"wrote {json_path}")
+    print(f"dsv4 tune: {time.perf_counter() - t0:.1f} s wall")
+    return 1 if result["stopped"] and result["stopped"] != "budget spent" else 0
+
+
+MODES_OF = {"decode": ("decode",), "prefill": ("prefill",), "all": ("decode", "prefill")}
+
+
+def _tune_device(args: argparse.Namespace) -> torch.device:
+    if args.dry_run:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            "dsv4 tune times kernels on a GPU and none is visible; on a CPU, --dry-run checks every candidate "
+            "under the interpreter and --list prints them"
+        )
+    return torch.device("cuda")
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from .bench import probe, report
+
+    if args.list:
+        print(probe.describe_experiments())
+        return 0
+    device = _tune_device(args)
+    t0 = time.perf_counter()
+    result = probe.dry_run_probe() if args.dry_run else probe.run_probe()
+    result = {"meta": report.provenance("tune --probe" + (" --dry-run" if args.dry_run else ""), device), **result}
+    print(probe.render(result))
+    if args.json:
+        report.write_json(result, args.json)
+        print(f"wrote {args.json}")
+    print(f"dsv4 tune --probe: {time.perf_counter() - t0:.1f} s wall")
+    bad = [r for r in result["rows"] if "error" in r or str(r.get("check", "ok")) != "ok"]
+    return 1 if bad else 0
+
+
+def _names_any(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return names
 
 
 def _names(choices: Sequence[str]):
@@ -295,11 +370,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--warm-l2", action="store_true", help="do not flush L2 between repetitions")
     bench.add_argument("--no-graph", action="store_true", help="time plain launches, no CUDA graph")
+    bench.add_argument(
+        "--no-kernel-split", action="store_true", help="skip each kernel's own time inside the timed call (profiler)"
+    )
     bench.add_argument("--seed", type=SEED, default=0)
     bench.add_argument("--json", metavar="PATH", help="write every figure with device, versions, commit, command")
     bench.add_argument("--plot", metavar="PATH.png", help="bar chart: %% of floor (GPU) or traffic ratios (CPU)")
     bench.add_argument("--trace", metavar="PATH.json", help="Chrome/Perfetto trace of one decode step")
     bench.set_defaults(func=_cmd_bench)
+
+    tune = sub.add_parser(
+        "tune", help="time every kernel's declared launch candidates on this GPU and write its config file"
+    )
+    tune.add_argument(
+        "--preset", type=_names(sorted(PRESETS)), default=["flash", "pro"], help="comma-separated (default flash,pro)"
+    )
+    tune.add_argument("--mode", default="all", choices=sorted(MODES_OF), help="decode and/or prefill shapes")
+    tune.add_argument(
+        "--ops",
+        type=_names(op_names("triton")),
+        default=list(op_names("triton")),
+        help="comma-separated ops (default: every op with a fused kernel)",
+    )
+    tune.add_argument("--kernels", type=_names_any, help="comma-separated kernels (default: all; --list names them)")
+    tune.add_argument("--shapes", type=_names_any, help="keep shapes whose label holds one of these (e.g. 'B=64')")
+    tune.add_argument("--budget-s", type=_positive_float, default=600.0, help="seconds in all; saved as it goes")
+    tune.add_argument("--reps", type=POSITIVE, default=30, help="timed repetitions per candidate")
+    tune.add_argument("--timing-s", type=_positive_float, default=0.25, help="seconds per candidate timing at most")
+    tune.add_argument("--json", metavar="PATH", help="every variant's µs and GB/s (default tune-<device>.json)")
+    tune.add_argument("--config", metavar="PATH", help="the config file to write (default: the package's, per device)")
+    tune.add_argument("--dry-run", action="store_true", help="the CPU interpreter, tiny preset: check the candidates")
+    tune.add_argument("--list", action="store_true", help="print every kernel's parameters and candidates")
+    tune.add_argument("--probe", action="store_true", help="the machine's limits instead (zero point, bandwidths, PDL)")
+    tune.add_argument("--seed", type=NON_NEGATIVE, default=0)
+    tune.set_defaults(func=_cmd_tune)
     return parser
 
 

@@ -14,11 +14,11 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..ops import get_op, op_names
+from ..ops import op_names
 
 # every registered op with a fused kernel (the built-in ones are registered when dsv4.ops is imported);
 # an op on the reference alone has nothing for the GPU run to measure yet
-OPS = tuple(n for n in op_names() if "triton" in get_op(n).implementations)
+OPS = op_names("triton")
 
 # The GPU run's pytest selection: the op tests (every backend; on CUDA the compiled kernels),
 # top-k, the decode step as a CUDA graph, the torch.library ops and the bad-input checks.
@@ -33,6 +33,7 @@ TEST_TIMEOUT_S = 120  # per test (pytest-timeout, where installed): one hung tes
 NCU_METRICS = ("dram__bytes_read.sum", "dram__bytes_write.sum", "lts__t_bytes.sum", "gpu__time_duration.sum")
 NCU_KERNELS = "regex:^_"
 CHECKPOINT_LAYER = 1  # a compress-ratio-4 layer of benchmarks/load_checkpoint.py's checkpoint
+TUNED_CONFIG = "kernel-config.json"  # the tune step's config file, returned whole; its "device" names its home
 
 
 @dataclass(frozen=True)
@@ -54,26 +55,33 @@ class Profile:
     checkpoint_backend: str  # dsv4 run --checkpoint --backend
     timeouts: dict[str, float]  # per step; each step also stops when the total budget is spent
     min_s: float  # a step is not started with less budget left than min(min_s, its timeout)
+    tune: tuple[str, ...]  # dsv4 tune arguments (besides --json, --config and its budget)
+    probe: tuple[str, ...]  # dsv4 tune --probe arguments (besides --json)
     dry_skips: dict[str, str] = field(default_factory=dict)  # step -> why the dry run leaves it out
 
 
 # GPU: at most 100 repetitions or 1 s per timing (100 L2-flushed repetitions of a decode op take far less);
-# even if every step before it runs to its timeout, 40 s of the 480 s budget are left to the decode graph.
+# even if every step before it runs to its timeout, 35 s of the 480 s budget are left to the decode graph.
+# The probe and the tune come right after the decode figures: what they leave (the machine's limits, a
+# tuned config file) lasts beyond the slice; the torch.compile baselines follow the decode graph.
 GPU = Profile(
     name="gpu", preset="flash", budget_s=480, ops=OPS, reps=100, budget_per_timing_s=1.0, prefill_reps=20,
-    prefill_backends="triton,reference",
+    prefill_backends="triton,reference,library",
     tests=GPU_TESTS,
     decode_loop=(
         "--preset", "flash", "--batch", "64", "--seq", "2", "--prefill", "4096", "--steps", "100", "--capture",
     ),
     device="cuda", checkpoint_experts=8, checkpoint_backend="triton",
     timeouts={
-        "environment": 30, "tests": 140, "bench_decode": 110, "bench_decode_compile": 70,
-        "bench_decode_compile_indexer": 90, "decode_graph": 90, "trace": 60, "ncu": 120, "bench_prefill": 90,
-        "checkpoint": 90, "bench_prefill_compile": 120,
+        "environment": 30, "tests": 140, "bench_decode": 110, "probe": 45, "tune": 120, "decode_graph": 90,
+        "bench_decode_compile": 70, "bench_decode_compile_indexer": 90, "trace": 60, "ncu": 120,
+        "bench_prefill": 90, "checkpoint": 90, "bench_prefill_compile": 120,
     },
     min_s=30,
+    tune=("--preset", "flash,pro"),
+    probe=(),
 )  # fmt: skip
+TUNE_MARGIN_S = 20  # the tune stops starting candidates this long before its step's timeout, and saves
 
 # Dry run: qkv_proj_rope alone (each interpreted indexer shape adds ~15 s of traffic counting), 3 repetitions.
 DRY = Profile(
@@ -82,6 +90,7 @@ DRY = Profile(
     decode_loop=("--preset", "tiny", "--batch", "4", "--seq", "2", "--prefill", "16", "--steps", "3"),
     device="cpu", checkpoint_experts=0, checkpoint_backend="reference",
     timeouts=dict.fromkeys(GPU.timeouts, 120), min_s=1,
+    tune=("--dry-run", "--ops", "qkv_proj_rope", "--kernels", "qkv.rows,qkv.q_heads"), probe=("--dry-run",),
     dry_skips=dict.fromkeys(
         ("bench_decode_compile", "bench_decode_compile_indexer", "bench_prefill_compile"),
         "dry run: torch.compile builds C++ on the CPU for tens of seconds (bench_decode runs the same dsv4 bench)",
@@ -179,8 +188,24 @@ def build_plan(profile: Profile, paths: Paths) -> list[Step]:
         )  # fmt: skip
 
     bench_step(
-        "bench_decode", "dsv4 bench decode: Triton and the eager reference", "decode", OPS, "triton,reference",
-        "--plot", str(out / "bench-decode.png"),
+        "bench_decode", "dsv4 bench decode: Triton, the eager reference and the library baseline", "decode", OPS,
+        "triton,reference,library", "--plot", str(out / "bench-decode.png"),
+    )  # fmt: skip
+    add(
+        "probe", "dsv4 tune --probe: zero point, copy and stream bandwidth, L2, prefetch, launch gaps with/without PDL",
+        (py, "-m", "dsv4", "tune", "--probe", *profile.probe, "--json", str(work / "probe.json")),
+        parse="probe", files={"json": str(work / "probe.json")},
+    )  # fmt: skip
+    tune_budget = max(1.0, t["tune"] - TUNE_MARGIN_S)
+    add(
+        "tune", "dsv4 tune: every kernel's candidates, deployment shapes first; the tuned config file comes back",
+        (py, "-m", "dsv4", "tune", *profile.tune, "--budget-s", f"{tune_budget:g}", "--json", str(work / "tune.json"),
+         "--config", str(out / TUNED_CONFIG)),
+        parse="tune", files={"json": str(work / "tune.json"), "config": str(out / TUNED_CONFIG)},
+    )  # fmt: skip
+    add(
+        "decode_graph", "decode step: one CUDA graph vs eager launches (examples/decode_loop.py)",
+        (py, str(paths.root / "examples" / "decode_loop.py"), *profile.decode_loop), parse="decode_loop",
     )  # fmt: skip
     bench_step(
         "bench_decode_compile", "dsv4 bench decode: torch.compile of the reference (qkv_proj_rope, compressor)",
@@ -189,10 +214,6 @@ def build_plan(profile: Profile, paths: Paths) -> list[Step]:
     bench_step(
         "bench_decode_compile_indexer", "dsv4 bench decode: torch.compile of the reference (indexer)",
         "decode", ("indexer",), "compile",
-    )  # fmt: skip
-    add(
-        "decode_graph", "decode step: one CUDA graph vs eager launches (examples/decode_loop.py)",
-        (py, str(paths.root / "examples" / "decode_loop.py"), *profile.decode_loop), parse="decode_loop",
     )  # fmt: skip
     add(
         "trace", "torch.profiler trace of one decode step (dsv4 bench --trace)",

@@ -162,6 +162,21 @@ def parse_checkpoint(files: dict[str, str], log: str) -> dict[str, Any]:
     return result
 
 
+def parse_probe(files: dict[str, str], log: str) -> dict[str, Any]:
+    return {"probe": parse_json(files, log)}
+
+
+def parse_tune(files: dict[str, str], log: str) -> dict[str, Any]:
+    """The tune JSON (every variant) and the config file it wrote, if any (its device and entries)."""
+    result: dict[str, Any] = {"tune": parse_json(files, log), "config": None}
+    config = Path(files["config"])
+    if config.is_file():
+        data = json.loads(config.read_text())
+        entries = sum(len(b) for b in data.get("kernels", {}).values())
+        result["config"] = {"file": config.name, "device": data.get("device"), "entries": entries}
+    return result
+
+
 PARSERS: dict[str, Callable[[dict[str, str], str], dict[str, Any]]] = {
     "environment": parse_json,
     "tests": parse_tests,
@@ -170,4 +185,6 @@ PARSERS: dict[str, Callable[[dict[str, str], str], dict[str, Any]]] = {
     "trace": parse_trace,
     "ncu": parse_ncu,
     "checkpoint": parse_checkpoint,
+    "probe": parse_probe,
+    "tune": parse_tune,
 }

@@ -29,7 +29,10 @@ from .summary import render
 KILL_GRACE_S = (5.0, 3.0)  # after SIGINT, after SIGTERM: then SIGKILL
 LOG_CAP_BYTES = 1 << 20  # per step in log.txt: head and tail kept (the device returns files up to 16 MiB)
 TAIL_LINES = 15  # of a failing step's output, echoed to the terminal
-OUTPUTS = ("summary.md", "acceptance.json", "log.txt", "junit.xml", "bench-decode.png", "trace.json.gz", "ncu.csv")
+OUTPUTS = (
+    "summary.md", "acceptance.json", "log.txt", "junit.xml", "bench-decode.png", "trace.json.gz", "ncu.csv",
+    "kernel-config.json",
+)  # fmt: skip
 
 
 def _now() -> str:

@@ -9,12 +9,13 @@ produce is written as absent, with the step and why.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from .environment import describe
 
-BACKEND_ORDER = ("triton", "reference", "compile")
-BASELINES = {"reference": "eager", "compile": "compile"}
+BACKEND_ORDER = ("triton", "reference", "compile", "library")
+BASELINES = {"reference": "eager", "compile": "compile", "library": "library"}
 # (op, text in the shape label, allowed ratio to the floor): the issues' decode targets
 TARGETS = (
     ("qkv_proj_rope", "decode B=64 S=2", 1.25),
@@ -138,7 +139,7 @@ def bench_section(record: dict[str, Any], mode: str) -> list[str]:
     first = runs[0][1]
     lines = [_bandwidth_line(runs)]
     headers = ["op", "shape", "backend", "launch", "median µs", "p10–p90 µs", "floor µs table / copy"]
-    headers += ["% floor (table)", "% floor (copy)", "× vs eager", "× vs compile", "check"]
+    headers += ["% floor (table)", "% floor (copy)", *(f"× vs {b}" for b in BASELINES.values()), "check"]
     rows, notes = [], []
     for (op, label), shape in shapes.items():
         ok = {b: t for (o, s, b), t in timings.items() if (o, s) == (op, label) and t["status"] == "ok"}
@@ -146,12 +147,13 @@ def bench_section(record: dict[str, Any], mode: str) -> list[str]:
         for backend in BACKEND_ORDER:
             t = timings.get((op, label, backend))
             owner = _owner(record, mode, op, backend)
+            blank = [""] * (len(headers) - 8)
             if t is None:
                 if owner is not None:
-                    rows.append([op, label, backend, "absent", "", "", floors, "", "", "", "", _why(owner)])
+                    rows.append([op, label, backend, "absent", "", "", floors, *blank, _why(owner)])
                 continue
             if t["status"] != "ok":
-                rows.append([op, label, backend, "error", "", "", floors, "", "", "", "", t.get("error", "")])
+                rows.append([op, label, backend, "error", "", "", floors, *blank, t.get("error", "")])
                 continue
             speed = [
                 _num(ok[base]["median_us"] / t["median_us"], ".2f") if base in ok and base != backend else "-"
@@ -165,8 +167,12 @@ def bench_section(record: dict[str, Any], mode: str) -> list[str]:
                 _num(t.get("pct_of_floor_device_table"), ".1f"), _num(t.get("pct_of_floor_measured_copy"), ".1f"),
                 *speed, t["check"],
             ])  # fmt: skip
-    lines += [""] + _md_table(headers, rows, right={4, 5, 6, 7, 8, 9, 10})
+    lines += [""] + _md_table(headers, rows, right=set(range(4, len(headers) - 1)))
     lines += [f"\n\\* {n}" for n in notes]
+    zero = next((b.get("zero_point") for _, b in runs if b.get("zero_point")), None)
+    if zero:
+        lines += ["", f"Graph-launch zero point (events around an empty graph's replay): {_us(zero.get('us'))} µs."]
+    lines += _kernel_split(timings)
     settings = first["settings"]
     lines += [
         "",
@@ -176,6 +182,112 @@ def bench_section(record: dict[str, Any], mode: str) -> list[str]:
     ]  # fmt: skip
     if mode == "decode":
         lines += ["", *_targets(timings)]
+    return lines
+
+
+def _kernel_split(timings: dict[tuple[str, str, str], dict[str, Any]]) -> list[str]:
+    """The Triton rows' time per kernel inside the timed call (profiler), when the bench took it."""
+    rows = []
+    for (op, label, backend), t in timings.items():
+        if backend != "triton" or t.get("status") != "ok":
+            continue
+        for k in t.get("kernels") or []:
+            share = 100.0 * k["us_per_call"] / t["median_us"] if t.get("median_us") else None
+            rows.append([op, label, f"`{k['kernel'][:60]}`", _us(k["us_per_call"]), f"{k['launches_per_call']:g}",
+                         _num(share, ".0f")])  # fmt: skip
+    if not rows:
+        return []
+    head = ["op", "shape", "kernel", "µs per call", "launches", "% of median"]
+    return ["", "Triton kernels inside the timed call (torch.profiler, L2 flushed as timed):", ""] + _md_table(
+        head, rows, right={3, 4, 5}
+    )
+
+
+def _probe_section(record: dict[str, Any]) -> list[str]:
+    entry = _step(record, "probe")
+    result = ((entry or {}).get("result") or {}).get("probe")
+    if not result:
+        return [f"No probe figures: {_why(entry)}."]
+    rows = result["rows"]
+    if result.get("dry_run"):
+        checks = ", ".join(f"{r['name']}: {r['check']}" for r in rows)
+        return [f"Dry run: the probe's kernels under the interpreter ({checks})."]
+    by = {}
+    for r in rows:
+        by.setdefault(r["name"], []).append(r)
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append(f"- `{r['name']}` failed: {r['error']}")
+    z = (by.get("zero_point") or [{}])[0]
+    c = (by.get("copy") or [{}])[0]
+    st = (by.get("stream_summary") or [{}])[0]
+    l2 = (by.get("l2_summary") or [{}])[0]
+    pf = (by.get("l2_prefetch") or [{}])[0]
+    fl = (by.get("flush_method") or [{}])[0]
+    table = [
+        ["graph-launch zero point (empty graph)", f"{_us(z.get('empty_graph_us'))} µs"],
+        ["one-kernel graph / one plain launch",
+         f"{_us(z.get('one_kernel_graph_us'))} / {_us(z.get('plain_launch_us'))} µs"],
+        ["copy bandwidth (read + write)", f"{_num(c.get('gb_per_s'), '.0f')} GB/s"],
+        ["read stream, best", f"{_num(st.get('best_gb_per_s'), '.0f')} GB/s at {st.get('best_programs_per_sm')} "
+         f"programs/SM, {st.get('best_bytes_in_flight_per_program')} B in flight each"],
+        ["bytes in flight per SM for 90% of it", f"{st.get('bytes_in_flight_per_sm_for_90pct')} B"],
+        ["L2 reported / read from L2 up to", f"{(l2.get('l2_bytes_reported') or 0) / 2**20:.0f} MiB / "
+         f"{l2.get('largest_mib_read_from_l2')} MiB"],
+        ["L2 / DRAM read bandwidth",
+         f"{_num(l2.get('l2_gb_per_s'), '.0f')} / {_num(l2.get('dram_gb_per_s'), '.0f')} GB/s"],
+        ["a read after the previous kernel read it (prefetch)", f"{_us(pf.get('after_prefetch_us'))} µs vs "
+         f"{_us(pf.get('cold_us'))} µs flushed ({_num(pf.get('speedup'), '.2f')}x)"],
+        ["read after a zero_() flush / a read flush / warm", f"{_us(fl.get('after_zero_flush_us'))} / "
+         f"{_us(fl.get('after_read_flush_us'))} / {_us(fl.get('warm_us'))} µs"],
+    ]  # fmt: skip
+    for g in by.get("launch_gap", []):
+        table.append([f"launch gap, {g.get('mode')}", f"{_us(g.get('us_per_launch'))} µs per dependent launch"])
+    lines += _md_table(["what", "measured"], table)
+    grid = [r for r in by.get("stream", []) if "gb_per_s" in r]
+    if grid:
+        per_sm = sorted({r["programs_per_sm"] for r in grid})
+        flight = sorted({r["bytes_in_flight_per_program"] for r in grid})
+        cell = {(r["bytes_in_flight_per_program"], r["programs_per_sm"]): r["gb_per_s"] for r in grid}
+        curve = [[f"{b // 1024} KiB"] + [_num(cell.get((b, p)), ".0f") for p in per_sm] for b in flight]
+        lines += ["", "Read stream GB/s by bytes in flight per program (rows) and programs per SM (columns):", ""]
+        lines += _md_table(["in flight"] + [f"{p}/SM" for p in per_sm], curve, right=set(range(1, len(per_sm) + 1)))
+    return lines
+
+
+def _tune_section(record: dict[str, Any]) -> list[str]:
+    entry = _step(record, "tune")
+    result = (entry or {}).get("result") or {}
+    tune = result.get("tune")
+    if not tune:
+        return [f"No tuning figures: {_why(entry)}."]
+    rows = []
+    for b in tune["buckets"]:
+        timed = [v for v in b["variants"] if "median_us" in v]
+        base = next((v for v in timed if not v["changed"]), None)
+        best = min(timed, key=lambda v: v["median_us"], default=None)
+        failed = [v for v in b["variants"] if v.get("check") not in ("bit-identical", "within tolerance")]
+        rows.append([
+            f"`{b['kernel']}`", b["bucket"], b["workload"], str(len(b["variants"])), str(len(failed)),
+            _us(base["median_us"]) if base else "-", _us(best["median_us"]) if best else "-",
+            _num(b.get("gain_pct"), ".1f"),
+            f"`{json.dumps(best['changed'])}`" if best and best["changed"] else "default",
+            "written" if b.get("winner") else "-",
+        ])  # fmt: skip
+    head = ["kernel", "bucket", "shape", "variants", "failed", "default µs", "best µs", "gain %", "best", "config"]
+    lines = _md_table(head, rows, right={3, 4, 5, 6, 7}) if rows else ["No bucket was tuned."]
+    config = result.get("config")
+    if config:
+        lines += ["", f"Config file: `{config['file']}` for device `{config['device']}`, {config['entries']} tuned "
+                  f"bucket(s): commit it as `src/dsv4/kernels/configs/{config['device']}.json`."]  # fmt: skip
+    if tune.get("stopped"):
+        lines += ["", f"The tune stopped: {tune['stopped']}; shapes left: "
+                  + ", ".join(w["label"] for w in tune["workloads"] if w["status"].startswith("not run"))]  # fmt: skip
+    for b in tune["buckets"]:
+        for v in b["variants"]:
+            if v.get("check") not in ("bit-identical", "within tolerance"):
+                lines.append(f"- `{b['kernel']}` [{b['bucket']}] `{json.dumps(v['changed'])}`: {v.get('check')}")
     return lines
 
 
@@ -296,6 +408,8 @@ def render(record: dict[str, Any]) -> str:
         ("Steps", _steps_table(record)),
         ("Tests compiled on the device", _tests_section(record)),
         ("Decode: time against the floor", bench_section(record, "decode")),
+        ("Machine limits (dsv4 tune --probe)", _probe_section(record)),
+        ("Tuning: each kernel's candidates against its default (dsv4 tune)", _tune_section(record)),
         ("Decode step: one CUDA graph against eager launches", _decode_graph_section(record)),
         ("Profile of one decode step", _profile_section(record)),
         ("Prefill: time against the floor", bench_section(record, "prefill")),

@@ -21,7 +21,8 @@ from ..ops.backends import BACKENDS, unavailable_reason
 from ..ops.registry import get_op
 
 COMPILED = "compile"  # torch.compile of the reference backend
-BENCH_BACKENDS = (*BACKENDS, COMPILED)
+LIBRARY = "library"  # the op composed of library calls (cuBLAS GEMMs, torch.topk): ``baseline.py``
+BENCH_BACKENDS = (*BACKENDS, COMPILED, LIBRARY)
 
 
 @dataclass
@@ -47,10 +48,25 @@ class BoundCall:
 
 
 def backend_reason(backend: str, device: torch.device | str) -> str | None:
-    """Why ``backend`` cannot run on ``device`` (None when it can); ``compile`` follows the reference."""
-    if backend == COMPILED:
+    """Why ``backend`` cannot run on ``device`` (None when it can); ``compile`` and ``library`` follow the reference."""
+    if backend in (COMPILED, LIBRARY):
         return unavailable_reason("reference", device)
     return unavailable_reason(backend, device)
+
+
+# The reference's loops index rows by a Python int, which Dynamo specializes: each row index would
+# compile its frame again (seconds each; at B=64 the indexer's compile ran past its step's 90 s). Past
+# this many compiles a frame runs eagerly, as it does past Dynamo's default of 8.
+COMPILE_RECOMPILE_LIMIT = 2
+
+
+def compiled_reference(op: str) -> Callable[..., Any]:
+    """``torch.compile`` of ``op``'s reference for one shape: compiled on its first call, reused by the
+    calls after it (the check, the warm-up, the timing). Dynamo's caches are cleared first, so each
+    shape starts with the whole recompile allowance (``COMPILE_RECOMPILE_LIMIT``)."""
+    torch.compiler.reset()
+    torch._dynamo.config.cache_size_limit = COMPILE_RECOMPILE_LIMIT
+    return torch.compile(get_op(op).implementation("reference"), options={"emulate_precision_casts": True})
 
 
 def bind(case: Case, backend: str) -> BoundCall:
@@ -58,10 +74,14 @@ def bind(case: Case, backend: str) -> BoundCall:
     if backend not in BENCH_BACKENDS:
         raise ValueError(f"backend: expected one of {BENCH_BACKENDS}, got {backend!r}")
     desc = get_op(case.op)
-    fn = desc.implementation("reference" if backend == COMPILED else backend)
     if backend == COMPILED:
-        torch.compiler.reset()  # each case compiles afresh: no recompile limit reached across the grid
-        fn = torch.compile(fn, dynamic=False, options={"emulate_precision_casts": True})
+        fn = compiled_reference(case.op)
+    elif backend == LIBRARY:
+        from . import baseline
+
+        fn = getattr(baseline, case.op)
+    else:
+        fn = desc.implementation(backend)
     args = clone_args(case.args, case.op)
     state = {name: args[name] for name in mutated_args(case.op) if name in args}
     return BoundCall(case.op, backend, fn, desc.backend_args(args), state or None)

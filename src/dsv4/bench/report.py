@@ -97,21 +97,35 @@ def model_table(result: dict[str, Any]) -> str:
 
 def timing_table(result: dict[str, Any]) -> str:
     """Time, bandwidth, % of floor and speedups per (op, shape, backend)."""
-    headers = ["op", "shape", "backend", "launch", "median µs", "p10-p90 µs", "GB/s", "% floor table", "% floor copy"]
-    headers += ["x vs reference", "x vs compile", "check"]
+    headers = ["op", "shape", "backend", "launch", "median µs", "p10-p90 µs", "zero µs", "GB/s", "% floor table"]
+    headers += ["% floor copy", "x vs reference", "x vs compile", "x vs library", "check"]
     rows = []
     for t in result["timings"]:
         if t["status"] != "ok":
-            rows.append([t["op"], t["shape"], t["backend"], t["status"], "", "", "", "", "", "", "", t["error"]])
+            rows.append([t["op"], t["shape"], t["backend"], t["status"], *[""] * (len(headers) - 5), t["error"]])
             continue
         speed = t.get("speedup_vs", {})
         rows.append([
             t["op"], t["shape"], t["backend"], t["launch"], _us(t["median_us"]),
-            f"{_us(t['p10_us'])}-{_us(t['p90_us'])}", f"{t['gb_per_s']:.3g}", _num(t["pct_of_floor_device_table"]),
-            _num(t["pct_of_floor_measured_copy"]), _num(speed.get("reference"), ".2f"),
-            _num(speed.get("compile"), ".2f"), t["check"],
+            f"{_us(t['p10_us'])}-{_us(t['p90_us'])}", _num(t.get("zero_point_us"), ".2f"), f"{t['gb_per_s']:.3g}",
+            _num(t["pct_of_floor_device_table"]), _num(t["pct_of_floor_measured_copy"]),
+            *(_num(speed.get(b), ".2f") for b in ("reference", "compile", "library")), t["check"],
         ])  # fmt: skip
     return _table(headers, rows)
+
+
+def kernel_table(result: dict[str, Any]) -> str:
+    """Each kernel's own time inside the timed call (profiler), per (op, shape, backend)."""
+    rows = []
+    for t in result["timings"]:
+        for k in t.get("kernels") or []:
+            name = k["kernel"] if len(k["kernel"]) <= 60 else k["kernel"][:57] + "..."
+            share = 100.0 * k["us_per_call"] / t["median_us"] if t.get("median_us") else None
+            rows.append([
+                t["op"], t["shape"], t["backend"], name, _us(k["us_per_call"]), f"{k['launches_per_call']:g}",
+                _num(share),
+            ])  # fmt: skip
+    return _table(["op", "shape", "backend", "kernel", "µs per call", "launches", "% of median"], rows)
 
 
 def traffic_table(result: dict[str, Any]) -> str:
@@ -156,6 +170,15 @@ def render(result: dict[str, Any]) -> str:
         )
         lines += ["", f"Timings ({where}; median over reps)", timing_table(result)]
         lines += [f"  {t['op']} {t['shape']} {t['backend']}: {t['note']}" for t in result["timings"] if t.get("note")]
+        zero = result.get("zero_point")
+        if zero:
+            lines.append(
+                f"  zero µs: the graph-launch zero point, events around an empty graph's replay "
+                f"({_num(zero.get('empty_graph_us'), '.2f')} µs; one 1-element kernel: "
+                f"{_num(zero.get('one_kernel_graph_us'), '.2f')} µs)"
+            )
+        if any(t.get("kernels") for t in result["timings"]):
+            lines += ["", "Kernels inside the timed call (torch.profiler, L2 flushed as timed)", kernel_table(result)]
     if result["traffic"]:
         lines += ["", "Traffic of the Triton kernels under the CPU interpreter (ratios to the minimal bytes)"]
         lines.append(traffic_table(result))

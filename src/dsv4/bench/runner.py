@@ -16,8 +16,18 @@ from ..harness.golden import compare
 from ..model.config import COMPRESS_RATIO, DeepSeekV4Config, mode_shape
 from ..ops.costs import OpCost
 from ..ops.registry import get_op, op_names
-from .calls import COMPILED, BoundCall, backend_reason, bind
-from .timing import DEVICE_TABLE, DeviceSpec, Timing, copy_bandwidth, device_spec, time_cpu, time_cuda
+from .calls import COMPILED, LIBRARY, BoundCall, backend_reason, bind
+from .timing import (
+    DEVICE_TABLE,
+    DeviceSpec,
+    L2Flush,
+    Timing,
+    copy_bandwidth,
+    device_spec,
+    time_cpu,
+    time_cuda,
+    zero_point,
+)
 from .traffic import measure_traffic
 
 MODES = ("decode", "prefill")
@@ -27,7 +37,7 @@ DECODE_CACHE_LENS = {"tiny": (16, 512)}
 DEFAULT_DECODE_CACHE_LENS = (2048, 65536, 262144)
 PREFILL_TOKENS = {"tiny": (17, 64)}  # 17: one past a 16-token tile
 DEFAULT_PREFILL_TOKENS = (128, 1024, 8192)
-BASELINES = ("reference", COMPILED)  # what speedups are quoted against
+BASELINES = ("reference", COMPILED, LIBRARY)  # what speedups are quoted against
 REFERENCE_SPECS = ("H100 SXM", "H200")  # floors printed with the bytes model on any machine
 _SPECS = {spec.name: spec for _, spec in DEVICE_TABLE}
 
@@ -105,10 +115,11 @@ def _progress(total: int, enabled: bool):
 
 
 def _missing(op: str, backend: str) -> str | None:
-    """Why ``op`` is not timed on ``backend``: it has no implementation there; ``compile`` (the
-    compiled reference, a baseline of the fused kernels) is timed for ops that have a fused kernel."""
+    """Why ``op`` is not timed on ``backend``: it has no implementation there; ``compile`` and
+    ``library`` (the compiled reference and the library composition, baselines of the fused kernels)
+    are timed for ops that have a fused kernel."""
     have = get_op(op).implementations
-    if backend == COMPILED:
+    if backend in (COMPILED, LIBRARY):
         return None if "triton" in have else f"no triton implementation of {op} yet: no fused kernel to compare with"
     return None if backend in have else f"no {backend} implementation of {op} yet (reference only)"
 
@@ -122,8 +133,10 @@ def _time_backend(
     cost: OpCost,
     floors: tuple[dict[str, float | None], dict[str, float | None]],
     timer: Callable[[BoundCall], Timing],
+    zero_us: float | None = None,
 ) -> dict[str, Any]:
-    """One timing row: check ``backend`` against the reference outputs, time it, relate it to the floors."""
+    """One timing row: check ``backend`` against the reference outputs, time it, relate it to the floors
+    (``zero_us``: the graph-launch zero point, reported beside the time)."""
     row: dict[str, Any] = {"op": shape.op, "shape": shape.label, "backend": backend}
     missing = _missing(shape.op, backend)
     if missing:
@@ -140,6 +153,7 @@ def _time_backend(
             torch.cuda.synchronize()
         return {**row, "status": "error", "error": _error(e)}
     row.update(status="ok", **dataclasses.asdict(timing))
+    row["zero_point_us"] = zero_us
     row["gb_per_s"] = cost.bytes / (timing.median_us * 1e-6) / 1e9
     for key, floor in zip(("device_table", "measured_copy"), floors, strict=True):
         row[f"pct_of_floor_{key}"] = 100.0 * floor["floor"] / timing.median_us if floor["floor"] else None
@@ -177,21 +191,24 @@ def run_bench(
     budget_s: float = 2.0,
     flush_l2: bool = True,
     use_graph: bool = True,
+    kernel_split: bool = True,
     seed: int = 0,
     progress: bool = True,
     on_shape: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark; returns every figure (see ``report`` for how it is shown).
 
-    ``backends`` to time: by default every backend available on ``device`` plus ``compile`` on a
-    GPU, the reference alone on the CPU. ``traffic`` (default: on the CPU) counts the Triton
-    kernels' bytes under the interpreter. ``on_shape`` is given the figures so far after each shape
-    (``dsv4 bench --json`` rewrites its file then, so a run stopped early keeps what it measured).
+    ``backends`` to time: by default every backend available on ``device`` plus ``compile`` and
+    ``library`` on a GPU, the reference alone on the CPU. ``traffic`` (default: on the CPU) counts
+    the Triton kernels' bytes under the interpreter. ``kernel_split`` (GPU): each timing also gives
+    every kernel's own time inside the timed call. ``on_shape`` is given the figures so far after
+    each shape (``dsv4 bench --json`` rewrites its file then, so a run stopped early keeps what it
+    measured).
     """
     device = torch.device(device)
     on_gpu = device.type == "cuda"
     if backends is None:
-        backends = ["triton", "reference", COMPILED] if on_gpu else ["reference"]
+        backends = ["triton", "reference", COMPILED, LIBRARY] if on_gpu else ["reference"]
     traffic = (not on_gpu) if traffic is None else traffic
     skipped = {b: backend_reason(b, device) for b in backends}
     timed = [b for b in backends if skipped[b] is None]
@@ -202,12 +219,14 @@ def run_bench(
 
     spec = device_spec(torch.cuda.get_device_name(device)) if on_gpu else None
     copy_bw = copy_bandwidth() if on_gpu else None
+    zero = zero_point() if on_gpu and timed else None
     shapes = shape_grid(cfg, modes, ops)
     result: dict[str, Any] = {
         "bandwidth": {
             "device_table": {"name": spec.name, "bytes_per_s": spec.bandwidth} if spec else None,
             "measured_copy_bytes_per_s": copy_bw,
         },
+        "zero_point": zero,
         "settings": {
             "preset": cfg.name,
             "modes": list(modes),
@@ -218,8 +237,9 @@ def run_bench(
             "traffic_skipped": None if count_traffic else traffic_reason,
             "reps": reps,
             "budget_s_per_timing": budget_s,
-            "l2": ("flushed" if flush_l2 else "warm") if on_gpu else "n/a",
+            "l2": ("flushed (read-only pass)" if flush_l2 else "warm") if on_gpu else "n/a",
             "cuda_graph": use_graph and on_gpu,
+            "kernel_split": kernel_split and on_gpu,
             "seed": seed,
         },
         "shapes": [],
@@ -227,7 +247,11 @@ def run_bench(
         "traffic": [],
     }
     if on_gpu:
-        timer = partial(time_cuda, reps=reps, budget_s=budget_s, flush_l2=flush_l2, use_graph=use_graph)
+        flush = L2Flush(device=device) if flush_l2 and timed else None
+        timer = partial(
+            time_cuda, reps=reps, budget_s=budget_s, flush_l2=flush_l2, use_graph=use_graph, per_kernel=kernel_split,
+            flush=flush,
+        )  # fmt: skip
     else:
         timer = partial(time_cpu, reps=reps, budget_s=budget_s)
     bar = _progress(len(shapes) * (len(timed) + count_traffic), progress)
@@ -256,7 +280,8 @@ def run_bench(
         rows = []
         for backend in timed:
             call = reference if backend == "reference" else None
-            rows.append(_time_backend(case, shape, backend, call, expected, cost, (table_floor, copy_floor), timer))
+            floors = (table_floor, copy_floor)
+            rows.append(_time_backend(case, shape, backend, call, expected, cost, floors, timer, zero and zero["us"]))
             if bar is not None:
                 bar.update()
         medians = {r["backend"]: r["median_us"] for r in rows if r["status"] == "ok"}

@@ -4,16 +4,24 @@ Method (GPU): warm up (compilation, autotuning, allocator), try to capture one c
 graph and time its replays — that removes launch gaps, which dominate small decode kernels; an op
 that cannot be captured (a host sync, data-dependent shapes) is timed as plain launches and says
 so. Each repetition is bracketed by its own pair of events; with ``flush_l2`` a 256 MiB buffer is
-overwritten before each one (outside the events), so weights come from DRAM as they do in a model
-whose other layers evicted them. The report gives the median and the 10th/90th percentiles.
+*read* before each one (outside the events), so weights come from DRAM as they do in a model whose
+other layers evicted them. The flush only reads: overwriting a buffer instead (``zero_()``) would
+leave L2 full of dirty lines whose write-back lands inside the next timed region (``dsv4 tune
+--probe`` measures the difference). The report gives the median and the 10th/90th percentiles.
+
+Beside each figure: the graph-launch zero point (``zero_point``: the same events around the replay
+of an empty graph, what a timed replay costs before its first kernel does any work) and, on
+request, each kernel's own duration inside the replays (``kernel_times``, from the profiler's
+CUPTI records), so an op's time splits by kernel without ncu.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -60,6 +68,7 @@ class Timing:
     launch: str  # "cuda graph", "plain launches" or "host clock"
     l2: str  # "flushed", "warm" or "n/a"
     note: str = ""
+    kernels: list[dict[str, Any]] = field(default_factory=list)  # kernel_times of the timed call, when asked
 
 
 def _quantiles(samples_us: list[float]) -> tuple[float, float, float]:
@@ -67,6 +76,12 @@ def _quantiles(samples_us: list[float]) -> tuple[float, float, float]:
         return samples_us[0], samples_us[0], samples_us[0]
     deciles = statistics.quantiles(samples_us, n=10, method="inclusive")
     return statistics.median(samples_us), deciles[0], deciles[-1]
+
+
+def describe_error(e: BaseException) -> str:
+    """``Type: first line of the message`` (at most 120 characters of it)."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:120] if text else ''}"
 
 
 def _reps_for(estimate_s: float, reps: int, budget_s: float, min_reps: int) -> int:
@@ -115,6 +130,110 @@ def _capture(fn: Callable[[], Any]) -> torch.cuda.CUDAGraph:
     return graph
 
 
+class L2Flush:
+    """Evicts L2 by reading a buffer far larger than it, leaving only clean lines behind.
+
+    A read-only pass cannot leave a dirty line; the lines the timed call wrote are written back while
+    the flush runs, before the next pair of events. The buffer is filled once and read once at
+    construction, so its own fill is written back before any timing.
+    """
+
+    def __init__(self, nbytes: int = L2_FLUSH_BYTES, device: torch.device | str = "cuda") -> None:
+        self.buf = torch.ones(nbytes // 8, dtype=torch.int64, device=device)
+        self.out = torch.empty((), dtype=torch.int64, device=device)
+        self()
+        torch.cuda.synchronize(device)
+
+    def __call__(self) -> None:
+        torch.sum(self.buf, dim=0, out=self.out)
+
+
+def _event_times(run: Callable[[], Any], n: int, before: Callable[[], Any] | None) -> list[float]:
+    """``n`` event-timed calls of ``run`` (microseconds), ``before`` run ahead of each outside the events."""
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for start, end in zip(starts, ends, strict=True):
+        if before is not None:
+            before()
+        start.record()
+        run()
+        end.record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends, strict=True)]
+
+
+def zero_point(reps: int = 200) -> dict[str, Any]:
+    """The graph-launch zero point: median event time of replaying an empty CUDA graph (what any timed
+    replay costs before its work), and of a graph of one 1-element fill (a graph's smallest kernel)."""
+    result: dict[str, Any] = {}
+    tiny = torch.zeros(1, device="cuda")
+    for name, body in (("empty_graph_us", lambda: None), ("one_kernel_graph_us", lambda: tiny.fill_(1.0))):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch warns that an empty graph is empty
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    body()
+            graph.replay()
+            torch.cuda.synchronize()
+            result[name] = statistics.median(_event_times(graph.replay, reps, None))
+        except Exception as e:  # an empty graph some versions refuse: the one-kernel figure still stands
+            torch.cuda.synchronize()
+            result[name] = None
+            result[name.replace("_us", "_error")] = describe_error(e)
+    result["us"] = result["empty_graph_us"] if result["empty_graph_us"] is not None else result["one_kernel_graph_us"]
+    return result
+
+
+def _kernel_events(prof: Any) -> list[tuple[str, float]]:
+    """``(name, µs)`` of every device kernel the profiler recorded."""
+    out = []
+    for e in prof.events():
+        if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            out.append((e.name, e.time_range.elapsed_us()))
+    return out
+
+
+KERNEL_TIMES_TOP = 12  # kernels listed per call (the longest); the rest are summed as "(other kernels)"
+
+
+def kernel_times(run: Callable[[], Any], flush: L2Flush | None, reps: int = 10) -> list[dict[str, Any]]:
+    """Each kernel's own duration inside ``reps`` calls of ``run`` (a graph replay or plain launches),
+    L2 flushed before each as in the timing: per kernel name, the median per call of its summed
+    duration and its launches per call, longest first. The flush's own kernel is left out (learnt by
+    profiling a flush alone); ``[]`` when the profiler recorded no kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    flush_names: set[str] = set()
+    if flush is not None:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            flush()
+            torch.cuda.synchronize()
+        flush_names = {name for name, _ in _kernel_events(prof)}
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            if flush is not None:
+                flush()
+            run()
+        torch.cuda.synchronize()
+    totals: dict[str, list[float]] = {}
+    for name, us in _kernel_events(prof):
+        if name not in flush_names:
+            totals.setdefault(name, []).append(us)
+    rows = [
+        {"kernel": name, "us_per_call": sum(us) / reps, "launches_per_call": len(us) / reps}
+        for name, us in totals.items()
+    ]
+    rows.sort(key=lambda r: -r["us_per_call"])
+    if len(rows) > KERNEL_TIMES_TOP:
+        rest = rows[KERNEL_TIMES_TOP:]
+        rows = rows[:KERNEL_TIMES_TOP] + [{
+            "kernel": f"(other kernels: {len(rest)})", "us_per_call": sum(r["us_per_call"] for r in rest),
+            "launches_per_call": sum(r["launches_per_call"] for r in rest),
+        }]  # fmt: skip
+    return rows
+
+
 def time_cuda(
     fn: Callable[[], Any],
     reps: int = 100,
@@ -123,8 +242,13 @@ def time_cuda(
     warmup: int = 3,
     flush_l2: bool = True,
     use_graph: bool = True,
+    per_kernel: bool = False,
+    flush: L2Flush | None = None,
 ) -> Timing:
-    """CUDA-event time of ``fn()`` on the current device (see the module docstring for the method)."""
+    """CUDA-event time of ``fn()`` on the current device (see the module docstring for the method).
+
+    ``per_kernel``: also each kernel's duration inside the timed call (``kernel_times``); ``flush``:
+    an ``L2Flush`` to reuse (one is made when ``flush_l2`` and none is given)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -138,25 +262,26 @@ def time_cuda(
                 run, launch = graph.replay, "cuda graph"
             except Exception as e:  # e.g. an unsupported call during capture
                 torch.cuda.synchronize()
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                reason = describe_error(e)
         if reason is not None:
             note = f"not capturable ({reason})"
-    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda") if flush_l2 else None
+    if not flush_l2:
+        flush = None
+    elif flush is None:
+        flush = L2Flush()
     t0 = time.perf_counter()
     run()
     torch.cuda.synchronize()
     n = _reps_for(time.perf_counter() - t0, reps, budget_s, min_reps)
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-    for start, end in zip(starts, ends, strict=True):
-        if flush is not None:
-            flush.zero_()
-        start.record()
-        run()
-        end.record()
-    torch.cuda.synchronize()
-    samples = [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends, strict=True)]
-    return Timing(*_quantiles(samples), reps=n, launch=launch, l2="flushed" if flush_l2 else "warm", note=note)
+    samples = _event_times(run, n, flush)
+    timing = Timing(*_quantiles(samples), reps=n, launch=launch, l2="flushed" if flush_l2 else "warm", note=note)
+    if per_kernel:
+        try:
+            timing.kernels = kernel_times(run, flush)
+        except Exception as e:  # the profiler is a diagnostic: its failure leaves the timing standing
+            torch.cuda.synchronize()
+            timing.note = (timing.note + "; " if timing.note else "") + f"no kernel split ({describe_error(e)})"
+    return timing
 
 
 def copy_bandwidth(nbytes: int = COPY_BYTES, reps: int = 20) -> float:

@@ -39,6 +39,7 @@ from .epilogue import overflow_scale, quantize_rows, round_bf16
 from .head_rotation import hadamard_rows, rope_pairs, split_head_dims
 from .index_front import front
 from .split_k import sum_k_slices
+from .tuning import Param, Tunable, pow2_bucket
 from .workspace import Workspace, scratch
 from .x_proj import kvg_rows
 
@@ -263,6 +264,15 @@ def _compressor_step_kernel(
         )  # fmt: skip
 
 
+STEP_TUNING = Tunable(
+    "compressor.step",
+    "_compressor_step_kernel: ring update and the closing blocks' keys (indexer_compressor launch 2)",
+    dims=("B", "S"),
+    params=(Param("num_warps", NUM_WARPS, (4, 8, 16), "warps per chunk program", compiled_only=True),),
+    candidates=({"num_warps": 4}, {"num_warps": 16}),
+)
+
+
 def compressor_step(
     xp: torch.Tensor, w: CompressorWeights, state: IndexerState, pos: StepPositions, rope: RopeTable, eps: float,
     ws: Workspace | None = None,
@@ -277,11 +287,12 @@ def compressor_step(
     splits = xp.shape[0]
     kvg = scratch(ws, "compressor.kvg", xp.shape[1:], torch.float32, xp.device) if splits > 1 else xp
     grid = (pos.batch, max(1, triton.cdiv(pos.max_closing_blocks, CLOSE_CHUNK)))
+    cfg = STEP_TUNING.config(xp.device, B=pow2_bucket(pos.batch), S=pow2_bucket(pos.seq))
     _compressor_step_kernel[grid](
         xp, kvg, w.ape, pos.start, state.kv_state, state.score_state, state.keys, state.key_scale, state.block_table,
         w.norm_w, rope.cos, rope.sin, pos.seq, state.block_table.shape[1], eps, hid**-0.5,
         HID=hid, NOPE=nope, HALF_R=half_r, BLOCK_SIZE=state.block_size, SPLITS=splits,
-        **state.key_format.constexprs("KEY_"), num_warps=NUM_WARPS, enable_fp_fusion=False,
+        **state.key_format.constexprs("KEY_"), num_warps=cfg.num_warps, enable_fp_fusion=False,
     )  # fmt: skip
 
 

@@ -26,13 +26,28 @@ from .head_rotation import split_head_dims
 from .index_query import BLOCK_K as Q_BLOCK_K
 from .index_query import query_block_m, query_tile
 from .launch import require, sm_count
-from .split_k import BLOCK_K
+from .split_k import BLOCK_K, SPLIT_CHOICES
+from .tuning import Param, Tunable, pow2_bucket
 from .workspace import Workspace, scratch
 from .x_proj import BLOCK_N, x_proj_tile, x_proj_tiles
 
 NUM_WARPS = 8  # both families' tiles: [128, 128] fp32 accumulators (x-projection), three int32 and one fp32
 #                [128, <=128] tiles (query head); registers and spills in docs/DESIGN.md
 ZERO_BLOCK = tl.constexpr(1024)  # int32 counters zeroed per step of the loop in program 0
+NUM_STAGES = 3  # Triton's default: the x-projection's K steps and the query programs' QL steps in flight
+
+TUNING = Tunable(
+    "index.front",
+    "_front_kernel: the x-projection K-slices and the INT8 query programs (indexer and compressor launch 1)",
+    dims=("T", "D", "HI"),
+    params=(
+        Param("block_n", BLOCK_N, (64, 128), "x-projection output columns per tile (a divisor of 2*HID)"),
+        Param("splits", None, SPLIT_CHOICES, "x-projection K-slices; null: split_k.k_splits"),
+        Param("num_warps", NUM_WARPS, (4, 8), "warps per program", compiled_only=True),
+        Param("num_stages", NUM_STAGES, (2, 3, 4), "pipelined K steps", exact=True, compiled_only=True),
+    ),
+    candidates=({"splits": 2}, {"splits": 8}, {"block_n": 64}, {"num_warps": 4}, {"num_stages": 2}),
+)
 
 
 @triton.jit
@@ -112,7 +127,8 @@ def front(
     two_hid = w.wkv.shape[0]
     hid = two_hid // 2
     hi = 0 if indexer is None else indexer.weights_proj.shape[0]
-    tiles = x_proj_tiles(t, d, two_hid, hi, sm_count(x.device))
+    cfg = TUNING.config(x.device, T=pow2_bucket(t), D=d, HI=hi)
+    tiles = x_proj_tiles(t, d, two_hid, hi, sm_count(x.device), cfg.block_n, cfg.splits)
     splits = min(tiles.splits, max_splits or tiles.splits)
     require(d % 16 == 0, "x", f"a hidden size D that is a multiple of 16 (the K-slices' {BLOCK_K}-wide steps)")
     xp = scratch(ws, "front.xp", (splits, t, 2 * two_hid + hi), torch.float32, x.device)
@@ -135,9 +151,9 @@ def front(
         x, w.wkv, w.wgate, w.wkv if indexer is None else indexer.weights_proj, xp,
         *q_args, pos.start, cos, sin, x if q8 is None else q8, x if q_scale is None else q_scale, zero,
         t, d, s, ql, hi, zero.numel(), hid**-0.5,
-        TWO_HID=two_hid, XP_BLOCK_M=tiles.block_m, XP_BLOCK_N=BLOCK_N, XP_N_TILES=tiles.n_tiles,
+        TWO_HID=two_hid, XP_BLOCK_M=tiles.block_m, XP_BLOCK_N=cfg.block_n, XP_N_TILES=tiles.n_tiles,
         XP_M_TILES=tiles.m_tiles, SPLITS=splits, XP_PROGRAMS=xp_programs,
         HID=hid, NOPE=nope, HALF_R=half_r, Q_BLOCK_M=q_block_m, Q_BLOCK_K=Q_BLOCK_K, QUERY=indexer is not None,
-        num_warps=NUM_WARPS, enable_fp_fusion=False,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
     )  # fmt: skip
     return xp, q8, q_scale

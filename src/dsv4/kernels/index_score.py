@@ -42,6 +42,7 @@ from .compressor import CLOSE_CHUNK, NUM_WARPS, close_chunk
 from .head_rotation import split_head_dims
 from .launch import require, sm_count
 from .topk import FIRST_DIGIT_BINS, HIST_WORDS, first_digit_histogram
+from .tuning import Param, Tunable, pow2_bucket
 from .workspace import Workspace, scratch
 from .x_proj import head_weights
 
@@ -261,10 +262,36 @@ def _score_kernel(
                 )  # fmt: skip
 
 
-def score_programs(pos: StepPositions, n_keys: int, device: torch.device) -> int:
-    """The persistent grid: one program per SM, never more than the items there can be."""
+TUNING = Tunable(
+    "index.score",
+    "_score_kernel: the step's closes, then every item's scores and histograms (indexer launch 2)",
+    dims=("B", "S", "N"),
+    params=(
+        Param(
+            "programs_per_sm",
+            PROGRAMS_PER_SM,
+            (1, 2, 3, 4),
+            "persistent programs per SM (every item is closed and scored by one program: the same bits)",
+            exact=True,
+        ),
+        Param("num_warps", NUM_WARPS, (4, 8), "warps per program", compiled_only=True),
+    ),
+    # at 8 warps a program takes the whole register file (sm_90 build): a second one per SM needs 4 warps
+    candidates=(
+        {"programs_per_sm": 2},
+        {"programs_per_sm": 3},
+        {"num_warps": 4},
+        {"programs_per_sm": 2, "num_warps": 4},
+    ),
+)
+
+
+def score_programs(
+    pos: StepPositions, n_keys: int, device: torch.device, programs_per_sm: int = PROGRAMS_PER_SM
+) -> int:
+    """The persistent grid: ``programs_per_sm`` programs per SM, never more than the items there can be."""
     most_items = pos.batch * (triton.cdiv(n_keys, KEYS_PER_PROGRAM) + 2)
-    return max(1, min(sm_count(device) * PROGRAMS_PER_SM, most_items))
+    return max(1, min(sm_count(device) * programs_per_sm, most_items))
 
 
 def index_scores(
@@ -302,12 +329,14 @@ def index_scores(
     score = torch.empty(b, s, pos.max_cache_len, dtype=torch.float32, device=xp.device) if out is None else out
     kvg = scratch(ws, "score.kvg", xp.shape[1:], torch.float32, xp.device) if splits > 1 else xp
     heads_pad = max(triton.next_power_of_2(hi), MIN_DOT_WIDTH)
-    _score_kernel[(score_programs(pos, score.shape[2], xp.device),)](
+    cfg = TUNING.config(xp.device, B=pow2_bucket(b), S=pow2_bucket(s), N=pow2_bucket(score.shape[2]))
+    _score_kernel[(score_programs(pos, score.shape[2], xp.device, cfg.programs_per_sm),)](
         q8, q_scale, xp, kvg, w.compressor.ape, state.kv_state, state.score_state, state.keys, state.key_scale,
         state.block_table, w.compressor.norm_w, rope.cos, rope.sin, pos.start, score, score if hist is None else hist,
         b, s, score.shape[2], state.block_table.shape[1], hi, eps, hid**-0.5, hid**-0.5 * hi**-0.5,
         HEADS_PAD=heads_pad, HID=hid, NOPE=nope, HALF_R=half_r, BLOCK_SIZE=state.block_size, SPLITS=splits,
         B_PAD=triton.next_power_of_2(b), HIST=hist is not None, ONE_PAIR=s <= 2,
-        **state.key_format.constexprs("KEY_"), num_warps=NUM_WARPS, num_stages=KEY_STAGES, enable_fp_fusion=False,
+        **state.key_format.constexprs("KEY_"), num_warps=cfg.num_warps, num_stages=KEY_STAGES,
+        enable_fp_fusion=False,
     )  # fmt: skip
     return score

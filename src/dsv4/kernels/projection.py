@@ -20,7 +20,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
 from .launch import pow2_divisor, sm_count
-from .split_k import BLOCK_K, dot_k_slice, k_splits
+from .split_k import BLOCK_K, SPLIT_CHOICES, dot_k_slice, k_splits
+from .tuning import Param, Tunable, pow2_bucket
 from .workspace import Workspace, scratch
 
 BLOCK_M_MAX = 128  # rows of x per tile: all T=128 decode tokens in one M-tile, so each weight byte is read once
@@ -29,6 +30,29 @@ BLOCK_N_MAX = 128  # output columns per tile: every column tile re-reads x (1 Mi
 BLOCK_N_MIN = 16  # smallest tl.dot N for bf16 operands
 NUM_WARPS = 8  # 128x128 fp32 accumulator = 64 registers per thread at 256 threads
 NUM_STAGES = 3  # (128 + 128) rows x 64 bf16 = 32 KiB of shared memory per stage, 96 KiB for 3
+
+
+def _candidates(bucket: dict[str, int]) -> list[dict]:
+    """Decode (T <= 128): narrower tiles and other K splits (issue 16 left open whether 48 programs are
+    too few); prefill: the output tiles fill the SMs, so tiles, warps and stages only."""
+    tiles = [{"block_n": 64}, {"num_stages": 4}, {"num_warps": 4}]
+    if bucket["T"] > BLOCK_M_MAX:
+        return tiles
+    return [*tiles, {"splits": 2}, {"splits": 8}, {"block_n": 64, "splits": 8}]
+
+
+TUNING = Tunable(
+    "qkv.projection",
+    "_split_k_projection_kernel: x @ [wq_a; wkv].T as fp32 K-slice partials (qkv_proj_rope launch 1)",
+    dims=("T", "D", "N"),
+    params=(
+        Param("block_n", BLOCK_N_MAX, (16, 32, 64, 128), "output columns per tile (a divisor of both widths)"),
+        Param("splits", None, SPLIT_CHOICES, "K-slices per output tile; null: split_k.k_splits"),
+        Param("num_warps", NUM_WARPS, (4, 8), "warps per program", compiled_only=True),
+        Param("num_stages", NUM_STAGES, (2, 3, 4), "software-pipelined K steps", exact=True, compiled_only=True),
+    ),
+    candidates=_candidates,
+)
 
 
 @dataclass(frozen=True)
@@ -45,16 +69,21 @@ class ProjectionTiles:
         return (n // self.block_n, triton.cdiv(t, self.block_m), self.splits)
 
 
-def projection_tiles(t: int, d: int, n0: int, n1: int, sms: int) -> ProjectionTiles:
-    """Tiles for ``[T, D] @ [N0 + N1, D].T`` on ``sms`` SMs, the K split by ``split_k.k_splits``."""
+def projection_tiles(
+    t: int, d: int, n0: int, n1: int, sms: int, block_n_max: int = BLOCK_N_MAX, splits: int | None = None
+) -> ProjectionTiles:
+    """Tiles for ``[T, D] @ [N0 + N1, D].T`` on ``sms`` SMs: column tiles of at most ``block_n_max``,
+    ``splits`` K-slices (at most one per ``BLOCK_K`` step of D) or, when None, ``split_k.k_splits``."""
     block_m = min(BLOCK_M_MAX, max(BLOCK_M_MIN, triton.next_power_of_2(t)))
-    block_n = min(pow2_divisor(n0, BLOCK_N_MAX), pow2_divisor(n1, BLOCK_N_MAX))
-    if block_n < BLOCK_N_MIN:
+    if min(pow2_divisor(n0, BLOCK_N_MAX), pow2_divisor(n1, BLOCK_N_MAX)) < BLOCK_N_MIN:
         raise ValueError(
             f"w: the Triton backend needs projection widths that are multiples of {BLOCK_N_MIN}, got {n0}, {n1}"
         )
+    block_n = max(BLOCK_N_MIN, min(pow2_divisor(n0, block_n_max), pow2_divisor(n1, block_n_max)))
     tiles = triton.cdiv(t, block_m) * (n0 + n1) // block_n
-    return ProjectionTiles(block_m, block_n, k_splits(tiles, t, d, sms))
+    if splits is None:
+        splits = k_splits(tiles, t, d, sms)
+    return ProjectionTiles(block_m, block_n, max(1, min(splits, triton.cdiv(d, BLOCK_K))))
 
 
 @triton.jit
@@ -105,11 +134,12 @@ def split_k_projection(
     """
     t, d = x.shape
     n0, n1 = w0.shape[0], w1.shape[0]
-    tiles = projection_tiles(t, d, n0, n1, sm_count(x.device))
+    cfg = TUNING.config(x.device, T=pow2_bucket(t), D=d, N=n0 + n1)
+    tiles = projection_tiles(t, d, n0, n1, sm_count(x.device), cfg.block_n, cfg.splits)
     partial = scratch(ws, "projection.partial", (tiles.splits, t, n0 + n1), torch.float32, x.device)
     _split_k_projection_kernel[tiles.grid(t, n0 + n1)](
         x, w0, w1, partial, t,
         D=d, N0=n0, N1=n1, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=BLOCK_K, SPLITS=tiles.splits,
-        PDL=pdl, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return partial

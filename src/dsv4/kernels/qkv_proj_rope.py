@@ -31,6 +31,7 @@ from .interpreter import interpreted
 from .launch import is_pow2, pdl_supported, pow2_divisor, sm_count
 from .projection import split_k_projection
 from .split_k import sum_k_slices
+from .tuning import Config, Param, Tunable, pow2_bucket
 from .workspace import Workspace, scratch
 
 ROWS_NUM_WARPS = 4  # one token per program; its widest row (QL=1536, padded to 2048 fp32) is 16 values a thread
@@ -45,6 +46,41 @@ Q_NUM_WARPS = 8  # 128 KiB of accumulators over 256 threads = 128 registers each
 _LOW32 = tl.constexpr(0xFFFFFFFF)  # the low word of an exchanged int64: a half's sum of squares
 _ONE_AND_ZERO = tl.constexpr(0x3F800000 << 32)  # the word of c = 1.0, sum 0 (masked rows)
 Q_NUM_STAGES = 3  # (128 + 256) rows x 128 B = 48 KiB of shared memory per stage, 144 KiB for 3
+
+_PDL = Param(
+    "pdl",
+    True,
+    (False, True),
+    "programmatic dependent launch (sm_90): start while the previous launch ends, wait before reading its output",
+    exact=True,
+    compiled_only=True,
+)
+ROWS_TUNING = Tunable(
+    "qkv.rows",
+    "_qr_kv_rows_kernel: slice sums, RMSNorm, qr quantization, kv RoPE (qkv_proj_rope launch 2)",
+    dims=("T", "QL", "HD"),
+    params=(Param("num_warps", ROWS_NUM_WARPS, (2, 4, 8), "warps per token", compiled_only=True), _PDL),
+    candidates=({"num_warps": 8}, {"pdl": False}),
+)
+Q_HEADS_TUNING = Tunable(
+    "qkv.q_heads",
+    "_q_heads_kernel: INT8 qr @ wq_b.T, per-head RMSNorm and RoPE (qkv_proj_rope launch 3)",
+    dims=("T", "H", "QL"),
+    params=(
+        Param("num_warps", Q_NUM_WARPS, (4, 8), "warps per program", compiled_only=True),
+        Param("num_stages", Q_NUM_STAGES, (2, 3, 4), "pipelined K steps", exact=True, compiled_only=True),
+        Param("block_k", Q_BLOCK_K_MAX, (32, 64, 128), "QL per step (int32 sums: exact)", exact=True),
+        Param(
+            "paired",
+            True,
+            (False, True),
+            "half-head programs that swap their sums when the grid fits one wave (the same bits either way)",
+            exact=True,
+        ),
+        _PDL,
+    ),
+    candidates=({"num_stages": 2}, {"num_stages": 4}, {"block_k": 64}, {"paired": False}, {"pdl": False}),
+)
 
 
 @triton.jit
@@ -243,12 +279,12 @@ def _q_heads_kernel(
         )
 
 
-def q_heads_tiles(t: int, h: int, sms: int) -> tuple[int, bool]:
+def q_heads_tiles(t: int, h: int, sms: int, pair: bool = True) -> tuple[int, bool]:
     """``(BLOCK_M, paired)`` of the q heads on ``sms`` SMs: all tokens (up to 128) in one M-tile and one
-    program per half head when that grid fits one wave (every program resident, so the pairs can
-    swap their sums); else 64-token tiles, one program per head."""
+    program per half head when ``pair`` and that grid fits one wave (every program resident, so the
+    pairs can swap their sums); else 64-token tiles, one program per head."""
     block_m = min(Q_BLOCK_M_PAIRED, max(Q_BLOCK_M_MIN, triton.next_power_of_2(t)))
-    if triton.cdiv(t, block_m) * 2 * h <= sms:
+    if pair and triton.cdiv(t, block_m) * 2 * h <= sms:
         return block_m, True
     return min(Q_BLOCK_M, block_m), False
 
@@ -264,17 +300,22 @@ def launch_q_heads(
     sumsq: torch.Tensor,
     block_m: int,
     paired: bool,
+    cfg: Config | None = None,
 ) -> None:
     """Launch 3 into ``q [T, H, HD] bf16``. ``sumsq``: ``[H * 2 * T]`` int64, every value -1 when ``paired``
-    (the rows kernel leaves it so); ``paired`` is honoured only when compiled."""
+    (the rows kernel leaves it so); ``paired`` is honoured only when compiled. ``cfg``: the launch
+    parameters (``Q_HEADS_TUNING``; default: the lookup for this shape)."""
     t, ql = qr.shape
     h, hd = q.shape[1], q.shape[2]
-    pdl = pdl_supported(q.device)
+    if cfg is None:
+        cfg = Q_HEADS_TUNING.config(q.device, T=pow2_bucket(t), H=h, QL=ql)
+    pdl = cfg.pdl and pdl_supported(q.device)
+    block_k = max(Q_BLOCK_K_MIN, pow2_divisor(ql, cfg.block_k))
     _q_heads_kernel[(triton.cdiv(t, block_m), 2 * h if paired else h)](
         qr, qr_scale, w.wq_b, w.wq_b_scale, positions, rope.cos, rope.sin, q, sumsq,
         t, eps,
-        QL=ql, H=h, HD=hd, R=rope.rope_dim, BLOCK_M=block_m, BLOCK_K=pow2_divisor(ql, Q_BLOCK_K_MAX),
-        PAIRED=paired, PDL=pdl, num_warps=Q_NUM_WARPS, num_stages=Q_NUM_STAGES, launch_pdl=pdl,
+        QL=ql, H=h, HD=hd, R=rope.rope_dim, BLOCK_M=block_m, BLOCK_K=block_k,
+        PAIRED=paired, PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
     )  # fmt: skip
 
 
@@ -318,10 +359,12 @@ def qkv_proj_rope(
             qr_scale=torch.empty(t, 1, dtype=torch.float32, device=dev),
         )
     q, kv, qr, qr_scale = out
-    block_m, paired = q_heads_tiles(t, h, sm_count(dev))
+    rows_cfg = ROWS_TUNING.config(dev, T=pow2_bucket(t), QL=ql, HD=hd)
+    q_cfg = Q_HEADS_TUNING.config(dev, T=pow2_bucket(t), H=h, QL=ql)
+    block_m, paired = q_heads_tiles(t, h, sm_count(dev), q_cfg.paired)
     paired = paired and not interpreted()  # the interpreter runs one program at a time: no pair could swap
     sumsq = scratch(ws, "qkv.sumsq", (2 * h * t if paired else 1,), torch.int64, dev)
-    pdl = pdl_supported(dev)
+    pdl = rows_cfg.pdl and pdl_supported(dev)
 
     partial = split_k_projection(x, w.wq_a, w.wkv, ws, pdl)
     _qr_kv_rows_kernel[(t,)](
@@ -329,7 +372,7 @@ def qkv_proj_rope(
         t, eps,
         QL=ql, HD=hd, R=r, BLOCK_QL=triton.next_power_of_2(ql), SPLITS=partial.shape[0],
         PAIRED=paired, PAIR_SLOTS=2 * h, PAIR_BLOCK=triton.next_power_of_2(2 * h),
-        PDL=pdl, num_warps=ROWS_NUM_WARPS, launch_pdl=pdl,
+        PDL=pdl, num_warps=rows_cfg.num_warps, launch_pdl=pdl,
     )  # fmt: skip
-    launch_q_heads(qr, qr_scale, w, positions, rope, eps, q, sumsq, block_m, paired)
+    launch_q_heads(qr, qr_scale, w, positions, rope, eps, q, sumsq, block_m, paired, q_cfg)
     return out

@@ -18,6 +18,7 @@ import triton.language as tl
 from .interpreter import interpreted
 
 BLOCK_K = 64  # D per step: 64 bf16 = 128 B, so every weight row read per step fills exactly one 128-B line
+SPLIT_CHOICES = (None, 1, 2, 3, 4, 6, 8, 12, 16)  # K-slice counts a kernel config may fix (None: k_splits)
 SLICE_PER_TOKEN_MIN = 8  # K-slice length >= 8 x T: the fp32 partials (T x N x 4 B per slice, written and read
 #                          back) then cost at most half the bytes of the bf16 weights (N x D x 2 B)
 

@@ -47,6 +47,7 @@ import triton.language as tl
 from ..model.config import COMPRESS_RATIO
 from ..model.structs import StepPositions
 from .launch import require
+from .tuning import Param, Tunable, pow2_bucket
 from .workspace import Workspace, scratch
 
 RADIX_BITS = 8  # digit width: tl.histogram's work per element grows with the bins on a GPU (bins/32
@@ -417,6 +418,34 @@ def _select_chunks_kernel(
         )  # fmt: skip
 
 
+ROW_TUNING = Tunable(
+    "topk.select_row",
+    "_select_row_kernel: a whole row per program, four radix digits in registers (rows of <= 4096 keys)",
+    dims=("R", "N"),
+    params=(
+        Param(
+            "num_warps",
+            SELECT_WARPS,
+            (4, 8, 16),
+            "warps per row (integer selection: the same bits)",
+            exact=True,
+            compiled_only=True,
+        ),
+    ),
+    candidates=({"num_warps": 4}, {"num_warps": 16}),
+)
+CHUNKS_TUNING = Tunable(
+    "topk.select_chunks",
+    "_select_chunks_kernel: CHUNK keys per program, the last program of a row finishes it (longer rows)",
+    dims=("R", "N"),
+    params=(
+        Param("chunk", CHUNK, (1024, 2048, 4096, 8192), "keys per program (the selected set is the same)", exact=True),
+        Param("num_warps", SELECT_WARPS, (4, 8, 16), "warps per program", exact=True, compiled_only=True),
+    ),
+    candidates=({"chunk": 2048}, {"chunk": 8192}, {"num_warps": 16}),
+)
+
+
 def select_topk(
     score: torch.Tensor,
     pos: StepPositions,
@@ -458,6 +487,7 @@ def select_topk(
     topk_pad = triton.next_power_of_2(max(topk, 2))
     winners = scratch(ws, "topk.cand", (rows, topk_pad), torch.int64, score.device)
     if n <= ROW_IN_REGISTERS:
+        cfg = ROW_TUNING.config(score.device, R=pow2_bucket(rows), N=pow2_bucket(n))
         _select_row_kernel[(rows,)](
             score,
             pos.start,
@@ -472,29 +502,31 @@ def select_topk(
             LOG_TOPK_PAD=topk_pad.bit_length() - 1,
             BITS=RADIX_BITS,
             PASSES=RADIX_PASSES,
-            num_warps=SELECT_WARPS,
+            num_warps=cfg.num_warps,
         )
         return out
 
     require(n <= 1 << TIE_INDEX_BITS, "score", f"rows of at most {1 << TIE_INDEX_BITS} keys")
-    n_chunks = triton.cdiv(n, CHUNK)
+    cfg = CHUNKS_TUNING.config(score.device, R=pow2_bucket(rows), N=pow2_bucket(n))
+    chunk = cfg.chunk
+    n_chunks = triton.cdiv(n, chunk)
     grid = (rows, n_chunks)
     parts = 1
     if hist is None:  # a partial histogram per chunk: nothing to zero first
         parts = n_chunks
         hist = scratch(ws, "topk.hist", (rows, parts * FIRST_DIGIT_BINS + STATE_WORDS), torch.int32, score.device)
         _first_digit_kernel[grid](
-            score, pos.start, hist, s, n, hist.shape[-1], CHUNK=CHUNK,
-            STATE_PAD=triton.next_power_of_2(STATE_WORDS), num_warps=SELECT_WARPS,
+            score, pos.start, hist, s, n, hist.shape[-1], CHUNK=chunk,
+            STATE_PAD=triton.next_power_of_2(STATE_WORDS), num_warps=cfg.num_warps,
         )  # fmt: skip
     group = max(1, min(rows, CANDIDATE_BYTES // (8 * n)))  # rows whose candidates fit the capped buffer
     candidates = scratch(ws, "topk.candidates", (group, n), torch.int64, score.device)
     for row0 in range(0, rows, group):  # one launch per group, each reusing the buffer (same stream: in order)
         _select_chunks_kernel[(min(group, rows - row0), n_chunks)](
             score, pos.start, hist, candidates, winners, out, s, n, topk, offset,
-            parts * FIRST_DIGIT_BINS + STATE_WORDS, parts, row0, CHUNK=CHUNK,
+            parts * FIRST_DIGIT_BINS + STATE_WORDS, parts, row0, CHUNK=chunk,
             PART_BLOCK=min(triton.next_power_of_2(parts), HIST_PART_BLOCK), TOPK_PAD=topk_pad,
             LOG_TOPK_PAD=topk_pad.bit_length() - 1, BITS=RADIX_BITS, INDEX_DIGITS=INDEX_DIGITS,
-            num_warps=SELECT_WARPS,
+            num_warps=cfg.num_warps,
         )  # fmt: skip
     return out

@@ -45,15 +45,20 @@ class XProjTiles:
         return self.n_tiles * self.m_tiles * self.splits
 
 
-def x_proj_tiles(t: int, d: int, two_hid: int, hi: int, sms: int) -> XProjTiles:
+def x_proj_tiles(
+    t: int, d: int, two_hid: int, hi: int, sms: int, block_n: int = BLOCK_N, splits: int | None = None
+) -> XProjTiles:
     """Tiles of ``[T, D] @ [wkv; wgate; weights_proj].T`` (``hi`` head-weight rows, 0 for the
-    compressor alone); the K split fills one wave of ``sms`` (``split_k.k_splits``)."""
+    compressor alone) in columns of ``block_n``; ``splits`` K-slices (at most one per ``BLOCK_K`` step
+    of D) or, when None, as many as fill one wave of ``sms`` (``split_k.k_splits``)."""
     if two_hid % BLOCK_N:
         raise ValueError(f"w.wkv: the Triton backend needs 2*HID rows that are a multiple of {BLOCK_N}, got {two_hid}")
     block_m = min(BLOCK_M_MAX, max(BLOCK_M_MIN, triton.next_power_of_2(t)))
-    n_tiles = 2 * (two_hid // BLOCK_N) + triton.cdiv(hi, BLOCK_N)
+    n_tiles = 2 * (two_hid // block_n) + triton.cdiv(hi, block_n)
     m_tiles = triton.cdiv(t, block_m)
-    return XProjTiles(block_m, n_tiles, m_tiles, k_splits(n_tiles * m_tiles, t, d, sms))
+    if splits is None:
+        splits = k_splits(n_tiles * m_tiles, t, d, sms)
+    return XProjTiles(block_m, n_tiles, m_tiles, max(1, min(splits, triton.cdiv(d, BLOCK_K))))
 
 
 @triton.jit

@@ -22,3 +22,15 @@ def hadamard_matrix(
 ) -> torch.Tensor:
     """``[n, n]`` Sylvester Hadamard matrix times ``n^-0.5`` (orthonormal and symmetric)."""
     return _hadamard_cpu(n).to(dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=16)
+def _hadamard_on(n: int, device: str) -> torch.Tensor:
+    return _hadamard_cpu(n).to(dtype=torch.float32, device=device)
+
+
+def shared_hadamard(n: int, device: torch.device | str) -> torch.Tensor:
+    """``hadamard_matrix(n)`` fp32 on ``device``, one tensor per (n, device) shared by every caller:
+    after the first call no copy to the device is made (a step that uses it can be captured in a
+    CUDA graph). Read it, never write it."""
+    return _hadamard_on(n, str(torch.device(device)))

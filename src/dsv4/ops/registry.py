@@ -293,6 +293,6 @@ def get_op(name: str) -> OpDescriptor:
         raise ValueError(f"op: expected one of {', '.join(_REGISTRY)}, got {name!r}") from None
 
 
-def op_names() -> tuple[str, ...]:
-    """Every registered op, in registration order."""
-    return tuple(_REGISTRY)
+def op_names(backend: str | None = None) -> tuple[str, ...]:
+    """Every registered op, in registration order; with ``backend``, those implemented there."""
+    return tuple(n for n, d in _REGISTRY.items() if backend is None or backend in d.implementations)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from ..model.rms import FP32_EXP_INF, RMS_SCALE_BITS, RMS_SCALE_MIN_EXP
@@ -68,3 +71,16 @@ def inverse_rope(u: torch.Tensor, positions: torch.Tensor, rope: RopeTable) -> t
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     u0, u1 = u[..., 0::2], u[..., 1::2]
     return torch.stack((u0 * cos + u1 * sin, u1 * cos - u0 * sin), dim=-1).flatten(-2)
+
+
+@dataclass(frozen=True)
+class Gemms:
+    """The two matrix products the reference is written with: ``linear(x, w)`` = ``x @ w.T`` of bf16
+    operands as fp32, and ``int8(a, b)`` = exact ``a @ b.T`` of INT8 matrices as int32. The reference
+    uses ``EXACT``; a baseline may pass library GEMMs that compute the same products."""
+
+    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    int8: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+EXACT = Gemms(linear, int8_matmul)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from ..model.attention_state import CompressorState
-from ..model.hadamard import hadamard_matrix
+from ..model.hadamard import shared_hadamard
 from ..model.rope import RopeTable
 from ..model.state import IndexerState
 from ..model.structs import StepPositions
@@ -104,6 +104,12 @@ def kv_compressor(
     compress(x, w, state.kv_state, state.score_state, pos, rope, eps, state.pool.write)
 
 
+def index_key(k: torch.Tensor) -> torch.Tensor:
+    """A finished row ``[N, HID] bf16`` -> the indexer's key ``[N, HID] bf16``: rotated by the Hadamard
+    matrix in fp32, rounded to bf16 (spec §4), before it is quantized."""
+    return (k.to(torch.float32) @ shared_hadamard(k.shape[-1], k.device)).to(torch.bfloat16)
+
+
 def indexer_compressor(
     x: torch.Tensor,
     w: CompressorWeights,
@@ -115,9 +121,8 @@ def indexer_compressor(
     """x ``[B, S, D] bf16``; updates slots ``0..B-1`` of ``state`` in place: their ring, and one INT8 key
     row of the pool per block closed: the finished row rotated (Hadamard in fp32, rounded to bf16),
     quantized per row (spec §4)."""
-    hadamard = hadamard_matrix(w.norm_w.shape[0], device=x.device)
 
     def store(slots: torch.Tensor, rows: torch.Tensor, k: torch.Tensor) -> None:
-        state.write_keys(slots, rows, (k.to(torch.float32) @ hadamard).to(torch.bfloat16))
+        state.write_keys(slots, rows, index_key(k))
 
     compress(x, w, state.kv_state, state.score_state, pos, rope, eps, store)

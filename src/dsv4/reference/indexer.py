@@ -5,25 +5,30 @@ from __future__ import annotations
 import torch
 
 from ..model.config import COMPRESS_RATIO
-from ..model.hadamard import hadamard_matrix
+from ..model.hadamard import shared_hadamard
 from ..model.quant import quantize_int8_per_row
 from ..model.rope import RopeTable
 from ..model.state import IndexerState
 from ..model.structs import MASKED_SCORE, IndexerOut, StepPositions, copy_into
 from ..model.weights import IndexerWeights
-from .common import apply_rope, int8_matmul, linear
+from .common import EXACT, Gemms, apply_rope, int8_matmul, linear
 from .compressor import indexer_compressor
 
 
 def index_query(
-    qr: torch.Tensor, qr_scale: torch.Tensor, w: IndexerWeights, positions: torch.Tensor, rope: RopeTable
+    qr: torch.Tensor,
+    qr_scale: torch.Tensor,
+    w: IndexerWeights,
+    positions: torch.Tensor,
+    rope: RopeTable,
+    gemms: Gemms = EXACT,
 ) -> torch.Tensor:
     """``qr [T, QL] int8`` -> Hadamard-rotated queries ``[T, HI, HID]`` fp32 (steps 1-2)."""
     hid = w.compressor.norm_w.shape[0]
     nope = hid - rope.rope_dim
-    qh = (int8_matmul(qr, w.wq_b).to(torch.float32) * qr_scale * w.wq_b_scale).view(qr.shape[0], -1, hid)
+    qh = (gemms.int8(qr, w.wq_b).to(torch.float32) * qr_scale * w.wq_b_scale).view(qr.shape[0], -1, hid)
     qh[..., nope:] = apply_rope(qh[..., nope:], positions, rope)
-    return qh.to(torch.bfloat16).to(torch.float32) @ hadamard_matrix(hid, device=qr.device)
+    return qh.to(torch.bfloat16).to(torch.float32) @ shared_hadamard(hid, qr.device)
 
 
 def index_scores(q: torch.Tensor, weights: torch.Tensor, state: IndexerState, pos: StepPositions) -> torch.Tensor:

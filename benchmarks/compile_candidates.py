@@ -1,0 +1,110 @@
+"""Compile every declared launch candidate for sm_90 on the CPU, no GPU: registers, spills, shared memory.
+
+Each kernel's candidates (``dsv4 tune --list``) are forced one at a time while the op runs at a
+flash decode shape through ``tests/sm90.py``'s compile-only H100 stand-in (Triton's own JIT
+specializes the real arguments and lowers them for sm_90; nothing is launched). One row per
+(kernel, candidate): registers per thread, local memory (spills), shared memory per block, blocks
+per SM and whether the block fits an H100 at all; a candidate that does not compile says why. So a
+GPU slice's ``dsv4 tune`` meets no candidate that cannot launch, and the spills are known before.
+
+    python benchmarks/compile_candidates.py [--kernels qkv.projection,...] [--json out.json]
+
+Runs ``TRITON_INTERPRET=0`` itself (kernels defined under the interpreter cannot be compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ["TRITON_INTERPRET"] = "0"
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
+
+import sm90  # noqa: E402  (after the interpreter switch and the path)
+
+# the @triton.jit function behind each tuned kernel, and a flash decode call that launches it
+KERNELS = {
+    "qkv.projection": ("_split_k_projection_kernel", "qkv"),
+    "qkv.rows": ("_qr_kv_rows_kernel", "qkv"),
+    "qkv.q_heads": ("_q_heads_kernel", "qkv"),
+    "index.front": ("_front_kernel", "indexer"),
+    "compressor.step": ("_compressor_step_kernel", "compressor"),
+    "index.score": ("_score_kernel", "indexer"),
+    "topk.select_row": ("_select_row_kernel", "indexer"),
+    "topk.select_chunks": ("_select_chunks_kernel", "indexer_long"),
+}
+PLANS = {
+    "qkv": sm90.Plan("qkv", "qkv_proj_rope", "flash", 64, 2),
+    "compressor": sm90.Plan("compressor", "indexer_compressor", "flash", 64, 2, start_pos=4 * 1024 - 2),
+    "indexer": sm90.Plan("indexer", "indexer", "flash", 64, 2, start_pos=4 * 2048 - 2),
+    "indexer_long": sm90.Plan(
+        "indexer_long", "indexer", "flash", 1, 2, start_pos=4 * 65536 - 2, max_position=4 * 65536
+    ),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernels", help="comma-separated (default: every tuned kernel)")
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+    launches: list = []
+    sm90._on_h100(launches)
+    from dsv4.kernels import tuning
+
+    wanted = args.kernels.split(",") if args.kernels else list(KERNELS)
+    rows = []
+    for name in wanted:
+        fn_name, plan = KERNELS[name]
+        tunable = tuning.TUNABLES[name]
+        # the bucket the plan's launch looks up: recorded from one run at the defaults
+        launches.clear()
+        with tuning.defaults_only(), tuning.recording() as seen:
+            sm90._run_plan(PLANS[plan])
+        bucket = next(b for k, b in seen if k == name)
+        for cfg in tunable.candidate_configs(tunable.parse_bucket(bucket)):
+            changed = {k: v for k, v in cfg.items() if v != tunable.default[k]}
+            row = {"kernel": name, "bucket": bucket, "changed": changed}
+            t0 = time.perf_counter()
+            launches.clear()
+            try:
+                with tuning.defaults_only(), tuning.forced(name, cfg):
+                    sm90._run_plan(PLANS[plan])
+                mine = [(fn, grid, k) for fn, grid, k in launches if fn.__name__ == fn_name]
+                fn, grid, kernel = mine[0]
+                v = sm90._variant(fn, kernel, [(plan, tuple(grid))])
+                variant = sm90.Variant(**{**v, "launches": tuple(v["launches"]), "aligned": tuple(v["aligned"])})
+                row.update(
+                    grid=list(grid), registers=variant.registers, local_bytes=variant.local_bytes,
+                    shared_bytes=variant.shared_bytes, num_warps=variant.num_warps, num_stages=variant.num_stages,
+                    blocks_per_sm=variant.blocks_per_sm(), fits=variant.shared_bytes <= sm90.H100_SHARED,
+                    pipelined=variant.pipelined, mma=variant.mma, dependent_launch=variant.dependent_launch,
+                )  # fmt: skip
+            except Exception as e:  # noqa: BLE001  (a candidate that does not compile is the finding)
+                row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.json:
+        import triton
+
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        meta = {
+            "what": "every tune candidate compiled for sm_90 on the CPU (tests/sm90.py's H100 stand-in), flash decode",
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "commit": commit or None,
+            "triton": triton.__version__,
+            "command": " ".join(["python", "benchmarks/compile_candidates.py", *sys.argv[1:]]),
+        }
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""The library baseline (``dsv4 bench --backends library``): each op as the composition of library
+calls a user could write in an afternoon, within the spec §6 tolerances of the reference.
+
+- GEMMs go to cuBLAS: ``torch.mm`` of the bf16 operands with an fp32 result (``out_dtype``), and
+  ``torch._int_mm`` for INT8 x INT8 -> int32; the indexer's scores are one batched product of the
+  INT8 queries and keys held as bf16 (integers up to 127 are exact in bf16 and their sums of at
+  most 128 products stay below 2^24, so the fp32 result is exact), top-k is ``torch.topk``.
+- No Python loop over tokens or rows, and no host read: the step can be captured in a CUDA graph.
+  The compressor lays each row's ring and new tokens out by position and pools every block that can
+  close in the step at once (``_compress``).
+- Where a library call has no kernel (``torch.mm(out_dtype=)`` and ``torch._int_mm`` on a CPU or
+  an older torch, shapes cuBLAS refuses), a fallback computes the same products: an fp32 product
+  of the bf16 operands, the reference's float64 INT8 product.
+
+The rest is the reference's own math (``reference.common``: RMSNorm, RoPE; ``reference.compressor``:
+pooling, the row's finish, the indexer key's rotation; ``reference.indexer.index_query`` with these GEMMs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.config import COMPRESS_RATIO
+from ..model.quant import quantize_int8_per_row
+from ..model.rope import RopeTable
+from ..model.state import STATE_SLOTS, IndexerState
+from ..model.structs import MASKED_SCORE, QKV, IndexerOut, StepPositions, copy_into
+from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights
+from ..reference.common import Gemms, int8_matmul
+from ..reference.compressor import finish_row, index_key
+from ..reference.indexer import index_query
+from ..reference.qkv_proj_rope import qkv_proj_rope as reference_qkv_proj_rope
+
+RATIO = COMPRESS_RATIO
+SLOTS = STATE_SLOTS  # the compressor ring: position p in slot p % 8
+INT_MM_MIN_ROWS = 32  # torch._int_mm on CUDA wants more than 16 rows (and K, N multiples of 8): pad M
+_WORKS: dict[tuple[str, str], bool] = {}  # (call, device) -> whether the library call ran there
+
+
+def _works(call: str, device: torch.device, probe) -> bool:
+    """Whether ``probe()`` (a small instance of a library call) runs on ``device``; asked once per device."""
+    key = (call, str(device))
+    if key not in _WORKS:
+        try:
+            probe()
+            _WORKS[key] = True
+        except (RuntimeError, TypeError, NotImplementedError):
+            _WORKS[key] = False
+    return _WORKS[key]
+
+
+def _bf16_f32_ok(device: torch.device) -> bool:
+    if device.type != "cuda":  # no CPU kernel for the bf16 -> fp32 overloads
+        return False
+
+    def probe() -> None:
+        a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
+        torch.mm(a, a, out_dtype=torch.float32)
+        torch.bmm(a[None], a[None], out_dtype=torch.float32)
+
+    return _works("mm.dtype", device, probe)
+
+
+def mm_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` as fp32: ``x [..., K]``, ``w [N, K]`` (bf16: cuBLAS with an fp32 result)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.dtype == w.dtype == torch.bfloat16 and _bf16_f32_ok(x2.device):
+        out = torch.mm(x2, w.t(), out_dtype=torch.float32)
+    else:
+        out = x2.to(torch.float32) @ w.to(torch.float32).t()
+    return out.view(*x.shape[:-1], w.shape[0])
+
+
+def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact ``a @ b.T`` of INT8 matrices: ``a [M, K]``, ``b [N, K]`` -> ``[M, N]`` int32 (``torch._int_mm``)."""
+    m, k = a.shape
+    if k % 8 or b.shape[0] % 8 or not hasattr(torch, "_int_mm"):
+        return int8_matmul(a, b)
+    rows = max(INT_MM_MIN_ROWS, -(-m // 8) * 8) if a.is_cuda else m
+
+    def probe() -> None:
+        ones = torch.ones(INT_MM_MIN_ROWS, 8, dtype=torch.int8, device=a.device)
+        torch._int_mm(ones, ones[:8].t())
+
+    if not _works("_int_mm", a.device, probe):
+        return int8_matmul(a, b)
+    if rows != m:
+        a = torch.cat((a, a.new_zeros(rows - m, k)))
+    return torch._int_mm(a, b.t())[:m]
+
+
+def _int8_dots(q8: torch.Tensor, k8: torch.Tensor) -> torch.Tensor:
+    """Exact ``q8 @ k8.T`` per batch row as fp32: ``q8 [B, M, K]``, ``k8 [B, N, K]`` int8, ``K <= 1024``
+    (every partial sum of products of integers up to 127 stays below 2^24, exact in fp32)."""
+    if _bf16_f32_ok(q8.device):
+        return torch.bmm(q8.to(torch.bfloat16), k8.to(torch.bfloat16).transpose(1, 2), out_dtype=torch.float32)
+    return torch.bmm(q8.to(torch.float32), k8.to(torch.float32).transpose(1, 2))
+
+
+LIBRARY = Gemms(mm_f32, int8_mm)
+
+
+def qkv_proj_rope(
+    x: torch.Tensor, w: AttnWeights, positions: torch.Tensor, rope: RopeTable, eps: float, out: QKV | None = None
+) -> QKV:
+    """The reference's ``qkv_proj_rope`` on cuBLAS GEMMs (same arguments and result)."""
+    return reference_qkv_proj_rope(x, w, positions, rope, eps, out, gemms=LIBRARY)
+
+
+def _gather_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t [B, L, C]`` at ``index [B, M]`` along L -> ``[B, M, C]``."""
+    return torch.gather(t, 1, index[..., None].expand(*index.shape, t.shape[2]))
+
+
+def _compress(
+    x: torch.Tensor, w: CompressorWeights, state: IndexerState, pos: StepPositions, rope: RopeTable, eps: float
+) -> None:
+    """Spec §4 for the whole step at once (``indexer_compressor``).
+
+    Row ``b``'s positions from ``f0 - 4`` (``f0``: the first position of the block being filled) to its
+    last are laid out at index ``q - f0 + 4``: positions before the step from ring slot ``q % 8`` (kv 0
+    and score -inf before position 0), then the step's projections. A block starting at ``f0 + 4w``
+    pools window ``[4w, 4w + 8)``: columns ``[0, HID)`` of its first four tokens, ``[HID, 2*HID)`` of
+    the last four. Every window that can close is pooled, and only the blocks that close are written.
+    The pool writes stay capturable: every other window rewrites the first closed block's row with the
+    same values (or, when none closes, a row with its own value), so a duplicate index never carries
+    two values.
+    """
+    b, s = x.shape[:2]
+    hid = w.norm_w.shape[0]
+    dev = x.device
+    start = pos.start
+    f0 = start - start % RATIO
+    steps = torch.arange(s, device=dev)
+    kvp = mm_f32(x, w.wkv)  # [B, S, 2*HID]
+    score = mm_f32(x, w.wgate) + w.ape[(start[:, None] + steps) % RATIO]
+    length = -(-(s + 2 * RATIO - 1) // RATIO) * RATIO  # every token of the step, whole windows
+    new = (start - f0 + RATIO)[:, None] + steps  # [B, S] where the step's tokens go
+    before = (f0 - RATIO)[:, None] + torch.arange(SLOTS, device=dev)  # [B, 8] positions of layout 0..7
+    laid_out = []
+    for ring, values, empty in ((state.kv_state, kvp, 0.0), (state.score_state, score, float("-inf"))):
+        seq = ring.new_zeros(b, length, 2 * hid)
+        seq[:, :SLOTS] = _gather_rows(ring[:b], before % SLOTS).masked_fill((before < 0)[..., None], empty)
+        laid_out.append(seq.scatter(1, new[..., None].expand(b, s, 2 * hid), values))
+    kv_seq, score_seq = laid_out
+
+    windows = pos.max_closing_blocks
+    first = f0[:, None] + RATIO * torch.arange(windows, device=dev)  # [B, W] each window's first position
+    closes = (first + RATIO - 1 <= (start + s - 1)[:, None]).reshape(-1)
+
+    def win(seq: torch.Tensor) -> torch.Tensor:
+        w8 = seq.unfold(1, 2 * RATIO, RATIO)[:, :windows].transpose(2, 3).reshape(-1, 2 * RATIO, 2 * hid)
+        return torch.cat((w8[:, :RATIO, :hid], w8[:, RATIO:, hid:]), dim=1)  # [B*W, 8, HID] candidates
+
+    pooled = (win(kv_seq) * torch.softmax(win(score_seq), dim=1)).sum(dim=1)
+    keys = index_key(finish_row(pooled, w.norm_w, torch.where(closes, first.reshape(-1), 0), rope, eps))
+    k8, k_scale = quantize_int8_per_row(keys)
+
+    rows = first.reshape(-1) // RATIO
+    table = state.block_table
+    slot_block = rows // state.block_size
+    block = table[torch.arange(b, device=dev).repeat_interleave(windows), slot_block.clamp(max=table.shape[1] - 1)]
+    write = closes & (slot_block < table.shape[1]) & (block >= 0)
+    target = block.long().clamp(min=0) * state.block_size + rows % state.block_size
+    pool_keys, pool_scale = state.keys.view(-1, hid), state.key_scale.view(-1)
+    lead = torch.argmax(write.to(torch.int32))  # the first written window (0 when none is)
+    lead_key = torch.where(write[lead], k8[lead], pool_keys[target[lead]])
+    lead_scale = torch.where(write[lead], k_scale[lead, 0], pool_scale[target[lead]])
+    index = torch.where(write, target, target[lead])
+    pool_keys.index_copy_(0, index, torch.where(write[:, None], k8, lead_key))
+    pool_scale.index_copy_(0, index, torch.where(write, k_scale[:, 0], lead_scale))
+
+    # the ring after the step: slot i holds the last position q <= last with q % 8 == i when the step
+    # wrote it, else what it held
+    last = (start + s - 1)[:, None]
+    q = last - (last - torch.arange(SLOTS, device=dev)) % SLOTS  # [B, 8]
+    wrote = (q >= start[:, None])[..., None]
+    at = (q - f0[:, None] + RATIO).clamp(min=0)
+    for ring, seq in ((state.kv_state, kv_seq), (state.score_state, score_seq)):
+        ring[:b] = torch.where(wrote, _gather_rows(seq, at), ring[:b])
+
+
+def indexer_compressor(
+    x: torch.Tensor, w: CompressorWeights, state: IndexerState, pos: StepPositions, rope: RopeTable, eps: float
+) -> None:
+    """``x [B, S, D] bf16``; updates rows ``0..B-1`` of ``state`` in place (spec §4), as the reference does."""
+    _compress(x, w, state, pos, rope, eps)
+
+
+def indexer(
+    x: torch.Tensor,
+    qr: torch.Tensor,
+    qr_scale: torch.Tensor,
+    w: IndexerWeights,
+    state: IndexerState,
+    pos: StepPositions,
+    offset: int,
+    rope: RopeTable,
+    topk: int,
+    eps: float,
+    out: IndexerOut | None = None,
+) -> IndexerOut:
+    """Spec §5 (the compressor first), same arguments and result as the reference's ``indexer``."""
+    _compress(x, w.compressor, state, pos, rope, eps)
+    b, s = x.shape[:2]
+    hi, hid = w.weights_proj.shape[0], w.compressor.norm_w.shape[0]
+    dev = x.device
+    positions = pos.token_positions()
+    q = index_query(qr, qr_scale, w, positions.reshape(-1), rope, LIBRARY)
+    q8, q_scale = quantize_int8_per_row(q.view(b, s, hi, hid))  # [B, S, HI, HID], [B, S, HI, 1]
+    weights = mm_f32(x, w.weights_proj) * hid**-0.5 * hi**-0.5  # [B, S, HI]
+
+    n = pos.max_cache_len
+    j = torch.arange(n, device=dev)
+    table = state.block_table[:b, j // state.block_size].long().clamp(min=0)  # rows past a row's cache: masked
+    k8 = state.keys[table, j % state.block_size]  # [B, n, HID]
+    k_scale = state.key_scale[table, j % state.block_size]  # [B, n]
+    dots = _int8_dots(q8.view(b, s * hi, hid), k8).view(b, s, hi, n)
+    logits = torch.relu(dots * q_scale) * weights[..., None]
+    score = logits.sum(dim=2) * k_scale[:, None, :]  # the key scale after the head sum
+    visible = (positions + 1) // RATIO
+    score = score.masked_fill(j >= visible[..., None], MASKED_SCORE)
+
+    k = min(topk, n)
+    chosen = torch.topk(score, k, dim=-1).indices
+    rank = torch.arange(topk, device=dev)
+    idx = torch.full((b, s, topk), -1, dtype=torch.int32, device=dev)
+    idx[..., :k] = (chosen + offset).to(torch.int32)
+    idx = idx.masked_fill(rank >= visible.clamp(max=topk)[..., None], -1)
+    return copy_into(IndexerOut(score, idx), out)

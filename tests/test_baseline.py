@@ -1,0 +1,64 @@
+"""The library baseline (``dsv4 bench --backends library``) against the reference, spec §6 rules.
+
+On the CPU its GEMMs take the exact fallbacks (fp32 products of the bf16 operands; ``torch._int_mm``
+where it has a CPU kernel); the vectorized compressor and the batched scores and top-k are what a
+GPU runs too. Starts cover every offset in a block of 4, steps that close no block, one and two.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv4.bench.calls import bind
+from dsv4.harness.cases import make_case
+from dsv4.harness.golden import compare
+from dsv4.model.config import get_config
+
+TINY = get_config("tiny")
+
+
+def _check(op: str, mode: str = "decode", **shape) -> None:
+    case = make_case(TINY, op, mode, seed=3, **shape)
+    outputs = {}
+    for backend in ("reference", "library"):
+        call = bind(case, backend)
+        outputs[backend] = call.outputs(call())
+    report = compare(op, outputs["library"], outputs["reference"], case.compare_inputs())
+    assert report, str(report)
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_qkv_proj_rope(mode: str) -> None:
+    _check("qkv_proj_rope", mode, **({"seq": 17} if mode == "prefill" else {}))
+
+
+@pytest.mark.parametrize(
+    "batch, seq, start",
+    [
+        (4, 2, [60, 61, 62, 63]),  # every offset in a block: rows 2 and 3 close one
+        (3, 5, [0, 3, 6]),  # a fresh row; two closes in a step; a block the ring began
+        (2, 1, [127, 128]),  # one token: a close, then the first token of the next block
+    ],
+)
+def test_indexer_compressor(batch: int, seq: int, start: list[int]) -> None:
+    _check("indexer_compressor", batch=batch, seq=seq, start_pos=start)
+
+
+def test_indexer_compressor_prefill() -> None:
+    _check("indexer_compressor", "prefill", seq=17)
+
+
+@pytest.mark.parametrize("batch, seq, start", [(4, 2, None), (2, 3, [4 * 40 - 1, 5])])
+def test_indexer(batch: int, seq: int, start: list[int] | None) -> None:
+    _check("indexer", batch=batch, seq=seq, start_pos=start)
+
+
+def test_capturable_writes_leave_other_rows_alone() -> None:
+    """A step in which no row closes a block writes no pool row (the no-op rewrite keeps every bit)."""
+    case = make_case(TINY, "indexer_compressor", seed=1, batch=2, seq=1, start_pos=[8, 13])
+    call = bind(case, "library")
+    before = case.args["state"].clone()
+    call()
+    after = call.state["state"]
+    assert torch.equal(after.keys, before.keys) and torch.equal(after.key_scale, before.key_scale)

@@ -1,0 +1,96 @@
+"""``dsv4 tune --dry-run`` on the interpreter: every declared candidate of every kernel matches the
+default configuration's output before a GPU ever sees it; the JSON and the config file it writes
+are well formed. Also the probe's dry run (its kernels' checksums) and the CLI's refusals."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from dsv4.bench import probe
+from dsv4.bench.tune import passed, plan, run_tune
+from dsv4.cli import main
+from dsv4.kernels import tuning
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tune")
+    t0 = time.perf_counter()
+    result = run_tune(
+        device="cpu", dry_run=True, json_path=folder / "tune.json", config_path=folder / "cpu.json", log=lambda _: None
+    )
+    print(f"dsv4 tune --dry-run: {time.perf_counter() - t0:.1f} s wall")
+    return result, folder
+
+
+def test_every_candidate_of_every_kernel_matches_the_default(dry_run) -> None:
+    result, _ = dry_run
+    assert result["stopped"] is None and all(w["status"] == "done" for w in result["workloads"])
+    buckets = {b["kernel"]: b for b in result["buckets"]}
+    assert set(buckets) == set(tuning.TUNABLES) and len(result["buckets"]) == len(buckets)  # one bucket each
+    for name, b in buckets.items():
+        tunable = tuning.TUNABLES[name]
+        declared = [dict(c) for c in tunable.candidate_configs(tunable.parse_bucket(b["bucket"]))]
+        assert [v["params"] for v in b["variants"]] == declared, name
+        for v in b["variants"]:
+            assert passed(v["check"]), (name, v)
+            assert v["median_us"] > 0
+            shared = v.get("same_run_as")
+            if isinstance(shared, dict):  # shares a run only when the difference is invisible to the interpreter
+                diff = {k for k in tunable.default if v["params"][k] != {**tunable.default, **shared}[k]}
+                assert all(tunable.param(k).compiled_only for k in diff), (name, v)
+            elif shared is not None:  # the op's run at every default
+                assert all(tunable.param(k).compiled_only for k in v["changed"]), (name, v)
+    ran = sum(1 for b in result["buckets"] for v in b["variants"] if "same_run_as" not in v)
+    assert ran >= 12  # tiles, splits, pairing, programs per SM and chunk sizes ran for real
+
+
+def test_dry_run_files_are_well_formed(dry_run) -> None:
+    result, folder = dry_run
+    assert json.loads((folder / "tune.json").read_text()) == json.loads(json.dumps(result))
+    table = tuning.load_config(folder / "cpu.json", "cpu")
+    written = {(b["kernel"], b["bucket"]): b["winner"] for b in result["buckets"] if b["winner"]}
+    assert {(k, bucket) for k, v in table.entries.items() for bucket in v} == set(written)
+    for (kernel, bucket), params in written.items():
+        assert dict(table.entries[kernel][bucket]) == params
+    assert table.meta["made_by"].startswith("dsv4 tune") and table.meta["versions"]["torch"] == torch.__version__
+
+
+def test_the_gpu_plan_puts_the_deployment_shapes_first() -> None:
+    planned = plan(["flash", "pro"], ["decode", "prefill"], ["qkv_proj_rope", "indexer_compressor", "indexer"])
+    labels = [f"{p} {s.op} {s.label}" for p, s in planned]
+    assert labels[:5] == [
+        "flash qkv_proj_rope decode B=64 S=2",
+        "flash indexer_compressor decode B=64 S=2",
+        "flash indexer decode B=64 S=2 cache=2048",
+        "flash indexer decode B=1 S=2 cache=65536",
+        "flash indexer decode B=1 S=2 cache=262144",
+    ]
+    for preset in ("flash", "pro"):
+        mine = [label for label in labels if label.startswith(preset)]
+        assert len(mine) == 3 * 2 + 9 + 3  # B in 1, 8, 64 for two ops, 3 x 3 indexer shapes, prefill of each op
+        assert f"{preset} indexer prefill T=1024" in mine
+
+
+def test_probe_dry_run_checks_its_kernels(tmp_path, capsys) -> None:
+    result = probe.dry_run_probe(log=lambda _: None)
+    assert result["rows"] and all(r["check"] == "ok" for r in result["rows"])
+    assert main(["tune", "--probe", "--dry-run", "--json", str(tmp_path / "probe.json")]) == 0
+    assert json.loads((tmp_path / "probe.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    assert main(["tune", "--probe", "--list"]) == 0
+    assert "launch_gap" in capsys.readouterr().out
+
+
+def test_cli_lists_and_refuses_without_a_gpu(capsys) -> None:
+    assert main(["tune", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in tuning.TUNABLES)
+    if not torch.cuda.is_available():
+        assert main(["tune", "--kernels", "qkv.rows"]) == 2
+        assert "--dry-run" in capsys.readouterr().err
+    assert main(["tune", "--dry-run", "--kernels", "qkv.nope"]) == 2
+    assert "unknown qkv.nope" in capsys.readouterr().err

@@ -1,0 +1,184 @@
+"""Launch choices as data (``dsv4.kernels.tuning``): device keys, the config file's checks, the
+fallback to the defaults, one file per device, and a file entry reaching the launch."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import DEVICE
+from dsv4.bench.calls import bind
+from dsv4.cli import main
+from dsv4.harness.cases import make_case
+from dsv4.harness.golden import compare
+from dsv4.kernels import Workspace, tuning
+from dsv4.model.config import get_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = get_config("tiny")
+# tiny qkv_proj_rope at T=3: the projection's bucket; the split policy gives 4 K-slices there
+PROJECTION_BUCKET = "T=4,D=256,N=256"
+ONE_SLICE = {"qkv.projection": {PROJECTION_BUCKET: {"splits": 1}}}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_tables(monkeypatch):
+    monkeypatch.delenv(tuning.ENV, raising=False)
+    tuning.reload()
+    yield
+    tuning.reload()
+
+
+def _file(path: Path, kernels: dict, device: str = "cpu", **extra) -> Path:
+    path.write_text(json.dumps({"schema": 1, "device": device, **extra, "kernels": kernels}))
+    return path
+
+
+@pytest.mark.parametrize(
+    "name, key",
+    [
+        ("NVIDIA H200", "h200"),
+        ("NVIDIA H100 80GB HBM3", "h100-sxm"),  # the SXM part names no form factor
+        ("NVIDIA H100 NVL", "h100-nvl"),
+        ("NVIDIA H100 PCIe", "h100-pcie"),
+        ("NVIDIA A100-SXM4-80GB", "a100-sxm4"),
+        ("NVIDIA GeForce RTX 4090", "geforce-rtx-4090"),
+        ("NVIDIA H200 141GB HBM3e", "h200"),
+    ],
+)
+def test_device_names_normalize(name: str, key: str) -> None:
+    assert tuning.normalize_device_name(name) == key
+
+
+def test_cpu_key_and_defaults_without_a_file() -> None:
+    assert tuning.device_key("cpu") == "cpu"
+    assert not (tuning.CONFIG_DIR / "cpu.json").exists()
+    proj = tuning.TUNABLES["qkv.projection"]
+    assert proj.config(torch.device("cpu"), T=4, D=256, N=256) == proj.default
+    assert "built-in defaults" in tuning.describe_active("cpu")
+
+
+def test_every_kernel_declares_parameters_and_candidates() -> None:
+    names = set(tuning.TUNABLES)
+    assert names == {
+        "qkv.projection", "qkv.rows", "qkv.q_heads", "index.front", "compressor.step", "index.score",
+        "topk.select_row", "topk.select_chunks",
+    }  # fmt: skip
+    for t in tuning.TUNABLES.values():
+        for bucket in (dict.fromkeys(t.dims, 128), dict.fromkeys(t.dims, 1024)):
+            configs = t.candidate_configs(bucket)
+            assert configs[0] == t.default and len(configs) >= 2, t.name
+            assert len({tuple(c.items()) for c in configs}) == len(configs)
+
+
+def test_a_file_entry_reaches_the_launch(tmp_path, monkeypatch) -> None:
+    """A config entry for the tiny T=3 bucket sets the projection's K split (1 slice instead of the
+    policy's 4); another bucket keeps the defaults; the op still matches the reference."""
+    monkeypatch.setenv(tuning.ENV, str(_file(tmp_path / "c.json", ONE_SLICE)))
+    tuning.reload()
+    case = make_case(TINY, "qkv_proj_rope", batch=3, seq=1, device=DEVICE)
+    slices = {}
+    for name, env in (("file", None), ("defaults", "none")):
+        if env:
+            monkeypatch.setenv(tuning.ENV, env)
+        ws = Workspace()
+        call = bind(case, "triton")
+        with tuning.recording() as seen:
+            got = call.outputs(call.fn(*call.args, ws=ws))
+        slices[name] = ws._buffers["projection.partial"].shape[0]
+        expected = bind(case, "reference")
+        assert compare("qkv_proj_rope", got, expected.outputs(expected()), {}), name
+    assert slices == {"file": 1, "defaults": 4}
+    assert ("qkv.projection", PROJECTION_BUCKET) in seen and len(seen) == 3  # one lookup per launch
+
+
+def test_forced_config_wins_and_ends_with_the_block(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(tuning.ENV, str(_file(tmp_path / "c.json", ONE_SLICE)))
+    proj = tuning.TUNABLES["qkv.projection"]
+    with tuning.forced("qkv.projection", {"splits": 2}):
+        assert proj.config(torch.device("cpu"), T=4, D=256, N=256).splits == 2
+        with tuning.defaults_only():
+            assert proj.config(torch.device("cpu"), T=4, D=256, N=256).splits == 2  # forced still wins
+    with tuning.defaults_only():
+        assert proj.config(torch.device("cpu"), T=4, D=256, N=256).splits is None
+    assert proj.config(torch.device("cpu"), T=4, D=256, N=256).splits == 1
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ([], "expected a JSON object"),
+        ({"schema": 2, "device": "cpu", "kernels": {}}, "schema must be 1"),
+        ({"schema": 1, "kernels": {}}, "'device' must name the device"),
+        ({"schema": 1, "device": "cpu", "kernels": []}, "'kernels' must be an object"),
+        ({"schema": 1, "device": "cpu", "kernels": {"qkv.nope": {}}}, "unknown kernel 'qkv.nope'"),
+        ({"schema": 1, "device": "cpu", "kernels": {"qkv.rows": {"T=128": {}}}}, "is not of the form 'T=<int>,QL"),
+        (
+            {"schema": 1, "device": "cpu", "kernels": {"qkv.rows": {"T=2,QL=128,HD=128": {"warps": 4}}}},
+            r"kernels.qkv.rows\['T=2,QL=128,HD=128'\]: unknown parameter 'warps'",
+        ),
+        (
+            {"schema": 1, "device": "cpu", "kernels": {"qkv.projection": {PROJECTION_BUCKET: {"block_n": 96}}}},
+            r"block_n must be one of \[16, 32, 64, 128\], got 96",
+        ),
+        (
+            {"schema": 1, "device": "cpu", "kernels": {"qkv.rows": {"T=2,QL=128,HD=128": {"pdl": 1}}}},
+            r"pdl must be one of \[False, True\], got 1",  # an int is not a bool
+        ),
+        (
+            {"schema": 1, "device": "cpu", "kernels": {"index.score": {"B=1,S=2,N=16": {"num_warps": True}}}},
+            "num_warps must be one of",  # a bool is not an int
+        ),
+    ],
+)
+def test_malformed_files_are_named_errors(tmp_path, data, message: str) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=message) as info:
+        tuning.load_config(path)
+    assert str(path) in str(info.value)
+
+
+def test_a_malformed_file_fails_the_launch_not_silently(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "broken.json"
+    path.write_text("{not json")
+    monkeypatch.setenv(tuning.ENV, str(path))
+    with pytest.raises(ValueError, match="not JSON"):
+        tuning.TUNABLES["qkv.rows"].config(torch.device("cpu"), T=2, QL=128, HD=128)
+
+
+def test_one_file_per_device(tmp_path, monkeypatch, capsys) -> None:
+    """The package's folder holds ``<device key>.json`` files whose ``device`` is their name; the file
+    of the device in use is the one read, and ``dsv4 info`` names it. The folder ships with the package."""
+    for shipped in tuning.CONFIG_DIR.glob("*.json"):
+        assert tuning.load_config(shipped, expect_device=shipped.stem).device == shipped.stem
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "configs/*.json" in package_data["dsv4.kernels"]
+
+    monkeypatch.setattr(tuning, "CONFIG_DIR", tmp_path)
+    _file(tmp_path / "h200-132.json", {"qkv.rows": {"T=2,QL=128,HD=128": {"num_warps": 8}}}, device="h200-132")
+    assert tuning.config_path("cpu") is None  # another device's file is not this one's
+    cpu = _file(tmp_path / "cpu.json", {"qkv.rows": {"T=2,QL=128,HD=128": {"num_warps": 8}}})
+    tuning.reload()
+    assert tuning.config_path("cpu") == cpu
+    assert tuning.TUNABLES["qkv.rows"].config(torch.device("cpu"), T=2, QL=128, HD=128).num_warps == 8
+    assert main(["info"]) == 0
+    assert f"kernel configs: {cpu} (1 tuned bucket(s) of 1 kernel(s))" in capsys.readouterr().out
+    _file(tmp_path / "cpu.json", {}, device="h200-132")  # a file under another device's name
+    tuning.reload()
+    with pytest.raises(ValueError, match="the file of device 'cpu' says 'device': 'h200-132'"):
+        tuning.TUNABLES["qkv.rows"].config(torch.device("cpu"), T=2, QL=128, HD=128)
+
+
+def test_write_then_read(tmp_path) -> None:
+    path = tmp_path / "sub" / "cpu.json"
+    tuning.write_config(path, "cpu", {"topk.select_row": {"R=2,N=16": {"num_warps": 4}}}, {"made_by": "test"})
+    table = tuning.load_config(path, "cpu")
+    assert table.entries["topk.select_row"]["R=2,N=16"].num_warps == 4 and table.meta["made_by"] == "test"
+    with pytest.raises(ValueError, match="num_warps must be one of"):
+        tuning.write_config(path, "cpu", {"topk.select_row": {"R=2,N=16": {"num_warps": 3}}}, {})
+    assert tuning.load_config(path, "cpu").entries["topk.select_row"]["R=2,N=16"].num_warps == 4  # not overwritten
