@@ -60,7 +60,8 @@ def _stored(directory: Path, layer: int) -> dict[str, torch.Tensor]:
 
 
 def _expected_layer(stored: dict[str, torch.Tensor]) -> dsv4.LayerWeights:
-    """The layer built directly from the stored tensors with float64 dequantization."""
+    """The layer built directly from the stored tensors with float64 dequantization (the indexer and
+    the main compressor where the layer has them)."""
 
     def deq(name: str) -> torch.Tensor:
         return dequantize_f64(stored[f"{name}.weight"], stored[f"{name}.scale"])
@@ -72,17 +73,22 @@ def _expected_layer(stored: dict[str, torch.Tensor]) -> dsv4.LayerWeights:
         deq("attn.wkv").to(torch.bfloat16),
         stored["attn.kv_norm.weight"],
     )
-    c = "attn.indexer.compressor."
-    compressor = dsv4.CompressorWeights(
-        stored[c + "wkv.weight"], stored[c + "wgate.weight"], stored[c + "ape"], stored[c + "norm.weight"]
-    )
-    indexer = dsv4.IndexerWeights(
-        *quantize_weight_int8(deq("attn.indexer.wq_b")), stored["attn.indexer.weights_proj.weight"], compressor
-    )
-    c = "attn.compressor."
-    main = dsv4.CompressorWeights(
-        stored[c + "wkv.weight"], stored[c + "wgate.weight"], stored[c + "ape"], stored[c + "norm.weight"]
-    )
+
+    def compressor(c: str) -> dsv4.CompressorWeights | None:  # None where the layer's kind has none
+        if c + "ape" not in stored:
+            return None
+        return dsv4.CompressorWeights(
+            stored[c + "wkv.weight"], stored[c + "wgate.weight"], stored[c + "ape"], stored[c + "norm.weight"]
+        )
+
+    indexer = None
+    if "attn.indexer.wq_b.weight" in stored:
+        indexer = dsv4.IndexerWeights(
+            *quantize_weight_int8(deq("attn.indexer.wq_b")),
+            stored["attn.indexer.weights_proj.weight"],
+            compressor("attn.indexer.compressor."),
+        )
+    main = compressor("attn.compressor.")
 
     def fp8(name: str) -> tuple[torch.Tensor, torch.Tensor]:  # the codes as stored, the UE8M0 scales as fp32
         scale = stored[f"{name}.scale"].view(torch.uint8).double()
@@ -270,7 +276,7 @@ def test_every_layer_kind_loads_whole(layer, kind, tiny_dir):
     assert got.kind == kind and got.compress_ratio == RATIOS[layer] and got.whole
     assert (got.indexer is None) == (kind != "csa") and (got.compressor is None) == (kind == "swa")
     assert got.o_proj.wo_a.dtype == torch.float8_e4m3fn and got.attn_sink.shape == (TINY.num_attention_heads,)
-    _assert_same_layer(got, _expected_layer(_stored(tiny_dir, layer)) if kind == "csa" else got)
+    _assert_same_layer(got, _expected_layer(_stored(tiny_dir, layer)))
     if kind != "csa":
         rope = dsv4.rope_table(TINY, "compressed", max_position=64)
         with pytest.raises(ValueError, match="weights: .* no lightning indexer"):
