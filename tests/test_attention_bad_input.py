@@ -243,9 +243,9 @@ def test_a_nan_row_is_stored_as_nan(backend: str) -> None:
 
 @pytest.mark.parametrize("backend", backends_of("kv_compressor"))
 def test_nan_in_x_reaches_the_closed_row(backend: str) -> None:
-    args = _args("kv_compressor")  # slot 1 at 9, 10: position 10 writes, 11 (next step) closes; slot 0: 5, 6
+    args = _args("kv_compressor")
     args["x"] = args["x"].clone()
-    args["x"][1, 0, 7] = float("nan")
+    args["x"][1, 0, 7] = float("nan")  # slot 1's token at position 10
     args["start_pos"] = torch.tensor([6, 10])  # slot 0 closes block 1 (p = 7) clean; slot 1 closes block 2 (p = 11)
     dsv4.kv_compressor(**args, backend=backend)
     pool = args["state"].pool

@@ -380,7 +380,7 @@ def test_cli_run_checkpoint(tiny_dir, capsys):
     out = capsys.readouterr().out
     assert "loaded layer 3 of" in out and "preset=tiny" in out
     assert out.count("qkv_proj_rope") == 3 and out.count("indexer ") >= 3
-    assert out.count("csa attention") == 3 and "L3 decode 2 csa attention" in out and "hca attention" not in out
+    assert out.count("csa attention") == 3 and "L3 decode 2   csa attention" in out and "hca attention" not in out
     assert main([*args[:3], "--layer", "2", "--steps", "1", "--start-pos", "8", "--batch", "2", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert out.count("hca attention") == 2 and "indexer " not in out.split("one call")[0]

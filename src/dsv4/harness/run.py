@@ -252,7 +252,7 @@ def check_fits(nbytes: int, device: torch.device, what: str) -> None:
 
 
 def format_row(row: Row) -> str:
-    return f"{row.step:<10} {row.op:<14} {row.backend:<9} {row.shapes:<34} {row.ms:>9.2f}  {row.check}"
+    return f"{row.step:<13} {row.op:<15} {row.backend:<9} {row.shapes:<34} {row.ms:>9.2f}  {row.check}"
 
 
-HEADER = f"{'step':<10} {'op':<14} {'backend':<9} {'shapes':<34} {'time ms':>9}  check"
+HEADER = f"{'step':<13} {'op':<15} {'backend':<9} {'shapes':<34} {'time ms':>9}  check"  # steps as "L42 decode 12"
