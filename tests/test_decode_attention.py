@@ -66,6 +66,39 @@ def composed(kind: str, calls: list[tuple[torch.Tensor, int]], max_position: int
 
 
 @pytest.mark.parametrize("kind", ["swa", "csa", "hca"])
+def test_attention_state_holds_the_parts_of_its_kind(kind: str) -> None:
+    """``empty``: room for ``max_position`` window rows, ``max_position // RC`` compressed rows and (CSA)
+    ``max_position // 4`` indexer keys per slot, rings empty; ``paged``: the given pools, and a pool
+    the kind lacks (or one it needs, missing) is refused."""
+    layer, ratio = LAYERS[kind], CFG.layer_ratio(LAYERS[kind])
+    e = dsv4.AttentionState.empty(CFG, layer, 2, 64, block_size=BS)
+    assert e.kind == kind and e.window.rows == 64 and e.window.row_bytes == 64 + 2 * 64 + 8  # NOPE 64, R 64
+    assert (e.compressor is None) == (kind == "swa") and (e.indexer is None) == (kind != "csa")
+    if e.compressor is not None:
+        assert e.compressor.ratio == ratio and e.compressor.pool.rows == BS * -(-(64 // ratio) // BS)
+        assert bool((e.compressor.kv_state == 0).all() and (e.compressor.score_state == float("-inf")).all())
+    if e.indexer is not None:
+        assert e.indexer.block_table.shape[1] * BS >= 64 // 4
+    table = torch.tensor([[2, -1], [0, 1]], dtype=torch.int32)
+    pools = {"window": (3, table)}
+    if ratio:
+        pools["compressed"] = (3, table)
+    if kind == "csa":
+        pools["indexer"] = (3, table)
+    p = dsv4.AttentionState.paged(CFG, layer, 2, **pools, block_size=BS)
+    assert p.kind == kind and torch.equal(p.window.block_table, table) and p.window.nope.shape[:2] == (3, BS)
+    wrong = dict(pools)
+    if ratio:
+        del wrong["compressed"]
+    else:
+        wrong["compressed"] = (3, table)
+    with pytest.raises(ValueError, match="compressed: a"):
+        dsv4.AttentionState.paged(CFG, layer, 2, **wrong, block_size=BS)
+    with pytest.raises(ValueError, match="window: expected a block table of 3 rows"):
+        dsv4.AttentionState.paged(CFG, layer, 3, **pools, block_size=BS)
+
+
+@pytest.mark.parametrize("kind", ["swa", "csa", "hca"])
 def test_steps_equal_the_ops_composed_on_a_dense_state(kind: str) -> None:
     """A prefill of 37 tokens (3 chunks of 16: rows across pool blocks, closes inside a chunk), then
     decode steps of 2: bit for bit the ops composed by hand, though the module's pools are paged and
