@@ -89,7 +89,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         with Checkpoint(args.checkpoint) as ckpt:
             cfg = cfg or ckpt.config()
             weights = ckpt.load_layer(args.layer, cfg, device=args.device)
-        print(f"loaded layer {args.layer} of {args.checkpoint} ({weights.nbytes() / 2**20:.1f} MiB as bf16 + INT8) "
+        mib = weights.nbytes() / 2**20
+        print(f"loaded layer {args.layer} of {args.checkpoint} ({mib:.1f} MiB as bf16 + INT8 + FP8) "
               f"in {time.perf_counter() - t0:.1f} s")  # fmt: skip
     cfg = cfg or get_config("tiny")
     backend = args.backend or available_backends(args.device)[0]
