@@ -54,7 +54,7 @@ UNFUSED = {"_front_kernel", "_score_kernel", "_compressor_step_kernel"}
 SPILL_BYTES_AT_MOST = {"_score_kernel": 1024}  # Triton 3.9: at most 464 B, 3.6: 872 B
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def variants() -> list[Variant]:
     return compile_plans(PLANS)
 

@@ -1,7 +1,8 @@
 """``qkv_proj_rope`` with ``backend="triton"`` against the reference (spec §3), spec §6 tolerances.
 
-Without a GPU the kernels run through Triton's interpreter, so full-size dims appear in two cases
-only (one decode, one prefill); the ``tiny`` preset carries the sweep over token counts.
+Without a GPU the kernels run through Triton's interpreter, so full-size dims appear in one default
+case (decode) and one ``full`` case (prefill); the ``tiny`` preset and dims of no preset carry the
+sweep over token counts and tilings.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import triton
 import triton.language as tl
 
 import dsv4
-from conftest import BACKENDS, DEVICE
+from conftest import BACKENDS, DEVICE, FULL
 from dsv4.harness.golden import compare, ratio_allclose, tolerance
 from dsv4.kernels.epilogue import rms_inv_of_sumsq, rms_scale
 from dsv4.kernels.launch import H100_SMS
@@ -29,6 +30,9 @@ TINY = get_config("tiny")
 # Dims of no preset: odd head count, a q LoRA rank that is not a power of two (as in ``pro``) and a
 # hidden size that is not one either; the kernels must take every dimension from the tensors.
 ODD = TINY.replace(name="odd", hidden_size=384, num_attention_heads=3, q_lora_rank=192)
+# Too many heads for half-head pairs in one wave of SMs at T > 128 (2 M-tiles x 2 x 34 > 132): one
+# program per head and 64-token tiles, the q heads' plan of a full-size prefill chunk.
+MANY_HEADS = TINY.replace(name="many-heads", num_attention_heads=34)
 
 
 def decode_positions(t: int, table: int, seed: int) -> torch.Tensor:
@@ -99,6 +103,15 @@ def test_demo_decode() -> None:
     check(cfg, decode_positions(128, table, seed=1), table, seed=1, outliers=0)
 
 
+def test_unpaired_q_heads_in_64_token_tiles() -> None:
+    """A 130-token prompt chunk with 34 heads: two M-tiles in the projection (128 + 2 rows) and three
+    in the q heads (64 + 64 + 2), the last partly masked, one program per head (the tiling of
+    ``test_demo_prefill``, at tiny dims)."""
+    assert q_heads_tiles(130, MANY_HEADS.num_attention_heads, H100_SMS) == (64, False)
+    check(MANY_HEADS, torch.arange(1000, 1130), 1024 + 256, seed=2, outliers=4)
+
+
+@FULL
 def test_demo_prefill() -> None:
     """Full-size dims, a 160-token prompt chunk at positions 1000.. with outlier activations: two
     M-tiles in the projection (128 + 32 rows) and three in the q heads (64 + 64 + 32), the last

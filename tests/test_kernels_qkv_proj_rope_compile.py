@@ -42,7 +42,7 @@ PIPELINED = {"_split_k_projection_kernel", "_q_heads_kernel"}  # 3 and 2 stages 
 WGMMA_PLANS = {"flash-decode", "flash-t256", "pro-decode", "flash-prefill-1024"}  # 64/128-row tiles; T=1: 16 (mma.sync)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def variants() -> list[Variant]:
     return compile_plans(PLANS)
 
