@@ -156,9 +156,10 @@ def _score_kernel(
     start_ptr,  # [B] int64
     score_ptr,  # out [B, S, n_keys] fp32
     hist_ptr,  # out [B*S, HIST_WORDS] int32, zero on entry: first-digit histograms of the visible scores (HIST)
-    B,
     S,
     n_keys,
+    tiles,  # tiles per query group (score_items)
+    items,  # (query group, tile) items of the launch
     max_blocks,
     HI,
     n_proj,
@@ -175,11 +176,9 @@ def _score_kernel(
     PAIRS: tl.constexpr = TOKENS * HEADS_PAD
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
-    tiles = tl.maximum(tl.cdiv(n_keys, _KEYS), 1)  # a step with no key yet still has its (empty) item
     groups = tl.cdiv(S, TOKENS)
-    total = tl.cast(B, tl.int64) * groups * tiles  # B == 1 arrives as a Python int (JIT specialization)
-    lo = pid * total // programs
-    hi = (pid + 1) * total // programs
+    lo = pid.to(tl.int64) * items // programs
+    hi = (pid + 1).to(tl.int64) * items // programs
     dim = tl.arange(0, HID)
     if PDL:
         # Keys of rows that existed before the step: the program's first tiles, into L2 while the
@@ -200,7 +199,7 @@ def _score_kernel(
     pair_head = pair % HEADS_PAD
     col_tok = tl.arange(0, TOKENS)
     bins = tl.arange(0, TOKENS * _BINS)
-    for g in range(lo // tiles, tl.cdiv(hi, tiles)):
+    for g in tl.range(lo // tiles, tl.cdiv(hi, tiles)):
         b = g // groups
         s0 = (g % groups) * TOKENS  # the group's first token in its row
         tok0 = b * S + s0
@@ -241,12 +240,18 @@ def _score_kernel(
             tl.atomic_add(hist_ptr + hist_tok * _HIST_ROW + bins % _BINS, counts, mask=counts > 0, sem="relaxed")
 
 
+def score_items(pos: StepPositions, n_keys: int) -> tuple[int, int]:
+    """``(tiles per query group, items)`` over a score of ``n_keys`` columns, from host sizes only: a
+    step with no key yet still has one (empty) tile per group."""
+    tiles = triton.cdiv(max(n_keys, 1), KEYS)
+    return tiles, pos.batch * triton.cdiv(pos.seq, tokens_per_group(pos.seq)) * tiles
+
+
 def score_programs(
     pos: StepPositions, n_keys: int, device: torch.device, programs_per_sm: int = PROGRAMS_PER_SM
 ) -> int:
     """The persistent grid: ``programs_per_sm`` programs per SM, never more than the items."""
-    items = pos.batch * triton.cdiv(pos.seq, tokens_per_group(pos.seq)) * triton.cdiv(max(n_keys, 1), KEYS)
-    return max(1, min(sm_count(device) * programs_per_sm, items))
+    return max(1, min(sm_count(device) * programs_per_sm, score_items(pos, n_keys)[1]))
 
 
 def tokens_per_group(seq: int) -> int:
@@ -291,7 +296,8 @@ def index_scores(
     _score_kernel[(score_programs(pos, score.shape[2], proj.device, cfg.programs_per_sm),)](
         q8, q_scale, proj, state.keys, state.key_scale, state.block_table, pos.start, score,
         score if hist is None else hist,
-        b, s, score.shape[2], state.block_table.shape[1], hi, n_proj, n_proj - hi, hid**-0.5 * hi**-0.5,
+        s, score.shape[2], *score_items(pos, score.shape[2]), state.block_table.shape[1], hi, n_proj, n_proj - hi,
+        hid**-0.5 * hi**-0.5,
         HEADS_PAD=heads_pad, TOKENS=tokens_per_group(s), HID=hid, BLOCK_SIZE=state.block_size,
         HIST=hist is not None, KEY_STAGES=pipeline_stages(cfg.keys_ahead), PDL=pdl,
         num_warps=cfg.num_warps, enable_fp_fusion=False, launch_pdl=pdl,
