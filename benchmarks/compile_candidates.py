@@ -80,7 +80,10 @@ def main() -> None:
                 mine = [(fn, grid, k) for fn, grid, k in launches if fn.__name__ == fn_name]
                 fn, grid, kernel = mine[0]
                 v = sm90._variant(fn, kernel, [(plan, tuple(grid))])
-                variant = sm90.Variant(**{**v, "launches": tuple(v["launches"]), "aligned": tuple(v["aligned"])})
+                variant = sm90.Variant(
+                    **{**v, "launches": tuple(v["launches"]), "aligned": tuple(v["aligned"]),
+                       "pdl_order": tuple(v["pdl_order"])}
+                )  # fmt: skip
                 row.update(
                     grid=list(grid), registers=variant.registers, local_bytes=variant.local_bytes,
                     shared_bytes=variant.shared_bytes, num_warps=variant.num_warps, num_stages=variant.num_stages,

@@ -44,11 +44,11 @@ def main() -> None:
     block_m, paired = qk.q_heads_tiles(t, h, H100_SMS)
     assert paired, "flash decode pairs the q heads on an H100"
 
-    published = torch.zeros(2 * h * t)
+    published = torch.zeros(2 * h * t, dtype=torch.int64)
     q = torch.empty_like(expected.q)
     qk.launch_q_heads(expected.qr, expected.qr_scale, w, positions, rope, eps, q, published, block_m, True)
     qr, qr_scale, kv = (torch.empty_like(v) for v in (expected.qr, expected.qr_scale, expected.kv))
-    reset = torch.empty(2 * h * t)
+    reset = torch.empty(2 * h * t, dtype=torch.int64)
     with count_traffic() as log:
         partial = split_k_projection(x, w.wq_a, w.wkv)
         qk._qr_kv_rows_kernel[(t,)](

@@ -1,16 +1,74 @@
-"""Shared test setup: the device under test and the backends every op test runs on.
+"""Shared test setup: the device under test, the backends every op test runs on, and the ``full`` mark.
 
 Without a GPU the Triton kernels run through Triton's interpreter; ``dsv4.kernels.interpreter``
 chooses it, and is imported here before any test module imports a kernel.
+
+``pytest`` runs in parallel (``-n auto`` in pyproject.toml: one pytest-xdist worker per core), and on
+a CPU it leaves out the tests marked ``full``: the interpreter-heavy repeats (full-size dims, long
+contexts, the rest of a grid) of code paths the default tests already take. ``pytest -m full`` runs
+exactly those; on a GPU every test runs by default. docs/TESTING.md lists the commands and times.
 """
 
 from __future__ import annotations
 
-import torch
+import os
 
-import dsv4.kernels.interpreter  # noqa: F401  (before any kernel module: selects the interpreter without CUDA)
+# Before torch and numpy load their thread pools. Each worker shares the cores with the others: an
+# OpenMP thread waiting for a descheduled partner sleeps instead of spinning on a core another worker
+# needs (the thread counts, and so the bits of every result, stay as they are); numpy's BLAS (the
+# interpreter's tl.dot) runs on one thread.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import dsv4.kernels.interpreter  # noqa: E402, F401  (before any kernel module: selects the interpreter without CUDA)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 # Every backend implements every op; each op test runs on all of them.
 BACKENDS = ["reference", "triton"]
+
+# A test or case that repeats, at a larger size or in another combination, a code path that a
+# default test already takes: run by `pytest -m full` (and CI), left out of `pytest` on a CPU.
+FULL = pytest.mark.full
+
+
+# Modules whose tests share one expensive session fixture (an sm_90 build of every variant, a dry run,
+# a bench run): all their tests go to one worker, so the fixture runs once per `pytest`. Every other
+# test is handed out on its own.
+ONE_WORKER_MODULES = frozenset({
+    "tests/test_acceptance.py",
+    "tests/test_bench.py",
+    "tests/test_kernels_compile.py",
+    "tests/test_kernels_qkv_proj_rope_compile.py",
+    "tests/test_tune.py",
+})  # fmt: skip
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """Under ``-n`` with the default ``--dist load``: tests one by one, except that a module of
+    ``ONE_WORKER_MODULES`` is one unit of work (pytest-xdist's ``loadgroup`` cannot do this on
+    pytest >= 9.2, which ignores the group suffix it appends to node ids)."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleOrTest(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in ONE_WORKER_MODULES else nodeid
+
+    return ModuleOrTest(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On a CPU without ``-m``, leave out the ``full`` tests (on a GPU they are cheap: all run)."""
+    if DEVICE.type == "cuda" or config.option.markexpr:
+        return
+    full = [item for item in items if item.get_closest_marker("full")]
+    if full:
+        config.hook.pytest_deselected(items=full)
+        items[:] = [item for item in items if not item.get_closest_marker("full")]

@@ -75,7 +75,8 @@ class Variant:
     mma: str  # the tensor-core instruction of its tl.dot: "wgmma" (Hopper), "mma.sync" (Ampere) or "-"
     fma: int  # fused multiply-adds (fma.rn) in the PTX
     dependent_launch: bool  # griddepcontrol in the PTX: it waits on / releases a PDL neighbour
-    pdl_wait: bool  # griddepcontrol.wait in the PTX: it waits for the launch before it (launched with PDL)
+    l2_prefetches: int  # cp.async.bulk.prefetch.L2 in the PTX: bytes asked of L2 ahead of their loads
+    pdl_order: tuple[str, ...]  # "prefetch", "launch_dependents", "wait" in the order they first appear in the PTX
     loop_waits: tuple[int, ...]  # ``num`` of each async_wait in a loop that issues async copies (TTGIR): the
     #                             copy groups left in flight; 0 is a wait for every copy
     ring: int  # buffers of the deepest multi-buffered 2-D shared-memory tile (TTGIR): the copy ring
@@ -123,6 +124,7 @@ def compile_plans(groups: list[list[Plan]], timeout: int = 900) -> list[Variant]
             fields = json.loads(line[len(_PREFIX) :])
             fields["launches"] = tuple((plan, tuple(grid)) for plan, grid in fields["launches"])
             fields["aligned"] = tuple(fields["aligned"])
+            fields["pdl_order"] = tuple(fields["pdl_order"])
             fields["loop_waits"] = tuple(fields["loop_waits"])
             v = Variant(**fields)
             if v.hash in variants:  # compiled by two groups: one variant, launched by both
@@ -177,17 +179,22 @@ def _on_h100(launches: list) -> None:
 
 
 def _run_plan(plan: Plan) -> None:
-    """Call ``plan``'s op on the Triton backend at its shapes (inputs on the CPU)."""
+    """Call ``plan``'s op on the Triton backend at its shapes (inputs on the CPU). Nothing runs, so a
+    state's contents do not matter: a stateful op's case is drawn at position 0 (no history to write,
+    seconds at 64 x 2048 keys) and then moved to the plan's start position."""
     import torch
 
     from dsv4 import ops
     from dsv4.harness.cases import make_case
     from dsv4.model.config import get_config
 
+    stateful = plan.op != "qkv_proj_rope"
     case = make_case(
-        get_config(plan.preset), plan.op, batch=plan.batch, seq=plan.seq, start_pos=plan.start_pos,
-        max_position=plan.max_position,
+        get_config(plan.preset), plan.op, batch=plan.batch, seq=plan.seq,
+        start_pos=0 if stateful else plan.start_pos, max_position=plan.max_position,
     )  # fmt: skip
+    if stateful:
+        case.args["start_pos"] = torch.full_like(case.args["start_pos"], plan.start_pos)
     if plan.fp32:
         w = case.args["w"]
         owner = w.compressor if plan.op == "indexer" else w
@@ -267,6 +274,13 @@ def _ring(ttgir: str) -> int:
     return max([int(n) for n in depths] or [1])
 
 
+_PDL_STEPS = (
+    ("cp.async.bulk.prefetch.L2", "prefetch"),
+    ("griddepcontrol.launch_dependents", "launch_dependents"),
+    ("griddepcontrol.wait", "wait"),
+)
+
+
 def _variant(fn, kernel, launches: list[tuple[str, tuple[int, ...]]]) -> dict[str, Any]:
     """The fields of a ``Variant`` for ``kernel``, the compiled ``fn`` (keys of its specialization:
     ``(argument index,)``)."""
@@ -292,11 +306,12 @@ def _variant(fn, kernel, launches: list[tuple[str, tuple[int, ...]]]) -> dict[st
         "mma": "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "-",
         "fma": len(re.findall(r"\bfma\.rn", ptx)),
         "dependent_launch": "griddepcontrol" in ptx,
-        "pdl_wait": "griddepcontrol.wait" in ptx,
         "loop_waits": _loop_waits(kernel.asm["ttgir"]),
         "ring": _ring(kernel.asm["ttgir"]),
         "mma_loop_sass": mma_loop[0],
         "mma_loop_branches": mma_loop[1],
+        "l2_prefetches": ptx.count("cp.async.bulk.prefetch.L2"),
+        "pdl_order": [name for _, name in sorted((ptx.find(n), name) for n, name in _PDL_STEPS if n in ptx)],
     }
 
 

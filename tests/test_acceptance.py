@@ -64,11 +64,12 @@ def _step_rows(markdown: str) -> dict[str, list[str]]:
     return {_cells(row)[1].strip("`"): _cells(row) for row in steps[2:]}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dry_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path, float]:
     """The whole dry run through the shell entry point, with a failing step injected first."""
     out = tmp_path_factory.mktemp("acceptance")
-    env = {**os.environ, "PYTHON": sys.executable}
+    # its pytest step (two small test files) in one process: worker start-ups would cost more than the tests
+    env = {**os.environ, "PYTHON": sys.executable, "PYTEST_XDIST_AUTO_NUM_WORKERS": "0"}
     t0 = time.perf_counter()
     proc = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_acceptance.sh"), str(out), "--dry-run", "--inject-failure"],

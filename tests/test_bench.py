@@ -186,7 +186,7 @@ def test_measure_traffic_counts_kernels_and_torch_ops() -> None:
     assert torch.equal(dst, src + 1.0)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def touching_qkv_result() -> dict:
     """The bench at the tiny preset with ``bench_kernels.touching_qkv_proj_rope`` as the Triton qkv_proj_rope."""
     with pytest.MonkeyPatch.context() as mp:

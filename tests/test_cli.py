@@ -1,4 +1,7 @@
-"""The ``dsv4`` command end to end: ``run``, ``info``, ``golden save|check``, exit codes."""
+"""The ``dsv4`` command end to end: ``run``, ``info``, ``golden save|check``, exit codes.
+
+``dsv4 run`` runs as the console command (a fresh interpreter); the rest through ``main`` in this
+process (``test_cli_errors.py`` runs user errors both ways)."""
 
 from __future__ import annotations
 
@@ -27,34 +30,31 @@ def test_run_prints_table_and_passes() -> None:
     assert "all checks passed" in lines[-1]
 
 
-def test_info_lists_backends() -> None:
-    proc = run_dsv4("info")
-    assert proc.returncode == 0, proc.stderr
-    assert "torch" in proc.stdout and "backend reference available" in proc.stdout
+def test_info_lists_backends(capsys: pytest.CaptureFixture) -> None:
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "backend reference available" in out
 
 
-def test_bad_arguments_exit_nonzero() -> None:
-    proc = run_dsv4("run", "--preset", "tiny", "--start-pos", "5000")
-    assert proc.returncode == 2 and "max_position_embeddings" in proc.stderr
-
-
-def test_golden_save_then_check(tmp_path: Path) -> None:
+def test_golden_save_then_check(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     for op in ("qkv_proj_rope", "indexer_compressor", "indexer"):
         assert main(["golden", "save", str(tmp_path), "--op", op, "--seed", "3"]) == 0
     assert main(["golden", "save", str(tmp_path), "--op", "indexer", "--mode", "prefill"]) == 0
     assert len(list(tmp_path.glob("*.json"))) == 4
-    proc = run_dsv4("golden", "check", str(tmp_path), "--backend", "reference", "--device", "cpu")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "4/4 golden cases passed" in proc.stdout
+    capsys.readouterr()
+    check = ["golden", "check", str(tmp_path), "--backend", "reference", "--device", "cpu"]
+    code, out = main(check), capsys.readouterr().out
+    assert code == 0, out
+    assert "4/4 golden cases passed" in out
 
     # tamper with one expected output: the check must fail and say where
     path = tmp_path / "qkv_proj_rope-tiny-decode-seed3.expected.safetensors"
     expected = load_file(str(path))
     expected["kv"] = (expected["kv"].float() * 1.05).to(torch.bfloat16)
     save_file(expected, str(path))
-    proc = run_dsv4("golden", "check", str(tmp_path), "--backend", "reference", "--device", "cpu")
-    assert proc.returncode == 1
-    assert "3/4 golden cases passed" in proc.stdout and "kv            FAIL" in proc.stdout
+    code, out = main(check), capsys.readouterr().out
+    assert code == 1
+    assert "3/4 golden cases passed" in out and "kv            FAIL" in out
 
 
 def test_golden_check_empty_folder(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ def test_steps_with_resets_equal_fresh_sequences(backend: str) -> None:
     q and kv are checked over the whole run: a +-1 flip of one qr element (legal, spec §6) moves every
     q entry of its token, so the spec's 0.5% violation ratio is meant over many tokens, not two.
     """
-    steps = 200 if backend == "reference" else 24
+    steps = 200 if backend == "reference" else 9  # Triton: each slot still closes a block after its reset
     resets = {1: steps // 3, 2: 2 * steps // 3}  # slot -> step at which a new sequence takes it
     max_position = 4 * (SEQ * steps // 4 + 1)
     batched = tiny_frontend(backend, 3, max_position)

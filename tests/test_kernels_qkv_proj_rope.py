@@ -1,7 +1,8 @@
 """``qkv_proj_rope`` with ``backend="triton"`` against the reference (spec §3), spec §6 tolerances.
 
-Without a GPU the kernels run through Triton's interpreter, so full-size dims appear in two cases
-only (one decode, one prefill); the ``tiny`` preset carries the sweep over token counts.
+Without a GPU the kernels run through Triton's interpreter, so full-size dims appear in one default
+case (decode) and one ``full`` case (prefill); the ``tiny`` preset and dims of no preset carry the
+sweep over token counts and tilings.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import triton
 import triton.language as tl
 
 import dsv4
-from conftest import BACKENDS, DEVICE
+from conftest import BACKENDS, DEVICE, FULL
+from dsv4.bench.interp_traffic import count_traffic
 from dsv4.harness.golden import compare, ratio_allclose, tolerance
 from dsv4.kernels.epilogue import rms_inv_of_sumsq, rms_scale
 from dsv4.kernels.launch import H100_SMS
 from dsv4.kernels.projection import projection_tiles
 from dsv4.kernels.qkv_proj_rope import launch_q_heads, q_heads_tiles
+from dsv4.kernels.split_k import BLOCK_K
 from dsv4.model.config import DeepSeekV4Config, get_config
 from dsv4.model.rope import RopeTable, rope_table
 from dsv4.model.weights import AttnWeights, synthetic_activations, synthetic_weights
@@ -29,6 +32,9 @@ TINY = get_config("tiny")
 # Dims of no preset: odd head count, a q LoRA rank that is not a power of two (as in ``pro``) and a
 # hidden size that is not one either; the kernels must take every dimension from the tensors.
 ODD = TINY.replace(name="odd", hidden_size=384, num_attention_heads=3, q_lora_rank=192)
+# Too many heads for half-head pairs in one wave of SMs at T > 128 (2 M-tiles x 2 x 34 > 132): one
+# program per head and 64-token tiles, the q heads' plan of a full-size prefill chunk.
+MANY_HEADS = TINY.replace(name="many-heads", num_attention_heads=34)
 
 
 def decode_positions(t: int, table: int, seed: int) -> torch.Tensor:
@@ -99,6 +105,15 @@ def test_demo_decode() -> None:
     check(cfg, decode_positions(128, table, seed=1), table, seed=1, outliers=0)
 
 
+def test_unpaired_q_heads_in_64_token_tiles() -> None:
+    """A 130-token prompt chunk with 34 heads: two M-tiles in the projection (128 + 2 rows) and three
+    in the q heads (64 + 64 + 2), the last partly masked, one program per head (the tiling of
+    ``test_demo_prefill``, at tiny dims)."""
+    assert q_heads_tiles(130, MANY_HEADS.num_attention_heads, H100_SMS) == (64, False)
+    check(MANY_HEADS, torch.arange(1000, 1130), 1024 + 256, seed=2, outliers=4)
+
+
+@FULL
 def test_demo_prefill() -> None:
     """Full-size dims, a 160-token prompt chunk at positions 1000.. with outlier activations: two
     M-tiles in the projection (128 + 32 rows) and three in the q heads (64 + 64 + 32), the last
@@ -110,10 +125,10 @@ def test_demo_prefill() -> None:
 @pytest.mark.parametrize("t", [3, 64])
 def test_repeatable_bit_for_bit(t: int) -> None:
     """The split-K partial sums are added in a fixed order and a head's halves combine their sums of
-    squares in a fixed order: two runs agree exactly (T=3 is split over K, T=64 is not)."""
+    squares in a fixed order: two runs agree exactly (both T split D into every one of its K blocks)."""
     x, w, positions, rope = qkv_inputs(TINY, decode_positions(t, 256, seed=3), 256, seed=3, outliers=4)
     splits = projection_tiles(t, TINY.hidden_size, TINY.q_lora_rank, TINY.head_dim, H100_SMS).splits
-    assert (splits > 1) == (t == 3)
+    assert splits == TINY.hidden_size // BLOCK_K
     first = dsv4.qkv_proj_rope(x, w, positions, rope, backend="triton")
     for _ in range(2):
         again = dsv4.qkv_proj_rope(x, w, positions, rope, backend="triton")
@@ -141,6 +156,23 @@ def test_paired_halves_compute_the_same_bits(t: int, huge: bool) -> None:
     for _ in range(2):
         launch_q_heads(expected.qr, expected.qr_scale, w, positions, rope, TINY.rms_norm_eps, q, sumsq, block_m, True)
     assert torch.equal(q, expected.q)
+
+
+def test_whole_head_programs_read_qr_once() -> None:
+    """A q-head program that computes both halves of its head reads each ``qr`` tile once for both
+    (the interpreter's plan; on a GPU the plan past one wave of pairs): the launch asks for ``wq_b``
+    and its scales once, per head program ``qr``, ``qr_scale``, the positions and the cos/sin rows once,
+    and writes ``q`` once: not a byte more."""
+    t = 17
+    x, w, positions, rope = qkv_inputs(TINY, decode_positions(t, 256, seed=4), 256, seed=4)
+    h, ql, r = TINY.num_attention_heads, TINY.q_lora_rank, rope.rope_dim
+    with count_traffic() as log:
+        out = dsv4.qkv_proj_rope(x, w, positions, rope, backend="triton")
+    (launch,) = [v for v in log.launches if v.kernel == "_q_heads_kernel"]
+    assert launch.grid == (1, h, 1)  # one 32-token tile of whole heads
+    per_head = t * ql + t * 4 + t * positions.element_size() + 2 * t * (r // 2) * 4
+    assert launch.load_bytes == w.wq_b.numel() + w.wq_b_scale.numel() * 4 + h * per_head
+    assert launch.store_bytes == out.q.numel() * 2
 
 
 # --- RMSNorm of very large finite values (spec §2, any finite input) -------------------------------
@@ -263,15 +295,14 @@ def test_writes_into_out() -> None:
 
 def test_flash_decode_tiles() -> None:
     """At flash decode (T=128) on an H100 every weight byte is read once (one M-tile in the projection
-    and in the q heads), the fp32 partials cost under half the projection's weight traffic, and the
-    q heads pair up in one wave of SMs."""
+    and in the q heads), the projection's K split fills one wave of the SMs (132 programs: its 12
+    column tiles x 11 K-slices) and the q heads pair up in one wave of SMs."""
     cfg = get_config("flash")
     t, d, ql, hd, h = 128, cfg.hidden_size, cfg.q_lora_rank, cfg.head_dim, cfg.num_attention_heads
     tiles = projection_tiles(t, d, ql, hd, H100_SMS)
     n_tiles, m_tiles, splits = tiles.grid(t, ql + hd)
-    assert (n_tiles, m_tiles, splits) == (12, 1, 4)
-    partial_traffic = 2 * splits * t * (ql + hd) * 4  # written once, read back once
-    assert partial_traffic <= (ql + hd) * d * 2 / 2
+    assert (n_tiles, m_tiles, splits) == (12, 1, 11)
+    assert H100_SMS - n_tiles < n_tiles * m_tiles * splits <= H100_SMS
     assert q_heads_tiles(t, h, H100_SMS) == (128, True)
     assert q_heads_tiles(129, h, H100_SMS) == (64, False)  # two M-tiles of pairs would need 256 SMs
 

@@ -7,7 +7,8 @@ pairs would not fit one wave), and for a prefill chunk (T=1024, where D is not s
 (``sm90.compile_plans``). The q accumulators are the register hog: no variant may spill (no local
 memory), each must fit the SM's shared memory, the two GEMM loops must stream their operands through
 shared memory (cp.async), and every kernel takes part in programmatic dependent launch
-(``griddepcontrol``), as ``docs/DESIGN.md`` says.
+(``griddepcontrol``), each letting its successor start before it waits for its predecessor, and the q
+heads asking L2 for their ``wq_b`` rows before their wait, as ``docs/DESIGN.md`` says.
 """
 
 from __future__ import annotations
@@ -27,22 +28,30 @@ PLANS = [  # two groups, compiled side by side
         Plan("flash-prefill-1024", "qkv_proj_rope", "flash", 1, 1024),
     ],
 ]
-# Grids as docs/DESIGN.md gives them: 12 column tiles x 4 K-slices at T=128 (no slice shorter than 8 x T
-# rows of D), 11 at T=1; at T=1024 the 96 output tiles alone fill the SMs (one slice); q heads: one
-# M-tile of all T <= 128 tokens x 2H half heads when that fits one wave, else ceil(T / 64) x H heads.
+# Grids as docs/DESIGN.md gives them: the projection's K split fills one wave of 132 SMs (12 column tiles
+# x 11 K-slices at T <= 128, 24 tiles x 5 at T=256, 16 x 8 for pro); at T=1024 the 96 output tiles alone
+# fill the SMs (one slice); q heads: one M-tile of all T <= 128 tokens x 2H half heads when that fits one
+# wave, else ceil(T / 64) x H heads.
 KERNELS = ("_split_k_projection_kernel", "_qr_kv_rows_kernel", "_q_heads_kernel")
 GRIDS = {
-    "flash-decode": ((12, 1, 4), (128,), (1, 128)),
+    "flash-decode": ((12, 1, 11), (128,), (1, 128)),
     "flash-t1": ((12, 1, 11), (1,), (1, 128)),
-    "flash-t256": ((12, 2, 2), (256,), (4, 64)),
-    "pro-decode": ((16, 1, 7), (128,), (2, 128)),
+    "flash-t256": ((12, 2, 5), (256,), (4, 64)),
+    "pro-decode": ((16, 1, 8), (128,), (2, 128)),
     "flash-prefill-1024": ((12, 8, 1), (1024,), (16, 64)),
 }
-PIPELINED = {"_split_k_projection_kernel", "_q_heads_kernel"}  # 3 and 2 stages of cp.async
+PIPELINED = {"_split_k_projection_kernel", "_q_heads_kernel"}  # 5 and 3 stages of cp.async
+# PDL steps in program order: each launch lets its successor start, then waits; the q heads (no successor
+# in the op) ask L2 for their wq_b rows first (projection.py, qkv_proj_rope.py)
+PDL_ORDER = {
+    "_split_k_projection_kernel": ("launch_dependents", "wait"),
+    "_qr_kv_rows_kernel": ("launch_dependents", "wait"),
+    "_q_heads_kernel": ("prefetch", "wait"),
+}
 WGMMA_PLANS = {"flash-decode", "flash-t256", "pro-decode", "flash-prefill-1024"}  # 64/128-row tiles; T=1: 16 (mma.sync)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def variants() -> list[Variant]:
     return compile_plans(PLANS)
 
@@ -70,5 +79,8 @@ def test_gemm_loops_are_pipelined_on_tensor_cores(variants: list[Variant]) -> No
 
 def test_every_kernel_takes_part_in_dependent_launch(variants: list[Variant]) -> None:
     """Launched with PDL on an sm_90 GPU, each kernel waits for its predecessor's results in the
-    kernel (``gdc_wait``), not at the launch boundary."""
+    kernel (``gdc_wait``), not at the launch boundary, and lets its successor launch before that wait;
+    the q heads' wq_b stream starts before theirs."""
     assert all(v.dependent_launch for v in variants), [v.kernel for v in variants if not v.dependent_launch]
+    for v in variants:
+        assert v.pdl_order == PDL_ORDER[v.kernel], (v.kernel, v.launches, v.pdl_order)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from conftest import DEVICE
+from conftest import DEVICE, FULL
 from dsv4.harness.golden import tolerance, topk_allclose
 from dsv4.kernels.interpreter import interpreted
 from dsv4.kernels.topk import (
@@ -108,6 +108,7 @@ def test_topk_special_rows(n: int) -> None:
     _check(_masked(rows.view(1, 6, n).to(DEVICE), pos), pos, 16)
 
 
+@FULL  # 262144 keys, three index digits: test_topk_all_scores_equal[262144-hist]; no hist: [65536] there
 def test_topk_long_context() -> None:
     """262144 keys (1M tokens), topk 1024, distinct and tied scores: the long-context shape."""
     pos = _positions(1, 2, 262144 * 4 - 2)
@@ -188,7 +189,12 @@ def _long_rows(n: int, seed: int) -> tuple[torch.Tensor, StepPositions]:
 
 @pytest.mark.parametrize(
     "n,topk,hist_given",
-    [(ROW_IN_REGISTERS + 1, 512, True), (65536, 512, True), (65536, 1024, False), (262144, 512, True)],
+    [
+        (ROW_IN_REGISTERS + 1, 512, True),
+        (65536, 512, True),
+        (65536, 1024, False),
+        pytest.param(262144, 512, True, marks=FULL),  # 262144 keys: test_topk_all_scores_equal[262144-hist]
+    ],
     ids=["4097-512-hist", "65536-512-hist", "65536-1024", "262144-512-hist"],
 )
 def test_topk_long_rows(n: int, topk: int, hist_given: bool) -> None:

@@ -16,7 +16,7 @@ from dsv4.cli import main
 from dsv4.kernels import tuning
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dry_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tune")
     t0 = time.perf_counter()

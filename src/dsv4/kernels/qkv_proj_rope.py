@@ -12,8 +12,15 @@ A whole head for 128 tokens would need a 256 KiB int32 accumulator (the whole re
 head is computed as two column halves of HD/2. On a GPU, when the grid fits one wave of SMs (all
 programs resident together), each half is its own program and the two swap their rows' sums of
 squares through a small scratch buffer (``PAIRED``). Otherwise (a larger grid; and always under the
-interpreter, which runs programs one after another) one program computes both halves in turn. Both
-ways the per-head sum of squares is ``sum(half 0) + sum(half 1)``, so both give the same numbers.
+interpreter, which runs programs one after another) one program computes both halves in one pass over
+QL, each ``qr`` tile feeding both halves' dots. Both ways the per-head sum of squares is
+``sum(half 0) + sum(half 1)``, so both give the same numbers.
+
+On sm_90 every launch takes part in programmatic dependent launch, and each lets its successor start
+at its own start, before it waits for its predecessor: so ``wq_b`` (60% of the bytes at decode,
+read by launch 3 and independent of launches 1 and 2) is asked of L2 before the q heads' wait,
+by each q-head program for its own rows, or by the projection's programs when the op starts
+(``WQ_B_PREFETCH``, a tuning choice).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from ..model.structs import QKV
 from ..model.weights import AttnWeights
 from .epilogue import overflow_scale, quantize_int8_rows, rms_inv_of_sumsq, rms_scale, store_rope_bf16, to_bf16
 from .interpreter import interpreted
+from .l2_prefetch import can_prefetch, prefetch_l2
 from .launch import is_pow2, pdl_supported, pow2_divisor, sm_count
 from .projection import split_k_projection
 from .split_k import sum_k_slices
@@ -46,6 +54,11 @@ Q_NUM_WARPS = 8  # 128 KiB of accumulators over 256 threads = 128 registers each
 _LOW32 = tl.constexpr(0xFFFFFFFF)  # the low word of an exchanged int64: a half's sum of squares
 _ONE_AND_ZERO = tl.constexpr(0x3F800000 << 32)  # the word of c = 1.0, sum 0 (masked rows)
 Q_NUM_STAGES = 3  # (128 + 256) rows x 128 B = 48 KiB of shared memory per stage, 144 KiB for 3
+# Who asks L2 for wq_b before the launches it does not depend on have finished (compiled on sm_90 only):
+# "q_heads": each q-head program its own rows, before its PDL wait (it can start once the rows kernel has
+# started, SMs permitting: a paired program takes a whole SM's registers); "projection": the projection's
+# programs, 1/132 of wq_b each, at the op's start; "none". Which wins is a GPU measurement.
+WQ_B_PREFETCH = ("none", "q_heads", "projection")
 
 _PDL = Param(
     "pdl",
@@ -78,8 +91,24 @@ Q_HEADS_TUNING = Tunable(
             exact=True,
         ),
         _PDL,
+        Param(
+            "wq_b_prefetch",
+            "q_heads",
+            WQ_B_PREFETCH,
+            "who asks L2 for wq_b before the earlier launches end (with PDL, sm_90): q-head or projection programs",
+            exact=True,
+            compiled_only=True,
+        ),
     ),
-    candidates=({"num_stages": 2}, {"num_stages": 4}, {"block_k": 64}, {"paired": False}, {"pdl": False}),
+    candidates=(
+        {"num_stages": 2},
+        {"num_stages": 4},
+        {"block_k": 64},
+        {"paired": False},
+        {"pdl": False},
+        {"wq_b_prefetch": "projection"},
+        {"wq_b_prefetch": "none"},
+    ),  # fmt: skip
 )
 
 
@@ -109,8 +138,10 @@ def _qr_kv_rows_kernel(
 ):
     t = tl.program_id(0).to(tl.int64)
     if PDL:
-        gdc_wait()  # the projection's partials are complete and visible
+        # the q heads may be scheduled now: they ask L2 for their wq_b before their own wait, which
+        # returns only once this grid has completed (qr, qr_scale and the exchange buffer's reset written)
         gdc_launch_dependents()
+        gdc_wait()  # the projection's partials are complete and visible
     row = partial_ptr + t * (QL + HD)
     slice_stride = tl.cast(T, tl.int64) * (QL + HD)
 
@@ -144,11 +175,20 @@ def _qr_kv_rows_kernel(
 
 
 @triton.jit
+def _dequant(acc, qr_scale, wq_b_scale_ptr, cols):
+    """``acc [BM, HALF]`` int32, columns ``cols [HALF]`` of ``qr @ wq_b.T``, dequantized: ``qp [BM, HALF]``
+    fp32, then per row the half's ``overflow_scale`` ``c [BM]`` and the sum of squares of ``qp * c``
+    ``[BM]``. ``qr_scale``: ``[BM, 1]`` fp32."""
+    qp = acc.to(tl.float32) * qr_scale * tl.load(wq_b_scale_ptr + cols)[None, :]
+    c = overflow_scale(tl.max(tl.abs(qp), axis=1))
+    u = qp * c[:, None]
+    return qp, c, tl.sum(u * u, axis=1)
+
+
+@triton.jit
 def _half_head(qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, QL: tl.constexpr, HALF: tl.constexpr,
                BLOCK_K: tl.constexpr):  # fmt: skip
-    """Columns ``[col0, col0 + HALF)`` of ``qr @ wq_b.T`` for ``rows``, dequantized: ``qp [BM, HALF]`` fp32,
-    then per row the half's ``overflow_scale`` ``c [BM]`` and the sum of squares of ``qp * c`` ``[BM]``.
-    ``qr_scale``: ``[BM, 1]`` fp32."""
+    """Columns ``[col0, col0 + HALF)`` of ``qr @ wq_b.T`` for ``rows``, dequantized (``_dequant``)."""
     ks = tl.arange(0, BLOCK_K)
     cols = col0 + tl.arange(0, HALF)
     qr_rows = qr_ptr + rows[:, None] * QL
@@ -159,10 +199,34 @@ def _half_head(qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, Q
         a = tl.load(qr_rows + (k0 + ks)[None, :], mask=row_ok[:, None], other=0)
         w = tl.load(w_cols + (k0 + ks)[:, None])
         acc = tl.dot(a, w, acc, out_dtype=tl.int32)
-    qp = acc.to(tl.float32) * qr_scale * tl.load(wq_b_scale_ptr + cols)[None, :]
-    c = overflow_scale(tl.max(tl.abs(qp), axis=1))
-    u = qp * c[:, None]
-    return qp, c, tl.sum(u * u, axis=1)
+    return _dequant(acc, qr_scale, wq_b_scale_ptr, cols)
+
+
+@triton.jit
+def _whole_head(qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, QL: tl.constexpr,
+                HALF: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """Both halves of the head at columns ``[col0, col0 + 2*HALF)`` in one pass over QL: each ``qr`` tile
+    is loaded once and feeds both halves' dots (two half-head accumulators, as many registers as one
+    half's ``qp`` held while the other accumulates). ``(qp0, c0, sumsq0, qp1, c1, sumsq1)``, each half
+    as ``_half_head`` gives it (exact int32 sums: the same bits)."""
+    ks = tl.arange(0, BLOCK_K)
+    cols0 = col0 + tl.arange(0, HALF)
+    cols1 = cols0 + HALF
+    qr_rows = qr_ptr + rows[:, None] * QL
+    w_cols0 = wq_b_ptr + cols0[None, :] * QL
+    w_cols1 = wq_b_ptr + cols1[None, :] * QL
+
+    acc0 = tl.zeros((rows.shape[0], HALF), dtype=tl.int32)
+    acc1 = tl.zeros((rows.shape[0], HALF), dtype=tl.int32)
+    for k0 in range(0, QL, BLOCK_K):
+        a = tl.load(qr_rows + (k0 + ks)[None, :], mask=row_ok[:, None], other=0)
+        w0 = tl.load(w_cols0 + (k0 + ks)[:, None])
+        w1 = tl.load(w_cols1 + (k0 + ks)[:, None])
+        acc0 = tl.dot(a, w0, acc0, out_dtype=tl.int32)
+        acc1 = tl.dot(a, w1, acc1, out_dtype=tl.int32)
+    qp0, c0, sumsq0 = _dequant(acc0, qr_scale, wq_b_scale_ptr, cols0)
+    qp1, c1, sumsq1 = _dequant(acc1, qr_scale, wq_b_scale_ptr, cols1)
+    return qp0, c0, sumsq0, qp1, c1, sumsq1
 
 
 @triton.jit
@@ -178,25 +242,29 @@ def _head_rms(c0, sumsq0, c1, sumsq1, HD: tl.constexpr, eps):
 
 
 @triton.jit
-def _swap_sumsq(sumsq_ptr, pair, half, c, sumsq, rows, row_ok, T):
-    """Publish this half's scale and sum of squares (``[BM]`` each) and return the other half's
-    ``(c, sumsq)``, once the partner has published them.
+def _publish_sumsq(sumsq_ptr, pair, half, c, sumsq, rows, row_ok, T):
+    """Publish this half's scale and sum of squares (``[BM]`` each) for its partner (``_await_sumsq``).
 
-    GPU only: the partner program must be resident at the same time (the launcher pairs only grids
-    that fit one wave of SMs). Both travel in one int64 word, ``c``'s bits above the sum's, and every
-    word is its own flag: the rows kernel set them to -1, and a published word is positive (``c`` is a
-    positive power of two; a NaN sum's sign bit stays in the low word).
-
-    The wait ends when the block-wide count of unpublished values is 0. A row's value may be held by
-    several threads (a tile split over warp groups along N replicates its rows), and the count sees
-    one copy of each; so after the wait every thread loads its values once more, which the barrier
-    of that count orders after the copies that were seen published.
+    Both travel in one int64 word, ``c``'s bits above the sum's, and every word is its own flag: the
+    rows kernel set them to -1, and a published word is positive (``c`` is a positive power of two; a
+    NaN sum's sign bit stays in the low word). An atomic store, read by the partner's volatile loads.
     """
     mine = sumsq_ptr + (pair * 2 + half) * T + rows
-    theirs = sumsq_ptr + (pair * 2 + 1 - half) * T + rows
     word = (c.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (sumsq.to(tl.int32, bitcast=True).to(tl.int64) & _LOW32)
-    # an atomic store, read by the partner's volatile loads
     tl.atomic_xchg(mine, word, mask=row_ok, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _await_sumsq(sumsq_ptr, pair, half, rows, row_ok, T):
+    """The other half's ``(c, sumsq)`` (``[BM]`` each), once the partner has published them.
+
+    GPU only: the partner program must be resident at the same time (the launcher pairs only grids
+    that fit one wave of SMs). The wait ends when the block-wide count of unpublished values is 0. A
+    row's value may be held by several threads (a tile split over warp groups along N replicates its
+    rows), and the count sees one copy of each; so after the wait every thread loads its values once
+    more, which the barrier of that count orders after the copies that were seen published.
+    """
+    theirs = sumsq_ptr + (pair * 2 + 1 - half) * T + rows
     other = tl.load(theirs, mask=row_ok, other=_ONE_AND_ZERO, volatile=True)
     while tl.sum((other < 0).to(tl.int32), axis=0) > 0:
         other = tl.load(theirs, mask=row_ok, other=_ONE_AND_ZERO, volatile=True)
@@ -206,17 +274,25 @@ def _swap_sumsq(sumsq_ptr, pair, half, c, sumsq, rows, row_ok, T):
 
 
 @triton.jit
+def _rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, ok, R: tl.constexpr):
+    """cos and sin ``[BM, R/2]`` fp32 at each row's token position (rows not ``ok``: cos 1, sin 0)."""
+    pos = tl.load(positions_ptr + rows, mask=ok, other=0).to(tl.int64)
+    pairs = tl.arange(0, R // 2)[None, :]
+    cos = tl.load(cos_ptr + pos[:, None] * (R // 2) + pairs, mask=ok[:, None], other=1.0)
+    sin = tl.load(sin_ptr + pos[:, None] * (R // 2) + pairs, mask=ok[:, None], other=0.0)
+    return cos, sin
+
+
+@triton.jit
 def _store_q_half(q_ptr, qn, rows, row_ok, col0, positions_ptr, cos_ptr, sin_ptr, H: tl.constexpr,
                   HD: tl.constexpr, R: tl.constexpr, ROPE: tl.constexpr):  # fmt: skip
     """Store ``qn [BM, HALF]`` (normalized) as bf16 at columns ``[col0, col0 + HALF)`` of ``q [T, H*HD]``;
-    ``ROPE``: the half that holds a head's last R columns, rotated at each token's position."""
+    ``ROPE``: the half that holds a head's last R columns, rotated at each token's position (its cos/sin
+    rows are loaded here, not earlier: the paired kernel has no registers to hold them sooner)."""
     HALF: tl.constexpr = qn.shape[1]
     out = q_ptr + rows[:, None] * (H * HD) + col0 + tl.arange(0, HALF)[None, :]
     if ROPE:
-        pos = tl.load(positions_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        pairs = tl.arange(0, R // 2)[None, :]
-        cos = tl.load(cos_ptr + pos[:, None] * (R // 2) + pairs, mask=row_ok[:, None], other=1.0)
-        sin = tl.load(sin_ptr + pos[:, None] * (R // 2) + pairs, mask=row_ok[:, None], other=0.0)
+        cos, sin = _rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, row_ok, R)
         store_rope_bf16(out, qn, cos, sin, row_ok[:, None], HALF, R)
     else:
         tl.store(out, to_bf16(qn), mask=row_ok[:, None])
@@ -243,19 +319,29 @@ def _q_heads_kernel(
     BLOCK_K: tl.constexpr,
     PAIRED: tl.constexpr,  # program (M-tile, 2*head + half); else (M-tile, head) computing both halves
     PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,  # ask L2 for this program's wq_b rows before the wait (first M-tile only)
 ):
     HALF: tl.constexpr = HD // 2
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < T
-    if PDL:
-        gdc_wait()  # qr, qr_scale and the exchange buffer's reset are complete and visible
-    qr_scale = tl.load(qr_scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
     if PAIRED:
         head = tl.program_id(1).to(tl.int64) // 2
         half = tl.program_id(1).to(tl.int64) % 2
         col0 = head * HD + half * HALF
+        width = HALF
+    else:
+        col0 = tl.program_id(1).to(tl.int64) * HD
+        width = HD
+    if PREFETCH:  # noqa: SIM102 (wq_b depends on no earlier launch: it streams while the projection and rows run)
+        if tl.program_id(0) == 0:
+            prefetch_l2(wq_b_ptr, col0 * QL, (col0 + width) * QL)
+    if PDL:
+        gdc_wait()  # qr, qr_scale and the exchange buffer's reset are complete and visible
+    qr_scale = tl.load(qr_scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    if PAIRED:
         qp, c, sumsq = _half_head(qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, QL, HALF, BLOCK_K)
-        c_other, sumsq_other = _swap_sumsq(sumsq_ptr, head, half, c, sumsq, rows, row_ok, T)
+        _publish_sumsq(sumsq_ptr, head, half, c, sumsq, rows, row_ok, T)
+        c_other, sumsq_other = _await_sumsq(sumsq_ptr, head, half, rows, row_ok, T)
         first = half == 0  # both programs of a pair combine half 0's values first: the same bits
         scale, inv = _head_rms(
             tl.where(first, c, c_other), tl.where(first, sumsq, sumsq_other),
@@ -267,10 +353,8 @@ def _q_heads_kernel(
         else:
             _store_q_half(q_ptr, qn, rows, row_ok, col0, positions_ptr, cos_ptr, sin_ptr, H, HD, R, True)
     else:
-        col0 = tl.program_id(1).to(tl.int64) * HD
-        qp0, c0, sumsq0 = _half_head(qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, QL, HALF, BLOCK_K)
-        qp1, c1, sumsq1 = _half_head(
-            qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0 + HALF, QL, HALF, BLOCK_K
+        qp0, c0, sumsq0, qp1, c1, sumsq1 = _whole_head(
+            qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, QL, HALF, BLOCK_K
         )
         scale, inv = _head_rms(c0, sumsq0, c1, sumsq1, HD, eps)
         _store_q_half(q_ptr, (qp0 * scale) * inv, rows, row_ok, col0, positions_ptr, cos_ptr, sin_ptr, H, HD, R, False)
@@ -311,11 +395,13 @@ def launch_q_heads(
         cfg = Q_HEADS_TUNING.config(q.device, T=pow2_bucket(t), H=h, QL=ql)
     pdl = cfg.pdl and pdl_supported(q.device)
     block_k = max(Q_BLOCK_K_MIN, pow2_divisor(ql, cfg.block_k))
+    prefetch = pdl and cfg.wq_b_prefetch == "q_heads" and can_prefetch(w.wq_b)
     _q_heads_kernel[(triton.cdiv(t, block_m), 2 * h if paired else h)](
         qr, qr_scale, w.wq_b, w.wq_b_scale, positions, rope.cos, rope.sin, q, sumsq,
         t, eps,
         QL=ql, H=h, HD=hd, R=rope.rope_dim, BLOCK_M=block_m, BLOCK_K=block_k,
-        PAIRED=paired, PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
+        PAIRED=paired, PDL=pdl, PREFETCH=prefetch,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
     )  # fmt: skip
 
 
@@ -366,7 +452,8 @@ def qkv_proj_rope(
     sumsq = scratch(ws, "qkv.sumsq", (2 * h * t if paired else 1,), torch.int64, dev)
     pdl = rows_cfg.pdl and pdl_supported(dev)
 
-    partial = split_k_projection(x, w.wq_a, w.wkv, ws, pdl)
+    prefetch = w.wq_b if q_cfg.wq_b_prefetch == "projection" else None
+    partial = split_k_projection(x, w.wq_a, w.wkv, ws, pdl, prefetch)
     _qr_kv_rows_kernel[(t,)](
         partial, w.gamma_cq, w.gamma_ckv, positions, rope.cos, rope.sin, qr, qr_scale, kv, sumsq,
         t, eps,

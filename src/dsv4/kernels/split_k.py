@@ -28,14 +28,15 @@ SLICE_PER_TOKEN_MIN = 8  # K-slice length >= 8 x T: the fp32 partials (T x N x 4
 BF16_DOT_DTYPE = tl.constexpr(tl.float32 if interpreted() else tl.bfloat16)
 
 
-def k_splits(tiles: int, t: int, d: int, sms: int) -> int:
+def k_splits(tiles: int, t: int, d: int, sms: int, bound_partials: bool = True) -> int:
     """K-slices per output tile of ``[T, D] @ [N, D].T`` computed as ``tiles`` output tiles.
 
     As many as fill one wave of ``sms`` programs (all SMs streaming weights, no ragged second wave),
-    but no slice shorter than ``SLICE_PER_TOKEN_MIN * T`` (the partials stay under half the weight
-    bytes) and none empty; one when the output tiles alone fill the SMs (prefill).
+    but none empty and, when ``bound_partials``, no slice shorter than ``SLICE_PER_TOKEN_MIN * T``
+    (the partials stay under half the weight bytes); one when the output tiles alone fill the SMs (prefill).
     """
-    return max(1, min(sms // tiles, d // (SLICE_PER_TOKEN_MIN * t), triton.cdiv(d, BLOCK_K)))
+    per_token = d // (SLICE_PER_TOKEN_MIN * t) if bound_partials else d
+    return max(1, min(sms // tiles, per_token, triton.cdiv(d, BLOCK_K)))
 
 
 @triton.jit
