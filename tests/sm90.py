@@ -276,9 +276,16 @@ def _ring(ttgir: str) -> int:
 
 _PDL_STEPS = (
     ("cp.async.bulk.prefetch.L2", "prefetch"),
+    ("prefetch.global.L2", "prefetch"),
     ("griddepcontrol.launch_dependents", "launch_dependents"),
     ("griddepcontrol.wait", "wait"),
 )
+
+
+def _pdl_order(ptx: str) -> list[str]:
+    """The ``_PDL_STEPS`` in the PTX, in the order each first appears (both prefetch kinds are one)."""
+    steps = sorted((ptx.find(instruction), name) for instruction, name in _PDL_STEPS if instruction in ptx)
+    return list(dict.fromkeys(name for _, name in steps))
 
 
 def _variant(fn, kernel, launches: list[tuple[str, tuple[int, ...]]]) -> dict[str, Any]:
@@ -311,7 +318,7 @@ def _variant(fn, kernel, launches: list[tuple[str, tuple[int, ...]]]) -> dict[st
         "mma_loop_sass": mma_loop[0],
         "mma_loop_branches": mma_loop[1],
         "l2_prefetches": ptx.count("cp.async.bulk.prefetch.L2"),
-        "pdl_order": [name for _, name in sorted((ptx.find(n), name) for n, name in _PDL_STEPS if n in ptx)],
+        "pdl_order": _pdl_order(ptx),
     }
 
 

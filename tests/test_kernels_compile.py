@@ -73,8 +73,16 @@ GRIDS["compressor-decode-fp32-norm"] = GRIDS["compressor-decode"]
 # has at least one program per SM.
 FILL_PLANS = ("decode-2048", "decode-262144", "compressor-decode")
 STREAMING = {"_front_kernel", "_score_kernel"}
-# Every launch of an op but its first is launched with programmatic dependent launch on sm_90.
-FIRST_LAUNCH = "_front_kernel"
+# Programmatic dependent launch on sm_90, in the PTX's order: every launch lets its successor be scheduled
+# before it waits for its predecessor (the front launch, an op's first, does not wait); the score launch
+# asks L2 for its first key rows before either.
+PDL_ORDER = {
+    "_front_kernel": ("launch_dependents",),
+    "_compressor_step_kernel": ("launch_dependents", "wait"),
+    "_score_kernel": ("prefetch", "launch_dependents", "wait"),
+    "_select_row_kernel": ("launch_dependents", "wait"),
+    "_select_chunks_kernel": ("launch_dependents", "wait"),
+}
 
 # Kernels whose main loop streams operands through shared memory with cp.async (docs/DESIGN.md).
 PIPELINED = {"_front_kernel", "_score_kernel"}
@@ -139,12 +147,9 @@ def test_score_loop_keeps_key_tiles_in_flight(variants: list[Variant]) -> None:
 
 def test_dependent_launches_use_pdl(variants: list[Variant]) -> None:
     """Every launch after an op's first waits for its predecessor inside the kernel (``griddepcontrol.wait``:
-    launched with PDL), and the first lets it be scheduled early (``griddepcontrol.launch_dependents``)."""
+    launched with PDL), and each lets its successor be scheduled early (``griddepcontrol.launch_dependents``)."""
     for v in variants:
-        if v.kernel == FIRST_LAUNCH:
-            assert "launch_dependents" in v.pdl_order and "wait" not in v.pdl_order, (v.kernel, v.launches)
-        else:
-            assert "wait" in v.pdl_order, (v.kernel, v.launches, "not launched with PDL")
+        assert v.pdl_order == PDL_ORDER[v.kernel], (v.kernel, v.launches, v.pdl_order)
 
 
 def test_streaming_launches_fill_the_sms(variants: list[Variant]) -> None:

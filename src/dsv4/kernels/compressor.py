@@ -25,8 +25,8 @@ for both ops: ``indexer_compressor`` and the indexer run it between the front la
 indexer, the score launch, whose tiles are tuned apart from it. Chunk 0 adds *every* column of its
 row's slices (the indexer's head weights too), so the score launch reads one summed slice.
 
-With programmatic dependent launch (sm_90) each program waits for the front launch before it reads
-anything the step writes or reads back, and lets the next launch be scheduled right after.
+With programmatic dependent launch (sm_90) each program lets the next launch be scheduled, then
+waits for the front launch before it reads anything the step writes or reads back.
 """
 
 from __future__ import annotations
@@ -266,8 +266,8 @@ def _compressor_step_kernel(
     c = tl.program_id(1)
     start = tl.load(start_ptr + b)  # an input of the op: written before its first launch
     if PDL:
-        gdc_wait()  # the front launch's K-slices are complete and visible
         gdc_launch_dependents()  # the score launch may be scheduled: it waits for this grid to complete
+        gdc_wait()  # the front launch's K-slices are complete and visible
     if c * _CHUNK < tl.maximum((start + S) // RATIO - start // RATIO, 1):
         close_chunk(
             c, b, start, xp_ptr, kvg_ptr, ape_ptr, kv_state_ptr, score_state_ptr, keys_ptr, key_scale_ptr, table_ptr,

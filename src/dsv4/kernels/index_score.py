@@ -35,10 +35,10 @@ digit is counted over its visible scores (``topk.first_digit_histogram``'s digit
 that stays on chip across the group's tiles and is added to ``hist`` once per group and program
 (relaxed integer atomics: order-free, so deterministic).
 
-**Programmatic dependent launch.** Launched with PDL on sm_90, a program computes its work and
+**Programmatic dependent launch.** Launched with PDL on sm_90, a program computes its work,
 (compiled) prefetches its first tiles' keys into L2 — pool rows of earlier steps, written before the
-op's first launch — before it waits for the compressor step (new keys, the summed head weights) and
-the front launch (queries); then it lets the selection launch be scheduled.
+op's first launch — and lets the selection launch be scheduled before it waits for the compressor
+step (new keys, the summed head weights) and the front launch (queries).
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ from ..model.config import COMPRESS_RATIO
 from ..model.state import IndexerState
 from ..model.structs import MASKED_SCORE, StepPositions
 from ..model.weights import IndexerWeights
-from .launch import INTERPRETED, pdl_supported, require, sm_count
+from .l2_prefetch import prefetch_l2_lines
+from .launch import pdl_supported, require, sm_count
 from .topk import FIRST_DIGIT_BINS, HIST_WORDS, order_bits
 from .tuning import Param, Tunable, pow2_bucket
 
@@ -120,25 +121,6 @@ TUNING = Tunable(
 
 
 @triton.jit
-def prefetch_l2(ptrs, mask):
-    """Ask L2 for the lines at ``ptrs`` (compiled: ``prefetch.global.L2``; nothing in the interpreter).
-
-    A hint, never a read of a value: every SM's writes land in L2, so a prefetched line is never stale.
-    Not pure, so the compiler keeps it though its result (zeros) is unused."""
-    if INTERPRETED:
-        return mask.to(tl.int32) * 0
-    else:
-        return tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-            "=r,l,r",
-            [ptrs, mask.to(tl.int32)],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
-        )
-
-
-@triton.jit
 def _tile_slots(table_ptr, b, key, present, max_blocks, BLOCK_SIZE: tl.constexpr):
     """Pool slots of ``key [KEYS]`` of row ``b`` (``present``: rows that exist) through the block table."""
     block = tl.load(table_ptr + b * max_blocks + key // BLOCK_SIZE, mask=present, other=0).to(tl.int64)
@@ -189,10 +171,10 @@ def _score_kernel(
         first = (lo - g0 * tiles) * _KEYS + tl.arange(0, _PREFETCH_TILES * _KEYS)
         old = first < start0 // _RATIO
         first_slot = _tile_slots(table_ptr, b0, first, old, max_blocks, BLOCK_SIZE)
-        prefetch_l2(keys_ptr + first_slot * HID, old)  # one 128 B line per key row
-        prefetch_l2(key_scale_ptr + first_slot, old & (first % 32 == 0))  # a line holds 32 scales
-        gdc_wait()
+        prefetch_l2_lines(keys_ptr + first_slot * HID, old)  # one 128 B line per key row
+        prefetch_l2_lines(key_scale_ptr + first_slot, old & (first % 32 == 0))  # a line holds 32 scales
         gdc_launch_dependents()  # the selection may be scheduled: it waits for this grid to complete
+        gdc_wait()
 
     pair = tl.arange(0, PAIRS)
     pair_tok = pair // HEADS_PAD

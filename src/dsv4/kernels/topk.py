@@ -129,12 +129,12 @@ def first_digit_histogram(score, valid):
 
 @triton.jit
 def _wait_for_scores(PDL: tl.constexpr):
-    """Launched with programmatic dependent launch: wait for the launch before (the scores and their
-    histograms, or anything the caller's stream wrote) before reading anything, then let the next
-    launch be scheduled (it waits for this grid in turn)."""
+    """Launched with programmatic dependent launch: let the next launch be scheduled (it waits for
+    this grid in turn), then wait for the launch before (the scores and their histograms, or anything
+    the caller's stream wrote) before reading anything."""
     if PDL:
-        gdc_wait()
         gdc_launch_dependents()
+        gdc_wait()
 
 
 @triton.jit
