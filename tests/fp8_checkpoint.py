@@ -50,8 +50,9 @@ def _weight(g: torch.Generator, out: int, inp: int) -> torch.Tensor:
 
 def layer_tensors(cfg: DeepSeekV4Config, layer: int, ratio: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """One layer's attention tensors as the published checkpoints store them (names under
-    ``layers.{layer}.``), for compress ratio 0, 4 (with the lightning indexer) or 128, plus one
-    tensor of another part of the layer."""
+    ``layers.{layer}.``), for compress ratio 0, 4 (with the lightning indexer) or any other (HCA):
+    the front end, the main compressor (ratio > 0), the sink and the FP8 output projection; plus
+    one tensor of another part of the layer."""
     g = torch.Generator().manual_seed(seed * 1000 + layer)
     d, ql, hd, hid = cfg.hidden_size, cfg.q_lora_rank, cfg.head_dim, cfg.index_head_dim
     p = f"layers.{layer}."
@@ -75,6 +76,8 @@ def layer_tensors(cfg: DeepSeekV4Config, layer: int, ratio: int, seed: int = 0) 
         width = (2 if ratio == 4 else 1) * hd
         bf16("attn.compressor.wkv.weight", width, d)
         t[f"{p}attn.compressor.ape"] = torch.randn(ratio, width, generator=g)
+        bf16("attn.compressor.wgate.weight", width, d)
+        gain("attn.compressor.norm.weight", hd)
     if ratio == 4:
         fp8("attn.indexer.wq_b", cfg.index_n_heads * hid, ql)
         bf16("attn.indexer.weights_proj.weight", cfg.index_n_heads, d)
@@ -82,6 +85,10 @@ def layer_tensors(cfg: DeepSeekV4Config, layer: int, ratio: int, seed: int = 0) 
         bf16("attn.indexer.compressor.wgate.weight", 2 * hid, d)
         t[f"{p}attn.indexer.compressor.ape"] = 0.5 * torch.randn(4, 2 * hid, generator=g)
         gain("attn.indexer.compressor.norm.weight", hid)
+    t[f"{p}attn.attn_sink"] = torch.randn(cfg.num_attention_heads, generator=g)
+    gol = cfg.o_groups * cfg.o_lora_rank
+    fp8("attn.wo_a", gol, cfg.num_attention_heads // cfg.o_groups * hd)
+    fp8("attn.wo_b", d, gol)
     bf16("ffn.gate.weight", 8, d)
     return t
 
@@ -103,6 +110,8 @@ def config_json(cfg: DeepSeekV4Config, compress_ratios: list[int] | None) -> dic
         "rope_theta": int(cfg.rope_theta),
         "compress_rope_theta": int(cfg.compress_rope_theta),
         "rms_norm_eps": cfg.rms_norm_eps,
+        "o_groups": cfg.o_groups,
+        "o_lora_rank": cfg.o_lora_rank,
         "quantization_config": {
             "fmt": "e4m3",
             "quant_method": "fp8",

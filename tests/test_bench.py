@@ -19,7 +19,7 @@ from dsv4.bench.trace import trace_decode_step
 from dsv4.bench.traffic import measure_traffic
 from dsv4.cli import main
 from dsv4.model.config import get_config
-from dsv4.ops import get_op
+from dsv4.ops import get_op, op_names
 from dsv4.ops.costs import OpCost, ring_traffic
 
 FLASH = get_config("flash")
@@ -225,7 +225,7 @@ def test_cli_bench_tiny_cpu(tmp_path) -> None:
     assert result["meta"]["command"].endswith("--cpu")
     assert set(result["meta"]["versions"]) >= {"torch", "triton", "python", "dsv4"}
     ops = {s["op"] for s in result["shapes"]}
-    assert ops == {"qkv_proj_rope", "indexer_compressor", "indexer"}
+    assert ops == set(op_names())
     assert all(s["model"]["bytes"] > 0 for s in result["shapes"])
     assert [t["backend"] for t in result["timings"]] == ["reference"] * len(result["shapes"])
     assert all(t["status"] == "ok" and t["median_us"] > 0 for t in result["timings"])
@@ -233,6 +233,9 @@ def test_cli_bench_tiny_cpu(tmp_path) -> None:
     for row in result["traffic"]:
         if row["status"] == "error":  # allowed only while the op's kernel module is not written yet
             assert "No module named 'dsv4.kernels." in row["error"], row
+            continue
+        if row["status"] == "skipped":  # an op with no Triton implementation yet says so
+            assert "triton" not in get_op(row["op"]).implementations and "no triton implementation" in row["error"]
             continue
         assert row["status"] == "ok", row
         assert row["check"] == "ok", row
@@ -247,3 +250,21 @@ def test_trace_of_one_decode_step(tmp_path) -> None:
     backend = trace_decode_step(TINY, path, "cpu")
     names = {e.get("name") for e in json.loads(path.read_text())["traceEvents"]}
     assert {"qkv_proj_rope", "indexer", f"decode step ({backend})"} <= names
+
+
+def test_baselines_and_tune_take_the_ops_with_a_fused_kernel() -> None:
+    """``compile`` and ``library`` are baselines of a fused kernel, and ``dsv4 tune`` tunes kernels: an
+    op on the reference alone is skipped there with its reason, not run or tuned."""
+    from dsv4.acceptance.plan import OPS
+    from dsv4.bench.runner import _missing
+    from dsv4.cli import build_parser
+
+    fused = op_names("triton")
+    assert fused == tuple(op for op in op_names() if "triton" in get_op(op).implementations) == OPS
+    assert build_parser().parse_args(["tune"]).ops == list(fused)
+    for op in op_names():
+        for backend in ("compile", "library"):
+            reason = _missing(op, backend)
+            assert (reason is None) == (op in fused), (op, backend, reason)
+            assert reason is None or f"no triton implementation of {op}" in reason
+        assert _missing(op, "reference") is None

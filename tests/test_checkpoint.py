@@ -22,7 +22,10 @@ from subprocesses import run_dsv4
 
 TINY = PRESETS["tiny"]
 # Dims that are not multiples of the 128x128 scale block (D=320, H*HD=288, QL=192): edge blocks.
-ODD = TINY.replace(name="checkpoint", hidden_size=320, num_attention_heads=3, head_dim=96, q_lora_rank=192)
+ODD = TINY.replace(
+    name="checkpoint", hidden_size=320, num_attention_heads=3, head_dim=96, q_lora_rank=192, o_groups=3,
+    o_lora_rank=128, compress_ratios=(4,),
+)  # fmt: skip
 RATIOS = [0, 4, 128, 4]  # layer 0: window only, 1 and 3: indexer, 2: heavily compressed
 
 
@@ -57,7 +60,8 @@ def _stored(directory: Path, layer: int) -> dict[str, torch.Tensor]:
 
 
 def _expected_layer(stored: dict[str, torch.Tensor]) -> dsv4.LayerWeights:
-    """The layer built directly from the stored tensors with float64 dequantization."""
+    """The layer built directly from the stored tensors with float64 dequantization (the indexer and
+    the main compressor where the layer has them)."""
 
     def deq(name: str) -> torch.Tensor:
         return dequantize_f64(stored[f"{name}.weight"], stored[f"{name}.scale"])
@@ -69,20 +73,36 @@ def _expected_layer(stored: dict[str, torch.Tensor]) -> dsv4.LayerWeights:
         deq("attn.wkv").to(torch.bfloat16),
         stored["attn.kv_norm.weight"],
     )
-    c = "attn.indexer.compressor."
-    compressor = dsv4.CompressorWeights(
-        stored[c + "wkv.weight"], stored[c + "wgate.weight"], stored[c + "ape"], stored[c + "norm.weight"]
-    )
-    indexer = dsv4.IndexerWeights(
-        *quantize_weight_int8(deq("attn.indexer.wq_b")), stored["attn.indexer.weights_proj.weight"], compressor
-    )
-    return dsv4.LayerWeights(attn, indexer)
+
+    def compressor(c: str) -> dsv4.CompressorWeights | None:  # None where the layer's kind has none
+        if c + "ape" not in stored:
+            return None
+        return dsv4.CompressorWeights(
+            stored[c + "wkv.weight"], stored[c + "wgate.weight"], stored[c + "ape"], stored[c + "norm.weight"]
+        )
+
+    indexer = None
+    if "attn.indexer.wq_b.weight" in stored:
+        indexer = dsv4.IndexerWeights(
+            *quantize_weight_int8(deq("attn.indexer.wq_b")),
+            stored["attn.indexer.weights_proj.weight"],
+            compressor("attn.indexer.compressor."),
+        )
+    main = compressor("attn.compressor.")
+
+    def fp8(name: str) -> tuple[torch.Tensor, torch.Tensor]:  # the codes as stored, the UE8M0 scales as fp32
+        scale = stored[f"{name}.scale"].view(torch.uint8).double()
+        return stored[f"{name}.weight"], torch.pow(2.0, scale - 127).float()
+
+    o_proj = dsv4.OProjWeights(*fp8("attn.wo_a"), *fp8("attn.wo_b"))
+    return dsv4.LayerWeights(attn, indexer, main, stored["attn.attn_sink"], o_proj)
 
 
 def _fields(w: object, prefix: str = "") -> dict[str, torch.Tensor]:
     out = {}
     for name, v in vars(w).items():
-        out.update(_fields(v, f"{prefix}{name}.") if not isinstance(v, torch.Tensor) else {prefix + name: v})
+        if v is not None:
+            out.update(_fields(v, f"{prefix}{name}.") if not isinstance(v, torch.Tensor) else {prefix + name: v})
     return out
 
 
@@ -91,7 +111,8 @@ def _assert_same_layer(got: dsv4.LayerWeights, want: dsv4.LayerWeights) -> None:
     assert g.keys() == w.keys()
     for name in w:
         assert g[name].dtype == w[name].dtype and g[name].shape == w[name].shape, name
-        assert torch.equal(g[name], w[name]), f"{name}: {(g[name].double() - w[name].double()).abs().max()}"
+        a, b = (t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t for t in (g[name], w[name]))
+        assert torch.equal(a, b), f"{name}: {(g[name].double() - w[name].double()).abs().max()}"
 
 
 @pytest.mark.parametrize("raw_bytes", [False, True], ids=["safetensors", "raw-bytes"])
@@ -167,7 +188,10 @@ def test_device_and_bytes(tiny_dir):
     d, ql, hd, h, hi, hid = 256, 128, 128, 4, 4, 128
     expected = (2 * ql * d + 2 * ql + (h * hd * ql + 4 * h * hd) + 2 * hd * d + 2 * hd  # attn
                 + (hi * hid * ql + 4 * hi * hid) + 2 * hi * d  # indexer wq_b, weights_proj
-                + 2 * (2 * 2 * hid * d) + 4 * 4 * 2 * hid + 2 * hid)  # compressor  # fmt: skip
+                + 2 * (2 * 2 * hid * d) + 4 * 4 * 2 * hid + 2 * hid  # the indexer's compressor
+                + 2 * (2 * 2 * hd * d) + 4 * 4 * 2 * hd + 2 * hd  # the main compressor (ratio 4: 2*HD wide)
+                + 4 * h  # attn_sink
+                + 128 * 256 + 4 * 1 * 2 + 256 * 128 + 4 * 2 * 1)  # wo_a, wo_b FP8 and their scales  # fmt: skip
     assert layer.nbytes() == expected
 
 
@@ -209,7 +233,8 @@ def test_config_matches_presets_or_is_built_from_the_file():
         assert config_from_json(config_json(PRESETS[preset], None)) is PRESETS[preset]
     raw = config_json(PRESETS["flash"], None) | {"index_topk": 256}
     cfg = config_from_json(raw)
-    assert cfg.name == "checkpoint" and cfg == PRESETS["flash"].replace(name="checkpoint", index_topk=256)
+    assert cfg.name == "checkpoint"
+    assert cfg == PRESETS["flash"].replace(name="checkpoint", index_topk=256, compress_ratios=())  # none in the file
     with pytest.raises(CheckpointError, match="missing field.*q_lora_rank.*sliding_window"):
         config_from_json({k: v for k, v in raw.items() if k not in ("q_lora_rank", "sliding_window")})
 
@@ -231,8 +256,8 @@ def test_compress_ratio_from_config_or_tensors(tiny_dir, tmp_path):
     with Checkpoint(d) as ckpt:
         assert [ckpt.compress_ratio(n)[0] for n in range(4)] == RATIOS
         assert "rows of layers.2.attn.compressor.ape" in ckpt.compress_ratio(2)[1]
-    with pytest.raises(CheckpointError, match="layer 2 has compress ratio 128 .rows of layers.2.attn.compressor.ape"):
-        load_layer(d, 2)
+    layer = load_layer(d, 2)  # the kind from the tensors: a compressor of 128 rows, no indexer
+    assert layer.kind == "hca" and layer.compress_ratio == 128
 
 
 # --- errors --------------------------------------------------------------------------------------
@@ -244,13 +269,24 @@ def _broken(tmp_path: Path, edit) -> Path:
     return write_checkpoint(tmp_path, shards, config_json(TINY, RATIOS))
 
 
-@pytest.mark.parametrize("layer,ratio", [(2, 128), (0, 0)])
-def test_layer_without_indexer_is_refused(layer, ratio, tiny_dir):
-    with pytest.raises(CheckpointError) as e:
-        load_layer(tiny_dir, layer)
-    msg = str(e.value)
-    assert f"layer {layer} has compress ratio {ratio} (config.json compress_ratios[{layer}])" in msg
-    assert "no lightning indexer" in msg and "layers with one: 1, 3" in msg
+@pytest.mark.parametrize("layer,kind", [(0, "swa"), (1, "csa"), (2, "hca")])
+def test_every_layer_kind_loads_whole(layer, kind, tiny_dir):
+    """Each layer with every attention tensor its kind has (the front end alone needs an indexer)."""
+    got = load_layer(tiny_dir, layer)
+    assert got.kind == kind and got.compress_ratio == RATIOS[layer] and got.whole
+    assert (got.indexer is None) == (kind != "csa") and (got.compressor is None) == (kind == "swa")
+    assert got.o_proj.wo_a.dtype == torch.float8_e4m3fn and got.attn_sink.shape == (TINY.num_attention_heads,)
+    _assert_same_layer(got, _expected_layer(_stored(tiny_dir, layer)))
+    if kind != "csa":
+        rope = dsv4.rope_table(TINY, "compressed", max_position=64)
+        with pytest.raises(ValueError, match="weights: .* no lightning indexer"):
+            dsv4.DecodeFrontEnd(got, rope, batch=1, max_position=64, topk=16, offset=16)
+
+
+def test_a_layer_missing_the_rest_of_its_attention_is_named(tmp_path):
+    d = _broken(tmp_path, lambda first, second: second.pop("layers.2.attn.wo_b.scale"))
+    with pytest.raises(CheckpointError, match=r"layers\.2\.attn\.wo_b\.scale: missing \(expected F8_E8M0 \[2, 1\]\)"):
+        load_layer(d, 2)
 
 
 def test_missing_tensor(tmp_path):
@@ -319,29 +355,35 @@ def test_cli_inspect(tiny_dir, capsys):
     assert "config: tiny" in out and "layers under 'layers.{layer}.': 0-3 (4)" in out
     assert "compress ratio   4: layers 1, 3 (compressor + lightning indexer)" in out
     assert "compress ratio 128: layers 2 (compressor, no indexer)" in out
-    assert "layer 1: compress ratio 4 (config.json compress_ratios[1])" in out
+    assert "layer kinds: SWA 0; CSA 1, 3; HCA 2" in out
+    assert "layer 1: compress ratio 4 (config.json compress_ratios[1]); CSA" in out
     assert "layers.1.attn.indexer.wq_b.weight" in out and "F8_E4M3  [512, 128]" in out
+    assert "layers.1.attn.wo_b.scale" in out and "layers.1.attn.compressor.wgate.weight" in out
     with Checkpoint(tiny_dir) as ckpt:
-        front = [n for n in ckpt.names() if n.startswith("layers.1.attn.") and ".attn.compressor." not in n]
-        stored = sum(ckpt.info(n).nbytes for n in front)
-    assert f"front end of layer 1: {stored:,} bytes stored" in out
-    assert f"{load_layer(tiny_dir, 1).nbytes():,} bytes loaded as bf16 + INT8" in out
+        stored = sum(ckpt.info(n).nbytes for n in ckpt.names() if n.startswith("layers.1.attn."))
+    assert f"attention of layer 1: {stored:,} bytes stored" in out
+    assert f"{load_layer(tiny_dir, 1).nbytes():,} bytes loaded as bf16 + INT8 + FP8" in out
     assert "check: ok" in out
-    assert main(["inspect", str(tiny_dir), "--layer", "2"]) == 1
-    assert "check: layer 2 has no indexer (compress ratio 128)" in capsys.readouterr().out
+    assert main(["inspect", str(tiny_dir), "--layer", "2"]) == 0  # every kind loads
+    out = capsys.readouterr().out
+    assert "layer 2: compress ratio 128" in out and "HCA" in out and "check: ok" in out
     assert main(["inspect", str(tiny_dir), "--preset", "demo"]) == 1
     out = capsys.readouterr().out
     assert "check: layers.1.attn.wq_a.weight: expected F8_E4M3 [1024, 4096], found F8_E4M3 [128, 256]" in out
 
 
 def test_cli_run_checkpoint(tiny_dir, capsys):
+    """The front end of a CSA layer op by op, then the layer's whole attention; an HCA layer (no
+    indexer) runs its projection and its whole attention."""
     args = ["run", "--checkpoint", str(tiny_dir), "--layer", "3", "--backend", "reference", "--device", "cpu"]
     assert main([*args, "--steps", "2", "--start-pos", "8", "--batch", "2"]) == 0
     out = capsys.readouterr().out
     assert "loaded layer 3 of" in out and "preset=tiny" in out
-    assert out.count("qkv_proj_rope") == 3 and out.count("indexer ") >= 3 and "6 op calls" in out
-    assert main([*args[:3], "--layer", "2"]) == 2
-    assert "layer 2 has compress ratio 128" in capsys.readouterr().err
+    assert out.count("qkv_proj_rope") == 3 and out.count("indexer ") >= 3
+    assert out.count("csa attention") == 3 and "L3 decode 2   csa attention" in out and "hca attention" not in out
+    assert main([*args[:3], "--layer", "2", "--steps", "1", "--start-pos", "8", "--batch", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("hca attention") == 2 and "indexer " not in out.split("one call")[0]
     assert main(args[:3]) == 2
     assert "--checkpoint needs --layer N" in capsys.readouterr().err
 

@@ -24,7 +24,7 @@ def test_run_prints_table_and_passes() -> None:
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert "backend=triton" in lines[0]
-    assert any(line.startswith("prefill    qkv_proj_rope  triton") for line in lines)
+    assert any(line.startswith("prefill       qkv_proj_rope   triton") for line in lines)
     decode = [line for line in lines if line.startswith("decode")]
     assert len(decode) == 4 and all("ok (vs reference" in line for line in decode)  # 2 steps x 2 ops
     assert "all checks passed" in lines[-1]
@@ -57,6 +57,24 @@ def test_golden_save_then_check(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert "3/4 golden cases passed" in out and "kv            FAIL" in out
 
 
+def test_golden_save_then_check_the_attention_ops(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The attention ops' records (pools of FP8 rows, the compressor's ring) are saved and checked by
+    their §8 rules; a changed byte of a pool row the op does not write fails the check."""
+    ops = ("kv_compressor", "window_kv_write", "sparse_attn", "o_proj")
+    for op in ops:
+        assert main(["golden", "save", str(tmp_path), "--op", op, "--seed", "3"]) == 0
+    check = ["golden", "check", str(tmp_path), "--backend", "reference", "--device", "cpu"]
+    assert main(check) == 0
+    assert "4/4 golden cases passed" in capsys.readouterr().out
+    path = tmp_path / "window_kv_write-tiny-decode-seed3.expected.safetensors"
+    expected = load_file(str(path))
+    expected["pool.scale"][0, 0, 0] += 1
+    save_file(expected, str(path))
+    assert main(check) == 1
+    out = capsys.readouterr().out
+    assert "3/4 golden cases passed" in out and "window_kv_write: FAIL" in out
+
+
 def test_golden_check_empty_folder(tmp_path: Path) -> None:
     assert main(["golden", "check", str(tmp_path), "--backend", "reference", "--device", "cpu"]) == 2
 
@@ -76,4 +94,4 @@ def test_run_exits_nonzero_on_mismatch(monkeypatch: pytest.MonkeyPatch, capsys: 
     out = capsys.readouterr().out
     assert code == 1
     assert "MISMATCH q:" in out and "1 MISMATCH(ES)" in out
-    assert "indexer        triton    B=4 S=2" in out and "ok (vs reference" in out
+    assert "indexer         triton    B=4 S=2" in out and "ok (vs reference" in out

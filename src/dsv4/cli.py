@@ -89,7 +89,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         with Checkpoint(args.checkpoint) as ckpt:
             cfg = cfg or ckpt.config()
             weights = ckpt.load_layer(args.layer, cfg, device=args.device)
-        print(f"loaded layer {args.layer} of {args.checkpoint} ({weights.nbytes() / 2**20:.1f} MiB as bf16 + INT8) "
+        mib = weights.nbytes() / 2**20
+        print(f"loaded layer {args.layer} of {args.checkpoint} ({mib:.1f} MiB as bf16 + INT8 + FP8) "
               f"in {time.perf_counter() - t0:.1f} s")  # fmt: skip
     cfg = cfg or get_config("tiny")
     backend = args.backend or available_backends(args.device)[0]
@@ -101,6 +102,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     rows = run_front_end(
         cfg, backend=backend, steps=args.steps, start_pos=args.start_pos, batch=args.batch, seq=args.seq,
         seed=args.seed, device=args.device, log=lambda r: print(format_row(r), flush=True), weights=weights,
+        layer=args.layer if args.checkpoint else None,
     )  # fmt: skip
     failed = [r for r in rows if not r.passed]
     print(f"{len(rows)} op calls in {time.perf_counter() - t0:.1f} s; "
@@ -306,10 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     backends = ["auto", *BACKENDS]
 
-    run = sub.add_parser("run", help="run the front end on synthetic weights and check it against the reference")
+    run = sub.add_parser(
+        "run", help="run the front end and a layer of each kind's whole attention, checked against the reference"
+    )
     run.add_argument("--preset", choices=sorted(PRESETS), help="default: tiny, or the checkpoint's config.json")
     run.add_argument("--checkpoint", metavar="DIR", help="run on one layer's weights from a safetensors checkpoint")
-    run.add_argument("--layer", type=NON_NEGATIVE, help="the checkpoint layer (a compress-ratio-4 layer)")
+    run.add_argument("--layer", type=NON_NEGATIVE, help="the checkpoint layer (any kind: SWA, CSA, HCA)")
     run.add_argument(
         "--backend",
         choices=backends,
@@ -323,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", type=_device, default=_default_device())
     run.set_defaults(func=_cmd_run)
 
-    inspect = sub.add_parser("inspect", help="a checkpoint's layers, compress ratios and one layer's front-end tensors")
+    inspect = sub.add_parser("inspect", help="a checkpoint's layers, their kinds and one layer's attention tensors")
     inspect.add_argument("dir")
     inspect.add_argument("--layer", type=NON_NEGATIVE, help="the layer to list (default: the first ratio-4 layer)")
     inspect.add_argument("--preset", choices=sorted(PRESETS), help="check shapes against a preset, not config.json")
@@ -384,7 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("--mode", default="all", choices=sorted(MODES_OF), help="decode and/or prefill shapes")
     tune.add_argument(
-        "--ops", type=_names(op_names()), default=list(op_names()), help="comma-separated ops (default: all)"
+        "--ops",
+        type=_names(op_names("triton")),
+        default=list(op_names("triton")),
+        help="comma-separated ops (default: every op with a fused kernel)",
     )
     tune.add_argument("--kernels", type=_names_any, help="comma-separated kernels (default: all; --list names them)")
     tune.add_argument("--shapes", type=_names_any, help="keep shapes whose label holds one of these (e.g. 'B=64')")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
 from .engine.custom_ops import call, tensors_of
-from .ops.defs import INDEXER, INDEXER_COMPRESSOR, QKV_PROJ_ROPE
+from .ops.defs import INDEXER, INDEXER_COMPRESSOR, KV_COMPRESSOR, O_PROJ, QKV_PROJ_ROPE, SPARSE_ATTN, WINDOW_KV_WRITE
 from .ops.registry import INT_OR_TENSOR, OpDescriptor, op_function
 
 P = ParamSpec("P")
@@ -35,5 +35,12 @@ def library_function(desc: OpDescriptor[P, R]) -> Callable[P, R]:
 qkv_proj_rope = library_function(QKV_PROJ_ROPE)
 indexer_compressor = library_function(INDEXER_COMPRESSOR)
 indexer = library_function(INDEXER)
+kv_compressor = library_function(KV_COMPRESSOR)
+window_kv_write = library_function(WINDOW_KV_WRITE)
+sparse_attn = library_function(SPARSE_ATTN)
+o_proj = library_function(O_PROJ)
 
-__all__ = ["call", "indexer", "indexer_compressor", "library_function", "qkv_proj_rope", "tensors_of"]
+__all__ = [
+    "call", "indexer", "indexer_compressor", "kv_compressor", "library_function", "o_proj", "qkv_proj_rope",
+    "sparse_attn", "tensors_of", "window_kv_write",
+]  # fmt: skip

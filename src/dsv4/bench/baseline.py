@@ -13,7 +13,7 @@ calls a user could write in an afternoon, within the spec §6 tolerances of the 
   of the bf16 operands, the reference's float64 INT8 product.
 
 The rest is the reference's own math (``reference.common``: RMSNorm, RoPE; ``reference.compressor``:
-pooling, the key's finish; ``reference.indexer.index_query`` with these GEMMs).
+pooling, the row's finish, the indexer key's rotation; ``reference.indexer.index_query`` with these GEMMs).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from ..model.state import STATE_SLOTS, IndexerState
 from ..model.structs import MASKED_SCORE, QKV, IndexerOut, StepPositions, copy_into
 from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights
 from ..reference.common import Gemms, int8_matmul
-from ..reference.compressor import finish_key
+from ..reference.compressor import finish_row, index_key
 from ..reference.indexer import index_query
 from ..reference.qkv_proj_rope import qkv_proj_rope as reference_qkv_proj_rope
 
@@ -153,7 +153,7 @@ def _compress(
         return torch.cat((w8[:, :RATIO, :hid], w8[:, RATIO:, hid:]), dim=1)  # [B*W, 8, HID] candidates
 
     pooled = (win(kv_seq) * torch.softmax(win(score_seq), dim=1)).sum(dim=1)
-    keys = finish_key(pooled, w, torch.where(closes, first.reshape(-1), 0), rope, eps)  # RoPE rows exist
+    keys = index_key(finish_row(pooled, w.norm_w, torch.where(closes, first.reshape(-1), 0), rope, eps))
     k8, k_scale = quantize_int8_per_row(keys)
 
     rows = first.reshape(-1) // RATIO

@@ -16,8 +16,7 @@ from typing import Any
 
 import torch
 
-from ..harness.cases import Case
-from ..model.state import IndexerState
+from ..harness.cases import Case, clone_args, mutated_args, record_outputs
 from ..ops.backends import BACKENDS, unavailable_reason
 from ..ops.registry import get_op
 
@@ -28,13 +27,14 @@ BENCH_BACKENDS = (*BACKENDS, COMPILED, LIBRARY)
 
 @dataclass
 class BoundCall:
-    """``op`` of a case on ``backend``: call it to run one step on its own ``state``."""
+    """``op`` of a case on ``backend``: call it to run one step on its own ``state`` (the records the
+    op updates, by argument name; None when it updates none)."""
 
     op: str
     backend: str
     fn: Callable[..., Any]
     args: tuple[Any, ...]  # the backend's arguments, validated (``OpDescriptor.backend_args``)
-    state: IndexerState | None
+    state: dict[str, Any] | None
 
     def __call__(self) -> Any:
         return self.fn(*self.args)
@@ -42,8 +42,8 @@ class BoundCall:
     def outputs(self, result: Any) -> dict[str, torch.Tensor]:
         """``result`` of a call and the state after it, by output name (as ``golden.compare`` wants)."""
         out: dict[str, torch.Tensor] = {} if result is None else dict(result._asdict())
-        if self.state is not None:
-            out.update(self.state.tensors())
+        if self.state:
+            out.update(record_outputs(self.state))
         return out
 
 
@@ -82,8 +82,6 @@ def bind(case: Case, backend: str) -> BoundCall:
         fn = getattr(baseline, case.op)
     else:
         fn = desc.implementation(backend)
-    args = dict(case.args)
-    state = args["state"].clone() if "state" in args else None
-    if state is not None:
-        args["state"] = state
-    return BoundCall(case.op, backend, fn, desc.backend_args(args), state)
+    args = clone_args(case.args, case.op)
+    state = {name: args[name] for name in mutated_args(case.op) if name in args}
+    return BoundCall(case.op, backend, fn, desc.backend_args(args), state or None)

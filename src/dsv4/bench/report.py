@@ -102,7 +102,7 @@ def timing_table(result: dict[str, Any]) -> str:
     rows = []
     for t in result["timings"]:
         if t["status"] != "ok":
-            rows.append([t["op"], t["shape"], t["backend"], "error", *[""] * (len(headers) - 5), t["error"]])
+            rows.append([t["op"], t["shape"], t["backend"], t["status"], *[""] * (len(headers) - 5), t["error"]])
             continue
         speed = t.get("speedup_vs", {})
         rows.append([

@@ -114,6 +114,16 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="dsv4 bench", unit="run", leave=False, disable=None if enabled else True)
 
 
+def _missing(op: str, backend: str) -> str | None:
+    """Why ``op`` is not timed on ``backend``: it has no implementation there; ``compile`` and
+    ``library`` (the compiled reference and the library composition, baselines of the fused kernels)
+    are timed for ops that have a fused kernel."""
+    have = get_op(op).implementations
+    if backend in (COMPILED, LIBRARY):
+        return None if "triton" in have else f"no triton implementation of {op} yet: no fused kernel to compare with"
+    return None if backend in have else f"no {backend} implementation of {op} yet (reference only)"
+
+
 def _time_backend(
     case: Case,
     shape: BenchShape,
@@ -128,6 +138,9 @@ def _time_backend(
     """One timing row: check ``backend`` against the reference outputs, time it, relate it to the floors
     (``zero_us``: the graph-launch zero point, reported beside the time)."""
     row: dict[str, Any] = {"op": shape.op, "shape": shape.label, "backend": backend}
+    missing = _missing(shape.op, backend)
+    if missing:
+        return {**row, "status": "skipped", "error": missing}
     try:
         if call is None:
             call = bind(case, backend)
@@ -151,6 +164,9 @@ def _count_traffic(case: Case, shape: BenchShape, expected: dict[str, torch.Tens
     """One traffic row: check the Triton backend (its first call; autotuning stays out of the
     count), then count the bytes of its second call."""
     row: dict[str, Any] = {"op": shape.op, "shape": shape.label, "backend": "triton", "minimal_bytes": cost.bytes}
+    missing = _missing(shape.op, "triton")
+    if missing:
+        return {**row, "status": "skipped", "error": missing}
     try:
         call = bind(case, "triton")
         row["check"] = compare(shape.op, call.outputs(call()), expected, case.compare_inputs()).verdict()

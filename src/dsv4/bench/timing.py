@@ -39,7 +39,7 @@ class DeviceSpec:
     peak_flops: dict[str, float]  # per operand kind of ``dsv4.ops.costs.OpCost.flops``
 
 
-_HOPPER_PEAKS = {"bf16": 989e12, "int8": 1979e12, "fp32": 495e12}  # fp32 matmuls as TF32
+_HOPPER_PEAKS = {"bf16": 989e12, "int8": 1979e12, "fp8": 1979e12, "fp32": 495e12}  # fp32 matmuls as TF32
 DEVICE_TABLE: tuple[tuple[tuple[str, ...], DeviceSpec], ...] = (
     (("H200",), DeviceSpec("H200", 4.8e12, _HOPPER_PEAKS)),
     (("H100", "NVL"), DeviceSpec("H100 NVL", 3.9e12, {k: v * 835 / 989 for k, v in _HOPPER_PEAKS.items()})),

@@ -26,22 +26,38 @@ _SCALARS = {int: "int", float: "float", str: "str"}
 
 
 def _flat_params(desc: OpDescriptor) -> list[tuple[str, str, bool]]:
-    """``(leaf name, schema type, mutable)`` of every flattened public argument of ``desc``."""
+    """``(leaf name, schema type, mutable)`` of every flattened public argument of ``desc``; the
+    tensors of an optional argument are ``Tensor?``."""
     flat = []
     for p in desc.params:
         for path, kind in leaf_kinds(p.kind, p.name):
             schema_type = "Tensor" if kind in (Tensor, INT_OR_TENSOR) else _SCALARS[kind]
+            if p.optional:
+                schema_type += "?"
             mutable = any(path == m or path.startswith(m + ".") for m in desc.mutates)
-            flat.append((_leaf_name(path), schema_type, mutable))
-    names = [n for n, _, _ in flat]
+            flat.append((path, schema_type, mutable))
+    names = _leaf_names([path for path, _, _ in flat])
+    return [(name, t, m) for name, (_, t, m) in zip(names, flat, strict=True)]
+
+
+def _leaf_names(paths: list[str]) -> list[str]:
+    """Custom-op argument names: the last field of each dotted path (``w.compressor.wkv`` -> ``wkv``),
+    or, where two arguments would share it, the whole path (``window_pool.nope`` -> ``window_pool_nope``)."""
+    last = [path.rsplit(".", 1)[-1] for path in paths]
+    names = [n if last.count(n) == 1 else path.replace(".", "_") for n, path in zip(last, paths, strict=True)]
     if len(set(names)) != len(names):
-        raise ValueError(f"{desc.name}: flattened argument names repeat: {names}")
-    return flat
+        raise ValueError(f"flattened argument names repeat: {names}")
+    return names
 
 
-def _leaf_name(path: str) -> str:
-    """A custom-op argument's name: the last field of its dotted path (``w.compressor.wkv`` -> ``wkv``)."""
-    return path.rsplit(".", 1)[-1]
+def _in_order(items: list[Any]) -> Any:
+    """A ``build`` leaf function handing out ``items`` in order."""
+    it = iter(items)
+    return lambda _: next(it)
+
+
+def _leaf_count(kind: object, name: str) -> int:
+    return sum(1 for _ in leaf_kinds(kind, name))
 
 
 def _schema(desc: OpDescriptor, out: bool) -> str:
@@ -71,22 +87,36 @@ def _as_returned(result: Any) -> Any:
 
 
 def _unflatten(desc: OpDescriptor, flat: tuple[Any, ...]) -> tuple[dict[str, Any], str, tuple[Any, ...]]:
-    """``(public args, backend, the rest)`` from a custom op's flat arguments."""
+    """``(public args, backend, the rest)`` from a custom op's flat arguments (an optional argument
+    whose tensors are all None is None)."""
     values = iter(flat)
-    args = {p.name: build(p.kind, p.name, lambda _: next(values)) for p in desc.params}
+    args = {}
+    for p in desc.params:
+        mine = [next(values) for _ in range(_leaf_count(p.kind, p.name))]
+        if p.optional and all(v is None for v in mine):
+            args[p.name] = None
+            continue
+        args[p.name] = build(p.kind, p.name, _in_order(mine))
     backend = next(values)
     return args, backend, tuple(values)
 
 
 def flatten(desc: OpDescriptor, args: dict[str, Any]) -> list[Any]:
     """The flat arguments of ``torch.ops.dsv4.<op>`` for public ``args`` (by name, defaults filled in
-    from the op's signature; ``backend`` not included)."""
+    from the op's signature; ``backend`` not included; an optional argument that is None is None in
+    each of its places)."""
     bound = desc.bind(args)
     for p in desc.params:
         if p.kind == INT_OR_TENSOR and not isinstance(bound[p.name], Tensor):
             got = type(bound[p.name]).__name__
             raise TypeError(f"{p.name}: torch.ops.dsv4.{desc.name} takes an int tensor [B], got {got}")
-    return [leaf for p in desc.params for _, leaf in leaves(bound[p.name], p.name)]
+    flat: list[Any] = []
+    for p in desc.params:
+        if bound[p.name] is None and p.optional:
+            flat += [None] * _leaf_count(p.kind, p.name)
+        else:
+            flat += [leaf for _, leaf in leaves(bound[p.name], p.name)]
+    return flat
 
 
 def _register(desc: OpDescriptor) -> None:

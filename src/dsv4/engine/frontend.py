@@ -8,9 +8,10 @@ from contextlib import contextmanager
 import torch
 
 from .. import ops
+from ..model.attention_state import rerun_exact
 from ..model.config import COMPRESS_RATIO
 from ..model.rope import RopeTable
-from ..model.state import DEFAULT_BLOCK_SIZE, STATE_SLOTS, UNALLOCATED, IndexerState
+from ..model.state import DEFAULT_BLOCK_SIZE, UNALLOCATED, IndexerState
 from ..model.structs import IndexerOut
 from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights, LayerWeights
 from ..ops.backends import BACKENDS, resolve
@@ -28,7 +29,7 @@ def rollback_exact(r: int, current: int) -> bool:
     ``k = current - r`` positions, e.g. rejected draft tokens) gets exactly a fresh run's results
     (spec §4): ``r + k <= max(8, 4*(r//4) + 4)``, i.e. no position run since ``r`` has overwritten
     a ring slot the re-run still reads."""
-    return current <= max(STATE_SLOTS, COMPRESS_RATIO * (r // COMPRESS_RATIO + 1))
+    return rerun_exact(r, current, COMPRESS_RATIO)
 
 
 class DecodeFrontEnd(torch.nn.Module):
@@ -81,6 +82,10 @@ class DecodeFrontEnd(torch.nn.Module):
         super().__init__()
         if not isinstance(weights, LayerWeights):
             raise TypeError(f"weights: expected LayerWeights, got {type(weights).__name__}")
+        if weights.indexer is None:
+            raise ValueError(
+                f"weights: a {weights.kind} layer has no lightning indexer (the front end needs a CSA layer)"
+            )
         if not isinstance(rope, RopeTable):
             raise TypeError(f"rope: expected RopeTable, got {type(rope).__name__}")
         check_int("batch", batch, 1)

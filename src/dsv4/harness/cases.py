@@ -14,6 +14,7 @@ import torch
 
 from ..model.config import COMPRESS_RATIO, DeepSeekV4Config, mode_shape
 from ..model.rope import rope_table
+from ..model.state import IndexerState
 from ..model.weights import synthetic_activations, synthetic_weights
 from ..ops.api import call_op
 from ..ops.case_inputs import CaseInputs
@@ -35,12 +36,14 @@ class Case:
         return self.args.get("state")
 
     def compare_inputs(self) -> dict[str, Any]:
-        """What ``golden.compare`` needs of the inputs of a stateful step (offset, start_pos, seq,
-        pre-step cache); nothing for an op without state."""
+        """What ``golden.compare`` needs of the inputs of a stateful step: for the indexer's state its
+        offset, start_pos, seq and pre-step cache; for any other record the op updates, its tensors
+        before the step (``before``, by output name); nothing for an op without state."""
         a = self.args
-        if "state" not in a or "start_pos" not in a:
-            return {}
-        return step_inputs(a["x"], a["start_pos"], a["state"], a.get("offset", 0))
+        if isinstance(a.get("state"), IndexerState) and "start_pos" in a:
+            return step_inputs(a["x"], a["start_pos"], a["state"], a.get("offset", 0))
+        before = record_outputs({name: a[name] for name in mutated_args(self.op)})
+        return {"before": before} if before else {}
 
 
 def make_case(
@@ -99,21 +102,38 @@ def make_case(
     return Case(op, desc.case_args(inputs), meta)
 
 
-def clone_args(args: dict[str, Any]) -> dict[str, Any]:
-    """The arguments with the caller-owned state copied, so a run leaves ``args`` as they were."""
+def mutated_args(op: str) -> tuple[str, ...]:
+    """The arguments ``op`` updates in place (the records its descriptor's ``mutates`` paths start with)."""
+    return tuple(dict.fromkeys(m.split(".", 1)[0] for m in get_op(op).mutates))
+
+
+def record_outputs(records: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of the records an op updates, by output name: ``state``'s by field path
+    (``kv_state``, ``pool.nope``), any other record's under its argument name (``pool.nope``)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, record in records.items():
+        tensors = record.tensors() if hasattr(record, "tensors") else {"": record}
+        prefix = "" if name == "state" else f"{name}."
+        out.update({(prefix + k).rstrip("."): t for k, t in tensors.items()})
+    return out
+
+
+def clone_args(args: dict[str, Any], op: str | None = None) -> dict[str, Any]:
+    """The arguments with the caller-owned records ``op`` updates (default: ``state``) copied, so a run
+    leaves ``args`` as they were."""
     out = dict(args)
-    if "state" in out:
-        out["state"] = out["state"].clone()
+    for name in mutated_args(op) if op is not None else ("state",):
+        if name in out:
+            out[name] = out[name].clone()
     return out
 
 
 def run_case(case: Case, backend: str) -> dict[str, torch.Tensor]:
     """Run ``case`` on ``backend`` (on a copy of its state) -> every output by name, the state after included."""
-    args = clone_args(case.args)
+    args = clone_args(case.args, case.op)
     result = call_op(case.op, backend, **args)
     out: dict[str, torch.Tensor] = {}
     if result is not None:
         out.update(result._asdict())
-    if "state" in args:
-        out.update(args["state"].tensors())
+    out.update(record_outputs({name: args[name] for name in mutated_args(case.op) if name in args}))
     return out

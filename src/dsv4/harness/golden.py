@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..model.config import COMPRESS_RATIO
+from ..model.fp8_row import ROW_BLOCK, SCALE_BIAS, dequantize_fp8_rows
 from ..model.state import IndexerState
 from ..ops.registry import Output, Tolerance, get_op, op_names
 
@@ -224,6 +225,120 @@ def _check_score(actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance) -
     return check
 
 
+POOL_PARTS = ("nope", "rope", "scale")  # the row tensors of an FP8 KV pool (block_table aside)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bytes (uint8, one more axis), so equality is bitwise (NaN payloads and signed zeros included)."""
+    t = t.detach().cpu().contiguous()
+    return t.view(torch.uint8).view(*t.shape, t.element_size())
+
+
+def bit_identical(actual: torch.Tensor, expected: torch.Tensor, name: str = "output") -> Check:
+    """Pass when ``actual`` and ``expected`` have the same shape, dtype and bytes."""
+    rule = "bit-identical"
+    if actual.shape != expected.shape or actual.dtype != expected.dtype:
+        return _fail(
+            name, rule, f"{actual.dtype} {list(actual.shape)} != expected {expected.dtype} {list(expected.shape)}"
+        )
+    differs = (_bytes(actual) != _bytes(expected)).any(-1)
+    count = int(differs.sum())
+    detail = ""
+    if count:
+        idx = [int(v) for v in differs.nonzero()[0]]
+        detail = f"{count}/{differs.numel()} elements differ; first at {idx}"
+    return Check(name, count == 0, rule, violation_ratio=count / max(1, differs.numel()), detail=detail)
+
+
+def pool_tensors(tensors: Mapping[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """The row tensors of the FP8 pool ``name`` among ``tensors`` (keys ``name.nope`` etc.), on the CPU."""
+    return {part: tensors[f"{name}.{part}"].detach().cpu() for part in POOL_PARTS}
+
+
+def changed_rows(before: Mapping[str, torch.Tensor], after: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``[NB, bs]`` bool: the pool rows whose bytes differ between two states of a pool (parts by name)."""
+    return torch.stack([(_bytes(before[p]) != _bytes(after[p])).flatten(2).any(-1) for p in POOL_PARTS]).any(0)
+
+
+def e4m3_step(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """One e4m3 step at the expected value ``x`` of a block scaled by ``2^e`` (attention spec §8):
+    ``2^(max(floor(log2(|x| / 2^e)), -6) - 3) * 2^e`` (float64; subnormal steps below ``2^-6``)."""
+    scale = torch.exp2(e.to(torch.float64))
+    exponent = torch.floor(torch.log2(x.to(torch.float64).abs() / scale)).clamp_min(-6)  # log2(0) = -inf -> -6
+    return torch.exp2(exponent - 3) * scale
+
+
+def fp8_rows_allclose(
+    actual: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    tol: Tolerance,
+    before: Mapping[str, torch.Tensor] | None = None,
+    written: torch.Tensor | None = None,
+    name: str = "pool",
+) -> Check:
+    """An FP8 KV pool (``nope``/``rope``/``scale`` by name) against the expected one (attention spec §8).
+
+    Rows written (``written [NB, bs]`` bool; by default the rows where ``expected`` differs from
+    ``before``, or every row without ``before``): decoded values within ``tol`` (``ratio_allclose``;
+    NaN matches NaN), every NOPE element within one e4m3 step of the expected value (``e4m3_step``
+    with the expected block's exponent), every rope element within one step of the same formula at
+    ``e = 0``, scale bytes equal or ±1. Every other row bit-identical to ``before`` (and to
+    ``expected``)."""
+    rule = f"written rows: deq {tol}, one e4m3 step, scale bytes ±1; other rows bit-identical"
+    shapes = {p: (list(actual[p].shape), list(expected[p].shape)) for p in POOL_PARTS}
+    if any(a != e for a, e in shapes.values()):
+        return _fail(name, rule, f"pool shapes {shapes} differ")
+    if written is None:
+        written = (
+            changed_rows(before, expected)
+            if before is not None
+            else torch.ones(shapes["scale"][0][:2], dtype=torch.bool)
+        )
+    written = written.cpu()
+    a = {p: actual[p][written] for p in POOL_PARTS}
+    e = {p: expected[p][written] for p in POOL_PARTS}
+    deq_a = dequantize_fp8_rows(a["nope"], a["scale"], a["rope"]).to(torch.float64)
+    deq_e = dequantize_fp8_rows(e["nope"], e["scale"], e["rope"]).to(torch.float64)
+    both_nan = deq_a.isnan() & deq_e.isnan()
+    deq_a, deq_e = deq_a.masked_fill(both_nan, 0.0), deq_e.masked_fill(both_nan, 0.0)
+    check = ratio_allclose(deq_a, deq_e, tol.atol, tol.rtol, tol.max_error_ratio, name)
+    check.rule = rule
+    problems = []
+    nope = a["nope"].shape[-1]
+    used = nope // ROW_BLOCK
+    exps = (e["scale"][..., :used].to(torch.int32) - SCALE_BIAS).repeat_interleave(ROW_BLOCK, dim=-1)
+    step = torch.cat(
+        (e4m3_step(deq_e[..., :nope], exps), e4m3_step(deq_e[..., nope:], torch.zeros_like(deq_e[..., nope:]))), -1
+    )
+    off = ~((deq_a - deq_e).abs() <= step)
+    if bool(off.any()):
+        problems.append(f"{int(off.any(-1).sum())} written row(s) with an element more than one e4m3 step off")
+    scale_off = (a["scale"].to(torch.int32) - e["scale"].to(torch.int32)).abs() > 1
+    if bool(scale_off.any()):
+        problems.append(f"{int(scale_off.any(-1).sum())} written row(s) with a scale byte more than 1 off")
+    if before is not None:
+        for part in POOL_PARTS:
+            moved = (_bytes(actual[part]) != _bytes(before[part])).flatten(2).any(-1) & ~written
+            if bool(moved.any()):
+                problems.append(f"{int(moved.sum())} pool row(s) the step does not write changed ({part})")
+                break
+    if problems:
+        check.passed = False
+        check.detail = "; ".join(([check.detail] if check.detail else []) + problems)
+    return check
+
+
+def exact_outputs(actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], name: str) -> Check:
+    """The tensor ``name``, or every tensor under ``name.``, bit-identical to the expected one."""
+    keys = [name] if name in expected else sorted(k for k in expected if k.startswith(name + "."))
+    for key in keys:
+        check = bit_identical(actual[key], expected[key], key)
+        if not check:
+            check.name = name
+            return check
+    return Check(name, True, "bit-identical")
+
+
 @dataclass
 class Report:
     """Verdicts on every output of one op call. Truthy when all passed."""
@@ -265,7 +380,14 @@ def _check(
     out: Output, outputs: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], inputs: Mapping[str, Any]
 ) -> Check:
     """One output against the reference by its rule (see ``dsv4.ops.Output``)."""
-    tol, actual = out.tolerance, outputs[out.name]
+    tol = out.tolerance
+    if out.rule == "fp8_rows":
+        before = inputs.get("before")
+        return fp8_rows_allclose(
+            pool_tensors(outputs, out.name), pool_tensors(expected, out.name), tol,
+            pool_tensors(before, out.name) if before else None, inputs.get("written", {}).get(out.name), out.name,
+        )  # fmt: skip
+    actual = outputs.get(out.name)
     if out.rule == "topk":
         ref_score = expected["score"]
         return topk_allclose(actual, expected[out.name], ref_score, int(inputs.get("offset", 0)), tol.atol, tol.rtol)
@@ -273,6 +395,8 @@ def _check(
         return _check_score(actual, expected[out.name], tol)
     if out.rule == "cache":
         return _check_keys(outputs, expected, inputs, tol)
+    if out.rule == "exact":
+        return exact_outputs(outputs, expected, out.name)
     return ratio_allclose(actual, expected[out.name], tol.atol, tol.rtol, tol.max_error_ratio, out.name)
 
 
@@ -286,14 +410,19 @@ def compare(
 
     ``inputs`` (optional) lets the stricter rules apply: ``offset`` for ``topk_idxs``; the pre-step
     ``idx_kv_cache`` with ``start_pos`` (``[B]``) and ``seq`` (S) so rows the step did not write
-    must be bit-identical to before.
+    must be bit-identical to before; for an FP8 pool, ``before`` (the tensors before the step, by
+    output name) and optionally ``written`` (output name -> ``[NB, bs]`` bool of the rows written).
     """
     desc = get_op(op)
     inputs = inputs or {}
     report = Report(op)
+
+    def has(d: Mapping[str, torch.Tensor], name: str) -> bool:
+        return name in d or any(k.startswith(name + ".") for k in d)
+
     for out in desc.outputs:
-        if out.name not in outputs or out.name not in expected:
-            missing = "missing from outputs" if out.name not in outputs else "no expected value"
+        if not has(outputs, out.name) or not has(expected, out.name):
+            missing = "missing from outputs" if not has(outputs, out.name) else "no expected value"
             report.checks.append(_fail(out.name, "-", missing))
         else:
             report.checks.append(_check(out, outputs, expected, inputs))

@@ -12,12 +12,13 @@ from typing import Any
 import torch
 
 from .. import ops
-from ..model.config import COMPRESS_RATIO, DeepSeekV4Config
-from ..model.rope import rope_table
+from ..engine.attention import DecodeAttention
+from ..model.config import COMPRESS_RATIO, LAYER_KINDS, DeepSeekV4Config
+from ..model.rope import layer_rope_table, rope_table
 from ..model.state import DEFAULT_BLOCK_SIZE, STATE_SLOTS, IndexerState
 from ..model.weights import MAX_SEED, LayerWeights, synthetic_activations, synthetic_weights
 from ..ops.backends import resolve
-from ..ops.registry import op_names
+from ..ops.registry import get_op, op_names
 from ..ops.validate import check_int
 from .cases import make_case, run_case
 from .golden import Report, compare, step_inputs
@@ -69,15 +70,18 @@ def run_front_end(
     device: torch.device | str = "cpu",
     log: Callable[[Row], None] | None = None,
     weights: LayerWeights | None = None,
+    layer: int | None = None,
 ) -> list[Row]:
     """Prefill ``start_pos`` tokens, then ``steps`` decode steps of ``seq`` tokens for ``batch``
     sequences: ``qkv_proj_rope`` then ``indexer`` each time. Every other registered op runs once
-    on a seeded case at the first decode step's shape. When ``backend`` is not the reference, every
-    call is checked against the reference run on the same inputs.
+    on a seeded case at the first decode step's shape. Then the whole attention of a layer of each
+    kind (SWA, CSA, HCA; ``DecodeAttention``) over the same prefill and steps. When ``backend`` is
+    not the reference, every call is checked against the reference run on the same inputs.
 
     ``weights``: the layer's weights for ``cfg`` (e.g. from ``dsv4.load_layer``; default: seeded
-    synthetic ones; the other ops' cases use synthetic ones). Activations are always synthetic
-    RMS-normalized rows.
+    synthetic ones; the other ops' cases use synthetic ones), and ``layer`` its number: then the
+    attention rows are that layer's (and without an indexer, a non-CSA layer, the front-end chain
+    runs ``qkv_proj_rope`` alone). Activations are always synthetic RMS-normalized rows.
 
     Raises ``TypeError``/``ValueError`` naming the argument before anything is allocated: sizes are
     Python ints (``steps``, ``batch``, ``seq`` >= 1; ``start_pos`` >= 0; ``0 <= seed <= MAX_SEED``), the
@@ -125,6 +129,8 @@ def run_front_end(
             ref = ops.qkv_proj_rope(*qkv_args, backend="reference")
             check, ok = _verdict(compare("qkv_proj_rope", qkv._asdict(), ref._asdict()))
         emit(Row(label, "qkv_proj_rope", name, f"T={batch * s} q{list(qkv.q.shape)}", ms, check, ok))
+        if weights.indexer is None:  # an SWA or HCA layer: no lightning indexer
+            continue
 
         before = state.clone() if name != "reference" else None
         idx_args = (x, qkv.qr, qkv.qr_scale, weights.indexer)
@@ -144,13 +150,71 @@ def run_front_end(
     for op in op_names():  # every other registered op: one checked call at the first decode step's shape
         if op in FRONT_END:
             continue
-        case = make_case(cfg, op, "decode", seed, device, max_position, batch, seq, start_pos)
-        got, ms = _timed(device, run_case, case, name)
+        op_backend = name if name in get_op(op).implementations else "reference"
+        room = max(max_position, -(-(seq + COMPRESS_RATIO) // COMPRESS_RATIO) * COMPRESS_RATIO)  # make_case's minimum
+        case = make_case(cfg, op, "decode", seed, device, room, batch, seq, start_pos)
+        got, ms = _timed(device, run_case, case, op_backend)
         check, ok = "is the reference", True
-        if name != "reference":
+        if op_backend != name:
+            check = f"is the reference (no {name} implementation yet)"
+        elif name != "reference":
             check, ok = _verdict(compare(op, got, run_case(case, "reference"), case.compare_inputs()))
-        emit(Row("decode 1", op, name, f"B={batch} S={seq}", ms, check, ok))
+        emit(Row("one call", op, op_backend, f"B={batch} S={seq}", ms, check, ok))
+
+    given = weights if layer is not None and weights.whole else None
+    kinds = [cfg.layer_kind(layer)] if given is not None else [k for k in LAYER_KINDS if k in _kinds(cfg)]
+    for kind in kinds:
+        n = layer if given is not None else cfg.first_layer(kind)
+        run_attention_layer(cfg, n, plan, name, batch, seed, device, emit, given)
     return rows
+
+
+def _kinds(cfg: DeepSeekV4Config) -> set[str]:
+    return {cfg.layer_kind(n) for n in range(len(cfg.compress_ratios))}
+
+
+def run_attention_layer(
+    cfg: DeepSeekV4Config,
+    layer: int,
+    plan: list[tuple[str, int, int]],
+    backend: str,
+    batch: int,
+    seed: int,
+    device: torch.device,
+    emit: Callable[[Row], None],
+    weights: LayerWeights | None = None,
+) -> None:
+    """Layer ``layer``'s whole attention (``DecodeAttention``) over the steps of ``plan``, a row each
+    (``emit``). On a CPU it runs on the reference (Triton's interpreter would take minutes over whole
+    layers); on a GPU on ``backend``. Each step's ``y`` must be finite; the ops' numbers are checked
+    op by op (the rows above: §8 compares each op from the same inputs, since a layer's FP8 row and
+    activation quants turn last-bit differences of ``q``/``kv`` into whole e4m3 steps of ``y``)."""
+    weights = synthetic_weights(cfg, seed=seed, device=device, layer=layer) if weights is None else weights.to(device)
+    end = max(p + s for _, p, s in plan)
+    ratio = weights.compress_ratio
+    max_position = -(-max(end, ratio, 1) // max(ratio, 1)) * max(ratio, 1)
+    rope = layer_rope_table(cfg, layer, max_position, device)
+    layer_backend = backend if device.type == "cuda" else "reference"
+    module = DecodeAttention(weights, rope, cfg, batch=batch, max_position=max_position, backend=layer_backend)
+    ran = "+".join(sorted(set(module.op_backends.values())))
+    for i, (label, _, s) in enumerate(plan):
+        x = synthetic_activations((batch, s, cfg.hidden_size), seed=seed + 2000 + i, device=device)
+        y, ms = _timed(device, module, x)
+        finite = bool(torch.isfinite(y).all())
+        check = ("y finite; " if finite else "MISMATCH y holds NaN or inf; ") + (
+            "is the reference" if ran == "reference" else "its ops checked op by op above"
+        )
+        emit(
+            Row(
+                f"L{layer} {label}",
+                f"{module.kind} attention",
+                ran,
+                f"B={batch} S={s} y{list(y.shape)}",
+                ms,
+                check,
+                finite,
+            )
+        )
 
 
 def run_bytes(cfg: DeepSeekV4Config, batch: int, seq: int, start_pos: int, max_position: int) -> int:
@@ -188,7 +252,7 @@ def check_fits(nbytes: int, device: torch.device, what: str) -> None:
 
 
 def format_row(row: Row) -> str:
-    return f"{row.step:<10} {row.op:<14} {row.backend:<9} {row.shapes:<34} {row.ms:>9.2f}  {row.check}"
+    return f"{row.step:<13} {row.op:<15} {row.backend:<9} {row.shapes:<34} {row.ms:>9.2f}  {row.check}"
 
 
-HEADER = f"{'step':<10} {'op':<14} {'backend':<9} {'shapes':<34} {'time ms':>9}  check"
+HEADER = f"{'step':<13} {'op':<15} {'backend':<9} {'shapes':<34} {'time ms':>9}  check"  # steps as "L42 decode 12"

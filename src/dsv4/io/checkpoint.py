@@ -1,9 +1,10 @@
-"""Load one layer's attention front end from a DeepSeek-V4 safetensors checkpoint.
+"""Load one layer's attention from a DeepSeek-V4 safetensors checkpoint.
 
 The published checkpoints store every linear weight as ``float8_e4m3fn`` with UE8M0 block scales
 (``.scale``, one per ``128 x 128`` block). ``wq_a`` and ``wkv`` are dequantized to bf16; ``attn.wq_b``
 and ``attn.indexer.wq_b`` are requantized to per-output-channel INT8 (spec §2), the W8A8 form the
-kernels take. Only the requested layer's tensors are read, a bounded number of rows at a time.
+kernels take; ``attn.wo_a`` and ``attn.wo_b`` stay FP8 with their block scales as fp32 powers of two
+(attention spec §6). Only the requested layer's tensors are read, a bounded number of rows at a time.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from ..model.config import COMPRESS_RATIO, PRESETS, DeepSeekV4Config
 from ..model.quant import quantize_weight_int8
-from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights, LayerWeights
+from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights, LayerWeights, OProjWeights
 from ..ops.validate import INDEX_LIMIT, MAX_TOPK
 from .fp8 import dequantize_rows_, scale_grid
 from .json_files import JSONFileError, read_json
@@ -43,6 +44,14 @@ class TensorSpec:
     shape: tuple[int, ...]
 
 
+def _fp8_specs(name: str, out: int, inp: int, block: tuple[int, int]) -> list[TensorSpec]:
+    """An FP8 weight ``[out, in]`` and its ``.scale`` block grid."""
+    return [
+        TensorSpec(f"{name}.weight", FP8, (out, inp)),
+        TensorSpec(f"{name}.scale", SCALE, scale_grid((out, inp), block)),
+    ]
+
+
 def front_end_specs(cfg: DeepSeekV4Config, indexer: bool, block: tuple[int, int] = DEFAULT_BLOCK) -> list[TensorSpec]:
     """The tensors of one layer's front end (names relative to the layer prefix), ``[out, in]``
     layout; FP8 weights come with their ``.scale`` block grid. ``indexer``: include the lightning
@@ -50,10 +59,7 @@ def front_end_specs(cfg: DeepSeekV4Config, indexer: bool, block: tuple[int, int]
     d, ql, hd, hid = cfg.hidden_size, cfg.q_lora_rank, cfg.head_dim, cfg.index_head_dim
 
     def fp8(name: str, out: int, inp: int) -> list[TensorSpec]:
-        return [
-            TensorSpec(f"{name}.weight", FP8, (out, inp)),
-            TensorSpec(f"{name}.scale", SCALE, scale_grid((out, inp), block)),
-        ]
+        return _fp8_specs(name, out, inp, block)
 
     specs = [
         *fp8("attn.wq_a", ql, d),
@@ -72,6 +78,35 @@ def front_end_specs(cfg: DeepSeekV4Config, indexer: bool, block: tuple[int, int]
             TensorSpec("attn.indexer.compressor.norm.weight", GAIN, (hid,)),
         ]
     return specs
+
+
+def attention_specs(cfg: DeepSeekV4Config, ratio: int, block: tuple[int, int] = DEFAULT_BLOCK) -> list[TensorSpec]:
+    """The rest of a layer's attention (attention spec §3, §5, §6): the main compressor of a CSA or
+    HCA layer (``ratio > 0``; ``wkv``/``wgate [COFF*HD, D]`` bf16, ``ape [ratio, COFF*HD]`` fp32,
+    ``norm``), ``attn_sink [H]`` fp32 and the FP8 output projection ``wo_a [G*OL, HG*HD]``,
+    ``wo_b [D, G*OL]`` with their scales."""
+    d, hd, h, g = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.o_groups
+    specs = []
+    if ratio:
+        width = (2 if ratio == COMPRESS_RATIO else 1) * hd
+        specs += [
+            TensorSpec("attn.compressor.wkv.weight", ("BF16",), (width, d)),
+            TensorSpec("attn.compressor.wgate.weight", ("BF16",), (width, d)),
+            TensorSpec("attn.compressor.ape", ("F32",), (ratio, width)),
+            TensorSpec("attn.compressor.norm.weight", GAIN, (hd,)),
+        ]
+    gol, inner = g * cfg.o_lora_rank, (h // g if g else 0) * hd
+    specs += [
+        TensorSpec("attn.attn_sink", ("F32",), (h,)),
+        *_fp8_specs("attn.wo_a", gol, inner, block),
+        *_fp8_specs("attn.wo_b", d, gol, block),
+    ]
+    return specs
+
+
+def layer_specs(cfg: DeepSeekV4Config, ratio: int, block: tuple[int, int] = DEFAULT_BLOCK) -> list[TensorSpec]:
+    """Every attention tensor of a layer of compress ``ratio``: the front end, then the rest."""
+    return front_end_specs(cfg, indexer=ratio == COMPRESS_RATIO, block=block) + attention_specs(cfg, ratio, block)
 
 
 # config.json fields that must be present; each is the DeepSeekV4Config field of the same name
@@ -140,6 +175,9 @@ def config_from_json(raw: dict[str, Any], source: str = CONFIG_FILE) -> DeepSeek
         beta_fast=float(scaling("beta_fast", 32.0, "num")),
         beta_slow=float(scaling("beta_slow", 1.0, "num")),
         rms_norm_eps=float(_field(source, "rms_norm_eps", raw.get("rms_norm_eps", 1e-6), "pos")),
+        o_groups=_field(source, "o_groups", raw.get("o_groups", 0), "int0"),
+        o_lora_rank=_field(source, "o_lora_rank", raw.get("o_lora_rank", 0), "int0"),
+        compress_ratios=_ratios(source, raw.get("compress_ratios")),
     )
     try:
         cfg = DeepSeekV4Config(name="checkpoint", **fields)
@@ -153,10 +191,31 @@ def config_from_json(raw: dict[str, Any], source: str = CONFIG_FILE) -> DeepSeek
             f"{source}: sliding_window + max_position_embeddings // {COMPRESS_RATIO} must be < 2^31 (int32 indices), "
             f"got {cfg.sliding_window} + {rows}"
         )
-    for preset in PRESETS.values():
-        if _in_effect(preset.replace(name=cfg.name)) == _in_effect(cfg):
-            return preset
+    for preset in PRESETS.values():  # the layer list is the checkpoint's; o_groups / o_lora_rank the preset's if absent
+        filled = cfg.replace(
+            name=preset.name,
+            o_groups=cfg.o_groups or preset.o_groups,
+            o_lora_rank=cfg.o_lora_rank or preset.o_lora_rank,
+            compress_ratios=cfg.compress_ratios or preset.compress_ratios,
+        )
+        if _in_effect(filled.replace(compress_ratios=preset.compress_ratios)) == _in_effect(preset):
+            return (
+                preset
+                if filled.compress_ratios == preset.compress_ratios
+                else preset.replace(compress_ratios=filled.compress_ratios)
+            )
     return cfg
+
+
+def _ratios(source: str, ratios: object) -> tuple[int, ...]:
+    """``compress_ratios`` (absent: ``()``): a list of non-negative ints."""
+    if ratios is None:
+        return ()
+    if not isinstance(ratios, list) or not all(
+        isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ratios
+    ):
+        raise CheckpointError(f"{source}: compress_ratios must be a list of non-negative ints, got {ratios!r:.80}")
+    return tuple(ratios)
 
 
 _JSON_NAMES = {  # DeepSeekV4Config field -> where config.json holds it
@@ -262,14 +321,13 @@ class Checkpoint(ShardedCheckpoint):
             raise CheckpointError(
                 f"{self.directory}: no tensors under {p!r} (layers found: {format_ranges(found) or 'none'})"
             )
-        ratio, source = self.compress_ratio(layer, prefix)
-        if ratio != COMPRESS_RATIO:
-            with_indexer = [n for n in self.layers(prefix) if self.compress_ratio(n, prefix)[0] == COMPRESS_RATIO]
+        ratio, _ = self.compress_ratio(layer, prefix)
+        if cfg.o_groups < 1 or cfg.o_lora_rank < 1 or cfg.num_attention_heads % cfg.o_groups:
             raise CheckpointError(
-                f"layer {layer} has compress ratio {ratio} ({source}): it has no lightning indexer, which only "
-                f"ratio-{COMPRESS_RATIO} layers have; layers with one: {format_ranges(with_indexer) or 'none'}"
+                f"config: o_groups {cfg.o_groups} / o_lora_rank {cfg.o_lora_rank} cannot size the output projection "
+                f"of {cfg.num_attention_heads} heads (config.json's o_groups and o_lora_rank; or pass cfg=)"
             )
-        specs = front_end_specs(cfg, indexer=True, block=self.block)
+        specs = layer_specs(cfg, ratio, self.block)
         problems = self.check(p, specs)
         if problems:
             raise CheckpointError(f"{self.directory}, layer {layer}: " + "; ".join(problems))
@@ -280,7 +338,6 @@ class Checkpoint(ShardedCheckpoint):
             return infos[f"{name}.weight"], scales[name]
 
         wq_b, wq_b_scale = self._requantized_int8(*weight("attn.wq_b"))
-        iq_b, iq_b_scale = self._requantized_int8(*weight("attn.indexer.wq_b"))
         plain = {name: self._finite(info) for name, info in infos.items() if info.dtype not in FP8 + SCALE}
         attn = AttnWeights(
             wq_a=self._dequantized_bf16(*weight("attn.wq_a")),
@@ -290,15 +347,40 @@ class Checkpoint(ShardedCheckpoint):
             wkv=self._dequantized_bf16(*weight("attn.wkv")),
             gamma_ckv=plain["attn.kv_norm.weight"],
         )
-        compressor = CompressorWeights(
-            wkv=plain["attn.indexer.compressor.wkv.weight"],
-            wgate=plain["attn.indexer.compressor.wgate.weight"],
-            ape=plain["attn.indexer.compressor.ape"],
-            norm_w=plain["attn.indexer.compressor.norm.weight"],
-        )
-        indexer = IndexerWeights(iq_b, iq_b_scale, plain["attn.indexer.weights_proj.weight"], compressor)
-        weights = LayerWeights(attn, indexer)
+        indexer = None
+        if ratio == COMPRESS_RATIO:
+            iq_b, iq_b_scale = self._requantized_int8(*weight("attn.indexer.wq_b"))
+            compressor = CompressorWeights(
+                wkv=plain["attn.indexer.compressor.wkv.weight"],
+                wgate=plain["attn.indexer.compressor.wgate.weight"],
+                ape=plain["attn.indexer.compressor.ape"],
+                norm_w=plain["attn.indexer.compressor.norm.weight"],
+            )
+            indexer = IndexerWeights(iq_b, iq_b_scale, plain["attn.indexer.weights_proj.weight"], compressor)
+        main = None
+        if ratio:
+            main = CompressorWeights(
+                wkv=plain["attn.compressor.wkv.weight"],
+                wgate=plain["attn.compressor.wgate.weight"],
+                ape=plain["attn.compressor.ape"],
+                norm_w=plain["attn.compressor.norm.weight"],
+            )
+        o_proj = OProjWeights(
+            self._fp8_codes(infos["attn.wo_a.weight"]), scales["attn.wo_a"],
+            self._fp8_codes(infos["attn.wo_b.weight"]), scales["attn.wo_b"],
+        )  # fmt: skip
+        weights = LayerWeights(attn, indexer, main, plain["attn.attn_sink"], o_proj)
         return weights if device is None else weights.to(device)
+
+    def _fp8_codes(self, info: TensorInfo) -> torch.Tensor:
+        """An FP8 weight as stored (``float8_e4m3fn``), refused when a code is NaN."""
+        out = torch.empty(info.shape, dtype=torch.float8_e4m3fn)
+        for r0, r1 in self._row_chunks(info):
+            rows = self.rows(info, r0, r1)
+            if not torch.isfinite(rows).all():
+                raise CheckpointError(f"{info.name}: rows {r0}..{r1 - 1} hold NaN codes")
+            out[r0:r1] = rows.to(torch.float8_e4m3fn)  # e4m3 values: exact
+        return out
 
     def _finite(self, info: TensorInfo) -> torch.Tensor:
         """A bf16/fp32 tensor as stored, refused when any value is NaN or infinite (spec §7)."""
@@ -381,18 +463,22 @@ def load_layer(
     prefix: str = DEFAULT_PREFIX,
     device: torch.device | str | None = None,
 ) -> LayerWeights:
-    """One layer's front-end weights from a DeepSeek-V4 safetensors checkpoint.
+    """One layer's attention weights from a DeepSeek-V4 safetensors checkpoint, any layer type.
 
     ``checkpoint_dir`` holds ``model.safetensors.index.json`` and its shards (or one
     ``model.safetensors``) and, unless ``cfg`` is given, a ``config.json`` giving the dimensions.
     Reads only the tensors under ``prefix.format(layer=layer)``, memory-mapped, a bounded number
-    of rows at a time. Returns ``LayerWeights`` on ``device`` (default CPU): ``wq_a``, ``wkv`` bf16
-    (FP8 x block scale, exact), ``wq_b`` and the indexer's ``wq_b`` INT8 per output channel with
-    fp32 scales (spec §2), norms as stored (bf16 or fp32), ``ape`` fp32.
+    of rows at a time. The layer's kind comes from its compress ratio (``config.json``'s
+    ``compress_ratios[layer]``, else the tensors present): 0 SWA, 4 CSA (with the lightning
+    indexer), any other HCA. Returns ``LayerWeights`` on ``device`` (default CPU): ``attn`` (``wq_a``,
+    ``wkv`` bf16, FP8 x block scale, exact; ``wq_b`` INT8 per output channel with fp32 scales, spec
+    §2), ``indexer`` (CSA only; its ``wq_b`` INT8 likewise), ``compressor`` (CSA/HCA: the main
+    compressor's ``wkv``, ``wgate`` bf16, ``ape`` fp32, ``norm``), ``attn_sink`` fp32 and
+    ``o_proj`` (``wo_a``, ``wo_b`` float8_e4m3fn as stored, their UE8M0 block scales as fp32);
+    norms as stored (bf16 or fp32).
 
     Raises ``CheckpointError`` (a ``ValueError``), before anything is built, naming each missing or
-    mismatched tensor with the expected and found dtype/shape; and for a layer whose compress ratio
-    is not 4 (ratio 128 or 0: no indexer), naming the layer, its ratio and where the ratio came from.
+    mismatched tensor with the expected and found dtype/shape (expected from the layer's kind).
     """
     with Checkpoint(checkpoint_dir) as ckpt:
         return ckpt.load_layer(layer, cfg, prefix=prefix, device=device)

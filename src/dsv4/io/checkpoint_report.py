@@ -1,11 +1,12 @@
-"""``dsv4 inspect``: what a checkpoint holds for the attention front end, from its file headers; the
-layer it reports on is then loaded as ``load_layer`` loads it, so "ok" means every check passed."""
+"""``dsv4 inspect``: what a checkpoint holds for the attention layers, from its file headers: each
+layer's kind (SWA, CSA, HCA), and one layer's attention tensors; that layer is then loaded as
+``load_layer`` loads it, so "ok" means every check passed."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..model.config import COMPRESS_RATIO, PRESETS, DeepSeekV4Config
+from ..model.config import COMPRESS_RATIO, LAYER_KINDS, PRESETS, DeepSeekV4Config, kind_of_ratio
 from .checkpoint import (
     CONFIG_FILE,
     DEFAULT_PREFIX,
@@ -14,7 +15,7 @@ from .checkpoint import (
     Checkpoint,
     TensorSpec,
     format_ranges,
-    front_end_specs,
+    layer_specs,
 )
 from .safetensors_files import CheckpointError, TensorInfo
 
@@ -25,11 +26,16 @@ _RATIO_MEANING = {
 }
 
 
+_KEPT_FP8 = ("attn.wo_a", "attn.wo_b")  # loaded as stored, their block scales as fp32
+
+
 def _loaded_bytes(spec: TensorSpec, info: TensorInfo) -> int:
-    """Bytes of a tensor once loaded: bf16 ``wq_a``/``wkv``, INT8 + fp32 scale ``wq_b``s, others as stored."""
+    """Bytes of a tensor once loaded: bf16 ``wq_a``/``wkv``, INT8 + fp32 scale ``wq_b``s, FP8
+    ``wo_a``/``wo_b`` with fp32 block scales, others as stored."""
+    kept = spec.name.startswith(_KEPT_FP8)
     if spec.dtypes == SCALE:
-        return 0  # folded into the weights
-    if spec.dtypes != FP8:
+        return 4 * info.nbytes if kept else 0  # fp32 beside the FP8 codes, else folded into the weights
+    if spec.dtypes != FP8 or kept:
         return info.nbytes
     out, inp = info.shape
     return out * inp + 4 * out if spec.name.endswith("wq_b.weight") else 2 * out * inp
@@ -41,8 +47,8 @@ def describe_checkpoint(
     cfg: DeepSeekV4Config | None = None,
     prefix: str = DEFAULT_PREFIX,
 ) -> tuple[list[str], bool]:
-    """``dsv4 inspect``: the checkpoint's layers and compress ratios, and one layer's front-end
-    tensors (the first ratio-4 layer unless ``layer`` is given) with dtypes, shapes and bytes,
+    """``dsv4 inspect``: the checkpoint's layers, their compress ratios and kinds, and one layer's
+    attention tensors (the first ratio-4 layer unless ``layer`` is given) with dtypes, shapes and bytes,
     checked against ``cfg`` (default: from ``config.json``). The listing comes from the file headers
     (every header is checked as ``load_layer`` checks it); when the layer's tensors are all present
     with the right dtypes and shapes, the layer is then loaded exactly as ``load_layer`` does, so the
@@ -69,6 +75,8 @@ def describe_checkpoint(
             members = [n for n, (r, _) in ratios.items() if r == ratio]
             meaning = _RATIO_MEANING.get(ratio, "unknown kind")
             lines.append(f"  compress ratio {ratio:>3}: layers {format_ranges(members)} ({meaning})")
+        kinds = {k: [n for n, (r, _) in ratios.items() if kind_of_ratio(r) == k] for k in LAYER_KINDS}
+        lines.append("layer kinds: " + "; ".join(f"{k.upper()} {format_ranges(v)}" for k, v in kinds.items() if v))
         if not layers:
             return lines, False
         if layer is None:
@@ -78,8 +86,9 @@ def describe_checkpoint(
         ratio, source = ratios[layer]
         p = prefix.format(layer=layer)
         # Without a config only the names of the specs are used (shapes are not checked).
-        specs = front_end_specs(cfg or PRESETS["tiny"], indexer=ratio == COMPRESS_RATIO, block=ckpt.block)
-        lines.append(f"layer {layer}: compress ratio {ratio} ({source}); front-end tensors:")
+        specs = layer_specs(cfg or PRESETS["tiny"], ratio, ckpt.block)
+        kind = kind_of_ratio(ratio).upper()
+        lines.append(f"layer {layer}: compress ratio {ratio} ({source}); {kind}; attention tensors:")
         width = max(len(p + s.name) for s in specs)
         lines.append(f"  {'name':<{width}}  {'dtype':<8} {'shape':<14} {'bytes':>12}")
         stored = loaded = 0
@@ -92,18 +101,13 @@ def describe_checkpoint(
             loaded += _loaded_bytes(spec, info)
             lines.append(f"  {info.name:<{width}}  {info.dtype:<8} {str(list(info.shape)):<14} {info.nbytes:>12,}")
         lines.append(
-            f"  front end of layer {layer}: {stored:,} bytes stored ({stored / 2**20:.1f} MiB); "
-            f"{loaded:,} bytes loaded as bf16 + INT8 ({loaded / 2**20:.1f} MiB)"
+            f"  attention of layer {layer}: {stored:,} bytes stored ({stored / 2**20:.1f} MiB); "
+            f"{loaded:,} bytes loaded as bf16 + INT8 + FP8 ({loaded / 2**20:.1f} MiB)"
         )
         others = sum(name.startswith(p) for name in ckpt.weight_map) - sum(
             ckpt.info(p + s.name) is not None for s in specs
         )
-        lines.append(f"  other tensors under {p!r} (not used by the front end): {others}")
-        if ratio != COMPRESS_RATIO:
-            lines.append(
-                f"check: layer {layer} has no indexer (compress ratio {ratio}); load_layer needs a ratio-4 layer"
-            )
-            return lines, False
+        lines.append(f"  other tensors under {p!r} (not used by the attention): {others}")
         if cfg is None:
             return [*lines, "check: shapes not checked (no config)"], True
         problems = ckpt.check(p, specs)

@@ -119,6 +119,8 @@ def load(manifest_path: str | Path, device: torch.device | str = "cpu") -> tuple
     args: dict[str, Any] = {}
     try:
         for p in get_op(op).params:
+            if p.optional and not any(k == p.name or k.startswith(p.name + ".") for k in tensors):
+                continue  # an optional argument the case did not pass (None)
             if dataclasses.is_dataclass(p.kind):
                 args[p.name] = build(p.kind, p.name, tensors.__getitem__)
             elif p.kind in (int, float, str):  # a scalar the case did not set keeps the op's default

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 COMPRESS_RATIO = 4  # tokens per compressed indexer key (the ratio-4 layers)
+LAYER_KINDS = ("swa", "csa", "hca")  # sliding window only (ratio 0), ratio 4 with the indexer, any other ratio
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,10 @@ class DeepSeekV4Config:
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     rms_norm_eps: float = 1e-6
+    # The rest of the attention layer (attention spec §1); 0 / () where a config does not say.
+    o_groups: int = 0  # G: output-projection groups
+    o_lora_rank: int = 0  # OL: rank of each group's wo_a
+    compress_ratios: tuple[int, ...] = ()  # one per layer, then one per MTP layer: 0 SWA, 4 CSA, else HCA
 
     def __post_init__(self) -> None:
         """Every field checked: a ``ValueError`` naming the field for a value no model can have."""
@@ -58,6 +63,11 @@ class DeepSeekV4Config:
                 f"max_position_embeddings: expected >= {COMPRESS_RATIO} (one compressed block), "
                 f"got {self.max_position_embeddings}"
             )
+        for name in ("o_groups", "o_lora_rank"):  # 0: the config does not say (what uses them checks them)
+            _check_field(name, getattr(self, name), "int0")
+        ratios = self.compress_ratios
+        if not isinstance(ratios, tuple) or any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in ratios):
+            raise ValueError(f"compress_ratios: expected a tuple of non-negative ints, got {ratios!r:.80}")
 
     @property
     def qk_nope_head_dim(self) -> int:
@@ -78,12 +88,38 @@ class DeepSeekV4Config:
     def compress_ratio(self) -> int:
         return COMPRESS_RATIO
 
+    def layer_ratio(self, layer: int) -> int:
+        """The compress ratio of ``layer`` (``compress_ratios[layer]``): 0 (SWA), 4 (CSA) or the HCA ratio."""
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"layer: expected an int, got {type(layer).__name__}")
+        if not 0 <= layer < len(self.compress_ratios):
+            raise ValueError(
+                f"layer: expected 0 <= layer < {len(self.compress_ratios)} ({self.name}'s compress_ratios), got {layer}"
+            )
+        return self.compress_ratios[layer]
+
+    def layer_kind(self, layer: int) -> str:
+        """``"swa"``, ``"csa"`` or ``"hca"``: the attention kind of ``layer`` (from its compress ratio)."""
+        return kind_of_ratio(self.layer_ratio(layer))
+
+    def first_layer(self, kind: str) -> int:
+        """The first layer of ``kind`` (``"swa"``, ``"csa"`` or ``"hca"``)."""
+        for layer in range(len(self.compress_ratios)):
+            if self.layer_kind(layer) == kind:
+                return layer
+        raise ValueError(f"kind: {self.name} has no {kind!r} layer (compress_ratios {list(self.compress_ratios)})")
+
     def replace(self, **changes: Any) -> DeepSeekV4Config:
         """A copy with some fields changed (e.g. a smaller ``max_position_embeddings``)."""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def kind_of_ratio(ratio: int) -> str:
+    """The attention kind of a layer with compress ratio ``ratio``: 0 SWA, 4 CSA (with the indexer), else HCA."""
+    return "swa" if ratio == 0 else "csa" if ratio == COMPRESS_RATIO else "hca"
 
 
 _DIMENSIONS = (  # fields that are positive ints
@@ -128,6 +164,9 @@ PRESETS: dict[str, DeepSeekV4Config] = {
         index_topk=512,
         sliding_window=128,
         **_FLASH_ROPE,
+        o_groups=8,
+        o_lora_rank=1024,
+        compress_ratios=(0, 0, *(4, 128) * 20, 4, 0),  # 43 layers + the MTP layer
     ),
     "pro": DeepSeekV4Config(
         name="pro",
@@ -141,6 +180,9 @@ PRESETS: dict[str, DeepSeekV4Config] = {
         index_topk=1024,
         sliding_window=128,
         **_FLASH_ROPE,
+        o_groups=16,
+        o_lora_rank=1024,
+        compress_ratios=(128, 128, *(4, 128) * 29, 4, 0),  # 61 layers + the MTP layer
     ),
     "demo": DeepSeekV4Config(
         name="demo",
@@ -160,9 +202,13 @@ PRESETS: dict[str, DeepSeekV4Config] = {
         original_max_position_embeddings=0,
         beta_fast=32.0,
         beta_slow=1.0,
+        o_groups=8,
+        o_lora_rank=1024,
+        compress_ratios=(0, 0, 4, 128, 4, 128, 4, 0),  # 7 layers + the MTP layer
     ),
     # Small enough for the Triton interpreter; keeps R=64 and HID=128 (and the flash RoPE/YaRN
-    # parameters) so every code path of the full-size model runs.
+    # parameters) so every code path of the full-size model runs. One layer of each kind: SWA, CSA,
+    # HCA (ratio 16, ours: 128 would need 128 tokens per compressed row), then an SWA MTP layer.
     "tiny": DeepSeekV4Config(
         name="tiny",
         hidden_size=256,
@@ -181,6 +227,9 @@ PRESETS: dict[str, DeepSeekV4Config] = {
         original_max_position_embeddings=65536,
         beta_fast=32.0,
         beta_slow=1.0,
+        o_groups=2,
+        o_lora_rank=64,
+        compress_ratios=(0, 4, 16, 0),
     ),
 }
 

@@ -12,22 +12,10 @@ reference quantizes with ``quantize``, and the kernel launchers pass ``constexpr
 ``INT8_KEYS`` (spec §2, §4) is the indexer's compressed key: ``HID`` int8 codes and one fp32 scale a
 row (the scales of a pool are ``[num_blocks, block_size]``, no trailing axis): 132 B at HID=128.
 
-The attention layer's FP8 KV row (attention spec §2) fits the same record; a sketch, not defined
-here (the tail is the bf16 rope part, which ``quantize`` never sees: the pool stores it as it comes)::
-
-    FP8_KV = PoolFormat(
-        name="fp8-kv",
-        code_dtype=torch.float8_e4m3fn,
-        scale_dtype=torch.uint8,  # UE8M0: byte b is 2^(b - 127)
-        scale_block=64,  # one scale per 64 codes: [num_blocks, block_size, 8], bytes past NOPE/64 written 0
-        scale_align=8,
-        tail_dtype=torch.bfloat16,
-        code_max=448.0,
-        amax_floor=1e-4,
-        quantize=fp8_blocks,  # e = ceil(log2(amax / 448)), codes e4m3(v / 2^e), scale byte e + 127
-        dequantize=fp8_blocks_dequantized,
-    )
-    FP8_KV.row_bytes(448, tail=64) == 448 + 8 + 128 == 584  # NOPE=448 codes, 8 scale bytes, R=64 bf16
+``FP8_KV`` (attention spec §2) is the attention layer's KV row: ``NOPE`` e4m3 codes with one UE8M0
+scale byte per 64 (8 bytes a row, those past ``NOPE/64`` written 0) and the bf16 rope part as its
+tail, which ``quantize`` never sees (the pool stores it as it comes): 584 B at HD 512, R 64
+(``dsv4.model.fp8_row`` holds the arithmetic).
 """
 
 from __future__ import annotations
@@ -38,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import fp8_row
 from .quant import AMAX_FLOOR, INT8_MAX, quantize_int8_per_row
 
 
@@ -129,4 +118,17 @@ INT8_KEYS = PoolFormat(
     amax_floor=AMAX_FLOOR,
     quantize=_int8_rows,
     dequantize=_int8_rows_dequantized,
+)
+
+FP8_KV = PoolFormat(
+    name="fp8-kv",
+    code_dtype=torch.float8_e4m3fn,
+    scale_dtype=torch.uint8,  # UE8M0: byte b is 2^(b - 127)
+    code_max=fp8_row.E4M3_MAX,
+    amax_floor=fp8_row.AMAX_FLOOR,
+    quantize=fp8_row.fp8_blocks,  # e = ceil(log2(amax / 448)), codes e4m3(v / 2^e), scale byte e + 127
+    dequantize=fp8_row.fp8_blocks_dequantized,
+    scale_block=fp8_row.ROW_BLOCK,  # [..., 8] scale bytes a row
+    scale_align=fp8_row.SCALE_BYTES,
+    tail_dtype=torch.bfloat16,  # the rope part
 )

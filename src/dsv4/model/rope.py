@@ -95,3 +95,12 @@ def rope_table(
         cos=torch.cos(angles).to(torch.float32).to(device).contiguous(),
         sin=torch.sin(angles).to(torch.float32).to(device).contiguous(),
     )
+
+
+def layer_rope_table(
+    cfg: DeepSeekV4Config, layer: int, max_position: int | None = None, device: torch.device | str | None = None
+) -> RopeTable:
+    """The RoPE table every op of ``layer`` uses: ``"window"`` on a sliding-window-only layer
+    (compress ratio 0), ``"compressed"`` on the others (attention spec §1)."""
+    kind = "window" if cfg.layer_ratio(layer) == 0 else "compressed"
+    return rope_table(cfg, kind, max_position, device)

@@ -29,6 +29,18 @@ class IndexerOut(NamedTuple):
     topk_idxs: torch.Tensor
 
 
+class AttnOut(NamedTuple):
+    """Output of ``sparse_attn``: ``o [B, S, H, HD] bf16``."""
+
+    o: torch.Tensor
+
+
+class OProjOut(NamedTuple):
+    """Output of ``o_proj``: ``y [T, D] bf16``."""
+
+    y: torch.Tensor
+
+
 def copy_into(result: QKV | IndexerOut, out: QKV | IndexerOut | None) -> QKV | IndexerOut:
     """``result`` written into the preallocated ``out`` (returned), or ``result`` when ``out`` is None.
 

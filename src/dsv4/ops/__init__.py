@@ -1,6 +1,15 @@
 """The public ops (validation, backend choice), their descriptors and the backend registry."""
 
-from .api import call_op, indexer, indexer_compressor, qkv_proj_rope
+from .api import (
+    call_op,
+    indexer,
+    indexer_compressor,
+    kv_compressor,
+    o_proj,
+    qkv_proj_rope,
+    sparse_attn,
+    window_kv_write,
+)
 from .registry import OpDescriptor, Output, Param, Tolerance, get_op, op_function, op_names, register_op
 
 __all__ = [
@@ -12,8 +21,12 @@ __all__ = [
     "get_op",
     "indexer",
     "indexer_compressor",
+    "kv_compressor",
+    "o_proj",
     "op_function",
     "op_names",
     "qkv_proj_rope",
     "register_op",
+    "sparse_attn",
+    "window_kv_write",
 ]

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .backends import implementation
-from .defs import INDEXER, INDEXER_COMPRESSOR, QKV_PROJ_ROPE
+from .defs import INDEXER, INDEXER_COMPRESSOR, KV_COMPRESSOR, O_PROJ, QKV_PROJ_ROPE, SPARSE_ATTN, WINDOW_KV_WRITE
 from .registry import get_op, op_function
 
 
@@ -33,3 +33,7 @@ def call_op(name: str, backend: str = "auto", out: Any = None, **args: Any) -> A
 qkv_proj_rope = op_function(QKV_PROJ_ROPE, call_op, __name__)
 indexer_compressor = op_function(INDEXER_COMPRESSOR, call_op, __name__)
 indexer = op_function(INDEXER, call_op, __name__)
+kv_compressor = op_function(KV_COMPRESSOR, call_op, __name__)
+window_kv_write = op_function(WINDOW_KV_WRITE, call_op, __name__)
+sparse_attn = op_function(SPARSE_ATTN, call_op, __name__)
+o_proj = op_function(O_PROJ, call_op, __name__)

@@ -49,5 +49,16 @@ def resolve(backend: str, device: torch.device | str) -> str:
 
 
 def implementation(desc: OpDescriptor, backend: str, device: torch.device | str) -> Callable[..., Any]:
-    """The function implementing ``desc`` on ``backend`` (``"reference"``, ``"triton"`` or ``"auto"``) on ``device``."""
-    return desc.implementation(resolve(backend, device))
+    """The function implementing ``desc`` on ``backend`` (``"reference"``, ``"triton"`` or ``"auto"``) on
+    ``device``. ``auto`` takes the reference for an op that has no implementation in the backend it
+    would pick; a backend named explicitly that the op lacks is a ``ValueError`` naming both."""
+    name = resolve(backend, device)
+    if backend == "auto" and name not in desc.implementations:
+        name = "reference"
+    return desc.implementation(name)
+
+
+def op_backend(desc: OpDescriptor, backend: str, device: torch.device | str) -> str:
+    """The backend ``implementation`` runs ``desc`` on for ``backend`` on ``device`` (``auto`` resolved)."""
+    name = resolve(backend, device)
+    return "reference" if backend == "auto" and name not in desc.implementations else name

@@ -32,7 +32,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..model.config import COMPRESS_RATIO, DeepSeekV4Config
-from ..model.state import STATE_SLOTS
 
 BF16, FP32, INT8, INT32, INT64 = 2, 4, 1, 4, 8  # bytes per element
 
@@ -78,17 +77,19 @@ def rope_row_bytes(cfg: DeepSeekV4Config) -> int:
     return 2 * (cfg.qk_rope_head_dim // 2) * FP32  # cos and sin of one position
 
 
-def ring_traffic(start: int, seq: int) -> tuple[int, int, int]:
+def ring_traffic(start: int, seq: int, ratio: int = COMPRESS_RATIO, coff: int = 2) -> tuple[int, int, int]:
     """One batch row's compressor ring over a step of ``seq`` tokens from position ``start``.
 
-    The ring is 8 slots x 2 halves (columns ``[0:HID)`` and ``[HID:2*HID)``) per state tensor,
-    position ``p`` in slot ``p % 8`` (spec §4 v3). Returns ``(halves read, halves written, blocks
-    closed)``: a half is read when the step needs its pre-step value (block ``j`` closing pools the
-    first halves of block ``j-1``'s slots ``4*((j-1)%2)..+3`` — none for ``j = 0`` — and the second
-    halves of its own, ``4*(j%2)..+3``) and it is not already on chip (written or read earlier in
-    the step); a half is written when the step changes it. Each half counts at most once.
+    The ring is ``coff * ratio`` slots x ``coff`` halves per state tensor (the indexer's: 8 slots x 2
+    halves, columns ``[0:HID)`` and ``[HID:2*HID)``), position ``p`` in slot ``p % (coff * ratio)``
+    (spec §4 v3, attention spec A3). Returns ``(halves read, halves written, blocks closed)``: a half
+    is read when the step needs its pre-step value and it is not already on chip (written or read
+    earlier in the step): block ``j`` closing pools, overlapping (``coff`` 2), the first halves of
+    block ``j-1``'s slots ``ratio*((j-1)%2)..`` (none for ``j = 0``) and the second halves of its own,
+    ``ratio*(j%2)..``; disjoint (``coff`` 1), its ``ratio`` slots. A half is written when the step
+    changes it (a token writes every half of its slot). Each half counts at most once.
     """
-    half = COMPRESS_RATIO  # slots per block
+    slots = coff * ratio
     on_chip: set[tuple[int, int]] = set()
     read: set[tuple[int, int]] = set()
     written: set[tuple[int, int]] = set()
@@ -100,15 +101,18 @@ def ring_traffic(start: int, seq: int) -> tuple[int, int, int]:
 
     closed = 0
     for p in range(start, start + seq):
-        for h in (0, 1):
-            written.add((p % STATE_SLOTS, h))
-            on_chip.add((p % STATE_SLOTS, h))
-        if (p + 1) % half:
+        for h in range(coff):
+            written.add((p % slots, h))
+            on_chip.add((p % slots, h))
+        if (p + 1) % ratio:
             continue
         closed += 1
-        j = p // half
-        for i in range(half):
+        j = p // ratio
+        for i in range(ratio):
+            if coff == 1:
+                use((i, 0))
+                continue
             if j:
-                use((half * ((j - 1) % 2) + i, 0))
-            use((half * (j % 2) + i, 1))
+                use((ratio * ((j - 1) % 2) + i, 0))
+            use((ratio * (j % 2) + i, 1))
     return len(read), len(written), closed

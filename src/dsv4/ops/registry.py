@@ -45,7 +45,7 @@ class Tolerance:
         return f"atol={self.atol:g} rtol={self.rtol:g} ratio={self.max_error_ratio:g}"
 
 
-RULES = ("allclose", "score", "topk", "cache")
+RULES = ("allclose", "score", "topk", "cache", "fp8_rows", "exact")
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,10 @@ class Output:
     ``rule``: ``allclose`` (the tolerance over the whole tensor), ``score`` (visible entries within
     the tolerance, masked entries -inf-like), ``topk`` (tie-tolerant indices, judged by the
     reference's ``score`` output within this tolerance), ``cache`` (rows the step wrote within the
-    tolerance, every other row bit-identical).
+    tolerance, every other row bit-identical), ``fp8_rows`` (a pool of FP8 KV rows, its tensors under
+    ``name.``: the rows the step wrote decoded within the tolerance and within one e4m3 step, scale
+    bytes within 1; every other row bit-identical), ``exact`` (the tensor ``name``, or every tensor
+    under ``name.``, bit-identical).
     """
 
     name: str
@@ -77,23 +80,31 @@ class Param:
     """A public argument, as the signature stub declares it: its name, its kind (``torch.Tensor``,
     ``int``, ``float``, ``str``, a dataclass of tensors such as the weights, ``RopeTable`` or
     ``IndexerState``, or ``INT_OR_TENSOR``: an int for every batch row or an int tensor ``[B]``), its
-    default (``NO_DEFAULT`` when it has none) and whether it is keyword-only."""
+    default (``NO_DEFAULT`` when it has none), whether it is keyword-only, and whether it may be None
+    (``optional``: annotated ``X | None``; a custom op takes each of its tensors as ``Tensor?``)."""
 
     name: str
     kind: Any
     default: Any = NO_DEFAULT
     keyword_only: bool = False
+    optional: bool = False
 
 
-def _kind(op: str, name: str, annotation: Any) -> Any:
-    """The ``Param`` kind of an annotation of the signature stub of ``op``."""
+def _kind(op: str, name: str, annotation: Any) -> tuple[Any, bool]:
+    """``(the Param kind, optional)`` of an annotation of the signature stub of ``op``: a tensor or a
+    dataclass of tensors may be optional (``X | None``)."""
+    args = set(typing.get_args(annotation)) if isinstance(annotation, types.UnionType) else set()
+    if len(args) == 2 and type(None) in args:
+        (inner,) = args - {type(None)}
+        if inner is torch.Tensor or dataclasses.is_dataclass(inner):
+            return inner, True
     if annotation in (torch.Tensor, int, float, str) or dataclasses.is_dataclass(annotation):
-        return annotation
-    if isinstance(annotation, types.UnionType) and set(typing.get_args(annotation)) == {int, torch.Tensor}:
-        return INT_OR_TENSOR
+        return annotation, False
+    if args == {int, torch.Tensor}:
+        return INT_OR_TENSOR, False
     raise ValueError(
         f"{op}: argument {name!r} is annotated {annotation!r}; an op takes tensors, int, float, str, "
-        "dataclasses of tensors and int | Tensor"
+        "dataclasses of tensors (either may be optional: X | None) and int | Tensor"
     )
 
 
@@ -170,11 +181,12 @@ class OpDescriptor(Generic[P, R]):
             raise ValueError(
                 f"{self.name}: the signature needs a keyword-only out=None when (and only when) it returns"
             )
-        params = tuple(
-            Param(p.name, _kind(self.name, p.name, p.annotation), p.default, p.kind is p.KEYWORD_ONLY)
-            for p in stub.values()
-            if p.name not in RESERVED
-        )
+        params = []
+        for p in stub.values():
+            if p.name not in RESERVED:
+                kind, optional = _kind(self.name, p.name, p.annotation)
+                params.append(Param(p.name, kind, p.default, p.kind is p.KEYWORD_ONLY, optional))
+        params = tuple(params)
         object.__setattr__(self, "params", params)
         object.__setattr__(self, "result", result)
         object.__setattr__(self, "_sig", sig)
@@ -218,7 +230,10 @@ class OpDescriptor(Generic[P, R]):
         fn = self._impls.get(backend)
         if fn is None:
             if backend not in self.implementations:
-                raise ValueError(f"backend: {self.name} has no {backend!r} implementation")
+                raise ValueError(
+                    f"backend: {self.name} has no {backend!r} implementation (it has: "
+                    f"{', '.join(self.implementations)}); pass backend='auto' or one of those"
+                )
             module, _, attr = self.implementations[backend].partition(":")
             fn = getattr(importlib.import_module(module), attr)
             self._impls[backend] = fn
@@ -278,6 +293,6 @@ def get_op(name: str) -> OpDescriptor:
         raise ValueError(f"op: expected one of {', '.join(_REGISTRY)}, got {name!r}") from None
 
 
-def op_names() -> tuple[str, ...]:
-    """Every registered op, in registration order."""
-    return tuple(_REGISTRY)
+def op_names(backend: str | None = None) -> tuple[str, ...]:
+    """Every registered op, in registration order; with ``backend``, those implemented there."""
+    return tuple(n for n, d in _REGISTRY.items() if backend is None or backend in d.implementations)

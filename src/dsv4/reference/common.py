@@ -62,6 +62,17 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def inverse_rope(u: torch.Tensor, positions: torch.Tensor, rope: RopeTable) -> torch.Tensor:
+    """The inverse of ``apply_rope`` (attention spec §2): ``y[2i] = u[2i]*c + u[2i+1]*s``,
+    ``y[2i+1] = u[2i+1]*c - u[2i]*s`` with ``c, s`` the table's cos, sin at ``positions``; fp32."""
+    cos = rope.cos[positions]
+    sin = rope.sin[positions]
+    while cos.dim() < u.dim():
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    u0, u1 = u[..., 0::2], u[..., 1::2]
+    return torch.stack((u0 * cos + u1 * sin, u1 * cos - u0 * sin), dim=-1).flatten(-2)
+
+
 @dataclass(frozen=True)
 class Gemms:
     """The two matrix products the reference is written with: ``linear(x, w)`` = ``x @ w.T`` of bf16

@@ -1,0 +1,403 @@
+"""``DecodeAttention``: one layer's whole attention step (attention spec §7), ``xn [B, S, D] -> y [B, S, D]``,
+as a module that owns the layer's weights, RoPE table and state (its KV pools paged on the host)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import ops
+from ..model.attention_state import CompressorState, KVPool, rerun_exact
+from ..model.config import COMPRESS_RATIO, DeepSeekV4Config
+from ..model.rope import RopeTable
+from ..model.state import DEFAULT_BLOCK_SIZE, UNALLOCATED, IndexerState
+from ..model.structs import IndexerOut
+from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights, LayerWeights, OProjWeights
+from ..ops.backends import BACKENDS
+from ..ops.registry import get_op
+from ..ops.validate import check_eps, check_int
+from .frontend import _host_ints
+
+_ATTN = ("wq_a", "gamma_cq", "wq_b", "wq_b_scale", "wkv", "gamma_ckv")
+_INDEXER = ("wq_b", "wq_b_scale", "weights_proj")
+_COMPRESSOR = ("wkv", "wgate", "ape", "norm_w")
+_O_PROJ = ("wo_a", "wo_a_scale", "wo_b", "wo_b_scale")
+_POOL = ("nope", "rope", "scale", "block_table")
+_INDEXER_STATE = ("kv_state", "score_state", "keys", "key_scale", "block_table")
+DEFAULT_PREFILL_CHUNK = 128  # tokens per step when a call brings more (one seeds' prefill chunk)
+OPS = ("qkv_proj_rope", "kv_compressor", "indexer", "sparse_attn", "window_kv_write", "o_proj")
+
+
+@dataclass
+class _Blocks:
+    """A pool's blocks on the host: the free list (lowest first) and each slot's ``column -> block``."""
+
+    free: list[int]
+    slots: list[dict[int, int]]
+    table: list[list[int]] = field(default_factory=list)  # the entries changed since the last flush
+
+    @classmethod
+    def new(cls, num_blocks: int, batch: int) -> _Blocks:
+        return cls(list(range(num_blocks)), [{} for _ in range(batch)])
+
+    def need(self, b: int, columns: range) -> int:
+        return sum(c not in self.slots[b] for c in columns)
+
+    def give(self, b: int, columns: range) -> None:
+        for c in columns:
+            if c not in self.slots[b]:
+                self.slots[b][c] = self.free.pop(0)
+                self.table.append([b, c, self.slots[b][c]])
+
+    def take_back(self, b: int, columns: list[int]) -> None:
+        for c in columns:
+            self.free.append(self.slots[b].pop(c))
+            self.table.append([b, c, UNALLOCATED])
+        self.free.sort()
+
+    def flush(self, block_table: torch.Tensor) -> None:
+        """Write the changed entries into the device table (device fills: no host sync)."""
+        for b, c, block in self.table:
+            block_table[b, c] = block
+        self.table.clear()
+
+
+class DecodeAttention(torch.nn.Module):
+    """One attention layer of any kind (SWA, CSA, HCA) for ``batch`` sequence slots, step after step.
+
+    ``forward(xn)`` runs spec §7: ``qkv_proj_rope``; ``kv_compressor`` (CSA, HCA); ``indexer``
+    (CSA, ``offset`` = the window); ``sparse_attn``; ``window_kv_write``; ``o_proj``. Weights, the RoPE
+    table and the ``AttentionState`` parts are buffers (``.to(device)`` moves them all). Each slot
+    remembers where its sequence stands; ``reset(rows)`` hands slots to new sequences.
+
+    The pools are paged on the host, so allocation never waits on the device: a slot gets window
+    blocks as its sequence grows and gives back those whose positions no later token sees (all
+    ``<= start - W`` of the step just run), and gets compressed and indexer blocks as rows close
+    (kept until ``reset``). A call that needs more blocks than are free raises before anything
+    runs. A call longer than ``prefill_chunk`` tokens runs as steps of that many.
+
+    Re-running positions (a rejected draft token): a step may start anywhere from the previous
+    step's start to where the slot stands; the ring of each compressor must still hold what the
+    re-run reads (``start + k <= max(COFF*RC, RC*(start // RC) + RC)`` with ``k`` the positions run
+    since ``start``; always true for one rejected draft token); anything else is refused.
+
+    Args:
+        weights: the layer's whole ``LayerWeights`` (``load_layer`` or ``synthetic_weights(cfg, layer=N)``).
+        rope: the layer's ``RopeTable`` (``layer_rope_table``); it must cover ``max_position``.
+        cfg: the model's config (window, top-k, eps).
+        batch: sequence slots; max_position: longest sequence a slot holds.
+        backend: ``"auto"``, ``"reference"`` or ``"triton"``; an op without the named backend's
+            implementation runs on the reference (``op_backends`` says which runs where).
+        block_size: rows per pool block; num_blocks: per pool (``"window"``, ``"compressed"``,
+            ``"indexer"``), default enough for every slot to reach ``max_position``.
+        prefill_chunk: the longest step a call is split into.
+    """
+
+    def __init__(
+        self,
+        weights: LayerWeights,
+        rope: RopeTable,
+        cfg: DeepSeekV4Config,
+        *,
+        batch: int,
+        max_position: int,
+        backend: str = "auto",
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        num_blocks: dict[str, int] | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    ) -> None:
+        super().__init__()
+        if not isinstance(weights, LayerWeights):
+            raise TypeError(f"weights: expected LayerWeights, got {type(weights).__name__}")
+        if not weights.whole:
+            raise ValueError("weights: the layer's attn_sink and o_proj are missing (only a front end is held)")
+        if not isinstance(rope, RopeTable):
+            raise TypeError(f"rope: expected RopeTable, got {type(rope).__name__}")
+        if not isinstance(cfg, DeepSeekV4Config):
+            raise TypeError(f"cfg: expected DeepSeekV4Config, got {type(cfg).__name__}")
+        check_int("batch", batch, 1)
+        self.ratio = weights.compress_ratio
+        check_int("max_position", max_position, max(1, self.ratio))
+        check_int("prefill_chunk", prefill_chunk, 1)
+        check_int("block_size", block_size, 16)
+        if block_size & (block_size - 1):
+            raise ValueError(f"block_size: expected a power of two >= 16, got {block_size}")
+        if rope.max_position < max_position:
+            raise ValueError(f"rope: the table has {rope.max_position} positions, max_position is {max_position}")
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"backend: expected 'auto' or one of {', '.join(BACKENDS)}, got {backend!r}")
+        check_eps(cfg.rms_norm_eps)
+        self.kind, self.window, self.topk = weights.kind, cfg.sliding_window, cfg.index_topk
+        self.eps, self.backend, self.prefill_chunk = cfg.rms_norm_eps, backend, prefill_chunk
+        self._buffers_of("attn", weights.attn, _ATTN)
+        self._buffers_of("o", weights.o_proj, _O_PROJ)
+        self.register_buffer("attn_sink", weights.attn_sink)
+        self.register_buffer("rope_cos", rope.cos)
+        self.register_buffer("rope_sin", rope.sin)
+        device = weights.attn.wq_a.device
+        hd, r = weights.attn.wkv.shape[0], rope.rope_dim
+        blocks = dict(num_blocks or {})
+        unknown = set(blocks) - {"window", "compressed", "indexer"}
+        if unknown:
+            raise ValueError(f"num_blocks: expected keys among window, compressed, indexer, got {sorted(unknown)}")
+
+        def pool_size(name: str, rows: int) -> tuple[int, int]:  # (table width, blocks)
+            width = -(-rows // block_size)
+            n = blocks.get(name, batch * width)
+            check_int(f"num_blocks[{name!r}]", n, 1)
+            return width, n
+
+        width, n = pool_size("window", max_position)
+        self._pool_buffers("win", KVPool.paged(n, block_size, hd, r, torch.full((batch, width), UNALLOCATED), device))
+        self.win_blocks = _Blocks.new(n, batch)
+        self.cmp_blocks = self.idx_blocks = None
+        if self.ratio:
+            self._buffers_of("cmp_w", weights.compressor, _COMPRESSOR)
+            width, n = pool_size("compressed", max_position // self.ratio)
+            table = torch.full((batch, width), UNALLOCATED)
+            state = CompressorState.paged(batch, self.ratio, hd, r, n, block_size, table, device)
+            self.register_buffer("cmp_kv_state", state.kv_state)
+            self.register_buffer("cmp_score_state", state.score_state)
+            self._pool_buffers("cmp", state.pool)
+            self.cmp_blocks = _Blocks.new(n, batch)
+        if self.kind == "csa":
+            self._buffers_of("idx_w", weights.indexer, _INDEXER)
+            self._buffers_of("idx_c", weights.indexer.compressor, _COMPRESSOR)
+            hid = weights.indexer.compressor.norm_w.shape[0]
+            width, n = pool_size("indexer", max_position // COMPRESS_RATIO)
+            state = IndexerState.paged(batch, n, block_size, hid, torch.full((batch, width), UNALLOCATED), device)
+            self._buffers_of("idx", state, _INDEXER_STATE)
+            self.idx_blocks = _Blocks.new(n, batch)
+        self.next_pos = [0] * batch  # where each slot's next token sits (host-side: no device sync)
+        self.last_start = [0] * batch  # the start of each slot's last step (re-runs may go back to it)
+        self.op_backends = {op: self._op_backend(op, device) for op in OPS}
+
+    # --- buffers and the records built from them ----------------------------------------------
+
+    def _buffers_of(self, prefix: str, record: object, names: tuple[str, ...]) -> None:
+        for name in names:
+            self.register_buffer(f"{prefix}_{name}", getattr(record, name))
+
+    def _pool_buffers(self, prefix: str, pool: KVPool) -> None:
+        self._buffers_of(prefix, pool, _POOL)
+
+    def _get(self, prefix: str, names: tuple[str, ...]) -> list[torch.Tensor]:
+        return [getattr(self, f"{prefix}_{n}") for n in names]
+
+    @property
+    def attn(self) -> AttnWeights:
+        return AttnWeights(*self._get("attn", _ATTN))
+
+    @property
+    def o_weights(self) -> OProjWeights:
+        return OProjWeights(*self._get("o", _O_PROJ))
+
+    @property
+    def compressor_weights(self) -> CompressorWeights | None:
+        return CompressorWeights(*self._get("cmp_w", _COMPRESSOR)) if self.ratio else None
+
+    @property
+    def indexer_weights(self) -> IndexerWeights | None:
+        if self.kind != "csa":
+            return None
+        return IndexerWeights(*self._get("idx_w", _INDEXER), CompressorWeights(*self._get("idx_c", _COMPRESSOR)))
+
+    @property
+    def rope(self) -> RopeTable:
+        return RopeTable(self.rope_cos, self.rope_sin)
+
+    @property
+    def window_pool(self) -> KVPool:
+        return KVPool(*self._get("win", _POOL))
+
+    @property
+    def compressor_state(self) -> CompressorState | None:
+        if not self.ratio:
+            return None
+        return CompressorState(self.cmp_kv_state, self.cmp_score_state, KVPool(*self._get("cmp", _POOL)))
+
+    @property
+    def indexer_state(self) -> IndexerState | None:
+        return IndexerState(*self._get("idx", _INDEXER_STATE)) if self.kind == "csa" else None
+
+    @property
+    def batch(self) -> int:
+        return len(self.next_pos)
+
+    def _op_backend(self, op: str, device: torch.device) -> str:
+        name = self.backend
+        if name == "auto":
+            name = "triton" if device.type == "cuda" else "reference"
+        return name if name in get_op(op).implementations else "reference"
+
+    # --- slots and blocks -----------------------------------------------------------------------
+
+    def reset(self, batch_rows: int | list[int] | torch.Tensor) -> None:
+        """Empty the given slots: their blocks go back to the pools, their rings are cleared; their
+        next token sits at position 0."""
+        rows = _host_ints("batch_rows", batch_rows)
+        for r in rows:
+            if not 0 <= r < self.batch:
+                raise ValueError(f"batch_rows: slot {r} outside [0, {self.batch})")
+        for blocks, table in self._allocators():
+            for r in rows:
+                blocks.take_back(r, sorted(blocks.slots[r]))
+            blocks.flush(table)
+        if self.ratio:
+            self.compressor_state.reset(rows)
+        if self.kind == "csa":
+            self.indexer_state.reset(rows)
+        for r in rows:
+            self.next_pos[r] = self.last_start[r] = 0
+
+    def _allocators(self) -> list[tuple[_Blocks, torch.Tensor]]:
+        out = [(self.win_blocks, self.win_block_table)]
+        if self.cmp_blocks is not None:
+            out.append((self.cmp_blocks, self.cmp_block_table))
+        if self.idx_blocks is not None:
+            out.append((self.idx_blocks, self.idx_block_table))
+        return out
+
+    def _plan(self, starts: list[int], s: int, pools: list[_Blocks]) -> list[tuple[_Blocks, list, list]]:
+        """For each of ``pools`` (window, then compressed and indexer where the layer has them):
+        ``(pool, [(slot, columns it must hold)], [(slot, columns to give back after the step)])`` for
+        a step of ``s`` tokens from ``starts``. The window holds the rows the step reads and writes
+        and gives back the blocks whose rows are all ``<= start - W`` (no later token sees them);
+        the compressed and indexer pools hold every row up to the step's last close."""
+        bs, w = self.win_block_size, self.window
+        window = pools[0]
+        give = [(b, range(max(0, p - w + 1) // bs, (p + s - 1) // bs + 1)) for b, p in enumerate(starts)]
+        free = [(b, [c for c in window.slots[b] if (c + 1) * bs <= p - w + 1]) for b, p in enumerate(starts)]
+        plan = [(window, give, free)]
+        ratios = [r for r in (self.ratio, COMPRESS_RATIO if self.kind == "csa" else 0) if r]
+        for blocks, ratio in zip(pools[1:], ratios, strict=True):
+            plan.append((blocks, [(b, range(0, -(-((p + s) // ratio) // bs))) for b, p in enumerate(starts)], []))
+        return plan
+
+    @property
+    def win_block_size(self) -> int:
+        return self.win_nope.shape[1]
+
+    def _check_capacity(self, steps: list[tuple[list[int], int]]) -> None:
+        """Raise, changing nothing, when the pools cannot hold the blocks ``steps`` need (simulated on copies)."""
+        names = ["window", "compressed", "indexer"]
+        sims = [copy.deepcopy(blocks) for blocks, _ in self._allocators()]
+        for starts, s in steps:
+            for (sim, give, free), name in zip(self._plan(starts, s, sims), names, strict=False):
+                need = sum(sim.need(b, cols) for b, cols in give)
+                if need > len(sim.free):
+                    raise ValueError(
+                        f"xn: the step needs {need} more {name} pool blocks, {len(sim.free)} are free; reset finished "
+                        "slots or build the module with more num_blocks"
+                    )
+                for b, cols in give:
+                    sim.give(b, cols)
+                for b, cols in free:
+                    sim.take_back(b, cols)
+
+    def _step_starts(self, b: int, s: int, start_pos: int | list[int] | torch.Tensor | None) -> list[int]:
+        if start_pos is None:
+            return self.next_pos[:b]
+        start = [start_pos] * b if isinstance(start_pos, int) and not isinstance(start_pos, bool) else None
+        start = start or _host_ints("start_pos", start_pos)
+        if len(start) != b:
+            raise ValueError(f"start_pos: expected {b} positions (one per slot of xn), got {len(start)}")
+        for i, p in enumerate(start):
+            if p > self.next_pos[i]:
+                raise ValueError(
+                    f"start_pos: slot {i} stands at {self.next_pos[i]}; a step cannot start at {p} (later)"
+                )
+            if p < self.next_pos[i]:
+                self._check_rerun(i, p)
+        return list(start)
+
+    def _check_rerun(self, i: int, p: int) -> None:
+        """A step going back to ``p`` in slot ``i`` re-runs positions: refused unless exact (see the class)."""
+        if p < self.last_start[i]:
+            raise ValueError(
+                f"start_pos: slot {i} can go back to {self.last_start[i]} (its last step's start) at the earliest, "
+                f"got {p}"
+            )
+        high = self.next_pos[i]
+        for ratio in [r for r in (self.ratio, COMPRESS_RATIO if self.kind == "csa" else 0) if r]:
+            if not rerun_exact(p, high, ratio):
+                raise ValueError(
+                    f"start_pos: slot {i} ran to {high - 1}; re-running from {p} would read compressor ring slots "
+                    f"(ratio {ratio}) that later positions overwrote"
+                )
+
+    # --- the step ---------------------------------------------------------------------------------
+
+    def forward(self, xn: torch.Tensor, start_pos: int | list[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """One call of ``S`` tokens for slots ``0..B-1``: ``xn [B, S, D] bf16`` (after ``attn_norm``) ->
+        ``y [B, S, D] bf16`` (to ``hc_post``). ``start_pos``: by default where each slot stands; an
+        earlier position re-runs (see the class). Split into steps of at most ``prefill_chunk`` tokens."""
+        if not isinstance(xn, torch.Tensor) or xn.dim() != 3:
+            raise ValueError(f"xn: expected a [B, S, D] tensor, got {getattr(xn, 'shape', type(xn).__name__)}")
+        b, s, d = xn.shape
+        if xn.dtype != torch.bfloat16:
+            raise TypeError(f"xn: expected dtype bfloat16, got {str(xn.dtype).removeprefix('torch.')}")
+        if b < 1 or s < 1 or b > self.batch or d != self.attn_wq_a.shape[1]:
+            raise ValueError(
+                f"xn: expected [B <= {self.batch}, S >= 1, {self.attn_wq_a.shape[1]}], got {list(xn.shape)}"
+            )
+        if xn.device != self.attn_wq_a.device:
+            raise ValueError(f"xn: expected device {self.attn_wq_a.device}, got {xn.device}")
+        starts = self._step_starts(b, s, start_pos)
+        limit = min(self.rope_cos.shape[0], self.win_block_table.shape[1] * self.win_block_size)
+        if any(p + s > limit for p in starts):
+            raise ValueError(
+                f"start_pos: a slot would pass position {limit - 1} (max_position), S={s}, starts {starts}"
+            )
+        chunks = [(c, min(self.prefill_chunk, s - c)) for c in range(0, s, self.prefill_chunk)]
+        self._check_capacity([([p + c for p in starts], n) for c, n in chunks])
+        return torch.cat([self._step(xn[:, c : c + n], [p + c for p in starts]) for c, n in chunks], dim=1)
+
+    def _step(self, xn: torch.Tensor, starts: list[int]) -> torch.Tensor:
+        b, s, d = xn.shape
+        plan = self._plan(starts, s, [blocks for blocks, _ in self._allocators()])
+        for blocks, give, _ in plan:
+            for i, cols in give:
+                blocks.give(i, cols)
+        for blocks, table in self._allocators():
+            blocks.flush(table)
+        staging = torch.tensor(starts, dtype=torch.int64)
+        if xn.is_cuda:  # pinned: the copy needs no sync
+            staging = staging.pin_memory()
+        start = staging.to(xn.device, non_blocking=True)
+        positions = (start[:, None] + torch.arange(s, device=xn.device)).reshape(-1)
+        be, rope, eps = self.op_backends, self.rope, self.eps
+        xn = xn.contiguous()
+        qkv = ops.qkv_proj_rope(xn.reshape(b * s, d), self.attn, positions, rope, eps=eps, backend=be["qkv_proj_rope"])
+        q, kv = qkv.q.view(b, s, *qkv.q.shape[1:]), qkv.kv.view(b, s, -1)
+        if self.ratio:
+            ops.kv_compressor(
+                xn, self.compressor_weights, self.compressor_state, start, rope, eps=eps, backend=be["kv_compressor"]
+            )
+        topk = None
+        if self.kind == "csa":
+            width = max((p + s) // COMPRESS_RATIO for p in starts)
+            out = IndexerOut(
+                torch.empty(b, s, width, dtype=torch.float32, device=xn.device),
+                torch.empty(b, s, self.topk, dtype=torch.int32, device=xn.device),
+            )
+            topk = ops.indexer(
+                xn, qkv.qr, qkv.qr_scale, self.indexer_weights, self.indexer_state, start, self.window, rope,
+                topk=self.topk, eps=eps, backend=be["indexer"], out=out,
+            ).topk_idxs  # fmt: skip
+        o = ops.sparse_attn(
+            q, kv, start, self.window_pool, self.attn_sink, rope, kind=self.kind, window=self.window,
+            compress_ratio=self.ratio, compressed_pool=self.compressor_state.pool if self.ratio else None,
+            topk_idxs=topk, topk_offset=self.window if topk is not None else 0, backend=be["sparse_attn"],
+        ).o  # fmt: skip
+        ops.window_kv_write(kv, self.window_pool, start, window=self.window, backend=be["window_kv_write"])
+        y = ops.o_proj(o.view(b * s, *o.shape[2:]), self.o_weights, backend=be["o_proj"]).y
+        for blocks, _, free in plan:
+            for i, cols in free:
+                blocks.take_back(i, cols)
+        self.win_blocks.flush(self.win_block_table)
+        for i, p in enumerate(starts):
+            self.last_start[i], self.next_pos[i] = p, p + s
+        return y.view(b, s, d)

@@ -1,0 +1,287 @@
+"""Argument checks of the attention ops (attention spec §9, adding to spec §7), run before anything
+is computed, so a call that raises leaves the caller's pools and rings bit-identical.
+
+As in ``validate``: ``TypeError`` for a wrong kind or dtype, ``ValueError`` for shapes, devices,
+ranges and overlapping memory, each naming the argument. Values of tensors on the host are read
+there; tensors on a GPU (``start_pos``, block tables) are checked on their device with
+``torch._assert_async``, never read back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.attention_state import CompressorState, KVPool, compressor_dims
+from ..model.config import LAYER_KINDS
+from ..model.fp8_row import ACT_BLOCK, check_row_dims
+from ..model.state import UNALLOCATED
+from ..model.structs import AttnOut, OProjOut, StepPositions
+from ..model.weights import CompressorWeights, OProjWeights
+from .validate import (
+    FLOATS,
+    MAX_TOPK,
+    _assert_on_device,
+    _check_eps,
+    _check_instance,
+    check_int,
+    check_no_overlap,
+    check_rope,
+    check_tensor,
+    on_host,
+    step_positions,
+    tensors_of,
+)
+
+
+def check_step_input(name: str, t: object, trailing: int) -> torch.Tensor:
+    """``t``: a contiguous bf16 tensor ``[B, S, ...]`` (``trailing`` more dims) with ``B, S >= 1``."""
+    check_tensor(name, t, torch.bfloat16, (None,) * (2 + trailing), t.device if isinstance(t, torch.Tensor) else None)
+    if t.shape[0] < 1 or t.shape[1] < 1:
+        raise ValueError(f"{name}: expected B >= 1 and S >= 1, got shape {list(t.shape)}")
+    return t
+
+
+def check_kv_pool(name: str, pool: object, batch: int, head_dim: int, rope_dim: int, device: torch.device) -> KVPool:
+    """``pool``: a ``KVPool`` of rows ``[head_dim]`` (``rope_dim`` bf16) on ``device`` whose parts agree
+    on ``NB`` and ``bs`` (a power of two >= 16), with a block table of at least ``batch`` rows."""
+    _check_instance(name, pool, KVPool)
+    try:
+        check_row_dims(head_dim, rope_dim)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    fmt, nope = KVPool.row_format, head_dim - rope_dim
+    check_tensor(f"{name}.nope", pool.nope, fmt.code_dtype, (None, None, *fmt.codes_shape(nope)), device)
+    blocks, bs = pool.nope.shape[:2]
+    if bs < 16 or bs & (bs - 1):
+        raise ValueError(f"{name}.nope: expected a block size (dim 1) that is a power of two >= 16, got {bs}")
+    check_tensor(f"{name}.rope", pool.rope, fmt.tail_dtype, (blocks, bs, rope_dim), device)
+    check_tensor(f"{name}.scale", pool.scale, fmt.scale_dtype, (blocks, bs, *fmt.scale_shape(nope)), device)
+    check_tensor(f"{name}.block_table", pool.block_table, torch.int32, (None, None), device)
+    rows, width = pool.block_table.shape
+    if rows < batch or width < 1:
+        raise ValueError(f"{name}.block_table: expected [>= {batch}, >= 1] (a row per slot), got {[rows, width]}")
+    return pool
+
+
+def check_positions(
+    start_pos: object, batch: int, seq: int, device: torch.device, limits: list[tuple[int, int, str]]
+) -> StepPositions:
+    """``start_pos`` (int or int tensor ``[B]``) with every ``start >= 0`` and, for each
+    ``(ratio, bound, what)`` of ``limits``, ``(start + S) // ratio <= bound`` (``what`` names it)."""
+    pos = step_positions(start_pos, batch, seq, device, bound=0)
+    if pos.start_host is None:
+        ok = pos.start >= 0
+        for ratio, bound, _ in limits:
+            ok = ok & ((pos.start + seq) // ratio <= bound)
+        wants = "; ".join(f"(p + S) // {r} <= {b} ({what})" for r, b, what in limits)
+        _assert_on_device(ok, f"start_pos: expected every row's start p >= 0 with {wants}, S={seq}")
+        return pos
+    for i, p in enumerate(pos.start_host):
+        for ratio, bound, what in limits:
+            if (p + seq) // ratio > bound:
+                raise ValueError(
+                    f"start_pos: row {i} at {p} with S={seq} needs (p + S) // {ratio} = {(p + seq) // ratio} "
+                    f"<= {bound} ({what})"
+                )
+    return pos
+
+
+def check_table_rows(
+    name: str, pool: KVPool, pos: StepPositions, lo: torch.Tensor, hi: torch.Tensor, writes: bool
+) -> None:
+    """Table entries of the pool rows ``[lo[b], hi[b])`` of each slot (int64 ``[B]`` on the table's
+    device): rows read must be in blocks of the pool; rows written in a block or unallocated (``-1``:
+    the write is skipped), and no pool row written by two slots. On the host when the table and the
+    positions are there, else on the device."""
+    table, blocks, bs = pool.block_table[: pos.batch], pool.nope.shape[0], pool.block_size
+    allowed = ((table >= 0) & (table < blocks)) | ((table == UNALLOCATED) & writes)
+    first_row = torch.arange(table.shape[1], device=table.device) * bs
+    used = (first_row + bs > lo[:, None]) & (first_row < hi[:, None])
+    need = f"a block in [0, {blocks})" + (" or -1" if writes else "")
+    what = "writes" if writes else "reads"
+    if on_host(table) and pos.start_host is not None:
+        bad = (used & ~allowed).nonzero()
+        if len(bad):
+            b, c = (int(v) for v in bad[0])
+            raise ValueError(
+                f"{name}.block_table: slot {b} column {c} (rows {c * bs}..{c * bs + bs - 1}, which the step {what}) "
+                f"needs {need}, got {int(table[b, c])}"
+            )
+    else:
+        _assert_on_device(allowed | ~used, f"{name}.block_table: an entry of a row the step {what} needs {need}")
+    if not writes:
+        return
+    span = int((hi - lo).clamp_min(0).max()) if on_host(lo) else None
+    if span == 0:
+        return
+    span = span or int(pos.seq)  # a bound of the rows written per slot (at most S of them)
+    rows = lo[:, None] + torch.arange(span, device=table.device)
+    column = (rows // bs).clamp(max=table.shape[1] - 1)
+    block = table.gather(1, column).long()
+    written = (rows < hi[:, None]) & (block >= 0)
+    distinct = -1 - torch.arange(rows.numel(), device=table.device).view_as(rows)  # a row not written
+    pool_rows = torch.where(written, block * bs + rows % bs, distinct).flatten().sort().values
+    one_writer = (pool_rows[1:] != pool_rows[:-1]).all()
+    message = f"{name}.block_table: two slots write the same pool row in this step (share read-only blocks)"
+    if on_host(table):
+        if not bool(one_writer):
+            raise ValueError(message)
+    else:
+        _assert_on_device(one_writer, message)
+
+
+def check_compressor_weights(w: object, d: int, device: torch.device) -> tuple[int, int, int]:
+    """``w``: the main compressor's ``CompressorWeights`` for inputs of width ``d``; returns ``(HD, RC, COFF)``."""
+    _check_instance("w", w, CompressorWeights)
+    check_tensor("w.norm_w", w.norm_w, FLOATS, (None,), device)
+    hd = w.norm_w.shape[0]
+    check_tensor("w.ape", w.ape, torch.float32, (None, None), device)
+    ratio = w.ape.shape[0]
+    if ratio < 1:
+        raise ValueError("w.ape: expected a compress ratio (rows) >= 1, got 0")
+    coff, _ = compressor_dims(ratio, hd)
+    check_tensor("w.ape", w.ape, torch.float32, (ratio, coff * hd), device)
+    check_tensor("w.wkv", w.wkv, torch.bfloat16, (coff * hd, d), device)
+    check_tensor("w.wgate", w.wgate, torch.bfloat16, (coff * hd, d), device)
+    return hd, ratio, coff
+
+
+def check_kv_compressor(
+    x: object, w: object, state: object, start_pos: object, rope: object, eps: object
+) -> StepPositions:
+    """Checks of ``kv_compressor``'s arguments; returns the step's positions."""
+    check_step_input("x", x, 1)
+    b, s, d = x.shape
+    dev = x.device
+    hd, ratio, coff = check_compressor_weights(w, d, dev)
+    check_rope(rope, dev, hd, "head dim (w.norm_w)")
+    _check_instance("state", state, CompressorState)
+    check_tensor("state.kv_state", state.kv_state, torch.float32, (None, coff * ratio, coff * hd), dev)
+    check_tensor("state.score_state", state.score_state, torch.float32, tuple(state.kv_state.shape), dev)
+    if b > state.kv_state.shape[0]:
+        raise ValueError(f"x: batch {b} exceeds the state's batch {state.kv_state.shape[0]} (state.kv_state)")
+    pool = check_kv_pool("state.pool", state.pool, b, hd, rope.rope_dim, dev)
+    pos = check_positions(
+        start_pos, b, s, dev,
+        [(1, rope.max_position, "the rope table"), (ratio, pool.rows, "the rows state.pool.block_table addresses")],
+    )  # fmt: skip
+    _check_eps(eps)
+    check_table_rows("state.pool", pool, pos, pos.start // ratio, (pos.start + s) // ratio, writes=True)
+    start_t = {"start_pos": start_pos} if isinstance(start_pos, torch.Tensor) else {}
+    check_no_overlap(tensors_of("state", state), {"x": x, **tensors_of("w", w), **start_t, **tensors_of("rope", rope)})
+    return pos
+
+
+def check_window(window: object) -> int:
+    return check_int("window", window, 1)
+
+
+def check_window_kv_write(kv: object, pool: object, start_pos: object, window: object) -> StepPositions:
+    """Checks of ``window_kv_write``'s arguments; returns the step's positions."""
+    check_step_input("kv", kv, 1)
+    b, s, hd = kv.shape
+    dev = kv.device
+    check_window(window)
+    _check_instance("pool", pool, KVPool)
+    check_tensor("pool.rope", pool.rope, torch.bfloat16, (None, None, None), dev)
+    check_kv_pool("pool", pool, b, hd, pool.rope.shape[2], dev)
+    pos = check_positions(start_pos, b, s, dev, [(1, pool.rows, "the rows pool.block_table addresses")])
+    first = pos.start + max(0, s - window)
+    check_table_rows("pool", pool, pos, first, pos.start + s, writes=True)
+    start_t = {"start_pos": start_pos} if isinstance(start_pos, torch.Tensor) else {}
+    check_no_overlap(tensors_of("pool", pool), {"kv": kv, **start_t})
+    return pos
+
+
+def check_sparse_attn(
+    q: object,
+    kv: object,
+    start_pos: object,
+    window_pool: object,
+    attn_sink: object,
+    rope: object,
+    kind: object,
+    window: object,
+    compress_ratio: object,
+    compressed: object,
+    topk_idxs: object,
+    topk_offset: object,
+    out: object = None,
+) -> StepPositions:
+    """Checks of ``sparse_attn``'s arguments (``out`` included); returns the step's positions."""
+    check_step_input("q", q, 2)
+    b, s, h, hd = q.shape
+    dev = q.device
+    check_tensor("kv", kv, torch.bfloat16, (b, s, hd), dev)
+    check_tensor("attn_sink", attn_sink, torch.float32, (h,), dev)
+    check_rope(rope, dev, hd, "head dim (q)")
+    if kind not in LAYER_KINDS:
+        raise ValueError(f"kind: expected one of {', '.join(LAYER_KINDS)}, got {kind!r}")
+    check_window(window)
+    ratio = check_int("compress_ratio", compress_ratio, 0)
+    check_int("topk_offset", topk_offset, 0)
+    if (ratio == 0) != (kind == "swa"):
+        raise ValueError(
+            f"compress_ratio: a {kind} layer needs {'0' if kind == 'swa' else 'a ratio >= 1'}, got {ratio}"
+        )
+    if (compressed is None) != (kind == "swa"):
+        raise ValueError(
+            f"compressed_pool: a {kind} layer {'takes no' if kind == 'swa' else 'needs the'} compressed pool"
+        )
+    if (topk_idxs is None) != (kind != "csa"):
+        raise ValueError(f"topk_idxs: a {kind} layer {'needs' if kind == 'csa' else 'takes no'} top-k indices")
+    pool = check_kv_pool("window_pool", window_pool, b, hd, rope.rope_dim, dev)
+    limits = [(1, rope.max_position, "the rope table"), (1, pool.rows, "the rows window_pool.block_table addresses")]
+    if compressed is not None:
+        check_kv_pool("compressed_pool", compressed, b, hd, rope.rope_dim, dev)
+        limits.append((ratio, compressed.rows, "the rows compressed_pool.block_table addresses"))
+    if topk_idxs is not None:
+        check_tensor("topk_idxs", topk_idxs, torch.int32, (b, s, None), dev)
+        check_int("topk_idxs.shape[2]", topk_idxs.shape[2], 1, MAX_TOPK)
+    pos = check_positions(start_pos, b, s, dev, limits)
+    check_table_rows("window_pool", pool, pos, (pos.start - window + 1).clamp_min(0), pos.start, writes=False)
+    if compressed is not None:
+        check_table_rows("compressed_pool", compressed, pos, pos.start * 0, (pos.start + s) // ratio, writes=False)
+    start_t = {"start_pos": start_pos} if isinstance(start_pos, torch.Tensor) else {}
+    reads = {
+        "q": q, "kv": kv, "attn_sink": attn_sink, **start_t, **tensors_of("rope", rope),
+        **tensors_of("window_pool", window_pool), **tensors_of("compressed_pool", compressed),
+        **({"topk_idxs": topk_idxs} if topk_idxs is not None else {}),
+    }  # fmt: skip
+    if out is not None:
+        _check_instance("out", out, AttnOut)
+        check_tensor("out.o", out.o, torch.bfloat16, (b, s, h, hd), dev)
+        check_no_overlap(tensors_of("out", out), reads)
+    return pos
+
+
+def check_o_proj(o: object, w: object, out: object = None) -> None:
+    """Checks of ``o_proj``'s arguments (``out`` included)."""
+    check_tensor("o", o, torch.bfloat16, (None, None, None), o.device if isinstance(o, torch.Tensor) else None)
+    t, h, hd = o.shape
+    if t < 1:
+        raise ValueError("o: expected at least one token (T >= 1), got T=0")
+    dev = o.device
+    _check_instance("w", w, OProjWeights)
+    check_tensor("w.wo_a", w.wo_a, torch.float8_e4m3fn, (None, None), dev)
+    rows, cols = w.wo_a.shape
+    if cols < 1 or (h * hd) % cols or rows % ((h * hd) // cols):
+        raise ValueError(
+            f"w.wo_a: expected [G*OL, HG*HD] with HG*HD dividing H*HD = {h * hd} and G = H*HD/(HG*HD) dividing "
+            f"the rows, got {[rows, cols]}"
+        )
+    if rows % ACT_BLOCK:
+        raise ValueError(
+            f"w.wo_a: expected G*OL rows a multiple of {ACT_BLOCK} (the FP8 activation blocks), got {rows}"
+        )
+    grid = -(-cols // 128)
+    check_tensor("w.wo_a_scale", w.wo_a_scale, torch.float32, (rows // 128, grid), dev)
+    check_tensor("w.wo_b", w.wo_b, torch.float8_e4m3fn, (None, rows), dev)
+    d = w.wo_b.shape[0]
+    if d < 1:
+        raise ValueError("w.wo_b: expected at least one output row (D >= 1), got 0")
+    check_tensor("w.wo_b_scale", w.wo_b_scale, torch.float32, (-(-d // 128), rows // ACT_BLOCK), dev)
+    if out is not None:
+        _check_instance("out", out, OProjOut)
+        check_tensor("out.y", out.y, torch.bfloat16, (t, d), dev)
+        check_no_overlap(tensors_of("out", out), {"o": o, **tensors_of("w", w)})

@@ -1,0 +1,263 @@
+"""Bad input to the attention ops (attention spec §9): a named error before anything changes (pools
+and rings bit-identical after the raise), value checks of device tensors without a host read, and
+non-finite values propagated by the formulas (NaN in, NaN out)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import dsv4
+import dsv4.ops.validate as validate
+from conftest import DEVICE, backends_of
+from dsv4.harness.cases import make_case, mutated_args, record_outputs
+from dsv4.harness.golden import bit_identical
+from dsv4.ops.registry import get_op
+from test_bad_op_arguments import HostReadWatch
+
+CFG = dsv4.get_config("tiny")
+START = [6, 6]  # both slots close compressed block 1 (positions 6, 7)
+E4M3 = torch.float8_e4m3fn
+
+
+def _args(op: str) -> dict:
+    return dict(make_case(CFG, op, seed=0, device=DEVICE, max_position=64, batch=2, seq=2, start_pos=START).args)
+
+
+def _get(args: dict, path: str):
+    head, *rest = path.split(".")
+    obj = args.get(head)
+    for part in rest:
+        obj = getattr(obj, part)
+    return obj
+
+
+def _replaced(obj, parts: list[str], value):
+    if not parts:
+        return value
+    return dataclasses.replace(obj, **{parts[0]: _replaced(getattr(obj, parts[0]), parts[1:], value)})
+
+
+def _set(args: dict, path: str, value) -> None:
+    head, *rest = path.split(".")
+    args[head] = _replaced(args.get(head), rest, value)
+
+
+def _two_writers(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    t[1] = t[0]
+    return t
+
+
+def _unallocate(column: int) -> Callable:
+    def edit(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        t[:, column] = -1
+        return t
+
+    return edit
+
+
+# (op, argument path, how to break it, error type, words the message must contain)
+BAD: list[tuple[str, str, Callable, type, tuple[str, ...]]] = [
+    ("kv_compressor", "x", lambda t: t.float(), TypeError, ("x:", "bfloat16")),
+    ("kv_compressor", "x", lambda t: torch.cat([t, t]), ValueError, ("x:", "batch", "state")),
+    ("kv_compressor", "x", lambda t: t[:, :0], ValueError, ("x:", "S >= 1")),
+    ("kv_compressor", "w.ape", lambda t: t[:, :-1].contiguous(), ValueError, ("w.ape", "shape")),
+    ("kv_compressor", "w.wkv", lambda t: t[:128].contiguous(), ValueError, ("w.wkv", "shape")),
+    ("kv_compressor", "w", lambda w: "weights", TypeError, ("w:", "CompressorWeights")),
+    ("kv_compressor", "state.kv_state", lambda t: t[:, :4].contiguous(), ValueError, ("state.kv_state", "shape")),
+    ("kv_compressor", "state.score_state", lambda t: t.double(), TypeError, ("state.score_state",)),
+    ("kv_compressor", "state.pool.nope", lambda t: t.view(torch.uint8), TypeError, ("state.pool.nope", "float8")),
+    ("kv_compressor", "state.pool.rope", lambda t: t[:-1].contiguous(), ValueError, ("state.pool.rope", "shape")),
+    ("kv_compressor", "state.pool.scale", lambda t: t[..., :7].contiguous(), ValueError, ("state.pool.scale",)),
+    ("kv_compressor", "state.pool.block_table", lambda t: t.long(), TypeError, ("state.pool.block_table", "int32")),
+    ("kv_compressor", "state.pool.block_table", lambda t: t + 1000, ValueError, ("state.pool.block_table", "needs")),
+    ("kv_compressor", "state.pool.block_table", _two_writers, ValueError, ("two slots write the same pool row",)),
+    ("kv_compressor", "start_pos", lambda t: t + 60, ValueError, ("start_pos", "rope table")),
+    ("kv_compressor", "start_pos", lambda t: -1, ValueError, ("start_pos", ">= 0")),
+    ("kv_compressor", "eps", lambda e: 0.0, ValueError, ("eps",)),
+    ("window_kv_write", "kv", lambda t: t[..., :96].contiguous(), ValueError, ("pool", "HD - R")),
+    ("window_kv_write", "kv", lambda t: t.half(), TypeError, ("kv:", "bfloat16")),
+    ("window_kv_write", "window", lambda w: 0, ValueError, ("window", ">= 1")),
+    ("window_kv_write", "window", lambda w: 16.0, TypeError, ("window", "int")),
+    ("window_kv_write", "start_pos", lambda t: t + 60, ValueError, ("start_pos", "pool.block_table addresses")),
+    ("window_kv_write", "pool.block_table", lambda t: t + 1000, ValueError, ("pool.block_table", "needs")),
+    ("window_kv_write", "pool.block_table", _two_writers, ValueError, ("two slots write the same pool row",)),
+    ("window_kv_write", "pool.nope", lambda t: t[:, :12].contiguous(), ValueError, ("pool.nope", "power of two")),
+    ("sparse_attn", "kind", lambda k: "mla", ValueError, ("kind", "swa")),
+    ("sparse_attn", "kind", lambda k: "hca", ValueError, ("topk_idxs", "takes no")),
+    ("sparse_attn", "topk_idxs", lambda t: None, ValueError, ("topk_idxs", "needs")),
+    ("sparse_attn", "topk_idxs", lambda t: t.long(), TypeError, ("topk_idxs", "int32")),
+    ("sparse_attn", "topk_idxs", lambda t: t[..., :0].contiguous(), ValueError, ("topk_idxs.shape[2]", ">= 1")),
+    ("sparse_attn", "topk_idxs", lambda t: t.repeat(1, 1, 257), ValueError, ("topk_idxs.shape[2]", "<= 4096")),
+    ("sparse_attn", "topk_offset", lambda o: -1, ValueError, ("topk_offset", ">= 0")),
+    ("sparse_attn", "compress_ratio", lambda r: 0, ValueError, ("compress_ratio", "ratio >= 1")),
+    ("sparse_attn", "compressed_pool", lambda p: None, ValueError, ("compressed_pool", "needs")),
+    ("sparse_attn", "q", lambda t: t[:, :, :3].contiguous(), ValueError, ("attn_sink", "shape")),
+    ("sparse_attn", "kv", lambda t: t[:1].contiguous(), ValueError, ("kv:", "shape")),
+    ("sparse_attn", "attn_sink", lambda t: t.bfloat16(), TypeError, ("attn_sink",)),
+    ("sparse_attn", "start_pos", lambda t: t + 60, ValueError, ("start_pos", "rope table")),
+    ("sparse_attn", "window_pool.block_table", _unallocate(0), ValueError, ("window_pool.block_table", "reads")),
+    ("sparse_attn", "compressed_pool.block_table", _unallocate(0), ValueError, ("compressed_pool.block_table",)),
+    ("sparse_attn", "compressed_pool.rope", lambda t: t[..., :32].contiguous(), ValueError, ("compressed_pool.rope",)),
+    ("o_proj", "o", lambda t: t[:0], ValueError, ("o:", "T >= 1")),
+    ("o_proj", "o", lambda t: t[:, :3].contiguous(), ValueError, ("w.wo_a", "G*OL")),
+    ("o_proj", "w.wo_a", lambda t: t.to(torch.bfloat16), TypeError, ("w.wo_a", "float8_e4m3fn")),
+    ("o_proj", "w.wo_a_scale", lambda t: t[:, :1].contiguous(), ValueError, ("w.wo_a_scale", "shape")),
+    ("o_proj", "w.wo_b", lambda t: t[:, :64].contiguous(), ValueError, ("w.wo_b", "shape")),
+    ("o_proj", "w.wo_b", lambda t: t.view(torch.uint8), TypeError, ("w.wo_b", "float8_e4m3fn")),
+    ("o_proj", "w.wo_b_scale", lambda t: t[:1].contiguous(), ValueError, ("w.wo_b_scale", "shape")),
+]
+
+
+@pytest.mark.parametrize(
+    ("op", "path", "breaker", "exc", "words"), BAD, ids=[f"{b[0]}-{b[1]}-{i}" for i, b in enumerate(BAD)]
+)
+def test_bad_input_is_named_and_nothing_changes(op, path, breaker, exc, words) -> None:
+    args = _args(op)
+    _set(args, path, breaker(_get(args, path)))
+    records = {name: args[name] for name in mutated_args(op)}
+    before = {k: v.clone() for k, v in record_outputs(records).items() if v.device.type != "meta"}
+    with pytest.raises(exc) as info:
+        getattr(dsv4, op)(**args, backend="reference")
+    message = str(info.value)
+    assert all(w in message for w in words), f"{message!r} lacks {words}"
+    after = record_outputs(records)
+    assert all(bit_identical(after[k], t, k) for k, t in before.items())
+
+
+def test_every_op_runs_unbroken() -> None:
+    """The calls above differ from a valid one in one argument only."""
+    for op in ("kv_compressor", "window_kv_write", "sparse_attn", "o_proj"):
+        getattr(dsv4, op)(**_args(op), backend="reference")
+
+
+def test_an_out_buffer_that_overlaps_an_input_is_refused() -> None:
+    args = _args("sparse_attn")
+    with pytest.raises(ValueError, match="out.o: shares memory with q"):
+        dsv4.sparse_attn(**args, out=dsv4.AttnOut(args["q"]))
+    with pytest.raises(ValueError, match="out.y"):
+        dsv4.o_proj(**_args("o_proj"), out=dsv4.OProjOut(torch.empty(4, 7, dtype=torch.bfloat16)))
+
+
+@pytest.mark.parametrize("op", ["kv_compressor", "window_kv_write", "sparse_attn"])
+def test_a_backend_the_op_lacks_is_named(op: str) -> None:
+    if "triton" in get_op(op).implementations:
+        pytest.skip(f"{op} has a triton implementation now")
+    with pytest.raises(ValueError, match=f"{op} has no 'triton' implementation"):
+        getattr(dsv4, op)(**_args(op), backend="triton")
+    getattr(dsv4, op)(**_args(op), backend="auto")  # auto takes the reference
+
+
+# --- value checks without a host read -------------------------------------------------------------
+
+
+def _on_meta(args: dict) -> dict:
+    return {k: v.to("meta") if hasattr(v, "to") else v for k, v in args.items()}
+
+
+@pytest.mark.parametrize("op", ["kv_compressor", "window_kv_write", "sparse_attn"])
+def test_device_tensors_are_checked_without_a_host_read(op: str) -> None:
+    """On a device whose values cannot be read (meta), validation completes: start_pos and the block
+    tables are checked by device-side asserts, nothing reads a value back (a GPU sync per call)."""
+    args = _on_meta(_args(op))
+    with HostReadWatch() as watch:
+        get_op(op).backend_args(args)
+    assert not watch.reads, watch.reads
+    names = sorted({a.split(":")[0] for a in watch.asserts})
+    expected = {
+        "kv_compressor": ["start_pos", "state.pool.block_table"],
+        "window_kv_write": ["pool.block_table", "start_pos"],
+        "sparse_attn": ["compressed_pool.block_table", "start_pos", "window_pool.block_table"],
+    }
+    assert names == expected[op]
+
+
+@pytest.mark.parametrize(
+    ("op", "path", "breaker", "words"),
+    [
+        ("kv_compressor", "start_pos", lambda t: t + 60, "start_pos"),
+        ("kv_compressor", "state.pool.block_table", _two_writers, "two slots write"),
+        ("window_kv_write", "pool.block_table", lambda t: t + 1000, "pool.block_table"),
+        ("sparse_attn", "window_pool.block_table", _unallocate(0), "window_pool.block_table"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_device_checks_catch_bad_values(op, path, breaker, words, monkeypatch) -> None:
+    """The device-side branch, run on the CPU (``torch._assert_async`` raises there at once)."""
+    monkeypatch.setattr(validate, "HOST_DEVICE_TYPES", ())
+    args = _args(op)
+    _set(args, path, breaker(_get(args, path)))
+    records = {name: args[name] for name in mutated_args(op)}
+    before = {k: v.clone() for k, v in record_outputs(records).items()}
+    with HostReadWatch() as watch, pytest.raises(RuntimeError, match=words):
+        get_op(op).backend_args(args)
+    assert watch.asserts and not watch.reads, watch.reads
+    assert all(bit_identical(record_outputs(records)[k], t, k) for k, t in before.items())
+
+
+# --- non-finite values -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", backends_of("sparse_attn"))
+def test_nan_in_a_query_or_a_key_stays_visible(backend: str) -> None:
+    args = _args("sparse_attn")
+    args["q"] = args["q"].clone()
+    args["q"][0, 1, 2, 5] = float("nan")
+    o = dsv4.sparse_attn(**args, backend=backend).o
+    nan = o.isnan()
+    assert nan[0, 1, 2].all() and int(nan.sum()) == o.shape[-1]  # that token's head only
+    args = _args("sparse_attn")
+    args["kv"] = args["kv"].clone()
+    args["kv"][1, 0, 3] = float("inf")  # this call's row of slot 1's token 0: both its tokens see it
+    o = dsv4.sparse_attn(**args, backend=backend).o
+    assert o[1].isnan().all() and not o[0].isnan().any()
+
+
+@pytest.mark.parametrize("backend", backends_of("sparse_attn"))
+def test_a_sink_of_minus_inf_is_no_sink(backend: str) -> None:
+    args = _args("sparse_attn")
+    args["attn_sink"] = torch.full_like(args["attn_sink"], float("-inf"))
+    without = dsv4.sparse_attn(**args, backend=backend).o
+    args["attn_sink"] = torch.full_like(args["attn_sink"], -1e4)  # exp(-1e4 - m) == 0 in fp32
+    assert bit_identical(dsv4.sparse_attn(**args, backend=backend).o, without)
+    args["attn_sink"] = torch.full_like(args["attn_sink"], 5.0)  # a real sink shrinks every output
+    assert bool((dsv4.sparse_attn(**args, backend=backend).o.float().abs() <= without.float().abs() + 1e-2).all())
+
+
+@pytest.mark.parametrize("backend", backends_of("window_kv_write"))
+def test_a_nan_row_is_stored_as_nan(backend: str) -> None:
+    args = _args("window_kv_write")
+    args["kv"] = args["kv"].clone()
+    args["kv"][0, 1, 10] = float("nan")
+    dsv4.window_kv_write(**args, backend=backend)
+    pool, p = args["pool"], START[0] + 1
+    block, offset = int(pool.block_table[0, p // pool.block_size]), p % pool.block_size
+    assert int(pool.scale[block, offset, 0]) == 255 and (pool.nope[block, offset].view(torch.uint8) == 0x7F).all()
+    assert torch.equal(pool.rope[block, offset], args["kv"][0, 1, 64:])  # the rope part as is
+
+
+@pytest.mark.parametrize("backend", backends_of("kv_compressor"))
+def test_nan_in_x_reaches_the_closed_row(backend: str) -> None:
+    args = _args("kv_compressor")
+    args["x"] = args["x"].clone()
+    args["x"][1, 0, 7] = float("nan")  # slot 1's token at position 10
+    args["start_pos"] = torch.tensor([6, 10])  # slot 0 closes block 1 (p = 7) clean; slot 1 closes block 2 (p = 11)
+    dsv4.kv_compressor(**args, backend=backend)
+    pool = args["state"].pool
+    rows = dsv4.dequantize_fp8_rows(*(t[pool.block_table[:, 0].long()] for t in (pool.nope, pool.scale, pool.rope)))
+    assert not rows[0, 1].isnan().any() and rows[1, 2].isnan().all()
+    assert args["state"].kv_state[1, 10 % 8].isnan().all()
+
+
+@pytest.mark.parametrize("backend", backends_of("o_proj"))
+def test_nan_in_o_stays_in_its_token(backend: str) -> None:
+    args = _args("o_proj")
+    args["o"] = args["o"].clone()
+    args["o"][2, 1, 0] = float("nan")
+    y = dsv4.o_proj(**args, backend=backend).y
+    assert y[2].isnan().all() and not y[[0, 1, 3]].isnan().any()

@@ -1,0 +1,215 @@
+"""``DecodeAttention``: one layer's whole attention step for each kind, equal to the ops composed by
+hand on a dense state (spec §7), with paged pools, recycled window blocks, chunked prefill, slot
+resets and draft re-runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsv4
+from conftest import DEVICE
+from dsv4.harness.golden import bit_identical, ratio_allclose
+from dsv4.model.structs import IndexerOut
+
+CFG = dsv4.get_config("tiny")
+LAYERS = {"swa": 0, "csa": 1, "hca": 2}
+BS = 16
+Y = dsv4.ops.get_op("o_proj").output("y").tolerance
+
+
+def module(kind: str, batch: int = 3, max_position: int = 128, **kw) -> dsv4.DecodeAttention:
+    layer = LAYERS[kind]
+    w = dsv4.synthetic_weights(CFG, seed=0, device=DEVICE, layer=layer)
+    rope = dsv4.layer_rope_table(CFG, layer, max_position, DEVICE)
+    kw.setdefault("block_size", BS)
+    return dsv4.DecodeAttention(w, rope, CFG, batch=batch, max_position=max_position, backend="reference", **kw)
+
+
+def x_of(b: int, s: int, seed: int) -> torch.Tensor:
+    return dsv4.synthetic_activations((b, s, CFG.hidden_size), seed=seed, device=DEVICE)
+
+
+def composed(kind: str, calls: list[tuple[torch.Tensor, int]], max_position: int = 128) -> list[torch.Tensor]:
+    """The §7 steps by hand (the public ops) on a dense ``AttentionState``: the expected ``y`` of each call."""
+    layer = LAYERS[kind]
+    w = dsv4.synthetic_weights(CFG, seed=0, device=DEVICE, layer=layer)
+    rope = dsv4.layer_rope_table(CFG, layer, max_position, DEVICE)
+    b = calls[0][0].shape[0]
+    state = dsv4.AttentionState.empty(CFG, layer, b, max_position, DEVICE, block_size=BS)
+    out = []
+    for x, start in calls:
+        s = x.shape[1]
+        positions = (start + torch.arange(s, device=DEVICE)).repeat(b)
+        qkv = dsv4.qkv_proj_rope(x.reshape(b * s, -1), w.attn, positions, rope)
+        q, kv = qkv.q.view(b, s, *qkv.q.shape[1:]), qkv.kv.view(b, s, -1)
+        if state.compressor is not None:
+            dsv4.kv_compressor(x, w.compressor, state.compressor, start, rope)
+        topk = None
+        if kind == "csa":
+            idx_out = IndexerOut(
+                torch.empty(b, s, (start + s) // 4, device=DEVICE),
+                torch.empty(b, s, CFG.index_topk, dtype=torch.int32, device=DEVICE),
+            )
+            topk = dsv4.indexer(
+                x, qkv.qr, qkv.qr_scale, w.indexer, state.indexer, start, CFG.sliding_window, rope,
+                topk=CFG.index_topk, out=idx_out,
+            ).topk_idxs  # fmt: skip
+        o = dsv4.sparse_attn(
+            q, kv, start, state.window, w.attn_sink, rope, kind=kind, window=CFG.sliding_window,
+            compress_ratio=w.compress_ratio, compressed_pool=state.compressor.pool if state.compressor else None,
+            topk_idxs=topk, topk_offset=CFG.sliding_window if topk is not None else 0,
+        ).o  # fmt: skip
+        dsv4.window_kv_write(kv, state.window, start, window=CFG.sliding_window)
+        out.append(dsv4.o_proj(o.view(b * s, *o.shape[2:]), w.o_proj).y.view(b, s, -1))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["swa", "csa", "hca"])
+def test_attention_state_holds_the_parts_of_its_kind(kind: str) -> None:
+    """``empty``: room for ``max_position`` window rows, ``max_position // RC`` compressed rows and (CSA)
+    ``max_position // 4`` indexer keys per slot, rings empty; ``paged``: the given pools, and a pool
+    the kind lacks (or one it needs, missing) is refused."""
+    layer, ratio = LAYERS[kind], CFG.layer_ratio(LAYERS[kind])
+    e = dsv4.AttentionState.empty(CFG, layer, 2, 64, block_size=BS)
+    assert e.kind == kind and e.window.rows == 64 and e.window.row_bytes == 64 + 2 * 64 + 8  # NOPE 64, R 64
+    assert (e.compressor is None) == (kind == "swa") and (e.indexer is None) == (kind != "csa")
+    if e.compressor is not None:
+        assert e.compressor.ratio == ratio and e.compressor.pool.rows == BS * -(-(64 // ratio) // BS)
+        assert bool((e.compressor.kv_state == 0).all() and (e.compressor.score_state == float("-inf")).all())
+    if e.indexer is not None:
+        assert e.indexer.block_table.shape[1] * BS >= 64 // 4
+    table = torch.tensor([[2, -1], [0, 1]], dtype=torch.int32)
+    pools = {"window": (3, table)}
+    if ratio:
+        pools["compressed"] = (3, table)
+    if kind == "csa":
+        pools["indexer"] = (3, table)
+    p = dsv4.AttentionState.paged(CFG, layer, 2, **pools, block_size=BS)
+    assert p.kind == kind and torch.equal(p.window.block_table, table) and p.window.nope.shape[:2] == (3, BS)
+    wrong = dict(pools)
+    if ratio:
+        del wrong["compressed"]
+    else:
+        wrong["compressed"] = (3, table)
+    with pytest.raises(ValueError, match="compressed: a"):
+        dsv4.AttentionState.paged(CFG, layer, 2, **wrong, block_size=BS)
+    with pytest.raises(ValueError, match="window: expected a block table of 3 rows"):
+        dsv4.AttentionState.paged(CFG, layer, 3, **pools, block_size=BS)
+
+
+@pytest.mark.parametrize("kind", ["swa", "csa", "hca"])
+def test_steps_equal_the_ops_composed_on_a_dense_state(kind: str) -> None:
+    """A prefill of 37 tokens (3 chunks of 16: rows across pool blocks, closes inside a chunk), then
+    decode steps of 2: bit for bit the ops composed by hand, though the module's pools are paged and
+    its window blocks recycled."""
+    m = module(kind, prefill_chunk=16)
+    xs = [(x_of(3, 37, 1), 0), (x_of(3, 2, 2), 37), (x_of(3, 2, 3), 39), (x_of(3, 1, 4), 41)]
+    got = [m(x) for x, _ in xs]
+    chunks = [(xs[0][0][:, c : c + 16].contiguous(), c) for c in (0, 16, 32)] + xs[1:]
+    want = composed(kind, chunks)
+    assert bit_identical(got[0], torch.cat(want[:3], 1)) and all(
+        bit_identical(g, w) for g, w in zip(got[1:], want[3:], strict=True)
+    )
+    assert m.next_pos == [42] * 3
+    held = [sorted(cols) for cols in m.win_blocks.slots]
+    assert held == [[1, 2]] * 3, held  # rows 0..15 were given back: no later token sees them
+
+
+@pytest.mark.parametrize("kind", ["csa", "hca"])
+def test_chunked_prefill_is_within_the_rule_of_one_long_step(kind: str) -> None:
+    one, chunked = module(kind), module(kind, prefill_chunk=7)
+    x = x_of(2, 40, 5)
+    assert ratio_allclose(chunked(x), one(x), Y.atol, Y.rtol, Y.max_error_ratio)
+
+
+def test_window_blocks_are_recycled_so_a_small_pool_serves_long_sequences() -> None:
+    """Two slots, 3 window blocks each (``ceil((W + S - 2) / bs) + 1`` for S=2 decode is 2), over 120
+    positions: the window pool never runs out; the compressed pool grows with the sequence."""
+    m = module("hca", batch=2, num_blocks={"window": 6}, prefill_chunk=16)
+    m(x_of(2, 30, 6))
+    for i in range(45):
+        m(x_of(2, 2, 100 + i))
+    assert m.next_pos == [120, 120] and len(m.win_blocks.free) == 6 - sum(len(s) for s in m.win_blocks.slots)
+    assert all(len(s) <= 2 for s in m.win_blocks.slots)
+    assert sorted(m.cmp_blocks.slots[0]) == [0]  # 7 compressed rows in one block
+
+
+def test_too_few_blocks_is_refused_before_anything_changes() -> None:
+    m = module("csa", batch=2, num_blocks={"compressed": 2})
+    m(x_of(2, 8, 7))  # 2 compressed rows per slot: a block each; 64 more tokens need a second each
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    free = list(m.cmp_blocks.free)
+    with pytest.raises(ValueError, match="compressed pool blocks"):
+        m(x_of(2, 64, 8))
+    assert m.next_pos == [8, 8] and m.cmp_blocks.free == free
+    assert all(bit_identical(v, before[k], k) for k, v in m.state_dict().items())
+
+
+@pytest.mark.parametrize("kind", ["csa", "hca"])
+def test_a_rejected_draft_token_rerun_equals_the_accepted_sequence(kind: str) -> None:
+    """Step (x0, draft) at 13 (CSA: the draft's position 14 writes the ring; 15 would close); the draft
+    is rejected, the next step starts at 14 with the right token: its y, and every later step,
+    equal a module that never saw the draft (within §8's rule: another matmul shape)."""
+    m, fresh = module(kind, batch=2), module(kind, batch=2)
+    prefix, good, draft, nxt = x_of(2, 13, 9), x_of(2, 2, 10), x_of(2, 1, 11), x_of(2, 2, 12)
+    m(prefix), fresh(prefix)
+    m(torch.cat((good[:, :1], draft), 1))
+    y = m(good[:, 1:].contiguous(), start_pos=14)
+    want = fresh(good)
+    assert ratio_allclose(y, want[:, 1:], Y.atol, Y.rtol, Y.max_error_ratio)
+    assert ratio_allclose(m(nxt), fresh(nxt), Y.atol, Y.rtol, Y.max_error_ratio)
+
+
+def test_deeper_rollbacks_and_skips_are_refused_and_change_nothing() -> None:
+    m = module("csa", batch=2)
+    m(x_of(2, 10, 13))
+    m(x_of(2, 2, 14))  # positions 10, 11
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    for start, words in ((9, "go back to 10"), (13, "cannot start at 13")):
+        with pytest.raises(ValueError, match=words):
+            m(x_of(2, 1, 15), start_pos=start)
+    assert m.next_pos == [12, 12] and m.last_start == [10, 10]
+    assert all(bit_identical(v, before[k], k) for k, v in m.state_dict().items())
+    long = module("hca", batch=1)
+    long(x_of(1, 14, 16))
+    long(x_of(1, 6, 17))  # positions 14..19: 16..19 overwrote ring slots 0..3 of block 0
+    with pytest.raises(ValueError, match="ring slots"):
+        long(x_of(1, 1, 18), start_pos=15)
+
+
+def test_reset_gives_a_slot_to_a_new_sequence() -> None:
+    m, fresh = module("csa", batch=2), module("csa", batch=1)
+    m(x_of(2, 20, 19))
+    m.reset([1])
+    assert m.next_pos == [20, 0] and not m.win_blocks.slots[1] and not m.cmp_blocks.slots[1]
+    x = x_of(2, 6, 20)
+    y = m(x, start_pos=[20, 0])
+    assert bit_identical(y[1], fresh(x[1:].contiguous())[0])
+
+
+def test_bad_input_changes_nothing() -> None:
+    m = module("swa", batch=2)
+    m(x_of(2, 4, 21))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    for bad, exc, words in (
+        (x_of(2, 4, 22).float(), TypeError, "xn"),
+        (x_of(3, 4, 22), ValueError, "xn"),
+        (x_of(2, 4, 22)[..., :128].contiguous(), ValueError, "xn"),
+        (x_of(2, 125, 22), ValueError, "start_pos"),  # past max_position
+    ):
+        with pytest.raises(exc, match=words):
+            m(bad)
+    assert m.next_pos == [4, 4]
+    assert all(bit_identical(v, before[k], k) for k, v in m.state_dict().items())
+    with pytest.raises(ValueError, match="attn_sink and o_proj"):
+        dsv4.DecodeAttention(dsv4.synthetic_weights(CFG), dsv4.rope_table(CFG), CFG, batch=1, max_position=64)
+
+
+def test_module_moves_with_to_and_names_its_buffers() -> None:
+    m = module("csa", batch=1)
+    names = {n for n, _ in m.named_buffers()}
+    assert {"attn_wq_a", "o_wo_b", "attn_sink", "win_nope", "cmp_kv_state", "idx_keys", "rope_cos"} <= names
+    m.to(torch.device("cpu"))
+    assert m.window_pool.nope.data_ptr() == m.win_nope.data_ptr()
+    assert m.op_backends["sparse_attn"] == "reference"
