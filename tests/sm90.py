@@ -13,8 +13,8 @@ own rule and compiles them for an sm_90 target, with ``warmup=True`` so nothing 
 What stands in for the H100 (``_on_h100``): Triton's driver reports an sm_90 device; CPU tensors
 stand in for device memory (the CPU allocator aligns to 64 bytes, the CUDA one to 512, so every
 alignment test comes out the same, views included); the launchers size their grids for the
-H100's SMs, as they already do off-GPU, and the qkv kernels launch with programmatic dependent
-launch, as they do on an sm_90 GPU.
+H100's SMs, as they already do off-GPU, and every launcher that uses programmatic dependent launch
+on an sm_90 GPU (qkv, the indexer's) uses it.
 
 This runs in a subprocess (``python tests/sm90.py PLAN_JSON...``, one JSON line per compiled
 variant) because kernels defined under ``TRITON_INTERPRET=1``, as in the test process, cannot be
@@ -77,6 +77,11 @@ class Variant:
     dependent_launch: bool  # griddepcontrol in the PTX: it waits on / releases a PDL neighbour
     l2_prefetches: int  # cp.async.bulk.prefetch.L2 in the PTX: bytes asked of L2 ahead of their loads
     pdl_order: tuple[str, ...]  # "prefetch", "launch_dependents", "wait" in the order they first appear in the PTX
+    loop_waits: tuple[int, ...]  # ``num`` of each async_wait in a loop that issues async copies (TTGIR): the
+    #                             copy groups left in flight; 0 is a wait for every copy
+    ring: int  # buffers of the deepest multi-buffered 2-D shared-memory tile (TTGIR): the copy ring
+    mma_loop_sass: int  # SASS instructions of the innermost loop holding the MMA (one iteration, one warp); 0: none
+    mma_loop_branches: int  # branches inside that loop besides its back edge (0: a straight-line body)
 
     @property
     def plans(self) -> set[str]:
@@ -120,6 +125,7 @@ def compile_plans(groups: list[list[Plan]], timeout: int = 900) -> list[Variant]
             fields["launches"] = tuple((plan, tuple(grid)) for plan, grid in fields["launches"])
             fields["aligned"] = tuple(fields["aligned"])
             fields["pdl_order"] = tuple(fields["pdl_order"])
+            fields["loop_waits"] = tuple(fields["loop_waits"])
             v = Variant(**fields)
             if v.hash in variants:  # compiled by two groups: one variant, launched by both
                 v = dataclasses.replace(v, launches=variants[v.hash].launches + v.launches)
@@ -128,6 +134,10 @@ def compile_plans(groups: list[list[Plan]], timeout: int = 900) -> list[Variant]
 
 
 # ----- below: the subprocess (TRITON_INTERPRET=0) -----
+
+
+# Kernel modules whose launchers ask ``launch.pdl_supported`` (imported by name, so patched in each).
+_PDL_LAUNCHERS = ("qkv_proj_rope", "index_front", "compressor", "index_score", "topk")
 
 
 class _H100Driver:
@@ -154,7 +164,6 @@ def _on_h100(launches: list) -> None:
 
     import dsv4.kernels
 
-    qkv_proj_rope = importlib.import_module("dsv4.kernels.qkv_proj_rope")  # the package exports a function of that name
     run = JITFunction.run
 
     def compile_only(self, *args, grid, warmup, **kwargs):
@@ -165,7 +174,8 @@ def _on_h100(launches: list) -> None:
     driver.set_active(_H100Driver())
     JITFunction.run = compile_only
     dsv4.kernels.unavailable_reason = lambda device: None
-    qkv_proj_rope.pdl_supported = lambda device: True  # an sm_90 device: launches with PDL
+    for name in _PDL_LAUNCHERS:  # an sm_90 device: their dependent launches use PDL
+        importlib.import_module(f"dsv4.kernels.{name}").pdl_supported = lambda device: True
 
 
 def _run_plan(plan: Plan) -> None:
@@ -207,11 +217,75 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     return {key: int(value) for key, value in re.findall(r"(\w+):(\d+)", out.split("Resource usage:")[-1])}
 
 
+def _loop_waits(ttgir: str) -> tuple[int, ...]:
+    """The ``num`` of every ``ttg.async_wait`` directly in the body of an innermost loop that also
+    issues async copies: the steady state of a software-pipelined loop (by indentation, as the TTGIR
+    is printed; an outer loop's prologue and drain waits are not in it)."""
+    lines = [line for line in ttgir.splitlines() if line.strip()]
+    waits = []
+    for i, line in enumerate(lines):
+        if "scf.for" not in line:
+            continue
+        indent = len(line) - len(line.lstrip())
+        region = []
+        for inner in lines[i + 1 :]:
+            if len(inner) - len(inner.lstrip()) <= indent:
+                break
+            region.append(inner)
+        body = [op for op in region if len(op) - len(op.lstrip()) == indent + 2]
+        innermost = not any("scf.for" in op for op in region)
+        if innermost and any("async_copy_global_to_local" in op or "async_tma_copy" in op for op in body):
+            waits += [int(n) for op in body for n in re.findall(r"ttg\.async_wait\b.*\{num = (\d+)", op)]
+    return tuple(waits)
+
+
+def _mma_loop(cubin: bytes) -> tuple[int, int]:
+    """``(instructions, inner branches)`` of the smallest backward-branch span of the SASS that holds
+    a tensor-core instruction (``GMMA``/``HMMA``/``IMMA``): one iteration of the MMA loop, one warp."""
+    import triton
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run(
+            [triton.knobs.nvidia.nvdisasm.path, "-c", f.name], capture_output=True, text=True, check=True
+        ).stdout
+    code: list[str] = []  # instructions, in order
+    labels: dict[str, int] = {}  # label -> index of the instruction after it
+    for line in sass.splitlines():
+        if label := re.match(r"^(\.L_x_\d+):", line):
+            labels[label.group(1)] = len(code)
+        elif re.match(r"^\s*/\*[0-9a-f]+\*/", line):
+            code.append(line)
+    best = (0, 0)
+    for end, ins in enumerate(code):
+        target = re.search(r"\bBRA\b.*\((\.L_x_\d+)\)", ins)
+        if not target or labels.get(target.group(1), end + 1) > end:
+            continue
+        body = code[labels[target.group(1)] : end + 1]
+        if any(re.search(r"\b[HI]?GMMA\b|\bHMMA\b|\bIMMA\b", i) for i in body) and (not best[0] or len(body) < best[0]):
+            best = (len(body), sum(bool(re.search(r"\bBRA\b", i)) for i in body) - 1)
+    return best
+
+
+def _ring(ttgir: str) -> int:
+    """The leading dimension of the deepest multi-buffered 2-D shared-memory allocation (1: none)."""
+    depths = re.findall(r"ttg\.local_alloc\s*:\s*\(\) -> !ttg\.memdesc<(\d+)x\d+x\d+x", ttgir)
+    return max([int(n) for n in depths] or [1])
+
+
 _PDL_STEPS = (
     ("cp.async.bulk.prefetch.L2", "prefetch"),
+    ("prefetch.global.L2", "prefetch"),
     ("griddepcontrol.launch_dependents", "launch_dependents"),
     ("griddepcontrol.wait", "wait"),
 )
+
+
+def _pdl_order(ptx: str) -> list[str]:
+    """The ``_PDL_STEPS`` in the PTX, in the order each first appears (both prefetch kinds are one)."""
+    steps = sorted((ptx.find(instruction), name) for instruction, name in _PDL_STEPS if instruction in ptx)
+    return list(dict.fromkeys(name for _, name in steps))
 
 
 def _variant(fn, kernel, launches: list[tuple[str, tuple[int, ...]]]) -> dict[str, Any]:
@@ -219,6 +293,7 @@ def _variant(fn, kernel, launches: list[tuple[str, tuple[int, ...]]]) -> dict[st
     ``(argument index,)``)."""
     src, ptx = kernel.src, kernel.asm["ptx"]
     usage = _resource_usage(kernel.asm["cubin"])
+    mma_loop = _mma_loop(kernel.asm["cubin"])
     return {
         "kernel": fn.__name__,
         "hash": kernel.hash,
@@ -238,8 +313,12 @@ def _variant(fn, kernel, launches: list[tuple[str, tuple[int, ...]]]) -> dict[st
         "mma": "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "-",
         "fma": len(re.findall(r"\bfma\.rn", ptx)),
         "dependent_launch": "griddepcontrol" in ptx,
+        "loop_waits": _loop_waits(kernel.asm["ttgir"]),
+        "ring": _ring(kernel.asm["ttgir"]),
+        "mma_loop_sass": mma_loop[0],
+        "mma_loop_branches": mma_loop[1],
         "l2_prefetches": ptx.count("cp.async.bulk.prefetch.L2"),
-        "pdl_order": [name for _, name in sorted((ptx.find(n), name) for n, name in _PDL_STEPS if n in ptx)],
+        "pdl_order": _pdl_order(ptx),
     }
 
 

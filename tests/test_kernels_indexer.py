@@ -102,14 +102,19 @@ def test_indexer_runs_are_bit_identical() -> None:
     [(37, "_select_row_kernel"), (16410, "_select_chunks_kernel")],
     ids=["rows-in-registers", "chunked-rows"],
 )
-def test_indexer_is_three_launches_without_memset(start: int, select: str) -> None:
-    """The indexer is three kernel launches at any cache length, with no PyTorch op (fill, memset,
-    copy) between them: the front, the score launch (closes included), the selection (from the
-    score launch's histograms on rows past ``ROW_IN_REGISTERS``)."""
+def test_indexer_is_four_launches_without_memset(start: int, select: str) -> None:
+    """The indexer is four kernel launches at any cache length, with no PyTorch op (fill, memset,
+    copy) between them: the front, the compressor step (the closes), the score launch, the selection
+    (from the score launch's histograms on rows past ``ROW_IN_REGISTERS``)."""
     cfg = TINY.replace(max_position_embeddings=16512)
     case = case_at(cfg, "indexer", 2, 2, [start, 9], seed=13, max_position=16512)
     traffic, _ = measure_traffic(bind(case, "triton"))
-    assert [launch["kernel"] for launch in traffic.per_launch] == ["_front_kernel", "_score_kernel", select]
+    assert [launch["kernel"] for launch in traffic.per_launch] == [
+        "_front_kernel",
+        "_compressor_step_kernel",
+        "_score_kernel",
+        select,
+    ]
     assert traffic.torch_ops == {}, traffic.torch_ops
 
 

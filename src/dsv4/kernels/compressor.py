@@ -20,8 +20,13 @@ so no program reads a ring slot after it is overwritten. The projections come as
 raw K-slices (``x_proj.py``): chunk 0 adds its row's slices in slice order into a scratch row block
 first when there is more than one slice (decode), and reads them once per candidate from there; a
 step long enough to have a chunk 1 is never split over K (``close_splits_cap``), so later chunks read
-the one slice directly. The standalone op runs one chunk per program (``_compressor_step_kernel``);
-the indexer runs the same chunks inside its score launch (``index_score.py``).
+the one slice directly. One chunk per program (``_compressor_step_kernel``), in a launch of its own
+for both ops: ``indexer_compressor`` and the indexer run it between the front launch and, for the
+indexer, the score launch, whose tiles are tuned apart from it. Chunk 0 adds *every* column of its
+row's slices (the indexer's head weights too), so the score launch reads one summed slice.
+
+With programmatic dependent launch (sm_90) each program lets the next launch be scheduled, then
+waits for the front launch before it reads anything the step writes or reads back.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..model.config import COMPRESS_RATIO
 from ..model.rope import RopeTable
@@ -38,12 +44,13 @@ from ..model.weights import CompressorWeights
 from .epilogue import overflow_scale, quantize_rows, round_bf16
 from .head_rotation import hadamard_rows, rope_pairs, split_head_dims
 from .index_front import front
+from .launch import pdl_supported
 from .split_k import sum_k_slices
 from .tuning import Param, Tunable, pow2_bucket
 from .workspace import Workspace, scratch
 from .x_proj import kvg_rows
 
-CLOSE_CHUNK = 128  # closing blocks per work item: the indexer's key block (index_score.KEYS_PER_PROGRAM)
+CLOSE_CHUNK = 128  # closing blocks per program: a decode step's row closes at most ceil(S/4) (1 at S=2)
 CLOSE_TILE = 16  # closing blocks pooled at once: the Hadamard tl.dot needs M >= 16 rows
 assert CLOSE_TILE >= 2, "the (at most two) blocks that read the pre-step ring must share chunk 0's first tile"
 NUM_WARPS = 8  # pooling and Hadamard tiles of 16 blocks: no spills on sm_90 (figures in docs/DESIGN.md)
@@ -229,8 +236,8 @@ def close_chunk(
 
 @triton.jit
 def _compressor_step_kernel(
-    xp_ptr,  # [SPLITS, B*S, 4*HID] fp32: raw K-slices of the kv | gate projections (x_proj.py)
-    kvg_ptr,  # [B*S, 4*HID] fp32 scratch: the slices added (SPLITS > 1)
+    xp_ptr,  # [SPLITS, B*S, 4*HID + HI] fp32: raw K-slices of the kv | gate (| head weight) projections (x_proj.py)
+    kvg_ptr,  # [B*S, 4*HID + HI] fp32 scratch: the slices added (SPLITS > 1)
     ape_ptr,  # [4, 2*HID] fp32
     start_ptr,  # [B] int64
     kv_state_ptr,  # [Bs, 8, 2*HID] fp32, updated
@@ -242,6 +249,7 @@ def _compressor_step_kernel(
     cos_ptr,  # [P, R/2] fp32
     sin_ptr,
     S,
+    HI,
     max_blocks,
     eps,
     hadamard_scale,
@@ -252,35 +260,45 @@ def _compressor_step_kernel(
     SPLITS: tl.constexpr,
     KEY_CODE_MAX: tl.constexpr,  # the key pool's format (IndexerState.key_format.constexprs)
     KEY_AMAX_FLOOR: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
-    start = tl.load(start_ptr + b)
+    start = tl.load(start_ptr + b)  # an input of the op: written before its first launch
+    if PDL:
+        gdc_launch_dependents()  # the score launch may be scheduled: it waits for this grid to complete
+        gdc_wait()  # the front launch's K-slices are complete and visible
     if c * _CHUNK < tl.maximum((start + S) // RATIO - start // RATIO, 1):
         close_chunk(
             c, b, start, xp_ptr, kvg_ptr, ape_ptr, kv_state_ptr, score_state_ptr, keys_ptr, key_scale_ptr, table_ptr,
-            norm_w_ptr, cos_ptr, sin_ptr, S, tl.num_programs(0) * S, 0, max_blocks, eps, hadamard_scale,
+            norm_w_ptr, cos_ptr, sin_ptr, S, tl.num_programs(0) * S, HI, max_blocks, eps, hadamard_scale,
             HID, NOPE, HALF_R, BLOCK_SIZE, SPLITS, KEY_CODE_MAX, KEY_AMAX_FLOOR,
         )  # fmt: skip
 
 
 STEP_TUNING = Tunable(
     "compressor.step",
-    "_compressor_step_kernel: ring update and the closing blocks' keys (indexer_compressor launch 2)",
+    "_compressor_step_kernel: ring update, the closing blocks' keys, the K-slices summed (compressor launch 2, "
+    "indexer launch 2)",
     dims=("B", "S"),
-    params=(Param("num_warps", NUM_WARPS, (4, 8, 16), "warps per chunk program", compiled_only=True),),
-    candidates=({"num_warps": 4}, {"num_warps": 16}),
+    params=(
+        Param("num_warps", NUM_WARPS, (4, 8, 16), "warps per chunk program", compiled_only=True),
+        Param("pdl", True, (False, True), "programmatic dependent launch (sm_90)", exact=True, compiled_only=True),
+    ),
+    candidates=({"num_warps": 4}, {"num_warps": 16}, {"pdl": False}),
 )
 
 
 def compressor_step(
     xp: torch.Tensor, w: CompressorWeights, state: IndexerState, pos: StepPositions, rope: RopeTable, eps: float,
     ws: Workspace | None = None,
-) -> None:  # fmt: skip
+) -> torch.Tensor:  # fmt: skip
     """Advance the ring of rows ``0..B-1`` of ``state`` over one step and write the closed blocks'
     keys, quantized, into the key pool of ``state`` (spec §4 steps 2-3); one launch.
 
-    ``xp [SPLITS, B*S, 4*HID] fp32``: the raw K-slices of the kv | gate projections (``index_front``).
+    ``xp [SPLITS, B*S, 4*HID + HI] fp32``: the raw K-slices of the kv | gate (| head weight)
+    projections (``index_front``). Returns the projection summed over its slices in slice order,
+    ``[B*S, 4*HID + HI] fp32`` (scratch from ``ws``; ``xp[0]`` when there is one slice).
     """
     hid = w.norm_w.shape[0]
     nope, half_r = split_head_dims(hid, rope.rope_dim)
@@ -288,12 +306,15 @@ def compressor_step(
     kvg = scratch(ws, "compressor.kvg", xp.shape[1:], torch.float32, xp.device) if splits > 1 else xp
     grid = (pos.batch, max(1, triton.cdiv(pos.max_closing_blocks, CLOSE_CHUNK)))
     cfg = STEP_TUNING.config(xp.device, B=pow2_bucket(pos.batch), S=pow2_bucket(pos.seq))
+    pdl = cfg.pdl and pdl_supported(xp.device)
     _compressor_step_kernel[grid](
         xp, kvg, w.ape, pos.start, state.kv_state, state.score_state, state.keys, state.key_scale, state.block_table,
-        w.norm_w, rope.cos, rope.sin, pos.seq, state.block_table.shape[1], eps, hid**-0.5,
+        w.norm_w, rope.cos, rope.sin, pos.seq, xp.shape[2] - 4 * hid, state.block_table.shape[1], eps, hid**-0.5,
         HID=hid, NOPE=nope, HALF_R=half_r, BLOCK_SIZE=state.block_size, SPLITS=splits,
-        **state.key_format.constexprs("KEY_"), num_warps=cfg.num_warps, enable_fp_fusion=False,
+        **state.key_format.constexprs("KEY_"), PDL=pdl, num_warps=cfg.num_warps, enable_fp_fusion=False,
+        launch_pdl=pdl,
     )  # fmt: skip
+    return kvg if splits > 1 else xp[0]
 
 
 def indexer_compressor(

@@ -4,13 +4,16 @@ counters the later launches add into.
 
 - x-projection programs (``x_proj.x_proj_tile``): ``x @ [wkv; wgate; weights_proj].T`` as raw fp32
   K-slices ``xp [SPLITS, T, 4*HID + HI]``; every decode token in one M-tile, so each weight byte is
-  read once, and ``D`` split so the programs fill the SMs.
+  read once, and ``D`` split so that the launch's programs fill the SMs (``x_proj.fill_splits``).
 - query programs (``index_query.query_tile``): one per head (and token tile), ``q8 [T, HI, HID]``
   int8 and ``q_scale [T, HI]`` fp32; ``wq_b`` read once.
 
 The two families share nothing but the launch: no program waits for another, so the order in which
 they run (the interpreter's one at a time, or a GPU's all at once) does not matter. Their outputs are
-read by the next launch (the score kernel, or the compressor step for ``indexer_compressor``).
+read by the next launch (the compressor step; the queries by the score launch after it). The launch
+itself is an ordinary one (everything before the op is complete when it starts); compiled for
+sm_90 it lets the next launch be scheduled at once (``gdc_launch_dependents``), which then waits
+for this grid to complete.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from ..model.rope import RopeTable
 from ..model.structs import StepPositions
@@ -25,7 +29,7 @@ from ..model.weights import CompressorWeights, IndexerWeights
 from .head_rotation import split_head_dims
 from .index_query import BLOCK_K as Q_BLOCK_K
 from .index_query import query_block_m, query_tile
-from .launch import require, sm_count
+from .launch import pdl_supported, require, sm_count
 from .split_k import BLOCK_K, SPLIT_CHOICES
 from .tuning import Param, Tunable, pow2_bucket
 from .workspace import Workspace, scratch
@@ -45,8 +49,19 @@ TUNING = Tunable(
         Param("splits", None, SPLIT_CHOICES, "x-projection K-slices; null: split_k.k_splits"),
         Param("num_warps", NUM_WARPS, (4, 8), "warps per program", compiled_only=True),
         Param("num_stages", NUM_STAGES, (2, 3, 4), "pipelined K steps", exact=True, compiled_only=True),
+        Param(
+            "pdl", True, (False, True), "let the next launch be scheduled early (sm_90)", exact=True, compiled_only=True
+        ),
     ),
-    candidates=({"splits": 2}, {"splits": 8}, {"block_n": 64}, {"num_warps": 4}, {"num_stages": 2}),
+    candidates=(
+        {"splits": 4},
+        {"splits": 8},
+        {"splits": 16},
+        {"block_n": 64},
+        {"num_warps": 4},
+        {"num_stages": 4},
+        {"pdl": False},
+    ),
 )
 
 
@@ -87,7 +102,10 @@ def _front_kernel(
     Q_BLOCK_M: tl.constexpr,
     Q_BLOCK_K: tl.constexpr,
     QUERY: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:
+        gdc_launch_dependents()  # the compressor step may be scheduled now; it waits for this grid to complete
     pid = tl.program_id(0)
     if pid < XP_PROGRAMS:
         x_proj_tile(
@@ -128,11 +146,7 @@ def front(
     hid = two_hid // 2
     hi = 0 if indexer is None else indexer.weights_proj.shape[0]
     cfg = TUNING.config(x.device, T=pow2_bucket(t), D=d, HI=hi)
-    tiles = x_proj_tiles(t, d, two_hid, hi, sm_count(x.device), cfg.block_n, cfg.splits)
-    splits = min(tiles.splits, max_splits or tiles.splits)
     require(d % 16 == 0, "x", f"a hidden size D that is a multiple of 16 (the K-slices' {BLOCK_K}-wide steps)")
-    xp = scratch(ws, "front.xp", (splits, t, 2 * two_hid + hi), torch.float32, x.device)
-    xp_programs = tiles.n_tiles * tiles.m_tiles * splits
     q8 = q_scale = None
     if indexer is None:
         q_programs, q_args, q_block_m, ql = 0, (x,) * 4, 16, 0
@@ -146,6 +160,11 @@ def front(
         q_scale = scratch(ws, "front.q_scale", (t, hi), torch.float32, x.device)
         q_args = (qr, qr_scale, indexer.wq_b, indexer.wq_b_scale)
         cos, sin = rope.cos, rope.sin
+    tiles = x_proj_tiles(t, d, two_hid, hi, sm_count(x.device), cfg.block_n, cfg.splits, q_programs)
+    splits = min(tiles.splits, max_splits or tiles.splits)
+    xp = scratch(ws, "front.xp", (splits, t, 2 * two_hid + hi), torch.float32, x.device)
+    xp_programs = tiles.n_tiles * tiles.m_tiles * splits
+    pdl = cfg.pdl and pdl_supported(x.device)
     zero = torch.empty(0, dtype=torch.int32, device=x.device) if zero is None else zero
     _front_kernel[(xp_programs + q_programs,)](
         x, w.wkv, w.wgate, w.wkv if indexer is None else indexer.weights_proj, xp,
@@ -154,6 +173,6 @@ def front(
         TWO_HID=two_hid, XP_BLOCK_M=tiles.block_m, XP_BLOCK_N=cfg.block_n, XP_N_TILES=tiles.n_tiles,
         XP_M_TILES=tiles.m_tiles, SPLITS=splits, XP_PROGRAMS=xp_programs,
         HID=hid, NOPE=nope, HALF_R=half_r, Q_BLOCK_M=q_block_m, Q_BLOCK_K=Q_BLOCK_K, QUERY=indexer is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+        PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
     )  # fmt: skip
     return xp, q8, q_scale

@@ -1,12 +1,14 @@
-"""Bring weight bytes into L2 ahead of the loads that use them (sm_90 and newer, compiled kernels only).
+"""Bring bytes into L2 ahead of the loads that use them (sm_90 and newer, compiled kernels only).
 
 A launch that waits for its predecessor (programmatic dependent launch, ``gdc_wait``) may already
 stream what does not depend on it: weights. ``prefetch_l2`` asks L2 for a byte range with
 ``cp.async.bulk.prefetch.L2`` (sm_90), one 1 KiB chunk per lane and instruction: no registers hold
 the data and nothing waits for it, so a kernel at the edge of its register file can issue it before
 its wait. Only whole chunks inside the range are asked for, each 16-byte aligned when the base is
-(the launcher checks ``base.data_ptr() % PREFETCH_ALIGN``). Under the interpreter the instruction
-cannot run: kernels call it behind a constexpr that is off there.
+(the launcher checks ``base.data_ptr() % PREFETCH_ALIGN``). ``prefetch_l2_lines`` asks for scattered
+lines instead (``prefetch.global.L2``, one per lane): the score launch's first key rows, gathered
+through the block table. Under the interpreter the instructions cannot run: kernels call
+``prefetch_l2`` behind a constexpr that is off there, and ``prefetch_l2_lines`` does nothing there.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .launch import INTERPRETED
 
 PREFETCH_CHUNK = tl.constexpr(1024)  # bytes per prefetch instruction (a multiple of 16, as the bulk copy needs)
 PREFETCH_ALIGN = 16  # cp.async.bulk addresses are 16-byte aligned
@@ -45,6 +49,18 @@ def prefetch_l2_share(base_ptr, nbytes, share, shares):
     lo = share.to(tl.int64) * chunks // shares
     hi = (share.to(tl.int64) + 1) * chunks // shares
     prefetch_l2(base_ptr, lo * PREFETCH_CHUNK, hi * PREFETCH_CHUNK)
+
+
+@triton.jit
+def prefetch_l2_lines(ptrs, mask):
+    """Ask L2 for the line holding each of ``ptrs`` where ``mask`` (nothing in the interpreter, which
+    cannot run it). A hint, never a read of a value: every SM's writes land in L2, so a prefetched
+    line is never stale."""
+    if not INTERPRETED:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+            "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
+        )  # fmt: skip
 
 
 def can_prefetch(t: torch.Tensor) -> bool:

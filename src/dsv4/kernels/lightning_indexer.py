@@ -1,10 +1,14 @@
-"""The fused lightning indexer (spec §5) in three launches, each writing only what the next needs.
+"""The fused lightning indexer (spec §5) in four launches, each writing only what the next needs, each
+after the first launched with programmatic dependent launch on sm_90 (it starts while its predecessor
+ends and waits inside the kernel before it reads that one's outputs).
 
 1. ``index_front.front``: the x-side projection (compressor ``wkv``, ``wgate``, ``weights_proj``, as raw
    K-slices) and the INT8 query path (``q8 [T, HI, HID]``, ``q_scale [T, HI]``), two program families.
-2. ``index_score.index_scores``: the compressor's closes and ring update, then the scores of every token
-   against its visible keys, in one persistent grid.
-3. ``topk.select_topk``: the top-k indices per token (rows longer than ``ROW_IN_REGISTERS`` keys
+2. ``compressor.compressor_step``: the compressor's closes and ring update (spec §4), one program per
+   row and chunk of closing blocks; each row's K-slices are summed in slice order, once.
+3. ``index_score.index_scores``: the scores of every token against its visible keys, a persistent grid
+   streaming key tiles.
+4. ``topk.select_topk``: the top-k indices per token (rows longer than ``ROW_IN_REGISTERS`` keys
    start from the first-digit histograms the score launch builds).
 """
 
@@ -16,7 +20,7 @@ from ..model.rope import RopeTable
 from ..model.state import IndexerState
 from ..model.structs import IndexerOut, StepPositions
 from ..model.weights import IndexerWeights
-from .compressor import close_splits_cap
+from .compressor import close_splits_cap, compressor_step
 from .index_front import front
 from .index_score import index_scores
 from .topk import HIST_WORDS, ROW_IN_REGISTERS, select_topk
@@ -51,6 +55,7 @@ def indexer(
     xp, q8, q_scale = front(
         x, w.compressor, pos, indexer=w, qr=qr, qr_scale=qr_scale, rope=rope, ws=ws, zero=hist, max_splits=cap
     )
-    score = index_scores(xp, q8, q_scale, w, state, pos, rope, eps, None if out is None else out.score, hist, ws)
+    proj = compressor_step(xp, w.compressor, state, pos, rope, eps, ws)
+    score = index_scores(proj, q8, q_scale, w, state, pos, None if out is None else out.score, hist)
     topk_idxs = select_topk(score, pos, topk, offset, None if out is None else out.topk_idxs, ws, hist)
     return IndexerOut(score, topk_idxs)

@@ -43,10 +43,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..model.config import COMPRESS_RATIO
 from ..model.structs import StepPositions
-from .launch import require
+from .launch import pdl_supported, require
 from .tuning import Param, Tunable, pow2_bucket
 from .workspace import Workspace, scratch
 
@@ -91,7 +92,7 @@ _STATE_WORDS = tl.constexpr(STATE_WORDS)
 
 
 @triton.jit
-def _order_bits(score):
+def order_bits(score):
     """fp32 -> uint32 with the same order as the floats (larger score, larger key): the order key.
 
     ``+ 0.0`` turns -0.0 into +0.0 so that the two zeros tie, as they compare in the reference.
@@ -106,7 +107,7 @@ def _order_bits(score):
 @triton.jit
 def _order_key(score):
     """The order key as an int64 in ``[0, 2^32)``."""
-    return _order_bits(score).to(tl.int64)
+    return order_bits(score).to(tl.int64)
 
 
 @triton.jit
@@ -123,7 +124,17 @@ def first_digit_histogram(score, valid):
 
     ``score`` must be the very fp32 values stored for ``select_topk`` (same bits).
     """
-    return tl.histogram((_order_bits(score) >> _FIRST_SHIFT).to(tl.int32), _FIRST_BINS, mask=valid)
+    return tl.histogram((order_bits(score) >> _FIRST_SHIFT).to(tl.int32), _FIRST_BINS, mask=valid)
+
+
+@triton.jit
+def _wait_for_scores(PDL: tl.constexpr):
+    """Launched with programmatic dependent launch: let the next launch be scheduled (it waits for
+    this grid in turn), then wait for the launch before (the scores and their histograms, or anything
+    the caller's stream wrote) before reading anything."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
 
 
 @triton.jit
@@ -236,7 +247,9 @@ def _select_row_kernel(
     LOG_TOPK_PAD: tl.constexpr,
     BITS: tl.constexpr,
     PASSES: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _wait_for_scores(PDL)
     r = tl.program_id(0).to(tl.int64)
     visible, k = _row_limits(start_ptr, r, seq, topk)
     index = tl.arange(0, ROW)
@@ -265,9 +278,11 @@ def _first_digit_kernel(
     row_words,
     CHUNK: tl.constexpr,
     STATE_PAD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """``select_topk`` called alone: chunk ``c``'s first-digit histogram into part ``c`` of its row;
     chunk 0 also zeroes the row's selection counters."""
+    _wait_for_scores(PDL)
     r = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     index = chunk * CHUNK + tl.arange(0, CHUNK)
@@ -388,7 +403,9 @@ def _select_chunks_kernel(
     LOG_TOPK_PAD: tl.constexpr,
     BITS: tl.constexpr,
     INDEX_DIGITS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _wait_for_scores(PDL)
     local = tl.program_id(0).to(tl.int64)
     r = row0 + local
     chunk = tl.program_id(1)
@@ -400,7 +417,7 @@ def _select_chunks_kernel(
 
     index = chunk * CHUNK + tl.arange(0, CHUNK)
     valid = index < visible
-    key = _order_bits(tl.load(score_ptr + r * n + index, mask=valid, other=0.0))  # 32-bit: half the registers
+    key = order_bits(tl.load(score_ptr + r * n + index, mask=valid, other=0.0))  # 32-bit: half the registers
     digit = (key >> _FIRST_SHIFT).to(tl.int32)
     cand = valid & (digit >= prefix)  # certain winners and the tie bin
     first = tl.atomic_add(state + _SLOTS, tl.sum(cand.to(tl.int32), 0), sem="relaxed")
@@ -431,8 +448,9 @@ ROW_TUNING = Tunable(
             exact=True,
             compiled_only=True,
         ),
+        Param("pdl", True, (False, True), "programmatic dependent launch (sm_90)", exact=True, compiled_only=True),
     ),
-    candidates=({"num_warps": 4}, {"num_warps": 16}),
+    candidates=({"num_warps": 4}, {"num_warps": 16}, {"pdl": False}),
 )
 CHUNKS_TUNING = Tunable(
     "topk.select_chunks",
@@ -441,8 +459,9 @@ CHUNKS_TUNING = Tunable(
     params=(
         Param("chunk", CHUNK, (1024, 2048, 4096, 8192), "keys per program (the selected set is the same)", exact=True),
         Param("num_warps", SELECT_WARPS, (4, 8, 16), "warps per program", exact=True, compiled_only=True),
+        Param("pdl", True, (False, True), "programmatic dependent launch (sm_90)", exact=True, compiled_only=True),
     ),
-    candidates=({"chunk": 2048}, {"chunk": 8192}, {"num_warps": 16}),
+    candidates=({"chunk": 2048}, {"chunk": 8192}, {"num_warps": 16}, {"pdl": False}),
 )
 
 
@@ -488,6 +507,7 @@ def select_topk(
     winners = scratch(ws, "topk.cand", (rows, topk_pad), torch.int64, score.device)
     if n <= ROW_IN_REGISTERS:
         cfg = ROW_TUNING.config(score.device, R=pow2_bucket(rows), N=pow2_bucket(n))
+        pdl = cfg.pdl and pdl_supported(score.device)
         _select_row_kernel[(rows,)](
             score,
             pos.start,
@@ -502,13 +522,16 @@ def select_topk(
             LOG_TOPK_PAD=topk_pad.bit_length() - 1,
             BITS=RADIX_BITS,
             PASSES=RADIX_PASSES,
+            PDL=pdl,
             num_warps=cfg.num_warps,
+            launch_pdl=pdl,
         )
         return out
 
     require(n <= 1 << TIE_INDEX_BITS, "score", f"rows of at most {1 << TIE_INDEX_BITS} keys")
     cfg = CHUNKS_TUNING.config(score.device, R=pow2_bucket(rows), N=pow2_bucket(n))
     chunk = cfg.chunk
+    pdl = cfg.pdl and pdl_supported(score.device)
     n_chunks = triton.cdiv(n, chunk)
     grid = (rows, n_chunks)
     parts = 1
@@ -517,7 +540,7 @@ def select_topk(
         hist = scratch(ws, "topk.hist", (rows, parts * FIRST_DIGIT_BINS + STATE_WORDS), torch.int32, score.device)
         _first_digit_kernel[grid](
             score, pos.start, hist, s, n, hist.shape[-1], CHUNK=chunk,
-            STATE_PAD=triton.next_power_of_2(STATE_WORDS), num_warps=cfg.num_warps,
+            STATE_PAD=triton.next_power_of_2(STATE_WORDS), PDL=pdl, num_warps=cfg.num_warps, launch_pdl=pdl,
         )  # fmt: skip
     group = max(1, min(rows, CANDIDATE_BYTES // (8 * n)))  # rows whose candidates fit the capped buffer
     candidates = scratch(ws, "topk.candidates", (group, n), torch.int64, score.device)
@@ -527,6 +550,6 @@ def select_topk(
             parts * FIRST_DIGIT_BINS + STATE_WORDS, parts, row0, CHUNK=chunk,
             PART_BLOCK=min(triton.next_power_of_2(parts), HIST_PART_BLOCK), TOPK_PAD=topk_pad,
             LOG_TOPK_PAD=topk_pad.bit_length() - 1, BITS=RADIX_BITS, INDEX_DIGITS=INDEX_DIGITS,
-            num_warps=cfg.num_warps,
+            PDL=pdl, num_warps=cfg.num_warps, launch_pdl=pdl,
         )  # fmt: skip
     return out

@@ -4,8 +4,9 @@ compressor ``wgate`` and (for the indexer) ``weights_proj`` — they share ``x``
 ``x_proj_tile`` is one program of it, run inside the indexer's front launch (``index_front.py``):
 the three weights are not concatenated, each N-tile picks its weight from its tile index, and an
 M-tile holds every decode token (T <= 128), so each weight byte is read once. Decode has few
-tokens, so ``D`` is split over enough programs to fill the SMs (``split_k.py``: the K-slice dot
-and the split policy shared with qkv's projection). Every program writes the raw fp32 sums of its
+tokens, so ``D`` is split over enough programs that the front launch as a whole (these and the
+query programs beside them) fills the SMs (``fill_splits``; the K-slice dot is ``split_k.py``'s, shared
+with qkv's projection). Every program writes the raw fp32 sums of its
 K-slice to ``xp [SPLITS, T, 4*HID + HI]`` (columns: kv | gate | head weights); there is no summing
 launch. The consumers add the slices in slice order and apply the epilogues where they read them
 (``kvg_rows``, ``head_weights``): the gate adds ``ape[p % 4]`` (spec §4 step 1), the head weights
@@ -27,6 +28,8 @@ BLOCK_M_MAX = 128  # tokens per tile: every decode token (T=128) in one M-tile, 
 BLOCK_M_MIN = 16  # smallest tl.dot M
 BLOCK_N = 128  # output columns per tile: divides 2*HID (no tile straddles two weights); wkv and wgate are two
 #                tiles each, the 64 head weights one (half masked): x is re-read by 5 tiles, not 9 as at 64
+SLICE_TOKENS_MIN = 0.5  # K-slice length >= T/2: the fp32 partials (T x N x 4 B a slice, written once and summed
+#                         once, in order, by the compressor step) then cost at most 4x the bf16 weights (N x D x 2 B)
 RATIO = tl.constexpr(COMPRESS_RATIO)
 _BLOCK_K = tl.constexpr(BLOCK_K)
 
@@ -45,19 +48,30 @@ class XProjTiles:
         return self.n_tiles * self.m_tiles * self.splits
 
 
+def fill_splits(tiles: int, others: int, t: int, d: int, sms: int) -> int:
+    """K-slices of the x-projection's ``tiles`` output tiles when ``others`` programs share its launch:
+    enough that the launch has at least ``sms`` programs (every SM streams weights), at least
+    ``split_k.k_splits`` (one wave of the projection alone), no slice shorter than ``SLICE_TOKENS_MIN * T``
+    and none empty."""
+    fill = -(-max(sms - others, 0) // tiles)
+    cap = min(int(d // max(SLICE_TOKENS_MIN * t, 1)), triton.cdiv(d, BLOCK_K))
+    return max(1, k_splits(tiles, t, d, sms), min(fill, cap))
+
+
 def x_proj_tiles(
-    t: int, d: int, two_hid: int, hi: int, sms: int, block_n: int = BLOCK_N, splits: int | None = None
-) -> XProjTiles:
+    t: int, d: int, two_hid: int, hi: int, sms: int, block_n: int = BLOCK_N, splits: int | None = None,
+    others: int = 0,
+) -> XProjTiles:  # fmt: skip
     """Tiles of ``[T, D] @ [wkv; wgate; weights_proj].T`` (``hi`` head-weight rows, 0 for the
     compressor alone) in columns of ``block_n``; ``splits`` K-slices (at most one per ``BLOCK_K`` step
-    of D) or, when None, as many as fill one wave of ``sms`` (``split_k.k_splits``)."""
+    of D) or, when None, as many as fill the ``sms`` beside ``others`` programs (``fill_splits``)."""
     if two_hid % BLOCK_N:
         raise ValueError(f"w.wkv: the Triton backend needs 2*HID rows that are a multiple of {BLOCK_N}, got {two_hid}")
     block_m = min(BLOCK_M_MAX, max(BLOCK_M_MIN, triton.next_power_of_2(t)))
     n_tiles = 2 * (two_hid // block_n) + triton.cdiv(hi, block_n)
     m_tiles = triton.cdiv(t, block_m)
     if splits is None:
-        splits = k_splits(n_tiles * m_tiles, t, d, sms)
+        splits = fill_splits(n_tiles * m_tiles, others, t, d, sms)
     return XProjTiles(block_m, n_tiles, m_tiles, max(1, min(splits, triton.cdiv(d, BLOCK_K))))
 
 
