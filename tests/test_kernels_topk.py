@@ -26,6 +26,8 @@ from dsv4.kernels.topk import (
     FIRST_DIGIT_BINS,
     HIST_WORDS,
     ROW_IN_REGISTERS,
+    ROW_RADIX_BITS,
+    ROW_TUNING,
     first_digit_histogram,
     select_topk,
 )
@@ -96,6 +98,10 @@ def test_topk_matches_reference(batch: int, seq: int, start_pos, topk: int, dist
 @pytest.mark.parametrize("n", [300, 3 * CHUNK + 77], ids=["one-program", "chunked"])
 def test_topk_special_rows(n: int) -> None:
     """Rows that stress the threshold search: all equal, signed zeros, outliers, negatives."""
+    _check(*_special_rows(n), 16)
+
+
+def _special_rows(n: int) -> tuple[torch.Tensor, StepPositions]:
     g = torch.Generator().manual_seed(n)
     rows = torch.randn(6, n, generator=g)
     rows[0] = 1.0  # every score ties
@@ -105,7 +111,35 @@ def test_topk_special_rows(n: int) -> None:
     rows[4] = torch.randint(0, 2, (n,), generator=g).float()  # two values: ties across every chunk
     rows[5, : n // 2] = float("-inf")  # -inf scores are real (if useless) candidates
     pos = _positions(1, 6, 4 * n - 6)  # the last row sees all n keys
-    _check(_masked(rows.view(1, 6, n).to(DEVICE), pos), pos, 16)
+    return _masked(rows.view(1, 6, n).to(DEVICE), pos), pos
+
+
+OTHER_RADIX_BITS = [b for b in ROW_RADIX_BITS if b != ROW_TUNING.default["radix_bits"]]
+
+
+@pytest.mark.parametrize("radix_bits", OTHER_RADIX_BITS)
+@pytest.mark.parametrize("distinct_values", [None, 3], ids=["distinct", "ties"])
+def test_topk_digit_widths_agree(radix_bits: int, distinct_values: int | None) -> None:
+    """The one-program plan's other digit width (``radix_bits``: 8+8+8+8 or 11+11+10 bits) gives the
+    reference's indices too, on rows from nothing visible to the longest single-program row; NaNs
+    of either sign first, the stress rows of ``test_topk_special_rows``."""
+    from dsv4.kernels import tuning
+
+    with tuning.forced("topk.select_row", {"radix_bits": radix_bits}):
+        for batch, seq, start_pos, topk in [SHAPES[0], SHAPES[2], SHAPES[4], SHAPES[5], SHAPES[6]]:
+            pos = _positions(batch, seq, start_pos)
+            score = _random_scores(batch, seq, pos.max_cache_len, seed=topk, distinct_values=distinct_values)
+            _check(_masked(score, pos), pos, topk)
+        if distinct_values is None:
+            _check(*_special_rows(300), 16)
+            pos = _positions(1, 2, 4 * 300 - 2)
+            score = _random_scores(1, 2, 300, seed=9)
+            score[0, 0, ::7] = float("nan")
+            score[0, 1, ::5] = torch.tensor(-4194304, dtype=torch.int32).view(torch.float32)  # 0xFFC00000
+            score = _masked(score, pos)
+            got = select_topk(score, pos, 64, OFFSET)
+            assert torch.equal(got, reference_select_topk(score, pos, 64, OFFSET))
+            assert torch.equal(got[0, 0, :43] - OFFSET, torch.arange(0, 300, 7, dtype=torch.int32, device=DEVICE))
 
 
 @FULL  # 262144 keys, three index digits: test_topk_all_scores_equal[262144-hist]; no hist: [65536] there

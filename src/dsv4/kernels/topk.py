@@ -1,10 +1,10 @@
 """Top-k selection of indexer scores (spec §5 step 6) by radix select, not by sorting the row.
 
 Every visible score ``j < vis`` becomes a 32-bit *order key* (the fp32 bit pattern mapped so that
-integer order is float order). The k-th largest key is found one 8-bit digit at a time, from the
-top: a 256-bin histogram of the digit among the keys that still tie with the k-th on the digits
-above tells which digit value the k-th has and how many keys beat it. After four digits the
-threshold key ``T`` is exact: every key ``> T`` is selected, and of the keys ``== T`` the lowest
+integer order is float order). The k-th largest key is found one digit at a time, from the top: a
+histogram of the digit among the keys that still tie with the k-th on the digits above tells which
+digit value the k-th has and how many keys beat it. After the last digit the threshold key ``T`` is
+exact: every key ``> T`` is selected, and of the keys ``== T`` the lowest
 indices fill the rest, so exactly ``k = min(topk, vis)`` distinct indices come out. Only those k
 are sorted (a bitonic sort of the *sort key* ``(key << 31) | (2^31 - 1 - j)``, which orders by
 score and then by lower index, as the reference's stable sort does), shifted by ``offset``, and
@@ -13,8 +13,8 @@ padded with -1.
 Two plans, chosen by the row length ``n``:
 
 - ``n <= ROW_IN_REGISTERS``: one program per (token) row holds the whole row in registers and runs
-  all four digit passes there, then compacts the k winners through a small scratch row and sorts
-  them. One launch.
+  every digit pass there (``radix_bits``: four 8-bit digits, or 11+11+10 bits in three passes), then
+  compacts the k winners through a small scratch row and sorts them. One launch.
 - longer rows (long context: 262144 keys at 1M tokens): one launch of ``CHUNK``-key programs,
   ``ceil(n / CHUNK)`` per row, that starts from the row's *first-digit histogram* (the counts of
   the order keys' top 8 bits over the visible keys). The score kernel builds it as it writes the
@@ -51,15 +51,17 @@ from .launch import pdl_supported, require
 from .tuning import Param, Tunable, pow2_bucket
 from .workspace import Workspace, scratch
 
-RADIX_BITS = 8  # digit width: tl.histogram's work per element grows with the bins on a GPU (bins/32
-# counters per lane on Triton 3.6), so 256 bins stay cheap; 32-bit keys then need 32/8 = 4 passes.
+RADIX_BITS = 8  # digit width of the long-row plan and of the score launch's first-digit histogram:
+# tl.histogram's work per element grows with the bins on Triton 3.6 (bins/32 counters per lane), so the
+# score kernel's epilogue counts 256 bins; the 32-bit key is then 4 digits.
 RADIX_BINS = 1 << RADIX_BITS
-RADIX_PASSES = 32 // RADIX_BITS
 assert 32 % RADIX_BITS == 0, "digits must tile the 32-bit order key"
+ROW_RADIX_BITS = (8, 11)  # digit widths of the one-program plan (tuning ``radix_bits``): 8+8+8+8 (4 histogram
+# passes of 256 bins) or 11+11+10 (3 passes of 2048 / 2048 / 1024 bins, the anchors' digits); the same bits.
 FIRST_DIGIT_BINS = RADIX_BINS  # bins of ``first_digit_histogram``: the order key's top digit
 ROW_IN_REGISTERS = 4096  # longest row one program selects alone, and the chunk of a longer row:
 # 4096 x (4 B score + 8 B key) over 8 warps; ptxas (sm_90, flash topk 512) reports 97 registers
-# (Triton 3.9; 162 on 3.6) and no spills for the single-program kernel there. Flash decode rows (2048
+# (Triton 3.9; 166 on 3.6) and no spills for the single-program kernel there. Flash decode rows (2048
 # keys) stay one launch.
 CHUNK = ROW_IN_REGISTERS  # keys per program on long rows: 16 KB of scores; 262144 keys make 64
 # programs per row, so two decode rows (S=2) cover an H100's 132 SMs.
@@ -89,6 +91,9 @@ _TIE_ONES = tl.constexpr((1 << INDEX_BITS) - (1 << TIE_INDEX_BITS))  # sort-key 
 _SLOTS = tl.constexpr(RADIX_BINS)  # state word: candidate slots taken
 _ARRIVALS = tl.constexpr(RADIX_BINS + 1)  # state word: chunk programs done
 _STATE_WORDS = tl.constexpr(STATE_WORDS)
+_TIE_BITS = tl.constexpr(16)  # ``_take`` counts ties in a scan's low 16 bits: one-program rows have fewer keys
+_TIE_MASK = tl.constexpr((1 << 16) - 1)
+assert ROW_IN_REGISTERS < 1 << 16
 
 
 @triton.jit
@@ -150,17 +155,17 @@ def _descend(prefix, need, done, hist, BINS: tl.constexpr):
     ``hist [BINS]`` counts this digit among the keys equal to ``prefix`` on the digits above;
     ``need`` of those keys are still to be taken. Returns the prefix extended by the threshold's
     digit, how many keys equal to the new prefix are still to be taken, and whether that is all of
-    them (then every later digit is 0 and every key ``>=`` the threshold is taken).
+    them (then every later digit is 0 and every key ``>=`` the threshold is taken). One scan (the
+    keys from each bin up) and three reductions of it, none of which waits for another.
     """
-    bins = tl.arange(0, BINS)
-    total = tl.sum(hist, 0)
-    above = total - tl.cumsum(hist, 0)  # keys whose digit is greater than the bin's
-    digit = tl.sum((above + hist >= need).to(tl.int32), 0) - 1  # the need-th largest key's digit
-    at_digit = bins == digit
+    from_bin = tl.cumsum(hist, 0, reverse=True)  # keys whose digit is the bin's or greater
+    reach = from_bin >= need  # bins 0..digit, where digit is the need-th largest key's
+    digit = tl.sum(reach.to(tl.int32), 0) - 1
+    above_digit = tl.max(tl.where(reach, 0, from_bin), 0)  # keys above the digit's bin: from_bin of the next bin
+    all_of_bin = tl.max((from_bin == need).to(tl.int32), 0) > 0  # i.e. from_bin[digit] == need
     prefix = prefix * BINS + tl.where(done, 0, digit)
-    need_left = need - tl.sum(tl.where(at_digit, above, 0), 0)
-    need = tl.where(done, need, need_left)
-    done = done | (need_left == tl.sum(tl.where(at_digit, hist, 0), 0))
+    need = tl.where(done, need, need - above_digit)
+    done = done | all_of_bin
     return prefix, need, done
 
 
@@ -192,10 +197,14 @@ def _row_limits(start_ptr, r, seq, topk):
 
 @triton.jit
 def _take(key, valid, threshold, need):
-    """Which keys are selected: all above the threshold, and threshold ties by lowest index."""
+    """Which keys are selected (all above the threshold, and threshold ties by lowest index) and each
+    selected key's slot among them, in index order, from one scan that counts both kinds."""
+    above = valid & (key > threshold)
     tie = valid & (key == threshold)
-    tie_rank = tl.cumsum(tie.to(tl.int32), 0) - 1
-    return (valid & (key > threshold)) | (tie & (tie_rank < need))
+    counts = tl.cumsum((above.to(tl.int32) << _TIE_BITS) | tie.to(tl.int32), 0)  # up to and including each key
+    ties = counts & _TIE_MASK
+    take = above | (tie & (ties <= need))
+    return take, (counts >> _TIE_BITS) + tl.minimum(ties, need) - 1
 
 
 @triton.jit
@@ -245,8 +254,8 @@ def _select_row_kernel(
     ROW: tl.constexpr,
     TOPK_PAD: tl.constexpr,
     LOG_TOPK_PAD: tl.constexpr,
-    BITS: tl.constexpr,
-    PASSES: tl.constexpr,
+    BITS: tl.constexpr,  # the digits from the top: 32 // BITS of them, then LAST_BITS (if not 0)
+    LAST_BITS: tl.constexpr,
     PDL: tl.constexpr,
 ):
     _wait_for_scores(PDL)
@@ -257,12 +266,14 @@ def _select_row_kernel(
     key = _order_key(tl.load(score_ptr + r * n + index, mask=valid, other=0.0))
 
     prefix, need, done = _first_level(k, visible)
-    for p in tl.static_range(PASSES):
+    for p in tl.static_range(32 // BITS):
         hist = _digit_histogram(key, valid, prefix, 32 - (p + 1) * BITS, BITS)
         prefix, need, done = _descend(prefix, need, done, hist, 1 << BITS)
+    if LAST_BITS > 0:  # the low bits left below the full-width digits (11+11+10)
+        hist = _digit_histogram(key, valid, prefix, 0, LAST_BITS)
+        prefix, need, done = _descend(prefix, need, done, hist, 1 << LAST_BITS)
 
-    take = _take(key, valid, prefix, need)
-    slot = tl.cumsum(take.to(tl.int32), 0) - 1  # exactly k are taken; the store's bound is a guard
+    take, slot = _take(key, valid, prefix, need)  # exactly k are taken; the store's bound is a guard
     tl.store(cand_ptr + r * TOPK_PAD + slot, _sort_key(key, index), mask=take & (slot < TOPK_PAD))
     tl.debug_barrier()  # the scratch row is re-read by other threads of this program
     _sort_and_store(cand_ptr + r * TOPK_PAD, out_ptr + r * topk, k, topk, offset, TOPK_PAD, LOG_TOPK_PAD)
@@ -437,9 +448,16 @@ def _select_chunks_kernel(
 
 ROW_TUNING = Tunable(
     "topk.select_row",
-    "_select_row_kernel: a whole row per program, four radix digits in registers (rows of <= 4096 keys)",
+    "_select_row_kernel: a whole row per program, its radix digits in registers (rows of <= 4096 keys)",
     dims=("R", "N"),
     params=(
+        Param(
+            "radix_bits",
+            ROW_RADIX_BITS[0],
+            ROW_RADIX_BITS,
+            "digit width: 4 passes of 256-bin histograms or 3 of up to 2048 bins (the same bits)",
+            exact=True,
+        ),
         Param(
             "num_warps",
             SELECT_WARPS,
@@ -450,7 +468,7 @@ ROW_TUNING = Tunable(
         ),
         Param("pdl", True, (False, True), "programmatic dependent launch (sm_90)", exact=True, compiled_only=True),
     ),
-    candidates=({"num_warps": 4}, {"num_warps": 16}, {"pdl": False}),
+    candidates=({"radix_bits": 11}, {"num_warps": 4}, {"num_warps": 16}, {"pdl": False}),
 )
 CHUNKS_TUNING = Tunable(
     "topk.select_chunks",
@@ -520,8 +538,8 @@ def select_topk(
             ROW=triton.next_power_of_2(max(n, 16)),
             TOPK_PAD=topk_pad,
             LOG_TOPK_PAD=topk_pad.bit_length() - 1,
-            BITS=RADIX_BITS,
-            PASSES=RADIX_PASSES,
+            BITS=cfg.radix_bits,
+            LAST_BITS=32 % cfg.radix_bits,
             PDL=pdl,
             num_warps=cfg.num_warps,
             launch_pdl=pdl,
