@@ -11,6 +11,7 @@ from . import interpreter  # noqa: F401  (first: chooses the interpreter before 
 from .interpreter import interpreted, unavailable_reason
 from .lightning_indexer import indexer
 from .qkv_proj_rope import qkv_proj_rope
+from .window_kv_write import window_kv_write
 from .workspace import Workspace
 
-__all__ = ["Workspace", "indexer", "interpreted", "qkv_proj_rope", "unavailable_reason"]
+__all__ = ["Workspace", "indexer", "interpreted", "qkv_proj_rope", "unavailable_reason", "window_kv_write"]
