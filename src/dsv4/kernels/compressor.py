@@ -1,6 +1,12 @@
-"""Fused ratio-4 compressor step (spec §4): ring-slot writes and, for every block of 4 positions
-that closes in the step, softmax pooling, RMSNorm, RoPE, Hadamard, and the INT8 row (quantized per row,
-with its scale) stored in the key pool through the block table.
+"""Fused compressor step, one kernel for both compressors (spec §4, attention spec §3): ring-slot
+writes and, for every block that closes in the step, softmax pooling, RMSNorm, RoPE and the row's
+store through the block table. The indexer's (``indexer_compressor``, ratio 4, overlapping windows,
+``HID`` 128) rotates the row (Hadamard) and stores an INT8 key with its scale; the attention's
+(``kv_compressor``: ratio ``RC`` 4 with overlapping windows (``COFF`` 2, CSA) or 128 with disjoint
+ones (``COFF`` 1, HCA), rows of ``HD``) stores an FP8 KV row (``window_kv_write.store_fp8_rows``).
+The ratio, the overlap, the width and the store are constexprs of ``_compressor_step_kernel``.
+The description below is the indexer's (ratio 4, ring of 8); the attention's compressor is the same
+with ``RC`` and ``COFF*RC`` slots, at the end.
 
 Why it can run in parallel: the ring is addressed by position (spec v3: position ``q`` lives in slot
 ``q % 8``, nothing shifts), and the block closing at position ``p`` (first position ``f = p - 3``)
@@ -27,6 +33,21 @@ row's slices (the indexer's head weights too), so the score launch reads one sum
 
 With programmatic dependent launch (sm_90) each program lets the next launch be scheduled, then
 waits for the front launch before it reads anything the step writes or reads back.
+
+**The attention's compressor** (``FP8_ROWS``). A closing block ``j`` (first position ``f = RC*j``) pools
+the tokens ``q = f - (COFF-1)*RC + i``, ``i < COFF*RC`` (COFF 2: the previous block's columns
+``[0, HD)``, then its own ``[HD, 2*HD)``; COFF 1: its own), each from the step's projections or the
+pre-step ring slot ``q % (COFF*RC)``, by the same argument as above: the step overwrites that slot
+only at ``q + COFF*RC > p``. Only the first ``COFF`` closing blocks of a step can read the ring, all in
+chunk 0. At 128 candidates (HCA) the candidates cannot be unrolled per block tile as the indexer's 8
+are, so a program pools one block at a time, ``CAND_TILE`` candidates x ``HD`` columns per step
+(``[8, 512]`` at flash), in the same three passes (max, sum of exps, weighted sum), then RMSNorm,
+RoPE of the last ``R`` entries at ``f`` (the row split into its (even, odd) pairs in registers), and
+the FP8 row: NOPE quantized per 64 (``fp8_quant.quant_e4m3``), its scale bytes, the bf16 tail. Chunks
+are ``ROW_CHUNK`` blocks (a prefill's blocks spread over programs), one row's ring is written by its
+chunk 0 in tiles of ``RING_TOKENS`` tokens x ``RING_COLS`` columns (HCA's ring is 128 x 512). The
+x-projection is the front launch without queries (``COFF*HD`` kv and gate rows: 16 column tiles for
+CSA, 8 for HCA at flash), its scratch named apart from the indexer's (``kv_compressor.xp``).
 """
 
 from __future__ import annotations

@@ -110,5 +110,5 @@ def window_kv_write(
     _window_kv_write_kernel[grid](
         kv, pos.start, pool.block_table, pool.nope.view(torch.uint8), pool.scale, pool.rope, s, first,
         pool.block_table.shape[1], NOPE=hd - pool.rope_dim, R=pool.rope_dim, HDP=triton.next_power_of_2(hd),
-        BLOCK_SIZE=pool.block_size, BLOCK_T=cfg.block_t, num_warps=cfg.num_warps,
+        BLOCK_SIZE=pool.block_size, BLOCK_T=cfg.block_t, num_warps=cfg.num_warps, enable_fp_fusion=False,
     )  # fmt: skip
