@@ -76,3 +76,8 @@ def test_full_size_rows(ratio: int) -> None:
     """HD 512 rows (NOPE 448: seven 64-blocks and the rope block), a block closing on the first and on the
     last token of a decode step."""
     _check(dsv4.get_config("demo"), ratio, [ratio - 1, 3 * ratio - 2], 2, seed=ratio)
+
+
+def test_a_ratio_that_is_not_a_power_of_two() -> None:
+    """RC 12: the last candidate tile is partly empty (those candidates weigh 0)."""
+    _check(dsv4.get_config("tiny"), 12, [11, 22, 5], 2, seed=3)

@@ -220,10 +220,14 @@ def _block_candidates(
     ``[0, W)`` for ``j < RC``, the block's own ``[W, 2W)`` after) -> ``[CAND, W]`` fp32."""
     j = j0 + tl.arange(0, CAND)
     q = f - (COFF - 1) * RC + j
-    return _token_values(
-        src_ptr, ape_ptr, state_ptr, b, start, S, q, j < COFF * RC, (j // RC * W)[:, None] + cols[None, :], T, HI,
+    valid = j < COFF * RC  # a ratio that is not a power of two leaves the last tile part empty
+    v = _token_values(
+        src_ptr, ape_ptr, state_ptr, b, start, S, q, valid, (j // RC * W)[:, None] + cols[None, :], T, HI,
         GATE, COFF * W, RC, COFF * RC,
     )  # fmt: skip
+    if GATE:  # a candidate that does not exist weighs 0
+        v = tl.where(valid[:, None], v, float("-inf"))
+    return v
 
 
 @triton.jit
