@@ -62,6 +62,7 @@ QUANT_ROWS = 32  # tokens per activation-quant program: a [32, 128] fp32 tile, 4
 COUNTER_BLOCK = 1024  # split counters zeroed per step by the quant launch
 NUM_WARPS = 8  # [128, 128] fp32 accumulator plus the dequantized [128, 128] weight tile: 128 registers a thread
 NUM_STAGES = 3  # K steps in flight: 2 x 16 KiB of FP8 weights (and the activations) per stage
+WO_B_WARPS = 16  # [128, 128] fp32 accumulator plus the [128, 128] fp32 block sum: 8 warps spill (255 registers)
 QUANT_WARPS = 4  # one [32, 128] tile per program
 
 # The interpreter's tl.dot cannot take fp8 operands: there the codes are widened to fp32 (exact; the
@@ -77,11 +78,11 @@ def _gemm_candidates(bucket: dict[str, int]) -> list[dict]:
     return [{"block_n": 64}, {"splits": 1}, {"splits": 4}, {"splits": 8}, {"num_warps": 4}, {"num_stages": 4}]
 
 
-def _gemm_params(what: str) -> tuple[Param, ...]:
+def _gemm_params(what: str, num_warps: int) -> tuple[Param, ...]:
     return (
         Param("block_n", BLOCK_N_MAX, (16, 32, 64, 128), f"output columns per tile ({what})"),
         Param("splits", None, SPLIT_CHOICES, "K-slices per output tile; null: one wave of SMs"),
-        Param("num_warps", NUM_WARPS, (4, 8), "warps per program", compiled_only=True),
+        Param("num_warps", num_warps, (4, 8, 16), "warps per program", compiled_only=True),
         Param("num_stages", NUM_STAGES, (2, 3, 4), "software-pipelined K steps", exact=True, compiled_only=True),
     )
 
@@ -90,7 +91,7 @@ WO_A_TUNING = Tunable(
     "o_proj.wo_a",
     "_wo_a_kernel: the grouped FP8 wo_a GEMM as fp32 K-slice partials (o_proj launch 1)",
     dims=("T", "K", "N"),
-    params=_gemm_params("a divisor of OL"),
+    params=_gemm_params("a divisor of OL", NUM_WARPS),
     candidates=_gemm_candidates,
 )
 QUANT_TUNING = Tunable(
@@ -104,7 +105,7 @@ WO_B_TUNING = Tunable(
     "o_proj.wo_b",
     "_wo_b_kernel: the FP8 x FP8 wo_b GEMM with block scales, slices added by the last program (o_proj launch 3)",
     dims=("T", "K", "N"),
-    params=_gemm_params("masked at the edge of D"),
+    params=_gemm_params("masked at the edge of D", WO_B_WARPS),
     candidates=_gemm_candidates,
 )
 
