@@ -1,12 +1,14 @@
-"""The indexer's and ``o_proj``'s kernels compile for an H100 (sm_90) as their launches specialize them, no GPU needed.
+"""The indexer's and ``o_proj``'s kernels compile for an H100 (sm_90) as their launches specialize
+them, no GPU needed.
 
 The interpreter runs kernel source as Python and accepts things the compiler rejects (a named
 constexpr reassigned in a static loop, a shape computed at run time), so CI also lowers every
 kernel variant the launchers run at flash decode (2048 and 262144 cache rows), for a prefill chunk,
-for ``indexer_compressor`` alone and for ``o_proj`` at flash decode (T=128 and T=2) (``sm90.compile_plans``), and checks what ``docs/DESIGN.md``
-says of them: the launch plans and grids, no spills, the shared memory, the pipelined loops, the
-score loop's keys in flight and its SASS per key tile, programmatic dependent launch on every
-launch after the first, and grids that fill the SMs at flash decode.
+for ``indexer_compressor`` alone and for ``o_proj`` at flash decode (T=128 and T=2)
+(``sm90.compile_plans``), and checks what ``docs/DESIGN.md`` says of them: the launch plans and
+grids, no spills, the shared memory, the pipelined loops, the score loop's keys in flight and its
+SASS per key tile, programmatic dependent launch on every launch after the first, and grids that
+fill the SMs at flash decode (the indexer's streaming launches).
 """
 
 from __future__ import annotations
