@@ -20,7 +20,9 @@ are added in slice order (deterministic; no float atomics).
    counters of launch 3.
 3. ``_wo_b_kernel``, grid ``(ceil(D / BLOCK_N), T tiles, SPLITS_B)``: each 128-block of the reduction
    axis is an FP8 x FP8 dot (exact products: e4m3 x e4m3 fits fp32; an fp8 ``tl.dot`` on sm_90)
-   times the activation's and the weight's block scales, added in block order. With one slice the
+   times the activation's and the weight's block scales, added in block order (each block's dot
+   starts from zero and is promoted to the fp32 accumulator on the CUDA cores, as DeepGEMM does: the
+   tensor cores' reduced-precision fp8 accumulation never spans more than 128 products). With one slice the
    program stores ``y`` (bf16); with more, each stores its fp32 slice, and the program that
    completes a column tile last (an atomic counter per tile) adds the slices in slice order and stores
    ``y``: the same sum whichever program it is.
