@@ -12,6 +12,7 @@ import torch
 
 import dsv4
 from conftest import DEVICE, FULL
+from dsv4.bench.interp_traffic import count_traffic
 from dsv4.harness.golden import bit_identical, compare
 from dsv4.kernels import tuning
 from dsv4.kernels.o_proj import o_proj as fused_o_proj
@@ -90,6 +91,31 @@ def test_workspace_reused_and_out() -> None:
     assert fused_o_proj(o, w, out=out, ws=ws) is out
     assert bit_identical(out.y, first) and [t.data_ptr() for t in ws.tensors()] == buffers
     assert ws.tensors()[-2].numel() == 2 and bit_identical(dsv4.o_proj(o, w, backend="triton").y, first)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="counts the interpreter's traffic")
+def test_each_weight_byte_is_read_once() -> None:
+    """Every launch asks for exactly what its layout says (``WIDE``, T=3: 2 column tiles x 2 K-slices in
+    each GEMM): each FP8 weight byte and its scale once, ``o`` once (a column tile is a whole group), the K-slices
+    written once and read back once, the split counters once, ``y`` once."""
+    t = 3
+    o, w = _inputs(WIDE, t, seed=2)
+    n, inner = w.wo_a.shape
+    d, k = w.wo_b.shape
+    with count_traffic() as log:
+        dsv4.o_proj(o, w, backend="triton")
+    wo_a, quant, wo_b = log.launches
+    assert (wo_a.kernel, wo_a.grid, quant.grid, wo_b.grid) == ("_wo_a_kernel", (2, 1, 2), (2, 1, 1), (2, 1, 2))
+    steps_a, steps_b = inner // 128, k // 128  # scale loads: one per tile and 128-step of K
+    assert wo_a.load_bytes == w.wo_a.numel() + 2 * steps_a * 4 + o.numel() * 2  # each tile its group's half of o
+    assert wo_a.store_bytes == 2 * t * n * 4
+    assert quant.load_bytes == 2 * t * n * 4
+    assert quant.store_bytes == t * n + t * (n // 128) * 4 + 2 * 4  # codes, exponents, 2 counters zeroed
+    slices = 2 * t * d * 4
+    activations = 2 * (t * k + t * steps_b * 4)  # codes and exponents once per column tile
+    counter = 4 * 4  # one int32 atomic per program: 4 B loaded and 4 B stored
+    assert wo_b.load_bytes == w.wo_b.numel() + 2 * steps_b * 4 + activations + counter + slices
+    assert wo_b.store_bytes == slices + counter + t * d * 2
 
 
 @FULL
