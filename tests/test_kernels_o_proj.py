@@ -67,6 +67,15 @@ def test_split_and_unsplit_agree(kernel: str, params: dict) -> None:
     assert compare("o_proj", {"y": got}, {"y": unsplit})
 
 
+def test_uneven_slices_and_groups_across_blocks() -> None:
+    """OL=192: column tiles of 64 (three per group), the second 128-block of r straddles the groups, and
+    wo_b's three 128-blocks split in two slices of 1 and 2 blocks."""
+    o, w = _inputs(dataclasses.replace(TINY, o_lora_rank=192), 3, seed=13)
+    _check(o, w)
+    with tuning.forced("o_proj.wo_b", {"splits": 2}):
+        _check(o, w)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_o_spoils_only_its_token(bad: float) -> None:
     """A NaN or an infinity in one token's o: its group's r blocks quantize to NaN codes with the NaN
