@@ -92,9 +92,17 @@ def test_dry_run_keeps_going_after_a_failing_step(dry_run) -> None:
     after = record["steps"][2:]
     assert all(s["status"] in ("ok", "skipped") for s in after), [(s["name"], s["status"]) for s in after]
     ran = [s["name"] for s in after if s["status"] == "ok"]
-    assert {"tests", "bench_decode", "probe", "tune", "decode_graph", "trace", "bench_prefill", "checkpoint"} <= set(
-        ran
-    )
+    assert {
+        "tests",
+        "bench_decode",
+        "probe",
+        "tune",
+        "decode_graph",
+        "attention_graph",
+        "trace",
+        "bench_prefill",
+        "checkpoint",
+    } <= set(ran)
     assert (status["ncu"]["status"] == "skipped") == (shutil.which("ncu") is None)
     assert all(not s.get("parse_error") for s in record["steps"]), [s.get("parse_error") for s in record["steps"]]
     assert record["finished"] and record["dry_run"] is True
@@ -124,6 +132,7 @@ def test_dry_run_record_holds_every_figure(dry_run) -> None:
     )
     assert tune["config"]["file"] == "kernel-config.json" and tune["config"]["device"] == "cpu"
     assert steps["decode_graph"]["result"]["median_ms"]["eager"] > 0
+    assert set(steps["attention_graph"]["result"]["median_ms"]) == {"eager", "graph"}
     with gzip.open(out / "trace.json.gz") as f:
         assert json.load(f)["traceEvents"]
     assert steps["checkpoint"]["result"]["run_result"] == "all checks passed"
@@ -216,8 +225,8 @@ def test_the_gpu_plan_covers_every_owed_figure(capsys, monkeypatch) -> None:
     listing = capsys.readouterr().out
     assert "tests/test_decode_graph.py" in listing and "tests/test_kernels_topk.py" in listing
     assert (
-        "--preset flash --mode decode --ops qkv_proj_rope,indexer_compressor,indexer,kv_compressor,window_kv_write"
-        " --backends triton,reference" in listing
+        "--preset flash --mode decode --ops qkv_proj_rope,indexer_compressor,indexer,kv_compressor,window_kv_write,"
+        "o_proj --backends triton,reference" in listing
     )
     assert "--ops qkv_proj_rope,indexer_compressor --backends compile" in listing
     assert "--ops indexer --backends compile" in listing
@@ -390,6 +399,10 @@ def test_test_counts_come_from_pytest_lines_when_junit_is_missing(tmp_path) -> N
 def test_decode_loop_medians() -> None:
     log = "preset=flash ...\nmedian ms per step: eager 1.250, graph 0.500\n"
     assert parse_decode_loop({}, log)["median_ms"] == {"eager": 1.25, "graph": 0.5}
+    assert parse_decode_loop({}, log)["floor_ms"] is None
+    log = "median ms per step: eager 0.900, graph 0.120; memory floor 0.0473 ms (H200): eager 19.0x, graph 2.5x\n"
+    result = parse_decode_loop({}, log)
+    assert result["median_ms"] == {"eager": 0.9, "graph": 0.12} and result["floor_ms"] == 0.0473
     with pytest.raises(ValueError):
         parse_decode_loop({}, "Traceback ...")
 

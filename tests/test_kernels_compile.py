@@ -1,12 +1,14 @@
-"""The indexer's kernels compile for an H100 (sm_90) as its launches specialize them, no GPU needed.
+"""The indexer's and ``o_proj``'s kernels compile for an H100 (sm_90) as their launches specialize
+them, no GPU needed.
 
 The interpreter runs kernel source as Python and accepts things the compiler rejects (a named
 constexpr reassigned in a static loop, a shape computed at run time), so CI also lowers every
-kernel variant the launchers run at flash decode (2048 and 262144 cache rows), for a prefill chunk
-and for ``indexer_compressor`` alone (``sm90.compile_plans``), and checks what ``docs/DESIGN.md``
-says of them: the launch plans and grids, no spills, the shared memory, the pipelined loops, the
-score loop's keys in flight and its SASS per key tile, programmatic dependent launch on every
-launch after the first, and grids that fill the SMs at flash decode.
+kernel variant the launchers run at flash decode (2048 and 262144 cache rows), for a prefill chunk,
+for ``indexer_compressor`` alone and for ``o_proj`` at flash decode (T=128 and T=2)
+(``sm90.compile_plans``), and checks what ``docs/DESIGN.md`` says of them: the launch plans and
+grids, no spills, the shared memory, the pipelined loops, the score loop's keys in flight and its
+SASS per key tile, programmatic dependent launch on every launch after the first, and grids that
+fill the SMs at flash decode (the indexer's streaming launches).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ PLANS = [
         Plan("prefill-1024", "indexer", "flash", batch=1, seq=1024),
         Plan("compressor-decode", "indexer_compressor", "flash", batch=64, seq=2, start_pos=4 * 2048 - 2),
         Plan("compressor-decode-fp32-norm", "indexer_compressor", "flash", 64, 2, 4 * 2048 - 2, fp32=("norm_w",)),
+        Plan("o-proj-decode", "o_proj", "flash", batch=64, seq=2),
+        Plan("o-proj-decode-b1", "o_proj", "flash", batch=1, seq=2),
         # the attention's compressor on the same step kernel (FP8 rows): CSA and HCA (ratio 128) layers
         Plan("kv-compressor-csa", "kv_compressor", "flash", batch=4, seq=2, start_pos=4 * 2048 - 2),
         Plan("kv-compressor-hca", "kv_compressor", "flash", batch=4, seq=2, start_pos=128 * 16 - 2, ratio=128),
@@ -73,6 +77,10 @@ GRIDS = {
     "compressor-decode": {"_front_kernel": (132,), "_compressor_step_kernel": (64, 1)},
 }
 GRIDS["compressor-decode-fp32-norm"] = GRIDS["compressor-decode"]
+# o_proj: 64 wo_a column tiles x 2 K-slices, one quant program per 128-block and 32 tokens, 32 wo_b column
+# tiles x 4 K-slices (split_k's one wave of 132 SMs).
+GRIDS["o-proj-decode"] = {"_wo_a_kernel": (64, 1, 2), "_act_quant_kernel": (64, 4), "_wo_b_kernel": (32, 1, 4)}
+GRIDS["o-proj-decode-b1"] = {**GRIDS["o-proj-decode"], "_act_quant_kernel": (64, 1)}
 # kv_compressor at B=4: the x-projection over 2*COFF*HD/128 column tiles (16 CSA, 8 HCA) split to fill the
 # SMs, then one step program per row (one chunk of 16 closing blocks).
 GRIDS["kv-compressor-csa"] = {"_front_kernel": (144,), "_compressor_step_kernel": (4, 1)}
@@ -80,6 +88,8 @@ GRIDS["kv-compressor-hca"] = {"_front_kernel": (136,), "_compressor_step_kernel"
 GRIDS["window-kv-write"] = {"_window_kv_write_kernel": (64, 1)}  # one program per slot (4 tokens each)
 # The flash-decode shapes of the performance targets: every streaming launch (the weights, the key pool)
 # has at least one program per SM.
+# (o_proj's GEMMs run 128 programs: one wave of whole K-slices, split_k.k_splits; a third slice would make 192
+# programs of one block per SM, two waves.)
 FILL_PLANS = ("decode-2048", "decode-262144", "compressor-decode")
 STREAMING = {"_front_kernel", "_score_kernel"}
 # Programmatic dependent launch on sm_90, in the PTX's order: every launch lets its successor be scheduled
@@ -91,11 +101,14 @@ PDL_ORDER = {
     "_score_kernel": ("prefetch", "launch_dependents", "wait"),
     "_select_row_kernel": ("launch_dependents", "wait"),
     "_select_chunks_kernel": ("launch_dependents", "wait"),
+    "_wo_a_kernel": ("launch_dependents", "wait"),
+    "_act_quant_kernel": ("launch_dependents", "wait"),
+    "_wo_b_kernel": ("launch_dependents", "wait"),
     "_window_kv_write_kernel": (),  # an op of its own: an ordinary launch
 }
 
 # Kernels whose main loop streams operands through shared memory with cp.async (docs/DESIGN.md).
-PIPELINED = {"_front_kernel", "_score_kernel"}
+PIPELINED = {"_front_kernel", "_score_kernel", "_wo_a_kernel", "_wo_b_kernel"}
 # Launched with enable_fp_fusion=False, so that a*b - c*d rounds each product as the reference does.
 UNFUSED = {"_front_kernel", "_score_kernel", "_compressor_step_kernel", "_window_kv_write_kernel"}
 # SASS instructions of one iteration of the score loop (a 128-key tile), one warp: the target of the

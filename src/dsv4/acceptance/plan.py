@@ -25,6 +25,7 @@ OPS = op_names("triton")
 GPU_TESTS = (
     "test_kernels_*.py", "test_indexer.py", "test_compressor.py", "test_paged_cache.py", "test_golden_vectors.py",
     "test_frontend.py", "test_library.py", "test_validation.py", "test_nonfinite.py", "test_decode_graph.py",
+    "test_attention_ops.py", "test_attention_graph.py",
 )  # fmt: skip
 XDIST_WORKERS = 8  # Triton compiles on the host: spread the test files over 8 of the 16 cores
 TEST_TIMEOUT_S = 120  # per test (pytest-timeout, where installed): one hung test cannot eat the step
@@ -50,6 +51,7 @@ class Profile:
     prefill_backends: str  # the prefill step's --backends
     tests: tuple[str, ...]  # pytest selection: globs under tests/
     decode_loop: tuple[str, ...]  # examples/decode_loop.py arguments
+    attention_loop: tuple[str, ...]  # examples/attention_loop.py arguments
     device: str  # where the checkpoint is loaded
     checkpoint_experts: int  # routed-expert fillers per layer in the synthetic checkpoint
     checkpoint_backend: str  # dsv4 run --checkpoint --backend
@@ -71,10 +73,14 @@ GPU = Profile(
     decode_loop=(
         "--preset", "flash", "--batch", "64", "--seq", "2", "--prefill", "4096", "--steps", "100", "--capture",
     ),
+    attention_loop=(
+        "--preset", "flash", "--kind", "csa", "--batch", "64", "--seq", "2", "--prefill", "2048", "--steps", "50",
+        "--capture",
+    ),
     device="cuda", checkpoint_experts=8, checkpoint_backend="triton",
     timeouts={
         "environment": 30, "tests": 140, "bench_decode": 110, "probe": 45, "tune": 120, "decode_graph": 90,
-        "bench_decode_compile": 70, "bench_decode_compile_indexer": 90, "trace": 60, "ncu": 120,
+        "attention_graph": 90, "bench_decode_compile": 70, "bench_decode_compile_indexer": 90, "trace": 60, "ncu": 120,
         "bench_prefill": 90, "checkpoint": 90, "bench_prefill_compile": 120,
     },
     min_s=30,
@@ -88,6 +94,7 @@ DRY = Profile(
     name="dry", preset="tiny", budget_s=300, ops=("qkv_proj_rope",), reps=3, budget_per_timing_s=0.05,
     prefill_reps=3, prefill_backends="reference", tests=("test_hadamard.py", "test_quant.py"),
     decode_loop=("--preset", "tiny", "--batch", "4", "--seq", "2", "--prefill", "16", "--steps", "3"),
+    attention_loop=("--preset", "tiny", "--batch", "2", "--seq", "2", "--prefill", "16", "--steps", "3", "--capture"),
     device="cpu", checkpoint_experts=0, checkpoint_backend="reference",
     timeouts=dict.fromkeys(GPU.timeouts, 120), min_s=1,
     tune=("--dry-run", "--ops", "qkv_proj_rope", "--kernels", "qkv.rows,qkv.q_heads"), probe=("--dry-run",),
@@ -206,6 +213,10 @@ def build_plan(profile: Profile, paths: Paths) -> list[Step]:
     add(
         "decode_graph", "decode step: one CUDA graph vs eager launches (examples/decode_loop.py)",
         (py, str(paths.root / "examples" / "decode_loop.py"), *profile.decode_loop), parse="decode_loop",
+    )  # fmt: skip
+    add(
+        "attention_graph", "a CSA layer's whole attention step: one CUDA graph vs eager (examples/attention_loop.py)",
+        (py, str(paths.root / "examples" / "attention_loop.py"), *profile.attention_loop), parse="decode_loop",
     )  # fmt: skip
     bench_step(
         "bench_decode_compile", "dsv4 bench decode: torch.compile of the reference (qkv_proj_rope, compressor)",

@@ -27,7 +27,7 @@ _PYTEST_LINE = re.compile(
     rf"^(?:(?P<id1>\S+::\S+) (?P<o1>{_OUTCOMES})\b"  # without xdist
     rf"|(?:\[gw\d+\] \[\s*\d+%\] )?(?P<o2>{_OUTCOMES}) (?P<id2>\S+::\S+))"  # with xdist
 )
-_MEDIANS = re.compile(r"^median ms per step: (.+)$", re.M)
+_MEDIANS = re.compile(r"^median ms per step: ([^;\n]+)(?:; memory floor ([0-9.]+) ms)?", re.M)
 _TRACE = re.compile(r"^wrote .* \(one decode step on backend (\w+)\)$", re.M)
 _LOAD = re.compile(r"^load_layer\(.*\): ([\d.]+) s wall; loaded ([\d.]+) MiB; .*peak (\d+) MiB \(\+(-?\d+) MiB\)", re.M)
 _RUN = re.compile(r"^(\d+) op calls in ([\d.]+) s; (.+)$", re.M)
@@ -95,7 +95,8 @@ def parse_bench(files: dict[str, str], log: str) -> dict[str, Any]:
 
 
 def parse_decode_loop(files: dict[str, str], log: str) -> dict[str, Any]:
-    """``median ms per step: eager 1.234, graph 0.567`` -> ``{"median_ms": {"eager": 1.234, "graph": 0.567}}``."""
+    """``median ms per step: eager 1.234, graph 0.567[; memory floor 0.047 ms ...]`` ->
+    ``{"median_ms": {"eager": 1.234, "graph": 0.567}, "floor_ms": 0.047 or None}``."""
     m = _MEDIANS.search(log)
     if not m:
         raise ValueError("decode_loop printed no 'median ms per step' line")
@@ -103,7 +104,7 @@ def parse_decode_loop(files: dict[str, str], log: str) -> dict[str, Any]:
     for part in m[1].split(","):
         mode, value = part.split()
         medians[mode] = float(value)
-    return {"median_ms": medians, "line": m[0]}
+    return {"median_ms": medians, "floor_ms": float(m[2]) if m[2] else None, "line": m[0]}
 
 
 def parse_trace(files: dict[str, str], log: str) -> dict[str, Any]:

@@ -322,8 +322,8 @@ def _targets(timings: dict[tuple[str, str, str], dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _decode_graph_section(record: dict[str, Any]) -> list[str]:
-    entry = _step(record, "decode_graph")
+def _decode_graph_section(record: dict[str, Any], name: str = "decode_graph") -> list[str]:
+    entry = _step(record, name)
     result = (entry or {}).get("result")
     if not result:
         return [f"No decode-loop figures: {_why(entry)}."]
@@ -333,6 +333,9 @@ def _decode_graph_section(record: dict[str, Any]) -> list[str]:
         lines += ["", f"One CUDA graph per step is {medians['eager'] / medians['graph']:.2f}x the eager launches."]
     elif "graph" not in medians:
         lines += ["", "No graph replay in this run (`--capture` needs CUDA)."]
+    if result.get("floor_ms"):
+        lines += ["", f"Memory floor {result['floor_ms']:.4f} ms: " + ", ".join(
+            f"{m} {v / result['floor_ms']:.1f}x" for m, v in medians.items())]  # fmt: skip
     return lines + ["", f"<sub>`{entry['commands'][0]}`</sub>"]
 
 
@@ -411,6 +414,10 @@ def render(record: dict[str, Any]) -> str:
         ("Machine limits (dsv4 tune --probe)", _probe_section(record)),
         ("Tuning: each kernel's candidates against its default (dsv4 tune)", _tune_section(record)),
         ("Decode step: one CUDA graph against eager launches", _decode_graph_section(record)),
+        (
+            "A CSA layer's whole attention step: one CUDA graph against eager",
+            _decode_graph_section(record, "attention_graph"),
+        ),
         ("Profile of one decode step", _profile_section(record)),
         ("Prefill: time against the floor", bench_section(record, "prefill")),
         ("Checkpoint loading", _checkpoint_section(record)),

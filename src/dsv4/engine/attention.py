@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,9 @@ from ..ops.backends import BACKENDS
 from ..ops.registry import get_op
 from ..ops.validate import check_eps, check_int
 from .frontend import _host_ints
+
+if TYPE_CHECKING:
+    from .attention_graph import AttentionGraph
 
 _ATTN = ("wq_a", "gamma_cq", "wq_b", "wq_b_scale", "wkv", "gamma_ckv")
 _INDEXER = ("wq_b", "wq_b_scale", "weights_proj")
@@ -328,6 +332,14 @@ class DecodeAttention(torch.nn.Module):
                     f"(ratio {ratio}) that later positions overwrote"
                 )
 
+    def capture(self, seq: int = 2) -> AttentionGraph:
+        """The whole attention step of every slot, ``seq`` tokens each, as one CUDA graph on a GPU
+        (no host sync, no allocation; replay equal to ``forward`` bit for bit); on a CPU the same
+        static launches run eagerly. See ``AttentionGraph``."""
+        from .attention_graph import AttentionGraph
+
+        return AttentionGraph(self, seq)
+
     # --- the step ---------------------------------------------------------------------------------
 
     def forward(self, xn: torch.Tensor, start_pos: int | list[int] | torch.Tensor | None = None) -> torch.Tensor:
@@ -345,24 +357,48 @@ class DecodeAttention(torch.nn.Module):
             )
         if xn.device != self.attn_wq_a.device:
             raise ValueError(f"xn: expected device {self.attn_wq_a.device}, got {xn.device}")
+        starts = self.step_starts(b, s, start_pos, self.prefill_chunk)
+        chunks = [(c, min(self.prefill_chunk, s - c)) for c in range(0, s, self.prefill_chunk)]
+        return torch.cat([self._step(xn[:, c : c + n], [p + c for p in starts]) for c, n in chunks], dim=1)
+
+    def step_starts(self, b: int, s: int, start_pos: int | list[int] | torch.Tensor | None, chunk: int) -> list[int]:
+        """The host start positions of a call of ``s`` tokens for slots ``0..b-1`` run in steps of at
+        most ``chunk``, checked (re-runs, ``max_position``, free pool blocks); changes nothing."""
         starts = self._step_starts(b, s, start_pos)
         limit = min(self.rope_cos.shape[0], self.win_block_table.shape[1] * self.win_block_size)
         if any(p + s > limit for p in starts):
             raise ValueError(
                 f"start_pos: a slot would pass position {limit - 1} (max_position), S={s}, starts {starts}"
             )
-        chunks = [(c, min(self.prefill_chunk, s - c)) for c in range(0, s, self.prefill_chunk)]
+        chunks = [(c, min(chunk, s - c)) for c in range(0, s, chunk)]
         self._check_capacity([([p + c for p in starts], n) for c, n in chunks])
-        return torch.cat([self._step(xn[:, c : c + n], [p + c for p in starts]) for c, n in chunks], dim=1)
+        return starts
 
-    def _step(self, xn: torch.Tensor, starts: list[int]) -> torch.Tensor:
-        b, s, d = xn.shape
+    def begin_step(self, starts: list[int], s: int) -> list[tuple[_Blocks, list, list]]:
+        """Host side of a step about to run ``s`` tokens per slot from ``starts``: give each slot the
+        blocks it will read and write, and write the changed table entries (device fills, no sync).
+        Returns the plan ``end_step`` takes."""
         plan = self._plan(starts, s, [blocks for blocks, _ in self._allocators()])
         for blocks, give, _ in plan:
             for i, cols in give:
                 blocks.give(i, cols)
         for blocks, table in self._allocators():
             blocks.flush(table)
+        return plan
+
+    def end_step(self, plan: list[tuple[_Blocks, list, list]], starts: list[int], s: int) -> None:
+        """Host side of a step that ran: take back the window blocks no later token sees, and move
+        each slot to ``start + s``."""
+        for blocks, _, free in plan:
+            for i, cols in free:
+                blocks.take_back(i, cols)
+        self.win_blocks.flush(self.win_block_table)
+        for i, p in enumerate(starts):
+            self.last_start[i], self.next_pos[i] = p, p + s
+
+    def _step(self, xn: torch.Tensor, starts: list[int]) -> torch.Tensor:
+        b, s, d = xn.shape
+        plan = self.begin_step(starts, s)
         staging = torch.tensor(starts, dtype=torch.int64)
         if xn.is_cuda:  # pinned: the copy needs no sync
             staging = staging.pin_memory()
@@ -394,10 +430,5 @@ class DecodeAttention(torch.nn.Module):
         ).o  # fmt: skip
         ops.window_kv_write(kv, self.window_pool, start, window=self.window, backend=be["window_kv_write"])
         y = ops.o_proj(o.view(b * s, *o.shape[2:]), self.o_weights, backend=be["o_proj"]).y
-        for blocks, _, free in plan:
-            for i, cols in free:
-                blocks.take_back(i, cols)
-        self.win_blocks.flush(self.win_block_table)
-        for i, p in enumerate(starts):
-            self.last_start[i], self.next_pos[i] = p, p + s
+        self.end_step(plan, starts, s)
         return y.view(b, s, d)

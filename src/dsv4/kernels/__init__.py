@@ -10,8 +10,9 @@ Triton) marks the backend unavailable.
 from . import interpreter  # noqa: F401  (first: chooses the interpreter before any kernel module imports Triton)
 from .interpreter import interpreted, unavailable_reason
 from .lightning_indexer import indexer
+from .o_proj import o_proj
 from .qkv_proj_rope import qkv_proj_rope
 from .window_kv_write import window_kv_write
 from .workspace import Workspace
 
-__all__ = ["Workspace", "indexer", "interpreted", "qkv_proj_rope", "unavailable_reason", "window_kv_write"]
+__all__ = ["Workspace", "indexer", "interpreted", "o_proj", "qkv_proj_rope", "unavailable_reason", "window_kv_write"]

@@ -80,7 +80,7 @@ Q_HEADS_TUNING = Tunable(
     "_q_heads_kernel: INT8 qr @ wq_b.T, per-head RMSNorm and RoPE (qkv_proj_rope launch 3)",
     dims=("T", "H", "QL"),
     params=(
-        Param("num_warps", Q_NUM_WARPS, (4, 8), "warps per program", compiled_only=True),
+        Param("num_warps", Q_NUM_WARPS, (4, 8, 16), "warps per program", compiled_only=True),
         Param("num_stages", Q_NUM_STAGES, (2, 3, 4), "pipelined K steps", exact=True, compiled_only=True),
         Param("block_k", Q_BLOCK_K_MAX, (32, 64, 128), "QL per step (int32 sums: exact)", exact=True),
         Param(
@@ -101,6 +101,7 @@ Q_HEADS_TUNING = Tunable(
         ),
     ),
     candidates=(
+        {"num_warps": 16},  # half the accumulator registers a thread: Triton 3.6 spills 24 B at T=128, not 72
         {"num_stages": 2},
         {"num_stages": 4},
         {"block_k": 64},

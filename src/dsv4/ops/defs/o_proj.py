@@ -26,7 +26,7 @@ def o_proj(o: torch.Tensor, w: OProjWeights, *, backend: str = "auto", out: OPro
         o: ``[T, H, HD] bf16`` (``sparse_attn``'s output, tokens flattened).
         w: ``OProjWeights``: ``wo_a [G*OL, HG*HD]`` and ``wo_b [D, G*OL]`` float8_e4m3fn with their
             128x128 block scales (fp32), as the checkpoint stores them; ``G = H*HD / (HG*HD)``.
-        backend: ``"reference"`` or ``"auto"`` (the op has no Triton implementation yet).
+        backend: ``"reference"``, ``"triton"`` or ``"auto"``.
         out: optional preallocated ``OProjOut`` to write into (returned).
 
     Returns:
@@ -78,5 +78,5 @@ O_PROJ = OpDescriptor(
     case_args=case_args,
     cost=cost,
     fake_result=fake_result,
-    implementations={"reference": "dsv4.reference.o_proj:o_proj"},
+    implementations={"reference": "dsv4.reference.o_proj:o_proj", "triton": "dsv4.kernels.o_proj:o_proj"},
 )

@@ -1,0 +1,88 @@
+"""``DecodeAttention.capture``: the whole attention step of a layer from static buffers (one CUDA graph
+on a GPU) equals ``forward`` bit for bit, step after step, with the layer's state; bad calls change nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsv4
+from conftest import DEVICE
+from dsv4.harness.golden import bit_identical
+from dsv4.ops.backends import available_backends
+
+CFG = dsv4.get_config("tiny")
+LAYERS = {"swa": 0, "csa": 1, "hca": 2}
+BS = 16
+BACKEND = available_backends(DEVICE)[0]  # Triton where it runs (the interpreter on a CPU)
+
+
+def layer(kind: str, backend: str = BACKEND, batch: int = 3) -> dsv4.DecodeAttention:
+    n = LAYERS[kind]
+    w = dsv4.synthetic_weights(CFG, seed=0, device=DEVICE, layer=n)
+    rope = dsv4.layer_rope_table(CFG, n, 64, DEVICE)
+    return dsv4.DecodeAttention(w, rope, CFG, batch=batch, max_position=64, backend=backend, block_size=BS)
+
+
+def state(m: dsv4.DecodeAttention) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def x_of(b: int, s: int, seed: int) -> torch.Tensor:
+    return dsv4.synthetic_activations((b, s, CFG.hidden_size), seed=seed, device=DEVICE)
+
+
+@pytest.mark.parametrize("kind", ["swa", "csa", "hca"])
+def test_captured_steps_equal_forward_bit_for_bit(kind: str) -> None:
+    """Slots prefilled to different lengths (one at a window-block edge), then MTP decode steps (S=2)
+    across ratio and block boundaries, one of them re-running a rejected draft token: ``y`` and every
+    buffer of the layer (pools, rings, block tables) equal ``forward``'s after each step."""
+    eager, static = layer(kind), layer(kind)
+    for i, (b, n) in enumerate([(3, 13), (2, 2)]):  # slots 0-1 reach 15 (a block edge - 1), slot 2 stays at 13
+        x = x_of(b, n, seed=i)
+        eager(x)
+        static(x)
+    graph = static.capture(seq=2)
+    for i, start in enumerate([None, None, [18, 18, 17], None]):  # the third re-runs the last token of two slots
+        x = x_of(3, 2, seed=10 + i)
+        want = eager(x, start)
+        got = graph(x, start)
+        assert bit_identical(got, want), f"step {i}: y"
+        assert eager.next_pos == static.next_pos
+        for name, t in state(eager).items():
+            assert bit_identical(state(static)[name], t), f"step {i}: {name}"
+
+
+def test_a_refused_call_changes_nothing() -> None:
+    """A wrong shape or a start past the slot's position raises naming the argument, state untouched."""
+    m = layer("csa", backend="reference")
+    m(x_of(3, 4, seed=0))
+    graph = m.capture(seq=2)
+    before, pos = state(m), list(m.next_pos)
+    with pytest.raises(ValueError, match="xn"):
+        graph(x_of(3, 1, seed=1))
+    with pytest.raises(ValueError, match="start_pos"):
+        graph(x_of(3, 2, seed=1), start_pos=[9, 4, 4])
+    with pytest.raises(ValueError, match="seq"):
+        m.capture(seq=0)
+    assert m.next_pos == pos
+    for name, t in state(m).items():
+        assert bit_identical(t, before[name]), name
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graph capture needs a GPU: not run on this machine")
+def test_cuda_graph_replay_allocates_nothing_and_never_syncs() -> None:
+    m = layer("csa")
+    m(x_of(3, 4, seed=0))
+    graph = m.capture(seq=2)
+    graph(x_of(3, 2, seed=1))
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_stats()["allocation.all.allocated"]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            graph.graph.replay()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == allocated

@@ -1,0 +1,133 @@
+"""The fused output projection (``wo_a`` GEMM, FP8 activation quant, ``wo_b`` GEMM with the split
+counter) against the reference with attention spec §8's ``y`` rule: odd token counts, more tokens
+than one tile, an output width that the column tiles do not divide, every K split against the
+unsplit launch, NaN and infinities in ``o``, scratch reused from a workspace, and the flash dims."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import dsv4
+from conftest import DEVICE, FULL
+from dsv4.bench.interp_traffic import count_traffic
+from dsv4.harness.golden import bit_identical, compare
+from dsv4.kernels import tuning
+from dsv4.kernels.o_proj import o_proj as fused_o_proj
+from dsv4.kernels.workspace import Workspace
+from dsv4.model.weights import synthetic_o_proj
+
+TINY = dsv4.get_config("tiny")  # G=2, OL=64: a 128-block of r spans both groups
+WIDE = dataclasses.replace(TINY, o_lora_rank=128)  # two 128-blocks in wo_b's reduction axis: wo_b splits in two
+
+
+def _inputs(cfg: dsv4.DeepSeekV4Config, t: int, seed: int) -> tuple[torch.Tensor, dsv4.OProjWeights]:
+    g = torch.Generator().manual_seed(seed)
+    o = torch.randn(t, cfg.num_attention_heads, cfg.head_dim, generator=g).to(torch.bfloat16)
+    return o.to(DEVICE), synthetic_o_proj(cfg, seed).to(DEVICE)
+
+
+def _check(o: torch.Tensor, w: dsv4.OProjWeights) -> torch.Tensor:
+    got = dsv4.o_proj(o, w, backend="triton").y
+    report = compare("o_proj", {"y": got}, {"y": dsv4.o_proj(o, w, backend="reference").y})
+    assert report, str(report)
+    return got
+
+
+@pytest.mark.parametrize("cfg", [TINY, WIDE], ids=["OL64", "OL128"])
+@pytest.mark.parametrize("t", [1, 3, 5, 130])
+def test_tokens(cfg: dsv4.DeepSeekV4Config, t: int) -> None:
+    """Odd T, and T=130: two token tiles of the GEMMs (128 + a masked 2), five of the quant."""
+    _check(*_inputs(cfg, t, seed=t))
+
+
+def test_output_width_not_a_multiple_of_the_tile() -> None:
+    """D=200: the last column tile of wo_b is masked, and its scale row is the partial 128-block."""
+    _check(*_inputs(dataclasses.replace(WIDE, hidden_size=200), 3, seed=7))
+
+
+@pytest.mark.parametrize(
+    ("kernel", "params"),
+    [
+        ("o_proj.wo_a", {"splits": 1}),
+        ("o_proj.wo_a", {"splits": 2, "block_n": 16}),
+        ("o_proj.wo_b", {"splits": 1}),
+        ("o_proj.wo_b", {"splits": 2, "block_n": 32}),
+    ],
+)
+def test_split_and_unsplit_agree(kernel: str, params: dict) -> None:
+    """Every K split and column tile against the unsplit launches, and each against the reference."""
+    o, w = _inputs(WIDE, 5, seed=11)
+    with tuning.forced("o_proj.wo_a", {"splits": 1}), tuning.forced("o_proj.wo_b", {"splits": 1}):
+        unsplit = dsv4.o_proj(o, w, backend="triton").y
+    with tuning.forced(kernel, params):
+        got = _check(o, w)
+    assert compare("o_proj", {"y": got}, {"y": unsplit})
+
+
+def test_uneven_slices_and_groups_across_blocks() -> None:
+    """OL=192: column tiles of 64 (three per group), the second 128-block of r straddles the groups, and
+    wo_b's three 128-blocks split in two slices of 1 and 2 blocks."""
+    o, w = _inputs(dataclasses.replace(TINY, o_lora_rank=192), 3, seed=13)
+    _check(o, w)
+    with tuning.forced("o_proj.wo_b", {"splits": 2}):
+        _check(o, w)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_o_spoils_only_its_token(bad: float) -> None:
+    """A NaN or an infinity in one token's o: its group's r blocks quantize to NaN codes with the NaN
+    scale, so that token's whole y row is NaN (as the reference); the other tokens are untouched."""
+    o, w = _inputs(WIDE, 5, seed=3)
+    o[2, 3, 17] = bad  # token 2, a head of group 1
+    got = dsv4.o_proj(o, w, backend="triton").y
+    expected = dsv4.o_proj(o, w, backend="reference").y
+    assert got[2].isnan().all() and expected[2].isnan().all()
+    keep = [0, 1, 3, 4]
+    assert not got[keep].isnan().any() and compare("o_proj", {"y": got[keep]}, {"y": expected[keep]})
+
+
+def test_workspace_reused_and_out() -> None:
+    """Scratch from one workspace across calls (the split counters are zeroed each step): the second
+    call gives the same bits; ``out`` is written and returned."""
+    o, w = _inputs(WIDE, 3, seed=5)
+    ws = Workspace()
+    first = fused_o_proj(o, w, ws=ws).y.clone()
+    buffers = [t.data_ptr() for t in ws.tensors()]
+    out = dsv4.OProjOut(torch.full_like(first, float("nan")))
+    assert fused_o_proj(o, w, out=out, ws=ws) is out
+    assert bit_identical(out.y, first) and [t.data_ptr() for t in ws.tensors()] == buffers
+    assert ws.tensors()[-2].numel() == 2 and bit_identical(dsv4.o_proj(o, w, backend="triton").y, first)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="counts the interpreter's traffic")
+def test_each_weight_byte_is_read_once() -> None:
+    """Every launch asks for exactly what its layout says (``WIDE``, T=3: 2 column tiles x 2 K-slices in
+    each GEMM): each FP8 weight byte and its scale once, ``o`` once (a column tile is a whole group), the K-slices
+    written once and read back once, the split counters once, ``y`` once."""
+    t = 3
+    o, w = _inputs(WIDE, t, seed=2)
+    n, inner = w.wo_a.shape
+    d, k = w.wo_b.shape
+    with count_traffic() as log:
+        dsv4.o_proj(o, w, backend="triton")
+    wo_a, quant, wo_b = log.launches
+    assert (wo_a.kernel, wo_a.grid, quant.grid, wo_b.grid) == ("_wo_a_kernel", (2, 1, 2), (2, 1, 1), (2, 1, 2))
+    steps_a, steps_b = inner // 128, k // 128  # scale loads: one per tile and 128-step of K
+    assert wo_a.load_bytes == w.wo_a.numel() + 2 * steps_a * 4 + o.numel() * 2  # each tile its group's half of o
+    assert wo_a.store_bytes == 2 * t * n * 4
+    assert quant.load_bytes == 2 * t * n * 4
+    assert quant.store_bytes == t * n + t * (n // 128) * 4 + 2 * 4  # codes, exponents, 2 counters zeroed
+    slices = 2 * t * d * 4
+    activations = 2 * (t * k + t * steps_b * 4)  # codes and exponents once per column tile
+    counter = 4 * 4  # one int32 atomic per program: 4 B loaded and 4 B stored
+    assert wo_b.load_bytes == w.wo_b.numel() + 2 * steps_b * 4 + activations + counter + slices
+    assert wo_b.store_bytes == slices + counter + t * d * 2
+
+
+@FULL
+def test_flash_dims() -> None:
+    """D 4096, H 64, HD 512, G 8, OL 1024 at T=2 (flash decode of one sequence pair)."""
+    _check(*_inputs(dsv4.get_config("flash"), 2, seed=1))
