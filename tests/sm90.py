@@ -54,6 +54,7 @@ class Plan:
     start_pos: int = 0
     max_position: int | None = None
     fp32: tuple[str, ...] = ()
+    ratio: int | None = None  # kv_compressor: the layer's compress ratio (its case is a ratio-4 one)
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,15 @@ def _run_plan(plan: Plan) -> None:
     )  # fmt: skip
     if stateful:
         case.args["start_pos"] = torch.full_like(case.args["start_pos"], plan.start_pos)
+    if plan.ratio is not None:  # an HCA layer's compressor: its weights and an empty state of that ratio
+        from dsv4.model.attention_state import CompressorState
+        from dsv4.model.weights import synthetic_compressor
+
+        cfg = get_config(plan.preset)
+        case.args["w"] = synthetic_compressor(cfg, plan.ratio, 0)
+        case.args["state"] = CompressorState.dense(
+            plan.batch, plan.ratio, cfg.head_dim, cfg.qk_rope_head_dim, case.meta["max_position"]
+        )
     if plan.fp32:
         w = case.args["w"]
         owner = w.compressor if plan.op == "indexer" else w

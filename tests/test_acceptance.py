@@ -225,8 +225,8 @@ def test_the_gpu_plan_covers_every_owed_figure(capsys, monkeypatch) -> None:
     listing = capsys.readouterr().out
     assert "tests/test_decode_graph.py" in listing and "tests/test_kernels_topk.py" in listing
     assert (
-        "--preset flash --mode decode --ops qkv_proj_rope,indexer_compressor,indexer,o_proj --backends triton,reference"
-        in listing
+        "--preset flash --mode decode --ops qkv_proj_rope,indexer_compressor,indexer,kv_compressor,window_kv_write,"
+        "o_proj --backends triton,reference" in listing
     )
     assert "--ops qkv_proj_rope,indexer_compressor --backends compile" in listing
     assert "--ops indexer --backends compile" in listing

@@ -9,7 +9,7 @@ import torch
 
 import dsv4
 import dsv4.library as lib
-from conftest import DEVICE
+from conftest import DEVICE, backends_of
 from dsv4.engine.custom_ops import flatten
 from dsv4.harness.cases import make_case, record_outputs
 from dsv4.harness.golden import bit_identical
@@ -38,14 +38,17 @@ def test_opcheck(op: str) -> None:
     torch.library.opcheck(getattr(torch.ops.dsv4, op).default, flat, test_utils=CHECKS)
 
 
-@pytest.mark.parametrize("op", ["kv_compressor", "window_kv_write", "sparse_attn", "o_proj"])
-def test_schema_declares_what_changes(op: str) -> None:
+@pytest.mark.parametrize(
+    ("op", "backend"),
+    [(op, b) for op in ("kv_compressor", "window_kv_write", "sparse_attn", "o_proj") for b in backends_of(op)],
+)
+def test_schema_declares_what_changes(op: str, backend: str) -> None:
     """Every argument the custom op changes is declared mutable in its schema, and the pool and ring
-    tensors a step changes are among them."""
+    tensors a step changes are among them (on each backend: a kernel writes nothing else)."""
     args = _args(op)
     flat = flatten(get_op(op), args)
     before = [t.clone() if isinstance(t, torch.Tensor) else t for t in flat]
-    getattr(torch.ops.dsv4, op)(*flat, "reference")
+    getattr(torch.ops.dsv4, op)(*flat, backend)
     schema = getattr(torch.ops.dsv4, op).default._schema
     mutable = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
     names = [a.name for a in schema.arguments][: len(flat)]

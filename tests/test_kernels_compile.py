@@ -35,6 +35,10 @@ PLANS = [
         Plan("compressor-decode-fp32-norm", "indexer_compressor", "flash", 64, 2, 4 * 2048 - 2, fp32=("norm_w",)),
         Plan("o-proj-decode", "o_proj", "flash", batch=64, seq=2),
         Plan("o-proj-decode-b1", "o_proj", "flash", batch=1, seq=2),
+        # the attention's compressor on the same step kernel (FP8 rows): CSA and HCA (ratio 128) layers
+        Plan("kv-compressor-csa", "kv_compressor", "flash", batch=4, seq=2, start_pos=4 * 2048 - 2),
+        Plan("kv-compressor-hca", "kv_compressor", "flash", batch=4, seq=2, start_pos=128 * 16 - 2, ratio=128),
+        Plan("window-kv-write", "window_kv_write", "flash", batch=64, seq=2, start_pos=4 * 2048 - 2),
     ],
 ]
 
@@ -77,6 +81,11 @@ GRIDS["compressor-decode-fp32-norm"] = GRIDS["compressor-decode"]
 # tiles x 4 K-slices (split_k's one wave of 132 SMs).
 GRIDS["o-proj-decode"] = {"_wo_a_kernel": (64, 1, 2), "_act_quant_kernel": (64, 4), "_wo_b_kernel": (32, 1, 4)}
 GRIDS["o-proj-decode-b1"] = {**GRIDS["o-proj-decode"], "_act_quant_kernel": (64, 1)}
+# kv_compressor at B=4: the x-projection over 2*COFF*HD/128 column tiles (16 CSA, 8 HCA) split to fill the
+# SMs, then one step program per row (one chunk of 16 closing blocks).
+GRIDS["kv-compressor-csa"] = {"_front_kernel": (144,), "_compressor_step_kernel": (4, 1)}
+GRIDS["kv-compressor-hca"] = {"_front_kernel": (136,), "_compressor_step_kernel": (4, 1)}
+GRIDS["window-kv-write"] = {"_window_kv_write_kernel": (64, 1)}  # one program per slot (4 tokens each)
 # The flash-decode shapes of the performance targets: every streaming launch (the weights, the key pool)
 # has at least one program per SM.
 # (o_proj's GEMMs run 128 programs: one wave of whole K-slices, split_k.k_splits; a third slice would make 192
@@ -95,12 +104,13 @@ PDL_ORDER = {
     "_wo_a_kernel": ("launch_dependents", "wait"),
     "_act_quant_kernel": ("launch_dependents", "wait"),
     "_wo_b_kernel": ("launch_dependents", "wait"),
+    "_window_kv_write_kernel": (),  # an op of its own: an ordinary launch
 }
 
 # Kernels whose main loop streams operands through shared memory with cp.async (docs/DESIGN.md).
 PIPELINED = {"_front_kernel", "_score_kernel", "_wo_a_kernel", "_wo_b_kernel"}
 # Launched with enable_fp_fusion=False, so that a*b - c*d rounds each product as the reference does.
-UNFUSED = {"_front_kernel", "_score_kernel", "_compressor_step_kernel"}
+UNFUSED = {"_front_kernel", "_score_kernel", "_compressor_step_kernel", "_window_kv_write_kernel"}
 # SASS instructions of one iteration of the score loop (a 128-key tile), one warp: the target of the
 # streaming layout (at ~4.3 TB/s an SM has ~700 issue slots per warp for each 16.5 KB tile it reads).
 # Rows past ROW_IN_REGISTERS also count the first digit (HIST): 572 on Triton 3.9, 737 on 3.6, whose

@@ -1,6 +1,12 @@
-"""Fused ratio-4 compressor step (spec §4): ring-slot writes and, for every block of 4 positions
-that closes in the step, softmax pooling, RMSNorm, RoPE, Hadamard, and the INT8 row (quantized per row,
-with its scale) stored in the key pool through the block table.
+"""Fused compressor step, one kernel for both compressors (spec §4, attention spec §3): ring-slot
+writes and, for every block that closes in the step, softmax pooling, RMSNorm, RoPE and the row's
+store through the block table. The indexer's (``indexer_compressor``, ratio 4, overlapping windows,
+``HID`` 128) rotates the row (Hadamard) and stores an INT8 key with its scale; the attention's
+(``kv_compressor``: ratio ``RC`` 4 with overlapping windows (``COFF`` 2, CSA) or 128 with disjoint
+ones (``COFF`` 1, HCA), rows of ``HD``) stores an FP8 KV row (``window_kv_write.store_fp8_rows``).
+The ratio, the overlap, the width and the store are constexprs of ``_compressor_step_kernel``.
+The description below is the indexer's (ratio 4, ring of 8); the attention's compressor is the same
+with ``RC`` and ``COFF*RC`` slots, at the end.
 
 Why it can run in parallel: the ring is addressed by position (spec v3: position ``q`` lives in slot
 ``q % 8``, nothing shifts), and the block closing at position ``p`` (first position ``f = p - 3``)
@@ -27,6 +33,21 @@ row's slices (the indexer's head weights too), so the score launch reads one sum
 
 With programmatic dependent launch (sm_90) each program lets the next launch be scheduled, then
 waits for the front launch before it reads anything the step writes or reads back.
+
+**The attention's compressor** (``FP8_ROWS``). A closing block ``j`` (first position ``f = RC*j``) pools
+the tokens ``q = f - (COFF-1)*RC + i``, ``i < COFF*RC`` (COFF 2: the previous block's columns
+``[0, HD)``, then its own ``[HD, 2*HD)``; COFF 1: its own), each from the step's projections or the
+pre-step ring slot ``q % (COFF*RC)``, by the same argument as above: the step overwrites that slot
+only at ``q + COFF*RC > p``. Only the first ``COFF`` closing blocks of a step can read the ring, all in
+chunk 0. At 128 candidates (HCA) the candidates cannot be unrolled per block tile as the indexer's 8
+are, so a program pools one block at a time, ``CAND_TILE`` candidates x ``HD`` columns per step
+(``[8, 512]`` at flash), in the same three passes (max, sum of exps, weighted sum), then RMSNorm,
+RoPE of the last ``R`` entries at ``f`` (the row split into its (even, odd) pairs in registers), and
+the FP8 row: NOPE quantized per 64 (``fp8_quant.quant_e4m3``), its scale bytes, the bf16 tail. Chunks
+are ``ROW_CHUNK`` blocks (a prefill's blocks spread over programs), one row's ring is written by its
+chunk 0 in tiles of ``RING_TOKENS`` tokens x ``RING_COLS`` columns (HCA's ring is 128 x 512). The
+x-projection is the front launch without queries (``COFF*HD`` kv and gate rows: 16 column tiles for
+CSA, 8 for HCA at flash), its scratch named apart from the indexer's (``kv_compressor.xp``).
 """
 
 from __future__ import annotations
@@ -36,17 +57,19 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from ..model.attention_state import CompressorState
 from ..model.config import COMPRESS_RATIO
 from ..model.rope import RopeTable
 from ..model.state import STATE_SLOTS, IndexerState
 from ..model.structs import StepPositions
 from ..model.weights import CompressorWeights
-from .epilogue import overflow_scale, quantize_rows, round_bf16
+from .epilogue import overflow_scale, quantize_rows, rms_scale, round_bf16
 from .head_rotation import hadamard_rows, rope_pairs, split_head_dims
 from .index_front import front
-from .launch import pdl_supported
+from .launch import is_pow2, pdl_supported, require
 from .split_k import sum_k_slices
-from .tuning import Param, Tunable, pow2_bucket
+from .tuning import Config, Param, Tunable, pow2_bucket
+from .window_kv_write import store_fp8_rows
 from .workspace import Workspace, scratch
 from .x_proj import kvg_rows
 
@@ -54,18 +77,41 @@ CLOSE_CHUNK = 128  # closing blocks per program: a decode step's row closes at m
 CLOSE_TILE = 16  # closing blocks pooled at once: the Hadamard tl.dot needs M >= 16 rows
 assert CLOSE_TILE >= 2, "the (at most two) blocks that read the pre-step ring must share chunk 0's first tile"
 NUM_WARPS = 8  # pooling and Hadamard tiles of 16 blocks: no spills on sm_90 (figures in docs/DESIGN.md)
-RATIO = tl.constexpr(COMPRESS_RATIO)
+ROW_CHUNK = 16  # kv_compressor: closing blocks per program, pooled one at a time (a 1024-token CSA prefill
+#                 chunk closes 256 a row: 16 programs)
+CAND_TILE = 8  # kv_compressor: candidates pooled per step, [8, HD] fp32 (16 values a thread at 8 warps, HD 512)
+RING_TOKENS = tl.constexpr(8)  # ring update: tokens per tile (every token of a decode step at once)
+RING_COLS = tl.constexpr(128)  # ring update: columns per tile (x_proj: COFF*W is a multiple of 128)
+RATIO = tl.constexpr(COMPRESS_RATIO)  # the indexer's compressor
 SLOTS = tl.constexpr(STATE_SLOTS)
-_CHUNK = tl.constexpr(CLOSE_CHUNK)
 _TILE = tl.constexpr(CLOSE_TILE)
 SUM_BLOCK = tl.constexpr(256)  # values per step when chunk 0 adds its K-slices: one value a thread per slice
 #                                at 8 warps, so every slice's load is in flight in SPLITS registers
 
 
-def close_splits_cap(seq: int) -> int | None:
+def close_splits_cap(seq: int, ratio: int = COMPRESS_RATIO, chunk: int = CLOSE_CHUNK) -> int | None:
     """The most K-slices the x-projection may use for a step of ``seq`` tokens per row: one when a row
-    can close more than ``CLOSE_CHUNK`` blocks (its later chunks read the projections unsummed)."""
-    return 1 if -(-seq // COMPRESS_RATIO) + 1 > CLOSE_CHUNK else None
+    can close more than ``chunk`` blocks of ``ratio`` (its later chunks read the projections unsummed)."""
+    return 1 if -(-seq // ratio) + 1 > chunk else None
+
+
+@triton.jit
+def _token_values(
+    src_ptr, ape_ptr, state_ptr, b, start, S, q, valid, cols, T, HI, GATE: tl.constexpr, TWO_HID: tl.constexpr,
+    RC: tl.constexpr, N_SLOTS: tl.constexpr,
+):  # fmt: skip
+    """The kv (``GATE`` 0) or gate + ``ape`` (``GATE`` 1) values of row ``b``'s tokens at positions
+    ``q [R]`` (``q >= -N_SLOTS``), ring columns ``cols`` (``[1, C]`` or ``[R, C]``): ``[R, C]`` fp32 from
+    this step's projections (``src_ptr``: one K-slice) for ``q >= start``, else the pre-step ring
+    ``state_ptr`` (slot ``q % N_SLOTS``), or for ``q < 0`` kv 0 / score -inf, whatever the ring holds."""
+    from_proj = valid & (q >= start)
+    from_ring = valid & (q < start) & (q >= 0)
+    proj = kvg_rows(src_ptr, ape_ptr, b * S + (q - start), q, cols, from_proj[:, None], T, HI, GATE, TWO_HID, 1, RC)
+    slot = (q + N_SLOTS) % N_SLOTS
+    ring = tl.load(state_ptr + (b * N_SLOTS + slot)[:, None] * TWO_HID + cols, mask=from_ring[:, None], other=0.0)
+    if GATE:  # q < 0 only for block 0's previous block (overlapping windows), which does not exist
+        ring = tl.where((q < 0)[:, None], float("-inf"), ring)
+    return tl.where(from_proj[:, None], proj, ring)
 
 
 @triton.jit
@@ -73,24 +119,13 @@ def _candidate(
     src_ptr, ape_ptr, state_ptr, b, start, S, f, valid, cols, T, HI, j: tl.constexpr, GATE: tl.constexpr,
     TWO_HID: tl.constexpr,
 ):  # fmt: skip
-    """Candidate ``j`` (token ``q = f - 4 + j``) of each closing block, columns ``cols`` of its half:
-    ``[BLOCKS, len(cols)]`` fp32 from this step's projections (``src_ptr``: one K-slice), the pre-step
-    ring ``state_ptr`` (slot ``q % 8``) or, for ``q < 0``, kv 0 / score -inf."""
-    q = f - 4 + j
-    from_proj = valid & (q >= start)
-    from_ring = valid & (q < start) & (q >= 0)
-    if j < RATIO:  # previous block, columns [0, HID)
-        half = 0
-    else:  # this block, columns [HID, 2*HID)
-        half = TWO_HID // 2
-    proj = kvg_rows(src_ptr, ape_ptr, b * S + (q - start), q, half + cols, from_proj[:, None], T, HI, GATE, TWO_HID, 1)
-    slot = (q + SLOTS) % SLOTS  # q >= -4
-    ring = tl.load(
-        state_ptr + (b * SLOTS + slot)[:, None] * TWO_HID + half + cols[None, :], mask=from_ring[:, None], other=0.0
-    )
-    if GATE:  # q < 0 only for block 0's previous block, which does not exist
-        ring = tl.where((q < 0)[:, None], float("-inf"), ring)
-    return tl.where(from_proj[:, None], proj, ring)
+    """Candidate ``j`` (token ``q = f - 4 + j``) of each of the indexer's closing blocks (first
+    positions ``f [BLOCKS]``), columns ``cols`` of its half: ``[BLOCKS, len(cols)]`` fp32."""
+    half = (j // RATIO) * (TWO_HID // 2)  # the previous block's columns [0, HID), then this block's [HID, 2*HID)
+    return _token_values(
+        src_ptr, ape_ptr, state_ptr, b, start, S, f - RATIO + j, valid, (half + cols)[None, :], T, HI, GATE, TWO_HID,
+        RATIO, SLOTS,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -176,21 +211,94 @@ def _close_tile(
 
 
 @triton.jit
-def _update_ring(src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, start, S, T, HI, HID: tl.constexpr):
-    """Write row ``b``'s ring in its final state: slot ``i`` <- the last token ``q <= start + S - 1``
-    with ``q % 8 == i``, if this step wrote it (from the projections; other slots keep their values).
-    Called after the row's closes, which may read the pre-step values of those slots: a barrier first."""
-    last = start + S - 1
-    i = tl.arange(0, SLOTS).to(tl.int64)
-    cols = tl.arange(0, 2 * HID)
-    q = last - (last - i + SLOTS) % SLOTS
-    new = q >= start
-    kv = kvg_rows(src_ptr, ape_ptr, b * S + q - start, q, cols, new[:, None], T, HI, 0, 2 * HID, 1)
-    sc = kvg_rows(src_ptr, ape_ptr, b * S + q - start, q, cols, new[:, None], T, HI, 1, 2 * HID, 1)
+def _block_candidates(
+    src_ptr, ape_ptr, state_ptr, b, start, S, f, j0, cols, T, HI, GATE: tl.constexpr, W: tl.constexpr,
+    RC: tl.constexpr, COFF: tl.constexpr, CAND: tl.constexpr,
+):  # fmt: skip
+    """Candidates ``j0 .. j0 + CAND - 1`` of the block whose first position is ``f`` (a scalar): token
+    ``q = f - (COFF-1)*RC + j``, columns ``cols [W]`` of its half (COFF 2: the previous block's
+    ``[0, W)`` for ``j < RC``, the block's own ``[W, 2W)`` after) -> ``[CAND, W]`` fp32."""
+    j = j0 + tl.arange(0, CAND)
+    q = f - (COFF - 1) * RC + j
+    valid = j < COFF * RC  # a ratio that is not a power of two leaves the last tile part empty
+    v = _token_values(
+        src_ptr, ape_ptr, state_ptr, b, start, S, q, valid, (j // RC * W)[:, None] + cols[None, :], T, HI,
+        GATE, COFF * W, RC, COFF * RC,
+    )  # fmt: skip
+    if GATE:  # a candidate that does not exist weighs 0
+        v = tl.where(valid[:, None], v, float("-inf"))
+    return v
+
+
+@triton.jit
+def _close_fp8_row(
+    src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, nope_ptr, scale_ptr, rope_ptr, table_ptr, norm_w_ptr, cos_ptr,
+    sin_ptr, b, start, S, k, T, HI, max_blocks, eps,
+    W: tl.constexpr, NOPE: tl.constexpr, HALF_R: tl.constexpr, BLOCK_SIZE: tl.constexpr, RC: tl.constexpr,
+    COFF: tl.constexpr, CAND: tl.constexpr,
+):  # fmt: skip
+    """The attention compressor's row of closing block ``k`` (a scalar) of row ``b``: the softmax over
+    its ``COFF*RC`` candidates per column (``CAND`` at a time: max, sum of exps, then the weighted sum,
+    as ``_pool``), RMSNorm, RoPE of the last ``R`` entries at the block's first position, stored as an
+    FP8 KV row (``store_fp8_rows``) at pool row ``r = start // RC + k`` through the block table."""
+    r = start // RC + k  # compressed row of the block
+    f = r * RC  # its first position
+    n: tl.constexpr = COFF * RC
+    cols = tl.arange(0, W)
+    m = tl.full([W], float("-inf"), tl.float32)
+    for j0 in tl.range(0, n, CAND, num_stages=1):
+        sc = _block_candidates(src_ptr, ape_ptr, score_state_ptr, b, start, S, f, j0, cols, T, HI, 1, W, RC, COFF, CAND)
+        m = tl.maximum(m, tl.max(sc, axis=0))  # a NaN or +inf gate makes the sum of exps NaN below, as in torch
+    den = tl.zeros([W], tl.float32)
+    for j0 in tl.range(0, n, CAND, num_stages=1):
+        sc = _block_candidates(src_ptr, ape_ptr, score_state_ptr, b, start, S, f, j0, cols, T, HI, 1, W, RC, COFF, CAND)
+        den += tl.sum(tl.exp(sc - m[None, :]), axis=0)
+    pooled = tl.zeros([W], tl.float32)
+    for j0 in tl.range(0, n, CAND, num_stages=1):
+        sc = _block_candidates(src_ptr, ape_ptr, score_state_ptr, b, start, S, f, j0, cols, T, HI, 1, W, RC, COFF, CAND)
+        kv = _block_candidates(src_ptr, ape_ptr, kv_state_ptr, b, start, S, f, j0, cols, T, HI, 0, W, RC, COFF, CAND)
+        pooled += tl.sum(kv * tl.math.div_rn(tl.exp(sc - m[None, :]), den[None, :]), axis=0)
+
+    v = round_bf16(pooled)[None, :]  # [1, W]
+    c, inv = rms_scale(v, W, eps)
+    v = round_bf16((v * c) * inv * tl.load(norm_w_ptr + cols).to(tl.float32)[None, :])
+    even, odd = tl.split(tl.reshape(v, [W // 2, 2]))  # the pairs (v[2i], v[2i+1])
+    i = tl.arange(0, W // 2) - NOPE // 2  # the pair's index in the rope part (< 0: NOPE)
+    is_rope = i >= 0
+    cos = tl.load(cos_ptr + f * HALF_R + i, mask=is_rope, other=0.0)
+    sin = tl.load(sin_ptr + f * HALF_R + i, mask=is_rope, other=0.0)
+    r_even, r_odd = rope_pairs(even, odd, cos, sin)
+    even = tl.where(is_rope, round_bf16(r_even), even)
+    odd = tl.where(is_rope, round_bf16(r_odd), odd)
+    v = tl.reshape(tl.join(even, odd), [1, W])
+
+    block = tl.load(table_ptr + b * max_blocks + r // BLOCK_SIZE).to(tl.int64)
+    one = tl.zeros([1], tl.int64)
+    store_fp8_rows(nope_ptr, scale_ptr, rope_ptr, one + block * BLOCK_SIZE + r % BLOCK_SIZE, one + block >= 0, v,
+                   NOPE, 2 * HALF_R)  # fmt: skip
+
+
+@triton.jit
+def _update_ring(
+    src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, start, S, T, HI, TWO_HID: tl.constexpr, RC: tl.constexpr,
+    N_SLOTS: tl.constexpr,
+):  # fmt: skip
+    """Write row ``b``'s ring in its final state: slot ``q % N_SLOTS`` <- token ``q`` for the last (up to
+    ``N_SLOTS``) positions of the step, from the projections (other slots keep their values), in tiles
+    of ``RING_TOKENS`` tokens x ``RING_COLS`` columns. Called after the row's closes, which may read
+    the pre-step values of those slots: a barrier first."""
     tl.debug_barrier()  # every pre-step ring read of this program (the closes) is done before the ring changes
-    dst = (b * SLOTS + i)[:, None] * (2 * HID) + cols[None, :]
-    tl.store(kv_state_ptr + dst, kv, mask=new[:, None])
-    tl.store(score_state_ptr + dst, sc, mask=new[:, None])
+    for t0 in tl.range(tl.maximum(S - N_SLOTS, 0), S, RING_TOKENS, num_stages=1):
+        s = t0 + tl.arange(0, RING_TOKENS)
+        new = s < S
+        q = start + s
+        dst = (b * N_SLOTS + q % N_SLOTS)[:, None] * TWO_HID
+        for c0 in tl.static_range(0, TWO_HID, RING_COLS):
+            cols = c0 + tl.arange(0, RING_COLS)[None, :]
+            kv = kvg_rows(src_ptr, ape_ptr, b * S + s, q, cols, new[:, None], T, HI, 0, TWO_HID, 1, RC)
+            sc = kvg_rows(src_ptr, ape_ptr, b * S + s, q, cols, new[:, None], T, HI, 1, TWO_HID, 1, RC)
+            tl.store(kv_state_ptr + dst + cols, kv, mask=new[:, None])
+            tl.store(score_state_ptr + dst + cols, sc, mask=new[:, None])
 
 
 @triton.jit
@@ -207,43 +315,57 @@ def _sum_row_slices(xp_ptr, dst_ptr, b, S, T, HI, TWO_HID: tl.constexpr, SPLITS:
 
 @triton.jit
 def close_chunk(
-    c, b, start, xp_ptr, kvg_ptr, ape_ptr, kv_state_ptr, score_state_ptr, keys_ptr, key_scale_ptr, table_ptr,
-    norm_w_ptr, cos_ptr, sin_ptr, S, T, HI, max_blocks, eps, hadamard_scale,
+    c, b, start, xp_ptr, kvg_ptr, ape_ptr, kv_state_ptr, score_state_ptr, keys_ptr, key_scale_ptr, rope_ptr,
+    table_ptr, norm_w_ptr, cos_ptr, sin_ptr, S, T, HI, max_blocks, eps, hadamard_scale,
     HID: tl.constexpr, NOPE: tl.constexpr, HALF_R: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLITS: tl.constexpr,
-    KEY_CODE_MAX: tl.constexpr, KEY_AMAX_FLOOR: tl.constexpr,
+    KEY_CODE_MAX: tl.constexpr, KEY_AMAX_FLOOR: tl.constexpr, RC: tl.constexpr, COFF: tl.constexpr,
+    CHUNK: tl.constexpr, FP8_ROWS: tl.constexpr, CAND: tl.constexpr,
 ):  # fmt: skip
-    """Chunk ``c`` of row ``b``'s closing blocks (``[c, c+1) * _CHUNK``); chunk 0 also writes the ring.
+    """Chunk ``c`` of row ``b``'s closing blocks (``[c, c+1) * CHUNK``); chunk 0 also writes the ring.
 
     ``xp`` holds the x-projection's ``SPLITS`` raw K-slices; with more than one, chunk 0 first adds its
-    row's into ``kvg`` (same layout, one slice) and reads them there (later chunks never exist then)."""
+    row's into ``kvg`` (same layout, one slice) and reads them there (later chunks never exist then).
+    ``FP8_ROWS``: the attention's compressor (ratio ``RC``, ``COFF`` windows, rows of ``HID``), one
+    FP8 KV row per block; else the indexer's (ratio 4, overlapping), INT8 keys ``CLOSE_TILE`` blocks
+    at a time."""
     if SPLITS > 1:
-        _sum_row_slices(xp_ptr, kvg_ptr, b, S, T, HI, 2 * HID, SPLITS)
+        _sum_row_slices(xp_ptr, kvg_ptr, b, S, T, HI, COFF * HID, SPLITS)
         tl.debug_barrier()  # the sums are stored before any thread of the program reads them
         src_ptr = kvg_ptr
     else:
         src_ptr = xp_ptr
-    n_close = (start + S) // RATIO - start // RATIO
-    lo = c * _CHUNK
-    for k0 in tl.range(lo, tl.minimum(lo + _CHUNK, n_close), _TILE, num_stages=1):  # L1 serves the candidates
-        _close_tile(
-            src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, keys_ptr, key_scale_ptr, table_ptr, norm_w_ptr, cos_ptr,
-            sin_ptr, b, start, S, k0 + tl.arange(0, _TILE), tl.minimum(n_close, lo + _CHUNK), T, HI,
-            max_blocks, eps, hadamard_scale, HID, NOPE, HALF_R, BLOCK_SIZE, KEY_CODE_MAX, KEY_AMAX_FLOOR,
-        )  # fmt: skip
+    n_close = (start + S) // RC - start // RC
+    lo = c * CHUNK
+    hi = tl.minimum(lo + CHUNK, n_close)
+    if FP8_ROWS:
+        for k in tl.range(lo, hi, num_stages=1):  # L1 and L2 serve the candidates
+            _close_fp8_row(
+                src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, keys_ptr, key_scale_ptr, rope_ptr, table_ptr,
+                norm_w_ptr, cos_ptr, sin_ptr, b, start, S, k, T, HI, max_blocks, eps,
+                HID, NOPE, HALF_R, BLOCK_SIZE, RC, COFF, CAND,
+            )  # fmt: skip
+    else:
+        for k0 in tl.range(lo, hi, _TILE, num_stages=1):  # L1 serves the candidates
+            _close_tile(
+                src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, keys_ptr, key_scale_ptr, table_ptr, norm_w_ptr,
+                cos_ptr, sin_ptr, b, start, S, k0 + tl.arange(0, _TILE), hi, T, HI,
+                max_blocks, eps, hadamard_scale, HID, NOPE, HALF_R, BLOCK_SIZE, KEY_CODE_MAX, KEY_AMAX_FLOOR,
+            )  # fmt: skip
     if c == 0:
-        _update_ring(src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, start, S, T, HI, HID)
+        _update_ring(src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, start, S, T, HI, COFF * HID, RC, COFF * RC)
 
 
 @triton.jit
 def _compressor_step_kernel(
-    xp_ptr,  # [SPLITS, B*S, 4*HID + HI] fp32: raw K-slices of the kv | gate (| head weight) projections (x_proj.py)
-    kvg_ptr,  # [B*S, 4*HID + HI] fp32 scratch: the slices added (SPLITS > 1)
-    ape_ptr,  # [4, 2*HID] fp32
+    xp_ptr,  # [SPLITS, B*S, 2*COFF*HID + HI] fp32: raw K-slices of the kv | gate (| head weight) projections
+    kvg_ptr,  # [B*S, 2*COFF*HID + HI] fp32 scratch: the slices added (SPLITS > 1)
+    ape_ptr,  # [RC, COFF*HID] fp32
     start_ptr,  # [B] int64
-    kv_state_ptr,  # [Bs, 8, 2*HID] fp32, updated
-    score_state_ptr,  # [Bs, 8, 2*HID] fp32, updated
-    keys_ptr,  # [num_blocks, BLOCK_SIZE, HID] int8 pool, one row per closed block written
-    key_scale_ptr,  # [num_blocks, BLOCK_SIZE] fp32
+    kv_state_ptr,  # [Bs, COFF*RC, COFF*HID] fp32, updated
+    score_state_ptr,  # [Bs, COFF*RC, COFF*HID] fp32, updated
+    keys_ptr,  # the pool's codes: [num_blocks, BLOCK_SIZE, HID] int8 keys | [.., NOPE] uint8 (e4m3 bits)
+    key_scale_ptr,  # its scales: [num_blocks, BLOCK_SIZE] fp32 | [.., 8] uint8
+    rope_ptr,  # FP8_ROWS: the pool's bf16 tail [num_blocks, BLOCK_SIZE, R] (else unused)
     table_ptr,  # [Bs, max_blocks] int32 block table (-1: no block, the row is not written)
     norm_w_ptr,  # [HID] bf16|fp32
     cos_ptr,  # [P, R/2] fp32
@@ -253,26 +375,31 @@ def _compressor_step_kernel(
     max_blocks,
     eps,
     hadamard_scale,
-    HID: tl.constexpr,
+    HID: tl.constexpr,  # the row width W
     NOPE: tl.constexpr,
     HALF_R: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     SPLITS: tl.constexpr,
     KEY_CODE_MAX: tl.constexpr,  # the key pool's format (IndexerState.key_format.constexprs)
     KEY_AMAX_FLOOR: tl.constexpr,
+    RC: tl.constexpr,  # the compress ratio
+    COFF: tl.constexpr,  # 2: overlapping windows (ratio 4), 1: disjoint
+    CHUNK: tl.constexpr,  # closing blocks per program
+    FP8_ROWS: tl.constexpr,  # the attention's compressor (FP8 KV rows), else the indexer's (INT8 keys)
+    CAND: tl.constexpr,  # FP8_ROWS: candidates pooled at once
     PDL: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     start = tl.load(start_ptr + b)  # an input of the op: written before its first launch
     if PDL:
-        gdc_launch_dependents()  # the score launch may be scheduled: it waits for this grid to complete
+        gdc_launch_dependents()  # the next launch may be scheduled: it waits for this grid to complete
         gdc_wait()  # the front launch's K-slices are complete and visible
-    if c * _CHUNK < tl.maximum((start + S) // RATIO - start // RATIO, 1):
+    if c * CHUNK < tl.maximum((start + S) // RC - start // RC, 1):
         close_chunk(
-            c, b, start, xp_ptr, kvg_ptr, ape_ptr, kv_state_ptr, score_state_ptr, keys_ptr, key_scale_ptr, table_ptr,
-            norm_w_ptr, cos_ptr, sin_ptr, S, tl.num_programs(0) * S, HI, max_blocks, eps, hadamard_scale,
-            HID, NOPE, HALF_R, BLOCK_SIZE, SPLITS, KEY_CODE_MAX, KEY_AMAX_FLOOR,
+            c, b, start, xp_ptr, kvg_ptr, ape_ptr, kv_state_ptr, score_state_ptr, keys_ptr, key_scale_ptr, rope_ptr,
+            table_ptr, norm_w_ptr, cos_ptr, sin_ptr, S, tl.num_programs(0) * S, HI, max_blocks, eps, hadamard_scale,
+            HID, NOPE, HALF_R, BLOCK_SIZE, SPLITS, KEY_CODE_MAX, KEY_AMAX_FLOOR, RC, COFF, CHUNK, FP8_ROWS, CAND,
         )  # fmt: skip
 
 
@@ -288,6 +415,44 @@ STEP_TUNING = Tunable(
     candidates=({"num_warps": 4}, {"num_warps": 16}, {"pdl": False}),
 )
 
+KV_STEP_TUNING = Tunable(
+    "kv_compressor.step",
+    "_compressor_step_kernel with FP8 rows: ring update, the closing blocks' FP8 KV rows, the K-slices summed "
+    "(kv_compressor launch 2)",
+    dims=("B", "S", "RC"),
+    params=(
+        Param("cand_tile", CAND_TILE, (4, 8, 16, 32), "candidates pooled per step (at most COFF*RC are used)"),
+        Param("num_warps", NUM_WARPS, (4, 8, 16), "warps per chunk program", compiled_only=True),
+        Param("pdl", True, (False, True), "programmatic dependent launch (sm_90)", exact=True, compiled_only=True),
+    ),
+    candidates=({"cand_tile": 4}, {"cand_tile": 16}, {"num_warps": 4}, {"pdl": False}),
+)
+
+
+def _step(
+    xp: torch.Tensor, w: CompressorWeights, pos: StepPositions, rope: RopeTable, eps: float, ws: Workspace | None,
+    name: str, cfg: Config, ring: tuple[torch.Tensor, torch.Tensor], pool: tuple[torch.Tensor, ...],
+    table: torch.Tensor, block_size: int, fp8_rows: bool, **consts: float,
+) -> torch.Tensor:  # fmt: skip
+    """The step launch of either compressor (``ring``: kv_state, score_state; ``pool``: codes, scales,
+    tail); returns the summed projection (``name.kvg`` from ``ws``; ``xp[0]`` with one slice)."""
+    hid, ratio = w.norm_w.shape[0], w.ape.shape[0]
+    coff = w.wkv.shape[0] // hid
+    nope, half_r = hid - rope.rope_dim, rope.rope_dim // 2
+    splits = xp.shape[0]
+    kvg = scratch(ws, f"{name}.kvg", xp.shape[1:], torch.float32, xp.device) if splits > 1 else xp
+    chunk = ROW_CHUNK if fp8_rows else CLOSE_CHUNK
+    grid = (pos.batch, max(1, triton.cdiv(-(-pos.seq // ratio), chunk)))
+    pdl = cfg.pdl and pdl_supported(xp.device)
+    _compressor_step_kernel[grid](
+        xp, kvg, w.ape, pos.start, *ring, *pool, table, w.norm_w, rope.cos, rope.sin, pos.seq,
+        xp.shape[2] - 2 * coff * hid, table.shape[1], eps, hid**-0.5,
+        HID=hid, NOPE=nope, HALF_R=half_r, BLOCK_SIZE=block_size, SPLITS=splits, **consts, RC=ratio, COFF=coff,
+        CHUNK=chunk, FP8_ROWS=fp8_rows, CAND=min(cfg.get("cand_tile", CAND_TILE), coff * ratio), PDL=pdl,
+        num_warps=cfg.num_warps, enable_fp_fusion=False, launch_pdl=pdl,
+    )  # fmt: skip
+    return kvg if splits > 1 else xp[0]
+
 
 def compressor_step(
     xp: torch.Tensor, w: CompressorWeights, state: IndexerState, pos: StepPositions, rope: RopeTable, eps: float,
@@ -300,21 +465,13 @@ def compressor_step(
     projections (``index_front``). Returns the projection summed over its slices in slice order,
     ``[B*S, 4*HID + HI] fp32`` (scratch from ``ws``; ``xp[0]`` when there is one slice).
     """
-    hid = w.norm_w.shape[0]
-    nope, half_r = split_head_dims(hid, rope.rope_dim)
-    splits = xp.shape[0]
-    kvg = scratch(ws, "compressor.kvg", xp.shape[1:], torch.float32, xp.device) if splits > 1 else xp
-    grid = (pos.batch, max(1, triton.cdiv(pos.max_closing_blocks, CLOSE_CHUNK)))
+    split_head_dims(w.norm_w.shape[0], rope.rope_dim)
     cfg = STEP_TUNING.config(xp.device, B=pow2_bucket(pos.batch), S=pow2_bucket(pos.seq))
-    pdl = cfg.pdl and pdl_supported(xp.device)
-    _compressor_step_kernel[grid](
-        xp, kvg, w.ape, pos.start, state.kv_state, state.score_state, state.keys, state.key_scale, state.block_table,
-        w.norm_w, rope.cos, rope.sin, pos.seq, xp.shape[2] - 4 * hid, state.block_table.shape[1], eps, hid**-0.5,
-        HID=hid, NOPE=nope, HALF_R=half_r, BLOCK_SIZE=state.block_size, SPLITS=splits,
-        **state.key_format.constexprs("KEY_"), PDL=pdl, num_warps=cfg.num_warps, enable_fp_fusion=False,
-        launch_pdl=pdl,
+    return _step(
+        xp, w, pos, rope, eps, ws, "compressor", cfg, (state.kv_state, state.score_state),
+        (state.keys, state.key_scale, state.keys), state.block_table, state.block_size, False,
+        **state.key_format.constexprs("KEY_"),
     )  # fmt: skip
-    return kvg if splits > 1 else xp[0]
 
 
 def indexer_compressor(
@@ -333,3 +490,30 @@ def indexer_compressor(
     """
     xp, _, _ = front(x, w, pos, ws=ws, max_splits=close_splits_cap(pos.seq))
     compressor_step(xp, w, state, pos, rope, eps, ws)
+
+
+def kv_compressor(
+    x: torch.Tensor,
+    w: CompressorWeights,
+    state: CompressorState,
+    pos: StepPositions,
+    rope: RopeTable,
+    eps: float,
+    ws: Workspace | None = None,
+) -> None:
+    """``x [B, S, D] bf16``; updates slots ``0..B-1`` of ``state`` in place: the ring slot of every
+    position of the step and one FP8 KV row per closed block (attention spec §3).
+
+    Two launches: the x-side projection (``front`` without queries: ``wkv``, ``wgate``) and the
+    compressor step with FP8 rows, ``(B, ceil(ceil(S / RC) / ROW_CHUNK))`` programs.
+    """
+    hd, ratio = w.norm_w.shape[0], w.ape.shape[0]
+    require(is_pow2(hd), "w.norm_w", f"a row width HD that is a power of two, got {hd}")
+    xp, _, _ = front(x, w, pos, ws=ws, max_splits=close_splits_cap(pos.seq, ratio, ROW_CHUNK), name="kv_compressor")
+    cfg = KV_STEP_TUNING.config(x.device, B=pow2_bucket(pos.batch), S=pow2_bucket(pos.seq), RC=ratio)
+    p = state.pool
+    _step(
+        xp, w, pos, rope, eps, ws, "kv_compressor", cfg, (state.kv_state, state.score_state),
+        (p.nope.view(torch.uint8), p.scale, p.rope), p.block_table, p.block_size, True, KEY_CODE_MAX=0,
+        KEY_AMAX_FLOOR=0,
+    )  # fmt: skip

@@ -9,7 +9,7 @@ query programs beside them) fills the SMs (``fill_splits``; the K-slice dot is `
 with qkv's projection). Every program writes the raw fp32 sums of its
 K-slice to ``xp [SPLITS, T, 4*HID + HI]`` (columns: kv | gate | head weights); there is no summing
 launch. The consumers add the slices in slice order and apply the epilogues where they read them
-(``kvg_rows``, ``head_weights``): the gate adds ``ape[p % 4]`` (spec §4 step 1), the head weights
+(``kvg_rows``, ``head_weights``): the gate adds ``ape[p % RC]`` (spec §4 step 1), the head weights
 are multiplied by ``HID^-0.5 * HI^-0.5`` (spec §5 step 3). Deterministic, and the same numbers as
 summing first and storing ``kvg``.
 """
@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import triton
 import triton.language as tl
 
-from ..model.config import COMPRESS_RATIO
 from .split_k import BLOCK_K, dot_k_slice, k_splits, sum_k_slices
 
 BLOCK_M_MAX = 128  # tokens per tile: every decode token (T=128) in one M-tile, so each weight byte is read once
@@ -30,7 +29,6 @@ BLOCK_N = 128  # output columns per tile: divides 2*HID (no tile straddles two w
 #                tiles each, the 64 head weights one (half masked): x is re-read by 5 tiles, not 9 as at 64
 SLICE_TOKENS_MIN = 0.5  # K-slice length >= T/2: the fp32 partials (T x N x 4 B a slice, written once and summed
 #                         once, in order, by the compressor step) then cost at most 4x the bf16 weights (N x D x 2 B)
-RATIO = tl.constexpr(COMPRESS_RATIO)
 _BLOCK_K = tl.constexpr(BLOCK_K)
 
 
@@ -116,14 +114,15 @@ def x_proj_tile(
 
 @triton.jit
 def kvg_rows(xp_ptr, ape_ptr, tokens, positions, cols, mask, T, HI, GATE: tl.constexpr, TWO_HID: tl.constexpr,
-             SPLITS: tl.constexpr):  # fmt: skip
-    """Columns ``cols [C]`` of the kv projection (``GATE`` 0) or of the gate + ``ape[p % 4]`` (``GATE`` 1)
-    of ``tokens [R]`` at ``positions [R]``: ``[R, C]`` fp32, the K-slices added in slice order."""
+             SPLITS: tl.constexpr, RC: tl.constexpr):  # fmt: skip
+    """Columns ``cols`` (``[1, C]``, or ``[R, C]``: each row its own) of the kv projection (``GATE`` 0)
+    or of the gate + ``ape[p % RC]`` (``GATE`` 1) of ``tokens [R]`` at ``positions [R]``: ``[R, C]``
+    fp32, the K-slices added in slice order. ``TWO_HID``: the projection's width (``COFF * W``)."""
     n_out = 2 * TWO_HID + HI
-    ptrs = xp_ptr + tokens[:, None] * n_out + GATE * TWO_HID + cols[None, :]
+    ptrs = xp_ptr + tokens[:, None] * n_out + GATE * TWO_HID + cols
     v = sum_k_slices(ptrs, mask, T * n_out, SPLITS)
     if GATE:
-        v += tl.load(ape_ptr + (positions % RATIO)[:, None] * TWO_HID + cols[None, :], mask=mask, other=0.0)
+        v += tl.load(ape_ptr + (positions % RC)[:, None] * TWO_HID + cols, mask=mask, other=0.0)
     return v
 
 

@@ -49,7 +49,7 @@ def kv_compressor(
         start_pos: position of each slot's first token: an int, or an int tensor ``[B]``.
         rope: the layer's ``RopeTable`` (the compressed rows are rotated at their block's first position).
         eps: RMSNorm epsilon.
-        backend: ``"reference"`` or ``"auto"`` (the op has no Triton implementation yet).
+        backend: ``"reference"``, ``"triton"`` or ``"auto"`` (Triton on CUDA, else the reference).
     """
     raise NotImplementedError  # the description of the op: dsv4.kv_compressor is made from it
 
@@ -101,5 +101,8 @@ KV_COMPRESSOR = OpDescriptor(
     validate=validate,
     case_args=case_args,
     cost=cost,
-    implementations={"reference": "dsv4.reference.compressor:kv_compressor"},
+    implementations={
+        "reference": "dsv4.reference.compressor:kv_compressor",
+        "triton": "dsv4.kernels.compressor:kv_compressor",
+    },
 )

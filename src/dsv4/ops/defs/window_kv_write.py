@@ -31,7 +31,7 @@ def window_kv_write(
             tokens may see); rows in unallocated (``-1``) blocks are skipped. Nothing else changes.
         start_pos: an int, or an int tensor ``[B]``.
         window: the sliding window ``W``.
-        backend: ``"reference"`` or ``"auto"`` (the op has no Triton implementation yet).
+        backend: ``"reference"``, ``"triton"`` or ``"auto"`` (Triton on CUDA, else the reference).
     """
     raise NotImplementedError  # the description of the op: dsv4.window_kv_write is made from it
 
@@ -69,5 +69,8 @@ WINDOW_KV_WRITE = OpDescriptor(
     validate=validate,
     case_args=case_args,
     cost=cost,
-    implementations={"reference": "dsv4.reference.attention:window_kv_write"},
+    implementations={
+        "reference": "dsv4.reference.attention:window_kv_write",
+        "triton": "dsv4.kernels.window_kv_write:window_kv_write",
+    },
 )

@@ -1,0 +1,114 @@
+"""``window_kv_write`` (attention spec §4): the step's last ``min(S, W)`` KV rows, as FP8 KV rows
+(``dsv4.model.fp8_row``), into the window pool through its block table; one launch.
+
+Each program owns ``BLOCK_T`` consecutive tokens of one slot: it loads their ``[BLOCK_T, HD]`` bf16
+rows, quantizes the NOPE part per 64 with ``fp8_quant.quant_e4m3`` (bit for bit the model's rows)
+and stores codes, scale bytes and the bf16 rope tail at pool row ``block_table[b, p // bs]``,
+offset ``p % bs``; a token whose block is ``-1`` stores nothing. The grid is ``(B, ceil(min(S, W) /
+BLOCK_T))``, from shapes only; ``start_pos`` is read on the device (the launch can be captured in a
+CUDA graph).
+
+``store_fp8_rows`` (the row store) is shared with the attention's compressor (``compressor.py``),
+which stores its finished rows in the same format.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..model.attention_state import KVPool
+from ..model.fp8_row import ROW_BLOCK as _ROW_BLOCK
+from ..model.fp8_row import SCALE_BYTES as _SCALE_BYTES
+from ..model.structs import StepPositions
+from .epilogue import to_bf16
+from .fp8_quant import quant_e4m3, scale_byte
+from .tuning import Param, Tunable, pow2_bucket
+from .workspace import Workspace
+
+ROW_BLOCK = tl.constexpr(_ROW_BLOCK)  # NOPE entries per scale byte
+SCALE_BYTES = tl.constexpr(_SCALE_BYTES)  # scale bytes per row (those past NOPE/64 are 0)
+BLOCK_T = 4  # tokens per program: a [4, 512] fp32 tile is 16 values a thread at 4 warps (flash HD 512)
+NUM_WARPS = 4  # one [BLOCK_T, HD] tile per program, no reduction longer than 64
+
+TUNING = Tunable(
+    "window_kv_write",
+    "_window_kv_write_kernel: the step's last min(S, W) KV rows quantized into the window pool",
+    dims=("B", "S"),
+    params=(
+        Param("block_t", BLOCK_T, (1, 2, 4, 8, 16), "tokens per program", exact=True),
+        Param("num_warps", NUM_WARPS, (2, 4, 8), "warps per program", compiled_only=True),
+    ),
+    candidates=({"block_t": 1}, {"block_t": 16}, {"num_warps": 8}),
+)
+
+
+@triton.jit
+def store_fp8_rows(nope_ptr, scale_ptr, rope_ptr, slot, held, v, NOPE: tl.constexpr, R: tl.constexpr):
+    """Store rows ``v [M, HDP]`` fp32 (columns ``[0, NOPE + R)`` used; the rope tail's values already
+    bf16) as FP8 KV rows at pool row ``slot [M]`` (int64: block * bs + offset) where ``held [M]``:
+    codes (``nope_ptr``: the pool's codes as uint8, ``[rows, NOPE]``), the 8 scale bytes ``[rows, 8]``
+    (``e + 127`` per 64 of NOPE, then zeros) and the bf16 tail ``[rows, R]``."""
+    M: tl.constexpr = v.shape[0]
+    HDP: tl.constexpr = v.shape[1]
+    NB: tl.constexpr = HDP // ROW_BLOCK
+    codes, e = quant_e4m3(tl.reshape(v, [M * NB, ROW_BLOCK]))  # the tail's blocks are quantized, never stored
+    codes = tl.reshape(codes, [M, HDP])
+    e = tl.reshape(e, [M, NB])
+    cols = tl.arange(0, HDP)[None, :]
+    tl.store(nope_ptr + slot[:, None] * NOPE + cols, codes, mask=held[:, None] & (cols < NOPE))
+    blk = tl.arange(0, NB)[None, :]
+    tl.store(scale_ptr + slot[:, None] * SCALE_BYTES + blk, scale_byte(e), mask=held[:, None] & (blk < NOPE // 64))
+    pad = tl.arange(0, SCALE_BYTES)[None, :]
+    zero = tl.zeros([M, SCALE_BYTES], tl.uint8)
+    tl.store(scale_ptr + slot[:, None] * SCALE_BYTES + pad, zero, mask=held[:, None] & (pad >= NOPE // 64))
+    tail = held[:, None] & (cols >= NOPE) & (cols < NOPE + R)
+    tl.store(rope_ptr + slot[:, None] * R + (cols - NOPE), to_bf16(v), mask=tail)
+
+
+@triton.jit
+def _window_kv_write_kernel(
+    kv_ptr,  # [B, S, HD] bf16, contiguous
+    start_ptr,  # [B] int64
+    table_ptr,  # [>= B, max_blocks] int32 block table (-1: not allocated, the row is skipped)
+    nope_ptr,  # [NB, bs, NOPE] uint8 (the pool's e4m3 codes)
+    scale_ptr,  # [NB, bs, 8] uint8
+    rope_ptr,  # [NB, bs, R] bf16
+    S,
+    first,  # the first token written: max(0, S - W)
+    max_blocks,
+    NOPE: tl.constexpr,
+    R: tl.constexpr,
+    HDP: tl.constexpr,  # HD rounded up to a power of two
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    s = first + tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = s < S
+    p = tl.load(start_ptr + b) + s
+    block = tl.load(table_ptr + b * max_blocks + p // BLOCK_SIZE, mask=ok, other=-1).to(tl.int64)
+    held = ok & (block >= 0)
+    slot = block * BLOCK_SIZE + p % BLOCK_SIZE
+    cols = tl.arange(0, HDP)[None, :]
+    hd = NOPE + R
+    v = tl.load(kv_ptr + (b * S + s)[:, None] * hd + cols, mask=held[:, None] & (cols < hd), other=0.0)
+    store_fp8_rows(nope_ptr, scale_ptr, rope_ptr, slot, held, v.to(tl.float32), NOPE, R)
+
+
+def window_kv_write(
+    kv: torch.Tensor, pool: KVPool, pos: StepPositions, window: int, ws: Workspace | None = None
+) -> None:
+    """``kv [B, S, HD] bf16``: store ``fp8_row(kv[b, s])`` at window row ``start[b] + s`` of ``pool``
+    for the last ``min(S, window)`` tokens of each slot; rows in unallocated blocks are skipped
+    (attention spec §4). One launch, no host read."""
+    b, s, hd = kv.shape
+    first = max(0, s - window)
+    cfg = TUNING.config(kv.device, B=pow2_bucket(b), S=pow2_bucket(s - first))
+    grid = (b, triton.cdiv(s - first, cfg.block_t))
+    _window_kv_write_kernel[grid](
+        kv, pos.start, pool.block_table, pool.nope.view(torch.uint8), pool.scale, pool.rope, s, first,
+        pool.block_table.shape[1], NOPE=hd - pool.rope_dim, R=pool.rope_dim, HDP=triton.next_power_of_2(hd),
+        BLOCK_SIZE=pool.block_size, BLOCK_T=cfg.block_t, num_warps=cfg.num_warps, enable_fp_fusion=False,
+    )  # fmt: skip
