@@ -79,6 +79,7 @@ assert CLOSE_TILE >= 2, "the (at most two) blocks that read the pre-step ring mu
 NUM_WARPS = 8  # pooling and Hadamard tiles of 16 blocks: no spills on sm_90 (figures in docs/DESIGN.md)
 ROW_CHUNK = 16  # kv_compressor: closing blocks per program, pooled one at a time (a 1024-token CSA prefill
 #                 chunk closes 256 a row: 16 programs)
+KV_NUM_WARPS = 16  # FP8-row step, one slot a program: no spills at HD 512 with Triton 3.6 (8 warps: 40 B at HCA)
 CAND_TILE = 8  # kv_compressor: candidates pooled per step, [8, HD] fp32 (16 values a thread at 8 warps, HD 512)
 RING_TOKENS = tl.constexpr(8)  # ring update: tokens per tile (every token of a decode step at once)
 RING_COLS = tl.constexpr(128)  # ring update: columns per tile (x_proj: COFF*W is a multiple of 128)
@@ -422,10 +423,10 @@ KV_STEP_TUNING = Tunable(
     dims=("B", "S", "RC"),
     params=(
         Param("cand_tile", CAND_TILE, (4, 8, 16, 32), "candidates pooled per step (at most COFF*RC are used)"),
-        Param("num_warps", NUM_WARPS, (4, 8, 16), "warps per chunk program", compiled_only=True),
+        Param("num_warps", KV_NUM_WARPS, (4, 8, 16), "warps per chunk program", compiled_only=True),
         Param("pdl", True, (False, True), "programmatic dependent launch (sm_90)", exact=True, compiled_only=True),
     ),
-    candidates=({"cand_tile": 4}, {"cand_tile": 16}, {"num_warps": 4}, {"pdl": False}),
+    candidates=({"cand_tile": 4}, {"cand_tile": 16}, {"num_warps": 4}, {"num_warps": 8}, {"pdl": False}),
 )
 
 
