@@ -185,17 +185,16 @@ def run_attention_layer(
     weights: LayerWeights | None = None,
 ) -> None:
     """Layer ``layer``'s whole attention (``DecodeAttention``) over the steps of ``plan``, a row each
-    (``emit``). On a CPU it runs on the reference (Triton's interpreter would take minutes over whole
-    layers); on a GPU on ``backend``. Each step's ``y`` must be finite; the ops' numbers are checked
-    op by op (the rows above: §8 compares each op from the same inputs, since a layer's FP8 row and
-    activation quants turn last-bit differences of ``q``/``kv`` into whole e4m3 steps of ``y``)."""
+    (``emit``), on ``backend`` (on a CPU, Triton's interpreter). Each step's ``y`` must be finite; the
+    ops' numbers are checked op by op (the rows above: §8 compares each op from the same inputs, since
+    a layer's FP8 row and activation quants turn last-bit differences of ``q``/``kv`` into whole e4m3
+    steps of ``y``)."""
     weights = synthetic_weights(cfg, seed=seed, device=device, layer=layer) if weights is None else weights.to(device)
     end = max(p + s for _, p, s in plan)
     ratio = weights.compress_ratio
     max_position = -(-max(end, ratio, 1) // max(ratio, 1)) * max(ratio, 1)
     rope = layer_rope_table(cfg, layer, max_position, device)
-    layer_backend = backend if device.type == "cuda" else "reference"
-    module = DecodeAttention(weights, rope, cfg, batch=batch, max_position=max_position, backend=layer_backend)
+    module = DecodeAttention(weights, rope, cfg, batch=batch, max_position=max_position, backend=backend)
     ran = "+".join(sorted(set(module.op_backends.values())))
     for i, (label, _, s) in enumerate(plan):
         x = synthetic_activations((batch, s, cfg.hidden_size), seed=seed + 2000 + i, device=device)
