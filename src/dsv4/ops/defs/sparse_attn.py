@@ -59,7 +59,7 @@ def sparse_attn(
         compress_ratio: the layer's ratio (0 for SWA); compressed_pool: its compressed ``KVPool``
             (CSA, HCA); topk_idxs: ``[B, S, K] int32`` from ``indexer`` (CSA); topk_offset: the
             ``offset`` the indexer added.
-        backend: ``"reference"`` or ``"auto"`` (the op has no Triton implementation yet).
+        backend: ``"reference"``, ``"triton"`` or ``"auto"`` (Triton on CUDA, else the reference).
         out: optional preallocated ``AttnOut`` to write into (returned).
 
     Returns:
@@ -144,6 +144,9 @@ SPARSE_ATTN = OpDescriptor(
     case_args=case_args,
     cost=cost,
     fake_result=fake_result,
-    implementations={"reference": "dsv4.reference.attention:sparse_attn"},
+    implementations={
+        "reference": "dsv4.reference.attention:sparse_attn",
+        "triton": "dsv4.kernels.sparse_attn:sparse_attn",
+    },
     cache_bound=True,
 )
