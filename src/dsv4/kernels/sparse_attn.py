@@ -276,7 +276,7 @@ def _attn_kernel(
                 tok = i // k_tiles
                 entry = (i % k_tiles) * KEYS + key
                 s = s0 + tok
-                e = tl.load(topk_ptr + ((b * S + s) * K).to(tl.int64) + entry, mask=(entry < K) & (s < S), other=-1)
+                e = tl.load(topk_ptr + ((b * S + s) * K).to(tl.int64) + entry, mask=(entry < K) & (entry * 0 + s < S), other=-1)
                 j = e - topk_offset
                 valid = (e >= 0) & (j >= 0) & (j < (start + s + 1) // ratio)
                 seen = valid[None, :] & (r_tok == tok)[:, None] & r_live[:, None]
