@@ -25,7 +25,7 @@ def run(args: dict, backend: str = "triton") -> torch.Tensor:
     return dsv4.sparse_attn(**on_device(args), backend=backend).o.cpu()
 
 
-@pytest.mark.parametrize("kind,seq", [("hca", 2), ("csa", 19)])
+@pytest.mark.parametrize("kind,seq", [("hca", 2), ("csa", 2)])
 def test_a_key_split_matches_one_launch(kind: str, seq: int) -> None:
     """Splits of the compressed keys (some of them empty at the short starts) combined in order: within
     §8's rule of the single launch and of the expectation, and the same bits on every run."""

@@ -66,7 +66,7 @@ def test_every_kernel_declares_parameters_and_candidates() -> None:
     names = set(tuning.TUNABLES)
     assert names == {
         "qkv.projection", "qkv.rows", "qkv.q_heads", "index.front", "compressor.step", "index.score",
-        "topk.select_row", "topk.select_chunks",
+        "topk.select_row", "topk.select_chunks", "sparse_attn",
     }  # fmt: skip
     for t in tuning.TUNABLES.values():
         for bucket in (dict.fromkeys(t.dims, 128), dict.fromkeys(t.dims, 1024)):
