@@ -11,6 +11,7 @@ from . import interpreter  # noqa: F401  (first: chooses the interpreter before 
 from .interpreter import interpreted, unavailable_reason
 from .lightning_indexer import indexer
 from .qkv_proj_rope import qkv_proj_rope
+from .sparse_attn import sparse_attn
 from .workspace import Workspace
 
-__all__ = ["Workspace", "indexer", "interpreted", "qkv_proj_rope", "unavailable_reason"]
+__all__ = ["Workspace", "indexer", "interpreted", "qkv_proj_rope", "sparse_attn", "unavailable_reason"]

@@ -64,9 +64,11 @@ from .tuning import Param, Tunable, pow2_bucket
 from .workspace import Workspace, scratch
 
 TOKENS_PER_BLOCK = 2  # a decode step's two tokens (multi-token prediction) share every key tile
-HEADS = 16  # heads per program: M = 2 x 16 = 32 rows; the fp32 acc [32, 512] is 64 registers a thread at 8 warps
-KEYS = 32  # keys per tile: a [32, 512] bf16 tile is 32 KB of shared memory, 32 x 584 B of FP8 rows read
-NUM_WARPS = 8  # two warpgroups share the [M, HD] accumulator
+HEADS = 8  # heads per program: M = 2 x 8 = 16 rows, the fp32 acc [16, 512] 32 registers a thread at 8 warps
+#           (16 heads spill at sm_90: the dot operands are replicated across the warps on the key axis)
+KEYS = 16  # keys per tile: 16 x 584 B of FP8 rows read, a [16, 512] bf16 operand tile
+NUM_WARPS = 8  # the [M, HD] accumulator spread over two warpgroups
+NUM_STAGES = 1  # software pipelining of the key loads: more stages spill at sm_90 (Triton 3.9)
 SPLITS = 1  # key splits: one launch; more for HCA at long context (then a combine launch)
 MIN_DOT_WIDTH = 16  # tl.dot needs every dimension >= 16: fewer (token, head) rows are padded up to it
 
@@ -85,15 +87,17 @@ TUNING = Tunable(
     params=(
         Param("heads", HEADS, (8, 16, 32, 64), "heads per program (the MMA's M is tokens x heads)"),
         Param("key_tile", KEYS, (16, 32, 64), "keys per tile"),
+        Param("num_stages", NUM_STAGES, (1, 2, 3), "pipeline stages of the key loads", compiled_only=True),
         Param("splits", SPLITS, (1, 2, 4, 8), "splits of the compressed keys, combined in order"),
         Param("num_warps", NUM_WARPS, (4, 8), "warps per program", compiled_only=True),
         Param("pdl", True, (False, True), "programmatic dependent launch (sm_90)", exact=True, compiled_only=True),
     ),
     candidates=(
         {"splits": 2},
-        {"key_tile": 64},
-        {"heads": 32},
-        {"heads": 8, "key_tile": 16},
+        {"key_tile": 32},
+        {"heads": 16},
+        {"heads": 16, "key_tile": 32, "num_stages": 2},
+        {"num_stages": 2},
         {"num_warps": 4},
         {"pdl": False},
     ),
@@ -235,7 +239,7 @@ def _attn_kernel(
     r_live = (r_s < S) & (r_h < H)
     r_p = start + r_s  # each row's position
     col = tl.arange(0, HD)
-    q = tl.load(q_ptr + ((b * S + r_s).to(tl.int64) * H + r_h)[:, None] * HD + col[None, :], mask=r_live[:, None], other=0.0)
+    q_ptrs = q_ptr + ((b * S + r_s).to(tl.int64) * H + r_h)[:, None] * HD + col[None, :]
 
     m = tl.full([M], float("-inf"), tl.float32)
     l = tl.zeros([M], tl.float32)
@@ -256,7 +260,7 @@ def _attn_kernel(
             own = (u >= start) & (u < hi)
             k = tl.where(own[:, None], _own_rows(kv_ptr, b * S + u - start, own, HD, NOPE), k)
         seen = (u[None, :] >= r_first[:, None]) & (u[None, :] <= r_p[:, None]) & r_live[:, None]
-        m, l, acc, bad = _attend(q, k, seen, m, l, acc, bad, sm_scale)
+        m, l, acc, bad = _attend(tl.load(q_ptrs, mask=r_live[:, None], other=0.0), k, seen, m, l, acc, bad, sm_scale)
 
     # 2. the compressed rows, this split's share of the items
     if KIND != _SWA:
@@ -282,7 +286,7 @@ def _attn_kernel(
                 seen = valid[None, :] & (r_tok == tok)[:, None] & r_live[:, None]
                 k = _pool_rows(cmp_codes_ptr, cmp_scale_ptr, cmp_rope_ptr, cmp_table_ptr, cmp_width, b,
                                tl.where(valid, j, 0), valid, CMP_BS, HD, NOPE, R)  # fmt: skip
-            m, l, acc, bad = _attend(q, k, seen, m, l, acc, bad, sm_scale)
+            m, l, acc, bad = _attend(tl.load(q_ptrs, mask=r_live[:, None], other=0.0), k, seen, m, l, acc, bad, sm_scale)
 
     l = tl.where(bad, float("nan"), l)  # a row that sees a non-finite key: NaN
     if SPLITS == 1:
@@ -375,7 +379,7 @@ def sparse_attn(
         o, part_m, part_l, part_acc, s, h, window, max(compress_ratio, 1), hd**-0.5,
         KIND=_KINDS[kind], HEADS=heads, TOKENS=tokens, KEYS=cfg.key_tile, SPLITS=splits, HD=hd, NOPE=hd - r, R=r,
         WIN_BS=window_pool.block_size, CMP_BS=cmp.block_size, PDL=pdl,
-        num_warps=cfg.num_warps, enable_fp_fusion=False, launch_pdl=pdl,
+        num_warps=cfg.num_warps, enable_fp_fusion=False, launch_pdl=pdl, num_stages=cfg.num_stages,
     )  # fmt: skip
     if splits > 1:
         _combine_kernel[grid[:2]](
