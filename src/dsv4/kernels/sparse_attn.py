@@ -3,10 +3,11 @@
 **Programs.** One program per (slot ``b``, token block, head block, key split): a token block is
 ``TOKENS`` consecutive tokens of the step (a decode step's two tokens together; one when ``S == 1``),
 a head block ``HEADS`` heads. Its ``M = TOKENS * HEADS`` (token, head) rows are the M side of every
-``tl.dot``: the queries ``[M, HD]`` are loaded once, and each key tile ``[KEYS, HD]`` (one MQA head
-for all heads, value = key) is read once for all of them, dequantized on chip and used for both
-products: ``z = q @ k^T`` and ``acc += bf16(e) @ k``. A row whose token does not see a key of the
-tile gets ``e = 0`` for it (the mask is per token).
+``tl.dot``: each key tile ``[KEYS, HD]`` (one MQA head for all heads, value = key) is read once for
+all of them, dequantized on chip and used for both products, ``z = q @ k^T`` and
+``acc += bf16(e) @ k``; a row whose token does not see a key gets ``e = 0`` for it (the mask is per
+token). The queries ``[M, HD]`` are reloaded (L1/L2) per tile: held in registers as a dot operand
+they are replicated across the warps on the key axis and the kernel spills at sm_90.
 
 **Keys**, in this order (the online softmax's order):
 
@@ -58,8 +59,8 @@ from ..model.rope import RopeTable
 from ..model.structs import AttnOut, StepPositions
 from .epilogue import round_bf16, store_rope_bf16, to_bf16
 from .fp8_quant import SCALE_BIAS, byte_exponent, dequant_e4m3, quant_e4m3
-from .split_k import BF16_DOT_DTYPE
 from .launch import is_pow2, pdl_supported, require
+from .split_k import BF16_DOT_DTYPE
 from .tuning import Param, Tunable, pow2_bucket
 from .workspace import Workspace, scratch
 
@@ -119,9 +120,10 @@ def _pool_rows(codes_ptr, scale_ptr, rope_ptr, table_ptr, width, b, rows, presen
     blk = tl.arange(0, NBLK)
     used = present[:, None] & (blk < NOPE // _ROW_BLOCK)[None, :]
     e = byte_exponent(tl.load(scale_ptr + slot[:, None] * _SCALE_BYTES + blk[None, :], mask=used, other=SCALE_BIAS))
-    deq = tl.reshape(dequant_e4m3(tl.reshape(codes, [KEYS * NBLK, _ROW_BLOCK]), tl.reshape(e, [KEYS * NBLK])), [KEYS, HD])
-    tail = tl.load(rope_ptr + slot[:, None] * R + (col - NOPE)[None, :], mask=present[:, None] & ~is_nope[None, :], other=0.0)
-    return tl.where(is_nope[None, :], deq, tail.to(tl.float32))
+    deq = dequant_e4m3(tl.reshape(codes, [KEYS * NBLK, _ROW_BLOCK]), tl.reshape(e, [KEYS * NBLK]))
+    tail_ok = present[:, None] & ~is_nope[None, :]
+    tail = tl.load(rope_ptr + slot[:, None] * R + (col - NOPE)[None, :], mask=tail_ok, other=0.0)
+    return tl.where(is_nope[None, :], tl.reshape(deq, [KEYS, HD]), tail.to(tl.float32))
 
 
 @triton.jit
@@ -239,7 +241,8 @@ def _attn_kernel(
     r_live = (r_s < S) & (r_h < H)
     r_p = start + r_s  # each row's position
     col = tl.arange(0, HD)
-    q_ptrs = q_ptr + ((b * S + r_s).to(tl.int64) * H + r_h)[:, None] * HD + col[None, :]
+    q_ptrs = q_ptr + ((b * S + r_s).to(tl.int64) * H + r_h)[:, None] * HD + col[None, :]  # reloaded per tile
+    q_ok = r_live[:, None]
 
     m = tl.full([M], float("-inf"), tl.float32)
     l = tl.zeros([M], tl.float32)
@@ -260,7 +263,7 @@ def _attn_kernel(
             own = (u >= start) & (u < hi)
             k = tl.where(own[:, None], _own_rows(kv_ptr, b * S + u - start, own, HD, NOPE), k)
         seen = (u[None, :] >= r_first[:, None]) & (u[None, :] <= r_p[:, None]) & r_live[:, None]
-        m, l, acc, bad = _attend(tl.load(q_ptrs, mask=r_live[:, None], other=0.0), k, seen, m, l, acc, bad, sm_scale)
+        m, l, acc, bad = _attend(tl.load(q_ptrs, mask=q_ok, other=0.0), k, seen, m, l, acc, bad, sm_scale)
 
     # 2. the compressed rows, this split's share of the items
     if KIND != _SWA:
@@ -280,13 +283,14 @@ def _attn_kernel(
                 tok = i // k_tiles
                 entry = (i % k_tiles) * KEYS + key
                 s = s0 + tok
-                e = tl.load(topk_ptr + ((b * S + s) * K).to(tl.int64) + entry, mask=(entry < K) & (entry * 0 + s < S), other=-1)
+                listed = (entry < K) & (entry * 0 + s < S)
+                e = tl.load(topk_ptr + ((b * S + s) * K).to(tl.int64) + entry, mask=listed, other=-1)
                 j = e - topk_offset
                 valid = (e >= 0) & (j >= 0) & (j < (start + s + 1) // ratio)
                 seen = valid[None, :] & (r_tok == tok)[:, None] & r_live[:, None]
                 k = _pool_rows(cmp_codes_ptr, cmp_scale_ptr, cmp_rope_ptr, cmp_table_ptr, cmp_width, b,
                                tl.where(valid, j, 0), valid, CMP_BS, HD, NOPE, R)  # fmt: skip
-            m, l, acc, bad = _attend(tl.load(q_ptrs, mask=r_live[:, None], other=0.0), k, seen, m, l, acc, bad, sm_scale)
+            m, l, acc, bad = _attend(tl.load(q_ptrs, mask=q_ok, other=0.0), k, seen, m, l, acc, bad, sm_scale)
 
     l = tl.where(bad, float("nan"), l)  # a row that sees a non-finite key: NaN
     if SPLITS == 1:
@@ -356,7 +360,10 @@ def sparse_attn(
     key split (scratch from ``ws``)."""
     b, s, h, hd = q.shape
     r = rope.rope_dim
-    require(is_pow2(hd) and hd % ROW_BLOCK == 0 and hd % r == 0 and is_pow2(r), "q", "a head dim that is a power of two >= 64 (and a multiple of R)")  # fmt: skip
+    require(
+        is_pow2(hd) and hd % ROW_BLOCK == 0 and hd % r == 0 and is_pow2(r),
+        "q", "a head dim that is a power of two >= 64 and a multiple of R (a power of two)",
+    )  # fmt: skip
     o = torch.empty(q.shape, dtype=torch.bfloat16, device=q.device) if out is None else out.o
     tokens = min(s, TOKENS_PER_BLOCK)
     cfg = TUNING.config(q.device, B=pow2_bucket(b), S=pow2_bucket(s), H=pow2_bucket(h))
