@@ -117,9 +117,12 @@ def _pool_rows(codes_ptr, scale_ptr, rope_ptr, table_ptr, width, b, rows, presen
     col = tl.arange(0, HD)
     is_nope = col < NOPE
     codes = tl.load(codes_ptr + slot[:, None] * NOPE + col[None, :], mask=present[:, None] & is_nope[None, :], other=0)
-    blk = tl.arange(0, NBLK)
-    used = present[:, None] & (blk < NOPE // _ROW_BLOCK)[None, :]
-    e = byte_exponent(tl.load(scale_ptr + slot[:, None] * _SCALE_BYTES + blk[None, :], mask=used, other=SCALE_BIAS))
+    # The row's 8 scale bytes in one load; byte i is block i's (those past NOPE/64 are 0: the tail's
+    # block, whose dequantized values are not used). Fewer blocks than bytes (HD < 512): the first NBLK.
+    byte = tl.arange(0, _SCALE_BYTES)
+    e8 = tl.load(scale_ptr + slot[:, None] * _SCALE_BYTES + byte[None, :], mask=present[:, None], other=SCALE_BIAS)
+    first = (byte // NBLK == 0).to(tl.int32)
+    e = tl.sum(tl.reshape(byte_exponent(e8) * first[None, :], [KEYS, _SCALE_BYTES // NBLK, NBLK]), axis=1)
     deq = dequant_e4m3(tl.reshape(codes, [KEYS * NBLK, _ROW_BLOCK]), tl.reshape(e, [KEYS * NBLK]))
     tail_ok = present[:, None] & ~is_nope[None, :]
     tail = tl.load(rope_ptr + slot[:, None] * R + (col - NOPE)[None, :], mask=tail_ok, other=0.0)
@@ -361,8 +364,8 @@ def sparse_attn(
     b, s, h, hd = q.shape
     r = rope.rope_dim
     require(
-        is_pow2(hd) and hd % ROW_BLOCK == 0 and hd % r == 0 and is_pow2(r),
-        "q", "a head dim that is a power of two >= 64 and a multiple of R (a power of two)",
+        is_pow2(hd) and ROW_BLOCK <= hd <= ROW_BLOCK * SCALE_BYTES and hd % r == 0 and is_pow2(r),
+        "q", "a head dim that is a power of two in [64, 512] and a multiple of R (a power of two)",
     )  # fmt: skip
     o = torch.empty(q.shape, dtype=torch.bfloat16, device=q.device) if out is None else out.o
     tokens = min(s, TOKENS_PER_BLOCK)

@@ -120,7 +120,7 @@ def cost(
         "kv": t * hd * BF16,
         "start_pos": b * INT64,
         "attn_sink": h * FP32,
-        "rope rows (tokens)": t * rope_row_bytes(cfg),
+        "rope rows (tokens)": len({p + s for p in start_pos for s in range(seq)}) * rope_row_bytes(cfg),  # distinct
         "window rows (FP8, below start)": window_rows * row,
         "compressed rows (FP8)": compressed_rows * row,
         "topk_idxs": t * topk * INT32 if kind == "csa" else 0,
