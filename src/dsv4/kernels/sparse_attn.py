@@ -6,8 +6,7 @@ a head block ``HEADS`` heads. Its ``M = TOKENS * HEADS`` (token, head) rows are 
 ``tl.dot``: each key tile ``[KEYS, HD]`` (one MQA head for all heads, value = key) is read once for
 all of them, dequantized on chip and used for both products, ``z = q @ k^T`` and
 ``acc += bf16(e) @ k``; a row whose token does not see a key gets ``e = 0`` for it (the mask is per
-token). The queries ``[M, HD]`` are reloaded (L1/L2) per tile: held in registers as a dot operand
-they are replicated across the warps on the key axis and the kernel spills at sm_90.
+token). The queries ``[M, HD]`` are loaded once and stay in registers.
 
 **Keys**, in this order (the online softmax's order):
 
@@ -244,8 +243,8 @@ def _attn_kernel(
     r_live = (r_s < S) & (r_h < H)
     r_p = start + r_s  # each row's position
     col = tl.arange(0, HD)
-    q_ptrs = q_ptr + ((b * S + r_s).to(tl.int64) * H + r_h)[:, None] * HD + col[None, :]  # reloaded per tile
-    q_ok = r_live[:, None]
+    q_rows = ((b * S + r_s).to(tl.int64) * H + r_h) * HD
+    q = tl.load(q_ptr + q_rows[:, None] + col[None, :], mask=r_live[:, None], other=0.0)  # resident: one load
 
     m = tl.full([M], float("-inf"), tl.float32)
     l = tl.zeros([M], tl.float32)
@@ -266,7 +265,7 @@ def _attn_kernel(
             own = (u >= start) & (u < hi)
             k = tl.where(own[:, None], _own_rows(kv_ptr, b * S + u - start, own, HD, NOPE), k)
         seen = (u[None, :] >= r_first[:, None]) & (u[None, :] <= r_p[:, None]) & r_live[:, None]
-        m, l, acc, bad = _attend(tl.load(q_ptrs, mask=q_ok, other=0.0), k, seen, m, l, acc, bad, sm_scale)
+        m, l, acc, bad = _attend(q, k, seen, m, l, acc, bad, sm_scale)
 
     # 2. the compressed rows, this split's share of the items
     if KIND != _SWA:
@@ -293,7 +292,7 @@ def _attn_kernel(
                 seen = valid[None, :] & (r_tok == tok)[:, None] & r_live[:, None]
                 k = _pool_rows(cmp_codes_ptr, cmp_scale_ptr, cmp_rope_ptr, cmp_table_ptr, cmp_width, b,
                                tl.where(valid, j, 0), valid, CMP_BS, HD, NOPE, R)  # fmt: skip
-            m, l, acc, bad = _attend(tl.load(q_ptrs, mask=q_ok, other=0.0), k, seen, m, l, acc, bad, sm_scale)
+            m, l, acc, bad = _attend(q, k, seen, m, l, acc, bad, sm_scale)
 
     l = tl.where(bad, float("nan"), l)  # a row that sees a non-finite key: NaN
     if SPLITS == 1:
