@@ -262,7 +262,7 @@ def _attn_kernel(
         k = _pool_rows(win_codes_ptr, win_scale_ptr, win_rope_ptr, win_table_ptr, win_width, b, u,
                        (u >= lo) & (u < start), WIN_BS, HD, NOPE, R)  # fmt: skip
         if t * KEYS + KEYS > start:  # the tile holds rows of this call
-            own = (u >= start) & (u < hi)
+            own = (u >= start) & (u >= lo) & (u < hi)
             k = tl.where(own[:, None], _own_rows(kv_ptr, b * S + u - start, own, HD, NOPE), k)
         seen = (u[None, :] >= r_first[:, None]) & (u[None, :] <= r_p[:, None]) & r_live[:, None]
         m, l, acc, bad = _attend(q, k, seen, m, l, acc, bad, sm_scale)
