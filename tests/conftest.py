@@ -53,6 +53,7 @@ ONE_WORKER_MODULES = frozenset({
     "tests/test_bench.py",
     "tests/test_kernels_compile.py",
     "tests/test_kernels_qkv_proj_rope_compile.py",
+    "tests/test_kernels_sparse_attn_compile.py",
     "tests/test_tune.py",
 })  # fmt: skip
 

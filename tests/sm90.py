@@ -138,7 +138,7 @@ def compile_plans(groups: list[list[Plan]], timeout: int = 900) -> list[Variant]
 
 
 # Kernel modules whose launchers ask ``launch.pdl_supported`` (imported by name, so patched in each).
-_PDL_LAUNCHERS = ("qkv_proj_rope", "index_front", "compressor", "index_score", "topk", "o_proj")
+_PDL_LAUNCHERS = ("qkv_proj_rope", "index_front", "compressor", "index_score", "topk", "o_proj", "sparse_attn")
 
 
 class _H100Driver:
@@ -189,7 +189,8 @@ def _run_plan(plan: Plan) -> None:
     from dsv4.harness.cases import make_case
     from dsv4.model.config import get_config
 
-    stateful = plan.op not in ("qkv_proj_rope", "o_proj")  # ops that take start positions
+    # ops that take start positions; sparse_attn's pools are drawn at the position
+    stateful = plan.op not in ("qkv_proj_rope", "o_proj", "sparse_attn")
     case = make_case(
         get_config(plan.preset), plan.op, batch=plan.batch, seq=plan.seq,
         start_pos=0 if stateful else plan.start_pos, max_position=plan.max_position,

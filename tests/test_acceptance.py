@@ -22,7 +22,7 @@ import pytest
 
 from dsv4.acceptance.__main__ import main
 from dsv4.acceptance.out_dir import KIND, RECORD
-from dsv4.acceptance.plan import GPU, Paths, Step
+from dsv4.acceptance.plan import GPU, OPS, Paths, Step
 from dsv4.acceptance.results import parse_decode_loop, parse_ncu, parse_tests
 from dsv4.acceptance.runner import KILL_GRACE_S, OUTPUTS, Runner
 from dsv4.acceptance.summary import render
@@ -224,10 +224,7 @@ def test_the_gpu_plan_covers_every_owed_figure(capsys, monkeypatch) -> None:
     assert main(["unused-out-dir", "--list"]) == 0
     listing = capsys.readouterr().out
     assert "tests/test_decode_graph.py" in listing and "tests/test_kernels_topk.py" in listing
-    assert (
-        "--preset flash --mode decode --ops qkv_proj_rope,indexer_compressor,indexer,kv_compressor,window_kv_write,"
-        "o_proj --backends triton,reference" in listing
-    )
+    assert f"--preset flash --mode decode --ops {','.join(OPS)} --backends triton,reference" in listing
     assert "--ops qkv_proj_rope,indexer_compressor --backends compile" in listing
     assert "--ops indexer --backends compile" in listing
     assert "decode_loop.py --preset flash --batch 64 --seq 2 --prefill 4096 --steps 100 --capture" in listing

@@ -67,7 +67,7 @@ def test_every_kernel_declares_parameters_and_candidates() -> None:
     assert names == {
         "qkv.projection", "qkv.rows", "qkv.q_heads", "index.front", "compressor.step", "index.score",
         "topk.select_row", "topk.select_chunks", "o_proj.wo_a", "o_proj.quant", "o_proj.wo_b", "window_kv_write",
-        "kv_compressor.step",
+        "kv_compressor.step", "sparse_attn",
     }  # fmt: skip
     for t in tuning.TUNABLES.values():
         for bucket in (dict.fromkeys(t.dims, 128), dict.fromkeys(t.dims, 1024)):

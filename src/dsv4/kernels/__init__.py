@@ -12,7 +12,11 @@ from .interpreter import interpreted, unavailable_reason
 from .lightning_indexer import indexer
 from .o_proj import o_proj
 from .qkv_proj_rope import qkv_proj_rope
+from .sparse_attn import sparse_attn
 from .window_kv_write import window_kv_write
 from .workspace import Workspace
 
-__all__ = ["Workspace", "indexer", "interpreted", "o_proj", "qkv_proj_rope", "unavailable_reason", "window_kv_write"]
+__all__ = [
+    "Workspace", "indexer", "interpreted", "o_proj", "qkv_proj_rope", "sparse_attn", "unavailable_reason",
+    "window_kv_write",
+]

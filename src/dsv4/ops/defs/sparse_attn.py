@@ -59,7 +59,7 @@ def sparse_attn(
         compress_ratio: the layer's ratio (0 for SWA); compressed_pool: its compressed ``KVPool``
             (CSA, HCA); topk_idxs: ``[B, S, K] int32`` from ``indexer`` (CSA); topk_offset: the
             ``offset`` the indexer added.
-        backend: ``"reference"`` or ``"auto"`` (the op has no Triton implementation yet).
+        backend: ``"reference"``, ``"triton"`` or ``"auto"`` (Triton on CUDA, else the reference).
         out: optional preallocated ``AttnOut`` to write into (returned).
 
     Returns:
@@ -120,7 +120,7 @@ def cost(
         "kv": t * hd * BF16,
         "start_pos": b * INT64,
         "attn_sink": h * FP32,
-        "rope rows (tokens)": t * rope_row_bytes(cfg),
+        "rope rows (tokens)": len({p + s for p in start_pos for s in range(seq)}) * rope_row_bytes(cfg),  # distinct
         "window rows (FP8, below start)": window_rows * row,
         "compressed rows (FP8)": compressed_rows * row,
         "topk_idxs": t * topk * INT32 if kind == "csa" else 0,
@@ -144,6 +144,9 @@ SPARSE_ATTN = OpDescriptor(
     case_args=case_args,
     cost=cost,
     fake_result=fake_result,
-    implementations={"reference": "dsv4.reference.attention:sparse_attn"},
+    implementations={
+        "reference": "dsv4.reference.attention:sparse_attn",
+        "triton": "dsv4.kernels.sparse_attn:sparse_attn",
+    },
     cache_bound=True,
 )

@@ -1,0 +1,399 @@
+"""Sparse attention with sink over the paged FP8 KV pools (attention spec §5), for the three kinds.
+
+**Programs.** One program per (slot ``b``, token block, head block, key split): a token block is
+``TOKENS`` consecutive tokens of the step (a decode step's two tokens together; one when ``S == 1``),
+a head block ``HEADS`` heads. Its ``M = TOKENS * HEADS`` (token, head) rows are the M side of every
+``tl.dot``: each key tile ``[KEYS, HD]`` (one MQA head for all heads, value = key) is read once for
+all of them, dequantized on chip and used for both products, ``z = q @ k^T`` and
+``acc += bf16(e) @ k``; a row whose token does not see a key gets ``e = 0`` for it (the mask is per
+token). The queries ``[M, HD]`` are loaded once and stay in registers.
+
+**Keys**, in this order (the online softmax's order):
+
+1. the window, in tiles aligned to absolute positions (``u // KEYS``) from the first token's
+   ``max(0, p - W + 1)`` to the last token's ``p``: rows below ``start_pos[b]`` from the window pool
+   through its block table, this call's rows from ``kv`` round-tripped through ``fp8_row`` in
+   registers (``quant_e4m3``/``dequant_e4m3``, bit for bit what ``window_kv_write`` stores). A
+   token's tiles and their contents depend on its position only, not on the step's start, so a
+   step of S tokens gives each token the bits of S one-token steps.
+2. the compressed rows: HCA, every row ``j < vis(p)`` in tiles of ``KEYS`` rows; CSA, each token's
+   ``topk_idxs`` list in tiles of ``KEYS`` entries (an entry adds row ``e - topk_offset`` when
+   ``e >= 0`` and that row is ``< vis(p)``, repeats counted), token after token (the other token's
+   rows masked: its list is its own).
+
+A pool row is ``codes * 2^e`` per 64 (``dequant_e4m3``; scale byte 255: a NaN block) and its bf16
+rope tail, one ``[KEYS, HD]`` tile (``HD`` a power of two: the tail fills the last ``R`` columns).
+
+**Numerics** (spec §5): ``z = (q . k) * HD^-0.5`` (fp32 accumulate); a running max ``m`` per row;
+``e = exp(z - m)`` enters the PV product rounded to bf16, ``l`` sums the unrounded ``e``; tiles
+rescale both by ``exp(m_old - m_new)``. A tile no row of a token sees leaves that row's state
+bit-identical. ``o1 = bf16(acc / (l + exp(sink - m)))``, then the inverse RoPE of the last ``R``
+entries at ``p`` (fp32, ``epilogue.store_rope_bf16`` with ``-sin``) and the bf16 store. The running
+max against the reference's global max moves ``o`` within §8's rule.
+
+**Non-finite values.** Key entries that are not finite are zeroed in the tile before both products
+and the rows that see such a key are marked: their output is NaN (the reference's NaN spreads to
+every head of the token). A NaN in ``q`` makes its row's ``z`` NaN, and NaN follows by the formulas.
+So no row is polluted by a key it does not see (``0 * NaN``) and no NaN becomes a number.
+
+**Split** (``splits > 1``: HCA at long context): split ``i`` of a program's compressed tiles
+(the window goes to split 0) writes its partial ``(m, l, acc)`` to scratch; a second launch
+combines the splits in order (``m = max m_i``, ``l = sum l_i 2^..``, ``acc`` alike), deterministic,
+then runs the same epilogue. Without a split: one launch.
+
+**Launch.** The grid ``(B * ceil(S / TOKENS), ceil(H / HEADS), splits)`` depends on shapes only, the
+key loop bounds on ``start_pos`` read in the kernel: no host sync, a CUDA graph can capture it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from ..model.attention_state import KVPool
+from ..model.fp8_row import ROW_BLOCK, SCALE_BYTES
+from ..model.rope import RopeTable
+from ..model.structs import AttnOut, StepPositions
+from .epilogue import round_bf16, store_rope_bf16, to_bf16
+from .fp8_quant import SCALE_BIAS, byte_exponent, dequant_e4m3, quant_e4m3
+from .launch import is_pow2, pdl_supported, require
+from .split_k import BF16_DOT_DTYPE
+from .tuning import Param, Tunable, pow2_bucket
+from .workspace import Workspace, scratch
+
+TOKENS_PER_BLOCK = 2  # a decode step's two tokens (multi-token prediction) share every key tile
+HEADS = 8  # heads per program: M = 2 x 8 = 16 rows, the fp32 acc [16, 512] 32 registers a thread at 8 warps
+#           (16 heads spill at sm_90: the dot operands are replicated across the warps on the key axis)
+KEYS = 16  # keys per tile: 16 x 584 B of FP8 rows read, a [16, 512] bf16 operand tile
+NUM_WARPS = 8  # the [M, HD] accumulator spread over two warpgroups
+NUM_STAGES = 1  # software pipelining of the key loads: more stages spill at sm_90 (Triton 3.9)
+SPLITS = 1  # key splits: one launch; more for HCA at long context (then a combine launch)
+MIN_DOT_WIDTH = 16  # tl.dot needs every dimension >= 16: fewer (token, head) rows are padded up to it
+
+KIND_SWA, KIND_CSA, KIND_HCA = 0, 1, 2
+_KINDS = {"swa": KIND_SWA, "csa": KIND_CSA, "hca": KIND_HCA}
+_SWA = tl.constexpr(KIND_SWA)
+_CSA = tl.constexpr(KIND_CSA)
+_HCA = tl.constexpr(KIND_HCA)
+_ROW_BLOCK = tl.constexpr(ROW_BLOCK)
+_SCALE_BYTES = tl.constexpr(SCALE_BYTES)
+
+TUNING = Tunable(
+    "sparse_attn",
+    "_attn_kernel (+ _combine_kernel with splits): every (slot, token pair, head block, key split)",
+    dims=("B", "S", "H"),
+    params=(
+        Param("heads", HEADS, (8, 16, 32, 64), "heads per program (the MMA's M is tokens x heads)"),
+        Param("key_tile", KEYS, (16, 32, 64), "keys per tile"),
+        Param("num_stages", NUM_STAGES, (1, 2, 3), "pipeline stages of the key loads", compiled_only=True),
+        Param("splits", SPLITS, (1, 2, 4, 8), "splits of the compressed keys, combined in order"),
+        Param("num_warps", NUM_WARPS, (4, 8), "warps per program", compiled_only=True),
+        Param("pdl", True, (False, True), "programmatic dependent launch (sm_90)", exact=True, compiled_only=True),
+    ),
+    candidates=(
+        {"splits": 2},
+        {"key_tile": 32},
+        {"heads": 16},
+        {"heads": 16, "key_tile": 32, "num_stages": 2},
+        {"num_stages": 2},
+        {"num_warps": 4},
+        {"pdl": False},
+    ),
+)
+
+
+@triton.jit
+def _pool_rows(codes_ptr, scale_ptr, rope_ptr, table_ptr, width, b, rows, present,
+               BS: tl.constexpr, HD: tl.constexpr, NOPE: tl.constexpr, R: tl.constexpr):  # fmt: skip
+    """``deq`` of rows ``rows [KEYS]`` of slot ``b`` (``present``: rows to read) -> ``[KEYS, HD]`` fp32
+    (absent rows 0): e4m3 codes times ``2^e`` per 64, then the bf16 tail."""
+    KEYS: tl.constexpr = rows.shape[0]
+    NBLK: tl.constexpr = HD // _ROW_BLOCK
+    block = tl.load(table_ptr + b * width + rows // BS, mask=present, other=0).to(tl.int64)
+    slot = block * BS + rows % BS
+    col = tl.arange(0, HD)
+    is_nope = col < NOPE
+    codes = tl.load(codes_ptr + slot[:, None] * NOPE + col[None, :], mask=present[:, None] & is_nope[None, :], other=0)
+    # The row's 8 scale bytes in one load; byte i is block i's (those past NOPE/64 are 0: the tail's
+    # block, whose dequantized values are not used). Fewer blocks than bytes (HD < 512): the first NBLK.
+    byte = tl.arange(0, _SCALE_BYTES)
+    e8 = tl.load(scale_ptr + slot[:, None] * _SCALE_BYTES + byte[None, :], mask=present[:, None], other=SCALE_BIAS)
+    first = (byte // NBLK == 0).to(tl.int32)
+    e = tl.sum(tl.reshape(byte_exponent(e8) * first[None, :], [KEYS, _SCALE_BYTES // NBLK, NBLK]), axis=1)
+    deq = dequant_e4m3(tl.reshape(codes, [KEYS * NBLK, _ROW_BLOCK]), tl.reshape(e, [KEYS * NBLK]))
+    tail_ok = present[:, None] & ~is_nope[None, :]
+    tail = tl.load(rope_ptr + slot[:, None] * R + (col - NOPE)[None, :], mask=tail_ok, other=0.0)
+    return tl.where(is_nope[None, :], tl.reshape(deq, [KEYS, HD]), tail.to(tl.float32))
+
+
+@triton.jit
+def _own_rows(kv_ptr, tok, present, HD: tl.constexpr, NOPE: tl.constexpr):
+    """``deq(fp8_row(kv[tok]))`` of this call's rows ``tok [KEYS]`` (flat token indices) -> ``[KEYS, HD]``
+    fp32 (absent rows 0): the values ``window_kv_write`` stores for them."""
+    KEYS: tl.constexpr = tok.shape[0]
+    NBLK: tl.constexpr = HD // _ROW_BLOCK
+    col = tl.arange(0, HD)
+    x = tl.load(kv_ptr + tok.to(tl.int64)[:, None] * HD + col[None, :], mask=present[:, None], other=0.0)
+    x = x.to(tl.float32)
+    codes, e = quant_e4m3(tl.reshape(x, [KEYS * NBLK, _ROW_BLOCK]))
+    rt = tl.reshape(dequant_e4m3(codes, e), [KEYS, HD])
+    return tl.where((col < NOPE)[None, :], rt, x)
+
+
+@triton.jit
+def _attend(q, k, seen, m, l, acc, bad, sm_scale):
+    """One key tile into the online softmax of the rows: ``q [M, HD]`` bf16, ``k [KEYS, HD]`` fp32 (bf16
+    values), ``seen [M, KEYS]`` (row sees key); state ``m``, ``l``, ``bad`` ``[M]``, ``acc [M, HD]`` fp32."""
+    finite = tl.abs(k) < float("inf")
+    key_bad = tl.sum((~finite).to(tl.int32), axis=1) > 0
+    kb = tl.where(finite, k, 0.0).to(BF16_DOT_DTYPE)  # exact: the values are bf16
+    z = tl.dot(q.to(BF16_DOT_DTYPE), tl.trans(kb)) * sm_scale
+    bad = bad | (tl.sum((seen & key_bad[None, :]).to(tl.int32), axis=1) > 0)
+    m_new = tl.maximum(m, tl.max(tl.where(seen, z, float("-inf")), axis=1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: nothing to rescale
+    alpha = tl.exp(m - m_ref)
+    e = tl.where(seen, tl.exp(z - m_ref[:, None]), 0.0)
+    l = l * alpha + tl.sum(e, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(to_bf16(e).to(BF16_DOT_DTYPE), kb)
+    return m_new, l, acc, bad
+
+
+@triton.jit
+def _finish(o_ptr, sink_ptr, cos_ptr, sin_ptr, m, l, acc, start, b, s0, h0, S, H,
+            HEADS: tl.constexpr, TOKENS: tl.constexpr, HD: tl.constexpr, R: tl.constexpr):  # fmt: skip
+    """The epilogue: ``o1 = bf16(acc / (l + exp(sink - m)))``, the inverse RoPE of its last ``R``
+    entries at each row's position, the bf16 store into ``o [B, S, H, HD]``."""
+    M: tl.constexpr = TOKENS * HEADS
+    r = tl.arange(0, M)
+    s = s0 + r // HEADS
+    h = h0 + r % HEADS
+    live = (s < S) & (h < H) & (r // HEADS < TOKENS)
+    sink = tl.load(sink_ptr + h, mask=live, other=float("-inf"))
+    den = l + tl.exp(sink - m)
+    o1 = round_bf16(tl.div_rn(acc, den[:, None]))
+    half = tl.arange(0, R // 2)
+    p = (start + s).to(tl.int64)
+    cos = tl.load(cos_ptr + p[:, None] * (R // 2) + half[None, :], mask=live[:, None], other=1.0)
+    sin = tl.load(sin_ptr + p[:, None] * (R // 2) + half[None, :], mask=live[:, None], other=0.0)
+    col = tl.arange(0, HD)
+    row = ((b * S + s).to(tl.int64) * H + h) * HD
+    store_rope_bf16(o_ptr + row[:, None] + col[None, :], o1, cos, -sin, live[:, None], HD, R)
+
+
+@triton.jit
+def _attn_kernel(
+    q_ptr,  # [B, S, H, HD] bf16
+    kv_ptr,  # [B, S, HD] bf16: this call's rows
+    start_ptr,  # [B] int64
+    sink_ptr,  # [H] fp32
+    cos_ptr,  # [max_position, R/2] fp32
+    sin_ptr,
+    win_codes_ptr,  # window pool: [NB, bs, NOPE] e4m3 bits (uint8), [NB, bs, 8] uint8, [NB, bs, R] bf16
+    win_scale_ptr,
+    win_rope_ptr,
+    win_table_ptr,  # [>= B, win_width] int32
+    win_width,
+    cmp_codes_ptr,  # compressed pool (CSA, HCA; the window pool's tensors for SWA: never read)
+    cmp_scale_ptr,
+    cmp_rope_ptr,
+    cmp_table_ptr,
+    cmp_width,
+    topk_ptr,  # [B, S, K] int32 (CSA)
+    K,
+    topk_offset,
+    o_ptr,  # out [B, S, H, HD] bf16 (SPLITS == 1)
+    part_m_ptr,  # out [SPLITS, B*S*H] fp32 (SPLITS > 1)
+    part_l_ptr,  # out [SPLITS, B*S*H] fp32
+    part_acc_ptr,  # out [SPLITS, B*S*H, HD] fp32
+    S,
+    H,
+    window,
+    ratio,
+    sm_scale,
+    KIND: tl.constexpr,
+    HEADS: tl.constexpr,
+    TOKENS: tl.constexpr,
+    KEYS: tl.constexpr,
+    SPLITS: tl.constexpr,
+    HD: tl.constexpr,
+    NOPE: tl.constexpr,
+    R: tl.constexpr,
+    WIN_BS: tl.constexpr,
+    CMP_BS: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    M: tl.constexpr = TOKENS * HEADS
+    token_blocks = tl.cdiv(S, TOKENS)
+    b = tl.program_id(0) // token_blocks
+    s0 = (tl.program_id(0) % token_blocks) * TOKENS
+    h0 = tl.program_id(1) * HEADS
+    split = tl.program_id(2)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    start = tl.load(start_ptr + b)
+    s_last = tl.minimum(s0 + TOKENS, S) - 1  # the block's last token
+
+    r = tl.arange(0, M)
+    r_tok = r // HEADS
+    r_s = s0 + r_tok
+    r_h = h0 + r % HEADS
+    r_live = (r_s < S) & (r_h < H)
+    r_p = start + r_s  # each row's position
+    col = tl.arange(0, HD)
+    q_rows = ((b * S + r_s).to(tl.int64) * H + r_h) * HD
+    q = tl.load(q_ptr + q_rows[:, None] + col[None, :], mask=r_live[:, None], other=0.0)  # resident: one load
+
+    m = tl.full([M], float("-inf"), tl.float32)
+    l = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, HD], tl.float32)
+    bad = tl.zeros([M], tl.int1)
+    key = tl.arange(0, KEYS)
+
+    # 1. the window (split 0): tiles aligned to absolute positions
+    lo = tl.maximum(start + s0 - window + 1, 0)
+    hi = start + s_last + 1
+    t_hi = tl.where(split == 0, tl.cdiv(hi, KEYS), lo // KEYS)
+    r_first = tl.maximum(r_p - window + 1, 0)
+    for t in tl.range(lo // KEYS, t_hi):
+        u = t * KEYS + key  # positions
+        k = _pool_rows(win_codes_ptr, win_scale_ptr, win_rope_ptr, win_table_ptr, win_width, b, u,
+                       (u >= lo) & (u < start), WIN_BS, HD, NOPE, R)  # fmt: skip
+        if t * KEYS + KEYS > start:  # the tile holds rows of this call
+            own = (u >= start) & (u >= lo) & (u < hi)
+            k = tl.where(own[:, None], _own_rows(kv_ptr, b * S + u - start, own, HD, NOPE), k)
+        seen = (u[None, :] >= r_first[:, None]) & (u[None, :] <= r_p[:, None]) & r_live[:, None]
+        m, l, acc, bad = _attend(q, k, seen, m, l, acc, bad, sm_scale)
+
+    # 2. the compressed rows, this split's share of the items
+    if KIND != _SWA:
+        r_vis = (r_p + 1) // ratio
+        if KIND == _HCA:
+            items = tl.cdiv((start + s_last + 1) // ratio, KEYS)
+        else:
+            k_tiles = tl.cdiv(K, KEYS)
+            items = TOKENS * k_tiles
+        for i in tl.range(split * items // SPLITS, (split + 1) * items // SPLITS):
+            if KIND == _HCA:
+                j = i * KEYS + key
+                seen = (j[None, :] < r_vis[:, None]) & r_live[:, None]
+                k = _pool_rows(cmp_codes_ptr, cmp_scale_ptr, cmp_rope_ptr, cmp_table_ptr, cmp_width, b, j,
+                               j < (start + s_last + 1) // ratio, CMP_BS, HD, NOPE, R)  # fmt: skip
+            else:
+                tok = i // k_tiles
+                entry = (i % k_tiles) * KEYS + key
+                s = s0 + tok
+                listed = (entry < K) & (entry * 0 + s < S)
+                e = tl.load(topk_ptr + ((b * S + s) * K).to(tl.int64) + entry, mask=listed, other=-1)
+                j = e - topk_offset
+                valid = (e >= 0) & (j >= 0) & (j < (start + s + 1) // ratio)
+                seen = valid[None, :] & (r_tok == tok)[:, None] & r_live[:, None]
+                k = _pool_rows(cmp_codes_ptr, cmp_scale_ptr, cmp_rope_ptr, cmp_table_ptr, cmp_width, b,
+                               tl.where(valid, j, 0), valid, CMP_BS, HD, NOPE, R)  # fmt: skip
+            m, l, acc, bad = _attend(q, k, seen, m, l, acc, bad, sm_scale)
+
+    l = tl.where(bad, float("nan"), l)  # a row that sees a non-finite key: NaN
+    if SPLITS == 1:
+        _finish(o_ptr, sink_ptr, cos_ptr, sin_ptr, m, l, acc, start, b, s0, h0, S, H, HEADS, TOKENS, HD, R)
+    else:
+        rows = (b * S + r_s).to(tl.int64) * H + r_h
+        part = split.to(tl.int64) * (tl.num_programs(0) // token_blocks) * S * H + rows
+        tl.store(part_m_ptr + part, m, mask=r_live)
+        tl.store(part_l_ptr + part, l, mask=r_live)
+        tl.store(part_acc_ptr + part[:, None] * HD + col[None, :], acc, mask=r_live[:, None])
+
+
+@triton.jit
+def _combine_kernel(
+    part_m_ptr, part_l_ptr, part_acc_ptr, start_ptr, sink_ptr, cos_ptr, sin_ptr, o_ptr, B, S, H,
+    HEADS: tl.constexpr, TOKENS: tl.constexpr, SPLITS: tl.constexpr, HD: tl.constexpr, R: tl.constexpr,
+    PDL: tl.constexpr,
+):  # fmt: skip
+    """The splits' partial ``(m, l, acc)`` of a program's rows combined in split order, then the epilogue."""
+    M: tl.constexpr = TOKENS * HEADS
+    token_blocks = tl.cdiv(S, TOKENS)
+    b = tl.program_id(0) // token_blocks
+    s0 = (tl.program_id(0) % token_blocks) * TOKENS
+    h0 = tl.program_id(1) * HEADS
+    if PDL:
+        gdc_wait()
+    r = tl.arange(0, M)
+    r_s = s0 + r // HEADS
+    r_h = h0 + r % HEADS
+    r_live = (r_s < S) & (r_h < H)
+    rows = (b * S + r_s).to(tl.int64) * H + r_h
+    col = tl.arange(0, HD)
+    n = B * S * H
+    m = tl.full([M], float("-inf"), tl.float32)
+    for i in tl.static_range(SPLITS):
+        m = tl.maximum(m, tl.load(part_m_ptr + i * n + rows, mask=r_live, other=float("-inf")))
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, HD], tl.float32)
+    for i in tl.static_range(SPLITS):
+        w = tl.exp(tl.load(part_m_ptr + i * n + rows, mask=r_live, other=float("-inf")) - m_ref)
+        l += tl.load(part_l_ptr + i * n + rows, mask=r_live, other=0.0) * w
+        a = tl.load(part_acc_ptr + (i * n + rows)[:, None] * HD + col[None, :], mask=r_live[:, None], other=0.0)
+        acc += a * w[:, None]
+    start = tl.load(start_ptr + b)
+    _finish(o_ptr, sink_ptr, cos_ptr, sin_ptr, m, l, acc, start, b, s0, h0, S, H, HEADS, TOKENS, HD, R)
+
+
+def sparse_attn(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    pos: StepPositions,
+    window_pool: KVPool,
+    attn_sink: torch.Tensor,
+    rope: RopeTable,
+    kind: str,
+    window: int,
+    compress_ratio: int,
+    compressed: KVPool | None,
+    topk_idxs: torch.Tensor | None,
+    topk_offset: int,
+    out: AttnOut | None = None,
+    ws: Workspace | None = None,
+) -> AttnOut:
+    """``q [B, S, H, HD] bf16``, ``kv [B, S, HD] bf16`` -> ``AttnOut(o [B, S, H, HD] bf16)`` (attention
+    spec §5; arguments as ``dsv4.reference.attention.sparse_attn``, validated). One launch, two with a
+    key split (scratch from ``ws``)."""
+    b, s, h, hd = q.shape
+    r = rope.rope_dim
+    require(
+        is_pow2(hd) and ROW_BLOCK <= hd <= ROW_BLOCK * SCALE_BYTES and hd % r == 0 and is_pow2(r),
+        "q", "a head dim that is a power of two in [64, 512] and a multiple of R (a power of two)",
+    )  # fmt: skip
+    o = torch.empty(q.shape, dtype=torch.bfloat16, device=q.device) if out is None else out.o
+    tokens = min(s, TOKENS_PER_BLOCK)
+    cfg = TUNING.config(q.device, B=pow2_bucket(b), S=pow2_bucket(s), H=pow2_bucket(h))
+    heads = max(min(cfg.heads, triton.next_power_of_2(h)), MIN_DOT_WIDTH // tokens)
+    splits = cfg.splits if kind != "swa" else 1
+    pdl = cfg.pdl and pdl_supported(q.device)
+    cmp = window_pool if compressed is None else compressed
+    topk = topk_idxs if topk_idxs is not None else pos.start  # never read (SWA, HCA)
+    grid = (b * triton.cdiv(s, tokens), triton.cdiv(h, heads), splits)
+    n = b * s * h
+    part_m = scratch(ws, "sparse_attn.m", (splits, n), torch.float32, q.device) if splits > 1 else o
+    part_l = scratch(ws, "sparse_attn.l", (splits, n), torch.float32, q.device) if splits > 1 else o
+    part_acc = scratch(ws, "sparse_attn.acc", (splits, n, hd), torch.float32, q.device) if splits > 1 else o
+    _attn_kernel[grid](
+        q, kv, pos.start, attn_sink, rope.cos, rope.sin,
+        window_pool.nope.view(torch.uint8), window_pool.scale, window_pool.rope, window_pool.block_table,
+        window_pool.block_table.shape[1],
+        cmp.nope.view(torch.uint8), cmp.scale, cmp.rope, cmp.block_table, cmp.block_table.shape[1],
+        topk, topk_idxs.shape[2] if topk_idxs is not None else 1, topk_offset,
+        o, part_m, part_l, part_acc, s, h, window, max(compress_ratio, 1), hd**-0.5,
+        KIND=_KINDS[kind], HEADS=heads, TOKENS=tokens, KEYS=cfg.key_tile, SPLITS=splits, HD=hd, NOPE=hd - r, R=r,
+        WIN_BS=window_pool.block_size, CMP_BS=cmp.block_size, PDL=pdl,
+        num_warps=cfg.num_warps, enable_fp_fusion=False, launch_pdl=pdl, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if splits > 1:
+        _combine_kernel[grid[:2]](
+            part_m, part_l, part_acc, pos.start, attn_sink, rope.cos, rope.sin, o, b, s, h,
+            HEADS=heads, TOKENS=tokens, SPLITS=splits, HD=hd, R=r, PDL=pdl,
+            num_warps=cfg.num_warps, enable_fp_fusion=False, launch_pdl=pdl,
+        )  # fmt: skip
+    return AttnOut(o) if out is None else out

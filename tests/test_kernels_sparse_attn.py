@@ -1,0 +1,76 @@
+"""The Triton ``sparse_attn`` beyond the op matrix of ``test_attention_ops``: its key split (partials
+combined in order in a second launch) against the single launch, non-finite inputs (NaN where the
+reference has NaN, and nowhere else: a key one token sees must not reach the other token of its
+block), the tiles of the tuning candidates, and the full-size (``demo``) dims."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsv4
+from conftest import DEVICE, FULL
+from dsv4.harness.cases import make_case
+from dsv4.harness.golden import bit_identical, compare
+from dsv4.kernels import Workspace, tuning
+from dsv4.kernels.sparse_attn import sparse_attn as triton_sparse_attn
+from dsv4.ops import get_op
+from op_cases import assert_matches_reference
+from test_attention_ops import attn_setup, expected_o, on_device
+
+pytestmark = pytest.mark.skipif("triton" not in get_op("sparse_attn").implementations, reason="no Triton backend")
+
+
+def run(args: dict, backend: str = "triton") -> torch.Tensor:
+    return dsv4.sparse_attn(**on_device(args), backend=backend).o.cpu()
+
+
+@pytest.mark.parametrize("kind,seq", [("hca", 2), ("csa", 2)])
+def test_a_key_split_matches_one_launch(kind: str, seq: int) -> None:
+    """Splits of the compressed keys (some of them empty at the short starts) combined in order: within
+    §8's rule of the single launch and of the expectation, and the same bits on every run."""
+    args = attn_setup(kind, seq, seed=5)
+    whole = run(args)
+    with tuning.forced("sparse_attn", {"splits": 4}):
+        split = run(args)
+        again = run(args)
+        ws = Workspace()  # the split path's partials live in the workspace
+        desc = get_op("sparse_attn")
+        triton_sparse_attn(*desc.backend_args(on_device(args)), ws=ws)
+    assert {t.shape[0] for t in ws.tensors()} == {4}
+    assert bit_identical(split, again)
+    assert compare("sparse_attn", {"o": split}, {"o": whole})
+    assert compare("sparse_attn", {"o": split}, {"o": expected_o(args)})
+
+
+@pytest.mark.parametrize("params", [{"key_tile": 32, "heads": 16}, {"key_tile": 64, "heads": 32}])
+def test_other_tiles_match_the_expectation(params: dict) -> None:
+    args = attn_setup("csa", 2, seed=6)
+    with tuning.forced("sparse_attn", params):
+        o = run(args)
+    assert compare("sparse_attn", {"o": o}, {"o": expected_o(args)})
+
+
+@pytest.mark.parametrize("kind", ["swa", "csa", "hca"])
+def test_nan_goes_where_the_reference_puts_it(kind: str) -> None:
+    """NaN in one head of one query, in this call's last row of a slot (seen by its last token only)
+    and in its first row (seen by both tokens): NaN exactly where the reference has it, every other
+    output within the rule."""
+    args = attn_setup(kind, 2, seed=7)
+    args["q"][0, 1, 2, 5] = float("nan")
+    args["kv"][1, 1, 3] = float("nan")  # an FP8 block of token 1's row: all of it NaN once stored
+    args["kv"][2, 0, -1] = float("nan")  # the bf16 rope tail of token 0's row
+    o, ref = run(args), run(args, "reference")
+    assert ref.isnan().any(dim=-1).sum() > 0
+    assert torch.equal(o.isnan(), ref.isnan())
+    assert not o[1, 0].isnan().any()  # token 0 does not see token 1's row
+    finite = ~ref.isnan()
+    assert compare("sparse_attn", {"o": torch.where(finite, o, 0)}, {"o": torch.where(finite, ref, 0)})
+
+
+@FULL
+def test_demo_decode() -> None:
+    """Full-size dims (H 64, HD 512, NOPE 448: seven FP8 blocks and the rope tail), a CSA decode step."""
+    cfg = dsv4.get_config("demo")
+    case = make_case(cfg, "sparse_attn", seed=2, device=DEVICE, batch=2, seq=2)
+    assert_matches_reference(case)

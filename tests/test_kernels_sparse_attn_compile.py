@@ -1,0 +1,49 @@
+"""The sparse_attn kernel compiles for an H100 (sm_90) as its launcher specializes it, no GPU needed.
+
+The variants the launcher runs at flash dims (H 64, HD 512, a CSA layer) for a decode step with
+multi-token prediction (S=2: a token pair per program, 8 heads) and for S=1 (16 heads, the smallest
+MMA M) are lowered to cubins (``sm90.compile_plans``): no variant may spill (no local memory), each
+block must fit an SM, the grid depends on the shapes alone (slot x token block, head blocks, splits),
+and the kernel waits for its predecessor inside (programmatic dependent launch), as the module
+docstring of ``dsv4.kernels.sparse_attn`` says.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from sm90 import H100_SHARED, Plan, Variant, compile_plans
+
+START = 4 * 2048 - 2  # 2048 compressed rows, the window's 128 rows from the pool
+PLANS = [
+    [
+        Plan("flash-decode", "sparse_attn", "flash", batch=4, seq=2, start_pos=START, max_position=4 * 2048),
+        Plan("flash-t1", "sparse_attn", "flash", batch=4, seq=1, start_pos=START, max_position=4 * 2048),
+    ]
+]
+# (B x ceil(S / 2), ceil(H / heads), splits): 8 heads a program for a token pair, 16 for one token
+GRIDS = {"flash-decode": (4, 8, 1), "flash-t1": (4, 4, 1)}
+
+
+@pytest.fixture(scope="session")
+def variants() -> list[Variant]:
+    return compile_plans(PLANS)
+
+
+def test_one_launch_with_the_documented_grid(variants: list[Variant]) -> None:
+    for plan, grid in GRIDS.items():
+        launched = [(v.kernel, g) for v in variants for p, g in v.launches if p == plan]
+        assert launched == [("_attn_kernel", grid)], plan
+
+
+def test_no_spills_and_each_block_fits_an_sm(variants: list[Variant]) -> None:
+    for v in variants:
+        assert v.local_bytes == 0, (v.kernel, v.launches, "spills", v.local_bytes)
+        assert v.shared_bytes <= H100_SHARED, (v.kernel, v.launches, v.shared_bytes)
+        assert v.blocks_per_sm() >= 1, (v.kernel, v.registers, v.shared_bytes)
+        print(f"{v.kernel} {sorted(v.plans)}: {v.registers} registers, {v.shared_bytes} B shared, {v.mma}")
+
+
+def test_dependent_launch(variants: list[Variant]) -> None:
+    for v in variants:
+        assert v.pdl_order == ("launch_dependents", "wait"), (v.kernel, v.launches, v.pdl_order)
