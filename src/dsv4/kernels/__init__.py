@@ -17,6 +17,12 @@ from .window_kv_write import window_kv_write
 from .workspace import Workspace
 
 __all__ = [
-    "Workspace", "indexer", "interpreted", "o_proj", "qkv_proj_rope", "sparse_attn", "unavailable_reason",
+    "Workspace",
+    "indexer",
+    "interpreted",
+    "o_proj",
+    "qkv_proj_rope",
+    "sparse_attn",
+    "unavailable_reason",
     "window_kv_write",
 ]
