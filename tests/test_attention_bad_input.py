@@ -15,6 +15,7 @@ import dsv4.ops.validate as validate
 from conftest import DEVICE, backends_of
 from dsv4.harness.cases import make_case, mutated_args, record_outputs
 from dsv4.harness.golden import bit_identical
+from dsv4.ops.backends import implementation
 from dsv4.ops.registry import get_op
 from test_bad_op_arguments import HostReadWatch
 
@@ -144,17 +145,15 @@ def test_an_out_buffer_that_overlaps_an_input_is_refused() -> None:
         dsv4.o_proj(**_args("o_proj"), out=dsv4.OProjOut(torch.empty(4, 7, dtype=torch.bfloat16)))
 
 
-# The attention ops without a Triton implementation (each leaves this list when its kernel lands).
-WITHOUT_TRITON = [
-    op for op in ("kv_compressor", "window_kv_write", "sparse_attn") if "triton" not in get_op(op).implementations
-]
-
-
-@pytest.mark.parametrize("op", WITHOUT_TRITON)
+@pytest.mark.parametrize("op", ["kv_compressor", "window_kv_write", "sparse_attn", "o_proj"])
 def test_a_backend_the_op_lacks_is_named(op: str) -> None:
+    """The op registered with its reference alone (as a user's op may be): naming the Triton backend
+    is a ``ValueError`` naming the op and the backend; ``auto`` takes the reference."""
+    desc = get_op(op)
+    reference_only = dataclasses.replace(desc, implementations={"reference": desc.implementations["reference"]})
     with pytest.raises(ValueError, match=f"{op} has no 'triton' implementation"):
-        getattr(dsv4, op)(**_args(op), backend="triton")
-    getattr(dsv4, op)(**_args(op), backend="auto")  # auto takes the reference
+        implementation(reference_only, "triton", DEVICE)
+    assert implementation(reference_only, "auto", DEVICE) is desc.implementation("reference")
 
 
 # --- value checks without a host read -------------------------------------------------------------
