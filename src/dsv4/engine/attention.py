@@ -20,6 +20,7 @@ from ..ops.backends import BACKENDS
 from ..ops.registry import get_op
 from ..ops.validate import check_eps, check_int
 from .frontend import _host_ints
+from .staging import staged
 
 if TYPE_CHECKING:
     from .attention_graph import AttentionGraph
@@ -399,10 +400,7 @@ class DecodeAttention(torch.nn.Module):
     def _step(self, xn: torch.Tensor, starts: list[int]) -> torch.Tensor:
         b, s, d = xn.shape
         plan = self.begin_step(starts, s)
-        staging = torch.tensor(starts, dtype=torch.int64)
-        if xn.is_cuda:  # pinned: the copy needs no sync
-            staging = staging.pin_memory()
-        start = staging.to(xn.device, non_blocking=True)
+        start = staged(starts, xn.device).to(xn.device, non_blocking=True)
         positions = (start[:, None] + torch.arange(s, device=xn.device)).reshape(-1)
         be, rope, eps = self.op_backends, self.rope, self.eps
         xn = xn.contiguous()

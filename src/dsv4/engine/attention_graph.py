@@ -23,6 +23,7 @@ from ..model.config import COMPRESS_RATIO
 from ..model.structs import QKV, AttnOut, IndexerOut, OProjOut, StepPositions
 from ..ops.registry import get_op
 from ..ops.validate import check_int
+from .staging import staged
 
 if TYPE_CHECKING:
     from .attention import DecodeAttention
@@ -185,10 +186,7 @@ class AttentionGraph:
         if rows is not None and any((p + self.seq) // COMPRESS_RATIO > rows for p in starts):
             raise ValueError(f"start_pos: {starts} with S={self.seq} passes the indexer pool's rows")
         plan = layer.begin_step(starts, self.seq)
-        staging = torch.tensor(starts, dtype=torch.int64)
-        if self.start.is_cuda:  # pinned blocks are not reused before their copy is done: no race, no sync
-            staging = staging.pin_memory()
-        self.start.copy_(staging, non_blocking=True)
+        self.start.copy_(staged(starts, self.start.device), non_blocking=True)
         self.xn.copy_(xn)
         if self.graph is not None:
             self.graph.replay()

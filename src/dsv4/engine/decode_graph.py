@@ -18,6 +18,7 @@ from ..model.state import IndexerState
 from ..model.structs import QKV, IndexerOut, StepPositions
 from ..model.weights import AttnWeights, IndexerWeights
 from ..ops.defs import INDEXER, QKV_PROJ_ROPE
+from .staging import staged
 
 
 def _triton_backend() -> ModuleType:
@@ -106,10 +107,7 @@ class StaticDecodeStep:
     def set_inputs(self, x: torch.Tensor, start: list[int]) -> None:
         """Copy a step's inputs into the static buffers (no device sync; ``start`` checked on the host)."""
         self.check_inputs(x, start)
-        staging = torch.tensor(start, dtype=torch.int64)
-        if self.start.is_cuda:  # pinned blocks are not reused before their copy is done: no race, no sync
-            staging = staging.pin_memory()
-        self.start.copy_(staging, non_blocking=True)
+        self.start.copy_(staged(start, self.start.device), non_blocking=True)
         self.x.copy_(x)
 
     def launch(self) -> None:

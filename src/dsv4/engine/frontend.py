@@ -17,6 +17,7 @@ from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights, Laye
 from ..ops.backends import BACKENDS, resolve
 from ..ops.validate import check_eps, check_int, check_offset, check_tensor, check_topk
 from .decode_graph import DecodeGraph, StaticDecodeStep
+from .staging import staged
 
 _ATTN = ("wq_a", "gamma_cq", "wq_b", "wq_b_scale", "wkv", "gamma_ckv")
 _INDEXER = ("wq_b", "wq_b_scale", "weights_proj")
@@ -279,10 +280,7 @@ class DecodeFrontEnd(torch.nn.Module):
     def _step(
         self, x: torch.Tensor, start: list[int], b: int, s: int, d: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        staging = torch.tensor(start, dtype=torch.int64)
-        if x.is_cuda:  # pinned: the copy needs no sync (and the block is not reused before it lands)
-            staging = staging.pin_memory()
-        start_t = staging.to(x.device, non_blocking=True)
+        start_t = staged(start, x.device).to(x.device, non_blocking=True)
         positions = (start_t[:, None] + torch.arange(s, device=x.device)).reshape(-1)
         qkv = ops.qkv_proj_rope(
             x.reshape(b * s, d), self.attn, positions, self.rope, eps=self.eps, backend=self.backend
