@@ -43,7 +43,9 @@ def test_a_key_split_matches_one_launch(kind: str, seq: int) -> None:
     assert compare("sparse_attn", {"o": split}, {"o": expected_o(args)})
 
 
-@pytest.mark.parametrize("params", [{"key_tile": 32, "heads": 16}, {"key_tile": 64, "heads": 32}])
+@pytest.mark.parametrize(
+    "params", [{"tokens": 2, "heads": 8}, {"key_tile": 32, "heads": 16}, {"key_tile": 64, "heads": 32, "tokens": 2}]
+)
 def test_other_tiles_match_the_expectation(params: dict) -> None:
     args = attn_setup("csa", 2, seed=6)
     with tuning.forced("sparse_attn", params):
@@ -51,16 +53,18 @@ def test_other_tiles_match_the_expectation(params: dict) -> None:
     assert compare("sparse_attn", {"o": o}, {"o": expected_o(args)})
 
 
-@pytest.mark.parametrize("kind", ["swa", "csa", "hca"])
-def test_nan_goes_where_the_reference_puts_it(kind: str) -> None:
+@pytest.mark.parametrize("kind,tokens", [("swa", 1), ("csa", 2), ("hca", 1), ("hca", 2)])
+def test_nan_goes_where_the_reference_puts_it(kind: str, tokens: int) -> None:
     """NaN in one head of one query, in this call's last row of a slot (seen by its last token only)
     and in its first row (seen by both tokens): NaN exactly where the reference has it, every other
-    output within the rule."""
+    output within the rule, with a program per token and per token pair."""
     args = attn_setup(kind, 2, seed=7)
     args["q"][0, 1, 2, 5] = float("nan")
     args["kv"][1, 1, 3] = float("nan")  # an FP8 block of token 1's row: all of it NaN once stored
     args["kv"][2, 0, -1] = float("nan")  # the bf16 rope tail of token 0's row
-    o, ref = run(args), run(args, "reference")
+    with tuning.forced("sparse_attn", {"tokens": tokens, "heads": 16 // tokens}):
+        o = run(args)
+    ref = run(args, "reference")
     assert ref.isnan().any(dim=-1).sum() > 0
     assert torch.equal(o.isnan(), ref.isnan())
     assert not o[1, 0].isnan().any()  # token 0 does not see token 1's row

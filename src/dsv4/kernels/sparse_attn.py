@@ -1,12 +1,16 @@
 """Sparse attention with sink over the paged FP8 KV pools (attention spec §5), for the three kinds.
 
 **Programs.** One program per (slot ``b``, token block, head block, key split): a token block is
-``TOKENS`` consecutive tokens of the step (a decode step's two tokens together; one when ``S == 1``),
-a head block ``HEADS`` heads. Its ``M = TOKENS * HEADS`` (token, head) rows are the M side of every
-``tl.dot``: each key tile ``[KEYS, HD]`` (one MQA head for all heads, value = key) is read once for
-all of them, dequantized on chip and used for both products, ``z = q @ k^T`` and
-``acc += bf16(e) @ k``; a row whose token does not see a key gets ``e = 0`` for it (the mask is per
-token). The queries ``[M, HD]`` are loaded once and stay in registers.
+``TOKENS`` consecutive tokens of the step (one by default; a decode step's two tokens together with
+the ``tokens`` tuning choice), a head block ``HEADS`` heads (16 by default: M = 16 rows, the smallest
+MMA). One token a program reads fewer key bytes than a pair at the same M: a CSA token's top-k rows
+are its own, so a pair of 8-head programs reads both tokens' lists 8 times a step, one-token programs
+of 16 heads 4 times each; the window and HCA's rows are read as often either way. Its
+``M = TOKENS * HEADS`` (token, head) rows are the M side of every ``tl.dot``: each key tile
+``[KEYS, HD]`` (one MQA head for all heads, value = key) is read once for all of them, dequantized
+on chip and used for both products, ``z = q @ k^T`` and ``acc += bf16(e) @ k``; a row whose token
+does not see a key gets ``e = 0`` for it (the mask is per token). The queries ``[M, HD]`` are loaded
+once and stay in registers.
 
 **Keys**, in this order (the online softmax's order):
 
@@ -63,9 +67,11 @@ from .split_k import BF16_DOT_DTYPE
 from .tuning import Param, Tunable, pow2_bucket
 from .workspace import Workspace, scratch
 
-TOKENS_PER_BLOCK = 2  # a decode step's two tokens (multi-token prediction) share every key tile
-HEADS = 8  # heads per program: M = 2 x 8 = 16 rows, the fp32 acc [16, 512] 32 registers a thread at 8 warps
-#           (16 heads spill at sm_90: the dot operands are replicated across the warps on the key axis)
+TOKENS_PER_BLOCK = 1  # tokens per program: a CSA token's top-k rows are its own, so a token pair reads both lists
+#                      for every head block; one token with twice the heads reads each list half as often
+#                      (and the window and HCA rows as often as a pair): as many programs, fewer key bytes
+HEADS = 16  # heads per program: M = 1 x 16 = 16 rows, the fp32 acc [16, 512] 32 registers a thread at 8 warps
+#            (32 rows spill at sm_90: the dot operands are replicated across the warps on the key axis)
 KEYS = 16  # keys per tile: 16 x 584 B of FP8 rows read, a [16, 512] bf16 operand tile
 NUM_WARPS = 8  # the [M, HD] accumulator spread over two warpgroups
 NUM_STAGES = 1  # software pipelining of the key loads: more stages spill at sm_90 (Triton 3.9)
@@ -82,9 +88,10 @@ _SCALE_BYTES = tl.constexpr(SCALE_BYTES)
 
 TUNING = Tunable(
     "sparse_attn",
-    "_attn_kernel (+ _combine_kernel with splits): every (slot, token pair, head block, key split)",
+    "_attn_kernel (+ _combine_kernel with splits): every (slot, token block, head block, key split)",
     dims=("B", "S", "H"),
     params=(
+        Param("tokens", TOKENS_PER_BLOCK, (1, 2), "tokens of a step per program (2: a pair shares window tiles)"),
         Param("heads", HEADS, (8, 16, 32, 64), "heads per program (the MMA's M is tokens x heads)"),
         Param("key_tile", KEYS, (16, 32, 64), "keys per tile"),
         Param("num_stages", NUM_STAGES, (1, 2, 3), "pipeline stages of the key loads", compiled_only=True),
@@ -94,6 +101,7 @@ TUNING = Tunable(
     ),
     candidates=(
         {"splits": 2},
+        {"tokens": 2, "heads": 8},
         {"key_tile": 32},
         {"heads": 16},
         {"heads": 16, "key_tile": 32, "num_stages": 2},
@@ -367,8 +375,8 @@ def sparse_attn(
         "q", "a head dim that is a power of two in [64, 512] and a multiple of R (a power of two)",
     )  # fmt: skip
     o = torch.empty(q.shape, dtype=torch.bfloat16, device=q.device) if out is None else out.o
-    tokens = min(s, TOKENS_PER_BLOCK)
     cfg = TUNING.config(q.device, B=pow2_bucket(b), S=pow2_bucket(s), H=pow2_bucket(h))
+    tokens = min(s, cfg.tokens)
     heads = max(min(cfg.heads, triton.next_power_of_2(h)), MIN_DOT_WIDTH // tokens)
     splits = cfg.splits if kind != "swa" else 1
     pdl = cfg.pdl and pdl_supported(q.device)
