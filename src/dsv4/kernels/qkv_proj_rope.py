@@ -101,7 +101,7 @@ Q_HEADS_TUNING = Tunable(
         ),
     ),
     candidates=(
-        {"num_warps": 16},  # half the accumulator registers a thread: Triton 3.6 spills 24 B at T=128, not 72
+        {"num_warps": 16},  # half the accumulator registers a thread: 128 at T=128 (Triton 3.9 and 3.6)
         {"num_stages": 2},
         {"num_stages": 4},
         {"block_k": 64},
@@ -248,7 +248,8 @@ def _publish_sumsq(sumsq_ptr, pair, half, c, sumsq, rows, row_ok, T):
 
     Both travel in one int64 word, ``c``'s bits above the sum's, and every word is its own flag: the
     rows kernel set them to -1, and a published word is positive (``c`` is a positive power of two; a
-    NaN sum's sign bit stays in the low word). An atomic store, read by the partner's volatile loads.
+    NaN sum's sign bit stays in the low word). An atomic store, read by the partner's volatile loads
+    and its final atomic read.
     """
     mine = sumsq_ptr + (pair * 2 + half) * T + rows
     word = (c.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (sumsq.to(tl.int32, bitcast=True).to(tl.int64) & _LOW32)
@@ -262,15 +263,20 @@ def _await_sumsq(sumsq_ptr, pair, half, rows, row_ok, T):
     GPU only: the partner program must be resident at the same time (the launcher pairs only grids
     that fit one wave of SMs). The wait ends when the block-wide count of unpublished values is 0. A
     row's value may be held by several threads (a tile split over warp groups along N replicates its
-    rows), and the count sees one copy of each; so after the wait every thread loads its values once
-    more, which the barrier of that count orders after the copies that were seen published.
+    rows), and the count sees one copy of each; so after the wait the values are read once more, after
+    the barrier that orders the read after the copies that were seen published: by an atomic read (an
+    ``or`` of 0, which leaves the word as it is), one per row, its result handed to the row's other
+    holders. Not a volatile load: Triton 3.6 rematerializes a load in each layout its users take, and
+    a volatile one stays even where unused, so that read became five loads, two of them 32 int64 a
+    thread that nothing used: the register pressure that made the paired kernel spill 72 B on 3.6.
     """
     theirs = sumsq_ptr + (pair * 2 + 1 - half) * T + rows
     other = tl.load(theirs, mask=row_ok, other=_ONE_AND_ZERO, volatile=True)
     while tl.sum((other < 0).to(tl.int32), axis=0) > 0:
         other = tl.load(theirs, mask=row_ok, other=_ONE_AND_ZERO, volatile=True)
     tl.debug_barrier()
-    other = tl.load(theirs, mask=row_ok, other=_ONE_AND_ZERO, volatile=True)
+    other = tl.atomic_or(theirs, 0, mask=row_ok, sem="relaxed", scope="gpu")
+    other = tl.where(row_ok, other, _ONE_AND_ZERO)  # a masked atomic returns nothing defined
     return (other >> 32).to(tl.int32).to(tl.float32, bitcast=True), other.to(tl.int32).to(tl.float32, bitcast=True)
 
 
