@@ -217,9 +217,13 @@ def _score_kernel(
             score = tl.where(seen, head_sum * k_scale[:, None], _MASKED)  # the key scale after the head sum
             tl.store(out_row[None, :] + key[:, None], score, mask=(key < n_keys)[:, None] & tok_live[None, :])
             if HIST:
+                # Flattened token-major (a count does not depend on the order): then the digits are
+                # computed in the store's key-major layout and share its layout change (Triton 3.6).
                 digit = (order_bits(score) >> _FIRST_SHIFT).to(tl.int32) + col_tok[None, :] * _BINS
                 counts += tl.histogram(
-                    tl.reshape(digit, [_KEYS * TOKENS]), TOKENS * _BINS, mask=tl.reshape(seen, [_KEYS * TOKENS])
+                    tl.reshape(tl.trans(digit), [_KEYS * TOKENS]),
+                    TOKENS * _BINS,
+                    mask=tl.reshape(tl.trans(seen), [_KEYS * TOKENS]),
                 )
         if HIST:
             hist_tok = tok0 + bins // _BINS
