@@ -123,6 +123,7 @@ TUNING = Tunable(
 @triton.jit
 def _tile_slots(table_ptr, b, key, present, max_blocks, BLOCK_SIZE: tl.constexpr):
     """Pool slots of ``key [KEYS]`` of row ``b`` (``present``: rows that exist) through the block table."""
+    key = key.to(tl.uint32)  # >= 0: unsigned, so the division and remainder need no sign fix-up
     block = tl.load(table_ptr + b * max_blocks + key // BLOCK_SIZE, mask=present, other=0).to(tl.int64)
     return block * BLOCK_SIZE + key % BLOCK_SIZE
 
@@ -194,11 +195,14 @@ def _score_kernel(
         weight = tl.load(proj_ptr + tok * n_proj + w_col + pair_head, mask=live, other=0.0) * weights_scale
         wq = weight * q_scale
         tok_live = s0 + col_tok < S
-        visible = (start + s0 + col_tok + 1) // _RATIO  # [TOKENS]
+        # [TOKENS]; at most n_keys (a valid step's are), so that the tile loop's key arithmetic is int32
+        visible = tl.minimum((start + s0 + col_tok + 1) // _RATIO, n_keys).to(tl.int32)
         load_hi = tl.max(tl.where(tok_live, visible, 0), 0)  # keys any token of the group sees
         out_row = score_ptr + (tok0 + col_tok) * n_keys  # [TOKENS]
         counts = tl.zeros([TOKENS * _BINS], dtype=tl.int32)
-        for t in tl.range(tl.maximum(lo - g * tiles, 0), tl.minimum(hi - g * tiles, tiles), num_stages=KEY_STAGES):
+        t_lo = tl.maximum(lo - g * tiles, 0).to(tl.int32)  # the group's tiles: int32 keys below
+        t_hi = tl.minimum(hi - g * tiles, tiles).to(tl.int32)
+        for t in tl.range(t_lo, t_hi, num_stages=KEY_STAGES):
             key = t * _KEYS + tl.arange(0, _KEYS)
             present = key < load_hi
             slot = _tile_slots(table_ptr, b, key, present, max_blocks, BLOCK_SIZE)
@@ -213,9 +217,13 @@ def _score_kernel(
             score = tl.where(seen, head_sum * k_scale[:, None], _MASKED)  # the key scale after the head sum
             tl.store(out_row[None, :] + key[:, None], score, mask=(key < n_keys)[:, None] & tok_live[None, :])
             if HIST:
+                # Flattened token-major (a count does not depend on the order): then the digits are
+                # computed in the store's key-major layout and share its layout change (Triton 3.6).
                 digit = (order_bits(score) >> _FIRST_SHIFT).to(tl.int32) + col_tok[None, :] * _BINS
                 counts += tl.histogram(
-                    tl.reshape(digit, [_KEYS * TOKENS]), TOKENS * _BINS, mask=tl.reshape(seen, [_KEYS * TOKENS])
+                    tl.reshape(tl.trans(digit), [_KEYS * TOKENS]),
+                    TOKENS * _BINS,
+                    mask=tl.reshape(tl.trans(seen), [_KEYS * TOKENS]),
                 )
         if HIST:
             hist_tok = tok0 + bins // _BINS
