@@ -291,15 +291,14 @@ def _rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, ok, R: tl.constexpr):
 
 
 @triton.jit
-def _store_q_half(q_ptr, qn, rows, row_ok, col0, positions_ptr, cos_ptr, sin_ptr, H: tl.constexpr,
-                  HD: tl.constexpr, R: tl.constexpr, ROPE: tl.constexpr):  # fmt: skip
+def _store_q_half(q_ptr, qn, rows, row_ok, col0, cos, sin, H: tl.constexpr, HD: tl.constexpr, R: tl.constexpr,
+                  ROPE: tl.constexpr):  # fmt: skip
     """Store ``qn [BM, HALF]`` (normalized) as bf16 at columns ``[col0, col0 + HALF)`` of ``q [T, H*HD]``;
-    ``ROPE``: the half that holds a head's last R columns, rotated at each token's position (its cos/sin
-    rows are loaded here, not earlier: the paired kernel has no registers to hold them sooner)."""
+    ``ROPE``: the half that holds a head's last R columns, rotated at each token's position by ``cos``
+    and ``sin`` ``[BM, R/2]`` (``_rope_rows``; unused otherwise)."""
     HALF: tl.constexpr = qn.shape[1]
     out = q_ptr + rows[:, None] * (H * HD) + col0 + tl.arange(0, HALF)[None, :]
     if ROPE:
-        cos, sin = _rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, row_ok, R)
         store_rope_bf16(out, qn, cos, sin, row_ok[:, None], HALF, R)
     else:
         tl.store(out, to_bf16(qn), mask=row_ok[:, None])
@@ -348,6 +347,8 @@ def _q_heads_kernel(
     if PAIRED:
         qp, c, sumsq = _half_head(qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, QL, HALF, BLOCK_K)
         _publish_sumsq(sumsq_ptr, head, half, c, sumsq, rows, row_ok, T)
+        # the rope half's cos/sin rows are on their way while the partner finishes
+        cos, sin = _rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, tl.where(half == 1, row_ok, False), R)
         c_other, sumsq_other = _await_sumsq(sumsq_ptr, head, half, rows, row_ok, T)
         first = half == 0  # both programs of a pair combine half 0's values first: the same bits
         scale, inv = _head_rms(
@@ -356,18 +357,17 @@ def _q_heads_kernel(
         )  # fmt: skip
         qn = (qp * scale) * inv
         if half == 0:
-            _store_q_half(q_ptr, qn, rows, row_ok, col0, positions_ptr, cos_ptr, sin_ptr, H, HD, R, False)
+            _store_q_half(q_ptr, qn, rows, row_ok, col0, cos, sin, H, HD, R, False)
         else:
-            _store_q_half(q_ptr, qn, rows, row_ok, col0, positions_ptr, cos_ptr, sin_ptr, H, HD, R, True)
+            _store_q_half(q_ptr, qn, rows, row_ok, col0, cos, sin, H, HD, R, True)
     else:
         qp0, c0, sumsq0, qp1, c1, sumsq1 = _whole_head(
             qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, QL, HALF, BLOCK_K
         )
         scale, inv = _head_rms(c0, sumsq0, c1, sumsq1, HD, eps)
-        _store_q_half(q_ptr, (qp0 * scale) * inv, rows, row_ok, col0, positions_ptr, cos_ptr, sin_ptr, H, HD, R, False)
-        _store_q_half(
-            q_ptr, (qp1 * scale) * inv, rows, row_ok, col0 + HALF, positions_ptr, cos_ptr, sin_ptr, H, HD, R, True
-        )
+        _store_q_half(q_ptr, (qp0 * scale) * inv, rows, row_ok, col0, 0.0, 0.0, H, HD, R, False)
+        cos, sin = _rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, row_ok, R)
+        _store_q_half(q_ptr, (qp1 * scale) * inv, rows, row_ok, col0 + HALF, cos, sin, H, HD, R, True)
 
 
 def q_heads_tiles(t: int, h: int, sms: int, pair: bool = True) -> tuple[int, bool]:
