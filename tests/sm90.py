@@ -190,7 +190,7 @@ def _run_plan(plan: Plan) -> None:
     from dsv4.model.config import get_config
 
     # ops that take start positions; sparse_attn's pools are drawn at the position
-    stateful = plan.op not in ("qkv_proj_rope", "o_proj", "sparse_attn")
+    stateful = plan.op not in ("qkv_proj_rope", "o_proj", "sparse_attn", "sparse_attn_write")
     case = make_case(
         get_config(plan.preset), plan.op, batch=plan.batch, seq=plan.seq,
         start_pos=0 if stateful else plan.start_pos, max_position=plan.max_position,

@@ -89,6 +89,7 @@ BAD: list[tuple[str, str, Callable, type, tuple[str, ...]]] = [
     ("window_kv_write", "pool.block_table", lambda t: t + 1000, ValueError, ("pool.block_table", "needs")),
     ("window_kv_write", "pool.block_table", _two_writers, ValueError, ("two slots write the same pool row",)),
     ("window_kv_write", "pool.nope", lambda t: t[:, :12].contiguous(), ValueError, ("pool.nope", "power of two")),
+    ("sparse_attn_write", "window_pool.block_table", _two_writers, ValueError, ("two slots write the same pool row",)),
     ("sparse_attn", "kind", lambda k: "mla", ValueError, ("kind", "swa")),
     ("sparse_attn", "kind", lambda k: "hca", ValueError, ("topk_idxs", "takes no")),
     ("sparse_attn", "topk_idxs", lambda t: None, ValueError, ("topk_idxs", "needs")),
@@ -133,7 +134,7 @@ def test_bad_input_is_named_and_nothing_changes(op, path, breaker, exc, words) -
 
 def test_every_op_runs_unbroken() -> None:
     """The calls above differ from a valid one in one argument only."""
-    for op in ("kv_compressor", "window_kv_write", "sparse_attn", "o_proj"):
+    for op in ("kv_compressor", "window_kv_write", "sparse_attn", "sparse_attn_write", "o_proj"):
         getattr(dsv4, op)(**_args(op), backend="reference")
 
 
@@ -145,7 +146,7 @@ def test_an_out_buffer_that_overlaps_an_input_is_refused() -> None:
         dsv4.o_proj(**_args("o_proj"), out=dsv4.OProjOut(torch.empty(4, 7, dtype=torch.bfloat16)))
 
 
-@pytest.mark.parametrize("op", ["kv_compressor", "window_kv_write", "sparse_attn", "o_proj"])
+@pytest.mark.parametrize("op", ["kv_compressor", "window_kv_write", "sparse_attn", "sparse_attn_write", "o_proj"])
 def test_a_backend_the_op_lacks_is_named(op: str) -> None:
     """The op registered with its reference alone (as a user's op may be): naming the Triton backend
     is a ``ValueError`` naming the op and the backend; ``auto`` takes the reference."""
@@ -163,7 +164,7 @@ def _on_meta(args: dict) -> dict:
     return {k: v.to("meta") if hasattr(v, "to") else v for k, v in args.items()}
 
 
-@pytest.mark.parametrize("op", ["kv_compressor", "window_kv_write", "sparse_attn"])
+@pytest.mark.parametrize("op", ["kv_compressor", "window_kv_write", "sparse_attn", "sparse_attn_write"])
 def test_device_tensors_are_checked_without_a_host_read(op: str) -> None:
     """On a device whose values cannot be read (meta), validation completes: start_pos and the block
     tables are checked by device-side asserts, nothing reads a value back (a GPU sync per call)."""
@@ -176,6 +177,7 @@ def test_device_tensors_are_checked_without_a_host_read(op: str) -> None:
         "kv_compressor": ["start_pos", "state.pool.block_table"],
         "window_kv_write": ["pool.block_table", "start_pos"],
         "sparse_attn": ["compressed_pool.block_table", "start_pos", "window_pool.block_table"],
+        "sparse_attn_write": ["compressed_pool.block_table", "start_pos", "window_pool.block_table"],
     }
     assert names == expected[op]
 

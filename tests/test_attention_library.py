@@ -31,7 +31,7 @@ def _args(op: str) -> dict:
 CHECKS = ("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
 
 
-@pytest.mark.parametrize("op", ["kv_compressor", "window_kv_write", "sparse_attn", "o_proj"])
+@pytest.mark.parametrize("op", ["kv_compressor", "window_kv_write", "sparse_attn", "sparse_attn_write", "o_proj"])
 def test_opcheck(op: str) -> None:
     args = _args(op)
     flat = (*flatten(get_op(op), args), "reference")
@@ -40,7 +40,11 @@ def test_opcheck(op: str) -> None:
 
 @pytest.mark.parametrize(
     ("op", "backend"),
-    [(op, b) for op in ("kv_compressor", "window_kv_write", "sparse_attn", "o_proj") for b in backends_of(op)],
+    [
+        (op, b)
+        for op in ("kv_compressor", "window_kv_write", "sparse_attn", "sparse_attn_write", "o_proj")
+        for b in backends_of(op)
+    ],
 )
 def test_schema_declares_what_changes(op: str, backend: str) -> None:
     """Every argument the custom op changes is declared mutable in its schema, and the pool and ring
@@ -61,6 +65,7 @@ def test_schema_declares_what_changes(op: str, backend: str) -> None:
     expected = {
         "kv_compressor": {"kv_state", "score_state", "nope", "scale"},
         "window_kv_write": {"nope", "rope", "scale"},
+        "sparse_attn_write": {"window_pool_nope", "window_pool_rope", "window_pool_scale"},
     }
     assert changed >= expected.get(op, set())
 

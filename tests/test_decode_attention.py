@@ -212,4 +212,4 @@ def test_module_moves_with_to_and_names_its_buffers() -> None:
     assert {"attn_wq_a", "o_wo_b", "attn_sink", "win_nope", "cmp_kv_state", "idx_keys", "rope_cos"} <= names
     m.to(torch.device("cpu"))
     assert m.window_pool.nope.data_ptr() == m.win_nope.data_ptr()
-    assert m.op_backends["sparse_attn"] == "reference"
+    assert m.op_backends["sparse_attn_write"] == "reference"

@@ -1,11 +1,12 @@
 """The sparse_attn kernel compiles for an H100 (sm_90) as its launcher specializes it, no GPU needed.
 
 The variants the launcher runs at flash dims (H 64, HD 512, a CSA layer) for a decode step with
-multi-token prediction (S=2) and for S=1 (a program per token and 16 heads either way: the smallest
-MMA M) are lowered to cubins (``sm90.compile_plans``): no variant may spill (no local memory), each
-block must fit an SM, the grid depends on the shapes alone (slot x token block, head blocks, splits),
-and the kernel waits for its predecessor inside (programmatic dependent launch), as the module
-docstring of ``dsv4.kernels.sparse_attn`` says.
+multi-token prediction (S=2), for S=1 (a program per token and 16 heads either way: the smallest
+MMA M) and for ``sparse_attn_write``'s decode step (the same launch storing the window rows) are
+lowered to cubins (``sm90.compile_plans``): no variant may spill (no local memory), each block must
+fit an SM, the grid depends on the shapes alone (slot x token block, head blocks, splits), and the
+kernel waits for its predecessor inside (programmatic dependent launch), as the module docstring of
+``dsv4.kernels.sparse_attn`` says.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ PLANS = [
     [
         Plan("flash-decode", "sparse_attn", "flash", batch=4, seq=2, start_pos=START, max_position=4 * 2048),
         Plan("flash-t1", "sparse_attn", "flash", batch=4, seq=1, start_pos=START, max_position=4 * 2048),
+        Plan(
+            "flash-decode-write", "sparse_attn_write", "flash", batch=4, seq=2, start_pos=START, max_position=4 * 2048
+        ),
     ]
 ]
 # (B x S, ceil(H / heads), splits): one token and 16 heads a program
-GRIDS = {"flash-decode": (8, 4, 1), "flash-t1": (4, 4, 1)}
+GRIDS = {"flash-decode": (8, 4, 1), "flash-t1": (4, 4, 1), "flash-decode-write": (8, 4, 1)}
 
 
 @pytest.fixture(scope="session")

@@ -30,6 +30,7 @@ from .ops.api import (
     o_proj,
     qkv_proj_rope,
     sparse_attn,
+    sparse_attn_write,
     window_kv_write,
 )
 from .ops.backends import BACKENDS, available_backends
@@ -77,6 +78,7 @@ __all__ = [
     "quantize_weight_int8",
     "rope_table",
     "sparse_attn",
+    "sparse_attn_write",
     "synthetic_activations",
     "synthetic_weights",
     "window_kv_write",

@@ -17,7 +17,16 @@ from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
 from .engine.custom_ops import call, tensors_of
-from .ops.defs import INDEXER, INDEXER_COMPRESSOR, KV_COMPRESSOR, O_PROJ, QKV_PROJ_ROPE, SPARSE_ATTN, WINDOW_KV_WRITE
+from .ops.defs import (
+    INDEXER,
+    INDEXER_COMPRESSOR,
+    KV_COMPRESSOR,
+    O_PROJ,
+    QKV_PROJ_ROPE,
+    SPARSE_ATTN,
+    SPARSE_ATTN_WRITE,
+    WINDOW_KV_WRITE,
+)
 from .ops.registry import INT_OR_TENSOR, OpDescriptor, op_function
 
 P = ParamSpec("P")
@@ -38,9 +47,10 @@ indexer = library_function(INDEXER)
 kv_compressor = library_function(KV_COMPRESSOR)
 window_kv_write = library_function(WINDOW_KV_WRITE)
 sparse_attn = library_function(SPARSE_ATTN)
+sparse_attn_write = library_function(SPARSE_ATTN_WRITE)
 o_proj = library_function(O_PROJ)
 
 __all__ = [
     "call", "indexer", "indexer_compressor", "kv_compressor", "library_function", "o_proj", "qkv_proj_rope",
-    "sparse_attn", "tensors_of", "window_kv_write",
+    "sparse_attn", "sparse_attn_write", "tensors_of", "window_kv_write",
 ]  # fmt: skip

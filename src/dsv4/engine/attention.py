@@ -32,7 +32,7 @@ _O_PROJ = ("wo_a", "wo_a_scale", "wo_b", "wo_b_scale")
 _POOL = ("nope", "rope", "scale", "block_table")
 _INDEXER_STATE = ("kv_state", "score_state", "keys", "key_scale", "block_table")
 DEFAULT_PREFILL_CHUNK = 128  # tokens per step when a call brings more (one seeds' prefill chunk)
-OPS = ("qkv_proj_rope", "kv_compressor", "indexer", "sparse_attn", "window_kv_write", "o_proj")
+OPS = ("qkv_proj_rope", "kv_compressor", "indexer", "sparse_attn_write", "o_proj")
 
 
 @dataclass
@@ -73,7 +73,8 @@ class DecodeAttention(torch.nn.Module):
     """One attention layer of any kind (SWA, CSA, HCA) for ``batch`` sequence slots, step after step.
 
     ``forward(xn)`` runs spec §7: ``qkv_proj_rope``; ``kv_compressor`` (CSA, HCA); ``indexer``
-    (CSA, ``offset`` = the window); ``sparse_attn``; ``window_kv_write``; ``o_proj``. Weights, the RoPE
+    (CSA, ``offset`` = the window); ``sparse_attn_write`` (``sparse_attn`` and ``window_kv_write`` in
+    one op: one launch on Triton); ``o_proj``. Weights, the RoPE
     table and the ``AttentionState`` parts are buffers (``.to(device)`` moves them all). Each slot
     remembers where its sequence stands; ``reset(rows)`` hands slots to new sequences.
 
@@ -421,12 +422,11 @@ class DecodeAttention(torch.nn.Module):
                 xn, qkv.qr, qkv.qr_scale, self.indexer_weights, self.indexer_state, start, self.window, rope,
                 topk=self.topk, eps=eps, backend=be["indexer"], out=out,
             ).topk_idxs  # fmt: skip
-        o = ops.sparse_attn(
+        o = ops.sparse_attn_write(
             q, kv, start, self.window_pool, self.attn_sink, rope, kind=self.kind, window=self.window,
             compress_ratio=self.ratio, compressed_pool=self.compressor_state.pool if self.ratio else None,
-            topk_idxs=topk, topk_offset=self.window if topk is not None else 0, backend=be["sparse_attn"],
+            topk_idxs=topk, topk_offset=self.window if topk is not None else 0, backend=be["sparse_attn_write"],
         ).o  # fmt: skip
-        ops.window_kv_write(kv, self.window_pool, start, window=self.window, backend=be["window_kv_write"])
         y = ops.o_proj(o.view(b * s, *o.shape[2:]), self.o_weights, backend=be["o_proj"]).y
         self.end_step(plan, starts, s)
         return y.view(b, s, d)

@@ -1,7 +1,7 @@
 """A ``DecodeAttention`` layer's whole attention step from static buffers, captured as one CUDA graph.
 
 ``DecodeAttention.capture(seq)`` builds an ``AttentionGraph``: every op of the step (``qkv_proj_rope``,
-``kv_compressor``, ``indexer``, ``sparse_attn``, ``window_kv_write``, ``o_proj``, as the layer's kind
+``kv_compressor``, ``indexer``, ``sparse_attn_write``, ``o_proj``, as the layer's kind
 has them) bound once to static inputs (``xn``, the slots' start positions), outputs and kernel
 scratch, launched with no validation, no allocation and no host read of a device value. The
 layer's weights, pools and rings are the module's own buffers; its block tables are written by
@@ -98,7 +98,7 @@ class AttentionGraph:
                 topk=layer.topk,
                 eps=eps,
             ),  # fmt: skip
-            "sparse_attn": dict(
+            "sparse_attn_write": dict(
                 q=q,
                 kv=kv,
                 start_pos=pos,
@@ -112,10 +112,9 @@ class AttentionGraph:
                 topk_idxs=self.indexer_out.topk_idxs if self.indexer_out is not None else None,
                 topk_offset=window if layer.kind == "csa" else 0,
             ),  # fmt: skip
-            "window_kv_write": dict(kv=kv, pool=layer.window_pool, start_pos=pos, window=window),
             "o_proj": dict(o=self.o.o.view(t, heads, hd), w=layer.o_weights),
         }
-        outs = {"qkv_proj_rope": self.qkv, "indexer": self.indexer_out, "sparse_attn": self.o, "o_proj": self.y}
+        outs = {"qkv_proj_rope": self.qkv, "indexer": self.indexer_out, "sparse_attn_write": self.o, "o_proj": self.y}
         self.launches: list[Launch] = [self._bind(op, args[op], outs.get(op)) for op in used]
         self.graph: torch.cuda.CUDAGraph | None = None
         if dev.type == "cuda":
@@ -125,7 +124,7 @@ class AttentionGraph:
         layer = self.layer
         skip = {"kv_compressor"} if not layer.ratio else set()
         skip |= {"indexer"} if layer.kind != "csa" else set()
-        return [op for op in ("qkv_proj_rope", "kv_compressor", "indexer", "sparse_attn", "window_kv_write", "o_proj")
+        return [op for op in ("qkv_proj_rope", "kv_compressor", "indexer", "sparse_attn_write", "o_proj")
                 if op not in skip]  # fmt: skip
 
     def _workspace(self, used: list[str]) -> Any:

@@ -12,7 +12,7 @@ from .interpreter import interpreted, unavailable_reason
 from .lightning_indexer import indexer
 from .o_proj import o_proj
 from .qkv_proj_rope import qkv_proj_rope
-from .sparse_attn import sparse_attn
+from .sparse_attn import sparse_attn, sparse_attn_write
 from .window_kv_write import window_kv_write
 from .workspace import Workspace
 
@@ -23,6 +23,7 @@ __all__ = [
     "o_proj",
     "qkv_proj_rope",
     "sparse_attn",
+    "sparse_attn_write",
     "unavailable_reason",
     "window_kv_write",
 ]

@@ -65,6 +65,7 @@ from .fp8_quant import SCALE_BIAS, byte_exponent, dequant_e4m3, quant_e4m3
 from .launch import is_pow2, pdl_supported, require
 from .split_k import BF16_DOT_DTYPE
 from .tuning import Param, Tunable, pow2_bucket
+from .window_kv_write import store_window_rows
 from .workspace import Workspace, scratch
 
 TOKENS_PER_BLOCK = 1  # tokens per program: a CSA token's top-k rows are its own, so a token pair reads both lists
@@ -230,6 +231,7 @@ def _attn_kernel(
     R: tl.constexpr,
     WIN_BS: tl.constexpr,
     CMP_BS: tl.constexpr,
+    WRITE: tl.constexpr,  # also store the step's window rows (sparse_attn_write)
     PDL: tl.constexpr,
 ):
     M: tl.constexpr = TOKENS * HEADS
@@ -243,6 +245,13 @@ def _attn_kernel(
         gdc_wait()
     start = tl.load(start_ptr + b)
     s_last = tl.minimum(s0 + TOKENS, S) - 1  # the block's last token
+    # sparse_attn_write: one program a slot stores the step's last min(S, W) window rows, first; no program
+    # of the launch reads a pool row at or above start (this call's rows come from kv)
+    if WRITE:  # noqa: SIM102 (a compile-time branch around a run-time one)
+        if (s0 == 0) & (h0 == 0) & (split == 0):
+            for t in tl.range(tl.maximum(S - window, 0), S, KEYS):
+                store_window_rows(kv_ptr, b, t + tl.arange(0, KEYS), S, start, win_table_ptr, win_width,
+                                  win_codes_ptr, win_scale_ptr, win_rope_ptr, NOPE, R, HD, WIN_BS)  # fmt: skip
 
     r = tl.arange(0, M)
     r_tok = r // HEADS
@@ -368,6 +377,82 @@ def sparse_attn(
     """``q [B, S, H, HD] bf16``, ``kv [B, S, HD] bf16`` -> ``AttnOut(o [B, S, H, HD] bf16)`` (attention
     spec §5; arguments as ``dsv4.reference.attention.sparse_attn``, validated). One launch, two with a
     key split (scratch from ``ws``)."""
+    return _launch(
+        q,
+        kv,
+        pos,
+        window_pool,
+        attn_sink,
+        rope,
+        kind,
+        window,
+        compress_ratio,
+        compressed,
+        topk_idxs,
+        topk_offset,
+        out,
+        ws,
+        write=False,
+    )
+
+
+def sparse_attn_write(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    pos: StepPositions,
+    window_pool: KVPool,
+    attn_sink: torch.Tensor,
+    rope: RopeTable,
+    kind: str,
+    window: int,
+    compress_ratio: int,
+    compressed: KVPool | None,
+    topk_idxs: torch.Tensor | None,
+    topk_offset: int,
+    out: AttnOut | None = None,
+    ws: Workspace | None = None,
+) -> AttnOut:
+    """``sparse_attn``, and in the same launch ``window_kv_write(kv, window_pool, pos, window)``: the
+    step's last ``min(S, W)`` rows stored in the window pool (attention spec §4, §7: the rows it writes
+    must alias no row the attention reads, as the spec's block recycling ensures). The program of each
+    slot's last token block and first head block stores them from the tiles it already holds."""
+    return _launch(
+        q,
+        kv,
+        pos,
+        window_pool,
+        attn_sink,
+        rope,
+        kind,
+        window,
+        compress_ratio,
+        compressed,
+        topk_idxs,
+        topk_offset,
+        out,
+        ws,
+        write=True,
+    )
+
+
+def _launch(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    pos: StepPositions,
+    window_pool: KVPool,
+    attn_sink: torch.Tensor,
+    rope: RopeTable,
+    kind: str,
+    window: int,
+    compress_ratio: int,
+    compressed: KVPool | None,
+    topk_idxs: torch.Tensor | None,
+    topk_offset: int,
+    out: AttnOut | None,
+    ws: Workspace | None,
+    write: bool,
+) -> AttnOut:
+    """Both ops' launch; ``write``: also store the window rows."""
     b, s, h, hd = q.shape
     r = rope.rope_dim
     require(
@@ -395,7 +480,7 @@ def sparse_attn(
         topk, topk_idxs.shape[2] if topk_idxs is not None else 1, topk_offset,
         o, part_m, part_l, part_acc, s, h, window, max(compress_ratio, 1), hd**-0.5,
         KIND=_KINDS[kind], HEADS=heads, TOKENS=tokens, KEYS=cfg.key_tile, SPLITS=splits, HD=hd, NOPE=hd - r, R=r,
-        WIN_BS=window_pool.block_size, CMP_BS=cmp.block_size, PDL=pdl,
+        WIN_BS=window_pool.block_size, CMP_BS=cmp.block_size, WRITE=write, PDL=pdl,
         num_warps=cfg.num_warps, enable_fp_fusion=False, launch_pdl=pdl, num_stages=cfg.num_stages,
     )  # fmt: skip
     if splits > 1:

@@ -68,6 +68,22 @@ def store_fp8_rows(nope_ptr, scale_ptr, rope_ptr, slot, held, v, NOPE: tl.conste
 
 
 @triton.jit
+def store_window_rows(kv_ptr, b, s, S, start, table_ptr, max_blocks, nope_ptr, scale_ptr, rope_ptr,
+                      NOPE: tl.constexpr, R: tl.constexpr, HDP: tl.constexpr, BLOCK_SIZE: tl.constexpr):  # fmt: skip
+    """``fp8_row(kv[b, s])`` of the tokens ``s [M]`` of slot ``b`` (those ``< S``) at window rows ``start +
+    s`` through the block table (``[>= B, max_blocks]``; a row in a ``-1`` block is skipped)."""
+    ok = s < S
+    p = start + s
+    block = tl.load(table_ptr + b * max_blocks + p // BLOCK_SIZE, mask=ok, other=-1).to(tl.int64)
+    held = ok & (block >= 0)
+    cols = tl.arange(0, HDP)[None, :]
+    hd = NOPE + R
+    row = (b * S + s).to(tl.int64) * hd
+    v = tl.load(kv_ptr + row[:, None] + cols, mask=held[:, None] & (cols < hd), other=0.0)
+    store_fp8_rows(nope_ptr, scale_ptr, rope_ptr, block * BLOCK_SIZE + p % BLOCK_SIZE, held, v.to(tl.float32), NOPE, R)
+
+
+@triton.jit
 def _window_kv_write_kernel(
     kv_ptr,  # [B, S, HD] bf16, contiguous
     start_ptr,  # [B] int64
@@ -86,15 +102,8 @@ def _window_kv_write_kernel(
 ):
     b = tl.program_id(0).to(tl.int64)
     s = first + tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    ok = s < S
-    p = tl.load(start_ptr + b) + s
-    block = tl.load(table_ptr + b * max_blocks + p // BLOCK_SIZE, mask=ok, other=-1).to(tl.int64)
-    held = ok & (block >= 0)
-    slot = block * BLOCK_SIZE + p % BLOCK_SIZE
-    cols = tl.arange(0, HDP)[None, :]
-    hd = NOPE + R
-    v = tl.load(kv_ptr + (b * S + s)[:, None] * hd + cols, mask=held[:, None] & (cols < hd), other=0.0)
-    store_fp8_rows(nope_ptr, scale_ptr, rope_ptr, slot, held, v.to(tl.float32), NOPE, R)
+    store_window_rows(kv_ptr, b, s, S, tl.load(start_ptr + b), table_ptr, max_blocks, nope_ptr, scale_ptr, rope_ptr,
+                      NOPE, R, HDP, BLOCK_SIZE)  # fmt: skip
 
 
 def window_kv_write(

@@ -8,6 +8,7 @@ from .api import (
     o_proj,
     qkv_proj_rope,
     sparse_attn,
+    sparse_attn_write,
     window_kv_write,
 )
 from .registry import OpDescriptor, Output, Param, Tolerance, get_op, op_function, op_names, register_op
@@ -28,5 +29,6 @@ __all__ = [
     "qkv_proj_rope",
     "register_op",
     "sparse_attn",
+    "sparse_attn_write",
     "window_kv_write",
 ]

@@ -13,7 +13,16 @@ from typing import Any
 import torch
 
 from .backends import implementation
-from .defs import INDEXER, INDEXER_COMPRESSOR, KV_COMPRESSOR, O_PROJ, QKV_PROJ_ROPE, SPARSE_ATTN, WINDOW_KV_WRITE
+from .defs import (
+    INDEXER,
+    INDEXER_COMPRESSOR,
+    KV_COMPRESSOR,
+    O_PROJ,
+    QKV_PROJ_ROPE,
+    SPARSE_ATTN,
+    SPARSE_ATTN_WRITE,
+    WINDOW_KV_WRITE,
+)
 from .registry import get_op, op_function
 
 
@@ -36,4 +45,5 @@ indexer = op_function(INDEXER, call_op, __name__)
 kv_compressor = op_function(KV_COMPRESSOR, call_op, __name__)
 window_kv_write = op_function(WINDOW_KV_WRITE, call_op, __name__)
 sparse_attn = op_function(SPARSE_ATTN, call_op, __name__)
+sparse_attn_write = op_function(SPARSE_ATTN_WRITE, call_op, __name__)
 o_proj = op_function(O_PROJ, call_op, __name__)

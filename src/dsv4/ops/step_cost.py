@@ -18,8 +18,7 @@ def step_costs(cfg: DeepSeekV4Config, layer: int, start_pos: Sequence[int], seq:
         costs.append(get_op("kv_compressor").cost(cfg, start_pos, seq, ratio))
     if kind == "csa":
         costs.append(get_op("indexer").cost(cfg, start_pos, seq))
-    costs.append(get_op("sparse_attn").cost(cfg, start_pos, seq, kind, ratio or None))
-    costs.append(get_op("window_kv_write").cost(cfg, start_pos, seq))
+    costs.append(get_op("sparse_attn_write").cost(cfg, start_pos, seq, kind, ratio or None))
     costs.append(get_op("o_proj").cost(cfg, start_pos, seq))
     return costs
 

@@ -86,6 +86,39 @@ def check_positions(
     return pos
 
 
+def _pool_rows(table: torch.Tensor, bs: int, lo: torch.Tensor, hi: torch.Tensor, span: int, skip: int) -> torch.Tensor:
+    """``[B, span]`` int64: the pool row (``block * bs + offset``) of each slot's rows ``lo[b] + i`` below
+    ``hi[b]``; a row past ``hi`` or in an unallocated block gets a distinct negative value, below
+    ``-skip`` (two calls with ``skip`` apart share none)."""
+    rows = lo[:, None] + torch.arange(span, device=table.device)
+    block = table.gather(1, (rows // bs).clamp(max=table.shape[1] - 1)).long()
+    held = (rows < hi[:, None]) & (block >= 0)
+    distinct = -1 - skip - torch.arange(rows.numel(), device=table.device).view_as(rows)
+    return torch.where(held, block * bs + rows % bs, distinct)
+
+
+def check_writes_apart_from_reads(name: str, pool: KVPool, pos: StepPositions, window: int) -> None:
+    """``sparse_attn_write``: no pool row the step writes (each slot's last ``min(S, W)`` rows) is a row
+    it reads (the window rows below each slot's start, any slot's): in one launch the write would race
+    with the read (attention spec §7). On the host when the table is there, else on the device."""
+    table, bs, s = pool.block_table[: pos.batch], pool.block_size, int(pos.seq)
+    start = pos.start.to(table.device)
+    if window < 2:  # a window of one row reads no pool row
+        return
+    read = _pool_rows(table, bs, (start - window + 1).clamp_min(0), start, window - 1, 0)
+    written = _pool_rows(table, bs, start + max(0, s - window), start + s, min(s, window), read.numel())
+    apart = ~torch.isin(written, read).any()
+    message = (
+        f"{name}.block_table: a row this step writes is a pool row it reads (the window's blocks reused within "
+        "the window, as by a ring of W rows); run sparse_attn, then window_kv_write"
+    )
+    if on_host(table):
+        if not bool(apart):
+            raise ValueError(message)
+    else:
+        _assert_on_device(apart, message)
+
+
 def check_table_rows(
     name: str, pool: KVPool, pos: StepPositions, lo: torch.Tensor, hi: torch.Tensor, writes: bool
 ) -> None:
@@ -115,12 +148,7 @@ def check_table_rows(
     if span == 0:
         return
     span = span or int(pos.seq)  # a bound of the rows written per slot (at most S of them)
-    rows = lo[:, None] + torch.arange(span, device=table.device)
-    column = (rows // bs).clamp(max=table.shape[1] - 1)
-    block = table.gather(1, column).long()
-    written = (rows < hi[:, None]) & (block >= 0)
-    distinct = -1 - torch.arange(rows.numel(), device=table.device).view_as(rows)  # a row not written
-    pool_rows = torch.where(written, block * bs + rows % bs, distinct).flatten().sort().values
+    pool_rows = _pool_rows(table, bs, lo, hi, span, 0).flatten().sort().values
     one_writer = (pool_rows[1:] != pool_rows[:-1]).all()
     message = f"{name}.block_table: two slots write the same pool row in this step (share read-only blocks)"
     if on_host(table):
@@ -252,6 +280,38 @@ def check_sparse_attn(
         _check_instance("out", out, AttnOut)
         check_tensor("out.o", out.o, torch.bfloat16, (b, s, h, hd), dev)
         check_no_overlap(tensors_of("out", out), reads)
+    return pos
+
+
+def check_sparse_attn_write(
+    q: object,
+    kv: object,
+    start_pos: object,
+    window_pool: object,
+    attn_sink: object,
+    rope: object,
+    kind: object,
+    window: object,
+    compress_ratio: object,
+    compressed: object,
+    topk_idxs: object,
+    topk_offset: object,
+    out: object = None,
+) -> StepPositions:
+    """Checks of ``sparse_attn_write``'s arguments: ``sparse_attn``'s, then those of the window rows it
+    writes (``window_kv_write``'s, and apart from every row it reads); returns the step's positions."""
+    args = (q, kv, start_pos, window_pool, attn_sink, rope, kind, window, compress_ratio, compressed, topk_idxs)
+    pos = check_sparse_attn(*args, topk_offset, out)
+    s = pos.seq
+    check_table_rows("window_pool", window_pool, pos, pos.start + max(0, s - window), pos.start + s, writes=True)
+    check_writes_apart_from_reads("window_pool", window_pool, pos, window)
+    start_t = {"start_pos": start_pos} if isinstance(start_pos, torch.Tensor) else {}
+    reads = {
+        "q": q, "kv": kv, "attn_sink": attn_sink, **start_t, **tensors_of("rope", rope),
+        **tensors_of("compressed_pool", compressed), **({"topk_idxs": topk_idxs} if topk_idxs is not None else {}),
+        **(tensors_of("out", out) if out is not None else {}),
+    }  # fmt: skip
+    check_no_overlap(tensors_of("window_pool", window_pool), reads)
     return pos
 
 

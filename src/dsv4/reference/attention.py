@@ -95,3 +95,28 @@ def sparse_attn(
             o[b, s, :, :nope] = o1[:, :nope]
             o[b, s, :, nope:] = inverse_rope(o1[:, nope:].to(torch.float32), at, rope).to(torch.bfloat16)
     return AttnOut(o) if out is None else out
+
+
+def sparse_attn_write(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    pos: StepPositions,
+    window_pool: KVPool,
+    attn_sink: torch.Tensor,
+    rope: RopeTable,
+    kind: str,
+    window: int,
+    compress_ratio: int,
+    compressed: KVPool | None,
+    topk_idxs: torch.Tensor | None,
+    topk_offset: int,
+    out: AttnOut | None = None,
+) -> AttnOut:
+    """``sparse_attn``, then ``window_kv_write(kv, window_pool, pos, window)``: a layer's attention and
+    its window rows in one step (attention spec §7, steps 4 and 5)."""
+    result = sparse_attn(
+        q, kv, pos, window_pool, attn_sink, rope, kind, window, compress_ratio, compressed, topk_idxs, topk_offset,
+        out,
+    )  # fmt: skip
+    window_kv_write(kv, window_pool, pos, window)
+    return result

@@ -1,0 +1,110 @@
+"""``sparse_attn_write``: ``sparse_attn`` and ``window_kv_write`` as one op (one launch on Triton).
+
+On each backend, over the kinds, S in {1, 2, 19} and §8's start positions (one slot's written block
+unallocated): ``o`` and every pool byte equal those of the two ops called one after the other on the
+same backend, bit for bit (on Triton the fused launch stores the rows from the tiles the attention
+holds, a different code path from ``window_kv_write``'s), and ``o`` is within §8 of the float64
+expectation. A block table that would make the launch write a row it reads (a ring of W rows) is
+refused, naming the argument, with the pool untouched; the two ops still run on it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsv4
+from conftest import DEVICE, FULL, backends_of
+from dsv4.harness.cases import make_case
+from dsv4.harness.golden import bit_identical
+from dsv4.kernels import tuning
+from dsv4.ops import validate
+from test_attention_ops import BS, SEQS, W, attn_setup, on_device
+
+
+def same_pool(a, b) -> bool:
+    return all(bit_identical(x, y) for x, y in zip(a.tensors().values(), b.tensors().values(), strict=True))
+
+
+def two_ops(args: dict, backend: str) -> tuple[torch.Tensor, object]:
+    """``o`` and the window pool after ``sparse_attn``, then ``window_kv_write``, on a copy of the pool."""
+    args = {**args, "window_pool": args["window_pool"].clone()}
+    o = dsv4.sparse_attn(**args, backend=backend).o
+    dsv4.window_kv_write(args["kv"], args["window_pool"], args["start_pos"], window=args["window"], backend=backend)
+    return o, args["window_pool"]
+
+
+def with_unallocated_write_block(args: dict) -> dict:
+    """The slot starting at W writes its rows in a block it does not read: unallocated (-1), skipped."""
+    b = args["start_pos"].tolist().index(W)
+    args["window_pool"].block_table[b, W // BS] = -1
+    return args
+
+
+@pytest.mark.parametrize("backend", backends_of("sparse_attn_write"))
+@pytest.mark.parametrize("kind,seq", [(k, s) for k in ("swa", "csa", "hca") for s in SEQS[:2]] + [("swa", SEQS[2])])
+def test_equals_the_two_ops(kind: str, seq: int, backend: str) -> None:
+    args = on_device(with_unallocated_write_block(attn_setup(kind, seq, seed=11)))
+    o_two, pool_two = two_ops(args, backend)
+    o = dsv4.sparse_attn_write(**args, backend=backend).o
+    assert bit_identical(o, o_two)
+    assert same_pool(args["window_pool"], pool_two)
+
+
+@pytest.mark.parametrize("kind,seq,params", [("swa", SEQS[2], {"tokens": 2, "heads": 8}), ("hca", 2, {"splits": 4})])
+def test_the_writing_program_of_other_tiles(kind: str, seq: int, params: dict) -> None:
+    """With token pairs (S=19 > W: the last pair's window reaches one row below the rows written) and with
+    a key split (split 0 writes), the pool is the same."""
+    backend = "triton"
+    if backend not in backends_of("sparse_attn_write"):
+        pytest.skip("no Triton backend")
+    args = on_device(attn_setup(kind, seq, seed=12))
+    with tuning.forced("sparse_attn", params):
+        o_two, pool_two = two_ops(args, backend)
+        o = dsv4.sparse_attn_write(**args, backend=backend).o
+    assert bit_identical(o, o_two)
+    assert same_pool(args["window_pool"], pool_two)
+
+
+def ring_args() -> dict:
+    """The slot at start W - 1 (S = 3) maps its block of rows [W, 2W) onto that of rows [0, W), a ring of
+    W rows: the rows W and W + 1 it writes are the pool rows of rows 0 and 1, which its first token
+    reads."""
+    args = attn_setup("swa", 3, seed=13)
+    b = args["start_pos"].tolist().index(W - 1)
+    table = args["window_pool"].block_table
+    table[b, 1] = table[b, 0]
+    return on_device(args)
+
+
+@pytest.mark.parametrize("backend", backends_of("sparse_attn_write"))
+def test_a_ring_of_w_rows_is_refused(backend: str) -> None:
+    """Refused before anything runs; the two ops, attention first, run on the same table."""
+    args = ring_args()
+    before = args["window_pool"].clone()
+    with pytest.raises(ValueError, match=r"window_pool\.block_table: a row this step writes is a pool row it reads"):
+        dsv4.sparse_attn_write(**args, backend=backend)
+    assert same_pool(args["window_pool"], before)
+    two_ops(args, backend)
+
+
+def test_a_ring_is_refused_by_the_device_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check's device branch (``torch._assert_async``, which raises at once on the CPU)."""
+    monkeypatch.setattr(validate, "HOST_DEVICE_TYPES", ())
+    args = ring_args()
+    before = args["window_pool"].clone()
+    with pytest.raises(RuntimeError, match="a row this step writes is a pool row it reads"):
+        dsv4.sparse_attn_write(**args, backend="reference")
+    assert same_pool(args["window_pool"], before)
+
+
+@FULL
+def test_demo_decode() -> None:
+    """Full-size dims (H 64, HD 512, NOPE 448), a CSA decode step: the fused launch's pool rows and ``o``
+    against the two Triton ops', bit for bit."""
+    if "triton" not in backends_of("sparse_attn_write"):
+        pytest.skip("no Triton backend")
+    args = make_case(dsv4.get_config("demo"), "sparse_attn_write", seed=2, device=DEVICE, batch=2, seq=2).args
+    o_two, pool_two = two_ops(args, "triton")
+    o = dsv4.sparse_attn_write(**args, backend="triton").o
+    assert bit_identical(o, o_two)
+    assert same_pool(args["window_pool"], pool_two)
