@@ -251,7 +251,7 @@ def check_fits(nbytes: int, device: torch.device, what: str) -> None:
 
 
 def format_row(row: Row) -> str:
-    return f"{row.step:<13} {row.op:<15} {row.backend:<9} {row.shapes:<34} {row.ms:>9.2f}  {row.check}"
+    return f"{row.step:<13} {row.op:<17} {row.backend:<9} {row.shapes:<34} {row.ms:>9.2f}  {row.check}"
 
 
-HEADER = f"{'step':<13} {'op':<15} {'backend':<9} {'shapes':<34} {'time ms':>9}  check"  # steps as "L42 decode 12"
+HEADER = f"{'step':<13} {'op':<17} {'backend':<9} {'shapes':<34} {'time ms':>9}  check"  # steps as "L42 decode 12"
