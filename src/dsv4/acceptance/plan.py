@@ -25,7 +25,7 @@ OPS = op_names("triton")
 GPU_TESTS = (
     "test_kernels_*.py", "test_indexer.py", "test_compressor.py", "test_paged_cache.py", "test_golden_vectors.py",
     "test_frontend.py", "test_library.py", "test_validation.py", "test_nonfinite.py", "test_decode_graph.py",
-    "test_attention_ops.py", "test_attention_graph.py",
+    "test_attention_ops.py", "test_attention_graph.py", "test_sparse_attn_write.py",
 )  # fmt: skip
 XDIST_WORKERS = 8  # Triton compiles on the host: spread the test files over 8 of the 16 cores
 TEST_TIMEOUT_S = 120  # per test (pytest-timeout, where installed): one hung test cannot eat the step
