@@ -14,7 +14,9 @@ Two plans, chosen by the row length ``n``:
 
 - ``n <= ROW_IN_REGISTERS``: one program per (token) row holds the whole row in registers and runs
   every digit pass there (``radix_bits``: four 8-bit digits, or 11+11+10 bits in three passes), then
-  compacts the k winners through a small scratch row and sorts them. One launch.
+  compacts the k winners through a small scratch row and sorts them. One launch. A tuning candidate
+  (``bin_slots``, ``_select_bin_kernel``) runs one histogram pass over the row and the later digits
+  over the threshold's first-digit bin only; the same indices (docs/DESIGN.md has why it is not the default).
 - longer rows (long context: 262144 keys at 1M tokens): one launch of ``CHUNK``-key programs,
   ``ceil(n / CHUNK)`` per row, that starts from the row's *first-digit histogram* (the counts of
   the order keys' top 8 bits over the visible keys). The score kernel builds it as it writes the
@@ -61,7 +63,7 @@ ROW_RADIX_BITS = (8, 11)  # digit widths of the one-program plan (tuning ``radix
 FIRST_DIGIT_BINS = RADIX_BINS  # bins of ``first_digit_histogram``: the order key's top digit
 ROW_IN_REGISTERS = 4096  # longest row one program selects alone, and the chunk of a longer row:
 # 4096 x (4 B score + 8 B key) over 8 warps; ptxas (sm_90, flash topk 512) reports 97 registers
-# (Triton 3.9; 166 on 3.6) and no spills for the single-program kernel there. Flash decode rows (2048
+# (Triton 3.9; 165 on 3.6) and no spills for the single-program kernel there. Flash decode rows (2048
 # keys) stay one launch.
 CHUNK = ROW_IN_REGISTERS  # keys per program on long rows: 16 KB of scores; 262144 keys make 64
 # programs per row, so two decode rows (S=2) cover an H100's 132 SMs.
