@@ -26,7 +26,6 @@ from dsv4.kernels.topk import (
     FIRST_DIGIT_BINS,
     HIST_WORDS,
     ROW_IN_REGISTERS,
-    ROW_RADIX_BITS,
     ROW_TUNING,
     first_digit_histogram,
     select_topk,
@@ -114,18 +113,24 @@ def _special_rows(n: int) -> tuple[torch.Tensor, StepPositions]:
     return _masked(rows.view(1, 6, n).to(DEVICE), pos), pos
 
 
-OTHER_RADIX_BITS = [b for b in ROW_RADIX_BITS if b != ROW_TUNING.default["radix_bits"]]
+# The one-program plan's other ways (ROW_TUNING's candidates that change the selection, not only the launch):
+# 11-bit digits, and the threshold's later digits over its first digit's bin (listed, or re-read from the
+# row when it overflows the list: 3-valued rows, and N(0,1) rows of 2048 keys at 8 bits, ~585 keys a bin).
+OTHER_PLANS = [
+    cfg for cfg in ROW_TUNING.candidates if set(cfg) <= {"radix_bits", "bin_slots"} and cfg != ROW_TUNING.default
+]
 
 
-@pytest.mark.parametrize("radix_bits", OTHER_RADIX_BITS)
+@pytest.mark.parametrize("plan", OTHER_PLANS, ids=lambda cfg: ",".join(f"{k}={v}" for k, v in cfg.items()))
 @pytest.mark.parametrize("distinct_values", [None, 3], ids=["distinct", "ties"])
-def test_topk_digit_widths_agree(radix_bits: int, distinct_values: int | None) -> None:
-    """The one-program plan's other digit width (``radix_bits``: 8+8+8+8 or 11+11+10 bits) gives the
-    reference's indices too, on rows from nothing visible to the longest single-program row; NaNs
-    of either sign first, the stress rows of ``test_topk_special_rows``."""
+def test_topk_row_plans_agree(plan: dict, distinct_values: int | None) -> None:
+    """The one-program plan's other ways (``radix_bits``: 8+8+8+8 or 11+11+10 bits; ``bin_slots``: one
+    pass over the row, then digits over the threshold's bin) give the reference's indices too, on rows
+    from nothing visible to the longest single-program row; NaNs of either sign first, the stress rows
+    of ``test_topk_special_rows``."""
     from dsv4.kernels import tuning
 
-    with tuning.forced("topk.select_row", {"radix_bits": radix_bits}):
+    with tuning.forced("topk.select_row", plan):
         for batch, seq, start_pos, topk in [SHAPES[0], SHAPES[2], SHAPES[4], SHAPES[5], SHAPES[6]]:
             pos = _positions(batch, seq, start_pos)
             score = _random_scores(batch, seq, pos.max_cache_len, seed=topk, distinct_values=distinct_values)

@@ -14,7 +14,9 @@ Two plans, chosen by the row length ``n``:
 
 - ``n <= ROW_IN_REGISTERS``: one program per (token) row holds the whole row in registers and runs
   every digit pass there (``radix_bits``: four 8-bit digits, or 11+11+10 bits in three passes), then
-  compacts the k winners through a small scratch row and sorts them. One launch.
+  compacts the k winners through a small scratch row and sorts them. One launch. A tuning candidate
+  (``bin_slots``, ``_select_bin_kernel``) runs one histogram pass over the row and the later digits
+  over the threshold's first-digit bin only; the same indices (docs/DESIGN.md has why it is not the default).
 - longer rows (long context: 262144 keys at 1M tokens): one launch of ``CHUNK``-key programs,
   ``ceil(n / CHUNK)`` per row, that starts from the row's *first-digit histogram* (the counts of
   the order keys' top 8 bits over the visible keys). The score kernel builds it as it writes the
@@ -61,7 +63,7 @@ ROW_RADIX_BITS = (8, 11)  # digit widths of the one-program plan (tuning ``radix
 FIRST_DIGIT_BINS = RADIX_BINS  # bins of ``first_digit_histogram``: the order key's top digit
 ROW_IN_REGISTERS = 4096  # longest row one program selects alone, and the chunk of a longer row:
 # 4096 x (4 B score + 8 B key) over 8 warps; ptxas (sm_90, flash topk 512) reports 97 registers
-# (Triton 3.9; 166 on 3.6) and no spills for the single-program kernel there. Flash decode rows (2048
+# (Triton 3.9; 165 on 3.6) and no spills for the single-program kernel there. Flash decode rows (2048
 # keys) stay one launch.
 CHUNK = ROW_IN_REGISTERS  # keys per program on long rows: 16 KB of scores; 262144 keys make 64
 # programs per row, so two decode rows (S=2) cover an H100's 132 SMs.
@@ -84,6 +86,7 @@ _RATIO = tl.constexpr(COMPRESS_RATIO)
 _INDEX_MASK = tl.constexpr((1 << INDEX_BITS) - 1)
 _INDEX_BITS = tl.constexpr(INDEX_BITS)
 _INT32_MIN = tl.constexpr(-(1 << 31))  # an int32 literal
+_INT32_MAX = tl.constexpr((1 << 31) - 1)
 _NAN_BITS = tl.constexpr(0x7FFFFFFF)  # the NaN every NaN score is ranked as (above +inf)
 _FIRST_SHIFT = tl.constexpr(32 - RADIX_BITS)
 _FIRST_BINS = tl.constexpr(FIRST_DIGIT_BINS)
@@ -149,24 +152,46 @@ def _sort_key(key, index):
 
 
 @triton.jit
-def _descend(prefix, need, done, hist, BINS: tl.constexpr):
+def _threshold_bin(hist, need):
+    """Where the ``need``-th largest key falls in ``hist [BINS]`` (the counts of one digit; ``need``
+    at most their sum): its digit, the keys above its bin, and the keys from its bin up. One scan
+    (the keys from each bin up) and three reductions of it, none of which waits for another."""
+    from_bin = tl.cumsum(hist, 0, reverse=True)
+    reach = from_bin >= need  # bins 0..digit, where digit is the need-th largest key's
+    digit = tl.sum(reach.to(tl.int32), 0) - 1
+    above = tl.max(tl.where(reach, 0, from_bin), 0)  # from_bin of the next bin
+    from_digit = tl.min(tl.where(reach, from_bin, _INT32_MAX), 0)  # from_bin of the digit's bin
+    return digit, above, from_digit
+
+
+@triton.jit
+def _threshold_bin_packed(hist, need):
+    """``_threshold_bin``'s digit, keys above its bin, and whether its bin is all taken, from one int32
+    sum: for at most 256 bins and 8191 keys (9 + 13 + 9 bits): one cross-warp reduction, not three."""
+    from_bin = tl.cumsum(hist, 0, reverse=True)
+    reach = from_bin >= need
+    packed = reach.to(tl.int32) | (tl.where(reach, 0, hist) << 9) | ((from_bin == need).to(tl.int32) << 22)
+    total = tl.sum(packed, 0)
+    return (total & 511) - 1, (total >> 9) & 8191, (total >> 22) > 0
+
+
+@triton.jit
+def _descend(prefix, need, done, hist, BINS: tl.constexpr, PACKED: tl.constexpr = False):
     """Fix one more digit of the threshold key.
 
     ``hist [BINS]`` counts this digit among the keys equal to ``prefix`` on the digits above;
     ``need`` of those keys are still to be taken. Returns the prefix extended by the threshold's
     digit, how many keys equal to the new prefix are still to be taken, and whether that is all of
-    them (then every later digit is 0 and every key ``>=`` the threshold is taken). One scan (the
-    keys from each bin up) and three reductions of it, none of which waits for another.
+    them (then every later digit is 0 and every key ``>=`` the threshold is taken).
     """
-    from_bin = tl.cumsum(hist, 0, reverse=True)  # keys whose digit is the bin's or greater
-    reach = from_bin >= need  # bins 0..digit, where digit is the need-th largest key's
-    digit = tl.sum(reach.to(tl.int32), 0) - 1
-    above_digit = tl.max(tl.where(reach, 0, from_bin), 0)  # keys above the digit's bin: from_bin of the next bin
-    all_of_bin = tl.max((from_bin == need).to(tl.int32), 0) > 0  # i.e. from_bin[digit] == need
+    if PACKED:
+        digit, above, all_of_bin = _threshold_bin_packed(hist, need)
+    else:
+        digit, above, from_digit = _threshold_bin(hist, need)
+        all_of_bin = from_digit == need
     prefix = prefix * BINS + tl.where(done, 0, digit)
-    need = tl.where(done, need, need - above_digit)
-    done = done | all_of_bin
-    return prefix, need, done
+    need = tl.where(done, need, need - above)
+    return prefix, need, done | all_of_bin
 
 
 @triton.jit
@@ -268,7 +293,7 @@ def _select_row_kernel(
     prefix, need, done = _first_level(k, visible)
     for p in tl.static_range(32 // BITS):
         hist = _digit_histogram(key, valid, prefix, 32 - (p + 1) * BITS, BITS)
-        prefix, need, done = _descend(prefix, need, done, hist, 1 << BITS)
+        prefix, need, done = _descend(prefix, need, done, hist, 1 << BITS, BITS <= 8)
     if LAST_BITS > 0:  # the low bits left below the full-width digits (11+11+10)
         hist = _digit_histogram(key, valid, prefix, 0, LAST_BITS)
         prefix, need, done = _descend(prefix, need, done, hist, 1 << LAST_BITS)
@@ -277,6 +302,115 @@ def _select_row_kernel(
     tl.store(cand_ptr + r * TOPK_PAD + slot, _sort_key(key, index), mask=take & (slot < TOPK_PAD))
     tl.debug_barrier()  # the scratch row is re-read by other threads of this program
     _sort_and_store(cand_ptr + r * TOPK_PAD, out_ptr + r * topk, k, topk, offset, TOPK_PAD, LOG_TOPK_PAD)
+
+
+@triton.jit
+def _bin_keys(score_row_ptr, bin_row_ptr, start, end, from_row, first, FIRST_SHIFT: tl.constexpr, BLOCK: tl.constexpr):
+    """Block ``[start, start + BLOCK)`` of the threshold bin's keys, in index order: sort keys and which
+    are real. From the bin's list (``bin_row``, its first ``end`` slots) unless it overflowed
+    (``from_row``): then from the row's first ``end`` scores, those whose first digit is ``first``."""
+    slot = start + tl.arange(0, BLOCK)
+    ok = slot < end
+    listed = tl.load(bin_row_ptr + slot, mask=slot < tl.where(from_row, 0, end), other=0, cache_modifier=".cg")
+    row_key = _order_key(tl.load(score_row_ptr + slot, mask=slot < tl.where(from_row, end, 0), other=0.0))
+    sort_key = tl.where(from_row, _sort_key(row_key, slot), listed)
+    key = sort_key >> _INDEX_BITS
+    return sort_key, key, ok & ((key >> FIRST_SHIFT) == first)
+
+
+@triton.jit
+def _bin_digit(score_row_ptr, bin_row_ptr, hist_end, end, from_row, first, prefix, need, done,
+               FIRST_SHIFT: tl.constexpr, SHIFT: tl.constexpr, WIDTH: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Fix the threshold's digit at ``SHIFT`` from a histogram over the bin's keys (none when ``hist_end`` is 0)."""
+    hist = tl.zeros([1 << WIDTH], tl.int32)
+    for start in range(0, hist_end, BLOCK):
+        _, key, ok = _bin_keys(score_row_ptr, bin_row_ptr, start, end, from_row, first, FIRST_SHIFT, BLOCK)
+        match = ok & ((key >> (SHIFT + WIDTH)) == prefix)
+        hist += tl.histogram(((key >> SHIFT) & ((1 << WIDTH) - 1)).to(tl.int32), 1 << WIDTH, mask=match)
+    return _descend(prefix, need, done, hist, 1 << WIDTH, WIDTH <= 8)
+
+
+@triton.jit
+def _select_bin_kernel(
+    score_ptr,  # [R, n] fp32
+    start_ptr,  # [B] int64
+    bin_ptr,  # [R, BIN_SLOTS] int64 scratch: the threshold bin's sort keys
+    wins_ptr,  # [R, TOPK_PAD] int64 scratch: the winners
+    out_ptr,  # [R, topk] int32
+    seq,
+    n,
+    topk,
+    offset,
+    ROW: tl.constexpr,
+    TOPK_PAD: tl.constexpr,
+    LOG_TOPK_PAD: tl.constexpr,
+    BITS: tl.constexpr,  # first digit, over the whole row
+    BIN_SLOTS: tl.constexpr,  # the bin's list; a larger bin is re-read from the row
+    REFINE_BITS: tl.constexpr,  # the later digits, over the bin only
+    PDL: tl.constexpr,
+):
+    _wait_for_scores(PDL)
+    r = tl.program_id(0).to(tl.int64)
+    visible, k = _row_limits(start_ptr, r, seq, topk)
+    index = tl.arange(0, ROW)
+    valid = index < visible
+    key = _order_key(tl.load(score_ptr + r * n + index, mask=valid, other=0.0))
+    FIRST_SHIFT: tl.constexpr = 32 - BITS
+    BINS: tl.constexpr = 1 << BITS
+    digit = (key >> FIRST_SHIFT).to(tl.int32)
+    hist = tl.histogram(digit, BINS, mask=valid)
+    first, won, from_first = _threshold_bin(hist, k)  # won: the keys above the threshold's bin
+    prefix = first.to(tl.int64)
+    need = k - won
+    done = from_first == k  # the whole bin is taken
+    # One pass over the row: keys above the threshold's bin are winners (slots from 0), the bin's
+    # keys go to its list in index order.
+    above = valid & (digit > first)
+    in_bin = valid & (digit == first)
+    counts = tl.cumsum((above.to(tl.int32) << _TIE_BITS) | in_bin.to(tl.int32), 0)
+    wins_row = wins_ptr + r * TOPK_PAD
+    bin_row = bin_ptr + r * BIN_SLOTS
+    sort_key = _sort_key(key, index)
+    tl.store(wins_row + (counts >> _TIE_BITS) - 1, sort_key, mask=above)
+    at = (counts & _TIE_MASK) - 1
+    tl.store(bin_row + at, sort_key, mask=in_bin & (at < BIN_SLOTS))
+    bin_count = from_first - won
+    from_row = bin_count > BIN_SLOTS
+    end = tl.where(from_row, visible, bin_count)
+    tl.debug_barrier()  # the list is re-read by other threads of this program
+
+    # The threshold's later digits, from histograms over the bin only.
+    score_row = score_ptr + r * n
+    hist_end = tl.where(done, 0, end)
+    REST: tl.constexpr = FIRST_SHIFT % REFINE_BITS  # an odd-width digit first (21 bits: 5 + 8 + 8)
+    if REST > 0:
+        prefix, need, done = _bin_digit(
+            score_row, bin_row, hist_end, end, from_row, first, prefix, need, done, FIRST_SHIFT, FIRST_SHIFT - REST,
+            REST, BIN_SLOTS,
+        )  # fmt: skip
+    for d in tl.static_range(FIRST_SHIFT // REFINE_BITS):
+        prefix, need, done = _bin_digit(
+            score_row, bin_row, hist_end, end, from_row, first, prefix, need, done, FIRST_SHIFT,
+            (FIRST_SHIFT // REFINE_BITS - 1 - d) * REFINE_BITS, REFINE_BITS, BIN_SLOTS,
+        )  # fmt: skip
+
+    # The bin's winners: keys above the threshold, and ties at it by lowest index.
+    above_before = won * 0
+    ties_before = won * 0
+    for start in range(0, end, BIN_SLOTS):
+        bsort, bkey, ok = _bin_keys(score_row, bin_row, start, end, from_row, first, FIRST_SHIFT, BIN_SLOTS)
+        over = ok & (bkey > prefix)
+        tie = ok & (bkey == prefix)
+        c = tl.cumsum((over.to(tl.int32) << _TIE_BITS) | tie.to(tl.int32), 0)
+        ties = ties_before + (c & _TIE_MASK)
+        take = over | (tie & (ties <= need))
+        slot = won + above_before + (c >> _TIE_BITS) + tl.minimum(ties, need) - 1
+        tl.store(wins_row + slot, bsort, mask=take & (slot < TOPK_PAD))
+        both = tl.sum((over.to(tl.int32) << _TIE_BITS) | tie.to(tl.int32), 0)
+        above_before += both >> _TIE_BITS
+        ties_before += both & _TIE_MASK
+    tl.debug_barrier()  # the winners are re-read by other threads of this program
+    _sort_and_store(wins_row, out_ptr + r * topk, k, topk, offset, TOPK_PAD, LOG_TOPK_PAD)
 
 
 @triton.jit
@@ -455,7 +589,15 @@ ROW_TUNING = Tunable(
             "radix_bits",
             ROW_RADIX_BITS[0],
             ROW_RADIX_BITS,
-            "digit width: 4 passes of 256-bin histograms or 3 of up to 2048 bins (the same bits)",
+            "digit width: 4 passes of 256-bin histograms or 3 of up to 2048 bins; with bin_slots the first digit's",
+            exact=True,
+        ),
+        Param(
+            "bin_slots",
+            0,
+            (0, 256, 512),
+            "0: every digit over the row; else one pass over the row, the later digits over the threshold's bin"
+            " (listed when it has at most this many keys, else re-read from the row): the same bits",
             exact=True,
         ),
         Param(
@@ -468,7 +610,14 @@ ROW_TUNING = Tunable(
         ),
         Param("pdl", True, (False, True), "programmatic dependent launch (sm_90)", exact=True, compiled_only=True),
     ),
-    candidates=({"radix_bits": 11}, {"num_warps": 4}, {"num_warps": 16}, {"pdl": False}),
+    candidates=(
+        {"radix_bits": 11},
+        {"bin_slots": 256},
+        {"bin_slots": 512, "radix_bits": 11},
+        {"num_warps": 4},
+        {"num_warps": 16},
+        {"pdl": False},
+    ),
 )
 CHUNKS_TUNING = Tunable(
     "topk.select_chunks",
@@ -526,6 +675,15 @@ def select_topk(
     if n <= ROW_IN_REGISTERS:
         cfg = ROW_TUNING.config(score.device, R=pow2_bucket(rows), N=pow2_bucket(n))
         pdl = cfg.pdl and pdl_supported(score.device)
+        if cfg.bin_slots:
+            bin_list = scratch(ws, "topk.bin", (rows, cfg.bin_slots), torch.int64, score.device)
+            _select_bin_kernel[(rows,)](
+                score, pos.start, bin_list, winners, out, s, n, topk, offset,
+                ROW=triton.next_power_of_2(max(n, 16)), TOPK_PAD=topk_pad, LOG_TOPK_PAD=topk_pad.bit_length() - 1,
+                BITS=cfg.radix_bits, BIN_SLOTS=cfg.bin_slots, REFINE_BITS=RADIX_BITS, PDL=pdl,
+                num_warps=cfg.num_warps, launch_pdl=pdl,
+            )  # fmt: skip
+            return out
         _select_row_kernel[(rows,)](
             score,
             pos.start,
