@@ -104,8 +104,8 @@ TUNING = Tunable(
         {"splits": 2},
         {"tokens": 2, "heads": 8},
         {"key_tile": 32},
-        {"heads": 16},
-        {"heads": 16, "key_tile": 32, "num_stages": 2},
+        {"heads": 64},  # a token's every head (M = 64, wgmma): each key row read once a token; spills at sm_90
+        {"key_tile": 32, "num_stages": 2},
         {"num_stages": 2},
         {"num_warps": 4},
         {"pdl": False},
