@@ -30,15 +30,15 @@ PLANS = [  # two groups, compiled side by side
 ]
 # Grids as docs/DESIGN.md gives them: the projection's K split fills one wave of 132 SMs (12 column tiles
 # x 11 K-slices at T <= 128, 24 tiles x 5 at T=256, 16 x 8 for pro); at T=1024 the 96 output tiles alone
-# fill the SMs (one slice); q heads: one M-tile of all T <= 128 tokens x 2H half heads when that fits one
-# wave, else ceil(T / 64) x H heads.
+# fill the SMs (one slice); rows: a program per token and path (qr, kv); q heads: one M-tile of all
+# T <= 128 tokens x 2H half heads when that fits one wave, else ceil(T / 64) x H heads.
 KERNELS = ("_split_k_projection_kernel", "_qr_kv_rows_kernel", "_q_heads_kernel")
 GRIDS = {
-    "flash-decode": ((12, 1, 11), (128,), (1, 128)),
-    "flash-t1": ((12, 1, 11), (1,), (1, 128)),
-    "flash-t256": ((12, 2, 5), (256,), (4, 64)),
-    "pro-decode": ((16, 1, 8), (128,), (2, 128)),
-    "flash-prefill-1024": ((12, 8, 1), (1024,), (16, 64)),
+    "flash-decode": ((12, 1, 11), (128, 2), (1, 128)),
+    "flash-t1": ((12, 1, 11), (1, 2), (1, 128)),
+    "flash-t256": ((12, 2, 5), (256, 2), (4, 64)),
+    "pro-decode": ((16, 1, 8), (128, 2), (2, 128)),
+    "flash-prefill-1024": ((12, 8, 1), (1024, 2), (16, 64)),
 }
 PIPELINED = {"_split_k_projection_kernel", "_q_heads_kernel"}  # 5 and 3 stages of cp.async
 # PDL steps in program order: each launch lets its successor start, then waits; the q heads (no successor

@@ -1,7 +1,8 @@
 """Fused ``qkv_proj_rope`` (spec §3) in three launches.
 
 1. ``split_k_projection``: ``x @ [wq_a; wkv].T`` as fp32 partial sums over slices of D (see projection.py).
-2. ``_qr_kv_rows_kernel``, one program per token: adds the slices (all in flight, in slice order), then
+2. ``_qr_kv_rows_kernel``, two programs per token (the two paths are independent: 2T programs, 256 at
+   decode), each adding its columns' slices (all in flight, in slice order), then
    qr path: RMSNorm(gamma_cq) and per-row INT8 quantization -> ``qr``, ``qr_scale``;
    kv path: RMSNorm(gamma_ckv), NOPE and interleaved RoPE at the token's position -> ``kv``.
 3. ``_q_heads_kernel``: INT8 x INT8 -> int32 ``qr @ wq_b.T`` with all decode tokens in one M-tile, so
@@ -42,7 +43,7 @@ from .split_k import sum_k_slices
 from .tuning import Config, Param, Tunable, pow2_bucket
 from .workspace import Workspace, scratch
 
-ROWS_NUM_WARPS = 4  # one token per program; its widest row (QL=1536, padded to 2048 fp32) is 16 values a thread
+ROWS_NUM_WARPS = 4  # one token's path per program; the widest row (QL=1536, padded to 2048 fp32): 16 a thread
 
 Q_BLOCK_M_PAIRED = 128  # tokens per tile: all T=128 decode tokens, so every wq_b byte is read once; a half head
 #                         (128 x 256 int32) is 128 KiB of registers; 64 heads x 2 halves = 128 programs on 132 SMs
@@ -72,7 +73,7 @@ ROWS_TUNING = Tunable(
     "qkv.rows",
     "_qr_kv_rows_kernel: slice sums, RMSNorm, qr quantization, kv RoPE (qkv_proj_rope launch 2)",
     dims=("T", "QL", "HD"),
-    params=(Param("num_warps", ROWS_NUM_WARPS, (2, 4, 8), "warps per token", compiled_only=True), _PDL),
+    params=(Param("num_warps", ROWS_NUM_WARPS, (2, 4, 8), "warps per token and path", compiled_only=True), _PDL),
     candidates=({"num_warps": 8}, {"pdl": False}),
 )
 Q_HEADS_TUNING = Tunable(
@@ -146,33 +147,30 @@ def _qr_kv_rows_kernel(
     row = partial_ptr + t * (QL + HD)
     slice_stride = tl.cast(T, tl.int64) * (QL + HD)
 
-    # both rows of x @ [wq_a; wkv].T first, so that all their slices' loads are in flight together
-    cq = tl.arange(0, BLOCK_QL)[None, :]
-    cq_ok = cq < QL
-    a = sum_k_slices(row + cq, cq_ok, slice_stride, SPLITS)
-    ck = tl.arange(0, HD)[None, :]
-    k = sum_k_slices(row + QL + ck, ck < HD, slice_stride, SPLITS)
-
-    # qr path: c = rms(a, gamma_cq); qr, qr_scale = int8_per_row(c)
-    gamma_cq = tl.load(gamma_cq_ptr + cq, mask=cq_ok, other=0.0).to(tl.float32)
-    a_scale, a_inv = rms_scale(a, QL, eps)
-    c = (a * a_scale) * a_inv * gamma_cq
-    qr, qr_scale = quantize_int8_rows(c)
-    tl.store(qr_ptr + t * QL + cq, qr, mask=cq_ok)
-    tl.store(qr_scale_ptr + t + tl.zeros((1,), dtype=tl.int64), qr_scale)
-
-    # kv path: k = rms(x @ wkv.T, gamma_ckv); NOPE as is, RoPE on the last R entries
-    k_scale, k_inv = rms_scale(k, HD, eps)
-    k = (k * k_scale) * k_inv * tl.load(gamma_ckv_ptr + ck).to(tl.float32)
-    pos = tl.load(positions_ptr + t).to(tl.int64)
-    half = tl.arange(0, R // 2)[None, :]
-    cos = tl.load(cos_ptr + pos * (R // 2) + half)
-    sin = tl.load(sin_ptr + pos * (R // 2) + half)
-    store_rope_bf16(kv_ptr + t * HD + ck, k, cos, sin, ck < HD, HD, R)
-
-    if PAIRED:  # reset values [t * 2H, (t+1) * 2H) of the q heads' [H, 2, T] exchange buffer: all T programs, all of it
-        slots = tl.arange(0, PAIR_BLOCK)
-        tl.store(sumsq_ptr + t * PAIR_SLOTS + slots, tl.full((PAIR_BLOCK,), -1, tl.int64), mask=slots < PAIR_SLOTS)
+    if tl.program_id(1) == 0:  # qr path: c = rms(x @ wq_a.T, gamma_cq); qr, qr_scale = int8_per_row(c)
+        cq = tl.arange(0, BLOCK_QL)[None, :]
+        cq_ok = cq < QL
+        a = sum_k_slices(row + cq, cq_ok, slice_stride, SPLITS)
+        gamma_cq = tl.load(gamma_cq_ptr + cq, mask=cq_ok, other=0.0).to(tl.float32)
+        a_scale, a_inv = rms_scale(a, QL, eps)
+        c = (a * a_scale) * a_inv * gamma_cq
+        qr, qr_scale = quantize_int8_rows(c)
+        tl.store(qr_ptr + t * QL + cq, qr, mask=cq_ok)
+        tl.store(qr_scale_ptr + t + tl.zeros((1,), dtype=tl.int64), qr_scale)
+        if PAIRED:  # reset values [t * 2H, (t+1) * 2H) of the q heads' [H, 2, T] exchange buffer: all of it
+            slots = tl.arange(0, PAIR_BLOCK)
+            minus_one = tl.full((PAIR_BLOCK,), -1, tl.int64)
+            tl.store(sumsq_ptr + t * PAIR_SLOTS + slots, minus_one, mask=slots < PAIR_SLOTS)
+    else:  # kv path: k = rms(x @ wkv.T, gamma_ckv); NOPE as is, RoPE on the last R entries
+        ck = tl.arange(0, HD)[None, :]
+        k = sum_k_slices(row + QL + ck, ck < HD, slice_stride, SPLITS)
+        k_scale, k_inv = rms_scale(k, HD, eps)
+        k = (k * k_scale) * k_inv * tl.load(gamma_ckv_ptr + ck).to(tl.float32)
+        pos = tl.load(positions_ptr + t).to(tl.int64)
+        half = tl.arange(0, R // 2)[None, :]
+        cos = tl.load(cos_ptr + pos * (R // 2) + half)
+        sin = tl.load(sin_ptr + pos * (R // 2) + half)
+        store_rope_bf16(kv_ptr + t * HD + ck, k, cos, sin, ck < HD, HD, R)
 
 
 @triton.jit
@@ -461,7 +459,7 @@ def qkv_proj_rope(
 
     prefetch = w.wq_b if q_cfg.wq_b_prefetch == "projection" else None
     partial = split_k_projection(x, w.wq_a, w.wkv, ws, pdl, prefetch)
-    _qr_kv_rows_kernel[(t,)](
+    _qr_kv_rows_kernel[(t, 2)](
         partial, w.gamma_cq, w.gamma_ckv, positions, rope.cos, rope.sin, qr, qr_scale, kv, sumsq,
         t, eps,
         QL=ql, HD=hd, R=r, BLOCK_QL=triton.next_power_of_2(ql), SPLITS=partial.shape[0],
