@@ -377,23 +377,8 @@ def sparse_attn(
     """``q [B, S, H, HD] bf16``, ``kv [B, S, HD] bf16`` -> ``AttnOut(o [B, S, H, HD] bf16)`` (attention
     spec §5; arguments as ``dsv4.reference.attention.sparse_attn``, validated). One launch, two with a
     key split (scratch from ``ws``)."""
-    return _launch(
-        q,
-        kv,
-        pos,
-        window_pool,
-        attn_sink,
-        rope,
-        kind,
-        window,
-        compress_ratio,
-        compressed,
-        topk_idxs,
-        topk_offset,
-        out,
-        ws,
-        write=False,
-    )
+    args = (q, kv, pos, window_pool, attn_sink, rope, kind, window, compress_ratio, compressed, topk_idxs, topk_offset)
+    return _launch(*args, out, ws, write=False)
 
 
 def sparse_attn_write(
@@ -414,25 +399,10 @@ def sparse_attn_write(
 ) -> AttnOut:
     """``sparse_attn``, and in the same launch ``window_kv_write(kv, window_pool, pos, window)``: the
     step's last ``min(S, W)`` rows stored in the window pool (attention spec §4, §7: the rows it writes
-    must alias no row the attention reads, as the spec's block recycling ensures). The program of each
-    slot's last token block and first head block stores them from the tiles it already holds."""
-    return _launch(
-        q,
-        kv,
-        pos,
-        window_pool,
-        attn_sink,
-        rope,
-        kind,
-        window,
-        compress_ratio,
-        compressed,
-        topk_idxs,
-        topk_offset,
-        out,
-        ws,
-        write=True,
-    )
+    must alias no row the attention reads, as the spec's block recycling ensures). One program a slot
+    (its first token block, first head block and split 0) stores them before its attention."""
+    args = (q, kv, pos, window_pool, attn_sink, rope, kind, window, compress_ratio, compressed, topk_idxs, topk_offset)
+    return _launch(*args, out, ws, write=True)
 
 
 def _launch(
