@@ -93,10 +93,10 @@ GRIDS["window-kv-write"] = {"_window_kv_write_kernel": (64, 1)}  # one program p
 FILL_PLANS = ("decode-2048", "decode-262144", "compressor-decode")
 STREAMING = {"_front_kernel", "_score_kernel"}
 # Programmatic dependent launch on sm_90, in the PTX's order: every launch lets its successor be scheduled
-# before it waits for its predecessor (the front launch, an op's first, does not wait); the score launch
-# asks L2 for its first key rows before either.
+# before it waits for its predecessor; the front launch asks L2 for its weights and the score launch for its
+# first key rows before either.
 PDL_ORDER = {
-    "_front_kernel": ("launch_dependents",),
+    "_front_kernel": ("prefetch", "launch_dependents", "wait"),
     "_compressor_step_kernel": ("launch_dependents", "wait"),
     "_score_kernel": ("prefetch", "launch_dependents", "wait"),
     "_select_row_kernel": ("launch_dependents", "wait"),

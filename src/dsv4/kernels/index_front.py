@@ -10,10 +10,14 @@ counters the later launches add into.
 
 The two families share nothing but the launch: no program waits for another, so the order in which
 they run (the interpreter's one at a time, or a GPU's all at once) does not matter. Their outputs are
-read by the next launch (the compressor step; the queries by the score launch after it). The launch
-itself is an ordinary one (everything before the op is complete when it starts); compiled for
-sm_90 it lets the next launch be scheduled at once (``gdc_launch_dependents``), which then waits
-for this grid to complete.
+read by the next launch (the compressor step; the queries by the score launch after it).
+
+Compiled for sm_90 the launch takes part in programmatic dependent launch on both sides: it may be
+scheduled while the previous launch in the stream (another op's) still runs; each program first asks
+L2 for its share of the weights (``[wkv; wgate; weights_proj]`` and the indexer's ``wq_b``, which no
+earlier launch writes: ``l2_prefetch.prefetch_l2_share``), lets the next launch be scheduled
+(``gdc_launch_dependents``; it waits for this grid to complete), then waits for its predecessor
+(``gdc_wait``) before it reads ``x``, ``qr`` or ``start`` or zeroes the counters.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..model.rope import RopeTable
 from ..model.structs import StepPositions
@@ -29,6 +33,7 @@ from ..model.weights import CompressorWeights, IndexerWeights
 from .head_rotation import split_head_dims
 from .index_query import BLOCK_K as Q_BLOCK_K
 from .index_query import query_block_m, query_tile
+from .l2_prefetch import can_prefetch, prefetch_l2_share
 from .launch import pdl_supported, require, sm_count
 from .split_k import BLOCK_K, SPLIT_CHOICES
 from .tuning import Param, Tunable, pow2_bucket
@@ -103,10 +108,20 @@ def _front_kernel(
     Q_BLOCK_K: tl.constexpr,
     QUERY: tl.constexpr,
     PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,  # ask L2 for the weights before the wait (sm_90, 16-byte aligned weights)
 ):
+    pid = tl.program_id(0)
+    if PREFETCH:  # no earlier launch writes the weights: they stream while the predecessor ends
+        programs = tl.num_programs(0)
+        row_bytes = tl.cast(D, tl.int64) * 2  # bf16
+        prefetch_l2_share(wkv_ptr.to(tl.pointer_type(tl.int8)), TWO_HID * row_bytes, pid, programs)
+        prefetch_l2_share(wgate_ptr.to(tl.pointer_type(tl.int8)), TWO_HID * row_bytes, pid, programs)
+        if QUERY:
+            prefetch_l2_share(wproj_ptr.to(tl.pointer_type(tl.int8)), HI * row_bytes, pid, programs)
+            prefetch_l2_share(wq_b_ptr.to(tl.pointer_type(tl.int8)), tl.cast(HI, tl.int64) * HID * QL, pid, programs)
     if PDL:
         gdc_launch_dependents()  # the compressor step may be scheduled now; it waits for this grid to complete
-    pid = tl.program_id(0)
+        gdc_wait()  # x, qr, qr_scale and start are written by earlier launches
     if pid < XP_PROGRAMS:
         x_proj_tile(
             pid, x_ptr, wkv_ptr, wgate_ptr, wproj_ptr, xp_ptr, T, D, HI,
@@ -166,6 +181,8 @@ def front(
     xp = scratch(ws, f"{name}.xp", (splits, t, 2 * two_hid + hi), torch.float32, x.device)
     xp_programs = tiles.n_tiles * tiles.m_tiles * splits
     pdl = cfg.pdl and pdl_supported(x.device)
+    weights = (w.wkv, w.wgate) + (() if indexer is None else (indexer.weights_proj, indexer.wq_b))
+    prefetch = pdl and all(can_prefetch(t.view(torch.int8)) for t in weights)
     zero = torch.empty(0, dtype=torch.int32, device=x.device) if zero is None else zero
     _front_kernel[(xp_programs + q_programs,)](
         x, w.wkv, w.wgate, w.wkv if indexer is None else indexer.weights_proj, xp,
@@ -174,6 +191,7 @@ def front(
         TWO_HID=two_hid, XP_BLOCK_M=tiles.block_m, XP_BLOCK_N=cfg.block_n, XP_N_TILES=tiles.n_tiles,
         XP_M_TILES=tiles.m_tiles, SPLITS=splits, XP_PROGRAMS=xp_programs,
         HID=hid, NOPE=nope, HALF_R=half_r, Q_BLOCK_M=q_block_m, Q_BLOCK_K=Q_BLOCK_K, QUERY=indexer is not None,
-        PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+        PDL=pdl, PREFETCH=prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False,
+        launch_pdl=pdl,
     )  # fmt: skip
     return xp, q8, q_scale
