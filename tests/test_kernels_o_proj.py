@@ -127,6 +127,31 @@ def test_each_weight_byte_is_read_once() -> None:
     assert wo_b.store_bytes == slices + counter + t * d * 2
 
 
+def test_one_slice_quantizes_in_the_wo_a_launch() -> None:
+    """One K-slice and 128-column tiles (``WIDE``: OL 128): each ``wo_a`` program's tile is a whole
+    activation block, rounded and quantized in its epilogue, so the quant launch is skipped; ``y`` equals
+    the three-launch path's (64-column tiles, one slice) and the reference's."""
+    o, w = _inputs(WIDE, 5, seed=17)
+    with tuning.forced("o_proj.wo_a", {"splits": 1, "block_n": 64}):
+        three = _check(o, w)
+    with tuning.forced("o_proj.wo_a", {"splits": 1}):
+        two = _check(o, w)
+    assert bit_identical(two, three)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="counts the interpreter's traffic")
+def test_one_slice_writes_no_partials() -> None:
+    """The two-launch path's ``wo_a`` stores the activation codes, exponents and zeroed counters, no fp32
+    slices."""
+    t = 5
+    o, w = _inputs(WIDE, t, seed=17)
+    n = w.wo_a.shape[0]
+    with tuning.forced("o_proj.wo_a", {"splits": 1}), count_traffic() as log:
+        dsv4.o_proj(o, w, backend="triton")
+    assert [launch.kernel for launch in log.launches] == ["_wo_a_kernel", "_wo_b_kernel"]
+    assert log.launches[0].store_bytes == t * n + t * (n // 128) * 4 + 2 * 4  # codes, exponents, 2 counters
+
+
 @FULL
 def test_flash_dims() -> None:
     """D 4096, H 64, HD 512, G 8, OL 1024 at T=2 (flash decode of one sequence pair)."""

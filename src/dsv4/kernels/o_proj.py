@@ -27,6 +27,11 @@ are added in slice order (deterministic; no float atomics).
    completes a column tile last (an atomic counter per tile) adds the slices in slice order and stores
    ``y``: the same sum whichever program it is.
 
+With one K-slice of ``wo_a`` and 128-column tiles (the ``splits`` 1 tuning candidate, ``OL`` a multiple
+of 128) a launch-1 tile is a whole activation block: its program rounds and quantizes it in its
+epilogue, as launch 2 would, and zeroes launch 3's counters; launch 2 is skipped (two launches, no
+``r_part``).
+
 A NaN in ``o`` makes its token's ``r`` blocks of the group NaN; their activation blocks get NaN codes
 and the NaN exponent, which makes the whole ``y`` row of that token NaN, as in the reference.
 
@@ -146,18 +151,23 @@ def _wo_a_kernel(
     o_ptr,  # [T, G*INNER] bf16 (o [T, H, HD] viewed by group)
     w_ptr,  # [N, INNER] uint8: wo_a's e4m3 codes, N = G*OL
     w_scale_ptr,  # [N / 128, INNER / 128] fp32
-    part_ptr,  # out [SPLITS, T, N] fp32: this K-slice's sums
+    part_ptr,  # out [SPLITS, T, N] fp32: this K-slice's sums (not QUANT)
+    a8_ptr,  # out [T, N] uint8 (QUANT)
+    a_exp_ptr,  # out [T, N / 128] int32 (QUANT)
+    counter_ptr,  # out [COUNTERS] int32: the wo_b launch's split counters, zeroed (QUANT)
     T,
+    COUNTERS,
     INNER: tl.constexpr,
     N: tl.constexpr,
     OL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr,
+    QUANT: tl.constexpr,  # one slice and 128 columns a tile: the tile is a whole activation block, quantized here
     PDL: tl.constexpr,
 ):
     if PDL:
-        gdc_launch_dependents()  # the quant launch may be scheduled: it waits for this grid to complete
+        gdc_launch_dependents()  # the next launch may be scheduled: it waits for this grid to complete
         gdc_wait()  # o, written by the previous launch in the stream, is complete and visible
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1).to(tl.int64)
@@ -179,7 +189,30 @@ def _wo_a_kernel(
         # [BLOCK_K, BLOCK_N], K contiguous in memory; code x 2^e is exact in bf16
         w = tl.load(w_cols + k[:, None]).to(tl.float8e4nv, bitcast=True).to(tl.float32) * tl.load(scales + kb)
         acc = tl.dot(a.to(BF16_DOT_DTYPE), w.to(BF16_DOT_DTYPE), acc)
-    tl.store(part_ptr + (split * T + rows)[:, None] * N + cols[None, :], acc, mask=row_ok[:, None])
+    if QUANT:
+        _quant_store(acc, a8_ptr, a_exp_ptr, rows, row_ok, cols, pid_n, N)
+        if (pid_n == 0) & (pid_m == 0):
+            _zero(counter_ptr, COUNTERS)
+    else:
+        tl.store(part_ptr + (split * T + rows)[:, None] * N + cols[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _quant_store(r, a8_ptr, a_exp_ptr, rows, row_ok, cols, kb, N: tl.constexpr):
+    """Rows ``rows`` of the 128-block ``kb`` of ``r`` (``[BM, 128]`` fp32, at columns ``cols``), rounded
+    to bf16 (the reference's ``r``) and quantized to e4m3 with its power-of-two scale (bit for bit
+    ``fp8_act_quant``): codes into ``a8 [T, N]``, exponents into ``a_exp [T, N / 128]``."""
+    codes, e = quant_e4m3(round_bf16(r))
+    tl.store(a8_ptr + rows[:, None] * N + cols[None, :], codes, mask=row_ok[:, None])
+    tl.store(a_exp_ptr + rows * (N // _ACT_BLOCK) + kb, e, mask=row_ok)
+
+
+@triton.jit
+def _zero(counter_ptr, COUNTERS):
+    """``counter [COUNTERS]`` int32 = 0."""
+    for c0 in range(0, COUNTERS, _COUNTER_BLOCK):
+        c = c0 + tl.arange(0, _COUNTER_BLOCK)
+        tl.store(counter_ptr + c, tl.zeros((_COUNTER_BLOCK,), tl.int32), mask=c < COUNTERS)
 
 
 @triton.jit
@@ -207,13 +240,9 @@ def _act_quant_kernel(
     r = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
     for s in tl.static_range(1, SPLITS):  # slice order: the same sum on every run
         r += tl.load(ptrs + s * T * N, mask=row_ok[:, None], other=0.0)
-    codes, e = quant_e4m3(round_bf16(r))  # the reference's bf16 r, then fp8_act_quant
-    tl.store(a8_ptr + rows[:, None] * N + cols[None, :], codes, mask=row_ok[:, None])
-    tl.store(a_exp_ptr + rows * (N // _ACT_BLOCK) + kb, e, mask=row_ok)
+    _quant_store(r, a8_ptr, a_exp_ptr, rows, row_ok, cols, kb, N)
     if (kb == 0) & (pid_m == 0):
-        for c0 in range(0, COUNTERS, _COUNTER_BLOCK):
-            c = c0 + tl.arange(0, _COUNTER_BLOCK)
-            tl.store(counter_ptr + c, tl.zeros((_COUNTER_BLOCK,), tl.int32), mask=c < COUNTERS)
+        _zero(counter_ptr, COUNTERS)
 
 
 @triton.jit
@@ -278,7 +307,7 @@ def _wo_b_kernel(
 
 
 def o_proj(o: torch.Tensor, w: OProjWeights, out: OProjOut | None = None, ws: Workspace | None = None) -> OProjOut:
-    """Fused attention spec §6 on validated arguments, in three launches (module docstring).
+    """Fused attention spec §6 on validated arguments, in three launches or two (module docstring).
 
     ``o``: ``[T, H, HD] bf16``; ``w``: ``OProjWeights`` (``wo_a [G*OL, HG*HD]``, ``wo_b [D, G*OL]``
     float8_e4m3fn with fp32 128x128 block scales). Returns ``OProjOut(y [T, D] bf16)``, written
@@ -300,7 +329,8 @@ def o_proj(o: torch.Tensor, w: OProjWeights, out: OProjOut | None = None, ws: Wo
     tiles_b = gemm_tiles(t, n, d, block_n_b, sms, cfg_b.splits)
     cfg_q = QUANT_TUNING.config(dev, T=pow2_bucket(t), N=n)
 
-    r_part = scratch(ws, "o_proj.r_part", (tiles_a.splits, t, n), torch.float32, dev)
+    quant_a = tiles_a.splits == 1 and tiles_a.block_n == ACT_BLOCK  # wo_a's tiles are whole activation blocks
+    r_part = scratch(ws, "o_proj.r_part", (1,) if quant_a else (tiles_a.splits, t, n), torch.float32, dev)
     a8 = scratch(ws, "o_proj.a8", (t, n), torch.uint8, dev)
     a_exp = scratch(ws, "o_proj.a_exp", (t, n // ACT_BLOCK), torch.int32, dev)
     counters = tiles_b.n_tiles * tiles_b.m_tiles if tiles_b.splits > 1 else 0
@@ -309,14 +339,15 @@ def o_proj(o: torch.Tensor, w: OProjWeights, out: OProjOut | None = None, ws: Wo
     y = out.y if out is not None else torch.empty((t, d), dtype=torch.bfloat16, device=dev)
 
     _wo_a_kernel[tiles_a.grid](
-        o, w.wo_a.view(torch.uint8), w.wo_a_scale, r_part, t, INNER=inner, N=n, OL=ol, BLOCK_M=tiles_a.block_m,
-        BLOCK_N=tiles_a.block_n, SPLITS=tiles_a.splits, PDL=pdl, num_warps=cfg_a.num_warps,
-        num_stages=cfg_a.num_stages, launch_pdl=pdl,
+        o, w.wo_a.view(torch.uint8), w.wo_a_scale, r_part, a8, a_exp, counter, t, counters, INNER=inner, N=n,
+        OL=ol, BLOCK_M=tiles_a.block_m, BLOCK_N=tiles_a.block_n, SPLITS=tiles_a.splits, QUANT=quant_a, PDL=pdl,
+        num_warps=cfg_a.num_warps, num_stages=cfg_a.num_stages, launch_pdl=pdl,
     )  # fmt: skip
-    _act_quant_kernel[(n // ACT_BLOCK, triton.cdiv(t, QUANT_ROWS))](
-        r_part, a8, a_exp, counter, t, counters, N=n, BLOCK_M=QUANT_ROWS, SPLITS=tiles_a.splits, PDL=pdl,
-        num_warps=cfg_q.num_warps, launch_pdl=pdl,
-    )  # fmt: skip
+    if not quant_a:
+        _act_quant_kernel[(n // ACT_BLOCK, triton.cdiv(t, QUANT_ROWS))](
+            r_part, a8, a_exp, counter, t, counters, N=n, BLOCK_M=QUANT_ROWS, SPLITS=tiles_a.splits, PDL=pdl,
+            num_warps=cfg_q.num_warps, launch_pdl=pdl,
+        )  # fmt: skip
     _wo_b_kernel[tiles_b.grid](
         a8, a_exp, w.wo_b.view(torch.uint8), w.wo_b_scale, y_part, counter, y, t, d, K=n, BLOCK_M=tiles_b.block_m,
         BLOCK_N=tiles_b.block_n, SPLITS=tiles_b.splits, PDL=pdl, num_warps=cfg_b.num_warps,
