@@ -104,7 +104,7 @@ PDL_ORDER = {
     "_wo_a_kernel": ("launch_dependents", "wait"),
     "_act_quant_kernel": ("launch_dependents", "wait"),
     "_wo_b_kernel": ("launch_dependents", "wait"),
-    "_window_kv_write_kernel": (),  # an op of its own: an ordinary launch
+    "_window_kv_write_kernel": ("launch_dependents", "wait"),
 }
 
 # Kernels whose main loop streams operands through shared memory with cp.async (docs/DESIGN.md).

@@ -6,7 +6,8 @@ rows, quantizes the NOPE part per 64 with ``fp8_quant.quant_e4m3`` (bit for bit 
 and stores codes, scale bytes and the bf16 rope tail at pool row ``block_table[b, p // bs]``,
 offset ``p % bs``; a token whose block is ``-1`` stores nothing. The grid is ``(B, ceil(min(S, W) /
 BLOCK_T))``, from shapes only; ``start_pos`` is read on the device (the launch can be captured in a
-CUDA graph).
+CUDA graph). On sm_90 it takes part in programmatic dependent launch: it lets the next launch be
+scheduled, then waits for its predecessor before it reads ``kv`` or ``start_pos``.
 
 ``store_fp8_rows`` (the row store) is shared with the attention's compressor (``compressor.py``),
 which stores its finished rows in the same format.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..model.attention_state import KVPool
 from ..model.fp8_row import ROW_BLOCK as _ROW_BLOCK
@@ -24,6 +26,7 @@ from ..model.fp8_row import SCALE_BYTES as _SCALE_BYTES
 from ..model.structs import StepPositions
 from .epilogue import to_bf16
 from .fp8_quant import quant_e4m3, scale_byte
+from .launch import pdl_supported
 from .tuning import Param, Tunable, pow2_bucket
 from .workspace import Workspace
 
@@ -39,8 +42,9 @@ TUNING = Tunable(
     params=(
         Param("block_t", BLOCK_T, (1, 2, 4, 8, 16), "tokens per program", exact=True),
         Param("num_warps", NUM_WARPS, (2, 4, 8), "warps per program", compiled_only=True),
+        Param("pdl", True, (False, True), "programmatic dependent launch (sm_90)", exact=True, compiled_only=True),
     ),
-    candidates=({"block_t": 1}, {"block_t": 16}, {"num_warps": 8}),
+    candidates=({"block_t": 1}, {"block_t": 16}, {"num_warps": 8}, {"pdl": False}),
 )
 
 
@@ -99,7 +103,11 @@ def _window_kv_write_kernel(
     HDP: tl.constexpr,  # HD rounded up to a power of two
     BLOCK_SIZE: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:
+        gdc_launch_dependents()  # the next launch may be scheduled; it waits for this grid to complete
+        gdc_wait()  # kv and start, written by earlier launches, are complete and visible
     b = tl.program_id(0).to(tl.int64)
     s = first + tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     store_window_rows(kv_ptr, b, s, S, tl.load(start_ptr + b), table_ptr, max_blocks, nope_ptr, scale_ptr, rope_ptr,
@@ -116,8 +124,10 @@ def window_kv_write(
     first = max(0, s - window)
     cfg = TUNING.config(kv.device, B=pow2_bucket(b), S=pow2_bucket(s - first))
     grid = (b, triton.cdiv(s - first, cfg.block_t))
+    pdl = cfg.pdl and pdl_supported(kv.device)
     _window_kv_write_kernel[grid](
         kv, pos.start, pool.block_table, pool.nope.view(torch.uint8), pool.scale, pool.rope, s, first,
         pool.block_table.shape[1], NOPE=hd - pool.rope_dim, R=pool.rope_dim, HDP=triton.next_power_of_2(hd),
-        BLOCK_SIZE=pool.block_size, BLOCK_T=cfg.block_t, num_warps=cfg.num_warps, enable_fp_fusion=False,
+        BLOCK_SIZE=pool.block_size, BLOCK_T=cfg.block_t, PDL=pdl, num_warps=cfg.num_warps, enable_fp_fusion=False,
+        launch_pdl=pdl,
     )  # fmt: skip
