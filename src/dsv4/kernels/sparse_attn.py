@@ -160,10 +160,11 @@ def _attend(q, k, seen, m, l, acc, bad, sm_scale):
     kb = tl.where(finite, k, 0.0).to(BF16_DOT_DTYPE)  # exact: the values are bf16
     z = tl.dot(q.to(BF16_DOT_DTYPE), tl.trans(kb)) * sm_scale
     bad = bad | (tl.sum((seen & key_bad[None, :]).to(tl.int32), axis=1) > 0)
-    m_new = tl.maximum(m, tl.max(tl.where(seen, z, float("-inf")), axis=1))
+    z = tl.where(seen, z, float("-inf"))  # a key the row does not see weighs exp(-inf) = 0
+    m_new = tl.maximum(m, tl.max(z, axis=1))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: nothing to rescale
     alpha = tl.exp(m - m_ref)
-    e = tl.where(seen, tl.exp(z - m_ref[:, None]), 0.0)
+    e = tl.exp(z - m_ref[:, None])
     l = l * alpha + tl.sum(e, axis=1)
     acc = acc * alpha[:, None] + tl.dot(to_bf16(e).to(BF16_DOT_DTYPE), kb)
     return m_new, l, acc, bad
@@ -179,8 +180,10 @@ def _finish(o_ptr, sink_ptr, cos_ptr, sin_ptr, m, l, acc, start, b, s0, h0, S, H
     s = s0 + r // HEADS
     h = h0 + r % HEADS
     live = (s < S) & (h < H) & (r // HEADS < TOKENS)
-    sink = tl.load(sink_ptr + h, mask=live, other=float("-inf"))
-    den = l + tl.exp(sink - m)
+    # a row that saw no key (m = -inf: the rows past S or H) is taken against m = 0 and, past S or H,
+    # sink = 0, so nothing computes -inf - -inf; its acc is 0, so its o1 is 0 either way
+    sink = tl.load(sink_ptr + h, mask=live, other=0.0)
+    den = l + tl.exp(sink - tl.where(m == float("-inf"), 0.0, m))
     o1 = round_bf16(tl.div_rn(acc, den[:, None]))
     half = tl.arange(0, R // 2)
     p = (start + s).to(tl.int64)
