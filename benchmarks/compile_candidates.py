@@ -39,6 +39,12 @@ KERNELS = {
     "index.score": ("_score_kernel", "indexer"),
     "topk.select_row": ("_select_row_kernel", "indexer"),
     "topk.select_chunks": ("_select_chunks_kernel", "indexer_long"),
+    "kv_compressor.step": ("_compressor_step_kernel", "kv_compressor"),
+    "window_kv_write": ("_window_kv_write_kernel", "window_kv_write"),
+    "sparse_attn": ("_attn_kernel", "sparse_attn"),
+    "o_proj.wo_a": ("_wo_a_kernel", "o_proj"),
+    "o_proj.quant": ("_act_quant_kernel", "o_proj"),
+    "o_proj.wo_b": ("_wo_b_kernel", "o_proj"),
 }
 PLANS = {
     "qkv": sm90.Plan("qkv", "qkv_proj_rope", "flash", 64, 2),
@@ -47,6 +53,14 @@ PLANS = {
     "indexer_long": sm90.Plan(
         "indexer_long", "indexer", "flash", 1, 2, start_pos=4 * 65536 - 2, max_position=4 * 65536
     ),
+    # the attention ops at 4 slots where the compile does not depend on the batch (drawing 64 slots'
+    # pools takes minutes on the CPU): their buckets and tiles are per slot or per head
+    "kv_compressor": sm90.Plan("kv_compressor", "kv_compressor", "flash", 4, 2, start_pos=4 * 2048 - 2),
+    "window_kv_write": sm90.Plan("window_kv_write", "window_kv_write", "flash", 64, 2, start_pos=4 * 2048 - 2),
+    "sparse_attn": sm90.Plan(
+        "sparse_attn", "sparse_attn", "flash", 4, 2, start_pos=4 * 2048 - 2, max_position=4 * 2048
+    ),
+    "o_proj": sm90.Plan("o_proj", "o_proj", "flash", 64, 2),
 }
 
 
