@@ -29,7 +29,8 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
 import sm90  # noqa: E402  (after the interpreter switch and the path)
 
-# the @triton.jit function behind each tuned kernel, and a flash decode call that launches it
+# the @triton.jit function behind each tuned kernel (a candidate may launch another: the first of the
+# names launched is the row's), and a flash decode call that launches it
 KERNELS = {
     "qkv.projection": ("_split_k_projection_kernel", "qkv"),
     "qkv.rows": ("_qr_kv_rows_kernel", "qkv"),
@@ -37,7 +38,7 @@ KERNELS = {
     "index.front": ("_front_kernel", "indexer"),
     "compressor.step": ("_compressor_step_kernel", "compressor"),
     "index.score": ("_score_kernel", "indexer"),
-    "topk.select_row": ("_select_row_kernel", "indexer"),
+    "topk.select_row": ("_select_row_kernel,_select_bin_kernel", "indexer"),
     "topk.select_chunks": ("_select_chunks_kernel", "indexer_long"),
     "kv_compressor.step": ("_compressor_step_kernel", "kv_compressor"),
     "window_kv_write": ("_window_kv_write_kernel", "window_kv_write"),
@@ -91,7 +92,7 @@ def main() -> None:
             try:
                 with tuning.defaults_only(), tuning.forced(name, cfg):
                     sm90._run_plan(PLANS[plan])
-                mine = [(fn, grid, k) for fn, grid, k in launches if fn.__name__ == fn_name]
+                mine = [(fn, grid, k) for fn, grid, k in launches if fn.__name__ in fn_name.split(",")]
                 fn, grid, kernel = mine[0]
                 v = sm90._variant(fn, kernel, [(plan, tuple(grid))])
                 variant = sm90.Variant(
