@@ -434,8 +434,11 @@ def _launch(
     )  # fmt: skip
     o = torch.empty(q.shape, dtype=torch.bfloat16, device=q.device) if out is None else out.o
     cfg = TUNING.config(q.device, B=pow2_bucket(b), S=pow2_bucket(s), H=pow2_bucket(h))
-    tokens = min(s, cfg.tokens)
-    heads = max(min(cfg.heads, triton.next_power_of_2(h)), MIN_DOT_WIDTH // tokens)
+    # fewer heads than the MMA's 16 rows (the tiny preset's 4): the rows that would be padding take more
+    # of the step's tokens instead (fewer programs, each window tile read once for them; the same bits)
+    heads = min(cfg.heads, triton.next_power_of_2(h))
+    tokens = min(triton.next_power_of_2(s), max(cfg.tokens, MIN_DOT_WIDTH // heads))
+    heads = max(heads, MIN_DOT_WIDTH // tokens)
     splits = cfg.splits if kind != "swa" else 1
     pdl = cfg.pdl and pdl_supported(q.device)
     cmp = window_pool if compressed is None else compressed

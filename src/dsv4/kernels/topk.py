@@ -291,12 +291,13 @@ def _select_row_kernel(
     key = _order_key(tl.load(score_ptr + r * n + index, mask=valid, other=0.0))
 
     prefix, need, done = _first_level(k, visible)
-    for p in tl.static_range(32 // BITS):
-        hist = _digit_histogram(key, valid, prefix, 32 - (p + 1) * BITS, BITS)
-        prefix, need, done = _descend(prefix, need, done, hist, 1 << BITS, BITS <= 8)
-    if LAST_BITS > 0:  # the low bits left below the full-width digits (11+11+10)
-        hist = _digit_histogram(key, valid, prefix, 0, LAST_BITS)
-        prefix, need, done = _descend(prefix, need, done, hist, 1 << LAST_BITS)
+    if visible > k:  # else every visible key is taken (threshold 0, as the digits would leave it): no digit to find
+        for p in tl.static_range(32 // BITS):
+            hist = _digit_histogram(key, valid, prefix, 32 - (p + 1) * BITS, BITS)
+            prefix, need, done = _descend(prefix, need, done, hist, 1 << BITS, BITS <= 8)
+        if LAST_BITS > 0:  # the low bits left below the full-width digits (11+11+10)
+            hist = _digit_histogram(key, valid, prefix, 0, LAST_BITS)
+            prefix, need, done = _descend(prefix, need, done, hist, 1 << LAST_BITS)
 
     take, slot = _take(key, valid, prefix, need)  # exactly k are taken; the store's bound is a guard
     tl.store(cand_ptr + r * TOPK_PAD + slot, _sort_key(key, index), mask=take & (slot < TOPK_PAD))
