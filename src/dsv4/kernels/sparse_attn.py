@@ -5,7 +5,8 @@
 the ``tokens`` tuning choice), a head block ``HEADS`` heads (16 by default: M = 16 rows, the smallest
 MMA). One token a program reads fewer key bytes than a pair at the same M: a CSA token's top-k rows
 are its own, so a pair of 8-head programs reads both tokens' lists 8 times a step, one-token programs
-of 16 heads 4 times each; the window and HCA's rows are read as often either way. Its
+of 16 heads 4 times each; the window and HCA's rows are read as often either way. With fewer heads
+than 16 (the ``tiny`` preset) the rows a head block would pad hold more of the step's tokens. Its
 ``M = TOKENS * HEADS`` (token, head) rows are the M side of every ``tl.dot``: each key tile
 ``[KEYS, HD]`` (one MQA head for all heads, value = key) is read once for all of them, dequantized
 on chip and used for both products, ``z = q @ k^T`` and ``acc += bf16(e) @ k``; a row whose token
