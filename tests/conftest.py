@@ -33,8 +33,8 @@ BACKENDS = ["reference", "triton"]
 
 
 def backends_of(op: str) -> list[str]:
-    """The ``BACKENDS`` that implement ``op`` (the attention ops are on the reference backend alone
-    until their kernels exist: their tests take the Triton backend as soon as it is registered)."""
+    """The ``BACKENDS`` that implement ``op`` (every built-in op has both; an op registered with the
+    reference alone gets its Triton tests as soon as its kernel is registered)."""
     from dsv4.ops import get_op
 
     have = get_op(op).implementations

@@ -55,8 +55,6 @@ def test_the_writing_program_of_other_tiles(kind: str, seq: int, params: dict) -
     """With token pairs (S=19 > W: the last pair's window reaches one row below the rows written) and with
     a key split (split 0 writes), the pool is the same."""
     backend = "triton"
-    if backend not in backends_of("sparse_attn_write"):
-        pytest.skip("no Triton backend")
     args = on_device(attn_setup(kind, seq, seed=12))
     with tuning.forced("sparse_attn", params):
         o_two, pool_two = two_ops(args, backend)
@@ -101,8 +99,6 @@ def test_a_ring_is_refused_by_the_device_check(monkeypatch: pytest.MonkeyPatch) 
 def test_demo_decode() -> None:
     """Full-size dims (H 64, HD 512, NOPE 448), a CSA decode step: the fused launch's pool rows and ``o``
     against the two Triton ops', bit for bit."""
-    if "triton" not in backends_of("sparse_attn_write"):
-        pytest.skip("no Triton backend")
     args = make_case(dsv4.get_config("demo"), "sparse_attn_write", seed=2, device=DEVICE, batch=2, seq=2).args
     o_two, pool_two = two_ops(args, "triton")
     o = dsv4.sparse_attn_write(**args, backend="triton").o
