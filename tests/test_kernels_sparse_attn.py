@@ -1,28 +1,52 @@
 """The Triton ``sparse_attn`` beyond the op matrix of ``test_attention_ops``: its key split (partials
 combined in order in a second launch) against the single launch, non-finite inputs (NaN where the
 reference has NaN, and nowhere else: a key one token sees must not reach the other token of its
-block), the tiles of the tuning candidates, and the full-size (``demo``) dims."""
+block), the tiles of the tuning candidates, the order of the programs, and the full-size (``demo``) dims."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import dsv4
 from conftest import DEVICE, FULL
 from dsv4.harness.cases import make_case
 from dsv4.harness.golden import bit_identical, compare
 from dsv4.kernels import Workspace, tuning
+from dsv4.kernels.sparse_attn import _program_rows
 from dsv4.kernels.sparse_attn import sparse_attn as triton_sparse_attn
 from dsv4.ops import get_op
 from op_cases import assert_matches_reference
 from test_attention_ops import attn_setup, expected_o, on_device
 
-pytestmark = pytest.mark.skipif("triton" not in get_op("sparse_attn").implementations, reason="no Triton backend")
-
 
 def run(args: dict, backend: str = "triton") -> torch.Tensor:
     return dsv4.sparse_attn(**on_device(args), backend=backend).o.cpu()
+
+
+@triton.jit
+def _rows_of_each_program(out_ptr, S, H, TOKENS: tl.constexpr, HEADS: tl.constexpr):
+    b, s0, h0 = _program_rows(S, H, TOKENS, HEADS)
+    out = out_ptr + tl.program_id(0) * 3
+    tl.store(out, b)
+    tl.store(out + 1, s0)
+    tl.store(out + 2, h0)
+
+
+@pytest.mark.parametrize("b,s,h,tokens,heads", [(2, 3, 20, 2, 8), (3, 2, 64, 1, 16), (1, 5, 4, 4, 4)])
+def test_programs_that_share_key_rows_are_neighbours(b: int, s: int, h: int, tokens: int, heads: int) -> None:
+    """Program ids run over a token block's head blocks first, then over the slot's token blocks, then
+    over the slots (ragged last blocks included), so the programs reading one slot's key rows are
+    dispatched together; every (slot, token block, head block) is some program's, once."""
+    programs = b * triton.cdiv(s, tokens) * triton.cdiv(h, heads)
+    out = torch.full((programs, 3), -1, dtype=torch.int32, device=DEVICE)
+    _rows_of_each_program[(programs,)](out, s, h, TOKENS=tokens, HEADS=heads)
+    expected = list(itertools.product(range(b), range(0, s, tokens), range(0, h, heads)))
+    assert [tuple(row) for row in out.cpu().tolist()] == expected
 
 
 @pytest.mark.parametrize("kind,seq", [("hca", 2), ("csa", 2)])

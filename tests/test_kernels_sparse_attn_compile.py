@@ -4,7 +4,7 @@ The variants the launcher runs at flash dims (H 64, HD 512, a CSA layer) for a d
 multi-token prediction (S=2), for S=1 (a program per token and 16 heads either way: the smallest
 MMA M) and for ``sparse_attn_write``'s decode step (the same launch storing the window rows) are
 lowered to cubins (``sm90.compile_plans``): no variant may spill (no local memory), each block must
-fit an SM, the grid depends on the shapes alone (slot x token block, head blocks, splits), and the
+fit an SM, the grid depends on the shapes alone (slot x token block x head block, 1, splits), and the
 kernel waits for its predecessor inside (programmatic dependent launch), as the module docstring of
 ``dsv4.kernels.sparse_attn`` says.
 """
@@ -25,8 +25,8 @@ PLANS = [
         ),
     ]
 ]
-# (B x S, ceil(H / heads), splits): one token and 16 heads a program
-GRIDS = {"flash-decode": (8, 4, 1), "flash-t1": (4, 4, 1), "flash-decode-write": (8, 4, 1)}
+# (B x S x ceil(H / heads), 1, splits): one token and 16 heads a program, head blocks fastest
+GRIDS = {"flash-decode": (32, 1, 1), "flash-t1": (16, 1, 1), "flash-decode-write": (32, 1, 1)}
 
 
 @pytest.fixture(scope="session")

@@ -46,8 +46,13 @@ So no row is polluted by a key it does not see (``0 * NaN``) and no NaN becomes 
 combines the splits in order (``m = max m_i``, ``l = sum l_i 2^..``, ``acc`` alike), deterministic,
 then runs the same epilogue. Without a split: one launch.
 
-**Launch.** The grid ``(B * ceil(S / TOKENS), ceil(H / HEADS), splits)`` depends on shapes only, the
-key loop bounds on ``start_pos`` read in the kernel: no host sync, a CUDA graph can capture it.
+**Launch.** The grid ``(B * ceil(S / TOKENS) * ceil(H / HEADS), 1, splits)`` depends on shapes only,
+the key loop bounds on ``start_pos`` read in the kernel: no host sync, a CUDA graph can capture it.
+Program ids run over head blocks first, then token blocks, then slots (``_program_rows``): the GPU
+hands out blocks in id order (in practice), so the programs that share a slot's key rows (its
+tokens' head blocks) run side by side and read the rows from HBM once, whatever the batch; ordered
+by head block last, the re-reads of a row would be a wave of programs apart, and served by L2 only
+while a wave's rows (every slot's) fit in it.
 """
 
 from __future__ import annotations
@@ -112,6 +117,17 @@ TUNING = Tunable(
         {"pdl": False},
     ),
 )
+
+
+@triton.jit
+def _program_rows(S, H, TOKENS: tl.constexpr, HEADS: tl.constexpr):
+    """This program's slot ``b``, first token ``s0`` and first head ``h0``. The head blocks of a token
+    block are consecutive program ids, then the token blocks of a slot: the programs that read the
+    same key rows are dispatched together, so the rows come from HBM once and from L2 for the others."""
+    head_blocks = tl.cdiv(H, HEADS)
+    token_block = tl.program_id(0) // head_blocks
+    token_blocks = tl.cdiv(S, TOKENS)
+    return token_block // token_blocks, (token_block % token_blocks) * TOKENS, (tl.program_id(0) % head_blocks) * HEADS
 
 
 @triton.jit
@@ -239,10 +255,7 @@ def _attn_kernel(
     PDL: tl.constexpr,
 ):
     M: tl.constexpr = TOKENS * HEADS
-    token_blocks = tl.cdiv(S, TOKENS)
-    b = tl.program_id(0) // token_blocks
-    s0 = (tl.program_id(0) % token_blocks) * TOKENS
-    h0 = tl.program_id(1) * HEADS
+    b, s0, h0 = _program_rows(S, H, TOKENS, HEADS)
     split = tl.program_id(2)
     if PDL:
         gdc_launch_dependents()
@@ -320,7 +333,8 @@ def _attn_kernel(
         _finish(o_ptr, sink_ptr, cos_ptr, sin_ptr, m, l, acc, start, b, s0, h0, S, H, HEADS, TOKENS, HD, R)
     else:
         rows = (b * S + r_s).to(tl.int64) * H + r_h
-        part = split.to(tl.int64) * (tl.num_programs(0) // token_blocks) * S * H + rows
+        slots = tl.num_programs(0) // (tl.cdiv(S, TOKENS) * tl.cdiv(H, HEADS))  # B
+        part = split.to(tl.int64) * slots * S * H + rows
         tl.store(part_m_ptr + part, m, mask=r_live)
         tl.store(part_l_ptr + part, l, mask=r_live)
         tl.store(part_acc_ptr + part[:, None] * HD + col[None, :], acc, mask=r_live[:, None])
@@ -334,10 +348,7 @@ def _combine_kernel(
 ):  # fmt: skip
     """The splits' partial ``(m, l, acc)`` of a program's rows combined in split order, then the epilogue."""
     M: tl.constexpr = TOKENS * HEADS
-    token_blocks = tl.cdiv(S, TOKENS)
-    b = tl.program_id(0) // token_blocks
-    s0 = (tl.program_id(0) % token_blocks) * TOKENS
-    h0 = tl.program_id(1) * HEADS
+    b, s0, h0 = _program_rows(S, H, TOKENS, HEADS)
     if PDL:
         gdc_wait()
     r = tl.arange(0, M)
@@ -444,7 +455,7 @@ def _launch(
     pdl = cfg.pdl and pdl_supported(q.device)
     cmp = window_pool if compressed is None else compressed
     topk = topk_idxs if topk_idxs is not None else pos.start  # never read (SWA, HCA)
-    grid = (b * triton.cdiv(s, tokens), triton.cdiv(h, heads), splits)
+    grid = (b * triton.cdiv(s, tokens) * triton.cdiv(h, heads), 1, splits)  # _program_rows: head blocks fastest
     n = b * s * h
     part_m = scratch(ws, "sparse_attn.m", (splits, n), torch.float32, q.device) if splits > 1 else o
     part_l = scratch(ws, "sparse_attn.l", (splits, n), torch.float32, q.device) if splits > 1 else o
