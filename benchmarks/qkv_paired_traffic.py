@@ -5,9 +5,10 @@
 On a GPU the q heads run as pairs of programs (one per half head) that swap their rows' sums of
 squares; the interpreter runs programs one at a time, so ``dsv4 bench --cpu`` counts the plan it
 can run (each pair as one program). This script counts the paired plan itself: the projection, the
-rows kernel with the exchange buffer's reset, and the paired q-heads launch with every partner's
-sums already published (a first, uncounted paired launch publishes them). It checks the outputs
-against the op's and prints the bytes per launch and the ratios to the minimal 56,005,120 B.
+rows kernel with the exchange buffer's reset, and the paired q-heads launch as the pairs meet on a
+GPU, each half finishing its own (a first, uncounted paired launch publishes every half's sums, then
+every pair's arrival word is set to "one half waits"). It checks the outputs against the op's and
+prints the bytes per launch and the ratios to the minimal 56,005,120 B.
 """
 
 from __future__ import annotations
@@ -44,22 +45,25 @@ def main() -> None:
     block_m, paired = qk.q_heads_tiles(t, h, H100_SMS)
     assert paired, "flash decode pairs the q heads on an H100"
 
-    published = torch.zeros(2 * h * t, dtype=torch.int64)
+    published = torch.full((qk.pair_words(t, h),), -1, dtype=torch.int64)
+    park = torch.empty(qk.park_shape(t, h, hd, block_m))
     q = torch.empty_like(expected.q)
-    qk.launch_q_heads(expected.qr, expected.qr_scale, w, positions, rope, eps, q, published, block_m, True)
+    qk.launch_q_heads(expected.qr, expected.qr_scale, w, positions, rope, eps, q, published, park, block_m, True)
+    published[2 * h * t :] = 1  # every pair: one half waits, the other comes
     qr, qr_scale, kv = (torch.empty_like(v) for v in (expected.qr, expected.qr_scale, expected.kv))
-    reset = torch.empty(2 * h * t, dtype=torch.int64)
+    reset = torch.empty(qk.pair_words(t, h), dtype=torch.int64)
     with count_traffic() as log:
         partial = split_k_projection(x, w.wq_a, w.wkv)
-        qk._qr_kv_rows_kernel[(t,)](
+        qk._qr_kv_rows_kernel[(t, 2)](
             partial, w.gamma_cq, w.gamma_ckv, positions, rope.cos, rope.sin, qr, qr_scale, kv, reset, t, eps,
             QL=ql, HD=hd, R=rope.rope_dim, BLOCK_QL=triton.next_power_of_2(ql), SPLITS=partial.shape[0],
-            PAIRED=True, PAIR_SLOTS=2 * h, PAIR_BLOCK=triton.next_power_of_2(2 * h), PDL=False,
+            PAIRED=True, PAIR_SLOTS=3 * h, PAIR_BLOCK=triton.next_power_of_2(3 * h), PDL=False,
         )  # fmt: skip
-        qk.launch_q_heads(qr, qr_scale, w, positions, rope, eps, q, published, block_m, True)
+        qk.launch_q_heads(qr, qr_scale, w, positions, rope, eps, q, published, park, block_m, True)
     for name, got in (("q", q), ("kv", kv), ("qr", qr), ("qr_scale", qr_scale)):
         assert torch.equal(got, getattr(expected, name)), name
     assert bool((reset == -1).all()), "the rows kernel resets the whole exchange buffer"
+    assert bool((published[2 * h * t : 2 * h * t + h] == 2).all()), "every pair met, none parked"
 
     for launch in log.launches:
         print(f"{launch.kernel:28s} grid {launch.grid}  requested {launch.requested_bytes:>11,}  "

@@ -19,9 +19,10 @@ from conftest import BACKENDS, DEVICE, FULL
 from dsv4.bench.interp_traffic import count_traffic
 from dsv4.harness.golden import compare, ratio_allclose, tolerance
 from dsv4.kernels.epilogue import rms_inv_of_sumsq, rms_scale
+from dsv4.kernels.interpreter import interpreted
 from dsv4.kernels.launch import H100_SMS
 from dsv4.kernels.projection import projection_tiles
-from dsv4.kernels.qkv_proj_rope import launch_q_heads, q_heads_tiles
+from dsv4.kernels.qkv_proj_rope import launch_q_heads, pair_words, park_shape, q_heads_tiles
 from dsv4.kernels.split_k import BLOCK_K
 from dsv4.model.config import DeepSeekV4Config, get_config
 from dsv4.model.rope import RopeTable, rope_table
@@ -136,26 +137,83 @@ def test_repeatable_bit_for_bit(t: int) -> None:
             assert torch.equal(a, b), name
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the first launch's placeholder words: 0/0
 @pytest.mark.parametrize("huge", [False, True], ids=["plain", "huge-half-heads"])
 @pytest.mark.parametrize("t", [5, 130])
 def test_paired_halves_compute_the_same_bits(t: int, huge: bool) -> None:
-    """The GPU's paired q-heads path (a program per half head, the two swapping their sums of squares)
-    run through the interpreter, which runs programs one at a time: a first launch publishes every
-    half's sums (the first half of each pair reads a placeholder 0 and stores garbage), a second
-    launch finds its partner's sums already published. Its ``q`` equals the one-program-per-head path
-    bit for bit. ``huge``: half heads whose squares overflow fp32, so the pairs swap scaled sums."""
+    """The GPU's paired q-heads path (a program per half head), both ways a pair can meet. (1) The
+    exchange words as the rows kernel leaves them (-1) and no wait (``spins=0``): a pair's first half
+    parks its values and leaves, and the second finishes both halves (under the interpreter, which runs
+    programs one at a time, every pair; compiled, every pair whose partner had not arrived). (2) Every
+    pair's arrival word at "one half waits" and the sums already published (those of (1)): each half
+    finds its partner's sums and finishes its own. Both give the one-program-per-head path's ``q`` bit
+    for bit, every element written. ``huge``: half heads whose squares overflow fp32, so the pairs
+    swap scaled sums."""
     x, w, positions, rope = qkv_inputs(TINY, decode_positions(t, 256, seed=7), 256, seed=7, outliers=2)
     if huge:
         w = _huge_half_heads(w)
     expected = dsv4.qkv_proj_rope(x, w, positions, rope, backend="triton")
-    block_m, paired = q_heads_tiles(t, TINY.num_attention_heads, H100_SMS)
+    h, hd = TINY.num_attention_heads, expected.q.shape[2]
+    block_m, paired = q_heads_tiles(t, h, H100_SMS)
     assert paired
-    sumsq = torch.zeros(2 * TINY.num_attention_heads * t, dtype=torch.int64, device=DEVICE)
-    q = torch.empty_like(expected.q)
-    for _ in range(2):
-        launch_q_heads(expected.qr, expected.qr_scale, w, positions, rope, TINY.rms_norm_eps, q, sumsq, block_m, True)
-    assert torch.equal(q, expected.q)
+    words = torch.full((pair_words(t, h),), -1, dtype=torch.int64, device=DEVICE)
+    park = torch.full(park_shape(t, h, hd, block_m), float("nan"), device=DEVICE)
+    arrivals = words[2 * h * t : 2 * h * t + triton.cdiv(t, block_m) * h]
+    for meeting in ("first half parks", "partner waits"):
+        if meeting == "partner waits":
+            arrivals.fill_(1)
+        q = torch.full_like(expected.q, float("nan"))
+        launch_q_heads(expected.qr, expected.qr_scale, w, positions, rope, TINY.rms_norm_eps, q, words, park,
+                       block_m, True, spins=0 if meeting == "first half parks" else None)  # fmt: skip
+        assert torch.equal(q, expected.q), meeting
+        if meeting == "first half parks" and interpreted():
+            assert bool((arrivals == 3).all()), "every first half handed its values over"
+        else:  # compiled, the halves of a pair run at once and mostly meet (2); any may have parked (3)
+            assert set(arrivals.tolist()) <= {2, 3}, meeting
+
+
+_HELD_SMS = """
+import torch, triton, triton.language as tl, dsv4
+from dsv4.harness.cases import make_case
+from dsv4.model.config import get_config
+
+@triton.jit
+def hold(flag_ptr):  # keeps its SM until the flag is set
+    seen = tl.load(flag_ptr, volatile=True)
+    while seen == 0:
+        seen = tl.load(flag_ptr, volatile=True)
+
+@triton.jit
+def release(flag_ptr):
+    tl.store(flag_ptr, 1)
+
+a = make_case(get_config("flash"), "qkv_proj_rope", "decode", 0, device="cuda").args
+alone = dsv4.qkv_proj_rope(a["x"], a["w"], a["positions"], a["rope"], backend="triton")
+torch.cuda.synchronize()
+flag = torch.zeros(1, dtype=torch.int32, device="cuda")
+held, mine = torch.cuda.Stream(), torch.cuda.Stream()
+mine.wait_stream(torch.cuda.current_stream())
+with torch.cuda.stream(held):
+    hold[(48,)](flag, num_warps=1)
+with torch.cuda.stream(mine):
+    beside = dsv4.qkv_proj_rope(a["x"], a["w"], a["positions"], a["rope"], backend="triton")
+    release[(1,)](flag)
+torch.cuda.synchronize()
+assert all(torch.equal(x, y) for x, y in zip(beside, alone)), "not the same bits"
+print("DONE")
+"""
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="kernels on two streams at once need a GPU")
+def test_paired_heads_finish_while_other_kernels_hold_sms() -> None:
+    """At flash decode the q heads run as 128 paired programs, each a whole SM's registers. With 48
+    programs of another stream's kernel holding SMs until ``qkv_proj_rope`` is done (a kernel that
+    waits for a flag set after it), fewer than 128 SMs are left: pairs that cannot meet hand over
+    (``_meet_partner``) and the op ends, with the bits of a run alone. A pair waiting without end
+    would hang: the child process is given a time limit."""
+    from subprocesses import run_python
+
+    proc = run_python(["-c", _HELD_SMS], timeout=120)
+    assert proc.returncode == 0 and "DONE" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
 def test_whole_head_programs_read_qr_once() -> None:

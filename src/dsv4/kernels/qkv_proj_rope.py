@@ -10,12 +10,13 @@
    RoPE in registers -> ``q``. The fp32 ``[T, H*HD]`` projection never reaches memory.
 
 A whole head for 128 tokens would need a 256 KiB int32 accumulator (the whole register file), so a
-head is computed as two column halves of HD/2. On a GPU, when the grid fits one wave of SMs (all
-programs resident together), each half is its own program and the two swap their rows' sums of
-squares through a small scratch buffer (``PAIRED``). Otherwise (a larger grid; and always under the
-interpreter, which runs programs one after another) one program computes both halves in one pass over
-QL, each ``qr`` tile feeding both halves' dots. Both ways the per-head sum of squares is
-``sum(half 0) + sum(half 1)``, so both give the same numbers.
+head is computed as two column halves of HD/2. On a GPU, when the grid fits one wave of SMs, each
+half is its own program and the two swap their rows' sums of squares through a small scratch buffer
+(``PAIRED``); a half whose partner is not running (SMs held by other streams' kernels) does not wait
+for it without end, but parks its values for the partner to finish (``_meet_partner``). Otherwise (a
+larger grid; and always under the interpreter, which runs programs one after another) one program
+computes both halves in one pass over QL, each ``qr`` tile feeding both halves' dots. Both ways the
+per-head sum of squares is ``sum(half 0) + sum(half 1)``, so both give the same numbers.
 
 On sm_90 every launch takes part in programmatic dependent launch, and each lets its successor start
 at its own start, before it waits for its predecessor: so ``wq_b`` (60% of the bytes at decode,
@@ -52,6 +53,8 @@ Q_BLOCK_M_MIN = 16  # smallest tl.dot M
 Q_BLOCK_K_MAX = 128  # 128 int8 = 128 B: each wq_b row read per step fills exactly one 128-B line
 Q_BLOCK_K_MIN = 32  # INT8 tensor-core MMA consumes K in steps of 32
 Q_NUM_WARPS = 8  # 128 KiB of accumulators over 256 threads = 128 registers each
+PAIR_SPINS = 4096  # reads of the pair's arrival word a first-arriving half makes before it parks its values and
+#                    leaves (milliseconds: a partner that is resident arrives within microseconds)
 _LOW32 = tl.constexpr(0xFFFFFFFF)  # the low word of an exchanged int64: a half's sum of squares
 _ONE_AND_ZERO = tl.constexpr(0x3F800000 << 32)  # the word of c = 1.0, sum 0 (masked rows)
 Q_NUM_STAGES = 3  # (128 + 256) rows x 128 B = 48 KiB of shared memory per stage, 144 KiB for 3
@@ -125,7 +128,7 @@ def _qr_kv_rows_kernel(
     qr_ptr,  # [T, QL] int8 out
     qr_scale_ptr,  # [T, 1] fp32 out
     kv_ptr,  # [T, HD] bf16 out
-    sumsq_ptr,  # [T * PAIR_SLOTS] int64 out: -1, "not yet published", for the q heads' exchange (PAIRED)
+    sumsq_ptr,  # [T * PAIR_SLOTS] int64 out: -1, "not yet published" / "nobody arrived", for the q heads (PAIRED)
     T,
     eps,
     QL: tl.constexpr,
@@ -134,7 +137,7 @@ def _qr_kv_rows_kernel(
     BLOCK_QL: tl.constexpr,
     SPLITS: tl.constexpr,
     PAIRED: tl.constexpr,
-    PAIR_SLOTS: tl.constexpr,  # 2*H: one sum of squares per head half and token
+    PAIR_SLOTS: tl.constexpr,  # 3*H a token: a sum of squares per head half, an arrival word per head (pair_words)
     PAIR_BLOCK: tl.constexpr,  # PAIR_SLOTS rounded up to a power of two
     PDL: tl.constexpr,
 ):
@@ -157,7 +160,7 @@ def _qr_kv_rows_kernel(
         qr, qr_scale = quantize_int8_rows(c)
         tl.store(qr_ptr + t * QL + cq, qr, mask=cq_ok)
         tl.store(qr_scale_ptr + t + tl.zeros((1,), dtype=tl.int64), qr_scale)
-        if PAIRED:  # reset values [t * 2H, (t+1) * 2H) of the q heads' [H, 2, T] exchange buffer: all of it
+        if PAIRED:  # reset words [t * 3H, (t+1) * 3H) of the q heads' exchange buffer (pair_words): all of it
             slots = tl.arange(0, PAIR_BLOCK)
             minus_one = tl.full((PAIR_BLOCK,), -1, tl.int64)
             tl.store(sumsq_ptr + t * PAIR_SLOTS + slots, minus_one, mask=slots < PAIR_SLOTS)
@@ -258,8 +261,8 @@ def _publish_sumsq(sumsq_ptr, pair, half, c, sumsq, rows, row_ok, T):
 def _await_sumsq(sumsq_ptr, pair, half, rows, row_ok, T):
     """The other half's ``(c, sumsq)`` (``[BM]`` each), once the partner has published them.
 
-    GPU only: the partner program must be resident at the same time (the launcher pairs only grids
-    that fit one wave of SMs). The wait ends when the block-wide count of unpublished values is 0. A
+    Called once the pair has met (``_meet_partner``), so the partner has published them and the wait
+    is only for its words to be seen here: it ends when the block-wide count of unpublished values is 0. A
     row's value may be held by several threads (a tile split over warp groups along N replicates its
     rows), and the count sees one copy of each; so after the wait the values are read once more, after
     the barrier that orders the read after the copies that were seen published: by an atomic read (an
@@ -276,6 +279,54 @@ def _await_sumsq(sumsq_ptr, pair, half, rows, row_ok, T):
     other = tl.atomic_or(theirs, 0, mask=row_ok, sem="relaxed", scope="gpu")
     other = tl.where(row_ok, other, _ONE_AND_ZERO)  # a masked atomic returns nothing defined
     return (other >> 32).to(tl.int32).to(tl.float32, bitcast=True), other.to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _park(park_ptr, qp, row_ok):
+    """Store a half's values ``qp [BM, HALF]`` fp32 at its parking slot ``park_ptr`` (rows of HALF)."""
+    HALF: tl.constexpr = qp.shape[1]
+    slot = park_ptr + tl.arange(0, qp.shape[0])[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    tl.store(slot, qp, mask=row_ok[:, None])
+
+
+@triton.jit
+def _meet_partner(state_ptr, park_ptr, qp, row_ok, SPINS: tl.constexpr):
+    """Meet the other half of the pair at its arrival word (after both published their sums): ``1``,
+    finish this half; ``2``, finish both (the partner parked its values in its slot and left); ``0``,
+    this half's values ``qp [BM, HALF]`` are parked in its slot, ``park_ptr``, for the partner to finish.
+
+    The word (reset to -1 by the rows kernel): -1 nobody, 1 one half waits, 2 both came, 3 the first
+    parked and left. The first to arrive waits for 2 for at most ``SPINS`` reads; still alone, it parks
+    and hands over (1 -> 3), unless the partner came in between. So no program waits for one that is
+    not resident (kernels of other streams, MPS or green contexts holding SMs): the pair then takes
+    longer, never forever. Either way each half is normalized by the same operations on the same
+    values (the published sums, ``_head_rms``): the same bits whoever finishes it.
+    """
+    # the words as int64 scalars: the interpreter's atomic_cas stores a value of the type it is given
+    nobody = tl.full((), -1, tl.int64)
+    waits = tl.full((), 1, tl.int64)
+    both = tl.full((), 2, tl.int64)
+    parked = tl.full((), 3, tl.int64)
+    tl.debug_barrier()  # every thread's sums are published before the arrival says so
+    old = tl.atomic_cas(state_ptr, nobody, waits, sem="acq_rel", scope="gpu")
+    mode = 1
+    if old == nobody:  # first: wait for the partner, for a while
+        seen = tl.load(state_ptr, volatile=True)
+        spins = 0
+        while (seen == waits) & (spins < SPINS):
+            seen = tl.load(state_ptr, volatile=True)
+            spins += 1
+        if seen == waits:
+            _park(park_ptr, qp, row_ok)
+            tl.debug_barrier()  # the values are stored before the hand-over says so
+            if tl.atomic_cas(state_ptr, waits, parked, sem="acq_rel", scope="gpu") == waits:
+                mode = 0
+    elif old == waits:  # the partner waits: tell it, unless it has just parked
+        if tl.atomic_cas(state_ptr, waits, both, sem="acq_rel", scope="gpu") == parked:
+            mode = 2
+    elif old == parked:
+        mode = 2
+    return mode
 
 
 @triton.jit
@@ -303,6 +354,35 @@ def _store_q_half(q_ptr, qn, rows, row_ok, col0, cos, sin, H: tl.constexpr, HD: 
 
 
 @triton.jit
+def _store_parked_half(q_ptr, park_ptr, sumsq_ptr, T, eps, positions_ptr, cos_ptr, sin_ptr, H: tl.constexpr,
+                       HD: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, HALF_IDX: tl.constexpr):  # fmt: skip
+    """Half ``HALF_IDX`` of this program's head, parked (``[BM, HD/2]`` fp32 at its slot of ``park_ptr``),
+    finished as its own program finishes a half: ``_head_rms`` of the two published words (the same
+    bits as the values they were packed from), ``(qp * scale) * inv``, the bf16 store (half 1 with the
+    RoPE of the head's last ``R`` columns). Element by element the operations of ``_store_q_half``, ``R``
+    columns at a time, from the program ids and the kernel's arguments alone."""
+    HALF: tl.constexpr = HD // 2
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    head = tl.program_id(1).to(tl.int64) // 2
+    c0, sumsq0 = _await_sumsq(sumsq_ptr, head, 1, rows, row_ok, T)  # both published: no wait
+    c1, sumsq1 = _await_sumsq(sumsq_ptr, head, 0, rows, row_ok, T)
+    scale, inv = _head_rms(c0, sumsq0, c1, sumsq1, HD, eps)
+    slot = (tl.program_id(0).to(tl.int64) * H + head) * 2 + HALF_IDX
+    parked = park_ptr + slot * BLOCK_M * HALF + tl.arange(0, BLOCK_M)[:, None] * HALF + tl.arange(0, R)[None, :]
+    out = q_ptr + rows[:, None] * (H * HD) + head * HD + HALF_IDX * HALF + tl.arange(0, R)[None, :]
+    if HALF_IDX == 1:
+        cos, sin = _rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, row_ok, R)
+    for c in tl.range(0, HALF, R, num_stages=1):  # a fallback: no pipelining, fewest registers
+        qn = (tl.load(parked + c, mask=row_ok[:, None], other=0.0, cache_modifier=".cg") * scale) * inv
+        if HALF_IDX == 1:
+            last = c == HALF - R
+            store_rope_bf16(out + c, qn, tl.where(last, cos, 1.0), tl.where(last, sin, 0.0), row_ok[:, None], R, R)
+        else:
+            tl.store(out + c, to_bf16(qn), mask=row_ok[:, None])
+
+
+@triton.jit
 def _q_heads_kernel(
     qr_ptr,  # [T, QL] int8
     qr_scale_ptr,  # [T, 1] fp32
@@ -312,7 +392,8 @@ def _q_heads_kernel(
     cos_ptr,  # [P, R/2] fp32
     sin_ptr,  # [P, R/2] fp32
     q_ptr,  # [T, H, HD] bf16 out
-    sumsq_ptr,  # [H, 2, T] int64: the halves' scales and sums of squares, -1 until published (PAIRED)
+    sumsq_ptr,  # [pair_words(T, H)] int64: the halves' sums [H, 2, T], then the pairs' arrival words (PAIRED)
+    park_ptr,  # [M-tiles * H * 2, BLOCK_M, HD/2] fp32: the halves' values, parked when a pair hands over (PAIRED)
     T,
     eps,
     QL: tl.constexpr,
@@ -324,6 +405,7 @@ def _q_heads_kernel(
     PAIRED: tl.constexpr,  # program (M-tile, 2*head + half); else (M-tile, head) computing both halves
     PDL: tl.constexpr,
     PREFETCH: tl.constexpr,  # ask L2 for this program's wq_b rows before the wait (first M-tile only)
+    SPINS: tl.constexpr,  # reads of the arrival word before a first-arriving half parks (PAIRED)
 ):
     HALF: tl.constexpr = HD // 2
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -345,19 +427,31 @@ def _q_heads_kernel(
     if PAIRED:
         qp, c, sumsq = _half_head(qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, QL, HALF, BLOCK_K)
         _publish_sumsq(sumsq_ptr, head, half, c, sumsq, rows, row_ok, T)
-        # the rope half's cos/sin rows are on their way while the partner finishes
-        cos, sin = _rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, tl.where(half == 1, row_ok, False), R)
-        c_other, sumsq_other = _await_sumsq(sumsq_ptr, head, half, rows, row_ok, T)
-        first = half == 0  # both programs of a pair combine half 0's values first: the same bits
-        scale, inv = _head_rms(
-            tl.where(first, c, c_other), tl.where(first, sumsq, sumsq_other),
-            tl.where(first, c_other, c), tl.where(first, sumsq_other, sumsq), HD, eps,
-        )  # fmt: skip
-        qn = (qp * scale) * inv
-        if half == 0:
-            _store_q_half(q_ptr, qn, rows, row_ok, col0, cos, sin, H, HD, R, False)
-        else:
-            _store_q_half(q_ptr, qn, rows, row_ok, col0, cos, sin, H, HD, R, True)
+        pair = tl.program_id(0).to(tl.int64) * H + head
+        mine = park_ptr + (pair * 2 + half) * BLOCK_M * HALF  # this half's parking slot
+        mode = _meet_partner(sumsq_ptr + 2 * H * T + pair, mine, qp, row_ok, SPINS)
+        if mode == 2:  # the partner parked: park this half too, then finish both from memory, in chunks
+            _park(mine, qp, row_ok)
+            tl.debug_barrier()  # the values are stored before they are read back
+            _store_parked_half(q_ptr, park_ptr, sumsq_ptr, T, eps, positions_ptr, cos_ptr, sin_ptr,
+                               H, HD, R, BLOCK_M, 0)  # fmt: skip
+            _store_parked_half(q_ptr, park_ptr, sumsq_ptr, T, eps, positions_ptr, cos_ptr, sin_ptr,
+                               H, HD, R, BLOCK_M, 1)  # fmt: skip
+        elif mode == 1:  # the pair met: this half, from its registers
+            # the rope half's cos/sin rows go out beside the partner's sums (asked for before the meeting,
+            # they stayed live across its two ways and the kernel spilled at sm_90)
+            cos, sin = _rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, tl.where(half == 1, row_ok, False), R)
+            c_other, sumsq_other = _await_sumsq(sumsq_ptr, head, half, rows, row_ok, T)
+            first = half == 0  # both programs of a pair combine half 0's values first: the same bits
+            scale, inv = _head_rms(
+                tl.where(first, c, c_other), tl.where(first, sumsq, sumsq_other),
+                tl.where(first, c_other, c), tl.where(first, sumsq_other, sumsq), HD, eps,
+            )  # fmt: skip
+            qn = (qp * scale) * inv
+            if half == 0:
+                _store_q_half(q_ptr, qn, rows, row_ok, col0, cos, sin, H, HD, R, False)
+            else:
+                _store_q_half(q_ptr, qn, rows, row_ok, col0, cos, sin, H, HD, R, True)
     else:
         qp0, c0, sumsq0, qp1, c1, sumsq1 = _whole_head(
             qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, QL, HALF, BLOCK_K
@@ -378,6 +472,19 @@ def q_heads_tiles(t: int, h: int, sms: int, pair: bool = True) -> tuple[int, boo
     return min(Q_BLOCK_M, block_m), False
 
 
+def pair_words(t: int, h: int) -> int:
+    """int64 words of the paired q heads' exchange buffer: ``[H, 2, T]`` halves' sums of squares, then
+    ``T * H`` arrival words (pair ``(M-tile m, head)`` at ``m * H + head``). The rows kernel sets all to -1."""
+    return 3 * h * t
+
+
+def park_shape(t: int, h: int, hd: int, block_m: int) -> tuple[int, int, int]:
+    """fp32 room for every half's values, ``(M-tiles * H * 2, BLOCK_M, HD/2)``: where a half that arrived
+    first and could not wait leaves them for its partner, which then parks its own beside them and
+    finishes both (``_meet_partner``)."""
+    return (triton.cdiv(t, block_m) * h * 2, block_m, hd // 2)
+
+
 def launch_q_heads(
     qr: torch.Tensor,
     qr_scale: torch.Tensor,
@@ -387,13 +494,18 @@ def launch_q_heads(
     eps: float,
     q: torch.Tensor,
     sumsq: torch.Tensor,
+    park: torch.Tensor,
     block_m: int,
     paired: bool,
     cfg: Config | None = None,
+    spins: int | None = None,
 ) -> None:
-    """Launch 3 into ``q [T, H, HD] bf16``. ``sumsq``: ``[H * 2 * T]`` int64, every value -1 when ``paired``
-    (the rows kernel leaves it so); ``paired`` is honoured only when compiled. ``cfg``: the launch
-    parameters (``Q_HEADS_TUNING``; default: the lookup for this shape)."""
+    """Launch 3 into ``q [T, H, HD] bf16``. When ``paired``: ``sumsq`` ``[pair_words(T, H)]`` int64, every
+    value -1 (the rows kernel leaves it so), and ``park`` fp32 of ``park_shape``; otherwise neither is
+    read. ``cfg``: the launch parameters (``Q_HEADS_TUNING``; default: the lookup for this shape).
+    ``spins``: reads of its pair's arrival word a first-arriving half makes before it parks (default
+    ``PAIR_SPINS``; 1 under the interpreter, which runs one program at a time, so no partner can come;
+    0 parks every half that arrives first: tests)."""
     t, ql = qr.shape
     h, hd = q.shape[1], q.shape[2]
     if cfg is None:
@@ -401,11 +513,13 @@ def launch_q_heads(
     pdl = cfg.pdl and pdl_supported(q.device)
     block_k = max(Q_BLOCK_K_MIN, pow2_divisor(ql, cfg.block_k))
     prefetch = pdl and cfg.wq_b_prefetch == "q_heads" and can_prefetch(w.wq_b)
+    if spins is None:
+        spins = 1 if interpreted() else PAIR_SPINS
     _q_heads_kernel[(triton.cdiv(t, block_m), 2 * h if paired else h)](
-        qr, qr_scale, w.wq_b, w.wq_b_scale, positions, rope.cos, rope.sin, q, sumsq,
+        qr, qr_scale, w.wq_b, w.wq_b_scale, positions, rope.cos, rope.sin, q, sumsq, park,
         t, eps,
         QL=ql, H=h, HD=hd, R=rope.rope_dim, BLOCK_M=block_m, BLOCK_K=block_k,
-        PAIRED=paired, PDL=pdl, PREFETCH=prefetch,
+        PAIRED=paired, PDL=pdl, PREFETCH=prefetch, SPINS=spins,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
     )  # fmt: skip
 
@@ -454,7 +568,8 @@ def qkv_proj_rope(
     q_cfg = Q_HEADS_TUNING.config(dev, T=pow2_bucket(t), H=h, QL=ql)
     block_m, paired = q_heads_tiles(t, h, sm_count(dev), q_cfg.paired)
     paired = paired and not interpreted()  # the interpreter runs one program at a time: no pair could swap
-    sumsq = scratch(ws, "qkv.sumsq", (2 * h * t if paired else 1,), torch.int64, dev)
+    sumsq = scratch(ws, "qkv.sumsq", (pair_words(t, h) if paired else 1,), torch.int64, dev)
+    park = scratch(ws, "qkv.park", park_shape(t, h, hd, block_m) if paired else (1,), torch.float32, dev)
     pdl = rows_cfg.pdl and pdl_supported(dev)
 
     prefetch = w.wq_b if q_cfg.wq_b_prefetch == "projection" else None
@@ -463,8 +578,8 @@ def qkv_proj_rope(
         partial, w.gamma_cq, w.gamma_ckv, positions, rope.cos, rope.sin, qr, qr_scale, kv, sumsq,
         t, eps,
         QL=ql, HD=hd, R=r, BLOCK_QL=triton.next_power_of_2(ql), SPLITS=partial.shape[0],
-        PAIRED=paired, PAIR_SLOTS=2 * h, PAIR_BLOCK=triton.next_power_of_2(2 * h),
+        PAIRED=paired, PAIR_SLOTS=3 * h, PAIR_BLOCK=triton.next_power_of_2(3 * h),
         PDL=pdl, num_warps=rows_cfg.num_warps, launch_pdl=pdl,
     )  # fmt: skip
-    launch_q_heads(qr, qr_scale, w, positions, rope, eps, q, sumsq, block_m, paired, q_cfg)
+    launch_q_heads(qr, qr_scale, w, positions, rope, eps, q, sumsq, park, block_m, paired, q_cfg)
     return out
