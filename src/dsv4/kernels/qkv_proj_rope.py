@@ -311,10 +311,14 @@ def _meet_partner(state_ptr, park_ptr, qp, row_ok, SPINS: tl.constexpr):
     old = tl.atomic_cas(state_ptr, nobody, waits, sem="acq_rel", scope="gpu")
     mode = 1
     if old == nobody:  # first: wait for the partner, for a while
-        seen = tl.load(state_ptr, volatile=True)
+        # read by a scalar atomic (an or of 0): one thread reads, the block gets its value, so every
+        # warp leaves the wait on the same read (a load per warp could see the partner's 2 in one warp
+        # and not yet in another at the last read, and send the warps down different ways)
+        zero = tl.full((), 0, tl.int64)
+        seen = tl.atomic_or(state_ptr, zero, sem="acquire", scope="gpu")
         spins = 0
         while (seen == waits) & (spins < SPINS):
-            seen = tl.load(state_ptr, volatile=True)
+            seen = tl.atomic_or(state_ptr, zero, sem="acquire", scope="gpu")
             spins += 1
         if seen == waits:
             _park(park_ptr, qp, row_ok)
