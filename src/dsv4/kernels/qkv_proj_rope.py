@@ -282,6 +282,13 @@ def _await_sumsq(sumsq_ptr, pair, half, rows, row_ok, T):
 
 
 @triton.jit
+def _park_slot(park_ptr, H: tl.constexpr, BLOCK_M: tl.constexpr, HALF: tl.constexpr, half):
+    """The parking slot ``[BLOCK_M, HALF]`` fp32 of half ``half`` of this program's pair (M-tile, head)."""
+    pair = tl.program_id(0).to(tl.int64) * H + tl.program_id(1).to(tl.int64) // 2
+    return park_ptr + (pair * 2 + half) * BLOCK_M * HALF
+
+
+@triton.jit
 def _park(park_ptr, qp, row_ok):
     """Store a half's values ``qp [BM, HALF]`` fp32 at its parking slot ``park_ptr`` (rows of HALF)."""
     HALF: tl.constexpr = qp.shape[1]
@@ -372,8 +379,8 @@ def _store_parked_half(q_ptr, park_ptr, sumsq_ptr, T, eps, positions_ptr, cos_pt
     c0, sumsq0 = _await_sumsq(sumsq_ptr, head, 1, rows, row_ok, T)  # both published: no wait
     c1, sumsq1 = _await_sumsq(sumsq_ptr, head, 0, rows, row_ok, T)
     scale, inv = _head_rms(c0, sumsq0, c1, sumsq1, HD, eps)
-    slot = (tl.program_id(0).to(tl.int64) * H + head) * 2 + HALF_IDX
-    parked = park_ptr + slot * BLOCK_M * HALF + tl.arange(0, BLOCK_M)[:, None] * HALF + tl.arange(0, R)[None, :]
+    slot = _park_slot(park_ptr, H, BLOCK_M, HALF, HALF_IDX)
+    parked = slot + tl.arange(0, BLOCK_M)[:, None] * HALF + tl.arange(0, R)[None, :]
     out = q_ptr + rows[:, None] * (H * HD) + head * HD + HALF_IDX * HALF + tl.arange(0, R)[None, :]
     if HALF_IDX == 1:
         cos, sin = _rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, row_ok, R)
@@ -431,9 +438,9 @@ def _q_heads_kernel(
     if PAIRED:
         qp, c, sumsq = _half_head(qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, QL, HALF, BLOCK_K)
         _publish_sumsq(sumsq_ptr, head, half, c, sumsq, rows, row_ok, T)
-        pair = tl.program_id(0).to(tl.int64) * H + head
-        mine = park_ptr + (pair * 2 + half) * BLOCK_M * HALF  # this half's parking slot
-        mode = _meet_partner(sumsq_ptr + 2 * H * T + pair, mine, qp, row_ok, SPINS)
+        mine = _park_slot(park_ptr, H, BLOCK_M, HALF, half)
+        arrival = sumsq_ptr + 2 * H * T + tl.program_id(0).to(tl.int64) * H + head  # the pair's word
+        mode = _meet_partner(arrival, mine, qp, row_ok, SPINS)
         if mode == 2:  # the partner parked: park this half too, then finish both from memory, in chunks
             _park(mine, qp, row_ok)
             tl.debug_barrier()  # the values are stored before they are read back
