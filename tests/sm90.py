@@ -54,7 +54,7 @@ class Plan:
     start_pos: int = 0
     max_position: int | None = None
     fp32: tuple[str, ...] = ()
-    ratio: int | None = None  # kv_compressor: the layer's compress ratio (its case is a ratio-4 one)
+    ratio: int | None = None  # kv_compressor, sparse_attn: an HCA layer's compress ratio (their cases are CSA ones)
 
 
 @dataclass(frozen=True)
@@ -199,7 +199,9 @@ def _run_plan(plan: Plan) -> None:
     )  # fmt: skip
     if stateful:
         case.args["start_pos"] = torch.full_like(case.args["start_pos"], plan.start_pos)
-    if plan.ratio is not None:  # an HCA layer's compressor: its weights and an empty state of that ratio
+    if plan.ratio is not None and plan.op.startswith("sparse_attn"):  # an HCA layer's attention, the case's pools
+        case.args.update(kind="hca", compress_ratio=plan.ratio, topk_idxs=None, topk_offset=0)
+    elif plan.ratio is not None:  # an HCA layer's compressor: its weights and an empty state of that ratio
         from dsv4.model.attention_state import CompressorState
         from dsv4.model.weights import synthetic_compressor
 

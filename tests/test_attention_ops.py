@@ -183,10 +183,17 @@ def topk_lists(g: torch.Generator, start: list[int], seq: int, ratio: int, k: in
     return out
 
 
-def attn_setup(kind: str, seq: int, seed: int = 0, shared_prefix: bool = False):
+def attn_setup(
+    kind: str,
+    seq: int,
+    seed: int = 0,
+    shared_prefix: bool = False,
+    k: int = CFG.index_topk,
+    start: list[int] | None = None,
+):
     g = torch.Generator().manual_seed(seed)
     ratio = RATIOS[kind]
-    start = starts(ratio) if not shared_prefix else [40, 40, 45]
+    start = start or (starts(ratio) if not shared_prefix else [40, 40, 45])
     b, h = len(start), CFG.num_attention_heads
     end = max(start) + seq
     win = paged_pool(g, [(max(0, p - W + 1), p + seq) for p in start], -(-end // BS), CFG, BS)
@@ -195,7 +202,7 @@ def attn_setup(kind: str, seq: int, seed: int = 0, shared_prefix: bool = False):
     if kind != "swa":
         cmp = paged_pool(g, [(0, (p + seq) // ratio) for p in start], -(-(end // ratio) // BS) + 1, CFG, BS)
     if kind == "csa":
-        topk = topk_lists(g, start, seq, ratio, CFG.index_topk, offset)
+        topk = topk_lists(g, start, seq, ratio, k, offset)
     if shared_prefix:  # slot 1 has slot 0's history: it reads slot 0's blocks of the rows below its start
         win.block_table[1, (start[1] - W + 1) // BS : (start[1] - 1) // BS + 1] = win.block_table[
             0, (start[1] - W + 1) // BS : (start[1] - 1) // BS + 1
@@ -254,10 +261,14 @@ def test_shared_prefix_blocks_are_read_by_both_slots(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", backends_of("sparse_attn"))
-def test_this_calls_rows_come_from_kv_not_the_pool(backend: str) -> None:
+@pytest.mark.parametrize("kind", ["swa", "hca"])
+def test_this_calls_rows_come_from_kv_not_the_pool(kind: str, backend: str) -> None:
     """The pool rows at positions >= start hold stale rows; a step of S tokens equals S steps of one
-    token that each find the earlier tokens' rows in the pool (written by ``window_kv_write``)."""
-    args = on_device(attn_setup("swa", 19, seed=4))
+    token that each find the earlier tokens' rows in the pool (written by ``window_kv_write``), also
+    where the Triton launch splits HCA's compressed rows over programs (the pool's 34 tiles in two by
+    default) and packs the step's tokens 4 a program: the slot at 256 has tokens 12-14 (one
+    compressed tile visible) in a program with token 15 (two)."""
+    args = on_device(attn_setup(kind, 19, seed=4, start=sorted({*starts(16), 256}) if kind == "hca" else None))
     writer = backend if backend in get_op("window_kv_write").implementations else "reference"
     whole = dsv4.sparse_attn(**args, backend=backend).o
     for s in range(19):

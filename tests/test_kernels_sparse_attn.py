@@ -5,6 +5,7 @@ block), the tiles of the tuning candidates, the order of the programs, and the f
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -17,11 +18,11 @@ from conftest import DEVICE, FULL
 from dsv4.harness.cases import make_case
 from dsv4.harness.golden import bit_identical, compare
 from dsv4.kernels import Workspace, tuning
-from dsv4.kernels.sparse_attn import _program_rows
+from dsv4.kernels.sparse_attn import _program_rows, key_splits
 from dsv4.kernels.sparse_attn import sparse_attn as triton_sparse_attn
 from dsv4.ops import get_op
 from op_cases import assert_matches_reference
-from test_attention_ops import attn_setup, expected_o, on_device
+from test_attention_ops import W, attn_setup, expected_o, on_device
 
 
 def run(args: dict, backend: str = "triton") -> torch.Tensor:
@@ -49,12 +50,14 @@ def test_programs_that_share_key_rows_are_neighbours(b: int, s: int, h: int, tok
     assert [tuple(row) for row in out.cpu().tolist()] == expected
 
 
-@pytest.mark.parametrize("kind,seq", [("hca", 2), ("csa", 2)])
-def test_a_key_split_matches_one_launch(kind: str, seq: int) -> None:
-    """Splits of the compressed keys (some of them empty at the short starts) combined in order: within
-    §8's rule of the single launch and of the expectation, and the same bits on every run."""
-    args = attn_setup(kind, seq, seed=5)
-    whole = run(args)
+@pytest.mark.parametrize("kind,seq,k", [("hca", 2, 16), ("csa", 2, 64)])
+def test_a_key_split_matches_one_launch(kind: str, seq: int, k: int) -> None:
+    """Splits of the compressed keys (some of them empty at the short starts; HCA's split by the pool's
+    34 tiles, CSA's by its lists' 4) combined in order: within §8's rule of the single launch and
+    of the expectation, and the same bits on every run."""
+    args = attn_setup(kind, seq, seed=5, k=k)
+    with tuning.forced("sparse_attn", {"splits": 1}):
+        whole = run(args)
     with tuning.forced("sparse_attn", {"splits": 4}):
         split = run(args)
         again = run(args)
@@ -65,6 +68,72 @@ def test_a_key_split_matches_one_launch(kind: str, seq: int) -> None:
     assert bit_identical(split, again)
     assert compare("sparse_attn", {"o": split}, {"o": whole})
     assert compare("sparse_attn", {"o": split}, {"o": expected_o(args)})
+
+
+@pytest.mark.parametrize(
+    "programs,key_tiles,sms,splits",
+    [
+        (4, 512, 132, 16),  # B=1 HCA at 1M tokens (8192 rows): 16 splits, 128 programs a 2-token step
+        (4, 8192, 132, 16),  # no more than MAX_SPLITS
+        (32, 512, 132, 4),  # B=8: 132 // 32 = 4
+        (24, 512, 132, 4),  # B=6: 132 // 24 = 5, down to a power of two
+        (256, 512, 132, 1),  # B=64 (flash decode): a wave already
+        (4, 32, 132, 2),  # a CSA list of 512 entries: 16 tiles a split at least
+        (4, 31, 132, 1),
+        (11, 34, 132, 2),  # the tiny HCA matrix's batch (11 slots, one head block)
+    ],
+)
+def test_default_splits_fill_the_gpu_where_keys_are_many(programs: int, key_tiles: int, sms: int, splits: int) -> None:
+    assert key_splits(programs, key_tiles, sms) == splits
+
+
+def test_default_split_at_long_context_matches_one_launch() -> None:
+    """One slot (start 8192: 513 compressed rows) in a table with a 1M-token HCA pool's capacity (8192
+    rows, 512 tiles: 16 splits by default, most of them past the rows written): the default launch
+    within §8's rule of the single launch and of the expectation, its partials in the workspace."""
+    args = attn_setup("hca", 2, seed=8)
+    args = {k: v[-1:] if k in ("q", "kv", "start_pos") else v for k, v in args.items()}
+    win, cmp = args["window_pool"], args["compressed_pool"]
+    table = torch.full((1, 8192 // cmp.block_size), -1, dtype=cmp.block_table.dtype)
+    table[:, : cmp.block_table.shape[1]] = cmp.block_table[-1:]
+    args["compressed_pool"] = dataclasses.replace(cmp, block_table=table)
+    args["window_pool"] = dataclasses.replace(win, block_table=win.block_table[-1:].clone())
+    ws = Workspace()
+    desc = get_op("sparse_attn")
+    o = triton_sparse_attn(*desc.backend_args(on_device(args)), ws=ws).o.cpu()
+    assert {t.shape[0] for t in ws.tensors()} == {16}
+    with tuning.forced("sparse_attn", {"splits": 1}):
+        whole = run(args)
+    assert compare("sparse_attn", {"o": o}, {"o": whole})
+    assert compare("sparse_attn", {"o": o}, {"o": expected_o(args)})
+
+
+@pytest.mark.parametrize("kind,k,splits", [("hca", 16, 2), ("csa", 64, 4)])
+def test_a_tokens_split_partials_do_not_depend_on_its_program(kind: str, k: int, splits: int) -> None:
+    """A step of 19 tokens (4 a program) and 19 one-token steps leave each token's fp32 partials
+    ``(m, l, acc)`` bit-identical in every split: a split's tiles follow the pool's capacity (HCA)
+    or the list's length (CSA), not the position of a program's last token. At start 256 (ratio 16)
+    tokens 12-14 see one compressed tile and token 15 two; the bf16 outputs seldom show a change of
+    grouping, the partials always do."""
+    args = on_device(attn_setup(kind, 19, seed=4, k=k, start=[256]))
+    desc = get_op("sparse_attn")
+    h = args["q"].shape[2]
+    with tuning.forced("sparse_attn", {"splits": splits}):
+        ws = Workspace()
+        triton_sparse_attn(*desc.backend_args(args), ws=ws)
+        m, l, acc = (t.cpu() for t in ws.tensors())
+        for s in range(19):
+            one = {**args, "q": args["q"][:, s : s + 1].contiguous(), "kv": args["kv"][:, s : s + 1].contiguous()}
+            if kind == "csa":
+                one["topk_idxs"] = args["topk_idxs"][:, s : s + 1].contiguous()
+            one["start_pos"] = args["start_pos"] + s
+            ws_one = Workspace()
+            triton_sparse_attn(*desc.backend_args(one), ws=ws_one)
+            m1, l1, acc1 = (t.cpu() for t in ws_one.tensors())
+            rows = slice(s * h, (s + 1) * h)
+            assert torch.equal(m1, m[:, rows]) and torch.equal(l1, l[:, rows]), f"token {s}"
+            assert torch.equal(acc1, acc[:, rows]), f"token {s}"
+            dsv4.window_kv_write(one["kv"], args["window_pool"], one["start_pos"], window=W)
 
 
 @pytest.mark.parametrize(

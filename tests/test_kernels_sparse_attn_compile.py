@@ -2,11 +2,12 @@
 
 The variants the launcher runs at flash dims (H 64, HD 512, a CSA layer) for a decode step with
 multi-token prediction (S=2), for S=1 (a program per token and 16 heads either way: the smallest
-MMA M) and for ``sparse_attn_write``'s decode step (the same launch storing the window rows) are
-lowered to cubins (``sm90.compile_plans``): no variant may spill (no local memory), each block must
-fit an SM, the grid depends on the shapes alone (slot x token block x head block, 1, splits), and the
-kernel waits for its predecessor inside (programmatic dependent launch), as the module docstring of
-``dsv4.kernels.sparse_attn`` says.
+MMA M) and for ``sparse_attn_write``'s decode step (the same launch storing the window rows), at 4
+slots (the keys split in two, then the combine launch) and 64 (one launch), and an HCA layer's step
+at one slot (8 splits) are lowered to cubins (``sm90.compile_plans``): no variant may spill (no local
+memory), each block must fit an SM, the grid depends on the shapes alone (slot x token block x head
+block, 1, splits), and each kernel lets its dependents launch and waits for its predecessor inside
+(programmatic dependent launch), as the module docstring of ``dsv4.kernels.sparse_attn`` says.
 """
 
 from __future__ import annotations
@@ -16,17 +17,26 @@ import pytest
 from sm90 import H100_SHARED, Plan, Variant, compile_plans
 
 START = 4 * 2048 - 2  # 2048 compressed rows, the window's 128 rows from the pool
+MAX = 4 * 2048
 PLANS = [
     [
-        Plan("flash-decode", "sparse_attn", "flash", batch=4, seq=2, start_pos=START, max_position=4 * 2048),
-        Plan("flash-t1", "sparse_attn", "flash", batch=4, seq=1, start_pos=START, max_position=4 * 2048),
-        Plan(
-            "flash-decode-write", "sparse_attn_write", "flash", batch=4, seq=2, start_pos=START, max_position=4 * 2048
-        ),
+        Plan("flash-decode", "sparse_attn", "flash", batch=4, seq=2, start_pos=START, max_position=MAX),
+        Plan("flash-t1", "sparse_attn", "flash", batch=4, seq=1, start_pos=START, max_position=MAX),
+        Plan("flash-decode-write", "sparse_attn_write", "flash", batch=4, seq=2, start_pos=START, max_position=MAX),
+        Plan("flash-decode-b64", "sparse_attn", "flash", batch=64, seq=2, start_pos=START, max_position=MAX),
+        Plan("flash-hca-b1", "sparse_attn", "flash", batch=1, seq=2, start_pos=START, max_position=MAX, ratio=128),
     ]
 ]
-# (B x S x ceil(H / heads), 1, splits): one token and 16 heads a program, head blocks fastest
-GRIDS = {"flash-decode": (32, 1, 1), "flash-t1": (16, 1, 1), "flash-decode-write": (32, 1, 1)}
+# (B x S x ceil(H / heads), 1, splits): one token and 16 heads a program, head blocks fastest; the key
+# splits by key_splits (16 programs a token at B=4, 32 list tiles: 2; B=64: none; B=1 HCA over the
+# pool's 2048-row capacity, 128 tiles: 8), then the combine launch (B x S x ceil(H / heads), 1)
+GRIDS = {
+    "flash-decode": [("_attn_kernel", (32, 1, 2)), ("_combine_kernel", (32, 1))],
+    "flash-t1": [("_attn_kernel", (16, 1, 2)), ("_combine_kernel", (16, 1))],
+    "flash-decode-write": [("_attn_kernel", (32, 1, 2)), ("_combine_kernel", (32, 1))],
+    "flash-decode-b64": [("_attn_kernel", (512, 1, 1))],
+    "flash-hca-b1": [("_attn_kernel", (8, 1, 8)), ("_combine_kernel", (8, 1))],
+}
 
 
 @pytest.fixture(scope="session")
@@ -34,10 +44,10 @@ def variants() -> list[Variant]:
     return compile_plans(PLANS)
 
 
-def test_one_launch_with_the_documented_grid(variants: list[Variant]) -> None:
-    for plan, grid in GRIDS.items():
+def test_the_documented_launches(variants: list[Variant]) -> None:
+    for plan, launches in GRIDS.items():
         launched = [(v.kernel, g) for v in variants for p, g in v.launches if p == plan]
-        assert launched == [("_attn_kernel", grid)], plan
+        assert sorted(launched) == launches, plan
 
 
 def test_no_spills_and_each_block_fits_an_sm(variants: list[Variant]) -> None:

@@ -41,10 +41,15 @@ and the rows that see such a key are marked: their output is NaN (the reference'
 every head of the token). A NaN in ``q`` makes its row's ``z`` NaN, and NaN follows by the formulas.
 So no row is polluted by a key it does not see (``0 * NaN``) and no NaN becomes a number.
 
-**Split** (``splits > 1``: HCA at long context): split ``i`` of a program's compressed tiles
-(the window goes to split 0) writes its partial ``(m, l, acc)`` to scratch; a second launch
-combines the splits in order (``m = max m_i``, ``l = sum l_i 2^..``, ``acc`` alike), deterministic,
-then runs the same epilogue. Without a split: one launch.
+**Split** (``splits > 1``: HCA at long context, few slots): split ``i`` takes the compressed tiles
+``[i * n, (i + 1) * n)`` (HCA: of the slot's rows; CSA: of each token's list; the last split to the
+end), ``n = ceil(key tiles / splits)`` from the pool's capacity or the list's length, so a token's
+tiles in a split depend on neither its position nor the other tokens of its block; the window goes
+to split 0. Each writes its partial ``(m, l, acc)`` to scratch; a second launch combines the splits
+in order (``m = max m_i``, ``l = sum l_i exp(m_i - m)``, ``acc`` alike), deterministic, then runs
+the same epilogue. By default (``key_splits``) the launcher splits when a token's programs
+(slots x head blocks) leave SMs idle and the keys are many: B=1 HCA at 1M tokens runs 16 splits
+(128 programs a decode step instead of 8), flash decode at B=64 none. Without a split: one launch.
 
 **Launch.** The grid ``(B * ceil(S / TOKENS) * ceil(H / HEADS), 1, splits)`` depends on shapes only,
 the key loop bounds on ``start_pos`` read in the kernel: no host sync, a CUDA graph can capture it.
@@ -68,7 +73,7 @@ from ..model.rope import RopeTable
 from ..model.structs import AttnOut, StepPositions
 from .epilogue import round_bf16, store_rope_bf16, to_bf16
 from .fp8_quant import SCALE_BIAS, byte_exponent, dequant_e4m3, quant_e4m3
-from .launch import is_pow2, pdl_supported, require
+from .launch import is_pow2, pdl_supported, require, sm_count
 from .split_k import BF16_DOT_DTYPE
 from .tuning import Param, Tunable, pow2_bucket
 from .window_kv_write import store_window_rows
@@ -82,7 +87,10 @@ HEADS = 16  # heads per program: M = 1 x 16 = 16 rows, the fp32 acc [16, 512] 32
 KEYS = 16  # keys per tile: 16 x 584 B of FP8 rows read, a [16, 512] bf16 operand tile
 NUM_WARPS = 8  # the [M, HD] accumulator spread over two warpgroups
 NUM_STAGES = 1  # software pipelining of the key loads: more stages spill at sm_90 (Triton 3.9)
-SPLITS = 1  # key splits: one launch; more for HCA at long context (then a combine launch)
+MAX_SPLITS = 16  # key splits the launcher picks at most: B=1 HCA at 1M tokens (8192 rows) in 16 x 512 rows,
+#                 128 programs a decode step (2 tokens x 4 head blocks x 16)
+SPLIT_MIN_TILES = 16  # compressed tiles a split takes at least: 256 rows (150 KB of FP8 rows) against its
+#                      partial's 32 KB written and read again (M = 16 rows of HD = 512 fp32)
 MIN_DOT_WIDTH = 16  # tl.dot needs every dimension >= 16: fewer (token, head) rows are padded up to it
 
 KIND_SWA, KIND_CSA, KIND_HCA = 0, 1, 2
@@ -102,11 +110,12 @@ TUNING = Tunable(
         Param("heads", HEADS, (8, 16, 32, 64), "heads per program (the MMA's M is tokens x heads)"),
         Param("key_tile", KEYS, (16, 32, 64), "keys per tile"),
         Param("num_stages", NUM_STAGES, (1, 2, 3), "pipeline stages of the key loads", compiled_only=True),
-        Param("splits", SPLITS, (1, 2, 4, 8), "splits of the compressed keys, combined in order"),
+        Param("splits", None, (None, 1, 2, 4, 8, 16), "splits of the compressed keys in order; null: key_splits"),
         Param("num_warps", NUM_WARPS, (4, 8), "warps per program", compiled_only=True),
         Param("pdl", True, (False, True), "programmatic dependent launch (sm_90)", exact=True, compiled_only=True),
     ),
     candidates=(
+        {"splits": 1},
         {"splits": 2},
         {"tokens": 2, "heads": 8},
         {"key_tile": 32},
@@ -240,6 +249,7 @@ def _attn_kernel(
     H,
     window,
     ratio,
+    split_tiles,  # compressed tiles a split takes (SPLITS > 1)
     sm_scale,
     KIND: tl.constexpr,
     HEADS: tl.constexpr,
@@ -301,32 +311,37 @@ def _attn_kernel(
         seen = (u[None, :] >= r_first[:, None]) & (u[None, :] <= r_p[:, None]) & r_live[:, None]
         m, l, acc, bad = _attend(q, k, seen, m, l, acc, bad, sm_scale)
 
-    # 2. the compressed rows, this split's share of the items
+    # 2. the compressed rows, this split's share: tiles [split * split_tiles, (split + 1) * split_tiles) of
+    # the compressed rows (HCA) or of each token's list (CSA), the last split to the end; bounds that
+    # depend on neither the position nor the block's tokens, so a token's tiles are the same in any block
     if KIND != _SWA:
         r_vis = (r_p + 1) // ratio
         if KIND == _HCA:
-            items = tl.cdiv((start + s_last + 1) // ratio, KEYS)
+            tiles = tl.cdiv((start + s_last + 1) // ratio, KEYS)
         else:
-            k_tiles = tl.cdiv(K, KEYS)
-            items = TOKENS * k_tiles
-        for i in tl.range(split * items // SPLITS, (split + 1) * items // SPLITS):
-            if KIND == _HCA:
-                j = i * KEYS + key
+            tiles = tl.cdiv(K, KEYS)
+        lo_t = tl.minimum(split * split_tiles, tiles)
+        hi_t = tl.where(split == SPLITS - 1, tiles, tl.minimum(lo_t + split_tiles, tiles))
+        if KIND == _HCA:
+            for c in tl.range(lo_t, hi_t):
+                j = c * KEYS + key
                 seen = (j[None, :] < r_vis[:, None]) & r_live[:, None]
                 k = _pool_rows(cmp_codes_ptr, cmp_scale_ptr, cmp_rope_ptr, cmp_table_ptr, cmp_width, b, j,
                                j < (start + s_last + 1) // ratio, CMP_BS, HD, NOPE, R)  # fmt: skip
-            else:
-                tok = i // k_tiles
-                entry = (i % k_tiles) * KEYS + key
+                m, l, acc, bad = _attend(q, k, seen, m, l, acc, bad, sm_scale)
+        else:  # token after token, each its own list
+            for tok in tl.range(0, TOKENS):
                 s = s0 + tok
-                listed = (entry < K) & (entry * 0 + s < S)
-                e = tl.load(topk_ptr + ((b * S + s) * K).to(tl.int64) + entry, mask=listed, other=-1)
-                j = e - topk_offset
-                valid = (e >= 0) & (j >= 0) & (j < (start + s + 1) // ratio)
-                seen = valid[None, :] & (r_tok == tok)[:, None] & r_live[:, None]
-                k = _pool_rows(cmp_codes_ptr, cmp_scale_ptr, cmp_rope_ptr, cmp_table_ptr, cmp_width, b,
-                               tl.where(valid, j, 0), valid, CMP_BS, HD, NOPE, R)  # fmt: skip
-            m, l, acc, bad = _attend(q, k, seen, m, l, acc, bad, sm_scale)
+                for c in tl.range(lo_t, hi_t):
+                    entry = c * KEYS + key
+                    listed = (entry < K) & (entry * 0 + s < S)
+                    e = tl.load(topk_ptr + ((b * S + s) * K).to(tl.int64) + entry, mask=listed, other=-1)
+                    j = e - topk_offset
+                    valid = (e >= 0) & (j >= 0) & (j < (start + s + 1) // ratio)
+                    seen = valid[None, :] & (r_tok == tok)[:, None] & r_live[:, None]
+                    k = _pool_rows(cmp_codes_ptr, cmp_scale_ptr, cmp_rope_ptr, cmp_table_ptr, cmp_width, b,
+                                   tl.where(valid, j, 0), valid, CMP_BS, HD, NOPE, R)  # fmt: skip
+                    m, l, acc, bad = _attend(q, k, seen, m, l, acc, bad, sm_scale)
 
     l = tl.where(bad, float("nan"), l)  # a row that sees a non-finite key: NaN
     if SPLITS == 1:
@@ -350,6 +365,7 @@ def _combine_kernel(
     M: tl.constexpr = TOKENS * HEADS
     b, s0, h0 = _program_rows(S, H, TOKENS, HEADS)
     if PDL:
+        gdc_launch_dependents()
         gdc_wait()
     r = tl.arange(0, M)
     r_s = s0 + r // HEADS
@@ -371,6 +387,17 @@ def _combine_kernel(
         acc += a * w[:, None]
     start = tl.load(start_ptr + b)
     _finish(o_ptr, sink_ptr, cos_ptr, sin_ptr, m, l, acc, start, b, s0, h0, S, H, HEADS, TOKENS, HD, R)
+
+
+def key_splits(programs: int, key_tiles: int, sms: int) -> int:
+    """The key splits of a launch of ``programs`` per token (slots x head blocks) over ``key_tiles``
+    compressed tiles a token may read (HCA: the slot's pool capacity; CSA: its top-k list): as many as
+    keep one token's programs within one wave of ``sms`` (a power of two, at most ``MAX_SPLITS``) while
+    each split keeps ``SPLIT_MIN_TILES`` tiles. Independent of S and of the positions, so a step of S
+    tokens splits each token's keys as S one-token steps do, and a CUDA graph can capture it."""
+    fill = max(1, sms // programs)
+    by_keys = max(1, key_tiles // SPLIT_MIN_TILES)
+    return 1 << (min(fill, by_keys, MAX_SPLITS).bit_length() - 1)
 
 
 def sparse_attn(
@@ -451,9 +478,14 @@ def _launch(
     heads = min(cfg.heads, triton.next_power_of_2(h))
     tokens = min(triton.next_power_of_2(s), max(cfg.tokens, MIN_DOT_WIDTH // heads))
     heads = max(heads, MIN_DOT_WIDTH // tokens)
-    splits = cfg.splits if kind != "swa" else 1
-    pdl = cfg.pdl and pdl_supported(q.device)
     cmp = window_pool if compressed is None else compressed
+    if kind == "hca":  # the rows a slot's table can hold, in tiles
+        key_tiles = triton.cdiv(cmp.block_table.shape[1] * cmp.block_size, cfg.key_tile)
+    else:  # a token's list (CSA); SWA has no compressed rows
+        key_tiles = triton.cdiv(topk_idxs.shape[2], cfg.key_tile) if kind == "csa" else 1
+    splits = key_splits(b * triton.cdiv(h, heads), key_tiles, sm_count(q.device)) if cfg.splits is None else cfg.splits
+    splits = 1 if kind == "swa" else splits
+    pdl = cfg.pdl and pdl_supported(q.device)
     topk = topk_idxs if topk_idxs is not None else pos.start  # never read (SWA, HCA)
     grid = (b * triton.cdiv(s, tokens) * triton.cdiv(h, heads), 1, splits)  # _program_rows: head blocks fastest
     n = b * s * h
@@ -466,7 +498,7 @@ def _launch(
         window_pool.block_table.shape[1],
         cmp.nope.view(torch.uint8), cmp.scale, cmp.rope, cmp.block_table, cmp.block_table.shape[1],
         topk, topk_idxs.shape[2] if topk_idxs is not None else 1, topk_offset,
-        o, part_m, part_l, part_acc, s, h, window, max(compress_ratio, 1), hd**-0.5,
+        o, part_m, part_l, part_acc, s, h, window, max(compress_ratio, 1), triton.cdiv(key_tiles, splits), hd**-0.5,
         KIND=_KINDS[kind], HEADS=heads, TOKENS=tokens, KEYS=cfg.key_tile, SPLITS=splits, HD=hd, NOPE=hd - r, R=r,
         WIN_BS=window_pool.block_size, CMP_BS=cmp.block_size, WRITE=write, PDL=pdl,
         num_warps=cfg.num_warps, enable_fp_fusion=False, launch_pdl=pdl, num_stages=cfg.num_stages,
