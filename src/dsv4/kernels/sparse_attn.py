@@ -197,6 +197,13 @@ def _attend(q, k, seen, m, l, acc, bad, sm_scale):
 
 
 @triton.jit
+def _saw_keys(m, l):
+    """Rows of a split's partial that saw a key: ``m > -inf``, or a NaN ``l`` (a non-finite key, or a
+    NaN query whose scores the max dropped)."""
+    return (m > float("-inf")) | (l != 0.0)
+
+
+@triton.jit
 def _finish(o_ptr, sink_ptr, cos_ptr, sin_ptr, m, l, acc, start, b, s0, h0, S, H,
             HEADS: tl.constexpr, TOKENS: tl.constexpr, HD: tl.constexpr, R: tl.constexpr):  # fmt: skip
     """The epilogue: ``o1 = bf16(acc / (l + exp(sink - m)))``, the inverse RoPE of its last ``R``
@@ -352,7 +359,11 @@ def _attn_kernel(
         part = split.to(tl.int64) * slots * S * H + rows
         tl.store(part_m_ptr + part, m, mask=r_live)
         tl.store(part_l_ptr + part, l, mask=r_live)
-        tl.store(part_acc_ptr + part[:, None] * HD + col[None, :], acc, mask=r_live[:, None])
+        # a split in which no row saw a key (past a short history in a long pool's table; never split 0,
+        # which has the window) stores no acc: every row's is 0, and the combine reads only rows that saw
+        # keys. (A branch: as a store mask, the HCA variant spills 8 B on Triton 3.6.)
+        if tl.max(_saw_keys(m, l).to(tl.int32), axis=0) > 0:
+            tl.store(part_acc_ptr + part[:, None] * HD + col[None, :], acc, mask=r_live[:, None])
 
 
 @triton.jit
@@ -381,9 +392,12 @@ def _combine_kernel(
     l = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, HD], tl.float32)
     for i in tl.static_range(SPLITS):
-        w = tl.exp(tl.load(part_m_ptr + i * n + rows, mask=r_live, other=float("-inf")) - m_ref)
-        l += tl.load(part_l_ptr + i * n + rows, mask=r_live, other=0.0) * w
-        a = tl.load(part_acc_ptr + (i * n + rows)[:, None] * HD + col[None, :], mask=r_live[:, None], other=0.0)
+        m_i = tl.load(part_m_ptr + i * n + rows, mask=r_live, other=float("-inf"))
+        l_i = tl.load(part_l_ptr + i * n + rows, mask=r_live, other=0.0)
+        w = tl.exp(m_i - m_ref)
+        l += l_i * w
+        saw = r_live & _saw_keys(m_i, l_i)  # the others' acc is 0 (and unstored where no row saw a key)
+        a = tl.load(part_acc_ptr + (i * n + rows)[:, None] * HD + col[None, :], mask=saw[:, None], other=0.0)
         acc += a * w[:, None]
     start = tl.load(start_ptr + b)
     _finish(o_ptr, sink_ptr, cos_ptr, sin_ptr, m, l, acc, start, b, s0, h0, S, H, HEADS, TOKENS, HD, R)
