@@ -73,14 +73,15 @@ def test_a_key_split_matches_one_launch(kind: str, seq: int, k: int) -> None:
 @pytest.mark.parametrize(
     "programs,key_tiles,sms,splits",
     [
-        (4, 512, 132, 16),  # B=1 HCA at 1M tokens (8192 rows): 16 splits, 128 programs a 2-token step
+        (8, 512, 132, 16),  # B=1 S=2 HCA at 1M tokens (8192 rows): 16 splits, 128 programs
         (4, 8192, 132, 16),  # no more than MAX_SPLITS
-        (32, 512, 132, 4),  # B=8: 132 // 32 = 4
-        (24, 512, 132, 4),  # B=6: 132 // 24 = 5, down to a power of two
-        (256, 512, 132, 1),  # B=64 (flash decode): a wave already
-        (4, 32, 132, 2),  # a CSA list of 512 entries: 16 tiles a split at least
-        (4, 31, 132, 1),
-        (11, 34, 132, 2),  # the tiny HCA matrix's batch (11 slots, one head block)
+        (64, 512, 132, 2),  # B=8 S=2: 132 // 64 = 2
+        (24, 512, 132, 4),  # B=6 S=1: 132 // 24 = 5, down to a power of two
+        (512, 512, 132, 1),  # B=64 S=2 (flash decode): a wave already
+        (32768, 8192, 132, 1),  # a prefill of 8192 tokens: never
+        (8, 32, 132, 2),  # a CSA list of 512 entries: 16 tiles a split at least
+        (8, 31, 132, 1),
+        (40, 34, 132, 2),  # the tiny HCA pools (34 tiles) at 8 slots of 19 tokens (5 blocks of 4)
     ],
 )
 def test_default_splits_fill_the_gpu_where_keys_are_many(programs: int, key_tiles: int, sms: int, splits: int) -> None:

@@ -1,13 +1,14 @@
 """The sparse_attn kernel compiles for an H100 (sm_90) as its launcher specializes it, no GPU needed.
 
 The variants the launcher runs at flash dims (H 64, HD 512, a CSA layer) for a decode step with
-multi-token prediction (S=2), for S=1 (a program per token and 16 heads either way: the smallest
-MMA M) and for ``sparse_attn_write``'s decode step (the same launch storing the window rows), at 4
-slots (the keys split in two, then the combine launch) and 64 (one launch), and an HCA layer's step
-at one slot (8 splits) are lowered to cubins (``sm90.compile_plans``): no variant may spill (no local
-memory), each block must fit an SM, the grid depends on the shapes alone (slot x token block x head
-block, 1, splits), and each kernel lets its dependents launch and waits for its predecessor inside
-(programmatic dependent launch), as the module docstring of ``dsv4.kernels.sparse_attn`` says.
+multi-token prediction (S=2), for S=1 (a program per token and 16 heads either way: the smallest MMA
+M) and for ``sparse_attn_write``'s decode step (the same launch storing the window rows), at 4 slots
+(the keys split in two, then the combine launch) and 64 (one launch), and an HCA layer's step at one
+slot (8 splits; a 64-token chunk of prefill: none) are lowered to cubins (``sm90.compile_plans``):
+no variant may spill (no local memory), each block must fit an SM, the grid depends on the shapes
+alone (slot x token block x head block, 1, splits), and each kernel lets its dependents launch and
+waits for its predecessor inside (programmatic dependent launch), as the module docstring of
+``dsv4.kernels.sparse_attn`` says.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ PLANS = [
         Plan("flash-decode-write", "sparse_attn_write", "flash", batch=4, seq=2, start_pos=START, max_position=MAX),
         Plan("flash-decode-b64", "sparse_attn", "flash", batch=64, seq=2, start_pos=START, max_position=MAX),
         Plan("flash-hca-b1", "sparse_attn", "flash", batch=1, seq=2, start_pos=START, max_position=MAX, ratio=128),
+        Plan(
+            "flash-hca-chunk", "sparse_attn", "flash", batch=1, seq=64, start_pos=MAX - 64, max_position=MAX, ratio=128
+        ),
     ]
 ]
 # (B x S x ceil(H / heads), 1, splits): one token and 16 heads a program, head blocks fastest; the key
@@ -36,6 +40,7 @@ GRIDS = {
     "flash-decode-write": [("_attn_kernel", (32, 1, 2)), ("_combine_kernel", (32, 1))],
     "flash-decode-b64": [("_attn_kernel", (512, 1, 1))],
     "flash-hca-b1": [("_attn_kernel", (8, 1, 8)), ("_combine_kernel", (8, 1))],
+    "flash-hca-chunk": [("_attn_kernel", (256, 1, 1))],  # 64 tokens at once: 256 programs fill the GPU unsplit
 }
 
 

@@ -47,9 +47,9 @@ end), ``n = ceil(key tiles / splits)`` from the pool's capacity or the list's le
 tiles in a split depend on neither its position nor the other tokens of its block; the window goes
 to split 0. Each writes its partial ``(m, l, acc)`` to scratch; a second launch combines the splits
 in order (``m = max m_i``, ``l = sum l_i exp(m_i - m)``, ``acc`` alike), deterministic, then runs
-the same epilogue. By default (``key_splits``) the launcher splits when a token's programs
-(slots x head blocks) leave SMs idle and the keys are many: B=1 HCA at 1M tokens runs 16 splits
-(128 programs a decode step instead of 8), flash decode at B=64 none. Without a split: one launch.
+the same epilogue. By default (``key_splits``) the launcher splits when the launch's programs leave
+SMs idle and the keys are many: B=1 HCA at 1M tokens runs 16 splits (128 programs a decode step
+instead of 8), flash decode at B=64 and prefill none. Without a split: one launch.
 
 **Launch.** The grid ``(B * ceil(S / TOKENS) * ceil(H / HEADS), 1, splits)`` depends on shapes only,
 the key loop bounds on ``start_pos`` read in the kernel: no host sync, a CUDA graph can capture it.
@@ -404,11 +404,11 @@ def _combine_kernel(
 
 
 def key_splits(programs: int, key_tiles: int, sms: int) -> int:
-    """The key splits of a launch of ``programs`` per token (slots x head blocks) over ``key_tiles``
-    compressed tiles a token may read (HCA: the slot's pool capacity; CSA: its top-k list): as many as
-    keep one token's programs within one wave of ``sms`` (a power of two, at most ``MAX_SPLITS``) while
-    each split keeps ``SPLIT_MIN_TILES`` tiles. Independent of S and of the positions, so a step of S
-    tokens splits each token's keys as S one-token steps do, and a CUDA graph can capture it."""
+    """The key splits of a launch of ``programs`` (slots x token blocks x head blocks) over
+    ``key_tiles`` compressed tiles a token may read (HCA: the slot's pool capacity; CSA: its top-k
+    list): as many as keep the split launch within one wave of ``sms`` (a power of two, at most
+    ``MAX_SPLITS``) while each split keeps ``SPLIT_MIN_TILES`` tiles. From shapes only (a CUDA graph
+    can capture it); the scratch holds at most one wave's partials (``sms`` programs of M rows)."""
     fill = max(1, sms // programs)
     by_keys = max(1, key_tiles // SPLIT_MIN_TILES)
     return 1 << (min(fill, by_keys, MAX_SPLITS).bit_length() - 1)
@@ -497,11 +497,12 @@ def _launch(
         key_tiles = triton.cdiv(cmp.block_table.shape[1] * cmp.block_size, cfg.key_tile)
     else:  # a token's list (CSA); SWA has no compressed rows
         key_tiles = triton.cdiv(topk_idxs.shape[2], cfg.key_tile) if kind == "csa" else 1
-    splits = key_splits(b * triton.cdiv(h, heads), key_tiles, sm_count(q.device)) if cfg.splits is None else cfg.splits
+    programs = b * triton.cdiv(s, tokens) * triton.cdiv(h, heads)  # _program_rows: head blocks fastest
+    splits = key_splits(programs, key_tiles, sm_count(q.device)) if cfg.splits is None else cfg.splits
     splits = 1 if kind == "swa" else splits
     pdl = cfg.pdl and pdl_supported(q.device)
     topk = topk_idxs if topk_idxs is not None else pos.start  # never read (SWA, HCA)
-    grid = (b * triton.cdiv(s, tokens) * triton.cdiv(h, heads), 1, splits)  # _program_rows: head blocks fastest
+    grid = (programs, 1, splits)
     n = b * s * h
     part_m = scratch(ws, "sparse_attn.m", (splits, n), torch.float32, q.device) if splits > 1 else o
     part_l = scratch(ws, "sparse_attn.l", (splits, n), torch.float32, q.device) if splits > 1 else o
