@@ -89,28 +89,29 @@ def test_default_splits_fill_the_gpu_where_keys_are_many(programs: int, key_tile
 
 
 def test_default_split_at_long_context_matches_one_launch() -> None:
-    """One slot (start 8192: 512 compressed rows, 32 tiles) in a table with a 1M-token HCA pool's
-    capacity (8192 rows, 512 tiles: 16 splits of 32 tiles by default, so split 0 takes every row
-    written and the other 15 none): the default launch within §8's rule of the single launch and of
-    the expectation. The empty splits store no ``acc`` and the combine reads none: with their scratch
-    NaN before the call, ``o`` keeps its bits and the NaN stays where it was."""
-    args = attn_setup("hca", 2, seed=8)
-    args = {k: v[-1:] if k in ("q", "kv", "start_pos") else v for k, v in args.items()}
-    win, cmp = args["window_pool"], args["compressed_pool"]
-    table = torch.full((1, 8192 // cmp.block_size), -1, dtype=cmp.block_table.dtype)
-    table[:, : cmp.block_table.shape[1]] = cmp.block_table[-1:]
+    """Two slots in a table with a 1M-token HCA pool's capacity (8192 rows, 512 tiles), two programs:
+    16 splits by default. Each split takes its share of a token's own tiles: at start 8192 (512 rows,
+    32 tiles) every split sees keys; at start 100 (6 rows, one tile) only split 15 and split 0 (the
+    window) do, and the 14 others store no ``acc`` and the combine reads none: with the scratch NaN
+    before the call, ``o`` keeps its bits and the NaN stays there. Within §8's rule of the single
+    launch and of the expectation."""
+    args = attn_setup("hca", 2, seed=8, start=[100, 8192])
+    cmp = args["compressed_pool"]
+    table = torch.full((2, 8192 // cmp.block_size), -1, dtype=cmp.block_table.dtype)
+    table[:, : cmp.block_table.shape[1]] = cmp.block_table
     args["compressed_pool"] = dataclasses.replace(cmp, block_table=table)
-    args["window_pool"] = dataclasses.replace(win, block_table=win.block_table[-1:].clone())
     ws = Workspace()
     call = get_op("sparse_attn").backend_args(on_device(args))
     o = triton_sparse_attn(*call, ws=ws).o.cpu()
     m, l, acc = ws.tensors()
     assert acc.shape[0] == 16
+    short, long = slice(0, acc.shape[1] // 2), slice(acc.shape[1] // 2, None)  # the slots' (token, head) rows
+    assert (m[:, long] > float("-inf")).all()
+    assert (m[1:15, short] == float("-inf")).all() and (m[15, short] > float("-inf")).all()
     acc.fill_(float("nan"))
     again = triton_sparse_attn(*call, ws=ws).o.cpu()
     assert bit_identical(again, o) and not o.isnan().any()
-    assert acc[1:].isnan().all() and not acc[0].isnan().any()
-    assert (m[1:] == float("-inf")).all() and (l[1:] == 0).all()
+    assert acc[1:15, short].isnan().all() and not acc[15, short].isnan().any() and not acc[:, long].isnan().any()
     with tuning.forced("sparse_attn", {"splits": 1}):
         whole = run(args)
     assert compare("sparse_attn", {"o": o}, {"o": whole})

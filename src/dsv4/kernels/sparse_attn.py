@@ -41,15 +41,15 @@ and the rows that see such a key are marked: their output is NaN (the reference'
 every head of the token). A NaN in ``q`` makes its row's ``z`` NaN, and NaN follows by the formulas.
 So no row is polluted by a key it does not see (``0 * NaN``) and no NaN becomes a number.
 
-**Split** (``splits > 1``: HCA at long context, few slots): split ``i`` takes the compressed tiles
-``[i * n, (i + 1) * n)`` (HCA: of the slot's rows; CSA: of each token's list; the last split to the
-end), ``n = ceil(key tiles / splits)`` from the pool's capacity or the list's length, so a token's
-tiles in a split depend on neither its position nor the other tokens of its block; the window goes
-to split 0. Each writes its partial ``(m, l, acc)`` to scratch; a second launch combines the splits
-in order (``m = max m_i``, ``l = sum l_i exp(m_i - m)``, ``acc`` alike), deterministic, then runs
-the same epilogue. By default (``key_splits``) the launcher splits when the launch's programs leave
-SMs idle and the keys are many: B=1 HCA at 1M tokens runs 16 splits (128 programs a decode step
-instead of 8), flash decode at B=64 and prefill none. Without a split: one launch.
+**Split** (``splits > 1``: HCA at long context, few slots): of a token's ``n`` compressed tiles
+(HCA: its visible rows; CSA: its list), split ``i`` takes ``[i * n // splits, (i + 1) * n //
+splits)``: its own share, whatever other tokens share its program (where they do, the program walks
+the union of their ranges and masks each row to its own); the window goes to split 0. Each writes
+its partial ``(m, l, acc)`` to scratch; a second launch combines the splits in order (``m = max
+m_i``, ``l = sum l_i exp(m_i - m)``, ``acc`` alike), deterministic, then runs the same epilogue. By
+default (``key_splits``) the launcher splits when the launch's programs leave SMs idle and the keys
+are many: B=1 HCA at 1M tokens runs 16 splits (128 programs a decode step instead of 8), flash
+decode at B=64 and prefill none. Without a split: one launch.
 
 **Launch.** The grid ``(B * ceil(S / TOKENS) * ceil(H / HEADS), 1, splits)`` depends on shapes only,
 the key loop bounds on ``start_pos`` read in the kernel: no host sync, a CUDA graph can capture it.
@@ -256,7 +256,6 @@ def _attn_kernel(
     H,
     window,
     ratio,
-    split_tiles,  # compressed tiles a split takes (SPLITS > 1)
     sm_scale,
     KIND: tl.constexpr,
     HEADS: tl.constexpr,
@@ -318,25 +317,29 @@ def _attn_kernel(
         seen = (u[None, :] >= r_first[:, None]) & (u[None, :] <= r_p[:, None]) & r_live[:, None]
         m, l, acc, bad = _attend(q, k, seen, m, l, acc, bad, sm_scale)
 
-    # 2. the compressed rows, this split's share: tiles [split * split_tiles, (split + 1) * split_tiles) of
-    # the compressed rows (HCA) or of each token's list (CSA), the last split to the end; bounds that
-    # depend on neither the position nor the block's tokens, so a token's tiles are the same in any block
+    # 2. the compressed rows, this split's share: of a token's tiles (HCA: its visible rows; CSA: its
+    # list), split i takes [i * n // SPLITS, (i + 1) * n // SPLITS). A row's range is its own token's, so
+    # a token's tiles in a split are the same whatever tokens share the program (HCA: the program walks
+    # the union of its tokens' ranges, each row masked to its own)
     if KIND != _SWA:
         r_vis = (r_p + 1) // ratio
         if KIND == _HCA:
-            tiles = tl.cdiv((start + s_last + 1) // ratio, KEYS)
-        else:
-            tiles = tl.cdiv(K, KEYS)
-        lo_t = tl.minimum(split * split_tiles, tiles)
-        hi_t = tl.where(split == SPLITS - 1, tiles, tl.minimum(lo_t + split_tiles, tiles))
-        if KIND == _HCA:
+            lo_t = split * tl.cdiv((start + s0 + 1) // ratio, KEYS) // SPLITS
+            hi_t = (split + 1) * tl.cdiv((start + s_last + 1) // ratio, KEYS) // SPLITS
+            r_tiles = tl.cdiv(r_vis, KEYS)
             for c in tl.range(lo_t, hi_t):
                 j = c * KEYS + key
-                seen = (j[None, :] < r_vis[:, None]) & r_live[:, None]
+                r_in = r_live
+                if SPLITS > 1:  # noqa: SIM102 (compile-time branches)
+                    if TOKENS > 1:  # the program's tokens have ranges of their own (one split: all tiles)
+                        r_in = r_in & (c >= split * r_tiles // SPLITS) & (c < (split + 1) * r_tiles // SPLITS)
+                seen = (j[None, :] < r_vis[:, None]) & r_in[:, None]
                 k = _pool_rows(cmp_codes_ptr, cmp_scale_ptr, cmp_rope_ptr, cmp_table_ptr, cmp_width, b, j,
                                j < (start + s_last + 1) // ratio, CMP_BS, HD, NOPE, R)  # fmt: skip
                 m, l, acc, bad = _attend(q, k, seen, m, l, acc, bad, sm_scale)
         else:  # token after token, each its own list
+            lo_t = split * tl.cdiv(K, KEYS) // SPLITS
+            hi_t = (split + 1) * tl.cdiv(K, KEYS) // SPLITS
             for tok in tl.range(0, TOKENS):
                 s = s0 + tok
                 for c in tl.range(lo_t, hi_t):
@@ -513,7 +516,7 @@ def _launch(
         window_pool.block_table.shape[1],
         cmp.nope.view(torch.uint8), cmp.scale, cmp.rope, cmp.block_table, cmp.block_table.shape[1],
         topk, topk_idxs.shape[2] if topk_idxs is not None else 1, topk_offset,
-        o, part_m, part_l, part_acc, s, h, window, max(compress_ratio, 1), triton.cdiv(key_tiles, splits), hd**-0.5,
+        o, part_m, part_l, part_acc, s, h, window, max(compress_ratio, 1), hd**-0.5,
         KIND=_KINDS[kind], HEADS=heads, TOKENS=tokens, KEYS=cfg.key_tile, SPLITS=splits, HD=hd, NOPE=hd - r, R=r,
         WIN_BS=window_pool.block_size, CMP_BS=cmp.block_size, WRITE=write, PDL=pdl,
         num_warps=cfg.num_warps, enable_fp_fusion=False, launch_pdl=pdl, num_stages=cfg.num_stages,
