@@ -117,6 +117,7 @@ TUNING = Tunable(
     candidates=(
         {"splits": 1},
         {"splits": 2},
+        {"splits": 8},  # small batches: more, shorter walks than SPLIT_MIN_TILES allows by default
         {"tokens": 2, "heads": 8},
         {"key_tile": 32},
         {"heads": 64},  # a token's every head (M = 64, wgmma): each key row read once a token; spills at sm_90
