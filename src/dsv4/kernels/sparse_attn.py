@@ -363,9 +363,9 @@ def _attn_kernel(
         part = split.to(tl.int64) * slots * S * H + rows
         tl.store(part_m_ptr + part, m, mask=r_live)
         tl.store(part_l_ptr + part, l, mask=r_live)
-        # a split in which no row saw a key (past a short history in a long pool's table; never split 0,
-        # which has the window) stores no acc: every row's is 0, and the combine reads only rows that saw
-        # keys. (A branch: as a store mask, the HCA variant spills 8 B on Triton 3.6.)
+        # a split in which no row saw a key (a history of fewer tiles than splits; never split 0, which
+        # has the window) stores no acc: every row's is 0, and the combine reads only rows that saw keys.
+        # (A branch: as a store mask, the HCA variant spilled 8 B on Triton 3.6.)
         if tl.max(_saw_keys(m, l).to(tl.int32), axis=0) > 0:
             tl.store(part_acc_ptr + part[:, None] * HD + col[None, :], acc, mask=r_live[:, None])
 
