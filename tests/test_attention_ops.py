@@ -218,6 +218,15 @@ def attn_setup(
     return args
 
 
+def one_token_step(args: dict, s: int) -> dict:
+    """The arguments of a step of token ``s`` alone: its query, row and (CSA) list, at ``start + s``."""
+    one = {**args, "q": args["q"][:, s : s + 1].contiguous(), "kv": args["kv"][:, s : s + 1].contiguous()}
+    if args["topk_idxs"] is not None:
+        one["topk_idxs"] = args["topk_idxs"][:, s : s + 1].contiguous()
+    one["start_pos"] = args["start_pos"] + s
+    return one
+
+
 def expected_o(args: dict) -> torch.Tensor:
     q, start = args["q"], args["start_pos"].tolist()
     own = stored(args["kv"], R)  # this call's rows as a pool stores them
@@ -272,8 +281,7 @@ def test_this_calls_rows_come_from_kv_not_the_pool(kind: str, backend: str) -> N
     writer = backend if backend in get_op("window_kv_write").implementations else "reference"
     whole = dsv4.sparse_attn(**args, backend=backend).o
     for s in range(19):
-        one = {**args, "q": args["q"][:, s : s + 1].contiguous(), "kv": args["kv"][:, s : s + 1].contiguous()}
-        one["start_pos"] = args["start_pos"] + s
+        one = one_token_step(args, s)
         o = dsv4.sparse_attn(**one, backend=backend).o
         assert bit_identical(o[:, 0], whole[:, s], f"token {s}")
         dsv4.window_kv_write(one["kv"], args["window_pool"], one["start_pos"], window=W, backend=writer)

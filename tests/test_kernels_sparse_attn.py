@@ -22,7 +22,7 @@ from dsv4.kernels.sparse_attn import _program_rows, key_splits
 from dsv4.kernels.sparse_attn import sparse_attn as triton_sparse_attn
 from dsv4.ops import get_op
 from op_cases import assert_matches_reference
-from test_attention_ops import W, attn_setup, expected_o, on_device
+from test_attention_ops import W, attn_setup, expected_o, on_device, one_token_step
 
 
 def run(args: dict, backend: str = "triton") -> torch.Tensor:
@@ -52,8 +52,8 @@ def test_programs_that_share_key_rows_are_neighbours(b: int, s: int, h: int, tok
 
 @pytest.mark.parametrize("kind,seq,k", [("hca", 2, 16), ("csa", 2, 64)])
 def test_a_key_split_matches_one_launch(kind: str, seq: int, k: int) -> None:
-    """Splits of the compressed keys (some of them empty at the short starts; HCA's split by the pool's
-    34 tiles, CSA's by its lists' 4) combined in order: within §8's rule of the single launch and
+    """Splits of the compressed keys (some of them empty at the short starts, where a token sees fewer
+    tiles than splits; CSA's lists of 4 tiles) combined in order: within §8's rule of the single launch and
     of the expectation, and the same bits on every run."""
     args = attn_setup(kind, seq, seed=5, k=k)
     with tuning.forced("sparse_attn", {"splits": 1}):
@@ -122,8 +122,8 @@ def test_default_split_at_long_context_matches_one_launch() -> None:
 def test_a_tokens_split_partials_do_not_depend_on_its_program(kind: str, k: int, splits: int) -> None:
     """A step of 19 tokens (4 a program) and 19 one-token steps leave each token's fp32 partials
     ``(m, l, acc)`` bit-identical in every split (``acc`` where a row saw a key: only there is it
-    stored): a split's tiles follow the pool's capacity (HCA) or the list's length (CSA), not the
-    position of a program's last token. At start 256 (ratio 16) tokens 12-14 see one compressed tile
+    stored): a split's share follows each token's own tiles (HCA: its visible rows; CSA: its list),
+    not those of its program's last token. At start 256 (ratio 16) tokens 12-14 see one compressed tile
     and token 15 two; the bf16 outputs seldom show a change of grouping, the partials always do."""
     args = on_device(attn_setup(kind, 19, seed=4, k=k, start=[256]))
     desc = get_op("sparse_attn")
@@ -133,10 +133,7 @@ def test_a_tokens_split_partials_do_not_depend_on_its_program(kind: str, k: int,
         triton_sparse_attn(*desc.backend_args(args), ws=ws)
         m, l, acc = (t.cpu() for t in ws.tensors())
         for s in range(19):
-            one = {**args, "q": args["q"][:, s : s + 1].contiguous(), "kv": args["kv"][:, s : s + 1].contiguous()}
-            if kind == "csa":
-                one["topk_idxs"] = args["topk_idxs"][:, s : s + 1].contiguous()
-            one["start_pos"] = args["start_pos"] + s
+            one = one_token_step(args, s)
             ws_one = Workspace()
             triton_sparse_attn(*desc.backend_args(one), ws=ws_one)
             m1, l1, acc1 = (t.cpu() for t in ws_one.tensors())
