@@ -61,7 +61,13 @@ def select_topk(score: torch.Tensor, pos: StepPositions, topk: int, offset: int)
     holds there (a visible ``-inf`` sorts below the mask value, yet it is visible)."""
     b, s, n = score.shape
     vis = (pos.token_positions() + 1) // COMPRESS_RATIO  # [B, S]
-    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    # The order key is made device-independent first: a CUDA sort ranks a NaN by its bits (a NaN with
+    # the sign bit set below -inf) and -0.0 below +0.0, the CPU sort does not. NaN ranks first (any sign,
+    # lower index first among NaNs), then the values descending, -0.0 tying +0.0.
+    nan = score.isnan()
+    key = torch.where(nan, torch.inf, score) + 0.0  # + 0.0 turns -0.0 into +0.0
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    order = order.gather(-1, torch.sort((~nan).gather(-1, order).to(torch.uint8), dim=-1, stable=True).indices)
     hidden = order >= vis.unsqueeze(-1)  # of each sorted column
     order = order.gather(-1, torch.sort(hidden.to(torch.uint8), dim=-1, stable=True).indices)[..., :topk]
     out = torch.full((b, s, topk), -1, dtype=torch.int32, device=score.device)
