@@ -119,8 +119,14 @@ def _missing(op: str, backend: str) -> str | None:
     ``library`` (the compiled reference and the library composition, baselines of the fused kernels)
     are timed for ops that have a fused kernel."""
     have = get_op(op).implementations
-    if backend in (COMPILED, LIBRARY):
-        return None if "triton" in have else f"no triton implementation of {op} yet: no fused kernel to compare with"
+    if backend in (COMPILED, LIBRARY) and "triton" not in have:
+        return f"no triton implementation of {op} yet: no fused kernel to compare with"
+    if backend == LIBRARY:
+        from . import baseline
+
+        return None if hasattr(baseline, op) else f"no library composition of {op} (dsv4.bench.baseline)"
+    if backend == COMPILED:
+        return None
     return None if backend in have else f"no {backend} implementation of {op} yet (reference only)"
 
 
@@ -149,7 +155,7 @@ def _time_backend(
             row["check"] = "is the reference"
         timing = timer(call)
     except Exception as e:  # a backend that cannot run this op is reported, not fatal
-        if case.args["x"].is_cuda:
+        if torch.cuda.is_initialized():
             torch.cuda.synchronize()
         return {**row, "status": "error", "error": _error(e)}
     row.update(status="ok", **dataclasses.asdict(timing))
