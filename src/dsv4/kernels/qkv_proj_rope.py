@@ -91,8 +91,9 @@ Q_HEADS_TUNING = Tunable(
             "paired",
             True,
             (False, True),
-            "half-head programs that swap their sums when the grid fits one wave (the same bits either way)",
-            exact=True,
+            # not exact: a half's sum of squares is reduced over the half-head tile's layout, which is not
+            # the whole-head tile's, so the float sums (and q) differ in their last bits (seen on an H200)
+            "half-head programs that swap their sums when the grid fits one wave",
         ),
         _PDL,
         Param(
