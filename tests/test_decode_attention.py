@@ -213,3 +213,24 @@ def test_module_moves_with_to_and_names_its_buffers() -> None:
     m.to(torch.device("cpu"))
     assert m.window_pool.nope.data_ptr() == m.win_nope.data_ptr()
     assert m.op_backends["sparse_attn_write"] == "reference"
+
+
+def test_block_allocator_gives_the_lowest_free_block_and_flushes_the_last_change_of_a_cell() -> None:
+    """The host allocator: blocks come lowest first, also after blocks are given back out of order; a
+    cell given back and given again before a flush ends up holding its last block; other cells keep theirs."""
+    from dsv4.engine.attention import _Blocks
+    from dsv4.model.state import UNALLOCATED
+
+    blocks = _Blocks.new(8, batch=2)
+    blocks.give(0, range(0, 3))  # slot 0: columns 0..2 -> blocks 0, 1, 2
+    blocks.give(1, range(0, 2))  # slot 1: blocks 3, 4
+    blocks.take_back(0, [2, 0])  # blocks 2 and 0 free again
+    blocks.give(1, range(2, 3))  # the lowest free block: 0
+    blocks.give(0, range(0, 1))  # slot 0 column 0 again: block 2
+    assert blocks.slots == [{1: 1, 0: 2}, {0: 3, 1: 4, 2: 0}]
+    table = torch.full((2, 4), 99, dtype=torch.int32, device=DEVICE)
+    blocks.flush(table)
+    assert table.cpu().tolist() == [[2, 1, UNALLOCATED, 99], [3, 4, 0, 99]]
+    assert blocks.table == []
+    blocks.flush(table)  # nothing changed: nothing written
+    assert table.cpu().tolist() == [[2, 1, UNALLOCATED, 99], [3, 4, 0, 99]]

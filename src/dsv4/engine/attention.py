@@ -4,6 +4,7 @@ as a module that owns the layer's weights, RoPE table and state (its KV pools pa
 from __future__ import annotations
 
 import copy
+import heapq
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -37,7 +38,9 @@ OPS = ("qkv_proj_rope", "kv_compressor", "indexer", "sparse_attn_write", "o_proj
 
 @dataclass
 class _Blocks:
-    """A pool's blocks on the host: the free list (lowest first) and each slot's ``column -> block``."""
+    """A pool's blocks on the host: the free blocks (a min-heap: the lowest is given first) and each
+    slot's ``column -> block``. A heap, not a sorted list: a decode step gives and takes back blocks
+    of every slot, and re-sorting thousands of free blocks per slot cost milliseconds a step."""
 
     free: list[int]
     slots: list[dict[int, int]]
@@ -45,27 +48,31 @@ class _Blocks:
 
     @classmethod
     def new(cls, num_blocks: int, batch: int) -> _Blocks:
-        return cls(list(range(num_blocks)), [{} for _ in range(batch)])
+        return cls(list(range(num_blocks)), [{} for _ in range(batch)])  # sorted: already a heap
 
     def need(self, b: int, columns: range) -> int:
         return sum(c not in self.slots[b] for c in columns)
 
     def give(self, b: int, columns: range) -> None:
+        slot = self.slots[b]
         for c in columns:
-            if c not in self.slots[b]:
-                self.slots[b][c] = self.free.pop(0)
-                self.table.append([b, c, self.slots[b][c]])
+            if c not in slot:
+                slot[c] = heapq.heappop(self.free)
+                self.table.append([b, c, slot[c]])
 
     def take_back(self, b: int, columns: list[int]) -> None:
         for c in columns:
-            self.free.append(self.slots[b].pop(c))
+            heapq.heappush(self.free, self.slots[b].pop(c))
             self.table.append([b, c, UNALLOCATED])
-        self.free.sort()
 
     def flush(self, block_table: torch.Tensor) -> None:
-        """Write the changed entries into the device table (device fills: no host sync)."""
-        for b, c, block in self.table:
-            block_table[b, c] = block
+        """Write the changed entries into the device table: one copy and one scatter, no host sync."""
+        if not self.table:
+            return
+        last = {(b, c): block for b, c, block in self.table}  # a cell changed twice: its last entry
+        entries = staged([[b * block_table.shape[1] + c, block] for (b, c), block in last.items()], block_table.device)
+        cell, block = entries.to(block_table.device, non_blocking=True).unbind(1)
+        block_table.view(-1).index_copy_(0, cell, block.to(block_table.dtype))
         self.table.clear()
 
 
@@ -287,21 +294,25 @@ class DecodeAttention(torch.nn.Module):
         return self.win_nope.shape[1]
 
     def _check_capacity(self, steps: list[tuple[list[int], int]]) -> None:
-        """Raise, changing nothing, when the pools cannot hold the blocks ``steps`` need (simulated on copies)."""
+        """Raise, changing nothing, when the pools cannot hold the blocks ``steps`` need. A call of
+        several steps is simulated on copies of the pools; one step (every decode step) only reads them."""
         names = ["window", "compressed", "indexer"]
-        sims = [copy.deepcopy(blocks) for blocks, _ in self._allocators()]
-        for starts, s in steps:
-            for (sim, give, free), name in zip(self._plan(starts, s, sims), names, strict=False):
-                need = sum(sim.need(b, cols) for b, cols in give)
-                if need > len(sim.free):
+        pools = [blocks for blocks, _ in self._allocators()]
+        if len(steps) > 1:
+            pools = [copy.deepcopy(blocks) for blocks in pools]
+        for i, (starts, s) in enumerate(steps):
+            for (pool, give, free), name in zip(self._plan(starts, s, pools), names, strict=False):
+                need = sum(pool.need(b, cols) for b, cols in give)
+                if need > len(pool.free):
                     raise ValueError(
-                        f"xn: the step needs {need} more {name} pool blocks, {len(sim.free)} are free; reset finished "
+                        f"xn: the step needs {need} more {name} pool blocks, {len(pool.free)} are free; reset finished "
                         "slots or build the module with more num_blocks"
                     )
-                for b, cols in give:
-                    sim.give(b, cols)
-                for b, cols in free:
-                    sim.take_back(b, cols)
+                if i + 1 < len(steps):  # the copies: only a later step reads what this one leaves
+                    for b, cols in give:
+                        pool.give(b, cols)
+                    for b, cols in free:
+                        pool.take_back(b, cols)
 
     def _step_starts(self, b: int, s: int, start_pos: int | list[int] | torch.Tensor | None) -> list[int]:
         if start_pos is None:
