@@ -62,3 +62,69 @@ def test_capturable_writes_leave_other_rows_alone() -> None:
     call()
     after = call.state["state"]
     assert torch.equal(after.keys, before.keys) and torch.equal(after.key_scale, before.key_scale)
+
+
+# --- the attention ops -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seq", [1, 2, 5])
+@pytest.mark.parametrize("kind", ["swa", "csa", "hca"])
+def test_sparse_attn(kind: str, seq: int) -> None:
+    """Every start of ``starts`` (a window's edge, a block's, position 8192, a slot with no compressed
+    row yet), stale NaN rows beside the visible ones, a head without a sink, CSA lists with -1 and
+    repeats: the library composition gives the reference's ``o``."""
+    from dsv4.bench import baseline
+    from dsv4.ops import get_op
+    from dsv4.reference import sparse_attn
+    from test_attention_ops import attn_setup
+
+    call = get_op("sparse_attn").backend_args(attn_setup(kind, seq))
+    report = compare("sparse_attn", baseline.sparse_attn(*call)._asdict(), sparse_attn(*call)._asdict())
+    assert report, str(report)
+
+
+@pytest.mark.parametrize("kind", ["csa", "hca"])
+def test_sparse_attn_write(kind: str) -> None:
+    """The attention and the window rows it writes: the same ``o`` and the same pool bytes as the reference."""
+    from dsv4.bench import baseline
+    from dsv4.ops import get_op
+    from dsv4.reference import sparse_attn_write
+    from test_attention_ops import attn_setup
+
+    args = attn_setup(kind, 2)
+    pools = {}
+    outs = {}
+    for name, fn in (("reference", sparse_attn_write), ("library", baseline.sparse_attn_write)):
+        mine = {**args, "window_pool": args["window_pool"].clone()}
+        outs[name] = fn(*get_op("sparse_attn_write").backend_args(mine))._asdict()
+        pools[name] = mine["window_pool"]
+    report = compare("sparse_attn", outs["library"], outs["reference"])  # o; the pool: bit for bit below
+    assert report, str(report)
+    for name, value in pools["library"].tensors().items():
+        assert torch.equal(value.view(torch.uint8), pools["reference"].tensors()[name].view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_o_proj(mode: str) -> None:
+    _check("o_proj", mode)
+
+
+@pytest.mark.parametrize("seq", [1, 2, 130])
+def test_window_kv_write(seq: int) -> None:
+    """The window rows (at most ``W`` of a slot's step, the last slot's blocks unallocated): the
+    reference's pool bytes, every other row left as it was."""
+    from dsv4.bench import baseline
+    from dsv4.ops import get_op
+    from dsv4.reference import window_kv_write
+    from test_attention_ops import attn_setup
+
+    args = attn_setup("swa", seq)
+    args["window_pool"].block_table[-1] = -1
+    pools = {}
+    for name, fn in (("reference", window_kv_write), ("library", baseline.window_kv_write)):
+        pool = args["window_pool"].clone()
+        call = {"kv": args["kv"], "pool": pool, "start_pos": args["start_pos"], "window": args["window"]}
+        fn(*get_op("window_kv_write").backend_args(call))
+        pools[name] = pool
+    for name, value in pools["library"].tensors().items():
+        assert torch.equal(value.view(torch.uint8), pools["reference"].tensors()[name].view(torch.uint8)), name

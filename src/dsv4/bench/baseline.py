@@ -14,19 +14,34 @@ calls a user could write in an afternoon, within the spec §6 tolerances of the 
 
 The rest is the reference's own math (``reference.common``: RMSNorm, RoPE; ``reference.compressor``:
 pooling, the row's finish, the indexer key's rotation; ``reference.indexer.index_query`` with these GEMMs).
+
+The attention ops: ``sparse_attn`` gathers every token's keys (its window, its compressed rows) from
+the pools into one dense ``[B*S, keys, HD]`` bf16 tensor, decoded, and takes the softmax with the
+sink through two batched GEMMs; ``o_proj`` dequantizes its FP8 weights to bf16 on each call (exact:
+power-of-two block scales) and runs both projections on cuBLAS; ``window_kv_write`` is the
+reference's rows written with no host read. ``kv_compressor`` has no composition here.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..model.attention_state import KVPool
 from ..model.config import COMPRESS_RATIO
+from ..model.fp8_row import (
+    ACT_BLOCK,
+    dequantize_fp8_rows,
+    dequantize_fp8_weight,
+    fp8_act_quant,
+    fp8_round_trip,
+    fp8_rows,
+)
 from ..model.quant import quantize_int8_per_row
 from ..model.rope import RopeTable
 from ..model.state import STATE_SLOTS, IndexerState
-from ..model.structs import MASKED_SCORE, QKV, IndexerOut, StepPositions, copy_into
-from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights
-from ..reference.common import Gemms, int8_matmul
+from ..model.structs import MASKED_SCORE, QKV, AttnOut, IndexerOut, OProjOut, StepPositions, copy_into
+from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights, OProjWeights
+from ..reference.common import Gemms, int8_matmul, inverse_rope
 from ..reference.compressor import finish_row, index_key
 from ..reference.indexer import index_query
 from ..reference.qkv_proj_rope import qkv_proj_rope as reference_qkv_proj_rope
@@ -112,6 +127,15 @@ def _gather_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(t, 1, index[..., None].expand(*index.shape, t.shape[2]))
 
 
+def _write_rows(dst: torch.Tensor, target: torch.Tensor, write: torch.Tensor, rows: torch.Tensor) -> None:
+    """``dst[target[i]] = rows[i]`` where ``write[i]`` (``dst [N, C]``, ``rows [M, C]``), with no host read:
+    the rows not written rewrite the first written one's row with its new value (or, when none is
+    written, a row with its own value), so a duplicate index never carries two values."""
+    lead = torch.argmax(write.to(torch.int32))  # the first written row (0 when none is)
+    lead_row = torch.where(write[lead], rows[lead], dst[target[lead]])
+    dst.index_copy_(0, torch.where(write, target, target[lead]), torch.where(write[:, None], rows, lead_row))
+
+
 def _compress(
     x: torch.Tensor, w: CompressorWeights, state: IndexerState, pos: StepPositions, rope: RopeTable, eps: float
 ) -> None:
@@ -122,9 +146,7 @@ def _compress(
     and score -inf before position 0), then the step's projections. A block starting at ``f0 + 4w``
     pools window ``[4w, 4w + 8)``: columns ``[0, HID)`` of its first four tokens, ``[HID, 2*HID)`` of
     the last four. Every window that can close is pooled, and only the blocks that close are written.
-    The pool writes stay capturable: every other window rewrites the first closed block's row with the
-    same values (or, when none closes, a row with its own value), so a duplicate index never carries
-    two values.
+    The pool writes stay capturable (``_write_rows``).
     """
     b, s = x.shape[:2]
     hid = w.norm_w.shape[0]
@@ -162,13 +184,8 @@ def _compress(
     block = table[torch.arange(b, device=dev).repeat_interleave(windows), slot_block.clamp(max=table.shape[1] - 1)]
     write = closes & (slot_block < table.shape[1]) & (block >= 0)
     target = block.long().clamp(min=0) * state.block_size + rows % state.block_size
-    pool_keys, pool_scale = state.keys.view(-1, hid), state.key_scale.view(-1)
-    lead = torch.argmax(write.to(torch.int32))  # the first written window (0 when none is)
-    lead_key = torch.where(write[lead], k8[lead], pool_keys[target[lead]])
-    lead_scale = torch.where(write[lead], k_scale[lead, 0], pool_scale[target[lead]])
-    index = torch.where(write, target, target[lead])
-    pool_keys.index_copy_(0, index, torch.where(write[:, None], k8, lead_key))
-    pool_scale.index_copy_(0, index, torch.where(write, k_scale[:, 0], lead_scale))
+    _write_rows(state.keys.view(-1, hid), target, write, k8)
+    _write_rows(state.key_scale.view(-1, 1), target, write, k_scale)
 
     # the ring after the step: slot i holds the last position q <= last with q % 8 == i when the step
     # wrote it, else what it held
@@ -228,3 +245,131 @@ def indexer(
     idx[..., :k] = (chosen + offset).to(torch.int32)
     idx = idx.masked_fill(rank >= visible.clamp(max=topk)[..., None], -1)
     return copy_into(IndexerOut(score, idx), out)
+
+
+def _bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` per batch as fp32: ``a [N, M, K]``, ``b [N, P, K]`` bf16 (cuBLAS with an fp32 result)."""
+    if a.dtype == b.dtype == torch.bfloat16 and _bf16_f32_ok(a.device):
+        return torch.bmm(a, b.transpose(1, 2), out_dtype=torch.float32)
+    return torch.bmm(a.to(torch.float32), b.to(torch.float32).transpose(1, 2))
+
+
+def _pool_rows(
+    pool: KVPool, slots: torch.Tensor, rows: torch.Tensor, ok: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(deq rows [..., HD] bf16, ok)``: row ``rows`` of slot ``slots`` where ``ok`` and its block is
+    allocated, zeros elsewhere (so a stale row's NaN never reaches the products); no host read."""
+    rows = torch.where(ok, rows, 0)
+    block, offset = pool.locate(slots.expand_as(rows), rows)
+    ok = ok & (block >= 0)
+    block = torch.where(ok, block, 0)
+    deq = dequantize_fp8_rows(pool.nope[block, offset], pool.scale[block, offset], pool.rope[block, offset])
+    return torch.where(ok[..., None], deq, 0), ok
+
+
+def sparse_attn(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    pos: StepPositions,
+    window_pool: KVPool,
+    attn_sink: torch.Tensor,
+    rope: RopeTable,
+    kind: str,
+    window: int,
+    compress_ratio: int,
+    compressed: KVPool | None,
+    topk_idxs: torch.Tensor | None,
+    topk_offset: int,
+    out: AttnOut | None = None,
+) -> AttnOut:
+    """Attention spec §5 with the reference's arguments and result: each token's ``W`` window keys and
+    its compressed keys (CSA: one per top-k entry, repeats kept; HCA: every row the pool's table can
+    hold, the invisible masked) gathered densely, then ``z = q k^T / sqrt(HD)`` and ``e = exp(z - m)``
+    in fp32, ``o = bf16(e) k / (sum e + exp(sink - m))`` and the inverse RoPE, batched over tokens."""
+    b, s, h, hd = q.shape
+    dev = q.device
+    start = pos.start.to(dev).long()
+    p = start[:, None] + torch.arange(s, device=dev)  # [B, S] token positions
+    slot = torch.arange(b, device=dev)[:, None, None]
+    # the window: positions p-W+1 .. p, rows below start from the pool, the rest this call's kv as stored
+    wpos = p[..., None] - window + 1 + torch.arange(window, device=dev)  # [B, S, W]
+    pooled, from_pool = _pool_rows(window_pool, slot, wpos, (wpos >= 0) & (wpos < start[:, None, None]))
+    own = fp8_round_trip(kv, rope.rope_dim)  # [B, S, HD]
+    in_call = wpos >= start[:, None, None]
+    own_rows = own[slot, (wpos - start[:, None, None]).clamp(0, s - 1)]
+    keys, valid = [torch.where(in_call[..., None], own_rows, pooled)], [in_call | from_pool]
+    if compress_ratio:
+        vis = (p + 1) // compress_ratio  # [B, S] compressed rows each token sees
+        if kind == "csa":
+            j = topk_idxs.long() - topk_offset
+            ok = (topk_idxs >= 0) & (j >= 0) & (j < vis[..., None])
+        else:
+            j = torch.arange(compressed.block_table.shape[1] * compressed.block_size, device=dev).expand(b, s, -1)
+            ok = j < vis[..., None]
+        rows, ok = _pool_rows(compressed, slot, j, ok)
+        keys.append(rows)
+        valid.append(ok)
+    k = torch.cat(keys, dim=2).view(b * s, -1, hd)  # [B*S, L, HD] bf16
+    bias = torch.where(torch.cat(valid, dim=2), 0.0, float("-inf")).view(b * s, 1, -1)
+    z = _bmm_f32(q.reshape(b * s, h, hd), k) * hd**-0.5 + bias  # [B*S, H, L]
+    m = z.amax(dim=-1, keepdim=True)
+    e = torch.exp(z - m)
+    den = e.sum(dim=-1, keepdim=True) + torch.exp(attn_sink.to(torch.float32)[:, None] - m)
+    o1 = (_bmm_f32(e.to(torch.bfloat16), k.transpose(1, 2)) / den).to(torch.bfloat16).view(b, s, h, hd)
+    nope = hd - rope.rope_dim
+    rot = inverse_rope(o1[..., nope:].to(torch.float32), p, rope).to(torch.bfloat16)
+    return copy_into(AttnOut(torch.cat((o1[..., :nope], rot), dim=-1)), out)
+
+
+def window_kv_write(kv: torch.Tensor, pool: KVPool, pos: StepPositions, window: int) -> None:
+    """The reference's ``window_kv_write`` (the FP8 rows of each slot's last ``min(S, W)`` tokens at their
+    positions; rows in unallocated blocks skipped), written with no host read (``_write_rows``)."""
+    b, s = kv.shape[:2]
+    first = max(0, s - window)
+    dev = kv.device
+    slots = torch.arange(b, device=dev).repeat_interleave(s - first)
+    steps = torch.arange(first, s, device=dev).repeat(b)
+    block, offset = pool.locate(slots, pos.start.to(dev).long()[slots] + steps)
+    target = block.clamp(min=0) * pool.block_size + offset
+    rows = fp8_rows(kv[slots, steps], pool.rope_dim)
+    for dst, new in ((pool.nope, rows.nope), (pool.scale, rows.scale), (pool.rope, rows.rope)):
+        bits = torch.uint8 if dst.element_size() == 1 else dst.dtype  # float8 as its bytes
+        _write_rows(dst.view(bits).view(-1, dst.shape[-1]), target, block >= 0, new.view(bits).view(-1, dst.shape[-1]))
+
+
+def sparse_attn_write(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    pos: StepPositions,
+    window_pool: KVPool,
+    attn_sink: torch.Tensor,
+    rope: RopeTable,
+    kind: str,
+    window: int,
+    compress_ratio: int,
+    compressed: KVPool | None,
+    topk_idxs: torch.Tensor | None,
+    topk_offset: int,
+    out: AttnOut | None = None,
+) -> AttnOut:
+    """``sparse_attn``, then ``window_kv_write``."""
+    result = sparse_attn(
+        q, kv, pos, window_pool, attn_sink, rope, kind, window, compress_ratio, compressed, topk_idxs, topk_offset,
+        out,
+    )  # fmt: skip
+    window_kv_write(kv, window_pool, pos, window)
+    return result
+
+
+def o_proj(o: torch.Tensor, w: OProjWeights, out: OProjOut | None = None) -> OProjOut:
+    """Attention spec §6 with the reference's arguments and result: ``wo_a`` and ``wo_b`` dequantized to
+    bf16 (exact), the grouped projection as one batched GEMM, the FP8 activation quant, the second GEMM."""
+    t = o.shape[0]
+    rows, cols = w.wo_a.shape  # G*OL, HG*HD
+    groups = o.shape[1] * o.shape[2] // cols
+    wo_a = dequantize_fp8_weight(w.wo_a, w.wo_a_scale).view(groups, rows // groups, cols)
+    r = _bmm_f32(o.reshape(t, groups, cols).transpose(0, 1), wo_a).transpose(0, 1).to(torch.bfloat16)  # [T, G, OL]
+    a8, sa = fp8_act_quant(r.reshape(t, rows))
+    a = (a8.to(torch.float32) * sa.repeat_interleave(ACT_BLOCK, dim=-1)).to(torch.bfloat16)  # exact
+    y = mm_f32(a, dequantize_fp8_weight(w.wo_b, w.wo_b_scale)).to(torch.bfloat16)
+    return copy_into(OProjOut(y), out)
