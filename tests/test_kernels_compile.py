@@ -114,7 +114,7 @@ UNFUSED = {"_front_kernel", "_score_kernel", "_compressor_step_kernel", "_window
 # SASS instructions of one iteration of the score loop (a 128-key tile), one warp: the target of the
 # streaming layout (at ~4.3 TB/s an SM has ~700 issue slots per warp for each 16.5 KB tile it reads),
 # rows past ROW_IN_REGISTERS that also count the first digit (HIST) included: 463 / 519 without it and
-# 526 / 627 with it on Triton 3.9 / 3.6, whose tl.histogram is built from warp ballots (docs/DESIGN.md).
+# 508 / 620 with it on Triton 3.9 / 3.6, whose tl.histogram is built from warp ballots (docs/DESIGN.md).
 SCORE_TILE_SASS_AT_MOST = 700
 
 

@@ -13,6 +13,7 @@ import triton.language as tl
 from conftest import DEVICE, FULL
 from dsv4.harness.cases import make_case
 from dsv4.harness.golden import ratio_allclose, tolerance
+from dsv4.kernels import index_score as index_score_module
 from dsv4.kernels.epilogue import quantize_int8_rows
 from dsv4.kernels.index_score import index_scores
 from dsv4.kernels.topk import FIRST_DIGIT_BINS, HIST_WORDS
@@ -124,6 +125,15 @@ def _check_scores(batch: int, seq: int, heads: int, start_pos, extra_cache_batch
 )
 def test_scores_match_reference(batch: int, seq: int, start_pos) -> None:
     _check_scores(batch, seq, heads=4, start_pos=start_pos, extra_cache_batch=1)
+
+
+@pytest.mark.parametrize("programs", [1, 5])
+def test_histograms_of_programs_that_walk_many_tiles(programs: int, monkeypatch) -> None:
+    """Few programs, so that one scores several tiles of a group, or of two, from and to the middle of a
+    group: each token's counts take off exactly the unseen scores of the tiles its program counted (rows
+    of 0 to 375 visible keys over 3 tiles; a group's second token past S, whose row is never written)."""
+    monkeypatch.setattr(index_score_module, "sm_count", lambda device: programs)
+    _check_scores(3, 3, heads=4, start_pos=[1, 18, 1500], extra_cache_batch=1)
 
 
 def test_scores_flash_heads() -> None:

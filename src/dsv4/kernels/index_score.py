@@ -33,7 +33,9 @@ visible key load nothing and store ``MASKED_SCORE``.
 **Histograms.** With ``HIST`` (rows longer than ``topk.ROW_IN_REGISTERS``) each token's first radix
 digit is counted over its visible scores (``topk.first_digit_histogram``'s digit) in a histogram
 that stays on chip across the group's tiles and is added to ``hist`` once per group and program
-(relaxed integer atomics: order-free, so deterministic).
+(relaxed integer atomics: order-free, so deterministic). It counts every score of the tiles; the
+unseen ones, all ``MASKED_SCORE``, come off that score's bin before the add (``tl.histogram``'s mask
+is not used: see the tile loop).
 
 **Programmatic dependent launch.** Launched with PDL on sm_90, a program computes its work,
 (compiled) prefetches its first tiles' keys into L2 — pool rows of earlier steps, written before the
@@ -181,7 +183,7 @@ def _score_kernel(
     pair_tok = pair // HEADS_PAD
     pair_head = pair % HEADS_PAD
     col_tok = tl.arange(0, TOKENS)
-    bins = tl.arange(0, TOKENS * _BINS)
+    digit_bin = tl.arange(0, _BINS)[None, :]  # a token's bins of the first digit
     for g in tl.range(lo // tiles, tl.cdiv(hi, tiles)):
         b = g // groups
         s0 = (g % groups) * TOKENS  # the group's first token in its row
@@ -217,17 +219,20 @@ def _score_kernel(
             score = tl.where(seen, head_sum * k_scale[:, None], _MASKED)  # the key scale after the head sum
             tl.store(out_row[None, :] + key[:, None], score, mask=(key < n_keys)[:, None] & tok_live[None, :])
             if HIST:
-                # Flattened token-major (a count does not depend on the order): then the digits are
-                # computed in the store's key-major layout and share its layout change (Triton 3.6).
+                # Every entry is counted and the unseen ones (_MASKED) come off after the loop, not masked:
+                # compiled, tl.histogram pairs a mask with its input register by register, and the flattens
+                # of the two may reorder differently (Triton 3.6 does). Flattened token-major, the digits
+                # are computed in the store's key-major layout and share its layout change (Triton 3.6).
                 digit = (order_bits(score) >> _FIRST_SHIFT).to(tl.int32) + col_tok[None, :] * _BINS
-                counts += tl.histogram(
-                    tl.reshape(tl.trans(digit), [_KEYS * TOKENS]),
-                    TOKENS * _BINS,
-                    mask=tl.reshape(tl.trans(seen), [_KEYS * TOKENS]),
-                )
+                counts += tl.histogram(tl.reshape(tl.trans(digit), [_KEYS * TOKENS]), TOKENS * _BINS)
         if HIST:
-            hist_tok = tok0 + bins // _BINS
-            tl.atomic_add(hist_ptr + hist_tok * _HIST_ROW + bins % _BINS, counts, mask=counts > 0, sem="relaxed")
+            # Per token, the entries of tiles [t_lo, t_hi) past its visible keys, all in its bin of _MASKED.
+            span = (t_hi - t_lo) * _KEYS
+            unseen = span - tl.minimum(tl.maximum(visible - t_lo * _KEYS, 0), span)  # [TOKENS]
+            masked_digit = (order_bits(tl.full([], _MASKED, tl.float32)) >> _FIRST_SHIFT).to(tl.int32)  # 0
+            counts = tl.reshape(counts, [TOKENS, _BINS]) - tl.where(digit_bin == masked_digit, unseen[:, None], 0)
+            row = hist_ptr + (tok0 + col_tok)[:, None] * _HIST_ROW  # dead tokens' rows may lie past hist
+            tl.atomic_add(row + digit_bin, counts, mask=tok_live[:, None] & (counts != 0), sem="relaxed")
 
 
 def score_items(pos: StepPositions, n_keys: int) -> tuple[int, int]:
