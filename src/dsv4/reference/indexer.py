@@ -92,9 +92,25 @@ def indexer(
     """x ``[B, S, D] bf16``, ``qr [B*S, QL] int8``, ``qr_scale [B*S, 1] fp32`` -> ``IndexerOut``;
     runs the compressor first (updates ``state`` in place)."""
     indexer_compressor(x, w.compressor, state, pos, rope, eps)
+    return copy_into(indexer_scores(x, qr, qr_scale, w, state, pos, offset, rope, topk), out)
+
+
+def indexer_scores(
+    x: torch.Tensor,
+    qr: torch.Tensor,
+    qr_scale: torch.Tensor,
+    w: IndexerWeights,
+    state: IndexerState,
+    pos: StepPositions,
+    offset: int,
+    rope: RopeTable,
+    topk: int,
+) -> IndexerOut:
+    """Steps 2-6 of spec §5 on the key pool as ``state`` holds it (after the step's compressor):
+    the queries, the scores and the top-k; ``state`` is only read."""
     b, s = x.shape[:2]
     hi, hid = w.weights_proj.shape[0], w.compressor.norm_w.shape[0]
     q = index_query(qr, qr_scale, w, pos.token_positions().reshape(-1), rope).view(b, s, hi, hid)
     weights = linear(x, w.weights_proj) * hid**-0.5 * hi**-0.5
     score = index_scores(q, weights, state, pos)
-    return copy_into(IndexerOut(score, select_topk(score, pos, topk, offset)), out)
+    return IndexerOut(score, select_topk(score, pos, topk, offset))
