@@ -45,6 +45,12 @@ def backends_of(op: str) -> list[str]:
 # default test already takes: run by `pytest -m full` (and CI), left out of `pytest` on a CPU.
 FULL = pytest.mark.full
 
+# A test that measures what Triton's interpreter loads, stores or launches (``dsv4.bench.interp_traffic``,
+# the bench's traffic mode): on a GPU the kernels are compiled and pass none of its hooks.
+INTERPRETER_TRAFFIC = pytest.mark.skipif(
+    DEVICE.type == "cuda", reason="measures the loads and stores of Triton's CPU interpreter; kernels are compiled here"
+)
+
 
 # Modules whose tests share one expensive session fixture (an sm_90 build of every variant, a dry run,
 # a bench run): all their tests go to one worker, so the fixture runs once per `pytest`. Every other

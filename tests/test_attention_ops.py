@@ -11,6 +11,7 @@ import torch
 import dsv4
 from attention_expect import F64, Decoded, attention, compressed_row, paged_pool, put_row, stored, token_keys
 from conftest import DEVICE, backends_of
+from device_assert import assert_stops_on_device
 from dsv4.harness.cases import record_outputs
 from dsv4.harness.golden import bit_identical, compare, ratio_allclose
 from dsv4.model.weights import synthetic_compressor, synthetic_o_proj
@@ -37,9 +38,11 @@ def rows(b: int, *shape: int, g: torch.Generator) -> torch.Tensor:
     return torch.randn(b, *shape, generator=g).to(torch.bfloat16)
 
 
-def on_device(args: dict) -> dict:
-    """The arguments on the device under test (records are copied there: read results back from them)."""
-    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) or hasattr(v, "tensors") else v for k, v in args.items()}
+def on_device(args: dict, device: torch.device = DEVICE) -> dict:
+    """The arguments on ``device`` (default: the device under test): every value with a ``to`` (tensors,
+    records, weights, RoPE tables) moved there, ints, strings and None as they are. Read results back
+    from the returned records."""
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in args.items()}
 
 
 # --- kv_compressor ---------------------------------------------------------------------------------
@@ -109,13 +112,18 @@ def test_kv_compressor_matrix(kind: str, seq: int, backend: str) -> None:
 def test_kv_compressor_prefill_in_one_call_equals_token_by_token(kind: str, backend: str) -> None:
     w, state, x, start, _, rope = compressor_setup(kind, 19, seed=1)
     before = record_outputs({"state": state.clone()})
+    a = on_device({"x": x, "w": w, "state": state, "start_pos": start, "rope": rope})
+    x, w, state, start, rope = a["x"], a["w"], a["state"], a["start_pos"], a["rope"]
     one = state.clone()
     dsv4.kv_compressor(x, w, one, start, rope, backend=backend)
     for s in range(19):
         dsv4.kv_compressor(x[:, s : s + 1].contiguous(), w, state, start + s, rope, backend=backend)
     # the same numbers, up to the order of the projections' sums (a [B*19, D] product against [B, D] ones)
     report = compare(
-        "kv_compressor", record_outputs({"state": state}), record_outputs({"state": one}), {"before": before}
+        "kv_compressor",
+        record_outputs({"state": state.to("cpu")}),
+        record_outputs({"state": one.to("cpu")}),
+        {"before": before},
     )
     assert report, str(report)
 
@@ -134,12 +142,16 @@ def test_rejected_draft_token_rerun_equals_a_fresh_run(kind: str, backend: str) 
         torch.zeros_like(state.kv_state), torch.full_like(state.score_state, float("-inf")),
         paged_pool(torch.Generator().manual_seed(5), [(0, (int(p) + 2) // ratio) for p in start], 200, CFG, BS),
     )  # fmt: skip
-    fresh = state.clone()
     other = torch.randn(x.shape[0], 1, x.shape[2]).to(torch.bfloat16)
+    a = on_device({"x": x, "other": other, "w": w, "state": state, "start_pos": start, "rope": rope})
+    x, other, w, state, start, rope = a["x"], a["other"], a["w"], a["state"], a["start_pos"], a["rope"]
+    fresh = state.clone()
     dsv4.kv_compressor(x, w, state, start, rope, backend=backend)
     dsv4.kv_compressor(other, w, state, start + 1, rope, backend=backend)
     dsv4.kv_compressor(torch.cat((x[:, :1], other), 1), w, fresh, start, rope, backend=backend)
-    report = compare("kv_compressor", record_outputs({"state": state}), record_outputs({"state": fresh}))
+    report = compare(
+        "kv_compressor", record_outputs({"state": state.to("cpu")}), record_outputs({"state": fresh.to("cpu")})
+    )
     assert report, str(report)
 
 
@@ -253,15 +265,32 @@ def test_sparse_attn_matrix(kind: str, seq: int, backend: str) -> None:
     assert report, str(report)
 
 
+def shared_prefix_args() -> dict:
+    """Slots 0 and 1 with a common history (their shared blocks) and the same query and row."""
+    args = attn_setup("hca", 2, seed=3, shared_prefix=True)
+    args["q"][1], args["kv"][1] = args["q"][0], args["kv"][0]
+    return args
+
+
+def shared_prefix_write_call(backend: str) -> None:
+    """The refused write of the test below on the device (for a child process: see ``device_assert``)."""
+    args = on_device(shared_prefix_args())
+    dsv4.window_kv_write(args["kv"], args["window_pool"], args["start_pos"] - 1, window=W, backend=backend)
+
+
 @pytest.mark.parametrize("backend", backends_of("sparse_attn"))
 def test_shared_prefix_blocks_are_read_by_both_slots(backend: str) -> None:
     """Slots 0 and 1 share the window and compressed blocks of their common history: each reads them
-    as its own (and slot 1 gets what slot 0 gets from the same query), and writes stay apart."""
-    args = attn_setup("hca", 2, seed=3, shared_prefix=True)
-    args["q"][1], args["kv"][1] = args["q"][0], args["kv"][0]
+    as its own (and slot 1 gets what slot 0 gets from the same query), and writes stay apart (on a GPU
+    refused by a device-side assert, which leaves the process's CUDA context unusable: in a child)."""
+    args = shared_prefix_args()
     o = dsv4.sparse_attn(**on_device(args), backend=backend).o
     assert bit_identical(o[1], o[0])
     assert compare("sparse_attn", {"o": o}, {"o": expected_o(args)})
+    if DEVICE.type == "cuda":
+        script = f"import test_attention_ops as t\nt.shared_prefix_write_call({backend!r})"
+        assert_stops_on_device(script, ("pool.block_table: two slots write the same pool row",))
+        return
     pool = args["window_pool"]
     before = pool.clone()
     with pytest.raises(ValueError, match="two slots write the same pool row"):  # the shared block holds row 41

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import bench_kernels
+from conftest import INTERPRETER_TRAFFIC
 from dsv4.bench import report
 from dsv4.bench.calls import BoundCall
 from dsv4.bench.runner import floors_us, run_bench, shape_grid
@@ -169,6 +170,7 @@ def test_time_cpu_reports_quantiles() -> None:
     assert _reps_for(0.001, reps=100, budget_s=2.0, min_reps=5) == 100
 
 
+@INTERPRETER_TRAFFIC
 def test_measure_traffic_counts_kernels_and_torch_ops() -> None:
     src = torch.randn(1000)
     dst = torch.empty_like(src)
@@ -196,6 +198,7 @@ def touching_qkv_result() -> dict:
     return result
 
 
+@INTERPRETER_TRAFFIC
 def test_traffic_of_a_kernel_moving_exactly_the_minimal_bytes_is_1x(touching_qkv_result: dict) -> None:
     (row,) = touching_qkv_result["traffic"]
     assert row["status"] == "ok", row
@@ -207,6 +210,7 @@ def test_traffic_of_a_kernel_moving_exactly_the_minimal_bytes_is_1x(touching_qkv
     assert row["check"].startswith("MISMATCH")  # it computes nothing: the bench's check says so
 
 
+@INTERPRETER_TRAFFIC
 def test_table_and_plot_of_traffic_ratios(touching_qkv_result: dict, tmp_path) -> None:
     text = report.render(touching_qkv_result)
     assert "requested/min" in text and "1.00" in text and "CPU host clock" in text
@@ -214,6 +218,7 @@ def test_table_and_plot_of_traffic_ratios(touching_qkv_result: dict, tmp_path) -
     assert (tmp_path / "traffic.png").stat().st_size > 1000
 
 
+@INTERPRETER_TRAFFIC
 def test_cli_bench_tiny_cpu(tmp_path) -> None:
     """The CI smoke run: traffic mode on the CPU. Every op with a Triton kernel has finite ratios
     >= 1 and matches the reference; an op whose kernel module does not exist yet says so."""

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dsv4.reference
+from conftest import DEVICE
 from dsv4.cli import main
 from dsv4.model.structs import QKV
 from dsv4.ops import get_op
@@ -90,7 +91,7 @@ def test_run_exits_nonzero_on_mismatch(monkeypatch: pytest.MonkeyPatch, capsys: 
     monkeypatch.setitem(get_op("qkv_proj_rope")._impls, "triton", qkv_proj_rope)
     monkeypatch.setitem(get_op("indexer")._impls, "triton", dsv4.reference.indexer)
     monkeypatch.setitem(get_op("indexer_compressor")._impls, "triton", dsv4.reference.indexer_compressor)
-    code = main(["run", "--backend", "triton", "--steps", "1", "--start-pos", "0", "--device", "cpu"])
+    code = main(["run", "--backend", "triton", "--steps", "1", "--start-pos", "0", "--device", DEVICE.type])
     out = capsys.readouterr().out
     assert code == 1
     assert "MISMATCH q:" in out and "1 MISMATCH(ES)" in out

@@ -13,7 +13,10 @@ import triton.language as tl
 import triton.runtime.interpreter as interp
 
 from bench_kernels import masked_copy_kernel
+from conftest import INTERPRETER_TRAFFIC
 from dsv4.bench.interp_traffic import SECTOR, count_traffic
+
+pytestmark = INTERPRETER_TRAFFIC
 
 
 @triton.jit

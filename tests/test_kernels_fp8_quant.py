@@ -11,6 +11,7 @@ kernels = pytest.importorskip("dsv4.kernels")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from conftest import DEVICE  # noqa: E402
 from dsv4.kernels.fp8_quant import dequant_e4m3, quant_e4m3  # noqa: E402
 from dsv4.model.fp8_row import dequantize_e4m3_blocks, quantize_e4m3_blocks  # noqa: E402
 
@@ -52,10 +53,11 @@ def _blocks(block: int) -> torch.Tensor:
 def test_quant_e4m3_matches_the_model_bit_for_bit(block: int) -> None:
     v = _blocks(block)
     m = v.shape[0]
-    codes = torch.empty(m, block, dtype=torch.uint8)
-    e = torch.empty(m, dtype=torch.int32)
-    deq = torch.empty(m, block)
-    _round_trip_kernel[(1,)](v, codes, e, deq, m, block)
+    codes = torch.empty(m, block, dtype=torch.uint8, device=DEVICE)
+    e = torch.empty(m, dtype=torch.int32, device=DEVICE)
+    deq = torch.empty(m, block, device=DEVICE)
+    _round_trip_kernel[(1,)](v.to(DEVICE), codes, e, deq, m, block)
+    codes, e, deq = codes.cpu(), e.cpu(), deq.cpu()
     want_codes, want_e = quantize_e4m3_blocks(v, block)
     assert torch.equal(e, want_e[:, 0])
     assert torch.equal(codes, want_codes.view(torch.uint8))

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 import dsv4
-from conftest import BACKENDS, DEVICE, FULL
+from conftest import BACKENDS, DEVICE, FULL, INTERPRETER_TRAFFIC
 from dsv4.bench.interp_traffic import count_traffic
 from dsv4.harness.golden import compare, ratio_allclose, tolerance
 from dsv4.kernels.epilogue import rms_inv_of_sumsq, rms_scale
@@ -204,7 +204,7 @@ print("DONE")
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="kernels on two streams at once need a GPU")
-def test_paired_heads_finish_while_other_kernels_hold_sms() -> None:
+def test_paired_heads_finish_while_other_kernels_hold_sms(tmp_path) -> None:
     """At flash decode the q heads run as 128 paired programs, each a whole SM's registers. With 48
     programs of another stream's kernel holding SMs until ``qkv_proj_rope`` is done (a kernel that
     waits for a flag set after it), fewer than 128 SMs are left: pairs that cannot meet hand over
@@ -212,10 +212,13 @@ def test_paired_heads_finish_while_other_kernels_hold_sms() -> None:
     would hang: the child process is given a time limit."""
     from subprocesses import run_python
 
-    proc = run_python(["-c", _HELD_SMS], timeout=120)
+    script = tmp_path / "held_sms.py"  # a file: Triton reads a @triton.jit function's source from it
+    script.write_text(_HELD_SMS)
+    proc = run_python([str(script)], timeout=120)
     assert proc.returncode == 0 and "DONE" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
+@INTERPRETER_TRAFFIC
 def test_whole_head_programs_read_qr_once() -> None:
     """A q-head program that computes both halves of its head reads each ``qr`` tile once for both
     (the interpreter's plan; on a GPU the plan past one wave of pairs): the launch asks for ``wq_b``

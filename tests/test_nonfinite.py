@@ -185,21 +185,28 @@ def _quantize_rows_kernel(v_ptr, q_ptr, s_ptr, N: tl.constexpr):
     tl.store(s_ptr + tl.arange(0, 4), s)
 
 
+# On a CPU both branches of the row maximum run (through the interpreter); on a GPU the kernel is
+# compiled with ``INTERPRETED`` false, read once when it compiles: the compiled branch alone, unpatched.
+QUANTIZER_BRANCHES = ["compiled"] if DEVICE.type == "cuda" else ["interpreter", "compiled"]
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-@pytest.mark.parametrize("branch", ["interpreter", "compiled"])
+@pytest.mark.parametrize("branch", QUANTIZER_BRANCHES)
 @pytest.mark.parametrize("value", ["nan", "+inf", "-inf", "payload-nan"])
 def test_int8_quantizer_of_a_nonfinite_row(value, branch, monkeypatch) -> None:
     """The Triton quantizer alone, on rows with one non-finite element: bit for bit the reference's
     ``quantize_int8_per_row`` (scale NaN or infinite, q 0 in such a row); finite rows unchanged.
     ``branch``: the row maximum as the interpreter computes it, or the source a GPU compiles (a
-    NaN-keeping ``tl.reduce``), run here through the interpreter too."""
-    monkeypatch.setattr(epilogue, "INTERPRETED", branch == "interpreter")
+    NaN-keeping ``tl.reduce``), on a CPU run through the interpreter too."""
+    if DEVICE.type != "cuda":  # a constexpr, as the kernels' branch reads it
+        monkeypatch.setattr(epilogue, "INTERPRETED", tl.constexpr(branch == "interpreter"))
     g = torch.Generator().manual_seed(0)
     v = torch.randn(4, 32, generator=g)
     v[1, 5] = payload_nan(torch.float32) if value == "payload-nan" else VALUES[value]
     v[3] = 0.0  # the 1e-4 floor
-    q, s = torch.empty(4, 32, dtype=torch.int8), torch.empty(4)
-    _quantize_rows_kernel[(1,)](v, q, s, N=32)
+    q, s = torch.empty(4, 32, dtype=torch.int8, device=DEVICE), torch.empty(4, device=DEVICE)
+    _quantize_rows_kernel[(1,)](v.to(DEVICE), q, s, N=32)
+    q, s = q.cpu(), s.cpu()
     q_ref, s_ref = quantize_int8_per_row(v)
     assert torch.equal(q, q_ref)
     assert torch.equal(s.view(torch.int32)[[0, 2, 3]], s_ref.view(-1).view(torch.int32)[[0, 2, 3]])

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 import dsv4
+from conftest import DEVICE
 from dsv4.cli import main
 from dsv4.harness.golden import ratio_allclose
 from dsv4.ops import OpDescriptor, Output, Tolerance, get_op, op_names, register_op, registry
@@ -116,7 +117,7 @@ def test_it_is_registered() -> None:
 
 
 def test_it_appears_in_dsv4_run(capsys: pytest.CaptureFixture) -> None:
-    args = ["run", "--backend", "triton", "--steps", "1", "--start-pos", "4", "--batch", "1", "--device", "cpu"]
+    args = ["run", "--backend", "triton", "--steps", "1", "--start-pos", "4", "--batch", "1", "--device", DEVICE.type]
     assert main(args) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if NAME in line]
     assert len(rows) == 1 and "ok (vs reference" in rows[0], rows
@@ -131,13 +132,13 @@ def test_it_appears_in_bench_model_only(capsys: pytest.CaptureFixture) -> None:
 
 def test_it_round_trips_through_golden_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["golden", "save", str(tmp_path), "--op", NAME, "--preset", "tiny", "--device", "cpu"]) == 0
-    assert main(["golden", "check", str(tmp_path), "--backend", "triton", "--device", "cpu"]) == 0
+    assert main(["golden", "check", str(tmp_path), "--backend", "triton", "--device", DEVICE.type]) == 0
     assert "1/1 golden cases passed on backend triton" in capsys.readouterr().out
 
 
 def test_it_is_a_torch_custom_op() -> None:
-    x = dsv4.synthetic_activations((5, 64), seed=3)
-    w = ToyWeights(torch.linspace(0.5, 1.5, 64))
+    x = dsv4.synthetic_activations((5, 64), seed=3, device=DEVICE)
+    w = ToyWeights(torch.linspace(0.5, 1.5, 64, device=DEVICE))
     expected = toy_reference(x, w, 1e-6).y
     y = torch.ops.dsv4.toy_rms_norm(x, w.gain, 1e-6, "triton")
     tol = TOY.output("y").tolerance

@@ -9,11 +9,14 @@ refused, naming the argument, with the pool untouched; the two ops still run on 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 import dsv4
 from conftest import DEVICE, FULL, backends_of
+from device_assert import assert_stops_on_device
 from dsv4.harness.cases import make_case
 from dsv4.harness.golden import bit_identical
 from dsv4.kernels import tuning
@@ -63,7 +66,10 @@ def test_the_writing_program_of_other_tiles(kind: str, seq: int, params: dict) -
     assert same_pool(args["window_pool"], pool_two)
 
 
-def ring_args() -> dict:
+RING_REFUSED = "window_pool.block_table: a row this step writes is a pool row it reads"
+
+
+def ring_args(device: torch.device = DEVICE) -> dict:
     """The slot at start W - 1 (S = 3) maps its block of rows [W, 2W) onto that of rows [0, W), a ring of
     W rows: the rows W and W + 1 it writes are the pool rows of rows 0 and 1, which its first token
     reads."""
@@ -71,24 +77,34 @@ def ring_args() -> dict:
     b = args["start_pos"].tolist().index(W - 1)
     table = args["window_pool"].block_table
     table[b, 1] = table[b, 0]
-    return on_device(args)
+    return on_device(args, device)
+
+
+def ring_call(backend: str) -> None:
+    """The refused call of the test below on the device (for a child process: see ``device_assert``)."""
+    dsv4.sparse_attn_write(**ring_args(), backend=backend)
 
 
 @pytest.mark.parametrize("backend", backends_of("sparse_attn_write"))
 def test_a_ring_of_w_rows_is_refused(backend: str) -> None:
-    """Refused before anything runs; the two ops, attention first, run on the same table."""
+    """Refused before anything runs (on a GPU by a device-side assert, which leaves the process's CUDA
+    context unusable: in a child); the two ops, attention first, run on the same table."""
     args = ring_args()
-    before = args["window_pool"].clone()
-    with pytest.raises(ValueError, match=r"window_pool\.block_table: a row this step writes is a pool row it reads"):
-        dsv4.sparse_attn_write(**args, backend=backend)
-    assert same_pool(args["window_pool"], before)
+    if DEVICE.type == "cuda":
+        assert_stops_on_device(f"import test_sparse_attn_write as t\nt.ring_call({backend!r})", (RING_REFUSED,))
+    else:
+        before = args["window_pool"].clone()
+        with pytest.raises(ValueError, match=re.escape(RING_REFUSED)):
+            dsv4.sparse_attn_write(**args, backend=backend)
+        assert same_pool(args["window_pool"], before)
     two_ops(args, backend)
 
 
 def test_a_ring_is_refused_by_the_device_check(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The check's device branch (``torch._assert_async``, which raises at once on the CPU)."""
+    """The check's device branch (``torch._assert_async``, which raises at once on the CPU: the
+    arguments stay there, also beside a GPU, where the assert would stop the process's stream)."""
     monkeypatch.setattr(validate, "HOST_DEVICE_TYPES", ())
-    args = ring_args()
+    args = ring_args(torch.device("cpu"))
     before = args["window_pool"].clone()
     with pytest.raises(RuntimeError, match="a row this step writes is a pool row it reads"):
         dsv4.sparse_attn_write(**args, backend="reference")

@@ -107,7 +107,10 @@ def flatten(desc: OpDescriptor, args: dict[str, Any]) -> list[Any]:
     each of its places)."""
     bound = desc.bind(args)
     for p in desc.params:
-        if p.kind == INT_OR_TENSOR and not isinstance(bound[p.name], Tensor):
+        # `is`, not `==`: a kind may be a dataclass (the weights), and Dynamo on torch 2.11 traces
+        # `kind == ...` into that class's `__eq__` as an instance method (and fails); an identity test
+        # it decides at trace time
+        if p.kind is INT_OR_TENSOR and not isinstance(bound[p.name], Tensor):
             got = type(bound[p.name]).__name__
             raise TypeError(f"{p.name}: torch.ops.dsv4.{desc.name} takes an int tensor [B], got {got}")
     flat: list[Any] = []
