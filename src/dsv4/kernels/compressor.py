@@ -392,10 +392,12 @@ def _compressor_step_kernel(
 ):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
-    start = tl.load(start_ptr + b)  # an input of the op: written before its first launch
     if PDL:
         gdc_launch_dependents()  # the next launch may be scheduled: it waits for this grid to complete
         gdc_wait()  # the front launch's K-slices are complete and visible
+    # after the wait: this launch may start before the one ahead of the front has finished (the front
+    # releases it before its own wait), and that one may have written start (an engine's positions)
+    start = tl.load(start_ptr + b)
     if c * CHUNK < tl.maximum((start + S) // RC - start // RC, 1):
         close_chunk(
             c, b, start, xp_ptr, kvg_ptr, ape_ptr, kv_state_ptr, score_state_ptr, keys_ptr, key_scale_ptr, rope_ptr,
