@@ -120,12 +120,14 @@ def kernel_table(result: dict[str, Any]) -> str:
     for t in result["timings"]:
         for k in t.get("kernels") or []:
             name = k["kernel"] if len(k["kernel"]) <= 60 else k["kernel"][:57] + "..."
-            share = 100.0 * k["us_per_call"] / t["median_us"] if t.get("median_us") else None
+            after = k.get("us_after_previous_per_call")
+            share = 100.0 * after / t["median_us"] if t.get("median_us") and after is not None else None
             rows.append([
-                t["op"], t["shape"], t["backend"], name, _us(k["us_per_call"]), f"{k['launches_per_call']:g}",
-                _num(share),
+                t["op"], t["shape"], t["backend"], name, _us(k["us_per_call"]), _num(after, ".3g"),
+                f"{k['launches_per_call']:g}", _num(share),
             ])  # fmt: skip
-    return _table(["op", "shape", "backend", "kernel", "µs per call", "launches", "% of median"], rows)
+    headers = ["op", "shape", "backend", "kernel", "µs from its start", "µs after the previous", "launches"]
+    return _table([*headers, "% of median"], rows)
 
 
 def traffic_table(result: dict[str, Any]) -> str:

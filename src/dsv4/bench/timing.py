@@ -185,13 +185,25 @@ def zero_point(reps: int = 200) -> dict[str, Any]:
     return result
 
 
-def _kernel_events(prof: Any) -> list[tuple[str, float]]:
-    """``(name, µs)`` of every device kernel the profiler recorded."""
+def _kernel_events(prof: Any) -> list[tuple[str, float, float]]:
+    """``(name, start µs, end µs)`` of every device kernel the profiler recorded, in start order."""
     out = []
     for e in prof.events():
         if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
-            out.append((e.name, e.time_range.elapsed_us()))
-    return out
+            out.append((e.name, float(e.time_range.start), float(e.time_range.end)))
+    return sorted(out, key=lambda e: e[1])
+
+
+def after_previous(events: list[tuple[str, float, float]]) -> list[float]:
+    """Per event (``(name, start, end)`` in start order, one stream): how long after every earlier event
+    ended it ended, i.e. its share of the chain's span. A kernel launched early under programmatic
+    dependent launch spends its first part waiting for its predecessor: its duration counts the wait,
+    this does not (the shares of a chain add up to its span, gaps and waits between launches aside)."""
+    shares, last_end = [], float("-inf")
+    for _, start, end in events:
+        shares.append(max(0.0, end - max(start, last_end)))
+        last_end = max(last_end, end)
+    return shares
 
 
 KERNEL_TIMES_TOP = 12  # kernels listed per call (the longest); the rest are summed as "(other kernels)"
@@ -199,8 +211,10 @@ KERNEL_TIMES_TOP = 12  # kernels listed per call (the longest); the rest are sum
 
 def kernel_times(run: Callable[[], Any], flush: L2Flush | None, reps: int = 10) -> list[dict[str, Any]]:
     """Each kernel's own duration inside ``reps`` calls of ``run`` (a graph replay or plain launches),
-    L2 flushed before each as in the timing: per kernel name, the median per call of its summed
-    duration and its launches per call, longest first. The flush's own kernel is left out (learnt by
+    L2 flushed before each as in the timing: per kernel name, per call, its summed duration
+    (``us_per_call``: from its start, so under PDL with the wait for its predecessor), how long after
+    the kernels before it it ended (``us_after_previous_per_call``, ``after_previous``: its share of
+    the call's span), and its launches; largest share first. The flush's own kernel is left out (learnt by
     profiling a flush alone); ``[]`` when the profiler recorded no kernel."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -209,27 +223,31 @@ def kernel_times(run: Callable[[], Any], flush: L2Flush | None, reps: int = 10) 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             flush()
             torch.cuda.synchronize()
-        flush_names = {name for name, _ in _kernel_events(prof)}
+        flush_names = {name for name, _, _ in _kernel_events(prof)}
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             if flush is not None:
                 flush()
             run()
         torch.cuda.synchronize()
-    totals: dict[str, list[float]] = {}
-    for name, us in _kernel_events(prof):
+    events = _kernel_events(prof)
+    totals: dict[str, list[tuple[float, float]]] = {}
+    for (name, start, end), share in zip(events, after_previous(events), strict=True):
         if name not in flush_names:
-            totals.setdefault(name, []).append(us)
+            totals.setdefault(name, []).append((end - start, share))
     rows = [
-        {"kernel": name, "us_per_call": sum(us) / reps, "launches_per_call": len(us) / reps}
+        {
+            "kernel": name, "us_per_call": sum(d for d, _ in us) / reps,
+            "us_after_previous_per_call": sum(a for _, a in us) / reps, "launches_per_call": len(us) / reps,
+        }
         for name, us in totals.items()
-    ]
-    rows.sort(key=lambda r: -r["us_per_call"])
+    ]  # fmt: skip
+    rows.sort(key=lambda r: -r["us_after_previous_per_call"])
     if len(rows) > KERNEL_TIMES_TOP:
         rest = rows[KERNEL_TIMES_TOP:]
         rows = rows[:KERNEL_TIMES_TOP] + [{
-            "kernel": f"(other kernels: {len(rest)})", "us_per_call": sum(r["us_per_call"] for r in rest),
-            "launches_per_call": sum(r["launches_per_call"] for r in rest),
+            "kernel": f"(other kernels: {len(rest)})",
+            **{k: sum(r[k] for r in rest) for k in ("us_per_call", "us_after_previous_per_call", "launches_per_call")},
         }]  # fmt: skip
     return rows
 
