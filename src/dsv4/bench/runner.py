@@ -16,6 +16,7 @@ from ..harness.golden import compare
 from ..model.config import COMPRESS_RATIO, DeepSeekV4Config, mode_shape
 from ..ops.costs import OpCost
 from ..ops.registry import get_op, op_names
+from ..reference.indexer import indexer_scores as reference_indexer_scores
 from .calls import COMPILED, LIBRARY, BoundCall, backend_reason, bind
 from .timing import (
     DEVICE_TABLE,
@@ -130,6 +131,17 @@ def _missing(op: str, backend: str) -> str | None:
     return None if backend in have else f"no {backend} implementation of {op} yet (reference only)"
 
 
+def _check(op: str, call: BoundCall, expected: dict[str, torch.Tensor], case: Case) -> str:
+    """The verdict of ``call``'s first call against the reference's outputs (spec §6). The indexer's
+    scores and top-k are compared with the reference's on the key pool this call wrote (the keys
+    themselves with the reference's by the key cache rule): "from the same inputs", as ``dsv4 run``
+    and the indexer tests compare them."""
+    got = call.outputs(call())
+    if op == "indexer":
+        expected = {**expected, **reference_indexer_scores(*call.args[:9])._asdict()}
+    return compare(op, got, expected, case.compare_inputs()).verdict()
+
+
 def _time_backend(
     case: Case,
     shape: BenchShape,
@@ -150,7 +162,7 @@ def _time_backend(
     try:
         if call is None:
             call = bind(case, backend)
-            row["check"] = compare(shape.op, call.outputs(call()), expected, case.compare_inputs()).verdict()
+            row["check"] = _check(shape.op, call, expected, case)
         else:
             row["check"] = "is the reference"
         timing = timer(call)
@@ -175,7 +187,7 @@ def _count_traffic(case: Case, shape: BenchShape, expected: dict[str, torch.Tens
         return {**row, "status": "skipped", "error": missing}
     try:
         call = bind(case, "triton")
-        row["check"] = compare(shape.op, call.outputs(call()), expected, case.compare_inputs()).verdict()
+        row["check"] = _check(shape.op, call, expected, case)
         counted, _ = measure_traffic(call)
     except Exception as e:
         return {**row, "status": "error", "error": _error(e)}
