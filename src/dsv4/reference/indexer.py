@@ -61,9 +61,9 @@ def select_topk(score: torch.Tensor, pos: StepPositions, topk: int, offset: int)
     holds there (a visible ``-inf`` sorts below the mask value, yet it is visible)."""
     b, s, n = score.shape
     vis = (pos.token_positions() + 1) // COMPRESS_RATIO  # [B, S]
-    # The order key is made device-independent first: a CUDA sort ranks a NaN by its bits (a NaN with
-    # the sign bit set below -inf) and -0.0 below +0.0, the CPU sort does not. NaN ranks first (any sign,
-    # lower index first among NaNs), then the values descending, -0.0 tying +0.0.
+    # The order key is made device-independent first: a CUDA sort ranked a NaN with the sign bit set
+    # below -inf (an H200), the CPU sort first; nor is a sort bound to tie -0.0 with +0.0. NaN ranks
+    # first (any sign, lower index first among NaNs), then the values descending, -0.0 tying +0.0.
     nan = score.isnan()
     key = torch.where(nan, torch.inf, score) + 0.0  # + 0.0 turns -0.0 into +0.0
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices
