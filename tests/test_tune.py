@@ -102,3 +102,18 @@ def test_cli_lists_and_refuses_without_a_gpu(capsys) -> None:
         assert "--dry-run" in capsys.readouterr().err
     assert main(["tune", "--dry-run", "--kernels", "qkv.nope"]) == 2
     assert "unknown qkv.nope" in capsys.readouterr().err
+
+
+@INTERPRETER_ONLY
+def test_resume_leaves_out_the_buckets_its_config_file_holds(tmp_path) -> None:
+    """``--resume`` goes on where a slice stopped: a kernel bucket the starting file holds is not tuned
+    again and keeps its entry; without it every bucket is tuned."""
+    args = dict(device="cpu", dry_run=True, ops=["qkv_proj_rope"], kernels=["qkv.rows", "qkv.q_heads"])
+    config = tmp_path / "cpu.json"
+    held = {"T=2,H=4,QL=128": {"block_k": 64}}
+    config.write_text(json.dumps({"schema": 1, "device": "cpu", "kernels": {"qkv.q_heads": held}}))
+    result = run_tune(config_path=config, resume=True, log=lambda _: None, **args)
+    assert [b["kernel"] for b in result["buckets"]] == ["qkv.rows"]
+    assert json.loads(config.read_text())["kernels"]["qkv.q_heads"]["T=2,H=4,QL=128"]["block_k"] == 64  # kept
+    result = run_tune(config_path=config, log=lambda _: None, **args)
+    assert [b["kernel"] for b in result["buckets"]] == ["qkv.rows", "qkv.q_heads"]

@@ -239,11 +239,12 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     json_path = args.json or (None if args.dry_run else f"tune-{tuning.device_key(device)}.json")
     words = ["tune", "--preset", ",".join(args.preset), "--mode", args.mode, "--budget-s", f"{args.budget_s:g}"]
     words += ["--dry-run"] if args.dry_run else []
+    words += ["--resume"] if args.resume else []
     t0 = time.perf_counter()
     result = tune.run_tune(
         device=device, presets=args.preset, modes=MODES_OF[args.mode], ops=args.ops, kernels=args.kernels,
         shapes=args.shapes, budget_s=args.budget_s, reps=args.reps, timing_s=args.timing_s, json_path=json_path,
-        config_path=args.config, dry_run=args.dry_run, seed=args.seed, command=" ".join(words),
+        config_path=args.config, dry_run=args.dry_run, resume=args.resume, seed=args.seed, command=" ".join(words),
     )  # fmt: skip
     print(tune.render(result))
     if json_path:
@@ -401,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--json", metavar="PATH", help="every variant's µs and GB/s (default tune-<device>.json)")
     tune.add_argument("--config", metavar="PATH", help="the config file to write (default: the package's, per device)")
     tune.add_argument("--dry-run", action="store_true", help="the CPU interpreter, tiny preset: check the candidates")
+    tune.add_argument(
+        "--resume", action="store_true", help="leave out the buckets the config file it starts from already holds"
+    )
     tune.add_argument("--list", action="store_true", help="print every kernel's parameters and candidates")
     tune.add_argument("--probe", action="store_true", help="the machine's limits instead (zero point, bandwidths, PDL)")
     tune.add_argument("--seed", type=NON_NEGATIVE, default=0)

@@ -90,7 +90,8 @@ GPU = Profile(
         "bench_prefill": 90, "checkpoint": 90, "bench_prefill_compile": 120,
     },
     min_s=30,
-    tune=("--preset", "flash,pro"),
+    # --resume: the buckets the device's committed config holds are left for a slice of their own
+    tune=("--preset", "flash,pro", "--resume"),
     probe=(),
 )  # fmt: skip
 TUNE_MARGIN_S = 20  # the tune stops starting candidates this long before its step's timeout, and saves

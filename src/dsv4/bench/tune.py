@@ -177,6 +177,7 @@ class Tuner:
         reps: int = REPS,
         timing_s: float = TIMING_S,
         dry_run: bool = False,
+        resume: bool = False,
         log: Callable[[str], None] = print,
     ) -> None:
         self.device, self.config_path, self.json_path = device, config_path, json_path
@@ -193,7 +194,11 @@ class Tuner:
         if start_from is not None:
             table = tuning.load_config(start_from, self.key)
             self.entries = {k: {b: dict(c) for b, c in buckets.items()} for k, buckets in table.entries.items()}
+        # resume: the buckets the starting file holds are done (the dry run tunes a kernel once: by kernel)
         self.done: set[Any] = set()
+        if resume:
+            held = [(k, b) for k, buckets in self.entries.items() for b in buckets]
+            self.done = {k for k, _ in held} if dry_run else set(held)
         self.on_gpu = device.type == "cuda"
         self.flush = L2Flush(device=device) if self.on_gpu else None
         self.meta = report.provenance(command, device)
@@ -384,12 +389,15 @@ def run_tune(
     json_path: str | Path | None = None,
     config_path: str | Path | None = None,
     dry_run: bool = False,
+    resume: bool = False,
     seed: int = 0,
     command: str = "tune",
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Tune (see the module docstring); returns the JSON record. ``shapes``: keep only the workloads
-    whose label (``"flash indexer decode B=64 S=2 cache=2048"``) contains one of these strings."""
+    whose label (``"flash indexer decode B=64 S=2 cache=2048"``) contains one of these strings.
+    ``resume``: leave out the kernel buckets the starting config file already holds (a slice that goes
+    on where an earlier one stopped; a bucket whose default won holds no entry and is tuned again)."""
     device = torch.device(device)
     ops = list(ops or op_names("triton"))  # an op on the reference alone has no kernel to tune
     if dry_run:
@@ -408,10 +416,11 @@ def run_tune(
         config_path = folder / f"{tuning.device_key(device)}.json"
     tuner = Tuner(
         device, Path(config_path), None if json_path is None else Path(json_path), command, kernels_wanted=kernels,
-        budget_s=budget_s, reps=reps, timing_s=timing_s, dry_run=dry_run, log=log,
+        budget_s=budget_s, reps=reps, timing_s=timing_s, dry_run=dry_run, resume=resume, log=log,
     )  # fmt: skip
     tuner.result["settings"].update(presets=[DRY_PRESET] if dry_run else list(presets), modes=list(modes), ops=ops)
     tuner.result["settings"]["shapes"] = list(shapes or [])
+    tuner.result["settings"]["resume"] = resume
     return tuner.run(builds, labels)
 
 
