@@ -302,6 +302,12 @@ def test_summary_merges_runs_marks_absent_figures_and_judges_targets() -> None:
     assert rows[("indexer", "compile")]["launch"] == "absent"
     assert "bench_decode_compile_indexer timeout" in rows[("indexer", "compile")]["check"]
     assert re.search(r"`qkv_proj_rope` decode B=64 S=2: .*\*\*80\.0%\*\* .* met", summary)
+    assert re.search(
+        r"1\.3x of the floor at the measured copy bandwidth .*\*\*80\.0%\*\* "
+        r"\(20\.0 µs; 2\.00x faster than compile\) — met",
+        summary,
+    )
+    assert re.search(r"`sparse_attn` decode B=64 S=2: .* not measured", summary)
     assert re.search(r"`indexer` cache=2048: .*\*\*50\.0%\*\* .* missed, but the check says MISMATCH", summary)
     assert re.search(r"`indexer` cache=262144: .* not measured", summary)
     assert "No test counts: no step measures it." in summary
