@@ -120,15 +120,15 @@ def _missing(op: str, backend: str) -> str | None:
     ``library`` (the compiled reference and the library composition, baselines of the fused kernels)
     are timed for ops that have a fused kernel."""
     have = get_op(op).implementations
-    if backend in (COMPILED, LIBRARY) and "triton" not in have:
+    if backend not in (COMPILED, LIBRARY):
+        return None if backend in have else f"no {backend} implementation of {op} yet (reference only)"
+    if "triton" not in have:
         return f"no triton implementation of {op} yet: no fused kernel to compare with"
-    if backend == LIBRARY:
-        from . import baseline
+    from . import baseline
 
-        return None if hasattr(baseline, op) else f"no library composition of {op} (dsv4.bench.baseline)"
-    if backend == COMPILED:
-        return None
-    return None if backend in have else f"no {backend} implementation of {op} yet (reference only)"
+    if backend == LIBRARY and not hasattr(baseline, op):
+        return f"no library composition of {op} (dsv4.bench.baseline)"
+    return None
 
 
 def _check(op: str, call: BoundCall, expected: dict[str, torch.Tensor], case: Case) -> str:
