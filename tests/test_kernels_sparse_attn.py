@@ -73,8 +73,9 @@ def test_a_key_split_matches_one_launch(kind: str, seq: int, k: int) -> None:
 @pytest.mark.parametrize(
     "programs,key_tiles,sms,splits",
     [
-        (8, 512, 132, 16),  # B=1 S=2 HCA at 1M tokens (8192 rows): 16 splits, 128 programs
-        (4, 8192, 132, 16),  # no more than MAX_SPLITS
+        (4, 512, 132, 32),  # B=1 S=2 HCA at 1M tokens (8192 rows): 32 splits, 128 programs
+        (8, 512, 132, 16),  # the same with 16 heads a program
+        (2, 8192, 132, 32),  # no more than MAX_SPLITS
         (64, 512, 132, 2),  # B=8 S=2: 132 // 64 = 2
         (24, 512, 132, 4),  # B=6 S=1: 132 // 24 = 5, down to a power of two
         (512, 512, 132, 1),  # B=64 S=2 (flash decode): a wave already
@@ -90,9 +91,9 @@ def test_default_splits_fill_the_gpu_where_keys_are_many(programs: int, key_tile
 
 def test_default_split_at_long_context_matches_one_launch() -> None:
     """Two slots in a table with a 1M-token HCA pool's capacity (8192 rows, 512 tiles), two programs:
-    16 splits by default. Each split takes its share of a token's own tiles: at start 8192 (512 rows,
-    32 tiles) every split sees keys; at start 100 (6 rows, one tile) only split 15 and split 0 (the
-    window) do, and the 14 others store no ``acc`` and the combine reads none: with the scratch NaN
+    32 splits by default. Each split takes its share of a token's own tiles: at start 8192 (512 rows,
+    32 tiles) every split sees keys; at start 100 (6 rows, one tile) only split 31 and split 0 (the
+    window) do, and the 30 others store no ``acc`` and the combine reads none: with the scratch NaN
     before the call, ``o`` keeps its bits and the NaN stays there. Within §8's rule of the single
     launch and of the expectation."""
     args = attn_setup("hca", 2, seed=8, start=[100, 8192])
@@ -104,14 +105,14 @@ def test_default_split_at_long_context_matches_one_launch() -> None:
     call = get_op("sparse_attn").backend_args(on_device(args))
     o = triton_sparse_attn(*call, ws=ws).o.cpu()
     m, l, acc = ws.tensors()
-    assert acc.shape[0] == 16
+    assert acc.shape[0] == 32
     short, long = slice(0, acc.shape[1] // 2), slice(acc.shape[1] // 2, None)  # the slots' (token, head) rows
     assert (m[:, long] > float("-inf")).all()
-    assert (m[1:15, short] == float("-inf")).all() and (m[15, short] > float("-inf")).all()
+    assert (m[1:31, short] == float("-inf")).all() and (m[31, short] > float("-inf")).all()
     acc.fill_(float("nan"))
     again = triton_sparse_attn(*call, ws=ws).o.cpu()
     assert bit_identical(again, o) and not o.isnan().any()
-    assert acc[1:15, short].isnan().all() and not acc[15, short].isnan().any() and not acc[:, long].isnan().any()
+    assert acc[1:31, short].isnan().all() and not acc[31, short].isnan().any() and not acc[:, long].isnan().any()
     with tuning.forced("sparse_attn", {"splits": 1}):
         whole = run(args)
     assert compare("sparse_attn", {"o": o}, {"o": whole})

@@ -1,9 +1,9 @@
 """The sparse_attn kernel compiles for an H100 (sm_90) as its launcher specializes it, no GPU needed.
 
 The variants the launcher runs at flash dims (H 64, HD 512, a CSA layer) for a decode step with
-multi-token prediction (S=2), for S=1 (a program per token and 16 heads either way: the smallest MMA
-M) and for ``sparse_attn_write``'s decode step (the same launch storing the window rows), at 4 slots
-(the keys split in two, then the combine launch) and 64 (one launch), and an HCA layer's step at one
+multi-token prediction (S=2), for S=1 (a program per token and 32 heads either way) and for
+``sparse_attn_write``'s decode step (the same launch storing the window rows), at 4 slots (the keys
+split in two, then the combine launch) and 64 (one launch), and an HCA layer's step at one
 slot (8 splits; a 64-token chunk of prefill: none) are lowered to cubins (``sm90.compile_plans``):
 no variant may spill (no local memory), each block must fit an SM, the grid depends on the shapes
 alone (slot x token block x head block, 1, splits), and each kernel lets its dependents launch and
@@ -31,16 +31,16 @@ PLANS = [
         ),
     ]
 ]
-# (B x S x ceil(H / heads), 1, splits): one token and 16 heads a program, head blocks fastest; the key
-# splits by key_splits (16 programs a token at B=4, 32 list tiles: 2; B=64: none; B=1 HCA over the
+# (B x S x ceil(H / heads), 1, splits): one token and 32 heads a program, head blocks fastest; the key
+# splits by key_splits (8 programs a token at B=4, 32 list tiles: 2; B=64: none; B=1 HCA over the
 # pool's 2048-row capacity, 128 tiles: 8), then the combine launch (B x S x ceil(H / heads), 1)
 GRIDS = {
-    "flash-decode": [("_attn_kernel", (32, 1, 2)), ("_combine_kernel", (32, 1))],
-    "flash-t1": [("_attn_kernel", (16, 1, 2)), ("_combine_kernel", (16, 1))],
-    "flash-decode-write": [("_attn_kernel", (32, 1, 2)), ("_combine_kernel", (32, 1))],
-    "flash-decode-b64": [("_attn_kernel", (512, 1, 1))],
-    "flash-hca-b1": [("_attn_kernel", (8, 1, 8)), ("_combine_kernel", (8, 1))],
-    "flash-hca-chunk": [("_attn_kernel", (256, 1, 1))],  # 64 tokens at once: 256 programs fill the GPU unsplit
+    "flash-decode": [("_attn_kernel", (16, 1, 2)), ("_combine_kernel", (16, 1))],
+    "flash-t1": [("_attn_kernel", (8, 1, 2)), ("_combine_kernel", (8, 1))],
+    "flash-decode-write": [("_attn_kernel", (16, 1, 2)), ("_combine_kernel", (16, 1))],
+    "flash-decode-b64": [("_attn_kernel", (256, 1, 1))],
+    "flash-hca-b1": [("_attn_kernel", (4, 1, 8)), ("_combine_kernel", (4, 1))],
+    "flash-hca-chunk": [("_attn_kernel", (128, 1, 1))],  # 64 tokens at once: 128 programs, about a wave, unsplit
 }
 
 

@@ -2,16 +2,17 @@
 
 **Programs.** One program per (slot ``b``, token block, head block, key split): a token block is
 ``TOKENS`` consecutive tokens of the step (one by default; a decode step's two tokens together with
-the ``tokens`` tuning choice), a head block ``HEADS`` heads (16 by default: M = 16 rows, the smallest
-MMA). One token a program reads fewer key bytes than a pair at the same M: a CSA token's top-k rows
-are its own, so a pair of 8-head programs reads both tokens' lists 8 times a step, one-token programs
-of 16 heads 4 times each; the window and HCA's rows are read as often either way. With fewer heads
+the ``tokens`` tuning choice), a head block ``HEADS`` heads (32 by default). One token a program reads
+fewer key bytes than a pair at the same M: a CSA token's top-k rows are its own, so a pair's programs
+read both tokens' lists; the window and HCA's rows are read as often either way. More heads a program
+read each key row fewer times (64 heads: once a token), against a larger accumulator. With fewer heads
 than 16 (the ``tiny`` preset) the rows a head block would pad hold more of the step's tokens. Its
 ``M = TOKENS * HEADS`` (token, head) rows are the M side of every ``tl.dot``: each key tile
 ``[KEYS, HD]`` (one MQA head for all heads, value = key) is read once for all of them, dequantized
-on chip and used for both products, ``z = q @ k^T`` and ``acc += bf16(e) @ k``; a row whose token
-does not see a key gets ``e = 0`` for it (the mask is per token). The queries ``[M, HD]`` are loaded
-once and stay in registers.
+on chip to bf16 and used for both products, ``z = q @ k^T`` and ``acc += bf16(e) @ k``; a row whose
+token does not see a key gets ``e = 0`` for it (the mask is per token). The queries are loaded once
+and stay in registers as ``[HD / 64, M, 64]``: ``z`` is a dot batched over the 64-column chunks of
+``HD``, summed over the chunks, so each warp holds one chunk of ``q`` rather than every warp all of it.
 
 **Keys**, in this order (the online softmax's order):
 
@@ -48,7 +49,7 @@ the union of their ranges and masks each row to its own); the window goes to spl
 its partial ``(m, l, acc)`` to scratch; a second launch combines the splits in order (``m = max
 m_i``, ``l = sum l_i exp(m_i - m)``, ``acc`` alike), deterministic, then runs the same epilogue. By
 default (``key_splits``) the launcher splits when the launch's programs leave SMs idle and the keys
-are many: B=1 HCA at 1M tokens runs 16 splits (128 programs a decode step instead of 8), flash
+are many: B=1 HCA at 1M tokens runs 32 splits (128 programs a decode step instead of 4), flash
 decode at B=64 and prefill none. Without a split: one launch.
 
 **Launch.** The grid ``(B * ceil(S / TOKENS) * ceil(H / HEADS), 1, splits)`` depends on shapes only,
@@ -82,15 +83,17 @@ from .workspace import Workspace, scratch
 TOKENS_PER_BLOCK = 1  # tokens per program: a CSA token's top-k rows are its own, so a token pair reads both lists
 #                      for every head block; one token with twice the heads reads each list half as often
 #                      (and the window and HCA rows as often as a pair): as many programs, fewer key bytes
-HEADS = 16  # heads per program: M = 1 x 16 = 16 rows, the fp32 acc [16, 512] 32 registers a thread at 8 warps
-#            (32 rows spill at sm_90: the dot operands are replicated across the warps on the key axis)
+HEADS = 32  # heads per program: M = 1 x 32 rows, each key row read by 2 programs a token; the fp32 acc [32, 512]
+#            64 registers a thread at 8 warps (64 heads, each row read once a token: 128, and spills at sm_90)
+QK_CHUNK = 64  # columns of q each warp holds for z = q k^T, a batched dot over HD / 64 chunks: one warp a chunk
+#               instead of every warp all of q ([16, 512] bf16 replicated on the key axis: 128 registers)
 KEYS = 16  # keys per tile: 16 x 584 B of FP8 rows read, a [16, 512] bf16 operand tile
 NUM_WARPS = 8  # the [M, HD] accumulator spread over two warpgroups
-NUM_STAGES = 1  # software pipelining of the key loads: more stages spill at sm_90 (Triton 3.9)
-MAX_SPLITS = 16  # key splits the launcher picks at most: B=1 HCA at 1M tokens (8192 rows) in 16 x 512 rows,
-#                 128 programs a decode step (2 tokens x 4 head blocks x 16)
+NUM_STAGES = 1  # software pipelining of the key loads: 2 stages fit at sm_90 (255 registers), a tuning candidate
+MAX_SPLITS = 32  # key splits the launcher picks at most: B=1 HCA at 1M tokens (8192 rows) in 32 x 256 rows,
+#                 128 programs a decode step (2 tokens x 2 head blocks x 32)
 SPLIT_MIN_TILES = 16  # compressed tiles a split takes at least: 256 rows (150 KB of FP8 rows) against its
-#                      partial's 32 KB written and read again (M = 16 rows of HD = 512 fp32)
+#                      partial's 64 KB written and read again (M = 32 rows of HD = 512 fp32)
 MIN_DOT_WIDTH = 16  # tl.dot needs every dimension >= 16: fewer (token, head) rows are padded up to it
 
 KIND_SWA, KIND_CSA, KIND_HCA = 0, 1, 2
@@ -99,6 +102,7 @@ _SWA = tl.constexpr(KIND_SWA)
 _CSA = tl.constexpr(KIND_CSA)
 _HCA = tl.constexpr(KIND_HCA)
 _ROW_BLOCK = tl.constexpr(ROW_BLOCK)
+_QK_CHUNK = tl.constexpr(QK_CHUNK)
 _SCALE_BYTES = tl.constexpr(SCALE_BYTES)
 
 TUNING = Tunable(
@@ -110,7 +114,7 @@ TUNING = Tunable(
         Param("heads", HEADS, (8, 16, 32, 64), "heads per program (the MMA's M is tokens x heads)"),
         Param("key_tile", KEYS, (16, 32, 64), "keys per tile"),
         Param("num_stages", NUM_STAGES, (1, 2, 3), "pipeline stages of the key loads", compiled_only=True),
-        Param("splits", None, (None, 1, 2, 4, 8, 16), "splits of the compressed keys in order; null: key_splits"),
+        Param("splits", None, (None, 1, 2, 4, 8, 16, 32), "splits of the compressed keys in order; null: key_splits"),
         Param("num_warps", NUM_WARPS, (4, 8), "warps per program", compiled_only=True),
         Param("pdl", True, (False, True), "programmatic dependent launch (sm_90)", exact=True, compiled_only=True),
     ),
@@ -118,12 +122,13 @@ TUNING = Tunable(
         {"splits": 1},
         {"splits": 2},
         {"splits": 8},  # small batches: more, shorter walks than SPLIT_MIN_TILES allows by default
-        {"tokens": 2, "heads": 8},
-        {"key_tile": 32},
+        {"heads": 16},  # twice the programs (4 a token), each with half the rows: more SMs busy at small B
+        {"tokens": 2, "heads": 16},
+        {"heads": 16, "key_tile": 32},  # half the tiles a walk (32 rows spill)
         {"heads": 64},  # a token's every head (M = 64, wgmma): each key row read once a token; spills at sm_90
-        {"key_tile": 32, "num_stages": 2},
-        {"num_stages": 2},
-        {"num_warps": 4},
+        {"num_stages": 2},  # the next tile's gathers in flight during this one's products
+        {"heads": 16, "num_stages": 2},
+        {"heads": 16, "num_warps": 4},  # two programs an SM (32 heads spill at 4 warps)
         {"pdl": False},
     ),
 )
@@ -143,8 +148,9 @@ def _program_rows(S, H, TOKENS: tl.constexpr, HEADS: tl.constexpr):
 @triton.jit
 def _pool_rows(codes_ptr, scale_ptr, rope_ptr, table_ptr, width, b, rows, present,
                BS: tl.constexpr, HD: tl.constexpr, NOPE: tl.constexpr, R: tl.constexpr):  # fmt: skip
-    """``deq`` of rows ``rows [KEYS]`` of slot ``b`` (``present``: rows to read) -> ``[KEYS, HD]`` fp32
-    (absent rows 0): e4m3 codes times ``2^e`` per 64, then the bf16 tail."""
+    """``deq`` of rows ``rows [KEYS]`` of slot ``b`` (``present``: rows to read) -> ``[KEYS, HD]`` bf16,
+    fp32 under the interpreter (absent rows 0): e4m3 codes times ``2^e`` per 64 (exact in bf16), then the
+    bf16 tail."""
     KEYS: tl.constexpr = rows.shape[0]
     NBLK: tl.constexpr = HD // _ROW_BLOCK
     block = tl.load(table_ptr + b * width + rows // BS, mask=present, other=0).to(tl.int64)
@@ -161,13 +167,13 @@ def _pool_rows(codes_ptr, scale_ptr, rope_ptr, table_ptr, width, b, rows, presen
     deq = dequant_e4m3(tl.reshape(codes, [KEYS * NBLK, _ROW_BLOCK]), tl.reshape(e, [KEYS * NBLK]))
     tail_ok = present[:, None] & ~is_nope[None, :]
     tail = tl.load(rope_ptr + slot[:, None] * R + (col - NOPE)[None, :], mask=tail_ok, other=0.0)
-    return tl.where(is_nope[None, :], tl.reshape(deq, [KEYS, HD]), tail.to(tl.float32))
+    return tl.where(is_nope[None, :], tl.reshape(deq, [KEYS, HD]).to(BF16_DOT_DTYPE), tail.to(BF16_DOT_DTYPE))
 
 
 @triton.jit
 def _own_rows(kv_ptr, tok, present, HD: tl.constexpr, NOPE: tl.constexpr):
     """``deq(fp8_row(kv[tok]))`` of this call's rows ``tok [KEYS]`` (flat token indices) -> ``[KEYS, HD]``
-    fp32 (absent rows 0): the values ``window_kv_write`` stores for them."""
+    as ``_pool_rows`` (absent rows 0): the values ``window_kv_write`` stores for them."""
     KEYS: tl.constexpr = tok.shape[0]
     NBLK: tl.constexpr = HD // _ROW_BLOCK
     col = tl.arange(0, HD)
@@ -175,17 +181,21 @@ def _own_rows(kv_ptr, tok, present, HD: tl.constexpr, NOPE: tl.constexpr):
     x = x.to(tl.float32)
     codes, e = quant_e4m3(tl.reshape(x, [KEYS * NBLK, _ROW_BLOCK]))
     rt = tl.reshape(dequant_e4m3(codes, e), [KEYS, HD])
-    return tl.where((col < NOPE)[None, :], rt, x)
+    return tl.where((col < NOPE)[None, :], rt, x).to(BF16_DOT_DTYPE)
 
 
 @triton.jit
 def _attend(q, k, seen, m, l, acc, bad, sm_scale):
-    """One key tile into the online softmax of the rows: ``q [M, HD]`` bf16, ``k [KEYS, HD]`` fp32 (bf16
-    values), ``seen [M, KEYS]`` (row sees key); state ``m``, ``l``, ``bad`` ``[M]``, ``acc [M, HD]`` fp32."""
+    """One key tile into the online softmax of the rows: ``q [HD / C, M, C]`` bf16 (``C = QK_CHUNK``),
+    ``k [KEYS, HD]`` bf16 (fp32 under the interpreter), ``seen [M, KEYS]`` (row sees key); state ``m``,
+    ``l``, ``bad`` ``[M]``, ``acc [M, HD]`` fp32."""
+    KEYS: tl.constexpr = k.shape[0]
     finite = tl.abs(k) < float("inf")
     key_bad = tl.sum((~finite).to(tl.int32), axis=1) > 0
-    kb = tl.where(finite, k, 0.0).to(BF16_DOT_DTYPE)  # exact: the values are bf16
-    z = tl.dot(q.to(BF16_DOT_DTYPE), tl.trans(kb)) * sm_scale
+    kb = tl.where(finite, k, 0.0).to(BF16_DOT_DTYPE)
+    # z: one [M, C] x [C, KEYS] product a chunk of HD (a warp each), fp32, summed over the chunks
+    k_chunks = tl.permute(tl.reshape(kb, [KEYS, q.shape[0], q.shape[2]]), 1, 2, 0)
+    z = tl.sum(tl.dot(q.to(BF16_DOT_DTYPE), k_chunks), axis=0) * sm_scale
     bad = bad | (tl.sum((seen & key_bad[None, :]).to(tl.int32), axis=1) > 0)
     z = tl.where(seen, z, float("-inf"))  # a key the row does not see weighs exp(-inf) = 0
     m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -295,7 +305,10 @@ def _attn_kernel(
     r_p = start + r_s  # each row's position
     col = tl.arange(0, HD)
     q_rows = ((b * S + r_s).to(tl.int64) * H + r_h) * HD
-    q = tl.load(q_ptr + q_rows[:, None] + col[None, :], mask=r_live[:, None], other=0.0)  # resident: one load
+    ch = tl.arange(0, HD // _QK_CHUNK)
+    dd = tl.arange(0, _QK_CHUNK)
+    q_cols = ch[:, None, None] * _QK_CHUNK + dd[None, None, :]
+    q = tl.load(q_ptr + q_rows[None, :, None] + q_cols, mask=r_live[None, :, None], other=0.0)  # resident: one load
 
     m = tl.full([M], float("-inf"), tl.float32)
     l = tl.zeros([M], tl.float32)
@@ -395,7 +408,7 @@ def _combine_kernel(
     m_ref = tl.where(m == float("-inf"), 0.0, m)
     l = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, HD], tl.float32)
-    for i in tl.static_range(SPLITS):
+    for i in tl.range(SPLITS):
         m_i = tl.load(part_m_ptr + i * n + rows, mask=r_live, other=float("-inf"))
         l_i = tl.load(part_l_ptr + i * n + rows, mask=r_live, other=0.0)
         w = tl.exp(m_i - m_ref)
