@@ -127,6 +127,7 @@ TUNING = Tunable(
         {"heads": 16, "key_tile": 32},  # half the tiles a walk (32 rows spill)
         {"heads": 64},  # a token's every head (M = 64, wgmma): each key row read once a token; spills at sm_90
         {"num_stages": 2},  # the next tile's gathers in flight during this one's products
+        {"num_stages": 3},  # a list tile's three dependent loads (entry, block, row) each a stage ahead
         {"heads": 16, "num_stages": 2},
         {"heads": 16, "num_warps": 4},  # two programs an SM (32 heads spill at 4 warps)
         {"pdl": False},
