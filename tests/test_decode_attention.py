@@ -215,6 +215,68 @@ def test_module_moves_with_to_and_names_its_buffers() -> None:
     assert m.op_backends["sparse_attn_write"] == "reference"
 
 
+def test_block_allocator_runs_agree_with_looking_up_every_column() -> None:
+    """The allocator looks up only columns past a slot's run of held columns: after random gives and
+    take-backs (contiguous, as the module's, and scattered), every ``need`` equals the count of absent
+    columns, ``give`` leaves every asked column held, and each run holds only held columns."""
+    import random
+
+    from dsv4.engine.attention import _Blocks
+
+    rng = random.Random(0)
+    blocks = _Blocks.new(400, batch=3)
+    for _ in range(2000):
+        b = rng.randrange(3)
+        slot = blocks.slots[b]
+        lo = rng.randrange(0, 40)
+        cols = range(lo, lo + rng.randrange(0, 6))
+        assert blocks.need(b, cols) == sum(c not in slot for c in cols)
+        if rng.random() < 0.6:
+            blocks.give(b, cols)
+            assert all(c in slot for c in cols)
+        elif slot:
+            held = sorted(slot)
+            back = held[: rng.randrange(1, len(held) + 1)] if rng.random() < 0.5 else rng.sample(held, 1)
+            blocks.take_back(b, back)
+        assert all(c in slot for c in blocks.runs[b]), (b, blocks.runs[b], sorted(slot))
+    held = sum(len(slot) for slot in blocks.slots)
+    assert len(blocks.free) == 400 - held and len(set(blocks.free)) == len(blocks.free)
+
+
+def _plan_by_every_column(m: dsv4.DecodeAttention, starts: list[int], s: int) -> list[tuple[list, list]]:
+    """A step's block changes found by looking up every column each slot needs (window: the step's
+    columns, and those whose rows no later token sees; compressed and indexer pools: ``[0, rows)``)."""
+    bs, w = m.win_block_size, m.window
+    pools = [blocks for blocks, _ in m._allocators()]
+    window = pools[0]
+    give = [(b, range(max(0, p - w + 1) // bs, (p + s - 1) // bs + 1)) for b, p in enumerate(starts)]
+    free = [(b, sorted(c for c in window.slots[b] if (c + 1) * bs <= p - w + 1)) for b, p in enumerate(starts)]
+    out = [([(b, cols) for b, cols in give if window.need(b, cols)], [(b, cols) for b, cols in free if cols])]
+    for blocks in pools[1:]:  # a CSA layer: ratio 4 for both
+        give = [(b, range(0, -(-((p + s) // 4) // bs))) for b, p in enumerate(starts)]
+        out.append(([(b, cols) for b, cols in give if blocks.need(b, cols)], []))
+    return out
+
+
+def test_step_plans_only_the_blocks_that_change() -> None:
+    """A step's plan names only the slots whose blocks change (looked up past each slot's run, not
+    column by column over the whole context), and the same changes as looking up every column: at
+    each of 60 decode steps of 2 tokens (a slot reset half way), most of which change no block."""
+    m = module("csa", batch=2, max_position=256, prefill_chunk=16)
+    m(x_of(2, 40, 8))
+    quiet = 0
+    for i in range(60):
+        if i == 30:
+            m.reset([1])
+        starts = list(m.next_pos)
+        plan = m._plan(starts, 2, [blocks for blocks, _ in m._allocators()])
+        got = [(give, [(b, sorted(cols)) for b, cols in free]) for _, give, free in plan]
+        assert got == _plan_by_every_column(m, starts, 2), (i, starts)
+        quiet += all(not give and not free for give, free in got)
+        m(x_of(2, 2, 100 + i))
+    assert quiet >= 40, quiet
+
+
 def test_block_allocator_gives_the_lowest_free_block_and_flushes_the_last_change_of_a_cell() -> None:
     """The host allocator: blocks come lowest first, also after blocks are given back out of order; a
     cell given back and given again before a flush ends up holding its last block; other cells keep theirs."""

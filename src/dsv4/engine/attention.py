@@ -40,30 +40,62 @@ OPS = ("qkv_proj_rope", "kv_compressor", "indexer", "sparse_attn_write", "o_proj
 class _Blocks:
     """A pool's blocks on the host: the free blocks (a min-heap: the lowest is given first) and each
     slot's ``column -> block``. A heap, not a sorted list: a decode step gives and takes back blocks
-    of every slot, and re-sorting thousands of free blocks per slot cost milliseconds a step."""
+    of every slot, and re-sorting thousands of free blocks per slot cost milliseconds a step. Each
+    slot's ``run`` is a range of columns it holds every one of (the columns a slot holds are
+    contiguous: a window's last few, a compressed pool's ``[0, rows)``), so a step looks up only
+    the columns past it, not every column a long context holds."""
 
     free: list[int]
     slots: list[dict[int, int]]
+    runs: list[range]
     table: list[list[int]] = field(default_factory=list)  # the entries changed since the last flush
 
     @classmethod
     def new(cls, num_blocks: int, batch: int) -> _Blocks:
-        return cls(list(range(num_blocks)), [{} for _ in range(batch)])  # sorted: already a heap
+        return cls(list(range(num_blocks)), [{} for _ in range(batch)], [range(0)] * batch)  # sorted: a heap
+
+    def unknown(self, b: int, columns: range) -> range:
+        """The part of ``columns`` that slot ``b`` may lack: past its run where they start inside it."""
+        run = self.runs[b]
+        return range(max(columns.start, run.stop), columns.stop) if run.start <= columns.start <= run.stop else columns
 
     def need(self, b: int, columns: range) -> int:
-        return sum(c not in self.slots[b] for c in columns)
+        slot = self.slots[b]
+        return sum(c not in slot for c in self.unknown(b, columns))
 
     def give(self, b: int, columns: range) -> None:
         slot = self.slots[b]
-        for c in columns:
+        for c in self.unknown(b, columns):
             if c not in slot:
                 slot[c] = heapq.heappop(self.free)
                 self.table.append([b, c, slot[c]])
+        if not columns:
+            return
+        run = self.runs[b]
+        if run and run.start <= columns.stop and columns.start <= run.stop:  # touching: the union is held
+            lo, hi = min(run.start, columns.start), max(run.stop, columns.stop)
+        else:
+            lo, hi = columns.start, columns.stop
+        while hi in slot:
+            hi += 1
+        self.runs[b] = range(lo, hi)
 
     def take_back(self, b: int, columns: list[int]) -> None:
+        slot = self.slots[b]
         for c in columns:
-            heapq.heappush(self.free, self.slots[b].pop(c))
+            heapq.heappush(self.free, slot.pop(c))
             self.table.append([b, c, UNALLOCATED])
+        # the new run: the held columns around the old run's last, or around the highest held one
+        top = self.runs[b].stop - 1 if self.runs[b].stop - 1 in slot else max(slot, default=None)
+        if top is None:
+            self.runs[b] = range(0)
+            return
+        lo, hi = top, top + 1
+        while lo - 1 in slot:
+            lo -= 1
+        while hi in slot:
+            hi += 1
+        self.runs[b] = range(lo, hi)
 
     def flush(self, block_table: torch.Tensor) -> None:
         """Write the changed entries into the device table: one copy and one scatter, no host sync."""
@@ -281,12 +313,26 @@ class DecodeAttention(torch.nn.Module):
         the compressed and indexer pools hold every row up to the step's last close."""
         bs, w = self.win_block_size, self.window
         window = pools[0]
-        give = [(b, range(max(0, p - w + 1) // bs, (p + s - 1) // bs + 1)) for b, p in enumerate(starts)]
-        free = [(b, [c for c in window.slots[b] if (c + 1) * bs <= p - w + 1]) for b, p in enumerate(starts)]
+        give, free = [], []  # only the slots whose blocks change: most steps of a slot change none
+        for b, p in enumerate(starts):
+            seen = max(0, p - w + 1) // bs  # the columns below it hold rows no later token sees
+            cols, run, slot = range(seen, (p + s - 1) // bs + 1), window.runs[b], window.slots[b]
+            if not run.start <= cols.start <= cols.stop <= run.stop:
+                give.append((b, cols))
+            if len(slot) == len(run):  # the run is every column the slot holds
+                if run.start < seen:
+                    free.append((b, list(range(run.start, min(run.stop, seen)))))
+            elif old := [c for c in slot if c < seen]:
+                free.append((b, old))
         plan = [(window, give, free)]
         ratios = [r for r in (self.ratio, COMPRESS_RATIO if self.kind == "csa" else 0) if r]
         for blocks, ratio in zip(pools[1:], ratios, strict=True):
-            plan.append((blocks, [(b, range(0, -(-((p + s) // ratio) // bs))) for b, p in enumerate(starts)], []))
+            give = []
+            for b, p in enumerate(starts):
+                n, run = -(-((p + s) // ratio) // bs), blocks.runs[b]
+                if n > run.stop or (n and run.start):
+                    give.append((b, range(0, n)))
+            plan.append((blocks, give, []))
         return plan
 
     @property
