@@ -21,7 +21,7 @@ from ..ops.backends import BACKENDS
 from ..ops.registry import get_op
 from ..ops.validate import check_eps, check_int
 from .frontend import _host_ints
-from .staging import staged
+from .staging import staged, write_cells
 
 if TYPE_CHECKING:
     from .attention_graph import AttentionGraph
@@ -99,12 +99,7 @@ class _Blocks:
 
     def flush(self, block_table: torch.Tensor) -> None:
         """Write the changed entries into the device table: one copy and one scatter, no host sync."""
-        if not self.table:
-            return
-        last = {(b, c): block for b, c, block in self.table}  # a cell changed twice: its last entry
-        entries = staged([[b * block_table.shape[1] + c, block] for (b, c), block in last.items()], block_table.device)
-        cell, block = entries.to(block_table.device, non_blocking=True).unbind(1)
-        block_table.view(-1).index_copy_(0, cell, block.to(block_table.dtype))
+        write_cells(block_table, self.table)
         self.table.clear()
 
 

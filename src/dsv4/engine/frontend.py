@@ -17,7 +17,7 @@ from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights, Laye
 from ..ops.backends import BACKENDS, resolve
 from ..ops.validate import check_eps, check_int, check_offset, check_tensor, check_topk
 from .decode_graph import DecodeGraph, StaticDecodeStep
-from .staging import staged
+from .staging import staged, write_cells
 
 _ATTN = ("wq_a", "gamma_cq", "wq_b", "wq_b_scale", "wkv", "gamma_ckv")
 _INDEXER = ("wq_b", "wq_b_scale", "weights_proj")
@@ -211,21 +211,24 @@ class DecodeFrontEnd(torch.nn.Module):
                 f"start_pos: the step needs {sum(need)} more pool blocks, {len(self.free_blocks)} are free "
                 f"(num_blocks={self.keys.shape[0]}); reset finished slots or build the module with more blocks"
             )
-        given = []
+        given, cells = [], []
         for b, n in enumerate(need):
             for _ in range(n):
                 block = self.free_blocks.pop(0)
-                self.block_table[b, len(self.slot_blocks[b])] = block  # a device fill: no host sync
+                cells.append((b, len(self.slot_blocks[b]), block))
                 self.slot_blocks[b].append(block)
                 given.append((b, block))
+        write_cells(self.block_table, cells)  # one copy and one scatter: no host sync
         return given
 
     def release(self, given: list[tuple[int, int]]) -> None:
         """Undo ``reserve``: the blocks it gave (``(slot, block)`` pairs, in order) go back to the free list."""
+        cells = []
         for b, block in reversed(given):
             assert self.slot_blocks[b][-1] == block, "release: blocks must come back in reverse order"
             self.slot_blocks[b].pop()
-            self.block_table[b, len(self.slot_blocks[b])] = UNALLOCATED
+            cells.append((b, len(self.slot_blocks[b]), UNALLOCATED))
+        write_cells(self.block_table, cells)
         self.free_blocks = sorted(self.free_blocks + [block for _, block in given])
 
     @contextmanager
