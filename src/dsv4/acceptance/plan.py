@@ -92,8 +92,13 @@ GPU = Profile(
         "bench_prefill": 90, "checkpoint": 90, "bench_prefill_compile": 120,
     },
     min_s=30,
-    # --resume: the buckets the device's committed config holds are left for a slice of their own
-    tune=("--preset", "flash,pro", "--resume"),
+    # --resume: the buckets the device's committed config holds are left for a slice of their own; the
+    # attention layer's ops first (the front end's B=64 buckets are in the H200's config; sparse_attn_write
+    # runs sparse_attn's tuned kernel)
+    tune=(
+        "--preset", "flash,pro", "--resume",
+        "--ops", "sparse_attn,o_proj,kv_compressor,window_kv_write,qkv_proj_rope,indexer_compressor,indexer",
+    ),
     probe=(),
 )  # fmt: skip
 TUNE_MARGIN_S = 20  # the tune stops starting candidates this long before its step's timeout, and saves
