@@ -4,8 +4,9 @@
 ``TOKENS`` consecutive tokens of the step (one by default; a decode step's two tokens together with
 the ``tokens`` tuning choice), a head block ``HEADS`` heads (32 by default). One token a program reads
 fewer key bytes than a pair at the same M: a CSA token's top-k rows are its own, so a pair's programs
-read both tokens' lists; the window and HCA's rows are read as often either way. More heads a program
-read each key row fewer times (64 heads: once a token), against a larger accumulator. With fewer heads
+read both tokens' lists; the window and HCA's rows are read as often either way. The more heads a
+program holds, the fewer times each key row is read (64 heads: once a token), and the larger its
+accumulator. With fewer heads
 than 16 (the ``tiny`` preset) the rows a head block would pad hold more of the step's tokens. Its
 ``M = TOKENS * HEADS`` (token, head) rows are the M side of every ``tl.dot``: each key tile
 ``[KEYS, HD]`` (one MQA head for all heads, value = key) is read once for all of them, dequantized
@@ -149,9 +150,9 @@ def _program_rows(S, H, TOKENS: tl.constexpr, HEADS: tl.constexpr):
 @triton.jit
 def _pool_rows(codes_ptr, scale_ptr, rope_ptr, table_ptr, width, b, rows, present,
                BS: tl.constexpr, HD: tl.constexpr, NOPE: tl.constexpr, R: tl.constexpr):  # fmt: skip
-    """``deq`` of rows ``rows [KEYS]`` of slot ``b`` (``present``: rows to read) -> ``[KEYS, HD]`` bf16,
-    fp32 under the interpreter (absent rows 0): e4m3 codes times ``2^e`` per 64 (exact in bf16), then the
-    bf16 tail."""
+    """``deq`` of rows ``rows [KEYS]`` of slot ``b`` (``present``: rows to read) -> ``[KEYS, HD]`` in the
+    dots' dtype (bf16; fp32 under the interpreter), absent rows 0: e4m3 codes times ``2^e`` per 64 (bf16
+    values for every ``e >= -124``; the pools' writers give ``e >= -22``), then the bf16 tail."""
     KEYS: tl.constexpr = rows.shape[0]
     NBLK: tl.constexpr = HD // _ROW_BLOCK
     block = tl.load(table_ptr + b * width + rows // BS, mask=present, other=0).to(tl.int64)
