@@ -4,7 +4,8 @@ Each kernel's candidates (``dsv4 tune --list``) are forced one at a time while t
 flash decode shape through ``tests/sm90.py``'s compile-only H100 stand-in (Triton's own JIT
 specializes the real arguments and lowers them for sm_90; nothing is launched). One row per
 (kernel, candidate): registers per thread, local memory (spills), shared memory per block, blocks
-per SM and whether the block fits an H100 at all; a candidate that does not compile says why. So a
+per SM and whether the block fits an H100 at all, and per MMA loop the dependent global loads one
+iteration waits for in a row (``loop_load_chains``); a candidate that does not compile says why. So a
 GPU slice's ``dsv4 tune`` meets no candidate that cannot launch, and the spills are known before.
 
     python benchmarks/compile_candidates.py [--kernels qkv.projection,...] [--json out.json]
@@ -97,13 +98,14 @@ def main() -> None:
                 v = sm90._variant(fn, kernel, [(plan, tuple(grid))])
                 variant = sm90.Variant(
                     **{**v, "launches": tuple(v["launches"]), "aligned": tuple(v["aligned"]),
-                       "pdl_order": tuple(v["pdl_order"])}
+                       "pdl_order": tuple(v["pdl_order"]), "loop_load_chains": tuple(v["loop_load_chains"])}
                 )  # fmt: skip
                 row.update(
                     grid=list(grid), registers=variant.registers, local_bytes=variant.local_bytes,
                     shared_bytes=variant.shared_bytes, num_warps=variant.num_warps, num_stages=variant.num_stages,
                     blocks_per_sm=variant.blocks_per_sm(), fits=variant.shared_bytes <= sm90.H100_SHARED,
                     pipelined=variant.pipelined, mma=variant.mma, dependent_launch=variant.dependent_launch,
+                    loop_load_chains=list(variant.loop_load_chains),
                 )  # fmt: skip
             except Exception as e:  # noqa: BLE001  (a candidate that does not compile is the finding)
                 row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"

@@ -83,6 +83,8 @@ class Variant:
     ring: int  # buffers of the deepest multi-buffered 2-D shared-memory tile (TTGIR): the copy ring
     mma_loop_sass: int  # SASS instructions of the innermost loop holding the MMA (one iteration, one warp); 0: none
     mma_loop_branches: int  # branches inside that loop besides its back edge (0: a straight-line body)
+    loop_load_chains: tuple[int, ...]  # per innermost loop with a tl.dot (TTGIR): the most global loads one
+    #                                   iteration waits for one after another (a load's address needing another's value)
 
     @property
     def plans(self) -> set[str]:
@@ -127,6 +129,7 @@ def compile_plans(groups: list[list[Plan]], timeout: int = 900) -> list[Variant]
             fields["aligned"] = tuple(fields["aligned"])
             fields["pdl_order"] = tuple(fields["pdl_order"])
             fields["loop_waits"] = tuple(fields["loop_waits"])
+            fields["loop_load_chains"] = tuple(fields["loop_load_chains"])
             v = Variant(**fields)
             if v.hash in variants:  # compiled by two groups: one variant, launched by both
                 v = dataclasses.replace(v, launches=variants[v.hash].launches + v.launches)
@@ -254,6 +257,59 @@ def _loop_waits(ttgir: str) -> tuple[int, ...]:
     return tuple(waits)
 
 
+_SSA = re.compile(r"%[\w.$-]+")
+
+
+def _load_chain(body: list[str]) -> int:
+    """The longest chain of ``tt.load``s in ``body`` (a loop's lines, nested regions included, in
+    order) in which each load's operands need the value of the one before: values from outside the
+    body (the loop's carried values among them) start every chain at 0. A nested region's results
+    (``scf.if``) take the chains of the values its ``scf.yield``s give."""
+    depth: dict[str, int] = {}
+    regions: list[tuple[int, list[str], list[int]]] = []  # (indent, results, chains its yields give)
+    for line in body:
+        indent = len(line) - len(line.lstrip())
+        while regions and indent <= regions[-1][0]:
+            _, results, given = regions.pop()
+            for name in results:
+                depth[name] = max(given, default=0)
+        lhs, eq, rhs = line.partition(" = ")
+        names = _SSA.findall(lhs) if eq else []
+        used = max((depth.get(v.split("#")[0], 0) for v in _SSA.findall(rhs if eq else line)), default=0)
+        if "scf.yield" in line and regions:
+            regions[-1][2].append(used)
+        value = used + 1 if re.search(r"\btt\.load\b", rhs) else used
+        for name in names:
+            depth[name] = value
+        if line.rstrip().endswith("{") and names:  # a region op: its results are set when it closes
+            regions.append((indent, names, []))
+    while regions:
+        _, results, given = regions.pop()
+        for name in results:
+            depth[name] = max(given, default=0)
+    return max((depth[n] for line in body for n in _SSA.findall(line.partition(" = ")[0])
+                if " = " in line and re.search(r"\btt\.load\b", line)), default=0)  # fmt: skip
+
+
+def _loop_load_chains(ttgir: str) -> tuple[int, ...]:
+    """``_load_chain`` of the body of every innermost ``scf.for`` that holds a ``tt.dot`` (by indentation,
+    as printed)."""
+    lines = [line for line in ttgir.splitlines() if line.strip()]
+    chains = []
+    for i, line in enumerate(lines):
+        if "scf.for" not in line:
+            continue
+        indent = len(line) - len(line.lstrip())
+        region = []
+        for inner in lines[i + 1 :]:
+            if len(inner) - len(inner.lstrip()) <= indent:
+                break
+            region.append(inner)
+        if not any("scf.for" in op for op in region) and any("tt.dot" in op for op in region):
+            chains.append(_load_chain(region))
+    return tuple(chains)
+
+
 def _mma_loop(cubin: bytes) -> tuple[int, int]:
     """``(instructions, inner branches)`` of the smallest backward-branch span of the SASS that holds
     a tensor-core instruction (``GMMA``/``HMMA``/``IMMA``): one iteration of the MMA loop, one warp."""
@@ -332,6 +388,7 @@ def _variant(fn, kernel, launches: list[tuple[str, tuple[int, ...]]]) -> dict[st
         "ring": _ring(kernel.asm["ttgir"]),
         "mma_loop_sass": mma_loop[0],
         "mma_loop_branches": mma_loop[1],
+        "loop_load_chains": _loop_load_chains(kernel.asm["ttgir"]),
         "l2_prefetches": ptx.count("cp.async.bulk.prefetch.L2"),
         "pdl_order": _pdl_order(ptx),
     }

@@ -66,3 +66,13 @@ def test_no_spills_and_each_block_fits_an_sm(variants: list[Variant]) -> None:
 def test_dependent_launch(variants: list[Variant]) -> None:
     for v in variants:
         assert v.pdl_order == ("launch_dependents", "wait"), (v.kernel, v.launches, v.pdl_order)
+
+
+def test_a_key_tile_waits_for_one_round_of_loads(variants: list[Variant]) -> None:
+    """Each key loop looks up its next tiles' slots (and a CSA list's entries two tiles ahead) while it
+    reads this tile's rows: one iteration's loads need no value another of its loads brings (the row
+    loads use slots looked up an iteration before), so a tile waits for one round of loads, not the
+    two or three of entry -> block table -> row."""
+    for v in variants:
+        if v.kernel == "_attn_kernel":
+            assert v.loop_load_chains and max(v.loop_load_chains) == 1, (v.launches, v.loop_load_chains)

@@ -28,6 +28,13 @@ and stay in registers as ``[HD / 64, M, 64]``: ``z`` is a dot batched over the 6
    ``e >= 0`` and that row is ``< vis(p)``, repeats counted), token after token (the other token's
    rows masked: its list is its own).
 
+**One round of loads a tile.** A tile's rows come through up to three dependent loads: a CSA list's
+entries, the block table, the rows. A program's walk is a chain of tiles, so each loop looks its next
+tiles up an iteration ahead (the window's and HCA's slots one tile ahead; a list's slots one tile and
+its entries two tiles ahead, carried in registers): no load of an iteration needs the value of another
+of its loads, and a tile waits for one round of memory latency, its rows, while the next tiles' lookups
+are in flight. The bits are those of looking each tile up in place.
+
 A pool row is ``codes * 2^e`` per 64 (``dequant_e4m3``; scale byte 255: a NaN block) and its bf16
 rope tail, one ``[KEYS, HD]`` tile (``HD`` a power of two: the tail fills the last ``R`` columns).
 
@@ -148,15 +155,20 @@ def _program_rows(S, H, TOKENS: tl.constexpr, HEADS: tl.constexpr):
 
 
 @triton.jit
-def _pool_rows(codes_ptr, scale_ptr, rope_ptr, table_ptr, width, b, rows, present,
-               BS: tl.constexpr, HD: tl.constexpr, NOPE: tl.constexpr, R: tl.constexpr):  # fmt: skip
-    """``deq`` of rows ``rows [KEYS]`` of slot ``b`` (``present``: rows to read) -> ``[KEYS, HD]`` in the
+def _pool_slots(table_ptr, width, b, rows, present, BS: tl.constexpr):
+    """The pool slots (``block * BS + row % BS``, int64) of rows ``rows [KEYS]`` of slot ``b`` through its
+    block table (``present``: rows to look up; the others 0)."""
+    block = tl.load(table_ptr + b * width + rows // BS, mask=present, other=0).to(tl.int64)
+    return block * BS + rows % BS
+
+
+@triton.jit
+def _pool_rows(codes_ptr, scale_ptr, rope_ptr, slot, present, HD: tl.constexpr, NOPE: tl.constexpr, R: tl.constexpr):
+    """``deq`` of the pool rows at ``slot [KEYS]`` (``present``: rows to read) -> ``[KEYS, HD]`` in the
     dots' dtype (bf16; fp32 under the interpreter), absent rows 0: e4m3 codes times ``2^e`` per 64 (bf16
     values for every ``e >= -124``; the pools' writers give ``e >= -22``), then the bf16 tail."""
-    KEYS: tl.constexpr = rows.shape[0]
+    KEYS: tl.constexpr = slot.shape[0]
     NBLK: tl.constexpr = HD // _ROW_BLOCK
-    block = tl.load(table_ptr + b * width + rows // BS, mask=present, other=0).to(tl.int64)
-    slot = block * BS + rows % BS
     col = tl.arange(0, HD)
     is_nope = col < NOPE
     codes = tl.load(codes_ptr + slot[:, None] * NOPE + col[None, :], mask=present[:, None] & is_nope[None, :], other=0)
@@ -184,6 +196,18 @@ def _own_rows(kv_ptr, tok, present, HD: tl.constexpr, NOPE: tl.constexpr):
     codes, e = quant_e4m3(tl.reshape(x, [KEYS * NBLK, _ROW_BLOCK]))
     rt = tl.reshape(dequant_e4m3(codes, e), [KEYS, HD])
     return tl.where((col < NOPE)[None, :], rt, x).to(BF16_DOT_DTYPE)
+
+
+@triton.jit
+def _list_tile(topk_ptr, b, s, S, K, c, c_hi, topk_offset, vis, KEYS: tl.constexpr):
+    """Tile ``c`` of token ``s``'s top-k list (none past tile ``c_hi``): ``(rows [KEYS], valid [KEYS])``,
+    row ``e - topk_offset`` of each entry ``e >= 0`` whose row is ``< vis`` (invalid entries: row 0)."""
+    entry = c * KEYS + tl.arange(0, KEYS)
+    listed = (entry < K) & (entry * 0 + s < S) & (entry * 0 + c < c_hi)
+    e = tl.load(topk_ptr + ((b * S + s) * K).to(tl.int64) + entry, mask=listed, other=-1)
+    j = e - topk_offset
+    valid = (e >= 0) & (j >= 0) & (j < vis)
+    return tl.where(valid, j, 0), valid
 
 
 @triton.jit
@@ -323,10 +347,19 @@ def _attn_kernel(
     hi = start + s_last + 1
     t_hi = tl.where(split == 0, tl.cdiv(hi, KEYS), lo // KEYS)
     r_first = tl.maximum(r_p - window + 1, 0)
+    # Each tile's pool slots are looked up one tile ahead (the table loads of tile t + 1 are in flight
+    # while tile t is read and used), so a tile waits for one round of loads, its rows, not two.
+    u = (lo // KEYS) * KEYS + key
+    slot_next = _pool_slots(
+        win_table_ptr, win_width, b, u, (u >= lo) & (u < start) & (u * 0 + lo // KEYS < t_hi), WIN_BS
+    )
     for t in tl.range(lo // KEYS, t_hi):
         u = t * KEYS + key  # positions
-        k = _pool_rows(win_codes_ptr, win_scale_ptr, win_rope_ptr, win_table_ptr, win_width, b, u,
-                       (u >= lo) & (u < start), WIN_BS, HD, NOPE, R)  # fmt: skip
+        slot = slot_next
+        u_next = u + KEYS
+        ahead = (u_next >= lo) & (u_next < start) & (u_next * 0 + t + 1 < t_hi)
+        slot_next = _pool_slots(win_table_ptr, win_width, b, u_next, ahead, WIN_BS)
+        k = _pool_rows(win_codes_ptr, win_scale_ptr, win_rope_ptr, slot, (u >= lo) & (u < start), HD, NOPE, R)
         if t * KEYS + KEYS > start:  # the tile holds rows of this call
             own = (u >= start) & (u >= lo) & (u < hi)
             k = tl.where(own[:, None], _own_rows(kv_ptr, b * S + u - start, own, HD, NOPE), k)
@@ -343,30 +376,43 @@ def _attn_kernel(
             lo_t = split * tl.cdiv((start + s0 + 1) // ratio, KEYS) // SPLITS
             hi_t = (split + 1) * tl.cdiv((start + s_last + 1) // ratio, KEYS) // SPLITS
             r_tiles = tl.cdiv(r_vis, KEYS)
+            rows_hi = (start + s_last + 1) // ratio  # the rows the program's last token sees
+            j = lo_t * KEYS + key
+            slot_next = _pool_slots(cmp_table_ptr, cmp_width, b, j, (j < rows_hi) & (j * 0 + lo_t < hi_t), CMP_BS)
             for c in tl.range(lo_t, hi_t):
                 j = c * KEYS + key
+                slot = slot_next  # looked up a tile ahead, as the window's
+                j_next = j + KEYS
+                slot_next = _pool_slots(
+                    cmp_table_ptr, cmp_width, b, j_next, (j_next < rows_hi) & (j_next * 0 + c + 1 < hi_t), CMP_BS
+                )
                 r_in = r_live
                 if SPLITS > 1:  # noqa: SIM102 (compile-time branches)
                     if TOKENS > 1:  # the program's tokens have ranges of their own (one split: all tiles)
                         r_in = r_in & (c >= split * r_tiles // SPLITS) & (c < (split + 1) * r_tiles // SPLITS)
                 seen = (j[None, :] < r_vis[:, None]) & r_in[:, None]
-                k = _pool_rows(cmp_codes_ptr, cmp_scale_ptr, cmp_rope_ptr, cmp_table_ptr, cmp_width, b, j,
-                               j < (start + s_last + 1) // ratio, CMP_BS, HD, NOPE, R)  # fmt: skip
+                k = _pool_rows(cmp_codes_ptr, cmp_scale_ptr, cmp_rope_ptr, slot, j < rows_hi, HD, NOPE, R)
                 m, l, acc, bad = _attend(q, k, seen, m, l, acc, bad, sm_scale)
         else:  # token after token, each its own list
             lo_t = split * tl.cdiv(K, KEYS) // SPLITS
             hi_t = (split + 1) * tl.cdiv(K, KEYS) // SPLITS
             for tok in tl.range(0, TOKENS):
                 s = s0 + tok
+                vis = (start + s + 1) // ratio
+                # A list tile's three dependent loads (entries, block table, rows) are spread over three
+                # iterations: tile c's rows are read while tile c + 1's slots and tile c + 2's entries
+                # are looked up, so a tile waits for one round of loads, not three.
+                j, valid = _list_tile(topk_ptr, b, s, S, K, lo_t, hi_t, topk_offset, vis, KEYS)
+                slot_next = _pool_slots(cmp_table_ptr, cmp_width, b, j, valid, CMP_BS)
+                valid_next = valid
+                j_after, valid_after = _list_tile(topk_ptr, b, s, S, K, lo_t + 1, hi_t, topk_offset, vis, KEYS)
                 for c in tl.range(lo_t, hi_t):
-                    entry = c * KEYS + key
-                    listed = (entry < K) & (entry * 0 + s < S)
-                    e = tl.load(topk_ptr + ((b * S + s) * K).to(tl.int64) + entry, mask=listed, other=-1)
-                    j = e - topk_offset
-                    valid = (e >= 0) & (j >= 0) & (j < (start + s + 1) // ratio)
+                    slot, valid = slot_next, valid_next
+                    slot_next = _pool_slots(cmp_table_ptr, cmp_width, b, j_after, valid_after, CMP_BS)
+                    valid_next = valid_after
+                    j_after, valid_after = _list_tile(topk_ptr, b, s, S, K, c + 2, hi_t, topk_offset, vis, KEYS)
                     seen = valid[None, :] & (r_tok == tok)[:, None] & r_live[:, None]
-                    k = _pool_rows(cmp_codes_ptr, cmp_scale_ptr, cmp_rope_ptr, cmp_table_ptr, cmp_width, b,
-                                   tl.where(valid, j, 0), valid, CMP_BS, HD, NOPE, R)  # fmt: skip
+                    k = _pool_rows(cmp_codes_ptr, cmp_scale_ptr, cmp_rope_ptr, slot, valid, HD, NOPE, R)
                     m, l, acc, bad = _attend(q, k, seen, m, l, acc, bad, sm_scale)
 
     l = tl.where(bad, float("nan"), l)  # a row that sees a non-finite key: NaN
