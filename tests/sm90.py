@@ -83,8 +83,8 @@ class Variant:
     ring: int  # buffers of the deepest multi-buffered 2-D shared-memory tile (TTGIR): the copy ring
     mma_loop_sass: int  # SASS instructions of the innermost loop holding the MMA (one iteration, one warp); 0: none
     mma_loop_branches: int  # branches inside that loop besides its back edge (0: a straight-line body)
-    loop_load_chains: tuple[int, ...]  # per innermost loop with a tl.dot (TTGIR): the most global loads one
-    #                                   iteration waits for one after another (a load's address needing another's value)
+    loop_load_chains: tuple[int, ...]  # per innermost loop that loads (TTGIR): the most global loads one
+    #                                   iteration waits for one after another (a load needing another's value)
 
     @property
     def plans(self) -> set[str]:
@@ -292,8 +292,8 @@ def _load_chain(body: list[str]) -> int:
 
 
 def _loop_load_chains(ttgir: str) -> tuple[int, ...]:
-    """``_load_chain`` of the body of every innermost ``scf.for`` that holds a ``tt.dot`` (by indentation,
-    as printed)."""
+    """``_load_chain`` of the body of every innermost ``scf.for`` that loads from global memory (by
+    indentation, as printed)."""
     lines = [line for line in ttgir.splitlines() if line.strip()]
     chains = []
     for i, line in enumerate(lines):
@@ -305,7 +305,7 @@ def _loop_load_chains(ttgir: str) -> tuple[int, ...]:
             if len(inner) - len(inner.lstrip()) <= indent:
                 break
             region.append(inner)
-        if not any("scf.for" in op for op in region) and any("tt.dot" in op for op in region):
+        if not any("scf.for" in op for op in region) and any(re.search(r"\btt\.load\b", op) for op in region):
             chains.append(_load_chain(region))
     return tuple(chains)
 

@@ -72,7 +72,8 @@ def test_a_key_tile_waits_for_one_round_of_loads(variants: list[Variant]) -> Non
     """Each key loop looks up its next tiles' slots (and a CSA list's entries two tiles ahead) while it
     reads this tile's rows: one iteration's loads need no value another of its loads brings (the row
     loads use slots looked up an iteration before), so a tile waits for one round of loads, not the
-    two or three of entry -> block table -> row."""
+    two or three of entry -> block table -> row. The same for the combine's walk over the splits
+    (each split's ``(m, l)`` read a split ahead of the ``acc`` they mask) and the window rows
+    ``sparse_attn_write`` stores."""
     for v in variants:
-        if v.kernel == "_attn_kernel":
-            assert v.loop_load_chains and max(v.loop_load_chains) == 1, (v.launches, v.loop_load_chains)
+        assert v.loop_load_chains and max(v.loop_load_chains) == 1, (v.kernel, v.launches, v.loop_load_chains)

@@ -456,9 +456,14 @@ def _combine_kernel(
     m_ref = tl.where(m == float("-inf"), 0.0, m)
     l = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, HD], tl.float32)
+    # a split's (m, l) are read an iteration ahead: its acc load, masked by them, waits for nothing else
+    m_next = tl.load(part_m_ptr + rows, mask=r_live, other=float("-inf"))
+    l_next = tl.load(part_l_ptr + rows, mask=r_live, other=0.0)
     for i in tl.range(SPLITS):
-        m_i = tl.load(part_m_ptr + i * n + rows, mask=r_live, other=float("-inf"))
-        l_i = tl.load(part_l_ptr + i * n + rows, mask=r_live, other=0.0)
+        m_i, l_i = m_next, l_next
+        ahead = r_live & (rows * 0 + i + 1 < SPLITS)
+        m_next = tl.load(part_m_ptr + (i + 1) * n + rows, mask=ahead, other=float("-inf"))
+        l_next = tl.load(part_l_ptr + (i + 1) * n + rows, mask=ahead, other=0.0)
         w = tl.exp(m_i - m_ref)
         l += l_i * w
         saw = r_live & _saw_keys(m_i, l_i)  # the others' acc is 0 (and unstored where no row saw a key)

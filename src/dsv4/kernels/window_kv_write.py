@@ -83,7 +83,8 @@ def store_window_rows(kv_ptr, b, s, S, start, table_ptr, max_blocks, nope_ptr, s
     cols = tl.arange(0, HDP)[None, :]
     hd = NOPE + R
     row = (b * S + s).to(tl.int64) * hd
-    v = tl.load(kv_ptr + row[:, None] + cols, mask=held[:, None] & (cols < hd), other=0.0)
+    # the rows are read whether their block is held or not: their load need not wait for the table's
+    v = tl.load(kv_ptr + row[:, None] + cols, mask=ok[:, None] & (cols < hd), other=0.0)
     store_fp8_rows(nope_ptr, scale_ptr, rope_ptr, block * BLOCK_SIZE + p % BLOCK_SIZE, held, v.to(tl.float32), NOPE, R)
 
 
