@@ -54,18 +54,18 @@ class _Blocks:
     def new(cls, num_blocks: int, batch: int) -> _Blocks:
         return cls(list(range(num_blocks)), [{} for _ in range(batch)], [range(0)] * batch)  # sorted: a heap
 
-    def unknown(self, b: int, columns: range) -> range:
+    def _unknown(self, b: int, columns: range) -> range:
         """The part of ``columns`` that slot ``b`` may lack: past its run where they start inside it."""
         run = self.runs[b]
         return range(max(columns.start, run.stop), columns.stop) if run.start <= columns.start <= run.stop else columns
 
     def need(self, b: int, columns: range) -> int:
         slot = self.slots[b]
-        return sum(c not in slot for c in self.unknown(b, columns))
+        return sum(c not in slot for c in self._unknown(b, columns))
 
     def give(self, b: int, columns: range) -> None:
         slot = self.slots[b]
-        for c in self.unknown(b, columns):
+        for c in self._unknown(b, columns):
             if c not in slot:
                 slot[c] = heapq.heappop(self.free)
                 self.table.append([b, c, slot[c]])
