@@ -235,12 +235,11 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     return {key: int(value) for key, value in re.findall(r"(\w+):(\d+)", out.split("Resource usage:")[-1])}
 
 
-def _loop_waits(ttgir: str) -> tuple[int, ...]:
-    """The ``num`` of every ``ttg.async_wait`` directly in the body of an innermost loop that also
-    issues async copies: the steady state of a software-pipelined loop (by indentation, as the TTGIR
-    is printed; an outer loop's prologue and drain waits are not in it)."""
+def _innermost_loops(ttgir: str) -> list[tuple[int, list[str]]]:
+    """``(indent, lines of its body, nested regions included)`` of every innermost ``scf.for``, by
+    indentation as the TTGIR is printed."""
     lines = [line for line in ttgir.splitlines() if line.strip()]
-    waits = []
+    loops = []
     for i, line in enumerate(lines):
         if "scf.for" not in line:
             continue
@@ -250,14 +249,25 @@ def _loop_waits(ttgir: str) -> tuple[int, ...]:
             if len(inner) - len(inner.lstrip()) <= indent:
                 break
             region.append(inner)
+        if not any("scf.for" in op for op in region):
+            loops.append((indent, region))
+    return loops
+
+
+def _loop_waits(ttgir: str) -> tuple[int, ...]:
+    """The ``num`` of every ``ttg.async_wait`` directly in the body of an innermost loop that also
+    issues async copies: the steady state of a software-pipelined loop (an outer loop's prologue and
+    drain waits are not in it)."""
+    waits = []
+    for indent, region in _innermost_loops(ttgir):
         body = [op for op in region if len(op) - len(op.lstrip()) == indent + 2]
-        innermost = not any("scf.for" in op for op in region)
-        if innermost and any("async_copy_global_to_local" in op or "async_tma_copy" in op for op in body):
+        if any("async_copy_global_to_local" in op or "async_tma_copy" in op for op in body):
             waits += [int(n) for op in body for n in re.findall(r"ttg\.async_wait\b.*\{num = (\d+)", op)]
     return tuple(waits)
 
 
 _SSA = re.compile(r"%[\w.$-]+")
+_LOAD = re.compile(r"\btt\.load\b")
 
 
 def _load_chain(body: list[str]) -> int:
@@ -266,48 +276,34 @@ def _load_chain(body: list[str]) -> int:
     body (the loop's carried values among them) start every chain at 0. A nested region's results
     (``scf.if``) take the chains of the values its ``scf.yield``s give."""
     depth: dict[str, int] = {}
+    loads = [0]
     regions: list[tuple[int, list[str], list[int]]] = []  # (indent, results, chains its yields give)
-    for line in body:
-        indent = len(line) - len(line.lstrip())
+
+    def close(indent: int) -> None:
         while regions and indent <= regions[-1][0]:
             _, results, given = regions.pop()
-            for name in results:
-                depth[name] = max(given, default=0)
+            depth.update(dict.fromkeys(results, max(given, default=0)))
+
+    for line in body:
+        indent = len(line) - len(line.lstrip())
+        close(indent)
         lhs, eq, rhs = line.partition(" = ")
         names = _SSA.findall(lhs) if eq else []
         used = max((depth.get(v.split("#")[0], 0) for v in _SSA.findall(rhs if eq else line)), default=0)
         if "scf.yield" in line and regions:
             regions[-1][2].append(used)
-        value = used + 1 if re.search(r"\btt\.load\b", rhs) else used
-        for name in names:
-            depth[name] = value
+        if eq and _LOAD.search(rhs):
+            used += 1
+            loads.append(used)
+        depth.update(dict.fromkeys(names, used))
         if line.rstrip().endswith("{") and names:  # a region op: its results are set when it closes
             regions.append((indent, names, []))
-    while regions:
-        _, results, given = regions.pop()
-        for name in results:
-            depth[name] = max(given, default=0)
-    return max((depth[n] for line in body for n in _SSA.findall(line.partition(" = ")[0])
-                if " = " in line and re.search(r"\btt\.load\b", line)), default=0)  # fmt: skip
+    return max(loads)
 
 
 def _loop_load_chains(ttgir: str) -> tuple[int, ...]:
-    """``_load_chain`` of the body of every innermost ``scf.for`` that loads from global memory (by
-    indentation, as printed)."""
-    lines = [line for line in ttgir.splitlines() if line.strip()]
-    chains = []
-    for i, line in enumerate(lines):
-        if "scf.for" not in line:
-            continue
-        indent = len(line) - len(line.lstrip())
-        region = []
-        for inner in lines[i + 1 :]:
-            if len(inner) - len(inner.lstrip()) <= indent:
-                break
-            region.append(inner)
-        if not any("scf.for" in op for op in region) and any(re.search(r"\btt\.load\b", op) for op in region):
-            chains.append(_load_chain(region))
-    return tuple(chains)
+    """``_load_chain`` of the body of every innermost ``scf.for`` that loads from global memory."""
+    return tuple(_load_chain(region) for _, region in _innermost_loops(ttgir) if any(map(_LOAD.search, region)))
 
 
 def _mma_loop(cubin: bytes) -> tuple[int, int]:
