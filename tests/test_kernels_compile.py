@@ -177,3 +177,21 @@ def test_streaming_launches_fill_the_sms(variants: list[Variant]) -> None:
         for plan, grid in v.launches:
             if plan in FILL_PLANS and v.kernel in STREAMING:
                 assert grid[0] * (grid[1] if len(grid) > 1 else 1) >= H100_SMS, (plan, v.kernel, grid)
+
+
+# Chunk 0 of the compressor step adds its row's K-slices ``SUM_BLOCK`` values a step, each step one round trip
+# before the closes can start: a decode row (S=2) is 2 x 2048 values for the attention's CSA compressor (9
+# slices at B=4) and 2 x (512 + 64) for the indexer's (14 slices); each takes at most 2 steps (16 and 5 at 256).
+SUM_STEPS_AT_MOST = {"kv-compressor-csa": (2 * 2048, 2), "decode-2048": (2 * 576, 2)}
+
+
+def test_decode_rows_add_their_slices_in_few_steps(variants: list[Variant]) -> None:
+    seen = set()
+    for v in variants:
+        for plan, _ in v.launches:
+            if v.kernel == "_compressor_step_kernel" and plan in SUM_STEPS_AT_MOST:
+                values, most = SUM_STEPS_AT_MOST[plan]
+                steps = -(-values // v.constants["SUM_BLOCK"])
+                assert steps <= most, (plan, v.constants["SPLITS"], v.constants["SUM_BLOCK"], steps)
+                seen.add(plan)
+    assert seen == set(SUM_STEPS_AT_MOST)

@@ -86,8 +86,8 @@ RING_COLS = tl.constexpr(128)  # ring update: columns per tile (x_proj: COFF*W i
 RATIO = tl.constexpr(COMPRESS_RATIO)  # the indexer's compressor
 SLOTS = tl.constexpr(STATE_SLOTS)
 _TILE = tl.constexpr(CLOSE_TILE)
-SUM_BLOCK = tl.constexpr(256)  # values per step when chunk 0 adds its K-slices: one value a thread per slice
-#                                at 8 warps, so every slice's load is in flight in SPLITS registers
+SUM_IN_FLIGHT = 64  # fp32 values a thread holds in flight when chunk 0 adds its K-slices (SPLITS x its share
+#                    of a step): the fewer steps, the fewer dependent round trips before the closes can start
 
 
 def close_splits_cap(seq: int, ratio: int = COMPRESS_RATIO, chunk: int = CLOSE_CHUNK) -> int | None:
@@ -247,18 +247,32 @@ def _close_fp8_row(
     n: tl.constexpr = COFF * RC
     cols = tl.arange(0, W)
     m = tl.full([W], float("-inf"), tl.float32)
-    for j0 in tl.range(0, n, CAND, num_stages=1):
-        sc = _block_candidates(src_ptr, ape_ptr, score_state_ptr, b, start, S, f, j0, cols, T, HI, 1, W, RC, COFF, CAND)
-        m = tl.maximum(m, tl.max(sc, axis=0))  # a NaN or +inf gate makes the sum of exps NaN below, as in torch
     den = tl.zeros([W], tl.float32)
-    for j0 in tl.range(0, n, CAND, num_stages=1):
-        sc = _block_candidates(src_ptr, ape_ptr, score_state_ptr, b, start, S, f, j0, cols, T, HI, 1, W, RC, COFF, CAND)
-        den += tl.sum(tl.exp(sc - m[None, :]), axis=0)
     pooled = tl.zeros([W], tl.float32)
-    for j0 in tl.range(0, n, CAND, num_stages=1):
-        sc = _block_candidates(src_ptr, ape_ptr, score_state_ptr, b, start, S, f, j0, cols, T, HI, 1, W, RC, COFF, CAND)
-        kv = _block_candidates(src_ptr, ape_ptr, kv_state_ptr, b, start, S, f, j0, cols, T, HI, 0, W, RC, COFF, CAND)
+    if n <= CAND:  # one tile holds every candidate (CSA): loaded once, in one round of loads, for the three passes
+        sc = _block_candidates(src_ptr, ape_ptr, score_state_ptr, b, start, S, f, 0, cols, T, HI, 1, W, RC, COFF, CAND)
+        kv = _block_candidates(src_ptr, ape_ptr, kv_state_ptr, b, start, S, f, 0, cols, T, HI, 0, W, RC, COFF, CAND)
+        m = tl.maximum(m, tl.max(sc, axis=0))
+        den += tl.sum(tl.exp(sc - m[None, :]), axis=0)
         pooled += tl.sum(kv * tl.math.div_rn(tl.exp(sc - m[None, :]), den[None, :]), axis=0)
+    else:
+        for j0 in tl.range(0, n, CAND, num_stages=1):
+            sc = _block_candidates(
+                src_ptr, ape_ptr, score_state_ptr, b, start, S, f, j0, cols, T, HI, 1, W, RC, COFF, CAND
+            )  # fmt: skip
+            m = tl.maximum(m, tl.max(sc, axis=0))  # a NaN or +inf gate makes the sum of exps NaN below, as in torch
+        for j0 in tl.range(0, n, CAND, num_stages=1):
+            sc = _block_candidates(
+                src_ptr, ape_ptr, score_state_ptr, b, start, S, f, j0, cols, T, HI, 1, W, RC, COFF, CAND
+            )  # fmt: skip
+            den += tl.sum(tl.exp(sc - m[None, :]), axis=0)
+        for j0 in tl.range(0, n, CAND, num_stages=1):
+            sc = _block_candidates(
+                src_ptr, ape_ptr, score_state_ptr, b, start, S, f, j0, cols, T, HI, 1, W, RC, COFF, CAND
+            )  # fmt: skip
+            kv = _block_candidates(src_ptr, ape_ptr, kv_state_ptr, b, start, S, f, j0, cols, T, HI, 0, W, RC, COFF,
+                                   CAND)  # fmt: skip
+            pooled += tl.sum(kv * tl.math.div_rn(tl.exp(sc - m[None, :]), den[None, :]), axis=0)
 
     v = round_bf16(pooled)[None, :]  # [1, W]
     c, inv = rms_scale(v, W, eps)
@@ -302,10 +316,20 @@ def _update_ring(
             tl.store(score_state_ptr + dst + cols, sc, mask=new[:, None])
 
 
+def sum_block(splits: int, num_warps: int) -> int:
+    """Values chunk 0 adds per step of its K-slice sum: ``SUM_IN_FLIGHT`` loads a thread over all slices
+    (a power of two, 1 to 4 values a slice: at most one 16-byte load each). A decode row of the
+    attention's CSA compressor (2 x 2048 values, 9 slices, 16 warps) takes 2 steps, not 16 of 256."""
+    per_slice = max(1, min(4, SUM_IN_FLIGHT // max(splits, 1)))
+    return 32 * num_warps * (1 << (per_slice.bit_length() - 1))
+
+
 @triton.jit
-def _sum_row_slices(xp_ptr, dst_ptr, b, S, T, HI, TWO_HID: tl.constexpr, SPLITS: tl.constexpr):
+def _sum_row_slices(xp_ptr, dst_ptr, b, S, T, HI, TWO_HID: tl.constexpr, SPLITS: tl.constexpr,
+                    SUM_BLOCK: tl.constexpr):  # fmt: skip
     """Row ``b``'s tokens (all their columns) of the x-projection's ``SPLITS`` K-slices, added in slice
-    order, into ``dst`` (laid out as one slice). The row's tokens are contiguous: summed as one run."""
+    order, into ``dst`` (laid out as one slice), ``SUM_BLOCK`` values a step (``sum_block``). The row's
+    tokens are contiguous: summed as one run."""
     n_out = 2 * TWO_HID + HI
     n = S * n_out
     lo = b * n
@@ -316,25 +340,18 @@ def _sum_row_slices(xp_ptr, dst_ptr, b, S, T, HI, TWO_HID: tl.constexpr, SPLITS:
 
 @triton.jit
 def close_chunk(
-    c, b, start, xp_ptr, kvg_ptr, ape_ptr, kv_state_ptr, score_state_ptr, keys_ptr, key_scale_ptr, rope_ptr,
+    c, b, start, src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, keys_ptr, key_scale_ptr, rope_ptr,
     table_ptr, norm_w_ptr, cos_ptr, sin_ptr, S, T, HI, max_blocks, eps, hadamard_scale,
-    HID: tl.constexpr, NOPE: tl.constexpr, HALF_R: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLITS: tl.constexpr,
+    HID: tl.constexpr, NOPE: tl.constexpr, HALF_R: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     KEY_CODE_MAX: tl.constexpr, KEY_AMAX_FLOOR: tl.constexpr, RC: tl.constexpr, COFF: tl.constexpr,
     CHUNK: tl.constexpr, FP8_ROWS: tl.constexpr, CAND: tl.constexpr,
 ):  # fmt: skip
     """Chunk ``c`` of row ``b``'s closing blocks (``[c, c+1) * CHUNK``); chunk 0 also writes the ring.
 
-    ``xp`` holds the x-projection's ``SPLITS`` raw K-slices; with more than one, chunk 0 first adds its
-    row's into ``kvg`` (same layout, one slice) and reads them there (later chunks never exist then).
+    ``src`` holds the step's projections as one slice (the x-projection's, or their K-slices added).
     ``FP8_ROWS``: the attention's compressor (ratio ``RC``, ``COFF`` windows, rows of ``HID``), one
     FP8 KV row per block; else the indexer's (ratio 4, overlapping), INT8 keys ``CLOSE_TILE`` blocks
     at a time."""
-    if SPLITS > 1:
-        _sum_row_slices(xp_ptr, kvg_ptr, b, S, T, HI, COFF * HID, SPLITS)
-        tl.debug_barrier()  # the sums are stored before any thread of the program reads them
-        src_ptr = kvg_ptr
-    else:
-        src_ptr = xp_ptr
     n_close = (start + S) // RC - start // RC
     lo = c * CHUNK
     hi = tl.minimum(lo + CHUNK, n_close)
@@ -388,6 +405,7 @@ def _compressor_step_kernel(
     CHUNK: tl.constexpr,  # closing blocks per program
     FP8_ROWS: tl.constexpr,  # the attention's compressor (FP8 KV rows), else the indexer's (INT8 keys)
     CAND: tl.constexpr,  # FP8_ROWS: candidates pooled at once
+    SUM_BLOCK: tl.constexpr,  # values a step when chunk 0 adds the K-slices (sum_block)
     PDL: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -397,12 +415,19 @@ def _compressor_step_kernel(
         gdc_wait()  # the front launch's K-slices are complete and visible
     # after the wait: this launch may start before the one ahead of the front has finished (the front
     # releases it before its own wait), and that one may have written start (an engine's positions)
-    start = tl.load(start_ptr + b)
+    start = tl.load(start_ptr + b)  # in flight while the slices are added: they do not depend on it
+    T = tl.num_programs(0) * S
+    if SPLITS > 1:  # one chunk a row then (close_splits_cap): it adds the row's K-slices into kvg first
+        _sum_row_slices(xp_ptr, kvg_ptr, b, S, T, HI, COFF * HID, SPLITS, SUM_BLOCK)
+        tl.debug_barrier()  # the sums are stored before any thread of the program reads them
+        src_ptr = kvg_ptr
+    else:
+        src_ptr = xp_ptr
     if c * CHUNK < tl.maximum((start + S) // RC - start // RC, 1):
         close_chunk(
-            c, b, start, xp_ptr, kvg_ptr, ape_ptr, kv_state_ptr, score_state_ptr, keys_ptr, key_scale_ptr, rope_ptr,
-            table_ptr, norm_w_ptr, cos_ptr, sin_ptr, S, tl.num_programs(0) * S, HI, max_blocks, eps, hadamard_scale,
-            HID, NOPE, HALF_R, BLOCK_SIZE, SPLITS, KEY_CODE_MAX, KEY_AMAX_FLOOR, RC, COFF, CHUNK, FP8_ROWS, CAND,
+            c, b, start, src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, keys_ptr, key_scale_ptr, rope_ptr,
+            table_ptr, norm_w_ptr, cos_ptr, sin_ptr, S, T, HI, max_blocks, eps, hadamard_scale,
+            HID, NOPE, HALF_R, BLOCK_SIZE, KEY_CODE_MAX, KEY_AMAX_FLOOR, RC, COFF, CHUNK, FP8_ROWS, CAND,
         )  # fmt: skip
 
 
@@ -451,7 +476,8 @@ def _step(
         xp, kvg, w.ape, pos.start, *ring, *pool, table, w.norm_w, rope.cos, rope.sin, pos.seq,
         xp.shape[2] - 2 * coff * hid, table.shape[1], eps, hid**-0.5,
         HID=hid, NOPE=nope, HALF_R=half_r, BLOCK_SIZE=block_size, SPLITS=splits, **consts, RC=ratio, COFF=coff,
-        CHUNK=chunk, FP8_ROWS=fp8_rows, CAND=min(cfg.get("cand_tile", CAND_TILE), coff * ratio), PDL=pdl,
+        CHUNK=chunk, FP8_ROWS=fp8_rows, CAND=min(cfg.get("cand_tile", CAND_TILE), coff * ratio),
+        SUM_BLOCK=sum_block(splits, cfg.num_warps), PDL=pdl,
         num_warps=cfg.num_warps, enable_fp_fusion=False, launch_pdl=pdl,
     )  # fmt: skip
     return kvg if splits > 1 else xp[0]
