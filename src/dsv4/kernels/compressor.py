@@ -246,6 +246,13 @@ def _close_fp8_row(
     f = r * RC  # its first position
     n: tl.constexpr = COFF * RC
     cols = tl.arange(0, W)
+    # what the epilogue reads depends on the block alone: asked for before the candidates, in the same round
+    norm_w = tl.load(norm_w_ptr + cols).to(tl.float32)
+    i = tl.arange(0, W // 2) - NOPE // 2  # a pair's index in the rope part (< 0: NOPE)
+    is_rope = i >= 0
+    cos = tl.load(cos_ptr + f * HALF_R + i, mask=is_rope, other=0.0)
+    sin = tl.load(sin_ptr + f * HALF_R + i, mask=is_rope, other=0.0)
+    block = tl.load(table_ptr + b * max_blocks + r // BLOCK_SIZE).to(tl.int64)
     m = tl.full([W], float("-inf"), tl.float32)
     den = tl.zeros([W], tl.float32)
     pooled = tl.zeros([W], tl.float32)
@@ -276,18 +283,13 @@ def _close_fp8_row(
 
     v = round_bf16(pooled)[None, :]  # [1, W]
     c, inv = rms_scale(v, W, eps)
-    v = round_bf16((v * c) * inv * tl.load(norm_w_ptr + cols).to(tl.float32)[None, :])
+    v = round_bf16((v * c) * inv * norm_w[None, :])
     even, odd = tl.split(tl.reshape(v, [W // 2, 2]))  # the pairs (v[2i], v[2i+1])
-    i = tl.arange(0, W // 2) - NOPE // 2  # the pair's index in the rope part (< 0: NOPE)
-    is_rope = i >= 0
-    cos = tl.load(cos_ptr + f * HALF_R + i, mask=is_rope, other=0.0)
-    sin = tl.load(sin_ptr + f * HALF_R + i, mask=is_rope, other=0.0)
     r_even, r_odd = rope_pairs(even, odd, cos, sin)
     even = tl.where(is_rope, round_bf16(r_even), even)
     odd = tl.where(is_rope, round_bf16(r_odd), odd)
     v = tl.reshape(tl.join(even, odd), [1, W])
 
-    block = tl.load(table_ptr + b * max_blocks + r // BLOCK_SIZE).to(tl.int64)
     one = tl.zeros([1], tl.int64)
     store_fp8_rows(nope_ptr, scale_ptr, rope_ptr, one + block * BLOCK_SIZE + r % BLOCK_SIZE, one + block >= 0, v,
                    NOPE, 2 * HALF_R)  # fmt: skip
