@@ -16,7 +16,10 @@ from dsv4.cli import main
 from dsv4.harness.cases import make_case
 from dsv4.harness.golden import compare
 from dsv4.kernels import Workspace, tuning
+from dsv4.kernels.index_front import front
 from dsv4.model.config import get_config
+from dsv4.model.weights import synthetic_compressor
+from dsv4.ops.validate import step_positions
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = get_config("tiny")
@@ -183,3 +186,29 @@ def test_write_then_read(tmp_path) -> None:
     with pytest.raises(ValueError, match="num_warps must be one of"):
         tuning.write_config(path, "cpu", {"topk.select_row": {"R=2,N=16": {"num_warps": 3}}}, {})
     assert tuning.load_config(path, "cpu").entries["topk.select_row"]["R=2,N=16"].num_warps == 4  # not overwritten
+
+
+def test_each_front_launch_geometry_has_its_own_bucket() -> None:
+    """The front launch's bucket names its x-projection's columns (``N``: 2 x the compressor's ``2*HID`` or
+    ``COFF*HD``, plus the indexer's ``HI`` head weights), so a split tuned for one compressor is never
+    applied to another's tiles (at flash: 4 column tiles for the indexer's, 16 for CSA, 8 for HCA)."""
+    a = make_case(TINY, "indexer", seed=0).args
+    pos = step_positions(a["start_pos"], *a["x"].shape[:2], DEVICE)
+    csa, hca = synthetic_compressor(TINY, 4).to(DEVICE), synthetic_compressor(TINY, 16).to(DEVICE)
+    launches = {
+        "indexer_compressor": (a["w"].compressor, 0, lambda: front(a["x"], a["w"].compressor, pos)),
+        "kv_compressor csa": (csa, 0, lambda: front(a["x"], csa, pos)),
+        "kv_compressor hca": (hca, 0, lambda: front(a["x"], hca, pos)),
+        "indexer": (
+            a["w"].compressor, a["w"].weights_proj.shape[0],
+            lambda: front(a["x"], a["w"].compressor, pos, a["w"], a["qr"], a["qr_scale"], a["rope"]),
+        ),
+    }  # fmt: skip
+    keys = {}
+    for name, (w, hi, launch) in launches.items():
+        with tuning.recording() as seen:
+            launch()
+        keys[name] = [key for kernel, key in seen if kernel == "index.front"]
+        t, d = a["x"].shape[0] * a["x"].shape[1], a["x"].shape[2]
+        assert keys[name] == [f"T={tuning.pow2_bucket(t)},D={d},N={2 * w.wkv.shape[0] + hi},HI={hi}"], (name, keys)
+    assert keys["kv_compressor csa"] != keys["kv_compressor hca"]

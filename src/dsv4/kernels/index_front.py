@@ -48,7 +48,7 @@ NUM_STAGES = 3  # Triton's default: the x-projection's K steps and the query pro
 TUNING = Tunable(
     "index.front",
     "_front_kernel: the x-projection K-slices and the INT8 query programs (indexer and compressor launch 1)",
-    dims=("T", "D", "HI"),
+    dims=("T", "D", "N", "HI"),  # N: the x-projection's columns, so each compressor's launch is its own bucket
     params=(
         Param("block_n", BLOCK_N, (64, 128), "x-projection output columns per tile (a divisor of 2*HID)"),
         Param("splits", None, SPLIT_CHOICES, "x-projection K-slices; null: split_k.k_splits"),
@@ -161,7 +161,7 @@ def front(
     two_hid = w.wkv.shape[0]
     hid = two_hid // 2
     hi = 0 if indexer is None else indexer.weights_proj.shape[0]
-    cfg = TUNING.config(x.device, T=pow2_bucket(t), D=d, HI=hi)
+    cfg = TUNING.config(x.device, T=pow2_bucket(t), D=d, N=2 * two_hid + hi, HI=hi)
     require(d % 16 == 0, "x", f"a hidden size D that is a multiple of 16 (the K-slices' {BLOCK_K}-wide steps)")
     q8 = q_scale = None
     if indexer is None:
