@@ -212,3 +212,25 @@ def test_each_front_launch_geometry_has_its_own_bucket() -> None:
         t, d = a["x"].shape[0] * a["x"].shape[1], a["x"].shape[2]
         assert keys[name] == [f"T={tuning.pow2_bucket(t)},D={d},N={2 * w.wkv.shape[0] + hi},HI={hi}"], (name, keys)
     assert keys["kv_compressor csa"] != keys["kv_compressor hca"]
+
+
+def test_sparse_attn_buckets_name_the_keys_a_token_walks() -> None:
+    """``sparse_attn``'s key split is tuned per walk: a CSA token's list, an HCA slot's compressed rows and
+    SWA's window alone look up buckets by that count (``KEYS``), not one bucket for the three kinds."""
+    case = make_case(TINY, "sparse_attn", batch=2, seq=2, start_pos=61, max_position=512)
+    b, s, h = case.args["q"].shape[:3]
+    hca = {"kind": "hca", "compress_ratio": TINY.compress_ratios[2], "topk_idxs": None, "topk_offset": 0}
+    swa = {"kind": "swa", "compress_ratio": 0, "compressed_pool": None, "topk_idxs": None, "topk_offset": 0}
+    pool = case.args["compressed_pool"]
+    expect = {
+        "csa": case.args["topk_idxs"].shape[2], "hca": pool.block_table.shape[1] * pool.block_size, "swa": 0,
+    }  # fmt: skip
+    keys = {}
+    for kind, changes in (("csa", {}), ("hca", hca), ("swa", swa)):
+        args = {**case.args, **changes}
+        with tuning.recording() as seen:
+            bind(type(case)(case.op, args, case.meta), "triton")()
+        keys[kind] = [key for kernel, key in seen if kernel == "sparse_attn"]
+        bucket = f"B={b},S={s},H={tuning.pow2_bucket(h)},KEYS={tuning.pow2_bucket(expect[kind])}"
+        assert keys[kind] == [bucket], (kind, keys)
+    assert keys["csa"] != keys["swa"]

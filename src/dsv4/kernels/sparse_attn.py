@@ -116,7 +116,7 @@ _SCALE_BYTES = tl.constexpr(SCALE_BYTES)
 TUNING = Tunable(
     "sparse_attn",
     "_attn_kernel (+ _combine_kernel with splits): every (slot, token block, head block, key split)",
-    dims=("B", "S", "H"),
+    dims=("B", "S", "H", "KEYS"),  # KEYS: compressed keys a token may walk (CSA's list, HCA's table; SWA 0)
     params=(
         Param("tokens", TOKENS_PER_BLOCK, (1, 2), "tokens of a step per program (2: a pair shares window tiles)"),
         Param("heads", HEADS, (8, 16, 32, 64), "heads per program (the MMA's M is tokens x heads)"),
@@ -531,6 +531,15 @@ def sparse_attn_write(
     return _launch(*args, out, ws, write=True)
 
 
+def _compressed_keys(kind: str, cmp: KVPool, topk_idxs: torch.Tensor | None) -> int:
+    """Compressed keys a token may walk: its list (CSA), the rows its slot's table can hold (HCA), none (SWA)."""
+    if kind == "csa":
+        return topk_idxs.shape[2]
+    if kind == "hca":
+        return cmp.block_table.shape[1] * cmp.block_size
+    return 0
+
+
 def _launch(
     q: torch.Tensor,
     kv: torch.Tensor,
@@ -556,17 +565,16 @@ def _launch(
         "q", "a head dim that is a power of two in [64, 512] and a multiple of R (a power of two)",
     )  # fmt: skip
     o = torch.empty(q.shape, dtype=torch.bfloat16, device=q.device) if out is None else out.o
-    cfg = TUNING.config(q.device, B=pow2_bucket(b), S=pow2_bucket(s), H=pow2_bucket(h))
+    cmp = window_pool if compressed is None else compressed
+    n_keys = _compressed_keys(kind, cmp, topk_idxs)
+    cfg = TUNING.config(q.device, B=pow2_bucket(b), S=pow2_bucket(s), H=pow2_bucket(h), KEYS=pow2_bucket(n_keys))
     # fewer heads than the MMA's 16 rows (the tiny preset's 4): the rows that would be padding take more
     # of the step's tokens instead (fewer programs, each window tile read once for them; the same bits)
     heads = min(cfg.heads, triton.next_power_of_2(h))
     tokens = min(triton.next_power_of_2(s), max(cfg.tokens, MIN_DOT_WIDTH // heads))
     heads = max(heads, MIN_DOT_WIDTH // tokens)
-    cmp = window_pool if compressed is None else compressed
-    if kind == "hca":  # the rows a slot's table can hold, in tiles
-        key_tiles = triton.cdiv(cmp.block_table.shape[1] * cmp.block_size, cfg.key_tile)
-    else:  # a token's list (CSA); SWA has no compressed rows
-        key_tiles = triton.cdiv(topk_idxs.shape[2], cfg.key_tile) if kind == "csa" else 1
+    # the rows a slot's table can hold (HCA) or a token's list (CSA), in tiles; SWA has no compressed rows
+    key_tiles = max(1, triton.cdiv(n_keys, cfg.key_tile))
     programs = b * triton.cdiv(s, tokens) * triton.cdiv(h, heads)  # _program_rows: head blocks fastest
     splits = key_splits(programs, key_tiles, sm_count(q.device)) if cfg.splits is None else cfg.splits
     splits = 1 if kind == "swa" else splits
