@@ -33,6 +33,8 @@ PLANS = [
         Plan("prefill-1024", "indexer", "flash", batch=1, seq=1024),
         Plan("compressor-decode", "indexer_compressor", "flash", batch=64, seq=2, start_pos=4 * 2048 - 2),
         Plan("compressor-decode-fp32-norm", "indexer_compressor", "flash", 64, 2, 4 * 2048 - 2, fp32=("norm_w",)),
+        # a prefill row of 128 tokens: its 33 K-slices added by a launch of their own (split_k.sum_slices)
+        Plan("compressor-prefill-128", "indexer_compressor", "flash", batch=1, seq=128),
         Plan("o-proj-decode", "o_proj", "flash", batch=64, seq=2),
         Plan("o-proj-decode-b1", "o_proj", "flash", batch=1, seq=2),
         # the attention's compressor on the same step kernel (FP8 rows): CSA and HCA (ratio 128) layers
@@ -77,6 +79,10 @@ GRIDS = {
     "compressor-decode": {"_front_kernel": (132,), "_compressor_step_kernel": (64, 1)},
 }
 GRIDS["compressor-decode-fp32-norm"] = GRIDS["compressor-decode"]
+# 128 x 512 sums of 33 slices, 128 values a program (split_k.sum_block at 4 warps), then the row's one step program
+GRIDS["compressor-prefill-128"] = {
+    "_front_kernel": (132,), "_sum_slices_kernel": (512,), "_compressor_step_kernel": (1, 1),
+}  # fmt: skip
 # o_proj: 64 wo_a column tiles x 2 K-slices, one quant program per 128-block and 32 tokens, 32 wo_b column
 # tiles x 4 K-slices (split_k's one wave of 132 SMs).
 GRIDS["o-proj-decode"] = {"_wo_a_kernel": (64, 1, 2), "_act_quant_kernel": (64, 4), "_wo_b_kernel": (32, 1, 4)}
@@ -98,6 +104,7 @@ STREAMING = {"_front_kernel", "_score_kernel"}
 PDL_ORDER = {
     "_front_kernel": ("prefetch", "launch_dependents", "wait"),
     "_compressor_step_kernel": ("launch_dependents", "wait"),
+    "_sum_slices_kernel": ("launch_dependents", "wait"),
     "_score_kernel": ("prefetch", "launch_dependents", "wait"),
     "_select_row_kernel": ("launch_dependents", "wait"),
     "_select_chunks_kernel": ("launch_dependents", "wait"),

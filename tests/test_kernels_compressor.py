@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import dsv4
-from conftest import DEVICE
+from conftest import DEVICE, INTERPRETER_TRAFFIC
+from dsv4.bench.interp_traffic import count_traffic
 from dsv4.harness.cases import make_case, run_case
 from dsv4.harness.golden import compare, ratio_allclose, step_inputs, tolerance
+from dsv4.kernels import compressor
 from dsv4.kernels.index_front import front
 from dsv4.model.config import PRESETS
 from dsv4.model.weights import synthetic_activations
@@ -119,3 +121,43 @@ def test_x_projection(batch: int, seq: int, max_splits: int | None) -> None:
     for name, e in expected.items():
         check = ratio_allclose(got[name], e, tol.atol, tol.rtol, 0.0, name)
         assert check, f"{name}: {check.detail} (max_abs {check.max_abs:.3g})"
+
+
+LONG_ROWS = [("indexer_compressor", 1, 16, 61), ("indexer", 1, 16, 61), ("kv_compressor", 2, 37, [3, 9])]
+
+
+@pytest.mark.parametrize(("op", "batch", "seq", "start"), LONG_ROWS)
+def test_long_rows_add_their_slices_in_a_launch_of_their_own(op: str, batch: int, seq: int, start: Start, monkeypatch):
+    """A row whose K-slices the step program would add in more than ``SUM_STEPS_MAX`` steps (a prefill's)
+    gets them added by ``split_k.sum_slices``, spread over many programs: the outputs match the reference
+    and are bit for bit those of the step program adding them itself."""
+    case = case_at(TINY, op, batch, seq, start)
+    spread = assert_matches_reference(case)
+    monkeypatch.setattr(compressor, "SUM_STEPS_MAX", 1 << 30)
+    alone = run_case(case, "triton")
+    assert spread.keys() == alone.keys()
+    for name, t in spread.items():
+        assert torch.equal(t.view(torch.uint8), alone[name].view(torch.uint8)), name
+
+
+@INTERPRETER_TRAFFIC
+@pytest.mark.parametrize(("op", "batch", "seq", "start"), LONG_ROWS)
+def test_the_slice_sum_launch_reads_each_slice_once(op: str, batch: int, seq: int, start: Start) -> None:
+    """The long rows' step takes one launch more, between the front and the step, reading each K-slice
+    value once and writing each sum once; a decode row (S=2) adds its own (no such launch)."""
+    for s, expect in ((seq, True), (2, False)):
+        case = case_at(TINY, op, batch, s, start)
+        with count_traffic() as log:
+            run_case(case, "triton")
+        names = [launch.kernel for launch in log.launches]
+        assert (names[1] == "_sum_slices_kernel") == expect, names
+        assert names.count("_sum_slices_kernel") == expect, names
+        if expect:
+            w = case.args["w"]
+            width = 2 * (w.compressor if op == "indexer" else w).wkv.shape[0]
+            width += w.weights_proj.shape[0] if op == "indexer" else 0
+            sums = batch * s * width * 4  # fp32 [T, 2 * rows of wkv (+ the head weights)]
+            front, summed = log.launches[:2]
+            splits, rest = divmod(summed.load_bytes, sums)
+            assert summed.store_bytes == sums and rest == 0 and splits > 1, (summed, sums)
+            assert front.store_bytes >= splits * sums  # the slices the front wrote, each read once

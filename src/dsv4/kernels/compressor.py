@@ -25,10 +25,12 @@ Work comes in chunks of ``CLOSE_CHUNK`` closing blocks of one row (``close_chunk
 so no program reads a ring slot after it is overwritten. The projections come as the x-projection's
 raw K-slices (``x_proj.py``): chunk 0 adds its row's slices in slice order into a scratch row block
 first when there is more than one slice (decode), and reads them once per candidate from there; a
-step long enough to have a chunk 1 is never split over K (``close_splits_cap``), so later chunks read
-the one slice directly. One chunk per program (``_compressor_step_kernel``), in a launch of its own
-for both ops: ``indexer_compressor`` and the indexer run it between the front launch and, for the
-indexer, the score launch, whose tiles are tuned apart from it. Chunk 0 adds *every* column of its
+row too long to add in ``SUM_STEPS_MAX`` steps has them added by a launch of its own before the step
+(``split_k.sum_slices``, the same sums), and a step long enough to have a chunk 1 is never split over
+K (``close_splits_cap``), so later chunks read the one slice directly. One chunk per program
+(``_compressor_step_kernel``), in a launch of its own for both ops: ``indexer_compressor`` and the
+indexer run it between the front launch and, for the indexer, the score launch, whose tiles are
+tuned apart from it. Chunk 0 adds *every* column of its
 row's slices (the indexer's head weights too), so the score launch reads one summed slice.
 
 With programmatic dependent launch (sm_90) each program lets the next launch be scheduled, then
@@ -67,7 +69,7 @@ from .epilogue import overflow_scale, quantize_rows, rms_scale, round_bf16
 from .head_rotation import hadamard_rows, rope_pairs, split_head_dims
 from .index_front import front
 from .launch import is_pow2, pdl_supported, require
-from .split_k import sum_k_slices
+from .split_k import sum_block, sum_k_slices, sum_slices
 from .tuning import Config, Param, Tunable, pow2_bucket
 from .window_kv_write import store_fp8_rows
 from .workspace import Workspace, scratch
@@ -86,8 +88,9 @@ RING_COLS = tl.constexpr(128)  # ring update: columns per tile (x_proj: COFF*W i
 RATIO = tl.constexpr(COMPRESS_RATIO)  # the indexer's compressor
 SLOTS = tl.constexpr(STATE_SLOTS)
 _TILE = tl.constexpr(CLOSE_TILE)
-SUM_IN_FLIGHT = 64  # fp32 values a thread holds in flight when chunk 0 adds its K-slices (SPLITS x its share
-#                    of a step): the fewer steps, the fewer dependent round trips before the closes can start
+SUM_STEPS_MAX = 4  # a step program adds its row's K-slices itself in at most this many steps (each a round trip
+#                   before its closes start: 2 for a decode row of either compressor); a longer row (a prefill's:
+#                   T=128 of one row was 256 steps) is added by a launch of its own, many programs at once
 
 
 def close_splits_cap(seq: int, ratio: int = COMPRESS_RATIO, chunk: int = CLOSE_CHUNK) -> int | None:
@@ -318,20 +321,12 @@ def _update_ring(
             tl.store(score_state_ptr + dst + cols, sc, mask=new[:, None])
 
 
-def sum_block(splits: int, num_warps: int) -> int:
-    """Values chunk 0 adds per step of its K-slice sum: ``SUM_IN_FLIGHT`` loads a thread over all slices
-    (a power of two, 1 to 4 values a slice: at most one 16-byte load each). A decode row of the
-    attention's CSA compressor (2 x 2048 values, 9 slices, 16 warps) takes 2 steps, not 16 of 256."""
-    per_slice = max(1, min(4, SUM_IN_FLIGHT // max(splits, 1)))
-    return 32 * num_warps * (1 << (per_slice.bit_length() - 1))
-
-
 @triton.jit
 def _sum_row_slices(xp_ptr, dst_ptr, b, S, T, HI, TWO_HID: tl.constexpr, SPLITS: tl.constexpr,
                     SUM_BLOCK: tl.constexpr):  # fmt: skip
     """Row ``b``'s tokens (all their columns) of the x-projection's ``SPLITS`` K-slices, added in slice
-    order, into ``dst`` (laid out as one slice), ``SUM_BLOCK`` values a step (``sum_block``). The row's
-    tokens are contiguous: summed as one run."""
+    order, into ``dst`` (laid out as one slice), ``SUM_BLOCK`` values a step (``split_k.sum_block``). The
+    row's tokens are contiguous: summed as one run."""
     n_out = 2 * TWO_HID + HI
     n = S * n_out
     lo = b * n
@@ -465,15 +460,23 @@ def _step(
     table: torch.Tensor, block_size: int, fp8_rows: bool, **consts: float,
 ) -> torch.Tensor:  # fmt: skip
     """The step launch of either compressor (``ring``: kv_state, score_state; ``pool``: codes, scales,
-    tail); returns the summed projection (``name.kvg`` from ``ws``; ``xp[0]`` with one slice)."""
+    tail), after a launch that adds ``xp``'s K-slices when a row's would take the step program more
+    than ``SUM_STEPS_MAX`` steps; returns the summed projection (``name.kvg`` from ``ws``; ``xp[0]``
+    with one slice)."""
     hid, ratio = w.norm_w.shape[0], w.ape.shape[0]
     coff = w.wkv.shape[0] // hid
     nope, half_r = hid - rope.rope_dim, rope.rope_dim // 2
     splits = xp.shape[0]
-    kvg = scratch(ws, f"{name}.kvg", xp.shape[1:], torch.float32, xp.device) if splits > 1 else xp
+    pdl = cfg.pdl and pdl_supported(xp.device)
+    if splits == 1:
+        kvg = xp[0]
+    else:
+        kvg = scratch(ws, f"{name}.kvg", xp.shape[1:], torch.float32, xp.device)
+        if triton.cdiv(pos.seq * xp.shape[2], sum_block(splits, cfg.num_warps)) > SUM_STEPS_MAX:
+            sum_slices(xp, kvg, pdl)  # the same sums, in slice order, spread over the GPU
+            xp, splits = kvg[None], 1
     chunk = ROW_CHUNK if fp8_rows else CLOSE_CHUNK
     grid = (pos.batch, max(1, triton.cdiv(-(-pos.seq // ratio), chunk)))
-    pdl = cfg.pdl and pdl_supported(xp.device)
     _compressor_step_kernel[grid](
         xp, kvg, w.ape, pos.start, *ring, *pool, table, w.norm_w, rope.cos, rope.sin, pos.seq,
         xp.shape[2] - 2 * coff * hid, table.shape[1], eps, hid**-0.5,
@@ -482,7 +485,7 @@ def _step(
         SUM_BLOCK=sum_block(splits, cfg.num_warps), PDL=pdl,
         num_warps=cfg.num_warps, enable_fp_fusion=False, launch_pdl=pdl,
     )  # fmt: skip
-    return kvg if splits > 1 else xp[0]
+    return kvg
 
 
 def compressor_step(

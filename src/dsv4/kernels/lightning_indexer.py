@@ -5,7 +5,8 @@ ends and waits inside the kernel before it reads that one's outputs).
 1. ``index_front.front``: the x-side projection (compressor ``wkv``, ``wgate``, ``weights_proj``, as raw
    K-slices) and the INT8 query path (``q8 [T, HI, HID]``, ``q_scale [T, HI]``), two program families.
 2. ``compressor.compressor_step``: the compressor's closes and ring update (spec §4), one program per
-   row and chunk of closing blocks; each row's K-slices are summed in slice order, once.
+   row and chunk of closing blocks; each row's K-slices are summed in slice order, once (by a launch
+   of their own first where a row is too long for its program to add them in a few steps: a prefill's).
 3. ``index_score.index_scores``: the scores of every token against its visible keys, a persistent grid
    streaming key tiles.
 4. ``topk.select_topk``: the top-k indices per token (rows longer than ``ROW_IN_REGISTERS`` keys

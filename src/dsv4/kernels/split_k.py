@@ -12,13 +12,17 @@ to run). The partials cost traffic (written once, read back once), which bounds 
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .interpreter import interpreted
 
 BLOCK_K = 64  # D per step: 64 bf16 = 128 B, so every weight row read per step fills exactly one 128-B line
 SPLIT_CHOICES = (None, 1, 2, 3, 4, 6, 8, 12, 16)  # K-slice counts a kernel config may fix (None: k_splits)
+SUM_IN_FLIGHT = 64  # fp32 values a thread holds in flight when it adds K-slices (SPLITS x its share of a step)
+SUM_WARPS = 4  # the slice-sum launch: many small programs, one step of ``sum_block`` values each
 SLICE_PER_TOKEN_MIN = 8  # K-slice length >= 8 x T: the fp32 partials (T x N x 4 B per slice, written and read
 #                          back) then cost at most half the bytes of the bf16 weights (N x D x 2 B)
 
@@ -71,3 +75,30 @@ def sum_k_slices(ptrs, mask, slice_stride, SPLITS: tl.constexpr):
     for s in tl.static_range(1, SPLITS):
         acc += tl.load(ptrs + s * slice_stride, mask=mask, other=0.0)
     return acc
+
+
+def sum_block(splits: int, num_warps: int) -> int:
+    """Values a program of ``num_warps`` adds per step of a K-slice sum: ``SUM_IN_FLIGHT`` loads a thread
+    over all slices (a power of two, 1 to 4 values a slice: at most one 16-byte load each)."""
+    per_slice = max(1, min(4, SUM_IN_FLIGHT // max(splits, 1)))
+    return 32 * num_warps * (1 << (per_slice.bit_length() - 1))
+
+
+@triton.jit
+def _sum_slices_kernel(xp_ptr, out_ptr, n, SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()  # the next launch may be scheduled: it waits for this grid to complete
+        gdc_wait()  # the slices are complete and visible
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + i, sum_k_slices(xp_ptr + i, i < n, n, SPLITS), mask=i < n)
+
+
+def sum_slices(xp: torch.Tensor, out: torch.Tensor, pdl: bool) -> None:
+    """``out [...]`` fp32 <- ``xp [SPLITS, ...]`` fp32 added over its slices in slice order (the same
+    sums as ``sum_k_slices``), one launch of ``sum_block``-value programs; ``pdl``: launched as a
+    dependent launch (sm_90), waiting for its predecessor before it reads ``xp``."""
+    n = out.numel()
+    block = sum_block(xp.shape[0], SUM_WARPS)
+    _sum_slices_kernel[(triton.cdiv(n, block),)](
+        xp, out, n, SPLITS=xp.shape[0], BLOCK=block, PDL=pdl, num_warps=SUM_WARPS, launch_pdl=pdl
+    )
