@@ -12,7 +12,7 @@ from conftest import DEVICE, INTERPRETER_TRAFFIC
 from dsv4.bench.interp_traffic import count_traffic
 from dsv4.harness.cases import make_case, run_case
 from dsv4.harness.golden import compare, ratio_allclose, step_inputs, tolerance
-from dsv4.kernels import compressor
+from dsv4.kernels import compressor, tuning
 from dsv4.kernels.index_front import front
 from dsv4.model.config import PRESETS
 from dsv4.model.weights import synthetic_activations
@@ -95,9 +95,9 @@ def test_decode_steps_state_carried() -> None:
         done += seq
 
 
-@pytest.mark.parametrize("max_splits", [1, 3, None])  # None: the launcher's own split (4 K-steps of tiny D)
+@pytest.mark.parametrize("splits", [1, 3, None])  # None: the launcher's own split (4 K-steps of tiny D)
 @pytest.mark.parametrize(("batch", "seq"), [(3, 3), (1, 70)])
-def test_x_projection(batch: int, seq: int, max_splits: int | None) -> None:
+def test_x_projection(batch: int, seq: int, splits: int | None) -> None:
     """kv, gate + ape[p % 4] at each token's own position, scaled head weights, from the front launch's
     raw K-slices added up; one tile or several along T, split over D or not."""
     case = make_case(TINY, "indexer", seed=seq, device=DEVICE, batch=batch, seq=seq)
@@ -105,8 +105,9 @@ def test_x_projection(batch: int, seq: int, max_splits: int | None) -> None:
     x, w = a["x"], a["w"]
     pos = step_positions(a["start_pos"], batch, seq, DEVICE)
     scale = TINY.index_weights_scale
-    xp, _, _ = front(x, w.compressor, pos, w, a["qr"], a["qr_scale"], a["rope"], max_splits=max_splits)
-    assert xp.shape[0] <= (max_splits or xp.shape[0]), "the cap bounds the split"
+    with tuning.forced("index.front", {"splits": splits}):
+        xp, _, _ = front(x, w.compressor, pos, w, a["qr"], a["qr_scale"], a["rope"])
+    assert xp.shape[0] == (splits or xp.shape[0]), "the config sets the split"
     sums = xp.sum(0)
     p = pos.token_positions().reshape(-1)
     expected = {

@@ -25,9 +25,9 @@ Work comes in chunks of ``CLOSE_CHUNK`` closing blocks of one row (``close_chunk
 so no program reads a ring slot after it is overwritten. The projections come as the x-projection's
 raw K-slices (``x_proj.py``): chunk 0 adds its row's slices in slice order into a scratch row block
 first when there is more than one slice (decode), and reads them once per candidate from there; a
-row too long to add in ``SUM_STEPS_MAX`` steps has them added by a launch of its own before the step
-(``split_k.sum_slices``, the same sums), and a step long enough to have a chunk 1 is never split over
-K (``close_splits_cap``), so later chunks read the one slice directly. One chunk per program
+row too long to add in ``SUM_STEPS_MAX`` steps, or long enough to have a chunk 1, has them added by
+a launch of its own before the step (``split_k.sum_slices``, the same sums), and every chunk reads
+that one slice. One chunk per program
 (``_compressor_step_kernel``), in a launch of its own for both ops: ``indexer_compressor`` and the
 indexer run it between the front launch and, for the indexer, the score launch, whose tiles are
 tuned apart from it. Chunk 0 adds *every* column of its
@@ -91,12 +91,6 @@ _TILE = tl.constexpr(CLOSE_TILE)
 SUM_STEPS_MAX = 4  # a step program adds its row's K-slices itself in at most this many steps (each a round trip
 #                   before its closes start: 2 for a decode row of either compressor); a longer row (a prefill's:
 #                   T=128 of one row was 256 steps) is added by a launch of its own, many programs at once
-
-
-def close_splits_cap(seq: int, ratio: int = COMPRESS_RATIO, chunk: int = CLOSE_CHUNK) -> int | None:
-    """The most K-slices the x-projection may use for a step of ``seq`` tokens per row: one when a row
-    can close more than ``chunk`` blocks of ``ratio`` (its later chunks read the projections unsummed)."""
-    return 1 if -(-seq // ratio) + 1 > chunk else None
 
 
 @triton.jit
@@ -414,7 +408,7 @@ def _compressor_step_kernel(
     # releases it before its own wait), and that one may have written start (an engine's positions)
     start = tl.load(start_ptr + b)  # in flight while the slices are added: they do not depend on it
     T = tl.num_programs(0) * S
-    if SPLITS > 1:  # one chunk a row then (close_splits_cap): it adds the row's K-slices into kvg first
+    if SPLITS > 1:  # one chunk a row then (_step): it adds the row's K-slices into kvg first
         _sum_row_slices(xp_ptr, kvg_ptr, b, S, T, HI, COFF * HID, SPLITS, SUM_BLOCK)
         tl.debug_barrier()  # the sums are stored before any thread of the program reads them
         src_ptr = kvg_ptr
@@ -468,15 +462,16 @@ def _step(
     nope, half_r = hid - rope.rope_dim, rope.rope_dim // 2
     splits = xp.shape[0]
     pdl = cfg.pdl and pdl_supported(xp.device)
+    chunk = ROW_CHUNK if fp8_rows else CLOSE_CHUNK
+    grid = (pos.batch, max(1, triton.cdiv(-(-pos.seq // ratio), chunk)))
     if splits == 1:
         kvg = xp[0]
     else:
         kvg = scratch(ws, f"{name}.kvg", xp.shape[1:], torch.float32, xp.device)
-        if triton.cdiv(pos.seq * xp.shape[2], sum_block(splits, cfg.num_warps)) > SUM_STEPS_MAX:
+        steps = triton.cdiv(pos.seq * xp.shape[2], sum_block(splits, cfg.num_warps))
+        if steps > SUM_STEPS_MAX or grid[1] > 1:  # only a row's one chunk adds its slices itself
             sum_slices(xp, kvg, pdl)  # the same sums, in slice order, spread over the GPU
             xp, splits = kvg[None], 1
-    chunk = ROW_CHUNK if fp8_rows else CLOSE_CHUNK
-    grid = (pos.batch, max(1, triton.cdiv(-(-pos.seq // ratio), chunk)))
     _compressor_step_kernel[grid](
         xp, kvg, w.ape, pos.start, *ring, *pool, table, w.norm_w, rope.cos, rope.sin, pos.seq,
         xp.shape[2] - 2 * coff * hid, table.shape[1], eps, hid**-0.5,
@@ -522,7 +517,7 @@ def indexer_compressor(
     Two launches: the x-side projection (``wkv``, ``wgate``; the front launch without the query path)
     and the compressor step (which adds the projection's K-slices and ``ape`` as it reads them).
     """
-    xp, _, _ = front(x, w, pos, ws=ws, max_splits=close_splits_cap(pos.seq))
+    xp, _, _ = front(x, w, pos, ws=ws)
     compressor_step(xp, w, state, pos, rope, eps, ws)
 
 
@@ -543,7 +538,7 @@ def kv_compressor(
     """
     hd, ratio = w.norm_w.shape[0], w.ape.shape[0]
     require(is_pow2(hd), "w.norm_w", f"a row width HD that is a power of two, got {hd}")
-    xp, _, _ = front(x, w, pos, ws=ws, max_splits=close_splits_cap(pos.seq, ratio, ROW_CHUNK), name="kv_compressor")
+    xp, _, _ = front(x, w, pos, ws=ws, name="kv_compressor")
     cfg = KV_STEP_TUNING.config(x.device, B=pow2_bucket(pos.batch), S=pow2_bucket(pos.seq), RC=ratio)
     p = state.pool
     _step(

@@ -148,14 +148,13 @@ def front(
     rope: RopeTable | None = None,
     ws: Workspace | None = None,
     zero: torch.Tensor | None = None,
-    max_splits: int | None = None,
     name: str = "front",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One launch: ``x [B, S, D] bf16`` -> ``xp [SPLITS, B*S, 4*HID + HI] fp32`` (raw K-slices of
     ``x @ [wkv; wgate; weights_proj].T``; ``HI`` 0 without ``indexer``) and, with ``indexer`` (and
     ``qr [B*S, QL] int8``, ``qr_scale [B*S, 1] fp32``, ``rope``), the INT8 queries ``q8 [B*S, HI, HID]``
-    and ``q_scale [B*S, HI] fp32``. ``zero``: an int32 tensor zeroed by the same launch. ``max_splits``
-    caps the K split of the projection; ``name`` prefixes the names of its scratch in ``ws``."""
+    and ``q_scale [B*S, HI] fp32``. ``zero``: an int32 tensor zeroed by the same launch. ``name``
+    prefixes the names of its scratch in ``ws``."""
     b, s, d = x.shape
     t = b * s
     two_hid = w.wkv.shape[0]
@@ -177,7 +176,7 @@ def front(
         q_args = (qr, qr_scale, indexer.wq_b, indexer.wq_b_scale)
         cos, sin = rope.cos, rope.sin
     tiles = x_proj_tiles(t, d, two_hid, hi, sm_count(x.device), cfg.block_n, cfg.splits, q_programs)
-    splits = min(tiles.splits, max_splits or tiles.splits)
+    splits = tiles.splits
     xp = scratch(ws, f"{name}.xp", (splits, t, 2 * two_hid + hi), torch.float32, x.device)
     xp_programs = tiles.n_tiles * tiles.m_tiles * splits
     pdl = cfg.pdl and pdl_supported(x.device)

@@ -21,7 +21,7 @@ from ..model.rope import RopeTable
 from ..model.state import IndexerState
 from ..model.structs import IndexerOut, StepPositions
 from ..model.weights import IndexerWeights
-from .compressor import close_splits_cap, compressor_step
+from .compressor import compressor_step
 from .index_front import front
 from .index_score import index_scores
 from .topk import HIST_WORDS, ROW_IN_REGISTERS, select_topk
@@ -52,10 +52,7 @@ def indexer(
     # Rows longer than one program selects alone: the score launch builds the first-digit histograms
     # the selection starts from, in counters the front launch zeroes.
     hist = scratch(ws, "indexer.hist", (b * s, HIST_WORDS), torch.int32, x.device) if width > ROW_IN_REGISTERS else None
-    cap = close_splits_cap(s)
-    xp, q8, q_scale = front(
-        x, w.compressor, pos, indexer=w, qr=qr, qr_scale=qr_scale, rope=rope, ws=ws, zero=hist, max_splits=cap
-    )
+    xp, q8, q_scale = front(x, w.compressor, pos, indexer=w, qr=qr, qr_scale=qr_scale, rope=rope, ws=ws, zero=hist)
     proj = compressor_step(xp, w.compressor, state, pos, rope, eps, ws)
     score = index_scores(proj, q8, q_scale, w, state, pos, None if out is None else out.score, hist)
     topk_idxs = select_topk(score, pos, topk, offset, None if out is None else out.topk_idxs, ws, hist)
