@@ -48,7 +48,7 @@ PLANS = [
 # programs over 5 column tiles with D split so that the launch, query programs included, fills the 132 SMs:
 # 5 x 14 + 64 = 134 at T=128, 5 x 26 + 64 = 194 at T=2 (the split-K floor, split_k.k_splits); none split at
 # T=1024 (5 x 8 token tiles = 40), then one query program per head and token tile), the compressor step (one
-# program per row and chunk of 128 closing blocks), the persistent score launch (one program per SM, fewer
+# program per row and chunk of 16 closing blocks, one tile), the persistent score launch (one program per SM, fewer
 # when there are fewer (token pair, 128-key tile) items), and the top-k: one program per row up to 4096 keys,
 # 4096-key chunks beyond. `indexer_compressor` alone: the x-projection split 33 ways over its 4 tiles.
 GRIDS = {
@@ -72,23 +72,24 @@ GRIDS = {
     },
     "prefill-1024": {
         "_front_kernel": (552,),
-        "_compressor_step_kernel": (1, 2),
+        "_compressor_step_kernel": (1, 16),
         "_score_kernel": (132,),
         "_select_row_kernel": (1024,),
     },
     "compressor-decode": {"_front_kernel": (132,), "_compressor_step_kernel": (64, 1)},
 }
 GRIDS["compressor-decode-fp32-norm"] = GRIDS["compressor-decode"]
-# 128 x 512 sums of 33 slices, 128 values a program (split_k.sum_block at 4 warps), then the row's one step program
+# 128 x 512 sums of 33 slices, 128 values a program (split_k.sum_block at 4 warps), then the row's 32 closing
+# blocks in 2 step programs
 GRIDS["compressor-prefill-128"] = {
-    "_front_kernel": (132,), "_sum_slices_kernel": (512,), "_compressor_step_kernel": (1, 1),
+    "_front_kernel": (132,), "_sum_slices_kernel": (512,), "_compressor_step_kernel": (1, 2),
 }  # fmt: skip
 # o_proj: 64 wo_a column tiles x 2 K-slices, one quant program per 128-block and 32 tokens, 32 wo_b column
 # tiles x 4 K-slices (split_k's one wave of 132 SMs).
 GRIDS["o-proj-decode"] = {"_wo_a_kernel": (64, 1, 2), "_act_quant_kernel": (64, 4), "_wo_b_kernel": (32, 1, 4)}
 GRIDS["o-proj-decode-b1"] = {**GRIDS["o-proj-decode"], "_act_quant_kernel": (64, 1)}
 # kv_compressor at B=4: the x-projection over 2*COFF*HD/128 column tiles (16 CSA, 8 HCA) split to fill the
-# SMs, then one step program per row (one chunk of 16 closing blocks).
+# SMs, then one step program per row (one chunk of COFF closing blocks: a decode row closes at most one).
 GRIDS["kv-compressor-csa"] = {"_front_kernel": (144,), "_compressor_step_kernel": (4, 1)}
 GRIDS["kv-compressor-hca"] = {"_front_kernel": (136,), "_compressor_step_kernel": (4, 1)}
 GRIDS["window-kv-write"] = {"_window_kv_write_kernel": (64, 1)}  # one program per slot (4 tokens each)

@@ -65,8 +65,8 @@ def test_slots_past_the_batch_are_untouched() -> None:
 
 @pytest.mark.parametrize("ratio", [4, 16])
 def test_prefill_over_several_programs(ratio: int) -> None:
-    """CSA: 70 tokens close 17-18 blocks a row, two chunks of 16; HCA: 4-5 blocks with the ring's 16 slots
-    read by the first and rewritten by the step."""
+    """CSA: 70 tokens close 17-18 blocks a row, 2 a program; HCA: 4-5 blocks, one a program, with the ring's
+    16 slots read by the first and rewritten by the step."""
     _check(dsv4.get_config("tiny"), ratio, [2, ratio + 3], 70, seed=ratio)
 
 

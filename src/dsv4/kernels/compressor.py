@@ -19,8 +19,8 @@ closing block is computed independently from the projections and the pre-step ri
 final state is written once at the end, from the projections alone: slot ``q % 8`` <- token ``q``
 for the last (up to 8) positions ``q`` of the step.
 
-Work comes in chunks of ``CLOSE_CHUNK`` closing blocks of one row (``close_chunk``), pooled
-``CLOSE_TILE`` at a time. Only the first two closing blocks of a row can read the pre-step ring
+Work comes in chunks of ``CLOSE_TILE`` closing blocks of one row (``close_chunk``), pooled
+together. Only the first two closing blocks of a row can read the pre-step ring
 (``f - 4 < start``); both belong to the row's chunk 0, which also writes the ring, after a barrier —
 so no program reads a ring slot after it is overwritten. The projections come as the x-projection's
 raw K-slices (``x_proj.py``): chunk 0 adds its row's slices in slice order into a scratch row block
@@ -46,7 +46,8 @@ are, so a program pools one block at a time, ``CAND_TILE`` candidates x ``HD`` c
 (``[8, 512]`` at flash), in the same three passes (max, sum of exps, weighted sum), then RMSNorm,
 RoPE of the last ``R`` entries at ``f`` (the row split into its (even, odd) pairs in registers), and
 the FP8 row: NOPE quantized per 64 (``fp8_quant.quant_e4m3``), its scale bytes, the bf16 tail. Chunks
-are ``ROW_CHUNK`` blocks (a prefill's blocks spread over programs), one row's ring is written by its
+are ``COFF`` blocks (the ones that may read the pre-step ring share chunk 0; a prefill's blocks spread
+over programs, each a walk over its candidates), one row's ring is written by its
 chunk 0 in tiles of ``RING_TOKENS`` tokens x ``RING_COLS`` columns (HCA's ring is 128 x 512). The
 x-projection is the front launch without queries (``COFF*HD`` kv and gate rows: 16 column tiles for
 CSA, 8 for HCA at flash), its scratch named apart from the indexer's (``kv_compressor.xp``).
@@ -75,12 +76,10 @@ from .window_kv_write import store_fp8_rows
 from .workspace import Workspace, scratch
 from .x_proj import kvg_rows
 
-CLOSE_CHUNK = 128  # closing blocks per program: a decode step's row closes at most ceil(S/4) (1 at S=2)
-CLOSE_TILE = 16  # closing blocks pooled at once: the Hadamard tl.dot needs M >= 16 rows
+CLOSE_TILE = 16  # closing blocks pooled at once, and per program: the Hadamard tl.dot needs M >= 16 rows; a
+#                 prefill's tiles spread over programs (T=1024 of one row: 16), a decode row closes at most 1
 assert CLOSE_TILE >= 2, "the (at most two) blocks that read the pre-step ring must share chunk 0's first tile"
 NUM_WARPS = 8  # pooling and Hadamard tiles of 16 blocks: no spills on sm_90 (figures in docs/DESIGN.md)
-ROW_CHUNK = 16  # kv_compressor: closing blocks per program, pooled one at a time (a 1024-token CSA prefill
-#                 chunk closes 256 a row: 16 programs)
 KV_NUM_WARPS = 16  # FP8-row step, one slot a program: no spills at HD 512 with Triton 3.6 (8 warps: 40 B at HCA)
 CAND_TILE = 8  # kv_compressor: candidates pooled per step, [8, HD] fp32 (16 values a thread at 8 warps, HD 512)
 RING_TOKENS = tl.constexpr(8)  # ring update: tokens per tile (every token of a decode step at once)
@@ -462,7 +461,7 @@ def _step(
     nope, half_r = hid - rope.rope_dim, rope.rope_dim // 2
     splits = xp.shape[0]
     pdl = cfg.pdl and pdl_supported(xp.device)
-    chunk = ROW_CHUNK if fp8_rows else CLOSE_CHUNK
+    chunk = coff if fp8_rows else CLOSE_TILE  # the blocks that may read the pre-step ring share chunk 0
     grid = (pos.batch, max(1, triton.cdiv(-(-pos.seq // ratio), chunk)))
     if splits == 1:
         kvg = xp[0]
@@ -534,7 +533,7 @@ def kv_compressor(
     position of the step and one FP8 KV row per closed block (attention spec §3).
 
     Two launches: the x-side projection (``front`` without queries: ``wkv``, ``wgate``) and the
-    compressor step with FP8 rows, ``(B, ceil(ceil(S / RC) / ROW_CHUNK))`` programs.
+    compressor step with FP8 rows, ``(B, ceil(ceil(S / RC) / COFF))`` programs.
     """
     hd, ratio = w.norm_w.shape[0], w.ape.shape[0]
     require(is_pow2(hd), "w.norm_w", f"a row width HD that is a power of two, got {hd}")
