@@ -257,7 +257,7 @@ def build_plan(profile: Profile, paths: Paths) -> list[Step]:
     bench_step(
         "bench_prefill", f"dsv4 bench prefill ({profile.prefill_backends})", "prefill", PREFILL_OPS,
         profile.prefill_backends,
-    )
+    )  # fmt: skip
     ckpt = str(work / "checkpoint")
     script = str(paths.root / "benchmarks" / "load_checkpoint.py")
     add(

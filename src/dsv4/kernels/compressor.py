@@ -43,7 +43,7 @@ pre-step ring slot ``q % (COFF*RC)``, by the same argument as above: the step ov
 only at ``q + COFF*RC > p``. Only the first ``COFF`` closing blocks of a step can read the ring, all in
 chunk 0. At 128 candidates (HCA) the candidates cannot be unrolled per block tile as the indexer's 8
 are, so a program pools one block at a time, ``CAND_TILE`` candidates x ``HD`` columns per step
-(``[8, 512]`` at flash), in the same three passes (max, sum of exps, weighted sum), then RMSNorm,
+(``[16, 512]`` at flash), in the same three passes (max, sum of exps, weighted sum), then RMSNorm,
 RoPE of the last ``R`` entries at ``f`` (the row split into its (even, odd) pairs in registers), and
 the FP8 row: NOPE quantized per 64 (``fp8_quant.quant_e4m3``), its scale bytes, the bf16 tail. Chunks
 are ``COFF`` blocks (the ones that may read the pre-step ring share chunk 0; a prefill's blocks spread
@@ -81,7 +81,8 @@ CLOSE_TILE = 16  # closing blocks pooled at once, and per program: the Hadamard 
 assert CLOSE_TILE >= 2, "the (at most two) blocks that read the pre-step ring must share chunk 0's first tile"
 NUM_WARPS = 8  # pooling and Hadamard tiles of 16 blocks: no spills on sm_90 (figures in docs/DESIGN.md)
 KV_NUM_WARPS = 16  # FP8-row step, one slot a program: no spills at HD 512 with Triton 3.6 (8 warps: 40 B at HCA)
-CAND_TILE = 8  # kv_compressor: candidates pooled per step, [8, HD] fp32 (16 values a thread at 8 warps, HD 512)
+CAND_TILE = 16  # kv_compressor: candidates pooled per step, [16, HD] fp32 (16 values a thread at 16 warps, HD 512):
+#                CSA's 8 in one tile, HCA's 128 in 8 (each tile a round of loads in each of 3 passes; 32 spill at sm_90)
 RING_TOKENS = tl.constexpr(8)  # ring update: tokens per tile (every token of a decode step at once)
 RING_COLS = tl.constexpr(128)  # ring update: columns per tile (x_proj: COFF*W is a multiple of 128)
 RATIO = tl.constexpr(COMPRESS_RATIO)  # the indexer's compressor
@@ -443,7 +444,7 @@ KV_STEP_TUNING = Tunable(
         Param("num_warps", KV_NUM_WARPS, (4, 8, 16), "warps per chunk program", compiled_only=True),
         Param("pdl", True, (False, True), "programmatic dependent launch (sm_90)", exact=True, compiled_only=True),
     ),
-    candidates=({"cand_tile": 4}, {"cand_tile": 16}, {"num_warps": 4}, {"num_warps": 8}, {"pdl": False}),
+    candidates=({"cand_tile": 4}, {"cand_tile": 8}, {"num_warps": 4}, {"num_warps": 8}, {"pdl": False}),
 )
 
 
@@ -475,7 +476,7 @@ def _step(
         xp, kvg, w.ape, pos.start, *ring, *pool, table, w.norm_w, rope.cos, rope.sin, pos.seq,
         xp.shape[2] - 2 * coff * hid, table.shape[1], eps, hid**-0.5,
         HID=hid, NOPE=nope, HALF_R=half_r, BLOCK_SIZE=block_size, SPLITS=splits, **consts, RC=ratio, COFF=coff,
-        CHUNK=chunk, FP8_ROWS=fp8_rows, CAND=min(cfg.get("cand_tile", CAND_TILE), coff * ratio),
+        CHUNK=chunk, FP8_ROWS=fp8_rows, CAND=min(cfg.get("cand_tile", CAND_TILE), triton.next_power_of_2(coff * ratio)),
         SUM_BLOCK=sum_block(splits, cfg.num_warps), PDL=pdl,
         num_warps=cfg.num_warps, enable_fp_fusion=False, launch_pdl=pdl,
     )  # fmt: skip
