@@ -27,11 +27,10 @@ raw K-slices (``x_proj.py``): chunk 0 adds its row's slices in slice order into 
 first when there is more than one slice (decode), and reads them once per candidate from there; a
 row too long to add in ``SUM_STEPS_MAX`` steps, or long enough to have a chunk 1, has them added by
 a launch of its own before the step (``split_k.sum_slices``, the same sums), and every chunk reads
-that one slice. One chunk per program
-(``_compressor_step_kernel``), in a launch of its own for both ops: ``indexer_compressor`` and the
-indexer run it between the front launch and, for the indexer, the score launch, whose tiles are
-tuned apart from it. Chunk 0 adds *every* column of its
-row's slices (the indexer's head weights too), so the score launch reads one summed slice.
+that one slice. One chunk per program (``_compressor_step_kernel``), in a launch of its own for both
+ops: ``indexer_compressor`` and the indexer run it between the front launch and, for the indexer,
+the score launch, whose tiles are tuned apart from it. Whichever adds the slices adds *every* column
+of the row's (the indexer's head weights too), so the score launch reads one summed slice.
 
 With programmatic dependent launch (sm_90) each program lets the next launch be scheduled, then
 waits for the front launch before it reads anything the step writes or reads back.
@@ -515,7 +514,8 @@ def indexer_compressor(
     """``x [B, S, D] bf16``; updates rows ``0..B-1`` of ``state`` in place (spec §4).
 
     Two launches: the x-side projection (``wkv``, ``wgate``; the front launch without the query path)
-    and the compressor step (which adds the projection's K-slices and ``ape`` as it reads them).
+    and the compressor step (which adds the projection's K-slices and ``ape`` as it reads them); three
+    where a row is too long for its step program to add its slices in a few steps (``split_k.sum_slices``).
     """
     xp, _, _ = front(x, w, pos, ws=ws)
     compressor_step(xp, w, state, pos, rope, eps, ws)
@@ -534,7 +534,8 @@ def kv_compressor(
     position of the step and one FP8 KV row per closed block (attention spec §3).
 
     Two launches: the x-side projection (``front`` without queries: ``wkv``, ``wgate``) and the
-    compressor step with FP8 rows, ``(B, ceil(ceil(S / RC) / COFF))`` programs.
+    compressor step with FP8 rows, ``(B, ceil(ceil(S / RC) / COFF))`` programs; three where a row is
+    long (its K-slices added by ``split_k.sum_slices`` first).
     """
     hd, ratio = w.norm_w.shape[0], w.ape.shape[0]
     require(is_pow2(hd), "w.norm_w", f"a row width HD that is a power of two, got {hd}")
