@@ -192,7 +192,7 @@ def test_each_front_launch_geometry_has_its_own_bucket() -> None:
     """The front launch's bucket names its x-projection's columns (``N``: 2 x the compressor's ``2*HID`` or
     ``COFF*HD``, plus the indexer's ``HI`` head weights), so a split tuned for one compressor is never
     applied to another's tiles (at flash: 4 column tiles for the indexer's, 16 for CSA, 8 for HCA)."""
-    a = make_case(TINY, "indexer", seed=0).args
+    a = make_case(TINY, "indexer", seed=0, device=DEVICE).args
     pos = step_positions(a["start_pos"], *a["x"].shape[:2], DEVICE)
     csa, hca = synthetic_compressor(TINY, 4).to(DEVICE), synthetic_compressor(TINY, 16).to(DEVICE)
     launches = {
@@ -217,7 +217,7 @@ def test_each_front_launch_geometry_has_its_own_bucket() -> None:
 def test_sparse_attn_buckets_name_the_keys_a_token_walks() -> None:
     """``sparse_attn``'s key split is tuned per walk: a CSA token's list, an HCA slot's compressed rows and
     SWA's window alone look up buckets by that count (``KEYS``), not one bucket for the three kinds."""
-    case = make_case(TINY, "sparse_attn", batch=2, seq=2, start_pos=61, max_position=512)
+    case = make_case(TINY, "sparse_attn", batch=2, seq=2, start_pos=61, max_position=512, device=DEVICE)
     b, s, h = case.args["q"].shape[:3]
     hca = {"kind": "hca", "compress_ratio": TINY.compress_ratios[2], "topk_idxs": None, "topk_offset": 0}
     swa = {"kind": "swa", "compress_ratio": 0, "compressed_pool": None, "topk_idxs": None, "topk_offset": 0}
