@@ -3,6 +3,7 @@ fallback to the defaults, one file per device, and a file entry reaching the lau
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tomllib
 from pathlib import Path
@@ -229,7 +230,7 @@ def test_sparse_attn_buckets_name_the_keys_a_token_walks() -> None:
     for kind, changes in (("csa", {}), ("hca", hca), ("swa", swa)):
         args = {**case.args, **changes}
         with tuning.recording() as seen:
-            bind(type(case)(case.op, args, case.meta), "triton")()
+            bind(dataclasses.replace(case, args=args), "triton")()
         keys[kind] = [key for kernel, key in seen if kernel == "sparse_attn"]
         bucket = f"B={b},S={s},H={tuning.pow2_bucket(h)},KEYS={tuning.pow2_bucket(expect[kind])}"
         assert keys[kind] == [bucket], (kind, keys)

@@ -463,12 +463,12 @@ def _step(
     pdl = cfg.pdl and pdl_supported(xp.device)
     chunk = coff if fp8_rows else CLOSE_TILE  # the blocks that may read the pre-step ring share chunk 0
     grid = (pos.batch, max(1, triton.cdiv(-(-pos.seq // ratio), chunk)))
+    block = sum_block(splits, cfg.num_warps)
     if splits == 1:
         kvg = xp[0]
     else:
         kvg = scratch(ws, f"{name}.kvg", xp.shape[1:], torch.float32, xp.device)
-        steps = triton.cdiv(pos.seq * xp.shape[2], sum_block(splits, cfg.num_warps))
-        if steps > SUM_STEPS_MAX or grid[1] > 1:  # only a row's one chunk adds its slices itself
+        if triton.cdiv(pos.seq * xp.shape[2], block) > SUM_STEPS_MAX or grid[1] > 1:  # a row's one chunk adds its own
             sum_slices(xp, kvg, pdl)  # the same sums, in slice order, spread over the GPU
             xp, splits = kvg[None], 1
     _compressor_step_kernel[grid](
@@ -476,7 +476,7 @@ def _step(
         xp.shape[2] - 2 * coff * hid, table.shape[1], eps, hid**-0.5,
         HID=hid, NOPE=nope, HALF_R=half_r, BLOCK_SIZE=block_size, SPLITS=splits, **consts, RC=ratio, COFF=coff,
         CHUNK=chunk, FP8_ROWS=fp8_rows, CAND=min(cfg.get("cand_tile", CAND_TILE), triton.next_power_of_2(coff * ratio)),
-        SUM_BLOCK=sum_block(splits, cfg.num_warps), PDL=pdl,
+        SUM_BLOCK=block, PDL=pdl,
         num_warps=cfg.num_warps, enable_fp_fusion=False, launch_pdl=pdl,
     )  # fmt: skip
     return kvg
