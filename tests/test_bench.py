@@ -14,11 +14,12 @@ import bench_kernels
 from conftest import INTERPRETER_TRAFFIC
 from dsv4.bench import report
 from dsv4.bench.calls import BoundCall
-from dsv4.bench.runner import floors_us, run_bench, shape_grid
+from dsv4.bench.runner import bench_cost, floors_us, make_bench_case, run_bench, shape_grid
 from dsv4.bench.timing import _reps_for, device_spec, time_cpu
 from dsv4.bench.trace import trace_decode_step
 from dsv4.bench.traffic import measure_traffic
 from dsv4.cli import main
+from dsv4.harness.cases import make_case
 from dsv4.model.config import get_config
 from dsv4.ops import get_op, op_names
 from dsv4.ops.costs import OpCost, ring_traffic
@@ -160,6 +161,47 @@ def test_shape_grid_follows_the_issue() -> None:
             assert (op, f"prefill T={t}") in labels
     demo = {s.label for s in shape_grid(get_config("demo"), ["decode"])}  # 4096 positions: 1024 rows at most
     assert not any("cache=2048" in label or "cache=65536" in label for label in demo)
+
+
+def test_shape_grid_runs_each_layer_kind_of_an_attention_op() -> None:
+    """``kv_compressor`` and ``sparse_attn`` at every decode shape of their CSA rows in each other kind
+    too, after every op's default rows (the targets' rows come first); the bytes model follows the kind."""
+    shapes = shape_grid(FLASH, ["decode"], ["sparse_attn", "kv_compressor", "o_proj"])
+    labels = [(s.op, s.label) for s in shapes]
+    caches = ["decode B=64 S=2 cache=2048", "decode B=1 S=2 cache=65536", "decode B=1 S=2 cache=262144"]
+    assert labels == [
+        *[("sparse_attn", c) for c in caches],
+        ("kv_compressor", "decode B=64 S=2"),
+        ("o_proj", "decode B=64 S=2"),
+        *[("sparse_attn", c + " kind=hca") for c in caches],
+        ("kv_compressor", "decode B=64 S=2 kind=hca"),
+        *[("sparse_attn", c + " kind=swa") for c in caches],
+    ]
+    starts = [8190] * 64
+    cost = {(s.op, s.kind): bench_cost(FLASH, s, starts) for s in shapes if s.label.startswith("decode B=64")}
+    weights = "w.wkv + w.wgate"  # COFF x HD rows each: 2 x 512 for CSA's overlapping windows, 512 for HCA's
+    assert cost["kv_compressor", "hca"].reads[weights] * 2 == cost["kv_compressor", None].reads[weights]
+    rows = "compressed rows (FP8)"
+    assert cost["sparse_attn", "swa"].reads[rows] == 0 < cost["sparse_attn", "hca"].reads[rows]
+    assert cost["sparse_attn", "hca"].reads[rows] < cost["sparse_attn", None].reads[rows]  # 64 rows a slot, not 512
+    assert cost["sparse_attn", "hca"].bytes == get_op("sparse_attn").cost(FLASH, starts, 2, kind="hca").bytes
+
+
+def test_a_case_is_made_for_the_kind_asked() -> None:
+    """``make_case``'s ``kind`` builds the op's arguments of that layer kind; an op that has no such kind
+    is refused with the argument named, before anything is drawn."""
+    hca = make_bench_case(TINY, shape_grid(TINY, ["decode"], ["kv_compressor"])[1], 0, "cpu")
+    assert hca.meta["kind"] == "hca" and hca.args["w"].ape.shape[0] == TINY.kind_ratio("hca")
+    swa = make_bench_case(TINY, shape_grid(TINY, ["decode"], ["sparse_attn"])[-1], 0, "cpu")  # B=1, cache 512
+    assert (swa.meta["kind"], swa.args["kind"], swa.args["compress_ratio"]) == ("swa", "swa", 0)
+    assert "compressed_pool" not in swa.args
+    default = make_case(TINY, "sparse_attn", max_position=256)
+    assert (default.meta["kind"], default.args["kind"]) == ("csa", "csa")
+    assert "kind" not in make_case(TINY, "o_proj").meta
+    with pytest.raises(ValueError, match=r"^kind: o_proj takes no kind"):
+        make_case(TINY, "o_proj", kind="hca")
+    with pytest.raises(ValueError, match=r"^kind: kv_compressor takes one of csa, hca, got 'swa'"):
+        make_case(TINY, "kv_compressor", kind="swa")
 
 
 def test_time_cpu_reports_quantiles() -> None:

@@ -12,7 +12,8 @@ import torch
 
 from conftest import DEVICE
 from dsv4.bench import probe
-from dsv4.bench.tune import passed, plan, run_tune
+from dsv4.bench.runner import BenchShape
+from dsv4.bench.tune import _op_workload, passed, plan, run_tune
 from dsv4.cli import main
 from dsv4.kernels import tuning
 
@@ -81,6 +82,50 @@ def test_the_gpu_plan_puts_the_deployment_shapes_first() -> None:
         mine = [label for label in labels if label.startswith(preset)]
         assert len(mine) == 3 * 2 + 9 + 3  # B in 1, 8, 64 for two ops, 3 x 3 indexer shapes, prefill of each op
         assert f"{preset} indexer prefill T=1024" in mine
+
+
+def test_the_gpu_plan_tunes_every_layer_kind_of_the_attention_ops() -> None:
+    """``kv_compressor`` and ``sparse_attn`` run other launches in HCA and SWA layers: the plan reaches
+    them at the deployment and long-context shapes, each batch's other kinds after its default (CSA) shapes."""
+    planned = plan(["flash"], ["decode", "prefill"], ["sparse_attn", "kv_compressor", "o_proj"])
+    labels = [f"{s.op} {s.label}" for _, s in planned]
+    assert labels[:6] == [
+        "sparse_attn decode B=64 S=2 cache=2048",
+        "kv_compressor decode B=64 S=2",
+        "o_proj decode B=64 S=2",
+        "sparse_attn decode B=64 S=2 cache=2048 kind=hca",
+        "sparse_attn decode B=64 S=2 cache=2048 kind=swa",
+        "kv_compressor decode B=64 S=2 kind=hca",
+    ]
+    for cache in (65536, 262144):
+        csa = labels.index(f"sparse_attn decode B=1 S=2 cache={cache}")
+        assert (
+            csa
+            < labels.index(f"sparse_attn decode B=1 S=2 cache={cache} kind=hca")
+            < labels.index("sparse_attn decode B=1 S=2 cache=2048")
+        )
+        assert f"sparse_attn decode B=1 S=2 cache={cache} kind=swa" in labels
+    assert not any("kind" in label for label in labels if "o_proj" in label or "prefill" in label or "B=8" in label)
+
+
+def test_each_kind_of_a_tuned_shape_reaches_its_own_buckets() -> None:
+    """The workloads of the plan's kinds run their own launches: their kernels look up buckets that the
+    default kind's workload never does, so ``dsv4 tune`` tunes them (the tiny preset, on the test device)."""
+
+    def buckets(op: str, kind: str | None) -> set[tuple[str, str]]:
+        load = _op_workload("tiny", BenchShape(op, "decode", 1, 2, 62, kind), DEVICE, 0)
+        assert load.label.endswith("" if kind is None else f"kind={kind}")
+        with tuning.recording() as seen:
+            call, outputs = load.make()
+            assert outputs(call())
+        return set(seen)
+
+    csa, hca, swa = (buckets("sparse_attn", k) for k in (None, "hca", "swa"))
+    assert {k for k, _ in csa} == {k for k, _ in hca} == {k for k, _ in swa} == {"sparse_attn"}
+    assert len(csa | hca | swa) == 3  # three KEYS buckets
+    csa, hca = buckets("kv_compressor", None), buckets("kv_compressor", "hca")
+    assert {k for k, _ in csa} == {k for k, _ in hca} == {"index.front", "kv_compressor.step"}
+    assert not csa & hca  # the front launch's columns and the step's ratio differ
 
 
 @INTERPRETER_ONLY

@@ -3,7 +3,6 @@ fallback to the defaults, one file per device, and a file entry reaching the lau
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import tomllib
 from pathlib import Path
@@ -218,20 +217,18 @@ def test_each_front_launch_geometry_has_its_own_bucket() -> None:
 def test_sparse_attn_buckets_name_the_keys_a_token_walks() -> None:
     """``sparse_attn``'s key split is tuned per walk: a CSA token's list, an HCA slot's compressed rows and
     SWA's window alone look up buckets by that count (``KEYS``), not one bucket for the three kinds."""
-    case = make_case(TINY, "sparse_attn", batch=2, seq=2, start_pos=61, max_position=512, device=DEVICE)
-    b, s, h = case.args["q"].shape[:3]
-    hca = {"kind": "hca", "compress_ratio": TINY.compress_ratios[2], "topk_idxs": None, "topk_offset": 0}
-    swa = {"kind": "swa", "compress_ratio": 0, "compressed_pool": None, "topk_idxs": None, "topk_offset": 0}
-    pool = case.args["compressed_pool"]
-    expect = {
-        "csa": case.args["topk_idxs"].shape[2], "hca": pool.block_table.shape[1] * pool.block_size, "swa": 0,
-    }  # fmt: skip
     keys = {}
-    for kind, changes in (("csa", {}), ("hca", hca), ("swa", swa)):
-        args = {**case.args, **changes}
+    for kind in ("csa", "hca", "swa"):
+        case = make_case(TINY, "sparse_attn", batch=2, seq=2, start_pos=61, max_position=512, device=DEVICE, kind=kind)
+        a = case.args
+        b, s, h = a["q"].shape[:3]
+        pool = a.get("compressed_pool")
+        walked = 0 if pool is None else pool.block_table.shape[1] * pool.block_size  # HCA: every compressed row
+        walked = a["topk_idxs"].shape[2] if kind == "csa" else walked  # CSA: the token's list
         with tuning.recording() as seen:
-            bind(dataclasses.replace(case, args=args), "triton")()
+            bind(case, "triton")()
         keys[kind] = [key for kernel, key in seen if kernel == "sparse_attn"]
-        bucket = f"B={b},S={s},H={tuning.pow2_bucket(h)},KEYS={tuning.pow2_bucket(expect[kind])}"
+        bucket = f"B={b},S={s},H={tuning.pow2_bucket(h)},KEYS={tuning.pow2_bucket(walked)}"
+        assert (a["kind"], a["compress_ratio"]) == (kind, TINY.kind_ratio(kind))
         assert keys[kind] == [bucket], (kind, keys)
-    assert keys["csa"] != keys["swa"]
+    assert len({key for k in keys.values() for key in k}) == 3

@@ -45,22 +45,25 @@ _SPECS = {spec.name: spec for _, spec in DEVICE_TABLE}
 
 @dataclass(frozen=True)
 class BenchShape:
-    """One op at one shape: ``batch`` rows of ``seq`` tokens from ``start_pos`` (None: random per row)."""
+    """One op at one shape: ``batch`` rows of ``seq`` tokens from ``start_pos`` (None: random per row),
+    in a layer of ``kind`` (None: the op's default kind, for an op that has kinds)."""
 
     op: str
     mode: str
     batch: int
     seq: int
     start_pos: int | None = None
+    kind: str | None = None
 
     @property
     def label(self) -> str:
         if self.mode == "prefill":
-            return f"prefill T={self.batch * self.seq}" + (f" B={self.batch}" if self.batch > 1 else "")
-        text = f"decode B={self.batch} S={self.seq}"
-        if self.start_pos is not None:
-            text += f" cache={(self.start_pos + self.seq) // COMPRESS_RATIO}"
-        return text
+            text = f"prefill T={self.batch * self.seq}" + (f" B={self.batch}" if self.batch > 1 else "")
+        else:
+            text = f"decode B={self.batch} S={self.seq}"
+            if self.start_pos is not None:
+                text += f" cache={(self.start_pos + self.seq) // COMPRESS_RATIO}"
+        return text if self.kind is None else f"{text} kind={self.kind}"
 
     @property
     def max_position(self) -> int | None:
@@ -77,20 +80,38 @@ def shape_grid(cfg: DeepSeekV4Config, modes: Iterable[str], ops: Sequence[str] |
     for mode in modes:
         dec = mode_shape(cfg, mode)
         if mode == "decode":
+            mine: list[BenchShape] = []
             for op in ops:
                 if not get_op(op).cache_bound:
-                    shapes.append(BenchShape(op, mode, dec.batch, dec.seq))
+                    mine.append(BenchShape(op, mode, dec.batch, dec.seq))
                     continue
                 for i, rows in enumerate(DECODE_CACHE_LENS.get(cfg.name, DEFAULT_DECODE_CACHE_LENS)):
                     start = rows * COMPRESS_RATIO - dec.seq
                     if start + dec.seq <= cfg.max_position_embeddings:
-                        shapes.append(BenchShape(op, mode, dec.batch if i == 0 else 1, dec.seq, start))
+                        mine.append(BenchShape(op, mode, dec.batch if i == 0 else 1, dec.seq, start))
+            # then the ops' other layer kinds at the same shapes, after every op's default kind
+            other = [dataclasses.replace(x, kind=k) for x in mine for k in get_op(x.op).kinds[1:]]
+            shapes += mine + sorted(other, key=lambda x: (get_op(x.op).kinds.index(x.kind), ops.index(x.op)))
         else:
             for op in ops:
                 for t in PREFILL_TOKENS.get(cfg.name, DEFAULT_PREFILL_TOKENS):
                     if t + COMPRESS_RATIO <= cfg.max_position_embeddings:
                         shapes.append(BenchShape(op, mode, 1, t, 0))
     return shapes
+
+
+def make_bench_case(cfg: DeepSeekV4Config, shape: BenchShape, seed: int, device: torch.device | str) -> Case:
+    """The seeded case of ``shape`` (``make_case``'s arguments from it)."""
+    return make_case(
+        cfg, shape.op, shape.mode, seed, device=device, max_position=shape.max_position, batch=shape.batch,
+        seq=shape.seq, start_pos=shape.start_pos, kind=shape.kind,
+    )  # fmt: skip
+
+
+def bench_cost(cfg: DeepSeekV4Config, shape: BenchShape, start_pos: Sequence[int]) -> OpCost:
+    """The op's minimal bytes and FLOPs at ``shape`` for rows starting at ``start_pos``."""
+    desc = get_op(shape.op)
+    return desc.cost(cfg, start_pos, shape.seq, **desc.kind_args(shape.kind))
 
 
 def _error(e: BaseException) -> str:
@@ -276,16 +297,13 @@ def run_bench(
     for shape in shapes:
         if bar is not None:
             bar.set_postfix_str(f"{shape.op} {shape.label}")
-        case = make_case(
-            cfg, shape.op, shape.mode, seed, device=device, max_position=shape.max_position,
-            batch=shape.batch, seq=shape.seq, start_pos=shape.start_pos,
-        )  # fmt: skip
+        case = make_bench_case(cfg, shape, seed, device)
         start_host = case.meta["start_pos"]
-        cost = get_op(shape.op).cost(cfg, start_host, shape.seq)
+        cost = bench_cost(cfg, shape, start_host)
         table_floor = floors_us(cost, spec.bandwidth if spec else None, spec)
         copy_floor = floors_us(cost, copy_bw, spec)
         result["shapes"].append({
-            "op": shape.op, "shape": shape.label, "batch": shape.batch, "seq": shape.seq,
+            "op": shape.op, "shape": shape.label, "batch": shape.batch, "seq": shape.seq, "kind": case.meta.get("kind"),
             "start_pos": start_host if len(set(start_host)) > 1 else start_host[0],
             "model": cost.to_dict(), "floor_us_device_table": table_floor, "floor_us_measured_copy": copy_floor,
             "floor_us_reference_devices": {n: floors_us(cost, _SPECS[n].bandwidth, _SPECS[n]) for n in REFERENCE_SPECS},

@@ -1,7 +1,8 @@
 """``dsv4 tune``: each Triton kernel's declared launch candidates, measured on the GPU at hand.
 
 For every kernel and shape bucket the flash and pro presets reach (decode B = 64, 1, 8 with S = 2,
-the indexer at caches of 2048 / 65536 / 262144 keys; prefill T = 1024), each candidate of
+the indexer at caches of 2048 / 65536 / 262144 keys, the attention ops of B = 64 and the long
+contexts in each layer kind they serve; prefill T = 1024), each candidate of
 ``kernels.tuning`` runs inside the whole op with every other kernel at its default. Its outputs
 are checked against the default configuration's: bit-identical when only parameters that keep the
 bits changed (``Param.exact``), else within the spec §6 rules. A candidate that passes is timed as
@@ -21,6 +22,7 @@ figure, so the dry run writes its config file to a temporary folder unless told 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
@@ -31,7 +33,6 @@ from typing import Any
 
 import torch
 
-from ..harness.cases import make_case
 from ..harness.golden import compare
 from ..kernels import tuning  # the package registers every kernel's launch parameters
 from ..kernels.interpreter import interpreted
@@ -40,7 +41,7 @@ from ..model.structs import StepPositions
 from ..ops.registry import get_op, op_names
 from . import report
 from .calls import bind
-from .runner import BenchShape
+from .runner import BenchShape, bench_cost, make_bench_case
 from .timing import L2Flush, describe_error, time_cuda, zero_point
 
 PRESETS = ("flash", "pro")
@@ -77,7 +78,8 @@ def _op_shapes(op: str, mode: str, batch: int, caches: Sequence[int | None]) -> 
 
 def plan(presets: Sequence[str], modes: Sequence[str], ops: Sequence[str]) -> list[tuple[str, BenchShape]]:
     """``(preset, shape)`` in the order they are tuned: per preset the deployment batch (B=64) first,
-    then the long-context rows (B=1), the other batches, the rest of the caches and prefill."""
+    then the long-context rows (B=1), each followed by the same shapes in the ops' other layer kinds,
+    then the other batches, the rest of the caches and prefill."""
     order: list[tuple[str, int, tuple[int | None, ...]]] = [
         ("decode", 64, (None, CACHE_LENS[0])),
         ("decode", 1, CACHE_LENS[1:]),
@@ -89,28 +91,25 @@ def plan(presets: Sequence[str], modes: Sequence[str], ops: Sequence[str]) -> li
     out = []
     for preset in presets:
         cfg = get_config(preset)
-        for mode, batch, caches in order:
+        for i, (mode, batch, caches) in enumerate(order):
             if mode not in modes:
                 continue
-            for op in ops:
-                for shape in _op_shapes(op, mode, batch, caches):
-                    if (shape.start_pos or 0) + shape.seq <= cfg.max_position_embeddings:
-                        out.append((preset, shape))
+            mine = [shape for op in ops for shape in _op_shapes(op, mode, batch, caches)]
+            if i < 2:  # the deployment and long-context shapes in the other layer kinds too
+                mine += [dataclasses.replace(x, kind=k) for x in mine for k in get_op(x.op).kinds[1:]]
+            out += [(preset, x) for x in mine if (x.start_pos or 0) + x.seq <= cfg.max_position_embeddings]
     return out
 
 
 def _op_workload(preset: str, shape: BenchShape, device: torch.device, seed: int) -> Workload:
     cfg = get_config(preset)
-    case = make_case(
-        cfg, shape.op, shape.mode, seed, device=device, max_position=shape.max_position, batch=shape.batch,
-        seq=shape.seq, start_pos=shape.start_pos,
-    )  # fmt: skip
+    case = make_bench_case(cfg, shape, seed, device)
 
     def make():
         call = bind(case, "triton")
         return call, call.outputs
 
-    cost = get_op(shape.op).cost(cfg, case.meta["start_pos"], shape.seq)
+    cost = bench_cost(cfg, shape, case.meta["start_pos"])
     return Workload(f"{preset} {shape.op} {shape.label}", shape.op, make, case.compare_inputs(), cost.bytes)
 
 

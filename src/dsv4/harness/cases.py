@@ -56,6 +56,7 @@ def make_case(
     batch: int | None = None,
     seq: int | None = None,
     start_pos: int | list[int] | None = None,
+    kind: str | None = None,
 ) -> Case:
     """Seeded arguments of ``op`` for preset ``cfg`` in ``mode`` (``decode`` or ``prefill``).
 
@@ -63,8 +64,11 @@ def make_case(
     prefilled state; prefill starts every row at 0 with an empty state. ``batch``/``seq``
     override the mode's shape; ``start_pos`` puts every row at that position, or row ``b`` at
     ``start_pos[b]`` (state prefilled either way). ``meta["start_pos"]`` lists each row's start.
+    ``kind``: the attention layer kind (``"csa"``, ``"hca"``, ``"swa"``) of an op that runs
+    differently in each (``OpDescriptor.kinds``; default its first); ``meta["kind"]`` says which.
     """
     desc = get_op(op)
+    kind_args = desc.kind_args(kind)  # checked before anything is drawn
     shape = mode_shape(cfg, mode)
     b, s = batch or shape.batch, seq or shape.seq
     n = min(cfg.max_position_embeddings, max_position or DEFAULT_MAX_POSITION)
@@ -99,7 +103,9 @@ def make_case(
         "op": op, "preset": cfg.name, "mode": mode, "seed": seed, "batch": b, "seq": s, "max_position": n,
         "start_pos": start.tolist(),
     }  # fmt: skip
-    return Case(op, desc.case_args(inputs), meta)
+    if desc.kinds:
+        meta["kind"] = kind or desc.kinds[0]
+    return Case(op, desc.case_args(inputs, **kind_args), meta)
 
 
 def mutated_args(op: str) -> tuple[str, ...]:

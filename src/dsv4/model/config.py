@@ -109,6 +109,10 @@ class DeepSeekV4Config:
                 return layer
         raise ValueError(f"kind: {self.name} has no {kind!r} layer (compress_ratios {list(self.compress_ratios)})")
 
+    def kind_ratio(self, kind: str) -> int:
+        """The compress ratio of the first layer of ``kind``: 0 (SWA), 4 (CSA) or the preset's HCA ratio."""
+        return self.layer_ratio(self.first_layer(kind))
+
     def replace(self, **changes: Any) -> DeepSeekV4Config:
         """A copy with some fields changed (e.g. a smaller ``max_position_embeddings``)."""
         return dataclasses.replace(self, **changes)

@@ -105,7 +105,7 @@ def topk_rows(c: CaseInputs, ratio: int, topk: int, offset: int) -> torch.Tensor
 def sparse_attn_args(c: CaseInputs, kind: str = "csa") -> dict:
     """``sparse_attn`` of a ``kind`` layer (ratio 4 for CSA, the first HCA layer's ratio for HCA)."""
     cfg = c.cfg
-    ratio = 0 if kind == "swa" else cfg.layer_ratio(cfg.first_layer(kind))
+    ratio = cfg.kind_ratio(kind)
     args = {
         "q": unit_rows(c, c.batch, c.seq, cfg.num_attention_heads, cfg.head_dim),
         "kv": unit_rows(c, c.batch, c.seq, cfg.head_dim),

@@ -139,6 +139,9 @@ class OpDescriptor(Generic[P, R]):
         case_args: ``(CaseInputs) -> args``: the public arguments of a seeded case.
         cost: ``(cfg, start_pos, seq) -> OpCost``: minimal bytes and FLOPs for batch rows starting
             at ``start_pos`` with ``seq`` tokens each.
+        kinds: the attention layer kinds (``"csa"``, ``"hca"``, ``"swa"``) the op runs differently
+            for, the default first; ``case_args`` and ``cost`` then take ``kind=`` one of them
+            (``kind_args``). Empty for an op that runs the same in every layer.
         implementations: backend name -> ``"module:function"``; each function takes the validated
             arguments positionally in ``params`` order (``backend_args``), and ``out=`` when the op
             has a result.
@@ -162,6 +165,7 @@ class OpDescriptor(Generic[P, R]):
     implementations: Mapping[str, str]
     fake_result: Callable[[dict[str, Any]], tuple[torch.Tensor, ...]] | None = None
     cache_bound: bool = False
+    kinds: tuple[str, ...] = ()
     params: tuple[Param, ...] = field(init=False)
     result: type | None = field(init=False)
     _sig: inspect.Signature = field(init=False, compare=False, repr=False)
@@ -190,6 +194,17 @@ class OpDescriptor(Generic[P, R]):
         object.__setattr__(self, "params", params)
         object.__setattr__(self, "result", result)
         object.__setattr__(self, "_sig", sig)
+
+    def kind_args(self, kind: str | None) -> dict[str, str]:
+        """The keyword arguments that put ``case_args`` and ``cost`` in a layer of ``kind``: ``{}`` for
+        None (the op's default), else ``{"kind": kind}``; a ``ValueError`` naming ``kind`` when the op
+        does not run differently for it."""
+        if kind is None:
+            return {}
+        if kind not in self.kinds:
+            takes = f"one of {', '.join(self.kinds)}" if self.kinds else "no kind (it runs the same in every layer)"
+            raise ValueError(f"kind: {self.name} takes {takes}, got {kind!r}")
+        return {"kind": kind}
 
     def output(self, name: str) -> Output:
         """The output called ``name``."""

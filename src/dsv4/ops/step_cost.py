@@ -15,7 +15,7 @@ def step_costs(cfg: DeepSeekV4Config, layer: int, start_pos: Sequence[int], seq:
     kind, ratio = cfg.layer_kind(layer), cfg.layer_ratio(layer)
     costs = [get_op("qkv_proj_rope").cost(cfg, start_pos, seq)]
     if ratio:
-        costs.append(get_op("kv_compressor").cost(cfg, start_pos, seq, ratio))
+        costs.append(get_op("kv_compressor").cost(cfg, start_pos, seq, kind, ratio))
     if kind == "csa":
         costs.append(get_op("indexer").cost(cfg, start_pos, seq))
     costs.append(get_op("sparse_attn_write").cost(cfg, start_pos, seq, kind, ratio or None))

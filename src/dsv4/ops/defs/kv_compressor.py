@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ...model.attention_state import CompressorState, compressor_dims
-from ...model.config import COMPRESS_RATIO, DeepSeekV4Config
+from ...model.config import DeepSeekV4Config
 from ...model.pool_format import FP8_KV
 from ...model.rope import RopeTable
 from ...model.weights import CompressorWeights
@@ -58,12 +58,16 @@ def validate(args: dict[str, Any], out: None) -> dict[str, Any]:
     return {"start_pos": check_kv_compressor(**args)}
 
 
-def case_args(c: CaseInputs) -> dict[str, Any]:
-    return kv_compressor_args(c, COMPRESS_RATIO)
+def case_args(c: CaseInputs, kind: str = "csa") -> dict[str, Any]:
+    return kv_compressor_args(c, c.cfg.kind_ratio(kind))
 
 
-def cost(cfg: DeepSeekV4Config, start_pos: Sequence[int], seq: int, ratio: int = COMPRESS_RATIO) -> OpCost:
-    """``kv_compressor`` of a layer of ``ratio`` (default CSA) for rows starting at ``start_pos[b]``."""
+def cost(
+    cfg: DeepSeekV4Config, start_pos: Sequence[int], seq: int, kind: str = "csa", ratio: int | None = None
+) -> OpCost:
+    """``kv_compressor`` of a ``kind`` layer (default CSA; ``ratio`` default: the preset's first layer of
+    that kind's) for rows starting at ``start_pos[b]``."""
+    ratio = cfg.kind_ratio(kind) if ratio is None else ratio
     b, d, hd = len(start_pos), cfg.hidden_size, cfg.head_dim
     coff, _ = compressor_dims(ratio, hd)
     ring = [ring_traffic(p, seq, ratio, coff) for p in start_pos]
@@ -101,6 +105,7 @@ KV_COMPRESSOR = OpDescriptor(
     validate=validate,
     case_args=case_args,
     cost=cost,
+    kinds=("csa", "hca"),
     implementations={
         "reference": "dsv4.reference.compressor:kv_compressor",
         "triton": "dsv4.kernels.compressor:kv_compressor",

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ...model.attention_state import KVPool
-from ...model.config import COMPRESS_RATIO, DeepSeekV4Config
+from ...model.config import DeepSeekV4Config
 from ...model.pool_format import FP8_KV
 from ...model.rope import RopeTable
 from ...model.state import DEFAULT_BLOCK_SIZE
@@ -72,8 +72,8 @@ def validate(args: dict[str, Any], out: AttnOut | None) -> dict[str, Any]:
     return {"start_pos": check_sparse_attn(*args.values(), out)}
 
 
-def case_args(c: CaseInputs) -> dict[str, Any]:
-    return sparse_attn_args(c, "csa")
+def case_args(c: CaseInputs, kind: str = "csa") -> dict[str, Any]:
+    return sparse_attn_args(c, kind)
 
 
 def key_counts(cfg: DeepSeekV4Config, p: int, start: int, kind: str, ratio: int, topk: int) -> tuple[int, int, int]:
@@ -104,7 +104,7 @@ def cost(
     costs one more row)."""
     topk = cfg.index_topk if topk is None else topk
     if ratio is None:
-        ratio = 0 if kind == "swa" else COMPRESS_RATIO if kind == "csa" else cfg.layer_ratio(cfg.first_layer("hca"))
+        ratio = cfg.kind_ratio(kind)
     b, t = len(start_pos), len(start_pos) * seq
     h, hd, w = cfg.num_attention_heads, cfg.head_dim, cfg.sliding_window
     row = FP8_KV.row_bytes(cfg.qk_nope_head_dim, tail=cfg.qk_rope_head_dim)
@@ -149,4 +149,5 @@ SPARSE_ATTN = OpDescriptor(
         "triton": "dsv4.kernels.sparse_attn:sparse_attn",
     },
     cache_bound=True,
+    kinds=("csa", "hca", "swa"),
 )

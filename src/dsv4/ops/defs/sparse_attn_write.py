@@ -59,8 +59,8 @@ def validate(args: dict[str, Any], out: AttnOut | None) -> dict[str, Any]:
     return {"start_pos": check_sparse_attn_write(*args.values(), out)}
 
 
-def case_args(c: CaseInputs) -> dict[str, Any]:
-    return sparse_attn_args(c, "csa")
+def case_args(c: CaseInputs, kind: str = "csa") -> dict[str, Any]:
+    return sparse_attn_args(c, kind)
 
 
 def cost(
@@ -94,4 +94,5 @@ SPARSE_ATTN_WRITE = OpDescriptor(
         "triton": "dsv4.kernels.sparse_attn:sparse_attn_write",
     },
     cache_bound=True,
+    kinds=("csa", "hca", "swa"),
 )
