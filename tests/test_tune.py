@@ -37,9 +37,12 @@ def dry_run(tmp_path_factory):
 def test_every_candidate_of_every_kernel_matches_the_default(dry_run) -> None:
     result, _ = dry_run
     assert result["stopped"] is None and all(w["status"] == "done" for w in result["workloads"])
-    buckets = {b["kernel"]: b for b in result["buckets"]}
-    assert set(buckets) == set(tuning.TUNABLES) and len(result["buckets"]) == len(buckets)  # one bucket each
-    for name, b in buckets.items():
+    assert {b["kernel"] for b in result["buckets"]} == set(tuning.TUNABLES)
+    assert len({(b["kernel"], b["bucket"]) for b in result["buckets"]}) == len(result["buckets"])  # each once
+    for kind, kernels in (("hca", {"sparse_attn", "kv_compressor.step", "index.front"}), ("swa", {"sparse_attn"})):
+        assert {b["kernel"] for b in result["buckets"] if b["workload"].endswith(f"kind={kind}")} == kernels
+    for b in result["buckets"]:
+        name = b["kernel"]
         tunable = tuning.TUNABLES[name]
         declared = [dict(c) for c in tunable.candidate_configs(tunable.parse_bucket(b["bucket"]))]
         assert [v["params"] for v in b["variants"]] == declared, name

@@ -14,7 +14,7 @@ spent, and ``--kernels`` / ``--ops`` / ``--shapes`` limit the run. The deploymen
 so a run cut short has tuned what matters most.
 
 ``--dry-run``: the same on the CPU interpreter with the ``tiny`` preset and one shape bucket per
-kernel. Every candidate that the interpreter executes differently from the default runs and is
+kernel and layer kind. Every candidate that the interpreter executes differently from the default runs and is
 checked; candidates that differ only in compiled-only options (warps, stages, PDL) are the same
 program there and share the verdict of that run (``same_run_as``). Nothing a CPU times is a GPU
 figure, so the dry run writes its config file to a temporary folder unless told where.
@@ -66,6 +66,7 @@ class Workload:
     make: Callable[[], tuple[Callable[[], Any], Callable[[Any], dict[str, torch.Tensor]]]]
     compare_inputs: dict[str, Any] = field(default_factory=dict)
     minimal_bytes: int | None = None
+    kind: str | None = None  # the layer kind of an op that has kinds (None: its default)
 
 
 def _op_shapes(op: str, mode: str, batch: int, caches: Sequence[int | None]) -> list[BenchShape]:
@@ -110,7 +111,8 @@ def _op_workload(preset: str, shape: BenchShape, device: torch.device, seed: int
         return call, call.outputs
 
     cost = bench_cost(cfg, shape, case.meta["start_pos"])
-    return Workload(f"{preset} {shape.op} {shape.label}", shape.op, make, case.compare_inputs(), cost.bytes)
+    label = f"{preset} {shape.op} {shape.label}"
+    return Workload(label, shape.op, make, case.compare_inputs(), cost.bytes, shape.kind)
 
 
 def _selection_workload(device: torch.device, seed: int) -> Workload:
@@ -132,8 +134,10 @@ def _selection_workload(device: torch.device, seed: int) -> Workload:
 
 def dry_workloads(ops: Sequence[str], device: torch.device, seed: int) -> list[Workload]:
     """The dry run's calls: one ``tiny`` decode row per op (reaching every kernel but the chunked
-    selection), then a selection over a row of more than 4096 keys."""
+    selection), then the same row in the ops' other layer kinds, then a selection over a row of more
+    than 4096 keys."""
     shapes = [BenchShape(op, "decode", 1, DECODE_SEQ, None if op == "qkv_proj_rope" else DRY_START) for op in ops]
+    shapes += [dataclasses.replace(x, kind=k) for x in shapes for k in get_op(x.op).kinds[1:]]
     loads = [_op_workload(DRY_PRESET, s, device, seed) for s in shapes]
     return loads + [_selection_workload(device, seed)]
 
@@ -193,11 +197,12 @@ class Tuner:
         if start_from is not None:
             table = tuning.load_config(start_from, self.key)
             self.entries = {k: {b: dict(c) for b, c in buckets.items()} for k, buckets in table.entries.items()}
-        # resume: the buckets the starting file holds are done (the dry run tunes a kernel once: by kernel)
+        # resume: the buckets the starting file holds are done (the dry run tunes a kernel once per layer
+        # kind: by kernel and kind, the held ones in the default kind)
         self.done: set[Any] = set()
         if resume:
             held = [(k, b) for k, buckets in self.entries.items() for b in buckets]
-            self.done = {k for k, _ in held} if dry_run else set(held)
+            self.done = {(k, None) for k, _ in held} if dry_run else set(held)
         self.on_gpu = device.type == "cuda"
         self.flush = L2Flush(device=device) if self.on_gpu else None
         self.meta = report.provenance(command, device)
@@ -357,7 +362,7 @@ class Tuner:
                     if load.minimal_bytes:
                         default_row["gb_per_s"] = load.minimal_bytes / (host_us * 1e-6) / 1e9
                 for kernel, bucket in dict.fromkeys(seen):
-                    done_key = kernel if self.dry_run else (kernel, bucket)
+                    done_key = (kernel, load.kind) if self.dry_run else (kernel, bucket)
                     if kernel in self.kernels_wanted and done_key not in self.done:
                         self.done.add(done_key)
                         self._bucket(load, kernel, bucket, base, default_row)
