@@ -5,6 +5,7 @@ process (``test_cli_errors.py`` runs user errors both ways)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,24 @@ def test_golden_save_then_check_the_attention_ops(tmp_path: Path, capsys: pytest
     assert main(check) == 1
     out = capsys.readouterr().out
     assert "3/4 golden cases passed" in out and "window_kv_write: FAIL" in out
+
+
+def test_golden_save_takes_the_layer_kind(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--kind`` saves an op's HCA or SWA case beside its CSA one, under a name of its own; the check
+    replays each in its kind."""
+    for op, kind in (("sparse_attn", None), ("sparse_attn", "hca"), ("sparse_attn", "swa"), ("kv_compressor", "hca")):
+        assert main(["golden", "save", str(tmp_path), "--op", op] + (["--kind", kind] if kind else [])) == 0
+    names = sorted(p.stem for p in tmp_path.glob("*.json"))
+    assert names == [
+        "kv_compressor-tiny-decode-hca-seed0", "sparse_attn-tiny-decode-hca-seed0", "sparse_attn-tiny-decode-seed0",
+        "sparse_attn-tiny-decode-swa-seed0",
+    ]  # fmt: skip
+    manifest = json.loads((tmp_path / "sparse_attn-tiny-decode-swa-seed0.json").read_text())
+    assert manifest["meta"]["kind"] == manifest["scalars"]["kind"] == "swa"
+    assert "compressed_pool.nope" not in manifest["inputs"]
+    check = ["golden", "check", str(tmp_path), "--backend", "reference", "--device", "cpu"]
+    assert main(check) == 0
+    assert "4/4 golden cases passed" in capsys.readouterr().out
 
 
 def test_golden_check_empty_folder(tmp_path: Path) -> None:

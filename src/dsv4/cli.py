@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .model.config import PRESETS, get_config
+from .model.config import LAYER_KINDS, PRESETS, get_config
 from .model.weights import MAX_SEED
 from .ops.backends import BACKENDS, available_backends, unavailable_reason
 from .ops.registry import op_names
@@ -151,9 +151,10 @@ def _cmd_golden_save(args: argparse.Namespace) -> int:
     from .harness.cases import make_case, run_case
     from .io.golden_io import save
 
-    case = make_case(get_config(args.preset), args.op, args.mode, args.seed, device=args.device)
+    case = make_case(get_config(args.preset), args.op, args.mode, args.seed, device=args.device, kind=args.kind)
     path = save(case, run_case(case, "reference"), args.dir)
-    print(f"saved {path.stem} ({case.op}, preset {args.preset}, mode {args.mode}, seed {args.seed}) to {args.dir}")
+    what = f"{case.op}, preset {args.preset}, mode {args.mode}" + (f", kind {case.meta['kind']}" if args.kind else "")
+    print(f"saved {path.stem} ({what}, seed {args.seed}) to {args.dir}")
     return 0
 
 
@@ -345,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     save.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     save.add_argument("--op", required=True, choices=op_names())
     save.add_argument("--mode", default="decode", choices=["decode", "prefill"])
+    save.add_argument(
+        "--kind", choices=LAYER_KINDS, help="the layer kind of an op that runs differently in each (default: CSA)"
+    )
     save.add_argument("--seed", type=SEED, default=0)
     save.add_argument("--device", type=_device, default="cpu")
     save.set_defaults(func=_cmd_golden_save)

@@ -24,8 +24,11 @@ from .json_files import read_json
 
 
 def case_name(case: Case) -> str:
+    """``op-preset-mode-seedN``, with the layer kind after the mode when it is not the op's default."""
     m = case.meta
-    return f"{case.op}-{m['preset']}-{m['mode']}-seed{m['seed']}"
+    kinds = get_op(case.op).kinds
+    kind = f"-{m['kind']}" if kinds and m.get("kind", kinds[0]) != kinds[0] else ""
+    return f"{case.op}-{m['preset']}-{m['mode']}{kind}-seed{m['seed']}"
 
 
 def _case_files(folder: Path, name: str) -> list[Path]:
