@@ -432,6 +432,32 @@ def test_ncu_csv_is_grouped_per_kernel_and_grid(tmp_path) -> None:
     assert (tmp_path / "ncu.csv").read_text().splitlines()[0] == header
 
 
+def test_ncu_profiles_every_layer_kind_at_the_deployment_batch_and_the_longest_context(tmp_path) -> None:
+    """The ncu step's bench covers each kernel at B=64 in every layer kind and the indexer and attention at
+    the longest cache, and no shape twice for one kernel (``sparse_attn_write`` runs ``sparse_attn``'s);
+    the summary has a column for every metric it asks ncu for."""
+    from dsv4.acceptance.plan import NCU_METRICS, build_plan
+    from dsv4.acceptance.summary import NCU_COLUMNS
+    from dsv4.bench.runner import run_bench
+    from dsv4.cli import build_parser
+    from dsv4.model.config import get_config
+
+    assert [metric for metric, *_ in NCU_COLUMNS] == list(NCU_METRICS)
+    paths = Paths(root=ROOT, out=tmp_path / "out", work=tmp_path / "work", python=sys.executable)
+    (step,) = [s for s in build_plan(GPU, paths) if s.name == "ncu"]
+    words = list(step.commands[0])
+    assert ",".join(NCU_METRICS) in words
+    args = build_parser().parse_args(words[words.index("dsv4") + 1 :])
+    figures = run_bench(get_config(args.preset), ops=args.ops, shapes=args.shapes, backends=[], traffic=False)
+    shapes = [(s["op"], s["shape"]) for s in figures["shapes"]]
+    for kind in ("", " kind=hca", " kind=swa"):
+        assert ("sparse_attn", f"decode B=64 S=2 cache=2048{kind}") in shapes
+        assert ("sparse_attn", f"decode B=1 S=2 cache=262144{kind}") in shapes
+    assert {("kv_compressor", "decode B=64 S=2 kind=hca"), ("indexer", "decode B=1 S=2 cache=262144")} < set(shapes)
+    assert {op for op, _ in shapes} == set(OPS) - {"sparse_attn_write"}
+    assert not any("65536" in label or "B=8" in label for _, label in shapes)
+
+
 def test_every_dsv4_command_of_the_gpu_plan_parses(tmp_path) -> None:
     """The GPU run's ``dsv4`` commands (inside ``ncu`` too) are accepted by ``dsv4``'s own parser:
     an argument it refuses would lose the step on the GPU, where no one can fix it."""

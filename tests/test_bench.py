@@ -187,6 +187,25 @@ def test_shape_grid_runs_each_layer_kind_of_an_attention_op() -> None:
     assert cost["sparse_attn", "hca"].bytes == get_op("sparse_attn").cost(FLASH, starts, 2, kind="hca").bytes
 
 
+def test_shapes_keeps_the_shapes_whose_op_or_label_holds_a_text(tmp_path, capsys) -> None:
+    """``dsv4 bench --shapes``: the shapes whose op and label hold one of the texts, in the grid's order;
+    a filter that keeps none is a user error naming ``shapes``, before anything is measured."""
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--preset", "tiny", "--cpu", "--model-only", "--ops", "sparse_attn,o_proj", "--json", str(out)]
+    assert main([*argv, "--shapes", "kind=swa,o_proj"]) == 0
+    result = json.loads(out.read_text())
+    assert [(s["op"], s["shape"]) for s in result["shapes"]] == [
+        ("o_proj", "decode B=4 S=2"),
+        ("sparse_attn", "decode B=4 S=2 cache=16 kind=swa"),
+        ("sparse_attn", "decode B=1 S=2 cache=512 kind=swa"),
+    ]
+    assert result["settings"]["shapes"] == ["kind=swa", "o_proj"]
+    assert "--shapes kind=swa,o_proj" in result["meta"]["command"]
+    capsys.readouterr()
+    with pytest.raises(ValueError, match=r"^shapes: none of B=128 is in an op or shape of tiny"):
+        run_bench(TINY, ops=["o_proj"], shapes=["B=128"], backends=[], traffic=False)
+
+
 def test_a_case_is_made_for_the_kind_asked() -> None:
     """``make_case``'s ``kind`` builds the op's arguments of that layer kind; an op that has no such kind
     is refused with the argument named, before anything is drawn."""

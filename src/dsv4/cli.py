@@ -187,7 +187,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     result.update(run_bench(
         cfg, modes=MODES if args.mode == "all" else (args.mode,), device=device, ops=args.ops, reps=args.reps,
         budget_s=args.budget_s, flush_l2=not args.warm_l2, use_graph=not args.no_graph,
-        kernel_split=not args.no_kernel_split, seed=args.seed, on_shape=keep if args.json else None, **measure,
+        kernel_split=not args.no_kernel_split, seed=args.seed, on_shape=keep if args.json else None,
+        shapes=args.shapes, **measure,
     ))  # fmt: skip
     print(report.render(result))
     if args.json:
@@ -216,6 +217,7 @@ def _check_output_file(flag: str, path: str | None) -> None:
 def _bench_command(args: argparse.Namespace) -> str:
     """The ``dsv4 bench`` arguments of this run, every setting spelled out."""
     words = ["bench", "--preset", args.preset, "--mode", args.mode, "--ops", ",".join(args.ops)]
+    words += ["--shapes", ",".join(args.shapes)] if args.shapes else []
     words += ["--backends", ",".join(args.backends)] if args.backends else []
     words += ["--reps", str(args.reps), "--budget-s", f"{args.budget_s:g}", "--seed", str(args.seed)]
     flags = {"--cpu": args.cpu, "--model-only": args.model_only, "--warm-l2": args.warm_l2, "--no-graph": args.no_graph}
@@ -366,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cpu", action="store_true", help="run on the CPU: Triton traffic counts and reference timings")
     bench.add_argument(
         "--ops", type=_names(op_names()), default=list(op_names()), help="comma-separated ops (default: all)"
+    )
+    bench.add_argument(
+        "--shapes", type=_names_any, help="keep shapes whose op and label hold one of these (e.g. 'B=64', 'kind=hca')"
     )
     default_backends = "triton,reference,compile on a GPU; reference on a CPU"
     bench.add_argument("--backends", type=_names(BENCH_BACKENDS), help=f"backends to time ({default_backends})")

@@ -35,10 +35,22 @@ GPU_TESTS = (
 # (14 on the 16-core GPU machine; the H100 run kept 8 workers ~85% busy, 317 tests in 123 s)
 XDIST_WORKERS = max(1, (os.cpu_count() or 4) - 2)
 TEST_TIMEOUT_S = 120  # per test (pytest-timeout, where installed): one hung test cannot eat the step
-# ncu: per-kernel DRAM and L2 bytes and duration, for the Triton kernels only (their names start
-# with "_"; PyTorch's own kernels, e.g. the reference run for the check, do not)
-NCU_METRICS = ("dram__bytes_read.sum", "dram__bytes_write.sum", "lts__t_bytes.sum", "gpu__time_duration.sum")
+# ncu: per-kernel DRAM and L2 bytes and duration, and what the warps wait for (a decode kernel that waits on
+# chains of loads shows long-scoreboard stalls, one that waits on its block's barriers barrier stalls), for
+# the Triton kernels only (their names start with "_"; PyTorch's own kernels, e.g. the reference run for the
+# check, do not)
+NCU_METRICS = (
+    "dram__bytes_read.sum", "dram__bytes_write.sum", "lts__t_bytes.sum", "gpu__time_duration.sum",
+    "launch__registers_per_thread", "sm__warps_active.avg.pct_of_peak_sustained_active",
+    "smsp__issue_active.avg.pct_of_peak_sustained_active",
+    "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio",
+    "smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio",
+)  # fmt: skip
 NCU_KERNELS = "regex:^_"
+# the shapes ncu profiles: the deployment batch in every layer kind and the longest context, each kernel
+# once per shape family (sparse_attn_write runs sparse_attn's kernel)
+NCU_SHAPES = ("B=64", "cache=262144")
+NCU_SKIP_OPS = ("sparse_attn_write",)
 CHECKPOINT_LAYER = 1  # a compress-ratio-4 layer of benchmarks/load_checkpoint.py's checkpoint
 TUNED_CONFIG = "kernel-config.json"  # the tune step's config file, returned whole; its "device" names its home
 
@@ -244,11 +256,13 @@ def build_plan(profile: Profile, paths: Paths) -> list[Step]:
     ncu = shutil.which("ncu")
     # plain launches, the fewest repetitions the bench takes (5; a per-timing budget of 1 ms keeps it at
     # that minimum): each kernel is profiled ~11 times per shape
+    ncu_ops = tuple(op for op in profile.ops if op not in NCU_SKIP_OPS)
     profiled = _bench(
-        paths, profile, "decode", profile.ops, "triton", "ncu-bench.json", "--no-graph", reps=5, budget_s=1e-3
-    )
+        paths, profile, "decode", ncu_ops, "triton", "ncu-bench.json", "--no-graph", "--shapes", ",".join(NCU_SHAPES),
+        reps=5, budget_s=1e-3,
+    )  # fmt: skip
     add(
-        "ncu", "ncu: DRAM and L2 bytes per Triton kernel at decode",
+        "ncu", "ncu: DRAM and L2 bytes, registers, occupancy and stall reasons per Triton kernel at decode",
         (ncu or "ncu", "--target-processes", "all", "--kernel-name-base", "function", "--kernel-name", NCU_KERNELS,
          "--metrics", ",".join(NCU_METRICS), "--csv", "--page", "raw", "--print-units", "base", *profiled),
         parse="ncu", files={"csv": str(out / "ncu.csv")},

@@ -29,11 +29,16 @@ TARGETS = (
 )
 _BASIS = {"table": ("pct_of_floor_device_table", "the floor"), "copy": ("pct_of_floor_measured_copy",
           "the floor at the measured copy bandwidth")}  # fmt: skip
-NCU_COLUMNS = (
-    ("dram__bytes_read.sum", "DRAM read MB", 1e6),
-    ("dram__bytes_write.sum", "DRAM write MB", 1e6),
-    ("lts__t_bytes.sum", "L2 MB", 1e6),
-    ("gpu__time_duration.sum", "time µs", 1e3),
+NCU_COLUMNS = (  # (metric, column, divisor of the base unit, digits)
+    ("dram__bytes_read.sum", "DRAM read MB", 1e6, 3),
+    ("dram__bytes_write.sum", "DRAM write MB", 1e6, 3),
+    ("lts__t_bytes.sum", "L2 MB", 1e6, 3),
+    ("gpu__time_duration.sum", "time µs", 1e3, 3),
+    ("launch__registers_per_thread", "registers", 1, 0),
+    ("sm__warps_active.avg.pct_of_peak_sustained_active", "warps active %", 1, 1),
+    ("smsp__issue_active.avg.pct_of_peak_sustained_active", "issue active %", 1, 1),
+    ("smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio", "long-scoreboard stall", 1, 2),
+    ("smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio", "barrier stall", 1, 2),
 )
 # ncu's units (``--print-units base`` prints bytes and nanoseconds) -> bytes or nanoseconds
 _UNIT_SCALE = {
@@ -371,15 +376,15 @@ def _profile_section(record: dict[str, Any]) -> list[str]:
     rows = []
     for k in n["kernels"]:
         row = [f"`{k['kernel']}`", k["grid"], k["block"], str(k["launches"])]
-        for metric, _, scale in NCU_COLUMNS:
+        for metric, _, scale, digits in NCU_COLUMNS:
             value = k.get(metric)
             unit_scale = _UNIT_SCALE.get((units.get(metric) or "").strip().lower(), 1)
-            row.append("-" if value is None else f"{value * unit_scale / scale:.3f}")
+            row.append("-" if value is None else f"{value * unit_scale / scale:.{digits}f}")
         rows.append(row)
-    headers = ["kernel", "grid", "block", "launches"] + [label for _, label, _ in NCU_COLUMNS]
+    headers = ["kernel", "grid", "block", "launches"] + [label for _, label, _, _ in NCU_COLUMNS]
     lines += ["", f"ncu: {n['profiled_launches']} launches profiled (`{n['file']}`); medians per kernel and grid:", ""]
-    printed = ", ".join(f"{m}: {units.get(m) or '?'}" for m, _, _ in NCU_COLUMNS)
-    lines += _md_table(headers, rows, right={3, 4, 5, 6, 7})
+    printed = ", ".join(f"{m}: {units.get(m) or '?'}" for m, _, _, _ in NCU_COLUMNS)
+    lines += _md_table(headers, rows, right=set(range(3, len(headers))))
     return lines + ["", f"<sub>units as ncu printed them: {printed}</sub>"]
 
 

@@ -234,6 +234,7 @@ def run_bench(
     seed: int = 0,
     progress: bool = True,
     on_shape: Callable[[dict[str, Any]], None] | None = None,
+    shapes: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark; returns every figure (see ``report`` for how it is shown).
 
@@ -242,7 +243,9 @@ def run_bench(
     the Triton kernels' bytes under the interpreter. ``kernel_split`` (GPU): each timing also gives
     every kernel's own time inside the timed call. ``on_shape`` is given the figures so far after
     each shape (``dsv4 bench --json`` rewrites its file then, so a run stopped early keeps what it
-    measured).
+    measured). ``shapes``: keep only the shapes whose op and label (``"sparse_attn decode B=64 S=2
+    cache=2048 kind=hca"``) hold one of these strings; a ``ValueError`` naming ``shapes`` when that
+    leaves none.
     """
     device = torch.device(device)
     on_gpu = device.type == "cuda"
@@ -256,10 +259,16 @@ def run_bench(
         traffic_reason = "traffic is counted under Triton's CPU interpreter; run with --cpu"
     count_traffic = traffic_reason is None
 
+    grid = shape_grid(cfg, modes, ops)
+    if shapes is not None:  # before anything is measured
+        kept = [x for x in grid if any(text in f"{x.op} {x.label}" for text in shapes)]
+        if not kept:
+            labels = ", ".join(dict.fromkeys(x.label for x in grid))
+            raise ValueError(f"shapes: none of {', '.join(shapes)} is in an op or shape of {cfg.name} ({labels})")
+        grid = kept
     spec = device_spec(torch.cuda.get_device_name(device)) if on_gpu else None
     copy_bw = copy_bandwidth() if on_gpu else None
     zero = zero_point() if on_gpu and timed else None
-    shapes = shape_grid(cfg, modes, ops)
     result: dict[str, Any] = {
         "bandwidth": {
             "device_table": {"name": spec.name, "bytes_per_s": spec.bandwidth} if spec else None,
@@ -280,6 +289,7 @@ def run_bench(
             "cuda_graph": use_graph and on_gpu,
             "kernel_split": kernel_split and on_gpu,
             "seed": seed,
+            "shapes": None if shapes is None else list(shapes),
         },
         "shapes": [],
         "timings": [],
@@ -293,8 +303,8 @@ def run_bench(
         )  # fmt: skip
     else:
         timer = partial(time_cpu, reps=reps, budget_s=budget_s)
-    bar = _progress(len(shapes) * (len(timed) + count_traffic), progress)
-    for shape in shapes:
+    bar = _progress(len(grid) * (len(timed) + count_traffic), progress)
+    for shape in grid:
         if bar is not None:
             bar.set_postfix_str(f"{shape.op} {shape.label}")
         case = make_bench_case(cfg, shape, seed, device)
