@@ -151,11 +151,13 @@ def _qr_kv_rows_kernel(
     row = partial_ptr + t * (QL + HD)
     slice_stride = tl.cast(T, tl.int64) * (QL + HD)
 
+    # Each path asks for what its epilogue reads (gamma; the kv path's position and its cos/sin rows) before
+    # the slices: those loads wait under the slices' round trips, not after the row's reductions.
     if tl.program_id(1) == 0:  # qr path: c = rms(x @ wq_a.T, gamma_cq); qr, qr_scale = int8_per_row(c)
         cq = tl.arange(0, BLOCK_QL)[None, :]
         cq_ok = cq < QL
-        a = sum_k_slices(row + cq, cq_ok, slice_stride, SPLITS)
         gamma_cq = tl.load(gamma_cq_ptr + cq, mask=cq_ok, other=0.0).to(tl.float32)
+        a = sum_k_slices(row + cq, cq_ok, slice_stride, SPLITS)
         a_scale, a_inv = rms_scale(a, QL, eps)
         c = (a * a_scale) * a_inv * gamma_cq
         qr, qr_scale = quantize_int8_rows(c)
@@ -167,13 +169,14 @@ def _qr_kv_rows_kernel(
             tl.store(sumsq_ptr + t * PAIR_SLOTS + slots, minus_one, mask=slots < PAIR_SLOTS)
     else:  # kv path: k = rms(x @ wkv.T, gamma_ckv); NOPE as is, RoPE on the last R entries
         ck = tl.arange(0, HD)[None, :]
-        k = sum_k_slices(row + QL + ck, ck < HD, slice_stride, SPLITS)
-        k_scale, k_inv = rms_scale(k, HD, eps)
-        k = (k * k_scale) * k_inv * tl.load(gamma_ckv_ptr + ck).to(tl.float32)
+        gamma_ckv = tl.load(gamma_ckv_ptr + ck).to(tl.float32)
         pos = tl.load(positions_ptr + t).to(tl.int64)
         half = tl.arange(0, R // 2)[None, :]
         cos = tl.load(cos_ptr + pos * (R // 2) + half)
         sin = tl.load(sin_ptr + pos * (R // 2) + half)
+        k = sum_k_slices(row + QL + ck, ck < HD, slice_stride, SPLITS)
+        k_scale, k_inv = rms_scale(k, HD, eps)
+        k = (k * k_scale) * k_inv * gamma_ckv
         store_rope_bf16(kv_ptr + t * HD + ck, k, cos, sin, ck < HD, HD, R)
 
 
