@@ -54,7 +54,7 @@ class Plan:
     start_pos: int = 0
     max_position: int | None = None
     fp32: tuple[str, ...] = ()
-    ratio: int | None = None  # kv_compressor, sparse_attn: an HCA layer's compress ratio (their cases are CSA ones)
+    kind: str | None = None  # the layer kind of an op that runs differently in each (make_case's kind)
 
 
 @dataclass(frozen=True)
@@ -198,21 +198,10 @@ def _run_plan(plan: Plan) -> None:
     stateful = plan.op not in ("qkv_proj_rope", "o_proj", "sparse_attn", "sparse_attn_write")
     case = make_case(
         get_config(plan.preset), plan.op, batch=plan.batch, seq=plan.seq,
-        start_pos=0 if stateful else plan.start_pos, max_position=plan.max_position,
+        start_pos=0 if stateful else plan.start_pos, max_position=plan.max_position, kind=plan.kind,
     )  # fmt: skip
     if stateful:
         case.args["start_pos"] = torch.full_like(case.args["start_pos"], plan.start_pos)
-    if plan.ratio is not None and plan.op.startswith("sparse_attn"):  # an HCA layer's attention, the case's pools
-        case.args.update(kind="hca", compress_ratio=plan.ratio, topk_idxs=None, topk_offset=0)
-    elif plan.ratio is not None:  # an HCA layer's compressor: its weights and an empty state of that ratio
-        from dsv4.model.attention_state import CompressorState
-        from dsv4.model.weights import synthetic_compressor
-
-        cfg = get_config(plan.preset)
-        case.args["w"] = synthetic_compressor(cfg, plan.ratio, 0)
-        case.args["state"] = CompressorState.dense(
-            plan.batch, plan.ratio, cfg.head_dim, cfg.qk_rope_head_dim, case.meta["max_position"]
-        )
     if plan.fp32:
         w = case.args["w"]
         owner = w.compressor if plan.op == "indexer" else w

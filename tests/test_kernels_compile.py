@@ -39,7 +39,7 @@ PLANS = [
         Plan("o-proj-decode-b1", "o_proj", "flash", batch=1, seq=2),
         # the attention's compressor on the same step kernel (FP8 rows): CSA and HCA (ratio 128) layers
         Plan("kv-compressor-csa", "kv_compressor", "flash", batch=4, seq=2, start_pos=4 * 2048 - 2),
-        Plan("kv-compressor-hca", "kv_compressor", "flash", batch=4, seq=2, start_pos=128 * 16 - 2, ratio=128),
+        Plan("kv-compressor-hca", "kv_compressor", "flash", batch=4, seq=2, start_pos=128 * 16 - 2, kind="hca"),
         Plan("window-kv-write", "window_kv_write", "flash", batch=64, seq=2, start_pos=4 * 2048 - 2),
     ],
 ]

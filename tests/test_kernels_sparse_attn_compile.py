@@ -19,21 +19,21 @@ from sm90 import H100_SHARED, Plan, Variant, compile_plans
 
 START = 4 * 2048 - 2  # 2048 compressed rows, the window's 128 rows from the pool
 MAX = 4 * 2048
+HCA_MAX = 128 * 2048  # an HCA layer (ratio 128) at 2048 compressed rows: a 256K-token context
+HCA_START = HCA_MAX - 2
 PLANS = [
     [
         Plan("flash-decode", "sparse_attn", "flash", batch=4, seq=2, start_pos=START, max_position=MAX),
         Plan("flash-t1", "sparse_attn", "flash", batch=4, seq=1, start_pos=START, max_position=MAX),
         Plan("flash-decode-write", "sparse_attn_write", "flash", batch=4, seq=2, start_pos=START, max_position=MAX),
         Plan("flash-decode-b64", "sparse_attn", "flash", batch=64, seq=2, start_pos=START, max_position=MAX),
-        Plan("flash-hca-b1", "sparse_attn", "flash", batch=1, seq=2, start_pos=START, max_position=MAX, ratio=128),
-        Plan(
-            "flash-hca-chunk", "sparse_attn", "flash", batch=1, seq=64, start_pos=MAX - 64, max_position=MAX, ratio=128
-        ),
+        Plan("flash-hca-b1", "sparse_attn", "flash", 1, 2, start_pos=HCA_START, max_position=HCA_MAX, kind="hca"),
+        Plan("flash-hca-chunk", "sparse_attn", "flash", 1, 64, start_pos=MAX - 64, max_position=MAX, kind="hca"),
     ]
 ]
 # (B x S x ceil(H / heads), 1, splits): one token and 32 heads a program, head blocks fastest; the key
-# splits by key_splits (8 programs a token at B=4, 32 list tiles: 2; B=64: none; B=1 HCA over the
-# pool's 2048-row capacity, 128 tiles: 8), then the combine launch (B x S x ceil(H / heads), 1)
+# splits by key_splits (8 programs a token at B=4, 32 list tiles: 2; B=64: none; B=1 HCA over its
+# 2048 compressed rows, 128 tiles: 8), then the combine launch (B x S x ceil(H / heads), 1)
 GRIDS = {
     "flash-decode": [("_attn_kernel", (16, 1, 2)), ("_combine_kernel", (16, 1))],
     "flash-t1": [("_attn_kernel", (8, 1, 2)), ("_combine_kernel", (8, 1))],
