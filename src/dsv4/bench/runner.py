@@ -89,9 +89,9 @@ def shape_grid(cfg: DeepSeekV4Config, modes: Iterable[str], ops: Sequence[str] |
                     start = rows * COMPRESS_RATIO - dec.seq
                     if start + dec.seq <= cfg.max_position_embeddings:
                         mine.append(BenchShape(op, mode, dec.batch if i == 0 else 1, dec.seq, start))
-            # then the ops' other layer kinds at the same shapes, after every op's default kind
+            # then the ops' other layer kinds at the same shapes, kind by kind, after every op's default kind
             other = [dataclasses.replace(x, kind=k) for x in mine for k in get_op(x.op).kinds[1:]]
-            shapes += mine + sorted(other, key=lambda x: (get_op(x.op).kinds.index(x.kind), ops.index(x.op)))
+            shapes += mine + sorted(other, key=lambda x: get_op(x.op).kinds.index(x.kind))  # a stable sort
         else:
             for op in ops:
                 for t in PREFILL_TOKENS.get(cfg.name, DEFAULT_PREFILL_TOKENS):

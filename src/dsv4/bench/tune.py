@@ -14,9 +14,9 @@ spent, and ``--kernels`` / ``--ops`` / ``--shapes`` limit the run. The deploymen
 so a run cut short has tuned what matters most.
 
 ``--dry-run``: the same on the CPU interpreter with the ``tiny`` preset and one shape bucket per
-kernel and layer kind. Every candidate that the interpreter executes differently from the default runs and is
-checked; candidates that differ only in compiled-only options (warps, stages, PDL) are the same
-program there and share the verdict of that run (``same_run_as``). Nothing a CPU times is a GPU
+kernel and layer kind. Every candidate that the interpreter executes differently from the default
+runs and is checked; candidates that differ only in compiled-only options (warps, stages, PDL) are
+the same program there and share the verdict of that run (``same_run_as``). Nothing a CPU times is a GPU
 figure, so the dry run writes its config file to a temporary folder unless told where.
 """
 
