@@ -8,7 +8,7 @@ per SM and whether the block fits an H100 at all, and per MMA loop the dependent
 iteration waits for in a row (``loop_load_chains``); a candidate that does not compile says why. So a
 GPU slice's ``dsv4 tune`` meets no candidate that cannot launch, and the spills are known before.
 
-    python benchmarks/compile_candidates.py [--kernels qkv.projection,...] [--json out.json]
+    python benchmarks/compile_candidates.py [--kernels qkv.projection,...] [--kind hca] [--json out.json]
 
 Runs ``TRITON_INTERPRET=0`` itself (kernels defined under the interpreter cannot be compiled).
 """
@@ -16,6 +16,7 @@ Runs ``TRITON_INTERPRET=0`` itself (kernels defined under the interpreter cannot
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -29,6 +30,7 @@ os.environ["TRITON_INTERPRET"] = "0"
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
 import sm90  # noqa: E402  (after the interpreter switch and the path)
+from dsv4.ops.registry import get_op  # noqa: E402
 
 # the @triton.jit function behind each tuned kernel (a candidate may launch another: the first of the
 # names launched is the row's), and a flash decode call that launches it
@@ -70,6 +72,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernels", help="comma-separated (default: every tuned kernel)")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument(
+        "--kind", choices=("hca", "swa"), help="the ops that have layer kinds (kv_compressor, sparse_attn) in this one"
+    )
     args = parser.parse_args()
     launches: list = []
     sm90._on_h100(launches)
@@ -78,12 +83,15 @@ def main() -> None:
     wanted = args.kernels.split(",") if args.kernels else list(KERNELS)
     rows = []
     for name in wanted:
-        fn_name, plan = KERNELS[name]
+        fn_name, plan_name = KERNELS[name]
+        plan = PLANS[plan_name]
+        if args.kind in get_op(plan.op).kinds:
+            plan = dataclasses.replace(plan, kind=args.kind)
         tunable = tuning.TUNABLES[name]
         # the bucket the plan's launch looks up: recorded from one run at the defaults
         launches.clear()
         with tuning.defaults_only(), tuning.recording() as seen:
-            sm90._run_plan(PLANS[plan])
+            sm90._run_plan(plan)
         bucket = next(b for k, b in seen if k == name)
         for cfg in tunable.candidate_configs(tunable.parse_bucket(bucket)):
             changed = {k: v for k, v in cfg.items() if v != tunable.default[k]}
@@ -92,10 +100,10 @@ def main() -> None:
             launches.clear()
             try:
                 with tuning.defaults_only(), tuning.forced(name, cfg):
-                    sm90._run_plan(PLANS[plan])
+                    sm90._run_plan(plan)
                 mine = [(fn, grid, k) for fn, grid, k in launches if fn.__name__ in fn_name.split(",")]
                 fn, grid, kernel = mine[0]
-                v = sm90._variant(fn, kernel, [(plan, tuple(grid))])
+                v = sm90._variant(fn, kernel, [(plan.name, tuple(grid))])
                 variant = sm90.Variant(
                     **{**v, "launches": tuple(v["launches"]), "aligned": tuple(v["aligned"]),
                        "pdl_order": tuple(v["pdl_order"]), "loop_load_chains": tuple(v["loop_load_chains"])}
