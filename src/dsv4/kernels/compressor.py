@@ -82,6 +82,8 @@ NUM_WARPS = 8  # pooling and Hadamard tiles of 16 blocks: no spills on sm_90 (fi
 KV_NUM_WARPS = 16  # FP8-row step, one slot a program: no spills at HD 512 with Triton 3.6 (8 warps: 40 B at HCA)
 CAND_TILE = 16  # kv_compressor: candidates pooled per step, [16, HD] fp32 (16 values a thread at 16 warps, HD 512):
 #                CSA's 8 in one tile, HCA's 128 in 8 (each tile a round of loads in each of 3 passes; 32 spill at sm_90)
+CAND_STAGES = 1  # kv_compressor: software-pipeline stages of an HCA close's candidate tiles (2, a tuning candidate:
+#                 the next tile's copies in flight, 172 KiB of shared memory at flash; 8 B spilled with Triton 3.6)
 RING_TOKENS = tl.constexpr(8)  # ring update: tokens per tile (every token of a decode step at once)
 RING_COLS = tl.constexpr(128)  # ring update: columns per tile (x_proj: COFF*W is a multiple of 128)
 RATIO = tl.constexpr(COMPRESS_RATIO)  # the indexer's compressor
@@ -232,12 +234,13 @@ def _close_fp8_row(
     src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, nope_ptr, scale_ptr, rope_ptr, table_ptr, norm_w_ptr, cos_ptr,
     sin_ptr, b, start, S, k, T, HI, max_blocks, eps,
     W: tl.constexpr, NOPE: tl.constexpr, HALF_R: tl.constexpr, BLOCK_SIZE: tl.constexpr, RC: tl.constexpr,
-    COFF: tl.constexpr, CAND: tl.constexpr,
+    COFF: tl.constexpr, CAND: tl.constexpr, CAND_STAGES: tl.constexpr,
 ):  # fmt: skip
     """The attention compressor's row of closing block ``k`` (a scalar) of row ``b``: the softmax over
     its ``COFF*RC`` candidates per column (``CAND`` at a time: max, sum of exps, then the weighted sum,
-    as ``_pool``), RMSNorm, RoPE of the last ``R`` entries at the block's first position, stored as an
-    FP8 KV row (``store_fp8_rows``) at pool row ``r = start // RC + k`` through the block table."""
+    as ``_pool``; ``CAND_STAGES`` pipeline stages of each pass's tiles), RMSNorm, RoPE of the last ``R``
+    entries at the block's first position, stored as an FP8 KV row (``store_fp8_rows``) at pool row
+    ``r = start // RC + k`` through the block table."""
     r = start // RC + k  # compressed row of the block
     f = r * RC  # its first position
     n: tl.constexpr = COFF * RC
@@ -259,17 +262,17 @@ def _close_fp8_row(
         den += tl.sum(tl.exp(sc - m[None, :]), axis=0)
         pooled += tl.sum(kv * tl.math.div_rn(tl.exp(sc - m[None, :]), den[None, :]), axis=0)
     else:
-        for j0 in tl.range(0, n, CAND, num_stages=1):
+        for j0 in tl.range(0, n, CAND, num_stages=CAND_STAGES):
             sc = _block_candidates(
                 src_ptr, ape_ptr, score_state_ptr, b, start, S, f, j0, cols, T, HI, 1, W, RC, COFF, CAND
             )  # fmt: skip
             m = tl.maximum(m, tl.max(sc, axis=0))  # a NaN or +inf gate makes the sum of exps NaN below, as in torch
-        for j0 in tl.range(0, n, CAND, num_stages=1):
+        for j0 in tl.range(0, n, CAND, num_stages=CAND_STAGES):
             sc = _block_candidates(
                 src_ptr, ape_ptr, score_state_ptr, b, start, S, f, j0, cols, T, HI, 1, W, RC, COFF, CAND
             )  # fmt: skip
             den += tl.sum(tl.exp(sc - m[None, :]), axis=0)
-        for j0 in tl.range(0, n, CAND, num_stages=1):
+        for j0 in tl.range(0, n, CAND, num_stages=CAND_STAGES):
             sc = _block_candidates(
                 src_ptr, ape_ptr, score_state_ptr, b, start, S, f, j0, cols, T, HI, 1, W, RC, COFF, CAND
             )  # fmt: skip
@@ -334,7 +337,7 @@ def close_chunk(
     table_ptr, norm_w_ptr, cos_ptr, sin_ptr, S, T, HI, max_blocks, eps, hadamard_scale,
     HID: tl.constexpr, NOPE: tl.constexpr, HALF_R: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     KEY_CODE_MAX: tl.constexpr, KEY_AMAX_FLOOR: tl.constexpr, RC: tl.constexpr, COFF: tl.constexpr,
-    CHUNK: tl.constexpr, FP8_ROWS: tl.constexpr, CAND: tl.constexpr,
+    CHUNK: tl.constexpr, FP8_ROWS: tl.constexpr, CAND: tl.constexpr, CAND_STAGES: tl.constexpr,
 ):  # fmt: skip
     """Chunk ``c`` of row ``b``'s closing blocks (``[c, c+1) * CHUNK``); chunk 0 also writes the ring.
 
@@ -350,7 +353,7 @@ def close_chunk(
             _close_fp8_row(
                 src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, keys_ptr, key_scale_ptr, rope_ptr, table_ptr,
                 norm_w_ptr, cos_ptr, sin_ptr, b, start, S, k, T, HI, max_blocks, eps,
-                HID, NOPE, HALF_R, BLOCK_SIZE, RC, COFF, CAND,
+                HID, NOPE, HALF_R, BLOCK_SIZE, RC, COFF, CAND, CAND_STAGES,
             )  # fmt: skip
     else:
         for k0 in tl.range(lo, hi, _TILE, num_stages=1):  # L1 serves the candidates
@@ -395,6 +398,7 @@ def _compressor_step_kernel(
     CHUNK: tl.constexpr,  # closing blocks per program
     FP8_ROWS: tl.constexpr,  # the attention's compressor (FP8 KV rows), else the indexer's (INT8 keys)
     CAND: tl.constexpr,  # FP8_ROWS: candidates pooled at once
+    CAND_STAGES: tl.constexpr,  # FP8_ROWS: pipeline stages of the candidate tiles (more than one tile: HCA)
     SUM_BLOCK: tl.constexpr,  # values a step when chunk 0 adds the K-slices (sum_block)
     PDL: tl.constexpr,
 ):
@@ -417,7 +421,7 @@ def _compressor_step_kernel(
         close_chunk(
             c, b, start, src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, keys_ptr, key_scale_ptr, rope_ptr,
             table_ptr, norm_w_ptr, cos_ptr, sin_ptr, S, T, HI, max_blocks, eps, hadamard_scale,
-            HID, NOPE, HALF_R, BLOCK_SIZE, KEY_CODE_MAX, KEY_AMAX_FLOOR, RC, COFF, CHUNK, FP8_ROWS, CAND,
+            HID, NOPE, HALF_R, BLOCK_SIZE, KEY_CODE_MAX, KEY_AMAX_FLOOR, RC, COFF, CHUNK, FP8_ROWS, CAND, CAND_STAGES,
         )  # fmt: skip
 
 
@@ -440,10 +444,25 @@ KV_STEP_TUNING = Tunable(
     dims=("B", "S", "RC"),
     params=(
         Param("cand_tile", CAND_TILE, (4, 8, 16, 32), "candidates pooled per step (at most COFF*RC are used)"),
+        Param(
+            "cand_stages",
+            CAND_STAGES,
+            (1, 2),
+            "pipeline stages of an HCA close's candidate tiles (the same sums)",
+            exact=True,
+            compiled_only=True,
+        ),
         Param("num_warps", KV_NUM_WARPS, (4, 8, 16), "warps per chunk program", compiled_only=True),
         Param("pdl", True, (False, True), "programmatic dependent launch (sm_90)", exact=True, compiled_only=True),
     ),
-    candidates=({"cand_tile": 4}, {"cand_tile": 8}, {"num_warps": 4}, {"num_warps": 8}, {"pdl": False}),
+    candidates=(
+        {"cand_tile": 4},
+        {"cand_tile": 8},
+        {"cand_stages": 2},
+        {"num_warps": 4},
+        {"num_warps": 8},
+        {"pdl": False},
+    ),
 )
 
 
@@ -476,7 +495,7 @@ def _step(
         xp.shape[2] - 2 * coff * hid, table.shape[1], eps, hid**-0.5,
         HID=hid, NOPE=nope, HALF_R=half_r, BLOCK_SIZE=block_size, SPLITS=splits, **consts, RC=ratio, COFF=coff,
         CHUNK=chunk, FP8_ROWS=fp8_rows, CAND=min(cfg.get("cand_tile", CAND_TILE), triton.next_power_of_2(coff * ratio)),
-        SUM_BLOCK=block, PDL=pdl,
+        CAND_STAGES=cfg.get("cand_stages", CAND_STAGES), SUM_BLOCK=block, PDL=pdl,
         num_warps=cfg.num_warps, enable_fp_fusion=False, launch_pdl=pdl,
     )  # fmt: skip
     return kvg
