@@ -13,8 +13,6 @@ from ...model.config import DeepSeekV4Config
 from ...model.rope import RopeTable
 from ...model.state import DEFAULT_BLOCK_SIZE
 from ...model.structs import AttnOut
-from ..attention_cases import sparse_attn_args
-from ..case_inputs import CaseInputs
 from ..costs import OpCost
 from ..registry import OpDescriptor, Output
 from ..validate_attention import check_sparse_attn_write
@@ -59,10 +57,6 @@ def validate(args: dict[str, Any], out: AttnOut | None) -> dict[str, Any]:
     return {"start_pos": check_sparse_attn_write(*args.values(), out)}
 
 
-def case_args(c: CaseInputs, kind: str = "csa") -> dict[str, Any]:
-    return sparse_attn_args(c, kind)
-
-
 def cost(
     cfg: DeepSeekV4Config,
     start_pos: Sequence[int],
@@ -86,7 +80,7 @@ SPARSE_ATTN_WRITE = OpDescriptor(
     outputs=(Output("o", attn.O_RULE), Output("window_pool", write.EXACT, "exact")),
     mutates=("window_pool.nope", "window_pool.rope", "window_pool.scale"),
     validate=validate,
-    case_args=case_args,
+    case_args=attn.case_args,
     cost=cost,
     fake_result=attn.fake_result,
     implementations={
@@ -94,5 +88,5 @@ SPARSE_ATTN_WRITE = OpDescriptor(
         "triton": "dsv4.kernels.sparse_attn:sparse_attn_write",
     },
     cache_bound=True,
-    kinds=("csa", "hca", "swa"),
+    kinds=attn.SPARSE_ATTN.kinds,
 )
