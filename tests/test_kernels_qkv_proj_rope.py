@@ -18,11 +18,12 @@ import dsv4
 from conftest import BACKENDS, DEVICE, FULL, INTERPRETER_TRAFFIC
 from dsv4.bench.interp_traffic import count_traffic
 from dsv4.harness.golden import compare, ratio_allclose, tolerance
+from dsv4.kernels import tuning
 from dsv4.kernels.epilogue import rms_inv_of_sumsq, rms_scale
 from dsv4.kernels.interpreter import interpreted
 from dsv4.kernels.launch import H100_SMS
 from dsv4.kernels.projection import projection_tiles
-from dsv4.kernels.qkv_proj_rope import launch_q_heads, pair_words, park_shape, q_heads_tiles
+from dsv4.kernels.qkv_proj_rope import Q_HEADS_TUNING, launch_q_heads, pair_words, park_shape, q_heads_tiles
 from dsv4.kernels.split_k import BLOCK_K
 from dsv4.model.config import DeepSeekV4Config, get_config
 from dsv4.model.rope import RopeTable, rope_table
@@ -169,6 +170,34 @@ def test_paired_halves_compute_the_same_bits(t: int, huge: bool) -> None:
             assert bool((arrivals == 3).all()), "every first half handed its values over"
         else:  # compiled, the halves of a pair run at once and mostly meet (2); any may have parked (3)
             assert set(arrivals.tolist()) <= {2, 3}, meeting
+
+
+@pytest.mark.parametrize("t", [5, 130])
+def test_pairs_in_many_waves_compute_the_same_bits(t: int) -> None:
+    """The ``pair_waves`` "many" plan (prefill): a program per half head at any T, in M-tiles of up to 128
+    tokens (T=130: two, the second holding 2 rows), a pair's halves neighbours in the grid. (1) Nothing
+    published and no wait (``spins=0``): a half that finds no sums of its partner computes them itself,
+    then its own values again (under the interpreter, every first half of a pair; compiled, a half
+    whose partner had not started). (2) Every sum already published: each half takes its partner's.
+    Both give the one-program-per-head ``q`` bit for bit, and so does the op with the candidate."""
+    x, w, positions, rope = qkv_inputs(TINY, decode_positions(t, 256, seed=8), 256, seed=8, outliers=2)
+    expected = dsv4.qkv_proj_rope(x, w, positions, rope, backend="triton")
+    h = TINY.num_attention_heads
+    block_m, paired = q_heads_tiles(t, h, 1, many_waves=True)  # pairs even where one wave holds one program
+    assert paired and block_m == min(128, triton.next_power_of_2(max(t, 16)))
+    cfg = tuning.Config({**Q_HEADS_TUNING.default, "pair_waves": "many", "num_stages": 2})
+    words = torch.full((pair_words(t, h),), -1, dtype=torch.int64, device=DEVICE)
+    sums = words[: 2 * h * t].view(h, 2, t)
+    for published in (False, True):
+        q = torch.full_like(expected.q, float("nan"))
+        launch_q_heads(expected.qr, expected.qr_scale, w, positions, rope, TINY.rms_norm_eps, q, words,
+                       torch.empty(1, device=DEVICE), block_m, True, cfg, spins=0)  # fmt: skip
+        assert torch.equal(q, expected.q), f"published={published}"
+        assert bool((sums >= 0).all()), "every half published its sums"
+    with tuning.forced("qkv.q_heads", {"pair_waves": "many", "num_stages": 2}):
+        again = dsv4.qkv_proj_rope(x, w, positions, rope, backend="triton")
+    for name, a, b in zip(expected._fields, expected, again, strict=True):
+        assert torch.equal(a, b), name
 
 
 _HELD_SMS = """
@@ -366,6 +395,8 @@ def test_flash_decode_tiles() -> None:
     assert H100_SMS - n_tiles < n_tiles * m_tiles * splits <= H100_SMS
     assert q_heads_tiles(t, h, H100_SMS) == (128, True)
     assert q_heads_tiles(129, h, H100_SMS) == (64, False)  # two M-tiles of pairs would need 256 SMs
+    assert q_heads_tiles(129, h, H100_SMS, many_waves=True) == (128, True)  # the pair_waves "many" plan
+    assert q_heads_tiles(129, h, H100_SMS, pair=False, many_waves=True) == (64, False)
 
 
 def test_shapes_the_kernels_do_not_take_are_named() -> None:

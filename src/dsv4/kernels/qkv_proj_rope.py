@@ -95,6 +95,14 @@ Q_HEADS_TUNING = Tunable(
             # the whole-head tile's, so the float sums (and q) differ in their last bits (seen on an H200)
             "half-head programs that swap their sums when the grid fits one wave",
         ),
+        Param(
+            "pair_waves",
+            "one",
+            ("one", "many"),
+            # "many": the pairs' M-tiles of 128 tokens read each wq_b byte T/128 times instead of T/64 (prefill)
+            "half-head pairs only when the grid fits one wave (a half that cannot wait parks its values), or at "
+            "every T (a pair's halves adjacent in the grid; a half whose partner is late computes its sums again)",
+        ),
         _PDL,
         Param(
             "wq_b_prefetch",
@@ -111,6 +119,8 @@ Q_HEADS_TUNING = Tunable(
         {"num_stages": 4},
         {"block_k": 64},
         {"paired": False},
+        # pairs at prefill; 2 stages: at 3, two GEMM loops more (a late partner's) spill 128 B (3.9) / 80 B (3.6)
+        {"pair_waves": "many", "num_stages": 2},
         {"pdl": False},
         {"wq_b_prefetch": "projection"},
         {"wq_b_prefetch": "none"},
@@ -279,6 +289,29 @@ def _await_sumsq(sumsq_ptr, pair, half, rows, row_ok, T):
     other = tl.load(theirs, mask=row_ok, other=_ONE_AND_ZERO, volatile=True)
     while tl.sum((other < 0).to(tl.int32), axis=0) > 0:
         other = tl.load(theirs, mask=row_ok, other=_ONE_AND_ZERO, volatile=True)
+    return _reread_sumsq(theirs, row_ok)
+
+
+@triton.jit
+def _poll_sumsq(sumsq_ptr, pair, half, rows, row_ok, T, SPINS: tl.constexpr):
+    """The other half's ``(c, sumsq)`` (``[BM]`` each) and whether it has published them all: looked for
+    ``SPINS + 1`` times at most, so a half never waits for a partner that is not running (the count is
+    block-wide: every warp takes the same way). Where not all were found, the values are not to be used."""
+    theirs = sumsq_ptr + (pair * 2 + 1 - half) * T + rows
+    other = tl.load(theirs, mask=row_ok, other=_ONE_AND_ZERO, volatile=True)
+    missing = tl.sum((other < 0).to(tl.int32), axis=0)
+    spins = 0
+    while (missing > 0) & (spins < SPINS):
+        other = tl.load(theirs, mask=row_ok, other=_ONE_AND_ZERO, volatile=True)
+        missing = tl.sum((other < 0).to(tl.int32), axis=0)
+        spins += 1
+    c, sumsq = _reread_sumsq(theirs, row_ok)
+    return c, sumsq, missing == 0
+
+
+@triton.jit
+def _reread_sumsq(theirs, row_ok):
+    """The published words at ``theirs [BM]``, read once more after a barrier (``_await_sumsq``), unpacked."""
     tl.debug_barrier()
     other = tl.atomic_or(theirs, 0, mask=row_ok, sem="relaxed", scope="gpu")
     other = tl.where(row_ok, other, _ONE_AND_ZERO)  # a masked atomic returns nothing defined
@@ -369,6 +402,25 @@ def _store_q_half(q_ptr, qn, rows, row_ok, col0, cos, sin, H: tl.constexpr, HD: 
 
 
 @triton.jit
+def _finish_half(q_ptr, qp, c, sumsq, c_other, sumsq_other, half, rows, row_ok, col0, positions_ptr, cos_ptr, sin_ptr,
+                 eps, H: tl.constexpr, HD: tl.constexpr, R: tl.constexpr):  # fmt: skip
+    """Store half ``half`` of a head, ``qp [BM, HD/2]`` fp32 with its ``(c, sumsq)``, normalized with the
+    other half's: ``_head_rms`` adds half 0's sums first in both programs of a pair (the same bits), then
+    ``_store_q_half`` (half 1 with the RoPE of the head's last ``R`` columns)."""
+    cos, sin = _rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, tl.where(half == 1, row_ok, False), R)
+    first = half == 0
+    scale, inv = _head_rms(
+        tl.where(first, c, c_other), tl.where(first, sumsq, sumsq_other),
+        tl.where(first, c_other, c), tl.where(first, sumsq_other, sumsq), HD, eps,
+    )  # fmt: skip
+    qn = (qp * scale) * inv
+    if half == 0:
+        _store_q_half(q_ptr, qn, rows, row_ok, col0, cos, sin, H, HD, R, False)
+    else:
+        _store_q_half(q_ptr, qn, rows, row_ok, col0, cos, sin, H, HD, R, True)
+
+
+@triton.jit
 def _store_parked_half(q_ptr, park_ptr, sumsq_ptr, T, eps, positions_ptr, cos_ptr, sin_ptr, H: tl.constexpr,
                        HD: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, HALF_IDX: tl.constexpr):  # fmt: skip
     """Half ``HALF_IDX`` of this program's head, parked (``[BM, HD/2]`` fp32 at its slot of ``park_ptr``),
@@ -418,14 +470,21 @@ def _q_heads_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PAIRED: tl.constexpr,  # program (M-tile, 2*head + half); else (M-tile, head) computing both halves
+    RECOMPUTE: tl.constexpr,  # (PAIRED) program (half, M-tile, head); a half whose partner is late recomputes
     PDL: tl.constexpr,
     PREFETCH: tl.constexpr,  # ask L2 for this program's wq_b rows before the wait (first M-tile only)
     SPINS: tl.constexpr,  # reads of the arrival word before a first-arriving half parks (PAIRED)
 ):
     HALF: tl.constexpr = HD // 2
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mtile = tl.program_id(1 if RECOMPUTE else 0).to(tl.int64)
+    rows = mtile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < T
-    if PAIRED:
+    if RECOMPUTE:  # the halves of a pair are neighbours in the grid, so they start together at any grid size
+        head = tl.program_id(2).to(tl.int64)
+        half = tl.program_id(0).to(tl.int64)
+        col0 = head * HD + half * HALF
+        width = HALF
+    elif PAIRED:
         head = tl.program_id(1).to(tl.int64) // 2
         half = tl.program_id(1).to(tl.int64) % 2
         col0 = head * HD + half * HALF
@@ -434,12 +493,27 @@ def _q_heads_kernel(
         col0 = tl.program_id(1).to(tl.int64) * HD
         width = HD
     if PREFETCH:  # noqa: SIM102 (wq_b depends on no earlier launch: it streams while the projection and rows run)
-        if tl.program_id(0) == 0:
+        if mtile == 0:
             prefetch_l2(wq_b_ptr, col0 * QL, (col0 + width) * QL)
     if PDL:
         gdc_wait()  # qr, qr_scale and the exchange buffer's reset are complete and visible
     qr_scale = tl.load(qr_scale_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    if PAIRED:
+    if RECOMPUTE:
+        qp, c, sumsq = _half_head(qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, QL, HALF, BLOCK_K)
+        _publish_sumsq(sumsq_ptr, head, half, c, sumsq, rows, row_ok, T)
+        c_other, sumsq_other, found = _poll_sumsq(sumsq_ptr, head, half, rows, row_ok, T, SPINS)
+        if found:
+            _finish_half(q_ptr, qp, c, sumsq, c_other, sumsq_other, half, rows, row_ok, col0, positions_ptr, cos_ptr,
+                         sin_ptr, eps, H, HD, R)  # fmt: skip
+        else:  # the partner is not running yet: its sums, then this half's values again (the same bits)
+            col_other = head * HD + (1 - half) * HALF
+            _, c_other, sumsq_other = _half_head(qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col_other,
+                                                 QL, HALF, BLOCK_K)  # fmt: skip
+            qp, c, sumsq = _half_head(qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, QL, HALF,
+                                      BLOCK_K)  # fmt: skip
+            _finish_half(q_ptr, qp, c, sumsq, c_other, sumsq_other, half, rows, row_ok, col0, positions_ptr, cos_ptr,
+                         sin_ptr, eps, H, HD, R)  # fmt: skip
+    elif PAIRED:
         qp, c, sumsq = _half_head(qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, QL, HALF, BLOCK_K)
         _publish_sumsq(sumsq_ptr, head, half, c, sumsq, rows, row_ok, T)
         mine = _park_slot(park_ptr, H, BLOCK_M, HALF, half)
@@ -477,12 +551,13 @@ def _q_heads_kernel(
         _store_q_half(q_ptr, (qp1 * scale) * inv, rows, row_ok, col0 + HALF, cos, sin, H, HD, R, True)
 
 
-def q_heads_tiles(t: int, h: int, sms: int, pair: bool = True) -> tuple[int, bool]:
-    """``(BLOCK_M, paired)`` of the q heads on ``sms`` SMs: all tokens (up to 128) in one M-tile and one
-    program per half head when ``pair`` and that grid fits one wave (every program resident, so the
-    pairs can swap their sums); else 64-token tiles, one program per head."""
+def q_heads_tiles(t: int, h: int, sms: int, pair: bool = True, many_waves: bool = False) -> tuple[int, bool]:
+    """``(BLOCK_M, paired)`` of the q heads on ``sms`` SMs: M-tiles of up to 128 tokens and one program
+    per half head when ``pair`` and either ``many_waves`` (the ``pair_waves`` "many" plan) or that grid
+    fits one wave (every program resident, so the pairs can swap their sums); else 64-token tiles, one
+    program per head."""
     block_m = min(Q_BLOCK_M_PAIRED, max(Q_BLOCK_M_MIN, triton.next_power_of_2(t)))
-    if pair and triton.cdiv(t, block_m) * 2 * h <= sms:
+    if pair and (many_waves or triton.cdiv(t, block_m) * 2 * h <= sms):
         return block_m, True
     return min(Q_BLOCK_M, block_m), False
 
@@ -516,11 +591,12 @@ def launch_q_heads(
     spins: int | None = None,
 ) -> None:
     """Launch 3 into ``q [T, H, HD] bf16``. When ``paired``: ``sumsq`` ``[pair_words(T, H)]`` int64, every
-    value -1 (the rows kernel leaves it so), and ``park`` fp32 of ``park_shape``; otherwise neither is
-    read. ``cfg``: the launch parameters (``Q_HEADS_TUNING``; default: the lookup for this shape).
-    ``spins``: reads of its pair's arrival word a first-arriving half makes before it parks (default
-    ``PAIR_SPINS``; 1 under the interpreter, which runs one program at a time, so no partner can come;
-    0 parks every half that arrives first: tests)."""
+    value -1 (the rows kernel leaves it so), and ``park`` fp32 of ``park_shape`` (not read by the
+    ``pair_waves`` "many" plan); otherwise neither is read. ``cfg``: the launch parameters
+    (``Q_HEADS_TUNING``; default: the lookup for this shape). ``spins``: reads of its pair's arrival word
+    (of its partner's sums, "many") a first-arriving half makes before it parks (computes them itself)
+    (default ``PAIR_SPINS``; 1 under the interpreter, which runs one program at a time, so no partner can
+    come; 0: every half that arrives first does so: tests)."""
     t, ql = qr.shape
     h, hd = q.shape[1], q.shape[2]
     if cfg is None:
@@ -530,11 +606,14 @@ def launch_q_heads(
     prefetch = pdl and cfg.wq_b_prefetch == "q_heads" and can_prefetch(w.wq_b)
     if spins is None:
         spins = 1 if interpreted() else PAIR_SPINS
-    _q_heads_kernel[(triton.cdiv(t, block_m), 2 * h if paired else h)](
+    recompute = paired and cfg.pair_waves == "many"
+    m_tiles = triton.cdiv(t, block_m)
+    grid = (2, m_tiles, h) if recompute else (m_tiles, 2 * h if paired else h)
+    _q_heads_kernel[grid](
         qr, qr_scale, w.wq_b, w.wq_b_scale, positions, rope.cos, rope.sin, q, sumsq, park,
         t, eps,
         QL=ql, H=h, HD=hd, R=rope.rope_dim, BLOCK_M=block_m, BLOCK_K=block_k,
-        PAIRED=paired, PDL=pdl, PREFETCH=prefetch, SPINS=spins,
+        PAIRED=paired, RECOMPUTE=recompute, PDL=pdl, PREFETCH=prefetch, SPINS=spins,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
     )  # fmt: skip
 
@@ -581,10 +660,13 @@ def qkv_proj_rope(
     q, kv, qr, qr_scale = out
     rows_cfg = ROWS_TUNING.config(dev, T=pow2_bucket(t), QL=ql, HD=hd)
     q_cfg = Q_HEADS_TUNING.config(dev, T=pow2_bucket(t), H=h, QL=ql)
-    block_m, paired = q_heads_tiles(t, h, sm_count(dev), q_cfg.paired)
-    paired = paired and not interpreted()  # the interpreter runs one program at a time: no pair could swap
+    many = q_cfg.pair_waves == "many"
+    block_m, paired = q_heads_tiles(t, h, sm_count(dev), q_cfg.paired, many)
+    # the interpreter runs one program at a time: no pair could swap, and only "many" finishes without it
+    paired = paired and (many or not interpreted())
     sumsq = scratch(ws, "qkv.sumsq", (pair_words(t, h) if paired else 1,), torch.int64, dev)
-    park = scratch(ws, "qkv.park", park_shape(t, h, hd, block_m) if paired else (1,), torch.float32, dev)
+    parks = paired and not many
+    park = scratch(ws, "qkv.park", park_shape(t, h, hd, block_m) if parks else (1,), torch.float32, dev)
     pdl = rows_cfg.pdl and pdl_supported(dev)
 
     prefetch = w.wq_b if q_cfg.wq_b_prefetch == "projection" else None
