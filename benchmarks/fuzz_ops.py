@@ -1,0 +1,95 @@
+"""Random cases of every op against the reference, beyond the test suite's fixed seeds.
+
+    python benchmarks/fuzz_ops.py [--preset tiny] [--seconds 600] [--seed 0] [--ops qkv_proj_rope,...] [--json out.json]
+
+Each case draws an op (and one of its layer kinds where it has several), B in {1, 2, 3, 5}, S in
+{1, 2, 3, 5} (2 twice as often) and every row's own start position, half of them at or next to a multiple of 4, 16, 64,
+128 or 256 (compressor blocks, pool blocks, key tiles); ``make_case`` draws the inputs from the case's
+seed. The Triton backend (Triton's interpreter on a CPU) is compared with the reference by the spec's
+rules (``dsv4.harness.golden.compare``, as ``dsv4 run`` and the tests compare), from the same inputs.
+Each failing case is printed with the ``make_case`` call that rebuilds it; at the end, per op and kind,
+the cases run and the cases failed. ``docs/TESTING.md`` ("Random cases") says what the failures found
+so far were.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported: the CPU runs the kernels
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from dsv4.harness.cases import make_case, run_case  # noqa: E402
+from dsv4.harness.golden import compare  # noqa: E402
+from dsv4.model.config import get_config  # noqa: E402
+from dsv4.ops.registry import get_op, op_names  # noqa: E402
+
+BATCHES = (1, 2, 3, 5)
+SEQS = (1, 2, 2, 3, 5)  # 2, the decode step of the deployment, twice as often
+BOUNDARIES = (4, 16, 64, 128, 256)  # compress ratio, pool block, key tiles
+MAX_START = 2000
+MAX_POSITION = 2304  # room for MAX_START + the longest step, rounded to a pool block
+
+
+def draw_start(rng: random.Random) -> int:
+    """A row's start: half the time at or next to a boundary, else anywhere below ``MAX_START``."""
+    if rng.random() < 0.5:
+        m = rng.choice(BOUNDARIES)
+        return max(0, m * rng.randint(0, MAX_START // m) + rng.choice((-2, -1, 0, 1)))
+    return rng.randint(0, MAX_START)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--seconds", type=float, default=600.0, help="stop drawing cases after this long")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the draw of the cases")
+    parser.add_argument("--ops", help="comma-separated (default: every op with a Triton backend)")
+    parser.add_argument("--json", help="write every case and its verdict here")
+    args = parser.parse_args()
+    cfg = get_config(args.preset)
+    ops = args.ops.split(",") if args.ops else [op for op in op_names() if "triton" in get_op(op).implementations]
+    rng = random.Random(args.seed)
+    runs: Counter = Counter()
+    fails: Counter = Counter()
+    records = []
+    deadline = time.monotonic() + args.seconds
+    while time.monotonic() < deadline:
+        op = rng.choice(ops)
+        kind = rng.choice(get_op(op).kinds or (None,))
+        b, s = rng.choice(BATCHES), rng.choice(SEQS)
+        starts = [draw_start(rng) for _ in range(b)]
+        seed = rng.randint(0, 10**6)
+        call = (
+            f"make_case(get_config({args.preset!r}), {op!r}, 'decode', {seed}, batch={b}, seq={s}, "
+            f"start_pos={starts}, kind={kind!r}, max_position={MAX_POSITION})"
+        )
+        runs[(op, kind)] += 1
+        try:
+            case = make_case(
+                cfg, op, "decode", seed, batch=b, seq=s, start_pos=starts, kind=kind, max_position=MAX_POSITION
+            )
+            report = compare(op, run_case(case, "triton"), run_case(case, "reference"), case.compare_inputs())
+            verdict = report.verdict()
+        except Exception as e:  # noqa: BLE001  (a case that raises is a finding too)
+            verdict = f"ERROR {type(e).__name__}: {e}"
+        if verdict != "ok":
+            fails[(op, kind)] += 1
+            print(f"{verdict}\n  {call}", flush=True)
+        records.append({"case": call, "verdict": verdict})
+    print(f"{sum(runs.values())} cases, {sum(fails.values())} failed (preset {args.preset}, seed {args.seed})")
+    for op, kind in sorted(runs, key=str):
+        print(f"  {op}{'' if kind is None else f' {kind}'}: {runs[(op, kind)]} cases, {fails[(op, kind)]} failed")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"preset": args.preset, "seed": args.seed, "cases": records}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
