@@ -1,11 +1,13 @@
 """Random cases of every op against the reference, beyond the test suite's fixed seeds.
 
-    python benchmarks/fuzz_ops.py [--preset tiny] [--seconds 600] [--seed 0] [--ops qkv_proj_rope,...] [--json out.json]
+    python benchmarks/fuzz_ops.py [--preset tiny] [--seconds 600] [--seed 0] [--ops qkv_proj_rope,...]
+                                  [--batches 1,2,3,5] [--seqs 1,2,2,3,5] [--json out.json]
 
 Each case draws an op (and one of its layer kinds where it has several), B in {1, 2, 3, 5}, S in
-{1, 2, 3, 5} (2 twice as often) and every row's own start position, half of them at or next to a multiple of 4, 16, 64,
-128 or 256 (compressor blocks, pool blocks, key tiles); ``make_case`` draws the inputs from the case's
-seed. The Triton backend (Triton's interpreter on a CPU) is compared with the reference by the spec's
+{1, 2, 3, 5} (2 twice as often; ``--batches`` and ``--seqs`` choose others, e.g. prompt chunks) and
+every row's own start position, half of them at or next to a multiple of 4, 16, 64, 128 or 256
+(compressor blocks, pool blocks, key tiles); ``make_case`` draws the inputs from the case's seed.
+The Triton backend (Triton's interpreter on a CPU) is compared with the reference by the spec's
 rules (``dsv4.harness.golden.compare``, as ``dsv4 run`` and the tests compare), from the same inputs.
 Each failing case is printed with the ``make_case`` call that rebuilds it; at the end, per op and kind,
 the cases run and the cases failed. ``docs/TESTING.md`` ("Random cases") says what the failures found
@@ -52,10 +54,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=600.0, help="stop drawing cases after this long")
     parser.add_argument("--seed", type=int, default=0, help="seeds the draw of the cases")
     parser.add_argument("--ops", help="comma-separated (default: every op with a Triton backend)")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="the B to draw from")
+    parser.add_argument("--seqs", default=",".join(map(str, SEQS)), help="the S to draw from (e.g. 17,64,130: chunks)")
     parser.add_argument("--json", help="write every case and its verdict here")
     args = parser.parse_args()
     cfg = get_config(args.preset)
     ops = args.ops.split(",") if args.ops else [op for op in op_names() if "triton" in get_op(op).implementations]
+    batches = [int(v) for v in args.batches.split(",")]
+    seqs = [int(v) for v in args.seqs.split(",")]
     rng = random.Random(args.seed)
     runs: Counter = Counter()
     fails: Counter = Counter()
@@ -64,7 +70,7 @@ def main() -> None:
     while time.monotonic() < deadline:
         op = rng.choice(ops)
         kind = rng.choice(get_op(op).kinds or (None,))
-        b, s = rng.choice(BATCHES), rng.choice(SEQS)
+        b, s = rng.choice(batches), rng.choice(seqs)
         starts = [draw_start(rng) for _ in range(b)]
         seed = rng.randint(0, 10**6)
         call = (
