@@ -402,12 +402,12 @@ def _store_q_half(q_ptr, qn, rows, row_ok, col0, cos, sin, H: tl.constexpr, HD: 
 
 
 @triton.jit
-def _finish_half(q_ptr, qp, c, sumsq, c_other, sumsq_other, half, rows, row_ok, col0, positions_ptr, cos_ptr, sin_ptr,
-                 eps, H: tl.constexpr, HD: tl.constexpr, R: tl.constexpr):  # fmt: skip
+def _finish_half(q_ptr, qp, c, sumsq, c_other, sumsq_other, half, rows, row_ok, col0, cos, sin, eps,
+                 H: tl.constexpr, HD: tl.constexpr, R: tl.constexpr):  # fmt: skip
     """Store half ``half`` of a head, ``qp [BM, HD/2]`` fp32 with its ``(c, sumsq)``, normalized with the
     other half's: ``_head_rms`` adds half 0's sums first in both programs of a pair (the same bits), then
-    ``_store_q_half`` (half 1 with the RoPE of the head's last ``R`` columns)."""
-    cos, sin = _rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, tl.where(half == 1, row_ok, False), R)
+    ``_store_q_half`` (half 1 with the RoPE of the head's last ``R`` columns at ``cos``, ``sin``: the
+    caller's ``_rope_rows``, masked off for half 0)."""
     first = half == 0
     scale, inv = _head_rms(
         tl.where(first, c, c_other), tl.where(first, sumsq, sumsq_other),
@@ -503,16 +503,16 @@ def _q_heads_kernel(
         _publish_sumsq(sumsq_ptr, head, half, c, sumsq, rows, row_ok, T)
         c_other, sumsq_other, found = _poll_sumsq(sumsq_ptr, head, half, rows, row_ok, T, SPINS)
         if found:
-            _finish_half(q_ptr, qp, c, sumsq, c_other, sumsq_other, half, rows, row_ok, col0, positions_ptr, cos_ptr,
-                         sin_ptr, eps, H, HD, R)  # fmt: skip
+            cos, sin = _rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, tl.where(half == 1, row_ok, False), R)
+            _finish_half(q_ptr, qp, c, sumsq, c_other, sumsq_other, half, rows, row_ok, col0, cos, sin, eps, H, HD, R)
         else:  # the partner is not running yet: its sums, then this half's values again (the same bits)
             col_other = head * HD + (1 - half) * HALF
             _, c_other, sumsq_other = _half_head(qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col_other,
                                                  QL, HALF, BLOCK_K)  # fmt: skip
             qp, c, sumsq = _half_head(qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, QL, HALF,
                                       BLOCK_K)  # fmt: skip
-            _finish_half(q_ptr, qp, c, sumsq, c_other, sumsq_other, half, rows, row_ok, col0, positions_ptr, cos_ptr,
-                         sin_ptr, eps, H, HD, R)  # fmt: skip
+            cos, sin = _rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, tl.where(half == 1, row_ok, False), R)
+            _finish_half(q_ptr, qp, c, sumsq, c_other, sumsq_other, half, rows, row_ok, col0, cos, sin, eps, H, HD, R)
     elif PAIRED:
         qp, c, sumsq = _half_head(qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, QL, HALF, BLOCK_K)
         _publish_sumsq(sumsq_ptr, head, half, c, sumsq, rows, row_ok, T)
@@ -531,16 +531,7 @@ def _q_heads_kernel(
             # they stayed live across its two ways and the kernel spilled at sm_90)
             cos, sin = _rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, tl.where(half == 1, row_ok, False), R)
             c_other, sumsq_other = _await_sumsq(sumsq_ptr, head, half, rows, row_ok, T)
-            first = half == 0  # both programs of a pair combine half 0's values first: the same bits
-            scale, inv = _head_rms(
-                tl.where(first, c, c_other), tl.where(first, sumsq, sumsq_other),
-                tl.where(first, c_other, c), tl.where(first, sumsq_other, sumsq), HD, eps,
-            )  # fmt: skip
-            qn = (qp * scale) * inv
-            if half == 0:
-                _store_q_half(q_ptr, qn, rows, row_ok, col0, cos, sin, H, HD, R, False)
-            else:
-                _store_q_half(q_ptr, qn, rows, row_ok, col0, cos, sin, H, HD, R, True)
+            _finish_half(q_ptr, qp, c, sumsq, c_other, sumsq_other, half, rows, row_ok, col0, cos, sin, eps, H, HD, R)
     else:
         qp0, c0, sumsq0, qp1, c1, sumsq1 = _whole_head(
             qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, QL, HALF, BLOCK_K
