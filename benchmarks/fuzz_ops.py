@@ -1,15 +1,16 @@
 """Random cases of every op against the reference, beyond the test suite's fixed seeds.
 
-    python benchmarks/fuzz_ops.py [--preset tiny] [--seconds 600] [--seed 0] [--ops qkv_proj_rope,...]
-                                  [--batches 1,2,3,5] [--seqs 1,2,2,3,5] [--json out.json]
+    python benchmarks/fuzz_ops.py [--device cpu|cuda] [--preset tiny] [--seconds 600] [--seed 0]
+                                  [--ops qkv_proj_rope,...] [--batches 1,2,3,5] [--seqs 1,2,2,3,5] [--json out.json]
 
 Each case draws an op (and one of its layer kinds where it has several), B in {1, 2, 3, 5}, S in
 {1, 2, 3, 5} (2 twice as often; ``--batches`` and ``--seqs`` choose others, e.g. prompt chunks) and
 every row's own start position, half of them at or next to a multiple of 4, 16, 64, 128 or 256
 (compressor blocks, pool blocks, key tiles); ``make_case`` draws the inputs from the case's seed.
-The Triton backend (Triton's interpreter on a CPU) is compared with the reference by the spec's
-rules (``dsv4.harness.golden.compare``, as ``dsv4 run`` and the tests compare), from the same inputs.
-Each failing case is printed with the ``make_case`` call that rebuilds it; at the end, per op and kind,
+The Triton backend (Triton's interpreter with ``--device cpu``, the default; compiled with ``cuda``)
+is compared with the reference by the spec's rules (``dsv4.harness.golden.compare``, as ``dsv4 run``
+and the tests compare), from the same inputs. Each failing case is printed with the ``make_case``
+call that rebuilds it (on the CPU; add the device for a GPU); at the end, per op and kind,
 the cases run and the cases failed. ``docs/TESTING.md`` ("Random cases") says what the failures found
 so far were.
 """
@@ -25,8 +26,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported: the CPU runs the kernels
+_pre = argparse.ArgumentParser(add_help=False)
+_pre.add_argument("--device", default="cpu")
+DEVICE = _pre.parse_known_args()[0].device
+if DEVICE == "cpu":  # chosen before Triton is imported: on the CPU its interpreter runs the kernels
+    os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
 
 from dsv4.harness.cases import make_case, run_case  # noqa: E402
 from dsv4.harness.golden import compare  # noqa: E402
@@ -50,6 +57,7 @@ def draw_start(rng: random.Random) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu (Triton's interpreter) or cuda (compiled kernels)")
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--seconds", type=float, default=600.0, help="stop drawing cases after this long")
     parser.add_argument("--seed", type=int, default=0, help="seeds the draw of the cases")
@@ -58,6 +66,8 @@ def main() -> None:
     parser.add_argument("--seqs", default=",".join(map(str, SEQS)), help="the S to draw from (e.g. 17,64,130: chunks)")
     parser.add_argument("--json", help="write every case and its verdict here")
     args = parser.parse_args()
+    if args.device != "cpu" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device here")
     cfg = get_config(args.preset)
     ops = args.ops.split(",") if args.ops else [op for op in op_names() if "triton" in get_op(op).implementations]
     batches = [int(v) for v in args.batches.split(",")]
@@ -79,9 +89,7 @@ def main() -> None:
         )
         runs[(op, kind)] += 1
         try:
-            case = make_case(
-                cfg, op, "decode", seed, batch=b, seq=s, start_pos=starts, kind=kind, max_position=MAX_POSITION
-            )
+            case = make_case(cfg, op, "decode", seed, args.device, MAX_POSITION, b, s, starts, kind)
             report = compare(op, run_case(case, "triton"), run_case(case, "reference"), case.compare_inputs())
             verdict = report.verdict()
         except Exception as e:  # noqa: BLE001  (a case that raises is a finding too)
