@@ -473,7 +473,8 @@ def _q_heads_kernel(
     RECOMPUTE: tl.constexpr,  # (PAIRED) program (half, M-tile, head); a half whose partner is late recomputes
     PDL: tl.constexpr,
     PREFETCH: tl.constexpr,  # ask L2 for this program's wq_b rows before the wait (first M-tile only)
-    SPINS: tl.constexpr,  # reads of the arrival word before a first-arriving half parks (PAIRED)
+    SPINS: tl.constexpr,  # reads of the arrival word before a first-arriving half parks (PAIRED), of the
+    #                       partner's sums before a half computes them itself (RECOMPUTE)
 ):
     HALF: tl.constexpr = HD // 2
     mtile = tl.program_id(1 if RECOMPUTE else 0).to(tl.int64)
@@ -502,6 +503,8 @@ def _q_heads_kernel(
         qp, c, sumsq = _half_head(qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, QL, HALF, BLOCK_K)
         _publish_sumsq(sumsq_ptr, head, half, c, sumsq, rows, row_ok, T)
         c_other, sumsq_other, found = _poll_sumsq(sumsq_ptr, head, half, rows, row_ok, T, SPINS)
+        # each way finishes itself: a tile merged after the branch kept the first pass's values live across
+        # the late partner's two loops, and the kernel spilled at sm_90
         if found:
             cos, sin = _rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, tl.where(half == 1, row_ok, False), R)
             _finish_half(q_ptr, qp, c, sumsq, c_other, sumsq_other, half, rows, row_ok, col0, cos, sin, eps, H, HD, R)
