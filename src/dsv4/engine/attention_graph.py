@@ -21,6 +21,7 @@ import torch
 
 from ..model.config import COMPRESS_RATIO
 from ..model.structs import QKV, AttnOut, IndexerOut, OProjOut, StepPositions
+from ..ops.device import on_device
 from ..ops.registry import get_op
 from ..ops.validate import check_int
 from .staging import staged
@@ -147,10 +148,12 @@ class AttentionGraph:
         return desc.implementation(backend), tuple(desc.bind(args).values()), kwargs
 
     def launch(self) -> None:
-        """The step: every launch reads and writes only the static buffers and the layer's own."""
-        torch.add(self.start[:, None], self.offsets[None, :], out=self.positions.view(self.batch, self.seq))
-        for fn, args, kwargs in self.launches:
-            fn(*args, **kwargs)
+        """The step: every launch reads and writes only the static buffers and the layer's own (on their
+        device)."""
+        with on_device(self.xn.device):
+            torch.add(self.start[:, None], self.offsets[None, :], out=self.positions.view(self.batch, self.seq))
+            for fn, args, kwargs in self.launches:
+                fn(*args, **kwargs)
 
     def _state(self) -> dict[str, torch.Tensor]:
         """The layer's tensors the step writes (pools and rings), by name."""
@@ -160,16 +163,17 @@ class AttentionGraph:
 
     def _capture(self) -> None:
         saved = {k: v.clone() for k, v in self._state().items()}
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self.launch()  # compiles every kernel and sizes the workspace
-        torch.cuda.current_stream().wait_stream(stream)
-        for k, v in self._state().items():
-            v.copy_(saved[k])
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.launch()
+        with on_device(self.xn.device):  # the streams, the capture and its kernels on the layer's device
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self.launch()  # compiles every kernel and sizes the workspace
+            torch.cuda.current_stream().wait_stream(stream)
+            for k, v in self._state().items():
+                v.copy_(saved[k])
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.launch()
 
     def __call__(self, xn: torch.Tensor, start_pos: int | list[int] | torch.Tensor | None = None) -> torch.Tensor:
         """One step: ``xn [batch, seq, D] bf16`` -> ``y [batch, seq, D] bf16`` (the static output)."""
@@ -188,7 +192,8 @@ class AttentionGraph:
         self.start.copy_(staged(starts, self.start.device), non_blocking=True)
         self.xn.copy_(xn)
         if self.graph is not None:
-            self.graph.replay()
+            with on_device(self.xn.device):  # replayed on the current stream of the graph's device
+                self.graph.replay()
         else:
             self.launch()
         layer.end_step(plan, starts, self.seq)

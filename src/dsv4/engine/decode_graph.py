@@ -18,6 +18,7 @@ from ..model.state import IndexerState
 from ..model.structs import QKV, IndexerOut, StepPositions
 from ..model.weights import AttnWeights, IndexerWeights
 from ..ops.defs import INDEXER, QKV_PROJ_ROPE
+from ..ops.device import on_device
 from .staging import staged
 
 
@@ -111,10 +112,11 @@ class StaticDecodeStep:
         self.x.copy_(x)
 
     def launch(self) -> None:
-        """The step: every launch reads and writes only the static buffers."""
-        torch.add(self.start[:, None], self.offsets[None, :], out=self.positions.view(self.batch, self.seq))
-        self.kernels.qkv_proj_rope(*self.qkv_args, out=self.qkv, ws=self.workspace)
-        self.kernels.indexer(*self.indexer_args, out=self.out, ws=self.workspace)
+        """The step: every launch reads and writes only the static buffers (on their device)."""
+        with on_device(self.x.device):
+            torch.add(self.start[:, None], self.offsets[None, :], out=self.positions.view(self.batch, self.seq))
+            self.kernels.qkv_proj_rope(*self.qkv_args, out=self.qkv, ws=self.workspace)
+            self.kernels.indexer(*self.indexer_args, out=self.out, ws=self.workspace)
 
     def results(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``q [B, S, H, HD]``, ``kv [B, S, HD]``, ``topk_idxs [B, S, topk]``: views of the static outputs."""
@@ -138,18 +140,20 @@ class DecodeGraph:
 
     def __init__(self, step: StaticDecodeStep) -> None:
         self.step = step
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            step.warm_up()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            step.launch()
+        with on_device(step.x.device):  # the streams, the capture and its kernels on the step's device
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                step.warm_up()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                step.launch()
 
     def replay(self, x: torch.Tensor, start: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One step of ``x [batch, seq, D] bf16`` (the captured shape) with rows starting at ``start``
         (checked on the host) -> ``q``, ``kv``, ``topk_idxs`` (see ``StaticDecodeStep.results``)."""
         self.step.set_inputs(x, start)
-        self.graph.replay()
+        with on_device(self.step.x.device):  # replayed on the current stream of the graph's device
+            self.graph.replay()
         return self.step.results()

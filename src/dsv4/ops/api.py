@@ -23,20 +23,22 @@ from .defs import (
     SPARSE_ATTN_WRITE,
     WINDOW_KV_WRITE,
 )
+from .device import on_device
 from .registry import get_op, op_function
 
 
 def call_op(name: str, backend: str = "auto", out: Any = None, **args: Any) -> Any:
     """Run op ``name`` on its public ``args`` (by name; defaults as its signature has them): check
     them (and ``out``), then call ``backend``'s implementation on the device of the first tensor
-    argument. Returns the op's result."""
+    argument (made the current CUDA device while it runs: ``on_device``). Returns the op's result."""
     desc = get_op(name)
     if out is not None and desc.result is None:
         raise TypeError(f"out: {name} takes no out= (it updates its state in place)")
     call = desc.backend_args(args, out)
     device = next(v.device for v in call if isinstance(v, torch.Tensor))
     fn = implementation(desc, backend, device)
-    return fn(*call) if desc.result is None else fn(*call, out=out)
+    with on_device(device):
+        return fn(*call) if desc.result is None else fn(*call, out=out)
 
 
 qkv_proj_rope = op_function(QKV_PROJ_ROPE, call_op, __name__)
