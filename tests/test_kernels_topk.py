@@ -344,6 +344,28 @@ def test_topk_launches() -> None:
         assert [launch.kernel for launch in log.launches] == kernels
 
 
+@pytest.mark.skipif(not interpreted(), reason="counts interpreted launches")
+def test_chunks_list_only_tie_keys_that_can_still_be_taken() -> None:
+    """Scores uniform in [2, 8): every key shares the threshold's first digit. A chunk program lists the
+    tie-bin keys from the second digit that the row's counts so far (its own included) allow, not its
+    whole share of the bin: the launch stores under a tenth of the 8 B a key that listing the bin takes
+    (1.1 MB for these two rows), in any program order, and selects the same indices."""
+    from dsv4.bench.interp_traffic import count_traffic
+
+    n = 16 * CHUNK
+    pos = _positions(1, 2, 4 * n - 2)
+    g = torch.Generator().manual_seed(7)
+    score = _masked((2 + 6 * torch.rand(1, 2, n, generator=g)).to(DEVICE), pos)
+    hist = _score_kernel_hist(score, pos)
+    expected = reference_select_topk(score, pos, 512, OFFSET)
+    for order in (contextlib.nullcontext(), _programs_shuffled(0), _programs_shuffled(1)):
+        with order, count_traffic() as log:
+            got = select_topk(score, pos, 512, OFFSET, hist=hist.clone())
+        assert torch.equal(got, expected)
+        [launch] = log.launches
+        assert launch.store_bytes < 8 * (2 * n - 1) // 10, launch
+
+
 @pytest.mark.parametrize(
     "hist",
     [torch.zeros(2, HIST_WORDS, dtype=torch.int64), torch.zeros(2, FIRST_DIGIT_BINS, dtype=torch.int32)],

@@ -22,10 +22,12 @@ Two plans, chosen by the row length ``n``:
   the order keys' top 8 bits over the visible keys). The score kernel builds it as it writes the
   scores (``first_digit_histogram`` in its epilogue, added to ``hist`` with integer atomics);
   called alone, ``select_topk`` builds it with one launch more. Each chunk program derives the
-  threshold's first digit ``d1`` from it, reads its chunk's scores once, appends every key whose
-  first digit is ``>= d1`` (certain winners and the tie bin) to the row's candidate list (one
-  atomic reserves its slots), adds the second-digit histogram of its tie-bin keys to the row's,
-  and takes a ticket from the row's arrival counter. The program that draws the last ticket
+  threshold's first digit ``d1`` from it, reads its chunk's scores once, adds the second-digit
+  histogram of its tie-bin keys (first digit ``== d1``) to the row's, and from the counts that
+  atomic returns (every chunk's so far, its own included: a lower bound on the threshold's second
+  digit) appends the certain winners (first digit ``> d1``) and the tie-bin keys that can still be
+  taken to the row's candidate list (one atomic reserves its slots); then it takes a ticket from the
+  row's arrival counter. The program that draws the last ticket
   finishes the row: it fixes the second digit from the summed histogram, then the remaining
   digits of the threshold's *sort key* (two of the order key, three of the index, so that ties
   go by lowest index) by histograms over the candidate list, which it compacts after every digit;
@@ -564,14 +566,21 @@ def _select_chunks_kernel(
     index = chunk * CHUNK + tl.arange(0, CHUNK)
     valid = index < visible
     key = order_bits(tl.load(score_ptr + r * n + index, mask=valid, other=0.0))  # 32-bit: half the registers
-    digit = (key >> _FIRST_SHIFT).to(tl.int32)
-    cand = valid & (digit >= prefix)  # certain winners and the tie bin
+    tie_bin = (index < tl.where(done, 0, visible)) & ((key >> _FIRST_SHIFT).to(tl.int32) == prefix)
+    second = tl.histogram(((key >> (_FIRST_SHIFT - BITS)) & ((1 << BITS) - 1)).to(tl.int32), 1 << BITS, mask=tie_bin)
+    # The row's second-digit counts so far, this chunk's included. A bin's count only grows as chunks
+    # arrive, so the threshold's second digit is at least the one these counts give (-1 while they hold
+    # fewer than `need` keys): a tie-bin key below it is never taken and is not listed. The i-th chunk to
+    # arrive lists about need / i of its tie-bin keys.
+    seen = tl.atomic_add(state + tl.arange(0, 1 << BITS), second, sem="relaxed") + second
+    least, _, _ = _threshold_bin(seen, need)
+    least = tl.where(done, 0, tl.maximum(least, 0))  # done: all of the tie bin is taken
+    # Certain winners (first digit > d1) and tie-bin keys from that second digit up, in one compare of
+    # the top two digits (only `key` stays live across the atomic).
+    cand = valid & ((key >> (_FIRST_SHIFT - BITS)).to(tl.int32) >= prefix * (1 << BITS) + least)
     first = tl.atomic_add(state + _SLOTS, tl.sum(cand.to(tl.int32), 0), sem="relaxed")
     slot = first + tl.cumsum(cand.to(tl.int32), 0) - 1
     tl.store(cand_ptr + local * n + slot, _sort_key(key.to(tl.int64), index), mask=cand & (slot < n))
-    tie_bin = (index < tl.where(done, 0, visible)) & (digit == prefix)  # unless all of it is taken
-    second = tl.histogram(((key >> (_FIRST_SHIFT - BITS)) & ((1 << BITS) - 1)).to(tl.int32), 1 << BITS, mask=tie_bin)
-    tl.atomic_add(state + tl.arange(0, 1 << BITS), second, mask=second > 0, sem="relaxed")
     tl.debug_barrier()  # every thread's stores and atomics come before the ticket that releases them
     ticket = tl.atomic_add(state + _ARRIVALS, 1, sem="acq_rel")
     if ticket == tl.num_programs(1) - 1:
