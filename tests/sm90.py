@@ -78,6 +78,7 @@ class Variant:
     dependent_launch: bool  # griddepcontrol in the PTX: it waits on / releases a PDL neighbour
     l2_prefetches: int  # cp.async.bulk.prefetch.L2 in the PTX: bytes asked of L2 ahead of their loads
     pdl_order: tuple[str, ...]  # "prefetch", "launch_dependents", "wait" in the order they first appear in the PTX
+    loads_before_wait: int  # global loads in the PTX before its griddepcontrol.wait: read while the launch before runs
     loop_waits: tuple[int, ...]  # ``num`` of each async_wait in a loop that issues async copies (TTGIR): the
     #                             copy groups left in flight; 0 is a wait for every copy
     ring: int  # buffers of the deepest multi-buffered 2-D shared-memory tile (TTGIR): the copy ring
@@ -344,6 +345,12 @@ def _pdl_order(ptx: str) -> list[str]:
     return list(dict.fromkeys(name for _, name in steps))
 
 
+def _loads_before_wait(ptx: str) -> int:
+    """Global loads (``ld.global``) above the first ``griddepcontrol.wait`` (all of them without one)."""
+    wait = ptx.find("griddepcontrol.wait")
+    return len(re.findall(r"\bld\.global", ptx if wait < 0 else ptx[:wait]))
+
+
 def _variant(fn, kernel, launches: list[tuple[str, tuple[int, ...]]]) -> dict[str, Any]:
     """The fields of a ``Variant`` for ``kernel``, the compiled ``fn`` (keys of its specialization:
     ``(argument index,)``)."""
@@ -376,6 +383,7 @@ def _variant(fn, kernel, launches: list[tuple[str, tuple[int, ...]]]) -> dict[st
         "loop_load_chains": _loop_load_chains(kernel.asm["ttgir"]),
         "l2_prefetches": ptx.count("cp.async.bulk.prefetch.L2"),
         "pdl_order": _pdl_order(ptx),
+        "loads_before_wait": _loads_before_wait(ptx),
     }
 
 
