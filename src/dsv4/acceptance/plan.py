@@ -30,6 +30,7 @@ GPU_TESTS = (
     "test_kernels_*.py", "test_indexer.py", "test_compressor.py", "test_paged_cache.py", "test_golden_vectors.py",
     "test_frontend.py", "test_library.py", "test_validation.py", "test_nonfinite.py", "test_decode_graph.py",
     "test_attention_ops.py", "test_attention_graph.py", "test_sparse_attn_write.py", "test_baseline.py",
+    "test_device.py",
 )  # fmt: skip
 # Triton compiles on the host, so the tests step is CPU-bound: a pytest-xdist worker per core but two
 # (14 on the 16-core GPU machine; the H100 run kept 8 workers ~85% busy, 317 tests in 123 s)
