@@ -248,9 +248,9 @@ def test_topk_long_rows(n: int, topk: int, hist_given: bool) -> None:
 
 @pytest.mark.parametrize("n,hist_given", [(65536, False), (262144, True)], ids=["65536", "262144-hist"])
 def test_topk_all_scores_equal(n: int, hist_given: bool) -> None:
-    """The worst case of the chunked plan: every visible key is in the tie bin, every one a candidate,
-    and the threshold ties are split by index alone (at 262144 keys on three live index digits).
-    Signed zeros in the second row."""
+    """The worst case of the chunked plan: every visible key ties on the whole order key, more than a
+    row's candidate list holds, so the row is finished from its scores and the ties are taken by index
+    alone. Signed zeros in the second row."""
     pos = _positions(1, 2, 4 * n - 2)
     score = torch.ones(1, 2, n)
     score[0, 1] = torch.where(torch.arange(n) % 3 == 0, -0.0, 0.0)
@@ -344,6 +344,30 @@ def test_topk_launches() -> None:
         assert [launch.kernel for launch in log.launches] == kernels
 
 
+@pytest.mark.parametrize("values", [3, 40])
+def test_a_row_that_overflows_its_list_is_finished_from_its_scores(values: int) -> None:
+    """Scores of a few values: tens of thousands tie with the threshold, more than a row's list of
+    ``LIST_PER_TOPK x topk`` keys holds (a tenth of the row here), so the finishing program takes the
+    threshold's last digits and its lowest-index ties from the row's scores. The same indices as the
+    reference, in any program order; 40 values leave about 2,000 ties, which the list holds."""
+    from dsv4.kernels import topk as module
+    from dsv4.kernels.workspace import Workspace
+
+    n = 16 * CHUNK
+    pos = _positions(1, 2, 4 * n - 2)
+    g = torch.Generator().manual_seed(values)
+    score = _masked((torch.randint(0, values, (1, 2, n), generator=g).float() - 1.5).to(DEVICE), pos)
+    expected = reference_select_topk(score, pos, 256, OFFSET)
+    ws = Workspace()
+    orders = [contextlib.nullcontext()] + ([_programs_shuffled(values)] if interpreted() else [])
+    for order in orders:
+        with order:
+            hist = _score_kernel_hist(score, pos)
+            assert torch.equal(select_topk(score, pos, 256, OFFSET, ws=ws, hist=hist), expected)
+            assert torch.equal(select_topk(score, pos, 256, OFFSET, ws=ws), expected)
+    assert ws._buffers["topk.candidates"].shape[-1] == module.LIST_PER_TOPK * 256 < n
+
+
 @pytest.mark.skipif(not interpreted(), reason="counts interpreted launches")
 def test_chunks_list_only_tie_keys_that_can_still_be_taken() -> None:
     """Scores uniform in [2, 8): every key shares the threshold's first digit. A chunk program lists the
@@ -379,8 +403,8 @@ def test_topk_rejects_a_bad_hist(hist: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("hist_given", [False, True], ids=["standalone", "hist"])
 def test_topk_candidate_buffer_is_capped(hist_given: bool, monkeypatch) -> None:
-    """The long-row plan's candidate buffer stays within ``CANDIDATE_BYTES`` (lowered here to two rows
-    of 4097 keys): six rows go in three launches of two, with the same indices as one launch."""
+    """The long-row plan's candidate buffer stays within ``CANDIDATE_BYTES`` (lowered here to two and a
+    half rows' lists): six rows go in three launches of two, with the same indices as one launch."""
     from dsv4.bench.interp_traffic import count_traffic
     from dsv4.kernels import topk
     from dsv4.kernels.workspace import Workspace
@@ -397,6 +421,6 @@ def test_topk_candidate_buffer_is_capped(hist_given: bool, monkeypatch) -> None:
     if log is not None:
         assert [launch.kernel for launch in log.launches].count("_select_chunks_kernel") == 3
     candidates = ws._buffers["topk.candidates"]
-    assert candidates.shape == (2, n) and candidates.numel() * 8 <= topk.CANDIDATE_BYTES
+    assert candidates.shape[0] == 2 and candidates.numel() * 8 <= topk.CANDIDATE_BYTES
     assert torch.equal(got, whole)
     assert torch.equal(got, reference_select_topk(score, pos, topk_k, OFFSET))

@@ -31,7 +31,10 @@ Two plans, chosen by the row length ``n``:
   finishes the row: it fixes the second digit from the summed histogram, then the remaining
   digits of the threshold's *sort key* (two of the order key, three of the index, so that ties
   go by lowest index) by histograms over the candidate list, which it compacts after every digit;
-  it sorts the winners, stores them and clears the row's counters.
+  it sorts the winners, stores them and clears the row's counters. The list holds
+  ``LIST_PER_TOPK x topk`` keys; a row that listed more (heavy ties) is finished from its scores
+  instead: the order key's last two digits by histogram passes over the row, then one pass that
+  takes the keys above the threshold and the lowest-index keys equal to it.
 
 The selected set is the k largest sort keys, so it depends neither on the order in which
 candidates were appended nor on which program finishes; integer atomic sums are order-free too:
@@ -70,9 +73,12 @@ ROW_IN_REGISTERS = 4096  # longest row one program selects alone, and the chunk 
 CHUNK = ROW_IN_REGISTERS  # keys per program on long rows: 16 KB of scores; 262144 keys make 64
 # programs per row, so two decode rows (S=2) cover an H100's 132 SMs.
 SELECT_WARPS = 8  # 16 keys per thread for the 4096-key programs
-CANDIDATE_BYTES = 256 << 20  # the long-row plan's candidate list (8 B per key of a row) is at most this: rows
-# are selected in groups of CANDIDATE_BYTES // (8 n), one launch each. 128 decode rows (B=64, S=2) of 262144 keys
-# (1M tokens) are one group; a 1024-token prefill there is 8 launches instead of a 2 GiB buffer.
+LIST_PER_TOPK = 16  # a long row's candidate list holds 16 x topk_pad keys (at least a chunk, at most the row):
+# a chunk lists only the tie keys that can still be taken, about need x (1 + ln chunks) a row (2-6 x topk at 64
+# chunks); a row that lists more (heavy ties: all scores equal at worst) is finished from its scores instead.
+# 8 B a key: 128 decode rows of topk 512 hold 8 MB, where one slot per key of a 262144-key row took 256 MB.
+CANDIDATE_BYTES = 256 << 20  # the candidate lists of a launch are at most this: rows are selected in groups of
+# CANDIDATE_BYTES // (8 cap), one launch each (a 1024-token prefill at topk 1024 is one group of 128 MB).
 INDEX_BITS = 31  # low bits of the sort key hold 2^31-1-j: rows up to 2^31 keys, key fits int64
 TIE_INDEX_BITS = 24  # chunked rows hold up to 2^24 keys: ties at the threshold are split by the
 # index's low 24 bits, three digits (the sort key's bits 24..30 are then all ones among them)
@@ -504,28 +510,68 @@ def _refine(cand_row_ptr, wins_row_ptr, count, won, threshold, need, done, SHIFT
 
 
 @triton.jit
-def _finish_row(state_ptr, cand_row_ptr, wins_row_ptr, out_row_ptr, n, prefix, need, done, topk, offset,
-                BLOCK: tl.constexpr, TOPK_PAD: tl.constexpr, LOG_TOPK_PAD: tl.constexpr, BITS: tl.constexpr,
-                INDEX_DIGITS: tl.constexpr):  # fmt: skip
-    """The row's last chunk program: every candidate is in and the second-digit counts are summed.
-    Finds the sort key ``S`` of the k-th winner digit by digit, takes the candidates ``>= S``,
-    sorts and stores them, and zeroes the row's counters."""
+def _finish_from_scores(score_row_ptr, wins_row_ptr, visible, prefix, need, done, BLOCK: tl.constexpr,
+                        TOPK_PAD: tl.constexpr, BITS: tl.constexpr):  # fmt: skip
+    """A row whose candidates did not fit its list (heavy ties; every visible score equal at worst):
+    the threshold's order-key digits below the first two (``prefix``), one histogram pass over the
+    row's scores each, then one pass that stores every key above the threshold and, of the keys equal
+    to it, the lowest indices, as sort keys in ``wins``. Returns how many: ``k``."""
     BINS: tl.constexpr = 1 << BITS
-    count = tl.minimum(tl.load(state_ptr + _SLOTS, cache_modifier=".cg"), n)
+    for d in tl.static_range(2, 32 // BITS):
+        hist = tl.zeros([BINS], tl.int32)
+        for start in range(0, tl.where(done, 0, visible), BLOCK):  # no pass once every key left is taken
+            index = start + tl.arange(0, BLOCK)
+            valid = index < visible
+            key = _order_key(tl.load(score_row_ptr + index, mask=valid, other=0.0))
+            hist += _digit_histogram(key, valid, prefix, 32 - (d + 1) * BITS, BITS)
+        prefix, need, done = _descend(prefix, need, done, hist, BINS)
+    won = tl.zeros([], tl.int32)  # as the list's winners count
+    ties = tl.zeros([], tl.int32)  # keys equal to the threshold in the blocks before
+    for start in range(0, visible, BLOCK):
+        index = start + tl.arange(0, BLOCK)
+        valid = index < visible
+        key = _order_key(tl.load(score_row_ptr + index, mask=valid, other=0.0))
+        above = valid & tl.where(done, key >= prefix, key > prefix)
+        tie = valid & tl.where(done, False, key == prefix)
+        counts = tl.cumsum((above.to(tl.int32) << _TIE_BITS) | tie.to(tl.int32), 0)  # BLOCK < 2^16
+        left = tl.maximum(need - ties, 0)  # ties still to take, in index order
+        take = above | (tie & ((counts & _TIE_MASK) <= left))
+        slot = won + (counts >> _TIE_BITS) + tl.minimum(counts & _TIE_MASK, left) - 1
+        tl.store(wins_row_ptr + slot, _sort_key(key, index), mask=take & (slot < TOPK_PAD))
+        won += tl.sum(take.to(tl.int32), 0)
+        ties += tl.sum(tie.to(tl.int32), 0)
+    tl.debug_barrier()  # the sort reads what other threads of this program stored
+    return won
+
+
+@triton.jit
+def _finish_row(state_ptr, score_row_ptr, cand_row_ptr, wins_row_ptr, out_row_ptr, visible, cap, prefix, need, done,
+                topk, offset, BLOCK: tl.constexpr, TOPK_PAD: tl.constexpr, LOG_TOPK_PAD: tl.constexpr,
+                BITS: tl.constexpr, INDEX_DIGITS: tl.constexpr):  # fmt: skip
+    """The row's last chunk program: every candidate is in and the second-digit counts are summed.
+    Finds the sort key ``S`` of the k-th winner digit by digit, takes the candidates ``>= S`` (from
+    the row's scores when more than ``cap`` were listed), sorts and stores them, and zeroes the row's
+    counters."""
+    BINS: tl.constexpr = 1 << BITS
+    count = tl.load(state_ptr + _SLOTS, cache_modifier=".cg")
     second = tl.load(state_ptr + tl.arange(0, BINS), cache_modifier=".cg")
     prefix, need, done = _descend(prefix, need, done, second, BINS)
-    shift: tl.constexpr = _INDEX_BITS + 32 - 2 * BITS  # sort-key bits below the first two digits
-    threshold = prefix.to(tl.int64) << shift
-    count, won = _partition(cand_row_ptr, wins_row_ptr, count, count * 0, threshold, shift, done, BLOCK, TOPK_PAD)
-    for d in tl.static_range(1, 32 // BITS - 1):  # the order key's remaining digits
-        count, won, threshold, need, done = _refine(
-            cand_row_ptr, wins_row_ptr, count, won, threshold, need, done, shift - d * BITS, BLOCK, TOPK_PAD, BITS
-        )
-    for d in tl.static_range(INDEX_DIGITS):  # ties at the threshold key: lowest index first
-        count, won, threshold, need, done = _refine(
-            cand_row_ptr, wins_row_ptr, count, won, threshold, need, done, (INDEX_DIGITS - 1 - d) * BITS,
-            BLOCK, TOPK_PAD, BITS,
-        )  # fmt: skip
+    if count <= cap:
+        shift: tl.constexpr = _INDEX_BITS + 32 - 2 * BITS  # sort-key bits below the first two digits
+        threshold = prefix.to(tl.int64) << shift
+        count, won = _partition(cand_row_ptr, wins_row_ptr, count, count * 0, threshold, shift, done, BLOCK, TOPK_PAD)
+        for d in tl.static_range(1, 32 // BITS - 1):  # the order key's remaining digits
+            count, won, threshold, need, done = _refine(
+                cand_row_ptr, wins_row_ptr, count, won, threshold, need, done, shift - d * BITS, BLOCK, TOPK_PAD,
+                BITS,
+            )  # fmt: skip
+        for d in tl.static_range(INDEX_DIGITS):  # ties at the threshold key: lowest index first
+            count, won, threshold, need, done = _refine(
+                cand_row_ptr, wins_row_ptr, count, won, threshold, need, done, (INDEX_DIGITS - 1 - d) * BITS,
+                BLOCK, TOPK_PAD, BITS,
+            )  # fmt: skip
+    else:  # in half-chunk blocks: at a whole chunk a block of int64 keys spilled on Triton 3.6 (sm_90)
+        won = _finish_from_scores(score_row_ptr, wins_row_ptr, visible, prefix, need, done, BLOCK // 2, TOPK_PAD, BITS)
     _sort_and_store(wins_row_ptr, out_row_ptr, won, topk, offset, TOPK_PAD, LOG_TOPK_PAD)
     word = tl.arange(0, 2 * BINS)
     tl.store(state_ptr + word, 0, mask=word < _STATE_WORDS)  # clean for the next call
@@ -536,7 +582,7 @@ def _select_chunks_kernel(
     score_ptr,  # [R, n] fp32
     start_ptr,  # [B] int64
     hist_ptr,  # [R, row_words] int32: `parts` first-digit histograms [FIRST_DIGIT_BINS], then the counters
-    cand_ptr,  # [group, n] int64 scratch: each row's candidate sort keys (rows row0.. of this launch)
+    cand_ptr,  # [group, cap] int64 scratch: each row's candidate sort keys (rows row0.. of this launch)
     wins_ptr,  # [R, TOPK_PAD] int64 scratch: each row's winners
     out_ptr,  # [R, topk] int32
     seq,
@@ -545,6 +591,7 @@ def _select_chunks_kernel(
     offset,
     row_words,
     parts,
+    cap,  # keys a row's candidate list holds
     row0,  # the group's first row: program (i, c) selects row row0 + i, its candidates in row i of cand_ptr
     CHUNK: tl.constexpr,
     PART_BLOCK: tl.constexpr,
@@ -581,13 +628,13 @@ def _select_chunks_kernel(
     cand = valid & ((key >> (_FIRST_SHIFT - BITS)).to(tl.int32) >= prefix * (1 << BITS) + least)
     first = tl.atomic_add(state + _SLOTS, tl.sum(cand.to(tl.int32), 0), sem="relaxed")
     slot = first + tl.cumsum(cand.to(tl.int32), 0) - 1
-    tl.store(cand_ptr + local * n + slot, _sort_key(key.to(tl.int64), index), mask=cand & (slot < n))
+    tl.store(cand_ptr + local * cap + slot, _sort_key(key.to(tl.int64), index), mask=cand & (slot < cap))
     tl.debug_barrier()  # every thread's stores and atomics come before the ticket that releases them
     ticket = tl.atomic_add(state + _ARRIVALS, 1, sem="acq_rel")
     if ticket == tl.num_programs(1) - 1:
         _finish_row(
-            state, cand_ptr + local * n, wins_ptr + r * TOPK_PAD, out_ptr + r * topk, n, prefix, need, done, topk,
-            offset, CHUNK, TOPK_PAD, LOG_TOPK_PAD, BITS, INDEX_DIGITS,
+            state, score_ptr + r * n, cand_ptr + local * cap, wins_ptr + r * TOPK_PAD, out_ptr + r * topk, visible,
+            cap, prefix, need, done, topk, offset, CHUNK, TOPK_PAD, LOG_TOPK_PAD, BITS, INDEX_DIGITS,
         )  # fmt: skip
 
 
@@ -729,12 +776,13 @@ def select_topk(
             score, pos.start, hist, s, n, hist.shape[-1], CHUNK=chunk,
             STATE_PAD=triton.next_power_of_2(STATE_WORDS), PDL=pdl, num_warps=cfg.num_warps, launch_pdl=pdl,
         )  # fmt: skip
-    group = max(1, min(rows, CANDIDATE_BYTES // (8 * n)))  # rows whose candidates fit the capped buffer
-    candidates = scratch(ws, "topk.candidates", (group, n), torch.int64, score.device)
+    cap = min(n, max(chunk, LIST_PER_TOPK * topk_pad))  # a row's candidate list
+    group = max(1, min(rows, CANDIDATE_BYTES // (8 * cap)))  # rows whose candidates fit the capped buffer
+    candidates = scratch(ws, "topk.candidates", (group, cap), torch.int64, score.device)
     for row0 in range(0, rows, group):  # one launch per group, each reusing the buffer (same stream: in order)
         _select_chunks_kernel[(min(group, rows - row0), n_chunks)](
             score, pos.start, hist, candidates, winners, out, s, n, topk, offset,
-            parts * FIRST_DIGIT_BINS + STATE_WORDS, parts, row0, CHUNK=chunk,
+            parts * FIRST_DIGIT_BINS + STATE_WORDS, parts, cap, row0, CHUNK=chunk,
             PART_BLOCK=min(triton.next_power_of_2(parts), HIST_PART_BLOCK), TOPK_PAD=topk_pad,
             LOG_TOPK_PAD=topk_pad.bit_length() - 1, BITS=RADIX_BITS, INDEX_DIGITS=INDEX_DIGITS,
             PDL=pdl, num_warps=cfg.num_warps, launch_pdl=pdl,
