@@ -310,10 +310,10 @@ def _attn_kernel(
     M: tl.constexpr = TOKENS * HEADS
     b, s0, h0 = _program_rows(S, H, TOKENS, HEADS)
     split = tl.program_id(2)
+    start = tl.load(start_ptr + b)  # an input written before the op's first launch: read before the wait
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
-    start = tl.load(start_ptr + b)
     s_last = tl.minimum(s0 + TOKENS, S) - 1  # the block's last token
     # sparse_attn_write: one program a slot stores the step's last min(S, W) window rows, first; no program
     # of the launch reads a pool row at or above start (this call's rows come from kv)
@@ -440,6 +440,7 @@ def _combine_kernel(
     """The splits' partial ``(m, l, acc)`` of a program's rows combined in split order, then the epilogue."""
     M: tl.constexpr = TOKENS * HEADS
     b, s0, h0 = _program_rows(S, H, TOKENS, HEADS)
+    start = tl.load(start_ptr + b)  # an input written before the op's first launch: read before the wait
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -469,7 +470,6 @@ def _combine_kernel(
         saw = r_live & _saw_keys(m_i, l_i)  # the others' acc is 0 (and unstored where no row saw a key)
         a = tl.load(part_acc_ptr + (i * n + rows)[:, None] * HD + col[None, :], mask=saw[:, None], other=0.0)
         acc += a * w[:, None]
-    start = tl.load(start_ptr + b)
     _finish(o_ptr, sink_ptr, cos_ptr, sin_ptr, m, l, acc, start, b, s0, h0, S, H, HEADS, TOKENS, HD, R)
 
 
