@@ -80,7 +80,9 @@ def test_gemm_loops_are_pipelined_on_tensor_cores(variants: list[Variant]) -> No
 def test_every_kernel_takes_part_in_dependent_launch(variants: list[Variant]) -> None:
     """Launched with PDL on an sm_90 GPU, each kernel waits for its predecessor's results in the
     kernel (``gdc_wait``), not at the launch boundary, and lets its successor launch before that wait;
-    the q heads' wq_b stream starts before theirs."""
+    the q heads' wq_b stream starts before theirs (an L2 prefetch: no kernel loads a value before its
+    wait, since a kernel launched before the op may still be writing the op's inputs)."""
     assert all(v.dependent_launch for v in variants), [v.kernel for v in variants if not v.dependent_launch]
     for v in variants:
         assert v.pdl_order == PDL_ORDER[v.kernel], (v.kernel, v.launches, v.pdl_order)
+        assert v.loads_before_wait == 0, (v.kernel, v.launches, v.loads_before_wait)

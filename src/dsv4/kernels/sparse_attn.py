@@ -310,10 +310,10 @@ def _attn_kernel(
     M: tl.constexpr = TOKENS * HEADS
     b, s0, h0 = _program_rows(S, H, TOKENS, HEADS)
     split = tl.program_id(2)
-    start = tl.load(start_ptr + b)  # an input written before the op's first launch: read before the wait
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
+    start = tl.load(start_ptr + b)
     s_last = tl.minimum(s0 + TOKENS, S) - 1  # the block's last token
     # sparse_attn_write: one program a slot stores the step's last min(S, W) window rows, first; no program
     # of the launch reads a pool row at or above start (this call's rows come from kv)
@@ -440,10 +440,10 @@ def _combine_kernel(
     """The splits' partial ``(m, l, acc)`` of a program's rows combined in split order, then the epilogue."""
     M: tl.constexpr = TOKENS * HEADS
     b, s0, h0 = _program_rows(S, H, TOKENS, HEADS)
-    start = tl.load(start_ptr + b)  # an input written before the op's first launch: read before the wait
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
+    start = tl.load(start_ptr + b)  # asked for first: its round trip overlaps the splits' loads
     r = tl.arange(0, M)
     r_s = s0 + r // HEADS
     r_h = h0 + r % HEADS

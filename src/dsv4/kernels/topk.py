@@ -147,8 +147,9 @@ def first_digit_histogram(score, valid):
 def _wait_for_scores(PDL: tl.constexpr):
     """Launched with programmatic dependent launch: let the next launch be scheduled (it waits for
     this grid in turn), then wait for the launch before (the scores and their histograms, or anything
-    the caller's stream wrote). Only the row's ``start``, an input of the op written before its first
-    launch, is read before this wait (its round trip overlaps the wait)."""
+    the caller's stream wrote) before reading anything, the row's ``start`` included: every launch of
+    the op releases its successor as it starts, so this one may run while a kernel launched before the
+    op (an engine's, which may write the positions) still does."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -292,9 +293,9 @@ def _select_row_kernel(
     LAST_BITS: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    _wait_for_scores(PDL)
     r = tl.program_id(0).to(tl.int64)
     visible, k = _row_limits(start_ptr, r, seq, topk)
-    _wait_for_scores(PDL)
     index = tl.arange(0, ROW)
     valid = index < visible
     key = _order_key(tl.load(score_ptr + r * n + index, mask=valid, other=0.0))
@@ -359,9 +360,9 @@ def _select_bin_kernel(
     REFINE_BITS: tl.constexpr,  # the later digits, over the bin only
     PDL: tl.constexpr,
 ):
+    _wait_for_scores(PDL)
     r = tl.program_id(0).to(tl.int64)
     visible, k = _row_limits(start_ptr, r, seq, topk)
-    _wait_for_scores(PDL)
     index = tl.arange(0, ROW)
     valid = index < visible
     key = _order_key(tl.load(score_ptr + r * n + index, mask=valid, other=0.0))
@@ -437,11 +438,11 @@ def _first_digit_kernel(
 ):
     """``select_topk`` called alone: chunk ``c``'s first-digit histogram into part ``c`` of its row;
     chunk 0 also zeroes the row's selection counters."""
+    _wait_for_scores(PDL)
     r = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     index = chunk * CHUNK + tl.arange(0, CHUNK)
     valid = index < _visible(start_ptr, r, seq)
-    _wait_for_scores(PDL)
     counts = first_digit_histogram(tl.load(score_ptr + r * n + index, mask=valid, other=0.0), valid)
     hist_row = hist_ptr + r * row_words
     tl.store(hist_row + chunk * _FIRST_BINS + tl.arange(0, _FIRST_BINS), counts)
@@ -601,11 +602,11 @@ def _select_chunks_kernel(
     INDEX_DIGITS: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    _wait_for_scores(PDL)
     local = tl.program_id(0).to(tl.int64)
     r = row0 + local
     chunk = tl.program_id(1)
     visible, k = _row_limits(start_ptr, r, seq, topk)
-    _wait_for_scores(PDL)
     hist_row = hist_ptr + r * row_words
     state = hist_row + parts * _FIRST_BINS
     prefix, need, done = _first_level(k, visible)
