@@ -528,19 +528,14 @@ def _finish_from_scores(score_row_ptr, wins_row_ptr, visible, prefix, need, done
         prefix, need, done = _descend(prefix, need, done, hist, BINS)
     won = tl.zeros([], tl.int32)  # as the list's winners count
     ties = tl.zeros([], tl.int32)  # keys equal to the threshold in the blocks before
-    for start in range(0, visible, BLOCK):
+    for start in range(0, visible, BLOCK):  # the short-row plan's take, block by block in index order
         index = start + tl.arange(0, BLOCK)
         valid = index < visible
         key = _order_key(tl.load(score_row_ptr + index, mask=valid, other=0.0))
-        above = valid & tl.where(done, key >= prefix, key > prefix)
-        tie = valid & tl.where(done, False, key == prefix)
-        counts = tl.cumsum((above.to(tl.int32) << _TIE_BITS) | tie.to(tl.int32), 0)  # BLOCK < 2^16
-        left = tl.maximum(need - ties, 0)  # ties still to take, in index order
-        take = above | (tie & ((counts & _TIE_MASK) <= left))
-        slot = won + (counts >> _TIE_BITS) + tl.minimum(counts & _TIE_MASK, left) - 1
-        tl.store(wins_row_ptr + slot, _sort_key(key, index), mask=take & (slot < TOPK_PAD))
+        take, slot = _take(key, valid, prefix, tl.maximum(need - ties, 0))
+        tl.store(wins_row_ptr + won + slot, _sort_key(key, index), mask=take & (won + slot < TOPK_PAD))
         won += tl.sum(take.to(tl.int32), 0)
-        ties += tl.sum(tie.to(tl.int32), 0)
+        ties += tl.sum((valid & (key == prefix)).to(tl.int32), 0)
     tl.debug_barrier()  # the sort reads what other threads of this program stored
     return won
 
