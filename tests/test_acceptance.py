@@ -224,6 +224,7 @@ def test_the_gpu_plan_covers_every_owed_figure(capsys, monkeypatch) -> None:
     assert main(["unused-out-dir", "--list"]) == 0
     listing = capsys.readouterr().out
     assert "tests/test_decode_graph.py" in listing and "tests/test_kernels_topk.py" in listing
+    assert "tests/test_kernels_fp8_quant.py" in listing and "_compile.py" not in listing  # sm90.py's builds run on CPUs
     assert f"--preset flash --mode decode --ops {','.join(OPS)} --backends triton,reference" in listing
     assert "--ops qkv_proj_rope,indexer_compressor --backends compile" in listing
     assert "--ops indexer --backends compile" in listing
