@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import pytest
 
+from dsv4.harness.cases import DEFAULT_MAX_POSITION
 from dsv4.kernels.index_score import KEYS_AHEAD
 from dsv4.kernels.launch import H100_SMS
 from sm90 import H100_SHARED, Plan, Variant, compile_plans
 
 LONG = 262144  # cache rows at 1M tokens
+WIDE_TABLE_POSITIONS = DEFAULT_MAX_POSITION + 4 * 64  # one 64-row pool block more than a case's default
 # Two groups compiled side by side; the decode plans share their compressor and score variants,
 # and the B=1 ones their x-projection and query variants.
 PLANS = [
@@ -28,6 +30,8 @@ PLANS = [
         Plan("decode-262144", "indexer", "flash", batch=1, seq=2, start_pos=4 * LONG - 2, max_position=4 * LONG),
         # the longest row the top-k selects in one program (ROW_IN_REGISTERS)
         Plan("decode-4096", "indexer", "flash", batch=1, seq=2, start_pos=4 * 4096 - 2, max_position=4 * 4096),
+        # decode-2048 with a pool one block wider per row (33 blocks a row, not 32): the same variants
+        Plan("decode-2048-wide-table", "indexer", "flash", 64, 2, 4 * 2048 - 2, max_position=WIDE_TABLE_POSITIONS),
     ],
     [
         Plan("prefill-1024", "indexer", "flash", batch=1, seq=1024),
@@ -41,6 +45,7 @@ PLANS = [
         Plan("kv-compressor-csa", "kv_compressor", "flash", batch=4, seq=2, start_pos=4 * 2048 - 2),
         Plan("kv-compressor-hca", "kv_compressor", "flash", batch=4, seq=2, start_pos=128 * 16 - 2, kind="hca"),
         Plan("window-kv-write", "window_kv_write", "flash", batch=64, seq=2, start_pos=4 * 2048 - 2),
+        Plan("window-kv-write-wide-table", "window_kv_write", "flash", 64, 2, 4 * 2048 - 2, WIDE_TABLE_POSITIONS),
     ],
 ]
 
@@ -216,3 +221,20 @@ def test_decode_rows_add_their_slices_in_few_steps(variants: list[Variant]) -> N
                 assert steps <= most, (plan, v.constants["SPLITS"], v.constants["SUM_BLOCK"], steps)
                 seen.add(plan)
     assert seen == set(SUM_STEPS_AT_MOST)
+
+
+# Kernels that read a block table, whose width (a pool size the caller picks) the JIT does not specialize on:
+# the plans of a wider table launch the variants the plans beside them do (decode-2048: 32 blocks a row,
+# divisible by 16; its wide twin: 33).
+WIDE_TABLE_TWINS = {"decode-2048-wide-table": "decode-2048", "window-kv-write-wide-table": "window-kv-write"}
+TABLE_KERNELS = {"_compressor_step_kernel", "_score_kernel", "_window_kv_write_kernel"}
+
+
+def test_one_variant_serves_every_block_table_width(variants: list[Variant]) -> None:
+    seen = set()
+    for v in variants:
+        for wide, twin in WIDE_TABLE_TWINS.items():
+            if wide in v.plans:
+                assert twin in v.plans, (v.kernel, "compiled again for a wider block table", v.launches)
+                seen.add(v.kernel)
+    assert seen >= TABLE_KERNELS

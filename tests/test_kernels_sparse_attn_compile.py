@@ -29,6 +29,8 @@ PLANS = [
         Plan("flash-decode-b64", "sparse_attn", "flash", batch=64, seq=2, start_pos=START, max_position=MAX),
         Plan("flash-hca-b1", "sparse_attn", "flash", 1, 2, start_pos=HCA_START, max_position=HCA_MAX, kind="hca"),
         Plan("flash-hca-chunk", "sparse_attn", "flash", 1, 64, start_pos=MAX - 64, max_position=MAX, kind="hca"),
+        # flash-decode with a compressed pool one 64-row block wider a slot (33 blocks, not 32)
+        Plan("flash-decode-wide-table", "sparse_attn", "flash", 4, 2, start_pos=START, max_position=MAX + 256),
     ]
 ]
 # (B x S x ceil(H / heads), 1, splits): one token and 32 heads a program, head blocks fastest; the key
@@ -80,3 +82,12 @@ def test_a_key_tile_waits_for_one_round_of_loads(variants: list[Variant]) -> Non
     ``sparse_attn_write`` stores."""
     for v in variants:
         assert v.loop_load_chains and max(v.loop_load_chains) == 1, (v.kernel, v.launches, v.loop_load_chains)
+
+
+def test_one_variant_serves_every_block_table_width(variants: list[Variant]) -> None:
+    """The block tables' widths (pool sizes the caller picks) are not specialized on: a wider table
+    launches flash-decode's variants."""
+    wide = [v for v in variants if "flash-decode-wide-table" in v.plans]
+    assert {v.kernel for v in wide} == {"_attn_kernel", "_combine_kernel"}
+    for v in wide:
+        assert "flash-decode" in v.plans, (v.kernel, "compiled again for a wider block table", v.launches)

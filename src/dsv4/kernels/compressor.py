@@ -366,7 +366,9 @@ def close_chunk(
         _update_ring(src_ptr, ape_ptr, kv_state_ptr, score_state_ptr, b, start, S, T, HI, COFF * HID, RC, COFF * RC)
 
 
-@triton.jit
+# A block table's width is the caller's cache size: not specialized on (== 1, divisible by 16), one variant
+# serves every width (its loads are gathers either way).
+@triton.jit(do_not_specialize=["max_blocks"])
 def _compressor_step_kernel(
     xp_ptr,  # [SPLITS, B*S, 2*COFF*HID + HI] fp32: raw K-slices of the kv | gate (| head weight) projections
     kvg_ptr,  # [B*S, 2*COFF*HID + HI] fp32 scratch: the slices added (SPLITS > 1)

@@ -130,7 +130,9 @@ def _tile_slots(table_ptr, b, key, present, max_blocks, BLOCK_SIZE: tl.constexpr
     return block * BLOCK_SIZE + key % BLOCK_SIZE
 
 
-@triton.jit
+# A block table's width is the caller's cache size: not specialized on (== 1, divisible by 16), one variant
+# serves every width (its loads are gathers either way).
+@triton.jit(do_not_specialize=["max_blocks"])
 def _score_kernel(
     q8_ptr,  # [T, HI, HID] int8: the rotated queries (front launch)
     q_scale_ptr,  # [T, HI] fp32

@@ -264,7 +264,9 @@ def _finish(o_ptr, sink_ptr, cos_ptr, sin_ptr, m, l, acc, start, b, s0, h0, S, H
     store_rope_bf16(o_ptr + row[:, None] + col[None, :], o1, cos, -sin, live[:, None], HD, R)
 
 
-@triton.jit
+# A block table's width is the caller's cache size: not specialized on (== 1, divisible by 16), one variant
+# serves every width (its loads are gathers either way).
+@triton.jit(do_not_specialize=["win_width", "cmp_width"])
 def _attn_kernel(
     q_ptr,  # [B, S, H, HD] bf16
     kv_ptr,  # [B, S, HD] bf16: this call's rows

@@ -88,7 +88,9 @@ def store_window_rows(kv_ptr, b, s, S, start, table_ptr, max_blocks, nope_ptr, s
     store_fp8_rows(nope_ptr, scale_ptr, rope_ptr, block * BLOCK_SIZE + p % BLOCK_SIZE, held, v.to(tl.float32), NOPE, R)
 
 
-@triton.jit
+# A block table's width is the caller's cache size: not specialized on (== 1, divisible by 16), one variant
+# serves every width (its loads are gathers either way).
+@triton.jit(do_not_specialize=["max_blocks"])
 def _window_kv_write_kernel(
     kv_ptr,  # [B, S, HD] bf16, contiguous
     start_ptr,  # [B] int64
