@@ -1,0 +1,47 @@
+"""``benchmarks/compile_census.py``: the sm_90 variants a test selection compiles, counted as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from compile_census import census  # noqa: E402
+
+
+def test_a_variant_counts_once_at_its_compile() -> None:
+    """A variant launched by two tests (or built by two workers at once) is one variant, timed by its
+    compile, not by the cached launches after it; modules are charged the compiles they made."""
+    records = [
+        ("tests/test_a.py::one", "_k", "h1", 2.0),
+        ("tests/test_b.py::two", "_k", "h1", 1e-5),  # the same variant, from the JIT's cache
+        ("tests/test_b.py::two", "_k", "h2", 3.0),
+        ("tests/test_b.py::three", "_j", "h3", 0.5),
+    ]
+    got = census(records)
+    assert got["variants"] == 3 and got["seconds"] == 5.5
+    assert got["kernels"] == {"_k": {"variants": 2, "seconds": 5.0}, "_j": {"variants": 1, "seconds": 0.5}}
+    assert got["modules"] == {"tests/test_b.py": 3.5, "tests/test_a.py": 2.0}
+
+
+def test_counts_the_variants_of_a_test_file(tmp_path: Path) -> None:
+    """``window_kv_write``'s op tests compiled for sm_90 (no GPU): its kernel's variants, each timed."""
+    pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend cannot target sm_90")
+    out = tmp_path / "census.json"
+    selection = ["tests/test_kernels_window_kv_write.py"]
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "compile_census.py"), "--workers", "0", "--json", str(out), *selection],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    got = json.loads(out.read_text())
+    row = got["kernels"]["_window_kv_write_kernel"]
+    assert row["variants"] >= 2 and row["seconds"] > 0  # decode (S=2) and a longer step at least
+    assert list(got["modules"]) == ["tests/test_kernels_window_kv_write.py"]
+    assert f"{got['variants']} variants" in done.stdout
