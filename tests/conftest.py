@@ -90,10 +90,29 @@ def _seed_of_its_own(request: pytest.FixtureRequest) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """On a CPU without ``-m``, leave out the ``full`` tests (on a GPU they are cheap: all run)."""
-    if DEVICE.type == "cuda" or config.option.markexpr:
+    """On a CPU without ``-m``, leave out the ``full`` tests (on a GPU they are cheap: all run); on a GPU,
+    run the tests in turns of their functions (``_in_turns``)."""
+    if DEVICE.type == "cuda":
+        items[:] = _in_turns(items)
+        return
+    if config.option.markexpr:
         return
     full = [item for item in items if item.get_closest_marker("full")]
     if full:
         config.hook.pytest_deselected(items=full)
         items[:] = [item for item in items if not item.get_closest_marker("full")]
+
+
+def _in_turns(items: list[pytest.Item]) -> list[pytest.Item]:
+    """The first case of every test function, then every second case, and so on (each function's cases
+    in their order). On a GPU a test's time is mostly Triton compiling the variants it launches, and
+    the cases of one function mostly launch the same variants: handed out in collection order, the
+    workers would compile them side by side, each its own copy, where in turns one compiles and the
+    later cases find it in Triton's cache. A model of the acceptance run's 14 workers over the
+    compile census's per-test variants (``benchmarks/compile_census.py``) puts the step at about 3/4
+    of its time in collection order (docs/TESTING.md, "On a GPU")."""
+    by_function: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        by_function.setdefault(item.nodeid.split("[", 1)[0], []).append(item)
+    cases = list(by_function.values())
+    return [case[turn] for turn in range(max(map(len, cases), default=0)) for case in cases if turn < len(case)]
