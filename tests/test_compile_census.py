@@ -12,7 +12,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
-from compile_census import census  # noqa: E402
+from compile_census import census, modeled_step  # noqa: E402
 
 
 def test_a_variant_counts_once_at_its_compile() -> None:
@@ -30,6 +30,15 @@ def test_a_variant_counts_once_at_its_compile() -> None:
     assert got["modules"] == {"tests/test_b.py": 3.5, "tests/test_a.py": 2.0}
 
 
+def test_the_model_compiles_a_variant_again_only_while_its_first_compile_runs() -> None:
+    """Two workers: tests side by side that need one variant both compile it; a test after its compile
+    ended finds it in the cache."""
+    records = [("t1", "_k", "h", 5.0), ("t2", "_k", "h", 4.0), ("t3", "_j", "g", 5.0), ("t4", "_k", "h", 1e-5)]
+    assert modeled_step(records, ["t1", "t2", "t3", "t4"], workers=2, test_s=0.0) == 10.0  # t2 builds h again
+    assert modeled_step(records, ["t1", "t3", "t2", "t4"], workers=2, test_s=0.0) == 5.0
+    assert modeled_step(records, ["t1", "t3", "t2", "t4"], workers=1, test_s=1.0) == 14.0
+
+
 def test_counts_the_variants_of_a_test_file(tmp_path: Path) -> None:
     """``window_kv_write``'s op tests compiled for sm_90 (no GPU): its kernel's variants, each timed."""
     pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend cannot target sm_90")
@@ -45,3 +54,5 @@ def test_counts_the_variants_of_a_test_file(tmp_path: Path) -> None:
     assert row["variants"] >= 2 and row["seconds"] > 0  # decode (S=2) and a longer step at least
     assert list(got["modules"]) == ["tests/test_kernels_window_kv_write.py"]
     assert f"{got['variants']} variants" in done.stdout
+    model = got["model"]
+    assert model["workers"] == 14 and model["in_turns_s"] > 0 and model["collection_order_s"] > 0
