@@ -9,7 +9,7 @@ compiled and the seconds they took, and per test module the seconds of its first
 model of the GPU's tests step (``modeled_step``: its workers, each test's compiles at this CPU's speed)
 in collection order and in the order a GPU runs the tests (``tests/conftest.py``'s ``_in_turns``).
 
-    python benchmarks/compile_census.py [--json out.json] [--workers 2] [pytest selection ...]
+    python benchmarks/compile_census.py [--json out.json] [--workers 2] [-- pytest selection and options ...]
 
 Times are one CPU core's per compile (the workers compile side by side); the GPU machine's cores differ.
 """

@@ -56,3 +56,18 @@ def test_counts_the_variants_of_a_test_file(tmp_path: Path) -> None:
     assert f"{got['variants']} variants" in done.stdout
     model = got["model"]
     assert model["workers"] == 14 and model["in_turns_s"] > 0 and model["collection_order_s"] > 0
+
+
+def test_the_groups_of_a_capped_selection_run_one_variant(tmp_path: Path) -> None:
+    """The long-row top-k with its candidate buffer capped launches its rows in groups (row0 = 0, 2, 4),
+    and with the whole launch all run one compiled ``_select_chunks_kernel``: the group's first row is
+    not specialized on (it was 2 variants, about 8 s of compile each)."""
+    pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend cannot target sm_90")
+    out = tmp_path / "census.json"
+    selection = ["tests/test_kernels_topk.py::test_topk_candidate_buffer_is_capped[hist]"]
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "compile_census.py"), "--workers", "0", "--json", str(out), "--", *selection],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert json.loads(out.read_text())["kernels"]["_select_chunks_kernel"]["variants"] == 1

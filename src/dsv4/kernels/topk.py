@@ -573,7 +573,9 @@ def _finish_row(state_ptr, score_row_ptr, cand_row_ptr, wins_row_ptr, out_row_pt
     tl.store(state_ptr + word, 0, mask=word < _STATE_WORDS)  # clean for the next call
 
 
-@triton.jit
+# The group's first row is not specialized on: a program's row is it plus the program id, of no known
+# divisibility either way, so the later groups of a capped launch run the first group's variant.
+@triton.jit(do_not_specialize=["row0"])
 def _select_chunks_kernel(
     score_ptr,  # [R, n] fp32
     start_ptr,  # [B] int64
