@@ -103,7 +103,7 @@ def modeled_step(records: list[tuple[str, str, str, float]], order: list[str], w
     each frees, every test taking ``test_s`` besides its compiles, and a variant is compiled by every
     worker that needs it before its first compile has ended (the workers share Triton's cache on disk,
     not their compiles in flight) and found in the cache after."""
-    needs: dict[str, list[tuple[str, float]]] = collections.defaultdict(list)
+    needs: dict[str, list[str]] = collections.defaultdict(list)  # test -> the variants it launches
     seconds: dict[str, float] = {}
     for test, _, variant, s in records:
         seconds[variant] = max(seconds.get(variant, 0.0), s)

@@ -15,6 +15,18 @@ sys.path.insert(0, str(BENCHMARKS))
 from compile_census import census, modeled_step  # noqa: E402
 
 
+def _census(tmp_path: Path, *selection: str) -> tuple[dict, str]:
+    """``compile_census.py`` over ``selection`` in one process -> (its JSON, its stdout)."""
+    pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend cannot target sm_90")
+    out = tmp_path / "census.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "compile_census.py"), "--workers", "0", "--json", str(out), "--", *selection],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(out.read_text()), done.stdout
+
+
 def test_a_variant_counts_once_at_its_compile() -> None:
     """A variant launched by two tests (or built by two workers at once) is one variant, timed by its
     compile, not by the cached launches after it; modules are charged the compiles they made."""
@@ -41,19 +53,11 @@ def test_the_model_compiles_a_variant_again_only_while_its_first_compile_runs() 
 
 def test_counts_the_variants_of_a_test_file(tmp_path: Path) -> None:
     """``window_kv_write``'s op tests compiled for sm_90 (no GPU): its kernel's variants, each timed."""
-    pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend cannot target sm_90")
-    out = tmp_path / "census.json"
-    selection = ["tests/test_kernels_window_kv_write.py"]
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "compile_census.py"), "--workers", "0", "--json", str(out), *selection],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-4000:]
-    got = json.loads(out.read_text())
+    got, stdout = _census(tmp_path, "tests/test_kernels_window_kv_write.py")
     row = got["kernels"]["_window_kv_write_kernel"]
     assert row["variants"] >= 2 and row["seconds"] > 0  # decode (S=2) and a longer step at least
     assert list(got["modules"]) == ["tests/test_kernels_window_kv_write.py"]
-    assert f"{got['variants']} variants" in done.stdout
+    assert f"{got['variants']} variants" in stdout
     model = got["model"]
     assert model["workers"] == 14 and model["in_turns_s"] > 0 and model["collection_order_s"] > 0
 
@@ -62,12 +66,5 @@ def test_the_groups_of_a_capped_selection_run_one_variant(tmp_path: Path) -> Non
     """The long-row top-k with its candidate buffer capped launches its rows in groups (row0 = 0, 2, 4),
     and with the whole launch all run one compiled ``_select_chunks_kernel``: the group's first row is
     not specialized on (it was 2 variants, about 8 s of compile each)."""
-    pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend cannot target sm_90")
-    out = tmp_path / "census.json"
-    selection = ["tests/test_kernels_topk.py::test_topk_candidate_buffer_is_capped[hist]"]
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "compile_census.py"), "--workers", "0", "--json", str(out), "--", *selection],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert json.loads(out.read_text())["kernels"]["_select_chunks_kernel"]["variants"] == 1
+    got, _ = _census(tmp_path, "tests/test_kernels_topk.py::test_topk_candidate_buffer_is_capped[hist]")
+    assert got["kernels"]["_select_chunks_kernel"]["variants"] == 1
