@@ -1,12 +1,19 @@
 """N decode steps of one layer's whole attention (``DecodeAttention``) on synthetic weights.
 
 Prints each step's time and, with ``--capture``, the same steps replayed from one CUDA graph
-(``DecodeAttention.capture``; on a CPU its static launches run eagerly). The last line gives the
-medians and, on a GPU in the bench's device table, the step's memory floor (its ops' minimal bytes
-over the datasheet bandwidth) and each median's multiple of it.
+(``DecodeAttention.capture``; on a CPU its static launches run eagerly). Each step is timed on its
+own, from a synchronized device to a synchronized device, so its time holds the host's bookkeeping
+(block allocation, block-table writes) and the graph's launch as well as the GPU's work. With
+``--back-to-back`` the same number of steps is then launched one after another and synchronized
+once (timed on the second of two such runs): the host prepares a step while the GPU still runs
+earlier ones, as in an engine's decode loop, so the time a step is the larger of the two. The last
+lines give the medians (and the back-to-back times) and, on a GPU in the bench's device table, the
+step's memory floor (its ops' minimal bytes over the datasheet bandwidth) and each figure's
+multiple of it.
 
     python examples/attention_loop.py --preset tiny --kind csa --steps 8
-    python examples/attention_loop.py --preset flash --kind csa --batch 64 --prefill 4096 --steps 50 --capture  # GPU
+    python examples/attention_loop.py --preset flash --kind csa --batch 64 --prefill 4096 --steps 50 --capture \
+        --back-to-back  # GPU
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import time
 import torch
 
 import dsv4
-from dsv4.bench.timing import device_spec
+from dsv4.bench.timing import DeviceSpec, device_spec
 from dsv4.ops.step_cost import step_bytes
 
 
@@ -33,12 +40,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--capture", action="store_true", help="then replay the steps from one CUDA graph")
+    parser.add_argument(
+        "--back-to-back", action="store_true",
+        help="then time as many steps again in each mode, launched one after another with one sync at the end",
+    )  # fmt: skip
     args = parser.parse_args()
 
     cfg = dsv4.get_config(args.preset)
     device = torch.device(args.device)
     layer = cfg.first_layer(args.kind)
-    runs = 2 if args.capture else 1
+    runs = (2 if args.capture else 1) * (3 if args.back_to_back else 1)
     ratio = max(cfg.layer_ratio(layer), 4)
     max_position = ratio * -(-(args.prefill + runs * args.seq * args.steps) // ratio)
     attn = dsv4.DecodeAttention(
@@ -54,31 +65,60 @@ def main() -> None:
     modes = [("eager", attn)]
     if args.capture:
         modes.append(("graph", attn.capture(seq=args.seq)))
-    medians, starts = {}, []
+    medians, back_to_back, starts = {}, {}, []
     for mode, step_fn in modes:
         times = []
         for step in range(args.steps):
             x = dsv4.synthetic_activations((args.batch, args.seq, cfg.hidden_size), seed=100 + step, device=device)
             starts = list(attn.next_pos)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            sync(device)
             t0 = time.perf_counter()
             y = step_fn(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            sync(device)
             times.append((time.perf_counter() - t0) * 1e3)
-            if not bool(torch.isfinite(y).all()):
-                raise SystemExit(f"step {step} ({mode}): y holds NaN or inf")
+            check(y, f"step {step} ({mode})")
             print(f"{step:>5} {mode:>6} {starts[0]:>9} {times[-1]:>9.3f}")
         medians[mode] = statistics.median(times)
-    line = "median ms per step: " + ", ".join(f"{m} {t:.3f}" for m, t in medians.items())
+        if args.back_to_back:
+            xs = [
+                dsv4.synthetic_activations((args.batch, args.seq, cfg.hidden_size), seed=200 + step, device=device)
+                for step in range(args.steps)
+            ]  # fmt: skip
+            # twice, timing the second: the first grows the pinned host blocks that the steps' block-table and
+            # position copies stage through while the host runs ahead of the device
+            for _ in range(2):
+                sync(device)
+                t0 = time.perf_counter()
+                for x in xs:
+                    y = step_fn(x)
+                sync(device)
+                check(y, f"the last back-to-back step ({mode})")
+            back_to_back[mode] = (time.perf_counter() - t0) * 1e3 / args.steps
     spec = device_spec(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    if spec is not None:
-        floor_ms = step_bytes(cfg, layer, starts, args.seq) / spec.bandwidth * 1e3
+    floor_ms = step_bytes(cfg, layer, starts, args.seq) / spec.bandwidth * 1e3 if spec is not None else None
+    print(figures_line("median ms per step", medians, floor_ms, spec))
+    if back_to_back:
+        print(figures_line("back to back, ms per step", back_to_back, floor_ms, spec))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def check(y: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(y).all()):
+        raise SystemExit(f"{what}: y holds NaN or inf")
+
+
+def figures_line(label: str, figures: dict[str, float], floor_ms: float | None, spec: DeviceSpec | None) -> str:
+    """``label: eager 1.234, graph 0.567[; memory floor F ms (device): eager Nx, graph Mx]``."""
+    line = f"{label}: " + ", ".join(f"{m} {t:.3f}" for m, t in figures.items())
+    if floor_ms is not None and spec is not None:
         line += f"; memory floor {floor_ms:.4f} ms ({spec.name}): " + ", ".join(
-            f"{m} {t / floor_ms:.1f}x" for m, t in medians.items()
+            f"{m} {t / floor_ms:.1f}x" for m, t in figures.items()
         )
-    print(line)
+    return line
 
 
 if __name__ == "__main__":

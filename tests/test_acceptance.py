@@ -133,6 +133,7 @@ def test_dry_run_record_holds_every_figure(dry_run) -> None:
     assert tune["config"]["file"] == "kernel-config.json" and tune["config"]["device"] == "cpu"
     assert steps["decode_graph"]["result"]["median_ms"]["eager"] > 0
     assert set(steps["attention_graph"]["result"]["median_ms"]) == {"eager", "graph"}
+    assert set(steps["attention_graph"]["result"]["back_to_back_ms"]) == {"eager", "graph"}
     with gzip.open(out / "trace.json.gz") as f:
         assert json.load(f)["traceEvents"]
     assert steps["checkpoint"]["result"]["run_result"] == "all checks passed"
@@ -407,6 +408,10 @@ def test_decode_loop_medians() -> None:
     log = "median ms per step: eager 0.900, graph 0.120; memory floor 0.0473 ms (H200): eager 19.0x, graph 2.5x\n"
     result = parse_decode_loop({}, log)
     assert result["median_ms"] == {"eager": 0.9, "graph": 0.12} and result["floor_ms"] == 0.0473
+    assert result["back_to_back_ms"] is None
+    log += "back to back, ms per step: eager 0.700, graph 0.060; memory floor 0.0473 ms (H200): eager 14.8x, graph 1.3x"
+    result = parse_decode_loop({}, log)
+    assert result["back_to_back_ms"] == {"eager": 0.7, "graph": 0.06} and result["median_ms"]["graph"] == 0.12
     with pytest.raises(ValueError):
         parse_decode_loop({}, "Traceback ...")
 

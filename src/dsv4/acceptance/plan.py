@@ -104,7 +104,7 @@ GPU = Profile(
     ),
     attention_loop=(
         "--preset", "flash", "--kind", "csa", "--batch", "64", "--seq", "2", "--prefill", "2048", "--steps", "50",
-        "--capture",
+        "--capture", "--back-to-back",
     ),
     device="cuda", checkpoint_experts=8, checkpoint_backend="triton",
     timeouts={
@@ -129,7 +129,10 @@ DRY = Profile(
     name="dry", preset="tiny", budget_s=300, ops=("qkv_proj_rope",), reps=3, budget_per_timing_s=0.05,
     prefill_reps=3, prefill_backends="reference", tests=("test_hadamard.py", "test_quant.py"),
     decode_loop=("--preset", "tiny", "--batch", "4", "--seq", "2", "--prefill", "16", "--steps", "3"),
-    attention_loop=("--preset", "tiny", "--batch", "2", "--seq", "2", "--prefill", "16", "--steps", "3", "--capture"),
+    attention_loop=(
+        "--preset", "tiny", "--batch", "2", "--seq", "2", "--prefill", "16", "--steps", "3", "--capture",
+        "--back-to-back",
+    ),
     device="cpu", checkpoint_experts=0, checkpoint_backend="reference",
     timeouts=dict.fromkeys(GPU.timeouts, 120), min_s=1,
     tune=("--dry-run", "--ops", "qkv_proj_rope", "--kernels", "qkv.rows,qkv.q_heads"), probe=("--dry-run",),

@@ -28,6 +28,7 @@ _PYTEST_LINE = re.compile(
     rf"|(?:\[gw\d+\] \[\s*\d+%\] )?(?P<o2>{_OUTCOMES}) (?P<id2>\S+::\S+))"  # with xdist
 )
 _MEDIANS = re.compile(r"^median ms per step: ([^;\n]+)(?:; memory floor ([0-9.]+) ms)?", re.M)
+_BACK_TO_BACK = re.compile(r"^back to back, ms per step: ([^;\n]+)", re.M)
 _TRACE = re.compile(r"^wrote .* \(one decode step on backend (\w+)\)$", re.M)
 _LOAD = re.compile(r"^load_layer\(.*\): ([\d.]+) s wall; loaded ([\d.]+) MiB; .*peak (\d+) MiB \(\+(-?\d+) MiB\)", re.M)
 _RUN = re.compile(r"^(\d+) op calls in ([\d.]+) s; (.+)$", re.M)
@@ -94,17 +95,26 @@ def parse_bench(files: dict[str, str], log: str) -> dict[str, Any]:
     return {"bench": parse_json(files, log)}
 
 
+def _mode_figures(text: str) -> dict[str, float]:
+    """``eager 1.234, graph 0.567`` -> ``{"eager": 1.234, "graph": 0.567}``."""
+    return {mode: float(value) for mode, value in (part.split() for part in text.split(","))}
+
+
 def parse_decode_loop(files: dict[str, str], log: str) -> dict[str, Any]:
-    """``median ms per step: eager 1.234, graph 0.567[; memory floor 0.047 ms ...]`` ->
-    ``{"median_ms": {"eager": 1.234, "graph": 0.567}, "floor_ms": 0.047 or None}``."""
+    """``median ms per step: eager 1.234, graph 0.567[; memory floor 0.047 ms ...]`` and, where the
+    loop ran ``--back-to-back``, ``back to back, ms per step: eager 1.1, graph 0.2[; ...]`` ->
+    ``{"median_ms": {"eager": 1.234, "graph": 0.567}, "back_to_back_ms": {...} or None, "floor_ms":
+    0.047 or None}``."""
     m = _MEDIANS.search(log)
     if not m:
         raise ValueError("decode_loop printed no 'median ms per step' line")
-    medians = {}
-    for part in m[1].split(","):
-        mode, value = part.split()
-        medians[mode] = float(value)
-    return {"median_ms": medians, "floor_ms": float(m[2]) if m[2] else None, "line": m[0]}
+    back = _BACK_TO_BACK.search(log)
+    return {
+        "median_ms": _mode_figures(m[1]),
+        "back_to_back_ms": _mode_figures(back[1]) if back else None,
+        "floor_ms": float(m[2]) if m[2] else None,
+        "line": m[0],
+    }
 
 
 def parse_trace(files: dict[str, str], log: str) -> dict[str, Any]:

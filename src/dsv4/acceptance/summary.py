@@ -349,8 +349,12 @@ def _decode_graph_section(record: dict[str, Any], name: str = "decode_graph") ->
     result = (entry or {}).get("result")
     if not result:
         return [f"No decode-loop figures: {_why(entry)}."]
-    medians = result["median_ms"]
-    lines = _md_table(["launch", "median ms per step"], [[m, f"{v:.3f}"] for m, v in medians.items()], right={1})
+    medians, back = result["median_ms"], result.get("back_to_back_ms") or {}
+    header, rows = ["launch", "median ms per step"], [[m, f"{v:.3f}"] for m, v in medians.items()]
+    if back:  # a step synchronized on its own holds the host's bookkeeping; back to back, the host runs ahead
+        header.append("ms per step, back to back")
+        rows = [[*row, f"{back[row[0]]:.3f}" if row[0] in back else "-"] for row in rows]
+    lines = _md_table(header, rows, right=set(range(1, len(header))))
     if "eager" in medians and "graph" in medians:
         lines += ["", f"One CUDA graph per step is {medians['eager'] / medians['graph']:.2f}x the eager launches."]
     elif "graph" not in medians:
@@ -358,6 +362,8 @@ def _decode_graph_section(record: dict[str, Any], name: str = "decode_graph") ->
     if result.get("floor_ms"):
         lines += ["", f"Memory floor {result['floor_ms']:.4f} ms: " + ", ".join(
             f"{m} {v / result['floor_ms']:.1f}x" for m, v in medians.items())]  # fmt: skip
+        if back:
+            lines[-1] += "; back to back: " + ", ".join(f"{m} {v / result['floor_ms']:.1f}x" for m, v in back.items())
     return lines + ["", f"<sub>`{entry['commands'][0]}`</sub>"]
 
 
