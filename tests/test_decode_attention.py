@@ -269,12 +269,53 @@ def test_step_plans_only_the_blocks_that_change() -> None:
         if i == 30:
             m.reset([1])
         starts = list(m.next_pos)
-        plan = m._plan(starts, 2, [blocks for blocks, _ in m._allocators()])
+        plan = m._plan(starts, 2)  # the quiet slots skipped, as every step plans
         got = [(give, [(b, sorted(cols)) for b, cols in free]) for _, give, free in plan]
         assert got == _plan_by_every_column(m, starts, 2), (i, starts)
         quiet += all(not give and not free for give, free in got)
         m(x_of(2, 2, 100 + i))
     assert quiet >= 40, quiet
+
+
+@pytest.mark.parametrize(("kind", "block_size"), [("swa", 16), ("csa", 16), ("csa", 64), ("hca", 32)])
+def test_quiet_slots_are_exactly_those_a_step_leaves_alone(kind: str, block_size: int) -> None:
+    """A step looks only at the slots outside their quiet bounds, and those are exactly the slots
+    whose blocks it changes: through random host steps (decode, prefill-sized, re-runs, resets),
+    for every start from 0 to past where a slot stands, the plan with the quiet slots skipped
+    equals the plan looking at every slot and a slot is quiet iff that plan leaves it out; the
+    step taken runs the plan its check kept, equal to the whole plan."""
+    import random
+
+    rng = random.Random(block_size)
+    m = module(kind, batch=3, max_position=1024, block_size=block_size)
+    seen = {True: 0, False: 0}
+    for _ in range(150):
+        if rng.random() < 0.04:
+            m.reset([rng.randrange(3)])
+        s = rng.choice([1, 2, 2, 2, 2, 3, 17])
+        starts = list(m.next_pos)
+        if rng.random() < 0.2:  # re-runs
+            starts = [rng.choice([m.last_start[b], m.next_pos[b]]) for b in range(3)]
+        top = max(m.next_pos) + 3 * block_size
+        for p in range(0, top):
+            for n in (1, 2, 5):
+                probe = [p, m.next_pos[1], min(p + 7, top)]
+                full = m._plan(probe, n, m._pools())
+                assert m._plan(probe, n) == full, (probe, n, m._quiet)
+                changed = {b for _, give, free in full for b, _ in give + free}
+                for b, (q, (lo, hi, end)) in enumerate(zip(probe, m._quiet, strict=True)):
+                    quiet = lo <= q < hi and q + n <= end
+                    assert quiet == (b not in changed), (b, q, n, m._quiet[b])
+                    seen[quiet] += 1
+        try:
+            m.step_starts(3, s, starts, s)
+        except ValueError:  # a re-run the rings refuse: nothing changed
+            continue
+        full = m._plan(starts, s, m._pools())
+        plan = m.begin_step(starts, s)
+        assert plan == full, (starts, s)
+        m.end_step(plan, starts, s)
+    assert max(m.next_pos) > 4 * block_size and min(seen.values()) > 1000, (m.next_pos, seen)
 
 
 def test_block_allocator_gives_the_lowest_free_block_and_flushes_the_last_change_of_a_cell() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import heapq
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -210,8 +211,13 @@ class DecodeAttention(torch.nn.Module):
             state = IndexerState.paged(batch, n, block_size, hid, torch.full((batch, width), UNALLOCATED), device)
             self._buffers_of("idx", state, _INDEXER_STATE)
             self.idx_blocks = _Blocks.new(n, batch)
+        self.win_block_size = block_size  # rows per block, in every pool
+        self._limit = min(rope.max_position, self.win_block_table.shape[1] * block_size)  # positions a slot may reach
+        self._ratios = [r for r in (self.ratio, COMPRESS_RATIO if self.kind == "csa" else 0) if r]  # compressed pools'
         self.next_pos = [0] * batch  # where each slot's next token sits (host-side: no device sync)
         self.last_start = [0] * batch  # the start of each slot's last step (re-runs may go back to it)
+        self._quiet = [(1, 0, 0)] * batch  # per slot, the steps that change none of its blocks (_quiet_bounds)
+        self._checked: tuple[list[int], int, list] | None = None  # the last one-step check's plan, until pools change
         self.op_backends = {op: self._op_backend(op, device) for op in OPS}
 
     # --- buffers and the records built from them ----------------------------------------------
@@ -285,12 +291,14 @@ class DecodeAttention(torch.nn.Module):
             for r in rows:
                 blocks.take_back(r, sorted(blocks.slots[r]))
             blocks.flush(table)
+        self._requiet(rows)
         if self.ratio:
             self.compressor_state.reset(rows)
         if self.kind == "csa":
             self.indexer_state.reset(rows)
         for r in rows:
             self.next_pos[r] = self.last_start[r] = 0
+        self._checked = None
 
     def _allocators(self) -> list[tuple[_Blocks, torch.Tensor]]:
         out = [(self.win_blocks, self.win_block_table)]
@@ -300,16 +308,28 @@ class DecodeAttention(torch.nn.Module):
             out.append((self.idx_blocks, self.idx_block_table))
         return out
 
-    def _plan(self, starts: list[int], s: int, pools: list[_Blocks]) -> list[tuple[_Blocks, list, list]]:
-        """For each of ``pools`` (window, then compressed and indexer where the layer has them):
+    def _pools(self) -> list[_Blocks]:
+        return [blocks for blocks in (self.win_blocks, self.cmp_blocks, self.idx_blocks) if blocks is not None]
+
+    def _plan(self, starts: list[int], s: int, pools: list[_Blocks] | None = None) -> list[tuple[_Blocks, list, list]]:
+        """For each pool (window, then compressed and indexer where the layer has them):
         ``(pool, [(slot, columns it must hold)], [(slot, columns to give back after the step)])`` for
         a step of ``s`` tokens from ``starts``. The window holds the rows the step reads and writes
         and gives back the blocks whose rows are all ``<= start - W`` (no later token sees them);
-        the compressed and indexer pools hold every row up to the step's last close."""
+        the compressed and indexer pools hold every row up to the step's last close. On the module's
+        own pools (``pools`` None) only the slots outside their quiet bounds are looked at; on
+        ``pools`` given (copies, for a call of several steps) every slot is."""
+        if pools is None:
+            pools = self._pools()
+            slots = [b for b, (p, (lo, hi, end)) in enumerate(zip(starts, self._quiet, strict=False))
+                     if not (lo <= p < hi and p + s <= end)]  # fmt: skip
+        else:
+            slots = range(len(starts))
         bs, w = self.win_block_size, self.window
         window = pools[0]
         give, free = [], []  # only the slots whose blocks change: most steps of a slot change none
-        for b, p in enumerate(starts):
+        for b in slots:
+            p = starts[b]
             seen = max(0, p - w + 1) // bs  # the columns below it hold rows no later token sees
             cols, run, slot = range(seen, (p + s - 1) // bs + 1), window.runs[b], window.slots[b]
             if not run.start <= cols.start <= cols.stop <= run.stop:
@@ -320,29 +340,43 @@ class DecodeAttention(torch.nn.Module):
             elif old := [c for c in slot if c < seen]:
                 free.append((b, old))
         plan = [(window, give, free)]
-        ratios = [r for r in (self.ratio, COMPRESS_RATIO if self.kind == "csa" else 0) if r]
-        for blocks, ratio in zip(pools[1:], ratios, strict=True):
+        for blocks, ratio in zip(pools[1:], self._ratios, strict=True):
             give = []
-            for b, p in enumerate(starts):
-                n, run = -(-((p + s) // ratio) // bs), blocks.runs[b]
+            for b in slots:
+                n, run = -(-((starts[b] + s) // ratio) // bs), blocks.runs[b]
                 if n > run.stop or (n and run.start):
                     give.append((b, range(0, n)))
             plan.append((blocks, give, []))
         return plan
 
-    @property
-    def win_block_size(self) -> int:
-        return self.win_nope.shape[1]
+    def _quiet_bounds(self, b: int) -> tuple[int, int, int]:
+        """``(lo, hi, end)``: a step of slot ``b`` from ``p`` with ``lo <= p < hi`` and ``p + s <= end``
+        changes none of its blocks (``_plan`` finds nothing for it); ``(1, 0, 0)``, never, where the
+        slot's blocks are not the runs a decode step keeps (a scattered window, a compressed run not
+        from 0). Read off the runs: the window's first held column is the first one a step from ``p``
+        still sees, its last holds ``p + s - 1``; each compressed pool holds the rows up to ``p + s``."""
+        bs, w = self.win_block_size, self.window
+        pools = self._pools()
+        run = pools[0].runs[b]
+        if not run or len(pools[0].slots[b]) != len(run) or any(pool.runs[b].start for pool in pools[1:]):
+            return (1, 0, 0)
+        lo = run.start * bs + w - 1 if run.start else 0
+        ends = [(pool.runs[b].stop * bs + 1) * r - 1 for pool, r in zip(pools[1:], self._ratios, strict=True)]
+        return (lo, (run.start + 1) * bs + w - 1, min([run.stop * bs, *ends]))
+
+    def _requiet(self, slots: Iterable[int]) -> None:
+        for b in slots:
+            self._quiet[b] = self._quiet_bounds(b)
 
     def _check_capacity(self, steps: list[tuple[list[int], int]]) -> None:
         """Raise, changing nothing, when the pools cannot hold the blocks ``steps`` need. A call of
-        several steps is simulated on copies of the pools; one step (every decode step) only reads them."""
+        several steps is simulated on copies of the pools; one step (every decode step) only reads them,
+        and its plan is kept for ``begin_step``."""
         names = ["window", "compressed", "indexer"]
-        pools = [blocks for blocks, _ in self._allocators()]
-        if len(steps) > 1:
-            pools = [copy.deepcopy(blocks) for blocks in pools]
+        pools = [copy.deepcopy(blocks) for blocks in self._pools()] if len(steps) > 1 else None
         for i, (starts, s) in enumerate(steps):
-            for (pool, give, free), name in zip(self._plan(starts, s, pools), names, strict=False):
+            plan = self._plan(starts, s, pools)
+            for (pool, give, free), name in zip(plan, names, strict=False):
                 need = sum(pool.need(b, cols) for b, cols in give)
                 if need > len(pool.free):
                     raise ValueError(
@@ -354,6 +388,8 @@ class DecodeAttention(torch.nn.Module):
                         pool.give(b, cols)
                     for b, cols in free:
                         pool.take_back(b, cols)
+        if pools is None:
+            self._checked = (steps[0][0], steps[0][1], plan)
 
     def _step_starts(self, b: int, s: int, start_pos: int | list[int] | torch.Tensor | None) -> list[int]:
         if start_pos is None:
@@ -379,7 +415,7 @@ class DecodeAttention(torch.nn.Module):
                 f"got {p}"
             )
         high = self.next_pos[i]
-        for ratio in [r for r in (self.ratio, COMPRESS_RATIO if self.kind == "csa" else 0) if r]:
+        for ratio in self._ratios:
             if not rerun_exact(p, high, ratio):
                 raise ValueError(
                     f"start_pos: slot {i} ran to {high - 1}; re-running from {p} would read compressor ring slots "
@@ -419,10 +455,9 @@ class DecodeAttention(torch.nn.Module):
         """The host start positions of a call of ``s`` tokens for slots ``0..b-1`` run in steps of at
         most ``chunk``, checked (re-runs, ``max_position``, free pool blocks); changes nothing."""
         starts = self._step_starts(b, s, start_pos)
-        limit = min(self.rope_cos.shape[0], self.win_block_table.shape[1] * self.win_block_size)
-        if any(p + s > limit for p in starts):
+        if max(starts) + s > self._limit:
             raise ValueError(
-                f"start_pos: a slot would pass position {limit - 1} (max_position), S={s}, starts {starts}"
+                f"start_pos: a slot would pass position {self._limit - 1} (max_position), S={s}, starts {starts}"
             )
         chunks = [(c, min(chunk, s - c)) for c in range(0, s, chunk)]
         self._check_capacity([([p + c for p in starts], n) for c, n in chunks])
@@ -432,12 +467,15 @@ class DecodeAttention(torch.nn.Module):
         """Host side of a step about to run ``s`` tokens per slot from ``starts``: give each slot the
         blocks it will read and write, and write the changed table entries (device fills, no sync).
         Returns the plan ``end_step`` takes."""
-        plan = self._plan(starts, s, [blocks for blocks, _ in self._allocators()])
+        checked, self._checked = self._checked, None
+        plan = checked[2] if checked is not None and checked[:2] == (starts, s) else self._plan(starts, s)
         for blocks, give, _ in plan:
             for i, cols in give:
                 blocks.give(i, cols)
-        for blocks, table in self._allocators():
-            blocks.flush(table)
+        self._requiet({i for _, give, _ in plan for i, _ in give})
+        if any(blocks.table for blocks in self._pools()):
+            for blocks, table in self._allocators():
+                blocks.flush(table)
         return plan
 
     def end_step(self, plan: list[tuple[_Blocks, list, list]], starts: list[int], s: int) -> None:
@@ -446,9 +484,11 @@ class DecodeAttention(torch.nn.Module):
         for blocks, _, free in plan:
             for i, cols in free:
                 blocks.take_back(i, cols)
+        self._requiet({i for _, _, free in plan for i, _ in free})
+        self._checked = None
         self.win_blocks.flush(self.win_block_table)
-        for i, p in enumerate(starts):
-            self.last_start[i], self.next_pos[i] = p, p + s
+        n = len(starts)
+        self.last_start[:n], self.next_pos[:n] = starts, [p + s for p in starts]
 
     def _step(self, xn: torch.Tensor, starts: list[int]) -> torch.Tensor:
         b, s, d = xn.shape
