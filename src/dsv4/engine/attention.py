@@ -485,7 +485,8 @@ class DecodeAttention(torch.nn.Module):
             for i, cols in free:
                 blocks.take_back(i, cols)
         self._requiet({i for _, _, free in plan for i, _ in free})
-        self._checked = None
+        if self._checked is not None:  # a check made mid-step planned on the pools before these changes
+            self._checked = None
         self.win_blocks.flush(self.win_block_table)
         n = len(starts)
         self.last_start[:n], self.next_pos[:n] = starts, [p + s for p in starts]

@@ -186,7 +186,7 @@ class AttentionGraph:
         layer = self.layer
         starts = layer.step_starts(self.batch, self.seq, start_pos, self.seq)
         rows = self.indexer_out.score.shape[-1] if self.indexer_out is not None else None
-        if rows is not None and any((p + self.seq) // COMPRESS_RATIO > rows for p in starts):
+        if rows is not None and (max(starts) + self.seq) // COMPRESS_RATIO > rows:
             raise ValueError(f"start_pos: {starts} with S={self.seq} passes the indexer pool's rows")
         plan = layer.begin_step(starts, self.seq)
         self.start.copy_(staged(starts, self.start.device), non_blocking=True)
