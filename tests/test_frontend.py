@@ -164,6 +164,28 @@ def test_rollback_keeps_the_allocator_consistent() -> None:
     assert m.free_blocks == list(range(m.keys.shape[0])) and (m.block_table == -1).all()
 
 
+def test_a_step_past_the_free_blocks_is_refused_and_a_reset_makes_room() -> None:
+    """Three pool blocks for two slots: a step that would need two more than the one free is refused
+    with the count, changing nothing; after one slot is reset, the other's step gets its block."""
+    weights = dsv4.synthetic_weights(CFG, seed=0, device=DEVICE)
+    rope = dsv4.rope_table(CFG, "compressed", max_position=128, device=DEVICE)
+    m = dsv4.DecodeFrontEnd(
+        weights, rope, batch=2, max_position=128, topk=CFG.index_topk, offset=CFG.sliding_window,
+        backend="reference", block_size=16, num_blocks=3,
+    )  # fmt: skip
+    m(dsv4.synthetic_activations((2, 64, CFG.hidden_size), seed=1, device=DEVICE))  # 16 rows: one block each
+    m(dsv4.synthetic_activations((2, 2, CFG.hidden_size), seed=2, device=DEVICE))  # 66 // 4 rows: still one block
+    assert m.slot_blocks == [[0], [1]] and m.free_blocks == [2]
+    before = (list(m.next_pos), [list(b) for b in m.slot_blocks], list(m.free_blocks), m.block_table.clone())
+    with pytest.raises(ValueError, match="needs 2 more pool blocks, 1 are free"):
+        m(dsv4.synthetic_activations((2, 2, CFG.hidden_size), seed=3, device=DEVICE))  # row 16: a second block each
+    assert (list(m.next_pos), m.slot_blocks, m.free_blocks) == before[:3] and torch.equal(m.block_table, before[3])
+    m.reset([1])
+    m(dsv4.synthetic_activations((1, 2, CFG.hidden_size), seed=3, device=DEVICE))
+    assert m.next_pos == [68, 0] and m.slot_blocks == [[0, 1], []] and m.free_blocks == [2]
+    assert m.block_table.cpu().tolist()[0][:2] == [0, 1]
+
+
 class _NoReplay:
     """A stand-in for ``DecodeGraph`` on the CPU: the checks of ``CapturedDecodeStep`` run before any replay."""
 

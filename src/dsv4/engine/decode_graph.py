@@ -102,7 +102,7 @@ class StaticDecodeStep:
             got = f"{list(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x: expected {list(self.x.shape)} bf16 (the captured shape), got {got}")
         limit = self.max_cache_len * COMPRESS_RATIO
-        if any((p + self.seq) > limit for p in start):
+        if max(start) + self.seq > limit:
             raise ValueError(f"start_pos: {start} with S={self.seq} passes max_cache_len={self.max_cache_len} rows")
 
     def set_inputs(self, x: torch.Tensor, start: list[int]) -> None:

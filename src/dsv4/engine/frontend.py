@@ -121,6 +121,7 @@ class DecodeFrontEnd(torch.nn.Module):
             self.register_buffer(name, t)
         self.topk, self.offset, self.eps, self.backend = topk, offset, eps, backend
         self.max_position = max_position
+        self._limit = min(max_position, rope.max_position, per_slot * block_size * COMPRESS_RATIO)  # positions reached
         self.next_pos = [0] * batch  # where each slot's next token sits (host-side: no device sync)
         self.slot_blocks: list[list[int]] = [[] for _ in range(batch)]  # each slot's pool blocks, in row order
         self.free_blocks = list(range(num_blocks))  # handed out lowest first
@@ -173,14 +174,15 @@ class DecodeFrontEnd(torch.nn.Module):
             start = [start_pos] * b
         else:
             start = _host_ints("start_pos", start_pos)
-        limit = min(self.max_position, self.rope_cos.shape[0], self.cache_rows * COMPRESS_RATIO)
-        if len(start) != b or any(p < 0 or p + s > limit for p in start):
+        limit = self._limit
+        if len(start) != b or (start and (min(start) < 0 or max(start) + s > limit)):
             raise ValueError(
                 f"start_pos: expected {b} positions in [0, {limit - s}] (S={s}, max_position={self.max_position}), "
                 f"got {start!r:.120}"
             )
-        for slot, (r, current) in enumerate(zip(start, self.next_pos, strict=False)):
-            if r < current and not rollback_exact(r, current):
+        slots = [] if start_pos is None else range(b)  # by default each slot starts where it stands
+        for slot, r, current in [(i, start[i], self.next_pos[i]) for i in slots if start[i] < self.next_pos[i]]:
+            if not rollback_exact(r, current):
                 raise ValueError(
                     f"start_pos: slot {slot} is at position {current}; starting it again at r={r} re-runs "
                     f"k={current - r} positions, deeper than a re-run equals a fresh run ({ROLLBACK_RULE}); "
@@ -204,15 +206,16 @@ class DecodeFrontEnd(torch.nn.Module):
         changing nothing, when the pool has too few free blocks. Returns the ``(slot, block)`` pairs
         given, in order (``release`` takes them back)."""
         block_size = self.keys.shape[1]
-        blocks = [-(-((p + s) // COMPRESS_RATIO) // block_size) for p in start]
-        need = [max(0, n - len(self.slot_blocks[b])) for b, n in enumerate(blocks)]
-        if sum(need) > len(self.free_blocks):
+        rows = [(p + s) // COMPRESS_RATIO for p in start]  # the rows each slot holds after the step
+        held = self.slot_blocks
+        need = {b: -(-n // block_size) - len(held[b]) for b, n in enumerate(rows) if n > len(held[b]) * block_size}
+        if sum(need.values()) > len(self.free_blocks):
             raise ValueError(
-                f"start_pos: the step needs {sum(need)} more pool blocks, {len(self.free_blocks)} are free "
+                f"start_pos: the step needs {sum(need.values())} more pool blocks, {len(self.free_blocks)} are free "
                 f"(num_blocks={self.keys.shape[0]}); reset finished slots or build the module with more blocks"
             )
         given, cells = [], []
-        for b, n in enumerate(need):
+        for b, n in need.items():
             for _ in range(n):
                 block = self.free_blocks.pop(0)
                 cells.append((b, len(self.slot_blocks[b]), block))
@@ -255,8 +258,7 @@ class DecodeFrontEnd(torch.nn.Module):
         return b, s, d
 
     def advance(self, start: list[int], s: int) -> None:
-        for i, p in enumerate(start):
-            self.next_pos[i] = p + s
+        self.next_pos[: len(start)] = [p + s for p in start]
 
     def forward(
         self, x: torch.Tensor, start_pos: int | list[int] | torch.Tensor | None = None
