@@ -6,8 +6,10 @@ own, from a synchronized device to a synchronized device, so its time holds the 
 (block allocation, block-table writes) and the graph's launch as well as the GPU's work. With
 ``--back-to-back`` the same number of steps is then launched one after another and synchronized
 once (timed on the second of two such runs): the host prepares a step while the GPU still runs
-earlier ones, as in an engine's decode loop, so the time a step is the larger of the two. The last
-lines give the medians (and the back-to-back times) and, on a GPU in the bench's device table, the
+earlier ones, as in an engine's decode loop, so the time a step is the larger of the two; the
+median time a call of that run spends on the host (until it returns, the device not waited for) says
+which of the two it is. The last lines give the medians (and the back-to-back and host times) and,
+on a GPU in the bench's device table, the
 step's memory floor (its ops' minimal bytes over the datasheet bandwidth) and each figure's
 multiple of it.
 
@@ -65,7 +67,7 @@ def main() -> None:
     modes = [("eager", attn)]
     if args.capture:
         modes.append(("graph", attn.capture(seq=args.seq)))
-    medians, back_to_back, starts = {}, {}, []
+    medians, back_to_back, host, starts = {}, {}, {}, []
     for mode, step_fn in modes:
         times = []
         for step in range(args.steps):
@@ -87,18 +89,23 @@ def main() -> None:
             # twice, timing the second: the first grows the pinned host blocks that the steps' block-table and
             # position copies stage through while the host runs ahead of the device
             for _ in range(2):
+                calls = []
                 sync(device)
                 t0 = time.perf_counter()
                 for x in xs:
+                    t1 = time.perf_counter()
                     y = step_fn(x)
+                    calls.append((time.perf_counter() - t1) * 1e3)
                 sync(device)
                 check(y, f"the last back-to-back step ({mode})")
             back_to_back[mode] = (time.perf_counter() - t0) * 1e3 / args.steps
+            host[mode] = statistics.median(calls)
     spec = device_spec(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     floor_ms = step_bytes(cfg, layer, starts, args.seq) / spec.bandwidth * 1e3 if spec is not None else None
     print(figures_line("median ms per step", medians, floor_ms, spec))
     if back_to_back:
         print(figures_line("back to back, ms per step", back_to_back, floor_ms, spec))
+        print(figures_line("host side of a back-to-back call, median ms", host, None, None))
 
 
 def sync(device: torch.device) -> None:

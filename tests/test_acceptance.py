@@ -134,6 +134,7 @@ def test_dry_run_record_holds_every_figure(dry_run) -> None:
     assert steps["decode_graph"]["result"]["median_ms"]["eager"] > 0
     assert set(steps["attention_graph"]["result"]["median_ms"]) == {"eager", "graph"}
     assert set(steps["attention_graph"]["result"]["back_to_back_ms"]) == {"eager", "graph"}
+    assert set(steps["attention_graph"]["result"]["host_ms"]) == {"eager", "graph"}
     with gzip.open(out / "trace.json.gz") as f:
         assert json.load(f)["traceEvents"]
     assert steps["checkpoint"]["result"]["run_result"] == "all checks passed"
@@ -166,6 +167,9 @@ def test_dry_run_summary_is_ready_to_paste(dry_run) -> None:
     triton = next(dict(zip(header, _cells(r), strict=True)) for r in timing[2:] if "| triton |" in r)
     assert triton["op"] == "qkv_proj_rope" and triton["check"] == "ok" and float(triton["median µs"]) > 0
     assert "Dry run" in summary and "not measured in this run" in summary  # no flash shape on the CPU
+    loop = next(t for t in _tables(summary) if "host ms per call" in _cells(t[0]))
+    assert [_cells(r)[0] for r in loop[2:]] == ["eager", "graph"]  # the attention step's modes, each with its figures
+    assert all(float(c) > 0 for r in loop[2:] for c in _cells(r)[1:])
     assert summary in proc.stdout  # the summary is printed last
 
 
@@ -412,6 +416,9 @@ def test_decode_loop_medians() -> None:
     log += "back to back, ms per step: eager 0.700, graph 0.060; memory floor 0.0473 ms (H200): eager 14.8x, graph 1.3x"
     result = parse_decode_loop({}, log)
     assert result["back_to_back_ms"] == {"eager": 0.7, "graph": 0.06} and result["median_ms"]["graph"] == 0.12
+    assert result["host_ms"] is None
+    log += "\nhost side of a back-to-back call, median ms: eager 0.650, graph 0.021\n"
+    assert parse_decode_loop({}, log)["host_ms"] == {"eager": 0.65, "graph": 0.021}
     with pytest.raises(ValueError):
         parse_decode_loop({}, "Traceback ...")
 

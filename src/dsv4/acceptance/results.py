@@ -29,6 +29,7 @@ _PYTEST_LINE = re.compile(
 )
 _MEDIANS = re.compile(r"^median ms per step: ([^;\n]+)(?:; memory floor ([0-9.]+) ms)?", re.M)
 _BACK_TO_BACK = re.compile(r"^back to back, ms per step: ([^;\n]+)", re.M)
+_HOST = re.compile(r"^host side of a back-to-back call, median ms: ([^;\n]+)", re.M)
 _TRACE = re.compile(r"^wrote .* \(one decode step on backend (\w+)\)$", re.M)
 _LOAD = re.compile(r"^load_layer\(.*\): ([\d.]+) s wall; loaded ([\d.]+) MiB; .*peak (\d+) MiB \(\+(-?\d+) MiB\)", re.M)
 _RUN = re.compile(r"^(\d+) op calls in ([\d.]+) s; (.+)$", re.M)
@@ -102,16 +103,18 @@ def _mode_figures(text: str) -> dict[str, float]:
 
 def parse_decode_loop(files: dict[str, str], log: str) -> dict[str, Any]:
     """``median ms per step: eager 1.234, graph 0.567[; memory floor 0.047 ms ...]`` and, where the
-    loop ran ``--back-to-back``, ``back to back, ms per step: eager 1.1, graph 0.2[; ...]`` ->
-    ``{"median_ms": {"eager": 1.234, "graph": 0.567}, "back_to_back_ms": {...} or None, "floor_ms":
-    0.047 or None}``."""
+    loop ran ``--back-to-back``, ``back to back, ms per step: eager 1.1, graph 0.2[; ...]`` and
+    ``host side of a back-to-back call, median ms: eager 0.9, graph 0.03`` ->
+    ``{"median_ms": {"eager": 1.234, "graph": 0.567}, "back_to_back_ms": {...} or None, "host_ms":
+    {...} or None, "floor_ms": 0.047 or None}``."""
     m = _MEDIANS.search(log)
     if not m:
         raise ValueError("decode_loop printed no 'median ms per step' line")
-    back = _BACK_TO_BACK.search(log)
+    back, host = _BACK_TO_BACK.search(log), _HOST.search(log)
     return {
         "median_ms": _mode_figures(m[1]),
         "back_to_back_ms": _mode_figures(back[1]) if back else None,
+        "host_ms": _mode_figures(host[1]) if host else None,
         "floor_ms": float(m[2]) if m[2] else None,
         "line": m[0],
     }

@@ -351,9 +351,12 @@ def _decode_graph_section(record: dict[str, Any], name: str = "decode_graph") ->
         return [f"No decode-loop figures: {_why(entry)}."]
     medians, back = result["median_ms"], result.get("back_to_back_ms") or {}
     header, rows = ["launch", "median ms per step"], [[m, f"{v:.3f}"] for m, v in medians.items()]
-    if back:  # a step synchronized on its own holds the host's bookkeeping; back to back, the host runs ahead
-        header.append("ms per step, back to back")
-        rows = [[*row, f"{back[row[0]]:.3f}" if row[0] in back else "-"] for row in rows]
+    # a step synchronized on its own holds the host's bookkeeping; back to back, the host runs ahead, and
+    # a call's host time says whether the host or the device sets the pace
+    for label, figures in (("ms per step, back to back", back), ("host ms per call", result.get("host_ms") or {})):
+        if figures:
+            header.append(label)
+            rows = [[*row, f"{figures[row[0]]:.3f}" if row[0] in figures else "-"] for row in rows]
     lines = _md_table(header, rows, right=set(range(1, len(header))))
     if "eager" in medians and "graph" in medians:
         lines += ["", f"One CUDA graph per step is {medians['eager'] / medians['graph']:.2f}x the eager launches."]
