@@ -1,0 +1,31 @@
+"""``benchmarks/host_step.py``: the host side of a decode step, timed per module and part as a user runs it."""
+
+from __future__ import annotations
+
+import json
+
+from subprocesses import ROOT, run_python
+
+MODULES = ["DecodeAttention csa", "DecodeAttention hca", "DecodeAttention swa", "DecodeFrontEnd"]
+
+
+def test_host_step_times_every_module_and_part(tmp_path) -> None:
+    """Each module at each context gets a line and a JSON row; each part's median is positive and at
+    most the whole step's (the step is the parts back to back)."""
+    out = tmp_path / "host.json"
+    args = ["--preset", "tiny", "--batch", "3", "--context", "0", "70", "--steps", "40", "--warmup", "5"]
+    proc = run_python([str(ROOT / "benchmarks" / "host_step.py"), *args, "--json", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["module"], r["context"]) for r in rows] == [(m, c) for c in (0, 70) for m in MODULES]
+    for r in rows:
+        ms = r["median_ms"]
+        parts = {k: v for k, v in ms.items() if k != "step"}
+        assert len(parts) == 3 and all(0 < v <= ms["step"] for v in parts.values()), r
+    lines = [line for line in proc.stdout.splitlines() if ": host step " in line]
+    assert len(lines) == len(rows) and lines[0].startswith("DecodeAttention csa B=3 S=2 context=0: host step ")
+
+
+def test_host_step_refuses_a_warmup_past_its_steps() -> None:
+    proc = run_python([str(ROOT / "benchmarks" / "host_step.py"), "--preset", "tiny", "--steps", "5", "--warmup", "5"])
+    assert proc.returncode == 2 and "--warmup" in proc.stderr
