@@ -112,7 +112,7 @@ def test_steps_equal_the_ops_composed_on_a_dense_state(kind: str) -> None:
         bit_identical(g, w) for g, w in zip(got[1:], want[3:], strict=True)
     )
     assert m.next_pos == [42] * 3
-    held = [sorted(cols) for cols in m.win_blocks.slots]
+    held = [sorted(cols) for cols in m.paging.pools[0].slots]
     assert held == [[1, 2]] * 3, held  # rows 0..15 were given back: no later token sees them
 
 
@@ -130,19 +130,19 @@ def test_window_blocks_are_recycled_so_a_small_pool_serves_long_sequences() -> N
     m(x_of(2, 30, 6))
     for i in range(45):
         m(x_of(2, 2, 100 + i))
-    assert m.next_pos == [120, 120] and len(m.win_blocks.free) == 6 - sum(len(s) for s in m.win_blocks.slots)
-    assert all(len(s) <= 2 for s in m.win_blocks.slots)
-    assert sorted(m.cmp_blocks.slots[0]) == [0]  # 7 compressed rows in one block
+    assert m.next_pos == [120, 120] and len(m.paging.pools[0].free) == 6 - sum(len(s) for s in m.paging.pools[0].slots)
+    assert all(len(s) <= 2 for s in m.paging.pools[0].slots)
+    assert sorted(m.paging.pools[1].slots[0]) == [0]  # 7 compressed rows in one block
 
 
 def test_too_few_blocks_is_refused_before_anything_changes() -> None:
     m = module("csa", batch=2, num_blocks={"compressed": 2})
     m(x_of(2, 8, 7))  # 2 compressed rows per slot: a block each; 64 more tokens need a second each
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    free = list(m.cmp_blocks.free)
+    free = list(m.paging.pools[1].free)
     with pytest.raises(ValueError, match="compressed pool blocks"):
         m(x_of(2, 64, 8))
-    assert m.next_pos == [8, 8] and m.cmp_blocks.free == free
+    assert m.next_pos == [8, 8] and m.paging.pools[1].free == free
     assert all(bit_identical(v, before[k], k) for k, v in m.state_dict().items())
 
 
@@ -182,7 +182,7 @@ def test_reset_gives_a_slot_to_a_new_sequence() -> None:
     m, fresh = module("csa", batch=2), module("csa", batch=1)
     m(x_of(2, 20, 19))
     m.reset([1])
-    assert m.next_pos == [20, 0] and not m.win_blocks.slots[1] and not m.cmp_blocks.slots[1]
+    assert m.next_pos == [20, 0] and not m.paging.pools[0].slots[1] and not m.paging.pools[1].slots[1]
     x = x_of(2, 6, 20)
     y = m(x, start_pos=[20, 0])
     assert bit_identical(y[1], fresh(x[1:].contiguous())[0])
@@ -215,39 +215,11 @@ def test_module_moves_with_to_and_names_its_buffers() -> None:
     assert m.op_backends["sparse_attn_write"] == "reference"
 
 
-def test_block_allocator_runs_agree_with_looking_up_every_column() -> None:
-    """The allocator looks up only columns past a slot's run of held columns: after random gives and
-    take-backs (contiguous, as the module's, and scattered), every ``need`` equals the count of absent
-    columns, ``give`` leaves every asked column held, and each run holds only held columns."""
-    import random
-
-    from dsv4.engine.attention import _Blocks
-
-    rng = random.Random(0)
-    blocks = _Blocks.new(400, batch=3)
-    for _ in range(2000):
-        b = rng.randrange(3)
-        slot = blocks.slots[b]
-        lo = rng.randrange(0, 40)
-        cols = range(lo, lo + rng.randrange(0, 6))
-        assert blocks.need(b, cols) == sum(c not in slot for c in cols)
-        if rng.random() < 0.6:
-            blocks.give(b, cols)
-            assert all(c in slot for c in cols)
-        elif slot:
-            held = sorted(slot)
-            back = held[: rng.randrange(1, len(held) + 1)] if rng.random() < 0.5 else rng.sample(held, 1)
-            blocks.take_back(b, back)
-        assert all(c in slot for c in blocks.runs[b]), (b, blocks.runs[b], sorted(slot))
-    held = sum(len(slot) for slot in blocks.slots)
-    assert len(blocks.free) == 400 - held and len(set(blocks.free)) == len(blocks.free)
-
-
 def _plan_by_every_column(m: dsv4.DecodeAttention, starts: list[int], s: int) -> list[tuple[list, list]]:
     """A step's block changes found by looking up every column each slot needs (window: the step's
     columns, and those whose rows no later token sees; compressed and indexer pools: ``[0, rows)``)."""
-    bs, w = m.win_block_size, m.window
-    pools = [blocks for blocks, _ in m._allocators()]
+    bs, w = m.paging.block_size, m.window
+    pools = m.paging.pools
     window = pools[0]
     give = [(b, range(max(0, p - w + 1) // bs, (p + s - 1) // bs + 1)) for b, p in enumerate(starts)]
     free = [(b, sorted(c for c in window.slots[b] if (c + 1) * bs <= p - w + 1)) for b, p in enumerate(starts)]
@@ -269,7 +241,7 @@ def test_step_plans_only_the_blocks_that_change() -> None:
         if i == 30:
             m.reset([1])
         starts = list(m.next_pos)
-        plan = m._plan(starts, 2)  # the quiet slots skipped, as every step plans
+        plan = m.paging.plan(starts, 2)  # the quiet slots skipped, as every step plans
         got = [(give, [(b, sorted(cols)) for b, cols in free]) for _, give, free in plan]
         assert got == _plan_by_every_column(m, starts, 2), (i, starts)
         quiet += all(not give and not free for give, free in got)
@@ -300,40 +272,19 @@ def test_quiet_slots_are_exactly_those_a_step_leaves_alone(kind: str, block_size
         for p in range(0, top):
             for n in (1, 2, 5):
                 probe = [p, m.next_pos[1], min(p + 7, top)]
-                full = m._plan(probe, n, m._pools())
-                assert m._plan(probe, n) == full, (probe, n, m._quiet)
+                full = m.paging.plan(probe, n, m.paging.pools)
+                assert m.paging.plan(probe, n) == full, (probe, n, m.paging.quiet)
                 changed = {b for _, give, free in full for b, _ in give + free}
-                for b, (q, (lo, hi, end)) in enumerate(zip(probe, m._quiet, strict=True)):
+                for b, (q, (lo, hi, end)) in enumerate(zip(probe, m.paging.quiet, strict=True)):
                     quiet = lo <= q < hi and q + n <= end
-                    assert quiet == (b not in changed), (b, q, n, m._quiet[b])
+                    assert quiet == (b not in changed), (b, q, n, m.paging.quiet[b])
                     seen[quiet] += 1
         try:
             m.step_starts(3, s, starts, s)
         except ValueError:  # a re-run the rings refuse: nothing changed
             continue
-        full = m._plan(starts, s, m._pools())
+        full = m.paging.plan(starts, s, m.paging.pools)
         plan = m.begin_step(starts, s)
         assert plan == full, (starts, s)
         m.end_step(plan, starts, s)
     assert max(m.next_pos) > 4 * block_size and min(seen.values()) > 1000, (m.next_pos, seen)
-
-
-def test_block_allocator_gives_the_lowest_free_block_and_flushes_the_last_change_of_a_cell() -> None:
-    """The host allocator: blocks come lowest first, also after blocks are given back out of order; a
-    cell given back and given again before a flush ends up holding its last block; other cells keep theirs."""
-    from dsv4.engine.attention import _Blocks
-    from dsv4.model.state import UNALLOCATED
-
-    blocks = _Blocks.new(8, batch=2)
-    blocks.give(0, range(0, 3))  # slot 0: columns 0..2 -> blocks 0, 1, 2
-    blocks.give(1, range(0, 2))  # slot 1: blocks 3, 4
-    blocks.take_back(0, [2, 0])  # blocks 2 and 0 free again
-    blocks.give(1, range(2, 3))  # the lowest free block: 0
-    blocks.give(0, range(0, 1))  # slot 0 column 0 again: block 2
-    assert blocks.slots == [{1: 1, 0: 2}, {0: 3, 1: 4, 2: 0}]
-    table = torch.full((2, 4), 99, dtype=torch.int32, device=DEVICE)
-    blocks.flush(table)
-    assert table.cpu().tolist() == [[2, 1, UNALLOCATED, 99], [3, 4, 0, 99]]
-    assert blocks.table == []
-    blocks.flush(table)  # nothing changed: nothing written
-    assert table.cpu().tolist() == [[2, 1, UNALLOCATED, 99], [3, 4, 0, 99]]

@@ -3,10 +3,6 @@ as a module that owns the layer's weights, RoPE table and state (its KV pools pa
 
 from __future__ import annotations
 
-import copy
-import heapq
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,8 +17,8 @@ from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights, Laye
 from ..ops.backends import BACKENDS
 from ..ops.registry import get_op
 from ..ops.validate import check_eps, check_int
-from .frontend import _host_ints
-from .staging import staged, write_cells
+from .paging import LayerPaging, Plan
+from .staging import host_ints, staged
 
 if TYPE_CHECKING:
     from .attention_graph import AttentionGraph
@@ -35,73 +31,6 @@ _POOL = ("nope", "rope", "scale", "block_table")
 _INDEXER_STATE = ("kv_state", "score_state", "keys", "key_scale", "block_table")
 DEFAULT_PREFILL_CHUNK = 128  # tokens per step when a call brings more (one seeds' prefill chunk)
 OPS = ("qkv_proj_rope", "kv_compressor", "indexer", "sparse_attn_write", "o_proj")
-
-
-@dataclass
-class _Blocks:
-    """A pool's blocks on the host: the free blocks (a min-heap: the lowest is given first) and each
-    slot's ``column -> block``. A heap, not a sorted list: a decode step gives and takes back blocks
-    of every slot, and re-sorting thousands of free blocks per slot cost milliseconds a step. Each
-    slot's ``run`` is a range of columns it holds every one of (the columns a slot holds are
-    contiguous: a window's last few, a compressed pool's ``[0, rows)``), so a step looks up only
-    the columns past it, not every column a long context holds."""
-
-    free: list[int]
-    slots: list[dict[int, int]]
-    runs: list[range]
-    table: list[list[int]] = field(default_factory=list)  # the entries changed since the last flush
-
-    @classmethod
-    def new(cls, num_blocks: int, batch: int) -> _Blocks:
-        return cls(list(range(num_blocks)), [{} for _ in range(batch)], [range(0)] * batch)  # sorted: a heap
-
-    def _unknown(self, b: int, columns: range) -> range:
-        """The part of ``columns`` that slot ``b`` may lack: past its run where they start inside it."""
-        run = self.runs[b]
-        return range(max(columns.start, run.stop), columns.stop) if run.start <= columns.start <= run.stop else columns
-
-    def need(self, b: int, columns: range) -> int:
-        slot = self.slots[b]
-        return sum(c not in slot for c in self._unknown(b, columns))
-
-    def give(self, b: int, columns: range) -> None:
-        slot = self.slots[b]
-        for c in self._unknown(b, columns):
-            if c not in slot:
-                slot[c] = heapq.heappop(self.free)
-                self.table.append([b, c, slot[c]])
-        if not columns:
-            return
-        run = self.runs[b]
-        if run and run.start <= columns.stop and columns.start <= run.stop:  # touching: the union is held
-            lo, hi = min(run.start, columns.start), max(run.stop, columns.stop)
-        else:
-            lo, hi = columns.start, columns.stop
-        while hi in slot:
-            hi += 1
-        self.runs[b] = range(lo, hi)
-
-    def take_back(self, b: int, columns: list[int]) -> None:
-        slot = self.slots[b]
-        for c in columns:
-            heapq.heappush(self.free, slot.pop(c))
-            self.table.append([b, c, UNALLOCATED])
-        # the new run: the held columns around the old run's last, or around the highest held one
-        top = self.runs[b].stop - 1 if self.runs[b].stop - 1 in slot else max(slot, default=None)
-        if top is None:
-            self.runs[b] = range(0)
-            return
-        lo, hi = top, top + 1
-        while lo - 1 in slot:
-            lo -= 1
-        while hi in slot:
-            hi += 1
-        self.runs[b] = range(lo, hi)
-
-    def flush(self, block_table: torch.Tensor) -> None:
-        """Write the changed entries into the device table: one copy and one scatter, no host sync."""
-        write_cells(block_table, self.table)
-        self.table.clear()
 
 
 class DecodeAttention(torch.nn.Module):
@@ -192,8 +121,7 @@ class DecodeAttention(torch.nn.Module):
 
         width, n = pool_size("window", max_position)
         self._pool_buffers("win", KVPool.paged(n, block_size, hd, r, torch.full((batch, width), UNALLOCATED), device))
-        self.win_blocks = _Blocks.new(n, batch)
-        self.cmp_blocks = self.idx_blocks = None
+        pools = [n]
         if self.ratio:
             self._buffers_of("cmp_w", weights.compressor, _COMPRESSOR)
             width, n = pool_size("compressed", max_position // self.ratio)
@@ -202,7 +130,7 @@ class DecodeAttention(torch.nn.Module):
             self.register_buffer("cmp_kv_state", state.kv_state)
             self.register_buffer("cmp_score_state", state.score_state)
             self._pool_buffers("cmp", state.pool)
-            self.cmp_blocks = _Blocks.new(n, batch)
+            pools.append(n)
         if self.kind == "csa":
             self._buffers_of("idx_w", weights.indexer, _INDEXER)
             self._buffers_of("idx_c", weights.indexer.compressor, _COMPRESSOR)
@@ -210,14 +138,13 @@ class DecodeAttention(torch.nn.Module):
             width, n = pool_size("indexer", max_position // COMPRESS_RATIO)
             state = IndexerState.paged(batch, n, block_size, hid, torch.full((batch, width), UNALLOCATED), device)
             self._buffers_of("idx", state, _INDEXER_STATE)
-            self.idx_blocks = _Blocks.new(n, batch)
-        self.win_block_size = block_size  # rows per block, in every pool
+            pools.append(n)
         self._limit = min(rope.max_position, self.win_block_table.shape[1] * block_size)  # positions a slot may reach
-        self._ratios = [r for r in (self.ratio, COMPRESS_RATIO if self.kind == "csa" else 0) if r]  # compressed pools'
+        # the compressors' ratios: the layer's, then its indexer's
+        self._ratios = [r for r in (self.ratio, COMPRESS_RATIO if self.kind == "csa" else 0) if r]
+        self.paging = LayerPaging(pools, batch, block_size, self.window, self._ratios)
         self.next_pos = [0] * batch  # where each slot's next token sits (host-side: no device sync)
         self.last_start = [0] * batch  # the start of each slot's last step (re-runs may go back to it)
-        self._quiet = [(1, 0, 0)] * batch  # per slot, the steps that change none of its blocks (_quiet_bounds)
-        self._checked: tuple[list[int], int, list] | None = None  # the last one-step check's plan, until pools change
         self.op_backends = {op: self._op_backend(op, device) for op in OPS}
 
     # --- buffers and the records built from them ----------------------------------------------
@@ -283,119 +210,29 @@ class DecodeAttention(torch.nn.Module):
     def reset(self, batch_rows: int | list[int] | torch.Tensor) -> None:
         """Empty the given slots: their blocks go back to the pools, their rings are cleared; their
         next token sits at position 0."""
-        rows = _host_ints("batch_rows", batch_rows)
+        rows = host_ints("batch_rows", batch_rows)
         for r in rows:
             if not 0 <= r < self.batch:
                 raise ValueError(f"batch_rows: slot {r} outside [0, {self.batch})")
-        for blocks, table in self._allocators():
-            for r in rows:
-                blocks.take_back(r, sorted(blocks.slots[r]))
-            blocks.flush(table)
-        self._requiet(rows)
+        self.paging.reset(rows)
+        self.paging.flush(self._tables())
         if self.ratio:
             self.compressor_state.reset(rows)
         if self.kind == "csa":
             self.indexer_state.reset(rows)
         for r in rows:
             self.next_pos[r] = self.last_start[r] = 0
-        self._checked = None
 
-    def _allocators(self) -> list[tuple[_Blocks, torch.Tensor]]:
-        out = [(self.win_blocks, self.win_block_table)]
-        if self.cmp_blocks is not None:
-            out.append((self.cmp_blocks, self.cmp_block_table))
-        if self.idx_blocks is not None:
-            out.append((self.idx_blocks, self.idx_block_table))
-        return out
-
-    def _pools(self) -> list[_Blocks]:
-        return [blocks for blocks in (self.win_blocks, self.cmp_blocks, self.idx_blocks) if blocks is not None]
-
-    def _plan(self, starts: list[int], s: int, pools: list[_Blocks] | None = None) -> list[tuple[_Blocks, list, list]]:
-        """For each pool (window, then compressed and indexer where the layer has them):
-        ``(pool, [(slot, columns it must hold)], [(slot, columns to give back after the step)])`` for
-        a step of ``s`` tokens from ``starts``. The window holds the rows the step reads and writes
-        and gives back the blocks whose rows are all ``<= start - W`` (no later token sees them);
-        the compressed and indexer pools hold every row up to the step's last close. On the module's
-        own pools (``pools`` None) only the slots outside their quiet bounds are looked at; on
-        ``pools`` given (copies, for a call of several steps) every slot is."""
-        if pools is None:
-            pools = self._pools()
-            slots = [b for b, (p, (lo, hi, end)) in enumerate(zip(starts, self._quiet, strict=False))
-                     if not (lo <= p < hi and p + s <= end)]  # fmt: skip
-        else:
-            slots = range(len(starts))
-        bs, w = self.win_block_size, self.window
-        window = pools[0]
-        give, free = [], []  # only the slots whose blocks change: most steps of a slot change none
-        for b in slots:
-            p = starts[b]
-            seen = max(0, p - w + 1) // bs  # the columns below it hold rows no later token sees
-            cols, run, slot = range(seen, (p + s - 1) // bs + 1), window.runs[b], window.slots[b]
-            if not run.start <= cols.start <= cols.stop <= run.stop:
-                give.append((b, cols))
-            if len(slot) == len(run):  # the run is every column the slot holds
-                if run.start < seen:
-                    free.append((b, list(range(run.start, min(run.stop, seen)))))
-            elif old := [c for c in slot if c < seen]:
-                free.append((b, old))
-        plan = [(window, give, free)]
-        for blocks, ratio in zip(pools[1:], self._ratios, strict=True):
-            give = []
-            for b in slots:
-                n, run = -(-((starts[b] + s) // ratio) // bs), blocks.runs[b]
-                if n > run.stop or (n and run.start):
-                    give.append((b, range(0, n)))
-            plan.append((blocks, give, []))
-        return plan
-
-    def _quiet_bounds(self, b: int) -> tuple[int, int, int]:
-        """``(lo, hi, end)``: a step of slot ``b`` from ``p`` with ``lo <= p < hi`` and ``p + s <= end``
-        changes none of its blocks (``_plan`` finds nothing for it); ``(1, 0, 0)``, never, where the
-        slot's blocks are not the runs a decode step keeps (a scattered window, a compressed run not
-        from 0). Read off the runs: the window's first held column is the first one a step from ``p``
-        still sees, its last holds ``p + s - 1``; each compressed pool holds the rows up to ``p + s``."""
-        bs, w = self.win_block_size, self.window
-        pools = self._pools()
-        run = pools[0].runs[b]
-        if not run or len(pools[0].slots[b]) != len(run) or any(pool.runs[b].start for pool in pools[1:]):
-            return (1, 0, 0)
-        lo = run.start * bs + w - 1 if run.start else 0
-        ends = [(pool.runs[b].stop * bs + 1) * r - 1 for pool, r in zip(pools[1:], self._ratios, strict=True)]
-        return (lo, (run.start + 1) * bs + w - 1, min([run.stop * bs, *ends]))
-
-    def _requiet(self, slots: Iterable[int]) -> None:
-        for b in slots:
-            self._quiet[b] = self._quiet_bounds(b)
-
-    def _check_capacity(self, steps: list[tuple[list[int], int]]) -> None:
-        """Raise, changing nothing, when the pools cannot hold the blocks ``steps`` need. A call of
-        several steps is simulated on copies of the pools; one step (every decode step) only reads them,
-        and its plan is kept for ``begin_step``."""
-        names = ["window", "compressed", "indexer"]
-        pools = [copy.deepcopy(blocks) for blocks in self._pools()] if len(steps) > 1 else None
-        for i, (starts, s) in enumerate(steps):
-            plan = self._plan(starts, s, pools)
-            for (pool, give, free), name in zip(plan, names, strict=False):
-                need = sum(pool.need(b, cols) for b, cols in give)
-                if need > len(pool.free):
-                    raise ValueError(
-                        f"xn: the step needs {need} more {name} pool blocks, {len(pool.free)} are free; reset finished "
-                        "slots or build the module with more num_blocks"
-                    )
-                if i + 1 < len(steps):  # the copies: only a later step reads what this one leaves
-                    for b, cols in give:
-                        pool.give(b, cols)
-                    for b, cols in free:
-                        pool.take_back(b, cols)
-        if pools is None:
-            self._checked = (steps[0][0], steps[0][1], plan)
+    def _tables(self) -> list[torch.Tensor]:
+        """The device block tables, in ``paging.pools``' order."""
+        names = ["win", "cmp", "idx"][: len(self.paging.pools)]
+        return [getattr(self, f"{name}_block_table") for name in names]
 
     def _step_starts(self, b: int, s: int, start_pos: int | list[int] | torch.Tensor | None) -> list[int]:
         if start_pos is None:
             return self.next_pos[:b]
         start = [start_pos] * b if isinstance(start_pos, int) and not isinstance(start_pos, bool) else None
-        start = start or _host_ints("start_pos", start_pos)
+        start = start or host_ints("start_pos", start_pos)
         if len(start) != b:
             raise ValueError(f"start_pos: expected {b} positions (one per slot of xn), got {len(start)}")
         for i, p in enumerate(start):
@@ -460,34 +297,23 @@ class DecodeAttention(torch.nn.Module):
                 f"start_pos: a slot would pass position {self._limit - 1} (max_position), S={s}, starts {starts}"
             )
         chunks = [(c, min(chunk, s - c)) for c in range(0, s, chunk)]
-        self._check_capacity([([p + c for p in starts], n) for c, n in chunks])
+        self.paging.check([([p + c for p in starts], n) for c, n in chunks])
         return starts
 
-    def begin_step(self, starts: list[int], s: int) -> list[tuple[_Blocks, list, list]]:
+    def begin_step(self, starts: list[int], s: int) -> Plan:
         """Host side of a step about to run ``s`` tokens per slot from ``starts``: give each slot the
         blocks it will read and write, and write the changed table entries (device fills, no sync).
         Returns the plan ``end_step`` takes."""
-        checked, self._checked = self._checked, None
-        plan = checked[2] if checked is not None and checked[:2] == (starts, s) else self._plan(starts, s)
-        for blocks, give, _ in plan:
-            for i, cols in give:
-                blocks.give(i, cols)
-        self._requiet({i for _, give, _ in plan for i, _ in give})
-        if any(blocks.table for blocks in self._pools()):
-            for blocks, table in self._allocators():
-                blocks.flush(table)
+        plan = self.paging.begin(starts, s)
+        if any(blocks.table for blocks in self.paging.pools):
+            self.paging.flush(self._tables())
         return plan
 
-    def end_step(self, plan: list[tuple[_Blocks, list, list]], starts: list[int], s: int) -> None:
+    def end_step(self, plan: Plan, starts: list[int], s: int) -> None:
         """Host side of a step that ran: take back the window blocks no later token sees, and move
         each slot to ``start + s``."""
-        for blocks, _, free in plan:
-            for i, cols in free:
-                blocks.take_back(i, cols)
-        self._requiet({i for _, _, free in plan for i, _ in free})
-        if self._checked is not None:  # a check made mid-step planned on the pools before these changes
-            self._checked = None
-        self.win_blocks.flush(self.win_block_table)
+        self.paging.end(plan)
+        self.paging.pools[0].flush(self.win_block_table)
         n = len(starts)
         self.last_start[:n], self.next_pos[:n] = starts, [p + s for p in starts]
 

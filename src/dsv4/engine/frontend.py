@@ -17,7 +17,7 @@ from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights, Laye
 from ..ops.backends import BACKENDS, resolve
 from ..ops.validate import check_eps, check_int, check_offset, check_tensor, check_topk
 from .decode_graph import DecodeGraph, StaticDecodeStep
-from .staging import staged, write_cells
+from .staging import host_ints, staged, write_cells
 
 _ATTN = ("wq_a", "gamma_cq", "wq_b", "wq_b_scale", "wkv", "gamma_ckv")
 _INDEXER = ("wq_b", "wq_b_scale", "weights_proj")
@@ -150,7 +150,7 @@ class DecodeFrontEnd(torch.nn.Module):
 
     def reset(self, batch_rows: int | list[int] | torch.Tensor) -> None:
         """Empty the given slots; their next token sits at position 0."""
-        rows = _host_ints("batch_rows", batch_rows)
+        rows = host_ints("batch_rows", batch_rows)
         for r in rows:
             if not 0 <= r < self.batch:
                 raise ValueError(f"batch_rows: slot {r} outside [0, {self.batch})")
@@ -173,7 +173,7 @@ class DecodeFrontEnd(torch.nn.Module):
         elif isinstance(start_pos, int) and not isinstance(start_pos, bool):
             start = [start_pos] * b
         else:
-            start = _host_ints("start_pos", start_pos)
+            start = host_ints("start_pos", start_pos)
         limit = self._limit
         if len(start) != b or (start and (min(start) < 0 or max(start) + s > limit)):
             raise ValueError(
@@ -326,23 +326,6 @@ class DecodeFrontEnd(torch.nn.Module):
         if resolve(self.backend, dev) != "triton":
             raise ValueError(f"capture: needs the Triton backend (the module's backend is {self.backend!r})")
         return CapturedDecodeStep(self, DecodeGraph(self.static_step(batch, seq, max_cache_len)))
-
-
-def _host_ints(name: str, value: object) -> list[int]:
-    """``value`` (an int, a list/tuple of ints, or an integer tensor of at most one dimension) as a list of
-    Python ints; floats and bools are refused rather than truncated."""
-    if isinstance(value, torch.Tensor):
-        if value.device.type == "meta":
-            raise ValueError(f"{name}: a meta tensor holds no values; pass ints or a tensor on a real device")
-        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool or value.dim() > 1:
-            raise TypeError(f"{name}: expected an integer tensor of at most one dimension, got {value.dtype} "
-                            f"{list(value.shape)}")  # fmt: skip
-        return [int(v) for v in value.reshape(-1).tolist()]
-    items = list(value) if isinstance(value, list | tuple) else [value]
-    bad = [v for v in items if isinstance(v, bool) or not isinstance(v, int)]
-    if bad:
-        raise TypeError(f"{name}: expected ints, got {bad[0]!r} ({type(bad[0]).__name__})")
-    return items
 
 
 class CapturedDecodeStep:

@@ -1,4 +1,4 @@
-"""Host ints on their way to the device without a sync."""
+"""Host values on their way to the device without a sync, and host ints read from what a caller passes."""
 
 from __future__ import annotations
 
@@ -22,3 +22,20 @@ def write_cells(table: torch.Tensor, cells: list[tuple[int, int, int]]) -> None:
     entries = staged([[r * table.shape[1] + c, v] for (r, c), v in last.items()], table.device)
     cell, value = entries.to(table.device, non_blocking=True).unbind(1)
     table.view(-1).index_copy_(0, cell, value.to(table.dtype))
+
+
+def host_ints(name: str, value: object) -> list[int]:
+    """``value`` (an int, a list/tuple of ints, or an integer tensor of at most one dimension) as a list of
+    Python ints; floats and bools are refused rather than truncated."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type == "meta":
+            raise ValueError(f"{name}: a meta tensor holds no values; pass ints or a tensor on a real device")
+        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool or value.dim() > 1:
+            raise TypeError(f"{name}: expected an integer tensor of at most one dimension, got {value.dtype} "
+                            f"{list(value.shape)}")  # fmt: skip
+        return [int(v) for v in value.reshape(-1).tolist()]
+    items = list(value) if isinstance(value, list | tuple) else [value]
+    bad = [v for v in items if isinstance(v, bool) or not isinstance(v, int)]
+    if bad:
+        raise TypeError(f"{name}: expected ints, got {bad[0]!r} ({type(bad[0]).__name__})")
+    return items

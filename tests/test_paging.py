@@ -1,0 +1,55 @@
+"""The host side of a layer's paged pools (``dsv4.engine.paging``): the block allocator's runs, its
+order of giving blocks and its table writes. A step's plan is checked on ``DecodeAttention`` itself
+(``tests/test_decode_attention.py``)."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from conftest import DEVICE
+from dsv4.engine.paging import Blocks
+from dsv4.model.state import UNALLOCATED
+
+
+def test_block_allocator_runs_agree_with_looking_up_every_column() -> None:
+    """The allocator looks up only columns past a slot's run of held columns: after random gives and
+    take-backs (contiguous, as the module's, and scattered), every ``need`` equals the count of absent
+    columns, ``give`` leaves every asked column held, and each run holds only held columns."""
+    rng = random.Random(0)
+    blocks = Blocks.new(400, batch=3)
+    for _ in range(2000):
+        b = rng.randrange(3)
+        slot = blocks.slots[b]
+        lo = rng.randrange(0, 40)
+        cols = range(lo, lo + rng.randrange(0, 6))
+        assert blocks.need(b, cols) == sum(c not in slot for c in cols)
+        if rng.random() < 0.6:
+            blocks.give(b, cols)
+            assert all(c in slot for c in cols)
+        elif slot:
+            held = sorted(slot)
+            back = held[: rng.randrange(1, len(held) + 1)] if rng.random() < 0.5 else rng.sample(held, 1)
+            blocks.take_back(b, back)
+        assert all(c in slot for c in blocks.runs[b]), (b, blocks.runs[b], sorted(slot))
+    held = sum(len(slot) for slot in blocks.slots)
+    assert len(blocks.free) == 400 - held and len(set(blocks.free)) == len(blocks.free)
+
+
+def test_block_allocator_gives_the_lowest_free_block_and_flushes_the_last_change_of_a_cell() -> None:
+    """The host allocator: blocks come lowest first, also after blocks are given back out of order; a
+    cell given back and given again before a flush ends up holding its last block; other cells keep theirs."""
+    blocks = Blocks.new(8, batch=2)
+    blocks.give(0, range(0, 3))  # slot 0: columns 0..2 -> blocks 0, 1, 2
+    blocks.give(1, range(0, 2))  # slot 1: blocks 3, 4
+    blocks.take_back(0, [2, 0])  # blocks 2 and 0 free again
+    blocks.give(1, range(2, 3))  # the lowest free block: 0
+    blocks.give(0, range(0, 1))  # slot 0 column 0 again: block 2
+    assert blocks.slots == [{1: 1, 0: 2}, {0: 3, 1: 4, 2: 0}]
+    table = torch.full((2, 4), 99, dtype=torch.int32, device=DEVICE)
+    blocks.flush(table)
+    assert table.cpu().tolist() == [[2, 1, UNALLOCATED, 99], [3, 4, 0, 99]]
+    assert blocks.table == []
+    blocks.flush(table)  # nothing changed: nothing written
+    assert table.cpu().tolist() == [[2, 1, UNALLOCATED, 99], [3, 4, 0, 99]]
