@@ -9,6 +9,8 @@ other pool row bit-identical), and the reference against itself on the dense lay
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -141,9 +143,9 @@ def test_two_slots_writing_one_pool_row_is_refused(backend: str) -> None:
         ([0, 8], 8, True, True),
     ],
 )
-def test_two_writers_check_on_the_device_agrees_with_the_host(start, seq, share, one_writer) -> None:
-    """The device form of the two-writers check (run on a GPU, computed here on the host's tensors)
-    gives the verdict of the host form."""
+def test_two_writers_check_gives_the_verdict_worked_by_hand(start, seq, share, one_writer) -> None:
+    """The two-writers check (one tensor form: a device-side assert on a GPU, read back on the host)
+    refuses exactly the steps in which two slots close the same pool row."""
     case = make_case(TINY, "indexer_compressor", seed=2, device="cpu", batch=2, seq=seq, start_pos=start)
     state = case.state()
     if share:
@@ -155,6 +157,29 @@ def test_two_writers_check_on_the_device_agrees_with_the_host(start, seq, share,
     else:
         with pytest.raises(ValueError, match="two slots write the same pool row"):
             check_block_entries(state, pos, reads=False)
+
+
+@pytest.mark.parametrize(
+    ("op", "slot", "column", "entry", "need"),
+    [
+        ("indexer_compressor", 1, 1, 10**6, "a pool block in [0, {n}) or -1"),  # a row it writes
+        ("indexer", 1, 0, UNALLOCATED, "a pool block in [0, {n})"),  # a row it reads
+        ("indexer", 0, 1, -7, "a pool block in [0, {n})"),
+    ],
+)
+def test_an_entry_outside_the_pool_is_named_by_slot_and_column(op, slot, column, entry, need) -> None:
+    """A block-table entry the step uses that is no pool block: refused, naming the first such slot
+    and column, the rows it covers and the entry, before anything changes."""
+    case = make_case(TINY, op, seed=4, device=DEVICE, batch=2, seq=2, start_pos=[70, 78], max_position=1024)
+    state = relayout(case.state(), 16, [18, 20], seed=4)
+    state.block_table[slot, column] = entry
+    state.block_table[1, 5] = -9  # past every row the step uses: not checked
+    case.args["state"] = state
+    before = state.clone()
+    words = f"state.block_table: slot {slot} column {column} (rows {16 * column}..{16 * column + 15}) needs " + need
+    with pytest.raises(ValueError, match=re.escape(f"{words.format(n=state.keys.shape[0])}, got {entry}")):
+        getattr(dsv4, op)(**case.args, backend="reference")
+    assert all(torch.equal(t, getattr(before, n)) for n, t in state.tensors().items())
 
 
 # (starts, (slot, column) <- (slot, column) of the table, refused): pool blocks of 16 rows; a slot at 70

@@ -354,40 +354,33 @@ def check_block_entries(state: IndexerState, pos: StepPositions, reads: bool) ->
     writes read by the step as another row (a slot's two columns, or two slots, mapping one block: the
     step would overwrite a key it scores, in an order each backend takes differently).
 
-    Checked on the host when the table is there; on a GPU every check runs on the device
-    (``torch._assert_async``: no host round trip)."""
+    The same tensor checks on every device: on a GPU each is a ``torch._assert_async`` (no host round
+    trip); on the host a failed one is read back to name the slot and column."""
     table, blocks, bs = state.block_table[: pos.batch], state.keys.shape[0], state.block_size
+    first_row = torch.arange(table.shape[1], device=table.device) * bs  # of each table column
+    lo = torch.zeros_like(pos.start) if reads else pos.start // COMPRESS_RATIO
+    used = (first_row + bs > lo[:, None]) & (first_row < ((pos.start + pos.seq) // COMPRESS_RATIO)[:, None])
+    ok = ((table >= 0) & (table < blocks)) | ((table == -1) & (not reads))
     if not on_host(table) or pos.start_host is None:
-        first_row = torch.arange(table.shape[1], device=table.device) * bs  # of each table column
-        lo = torch.zeros_like(pos.start) if reads else pos.start // COMPRESS_RATIO
-        used = (first_row + bs > lo[:, None]) & (first_row < ((pos.start + pos.seq) // COMPRESS_RATIO)[:, None])
-        ok = ((table >= 0) & (table < blocks)) | ((table == -1) & (not reads))
         _assert_on_device(ok | ~used, "state.block_table: an entry the step uses is outside the pool")
         if table.shape[1]:  # a table with no columns is refused by the cache-rows check of start_pos
             _assert_on_device(_one_writer_per_row(table, pos, bs), TWO_WRITERS)
             if reads:
                 _assert_on_device(~_read_as_another_row(table, pos, bs, blocks), READ_AS_ANOTHER_ROW)
         return
-    written: list[torch.Tensor] = []
-    for i, (start, end) in enumerate(zip(pos.start_host, pos.cache_lens, strict=True)):
-        first = start // COMPRESS_RATIO  # rows [first, end) are written, [0, end) read
-        lo = 0 if reads else first // bs
-        entries = table[i, lo : -(-end // bs)]
-        bad = ~((entries >= 0) & (entries < blocks)) & ~((entries == -1) & (not reads))
-        if bool(bad.any()):
-            column = lo + int(bad.nonzero()[0])
-            need = f"a pool block in [0, {blocks})" + ("" if reads else " or -1")
-            raise ValueError(
-                f"state.block_table: slot {i} column {column} (rows {column * bs}..{column * bs + bs - 1}) "
-                f"needs {need}, got {int(table[i, column])}"
-            )
-        rows = torch.arange(first, end)
-        block = table[i, rows // bs].long()
-        written.append((block * bs + rows % bs)[block >= 0])
-    flat = torch.cat(written) if written else torch.empty(0, dtype=torch.long)
-    if flat.numel() != torch.unique(flat).numel():
+    bad = used & ~ok
+    if bool(bad.any()):
+        i, column = (int(v) for v in bad.nonzero()[0])
+        need = f"a pool block in [0, {blocks})" + ("" if reads else " or -1")
+        raise ValueError(
+            f"state.block_table: slot {i} column {column} (rows {column * bs}..{column * bs + bs - 1}) "
+            f"needs {need}, got {int(table[i, column])}"
+        )
+    if not table.shape[1]:
+        return
+    if not bool(_one_writer_per_row(table, pos, bs)):
         raise ValueError(TWO_WRITERS)
-    if reads and table.shape[1]:
+    if reads:
         clash = _read_as_another_row(table, pos, bs, blocks)
         if bool(clash.any()):
             b, k = (int(v) for v in clash.nonzero()[0])
