@@ -188,6 +188,25 @@ def test_reset_gives_a_slot_to_a_new_sequence() -> None:
     assert bit_identical(y[1], fresh(x[1:].contiguous())[0])
 
 
+def test_a_call_past_max_position_is_refused_whatever_the_rope_and_pools_cover() -> None:
+    """``max_position`` 65 sizes the compressed tables for 16 rows (one block of 16); a longer rope table
+    and spare pool blocks do not let a slot pass position 64: a call to 78 is refused before any block is
+    given, and a call up to 65 runs."""
+    w = dsv4.synthetic_weights(CFG, seed=0, device=DEVICE, layer=LAYERS["csa"])
+    rope = dsv4.layer_rope_table(CFG, LAYERS["csa"], 128, DEVICE)
+    m = dsv4.DecodeAttention(
+        w, rope, CFG, batch=2, max_position=65, backend="reference", block_size=BS,
+        num_blocks={"compressed": 8, "indexer": 8},
+    )  # fmt: skip
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=r"start_pos: a slot would pass position 64 \(max_position\)"):
+        m(x_of(2, 78, 30))
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    assert m.next_pos == [0, 0] and all(not slot for pool in m.paging.pools for slot in pool.slots)
+    m(x_of(2, 65, 31))
+    assert m.next_pos == [65, 65]
+
+
 def test_bad_input_changes_nothing() -> None:
     m = module("swa", batch=2)
     m(x_of(2, 4, 21))

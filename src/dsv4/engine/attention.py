@@ -139,7 +139,7 @@ class DecodeAttention(torch.nn.Module):
             state = IndexerState.paged(batch, n, block_size, hid, torch.full((batch, width), UNALLOCATED), device)
             self._buffers_of("idx", state, _INDEXER_STATE)
             pools.append(n)
-        self._limit = min(rope.max_position, self.win_block_table.shape[1] * block_size)  # positions a slot may reach
+        self._limit = max_position  # positions a slot may reach: every table is sized for them, the rope covers them
         # the compressors' ratios: the layer's, then its indexer's
         self._ratios = [r for r in (self.ratio, COMPRESS_RATIO if self.kind == "csa" else 0) if r]
         self.paging = LayerPaging(pools, batch, block_size, self.window, self._ratios)
