@@ -1,15 +1,17 @@
 """The host side of a layer's paged pools (``dsv4.engine.paging``): the block allocator's runs, its
-order of giving blocks and its table writes. A step's plan is checked on ``DecodeAttention`` itself
-(``tests/test_decode_attention.py``)."""
+order of giving blocks and its table writes (``staging.write_cells``). A step's plan is checked on
+``DecodeAttention`` itself (``tests/test_decode_attention.py``)."""
 
 from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from conftest import DEVICE
 from dsv4.engine.paging import Blocks
+from dsv4.engine.staging import write_cells
 from dsv4.model.state import UNALLOCATED
 
 
@@ -53,3 +55,15 @@ def test_block_allocator_gives_the_lowest_free_block_and_flushes_the_last_change
     assert blocks.table == []
     blocks.flush(table)  # nothing changed: nothing written
     assert table.cpu().tolist() == [[2, 1, UNALLOCATED, 99], [3, 4, 0, 99]]
+
+
+def test_a_cell_outside_the_table_is_refused_not_written_into_another() -> None:
+    """``write_cells`` writes through the table's flat view: a column past the width would land in the
+    next row's first cells, so it is refused and nothing is written."""
+    table = torch.full((2, 3), 7, dtype=torch.int32, device=DEVICE)
+    for cell in ((0, 3, 1), (2, 0, 1), (0, -1, 1)):
+        with pytest.raises(IndexError, match="outside the \\[2, 3\\] table"):
+            write_cells(table, [(1, 1, 5), cell])
+        assert table.cpu().tolist() == [[7, 7, 7], [7, 7, 7]]
+    write_cells(table, [(1, 2, 5), (0, 0, 4), (1, 2, 6)])
+    assert table.cpu().tolist() == [[4, 7, 7], [7, 7, 6]]

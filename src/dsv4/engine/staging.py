@@ -18,6 +18,9 @@ def write_cells(table: torch.Tensor, cells: list[tuple[int, int, int]]) -> None:
     host-to-device copy and one scatter: no host sync, two device operations however many cells."""
     if not cells:
         return
+    rows, width = table.shape
+    if any(not (0 <= r < rows and 0 <= c < width) for r, c, _ in cells):  # a flat index would land in another cell
+        raise IndexError(f"write_cells: a cell outside the [{rows}, {width}] table: {cells}")
     last = {(r, c): v for r, c, v in cells}
     entries = staged([[r * table.shape[1] + c, v] for (r, c), v in last.items()], table.device)
     cell, value = entries.to(table.device, non_blocking=True).unbind(1)
