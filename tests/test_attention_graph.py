@@ -89,20 +89,3 @@ def test_cuda_graph_replay_allocates_nothing_and_never_syncs() -> None:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert torch.cuda.memory_stats()["allocation.all.allocated"] == allocated
-
-
-@pytest.mark.parametrize(
-    ("buffer", "bad", "exc", "words"),
-    [
-        ("attn_sink", lambda t: t.double(), TypeError, "attn_sink: expected dtype float32"),
-        ("o_wo_b", lambda t: t[:, :-1].contiguous(), ValueError, "w.wo_b"),
-        ("idx_c_wkv", lambda t: t[:-2].contiguous(), ValueError, r"w\.compressor\.wkv: expected shape"),
-    ],
-)
-def test_capture_checks_every_op_once_on_the_layer_buffers(buffer, bad, exc, words) -> None:
-    """The captured launches skip the ops' checks per step, so they run once when the graph is built: a
-    layer buffer an op would refuse (a dtype, a shape) is refused by ``capture``, naming it."""
-    m = layer("csa", backend="reference", batch=2)
-    setattr(m, buffer, bad(getattr(m, buffer)))
-    with pytest.raises(exc, match=words):
-        m.capture(seq=2)

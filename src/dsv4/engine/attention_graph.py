@@ -116,24 +116,10 @@ class AttentionGraph:
             "o_proj": dict(o=self.o.o.view(t, heads, hd), w=layer.o_weights),
         }
         outs = {"qkv_proj_rope": self.qkv, "indexer": self.indexer_out, "sparse_attn_write": self.o, "o_proj": self.y}
-        self._check(used, args, outs)
         self.launches: list[Launch] = [self._bind(op, args[op], outs.get(op)) for op in used]
         self.graph: torch.cuda.CUDAGraph | None = None
         if dev.type == "cuda":
             self._capture()
-
-    def _check(self, used: list[str], args: dict[str, dict[str, Any]], outs: dict[str, Any]) -> None:
-        """Every op's checks (spec §7), once, on the static buffers with every slot at position 0: the
-        shapes, dtypes and devices of the layer's weights, pools and rings, and no output aliasing an
-        input. A step's own values are the host's: its positions checked by ``step_starts``, its
-        block tables written by the layer's paging."""
-        with on_device(self.xn.device):
-            torch.add(self.start[:, None], self.offsets[None, :], out=self.positions.view(self.batch, self.seq))
-            for op in used:
-                public = dict(args[op])
-                if "start_pos" in public:
-                    public["start_pos"] = self.start
-                get_op(op).backend_args(public, outs.get(op))
 
     def _ops(self) -> list[str]:
         layer = self.layer
