@@ -292,7 +292,7 @@ class DecodeAttention(torch.nn.Module):
         """The host start positions of a call of ``s`` tokens for slots ``0..b-1`` run in steps of at
         most ``chunk``, checked (re-runs, ``max_position``, free pool blocks); changes nothing."""
         starts = self._step_starts(b, s, start_pos)
-        if max(starts) + s > self._limit:
+        if starts and max(starts) + s > self._limit:
             raise ValueError(
                 f"start_pos: a slot would pass position {self._limit - 1} (max_position), S={s}, starts {starts}"
             )
