@@ -4,6 +4,8 @@ resets and draft re-runs."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -205,6 +207,38 @@ def test_a_call_past_max_position_is_refused_whatever_the_rope_and_pools_cover()
     assert m.next_pos == [0, 0] and all(not slot for pool in m.paging.pools for slot in pool.slots)
     m(x_of(2, 65, 31))
     assert m.next_pos == [65, 65]
+
+
+def _broken(w, part: str, field: str, bad):
+    """``w`` with ``part.field`` (``part`` "" for the layer itself, "indexer.compressor" for a nested one)
+    replaced by ``bad`` of it."""
+    if not part:
+        return dataclasses.replace(w, **{field: bad(getattr(w, field))})
+    head, _, rest = part.partition(".")
+    inner = getattr(w, head)
+    if rest:
+        return dataclasses.replace(w, **{head: _broken(inner, rest, field, bad)})
+    return dataclasses.replace(w, **{head: dataclasses.replace(inner, **{field: bad(getattr(inner, field))})})
+
+
+@pytest.mark.parametrize(
+    ("kind", "part", "field", "bad", "exc", "words"),
+    [
+        ("swa", "", "attn_sink", lambda t: t.double(), TypeError, "attn_sink: expected dtype float32"),
+        ("swa", "attn", "gamma_cq", lambda t: t[:-1].contiguous(), ValueError, r"w\.gamma_cq: expected shape"),
+        ("hca", "o_proj", "wo_b", lambda t: t[:, :-16].contiguous(), ValueError, r"w\.wo_b: expected shape"),
+        ("hca", "compressor", "ape", lambda t: t[:, :-1].contiguous(), ValueError, r"w\.ape: expected shape"),
+        ("csa", "indexer.compressor", "wkv", lambda t: t[:-2].contiguous(), ValueError, r"w\.compressor\.wkv"),
+        ("csa", "indexer", "weights_proj", lambda t: t.float(), TypeError, r"w\.weights_proj: expected dtype"),
+    ],
+)
+def test_weights_an_op_would_refuse_are_refused_when_the_module_is_built(kind, part, field, bad, exc, words) -> None:
+    """Each op's checks run once on the layer's buffers when the module is built (the captured step runs
+    none per step): a weight of the wrong dtype or shape is named then, before any step."""
+    w = dsv4.synthetic_weights(CFG, seed=0, device=DEVICE, layer=LAYERS[kind])
+    rope = dsv4.layer_rope_table(CFG, LAYERS[kind], 128, DEVICE)
+    with pytest.raises(exc, match=words):
+        dsv4.DecodeAttention(_broken(w, part, field, bad), rope, CFG, batch=2, max_position=128, backend="reference")
 
 
 def test_bad_input_changes_nothing() -> None:

@@ -146,6 +146,41 @@ class DecodeAttention(torch.nn.Module):
         self.next_pos = [0] * batch  # where each slot's next token sits (host-side: no device sync)
         self.last_start = [0] * batch  # the start of each slot's last step (re-runs may go back to it)
         self.op_backends = {op: self._op_backend(op, device) for op in OPS}
+        self._check_ops()
+
+    def _check_ops(self) -> None:
+        """Every op's checks (spec §7) once, on the layer's weights, pools and rings: a step of one token
+        of slot 0 at position 0, which reads no pool row and needs no block, so only the buffers'
+        shapes, dtypes and devices are judged. A step's own values are the host's (``step_starts``, the
+        paging); the captured step (``capture``) runs no op checks of its own."""
+        dev = self.attn_wq_a.device
+        x = torch.zeros(1, 1, self.attn_wq_a.shape[1], dtype=torch.bfloat16, device=dev)
+        one = torch.zeros(1, dtype=torch.int64, device=dev)
+        rope, eps = self.rope, self.eps
+        get_op("qkv_proj_rope").backend_args(dict(x=x[0], w=self.attn, positions=one, rope=rope, eps=eps))
+        hd, ql = self.attn_wkv.shape[0], self.attn_wq_a.shape[0]
+        heads = self.attn_wq_b.shape[0] // hd
+        if self.ratio:
+            args = dict(x=x, w=self.compressor_weights, state=self.compressor_state, start_pos=0, rope=rope, eps=eps)
+            get_op("kv_compressor").backend_args(args)
+        topk = None
+        if self.kind == "csa":
+            qr, qr_scale = torch.zeros(1, ql, dtype=torch.int8, device=dev), torch.ones(1, 1, device=dev)
+            args = dict(x=x, qr=qr, qr_scale=qr_scale, w=self.indexer_weights, state=self.indexer_state, start_pos=0,
+                        offset=self.window, rope=rope, topk=self.topk, eps=eps)  # fmt: skip
+            get_op("indexer").backend_args(args)
+            topk = torch.zeros(1, 1, self.topk, dtype=torch.int32, device=dev)
+        bf16 = dict(dtype=torch.bfloat16, device=dev)
+        args = dict(
+            q=torch.zeros(1, 1, heads, hd, **bf16), kv=torch.zeros(1, 1, hd, **bf16), start_pos=0,
+            window_pool=self.window_pool, attn_sink=self.attn_sink, rope=rope, kind=self.kind,
+            window=self.window, compress_ratio=self.ratio,
+            compressed_pool=self.compressor_state.pool if self.ratio else None, topk_idxs=topk,
+            topk_offset=self.window if topk is not None else 0,
+        )  # fmt: skip
+        get_op("sparse_attn_write").backend_args(args)
+        o = torch.zeros(1, heads, hd, **bf16)
+        get_op("o_proj").backend_args(dict(o=o, w=self.o_weights))
 
     # --- buffers and the records built from them ----------------------------------------------
 
