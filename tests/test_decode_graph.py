@@ -6,6 +6,7 @@ on a GPU the same step is also captured as a CUDA graph and replayed.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import warnings
 
@@ -16,6 +17,7 @@ from torch.utils._pytree import tree_leaves
 
 import dsv4
 from conftest import DEVICE
+from dsv4.engine.decode_graph import StaticDecodeStep
 from frontends import tiny_frontend
 
 CFG = dsv4.get_config("tiny")
@@ -105,6 +107,26 @@ def test_static_step_checks_its_inputs() -> None:
         step.set_inputs(torch.zeros(2, 2, CFG.hidden_size, dtype=torch.bfloat16, device=DEVICE), [15, 0])
     with pytest.raises(ValueError, match="max_cache_len"):
         fe.static_step(batch=2, seq=2, max_cache_len=17)
+
+
+@pytest.mark.parametrize(
+    ("what", "words"),
+    [("gamma_cq", r"w\.gamma_cq: expected shape"), ("topk", "topk"), ("norm_w", r"w\.compressor\.norm_w")],
+)
+def test_static_step_checks_its_operands_once(what: str, words: str) -> None:
+    """The static launches skip the ops' checks, so the step runs them when it is built (a one-token
+    step at position 0): a weight of the wrong shape, a bad ``topk``, is named then."""
+    fe = tiny_frontend("triton", batch=2, max_position=64)
+    attn, indexer, topk = fe.attn, fe.indexer_weights, fe.topk
+    if what == "gamma_cq":
+        attn = dataclasses.replace(attn, gamma_cq=attn.gamma_cq[:-1].contiguous())
+    elif what == "topk":
+        topk = 0
+    else:
+        comp = dataclasses.replace(indexer.compressor, norm_w=indexer.compressor.norm_w[:-1].contiguous())
+        indexer = dataclasses.replace(indexer, compressor=comp)
+    with pytest.raises(ValueError, match=words):
+        StaticDecodeStep(attn, indexer, fe.rope, fe.state, batch=2, seq=2, topk=topk, offset=fe.offset, eps=fe.eps)
 
 
 def test_capture_needs_cuda_or_says_why() -> None:
