@@ -8,12 +8,14 @@ runs on, the modules on the CPU and no op called:
   plan counted against the free blocks), ``begin_step`` (blocks given, table entries written) and
   ``end_step`` (window blocks given back, positions moved), as ``AttentionGraph`` runs them a step;
 - ``DecodeFrontEnd`` (``--kind csa``): ``check_starts``, the block reservation and ``advance``, as
-  ``CapturedDecodeStep`` runs them.
+  ``CapturedDecodeStep`` runs them;
+- with ``--eager``, ``DecodeAttention.forward`` of each kind with every op a stub that returns
+  preallocated outputs: an eager step's host work (its checks, the bookkeeping, each launch's Python).
 
 Each slot first stands at ``--context`` (its blocks given as a prefill would leave them), then
 ``--steps`` decode steps of ``--seq`` tokens run; the first ``--warmup`` are not counted.
 
-    python benchmarks/host_step.py --preset flash --batch 64 --seq 2 --context 2048 65536
+    python benchmarks/host_step.py --preset flash --batch 64 --seq 2 --context 2048 65536 --eager
 """
 
 from __future__ import annotations
@@ -27,13 +29,17 @@ from collections.abc import Callable
 import torch
 
 import dsv4
+from dsv4.model.structs import QKV, AttnOut, OProjOut
+from dsv4.ops.registry import get_op
 
 Part = tuple[str, Callable[[], object]]
+STUB = "host-only"  # the benchmark's backend for --eager: every op returns preallocated outputs
 
 
-def attention_parts(
+def attention_module(
     cfg: dsv4.DeepSeekV4Config, kind: str, batch: int, seq: int, context: int, steps: int
-) -> list[Part]:
+) -> dsv4.DecodeAttention:
+    """The flash layer of ``kind`` on the CPU, every slot standing at ``context``."""
     layer = cfg.first_layer(kind)
     ratio = max(cfg.layer_ratio(layer), 4)
     max_position = ratio * -(-(context + seq * steps + 1) // ratio)
@@ -45,6 +51,13 @@ def attention_parts(
     )  # fmt: skip
     if context:
         m.end_step(m.begin_step([0] * batch, context), [0] * batch, context)
+    return m
+
+
+def attention_parts(
+    cfg: dsv4.DeepSeekV4Config, kind: str, batch: int, seq: int, context: int, steps: int
+) -> list[Part]:
+    m = attention_module(cfg, kind, batch, seq, context, steps)
     held: dict[str, object] = {}
 
     def starts() -> None:
@@ -57,6 +70,32 @@ def attention_parts(
         m.end_step(held["plan"], held["starts"], seq)
 
     return [("step_starts", starts), ("begin_step", begin), ("end_step", end)]
+
+
+def eager_parts(cfg: dsv4.DeepSeekV4Config, kind: str, batch: int, seq: int, context: int, steps: int) -> list[Part]:
+    """``DecodeAttention.forward`` of a decode step with every op run by a stub that returns preallocated
+    outputs (a backend of the benchmark's own, registered on the ops' descriptors): the call's host work
+    (its checks, the bookkeeping, the Python of each launch) without the ops'."""
+    m = attention_module(cfg, kind, batch, seq, context, steps)
+    t, d, hd = batch * seq, m.attn_wq_a.shape[1], m.attn_wkv.shape[0]
+    heads, ql = m.attn_wq_b.shape[0] // hd, m.attn_wq_a.shape[0]
+    bf16 = dict(dtype=torch.bfloat16)
+    results = {
+        "qkv_proj_rope": QKV(
+            torch.empty(t, heads, hd, **bf16),
+            torch.empty(t, hd, **bf16),
+            torch.empty(t, ql, dtype=torch.int8),
+            torch.empty(t, 1),
+        ),  # fmt: skip
+        "sparse_attn_write": AttnOut(torch.empty(batch, seq, heads, hd, **bf16)),
+        "o_proj": OProjOut(torch.empty(t, d, **bf16)),
+    }
+    for op in m.op_backends:
+        result = results.get(op)
+        get_op(op)._impls[STUB] = lambda *args, out=None, r=result: out if r is None else r
+    m.op_backends = {op: STUB for op in m.op_backends}
+    x = torch.zeros(batch, seq, d, **bf16)
+    return [("forward", lambda: m(x))]
 
 
 def frontend_parts(cfg: dsv4.DeepSeekV4Config, batch: int, seq: int, context: int, steps: int) -> list[Part]:
@@ -110,6 +149,10 @@ def main() -> None:
     parser.add_argument("--context", type=int, nargs="+", default=[2048], help="where each slot stands")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument(
+        "--eager", action="store_true",
+        help="also time DecodeAttention.forward of a decode step with every op a stub (its host work alone)",
+    )  # fmt: skip
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     if not 0 <= args.warmup < args.steps:
@@ -118,13 +161,14 @@ def main() -> None:
     cfg = dsv4.get_config(args.preset)
     rows = []
     for context in args.context:
-        cases = [(f"DecodeAttention {kind}", kind) for kind in args.kind]
-        cases += [("DecodeFrontEnd", None)] if "csa" in args.kind else []
-        for module, kind in cases:
-            if kind is None:
+        cases = [(f"DecodeAttention {kind}", kind, attention_parts) for kind in args.kind]
+        cases += [(f"DecodeAttention {kind} eager forward", kind, eager_parts) for kind in args.kind if args.eager]
+        cases += [("DecodeFrontEnd", "csa", None)] if "csa" in args.kind else []
+        for module, kind, build in cases:
+            if build is None:
                 parts = frontend_parts(cfg, args.batch, args.seq, context, args.steps)
             else:
-                parts = attention_parts(cfg, kind, args.batch, args.seq, context, args.steps)
+                parts = build(cfg, kind, args.batch, args.seq, context, args.steps)
             ms = time_parts(parts, args.steps, args.warmup)
             rows.append({"module": module, "batch": args.batch, "seq": args.seq, "context": context, "median_ms": ms})
             laps = ", ".join(f"{name} {v:.4f}" for name, v in ms.items() if name != "step")

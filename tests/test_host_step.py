@@ -6,14 +6,17 @@ import json
 
 from subprocesses import ROOT, run_python
 
-MODULES = ["DecodeAttention csa", "DecodeAttention hca", "DecodeAttention swa", "DecodeFrontEnd"]
+KINDS = ["csa", "hca", "swa"]
+MODULES = [f"DecodeAttention {k}" for k in KINDS] + [f"DecodeAttention {k} eager forward" for k in KINDS]
+MODULES.append("DecodeFrontEnd")
 
 
 def test_host_step_times_every_module_and_part(tmp_path) -> None:
     """Each module at each context gets a line and a JSON row; each part's median is positive and at
-    most the whole step's (the step is the parts back to back)."""
+    most the whole step's (the step is the parts back to back); ``--eager`` adds each kind's forward
+    with its ops stubbed."""
     out = tmp_path / "host.json"
-    args = ["--preset", "tiny", "--batch", "3", "--context", "0", "70", "--steps", "40", "--warmup", "5"]
+    args = ["--preset", "tiny", "--batch", "3", "--context", "0", "70", "--steps", "40", "--warmup", "5", "--eager"]
     proc = run_python([str(ROOT / "benchmarks" / "host_step.py"), *args, "--json", str(out)])
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())["rows"]
@@ -21,7 +24,8 @@ def test_host_step_times_every_module_and_part(tmp_path) -> None:
     for r in rows:
         ms = r["median_ms"]
         parts = {k: v for k, v in ms.items() if k != "step"}
-        assert len(parts) == 3 and all(0 < v <= ms["step"] for v in parts.values()), r
+        assert len(parts) == (1 if "eager" in r["module"] else 3), r
+        assert all(0 < v <= ms["step"] for v in parts.values()), r
     lines = [line for line in proc.stdout.splitlines() if ": host step " in line]
     assert len(lines) == len(rows) and lines[0].startswith("DecodeAttention csa B=3 S=2 context=0: host step ")
 

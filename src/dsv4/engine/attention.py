@@ -3,18 +3,18 @@ as a module that owns the layer's weights, RoPE table and state (its KV pools pa
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .. import ops
 from ..model.attention_state import CompressorState, KVPool, rerun_exact
 from ..model.config import COMPRESS_RATIO, DeepSeekV4Config
 from ..model.rope import RopeTable
 from ..model.state import DEFAULT_BLOCK_SIZE, UNALLOCATED, IndexerState
-from ..model.structs import IndexerOut
+from ..model.structs import IndexerOut, StepPositions
 from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights, LayerWeights, OProjWeights
 from ..ops.backends import BACKENDS
+from ..ops.device import on_device
 from ..ops.registry import get_op
 from ..ops.validate import check_eps, check_int
 from .paging import LayerPaging, Plan
@@ -352,35 +352,51 @@ class DecodeAttention(torch.nn.Module):
         n = len(starts)
         self.last_start[:n], self.next_pos[:n] = starts, [p + s for p in starts]
 
+    def _launch(self, op: str, out: object = None, **args: object) -> Any:
+        """``op`` on the layer's backend for it, with ``args`` in the form the backends take (``start_pos``
+        a ``StepPositions``) and without the ops' checks, as the captured step launches it: they ran on
+        the layer's buffers when it was built (``_check_ops``), ``forward`` checked ``xn`` and the
+        positions, and the block tables are the paging's."""
+        desc = get_op(op)
+        call = tuple(desc.bind(args).values())
+        fn = desc.implementation(self.op_backends[op])
+        return fn(*call) if desc.result is None else fn(*call, out=out)
+
     def _step(self, xn: torch.Tensor, starts: list[int]) -> torch.Tensor:
         b, s, d = xn.shape
+        dev = xn.device
         plan = self.begin_step(starts, s)
-        start = staged(starts, xn.device).to(xn.device, non_blocking=True)
-        positions = (start[:, None] + torch.arange(s, device=xn.device)).reshape(-1)
-        be, rope, eps = self.op_backends, self.rope, self.eps
+        start = staged(starts, dev).to(dev, non_blocking=True)
+        pos = StepPositions.from_host(start, tuple(starts), s)
+        positions = (start[:, None] + torch.arange(s, device=dev)).reshape(-1)
+        rope, eps = self.rope, self.eps
         xn = xn.contiguous()
-        qkv = ops.qkv_proj_rope(xn.reshape(b * s, d), self.attn, positions, rope, eps=eps, backend=be["qkv_proj_rope"])
-        q, kv = qkv.q.view(b, s, *qkv.q.shape[1:]), qkv.kv.view(b, s, -1)
-        if self.ratio:
-            ops.kv_compressor(
-                xn, self.compressor_weights, self.compressor_state, start, rope, eps=eps, backend=be["kv_compressor"]
+        with on_device(dev):
+            qkv = self._launch(
+                "qkv_proj_rope", x=xn.view(b * s, d), w=self.attn, positions=positions, rope=rope, eps=eps
             )
-        topk = None
-        if self.kind == "csa":
-            width = max((p + s) // COMPRESS_RATIO for p in starts)
-            out = IndexerOut(
-                torch.empty(b, s, width, dtype=torch.float32, device=xn.device),
-                torch.empty(b, s, self.topk, dtype=torch.int32, device=xn.device),
-            )
-            topk = ops.indexer(
-                xn, qkv.qr, qkv.qr_scale, self.indexer_weights, self.indexer_state, start, self.window, rope,
-                topk=self.topk, eps=eps, backend=be["indexer"], out=out,
-            ).topk_idxs  # fmt: skip
-        o = ops.sparse_attn_write(
-            q, kv, start, self.window_pool, self.attn_sink, rope, kind=self.kind, window=self.window,
-            compress_ratio=self.ratio, compressed_pool=self.compressor_state.pool if self.ratio else None,
-            topk_idxs=topk, topk_offset=self.window if topk is not None else 0, backend=be["sparse_attn_write"],
-        ).o  # fmt: skip
-        y = ops.o_proj(o.view(b * s, *o.shape[2:]), self.o_weights, backend=be["o_proj"]).y
+            q, kv = qkv.q.view(b, s, *qkv.q.shape[1:]), qkv.kv.view(b, s, -1)
+            if self.ratio:
+                state = self.compressor_state
+                self._launch(
+                    "kv_compressor", x=xn, w=self.compressor_weights, state=state, start_pos=pos, rope=rope, eps=eps
+                )
+            topk = None
+            if self.kind == "csa":
+                out = IndexerOut(
+                    torch.empty(b, s, pos.max_cache_len, dtype=torch.float32, device=dev),
+                    torch.empty(b, s, self.topk, dtype=torch.int32, device=dev),
+                )
+                topk = self._launch(
+                    "indexer", out, x=xn, qr=qkv.qr, qr_scale=qkv.qr_scale, w=self.indexer_weights,
+                    state=self.indexer_state, start_pos=pos, offset=self.window, rope=rope, topk=self.topk, eps=eps,
+                ).topk_idxs  # fmt: skip
+            o = self._launch(
+                "sparse_attn_write", q=q, kv=kv, start_pos=pos, window_pool=self.window_pool, attn_sink=self.attn_sink,
+                rope=rope, kind=self.kind, window=self.window, compress_ratio=self.ratio,
+                compressed_pool=self.compressor_state.pool if self.ratio else None, topk_idxs=topk,
+                topk_offset=self.window if topk is not None else 0,
+            ).o  # fmt: skip
+            y = self._launch("o_proj", o=o.view(b * s, *o.shape[2:]), w=self.o_weights).y
         self.end_step(plan, starts, s)
         return y.view(b, s, d)
