@@ -48,6 +48,9 @@ class DecodeAttention(torch.nn.Module):
     (kept until ``reset``). A call that needs more blocks than are free raises before anything
     runs. A call longer than ``prefill_chunk`` tokens runs as steps of that many.
 
+    Every op's checks (spec §7) run once, when the module is built, on its weights, pools and rings;
+    a call checks ``xn`` and the positions, and its steps launch the ops without checking them again.
+
     Re-running positions (a rejected draft token): a step may start anywhere from the previous
     step's start to where the slot stands; the ring of each compressor must still hold what the
     re-run reads (``start + k <= max(COFF*RC, RC*(start // RC) + RC)`` with ``k`` the positions run
