@@ -54,6 +54,22 @@ def test_captured_steps_equal_forward_bit_for_bit(kind: str) -> None:
             assert bit_identical(state(static)[name], t), f"step {i}: {name}"
 
 
+def test_activations_written_into_the_graph_input_need_no_copy() -> None:
+    """A caller may write a step's ``xn`` into ``graph.xn`` and pass that buffer: the same ``y`` and
+    state as passing its own tensor."""
+    a = layer("csa", backend="reference", batch=2)
+    b = copy.deepcopy(a)
+    ga, gb = a.capture(seq=2), b.capture(seq=2)
+    for i in range(3):
+        x = x_of(2, 2, seed=40 + i)
+        want = ga(x).clone()
+        gb.xn.copy_(x)
+        assert bit_identical(gb(gb.xn), want), f"step {i}"
+    assert a.next_pos == b.next_pos
+    for name, t in state(a).items():
+        assert bit_identical(state(b)[name], t), name
+
+
 def test_a_refused_call_changes_nothing() -> None:
     """A wrong shape or a start past the slot's position raises naming the argument, state untouched."""
     # a CUDA graph needs every op on Triton; the refusals come before any op runs, so a CPU takes the

@@ -176,7 +176,9 @@ class AttentionGraph:
                 self.launch()
 
     def __call__(self, xn: torch.Tensor, start_pos: int | list[int] | torch.Tensor | None = None) -> torch.Tensor:
-        """One step: ``xn [batch, seq, D] bf16`` -> ``y [batch, seq, D] bf16`` (the static output)."""
+        """One step: ``xn [batch, seq, D] bf16`` -> ``y [batch, seq, D] bf16`` (the static output).
+        ``xn`` is copied into the graph's input ``self.xn``, unless it is that buffer: a caller that
+        writes each step's activations there saves the copy."""
         want = list(self.xn.shape)
         if not isinstance(xn, torch.Tensor) or list(xn.shape) != want or xn.dtype != torch.bfloat16:
             got = f"{list(xn.shape)} {xn.dtype}" if isinstance(xn, torch.Tensor) else type(xn).__name__
@@ -190,7 +192,8 @@ class AttentionGraph:
             raise ValueError(f"start_pos: {starts} with S={self.seq} passes the indexer pool's rows")
         plan = layer.begin_step(starts, self.seq)
         self.start.copy_(staged(starts, self.start.device), non_blocking=True)
-        self.xn.copy_(xn)
+        if xn is not self.xn:  # a caller may write its activations into the graph's input itself
+            self.xn.copy_(xn)
         if self.graph is not None:
             with on_device(self.xn.device):  # replayed on the current stream of the graph's device
                 self.graph.replay()
