@@ -30,10 +30,10 @@ import torch
 
 import dsv4
 from dsv4.model.structs import QKV, AttnOut, OProjOut
-from dsv4.ops.registry import get_op
+from dsv4.model.weights import AttnWeights
+from dsv4.ops.registry import OpDescriptor
 
 Part = tuple[str, Callable[[], object]]
-STUB = "host-only"  # the benchmark's backend for --eager: every op returns preallocated outputs
 
 
 def attention_module(
@@ -72,33 +72,47 @@ def attention_parts(
     return [("step_starts", starts), ("begin_step", begin), ("end_step", end)]
 
 
-def eager_parts(cfg: dsv4.DeepSeekV4Config, kind: str, batch: int, seq: int, context: int, steps: int) -> list[Part]:
-    """``DecodeAttention.forward`` of a decode step with every op run by a stub that returns preallocated
-    outputs (a backend of the benchmark's own, registered on the ops' descriptors): the call's host work
-    (its checks, the bookkeeping, the Python of each launch) without the ops'."""
-    m = attention_module(cfg, kind, batch, seq, context, steps)
-    t, d, hd = batch * seq, m.attn_wq_a.shape[1], m.attn_wkv.shape[0]
-    heads, ql = m.attn_wq_b.shape[0] // hd, m.attn_wq_a.shape[0]
+def stub_ops(results: dict[str, object]) -> None:
+    """From now on in this process every op's implementation, whatever its backend, is a stub that returns
+    ``results[op]`` (preallocated outputs) or, for an op given ``out=``, that: a step's host work (its
+    checks, the bookkeeping, the Python of each launch) is all that runs."""
+
+    def implementation(desc: OpDescriptor, backend: str) -> Callable[..., object]:
+        result = results.get(desc.name)
+        return lambda *args, out=None: out if result is None else result
+
+    OpDescriptor.implementation = implementation  # type: ignore[method-assign]
+
+
+def qkv_of(attn: AttnWeights, t: int) -> QKV:
+    """Outputs of ``qkv_proj_rope`` for ``t`` tokens (uninitialized: a stub's result)."""
+    hd, ql = attn.wkv.shape[0], attn.wq_a.shape[0]
     bf16 = dict(dtype=torch.bfloat16)
-    results = {
-        "qkv_proj_rope": QKV(
-            torch.empty(t, heads, hd, **bf16),
-            torch.empty(t, hd, **bf16),
-            torch.empty(t, ql, dtype=torch.int8),
-            torch.empty(t, 1),
-        ),  # fmt: skip
-        "sparse_attn_write": AttnOut(torch.empty(batch, seq, heads, hd, **bf16)),
-        "o_proj": OProjOut(torch.empty(t, d, **bf16)),
-    }
-    for op in m.op_backends:
-        result = results.get(op)
-        get_op(op)._impls[STUB] = lambda *args, out=None, r=result: out if r is None else r
-    m.op_backends = {op: STUB for op in m.op_backends}
-    x = torch.zeros(batch, seq, d, **bf16)
+    q = torch.empty(t, attn.wq_b.shape[0] // hd, hd, **bf16)
+    return QKV(q, torch.empty(t, hd, **bf16), torch.empty(t, ql, dtype=torch.int8), torch.empty(t, 1))
+
+
+def eager_parts(cfg: dsv4.DeepSeekV4Config, kind: str, batch: int, seq: int, context: int, steps: int) -> list[Part]:
+    """``DecodeAttention.forward`` of a decode step, every op a stub (``stub_ops``)."""
+    m = attention_module(cfg, kind, batch, seq, context, steps)
+    t, d = batch * seq, m.attn_wq_a.shape[1]
+    qkv = qkv_of(m.attn, t)
+    o = AttnOut(torch.empty(batch, seq, *qkv.q.shape[1:], dtype=torch.bfloat16))
+    x = torch.zeros(batch, seq, d, dtype=torch.bfloat16)
+    stub_ops({"qkv_proj_rope": qkv, "sparse_attn_write": o, "o_proj": OProjOut(torch.empty(t, d, dtype=x.dtype))})
     return [("forward", lambda: m(x))]
 
 
-def frontend_parts(cfg: dsv4.DeepSeekV4Config, batch: int, seq: int, context: int, steps: int) -> list[Part]:
+def frontend_eager_parts(cfg: dsv4.DeepSeekV4Config, batch: int, seq: int, context: int, steps: int) -> list[Part]:
+    """``DecodeFrontEnd.forward`` of a decode step, both ops stubs (``stub_ops``)."""
+    fe = frontend_module(cfg, batch, seq, context, steps)
+    stub_ops({"qkv_proj_rope": qkv_of(fe.attn, batch * seq)})
+    x = torch.zeros(batch, seq, fe.attn_wq_a.shape[1], dtype=torch.bfloat16)
+    return [("forward", lambda: fe(x))]
+
+
+def frontend_module(cfg: dsv4.DeepSeekV4Config, batch: int, seq: int, context: int, steps: int) -> dsv4.DecodeFrontEnd:
+    """The flash front end on the CPU, every slot standing at ``context``."""
     max_position = 4 * -(-(context + seq * steps + 1) // 4)
     cpu = torch.device("cpu")
     fe = dsv4.DecodeFrontEnd(
@@ -109,6 +123,11 @@ def frontend_parts(cfg: dsv4.DeepSeekV4Config, batch: int, seq: int, context: in
     if context:
         fe.reserve([0] * batch, context)
         fe.advance([0] * batch, context)
+    return fe
+
+
+def frontend_parts(cfg: dsv4.DeepSeekV4Config, batch: int, seq: int, context: int, steps: int) -> list[Part]:
+    fe = frontend_module(cfg, batch, seq, context, steps)
     held: dict[str, list[int]] = {}
 
     def starts() -> None:
@@ -163,10 +182,12 @@ def main() -> None:
     for context in args.context:
         cases = [(f"DecodeAttention {kind}", kind, attention_parts) for kind in args.kind]
         cases += [(f"DecodeAttention {kind} eager forward", kind, eager_parts) for kind in args.kind if args.eager]
-        cases += [("DecodeFrontEnd", "csa", None)] if "csa" in args.kind else []
+        if "csa" in args.kind:
+            cases.append(("DecodeFrontEnd", None, frontend_parts))
+            cases += [("DecodeFrontEnd eager forward", None, frontend_eager_parts)] if args.eager else []
         for module, kind, build in cases:
-            if build is None:
-                parts = frontend_parts(cfg, args.batch, args.seq, context, args.steps)
+            if kind is None:
+                parts = build(cfg, args.batch, args.seq, context, args.steps)
             else:
                 parts = build(cfg, kind, args.batch, args.seq, context, args.steps)
             ms = time_parts(parts, args.steps, args.warmup)

@@ -9,6 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dsv4
+import dsv4.engine.frontend as frontend
 import dsv4.ops.validate as validate
 from conftest import BACKENDS, DEVICE
 from dsv4.model.structs import QKV, IndexerOut
@@ -271,7 +272,8 @@ def test_a_step_the_op_refuses_gives_its_blocks_back(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise ValueError("state: refused by the op")
 
-    monkeypatch.setattr(dsv4.ops, "indexer", refuse)
+    real = frontend.implementation
+    monkeypatch.setattr(frontend, "implementation", lambda d, *a: refuse if d.name == "indexer" else real(d, *a))
     with pytest.raises(ValueError, match="refused by the op"):
         m(dsv4.synthetic_activations((2, 8, CFG.hidden_size), seed=1, device=DEVICE))
     after_host, after = _frontend_state(m)
@@ -388,23 +390,31 @@ def test_device_checks_catch_bad_values(op, path, value, words, monkeypatch) -> 
     _assert_unchanged(args, before)
 
 
-def test_frontend_step_validates_without_reading_its_start_positions(monkeypatch) -> None:
-    """``DecodeFrontEnd`` knows its slots' positions on the host: its eager step sizes ``out`` from
-    them, so validating the device copy needs no host read (the reference backend itself reads)."""
-    monkeypatch.setattr(validate, "HOST_DEVICE_TYPES", ())
+def test_frontend_step_hands_its_host_positions_to_the_indexer(monkeypatch) -> None:
+    """``DecodeFrontEnd`` keeps its slots' positions on the host and its step launches the ops without
+    their checks: the indexer gets those positions with the step (``start_host``, and the cache length
+    that sizes ``out``), so no backend needs to read the device copy."""
     m = tiny_frontend("reference", 2, 64)
-    reads: list[str] = []
-    original = validate.check_indexer
-
-    def watched(*args, **kwargs):
-        with HostReadWatch() as watch:
-            pos = original(*args, **kwargs)
-        reads.extend(watch.reads)
-        return pos
-
-    monkeypatch.setattr("dsv4.ops.defs.indexer.check_indexer", watched)
     m(dsv4.synthetic_activations((2, 6, CFG.hidden_size), seed=1, device=DEVICE))
-    assert not reads and m.next_pos == [6, 6]
+    seen = []
+    real = frontend.implementation
+
+    def watched(desc, backend, device):
+        fn = real(desc, backend, device)
+        if desc.name != "indexer":
+            return fn
+
+        def indexer(*args, out=None):
+            seen.append((args[5], out.score.shape[2]))  # start_pos, in the op's parameter order
+            return fn(*args, out=out)
+
+        return indexer
+
+    monkeypatch.setattr(frontend, "implementation", watched)
+    m(dsv4.synthetic_activations((2, 3, CFG.hidden_size), seed=2, device=DEVICE), start_pos=[6, 5])
+    ((pos, width),) = seen
+    assert pos.start_host == (6, 5) and pos.start.tolist() == [6, 5] and pos.seq == 3
+    assert pos.max_cache_len == width == (6 + 3) // 4 and m.next_pos == [9, 8]
 
 
 STATE_RESETS = [

@@ -8,13 +8,13 @@ from subprocesses import ROOT, run_python
 
 KINDS = ["csa", "hca", "swa"]
 MODULES = [f"DecodeAttention {k}" for k in KINDS] + [f"DecodeAttention {k} eager forward" for k in KINDS]
-MODULES.append("DecodeFrontEnd")
+MODULES += ["DecodeFrontEnd", "DecodeFrontEnd eager forward"]
 
 
 def test_host_step_times_every_module_and_part(tmp_path) -> None:
     """Each module at each context gets a line and a JSON row; each part's median is positive and at
-    most the whole step's (the step is the parts back to back); ``--eager`` adds each kind's forward
-    with its ops stubbed."""
+    most the whole step's (the step is the parts back to back); ``--eager`` adds each module's
+    ``forward`` with its ops stubbed."""
     out = tmp_path / "host.json"
     args = ["--preset", "tiny", "--batch", "3", "--context", "0", "70", "--steps", "40", "--warmup", "5", "--eager"]
     proc = run_python([str(ROOT / "benchmarks" / "host_step.py"), *args, "--json", str(out)])

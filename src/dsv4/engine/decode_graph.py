@@ -29,6 +29,21 @@ def _triton_backend() -> ModuleType:
     return kernels
 
 
+def check_front_end_ops(
+    attn: AttnWeights, indexer: IndexerWeights, rope: RopeTable, state: IndexerState, topk: int, offset: int, eps: float
+) -> None:
+    """``qkv_proj_rope``'s and ``indexer``'s checks (spec §7) once, for launches that skip them: on a
+    one-token step of row 0 at position 0, which reads no pool row, so only the operands' shapes,
+    dtypes and devices (and ``topk``, ``offset``, ``eps``) are judged."""
+    dev = attn.wq_a.device
+    x = torch.zeros(1, 1, attn.wq_a.shape[1], dtype=torch.bfloat16, device=dev)
+    one = torch.zeros(1, dtype=torch.int64, device=dev)
+    QKV_PROJ_ROPE.backend_args({"x": x[0], "w": attn, "positions": one, "rope": rope, "eps": eps})
+    qr, qr_scale = torch.zeros(1, attn.wq_a.shape[0], dtype=torch.int8, device=dev), torch.ones(1, 1, device=dev)
+    INDEXER.backend_args({"x": x, "qr": qr, "qr_scale": qr_scale, "w": indexer, "state": state, "start_pos": 0,
+                          "offset": offset, "rope": rope, "topk": topk, "eps": eps})  # fmt: skip
+
+
 class StaticDecodeStep:
     """Static buffers and launches of one decode step of ``batch`` x ``seq`` tokens.
 
@@ -62,15 +77,8 @@ class StaticDecodeStep:
         dev = attn.wq_a.device
         t, d = batch * seq, attn.wq_a.shape[1]
         hd, ql = attn.wkv.shape[0], attn.wq_a.shape[0]
-        # Both ops' checks once (the launches skip them), on a one-token step of row 0 at position 0: it
-        # reads no pool row, so only the operands' shapes, dtypes and devices (and topk, offset, eps) are
-        # judged; a step's positions are checked by check_inputs, its block table is the caller's.
-        x1 = torch.zeros(1, 1, d, dtype=torch.bfloat16, device=dev)
-        one = torch.zeros(1, dtype=torch.int64, device=dev)
-        QKV_PROJ_ROPE.backend_args({"x": x1[0], "w": attn, "positions": one, "rope": rope, "eps": eps})
-        qr, qr_scale = torch.zeros(1, ql, dtype=torch.int8, device=dev), torch.ones(1, 1, device=dev)
-        INDEXER.backend_args({"x": x1, "qr": qr, "qr_scale": qr_scale, "w": indexer, "state": state, "start_pos": 0,
-                              "offset": offset, "rope": rope, "topk": topk, "eps": eps})  # fmt: skip
+        # a step's positions are checked by check_inputs, its block table is the caller's
+        check_front_end_ops(attn, indexer, rope, state, topk, offset, eps)
         self.attn, self.indexer, self.rope, self.state = attn, indexer, rope, state
         self.topk, self.offset, self.eps = topk, offset, eps
         self.batch, self.seq, self.max_cache_len = batch, seq, length

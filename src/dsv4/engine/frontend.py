@@ -4,19 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
-from .. import ops
 from ..model.attention_state import rerun_exact
 from ..model.config import COMPRESS_RATIO
 from ..model.rope import RopeTable
 from ..model.state import DEFAULT_BLOCK_SIZE, UNALLOCATED, IndexerState
-from ..model.structs import IndexerOut
+from ..model.structs import IndexerOut, StepPositions
 from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights, LayerWeights
-from ..ops.backends import BACKENDS, resolve
+from ..ops.backends import BACKENDS, implementation, resolve
+from ..ops.defs import INDEXER, QKV_PROJ_ROPE
+from ..ops.device import on_device
+from ..ops.registry import OpDescriptor
 from ..ops.validate import check_eps, check_int, check_offset, check_tensor, check_topk
-from .decode_graph import DecodeGraph, StaticDecodeStep
+from .decode_graph import DecodeGraph, StaticDecodeStep, check_front_end_ops
 from .staging import host_ints, staged, write_cells
 
 _ATTN = ("wq_a", "gamma_cq", "wq_b", "wq_b_scale", "wkv", "gamma_ckv")
@@ -126,6 +129,7 @@ class DecodeFrontEnd(torch.nn.Module):
         self.slot_blocks: list[list[int]] = [[] for _ in range(batch)]  # each slot's pool blocks, in row order
         self.free_blocks = list(range(num_blocks))  # handed out lowest first
         self.last_score: torch.Tensor | None = None
+        check_front_end_ops(self.attn, self.indexer_weights, self.rope, self.state, topk, offset, eps)  # see _launch
 
     @property
     def attn(self) -> AttnWeights:
@@ -285,24 +289,32 @@ class DecodeFrontEnd(torch.nn.Module):
     def _step(
         self, x: torch.Tensor, start: list[int], b: int, s: int, d: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        start_t = staged(start, x.device).to(x.device, non_blocking=True)
-        positions = (start_t[:, None] + torch.arange(s, device=x.device)).reshape(-1)
-        qkv = ops.qkv_proj_rope(
-            x.reshape(b * s, d), self.attn, positions, self.rope, eps=self.eps, backend=self.backend
-        )
-        # out= sized from the host positions, so checking start_t needs no host read of it
-        width = max((p + s) // COMPRESS_RATIO for p in start)
+        dev = x.device
+        start_t = staged(start, dev).to(dev, non_blocking=True)
+        pos = StepPositions.from_host(start_t, tuple(start), s)  # the host positions go with the step
+        positions = (start_t[:, None] + torch.arange(s, device=dev)).reshape(-1)
         out = IndexerOut(
-            torch.empty(b, s, width, dtype=torch.float32, device=x.device),
-            torch.empty(b, s, self.topk, dtype=torch.int32, device=x.device),
+            torch.empty(b, s, pos.max_cache_len, dtype=torch.float32, device=dev),
+            torch.empty(b, s, self.topk, dtype=torch.int32, device=dev),
         )
-        out = ops.indexer(
-            x, qkv.qr, qkv.qr_scale, self.indexer_weights, self.state, start_t, self.offset, self.rope,
-            topk=self.topk, eps=self.eps, backend=self.backend, out=out,
-        )  # fmt: skip
+        qkv_args = dict(x=x.reshape(b * s, d), w=self.attn, positions=positions, rope=self.rope, eps=self.eps)
+        with on_device(dev):
+            qkv = self._launch(QKV_PROJ_ROPE, qkv_args, None)
+            index_args = dict(
+                x=x, qr=qkv.qr, qr_scale=qkv.qr_scale, w=self.indexer_weights, state=self.state, start_pos=pos,
+                offset=self.offset, rope=self.rope, topk=self.topk, eps=self.eps,
+            )  # fmt: skip
+            out = self._launch(INDEXER, index_args, out)
         self.advance(start, s)
         self.last_score = out.score
         return qkv.q.view(b, s, *qkv.q.shape[1:]), qkv.kv.view(b, s, -1), out.topk_idxs
+
+    def _launch(self, desc: OpDescriptor, args: dict[str, object], out: object) -> Any:
+        """``desc``'s implementation on the module's backend, with ``args`` in the form the backends take
+        and without the op's checks: they ran on the module's buffers when it was built, ``forward``
+        checked ``x`` and the positions, and the block table is the module's own."""
+        fn = implementation(desc, self.backend, self.attn_wq_a.device)
+        return fn(*desc.bind(args).values(), out=out)
 
     def static_step(self, batch: int | None = None, seq: int = 2, max_cache_len: int | None = None) -> StaticDecodeStep:
         """The decode step of ``batch`` (default: all slots) x ``seq`` tokens with static buffers, on
