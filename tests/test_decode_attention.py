@@ -241,6 +241,20 @@ def test_weights_an_op_would_refuse_are_refused_when_the_module_is_built(kind, p
         dsv4.DecodeAttention(_broken(w, part, field, bad), rope, CFG, batch=2, max_position=128, backend="reference")
 
 
+def test_a_backend_that_cannot_run_is_refused_when_the_module_is_built(monkeypatch) -> None:
+    """The module resolves its backend when it is built: one that cannot run on the device is named then,
+    with the reason, not in the middle of a step; ``auto`` takes the reference instead."""
+    import dsv4.ops.backends as backends
+
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, _: "no GPU here" if name == "triton" else None)
+    w = dsv4.synthetic_weights(CFG, seed=0, device=DEVICE, layer=LAYERS["csa"])
+    rope = dsv4.layer_rope_table(CFG, LAYERS["csa"], 64, DEVICE)
+    with pytest.raises(ValueError, match="backend: 'triton' cannot run on .*: no GPU here"):
+        dsv4.DecodeAttention(w, rope, CFG, batch=2, max_position=64, backend="triton")
+    m = dsv4.DecodeAttention(w, rope, CFG, batch=2, max_position=64, backend="auto")
+    assert set(m.op_backends.values()) == {"reference"}
+
+
 def test_bad_input_changes_nothing() -> None:
     m = module("swa", batch=2)
     m(x_of(2, 4, 21))

@@ -13,7 +13,7 @@ from ..model.rope import RopeTable
 from ..model.state import DEFAULT_BLOCK_SIZE, UNALLOCATED, IndexerState
 from ..model.structs import IndexerOut, StepPositions
 from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights, LayerWeights, OProjWeights
-from ..ops.backends import BACKENDS
+from ..ops.backends import BACKENDS, resolve
 from ..ops.device import on_device
 from ..ops.registry import get_op
 from ..ops.validate import check_eps, check_int
@@ -238,9 +238,7 @@ class DecodeAttention(torch.nn.Module):
         return len(self.next_pos)
 
     def _op_backend(self, op: str, device: torch.device) -> str:
-        name = self.backend
-        if name == "auto":
-            name = "triton" if device.type == "cuda" else "reference"
+        name = resolve(self.backend, device)  # a backend that cannot run here is refused now, naming why
         return name if name in get_op(op).implementations else "reference"
 
     # --- slots and blocks -----------------------------------------------------------------------
