@@ -17,6 +17,7 @@ from ..ops.backends import BACKENDS, resolve
 from ..ops.device import on_device
 from ..ops.registry import get_op
 from ..ops.validate import check_eps, check_int
+from .op_checks import check_front_end_ops
 from .paging import LayerPaging, Plan
 from .staging import host_ints, staged
 
@@ -156,23 +157,15 @@ class DecodeAttention(torch.nn.Module):
         of slot 0 at position 0, which reads no pool row and needs no block, so only the buffers'
         shapes, dtypes and devices are judged. A step's own values are the host's (``step_starts``, the
         paging); the captured step (``capture``) runs no op checks of its own."""
-        dev = self.attn_wq_a.device
+        rope, eps, dev = self.rope, self.eps, self.attn_wq_a.device
+        check_front_end_ops(self.attn, self.indexer_weights, rope, self.indexer_state, self.topk, self.window, eps)
         x = torch.zeros(1, 1, self.attn_wq_a.shape[1], dtype=torch.bfloat16, device=dev)
-        one = torch.zeros(1, dtype=torch.int64, device=dev)
-        rope, eps = self.rope, self.eps
-        get_op("qkv_proj_rope").backend_args(dict(x=x[0], w=self.attn, positions=one, rope=rope, eps=eps))
-        hd, ql = self.attn_wkv.shape[0], self.attn_wq_a.shape[0]
-        heads = self.attn_wq_b.shape[0] // hd
         if self.ratio:
             args = dict(x=x, w=self.compressor_weights, state=self.compressor_state, start_pos=0, rope=rope, eps=eps)
             get_op("kv_compressor").backend_args(args)
-        topk = None
-        if self.kind == "csa":
-            qr, qr_scale = torch.zeros(1, ql, dtype=torch.int8, device=dev), torch.ones(1, 1, device=dev)
-            args = dict(x=x, qr=qr, qr_scale=qr_scale, w=self.indexer_weights, state=self.indexer_state, start_pos=0,
-                        offset=self.window, rope=rope, topk=self.topk, eps=eps)  # fmt: skip
-            get_op("indexer").backend_args(args)
-            topk = torch.zeros(1, 1, self.topk, dtype=torch.int32, device=dev)
+        hd = self.attn_wkv.shape[0]
+        heads = self.attn_wq_b.shape[0] // hd
+        topk = torch.zeros(1, 1, self.topk, dtype=torch.int32, device=dev) if self.kind == "csa" else None
         bf16 = dict(dtype=torch.bfloat16, device=dev)
         args = dict(
             q=torch.zeros(1, 1, heads, hd, **bf16), kv=torch.zeros(1, 1, hd, **bf16), start_pos=0,

@@ -19,6 +19,7 @@ from ..model.structs import QKV, IndexerOut, StepPositions
 from ..model.weights import AttnWeights, IndexerWeights
 from ..ops.defs import INDEXER, QKV_PROJ_ROPE
 from ..ops.device import on_device
+from .op_checks import check_front_end_ops
 from .staging import staged
 
 
@@ -27,21 +28,6 @@ def _triton_backend() -> ModuleType:
     from .. import kernels
 
     return kernels
-
-
-def check_front_end_ops(
-    attn: AttnWeights, indexer: IndexerWeights, rope: RopeTable, state: IndexerState, topk: int, offset: int, eps: float
-) -> None:
-    """``qkv_proj_rope``'s and ``indexer``'s checks (spec §7) once, for launches that skip them: on a
-    one-token step of row 0 at position 0, which reads no pool row, so only the operands' shapes,
-    dtypes and devices (and ``topk``, ``offset``, ``eps``) are judged."""
-    dev = attn.wq_a.device
-    x = torch.zeros(1, 1, attn.wq_a.shape[1], dtype=torch.bfloat16, device=dev)
-    one = torch.zeros(1, dtype=torch.int64, device=dev)
-    QKV_PROJ_ROPE.backend_args({"x": x[0], "w": attn, "positions": one, "rope": rope, "eps": eps})
-    qr, qr_scale = torch.zeros(1, attn.wq_a.shape[0], dtype=torch.int8, device=dev), torch.ones(1, 1, device=dev)
-    INDEXER.backend_args({"x": x, "qr": qr, "qr_scale": qr_scale, "w": indexer, "state": state, "start_pos": 0,
-                          "offset": offset, "rope": rope, "topk": topk, "eps": eps})  # fmt: skip
 
 
 class StaticDecodeStep:

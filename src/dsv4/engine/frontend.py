@@ -19,7 +19,8 @@ from ..ops.defs import INDEXER, QKV_PROJ_ROPE
 from ..ops.device import on_device
 from ..ops.registry import OpDescriptor
 from ..ops.validate import check_eps, check_int, check_offset, check_tensor, check_topk
-from .decode_graph import DecodeGraph, StaticDecodeStep, check_front_end_ops
+from .decode_graph import DecodeGraph, StaticDecodeStep
+from .op_checks import check_front_end_ops
 from .staging import host_ints, staged, write_cells
 
 _ATTN = ("wq_a", "gamma_cq", "wq_b", "wq_b_scale", "wkv", "gamma_ckv")
