@@ -23,9 +23,9 @@ from dsv4.model.state import UNALLOCATED
 from dsv4.ops.validate import (
     READ_AS_ANOTHER_ROW,
     TWO_WRITERS,
-    _one_writer_per_row,
     _read_as_another_row,
     check_block_entries,
+    one_writer_per_row,
     step_positions,
 )
 from op_cases import assert_matches_reference
@@ -151,7 +151,8 @@ def test_two_writers_check_gives_the_verdict_worked_by_hand(start, seq, share, o
     if share:
         state.block_table[1] = state.block_table[0]
     pos = step_positions(torch.tensor(start), 2, seq, torch.device("cpu"))
-    assert bool(_one_writer_per_row(state.block_table[:2], pos, state.block_size)) == one_writer
+    first, end = pos.start // 4, (pos.start + seq) // 4
+    assert bool(one_writer_per_row(state.block_table[:2], state.block_size, first, end, seq)) == one_writer
     if one_writer:
         check_block_entries(state, pos, reads=False)
     else:
@@ -162,9 +163,9 @@ def test_two_writers_check_gives_the_verdict_worked_by_hand(start, seq, share, o
 @pytest.mark.parametrize(
     ("op", "slot", "column", "entry", "need"),
     [
-        ("indexer_compressor", 1, 1, 10**6, "a pool block in [0, {n}) or -1"),  # a row it writes
-        ("indexer", 1, 0, UNALLOCATED, "a pool block in [0, {n})"),  # a row it reads
-        ("indexer", 0, 1, -7, "a pool block in [0, {n})"),
+        ("indexer_compressor", 1, 1, 10**6, "a block in [0, {n}) or -1"),  # a row it writes
+        ("indexer", 1, 0, UNALLOCATED, "a block in [0, {n})"),  # a row it reads
+        ("indexer", 0, 1, -7, "a block in [0, {n})"),
     ],
 )
 def test_an_entry_outside_the_pool_is_named_by_slot_and_column(op, slot, column, entry, need) -> None:
@@ -176,7 +177,9 @@ def test_an_entry_outside_the_pool_is_named_by_slot_and_column(op, slot, column,
     state.block_table[1, 5] = -9  # past every row the step uses: not checked
     case.args["state"] = state
     before = state.clone()
-    words = f"state.block_table: slot {slot} column {column} (rows {16 * column}..{16 * column + 15}) needs " + need
+    what = "writes" if op == "indexer_compressor" else "reads"
+    rows = f"rows {16 * column}..{16 * column + 15}, which the step {what}"
+    words = f"state.block_table: slot {slot} column {column} ({rows}) needs " + need
     with pytest.raises(ValueError, match=re.escape(f"{words.format(n=state.keys.shape[0])}, got {entry}")):
         getattr(dsv4, op)(**case.args, backend="reference")
     assert all(torch.equal(t, getattr(before, n)) for n, t in state.tensors().items())

@@ -21,7 +21,7 @@ import torch
 
 from ..model.config import COMPRESS_RATIO
 from ..model.rope import RopeTable
-from ..model.state import STATE_SLOTS, IndexerState
+from ..model.state import STATE_SLOTS, UNALLOCATED, IndexerState
 from ..model.structs import QKV, IndexerOut, StepPositions
 from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights
 
@@ -30,7 +30,8 @@ INTS = (torch.int32, torch.int64)
 HOST_DEVICE_TYPES = ("cpu",)  # tensors whose values validation reads directly (no device to synchronize)
 MAX_TOPK = 4096  # 4x the largest preset index_topk (pro: 1024); the Triton top-k sorts a row's k winners in
 # one program's registers, like the 4096-key rows it selects from in registers (topk.ROW_IN_REGISTERS)
-TWO_WRITERS = "state.block_table: two slots write the same pool row in this step (share read-only blocks)"
+_TWO_WRITERS = "{}.block_table: two slots write the same pool row in this step (share read-only blocks)"
+TWO_WRITERS = _TWO_WRITERS.format("state")
 READ_AS_ANOTHER_ROW = (
     "state.block_table: a pool row this step writes is also read by the step as another row (two table entries "
     "map one block: share only blocks no step writes)"
@@ -352,60 +353,101 @@ def check_block_entries(state: IndexerState, pos: StepPositions, reads: bool) ->
     block of the pool or unallocated (``-1``: the write is skipped), no pool row written by two
     slots; with ``reads``, every row ``< cache_len`` in a block of the pool, and no pool row the step
     writes read by the step as another row (a slot's two columns, or two slots, mapping one block: the
-    step would overwrite a key it scores, in an order each backend takes differently).
-
-    The same tensor checks on every device: on a GPU each is a ``torch._assert_async`` (no host round
-    trip); on the host a failed one is read back to name the slot and column."""
+    step would overwrite a key it scores, in an order each backend takes differently)."""
     table, blocks, bs = state.block_table[: pos.batch], state.keys.shape[0], state.block_size
-    first_row = torch.arange(table.shape[1], device=table.device) * bs  # of each table column
-    lo = torch.zeros_like(pos.start) if reads else pos.start // COMPRESS_RATIO
-    used = (first_row + bs > lo[:, None]) & (first_row < ((pos.start + pos.seq) // COMPRESS_RATIO)[:, None])
-    ok = ((table >= 0) & (table < blocks)) | ((table == -1) & (not reads))
+    first, end = pos.start // COMPRESS_RATIO, (pos.start + pos.seq) // COMPRESS_RATIO
+    if not reads:
+        check_table_rows("state", table, blocks, bs, pos, first, end, writes=True)
+        return
+    check_table_rows("state", table, blocks, bs, pos, torch.zeros_like(first), end, writes=False)
+    check_one_writer("state", table, bs, pos, first, end)
+    if not table.shape[1]:  # a table with no columns is refused by the cache-rows check of start_pos
+        return
+    clash = _read_as_another_row(table, pos, bs, blocks)
     if not on_host(table) or pos.start_host is None:
-        _assert_on_device(ok | ~used, "state.block_table: an entry the step uses is outside the pool")
-        if table.shape[1]:  # a table with no columns is refused by the cache-rows check of start_pos
-            _assert_on_device(_one_writer_per_row(table, pos, bs), TWO_WRITERS)
-            if reads:
-                _assert_on_device(~_read_as_another_row(table, pos, bs, blocks), READ_AS_ANOTHER_ROW)
+        _assert_on_device(~clash, READ_AS_ANOTHER_ROW)
         return
-    bad = used & ~ok
-    if bool(bad.any()):
-        i, column = (int(v) for v in bad.nonzero()[0])
-        need = f"a pool block in [0, {blocks})" + ("" if reads else " or -1")
+    if bool(clash.any()):
+        b, k = (int(v) for v in clash.nonzero()[0])
+        row = pos.start_host[b] // COMPRESS_RATIO + k
+        block = int(table[b, row // bs])
+        ends = torch.tensor(pos.cache_lens)[:, None]
+        readers = ((table == block) & (torch.arange(table.shape[1]) * bs + row % bs < ends)).nonzero().tolist()
+        other_b, column = next(e for e in readers if e != [b, row // bs])
         raise ValueError(
-            f"state.block_table: slot {i} column {column} (rows {column * bs}..{column * bs + bs - 1}) "
-            f"needs {need}, got {int(table[i, column])}"
+            f"{READ_AS_ANOTHER_ROW}: slot {b} writes its row {row} (column {row // bs}) to block {block} "
+            f"offset {row % bs}, which slot {other_b} reads as its row {column * bs + row % bs} (column {column})"
         )
-    if not table.shape[1]:
-        return
-    if not bool(_one_writer_per_row(table, pos, bs)):
-        raise ValueError(TWO_WRITERS)
-    if reads:
-        clash = _read_as_another_row(table, pos, bs, blocks)
-        if bool(clash.any()):
-            b, k = (int(v) for v in clash.nonzero()[0])
-            row = pos.start_host[b] // COMPRESS_RATIO + k
-            block = int(table[b, row // bs])
-            ends = torch.tensor(pos.cache_lens)[:, None]
-            readers = ((table == block) & (torch.arange(table.shape[1]) * bs + row % bs < ends)).nonzero().tolist()
-            other_b, column = next(e for e in readers if e != [b, row // bs])
+
+
+def pool_rows(table: torch.Tensor, bs: int, lo: torch.Tensor, hi: torch.Tensor, span: int, skip: int) -> torch.Tensor:
+    """``[B, span]`` int64: the pool row (``block * bs + offset``) of each slot's rows ``lo[b] + i`` below
+    ``hi[b]``; a row past ``hi`` or in an unallocated block gets a distinct negative value, below
+    ``-skip`` (two calls with ``skip`` apart share none)."""
+    rows = lo[:, None] + torch.arange(span, device=table.device)
+    block = table.gather(1, (rows // bs).clamp(max=table.shape[1] - 1)).long()
+    held = (rows < hi[:, None]) & (block >= 0)
+    distinct = -1 - skip - torch.arange(rows.numel(), device=table.device).view_as(rows)
+    return torch.where(held, block * bs + rows % bs, distinct)
+
+
+def one_writer_per_row(table: torch.Tensor, bs: int, lo: torch.Tensor, hi: torch.Tensor, span: int) -> torch.Tensor:
+    """On ``table``'s device: a bool, whether no pool row is written by two slots when each slot writes
+    its rows ``[lo[b], hi[b])`` (at most ``span`` of them; unallocated rows are skipped)."""
+    written = pool_rows(table, bs, lo, hi, span, 0).flatten().sort().values
+    return (written[1:] != written[:-1]).all()
+
+
+def check_table_rows(
+    name: str,
+    table: torch.Tensor,
+    blocks: int,
+    bs: int,
+    pos: StepPositions,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    writes: bool,
+) -> None:
+    """Entries of the rows ``[lo[b], hi[b])`` of each slot (int64 ``[B]`` on the table's device) in
+    ``table`` (the first ``B`` slots of ``{name}.block_table``, blocks of ``bs`` rows in a pool of
+    ``blocks``): rows read must be in blocks of the pool; rows written (``writes``) in a block or
+    unallocated (``-1``: the write is skipped), and no pool row written by two slots. Read on the host
+    when the table and the positions are there, else checked on the device."""
+    allowed = ((table >= 0) & (table < blocks)) | ((table == UNALLOCATED) & writes)
+    first_row = torch.arange(table.shape[1], device=table.device) * bs
+    used = (first_row + bs > lo[:, None]) & (first_row < hi[:, None])
+    need = f"a block in [0, {blocks})" + (" or -1" if writes else "")
+    what = "writes" if writes else "reads"
+    if on_host(table) and pos.start_host is not None:
+        bad = (used & ~allowed).nonzero()
+        if len(bad):
+            b, c = (int(v) for v in bad[0])
             raise ValueError(
-                f"{READ_AS_ANOTHER_ROW}: slot {b} writes its row {row} (column {row // bs}) to block {block} "
-                f"offset {row % bs}, which slot {other_b} reads as its row {column * bs + row % bs} (column {column})"
+                f"{name}.block_table: slot {b} column {c} (rows {c * bs}..{c * bs + bs - 1}, which the step {what}) "
+                f"needs {need}, got {int(table[b, c])}"
             )
+    else:
+        _assert_on_device(allowed | ~used, f"{name}.block_table: an entry of a row the step {what} needs {need}")
+    if writes:
+        check_one_writer(name, table, bs, pos, lo, hi)
 
 
-def _one_writer_per_row(table: torch.Tensor, pos: StepPositions, bs: int) -> torch.Tensor:
-    """On ``table``'s device: a bool, whether no pool row is written by two slots this step (the rows
-    ``[start // 4, (start + S) // 4)`` of each slot, at most ``S // 4 + 1``; unallocated rows are skipped)."""
-    first = pos.start // COMPRESS_RATIO
-    rows = first[:, None] + torch.arange(pos.seq // COMPRESS_RATIO + 1, device=table.device)
-    column = (rows // bs).clamp(max=table.shape[1] - 1)
-    block = table.gather(1, column).long()
-    written = (rows < ((pos.start + pos.seq) // COMPRESS_RATIO)[:, None]) & (block >= 0)
-    distinct = -1 - torch.arange(rows.numel(), device=table.device).view_as(rows)  # stands for a row not written
-    pool_rows = torch.where(written, block * bs + rows % bs, distinct).flatten().sort().values
-    return (pool_rows[1:] != pool_rows[:-1]).all()
+def check_one_writer(
+    name: str, table: torch.Tensor, bs: int, pos: StepPositions, lo: torch.Tensor, hi: torch.Tensor
+) -> None:
+    """No pool row written by two slots, each writing its rows ``[lo[b], hi[b])`` (at most ``S`` of them)."""
+    if not table.shape[1]:  # a table with no columns holds no row (the callers' row checks refuse its use)
+        return
+    span = int((hi - lo).clamp_min(0).max()) if on_host(lo) else None
+    if span == 0:
+        return
+    one_writer = one_writer_per_row(table, bs, lo, hi, span or int(pos.seq))
+    message = _TWO_WRITERS.format(name)
+    if on_host(table):
+        if not bool(one_writer):
+            raise ValueError(message)
+    else:
+        _assert_on_device(one_writer, message)
 
 
 def _read_as_another_row(table: torch.Tensor, pos: StepPositions, bs: int, blocks: int) -> torch.Tensor:

@@ -14,7 +14,6 @@ import torch
 from ..model.attention_state import CompressorState, KVPool, compressor_dims
 from ..model.config import LAYER_KINDS
 from ..model.fp8_row import ACT_BLOCK, check_row_dims
-from ..model.state import UNALLOCATED
 from ..model.structs import AttnOut, OProjOut, StepPositions
 from ..model.weights import CompressorWeights, OProjWeights
 from .validate import (
@@ -26,8 +25,10 @@ from .validate import (
     check_int,
     check_no_overlap,
     check_rope,
+    check_table_rows,
     check_tensor,
     on_host,
+    pool_rows,
     step_positions,
     tensors_of,
 )
@@ -86,17 +87,6 @@ def check_positions(
     return pos
 
 
-def _pool_rows(table: torch.Tensor, bs: int, lo: torch.Tensor, hi: torch.Tensor, span: int, skip: int) -> torch.Tensor:
-    """``[B, span]`` int64: the pool row (``block * bs + offset``) of each slot's rows ``lo[b] + i`` below
-    ``hi[b]``; a row past ``hi`` or in an unallocated block gets a distinct negative value, below
-    ``-skip`` (two calls with ``skip`` apart share none)."""
-    rows = lo[:, None] + torch.arange(span, device=table.device)
-    block = table.gather(1, (rows // bs).clamp(max=table.shape[1] - 1)).long()
-    held = (rows < hi[:, None]) & (block >= 0)
-    distinct = -1 - skip - torch.arange(rows.numel(), device=table.device).view_as(rows)
-    return torch.where(held, block * bs + rows % bs, distinct)
-
-
 def check_writes_apart_from_reads(name: str, pool: KVPool, pos: StepPositions, window: int) -> None:
     """``sparse_attn_write``: no pool row the step writes (each slot's last ``min(S, W)`` rows) is a row
     it reads (the window rows below each slot's start, any slot's): in one launch the write would race
@@ -105,8 +95,8 @@ def check_writes_apart_from_reads(name: str, pool: KVPool, pos: StepPositions, w
     start = pos.start.to(table.device)
     if window < 2:  # a window of one row reads no pool row
         return
-    read = _pool_rows(table, bs, (start - window + 1).clamp_min(0), start, window - 1, 0)
-    written = _pool_rows(table, bs, start + max(0, s - window), start + s, min(s, window), read.numel())
+    read = pool_rows(table, bs, (start - window + 1).clamp_min(0), start, window - 1, 0)
+    written = pool_rows(table, bs, start + max(0, s - window), start + s, min(s, window), read.numel())
     apart = ~torch.isin(written, read).any()
     message = (
         f"{name}.block_table: a row this step writes is a pool row it reads (the window's blocks reused within "
@@ -119,43 +109,11 @@ def check_writes_apart_from_reads(name: str, pool: KVPool, pos: StepPositions, w
         _assert_on_device(apart, message)
 
 
-def check_table_rows(
+def check_pool_rows(
     name: str, pool: KVPool, pos: StepPositions, lo: torch.Tensor, hi: torch.Tensor, writes: bool
 ) -> None:
-    """Table entries of the pool rows ``[lo[b], hi[b])`` of each slot (int64 ``[B]`` on the table's
-    device): rows read must be in blocks of the pool; rows written in a block or unallocated (``-1``:
-    the write is skipped), and no pool row written by two slots. On the host when the table and the
-    positions are there, else on the device."""
-    table, blocks, bs = pool.block_table[: pos.batch], pool.nope.shape[0], pool.block_size
-    allowed = ((table >= 0) & (table < blocks)) | ((table == UNALLOCATED) & writes)
-    first_row = torch.arange(table.shape[1], device=table.device) * bs
-    used = (first_row + bs > lo[:, None]) & (first_row < hi[:, None])
-    need = f"a block in [0, {blocks})" + (" or -1" if writes else "")
-    what = "writes" if writes else "reads"
-    if on_host(table) and pos.start_host is not None:
-        bad = (used & ~allowed).nonzero()
-        if len(bad):
-            b, c = (int(v) for v in bad[0])
-            raise ValueError(
-                f"{name}.block_table: slot {b} column {c} (rows {c * bs}..{c * bs + bs - 1}, which the step {what}) "
-                f"needs {need}, got {int(table[b, c])}"
-            )
-    else:
-        _assert_on_device(allowed | ~used, f"{name}.block_table: an entry of a row the step {what} needs {need}")
-    if not writes:
-        return
-    span = int((hi - lo).clamp_min(0).max()) if on_host(lo) else None
-    if span == 0:
-        return
-    span = span or int(pos.seq)  # a bound of the rows written per slot (at most S of them)
-    pool_rows = _pool_rows(table, bs, lo, hi, span, 0).flatten().sort().values
-    one_writer = (pool_rows[1:] != pool_rows[:-1]).all()
-    message = f"{name}.block_table: two slots write the same pool row in this step (share read-only blocks)"
-    if on_host(table):
-        if not bool(one_writer):
-            raise ValueError(message)
-    else:
-        _assert_on_device(one_writer, message)
+    """``validate.check_table_rows`` of the rows ``[lo[b], hi[b])`` of each slot in ``pool``."""
+    check_table_rows(name, pool.block_table[: pos.batch], pool.nope.shape[0], pool.block_size, pos, lo, hi, writes)
 
 
 def check_compressor_weights(w: object, d: int, device: torch.device) -> tuple[int, int, int]:
@@ -194,7 +152,7 @@ def check_kv_compressor(
         [(1, rope.max_position, "the rope table"), (ratio, pool.rows, "the rows state.pool.block_table addresses")],
     )  # fmt: skip
     _check_eps(eps)
-    check_table_rows("state.pool", pool, pos, pos.start // ratio, (pos.start + s) // ratio, writes=True)
+    check_pool_rows("state.pool", pool, pos, pos.start // ratio, (pos.start + s) // ratio, writes=True)
     start_t = {"start_pos": start_pos} if isinstance(start_pos, torch.Tensor) else {}
     check_no_overlap(tensors_of("state", state), {"x": x, **tensors_of("w", w), **start_t, **tensors_of("rope", rope)})
     return pos
@@ -215,7 +173,7 @@ def check_window_kv_write(kv: object, pool: object, start_pos: object, window: o
     check_kv_pool("pool", pool, b, hd, pool.rope.shape[2], dev)
     pos = check_positions(start_pos, b, s, dev, [(1, pool.rows, "the rows pool.block_table addresses")])
     first = pos.start + max(0, s - window)
-    check_table_rows("pool", pool, pos, first, pos.start + s, writes=True)
+    check_pool_rows("pool", pool, pos, first, pos.start + s, writes=True)
     start_t = {"start_pos": start_pos} if isinstance(start_pos, torch.Tensor) else {}
     check_no_overlap(tensors_of("pool", pool), {"kv": kv, **start_t})
     return pos
@@ -267,9 +225,9 @@ def check_sparse_attn(
         check_tensor("topk_idxs", topk_idxs, torch.int32, (b, s, None), dev)
         check_int("topk_idxs.shape[2]", topk_idxs.shape[2], 1, MAX_TOPK)
     pos = check_positions(start_pos, b, s, dev, limits)
-    check_table_rows("window_pool", pool, pos, (pos.start - window + 1).clamp_min(0), pos.start, writes=False)
+    check_pool_rows("window_pool", pool, pos, (pos.start - window + 1).clamp_min(0), pos.start, writes=False)
     if compressed is not None:
-        check_table_rows("compressed_pool", compressed, pos, pos.start * 0, (pos.start + s) // ratio, writes=False)
+        check_pool_rows("compressed_pool", compressed, pos, pos.start * 0, (pos.start + s) // ratio, writes=False)
     start_t = {"start_pos": start_pos} if isinstance(start_pos, torch.Tensor) else {}
     reads = {
         "q": q, "kv": kv, "attn_sink": attn_sink, **start_t, **tensors_of("rope", rope),
@@ -303,7 +261,7 @@ def check_sparse_attn_write(
     args = (q, kv, start_pos, window_pool, attn_sink, rope, kind, window, compress_ratio, compressed, topk_idxs)
     pos = check_sparse_attn(*args, topk_offset, out)
     s = pos.seq
-    check_table_rows("window_pool", window_pool, pos, pos.start + max(0, s - window), pos.start + s, writes=True)
+    check_pool_rows("window_pool", window_pool, pos, pos.start + max(0, s - window), pos.start + s, writes=True)
     check_writes_apart_from_reads("window_pool", window_pool, pos, window)
     start_t = {"start_pos": start_pos} if isinstance(start_pos, torch.Tensor) else {}
     reads = {
