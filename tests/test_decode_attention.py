@@ -25,7 +25,8 @@ def module(kind: str, batch: int = 3, max_position: int = 128, **kw) -> dsv4.Dec
     w = dsv4.synthetic_weights(CFG, seed=0, device=DEVICE, layer=layer)
     rope = dsv4.layer_rope_table(CFG, layer, max_position, DEVICE)
     kw.setdefault("block_size", BS)
-    return dsv4.DecodeAttention(w, rope, CFG, batch=batch, max_position=max_position, backend="reference", **kw)
+    kw.setdefault("backend", "reference")
+    return dsv4.DecodeAttention(w, rope, CFG, batch=batch, max_position=max_position, **kw)
 
 
 def x_of(b: int, s: int, seed: int) -> torch.Tensor:
@@ -255,6 +256,22 @@ def test_a_backend_that_cannot_run_is_refused_when_the_module_is_built(monkeypat
     assert set(m.op_backends.values()) == {"reference"}
 
 
+def test_backends_are_resolved_again_after_a_move(monkeypatch) -> None:
+    """``auto`` is resolved on the buffers' device: a layer built on the CPU and moved (``.to("cuda")``, as
+    the README's engine example does) takes its ops' backends on the new device at its next call, not
+    the reference it was given on the CPU. (The move is a CPU one here; the device's answer is
+    ``resolve``'s, made to say "triton".)"""
+    import dsv4.engine.attention as attention
+
+    w = dsv4.synthetic_weights(CFG, seed=0, layer=LAYERS["csa"])  # on the CPU, wherever the tests run
+    m = dsv4.DecodeAttention(w, dsv4.layer_rope_table(CFG, LAYERS["csa"], 64), CFG, batch=2, max_position=64)
+    assert set(m.op_backends.values()) == {"reference"}
+    monkeypatch.setattr(attention, "resolve", lambda backend, device: "triton")
+    m.to(torch.device("cpu"))
+    m.recheck()
+    assert set(m.op_backends.values()) == {"triton"}
+
+
 def test_bad_input_changes_nothing() -> None:
     m = module("swa", batch=2)
     m(x_of(2, 4, 21))
@@ -280,6 +297,61 @@ def test_module_moves_with_to_and_names_its_buffers() -> None:
     m.to(torch.device("cpu"))
     assert m.window_pool.nope.data_ptr() == m.win_nope.data_ptr()
     assert m.op_backends["sparse_attn_write"] == "reference"
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_cast_after_build_is_refused_before_anything_changes(backend: str) -> None:
+    """The steps launch the ops unchecked, on buffers checked at build. An engine's ``model.to(torch.bfloat16)``
+    casts the fp32 scales and rings and the FP8 weights too: the next call runs every op's checks again and
+    refuses, naming the buffer, before any block is given or any kernel runs (unchecked, the Triton step
+    ran on the cast buffers and returned values 10^5 times the right ones); a step captured before the
+    cast refuses to run on the old buffers."""
+    w = dsv4.synthetic_weights(CFG, seed=0, device=DEVICE, layer=LAYERS["csa"])
+    rope = dsv4.layer_rope_table(CFG, LAYERS["csa"], 64, DEVICE)
+    m = dsv4.DecodeAttention(w, rope, CFG, batch=2, max_position=64, backend=backend, block_size=BS)
+    graph = m.capture(2)
+    m.to(torch.bfloat16)
+    tables = [t.clone() for t in m._tables()]
+    with pytest.raises(TypeError, match=r"DecodeAttention: a buffer changed .*: w\.wq_b_scale: expected dtype float32"):
+        m(x_of(2, 2, 40))
+    with pytest.raises(ValueError, match="buffers changed since this step was captured"):
+        graph(x_of(2, 2, 40))
+    assert m.next_pos == [0, 0] and all(torch.equal(a, b) for a, b in zip(m._tables(), tables, strict=True))
+    assert all(not slot for pool in m.paging.pools for slot in pool.slots)
+
+
+def test_a_replaced_buffer_is_checked_again_and_one_that_fits_is_used() -> None:
+    """A buffer replaced after build (``setattr``): one that no longer fits its op is refused on the next
+    call, naming it; one that fits is checked once and used from then on (the call equals a module built
+    with it), and a step captured before must be captured again."""
+    m = module("swa", batch=2)
+    checks = []
+    check_ops = m._check_ops
+    m._check_ops = lambda: (checks.append(1), check_ops())
+    m(x_of(2, 3, 50))
+    graph = m.capture(2)
+    m(x_of(2, 2, 51))
+    assert checks == []  # nothing changed: no checks again
+    sink = m.attn_sink
+    m.attn_sink = sink.double()
+    with pytest.raises(TypeError, match="DecodeAttention: a buffer changed .*attn_sink: expected dtype float32"):
+        m(x_of(2, 2, 52))
+    m.attn_sink = sink + 1.0
+    y = m(x_of(2, 2, 52))
+    m(x_of(2, 2, 53))
+    assert len(checks) == 2  # the refused call's and the next one's; none after
+    with pytest.raises(ValueError, match="capture it again"):
+        graph(x_of(2, 2, 53))
+    w = dsv4.synthetic_weights(CFG, seed=0, device=DEVICE, layer=LAYERS["swa"])
+    rope = dsv4.layer_rope_table(CFG, LAYERS["swa"], 128, DEVICE)
+    fresh = dsv4.DecodeAttention(
+        dataclasses.replace(w, attn_sink=w.attn_sink + 1.0), rope, CFG, batch=2, max_position=128, backend="reference",
+        block_size=BS,
+    )  # fmt: skip
+    for seed, s in ((50, 3), (51, 2)):  # the history: the sink changes no row a step writes
+        fresh(x_of(2, s, seed))
+    assert bit_identical(y, fresh(x_of(2, 2, 52)), "y")
+    assert m.capture(2)(x_of(2, 2, 54)).shape == (2, 2, CFG.hidden_size)
 
 
 def _plan_by_every_column(m: dsv4.DecodeAttention, starts: list[int], s: int) -> list[tuple[list, list]]:

@@ -96,6 +96,28 @@ def test_module_moves_with_to_and_uses_its_buffers() -> None:
     assert m.state.keys.data_ptr() == m.keys.data_ptr()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_cast_after_build_is_refused_before_anything_changes(backend: str) -> None:
+    """The steps launch both ops unchecked, on buffers checked at build: after ``m.to(torch.bfloat16)`` (the
+    fp32 scales and the indexer's rings cast too) the next call checks them again and refuses, naming
+    the buffer, before any block is reserved; so does a step captured before the cast (the check comes
+    before the graph is touched)."""
+    from dsv4.engine.frontend import CapturedDecodeStep
+
+    m = tiny_frontend(backend, 2, 64)
+    m(dsv4.synthetic_activations((2, 6, CFG.hidden_size), seed=1, device=DEVICE))
+    captured = CapturedDecodeStep(m, _NoReplay(m.static_step(batch=2, seq=2, max_cache_len=16)))
+    m.to(torch.bfloat16)
+    before = _allocator(m)
+    x = dsv4.synthetic_activations((2, 2, CFG.hidden_size), seed=2, device=DEVICE)
+    with pytest.raises(TypeError, match=r"DecodeFrontEnd: a buffer changed .*: w\.wq_b_scale: expected dtype float32"):
+        m(x)
+    with pytest.raises(ValueError, match="buffers changed since this step was captured"):
+        captured(x)
+    after = _allocator(m)
+    assert after[:3] == before[:3] and torch.equal(after[3], before[3])
+
+
 def test_decode_loop_example_runs() -> None:
     proc = run_python([str(ROOT / "examples" / "decode_loop.py"), "--steps", "3", "--prefill", "16"], timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -17,7 +17,7 @@ from ..ops.backends import BACKENDS, resolve
 from ..ops.device import on_device
 from ..ops.registry import get_op
 from ..ops.validate import check_eps, check_int
-from .op_checks import check_front_end_ops
+from .op_checks import CheckedBuffers, check_front_end_ops
 from .paging import LayerPaging, Plan
 from .staging import host_ints, staged
 
@@ -34,7 +34,7 @@ DEFAULT_PREFILL_CHUNK = 128  # tokens per step when a call brings more (one seed
 OPS = ("qkv_proj_rope", "kv_compressor", "indexer", "sparse_attn_write", "o_proj")
 
 
-class DecodeAttention(torch.nn.Module):
+class DecodeAttention(CheckedBuffers):
     """One attention layer of any kind (SWA, CSA, HCA) for ``batch`` sequence slots, step after step.
 
     ``forward(xn)`` runs spec §7: ``qkv_proj_rope``; ``kv_compressor`` (CSA, HCA); ``indexer``
@@ -49,8 +49,9 @@ class DecodeAttention(torch.nn.Module):
     (kept until ``reset``). A call that needs more blocks than are free raises before anything
     runs. A call longer than ``prefill_chunk`` tokens runs as steps of that many.
 
-    Every op's checks (spec §7) run once, when the module is built, on its weights, pools and rings;
-    a call checks ``xn`` and the positions, and its steps launch the ops without checking them again.
+    Every op's checks (spec §7) run when the module is built, on its weights, pools and rings, and
+    again on the first call after its buffers change (``.to()``, a cast, a buffer replaced); a call
+    checks ``xn`` and the positions, and its steps launch the ops without checking them again.
 
     Re-running positions (a rejected draft token): a step may start anywhere from the previous
     step's start to where the slot stands; the ring of each compressor must still hold what the
@@ -149,15 +150,17 @@ class DecodeAttention(torch.nn.Module):
         self.paging = LayerPaging(pools, batch, block_size, self.window, self._ratios)
         self.next_pos = [0] * batch  # where each slot's next token sits (host-side: no device sync)
         self.last_start = [0] * batch  # the start of each slot's last step (re-runs may go back to it)
-        self.op_backends = {op: self._op_backend(op, device) for op in OPS}
-        self._check_ops()
+        self.recheck()
 
     def _check_ops(self) -> None:
-        """Every op's checks (spec §7) once, on the layer's weights, pools and rings: a step of one token
-        of slot 0 at position 0, which reads no pool row and needs no block, so only the buffers'
-        shapes, dtypes and devices are judged. A step's own values are the host's (``step_starts``, the
-        paging); the captured step (``capture``) runs no op checks of its own."""
+        """The backend of each op on the buffers' device (``op_backends``), then every op's checks
+        (spec §7) on the layer's weights, pools and rings: a step of one token of slot 0 at position 0,
+        which reads no pool row and needs no block, so only the buffers' shapes, dtypes and devices are
+        judged. A step's own values are the host's (``step_starts``, the paging); the captured step
+        (``capture``) runs no op checks of its own. Run by ``recheck``: at build, and after the buffers
+        change."""
         rope, eps, dev = self.rope, self.eps, self.attn_wq_a.device
+        self.op_backends = {op: self._op_backend(op, dev) for op in OPS}
         check_front_end_ops(self.attn, self.indexer_weights, rope, self.indexer_state, self.topk, self.window, eps)
         x = torch.zeros(1, 1, self.attn_wq_a.shape[1], dtype=torch.bfloat16, device=dev)
         if self.ratio:
@@ -302,6 +305,7 @@ class DecodeAttention(torch.nn.Module):
         """One call of ``S`` tokens for slots ``0..B-1``: ``xn [B, S, D] bf16`` (after ``attn_norm``) ->
         ``y [B, S, D] bf16`` (to ``hc_post``). ``start_pos``: by default where each slot stands; an
         earlier position re-runs (see the class). Split into steps of at most ``prefill_chunk`` tokens."""
+        self.recheck()
         if not isinstance(xn, torch.Tensor) or xn.dim() != 3:
             raise ValueError(f"xn: expected a [B, S, D] tensor, got {getattr(xn, 'shape', type(xn).__name__)}")
         b, s, d = xn.shape

@@ -46,7 +46,8 @@ class AttentionGraph:
         check_int("seq", seq, 1)
         if seq > layer.prefill_chunk:
             raise ValueError(f"seq: at most the layer's prefill_chunk ({layer.prefill_chunk}), got {seq}")
-        self.layer, self.batch, self.seq = layer, layer.batch, seq
+        layer.recheck()  # the launches bind the layer's buffers as they are now
+        self.layer, self.batch, self.seq, self.generation = layer, layer.batch, seq, layer.generation
         dev = layer.attn_wq_a.device
         used = self._ops()
         if dev.type == "cuda":
@@ -186,6 +187,11 @@ class AttentionGraph:
         if xn.device != self.xn.device:
             raise ValueError(f"xn: expected device {self.xn.device}, got {xn.device}")
         layer = self.layer
+        if layer.generation != self.generation:
+            raise ValueError(
+                "layer: its buffers changed since this step was captured (.to(), a cast or a buffer replaced), "
+                "and the step would read the old ones: capture it again"
+            )
         starts = layer.step_starts(self.batch, self.seq, start_pos, self.seq)
         rows = self.indexer_out.score.shape[-1] if self.indexer_out is not None else None
         if rows is not None and (max(starts) + self.seq) // COMPRESS_RATIO > rows:

@@ -20,7 +20,7 @@ from ..ops.device import on_device
 from ..ops.registry import OpDescriptor
 from ..ops.validate import check_eps, check_int, check_offset, check_tensor, check_topk
 from .decode_graph import DecodeGraph, StaticDecodeStep
-from .op_checks import check_front_end_ops
+from .op_checks import CheckedBuffers, check_front_end_ops
 from .staging import host_ints, staged, write_cells
 
 _ATTN = ("wq_a", "gamma_cq", "wq_b", "wq_b_scale", "wkv", "gamma_ckv")
@@ -37,11 +37,13 @@ def rollback_exact(r: int, current: int) -> bool:
     return rerun_exact(r, current, COMPRESS_RATIO)
 
 
-class DecodeFrontEnd(torch.nn.Module):
+class DecodeFrontEnd(CheckedBuffers):
     """Runs ``qkv_proj_rope`` then ``indexer`` for ``batch`` sequence slots, step after step.
 
     Weights, the RoPE table and the ``IndexerState`` are buffers of the module (``.to(device)``
-    moves them all). Each slot remembers where its sequence stands, so ``forward(x)`` continues
+    moves them all). Both ops' checks (spec §7) run on them when the module is built, and again on
+    the first call after they change (``.to()``, a cast, a buffer replaced); each step launches the
+    ops without them. Each slot remembers where its sequence stands, so ``forward(x)`` continues
     every sequence; ``reset(rows)`` hands slots to new sequences (continuous batching).
 
     The key pool is paged: a slot is given pool blocks (``block_size`` compressed rows each) as its
@@ -130,7 +132,12 @@ class DecodeFrontEnd(torch.nn.Module):
         self.slot_blocks: list[list[int]] = [[] for _ in range(batch)]  # each slot's pool blocks, in row order
         self.free_blocks = list(range(num_blocks))  # handed out lowest first
         self.last_score: torch.Tensor | None = None
-        check_front_end_ops(self.attn, self.indexer_weights, self.rope, self.state, topk, offset, eps)  # see _launch
+        self.recheck()  # see _launch
+
+    def _check_ops(self) -> None:
+        """Both ops' checks on the module's buffers (``check_front_end_ops``): at build, and after the
+        buffers change (``recheck``)."""
+        check_front_end_ops(self.attn, self.indexer_weights, self.rope, self.state, self.topk, self.offset, self.eps)
 
     @property
     def attn(self) -> AttnWeights:
@@ -282,6 +289,7 @@ class DecodeFrontEnd(torch.nn.Module):
         A call that raises changes nothing (``x`` and ``start_pos`` are checked before any block is
         reserved, and blocks reserved for a step that then raises are given back).
         """
+        self.recheck()
         b, s, d = self.check_x(x)
         start = self.check_starts(b, s, start_pos)
         with self.reserved(start, s):
@@ -349,13 +357,18 @@ class CapturedDecodeStep:
     """
 
     def __init__(self, frontend: DecodeFrontEnd, graph: DecodeGraph) -> None:
-        self.frontend, self.graph = frontend, graph
+        self.frontend, self.graph, self.generation = frontend, graph, frontend.generation
 
     def __call__(
         self, x: torch.Tensor, start_pos: int | list[int] | torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One step for slots ``0..batch-1``; ``x [batch, seq, D] bf16`` (the captured shape)."""
         fe, step = self.frontend, self.graph.step
+        if fe.generation != self.generation:
+            raise ValueError(
+                "frontend: its buffers changed since this step was captured (.to(), a cast or a buffer replaced), "
+                "and the step would read the old ones: capture it again"
+            )
         start = fe.check_starts(step.batch, step.seq, start_pos)
         step.check_inputs(x, start)  # before any block is reserved: a refused call changes nothing
         with fe.reserved(start, step.seq):

@@ -1,7 +1,10 @@
 """The ops' checks (spec §7) once, for launches that skip them per step: a module's steps and the
-captured steps, whose per-step values (positions, block tables) are the host's own."""
+captured steps, whose per-step values (positions, block tables) are the host's own; and again
+whenever the module's buffers change."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -32,3 +35,46 @@ def check_front_end_ops(
     qr, qr_scale = torch.zeros(1, attn.wq_a.shape[0], dtype=torch.int8, device=dev), torch.ones(1, 1, device=dev)
     INDEXER.backend_args({"x": x, "qr": qr, "qr_scale": qr_scale, "w": indexer, "state": state, "start_pos": 0,
                           "offset": offset, "rope": rope, "topk": topk, "eps": eps})  # fmt: skip
+
+
+class CheckedBuffers(torch.nn.Module):
+    """A module whose steps launch its ops unchecked, on buffers checked by its ``_check_ops`` (which
+    each subclass defines).
+
+    ``generation`` counts the changes of its buffers: a move or cast (``.to()``, ``.cuda()``,
+    ``.bfloat16()``: ``_apply``, also when a parent module is moved) and a buffer registered or
+    replaced. ``recheck()``, which a step calls first, runs ``_check_ops`` again after such a change, so
+    a buffer that no longer fits its op (``model.to(torch.bfloat16)`` casting an fp32 scale or an FP8
+    weight) is refused, naming it, before anything runs. Whatever was built on the old buffers (a
+    captured step) compares ``generation`` with the one it was built at.
+    """
+
+    generation = 0  # changes of the buffers so far
+    _checked = -1  # the generation _check_ops last passed
+
+    def recheck(self) -> None:
+        """``_check_ops`` again if the buffers changed since it last passed (an int compare otherwise).
+        A buffer refused after a change is named with the module's class in front of the op's words."""
+        if self._checked == self.generation:
+            return
+        try:
+            self._check_ops()
+        except (TypeError, ValueError) as e:
+            if self._checked < 0:  # at build: the message names the weights as the constructor took them
+                raise
+            raise type(e)(f"{type(self).__name__}: a buffer changed since the last check no longer fits: {e}") from e
+        self._checked = self.generation
+
+    def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
+        super().register_buffer(name, tensor, persistent)
+        self.generation += 1
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in self.__dict__.get("_buffers", ()):
+            self.__dict__["generation"] = self.generation + 1
+        super().__setattr__(name, value)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> CheckedBuffers:
+        module = super()._apply(fn, recurse)
+        self.generation += 1
+        return module
