@@ -259,15 +259,16 @@ def test_a_backend_that_cannot_run_is_refused_when_the_module_is_built(monkeypat
 def test_backends_are_resolved_again_after_a_move(monkeypatch) -> None:
     """``auto`` is resolved on the buffers' device: a layer built on the CPU and moved (``.to("cuda")``, as
     the README's engine example does) takes its ops' backends on the new device at its next call, not
-    the reference it was given on the CPU. (The move is a CPU one here; the device's answer is
-    ``resolve``'s, made to say "triton".)"""
+    the reference it was given on the CPU. (Here the move is ``_apply`` of a copy, which ``.to()`` to
+    another device is: every buffer a new tensor; the device's answer is ``resolve``'s, made to say
+    "triton".)"""
     import dsv4.engine.attention as attention
 
     w = dsv4.synthetic_weights(CFG, seed=0, layer=LAYERS["csa"])  # on the CPU, wherever the tests run
     m = dsv4.DecodeAttention(w, dsv4.layer_rope_table(CFG, LAYERS["csa"], 64), CFG, batch=2, max_position=64)
     assert set(m.op_backends.values()) == {"reference"}
     monkeypatch.setattr(attention, "resolve", lambda backend, device: "triton")
-    m.to(torch.device("cpu"))
+    m._apply(torch.clone)
     m.recheck()
     assert set(m.op_backends.values()) == {"triton"}
 
@@ -330,7 +331,10 @@ def test_a_replaced_buffer_is_checked_again_and_one_that_fits_is_used() -> None:
     m._check_ops = lambda: (checks.append(1), check_ops())
     m(x_of(2, 3, 50))
     graph = m.capture(2)
-    m(x_of(2, 2, 51))
+    m.to(DEVICE)  # where the buffers are: the same tensors, so the captured step stays valid
+    m.attn_sink = m.attn_sink
+    graph(x_of(2, 2, 51), [3, 3])
+    m(x_of(2, 2, 51), [3, 3])  # the same step again (a re-run from the previous start)
     assert checks == []  # nothing changed: no checks again
     sink = m.attn_sink
     m.attn_sink = sink.double()

@@ -41,12 +41,13 @@ class CheckedBuffers(torch.nn.Module):
     """A module whose steps launch its ops unchecked, on buffers checked by its ``_check_ops`` (which
     each subclass defines).
 
-    ``generation`` counts the changes of its buffers: a move or cast (``.to()``, ``.cuda()``,
-    ``.bfloat16()``: ``_apply``, also when a parent module is moved) and a buffer registered or
-    replaced. ``recheck()``, which a step calls first, runs ``_check_ops`` again after such a change, so
-    a buffer that no longer fits its op (``model.to(torch.bfloat16)`` casting an fp32 scale or an FP8
-    weight) is refused, naming it, before anything runs. Whatever was built on the old buffers (a
-    captured step) compares ``generation`` with the one it was built at.
+    ``generation`` counts the changes of its buffers: a move or cast that gives a buffer another tensor
+    (``.to()``, ``.cuda()``, ``.bfloat16()``: ``_apply``, also when a parent module is moved; a move to
+    the device the buffers are on changes none) and a buffer registered or replaced. ``recheck()``,
+    which a step calls first, runs ``_check_ops`` again after such a change, so a buffer that no longer
+    fits its op (``model.to(torch.bfloat16)`` casting an fp32 scale or an FP8 weight) is refused, naming
+    it, before anything runs. Whatever was built on the old buffers (a captured step) compares
+    ``generation`` with the one it was built at.
     """
 
     generation = 0  # changes of the buffers so far
@@ -66,15 +67,19 @@ class CheckedBuffers(torch.nn.Module):
         self._checked = self.generation
 
     def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
+        changed = name not in self._buffers or self._buffers[name] is not tensor
         super().register_buffer(name, tensor, persistent)
-        self.generation += 1
+        self.generation += changed
 
     def __setattr__(self, name: str, value: object) -> None:
-        if name in self.__dict__.get("_buffers", ()):
+        buffers = self.__dict__.get("_buffers", {})
+        if name in buffers and buffers[name] is not value:
             self.__dict__["generation"] = self.generation + 1
         super().__setattr__(name, value)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> CheckedBuffers:
+        before = dict(self._buffers)
         module = super()._apply(fn, recurse)
-        self.generation += 1
+        # a move or cast that changes nothing (.to() of the device the buffers are on) returns each tensor itself
+        self.generation += any(self._buffers[name] is not t for name, t in before.items())
         return module
