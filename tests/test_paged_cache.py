@@ -163,9 +163,9 @@ def test_two_writers_check_gives_the_verdict_worked_by_hand(start, seq, share, o
 @pytest.mark.parametrize(
     ("op", "slot", "column", "entry", "need"),
     [
-        ("indexer_compressor", 1, 1, 10**6, "a block in [0, {n}) or -1"),  # a row it writes
-        ("indexer", 1, 0, UNALLOCATED, "a block in [0, {n})"),  # a row it reads
-        ("indexer", 0, 1, -7, "a block in [0, {n})"),
+        ("indexer_compressor", 1, 1, 10**6, "a pool block in [0, {n}) or -1"),  # a row it writes
+        ("indexer", 1, 0, UNALLOCATED, "a pool block in [0, {n})"),  # a row it reads
+        ("indexer", 0, 1, -7, "a pool block in [0, {n})"),
     ],
 )
 def test_an_entry_outside_the_pool_is_named_by_slot_and_column(op, slot, column, entry, need) -> None:

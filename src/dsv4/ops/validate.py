@@ -416,7 +416,7 @@ def check_table_rows(
     allowed = ((table >= 0) & (table < blocks)) | ((table == UNALLOCATED) & writes)
     first_row = torch.arange(table.shape[1], device=table.device) * bs
     used = (first_row + bs > lo[:, None]) & (first_row < hi[:, None])
-    need = f"a block in [0, {blocks})" + (" or -1" if writes else "")
+    need = f"a pool block in [0, {blocks})" + (" or -1" if writes else "")
     what = "writes" if writes else "reads"
     if on_host(table) and pos.start_host is not None:
         bad = (used & ~allowed).nonzero()
