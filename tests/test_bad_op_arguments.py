@@ -9,10 +9,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dsv4
-import dsv4.engine.frontend as frontend
 import dsv4.ops.validate as validate
 from conftest import BACKENDS, DEVICE
 from dsv4.model.structs import QKV, IndexerOut
+from dsv4.ops.registry import OpDescriptor
 from frontends import tiny_frontend
 from op_cases import case_at
 
@@ -272,8 +272,8 @@ def test_a_step_the_op_refuses_gives_its_blocks_back(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise ValueError("state: refused by the op")
 
-    real = frontend.implementation
-    monkeypatch.setattr(frontend, "implementation", lambda d, *a: refuse if d.name == "indexer" else real(d, *a))
+    real = OpDescriptor.implementation
+    monkeypatch.setattr(OpDescriptor, "implementation", lambda d, b: refuse if d.name == "indexer" else real(d, b))
     with pytest.raises(ValueError, match="refused by the op"):
         m(dsv4.synthetic_activations((2, 8, CFG.hidden_size), seed=1, device=DEVICE))
     after_host, after = _frontend_state(m)
@@ -397,10 +397,10 @@ def test_frontend_step_hands_its_host_positions_to_the_indexer(monkeypatch) -> N
     m = tiny_frontend("reference", 2, 64)
     m(dsv4.synthetic_activations((2, 6, CFG.hidden_size), seed=1, device=DEVICE))
     seen = []
-    real = frontend.implementation
+    real = OpDescriptor.implementation
 
-    def watched(desc, backend, device):
-        fn = real(desc, backend, device)
+    def watched(desc, backend):
+        fn = real(desc, backend)
         if desc.name != "indexer":
             return fn
 
@@ -410,7 +410,7 @@ def test_frontend_step_hands_its_host_positions_to_the_indexer(monkeypatch) -> N
 
         return indexer
 
-    monkeypatch.setattr(frontend, "implementation", watched)
+    monkeypatch.setattr(OpDescriptor, "implementation", watched)
     m(dsv4.synthetic_activations((2, 3, CFG.hidden_size), seed=2, device=DEVICE), start_pos=[6, 5])
     ((pos, width),) = seen
     assert pos.start_host == (6, 5) and pos.start.tolist() == [6, 5] and pos.seq == 3

@@ -262,12 +262,12 @@ def test_backends_are_resolved_again_after_a_move(monkeypatch) -> None:
     the reference it was given on the CPU. (Here the move is ``_apply`` of a copy, which ``.to()`` to
     another device is: every buffer a new tensor; the device's answer is ``resolve``'s, made to say
     "triton".)"""
-    import dsv4.engine.attention as attention
+    import dsv4.engine.op_checks as op_checks
 
     w = dsv4.synthetic_weights(CFG, seed=0, layer=LAYERS["csa"])  # on the CPU, wherever the tests run
     m = dsv4.DecodeAttention(w, dsv4.layer_rope_table(CFG, LAYERS["csa"], 64), CFG, batch=2, max_position=64)
     assert set(m.op_backends.values()) == {"reference"}
-    monkeypatch.setattr(attention, "resolve", lambda backend, device: "triton")
+    monkeypatch.setattr(op_checks, "resolve", lambda backend, device: "triton")
     m._apply(torch.clone)
     m.recheck()
     assert set(m.op_backends.values()) == {"triton"}

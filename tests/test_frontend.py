@@ -118,6 +118,18 @@ def test_a_cast_after_build_is_refused_before_anything_changes(backend: str) -> 
     assert after[:3] == before[:3] and torch.equal(after[3], before[3])
 
 
+def test_a_backend_that_cannot_run_is_refused_when_the_module_is_built(monkeypatch) -> None:
+    """The module resolves its ops' backends when it is built (and after its buffers change): one that
+    cannot run on the device is named then, with the reason, not inside a step; ``auto`` takes the
+    reference instead."""
+    import dsv4.ops.backends as backends
+
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name, _: "no GPU here" if name == "triton" else None)
+    with pytest.raises(ValueError, match="backend: 'triton' cannot run on .*: no GPU here"):
+        tiny_frontend("triton", 2, 64)
+    assert set(tiny_frontend("auto", 2, 64).op_backends.values()) == {"reference"}
+
+
 def test_decode_loop_example_runs() -> None:
     proc = run_python([str(ROOT / "examples" / "decode_loop.py"), "--steps", "3", "--prefill", "16"], timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -3,7 +3,7 @@ as a module that owns the layer's weights, RoPE table and state (its KV pools pa
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,7 +13,7 @@ from ..model.rope import RopeTable
 from ..model.state import DEFAULT_BLOCK_SIZE, UNALLOCATED, IndexerState
 from ..model.structs import IndexerOut, StepPositions
 from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights, LayerWeights, OProjWeights
-from ..ops.backends import BACKENDS, resolve
+from ..ops.backends import BACKENDS
 from ..ops.device import on_device
 from ..ops.registry import get_op
 from ..ops.validate import check_eps, check_int
@@ -160,7 +160,7 @@ class DecodeAttention(CheckedBuffers):
         (``capture``) runs no op checks of its own. Run by ``recheck``: at build, and after the buffers
         change."""
         rope, eps, dev = self.rope, self.eps, self.attn_wq_a.device
-        self.op_backends = {op: self._op_backend(op, dev) for op in OPS}
+        self._resolve_backends(OPS, dev)
         check_front_end_ops(self.attn, self.indexer_weights, rope, self.indexer_state, self.topk, self.window, eps)
         x = torch.zeros(1, 1, self.attn_wq_a.shape[1], dtype=torch.bfloat16, device=dev)
         if self.ratio:
@@ -232,10 +232,6 @@ class DecodeAttention(CheckedBuffers):
     @property
     def batch(self) -> int:
         return len(self.next_pos)
-
-    def _op_backend(self, op: str, device: torch.device) -> str:
-        name = resolve(self.backend, device)  # a backend that cannot run here is refused now, naming why
-        return name if name in get_op(op).implementations else "reference"
 
     # --- slots and blocks -----------------------------------------------------------------------
 
@@ -349,16 +345,6 @@ class DecodeAttention(CheckedBuffers):
         self.paging.pools[0].flush(self.win_block_table)
         n = len(starts)
         self.last_start[:n], self.next_pos[:n] = starts, [p + s for p in starts]
-
-    def _launch(self, op: str, out: object = None, **args: object) -> Any:
-        """``op`` on the layer's backend for it, with ``args`` in the form the backends take (``start_pos``
-        a ``StepPositions``) and without the ops' checks, as the captured step launches it: they ran on
-        the layer's buffers when it was built (``_check_ops``), ``forward`` checked ``xn`` and the
-        positions, and the block tables are the paging's."""
-        desc = get_op(op)
-        call = tuple(desc.bind(args).values())
-        fn = desc.implementation(self.op_backends[op])
-        return fn(*call) if desc.result is None else fn(*call, out=out)
 
     def _step(self, xn: torch.Tensor, starts: list[int]) -> torch.Tensor:
         b, s, d = xn.shape

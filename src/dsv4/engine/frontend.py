@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 
@@ -14,10 +13,8 @@ from ..model.rope import RopeTable
 from ..model.state import DEFAULT_BLOCK_SIZE, UNALLOCATED, IndexerState
 from ..model.structs import IndexerOut, StepPositions
 from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights, LayerWeights
-from ..ops.backends import BACKENDS, implementation, resolve
-from ..ops.defs import INDEXER, QKV_PROJ_ROPE
+from ..ops.backends import BACKENDS, resolve
 from ..ops.device import on_device
-from ..ops.registry import OpDescriptor
 from ..ops.validate import check_eps, check_int, check_offset, check_tensor, check_topk
 from .decode_graph import DecodeGraph, StaticDecodeStep
 from .op_checks import CheckedBuffers, check_front_end_ops
@@ -135,8 +132,9 @@ class DecodeFrontEnd(CheckedBuffers):
         self.recheck()  # see _launch
 
     def _check_ops(self) -> None:
-        """Both ops' checks on the module's buffers (``check_front_end_ops``): at build, and after the
-        buffers change (``recheck``)."""
+        """Each op's backend on the buffers' device (``op_backends``), then both ops' checks on the
+        module's buffers (``check_front_end_ops``): at build, and after the buffers change (``recheck``)."""
+        self._resolve_backends(("qkv_proj_rope", "indexer"), self.attn_wq_a.device)
         check_front_end_ops(self.attn, self.indexer_weights, self.rope, self.state, self.topk, self.offset, self.eps)
 
     @property
@@ -308,22 +306,15 @@ class DecodeFrontEnd(CheckedBuffers):
         )
         qkv_args = dict(x=x.reshape(b * s, d), w=self.attn, positions=positions, rope=self.rope, eps=self.eps)
         with on_device(dev):
-            qkv = self._launch(QKV_PROJ_ROPE, qkv_args, None)
+            qkv = self._launch("qkv_proj_rope", **qkv_args)
             index_args = dict(
                 x=x, qr=qkv.qr, qr_scale=qkv.qr_scale, w=self.indexer_weights, state=self.state, start_pos=pos,
                 offset=self.offset, rope=self.rope, topk=self.topk, eps=self.eps,
             )  # fmt: skip
-            out = self._launch(INDEXER, index_args, out)
+            out = self._launch("indexer", out, **index_args)
         self.advance(start, s)
         self.last_score = out.score
         return qkv.q.view(b, s, *qkv.q.shape[1:]), qkv.kv.view(b, s, -1), out.topk_idxs
-
-    def _launch(self, desc: OpDescriptor, args: dict[str, object], out: object) -> Any:
-        """``desc``'s implementation on the module's backend, with ``args`` in the form the backends take
-        and without the op's checks: they ran on the module's buffers when it was built, ``forward``
-        checked ``x`` and the positions, and the block table is the module's own."""
-        fn = implementation(desc, self.backend, self.attn_wq_a.device)
-        return fn(*desc.bind(args).values(), out=out)
 
     def static_step(self, batch: int | None = None, seq: int = 2, max_cache_len: int | None = None) -> StaticDecodeStep:
         """The decode step of ``batch`` (default: all slots) x ``seq`` tokens with static buffers, on

@@ -4,14 +4,17 @@ whenever the module's buffers change."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
 from ..model.rope import RopeTable
 from ..model.state import IndexerState
 from ..model.weights import AttnWeights, IndexerWeights
+from ..ops.backends import resolve
 from ..ops.defs import INDEXER, QKV_PROJ_ROPE
+from ..ops.registry import get_op
 
 
 def check_front_end_ops(
@@ -52,6 +55,25 @@ class CheckedBuffers(torch.nn.Module):
 
     generation = 0  # changes of the buffers so far
     _checked = -1  # the generation _check_ops last passed
+    backend = "auto"  # the backend the module was built with: "auto", "reference" or "triton"
+    op_backends: dict[str, str]  # the backend each op runs on (_resolve_backends)
+
+    def _resolve_backends(self, ops: Iterable[str], device: torch.device) -> None:
+        """``op_backends`` of ``ops`` on ``device``, a part of ``_check_ops``: ``auto`` resolved there, a
+        backend that cannot run there refused, naming why, and an op without the backend's
+        implementation on the reference."""
+        name = resolve(self.backend, device)
+        self.op_backends = {op: name if name in get_op(op).implementations else "reference" for op in ops}
+
+    def _launch(self, op: str, out: object = None, **args: object) -> Any:
+        """``op`` on its backend (``op_backends``), with ``args`` in the form the backends take (``start_pos``
+        a ``StepPositions``) and without the op's checks, as a captured step launches it: they ran on the
+        module's buffers (``recheck``), the step's input and positions are the caller's to check, and the
+        block tables are the module's own."""
+        desc = get_op(op)
+        call = tuple(desc.bind(args).values())
+        fn = desc.implementation(self.op_backends[op])
+        return fn(*call) if desc.result is None else fn(*call, out=out)
 
     def recheck(self) -> None:
         """``_check_ops`` again if the buffers changed since it last passed (an int compare otherwise).
