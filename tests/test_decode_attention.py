@@ -311,7 +311,7 @@ def test_a_cast_after_build_is_refused_before_anything_changes(backend: str) -> 
     rope = dsv4.layer_rope_table(CFG, LAYERS["csa"], 64, DEVICE)
     m = dsv4.DecodeAttention(w, rope, CFG, batch=2, max_position=64, backend=backend, block_size=BS)
     graph = m.capture(2)
-    m.to(torch.bfloat16)
+    torch.nn.ModuleList([m]).to(torch.bfloat16)  # an engine's model, with the layer inside it
     tables = [t.clone() for t in m._tables()]
     with pytest.raises(TypeError, match=r"DecodeAttention: a buffer changed .*: w\.wq_b_scale: expected dtype float32"):
         m(x_of(2, 2, 40))
