@@ -273,6 +273,29 @@ def test_backends_are_resolved_again_after_a_move(monkeypatch) -> None:
     assert set(m.op_backends.values()) == {"triton"}
 
 
+@pytest.mark.parametrize("where", ["built", "captured"])
+def test_a_layer_made_under_inference_mode_runs_outside_it(where: str) -> None:
+    """Buffers made under ``torch.inference_mode`` are inference tensors, which torch lets be written in
+    place only in that mode. A layer built there, or a step captured there, and called outside writes
+    them in that mode, and gives what a layer made outside gives, bit for bit (before, the call raised
+    after it had given blocks, and left the layer's allocator changed)."""
+    plain = module("csa", batch=2)
+    with torch.inference_mode(where == "built"):
+        m = module("csa", batch=2)
+    got, want = [m(x_of(2, 6, 60))], [plain(x_of(2, 6, 60))]
+    with torch.inference_mode(where == "captured"):
+        graph, plain_graph = m.capture(2), plain.capture(2)
+    got.append(graph(x_of(2, 2, 61)).clone())
+    want.append(plain_graph(x_of(2, 2, 61)).clone())
+    m.reset([1])
+    plain.reset([1])
+    got.append(m(x_of(2, 2, 62)))
+    want.append(plain(x_of(2, 2, 62)))
+    assert all(bit_identical(a, b, f"y of call {i}") for i, (a, b) in enumerate(zip(got, want, strict=True)))
+    assert m.next_pos == plain.next_pos == [10, 2]
+    assert all(bit_identical(v, plain.state_dict()[k], k) for k, v in m.state_dict().items())
+
+
 def test_bad_input_changes_nothing() -> None:
     m = module("swa", batch=2)
     m(x_of(2, 4, 21))

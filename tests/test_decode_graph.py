@@ -170,3 +170,18 @@ def test_cuda_graph_replay_matches_eager_without_allocating() -> None:
             assert (list(graph_fe.next_pos), list(graph_fe.free_blocks), graph_fe.slot_blocks) == allocator
     for name, t in graph_fe.state.tensors().items():
         assert torch.equal(t, getattr(eager_fe.state, name)), name
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graph capture needs a GPU: not run on this machine")
+def test_a_step_captured_under_inference_mode_replays_outside_it() -> None:
+    """The captured step's static buffers, made under ``torch.inference_mode``, are inference tensors:
+    called outside that mode the step writes them in it, and equals the eager module."""
+    graph_fe, eager_fe = tiny_frontend("triton"), tiny_frontend("triton")
+    prompt = dsv4.synthetic_activations((3, 7, CFG.hidden_size), seed=1, device=DEVICE)
+    graph_fe(prompt)
+    eager_fe(prompt)
+    with torch.inference_mode():
+        graph = graph_fe.capture(seq=2, max_cache_len=32)
+    for i in range(3):
+        x = dsv4.synthetic_activations((3, 2, CFG.hidden_size), seed=20 + i, device=DEVICE)
+        assert all(torch.equal(a, b) for a, b in zip(graph(x), eager_fe(x), strict=True)), f"step {i}"

@@ -130,6 +130,23 @@ def test_a_backend_that_cannot_run_is_refused_when_the_module_is_built(monkeypat
     assert set(tiny_frontend("auto", 2, 64).op_backends.values()) == {"reference"}
 
 
+def test_a_module_built_under_inference_mode_runs_outside_it() -> None:
+    """Its pool and rings, made under ``torch.inference_mode``, are inference tensors, which torch lets be
+    written in place only in that mode: called outside it, the module writes them in that mode and
+    gives what a module built outside gives (before, the step raised after it had reserved blocks, and
+    the release of those blocks raised too, so the allocator kept them)."""
+    plain = tiny_frontend("reference", 2, 64)
+    with torch.inference_mode():
+        m = tiny_frontend("reference", 2, 64)
+    for seed, s in ((1, 6), (2, 2)):
+        x = dsv4.synthetic_activations((2, s, CFG.hidden_size), seed=seed, device=DEVICE)
+        assert all(torch.equal(a, b) for a, b in zip(m(x), plain(x), strict=True))
+        m.reset([0])
+        plain.reset([0])
+    assert _allocator(m)[:3] == _allocator(plain)[:3]
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in m.state_dict().items())
+
+
 def test_decode_loop_example_runs() -> None:
     proc = run_python([str(ROOT / "examples" / "decode_loop.py"), "--steps", "3", "--prefill", "16"], timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -242,12 +242,13 @@ class DecodeAttention(CheckedBuffers):
         for r in rows:
             if not 0 <= r < self.batch:
                 raise ValueError(f"batch_rows: slot {r} outside [0, {self.batch})")
-        self.paging.reset(rows)
-        self.paging.flush(self._tables())
-        if self.ratio:
-            self.compressor_state.reset(rows)
-        if self.kind == "csa":
-            self.indexer_state.reset(rows)
+        with self.writing():
+            self.paging.reset(rows)
+            self.paging.flush(self._tables())
+            if self.ratio:
+                self.compressor_state.reset(rows)
+            if self.kind == "csa":
+                self.indexer_state.reset(rows)
         for r in rows:
             self.next_pos[r] = self.last_start[r] = 0
 
@@ -315,7 +316,8 @@ class DecodeAttention(CheckedBuffers):
             raise ValueError(f"xn: expected device {self.attn_wq_a.device}, got {xn.device}")
         starts = self.step_starts(b, s, start_pos, self.prefill_chunk)
         chunks = [(c, min(self.prefill_chunk, s - c)) for c in range(0, s, self.prefill_chunk)]
-        return torch.cat([self._step(xn[:, c : c + n], [p + c for p in starts]) for c, n in chunks], dim=1)
+        with self.writing():
+            return torch.cat([self._step(xn[:, c : c + n], [p + c for p in starts]) for c, n in chunks], dim=1)
 
     def step_starts(self, b: int, s: int, start_pos: int | list[int] | torch.Tensor | None, chunk: int) -> list[int]:
         """The host start positions of a call of ``s`` tokens for slots ``0..b-1`` run in steps of at

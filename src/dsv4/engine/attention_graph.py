@@ -196,14 +196,16 @@ class AttentionGraph:
         rows = self.indexer_out.score.shape[-1] if self.indexer_out is not None else None
         if rows is not None and (max(starts) + self.seq) // COMPRESS_RATIO > rows:
             raise ValueError(f"start_pos: {starts} with S={self.seq} passes the indexer pool's rows")
-        plan = layer.begin_step(starts, self.seq)
-        self.start.copy_(staged(starts, self.start.device), non_blocking=True)
-        if xn is not self.xn:  # a caller may write its activations into the graph's input itself
-            self.xn.copy_(xn)
-        if self.graph is not None:
-            with on_device(self.xn.device):  # replayed on the current stream of the graph's device
-                self.graph.replay()
-        else:
-            self.launch()
-        layer.end_step(plan, starts, self.seq)
+        # the static buffers were made in the capture's mode, the layer's in its own: write both in theirs
+        with torch.inference_mode() if self.xn.is_inference() else layer.writing():
+            self.start.copy_(staged(starts, self.start.device), non_blocking=True)
+            if xn is not self.xn:  # a caller may write its activations into the graph's input itself
+                self.xn.copy_(xn)
+            plan = layer.begin_step(starts, self.seq)
+            if self.graph is not None:
+                with on_device(self.xn.device):  # replayed on the current stream of the graph's device
+                    self.graph.replay()
+            else:
+                self.launch()
+            layer.end_step(plan, starts, self.seq)
         return self.y.y.view(self.batch, self.seq, -1)

@@ -164,12 +164,14 @@ class DecodeFrontEnd(CheckedBuffers):
         for r in rows:
             if not 0 <= r < self.batch:
                 raise ValueError(f"batch_rows: slot {r} outside [0, {self.batch})")
-        self.state.reset(rows)
+        with self.writing():
+            self.state.reset(rows)
+            for r in rows:
+                self.block_table[r] = UNALLOCATED
         for r in rows:
             self.next_pos[r] = 0
             self.free_blocks = sorted(self.free_blocks + self.slot_blocks[r])
             self.slot_blocks[r] = []
-            self.block_table[r] = UNALLOCATED
 
     def check_starts(self, b: int, s: int, start_pos: int | list[int] | torch.Tensor | None) -> list[int]:
         """Each slot's first position for a step of ``b`` x ``s`` tokens, checked on the host (a device
@@ -290,7 +292,7 @@ class DecodeFrontEnd(CheckedBuffers):
         self.recheck()
         b, s, d = self.check_x(x)
         start = self.check_starts(b, s, start_pos)
-        with self.reserved(start, s):
+        with self.writing(), self.reserved(start, s):
             return self._step(x, start, b, s, d)
 
     def _step(
@@ -362,7 +364,9 @@ class CapturedDecodeStep:
             )
         start = fe.check_starts(step.batch, step.seq, start_pos)
         step.check_inputs(x, start)  # before any block is reserved: a refused call changes nothing
-        with fe.reserved(start, step.seq):
+        # the static buffers were made in the capture's mode, the module's in its own: write both in theirs
+        mode = torch.inference_mode() if step.x.is_inference() else fe.writing()
+        with mode, fe.reserved(start, step.seq):
             results = self.graph.replay(x, start)
         fe.advance(start, step.seq)
         fe.last_score = step.out.score

@@ -5,6 +5,7 @@ whenever the module's buffers change."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -51,11 +52,17 @@ class CheckedBuffers(torch.nn.Module):
     fits its op (``model.to(torch.bfloat16)`` casting an fp32 scale or an FP8 weight) is refused, naming
     it, before anything runs. Whatever was built on the old buffers (a captured step) compares
     ``generation`` with the one it was built at.
+
+    Buffers made under ``torch.inference_mode`` (the module built, or moved, there) are inference
+    tensors, which torch lets be written in place only in that mode: ``writing()`` is the mode a step
+    or a reset writes them in, so the module works called from inside or outside it.
     """
 
     generation = 0  # changes of the buffers so far
     _checked = -1  # the generation _check_ops last passed
     backend = "auto"  # the backend the module was built with: "auto", "reference" or "triton"
+    _inference = False  # whether a buffer is an inference tensor, as of generation _inference_at
+    _inference_at = -1
     op_backends: dict[str, str]  # the backend each op runs on (_resolve_backends)
 
     def _resolve_backends(self, ops: Iterable[str], device: torch.device) -> None:
@@ -87,6 +94,14 @@ class CheckedBuffers(torch.nn.Module):
                 raise
             raise type(e)(f"{type(self).__name__}: a buffer changed since the last check no longer fits: {e}") from e
         self._checked = self.generation
+
+    def writing(self) -> AbstractContextManager:
+        """The mode in which the buffers can be written in place: ``torch.inference_mode()`` when one of
+        them is an inference tensor, else none (the caller's mode)."""
+        if self._inference_at != self.generation:
+            self._inference = any(t.is_inference() for t in self.buffers())
+            self._inference_at = self.generation
+        return torch.inference_mode() if self._inference else nullcontext()
 
     def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
         changed = name not in self._buffers or self._buffers[name] is not tensor
