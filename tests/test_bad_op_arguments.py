@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dsv4
 import dsv4.ops.validate as validate
 from conftest import BACKENDS, DEVICE
+from dsv4.harness.cases import make_case, mutated_args, record_outputs
 from dsv4.model.structs import QKV, IndexerOut
 from dsv4.ops.registry import OpDescriptor
 from frontends import tiny_frontend
@@ -435,3 +436,25 @@ def test_state_reset_refuses_what_it_would_truncate_or_wrap(what, rows, exc) -> 
     with pytest.raises(exc, match="rows"):
         state.reset(rows)
     assert all(torch.equal(getattr(state, k), v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("op", dsv4.ops.op_names())
+def test_what_an_op_writes_made_under_inference_mode_is_refused_outside_it(op: str) -> None:
+    """A state (or ``out``) made under ``torch.inference_mode`` holds inference tensors, which torch lets be
+    written in place only in that mode: called outside it, the op refuses, naming the tensor, before
+    anything changes (the reference raised half way through the state; the Triton kernels wrote it
+    anyway). Inside the mode it runs; inputs made there are only read, which torch allows anywhere."""
+    desc = dsv4.ops.get_op(op)
+    with torch.inference_mode():
+        case = make_case(CFG, op, seed=3, device=DEVICE, batch=2, seq=2)
+        out = None if desc.mutates else desc.result(*desc.fake_result(desc.bind(case.args)))
+    args = dict(case.args)
+    records = {name: args[name] for name in mutated_args(op)}
+    written = {k: v.clone() for k, v in record_outputs(records).items()}
+    with pytest.raises(ValueError, match=r"^(out|state|pool|window_pool)\.\S+: an inference tensor"):
+        getattr(dsv4, op)(**args, out=out, backend="reference") if out is not None else getattr(dsv4, op)(**args)
+    assert all(torch.equal(t, written[k]) for k, t in record_outputs(records).items())
+    if out is not None:
+        getattr(dsv4, op)(**args, backend="reference")  # no out=: nothing of the caller's written
+    with torch.inference_mode():
+        getattr(dsv4, op)(**args, backend="reference")

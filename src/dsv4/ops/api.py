@@ -24,7 +24,8 @@ from .defs import (
     WINDOW_KV_WRITE,
 )
 from .device import on_device
-from .registry import get_op, op_function
+from .registry import OpDescriptor, get_op, op_function
+from .validate import tensors_of
 
 
 def call_op(name: str, backend: str = "auto", out: Any = None, **args: Any) -> Any:
@@ -35,10 +36,31 @@ def call_op(name: str, backend: str = "auto", out: Any = None, **args: Any) -> A
     if out is not None and desc.result is None:
         raise TypeError(f"out: {name} takes no out= (it updates its state in place)")
     call = desc.backend_args(args, out)
+    check_writable(desc, args, out)
     device = next(v.device for v in call if isinstance(v, torch.Tensor))
     fn = implementation(desc, backend, device)
     with on_device(device):
         return fn(*call) if desc.result is None else fn(*call, out=out)
+
+
+def check_writable(desc: OpDescriptor, args: dict[str, Any], out: Any) -> None:
+    """Outside ``torch.inference_mode``, no tensor the op writes in place (its state, ``out``) may be an
+    inference tensor (one made under that mode): torch lets those be written only inside it, so the
+    reference would raise half way through the state, where the Triton kernels would write them anyway."""
+    if torch.is_inference_mode_enabled():
+        return
+    bound = desc.bind(args)
+    written = tensors_of("out", out) if out is not None else {}
+    for path in desc.mutates:
+        of_head = tensors_of(path.partition(".")[0], bound[path.partition(".")[0]])
+        written.update({k: t for k, t in of_head.items() if k == path or k.startswith(path + ".")})
+    for path, t in written.items():
+        if t.is_inference():
+            raise ValueError(
+                f"{path}: an inference tensor (made under torch.inference_mode), which {desc.name} writes in place; "
+                f"torch allows that only inside inference mode: call {desc.name} there, or pass a tensor made "
+                "outside it"
+            )
 
 
 qkv_proj_rope = op_function(QKV_PROJ_ROPE, call_op, __name__)
