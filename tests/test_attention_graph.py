@@ -27,7 +27,7 @@ def layer(kind: str, backend: str = BACKEND, batch: int = 3) -> dsv4.DecodeAtten
 
 
 def state(m: dsv4.DecodeAttention) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in m.state_dict().items()}
+    return {k: v.clone() for k, v in m.named_buffers()}
 
 
 def x_of(b: int, s: int, seed: int) -> torch.Tensor:

@@ -141,12 +141,12 @@ def test_window_blocks_are_recycled_so_a_small_pool_serves_long_sequences() -> N
 def test_too_few_blocks_is_refused_before_anything_changes() -> None:
     m = module("csa", batch=2, num_blocks={"compressed": 2})
     m(x_of(2, 8, 7))  # 2 compressed rows per slot: a block each; 64 more tokens need a second each
-    before = {k: v.clone() for k, v in m.state_dict().items()}
+    before = {k: v.clone() for k, v in m.named_buffers()}
     free = list(m.paging.pools[1].free)
     with pytest.raises(ValueError, match="compressed pool blocks"):
         m(x_of(2, 64, 8))
     assert m.next_pos == [8, 8] and m.paging.pools[1].free == free
-    assert all(bit_identical(v, before[k], k) for k, v in m.state_dict().items())
+    assert all(bit_identical(v, before[k], k) for k, v in m.named_buffers())
 
 
 @pytest.mark.parametrize("kind", ["csa", "hca"])
@@ -168,12 +168,12 @@ def test_deeper_rollbacks_and_skips_are_refused_and_change_nothing() -> None:
     m = module("csa", batch=2)
     m(x_of(2, 10, 13))
     m(x_of(2, 2, 14))  # positions 10, 11
-    before = {k: v.clone() for k, v in m.state_dict().items()}
+    before = {k: v.clone() for k, v in m.named_buffers()}
     for start, words in ((9, "go back to 10"), (13, "cannot start at 13")):
         with pytest.raises(ValueError, match=words):
             m(x_of(2, 1, 15), start_pos=start)
     assert m.next_pos == [12, 12] and m.last_start == [10, 10]
-    assert all(bit_identical(v, before[k], k) for k, v in m.state_dict().items())
+    assert all(bit_identical(v, before[k], k) for k, v in m.named_buffers())
     long = module("hca", batch=1)
     long(x_of(1, 14, 16))
     long(x_of(1, 6, 17))  # positions 14..19: 16..19 overwrote ring slots 0..3 of block 0
@@ -201,10 +201,10 @@ def test_a_call_past_max_position_is_refused_whatever_the_rope_and_pools_cover()
         w, rope, CFG, batch=2, max_position=65, backend="reference", block_size=BS,
         num_blocks={"compressed": 8, "indexer": 8},
     )  # fmt: skip
-    before = {k: v.clone() for k, v in m.state_dict().items()}
+    before = {k: v.clone() for k, v in m.named_buffers()}
     with pytest.raises(ValueError, match=r"start_pos: a slot would pass position 64 \(max_position\)"):
         m(x_of(2, 78, 30))
-    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    assert all(torch.equal(v, before[k]) for k, v in m.named_buffers())
     assert m.next_pos == [0, 0] and all(not slot for pool in m.paging.pools for slot in pool.slots)
     m(x_of(2, 65, 31))
     assert m.next_pos == [65, 65]
@@ -293,13 +293,13 @@ def test_a_layer_made_under_inference_mode_runs_outside_it(where: str) -> None:
     want.append(plain(x_of(2, 2, 62)))
     assert all(bit_identical(a, b, f"y of call {i}") for i, (a, b) in enumerate(zip(got, want, strict=True)))
     assert m.next_pos == plain.next_pos == [10, 2]
-    assert all(bit_identical(v, plain.state_dict()[k], k) for k, v in m.state_dict().items())
+    assert all(bit_identical(v, dict(plain.named_buffers())[k], k) for k, v in m.named_buffers())
 
 
 def test_bad_input_changes_nothing() -> None:
     m = module("swa", batch=2)
     m(x_of(2, 4, 21))
-    before = {k: v.clone() for k, v in m.state_dict().items()}
+    before = {k: v.clone() for k, v in m.named_buffers()}
     for bad, exc, words in (
         (x_of(2, 4, 22).float(), TypeError, "xn"),
         (x_of(3, 4, 22), ValueError, "xn"),
@@ -309,7 +309,7 @@ def test_bad_input_changes_nothing() -> None:
         with pytest.raises(exc, match=words):
             m(bad)
     assert m.next_pos == [4, 4]
-    assert all(bit_identical(v, before[k], k) for k, v in m.state_dict().items())
+    assert all(bit_identical(v, before[k], k) for k, v in m.named_buffers())
     with pytest.raises(ValueError, match="attn_sink and o_proj"):
         dsv4.DecodeAttention(dsv4.synthetic_weights(CFG), dsv4.rope_table(CFG), CFG, batch=1, max_position=64)
 
@@ -379,6 +379,37 @@ def test_a_replaced_buffer_is_checked_again_and_one_that_fits_is_used() -> None:
         fresh(x_of(2, s, seed))
     assert bit_identical(y, fresh(x_of(2, 2, 52)), "y")
     assert m.capture(2)(x_of(2, 2, 54)).shape == (2, 2, CFG.hidden_size)
+
+
+@pytest.mark.parametrize("kind", ["csa", "hca"])
+def test_state_dict_holds_the_weights_and_loading_it_swaps_them_under_running_sequences(kind: str) -> None:
+    """``state_dict`` holds the weights and the RoPE table, not the pools, rings and block tables: those
+    belong to the slots' sequences, which the host's paging tracks. Loading another layer's weights
+    mid-sequence swaps the weights and leaves the sequences' state as it was, so the next step is what a
+    step of the running layer gives with those weights (before, the state came too: the tables stopped
+    matching the paging, and the next step read blocks it did not hold)."""
+    m, other = module(kind, batch=2), module(kind, batch=2)
+    m(x_of(2, 40, 70))
+    sd = dsv4.DecodeAttention(
+        dsv4.synthetic_weights(CFG, seed=5, device=DEVICE, layer=LAYERS[kind]),
+        dsv4.layer_rope_table(CFG, LAYERS[kind], 128, DEVICE), CFG, batch=2, max_position=128,
+    ).state_dict()  # fmt: skip
+    names = {n for n, _ in m.named_buffers()}
+    state = {
+        n for n in names if n.startswith(("win_", "cmp_", "idx_")) and not n.startswith(("cmp_w_", "idx_w_", "idx_c_"))
+    }
+    assert {"win_block_table", "cmp_kv_state", "cmp_nope"} <= state and set(sd) == names - state
+    other(x_of(2, 40, 70))
+    before = {k: v.clone() for k, v in m.named_buffers() if k not in sd}
+    checks = []
+    check_ops = m._check_ops
+    m._check_ops = lambda: (checks.append(1), check_ops())
+    m.load_state_dict(sd)
+    assert all(torch.equal(v, before[k]) for k, v in m.named_buffers() if k not in sd)
+    for name, t in sd.items():  # the running layer given the same weights by hand: the step to compare with
+        getattr(other, name).copy_(t)
+    assert bit_identical(m(x_of(2, 2, 71)), other(x_of(2, 2, 71)), "y")
+    assert checks == []  # copied in place, the same shapes and dtypes: nothing to check again
 
 
 def _plan_by_every_column(m: dsv4.DecodeAttention, starts: list[int], s: int) -> list[tuple[list, list]]:

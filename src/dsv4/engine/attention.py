@@ -40,8 +40,11 @@ class DecodeAttention(CheckedBuffers):
     ``forward(xn)`` runs spec §7: ``qkv_proj_rope``; ``kv_compressor`` (CSA, HCA); ``indexer``
     (CSA, ``offset`` = the window); ``sparse_attn_write`` (``sparse_attn`` and ``window_kv_write`` in
     one op: one launch on Triton); ``o_proj``. Weights, the RoPE
-    table and the ``AttentionState`` parts are buffers (``.to(device)`` moves them all). Each slot
-    remembers where its sequence stands; ``reset(rows)`` hands slots to new sequences.
+    table and the ``AttentionState`` parts are buffers (``.to(device)`` moves them all); only the
+    weights and the RoPE table are in ``state_dict`` (the pools, rings and block tables belong to the
+    slots' sequences, which the host's paging tracks: ``load_state_dict`` swaps weights under running
+    sequences and leaves them alone). Each slot remembers where its sequence stands; ``reset(rows)``
+    hands slots to new sequences.
 
     The pools are paged on the host, so allocation never waits on the device: a slot gets window
     blocks as its sequence grows and gives back those whose positions no later token sees (all
@@ -132,8 +135,8 @@ class DecodeAttention(CheckedBuffers):
             width, n = pool_size("compressed", max_position // self.ratio)
             table = torch.full((batch, width), UNALLOCATED)
             state = CompressorState.paged(batch, self.ratio, hd, r, n, block_size, table, device)
-            self.register_buffer("cmp_kv_state", state.kv_state)
-            self.register_buffer("cmp_score_state", state.score_state)
+            self.register_buffer("cmp_kv_state", state.kv_state, persistent=False)
+            self.register_buffer("cmp_score_state", state.score_state, persistent=False)
             self._pool_buffers("cmp", state.pool)
             pools.append(n)
         if self.kind == "csa":
@@ -142,7 +145,7 @@ class DecodeAttention(CheckedBuffers):
             hid = weights.indexer.compressor.norm_w.shape[0]
             width, n = pool_size("indexer", max_position // COMPRESS_RATIO)
             state = IndexerState.paged(batch, n, block_size, hid, torch.full((batch, width), UNALLOCATED), device)
-            self._buffers_of("idx", state, _INDEXER_STATE)
+            self._buffers_of("idx", state, _INDEXER_STATE, persistent=False)
             pools.append(n)
         self._limit = max_position  # positions a slot may reach: every table is sized for them, the rope covers them
         # the compressors' ratios: the layer's, then its indexer's
@@ -183,12 +186,12 @@ class DecodeAttention(CheckedBuffers):
 
     # --- buffers and the records built from them ----------------------------------------------
 
-    def _buffers_of(self, prefix: str, record: object, names: tuple[str, ...]) -> None:
+    def _buffers_of(self, prefix: str, record: object, names: tuple[str, ...], persistent: bool = True) -> None:
         for name in names:
-            self.register_buffer(f"{prefix}_{name}", getattr(record, name))
+            self.register_buffer(f"{prefix}_{name}", getattr(record, name), persistent=persistent)
 
     def _pool_buffers(self, prefix: str, pool: KVPool) -> None:
-        self._buffers_of(prefix, pool, _POOL)
+        self._buffers_of(prefix, pool, _POOL, persistent=False)
 
     def _get(self, prefix: str, names: tuple[str, ...]) -> list[torch.Tensor]:
         return [getattr(self, f"{prefix}_{n}") for n in names]

@@ -38,10 +38,12 @@ class DecodeFrontEnd(CheckedBuffers):
     """Runs ``qkv_proj_rope`` then ``indexer`` for ``batch`` sequence slots, step after step.
 
     Weights, the RoPE table and the ``IndexerState`` are buffers of the module (``.to(device)``
-    moves them all). Both ops' checks (spec §7) run on them when the module is built, and again on
-    the first call after they change (``.to()``, a cast, a buffer replaced); each step launches the
-    ops without them. Each slot remembers where its sequence stands, so ``forward(x)`` continues
-    every sequence; ``reset(rows)`` hands slots to new sequences (continuous batching).
+    moves them all); ``state_dict`` holds the weights and the RoPE table only (the state and its
+    block table belong to the slots' sequences, which the host's allocator tracks). Both ops' checks
+    (spec §7) run on the buffers when the module is built, and again on the first call after they
+    change (``.to()``, a cast, a buffer replaced); each step launches the ops without them. Each
+    slot remembers where its sequence stands, so ``forward(x)`` continues every sequence;
+    ``reset(rows)`` hands slots to new sequences (continuous batching).
 
     The key pool is paged: a slot is given pool blocks (``block_size`` compressed rows each) as its
     sequence grows, and gives them back on ``reset``; a step that needs more blocks than are free
@@ -121,7 +123,7 @@ class DecodeFrontEnd(CheckedBuffers):
         table = torch.full((batch, per_slot), UNALLOCATED, dtype=torch.int32)
         state = IndexerState.paged(batch, num_blocks, block_size, hid, table, device)
         for name, t in state.tensors().items():
-            self.register_buffer(name, t)
+            self.register_buffer(name, t, persistent=False)  # the sequences' state: not in state_dict
         self.topk, self.offset, self.eps, self.backend = topk, offset, eps, backend
         self.max_position = max_position
         self._limit = min(max_position, rope.max_position, per_slot * block_size * COMPRESS_RATIO)  # positions reached
