@@ -89,6 +89,42 @@ def test_a_refused_call_changes_nothing() -> None:
         assert bit_identical(t, before[name]), name
 
 
+def test_calls_inside_a_foreign_cuda_graph_capture_are_refused(monkeypatch) -> None:
+    """An engine that captures its whole model would freeze a call's host side (positions, blocks, table
+    entries copied from pinned host memory) into its graph, and replay it stale: ``forward``, ``reset``
+    and the captured step refuse while the current CUDA stream is capturing, before anything changes.
+    (The capture is stood in for here; on a GPU the next test captures for real.)"""
+    import dsv4.engine.op_checks as op_checks
+
+    m = layer("csa")
+    m(x_of(3, 3, seed=0))
+    graph = m.capture(seq=2)
+    before, pos = state(m), list(m.next_pos)
+    monkeypatch.setattr(op_checks, "capturing", lambda device: True)
+    for call in (lambda: m(x_of(3, 2, seed=1)), lambda: m.reset([0]), lambda: graph(x_of(3, 2, seed=1))):
+        with pytest.raises(RuntimeError, match="being captured into a graph.*capture\\(seq\\)"):
+            call()
+    assert m.next_pos == pos
+    for name, t in state(m).items():
+        assert bit_identical(t, before[name]), name
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graph capture needs a GPU: not run on this machine")
+def test_forward_inside_a_real_foreign_capture_is_refused() -> None:
+    m = layer("csa")
+    m(x_of(3, 3, seed=0))
+    x, g, stream = x_of(3, 2, seed=1), torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with (
+        torch.cuda.stream(stream),
+        pytest.raises(RuntimeError, match="being captured into a graph"),
+        torch.cuda.graph(g),
+    ):
+        m(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert m.next_pos == [3, 3, 3]
+
+
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graph capture needs a GPU: not run on this machine")
 def test_cuda_graph_replay_allocates_nothing_and_never_syncs() -> None:
     m = layer("csa")

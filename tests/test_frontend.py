@@ -149,6 +149,26 @@ def test_a_module_built_under_inference_mode_runs_outside_it() -> None:
     assert all(torch.equal(v, dict(plain.named_buffers())[k]) for k, v in m.named_buffers())
 
 
+def test_calls_inside_a_foreign_cuda_graph_capture_are_refused(monkeypatch) -> None:
+    """``forward``, ``reset`` and the captured step refuse while the current CUDA stream is being captured
+    by someone else (an engine capturing its whole model would replay their host side stale), before
+    anything changes. (The capture is stood in for.)"""
+    import dsv4.engine.op_checks as op_checks
+    from dsv4.engine.frontend import CapturedDecodeStep
+
+    m = tiny_frontend("reference", 2, 64)
+    m(dsv4.synthetic_activations((2, 6, CFG.hidden_size), seed=1, device=DEVICE))
+    captured = CapturedDecodeStep(m, _NoReplay(m.static_step(batch=2, seq=2, max_cache_len=16)))
+    x = dsv4.synthetic_activations((2, 2, CFG.hidden_size), seed=2, device=DEVICE)
+    before = _allocator(m)
+    monkeypatch.setattr(op_checks, "capturing", lambda device: True)
+    for call in (lambda: m(x), lambda: m.reset([0]), lambda: captured(x)):
+        with pytest.raises(RuntimeError, match="being captured into a graph"):
+            call()
+    after = _allocator(m)
+    assert after[:3] == before[:3] and torch.equal(after[3], before[3])
+
+
 def test_decode_loop_example_runs() -> None:
     proc = run_python([str(ROOT / "examples" / "decode_loop.py"), "--steps", "3", "--prefill", "16"], timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -17,7 +17,7 @@ from ..ops.backends import BACKENDS
 from ..ops.device import on_device
 from ..ops.registry import get_op
 from ..ops.validate import check_eps, check_int
-from .op_checks import CheckedBuffers, check_front_end_ops
+from .op_checks import CheckedBuffers, check_front_end_ops, refuse_capture
 from .paging import LayerPaging, Plan
 from .staging import host_ints, staged
 
@@ -241,6 +241,7 @@ class DecodeAttention(CheckedBuffers):
     def reset(self, batch_rows: int | list[int] | torch.Tensor) -> None:
         """Empty the given slots: their blocks go back to the pools, their rings are cleared; their
         next token sits at position 0."""
+        refuse_capture(self.attn_wq_a.device, "DecodeAttention.reset", "DecodeAttention.capture(seq)")
         rows = host_ints("batch_rows", batch_rows)
         for r in rows:
             if not 0 <= r < self.batch:
@@ -305,6 +306,7 @@ class DecodeAttention(CheckedBuffers):
         """One call of ``S`` tokens for slots ``0..B-1``: ``xn [B, S, D] bf16`` (after ``attn_norm``) ->
         ``y [B, S, D] bf16`` (to ``hc_post``). ``start_pos``: by default where each slot stands; an
         earlier position re-runs (see the class). Split into steps of at most ``prefill_chunk`` tokens."""
+        refuse_capture(self.attn_wq_a.device, "DecodeAttention", "DecodeAttention.capture(seq)")
         self.recheck()
         if not isinstance(xn, torch.Tensor) or xn.dim() != 3:
             raise ValueError(f"xn: expected a [B, S, D] tensor, got {getattr(xn, 'shape', type(xn).__name__)}")

@@ -24,6 +24,7 @@ from ..model.structs import QKV, AttnOut, IndexerOut, OProjOut, StepPositions
 from ..ops.device import on_device
 from ..ops.registry import get_op
 from ..ops.validate import check_int
+from .op_checks import refuse_capture
 from .staging import staged
 
 if TYPE_CHECKING:
@@ -180,6 +181,7 @@ class AttentionGraph:
         """One step: ``xn [batch, seq, D] bf16`` -> ``y [batch, seq, D] bf16`` (the static output).
         ``xn`` is copied into the graph's input ``self.xn``, unless it is that buffer: a caller that
         writes each step's activations there saves the copy."""
+        refuse_capture(self.xn.device, "AttentionGraph", "DecodeAttention.capture(seq)")
         want = list(self.xn.shape)
         if not isinstance(xn, torch.Tensor) or list(xn.shape) != want or xn.dtype != torch.bfloat16:
             got = f"{list(xn.shape)} {xn.dtype}" if isinstance(xn, torch.Tensor) else type(xn).__name__

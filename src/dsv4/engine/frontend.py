@@ -17,7 +17,7 @@ from ..ops.backends import BACKENDS, resolve
 from ..ops.device import on_device
 from ..ops.validate import check_eps, check_int, check_offset, check_tensor, check_topk
 from .decode_graph import DecodeGraph, StaticDecodeStep
-from .op_checks import CheckedBuffers, check_front_end_ops
+from .op_checks import CheckedBuffers, check_front_end_ops, refuse_capture
 from .staging import host_ints, staged, write_cells
 
 _ATTN = ("wq_a", "gamma_cq", "wq_b", "wq_b_scale", "wkv", "gamma_ckv")
@@ -162,6 +162,7 @@ class DecodeFrontEnd(CheckedBuffers):
 
     def reset(self, batch_rows: int | list[int] | torch.Tensor) -> None:
         """Empty the given slots; their next token sits at position 0."""
+        refuse_capture(self.attn_wq_a.device, "DecodeFrontEnd.reset", "DecodeFrontEnd.capture(seq)")
         rows = host_ints("batch_rows", batch_rows)
         for r in rows:
             if not 0 <= r < self.batch:
@@ -291,6 +292,7 @@ class DecodeFrontEnd(CheckedBuffers):
         A call that raises changes nothing (``x`` and ``start_pos`` are checked before any block is
         reserved, and blocks reserved for a step that then raises are given back).
         """
+        refuse_capture(self.attn_wq_a.device, "DecodeFrontEnd", "DecodeFrontEnd.capture(seq)")
         self.recheck()
         b, s, d = self.check_x(x)
         start = self.check_starts(b, s, start_pos)
@@ -359,6 +361,7 @@ class CapturedDecodeStep:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One step for slots ``0..batch-1``; ``x [batch, seq, D] bf16`` (the captured shape)."""
         fe, step = self.frontend, self.graph.step
+        refuse_capture(step.x.device, "CapturedDecodeStep", "DecodeFrontEnd.capture(seq)")
         if fe.generation != self.generation:
             raise ValueError(
                 "frontend: its buffers changed since this step was captured (.to(), a cast or a buffer replaced), "

@@ -41,6 +41,24 @@ def check_front_end_ops(
                           "offset": offset, "rope": rope, "topk": topk, "eps": eps})  # fmt: skip
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether the current stream of CUDA ``device`` is being captured into a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def refuse_capture(device: torch.device, what: str, capture: str) -> None:
+    """Refuse ``what`` inside a CUDA graph capture that is not its own (an engine capturing its whole
+    model): its host side (positions, blocks, table entries, copied from pinned host memory) differs
+    every call, and a replay would repeat the captured call's, stale. ``capture`` names the call that
+    makes the step a graph of its own."""
+    if capturing(device):
+        raise RuntimeError(
+            f"{what}: called while the current CUDA stream is being captured into a graph, which would replay "
+            f"this call's host bookkeeping (positions, blocks, table entries) stale; call it outside the capture "
+            f"(between a piecewise graph's pieces), where {capture} gives the step as a graph of its own"
+        )
+
+
 class CheckedBuffers(torch.nn.Module):
     """A module whose steps launch its ops unchecked, on buffers checked by its ``_check_ops`` (which
     each subclass defines).
