@@ -4,6 +4,8 @@ never read a device tensor on the host (no GPU stream synchronization)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -458,3 +460,34 @@ def test_what_an_op_writes_made_under_inference_mode_is_refused_outside_it(op: s
         getattr(dsv4, op)(**args, backend="reference")  # no out=: nothing of the caller's written
     with torch.inference_mode():
         getattr(dsv4, op)(**args, backend="reference")
+
+
+def _requiring_grad(record: object) -> object:
+    """``record`` (a tensor, weights, nested records) with every fp32 and bf16 tensor an ``nn.Parameter``,
+    which requires grad, as an engine's weights may be."""
+    if isinstance(record, torch.Tensor):
+        grads = record.dtype in (torch.float32, torch.bfloat16)
+        return torch.nn.Parameter(record.clone()) if grads else record
+    if dataclasses.is_dataclass(record):
+        return dataclasses.replace(
+            record, **{f.name: _requiring_grad(getattr(record, f.name)) for f in dataclasses.fields(record)}
+        )
+    return record
+
+
+@pytest.mark.parametrize("op", dsv4.ops.op_names())
+def test_weights_that_require_grad_give_no_autograd_graph(op: str) -> None:
+    """Weights and inputs that require grad (``nn.Parameter``s): the op runs without autograd, so
+    neither its outputs nor the state it updates carry a graph (on the reference they did, and the
+    state's graph grew every step), and the numbers are those of plain weights."""
+    case = make_case(CFG, op, seed=4, device=DEVICE, batch=2, seq=2)
+    plain = dsv4.harness.cases.clone_args(case.args, op)
+    args = dsv4.harness.cases.clone_args(case.args, op)
+    args = {k: v if k in mutated_args(op) else _requiring_grad(v) for k, v in args.items()}
+    got, want = getattr(dsv4, op)(**args, backend="reference"), getattr(dsv4, op)(**plain, backend="reference")
+    records = record_outputs({name: args[name] for name in mutated_args(op)})
+    outputs = [*(got or ()), *records.values()]
+    assert outputs and not any(t.requires_grad or t.grad_fn is not None for t in outputs)
+    want_records = record_outputs({name: plain[name] for name in mutated_args(op)})
+    assert all(torch.equal(a, b) for a, b in zip(got or (), want or (), strict=True))
+    assert all(torch.equal(t, want_records[k]) for k, t in records.items())

@@ -296,6 +296,28 @@ def test_a_layer_made_under_inference_mode_runs_outside_it(where: str) -> None:
     assert all(bit_identical(v, dict(plain.named_buffers())[k], k) for k, v in m.named_buffers())
 
 
+def test_weights_that_require_grad_leave_no_autograd_graph_in_the_state() -> None:
+    """An engine's weights may be ``nn.Parameter``s, which require grad: the steps run without autograd,
+    so the pools and rings never carry a graph (on the reference they did, one that grew every step)
+    and ``y`` is what plain weights give."""
+    w = dsv4.synthetic_weights(CFG, seed=0, device=DEVICE, layer=LAYERS["csa"])
+    grads = {
+        f.name: torch.nn.Parameter(getattr(w.attn, f.name).clone())
+        for f in dataclasses.fields(w.attn)
+        if getattr(w.attn, f.name).dtype in (torch.float32, torch.bfloat16)
+    }
+    rope = dsv4.layer_rope_table(CFG, LAYERS["csa"], 128, DEVICE)
+    m = dsv4.DecodeAttention(
+        dataclasses.replace(w, attn=dataclasses.replace(w.attn, **grads)), rope, CFG, batch=2, max_position=128,
+        backend="reference", block_size=BS,
+    )  # fmt: skip
+    plain = module("csa", batch=2)
+    for seed, s in ((90, 6), (91, 2)):
+        y = m(x_of(2, s, seed))
+        assert not y.requires_grad and bit_identical(y, plain(x_of(2, s, seed)), "y")
+    assert not any(t.requires_grad or t.grad_fn is not None for n, t in m.named_buffers() if n not in m.state_dict())
+
+
 def test_bad_input_changes_nothing() -> None:
     m = module("swa", batch=2)
     m(x_of(2, 4, 21))

@@ -5,7 +5,7 @@ whenever the module's buffers change."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -73,7 +73,8 @@ class CheckedBuffers(torch.nn.Module):
 
     Buffers made under ``torch.inference_mode`` (the module built, or moved, there) are inference
     tensors, which torch lets be written in place only in that mode: ``writing()`` is the mode a step
-    or a reset writes them in, so the module works called from inside or outside it.
+    or a reset writes them in (that one, or ``no_grad``), so the module works called from inside or
+    outside it.
     """
 
     generation = 0  # changes of the buffers so far
@@ -114,12 +115,13 @@ class CheckedBuffers(torch.nn.Module):
         self._checked = self.generation
 
     def writing(self) -> AbstractContextManager:
-        """The mode in which the buffers can be written in place: ``torch.inference_mode()`` when one of
-        them is an inference tensor, else none (the caller's mode)."""
+        """The mode in which a step writes the buffers: ``torch.inference_mode()`` when one of them is an
+        inference tensor (torch lets those be written in place only there), else ``torch.no_grad()``
+        (weights that require grad would give the state an autograd graph that grows every step)."""
         if self._inference_at != self.generation:
             self._inference = any(t.is_inference() for t in self.buffers())
             self._inference_at = self.generation
-        return torch.inference_mode() if self._inference else nullcontext()
+        return torch.inference_mode() if self._inference else torch.no_grad()
 
     def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
         changed = name not in self._buffers or self._buffers[name] is not tensor
