@@ -122,7 +122,7 @@ def _selection_workload(device: torch.device, seed: int) -> Workload:
     n = ROW_IN_REGISTERS + 2
     start = n * COMPRESS_RATIO - DECODE_SEQ
     g = torch.Generator().manual_seed(seed)
-    score = torch.randn(1, DECODE_SEQ, n, generator=g).to(device)
+    score = torch.randn(1, DECODE_SEQ, n, generator=g, dtype=torch.float32).to(device)
     pos = StepPositions.from_host(torch.tensor([start], device=device), (start,), DECODE_SEQ)
     topk = get_config(DRY_PRESET).index_topk
 

@@ -36,7 +36,8 @@ def check_front_end_ops(
     QKV_PROJ_ROPE.backend_args({"x": x[0], "w": attn, "positions": one, "rope": rope, "eps": eps})
     if indexer is None:
         return
-    qr, qr_scale = torch.zeros(1, attn.wq_a.shape[0], dtype=torch.int8, device=dev), torch.ones(1, 1, device=dev)
+    qr = torch.zeros(1, attn.wq_a.shape[0], dtype=torch.int8, device=dev)
+    qr_scale = torch.ones(1, 1, dtype=torch.float32, device=dev)
     INDEXER.backend_args({"x": x, "qr": qr, "qr_scale": qr_scale, "w": indexer, "state": state, "start_pos": 0,
                           "offset": offset, "rope": rope, "topk": topk, "eps": eps})  # fmt: skip
 

@@ -25,7 +25,7 @@ def fill_stale_rows(pool: KVPool, g: torch.Generator) -> None:
     used = pool.nope.shape[-1] // 64
     scale = torch.zeros(tuple(pool.scale.shape), dtype=torch.uint8)
     scale[..., :used] = torch.randint(SCALE_BIAS - 4, SCALE_BIAS + 4, (*pool.scale.shape[:-1], used), generator=g)
-    rope = torch.randn(tuple(pool.rope.shape), generator=g).to(torch.bfloat16)
+    rope = torch.randn(tuple(pool.rope.shape), generator=g, dtype=torch.float32).to(torch.bfloat16)
     device = pool.nope.device
     pool.nope.view(torch.uint8).copy_(codes.to(device))
     pool.scale.copy_(scale.to(device))
@@ -64,12 +64,12 @@ def compressor_state(c: CaseInputs, ratio: int) -> CompressorState:
     hd = c.cfg.head_dim
     coff, slots = compressor_dims(ratio, hd)
     pool = compressed_pool(c, ratio)
-    kv = torch.zeros(c.batch, slots, coff * hd)
-    score = torch.full((c.batch, slots, coff * hd), float("-inf"))
+    kv = torch.zeros(c.batch, slots, coff * hd, dtype=torch.float32)
+    score = torch.full((c.batch, slots, coff * hd), float("-inf"), dtype=torch.float32)
     for b, p in enumerate(c.start.tolist()):
         for q in range(max(0, p - slots), p):
-            kv[b, q % slots] = torch.randn(coff * hd, generator=c.generator)
-            score[b, q % slots] = torch.randn(coff * hd, generator=c.generator)
+            kv[b, q % slots] = torch.randn(coff * hd, generator=c.generator, dtype=torch.float32)
+            score[b, q % slots] = torch.randn(coff * hd, generator=c.generator, dtype=torch.float32)
     return CompressorState(kv.to(c.device), score.to(c.device), pool)
 
 
@@ -86,7 +86,7 @@ def kv_compressor_args(c: CaseInputs, ratio: int = 4) -> dict:
 
 def unit_rows(c: CaseInputs, *shape: int) -> torch.Tensor:
     """bf16 ``[*shape]`` with unit-RMS rows (as RMS-normed q and kv heads are)."""
-    return torch.randn(shape, generator=c.generator).to(torch.bfloat16).to(c.device)
+    return torch.randn(shape, generator=c.generator, dtype=torch.float32).to(torch.bfloat16).to(c.device)
 
 
 def topk_rows(c: CaseInputs, ratio: int, topk: int, offset: int) -> torch.Tensor:
@@ -111,7 +111,7 @@ def sparse_attn_args(c: CaseInputs, kind: str = "csa") -> dict:
         "kv": unit_rows(c, c.batch, c.seq, cfg.head_dim),
         "start_pos": c.start.to(c.device),
         "window_pool": window_pool(c),
-        "attn_sink": torch.randn(cfg.num_attention_heads, generator=c.generator).to(c.device),
+        "attn_sink": torch.randn(cfg.num_attention_heads, generator=c.generator, dtype=torch.float32).to(c.device),
         "rope": c.rope,
         "kind": kind,
         "window": cfg.sliding_window,

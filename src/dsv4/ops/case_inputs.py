@@ -77,12 +77,12 @@ def fill_history(state: IndexerState, start_pos: torch.Tensor, seed: int) -> Non
     hid = state.keys.shape[2]
     for b, p in enumerate(start_pos.tolist()):
         done, r = divmod(p, COMPRESS_RATIO)
-        history = torch.randn(done, hid, generator=g).to(torch.bfloat16)
+        history = torch.randn(done, hid, generator=g, dtype=torch.float32).to(torch.bfloat16)
         state.write_keys(torch.full((done,), b), torch.arange(done), history.to(state.keys.device))
         prev = COMPRESS_RATIO * ((done - 1) % 2)  # the slots of block done-1 (positions 4*done-4 ..)
         cur = COMPRESS_RATIO * (done % 2)  # the slots of the open block done
         for t in (state.kv_state[b], state.score_state[b]):
             if done:
-                t[prev : prev + COMPRESS_RATIO] = torch.randn(COMPRESS_RATIO, 2 * hid, generator=g)
+                t[prev : prev + COMPRESS_RATIO] = torch.randn(COMPRESS_RATIO, 2 * hid, generator=g, dtype=torch.float32)
                 t[cur + r : cur + COMPRESS_RATIO] = t[prev + r : prev + COMPRESS_RATIO]  # never read
-            t[cur : cur + r] = torch.randn(r, 2 * hid, generator=g)
+            t[cur : cur + r] = torch.randn(r, 2 * hid, generator=g, dtype=torch.float32)

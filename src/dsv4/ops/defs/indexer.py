@@ -72,7 +72,8 @@ def validate(args: dict[str, Any], out: IndexerOut | None) -> dict[str, Any]:
 
 def case_args(c: CaseInputs) -> dict[str, Any]:
     args = compressor_case_args(c)
-    qr, qr_scale = quantize_int8_per_row(torch.randn(c.batch * c.seq, c.cfg.q_lora_rank, generator=c.generator))
+    q = torch.randn(c.batch * c.seq, c.cfg.q_lora_rank, generator=c.generator, dtype=torch.float32)
+    qr, qr_scale = quantize_int8_per_row(q)
     args.update(
         w=c.weights.indexer,
         qr=qr.to(c.device),
