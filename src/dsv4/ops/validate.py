@@ -371,8 +371,9 @@ def check_block_entries(state: IndexerState, pos: StepPositions, reads: bool) ->
         b, k = (int(v) for v in clash.nonzero()[0])
         row = pos.start_host[b] // COMPRESS_RATIO + k
         block = int(table[b, row // bs])
-        ends = torch.tensor(pos.cache_lens)[:, None]
-        readers = ((table == block) & (torch.arange(table.shape[1]) * bs + row % bs < ends)).nonzero().tolist()
+        ends = torch.tensor(pos.cache_lens, device=table.device)[:, None]
+        columns = torch.arange(table.shape[1], device=table.device)
+        readers = ((table == block) & (columns * bs + row % bs < ends)).nonzero().tolist()
         other_b, column = next(e for e in readers if e != [b, row // bs])
         raise ValueError(
             f"{READ_AS_ANOTHER_ROW}: slot {b} writes its row {row} (column {row // bs}) to block {block} "
