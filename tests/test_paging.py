@@ -11,7 +11,7 @@ import torch
 
 from conftest import DEVICE
 from dsv4.engine.paging import Blocks
-from dsv4.engine.staging import write_cells
+from dsv4.engine.staging import staged, write_cells
 from dsv4.model.state import UNALLOCATED
 
 
@@ -67,3 +67,15 @@ def test_a_cell_outside_the_table_is_refused_not_written_into_another() -> None:
         assert table.cpu().tolist() == [[7, 7, 7], [7, 7, 7]]
     write_cells(table, [(1, 2, 5), (0, 0, 4), (1, 2, 6)])
     assert table.cpu().tolist() == [[4, 7, 7], [7, 7, 6]]
+
+
+def test_staged_values_are_the_hosts_whatever_the_default_device() -> None:
+    """The staging tensor is the host's under a default device of torch's (``torch.set_default_device``,
+    or a ``torch.device`` context as engines build models in): made on that device, a GPU's would
+    refuse ``pin_memory``. A meta default stands in for one here, and the writes still land."""
+    table = torch.full((2, 4), UNALLOCATED, dtype=torch.int32, device=DEVICE)
+    with torch.device("meta"):
+        host = staged([3, 5], DEVICE)
+        write_cells(table, [(1, 2, 7)])
+    assert host.device.type == "cpu" and host.tolist() == [3, 5]
+    assert table[1, 2] == 7 and int((table != UNALLOCATED).sum()) == 1
