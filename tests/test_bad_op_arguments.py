@@ -491,3 +491,15 @@ def test_weights_that_require_grad_give_no_autograd_graph(op: str) -> None:
     want_records = record_outputs({name: plain[name] for name in mutated_args(op)})
     assert all(torch.equal(a, b) for a, b in zip(got or (), want or (), strict=True))
     assert all(torch.equal(t, want_records[k]) for k, t in records.items())
+
+
+@pytest.mark.parametrize("op", dsv4.ops.op_names())
+def test_a_callers_autocast_changes_nothing(op: str) -> None:
+    """Under a caller's ``torch.autocast`` (bf16) the op computes as without it: its torch ops run with
+    autocast off (the reference's fp32 matmuls ran in bf16: ``sparse_attn``'s ``o`` off by 8 at ``tiny``,
+    ``qkv_proj_rope``'s ``q`` by 0.02; the compressors raised half way through their state)."""
+    case = make_case(CFG, op, seed=5, device=DEVICE, batch=2, seq=2)
+    want = dsv4.harness.cases.run_case(case, "reference")
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        got = dsv4.harness.cases.run_case(case, "reference")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

@@ -318,6 +318,17 @@ def test_weights_that_require_grad_leave_no_autograd_graph_in_the_state() -> Non
     assert not any(t.requires_grad or t.grad_fn is not None for n, t in m.named_buffers() if n not in m.state_dict())
 
 
+def test_a_callers_autocast_changes_nothing() -> None:
+    """An engine may run its model under ``torch.autocast``: the layer's steps run their ops with it off,
+    so ``y`` and every buffer are what they are without it."""
+    m, plain = module("csa", batch=2), module("csa", batch=2)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        got = [m(x_of(2, 6, 95)), m(x_of(2, 2, 96))]
+    want = [plain(x_of(2, 6, 95)), plain(x_of(2, 2, 96))]
+    assert all(bit_identical(a, b, "y") for a, b in zip(got, want, strict=True))
+    assert all(bit_identical(v, dict(plain.named_buffers())[k], k) for k, v in m.named_buffers())
+
+
 def test_bad_input_changes_nothing() -> None:
     m = module("swa", batch=2)
     m(x_of(2, 4, 21))
