@@ -329,6 +329,21 @@ def test_a_callers_autocast_changes_nothing() -> None:
     assert all(bit_identical(v, dict(plain.named_buffers())[k], k) for k, v in m.named_buffers())
 
 
+def test_torch_compile_of_a_model_runs_the_step_as_it_is() -> None:
+    """An engine may ``torch.compile`` a model the layer sits in: the step's host bookkeeping changes every
+    call, so torch.compile runs it as it is (traced, it was compiled again for every step's positions:
+    95 graphs in 12 steps, then the recompile limit), and the results are eager's."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    m, plain = module("csa", batch=2), module("csa", batch=2)
+    compiled = torch.compile(torch.nn.Sequential(m), backend="eager")
+    for seed in range(6):
+        assert bit_identical(compiled(x_of(2, 2, 100 + seed)), plain(x_of(2, 2, 100 + seed)), f"y of step {seed}")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+
+
 def test_bad_input_changes_nothing() -> None:
     m = module("swa", batch=2)
     m(x_of(2, 4, 21))

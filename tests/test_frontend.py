@@ -169,6 +169,21 @@ def test_calls_inside_a_foreign_cuda_graph_capture_are_refused(monkeypatch) -> N
     assert after[:3] == before[:3] and torch.equal(after[3], before[3])
 
 
+def test_torch_compile_of_a_model_runs_the_step_as_it_is() -> None:
+    """Under a caller's ``torch.compile`` the step (host bookkeeping that changes every call) runs as it
+    is: no graph is compiled for it, and the results are eager's."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    m, plain = tiny_frontend("reference", 2, 64), tiny_frontend("reference", 2, 64)
+    compiled = torch.compile(m, backend="eager")
+    for seed in range(4):
+        x = dsv4.synthetic_activations((2, 2, CFG.hidden_size), seed=seed, device=DEVICE)
+        assert all(torch.equal(a, b) for a, b in zip(compiled(x), plain(x), strict=True)), seed
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
+
+
 def test_decode_loop_example_runs() -> None:
     proc = run_python([str(ROOT / "examples" / "decode_loop.py"), "--steps", "3", "--prefill", "16"], timeout=300)
     assert proc.returncode == 0, proc.stderr

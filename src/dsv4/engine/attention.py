@@ -17,7 +17,7 @@ from ..ops.backends import BACKENDS
 from ..ops.device import no_autocast, on_device
 from ..ops.registry import get_op
 from ..ops.validate import check_eps, check_int
-from .op_checks import CheckedBuffers, check_front_end_ops, refuse_capture
+from .op_checks import CheckedBuffers, check_front_end_ops, not_compiled, refuse_capture
 from .paging import LayerPaging, Plan
 from .staging import host_ints, staged
 
@@ -302,6 +302,7 @@ class DecodeAttention(CheckedBuffers):
 
     # --- the step ---------------------------------------------------------------------------------
 
+    @not_compiled
     def forward(self, xn: torch.Tensor, start_pos: int | list[int] | torch.Tensor | None = None) -> torch.Tensor:
         """One call of ``S`` tokens for slots ``0..B-1``: ``xn [B, S, D] bf16`` (after ``attn_norm``) ->
         ``y [B, S, D] bf16`` (to ``hc_post``). ``start_pos``: by default where each slot stands; an

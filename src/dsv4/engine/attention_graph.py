@@ -24,7 +24,7 @@ from ..model.structs import QKV, AttnOut, IndexerOut, OProjOut, StepPositions
 from ..ops.device import no_autocast, on_device
 from ..ops.registry import get_op
 from ..ops.validate import check_int
-from .op_checks import refuse_capture
+from .op_checks import not_compiled, refuse_capture
 from .staging import staged
 
 if TYPE_CHECKING:
@@ -177,6 +177,7 @@ class AttentionGraph:
             with torch.cuda.graph(self.graph):
                 self.launch()
 
+    @not_compiled
     def __call__(self, xn: torch.Tensor, start_pos: int | list[int] | torch.Tensor | None = None) -> torch.Tensor:
         """One step: ``xn [batch, seq, D] bf16`` -> ``y [batch, seq, D] bf16`` (the static output).
         ``xn`` is copied into the graph's input ``self.xn``, unless it is that buffer: a caller that

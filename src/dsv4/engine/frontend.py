@@ -17,7 +17,7 @@ from ..ops.backends import BACKENDS, resolve
 from ..ops.device import no_autocast, on_device
 from ..ops.validate import check_eps, check_int, check_offset, check_tensor, check_topk
 from .decode_graph import DecodeGraph, StaticDecodeStep
-from .op_checks import CheckedBuffers, check_front_end_ops, refuse_capture
+from .op_checks import CheckedBuffers, check_front_end_ops, not_compiled, refuse_capture
 from .staging import host_ints, staged, write_cells
 
 _ATTN = ("wq_a", "gamma_cq", "wq_b", "wq_b_scale", "wkv", "gamma_ckv")
@@ -275,6 +275,7 @@ class DecodeFrontEnd(CheckedBuffers):
     def advance(self, start: list[int], s: int) -> None:
         self.next_pos[: len(start)] = [p + s for p in start]
 
+    @not_compiled
     def forward(
         self, x: torch.Tensor, start_pos: int | list[int] | torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -356,6 +357,7 @@ class CapturedDecodeStep:
     def __init__(self, frontend: DecodeFrontEnd, graph: DecodeGraph) -> None:
         self.frontend, self.graph, self.generation = frontend, graph, frontend.generation
 
+    @not_compiled
     def __call__(
         self, x: torch.Tensor, start_pos: int | list[int] | torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -4,9 +4,10 @@ whenever the module's buffers change."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -40,6 +41,24 @@ def check_front_end_ops(
     qr_scale = torch.ones(1, 1, dtype=torch.float32, device=dev)
     INDEXER.backend_args({"x": x, "qr": qr, "qr_scale": qr_scale, "w": indexer, "state": state, "start_pos": 0,
                           "offset": offset, "rope": rope, "topk": topk, "eps": eps})  # fmt: skip
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def not_compiled(fn: F) -> F:
+    """``fn`` (a step's entry, whose host bookkeeping changes every call) run as it is when a caller's
+    ``torch.compile`` reaches it: traced, it was compiled again for every step's positions (95 graphs in
+    12 steps of a tiny layer, then the recompile limit). Dynamo is imported only when something is being
+    compiled, so ``import dsv4`` stays light."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
 
 
 def capturing(device: torch.device) -> bool:
