@@ -131,7 +131,7 @@ class DecodeFrontEnd(CheckedBuffers):
         self.slot_blocks: list[list[int]] = [[] for _ in range(batch)]  # each slot's pool blocks, in row order
         self.free_blocks = list(range(num_blocks))  # handed out lowest first
         self.last_score: torch.Tensor | None = None
-        self.recheck()  # each op's backend and checks, once: the steps launch the ops unchecked (CheckedBuffers)
+        self.recheck()  # each op's backend and checks on these buffers (again after they change: CheckedBuffers)
 
     def _check_ops(self) -> None:
         """Each op's backend on the buffers' device (``op_backends``), then both ops' checks on the
