@@ -190,17 +190,12 @@ class AttentionGraph:
         if xn.device != self.xn.device:
             raise ValueError(f"xn: expected device {self.xn.device}, got {xn.device}")
         layer = self.layer
-        if layer.generation != self.generation:
-            raise ValueError(
-                "layer: its buffers changed since this step was captured (.to(), a cast or a buffer replaced), "
-                "and the step would read the old ones: capture it again"
-            )
+        layer.check_captured(self.generation, "layer")
         starts = layer.step_starts(self.batch, self.seq, start_pos, self.seq)
         rows = self.indexer_out.score.shape[-1] if self.indexer_out is not None else None
         if rows is not None and (max(starts) + self.seq) // COMPRESS_RATIO > rows:
             raise ValueError(f"start_pos: {starts} with S={self.seq} passes the indexer pool's rows")
-        # the static buffers were made in the capture's mode, the layer's in its own: write both in theirs
-        with torch.inference_mode() if self.xn.is_inference() else layer.writing():
+        with layer.captured_writing(self.xn):
             self.start.copy_(staged(starts, self.start.device), non_blocking=True)
             if xn is not self.xn:  # a caller may write its activations into the graph's input itself
                 self.xn.copy_(xn)

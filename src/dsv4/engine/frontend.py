@@ -364,16 +364,10 @@ class CapturedDecodeStep:
         """One step for slots ``0..batch-1``; ``x [batch, seq, D] bf16`` (the captured shape)."""
         fe, step = self.frontend, self.graph.step
         refuse_capture(step.x.device, "CapturedDecodeStep", "DecodeFrontEnd.capture(seq)")
-        if fe.generation != self.generation:
-            raise ValueError(
-                "frontend: its buffers changed since this step was captured (.to(), a cast or a buffer replaced), "
-                "and the step would read the old ones: capture it again"
-            )
+        fe.check_captured(self.generation, "frontend")
         start = fe.check_starts(step.batch, step.seq, start_pos)
         step.check_inputs(x, start)  # before any block is reserved: a refused call changes nothing
-        # the static buffers were made in the capture's mode, the module's in its own: write both in theirs
-        mode = torch.inference_mode() if step.x.is_inference() else fe.writing()
-        with mode, fe.reserved(start, step.seq):
+        with fe.captured_writing(step.x), fe.reserved(start, step.seq):
             results = self.graph.replay(x, start)
         fe.advance(start, step.seq)
         fe.last_score = step.out.score

@@ -143,6 +143,20 @@ class CheckedBuffers(torch.nn.Module):
             self._inference_at = self.generation
         return torch.inference_mode() if self._inference else torch.no_grad()
 
+    def check_captured(self, generation: int, name: str) -> None:
+        """A captured step built at ``generation`` (its launches bound to the buffers as they were then)
+        may replay only if the buffers have not changed since; ``name`` is the module's name in the error."""
+        if self.generation != generation:
+            raise ValueError(
+                f"{name}: its buffers changed since this step was captured (.to(), a cast or a buffer replaced), "
+                "and the step would read the old ones: capture it again"
+            )
+
+    def captured_writing(self, static: torch.Tensor) -> AbstractContextManager:
+        """The mode a captured step with the static buffer ``static`` writes in: its static buffers were
+        made in the capture's mode, the module's in its own; inference mode if either needs it."""
+        return torch.inference_mode() if static.is_inference() else self.writing()
+
     def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
         changed = name not in self._buffers or self._buffers[name] is not tensor
         super().register_buffer(name, tensor, persistent)
