@@ -42,7 +42,7 @@ def with_argument(stub: Callable[..., Any], name: str, kind: type, default: Any,
     params.insert(at, inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind))
 
     def amended(*args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError
+        """Replaced by ``stub``'s docstring below."""
 
     amended.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
     amended.__doc__ = stub.__doc__.replace("        backend:", f"        {name}: {doc}\n        backend:", 1)

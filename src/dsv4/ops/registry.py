@@ -7,8 +7,9 @@ The public functions (``dsv4.ops``), the custom ops (``torch.ops.dsv4``), ``dsv4
 ``dsv4 run``, ``dsv4 golden`` and ``dsv4 bench`` all read the registry instead of listing ops, so
 adding an op is one reference function, one kernels module and one descriptor passed to ``register_op``.
 
-**One signature per op.** The descriptor's ``signature`` is a typed stub: its parameters (names,
-annotations, defaults, which are keyword-only) and its docstring are the op's public signature, once.
+**One signature per op.** The descriptor's ``signature`` is a typed stub, its body the docstring
+alone: its parameters (names, annotations, defaults, which are keyword-only) and its docstring are
+the op's public signature, once.
 ``params`` and ``result`` are read from it; ``op_function`` makes the public function (``dsv4.indexer``)
 and the ``dsv4.library`` one from it; the custom op's schema is ``params`` flattened; validation gets
 the bound arguments by name and the backends get them in ``params`` order (``backend_args``). Adding an

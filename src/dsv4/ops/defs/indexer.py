@@ -63,7 +63,6 @@ def indexer(
         ``cache_len[b] = (start_pos[b] + S) // 4``; invisible scores are ``-3.4028235e38`` and
         unused index slots ``-1``.
     """
-    raise NotImplementedError  # the description of the op: dsv4.indexer is made from it
 
 
 def validate(args: dict[str, Any], out: IndexerOut | None) -> dict[str, Any]:

@@ -50,7 +50,6 @@ def indexer_compressor(
         eps: RMSNorm epsilon.
         backend: ``"reference"``, ``"triton"`` or ``"auto"`` (Triton on CUDA, else the reference).
     """
-    raise NotImplementedError  # the description of the op: dsv4.indexer_compressor is made from it
 
 
 def validate(args: dict[str, Any], out: None) -> dict[str, Any]:

@@ -33,7 +33,6 @@ def o_proj(o: torch.Tensor, w: OProjWeights, *, backend: str = "auto", out: OPro
         ``OProjOut(y [T, D] bf16)``: ``r = bf16(o_group @ wo_a[g].T)`` per group, FP8-quantized per
         128, times ``wo_b`` with both block scales.
     """
-    raise NotImplementedError  # the description of the op: dsv4.o_proj is made from it
 
 
 def validate(args: dict[str, Any], out: OProjOut | None) -> dict[str, Any]:

@@ -42,7 +42,6 @@ def qkv_proj_rope(
     Returns:
         ``QKV(q [T, H, HD] bf16, kv [T, HD] bf16, qr [T, QL] int8, qr_scale [T, 1] fp32)``.
     """
-    raise NotImplementedError  # the description of the op: dsv4.qkv_proj_rope is made from it
 
 
 def validate(args: dict[str, Any], out: QKV | None) -> dict[str, Any]:

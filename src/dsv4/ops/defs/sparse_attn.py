@@ -65,7 +65,6 @@ def sparse_attn(
     Returns:
         ``AttnOut(o [B, S, H, HD] bf16)``.
     """
-    raise NotImplementedError  # the description of the op: dsv4.sparse_attn is made from it
 
 
 def validate(args: dict[str, Any], out: AttnOut | None) -> dict[str, Any]:

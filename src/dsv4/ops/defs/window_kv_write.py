@@ -33,7 +33,6 @@ def window_kv_write(
         window: the sliding window ``W``.
         backend: ``"reference"``, ``"triton"`` or ``"auto"`` (Triton on CUDA, else the reference).
     """
-    raise NotImplementedError  # the description of the op: dsv4.window_kv_write is made from it
 
 
 def validate(args: dict[str, Any], out: None) -> dict[str, Any]:
