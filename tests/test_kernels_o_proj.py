@@ -18,6 +18,7 @@ from dsv4.kernels import tuning
 from dsv4.kernels.o_proj import o_proj as fused_o_proj
 from dsv4.kernels.workspace import Workspace
 from dsv4.model.weights import synthetic_o_proj
+from program_order import in_order, program_orders
 
 TINY = dsv4.get_config("tiny")  # G=2, OL=64: a 128-block of r spans both groups
 WIDE = dataclasses.replace(TINY, o_lora_rank=128)  # two 128-blocks in wo_b's reduction axis: wo_b splits in two
@@ -74,6 +75,19 @@ def test_uneven_slices_and_groups_across_blocks() -> None:
     _check(o, w)
     with tuning.forced("o_proj.wo_b", {"splits": 2}):
         _check(o, w)
+
+
+@pytest.mark.parametrize("t", [5, 130])
+def test_split_counters_independent_of_program_order(t: int) -> None:
+    """The ``wo_a`` and ``wo_b`` K-slices in any order of their programs: whichever slice of a tile counts
+    last adds all of them in slice order, so the bits are those of grid order (where the last slice is
+    always the last to come); under the interpreter, shuffled orders; T=130: two M-tiles' counters."""
+    o, w = _inputs(WIDE, t, seed=17)
+    with tuning.forced("o_proj.wo_a", {"splits": 2}), tuning.forced("o_proj.wo_b", {"splits": 2}):
+        want = _check(o, w)
+        for order in program_orders()[1:]:
+            with in_order(order):
+                assert bit_identical(dsv4.o_proj(o, w, backend="triton").y, want, f"y (order {order})")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

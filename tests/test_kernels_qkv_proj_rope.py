@@ -8,6 +8,7 @@ sweep over token counts and tilings.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ from dsv4.model.config import DeepSeekV4Config, get_config
 from dsv4.model.rope import RopeTable, rope_table
 from dsv4.model.weights import AttnWeights, synthetic_activations, synthetic_weights
 from dsv4.reference.common import rms_norm
+from program_order import in_order, program_orders
 
 TINY = get_config("tiny")
 # Dims of no preset: odd head count, a q LoRA rank that is not a power of two (as in ``pro``) and a
@@ -145,10 +147,11 @@ def test_paired_halves_compute_the_same_bits(t: int, huge: bool) -> None:
     exchange words as the rows kernel leaves them (-1) and no wait (``spins=0``): a pair's first half
     parks its values and leaves, and the second finishes both halves (under the interpreter, which runs
     programs one at a time, every pair; compiled, every pair whose partner had not arrived). (2) Every
-    pair's arrival word at "one half waits" and the sums already published (those of (1)): each half
-    finds its partner's sums and finishes its own. Both give the one-program-per-head path's ``q`` bit
-    for bit, every element written. ``huge``: half heads whose squares overflow fp32, so the pairs
-    swap scaled sums."""
+    pair's arrival word at "one half waits" and the sums already published (as (1) leaves them): each
+    half finds its partner's sums and finishes its own. Both give the one-program-per-head path's ``q``
+    bit for bit, every element written, in any order of the programs (under the interpreter: grid order,
+    where a pair's first half is half 0, and shuffled orders, where it may be half 1). ``huge``: half
+    heads whose squares overflow fp32, so the pairs swap scaled sums."""
     x, w, positions, rope = qkv_inputs(TINY, decode_positions(t, 256, seed=7), 256, seed=7, outliers=2)
     if huge:
         w = _huge_half_heads(w)
@@ -159,13 +162,18 @@ def test_paired_halves_compute_the_same_bits(t: int, huge: bool) -> None:
     words = torch.full((pair_words(t, h),), -1, dtype=torch.int64, device=DEVICE)
     park = torch.full(park_shape(t, h, hd, block_m), float("nan"), device=DEVICE)
     arrivals = words[2 * h * t : 2 * h * t + triton.cdiv(t, block_m) * h]
-    for meeting in ("first half parks", "partner waits"):
+    for order, meeting in itertools.product(program_orders(), ("first half parks", "partner waits")):
+        words.fill_(-1)
         if meeting == "partner waits":
+            # the sums as the first way left them, and every pair's word at "one half waits"
+            launch_q_heads(expected.qr, expected.qr_scale, w, positions, rope, TINY.rms_norm_eps,
+                           torch.empty_like(expected.q), words, park, block_m, True, spins=0)  # fmt: skip
             arrivals.fill_(1)
         q = torch.full_like(expected.q, float("nan"))
-        launch_q_heads(expected.qr, expected.qr_scale, w, positions, rope, TINY.rms_norm_eps, q, words, park,
-                       block_m, True, spins=0 if meeting == "first half parks" else None)  # fmt: skip
-        assert torch.equal(q, expected.q), meeting
+        with in_order(order):
+            launch_q_heads(expected.qr, expected.qr_scale, w, positions, rope, TINY.rms_norm_eps, q, words, park,
+                           block_m, True, spins=0 if meeting == "first half parks" else None)  # fmt: skip
+        assert torch.equal(q, expected.q), (meeting, order)
         if meeting == "first half parks" and interpreted():
             assert bool((arrivals == 3).all()), "every first half handed its values over"
         else:  # compiled, the halves of a pair run at once and mostly meet (2); any may have parked (3)
@@ -179,7 +187,9 @@ def test_pairs_in_many_waves_compute_the_same_bits(t: int) -> None:
     published and no wait (``spins=0``): a half that finds no sums of its partner computes them itself,
     then its own values again (under the interpreter, every first half of a pair; compiled, a half
     whose partner had not started). (2) Every sum already published: each half takes its partner's.
-    Both give the one-program-per-head ``q`` bit for bit, and so does the op with the candidate."""
+    Both give the one-program-per-head ``q`` bit for bit, in any order of the programs (shuffled under
+    the interpreter, so that half 1 may be the one that computes its partner's sums), and so does the
+    op with the candidate."""
     x, w, positions, rope = qkv_inputs(TINY, decode_positions(t, 256, seed=8), 256, seed=8, outliers=2)
     expected = dsv4.qkv_proj_rope(x, w, positions, rope, backend="triton")
     h = TINY.num_attention_heads
@@ -188,12 +198,15 @@ def test_pairs_in_many_waves_compute_the_same_bits(t: int) -> None:
     cfg = tuning.Config({**Q_HEADS_TUNING.default, "pair_waves": "many", "num_stages": 2})
     words = torch.full((pair_words(t, h),), -1, dtype=torch.int64, device=DEVICE)
     sums = words[: 2 * h * t].view(h, 2, t)
-    for published in (False, True):
-        q = torch.full_like(expected.q, float("nan"))
-        launch_q_heads(expected.qr, expected.qr_scale, w, positions, rope, TINY.rms_norm_eps, q, words,
-                       torch.empty(1, device=DEVICE), block_m, True, cfg, spins=0)  # fmt: skip
-        assert torch.equal(q, expected.q), f"published={published}"
-        assert bool((sums >= 0).all()), "every half published its sums"
+    for order in program_orders():
+        words.fill_(-1)
+        for published in (False, True):
+            q = torch.full_like(expected.q, float("nan"))
+            with in_order(order):
+                launch_q_heads(expected.qr, expected.qr_scale, w, positions, rope, TINY.rms_norm_eps, q, words,
+                               torch.empty(1, device=DEVICE), block_m, True, cfg, spins=0)  # fmt: skip
+            assert torch.equal(q, expected.q), f"published={published}, order {order}"
+            assert bool((sums >= 0).all()), "every half published its sums"
     with tuning.forced("qkv.q_heads", {"pair_waves": "many", "num_stages": 2}):
         again = dsv4.qkv_proj_rope(x, w, positions, rope, backend="triton")
     for name, a, b in zip(expected._fields, expected, again, strict=True):

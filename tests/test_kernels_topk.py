@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
 
-import numpy as np
 import pytest
 import torch
 import triton
@@ -33,6 +31,7 @@ from dsv4.kernels.topk import (
 from dsv4.model.structs import MASKED_SCORE, StepPositions
 from dsv4.ops.validate import step_positions
 from dsv4.reference.indexer import select_topk as reference_select_topk
+from program_order import programs_shuffled
 
 OFFSET = 128  # the attention's window size, added to every index
 
@@ -276,30 +275,6 @@ def test_topk_ties_straddling_chunks() -> None:
     _check_with_hist(score, pos, 512)
 
 
-@contextlib.contextmanager
-def _programs_shuffled(seed: int) -> Iterator[None]:
-    """Run each interpreted launch's programs in a random order, as a GPU may schedule them: the
-    interpreter's ``i``-th program gets the grid index of the permutation's ``i``-th entry."""
-    import triton.runtime.interpreter as interp
-
-    builder = interp.interpreter_builder
-    real = builder.set_grid_idx
-    rng = np.random.default_rng(seed)
-    order: list[tuple[int, int, int]] = []
-
-    def shuffled(x: int, y: int, z: int) -> None:
-        nx, ny, nz = builder.grid_dim
-        if (x, y, z) == (0, 0, 0):  # a new launch
-            order[:] = [np.unravel_index(i, (nx, ny, nz)) for i in rng.permutation(nx * ny * nz)]
-        real(*map(int, order[(x * ny + y) * nz + z]))
-
-    builder.set_grid_idx = shuffled
-    try:
-        yield
-    finally:
-        del builder.set_grid_idx  # the instance attribute shadowed the method
-
-
 @pytest.mark.skipif(not interpreted(), reason="reorders the interpreter's programs; on a GPU the repeat test runs")
 def test_topk_independent_of_program_order() -> None:
     """Another program finishing each row, candidates appended in another order: the same bits."""
@@ -307,7 +282,7 @@ def test_topk_independent_of_program_order() -> None:
     score, pos = _long_rows(n, seed=5)
     expected = reference_select_topk(score, pos, 1024, OFFSET)
     for seed in range(3):
-        with _programs_shuffled(seed):
+        with programs_shuffled(seed):
             assert torch.equal(select_topk(score, pos, 1024, OFFSET), expected)
             hist = _score_kernel_hist(score, pos)
             assert torch.equal(select_topk(score, pos, 1024, OFFSET, hist=hist), expected)
@@ -359,7 +334,7 @@ def test_a_row_that_overflows_its_list_is_finished_from_its_scores(values: int) 
     score = _masked((torch.randint(0, values, (1, 2, n), generator=g).float() - 1.5).to(DEVICE), pos)
     expected = reference_select_topk(score, pos, 256, OFFSET)
     ws = Workspace()
-    orders = [contextlib.nullcontext()] + ([_programs_shuffled(values)] if interpreted() else [])
+    orders = [contextlib.nullcontext()] + ([programs_shuffled(values)] if interpreted() else [])
     for order in orders:
         with order:
             hist = _score_kernel_hist(score, pos)
@@ -382,7 +357,7 @@ def test_chunks_list_only_tie_keys_that_can_still_be_taken() -> None:
     score = _masked((2 + 6 * torch.rand(1, 2, n, generator=g)).to(DEVICE), pos)
     hist = _score_kernel_hist(score, pos)
     expected = reference_select_topk(score, pos, 512, OFFSET)
-    for order in (contextlib.nullcontext(), _programs_shuffled(0), _programs_shuffled(1)):
+    for order in (contextlib.nullcontext(), programs_shuffled(0), programs_shuffled(1)):
         with order, count_traffic() as log:
             got = select_topk(score, pos, 512, OFFSET, hist=hist.clone())
         assert torch.equal(got, expected)
