@@ -7,7 +7,10 @@ fails loudly if Triton changes underneath it. Two hook points, the same in Trito
   ``atomic_rmw`` and ``atomic_cas`` every ``tl.load``/``tl.store``/atomic (plain, masked,
   block-pointer and descriptor forms alike) ends in. We swap the module global for a proxy that
   counts, then forwards.
-- ``GridExecutor.__call__``: one call per kernel launch; the grid and the kernel's name are read there.
+- ``GridExecutor.__call__``: one call per kernel launch; the grid, the kernel's name and its
+  ``launch_pdl`` option are read there.
+- ``interpreter_builder.set_grid_idx`` (``count_traffic(addresses=True)`` only): the start of each
+  program instance.
 
 Counted per launch, with masked-off lanes excluded:
 
@@ -17,6 +20,11 @@ Counted per launch, with masked-off lanes excluded:
   sectors, so a strided or partial-line access pays more than it requests;
 - ``unique_bytes``: distinct 32 B sectors read plus distinct 32 B sectors written over the whole
   launch, x 32 — what DRAM would move if every re-read hit in cache.
+
+With ``addresses=True`` each launch also keeps the bytes it read and wrote, split at the point where
+each program waits for its predecessor (``mark_wait``, what ``gdc_wait`` stands for), and notes
+whether its programs let the next launch start (``mark_launch_dependents``) before that wait: what a
+check of programmatic dependent launch needs (``Launch.regions``).
 """
 
 from __future__ import annotations
@@ -44,6 +52,13 @@ class Launch:
     sector_bytes: int = 0
     unique_bytes: int = 0
     accesses: int = 0  # tl.load / tl.store / atomic calls across all program instances
+    pdl: bool = False  # launched with ``launch_pdl=True``: may start before its predecessor completes
+    waits: bool = False  # some program called ``mark_wait``
+    triggers: bool = False  # some program called ``mark_launch_dependents``
+    triggers_before_wait: bool = False  # ... before its wait (or in a program that never waits)
+    regions: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # addresses=True: see ``region``
+    _bytes: dict[tuple[str, str], list[np.ndarray]] = field(default_factory=dict, repr=False)
+    _waited: bool = field(default=False, repr=False)  # the running program has passed its wait
     _sectors: list[np.ndarray] = field(default_factory=list, repr=False)
     _buffered: int = field(default=0, repr=False)
     _merge_at: int = field(default=_MERGE_EVERY, repr=False)
@@ -70,6 +85,23 @@ class Launch:
             self._merge()
             self._merge_at = max(_MERGE_EVERY, 2 * self._buffered)  # amortized: merges stay linear overall
 
+    def _keep(self, addrs: np.ndarray, itemsize: int, loads: int, stores: int) -> None:
+        """Remember the bytes of one access, in the running program's region (before or after its wait)."""
+        if addrs.size == 0:
+            return
+        where = "after_wait" if self._waited else "before_wait"
+        spans = (addrs[:, None] + np.arange(itemsize, dtype=np.uint64)[None, :]).reshape(-1)
+        for kind in ["read"] * loads + ["write"] * stores:
+            self._bytes.setdefault((where, kind), []).append(spans)
+
+    def region(self, where: str, kind: str) -> np.ndarray:
+        """The distinct byte addresses (uint64, sorted) the launch's programs ``kind`` (``"read"`` or
+        ``"write"``; an atomic does both) ``where`` (``"before_wait"``, ``"after_wait"``, ``"all"``);
+        kept with ``count_traffic(addresses=True)`` only."""
+        if where == "all":
+            return np.union1d(self.region("before_wait", kind), self.region("after_wait", kind))
+        return self.regions.get(where, {}).get(kind, np.empty(0, np.uint64))
+
     def _merge(self) -> None:
         if self._sectors:
             merged = np.unique(np.concatenate(self._sectors))
@@ -80,6 +112,9 @@ class Launch:
         self._merge()
         self.unique_bytes = self._buffered * SECTOR
         self._sectors, self._buffered = [], 0
+        for (where, kind), spans in self._bytes.items():
+            self.regions.setdefault(where, {})[kind] = np.unique(np.concatenate(spans))
+        self._bytes = {}
 
 
 @dataclass
@@ -88,6 +123,7 @@ class TrafficLog:
 
     launches: list[Launch] = field(default_factory=list)
     current: Launch | None = None
+    addresses: bool = False  # keep each launch's bytes (``Launch.region``)
 
     @property
     def in_launch(self) -> bool:
@@ -114,6 +150,8 @@ class _CountingExtension:
         if mask is not None:
             ptrs = ptrs[np.broadcast_to(np.asarray(mask, dtype=bool), ptrs.shape)]
         launch._touch(ptrs.reshape(-1), itemsize, loads, stores)
+        if self._log.addresses:
+            launch._keep(ptrs.reshape(-1), itemsize, loads, stores)
 
     def load(self, ptrs, mask, other, dtype, *rest):
         self._count(ptrs, mask, np.dtype(dtype).itemsize, 1, 0)
@@ -133,6 +171,24 @@ class _CountingExtension:
 
 
 _LOCK = threading.Lock()  # the hooks are process-wide: one counter at a time
+_ACTIVE: list[TrafficLog] = []  # the log of the active ``count_traffic``, for the markers
+
+
+def mark_wait() -> None:
+    """The running program waits here for its predecessor launch to complete (``gdc_wait``): its
+    accesses from here on are kept as ``after_wait``. Outside ``count_traffic``, nothing."""
+    launch = _ACTIVE[0].current if _ACTIVE else None
+    if launch is not None:
+        launch._waited = launch.waits = True
+
+
+def mark_launch_dependents() -> None:
+    """The running program lets the next launch start (``gdc_launch_dependents``); noted when it has
+    not waited yet. Outside ``count_traffic``, nothing."""
+    launch = _ACTIVE[0].current if _ACTIVE else None
+    if launch is not None:
+        launch.triggers = True
+        launch.triggers_before_wait |= not launch._waited
 
 
 def _interpreter_module() -> Any:
@@ -160,8 +216,9 @@ def _interpreter_module() -> Any:
 
 
 @contextlib.contextmanager
-def count_traffic() -> Iterator[TrafficLog]:
-    """Record every interpreted kernel launch made inside the ``with`` block.
+def count_traffic(addresses: bool = False) -> Iterator[TrafficLog]:
+    """Record every interpreted kernel launch made inside the ``with`` block; ``addresses``: keep the
+    bytes each launch reads and writes, before and after its programs' waits (``Launch.region``).
 
     Kernels must be interpreted (``TRITON_INTERPRET=1`` when they were defined); compiled launches
     are not seen. Not thread-safe across concurrent launches; nested use raises.
@@ -169,7 +226,7 @@ def count_traffic() -> Iterator[TrafficLog]:
     interp = _interpreter_module()
     if not _LOCK.acquire(blocking=False):
         raise RuntimeError("count_traffic() is already active")
-    log = TrafficLog()
+    log = TrafficLog(addresses=addresses)
     real_ext, real_call = interp._interpreter, interp.GridExecutor.__call__
 
     def counted_call(executor: Any, *args: Any, **kwargs: Any) -> Any:
@@ -182,12 +239,26 @@ def count_traffic() -> Iterator[TrafficLog]:
             real_set(nx, ny, nz)
 
         launch = Launch(kernel=getattr(executor.fn, "__name__", "?"), grid=(0, 0, 0))
+        launch.pdl = bool(kwargs.get("launch_pdl", False))
         log.current = launch
         builder.set_grid_dim = set_grid_dim
+        shadowed = vars(builder).get("set_grid_idx")  # another hook's, e.g. a test's program order
+        real_idx = builder.set_grid_idx
+
+        def set_grid_idx(x: int, y: int, z: int) -> None:
+            launch._waited = False  # a program starts
+            real_idx(x, y, z)
+
+        if log.addresses:
+            builder.set_grid_idx = set_grid_idx
         try:
             return real_call(executor, *args, **kwargs)
         finally:
             del builder.set_grid_dim  # the instance attribute shadowed the class method
+            if shadowed is not None:
+                builder.set_grid_idx = shadowed
+            elif log.addresses:
+                del builder.set_grid_idx
             log.current = None
             launch.grid = grid_dim[-1] if grid_dim else (0, 0, 0)
             launch._finish()
@@ -195,9 +266,11 @@ def count_traffic() -> Iterator[TrafficLog]:
 
     interp._interpreter = _CountingExtension(real_ext, log)
     interp.GridExecutor.__call__ = counted_call
+    _ACTIVE.append(log)
     try:
         yield log
     finally:
+        _ACTIVE.clear()
         interp._interpreter = real_ext
         interp.GridExecutor.__call__ = real_call
         _LOCK.release()
