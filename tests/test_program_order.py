@@ -11,16 +11,20 @@ kernel module stand there.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 
 import dsv4
 from conftest import DEVICE
+from dsv4.bench.interp_traffic import count_traffic
 from dsv4.harness.cases import make_case, run_case
 from dsv4.harness.golden import bit_identical
+from dsv4.kernels import tuning
 from dsv4.kernels.interpreter import interpreted
+from dsv4.kernels.launch import H100_SMS
+from dsv4.kernels.qkv_proj_rope import launch_q_heads, pair_words, park_shape, q_heads_tiles
 from dsv4.kernels.topk import ROW_IN_REGISTERS
 from program_order import in_order, program_orders
 
@@ -56,3 +60,59 @@ def test_long_indexer_rows_independent_of_program_order() -> None:
     case = make_case(cfg, "indexer", seed=12, device=DEVICE, batch=2, seq=2, start_pos=[16410, 37], max_position=16512)
     got = _same_in_every_order(lambda: run_case(case, "triton"))
     assert got["score"].shape[-1] > ROW_IN_REGISTERS
+
+
+# The kernels whose programs hand bytes to each other (one stores them, another of the same launch loads,
+# stores or updates them), each with its protocol. Every other launch's programs share no byte but through
+# atomics, so no order or concurrency of them can change a result.
+HAND_OFFS = {
+    "_wo_b_kernel": "K-slice partials, added by the tile's last slice to count (acq_rel counter, .cg loads)",
+    "_select_chunks_kernel": "a row's candidate list, appended by its chunks, compacted and cleared by the "
+    "last to take a ticket (acq_rel ticket, .cg loads)",
+    "_q_heads_kernel": "a pair's parked half, finished by its partner (acq_rel arrival word)",
+}
+
+
+def _paired_q_heads() -> None:
+    """The paired q heads, a first-arriving half parking its values for its partner (``spins=0``)."""
+    case = make_case(TINY, "qkv_proj_rope", seed=4, device=DEVICE)
+    a = case.args
+    got = dsv4.qkv_proj_rope(**a, backend="triton")
+    t, h, hd = got.q.shape
+    block_m, paired = q_heads_tiles(t, h, H100_SMS)
+    assert paired
+    words = torch.full((pair_words(t, h),), -1, dtype=torch.int64, device=DEVICE)
+    park = torch.full(park_shape(t, h, hd, block_m), float("nan"), device=DEVICE)
+    q = torch.empty_like(got.q)
+    launch_q_heads(got.qr, got.qr_scale, a["w"], a["positions"], a["rope"], TINY.rms_norm_eps, q, words, park,
+                   block_m, True, spins=0)  # fmt: skip
+    assert bit_identical(q, got.q, "q")
+
+
+def _cases() -> Iterator[tuple[str, Callable[[], object]]]:
+    for op in dsv4.ops.op_names():
+        for mode in ("decode", "prefill"):
+            case = make_case(TINY, op, mode=mode, seed=11, device=DEVICE)
+            yield f"{op} {mode}", lambda case=case: run_case(case, "triton")
+    long = TINY.replace(max_position_embeddings=16512)
+    case = make_case(long, "indexer", seed=12, device=DEVICE, batch=2, seq=2, start_pos=[16410, 37], max_position=16512)
+    yield "indexer, a long row", lambda: run_case(case, "triton")
+    split = make_case(TINY.replace(o_lora_rank=128), "o_proj", seed=11, device=DEVICE)
+    yield "o_proj, both GEMMs split", lambda: run_case(split, "triton")
+    yield "q heads, paired", _paired_q_heads
+
+
+def test_programs_hand_bytes_over_only_in_their_protocols() -> None:
+    """In every op (``tiny``, decode and prefill) and in the cases that take the hand-offs (a long indexer
+    row, split ``o_proj`` GEMMs, paired q heads), no program of a launch touches a byte that another
+    program of it stores, except in the kernels of ``HAND_OFFS``; and each of those does so somewhere."""
+    seen = set()
+    with tuning.forced("o_proj.wo_a", {"splits": 2}), tuning.forced("o_proj.wo_b", {"splits": 2}):
+        for name, run in _cases():
+            with count_traffic(addresses=True) as log:
+                run()
+            for launch in log.launches:
+                if any(launch.shared.values()):
+                    assert launch.kernel in HAND_OFFS, (name, launch.kernel, launch.shared)
+                    seen.add(launch.kernel)
+    assert seen == set(HAND_OFFS)

@@ -24,7 +24,8 @@ Counted per launch, with masked-off lanes excluded:
 With ``addresses=True`` each launch also keeps the bytes it read and wrote, split at the point where
 each program waits for its predecessor (``mark_wait``, what ``gdc_wait`` stands for), and notes
 whether its programs let the next launch start (``mark_launch_dependents``) before that wait: what a
-check of programmatic dependent launch needs (``Launch.regions``).
+check of programmatic dependent launch needs (``Launch.regions``); and the bytes one of its programs
+stores that another of its programs touches (``Launch.shared``).
 """
 
 from __future__ import annotations
@@ -58,7 +59,10 @@ class Launch:
     triggers_before_wait: bool = False  # ... before its wait (or in a program that never waits)
     regions: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # addresses=True: see ``region``
     _bytes: dict[tuple[str, str], list[np.ndarray]] = field(default_factory=dict, repr=False)
+    shared: dict[str, int] = field(default_factory=dict)  # addresses=True: see ``_shared_bytes``
     _waited: bool = field(default=False, repr=False)  # the running program has passed its wait
+    _program: int = field(default=-1, repr=False)  # the running program, counted from 0 in run order
+    _by_program: dict[str, list[tuple[np.ndarray, int]]] = field(default_factory=dict, repr=False)
     _sectors: list[np.ndarray] = field(default_factory=list, repr=False)
     _buffered: int = field(default=0, repr=False)
     _merge_at: int = field(default=_MERGE_EVERY, repr=False)
@@ -86,13 +90,16 @@ class Launch:
             self._merge_at = max(_MERGE_EVERY, 2 * self._buffered)  # amortized: merges stay linear overall
 
     def _keep(self, addrs: np.ndarray, itemsize: int, loads: int, stores: int) -> None:
-        """Remember the bytes of one access, in the running program's region (before or after its wait)."""
+        """Remember the bytes of one access, in the running program's region (before or after its wait),
+        and which program made it (an atomic is one that both loads and stores)."""
         if addrs.size == 0:
             return
         where = "after_wait" if self._waited else "before_wait"
         spans = (addrs[:, None] + np.arange(itemsize, dtype=np.uint64)[None, :]).reshape(-1)
         for kind in ["read"] * loads + ["write"] * stores:
             self._bytes.setdefault((where, kind), []).append(spans)
+        kind = "atomic" if loads and stores else "read" if loads else "write"
+        self._by_program.setdefault(kind, []).append((spans, self._program))
 
     def region(self, where: str, kind: str) -> np.ndarray:
         """The distinct byte addresses (uint64, sorted) the launch's programs ``kind`` (``"read"`` or
@@ -114,7 +121,9 @@ class Launch:
         self._sectors, self._buffered = [], 0
         for (where, kind), spans in self._bytes.items():
             self.regions.setdefault(where, {})[kind] = np.unique(np.concatenate(spans))
-        self._bytes = {}
+        if self._by_program:
+            self.shared = _shared_bytes(self._by_program)
+        self._bytes, self._by_program = {}, {}
 
 
 @dataclass
@@ -168,6 +177,32 @@ class _CountingExtension:
     def atomic_cas(self, ptrs, expected, values, *rest):
         self._count(ptrs, None, np.asarray(values).dtype.itemsize, 1, 1)
         return self._real.atomic_cas(ptrs, expected, values, *rest)
+
+
+def _shared_bytes(by_program: dict[str, list[tuple[np.ndarray, int]]]) -> dict[str, int]:
+    """Bytes that one program of a launch stores (plainly) and another program of it touches, by how
+    the other touches them: ``{"write": bytes stored by two or more programs, "read": ... loaded by
+    another, "atomic": ... hit by another's atomic}``. Programs that meet only through atomics share
+    none; a plain store another program reads is a hand-off that needs a protocol on a GPU."""
+    stores = by_program.get("write", [])
+    if not stores:
+        return {"write": 0, "read": 0, "atomic": 0}
+    byte = np.concatenate([spans for spans, _ in stores])
+    prog = np.concatenate([np.full(spans.size, p, np.int64) for spans, p in stores])
+    order = np.lexsort((prog, byte))
+    byte, prog = byte[order], prog[order]
+    keep = np.ones(byte.size, bool)
+    keep[1:] = (byte[1:] != byte[:-1]) | (prog[1:] != prog[:-1])  # one (byte, program) pair each
+    written, first, writers = np.unique(byte[keep], return_index=True, return_counts=True)
+    writer = np.where(writers > 1, -1, prog[keep][first])  # -1: stored by several programs
+    shared = {"write": int((writers > 1).sum())}
+    for kind in ("read", "atomic"):
+        hits = []
+        for spans, p in by_program.get(kind, []):
+            at = np.minimum(np.searchsorted(written, spans), written.size - 1)
+            hits.append(spans[(written[at] == spans) & (writer[at] != p)])
+        shared[kind] = int(np.unique(np.concatenate(hits)).size) if hits else 0
+    return shared
 
 
 _LOCK = threading.Lock()  # the hooks are process-wide: one counter at a time
@@ -247,6 +282,7 @@ def count_traffic(addresses: bool = False) -> Iterator[TrafficLog]:
 
         def set_grid_idx(x: int, y: int, z: int) -> None:
             launch._waited = False  # a program starts
+            launch._program += 1
             real_idx(x, y, z)
 
         if log.addresses:
