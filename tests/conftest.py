@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from collections.abc import Iterator
 
 # Before torch and numpy load their thread pools. Each worker shares the cores with the others: an
 # OpenMP thread waiting for a descheduled partner sleeps instead of spinning on a core another worker
@@ -87,6 +88,23 @@ def _seed_of_its_own(request: pytest.FixtureRequest) -> None:
     """Every test starts torch's global generator at a seed of its own (from its id): a test that draws
     without a generator of its own gets the same inputs whichever tests ran before it on its worker."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _kernels_keep_to_their_tensors() -> Iterator[None]:
+    """Under the interpreter, every load, store and atomic of every kernel in every test must fall inside
+    the storage of a tensor its launch was given (``interp_traffic.bounds_checked``; else ``OutOfBounds``):
+    the interpreter reads and writes raw memory, so a mask that lets a lane past its tensor would
+    otherwise pass here and fault, or read garbage, on a GPU."""
+    from dsv4.kernels.interpreter import interpreted
+
+    if not interpreted():
+        yield
+        return
+    from dsv4.bench.interp_traffic import bounds_checked
+
+    with bounds_checked():
+        yield
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -11,10 +11,11 @@ import torch
 import triton
 import triton.language as tl
 import triton.runtime.interpreter as interp
+from triton.runtime.errors import InterpreterError
 
 from bench_kernels import masked_copy_kernel
 from conftest import INTERPRETER_TRAFFIC
-from dsv4.bench.interp_traffic import SECTOR, count_traffic
+from dsv4.bench.interp_traffic import SECTOR, bounds_checked, count_traffic
 
 pytestmark = INTERPRETER_TRAFFIC
 
@@ -107,3 +108,29 @@ def test_hooks_are_removed_and_not_reentrant() -> None:
     with count_traffic() as again:
         masked_copy_kernel[(1,)](src, dst, 16, BLOCK=16)
     assert len(again.launches) == 1 and again.launches[0].requested_bytes == 2 * 16 * 4
+
+
+@triton.jit
+def _past_the_end_kernel(src, dst, n, READ_PAST: tl.constexpr, WRITE_PAST: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    v = tl.load(src + offs, mask=offs < n + READ_PAST, other=0.0)
+    tl.store(dst + offs, v, mask=offs < n + WRITE_PAST)
+
+
+@pytest.mark.parametrize(("read_past", "write_past", "what"), [(1, 0, "load"), (0, 1, "store"), (0, 0, None)])
+def test_bounds_checked_refuses_an_access_past_a_tensor(read_past: int, write_past: int, what: str | None) -> None:
+    """A mask one lane too wide reads or writes the byte after the tensor's storage: refused, naming the
+    kernel (the suite runs under ``bounds_checked`` already; nesting it changes nothing). Masked-off
+    lanes past the end, and a view's neighbours inside its storage, are not accesses outside."""
+    base = torch.zeros(16)
+    src, dst = base[:8], torch.zeros(8)
+    with bounds_checked():
+        if what is None:
+            _past_the_end_kernel[(1,)](src, dst, 8, READ_PAST=0, WRITE_PAST=0, BLOCK=16)
+            _past_the_end_kernel[(1,)](src, dst, 6, READ_PAST=2, WRITE_PAST=0, BLOCK=16)  # inside base's storage
+        else:
+            with pytest.raises(InterpreterError, match=f"OutOfBounds.*_past_the_end_kernel: a {what} of 1 x 4 B"):
+                if what == "load":
+                    _past_the_end_kernel[(1,)](base[8:], dst, 8, READ_PAST=read_past, WRITE_PAST=0, BLOCK=16)
+                else:
+                    _past_the_end_kernel[(1,)](src, dst, 8, READ_PAST=0, WRITE_PAST=write_past, BLOCK=16)

@@ -26,6 +26,9 @@ each program waits for its predecessor (``mark_wait``, what ``gdc_wait`` stands 
 whether its programs let the next launch start (``mark_launch_dependents``) before that wait: what a
 check of programmatic dependent launch needs (``Launch.regions``); and the bytes one of its programs
 stores that another of its programs touches (``Launch.shared``).
+
+``bounds_checked()`` uses the same two hook points to refuse any access outside the storages of the
+tensors a launch was given (``OutOfBounds``); the test suite runs every interpreted launch under it.
 """
 
 from __future__ import annotations
@@ -203,6 +206,103 @@ def _shared_bytes(by_program: dict[str, list[tuple[np.ndarray, int]]]) -> dict[s
             hits.append(spans[(written[at] == spans) & (writer[at] != p)])
         shared[kind] = int(np.unique(np.concatenate(hits)).size) if hits else 0
     return shared
+
+
+class OutOfBounds(RuntimeError):
+    """An interpreted kernel touched memory outside the storage of every tensor its launch was given."""
+
+
+def _storage_spans(args: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """``(starts, ends)`` (uint64, sorted by start) of the storages of the tensors among a launch's
+    arguments (in tuples too): the only memory its programs may touch."""
+    spans = set()
+    stack = list(args)
+    while stack:
+        a = stack.pop()
+        if isinstance(a, (tuple, list)):
+            stack.extend(a)
+        elif hasattr(a, "untyped_storage"):
+            storage = a.untyped_storage()
+            spans.add((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
+    ordered = sorted(spans)
+    return np.array([a for a, _ in ordered], np.uint64), np.array([b for _, b in ordered], np.uint64)
+
+
+class _BoundsExtension:
+    """Stands in for the interpreter's C extension: refuses an access outside the running launch's
+    tensors (``_launches[-1]``: its kernel's name and storage spans), then forwards it."""
+
+    def __init__(self, real: Any, launches: list[tuple[str, tuple[np.ndarray, np.ndarray]]]) -> None:
+        self._real, self._launches = real, launches
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def _check(self, what: str, ptrs: np.ndarray, mask: np.ndarray | None, itemsize: int) -> None:
+        if not self._launches:
+            return
+        kernel, (starts, ends) = self._launches[-1]
+        ptrs = np.asarray(ptrs, dtype=np.uint64)
+        if mask is not None:
+            ptrs = ptrs[np.broadcast_to(np.asarray(mask, dtype=bool), ptrs.shape)]
+        ptrs = ptrs.reshape(-1)
+        if starts.size:
+            at = np.maximum(np.searchsorted(starts, ptrs, side="right") - 1, 0)
+            outside = (ptrs < starts[at]) | (ptrs + np.uint64(itemsize) > ends[at])
+        else:
+            outside = np.ones(ptrs.shape, bool)
+        if outside.any():
+            raise OutOfBounds(
+                f"{kernel}: a {what} of {int(outside.sum())} x {itemsize} B outside every tensor it was given "
+                f"(first at {int(ptrs[outside][0]):#x}; its tensors' storages: "
+                + ", ".join(f"[{int(a):#x}, {int(b):#x})" for a, b in zip(starts, ends, strict=True))
+                + ")"
+            )
+
+    def load(self, ptrs, mask, other, dtype, *rest):
+        self._check("load", ptrs, mask, np.dtype(dtype).itemsize)
+        return self._real.load(ptrs, mask, other, dtype, *rest)
+
+    def store(self, ptrs, values, mask, *rest):
+        self._check("store", ptrs, mask, np.asarray(values).dtype.itemsize)
+        return self._real.store(ptrs, values, mask, *rest)
+
+    def atomic_rmw(self, op, ptrs, values, mask, *rest):
+        self._check("atomic", ptrs, mask, np.asarray(values).dtype.itemsize)
+        return self._real.atomic_rmw(op, ptrs, values, mask, *rest)
+
+    def atomic_cas(self, ptrs, expected, values, *rest):
+        self._check("atomic", ptrs, None, np.asarray(values).dtype.itemsize)
+        return self._real.atomic_cas(ptrs, expected, values, *rest)
+
+
+@contextlib.contextmanager
+def bounds_checked() -> Iterator[None]:
+    """Inside the block, an interpreted load, store or atomic (its active lanes) that touches a byte outside
+    the storages of the tensors its launch was given raises ``OutOfBounds``, naming the kernel.
+
+    The interpreter reads and writes raw memory, so an access that a mask should have stopped goes
+    unnoticed there (it reads a neighbour's bytes, or writes them), where a GPU may fault or read
+    garbage. The bound is the whole storage of each tensor argument, not its view. ``count_traffic``
+    may run inside the block."""
+    interp = _interpreter_module()
+    launches: list[tuple[str, tuple[np.ndarray, np.ndarray]]] = []
+    real_ext, real_call = interp._interpreter, interp.GridExecutor.__call__
+
+    def checked_call(executor: Any, *args: Any, **kwargs: Any) -> Any:
+        launches.append((getattr(executor.fn, "__name__", "?"), _storage_spans([*args, *kwargs.values()])))
+        try:
+            return real_call(executor, *args, **kwargs)
+        finally:
+            launches.pop()
+
+    interp._interpreter = _BoundsExtension(real_ext, launches)
+    interp.GridExecutor.__call__ = checked_call
+    try:
+        yield
+    finally:
+        interp._interpreter = real_ext
+        interp.GridExecutor.__call__ = real_call
 
 
 _LOCK = threading.Lock()  # the hooks are process-wide: one counter at a time
