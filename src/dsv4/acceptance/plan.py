@@ -110,7 +110,7 @@ GPU = Profile(
     timeouts={
         "environment": 30, "tests": 165, "bench_decode": 110, "probe": 20, "tune": 120, "decode_graph": 90,
         "attention_graph": 90, "bench_decode_compile": 70, "bench_decode_compile_indexer": 90, "trace": 60, "ncu": 120,
-        "bench_prefill": 90, "checkpoint": 90, "bench_prefill_compile": 120,
+        "bench_prefill": 90, "checkpoint": 90, "bench_prefill_compile": 120, "sanitize": 150,
     },
     min_s=30,
     # --resume: the buckets the device's committed config holds are left for a slice of their own; the
@@ -306,6 +306,16 @@ def build_plan(profile: Profile, paths: Paths) -> list[Step]:
         "decode", ("indexer",), "compile",
     )  # fmt: skip
     bench_step("bench_prefill_compile", "dsv4 bench prefill: torch.compile of the reference", "prefill", OPS, "compile")
+    # the device's own checks of what the CPU suite checks under the interpreter (no access outside a
+    # tensor, no read of memory nothing wrote): every kernel of `dsv4 run`'s tiny calls, compiled
+    sanitizer = shutil.which("compute-sanitizer")
+    run = (py, "-m", "dsv4", "run", "--device", profile.device, "--steps", "1")
+    add(
+        "sanitize", "compute-sanitizer memcheck and initcheck of dsv4 run: out-of-bounds and uninitialized reads",
+        *((sanitizer or "compute-sanitizer", "--tool", tool, "--error-exitcode", "1", *run)
+          for tool in ("memcheck", "initcheck")),
+        skip=None if sanitizer else "compute-sanitizer not found on PATH",
+    )  # fmt: skip
     return steps
 
 
