@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from conftest import DEVICE
 from dsv4.harness.cases import Case, make_case, run_case
 from dsv4.harness.golden import compare
-from dsv4.model.config import DeepSeekV4Config
+from dsv4.kernels import tuning
+from dsv4.model.config import DeepSeekV4Config, get_config
 
 Start = int | list[int] | None
+TINY = get_config("tiny")
 
 
 def case_at(
@@ -39,3 +44,23 @@ def assert_matches_reference(case: Case) -> dict[str, torch.Tensor]:
     report = compare(case.op, got, expected, case.compare_inputs())
     assert report, str(report)
     return got
+
+
+def long_row_indexer_case(seed: int = 12) -> Case:
+    """A ``tiny`` indexer step of two slots: a row past ``ROW_IN_REGISTERS`` keys (the score launch's
+    first-digit histograms, the chunked selection's candidate lists and last-arriver finish) beside a
+    short row that closes a block."""
+    cfg = TINY.replace(max_position_embeddings=16512)
+    return case_at(cfg, "indexer", 2, 2, [16410, 37], seed=seed, max_position=16512)
+
+
+# o_lora_rank 128: two 128-blocks in wo_b's reduction axis, so under ``split_o_proj`` both GEMMs split in two
+# (``tiny``'s splits neither) and their programs meet at the split counters
+SPLIT_O_PROJ = TINY.replace(o_lora_rank=128)
+
+
+@contextlib.contextmanager
+def split_o_proj() -> Iterator[None]:
+    """``o_proj``'s ``wo_a`` and ``wo_b`` launches forced to two K-slices each."""
+    with tuning.forced("o_proj.wo_a", {"splits": 2}), tuning.forced("o_proj.wo_b", {"splits": 2}):
+        yield

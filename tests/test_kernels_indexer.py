@@ -21,7 +21,7 @@ from dsv4.model.quant import quantize_int8_per_row
 from dsv4.ops.validate import step_positions
 from dsv4.reference.indexer import index_query as reference_index_query
 from launches import device_launches
-from op_cases import assert_matches_reference, case_at
+from op_cases import assert_matches_reference, case_at, long_row_indexer_case
 from pools import relayout
 
 TINY = PRESETS["tiny"]
@@ -89,8 +89,7 @@ def test_indexer_runs_are_bit_identical() -> None:
     """Two runs of one step give the same bits: scores, indices, ring and pool. A long row (past
     ``ROW_IN_REGISTERS``: the histogram atomics and the chunked selection) next to a short one that
     closes a block, in the persistent score grid's shared work list."""
-    cfg = TINY.replace(max_position_embeddings=16512)
-    case = case_at(cfg, "indexer", 2, 2, [16410, 37], seed=12, max_position=16512)
+    case = long_row_indexer_case()
     first, second = run_case(case, "triton"), run_case(case, "triton")
     assert first["score"].shape[-1] > ROW_IN_REGISTERS
     assert first.keys() == second.keys()

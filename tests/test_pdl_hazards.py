@@ -21,11 +21,11 @@ from conftest import DEVICE, FULL
 from dsv4.bench.interp_traffic import count_traffic, mark_launch_dependents, mark_wait
 from dsv4.harness.cases import make_case, run_case
 from dsv4.harness.golden import bit_identical
-from dsv4.kernels import tuning
 from dsv4.kernels.interpreter import interpreted
 from dsv4.kernels.o_proj import o_proj as fused_o_proj
 from dsv4.kernels.workspace import Workspace
 from dsv4.model.weights import synthetic_o_proj
+from op_cases import SPLIT_O_PROJ, split_o_proj
 from pdl_hazards import hazards, pdl_interpreted
 
 pytestmark = pytest.mark.skipif(not interpreted(), reason="marks the waits of interpreted launches")
@@ -138,12 +138,11 @@ def test_split_o_proj_calls_on_one_workspace_race_with_nothing() -> None:
     """Two ``o_proj`` calls on one workspace, both GEMMs split in two (``tiny`` splits neither): the
     second call's activation-quant launch zeroes the split counters that the first call's ``wo_b``
     launch counts on, so it must do so after its wait."""
-    cfg = TINY.replace(o_lora_rank=128)  # two 128-blocks in wo_b's reduction axis
     g = torch.Generator().manual_seed(5)
-    o = torch.randn(5, cfg.num_attention_heads, cfg.head_dim, generator=g).to(torch.bfloat16).to(DEVICE)
-    w = synthetic_o_proj(cfg, 5).to(DEVICE)
+    o = torch.randn(5, SPLIT_O_PROJ.num_attention_heads, SPLIT_O_PROJ.head_dim, generator=g).to(torch.bfloat16)
+    o, w = o.to(DEVICE), synthetic_o_proj(SPLIT_O_PROJ, 5).to(DEVICE)
     ws = Workspace()
-    with tuning.forced("o_proj.wo_a", {"splits": 2}), tuning.forced("o_proj.wo_b", {"splits": 2}):
+    with split_o_proj():
         want = fused_o_proj(o, w, ws=ws).y
         with pdl_interpreted() as log:
             first, second = fused_o_proj(o, w, ws=ws).y.clone(), fused_o_proj(o, w, ws=ws).y

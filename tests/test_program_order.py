@@ -21,11 +21,11 @@ from conftest import DEVICE
 from dsv4.bench.interp_traffic import count_traffic
 from dsv4.harness.cases import make_case, run_case
 from dsv4.harness.golden import bit_identical
-from dsv4.kernels import tuning
 from dsv4.kernels.interpreter import interpreted
 from dsv4.kernels.launch import H100_SMS
 from dsv4.kernels.qkv_proj_rope import launch_q_heads, pair_words, park_shape, q_heads_tiles
 from dsv4.kernels.topk import ROW_IN_REGISTERS
+from op_cases import SPLIT_O_PROJ, long_row_indexer_case, split_o_proj
 from program_order import in_order, program_orders
 
 pytestmark = pytest.mark.skipif(not interpreted(), reason="reorders the interpreter's programs")
@@ -56,8 +56,7 @@ def test_long_indexer_rows_independent_of_program_order() -> None:
     """A row past ``ROW_IN_REGISTERS`` keys (the score launch's first-digit histograms, added by integer
     atomics from every program that scores the row, then the chunked selection's candidate lists and
     last-arriver finish) next to a short row that closes a block, in the persistent score grid."""
-    cfg = TINY.replace(max_position_embeddings=16512)
-    case = make_case(cfg, "indexer", seed=12, device=DEVICE, batch=2, seq=2, start_pos=[16410, 37], max_position=16512)
+    case = long_row_indexer_case()
     got = _same_in_every_order(lambda: run_case(case, "triton"))
     assert got["score"].shape[-1] > ROW_IN_REGISTERS
 
@@ -94,10 +93,9 @@ def _cases() -> Iterator[tuple[str, Callable[[], object]]]:
         for mode in ("decode", "prefill"):
             case = make_case(TINY, op, mode=mode, seed=11, device=DEVICE)
             yield f"{op} {mode}", lambda case=case: run_case(case, "triton")
-    long = TINY.replace(max_position_embeddings=16512)
-    case = make_case(long, "indexer", seed=12, device=DEVICE, batch=2, seq=2, start_pos=[16410, 37], max_position=16512)
+    case = long_row_indexer_case()
     yield "indexer, a long row", lambda: run_case(case, "triton")
-    split = make_case(TINY.replace(o_lora_rank=128), "o_proj", seed=11, device=DEVICE)
+    split = make_case(SPLIT_O_PROJ, "o_proj", seed=11, device=DEVICE)
     yield "o_proj, both GEMMs split", lambda: run_case(split, "triton")
     yield "q heads, paired", _paired_q_heads
 
@@ -107,7 +105,7 @@ def test_programs_hand_bytes_over_only_in_their_protocols() -> None:
     row, split ``o_proj`` GEMMs, paired q heads), no program of a launch touches a byte that another
     program of it stores, except in the kernels of ``HAND_OFFS``; and each of those does so somewhere."""
     seen = set()
-    with tuning.forced("o_proj.wo_a", {"splits": 2}), tuning.forced("o_proj.wo_b", {"splits": 2}):
+    with split_o_proj():
         for name, run in _cases():
             with count_traffic(addresses=True) as log:
                 run()

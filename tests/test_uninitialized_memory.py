@@ -18,7 +18,7 @@ import dsv4
 from conftest import DEVICE, FULL
 from dsv4.harness.cases import make_case, run_case
 from dsv4.harness.golden import bit_identical
-from dsv4.kernels import tuning
+from op_cases import SPLIT_O_PROJ, long_row_indexer_case, split_o_proj
 
 TINY = dsv4.get_config("tiny")
 PATTERNS = (0xFF, 0x7F)  # bytes: NaN in every float width and -1 in every int; a large finite bf16 / fp32
@@ -65,11 +65,10 @@ def test_op_reads_nothing_it_did_not_write(op: str, mode: str) -> None:
 def test_long_indexer_row_and_split_o_proj_read_nothing_they_did_not_write() -> None:
     """The chunked selection's lists, histograms and counters (a row past ``ROW_IN_REGISTERS`` keys), and
     ``o_proj``'s split partials and counters."""
-    long = TINY.replace(max_position_embeddings=16512)
-    case = make_case(long, "indexer", seed=12, device=DEVICE, batch=2, seq=2, start_pos=[16410, 37], max_position=16512)
+    case = long_row_indexer_case()
     _same_whatever_was_there(lambda: run_case(case, "triton"))
-    split = make_case(TINY.replace(o_lora_rank=128), "o_proj", seed=11, device=DEVICE)
-    with tuning.forced("o_proj.wo_a", {"splits": 2}), tuning.forced("o_proj.wo_b", {"splits": 2}):
+    split = make_case(SPLIT_O_PROJ, "o_proj", seed=11, device=DEVICE)
+    with split_o_proj():
         _same_whatever_was_there(lambda: run_case(split, "triton"))
 
 
