@@ -25,6 +25,7 @@ from dsv4.kernels.interpreter import interpreted
 from dsv4.kernels.o_proj import o_proj as fused_o_proj
 from dsv4.kernels.workspace import Workspace
 from dsv4.model.weights import synthetic_o_proj
+from frontends import tiny_frontend
 from op_cases import SPLIT_O_PROJ, split_o_proj
 from pdl_hazards import hazards, pdl_interpreted
 
@@ -132,6 +133,17 @@ def test_attention_step_launches_race_with_nothing(kind: str) -> None:
     launches = _attention_steps(kind)
     assert len({launch.kernel for launch in launches}) >= 7, [launch.kernel for launch in launches]
     assert hazards(launches) == []
+
+
+def test_front_end_steps_race_with_nothing() -> None:
+    """``DecodeFrontEnd``'s steps (``qkv_proj_rope``, then the indexer with its compressor): a 9-token
+    prefill, then steps of 2 and 1 tokens, nothing touched before a wait that a launch beside it writes."""
+    m = tiny_frontend("triton", 3, 256)
+    with pdl_interpreted() as log:
+        for s in (9, 2, 1):
+            m(dsv4.synthetic_activations((3, s, TINY.hidden_size), seed=s, device=DEVICE))
+    assert {launch.kernel for launch in log.launches} >= {"_q_heads_kernel", "_score_kernel", "_compressor_step_kernel"}
+    assert hazards(log.launches) == []
 
 
 def test_split_o_proj_calls_on_one_workspace_race_with_nothing() -> None:

@@ -18,6 +18,7 @@ import dsv4
 from conftest import DEVICE, FULL
 from dsv4.harness.cases import make_case, run_case
 from dsv4.harness.golden import bit_identical
+from frontends import tiny_frontend
 from op_cases import SPLIT_O_PROJ, long_row_indexer_case, split_o_proj
 
 TINY = dsv4.get_config("tiny")
@@ -84,5 +85,20 @@ def test_attention_layer_reads_nothing_it_did_not_write(kind: str) -> None:
         m = dsv4.DecodeAttention(w, rope, TINY, batch=3, max_position=128, backend="triton", block_size=16)
         ys = [m(dsv4.synthetic_activations((3, s, TINY.hidden_size), seed=s, device=DEVICE)) for s in (9, 2, 1)]
         return {f"y{i}": y for i, y in enumerate(ys)}
+
+    _same_whatever_was_there(run)
+
+
+def test_front_end_reads_nothing_it_did_not_write() -> None:
+    """``DecodeFrontEnd`` built, then run for a 9-token prefill and steps of 2 and 1 tokens, with every
+    uninitialized allocation filled: the same ``q``, ``kv`` and top-k indices."""
+
+    def run() -> dict[str, torch.Tensor]:
+        m = tiny_frontend("triton", 3, 256)
+        out = {}
+        for s in (9, 2, 1):
+            q, kv, topk = m(dsv4.synthetic_activations((3, s, TINY.hidden_size), seed=s, device=DEVICE))
+            out.update({f"q{s}": q, f"kv{s}": kv, f"topk{s}": topk})
+        return out
 
     _same_whatever_was_there(run)
