@@ -503,3 +503,37 @@ def test_a_callers_autocast_changes_nothing(op: str) -> None:
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         got = dsv4.harness.cases.run_case(case, "reference")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def _set_precision(setting: str) -> tuple[str, str, str]:
+    """A caller's float32 matmul precision, from torch's defaults: ``"legacy <p>"`` through
+    ``torch.set_float32_matmul_precision(p)``, ``"<generic>/<cuda>/<cpu>"`` through the per-backend
+    settings; returns those settings as they then stand."""
+    b = torch.backends
+    torch.set_float32_matmul_precision("highest")
+    b.fp32_precision, b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision = "none", "none", "none"
+    if setting.startswith("legacy "):
+        torch.set_float32_matmul_precision(setting.removeprefix("legacy "))
+    else:
+        b.fp32_precision, b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision = setting.split("/")
+    return b.fp32_precision, b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision
+
+
+@pytest.mark.parametrize("precision", ["legacy high", "legacy medium", "none/tf32/bf16", "tf32/none/none"])
+@pytest.mark.parametrize("op", dsv4.ops.op_names())
+def test_a_callers_float32_matmul_precision_changes_nothing(op: str, precision: str) -> None:
+    """Under a caller's float32 matmul precision below IEEE (TF32 on a GPU, bf16 where the CPU has it),
+    set through ``torch.set_float32_matmul_precision`` or the per-backend settings, the reference
+    computes as without it, and the caller's settings are as they were after the call: its fp32
+    matmuls run at IEEE precision (on this CPU "medium" moved the compressors' states and the
+    indexer's scores by up to 1e-6 before)."""
+    case = make_case(CFG, op, seed=5, device=DEVICE, batch=2, seq=2)
+    want = dsv4.harness.cases.run_case(case, "reference")
+    try:
+        callers = _set_precision(precision)
+        got = dsv4.harness.cases.run_case(case, "reference")
+        b = torch.backends
+        assert (b.fp32_precision, b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision) == callers
+    finally:
+        _set_precision("none/none/none")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

@@ -14,7 +14,7 @@ from ..model.state import DEFAULT_BLOCK_SIZE, UNALLOCATED, IndexerState
 from ..model.structs import IndexerOut, StepPositions
 from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights, LayerWeights, OProjWeights
 from ..ops.backends import BACKENDS
-from ..ops.device import no_autocast, on_device
+from ..ops.device import on_device, spec_numerics
 from ..ops.registry import get_op
 from ..ops.validate import check_eps, check_int
 from .op_checks import CheckedBuffers, check_front_end_ops, not_compiled, refuse_capture
@@ -363,7 +363,7 @@ class DecodeAttention(CheckedBuffers):
         positions = (start[:, None] + torch.arange(s, device=dev)).reshape(-1)
         rope, eps = self.rope, self.eps
         xn = xn.contiguous()
-        with on_device(dev), no_autocast(dev):
+        with on_device(dev), spec_numerics(dev):
             qkv = self._launch(
                 "qkv_proj_rope", x=xn.view(b * s, d), w=self.attn, positions=positions, rope=rope, eps=eps
             )

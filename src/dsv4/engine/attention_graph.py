@@ -21,7 +21,7 @@ import torch
 
 from ..model.config import COMPRESS_RATIO
 from ..model.structs import QKV, AttnOut, IndexerOut, OProjOut, StepPositions
-from ..ops.device import no_autocast, on_device
+from ..ops.device import on_device, spec_numerics
 from ..ops.registry import get_op
 from ..ops.validate import check_int
 from .op_checks import not_compiled, refuse_capture
@@ -152,7 +152,7 @@ class AttentionGraph:
     def launch(self) -> None:
         """The step: every launch reads and writes only the static buffers and the layer's own (on their
         device)."""
-        with on_device(self.xn.device), no_autocast(self.xn.device):
+        with on_device(self.xn.device), spec_numerics(self.xn.device):
             torch.add(self.start[:, None], self.offsets[None, :], out=self.positions.view(self.batch, self.seq))
             for fn, args, kwargs in self.launches:
                 fn(*args, **kwargs)

@@ -18,7 +18,7 @@ from ..model.state import IndexerState
 from ..model.structs import QKV, IndexerOut, StepPositions
 from ..model.weights import AttnWeights, IndexerWeights
 from ..ops.defs import INDEXER, QKV_PROJ_ROPE
-from ..ops.device import no_autocast, on_device
+from ..ops.device import on_device, spec_numerics
 from .op_checks import check_front_end_ops
 from .staging import staged
 
@@ -116,7 +116,7 @@ class StaticDecodeStep:
 
     def launch(self) -> None:
         """The step: every launch reads and writes only the static buffers (on their device)."""
-        with on_device(self.x.device), no_autocast(self.x.device):
+        with on_device(self.x.device), spec_numerics(self.x.device):
             torch.add(self.start[:, None], self.offsets[None, :], out=self.positions.view(self.batch, self.seq))
             self.kernels.qkv_proj_rope(*self.qkv_args, out=self.qkv, ws=self.workspace)
             self.kernels.indexer(*self.indexer_args, out=self.out, ws=self.workspace)

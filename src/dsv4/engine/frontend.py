@@ -14,7 +14,7 @@ from ..model.state import DEFAULT_BLOCK_SIZE, UNALLOCATED, IndexerState
 from ..model.structs import IndexerOut, StepPositions
 from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights, LayerWeights
 from ..ops.backends import BACKENDS, resolve
-from ..ops.device import no_autocast, on_device
+from ..ops.device import on_device, spec_numerics
 from ..ops.validate import check_eps, check_int, check_offset, check_tensor, check_topk
 from .decode_graph import DecodeGraph, StaticDecodeStep
 from .op_checks import CheckedBuffers, check_front_end_ops, not_compiled, refuse_capture
@@ -312,7 +312,7 @@ class DecodeFrontEnd(CheckedBuffers):
             torch.empty(b, s, self.topk, dtype=torch.int32, device=dev),
         )
         qkv_args = dict(x=x.reshape(b * s, d), w=self.attn, positions=positions, rope=self.rope, eps=self.eps)
-        with on_device(dev), no_autocast(dev):
+        with on_device(dev), spec_numerics(dev):
             qkv = self._launch("qkv_proj_rope", **qkv_args)
             index_args = dict(
                 x=x, qr=qkv.qr, qr_scale=qkv.qr_scale, w=self.indexer_weights, state=self.state, start_pos=pos,

@@ -23,7 +23,7 @@ from .defs import (
     SPARSE_ATTN_WRITE,
     WINDOW_KV_WRITE,
 )
-from .device import no_autocast, on_device
+from .device import on_device, spec_numerics
 from .registry import OpDescriptor, get_op, op_function
 from .validate import tensors_of
 
@@ -31,10 +31,11 @@ from .validate import tensors_of
 def call_op(name: str, backend: str = "auto", out: Any = None, **args: Any) -> Any:
     """Run op ``name`` on its public ``args`` (by name; defaults as its signature has them): check
     them (and ``out``), then call ``backend``'s implementation on the device of the first tensor
-    argument (made the current CUDA device while it runs: ``on_device``), without autocast (``no_autocast``)
-    and without autograd (weights that require grad, ``nn.Parameter``s, would otherwise make the
-    reference's outputs and the state it updates carry a graph that grows every step). Returns the op's
-    result."""
+    argument (made the current CUDA device while it runs: ``on_device``), with the spec's numerics
+    whatever the caller set (autocast off, float32 matmuls at full precision: ``spec_numerics``) and
+    without autograd (weights that require grad, ``nn.Parameter``s, would otherwise make the
+    reference's outputs and the state it updates carry a graph that grows every step). Returns the
+    op's result."""
     desc = get_op(name)
     if out is not None and desc.result is None:
         raise TypeError(f"out: {name} takes no out= (it updates its state in place)")
@@ -42,7 +43,7 @@ def call_op(name: str, backend: str = "auto", out: Any = None, **args: Any) -> A
     check_writable(desc, args, out)
     device = next(v.device for v in call if isinstance(v, torch.Tensor))
     fn = implementation(desc, backend, device)
-    with on_device(device), no_autocast(device), torch.no_grad():  # no op has a backward
+    with on_device(device), spec_numerics(device), torch.no_grad():  # no op has a backward
         return fn(*call) if desc.result is None else fn(*call, out=out)
 
 

@@ -10,6 +10,7 @@ public ops, the captured steps) runs them under ``on_device(<its tensors' device
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -26,10 +27,50 @@ def on_device(device: torch.device | str) -> contextlib.AbstractContextManager[o
 AUTOCAST_TYPES = ("cuda", "cpu")  # device types torch autocasts on that the ops run on
 
 
-def no_autocast(device: torch.device | str) -> contextlib.AbstractContextManager[object]:
-    """Autocast off for ``device``'s type while an op runs: its torch ops compute in the dtypes the spec
-    gives each step. Under a caller's ``torch.autocast`` the reference's fp32 matmuls would run in bf16
-    (other numbers: ``sparse_attn``'s ``o`` off by 8 at ``tiny``) or hand a bf16 result to an fp32 state
-    (an error half way through it). Triton kernels are not autocast."""
+@contextlib.contextmanager
+def spec_numerics(device: torch.device | str) -> Iterator[None]:
+    """While an op runs, its torch ops compute as the spec says whatever the caller set: autocast off
+    for ``device``'s type, and float32 matmuls at full float32 precision.
+
+    Under a caller's ``torch.autocast`` the reference's fp32 matmuls would run in bf16 (other numbers:
+    ``sparse_attn``'s ``o`` off by 8 at ``tiny``) or hand a bf16 result to an fp32 state (an error half
+    way through it). Under a float32 matmul precision below IEEE (``torch.set_float32_matmul_precision``
+    "high" or "medium", or ``torch.backends.*.fp32_precision``: TF32 on a GPU, which engines often
+    set, bf16 where the CPU has it) they would round their operands: the Hadamard rotation's
+    ``±2^-3.5`` entries are not exact in TF32. The precision is process-wide in torch: it is set for
+    the call and put back after it. Triton kernels are neither autocast nor affected by it."""
     kind = torch.device(device).type
-    return torch.autocast(kind, enabled=False) if kind in AUTOCAST_TYPES else contextlib.nullcontext()
+    autocast = torch.autocast(kind, enabled=False) if kind in AUTOCAST_TYPES else contextlib.nullcontext()
+    with autocast, _ieee_fp32_matmul():
+        yield
+
+
+@contextlib.contextmanager
+def _ieee_fp32_matmul() -> Iterator[None]:
+    """Float32 matmuls on CUDA and the CPU (oneDNN) at IEEE precision inside the block, each backend's
+    setting put back after it. Through the per-backend settings where torch has them (reading the
+    legacy ``get_float32_matmul_precision`` raises once a caller has mixed the two APIs)."""
+    backends = [
+        m for m in (getattr(torch.backends.cuda, "matmul", None), getattr(torch.backends.mkldnn, "matmul", None))
+        if hasattr(m, "fp32_precision")
+    ]  # fmt: skip
+    if not backends:  # torch before the per-backend settings
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(before)
+        return
+    before = [b.fp32_precision for b in backends]
+    inherited = getattr(torch.backends, "fp32_precision", "none")  # what "none" stands for
+    if all((p if p != "none" else inherited) in ("none", "ieee") for p in before):
+        yield
+        return
+    for b in backends:
+        b.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for b, p in zip(backends, before, strict=True):
+            b.fp32_precision = p
