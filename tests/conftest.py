@@ -93,7 +93,7 @@ def _seed_of_its_own(request: pytest.FixtureRequest) -> None:
 @pytest.fixture(autouse=True, scope="session")
 def _kernels_keep_to_their_tensors() -> Iterator[None]:
     """Under the interpreter, every load, store and atomic of every kernel in every test must fall inside
-    the storage of a tensor its launch was given (``interp_traffic.bounds_checked``; else ``OutOfBounds``):
+    a tensor its launch was given (``interp_traffic.bounds_checked``; else ``OutOfBounds``):
     the interpreter reads and writes raw memory, so a mask that lets a lane past its tensor would
     otherwise pass here and fault, or read garbage, on a GPU."""
     from dsv4.kernels.interpreter import interpreted

@@ -6,6 +6,8 @@ them, these counts stop matching (or the hook check raises) and this file fails 
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import triton
@@ -117,20 +119,18 @@ def _past_the_end_kernel(src, dst, n, READ_PAST: tl.constexpr, WRITE_PAST: tl.co
     tl.store(dst + offs, v, mask=offs < n + WRITE_PAST)
 
 
-@pytest.mark.parametrize(("read_past", "write_past", "what"), [(1, 0, "load"), (0, 1, "store"), (0, 0, None)])
-def test_bounds_checked_refuses_an_access_past_a_tensor(read_past: int, write_past: int, what: str | None) -> None:
-    """A mask one lane too wide reads or writes the byte after the tensor's storage: refused, naming the
-    kernel (the suite runs under ``bounds_checked`` already; nesting it changes nothing). Masked-off
-    lanes past the end, and a view's neighbours inside its storage, are not accesses outside."""
-    base = torch.zeros(16)
-    src, dst = base[:8], torch.zeros(8)
-    with bounds_checked():
-        if what is None:
-            _past_the_end_kernel[(1,)](src, dst, 8, READ_PAST=0, WRITE_PAST=0, BLOCK=16)
-            _past_the_end_kernel[(1,)](src, dst, 6, READ_PAST=2, WRITE_PAST=0, BLOCK=16)  # inside base's storage
-        else:
-            with pytest.raises(InterpreterError, match=f"OutOfBounds.*_past_the_end_kernel: a {what} of 1 x 4 B"):
-                if what == "load":
-                    _past_the_end_kernel[(1,)](base[8:], dst, 8, READ_PAST=read_past, WRITE_PAST=0, BLOCK=16)
-                else:
-                    _past_the_end_kernel[(1,)](src, dst, 8, READ_PAST=0, WRITE_PAST=write_past, BLOCK=16)
+@pytest.mark.parametrize(
+    ("where", "what"),
+    [("past the buffer", "load"), ("past the view", "load"), ("past the output", "store"), ("inside", None)],
+)
+def test_bounds_checked_refuses_an_access_past_a_tensor(where: str, what: str | None) -> None:
+    """A mask one lane too wide reads or writes the element after a tensor: refused, naming the kernel,
+    both at the end of a buffer and where a view ends inside a larger one (another view's bytes: the
+    suite runs under ``bounds_checked`` already; nesting it changes nothing). Masked-off lanes past the
+    end are not accesses."""
+    base, dst = torch.zeros(16), torch.zeros(8)
+    src = base[8:] if where == "past the buffer" else base[:8]
+    n, read_past, write_past = (6, 2, 0) if where == "inside" else (8, int(what == "load"), int(what == "store"))
+    refused = pytest.raises(InterpreterError, match=f"OutOfBounds.*_past_the_end_kernel: a {what} of 1 x 4 B")
+    with bounds_checked(), refused if what else contextlib.nullcontext():
+        _past_the_end_kernel[(1,)](src, dst, n, READ_PAST=read_past, WRITE_PAST=write_past, BLOCK=16)

@@ -27,8 +27,8 @@ whether its programs let the next launch start (``mark_launch_dependents``) befo
 check of programmatic dependent launch needs (``Launch.regions``); and the bytes one of its programs
 stores that another of its programs touches (``Launch.shared``).
 
-``bounds_checked()`` uses the same two hook points to refuse any access outside the storages of the
-tensors a launch was given (``OutOfBounds``); the test suite runs every interpreted launch under it.
+``bounds_checked()`` uses the same two hook points to refuse any access outside the tensors a launch
+was given (``OutOfBounds``); the test suite runs every interpreted launch under it.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 SECTOR = 32  # bytes: the unit in which NVIDIA GPUs move data between L2 and DRAM
 _MERGE_EVERY = 1 << 22  # sector ids buffered before deduplicating: bounds memory on large launches
@@ -209,28 +210,36 @@ def _shared_bytes(by_program: dict[str, list[tuple[np.ndarray, int]]]) -> dict[s
 
 
 class OutOfBounds(RuntimeError):
-    """An interpreted kernel touched memory outside the storage of every tensor its launch was given."""
+    """An interpreted kernel touched memory outside every tensor its launch was given."""
 
 
-def _storage_spans(args: list[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """``(starts, ends)`` (uint64, sorted by start) of the storages of the tensors among a launch's
-    arguments (in tuples too): the only memory its programs may touch."""
-    spans = set()
+def _tensor_spans(args: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """``(starts, ends)`` (uint64, sorted, disjoint) of the bytes the tensors among a launch's arguments
+    (in tuples too) cover, each from its lowest to its highest element as its shape and strides place
+    them: the only memory its programs may touch. Overlapping views merge."""
+    spans = []
     stack = list(args)
     while stack:
         a = stack.pop()
         if isinstance(a, (tuple, list)):
             stack.extend(a)
-        elif hasattr(a, "untyped_storage"):
-            storage = a.untyped_storage()
-            spans.add((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
-    ordered = sorted(spans)
-    return np.array([a for a, _ in ordered], np.uint64), np.array([b for _, b in ordered], np.uint64)
+        elif isinstance(a, torch.Tensor) and a.numel():
+            low = sum(st * (n - 1) for n, st in zip(a.shape, a.stride(), strict=True) if st < 0)
+            high = sum(st * (n - 1) for n, st in zip(a.shape, a.stride(), strict=True) if st > 0)
+            base, size = a.data_ptr(), a.element_size()
+            spans.append((base + low * size, base + (high + 1) * size))
+    merged: list[list[int]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return np.array([a for a, _ in merged], np.uint64), np.array([b for _, b in merged], np.uint64)
 
 
 class _BoundsExtension:
     """Stands in for the interpreter's C extension: refuses an access outside the running launch's
-    tensors (``_launches[-1]``: its kernel's name and storage spans), then forwards it."""
+    tensors (``_launches[-1]``: its kernel's name and its tensors' spans), then forwards it."""
 
     def __init__(self, real: Any, launches: list[tuple[str, tuple[np.ndarray, np.ndarray]]]) -> None:
         self._real, self._launches = real, launches
@@ -254,7 +263,7 @@ class _BoundsExtension:
         if outside.any():
             raise OutOfBounds(
                 f"{kernel}: a {what} of {int(outside.sum())} x {itemsize} B outside every tensor it was given "
-                f"(first at {int(ptrs[outside][0]):#x}; its tensors' storages: "
+                f"(first at {int(ptrs[outside][0]):#x}; its tensors' bytes: "
                 + ", ".join(f"[{int(a):#x}, {int(b):#x})" for a, b in zip(starts, ends, strict=True))
                 + ")"
             )
@@ -279,18 +288,19 @@ class _BoundsExtension:
 @contextlib.contextmanager
 def bounds_checked() -> Iterator[None]:
     """Inside the block, an interpreted load, store or atomic (its active lanes) that touches a byte outside
-    the storages of the tensors its launch was given raises ``OutOfBounds``, naming the kernel.
+    the tensors its launch was given (each from its first to its last element, as its shape and strides
+    place them) raises ``OutOfBounds``, naming the kernel.
 
     The interpreter reads and writes raw memory, so an access that a mask should have stopped goes
     unnoticed there (it reads a neighbour's bytes, or writes them), where a GPU may fault or read
-    garbage. The bound is the whole storage of each tensor argument, not its view. ``count_traffic``
+    garbage, or, inside a larger buffer, another view's bytes (another slot's rows). ``count_traffic``
     may run inside the block."""
     interp = _interpreter_module()
     launches: list[tuple[str, tuple[np.ndarray, np.ndarray]]] = []
     real_ext, real_call = interp._interpreter, interp.GridExecutor.__call__
 
     def checked_call(executor: Any, *args: Any, **kwargs: Any) -> Any:
-        launches.append((getattr(executor.fn, "__name__", "?"), _storage_spans([*args, *kwargs.values()])))
+        launches.append((getattr(executor.fn, "__name__", "?"), _tensor_spans([*args, *kwargs.values()])))
         try:
             return real_call(executor, *args, **kwargs)
         finally:
