@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,8 +59,7 @@ class Launch:
     accesses: int = 0  # tl.load / tl.store / atomic calls across all program instances
     pdl: bool = False  # launched with ``launch_pdl=True``: may start before its predecessor completes
     waits: bool = False  # some program called ``mark_wait``
-    triggers: bool = False  # some program called ``mark_launch_dependents``
-    triggers_before_wait: bool = False  # ... before its wait (or in a program that never waits)
+    triggers_before_wait: bool = False  # some program called ``mark_launch_dependents`` before its wait
     regions: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # addresses=True: see ``region``
     _bytes: dict[tuple[str, str], list[np.ndarray]] = field(default_factory=dict, repr=False)
     shared: dict[str, int] = field(default_factory=dict)  # addresses=True: see ``_shared_bytes``
@@ -146,41 +145,55 @@ class TrafficLog:
         return sum(getattr(launch, attr) for launch in self.launches)
 
 
-class _CountingExtension:
-    """Stands in for the interpreter's C extension: counts each memory access, then forwards it."""
+_Access = Callable[[str, np.ndarray, int, int, int], None]  # (what, active lanes' addresses, itemsize, loads, stores)
 
-    def __init__(self, real: Any, log: TrafficLog) -> None:
-        self._real, self._log = real, log
+
+class _Extension:
+    """Stands in for the interpreter's C extension: hands each memory access's active lanes to
+    ``on_access(what, ptrs, itemsize, loads, stores)`` (``what``: load, store or atomic; an atomic
+    both loads and stores), then forwards the call."""
+
+    def __init__(self, real: Any, on_access: _Access) -> None:
+        self._real, self._on_access = real, on_access
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
 
-    def _count(self, ptrs: np.ndarray, mask: np.ndarray | None, itemsize: int, loads: int, stores: int) -> None:
-        launch = self._log.current
-        if launch is None:
-            return
+    def _lanes(self, what: str, ptrs: Any, mask: Any, itemsize: int, loads: int, stores: int) -> None:
         ptrs = np.asarray(ptrs, dtype=np.uint64)
         if mask is not None:
             ptrs = ptrs[np.broadcast_to(np.asarray(mask, dtype=bool), ptrs.shape)]
-        launch._touch(ptrs.reshape(-1), itemsize, loads, stores)
-        if self._log.addresses:
-            launch._keep(ptrs.reshape(-1), itemsize, loads, stores)
+        self._on_access(what, ptrs.reshape(-1), itemsize, loads, stores)
 
     def load(self, ptrs, mask, other, dtype, *rest):
-        self._count(ptrs, mask, np.dtype(dtype).itemsize, 1, 0)
+        self._lanes("load", ptrs, mask, np.dtype(dtype).itemsize, 1, 0)
         return self._real.load(ptrs, mask, other, dtype, *rest)
 
     def store(self, ptrs, values, mask, *rest):
-        self._count(ptrs, mask, np.asarray(values).dtype.itemsize, 0, 1)
+        self._lanes("store", ptrs, mask, np.asarray(values).dtype.itemsize, 0, 1)
         return self._real.store(ptrs, values, mask, *rest)
 
     def atomic_rmw(self, op, ptrs, values, mask, *rest):
-        self._count(ptrs, mask, np.asarray(values).dtype.itemsize, 1, 1)
+        self._lanes("atomic", ptrs, mask, np.asarray(values).dtype.itemsize, 1, 1)
         return self._real.atomic_rmw(op, ptrs, values, mask, *rest)
 
     def atomic_cas(self, ptrs, expected, values, *rest):
-        self._count(ptrs, None, np.asarray(values).dtype.itemsize, 1, 1)
+        self._lanes("atomic", ptrs, None, np.asarray(values).dtype.itemsize, 1, 1)
         return self._real.atomic_cas(ptrs, expected, values, *rest)
+
+
+def _counter(log: TrafficLog) -> _Access:
+    """Counts each access in ``log``'s running launch (and keeps its bytes with ``log.addresses``)."""
+
+    def count(what: str, ptrs: np.ndarray, itemsize: int, loads: int, stores: int) -> None:
+        launch = log.current
+        if launch is None:
+            return
+        launch._touch(ptrs, itemsize, loads, stores)
+        if log.addresses:
+            launch._keep(ptrs, itemsize, loads, stores)
+
+    return count
 
 
 def _shared_bytes(by_program: dict[str, list[tuple[np.ndarray, int]]]) -> dict[str, int]:
@@ -237,24 +250,14 @@ def _tensor_spans(args: list[Any]) -> tuple[np.ndarray, np.ndarray]:
     return np.array([a for a, _ in merged], np.uint64), np.array([b for _, b in merged], np.uint64)
 
 
-class _BoundsExtension:
-    """Stands in for the interpreter's C extension: refuses an access outside the running launch's
-    tensors (``_launches[-1]``: its kernel's name and its tensors' spans), then forwards it."""
+def _guard(launches: list[tuple[str, tuple[np.ndarray, np.ndarray]]]) -> _Access:
+    """Refuses an access outside the running launch's tensors (``launches[-1]``: its kernel's name and
+    its tensors' spans)."""
 
-    def __init__(self, real: Any, launches: list[tuple[str, tuple[np.ndarray, np.ndarray]]]) -> None:
-        self._real, self._launches = real, launches
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
-
-    def _check(self, what: str, ptrs: np.ndarray, mask: np.ndarray | None, itemsize: int) -> None:
-        if not self._launches:
+    def check(what: str, ptrs: np.ndarray, itemsize: int, loads: int, stores: int) -> None:
+        if not launches:
             return
-        kernel, (starts, ends) = self._launches[-1]
-        ptrs = np.asarray(ptrs, dtype=np.uint64)
-        if mask is not None:
-            ptrs = ptrs[np.broadcast_to(np.asarray(mask, dtype=bool), ptrs.shape)]
-        ptrs = ptrs.reshape(-1)
+        kernel, (starts, ends) = launches[-1]
         if starts.size:
             at = np.maximum(np.searchsorted(starts, ptrs, side="right") - 1, 0)
             outside = (ptrs < starts[at]) | (ptrs + np.uint64(itemsize) > ends[at])
@@ -268,21 +271,7 @@ class _BoundsExtension:
                 + ")"
             )
 
-    def load(self, ptrs, mask, other, dtype, *rest):
-        self._check("load", ptrs, mask, np.dtype(dtype).itemsize)
-        return self._real.load(ptrs, mask, other, dtype, *rest)
-
-    def store(self, ptrs, values, mask, *rest):
-        self._check("store", ptrs, mask, np.asarray(values).dtype.itemsize)
-        return self._real.store(ptrs, values, mask, *rest)
-
-    def atomic_rmw(self, op, ptrs, values, mask, *rest):
-        self._check("atomic", ptrs, mask, np.asarray(values).dtype.itemsize)
-        return self._real.atomic_rmw(op, ptrs, values, mask, *rest)
-
-    def atomic_cas(self, ptrs, expected, values, *rest):
-        self._check("atomic", ptrs, None, np.asarray(values).dtype.itemsize)
-        return self._real.atomic_cas(ptrs, expected, values, *rest)
+    return check
 
 
 @contextlib.contextmanager
@@ -306,7 +295,7 @@ def bounds_checked() -> Iterator[None]:
         finally:
             launches.pop()
 
-    interp._interpreter = _BoundsExtension(real_ext, launches)
+    interp._interpreter = _Extension(real_ext, _guard(launches))
     interp.GridExecutor.__call__ = checked_call
     try:
         yield
@@ -332,7 +321,6 @@ def mark_launch_dependents() -> None:
     not waited yet. Outside ``count_traffic``, nothing."""
     launch = _ACTIVE[0].current if _ACTIVE else None
     if launch is not None:
-        launch.triggers = True
         launch.triggers_before_wait |= not launch._waited
 
 
@@ -410,7 +398,7 @@ def count_traffic(addresses: bool = False) -> Iterator[TrafficLog]:
             launch._finish()
             log.launches.append(launch)
 
-    interp._interpreter = _CountingExtension(real_ext, log)
+    interp._interpreter = _Extension(real_ext, _counter(log))
     interp.GridExecutor.__call__ = counted_call
     _ACTIVE.append(log)
     try:
