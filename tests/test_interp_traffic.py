@@ -112,6 +112,19 @@ def test_hooks_are_removed_and_not_reentrant() -> None:
     assert len(again.launches) == 1 and again.launches[0].requested_bytes == 2 * 16 * 4
 
 
+def test_address_hooks_are_removed() -> None:
+    """``addresses=True`` shadows more of the interpreter's builder (program starts, barriers, atomics'
+    semantics); none of it outlives its launch."""
+    src, dst = torch.randn(16), torch.empty(16)
+    with count_traffic(addresses=True) as log:
+        masked_copy_kernel[(2,)](src, dst, 16, BLOCK=16)
+        shims = {"set_grid_idx", "create_barrier", "create_atomic_rmw", "create_atomic_cas"} & set(
+            vars(interp.interpreter_builder)
+        )
+    assert shims == set() and log.launches[0].unordered == []
+    assert log.launches[0].shared == {"write": 0, "read": 0, "atomic": 0}  # program 1 is masked off
+
+
 @triton.jit
 def _past_the_end_kernel(src, dst, n, READ_PAST: tl.constexpr, WRITE_PAST: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)

@@ -11,7 +11,7 @@ kernel module stand there.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -22,10 +22,8 @@ from dsv4.bench.interp_traffic import count_traffic
 from dsv4.harness.cases import make_case, run_case
 from dsv4.harness.golden import bit_identical
 from dsv4.kernels.interpreter import interpreted
-from dsv4.kernels.launch import H100_SMS
-from dsv4.kernels.qkv_proj_rope import launch_q_heads, pair_words, park_shape, q_heads_tiles
 from dsv4.kernels.topk import ROW_IN_REGISTERS
-from op_cases import SPLIT_O_PROJ, long_row_indexer_case, split_o_proj
+from op_cases import hand_off_cases, long_row_indexer_case, split_o_proj
 from program_order import in_order, program_orders
 
 pytestmark = pytest.mark.skipif(not interpreted(), reason="reorders the interpreter's programs")
@@ -72,41 +70,13 @@ HAND_OFFS = {
 }
 
 
-def _paired_q_heads() -> None:
-    """The paired q heads, a first-arriving half parking its values for its partner (``spins=0``)."""
-    case = make_case(TINY, "qkv_proj_rope", seed=4, device=DEVICE)
-    a = case.args
-    got = dsv4.qkv_proj_rope(**a, backend="triton")
-    t, h, hd = got.q.shape
-    block_m, paired = q_heads_tiles(t, h, H100_SMS)
-    assert paired
-    words = torch.full((pair_words(t, h),), -1, dtype=torch.int64, device=DEVICE)
-    park = torch.full(park_shape(t, h, hd, block_m), float("nan"), device=DEVICE)
-    q = torch.empty_like(got.q)
-    launch_q_heads(got.qr, got.qr_scale, a["w"], a["positions"], a["rope"], TINY.rms_norm_eps, q, words, park,
-                   block_m, True, spins=0)  # fmt: skip
-    assert bit_identical(q, got.q, "q")
-
-
-def _cases() -> Iterator[tuple[str, Callable[[], object]]]:
-    for op in dsv4.ops.op_names():
-        for mode in ("decode", "prefill"):
-            case = make_case(TINY, op, mode=mode, seed=11, device=DEVICE)
-            yield f"{op} {mode}", lambda case=case: run_case(case, "triton")
-    case = long_row_indexer_case()
-    yield "indexer, a long row", lambda: run_case(case, "triton")
-    split = make_case(SPLIT_O_PROJ, "o_proj", seed=11, device=DEVICE)
-    yield "o_proj, both GEMMs split", lambda: run_case(split, "triton")
-    yield "q heads, paired", _paired_q_heads
-
-
 def test_programs_hand_bytes_over_only_in_their_protocols() -> None:
     """In every op (``tiny``, decode and prefill) and in the cases that take the hand-offs (a long indexer
     row, split ``o_proj`` GEMMs, paired q heads), no program of a launch touches a byte that another
     program of it stores, except in the kernels of ``HAND_OFFS``; and each of those does so somewhere."""
     seen = set()
     with split_o_proj():
-        for name, run in _cases():
+        for name, run in hand_off_cases():
             with count_traffic(addresses=True) as log:
                 run()
             for launch in log.launches:

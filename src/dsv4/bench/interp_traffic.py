@@ -1,7 +1,7 @@
 """Memory traffic of Triton kernels as Triton's CPU interpreter runs them.
 
 Every reliance on the interpreter's internals lives in this file, and ``tests/test_interp_traffic.py``
-fails loudly if Triton changes underneath it. Two hook points, the same in Triton 3.6 through 3.9:
+fails loudly if Triton changes underneath it. The hook points, the same in Triton 3.6 through 3.9:
 
 - ``triton.runtime.interpreter._interpreter``: the C extension whose ``load``, ``store``,
   ``atomic_rmw`` and ``atomic_cas`` every ``tl.load``/``tl.store``/atomic (plain, masked,
@@ -9,8 +9,9 @@ fails loudly if Triton changes underneath it. Two hook points, the same in Trito
   counts, then forwards.
 - ``GridExecutor.__call__``: one call per kernel launch; the grid, the kernel's name and its
   ``launch_pdl`` option are read there.
-- ``interpreter_builder.set_grid_idx`` (``count_traffic(addresses=True)`` only): the start of each
-  program instance.
+- ``interpreter_builder.set_grid_idx``, ``create_barrier``, ``create_atomic_rmw`` and ``create_atomic_cas``
+  (``count_traffic(addresses=True)`` only): the start of each program instance, its block barriers
+  (``tl.debug_barrier``) and the memory semantics and scope of its atomics.
 
 Counted per launch, with masked-off lanes excluded:
 
@@ -24,8 +25,9 @@ Counted per launch, with masked-off lanes excluded:
 With ``addresses=True`` each launch also keeps the bytes it read and wrote, split at the point where
 each program waits for its predecessor (``mark_wait``, what ``gdc_wait`` stands for), and notes
 whether its programs let the next launch start (``mark_launch_dependents``) before that wait: what a
-check of programmatic dependent launch needs (``Launch.regions``); and the bytes one of its programs
-stores that another of its programs touches (``Launch.shared``).
+check of programmatic dependent launch needs (``Launch.regions``); the bytes one of its programs
+stores that another of its programs touches (``Launch.shared``); and which of those hand-offs no
+release and acquire order on a GPU (``Launch.unordered``).
 
 ``bounds_checked()`` uses the same two hook points to refuse any access outside the tensors a launch
 was given (``OutOfBounds``); the test suite runs every interpreted launch under it.
@@ -46,6 +48,18 @@ SECTOR = 32  # bytes: the unit in which NVIDIA GPUs move data between L2 and DRA
 _MERGE_EVERY = 1 << 22  # sector ids buffered before deduplicating: bounds memory on large launches
 
 
+@dataclass(frozen=True)
+class _Call:
+    """One load, store or atomic of one program (``count_traffic(addresses=True)``)."""
+
+    kind: str  # "read", "write" (a plain store) or "atomic"
+    spans: np.ndarray  # the bytes of its active lanes (uint64, unsorted, repeats kept)
+    program: int  # the program that made it, counted from 0 in run order
+    event: int  # its place among the program's accesses and barriers
+    sem: str = ""  # an atomic's memory semantics: RELAXED, ACQUIRE, RELEASE or ACQUIRE_RELEASE
+    scope: str = ""  # an atomic's scope: CTA, GPU or SYSTEM
+
+
 @dataclass
 class Launch:
     """Traffic of one kernel launch."""
@@ -63,9 +77,14 @@ class Launch:
     regions: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # addresses=True: see ``region``
     _bytes: dict[tuple[str, str], list[np.ndarray]] = field(default_factory=dict, repr=False)
     shared: dict[str, int] = field(default_factory=dict)  # addresses=True: see ``_shared_bytes``
+    unordered: list[str] = field(default_factory=list)  # addresses=True: see ``_unordered``
     _waited: bool = field(default=False, repr=False)  # the running program has passed its wait
     _program: int = field(default=-1, repr=False)  # the running program, counted from 0 in run order
-    _by_program: dict[str, list[tuple[np.ndarray, int]]] = field(default_factory=dict, repr=False)
+    _event: int = field(default=0, repr=False)  # the running program's accesses and barriers so far
+    _sem: tuple[str, str] = field(default=("", ""), repr=False)  # the atomic being run: semantics, scope
+    _calls: list[_Call] = field(default_factory=list, repr=False)
+    _barriers: dict[int, list[int]] = field(default_factory=dict, repr=False)  # program -> its barriers' events
+    _grid_idx: dict[int, tuple[int, ...]] = field(default_factory=dict, repr=False)  # program -> grid index
     _sectors: list[np.ndarray] = field(default_factory=list, repr=False)
     _buffered: int = field(default=0, repr=False)
     _merge_at: int = field(default=_MERGE_EVERY, repr=False)
@@ -94,7 +113,8 @@ class Launch:
 
     def _keep(self, addrs: np.ndarray, itemsize: int, loads: int, stores: int) -> None:
         """Remember the bytes of one access, in the running program's region (before or after its wait),
-        and which program made it (an atomic is one that both loads and stores)."""
+        and which program made it, when (its place among the program's accesses and barriers) and, for
+        an atomic (one that both loads and stores), with which semantics and scope."""
         if addrs.size == 0:
             return
         where = "after_wait" if self._waited else "before_wait"
@@ -102,7 +122,14 @@ class Launch:
         for kind in ["read"] * loads + ["write"] * stores:
             self._bytes.setdefault((where, kind), []).append(spans)
         kind = "atomic" if loads and stores else "read" if loads else "write"
-        self._by_program.setdefault(kind, []).append((spans, self._program))
+        sem, scope = self._sem if kind == "atomic" else ("", "")
+        self._calls.append(_Call(kind, spans, self._program, self._event, sem, scope))
+        self._event += 1
+
+    def _barrier(self) -> None:
+        """The running program's threads meet here (``tl.debug_barrier``)."""
+        self._barriers.setdefault(self._program, []).append(self._event)
+        self._event += 1
 
     def region(self, where: str, kind: str) -> np.ndarray:
         """The distinct byte addresses (uint64, sorted) the launch's programs ``kind`` (``"read"`` or
@@ -124,9 +151,10 @@ class Launch:
         self._sectors, self._buffered = [], 0
         for (where, kind), spans in self._bytes.items():
             self.regions.setdefault(where, {})[kind] = np.unique(np.concatenate(spans))
-        if self._by_program:
-            self.shared = _shared_bytes(self._by_program)
-        self._bytes, self._by_program = {}, {}
+        if self._calls:
+            self.shared = _shared_bytes(self._calls)
+            self.unordered = _unordered(self._calls, self._barriers, self._grid_idx)
+        self._bytes, self._calls, self._barriers, self._grid_idx = {}, [], {}, {}
 
 
 @dataclass
@@ -196,30 +224,135 @@ def _counter(log: TrafficLog) -> _Access:
     return count
 
 
-def _shared_bytes(by_program: dict[str, list[tuple[np.ndarray, int]]]) -> dict[str, int]:
-    """Bytes that one program of a launch stores (plainly) and another program of it touches, by how
-    the other touches them: ``{"write": bytes stored by two or more programs, "read": ... loaded by
-    another, "atomic": ... hit by another's atomic}``. Programs that meet only through atomics share
-    none; a plain store another program reads is a hand-off that needs a protocol on a GPU."""
-    stores = by_program.get("write", [])
+def _stored(calls: list[_Call]) -> tuple[np.ndarray, np.ndarray]:
+    """The bytes the launch's programs store plainly (sorted, distinct) and the program that stores each
+    (-1: two or more do)."""
+    stores = [c for c in calls if c.kind == "write"]
     if not stores:
-        return {"write": 0, "read": 0, "atomic": 0}
-    byte = np.concatenate([spans for spans, _ in stores])
-    prog = np.concatenate([np.full(spans.size, p, np.int64) for spans, p in stores])
+        return np.empty(0, np.uint64), np.empty(0, np.int64)
+    byte = np.concatenate([c.spans for c in stores])
+    prog = np.concatenate([np.full(c.spans.size, c.program, np.int64) for c in stores])
     order = np.lexsort((prog, byte))
     byte, prog = byte[order], prog[order]
     keep = np.ones(byte.size, bool)
     keep[1:] = (byte[1:] != byte[:-1]) | (prog[1:] != prog[:-1])  # one (byte, program) pair each
     written, first, writers = np.unique(byte[keep], return_index=True, return_counts=True)
-    writer = np.where(writers > 1, -1, prog[keep][first])  # -1: stored by several programs
-    shared = {"write": int((writers > 1).sum())}
+    return written, np.where(writers > 1, -1, prog[keep][first])
+
+
+def _by_another(call: _Call, written: np.ndarray, writer: np.ndarray) -> np.ndarray:
+    """The bytes of ``call`` that another program stores (plainly)."""
+    if not written.size:
+        return call.spans[:0]
+    at = np.minimum(np.searchsorted(written, call.spans), written.size - 1)
+    return call.spans[(written[at] == call.spans) & (writer[at] != call.program)]
+
+
+def _shared_bytes(calls: list[_Call]) -> dict[str, int]:
+    """Bytes that one program of a launch stores (plainly) and another program of it touches, by how
+    the other touches them: ``{"write": bytes stored by two or more programs, "read": ... loaded by
+    another, "atomic": ... hit by another's atomic}``. Programs that meet only through atomics share
+    none; a plain store another program reads is a hand-off that needs a protocol on a GPU."""
+    written, writer = _stored(calls)
+    shared = {"write": int((writer < 0).sum())}
     for kind in ("read", "atomic"):
-        hits = []
-        for spans, p in by_program.get(kind, []):
-            at = np.minimum(np.searchsorted(written, spans), written.size - 1)
-            hits.append(spans[(written[at] == spans) & (writer[at] != p)])
+        hits = [_by_another(c, written, writer) for c in calls if c.kind == kind]
         shared[kind] = int(np.unique(np.concatenate(hits)).size) if hits else 0
     return shared
+
+
+_RELEASES = ("RELEASE", "ACQUIRE_RELEASE")
+_ACQUIRES = ("ACQUIRE", "ACQUIRE_RELEASE")
+_GPU_WIDE = ("GPU", "SYSTEM")  # scopes whose order other programs (other SMs) observe
+_A = {"read": "a read", "write": "a write", "atomic": "an atomic"}
+
+
+def _unordered(calls: list[_Call], barriers: dict[int, list[int]], grid_idx: dict[int, tuple[int, ...]]) -> list[str]:
+    """The hand-offs between programs of a launch that nothing orders on a GPU, as readable lines.
+
+    A hand-off is a pair of accesses to one byte by two programs, at least one of them a plain store.
+    The interpreter runs the programs one after another; a GPU runs them side by side, where the later
+    access sees the earlier one's effect (or, for a store after a read, leaves the read alone) only when
+    the earlier program, after its access, meets its threads at a block barrier (``tl.debug_barrier``)
+    and then releases (an atomic with ``release`` or ``acq_rel`` semantics at ``gpu`` scope; or the
+    access is that atomic itself), and the later program acquires (``acquire`` or ``acq_rel``, ``gpu``
+    scope) a word that release wrote, before its access. Each pair needs both, earlier and later as the
+    interpreter ran them. An order made through a third program (a chain of releases and acquires) is
+    not followed, so it counts as none."""
+    written, writer = _stored(calls)
+    if not written.size:
+        return []
+    contested = np.unique(np.concatenate([_by_another(c, written, writer) for c in calls]))
+    if not contested.size:
+        return []
+    releases: dict[int, list[_Call]] = {}
+    acquires: dict[int, list[_Call]] = {}
+    for c in calls:
+        if c.kind == "atomic" and c.scope in _GPU_WIDE:
+            if c.sem in _RELEASES:
+                releases.setdefault(c.program, []).append(c)
+            if c.sem in _ACQUIRES:
+                acquires.setdefault(c.program, []).append(c)
+    hits = []
+    for c in calls:
+        at = np.minimum(np.searchsorted(contested, c.spans), contested.size - 1)
+        mine = np.unique(c.spans[contested[at] == c.spans])
+        if mine.size:
+            hits.append((c, mine))
+    found: dict[tuple[int, int, int, int], str] = {}
+    for i, (a, bytes_a) in enumerate(hits):
+        for b, bytes_b in hits[i + 1 :]:
+            if a.program == b.program or "write" not in (a.kind, b.kind):
+                continue
+            if bytes_a[0] > bytes_b[-1] or bytes_b[0] > bytes_a[-1] or not _meet(bytes_a, bytes_b):
+                continue
+            early, late = (a, b) if a.program < b.program else (b, a)
+            key = (early.program, early.event, late.program, late.event)
+            if key in found or _ordered(early, late, releases, acquires, barriers):
+                continue
+            why = (
+                "no acquire before the second"
+                if _released(early, releases, barriers)
+                else "no barrier and release after the first"
+            )
+            found[key] = (
+                f"{_A[early.kind]} by program {grid_idx.get(early.program, early.program)}, then {_A[late.kind]} of "
+                f"the same bytes by program {grid_idx.get(late.program, late.program)}: {why}"
+            )
+    return list(found.values())
+
+
+def _meet(few: np.ndarray, many: np.ndarray) -> bool:
+    """Whether two sorted arrays of distinct bytes share one."""
+    at = np.minimum(np.searchsorted(many, few), many.size - 1)
+    return bool((many[at] == few).any())
+
+
+def _released(early: _Call, releases: dict[int, list[_Call]], barriers: dict[int, list[int]]) -> list[_Call]:
+    """The releases of ``early``'s program that order ``early`` for other programs: the access itself when
+    it is one, and those after a barrier that follows it."""
+    fences = barriers.get(early.program, [])
+    return [
+        r
+        for r in releases.get(early.program, [])
+        if r.event == early.event or (r.event > early.event and any(early.event < f < r.event for f in fences))
+    ]
+
+
+def _ordered(
+    early: _Call,
+    late: _Call,
+    releases: dict[int, list[_Call]],
+    acquires: dict[int, list[_Call]],
+    barriers: dict[int, list[int]],
+) -> bool:
+    """Whether ``late``'s program acquires, at or before ``late``, a word that ``early``'s program released
+    after ``early`` (``_released``)."""
+    words = [np.unique(r.spans) for r in _released(early, releases, barriers)]
+    return any(
+        a.event <= late.event and any(_meet(np.unique(a.spans), w) for w in words)
+        for a in acquires.get(late.program, [])
+    )
 
 
 class OutOfBounds(RuntimeError):
@@ -334,7 +467,10 @@ def _interpreter_module() -> Any:
         for name, ok in (
             ("_interpreter", hasattr(interp, "_interpreter")),
             ("GridExecutor.__call__", "__call__" in vars(getattr(interp, "GridExecutor", object))),
-            ("interpreter_builder.set_grid_dim", hasattr(getattr(interp, "interpreter_builder", None), "set_grid_dim")),
+            *(
+                (f"interpreter_builder.{name}", hasattr(getattr(interp, "interpreter_builder", None), name))
+                for name in ("set_grid_dim", "set_grid_idx", "create_barrier", "create_atomic_rmw", "create_atomic_cas")
+            ),
         )
         if not ok
     ]
@@ -381,10 +517,25 @@ def count_traffic(addresses: bool = False) -> Iterator[TrafficLog]:
         def set_grid_idx(x: int, y: int, z: int) -> None:
             launch._waited = False  # a program starts
             launch._program += 1
+            launch._event = 0
             real_idx(x, y, z)
+            launch._grid_idx[launch._program] = tuple(int(v) for v in builder.grid_idx)
+
+        def atomic(real: Callable[..., Any]) -> Callable[..., Any]:
+            def noted(*args: Any) -> Any:  # (..., sem, scope): the last two arguments in Triton 3.6 to 3.9
+                launch._sem = (args[-2].name, args[-1].name)
+                try:
+                    return real(*args)
+                finally:
+                    launch._sem = ("", "")
+
+            return noted
 
         if log.addresses:
             builder.set_grid_idx = set_grid_idx
+            builder.create_barrier = launch._barrier
+            builder.create_atomic_rmw = atomic(builder.create_atomic_rmw)
+            builder.create_atomic_cas = atomic(builder.create_atomic_cas)
         try:
             return real_call(executor, *args, **kwargs)
         finally:
@@ -393,6 +544,8 @@ def count_traffic(addresses: bool = False) -> Iterator[TrafficLog]:
                 builder.set_grid_idx = shadowed
             elif log.addresses:
                 del builder.set_grid_idx
+            if log.addresses:
+                del builder.create_barrier, builder.create_atomic_rmw, builder.create_atomic_cas
             log.current = None
             launch.grid = grid_dim[-1] if grid_dim else (0, 0, 0)
             launch._finish()

@@ -1,0 +1,117 @@
+"""Every hand-off between the programs of a launch is ordered as a GPU needs it: released by the program that
+made it, acquired by the program that takes it (``Launch.unordered``, ``dsv4.bench.interp_traffic``).
+
+Where one program stores bytes that another of the same launch reads or overwrites (``o_proj``'s split
+partials, the chunked selection's candidate lists, the q heads' parked halves), a GPU shows the second
+program the first one's bytes only if the first meets its threads at a block barrier after the store
+and then releases them (an atomic with ``release`` or ``acq_rel`` semantics, ``gpu`` scope), and the
+second acquires the same word before it reads. The interpreter runs the programs one after another, so
+a kernel with a relaxed counter, a ``cta`` scope or no barrier passes every other test and reads stale
+bytes on a GPU. The checker itself is tested first, on a kernel made wrong in each of those ways.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from conftest import DEVICE, INTERPRETER_TRAFFIC
+from dsv4.bench.interp_traffic import count_traffic
+from op_cases import hand_off_cases, split_o_proj
+from program_order import in_order, program_orders
+
+pytestmark = INTERPRETER_TRAFFIC
+
+N = 64  # values handed over
+
+
+@triton.jit
+def _hand_over(buf, counter, out, PUT: tl.constexpr, TAKE: tl.constexpr, SCOPE: tl.constexpr,
+               BARRIER: tl.constexpr, N: tl.constexpr):  # fmt: skip
+    """Program 0 stores ``buf`` and counts itself in with ``PUT`` semantics; program 1 reads the counter with
+    ``TAKE`` semantics and, when program 0 has counted, copies ``buf`` to ``out``."""
+    offs = tl.arange(0, N)
+    if tl.program_id(0) == 0:
+        tl.store(buf + offs, offs.to(tl.float32))
+        if BARRIER:
+            tl.debug_barrier()
+        tl.atomic_add(counter, 1, sem=PUT, scope=SCOPE)
+    else:
+        if tl.atomic_add(counter, 0, sem=TAKE, scope=SCOPE) == 1:
+            tl.store(out + offs, tl.load(buf + offs))
+
+
+def _unordered(put: str, take: str, scope: str = "gpu", barrier: bool = True) -> list[str]:
+    buf, out = torch.zeros(N, device=DEVICE), torch.zeros(N, device=DEVICE)
+    counter = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    with count_traffic(addresses=True) as log:
+        _hand_over[(2,)](buf, counter, out, PUT=put, TAKE=take, SCOPE=scope, BARRIER=barrier, N=N)
+    assert torch.equal(out, torch.arange(N, dtype=torch.float32, device=DEVICE))  # the interpreter hands over
+    (launch,) = log.launches
+    assert launch.shared["read"] == 4 * N
+    return launch.unordered
+
+
+@pytest.mark.parametrize(
+    ("put", "take", "scope", "barrier", "why"),
+    [
+        ("acq_rel", "acq_rel", "gpu", True, None),
+        ("release", "acquire", "gpu", True, None),
+        ("release", "acquire", "sys", True, None),
+        ("relaxed", "acq_rel", "gpu", True, "no barrier and release after the first"),
+        ("acquire", "acq_rel", "gpu", True, "no barrier and release after the first"),
+        ("acq_rel", "acq_rel", "gpu", False, "no barrier and release after the first"),
+        ("acq_rel", "acq_rel", "cta", True, "no barrier and release after the first"),
+        ("acq_rel", "relaxed", "gpu", True, "no acquire before the second"),
+        ("acq_rel", "release", "gpu", True, "no acquire before the second"),
+    ],
+)
+def test_the_checker_finds_a_hand_off_without_release_or_acquire(
+    put: str, take: str, scope: str, barrier: bool, why: str | None
+) -> None:
+    found = _unordered(put, take, scope, barrier)
+    if why is None:
+        assert found == []
+    else:
+        assert found == [f"a write by program (0, 0, 0), then a read of the same bytes by program (1, 0, 0): {why}"]
+
+
+@triton.jit
+def _two_counters(buf, counters, out, N: tl.constexpr):
+    """Program 0 stores ``buf`` and releases one counter; program 1 acquires the other, then reads ``buf``."""
+    offs = tl.arange(0, N)
+    if tl.program_id(0) == 0:
+        tl.store(buf + offs, offs.to(tl.float32))
+        tl.debug_barrier()
+        tl.atomic_add(counters, 1, sem="acq_rel")
+    else:
+        tl.atomic_add(counters + 1, 1, sem="acq_rel")
+        tl.store(out + offs, tl.load(buf + offs))
+
+
+def test_the_release_and_the_acquire_must_meet_on_one_word() -> None:
+    buf, out = torch.zeros(N, device=DEVICE), torch.zeros(N, device=DEVICE)
+    counters = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    with count_traffic(addresses=True) as log:
+        _two_counters[(2,)](buf, counters, out, N=N)
+    assert log.launches[0].unordered == [
+        "a write by program (0, 0, 0), then a read of the same bytes by program (1, 0, 0): no acquire before the second"
+    ]
+
+
+@pytest.mark.parametrize("order", program_orders())
+def test_every_hand_off_in_the_ops_is_released_and_acquired(order: int | None) -> None:
+    """Every op (``tiny``, decode and prefill), a long indexer row, split ``o_proj`` GEMMs and paired q heads,
+    their programs in grid order and in random orders: no hand-off between programs goes unordered."""
+    handed = set()
+    with split_o_proj():
+        for name, run in hand_off_cases():
+            with in_order(order), count_traffic(addresses=True) as log:
+                run()
+            for launch in log.launches:
+                assert launch.unordered == [], (name, launch.kernel, launch.unordered[:4])
+                if launch.shared["read"]:
+                    handed.add(launch.kernel)
+    assert handed == {"_wo_b_kernel", "_select_chunks_kernel", "_q_heads_kernel"}
