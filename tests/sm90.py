@@ -79,6 +79,7 @@ class Variant:
     l2_prefetches: int  # cp.async.bulk.prefetch.L2 in the PTX: bytes asked of L2 ahead of their loads
     pdl_order: tuple[str, ...]  # "prefetch", "launch_dependents", "wait" in the order they first appear in the PTX
     loads_before_wait: int  # global loads in the PTX before its griddepcontrol.wait: read while the launch before runs
+    atomics: tuple[str, ...]  # the distinct atomic instructions in the PTX (``atom.*``, ``red.*``), qualifiers and all
     loop_waits: tuple[int, ...]  # ``num`` of each async_wait in a loop that issues async copies (TTGIR): the
     #                             copy groups left in flight; 0 is a wait for every copy
     ring: int  # buffers of the deepest multi-buffered 2-D shared-memory tile (TTGIR): the copy ring
@@ -103,6 +104,26 @@ class Variant:
         by_regs = REGISTER_FILE // (warp_regs * self.num_warps)
         by_shared = (H100_SHARED + 1024) // (self.shared_bytes + 1024)
         return min(by_regs, by_shared, MAX_WARPS_PER_SM // self.num_warps)
+
+
+_FLOAT_ATOMIC = re.compile(r"\.(?:b?f16(?:x2)?|f32|f64)$")  # the operand type ends an atomic's qualifiers
+
+
+def atomic_order_faults(variants: list[Variant], hand_offs: set[str]) -> list[str]:
+    """What the compiled atomics of ``variants`` do against the kernels' contract, as readable lines:
+    a floating-point atomic anywhere (its sum's rounding would follow the order the programs arrive
+    in: no run-to-run determinism), a global atomic at ``cta`` scope (no order for programs on other
+    SMs), and a variant of a ``hand_offs`` kernel with global atomics but none ``acq_rel`` at ``gpu``
+    scope (the hand-off between its programs would be unordered; ``Launch.unordered`` checks the same
+    under the interpreter, this that the compiler emitted it)."""
+    faults = []
+    for v in variants:
+        faults += [f"{v.kernel}: {a}, a floating-point atomic" for a in v.atomics if _FLOAT_ATOMIC.search(a)]
+        global_ = [a for a in v.atomics if ".global." in a]
+        faults += [f"{v.kernel}: {a}, a global atomic at cta scope" for a in global_ if ".cta." in a]
+        if v.kernel in hand_offs and global_ and not any(".acq_rel." in a and ".gpu." in a for a in global_):
+            faults.append(f"{v.kernel}: no acq_rel atomic at gpu scope among {global_} ({v.launches})")
+    return faults
 
 
 def compile_plans(groups: list[list[Plan]], timeout: int = 900) -> list[Variant]:
@@ -131,6 +152,7 @@ def compile_plans(groups: list[list[Plan]], timeout: int = 900) -> list[Variant]
             fields["pdl_order"] = tuple(fields["pdl_order"])
             fields["loop_waits"] = tuple(fields["loop_waits"])
             fields["loop_load_chains"] = tuple(fields["loop_load_chains"])
+            fields["atomics"] = tuple(fields["atomics"])
             v = Variant(**fields)
             if v.hash in variants:  # compiled by two groups: one variant, launched by both
                 v = dataclasses.replace(v, launches=variants[v.hash].launches + v.launches)
@@ -384,6 +406,7 @@ def _variant(fn, kernel, launches: list[tuple[str, tuple[int, ...]]]) -> dict[st
         "l2_prefetches": ptx.count("cp.async.bulk.prefetch.L2"),
         "pdl_order": _pdl_order(ptx),
         "loads_before_wait": _loads_before_wait(ptx),
+        "atomics": sorted(set(re.findall(r"\b(?:atom|red)\.[\w.]+", ptx))),
     }
 
 

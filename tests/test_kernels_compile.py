@@ -18,7 +18,7 @@ import pytest
 from dsv4.harness.cases import DEFAULT_MAX_POSITION
 from dsv4.kernels.index_score import KEYS_AHEAD
 from dsv4.kernels.launch import H100_SMS
-from sm90 import H100_SHARED, Plan, Variant, compile_plans
+from sm90 import H100_SHARED, Plan, Variant, atomic_order_faults, compile_plans
 
 LONG = 262144  # cache rows at 1M tokens
 WIDE_TABLE_POSITIONS = DEFAULT_MAX_POSITION + 4 * 64  # one 64-row pool block more than a case's default
@@ -190,6 +190,14 @@ def test_dependent_launches_use_pdl(variants: list[Variant]) -> None:
 # does: nothing that decides a result is read before the wait. The score launch's two are its first
 # tiles' row start and table entries, which only aim its L2 prefetch of old key rows.
 LOADS_BEFORE_WAIT = {"_score_kernel": 2}
+
+
+def test_atomics_keep_runs_deterministic_and_hand_offs_ordered(variants: list[Variant]) -> None:
+    """No floating-point atomic; the split ``wo_b`` tiles' counter and the long rows' selection tickets are
+    ``acq_rel`` at ``gpu`` scope in the PTX (``sm90.atomic_order_faults``)."""
+    assert atomic_order_faults(variants, {"_wo_b_kernel", "_select_chunks_kernel"}) == []
+    released = {v.kernel for v in variants if any(".acq_rel." in a for a in v.atomics)}
+    assert released == {"_wo_b_kernel", "_select_chunks_kernel"}
 
 
 def test_no_result_depends_on_a_read_before_the_wait(variants: list[Variant]) -> None:

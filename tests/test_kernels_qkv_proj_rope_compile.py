@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from sm90 import H100_SHARED, Plan, Variant, compile_plans
+from sm90 import H100_SHARED, Plan, Variant, atomic_order_faults, compile_plans
 
 PLANS = [  # two groups, compiled side by side
     [
@@ -86,3 +86,9 @@ def test_every_kernel_takes_part_in_dependent_launch(variants: list[Variant]) ->
     for v in variants:
         assert v.pdl_order == PDL_ORDER[v.kernel], (v.kernel, v.launches, v.pdl_order)
         assert v.loads_before_wait == 0, (v.kernel, v.launches, v.loads_before_wait)
+
+
+def test_atomics_keep_runs_deterministic_and_pairs_ordered(variants: list[Variant]) -> None:
+    """No floating-point atomic; the paired q heads' arrival word is ``acq_rel`` at ``gpu`` scope in the PTX."""
+    assert atomic_order_faults(variants, {"_q_heads_kernel"}) == []
+    assert any(".acq_rel." in a for v in variants if v.kernel == "_q_heads_kernel" for a in v.atomics)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from sm90 import H100_SHARED, Plan, Variant, compile_plans
+from sm90 import H100_SHARED, Plan, Variant, atomic_order_faults, compile_plans
 
 START = 4 * 2048 - 2  # 2048 compressed rows, the window's 128 rows from the pool
 MAX = 4 * 2048
@@ -91,3 +91,8 @@ def test_one_variant_serves_every_block_table_width(variants: list[Variant]) -> 
     assert {v.kernel for v in wide} == {"_attn_kernel", "_combine_kernel"}
     for v in wide:
         assert "flash-decode" in v.plans, (v.kernel, "compiled again for a wider block table", v.launches)
+
+
+def test_no_floating_point_atomics(variants: list[Variant]) -> None:
+    """The key split's partials are combined in split order by a launch of their own, not by atomics."""
+    assert atomic_order_faults(variants, set()) == []
