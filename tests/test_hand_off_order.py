@@ -8,6 +8,10 @@ and then releases them (an atomic with ``release`` or ``acq_rel`` semantics, ``g
 second acquires the same word before it reads. The interpreter runs the programs one after another, so
 a kernel with a relaxed counter, a ``cta`` scope or no barrier passes every other test and reads stale
 bytes on a GPU. The checker itself is tested first, on a kernel made wrong in each of those ways.
+
+Within one program the same holds for its threads: a program that stores bytes to global memory and
+reads them back (a scratch row, a parked tile) must meet its threads at a barrier in between, since the
+load may be laid out over them otherwise than the store (``Launch.unfenced``).
 """
 
 from __future__ import annotations
@@ -101,10 +105,36 @@ def test_the_release_and_the_acquire_must_meet_on_one_word() -> None:
     ]
 
 
+@triton.jit
+def _read_back(scratch, out, BARRIER: tl.constexpr, N: tl.constexpr):
+    """Stores ``N`` values to ``scratch`` and reads them back reversed (another thread's), with or without
+    a barrier between."""
+    offs = tl.arange(0, N)
+    tl.store(scratch + offs, offs.to(tl.float32))
+    if BARRIER:
+        tl.debug_barrier()
+    tl.store(out + offs, tl.load(scratch + N - 1 - offs))
+
+
+@pytest.mark.parametrize("barrier", [True, False])
+def test_the_checker_finds_a_read_back_without_a_barrier(barrier: bool) -> None:
+    scratch, out = torch.zeros(N, device=DEVICE), torch.zeros(N, device=DEVICE)
+    with count_traffic(addresses=True) as log:
+        _read_back[(1,)](scratch, out, BARRIER=barrier, N=N)
+    assert torch.equal(out, torch.arange(N - 1, -1, -1, dtype=torch.float32, device=DEVICE))
+    want = (
+        []
+        if barrier
+        else ["program (0, 0, 0) stores bytes and then reads them with no barrier between (its accesses 0 and 1)"]
+    )
+    assert log.launches[0].unfenced == want
+
+
 @pytest.mark.parametrize("order", program_orders())
 def test_every_hand_off_in_the_ops_is_released_and_acquired(order: int | None) -> None:
     """Every op (``tiny``, decode and prefill), a long indexer row, split ``o_proj`` GEMMs and paired q heads,
-    their programs in grid order and in random orders: no hand-off between programs goes unordered."""
+    their programs in grid order and in random orders: no hand-off between programs goes unordered, and
+    no program reads back what it stored without a barrier."""
     handed = set()
     with split_o_proj():
         for name, run in hand_off_cases():
@@ -112,6 +142,7 @@ def test_every_hand_off_in_the_ops_is_released_and_acquired(order: int | None) -
                 run()
             for launch in log.launches:
                 assert launch.unordered == [], (name, launch.kernel, launch.unordered[:4])
+                assert launch.unfenced == [], (name, launch.kernel, launch.unfenced[:4])
                 if launch.shared["read"]:
                     handed.add(launch.kernel)
     assert handed == {"_wo_b_kernel", "_select_chunks_kernel", "_q_heads_kernel"}

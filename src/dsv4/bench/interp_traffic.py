@@ -26,8 +26,9 @@ With ``addresses=True`` each launch also keeps the bytes it read and wrote, spli
 each program waits for its predecessor (``mark_wait``, what ``gdc_wait`` stands for), and notes
 whether its programs let the next launch start (``mark_launch_dependents``) before that wait: what a
 check of programmatic dependent launch needs (``Launch.regions``); the bytes one of its programs
-stores that another of its programs touches (``Launch.shared``); and which of those hand-offs no
-release and acquire order on a GPU (``Launch.unordered``).
+stores that another of its programs touches (``Launch.shared``); which of those hand-offs no
+release and acquire order on a GPU (``Launch.unordered``); and where a program reads back or overwrites
+bytes it stored with no block barrier between (``Launch.unfenced``).
 
 ``bounds_checked()`` uses the same two hook points to refuse any access outside the tensors a launch
 was given (``OutOfBounds``); the test suite runs every interpreted launch under it.
@@ -78,6 +79,7 @@ class Launch:
     _bytes: dict[tuple[str, str], list[np.ndarray]] = field(default_factory=dict, repr=False)
     shared: dict[str, int] = field(default_factory=dict)  # addresses=True: see ``_shared_bytes``
     unordered: list[str] = field(default_factory=list)  # addresses=True: see ``_unordered``
+    unfenced: list[str] = field(default_factory=list)  # addresses=True: see ``_unfenced``
     _waited: bool = field(default=False, repr=False)  # the running program has passed its wait
     _program: int = field(default=-1, repr=False)  # the running program, counted from 0 in run order
     _event: int = field(default=0, repr=False)  # the running program's accesses and barriers so far
@@ -154,6 +156,7 @@ class Launch:
         if self._calls:
             self.shared = _shared_bytes(self._calls)
             self.unordered = _unordered(self._calls, self._barriers, self._grid_idx)
+            self.unfenced = _unfenced(self._calls, self._barriers, self._grid_idx)
         self._bytes, self._calls, self._barriers, self._grid_idx = {}, [], {}, {}
 
 
@@ -265,6 +268,7 @@ _RELEASES = ("RELEASE", "ACQUIRE_RELEASE")
 _ACQUIRES = ("ACQUIRE", "ACQUIRE_RELEASE")
 _GPU_WIDE = ("GPU", "SYSTEM")  # scopes whose order other programs (other SMs) observe
 _A = {"read": "a read", "write": "a write", "atomic": "an atomic"}
+_VERB = {"read": "reads", "write": "stores", "atomic": "updates"}
 
 
 def _unordered(calls: list[_Call], barriers: dict[int, list[int]], grid_idx: dict[int, tuple[int, ...]]) -> list[str]:
@@ -322,8 +326,38 @@ def _unordered(calls: list[_Call], barriers: dict[int, list[int]], grid_idx: dic
     return list(found.values())
 
 
+def _unfenced(calls: list[_Call], barriers: dict[int, list[int]], grid_idx: dict[int, tuple[int, ...]]) -> list[str]:
+    """Each place where a program stores bytes and later reads, stores or updates the same bytes with no
+    block barrier (``tl.debug_barrier``) between, as readable lines.
+
+    A program's threads each hold part of a tile, and a load may be laid out over them otherwise than
+    the store before it: a thread may read a byte another thread of the same program has not stored
+    yet, unless the program's threads meet between the two (the interpreter runs a program as one).
+    A load before a store of the same bytes is left alone: the reductions and scans that usually sit
+    between them make the compiled threads meet, which the interpreter does not show."""
+    found = []
+    by_program: dict[int, list[_Call]] = {}
+    for c in calls:
+        by_program.setdefault(c.program, []).append(c)
+    for program, mine in by_program.items():
+        fences = barriers.get(program, [])
+        stores = [c for c in mine if c.kind == "write"]
+        for store in stores:
+            stored = np.unique(store.spans)
+            for later in mine:
+                if later.event <= store.event or any(store.event < f < later.event for f in fences):
+                    continue
+                if _meet(later.spans, stored):
+                    found.append(
+                        f"program {grid_idx.get(program, program)} stores bytes and then {_VERB[later.kind]} "
+                        f"them with no barrier between (its accesses {store.event} and {later.event})"
+                    )
+                    break
+    return found
+
+
 def _meet(few: np.ndarray, many: np.ndarray) -> bool:
-    """Whether two sorted arrays of distinct bytes share one."""
+    """Whether ``few`` (bytes) and ``many`` (sorted, distinct bytes) share one."""
     at = np.minimum(np.searchsorted(many, few), many.size - 1)
     return bool((many[at] == few).any())
 
