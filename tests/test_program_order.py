@@ -18,12 +18,11 @@ import torch
 
 import dsv4
 from conftest import DEVICE
-from dsv4.bench.interp_traffic import count_traffic
 from dsv4.harness.cases import make_case, run_case
 from dsv4.harness.golden import bit_identical
 from dsv4.kernels.interpreter import interpreted
 from dsv4.kernels.topk import ROW_IN_REGISTERS
-from op_cases import hand_off_cases, long_row_indexer_case, split_o_proj
+from op_cases import long_row_indexer_case
 from program_order import in_order, program_orders
 
 pytestmark = pytest.mark.skipif(not interpreted(), reason="reorders the interpreter's programs")
@@ -57,30 +56,3 @@ def test_long_indexer_rows_independent_of_program_order() -> None:
     case = long_row_indexer_case()
     got = _same_in_every_order(lambda: run_case(case, "triton"))
     assert got["score"].shape[-1] > ROW_IN_REGISTERS
-
-
-# The kernels whose programs hand bytes to each other (one stores them, another of the same launch loads,
-# stores or updates them), each with its protocol. Every other launch's programs share no byte but through
-# atomics, so no order or concurrency of them can change a result.
-HAND_OFFS = {
-    "_wo_b_kernel": "K-slice partials, added by the tile's last slice to count (acq_rel counter, .cg loads)",
-    "_select_chunks_kernel": "a row's candidate list, appended by its chunks, compacted and cleared by the "
-    "last to take a ticket (acq_rel ticket, .cg loads)",
-    "_q_heads_kernel": "a pair's parked half, finished by its partner (acq_rel arrival word)",
-}
-
-
-def test_programs_hand_bytes_over_only_in_their_protocols() -> None:
-    """In every op (``tiny``, decode and prefill) and in the cases that take the hand-offs (a long indexer
-    row, split ``o_proj`` GEMMs, paired q heads), no program of a launch touches a byte that another
-    program of it stores, except in the kernels of ``HAND_OFFS``; and each of those does so somewhere."""
-    seen = set()
-    with split_o_proj():
-        for name, run in hand_off_cases():
-            with count_traffic(addresses=True) as log:
-                run()
-            for launch in log.launches:
-                if any(launch.shared.values()):
-                    assert launch.kernel in HAND_OFFS, (name, launch.kernel, launch.shared)
-                    seen.add(launch.kernel)
-    assert seen == set(HAND_OFFS)
