@@ -95,15 +95,17 @@ def _kernels_keep_to_their_tensors() -> Iterator[None]:
     """Under the interpreter, every load, store and atomic of every kernel in every test must fall inside
     a tensor its launch was given (``interp_traffic.bounds_checked``; else ``OutOfBounds``):
     the interpreter reads and writes raw memory, so a mask that lets a lane past its tensor would
-    otherwise pass here and fault, or read garbage, on a GPU."""
+    otherwise pass here and fault, or read garbage, on a GPU. And every ``tl.dot`` of fp32 operands
+    must multiply values tf32 holds exactly (``interp_traffic.dots_checked``; else ``InexactDot``):
+    compiled, such a dot runs in tf32, which the interpreter does not."""
     from dsv4.kernels.interpreter import interpreted
 
     if not interpreted():
         yield
         return
-    from dsv4.bench.interp_traffic import bounds_checked
+    from dsv4.bench.interp_traffic import bounds_checked, dots_checked
 
-    with bounds_checked():
+    with bounds_checked(), dots_checked():
         yield
 
 

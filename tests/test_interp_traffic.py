@@ -17,7 +17,7 @@ from triton.runtime.errors import InterpreterError
 
 from bench_kernels import masked_copy_kernel
 from conftest import INTERPRETER_TRAFFIC
-from dsv4.bench.interp_traffic import SECTOR, bounds_checked, count_traffic
+from dsv4.bench.interp_traffic import SECTOR, bounds_checked, count_traffic, dots_checked
 
 pytestmark = INTERPRETER_TRAFFIC
 
@@ -147,3 +147,30 @@ def test_bounds_checked_refuses_an_access_past_a_tensor(where: str, what: str | 
     refused = pytest.raises(InterpreterError, match=f"OutOfBounds.*_past_the_end_kernel: a {what} of 1 x 4 B")
     with bounds_checked(), refused if what else contextlib.nullcontext():
         _past_the_end_kernel[(1,)](src, dst, n, READ_PAST=read_past, WRITE_PAST=write_past, BLOCK=16)
+
+
+@triton.jit
+def _fp32_dot_kernel(a, b, out, IEEE: tl.constexpr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    x = tl.load(a + offs[:, None] * N + offs[None, :])
+    y = tl.load(b + offs[:, None] * N + offs[None, :])
+    z = tl.dot(x, y, input_precision="ieee") if IEEE else tl.dot(x, y)  # the default: tf32 on a GPU
+    tl.store(out + offs[:, None] * N + offs[None, :], z)
+
+
+@pytest.mark.parametrize(
+    ("values", "ieee", "refused"), [("bf16", False, False), ("fp32", False, True), ("fp32", True, False)]
+)
+def test_dots_checked_refuses_fp32_operands_tf32_would_round(values: str, ieee: bool, refused: bool) -> None:
+    """fp32 operands that are bf16 values multiply the same in tf32 as in the interpreter; others do not
+    (refused, naming the kernel) unless the dot asks for ``ieee`` (the suite runs under ``dots_checked``)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(16, 16, generator=g), torch.randn(16, 16, generator=g)
+    if values == "bf16":
+        a, b = a.bfloat16().float(), b.bfloat16().float()
+    out = torch.empty(16, 16)
+    check = pytest.raises(InterpreterError, match="InexactDot.*_fp32_dot_kernel: a tl.dot's first operand")
+    with dots_checked(), check if refused else contextlib.nullcontext():
+        _fp32_dot_kernel[(1,)](a, b, out, IEEE=ieee, N=16)
+    if not refused:
+        assert torch.allclose(out, a @ b, atol=1e-5)

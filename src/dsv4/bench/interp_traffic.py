@@ -31,7 +31,9 @@ release and acquire order on a GPU (``Launch.unordered``); and where a program r
 bytes it stored with no block barrier between (``Launch.unfenced``).
 
 ``bounds_checked()`` uses the same two hook points to refuse any access outside the tensors a launch
-was given (``OutOfBounds``); the test suite runs every interpreted launch under it.
+was given (``OutOfBounds``), and ``dots_checked()`` the builder's ``create_dot`` to refuse a ``tl.dot``
+whose fp32 operands a GPU would round to tf32 (``InexactDot``); the test suite runs every interpreted
+launch under both.
 """
 
 from __future__ import annotations
@@ -471,6 +473,60 @@ def bounds_checked() -> Iterator[None]:
         interp.GridExecutor.__call__ = real_call
 
 
+class InexactDot(RuntimeError):
+    """An interpreted ``tl.dot`` whose fp32 operands a GPU would round to tf32, which the interpreter does not."""
+
+
+_TF32_DROPPED = np.uint32((1 << 13) - 1)  # the fp32 mantissa bits tf32 does not keep
+
+
+@contextlib.contextmanager
+def dots_checked() -> Iterator[None]:
+    """Inside the block, an interpreted ``tl.dot`` with an fp32 operand that tf32 cannot hold exactly raises
+    ``InexactDot``, naming the kernel, unless the dot asks for ``input_precision="ieee"``.
+
+    Compiled for an NVIDIA GPU, a ``tl.dot`` of fp32 operands runs on the tensor cores in tf32 (10
+    mantissa bits) unless it asks for ``ieee``; the interpreter multiplies the fp32 values as they are.
+    The two agree only where every operand is tf32-exact (a bf16 value held as fp32 is), which is how
+    the kernels use fp32 dots: otherwise a kernel would pass every CPU test and give other numbers on a
+    GPU."""
+    interp = _interpreter_module()
+    builder = interp.interpreter_builder
+    kernels: list[str] = []
+    real_dot, real_call = builder.create_dot, interp.GridExecutor.__call__
+
+    def named_call(executor: Any, *args: Any, **kwargs: Any) -> Any:
+        kernels.append(getattr(executor.fn, "__name__", "?"))
+        try:
+            return real_call(executor, *args, **kwargs)
+        finally:
+            kernels.pop()
+
+    def checked_dot(a: Any, b: Any, d: Any, input_precision: Any, *rest: Any) -> Any:
+        if getattr(input_precision, "name", None) != "IEEE":
+            for name, x in (("first", a), ("second", b)):
+                data = np.asarray(x.data)
+                if data.dtype == np.float32 and (data.view(np.uint32) & _TF32_DROPPED).any():
+                    raise InexactDot(
+                        f"{kernels[-1] if kernels else '?'}: a tl.dot's {name} operand holds fp32 values that tf32 "
+                        f"rounds (input precision {getattr(input_precision, 'name', input_precision)}): a GPU "
+                        "would multiply other numbers than the interpreter; make them bf16-exact or ask for ieee"
+                    )
+        return real_dot(a, b, d, input_precision, *rest)
+
+    shadowed = vars(builder).get("create_dot")  # an enclosing dots_checked's
+    builder.create_dot = checked_dot
+    interp.GridExecutor.__call__ = named_call
+    try:
+        yield
+    finally:
+        if shadowed is None:
+            del builder.create_dot  # the instance attribute shadowed the method
+        else:
+            builder.create_dot = shadowed
+        interp.GridExecutor.__call__ = real_call
+
+
 _LOCK = threading.Lock()  # the hooks are process-wide: one counter at a time
 _ACTIVE: list[TrafficLog] = []  # the log of the active ``count_traffic``, for the markers
 
@@ -503,7 +559,14 @@ def _interpreter_module() -> Any:
             ("GridExecutor.__call__", "__call__" in vars(getattr(interp, "GridExecutor", object))),
             *(
                 (f"interpreter_builder.{name}", hasattr(getattr(interp, "interpreter_builder", None), name))
-                for name in ("set_grid_dim", "set_grid_idx", "create_barrier", "create_atomic_rmw", "create_atomic_cas")
+                for name in (
+                    "set_grid_dim",
+                    "set_grid_idx",
+                    "create_barrier",
+                    "create_atomic_rmw",
+                    "create_atomic_cas",
+                    "create_dot",
+                )
             ),
         )
         if not ok

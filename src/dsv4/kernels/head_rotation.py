@@ -10,7 +10,8 @@ bit parity of ``i & j`` (Sylvester's construction), so no program loads a sign m
 Every dot here multiplies bf16-exact values (and the ``±1`` signs) held as fp32 with
 ``input_precision="tf32"``: tf32 represents bf16 values exactly, so the products are exact and the
 sum is fp32 — the same numbers as a bf16 MMA — and the interpreter, whose ``tl.dot`` mishandles
-bf16 operands, computes the same result.
+bf16 operands, computes the same result (the tests run every interpreted dot under
+``dsv4.bench.interp_traffic.dots_checked``, which refuses an operand tf32 would round).
 """
 
 from __future__ import annotations
