@@ -159,18 +159,26 @@ def _fp32_dot_kernel(a, b, out, IEEE: tl.constexpr, N: tl.constexpr):
 
 
 @pytest.mark.parametrize(
-    ("values", "ieee", "refused"), [("bf16", False, False), ("fp32", False, True), ("fp32", True, False)]
+    ("values", "ieee", "refused"),
+    [
+        ("bf16", False, False),
+        ("bf16 and a NaN with payload bits", False, False),
+        ("fp32", False, True),
+        ("fp32", True, False),
+    ],
 )
 def test_dots_checked_refuses_fp32_operands_tf32_would_round(values: str, ieee: bool, refused: bool) -> None:
     """fp32 operands that are bf16 values multiply the same in tf32 as in the interpreter; others do not
     (refused, naming the kernel) unless the dot asks for ``ieee`` (the suite runs under ``dots_checked``)."""
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(16, 16, generator=g), torch.randn(16, 16, generator=g)
-    if values == "bf16":
+    if values.startswith("bf16"):
         a, b = a.bfloat16().float(), b.bfloat16().float()
+    if values.endswith("payload bits"):  # a NaN stays a NaN in tf32: its dropped bits change nothing
+        a.view(torch.int32)[3, 5] = 0x7FC00123
     out = torch.empty(16, 16)
     check = pytest.raises(InterpreterError, match="InexactDot.*_fp32_dot_kernel: a tl.dot's first operand")
     with dots_checked(), check if refused else contextlib.nullcontext():
         _fp32_dot_kernel[(1,)](a, b, out, IEEE=ieee, N=16)
     if not refused:
-        assert torch.allclose(out, a @ b, atol=1e-5)
+        assert torch.allclose(out, a @ b, atol=1e-5, equal_nan=True)

@@ -483,7 +483,8 @@ _TF32_DROPPED = np.uint32((1 << 13) - 1)  # the fp32 mantissa bits tf32 does not
 @contextlib.contextmanager
 def dots_checked() -> Iterator[None]:
     """Inside the block, an interpreted ``tl.dot`` with an fp32 operand that tf32 cannot hold exactly raises
-    ``InexactDot``, naming the kernel, unless the dot asks for ``input_precision="ieee"``.
+    ``InexactDot``, naming the kernel, unless the dot asks for ``input_precision="ieee"`` (NaNs, whose
+    payload bits tf32 drops, stay NaNs: they pass).
 
     Compiled for an NVIDIA GPU, a ``tl.dot`` of fp32 operands runs on the tensor cores in tf32 (10
     mantissa bits) unless it asks for ``ieee``; the interpreter multiplies the fp32 values as they are.
@@ -505,8 +506,8 @@ def dots_checked() -> Iterator[None]:
     def checked_dot(a: Any, b: Any, d: Any, input_precision: Any, *rest: Any) -> Any:
         if getattr(input_precision, "name", None) != "IEEE":
             for name, x in (("first", a), ("second", b)):
-                data = np.asarray(x.data)
-                if data.dtype == np.float32 and (data.view(np.uint32) & _TF32_DROPPED).any():
+                data = np.asarray(x.data)  # a NaN stays a NaN in tf32, whatever its payload bits
+                if data.dtype == np.float32 and (data[~np.isnan(data)].view(np.uint32) & _TF32_DROPPED).any():
                     raise InexactDot(
                         f"{kernels[-1] if kernels else '?'}: a tl.dot's {name} operand holds fp32 values that tf32 "
                         f"rounds (input precision {getattr(input_precision, 'name', input_precision)}): a GPU "
