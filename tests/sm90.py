@@ -80,6 +80,9 @@ class Variant:
     pdl_order: tuple[str, ...]  # "prefetch", "launch_dependents", "wait" in the order they first appear in the PTX
     loads_before_wait: int  # global loads in the PTX before its griddepcontrol.wait: read while the launch before runs
     atomics: tuple[str, ...]  # the distinct atomic instructions in the PTX (``atom.*``, ``red.*``), qualifiers and all
+    approx_math: tuple[
+        str, ...
+    ]  # the distinct not correctly rounded fp instructions in the PTX (``*.approx*``, ``div.full``)
     loop_waits: tuple[int, ...]  # ``num`` of each async_wait in a loop that issues async copies (TTGIR): the
     #                             copy groups left in flight; 0 is a wait for every copy
     ring: int  # buffers of the deepest multi-buffered 2-D shared-memory tile (TTGIR): the copy ring
@@ -126,6 +129,25 @@ def atomic_order_faults(variants: list[Variant], hand_offs: set[str]) -> list[st
     return faults
 
 
+# The only not correctly rounded instructions the kernels may use: the softmax exponentials (``tl.exp`` is
+# ``ex2.approx`` of ``x * log2(e)``, within a few ulps), in the compressor's pooling and the attention's online
+# softmax, whose spec tolerances hold them. Everything the spec rounds bit for bit (the RMSNorms, the quant
+# scales ``127 / amax``, their inverses) uses ``div_rn``/``sqrt_rn``: a plain ``/`` compiles to ``div.full.f32``
+# and ``tl.sqrt`` to ``sqrt.approx.f32``, where the interpreter divides and takes roots exactly.
+APPROX_MATH = {k: ("ex2.approx.f32",) for k in ("_compressor_step_kernel", "_attn_kernel", "_combine_kernel")}
+
+
+def approx_math_faults(variants: list[Variant]) -> list[str]:
+    """Each not correctly rounded instruction in ``variants``' PTX that ``APPROX_MATH`` does not allow its
+    kernel, as readable lines: there a GPU computes other numbers than the interpreter."""
+    return [
+        f"{v.kernel}: {op} ({v.launches[0][0]})"
+        for v in variants
+        for op in v.approx_math
+        if op not in APPROX_MATH.get(v.kernel, ())
+    ]
+
+
 def compile_plans(groups: list[list[Plan]], timeout: int = 900) -> list[Variant]:
     """Every kernel variant the launchers run for the plans on an H100, compiled for sm_90: one
     subprocess per group of plans, all at once (give plans that share variants to one group)."""
@@ -153,6 +175,7 @@ def compile_plans(groups: list[list[Plan]], timeout: int = 900) -> list[Variant]
             fields["loop_waits"] = tuple(fields["loop_waits"])
             fields["loop_load_chains"] = tuple(fields["loop_load_chains"])
             fields["atomics"] = tuple(fields["atomics"])
+            fields["approx_math"] = tuple(fields["approx_math"])
             v = Variant(**fields)
             if v.hash in variants:  # compiled by two groups: one variant, launched by both
                 v = dataclasses.replace(v, launches=variants[v.hash].launches + v.launches)
@@ -407,6 +430,7 @@ def _variant(fn, kernel, launches: list[tuple[str, tuple[int, ...]]]) -> dict[st
         "pdl_order": _pdl_order(ptx),
         "loads_before_wait": _loads_before_wait(ptx),
         "atomics": sorted(set(re.findall(r"\b(?:atom|red)\.[\w.]+", ptx))),
+        "approx_math": sorted(set(re.findall(r"\b[a-z0-9]+\.(?:approx|full)[\w.]*", ptx))),
     }
 
 

@@ -18,7 +18,7 @@ import pytest
 from dsv4.harness.cases import DEFAULT_MAX_POSITION
 from dsv4.kernels.index_score import KEYS_AHEAD
 from dsv4.kernels.launch import H100_SMS
-from sm90 import H100_SHARED, Plan, Variant, atomic_order_faults, compile_plans
+from sm90 import H100_SHARED, Plan, Variant, approx_math_faults, atomic_order_faults, compile_plans
 
 LONG = 262144  # cache rows at 1M tokens
 WIDE_TABLE_POSITIONS = DEFAULT_MAX_POSITION + 4 * 64  # one 64-row pool block more than a case's default
@@ -246,3 +246,9 @@ def test_one_variant_serves_every_block_table_width(variants: list[Variant]) -> 
                 assert twin in v.plans, (v.kernel, "compiled again for a wider block table", v.launches)
                 seen.add(v.kernel)
     assert seen >= TABLE_KERNELS
+
+
+def test_only_the_softmax_exponentials_are_approximate(variants: list[Variant]) -> None:
+    """No ``div.full``/``sqrt.approx`` and the like where the interpreter computes exactly: only the
+    ``ex2.approx`` of the softmax exponentials that ``sm90.APPROX_MATH`` allows."""
+    assert approx_math_faults(variants) == []

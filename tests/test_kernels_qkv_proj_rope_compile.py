@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from sm90 import H100_SHARED, Plan, Variant, atomic_order_faults, compile_plans
+from sm90 import H100_SHARED, Plan, Variant, approx_math_faults, atomic_order_faults, compile_plans
 
 PLANS = [  # two groups, compiled side by side
     [
@@ -92,3 +92,9 @@ def test_atomics_keep_runs_deterministic_and_pairs_ordered(variants: list[Varian
     """No floating-point atomic; the paired q heads' arrival word is ``acq_rel`` at ``gpu`` scope in the PTX."""
     assert atomic_order_faults(variants, {"_q_heads_kernel"}) == []
     assert any(".acq_rel." in a for v in variants if v.kernel == "_q_heads_kernel" for a in v.atomics)
+
+
+def test_only_the_softmax_exponentials_are_approximate(variants: list[Variant]) -> None:
+    """No ``div.full``/``sqrt.approx`` and the like where the interpreter computes exactly: only the
+    ``ex2.approx`` of the softmax exponentials that ``sm90.APPROX_MATH`` allows."""
+    assert approx_math_faults(variants) == []

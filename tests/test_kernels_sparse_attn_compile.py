@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from sm90 import H100_SHARED, Plan, Variant, atomic_order_faults, compile_plans
+from sm90 import H100_SHARED, Plan, Variant, approx_math_faults, atomic_order_faults, compile_plans
 
 START = 4 * 2048 - 2  # 2048 compressed rows, the window's 128 rows from the pool
 MAX = 4 * 2048
@@ -96,3 +96,9 @@ def test_one_variant_serves_every_block_table_width(variants: list[Variant]) -> 
 def test_no_floating_point_atomics(variants: list[Variant]) -> None:
     """The key split's partials are combined in split order by a launch of their own, not by atomics."""
     assert atomic_order_faults(variants, set()) == []
+
+
+def test_only_the_softmax_exponentials_are_approximate(variants: list[Variant]) -> None:
+    """No ``div.full``/``sqrt.approx`` and the like where the interpreter computes exactly: only the
+    ``ex2.approx`` of the softmax exponentials that ``sm90.APPROX_MATH`` allows."""
+    assert approx_math_faults(variants) == []
