@@ -32,6 +32,14 @@ def _is_pool(record: Any) -> bool:
     return dataclasses.is_dataclass(record) and hasattr(record, "block_table")
 
 
+def pools(value: Any) -> list[Any]:
+    """The pool records (those with a block table) in ``value``, nested ones included."""
+    if not dataclasses.is_dataclass(value):
+        return []
+    own = [value] if _is_pool(value) else []
+    return own + [p for f in dataclasses.fields(value) for p in pools(getattr(value, f.name))]
+
+
 def _pool_fields(record: Any) -> list[str]:
     return [f.name for f in dataclasses.fields(record) if f.name in POOL_FIELDS]
 

@@ -13,9 +13,6 @@ check the suite runs every launch under (``bounds_checked``) refuses it.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 import pytest
 
 import dsv4
@@ -24,7 +21,7 @@ from dsv4.harness.cases import clone_args, make_case, mutated_args, record_outpu
 from dsv4.harness.golden import bit_identical
 from dsv4.ops.api import call_op
 from dsv4.ops.registry import get_op
-from far_pools import extra_blocks, far, near
+from far_pools import extra_blocks, far, near, pools
 
 # On a GPU each case would hold its pools in device memory (a CSA sparse_attn case's two are 12.5 GiB), with
 # the suite's workers side by side; the interpreter computes the kernels' int32 and int64 offsets with the
@@ -32,14 +29,6 @@ from far_pools import extra_blocks, far, near
 pytestmark = pytest.mark.skipif(DEVICE.type == "cuda", reason="pools past 4 GiB: device memory a worker each")
 
 TINY = dsv4.get_config("tiny")
-
-
-def _pools(value: Any) -> list[Any]:
-    """The pool records (those with a block table) in ``value``, nested ones included."""
-    if not dataclasses.is_dataclass(value):
-        return []
-    own = [value] if hasattr(value, "block_table") else []
-    return own + [p for f in dataclasses.fields(value) for p in _pools(getattr(value, f.name))]
 
 
 # the ops whose arguments hold a paged pool (checked below against their cases)
@@ -53,7 +42,7 @@ CASES = [
 
 
 def test_every_op_with_a_pool_is_here() -> None:
-    with_pools = {op for op in dsv4.ops.op_names() if any(_pools(v) for v in make_case(TINY, op).args.values())}
+    with_pools = {op for op in dsv4.ops.op_names() if any(pools(v) for v in make_case(TINY, op).args.values())}
     assert with_pools == set(POOL_OPS)
 
 
@@ -62,13 +51,13 @@ def test_blocks_past_4_gib_give_the_same_bits(op: str, mode: str, kind: str | No
     case = make_case(TINY, op, mode=mode, seed=5, device=DEVICE, kind=kind)
     args = clone_args(case.args, op)
     try:
-        moved = {name: far(v) if _pools(v) else v for name, v in case.args.items()}
+        moved = {name: far(v) if pools(v) else v for name, v in case.args.items()}
     except RuntimeError as e:  # a host that commits address space up front (vm.overcommit_memory=2)
         if "allocate" not in str(e):
             raise
         pytest.skip(f"the pools' address space (GiBs, untouched) could not be reserved here: {e}")
     for value in moved.values():
-        for pool in _pools(value):  # every block in use past the empty ones, so past BEYOND bytes
+        for pool in pools(value):  # every block in use past the empty ones, so past BEYOND bytes
             used = pool.block_table[pool.block_table >= 0]
             assert used.numel() and int(used.min()) >= extra_blocks(pool)
 

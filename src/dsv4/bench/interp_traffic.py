@@ -282,22 +282,37 @@ def bounds_checked() -> Iterator[None]:
     garbage, or, inside a larger buffer, another view's bytes (another slot's rows). ``count_traffic``
     may run inside the block."""
     interp = _interpreter_module()
-    launches: list[tuple[str, tuple[np.ndarray, np.ndarray]]] = []
-    real_ext, real_call = interp._interpreter, interp.GridExecutor.__call__
+    real_ext = interp._interpreter
 
-    def checked_call(executor: Any, *args: Any, **kwargs: Any) -> Any:
-        launches.append((getattr(executor.fn, "__name__", "?"), _tensor_spans([*args, *kwargs.values()])))
+    def entry(name: str, args: tuple, kwargs: dict) -> tuple[str, tuple[np.ndarray, np.ndarray]]:
+        return name, _tensor_spans([*args, *kwargs.values()])
+
+    with _running_launches(interp, entry) as launches:
+        interp._interpreter = _Extension(real_ext, _guard(launches))
+        try:
+            yield
+        finally:
+            interp._interpreter = real_ext
+
+
+@contextlib.contextmanager
+def _running_launches(interp: Any, entry: Callable[[str, tuple, dict], Any]) -> Iterator[list[Any]]:
+    """A stack of ``entry(kernel name, args, kwargs)`` for the interpreted launches running inside the
+    block (the last is the running one), kept through ``GridExecutor.__call__``."""
+    running: list[Any] = []
+    real_call = interp.GridExecutor.__call__
+
+    def call(executor: Any, *args: Any, **kwargs: Any) -> Any:
+        running.append(entry(getattr(executor.fn, "__name__", "?"), args, kwargs))
         try:
             return real_call(executor, *args, **kwargs)
         finally:
-            launches.pop()
+            running.pop()
 
-    interp._interpreter = _Extension(real_ext, _guard(launches))
-    interp.GridExecutor.__call__ = checked_call
+    interp.GridExecutor.__call__ = call
     try:
-        yield
+        yield running
     finally:
-        interp._interpreter = real_ext
         interp.GridExecutor.__call__ = real_call
 
 
@@ -321,39 +336,31 @@ def dots_checked() -> Iterator[None]:
     GPU."""
     interp = _interpreter_module()
     builder = interp.interpreter_builder
-    kernels: list[str] = []
-    real_dot, real_call = builder.create_dot, interp.GridExecutor.__call__
-
-    def named_call(executor: Any, *args: Any, **kwargs: Any) -> Any:
-        kernels.append(getattr(executor.fn, "__name__", "?"))
-        try:
-            return real_call(executor, *args, **kwargs)
-        finally:
-            kernels.pop()
-
-    def checked_dot(a: Any, b: Any, d: Any, input_precision: Any, *rest: Any) -> Any:
-        if getattr(input_precision, "name", None) != "IEEE":
-            for name, x in (("first", a), ("second", b)):
-                data = np.asarray(x.data)  # a NaN stays a NaN in tf32, whatever its payload bits
-                if data.dtype == np.float32 and (data[~np.isnan(data)].view(np.uint32) & _TF32_DROPPED).any():
-                    raise InexactDot(
-                        f"{kernels[-1] if kernels else '?'}: a tl.dot's {name} operand holds fp32 values that tf32 "
-                        f"rounds (input precision {getattr(input_precision, 'name', input_precision)}): a GPU "
-                        "would multiply other numbers than the interpreter; make them bf16-exact or ask for ieee"
-                    )
-        return real_dot(a, b, d, input_precision, *rest)
-
+    real_dot = builder.create_dot
     shadowed = vars(builder).get("create_dot")  # an enclosing dots_checked's
-    builder.create_dot = checked_dot
-    interp.GridExecutor.__call__ = named_call
-    try:
-        yield
-    finally:
-        if shadowed is None:
-            del builder.create_dot  # the instance attribute shadowed the method
-        else:
-            builder.create_dot = shadowed
-        interp.GridExecutor.__call__ = real_call
+    with _running_launches(interp, lambda name, args, kwargs: name) as kernels:
+
+        def checked_dot(a: Any, b: Any, d: Any, input_precision: Any, *rest: Any) -> Any:
+            if getattr(input_precision, "name", None) != "IEEE":
+                for name, x in (("first", a), ("second", b)):
+                    data = np.asarray(x.data)  # a NaN stays a NaN in tf32, whatever its payload bits
+                    if data.dtype == np.float32 and (data[~np.isnan(data)].view(np.uint32) & _TF32_DROPPED).any():
+                        raise InexactDot(
+                            f"{kernels[-1] if kernels else '?'}: a tl.dot's {name} operand holds fp32 values that "
+                            f"tf32 rounds (input precision {getattr(input_precision, 'name', input_precision)}): "
+                            "a GPU would multiply other numbers than the interpreter; make them bf16-exact or ask "
+                            "for ieee"
+                        )
+            return real_dot(a, b, d, input_precision, *rest)
+
+        builder.create_dot = checked_dot
+        try:
+            yield
+        finally:
+            if shadowed is None:
+                del builder.create_dot  # the instance attribute shadowed the method
+            else:
+                builder.create_dot = shadowed
 
 
 _LOCK = threading.Lock()  # the hooks are process-wide: one counter at a time
