@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -64,7 +66,7 @@ def main() -> None:
     print(f"preset={cfg.name} layer={layer} ({args.kind}) backends={attn.op_backends} device={device} "
           f"batch={args.batch} seq={args.seq} prefill={args.prefill}")  # fmt: skip
     print(f"{'step':>5} {'mode':>6} {'position':>9} {'ms':>9}")
-    modes = [("eager", attn)]
+    modes: list[tuple[str, Callable[..., Any]]] = [("eager", attn)]
     if args.capture:
         modes.append(("graph", attn.capture(seq=args.seq)))
     medians, back_to_back, host, starts = {}, {}, {}, []

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -47,7 +49,7 @@ def main() -> None:
     print(f"preset={cfg.name} backend={args.backend} device={device} batch={args.batch} seq={args.seq} "
           f"prefill={args.prefill}")  # fmt: skip
     print(f"{'step':>5} {'mode':>6} {'position':>9} {'ms':>9} {'selected':>9} {'new':>5}")
-    modes = [("eager", frontend)]
+    modes: list[tuple[str, Callable[..., Any]]] = [("eager", frontend)]
     if args.capture:
         modes.append(("graph", frontend.capture(seq=args.seq)))
     previous: set[int] = set()

@@ -90,9 +90,9 @@ def _steps_table(record: dict[str, Any]) -> list[str]:
 
 def _tests_section(record: dict[str, Any]) -> list[str]:
     entry = _step(record, "tests")
-    result = (entry or {}).get("result")
-    if not result:
+    if entry is None or not entry.get("result"):
         return [f"No test counts: {_why(entry)}."]
+    result = entry["result"]
     line = (
         f"**{result['passed']} passed, {result['failed']} failed, {result['errors']} errors, "
         f"{result['skipped']} skipped** of {result['total']} (from {result['source']})"
@@ -227,7 +227,7 @@ def _probe_section(record: dict[str, Any]) -> list[str]:
     if result.get("dry_run"):
         checks = ", ".join(f"{r['name']}: {r['check']}" for r in rows)
         return [f"Dry run: the probe's kernels under the interpreter ({checks})."]
-    by = {}
+    by: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by.setdefault(r["name"], []).append(r)
     lines = []
@@ -346,9 +346,9 @@ def _targets(timings: dict[tuple[str, str, str], dict[str, Any]]) -> list[str]:
 
 def _decode_graph_section(record: dict[str, Any], name: str = "decode_graph") -> list[str]:
     entry = _step(record, name)
-    result = (entry or {}).get("result")
-    if not result:
+    if entry is None or not entry.get("result"):
         return [f"No decode-loop figures: {_why(entry)}."]
+    result = entry["result"]
     medians, back = result["median_ms"], result.get("back_to_back_ms") or {}
     header, rows = ["launch", "median ms per step"], [[m, f"{v:.3f}"] for m, v in medians.items()]
     # a step synchronized on its own holds the host's bookkeeping; back to back, the host runs ahead, and
@@ -399,9 +399,9 @@ def _profile_section(record: dict[str, Any]) -> list[str]:
 
 def _checkpoint_section(record: dict[str, Any]) -> list[str]:
     entry = _step(record, "checkpoint")
-    r = (entry or {}).get("result")
-    if not r:
+    if entry is None or not entry.get("result"):
         return [f"No checkpoint figures: {_why(entry)}."]
+    r = entry["result"]
     lines = []
     if "load_s" in r:
         lines.append(

@@ -299,8 +299,10 @@ def sparse_attn(
     own_rows = own[slot, (wpos - start[:, None, None]).clamp(0, s - 1)]
     keys, valid = [torch.where(in_call[..., None], own_rows, pooled)], [in_call | from_pool]
     if compress_ratio:
+        assert compressed is not None  # a compressed layer's call holds its pool (checked)
         vis = (p + 1) // compress_ratio  # [B, S] compressed rows each token sees
         if kind == "csa":
+            assert topk_idxs is not None  # and a CSA call its list
             j = topk_idxs.long() - topk_offset
             ok = (topk_idxs >= 0) & (j >= 0) & (j < vis[..., None])
         else:

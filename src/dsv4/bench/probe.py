@@ -26,6 +26,7 @@ they compute (a stream's checksum, a chain's count); ``--list`` prints the exper
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -149,12 +150,12 @@ def probe_copy() -> list[dict[str, Any]]:
 
 def probe_stream(sms: int) -> list[dict[str, Any]]:
     src = _buffer(STREAM_MIB, "cuda")
-    rows = []
+    rows: list[dict[str, Any]] = []
     for unroll in UNROLLS:
         for per_sm in PROGRAMS_PER_SM:
             programs = per_sm * sms
             out = torch.empty(programs, dtype=torch.int32, device="cuda")
-            us = _median_us(lambda p=programs, u=unroll, o=out: _stream(src, o, p, u))
+            us = _median_us(functools.partial(_stream, src, out, programs, unroll))
             in_flight = unroll * STREAM_BLOCK * 4
             rows.append({
                 "name": "stream", "programs": programs, "programs_per_sm": per_sm,
@@ -173,13 +174,18 @@ def probe_stream(sms: int) -> list[dict[str, Any]]:
 
 
 def probe_l2(sms: int, programs_per_sm: int, unroll: int) -> list[dict[str, Any]]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     programs = programs_per_sm * sms
     out = torch.empty(programs, dtype=torch.int32, device="cuda")
+
+    def reads(src: torch.Tensor) -> None:
+        for _ in range(L2_READS):
+            _stream(src, out, programs, unroll)
+
     for mib in L2_SIZES_MIB:
         src = _buffer(mib, "cuda")
         # warm: each read finds what the one before it left in L2; per read, its graph gap included
-        graph = _graph(lambda s=src: [_stream(s, out, programs, unroll) for _ in range(L2_READS)])
+        graph = _graph(functools.partial(reads, src))
         us = _median_us(graph.replay) / L2_READS
         rows.append({"name": "l2", "mib": mib, "us": us, "gb_per_s": src.numel() * 4 / us / 1e3})
     dram = rows[-1]["gb_per_s"]
@@ -228,7 +234,7 @@ def probe_launch_gap() -> list[dict[str, Any]]:
 
         times = {}
         for n in (1, CHAIN):
-            graph = _graph(lambda n=n: chain(n))
+            graph = _graph(functools.partial(chain, n))
             buf.zero_()
             graph.replay()
             torch.cuda.synchronize()
@@ -250,7 +256,7 @@ def probe_flush_method(sms: int, programs_per_sm: int, unroll: int) -> list[dict
     programs = programs_per_sm * sms
     out = torch.empty(programs, dtype=torch.int32, device="cuda")
     read = lambda: _stream(x, out, programs, unroll)  # noqa: E731
-    row = {
+    row: dict[str, Any] = {
         "name": "flush_method", "mib": FLUSH_TEST_MIB,
         "after_read_flush_us": _median_us(read, reader),
         "after_zero_flush_us": _median_us(read, writer.zero_),

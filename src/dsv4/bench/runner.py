@@ -327,7 +327,8 @@ def run_bench(
         for backend in timed:
             call = reference if backend == "reference" else None
             floors = (table_floor, copy_floor)
-            rows.append(_time_backend(case, shape, backend, call, expected, cost, floors, timer, zero and zero["us"]))
+            zero_us = None if zero is None else zero["us"]
+            rows.append(_time_backend(case, shape, backend, call, expected, cost, floors, timer, zero_us))
             if bar is not None:
                 bar.update()
         medians = {r["backend"]: r["median_us"] for r in rows if r["status"] == "ok"}

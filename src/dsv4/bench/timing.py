@@ -235,7 +235,7 @@ def kernel_times(run: Callable[[], Any], flush: L2Flush | None, reps: int = 10) 
     for (name, start, end), share in zip(events, after_previous(events), strict=True):
         if name not in flush_names:
             totals.setdefault(name, []).append((end - start, share))
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "kernel": name, "us_per_call": sum(d for d, _ in us) / reps,
             "us_after_previous_per_call": sum(a for _, a in us) / reps, "launches_per_call": len(us) / reps,

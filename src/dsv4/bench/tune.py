@@ -23,6 +23,7 @@ figure, so the dry run writes its config file to a temporary folder unless told 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import tempfile
 import time
@@ -130,6 +131,10 @@ def _selection_workload(device: torch.device, seed: int) -> Workload:
         return (lambda: select_topk(score, pos, topk, 0)), (lambda idx: {"topk_idxs": idx})
 
     return Workload(f"{DRY_PRESET} select_topk B=1 S={DECODE_SEQ} keys={n}", None, make)
+
+
+def _given(load: Workload) -> Workload:
+    return load
 
 
 def dry_workloads(ops: Sequence[str], device: torch.device, seed: int) -> list[Workload]:
@@ -275,6 +280,7 @@ class Tuner:
         variants: list[dict[str, Any]] = entry.setdefault("variants", [])
         self.result["buckets"].append(entry)
         runs: dict[tuple, dict[str, Any]] = {}
+        default_seen: tuple | None = None  # the default's program as the interpreter runs it
         for cfg in tunable.candidate_configs(tunable.parse_bucket(bucket)):
             if time.monotonic() > self.deadline:
                 entry["stopped"] = "budget spent"
@@ -283,10 +289,10 @@ class Tuner:
             row: dict[str, Any] = {"params": dict(cfg), "changed": changed}
             variants.append(row)
             seen_as = tuple((k, v) for k, v in cfg.items() if not tunable.param(k).compiled_only)
-            if default_row and (not changed or (interpreted() and seen_as == runs.get("default"))):
+            if default_row and (not changed or (interpreted() and seen_as == default_seen)):
                 row.update(default_row, same_run_as="the op at every default (run once per shape)")
                 runs.setdefault(seen_as, row)
-                runs.setdefault("default", seen_as)
+                default_seen = seen_as if default_seen is None else default_seen
                 continue
             if interpreted() and seen_as in runs:  # the same program under the interpreter
                 first = runs[seen_as]
@@ -302,7 +308,7 @@ class Tuner:
                     break
             runs.setdefault(seen_as, row)
             if not changed:
-                runs.setdefault("default", seen_as)
+                default_seen = seen_as if default_seen is None else default_seen
                 default_row.update({k: v for k, v in row.items() if k not in ("params", "changed")})
             shown = f"{row['median_us']:.1f} µs" if "median_us" in row else "-"
             self.log(f"  {kernel} [{bucket}] {changed or 'default'}: {shown} {row['check']}")
@@ -404,13 +410,14 @@ def run_tune(
     on where an earlier one stopped; a bucket whose default won holds no entry and is tuned again)."""
     device = torch.device(device)
     ops = list(ops or op_names("triton"))  # an op on the reference alone has no kernel to tune
+    builds: list[Callable[[], Workload]]
     if dry_run:
         loads = dry_workloads(ops, device, seed)
-        builds = [(lambda w=w: w) for w in loads]
+        builds = [functools.partial(_given, w) for w in loads]
         labels = [w.label for w in loads]
     else:
         planned = plan(presets, modes, ops)
-        builds = [(lambda p=p, s=s: _op_workload(p, s, device, seed)) for p, s in planned]
+        builds = [functools.partial(_op_workload, p, s, device, seed) for p, s in planned]
         labels = [f"{p} {s.op} {s.label}" for p, s in planned]
     if shapes:
         keep = [i for i, label in enumerate(labels) if any(text in label for text in shapes)]

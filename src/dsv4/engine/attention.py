@@ -139,13 +139,13 @@ class DecodeAttention(CheckedBuffers):
             self.register_buffer("cmp_score_state", state.score_state, persistent=False)
             self._pool_buffers("cmp", state.pool)
             pools.append(n)
-        if self.kind == "csa":
+        if self.kind == "csa" and weights.indexer is not None:  # "csa": the layer holds an indexer
             self._buffers_of("idx_w", weights.indexer, _INDEXER)
             self._buffers_of("idx_c", weights.indexer.compressor, _COMPRESSOR)
             hid = weights.indexer.compressor.norm_w.shape[0]
             width, n = pool_size("indexer", max_position // COMPRESS_RATIO)
-            state = IndexerState.paged(batch, n, block_size, hid, torch.full((batch, width), UNALLOCATED), device)
-            self._buffers_of("idx", state, _INDEXER_STATE, persistent=False)
+            table = torch.full((batch, width), UNALLOCATED)
+            self._buffers_of("idx", IndexerState.paged(batch, n, block_size, hid, table, device), _INDEXER_STATE, False)
             pools.append(n)
         self._limit = max_position  # positions a slot may reach: every table is sized for them, the rope covers them
         # the compressors' ratios: the layer's, then its indexer's
@@ -167,7 +167,8 @@ class DecodeAttention(CheckedBuffers):
         check_front_end_ops(self.attn, self.indexer_weights, rope, self.indexer_state, self.topk, self.window, eps)
         x = torch.zeros(1, 1, self.attn_wq_a.shape[1], dtype=torch.bfloat16, device=dev)
         if self.ratio:
-            args = dict(x=x, w=self.compressor_weights, state=self.compressor_state, start_pos=0, rope=rope, eps=eps)
+            w, state = self.compressor_weights, self.compressor_state
+            args: dict[str, object] = dict(x=x, w=w, state=state, start_pos=0, rope=rope, eps=eps)
             get_op("kv_compressor").backend_args(args)
         hd = self.attn_wkv.shape[0]
         heads = self.attn_wq_b.shape[0] // hd
@@ -177,7 +178,7 @@ class DecodeAttention(CheckedBuffers):
             q=torch.zeros(1, 1, heads, hd, **bf16), kv=torch.zeros(1, 1, hd, **bf16), start_pos=0,
             window_pool=self.window_pool, attn_sink=self.attn_sink, rope=rope, kind=self.kind,
             window=self.window, compress_ratio=self.ratio,
-            compressed_pool=self.compressor_state.pool if self.ratio else None, topk_idxs=topk,
+            compressed_pool=self.compressed_pool, topk_idxs=topk,
             topk_offset=self.window if topk is not None else 0,
         )  # fmt: skip
         get_op("sparse_attn_write").backend_args(args)
@@ -212,7 +213,8 @@ class DecodeAttention(CheckedBuffers):
     def indexer_weights(self) -> IndexerWeights | None:
         if self.kind != "csa":
             return None
-        return IndexerWeights(*self._get("idx_w", _INDEXER), CompressorWeights(*self._get("idx_c", _COMPRESSOR)))
+        wq_b, wq_b_scale, weights_proj = self._get("idx_w", _INDEXER)
+        return IndexerWeights(wq_b, wq_b_scale, weights_proj, CompressorWeights(*self._get("idx_c", _COMPRESSOR)))
 
     @property
     def rope(self) -> RopeTable:
@@ -227,6 +229,12 @@ class DecodeAttention(CheckedBuffers):
         if not self.ratio:
             return None
         return CompressorState(self.cmp_kv_state, self.cmp_score_state, KVPool(*self._get("cmp", _POOL)))
+
+    @property
+    def compressed_pool(self) -> KVPool | None:
+        """The compressed rows' pool (CSA, HCA); None on a sliding-window layer."""
+        state = self.compressor_state
+        return None if state is None else state.pool
 
     @property
     def indexer_state(self) -> IndexerState | None:
@@ -249,10 +257,9 @@ class DecodeAttention(CheckedBuffers):
         with self.writing():
             self.paging.reset(rows)
             self.paging.flush(self._tables())
-            if self.ratio:
-                self.compressor_state.reset(rows)
-            if self.kind == "csa":
-                self.indexer_state.reset(rows)
+            for state in (self.compressor_state, self.indexer_state):
+                if state is not None:
+                    state.reset(rows)
         for r in rows:
             self.next_pos[r] = self.last_start[r] = 0
 
@@ -386,7 +393,7 @@ class DecodeAttention(CheckedBuffers):
             o = self._launch(
                 "sparse_attn_write", q=q, kv=kv, start_pos=pos, window_pool=self.window_pool, attn_sink=self.attn_sink,
                 rope=rope, kind=self.kind, window=self.window, compress_ratio=self.ratio,
-                compressed_pool=self.compressor_state.pool if self.ratio else None, topk_idxs=topk,
+                compressed_pool=self.compressed_pool, topk_idxs=topk,
                 topk_offset=self.window if topk is not None else 0,
             ).o  # fmt: skip
             y = self._launch("o_proj", o=o.view(b * s, *o.shape[2:]), w=self.o_weights).y

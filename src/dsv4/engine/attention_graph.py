@@ -73,7 +73,7 @@ class AttentionGraph:
         )
         self.o = AttnOut(torch.empty(self.batch, seq, heads, hd, **bf16))
         self.y = OProjOut(torch.empty(t, d, **bf16))
-        cache_rows = layer.indexer_state.cache_rows if layer.kind == "csa" else 0
+        cache_rows = 0 if layer.indexer_state is None else layer.indexer_state.cache_rows
         pos = StepPositions(self.start, seq, cache_rows)
         self.indexer_out = None
         if layer.kind == "csa":
@@ -84,7 +84,7 @@ class AttentionGraph:
         self.workspace = self._workspace(used)
         q, kv = self.qkv.q.view(self.batch, seq, heads, hd), self.qkv.kv.view(self.batch, seq, hd)
         rope, eps, window = layer.rope, layer.eps, layer.window
-        args = {
+        args: dict[str, dict[str, Any]] = {
             "qkv_proj_rope": dict(x=self.xn.view(t, d), w=layer.attn, positions=self.positions, rope=rope, eps=eps),
             "kv_compressor": dict(
                 x=self.xn, w=layer.compressor_weights, state=layer.compressor_state, start_pos=pos, rope=rope, eps=eps
@@ -111,7 +111,7 @@ class AttentionGraph:
                 kind=layer.kind,
                 window=window,
                 compress_ratio=layer.ratio,
-                compressed_pool=layer.compressor_state.pool if layer.ratio else None,
+                compressed_pool=layer.compressed_pool,
                 topk_idxs=self.indexer_out.topk_idxs if self.indexer_out is not None else None,
                 topk_offset=window if layer.kind == "csa" else 0,
             ),  # fmt: skip

@@ -63,7 +63,7 @@ def _leaf_count(kind: object, name: str) -> int:
 def _schema(desc: OpDescriptor, out: bool) -> str:
     """The custom-op schema of ``desc`` (or of its ``_out`` variant)."""
     flat = _flat_params(desc) + [("backend", "str", False)]
-    if out:
+    if out and desc.result is not None:
         flat += [(f, "Tensor", True) for f in desc.result._fields]
     args, alias = [], 0
     for name, schema_type, mutable in flat:
@@ -90,7 +90,7 @@ def _unflatten(desc: OpDescriptor, flat: tuple[Any, ...]) -> tuple[dict[str, Any
     """``(public args, backend, the rest)`` from a custom op's flat arguments (an optional argument
     whose tensors are all None is None)."""
     values = iter(flat)
-    args = {}
+    args: dict[str, Any] = {}
     for p in desc.params:
         mine = [next(values) for _ in range(_leaf_count(p.kind, p.name))]
         if p.optional and all(v is None for v in mine):
@@ -136,14 +136,15 @@ def _register(desc: OpDescriptor) -> None:
     mutated = [n for n, _, m in _flat_params(desc) if m]
     op = torch.library.custom_op(f"dsv4::{desc.name}", impl, mutates_args=mutated, schema=_schema(desc, False))
     op.register_fake(fake)
-    if desc.result is None:
+    result = desc.result
+    if result is None:
         return
 
     def impl_out(*flat: Any) -> None:
         args, backend, out = _unflatten(desc, flat)
-        call_op(desc.name, backend, desc.result(*out), **args)
+        call_op(desc.name, backend, result(*out), **args)
 
-    outs = list(desc.result._fields)
+    outs = list(result._fields)
     op_out = torch.library.custom_op(
         f"dsv4::{desc.name}_out", impl_out, mutates_args=mutated + outs, schema=_schema(desc, True)
     )

@@ -146,7 +146,8 @@ class DecodeFrontEnd(CheckedBuffers):
     @property
     def indexer_weights(self) -> IndexerWeights:
         comp = CompressorWeights(*(getattr(self, f"compressor_{n}") for n in _COMPRESSOR))
-        return IndexerWeights(*(getattr(self, f"indexer_{n}") for n in _INDEXER), comp)
+        wq_b, wq_b_scale, weights_proj = (getattr(self, f"indexer_{n}") for n in _INDEXER)
+        return IndexerWeights(wq_b, wq_b_scale, weights_proj, comp)
 
     @property
     def rope(self) -> RopeTable:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -104,6 +104,10 @@ class CheckedBuffers(torch.nn.Module):
     _inference_at = -1
     op_backends: dict[str, str]  # the backend each op runs on (_resolve_backends)
 
+    if TYPE_CHECKING:  # the buffers are registered by name, so a type checker cannot list them
+
+        def __getattr__(self, name: str) -> Any: ...
+
     def _resolve_backends(self, ops: Iterable[str], device: torch.device) -> None:
         """``op_backends`` of ``ops`` on ``device``, a part of ``_check_ops``: ``auto`` resolved there, a
         backend that cannot run there refused, naming why, and an op without the backend's
@@ -162,7 +166,7 @@ class CheckedBuffers(torch.nn.Module):
         super().register_buffer(name, tensor, persistent)
         self.generation += changed
 
-    def __setattr__(self, name: str, value: object) -> None:
+    def __setattr__(self, name: str, value: Any) -> None:
         buffers = self.__dict__.get("_buffers", {})
         if name in buffers and buffers[name] is not value:
             self.__dict__["generation"] = self.generation + 1

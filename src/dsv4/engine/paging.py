@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import heapq
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -110,13 +110,14 @@ class LayerPaging:
         are looked at; on ``pools`` given (copies, for a call of several steps) every slot is."""
         if pools is None:
             pools = self.pools
-            slots = [b for b, (p, (lo, hi, end)) in enumerate(zip(starts, self.quiet, strict=False))
+            slots: Sequence[int] = [b for b, (p, (lo, hi, end)) in enumerate(zip(starts, self.quiet, strict=False))
                      if not (lo <= p < hi and p + s <= end)]  # fmt: skip
         else:
             slots = range(len(starts))
         bs, w = self.block_size, self.window
         window = pools[0]
-        give, free = [], []
+        give: list[tuple[int, range]] = []
+        free: list[tuple[int, list[int]]] = []
         for b in slots:
             p = starts[b]
             seen = max(0, p - w + 1) // bs  # the columns below it hold rows no later token sees
@@ -173,8 +174,8 @@ class LayerPaging:
                 if i + 1 < len(steps):  # the copies: only a later step reads what this one leaves
                     for b, cols in give:
                         pool.give(b, cols)
-                    for b, cols in free:
-                        pool.take_back(b, cols)
+                    for b, columns in free:
+                        pool.take_back(b, columns)
         if pools is None:
             self._checked = (steps[0][0], steps[0][1], plan)
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
-def staged(values: list[int], device: torch.device) -> torch.Tensor:
+def staged(values: Sequence[int] | Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
     """``values`` as an int64 host tensor to copy to ``device`` with ``non_blocking=True``: pinned when
     ``device`` is CUDA, so the copy needs no sync (and the caching host allocator does not reuse the
     block before the copy lands)."""
@@ -13,7 +15,7 @@ def staged(values: list[int], device: torch.device) -> torch.Tensor:
     return host.pin_memory() if device.type == "cuda" else host
 
 
-def write_cells(table: torch.Tensor, cells: list[tuple[int, int, int]]) -> None:
+def write_cells(table: torch.Tensor, cells: Sequence[Sequence[int]]) -> None:
     """``table[row, col] = value`` for each ``(row, col, value)`` of ``cells`` (a later cell wins) as one
     host-to-device copy and one scatter: no host sync, two device operations however many cells."""
     if not cells:
@@ -38,7 +40,8 @@ def host_ints(name: str, value: object) -> list[int]:
                             f"{list(value.shape)}")  # fmt: skip
         return [int(v) for v in value.reshape(-1).tolist()]
     items = list(value) if isinstance(value, list | tuple) else [value]
-    bad = [v for v in items if isinstance(v, bool) or not isinstance(v, int)]
-    if bad:
-        raise TypeError(f"{name}: expected ints, got {bad[0]!r} ({type(bad[0]).__name__})")
-    return items
+    ints = [v for v in items if isinstance(v, int) and not isinstance(v, bool)]
+    if len(ints) < len(items):
+        bad = next(v for v in items if isinstance(v, bool) or not isinstance(v, int))
+        raise TypeError(f"{name}: expected ints, got {bad!r} ({type(bad).__name__})")
+    return ints

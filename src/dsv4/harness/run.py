@@ -135,7 +135,7 @@ def run_front_end(
 
         before = state.clone() if name != "reference" else None
         idx_args = (x, qkv.qr, qkv.qr_scale, weights.indexer)
-        idx_kwargs = dict(start_pos=pos, offset=cfg.sliding_window, rope=rope, topk=cfg.index_topk)
+        idx_kwargs: dict[str, Any] = dict(start_pos=pos, offset=cfg.sliding_window, rope=rope, topk=cfg.index_topk)
         idx, ms = _timed(device, ops.indexer, *idx_args, state=state, **idx_kwargs, backend=name)
         check, ok = "is the reference", True
         if before is not None:
@@ -172,11 +172,11 @@ def run_front_end(
             check, ok = _verdict(compare(op, got, run_case(case, "reference"), case.compare_inputs()))
         emit(Row("one call", op, op_backend, f"B={batch} S={seq}", ms, check, ok))
 
-    given = weights if layer is not None and weights.whole else None
-    kinds = [cfg.layer_kind(layer)] if given is not None else [k for k in LAYER_KINDS if k in _kinds(cfg)]
-    for kind in kinds:
-        n = layer if given is not None else cfg.first_layer(kind)
-        run_attention_layer(cfg, n, plan, name, batch, seed, device, emit, given)
+    if layer is not None and weights.whole:  # the checkpoint's layer
+        run_attention_layer(cfg, layer, plan, name, batch, seed, device, emit, weights)
+    else:  # the first layer of each kind the config has
+        for kind in (k for k in LAYER_KINDS if k in _kinds(cfg)):
+            run_attention_layer(cfg, cfg.first_layer(kind), plan, name, batch, seed, device, emit, None)
     return rows
 
 

@@ -126,7 +126,7 @@ _REQUIRED_FIELDS = (
 _INT_FIELDS = _REQUIRED_FIELDS[:9]  # positive ints; the two thetas are positive numbers
 
 
-def _field(source: str, name: str, value: object, kind: str) -> int | float:
+def _field(source: str, name: str, value: Any, kind: str) -> int | float:
     """``value`` of config field ``name`` checked: ``kind`` "int" (> 0), "int0" (>= 0), "pos" (finite
     number > 0) or "num" (finite number)."""
     is_number = isinstance(value, int | float) and not isinstance(value, bool)
@@ -331,7 +331,7 @@ class Checkpoint(ShardedCheckpoint):
         problems = self.check(p, specs)
         if problems:
             raise CheckpointError(f"{self.directory}, layer {layer}: " + "; ".join(problems))
-        infos = {s.name: self.info(p + s.name) for s in specs}
+        infos = {s.name: info for s in specs if (info := self.info(p + s.name)) is not None}  # all: check()
         scales = {name[: -len(".scale")]: self._scale(info) for name, info in infos.items() if name.endswith(".scale")}
 
         def weight(name: str) -> tuple[TensorInfo, torch.Tensor]:

@@ -20,7 +20,7 @@ import struct
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -219,7 +219,7 @@ class ShardedCheckpoint:
             raise CheckpointError(f"{index}: expected a JSON object with a weight_map object, got {raw!r:.80}")
         return {name: check_shard_name(index, name, shard) for name, shard in weight_map.items()}
 
-    def __enter__(self) -> ShardedCheckpoint:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -263,14 +263,18 @@ class ShardedCheckpoint:
                 self._handles[path] = None
         return self._handles[path]
 
-    def _library_reads(self, info: TensorInfo) -> bool:
-        return not self.raw_bytes and _torch_dtype(info.dtype) is not None and self._handle(info.file) is not None
+    def _library_handle(self, info: TensorInfo) -> Any | None:
+        """The ``safe_open`` that reads ``info``, or None when its bytes are decoded here (``raw_bytes``)."""
+        if self.raw_bytes or _torch_dtype(info.dtype) is None:
+            return None
+        return self._handle(info.file)
 
     def rows(self, info: TensorInfo, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows ``[start, stop)`` of a tensor, decoded: FP8 types to fp32, others in their own dtype."""
         stop = info.shape[0] if stop is None else stop
-        if self._library_reads(info):
-            t = self._handle(info.file).get_slice(info.name)[start:stop]
+        handle = self._library_handle(info)
+        if handle is not None:
+            t = handle.get_slice(info.name)[start:stop]
             return t.to(torch.float32) if info.dtype.startswith("F8_") else t
         row_bytes = info.nbytes // max(1, info.shape[0])
         count = (stop - start) * row_bytes

@@ -164,9 +164,11 @@ def front(
     require(d % 16 == 0, "x", f"a hidden size D that is a multiple of 16 (the K-slices' {BLOCK_K}-wide steps)")
     q8 = q_scale = None
     if indexer is None:
-        q_programs, q_args, q_block_m, ql = 0, (x,) * 4, 16, 0
+        q_programs, q_block_m, ql = 0, 16, 0
+        q_args: tuple[torch.Tensor, ...] = (x,) * 4
         nope, half_r, cos, sin = 16, 16, x, x
     else:
+        assert qr is not None and qr_scale is not None and rope is not None, "the queries need qr, qr_scale, rope"
         ql = qr.shape[1]
         nope, half_r = split_head_dims(hid, rope.rope_dim)
         q_block_m = query_block_m(t)

@@ -53,6 +53,7 @@ def indexer(
     # the selection starts from, in counters the front launch zeroes.
     hist = scratch(ws, "indexer.hist", (b * s, HIST_WORDS), torch.int32, x.device) if width > ROW_IN_REGISTERS else None
     xp, q8, q_scale = front(x, w.compressor, pos, indexer=w, qr=qr, qr_scale=qr_scale, rope=rope, ws=ws, zero=hist)
+    assert q8 is not None and q_scale is not None  # the front launch was given the indexer
     proj = compressor_step(xp, w.compressor, state, pos, rope, eps, ws)
     score = index_scores(proj, q8, q_scale, w, state, pos, None if out is None else out.score, hist)
     topk_idxs = select_topk(score, pos, topk, offset, None if out is None else out.topk_idxs, ws, hist)

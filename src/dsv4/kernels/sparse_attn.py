@@ -536,6 +536,7 @@ def sparse_attn_write(
 def _compressed_keys(kind: str, cmp: KVPool, topk_idxs: torch.Tensor | None) -> int:
     """Compressed keys a token may walk: its list (CSA), the rows its slot's table can hold (HCA), none (SWA)."""
     if kind == "csa":
+        assert topk_idxs is not None  # a CSA call holds its list (checked)
         return topk_idxs.shape[2]
     if kind == "hca":
         return cmp.block_table.shape[1] * cmp.block_size

@@ -14,8 +14,8 @@ overwrites its slot.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import ClassVar
+from dataclasses import Field, dataclass, fields
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -28,10 +28,13 @@ from .state import DEFAULT_BLOCK_SIZE, UNALLOCATED, IndexerState, _check_block_s
 class _Record:
     """``tensors``/``to``/``clone`` of a dataclass whose fields are tensors or records (or None)."""
 
+    if TYPE_CHECKING:  # every subclass is a dataclass
+        __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor by its dotted field path (nested records flattened)."""
         out: dict[str, torch.Tensor] = {}
-        for f in fields(self):  # type: ignore[arg-type]
+        for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor):
                 out[f.name] = v
@@ -40,7 +43,7 @@ class _Record:
         return out
 
     def _map(self, fn):
-        values = {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
         return type(self)(**{k: None if v is None else fn(v) for k, v in values.items()})
 
     def to(self, device: torch.device | str):

@@ -145,7 +145,7 @@ def _check_field(name: str, value: object, kind: str, above: float = 0.0) -> Non
         raise ValueError(f"{name}: expected a finite number > {above:g}, got {value!r}")
 
 
-_FLASH_ROPE = dict(
+_FLASH_ROPE: dict[str, Any] = dict(
     max_position_embeddings=1048576,
     rope_theta=10000.0,
     compress_rope_theta=160000.0,

@@ -34,7 +34,7 @@ def leaves(value: Any, path: str) -> Iterator[tuple[str, Any]]:
 
 def build(kind: Any, path: str, leaf: Callable[[str], Any]) -> Any:
     """The value of type ``kind`` named ``path`` whose leaf at each dotted path is ``leaf(path)``."""
-    if not dataclasses.is_dataclass(kind):
+    if not (isinstance(kind, type) and dataclasses.is_dataclass(kind)):
         return leaf(path)
     hints = typing.get_type_hints(kind)
     return kind(**{f.name: build(hints[f.name], f"{path}.{f.name}", leaf) for f in dataclasses.fields(kind)})

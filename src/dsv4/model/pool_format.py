@@ -76,10 +76,12 @@ class PoolFormat:
 
     def row_bytes(self, width: int, tail: int = 0) -> int:
         """Bytes one row takes in the pool: ``width`` codes, their scales and ``tail`` unquantized columns."""
-        if tail and self.tail_dtype is None:
-            raise ValueError(f"tail: the {self.name} format has no unquantized columns, got {tail}")
+        tail_bytes = 0
+        if tail:
+            if self.tail_dtype is None:
+                raise ValueError(f"tail: the {self.name} format has no unquantized columns, got {tail}")
+            tail_bytes = tail * self.tail_dtype.itemsize
         scales = math.prod(self.scale_shape(width))
-        tail_bytes = tail * self.tail_dtype.itemsize if tail else 0
         return width * self.code_dtype.itemsize + scales * self.scale_dtype.itemsize + tail_bytes
 
     def empty(

@@ -52,7 +52,7 @@ def rope_frequencies(
     freqs = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
     if orig_len > 0:
         low = max(math.floor(_correction_dim(beta_fast, dim, theta, orig_len)), 0)
-        high = min(math.ceil(_correction_dim(beta_slow, dim, theta, orig_len)), dim - 1)
+        high: float = min(math.ceil(_correction_dim(beta_slow, dim, theta, orig_len)), dim - 1)
         if low == high:
             high += 0.001  # avoid a zero-width ramp, as upstream does
         ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
@@ -102,5 +102,4 @@ def layer_rope_table(
 ) -> RopeTable:
     """The RoPE table every op of ``layer`` uses: ``"window"`` on a sliding-window-only layer
     (compress ratio 0), ``"compressed"`` on the others (attention spec §1)."""
-    kind = "window" if cfg.layer_ratio(layer) == 0 else "compressed"
-    return rope_table(cfg, kind, max_position, device)
+    return rope_table(cfg, "window" if cfg.layer_ratio(layer) == 0 else "compressed", max_position, device)

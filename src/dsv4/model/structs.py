@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 
@@ -41,7 +41,10 @@ class OProjOut(NamedTuple):
     y: torch.Tensor
 
 
-def copy_into(result: QKV | IndexerOut, out: QKV | IndexerOut | None) -> QKV | IndexerOut:
+Result = TypeVar("Result", QKV, IndexerOut, AttnOut, OProjOut)
+
+
+def copy_into(result: Result, out: Result | None) -> Result:
     """``result`` written into the preallocated ``out`` (returned), or ``result`` when ``out`` is None.
 
     A ``score`` narrower than ``out.score`` fills the first columns; the rest are masked.

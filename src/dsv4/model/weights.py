@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import torch
 
@@ -15,8 +16,11 @@ from .quant import quantize_weight_int8
 class _Tensors:
     """Helpers shared by the weight dataclasses."""
 
-    def to(self, device: torch.device | str):
-        """A copy with every tensor on ``device`` (fields that are None stay None)."""
+    if TYPE_CHECKING:  # every subclass is a dataclass
+        __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+
+    def to(self, device: torch.device | str | None) -> Self:
+        """A copy with every tensor on ``device`` (None: where it is; fields that are None stay None)."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return dataclasses.replace(self, **{k: None if v is None else v.to(device) for k, v in values.items()})
 
@@ -169,8 +173,8 @@ def synthetic_weights(
     )
     iq_b, iq_b_scale = quantize_weight_int8(proj(cfg.index_n_heads * hid, ql))
     indexer = IndexerWeights(iq_b, iq_b_scale, proj(cfg.index_n_heads, d).to(torch.bfloat16), compressor)
-    layer = LayerWeights(attn, indexer)
-    return layer if device is None else layer.to(device)
+    weights = LayerWeights(attn, indexer)
+    return weights if device is None else weights.to(device)
 
 
 def attention_weights(

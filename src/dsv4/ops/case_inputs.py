@@ -14,7 +14,7 @@ import torch
 from ..model.config import COMPRESS_RATIO, DeepSeekV4Config
 from ..model.rope import RopeTable
 from ..model.state import IndexerState
-from ..model.weights import LayerWeights
+from ..model.weights import IndexerWeights, LayerWeights
 
 
 @dataclass
@@ -45,6 +45,13 @@ class CaseInputs:
     def positions(self) -> torch.Tensor:
         """``[B*S]`` int64 position of every token, row by row, on the case's device."""
         return (self.start[:, None] + torch.arange(self.seq)).reshape(-1).to(self.device)
+
+    @property
+    def indexer_weights(self) -> IndexerWeights:
+        """The lightning indexer's weights (the case's front end is a CSA layer's)."""
+        if self.weights.indexer is None:
+            raise ValueError("weights: the case's layer holds no lightning indexer")
+        return self.weights.indexer
 
     def prefilled_state(self) -> IndexerState:
         """The indexer state as if each row had already seen ``start[b]`` tokens (see ``prefilled_state``)."""

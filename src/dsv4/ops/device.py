@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -50,7 +51,7 @@ def _ieee_fp32_matmul() -> Iterator[None]:
     """Float32 matmuls on CUDA and the CPU (oneDNN) at IEEE precision inside the block, each backend's
     setting put back after it. Through the per-backend settings where torch has them (reading the
     legacy ``get_float32_matmul_precision`` raises once a caller has mixed the two APIs)."""
-    backends = [
+    backends: list[Any] = [
         m for m in (getattr(torch.backends.cuda, "matmul", None), getattr(torch.backends.mkldnn, "matmul", None))
         if hasattr(m, "fp32_precision")
     ]  # fmt: skip
@@ -62,9 +63,9 @@ def _ieee_fp32_matmul() -> Iterator[None]:
         finally:
             torch.set_float32_matmul_precision(before)
         return
-    before = [b.fp32_precision for b in backends]
+    saved = [b.fp32_precision for b in backends]
     inherited = getattr(torch.backends, "fp32_precision", "none")  # what "none" stands for
-    if all((p if p != "none" else inherited) in ("none", "ieee") for p in before):
+    if all((p if p != "none" else inherited) in ("none", "ieee") for p in saved):
         yield
         return
     for b in backends:
@@ -72,5 +73,5 @@ def _ieee_fp32_matmul() -> Iterator[None]:
     try:
         yield
     finally:
-        for b, p in zip(backends, before, strict=True):
+        for b, p in zip(backends, saved, strict=True):
             b.fp32_precision = p

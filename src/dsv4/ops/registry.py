@@ -23,13 +23,12 @@ import importlib
 import inspect
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, ParamSpec, TypeVar
 
 import torch
 
-from ..model.config import DeepSeekV4Config
 from .case_inputs import CaseInputs
 from .costs import OpCost
 
@@ -162,13 +161,13 @@ class OpDescriptor(Generic[P, R]):
     mutates: tuple[str, ...]
     validate: Callable[[dict[str, Any], Any], dict[str, Any]]
     case_args: Callable[[CaseInputs], dict[str, Any]]
-    cost: Callable[[DeepSeekV4Config, Sequence[int], int], OpCost]
+    cost: Callable[..., OpCost]
     implementations: Mapping[str, str]
     fake_result: Callable[[dict[str, Any]], tuple[torch.Tensor, ...]] | None = None
     cache_bound: bool = False
     kinds: tuple[str, ...] = ()
     params: tuple[Param, ...] = field(init=False)
-    result: type | None = field(init=False)
+    result: type[Any] | None = field(init=False)
     _sig: inspect.Signature = field(init=False, compare=False, repr=False)
     _impls: dict[str, Callable[..., Any]] = field(default_factory=dict, init=False, compare=False, repr=False)
 
@@ -191,8 +190,7 @@ class OpDescriptor(Generic[P, R]):
             if p.name not in RESERVED:
                 kind, optional = _kind(self.name, p.name, p.annotation)
                 params.append(Param(p.name, kind, p.default, p.kind is p.KEYWORD_ONLY, optional))
-        params = tuple(params)
-        object.__setattr__(self, "params", params)
+        object.__setattr__(self, "params", tuple(params))
         object.__setattr__(self, "result", result)
         object.__setattr__(self, "_sig", sig)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -58,13 +59,13 @@ def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
 
 def check_tensor(
     name: str,
-    t: object,
+    t: Any,
     dtypes: torch.dtype | Sequence[torch.dtype],
     shape: Sequence[int | None],
-    device: torch.device,
+    device: torch.device | None,
 ) -> torch.Tensor:
-    """``t`` must be a contiguous tensor of one of ``dtypes`` on ``device`` with ``shape``
-    (``None`` matches any size). Returns ``t``."""
+    """``t`` must be a contiguous tensor of one of ``dtypes`` on ``device`` (``None``: any) with
+    ``shape`` (``None`` matches any size). Returns ``t``."""
     dtypes = (dtypes,) if isinstance(dtypes, torch.dtype) else tuple(dtypes)
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -73,19 +74,19 @@ def check_tensor(
     if t.dim() != len(shape) or any(e is not None and e != a for e, a in zip(shape, t.shape, strict=True)):
         want = "[" + ", ".join("*" if e is None else str(e) for e in shape) + "]"
         raise ValueError(f"{name}: expected shape {want}, got {list(t.shape)}")
-    if not same_device(t.device, device):
+    if device is not None and not same_device(t.device, device):
         raise ValueError(f"{name}: expected device {device}, got {t.device}")
     if not t.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}")
     return t
 
 
-def _check_instance(name: str, value: object, cls: type) -> None:
+def _check_instance(name: str, value: Any, cls: type) -> None:
     if not isinstance(value, cls):
         raise TypeError(f"{name}: expected {cls.__name__}, got {type(value).__name__}")
 
 
-def _check_int(name: str, value: object, minimum: int | None = None) -> int:
+def _check_int(name: str, value: Any, minimum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
     if minimum is not None and value < minimum:
@@ -93,18 +94,18 @@ def _check_int(name: str, value: object, minimum: int | None = None) -> int:
     return value
 
 
-def _check_eps(eps: object) -> None:
+def _check_eps(eps: Any) -> None:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"eps: expected a positive finite float, got {eps!r}")
 
 
-def check_eps(eps: object) -> float:
+def check_eps(eps: Any) -> float:
     """``eps``: a positive finite number."""
     _check_eps(eps)
     return eps
 
 
-def check_int(name: str, value: object, minimum: int | None = None, maximum: int | None = None) -> int:
+def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
     """``value`` must be a Python int (not a bool, float or tensor) in ``[minimum, maximum]``."""
     _check_int(name, value, minimum)
     if maximum is not None and value > maximum:
@@ -112,12 +113,12 @@ def check_int(name: str, value: object, minimum: int | None = None, maximum: int
     return value
 
 
-def check_topk(topk: object) -> int:
+def check_topk(topk: Any) -> int:
     """``topk``: an int in ``[1, MAX_TOPK]``."""
     return check_int("topk", topk, 1, MAX_TOPK)
 
 
-def check_offset(offset: object, cache_rows: int) -> int:
+def check_offset(offset: Any, cache_rows: int) -> int:
     """``offset``: an int >= 0 with ``offset + cache_rows < 2^31`` (every selected index + offset fits int32)."""
     check_int("offset", offset, 0)
     if offset + cache_rows >= INDEX_LIMIT:
@@ -144,7 +145,7 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int] | None:
     return t.data_ptr(), t.data_ptr() + span * t.element_size()
 
 
-def tensors_of(name: str, value: object) -> dict[str, torch.Tensor]:
+def tensors_of(name: str, value: Any) -> dict[str, torch.Tensor]:
     """Every tensor field of a record (weights, state, outputs; nested records included), by its
     argument path (``w.compressor.wkv``); a plain tensor as itself."""
     if isinstance(value, torch.Tensor):
@@ -181,7 +182,7 @@ def check_no_overlap(written: dict[str, torch.Tensor], read: dict[str, torch.Ten
                 )
 
 
-def check_rope(rope: object, device: torch.device, max_rope_dim: int, what: str) -> RopeTable:
+def check_rope(rope: Any, device: torch.device, max_rope_dim: int, what: str) -> RopeTable:
     """The table must be fp32 ``[P, R/2]`` pairs on ``device`` with ``R <= max_rope_dim`` (``what``)."""
     _check_instance("rope", rope, RopeTable)
     check_tensor("rope.cos", rope.cos, torch.float32, (None, None), device)
@@ -193,7 +194,7 @@ def check_rope(rope: object, device: torch.device, max_rope_dim: int, what: str)
     return rope
 
 
-def check_qkv_proj_rope(x: object, w: object, positions: object, rope: object, eps: object, out: object = None) -> None:
+def check_qkv_proj_rope(x: Any, w: Any, positions: Any, rope: Any, eps: Any, out: Any = None) -> None:
     """Checks of ``qkv_proj_rope``'s arguments (see its docstring for the contract), ``out`` included."""
     check_tensor("x", x, torch.bfloat16, (None, None), x.device if isinstance(x, torch.Tensor) else None)
     t, d = x.shape
@@ -228,12 +229,12 @@ def check_qkv_proj_rope(x: object, w: object, positions: object, rope: object, e
 
 
 def check_compressor(
-    x: object,
-    w: object,
-    state: object,
-    start_pos: object,
-    rope: object,
-    eps: object,
+    x: Any,
+    w: Any,
+    state: Any,
+    start_pos: Any,
+    rope: Any,
+    eps: Any,
     wname: str = "w",
     need_host: bool = False,
     pool_reads: bool = False,
@@ -294,17 +295,17 @@ def check_compressor(
 
 
 def check_indexer(
-    x: object,
-    qr: object,
-    qr_scale: object,
-    w: object,
-    state: object,
-    start_pos: object,
-    offset: object,
-    rope: object,
-    topk: object,
-    eps: object,
-    out: object = None,
+    x: Any,
+    qr: Any,
+    qr_scale: Any,
+    w: Any,
+    state: Any,
+    start_pos: Any,
+    offset: Any,
+    rope: Any,
+    topk: Any,
+    eps: Any,
+    out: Any = None,
 ) -> StepPositions:
     """Checks of ``indexer``'s arguments (the compressor's and ``out`` included); returns the step's positions."""
     _check_instance("w", w, IndexerWeights)
@@ -477,7 +478,7 @@ def _read_as_another_row(table: torch.Tensor, pos: StepPositions, bs: int, block
 
 
 def step_positions(
-    start_pos: object, batch: int, seq: int, device: torch.device, bound: int | None = None
+    start_pos: Any, batch: int, seq: int, device: torch.device, bound: int | None = None
 ) -> StepPositions:
     """``start_pos`` (int, or int tensor ``[B]`` on ``device`` or the host) as a ``StepPositions`` on ``device``.
 
@@ -506,7 +507,7 @@ def step_positions(
     return StepPositions.from_host(start, host, seq)
 
 
-def check_qkv_out(out: object, x: torch.Tensor, w: AttnWeights) -> None:
+def check_qkv_out(out: Any, x: torch.Tensor, w: AttnWeights) -> None:
     """``out`` for ``qkv_proj_rope``: a ``QKV`` of preallocated tensors matching the op's outputs."""
     _check_instance("out", out, QKV)
     t, hd, ql = x.shape[0], w.wkv.shape[0], w.wq_a.shape[0]
@@ -517,7 +518,7 @@ def check_qkv_out(out: object, x: torch.Tensor, w: AttnWeights) -> None:
 
 
 def check_indexer_out(
-    out: object, x: torch.Tensor, pos: StepPositions, topk: int, cache_rows: int | None = None
+    out: Any, x: torch.Tensor, pos: StepPositions, topk: int, cache_rows: int | None = None
 ) -> StepPositions:
     """``out`` for ``indexer``: ``score [B, S, L] fp32`` with ``L >= max cache_len`` (entries a token
     cannot see are written as masked) and ``topk_idxs [B, S, topk] int32``. Returns ``pos``; for

@@ -9,6 +9,8 @@ there; tensors on a GPU (``start_pos``, block tables) are checked on their devic
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..model.attention_state import CompressorState, KVPool, compressor_dims
@@ -34,7 +36,7 @@ from .validate import (
 )
 
 
-def check_step_input(name: str, t: object, trailing: int) -> torch.Tensor:
+def check_step_input(name: str, t: Any, trailing: int) -> torch.Tensor:
     """``t``: a contiguous bf16 tensor ``[B, S, ...]`` (``trailing`` more dims) with ``B, S >= 1``."""
     check_tensor(name, t, torch.bfloat16, (None,) * (2 + trailing), t.device if isinstance(t, torch.Tensor) else None)
     if t.shape[0] < 1 or t.shape[1] < 1:
@@ -42,7 +44,7 @@ def check_step_input(name: str, t: object, trailing: int) -> torch.Tensor:
     return t
 
 
-def check_kv_pool(name: str, pool: object, batch: int, head_dim: int, rope_dim: int, device: torch.device) -> KVPool:
+def check_kv_pool(name: str, pool: Any, batch: int, head_dim: int, rope_dim: int, device: torch.device) -> KVPool:
     """``pool``: a ``KVPool`` of rows ``[head_dim]`` (``rope_dim`` bf16) on ``device`` whose parts agree
     on ``NB`` and ``bs`` (a power of two >= 16), with a block table of at least ``batch`` rows."""
     _check_instance(name, pool, KVPool)
@@ -55,7 +57,7 @@ def check_kv_pool(name: str, pool: object, batch: int, head_dim: int, rope_dim: 
     blocks, bs = pool.nope.shape[:2]
     if bs < 16 or bs & (bs - 1):
         raise ValueError(f"{name}.nope: expected a block size (dim 1) that is a power of two >= 16, got {bs}")
-    check_tensor(f"{name}.rope", pool.rope, fmt.tail_dtype, (blocks, bs, rope_dim), device)
+    check_tensor(f"{name}.rope", pool.rope, fmt.tail_dtype or (), (blocks, bs, rope_dim), device)
     check_tensor(f"{name}.scale", pool.scale, fmt.scale_dtype, (blocks, bs, *fmt.scale_shape(nope)), device)
     check_tensor(f"{name}.block_table", pool.block_table, torch.int32, (None, None), device)
     rows, width = pool.block_table.shape
@@ -65,7 +67,7 @@ def check_kv_pool(name: str, pool: object, batch: int, head_dim: int, rope_dim: 
 
 
 def check_positions(
-    start_pos: object, batch: int, seq: int, device: torch.device, limits: list[tuple[int, int, str]]
+    start_pos: Any, batch: int, seq: int, device: torch.device, limits: list[tuple[int, int, str]]
 ) -> StepPositions:
     """``start_pos`` (int or int tensor ``[B]``) with every ``start >= 0`` and, for each
     ``(ratio, bound, what)`` of ``limits``, ``(start + S) // ratio <= bound`` (``what`` names it)."""
@@ -116,7 +118,7 @@ def check_pool_rows(
     check_table_rows(name, pool.block_table[: pos.batch], pool.nope.shape[0], pool.block_size, pos, lo, hi, writes)
 
 
-def check_compressor_weights(w: object, d: int, device: torch.device) -> tuple[int, int, int]:
+def check_compressor_weights(w: Any, d: int, device: torch.device) -> tuple[int, int, int]:
     """``w``: the main compressor's ``CompressorWeights`` for inputs of width ``d``; returns ``(HD, RC, COFF)``."""
     _check_instance("w", w, CompressorWeights)
     check_tensor("w.norm_w", w.norm_w, FLOATS, (None,), device)
@@ -132,9 +134,7 @@ def check_compressor_weights(w: object, d: int, device: torch.device) -> tuple[i
     return hd, ratio, coff
 
 
-def check_kv_compressor(
-    x: object, w: object, state: object, start_pos: object, rope: object, eps: object
-) -> StepPositions:
+def check_kv_compressor(x: Any, w: Any, state: Any, start_pos: Any, rope: Any, eps: Any) -> StepPositions:
     """Checks of ``kv_compressor``'s arguments; returns the step's positions."""
     check_step_input("x", x, 1)
     b, s, d = x.shape
@@ -158,11 +158,11 @@ def check_kv_compressor(
     return pos
 
 
-def check_window(window: object) -> int:
+def check_window(window: Any) -> int:
     return check_int("window", window, 1)
 
 
-def check_window_kv_write(kv: object, pool: object, start_pos: object, window: object) -> StepPositions:
+def check_window_kv_write(kv: Any, pool: Any, start_pos: Any, window: Any) -> StepPositions:
     """Checks of ``window_kv_write``'s arguments; returns the step's positions."""
     check_step_input("kv", kv, 1)
     b, s, hd = kv.shape
@@ -180,19 +180,19 @@ def check_window_kv_write(kv: object, pool: object, start_pos: object, window: o
 
 
 def check_sparse_attn(
-    q: object,
-    kv: object,
-    start_pos: object,
-    window_pool: object,
-    attn_sink: object,
-    rope: object,
-    kind: object,
-    window: object,
-    compress_ratio: object,
-    compressed: object,
-    topk_idxs: object,
-    topk_offset: object,
-    out: object = None,
+    q: Any,
+    kv: Any,
+    start_pos: Any,
+    window_pool: Any,
+    attn_sink: Any,
+    rope: Any,
+    kind: Any,
+    window: Any,
+    compress_ratio: Any,
+    compressed_pool: Any,
+    topk_idxs: Any,
+    topk_offset: Any,
+    out: Any = None,
 ) -> StepPositions:
     """Checks of ``sparse_attn``'s arguments (``out`` included); returns the step's positions."""
     check_step_input("q", q, 2)
@@ -210,7 +210,7 @@ def check_sparse_attn(
         raise ValueError(
             f"compress_ratio: a {kind} layer needs {'0' if kind == 'swa' else 'a ratio >= 1'}, got {ratio}"
         )
-    if (compressed is None) != (kind == "swa"):
+    if (compressed_pool is None) != (kind == "swa"):
         raise ValueError(
             f"compressed_pool: a {kind} layer {'takes no' if kind == 'swa' else 'needs the'} compressed pool"
         )
@@ -218,20 +218,20 @@ def check_sparse_attn(
         raise ValueError(f"topk_idxs: a {kind} layer {'needs' if kind == 'csa' else 'takes no'} top-k indices")
     pool = check_kv_pool("window_pool", window_pool, b, hd, rope.rope_dim, dev)
     limits = [(1, rope.max_position, "the rope table"), (1, pool.rows, "the rows window_pool.block_table addresses")]
-    if compressed is not None:
-        check_kv_pool("compressed_pool", compressed, b, hd, rope.rope_dim, dev)
-        limits.append((ratio, compressed.rows, "the rows compressed_pool.block_table addresses"))
+    if compressed_pool is not None:
+        check_kv_pool("compressed_pool", compressed_pool, b, hd, rope.rope_dim, dev)
+        limits.append((ratio, compressed_pool.rows, "the rows compressed_pool.block_table addresses"))
     if topk_idxs is not None:
         check_tensor("topk_idxs", topk_idxs, torch.int32, (b, s, None), dev)
         check_int("topk_idxs.shape[2]", topk_idxs.shape[2], 1, MAX_TOPK)
     pos = check_positions(start_pos, b, s, dev, limits)
     check_pool_rows("window_pool", pool, pos, (pos.start - window + 1).clamp_min(0), pos.start, writes=False)
-    if compressed is not None:
-        check_pool_rows("compressed_pool", compressed, pos, pos.start * 0, (pos.start + s) // ratio, writes=False)
+    if compressed_pool is not None:
+        check_pool_rows("compressed_pool", compressed_pool, pos, pos.start * 0, (pos.start + s) // ratio, writes=False)
     start_t = {"start_pos": start_pos} if isinstance(start_pos, torch.Tensor) else {}
     reads = {
         "q": q, "kv": kv, "attn_sink": attn_sink, **start_t, **tensors_of("rope", rope),
-        **tensors_of("window_pool", window_pool), **tensors_of("compressed_pool", compressed),
+        **tensors_of("window_pool", window_pool), **tensors_of("compressed_pool", compressed_pool),
         **({"topk_idxs": topk_idxs} if topk_idxs is not None else {}),
     }  # fmt: skip
     if out is not None:
@@ -242,23 +242,23 @@ def check_sparse_attn(
 
 
 def check_sparse_attn_write(
-    q: object,
-    kv: object,
-    start_pos: object,
-    window_pool: object,
-    attn_sink: object,
-    rope: object,
-    kind: object,
-    window: object,
-    compress_ratio: object,
-    compressed: object,
-    topk_idxs: object,
-    topk_offset: object,
-    out: object = None,
+    q: Any,
+    kv: Any,
+    start_pos: Any,
+    window_pool: Any,
+    attn_sink: Any,
+    rope: Any,
+    kind: Any,
+    window: Any,
+    compress_ratio: Any,
+    compressed_pool: Any,
+    topk_idxs: Any,
+    topk_offset: Any,
+    out: Any = None,
 ) -> StepPositions:
     """Checks of ``sparse_attn_write``'s arguments: ``sparse_attn``'s, then those of the window rows it
     writes (``window_kv_write``'s, and apart from every row it reads); returns the step's positions."""
-    args = (q, kv, start_pos, window_pool, attn_sink, rope, kind, window, compress_ratio, compressed, topk_idxs)
+    args = (q, kv, start_pos, window_pool, attn_sink, rope, kind, window, compress_ratio, compressed_pool, topk_idxs)
     pos = check_sparse_attn(*args, topk_offset, out)
     s = pos.seq
     check_pool_rows("window_pool", window_pool, pos, pos.start + max(0, s - window), pos.start + s, writes=True)
@@ -266,14 +266,14 @@ def check_sparse_attn_write(
     start_t = {"start_pos": start_pos} if isinstance(start_pos, torch.Tensor) else {}
     reads = {
         "q": q, "kv": kv, "attn_sink": attn_sink, **start_t, **tensors_of("rope", rope),
-        **tensors_of("compressed_pool", compressed), **({"topk_idxs": topk_idxs} if topk_idxs is not None else {}),
+        **tensors_of("compressed_pool", compressed_pool), **({"topk_idxs": topk_idxs} if topk_idxs is not None else {}),
         **(tensors_of("out", out) if out is not None else {}),
     }  # fmt: skip
     check_no_overlap(tensors_of("window_pool", window_pool), reads)
     return pos
 
 
-def check_o_proj(o: object, w: object, out: object = None) -> None:
+def check_o_proj(o: Any, w: Any, out: Any = None) -> None:
     """Checks of ``o_proj``'s arguments (``out`` included)."""
     check_tensor("o", o, torch.bfloat16, (None, None, None), o.device if isinstance(o, torch.Tensor) else None)
     t, h, hd = o.shape

@@ -69,21 +69,22 @@ def sparse_attn(
         win_keys = torch.cat((_slot_rows(window_pool, b, torch.arange(first, start, device=device)), own[b]))
         vis_last = (start + seq) // compress_ratio if compress_ratio else 0
         if kind == "csa":
+            assert topk_idxs is not None  # a CSA layer's call holds its list (checked)
             j = topk_idxs[b].long() - topk_offset  # [S, K]
             valid = (topk_idxs[b] >= 0) & (j >= 0) & (j < vis_last)
             cmp_rows = torch.unique(j[valid])  # every row a token of the slot selects, decoded once
         else:
             cmp_rows = torch.arange(vis_last, device=device)
-        cmp_keys = _slot_rows(compressed, b, cmp_rows) if cmp_rows.numel() else None
+        cmp_keys = _slot_rows(compressed, b, cmp_rows) if compressed is not None and cmp_rows.numel() else None
         for s in range(seq):
             p = start + s
             vis = (p + 1) // compress_ratio if compress_ratio else 0
             keys = [win_keys[max(0, p - window + 1) - first : p + 1 - first]]
-            if kind == "hca" and vis:
+            if kind == "hca" and vis and cmp_keys is not None:  # vis > 0: the slot has compressed rows
                 keys.append(cmp_keys[:vis])
             elif kind == "csa":
                 js = j[s][valid[s] & (j[s] < vis)]  # in the list's order, repeats kept
-                if js.numel():
+                if js.numel() and cmp_keys is not None:  # a selected row: the slot has compressed rows
                     keys.append(cmp_keys[torch.searchsorted(cmp_rows, js)])
             k = torch.cat(keys).to(torch.float32)  # [n, HD]
             z = (q[b, s].to(torch.float32) @ k.T) * hd**-0.5  # [H, n]

@@ -74,7 +74,7 @@ def case_args(c: CaseInputs) -> dict[str, Any]:
     q = torch.randn(c.batch * c.seq, c.cfg.q_lora_rank, generator=c.generator, dtype=torch.float32)
     qr, qr_scale = quantize_int8_per_row(q)
     args.update(
-        w=c.weights.indexer,
+        w=c.indexer_weights,
         qr=qr.to(c.device),
         qr_scale=qr_scale.to(c.device),
         offset=c.cfg.sliding_window,

@@ -59,7 +59,7 @@ def validate(args: dict[str, Any], out: None) -> dict[str, Any]:
 def case_args(c: CaseInputs) -> dict[str, Any]:
     return {
         "x": c.x,
-        "w": c.weights.indexer.compressor,
+        "w": c.indexer_weights.compressor,
         "state": c.prefilled_state(),
         "start_pos": c.start.to(c.device),
         "rope": c.rope,

@@ -68,7 +68,7 @@ def sparse_attn(
 
 
 def validate(args: dict[str, Any], out: AttnOut | None) -> dict[str, Any]:
-    return {"start_pos": check_sparse_attn(*args.values(), out)}
+    return {"start_pos": check_sparse_attn(**args, out=out)}
 
 
 def case_args(c: CaseInputs, kind: str = "csa") -> dict[str, Any]:

@@ -53,7 +53,7 @@ def sparse_attn_write(
 
 
 def validate(args: dict[str, Any], out: AttnOut | None) -> dict[str, Any]:
-    return {"start_pos": check_sparse_attn_write(*args.values(), out)}
+    return {"start_pos": check_sparse_attn_write(**args, out=out)}
 
 
 def cost(
