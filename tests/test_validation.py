@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 
 import pytest
@@ -12,6 +13,7 @@ import dsv4
 from conftest import BACKENDS, DEVICE
 from device_assert import assert_stops_on_device
 from dsv4.harness.cases import Case, make_case
+from dsv4.ops import backends
 
 CFG = dsv4.get_config("tiny")
 
@@ -150,6 +152,23 @@ def test_unknown_backend_is_named() -> None:
     case = _case("qkv_proj_rope")
     with pytest.raises(ValueError, match="backend"):
         dsv4.qkv_proj_rope(**case.args, backend="cuda-graphs")
+
+
+@pytest.mark.parametrize("version", ["3.5.1", "3.0.0", "2.3.1+gitdeadbeef"])
+def test_a_triton_too_old_is_named(monkeypatch: pytest.MonkeyPatch, version: str) -> None:
+    """An installed Triton older than the kernels run on leaves the backend unavailable, naming both
+    versions: ``backend="triton"`` is refused before anything runs, and the reference is what is left."""
+    monkeypatch.setattr(backends.metadata, "version", lambda dist: version)
+    case = _case("qkv_proj_rope")
+    with pytest.raises(ValueError, match=rf"backend: 'triton' .*Triton {re.escape(version)} is older than 3\.6"):
+        dsv4.qkv_proj_rope(**case.args, backend="triton")
+    assert dsv4.available_backends(DEVICE) == ["reference"]
+
+
+@pytest.mark.parametrize("version", ["3.6.0", "3.9.0", "3.10.0+git1234", "4.0"])
+def test_a_recent_triton_is_taken(monkeypatch: pytest.MonkeyPatch, version: str) -> None:
+    monkeypatch.setattr(backends.metadata, "version", lambda dist: version)
+    assert backends.unavailable_reason("triton", DEVICE) is None
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

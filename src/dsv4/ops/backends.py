@@ -7,7 +7,9 @@ function that implements it in each backend (``OpDescriptor.implementations``).
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable
+from importlib import metadata
 from typing import Any
 
 import torch
@@ -16,12 +18,29 @@ from .registry import OpDescriptor
 
 BACKENDS = ("reference", "triton")
 _PACKAGES = {"reference": "dsv4.reference", "triton": "dsv4.kernels"}
+# The oldest Triton the kernels run on: 3.5.1 emits PTX for the q heads kernel that ptxas refuses at
+# sm_90 ("Arguments mismatch for instruction 'st'"), and releases before 3.5 lack the PDL calls.
+TRITON_MIN = (3, 6)
+
+
+def _old_triton() -> str | None:
+    """Why the installed Triton is too old for the kernels, or None (also when it is not installed)."""
+    try:
+        version = metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        return None
+    release = tuple(int(n) for n in re.findall(r"\d+", version)[:2])
+    if release >= TRITON_MIN:
+        return None
+    return f"Triton {version} is older than {'.'.join(map(str, TRITON_MIN))}, the oldest these kernels run on"
 
 
 def unavailable_reason(name: str, device: torch.device | str) -> str | None:
     """Why backend ``name`` cannot run on ``device``, or None when it can."""
     if name not in BACKENDS:
         return f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)} or 'auto'"
+    if name == "triton" and (old := _old_triton()) is not None:
+        return old
     try:
         package = importlib.import_module(_PACKAGES[name])
     except ImportError as e:  # triton not installed, or the backend is not built
