@@ -241,32 +241,20 @@ def check_sparse_attn(
     return pos
 
 
-def check_sparse_attn_write(
-    q: Any,
-    kv: Any,
-    start_pos: Any,
-    window_pool: Any,
-    attn_sink: Any,
-    rope: Any,
-    kind: Any,
-    window: Any,
-    compress_ratio: Any,
-    compressed_pool: Any,
-    topk_idxs: Any,
-    topk_offset: Any,
-    out: Any = None,
-) -> StepPositions:
-    """Checks of ``sparse_attn_write``'s arguments: ``sparse_attn``'s, then those of the window rows it
-    writes (``window_kv_write``'s, and apart from every row it reads); returns the step's positions."""
-    args = (q, kv, start_pos, window_pool, attn_sink, rope, kind, window, compress_ratio, compressed_pool, topk_idxs)
-    pos = check_sparse_attn(*args, topk_offset, out)
-    s = pos.seq
+def check_sparse_attn_write(out: Any = None, **args: Any) -> StepPositions:
+    """Checks of ``sparse_attn_write``'s arguments (``sparse_attn``'s, by name): ``sparse_attn``'s, then
+    those of the window rows it writes (``window_kv_write``'s, and apart from every row it reads);
+    returns the step's positions."""
+    pos = check_sparse_attn(**args, out=out)
+    s, window_pool, window, start_pos = pos.seq, args["window_pool"], args["window"], args["start_pos"]
     check_pool_rows("window_pool", window_pool, pos, pos.start + max(0, s - window), pos.start + s, writes=True)
     check_writes_apart_from_reads("window_pool", window_pool, pos, window)
     start_t = {"start_pos": start_pos} if isinstance(start_pos, torch.Tensor) else {}
+    topk_idxs = args["topk_idxs"]
     reads = {
-        "q": q, "kv": kv, "attn_sink": attn_sink, **start_t, **tensors_of("rope", rope),
-        **tensors_of("compressed_pool", compressed_pool), **({"topk_idxs": topk_idxs} if topk_idxs is not None else {}),
+        "q": args["q"], "kv": args["kv"], "attn_sink": args["attn_sink"], **start_t, **tensors_of("rope", args["rope"]),
+        **tensors_of("compressed_pool", args["compressed_pool"]),
+        **({"topk_idxs": topk_idxs} if topk_idxs is not None else {}),
         **(tensors_of("out", out) if out is not None else {}),
     }  # fmt: skip
     check_no_overlap(tensors_of("window_pool", window_pool), reads)
