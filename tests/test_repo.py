@@ -1,8 +1,10 @@
-"""The repository keeps its promises: CI runs the README's test command."""
+"""The repository keeps its promises: CI runs the README's test command and the type check; the
+package ships its types."""
 
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,3 +16,13 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert len(test_commands) == 1, test_commands
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert test_commands[0].strip() in ci_lines
+
+
+def test_the_package_ships_its_types_and_ci_checks_them() -> None:
+    """README: the annotations are the package's types (``py.typed``, packaged) and CI runs ``mypy``."""
+    assert (ROOT / "src" / "dsv4" / "py.typed").is_file()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "py.typed" in project["tool"]["setuptools"]["package-data"]["dsv4"]
+    assert set(project["tool"]["mypy"]["files"]) == {"src/dsv4", "examples"}
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert any(re.fullmatch(r"(.*&& )?mypy", line) for line in ci_lines), ci_lines
