@@ -19,7 +19,7 @@ from .registry import OpDescriptor
 BACKENDS = ("reference", "triton")
 _PACKAGES = {"reference": "dsv4.reference", "triton": "dsv4.kernels"}
 # The oldest Triton the kernels run on: 3.5.1 emits PTX for the q heads kernel that ptxas refuses at
-# sm_90 ("Arguments mismatch for instruction 'st'"), and releases before 3.5 lack the PDL calls.
+# sm_90 ("Arguments mismatch for instruction 'st'"), and Triton 3.0 (torch 2.4's) lacks the PDL calls.
 TRITON_MIN = (3, 6)
 
 
