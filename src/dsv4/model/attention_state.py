@@ -14,8 +14,9 @@ overwrites its slot.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import Field, dataclass, fields
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import torch
 
@@ -42,15 +43,15 @@ class _Record:
                 out.update({f"{f.name}.{k}": t for k, t in v.tensors().items()})
         return out
 
-    def _map(self, fn):
+    def _map(self, fn: Callable[[Any], Any]) -> Self:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         return type(self)(**{k: None if v is None else fn(v) for k, v in values.items()})
 
-    def to(self, device: torch.device | str):
+    def to(self, device: torch.device | str) -> Self:
         """A copy with every tensor on ``device``."""
         return self._map(lambda v: v.to(device))
 
-    def clone(self):
+    def clone(self) -> Self:
         """A copy of every tensor."""
         return self._map(lambda v: v.clone())
 
