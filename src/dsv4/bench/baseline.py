@@ -59,8 +59,8 @@ def _works(call: str, device: torch.device, probe) -> bool:
         try:
             probe()
             _WORKS[key] = True
-        except (RuntimeError, TypeError, NotImplementedError):
-            _WORKS[key] = False
+        except (RuntimeError, TypeError, NotImplementedError):  # no such kernel for this device or torch:
+            _WORKS[key] = False  # the caller takes its exact generic path instead (int8_matmul, fp32 matmul)
     return _WORKS[key]
 
 
