@@ -147,8 +147,9 @@ class Tunable:
 
     def parse_bucket(self, key: str) -> Bucket:
         """``"T=128,D=4096"`` -> ``{"T": 128, "D": 4096}``; ``ValueError`` when it is not this kernel's form."""
-        items = [m for part in key.split(",") if (m := _BUCKET_ITEM.fullmatch(part))]
-        if len(items) < len(key.split(",")) or tuple(m[1] for m in items) != self.dims:
+        parts = key.split(",")
+        items = [m for part in parts if (m := _BUCKET_ITEM.fullmatch(part))]
+        if len(items) < len(parts) or tuple(m[1] for m in items) != self.dims:
             form = ",".join(f"{d}=<int>" for d in self.dims)
             raise ValueError(f"kernel {self.name!r}: bucket {key!r} is not of the form {form!r}")
         return {m[1]: int(m[2]) for m in items}

@@ -80,11 +80,13 @@ def sparse_attn(
             p = start + s
             vis = (p + 1) // compress_ratio if compress_ratio else 0
             keys = [win_keys[max(0, p - window + 1) - first : p + 1 - first]]
-            if kind == "hca" and vis and cmp_keys is not None:  # vis > 0: the slot has compressed rows
+            if kind == "hca" and vis:
+                assert cmp_keys is not None  # vis > 0: the slot has compressed rows
                 keys.append(cmp_keys[:vis])
             elif kind == "csa":
                 js = j[s][valid[s] & (j[s] < vis)]  # in the list's order, repeats kept
-                if js.numel() and cmp_keys is not None:  # a selected row: the slot has compressed rows
+                if js.numel():
+                    assert cmp_keys is not None  # a selected row: the slot has compressed rows
                     keys.append(cmp_keys[torch.searchsorted(cmp_rows, js)])
             k = torch.cat(keys).to(torch.float32)  # [n, HD]
             z = (q[b, s].to(torch.float32) @ k.T) * hd**-0.5  # [H, n]
