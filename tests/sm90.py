@@ -75,6 +75,8 @@ class Variant:
     tma_copies: int  # cp.async.bulk (TMA) copies
     mma: str  # the tensor-core instruction of its tl.dot: "wgmma" (Hopper), "mma.sync" (Ampere) or "-"
     fma: int  # fused multiply-adds (fma.rn) in the PTX
+    fp_fusion: bool  # compiled with enable_fp_fusion (LLVM may contract a*b + c into an fma, ptxas too)
+    sass: int  # SASS instructions of the whole kernel
     dependent_launch: bool  # griddepcontrol in the PTX: it waits on / releases a PDL neighbour
     l2_prefetches: int  # cp.async.bulk.prefetch.L2 in the PTX: bytes asked of L2 ahead of their loads
     pdl_order: tuple[str, ...]  # "prefetch", "launch_dependents", "wait" in the order they first appear in the PTX
@@ -145,6 +147,19 @@ def approx_math_faults(variants: list[Variant]) -> list[str]:
         for v in variants
         for op in v.approx_math
         if op not in APPROX_MATH.get(v.kernel, ())
+    ]
+
+
+def fused_math_faults(variants: list[Variant]) -> list[str]:
+    """Each variant compiled with floating-point contraction allowed, or with an ``fma`` in its PTX, as
+    readable lines. Every launch passes ``enable_fp_fusion=False``, so that ``a*b + c`` rounds the product
+    as the interpreter and the reference do (a contracted fma rounds once); Triton's default for it is
+    not stable across releases."""
+    return [
+        f"{v.kernel}: {'fp fusion on' if v.fp_fusion else ''}{', ' if v.fp_fusion and v.fma else ''}"
+        f"{f'{v.fma} fma' if v.fma else ''} ({v.launches[0][0]})"
+        for v in variants
+        if v.fp_fusion or v.fma
     ]
 
 
@@ -341,9 +356,8 @@ def _loop_load_chains(ttgir: str) -> tuple[int, ...]:
     return tuple(_load_chain(region) for _, region in _innermost_loops(ttgir) if any(map(_LOAD.search, region)))
 
 
-def _mma_loop(cubin: bytes) -> tuple[int, int]:
-    """``(instructions, inner branches)`` of the smallest backward-branch span of the SASS that holds
-    a tensor-core instruction (``GMMA``/``HMMA``/``IMMA``): one iteration of the MMA loop, one warp."""
+def _sass(cubin: bytes) -> tuple[list[str], dict[str, int]]:
+    """The SASS instructions of ``cubin`` in order, and its labels (label -> index of the instruction after it)."""
     import triton
 
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -352,13 +366,19 @@ def _mma_loop(cubin: bytes) -> tuple[int, int]:
         sass = subprocess.run(
             [triton.knobs.nvidia.nvdisasm.path, "-c", f.name], capture_output=True, text=True, check=True
         ).stdout
-    code: list[str] = []  # instructions, in order
-    labels: dict[str, int] = {}  # label -> index of the instruction after it
+    code: list[str] = []
+    labels: dict[str, int] = {}
     for line in sass.splitlines():
         if label := re.match(r"^(\.L_x_\d+):", line):
             labels[label.group(1)] = len(code)
         elif re.match(r"^\s*/\*[0-9a-f]+\*/", line):
             code.append(line)
+    return code, labels
+
+
+def _mma_loop(code: list[str], labels: dict[str, int]) -> tuple[int, int]:
+    """``(instructions, inner branches)`` of the smallest backward-branch span of the SASS that holds
+    a tensor-core instruction (``GMMA``/``HMMA``/``IMMA``): one iteration of the MMA loop, one warp."""
     best = (0, 0)
     for end, ins in enumerate(code):
         target = re.search(r"\bBRA\b.*\((\.L_x_\d+)\)", ins)
@@ -401,7 +421,8 @@ def _variant(fn, kernel, launches: list[tuple[str, tuple[int, ...]]]) -> dict[st
     ``(argument index,)``)."""
     src, ptx = kernel.src, kernel.asm["ptx"]
     usage = _resource_usage(kernel.asm["cubin"])
-    mma_loop = _mma_loop(kernel.asm["cubin"])
+    code, labels = _sass(kernel.asm["cubin"])
+    mma_loop = _mma_loop(code, labels)
     return {
         "kernel": fn.__name__,
         "hash": kernel.hash,
@@ -420,6 +441,8 @@ def _variant(fn, kernel, launches: list[tuple[str, tuple[int, ...]]]) -> dict[st
         "tma_copies": ptx.count("cp.async.bulk.tensor"),
         "mma": "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "-",
         "fma": len(re.findall(r"\bfma\.rn", ptx)),
+        "fp_fusion": kernel.metadata.enable_fp_fusion,
+        "sass": len(code),
         "dependent_launch": "griddepcontrol" in ptx,
         "loop_waits": _loop_waits(kernel.asm["ttgir"]),
         "ring": _ring(kernel.asm["ttgir"]),

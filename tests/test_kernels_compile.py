@@ -13,12 +13,23 @@ fill the SMs at flash decode (the indexer's streaming launches).
 
 from __future__ import annotations
 
+import ast
+
 import pytest
 
 from dsv4.harness.cases import DEFAULT_MAX_POSITION
 from dsv4.kernels.index_score import KEYS_AHEAD
 from dsv4.kernels.launch import H100_SMS
-from sm90 import H100_SHARED, Plan, Variant, approx_math_faults, atomic_order_faults, compile_plans
+from sm90 import (
+    H100_SHARED,
+    Plan,
+    Variant,
+    approx_math_faults,
+    atomic_order_faults,
+    compile_plans,
+    fused_math_faults,
+)
+from subprocesses import ROOT
 
 LONG = 262144  # cache rows at 1M tokens
 WIDE_TABLE_POSITIONS = DEFAULT_MAX_POSITION + 4 * 64  # one 64-row pool block more than a case's default
@@ -122,8 +133,6 @@ PDL_ORDER = {
 
 # Kernels whose main loop streams operands through shared memory with cp.async (docs/DESIGN.md).
 PIPELINED = {"_front_kernel", "_score_kernel", "_wo_a_kernel", "_wo_b_kernel"}
-# Launched with enable_fp_fusion=False, so that a*b - c*d rounds each product as the reference does.
-UNFUSED = {"_front_kernel", "_score_kernel", "_compressor_step_kernel", "_window_kv_write_kernel"}
 # SASS instructions of one iteration of the score loop (a 128-key tile), one warp: the target of the
 # streaming layout (at ~4.3 TB/s an SM has ~700 issue slots per warp for each 16.5 KB tile it reads),
 # rows past ROW_IN_REGISTERS that also count the first digit (HIST) included: 463 / 519 without it and
@@ -160,11 +169,36 @@ def test_streaming_loops_are_pipelined(variants: list[Variant]) -> None:
     assert {v.kernel for v in variants} >= PIPELINED
 
 
-def test_unfused_kernels_have_no_fma(variants: list[Variant]) -> None:
-    for v in variants:
-        if v.kernel in UNFUSED:
-            assert v.fma == 0, (v.kernel, v.launches, v.fma)
-    assert {v.kernel for v in variants} >= UNFUSED
+def test_no_kernel_contracts_products_into_fma(variants: list[Variant]) -> None:
+    """``a*b - c*d`` rounds each product as the reference does (``sm90.fused_math_faults``)."""
+    assert fused_math_faults(variants) == []
+
+
+def test_every_launch_forbids_fp_fusion() -> None:
+    """Each launch in the package, the variants no plan compiles included, passes
+    ``enable_fp_fusion=False`` (``sm90.fused_math_faults`` says why), and every ``@triton.jit`` kernel
+    is launched somewhere."""
+    kernels: set[str] = set()
+    launched: set[str] = set()
+    faults: list[str] = []
+    for path in sorted((ROOT / "src" / "dsv4").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            jit = isinstance(node, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in node.decorator_list)
+            if jit and node.name.endswith("_kernel"):
+                kernels.add(node.name)
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Subscript)
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id.endswith("_kernel")
+            ):
+                launched.add(node.func.value.id)
+                fusion = [k.value for k in node.keywords if k.arg == "enable_fp_fusion"]
+                if not (len(fusion) == 1 and isinstance(fusion[0], ast.Constant) and fusion[0].value is False):
+                    faults.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.func.value.id}")
+    assert faults == []
+    assert kernels and launched == kernels
 
 
 def test_score_loop_keeps_key_tiles_in_flight(variants: list[Variant]) -> None:

@@ -15,7 +15,15 @@ from __future__ import annotations
 
 import pytest
 
-from sm90 import H100_SHARED, Plan, Variant, approx_math_faults, atomic_order_faults, compile_plans
+from sm90 import (
+    H100_SHARED,
+    Plan,
+    Variant,
+    approx_math_faults,
+    atomic_order_faults,
+    compile_plans,
+    fused_math_faults,
+)
 
 PLANS = [  # two groups, compiled side by side
     [
@@ -98,3 +106,9 @@ def test_only_the_softmax_exponentials_are_approximate(variants: list[Variant]) 
     """No ``div.full``/``sqrt.approx`` and the like where the interpreter computes exactly: only the
     ``ex2.approx`` of the softmax exponentials that ``sm90.APPROX_MATH`` allows."""
     assert approx_math_faults(variants) == []
+
+
+def test_no_kernel_contracts_products_into_fma(variants: list[Variant]) -> None:
+    """The RMSNorm's squares, the RoPE's ``a*b - c*d`` and the dequant scales round each product as the
+    reference does (``sm90.fused_math_faults``)."""
+    assert fused_math_faults(variants) == []

@@ -98,7 +98,7 @@ def _chain_kernel(buf_ptr, i, PDL: tl.constexpr):
 
 def _stream(src: torch.Tensor, out: torch.Tensor, programs: int, unroll: int, evict: str = "") -> None:
     _stream_kernel[(programs,)](src, out, src.numel(), BLOCK=STREAM_BLOCK, UNROLL=unroll, EVICT=evict,
-                                num_warps=STREAM_WARPS)  # fmt: skip
+                                num_warps=STREAM_WARPS, enable_fp_fusion=False)  # fmt: skip
 
 
 def _xor_checksum(src: torch.Tensor, programs: int, unroll: int) -> int:
@@ -230,7 +230,7 @@ def probe_launch_gap() -> list[dict[str, Any]]:
 
         def chain(n: int, pdl: bool = pdl) -> None:
             for i in range(n):
-                _chain_kernel[(1,)](buf, i, PDL=pdl, launch_pdl=pdl)
+                _chain_kernel[(1,)](buf, i, PDL=pdl, launch_pdl=pdl, enable_fp_fusion=False)
 
         times = {}
         for n in (1, CHAIN):
@@ -244,7 +244,9 @@ def probe_launch_gap() -> list[dict[str, Any]]:
             "name": "launch_gap", "mode": "graph + PDL" if pdl else "graph", "launches": CHAIN,
             "us_per_launch": (times[CHAIN] - times[1]) / (CHAIN - 1), "one_launch_us": times[1], "chain_ok": ok,
         })  # fmt: skip
-    plain = _median_us(lambda: [_chain_kernel[(1,)](buf, i, PDL=False) for i in range(CHAIN)], reps=20)
+    plain = _median_us(
+        lambda: [_chain_kernel[(1,)](buf, i, PDL=False, enable_fp_fusion=False) for i in range(CHAIN)], reps=20
+    )
     rows.append({"name": "launch_gap", "mode": "plain launches", "launches": CHAIN, "us_per_launch": plain / CHAIN})
     return rows
 
@@ -319,7 +321,7 @@ def dry_run_probe(log: Callable[[str], None] = print) -> dict[str, Any]:
                          f"MISMATCH xor {got} != {want}"})  # fmt: skip
     buf = torch.zeros(9, dtype=torch.int32)
     for i in range(8):
-        _chain_kernel[(1,)](buf, i, PDL=False)
+        _chain_kernel[(1,)](buf, i, PDL=False, enable_fp_fusion=False)
     rows.append({"name": "launch_gap", "check": "ok" if int(buf[8]) == 8 else f"MISMATCH chain {int(buf[8])} != 8"})
     for r in rows:
         log(f"{r['name']} {r.get('programs', '')} {r.get('unroll', '')}: {r['check']}")

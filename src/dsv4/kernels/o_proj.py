@@ -341,16 +341,16 @@ def o_proj(o: torch.Tensor, w: OProjWeights, out: OProjOut | None = None, ws: Wo
     _wo_a_kernel[tiles_a.grid](
         o, w.wo_a.view(torch.uint8), w.wo_a_scale, r_part, a8, a_exp, counter, t, counters, INNER=inner, N=n,
         OL=ol, BLOCK_M=tiles_a.block_m, BLOCK_N=tiles_a.block_n, SPLITS=tiles_a.splits, QUANT=quant_a, PDL=pdl,
-        num_warps=cfg_a.num_warps, num_stages=cfg_a.num_stages, launch_pdl=pdl,
+        num_warps=cfg_a.num_warps, num_stages=cfg_a.num_stages, launch_pdl=pdl, enable_fp_fusion=False,
     )  # fmt: skip
     if not quant_a:
         _act_quant_kernel[(n // ACT_BLOCK, triton.cdiv(t, QUANT_ROWS))](
             r_part, a8, a_exp, counter, t, counters, N=n, BLOCK_M=QUANT_ROWS, SPLITS=tiles_a.splits, PDL=pdl,
-            num_warps=cfg_q.num_warps, launch_pdl=pdl,
+            num_warps=cfg_q.num_warps, launch_pdl=pdl, enable_fp_fusion=False,
         )  # fmt: skip
     _wo_b_kernel[tiles_b.grid](
         a8, a_exp, w.wo_b.view(torch.uint8), w.wo_b_scale, y_part, counter, y, t, d, K=n, BLOCK_M=tiles_b.block_m,
         BLOCK_N=tiles_b.block_n, SPLITS=tiles_b.splits, PDL=pdl, num_warps=cfg_b.num_warps,
-        num_stages=cfg_b.num_stages, launch_pdl=pdl,
+        num_stages=cfg_b.num_stages, launch_pdl=pdl, enable_fp_fusion=False,
     )  # fmt: skip
     return out if out is not None else OProjOut(y)

@@ -166,5 +166,6 @@ def split_k_projection(
         x, w0, w1, partial, x if prefetch is None else prefetch, 0 if prefetch is None else prefetch.numel(), t,
         D=d, N0=n0, N1=n1, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=BLOCK_K, SPLITS=tiles.splits,
         PDL=pdl, PREFETCH=prefetch is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
+        enable_fp_fusion=False,
     )  # fmt: skip
     return partial

@@ -608,7 +608,7 @@ def launch_q_heads(
         t, eps,
         QL=ql, H=h, HD=hd, R=rope.rope_dim, BLOCK_M=block_m, BLOCK_K=block_k,
         PAIRED=paired, RECOMPUTE=recompute, PDL=pdl, PREFETCH=prefetch, SPINS=spins,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl, enable_fp_fusion=False,
     )  # fmt: skip
 
 
@@ -670,7 +670,7 @@ def qkv_proj_rope(
         t, eps,
         QL=ql, HD=hd, R=r, BLOCK_QL=triton.next_power_of_2(ql), SPLITS=partial.shape[0],
         PAIRED=paired, PAIR_SLOTS=3 * h, PAIR_BLOCK=triton.next_power_of_2(3 * h),
-        PDL=pdl, num_warps=rows_cfg.num_warps, launch_pdl=pdl,
+        PDL=pdl, num_warps=rows_cfg.num_warps, launch_pdl=pdl, enable_fp_fusion=False,
     )  # fmt: skip
     launch_q_heads(qr, qr_scale, w, positions, rope, eps, q, sumsq, park, block_m, paired, q_cfg)
     return out

@@ -100,5 +100,6 @@ def sum_slices(xp: torch.Tensor, out: torch.Tensor, pdl: bool) -> None:
     n = out.numel()
     block = sum_block(xp.shape[0], SUM_WARPS)
     _sum_slices_kernel[(triton.cdiv(n, block),)](
-        xp, out, n, SPLITS=xp.shape[0], BLOCK=block, PDL=pdl, num_warps=SUM_WARPS, launch_pdl=pdl
-    )
+        xp, out, n, SPLITS=xp.shape[0], BLOCK=block, PDL=pdl, num_warps=SUM_WARPS, launch_pdl=pdl,
+        enable_fp_fusion=False,
+    )  # fmt: skip

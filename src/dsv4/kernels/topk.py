@@ -737,7 +737,7 @@ def select_topk(
                 score, pos.start, bin_list, winners, out, s, n, topk, offset,
                 ROW=triton.next_power_of_2(max(n, 16)), TOPK_PAD=topk_pad, LOG_TOPK_PAD=topk_pad.bit_length() - 1,
                 BITS=cfg.radix_bits, BIN_SLOTS=cfg.bin_slots, REFINE_BITS=RADIX_BITS, PDL=pdl,
-                num_warps=cfg.num_warps, launch_pdl=pdl,
+                num_warps=cfg.num_warps, launch_pdl=pdl, enable_fp_fusion=False,
             )  # fmt: skip
             return out
         _select_row_kernel[(rows,)](
@@ -757,6 +757,7 @@ def select_topk(
             PDL=pdl,
             num_warps=cfg.num_warps,
             launch_pdl=pdl,
+            enable_fp_fusion=False,
         )
         return out
 
@@ -773,6 +774,7 @@ def select_topk(
         _first_digit_kernel[grid](
             score, pos.start, hist, s, n, hist.shape[-1], CHUNK=chunk,
             STATE_PAD=triton.next_power_of_2(STATE_WORDS), PDL=pdl, num_warps=cfg.num_warps, launch_pdl=pdl,
+            enable_fp_fusion=False,
         )  # fmt: skip
     cap = min(n, max(chunk, LIST_PER_TOPK * topk_pad))  # a row's candidate list
     group = max(1, min(rows, CANDIDATE_BYTES // (8 * cap)))  # rows whose candidates fit the capped buffer
@@ -783,6 +785,6 @@ def select_topk(
             parts * FIRST_DIGIT_BINS + STATE_WORDS, parts, cap, row0, CHUNK=chunk,
             PART_BLOCK=min(triton.next_power_of_2(parts), HIST_PART_BLOCK), TOPK_PAD=topk_pad,
             LOG_TOPK_PAD=topk_pad.bit_length() - 1, BITS=RADIX_BITS, INDEX_DIGITS=INDEX_DIGITS,
-            PDL=pdl, num_warps=cfg.num_warps, launch_pdl=pdl,
+            PDL=pdl, num_warps=cfg.num_warps, launch_pdl=pdl, enable_fp_fusion=False,
         )  # fmt: skip
     return out
