@@ -150,12 +150,13 @@ def main() -> None:
         wall = time.perf_counter() - t0
         found = [json.loads(f.read_text()) for f in Path(records).glob("*.json")]
     records_found = [r for _, worker_records in found for r in worker_records]
-    order = max((collected for collected, _ in found), key=len, default=[])
+    order: list[str] = max((collected for collected, _ in found), key=len, default=[])
     result = census(records_found)
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import _in_turns  # the order a GPU runs the tests in
 
-    in_turns = [item.nodeid for item in _in_turns([types.SimpleNamespace(nodeid=t) for t in order])]
+    stand_ins = [types.SimpleNamespace(nodeid=t) for t in order]  # _in_turns reads an item's nodeid alone
+    in_turns = [item.nodeid for item in _in_turns(stand_ins)]  # type: ignore[arg-type]
     result["model"] = {
         "workers": args.model_workers, "seconds_a_test_besides_compiles": MODEL_TEST_S,
         "collection_order_s": round(modeled_step(records_found, order, args.model_workers, MODEL_TEST_S), 1),

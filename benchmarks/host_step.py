@@ -25,6 +25,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -58,7 +59,7 @@ def attention_parts(
     cfg: dsv4.DeepSeekV4Config, kind: str, batch: int, seq: int, context: int, steps: int
 ) -> list[Part]:
     m = attention_module(cfg, kind, batch, seq, context, steps)
-    held: dict[str, object] = {}
+    held: dict[str, Any] = {}
 
     def starts() -> None:
         held["starts"] = m.step_starts(batch, seq, None, seq)
@@ -81,15 +82,15 @@ def stub_ops(results: dict[str, object]) -> None:
         result = results.get(desc.name)
         return lambda *args, out=None: out if result is None else result
 
-    OpDescriptor.implementation = implementation  # type: ignore[method-assign]
+    OpDescriptor.implementation = implementation  # type: ignore[method-assign, assignment]
 
 
 def qkv_of(attn: AttnWeights, t: int) -> QKV:
     """Outputs of ``qkv_proj_rope`` for ``t`` tokens (uninitialized: a stub's result)."""
     hd, ql = attn.wkv.shape[0], attn.wq_a.shape[0]
-    bf16 = dict(dtype=torch.bfloat16)
-    q = torch.empty(t, attn.wq_b.shape[0] // hd, hd, **bf16)
-    return QKV(q, torch.empty(t, hd, **bf16), torch.empty(t, ql, dtype=torch.int8), torch.empty(t, 1))
+    bf16 = torch.bfloat16
+    q = torch.empty(t, attn.wq_b.shape[0] // hd, hd, dtype=bf16)
+    return QKV(q, torch.empty(t, hd, dtype=bf16), torch.empty(t, ql, dtype=torch.int8), torch.empty(t, 1))
 
 
 def eager_parts(cfg: dsv4.DeepSeekV4Config, kind: str, batch: int, seq: int, context: int, steps: int) -> list[Part]:
@@ -144,7 +145,7 @@ def frontend_parts(cfg: dsv4.DeepSeekV4Config, batch: int, seq: int, context: in
 
 def time_parts(parts: list[Part], steps: int, warmup: int) -> dict[str, float]:
     """Median milliseconds of each part and of the whole step over ``steps - warmup`` steps."""
-    times: dict[str, list[float]] = {name: [] for name, _ in parts} | {"step": []}
+    times: dict[str, list[float]] = {name: [] for name, _ in [*parts, ("step", None)]}
     for i in range(steps):
         t0 = t = time.perf_counter()
         laps = []
@@ -180,6 +181,7 @@ def main() -> None:
     cfg = dsv4.get_config(args.preset)
     rows = []
     for context in args.context:
+        cases: list[tuple[str, str | None, Callable[..., list[Part]]]]
         cases = [(f"DecodeAttention {kind}", kind, attention_parts) for kind in args.kind]
         cases += [(f"DecodeAttention {kind} eager forward", kind, eager_parts) for kind in args.kind if args.eager]
         if "csa" in args.kind:

@@ -16,10 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,18 +24,6 @@ os.environ["TRITON_INTERPRET"] = "0"
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
 import sm90  # noqa: E402  (after the interpreter switch and the path)
-
-
-def _sass(cubin: bytes) -> list[str]:
-    import triton
-
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run(
-            [triton.knobs.nvidia.nvdisasm.path, "-c", f.name], capture_output=True, text=True, check=True
-        ).stdout
-    return [line for line in out.splitlines() if re.match(r"^\s*/\*[0-9a-f]+\*/", line)]
 
 
 def main() -> None:
@@ -57,7 +42,7 @@ def main() -> None:
 
     for shape in args.shapes.split(","):
         n, topk = map(int, shape.split(":"))
-        pos = step_positions(torch.tensor([4 * n - 2]), 1, 2, "cpu")  # the second token sees all n keys
+        pos = step_positions(torch.tensor([4 * n - 2]), 1, 2, torch.device("cpu"))  # the second token sees all n keys
         score = torch.zeros(1, 2, n)
         for cfg in map(json.loads, args.configs):
             launches.clear()
@@ -65,7 +50,7 @@ def main() -> None:
                 select_topk(score, pos, topk, 128)
             fn, _, kernel = launches[-1]
             usage = sm90._resource_usage(kernel.asm["cubin"])
-            sass = _sass(kernel.asm["cubin"])
+            sass, _ = sm90._sass(kernel.asm["cubin"])
             row = {
                 "triton": triton.__version__, "kernel": fn.__name__, "keys": n, "topk": topk, "config": cfg,
                 "sass": len(sass), "bar_sync": sum("BAR.SYNC" in i for i in sass), "registers": usage["REG"],
