@@ -155,12 +155,12 @@ def fused_math_faults(variants: list[Variant]) -> list[str]:
     readable lines. Every launch passes ``enable_fp_fusion=False``, so that ``a*b + c`` rounds the product
     as the interpreter and the reference do (a contracted fma rounds once); Triton's default for it is
     not stable across releases."""
-    return [
-        f"{v.kernel}: {'fp fusion on' if v.fp_fusion else ''}{', ' if v.fp_fusion and v.fma else ''}"
-        f"{f'{v.fma} fma' if v.fma else ''} ({v.launches[0][0]})"
-        for v in variants
-        if v.fp_fusion or v.fma
-    ]
+    faults = []
+    for v in variants:
+        why = [what for what, found in (("fp fusion on", v.fp_fusion), (f"{v.fma} fma", v.fma)) if found]
+        if why:
+            faults.append(f"{v.kernel}: {', '.join(why)} ({v.launches[0][0]})")
+    return faults
 
 
 def compile_plans(groups: list[list[Plan]], timeout: int = 900) -> list[Variant]:
