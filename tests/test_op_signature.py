@@ -45,7 +45,9 @@ def with_argument(stub: Callable[..., Any], name: str, kind: type, default: Any,
         """Replaced by ``stub``'s docstring below."""
 
     amended.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
-    amended.__doc__ = stub.__doc__.replace("        backend:", f"        {name}: {doc}\n        backend:", 1)
+    # cleaned first: Python 3.13 strips a docstring's common indentation when it compiles it, 3.11 does not
+    text = inspect.cleandoc(stub.__doc__ or "")
+    amended.__doc__ = text.replace("\n    backend:", f"\n    {name}: {doc}\n    backend:", 1)
     return amended
 
 
