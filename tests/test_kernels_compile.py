@@ -184,8 +184,11 @@ def test_every_launch_forbids_fp_fusion() -> None:
     for path in sorted((ROOT / "src" / "dsv4").rglob("*.py")):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            jit = isinstance(node, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in node.decorator_list)
-            if jit and node.name.endswith("_kernel"):
+            if (
+                isinstance(node, ast.FunctionDef)
+                and node.name.endswith("_kernel")
+                and any("jit" in ast.unparse(d) for d in node.decorator_list)
+            ):
                 kernels.add(node.name)
             if (
                 isinstance(node, ast.Call)
