@@ -17,18 +17,11 @@ import ast
 
 import pytest
 
+import sm90
 from dsv4.harness.cases import DEFAULT_MAX_POSITION
 from dsv4.kernels.index_score import KEYS_AHEAD
 from dsv4.kernels.launch import H100_SMS
-from sm90 import (
-    H100_SHARED,
-    Plan,
-    Variant,
-    approx_math_faults,
-    atomic_order_faults,
-    compile_plans,
-    fused_math_faults,
-)
+from sm90 import H100_SHARED, Plan, Variant, approx_math_faults, atomic_order_faults, compile_plans
 from subprocesses import ROOT
 
 LONG = 262144  # cache rows at 1M tokens
@@ -171,7 +164,7 @@ def test_streaming_loops_are_pipelined(variants: list[Variant]) -> None:
 
 def test_no_kernel_contracts_products_into_fma(variants: list[Variant]) -> None:
     """``a*b - c*d`` rounds each product as the reference does (``sm90.fused_math_faults``)."""
-    assert fused_math_faults(variants) == []
+    assert sm90.fused_math_faults(variants) == []
 
 
 def test_every_launch_forbids_fp_fusion() -> None:

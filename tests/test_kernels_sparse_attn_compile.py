@@ -15,15 +15,8 @@ from __future__ import annotations
 
 import pytest
 
-from sm90 import (
-    H100_SHARED,
-    Plan,
-    Variant,
-    approx_math_faults,
-    atomic_order_faults,
-    compile_plans,
-    fused_math_faults,
-)
+import sm90
+from sm90 import H100_SHARED, Plan, Variant, approx_math_faults, atomic_order_faults, compile_plans
 
 START = 4 * 2048 - 2  # 2048 compressed rows, the window's 128 rows from the pool
 MAX = 4 * 2048
@@ -115,4 +108,4 @@ def test_only_the_softmax_exponentials_are_approximate(variants: list[Variant]) 
 def test_no_kernel_contracts_products_into_fma(variants: list[Variant]) -> None:
     """The dequant scales, the softmax's rescaling and the inverse RoPE's ``a*b - c*d`` round each product
     as the reference does (``sm90.fused_math_faults``)."""
-    assert fused_math_faults(variants) == []
+    assert sm90.fused_math_faults(variants) == []
