@@ -115,10 +115,12 @@ def token_keys(
     if kind == "hca":
         chosen = list(range(vis))
     elif kind == "csa":
+        assert topk is not None
         chosen = [e - offset for e in topk.tolist() if e >= 0 and 0 <= e - offset < vis]
     else:
         chosen = []
     if chosen:
+        assert cmp is not None
         parts.append(cmp.rows(b, chosen))
     return torch.cat(parts)
 

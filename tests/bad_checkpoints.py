@@ -67,7 +67,7 @@ class Corruption:
 
     id: str
     file: str
-    apply: Callable[[Path], None]
+    apply: Callable[[Path], object]
     words: tuple[str, ...]
 
     def message_words(self, directory: Path) -> tuple[str, ...]:

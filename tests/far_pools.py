@@ -55,7 +55,7 @@ def far(record: Any) -> Any:
     """``record`` with every tensor copied and every pool re-based past ``BEYOND`` bytes (``extra_blocks``)."""
     if isinstance(record, torch.Tensor):
         return record.clone()
-    if not dataclasses.is_dataclass(record):
+    if not dataclasses.is_dataclass(record) or isinstance(record, type):
         return record
     changes = {f.name: far(getattr(record, f.name)) for f in dataclasses.fields(record)}
     if _is_pool(record):
@@ -65,7 +65,7 @@ def far(record: Any) -> Any:
             moved = torch.empty((extra + t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
             moved[extra:] = t
             changes[name] = moved
-        table = record.block_table
+        table = changes["block_table"]  # the record's table (copied by far)
         changes["block_table"] = torch.where(table >= 0, table + extra, table)
     return dataclasses.replace(record, **changes)
 
@@ -73,13 +73,13 @@ def far(record: Any) -> Any:
 def near(record: Any) -> Any:
     """The blocks in use of a record made by ``far`` (and changed by an op since), as views, with the
     block table shifted back: comparable field by field with the record ``far`` copied."""
-    if not dataclasses.is_dataclass(record):
+    if not dataclasses.is_dataclass(record) or isinstance(record, type):
         return record
     changes = {f.name: near(getattr(record, f.name)) for f in dataclasses.fields(record)}
     if _is_pool(record):
         extra = extra_blocks(record)  # the same as the copied record's: the blocks are the same size
         for name in _pool_fields(record):
             changes[name] = getattr(record, name)[extra:]
-        table = record.block_table
+        table = changes["block_table"]  # the record's table (copied by far)
         changes["block_table"] = torch.where(table >= 0, table - extra, table)
     return dataclasses.replace(record, **changes)

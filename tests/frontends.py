@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 import dsv4
 from conftest import DEVICE
 
@@ -17,3 +19,9 @@ def tiny_frontend(backend: str, batch: int = 3, max_position: int = 256) -> dsv4
         weights, rope, batch=batch, max_position=max_position, topk=CFG.index_topk, offset=CFG.sliding_window,
         backend=backend, block_size=16,
     )  # fmt: skip
+
+
+def last_score(m: dsv4.DecodeFrontEnd) -> torch.Tensor:
+    """The scores of ``m``'s last step (it has taken one)."""
+    assert m.last_score is not None, "no step taken yet"
+    return m.last_score

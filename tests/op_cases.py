@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -92,7 +93,7 @@ def hand_off_cases() -> Iterator[tuple[str, Callable[[], object]]]:
     for op in dsv4.ops.op_names():
         for mode in ("decode", "prefill"):
             case = make_case(TINY, op, mode=mode, seed=11, device=DEVICE)
-            yield f"{op} {mode}", lambda case=case: run_case(case, "triton")
+            yield f"{op} {mode}", functools.partial(run_case, case, "triton")
     case = long_row_indexer_case()
     yield "indexer, a long row", lambda: run_case(case, "triton")
     split = make_case(SPLIT_O_PROJ, "o_proj", seed=11, device=DEVICE)

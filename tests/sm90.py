@@ -180,7 +180,7 @@ def compile_plans(groups: list[list[Plan]], timeout: int = 900) -> list[Variant]
 
     with ThreadPoolExecutor(len(groups)) as pool:
         outputs = list(pool.map(run, groups))
-    variants = {}
+    variants: dict[str, Variant] = {}
     for line in "\n".join(outputs).splitlines():
         if line.startswith(_PREFIX):
             fields = json.loads(line[len(_PREFIX) :])
@@ -242,7 +242,8 @@ def _on_h100(launches: list) -> None:
     JITFunction.run = compile_only
     dsv4.kernels.unavailable_reason = lambda device: None
     for name in _PDL_LAUNCHERS:  # an sm_90 device: their dependent launches use PDL
-        importlib.import_module(f"dsv4.kernels.{name}").pdl_supported = lambda device: True
+        launcher: Any = importlib.import_module(f"dsv4.kernels.{name}")
+        launcher.pdl_supported = lambda device: True
 
 
 def _run_plan(plan: Plan) -> None:

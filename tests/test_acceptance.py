@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -269,7 +270,7 @@ def _bench(timings: list[dict], shapes: list[dict], command: str) -> dict:
 
 
 def _entry(name: str, status: str, ops: list[str], backends: list[str], bench: dict | None = None) -> dict:
-    entry = {
+    entry: dict[str, Any] = {
         "name": name, "status": status, "reason": "stopped at its time limit (120 s)" if status == "timeout" else "",
         "seconds": 1.0, "commands": [name], "covers": {"mode": "decode", "ops": ops, "backends": backends},
     }  # fmt: skip

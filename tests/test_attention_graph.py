@@ -134,6 +134,7 @@ def test_cuda_graph_replay_allocates_nothing_and_never_syncs() -> None:
     torch.cuda.synchronize()
     allocated = torch.cuda.memory_stats()["allocation.all.allocated"]
     torch.cuda.set_sync_debug_mode("error")
+    assert graph.graph is not None
     try:
         for _ in range(3):
             graph.graph.replay()

@@ -4,6 +4,8 @@ equal to the plain calls, and a compiled attention step (``torch.compile(fullgra
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -74,7 +76,10 @@ def test_schema_declares_what_changes(op: str, backend: str) -> None:
 def test_optional_pools_and_indices_pass_as_none(kind: str) -> None:
     rope = dsv4.rope_table(CFG, "window" if kind == "swa" else "compressed", max_position=64)
     x = torch.zeros(2, 2, CFG.hidden_size, device=DEVICE)  # the case's batch and seq
-    c = CaseInputs(CFG, "decode", 2, DEVICE, 64, torch.tensor([6, 13]), None, rope, x, torch.Generator().manual_seed(0))
+    no_weights: Any = None  # sparse_attn's arguments read none
+    c = CaseInputs(
+        CFG, "decode", 2, DEVICE, 64, torch.tensor([6, 13]), no_weights, rope, x, torch.Generator().manual_seed(0)
+    )
     args = sparse_attn_args(c, kind)
     flat = (*flatten(get_op("sparse_attn"), args), "reference")
     assert sum(v is None for v in flat) == (5 if kind == "swa" else 1)  # the compressed pool's 4 tensors, topk_idxs

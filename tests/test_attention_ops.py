@@ -5,6 +5,8 @@ expectations of ``attention_expect`` (float64, dense, from the spec), with §8's
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -221,7 +223,7 @@ def attn_setup(
         ]
         if cmp is not None:
             cmp.block_table[1] = cmp.block_table[0]
-    args = dict(
+    args: dict[str, Any] = dict(
         q=rows(b, seq, h, HD, g=g), kv=rows(b, seq, HD, g=g), start_pos=torch.tensor(start), window_pool=win,
         attn_sink=torch.randn(h, generator=g), rope=rope_for(kind, end), kind=kind, window=W, compress_ratio=ratio,
         compressed_pool=cmp, topk_idxs=topk, topk_offset=offset,
@@ -332,12 +334,13 @@ def test_o_proj_against_float64(t: int, backend: str) -> None:
     r = torch.einsum("tgk,gok->tgo", o.to(F64).view(t, CFG.o_groups, -1), wa).to(torch.bfloat16).reshape(t, -1)
     a8, sa = dsv4.fp8_act_quant(r)
     ws = w.wo_b_scale.repeat_interleave(128, 0)[: w.wo_b.shape[0]].to(F64)
-    acc = sum(
+    blocks = (
         (a8[:, i : i + 128].to(F64) @ w.wo_b[:, i : i + 128].to(F64).T)
         * sa[:, i // 128, None].to(F64)
         * ws[None, :, i // 128]
         for i in range(0, r.shape[1], 128)
     )
+    acc = sum(blocks, torch.zeros((), dtype=F64))
     assert ratio_allclose(y, acc.to(torch.bfloat16), 1e-4, 1 / 128)
 
 

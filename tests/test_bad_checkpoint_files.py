@@ -100,8 +100,10 @@ def test_safetensors_refusal_is_not_papered_over(tmp_path, monkeypatch) -> None:
 
     monkeypatch.setattr("dsv4.io.safetensors_files.safe_open", refuse)
     with ShardedCheckpoint(tmp_path) as ckpt:
+        info = ckpt.info("a")
+        assert info is not None
         with pytest.raises(CheckpointError, match=r"model\.safetensors: safetensors cannot open it .*of its own"):
-            ckpt.rows(ckpt.info("a"))
+            ckpt.rows(info)
         assert not ckpt.raw_reasons
 
 

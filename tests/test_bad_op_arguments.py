@@ -5,6 +5,8 @@ never read a device tensor on the host (no GPU stream synchronization)."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -335,6 +337,8 @@ def test_device_tensors_are_checked_without_a_host_read(op) -> None:
     synchronize the stream on every call."""
     name = op.removesuffix("-out")
     args = _on_meta(dict(_case(name).args))
+    check: Callable[[], object]
+    out: object
     if name == "indexer_compressor":
         check = lambda: validate.check_compressor(**args, eps=1e-6)  # noqa: E731
     elif name == "indexer":
@@ -449,7 +453,10 @@ def test_what_an_op_writes_made_under_inference_mode_is_refused_outside_it(op: s
     desc = dsv4.ops.get_op(op)
     with torch.inference_mode():
         case = make_case(CFG, op, seed=3, device=DEVICE, batch=2, seq=2)
-        out = None if desc.mutates else desc.result(*desc.fake_result(desc.bind(case.args)))
+        out = None
+        if not desc.mutates:
+            assert desc.result is not None and desc.fake_result is not None  # an op that writes no state returns
+            out = desc.result(*desc.fake_result(desc.bind(case.args)))
     args = dict(case.args)
     records = {name: args[name] for name in mutated_args(op)}
     written = {k: v.clone() for k, v in record_outputs(records).items()}
@@ -468,7 +475,7 @@ def _requiring_grad(record: object) -> object:
     if isinstance(record, torch.Tensor):
         grads = record.dtype in (torch.float32, torch.bfloat16)
         return torch.nn.Parameter(record.clone()) if grads else record
-    if dataclasses.is_dataclass(record):
+    if dataclasses.is_dataclass(record) and not isinstance(record, type):
         return dataclasses.replace(
             record, **{f.name: _requiring_grad(getattr(record, f.name)) for f in dataclasses.fields(record)}
         )
@@ -509,7 +516,7 @@ def _set_precision(setting: str) -> tuple[str, str, str]:
     """A caller's float32 matmul precision, from torch's defaults: ``"legacy <p>"`` through
     ``torch.set_float32_matmul_precision(p)``, ``"<generic>/<cuda>/<cpu>"`` through the per-backend
     settings; returns those settings as they then stand."""
-    b = torch.backends
+    b: Any = torch.backends  # the per-backend settings are set at run time: torch's stubs do not list them
     torch.set_float32_matmul_precision("highest")
     b.fp32_precision, b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision = "none", "none", "none"
     if setting.startswith("legacy "):
@@ -532,7 +539,7 @@ def test_a_callers_float32_matmul_precision_changes_nothing(op: str, precision: 
     try:
         callers = _set_precision(precision)
         got = dsv4.harness.cases.run_case(case, "reference")
-        b = torch.backends
+        b: Any = torch.backends
         assert (b.fp32_precision, b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision) == callers
     finally:
         _set_precision("none/none/none")

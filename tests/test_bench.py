@@ -15,7 +15,7 @@ from conftest import INTERPRETER_TRAFFIC
 from dsv4.bench import report
 from dsv4.bench.calls import BoundCall
 from dsv4.bench.runner import bench_cost, floors_us, make_bench_case, run_bench, shape_grid
-from dsv4.bench.timing import _reps_for, device_spec, time_cpu
+from dsv4.bench.timing import DeviceSpec, _reps_for, device_spec, time_cpu
 from dsv4.bench.trace import trace_decode_step
 from dsv4.bench.traffic import measure_traffic
 from dsv4.cli import main
@@ -131,8 +131,15 @@ def test_indexer_bytes_at_flash_decode() -> None:
     assert cost.flops["fp32"] == comp.flops["fp32"] + 2 * T * HI * HID * HID
 
 
+def listed(name: str) -> DeviceSpec:
+    """The device table's entry for ``name``, which it has."""
+    spec = device_spec(name)
+    assert spec is not None, name
+    return spec
+
+
 def test_floors_take_the_larger_of_memory_and_compute() -> None:
-    h100 = device_spec("NVIDIA H100 80GB HBM3")
+    h100 = listed("NVIDIA H100 80GB HBM3")
     cost = qkv_proj_rope_cost(FLASH, T)
     f = floors_us(cost, h100.bandwidth, h100)
     assert f["memory"] == pytest.approx(56_005_120 / 3.35e12 * 1e6)  # ~16.7 µs
@@ -144,10 +151,10 @@ def test_floors_take_the_larger_of_memory_and_compute() -> None:
 
 
 def test_device_table() -> None:
-    assert device_spec("NVIDIA H100 80GB HBM3").bandwidth == 3.35e12
-    assert device_spec("NVIDIA H100 SXM5 80GB").bandwidth == 3.35e12
-    assert device_spec("NVIDIA H200").bandwidth == 4.8e12
-    assert device_spec("NVIDIA H100 PCIe").name == "H100 PCIe"
+    assert listed("NVIDIA H100 80GB HBM3").bandwidth == 3.35e12
+    assert listed("NVIDIA H100 SXM5 80GB").bandwidth == 3.35e12
+    assert listed("NVIDIA H200").bandwidth == 4.8e12
+    assert listed("NVIDIA H100 PCIe").name == "H100 PCIe"
     assert device_spec("NVIDIA A100-SXM4-80GB") is None
 
 

@@ -83,10 +83,10 @@ def _expected_layer(stored: dict[str, torch.Tensor]) -> dsv4.LayerWeights:
 
     indexer = None
     if "attn.indexer.wq_b.weight" in stored:
+        own = compressor("attn.indexer.compressor.")
+        assert own is not None, "an indexer without its compressor"
         indexer = dsv4.IndexerWeights(
-            *quantize_weight_int8(deq("attn.indexer.wq_b")),
-            stored["attn.indexer.weights_proj.weight"],
-            compressor("attn.indexer.compressor."),
+            *quantize_weight_int8(deq("attn.indexer.wq_b")), stored["attn.indexer.weights_proj.weight"], own
         )
     main = compressor("attn.compressor.")
 

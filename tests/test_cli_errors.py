@@ -16,7 +16,8 @@ from subprocesses import run_dsv4
 NO_CUDA = not torch.cuda.is_available()
 
 
-def _run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+def _run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int | str | None, str, str]:
+    code: int | str | None
     try:
         code = main(argv)
     except SystemExit as e:  # argparse's own errors
@@ -25,7 +26,7 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]
     return code, captured.out, captured.err
 
 
-def _assert_one_line_error(code: int, err: str, words: tuple[str, ...]) -> None:
+def _assert_one_line_error(code: int | str | None, err: str, words: tuple[str, ...]) -> None:
     lines = err.strip().splitlines()
     assert code == 2, (code, err)
     assert len(lines) == 1 and lines[0].startswith("dsv4") and "error:" in lines[0], err

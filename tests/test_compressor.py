@@ -40,7 +40,9 @@ def whole_sequence_cache(x: torch.Tensor, w: dsv4.CompressorWeights, rope: dsv4.
 
 
 def _inputs(batch: int, seed: int):
-    w = dsv4.synthetic_weights(CFG, seed=seed, device=DEVICE).indexer.compressor
+    indexer = dsv4.synthetic_weights(CFG, seed=seed, device=DEVICE).indexer
+    assert indexer is not None  # the front end's weights hold the indexer's
+    w = indexer.compressor
     rope = dsv4.rope_table(CFG, "compressed", max_position=MAX_POS, device=DEVICE)
     x = dsv4.synthetic_activations((batch, N_TOKENS, CFG.hidden_size), seed=seed + 1, device=DEVICE)
     return w, rope, x

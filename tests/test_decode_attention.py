@@ -5,6 +5,7 @@ resets and draft re-runs."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 import torch
@@ -33,6 +34,19 @@ def x_of(b: int, s: int, seed: int) -> torch.Tensor:
     return dsv4.synthetic_activations((b, s, CFG.hidden_size), seed=seed, device=DEVICE)
 
 
+def counted_checks(m: dsv4.DecodeAttention, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that gets an entry each time ``m`` checks its ops' buffers again."""
+    checks: list[int] = []
+    check_ops = m._check_ops
+
+    def counted() -> None:
+        checks.append(1)
+        check_ops()
+
+    monkeypatch.setattr(m, "_check_ops", counted)
+    return checks
+
+
 def composed(kind: str, calls: list[tuple[torch.Tensor, int]], max_position: int = 128) -> list[torch.Tensor]:
     """The §7 steps by hand (the public ops) on a dense ``AttentionState``: the expected ``y`` of each call."""
     layer = LAYERS[kind]
@@ -40,6 +54,7 @@ def composed(kind: str, calls: list[tuple[torch.Tensor, int]], max_position: int
     rope = dsv4.layer_rope_table(CFG, layer, max_position, DEVICE)
     b = calls[0][0].shape[0]
     state = dsv4.AttentionState.empty(CFG, layer, b, max_position, DEVICE, block_size=BS)
+    assert w.attn_sink is not None and w.o_proj is not None  # a layer's weights: the whole attention
     out = []
     for x, start in calls:
         s = x.shape[1]
@@ -47,9 +62,11 @@ def composed(kind: str, calls: list[tuple[torch.Tensor, int]], max_position: int
         qkv = dsv4.qkv_proj_rope(x.reshape(b * s, -1), w.attn, positions, rope)
         q, kv = qkv.q.view(b, s, *qkv.q.shape[1:]), qkv.kv.view(b, s, -1)
         if state.compressor is not None:
+            assert w.compressor is not None
             dsv4.kv_compressor(x, w.compressor, state.compressor, start, rope)
         topk = None
         if kind == "csa":
+            assert w.indexer is not None and state.indexer is not None
             idx_out = IndexerOut(
                 torch.empty(b, s, (start + s) // 4, device=DEVICE),
                 torch.empty(b, s, CFG.index_topk, dtype=torch.int32, device=DEVICE),
@@ -83,7 +100,7 @@ def test_attention_state_holds_the_parts_of_its_kind(kind: str) -> None:
     if e.indexer is not None:
         assert e.indexer.block_table.shape[1] * BS >= 64 // 4
     table = torch.tensor([[2, -1], [0, 1]], dtype=torch.int32)
-    pools = {"window": (3, table)}
+    pools: dict[str, Any] = {"window": (3, table)}
     if ratio:
         pools["compressed"] = (3, table)
     if kind == "csa":
@@ -392,14 +409,12 @@ def test_a_cast_after_build_is_refused_before_anything_changes(backend: str) -> 
     assert all(not slot for pool in m.paging.pools for slot in pool.slots)
 
 
-def test_a_replaced_buffer_is_checked_again_and_one_that_fits_is_used() -> None:
+def test_a_replaced_buffer_is_checked_again_and_one_that_fits_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
     """A buffer replaced after build (``setattr``): one that no longer fits its op is refused on the next
     call, naming it; one that fits is checked once and used from then on (the call equals a module built
     with it), and a step captured before must be captured again."""
     m = module("swa", batch=2)
-    checks = []
-    check_ops = m._check_ops
-    m._check_ops = lambda: (checks.append(1), check_ops())
+    checks = counted_checks(m, monkeypatch)
     m(x_of(2, 3, 50))
     graph = m.capture(2)
     m.to(DEVICE)  # where the buffers are: the same tensors, so the captured step stays valid
@@ -419,6 +434,7 @@ def test_a_replaced_buffer_is_checked_again_and_one_that_fits_is_used() -> None:
         graph(x_of(2, 2, 53))
     w = dsv4.synthetic_weights(CFG, seed=0, device=DEVICE, layer=LAYERS["swa"])
     rope = dsv4.layer_rope_table(CFG, LAYERS["swa"], 128, DEVICE)
+    assert w.attn_sink is not None
     fresh = dsv4.DecodeAttention(
         dataclasses.replace(w, attn_sink=w.attn_sink + 1.0), rope, CFG, batch=2, max_position=128, backend="reference",
         block_size=BS,
@@ -430,7 +446,9 @@ def test_a_replaced_buffer_is_checked_again_and_one_that_fits_is_used() -> None:
 
 
 @pytest.mark.parametrize("kind", ["csa", "hca"])
-def test_state_dict_holds_the_weights_and_loading_it_swaps_them_under_running_sequences(kind: str) -> None:
+def test_state_dict_holds_the_weights_and_loading_it_swaps_them_under_running_sequences(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``state_dict`` holds the weights and the RoPE table, not the pools, rings and block tables: those
     belong to the slots' sequences, which the host's paging tracks. Loading another layer's weights
     mid-sequence swaps the weights and leaves the sequences' state as it was, so the next step is what a
@@ -449,9 +467,7 @@ def test_state_dict_holds_the_weights_and_loading_it_swaps_them_under_running_se
     assert {"win_block_table", "cmp_kv_state", "cmp_nope"} <= state and set(sd) == names - state
     other(x_of(2, 40, 70))
     before = {k: v.clone() for k, v in m.named_buffers() if k not in sd}
-    checks = []
-    check_ops = m._check_ops
-    m._check_ops = lambda: (checks.append(1), check_ops())
+    checks = counted_checks(m, monkeypatch)
     m.load_state_dict(sd)
     assert all(torch.equal(v, before[k]) for k, v in m.named_buffers() if k not in sd)
     for name, t in sd.items():  # the running layer given the same weights by hand: the step to compare with

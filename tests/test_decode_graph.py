@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_leaves
 import dsv4
 from conftest import DEVICE
 from dsv4.engine.decode_graph import StaticDecodeStep
-from frontends import tiny_frontend
+from frontends import last_score, tiny_frontend
 
 CFG = dsv4.get_config("tiny")
 HOST_SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
@@ -91,8 +91,8 @@ def test_static_step_allocates_nothing_and_matches_eager() -> None:
         q, kv, topk = step.results()
         eq, ekv, etopk = eager_fe(x)
         assert torch.equal(q, eq) and torch.equal(kv, ekv) and torch.equal(topk, etopk), f"step {i}"
-        n = eager_fe.last_score.shape[-1]
-        assert torch.equal(step.out.score[..., :n], eager_fe.last_score)
+        n = last_score(eager_fe).shape[-1]
+        assert torch.equal(step.out.score[..., :n], last_score(eager_fe))
         assert (step.out.score[..., n:] == torch.finfo(torch.float32).min).all()
     for name, t in static_fe.state.tensors().items():
         assert torch.equal(t, getattr(eager_fe.state, name)), name

@@ -63,7 +63,8 @@ def test_on_device_makes_an_indexed_gpu_current() -> None:
 
 
 def test_every_op_runs_inside_its_tensors_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    guard, calls = Guard(), []
+    guard = Guard()
+    calls: list[bool] = []
     resolve = api.implementation
     monkeypatch.setattr(api, "on_device", guard)
     monkeypatch.setattr(api, "implementation", lambda *a: guard.inside(resolve(*a), calls))
@@ -75,22 +76,23 @@ def test_every_op_runs_inside_its_tensors_device(monkeypatch: pytest.MonkeyPatch
 
 
 def test_the_static_decode_step_launches_inside_its_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    guard, calls = Guard(), []
+    guard = Guard()
+    calls: list[bool] = []
     monkeypatch.setattr(decode_graph, "on_device", guard)
     step = tiny_frontend("triton").static_step(batch=3, seq=2, max_cache_len=32)
-    kernels = step.kernels
-    step.kernels = SimpleNamespace(
+    stubs = SimpleNamespace(
         qkv_proj_rope=guard.inside(lambda *a, **k: None, calls), indexer=guard.inside(lambda *a, **k: None, calls)
     )
+    monkeypatch.setattr(step, "kernels", stubs)
     step.launch()
-    step.kernels = kernels
     assert guard.devices == [step.x.device] and calls == [True, True]
 
 
 def test_the_attention_step_launches_inside_its_device(monkeypatch: pytest.MonkeyPatch) -> None:
     """On the reference (a CPU has no graph to capture): every bound launch runs inside the guard, and the
     step still equals ``forward``."""
-    guard, calls = Guard(), []
+    guard = Guard()
+    calls: list[bool] = []
     monkeypatch.setattr(attention_graph, "on_device", guard)
     w = dsv4.synthetic_weights(CFG, seed=0, device="cpu", layer=1)
     rope = dsv4.layer_rope_table(CFG, 1, 64, "cpu")

@@ -141,7 +141,7 @@ def test_fp8_rows_comparator_catches_a_code_two_steps_off_and_untouched_rows_mov
         expected[k][1, 1] = _pool(2)[k][1, 1]
     actual = _copy(expected)
     codes = actual["nope"].view(torch.uint8)
-    codes[1, 1, 0] = (codes[1, 1, 0] & 0x80) | min(0x7E, (codes[1, 1, 0] & 0x7F) + 2)
+    codes[1, 1, 0] = (codes[1, 1, 0] & 0x80) | ((codes[1, 1, 0] & 0x7F) + 2).clamp(max=0x7E)
     assert not fp8_rows_allclose(actual, expected, ROWS, before)
     actual = _copy(expected)
     actual["rope"][3, 15, 0] += 1  # a row the step does not write

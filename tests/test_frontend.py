@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
 import dsv4
 from conftest import BACKENDS, DEVICE
 from dsv4.harness.golden import ratio_allclose, tolerance, topk_allclose
-from frontends import tiny_frontend
+from frontends import last_score, tiny_frontend
 from subprocesses import ROOT, run_python
 
 CFG = dsv4.get_config("tiny")
@@ -44,7 +46,7 @@ def test_steps_with_resets_equal_fresh_sequences(backend: str) -> None:
             fq, fkv, ftopk = fresh[b](x[b : b + 1].contiguous())
             got_qkv.append((q[b], kv[b]))
             want_qkv.append((fq[0], fkv[0]))
-            check = topk_allclose(topk[b : b + 1], ftopk, fresh[b].last_score, CFG.sliding_window)
+            check = topk_allclose(topk[b : b + 1], ftopk, last_score(fresh[b]), CFG.sliding_window)
             assert check, f"step {step} slot {b}: {check.detail}"
     for i, name in enumerate(("q", "kv")):
         t = tolerance(name)
@@ -83,7 +85,7 @@ def test_rerun_from_an_earlier_position_equals_a_fresh_run(backend: str) -> None
     fresh = tiny_frontend(backend, 1, 64)
     _, _, ftopk = fresh(torch.cat((x8[:, :2], xb), dim=1))
     t = tolerance("score")
-    check = ratio_allclose(m.last_score, fresh.last_score[:, 2:], t.atol, t.rtol, 0.0, "score")
+    check = ratio_allclose(last_score(m), last_score(fresh)[:, 2:], t.atol, t.rtol, 0.0, "score")
     assert check, check.detail
     assert torch.equal(topk, ftopk[:, 2:])
 
@@ -108,7 +110,7 @@ def test_a_cast_after_build_is_refused_before_anything_changes(backend: str) -> 
 
     m = tiny_frontend(backend, 2, 64)
     m(dsv4.synthetic_activations((2, 6, CFG.hidden_size), seed=1, device=DEVICE))
-    captured = CapturedDecodeStep(m, _NoReplay(m.static_step(batch=2, seq=2, max_cache_len=16)))
+    captured = CapturedDecodeStep(m, no_replay(m.static_step(batch=2, seq=2, max_cache_len=16)))
     m.to(torch.bfloat16)
     before = _allocator(m)
     x = dsv4.synthetic_activations((2, 2, CFG.hidden_size), seed=2, device=DEVICE)
@@ -158,7 +160,7 @@ def test_calls_inside_a_foreign_cuda_graph_capture_are_refused(monkeypatch) -> N
 
     m = tiny_frontend("reference", 2, 64)
     m(dsv4.synthetic_activations((2, 6, CFG.hidden_size), seed=1, device=DEVICE))
-    captured = CapturedDecodeStep(m, _NoReplay(m.static_step(batch=2, seq=2, max_cache_len=16)))
+    captured = CapturedDecodeStep(m, no_replay(m.static_step(batch=2, seq=2, max_cache_len=16)))
     x = dsv4.synthetic_activations((2, 2, CFG.hidden_size), seed=2, device=DEVICE)
     before = _allocator(m)
     monkeypatch.setattr(op_checks, "capturing", lambda device: True)
@@ -277,11 +279,16 @@ def test_a_step_past_the_free_blocks_is_refused_and_a_reset_makes_room() -> None
 class _NoReplay:
     """A stand-in for ``DecodeGraph`` on the CPU: the checks of ``CapturedDecodeStep`` run before any replay."""
 
-    def __init__(self, step) -> None:
+    def __init__(self, step: object) -> None:
         self.step = step
 
-    def replay(self, x, start):
+    def replay(self, x: torch.Tensor, start: object) -> None:
         raise AssertionError("a refused call must not replay the graph")
+
+
+def no_replay(step: object) -> Any:
+    """A ``_NoReplay`` of ``step``, in the place of the ``DecodeGraph`` that ``CapturedDecodeStep`` takes."""
+    return _NoReplay(step)
 
 
 @pytest.mark.parametrize("what", ["fp32", "wrong-shape", "deep-rollback", "past-max-cache-len"])
@@ -292,7 +299,7 @@ def test_captured_step_refuses_before_reserving(what: str) -> None:
 
     m = tiny_frontend("reference", 2, 128)
     m(dsv4.synthetic_activations((2, 14, CFG.hidden_size), seed=1, device=DEVICE))
-    step = CapturedDecodeStep(m, _NoReplay(m.static_step(batch=2, seq=2, max_cache_len=16)))
+    step = CapturedDecodeStep(m, no_replay(m.static_step(batch=2, seq=2, max_cache_len=16)))
     x = dsv4.synthetic_activations((2, 2, CFG.hidden_size), seed=2, device=DEVICE)
     start = None
     if what == "fp32":

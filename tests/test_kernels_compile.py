@@ -140,7 +140,7 @@ def variants() -> list[Variant]:
 
 def test_each_plan_launches_the_documented_kernels_and_grids(variants: list[Variant]) -> None:
     for plan, grids in GRIDS.items():
-        launched = {}
+        launched: dict[str, tuple[int, ...]] = {}
         for v in variants:
             for p, grid in v.launches:
                 if p == plan:

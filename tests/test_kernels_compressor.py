@@ -25,7 +25,7 @@ TINY = PRESETS["tiny"]
 
 
 # (batch, seq, start): positions start..start+S-1 close a block where (p + 1) % 4 == 0.
-STEPS = {
+STEPS: dict[str, tuple[int, int, int | list[int]]] = {
     "B1-S1-closes-first": (1, 1, 3),
     "B1-S1-closes-none": (1, 1, 4),
     "B1-S2-closes-none": (1, 2, 4),

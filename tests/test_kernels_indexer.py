@@ -35,7 +35,7 @@ def test_indexer_decode_tiny(batch: int, seq: int) -> None:
 
 
 # (batch, seq, start): block closes on the first / last / no token, several blocks, per-row starts.
-BOUNDARIES = {
+BOUNDARIES: dict[str, tuple[int, int, int | list[int]]] = {
     "B3-S1-closes-first-cache-len-1": (3, 1, 3),
     "B1-S2-closes-last": (1, 2, 10),
     "B3-S3-closes-none-from-0": (3, 3, 0),
@@ -164,6 +164,7 @@ def test_index_query(preset: str, batch: int, seq: int) -> None:
     w = a["w"]
     pos = step_positions(a["start_pos"], batch, seq, DEVICE)
     _, q8, q_scale = front(a["x"], w.compressor, pos, indexer=w, qr=a["qr"], qr_scale=a["qr_scale"], rope=a["rope"])
+    assert q8 is not None and q_scale is not None  # given the indexer, the launch makes its queries
     q = reference_index_query(a["qr"], a["qr_scale"], w, pos.token_positions().reshape(-1), a["rope"])
     ref_q8, ref_scale = quantize_int8_per_row(q)
     check = ratio_allclose(q8, ref_q8, 1.0, 0.0, 0.0, "q8")

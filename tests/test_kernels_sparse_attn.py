@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -27,6 +29,12 @@ from test_attention_ops import W, attn_setup, expected_o, on_device, one_token_s
 
 def run(args: dict, backend: str = "triton") -> torch.Tensor:
     return dsv4.sparse_attn(**on_device(args), backend=backend).o.cpu()
+
+
+def launch(args: dict, ws: Workspace) -> Any:
+    """The Triton launcher on the op's ``args`` (validated), its scratch (the splits' partials) in ``ws``."""
+    launcher: Callable[..., Any] = triton_sparse_attn  # the backend's positional arguments, then ``ws``
+    return launcher(*get_op("sparse_attn").backend_args(args), ws=ws)
 
 
 @triton.jit
@@ -62,8 +70,7 @@ def test_a_key_split_matches_one_launch(kind: str, seq: int, k: int) -> None:
         split = run(args)
         again = run(args)
         ws = Workspace()  # the split path's partials live in the workspace
-        desc = get_op("sparse_attn")
-        triton_sparse_attn(*desc.backend_args(on_device(args)), ws=ws)
+        launch(on_device(args), ws)
     assert {t.shape[0] for t in ws.tensors()} == {4}
     assert bit_identical(split, again)
     assert compare("sparse_attn", {"o": split}, {"o": whole})
@@ -102,15 +109,14 @@ def test_default_split_at_long_context_matches_one_launch() -> None:
     table[:, : cmp.block_table.shape[1]] = cmp.block_table
     args["compressed_pool"] = dataclasses.replace(cmp, block_table=table)
     ws = Workspace()
-    call = get_op("sparse_attn").backend_args(on_device(args))
-    o = triton_sparse_attn(*call, ws=ws).o.cpu()
+    o = launch(on_device(args), ws).o.cpu()
     m, l, acc = ws.tensors()
     assert acc.shape[0] == 32
     short, long = slice(0, acc.shape[1] // 2), slice(acc.shape[1] // 2, None)  # the slots' (token, head) rows
     assert (m[:, long] > float("-inf")).all()
     assert (m[1:31, short] == float("-inf")).all() and (m[31, short] > float("-inf")).all()
     acc.fill_(float("nan"))
-    again = triton_sparse_attn(*call, ws=ws).o.cpu()
+    again = launch(on_device(args), ws).o.cpu()
     assert bit_identical(again, o) and not o.isnan().any()
     assert acc[1:31, short].isnan().all() and not acc[31, short].isnan().any() and not acc[:, long].isnan().any()
     with tuning.forced("sparse_attn", {"splits": 1}):
@@ -127,16 +133,15 @@ def test_a_tokens_split_partials_do_not_depend_on_its_program(kind: str, k: int,
     not those of its program's last token. At start 256 (ratio 16) tokens 12-14 see one compressed tile
     and token 15 two; the bf16 outputs seldom show a change of grouping, the partials always do."""
     args = on_device(attn_setup(kind, 19, seed=4, k=k, start=[256]))
-    desc = get_op("sparse_attn")
     h = args["q"].shape[2]
     with tuning.forced("sparse_attn", {"splits": splits}):
         ws = Workspace()
-        triton_sparse_attn(*desc.backend_args(args), ws=ws)
+        launch(args, ws)
         m, l, acc = (t.cpu() for t in ws.tensors())
         for s in range(19):
             one = one_token_step(args, s)
             ws_one = Workspace()
-            triton_sparse_attn(*desc.backend_args(one), ws=ws_one)
+            launch(one, ws_one)
             m1, l1, acc1 = (t.cpu() for t in ws_one.tensors())
             rows = slice(s * h, (s + 1) * h)
             assert torch.equal(m1, m[:, rows]) and torch.equal(l1, l[:, rows]), f"token {s}"

@@ -115,6 +115,7 @@ def _special_rows(n: int) -> tuple[torch.Tensor, StepPositions]:
 # The one-program plan's other ways (ROW_TUNING's candidates that change the selection, not only the launch):
 # 11-bit digits, and the threshold's later digits over its first digit's bin (listed, or re-read from the
 # row when it overflows the list: 3-valued rows, and N(0,1) rows of 2048 keys at 8 bits, ~585 keys a bin).
+assert not callable(ROW_TUNING.candidates)  # one list for every bucket
 OTHER_PLANS = [
     cfg for cfg in ROW_TUNING.candidates if set(cfg) <= {"radix_bits", "bin_slots"} and cfg != ROW_TUNING.default
 ]

@@ -46,7 +46,13 @@ def payload_nan(dtype: torch.dtype) -> float | torch.Tensor:
     return torch.tensor([bits[0]], dtype=bits[1]).view(dtype)[0]
 
 
-VALUES = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf"), "payload-nan": None}
+VALUES = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
+
+
+def bad_value(value: str, dtype: torch.dtype) -> float | torch.Tensor:
+    """The element ``value`` names (a key of ``VALUES`` or ``"payload-nan"``) for a tensor of ``dtype``."""
+    return payload_nan(dtype) if value == "payload-nan" else VALUES[value]
+
 
 # (op, argument path, element index, value): one element that reaches the outputs of the step
 CASES = [
@@ -84,7 +90,7 @@ def _poisoned(op: str, path: str, index: tuple[int, ...], value: str) -> Case:
     if op == "qkv_proj_rope":  # the same positions as the indexer case: rows at 10 and 14
         args["positions"] = torch.tensor([10, 11, 14, 15], device=args["positions"].device)
     t = _get(args, path).clone()
-    t[index] = payload_nan(t.dtype) if value == "payload-nan" else VALUES[value]
+    t[index] = bad_value(value, t.dtype)
     if path.startswith("state."):
         field = path.split(".")[1]
         args["state"] = dsv4.IndexerState(**{**args["state"].tensors(), field: t})
@@ -202,7 +208,7 @@ def test_int8_quantizer_of_a_nonfinite_row(value, branch, monkeypatch) -> None:
         monkeypatch.setattr(epilogue, "INTERPRETED", tl.constexpr(branch == "interpreter"))
     g = torch.Generator().manual_seed(0)
     v = torch.randn(4, 32, generator=g)
-    v[1, 5] = payload_nan(torch.float32) if value == "payload-nan" else VALUES[value]
+    v[1, 5] = bad_value(value, torch.float32)
     v[3] = 0.0  # the 1e-4 floor
     q, s = torch.empty(4, 32, dtype=torch.int8, device=DEVICE), torch.empty(4, device=DEVICE)
     _quantize_rows_kernel[(1,)](v.to(DEVICE), q, s, N=32)
@@ -241,7 +247,7 @@ def _with_value(valid_dir: Path, tmp_path: Path, name: str, shard: str, value: s
     if t.dtype == torch.float8_e4m3fn:
         t.view(torch.uint8).view(-1)[3] = 0x7F  # the e4m3 NaN byte
     else:
-        t.view(-1)[3] = payload_nan(t.dtype) if value == "payload-nan" else VALUES[value]
+        t.view(-1)[3] = bad_value(value, t.dtype)
     tensors[PREFIX + name] = t
     save_file(tensors, str(directory / shard))
     return directory

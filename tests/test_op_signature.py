@@ -96,12 +96,17 @@ def shifted_op() -> Iterator[None]:
     registry._REGISTRY.pop(NAME)
 
 
+def shifted_function() -> Callable[..., Any]:
+    """The public function of the shifted op: the indexer's signature with ``shift`` (so untyped here)."""
+    return op_function(SHIFTED, call_op, __name__)
+
+
 def _args() -> dict[str, Any]:
     return dict(case_at(CFG, "indexer", batch=2, seq=2, start=[5, 9], max_position=256).args)
 
 
 def test_the_argument_is_in_the_public_function() -> None:
-    shifted = op_function(SHIFTED, call_op, __name__)
+    shifted = shifted_function()
     p = inspect.signature(shifted).parameters["shift"]
     assert (p.kind, p.default, p.annotation) == (inspect.Parameter.KEYWORD_ONLY, 0, int)
     assert list(inspect.signature(shifted).parameters)[-3:] == ["shift", "backend", "out"]
@@ -119,7 +124,7 @@ def test_the_argument_reaches_the_backend(backend: str) -> None:
     args = _args()
     plain = dsv4.indexer(**{**args, "state": args["state"].clone(), "offset": args["offset"] + 3}, backend=backend)
     SEEN.clear()
-    got = op_function(SHIFTED, call_op, __name__)(**args, shift=3, backend=backend)
+    got = shifted_function()(**args, shift=3, backend=backend)
     assert [(backend, 3)] == SEEN
     assert torch.equal(got.topk_idxs, plain.topk_idxs) and torch.equal(got.score, plain.score)
 
@@ -140,7 +145,7 @@ def test_the_argument_is_validated_before_any_work(value: Any, exc: type[Excepti
     before = args["state"].clone()
     SEEN.clear()
     with pytest.raises(exc, match="shift"):
-        op_function(SHIFTED, call_op, __name__)(**args, shift=value, backend="reference")
+        shifted_function()(**args, shift=value, backend="reference")
     assert not SEEN
     assert all(torch.equal(t, getattr(before, n)) for n, t in args["state"].tensors().items())
 
@@ -167,14 +172,16 @@ def test_the_public_functions_keep_their_signatures() -> None:
     assert [p.name for p in compressor if p.kind is p.KEYWORD_ONLY] == ["eps", "backend"]
     for fn in (dsv4.qkv_proj_rope, dsv4.indexer_compressor, dsv4.indexer):
         lib = getattr(dsv4.library, fn.__name__)
+        assert fn.__doc__ is not None and lib.__doc__ is not None
         assert inspect.signature(lib) == inspect.signature(fn) and fn.__doc__ in lib.__doc__
         assert "[" in fn.__doc__ and "bf16" in fn.__doc__  # shapes and dtypes, for help()
     with pytest.raises(TypeError, match="too many positional"):  # topk, then eps, by position
-        dsv4.indexer(*INDEXER.bind(_args()).values(), backend="reference")
+        indexer: Callable[..., Any] = dsv4.indexer  # called as its signature forbids
+        indexer(*INDEXER.bind(_args()).values(), backend="reference")
 
 
 def test_dsv4_library_is_a_module() -> None:
     library = importlib.import_module("dsv4.library")
-    assert library is dsv4.library is sys.modules["dsv4.library"] and library.__file__.endswith("library.py")
+    assert library is dsv4.library is sys.modules["dsv4.library"] and str(library.__file__).endswith("library.py")
     for name in ("qkv_proj_rope", "indexer_compressor", "indexer", "call", "tensors_of"):
         assert callable(getattr(library, name)), name

@@ -35,8 +35,8 @@ def test_block_allocator_runs_agree_with_looking_up_every_column() -> None:
             back = held[: rng.randrange(1, len(held) + 1)] if rng.random() < 0.5 else rng.sample(held, 1)
             blocks.take_back(b, back)
         assert all(c in slot for c in blocks.runs[b]), (b, blocks.runs[b], sorted(slot))
-    held = sum(len(slot) for slot in blocks.slots)
-    assert len(blocks.free) == 400 - held and len(set(blocks.free)) == len(blocks.free)
+    in_use = sum(len(slot) for slot in blocks.slots)
+    assert len(blocks.free) == 400 - in_use and len(set(blocks.free)) == len(blocks.free)
 
 
 def test_block_allocator_gives_the_lowest_free_block_and_flushes_the_last_change_of_a_cell() -> None:

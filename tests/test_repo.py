@@ -20,10 +20,10 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 def test_the_package_ships_its_types_and_ci_checks_them() -> None:
     """README: the annotations are the package's types (``py.typed``, packaged) and CI runs ``mypy`` on the
-    package, the examples and the benchmark scripts."""
+    package, the examples, the benchmark scripts and the tests."""
     assert (ROOT / "src" / "dsv4" / "py.typed").is_file()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "py.typed" in project["tool"]["setuptools"]["package-data"]["dsv4"]
-    assert set(project["tool"]["mypy"]["files"]) == {"src/dsv4", "examples", "benchmarks"}
+    assert set(project["tool"]["mypy"]["files"]) == {"src/dsv4", "examples", "benchmarks", "tests"}
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert any(re.fullmatch(r"(.*&& )?mypy", line) for line in ci_lines), ci_lines

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -35,7 +36,7 @@ def _yarn_table_float64(cfg: dsv4.DeepSeekV4Config, theta: float, yarn: bool, n:
 
 @pytest.mark.parametrize("preset", ["flash", "demo", "tiny"])
 @pytest.mark.parametrize("kind", ["compressed", "window"])
-def test_table_matches_float64(preset: str, kind: str) -> None:
+def test_table_matches_float64(preset: str, kind: Literal["compressed", "window"]) -> None:
     cfg = dsv4.get_config(preset)
     theta = cfg.compress_rope_theta if kind == "compressed" else cfg.rope_theta
     cos, sin = _yarn_table_float64(cfg, theta, kind == "compressed", 4096)

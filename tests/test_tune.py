@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -156,7 +157,7 @@ def test_cli_lists_and_refuses_without_a_gpu(capsys) -> None:
 def test_resume_leaves_out_the_buckets_its_config_file_holds(tmp_path) -> None:
     """``--resume`` goes on where a slice stopped: a kernel bucket the starting file holds is not tuned
     again and keeps its entry; without it every bucket is tuned."""
-    args = dict(device="cpu", dry_run=True, ops=["qkv_proj_rope"], kernels=["qkv.rows", "qkv.q_heads"])
+    args: dict[str, Any] = dict(device="cpu", dry_run=True, ops=["qkv_proj_rope"], kernels=["qkv.rows", "qkv.q_heads"])
     config = tmp_path / "cpu.json"
     held = {"T=2,H=4,QL=128": {"block_k": 64}}
     config.write_text(json.dumps({"schema": 1, "device": "cpu", "kernels": {"qkv.q_heads": held}}))

@@ -193,7 +193,8 @@ def test_each_front_launch_geometry_has_its_own_bucket() -> None:
     ``COFF*HD``, plus the indexer's ``HI`` head weights), so a split tuned for one compressor is never
     applied to another's tiles (at flash: 4 column tiles for the indexer's, 16 for CSA, 8 for HCA)."""
     a = make_case(TINY, "indexer", seed=0, device=DEVICE).args
-    pos = step_positions(a["start_pos"], *a["x"].shape[:2], DEVICE)
+    b, s = a["x"].shape[:2]
+    pos = step_positions(a["start_pos"], b, s, DEVICE)
     csa, hca = synthetic_compressor(TINY, 4).to(DEVICE), synthetic_compressor(TINY, 16).to(DEVICE)
     launches = {
         "indexer_compressor": (a["w"].compressor, 0, lambda: front(a["x"], a["w"].compressor, pos)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -52,7 +53,7 @@ def _noncontig(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(0, 1).contiguous().transpose(0, 1) if t.dim() >= 2 and t.shape[0] > 1 else t[..., ::1]
 
 
-def _values(breaker: Callable) -> Callable:
+def _values(breaker: Any) -> Callable:
     """Marks a breaker that keeps dtypes and shapes and changes only values: on a GPU that is caught
     on the device (``device_assert``), elsewhere by a ``ValueError`` before anything runs."""
     breaker.checked_on_device = True
