@@ -145,6 +145,7 @@ def test_int8_requantization_follows_spec(name, odd_dir):
     q_want = torch.round(w * (127 / amax))
     layer = load_layer(odd_dir, 0)
     owner = layer.attn if name == "attn.wq_b" else layer.indexer
+    assert owner is not None
     q, scale = owner.wq_b, owner.wq_b_scale
     assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (w.shape[0],)
     diff = (q.double() - q_want).abs()
@@ -167,6 +168,7 @@ def test_loaded_layer_runs_the_front_end(odd_dir):
     positions = (start + torch.arange(s)).repeat(b)
     outs = []
     for w in (got, want):
+        assert w.indexer is not None  # the front end's layer: CSA
         qkv = dsv4.qkv_proj_rope(x.view(-1, cfg.hidden_size), w.attn, positions, rope, backend="reference")
         state = dsv4.IndexerState.empty(cfg, b, 64)
         idx = dsv4.indexer(x, qkv.qr, qkv.qr_scale, w.indexer, state, start, cfg.sliding_window, rope,
@@ -275,6 +277,7 @@ def test_every_layer_kind_loads_whole(layer, kind, tiny_dir):
     got = load_layer(tiny_dir, layer)
     assert got.kind == kind and got.compress_ratio == RATIOS[layer] and got.whole
     assert (got.indexer is None) == (kind != "csa") and (got.compressor is None) == (kind == "swa")
+    assert got.o_proj is not None and got.attn_sink is not None  # whole
     assert got.o_proj.wo_a.dtype == torch.float8_e4m3fn and got.attn_sink.shape == (TINY.num_attention_heads,)
     _assert_same_layer(got, _expected_layer(_stored(tiny_dir, layer)))
     if kind != "csa":
@@ -360,7 +363,9 @@ def test_cli_inspect(tiny_dir, capsys):
     assert "layers.1.attn.indexer.wq_b.weight" in out and "F8_E4M3  [512, 128]" in out
     assert "layers.1.attn.wo_b.scale" in out and "layers.1.attn.compressor.wgate.weight" in out
     with Checkpoint(tiny_dir) as ckpt:
-        stored = sum(ckpt.info(n).nbytes for n in ckpt.names() if n.startswith("layers.1.attn."))
+        infos = [ckpt.info(n) for n in ckpt.names() if n.startswith("layers.1.attn.")]
+        stored = sum(i.nbytes for i in infos if i is not None)
+        assert len(infos) > 0 and None not in infos
     assert f"attention of layer 1: {stored:,} bytes stored" in out
     assert f"{load_layer(tiny_dir, 1).nbytes():,} bytes loaded as bf16 + INT8 + FP8" in out
     assert "check: ok" in out
