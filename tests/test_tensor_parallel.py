@@ -1,0 +1,166 @@
+"""A tensor-parallel rank's share of a layer (README, "Tensor parallelism"): the ops and
+``DecodeAttention`` take a rank's heads and output-projection groups as they take a whole layer's.
+
+A rank of ``world`` holds ``H / world`` query heads (its rows of ``wq_b`` and ``wq_b_scale``, its
+``attn_sink`` entries) and ``G / world`` output-projection groups (its rows of ``wo_a``, its columns
+of ``wo_b``, and their scale blocks); everything else (``wq_a``, ``wkv``, the compressors, the
+indexer, the KV pools) is the whole layer's on every rank. A rank's ``q`` and attention output are
+the whole layer's heads (bit for bit on the CPU); its ``y`` is its groups' share of the output
+projection, which the ranks add (an all-reduce) to the whole layer's ``y`` up to the roundings of the
+shares to bf16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import dsv4
+from conftest import DEVICE, FULL, backends_of
+from dsv4.harness.cases import make_case
+from dsv4.harness.golden import compare
+from dsv4.model.config import DeepSeekV4Config
+from dsv4.model.weights import LayerWeights, OProjWeights
+
+BLOCK = 128  # the FP8 weights' scale blocks: a rank's G*OL output-projection rows are whole blocks
+# tiny with 128 output-projection rows a group, so that one group (a rank of 2) is a whole scale block
+CFG = dataclasses.replace(dsv4.get_config("tiny"), o_lora_rank=BLOCK)
+LAYERS = {"swa": 0, "csa": 1, "hca": 2}
+BF16_U = 2.0**-8  # bf16's unit roundoff: rounding to bf16 moves a value by at most this times its magnitude
+
+
+def rank_config(cfg: DeepSeekV4Config, world: int) -> DeepSeekV4Config:
+    """A rank's config: its heads and output-projection groups; every other size the layer's."""
+    return dataclasses.replace(
+        cfg, num_attention_heads=cfg.num_attention_heads // world, o_groups=cfg.o_groups // world
+    )
+
+
+def rank_o_proj(op: OProjWeights, rows: int, rank: int) -> OProjWeights:
+    """Rank ``rank``'s ``rows`` of ``wo_a`` (its groups), the same columns of ``wo_b``, and their scales."""
+    r, b = slice(rank * rows, (rank + 1) * rows), slice(rank * rows // BLOCK, (rank + 1) * rows // BLOCK)
+    return OProjWeights(
+        op.wo_a[r].contiguous(),
+        op.wo_a_scale[b].contiguous(),
+        op.wo_b[:, r].contiguous(),
+        op.wo_b_scale[:, b].contiguous(),
+    )
+
+
+def rank_weights(w: LayerWeights, cfg: DeepSeekV4Config, rank: int, world: int) -> LayerWeights:
+    """Rank ``rank`` of ``world``'s share of a layer's weights ``w`` (of ``cfg``)."""
+    heads = cfg.num_attention_heads // world
+    rows = slice(rank * heads * cfg.head_dim, (rank + 1) * heads * cfg.head_dim)
+    attn = dataclasses.replace(
+        w.attn, wq_b=w.attn.wq_b[rows].contiguous(), wq_b_scale=w.attn.wq_b_scale[rows].contiguous()
+    )
+    out = dataclasses.replace(w, attn=attn)
+    if w.attn_sink is not None and w.o_proj is not None:
+        out = dataclasses.replace(
+            out,
+            attn_sink=w.attn_sink[rank * heads : (rank + 1) * heads].contiguous(),
+            o_proj=rank_o_proj(w.o_proj, cfg.o_groups // world * cfg.o_lora_rank, rank),
+        )
+    return out
+
+
+def assert_same(op: str, got: dict[str, torch.Tensor], whole: dict[str, torch.Tensor]) -> None:
+    """A rank's heads against the same heads of the whole layer's call: bit for bit on the CPU (the
+    reference, Triton's interpreter); on a GPU within the op's rule, since a launch of fewer heads may
+    tile them otherwise (the paired q heads, the attention's head blocks) and add in another order."""
+    if DEVICE.type == "cpu":
+        assert all(torch.equal(got[k], whole[k]) for k in got), list(got)
+    report = compare(op, got, whole)
+    assert report, str(report)
+
+
+def assert_shares_add_up(shares: list[torch.Tensor], whole: torch.Tensor) -> None:
+    """The ranks' bf16 shares of ``y`` add to the whole layer's ``y`` up to the roundings to bf16: each
+    share and the whole are their fp32 sums rounded once (``BF16_U`` of their magnitude), and those
+    sums differ only in the order of their fp32 additions."""
+    total = sum((s.float() for s in shares), torch.zeros(whole.shape, device=whole.device))
+    bound = BF16_U * (1 + 2.0**-7) * (sum(s.float().abs() for s in shares) + whole.float().abs()) + 1e-5
+    off = (total - whole.float()).abs() > bound
+    assert not off.any(), f"{int(off.sum())} of {off.numel()} values, worst {(total - whole.float()).abs().max():.4g}"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("backend", backends_of("qkv_proj_rope"))
+def test_a_ranks_query_heads_are_the_layers(backend: str, world: int) -> None:
+    """``qkv_proj_rope`` on a rank's rows of ``wq_b``: its heads of ``q`` bit for bit, and the whole
+    layer's ``kv``, ``qr`` and ``qr_scale`` (every rank computes them)."""
+    case = make_case(CFG, "qkv_proj_rope", seed=2, device=DEVICE, batch=3, seq=2)
+    a = case.args
+    whole = dsv4.qkv_proj_rope(a["x"], a["w"], a["positions"], a["rope"], backend=backend)
+    heads = CFG.num_attention_heads // world
+    for rank in range(world):
+        rows = slice(rank * heads * CFG.head_dim, (rank + 1) * heads * CFG.head_dim)
+        w = dataclasses.replace(
+            a["w"], wq_b=a["w"].wq_b[rows].contiguous(), wq_b_scale=a["w"].wq_b_scale[rows].contiguous()
+        )
+        got = dsv4.qkv_proj_rope(a["x"], w, a["positions"], a["rope"], backend=backend)
+        rest = ("kv", "qr", "qr_scale")  # every rank's whole, from launches that do not depend on the heads
+        assert all(torch.equal(getattr(got, n), getattr(whole, n)) for n in rest), rank
+        expected = {"q": whole.q[:, rank * heads : (rank + 1) * heads], **{n: getattr(whole, n) for n in rest}}
+        assert_same("qkv_proj_rope", got._asdict(), expected)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("kind", ["swa", "csa", "hca"])
+@pytest.mark.parametrize("backend", backends_of("sparse_attn"))
+def test_a_ranks_attention_heads_are_the_layers(backend: str, kind: str, world: int) -> None:
+    """``sparse_attn`` on a rank's heads of ``q`` and ``attn_sink`` (the pools and ``kv`` whole: one
+    MQA key head for every query head): those heads of the whole layer's output, bit for bit."""
+    a = make_case(CFG, "sparse_attn", seed=4, device=DEVICE, batch=2, seq=2, kind=kind).args
+    whole = dsv4.sparse_attn(**a, backend=backend).o
+    heads = CFG.num_attention_heads // world
+    for rank in range(world):
+        h = slice(rank * heads, (rank + 1) * heads)
+        got = dsv4.sparse_attn(
+            **{**a, "q": a["q"][:, :, h].contiguous(), "attn_sink": a["attn_sink"][h]}, backend=backend
+        )
+        assert_same("sparse_attn", {"o": got.o}, {"o": whole[:, :, h]})
+
+
+@pytest.mark.parametrize("backend", backends_of("o_proj"))
+def test_the_ranks_output_projections_add_up_to_the_layers(backend: str) -> None:
+    """``o_proj`` on each rank's heads of ``o`` and groups of the weights: the shares add up to ``y``."""
+    case = make_case(CFG, "o_proj", seed=5, device=DEVICE, batch=3, seq=2)
+    o, w = case.args["o"], case.args["w"]
+    whole = dsv4.o_proj(o, w, backend=backend).y
+    world, heads = 2, CFG.num_attention_heads // 2
+    shares = [
+        dsv4.o_proj(
+            o[:, r * heads : (r + 1) * heads].contiguous(), rank_o_proj(w, CFG.o_lora_rank, r), backend=backend
+        ).y
+        for r in range(world)
+    ]
+    assert_shares_add_up(shares, whole)
+    wrong = [dsv4.o_proj(o[:, :heads].contiguous(), rank_o_proj(w, CFG.o_lora_rank, 1), backend=backend).y, shares[1]]
+    with pytest.raises(AssertionError):  # another rank's heads against these groups: the check sees it
+        assert_shares_add_up(wrong, whole)
+
+
+# "auto" is the reference on a CPU: the kernels take a rank's shapes in the op tests above, and the module's
+# launches of them in the `full` case
+@pytest.mark.parametrize(
+    "kind,backend", [("swa", "auto"), ("csa", "auto"), ("hca", "auto"), pytest.param("csa", "triton", marks=FULL)]
+)
+def test_decode_attention_ranks_add_up_to_the_layer(kind: str, backend: str) -> None:
+    """``DecodeAttention`` built from a rank's config and weights runs the rank's share of every step
+    (a prompt, decode steps, a draft re-run); the ranks' ``y`` add up to the whole layer's."""
+    layer, world = LAYERS[kind], 2
+    w = dsv4.synthetic_weights(CFG, seed=0, device=DEVICE, layer=layer)
+    rope = dsv4.layer_rope_table(CFG, layer, 128, DEVICE)
+    whole = dsv4.DecodeAttention(w, rope, CFG, batch=2, max_position=128, backend=backend)
+    ranks = [
+        dsv4.DecodeAttention(
+            rank_weights(w, CFG, r, world), rope, rank_config(CFG, world), batch=2, max_position=128, backend=backend
+        )
+        for r in range(world)
+    ]
+    for step, (s, start) in enumerate([(5, None), (2, None), (2, [5, 5]), (2, None)]):
+        x = dsv4.synthetic_activations((2, s, CFG.hidden_size), seed=10 + step, device=DEVICE)
+        assert_shares_add_up([m(x, start) for m in ranks], whole(x, start))
