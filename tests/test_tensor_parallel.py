@@ -1,6 +1,5 @@
-"""A tensor-parallel rank's share of a layer (README, "Tensor parallelism"): the ops and
-``DecodeFrontEnd`` and ``DecodeAttention`` take a rank's heads and output-projection groups as they take a
-whole layer's.
+"""A tensor-parallel rank's share of a layer (README, "Tensor parallelism"): the ops, ``DecodeFrontEnd``
+and ``DecodeAttention`` take a rank's heads and output-projection groups as they take a whole layer's.
 
 A rank of ``world`` holds ``H / world`` query heads (its rows of ``wq_b`` and ``wq_b_scale``, its
 ``attn_sink`` entries) and ``G / world`` output-projection groups (its rows of ``wo_a``, its columns
