@@ -22,7 +22,7 @@ from conftest import DEVICE, FULL, backends_of
 from dsv4.harness.cases import make_case
 from dsv4.harness.golden import ratio_allclose, tolerance
 from dsv4.model.config import DeepSeekV4Config
-from dsv4.model.weights import LayerWeights, OProjWeights
+from dsv4.model.weights import AttnWeights, LayerWeights, OProjWeights
 
 BLOCK = 128  # the FP8 weights' scale blocks: a rank's G*OL output-projection rows are whole blocks
 # tiny with 128 output-projection rows a group, so that one group (a rank of 2) is a whole scale block
@@ -49,14 +49,17 @@ def rank_o_proj(op: OProjWeights, rows: int, rank: int) -> OProjWeights:
     )
 
 
+def rank_attn(attn: AttnWeights, cfg: DeepSeekV4Config, rank: int, world: int) -> AttnWeights:
+    """Rank ``rank`` of ``world``'s rows of ``wq_b`` and ``wq_b_scale`` (its heads); the rest whole."""
+    heads = cfg.num_attention_heads // world
+    rows = slice(rank * heads * cfg.head_dim, (rank + 1) * heads * cfg.head_dim)
+    return dataclasses.replace(attn, wq_b=attn.wq_b[rows].contiguous(), wq_b_scale=attn.wq_b_scale[rows].contiguous())
+
+
 def rank_weights(w: LayerWeights, cfg: DeepSeekV4Config, rank: int, world: int) -> LayerWeights:
     """Rank ``rank`` of ``world``'s share of a layer's weights ``w`` (of ``cfg``)."""
     heads = cfg.num_attention_heads // world
-    rows = slice(rank * heads * cfg.head_dim, (rank + 1) * heads * cfg.head_dim)
-    attn = dataclasses.replace(
-        w.attn, wq_b=w.attn.wq_b[rows].contiguous(), wq_b_scale=w.attn.wq_b_scale[rows].contiguous()
-    )
-    out = dataclasses.replace(w, attn=attn)
+    out = dataclasses.replace(w, attn=rank_attn(w.attn, cfg, rank, world))
     if w.attn_sink is not None and w.o_proj is not None:
         out = dataclasses.replace(
             out,
@@ -90,18 +93,16 @@ def assert_shares_add_up(shares: list[torch.Tensor], whole: torch.Tensor) -> Non
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("backend", backends_of("qkv_proj_rope"))
 def test_a_ranks_query_heads_are_the_layers(backend: str, world: int) -> None:
-    """``qkv_proj_rope`` on a rank's rows of ``wq_b``: its heads of ``q`` bit for bit, and the whole
-    layer's ``kv``, ``qr`` and ``qr_scale`` (every rank computes them)."""
+    """``qkv_proj_rope`` on a rank's rows of ``wq_b``: its heads of ``q`` (``assert_same``), and the whole
+    layer's ``kv``, ``qr`` and ``qr_scale`` bit for bit (every rank computes them)."""
     case = make_case(CFG, "qkv_proj_rope", seed=2, device=DEVICE, batch=3, seq=2)
     a = case.args
     whole = dsv4.qkv_proj_rope(a["x"], a["w"], a["positions"], a["rope"], backend=backend)
     heads = CFG.num_attention_heads // world
     for rank in range(world):
-        rows = slice(rank * heads * CFG.head_dim, (rank + 1) * heads * CFG.head_dim)
-        w = dataclasses.replace(
-            a["w"], wq_b=a["w"].wq_b[rows].contiguous(), wq_b_scale=a["w"].wq_b_scale[rows].contiguous()
+        got = dsv4.qkv_proj_rope(
+            a["x"], rank_attn(a["w"], CFG, rank, world), a["positions"], a["rope"], backend=backend
         )
-        got = dsv4.qkv_proj_rope(a["x"], w, a["positions"], a["rope"], backend=backend)
         assert_same(got.q, whole.q[:, rank * heads : (rank + 1) * heads], "q")
         rest = ("kv", "qr", "qr_scale")  # every rank's whole, from launches that do not depend on the heads
         assert all(torch.equal(getattr(got, n), getattr(whole, n)) for n in rest), rank
@@ -112,7 +113,7 @@ def test_a_ranks_query_heads_are_the_layers(backend: str, world: int) -> None:
 @pytest.mark.parametrize("backend", backends_of("sparse_attn"))
 def test_a_ranks_attention_heads_are_the_layers(backend: str, kind: str, world: int) -> None:
     """``sparse_attn`` on a rank's heads of ``q`` and ``attn_sink`` (the pools and ``kv`` whole: one
-    MQA key head for every query head): those heads of the whole layer's output, bit for bit."""
+    MQA key head for every query head): those heads of the whole layer's output (``assert_same``)."""
     a = make_case(CFG, "sparse_attn", seed=4, device=DEVICE, batch=2, seq=2, kind=kind).args
     whole = dsv4.sparse_attn(**a, backend=backend).o
     heads = CFG.num_attention_heads // world
