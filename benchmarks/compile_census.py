@@ -28,6 +28,7 @@ import tempfile
 import time
 import types
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = "COMPILE_CENSUS_RECORDS"  # the plugin's output: one JSON file per pytest process under this folder
@@ -155,8 +156,8 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import _in_turns  # the order a GPU runs the tests in
 
-    stand_ins = [types.SimpleNamespace(nodeid=t) for t in order]  # _in_turns reads an item's nodeid alone
-    in_turns = [item.nodeid for item in _in_turns(stand_ins)]  # type: ignore[arg-type]
+    stand_ins: list[Any] = [types.SimpleNamespace(nodeid=t) for t in order]  # all that _in_turns reads of an item
+    in_turns = [item.nodeid for item in _in_turns(stand_ins)]
     result["model"] = {
         "workers": args.model_workers, "seconds_a_test_besides_compiles": MODEL_TEST_S,
         "collection_order_s": round(modeled_step(records_found, order, args.model_workers, MODEL_TEST_S), 1),
