@@ -213,6 +213,23 @@ def test_shapes_keeps_the_shapes_whose_op_or_label_holds_a_text(tmp_path, capsys
         run_bench(TINY, ops=["o_proj"], shapes=["B=128"], backends=[], traffic=False)
 
 
+def test_a_tensor_parallel_rank_is_a_preset(tmp_path, capsys) -> None:
+    """``dsv4 bench --preset flash/tp8``: one of 8 ranks, the flash shapes with the rank's 8 q heads. Its
+    ``qkv_proj_rope`` moves the whole layer's bytes less 7/8 of ``wq_b`` (INT8), its scales (fp32) and
+    ``q`` (bf16), counted here from the dims."""
+    out, moved = tmp_path / "bench.json", {}
+    for preset in ("flash", "flash/tp8"):
+        argv = ["bench", "--preset", preset, "--cpu", "--model-only", "--ops", "qkv_proj_rope", "--json", str(out)]
+        assert main(argv) == 0
+        result = json.loads(out.read_text())
+        assert result["settings"]["preset"] == preset and [s["shape"] for s in result["shapes"]] == ["decode B=64 S=2"]
+        moved[preset] = result["shapes"][0]["model"]["bytes"]
+    rows, t = 64 * 512, 128  # H * HD rows of wq_b, B * S tokens
+    others = 7 * rows // 8 * (1024 + 4 + 2 * t)  # the other ranks' rows: QL int8 weights, a scale, a column of q
+    assert moved["flash/tp8"] == moved["flash"] - others
+    capsys.readouterr()
+
+
 def test_a_case_is_made_for_the_kind_asked() -> None:
     """``make_case``'s ``kind`` builds the op's arguments of that layer kind; an op that has no such kind
     is refused with the argument named, before anything is drawn."""

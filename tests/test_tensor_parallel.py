@@ -19,6 +19,7 @@ import torch
 
 import dsv4
 from conftest import DEVICE, FULL, backends_of
+from dsv4.bench.runner import bench_cost, shape_grid
 from dsv4.harness.cases import make_case
 from dsv4.harness.golden import ratio_allclose, tolerance
 from dsv4.model.config import DeepSeekV4Config
@@ -29,13 +30,14 @@ BLOCK = 128  # the FP8 weights' scale blocks: a rank's G*OL output-projection ro
 CFG = dataclasses.replace(dsv4.get_config("tiny"), o_lora_rank=BLOCK)
 LAYERS = {"swa": 0, "csa": 1, "hca": 2}
 BF16_U = 2.0**-8  # bf16's unit roundoff: rounding to bf16 moves a value by at most this times its magnitude
-
-
-def rank_config(cfg: DeepSeekV4Config, world: int) -> DeepSeekV4Config:
-    """A rank's config: its heads and output-projection groups; every other size the layer's."""
-    return dataclasses.replace(
-        cfg, num_attention_heads=cfg.num_attention_heads // world, o_groups=cfg.o_groups // world
-    )
+# per op, the tensors of its bytes model that a rank holds its share of (the rest are the whole layer's)
+_ATTENTION = {"q", "attn_sink", "o"}
+HEAD_TENSORS = {
+    "qkv_proj_rope": {"wq_b", "wq_b_scale", "q"},
+    "sparse_attn": _ATTENTION,
+    "sparse_attn_write": _ATTENTION,
+    "o_proj": {"o"} | {f"w.{name}" for name in ("wo_a (FP8)", "wo_a_scale", "wo_b (FP8)", "wo_b_scale")},
+}
 
 
 def rank_o_proj(op: OProjWeights, rows: int, rank: int) -> OProjWeights:
@@ -88,6 +90,48 @@ def assert_shares_add_up(shares: list[torch.Tensor], whole: torch.Tensor) -> Non
     bound = BF16_U * (1 + 2.0**-7) * (sum(s.float().abs() for s in shares) + whole.float().abs()) + 1e-5
     off = (total - whole.float()).abs() > bound
     assert not off.any(), f"{int(off.sum())} of {off.numel()} values, worst {(total - whole.float()).abs().max():.4g}"
+
+
+@pytest.mark.parametrize("name", ["flash/tp8", "pro/tp16", "demo/tp2"])
+def test_a_ranks_config(name: str) -> None:
+    """``get_config("<preset>/tp<N>")`` is ``DeepSeekV4Config.rank(N)`` of the preset: its share of the
+    heads and output-projection groups, every other field the preset's, and a name that gives it back."""
+    preset, world = name.split("/tp")[0], int(name.split("/tp")[1])
+    whole, rank = dsv4.get_config(preset), dsv4.get_config(name)
+    assert rank == whole.rank(world) and rank.name == name and rank.preset == preset
+    assert (rank.num_attention_heads * world, rank.o_groups * world) == (whole.num_attention_heads, whole.o_groups)
+    back = dataclasses.replace(
+        rank, name=preset, num_attention_heads=whole.num_attention_heads, o_groups=whole.o_groups
+    )
+    assert back == whole and whole.rank(1) is whole and whole.preset == preset
+
+
+@pytest.mark.parametrize(
+    ("world", "words"),
+    [(3, "H=64"), (16, "G=8"), (0, "positive int"), (True, "positive int"), (2.0, "positive int")],
+)
+def test_ranks_that_would_split_a_head_or_group_are_refused(world: object, words: str) -> None:
+    with pytest.raises(ValueError, match=f"world: .*{words}"):
+        dsv4.get_config("flash").rank(world)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="world: .*128-row scale blocks"):
+        dsv4.get_config("tiny").rank(2)  # OL=64: a rank's one group would be half a scale block
+
+
+def test_a_rank_moves_its_share_of_the_head_bytes() -> None:
+    """The bytes model at a rank's shapes (``dsv4 bench --preset flash/tp8``): an op's reads and writes
+    of its ``HEAD_TENSORS`` are the whole layer's over ``world``, of every other tensor the whole
+    layer's."""
+    whole, world = dsv4.get_config("flash"), 8
+    rank = whole.rank(world)
+    for shape in shape_grid(whole, ["decode", "prefill"]):
+        starts = [shape.start_pos or 0] * shape.batch
+        mine, layer = bench_cost(rank, shape, starts), bench_cost(whole, shape, starts)
+        for part in ("reads", "writes"):
+            got, full = getattr(mine, part), getattr(layer, part)
+            assert got.keys() == full.keys(), (shape, part)
+            shared = HEAD_TENSORS.get(shape.op, set())
+            want = {k: v // world if k in shared else v for k, v in full.items()}
+            assert got == want and all(full[k] % world == 0 for k in shared & full.keys()), (shape, part)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -158,7 +202,7 @@ def test_decode_attention_ranks_add_up_to_the_layer(kind: str, backend: str) -> 
     whole = dsv4.DecodeAttention(w, rope, CFG, batch=2, max_position=128, backend=backend)
     ranks = [
         dsv4.DecodeAttention(
-            rank_weights(w, CFG, r, world), rope, rank_config(CFG, world), batch=2, max_position=128, backend=backend
+            rank_weights(w, CFG, r, world), rope, CFG.rank(world), batch=2, max_position=128, backend=backend
         )
         for r in range(world)
     ]

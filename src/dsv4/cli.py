@@ -55,6 +55,25 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _preset(text: str) -> str:
+    """A preset name, or one of its tensor-parallel ranks (``flash/tp8``), checked by ``get_config``."""
+    try:
+        get_config(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _presets(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of presets, got {text!r}")
+    return [_preset(n) for n in names]
+
+
+PRESET_HELP = f"{', '.join(sorted(PRESETS))}, or one of N tensor-parallel ranks of one (e.g. flash/tp8)"
+
+
 def _device(text: str) -> str:
     """``cpu`` or an available ``cuda[:N]``."""
     try:
@@ -315,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run", help="run the front end and a layer of each kind's whole attention, checked against the reference"
     )
-    run.add_argument("--preset", choices=sorted(PRESETS), help="default: tiny, or the checkpoint's config.json")
+    run.add_argument("--preset", type=_preset, help=f"{PRESET_HELP}; default: tiny, or the checkpoint's config.json")
     run.add_argument("--checkpoint", metavar="DIR", help="run on one layer's weights from a safetensors checkpoint")
     run.add_argument("--layer", type=NON_NEGATIVE, help="the checkpoint layer (any kind: SWA, CSA, HCA)")
     run.add_argument(
@@ -334,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="a checkpoint's layers, their kinds and one layer's attention tensors")
     inspect.add_argument("dir")
     inspect.add_argument("--layer", type=NON_NEGATIVE, help="the layer to list (default: the first ratio-4 layer)")
-    inspect.add_argument("--preset", choices=sorted(PRESETS), help="check shapes against a preset, not config.json")
+    inspect.add_argument(
+        "--preset", type=_preset, help=f"check shapes against a preset, not config.json ({PRESET_HELP})"
+    )
     inspect.add_argument("--prefix", default="layers.{layer}.", help="tensor name prefix of a layer")
     inspect.set_defaults(func=_cmd_inspect)
 
@@ -345,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     gsub = golden.add_subparsers(dest="golden_command", required=True)
     save = gsub.add_parser("save", help="write a case's inputs and reference outputs (safetensors + JSON)")
     save.add_argument("dir")
-    save.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    save.add_argument("--preset", default="tiny", type=_preset, help=PRESET_HELP)
     save.add_argument("--op", required=True, choices=op_names())
     save.add_argument("--mode", default="decode", choices=["decode", "prefill"])
     save.add_argument(
@@ -363,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.calls import BENCH_BACKENDS
 
     bench = sub.add_parser("bench", help="roofline benchmark: bytes model, GPU timings vs floor, CPU traffic counts")
-    bench.add_argument("--preset", default="flash", choices=sorted(PRESETS))
+    bench.add_argument("--preset", default="flash", type=_preset, help=PRESET_HELP)
     bench.add_argument("--mode", default="decode", choices=["decode", "prefill", "all"])
     bench.add_argument("--cpu", action="store_true", help="run on the CPU: Triton traffic counts and reference timings")
     bench.add_argument(
@@ -394,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tune", help="time every kernel's declared launch candidates on this GPU and write its config file"
     )
     tune.add_argument(
-        "--preset", type=_names(sorted(PRESETS)), default=["flash", "pro"], help="comma-separated (default flash,pro)"
+        "--preset", type=_presets, default=["flash", "pro"], help=f"comma-separated (default flash,pro): {PRESET_HELP}"
     )
     tune.add_argument("--mode", default="all", choices=sorted(MODES_OF), help="decode and/or prefill shapes")
     tune.add_argument(

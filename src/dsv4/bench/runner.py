@@ -85,7 +85,7 @@ def shape_grid(cfg: DeepSeekV4Config, modes: Iterable[str], ops: Sequence[str] |
                 if not get_op(op).cache_bound:
                     mine.append(BenchShape(op, mode, dec.batch, dec.seq))
                     continue
-                for i, rows in enumerate(DECODE_CACHE_LENS.get(cfg.name, DEFAULT_DECODE_CACHE_LENS)):
+                for i, rows in enumerate(DECODE_CACHE_LENS.get(cfg.preset, DEFAULT_DECODE_CACHE_LENS)):
                     start = rows * COMPRESS_RATIO - dec.seq
                     if start + dec.seq <= cfg.max_position_embeddings:
                         mine.append(BenchShape(op, mode, dec.batch if i == 0 else 1, dec.seq, start))
@@ -94,7 +94,7 @@ def shape_grid(cfg: DeepSeekV4Config, modes: Iterable[str], ops: Sequence[str] |
             shapes += mine + sorted(other, key=lambda x: get_op(x.op).kinds.index(x.kind))  # a stable sort
         else:
             for op in ops:
-                for t in PREFILL_TOKENS.get(cfg.name, DEFAULT_PREFILL_TOKENS):
+                for t in PREFILL_TOKENS.get(cfg.preset, DEFAULT_PREFILL_TOKENS):
                     if t + COMPRESS_RATIO <= cfg.max_position_embeddings:
                         shapes.append(BenchShape(op, mode, 1, t, 0))
     return shapes

@@ -12,6 +12,8 @@ from typing import Any
 
 COMPRESS_RATIO = 4  # tokens per compressed indexer key (the ratio-4 layers)
 LAYER_KINDS = ("swa", "csa", "hca")  # sliding window only (ratio 0), ratio 4 with the indexer, any other ratio
+WEIGHT_BLOCK = 128  # rows and columns of an FP8 weight's scale block (the checkpoints' 128 x 128 tiles)
+RANK_SUFFIX = "/tp"  # "flash/tp8": a rank of 8 tensor-parallel ranks of the preset "flash"
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,31 @@ class DeepSeekV4Config:
     def kind_ratio(self, kind: str) -> int:
         """The compress ratio of the first layer of ``kind``: 0 (SWA), 4 (CSA) or the preset's HCA ratio."""
         return self.layer_ratio(self.first_layer(kind))
+
+    def rank(self, world: int) -> DeepSeekV4Config:
+        """The config of one of ``world`` tensor-parallel ranks (README, "Tensor parallelism"): ``H / world``
+        query heads and ``G / world`` output-projection groups, every other size the layer's; named
+        ``"<name>/tp<world>"``, a name ``get_config`` takes. ``world`` must divide ``H`` and ``G``, and a
+        rank's ``G / world * OL`` rows of ``wo_a`` must be whole ``WEIGHT_BLOCK``-row scale blocks, so that
+        a rank's weights are slices of the layer's. ``world`` 1 is the layer itself."""
+        if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+            raise ValueError(f"world: expected a positive int (the number of tensor-parallel ranks), got {world!r}")
+        if world == 1:
+            return self
+        h, g, ol = self.num_attention_heads, self.o_groups, self.o_lora_rank
+        if h % world or (g and (g % world or g // world * ol % WEIGHT_BLOCK)):
+            raise ValueError(
+                f"world: {self.name} splits over ranks that each hold whole heads (H={h}) and whole output-projection "
+                f"groups (G={g}) of whole {WEIGHT_BLOCK}-row scale blocks (OL={ol}); {world} ranks do not"
+            )
+        return dataclasses.replace(
+            self, name=f"{self.name}{RANK_SUFFIX}{world}", num_attention_heads=h // world, o_groups=g // world
+        )
+
+    @property
+    def preset(self) -> str:
+        """The name of the config this one is a rank of (``"flash"`` for ``"flash/tp8"``), else its own."""
+        return self.name.split(RANK_SUFFIX)[0]
 
     def replace(self, **changes: Any) -> DeepSeekV4Config:
         """A copy with some fields changed (e.g. a smaller ``max_position_embeddings``)."""
@@ -239,11 +266,15 @@ PRESETS: dict[str, DeepSeekV4Config] = {
 
 
 def get_config(name: str) -> DeepSeekV4Config:
-    """The preset called ``name`` (one of ``PRESETS``)."""
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}") from None
+    """The preset called ``name`` (one of ``PRESETS``), or one of ``N`` tensor-parallel ranks of it,
+    ``"<preset>/tp<N>"`` (``DeepSeekV4Config.rank``)."""
+    preset, suffix, world = name.partition(RANK_SUFFIX)
+    if preset not in PRESETS or (suffix and not (world.isascii() and world.isdigit())):
+        raise ValueError(
+            f"unknown preset {name!r}; expected one of {sorted(PRESETS)}, or one of them with a rank suffix "
+            f"'{RANK_SUFFIX}N' (one of N tensor-parallel ranks)"
+        )
+    return PRESETS[preset].rank(int(world)) if suffix else PRESETS[preset]
 
 
 @dataclass(frozen=True)
@@ -266,7 +297,7 @@ _TINY_MODES: dict[str, Shape] = {"decode": Shape(batch=4, seq=2), "prefill": Sha
 
 def mode_shape(cfg: DeepSeekV4Config, mode: str) -> Shape:
     """The ``decode`` or ``prefill`` shape for a preset."""
-    table = _TINY_MODES if cfg.name == "tiny" else MODES
+    table = _TINY_MODES if cfg.preset == "tiny" else MODES
     try:
         return table[mode]
     except KeyError:

@@ -25,6 +25,8 @@ from typing import NamedTuple
 
 import torch
 
+from .config import WEIGHT_BLOCK
+
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 AMAX_FLOOR = 1e-4  # a block smaller than this is scaled as if its amax were 1e-4 (the official code's floor)
 ROW_BLOCK = 64  # NOPE entries per scale byte of a KV row
@@ -130,7 +132,7 @@ def fp8_act_quant(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, torch.exp2(e.to(torch.float32))
 
 
-def quantize_fp8_weight(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_weight(w: torch.Tensor, block: int = WEIGHT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """``w [out, in]`` -> ``(float8_e4m3fn [out, in], scale [ceil(out/block), ceil(in/block)] fp32)``:
     each ``block x block`` tile scaled by the power of two of the rule above, as DeepSeek's
     checkpoints store their FP8 weights (edge tiles partial)."""
@@ -145,7 +147,7 @@ def quantize_fp8_weight(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor
     return codes[:out, :inp].contiguous(), scale
 
 
-def dequantize_fp8_weight(w8: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
+def dequantize_fp8_weight(w8: torch.Tensor, scale: torch.Tensor, block: int = WEIGHT_BLOCK) -> torch.Tensor:
     """``w8 [out, in] float8_e4m3fn`` times its block scales -> ``[out, in]`` bf16 (exact)."""
     out, inp = w8.shape
     s = scale.repeat_interleave(block, 0)[:out].repeat_interleave(block, 1)[:, :inp]
