@@ -8,7 +8,8 @@ per SM and whether the block fits an H100 at all, and per MMA loop the dependent
 iteration waits for in a row (``loop_load_chains``); a candidate that does not compile says why. So a
 GPU slice's ``dsv4 tune`` meets no candidate that cannot launch, and the spills are known before.
 
-    python benchmarks/compile_candidates.py [--kernels qkv.projection,...] [--kind hca] [--json out.json]
+    python benchmarks/compile_candidates.py [--kernels qkv.projection,...] [--kind hca] [--preset flash/tp8]
+        [--json out.json]
 
 Runs ``TRITON_INTERPRET=0`` itself (kernels defined under the interpreter cannot be compiled).
 """
@@ -75,6 +76,9 @@ def main() -> None:
     parser.add_argument(
         "--kind", choices=("hca", "swa"), help="the ops that have layer kinds (kv_compressor, sparse_attn) in this one"
     )
+    parser.add_argument(
+        "--preset", default="flash", help="the preset of the shapes, or one of its tensor-parallel ranks (flash/tp8)"
+    )
     args = parser.parse_args()
     launches: list = []
     sm90._on_h100(launches)
@@ -84,7 +88,7 @@ def main() -> None:
     rows = []
     for name in wanted:
         fn_name, plan_name = KERNELS[name]
-        plan = PLANS[plan_name]
+        plan = dataclasses.replace(PLANS[plan_name], preset=args.preset)
         if args.kind in get_op(plan.op).kinds:
             plan = dataclasses.replace(plan, kind=args.kind)
         tunable = tuning.TUNABLES[name]
@@ -125,7 +129,8 @@ def main() -> None:
 
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         meta = {
-            "what": "every tune candidate compiled for sm_90 on the CPU (tests/sm90.py's H100 stand-in), flash decode",
+            "what": f"every tune candidate compiled for sm_90 on the CPU (tests/sm90.py's H100 stand-in), "
+            f"{args.preset} decode",
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "commit": commit or None,
             "triton": triton.__version__,

@@ -180,6 +180,38 @@ def test_paired_halves_compute_the_same_bits(t: int, huge: bool) -> None:
             assert set(arrivals.tolist()) <= {2, 3}, meeting
 
 
+@pytest.mark.parametrize("tokens", [16, 32])
+def test_few_heads_in_smaller_m_tiles(tokens: int) -> None:
+    """The ``tokens`` candidate, offered where few heads leave most SMs idle (a tensor-parallel rank): the
+    pairs in M-tiles of fewer tokens, at T=40 three of 16 (the last holding 8 rows) or two of 32. The
+    paired path at those tiles (its first halves handing over, ``spins=0``) and the op with the candidate
+    give the default's ``q``: bit for bit under the interpreter, where a row's values do not depend on
+    its tile; compiled within spec §6, since a half's sums are reduced over its tile's layout."""
+    t, h, hd = 40, TINY.num_attention_heads, TINY.head_dim
+    for bucket, offered in (({"T": 64, "H": h, "QL": 128}, True), ({"T": 128, "H": 64, "QL": 1024}, False)):
+        assert (tokens in {c.tokens for c in Q_HEADS_TUNING.candidate_configs(bucket)}) == offered, bucket
+    x, w, positions, rope = qkv_inputs(TINY, decode_positions(t, 256, seed=9), 256, seed=9, outliers=2)
+    expected = dsv4.qkv_proj_rope(x, w, positions, rope, backend="triton")
+    assert q_heads_tiles(t, h, H100_SMS) == (64, True)
+    block_m, paired = q_heads_tiles(t, h, H100_SMS, tokens=tokens)
+    assert (block_m, paired) == (tokens, True)
+    words = torch.full((pair_words(t, h),), -1, dtype=torch.int64, device=DEVICE)
+    park = torch.full(park_shape(t, h, hd, block_m), float("nan"), device=DEVICE)
+    q = torch.full_like(expected.q, float("nan"))
+    launch_q_heads(expected.qr, expected.qr_scale, w, positions, rope, TINY.rms_norm_eps, q, words, park, block_m,
+                   True, spins=0)  # fmt: skip
+    with tuning.forced("qkv.q_heads", {"tokens": tokens}):
+        again = dsv4.qkv_proj_rope(x, w, positions, rope, backend="triton")
+    for got in (q, again.q):
+        if interpreted():
+            assert torch.equal(got, expected.q)
+        t_q = tolerance("q")
+        check = ratio_allclose(got, expected.q, t_q.atol, t_q.rtol, t_q.max_error_ratio, "q")
+        assert check, check.detail
+    for name in ("kv", "qr", "qr_scale"):
+        assert torch.equal(getattr(again, name), getattr(expected, name)), name
+
+
 @pytest.mark.parametrize("t", [5, 130])
 def test_pairs_in_many_waves_compute_the_same_bits(t: int) -> None:
     """The ``pair_waves`` "many" plan (prefill): a program per half head at any T, in M-tiles of up to 128

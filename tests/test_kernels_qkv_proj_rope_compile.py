@@ -27,12 +27,14 @@ PLANS = [  # two groups, compiled side by side
         Plan("flash-t1", "qkv_proj_rope", "flash", 1, 1),
         Plan("flash-t256", "qkv_proj_rope", "flash", 128, 2),
         Plan("flash-prefill-1024", "qkv_proj_rope", "flash", 1, 1024),
+        Plan("flash-tp8-decode", "qkv_proj_rope", "flash/tp8", 64, 2),  # one of 8 tensor-parallel ranks
     ],
 ]
 # Grids as docs/DESIGN.md gives them: the projection's K split fills one wave of 132 SMs (12 column tiles
 # x 11 K-slices at T <= 128, 24 tiles x 5 at T=256, 16 x 8 for pro); at T=1024 the 96 output tiles alone
 # fill the SMs (one slice); rows: a program per token and path (qr, kv); q heads: one M-tile of all
-# T <= 128 tokens x 2H half heads when that fits one wave, else ceil(T / 64) x H heads.
+# T <= 128 tokens x 2H half heads when that fits one wave, else ceil(T / 64) x H heads. A rank of 8 has
+# the whole layer's projection and rows, and 8 heads: 16 half-head programs.
 KERNELS = ("_split_k_projection_kernel", "_qr_kv_rows_kernel", "_q_heads_kernel")
 GRIDS = {
     "flash-decode": ((12, 1, 11), (128, 2), (1, 128)),
@@ -40,6 +42,7 @@ GRIDS = {
     "flash-t256": ((12, 2, 5), (256, 2), (4, 64)),
     "pro-decode": ((16, 1, 8), (128, 2), (2, 128)),
     "flash-prefill-1024": ((12, 8, 1), (1024, 2), (16, 64)),
+    "flash-tp8-decode": ((12, 1, 11), (128, 2), (1, 16)),
 }
 PIPELINED = {"_split_k_projection_kernel", "_q_heads_kernel"}  # 5 and 3 stages of cp.async
 # PDL steps in program order: each launch lets its successor start, then waits; the q heads (no successor
@@ -49,7 +52,8 @@ PDL_ORDER = {
     "_qr_kv_rows_kernel": ("launch_dependents", "wait"),
     "_q_heads_kernel": ("prefetch", "wait"),
 }
-WGMMA_PLANS = {"flash-decode", "flash-t256", "pro-decode", "flash-prefill-1024"}  # 64/128-row tiles; T=1: 16 (mma.sync)
+# 64/128-row tiles; T=1: 16 (mma.sync)
+WGMMA_PLANS = {"flash-decode", "flash-t256", "pro-decode", "flash-prefill-1024", "flash-tp8-decode"}
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ from dsv4.bench.runner import BenchShape
 from dsv4.bench.tune import _op_workload, passed, plan, run_tune
 from dsv4.cli import main
 from dsv4.kernels import tuning
+from dsv4.kernels.qkv_proj_rope import Q_HEADS_TUNING
 
 # the dry runs check candidates and probe kernels under Triton's CPU interpreter, which a process with a
 # GPU does not select (its kernels compile for the GPU): they run where CI runs, without one
@@ -86,6 +87,18 @@ def test_the_gpu_plan_puts_the_deployment_shapes_first() -> None:
         mine = [label for label in labels if label.startswith(preset)]
         assert len(mine) == 3 * 2 + 9 + 3  # B in 1, 8, 64 for two ops, 3 x 3 indexer shapes, prefill of each op
         assert f"{preset} indexer prefill T=1024" in mine
+
+
+def test_the_gpu_plan_tunes_a_tensor_parallel_rank() -> None:
+    """``dsv4 tune --preset flash/tp8``: the flash shapes at one of 8 ranks, whose q heads look up their
+    own bucket (8 heads) and are offered M-tiles of fewer tokens, which fill more SMs."""
+    planned = plan(["flash/tp8"], ["decode"], ["qkv_proj_rope", "o_proj"])
+    assert [f"{p} {s.op} {s.label}" for p, s in planned][:2] == [
+        "flash/tp8 qkv_proj_rope decode B=64 S=2",
+        "flash/tp8 o_proj decode B=64 S=2",
+    ]
+    bucket = Q_HEADS_TUNING.parse_bucket("T=128,H=8,QL=1024")
+    assert {c.tokens for c in Q_HEADS_TUNING.candidate_configs(bucket)} == {16, 32, 64, 128}
 
 
 def test_the_gpu_plan_tunes_every_layer_kind_of_the_attention_ops() -> None:

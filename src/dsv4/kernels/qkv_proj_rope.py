@@ -79,6 +79,32 @@ ROWS_TUNING = Tunable(
     params=(Param("num_warps", ROWS_NUM_WARPS, (2, 4, 8), "warps per token and path", compiled_only=True), _PDL),
     candidates=({"num_warps": 8}, {"pdl": False}),
 )
+
+Q_HEADS_CANDIDATES = (
+    {"num_warps": 16},  # half the accumulator registers a thread: 128 at T=128 (Triton 3.9 and 3.6)
+    {"num_stages": 2},
+    {"num_stages": 4},
+    {"block_k": 64},
+    {"paired": False},
+    # pairs at prefill; 2 stages: at 3, two GEMM loops more (a late partner's) spill 128 B (3.9) / 80 B (3.6)
+    {"pair_waves": "many", "num_stages": 2},
+    {"pdl": False},
+    {"wq_b_prefetch": "projection"},
+    {"wq_b_prefetch": "none"},
+)
+Q_TOKENS = (Q_BLOCK_M_MIN, 32, 64, Q_BLOCK_M_PAIRED)  # the M-tiles a config may cap the q heads at
+FEW_HEADS_PROGRAMS = 128  # a candidate's grid of few heads (a tensor-parallel rank) fills at most this: one wave of
+#                           any Hopper part (132 SMs), so that its pairs still meet
+
+
+def _q_heads_candidates(bucket: dict[str, int]) -> list[dict]:
+    """The declared candidates, and where few heads leave most SMs idle (a tensor-parallel rank: 16 paired
+    programs at flash decode over 8 ranks), M-tiles of fewer tokens whose pairs still fit one wave."""
+    t, h = bucket["T"], bucket["H"]
+    fewer = [n for n in Q_TOKENS if n < min(t, Q_BLOCK_M_PAIRED) and triton.cdiv(t, n) * 2 * h <= FEW_HEADS_PROGRAMS]
+    return [*Q_HEADS_CANDIDATES, *({"tokens": n} for n in fewer)]
+
+
 Q_HEADS_TUNING = Tunable(
     "qkv.q_heads",
     "_q_heads_kernel: INT8 qr @ wq_b.T, per-head RMSNorm and RoPE (qkv_proj_rope launch 3)",
@@ -103,6 +129,14 @@ Q_HEADS_TUNING = Tunable(
             "half-head pairs only when the grid fits one wave (a half that cannot wait parks its values), or at "
             "every T (a pair's halves adjacent in the grid; a half whose partner is late computes its sums again)",
         ),
+        Param(
+            "tokens",
+            Q_BLOCK_M_PAIRED,
+            Q_TOKENS,
+            # not exact: as "paired", a half's sums are reduced over its tile's layout, which the tile's M sets
+            "most tokens per M-tile: fewer give a launch of few heads (a tensor-parallel rank) more programs, "
+            "each reading its heads' wq_b rows again (from L2)",
+        ),
         _PDL,
         Param(
             "wq_b_prefetch",
@@ -113,18 +147,7 @@ Q_HEADS_TUNING = Tunable(
             compiled_only=True,
         ),
     ),
-    candidates=(
-        {"num_warps": 16},  # half the accumulator registers a thread: 128 at T=128 (Triton 3.9 and 3.6)
-        {"num_stages": 2},
-        {"num_stages": 4},
-        {"block_k": 64},
-        {"paired": False},
-        # pairs at prefill; 2 stages: at 3, two GEMM loops more (a late partner's) spill 128 B (3.9) / 80 B (3.6)
-        {"pair_waves": "many", "num_stages": 2},
-        {"pdl": False},
-        {"wq_b_prefetch": "projection"},
-        {"wq_b_prefetch": "none"},
-    ),  # fmt: skip
+    candidates=_q_heads_candidates,
 )
 
 
@@ -545,12 +568,14 @@ def _q_heads_kernel(
         _store_q_half(q_ptr, (qp1 * scale) * inv, rows, row_ok, col0 + HALF, cos, sin, H, HD, R, True)
 
 
-def q_heads_tiles(t: int, h: int, sms: int, pair: bool = True, many_waves: bool = False) -> tuple[int, bool]:
-    """``(BLOCK_M, paired)`` of the q heads on ``sms`` SMs: M-tiles of up to 128 tokens and one program
-    per half head when ``pair`` and either ``many_waves`` (the ``pair_waves`` "many" plan) or that grid
-    fits one wave (every program resident, so the pairs can swap their sums); else 64-token tiles, one
-    program per head."""
-    block_m = min(Q_BLOCK_M_PAIRED, max(Q_BLOCK_M_MIN, triton.next_power_of_2(t)))
+def q_heads_tiles(
+    t: int, h: int, sms: int, pair: bool = True, many_waves: bool = False, tokens: int = Q_BLOCK_M_PAIRED
+) -> tuple[int, bool]:
+    """``(BLOCK_M, paired)`` of the q heads on ``sms`` SMs: M-tiles of up to ``tokens`` (128) tokens and
+    one program per half head when ``pair`` and either ``many_waves`` (the ``pair_waves`` "many" plan) or
+    that grid fits one wave (every program resident, so the pairs can swap their sums); else tiles of up
+    to 64 tokens, one program per head."""
+    block_m = min(tokens, Q_BLOCK_M_PAIRED, max(Q_BLOCK_M_MIN, triton.next_power_of_2(t)))
     if pair and (many_waves or triton.cdiv(t, block_m) * 2 * h <= sms):
         return block_m, True
     return min(Q_BLOCK_M, block_m), False
@@ -655,7 +680,7 @@ def qkv_proj_rope(
     rows_cfg = ROWS_TUNING.config(dev, T=pow2_bucket(t), QL=ql, HD=hd)
     q_cfg = Q_HEADS_TUNING.config(dev, T=pow2_bucket(t), H=h, QL=ql)
     many = q_cfg.pair_waves == "many"
-    block_m, paired = q_heads_tiles(t, h, sm_count(dev), q_cfg.paired, many)
+    block_m, paired = q_heads_tiles(t, h, sm_count(dev), q_cfg.paired, many, q_cfg.tokens)
     # the interpreter runs one program at a time: no pair could swap, and only "many" finishes without it
     paired = paired and (many or not interpreted())
     sumsq = scratch(ws, "qkv.sumsq", (pair_words(t, h) if paired else 1,), torch.int64, dev)
