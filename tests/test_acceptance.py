@@ -237,6 +237,9 @@ def test_the_gpu_plan_covers_every_owed_figure(capsys, monkeypatch) -> None:
     assert "decode_loop.py --preset flash --batch 64 --seq 2 --prefill 4096 --steps 100 --capture" in listing
     assert "--model-only --trace" in listing and "--mode prefill" in listing
     assert "load_checkpoint.py load" in listing and "--device cuda" in listing
+    # one tensor-parallel rank, timed and its own buckets tuned into the run's config file
+    assert "bench --preset flash/tp8 --mode decode --ops qkv_proj_rope,sparse_attn_write,o_proj" in listing
+    assert "tune --preset flash/tp8 --mode decode --shapes B=64" in listing
     before_graph = listing.split("\ndecode_graph ")[0]
     timeouts = [float(t) for t in re.findall(r"\(timeout (\d+) s\)", before_graph)]
     assert sum(timeouts) + GPU.min_s <= GPU.budget_s  # steps that all time out still leave the graph its turn

@@ -83,6 +83,7 @@ class Profile:
     min_s: float  # a step is not started with less budget left than min(min_s, its timeout)
     tune: tuple[str, ...]  # dsv4 tune arguments (besides --json, --config and its budget)
     probe: tuple[str, ...]  # dsv4 tune --probe arguments (besides --json)
+    rank: str  # one tensor-parallel rank of the preset ("flash/tp8"), timed and tuned at its own shapes
     dry_skips: dict[str, str] = field(default_factory=dict)  # step -> why the dry run leaves it out
 
 
@@ -110,7 +111,8 @@ GPU = Profile(
     timeouts={
         "environment": 30, "tests": 165, "bench_decode": 110, "probe": 20, "tune": 120, "decode_graph": 90,
         "attention_graph": 90, "bench_decode_compile": 70, "bench_decode_compile_indexer": 90, "trace": 60, "ncu": 120,
-        "bench_prefill": 90, "checkpoint": 90, "bench_prefill_compile": 120, "sanitize": 150,
+        "bench_prefill": 90, "checkpoint": 90, "bench_rank": 60, "tune_rank": 60, "bench_prefill_compile": 120,
+        "sanitize": 150,
     },
     min_s=30,
     # --resume: the buckets the device's committed config holds are left for a slice of their own; the
@@ -120,7 +122,7 @@ GPU = Profile(
         "--preset", "flash,pro", "--resume",
         "--ops", "sparse_attn,o_proj,kv_compressor,window_kv_write,qkv_proj_rope,indexer_compressor,indexer",
     ),
-    probe=(),
+    probe=(), rank="flash/tp8",
 )  # fmt: skip
 TUNE_MARGIN_S = 20  # the tune stops starting candidates this long before its step's timeout, and saves
 
@@ -136,11 +138,20 @@ DRY = Profile(
     device="cpu", checkpoint_experts=0, checkpoint_backend="reference",
     timeouts=dict.fromkeys(GPU.timeouts, 120), min_s=1,
     tune=("--dry-run", "--ops", "qkv_proj_rope", "--kernels", "qkv.rows,qkv.q_heads"), probe=("--dry-run",),
-    dry_skips=dict.fromkeys(
-        ("bench_decode_compile", "bench_decode_compile_indexer", "bench_prefill_compile"),
-        "dry run: torch.compile builds C++ on the CPU for tens of seconds (bench_decode runs the same dsv4 bench)",
-    ),
+    rank="tiny/tp1",  # not run (below): the whole layer, as a rank of one
+    dry_skips={
+        **dict.fromkeys(
+            ("bench_decode_compile", "bench_decode_compile_indexer", "bench_prefill_compile"),
+            "dry run: torch.compile builds C++ on the CPU for tens of seconds (bench_decode runs the same dsv4 bench)",
+        ),
+        # a rank of tiny would split a 128-row scale block of wo_a (OL = 64), and flash dims under the interpreter
+        # take minutes
+        **dict.fromkeys(("bench_rank", "tune_rank"), "dry run: the tiny preset has no tensor-parallel rank"),
+    },
 )  # fmt: skip
+# a rank's launches with heads of their own: its q heads, attention and output projection
+RANK_OPS = ("qkv_proj_rope", "sparse_attn_write", "o_proj")
+RANK_KERNELS = ("qkv.q_heads", "sparse_attn", "o_proj.wo_a", "o_proj.wo_b")
 
 
 @dataclass(frozen=True)
@@ -188,13 +199,15 @@ def _bench(
     *extra: str,
     reps: int | None = None,
     budget_s: float | None = None,
+    preset: str | None = None,
 ) -> tuple[str, ...]:
-    """``dsv4 bench`` with ``profile``'s repetitions and per-timing budget unless given."""
+    """``dsv4 bench`` of ``profile``'s preset (or ``preset``) with its repetitions and per-timing budget
+    unless given."""
     reps = reps or (profile.reps if mode == "decode" else profile.prefill_reps)
     budget_s = profile.budget_per_timing_s if budget_s is None else budget_s
     return (
-        paths.python, "-m", "dsv4", "bench", "--preset", profile.preset, "--mode", mode, "--ops", ",".join(ops),
-        "--backends", backends, "--reps", str(reps), "--budget-s", f"{budget_s:g}",
+        paths.python, "-m", "dsv4", "bench", "--preset", preset or profile.preset, "--mode", mode,
+        "--ops", ",".join(ops), "--backends", backends, "--reps", str(reps), "--budget-s", f"{budget_s:g}",
         "--json", str(paths.work / json_name), *extra,
     )  # fmt: skip
 
@@ -294,6 +307,23 @@ def build_plan(profile: Profile, paths: Paths) -> list[Step]:
         (py, "-m", "dsv4", "run", "--checkpoint", ckpt, "--layer", str(CHECKPOINT_LAYER),
          "--backend", profile.checkpoint_backend, "--device", profile.device, "--steps", "2"),
         parse="checkpoint",
+    )  # fmt: skip
+    # one tensor-parallel rank at the deployment batch: its ops at their floors, then its own buckets tuned
+    # (the q heads' fewer-token M-tiles, o_proj's K splits) into the same config file as the tune step's
+    rank_json = "bench-rank.json"
+    add(
+        "bench_rank", f"dsv4 bench decode of one tensor-parallel rank ({profile.rank}): Triton, B=64",
+        _bench(paths, profile, "decode", RANK_OPS, "triton", rank_json, "--shapes", "B=64", preset=profile.rank),
+        parse="bench", files={"json": str(work / rank_json)},
+        covers={"mode": "decode", "ops": list(RANK_OPS), "backends": ["triton"]},
+    )  # fmt: skip
+    add(
+        "tune_rank", f"dsv4 tune of one tensor-parallel rank's buckets ({profile.rank}, B=64)",
+        (py, "-m", "dsv4", "tune", "--preset", profile.rank, "--mode", "decode", "--shapes", "B=64",
+         "--ops", ",".join(RANK_OPS), "--kernels", ",".join(RANK_KERNELS),
+         "--budget-s", f"{max(1.0, t['tune_rank'] - TUNE_MARGIN_S):g}", "--json", str(work / "tune-rank.json"),
+         "--config", str(out / TUNED_CONFIG)),
+        parse="tune", files={"json": str(work / "tune-rank.json"), "config": str(out / TUNED_CONFIG)},
     )  # fmt: skip
     # the torch.compile baselines last: each compiles for a minute or more (the H200's qkv_proj_rope and
     # compressor step ran out its 70 s and left no budget for the ncu, prefill and checkpoint steps)
