@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dsv4 import DeepSeekV4Config
+from dsv4 import DeepSeekV4Config, LayerWeights
 
 BLOCK = 128
 E4M3_MAX = 448.0
@@ -147,3 +147,21 @@ def write_checkpoint(directory: Path, shards: list[dict[str, torch.Tensor]], con
     if config is not None:
         (directory / "config.json").write_text(json.dumps(config, indent=2))
     return directory
+
+
+def _fields(w: object, prefix: str = "") -> dict[str, torch.Tensor]:
+    out = {}
+    for name, v in vars(w).items():
+        if v is not None:
+            out.update(_fields(v, f"{prefix}{name}.") if not isinstance(v, torch.Tensor) else {prefix + name: v})
+    return out
+
+
+def assert_same_layer(got: LayerWeights, want: LayerWeights) -> None:
+    """Every tensor of two layers' weights equal bit for bit (FP8 codes compared as bytes)."""
+    g, w = _fields(got), _fields(want)
+    assert g.keys() == w.keys()
+    for name in w:
+        assert g[name].dtype == w[name].dtype and g[name].shape == w[name].shape, name
+        a, b = (t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t for t in (g[name], w[name]))
+        assert torch.equal(a, b), f"{name}: {(g[name].double() - w[name].double()).abs().max()}"

@@ -17,7 +17,7 @@ from dsv4.cli import main
 from dsv4.harness.golden import compare, step_inputs
 from dsv4.io.checkpoint import Checkpoint, config_from_json
 from dsv4.model.quant import quantize_weight_int8
-from fp8_checkpoint import config_json, dequantize_f64, layer_tensors, write_checkpoint
+from fp8_checkpoint import assert_same_layer, config_json, dequantize_f64, layer_tensors, write_checkpoint
 from subprocesses import run_dsv4
 
 TINY = PRESETS["tiny"]
@@ -98,23 +98,6 @@ def _expected_layer(stored: dict[str, torch.Tensor]) -> dsv4.LayerWeights:
     return dsv4.LayerWeights(attn, indexer, main, stored["attn.attn_sink"], o_proj)
 
 
-def _fields(w: object, prefix: str = "") -> dict[str, torch.Tensor]:
-    out = {}
-    for name, v in vars(w).items():
-        if v is not None:
-            out.update(_fields(v, f"{prefix}{name}.") if not isinstance(v, torch.Tensor) else {prefix + name: v})
-    return out
-
-
-def _assert_same_layer(got: dsv4.LayerWeights, want: dsv4.LayerWeights) -> None:
-    g, w = _fields(got), _fields(want)
-    assert g.keys() == w.keys()
-    for name in w:
-        assert g[name].dtype == w[name].dtype and g[name].shape == w[name].shape, name
-        a, b = (t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t for t in (g[name], w[name]))
-        assert torch.equal(a, b), f"{name}: {(g[name].double() - w[name].double()).abs().max()}"
-
-
 @pytest.mark.parametrize("raw_bytes", [False, True], ids=["safetensors", "raw-bytes"])
 @pytest.mark.parametrize("which", ["tiny-sharded", "odd-single-file"])
 def test_loaded_layer_equals_float64_dequantization(which, raw_bytes, tiny_dir, odd_dir):
@@ -129,7 +112,7 @@ def test_loaded_layer_equals_float64_dequantization(which, raw_bytes, tiny_dir, 
         assert torch.equal(w.double(), want), name
     # Every field, INT8 weights included: the fp32 dequantization is exact, so it quantizes
     # identically to the float64 one.
-    _assert_same_layer(got, _expected_layer(stored))
+    assert_same_layer(got, _expected_layer(stored))
 
 
 @pytest.mark.parametrize("name", ["attn.wq_b", "attn.indexer.wq_b"])
@@ -202,7 +185,7 @@ def test_reads_only_the_layers_shards(tmp_path):
     d = write_checkpoint(tmp_path, _tiny_shards(), config_json(TINY, RATIOS))
     want = load_layer(d, 1)
     (d / "model-00003-of-00003.safetensors").unlink()
-    _assert_same_layer(load_layer(d, 1), want)
+    assert_same_layer(load_layer(d, 1), want)
     with pytest.raises(CheckpointError, match=r"maps layers\.3\.attn\..* to model-00003-of-00003\.safetensors, which"):
         load_layer(d, 3)
 
@@ -215,7 +198,7 @@ def test_falls_back_to_raw_bytes_when_safetensors_cannot_open(tiny_dir, monkeypa
         raise RuntimeError("unknown dtype F8_E8M0")
 
     monkeypatch.setattr("dsv4.io.safetensors_files.safe_open", refuse)
-    _assert_same_layer(load_layer(tiny_dir, 1), want)
+    assert_same_layer(load_layer(tiny_dir, 1), want)
 
 
 def test_fp8_byte_decoders_match_torch():
@@ -279,7 +262,7 @@ def test_every_layer_kind_loads_whole(layer, kind, tiny_dir):
     assert (got.indexer is None) == (kind != "csa") and (got.compressor is None) == (kind == "swa")
     assert got.o_proj is not None and got.attn_sink is not None  # whole
     assert got.o_proj.wo_a.dtype == torch.float8_e4m3fn and got.attn_sink.shape == (TINY.num_attention_heads,)
-    _assert_same_layer(got, _expected_layer(_stored(tiny_dir, layer)))
+    assert_same_layer(got, _expected_layer(_stored(tiny_dir, layer)))
     if kind != "csa":
         rope = dsv4.rope_table(TINY, "compressed", max_position=64)
         with pytest.raises(ValueError, match="weights: .* no lightning indexer"):

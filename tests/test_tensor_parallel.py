@@ -22,8 +22,10 @@ from conftest import DEVICE, FULL, backends_of
 from dsv4.bench.runner import bench_cost, shape_grid
 from dsv4.harness.cases import make_case
 from dsv4.harness.golden import ratio_allclose, tolerance
+from dsv4.io.checkpoint import Checkpoint
 from dsv4.model.config import DeepSeekV4Config
 from dsv4.model.weights import AttnWeights, LayerWeights, OProjWeights
+from fp8_checkpoint import assert_same_layer, config_json, layer_tensors, write_checkpoint
 
 BLOCK = 128  # the FP8 weights' scale blocks: a rank's G*OL output-projection rows are whole blocks
 # tiny with 128 output-projection rows a group, so that one group (a rank of 2) is a whole scale block
@@ -231,3 +233,25 @@ def test_decode_front_end_of_a_rank() -> None:
             rq, rkv, rtopk = m(x)
             assert_same(rq, q[:, :, rank * heads : (rank + 1) * heads], "q")
             assert torch.equal(rkv, kv) and torch.equal(rtopk, topk), (step, rank)
+
+
+@pytest.mark.parametrize("raw_bytes", [False, True], ids=["safetensors", "raw-bytes"])
+def test_a_rank_loads_its_share_of_a_checkpoint(raw_bytes: bool, tmp_path) -> None:
+    """``load_layer(..., rank=r, world=w)`` reads rank ``r``'s share of an FP8 checkpoint, in each layer
+    kind: bit for bit the whole layer's weights as ``rank_weights`` slices them (``wq_b``'s INT8 rows and
+    scales depend on their own rows alone). A rank outside ``[0, world)`` and a world that would split an
+    output-projection group are refused, naming the argument."""
+    ratios = [CFG.layer_ratio(layer) for layer in LAYERS.values()]
+    tensors = {k: v for layer, ratio in enumerate(ratios) for k, v in layer_tensors(CFG, layer, ratio).items()}
+    directory = write_checkpoint(tmp_path / "ckpt", [tensors], config_json(CFG, ratios))
+    with Checkpoint(directory, raw_bytes=raw_bytes) as ckpt:
+        assert ckpt.config().o_lora_rank == BLOCK
+        for layer in LAYERS.values():
+            whole = ckpt.load_layer(layer)
+            for rank in range(2):
+                assert_same_layer(ckpt.load_layer(layer, rank=rank, world=2), rank_weights(whole, CFG, rank, 2))
+        for rank in (2, -1, True):
+            with pytest.raises(ValueError, match=r"^rank: expected an int in \[0, 2\)"):
+                ckpt.load_layer(1, rank=rank, world=2)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="^world: .*G=2"):
+            ckpt.load_layer(1, rank=0, world=4)

@@ -309,12 +309,17 @@ class Checkpoint(ShardedCheckpoint):
         cfg: DeepSeekV4Config | None = None,
         prefix: str = DEFAULT_PREFIX,
         device: torch.device | str | None = None,
+        rank: int = 0,
+        world: int = 1,
     ) -> LayerWeights:
         """See ``dsv4.load_layer``."""
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
             raise CheckpointError(f"layer: expected a non-negative int, got {layer!r}")
         check_prefix(prefix)
         cfg = self.config() if cfg is None else cfg
+        share = cfg.rank(world)  # a world that would split a head or a group: a ValueError naming it
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
+            raise CheckpointError(f"rank: expected an int in [0, {world}) (world={world}), got {rank!r}")
         p = prefix.format(layer=layer)
         if not any(name.startswith(p) for name in self.weight_map):
             found = self.layers(prefix)
@@ -337,7 +342,17 @@ class Checkpoint(ShardedCheckpoint):
         def weight(name: str) -> tuple[TensorInfo, torch.Tensor]:
             return infos[f"{name}.weight"], scales[name]
 
-        wq_b, wq_b_scale = self._requantized_int8(*weight("attn.wq_b"))
+        # a rank's rows of wq_b (its heads) and of wo_a (its groups), the same columns of wo_b
+        heads, groups = share.num_attention_heads, share.o_groups * cfg.o_lora_rank
+        q_rows = (rank * heads * cfg.head_dim, (rank + 1) * heads * cfg.head_dim)
+        o_rows = (rank * groups, (rank + 1) * groups)
+        bm, bn = self.block
+        if q_rows[0] % bm or o_rows[0] % bm or o_rows[0] % bn:
+            raise CheckpointError(
+                f"world: a rank's rows of attn.wq_b (from {q_rows[0]}) and attn.wo_a (from {o_rows[0]}) must start "
+                f"whole {bm}x{bn} scale blocks"
+            )
+        wq_b, wq_b_scale = self._requantized_int8(*weight("attn.wq_b"), rows=q_rows)
         plain = {name: self._finite(info) for name, info in infos.items() if info.dtype not in FP8 + SCALE}
         attn = AttnWeights(
             wq_a=self._dequantized_bf16(*weight("attn.wq_a")),
@@ -365,21 +380,25 @@ class Checkpoint(ShardedCheckpoint):
                 ape=plain["attn.compressor.ape"],
                 norm_w=plain["attn.compressor.norm.weight"],
             )
+        a_blocks, b_blocks = slice(o_rows[0] // bm, o_rows[1] // bm), slice(o_rows[0] // bn, o_rows[1] // bn)
         o_proj = OProjWeights(
-            self._fp8_codes(infos["attn.wo_a.weight"]), scales["attn.wo_a"],
-            self._fp8_codes(infos["attn.wo_b.weight"]), scales["attn.wo_b"],
+            self._fp8_codes(infos["attn.wo_a.weight"], o_rows), scales["attn.wo_a"][a_blocks].contiguous(),
+            self._fp8_codes(infos["attn.wo_b.weight"])[:, o_rows[0] : o_rows[1]].contiguous(),
+            scales["attn.wo_b"][:, b_blocks].contiguous(),
         )  # fmt: skip
-        weights = LayerWeights(attn, indexer, main, plain["attn.attn_sink"], o_proj)
+        sink = plain["attn.attn_sink"][rank * heads : (rank + 1) * heads].contiguous()
+        weights = LayerWeights(attn, indexer, main, sink, o_proj)
         return weights if device is None else weights.to(device)
 
-    def _fp8_codes(self, info: TensorInfo) -> torch.Tensor:
-        """An FP8 weight as stored (``float8_e4m3fn``), refused when a code is NaN."""
-        out = torch.empty(info.shape, dtype=torch.float8_e4m3fn)
-        for r0, r1 in self._row_chunks(info):
-            rows = self.rows(info, r0, r1)
-            if not torch.isfinite(rows).all():
+    def _fp8_codes(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """An FP8 weight as stored (``float8_e4m3fn``), its ``rows`` (default all), refused when a code is NaN."""
+        lo, hi = rows or (0, info.shape[0])
+        out = torch.empty((hi - lo, *info.shape[1:]), dtype=torch.float8_e4m3fn)
+        for r0, r1 in self._row_chunks(info, lo, hi):
+            codes = self.rows(info, r0, r1)
+            if not torch.isfinite(codes).all():
                 raise CheckpointError(f"{info.name}: rows {r0}..{r1 - 1} hold NaN codes")
-            out[r0:r1] = rows.to(torch.float8_e4m3fn)  # e4m3 values: exact
+            out[r0 - lo : r1 - lo] = codes.to(torch.float8_e4m3fn)  # e4m3 values: exact
         return out
 
     def _finite(self, info: TensorInfo) -> torch.Tensor:
@@ -401,11 +420,13 @@ class Checkpoint(ShardedCheckpoint):
             )
         return scale
 
-    def _row_chunks(self, info: TensorInfo) -> list[tuple[int, int]]:
-        """Row ranges of at most ``ROW_CHUNK_BYTES`` of fp32, each starting a scale block."""
+    def _row_chunks(self, info: TensorInfo, lo: int = 0, hi: int | None = None) -> list[tuple[int, int]]:
+        """Row ranges of rows ``[lo, hi)`` (default all; ``lo`` starting a scale block) of at most
+        ``ROW_CHUNK_BYTES`` of fp32, each starting a scale block."""
         rows, cols = info.shape
+        hi = rows if hi is None else hi
         step = max(1, ROW_CHUNK_BYTES // (4 * cols) // self.block[0]) * self.block[0]
-        return [(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
+        return [(r0, min(r0 + step, hi)) for r0 in range(lo, hi, step)]
 
     def _dequantized_rows(self, info: TensorInfo, scale: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
         bm = self.block[0]
@@ -421,12 +442,18 @@ class Checkpoint(ShardedCheckpoint):
             out[r0:r1] = self._dequantized_rows(info, scale, r0, r1)
         return out
 
-    def _requantized_int8(self, info: TensorInfo, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-output-channel INT8 (``[out, in]`` int8, ``[out]`` fp32) of the dequantized weight."""
-        q = torch.empty(info.shape, dtype=torch.int8)
-        q_scale = torch.empty(info.shape[0], dtype=torch.float32)
-        for r0, r1 in self._row_chunks(info):
-            q[r0:r1], q_scale[r0:r1] = quantize_weight_int8(self._dequantized_rows(info, scale, r0, r1))
+    def _requantized_int8(
+        self, info: TensorInfo, scale: torch.Tensor, rows: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-output-channel INT8 (``[out, in]`` int8, ``[out]`` fp32) of the dequantized weight's ``rows``
+        (default all: a row's INT8 values and scale depend on that row alone)."""
+        lo, hi = rows or (0, info.shape[0])
+        q = torch.empty((hi - lo, info.shape[1]), dtype=torch.int8)
+        q_scale = torch.empty(hi - lo, dtype=torch.float32)
+        for r0, r1 in self._row_chunks(info, lo, hi):
+            q[r0 - lo : r1 - lo], q_scale[r0 - lo : r1 - lo] = quantize_weight_int8(
+                self._dequantized_rows(info, scale, r0, r1)
+            )
         return q, q_scale
 
 
@@ -462,6 +489,8 @@ def load_layer(
     *,
     prefix: str = DEFAULT_PREFIX,
     device: torch.device | str | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> LayerWeights:
     """One layer's attention weights from a DeepSeek-V4 safetensors checkpoint, any layer type.
 
@@ -477,11 +506,18 @@ def load_layer(
     ``o_proj`` (``wo_a``, ``wo_b`` float8_e4m3fn as stored, their UE8M0 block scales as fp32);
     norms as stored (bf16 or fp32).
 
+    ``world`` > 1: tensor-parallel rank ``rank``'s share (README, "Tensor parallelism"): its rows of
+    ``wq_b`` (and their INT8 scales) and of ``wo_a``, which are all it reads of those two, the same
+    columns of ``wo_b``, the scale blocks of each, and its entries of ``attn_sink``; everything else
+    whole. Its config is ``cfg.rank(world)``.
+
     Raises ``CheckpointError`` (a ``ValueError``), before anything is built, naming each missing or
-    mismatched tensor with the expected and found dtype/shape (expected from the layer's kind).
+    mismatched tensor with the expected and found dtype/shape (expected from the layer's kind), or
+    ``rank``; a ``ValueError`` naming ``world`` for ranks that would split a head, an output-projection
+    group or a scale block.
     """
     with Checkpoint(checkpoint_dir) as ckpt:
-        return ckpt.load_layer(layer, cfg, prefix=prefix, device=device)
+        return ckpt.load_layer(layer, cfg, prefix=prefix, device=device, rank=rank, world=world)
 
 
 def checkpoint_config(checkpoint_dir: str | Path) -> DeepSeekV4Config:
