@@ -13,6 +13,7 @@ shares to bf16.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ import torch
 import dsv4
 from conftest import DEVICE, FULL, backends_of
 from dsv4.bench.runner import bench_cost, shape_grid
+from dsv4.cli import main
 from dsv4.harness.cases import make_case
 from dsv4.harness.golden import ratio_allclose, tolerance
 from dsv4.io.checkpoint import Checkpoint
@@ -235,16 +237,21 @@ def test_decode_front_end_of_a_rank() -> None:
             assert torch.equal(rkv, kv) and torch.equal(rtopk, topk), (step, rank)
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An FP8 checkpoint of ``CFG``'s first layers (SWA, CSA, HCA), as the published ones store them."""
+    ratios = [CFG.layer_ratio(layer) for layer in LAYERS.values()]
+    tensors = {k: v for layer, ratio in enumerate(ratios) for k, v in layer_tensors(CFG, layer, ratio).items()}
+    return write_checkpoint(tmp_path_factory.mktemp("tp") / "ckpt", [tensors], config_json(CFG, ratios))
+
+
 @pytest.mark.parametrize("raw_bytes", [False, True], ids=["safetensors", "raw-bytes"])
-def test_a_rank_loads_its_share_of_a_checkpoint(raw_bytes: bool, tmp_path) -> None:
+def test_a_rank_loads_its_share_of_a_checkpoint(raw_bytes: bool, checkpoint: Path) -> None:
     """``load_layer(..., rank=r, world=w)`` reads rank ``r``'s share of an FP8 checkpoint, in each layer
     kind: bit for bit the whole layer's weights as ``rank_weights`` slices them (``wq_b``'s INT8 rows and
     scales depend on their own rows alone). A rank outside ``[0, world)`` and a world that would split an
     output-projection group are refused, naming the argument."""
-    ratios = [CFG.layer_ratio(layer) for layer in LAYERS.values()]
-    tensors = {k: v for layer, ratio in enumerate(ratios) for k, v in layer_tensors(CFG, layer, ratio).items()}
-    directory = write_checkpoint(tmp_path / "ckpt", [tensors], config_json(CFG, ratios))
-    with Checkpoint(directory, raw_bytes=raw_bytes) as ckpt:
+    with Checkpoint(checkpoint, raw_bytes=raw_bytes) as ckpt:
         assert ckpt.config().o_lora_rank == BLOCK
         for layer in LAYERS.values():
             whole = ckpt.load_layer(layer)
@@ -255,3 +262,13 @@ def test_a_rank_loads_its_share_of_a_checkpoint(raw_bytes: bool, tmp_path) -> No
                 ckpt.load_layer(1, rank=rank, world=2)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="^world: .*G=2"):
             ckpt.load_layer(1, rank=0, world=4)
+
+
+def test_dsv4_run_of_a_ranks_checkpoint_share(checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
+    """``dsv4 run --checkpoint DIR --layer 1 --rank 1 --world 2``: the rank's share of the CSA layer,
+    its front end and its whole attention, every call checked against the reference."""
+    argv = ["run", "--checkpoint", str(checkpoint), "--layer", "1", "--rank", "1", "--world", "2", "--steps", "1"]
+    assert main([*argv, "--start-pos", "16", "--batch", "2", "--device", str(DEVICE)]) == 0
+    out = capsys.readouterr().out
+    assert "rank 1 of 2" in out and "all checks passed" in out, out[-2000:]
+    assert "preset=checkpoint/tp2" in out  # the config.json of no preset, one of 2 ranks

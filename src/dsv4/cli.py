@@ -107,10 +107,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         with Checkpoint(args.checkpoint) as ckpt:
             cfg = cfg or ckpt.config()
-            weights = ckpt.load_layer(args.layer, cfg, device=args.device)
+            weights = ckpt.load_layer(args.layer, cfg, device=args.device, rank=args.rank, world=args.world)
+        cfg = cfg.rank(args.world)
+        share = f", rank {args.rank} of {args.world}" if args.world > 1 else ""
         mib = weights.nbytes() / 2**20
-        print(f"loaded layer {args.layer} of {args.checkpoint} ({mib:.1f} MiB as bf16 + INT8 + FP8) "
+        print(f"loaded layer {args.layer} of {args.checkpoint}{share} ({mib:.1f} MiB as bf16 + INT8 + FP8) "
               f"in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+    elif args.world > 1 or args.rank:
+        raise ValueError(
+            "--rank/--world: a rank's share of a checkpoint layer needs --checkpoint; synthetic weights of a rank "
+            f"come from --preset NAME/tp{args.world}"
+        )
     cfg = cfg or get_config("tiny")
     backend = args.backend or available_backends(args.device)[0]
     where = " (Triton's interpreter on the CPU)" if backend == "triton" and args.device == "cpu" else ""
@@ -337,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--preset", type=_preset, help=f"{PRESET_HELP}; default: tiny, or the checkpoint's config.json")
     run.add_argument("--checkpoint", metavar="DIR", help="run on one layer's weights from a safetensors checkpoint")
     run.add_argument("--layer", type=NON_NEGATIVE, help="the checkpoint layer (any kind: SWA, CSA, HCA)")
+    run.add_argument(
+        "--world", type=POSITIVE, default=1, help="tensor-parallel ranks: run one rank's share of the checkpoint layer"
+    )
+    run.add_argument("--rank", type=NON_NEGATIVE, default=0, help="which rank of --world (default 0)")
     run.add_argument(
         "--backend",
         choices=backends,
