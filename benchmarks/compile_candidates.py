@@ -3,7 +3,7 @@
 Each kernel's candidates (``dsv4 tune --list``) are forced one at a time while the op runs at a
 flash decode shape through ``tests/sm90.py``'s compile-only H100 stand-in (Triton's own JIT
 specializes the real arguments and lowers them for sm_90; nothing is launched). One row per
-(kernel, candidate): registers per thread, local memory (spills), shared memory per block, blocks
+(kernel, candidate, function it launches): registers per thread, local memory (spills), shared memory per block, blocks
 per SM and whether the block fits an H100 at all, and per MMA loop the dependent global loads one
 iteration waits for in a row (``loop_load_chains``); a candidate that does not compile says why. So a
 GPU slice's ``dsv4 tune`` meets no candidate that cannot launch, and the spills are known before.
@@ -38,7 +38,7 @@ from dsv4.ops.registry import get_op  # noqa: E402
 KERNELS = {
     "qkv.projection": ("_split_k_projection_kernel", "qkv"),
     "qkv.rows": ("_qr_kv_rows_kernel", "qkv"),
-    "qkv.q_heads": ("_q_heads_kernel", "qkv"),
+    "qkv.q_heads": ("_q_heads_kernel,_q_slices_kernel,_q_finish_kernel", "qkv"),
     "index.front": ("_front_kernel", "indexer"),
     "compressor.step": ("_compressor_step_kernel", "compressor"),
     "index.score": ("_score_kernel", "indexer"),
@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument(
         "--preset", default="flash", help="the preset of the shapes, or one of its tensor-parallel ranks (flash/tp8)"
     )
+    parser.add_argument("--batch", type=int, help="sequences of every plan (default: each plan's own)")
     args = parser.parse_args()
     launches: list = []
     sm90._on_h100(launches)
@@ -88,7 +89,7 @@ def main() -> None:
     rows = []
     for name in wanted:
         fn_name, plan_name = KERNELS[name]
-        plan = dataclasses.replace(PLANS[plan_name], preset=args.preset)
+        plan = dataclasses.replace(PLANS[plan_name], preset=args.preset, batch=args.batch or PLANS[plan_name].batch)
         if args.kind in get_op(plan.op).kinds:
             plan = dataclasses.replace(plan, kind=args.kind)
         tunable = tuning.TUNABLES[name]
@@ -99,31 +100,37 @@ def main() -> None:
         bucket = next(b for k, b in seen if k == name)
         for cfg in tunable.candidate_configs(tunable.parse_bucket(bucket)):
             changed = {k: v for k, v in cfg.items() if v != tunable.default[k]}
-            row = {"kernel": name, "bucket": bucket, "changed": changed}
             t0 = time.perf_counter()
             launches.clear()
+            found: list[dict] = []
             try:
                 with tuning.defaults_only(), tuning.forced(name, cfg):
                     sm90._run_plan(plan)
                 mine = [(fn, grid, k) for fn, grid, k in launches if fn.__name__ in fn_name.split(",")]
-                fn, grid, kernel = mine[0]
-                v = sm90._variant(fn, kernel, [(plan.name, tuple(grid))])
-                variant = sm90.Variant(
-                    **{**v, "launches": tuple(v["launches"]), "aligned": tuple(v["aligned"]),
-                       "pdl_order": tuple(v["pdl_order"]), "loop_load_chains": tuple(v["loop_load_chains"])}
-                )  # fmt: skip
-                row.update(
-                    grid=list(grid), registers=variant.registers, local_bytes=variant.local_bytes,
-                    shared_bytes=variant.shared_bytes, num_warps=variant.num_warps, num_stages=variant.num_stages,
-                    blocks_per_sm=variant.blocks_per_sm(), fits=variant.shared_bytes <= sm90.H100_SHARED,
-                    pipelined=variant.pipelined, mma=variant.mma, dependent_launch=variant.dependent_launch,
-                    loop_load_chains=list(variant.loop_load_chains),
-                )  # fmt: skip
+                for fn, grid, kernel in mine[:1] if len(fn_name.split(",")) == 1 else mine:
+                    v = sm90._variant(fn, kernel, [(plan.name, tuple(grid))])
+                    variant = sm90.Variant(
+                        **{**v, "launches": tuple(v["launches"]), "aligned": tuple(v["aligned"]),
+                           "pdl_order": tuple(v["pdl_order"]), "loop_load_chains": tuple(v["loop_load_chains"])}
+                    )  # fmt: skip
+                    found.append(dict(
+                        function=fn.__name__, grid=list(grid), registers=variant.registers,
+                        local_bytes=variant.local_bytes, shared_bytes=variant.shared_bytes,
+                        num_warps=variant.num_warps, num_stages=variant.num_stages,
+                        blocks_per_sm=variant.blocks_per_sm(), fits=variant.shared_bytes <= sm90.H100_SHARED,
+                        pipelined=variant.pipelined, mma=variant.mma, dependent_launch=variant.dependent_launch,
+                        loop_load_chains=list(variant.loop_load_chains),
+                    ))  # fmt: skip
+                if not found:
+                    raise LookupError(f"none of {fn_name} was launched")
             except Exception as e:  # noqa: BLE001  (a candidate that does not compile is the finding)
-                row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
-            row["seconds"] = round(time.perf_counter() - t0, 1)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+                error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+                found = [{"error": error}]
+            for part in found:
+                row = {"kernel": name, "bucket": bucket, "changed": changed, **part}
+                row["seconds"] = round(time.perf_counter() - t0, 1)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     if args.json:
         import triton
 

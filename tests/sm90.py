@@ -203,7 +203,8 @@ def compile_plans(groups: list[list[Plan]], timeout: int = 900) -> list[Variant]
 
 # Kernel modules whose launchers ask ``launch.pdl_supported`` (imported by name, so patched in each).
 _PDL_LAUNCHERS = (
-    "qkv_proj_rope", "index_front", "compressor", "index_score", "topk", "o_proj", "sparse_attn", "window_kv_write",
+    "qkv_proj_rope", "q_heads_split", "index_front", "compressor", "index_score", "topk", "o_proj", "sparse_attn",
+    "window_kv_write",
 )  # fmt: skip
 
 

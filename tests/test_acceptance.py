@@ -239,7 +239,8 @@ def test_the_gpu_plan_covers_every_owed_figure(capsys, monkeypatch) -> None:
     assert "load_checkpoint.py load" in listing and "--device cuda" in listing
     # one tensor-parallel rank, timed and its own buckets tuned into the run's config file
     assert "bench --preset flash/tp8 --mode decode --ops qkv_proj_rope,sparse_attn_write,o_proj" in listing
-    assert "tune --preset flash/tp8 --mode decode --shapes B=64" in listing
+    assert "tune --preset flash/tp8 --mode decode --shapes 'qkv_proj_rope decode B=64 S=2," in listing
+    assert "qkv_proj_rope decode B=1 S=2' --ops qkv_proj_rope,sparse_attn_write,o_proj" in listing
     before_graph = listing.split("\ndecode_graph ")[0]
     timeouts = [float(t) for t in re.findall(r"\(timeout (\d+) s\)", before_graph)]
     assert sum(timeouts) + GPU.min_s <= GPU.budget_s  # steps that all time out still leave the graph its turn

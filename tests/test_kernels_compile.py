@@ -197,6 +197,17 @@ def test_every_launch_forbids_fp_fusion() -> None:
     assert kernels and launched == kernels
 
 
+def test_the_h100_stand_in_turns_on_every_launchers_pdl() -> None:
+    """Every kernel module whose launcher asks ``pdl_supported`` (imported by name) is one that the
+    compile-only H100 stand-in patches, so its sm_90 builds are the PDL ones the GPU runs."""
+    asking = {
+        path.stem
+        for path in (ROOT / "src" / "dsv4" / "kernels").glob("*.py")
+        if path.stem != "launch" and "pdl_supported(" in path.read_text()
+    }
+    assert asking and asking == set(sm90._PDL_LAUNCHERS)
+
+
 def test_score_loop_keeps_key_tiles_in_flight(variants: list[Variant]) -> None:
     """The score loop's steady state waits for its oldest key tile only (no wait for every copy), from a
     ring of ``KEYS_AHEAD + 1`` buffers, and issues at most ``SCORE_TILE_SASS_AT_MOST`` SASS per tile."""

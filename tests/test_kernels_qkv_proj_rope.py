@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -30,6 +31,7 @@ from dsv4.model.config import DeepSeekV4Config, get_config
 from dsv4.model.rope import RopeTable, rope_table
 from dsv4.model.weights import AttnWeights, synthetic_activations, synthetic_weights
 from dsv4.reference.common import rms_norm
+from launches import device_launches
 from program_order import in_order, program_orders
 
 TINY = get_config("tiny")
@@ -210,6 +212,42 @@ def test_few_heads_in_smaller_m_tiles(tokens: int) -> None:
         assert check, check.detail
     for name in ("kv", "qr", "qr_scale"):
         assert torch.equal(getattr(again, name), getattr(expected, name)), name
+
+
+def kernels_of(call: Callable[[], object]) -> list[str]:
+    """The kernels ``call`` launches, in order: the profiler's on a GPU, the interpreter's count on a CPU."""
+    if DEVICE.type == "cuda":
+        return device_launches(call)
+    with count_traffic() as log:
+        call()
+    return [launch.kernel for launch in log.launches]
+
+
+@pytest.mark.parametrize(
+    ("cfg", "t", "splits"), [(TINY, 1, 4), (ODD, 5, 4), (TINY, 40, 2), (TINY, 17, 8)], ids=["1", "odd-5", "40", "17"]
+)
+def test_q_heads_with_ql_split_over_programs(cfg: DeepSeekV4Config, t: int, splits: int) -> None:
+    """The ``splits`` candidate (``q_heads_split.py``), offered for few heads at a few tokens: QL in
+    slices of int32 partial sums, then a launch that finishes each head. With 32-wide K steps tiny's QL
+    (128) is 4 steps, so 8 slices are clipped to 4, and ``ODD``'s (192, 3 heads) is 6, in uneven slices
+    (1 + 2 + 1 + 2); T=40 is three M-tiles, the last partly masked. The default's ``q`` bit for bit under
+    the interpreter (the same int32 sums and epilogue), compiled within spec §6 (its sums of squares may
+    reduce over another layout); ``kv``, ``qr`` and ``qr_scale`` are untouched."""
+    x, w, positions, rope = qkv_inputs(cfg, decode_positions(t, 256, seed=t), 256, seed=t, outliers=2)
+    expected = dsv4.qkv_proj_rope(x, w, positions, rope, backend="triton")
+    with tuning.forced("qkv.q_heads", {"splits": splits, "block_k": 32}):
+        got = dsv4.qkv_proj_rope(x, w, positions, rope, backend="triton")
+        launched = kernels_of(lambda: dsv4.qkv_proj_rope(x, w, positions, rope, backend="triton"))
+    assert launched == ["_split_k_projection_kernel", "_qr_kv_rows_kernel", "_q_slices_kernel", "_q_finish_kernel"]
+    if interpreted():
+        assert torch.equal(got.q, expected.q)
+    t_q = tolerance("q")
+    check = ratio_allclose(got.q, expected.q, t_q.atol, t_q.rtol, t_q.max_error_ratio, "q")
+    assert check, check.detail
+    for name in ("kv", "qr", "qr_scale"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
+    report = compare("qkv_proj_rope", got._asdict(), dsv4.qkv_proj_rope(x, w, positions, rope)._asdict())
+    assert report, str(report)
 
 
 @pytest.mark.parametrize("t", [5, 130])

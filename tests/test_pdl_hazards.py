@@ -21,6 +21,7 @@ from conftest import DEVICE, FULL
 from dsv4.bench.interp_traffic import count_traffic, mark_launch_dependents, mark_wait
 from dsv4.harness.cases import make_case, run_case
 from dsv4.harness.golden import bit_identical
+from dsv4.kernels import tuning
 from dsv4.kernels.interpreter import interpreted
 from dsv4.kernels.o_proj import o_proj as fused_o_proj
 from dsv4.kernels.workspace import Workspace
@@ -143,6 +144,19 @@ def test_front_end_steps_race_with_nothing() -> None:
         for s in (9, 2, 1):
             m(dsv4.synthetic_activations((3, s, TINY.hidden_size), seed=s, device=DEVICE))
     assert {launch.kernel for launch in log.launches} >= {"_q_heads_kernel", "_score_kernel", "_compressor_step_kernel"}
+    assert hazards(log.launches) == []
+
+
+def test_q_heads_split_over_ql_race_with_nothing() -> None:
+    """``DecodeFrontEnd``'s steps with the q heads' ``splits`` candidate (QL slices, then a launch that
+    finishes each head, on the step's workspace): nothing touched before a wait that a launch beside it
+    writes, the finish reading the slices only after its wait."""
+    m = tiny_frontend("triton", 3, 256)
+    with tuning.forced("qkv.q_heads", {"splits": 2, "block_k": 32}), pdl_interpreted() as log:
+        for s in (9, 2, 1):
+            m(dsv4.synthetic_activations((3, s, TINY.hidden_size), seed=s, device=DEVICE))
+    assert {launch.kernel for launch in log.launches} >= {"_q_slices_kernel", "_q_finish_kernel"}
+    assert "_q_heads_kernel" not in {launch.kernel for launch in log.launches}
     assert hazards(log.launches) == []
 
 

@@ -152,6 +152,10 @@ DRY = Profile(
 # a rank's launches with heads of their own: its q heads, attention and output projection
 RANK_OPS = ("qkv_proj_rope", "sparse_attn_write", "o_proj")
 RANK_KERNELS = ("qkv.q_heads", "sparse_attn", "o_proj.wo_a", "o_proj.wo_b")
+# the tune's: the deployment batch at the bench's cache (not the long caches, whose pools take the step's
+# time to build), and the q heads of one sequence, where a rank's 8 heads are 16 programs of 2 tokens (its
+# candidates split QL over programs)
+RANK_SHAPES = "qkv_proj_rope decode B=64 S=2,o_proj decode B=64 S=2,B=64 S=2 cache=2048,qkv_proj_rope decode B=1 S=2"
 
 
 @dataclass(frozen=True)
@@ -309,7 +313,8 @@ def build_plan(profile: Profile, paths: Paths) -> list[Step]:
         parse="checkpoint",
     )  # fmt: skip
     # one tensor-parallel rank at the deployment batch: its ops at their floors, then its own buckets tuned
-    # (the q heads' fewer-token M-tiles, o_proj's K splits) into the same config file as the tune step's
+    # (the q heads' fewer-token M-tiles, and QL slices at one sequence; o_proj's K splits) into the same
+    # config file as the tune step's
     rank_json = "bench-rank.json"
     add(
         "bench_rank", f"dsv4 bench decode of one tensor-parallel rank ({profile.rank}): Triton, B=64",
@@ -318,8 +323,8 @@ def build_plan(profile: Profile, paths: Paths) -> list[Step]:
         covers={"mode": "decode", "ops": list(RANK_OPS), "backends": ["triton"]},
     )  # fmt: skip
     add(
-        "tune_rank", f"dsv4 tune of one tensor-parallel rank's buckets ({profile.rank}, B=64)",
-        (py, "-m", "dsv4", "tune", "--preset", profile.rank, "--mode", "decode", "--shapes", "B=64",
+        "tune_rank", f"dsv4 tune of one tensor-parallel rank's buckets ({profile.rank}, B=64 and qkv at B=1)",
+        (py, "-m", "dsv4", "tune", "--preset", profile.rank, "--mode", "decode", "--shapes", RANK_SHAPES,
          "--ops", ",".join(RANK_OPS), "--kernels", ",".join(RANK_KERNELS),
          "--budget-s", f"{max(1.0, t['tune_rank'] - TUNE_MARGIN_S):g}", "--json", str(work / "tune-rank.json"),
          "--config", str(out / TUNED_CONFIG)),

@@ -35,11 +35,13 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from ..model.rope import RopeTable
 from ..model.structs import QKV
 from ..model.weights import AttnWeights
-from .epilogue import overflow_scale, quantize_int8_rows, rms_inv_of_sumsq, rms_scale, store_rope_bf16, to_bf16
+from .epilogue import quantize_int8_rows, rms_scale, store_rope_bf16, to_bf16
 from .interpreter import interpreted
 from .l2_prefetch import can_prefetch, prefetch_l2
 from .launch import is_pow2, pdl_supported, pow2_divisor, sm_count
 from .projection import split_k_projection
+from .q_head_epilogue import dequant_half, head_rms, rope_rows, store_q_half
+from .q_heads_split import launch_q_heads_split
 from .split_k import sum_k_slices
 from .tuning import Config, Param, Tunable, pow2_bucket
 from .workspace import Workspace, scratch
@@ -93,16 +95,21 @@ Q_HEADS_CANDIDATES = (
     {"wq_b_prefetch": "none"},
 )
 Q_TOKENS = (Q_BLOCK_M_MIN, 32, 64, Q_BLOCK_M_PAIRED)  # the M-tiles a config may cap the q heads at
+Q_SPLITS = (1, 2, 4, 8)  # QL slices of the q heads (q_heads_split.py): 8 x 128 = flash's QL, a K step a slice
 FEW_HEADS_PROGRAMS = 128  # a candidate's grid of few heads (a tensor-parallel rank) fills at most this: one wave of
 #                           any Hopper part (132 SMs), so that its pairs still meet
 
 
 def _q_heads_candidates(bucket: dict[str, int]) -> list[dict]:
     """The declared candidates, and where few heads leave most SMs idle (a tensor-parallel rank: 16 paired
-    programs at flash decode over 8 ranks), M-tiles of fewer tokens whose pairs still fit one wave."""
-    t, h = bucket["T"], bucket["H"]
+    programs at flash decode over 8 ranks): M-tiles of fewer tokens whose pairs still fit one wave, and at
+    a few tokens QL split over programs, where the int32 slices (written and read back) cost no more bytes
+    than the weights (``2 x splits x T x 4 <= QL`` a column)."""
+    t, h, ql = bucket["T"], bucket["H"], bucket["QL"]
     fewer = [n for n in Q_TOKENS if n < min(t, Q_BLOCK_M_PAIRED) and triton.cdiv(t, n) * 2 * h <= FEW_HEADS_PROGRAMS]
-    return [*Q_HEADS_CANDIDATES, *({"tokens": n} for n in fewer)]
+    m_tiles = triton.cdiv(t, Q_BLOCK_M)
+    sliced = [s for s in Q_SPLITS[1:] if m_tiles * 2 * h * s <= FEW_HEADS_PROGRAMS and 8 * s * t <= ql]
+    return [*Q_HEADS_CANDIDATES, *({"tokens": n} for n in fewer), *({"splits": s} for s in sliced)]
 
 
 Q_HEADS_TUNING = Tunable(
@@ -136,6 +143,15 @@ Q_HEADS_TUNING = Tunable(
             # not exact: as "paired", a half's sums are reduced over its tile's layout, which the tile's M sets
             "most tokens per M-tile: fewer give a launch of few heads (a tensor-parallel rank) more programs, "
             "each reading its heads' wq_b rows again (from L2)",
+        ),
+        Param(
+            "splits",
+            1,
+            Q_SPLITS,
+            # not exact: the finish launch's tiles are loads, not dot results, so its sums of squares may be
+            # reduced over another layout than the one-program-per-head plan's
+            "QL slices a program (int32 partials, then a launch that finishes each head: q_heads_split.py); "
+            "more than 1: few heads at a few tokens fill more SMs",
         ),
         _PDL,
         Param(
@@ -214,20 +230,9 @@ def _qr_kv_rows_kernel(
 
 
 @triton.jit
-def _dequant(acc, qr_scale, wq_b_scale_ptr, cols):
-    """``acc [BM, HALF]`` int32, columns ``cols [HALF]`` of ``qr @ wq_b.T``, dequantized: ``qp [BM, HALF]``
-    fp32, then per row the half's ``overflow_scale`` ``c [BM]`` and the sum of squares of ``qp * c``
-    ``[BM]``. ``qr_scale``: ``[BM, 1]`` fp32."""
-    qp = acc.to(tl.float32) * qr_scale * tl.load(wq_b_scale_ptr + cols)[None, :]
-    c = overflow_scale(tl.max(tl.abs(qp), axis=1))
-    u = qp * c[:, None]
-    return qp, c, tl.sum(u * u, axis=1)
-
-
-@triton.jit
 def _half_head(qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, QL: tl.constexpr, HALF: tl.constexpr,
                BLOCK_K: tl.constexpr):  # fmt: skip
-    """Columns ``[col0, col0 + HALF)`` of ``qr @ wq_b.T`` for ``rows``, dequantized (``_dequant``)."""
+    """Columns ``[col0, col0 + HALF)`` of ``qr @ wq_b.T`` for ``rows``, dequantized (``dequant_half``)."""
     ks = tl.arange(0, BLOCK_K)
     cols = col0 + tl.arange(0, HALF)
     qr_rows = qr_ptr + rows[:, None] * QL
@@ -238,7 +243,7 @@ def _half_head(qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, Q
         a = tl.load(qr_rows + (k0 + ks)[None, :], mask=row_ok[:, None], other=0)
         w = tl.load(w_cols + (k0 + ks)[:, None])
         acc = tl.dot(a, w, acc, out_dtype=tl.int32)
-    return _dequant(acc, qr_scale, wq_b_scale_ptr, cols)
+    return dequant_half(acc, qr_scale, wq_b_scale_ptr, cols)
 
 
 @triton.jit
@@ -263,21 +268,9 @@ def _whole_head(qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, 
         w1 = tl.load(w_cols1 + (k0 + ks)[:, None])
         acc0 = tl.dot(a, w0, acc0, out_dtype=tl.int32)
         acc1 = tl.dot(a, w1, acc1, out_dtype=tl.int32)
-    qp0, c0, sumsq0 = _dequant(acc0, qr_scale, wq_b_scale_ptr, cols0)
-    qp1, c1, sumsq1 = _dequant(acc1, qr_scale, wq_b_scale_ptr, cols1)
+    qp0, c0, sumsq0 = dequant_half(acc0, qr_scale, wq_b_scale_ptr, cols0)
+    qp1, c1, sumsq1 = dequant_half(acc1, qr_scale, wq_b_scale_ptr, cols1)
     return qp0, c0, sumsq0, qp1, c1, sumsq1
-
-
-@triton.jit
-def _head_rms(c0, sumsq0, c1, sumsq1, HD: tl.constexpr, eps):
-    """A head's RMSNorm from its halves (half 0's values first, so every program adds in one order):
-    ``(c, inv)``, each ``[BM, 1]``, with ``rms(qp) = (qp * c) * inv``. The head takes the smaller half
-    scale (its amax's); the other half's sum is rescaled by ``(c/c_h)^2``, a power of two — 1 when no
-    half was scaled, so ``inv`` is then ``1/sqrt((sumsq0 + sumsq1)/HD + eps)``, as without scaling."""
-    c = tl.minimum(c0, c1)
-    r0 = tl.div_rn(c, c0)
-    r1 = tl.div_rn(c, c1)
-    return c[:, None], rms_inv_of_sumsq(sumsq0 * r0 * r0 + sumsq1 * r1 * r1, HD, eps * c * c)
 
 
 @triton.jit
@@ -367,7 +360,7 @@ def _meet_partner(state_ptr, park_ptr, qp, row_ok, SPINS: tl.constexpr):
     and hands over (1 -> 3), unless the partner came in between. So no program waits for one that is
     not resident (kernels of other streams, MPS or green contexts holding SMs): the pair then takes
     longer, never forever. Either way each half is normalized by the same operations on the same
-    values (the published sums, ``_head_rms``): the same bits whoever finishes it.
+    values (the published sums, ``head_rms``): the same bits whoever finishes it.
     """
     # the words as int64 scalars: the interpreter's atomic_cas stores a value of the type it is given
     nobody = tl.full((), -1, tl.int64)
@@ -401,55 +394,31 @@ def _meet_partner(state_ptr, park_ptr, qp, row_ok, SPINS: tl.constexpr):
 
 
 @triton.jit
-def _rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, ok, R: tl.constexpr):
-    """cos and sin ``[BM, R/2]`` fp32 at each row's token position (rows not ``ok``: cos 1, sin 0)."""
-    pos = tl.load(positions_ptr + rows, mask=ok, other=0).to(tl.int64)
-    pairs = tl.arange(0, R // 2)[None, :]
-    cos = tl.load(cos_ptr + pos[:, None] * (R // 2) + pairs, mask=ok[:, None], other=1.0)
-    sin = tl.load(sin_ptr + pos[:, None] * (R // 2) + pairs, mask=ok[:, None], other=0.0)
-    return cos, sin
-
-
-@triton.jit
-def _store_q_half(q_ptr, qn, rows, row_ok, col0, cos, sin, H: tl.constexpr, HD: tl.constexpr, R: tl.constexpr,
-                  ROPE: tl.constexpr):  # fmt: skip
-    """Store ``qn [BM, HALF]`` (normalized) as bf16 at columns ``[col0, col0 + HALF)`` of ``q [T, H*HD]``;
-    ``ROPE``: the half that holds a head's last R columns, rotated at each token's position by ``cos``
-    and ``sin`` ``[BM, R/2]`` (``_rope_rows``; unused otherwise)."""
-    HALF: tl.constexpr = qn.shape[1]
-    out = q_ptr + rows[:, None] * (H * HD) + col0 + tl.arange(0, HALF)[None, :]
-    if ROPE:
-        store_rope_bf16(out, qn, cos, sin, row_ok[:, None], HALF, R)
-    else:
-        tl.store(out, to_bf16(qn), mask=row_ok[:, None])
-
-
-@triton.jit
 def _finish_half(q_ptr, qp, c, sumsq, c_other, sumsq_other, half, rows, row_ok, col0, cos, sin, eps,
                  H: tl.constexpr, HD: tl.constexpr, R: tl.constexpr):  # fmt: skip
     """Store half ``half`` of a head, ``qp [BM, HD/2]`` fp32 with its ``(c, sumsq)``, normalized with the
-    other half's: ``_head_rms`` adds half 0's sums first in both programs of a pair (the same bits), then
-    ``_store_q_half`` (half 1 with the RoPE of the head's last ``R`` columns at ``cos``, ``sin``: the
-    caller's ``_rope_rows``, masked off for half 0)."""
+    other half's: ``head_rms`` adds half 0's sums first in both programs of a pair (the same bits), then
+    ``store_q_half`` (half 1 with the RoPE of the head's last ``R`` columns at ``cos``, ``sin``: the
+    caller's ``rope_rows``, masked off for half 0)."""
     first = half == 0
-    scale, inv = _head_rms(
+    scale, inv = head_rms(
         tl.where(first, c, c_other), tl.where(first, sumsq, sumsq_other),
         tl.where(first, c_other, c), tl.where(first, sumsq_other, sumsq), HD, eps,
     )  # fmt: skip
     qn = (qp * scale) * inv
     if half == 0:
-        _store_q_half(q_ptr, qn, rows, row_ok, col0, cos, sin, H, HD, R, False)
+        store_q_half(q_ptr, qn, rows, row_ok, col0, cos, sin, H, HD, R, False)
     else:
-        _store_q_half(q_ptr, qn, rows, row_ok, col0, cos, sin, H, HD, R, True)
+        store_q_half(q_ptr, qn, rows, row_ok, col0, cos, sin, H, HD, R, True)
 
 
 @triton.jit
 def _store_parked_half(q_ptr, park_ptr, sumsq_ptr, T, eps, positions_ptr, cos_ptr, sin_ptr, H: tl.constexpr,
                        HD: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, HALF_IDX: tl.constexpr):  # fmt: skip
     """Half ``HALF_IDX`` of this program's head, parked (``[BM, HD/2]`` fp32 at its slot of ``park_ptr``),
-    finished as its own program finishes a half: ``_head_rms`` of the two published words (the same
+    finished as its own program finishes a half: ``head_rms`` of the two published words (the same
     bits as the values they were packed from), ``(qp * scale) * inv``, the bf16 store (half 1 with the
-    RoPE of the head's last ``R`` columns). Element by element the operations of ``_store_q_half``, ``R``
+    RoPE of the head's last ``R`` columns). Element by element the operations of ``store_q_half``, ``R``
     columns at a time, from the program ids and the kernel's arguments alone."""
     HALF: tl.constexpr = HD // 2
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -457,12 +426,12 @@ def _store_parked_half(q_ptr, park_ptr, sumsq_ptr, T, eps, positions_ptr, cos_pt
     head = tl.program_id(1).to(tl.int64) // 2
     c0, sumsq0 = _await_sumsq(sumsq_ptr, head, 1, rows, row_ok, T)  # both published: no wait
     c1, sumsq1 = _await_sumsq(sumsq_ptr, head, 0, rows, row_ok, T)
-    scale, inv = _head_rms(c0, sumsq0, c1, sumsq1, HD, eps)
+    scale, inv = head_rms(c0, sumsq0, c1, sumsq1, HD, eps)
     slot = _park_slot(park_ptr, H, BLOCK_M, HALF, HALF_IDX)
     parked = slot + tl.arange(0, BLOCK_M)[:, None] * HALF + tl.arange(0, R)[None, :]
     out = q_ptr + rows[:, None] * (H * HD) + head * HD + HALF_IDX * HALF + tl.arange(0, R)[None, :]
     if HALF_IDX == 1:
-        cos, sin = _rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, row_ok, R)
+        cos, sin = rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, row_ok, R)
     for c in tl.range(0, HALF, R, num_stages=1):  # a fallback: no pipelining, fewest registers
         qn = (tl.load(parked + c, mask=row_ok[:, None], other=0.0, cache_modifier=".cg") * scale) * inv
         if HALF_IDX == 1:
@@ -529,7 +498,7 @@ def _q_heads_kernel(
         # each way finishes itself: a tile merged after the branch kept the first pass's values live across
         # the late partner's two loops, and the kernel spilled at sm_90
         if found:
-            cos, sin = _rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, tl.where(half == 1, row_ok, False), R)
+            cos, sin = rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, tl.where(half == 1, row_ok, False), R)
             _finish_half(q_ptr, qp, c, sumsq, c_other, sumsq_other, half, rows, row_ok, col0, cos, sin, eps, H, HD, R)
         else:  # the partner is not running yet: its sums, then this half's values again (the same bits)
             col_other = head * HD + (1 - half) * HALF
@@ -537,7 +506,7 @@ def _q_heads_kernel(
                                                  QL, HALF, BLOCK_K)  # fmt: skip
             qp, c, sumsq = _half_head(qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, QL, HALF,
                                       BLOCK_K)  # fmt: skip
-            cos, sin = _rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, tl.where(half == 1, row_ok, False), R)
+            cos, sin = rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, tl.where(half == 1, row_ok, False), R)
             _finish_half(q_ptr, qp, c, sumsq, c_other, sumsq_other, half, rows, row_ok, col0, cos, sin, eps, H, HD, R)
     elif PAIRED:
         qp, c, sumsq = _half_head(qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, QL, HALF, BLOCK_K)
@@ -555,17 +524,17 @@ def _q_heads_kernel(
         elif mode == 1:  # the pair met: this half, from its registers
             # the rope half's cos/sin rows go out beside the partner's sums (asked for before the meeting,
             # they stayed live across its two ways and the kernel spilled at sm_90)
-            cos, sin = _rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, tl.where(half == 1, row_ok, False), R)
+            cos, sin = rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, tl.where(half == 1, row_ok, False), R)
             c_other, sumsq_other = _await_sumsq(sumsq_ptr, head, half, rows, row_ok, T)
             _finish_half(q_ptr, qp, c, sumsq, c_other, sumsq_other, half, rows, row_ok, col0, cos, sin, eps, H, HD, R)
     else:
         qp0, c0, sumsq0, qp1, c1, sumsq1 = _whole_head(
             qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, QL, HALF, BLOCK_K
         )
-        scale, inv = _head_rms(c0, sumsq0, c1, sumsq1, HD, eps)
-        _store_q_half(q_ptr, (qp0 * scale) * inv, rows, row_ok, col0, 0.0, 0.0, H, HD, R, False)
-        cos, sin = _rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, row_ok, R)
-        _store_q_half(q_ptr, (qp1 * scale) * inv, rows, row_ok, col0 + HALF, cos, sin, H, HD, R, True)
+        scale, inv = head_rms(c0, sumsq0, c1, sumsq1, HD, eps)
+        store_q_half(q_ptr, (qp0 * scale) * inv, rows, row_ok, col0, 0.0, 0.0, H, HD, R, False)
+        cos, sin = rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, row_ok, R)
+        store_q_half(q_ptr, (qp1 * scale) * inv, rows, row_ok, col0 + HALF, cos, sin, H, HD, R, True)
 
 
 def q_heads_tiles(
@@ -680,7 +649,8 @@ def qkv_proj_rope(
     rows_cfg = ROWS_TUNING.config(dev, T=pow2_bucket(t), QL=ql, HD=hd)
     q_cfg = Q_HEADS_TUNING.config(dev, T=pow2_bucket(t), H=h, QL=ql)
     many = q_cfg.pair_waves == "many"
-    block_m, paired = q_heads_tiles(t, h, sm_count(dev), q_cfg.paired, many, q_cfg.tokens)
+    sliced = q_cfg.splits > 1  # QL over programs, then a launch that finishes each head: no pairs
+    block_m, paired = q_heads_tiles(t, h, sm_count(dev), q_cfg.paired and not sliced, many, q_cfg.tokens)
     # the interpreter runs one program at a time: no pair could swap, and only "many" finishes without it
     paired = paired and (many or not interpreted())
     sumsq = scratch(ws, "qkv.sumsq", (pair_words(t, h) if paired else 1,), torch.int64, dev)
@@ -697,5 +667,9 @@ def qkv_proj_rope(
         PAIRED=paired, PAIR_SLOTS=3 * h, PAIR_BLOCK=triton.next_power_of_2(3 * h),
         PDL=pdl, num_warps=rows_cfg.num_warps, launch_pdl=pdl, enable_fp_fusion=False,
     )  # fmt: skip
-    launch_q_heads(qr, qr_scale, w, positions, rope, eps, q, sumsq, park, block_m, paired, q_cfg)
+    if sliced:
+        block_k = max(Q_BLOCK_K_MIN, pow2_divisor(ql, q_cfg.block_k))
+        launch_q_heads_split(qr, qr_scale, w, positions, rope, eps, q, block_m, block_k, q_cfg, ws)
+    else:
+        launch_q_heads(qr, qr_scale, w, positions, rope, eps, q, sumsq, park, block_m, paired, q_cfg)
     return out
