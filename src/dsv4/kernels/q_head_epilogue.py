@@ -56,3 +56,14 @@ def store_q_half(q_ptr, qn, rows, row_ok, col0, cos, sin, H: tl.constexpr, HD: t
         store_rope_bf16(out, qn, cos, sin, row_ok[:, None], HALF, R)
     else:
         tl.store(out, to_bf16(qn), mask=row_ok[:, None])
+
+
+@triton.jit
+def store_q_head(q_ptr, qp0, c0, sumsq0, qp1, c1, sumsq1, rows, row_ok, col0, positions_ptr, cos_ptr, sin_ptr, eps,
+                 H: tl.constexpr, HD: tl.constexpr, R: tl.constexpr):  # fmt: skip
+    """A whole head from its two halves as ``dequant_half`` gives them: ``head_rms``, then both halves
+    stored, half 1 with the RoPE of the head's last ``R`` columns (at ``col0``: the head's first column)."""
+    scale, inv = head_rms(c0, sumsq0, c1, sumsq1, HD, eps)
+    store_q_half(q_ptr, (qp0 * scale) * inv, rows, row_ok, col0, 0.0, 0.0, H, HD, R, False)
+    cos, sin = rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, row_ok, R)
+    store_q_half(q_ptr, (qp1 * scale) * inv, rows, row_ok, col0 + HD // 2, cos, sin, H, HD, R, True)

@@ -8,7 +8,8 @@ the other SMs idle. Here the K-slices are programs too:
    column half of a head, stored as int32 ``[splits, T, H*HD]``. Integer sums: the slices add up to the
    one-pass sum exactly, in any order.
 2. ``_q_finish_kernel``, grid ``(M-tiles, H)``: a head's slices added, then the one-program-per-head
-   plan's epilogue (``dequant_half`` of each half, ``head_rms``, RoPE, bf16) on the same int32 values.
+   plan's epilogue on the same int32 values (``dequant_half`` of each half, then ``store_q_head``:
+   ``head_rms``, RoPE, bf16).
 
 The partials cost ``2 x splits x T x 4`` bytes a column (written, read back) beside its QL bytes of
 ``wq_b``, so the plan is a candidate at a few tokens only (``qkv_proj_rope._q_heads_candidates``).
@@ -27,7 +28,7 @@ from ..model.rope import RopeTable
 from ..model.weights import AttnWeights
 from .l2_prefetch import can_prefetch, prefetch_l2
 from .launch import pdl_supported
-from .q_head_epilogue import dequant_half, head_rms, rope_rows, store_q_half
+from .q_head_epilogue import dequant_half, store_q_head
 from .tuning import Config
 from .workspace import Workspace, scratch
 
@@ -118,10 +119,8 @@ def _q_finish_kernel(
     acc1 = _slice_sum(part_ptr, rows, row_ok, cols1, T, H * HD, SPLITS)
     qp0, c0, sumsq0 = dequant_half(acc0, qr_scale, wq_b_scale_ptr, cols0)
     qp1, c1, sumsq1 = dequant_half(acc1, qr_scale, wq_b_scale_ptr, cols1)
-    scale, inv = head_rms(c0, sumsq0, c1, sumsq1, HD, eps)
-    store_q_half(q_ptr, (qp0 * scale) * inv, rows, row_ok, col0, 0.0, 0.0, H, HD, R, False)
-    cos, sin = rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, row_ok, R)
-    store_q_half(q_ptr, (qp1 * scale) * inv, rows, row_ok, col0 + HALF, cos, sin, H, HD, R, True)
+    store_q_head(q_ptr, qp0, c0, sumsq0, qp1, c1, sumsq1, rows, row_ok, col0, positions_ptr, cos_ptr, sin_ptr, eps,
+                 H, HD, R)  # fmt: skip
 
 
 def launch_q_heads_split(

@@ -40,7 +40,7 @@ from .interpreter import interpreted
 from .l2_prefetch import can_prefetch, prefetch_l2
 from .launch import is_pow2, pdl_supported, pow2_divisor, sm_count
 from .projection import split_k_projection
-from .q_head_epilogue import dequant_half, head_rms, rope_rows, store_q_half
+from .q_head_epilogue import dequant_half, head_rms, rope_rows, store_q_half, store_q_head
 from .q_heads_split import launch_q_heads_split
 from .split_k import sum_k_slices
 from .tuning import Config, Param, Tunable, pow2_bucket
@@ -531,10 +531,8 @@ def _q_heads_kernel(
         qp0, c0, sumsq0, qp1, c1, sumsq1 = _whole_head(
             qr_ptr, qr_scale, wq_b_ptr, wq_b_scale_ptr, rows, row_ok, col0, QL, HALF, BLOCK_K
         )
-        scale, inv = head_rms(c0, sumsq0, c1, sumsq1, HD, eps)
-        store_q_half(q_ptr, (qp0 * scale) * inv, rows, row_ok, col0, 0.0, 0.0, H, HD, R, False)
-        cos, sin = rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, row_ok, R)
-        store_q_half(q_ptr, (qp1 * scale) * inv, rows, row_ok, col0 + HALF, cos, sin, H, HD, R, True)
+        store_q_head(q_ptr, qp0, c0, sumsq0, qp1, c1, sumsq1, rows, row_ok, col0, positions_ptr, cos_ptr, sin_ptr,
+                     eps, H, HD, R)  # fmt: skip
 
 
 def q_heads_tiles(
