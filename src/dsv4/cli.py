@@ -104,6 +104,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         if args.layer is None:
             raise ValueError("--checkpoint needs --layer N (`dsv4 inspect DIR` lists the layers and their ratios)")
+        if cfg is not None and cfg.name != cfg.preset:
+            raise ValueError(
+                f"--preset: a checkpoint holds whole layers ({cfg.preset}); a rank's share of one is "
+                f"--rank R --world W, not {cfg.name}"
+            )
         t0 = time.perf_counter()
         with Checkpoint(args.checkpoint) as ckpt:
             cfg = cfg or ckpt.config()
@@ -140,6 +145,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from .io.checkpoint_report import describe_checkpoint
 
     cfg = get_config(args.preset) if args.preset else None
+    if cfg is not None and cfg.name != cfg.preset:
+        raise ValueError(
+            f"--preset: a checkpoint holds whole layers, so it is checked against {cfg.preset}, not one rank of it "
+            f"({cfg.name}); `dsv4 run --checkpoint DIR --layer N --rank R --world W` runs a rank's share"
+        )
     lines, ok = describe_checkpoint(args.dir, args.layer, cfg, prefix=args.prefix)
     print("\n".join(lines))
     return 0 if ok else 1
