@@ -162,7 +162,9 @@ def time_parts(parts: list[Part], steps: int, warmup: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="flash", choices=sorted(dsv4.PRESETS))
+    parser.add_argument(
+        "--preset", default="flash", help="a preset, or one of N tensor-parallel ranks of one (e.g. flash/tp8)"
+    )
     parser.add_argument("--kind", nargs="+", default=["csa", "hca", "swa"], choices=["swa", "csa", "hca"])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seq", type=int, default=2, help="tokens per sequence per step (MTP)")
@@ -178,7 +180,10 @@ def main() -> None:
     if not 0 <= args.warmup < args.steps:
         parser.error("--warmup: expected 0 <= warmup < steps")
 
-    cfg = dsv4.get_config(args.preset)
+    try:
+        cfg = dsv4.get_config(args.preset)
+    except ValueError as e:
+        parser.error(f"--preset: {e}")
     rows = []
     for context in args.context:
         cases: list[tuple[str, str | None, Callable[..., list[Part]]]]

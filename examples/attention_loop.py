@@ -35,7 +35,9 @@ from dsv4.ops.step_cost import step_bytes
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", choices=sorted(dsv4.PRESETS))
+    parser.add_argument(
+        "--preset", default="tiny", help="a preset, or one of N tensor-parallel ranks of one (e.g. flash/tp8)"
+    )
     parser.add_argument("--kind", default="csa", choices=["swa", "csa", "hca"])
     parser.add_argument("--backend", default="auto", choices=["auto", *dsv4.BACKENDS])
     parser.add_argument("--batch", type=int, default=4)
@@ -50,7 +52,10 @@ def main() -> None:
     )  # fmt: skip
     args = parser.parse_args()
 
-    cfg = dsv4.get_config(args.preset)
+    try:
+        cfg = dsv4.get_config(args.preset)
+    except ValueError as e:
+        parser.error(f"--preset: {e}")
     device = torch.device(args.device)
     layer = cfg.first_layer(args.kind)
     runs = (2 if args.capture else 1) * (3 if args.back_to_back else 1)

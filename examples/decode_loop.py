@@ -24,7 +24,9 @@ import dsv4
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", choices=sorted(dsv4.PRESETS))
+    parser.add_argument(
+        "--preset", default="tiny", help="a preset, or one of N tensor-parallel ranks of one (e.g. flash/tp8)"
+    )
     parser.add_argument("--backend", default="auto", choices=["auto", *dsv4.BACKENDS])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2, help="tokens per sequence per step (MTP)")
@@ -34,7 +36,10 @@ def main() -> None:
     parser.add_argument("--capture", action="store_true", help="then replay the steps from one CUDA graph")
     args = parser.parse_args()
 
-    cfg = dsv4.get_config(args.preset)
+    try:
+        cfg = dsv4.get_config(args.preset)
+    except ValueError as e:
+        parser.error(f"--preset: {e}")
     device = torch.device(args.device)
     runs = 2 if args.capture else 1
     max_position = 4 * -(-(args.prefill + runs * args.seq * args.steps) // 4)

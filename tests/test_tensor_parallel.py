@@ -28,6 +28,7 @@ from dsv4.io.checkpoint import Checkpoint
 from dsv4.model.config import DeepSeekV4Config
 from dsv4.model.weights import AttnWeights, LayerWeights, OProjWeights
 from fp8_checkpoint import assert_same_layer, config_json, layer_tensors, write_checkpoint
+from subprocesses import ROOT, run_python
 
 BLOCK = 128  # the FP8 weights' scale blocks: a rank's G*OL output-projection rows are whole blocks
 # tiny with 128 output-projection rows a group, so that one group (a rank of 2) is a whole scale block
@@ -272,3 +273,16 @@ def test_dsv4_run_of_a_ranks_checkpoint_share(checkpoint: Path, capsys: pytest.C
     out = capsys.readouterr().out
     assert "rank 1 of 2" in out and "all checks passed" in out, out[-2000:]
     assert "preset=checkpoint/tp2" in out  # the config.json of no preset, one of 2 ranks
+
+
+@pytest.mark.parametrize("example", ["decode_loop.py", "attention_loop.py"])
+def test_the_examples_run_a_rank(example: str) -> None:
+    """The examples take a rank preset as the ``dsv4`` commands do (``demo/tp8``: flash dims, 8 q heads,
+    on the reference for speed), and refuse one that would split a head with the reason, naming
+    ``--preset``."""
+    script = str(ROOT / "examples" / example)
+    steps = ["--backend", "reference", "--steps", "1", "--prefill", "16", "--batch", "1", "--device", "cpu"]
+    done = run_python([script, "--preset", "demo/tp8", *steps], timeout=300)
+    assert done.returncode == 0 and "preset=demo/tp8" in done.stdout, done.stderr[-2000:]
+    refused = run_python([script, "--preset", "demo/tp3"], timeout=300)
+    assert refused.returncode == 2 and "--preset: world: demo splits" in refused.stderr, refused.stderr[-2000:]
