@@ -97,7 +97,8 @@ Q_HEADS_CANDIDATES = (
 Q_TOKENS = (Q_BLOCK_M_MIN, 32, 64, Q_BLOCK_M_PAIRED)  # the M-tiles a config may cap the q heads at
 Q_SPLITS = (1, 2, 4, 8)  # QL slices of the q heads (q_heads_split.py): 8 x 128 = flash's QL, a K step a slice
 FEW_HEADS_PROGRAMS = 128  # a candidate's grid of few heads (a tensor-parallel rank) fills at most this: one wave of
-#                           any Hopper part (132 SMs), so that its pairs still meet
+#                           an H100 SXM or H200 (132 SMs), so that its pairs still meet (q_heads_tiles checks the
+#                           device's own count: a pair plan that does not fit runs one program per head)
 
 
 def _q_heads_candidates(bucket: dict[str, int]) -> list[dict]:
