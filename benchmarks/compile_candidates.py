@@ -1,15 +1,16 @@
 """Compile every declared launch candidate for sm_90 on the CPU, no GPU: registers, spills, shared memory.
 
 Each kernel's candidates (``dsv4 tune --list``) are forced one at a time while the op runs at a
-flash decode shape through ``tests/sm90.py``'s compile-only H100 stand-in (Triton's own JIT
-specializes the real arguments and lowers them for sm_90; nothing is launched). One row per
-(kernel, candidate, function it launches): registers per thread, local memory (spills), shared memory per block, blocks
-per SM and whether the block fits an H100 at all, and per MMA loop the dependent global loads one
-iteration waits for in a row (``loop_load_chains``); a candidate that does not compile says why. So a
-GPU slice's ``dsv4 tune`` meets no candidate that cannot launch, and the spills are known before.
+decode shape (flash, or ``--preset``; each plan's batch, or ``--batch``) through ``tests/sm90.py``'s
+compile-only H100 stand-in (Triton's own JIT specializes the real arguments and lowers them for sm_90;
+nothing is launched). One row per (kernel, candidate, function it launches): registers per thread,
+local memory (spills), shared memory per block, blocks per SM and whether the block fits an H100 at
+all, and per MMA loop the dependent global loads one iteration waits for in a row
+(``loop_load_chains``); a candidate that does not compile says why. So a GPU slice's ``dsv4 tune``
+meets no candidate that cannot launch, and the spills are known before.
 
     python benchmarks/compile_candidates.py [--kernels qkv.projection,...] [--kind hca] [--preset flash/tp8]
-        [--json out.json]
+        [--batch 1] [--json out.json]
 
 Runs ``TRITON_INTERPRET=0`` itself (kernels defined under the interpreter cannot be compiled).
 """
@@ -33,8 +34,8 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 import sm90  # noqa: E402  (after the interpreter switch and the path)
 from dsv4.ops.registry import get_op  # noqa: E402
 
-# the @triton.jit function behind each tuned kernel (a candidate may launch another: the first of the
-# names launched is the row's), and a flash decode call that launches it
+# the @triton.jit functions behind each tuned kernel (a candidate may launch another: each of the names it
+# launches gets a row), and a decode call that launches them
 KERNELS = {
     "qkv.projection": ("_split_k_projection_kernel", "qkv"),
     "qkv.rows": ("_qr_kv_rows_kernel", "qkv"),

@@ -91,7 +91,8 @@ def test_the_gpu_plan_puts_the_deployment_shapes_first() -> None:
 
 def test_the_gpu_plan_tunes_a_tensor_parallel_rank() -> None:
     """``dsv4 tune --preset flash/tp8``: the flash shapes at one of 8 ranks, whose q heads look up their
-    own bucket (8 heads) and are offered M-tiles of fewer tokens, which fill more SMs."""
+    own bucket (8 heads) and are offered M-tiles of fewer tokens, and at one sequence QL split over
+    programs, which fill more SMs."""
     planned = plan(["flash/tp8"], ["decode"], ["qkv_proj_rope", "o_proj"])
     assert [f"{p} {s.op} {s.label}" for p, s in planned][:2] == [
         "flash/tp8 qkv_proj_rope decode B=64 S=2",
@@ -99,6 +100,10 @@ def test_the_gpu_plan_tunes_a_tensor_parallel_rank() -> None:
     ]
     bucket = Q_HEADS_TUNING.parse_bucket("T=128,H=8,QL=1024")
     assert {c.tokens for c in Q_HEADS_TUNING.candidate_configs(bucket)} == {16, 32, 64, 128}
+    one_sequence = Q_HEADS_TUNING.parse_bucket("T=2,H=8,QL=1024")  # B=1: QL over programs instead
+    assert {c.splits for c in Q_HEADS_TUNING.candidate_configs(one_sequence)} == {1, 2, 4, 8}
+    whole = Q_HEADS_TUNING.parse_bucket("T=128,H=64,QL=1024")  # a whole layer is offered neither
+    assert {(c.tokens, c.splits) for c in Q_HEADS_TUNING.candidate_configs(whole)} == {(128, 1)}
 
 
 def test_the_gpu_plan_tunes_every_layer_kind_of_the_attention_ops() -> None:
