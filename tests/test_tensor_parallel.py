@@ -118,6 +118,9 @@ def test_a_ranks_config(name: str) -> None:
 def test_ranks_that_would_split_a_head_or_group_are_refused(world: object, words: str) -> None:
     with pytest.raises(ValueError, match=f"world: .*{words}"):
         dsv4.get_config("flash").rank(world)  # type: ignore[arg-type]
+
+
+def test_ranks_that_would_split_a_scale_block_are_refused() -> None:
     with pytest.raises(ValueError, match="world: .*128-row scale blocks"):
         dsv4.get_config("tiny").rank(2)  # OL=64: a rank's one group would be half a scale block
 
