@@ -2,6 +2,7 @@
 
     python benchmarks/fuzz_ops.py [--device cpu|cuda] [--preset tiny] [--seconds 600] [--seed 0]
                                   [--ops qkv_proj_rope,...] [--batches 1,2,3,5] [--seqs 1,2,2,3,5] [--json out.json]
+                                  [--candidates]
 
 Each case draws an op (and one of its layer kinds where it has several), B in {1, 2, 3, 5}, S in
 {1, 2, 3, 5} (2 twice as often; ``--batches`` and ``--seqs`` choose others, e.g. prompt chunks) and
@@ -11,13 +12,26 @@ The Triton backend (Triton's interpreter with ``--device cpu``, the default; com
 is compared with the reference by the spec's rules (``dsv4.harness.golden.compare``, as ``dsv4 run``
 and the tests compare), from the same inputs. Each failing case is printed with the ``make_case``
 call that rebuilds it (on the CPU; add the device for a GPU); at the end, per op and kind,
-the cases run and the cases failed. ``docs/TESTING.md`` ("Random cases") says what the failures found
-so far were.
+the cases run and the cases failed.
+
+``--candidates``: each case launches every kernel with one of its declared tuning candidates at the
+bucket the case looks up (``dsv4.kernels.tuning.drawn``), instead of the config file's choice: a tuned
+file sets a bucket's launch from the one shape ``dsv4 tune`` timed, and every other shape of that
+bucket (odd token counts, other starts, masked tiles) runs it too. A failing case prints its draws as
+a config file's ``kernels`` and its verdict at the built-in defaults (a failure there too is not the
+candidates'); written with ``"schema": 1, "device": "cpu"`` and named by
+``DSV4_KERNEL_CONFIG``, they launch the same candidates again. At the end, per kernel, the lookups,
+how many of them drew another candidate than the default, and how many of those change a parameter
+that the interpreter runs (warps, stages and PDL alone are the same program there: a CPU compiles
+them for sm_90, ``benchmarks/compile_candidates.py``, and only ``--device cuda`` runs them).
+
+``docs/TESTING.md`` ("Random cases") says what the failures found so far were.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -25,6 +39,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 _pre = argparse.ArgumentParser(add_help=False)
 _pre.add_argument("--device", default="cpu")
@@ -37,7 +52,8 @@ import torch  # noqa: E402
 
 from dsv4.harness.cases import make_case, run_case  # noqa: E402
 from dsv4.harness.golden import compare  # noqa: E402
-from dsv4.model.config import get_config  # noqa: E402
+from dsv4.kernels import tuning  # noqa: E402
+from dsv4.model.config import DeepSeekV4Config, get_config  # noqa: E402
 from dsv4.ops.registry import get_op, op_names  # noqa: E402
 
 BATCHES = (1, 2, 3, 5)
@@ -55,6 +71,17 @@ def draw_start(rng: random.Random) -> int:
     return rng.randint(0, MAX_START)
 
 
+def judge(
+    cfg: DeepSeekV4Config, op: str, seed: int, device: str, b: int, s: int, starts: list[int], kind: str | None
+) -> str:
+    """The verdict of one case: the Triton backend against the reference, or the error it raised."""
+    try:
+        case = make_case(cfg, op, "decode", seed, device, MAX_POSITION, b, s, starts, kind)
+        return compare(op, run_case(case, "triton"), run_case(case, "reference"), case.compare_inputs()).verdict()
+    except Exception as e:  # noqa: BLE001  (a case that raises is a finding too)
+        return f"ERROR {type(e).__name__}: {e}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu (Triton's interpreter) or cuda (compiled kernels)")
@@ -65,6 +92,9 @@ def main() -> None:
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="the B to draw from")
     parser.add_argument("--seqs", default=",".join(map(str, SEQS)), help="the S to draw from (e.g. 17,64,130: chunks)")
     parser.add_argument("--json", help="write every case and its verdict here")
+    parser.add_argument(
+        "--candidates", action="store_true", help="launch each kernel with a declared tuning candidate drawn per case"
+    )
     args = parser.parse_args()
     if args.device != "cpu" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device here")
@@ -75,6 +105,9 @@ def main() -> None:
     rng = random.Random(args.seed)
     runs: Counter = Counter()
     fails: Counter = Counter()
+    lookups: Counter = Counter()
+    others: Counter = Counter()
+    ran: Counter = Counter()  # draws that change what the interpreter runs (not warps, stages or PDL alone)
     records = []
     deadline = time.monotonic() + args.seconds
     while time.monotonic() < deadline:
@@ -88,21 +121,37 @@ def main() -> None:
             f"start_pos={starts}, kind={kind!r}, max_position={MAX_POSITION})"
         )
         runs[(op, kind)] += 1
-        try:
-            case = make_case(cfg, op, "decode", seed, args.device, MAX_POSITION, b, s, starts, kind)
-            report = compare(op, run_case(case, "triton"), run_case(case, "reference"), case.compare_inputs())
-            verdict = report.verdict()
-        except Exception as e:  # noqa: BLE001  (a case that raises is a finding too)
-            verdict = f"ERROR {type(e).__name__}: {e}"
+        draws = tuning.drawn(random.Random(seed)) if args.candidates else contextlib.nullcontext()
+        with draws as drawn:
+            verdict = judge(cfg, op, seed, args.device, b, s, starts, kind)
+        record: dict[str, Any] = {"case": call, "verdict": verdict}
+        if drawn is not None:
+            record["kernels"] = changes = drawn.changes()
+            for name, buckets in drawn.entries.items():
+                lookups[name] += len(buckets)
+                for diff in changes.get(name, {}).values():
+                    others[name] += 1
+                    ran[name] += not all(tuning.TUNABLES[name].param(k).compiled_only for k in diff)
         if verdict != "ok":
             fails[(op, kind)] += 1
-            print(f"{verdict}\n  {call}", flush=True)
-        records.append({"case": call, "verdict": verdict})
+            drew = ""
+            if drawn is not None:  # is it the candidates'? the same case at the built-in defaults
+                with tuning.defaults_only():
+                    record["defaults"] = judge(cfg, op, seed, args.device, b, s, starts, kind)
+                drew = f"\n  candidates: {json.dumps(record['kernels'])}\n  at the defaults: {record['defaults']}"
+            print(f"{verdict}\n  {call}{drew}", flush=True)
+        records.append(record)
     print(f"{sum(runs.values())} cases, {sum(fails.values())} failed (preset {args.preset}, seed {args.seed})")
     for op, kind in sorted(runs, key=str):
         print(f"  {op}{'' if kind is None else f' {kind}'}: {runs[(op, kind)]} cases, {fails[(op, kind)]} failed")
+    for name in sorted(lookups):
+        print(
+            f"  {name}: {lookups[name]} buckets looked up, {others[name]} of them at another candidate, "
+            f"{ran[name]} in parameters the interpreter runs"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"preset": args.preset, "seed": args.seed, "cases": records}, indent=1))
+        meta = {"preset": args.preset, "seed": args.seed, "candidates": args.candidates}
+        Path(args.json).write_text(json.dumps({**meta, "cases": records}, indent=1))
 
 
 if __name__ == "__main__":

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from dsv4.kernels import tuning
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz_ops.py"
 
@@ -27,6 +30,32 @@ def test_draws_runs_and_judges_cases(tmp_path: Path) -> None:
     assert cases and all(c["verdict"] == "ok" for c in cases)
     assert all(c["case"].startswith("make_case(get_config('tiny'), 'window_kv_write', 'decode', ") for c in cases)
     assert f"{len(cases)} cases, 0 failed (preset tiny, seed 0)" in done.stdout
+
+
+def test_candidates_drawn_per_case_are_recorded_and_judged(tmp_path: Path) -> None:
+    """``--candidates`` on ``qkv_proj_rope`` (whose projection, rows and q heads all declare candidates
+    that run differently under the interpreter): every case's verdict ``ok``, its non-default draws
+    recorded as a config file's ``kernels`` (each of them a declared candidate at its bucket), some case
+    at another candidate than the default, and a summary line per kernel."""
+    out = tmp_path / "cases.json"
+    done = _run("--seconds", "3", "--seed", "3", "--ops", "qkv_proj_rope", "--candidates", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    data = json.loads(out.read_text())
+    assert data["candidates"] is True and data["cases"]
+    assert all(c["verdict"] == "ok" for c in data["cases"])
+    drawn = [c["kernels"] for c in data["cases"]]
+    assert any(drawn)
+    for kernels in drawn:
+        for name, buckets in kernels.items():
+            tunable = tuning.TUNABLES[name]
+            for key, diff in buckets.items():
+                assert tunable.resolve(diff) in tunable.candidate_configs(tunable.parse_bucket(key)), (name, key)
+    for name in ("qkv.projection", "qkv.rows", "qkv.q_heads"):
+        assert f"  {name}: {len(data['cases'])} buckets looked up, " in done.stdout
+    ran = re.search(
+        r"qkv.q_heads: \d+ buckets looked up, \d+ of them at another candidate, (\d+) in parameters", done.stdout
+    )
+    assert ran and int(ran[1]) > 0  # the q heads' tiles, pairing or QL split: another program ran
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")

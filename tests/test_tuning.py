@@ -4,6 +4,7 @@ fallback to the defaults, one file per device, and a file entry reaching the lau
 from __future__ import annotations
 
 import json
+import random
 import tomllib
 from pathlib import Path
 
@@ -110,6 +111,42 @@ def test_forced_config_wins_and_ends_with_the_block(tmp_path, monkeypatch) -> No
     with tuning.defaults_only():
         assert proj.config(torch.device("cpu"), T=4, D=256, N=256).splits is None
     assert proj.config(torch.device("cpu"), T=4, D=256, N=256).splits == 1
+
+
+def test_drawn_candidates_are_declared_kept_per_bucket_and_written_as_a_file(tmp_path, monkeypatch) -> None:
+    """``tuning.drawn``: each bucket's launch is one of its declared candidates, the same at every later
+    lookup; a forced kernel keeps its config; the block ends with the file's choices back; the draws
+    that differ from the defaults, written as a config file, launch the same candidates again."""
+    monkeypatch.setenv(tuning.ENV, str(_file(tmp_path / "c.json", ONE_SLICE)))
+    cpu = torch.device("cpu")
+    proj, heads = tuning.TUNABLES["qkv.projection"], tuning.TUNABLES["qkv.q_heads"]
+    buckets = [dict(T=t, D=256, N=256) for t in (1, 2, 4, 8, 16, 32, 64, 128)]
+    seen: set[tuple] = set()
+    for seed in range(8):
+        with tuning.drawn(random.Random(seed)) as drawn:
+            got = [proj.config(cpu, **b) for b in buckets]
+            assert [proj.config(cpu, **b) for b in buckets] == got  # kept, as a file's entry is
+            for b, cfg in zip(buckets, got, strict=True):
+                assert cfg in proj.candidate_configs(b)
+            q_bucket = dict(T=2, H=4, QL=128)  # tiny at one sequence: QL split over programs offered
+            assert heads.config(cpu, **q_bucket) in heads.candidate_configs(q_bucket)
+            with tuning.forced("qkv.projection", {"splits": 2}):
+                assert proj.config(cpu, **buckets[2]).splits == 2
+        seen.update(tuple(sorted(c.items())) for c in got)
+        changes = drawn.changes()
+        assert set(drawn.entries["qkv.projection"]) == {proj.bucket_key(b) for b in buckets}
+        for kernel, entries in changes.items():
+            for key, diff in entries.items():
+                assert diff and tuning.TUNABLES[kernel].resolve(diff) == drawn.entries[kernel][key]
+        path = tmp_path / f"drawn-{seed}.json"
+        tuning.write_config(path, "cpu", changes, {})
+        monkeypatch.setenv(tuning.ENV, str(path))
+        tuning.reload()
+        assert [proj.config(cpu, **b) for b in buckets] == got
+        monkeypatch.setenv(tuning.ENV, str(tmp_path / "c.json"))
+        tuning.reload()
+    assert len(seen) > 3  # the draws reach more than the default and one candidate
+    assert proj.config(cpu, T=4, D=256, N=256).splits == 1  # the file's again
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -172,6 +173,8 @@ class Tunable:
         forced = _STATE.forced.get(self.name)
         if forced is not None:
             return forced
+        if _STATE.drawn is not None:
+            return _STATE.drawn.choose(self, key, dims)
         return _table_for(device).entries.get(self.name, {}).get(key) or self.default
 
 
@@ -335,10 +338,38 @@ def write_config(
 
 
 @dataclass
+class Drawn:
+    """The candidates ``drawn`` chose: ``entries[kernel][bucket]``, one per bucket looked up, kept for
+    every later lookup of it (as a config file's entry is)."""
+
+    rng: random.Random
+    entries: dict[str, dict[str, Config]] = field(default_factory=dict)
+
+    def choose(self, tunable: Tunable, key: str, dims: Mapping[str, int]) -> Config:
+        mine = self.entries.setdefault(tunable.name, {})
+        if key not in mine:
+            mine[key] = self.rng.choice(tunable.candidate_configs(dict(dims)))
+        return mine[key]
+
+    def changes(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """The draws that differ from the defaults, as a config file's ``kernels`` (``write_config``
+        writes them; ``DSV4_KERNEL_CONFIG`` then launches the same candidates)."""
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for name, buckets in self.entries.items():
+            default = TUNABLES[name].default
+            for key, cfg in buckets.items():
+                diff = {k: v for k, v in cfg.items() if v != default[k]}
+                if diff:
+                    out.setdefault(name, {})[key] = diff
+        return out
+
+
+@dataclass
 class _State:
     forced: dict[str, Config] = field(default_factory=dict)
     recording: list[tuple[str, str]] | None = None
     defaults_only: bool = False
+    drawn: Drawn | None = None
 
 
 _STATE = _State()
@@ -367,6 +398,18 @@ def defaults_only() -> Iterator[None]:
         yield
     finally:
         _STATE.defaults_only = previous
+
+
+@contextmanager
+def drawn(rng: random.Random) -> Iterator[Drawn]:
+    """Launch each kernel at each bucket inside the block with one of its declared candidates there,
+    drawn from ``rng`` (the default among them), instead of the config file: what a tuned file may set,
+    at shapes the tune did not time. A forced kernel keeps its forced config."""
+    previous, _STATE.drawn = _STATE.drawn, Drawn(rng)
+    try:
+        yield _STATE.drawn
+    finally:
+        _STATE.drawn = previous
 
 
 @contextmanager
