@@ -4,6 +4,7 @@ are well formed. Also the probe's dry run (its kernels' checksums) and the CLI's
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from typing import Any
@@ -11,13 +12,17 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import DEVICE
+from conftest import DEVICE, FULL
 from dsv4.bench import probe
+from dsv4.bench.calls import bind
 from dsv4.bench.runner import BenchShape
-from dsv4.bench.tune import _op_workload, passed, plan, run_tune
+from dsv4.bench.tune import Tuner, Workload, _op_workload, passed, plan, run_tune
 from dsv4.cli import main
+from dsv4.harness.cases import make_case
 from dsv4.kernels import tuning
 from dsv4.kernels.qkv_proj_rope import Q_HEADS_TUNING
+from dsv4.model.config import get_config
+from dsv4.ops.registry import get_op, op_names
 
 # the dry runs check candidates and probe kernels under Triton's CPU interpreter, which a process with a
 # GPU does not select (its kernels compile for the GPU): they run where CI runs, without one
@@ -59,6 +64,56 @@ def test_every_candidate_of_every_kernel_matches_the_default(dry_run) -> None:
                 assert all(tunable.param(k).compiled_only for k in v["changed"]), (name, v)
     ran = sum(1 for b in result["buckets"] for v in b["variants"] if "same_run_as" not in v)
     assert ran >= 12  # tiles, splits, pairing, programs per SM and chunk sizes ran for real
+
+
+# Ragged rows: token counts inside a bucket below its power of two (9 of 16; 33 of 64, where tiny's q heads
+# are offered M-tiles of 16 and 32 tokens; 3 of 4 at a rank, where its q heads are offered QL split in 2, 4
+# and 8 slices: tiny's QL is one K step, so its split runs one slice), starts one before and at block edges
+RAGGED = {
+    "tiny": ("tiny", None, ((3, 3, [61, 126, 15], None), (1, 33, [64], "qkv_proj_rope"))),
+    "rank q heads": ("demo/tp8", ["qkv.q_heads"], ((1, 3, [255], "qkv_proj_rope"),)),
+}
+# what each must have run (not only shared the default's run): a candidate at its bucket
+RAGGED_RAN = {
+    "tiny": {("qkv.q_heads", "T=64,H=4,QL=128", f'{{"tokens": {n}}}') for n in (16, 32)},
+    "rank q heads": {("qkv.q_heads", "T=4,H=8,QL=1024", f'{{"splits": {n}}}') for n in (2, 4, 8)},
+}
+
+
+def _ragged_workload(preset: str, op: str, kind: str | None, batch: int, seq: int, starts: list[int]) -> Workload:
+    case = make_case(get_config(preset), op, "decode", 7, "cpu", 512, batch, seq, starts, kind)
+
+    def make():
+        call = bind(case, "triton")
+        return call, call.outputs
+
+    label = f"{preset} {op} decode B={batch} S={seq} starts={starts}" + (f" kind={kind}" if kind else "")
+    return Workload(label, op, make, case.compare_inputs(), None, kind)
+
+
+@INTERPRETER_ONLY
+@FULL
+@pytest.mark.parametrize("rows", sorted(RAGGED))
+def test_every_candidate_matches_the_default_at_ragged_rows_of_its_bucket(rows: str, tmp_path) -> None:
+    """A tuned file's entry runs at every shape of its bucket, not only the one the tune timed: the dry
+    run's check (each candidate against the op at every default: bit for bit where only exact parameters
+    changed, else by the spec's rules) at rows that fill their buckets partly and start at block edges,
+    every op in every layer kind, and a rank's q heads at the flash widths."""
+    preset, kernels, shapes = RAGGED[rows]
+    loads = [
+        _ragged_workload(preset, op, kind, b, s, starts)
+        for b, s, starts, only in shapes
+        for op in ([only] if only else op_names("triton"))
+        for kind in get_op(op).kinds or (None,)
+    ]
+    # not the dry run's one bucket a kernel: every bucket the rows look up
+    tuner = Tuner(torch.device("cpu"), tmp_path / "cpu.json", None, "test", kernels_wanted=kernels, log=lambda _: None)
+    result = tuner.run([functools.partial(lambda w: w, w) for w in loads], [w.label for w in loads])
+    assert result["stopped"] is None and all(w["status"] == "done" for w in result["workloads"]), result["workloads"]
+    variants = [(b["kernel"], b["bucket"], v) for b in result["buckets"] for v in b["variants"]]
+    assert not [row for row in variants if not passed(row[2]["check"])]
+    ran = {(k, bucket, json.dumps(v["changed"])) for k, bucket, v in variants if "same_run_as" not in v}
+    assert RAGGED_RAN[rows] <= ran
 
 
 @INTERPRETER_ONLY
