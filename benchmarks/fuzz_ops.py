@@ -10,9 +10,10 @@ every row's own start position, half of them at or next to a multiple of 4, 16, 
 (compressor blocks, pool blocks, key tiles); ``make_case`` draws the inputs from the case's seed.
 The Triton backend (Triton's interpreter with ``--device cpu``, the default; compiled with ``cuda``)
 is compared with the reference by the spec's rules (``dsv4.harness.golden.compare``, as ``dsv4 run``
-and the tests compare), from the same inputs. Each failing case is printed with the ``make_case``
-call that rebuilds it (on the CPU; add the device for a GPU); at the end, per op and kind,
-the cases run and the cases failed.
+and the tests compare), from the same inputs; under the interpreter with the tests' checks of every
+access (inside the launch's tensors) and every fp32 dot (exact in tf32). Each failing case is
+printed with the ``make_case`` call that rebuilds it (on the CPU; add the device for a GPU); at the
+end, per op and kind, the cases run and the cases failed.
 
 ``--candidates``: each case launches every kernel with one of its declared tuning candidates at the
 bucket the case looks up (``dsv4.kernels.tuning.drawn``), instead of the config file's choice: a tuned
@@ -50,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
+from dsv4.bench.interp_traffic import bounds_checked, dots_checked  # noqa: E402
 from dsv4.harness.cases import make_case, run_case  # noqa: E402
 from dsv4.harness.golden import compare  # noqa: E402
 from dsv4.kernels import tuning  # noqa: E402
@@ -74,12 +76,19 @@ def draw_start(rng: random.Random) -> int:
 def judge(
     cfg: DeepSeekV4Config, op: str, seed: int, device: str, b: int, s: int, starts: list[int], kind: str | None
 ) -> str:
-    """The verdict of one case: the Triton backend against the reference, or the error it raised."""
-    try:
-        case = make_case(cfg, op, "decode", seed, device, MAX_POSITION, b, s, starts, kind)
-        return compare(op, run_case(case, "triton"), run_case(case, "reference"), case.compare_inputs()).verdict()
-    except Exception as e:  # noqa: BLE001  (a case that raises is a finding too)
-        return f"ERROR {type(e).__name__}: {e}"
+    """The verdict of one case: the Triton backend against the reference, or the error it raised. Under
+    the interpreter with the tests' checks: an access outside the launch's tensors (``OutOfBounds``, where
+    it would read a neighbour's bytes or end the process) and an fp32 ``tl.dot`` that a GPU's tf32 would
+    round (``InexactDot``) are errors naming the kernel."""
+    with contextlib.ExitStack() as checks:
+        if device == "cpu":
+            checks.enter_context(bounds_checked())
+            checks.enter_context(dots_checked())
+        try:
+            case = make_case(cfg, op, "decode", seed, device, MAX_POSITION, b, s, starts, kind)
+            return compare(op, run_case(case, "triton"), run_case(case, "reference"), case.compare_inputs()).verdict()
+        except Exception as e:  # noqa: BLE001  (a case that raises is a finding too)
+            return f"ERROR {type(e).__name__}: {e}"
 
 
 def main() -> None:

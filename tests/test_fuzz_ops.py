@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dsv4.kernels import tuning
+from subprocesses import run_python
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fuzz_ops.py"
 
@@ -56,6 +57,45 @@ def test_candidates_drawn_per_case_are_recorded_and_judged(tmp_path: Path) -> No
         r"qkv.q_heads: \d+ buckets looked up, \d+ of them at another candidate, (\d+) in parameters", done.stdout
     )
     assert ran and int(ran[1]) > 0  # the q heads' tiles, pairing or QL split: another program ran
+
+
+# a run_case whose kernel reads one element past its tensor, and the verdict fuzz_ops.judge gives the case
+PAST_THE_END = """
+import sys
+import torch
+import triton
+import triton.language as tl
+sys.path.insert(0, sys.argv[1])
+import fuzz_ops
+from dsv4.model.config import get_config
+
+
+@triton.jit
+def _past_the_end(x_ptr, n):
+    tl.store(x_ptr, tl.load(x_ptr + n))
+
+
+def run_case(case, backend):
+    x = torch.zeros(4)
+    _past_the_end[(1,)](x, 4)
+    return {}
+
+
+fuzz_ops.run_case = run_case
+print(fuzz_ops.judge(get_config("tiny"), "window_kv_write", 0, "cpu", 1, 2, [0], None))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the check is the interpreter's")
+def test_an_access_outside_the_tensors_is_a_named_error(tmp_path: Path) -> None:
+    """On the CPU a case runs under the tests' checks of the interpreter (in a process of its own, without
+    the test suite's): a load past a tensor is an ``OutOfBounds`` error naming the kernel, not the
+    neighbour's bytes read (or, stored, the process ended)."""
+    script = tmp_path / "past_the_end.py"
+    script.write_text(PAST_THE_END)
+    done = run_python([str(script), str(SCRIPT.parent)], TRITON_INTERPRET="1")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith('ERROR InterpreterError: OutOfBounds("_past_the_end: a load of 1 x 4 B outside')
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
