@@ -67,27 +67,34 @@ def test_every_candidate_of_every_kernel_matches_the_default(dry_run) -> None:
 
 
 # Ragged rows: token counts inside a bucket below its power of two (9 of 16; 33 of 64, where tiny's q heads
-# are offered M-tiles of 16 and 32 tokens; 3 of 4 at a rank, where its q heads are offered QL split in 2, 4
-# and 8 slices: tiny's QL is one K step, so its split runs one slice), starts one before and at block edges
+# are offered M-tiles of 16 and 32 tokens; at a rank, 3 of 4, where its q heads are offered QL split in 2, 4
+# and 8 slices, tiny's QL being one K step, so that its split runs one slice; and 100 of the deployment
+# bucket's 128, B = 50, with M-tiles of 16, 32 and 64 tokens), starts one before and at block edges
 RAGGED = {
     "tiny": ("tiny", None, ((3, 3, [61, 126, 15], None), (1, 33, [64], "qkv_proj_rope"))),
-    "rank q heads": ("demo/tp8", ["qkv.q_heads"], ((1, 3, [255], "qkv_proj_rope"),)),
+    "rank q heads": ("demo/tp8", ["qkv.q_heads"], ((1, 3, [255], "qkv_proj_rope"), (50, 2, None, "qkv_proj_rope"))),
 }
 # what each must have run (not only shared the default's run): a candidate at its bucket
 RAGGED_RAN = {
     "tiny": {("qkv.q_heads", "T=64,H=4,QL=128", f'{{"tokens": {n}}}') for n in (16, 32)},
-    "rank q heads": {("qkv.q_heads", "T=4,H=8,QL=1024", f'{{"splits": {n}}}') for n in (2, 4, 8)},
+    "rank q heads": {
+        *(("qkv.q_heads", "T=4,H=8,QL=1024", f'{{"splits": {n}}}') for n in (2, 4, 8)),
+        *(("qkv.q_heads", "T=128,H=8,QL=1024", f'{{"tokens": {n}}}') for n in (16, 32, 64)),
+    },
 }
 
 
-def _ragged_workload(preset: str, op: str, kind: str | None, batch: int, seq: int, starts: list[int]) -> Workload:
+def _ragged_workload(
+    preset: str, op: str, kind: str | None, batch: int, seq: int, starts: list[int] | None
+) -> Workload:
     case = make_case(get_config(preset), op, "decode", 7, "cpu", 512, batch, seq, starts, kind)
 
     def make():
         call = bind(case, "triton")
         return call, call.outputs
 
-    label = f"{preset} {op} decode B={batch} S={seq} starts={starts}" + (f" kind={kind}" if kind else "")
+    label = f"{preset} {op} decode B={batch} S={seq}" + (f" starts={starts}" if starts else "")
+    label += f" kind={kind}" if kind else ""
     return Workload(label, op, make, case.compare_inputs(), None, kind)
 
 
