@@ -16,7 +16,7 @@ from conftest import DEVICE, FULL
 from dsv4.bench import probe
 from dsv4.bench.calls import bind
 from dsv4.bench.runner import BenchShape
-from dsv4.bench.tune import Tuner, Workload, _op_workload, passed, plan, run_tune
+from dsv4.bench.tune import Tuner, Workload, _given, _op_workload, passed, plan, run_tune
 from dsv4.cli import main
 from dsv4.harness.cases import make_case
 from dsv4.kernels import tuning
@@ -115,7 +115,7 @@ def test_every_candidate_matches_the_default_at_ragged_rows_of_its_bucket(rows: 
     ]
     # not the dry run's one bucket a kernel: every bucket the rows look up
     tuner = Tuner(torch.device("cpu"), tmp_path / "cpu.json", None, "test", kernels_wanted=kernels, log=lambda _: None)
-    result = tuner.run([functools.partial(lambda w: w, w) for w in loads], [w.label for w in loads])
+    result = tuner.run([functools.partial(_given, w) for w in loads], [w.label for w in loads])
     assert result["stopped"] is None and all(w["status"] == "done" for w in result["workloads"]), result["workloads"]
     variants = [(b["kernel"], b["bucket"], v) for b in result["buckets"] for v in b["variants"]]
     assert not [row for row in variants if not passed(row[2]["check"])]
