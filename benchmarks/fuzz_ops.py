@@ -26,7 +26,11 @@ how many of them drew another candidate than the default, and how many of those 
 that the interpreter runs (warps, stages and PDL alone are the same program there: a CPU compiles
 them for sm_90, ``benchmarks/compile_candidates.py``, and only ``--device cuda`` runs them).
 
-``docs/TESTING.md`` ("Random cases") says what the failures found so far were.
+Exit status 1 when a case raised (an error is never a rounding) or, with ``--candidates``, failed at
+its candidates and passes at the built-in defaults (the candidates' own failure: a tuned file could ship
+it); else 0, also when some case failed the spec's rules at the defaults, which every run prints and
+counts; 130 when interrupted (Ctrl-C, SIGINT) with no such case, after the summary of the cases judged
+so far. ``docs/TESTING.md`` ("Random cases") says what the failures found so far were.
 """
 
 from __future__ import annotations
@@ -91,7 +95,14 @@ def judge(
             return f"ERROR {type(e).__name__}: {e}"
 
 
-def main() -> None:
+def is_finding(record: dict[str, Any]) -> bool:
+    """A case that sets the exit status: it raised, or it failed at candidates and passes at the defaults."""
+    if record["verdict"].startswith("ERROR") or record.get("defaults", "").startswith("ERROR"):
+        return True
+    return record["verdict"] != "ok" and record.get("defaults") == "ok"
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu (Triton's interpreter) or cuda (compiled kernels)")
     parser.add_argument("--preset", default="tiny")
@@ -119,38 +130,50 @@ def main() -> None:
     ran: Counter = Counter()  # draws that change what the interpreter runs (not warps, stages or PDL alone)
     records = []
     deadline = time.monotonic() + args.seconds
-    while time.monotonic() < deadline:
-        op = rng.choice(ops)
-        kind = rng.choice(get_op(op).kinds or (None,))
-        b, s = rng.choice(batches), rng.choice(seqs)
-        starts = [draw_start(rng) for _ in range(b)]
-        seed = rng.randint(0, 10**6)
-        call = (
-            f"make_case(get_config({args.preset!r}), {op!r}, 'decode', {seed}, batch={b}, seq={s}, "
-            f"start_pos={starts}, kind={kind!r}, max_position={MAX_POSITION})"
-        )
-        runs[(op, kind)] += 1
-        draws = tuning.drawn(random.Random(seed)) if args.candidates else contextlib.nullcontext()
-        with draws as drawn:
-            verdict = judge(cfg, op, seed, args.device, b, s, starts, kind)
-        record: dict[str, Any] = {"case": call, "verdict": verdict}
-        if drawn is not None:
-            record["kernels"] = changes = drawn.changes()
-            for name, buckets in drawn.entries.items():
-                lookups[name] += len(buckets)
-                for diff in changes.get(name, {}).values():
-                    others[name] += 1
-                    ran[name] += not all(tuning.TUNABLES[name].param(k).compiled_only for k in diff)
-        if verdict != "ok":
-            fails[(op, kind)] += 1
-            drew = ""
-            if drawn is not None:  # is it the candidates'? the same case at the built-in defaults
+    interrupted = False
+    try:
+        while time.monotonic() < deadline:
+            op = rng.choice(ops)
+            kind = rng.choice(get_op(op).kinds or (None,))
+            b, s = rng.choice(batches), rng.choice(seqs)
+            starts = [draw_start(rng) for _ in range(b)]
+            seed = rng.randint(0, 10**6)
+            call = (
+                f"make_case(get_config({args.preset!r}), {op!r}, 'decode', {seed}, batch={b}, seq={s}, "
+                f"start_pos={starts}, kind={kind!r}, max_position={MAX_POSITION})"
+            )
+            draws = tuning.drawn(random.Random(seed)) if args.candidates else contextlib.nullcontext()
+            with draws as drawn:
+                verdict = judge(cfg, op, seed, args.device, b, s, starts, kind)
+            record: dict[str, Any] = {"case": call, "verdict": verdict}
+            if drawn is not None:
+                record["kernels"] = drawn.changes()
+            if verdict != "ok" and drawn is not None:  # is it the candidates'? the same case at the defaults
                 with tuning.defaults_only():
                     record["defaults"] = judge(cfg, op, seed, args.device, b, s, starts, kind)
-                drew = f"\n  candidates: {json.dumps(record['kernels'])}\n  at the defaults: {record['defaults']}"
-            print(f"{verdict}\n  {call}{drew}", flush=True)
-        records.append(record)
-    print(f"{sum(runs.values())} cases, {sum(fails.values())} failed (preset {args.preset}, seed {args.seed})")
+            # counted once judged: an interrupted case is left out
+            runs[(op, kind)] += 1
+            if drawn is not None:
+                for name, buckets in drawn.entries.items():
+                    lookups[name] += len(buckets)
+                    for diff in record["kernels"].get(name, {}).values():
+                        others[name] += 1
+                        ran[name] += not all(tuning.TUNABLES[name].param(k).compiled_only for k in diff)
+            if verdict != "ok":
+                fails[(op, kind)] += 1
+                drew = ""
+                if drawn is not None:
+                    drew = f"\n  candidates: {json.dumps(record['kernels'])}\n  at the defaults: {record['defaults']}"
+                print(f"{verdict}\n  {call}{drew}", flush=True)
+            records.append(record)
+    except KeyboardInterrupt:  # Ctrl-C, or a runner's time limit: the cases judged so far are still reported
+        interrupted = True
+        print("interrupted: the case in progress is left out", flush=True)
+    findings = sum(map(is_finding, records))
+    print(
+        f"{sum(runs.values())} cases, {sum(fails.values())} failed (preset {args.preset}, seed {args.seed}); "
+        f"{findings} raised or failed at candidates alone"
+    )
     for op, kind in sorted(runs, key=str):
         print(f"  {op}{'' if kind is None else f' {kind}'}: {runs[(op, kind)]} cases, {fails[(op, kind)]} failed")
     for name in sorted(lookups):
@@ -161,7 +184,8 @@ def main() -> None:
     if args.json:
         meta = {"preset": args.preset, "seed": args.seed, "candidates": args.candidates}
         Path(args.json).write_text(json.dumps({**meta, "cases": records}, indent=1))
+    return 1 if findings else 130 if interrupted else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

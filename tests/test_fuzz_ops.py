@@ -30,7 +30,7 @@ def test_draws_runs_and_judges_cases(tmp_path: Path) -> None:
     cases = json.loads(out.read_text())["cases"]
     assert cases and all(c["verdict"] == "ok" for c in cases)
     assert all(c["case"].startswith("make_case(get_config('tiny'), 'window_kv_write', 'decode', ") for c in cases)
-    assert f"{len(cases)} cases, 0 failed (preset tiny, seed 0)" in done.stdout
+    assert f"{len(cases)} cases, 0 failed (preset tiny, seed 0); 0 raised or failed at candidates alone" in done.stdout
 
 
 def test_candidates_drawn_per_case_are_recorded_and_judged(tmp_path: Path) -> None:
@@ -96,6 +96,100 @@ def test_an_access_outside_the_tensors_is_a_named_error(tmp_path: Path) -> None:
     done = run_python([str(script), str(SCRIPT.parent)], TRITON_INTERPRET="1")
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith('ERROR InterpreterError: OutOfBounds("_past_the_end: a load of 1 x 4 B outside')
+
+
+# fuzz_ops.main with a judge whose verdicts are given: the first for a case's own run, the second for its
+# run again at the built-in defaults (which fuzz_ops asks for right after a case that failed)
+GIVEN_VERDICTS = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import fuzz_ops
+
+own, at_defaults = sys.argv[2], sys.argv[3]
+last = None
+
+
+def judge(*case):
+    global last
+    verdict = at_defaults if case == last else own
+    last = None if case == last else case
+    return verdict
+
+
+fuzz_ops.judge = judge
+sys.argv = ["fuzz_ops.py", "--seconds", "0.3", "--ops", "window_kv_write", *sys.argv[4:]]
+sys.exit(fuzz_ops.main())
+"""
+
+
+@pytest.mark.parametrize(
+    ("own", "at_defaults", "candidates", "status"),
+    [
+        ("ok", "ok", True, 0),
+        ("FAIL kv: 3 of 64 off", "ok", True, 1),  # the candidates' own failure: a tuned file could ship it
+        ("FAIL kv: 3 of 64 off", "FAIL kv: 3 of 64 off", True, 0),  # a rounding the defaults share
+        ("FAIL kv: 3 of 64 off", "ok", False, 0),  # no candidates drawn: nothing to tell it from a rounding
+        ("ERROR RuntimeError: boom", "ERROR RuntimeError: boom", False, 1),  # an error is never a rounding
+        ("FAIL kv: 3 of 64 off", "ERROR RuntimeError: boom", True, 1),
+    ],
+)
+def test_exit_status_names_errors_and_failures_of_the_candidates_alone(
+    tmp_path: Path, own: str, at_defaults: str, candidates: bool, status: int
+) -> None:
+    """The exit status is 1 for a case that raised, or that failed at its candidates and passes at the
+    defaults; failures the defaults share are printed and counted, and leave it 0."""
+    script = tmp_path / "given_verdicts.py"
+    script.write_text(GIVEN_VERDICTS)
+    args = [str(script), str(SCRIPT.parent), own, at_defaults, *(["--candidates"] if candidates else [])]
+    done = run_python(args, TRITON_INTERPRET="1")
+    assert done.returncode == status, done.stderr
+    summary = re.search(
+        r"^(\d+) cases, (\d+) failed \(preset tiny, seed 0\); (\d+) raised or failed", done.stdout, re.M
+    )
+    assert summary, done.stdout[-2000:]
+    cases, failed, findings = map(int, summary.groups())
+    assert cases > 0
+    assert failed == (0 if own == "ok" else cases)
+    assert findings == (cases if status else 0)
+    if own != "ok":
+        assert done.stdout.count(own) >= cases
+        assert (f"at the defaults: {at_defaults}" in done.stdout) == candidates
+
+
+# fuzz_ops.main with a judge that passes two cases and is interrupted (Ctrl-C, a runner's time limit) in the
+# third
+INTERRUPTED_IN_THE_THIRD_CASE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import fuzz_ops
+
+calls = 0
+
+
+def judge(*case):
+    global calls
+    calls += 1
+    if calls == 3:
+        raise KeyboardInterrupt
+    return "ok"
+
+
+fuzz_ops.judge = judge
+sys.argv = ["fuzz_ops.py", "--seconds", "60", "--ops", "window_kv_write", "--json", sys.argv[2]]
+sys.exit(fuzz_ops.main())
+"""
+
+
+def test_an_interrupted_run_reports_the_cases_judged(tmp_path: Path) -> None:
+    """Interrupted inside a case, the run still prints its summary and writes its JSON, without the
+    case in progress, and exits 130."""
+    script, out = tmp_path / "interrupted.py", tmp_path / "cases.json"
+    script.write_text(INTERRUPTED_IN_THE_THIRD_CASE)
+    done = run_python([str(script), str(SCRIPT.parent), str(out)], TRITON_INTERPRET="1")
+    assert done.returncode == 130, done.stderr
+    assert "interrupted: the case in progress is left out" in done.stdout
+    assert "2 cases, 0 failed (preset tiny, seed 0); 0 raised or failed at candidates alone" in done.stdout
+    assert len(json.loads(out.read_text())["cases"]) == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
