@@ -24,7 +24,7 @@ import pytest
 from dsv4.acceptance.__main__ import main
 from dsv4.acceptance.out_dir import KIND, RECORD
 from dsv4.acceptance.plan import GPU, OPS, Paths, Step
-from dsv4.acceptance.results import parse_decode_loop, parse_ncu, parse_tests
+from dsv4.acceptance.results import parse_decode_loop, parse_fuzz, parse_ncu, parse_tests
 from dsv4.acceptance.runner import KILL_GRACE_S, OUTPUTS, Runner
 from dsv4.acceptance.summary import render
 from subprocesses import ROOT, run_python
@@ -103,6 +103,7 @@ def test_dry_run_keeps_going_after_a_failing_step(dry_run) -> None:
         "trace",
         "bench_prefill",
         "checkpoint",
+        "fuzz",
     } <= set(ran)
     assert (status["ncu"]["status"] == "skipped") == (shutil.which("ncu") is None)
     assert all(not s.get("parse_error") for s in record["steps"]), [s.get("parse_error") for s in record["steps"]]
@@ -140,6 +141,10 @@ def test_dry_run_record_holds_every_figure(dry_run) -> None:
         assert json.load(f)["traceEvents"]
     assert steps["checkpoint"]["result"]["run_result"] == "all checks passed"
     assert steps["checkpoint"]["result"]["load_s"] >= 0 and steps["checkpoint"]["result"]["loaded_mib"] > 0
+    fuzz = steps["fuzz"]["result"]
+    assert fuzz["cases"] > 0 and fuzz["findings"] == 0 and fuzz["preset"] == "tiny"
+    assert [o["op"] for o in fuzz["ops"]] == ["qkv_proj_rope"] and fuzz["ops"][0]["cases"] == fuzz["cases"]
+    assert {k["kernel"] for k in fuzz["kernels"]} >= {"qkv.projection", "qkv.rows", "qkv.q_heads"}
 
 
 def test_dry_run_output_fits_what_the_device_returns(dry_run) -> None:
@@ -237,6 +242,7 @@ def test_the_gpu_plan_covers_every_owed_figure(capsys, monkeypatch) -> None:
     assert "decode_loop.py --preset flash --batch 64 --seq 2 --prefill 4096 --steps 100 --capture" in listing
     assert "--model-only --trace" in listing and "--mode prefill" in listing
     assert "load_checkpoint.py load" in listing and "--device cuda" in listing
+    assert "fuzz_ops.py --device cuda --preset flash --candidates --batches 1,2,3,5,50,64" in listing
     # one tensor-parallel rank, timed and its own buckets tuned into the run's config file
     assert "bench --preset flash/tp8 --mode decode --ops qkv_proj_rope,sparse_attn_write,o_proj" in listing
     assert "tune --preset flash/tp8 --mode decode --shapes 'qkv_proj_rope decode B=64 S=2," in listing
@@ -408,6 +414,56 @@ def test_test_counts_come_from_pytest_lines_when_junit_is_missing(tmp_path) -> N
     assert counts["failures"] == ["tests/test_a.py::test_two[flash]", "tests/test_b.py::test_teardown"]
     with pytest.raises(ValueError, match="no junit XML"):
         parse_tests({"junit": str(tmp_path / "missing.xml")}, "collected 0 items")
+
+
+# fuzz_ops.py's output: a case that failed at its candidates and passes at the defaults, a case that
+# raised, then the summary of a run stopped at its time limit
+FUZZ_LOG = """$ python benchmarks/fuzz_ops.py --device cuda --preset flash --candidates
+MISMATCH q: 1,770 of 24,576 off (ratio 0.072 > 0.005)
+  make_case(get_config('flash'), 'qkv_proj_rope', 'decode', 4521, batch=3, seq=2, start_pos=[5, 63, 64], kind=None, \
+max_position=2304)
+  candidates: {"qkv.q_heads": {"T=8,D=4096": {"num_warps": 4}}}
+  at the defaults: ok
+ERROR RuntimeError: Triton Error [CUDA]: an illegal memory access was encountered
+  make_case(get_config('flash'), 'sparse_attn', 'decode', 77, batch=50, seq=1, start_pos=[0], kind='csa', \
+max_position=2304)
+  candidates: {}
+  at the defaults: ERROR RuntimeError: Triton Error [CUDA]: an illegal memory access was encountered
+interrupted: the case in progress is left out
+41 cases, 2 failed (preset flash, seed 0); 2 raised or failed at candidates alone
+  qkv_proj_rope: 20 cases, 1 failed
+  sparse_attn csa: 21 cases, 1 failed
+  qkv.q_heads: 20 buckets looked up, 9 of them at another candidate, 5 in parameters the interpreter runs
+  sparse_attn: 21 buckets looked up, 7 of them at another candidate, 3 in parameters the interpreter runs
+"""
+
+
+def test_fuzz_summary_cases_and_candidates_are_read_back() -> None:
+    """The step's figures: the counts, per op and kind, per kernel the draws, and each failing case with its
+    draws and its verdict at the defaults; in the summary, the count of draws only a GPU runs."""
+    r = parse_fuzz({}, FUZZ_LOG)
+    assert (r["cases"], r["failed"], r["findings"], r["preset"], r["seed"]) == (41, 2, 2, "flash", 0)
+    assert r["interrupted"] is True
+    assert r["ops"] == [
+        {"op": "qkv_proj_rope", "kind": None, "cases": 20, "failed": 1},
+        {"op": "sparse_attn", "kind": "csa", "cases": 21, "failed": 1},
+    ]
+    assert r["kernels"][0] == {"kernel": "qkv.q_heads", "lookups": 20, "other": 9, "interpreter": 5}
+    first, second = r["failures"]
+    assert first["verdict"].startswith("MISMATCH q: 1,770") and first["defaults"] == "ok"
+    assert first["case"].endswith("kind=None, max_position=2304)")
+    assert json.loads(first["candidates"]) == {"qkv.q_heads": {"T=8,D=4096": {"num_warps": 4}}}
+    assert second["verdict"].startswith("ERROR RuntimeError") and second["defaults"].startswith("ERROR")
+    with pytest.raises(ValueError, match="no summary line"):
+        parse_fuzz({}, FUZZ_LOG.split("interrupted")[0])
+    record = {"steps": [{"name": "fuzz", "status": "timeout", "reason": "", "seconds": 120.0, "result": r}]}
+    from dsv4.acceptance.summary import _fuzz_section
+
+    section = "\n".join(_fuzz_section(record))
+    _assert_well_formed(section)
+    assert "**41 cases, 2 failed, 2 raised or failed at candidates alone**" in section
+    assert "stopped at its time limit" in section and "at the defaults: ok" in section
+    assert "| `qkv.q_heads` | 20 | 9 | 4 |" in section  # 9 drawn elsewhere, 5 of them run by the interpreter
 
 
 def test_decode_loop_medians() -> None:

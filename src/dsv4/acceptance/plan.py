@@ -84,6 +84,7 @@ class Profile:
     tune: tuple[str, ...]  # dsv4 tune arguments (besides --json, --config and its budget)
     probe: tuple[str, ...]  # dsv4 tune --probe arguments (besides --json)
     rank: str  # one tensor-parallel rank of the preset ("flash/tp8"), timed and tuned at its own shapes
+    fuzz: tuple[str, ...]  # benchmarks/fuzz_ops.py arguments
     dry_skips: dict[str, str] = field(default_factory=dict)  # step -> why the dry run leaves it out
 
 
@@ -112,7 +113,7 @@ GPU = Profile(
         "environment": 30, "tests": 165, "bench_decode": 110, "probe": 20, "tune": 120, "decode_graph": 90,
         "attention_graph": 90, "bench_decode_compile": 70, "bench_decode_compile_indexer": 90, "trace": 60, "ncu": 120,
         "bench_prefill": 90, "checkpoint": 90, "bench_rank": 60, "tune_rank": 60, "bench_prefill_compile": 120,
-        "sanitize": 150,
+        "sanitize": 150, "fuzz": 120,
     },
     min_s=30,
     # --resume: the buckets the device's committed config holds are left for a slice of their own; the
@@ -123,6 +124,11 @@ GPU = Profile(
         "--ops", "sparse_attn,o_proj,kv_compressor,window_kv_write,qkv_proj_rope,indexer_compressor,indexer",
     ),
     probe=(), rank="flash/tp8",
+    # the deployment's widths, at the decode batches and the deployment's (64) and a ragged one in its bucket
+    # (50: T = 100 of 128); stops drawing 30 s before the step's timeout, for the last case's compiles
+    fuzz=(
+        "--device", "cuda", "--preset", "flash", "--candidates", "--batches", "1,2,3,5,50,64", "--seconds", "90",
+    ),
 )  # fmt: skip
 TUNE_MARGIN_S = 20  # the tune stops starting candidates this long before its step's timeout, and saves
 
@@ -139,6 +145,7 @@ DRY = Profile(
     timeouts=dict.fromkeys(GPU.timeouts, 120), min_s=1,
     tune=("--dry-run", "--ops", "qkv_proj_rope", "--kernels", "qkv.rows,qkv.q_heads"), probe=("--dry-run",),
     rank="tiny/tp1",  # not run (below): the whole layer, as a rank of one
+    fuzz=("--device", "cpu", "--preset", "tiny", "--ops", "qkv_proj_rope", "--candidates", "--seconds", "3"),
     dry_skips={
         **dict.fromkeys(
             ("bench_decode_compile", "bench_decode_compile_indexer", "bench_prefill_compile"),
@@ -350,6 +357,13 @@ def build_plan(profile: Profile, paths: Paths) -> list[Step]:
         *((sanitizer or "compute-sanitizer", "--tool", tool, "--error-exitcode", "1", *run)
           for tool in ("memcheck", "initcheck")),
         skip=None if sanitizer else "compute-sanitizer not found on PATH",
+    )  # fmt: skip
+    # random cases, each kernel at a tuning candidate drawn for its bucket: what a tuned file may hold, at shapes
+    # the tune did not time; compiled, the candidates of warps, stages and PDL (the same program under the
+    # interpreter) run too. Exit 1: a case raised, or failed at its candidates and passes at the defaults.
+    add(
+        "fuzz", "random cases at tuning candidates, compiled (benchmarks/fuzz_ops.py --candidates)",
+        (py, str(paths.root / "benchmarks" / "fuzz_ops.py"), *profile.fuzz), parse="fuzz",
     )  # fmt: skip
     return steps
 

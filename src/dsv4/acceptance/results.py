@@ -33,6 +33,18 @@ _HOST = re.compile(r"^host side of a back-to-back call, median ms: ([^;\n]+)", r
 _TRACE = re.compile(r"^wrote .* \(one decode step on backend (\w+)\)$", re.M)
 _LOAD = re.compile(r"^load_layer\(.*\): ([\d.]+) s wall; loaded ([\d.]+) MiB; .*peak (\d+) MiB \(\+(-?\d+) MiB\)", re.M)
 _RUN = re.compile(r"^(\d+) op calls in ([\d.]+) s; (.+)$", re.M)
+_FUZZ = re.compile(
+    r"^(\d+) cases, (\d+) failed \(preset (\S+), seed (-?\d+)\); (\d+) raised or failed at candidates alone$", re.M
+)
+_FUZZ_OP = re.compile(r"^  (\w+)(?: (\w+))?: (\d+) cases, (\d+) failed$", re.M)
+_FUZZ_KERNEL = re.compile(
+    r"^  (\S+): (\d+) buckets looked up, (\d+) of them at another candidate, (\d+) in parameters the interpreter runs$",
+    re.M,
+)
+_FUZZ_CASE = re.compile(
+    r"^((?:MISMATCH|ERROR) .*)\n  (make_case\(.*\))(?:\n  candidates: (.*)\n  at the defaults: (.*))?$", re.M
+)
+FUZZ_CASES_KEPT = 20  # failing cases read back (the log holds them all)
 NCU_COLUMNS = {"Kernel Name": "kernel", "Grid Size": "grid", "Block Size": "block"}
 
 
@@ -191,6 +203,28 @@ def parse_tune(files: dict[str, str], log: str) -> dict[str, Any]:
     return result
 
 
+def parse_fuzz(files: dict[str, str], log: str) -> dict[str, Any]:
+    """``benchmarks/fuzz_ops.py``'s summary: the cases, per op and kind, per kernel the candidates drawn,
+    and the first failing cases with their draws and their verdict at the defaults."""
+    m = _FUZZ.search(log)
+    if not m:
+        raise ValueError("no summary line (N cases, F failed ...) was printed")
+    ops = [{"op": o[1], "kind": o[2], "cases": int(o[3]), "failed": int(o[4])} for o in _FUZZ_OP.finditer(log, m.end())]
+    kernels = [
+        {"kernel": k[1], "lookups": int(k[2]), "other": int(k[3]), "interpreter": int(k[4])}
+        for k in _FUZZ_KERNEL.finditer(log, m.end())
+    ]
+    failures = [
+        {"verdict": c[1], "case": c[2], "candidates": c[3], "defaults": c[4]}
+        for c in list(_FUZZ_CASE.finditer(log, 0, m.start()))[:FUZZ_CASES_KEPT]
+    ]
+    return {
+        "cases": int(m[1]), "failed": int(m[2]), "preset": m[3], "seed": int(m[4]), "findings": int(m[5]),
+        "interrupted": "interrupted: the case in progress is left out" in log, "ops": ops, "kernels": kernels,
+        "failures": failures,
+    }  # fmt: skip
+
+
 PARSERS: dict[str, Callable[[dict[str, str], str], dict[str, Any]]] = {
     "environment": parse_json,
     "tests": parse_tests,
@@ -201,4 +235,5 @@ PARSERS: dict[str, Callable[[dict[str, str], str], dict[str, Any]]] = {
     "checkpoint": parse_checkpoint,
     "probe": parse_probe,
     "tune": parse_tune,
+    "fuzz": parse_fuzz,
 }

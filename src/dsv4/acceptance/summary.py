@@ -3,7 +3,7 @@
 Per op and shape: time (median, p10-p90), the floor and % of it for the device table's and the
 measured copy bandwidth, speed-up over the eager reference and over ``torch.compile``, how it was
 launched, and the check against the reference; the test counts; the decode step as a CUDA graph;
-the per-kernel ncu bytes; checkpoint loading. A figure that a failed or skipped step did not
+the per-kernel ncu bytes; checkpoint loading; random cases at tuning candidates. A figure that a failed or skipped step did not
 produce is written as absent, with the step and why.
 """
 
@@ -417,6 +417,37 @@ def _checkpoint_section(record: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _fuzz_section(record: dict[str, Any]) -> list[str]:
+    entry = _step(record, "fuzz")
+    r = (entry or {}).get("result")
+    if not r:
+        return [f"No random cases: {_why(entry)}."]
+    line = (
+        f"**{r['cases']} cases, {r['failed']} failed, {r['findings']} raised or failed at candidates alone** "
+        f"(preset `{r['preset']}`, seed {r['seed']})"
+    )
+    if r["interrupted"]:
+        line += "; stopped at its time limit, so these are the cases judged"
+    lines = [line]
+    if r["failures"]:
+        why = (
+            "A failure the defaults pass is a candidate a tuned file must not hold (its draws are in `log.txt`); "
+            "one they share is a rounding of the kinds `docs/TESTING.md` lists, or a finding:"
+        )
+        lines += ["", why, ""]
+        for f in r["failures"]:
+            defaults = f" · at the defaults: {f['defaults']}" if f["defaults"] else ""
+            lines.append(f"- {f['verdict'][:160]} · `{f['case']}`{defaults}")
+    if r["kernels"]:
+        rows = [
+            [f"`{k['kernel']}`", str(k["lookups"]), str(k["other"]), str(k["other"] - k["interpreter"])]
+            for k in r["kernels"]
+        ]
+        head = ["kernel", "buckets looked up", "at another candidate", "of them warps, stages or PDL alone"]
+        lines += ["", *_md_table(head, rows, right={1, 2, 3})]
+    return lines
+
+
 def render(record: dict[str, Any]) -> str:
     """The whole ``summary.md``."""
     env = record.get("environment") or {}
@@ -452,6 +483,7 @@ def render(record: dict[str, Any]) -> str:
         ("Profile of one decode step", _profile_section(record)),
         ("Prefill: time against the floor", bench_section(record, "prefill")),
         ("Checkpoint loading", _checkpoint_section(record)),
+        ("Random cases at tuning candidates, compiled (benchmarks/fuzz_ops.py --candidates)", _fuzz_section(record)),
     ]
     for title, body in sections:
         lines += ["", f"## {title}", "", *body]
