@@ -27,8 +27,9 @@ that the interpreter runs (warps, stages and PDL alone are the same program ther
 them for sm_90, ``benchmarks/compile_candidates.py``, and only ``--device cuda`` runs them).
 
 Exit status 1 when a case raised (an error is never a rounding) or, with ``--candidates``, failed at
-its candidates and passes at the built-in defaults (the candidates' own failure: a tuned file could ship
-it); else 0, also when some case failed the spec's rules at the defaults, which every run prints and
+its candidates and passes at the built-in defaults (the candidates' own failure, to trace before a tuned
+file holds them: a bug, or a rounding of a kind TESTING.md lists where a candidate sums in another
+order); else 0, also when some case failed the spec's rules at the defaults, which every run prints and
 counts; 130 when interrupted (Ctrl-C, SIGINT) with no such case, after the summary of the cases judged
 so far. ``docs/TESTING.md`` ("Random cases") says what the failures found so far were.
 """

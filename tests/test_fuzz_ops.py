@@ -126,7 +126,7 @@ sys.exit(fuzz_ops.main())
     ("own", "at_defaults", "candidates", "status"),
     [
         ("ok", "ok", True, 0),
-        ("FAIL kv: 3 of 64 off", "ok", True, 1),  # the candidates' own failure: a tuned file could ship it
+        ("FAIL kv: 3 of 64 off", "ok", True, 1),  # the candidates' own failure
         ("FAIL kv: 3 of 64 off", "FAIL kv: 3 of 64 off", True, 0),  # a rounding the defaults share
         ("FAIL kv: 3 of 64 off", "ok", False, 0),  # no candidates drawn: nothing to tell it from a rounding
         ("ERROR RuntimeError: boom", "ERROR RuntimeError: boom", False, 1),  # an error is never a rounding

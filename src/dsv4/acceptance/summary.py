@@ -3,8 +3,8 @@
 Per op and shape: time (median, p10-p90), the floor and % of it for the device table's and the
 measured copy bandwidth, speed-up over the eager reference and over ``torch.compile``, how it was
 launched, and the check against the reference; the test counts; the decode step as a CUDA graph;
-the per-kernel ncu bytes; checkpoint loading; random cases at tuning candidates. A figure that a failed or skipped step did not
-produce is written as absent, with the step and why.
+the per-kernel ncu bytes; checkpoint loading; random cases at tuning candidates. A figure that a
+failed or skipped step did not produce is written as absent, with the step and why.
 """
 
 from __future__ import annotations
@@ -431,8 +431,9 @@ def _fuzz_section(record: dict[str, Any]) -> list[str]:
     lines = [line]
     if r["failures"]:
         why = (
-            "A failure the defaults pass is a candidate a tuned file must not hold (its draws are in `log.txt`); "
-            "one they share is a rounding of the kinds `docs/TESTING.md` lists, or a finding:"
+            "A failure the defaults pass is the candidates' own (their draws are in `log.txt`), to trace before a "
+            "tuned file holds them: a bug, or a rounding of the kinds `docs/TESTING.md` lists where a candidate "
+            "sums in another order (a K split); one the defaults share is such a rounding, or a finding:"
         )
         lines += ["", why, ""]
         for f in r["failures"]:
