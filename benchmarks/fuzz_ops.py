@@ -103,6 +103,19 @@ def is_finding(record: dict[str, Any]) -> bool:
     return record["verdict"] != "ok" and record.get("defaults") == "ok"
 
 
+def report(record: dict[str, Any]) -> str:
+    """A failing case as printed: the verdict's first line, the ``make_case`` call, with ``--candidates``
+    the draws and the first line of the verdict at the defaults; then any further lines of either verdict
+    (an error's message), indented."""
+    verdict, *more = record["verdict"].splitlines()
+    lines = [verdict, f"  {record['case']}"]
+    if "kernels" in record:
+        at_defaults, *more_defaults = record["defaults"].splitlines()
+        lines += [f"  candidates: {json.dumps(record['kernels'])}", f"  at the defaults: {at_defaults}"]
+        more += more_defaults
+    return "\n".join(lines + [f"    {line}" for line in more])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu (Triton's interpreter) or cuda (compiled kernels)")
@@ -162,10 +175,7 @@ def main() -> int:
                         ran[name] += not all(tuning.TUNABLES[name].param(k).compiled_only for k in diff)
             if verdict != "ok":
                 fails[(op, kind)] += 1
-                drew = ""
-                if drawn is not None:
-                    drew = f"\n  candidates: {json.dumps(record['kernels'])}\n  at the defaults: {record['defaults']}"
-                print(f"{verdict}\n  {call}{drew}", flush=True)
+                print(report(record), flush=True)
             records.append(record)
     except KeyboardInterrupt:  # Ctrl-C, or a runner's time limit: the cases judged so far are still reported
         interrupted = True

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dsv4.acceptance.results import FUZZ_CASES_KEPT, parse_fuzz
 from dsv4.kernels import tuning
 from subprocesses import run_python
 
@@ -126,18 +127,20 @@ sys.exit(fuzz_ops.main())
     ("own", "at_defaults", "candidates", "status"),
     [
         ("ok", "ok", True, 0),
-        ("FAIL kv: 3 of 64 off", "ok", True, 1),  # the candidates' own failure
-        ("FAIL kv: 3 of 64 off", "FAIL kv: 3 of 64 off", True, 0),  # a rounding the defaults share
-        ("FAIL kv: 3 of 64 off", "ok", False, 0),  # no candidates drawn: nothing to tell it from a rounding
+        ("MISMATCH kv: 3 of 64 off", "ok", True, 1),  # the candidates' own failure
+        ("MISMATCH kv: 3 of 64 off", "MISMATCH kv: 3 of 64 off", True, 0),  # a rounding the defaults share
+        ("MISMATCH kv: 3 of 64 off", "ok", False, 0),  # no candidates drawn: nothing to tell it from a rounding
         ("ERROR RuntimeError: boom", "ERROR RuntimeError: boom", False, 1),  # an error is never a rounding
-        ("FAIL kv: 3 of 64 off", "ERROR RuntimeError: boom", True, 1),
+        ("MISMATCH kv: 3 of 64 off", "ERROR RuntimeError: boom", True, 1),
+        ("ERROR CompilationError: at 12:8:\n    acc = tl.dot(a, b)\nunsupported", "ok", True, 1),  # several lines
     ],
 )
 def test_exit_status_names_errors_and_failures_of_the_candidates_alone(
     tmp_path: Path, own: str, at_defaults: str, candidates: bool, status: int
 ) -> None:
     """The exit status is 1 for a case that raised, or that failed at its candidates and passes at the
-    defaults; failures the defaults share are printed and counted, and leave it 0."""
+    defaults; failures the defaults share are printed and counted, and leave it 0. Each failing case is
+    printed so that the acceptance run's parser reads it back, an error of several lines too."""
     script = tmp_path / "given_verdicts.py"
     script.write_text(GIVEN_VERDICTS)
     args = [str(script), str(SCRIPT.parent), own, at_defaults, *(["--candidates"] if candidates else [])]
@@ -152,8 +155,14 @@ def test_exit_status_names_errors_and_failures_of_the_candidates_alone(
     assert failed == (0 if own == "ok" else cases)
     assert findings == (cases if status else 0)
     if own != "ok":
-        assert done.stdout.count(own) >= cases
+        first, *more = own.splitlines()
+        assert done.stdout.count(f"{first}\n  make_case(get_config('tiny'), 'window_kv_write'") == cases
+        assert all(f"\n    {line}\n" in done.stdout for line in more)
         assert (f"at the defaults: {at_defaults}" in done.stdout) == candidates
+        listed = parse_fuzz({}, done.stdout)["failures"]
+        assert len(listed) == min(cases, FUZZ_CASES_KEPT)
+        assert all(f["verdict"] == first and f["case"].startswith("make_case(") for f in listed)
+        assert all(f["defaults"] == (at_defaults if candidates else None) for f in listed)
 
 
 # fuzz_ops.main with a judge that passes two cases and is interrupted (Ctrl-C, a runner's time limit) in the
