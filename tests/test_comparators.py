@@ -73,7 +73,7 @@ def test_compare_key_pool_rows_not_written_must_be_identical() -> None:
         return {**expected.tensors(), "keys": keys, "key_scale": key_scale}
 
     good_scale = expected.key_scale.clone()
-    good_scale[2, 1] *= 1 + 1 / 1024  # ks (and so k8*ks) within rtol 1/128 on the written row
+    good_scale[2, 1] *= 1 + 1 / 1024  # ks within rtol 1/128 on the written row
     assert compare("indexer_compressor", with_pool(expected.keys, good_scale), expected.tensors(), inputs)
     off_by_two = expected.keys.clone()
     off_by_two[2, 1, 3] += 2
@@ -89,6 +89,34 @@ def test_compare_key_pool_rows_not_written_must_be_identical() -> None:
     moved = expected.keys.clone()
     moved[1, 1] = 100  # the row written into slot 1's block instead of slot 0's
     assert not compare("indexer_compressor", with_pool(moved, expected.key_scale), expected.tensors(), inputs)
+
+
+def test_compare_key_pool_codes_may_differ_by_one_in_at_most_a_tenth_of_a_row() -> None:
+    """Spec §6: in a written row every ``k8`` within ±1 of the reference and at most 10% of them different
+    at all (one bf16 ulp before the Hadamard rotation flips ~4% of a row's codes), whatever the row's
+    scale; a NaN scale where the reference's is NaN is the same scale."""
+    before = dsv4.IndexerState.paged(1, 2, 16, 40, torch.tensor([[1, 0]]))
+    expected = before.clone()
+    expected.keys[1, 0] = torch.arange(-20, 20, dtype=torch.int8) * 3
+    expected.key_scale[1, 0] = 2.0**-30  # a scale far below any atol: the codes alone decide
+    inputs = step_inputs(torch.zeros(1, 4, 8), 0, before)
+
+    def verdict(keys: torch.Tensor, key_scale: torch.Tensor | None = None) -> dsv4.golden.Report:
+        pool = {"keys": keys, "key_scale": expected.key_scale if key_scale is None else key_scale}
+        return compare("indexer_compressor", {**expected.tensors(), **pool}, expected.tensors(), inputs)
+
+    four, five = expected.keys.clone(), expected.keys.clone()
+    four[1, 0, :4] += 1  # 4 of 40 codes: 10%
+    five[1, 0, 10:15] -= 1  # 5 of 40: 12.5%
+    assert verdict(four)
+    report = verdict(five)
+    assert not report and "1 written row(s) with more than 10% of their k8 differing (the most: 5 of 40)" in str(report)
+    nan = expected.key_scale.clone()
+    nan[1, 0] = float("nan")
+    assert compare(
+        "indexer_compressor", {**expected.tensors(), "key_scale": nan}, {**expected.tensors(), "key_scale": nan}, inputs
+    )
+    assert not verdict(expected.keys, nan)
 
 
 def test_compare_score_masking() -> None:

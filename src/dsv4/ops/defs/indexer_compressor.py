@@ -17,7 +17,8 @@ from ..registry import OpDescriptor, Output, Tolerance
 from ..validate import check_compressor
 
 STATE = Tolerance(1e-4, 1e-4)  # spec §6: kv_state, score_state
-KEYS = Tolerance(1e-4, 1 / 128)  # spec §6: dequantized pool rows a step writes (k8 ±1, ks rtol 1/128 besides)
+# spec §6: the key rows a step writes: ks within rtol 1/128, at most 10% of a row's k8 differing (each within ±1)
+KEYS = Tolerance(0.0, 1 / 128, 0.10)
 STATE_OUTPUTS = (
     Output("kv_state", STATE),
     Output("score_state", STATE),
