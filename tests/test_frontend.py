@@ -71,6 +71,26 @@ def test_explicit_start_positions_and_reset_validation() -> None:
     assert all(torch.equal(a, b) for a, b in zip(m.state.tensors().values(), before.tensors().values(), strict=True))
 
 
+def test_a_start_later_than_the_slot_stands_is_refused() -> None:
+    """A slot that stands at 2 after a reset and one step cannot start at 60: positions 2..59 never ran,
+    and the pool blocks it would be given (freed by the reset, not cleared) hold the previous sequence's
+    keys. Refused naming the slot and both positions, changing nothing; starting where it stands runs."""
+    m = tiny_frontend("reference", 2, 128)
+    m(dsv4.synthetic_activations((2, 64, CFG.hidden_size), seed=1, device=DEVICE))  # 16 keys in each slot's block
+    m.reset([0])
+    x = dsv4.synthetic_activations((2, SEQ, CFG.hidden_size), seed=5, device=DEVICE)
+    m(x, start_pos=[0, 64])
+    state, blocks, free = m.state.clone(), [b[:] for b in m.slot_blocks], m.free_blocks[:]
+    with pytest.raises(
+        ValueError, match=r"start_pos: slot 0 stands at position 2; a step cannot start at 60 \(later\)"
+    ):
+        m(x, start_pos=[60, 66])
+    assert m.next_pos == [2, 66] and m.free_blocks == free and m.slot_blocks == blocks
+    assert all(torch.equal(a, b) for a, b in zip(m.state.tensors().values(), state.tensors().values(), strict=True))
+    m(x, start_pos=[2, 66])
+    assert m.next_pos == [4, 68]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rerun_from_an_earlier_position_equals_a_fresh_run(backend: str) -> None:
     """Speculative decoding: after 8 tokens, slot 0 goes back to position 2 with other tokens (the

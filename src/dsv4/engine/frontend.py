@@ -53,7 +53,8 @@ class DecodeFrontEnd(CheckedBuffers):
     A step may start a slot again at an earlier position ``r`` (speculative decoding: rejected draft
     tokens) when that re-run equals a fresh run (spec §4, ``rollback_exact``); a deeper rollback is
     refused. The slot keeps the pool blocks it holds past ``r`` (its table is unchanged; the re-run
-    rewrites those rows and ``reset`` frees them).
+    rewrites those rows and ``reset`` frees them). A start later than where the slot stands is refused:
+    the positions skipped never ran, and the blocks it would be given may hold another sequence's keys.
 
     Args:
         weights: the layer's ``LayerWeights``.
@@ -180,8 +181,8 @@ class DecodeFrontEnd(CheckedBuffers):
     def check_starts(self, b: int, s: int, start_pos: int | list[int] | torch.Tensor | None) -> list[int]:
         """Each slot's first position for a step of ``b`` x ``s`` tokens, checked on the host (a device
         ``start_pos`` tensor is read there: the module keeps positions on the host): inside
-        ``max_position``, the rope table and the block table, and no rollback deeper than spec §4
-        allows (``rollback_exact``). Changes nothing."""
+        ``max_position``, the rope table and the block table, no later than where the slot stands, and
+        no rollback deeper than spec §4 allows (``rollback_exact``). Changes nothing."""
         if b > self.batch:
             raise ValueError(f"x: batch {b} exceeds the module's {self.batch} slots")
         if start_pos is None:
@@ -197,6 +198,11 @@ class DecodeFrontEnd(CheckedBuffers):
                 f"got {start!r:.120}"
             )
         slots = [] if start_pos is None else range(b)  # by default each slot starts where it stands
+        for slot, r, current in [(i, start[i], self.next_pos[i]) for i in slots if start[i] > self.next_pos[i]]:
+            raise ValueError(
+                f"start_pos: slot {slot} stands at position {current}; a step cannot start at {r} (later): "
+                f"positions {current}..{r - 1} never ran, so the compressor and the key cache hold none of them"
+            )
         for slot, r, current in [(i, start[i], self.next_pos[i]) for i in slots if start[i] < self.next_pos[i]]:
             if not rollback_exact(r, current):
                 raise ValueError(
