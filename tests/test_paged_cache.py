@@ -260,3 +260,40 @@ def test_unallocated_rows_are_skipped_by_the_compressor() -> None:
 def test_block_size_must_be_a_power_of_two_of_at_least_16(block_size, error) -> None:
     with pytest.raises(error, match="block_size"):
         dsv4.IndexerState.empty(TINY, 2, 256, block_size=block_size)
+
+
+PAGED = {
+    "IndexerState": lambda table: dsv4.IndexerState.paged(table.shape[0], 4, 16, 128, table),
+    "KVPool": lambda table: dsv4.KVPool.paged(4, 16, 128, 64, table),
+}
+
+
+@pytest.mark.parametrize("cls", PAGED)
+def test_a_paged_state_holds_a_copy_of_the_engine_table(cls: str) -> None:
+    """The engine's own int32 table, already contiguous (which a cast would hand back as it is): the state
+    holds a copy, so a later change to the engine's tensor does not reach it."""
+    table = torch.tensor([[0, 1], [2, -1]], dtype=torch.int32)
+    state = PAGED[cls](table)
+    table[0, 0] = 3
+    assert state.block_table.tolist() == [[0, 1], [2, -1]]
+    assert state.block_table.dtype == torch.int32 and state.block_table.is_contiguous()
+
+
+@pytest.mark.parametrize("cls", PAGED)
+@pytest.mark.parametrize(
+    ("table", "error", "words"),
+    [
+        (
+            torch.tensor([[2**32 + 1, -1]]),
+            ValueError,
+            r"expected entries in \[0, 4\) or -1",
+        ),  # checked before the int32 cast
+        (torch.tensor([[-(2**32) + 1, 0]]), ValueError, r"expected entries in \[0, 4\) or -1"),
+        (torch.tensor([[1.0, 2.0]]), TypeError, "expected an integer tensor, got float32"),
+        (torch.tensor([[True, False]]), TypeError, "expected an integer tensor, got bool"),
+        (torch.tensor([0, 1]), ValueError, "expected shape"),
+    ],
+)
+def test_a_paged_table_of_other_values_is_refused(cls: str, table: torch.Tensor, error: type, words: str) -> None:
+    with pytest.raises(error, match="block_table: " + words):
+        PAGED[cls](table)

@@ -23,7 +23,7 @@ import torch
 from .config import COMPRESS_RATIO, DeepSeekV4Config
 from .fp8_row import check_row_dims, dequantize_fp8_rows, fp8_rows
 from .pool_format import FP8_KV, PoolFormat
-from .state import DEFAULT_BLOCK_SIZE, UNALLOCATED, IndexerState, _check_block_size
+from .state import DEFAULT_BLOCK_SIZE, IndexerState, _check_block_size, engine_table
 
 
 class _Record:
@@ -92,17 +92,13 @@ class KVPool(_Record):
         ``head_dim`` (``rope_dim`` of them bf16), addressed by ``block_table [B, max_blocks]`` (copied)."""
         _check_block_size(block_size)
         check_row_dims(head_dim, rope_dim)
-        table = torch.as_tensor(block_table).to(torch.int32)
-        if table.dim() != 2 or table.shape[0] < 1:
-            raise ValueError(f"block_table: expected shape [batch, max_blocks], got {list(table.shape)}")
-        if table.numel() and (int(table.min()) < UNALLOCATED or int(table.max()) >= num_blocks):
-            raise ValueError(f"block_table: expected entries in [0, {num_blocks}) or -1")
+        table = engine_table(block_table, num_blocks, device)
         codes, scales = cls.row_format.empty(num_blocks, block_size, head_dim - rope_dim, device)
         return cls(
             nope=codes,
             rope=torch.zeros(num_blocks, block_size, rope_dim, dtype=cls.row_format.tail_dtype, device=device),
             scale=scales,
-            block_table=table.to(device).contiguous(),
+            block_table=table,
         )
 
     @classmethod

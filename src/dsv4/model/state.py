@@ -92,11 +92,7 @@ class IndexerState:
         """Fresh state over a pool of ``num_blocks`` empty blocks of ``block_size`` rows, addressed by
         ``block_table [batch, max_blocks] int`` (entries in ``[0, num_blocks)`` or ``-1``; copied)."""
         _check_block_size(block_size)
-        table = torch.as_tensor(block_table).to(torch.int32)
-        if table.dim() != 2 or table.shape[0] != batch:
-            raise ValueError(f"block_table: expected shape [{batch}, max_blocks], got {list(table.shape)}")
-        if table.numel() and (int(table.min()) < UNALLOCATED or int(table.max()) >= num_blocks):
-            raise ValueError(f"block_table: expected entries in [0, {num_blocks}) or -1")
+        table = engine_table(block_table, num_blocks, device, batch)
         width = 2 * head_dim
         keys, key_scale = cls.key_format.empty(num_blocks, block_size, head_dim, device)
         return cls(
@@ -104,7 +100,7 @@ class IndexerState:
             score_state=torch.full((batch, STATE_SLOTS, width), float("-inf"), dtype=torch.float32, device=device),
             keys=keys,
             key_scale=key_scale,
-            block_table=table.to(device).contiguous(),
+            block_table=table,
         )
 
     @property
@@ -186,6 +182,23 @@ class IndexerState:
             idx = torch.tensor(items, dtype=torch.long, device=self.kv_state.device)
         self.kv_state[idx] = 0.0
         self.score_state[idx] = float("-inf")
+
+
+def engine_table(
+    block_table: torch.Tensor, num_blocks: int, device: torch.device | str | None, batch: int | None = None
+) -> torch.Tensor:
+    """A copy of the engine's ``block_table [batch, max_blocks]`` (integers; entries in ``[0, num_blocks)``
+    or -1, checked before the cast) as contiguous int32 on ``device``: later changes to the caller's
+    tensor do not reach the state."""
+    table = torch.as_tensor(block_table)
+    if table.is_floating_point() or table.is_complex() or table.dtype == torch.bool:
+        raise TypeError(f"block_table: expected an integer tensor, got {str(table.dtype).removeprefix('torch.')}")
+    if table.dim() != 2 or table.shape[0] < 1 or (batch is not None and table.shape[0] != batch):
+        rows = "batch" if batch is None else str(batch)
+        raise ValueError(f"block_table: expected shape [{rows}, max_blocks], got {list(table.shape)}")
+    if table.numel() and (int(table.min()) < UNALLOCATED or int(table.max()) >= num_blocks):
+        raise ValueError(f"block_table: expected entries in [0, {num_blocks}) or -1")
+    return table.to(device=device, dtype=torch.int32, memory_format=torch.contiguous_format, copy=True)
 
 
 def _check_block_size(block_size: int) -> int:
