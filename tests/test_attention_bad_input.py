@@ -106,7 +106,9 @@ BAD: list[tuple[str, str, Callable, type, tuple[str, ...]]] = [
     ("sparse_attn", "window_pool.block_table", _unallocate(0), ValueError, ("window_pool.block_table", "reads")),
     ("sparse_attn", "compressed_pool.block_table", _unallocate(0), ValueError, ("compressed_pool.block_table",)),
     ("sparse_attn", "compressed_pool.rope", lambda t: t[..., :32].contiguous(), ValueError, ("compressed_pool.rope",)),
-    ("o_proj", "o", lambda t: t[:0], ValueError, ("o:", "T >= 1")),
+    ("o_proj", "o", lambda t: t[:0], ValueError, ("o:", "T, H, HD >= 1")),
+    ("o_proj", "o", lambda t: t[:, :0], ValueError, ("o:", "T, H, HD >= 1", "[4, 0, 128]")),
+    ("o_proj", "o", lambda t: t[:, :, :0], ValueError, ("o:", "T, H, HD >= 1", "[4, 4, 0]")),
     ("o_proj", "o", lambda t: t[:, :3].contiguous(), ValueError, ("w.wo_a", "G*OL")),
     ("o_proj", "w.wo_a", lambda t: t.to(torch.bfloat16), TypeError, ("w.wo_a", "float8_e4m3fn")),
     ("o_proj", "w.wo_a_scale", lambda t: t[:, :1].contiguous(), ValueError, ("w.wo_a_scale", "shape")),
@@ -130,6 +132,16 @@ def test_bad_input_is_named_and_nothing_changes(op, path, breaker, exc, words) -
     assert all(w in message for w in words), f"{message!r} lacks {words}"
     after = record_outputs(records)
     assert all(bit_identical(after[k], t, k) for k, t in before.items())
+
+
+@pytest.mark.parametrize("backend", backends_of("sparse_attn"))
+def test_no_heads_are_named_on_every_backend(backend: str) -> None:
+    """``q`` and ``attn_sink`` of 0 heads agree with each other: refused naming ``q``, before the
+    reference would return an empty ``o`` and the kernel's grid divide by the 0 heads."""
+    args = _args("sparse_attn")
+    args.update(q=args["q"][:, :, :0], attn_sink=args["attn_sink"][:0])
+    with pytest.raises(ValueError, match=r"q: expected at least one head \(H >= 1\), got shape \[2, 2, 0, 128\]"):
+        dsv4.sparse_attn(**args, backend=backend)
 
 
 def test_every_op_runs_unbroken() -> None:

@@ -197,6 +197,8 @@ def check_sparse_attn(
     """Checks of ``sparse_attn``'s arguments (``out`` included); returns the step's positions."""
     check_step_input("q", q, 2)
     b, s, h, hd = q.shape
+    if h < 1:
+        raise ValueError(f"q: expected at least one head (H >= 1), got shape {list(q.shape)}")
     dev = q.device
     check_tensor("kv", kv, torch.bfloat16, (b, s, hd), dev)
     check_tensor("attn_sink", attn_sink, torch.float32, (h,), dev)
@@ -265,8 +267,10 @@ def check_o_proj(o: Any, w: Any, out: Any = None) -> None:
     """Checks of ``o_proj``'s arguments (``out`` included)."""
     check_tensor("o", o, torch.bfloat16, (None, None, None), o.device if isinstance(o, torch.Tensor) else None)
     t, h, hd = o.shape
-    if t < 1:
-        raise ValueError("o: expected at least one token (T >= 1), got T=0")
+    if t < 1 or h < 1 or hd < 1:
+        raise ValueError(
+            f"o: expected at least one token, head and element of a head (T, H, HD >= 1), got {[t, h, hd]}"
+        )
     dev = o.device
     _check_instance("w", w, OProjWeights)
     check_tensor("w.wo_a", w.wo_a, torch.float8_e4m3fn, (None, None), dev)
