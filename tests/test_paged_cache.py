@@ -10,6 +10,7 @@ other pool row bit-identical), and the reference against itself on the dense lay
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -262,7 +263,7 @@ def test_block_size_must_be_a_power_of_two_of_at_least_16(block_size, error) -> 
         dsv4.IndexerState.empty(TINY, 2, 256, block_size=block_size)
 
 
-PAGED = {
+PAGED: dict[str, Callable[[torch.Tensor], dsv4.IndexerState | dsv4.KVPool]] = {
     "IndexerState": lambda table: dsv4.IndexerState.paged(table.shape[0], 4, 16, 128, table),
     "KVPool": lambda table: dsv4.KVPool.paged(4, 16, 128, 64, table),
 }
