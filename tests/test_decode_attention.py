@@ -379,6 +379,46 @@ def test_bad_input_changes_nothing() -> None:
         dsv4.DecodeAttention(dsv4.synthetic_weights(CFG), dsv4.rope_table(CFG), CFG, batch=1, max_position=64)
 
 
+def _paging(m: dsv4.DecodeAttention) -> list[tuple[list[int], list[dict[int, int]], list[range], list[int]]]:
+    """Each pool's blocks on the host (free, per slot, runs) and the slots' quiet bounds, copied."""
+    return [(sorted(p.free), [dict(d) for d in p.slots], list(p.runs), list(m.paging.quiet)) for p in m.paging.pools]
+
+
+@pytest.mark.parametrize("captured", [False, True], ids=["eager", "captured"])
+def test_a_step_that_raises_in_an_op_gives_its_blocks_back(captured: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An op raising mid-step (out of memory, a compile error) after the step was given its blocks: the
+    blocks go back to the pools and out of the device tables, and the slots stay where they stood. The
+    ops before it wrote the rings, as a re-run does; here the step run again is an exact re-run (spec A3:
+    64 + 4 <= 4 * 16 + 4), so it gives what it gives on a module that never failed."""
+    m, fresh = module("csa", batch=2), module("csa", batch=2)
+    m(x_of(2, 64, 7)), fresh(x_of(2, 64, 7))
+    paging, tables = _paging(m), [t.clone() for t in m._tables()]
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("out of memory")
+
+    if captured:  # the step's last launch (o_proj's) raises
+        run: Any = m.capture(4)
+        last = run.launches[-1]
+        run.launches[-1] = (out_of_memory, (), {})
+    else:
+        run, launch = m, m._launch
+        monkeypatch.setattr(
+            m, "_launch", lambda op, *a, **k: (out_of_memory if op == "o_proj" else launch)(op, *a, **k)
+        )
+    x = x_of(2, 4, 8)  # positions 64..67: a window block, and the compressed and indexer pools' second (row 16)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run(x)
+    assert m.next_pos == [64, 64] and _paging(m) == paging
+    assert all(torch.equal(t, before) for t, before in zip(m._tables(), tables, strict=True))
+    if captured:
+        run.launches[-1] = last
+    else:
+        monkeypatch.setattr(m, "_launch", launch)
+    assert bit_identical(run(x), fresh(x), "y")
+    assert _paging(m) == _paging(fresh)
+
+
 def test_module_moves_with_to_and_names_its_buffers() -> None:
     m = module("csa", batch=1)
     names = {n for n, _ in m.named_buffers()}

@@ -50,7 +50,8 @@ class DecodeAttention(CheckedBuffers):
     blocks as its sequence grows and gives back those whose positions no later token sees (all
     ``<= start - W`` of the step just run), and gets compressed and indexer blocks as rows close
     (kept until ``reset``). A call that needs more blocks than are free raises before anything
-    runs. A call longer than ``prefill_chunk`` tokens runs as steps of that many.
+    runs. A step whose op raises all the same (out of memory) gives its blocks back and leaves the
+    slots where they stood. A call longer than ``prefill_chunk`` tokens runs as steps of that many.
 
     Every op's checks (spec §7) run when the module is built, on its weights, pools and rings, and
     again on the first call after its buffers change (``.to()``, a cast, a buffer replaced); a call
@@ -353,6 +354,12 @@ class DecodeAttention(CheckedBuffers):
             self.paging.flush(self._tables())
         return plan
 
+    def abort_step(self) -> None:
+        """Host side of a step that raised after ``begin_step``: the blocks it was given go back to their
+        pools and out of the tables; the slots stay where they stood."""
+        self.paging.abort()
+        self.paging.flush(self._tables())
+
     def end_step(self, plan: Plan, starts: list[int], s: int) -> None:
         """Host side of a step that ran: take back the window blocks no later token sees, and move
         each slot to ``start + s``."""
@@ -363,8 +370,19 @@ class DecodeAttention(CheckedBuffers):
 
     def _step(self, xn: torch.Tensor, starts: list[int]) -> torch.Tensor:
         b, s, d = xn.shape
-        dev = xn.device
         plan = self.begin_step(starts, s)
+        try:
+            y = self._ops(xn, starts)
+        except BaseException:
+            self.abort_step()
+            raise
+        self.end_step(plan, starts, s)
+        return y.view(b, s, d)
+
+    def _ops(self, xn: torch.Tensor, starts: list[int]) -> torch.Tensor:
+        """The step's ops, eagerly, on blocks the slots already hold -> ``y [B*S, D]``."""
+        b, s, d = xn.shape
+        dev = xn.device
         start = staged(starts, dev).to(dev, non_blocking=True)
         pos = StepPositions.from_host(start, tuple(starts), s)
         positions = (start[:, None] + torch.arange(s, device=dev)).reshape(-1)
@@ -396,6 +414,4 @@ class DecodeAttention(CheckedBuffers):
                 compressed_pool=self.compressed_pool, topk_idxs=topk,
                 topk_offset=self.window if topk is not None else 0,
             ).o  # fmt: skip
-            y = self._launch("o_proj", o=o.view(b * s, *o.shape[2:]), w=self.o_weights).y
-        self.end_step(plan, starts, s)
-        return y.view(b, s, d)
+            return self._launch("o_proj", o=o.view(b * s, *o.shape[2:]), w=self.o_weights).y

@@ -200,10 +200,14 @@ class AttentionGraph:
             if xn is not self.xn:  # a caller may write its activations into the graph's input itself
                 self.xn.copy_(xn)
             plan = layer.begin_step(starts, self.seq)
-            if self.graph is not None:
-                with on_device(self.xn.device):  # replayed on the current stream of the graph's device
-                    self.graph.replay()
-            else:
-                self.launch()
+            try:
+                if self.graph is not None:
+                    with on_device(self.xn.device):  # replayed on the current stream of the graph's device
+                        self.graph.replay()
+                else:
+                    self.launch()
+            except BaseException:
+                layer.abort_step()
+                raise
             layer.end_step(plan, starts, self.seq)
         return self.y.y.view(self.batch, self.seq, -1)

@@ -46,14 +46,17 @@ class Blocks:
         slot = self.slots[b]
         return sum(c not in slot for c in self._unknown(b, columns))
 
-    def give(self, b: int, columns: range) -> None:
+    def give(self, b: int, columns: range) -> list[int]:
+        """Slot ``b`` holds every column of ``columns`` after the call; returns those it was given."""
         slot = self.slots[b]
+        given = []
         for c in self._unknown(b, columns):
             if c not in slot:
                 slot[c] = heapq.heappop(self.free)
                 self.table.append([b, c, slot[c]])
+                given.append(c)
         if not columns:
-            return
+            return given
         run = self.runs[b]
         if run and run.start <= columns.stop and columns.start <= run.stop:  # touching: the union is held
             lo, hi = min(run.start, columns.start), max(run.stop, columns.stop)
@@ -62,6 +65,7 @@ class Blocks:
         while hi in slot:
             hi += 1
         self.runs[b] = range(lo, hi)
+        return given
 
     def take_back(self, b: int, columns: list[int]) -> None:
         slot = self.slots[b]
@@ -102,6 +106,7 @@ class LayerPaging:
         self.block_size, self.window, self.ratios = block_size, window, ratios
         self.quiet = [NEVER] * batch  # per slot, (lo, hi, end): see quiet_bounds
         self._checked: tuple[list[int], int, Plan] | None = None  # the last one-step check's plan, until pools change
+        self._given: list[tuple[Blocks, int, list[int]]] = []  # the blocks the step begun last was given, until it ends
 
     def plan(self, starts: list[int], s: int, pools: list[Blocks] | None = None) -> Plan:
         """For each pool: ``(pool, [(slot, columns it must hold)], [(slot, columns to give back after
@@ -184,11 +189,18 @@ class LayerPaging:
         (the one ``check`` kept for these starts, if nothing changed since), for ``end``."""
         checked, self._checked = self._checked, None
         plan = checked[2] if checked is not None and checked[:2] == (starts, s) else self.plan(starts, s)
-        for blocks, give, _ in plan:
-            for b, cols in give:
-                blocks.give(b, cols)
+        self._given = [(blocks, b, blocks.give(b, cols)) for blocks, give, _ in plan for b, cols in give]
         self._requiet({b for _, give, _ in plan for b, _ in give})
         return plan
+
+    def abort(self) -> None:
+        """After a step that raised: take back the blocks ``begin`` gave it (the slots did not move, so
+        a step from the same starts gets them again)."""
+        for blocks, b, columns in self._given:
+            if columns:
+                blocks.take_back(b, columns)
+        self._requiet({b for _, b, _ in self._given})
+        self._given, self._checked = [], None
 
     def end(self, plan: Plan) -> None:
         """After the step: take back the window blocks no later token sees."""
@@ -196,7 +208,7 @@ class LayerPaging:
             for b, cols in free:
                 blocks.take_back(b, cols)
         self._requiet({b for _, _, free in plan for b, _ in free})
-        self._checked = None  # a check made mid-step planned on the pools before these changes
+        self._given, self._checked = [], None  # a check made mid-step planned on the pools before these changes
 
     def reset(self, rows: list[int]) -> None:
         """Every block of the slots ``rows`` back to its pool."""
