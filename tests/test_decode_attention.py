@@ -379,7 +379,9 @@ def test_bad_input_changes_nothing() -> None:
         dsv4.DecodeAttention(dsv4.synthetic_weights(CFG), dsv4.rope_table(CFG), CFG, batch=1, max_position=64)
 
 
-def _paging(m: dsv4.DecodeAttention) -> list[tuple[list[int], list[dict[int, int]], list[range], list[int]]]:
+def _paging(
+    m: dsv4.DecodeAttention,
+) -> list[tuple[list[int], list[dict[int, int]], list[range], list[tuple[int, int, int]]]]:
     """Each pool's blocks on the host (free, per slot, runs) and the slots' quiet bounds, copied."""
     return [(sorted(p.free), [dict(d) for d in p.slots], list(p.runs), list(m.paging.quiet)) for p in m.paging.pools]
 
