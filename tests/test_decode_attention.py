@@ -259,6 +259,25 @@ def test_weights_an_op_would_refuse_are_refused_when_the_module_is_built(kind, p
         dsv4.DecodeAttention(_broken(w, part, field, bad), rope, CFG, batch=2, max_position=128, backend="reference")
 
 
+@pytest.mark.parametrize(
+    ("kind", "indexer_of", "words"),
+    [
+        ("hca", "csa", "compress ratio 16 takes no indexer, got one"),  # would select ratio-16 rows by ratio-4 numbers
+        ("csa", None, "compress ratio 4 needs an indexer, got none"),  # an overlapping ratio-4 ring run as HCA
+        ("swa", "csa", "compress ratio 0 takes no indexer, got one"),
+    ],
+)
+def test_a_layer_whose_indexer_does_not_fit_its_ratio_is_refused(kind: str, indexer_of: str | None, words: str) -> None:
+    """The layer's kind comes from its weights: CSA is ratio 4 with the indexer (spec A1), HCA another
+    ratio without; weights that mix them are refused when the module is built, naming the ratio."""
+    w = dsv4.synthetic_weights(CFG, seed=0, device=DEVICE, layer=LAYERS[kind])
+    other = None if indexer_of is None else dsv4.synthetic_weights(CFG, seed=0, device=DEVICE, layer=LAYERS[indexer_of])
+    mixed = dataclasses.replace(w, indexer=None if other is None else other.indexer)
+    rope = dsv4.layer_rope_table(CFG, LAYERS[kind], 128, DEVICE)
+    with pytest.raises(ValueError, match="weights: a layer of " + words):
+        dsv4.DecodeAttention(mixed, rope, CFG, batch=2, max_position=128, backend="reference")
+
+
 def test_a_backend_that_cannot_run_is_refused_when_the_module_is_built(monkeypatch) -> None:
     """The module resolves its backend when it is built: one that cannot run on the device is named then,
     with the reason, not in the middle of a step; ``auto`` takes the reference instead."""

@@ -63,7 +63,8 @@ class DecodeAttention(CheckedBuffers):
     since ``start``; always true for one rejected draft token); anything else is refused.
 
     Args:
-        weights: the layer's whole ``LayerWeights`` (``load_layer`` or ``synthetic_weights(cfg, layer=N)``).
+        weights: the layer's whole ``LayerWeights`` (``load_layer`` or ``synthetic_weights(cfg, layer=N)``);
+            the indexer with a compressor of ratio 4 (CSA) and only there.
         rope: the layer's ``RopeTable`` (``layer_rope_table``); it must cover ``max_position``.
         cfg: the model's config (window, top-k, eps).
         batch: sequence slots; max_position: longest sequence a slot holds.
@@ -98,6 +99,13 @@ class DecodeAttention(CheckedBuffers):
             raise TypeError(f"cfg: expected DeepSeekV4Config, got {type(cfg).__name__}")
         check_int("batch", batch, 1)
         self.ratio = weights.compress_ratio
+        csa = self.ratio == COMPRESS_RATIO
+        if (weights.indexer is not None) != csa:
+            raise ValueError(
+                f"weights: a layer of compress ratio {self.ratio} {'needs an' if csa else 'takes no'} indexer, got "
+                f"{'one' if weights.indexer is not None else 'none'} (CSA: ratio {COMPRESS_RATIO} and the indexer; "
+                "HCA: another ratio; SWA: no compressor)"
+            )
         check_int("max_position", max_position, max(1, self.ratio))
         check_int("prefill_chunk", prefill_chunk, 1)
         check_int("block_size", block_size, 16)
