@@ -233,6 +233,7 @@ def test_frontend_refuses_a_step_past_max_position() -> None:
             m(x, start_pos=start)
     after_host, after = _frontend_state(m)
     assert after_host == before_host and all(torch.equal(after[k], before[k]) for k in before)
+    m(dsv4.synthetic_activations((2, 28, CFG.hidden_size), seed=2, device=DEVICE))  # to position 28
     m(x, start_pos=28)  # the last step that fits
     assert m.next_pos == [30, 30]
 
