@@ -232,6 +232,45 @@ def test_block_size_from_config(tmp_path):
         load_layer(d, 1)
 
 
+def _scales_of_one(shards: list[dict[str, torch.Tensor]], whole: bool) -> None:
+    """Every FP8 weight's block scales 1.0 (UE8M0 byte 127): one per block, or one for the whole weight."""
+    for tensors in shards:
+        for name, t in tensors.items():
+            if t.dtype == torch.float8_e8m0fnu:
+                shape = (1, 1) if whole else t.shape
+                tensors[name] = torch.full(shape, 127, dtype=torch.uint8).view(torch.float8_e8m0fnu)
+
+
+@pytest.mark.parametrize("block", [2**40, 2**63])
+def test_a_block_larger_than_every_weight_is_one_block(tmp_path, block):
+    """``weight_block_size`` past every weight's dims: each weight is one block with one scale, loaded as a
+    checkpoint whose every block holds the same scale loads (no repeat or view of the block's size)."""
+    one, per_block = _tiny_shards(), _tiny_shards()
+    _scales_of_one(one, whole=True)
+    _scales_of_one(per_block, whole=False)
+    raw = config_json(TINY, RATIOS)
+    raw["quantization_config"]["weight_block_size"] = [block, block]
+    got = load_layer(write_checkpoint(tmp_path / "one", one, raw), 1)
+    want = load_layer(write_checkpoint(tmp_path / "blocks", per_block, config_json(TINY, RATIOS)), 1)
+    assert_same_layer(got, want)  # wo_a and wo_b: their codes, and the one scale as one per 128 x 128 block
+
+
+def test_a_block_that_splits_o_projs_128_blocks_is_refused(tmp_path):
+    """``wo_a`` and ``wo_b`` keep their codes with one scale per 128 x 128 block: a 64 x 64 block (its scales
+    shaped to match) cannot be given in that layout, and is refused naming the field and the weight."""
+    shards = _tiny_shards()
+    for tensors in shards:
+        for name, t in list(tensors.items()):
+            if t.dtype == torch.float8_e8m0fnu:
+                weight = tensors[name.removesuffix(".scale") + ".weight"]
+                shape = (-(-weight.shape[0] // 64), -(-weight.shape[1] // 64))
+                tensors[name] = torch.full(shape, 127, dtype=torch.uint8).view(torch.float8_e8m0fnu)
+    raw = config_json(TINY, RATIOS)
+    raw["quantization_config"]["weight_block_size"] = [64, 64]
+    with pytest.raises(CheckpointError, match=r"weight_block_size: layers\.1\.attn\.wo_a\.weight keeps its FP8"):
+        load_layer(write_checkpoint(tmp_path, shards, raw), 1)
+
+
 def test_compress_ratio_from_config_or_tensors(tiny_dir, tmp_path):
     with Checkpoint(tiny_dir) as ckpt:
         assert ckpt.layers() == [0, 1, 2, 3]
@@ -273,6 +312,20 @@ def test_a_layer_missing_the_rest_of_its_attention_is_named(tmp_path):
     d = _broken(tmp_path, lambda first, second: second.pop("layers.2.attn.wo_b.scale"))
     with pytest.raises(CheckpointError, match=r"layers\.2\.attn\.wo_b\.scale: missing \(expected F8_E8M0 \[2, 1\]\)"):
         load_layer(d, 2)
+
+
+def test_a_compressor_ape_of_another_rank_is_named_where_it_decides_the_ratio(tmp_path, capsys):
+    """Without ``compress_ratios`` the rows of ``attn.compressor.ape`` give a layer's ratio: an ``ape`` that
+    is not ``[ratio, width]`` is a ``CheckpointError`` naming its file and entry (not an ``IndexError``)."""
+    shards = _tiny_shards()
+    shards[1]["layers.2.attn.compressor.ape"] = torch.tensor(1.0)
+    d = write_checkpoint(tmp_path, shards, config_json(TINY, None))
+    with pytest.raises(
+        CheckpointError, match=r"safetensors: layers\.2\.attn\.compressor\.ape must be \[ratio, width\], got shape \[\]"
+    ):
+        load_layer(d, 2)
+    assert main(["inspect", str(d)]) != 0
+    assert "layers.2.attn.compressor.ape must be [ratio, width]" in capsys.readouterr().err
 
 
 def test_missing_tensor(tmp_path):

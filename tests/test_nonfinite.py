@@ -257,6 +257,27 @@ def _with_value(valid_dir: Path, tmp_path: Path, name: str, shard: str, value: s
 BAD_VALUES = [(n, s, v) for n, s in PLAIN for v in ("nan", "+inf", "-inf")] + [(n, s, "nan") for n, s in FP8]
 
 
+# every FP8 weight of the layer, and the shard that holds it: kept in FP8 (wo_a, wo_b) or dequantized at load
+SCALED = [(n.removesuffix(".weight"), s) for n, s in FP8] + [("attn.wo_a", SHARDS[0]), ("attn.wo_b", SHARDS[0])]
+
+
+@pytest.mark.parametrize(("name", "shard"), SCALED, ids=[n for n, _ in SCALED])
+def test_a_weight_its_block_scales_take_past_fp32_is_refused(name, shard, valid_dir, tmp_path, capsys) -> None:
+    """Scales of 2^127 (UE8M0 byte 254) are finite, but a code of 2 or more times one is not: the weight
+    holds infinities after dequantization and is refused naming it, whether the loader dequantizes it or
+    keeps its codes and scales apart for the kernels (``wo_a``, ``wo_b``)."""
+    directory = tmp_path / "ckpt"
+    shutil.copytree(valid_dir, directory)
+    tensors = load_file(str(directory / shard))
+    scale = tensors[f"{PREFIX}{name}.scale"]
+    tensors[f"{PREFIX}{name}.scale"] = torch.full(scale.shape, 254, dtype=torch.uint8).view(scale.dtype)
+    save_file(tensors, str(directory / shard))
+    with pytest.raises(CheckpointError, match=f"{PREFIX}{name}.weight: rows 0..[0-9]+ hold (NaN or )?infinite values"):
+        dsv4.load_layer(directory, LAYER)
+    assert main(["inspect", str(directory)]) == 1
+    assert "check: ok" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(("name", "shard", "value"), BAD_VALUES, ids=[f"{n}-{v}" for n, _, v in BAD_VALUES])
 def test_checkpoint_tensor_with_nonfinite_value_is_refused(name, shard, value, valid_dir, tmp_path, capsys) -> None:
     directory = _with_value(valid_dir, tmp_path, name, shard, value)

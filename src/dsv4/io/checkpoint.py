@@ -29,6 +29,7 @@ from .safetensors_files import CheckpointError, ShardedCheckpoint, TensorInfo
 CONFIG_FILE = "config.json"
 DEFAULT_PREFIX = "layers.{layer}."
 DEFAULT_BLOCK = (128, 128)  # DeepSeek's weight_block_size when config.json does not say
+O_PROJ_BLOCK = 128  # o_proj takes wo_a and wo_b as FP8 codes with one scale per 128 x 128 block
 ROW_CHUNK_BYTES = 4 << 20  # fp32 bytes of weight rows dequantized at once: bounds the temporaries to a few
 # of these whatever the layer's size (the 32768x1024 wq_b of flash would be 128 MiB in fp32)
 
@@ -287,6 +288,8 @@ class Checkpoint(ShardedCheckpoint):
             return COMPRESS_RATIO, "the layer has indexer tensors"
         ape = self.info(f"{p}attn.compressor.ape")
         if ape is not None:
+            if len(ape.shape) != 2:
+                raise CheckpointError(f"{ape.file}: {ape.name} must be [ratio, width], got shape {list(ape.shape)}")
             return ape.shape[0], f"rows of {ape.name}"
         return 0, "the layer has no compressor tensors"
 
@@ -380,18 +383,34 @@ class Checkpoint(ShardedCheckpoint):
                 ape=plain["attn.compressor.ape"],
                 norm_w=plain["attn.compressor.norm.weight"],
             )
-        a_blocks, b_blocks = slice(o_rows[0] // bm, o_rows[1] // bm), slice(o_rows[0] // bn, o_rows[1] // bn)
+        o_blocks = slice(o_rows[0] // O_PROJ_BLOCK, -(-o_rows[1] // O_PROJ_BLOCK))  # wo_a's rows, wo_b's columns
         o_proj = OProjWeights(
-            self._fp8_codes(infos["attn.wo_a.weight"], o_rows), scales["attn.wo_a"][a_blocks].contiguous(),
-            self._fp8_codes(infos["attn.wo_b.weight"])[:, o_rows[0] : o_rows[1]].contiguous(),
-            scales["attn.wo_b"][:, b_blocks].contiguous(),
+            self._fp8_codes(infos["attn.wo_a.weight"], scales["attn.wo_a"], o_rows),
+            self._scales_128(infos["attn.wo_a.weight"], scales["attn.wo_a"])[o_blocks].contiguous(),
+            self._fp8_codes(infos["attn.wo_b.weight"], scales["attn.wo_b"])[:, o_rows[0] : o_rows[1]].contiguous(),
+            self._scales_128(infos["attn.wo_b.weight"], scales["attn.wo_b"])[:, o_blocks].contiguous(),
         )  # fmt: skip
         sink = plain["attn.attn_sink"][rank * heads : (rank + 1) * heads].contiguous()
         weights = LayerWeights(attn, indexer, main, sink, o_proj)
         return weights if device is None else weights.to(device)
 
-    def _fp8_codes(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """An FP8 weight as stored (``float8_e4m3fn``), its ``rows`` (default all), refused when a code is NaN."""
+    def _scales_128(self, info: TensorInfo, scale: torch.Tensor) -> torch.Tensor:
+        """``scale`` (one per stored block of ``info``'s weight) as one per ``128 x 128`` block, the layout
+        ``o_proj`` takes: each such block lies in one stored block where the stored block is a multiple of
+        128 or covers the whole dim; other block sizes are refused."""
+        picks = []
+        for dim, b in zip(info.shape, self.block, strict=True):
+            if b % O_PROJ_BLOCK and b < dim:
+                raise CheckpointError(
+                    f"quantization_config.weight_block_size: {info.name} keeps its FP8 codes with one scale per "
+                    f"{O_PROJ_BLOCK}x{O_PROJ_BLOCK} block (o_proj's layout); blocks of {list(self.block)} split them"
+                )
+            picks.append(torch.arange(0, dim, O_PROJ_BLOCK) // min(b, dim))
+        return scale[picks[0][:, None], picks[1][None, :]]
+
+    def _fp8_codes(self, info: TensorInfo, scale: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """An FP8 weight as stored (``float8_e4m3fn``), its ``rows`` (default all), refused when a code is NaN
+        or a value is not finite after dequantization with its block scales ``scale`` (kept apart)."""
         lo, hi = rows or (0, info.shape[0])
         out = torch.empty((hi - lo, *info.shape[1:]), dtype=torch.float8_e4m3fn)
         for r0, r1 in self._row_chunks(info, lo, hi):
@@ -399,6 +418,9 @@ class Checkpoint(ShardedCheckpoint):
             if not torch.isfinite(codes).all():
                 raise CheckpointError(f"{info.name}: rows {r0}..{r1 - 1} hold NaN codes")
             out[r0 - lo : r1 - lo] = codes.to(torch.float8_e4m3fn)  # e4m3 values: exact
+            bm = self.block[0]
+            if not torch.isfinite(dequantize_rows_(codes, scale[r0 // bm : -(-r1 // bm)], self.block)).all():
+                raise CheckpointError(f"{info.name}: rows {r0}..{r1 - 1} hold infinite values after dequantization")
         return out
 
     def _finite(self, info: TensorInfo) -> torch.Tensor:

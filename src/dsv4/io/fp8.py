@@ -60,8 +60,9 @@ def dequantize_rows_(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int
     ``w`` starting a block. Edge blocks (a dim not a multiple of the block) are partial.
     """
     rows, cols = w.shape
-    bm = block[0]
-    per_column = scale.repeat_interleave(block[1], dim=1)[:, :cols]  # [row blocks, in]: small
+    # a block larger than the rows given (which start a block) is one block of them: no larger repeat or view
+    bm = max(1, min(block[0], rows))
+    per_column = scale.repeat_interleave(min(block[1], cols), dim=1)[:, :cols]  # [row blocks, in]: small
     full = rows // bm * bm
     w[:full].view(-1, bm, cols).mul_(per_column[: full // bm, None, :])
     if full < rows:  # a partial last row block
