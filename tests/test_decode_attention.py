@@ -47,13 +47,15 @@ def counted_checks(m: dsv4.DecodeAttention, monkeypatch: pytest.MonkeyPatch) -> 
     return checks
 
 
-def composed(kind: str, calls: list[tuple[torch.Tensor, int]], max_position: int = 128) -> list[torch.Tensor]:
+def composed(
+    kind: str, calls: list[tuple[torch.Tensor, int]], max_position: int = 128, cfg: dsv4.DeepSeekV4Config = CFG
+) -> list[torch.Tensor]:
     """The §7 steps by hand (the public ops) on a dense ``AttentionState``: the expected ``y`` of each call."""
     layer = LAYERS[kind]
-    w = dsv4.synthetic_weights(CFG, seed=0, device=DEVICE, layer=layer)
-    rope = dsv4.layer_rope_table(CFG, layer, max_position, DEVICE)
+    w = dsv4.synthetic_weights(cfg, seed=0, device=DEVICE, layer=layer)
+    rope = dsv4.layer_rope_table(cfg, layer, max_position, DEVICE)
     b = calls[0][0].shape[0]
-    state = dsv4.AttentionState.empty(CFG, layer, b, max_position, DEVICE, block_size=BS)
+    state = dsv4.AttentionState.empty(cfg, layer, b, max_position, DEVICE, block_size=BS)
     assert w.attn_sink is not None and w.o_proj is not None  # a layer's weights: the whole attention
     out = []
     for x, start in calls:
@@ -69,18 +71,18 @@ def composed(kind: str, calls: list[tuple[torch.Tensor, int]], max_position: int
             assert w.indexer is not None and state.indexer is not None
             idx_out = IndexerOut(
                 torch.empty(b, s, (start + s) // 4, device=DEVICE),
-                torch.empty(b, s, CFG.index_topk, dtype=torch.int32, device=DEVICE),
+                torch.empty(b, s, cfg.index_topk, dtype=torch.int32, device=DEVICE),
             )
             topk = dsv4.indexer(
-                x, qkv.qr, qkv.qr_scale, w.indexer, state.indexer, start, CFG.sliding_window, rope,
-                topk=CFG.index_topk, out=idx_out,
+                x, qkv.qr, qkv.qr_scale, w.indexer, state.indexer, start, cfg.sliding_window, rope,
+                topk=cfg.index_topk, out=idx_out,
             ).topk_idxs  # fmt: skip
         o = dsv4.sparse_attn(
-            q, kv, start, state.window, w.attn_sink, rope, kind=kind, window=CFG.sliding_window,
+            q, kv, start, state.window, w.attn_sink, rope, kind=kind, window=cfg.sliding_window,
             compress_ratio=w.compress_ratio, compressed_pool=state.compressor.pool if state.compressor else None,
-            topk_idxs=topk, topk_offset=CFG.sliding_window if topk is not None else 0,
+            topk_idxs=topk, topk_offset=cfg.sliding_window if topk is not None else 0,
         ).o  # fmt: skip
-        dsv4.window_kv_write(kv, state.window, start, window=CFG.sliding_window)
+        dsv4.window_kv_write(kv, state.window, start, window=cfg.sliding_window)
         out.append(dsv4.o_proj(o.view(b * s, *o.shape[2:]), w.o_proj).y.view(b, s, -1))
     return out
 
@@ -134,6 +136,21 @@ def test_steps_equal_the_ops_composed_on_a_dense_state(kind: str) -> None:
     assert m.next_pos == [42] * 3
     held = [sorted(cols) for cols in m.paging.pools[0].slots]
     assert held == [[1, 2]] * 3, held  # rows 0..15 were given back: no later token sees them
+
+
+@pytest.mark.parametrize("ratio", [1, 2])
+def test_an_hca_layer_of_any_ratio_equals_its_ops_composed(ratio: int) -> None:
+    """A compressor of ratio 1 closes a row at every position, so the step at position 0 reads its own row 0:
+    the module's build-time check of its ops gives that row a block (its table is empty until a step runs);
+    the steps are the ops composed by hand, bit for bit, as at the presets' ratios."""
+    cfg = CFG.replace(compress_ratios=(0, 4, ratio, 0))
+    w = dsv4.synthetic_weights(cfg, seed=0, device=DEVICE, layer=LAYERS["hca"])
+    rope = dsv4.layer_rope_table(cfg, LAYERS["hca"], 128, DEVICE)
+    m = dsv4.DecodeAttention(w, rope, cfg, batch=2, max_position=128, backend="reference", block_size=BS)
+    assert m.kind == "hca" and m.ratio == ratio
+    xs = [(x_of(2, 9, 1), 0), (x_of(2, 2, 2), 9), (x_of(2, 1, 3), 11)]
+    for got, want in zip([m(x) for x, _ in xs], composed("hca", xs, cfg=cfg), strict=True):
+        assert bit_identical(got, want)
 
 
 @pytest.mark.parametrize("kind", ["csa", "hca"])

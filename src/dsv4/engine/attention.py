@@ -3,6 +3,7 @@ as a module that owns the layer's weights, RoPE table and state (its KV pools pa
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import torch
@@ -183,11 +184,16 @@ class DecodeAttention(CheckedBuffers):
         heads = self.attn_wq_b.shape[0] // hd
         topk = torch.zeros(1, 1, self.topk, dtype=torch.int32, device=dev) if self.kind == "csa" else None
         bf16 = dict(dtype=torch.bfloat16, device=dev)
+        compressed = self.compressed_pool
+        if compressed is not None and self.ratio == 1:  # position 0 reads its own row 0: give it a block here
+            table = compressed.block_table.clone()
+            table[0, 0] = 0
+            compressed = dataclasses.replace(compressed, block_table=table)
         args = dict(
             q=torch.zeros(1, 1, heads, hd, **bf16), kv=torch.zeros(1, 1, hd, **bf16), start_pos=0,
             window_pool=self.window_pool, attn_sink=self.attn_sink, rope=rope, kind=self.kind,
             window=self.window, compress_ratio=self.ratio,
-            compressed_pool=self.compressed_pool, topk_idxs=topk,
+            compressed_pool=compressed, topk_idxs=topk,
             topk_offset=self.window if topk is not None else 0,
         )  # fmt: skip
         get_op("sparse_attn_write").backend_args(args)
