@@ -183,6 +183,18 @@ def test_an_allocation_that_fails_anyway_is_one_line(error, monkeypatch, capsys)
     _assert_one_line_error(code, err, ("out of memory", "--batch"))
 
 
+def test_an_allocation_that_fails_in_inspect_names_no_option_it_lacks(tmp_path, monkeypatch, capsys) -> None:
+    """``dsv4 inspect`` has no ``--batch``, ``--seq`` or ``--start-pos``: its out-of-memory line names none."""
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4398046511104 bytes")
+
+    monkeypatch.setattr("dsv4.io.checkpoint_report.describe_checkpoint", out_of_memory)
+    code, _, err = _run(["inspect", str(tmp_path)], capsys)
+    _assert_one_line_error(code, err, ("dsv4 inspect: error: out of memory",))
+    assert "--batch" not in err
+
+
 def test_other_runtime_errors_still_show_their_traceback(monkeypatch) -> None:
     """Only allocation failures are user errors; any other RuntimeError is a bug and is not hidden."""
 

@@ -472,7 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as e:  # memory a run asked for that the device or host does not have
         if not (isinstance(e, torch.OutOfMemoryError) or CPU_ALLOCATOR_FAILED in str(e)):
             raise
-        return _error(args, f"out of memory ({str(e)[:300]}); try a smaller --batch, --seq or --start-pos")
+        hint = "; try a smaller --batch, --seq or --start-pos" if args.command == "run" else ""
+        return _error(args, f"out of memory ({str(e)[:300]}){hint}")
 
 
 CPU_ALLOCATOR_FAILED = "DefaultCPUAllocator: can't allocate memory"  # torch's RuntimeError for a failed host allocation
