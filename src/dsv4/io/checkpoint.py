@@ -418,9 +418,7 @@ class Checkpoint(ShardedCheckpoint):
             if not torch.isfinite(codes).all():
                 raise CheckpointError(f"{info.name}: rows {r0}..{r1 - 1} hold NaN codes")
             out[r0 - lo : r1 - lo] = codes.to(torch.float8_e4m3fn)  # e4m3 values: exact
-            bm = self.block[0]
-            if not torch.isfinite(dequantize_rows_(codes, scale[r0 // bm : -(-r1 // bm)], self.block)).all():
-                raise CheckpointError(f"{info.name}: rows {r0}..{r1 - 1} hold infinite values after dequantization")
+            self._dequantized_rows(info, scale, r0, r1, codes)  # for its check of the values
         return out
 
     def _finite(self, info: TensorInfo) -> torch.Tensor:
@@ -450,9 +448,14 @@ class Checkpoint(ShardedCheckpoint):
         step = max(1, ROW_CHUNK_BYTES // (4 * cols) // self.block[0]) * self.block[0]
         return [(r0, min(r0 + step, hi)) for r0 in range(lo, hi, step)]
 
-    def _dequantized_rows(self, info: TensorInfo, scale: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    def _dequantized_rows(
+        self, info: TensorInfo, scale: torch.Tensor, r0: int, r1: int, codes: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rows ``[r0, r1)`` dequantized in fp32 (``codes``: those rows already read, fp32, used in place),
+        refused when a value is NaN or infinite."""
         bm = self.block[0]
-        w = dequantize_rows_(self.rows(info, r0, r1), scale[r0 // bm : -(-r1 // bm)], self.block)
+        codes = self.rows(info, r0, r1) if codes is None else codes
+        w = dequantize_rows_(codes, scale[r0 // bm : -(-r1 // bm)], self.block)
         if not torch.isfinite(w).all():
             raise CheckpointError(f"{info.name}: rows {r0}..{r1 - 1} hold NaN or infinite values after dequantization")
         return w
