@@ -151,6 +151,25 @@ def test_fp8_rows_comparator_catches_a_code_two_steps_off_and_untouched_rows_mov
     assert not check and "e4m3 step" in check.detail and "does not write" not in check.detail
 
 
+def test_fp8_rows_comparator_allows_more_than_a_step_within_the_tolerance() -> None:
+    """An element within ``deq``'s tolerance passes however many e4m3 steps it is off (§8: only the
+    elements beyond the tolerance must be within one step): in a block of values near 1e-5 (scale
+    2^-22, steps of 2^-20) a code eight codes up (at least eight steps) is still inside atol 1e-4."""
+    g = torch.Generator().manual_seed(3)
+    rows = dsv4.fp8_rows((torch.randn(2, 16, 128, generator=g) * 1e-5).bfloat16(), 64)
+    expected = {"nope": rows.nope, "rope": rows.rope, "scale": rows.scale}
+    assert int(expected["scale"][0, 0, 0]) == 127 - 22
+    actual = _copy(expected)
+    codes = actual["nope"].view(torch.uint8)
+    codes[0, 0, 0] = (codes[0, 0, 0] & 0x80) | ((codes[0, 0, 0] & 0x7F) + 8).clamp(max=0x7E)
+    diff = (actual["nope"][0, 0, 0].float() - expected["nope"][0, 0, 0].float()).abs() * 2.0**-22
+    assert 2 * float(e4m3_step(expected["nope"][0, 0, 0].float() * 2.0**-22, torch.tensor(-22.0))) < diff < 1e-4
+    assert fp8_rows_allclose(actual, expected, ROWS)
+    tight = Tolerance(0.0, 1 / 128)  # the same element beyond a tolerance without atol: one step binds
+    check = fp8_rows_allclose(actual, expected, tight)
+    assert not check and "e4m3 step" in check.detail
+
+
 def test_e4m3_step() -> None:
     e = torch.zeros(4)
     assert e4m3_step(torch.tensor([1.0, 1.9, 448.0, 0.0]), e).tolist() == [0.125, 0.125, 32.0, 2.0**-9]

@@ -56,7 +56,7 @@ class Output:
     the tolerance, masked entries -inf-like), ``topk`` (tie-tolerant indices, judged by the
     reference's ``score`` output within this tolerance), ``cache`` (rows the step wrote within the
     tolerance, every other row bit-identical), ``fp8_rows`` (a pool of FP8 KV rows, its tensors under
-    ``name.``: the rows the step wrote decoded within the tolerance and within one e4m3 step, scale
+    ``name.``: the rows the step wrote decoded within the tolerance, the rest within one e4m3 step, scale
     bytes within 1; every other row bit-identical), ``exact`` (the tensor ``name``, or every tensor
     under ``name.``, bit-identical).
     """

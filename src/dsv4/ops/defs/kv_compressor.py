@@ -20,7 +20,7 @@ from ..registry import OpDescriptor, Output, Tolerance
 from ..validate_attention import check_kv_compressor
 
 STATE = Tolerance(1e-4, 1e-4, 0.0)  # attention spec §8: kv_state, score_state (every element)
-ROWS = Tolerance(1e-4, 1 / 128)  # §8: dequantized compressed rows written (each within one e4m3 step besides)
+ROWS = Tolerance(1e-4, 1 / 128)  # §8: dequantized compressed rows written (the rest within one e4m3 step)
 EXACT = Tolerance(0.0, 0.0, 0.0)
 MUTATED = ("state.kv_state", "state.score_state", "state.pool.nope", "state.pool.rope", "state.pool.scale")
 
