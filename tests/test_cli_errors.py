@@ -65,6 +65,7 @@ ARGS = [
     (["run", "--world", "2"], ("--rank/--world", "--checkpoint", "tp2")),
     (["run", "--checkpoint", "{ckpt}", "--layer", "1", "--preset", "flash/tp8"], ("--preset", "--rank R --world W")),
     (["run", "--rank", "1"], ("--rank/--world", "--checkpoint")),
+    (["run", "--layer", "3"], ("--layer", "--checkpoint", "synthetic")),
     (["run", "--world", "0"], ("--world",)),
     (["run", "--rank", "-1"], ("--rank",)),
     (["run", "--checkpoint", "{ckpt}", "--layer", "7", "--device", "cpu"], ("layers.7.",)),

@@ -118,6 +118,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         mib = weights.nbytes() / 2**20
         print(f"loaded layer {args.layer} of {args.checkpoint}{share} ({mib:.1f} MiB as bf16 + INT8 + FP8) "
               f"in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+    elif args.layer is not None:
+        raise ValueError(
+            "--layer: picks a layer of --checkpoint DIR; without a checkpoint `dsv4 run` runs a synthetic layer of "
+            "each kind (SWA, CSA, HCA)"
+        )
     elif args.world > 1 or args.rank:
         raise ValueError(
             "--rank/--world: a rank's share of a checkpoint layer needs --checkpoint; synthetic weights of a rank "
@@ -133,7 +138,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     rows = run_front_end(
         cfg, backend=backend, steps=args.steps, start_pos=args.start_pos, batch=args.batch, seq=args.seq,
         seed=args.seed, device=args.device, log=lambda r: print(format_row(r), flush=True), weights=weights,
-        layer=args.layer if args.checkpoint else None,
+        layer=args.layer,
     )  # fmt: skip
     failed = [r for r in rows if not r.passed]
     print(f"{len(rows)} op calls in {time.perf_counter() - t0:.1f} s; "
