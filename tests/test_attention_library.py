@@ -22,8 +22,9 @@ from dsv4.ops.registry import get_op
 CFG = dsv4.get_config("tiny")
 
 
-def _args(op: str) -> dict:
-    args = dict(make_case(CFG, op, seed=1, device=DEVICE, max_position=64, batch=2, seq=2, start_pos=[6, 13]).args)
+def _args(op: str, kind: str | None = None) -> dict:
+    case = make_case(CFG, op, seed=1, device=DEVICE, max_position=64, batch=2, seq=2, start_pos=[6, 13], kind=kind)
+    args = dict(case.args)
     return {**args, "eps": 1e-6} if op == "kv_compressor" else args
 
 
@@ -100,8 +101,9 @@ def test_typed_wrappers_equal_plain_calls_and_mutate_the_same() -> None:
     assert bit_identical(out.y, dsv4.o_proj(**_args("o_proj")).y)
 
 
-def test_compile_fullgraph_attention_ops() -> None:
-    s_args, o_args, w_args = _args("sparse_attn"), _args("o_proj"), _args("window_kv_write")
+@pytest.mark.parametrize("kind", ["csa", "swa"])  # SWA: the compressed pool and the indices left out (None)
+def test_compile_fullgraph_attention_ops(kind: str) -> None:
+    s_args, o_args, w_args = _args("sparse_attn", kind), _args("o_proj"), _args("window_kv_write")
     eager_pool = w_args["pool"].clone()
 
     def step(q, kv):

@@ -3,6 +3,9 @@ and ``torch.compile(fullgraph=True)`` over a decode step."""
 
 from __future__ import annotations
 
+import dataclasses
+from typing import NamedTuple
+
 import pytest
 import torch
 
@@ -10,6 +13,9 @@ import dsv4
 import dsv4.library as lib
 from conftest import BACKENDS, DEVICE, FULL
 from dsv4.harness.cases import make_case
+from dsv4.ops import OpDescriptor, Output, Tolerance, register_op
+from dsv4.ops.costs import OpCost
+from dsv4.ops.registry import op_names
 
 CFG = dsv4.get_config("tiny")
 
@@ -124,3 +130,88 @@ def test_compile_fullgraph_decode_step(backend: str) -> None:
     assert torch.equal(q, eq.q) and torch.equal(kv, eq.kv)
     assert torch.equal(score, eo.score) and torch.equal(topk, eo.topk_idxs)
     assert torch.equal(state.keys, eager_state.keys)  # the compiled step mutated the state
+
+
+def test_a_meta_tensor_among_real_ones_is_refused() -> None:
+    """One argument on ``meta`` sends the call to the fake implementation, which writes nothing: it
+    refuses the call, naming the argument, as the real one does; the state is unchanged."""
+    x, w, positions, start, rope, state = _step_inputs()
+    qkv = dsv4.qkv_proj_rope(x.view(4, -1), w.attn, positions, rope)
+    out = dsv4.QKV(torch.empty(qkv.q.shape, dtype=qkv.q.dtype, device="meta"), *(torch.empty_like(t) for t in qkv[1:]))
+    with pytest.raises(ValueError, match=r"out\.q: expected device .*, got meta"):
+        lib.qkv_proj_rope(x.view(4, -1), w.attn, positions, rope, out=out)
+    before = state.clone()
+    meta_w = dataclasses.replace(w.indexer, weights_proj=w.indexer.weights_proj.to("meta"))
+    with pytest.raises(ValueError, match=r"w\.weights_proj: expected device .*, got meta"):
+        lib.indexer(x, qkv.qr, qkv.qr_scale, meta_w, state, start, 16, rope, topk=16)
+    assert all(torch.equal(t, getattr(before, name)) for name, t in state.tensors().items())
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"topk": True}, "topk: expected an int, got bool"),  # the schema would run top-1
+        ({"eps": True}, "eps: expected a float, got bool"),
+        ({"offset": 2.0}, "offset: expected an int, got float"),
+        ({"offset": 2**70}, "offset: expected an int64"),
+        ({"w": "weights"}, "w: expected IndexerWeights, got str"),
+        ({"rope": None}, "rope: expected RopeTable, got NoneType"),
+    ],
+)
+def test_arguments_of_another_kind_are_refused_by_name(change: dict, words: str) -> None:
+    x, w, positions, start, rope, state = _step_inputs()
+    qkv = dsv4.qkv_proj_rope(x.view(4, -1), w.attn, positions, rope)
+    args = dict(x=x, qr=qkv.qr, qr_scale=qkv.qr_scale, w=w.indexer, state=state, start_pos=start, offset=16,
+                rope=rope, topk=16)  # fmt: skip
+    before = state.clone()
+    with pytest.raises((TypeError, ValueError), match=words):
+        lib.indexer(**{**args, **change})
+    with pytest.raises(TypeError, match="out: expected IndexerOut, got Tensor"):
+        lib.indexer(**args, out=torch.empty(1))
+    assert all(torch.equal(t, getattr(before, name)) for name, t in state.tensors().items())
+
+
+def test_weights_that_require_grad_give_outputs_without_a_gradient() -> None:
+    """An ``nn.Parameter`` weight: the outputs do not require grad (no op has a gradient), eagerly,
+    through ``torch.ops.dsv4`` itself and compiled with grad enabled."""
+    x, w, positions, _, rope, _ = _step_inputs()
+    attn = dataclasses.replace(w.attn, wq_a=torch.nn.Parameter(w.attn.wq_a.clone()))
+    expected = dsv4.qkv_proj_rope(x.view(4, -1), w.attn, positions, rope)
+    out = lib.qkv_proj_rope(x.view(4, -1), attn, positions, rope)
+    raw = torch.ops.dsv4.qkv_proj_rope(
+        x.view(4, -1), *lib.tensors_of(attn), positions, rope.cos, rope.sin, 1e-6, "auto"
+    )
+    assert not any(t.requires_grad for t in (*out, *raw))
+    torch._dynamo.reset()
+    q = torch.compile(lambda x: lib.qkv_proj_rope(x, attn, positions, rope).q, fullgraph=True, backend="aot_eager")(
+        x.view(4, -1)
+    )
+    assert not q.requires_grad and torch.equal(q, expected.q)
+
+
+@dataclasses.dataclass
+class _Gain:
+    gain: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
+class _Out(NamedTuple):
+    y: torch.Tensor
+
+
+def _toy(x: torch.Tensor, w: _Gain, *, backend: str = "auto", out: _Out | None = None) -> _Out:
+    """A toy op."""
+    raise NotImplementedError
+
+
+def test_an_op_the_custom_ops_cannot_take_is_left_out_of_the_registry() -> None:
+    """A record field of a kind no schema has (``Tensor | None``): registration fails naming it, and
+    the op is in neither registry, so a corrected descriptor can be registered under the name."""
+    desc = OpDescriptor(
+        name="toy_unregistrable", signature=_toy, outputs=(Output("y", Tolerance(0, 0)),), mutates=(),
+        validate=lambda args, out: {}, case_args=lambda case: {}, cost=lambda *a: OpCost("toy", {}, {}, {}),
+        fake_result=lambda args: _Out(torch.empty_like(args["x"])), implementations={"reference": "builtins:print"},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"toy_unregistrable.*w\.bias"):
+        register_op(desc)
+    assert "toy_unregistrable" not in op_names() and not hasattr(torch.ops.dsv4, "toy_unregistrable")

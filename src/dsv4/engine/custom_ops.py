@@ -20,9 +20,15 @@ from torch import Tensor
 
 from ..model.fields import build, leaf_kinds, leaves
 from ..ops.api import call_op
-from ..ops.registry import INT_OR_TENSOR, OpDescriptor, get_op, on_register
+from ..ops.registry import INT_OR_TENSOR, OpDescriptor, Param, get_op, on_register
+from ..ops.validate import same_device
 
 _SCALARS = {int: "int", float: "float", str: "str"}
+_KIND_NAMES = {int: "an int", float: "a float", str: "a str"}
+
+# the dotted leaf paths of each registered op's public arguments, worked out once at registration:
+# a traced call looks them up (walking a dataclass's type hints there is not traceable)
+_PATHS: dict[str, tuple[tuple[str, ...], ...]] = {}
 
 
 def _flat_params(desc: OpDescriptor) -> list[tuple[str, str, bool]]:
@@ -31,6 +37,11 @@ def _flat_params(desc: OpDescriptor) -> list[tuple[str, str, bool]]:
     flat = []
     for p in desc.params:
         for path, kind in leaf_kinds(p.kind, p.name):
+            if kind not in (Tensor, INT_OR_TENSOR, *_SCALARS):
+                raise ValueError(
+                    f"op {desc.name!r}: {path} is {kind!r}; a custom op's arguments are tensors, ints, floats, "
+                    "strs and dataclasses of them"
+                )
             schema_type = "Tensor" if kind in (Tensor, INT_OR_TENSOR) else _SCALARS[kind]
             if p.optional:
                 schema_type += "?"
@@ -56,8 +67,9 @@ def _in_order(items: list[Any]) -> Any:
     return lambda _: next(it)
 
 
-def _leaf_count(kind: object, name: str) -> int:
-    return sum(1 for _ in leaf_kinds(kind, name))
+def _leaf_paths(desc: OpDescriptor) -> tuple[tuple[str, ...], ...]:
+    """The dotted leaf paths of each of ``desc``'s public arguments, in order."""
+    return tuple(tuple(path for path, _ in leaf_kinds(p.kind, p.name)) for p in desc.params)
 
 
 def _schema(desc: OpDescriptor, out: bool) -> str:
@@ -91,8 +103,8 @@ def _unflatten(desc: OpDescriptor, flat: tuple[Any, ...]) -> tuple[dict[str, Any
     whose tensors are all None is None)."""
     values = iter(flat)
     args: dict[str, Any] = {}
-    for p in desc.params:
-        mine = [next(values) for _ in range(_leaf_count(p.kind, p.name))]
+    for p, paths in zip(desc.params, _PATHS[desc.name], strict=True):
+        mine = [next(values) for _ in paths]
         if p.optional and all(v is None for v in mine):
             args[p.name] = None
             continue
@@ -107,19 +119,59 @@ def flatten(desc: OpDescriptor, args: dict[str, Any]) -> list[Any]:
     each of its places)."""
     bound = desc.bind(args)
     for p in desc.params:
-        # `is`, not `==`: a kind may be a dataclass (the weights), and Dynamo on torch 2.11 traces
-        # `kind == ...` into that class's `__eq__` as an instance method (and fails); an identity test
-        # it decides at trace time
-        if p.kind is INT_OR_TENSOR and not isinstance(bound[p.name], Tensor):
-            got = type(bound[p.name]).__name__
-            raise TypeError(f"{p.name}: torch.ops.dsv4.{desc.name} takes an int tensor [B], got {got}")
+        _check_kind(desc, p, bound[p.name])
     flat: list[Any] = []
-    for p in desc.params:
+    for p, paths in zip(desc.params, _PATHS[desc.name], strict=True):
         if bound[p.name] is None and p.optional:
-            flat += [None] * _leaf_count(p.kind, p.name)
+            flat += [None] * len(paths)
         else:
             flat += [leaf for _, leaf in leaves(bound[p.name], p.name)]
     return flat
+
+
+def _check_kind(desc: OpDescriptor, p: Param, value: Any) -> None:
+    """``TypeError`` naming ``p`` unless ``value`` is of its kind: the schema would turn a bool into an
+    int or a float, and spread a record of another class over the wrong arguments."""
+    # `is`, not `==` or `in`: a kind may be a dataclass (the weights), and Dynamo on torch 2.11 traces
+    # `kind == ...` into that class's `__eq__` as an instance method (and fails); an identity test it
+    # decides at trace time
+    kind, got = p.kind, type(value).__name__
+    if value is None and p.optional:
+        return
+    if kind is INT_OR_TENSOR:
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{p.name}: torch.ops.dsv4.{desc.name} takes an int tensor [B], got {got}")
+    elif kind is Tensor:
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{p.name}: expected a torch.Tensor, got {got}")
+    elif kind is int or kind is float or kind is str:
+        number = isinstance(value, int) or (kind is float and isinstance(value, float))
+        if isinstance(value, bool) or not (isinstance(value, str) if kind is str else number):
+            raise TypeError(f"{p.name}: expected {_KIND_NAMES[kind]}, got {got}")
+        if kind is int and not -(2**63) <= value < 2**63:
+            raise ValueError(f"{p.name}: expected an int64 (the schema's int), got {value}")
+    elif not isinstance(value, kind):
+        raise TypeError(f"{p.name}: expected {kind.__name__}, got {got}")
+
+
+def _check_one_device(desc: OpDescriptor, flat: tuple[Any, ...], out_names: tuple[str, ...] = ()) -> None:
+    """The fake implementations' device check: every tensor on the device of the first one, ``start_pos``
+    there or on the CPU (spec §7). A call holding a ``meta`` tensor among real ones reaches the fake
+    implementation, which writes nothing; the real implementation would have refused it."""
+    names = [path for paths in _PATHS[desc.name] for path in paths]
+    host_ok = {path for p, paths in zip(desc.params, _PATHS[desc.name], strict=True) if p.kind is INT_OR_TENSOR
+               for path in paths}  # fmt: skip
+    values = [*flat[: len(names)], *flat[len(names) + 1 :]]  # the backend's name between args and outs
+    device = None
+    for name, value in zip([*names, *out_names], values, strict=True):
+        if not isinstance(value, Tensor):
+            continue
+        if device is None and name not in host_ok:
+            device = value.device
+        elif device is not None and not same_device(value.device, device):
+            if name in host_ok and value.device.type == "cpu":
+                continue
+            raise ValueError(f"{name}: expected device {device}, got {value.device}")
 
 
 def _register(desc: OpDescriptor) -> None:
@@ -130,25 +182,39 @@ def _register(desc: OpDescriptor) -> None:
         return _as_returned(call_op(desc.name, backend, **args))
 
     def fake(*flat: Any) -> Any:
+        _check_one_device(desc, flat)
         args, _, _ = _unflatten(desc, flat)
         return None if desc.fake_result is None else _as_returned(desc.fake_result(args))
 
-    mutated = [n for n, _, m in _flat_params(desc) if m]
-    op = torch.library.custom_op(f"dsv4::{desc.name}", impl, mutates_args=mutated, schema=_schema(desc, False))
+    params = _flat_params(desc)
+    schemas = _schema(desc, False), _schema(desc, True)
+    _PATHS[desc.name] = _leaf_paths(desc)
+    mutated = [n for n, _, m in params if m]
+    op = torch.library.custom_op(f"dsv4::{desc.name}", impl, mutates_args=mutated, schema=schemas[0])
     op.register_fake(fake)
     result = desc.result
     if result is None:
         return
+    if not mutated:  # outputs without a gradient (a mutating op cannot take an autograd formula)
+        op.register_autograd(_no_gradient, setup_context=_outputs_not_differentiable)
 
     def impl_out(*flat: Any) -> None:
         args, backend, out = _unflatten(desc, flat)
         call_op(desc.name, backend, result(*out), **args)
 
     outs = list(result._fields)
-    op_out = torch.library.custom_op(
-        f"dsv4::{desc.name}_out", impl_out, mutates_args=mutated + outs, schema=_schema(desc, True)
-    )
-    op_out.register_fake(lambda *flat: None)
+    out_names = tuple(f"out.{f}" for f in outs)
+    op_out = torch.library.custom_op(f"dsv4::{desc.name}_out", impl_out, mutates_args=mutated + outs, schema=schemas[1])
+    op_out.register_fake(lambda *flat: _check_one_device(desc, flat, out_names))
+
+
+def _outputs_not_differentiable(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    ctx.mark_non_differentiable(*(output if isinstance(output, tuple) else (output,)))
+    ctx.inputs = len(inputs)
+
+
+def _no_gradient(ctx: Any, *grads: Any) -> tuple[None, ...]:
+    return (None,) * ctx.inputs
 
 
 on_register(_register)
@@ -159,13 +225,17 @@ def call(name: str, backend: str = "auto", out: Any = None, **args: Any) -> Any:
     them, with ``start_pos`` an int tensor ``[B]``). Returns the op's result (written into ``out``
     when given)."""
     desc = get_op(name)
-    if out is not None and desc.result is None:
-        raise TypeError(f"out: {name} takes no out= (it updates its state in place)")
-    flat = [*flatten(desc, args), backend]
     if out is not None:
-        getattr(torch.ops.dsv4, f"{name}_out")(*flat, *out)
-        return out
-    result = getattr(torch.ops.dsv4, name)(*flat)
+        if desc.result is None:
+            raise TypeError(f"out: {name} takes no out= (it updates its state in place)")
+        if not isinstance(out, desc.result):
+            raise TypeError(f"out: expected {desc.result.__name__}, got {type(out).__name__}")
+    flat = [*flatten(desc, args), backend]
+    with torch.no_grad():  # no op has a gradient: weights that require one give outputs that do not
+        if out is not None:
+            getattr(torch.ops.dsv4, f"{name}_out")(*flat, *out)
+            return out
+        result = getattr(torch.ops.dsv4, name)(*flat)
     if desc.result is None:
         return None
     return desc.result(result) if len(desc.result._fields) == 1 else desc.result(*result)

@@ -283,12 +283,16 @@ _LISTENERS: list[Callable[[OpDescriptor], None]] = []
 
 def register_op(desc: OpDescriptor) -> OpDescriptor:
     """Add ``desc`` to the registry (its name must be new) and tell every listener
-    (``torch.ops.dsv4`` registers its custom ops this way)."""
+    (``torch.ops.dsv4`` registers its custom ops this way); a listener that raises leaves it out."""
     if desc.name in _REGISTRY:
         raise ValueError(f"op {desc.name!r} is already registered")
     _REGISTRY[desc.name] = desc
-    for listen in _LISTENERS:
-        listen(desc)
+    try:
+        for listen in _LISTENERS:
+            listen(desc)
+    except BaseException:
+        del _REGISTRY[desc.name]
+        raise
     return desc
 
 
