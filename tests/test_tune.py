@@ -4,6 +4,7 @@ are well formed. Also the probe's dry run (its kernels' checksums) and the CLI's
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -13,10 +14,10 @@ import pytest
 import torch
 
 from conftest import DEVICE, FULL
-from dsv4.bench import probe
+from dsv4.bench import probe, tune
 from dsv4.bench.calls import bind
 from dsv4.bench.runner import BenchShape
-from dsv4.bench.tune import Tuner, Workload, _given, _op_workload, passed, plan, run_tune
+from dsv4.bench.tune import Tuner, Workload, _given, _op_workload, dry_workloads, passed, plan, run_tune
 from dsv4.cli import main
 from dsv4.harness.cases import make_case
 from dsv4.kernels import tuning
@@ -246,3 +247,58 @@ def test_resume_leaves_out_the_buckets_its_config_file_holds(tmp_path) -> None:
     assert json.loads(config.read_text())["kernels"]["qkv.q_heads"]["T=2,H=4,QL=128"]["block_k"] == 64  # kept
     result = run_tune(config_path=config, log=lambda _: None, **args)
     assert [b["kernel"] for b in result["buckets"]] == ["qkv.rows", "qkv.q_heads"]
+
+
+@INTERPRETER_ONLY
+def test_a_bucket_cut_short_by_the_budget_keeps_its_entry(tmp_path) -> None:
+    """The budget runs out after a bucket's first candidates: the entry the starting file holds for it
+    was never timed against the rest, so it stays, and nothing else changed, so the file (and the run
+    its entries came from) is not rewritten."""
+    config = tmp_path / "cpu.json"
+    held = {"T=2,H=4,QL=128": {"paired": False}}
+    text = json.dumps({"schema": 1, "device": "cpu", "made_by": "an earlier run", "kernels": {"qkv.q_heads": held}})
+    config.write_text(text)
+    load = next(w for w in dry_workloads(["qkv_proj_rope"], torch.device("cpu"), 0))
+    tuner: Tuner
+
+    def cut(line: str) -> None:
+        if line.startswith("  qkv.q_heads"):  # after the first candidate the budget is spent
+            tuner.deadline = 0.0
+
+    tuner = Tuner(torch.device("cpu"), config, None, "test", kernels_wanted=["qkv.q_heads"], dry_run=True, log=cut)
+    result = tuner.run([functools.partial(_given, load)], [load.label])
+    (bucket,) = result["buckets"]
+    assert bucket["stopped"] == "budget spent" and bucket["winner"] is None
+    candidates = Q_HEADS_TUNING.candidate_configs(Q_HEADS_TUNING.parse_bucket(bucket["bucket"]))
+    assert len(bucket["variants"]) < len(candidates)
+    assert config.read_text() == text
+
+
+def test_a_tune_checks_its_config_file_and_filters_first(tmp_path) -> None:
+    """A config file it cannot write and a --shapes filter that matches nothing are refused before any
+    workload runs."""
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match="a-file.*--config"):
+        run_tune(device="cpu", dry_run=True, config_path=tmp_path / "a-file" / "cpu.json", log=lambda _: None)
+    with pytest.raises(ValueError, match="--config"):
+        run_tune(device="cpu", dry_run=True, config_path=tmp_path, log=lambda _: None)  # a folder
+    with pytest.raises(ValueError, match="--shapes B=46: matches none of the"):
+        run_tune(device="cpu", dry_run=True, shapes=["B=46"], config_path=tmp_path / "c.json", log=lambda _: None)
+
+
+@INTERPRETER_ONLY
+def test_the_exit_status_says_when_nothing_was_tuned(tmp_path, capsys, monkeypatch) -> None:
+    """``dsv4 tune`` exits 1 when a workload failed at its defaults (its buckets were never tuned) and
+    when the chosen workloads launch none of --kernels."""
+    config = str(tmp_path / "c.json")
+    argv = ["tune", "--dry-run", "--ops", "window_kv_write", "--config", config, "--budget-s", "60"]
+    assert main([*argv, "--kernels", "sparse_attn"]) == 1
+    assert "launch none of --kernels" in capsys.readouterr().out
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("the op failed")
+
+    monkeypatch.setattr(tune, "_given", lambda load: dataclasses.replace(load, make=broken))
+    assert main(argv) == 1
+    assert "failed at the defaults" in capsys.readouterr().out
+    assert not (tmp_path / "c.json").exists()  # nothing tuned, nothing written

@@ -174,6 +174,17 @@ def test_drawn_candidates_are_declared_kept_per_bucket_and_written_as_a_file(tmp
             {"schema": 1, "device": "cpu", "kernels": {"index.score": {"B=1,S=2,N=16": {"num_warps": True}}}},
             "num_warps must be one of",  # a bool is not an int
         ),
+        ({"schema": True, "device": "cpu", "kernels": {}}, "schema must be 1"),  # True == 1, but not an int
+        # buckets no launch looks up: a token count launches round to a power of two, a leading zero, other digits
+        (
+            {"schema": 1, "device": "cpu", "kernels": {"qkv.rows": {"T=100,QL=128,HD=128": {}}}},
+            "T must be a power of two",
+        ),
+        ({"schema": 1, "device": "cpu", "kernels": {"qkv.rows": {"T=0128,QL=128,HD=128": {}}}}, "is not of the form"),
+        (
+            {"schema": 1, "device": "cpu", "kernels": {"qkv.rows": {"T=\u0661\u0662,QL=128,HD=128": {}}}},
+            "is not of the form",
+        ),
     ],
 )
 def test_malformed_files_are_named_errors(tmp_path, data, message: str) -> None:
@@ -184,11 +195,31 @@ def test_malformed_files_are_named_errors(tmp_path, data, message: str) -> None:
     assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"schema": 1, "device": "cpu", "kernels": {"qkv.rows": {}, "qkv.rows": {}}}', "key 'qkv.rows' appears twice"),
+        ("[" * 100_000 + "]" * 100_000, "nested 100000 levels deep"),
+    ],
+)
+def test_malformed_text_is_a_named_error(tmp_path, text: str, message: str) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as info:
+        tuning.load_config(path)
+    assert str(info.value).startswith(f"kernel config {path}")
+    path.write_bytes(b'{"schema": 1, "device": "\xff"}')
+    with pytest.raises(ValueError, match="not valid JSON"):
+        tuning.load_config(path)
+    with pytest.raises(ValueError, match="not a readable file"):
+        tuning.load_config(tmp_path / "absent.json")
+
+
 def test_a_malformed_file_fails_the_launch_not_silently(tmp_path, monkeypatch) -> None:
     path = tmp_path / "broken.json"
     path.write_text("{not json")
     monkeypatch.setenv(tuning.ENV, str(path))
-    with pytest.raises(ValueError, match="not JSON"):
+    with pytest.raises(ValueError, match=f"kernel config .*broken.json: not valid JSON.*{tuning.ENV}"):
         tuning.TUNABLES["qkv.rows"].config(torch.device("cpu"), T=2, QL=128, HD=128)
 
 
@@ -270,3 +301,23 @@ def test_sparse_attn_buckets_name_the_keys_a_token_walks() -> None:
         assert (a["kind"], a["compress_ratio"]) == (kind, TINY.kind_ratio(kind))
         assert keys[kind] == [bucket], (kind, keys)
     assert len({key for k in keys.values() for key in k}) == 3
+
+
+def test_the_docs_table_lists_every_kernel_its_dims_and_parameters() -> None:
+    """docs/PERFORMANCE.md's table of tunable kernels, row by row, against the declarations."""
+    text = (ROOT / "docs" / "PERFORMANCE.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 5 and cells[0].strip("`") in tuning.TUNABLES:
+            rows[cells[0].strip("`")] = cells
+
+    def names(cell: str) -> list[str]:
+        return [] if cell == "-" else [c.strip().strip("`") for c in cell.split(",")]
+
+    assert sorted(rows) == sorted(tuning.TUNABLES)
+    for name, (_, _, rounded, exact, params) in rows.items():
+        t = tuning.TUNABLES[name]
+        assert names(rounded) == list(t.pow2_dims), name
+        assert names(exact) == [d for d in t.dims if d not in t.pow2_dims], name
+        assert names(params) == [p.name for p in t.params], name

@@ -284,6 +284,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     words = ["tune", "--preset", ",".join(args.preset), "--mode", args.mode, "--budget-s", f"{args.budget_s:g}"]
     words += ["--dry-run"] if args.dry_run else []
     words += ["--resume"] if args.resume else []
+    for flag, values in (("--ops", args.ops), ("--kernels", args.kernels), ("--shapes", args.shapes)):
+        words += [flag, ",".join(values)] if values else []
     t0 = time.perf_counter()
     result = tune.run_tune(
         device=device, presets=args.preset, modes=MODES_OF[args.mode], ops=args.ops, kernels=args.kernels,
@@ -294,6 +296,15 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if json_path:
         print(f"wrote {json_path}")
     print(f"dsv4 tune: {time.perf_counter() - t0:.1f} s wall")
+    failed = tune.failed_workloads(result)
+    if failed:
+        print(
+            f"dsv4 tune: {len(failed)} workload(s) failed at the defaults, their buckets not tuned: {'; '.join(failed)}"
+        )
+        return 1
+    if not result["buckets"] and not result["stopped"] and not args.resume:
+        print("dsv4 tune: no bucket tuned: the workloads chosen (--ops, --shapes) launch none of --kernels")
+        return 1
     return 1 if result["stopped"] and result["stopped"] != "budget spent" else 0
 
 
@@ -463,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("--list", action="store_true", help="print every kernel's parameters and candidates")
     tune.add_argument("--probe", action="store_true", help="the machine's limits instead (zero point, bandwidths, PDL)")
-    tune.add_argument("--seed", type=NON_NEGATIVE, default=0)
+    tune.add_argument("--seed", type=SEED, default=0)
     tune.set_defaults(func=_cmd_tune)
     return parser
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -194,7 +195,9 @@ class Tuner:
         self.deadline = time.monotonic() + budget_s
         self.start = time.monotonic()
         self.key = tuning.device_key(device)
+        _check_writable(config_path)
         self.entries: dict[str, dict[str, dict[str, Any]]] = {}
+        self.changed = False  # whether a bucket's entry changed: the config file is written only then
         # tune on from an earlier run's file, else from the package's for this device (checked: a bad one
         # stops the run here, before any GPU time is spent)
         shipped = tuning.CONFIG_DIR / f"{self.key}.json"
@@ -237,6 +240,8 @@ class Tuner:
         self.result["elapsed_s"] = round(time.monotonic() - self.start, 1)
         if self.json_path is not None:
             report.write_json(self.result, self.json_path)
+        if not self.changed:  # the file, and the run that made its entries, stay as they are
+            return
         name = torch.cuda.get_device_name(self.device) if self.on_gpu else "CPU (Triton interpreter)"
         meta = {
             "device_name": name,
@@ -312,7 +317,10 @@ class Tuner:
                 default_row.update({k: v for k, v in row.items() if k not in ("params", "changed")})
             shown = f"{row['median_us']:.1f} µs" if "median_us" in row else "-"
             self.log(f"  {kernel} [{bucket}] {changed or 'default'}: {shown} {row['check']}")
-        self._choose(entry, variants, default)
+        if entry.get("stopped"):  # not every candidate was timed: the bucket's entry (or default) stays
+            entry["winner"] = None
+        else:
+            self._choose(entry, variants, default)
         self.save()
 
     def _choose(self, entry: dict[str, Any], variants: list[dict[str, Any]], default: tuning.Config) -> None:
@@ -325,11 +333,13 @@ class Tuner:
             return
         gain = 1.0 - best["median_us"] / base["median_us"]
         entry["gain_pct"] = 100.0 * gain
+        before = kernel_entries.get(entry["bucket"])
         if best["changed"] and gain >= MIN_GAIN:
             entry["winner"] = best["params"]
             kernel_entries[entry["bucket"]] = best["params"]
         else:
             kernel_entries.pop(entry["bucket"], None)  # the default wins (again): drop an older entry
+        self.changed |= kernel_entries.get(entry["bucket"]) != before
 
     def _device_alive(self) -> bool:
         try:
@@ -421,9 +431,13 @@ def run_tune(
         labels = [f"{p} {s.op} {s.label}" for p, s in planned]
     if shapes:
         keep = [i for i, label in enumerate(labels) if any(text in label for text in shapes)]
+        if not keep:
+            raise ValueError(
+                f"--shapes {','.join(shapes)}: matches none of the {len(labels)} workloads ({labels[0]!r}, ...)"
+            )
         builds, labels = [builds[i] for i in keep], [labels[i] for i in keep]
-    if config_path is None:
-        folder = Path(tempfile.gettempdir()) / "dsv4-tune-dry-run" if dry_run else tuning.CONFIG_DIR
+    if config_path is None:  # a dry run's own folder: it starts from no earlier run's file
+        folder = Path(tempfile.mkdtemp(prefix="dsv4-tune-dry-run-")) if dry_run else tuning.CONFIG_DIR
         config_path = folder / f"{tuning.device_key(device)}.json"
     tuner = Tuner(
         device, Path(config_path), None if json_path is None else Path(json_path), command, kernels_wanted=kernels,
@@ -433,6 +447,21 @@ def run_tune(
     tuner.result["settings"]["shapes"] = list(shapes or [])
     tuner.result["settings"]["resume"] = resume
     return tuner.run(builds, labels)
+
+
+def _check_writable(path: Path) -> None:
+    """``ValueError`` naming the config file unless it can be written (checked before any GPU time is spent)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"config file {path} (--config): its folder cannot be made ({e.strerror or e})") from None
+    if path.is_dir() or not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"config file {path} (--config): not a file this process can write")
+
+
+def failed_workloads(result: dict[str, Any]) -> list[str]:
+    """The labels of the workloads whose op failed at its defaults (their buckets were not tuned)."""
+    return [w["label"] for w in result["workloads"] if w["status"].startswith("error")]
 
 
 def describe_tunables() -> str:
@@ -482,5 +511,8 @@ def render(result: dict[str, Any]) -> str:
         for v in b["variants"]:
             if not passed(v.get("check", "")):
                 lines.append(f"  {b['kernel']} [{b['bucket']}] {json.dumps(v['changed'])}: {v.get('check')}")
+    for w in result["workloads"]:
+        if w["status"].startswith("error"):
+            lines.append(f"  workload {w['label']}: {w['status']}")
     lines.append(f"config file: {result['config_file']}")
     return "\n".join(lines)

@@ -26,6 +26,16 @@ class JSONFileError(ValueError):
     """A JSON file or text that is malformed or over the bounds; the message starts with its source."""
 
 
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An ``object_pairs_hook``: a JSON object with no repeated key (``json`` would silently keep the last one)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
 def nesting_depth(text: str) -> int:
     """The deepest nesting of arrays and objects in ``text`` (brackets inside strings do not count)."""
     brackets = _STRING.sub("", text).encode("utf-8", "surrogatepass").translate(None, _NOT_BRACKETS)

@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 
 from .fp8 import e4m3_bytes_to_float32, e8m0_bytes_to_float32
-from .json_files import JSONFileError, parse_json, read_json
+from .json_files import JSONFileError, parse_json, read_json, unique_keys
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -80,16 +80,6 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object with no repeated key (``json`` would silently keep the last one)."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"key {key!r} appears twice")
-        out[key] = value
-    return out
-
-
 def _entry(path: Path, name: str, entry: object, data_len: int) -> tuple[str, tuple[int, ...], int, int]:
     """``(dtype, shape, begin, end)`` of one header entry (offsets relative to the data region)."""
     where = f"{path}: tensor {name!r}"
@@ -129,7 +119,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                     f"{path}: header length {length} exceeds "
                     + (f"the file ({size} bytes)" if length > size - 8 else f"{MAX_HEADER_BYTES} bytes")
                 )
-            header = parse_json(f.read(length), path, object_pairs_hook=_unique_keys)
+            header = parse_json(f.read(length), path, object_pairs_hook=unique_keys)
     except OSError as e:
         raise CheckpointError(f"{path}: not a readable file ({e})") from None
     except JSONFileError as e:  # bad UTF-8 or JSON, a repeated key, nested too deep
@@ -211,7 +201,7 @@ class ShardedCheckpoint:
     def _read_index(index: Path) -> dict[str, str]:
         """The index file's ``weight_map`` (tensor name -> shard file name), every shard name checked."""
         try:
-            raw = read_json(index, object_pairs_hook=_unique_keys)
+            raw = read_json(index, object_pairs_hook=unique_keys)
         except JSONFileError as e:
             raise CheckpointError(str(e)) from None
         weight_map = raw.get("weight_map") if isinstance(raw, dict) else None

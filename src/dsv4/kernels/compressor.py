@@ -432,6 +432,7 @@ STEP_TUNING = Tunable(
     "_compressor_step_kernel: ring update, the closing blocks' keys, the K-slices summed (compressor launch 2, "
     "indexer launch 2)",
     dims=("B", "S"),
+    pow2_dims=("B", "S"),
     params=(
         Param("num_warps", NUM_WARPS, (4, 8, 16), "warps per chunk program", compiled_only=True),
         Param("pdl", True, (False, True), "programmatic dependent launch (sm_90)", exact=True, compiled_only=True),
@@ -444,6 +445,7 @@ KV_STEP_TUNING = Tunable(
     "_compressor_step_kernel with FP8 rows: ring update, the closing blocks' FP8 KV rows, the K-slices summed "
     "(kv_compressor launch 2)",
     dims=("B", "S", "RC"),
+    pow2_dims=("B", "S"),
     params=(
         Param("cand_tile", CAND_TILE, (4, 8, 16, 32), "candidates pooled per step (at most COFF*RC are used)"),
         Param(

@@ -49,6 +49,7 @@ TUNING = Tunable(
     "index.front",
     "_front_kernel: the x-projection K-slices and the INT8 query programs (indexer and compressor launch 1)",
     dims=("T", "D", "N", "HI"),  # N: the x-projection's columns, so each compressor's launch is its own bucket
+    pow2_dims=("T",),
     params=(
         Param("block_n", BLOCK_N, (64, 128), "x-projection output columns per tile (a divisor of 2*HID)"),
         Param("splits", None, SPLIT_CHOICES, "x-projection K-slices; null: split_k.k_splits"),

@@ -92,6 +92,7 @@ TUNING = Tunable(
     "index.score",
     "_score_kernel: every (query group, key tile) item's scores and histograms (indexer launch 3)",
     dims=("B", "S", "N"),
+    pow2_dims=("B", "S", "N"),
     params=(
         Param(
             "programs_per_sm",

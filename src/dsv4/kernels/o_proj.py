@@ -98,6 +98,7 @@ WO_A_TUNING = Tunable(
     "o_proj.wo_a",
     "_wo_a_kernel: the grouped FP8 wo_a GEMM as fp32 K-slice partials (o_proj launch 1)",
     dims=("T", "K", "N"),
+    pow2_dims=("T",),
     params=_gemm_params("a divisor of OL", NUM_WARPS),
     candidates=_gemm_candidates,
 )
@@ -105,6 +106,7 @@ QUANT_TUNING = Tunable(
     "o_proj.quant",
     "_act_quant_kernel: wo_a's slices summed, bf16, FP8 activation quant per 128 (o_proj launch 2)",
     dims=("T", "N"),
+    pow2_dims=("T",),
     params=(Param("num_warps", QUANT_WARPS, (2, 4, 8), "warps per program", compiled_only=True),),
     candidates=({"num_warps": 2}, {"num_warps": 8}),
 )
@@ -112,6 +114,7 @@ WO_B_TUNING = Tunable(
     "o_proj.wo_b",
     "_wo_b_kernel: the FP8 x FP8 wo_b GEMM with block scales, slices added by the last program (o_proj launch 3)",
     dims=("T", "K", "N"),
+    pow2_dims=("T",),
     params=_gemm_params("masked at the edge of D", WO_B_WARPS),
     candidates=_gemm_candidates,
 )

@@ -52,6 +52,7 @@ TUNING = Tunable(
     "qkv.projection",
     "_split_k_projection_kernel: x @ [wq_a; wkv].T as fp32 K-slice partials (qkv_proj_rope launch 1)",
     dims=("T", "D", "N"),
+    pow2_dims=("T",),
     params=(
         Param("block_n", BLOCK_N_MAX, (16, 32, 64, 128), "output columns per tile (a divisor of both widths)"),
         Param("splits", None, SPLIT_CHOICES, "K-slices per output tile; null: one wave of SMs (split_k.k_splits)"),

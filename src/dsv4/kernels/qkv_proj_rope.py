@@ -78,6 +78,7 @@ ROWS_TUNING = Tunable(
     "qkv.rows",
     "_qr_kv_rows_kernel: slice sums, RMSNorm, qr quantization, kv RoPE (qkv_proj_rope launch 2)",
     dims=("T", "QL", "HD"),
+    pow2_dims=("T",),
     params=(Param("num_warps", ROWS_NUM_WARPS, (2, 4, 8), "warps per token and path", compiled_only=True), _PDL),
     candidates=({"num_warps": 8}, {"pdl": False}),
 )
@@ -117,6 +118,7 @@ Q_HEADS_TUNING = Tunable(
     "qkv.q_heads",
     "_q_heads_kernel: INT8 qr @ wq_b.T, per-head RMSNorm and RoPE (qkv_proj_rope launch 3)",
     dims=("T", "H", "QL"),
+    pow2_dims=("T",),
     params=(
         Param("num_warps", Q_NUM_WARPS, (4, 8, 16), "warps per program", compiled_only=True),
         Param("num_stages", Q_NUM_STAGES, (2, 3, 4), "pipelined K steps", exact=True, compiled_only=True),

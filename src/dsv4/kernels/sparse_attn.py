@@ -117,6 +117,7 @@ TUNING = Tunable(
     "sparse_attn",
     "_attn_kernel (+ _combine_kernel with splits): every (slot, token block, head block, key split)",
     dims=("B", "S", "H", "KEYS"),  # KEYS: compressed keys a token may walk (CSA's list, HCA's table; SWA 0)
+    pow2_dims=("B", "S", "H", "KEYS"),
     params=(
         Param("tokens", TOKENS_PER_BLOCK, (1, 2), "tokens of a step per program (2: a pair shares window tiles)"),
         Param("heads", HEADS, (8, 16, 32, 64), "heads per program (the MMA's M is tokens x heads)"),

@@ -640,6 +640,7 @@ ROW_TUNING = Tunable(
     "topk.select_row",
     "_select_row_kernel: a whole row per program, its radix digits in registers (rows of <= 4096 keys)",
     dims=("R", "N"),
+    pow2_dims=("R", "N"),
     params=(
         Param(
             "radix_bits",
@@ -679,6 +680,7 @@ CHUNKS_TUNING = Tunable(
     "topk.select_chunks",
     "_select_chunks_kernel: CHUNK keys per program, the last program of a row finishes it (longer rows)",
     dims=("R", "N"),
+    pow2_dims=("R", "N"),
     params=(
         Param("chunk", CHUNK, (1024, 2048, 4096, 8192), "keys per program (the selected set is the same)", exact=True),
         Param("num_warps", SELECT_WARPS, (4, 8, 16), "warps per program", exact=True, compiled_only=True),

@@ -13,9 +13,10 @@ bits from run to run.
 - ``DSV4_KERNEL_CONFIG=PATH``: use that file for every device instead; ``none``: the defaults only.
 - File schema (``SCHEMA``): ``{"schema": 1, "device": KEY, "kernels": {KERNEL: {BUCKET: {PARAM:
   VALUE}}}}`` plus free provenance fields; a bucket is ``"T=128,D=4096,N=1536"`` (the kernel's
-  dims in order, tokens rounded up to a power of two). Every kernel, bucket, parameter and value
-  is checked when the file is read: a malformed file is a ``ValueError`` naming the file and the
-  entry, never a silent fallback.
+  dims in order, its ``pow2_dims`` rounded up to a power of two). Every kernel, bucket, parameter
+  and value is checked when the file is read, repeated keys and bucket keys no launch can look up
+  included: a malformed file is a ``ValueError`` naming the file and the entry, never a silent
+  fallback.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from typing import Any
 
 import torch
 
+from ..io.json_files import JSONFileError, read_json, unique_keys
+
 SCHEMA = 1
 CONFIG_DIR = Path(__file__).with_name("configs")  # ships with the package (pyproject package-data)
 ENV = "DSV4_KERNEL_CONFIG"
@@ -39,7 +42,7 @@ CPU_KEY = "cpu"
 # Driver names that the general rule would shorten too far: the H100 SXM part reports no form factor.
 _ALIASES = {"h100 80gb hbm3": "h100-sxm"}
 _DROP = re.compile(r"\d+gb|hbm\d*e?")  # memory size and type: the same chip whatever its memory
-_BUCKET_ITEM = re.compile(r"([A-Z][A-Z0-9_]*)=(\d+)")
+_BUCKET_ITEM = re.compile(r"([A-Z][A-Z0-9_]*)=(0|[1-9][0-9]*)")  # ASCII digits, no leading zero: one key a bucket
 
 
 @dataclass(frozen=True)
@@ -112,10 +115,13 @@ class Tunable:
     dims: tuple[str, ...]
     params: tuple[Param, ...]
     candidates: Sequence[Mapping[str, Any]] | Candidates = ()
+    pow2_dims: tuple[str, ...] = ()  # dims a bucket rounds up to a power of two (token and key counts)
     _by_name: dict[str, Param] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self._by_name.update({p.name: p for p in self.params})
+        if not set(self.pow2_dims) <= set(self.dims):
+            raise ValueError(f"kernel {self.name!r}: pow2_dims {self.pow2_dims} are not among its dims {self.dims}")
         if self.name in TUNABLES:
             raise ValueError(f"kernel {self.name!r} already declares its launch parameters")
         TUNABLES[self.name] = self
@@ -153,7 +159,14 @@ class Tunable:
         if len(items) < len(parts) or tuple(m[1] for m in items) != self.dims:
             form = ",".join(f"{d}=<int>" for d in self.dims)
             raise ValueError(f"kernel {self.name!r}: bucket {key!r} is not of the form {form!r}")
-        return {m[1]: int(m[2]) for m in items}
+        bucket = {m[1]: int(m[2]) for m in items}
+        odd = [d for d in self.pow2_dims if bucket[d] != pow2_bucket(bucket[d])]
+        if odd:  # a launch rounds these up: no launch would look such a bucket up
+            raise ValueError(
+                f"kernel {self.name!r}: bucket {key!r}: {', '.join(odd)} must be a power of two (launches round "
+                f"{', '.join(self.pow2_dims)} up to one)"
+            )
+        return bucket
 
     def candidate_configs(self, bucket: Bucket) -> list[Config]:
         """The default first, then every distinct candidate at ``bucket``, resolved."""
@@ -166,8 +179,9 @@ class Tunable:
         return out
 
     def config(self, device: torch.device, **dims: int) -> Config:
-        """The launch parameters at the bucket ``dims`` on ``device`` (see the module docstring)."""
-        key = self.bucket_key(dims)
+        """The launch parameters at the bucket ``dims`` on ``device`` (see the module docstring); the
+        ``pow2_dims`` are rounded up to a power of two here."""
+        key = self.bucket_key({d: pow2_bucket(v) if d in self.pow2_dims else v for d, v in dims.items()})
         if _STATE.recording is not None:
             _STATE.recording.append((self.name, key))
         forced = _STATE.forced.get(self.name)
@@ -237,7 +251,7 @@ def parse_config(data: Any, where: str, expect_device: str | None = None) -> Con
     ``where`` and the first bad entry."""
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
-    if data.get("schema") != SCHEMA:
+    if type(data.get("schema")) is not int or data["schema"] != SCHEMA:
         raise ValueError(f"{where}: schema must be {SCHEMA}, got {data.get('schema')!r}")
     device = data.get("device")
     if not isinstance(device, str) or not device:
@@ -271,9 +285,9 @@ def load_config(path: str | Path, expect_device: str | None = None) -> ConfigTab
     """Read and check the config file at ``path`` (``expect_device``: the device its name promises)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"kernel config {path}: not JSON ({e})") from None
+        data = read_json(path, object_pairs_hook=unique_keys)
+    except JSONFileError as e:  # unreadable, not UTF-8 or JSON, a key twice, too large or deep
+        raise ValueError(f"kernel config {e}") from None
     table = parse_config(data, f"kernel config {path}", expect_device)
     return ConfigTable(path, table.device, table.entries, table.meta)
 
@@ -299,7 +313,10 @@ def _table_for(device: torch.device | str) -> ConfigTable:
     table = _TABLES.get((override, key))
     if table is None:
         path = config_path(device)
-        table = _EMPTY if path is None else load_config(path, None if override else key)
+        try:
+            table = _EMPTY if path is None else load_config(path, None if override else key)
+        except ValueError as e:
+            raise ValueError(f"{e} (the file {ENV} names)" if override else str(e)) from None
         _TABLES[(override, key)] = table
     return table
 

@@ -39,6 +39,7 @@ TUNING = Tunable(
     "window_kv_write",
     "_window_kv_write_kernel: the step's last min(S, W) KV rows quantized into the window pool",
     dims=("B", "S"),
+    pow2_dims=("B", "S"),
     params=(
         Param("block_t", BLOCK_T, (1, 2, 4, 8, 16), "tokens per program", exact=True),
         Param("num_warps", NUM_WARPS, (2, 4, 8), "warps per program", compiled_only=True),
