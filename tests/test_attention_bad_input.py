@@ -85,6 +85,8 @@ BAD: list[tuple[str, str, Callable, type, tuple[str, ...]]] = [
     ("window_kv_write", "kv", lambda t: t.half(), TypeError, ("kv:", "bfloat16")),
     ("window_kv_write", "window", lambda w: 0, ValueError, ("window", ">= 1")),
     ("window_kv_write", "window", lambda w: 16.0, TypeError, ("window", "int")),
+    ("window_kv_write", "window", lambda w: 2**31, ValueError, ("window", "<= 2147483647")),  # int32 in the kernels
+    ("sparse_attn_write", "window", lambda w: 2**31, ValueError, ("window", "<= 2147483647")),  # before a span of W
     ("window_kv_write", "start_pos", lambda t: t + 60, ValueError, ("start_pos", "pool.block_table addresses")),
     ("window_kv_write", "pool.block_table", lambda t: t + 1000, ValueError, ("pool.block_table", "needs")),
     ("window_kv_write", "pool.block_table", _two_writers, ValueError, ("two slots write the same pool row",)),
@@ -97,6 +99,8 @@ BAD: list[tuple[str, str, Callable, type, tuple[str, ...]]] = [
     ("sparse_attn", "topk_idxs", lambda t: t[..., :0].contiguous(), ValueError, ("topk_idxs.shape[2]", ">= 1")),
     ("sparse_attn", "topk_idxs", lambda t: t.repeat(1, 1, 257), ValueError, ("topk_idxs.shape[2]", "<= 4096")),
     ("sparse_attn", "topk_offset", lambda o: -1, ValueError, ("topk_offset", ">= 0")),
+    ("sparse_attn", "topk_offset", lambda o: 2**31, ValueError, ("topk_offset", "<= 2147483647")),
+    ("sparse_attn", "compress_ratio", lambda r: 2**62, ValueError, ("compress_ratio", "<= 2147483647")),
     ("sparse_attn", "compress_ratio", lambda r: 0, ValueError, ("compress_ratio", "ratio >= 1")),
     ("sparse_attn", "compressed_pool", lambda p: None, ValueError, ("compressed_pool", "needs")),
     ("sparse_attn", "q", lambda t: t[:, :, :3].contiguous(), ValueError, ("attn_sink", "shape")),
@@ -111,6 +115,7 @@ BAD: list[tuple[str, str, Callable, type, tuple[str, ...]]] = [
     ("o_proj", "o", lambda t: t[:, :, :0], ValueError, ("o:", "T, H, HD >= 1", "[4, 4, 0]")),
     ("o_proj", "o", lambda t: t[:, :3].contiguous(), ValueError, ("w.wo_a", "G*OL")),
     ("o_proj", "w.wo_a", lambda t: t.to(torch.bfloat16), TypeError, ("w.wo_a", "float8_e4m3fn")),
+    ("o_proj", "w.wo_a", lambda t: t[:0], ValueError, ("w.wo_a", "positive multiple of 128", "got 0")),
     ("o_proj", "w.wo_a_scale", lambda t: t[:, :1].contiguous(), ValueError, ("w.wo_a_scale", "shape")),
     ("o_proj", "w.wo_b", lambda t: t[:, :64].contiguous(), ValueError, ("w.wo_b", "shape")),
     ("o_proj", "w.wo_b", lambda t: t.view(torch.uint8), TypeError, ("w.wo_b", "float8_e4m3fn")),
@@ -200,6 +205,10 @@ def test_device_tensors_are_checked_without_a_host_read(op: str) -> None:
         ("kv_compressor", "start_pos", lambda t: t + 60, "start_pos"),
         ("kv_compressor", "state.pool.block_table", _two_writers, "two slots write"),
         ("window_kv_write", "pool.block_table", lambda t: t + 1000, "pool.block_table"),
+        # p + S would wrap int64 to a negative position that passes p + S <= n
+        ("kv_compressor", "start_pos", lambda t: torch.full_like(t, 2**63 - 1), "start_pos"),
+        ("sparse_attn", "start_pos", lambda t: torch.full_like(t, 2**63 - 1), "start_pos"),
+        ("sparse_attn_write", "start_pos", lambda t: torch.full_like(t, 2**63 - 1), "start_pos"),
         ("sparse_attn", "window_pool.block_table", _unallocate(0), "window_pool.block_table"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
@@ -278,3 +287,21 @@ def test_nan_in_o_stays_in_its_token(backend: str) -> None:
     args["o"][2, 1, 0] = float("nan")
     y = dsv4.o_proj(**args, backend=backend).y
     assert y[2].isnan().all() and not y[[0, 1, 3]].isnan().any()
+
+
+@pytest.mark.parametrize("op", ["kv_compressor", "window_kv_write", "sparse_attn", "sparse_attn_write"])
+def test_a_strided_start_pos_reads_its_own_values(op: str) -> None:
+    """A non-contiguous ``start_pos`` (an expanded tensor): every backend reads the values it shows, as
+    from a contiguous copy (the kernels index positions densely)."""
+    strided = torch.tensor(START[:1], device=DEVICE).expand(2)
+    assert strided.stride() == (0,)
+    for backend in backends_of(op):
+        got = []
+        for start in (strided, strided.contiguous()):
+            args = {**_args(op), "start_pos": start}
+            records = {name: args[name] for name in mutated_args(op)}
+            out = getattr(dsv4, op)(**args, backend=backend)
+            got.append((out, record_outputs(records)))
+        (out, rec), (dense_out, dense_rec) = got
+        assert all(bit_identical(rec[k], dense_rec[k], k) for k in rec), backend
+        assert out is None or all(bit_identical(a, b) for a, b in zip(out, dense_out, strict=True)), backend

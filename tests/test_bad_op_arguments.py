@@ -376,6 +376,9 @@ def test_device_tensors_are_checked_without_a_host_read(op) -> None:
         ("indexer_compressor", "start_pos", lambda t: t - 100, "start_pos"),
         ("indexer", "start_pos", lambda t: t + 62, "start_pos"),
         ("indexer", "out", lambda t: 1, "out.score"),
+        # p + S would wrap int64 to a negative position that passes p + S <= n
+        ("indexer_compressor", "start_pos", lambda t: torch.full_like(t, 2**63 - 1), "start_pos"),
+        ("indexer", "start_pos", lambda t: torch.full_like(t, 2**63 - 1), "start_pos"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -545,3 +548,46 @@ def test_a_callers_float32_matmul_precision_changes_nothing(op: str, precision: 
     finally:
         _set_precision("none/none/none")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("op", ["indexer_compressor", "indexer"])
+def test_a_strided_start_pos_reads_its_own_values(op: str) -> None:
+    """A non-contiguous ``start_pos`` (an expanded or sliced tensor): every backend reads the values it
+    shows, as from a contiguous copy (the kernels index positions densely)."""
+    case = _case(op)
+    strided = torch.tensor([5, 0, 9, 0], device=DEVICE)[::2]
+    assert not strided.is_contiguous()
+    results = {}
+    for backend in BACKENDS:
+        for name, start in (("strided", strided), ("dense", strided.contiguous())):
+            args = {**case.args, "state": case.args["state"].clone(), "start_pos": start}
+            out = getattr(dsv4, op)(**args, backend=backend)
+            results[backend, name] = (out, args["state"].tensors())
+    for backend in BACKENDS:
+        (out, state), (dense_out, dense_state) = results[backend, "strided"], results[backend, "dense"]
+        assert all(torch.equal(state[k], dense_state[k]) for k in state)
+        assert out is None or all(torch.equal(a, b) for a, b in zip(out, dense_out, strict=True))
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton backend's limit")
+def test_a_score_row_longer_than_the_selection_takes_is_refused_before_any_write() -> None:
+    """``out.score`` wider than the fused top-k's 2^24 keys: the Triton backend refuses it naming
+    ``out.score`` before its first launch, the state unchanged (the reference takes any width)."""
+    args = dict(_case("indexer").args)
+    b, s = args["x"].shape[:2]
+    score = torch.empty(b, s, 2**24 + 16, device=DEVICE)
+    args["out"] = IndexerOut(score, torch.empty(b, s, args["topk"], dtype=torch.int32, device=DEVICE))
+    before = _snapshot(args)
+    with pytest.raises(ValueError, match="out.score: the Triton kernels need rows of at most 16777216 keys"):
+        dsv4.indexer(**args, backend="triton")
+    _assert_unchanged(args, before)
+
+
+def test_zero_sized_projection_dims_are_named() -> None:
+    args = dict(_case("qkv_proj_rope").args)
+    w = args["w"]
+    for field, words in (("wkv", "w.wkv: expected at least one row"), ("wq_a", "w.wq_a: expected at least one row")):
+        empty = getattr(w, field)[:0]
+        bad = dataclasses.replace(w, **{field: empty})
+        with pytest.raises(ValueError, match=words):
+            dsv4.qkv_proj_rope(**{**args, "w": bad})

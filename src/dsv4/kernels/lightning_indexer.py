@@ -24,7 +24,8 @@ from ..model.weights import IndexerWeights
 from .compressor import compressor_step
 from .index_front import front
 from .index_score import index_scores
-from .topk import HIST_WORDS, ROW_IN_REGISTERS, select_topk
+from .launch import require
+from .topk import HIST_WORDS, ROW_IN_REGISTERS, TIE_INDEX_BITS, select_topk
 from .workspace import Workspace, scratch
 
 
@@ -49,6 +50,9 @@ def indexer(
     visible rows); scratch comes from ``ws`` when given."""
     b, s = pos.batch, pos.seq
     width = pos.max_cache_len if out is None else out.score.shape[2]
+    # the selection's limit, checked before the first launch changes the state
+    limit = 1 << TIE_INDEX_BITS
+    require(width <= limit, "out.score" if out else "state", f"rows of at most {limit} keys, got {width}")
     # Rows longer than one program selects alone: the score launch builds the first-digit histograms
     # the selection starts from, in counters the front launch zeroes.
     hist = scratch(ws, "indexer.hist", (b * s, HIST_WORDS), torch.int32, x.device) if width > ROW_IN_REGISTERS else None

@@ -204,8 +204,12 @@ def check_qkv_proj_rope(x: Any, w: Any, positions: Any, rope: Any, eps: Any, out
     _check_instance("w", w, AttnWeights)
     check_tensor("w.wkv", w.wkv, torch.bfloat16, (None, d), dev)
     hd = w.wkv.shape[0]
+    if hd < 1:
+        raise ValueError("w.wkv: expected at least one row (the head dim HD), got 0")
     check_tensor("w.wq_a", w.wq_a, torch.bfloat16, (None, d), dev)
     ql = w.wq_a.shape[0]
+    if ql < 1:
+        raise ValueError("w.wq_a: expected at least one row (the q LoRA rank QL), got 0")
     check_tensor("w.gamma_cq", w.gamma_cq, FLOATS, (ql,), dev)
     check_tensor("w.gamma_ckv", w.gamma_ckv, FLOATS, (hd,), dev)
     check_tensor("w.wq_b", w.wq_b, torch.int8, (None, ql), dev)
@@ -270,8 +274,8 @@ def check_compressor(
     pos = step_positions(start_pos, b, s, dev, None if need_host else rows)
     if pos.start_host is None:
         start = pos.start
-        _assert_on_device(
-            (start >= 0) & ((start + s) // COMPRESS_RATIO <= rows) & (start + s <= rope.max_position),
+        _assert_on_device(  # p + S <= n as p <= n - S: p + S could wrap int64
+            (start >= 0) & (start <= last_start(COMPRESS_RATIO, rows, s)) & (start <= rope.max_position - s),
             f"start_pos: expected every row's start p >= 0 with (p + S) // {COMPRESS_RATIO} <= {rows} "
             f"(the rows state.block_table addresses) and p + S <= {rope.max_position} (the rope table), S={s}",
         )
@@ -477,6 +481,12 @@ def _read_as_another_row(table: torch.Tensor, pos: StepPositions, bs: int, block
     return (rows < end[:, None]) & valid.flatten()[entry] & (other > rows % bs)
 
 
+def last_start(ratio: int, bound: int, seq: int) -> int:
+    """The largest start ``p`` with ``(p + seq) // ratio <= bound``, at most ``2^63 - 1``: a device check
+    compares ``p`` with it rather than computing ``p + seq``, which wraps for a start near ``2^63``."""
+    return min(ratio * (bound + 1) - 1 - seq, INT64_LIMIT - 1)
+
+
 def step_positions(
     start_pos: Any, batch: int, seq: int, device: torch.device, bound: int | None = None
 ) -> StepPositions:
@@ -492,7 +502,7 @@ def step_positions(
             raise ValueError(f"start_pos: expected shape [{batch}] (one per batch row), got {list(start_pos.shape)}")
         if not same_device(start_pos.device, device) and not on_host(start_pos):
             raise ValueError(f"start_pos: expected a tensor on {device} or the CPU, got {start_pos.device}")
-        start = start_pos.to(device=device, dtype=torch.int64)
+        start = start_pos.to(device=device, dtype=torch.int64).contiguous()  # the kernels index it densely
         if not on_host(start_pos) and bound is not None:
             return StepPositions(start, seq, bound)
         host = tuple(int(v) for v in start_pos.tolist())
@@ -530,7 +540,7 @@ def check_indexer_out(
     width = out.score.shape[2]
     if pos.start_host is None:
         _assert_on_device(
-            (pos.start + s) // COMPRESS_RATIO <= width,
+            pos.start <= last_start(COMPRESS_RATIO, width, s),
             f"out.score: expected at least (start_pos + S) // {COMPRESS_RATIO} columns (the cache rows after "
             f"this step) for every row, got {width}",
         )

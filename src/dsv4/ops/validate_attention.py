@@ -20,6 +20,7 @@ from ..model.structs import AttnOut, OProjOut, StepPositions
 from ..model.weights import CompressorWeights, OProjWeights
 from .validate import (
     FLOATS,
+    INDEX_LIMIT,
     MAX_TOPK,
     _assert_on_device,
     _check_eps,
@@ -29,6 +30,7 @@ from .validate import (
     check_rope,
     check_table_rows,
     check_tensor,
+    last_start,
     on_host,
     pool_rows,
     step_positions,
@@ -75,7 +77,7 @@ def check_positions(
     if pos.start_host is None:
         ok = pos.start >= 0
         for ratio, bound, _ in limits:
-            ok = ok & ((pos.start + seq) // ratio <= bound)
+            ok = ok & (pos.start <= last_start(ratio, bound, seq))
         wants = "; ".join(f"(p + S) // {r} <= {b} ({what})" for r, b, what in limits)
         _assert_on_device(ok, f"start_pos: expected every row's start p >= 0 with {wants}, S={seq}")
         return pos
@@ -97,7 +99,8 @@ def check_writes_apart_from_reads(name: str, pool: KVPool, pos: StepPositions, w
     start = pos.start.to(table.device)
     if window < 2:  # a window of one row reads no pool row
         return
-    read = pool_rows(table, bs, (start - window + 1).clamp_min(0), start, window - 1, 0)
+    span = min(window - 1, pool.rows)  # the rows below a start, which is at most the rows the table addresses
+    read = pool_rows(table, bs, (start - window + 1).clamp_min(0), start, span, 0)
     written = pool_rows(table, bs, start + max(0, s - window), start + s, min(s, window), read.numel())
     apart = ~torch.isin(written, read).any()
     message = (
@@ -159,7 +162,7 @@ def check_kv_compressor(x: Any, w: Any, state: Any, start_pos: Any, rope: Any, e
 
 
 def check_window(window: Any) -> int:
-    return check_int("window", window, 1)
+    return check_int("window", window, 1, INDEX_LIMIT - 1)  # int32 in the kernels
 
 
 def check_window_kv_write(kv: Any, pool: Any, start_pos: Any, window: Any) -> StepPositions:
@@ -206,8 +209,8 @@ def check_sparse_attn(
     if kind not in LAYER_KINDS:
         raise ValueError(f"kind: expected one of {', '.join(LAYER_KINDS)}, got {kind!r}")
     check_window(window)
-    ratio = check_int("compress_ratio", compress_ratio, 0)
-    check_int("topk_offset", topk_offset, 0)
+    ratio = check_int("compress_ratio", compress_ratio, 0, INDEX_LIMIT - 1)  # int32 in the kernels
+    check_int("topk_offset", topk_offset, 0, INDEX_LIMIT - 1)  # indices (+ offset) are int32
     if (ratio == 0) != (kind == "swa"):
         raise ValueError(
             f"compress_ratio: a {kind} layer needs {'0' if kind == 'swa' else 'a ratio >= 1'}, got {ratio}"
@@ -280,9 +283,9 @@ def check_o_proj(o: Any, w: Any, out: Any = None) -> None:
             f"w.wo_a: expected [G*OL, HG*HD] with HG*HD dividing H*HD = {h * hd} and G = H*HD/(HG*HD) dividing "
             f"the rows, got {[rows, cols]}"
         )
-    if rows % ACT_BLOCK:
+    if rows < 1 or rows % ACT_BLOCK:
         raise ValueError(
-            f"w.wo_a: expected G*OL rows a multiple of {ACT_BLOCK} (the FP8 activation blocks), got {rows}"
+            f"w.wo_a: expected G*OL rows a positive multiple of {ACT_BLOCK} (the FP8 activation blocks), got {rows}"
         )
     grid = -(-cols // 128)
     check_tensor("w.wo_a_scale", w.wo_a_scale, torch.float32, (rows // 128, grid), dev)
