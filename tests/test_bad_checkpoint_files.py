@@ -306,6 +306,9 @@ def test_golden_inputs_missing_a_tensor(golden_dir, tmp_path) -> None:
     del tensors["qr_scale"]
     save_file(tensors, str(path))
     (manifest,) = folder.glob("*.json")
+    data = json.loads(manifest.read_text())
+    del data["inputs"]["qr_scale"]  # the manifest edited to match: the op's own need is what refuses it
+    manifest.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"inputs\.safetensors: no tensor 'qr_scale'"):
         load(manifest)
 
@@ -322,8 +325,105 @@ def test_golden_topk_indices_must_be_integers(dtype, golden_dir, tmp_path, capsy
     tensors["topk_idxs"] = tensors["topk_idxs"].to(dtype)
     save_file(tensors, str(path))
     (manifest,) = folder.glob("*.json")
+    data = json.loads(manifest.read_text())
+    data["expected"]["topk_idxs"]["dtype"] = str(dtype)  # the manifest edited to match
+    manifest.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"expected\.safetensors: topk_idxs must hold integer indices"):
         load(manifest)
     assert main(["golden", "check", str(folder), "--backend", "reference", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and len(err.strip().splitlines()) == 1, err
+
+
+def _golden_copy(golden_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    folder = tmp_path / "cases"
+    shutil.copytree(golden_dir, folder)
+    (manifest,) = folder.glob("*.json")
+    return folder, manifest
+
+
+def _check_golden(folder: Path) -> int:
+    return main(["golden", "check", str(folder), "--backend", "reference", "--device", "cpu"])
+
+
+@pytest.mark.parametrize("which", ["json", "inputs.safetensors", "expected.safetensors"])
+def test_golden_files_that_are_links_are_refused(which, golden_dir, tmp_path, capsys) -> None:
+    """A case file that is a symbolic link (to a valid copy outside the folder) is not read."""
+    folder, manifest = _golden_copy(golden_dir, tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    path = folder / f"{manifest.stem}.{which}"
+    target = outside / path.name
+    path.rename(target)
+    path.symlink_to(target)
+    assert _check_golden(folder) == 2
+    err = capsys.readouterr().err
+    assert "must be a regular file" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_golden_case_files_without_a_manifest_are_refused(golden_dir, tmp_path, capsys) -> None:
+    """A case whose manifest is gone is not silently skipped beside the others."""
+    folder, manifest = _golden_copy(golden_dir, tmp_path)
+    for f in folder.glob(f"{manifest.stem}.*.safetensors"):
+        shutil.copy(f, folder / f.name.replace(manifest.stem, "orphan"))
+    assert _check_golden(folder) == 2
+    assert "orphan.expected.safetensors: a golden tensor file no manifest" in capsys.readouterr().err
+
+
+def test_golden_manifest_names_its_own_files(golden_dir, tmp_path, capsys) -> None:
+    """A manifest whose name is another case's would have that case's tensors checked under its own."""
+    from dsv4.io.golden_io import load
+
+    folder, manifest = _golden_copy(golden_dir, tmp_path)
+    other = manifest.rename(folder / "other.json")
+    with pytest.raises(ValueError, match=f"name must be the manifest's own file stem 'other', got '{manifest.stem}'"):
+        load(other)
+    assert _check_golden(folder) == 2
+
+
+@pytest.mark.parametrize(("which", "edit"), [("expected", "dtype"), ("inputs", "shape"), ("expected", "extra")])
+def test_golden_tensors_match_their_manifest(which, edit, golden_dir, tmp_path, capsys) -> None:
+    folder, manifest = _golden_copy(golden_dir, tmp_path)
+    path = folder / f"{manifest.stem}.{which}.safetensors"
+    tensors = load_file(str(path))
+    key = sorted(k for k, t in tensors.items() if t.is_floating_point())[0]
+    if edit == "dtype":
+        tensors[key] = tensors[key].double()
+    elif edit == "shape":
+        tensors[key] = tensors[key].reshape(-1)
+    else:
+        tensors["unlisted"] = torch.zeros(1)
+    save_file(tensors, str(path))
+    assert _check_golden(folder) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and f"the manifest's {which}" in err or "differ from the manifest" in err, err
+
+
+@pytest.mark.parametrize("part", ["keys", "key_scale", "score"])
+def test_golden_expected_missing_a_part_fails_by_name(part, golden_dir, tmp_path, capsys) -> None:
+    """An expected file without a tensor a rule reads (the manifest edited to match) fails the check
+    naming it, instead of passing or raising a KeyError."""
+    folder, manifest = _golden_copy(golden_dir, tmp_path)
+    path = folder / f"{manifest.stem}.expected.safetensors"
+    tensors = load_file(str(path))
+    del tensors[part]
+    save_file(tensors, str(path))
+    data = json.loads(manifest.read_text())
+    del data["expected"][part]
+    manifest.write_text(json.dumps(data))
+    assert _check_golden(folder) == 1
+    assert f"{part}: no expected" in capsys.readouterr().out
+
+
+def test_golden_expected_keys_of_rows_the_step_does_not_write_are_checked(golden_dir, tmp_path, capsys) -> None:
+    """The key cache rule holds the expected pool's unwritten rows to the pool before the step too."""
+    folder, manifest = _golden_copy(golden_dir, tmp_path)
+    path = folder / f"{manifest.stem}.expected.safetensors"
+    tensors = load_file(str(path))
+    (inputs,) = folder.glob("*.inputs.safetensors")
+    before = load_file(str(inputs))["state.keys"]
+    unwritten = (tensors["keys"] == before).all(-1).nonzero()[0].tolist()
+    tensors["keys"][tuple(unwritten)] += 1
+    save_file(tensors, str(path))
+    assert _check_golden(folder) == 1
+    assert "in the expected pool (a corrupt expected file)" in capsys.readouterr().out

@@ -434,3 +434,12 @@ def test_cli_subprocess_inspect(odd_dir):
     assert r.returncode == 0, r.stderr
     assert "config: checkpoint (D=320 H=3 HD=96" in r.stdout and "layers.0.attn.wq_b.scale" in r.stdout
     assert "F8_E8M0  [3, 2]" in r.stdout and json.loads((odd_dir / "config.json").read_text())["compress_ratios"] == [4]
+
+
+def test_cli_inspect_without_a_config_still_fails_a_layer_missing_tensors(tmp_path, capsys):
+    """Without ``config.json`` the shapes go unchecked, but a missing tensor still fails the layer."""
+    shards = {k: v for k, v in layer_tensors(TINY, 1, 4).items() if not k.startswith("layers.1.attn.wq_b")}
+    save_file(shards, str(tmp_path / "model.safetensors"))
+    assert main(["inspect", str(tmp_path), "--layer", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "layers.1.attn.wq_b.weight" in out and "MISSING" in out and "tensor(s) missing" in out

@@ -116,3 +116,12 @@ def test_run_exits_nonzero_on_mismatch(monkeypatch: pytest.MonkeyPatch, capsys: 
     assert "MISMATCH q:" in out and "1 MISMATCH(ES)" in out
     indexer = [line for line in out.splitlines() if line.split()[2:6] == ["indexer", "triton", "B=4", "S=2"]]
     assert indexer and all("ok (vs reference" in line for line in indexer)
+
+
+def test_golden_case_names_of_a_rank_preset_are_file_stems() -> None:
+    """A rank's preset (``demo/tp2``) names one file, not a folder."""
+    from dsv4.harness.cases import Case
+    from dsv4.io.golden_io import case_name
+
+    case = Case("o_proj", {}, {"preset": "demo/tp2", "mode": "decode", "seed": 0})
+    assert case_name(case) == "o_proj-demo-tp2-decode-seed0"

@@ -149,3 +149,30 @@ def test_topk_indices_must_be_integers() -> None:
         check = topk_allclose(ref.to(dtype), ref, sc, offset=100)
         assert not check and "not integers" in check.detail
         assert not topk_allclose(ref, ref.to(dtype), sc, offset=100)
+
+
+def test_topk_a_nan_score_matches_only_a_nan() -> None:
+    """A NaN among the reference's scores (NaNs rank first, spec §6) matches only a NaN chosen in its
+    place; a wrong pick beside it still fails, and a NaN chosen after a number is out of order."""
+    sc = torch.tensor([[[0.5, float("nan"), 2.0, 1.0, 3.0]]])
+    ref = torch.tensor([[[1, 4, 2]]])  # NaN, 3.0, 2.0
+    assert topk_allclose(ref.clone(), ref, sc)
+    assert not topk_allclose(torch.tensor([[[1, 4, 0]]]), ref, sc)  # 0.5 where the reference has 2.0
+    assert not topk_allclose(torch.tensor([[[4, 1, 2]]]), ref, sc)  # the NaN after 3.0
+    assert not topk_allclose(torch.tensor([[[4, 2, 3]]]), ref, sc)  # the NaN left out
+
+
+def test_compare_needs_every_part_of_a_record_and_the_same_dtypes() -> None:
+    """An output made of several tensors (a pool, the key cache) is judged only with every part on
+    both sides; an output in another dtype than the expected one fails."""
+    case = make_case(dsv4.get_config("tiny"), "window_kv_write", seed=0, max_position=64, batch=2, seq=2)
+    outputs = run_case(case, "reference")
+    assert compare("window_kv_write", outputs, outputs, case.compare_inputs())
+    for part in ("pool.nope", "pool.scale"):
+        partial = {k: v for k, v in outputs.items() if k != part}
+        assert f"{part}: no expected value" in compare("window_kv_write", outputs, partial).failures()
+        assert f"{part}: missing from outputs" in compare("window_kv_write", partial, outputs).failures()
+    case = make_case(dsv4.get_config("tiny"), "qkv_proj_rope", seed=0, batch=2, seq=2)
+    outputs = run_case(case, "reference")
+    widened = {**outputs, "q": outputs["q"].float()}
+    assert "q: float32, expected bfloat16" in compare("qkv_proj_rope", widened, outputs).failures()

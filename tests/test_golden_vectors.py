@@ -15,7 +15,7 @@ from golden_vectors import INDEXER_CASES, QKV_CASES, Vectors, expected_pool, rin
 def test_qkv_proj_rope_golden(name: str, backend: str) -> None:
     v = Vectors(name, DEVICE)
     out = dsv4.qkv_proj_rope(v.t("x", True), v.attn_weights(), v.t("positions"), v.rope(), backend=backend)
-    expected = {k: v.t(f"expected_{k}") for k in ("q", "kv", "qr", "qr_scale")}
+    expected = {k: v.t(f"expected_{k}", k in ("q", "kv")) for k in ("q", "kv", "qr", "qr_scale")}  # q, kv: bf16
     report = compare("qkv_proj_rope", out._asdict(), expected)
     assert report, str(report)
 

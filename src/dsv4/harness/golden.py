@@ -135,13 +135,18 @@ def topk_allclose(
         got_s, ref_s = sc[b, s, got], sc[b, s, ref]
         tol = atol + rtol * ref_s.abs()
         diff = (got_s - ref_s).abs()
-        worst = max(worst, float(diff.max()) if k else 0.0)
-        if bool((diff > tol).any()):
-            i = int((diff > tol).nonzero()[0])
+        worst = max(worst, float(diff.nan_to_num(0.0).max()) if k else 0.0)
+        # a NaN score matches only a NaN (NaNs rank first: spec §6); any other NaN comparison is a miss
+        off = ~(diff <= tol) & ~(got_s.isnan() & ref_s.isnan())
+        nan = got_s.isnan()
+        if bool(off.any()):
+            i = int(off.nonzero()[0])
             failures.append(
                 f"{where} slot {i}: score {float(got_s[i]):.6g} where the reference's top-k has {float(ref_s[i]):.6g}"
             )
-        elif k > 1 and bool((got_s[1:] > got_s[:-1] + atol + rtol * got_s[:-1].abs()).any()):
+        elif k > 1 and (
+            bool((got_s[1:] > got_s[:-1] + atol + rtol * got_s[:-1].abs()).any()) or bool((nan[1:] & ~nan[:-1]).any())
+        ):
             failures.append(f"{where} scores not in descending order")
     ratio = len(failures) / max(1, rows.shape[0])
     detail = f"{len(failures)} token(s) off; first {failures[0]}" if failures else ""
@@ -200,11 +205,12 @@ def _check_keys(
         problems.append(f"{int(scale_off.sum())} written row(s) with ks off")
     if "keys" in inputs:
         k_before, s_before = inputs["keys"].cpu(), inputs["key_scale"].cpu()
-        changed = (k8[~written] != k_before[~written]).any(-1) | (
-            ks[~written].view(torch.int32) != s_before[~written].view(torch.int32)
-        )
-        if bool(changed.any()):
-            problems.append(f"{int(changed.sum())} pool row(s) the step does not write changed")
+        for pool8, pool_s, what in ((k8, ks, ""), (e8, es, " in the expected pool (a corrupt expected file)")):
+            changed = (pool8[~written] != k_before[~written]).any(-1) | (
+                pool_s[~written].view(torch.int32) != s_before[~written].view(torch.int32)
+            )
+            if bool(changed.any()):
+                problems.append(f"{int(changed.sum())} pool row(s) the step does not write changed{what}")
     if problems:
         check.passed = False
         check.detail = "; ".join(([check.detail] if check.detail else []) + problems)
@@ -430,16 +436,39 @@ def compare(
     inputs = inputs or {}
     report = Report(op)
 
-    def has(d: Mapping[str, torch.Tensor], name: str) -> bool:
-        return name in d or any(k.startswith(name + ".") for k in d)
-
     for out in desc.outputs:
-        if not has(outputs, out.name) or not has(expected, out.name):
-            missing = "missing from outputs" if not has(outputs, out.name) else "no expected value"
-            report.checks.append(_fail(out.name, "-", missing))
-        else:
-            report.checks.append(_check(out, outputs, expected, inputs))
+        problem = _parts_problem(out, outputs, expected)
+        report.checks.append(_fail(out.name, "-", problem) if problem else _check(out, outputs, expected, inputs))
     return report
+
+
+def _parts(out: Output, outputs: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> list[str]:
+    """The tensors the rule of ``out`` compares: a pool's every part, the key pool's codes and scales, a
+    record's every tensor (in either mapping), else the output itself."""
+    if out.rule == "fp8_rows":
+        return [f"{out.name}.{p}" for p in POOL_PARTS]
+    if out.rule == "cache":
+        return ["keys", "key_scale"]
+    if out.name in outputs or out.name in expected:
+        return [out.name]
+    return sorted({k for d in (outputs, expected) for k in d if k.startswith(out.name + ".")})
+
+
+def _parts_problem(out: Output, outputs: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str:
+    """Why ``out`` cannot be judged: a part missing on either side, or held in another dtype than the
+    expected one ('' when it can)."""
+    parts = _parts(out, outputs, expected) or [out.name]
+    needed = [(k, "missing from outputs", outputs) for k in parts] + [(k, "no expected value", expected) for k in parts]
+    if out.rule == "topk":
+        needed.append(("score", "no expected score (the top-k rule reads it)", expected))
+    for key, missing, where in needed:
+        if key not in where:
+            return f"{key}: {missing}"
+    for key in parts:
+        a, e = outputs[key], expected[key]
+        if a.dtype != e.dtype and not (out.rule == "topk" and not a.is_floating_point() and not e.is_floating_point()):
+            return f"{key}: {str(a.dtype).removeprefix('torch.')}, expected {str(e.dtype).removeprefix('torch.')}"
+    return ""
 
 
 def step_inputs(

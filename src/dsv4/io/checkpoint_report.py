@@ -91,11 +91,12 @@ def describe_checkpoint(
         lines.append(f"layer {layer}: compress ratio {ratio} ({source}); {kind}; attention tensors:")
         width = max(len(p + s.name) for s in specs)
         lines.append(f"  {'name':<{width}}  {'dtype':<8} {'shape':<14} {'bytes':>12}")
-        stored = loaded = 0
+        stored = loaded = missing = 0
         for spec in specs:
             info = ckpt.info(p + spec.name)
             if info is None:
                 lines.append(f"  {p + spec.name:<{width}}  MISSING")
+                missing += 1
                 continue
             stored += info.nbytes
             loaded += _loaded_bytes(spec, info)
@@ -109,6 +110,8 @@ def describe_checkpoint(
         )
         lines.append(f"  other tensors under {p!r} (not used by the attention): {others}")
         if cfg is None:
+            if missing:
+                return [*lines, f"check: {missing} tensor(s) missing (shapes not checked: no config)"], False
             return [*lines, "check: shapes not checked (no config)"], True
         problems = ckpt.check(p, specs)
         if problems:

@@ -28,7 +28,8 @@ def case_name(case: Case) -> str:
     m = case.meta
     kinds = get_op(case.op).kinds
     kind = f"-{m['kind']}" if kinds and m.get("kind", kinds[0]) != kinds[0] else ""
-    return f"{case.op}-{m['preset']}-{m['mode']}{kind}-seed{m['seed']}"
+    preset = str(m["preset"]).replace("/", "-")  # a rank's preset (demo/tp2): one file stem, not a folder
+    return f"{case.op}-{preset}-{m['mode']}{kind}-seed{m['seed']}"
 
 
 def _case_files(folder: Path, name: str) -> list[Path]:
@@ -82,6 +83,8 @@ def _manifest(path: Path) -> dict[str, Any]:
         raise ValueError(
             f"{path}: name must be a file stem in the manifest's folder (no '/', '\\' or '..'), got {name!r:.80}"
         )
+    if name != path.stem:  # another case's files would be read and reported under this one's name
+        raise ValueError(f"{path}: name must be the manifest's own file stem {path.stem!r}, got {name!r:.80}")
     if op not in op_names():
         raise ValueError(f"{path}: op must be one of {', '.join(op_names())}, got {op!r:.40}")
     kinds = {p.name: p.kind for p in get_op(op).params if p.kind in (int, float, str)}
@@ -93,7 +96,37 @@ def _manifest(path: Path) -> dict[str, Any]:
             raise ValueError(f"{path}: scalars.{key} must be a {kinds[key].__name__}, got {value!r}")
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: meta must be a JSON object, got {meta!r:.80}")
+    for field in ("inputs", "expected"):  # the tensors golden save wrote: checked against the files on load
+        listed = manifest.get(field, {})
+        if not isinstance(listed, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("shape"), list) and isinstance(v.get("dtype"), str)
+            for v in listed.values()
+        ):
+            raise ValueError(f"{path}: {field} must map tensor names to {{shape, dtype}}, got {listed!r:.80}")
     return manifest
+
+
+def _regular_file(path: Path, folder: Path) -> Path:
+    """``path``, a file of ``folder`` itself: a symbolic link (which could lead anywhere) is refused."""
+    if path.is_symlink() or path.resolve().parent != folder.resolve():
+        raise ValueError(f"{path}: a golden file must be a regular file in {folder} (it links to {path.resolve()})")
+    return path
+
+
+def _matches_manifest(path: Path, tensors: dict[str, torch.Tensor], listed: dict[str, Any], field: str) -> None:
+    """The tensors of a case file against the names, shapes and dtypes its manifest lists (when it does)."""
+    if not listed:
+        return
+    if set(tensors) != set(listed):
+        extra, absent = sorted(set(tensors) - set(listed)), sorted(set(listed) - set(tensors))
+        raise ValueError(f"{path}: its tensors differ from the manifest's {field} (extra {extra}, missing {absent})")
+    for key, t in tensors.items():
+        want = listed[key]
+        if list(t.shape) != want["shape"] or str(t.dtype) != want["dtype"]:
+            raise ValueError(
+                f"{path}: {key} is {str(t.dtype)} {list(t.shape)}, the manifest's {field} says "
+                f"{want['dtype']} {want['shape']}"
+            )
 
 
 def _tensors(path: Path, device: torch.device | str) -> dict[str, torch.Tensor]:
@@ -109,12 +142,14 @@ def load(manifest_path: str | Path, device: torch.device | str = "cpu") -> tuple
 
     Raises ``ValueError`` naming the file for a malformed manifest (see ``_manifest``) or tensor file,
     or a tensor the op needs that the file lacks."""
-    path = Path(manifest_path)
+    path = _regular_file(Path(manifest_path), Path(manifest_path).parent)
     manifest = _manifest(path)
     name, op = manifest["name"], manifest["op"]
-    _, inputs_file, expected_file = _case_files(path.parent, name)
+    _, inputs_file, expected_file = (_regular_file(f, path.parent) for f in _case_files(path.parent, name))
     tensors = _tensors(inputs_file, device)
     expected = _tensors(expected_file, device)
+    _matches_manifest(inputs_file, tensors, manifest.get("inputs", {}), "inputs")
+    _matches_manifest(expected_file, expected, manifest.get("expected", {}), "expected")
     for out in get_op(op).outputs:
         t = expected.get(out.name)
         if out.rule == "topk" and t is not None and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
@@ -143,6 +178,10 @@ def check(folder: str | Path, backend: str, device: torch.device | str = "cpu") 
     manifests = sorted(Path(folder).glob("*.json"))
     if not manifests:
         raise FileNotFoundError(f"no golden cases (*.json manifests) in {folder}")
+    claimed = {f.name for path in manifests for f in _case_files(Path(folder), path.stem)}
+    orphans = sorted(str(f) for f in Path(folder).glob("*.safetensors") if f.name not in claimed)
+    if orphans:  # a case whose manifest is gone would otherwise go unchecked
+        raise ValueError(f"{orphans[0]}: a golden tensor file no manifest in {folder} names (a partial case)")
     results = []
     for path in manifests:
         case, expected = load(path, device)
