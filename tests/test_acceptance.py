@@ -330,6 +330,29 @@ def test_summary_merges_runs_marks_absent_figures_and_judges_targets() -> None:
     assert "No test counts: no step measures it." in summary
 
 
+def test_a_table_target_on_a_gpu_the_table_lacks_says_which_floor_it_used() -> None:
+    """On a GPU the device table does not list, a target defined against the table's floor is judged
+    against the measured copy bandwidth's memory floor (the only one), and the summary says so."""
+    qkv = ("qkv_proj_rope", "decode B=64 S=2")
+    shape = {**_shape(*qkv, 17.0), "floor_us_device_table": {"memory": None, "compute": None, "floor": None}}
+    timing = {**_timing(*qkv, "triton", 20.0, 17.0), "pct_of_floor_device_table": None}  # copy: 85%
+    bench = _bench([timing], [shape], "dsv4 bench ... --backends triton")
+    bench["meta"]["device"] = "NVIDIA A100-SXM4-80GB"
+    bench["bandwidth"]["device_table"] = None
+    record = {
+        "started": "2026-01-01T00:00:00+00:00", "finished": "2026-01-01T00:01:00+00:00", "elapsed_s": 60.0,
+        "budget_s": 480, "command": "python -m dsv4.acceptance out", "environment": None,
+        "steps": [_entry("bench_decode", "ok", ["qkv_proj_rope"], ["triton"], bench)],
+    }  # fmt: skip
+    summary = render(record)
+    _assert_well_formed(summary)
+    target = next(line for line in summary.splitlines() if "target within 1.25x of the floor" in line)
+    assert "**85.0%** of the copy-bandwidth memory floor (device not in the table) (20.0 µs) — met" in target
+    # the copy-bandwidth target says nothing more: its floor is the copy's by definition
+    copy = next(line for line in summary.splitlines() if "1.3x of the floor at the measured copy" in line)
+    assert "**85.0%** (20.0 µs) — met" in copy
+
+
 def test_summary_shows_the_probe_and_the_tuning() -> None:
     """The probe's and the tune's GPU figures (hand-built) become tables: the machine's limits, the
     bytes-in-flight curve, and per tuned bucket the default's time against the best candidate's."""

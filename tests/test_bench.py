@@ -34,8 +34,8 @@ ROPE_ROW = 2 * (R // 2) * 4  # cos + sin of one position, fp32
 
 
 def qkv_proj_rope_cost(cfg, tokens: int) -> OpCost:
-    """The bytes model of ``qkv_proj_rope`` on ``tokens`` tokens (one per row)."""
-    return get_op("qkv_proj_rope").cost(cfg, [0] * tokens, 1)
+    """The bytes model of ``qkv_proj_rope`` on ``tokens`` tokens (one per row, each at its own position)."""
+    return get_op("qkv_proj_rope").cost(cfg, list(range(tokens)), 1)
 
 
 def indexer_compressor_cost(cfg, starts: list[int], seq: int) -> OpCost:
@@ -50,7 +50,7 @@ def test_qkv_proj_rope_bytes_and_flops_at_flash_decode() -> None:
     reads = (
         T * D * 2  # x bf16
         + T * 8  # positions int64
-        + T * ROPE_ROW  # rope rows
+        + T * ROPE_ROW  # rope rows: one per distinct position, T of them
         + QL * D * 2  # wq_a bf16: 1024 x 4096
         + QL * 2  # gamma_cq bf16
         + H * HD * QL * 1  # wq_b int8: 32768 x 1024
@@ -64,6 +64,9 @@ def test_qkv_proj_rope_bytes_and_flops_at_flash_decode() -> None:
     assert cost.bytes == 56_005_120
     assert abs(cost.bytes / 56e6 - 1) < 0.01  # the issue's ~56 MB
     assert cost.flops == {"bf16": 2 * T * D * QL + 2 * T * D * HD, "int8": 2 * T * QL * H * HD}
+    # B=64 rows of S=2 tokens, all from one start: 2 distinct positions, so 2 RoPE rows, not T
+    shared = get_op("qkv_proj_rope").cost(FLASH, [1024] * B, S)
+    assert cost.read_bytes - shared.read_bytes == (T - 2) * ROPE_ROW and shared.write_bytes == writes
 
 
 @pytest.mark.parametrize(
@@ -98,9 +101,9 @@ def test_compressor_bytes_at_flash_decode() -> None:
         + 2 * HID * D * 2 * 2  # wkv and wgate bf16: 256 x 4096 each
         + 2 * 2 * HID * 4  # ape rows for p % 4 in {2, 3}
         + HID * 2  # norm_w
-        + B * ROPE_ROW  # one block first position per row
+        + 1 * ROPE_ROW  # every row closes block 256: one distinct position (its first, 1024), one RoPE row
         + B * 6 * half * 2  # ring halves read, both state tensors
-        + B * 4  # the block-table entry of each closed row, int32
+        + B * 4  # each row's one closed row lies in one block: one block-table entry per row, int32
     )
     writes = B * 4 * half * 2 + B * (HID + 4)  # ring halves written; one INT8 pool row + fp32 scale per row
     cost = indexer_compressor_cost(FLASH, starts, S)
@@ -117,18 +120,45 @@ def test_indexer_bytes_at_flash_decode() -> None:
         + HI * HID * QL  # wq_b int8: 8192 x 1024
         + HI * HID * 4  # wq_b_scale
         + HI * D * 2  # weights_proj bf16
-        + T * ROPE_ROW  # query positions
+        + 3 * ROPE_ROW  # distinct positions: the queries' 1026 and 1027, and the new key's block at 1024
         + B * 256 * (HID + 4)  # old pool rows (INT8 + fp32 scale), read once per batch row
-        + B * 5 * 4  # block-table entries: 257 rows in blocks of 64 are 5 blocks per batch row
+        + B * 5 * 4  # block-table entries: 257 rows (256 read, 1 written) in blocks of 64 are 5 blocks per row
     )
     extra_writes = B * S * 257 * 4 + T * TOPK * 4  # score fp32 [64, 2, 257], topk_idxs int32
     cost = indexer_cost(FLASH, starts, S)
-    assert cost.read_bytes == comp.read_bytes + extra_reads  # x is read once, shared with the compressor
+    # x is read once, shared with the compressor; the compressor's RoPE row (1024) and block-table entries
+    # (row 256's block, one per batch row) are among the indexer's own, counted once
+    assert cost.read_bytes == comp.read_bytes - ROPE_ROW - B * 4 + extra_reads
     assert cost.write_bytes == comp.write_bytes + extra_writes
     visible = B * (1027 // 4 + 1028 // 4)  # rows each token scores: (p + 1) // 4
     assert cost.flops["int8"] == 2 * T * QL * HI * HID + 2 * HI * HID * visible
     assert cost.flops["bf16"] == comp.flops["bf16"] + 2 * T * D * HI
     assert cost.flops["fp32"] == comp.flops["fp32"] + 2 * T * HI * HID * HID
+
+
+def test_rope_rows_and_block_table_entries_are_counted_once_per_op() -> None:
+    """``dsv4.ops.costs``: one RoPE row per distinct position an op rotates at; one block-table entry
+    per pool block (64 rows) that a slot's rows read or written span, once per op."""
+    entry = 4  # int32
+    # the window below start 8190: pool rows 8063..8189 straddle blocks 125, 126 and 127
+    swa = get_op("sparse_attn").cost(FLASH, [8190], 2, kind="swa")
+    assert swa.reads["block_table (rows read)"] == 3 * entry
+    # CSA adds the compressed rows the last token may read: 8192 // 4 = 2048 rows, 32 blocks
+    csa = get_op("sparse_attn").cost(FLASH, [8190], 2, kind="csa")
+    assert csa.reads["block_table (rows read)"] == (3 + 32) * entry
+    # prefill T=1024 from 0: the window keeps the last W = 128 rows, positions 896..1023: blocks 14 and 15
+    assert get_op("window_kv_write").cost(FLASH, [0], 1024).reads["block_table (written rows)"] == 2 * entry
+    # the indexer at prefill T=1024 writes and scores key rows 0..255 (blocks 0..3), each entry once; its
+    # 1024 tokens sit at 1024 distinct positions, which hold the new keys' (0, 4, ..., 1020)
+    idx = get_op("indexer").cost(FLASH, [0], 1024)
+    small = {k: v for k, v in idx.reads.items() if "rope" in k or "block_table" in k}
+    assert small == {
+        "rope rows (tokens and new keys)": 1024 * ROPE_ROW,
+        "block_table (rows read or written)": 4 * entry,
+    }
+    # an HCA compressor (ratio 128) over the same tokens closes rows 0..7 (block 0), rotated at 0, 128, ..., 896
+    hca = get_op("kv_compressor").cost(FLASH, [0], 1024, kind="hca", ratio=128)
+    assert hca.reads["block_table (written rows)"] == 1 * entry and hca.reads["rope rows (blocks)"] == 8 * ROPE_ROW
 
 
 def listed(name: str) -> DeviceSpec:

@@ -127,10 +127,14 @@ def _owner(record: dict[str, Any], mode: str, op: str, backend: str) -> dict[str
     return None
 
 
-def _floor_pct(row: dict[str, Any]) -> float | None:
-    """% of the floor for the targets: the device table's bandwidth, else the measured copy's."""
+def _floor_pct(row: dict[str, Any]) -> tuple[float | None, str]:
+    """% of the floor for a target defined against the device table's floor, and what the % is of:
+    the device table's floor; on a GPU the table does not list, the measured copy bandwidth's
+    memory floor (no datasheet peaks, so no compute floor), said so beside the figure."""
     table = row.get("pct_of_floor_device_table")
-    return table if table is not None else row.get("pct_of_floor_measured_copy")
+    if table is not None:
+        return table, ""
+    return row.get("pct_of_floor_measured_copy"), " of the copy-bandwidth memory floor (device not in the table)"
 
 
 def bench_section(record: dict[str, Any], mode: str) -> list[str]:
@@ -328,7 +332,7 @@ def _targets(timings: dict[tuple[str, str, str], dict[str, Any]]) -> list[str]:
         if not found or found[0]["status"] != "ok":
             lines.append(f"- {what}: not measured in this run")
             continue
-        pct = _floor_pct(found[0]) if basis == "table" else found[0].get(key)
+        pct, of = _floor_pct(found[0]) if basis == "table" else (found[0].get(key), "")
         if pct is None:
             lines.append(f"- {what}: no floor on this device ({found[0]['shape']})")
             continue
@@ -340,7 +344,7 @@ def _targets(timings: dict[tuple[str, str, str], dict[str, Any]]) -> list[str]:
             base = timings.get((op, found[0]["shape"], name))
             if base and base.get("status") == "ok" and base.get("median_us"):
                 faster += f"; {base['median_us'] / found[0]['median_us']:.2f}x faster than {name}"
-        lines.append(f"- {what}: **{pct:.1f}%** ({_us(found[0]['median_us'])} µs{faster}) — {verdict}")
+        lines.append(f"- {what}: **{pct:.1f}%**{of} ({_us(found[0]['median_us'])} µs{faster}) — {verdict}")
     return lines
 
 

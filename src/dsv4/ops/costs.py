@@ -19,8 +19,16 @@ holds the record and the pieces the ops share.
 
 Dtypes are the contract's: activations and projection weights bf16, INT8 weights and ``qr``, fp32
 scales and state, RMSNorm gains bf16 (as ``dsv4.weights`` makes them), positions and ``start_pos``
-int64 (as ``dsv4.cases`` passes them). A RoPE table row is one position's cos and sin: ``R/2`` fp32
-each; one row is charged per token (per closed block for the compressed keys).
+int64 (as ``dsv4.cases`` passes them).
+
+Two small tables are counted the same way in every op, once per op call:
+
+- **RoPE rows**: a row is one position's cos and sin, ``R/2`` fp32 each; one row is charged per
+  *distinct* position the op rotates at (its tokens' positions; a compressed row's block's first
+  position, ``ratio * j``), however many tokens, slots or rows share it — see ``rope_rows_bytes``;
+- **block-table entries** (int32): one per distinct pool block that the rows an op reads or writes
+  in a slot span, per slot (each slot has its own table row), counted once even when the op both
+  reads and writes rows of that block — see ``blocks_spanned``.
 
 **FLOPs** count matmuls only, ``2*M*N*K``, split by operand type: ``bf16`` (bf16 operands), ``int8``
 (INT8 x INT8 -> INT32) and ``fp32`` (the Hadamard rotations). Norms, RoPE, softmax, quantization
@@ -29,6 +37,7 @@ and top-k are elementwise or smaller and left out.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ..model.config import COMPRESS_RATIO, DeepSeekV4Config
@@ -75,6 +84,22 @@ class OpCost:
 
 def rope_row_bytes(cfg: DeepSeekV4Config) -> int:
     return 2 * (cfg.qk_rope_head_dim // 2) * FP32  # cos and sin of one position
+
+
+def rope_rows_bytes(cfg: DeepSeekV4Config, positions: Iterable[int]) -> int:
+    """The RoPE table rows an op reads to rotate at ``positions``: one row per distinct position."""
+    return len(set(positions)) * rope_row_bytes(cfg)
+
+
+def closed_rows(start: int, seq: int, ratio: int) -> range:
+    """The compressed rows (blocks ``j``) that ``seq`` tokens from ``start`` close: those whose last
+    position ``ratio * j + ratio - 1`` is one of the step's."""
+    return range(start // ratio, (start + seq) // ratio)
+
+
+def blocks_spanned(lo: int, hi: int, block_size: int) -> int:
+    """How many pool blocks of ``block_size`` rows the rows ``[lo, hi)`` of one slot span (0 when empty)."""
+    return (hi - 1) // block_size - lo // block_size + 1 if hi > lo else 0
 
 
 def ring_traffic(start: int, seq: int, ratio: int = COMPRESS_RATIO, coff: int = 2) -> tuple[int, int, int]:

@@ -15,7 +15,7 @@ from ...model.state import IndexerState
 from ...model.structs import IndexerOut
 from ...model.weights import IndexerWeights
 from ..case_inputs import CaseInputs
-from ..costs import BF16, FP32, INT8, INT32, OpCost, rope_row_bytes
+from ..costs import BF16, FP32, INT8, INT32, OpCost, blocks_spanned, closed_rows, rope_rows_bytes
 from ..registry import OpDescriptor, Output, Tolerance
 from ..validate import check_indexer
 from .indexer_compressor import MUTATED_STATE, STATE_OUTPUTS
@@ -87,25 +87,30 @@ def cost(
     cfg: DeepSeekV4Config, start_pos: Sequence[int], seq: int, topk: int | None = None, block_size: int = BLOCK_SIZE
 ) -> OpCost:
     """``indexer`` (compressor included) for batch rows starting at ``start_pos[b]`` (spec §5); the
-    keys are read from the pool (a row of ``IndexerState.key_format``: 132 B at HID=128), one
-    block-table entry per block."""
+    keys are read from the pool (a row of ``IndexerState.key_format``: 132 B at HID=128). The
+    compressor's RoPE rows and block-table entries are counted with the scoring's, once: one RoPE
+    row per distinct position (the tokens' and the new keys' blocks'), one entry per block of a
+    batch row's ``cache_len`` rows (those read and those the step writes)."""
     topk = cfg.index_topk if topk is None else topk
-    comp = compressor_cost(cfg, start_pos, seq)
+    comp = compressor_cost(cfg, start_pos, seq, block_size)
+    shared = ("rope rows (blocks)", "block_table (written rows)")  # counted below, with the scoring's
     b, t = len(start_pos), len(start_pos) * seq
     d, ql, hi, hid = cfg.hidden_size, cfg.q_lora_rank, cfg.index_n_heads, cfg.index_head_dim
     cache_len = [(p + seq) // COMPRESS_RATIO for p in start_pos]
     old_rows = sum(p // COMPRESS_RATIO for p in start_pos)  # rows this step did not write
     visible = sum((p + s + 1) // COMPRESS_RATIO for p in start_pos for s in range(seq))
+    positions = {p + s for p in start_pos for s in range(seq)}
+    positions |= {COMPRESS_RATIO * j for p in start_pos for j in closed_rows(p, seq, COMPRESS_RATIO)}
     reads = {
-        **comp.reads,
+        **{k: v for k, v in comp.reads.items() if k not in shared},
         "qr": t * ql * INT8,
         "qr_scale": t * FP32,
         "wq_b": hi * hid * ql * INT8,
         "wq_b_scale": hi * hid * FP32,
         "weights_proj": hi * d * BF16,
-        "rope rows (tokens)": t * rope_row_bytes(cfg),
+        "rope rows (tokens and new keys)": rope_rows_bytes(cfg, positions),
         "keys + key_scale (old rows)": old_rows * IndexerState.key_format.row_bytes(hid),
-        "block_table (read rows)": sum(-(-n // block_size) for n in cache_len) * INT32,
+        "block_table (rows read or written)": sum(blocks_spanned(0, n, block_size) for n in cache_len) * INT32,
     }
     writes = {**comp.writes, "score": b * seq * max(cache_len) * FP32, "topk_idxs": t * topk * INT32}
     flops = {

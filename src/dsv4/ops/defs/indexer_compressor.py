@@ -9,10 +9,10 @@ import torch
 
 from ...model.config import COMPRESS_RATIO, DeepSeekV4Config
 from ...model.rope import RopeTable
-from ...model.state import IndexerState
+from ...model.state import DEFAULT_BLOCK_SIZE, IndexerState
 from ...model.weights import CompressorWeights
 from ..case_inputs import CaseInputs
-from ..costs import BF16, FP32, INT32, INT64, OpCost, ring_traffic, rope_row_bytes
+from ..costs import BF16, FP32, INT32, INT64, OpCost, blocks_spanned, closed_rows, ring_traffic, rope_rows_bytes
 from ..registry import OpDescriptor, Output, Tolerance
 from ..validate import check_compressor
 
@@ -67,7 +67,7 @@ def case_args(c: CaseInputs) -> dict[str, Any]:
     }
 
 
-def cost(cfg: DeepSeekV4Config, start_pos: Sequence[int], seq: int) -> OpCost:
+def cost(cfg: DeepSeekV4Config, start_pos: Sequence[int], seq: int, block_size: int = DEFAULT_BLOCK_SIZE) -> OpCost:
     """``indexer_compressor`` for batch rows starting at ``start_pos[b]`` with ``seq`` new tokens each (spec §4)."""
     b, d, hid = len(start_pos), cfg.hidden_size, cfg.index_head_dim
     half_bytes = hid * FP32  # one slot half of one state tensor
@@ -76,6 +76,7 @@ def cost(cfg: DeepSeekV4Config, start_pos: Sequence[int], seq: int) -> OpCost:
     halves_written = sum(w for _, w, _ in ring)
     closed = sum(c for _, _, c in ring)
     ape_rows = len({(p + s) % COMPRESS_RATIO for p in start_pos for s in range(seq)})
+    written = [closed_rows(p, seq, COMPRESS_RATIO) for p in start_pos]  # each batch row's new key rows
     reads = {
         "x": b * seq * d * BF16,
         "start_pos": b * INT64,
@@ -83,9 +84,9 @@ def cost(cfg: DeepSeekV4Config, start_pos: Sequence[int], seq: int) -> OpCost:
         "compressor.wgate": 2 * hid * d * BF16,
         "compressor.ape": ape_rows * 2 * hid * FP32,
         "compressor.norm_w": hid * BF16 if closed else 0,
-        "rope rows (blocks)": closed * rope_row_bytes(cfg),
+        "rope rows (blocks)": rope_rows_bytes(cfg, (COMPRESS_RATIO * j for r in written for j in r)),
         "kv_state + score_state": 2 * halves_read * half_bytes,
-        "block_table (written rows)": closed * INT32,  # one entry per closed row, at most
+        "block_table (written rows)": sum(blocks_spanned(r.start, r.stop, block_size) for r in written) * INT32,
     }
     writes = {
         "kv_state + score_state": 2 * halves_written * half_bytes,

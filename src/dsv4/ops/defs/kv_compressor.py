@@ -12,10 +12,11 @@ from ...model.attention_state import CompressorState, compressor_dims
 from ...model.config import DeepSeekV4Config
 from ...model.pool_format import FP8_KV
 from ...model.rope import RopeTable
+from ...model.state import DEFAULT_BLOCK_SIZE
 from ...model.weights import CompressorWeights
 from ..attention_cases import kv_compressor_args
 from ..case_inputs import CaseInputs
-from ..costs import BF16, FP32, INT32, INT64, OpCost, ring_traffic, rope_row_bytes
+from ..costs import BF16, FP32, INT32, INT64, OpCost, blocks_spanned, closed_rows, ring_traffic, rope_rows_bytes
 from ..registry import OpDescriptor, Output, Tolerance
 from ..validate_attention import check_kv_compressor
 
@@ -62,7 +63,12 @@ def case_args(c: CaseInputs, kind: str = "csa") -> dict[str, Any]:
 
 
 def cost(
-    cfg: DeepSeekV4Config, start_pos: Sequence[int], seq: int, kind: str = "csa", ratio: int | None = None
+    cfg: DeepSeekV4Config,
+    start_pos: Sequence[int],
+    seq: int,
+    kind: str = "csa",
+    ratio: int | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> OpCost:
     """``kv_compressor`` of a ``kind`` layer (default CSA; ``ratio`` default: the preset's first layer of
     that kind's) for rows starting at ``start_pos[b]``."""
@@ -73,15 +79,16 @@ def cost(
     halves_read, halves_written = sum(r for r, _, _ in ring), sum(w for _, w, _ in ring)
     closed = sum(c for _, _, c in ring)
     half = hd * FP32  # one slot half of one state tensor
+    written = [closed_rows(p, seq, ratio) for p in start_pos]  # each slot's new compressed rows
     reads = {
         "x": b * seq * d * BF16,
         "start_pos": b * INT64,
         "w.wkv + w.wgate": 2 * coff * hd * d * BF16,
         "w.ape (rows used)": len({(p + s) % ratio for p in start_pos for s in range(seq)}) * coff * hd * FP32,
         "w.norm_w": hd * BF16 if closed else 0,
-        "rope rows (blocks)": closed * rope_row_bytes(cfg),
+        "rope rows (blocks)": rope_rows_bytes(cfg, (ratio * j for r in written for j in r)),
         "kv_state + score_state": 2 * halves_read * half,
-        "block_table (written rows)": closed * INT32,
+        "block_table (written rows)": sum(blocks_spanned(r.start, r.stop, block_size) for r in written) * INT32,
     }
     writes = {
         "kv_state + score_state": 2 * halves_written * half,

@@ -11,7 +11,7 @@ from ...model.rope import RopeTable
 from ...model.structs import QKV
 from ...model.weights import AttnWeights
 from ..case_inputs import CaseInputs
-from ..costs import BF16, FP32, INT8, INT64, OpCost, rope_row_bytes
+from ..costs import BF16, FP32, INT8, INT64, OpCost, rope_rows_bytes
 from ..registry import OpDescriptor, Output, Tolerance
 from ..validate import check_qkv_proj_rope
 
@@ -54,13 +54,14 @@ def case_args(c: CaseInputs) -> dict[str, Any]:
 
 
 def cost(cfg: DeepSeekV4Config, start_pos: list[int], seq: int) -> OpCost:
-    """``qkv_proj_rope`` on ``len(start_pos) * seq`` tokens (spec §3)."""
+    """``qkv_proj_rope`` on ``len(start_pos) * seq`` tokens (spec §3); token ``s`` of row ``b`` at
+    ``start_pos[b] + s`` (one RoPE row per distinct position)."""
     t, d, ql, hd = len(start_pos) * seq, cfg.hidden_size, cfg.q_lora_rank, cfg.head_dim
     nq = cfg.num_attention_heads * hd
     reads = {
         "x": t * d * BF16,
         "positions": t * INT64,
-        "rope rows": t * rope_row_bytes(cfg),
+        "rope rows (distinct positions)": rope_rows_bytes(cfg, (p + s for p in start_pos for s in range(seq))),
         "wq_a": ql * d * BF16,
         "gamma_cq": ql * BF16,
         "wq_b": nq * ql * INT8,

@@ -17,7 +17,7 @@ from ...model.state import DEFAULT_BLOCK_SIZE
 from ...model.structs import AttnOut
 from ..attention_cases import sparse_attn_args
 from ..case_inputs import CaseInputs
-from ..costs import BF16, FP32, INT32, INT64, OpCost, rope_row_bytes
+from ..costs import BF16, FP32, INT32, INT64, OpCost, blocks_spanned, rope_rows_bytes
 from ..registry import OpDescriptor, Output, Tolerance
 from ..validate_attention import check_sparse_attn
 
@@ -111,15 +111,15 @@ def cost(
     counts = [[key_counts(cfg, p + s, p, kind, ratio, topk) for s in range(seq)] for p in start_pos]
     compressed_rows = sum(max(c for _, _, c in slot) for slot in counts)
     keys = sum(sum(c) for slot in counts for c in slot)
-    tables = sum(-(-(p - max(0, p - w + 1)) // block_size) for p in start_pos)
-    if kind != "swa":
-        tables += sum(-(-((p + seq) // ratio) // block_size) for p in start_pos)
+    tables = sum(blocks_spanned(max(0, p - w + 1), p, block_size) for p in start_pos)  # the window rows read
+    if kind != "swa":  # the compressed rows the last token may read: [0, vis)
+        tables += sum(blocks_spanned(0, (p + seq) // ratio, block_size) for p in start_pos)
     reads = {
         "q": t * h * hd * BF16,
         "kv": t * hd * BF16,
         "start_pos": b * INT64,
         "attn_sink": h * FP32,
-        "rope rows (tokens)": len({p + s for p in start_pos for s in range(seq)}) * rope_row_bytes(cfg),  # distinct
+        "rope rows (distinct positions)": rope_rows_bytes(cfg, (p + s for p in start_pos for s in range(seq))),
         "window rows (FP8, below start)": window_rows * row,
         "compressed rows (FP8)": compressed_rows * row,
         "topk_idxs": t * topk * INT32 if kind == "csa" else 0,

@@ -10,9 +10,10 @@ import torch
 from ...model.attention_state import KVPool
 from ...model.config import DeepSeekV4Config
 from ...model.pool_format import FP8_KV
+from ...model.state import DEFAULT_BLOCK_SIZE
 from ..attention_cases import unit_rows, window_pool
 from ..case_inputs import CaseInputs
-from ..costs import BF16, INT32, INT64, OpCost
+from ..costs import BF16, INT32, INT64, OpCost, blocks_spanned
 from ..registry import OpDescriptor, Output, Tolerance
 from ..validate_attention import check_window_kv_write
 
@@ -48,13 +49,16 @@ def case_args(c: CaseInputs) -> dict[str, Any]:
     }
 
 
-def cost(cfg: DeepSeekV4Config, start_pos: Sequence[int], seq: int) -> OpCost:
-    """``window_kv_write`` for rows starting at ``start_pos[b]``: ``min(S, W)`` rows per slot."""
-    rows = len(start_pos) * min(seq, cfg.sliding_window)
+def cost(cfg: DeepSeekV4Config, start_pos: Sequence[int], seq: int, block_size: int = DEFAULT_BLOCK_SIZE) -> OpCost:
+    """``window_kv_write`` for rows starting at ``start_pos[b]``: ``min(S, W)`` rows per slot, the
+    positions ``[start + S - min(S, W), start + S)``, and one block-table entry per block they span."""
+    kept = min(seq, cfg.sliding_window)
+    rows = len(start_pos) * kept
+    blocks = sum(blocks_spanned(p + seq - kept, p + seq, block_size) for p in start_pos)
     reads = {
         "kv (rows written)": rows * cfg.head_dim * BF16,
         "start_pos": len(start_pos) * INT64,
-        "block_table (written rows)": rows * INT32,
+        "block_table (written rows)": blocks * INT32,
     }
     writes = {"window rows (FP8)": rows * FP8_KV.row_bytes(cfg.qk_nope_head_dim, tail=cfg.qk_rope_head_dim)}
     return OpCost("window_kv_write", reads, writes, {})
