@@ -167,7 +167,7 @@ def test_arguments_of_another_kind_are_refused_by_name(change: dict, words: str)
     with pytest.raises((TypeError, ValueError), match=words):
         lib.indexer(**{**args, **change})
     with pytest.raises(TypeError, match="out: expected IndexerOut, got Tensor"):
-        lib.indexer(**args, out=torch.empty(1))
+        lib.indexer(**args, out=torch.empty(1))  # type: ignore[arg-type]  # the wrong kind on purpose
     assert all(torch.equal(t, getattr(before, name)) for name, t in state.tensors().items())
 
 
