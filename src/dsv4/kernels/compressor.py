@@ -70,7 +70,7 @@ from .head_rotation import hadamard_rows, rope_pairs, split_head_dims
 from .index_front import front
 from .launch import is_pow2, pdl_supported, require
 from .split_k import sum_block, sum_k_slices, sum_slices
-from .tuning import Config, Param, Tunable, pow2_bucket
+from .tuning import Config, Param, Tunable
 from .window_kv_write import store_fp8_rows
 from .workspace import Workspace, scratch
 from .x_proj import kvg_rows
@@ -517,7 +517,7 @@ def compressor_step(
     ``[B*S, 4*HID + HI] fp32`` (scratch from ``ws``; ``xp[0]`` when there is one slice).
     """
     split_head_dims(w.norm_w.shape[0], rope.rope_dim)
-    cfg = STEP_TUNING.config(xp.device, B=pow2_bucket(pos.batch), S=pow2_bucket(pos.seq))
+    cfg = STEP_TUNING.config(xp.device, B=pos.batch, S=pos.seq)
     return _step(
         xp, w, pos, rope, eps, ws, "compressor", cfg, (state.kv_state, state.score_state),
         (state.keys, state.key_scale, state.keys), state.block_table, state.block_size, False,
@@ -563,7 +563,7 @@ def kv_compressor(
     hd, ratio = w.norm_w.shape[0], w.ape.shape[0]
     require(is_pow2(hd), "w.norm_w", f"a row width HD that is a power of two, got {hd}")
     xp, _, _ = front(x, w, pos, ws=ws, name="kv_compressor")
-    cfg = KV_STEP_TUNING.config(x.device, B=pow2_bucket(pos.batch), S=pow2_bucket(pos.seq), RC=ratio)
+    cfg = KV_STEP_TUNING.config(x.device, B=pos.batch, S=pos.seq, RC=ratio)
     p = state.pool
     _step(
         xp, w, pos, rope, eps, ws, "kv_compressor", cfg, (state.kv_state, state.score_state),

@@ -36,7 +36,7 @@ from .index_query import query_block_m, query_tile
 from .l2_prefetch import can_prefetch, prefetch_l2_share
 from .launch import pdl_supported, require, sm_count
 from .split_k import BLOCK_K, SPLIT_CHOICES
-from .tuning import Param, Tunable, pow2_bucket
+from .tuning import Param, Tunable
 from .workspace import Workspace, scratch
 from .x_proj import BLOCK_N, x_proj_tile, x_proj_tiles
 
@@ -161,7 +161,7 @@ def front(
     two_hid = w.wkv.shape[0]
     hid = two_hid // 2
     hi = 0 if indexer is None else indexer.weights_proj.shape[0]
-    cfg = TUNING.config(x.device, T=pow2_bucket(t), D=d, N=2 * two_hid + hi, HI=hi)
+    cfg = TUNING.config(x.device, T=t, D=d, N=2 * two_hid + hi, HI=hi)
     require(d % 16 == 0, "x", f"a hidden size D that is a multiple of 16 (the K-slices' {BLOCK_K}-wide steps)")
     q8 = q_scale = None
     if indexer is None:

@@ -57,7 +57,7 @@ from ..model.weights import IndexerWeights
 from .l2_prefetch import prefetch_l2_lines
 from .launch import pdl_supported, require, sm_count
 from .topk import FIRST_DIGIT_BINS, HIST_WORDS, order_bits
-from .tuning import Param, Tunable, pow2_bucket
+from .tuning import Param, Tunable
 
 KEYS = 128  # keys per tile, the MMA's M: 128 x 132 B (an INT8_KEYS row at HID=128) = 16.5 KB in flight per stage
 TOKENS_PER_GROUP = 2  # a decode step's two tokens (multi-token prediction) share the tiles: N = 2 x HI pairs
@@ -289,7 +289,7 @@ def index_scores(
     )
     score = torch.empty(b, s, pos.max_cache_len, dtype=torch.float32, device=proj.device) if out is None else out
     heads_pad = max(triton.next_power_of_2(hi), MIN_DOT_WIDTH)
-    cfg = TUNING.config(proj.device, B=pow2_bucket(b), S=pow2_bucket(s), N=pow2_bucket(score.shape[2]))
+    cfg = TUNING.config(proj.device, B=b, S=s, N=score.shape[2])
     pdl = cfg.pdl and pdl_supported(proj.device)
     _score_kernel[(score_programs(pos, score.shape[2], proj.device, cfg.programs_per_sm),)](
         q8, q_scale, proj, state.keys, state.key_scale, state.block_table, pos.start, score,

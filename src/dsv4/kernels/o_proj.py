@@ -57,7 +57,7 @@ from .fp8_quant import NAN_EXP, pow2, quant_e4m3
 from .interpreter import interpreted
 from .launch import pdl_supported, pow2_divisor, require, sm_count
 from .split_k import BF16_DOT_DTYPE, SPLIT_CHOICES
-from .tuning import Param, Tunable, pow2_bucket
+from .tuning import Param, Tunable
 from .workspace import Workspace, scratch
 
 BLOCK_K = 128  # reduction step: one 128-B line of an FP8 weight row and exactly one 128x128 weight scale block
@@ -325,12 +325,12 @@ def o_proj(o: torch.Tensor, w: OProjWeights, out: OProjOut | None = None, ws: Wo
     require(pow2_divisor(ol, BLOCK_N_MAX) >= BLOCK_N_MIN, "w.wo_a", f"OL a multiple of {BLOCK_N_MIN}, got {ol}")
     dev = o.device
     sms, pdl = sm_count(dev), pdl_supported(dev)
-    cfg_a = WO_A_TUNING.config(dev, T=pow2_bucket(t), K=inner, N=n)
+    cfg_a = WO_A_TUNING.config(dev, T=t, K=inner, N=n)
     tiles_a = gemm_tiles(t, inner, n, max(BLOCK_N_MIN, pow2_divisor(ol, cfg_a.block_n)), sms, cfg_a.splits)
-    cfg_b = WO_B_TUNING.config(dev, T=pow2_bucket(t), K=n, N=d)
+    cfg_b = WO_B_TUNING.config(dev, T=t, K=n, N=d)
     block_n_b = max(BLOCK_N_MIN, min(cfg_b.block_n, triton.next_power_of_2(d)))
     tiles_b = gemm_tiles(t, n, d, block_n_b, sms, cfg_b.splits)
-    cfg_q = QUANT_TUNING.config(dev, T=pow2_bucket(t), N=n)
+    cfg_q = QUANT_TUNING.config(dev, T=t, N=n)
 
     quant_a = tiles_a.splits == 1 and tiles_a.block_n == ACT_BLOCK  # wo_a's tiles are whole activation blocks
     r_part = scratch(ws, "o_proj.r_part", (1,) if quant_a else (tiles_a.splits, t, n), torch.float32, dev)

@@ -26,7 +26,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from .l2_prefetch import can_prefetch, prefetch_l2_share
 from .launch import pow2_divisor, sm_count
 from .split_k import BLOCK_K, SPLIT_CHOICES, dot_k_slice, k_splits
-from .tuning import Param, Tunable, pow2_bucket
+from .tuning import Param, Tunable
 from .workspace import Workspace, scratch
 
 BLOCK_M_MAX = 128  # rows of x per tile: all T=128 decode tokens in one M-tile, so each weight byte is read once
@@ -159,7 +159,7 @@ def split_k_projection(
     """
     t, d = x.shape
     n0, n1 = w0.shape[0], w1.shape[0]
-    cfg = TUNING.config(x.device, T=pow2_bucket(t), D=d, N=n0 + n1)
+    cfg = TUNING.config(x.device, T=t, D=d, N=n0 + n1)
     tiles = projection_tiles(t, d, n0, n1, sm_count(x.device), cfg.block_n, cfg.splits)
     partial = scratch(ws, "projection.partial", (tiles.splits, t, n0 + n1), torch.float32, x.device)
     prefetch = prefetch if pdl and prefetch is not None and can_prefetch(prefetch) else None

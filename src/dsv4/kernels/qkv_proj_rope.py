@@ -43,7 +43,7 @@ from .projection import split_k_projection
 from .q_head_epilogue import dequant_half, head_rms, rope_rows, store_q_half, store_q_head
 from .q_heads_split import launch_q_heads_split
 from .split_k import sum_k_slices
-from .tuning import Config, Param, Tunable, pow2_bucket
+from .tuning import Config, Param, Tunable
 from .workspace import Workspace, scratch
 
 ROWS_NUM_WARPS = 4  # one token's path per program; the widest row (QL=1536, padded to 2048 fp32): 16 a thread
@@ -589,7 +589,7 @@ def launch_q_heads(
     t, ql = qr.shape
     h, hd = q.shape[1], q.shape[2]
     if cfg is None:
-        cfg = Q_HEADS_TUNING.config(q.device, T=pow2_bucket(t), H=h, QL=ql)
+        cfg = Q_HEADS_TUNING.config(q.device, T=t, H=h, QL=ql)
     pdl = cfg.pdl and pdl_supported(q.device)
     block_k = max(Q_BLOCK_K_MIN, pow2_divisor(ql, cfg.block_k))
     prefetch = pdl and cfg.wq_b_prefetch == "q_heads" and can_prefetch(w.wq_b)
@@ -647,8 +647,8 @@ def qkv_proj_rope(
             qr_scale=torch.empty(t, 1, dtype=torch.float32, device=dev),
         )
     q, kv, qr, qr_scale = out
-    rows_cfg = ROWS_TUNING.config(dev, T=pow2_bucket(t), QL=ql, HD=hd)
-    q_cfg = Q_HEADS_TUNING.config(dev, T=pow2_bucket(t), H=h, QL=ql)
+    rows_cfg = ROWS_TUNING.config(dev, T=t, QL=ql, HD=hd)
+    q_cfg = Q_HEADS_TUNING.config(dev, T=t, H=h, QL=ql)
     many = q_cfg.pair_waves == "many"
     sliced = q_cfg.splits > 1  # QL over programs, then a launch that finishes each head: no pairs
     block_m, paired = q_heads_tiles(t, h, sm_count(dev), q_cfg.paired and not sliced, many, q_cfg.tokens)

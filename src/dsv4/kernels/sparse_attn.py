@@ -84,7 +84,7 @@ from .epilogue import round_bf16, store_rope_bf16, to_bf16
 from .fp8_quant import SCALE_BIAS, byte_exponent, dequant_e4m3, quant_e4m3
 from .launch import is_pow2, pdl_supported, require, sm_count
 from .split_k import BF16_DOT_DTYPE
-from .tuning import Param, Tunable, pow2_bucket
+from .tuning import Param, Tunable
 from .window_kv_write import store_window_rows
 from .workspace import Workspace, scratch
 
@@ -571,7 +571,7 @@ def _launch(
     o = torch.empty(q.shape, dtype=torch.bfloat16, device=q.device) if out is None else out.o
     cmp = window_pool if compressed is None else compressed
     n_keys = _compressed_keys(kind, cmp, topk_idxs)
-    cfg = TUNING.config(q.device, B=pow2_bucket(b), S=pow2_bucket(s), H=pow2_bucket(h), KEYS=pow2_bucket(n_keys))
+    cfg = TUNING.config(q.device, B=b, S=s, H=h, KEYS=n_keys)
     # fewer heads than the MMA's 16 rows (the tiny preset's 4): the rows that would be padding take more
     # of the step's tokens instead (fewer programs, each window tile read once for them; the same bits)
     heads = min(cfg.heads, triton.next_power_of_2(h))

@@ -55,7 +55,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from ..model.config import COMPRESS_RATIO
 from ..model.structs import StepPositions
 from .launch import pdl_supported, require
-from .tuning import Param, Tunable, pow2_bucket
+from .tuning import Param, Tunable
 from .workspace import Workspace, scratch
 
 RADIX_BITS = 8  # digit width of the long-row plan and of the score launch's first-digit histogram:
@@ -731,7 +731,7 @@ def select_topk(
     topk_pad = triton.next_power_of_2(max(topk, 2))
     winners = scratch(ws, "topk.cand", (rows, topk_pad), torch.int64, score.device)
     if n <= ROW_IN_REGISTERS:
-        cfg = ROW_TUNING.config(score.device, R=pow2_bucket(rows), N=pow2_bucket(n))
+        cfg = ROW_TUNING.config(score.device, R=rows, N=n)
         pdl = cfg.pdl and pdl_supported(score.device)
         if cfg.bin_slots:
             bin_list = scratch(ws, "topk.bin", (rows, cfg.bin_slots), torch.int64, score.device)
@@ -764,7 +764,7 @@ def select_topk(
         return out
 
     require(n <= 1 << TIE_INDEX_BITS, "score", f"rows of at most {1 << TIE_INDEX_BITS} keys")
-    cfg = CHUNKS_TUNING.config(score.device, R=pow2_bucket(rows), N=pow2_bucket(n))
+    cfg = CHUNKS_TUNING.config(score.device, R=rows, N=n)
     chunk = cfg.chunk
     pdl = cfg.pdl and pdl_supported(score.device)
     n_chunks = triton.cdiv(n, chunk)

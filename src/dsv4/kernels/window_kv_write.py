@@ -27,7 +27,7 @@ from ..model.structs import StepPositions
 from .epilogue import to_bf16
 from .fp8_quant import quant_e4m3, scale_byte
 from .launch import pdl_supported
-from .tuning import Param, Tunable, pow2_bucket
+from .tuning import Param, Tunable
 from .workspace import Workspace
 
 ROW_BLOCK = tl.constexpr(_ROW_BLOCK)  # NOPE entries per scale byte
@@ -126,7 +126,7 @@ def window_kv_write(
     (attention spec §4). One launch, no host read."""
     b, s, hd = kv.shape
     first = max(0, s - window)
-    cfg = TUNING.config(kv.device, B=pow2_bucket(b), S=pow2_bucket(s - first))
+    cfg = TUNING.config(kv.device, B=b, S=s - first)
     grid = (b, triton.cdiv(s - first, cfg.block_t))
     pdl = cfg.pdl and pdl_supported(kv.device)
     _window_kv_write_kernel[grid](
