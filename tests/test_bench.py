@@ -146,6 +146,10 @@ def test_rope_rows_and_block_table_entries_are_counted_once_per_op() -> None:
     # CSA adds the compressed rows the last token may read: 8192 // 4 = 2048 rows, 32 blocks
     csa = get_op("sparse_attn").cost(FLASH, [8190], 2, kind="csa")
     assert csa.reads["block_table (rows read)"] == (3 + 32) * entry
+    # the fused write reads 127's entry once: the rows written, 8190 and 8191, share the last block read
+    fused = get_op("sparse_attn_write").cost(FLASH, [8190, 8192], 2, kind="swa")
+    assert fused.reads["block_table (rows read)"] == (3 + 2) * entry  # 8192's window: 8065..8191, blocks 126-127
+    assert fused.reads["block_table (rows written, blocks not read)"] == (0 + 1) * entry  # 8192, 8193: block 128
     # prefill T=1024 from 0: the window keeps the last W = 128 rows, positions 896..1023: blocks 14 and 15
     assert get_op("window_kv_write").cost(FLASH, [0], 1024).reads["block_table (written rows)"] == 2 * entry
     # the indexer at prefill T=1024 writes and scores key rows 0..255 (blocks 0..3), each entry once; its

@@ -13,7 +13,7 @@ from ...model.config import DeepSeekV4Config
 from ...model.rope import RopeTable
 from ...model.state import DEFAULT_BLOCK_SIZE
 from ...model.structs import AttnOut
-from ..costs import OpCost
+from ..costs import INT32, OpCost
 from ..registry import OpDescriptor, Output
 from ..validate_attention import check_sparse_attn_write
 from . import sparse_attn as attn
@@ -66,10 +66,17 @@ def cost(
     block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> OpCost:
     """``sparse_attn``'s bytes and the window rows ``window_kv_write`` writes (its ``kv`` rows are the
-    attention's, read once)."""
+    attention's, read once; a window block-table entry that both the rows read and the rows written use is
+    read once)."""
     a = attn.cost(cfg, start_pos, seq, kind, ratio, topk, block_size)
     w = write.cost(cfg, start_pos, seq)
-    reads = {**a.reads, "block_table (rows written)": w.reads["block_table (written rows)"]}
+    kept = min(seq, cfg.sliding_window)
+    shared = sum(
+        max(0, p - cfg.sliding_window + 1) < p and (p - 1) // block_size == (p + seq - kept) // block_size
+        for p in start_pos
+    )  # the last block read (row p - 1) is the first block written
+    entries = w.reads["block_table (written rows)"] - shared * INT32
+    reads = {**a.reads, "block_table (rows written, blocks not read)": entries}
     return OpCost("sparse_attn_write", reads, {**a.writes, **w.writes}, a.flops)
 
 
