@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from dsv4.bench.calls import bind
+from dsv4.bench import baseline
+from dsv4.bench.calls import LIBRARY, bind
+from dsv4.bench.runner import make_bench_case, shape_grid
 from dsv4.harness.cases import make_case
 from dsv4.harness.golden import compare
 from dsv4.model.config import get_config
@@ -74,7 +77,6 @@ def test_sparse_attn(kind: str, seq: int) -> None:
     """Every start of ``starts`` (a window's edge, a block's, position 8192, a slot with no compressed
     row yet), stale NaN rows beside the visible ones, a head without a sink, CSA lists with -1 and
     repeats: the library composition gives the reference's ``o``."""
-    from dsv4.bench import baseline
     from dsv4.ops import get_op
     from dsv4.reference import sparse_attn
     from test_attention_ops import attn_setup
@@ -87,7 +89,6 @@ def test_sparse_attn(kind: str, seq: int) -> None:
 @pytest.mark.parametrize("kind", ["csa", "hca"])
 def test_sparse_attn_write(kind: str) -> None:
     """The attention and the window rows it writes: the same ``o`` and the same pool bytes as the reference."""
-    from dsv4.bench import baseline
     from dsv4.ops import get_op
     from dsv4.reference import sparse_attn_write
     from test_attention_ops import attn_setup
@@ -114,7 +115,6 @@ def test_o_proj(mode: str) -> None:
 def test_window_kv_write(seq: int) -> None:
     """The window rows (at most ``W`` of a slot's step, the last slot's blocks unallocated): the
     reference's pool bytes, every other row left as it was."""
-    from dsv4.bench import baseline
     from dsv4.ops import get_op
     from dsv4.reference import window_kv_write
     from test_attention_ops import attn_setup
@@ -129,3 +129,34 @@ def test_window_kv_write(seq: int) -> None:
         pools[name] = pool
     for name, value in pools["library"].tensors().items():
         assert torch.equal(value.view(torch.uint8), pools["reference"].tensors()[name].view(torch.uint8)), name
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the ATen calls that read a device value on the host: ``.item()``, ``bool()`` and 0-dim
+    tensor indices (``_local_scalar_dense``), boolean-mask indexing (``nonzero``, ``masked_select``)."""
+
+    SYNCS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "repeat_interleave"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func.overloadpacket.__name__ in self.SYNCS:
+            self.seen.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_the_library_calls_read_nothing_on_the_host(mode: str) -> None:
+    """Every library composition the bench times, at every shape of its grid, runs without a host read,
+    so that on a GPU it is captured in a CUDA graph as the kernels are (a host read would time the CPU's
+    launch loop instead)."""
+    for shape in shape_grid(TINY, [mode]):
+        if not hasattr(baseline, shape.op):  # kv_compressor has no composition
+            continue
+        call = bind(make_bench_case(TINY, shape, 0, "cpu"), LIBRARY)
+        call()  # the first call may set things up
+        with _HostReads() as spy:
+            call()
+        assert not spy.seen, (shape, spy.seen)

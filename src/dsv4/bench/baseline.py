@@ -131,8 +131,9 @@ def _write_rows(dst: torch.Tensor, target: torch.Tensor, write: torch.Tensor, ro
     """``dst[target[i]] = rows[i]`` where ``write[i]`` (``dst [N, C]``, ``rows [M, C]``), with no host read:
     the rows not written rewrite the first written one's row with its new value (or, when none is
     written, a row with its own value), so a duplicate index never carries two values."""
-    lead = torch.argmax(write.to(torch.int32))  # the first written row (0 when none is)
-    lead_row = torch.where(write[lead], rows[lead], dst[target[lead]])
+    lead = torch.argmax(write.to(torch.int32)).view(1)  # the first written row (0 when none is); a 0-dim
+    # index would be read on the host (``.item()``), a one-element one stays on the device
+    lead_row = torch.where(write[lead, None], rows[lead], dst[target[lead]])  # [1, C]
     dst.index_copy_(0, torch.where(write, target, target[lead]), torch.where(write[:, None], rows, lead_row))
 
 

@@ -76,11 +76,10 @@ def quantize_e4m3_blocks(v: torch.Tensor, block: int) -> tuple[torch.Tensor, tor
     amax = torch.where(finite, x.abs().amax(-1), torch.ones_like(x[..., 0]))
     e = block_exponents(amax)
     codes = (x * torch.exp2(-e.to(torch.float32)).unsqueeze(-1)).to(torch.float8_e4m3fn)
-    nan_block = ~finite
-    if bool(nan_block.any()):
-        codes.view(torch.uint8)[nan_block] = NAN_CODE
-        e = torch.where(nan_block, NAN_SCALE - SCALE_BIAS, e)
-    return codes.flatten(-2), e
+    nan_block = ~finite  # selected without a host read, so a step that quantizes rows stays capturable
+    bits = torch.where(nan_block.unsqueeze(-1), NAN_CODE, codes.view(torch.uint8))
+    e = torch.where(nan_block, NAN_SCALE - SCALE_BIAS, e)
+    return bits.view(torch.float8_e4m3fn).flatten(-2), e
 
 
 def dequantize_e4m3_blocks(codes: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
