@@ -10,8 +10,9 @@ Each experiment is a row (or a few) of the JSON:
   flight per SM keep the memory busy). "In flight" is what a program issues before it uses any of
   it; ptxas decides how much of that stays outstanding (the sm_90 build of 8 and 16 loads a thread
   holds 36 and 54 registers, fewer than all of them would need), so the curve is against requests.
-- ``l2``: the same stream over buffers of 4 to 128 MiB read again and again without a flush: GB/s
-  against size, whose knee is the usable L2 and whose plateau its bandwidth.
+- ``l2``: the same stream over buffers of 4 to 128 MiB, read ``L2_PASSES`` times over by one launch
+  (bypassing L1) without a flush: GB/s against size, whose knee is the usable L2 and whose plateau
+  its bandwidth.
 - ``l2_prefetch``: a kernel reads a buffer that fits in L2, the next kernel reads it again: does the
   second kernel hit (time against the same read after a flush)?
 - ``launch_gap``: a chain of dependent one-program kernels in a graph, without and with programmatic
@@ -41,7 +42,15 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .timing import L2_FLUSH_BYTES, L2Flush, _event_times, copy_bandwidth, describe_error, zero_point
+from .timing import (
+    L2_FLUSH_BYTES,
+    L2Flush,
+    _event_times,
+    copy_bandwidth,
+    describe_error,
+    nothing_ahead,
+    zero_point,
+)
 
 STREAM_MIB = 512  # far beyond L2 (H100 50 MiB, H200 60 MiB): DRAM speed
 STREAM_BLOCK = 1024  # int32 per load step of a program: 4 KiB, 8 a thread at 4 warps (two 16-B loads)
@@ -49,9 +58,9 @@ STREAM_WARPS = 4
 UNROLLS = (1, 2, 4, 8, 16)  # load steps issued before their values are used: 4 to 64 KiB in flight a program
 PROGRAMS_PER_SM = (1, 2, 4, 8)
 L2_SIZES_MIB = (4, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 128)
-# reads of an L2 probe's buffer in one timed graph replay: a plain launch costs ~20 µs of event time (the
-# H200 timed 4 to 96 MiB in 21-28 µs, so the rows measured the launch), a read in a graph 0.7 µs more
-L2_READS = 16
+# passes over an L2 probe's buffer in one launch: one read of 4 MiB from L2 takes well under a µs, less
+# than a launch adds even inside a graph (0.7 µs), so the reads share one launch
+L2_PASSES = 16
 PREFETCH_MIB = 16  # fits any Hopper L2
 FLUSH_TEST_MIB = 32
 CHAIN = 32  # dependent launches in the gap experiment
@@ -61,7 +70,7 @@ EXPERIMENTS = {
     "copy": "1 GiB device-to-device copy (bytes read + written)",
     "stream": f"read-only stream of {STREAM_MIB} MiB: GB/s per (programs per SM {PROGRAMS_PER_SM}, "
     f"bytes in flight per program {[u * STREAM_BLOCK * 4 for u in UNROLLS]})",
-    "l2": f"warm re-reads of {L2_SIZES_MIB[0]}..{L2_SIZES_MIB[-1]} MiB, {L2_READS} in a graph: GB/s against size "
+    "l2": f"warm re-reads of {L2_SIZES_MIB[0]}..{L2_SIZES_MIB[-1]} MiB, {L2_PASSES} in a launch: GB/s against size "
     "(L2 size and bandwidth)",
     "l2_prefetch": f"a {PREFETCH_MIB} MiB read, then the same read in the next kernel (hit?), against a flushed read",
     "launch_gap": f"{CHAIN} dependent one-program launches: graph, graph with PDL, plain launches",
@@ -70,18 +79,22 @@ EXPERIMENTS = {
 
 
 @triton.jit
-def _stream_kernel(src_ptr, out_ptr, n, BLOCK: tl.constexpr, UNROLL: tl.constexpr, EVICT: tl.constexpr):
+def _stream_kernel(
+    src_ptr, out_ptr, n, BLOCK: tl.constexpr, UNROLL: tl.constexpr, EVICT: tl.constexpr,
+    PASSES: tl.constexpr, CACHE: tl.constexpr,
+):  # fmt: skip
     """Programs take groups of ``UNROLL`` blocks of ``BLOCK`` int32 (of ``n``), a grid-stride apart; a
-    group's loads are all issued before their values are combined. Each program stores the xor of
-    what it read (so no load can be dropped)."""
+    group's loads are all issued before their values are combined; the whole buffer ``PASSES`` times.
+    Each program stores the xor of what it read (so no load can be dropped)."""
     pid = tl.program_id(0)
     step = tl.num_programs(0) * UNROLL
     offs = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.int32)
-    for group in range(pid * UNROLL, tl.cdiv(n, BLOCK), step):
-        for u in tl.static_range(UNROLL):
-            index = (group + u) * BLOCK + offs  # int32: a stream of at most 2^31 values
-            acc ^= tl.load(src_ptr + index, mask=index < n, other=0, eviction_policy=EVICT)
+    for _ in range(PASSES):
+        for group in range(pid * UNROLL, tl.cdiv(n, BLOCK), step):
+            for u in tl.static_range(UNROLL):
+                index = (group + u) * BLOCK + offs  # int32: a stream of at most 2^31 values
+                acc ^= tl.load(src_ptr + index, mask=index < n, other=0, cache_modifier=CACHE, eviction_policy=EVICT)
     tl.store(out_ptr + pid, tl.xor_sum(acc, axis=0))
 
 
@@ -96,15 +109,18 @@ def _chain_kernel(buf_ptr, i, PDL: tl.constexpr):
     tl.store(buf_ptr + i + 1, v + 1)
 
 
-def _stream(src: torch.Tensor, out: torch.Tensor, programs: int, unroll: int, evict: str = "") -> None:
+def _stream(src: torch.Tensor, out: torch.Tensor, programs: int, unroll: int, evict: str = "", passes: int = 1) -> None:
+    """``passes`` reads of ``src``; more than one bypass L1 (``.cg``), so that each comes from L2 or DRAM."""
+    cache = ".cg" if passes > 1 else ""
     _stream_kernel[(programs,)](src, out, src.numel(), BLOCK=STREAM_BLOCK, UNROLL=unroll, EVICT=evict,
+                                PASSES=passes, CACHE=cache,
                                 num_warps=STREAM_WARPS, enable_fp_fusion=False)  # fmt: skip
 
 
-def _xor_checksum(src: torch.Tensor, programs: int, unroll: int) -> int:
+def _xor_checksum(src: torch.Tensor, programs: int, unroll: int, passes: int = 1) -> int:
     """What ``_stream`` leaves in its output, xor-ed over programs: the xor of every value read."""
     out = torch.zeros(programs, dtype=torch.int32, device=src.device)
-    _stream(src, out, programs, unroll)
+    _stream(src, out, programs, unroll, passes=passes)
     return int(_xor_all(out.cpu()))
 
 
@@ -140,7 +156,7 @@ def _buffer(mib: int, device: torch.device | str) -> torch.Tensor:
 def probe_zero_point() -> list[dict[str, Any]]:
     row = {"name": "zero_point", **zero_point()}
     tiny = torch.zeros(1, device="cuda")
-    row["plain_launch_us"] = _median_us(lambda: tiny.fill_(1.0), reps=200)
+    row["plain_launch_us"] = _median_us(lambda: tiny.fill_(1.0), nothing_ahead, reps=200)
     return [row]
 
 
@@ -178,15 +194,10 @@ def probe_l2(sms: int, programs_per_sm: int, unroll: int) -> list[dict[str, Any]
     programs = programs_per_sm * sms
     out = torch.empty(programs, dtype=torch.int32, device="cuda")
 
-    def reads(src: torch.Tensor) -> None:
-        for _ in range(L2_READS):
-            _stream(src, out, programs, unroll)
-
     for mib in L2_SIZES_MIB:
         src = _buffer(mib, "cuda")
-        # warm: each read finds what the one before it left in L2; per read, its graph gap included
-        graph = _graph(functools.partial(reads, src))
-        us = _median_us(graph.replay) / L2_READS
+        # warm: each pass finds what the one before it left in L2
+        us = _median_us(functools.partial(_stream, src, out, programs, unroll, passes=L2_PASSES)) / L2_PASSES
         rows.append({"name": "l2", "mib": mib, "us": us, "gb_per_s": src.numel() * 4 / us / 1e3})
     dram = rows[-1]["gb_per_s"]
     fits = [r for r in rows if r["gb_per_s"] >= 1.5 * dram]
@@ -245,7 +256,9 @@ def probe_launch_gap() -> list[dict[str, Any]]:
             "us_per_launch": (times[CHAIN] - times[1]) / (CHAIN - 1), "one_launch_us": times[1], "chain_ok": ok,
         })  # fmt: skip
     plain = _median_us(
-        lambda: [_chain_kernel[(1,)](buf, i, PDL=False, enable_fp_fusion=False) for i in range(CHAIN)], reps=20
+        lambda: [_chain_kernel[(1,)](buf, i, PDL=False, enable_fp_fusion=False) for i in range(CHAIN)],
+        nothing_ahead,  # the host's launches are what this row measures
+        reps=20,
     )
     rows.append({"name": "launch_gap", "mode": "plain launches", "launches": CHAIN, "us_per_launch": plain / CHAIN})
     return rows
@@ -319,6 +332,10 @@ def dry_run_probe(log: Callable[[str], None] = print) -> dict[str, Any]:
             got = _xor_checksum(src, programs, unroll)
             rows.append({"name": "stream", "programs": programs, "unroll": unroll, "check": "ok" if got == want else
                          f"MISMATCH xor {got} != {want}"})  # fmt: skip
+    got = _xor_checksum(src, 3, 2, passes=3)  # an odd number of passes leaves the xor of one
+    rows.append(
+        {"name": "l2", "programs": 3, "unroll": 2, "check": "ok" if got == want else f"MISMATCH xor {got} != {want}"}
+    )
     buf = torch.zeros(9, dtype=torch.int32)
     for i in range(8):
         _chain_kernel[(1,)](buf, i, PDL=False, enable_fp_fusion=False)

@@ -7,7 +7,10 @@ so. Each repetition is bracketed by its own pair of events; with ``flush_l2`` a 
 *read* before each one (outside the events), so weights come from DRAM as they do in a model whose
 other layers evicted them. The flush only reads: overwriting a buffer instead (``zero_()``) would
 leave L2 full of dirty lines whose write-back lands inside the next timed region (``dsv4 tune
---probe`` measures the difference). The report gives the median and the 10th/90th percentiles.
+--probe`` measures the difference). Without a flush (``--warm-l2``, the zero point) a spin kernel
+runs ahead of each start event instead: on an idle GPU the start event fires as soon as the host
+records it, and the time would include the host's submission of the call. The report gives the
+median and the 10th/90th percentiles.
 
 Beside each figure: the graph-launch zero point (``zero_point``: the same events around the replay
 of an empty graph, what a timed replay costs before its first kernel does any work) and, on
@@ -28,6 +31,9 @@ import torch
 
 L2_FLUSH_BYTES = 256 << 20  # larger than any current GPU's L2 (H100: 50 MiB, H200: 60 MiB)
 COPY_BYTES = 1 << 30  # per copy direction: far larger than L2, so the copy runs at DRAM speed
+# a spin ahead of a timed call with nothing else ahead of it: 50-70 µs at Hopper's 1.4-2 GHz, longer than
+# the host takes to submit a graph replay (~15 µs), so the call is queued before the start event fires
+BUSY_LEAD_CYCLES = 100_000
 
 
 @dataclass(frozen=True)
@@ -148,13 +154,24 @@ class L2Flush:
         torch.sum(self.buf, dim=0, out=self.out)
 
 
+def keep_busy() -> None:
+    """A spin kernel of ``BUSY_LEAD_CYCLES``: keeps the GPU busy while the host submits what follows."""
+    torch.cuda._sleep(BUSY_LEAD_CYCLES)
+
+
+def nothing_ahead() -> None:
+    """Leaves the GPU idle ahead of a start event: the event time then includes the host's submission
+    of the call (what a plain launch costs its caller)."""
+
+
 def _event_times(run: Callable[[], Any], n: int, before: Callable[[], Any] | None) -> list[float]:
-    """``n`` event-timed calls of ``run`` (microseconds), ``before`` run ahead of each outside the events."""
+    """``n`` event-timed calls of ``run`` (microseconds), ``before`` run ahead of each outside the events
+    (None: ``keep_busy``, so the GPU times the call rather than the host's submission of it)."""
+    before = keep_busy if before is None else before
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     for start, end in zip(starts, ends, strict=True):
-        if before is not None:
-            before()
+        before()
         start.record()
         run()
         end.record()
@@ -164,7 +181,8 @@ def _event_times(run: Callable[[], Any], n: int, before: Callable[[], Any] | Non
 
 def zero_point(reps: int = 200) -> dict[str, Any]:
     """The graph-launch zero point: median event time of replaying an empty CUDA graph (what any timed
-    replay costs before its work), and of a graph of one 1-element fill (a graph's smallest kernel)."""
+    replay costs before its work), and of a graph of one 1-element fill (a graph's smallest kernel),
+    each queued behind a spin so that the host's submission is not in the figure."""
     result: dict[str, Any] = {}
     tiny = torch.zeros(1, device="cuda")
     for name, body in (("empty_graph_us", lambda: None), ("one_kernel_graph_us", lambda: tiny.fill_(1.0))):
