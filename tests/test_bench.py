@@ -190,6 +190,11 @@ def test_device_table() -> None:
     assert listed("NVIDIA H200").bandwidth == 4.8e12
     assert listed("NVIDIA H100 PCIe").name == "H100 PCIe"
     assert device_spec("NVIDIA A100-SXM4-80GB") is None
+    # names that hold another part's: a Grace Hopper's "GH200" holds "H200", an NVL card's its SXM name
+    assert listed("NVIDIA GH200 480GB").bandwidth == 4.0e12
+    assert listed("NVIDIA GH200 144G HBM3e").bandwidth == 4.9e12
+    assert listed("NVIDIA H200 NVL").peak_flops["bf16"] == pytest.approx(835e12)
+    assert listed("NVIDIA H100 NVL").name == "H100 NVL"
 
 
 def test_shape_grid_follows_the_issue() -> None:

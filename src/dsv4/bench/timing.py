@@ -46,9 +46,13 @@ class DeviceSpec:
 
 
 _HOPPER_PEAKS = {"bf16": 989e12, "int8": 1979e12, "fp8": 1979e12, "fp32": 495e12}  # fp32 matmuls as TF32
-DEVICE_TABLE: tuple[tuple[tuple[str, ...], DeviceSpec], ...] = (
+_NVL_PEAKS = {k: v * 835 / 989 for k, v in _HOPPER_PEAKS.items()}  # the 350-400 W PCIe cards
+DEVICE_TABLE: tuple[tuple[tuple[str, ...], DeviceSpec], ...] = (  # first match wins: "GH200" holds "H200"
+    (("GH200", "144G"), DeviceSpec("GH200 144GB HBM3e", 4.9e12, _HOPPER_PEAKS)),
+    (("GH200",), DeviceSpec("GH200 96GB HBM3", 4.0e12, _HOPPER_PEAKS)),  # "NVIDIA GH200 480GB"
+    (("H200", "NVL"), DeviceSpec("H200 NVL", 4.8e12, _NVL_PEAKS)),
     (("H200",), DeviceSpec("H200", 4.8e12, _HOPPER_PEAKS)),
-    (("H100", "NVL"), DeviceSpec("H100 NVL", 3.9e12, {k: v * 835 / 989 for k, v in _HOPPER_PEAKS.items()})),
+    (("H100", "NVL"), DeviceSpec("H100 NVL", 3.9e12, _NVL_PEAKS)),
     (("H100", "PCIE"), DeviceSpec("H100 PCIe", 2.0e12, {k: v * 756 / 989 for k, v in _HOPPER_PEAKS.items()})),
     (("H100",), DeviceSpec("H100 SXM", 3.35e12, _HOPPER_PEAKS)),  # "H100 80GB HBM3" is the SXM part
 )
