@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -230,6 +231,54 @@ def test_the_budget_stops_a_running_step_and_no_other_starts(tmp_path) -> None:
     assert "never" not in (tmp_path / "log.txt").read_text()
 
 
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (killed, waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_a_worker_that_outlives_its_step_is_stopped_with_it(tmp_path) -> None:
+    """A step's first process that exits on SIGINT while a worker of its process group ignores it: the
+    worker is killed before the next step starts (it would hold the GPU into the steps after it)."""
+    pid_file = tmp_path / "worker.pid"
+    worker = (
+        "import os, signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    )
+    leader = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}]); time.sleep(60)"
+    check = f"import sys; sys.exit(0 if open({str(pid_file)!r}).read() else 1)"
+    runner = _runner(tmp_path, [_python_step("hang", leader, timeout_s=2), _python_step("next", check, 30)], 60)
+    runner.run()
+    pid = int(pid_file.read_text())
+    try:
+        assert not _running(pid), "the worker of a stopped step still runs"
+    finally:
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_signal_during_a_parse_stops_the_run(tmp_path, monkeypatch) -> None:
+    """SIGTERM (the machine's time is up) while a step's output is parsed ends the run: a parser's
+    ``except Exception`` does not take it for a parse error and go on with the next steps."""
+    from dsv4.acceptance import runner as runner_module
+
+    def parse_and_get_stopped(files: dict[str, str], log: str) -> dict[str, Any]:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises in here
+        return {}
+
+    monkeypatch.setitem(runner_module.PARSERS, "stopped", parse_and_get_stopped)
+    first = Step("first", "first", ((sys.executable, "-c", "print(1)"),), 30, 0.5, parse="stopped")
+    runner = _runner(tmp_path, [first, _python_step("second", "print('second ran')", 30)], 60)
+    assert runner.run() == 1
+    steps = {s["name"]: s for s in runner.record["steps"]}
+    assert "parse_error" not in steps["first"]
+    assert steps["second"]["status"] == "not run" and steps["second"]["reason"] == "the run was interrupted"
+
+
 def test_the_gpu_plan_covers_every_owed_figure(capsys, monkeypatch) -> None:
     monkeypatch.delenv("DSV4_ACCEPTANCE_DRY", raising=False)
     assert main(["unused-out-dir", "--list"]) == 0
@@ -279,10 +328,12 @@ def _bench(timings: list[dict], shapes: list[dict], command: str) -> dict:
     }
 
 
-def _entry(name: str, status: str, ops: list[str], backends: list[str], bench: dict | None = None) -> dict:
+def _entry(
+    name: str, status: str, ops: list[str], backends: list[str], bench: dict | None = None, mode: str = "decode"
+) -> dict:
     entry: dict[str, Any] = {
         "name": name, "status": status, "reason": "stopped at its time limit (120 s)" if status == "timeout" else "",
-        "seconds": 1.0, "commands": [name], "covers": {"mode": "decode", "ops": ops, "backends": backends},
+        "seconds": 1.0, "commands": [name], "covers": {"mode": mode, "ops": ops, "backends": backends},
     }  # fmt: skip
     if bench is not None:
         entry["result"] = {"bench": bench}
@@ -351,6 +402,92 @@ def test_a_table_target_on_a_gpu_the_table_lacks_says_which_floor_it_used() -> N
     # the copy-bandwidth target says nothing more: its floor is the copy's by definition
     copy = next(line for line in summary.splitlines() if "1.3x of the floor at the measured copy" in line)
     assert "**85.0%** (20.0 µs) — met" in copy
+
+
+def test_a_ranks_figures_have_sections_of_their_own() -> None:
+    """One tensor-parallel rank's bench (shapes labelled as the whole layer's) and tune: their own tables,
+    never merged into the whole layer's decode table nor judged against its targets; a rank candidate
+    that fails its check is shown."""
+    qkv = ("qkv_proj_rope", "decode B=64 S=2")
+    layer = _bench([_timing(*qkv, "triton", 40.0, 16.0)], [_shape(*qkv, 16.0)], "dsv4 bench --preset flash")
+    rank = _bench([_timing(*qkv, "triton", 5.0, 4.25)], [_shape(*qkv, 4.25)], "dsv4 bench --preset flash/tp8")
+    bad = {"check": "MISMATCH q: 2/100 off", "changed": {"tokens": 64}}
+    ok = {"check": "bit-identical", "median_us": 5.0, "changed": {}}
+    tune = {"buckets": [{"kernel": "qkv.q_heads", "bucket": "T=128,H=8", "workload": "flash/tp8 qkv_proj_rope",
+                         "variants": [ok, bad], "gain_pct": 0.0, "winner": None}], "workloads": []}  # fmt: skip
+    record = {
+        "started": "2026-01-01T00:00:00+00:00", "finished": "2026-01-01T00:08:00+00:00", "elapsed_s": 470.0,
+        "budget_s": 480, "command": "python -m dsv4.acceptance out", "environment": None,
+        "steps": [
+            _entry("bench_decode", "ok", ["qkv_proj_rope"], ["triton"], layer),
+            _entry("bench_rank", "ok", ["qkv_proj_rope"], ["triton"], rank, mode="rank"),
+            {"name": "tune_rank", "status": "ok", "reason": "", "seconds": 50.0, "result": {"tune": tune}},
+        ],
+    }  # fmt: skip
+    summary = render(record)
+    _assert_well_formed(summary)
+    decode = summary.split("## Decode: time against the floor")[1].split("\n## ")[0]
+    rank_part = summary.split("## One tensor-parallel rank: decode time against the floor")[1].split("\n## ")[0]
+    assert "| 40.0 |" in decode and "| 5.00 |" not in decode
+    assert "| 5.00 |" in rank_part and "flash/tp8" in rank_part
+    assert re.search(r"`qkv_proj_rope` decode B=64 S=2: .*\*\*40\.0%\*\* .* missed", decode)
+    tuning = summary.split("## Tuning one tensor-parallel rank's buckets")[1].split("\n## ")[0]
+    assert '`{"tokens": 64}`: MISMATCH q: 2/100 off' in tuning
+
+
+def test_missing_probe_figures_are_dashes() -> None:
+    """A probe whose stream and L2 experiments failed: their figures are '-', not 0 or None."""
+    rows = [{"name": "stream", "error": "RuntimeError: boom"}, {"name": "l2", "error": "RuntimeError: boom"}]
+    record = {
+        "started": "2026-01-01T00:00:00+00:00", "finished": "2026-01-01T00:01:00+00:00", "elapsed_s": 60.0,
+        "budget_s": 480, "command": "python -m dsv4.acceptance out", "environment": None,
+        "steps": [{"name": "probe", "status": "ok", "reason": "", "seconds": 9.0, "result": {"probe": {"rows": rows}}}],
+    }  # fmt: skip
+    probe = render(record).split("## Machine limits")[1].split("\n## ")[0]
+    assert "| L2 reported / read from L2 up to | - MiB / - MiB |" in probe
+    assert "- programs/SM, - B in flight each" in probe
+    assert "None" not in probe and " 0 MiB" not in probe
+
+
+def test_sanitizer_findings_and_failed_checks_are_told_apart(tmp_path) -> None:
+    """compute-sanitizer's error count and first errors come back from its output, apart from ``dsv4 run``'s
+    own verdict under it; each tool is a step of its own, with PyTorch's caching allocator off and an exit
+    code of its own."""
+    from dsv4.acceptance.plan import SANITIZER_EXIT, build_plan
+    from dsv4.acceptance.results import parse_sanitize
+
+    paths = Paths(root=ROOT, out=tmp_path / "out", work=tmp_path / "work", python=sys.executable)
+    plan = {s.name: s for s in build_plan(GPU, paths)}
+    for name, tool in (("sanitize", "memcheck"), ("initcheck", "initcheck")):
+        (command,) = plan[name].commands
+        assert command[:2] == ("env", "PYTORCH_NO_CUDA_MEMORY_CACHING=1")
+        assert command[command.index("--tool") + 1] == tool
+        assert command[command.index("--error-exitcode") + 1] == str(SANITIZER_EXIT) != "1"
+    log = (
+        "========= COMPUTE-SANITIZER\n"
+        "========= Invalid __global__ read of size 4 bytes\n"
+        "=========     at _score_kernel+0x1a0\n"
+        "30 op calls in 9.1 s; 2 MISMATCH(ES)\n"
+        "========= ERROR SUMMARY: 1 error\n"
+    )
+    found = parse_sanitize({}, log)
+    assert found == {
+        "errors": 1, "first_errors": ["Invalid __global__ read of size 4 bytes"], "op_calls": 30, "mismatches": 2
+    }  # fmt: skip
+    clean = parse_sanitize({}, "30 op calls in 9.1 s; all checks passed\n========= ERROR SUMMARY: 0 errors\n")
+    assert (clean["errors"], clean["mismatches"]) == (0, 0)
+    with pytest.raises(ValueError, match="ERROR SUMMARY"):
+        parse_sanitize({}, "30 op calls in 9.1 s; all checks passed\n")
+    record = {
+        "started": "2026-01-01T00:00:00+00:00", "finished": "2026-01-01T00:01:00+00:00", "elapsed_s": 60.0,
+        "budget_s": 480, "command": "python -m dsv4.acceptance out", "environment": None,
+        "steps": [{"name": "sanitize", "status": "failed", "reason": f"exit code {SANITIZER_EXIT}", "seconds": 30.0,
+                   "result": found}],
+    }  # fmt: skip
+    summary = render(record)
+    assert "- `sanitize`: **1 error(s)**; `dsv4 run` under it: 30 op calls, 2 mismatch(es)" in summary
+    assert "  - `Invalid __global__ read of size 4 bytes`" in summary
+    assert "- `initcheck`: no figures: no step measures it." in summary
 
 
 def test_summary_shows_the_probe_and_the_tuning() -> None:
@@ -544,6 +681,7 @@ def test_ncu_profiles_every_layer_kind_at_the_deployment_batch_and_the_longest_c
     (step,) = [s for s in build_plan(GPU, paths) if s.name == "ncu"]
     words = list(step.commands[0])
     assert ",".join(NCU_METRICS) in words
+    assert words[words.index("--clock-control") + 1] == "none"  # ncu's default locks the clocks at base
     args = build_parser().parse_args(words[words.index("dsv4") + 1 :])
     figures = run_bench(get_config(args.preset), ops=args.ops, shapes=args.shapes, backends=[], traffic=False)
     shapes = [(s["op"], s["shape"]) for s in figures["shapes"]]
@@ -591,6 +729,18 @@ def test_bad_arguments_are_refused(argv, capsys) -> None:
         main(["unused-out-dir", "--list", *argv])
     assert info.value.code == 2
     assert argv[0] in capsys.readouterr().err
+
+
+def test_a_commit_that_is_not_the_checkouts_head_is_refused(tmp_path, capsys) -> None:
+    """``--commit`` names the code where there is no git; where there is, it must be HEAD (the record
+    would otherwise name code that did not run), and nothing is written."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    other = "0" * 40 if not head.stdout.startswith("0000000") else "1" * 40
+    out = tmp_path / "out"
+    assert main([str(out), "--dry-run", "--steps", "environment", "--commit", other[:12]]) == 2
+    assert "--commit" in capsys.readouterr().err and not out.exists()
 
 
 def _out_dir_cases(tmp_path: Path) -> dict[str, Path]:

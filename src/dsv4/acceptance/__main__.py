@@ -30,10 +30,14 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip()
 
 
+SOURCES = ("src/**/*.py", "src/**/*.json", "benchmarks/*.py", "examples/*.py")  # the code and configs a step runs
+
+
 def source_sha256(root: Path) -> str:
-    """One digest of every ``src/**/*.py`` (path and bytes): names the code that ran where there is no git."""
+    """One digest of every file of ``SOURCES`` (path and bytes; the kernels' tuned configs among them):
+    names the code that ran where there is no git."""
     digest = hashlib.sha256()
-    for path in sorted((root / "src").rglob("*.py")):
+    for path in sorted({p for pattern in SOURCES for p in root.glob(pattern)}):
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
@@ -73,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--inject-failure", action="store_true", help="add a failing step first, to check that the rest still run"
     )
-    parser.add_argument("--commit", help="the commit under test (default: git rev-parse HEAD, where git exists)")
+    parser.add_argument(
+        "--commit", help="the commit under test, where there is no git (with git: HEAD, which it must match)"
+    )
     return parser
 
 
@@ -101,6 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{s.name} (timeout {s.timeout_s:g} s){': skipped, ' + s.skip if s.skip else ''}")
                 print("\n".join("    " + shlex.join(c) for c in s.commands))
             return 0
+        head = _git("rev-parse", "HEAD")
+        if args.commit and head and not head.startswith(args.commit.lower()):
+            print(f"--commit: {args.commit} is not this checkout's HEAD ({head})", file=sys.stderr)
+            return 2
         try:
             prepare_out_dir(out, OUTPUTS)
         except OutDirError as e:
@@ -112,8 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "dry_run": dry,
             "profile": profile.name,
             "command": shlex.join(["python", "-m", "dsv4.acceptance", *(sys.argv[1:] if argv is None else argv)]),
-            "commit": args.commit or _git("rev-parse", "HEAD"),
-            "commit_dirty": None if args.commit or status is None else bool(status),
+            "commit": args.commit or head,
+            "commit_dirty": None if status is None else bool(status),
             "source_sha256": source_sha256(ROOT),
         }
         budget = profile.budget_s if args.budget_s is None else args.budget_s

@@ -57,6 +57,7 @@ NCU_KERNELS = "regex:^_"
 # once per shape family (sparse_attn_write runs sparse_attn's kernel)
 NCU_SHAPES = ("B=64", "cache=262144")
 NCU_SKIP_OPS = ("sparse_attn_write",)
+SANITIZER_EXIT = 86  # compute-sanitizer's exit on a finding: not dsv4 run's 1 for a failed check
 CHECKPOINT_LAYER = 1  # a compress-ratio-4 layer of benchmarks/load_checkpoint.py's checkpoint
 TUNED_CONFIG = "kernel-config.json"  # the tune step's config file, returned whole; its "device" names its home
 
@@ -113,7 +114,7 @@ GPU = Profile(
         "environment": 30, "tests": 165, "bench_decode": 110, "probe": 20, "tune": 120, "decode_graph": 90,
         "attention_graph": 90, "bench_decode_compile": 70, "bench_decode_compile_indexer": 90, "trace": 60, "ncu": 120,
         "bench_prefill": 90, "checkpoint": 90, "bench_rank": 60, "tune_rank": 60, "bench_prefill_compile": 120,
-        "sanitize": 150, "fuzz": 120,
+        "sanitize": 75, "initcheck": 75, "fuzz": 120,
     },
     min_s=30,
     # --resume: the buckets the device's committed config holds are left for a slice of their own; the
@@ -300,7 +301,8 @@ def build_plan(profile: Profile, paths: Paths) -> list[Step]:
     )  # fmt: skip
     add(
         "ncu", "ncu: DRAM and L2 bytes, registers, occupancy and stall reasons per Triton kernel at decode",
-        (ncu or "ncu", "--target-processes", "all", "--kernel-name-base", "function", "--kernel-name", NCU_KERNELS,
+        (ncu or "ncu", "--target-processes", "all", "--clock-control", "none",  # the card's clocks as they are
+         "--kernel-name-base", "function", "--kernel-name", NCU_KERNELS,
          "--metrics", ",".join(NCU_METRICS), "--csv", "--page", "raw", "--print-units", "base", *profiled),
         parse="ncu", files={"csv": str(out / "ncu.csv")},
         skip=None if ncu else "ncu not found on PATH",
@@ -327,7 +329,7 @@ def build_plan(profile: Profile, paths: Paths) -> list[Step]:
         "bench_rank", f"dsv4 bench decode of one tensor-parallel rank ({profile.rank}): Triton, B=64",
         _bench(paths, profile, "decode", RANK_OPS, "triton", rank_json, "--shapes", "B=64", preset=profile.rank),
         parse="bench", files={"json": str(work / rank_json)},
-        covers={"mode": "decode", "ops": list(RANK_OPS), "backends": ["triton"]},
+        covers={"mode": "rank", "ops": list(RANK_OPS), "backends": ["triton"]},
     )  # fmt: skip
     add(
         "tune_rank", f"dsv4 tune of one tensor-parallel rank's buckets ({profile.rank}, B=64 and qkv at B=1)",
@@ -350,14 +352,20 @@ def build_plan(profile: Profile, paths: Paths) -> list[Step]:
     bench_step("bench_prefill_compile", "dsv4 bench prefill: torch.compile of the reference", "prefill", OPS, "compile")
     # the device's own checks of what the CPU suite checks under the interpreter (no access outside a
     # tensor, no read of memory nothing wrote): every kernel of `dsv4 run`'s tiny calls, compiled
+    # (PyTorch's caching allocator hands out blocks of its own pool, inside which the sanitizer sees no
+    # bounds: off for these runs; each tool a step, so that one's finding does not stop the other)
     sanitizer = shutil.which("compute-sanitizer")
     run = (py, "-m", "dsv4", "run", "--device", profile.device, "--steps", "1")
-    add(
-        "sanitize", "compute-sanitizer memcheck and initcheck of dsv4 run: out-of-bounds and uninitialized reads",
-        *((sanitizer or "compute-sanitizer", "--tool", tool, "--error-exitcode", "1", *run)
-          for tool in ("memcheck", "initcheck")),
-        skip=None if sanitizer else "compute-sanitizer not found on PATH",
-    )  # fmt: skip
+    for name, tool, what in (
+        ("sanitize", "memcheck", "out-of-bounds accesses"),
+        ("initcheck", "initcheck", "reads of memory nothing wrote"),
+    ):
+        add(
+            name, f"compute-sanitizer {tool} of dsv4 run: {what} (exit {SANITIZER_EXIT} on a finding)",
+            ("env", "PYTORCH_NO_CUDA_MEMORY_CACHING=1", sanitizer or "compute-sanitizer", "--tool", tool,
+             "--error-exitcode", str(SANITIZER_EXIT), *run),
+            parse="sanitize", skip=None if sanitizer else "compute-sanitizer not found on PATH",
+        )  # fmt: skip
     # random cases, each kernel at a tuning candidate drawn for its bucket: what a tuned file may hold, at shapes
     # the tune did not time; compiled, the candidates of warps, stages and PDL (the same program under the
     # interpreter) run too. Exit 1: a case raised, or failed at its candidates and passes at the defaults.

@@ -225,6 +225,27 @@ def parse_fuzz(files: dict[str, str], log: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
+_SANITIZER_SUMMARY = re.compile(r"^=+ ERROR SUMMARY: (\d+) errors?", re.M)
+_SANITIZER_ERROR = re.compile(r"^=+ ((?:Invalid|Uninitialized|Program hit|Race|Leaked) .*)$", re.M)
+_RUN_CALLS = re.compile(r"^(\d+) op calls in [\d.]+ s; (all checks passed|(\d+) MISMATCH)", re.M)
+SANITIZER_ERRORS_KEPT = 10
+
+
+def parse_sanitize(files: dict[str, str], log: str) -> dict[str, Any]:
+    """compute-sanitizer's error count and its first errors, and ``dsv4 run``'s own verdict under it
+    (a failed check is not a sanitizer finding)."""
+    m = _SANITIZER_SUMMARY.search(log)
+    if not m:
+        raise ValueError("no ERROR SUMMARY line: the sanitizer did not finish")
+    run = _RUN_CALLS.search(log)
+    return {
+        "errors": int(m[1]),
+        "first_errors": [e[1] for e in _SANITIZER_ERROR.finditer(log)][:SANITIZER_ERRORS_KEPT],
+        "op_calls": int(run[1]) if run else None,
+        "mismatches": (int(run[3]) if run[3] else 0) if run else None,
+    }
+
+
 PARSERS: dict[str, Callable[[dict[str, str], str], dict[str, Any]]] = {
     "environment": parse_json,
     "tests": parse_tests,
@@ -236,4 +257,5 @@ PARSERS: dict[str, Callable[[dict[str, str], str], dict[str, Any]]] = {
     "probe": parse_probe,
     "tune": parse_tune,
     "fuzz": parse_fuzz,
+    "sanitize": parse_sanitize,
 }

@@ -4,12 +4,16 @@ rewritten after every step, no step started once the budget cannot fit it.
 
 A step past its timeout, or running when the budget ends, gets SIGINT first (pytest then still
 writes its junit XML), SIGTERM, then SIGKILL: the run ends within the budget plus those few
-seconds of grace. If the runner itself is interrupted (SIGINT or SIGTERM), it stops the running
+seconds of grace. Whatever is left of a step's process group when its first process ends is killed
+(a worker holding the GPU must not run into the next step), and a step dies with the runner
+(``PR_SET_PDEATHSIG``). If the runner itself is interrupted (SIGINT or SIGTERM), it stops the running
 step and writes the record and the summary before it exits.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import datetime
 import json
 import os
@@ -28,6 +32,7 @@ from .summary import render
 
 KILL_GRACE_S = (5.0, 3.0)  # after SIGINT, after SIGTERM: then SIGKILL
 LOG_CAP_BYTES = 1 << 20  # per step in log.txt: head and tail kept (the device returns files up to 16 MiB)
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 TAIL_LINES = 15  # of a failing step's output, echoed to the terminal
 OUTPUTS = (
     "summary.md", "acceptance.json", "log.txt", "junit.xml", "bench-decode.png", "trace.json.gz", "ncu.csv",
@@ -52,10 +57,26 @@ def _stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             continue
     proc.wait()
+    _kill_group(proc)
 
 
-class _Interrupted(Exception):
-    """The runner got SIGTERM (the machine's time is up) or SIGINT."""
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL to whatever is left of the step's process group once its first process is gone (a worker it
+    started that outlived it would hold the GPU into the next step)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _die_with_the_runner() -> None:
+    """In the step's first process, before it runs: SIGKILL when the runner dies (Linux ``prctl``), so that
+    a runner killed outright does not leave its step running in a session of its own."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the runner still stops the group itself
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class _Interrupted(BaseException):
+    """The runner got SIGTERM (the machine's time is up) or SIGINT; a ``BaseException`` so that no
+    ``except Exception`` on the way (a parser's) takes it for an error of its own."""
 
 
 def _raise_interrupted(signum: int, frame: Any) -> None:
@@ -129,13 +150,14 @@ class Runner:
                 try:
                     proc = subprocess.Popen(
                         argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.paths.root,
-                        env=self.env, start_new_session=True,
+                        env=self.env, start_new_session=True, preexec_fn=_die_with_the_runner,
                     )  # fmt: skip
                 except OSError as e:
                     codes.append(None)
                     return "failed", f"could not start {argv[0]}: {e}", codes
                 try:
                     codes.append(proc.wait(timeout=max(0.0, deadline - time.monotonic())))
+                    _kill_group(proc)
                 except subprocess.TimeoutExpired:
                     _stop(proc)
                     codes.append(proc.returncode)

@@ -222,6 +222,10 @@ def _kernel_split(timings: dict[tuple[str, str, str], dict[str, Any]]) -> list[s
     return ["", note, ""] + _md_table(head, rows, right={3, 4, 5, 6})
 
 
+def _mib(nbytes: float | None) -> float | None:
+    return None if nbytes is None else nbytes / 2**20
+
+
 def _probe_section(record: dict[str, Any]) -> list[str]:
     entry = _step(record, "probe")
     result = ((entry or {}).get("result") or {}).get("probe")
@@ -249,11 +253,12 @@ def _probe_section(record: dict[str, Any]) -> list[str]:
         ["one-kernel graph / one plain launch",
          f"{_us(z.get('one_kernel_graph_us'))} / {_us(z.get('plain_launch_us'))} µs"],
         ["copy bandwidth (read + write)", f"{_num(c.get('gb_per_s'), '.0f')} GB/s"],
-        ["read stream, best", f"{_num(st.get('best_gb_per_s'), '.0f')} GB/s at {st.get('best_programs_per_sm')} "
-         f"programs/SM, {st.get('best_bytes_in_flight_per_program')} B in flight each"],
-        ["bytes in flight per SM for 90% of it", f"{st.get('bytes_in_flight_per_sm_for_90pct')} B"],
-        ["L2 reported / read from L2 up to", f"{(l2.get('l2_bytes_reported') or 0) / 2**20:.0f} MiB / "
-         f"{l2.get('largest_mib_read_from_l2')} MiB"],
+        ["read stream, best", f"{_num(st.get('best_gb_per_s'), '.0f')} GB/s at "
+         f"{_num(st.get('best_programs_per_sm'), 'd')} programs/SM, "
+         f"{_num(st.get('best_bytes_in_flight_per_program'), 'd')} B in flight each"],
+        ["bytes in flight per SM for 90% of it", f"{_num(st.get('bytes_in_flight_per_sm_for_90pct'), 'd')} B"],
+        ["L2 reported / read from L2 up to", f"{_num(_mib(l2.get('l2_bytes_reported')), '.0f')} MiB / "
+         f"{_num(l2.get('largest_mib_read_from_l2'), 'd')} MiB"],
         ["L2 / DRAM read bandwidth",
          f"{_num(l2.get('l2_gb_per_s'), '.0f')} / {_num(l2.get('dram_gb_per_s'), '.0f')} GB/s"],
         ["a read after the previous kernel read it (prefetch)", f"{_us(pf.get('after_prefetch_us'))} µs vs "
@@ -275,8 +280,8 @@ def _probe_section(record: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _tune_section(record: dict[str, Any]) -> list[str]:
-    entry = _step(record, "tune")
+def _tune_section(record: dict[str, Any], name: str = "tune") -> list[str]:
+    entry = _step(record, name)
     result = (entry or {}).get("result") or {}
     tune = result.get("tune")
     if not tune:
@@ -299,7 +304,8 @@ def _tune_section(record: dict[str, Any]) -> list[str]:
     config = result.get("config")
     if config:
         lines += ["", f"Config file: `{config['file']}` for device `{config['device']}`, {config['entries']} tuned "
-                  f"bucket(s): commit it as `src/dsv4/kernels/configs/{config['device']}.json`."]  # fmt: skip
+                  f"bucket(s) after this step: commit it as "
+                  f"`src/dsv4/kernels/configs/{config['device']}.json`."]  # fmt: skip
     if tune.get("stopped"):
         lines += ["", f"The tune stopped: {tune['stopped']}; shapes left: "
                   + ", ".join(w["label"] for w in tune["workloads"] if w["status"].startswith("not run"))]  # fmt: skip
@@ -453,6 +459,24 @@ def _fuzz_section(record: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _sanitizer_section(record: dict[str, Any]) -> list[str]:
+    lines = []
+    for name in ("sanitize", "initcheck"):
+        entry = _step(record, name)
+        result = (entry or {}).get("result")
+        if not result:
+            lines.append(f"- `{name}`: no figures: {_why(entry)}.")
+            continue
+        calls = (
+            f"; `dsv4 run` under it: {result['op_calls']} op calls, {result['mismatches']} mismatch(es)"
+            if result.get("op_calls") is not None
+            else "; `dsv4 run` did not finish"
+        )
+        lines.append(f"- `{name}`: **{result['errors']} error(s)**{calls}")
+        lines += [f"  - `{e}`" for e in result["first_errors"]]
+    return lines
+
+
 def render(record: dict[str, Any]) -> str:
     """The whole ``summary.md``."""
     env = record.get("environment") or {}
@@ -480,6 +504,8 @@ def render(record: dict[str, Any]) -> str:
         ("Decode: time against the floor", bench_section(record, "decode")),
         ("Machine limits (dsv4 tune --probe)", _probe_section(record)),
         ("Tuning: each kernel's candidates against its default (dsv4 tune)", _tune_section(record)),
+        ("One tensor-parallel rank: decode time against the floor", bench_section(record, "rank")),
+        ("Tuning one tensor-parallel rank's buckets", _tune_section(record, "tune_rank")),
         ("Decode step: one CUDA graph against eager launches", _decode_graph_section(record)),
         (
             "A CSA layer's whole attention step: one CUDA graph against eager",
@@ -489,6 +515,7 @@ def render(record: dict[str, Any]) -> str:
         ("Prefill: time against the floor", bench_section(record, "prefill")),
         ("Checkpoint loading", _checkpoint_section(record)),
         ("Random cases at tuning candidates, compiled (benchmarks/fuzz_ops.py --candidates)", _fuzz_section(record)),
+        ("The device's memory checks (compute-sanitizer)", _sanitizer_section(record)),
     ]
     for title, body in sections:
         lines += ["", f"## {title}", "", *body]

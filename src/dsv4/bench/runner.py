@@ -91,9 +91,9 @@ def shape_grid(cfg: DeepSeekV4Config, modes: Iterable[str], ops: Sequence[str] |
                         mine.append(BenchShape(op, mode, dec.batch if i == 0 else 1, dec.seq, start))
             # then the ops' other layer kinds at the same shapes, kind by kind, after every op's default kind
             other = [dataclasses.replace(x, kind=k) for x in mine for k in get_op(x.op).kinds[1:]]
-            # a window layer reads its last W rows whatever the cache holds: one B=1 row is its long context
+            # a window layer reads its last W rows whatever the cache holds: its longest B=1 row is its long context
             other = [x for i, x in enumerate(other) if x.kind != "swa" or not any(
-                (y.op, y.kind, y.batch) == (x.op, x.kind, x.batch) for y in other[:i])]  # fmt: skip
+                (y.op, y.kind, y.batch) == (x.op, x.kind, x.batch) for y in other[i + 1 :])]  # fmt: skip
             shapes += mine + sorted(other, key=lambda x: get_op(x.op).kinds.index(x.kind))  # a stable sort
         else:
             for op in ops:
