@@ -30,7 +30,7 @@ GPU_TESTS = (
     "test_kernels_*.py", "test_indexer.py", "test_compressor.py", "test_paged_cache.py", "test_golden_vectors.py",
     "test_frontend.py", "test_library.py", "test_validation.py", "test_nonfinite.py", "test_decode_graph.py",
     "test_attention_ops.py", "test_attention_graph.py", "test_sparse_attn_write.py", "test_baseline.py",
-    "test_device.py", "test_tensor_parallel.py",
+    "test_device.py", "test_tensor_parallel.py", "test_timing.py",
 )  # fmt: skip
 # Left out of that selection: the sm_90 builds through tests/sm90.py's compile-only stand-in. They lower the
 # same variants with the same Triton wherever they run (CI, any CPU), and on the GPU machine they compete for
