@@ -302,3 +302,20 @@ def test_the_exit_status_says_when_nothing_was_tuned(tmp_path, capsys, monkeypat
     assert main(argv) == 1
     assert "failed at the defaults" in capsys.readouterr().out
     assert not (tmp_path / "c.json").exists()  # nothing tuned, nothing written
+
+
+def test_a_candidate_is_held_to_the_reference_not_to_the_default() -> None:
+    """A candidate that drifts from the default by less than the tolerance but, with the default's own
+    drift, leaves the reference by more fails its check: the tolerance is the spec's, against the
+    reference, and two steps inside it do not add up to one step inside it."""
+    load = _op_workload("tiny", BenchShape("qkv_proj_rope", "decode", 2, 2), torch.device("cpu"), 0)
+    assert load.reference is not None
+    expected = load.reference()
+    scale = expected["qr_scale"]
+    assert bool((scale > 0.01).all())  # where the rule is relative: rtol 0.005 over atol 2.5e-5
+    base = {**expected, "qr_scale": scale * 1.004}  # 0.4% off the reference: within 0.5%
+    got = {**expected, "qr_scale": scale * 1.004 * 1.004}  # 0.4% off the default, 0.8% off the reference
+    assert tune._verdict(load, base, base, False, expected) == "bit-identical"
+    assert passed(tune._verdict(load, expected, base, False, expected))
+    assert not passed(tune._verdict(load, base, got, False, expected))
+    assert passed(tune._verdict(load, base, got, False, None))  # what a check against the default says

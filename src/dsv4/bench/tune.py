@@ -4,8 +4,9 @@ For every kernel and shape bucket the flash and pro presets reach (decode B = 64
 the indexer at caches of 2048 / 65536 / 262144 keys, the attention ops of B = 64 and the long
 contexts in each layer kind they serve; prefill T = 1024), each candidate of
 ``kernels.tuning`` runs inside the whole op with every other kernel at its default. Its outputs
-are checked against the default configuration's: bit-identical when only parameters that keep the
-bits changed (``Param.exact``), else within the spec §6 rules. A candidate that passes is timed as
+are checked: bit-identical to the default configuration's when only parameters that keep the bits
+changed (``Param.exact``), else within the spec §6 rules of the reference's outputs (computed once
+per shape). A candidate that passes is timed as
 ``dsv4 bench`` times (CUDA graph, L2 flushed by a read, median of the repetitions). The fastest
 that beats the default by ``MIN_GAIN`` is written to the device's config file
 (``kernels/configs/<device>.json`` unless ``--config`` says where); every variant's µs and GB/s go
@@ -69,6 +70,7 @@ class Workload:
     compare_inputs: dict[str, Any] = field(default_factory=dict)
     minimal_bytes: int | None = None
     kind: str | None = None  # the layer kind of an op that has kinds (None: its default)
+    reference: Callable[[], dict[str, torch.Tensor]] | None = None  # the reference backend's outputs
 
 
 def _op_shapes(op: str, mode: str, batch: int, caches: Sequence[int | None]) -> list[BenchShape]:
@@ -112,9 +114,13 @@ def _op_workload(preset: str, shape: BenchShape, device: torch.device, seed: int
         call = bind(case, "triton")
         return call, call.outputs
 
+    def reference() -> dict[str, torch.Tensor]:
+        call = bind(case, "reference")
+        return call.outputs(call())
+
     cost = bench_cost(cfg, shape, case.meta["start_pos"])
     label = f"{preset} {shape.op} {shape.label}"
-    return Workload(label, shape.op, make, case.compare_inputs(), cost.bytes, shape.kind)
+    return Workload(label, shape.op, make, case.compare_inputs(), cost.bytes, shape.kind, reference)
 
 
 def _selection_workload(device: torch.device, seed: int) -> Workload:
@@ -152,8 +158,12 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().view(torch.uint8)
 
 
-def _verdict(load: Workload, base: dict[str, torch.Tensor], got: dict[str, torch.Tensor], exact: bool) -> str:
-    """``bit-identical``, ``within tolerance`` (spec §6, against the default's outputs) or ``MISMATCH ...``."""
+def _verdict(
+    load: Workload, base: dict[str, torch.Tensor], got: dict[str, torch.Tensor], exact: bool,
+    expected: dict[str, torch.Tensor] | None,
+) -> str:  # fmt: skip
+    """``bit-identical`` (to the default's outputs ``base``), ``within tolerance`` (spec §6, against the
+    reference's ``expected``; the default's where the workload has no reference) or ``MISMATCH ...``."""
     same = all(
         got[k].shape == v.shape and got[k].dtype == v.dtype and torch.equal(_bits(got[k]), _bits(v))
         for k, v in base.items()
@@ -162,7 +172,7 @@ def _verdict(load: Workload, base: dict[str, torch.Tensor], got: dict[str, torch
         return "bit-identical"
     if exact or load.op is None:
         return "MISMATCH not bit-identical, though only parameters that keep the bits changed"
-    result = compare(load.op, got, base, load.compare_inputs)
+    result = compare(load.op, got, base if expected is None else expected, load.compare_inputs)
     return "within tolerance" if result else result.verdict()
 
 
@@ -252,7 +262,9 @@ class Tuner:
         tuning.write_config(self.config_path, self.key, {k: v for k, v in self.entries.items() if v}, meta)
 
     # -- one candidate -----------------------------------------------------------------------
-    def _run(self, load: Workload, kernel: str, cfg: tuning.Config, base: dict, exact: bool) -> dict[str, Any]:
+    def _run(
+        self, load: Workload, kernel: str, cfg: tuning.Config, base: dict, expected: dict | None, exact: bool
+    ) -> dict[str, Any]:
         row: dict[str, Any] = {}
         with tuning.defaults_only(), tuning.forced(kernel, cfg):
             call, outputs = load.make()
@@ -261,7 +273,7 @@ class Tuner:
             if self.on_gpu:
                 torch.cuda.synchronize(self.device)
             host_us = (time.perf_counter() - t0) * 1e6
-            row["check"] = _verdict(load, base, outputs(result), exact)
+            row["check"] = _verdict(load, base, outputs(result), exact, expected)
             if not passed(row["check"]):
                 return row
             if self.on_gpu:
@@ -276,9 +288,12 @@ class Tuner:
         return row
 
     # -- one bucket --------------------------------------------------------------------------
-    def _bucket(self, load: Workload, kernel: str, bucket: str, base: dict, default_row: dict[str, Any]) -> None:
-        """Every candidate of ``kernel`` at ``bucket``. ``default_row``: the op at every default, run once
-        per workload (empty until the first bucket runs it)."""
+    def _bucket(
+        self, load: Workload, kernel: str, bucket: str, base: dict, expected: dict | None, default_row: dict[str, Any]
+    ) -> None:
+        """Every candidate of ``kernel`` at ``bucket``. ``base``, ``expected``: the default's and the
+        reference's outputs; ``default_row``: the op at every default, run once per workload (empty until
+        the first bucket runs it)."""
         tunable = tuning.TUNABLES[kernel]
         default = tunable.default
         entry: dict[str, Any] = {"kernel": kernel, "bucket": bucket, "workload": load.label, "default": dict(default)}
@@ -305,7 +320,8 @@ class Tuner:
                 row["same_run_as"] = first["changed"]
                 continue
             try:
-                row.update(self._run(load, kernel, cfg, base, all(tunable.param(k).exact for k in changed)))
+                exact = all(tunable.param(k).exact for k in changed)
+                row.update(self._run(load, kernel, cfg, base, expected, exact))
             except Exception as e:  # a candidate that does not compile or launch is a finding, not the end
                 row["check"] = f"error: {describe_error(e)}"
                 if self.on_gpu and not self._device_alive():
@@ -370,6 +386,7 @@ class Tuner:
                     base = {k: v.clone() for k, v in outputs(call()).items()}
                     host_us = (time.perf_counter() - t1) * 1e6
                     del call
+                expected = load.reference() if load.reference is not None else None
                 # under the interpreter this first call is the default's run; on a GPU the first bucket times it
                 default_row: dict[str, Any] = {}
                 if not self.on_gpu:
@@ -381,7 +398,7 @@ class Tuner:
                     done_key = (kernel, load.kind) if self.dry_run else (kernel, bucket)
                     if kernel in self.kernels_wanted and done_key not in self.done:
                         self.done.add(done_key)
-                        self._bucket(load, kernel, bucket, base, default_row)
+                        self._bucket(load, kernel, bucket, base, expected, default_row)
                 record["status"] = "done"
             except Exception as e:
                 record["status"] = f"error: {describe_error(e)}"
