@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import dsv4
 from dsv4.harness.cases import make_case, run_case
-from dsv4.harness.golden import compare, ratio_allclose, step_inputs, topk_allclose
+from dsv4.harness.golden import compare, ratio_allclose, step_inputs, tolerance, topk_allclose
 
 MASKED = torch.finfo(torch.float32).min
 
@@ -176,3 +177,15 @@ def test_compare_needs_every_part_of_a_record_and_the_same_dtypes() -> None:
     outputs = run_case(case, "reference")
     widened = {**outputs, "q": outputs["q"].float()}
     assert "q: float32, expected bfloat16" in compare("qkv_proj_rope", widened, outputs).failures()
+
+
+def test_an_output_whose_ops_hold_it_to_different_rules_needs_its_op() -> None:
+    """``kv_state`` is the indexer compressor's (0.5% of elements may miss) and the attention compressor's
+    (none may): the tolerance of that name alone is refused, naming ``op``, rather than whichever comes first."""
+    with pytest.raises(ValueError, match="^op: .*'kv_state'.*indexer_compressor.*kv_compressor"):
+        tolerance("kv_state")
+    assert tolerance("kv_state", "kv_compressor").max_error_ratio == 0
+    assert tolerance("kv_state", "indexer_compressor").max_error_ratio == 0.005
+    assert tolerance("q") == tolerance("q", "qkv_proj_rope")  # one op holds it
+    with pytest.raises(KeyError, match="o_proj has no output 'q'"):
+        tolerance("q", "o_proj")

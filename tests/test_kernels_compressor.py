@@ -118,7 +118,7 @@ def test_x_projection(batch: int, seq: int, splits: int | None) -> None:
     two_hid = 2 * TINY.index_head_dim
     got = {"kv": sums[:, :two_hid], "gate": sums[:, two_hid : 2 * two_hid] + w.compressor.ape[p % 4]}
     got["weights"] = sums[:, 2 * two_hid :] * scale
-    tol = tolerance("kv_state")  # the projections are what the ring stores
+    tol = tolerance("kv_state", "indexer_compressor")  # the projections are what the ring stores
     for name, e in expected.items():
         check = ratio_allclose(got[name], e, tol.atol, tol.rtol, 0.0, name)
         assert check, f"{name}: {check.detail} (max_abs {check.max_abs:.3g})"

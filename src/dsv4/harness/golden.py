@@ -20,13 +20,19 @@ from ..ops.registry import Output, Tolerance, get_op, op_names
 _MASK_LIKE = -1e38  # anything below this counts as "masked" (-inf or the most negative finite)
 
 
-def tolerance(output: str) -> Tolerance:
-    """The spec §6 tolerance of the output called ``output`` (of any registered op)."""
-    for name in op_names():
-        for o in get_op(name).outputs:
-            if o.name == output:
-                return o.tolerance
-    raise KeyError(f"no registered op has an output {output!r}")
+def tolerance(output: str, op: str | None = None) -> Tolerance:
+    """The spec §6 tolerance of ``op``'s output called ``output``; without ``op``, of the registered ops'
+    output of that name, which must then be the same for each of them (``kv_state``, ``score_state`` and
+    ``pool`` are not: name the op)."""
+    found = {
+        name: o.tolerance for name in ([op] if op is not None else op_names()) for o in get_op(name).outputs
+        if o.name == output
+    }  # fmt: skip
+    if not found:
+        raise KeyError(f"{op} has no output {output!r}" if op else f"no registered op has an output {output!r}")
+    if len(set(found.values())) > 1:
+        raise ValueError(f"op: the output {output!r} has different tolerances in {', '.join(sorted(found))}")
+    return next(iter(found.values()))
 
 
 @dataclass
