@@ -59,6 +59,18 @@ def test_golden_save_then_check(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert "3/4 golden cases passed" in out and "kv            FAIL" in out
 
 
+def test_golden_check_runs_the_kernels_unless_told_otherwise(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Without ``--backend`` the check replays the cases on Triton wherever it runs (on a CPU, its
+    interpreter), as ``dsv4 run`` does, and the last line names the backend that ran, not ``auto``
+    (which on a CPU is the reference that made the cases)."""
+    assert main(["golden", "save", str(tmp_path), "--op", "qkv_proj_rope"]) == 0
+    capsys.readouterr()
+    assert main(["golden", "check", str(tmp_path), "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "1/1 golden cases passed on backend triton"
+    assert main(["golden", "check", str(tmp_path), "--device", "cpu", "--backend", "auto"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "1/1 golden cases passed on backend reference"
+
+
 def test_golden_save_then_check_the_attention_ops(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The attention ops' records (pools of FP8 rows, the compressor's ring) are saved and checked by
     their §8 rules; a changed byte of a pool row the op does not write fails the check."""

@@ -15,7 +15,7 @@ import torch
 
 from .model.config import LAYER_KINDS, PRESETS, get_config
 from .model.weights import MAX_SEED
-from .ops.backends import BACKENDS, available_backends, unavailable_reason
+from .ops.backends import BACKENDS, available_backends, resolve, unavailable_reason
 from .ops.registry import op_names
 
 
@@ -202,11 +202,12 @@ def _cmd_golden_save(args: argparse.Namespace) -> int:
 def _cmd_golden_check(args: argparse.Namespace) -> int:
     from .io.golden_io import check
 
-    results = check(args.dir, args.backend, args.device)
+    backend = args.backend or available_backends(args.device)[0]
+    results = check(args.dir, backend, args.device)
     for name, report in results:
         print(f"[{name}] {report}")
     failed = sum(not r for _, r in results)
-    print(f"{len(results) - failed}/{len(results)} golden cases passed on backend {args.backend}")
+    print(f"{len(results) - failed}/{len(results)} golden cases passed on backend {resolve(backend, args.device)}")
     return 1 if failed else 0
 
 
@@ -414,7 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
     save.set_defaults(func=_cmd_golden_save)
     chk = gsub.add_parser("check", help="replay every case in DIR on a backend and compare (spec §6)")
     chk.add_argument("dir")
-    chk.add_argument("--backend", default="auto", choices=backends)
+    chk.add_argument(
+        "--backend", choices=backends,
+        help="default: triton wherever it runs (on a CPU, its interpreter), else reference",
+    )  # fmt: skip
     chk.add_argument("--device", type=_device, default=_default_device())
     chk.set_defaults(func=_cmd_golden_check)
 
