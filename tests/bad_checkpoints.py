@@ -123,6 +123,9 @@ def _raw_header(text: bytes) -> Callable[[Path], None]:
 
 
 DEEP = 200_000  # levels of nesting in the files below: ~400 KB of brackets, valid JSON
+# ~200 KB of a string of escaped quotes that never closes: malformed JSON that a string pattern that
+# rescans from every quote takes minutes over (time quadratic in the size); refused at once here
+UNTERMINATED = '{"hidden_size": "' + '\\"' * 100_000
 
 
 def _deep(inner: str = "") -> str:
@@ -168,6 +171,7 @@ def structure_corruptions() -> list[Corruption]:
             _edit_header(SHARDS[0], lambda h, d: (deep_in_object(json.dumps(h), "__metadata__").encode(), d)),
             ("nested", "levels deep"),
         ),  # fmt: skip
+        Corruption("header-unterminated-string", SHARDS[0], _raw_header(UNTERMINATED.encode()), ("not valid JSON",)),
         Corruption("header-nested-in-a-string", SHARDS[0], _raw_header(f'"{_deep()}"'.encode()), ("JSON object",)),
         Corruption(
             "duplicate-key",
@@ -381,6 +385,12 @@ def config_corruptions() -> list[Corruption]:
     ]
     out = [Corruption(i, "config.json", _config_edit(edit), words) for i, edit, words in cases]
     out.append(Corruption("config-not-json", "config.json", _config_edit(lambda r: r, raw="{"), ("not valid JSON",)))
+    out.append(
+        Corruption(
+            "config-unterminated-string", "config.json", _config_edit(lambda r: r, raw=UNTERMINATED),
+            ("config.json", "not valid JSON", "Unterminated string"),
+        )
+    )  # fmt: skip
     deep = ("nested", "levels deep")
     out.append(Corruption("config-deeply-nested", "config.json", _config_edit(lambda r: r, raw=_deep()), deep))
     out.append(

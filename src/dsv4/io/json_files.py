@@ -16,7 +16,11 @@ import numpy as np
 
 MAX_JSON_BYTES = 100_000_000  # safetensors' own header limit; index files of the largest models are ~10 MB
 MAX_JSON_DEPTH = 64  # nesting levels; the files read here use at most 4 (header > entry > shape list)
-_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string literal (its brackets are not nesting)
+# A JSON string literal (its brackets are not nesting), or an unterminated one up to the end of the text
+# (a lone trailing backslash included): every match that starts at a quote succeeds and consumes what it
+# scans, so the text is scanned once (a pattern that can fail after a long scan would rescan from every
+# escaped quote inside an unterminated string: quadratic time)
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _STEP = np.zeros(256, np.int64)  # byte -> change of nesting depth
 _STEP[[ord("["), ord("{")]], _STEP[[ord("]"), ord("}")]] = 1, -1
