@@ -5,6 +5,7 @@ running on the loaded layer, and clear errors for every way a checkpoint can be 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -326,6 +327,38 @@ def test_a_compressor_ape_of_another_rank_is_named_where_it_decides_the_ratio(tm
         load_layer(d, 2)
     assert main(["inspect", str(d)]) != 0
     assert "layers.2.attn.compressor.ape must be [ratio, width]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("listed", "layer", "kind", "held"),
+    [
+        ([0, 0, 128, 4], 1, "an SWA layer", ("attn.compressor.ape", "attn.indexer.wq_b.weight")),  # a CSA layer
+        ([0, 4, 0, 4], 2, "an SWA layer", ("attn.compressor.wkv.weight", "attn.compressor.ape")),  # an HCA layer
+        ([0, 4, 128, 128], 3, "an HCA layer", ("attn.indexer.wq_b.weight", "attn.indexer.compressor.ape")),  # CSA
+    ],
+)
+def test_a_layer_holding_tensors_its_listed_kind_has_not_is_refused(listed, layer, kind, held, tmp_path, capsys):
+    """``compress_ratios`` lists a layer as a kind without a compressor (SWA) or an indexer (HCA) while the
+    layer holds them: refused naming the list entry and the tensors, not loaded as that kind without them."""
+    d = write_checkpoint(tmp_path, _tiny_shards(), config_json(TINY, listed))
+    source = f"compress ratio {listed[layer]} (config.json compress_ratios[{layer}]) makes it {kind}"
+    with pytest.raises(CheckpointError, match=re.escape(source)) as e:
+        load_layer(d, layer)
+    assert all(f"layers.{layer}.{name}" in str(e.value) for name in held), str(e.value)
+    assert main(["inspect", str(d), "--layer", str(layer)]) == 1
+    out = capsys.readouterr().out
+    assert f"check: {source}" in out and "check: ok" not in out
+    assert load_layer(d, 0).kind == "swa"  # the layers listed as their kind still load
+
+
+def test_a_compressor_without_its_ape_is_not_dropped(tmp_path):
+    """Without ``compress_ratios`` a layer with no ``attn.compressor.ape`` (and no indexer) is ratio 0: its
+    other compressor tensors are refused by name, not dropped (loaded as a window-only layer)."""
+    shards = _tiny_shards()
+    del shards[1]["layers.2.attn.compressor.ape"]
+    d = write_checkpoint(tmp_path, shards, config_json(TINY, None))
+    with pytest.raises(CheckpointError, match=r"makes it an SWA layer.*layers\.2\.attn\.compressor\.wkv\.weight"):
+        load_layer(d, 2)
 
 
 def test_missing_tensor(tmp_path):

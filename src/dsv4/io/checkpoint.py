@@ -291,7 +291,32 @@ class Checkpoint(ShardedCheckpoint):
             if len(ape.shape) != 2:
                 raise CheckpointError(f"{ape.file}: {ape.name} must be [ratio, width], got shape {list(ape.shape)}")
             return ape.shape[0], f"rows of {ape.name}"
-        return 0, "the layer has no compressor tensors"
+        return 0, "the layer has neither attn.compressor.ape nor attn.indexer.wq_b.weight"
+
+    def unused_kind_tensors(self, layer: int, ratio: int, prefix: str = DEFAULT_PREFIX) -> list[str]:
+        """The layer's ``attn.indexer.*`` tensors unless ``ratio`` is 4 (CSA), and its ``attn.compressor.*``
+        tensors when ``ratio`` is 0 (SWA): tensors of a kind other than the one ``ratio`` gives, which
+        ``load_layer`` refuses rather than drop (empty: none)."""
+        p = prefix.format(layer=layer) + "attn."
+        unused = (() if ratio == COMPRESS_RATIO else (p + "indexer.",)) + ((p + "compressor.",) if ratio == 0 else ())
+        return sorted(name for name in self.weight_map if name.startswith(unused)) if unused else []
+
+    def kind_problem(self, layer: int, prefix: str = DEFAULT_PREFIX) -> str | None:
+        """Why the layer's tensors are not of the kind its compress ratio gives (``compress_ratio``):
+        they hold a compressor or indexer that kind has not (see ``unused_kind_tensors``); None if not."""
+        ratio, source = self.compress_ratio(layer, prefix)
+        unused = self.unused_kind_tensors(layer, ratio, prefix)
+        if not unused:
+            return None
+        kind = (
+            "an SWA layer, which has no compressor and no indexer"
+            if ratio == 0
+            else "an HCA layer, which has no indexer"
+        )
+        return (
+            f"compress ratio {ratio} ({source}) makes it {kind}, but the layer holds {len(unused)} such tensor(s): "
+            + ", ".join(unused)
+        )
 
     def check(self, prefix: str, specs: list[TensorSpec]) -> list[str]:
         """Every way the tensors under ``prefix`` differ from ``specs`` (empty: all present and right)."""
@@ -330,6 +355,9 @@ class Checkpoint(ShardedCheckpoint):
                 f"{self.directory}: no tensors under {p!r} (layers found: {format_ranges(found) or 'none'})"
             )
         ratio, _ = self.compress_ratio(layer, prefix)
+        kind_problem = self.kind_problem(layer, prefix)
+        if kind_problem:
+            raise CheckpointError(f"{self.directory}, layer {layer}: {kind_problem}")
         if cfg.o_groups < 1 or cfg.o_lora_rank < 1 or cfg.num_attention_heads % cfg.o_groups:
             raise CheckpointError(
                 f"config: o_groups {cfg.o_groups} / o_lora_rank {cfg.o_lora_rank} cannot size the output projection "

@@ -109,6 +109,9 @@ def describe_checkpoint(
             ckpt.info(p + s.name) is not None for s in specs
         )
         lines.append(f"  other tensors under {p!r} (not used by the attention): {others}")
+        kind_problem = ckpt.kind_problem(layer, prefix)
+        if kind_problem:
+            return [*lines, f"check: {kind_problem}"], False
         if cfg is None:
             if missing:
                 return [*lines, f"check: {missing} tensor(s) missing (shapes not checked: no config)"], False
