@@ -285,6 +285,62 @@ def test_compress_ratio_from_config_or_tensors(tiny_dir, tmp_path):
     assert layer.kind == "hca" and layer.compress_ratio == 128
 
 
+def test_a_config_without_ratios_takes_the_tensors_kinds(tmp_path, capsys):
+    """Without ``compress_ratios`` in ``config.json`` the config's are the tensors' (for layers 0, 1, ... up
+    to the first one missing), so ``layer_rope_table(cfg, n)`` and ``load_layer`` agree on each layer's kind."""
+    d = write_checkpoint(tmp_path / "a", _tiny_shards(), config_json(TINY, None))
+    cfg = dsv4.checkpoint_config(d)
+    assert cfg.compress_ratios == tuple(RATIOS) and cfg.name == "tiny"  # TINY's own list is (0, 4, 16, 0)
+    assert [load_layer(d, n, cfg).compress_ratio for n in range(4)] == RATIOS
+    compressed = dsv4.rope_table(cfg, "compressed", 64)
+    assert torch.equal(dsv4.layer_rope_table(cfg, 3, 64).cos, compressed.cos)  # CSA: not TINY's window table
+    d = write_checkpoint(tmp_path / "c", _tiny_shards(), config_json(TINY, None) | {"sliding_window": 32})
+    assert dsv4.checkpoint_config(d).name == "checkpoint"  # dims of no preset: no preset's list either
+    args = ["run", "--checkpoint", str(d), "--layer", "3", "--device", "cpu", "--backend", "reference"]
+    assert main([*args, "--steps", "1", "--start-pos", "8", "--batch", "1"]) == 0
+    assert "L3 decode 1   csa attention" in capsys.readouterr().out
+    shards = _tiny_shards()
+    shards[2] = {}  # no layer 3: the list stops before it, no kind made up for it
+    shards[0] = {k: v for k, v in shards[0].items() if not k.startswith("layers.0.")}  # nor layer 0: empty
+    d = write_checkpoint(tmp_path / "b", [s for s in shards if s], config_json(TINY, None))
+    assert dsv4.checkpoint_config(d).compress_ratios == ()
+
+
+def test_a_cfg_listing_another_kind_is_refused(tiny_dir, capsys):
+    """A ``cfg`` whose ``compress_ratios[N]`` is not the checkpoint's ratio of layer N (it would run the layer
+    with the other kind's RoPE table) is refused naming both; where they agree the layer loads."""
+    with pytest.raises(CheckpointError) as e:
+        load_layer(tiny_dir, 3, TINY)  # TINY lists layer 3 as SWA, the checkpoint's layer 3 is CSA
+    assert "cfg: tiny's compress_ratios[3] is 0 (SWA)" in str(e.value)
+    assert "compress ratio 4 (CSA; config.json compress_ratios[3])" in str(e.value)
+    with pytest.raises(CheckpointError, match=r"compress_ratios\[2\] is 16 \(HCA\).* ratio 128 \(HCA"):
+        load_layer(tiny_dir, 2, TINY)
+    assert load_layer(tiny_dir, 1, TINY).kind == "csa"
+    args = ["run", "--checkpoint", str(tiny_dir), "--layer", "3", "--preset", "tiny", "--device", "cpu"]
+    assert main([*args, "--backend", "reference", "--steps", "1", "--start-pos", "8", "--batch", "1"]) == 2
+    captured = capsys.readouterr()
+    assert "compress_ratios[3] is 0 (SWA)" in captured.err and "qkv_proj_rope" not in captured.out
+
+
+def test_the_harness_runs_a_layer_with_its_weights_rope_table(tiny_dir, monkeypatch):
+    """``run_front_end(cfg, weights=..., layer=N)``: the layer's attention gets the RoPE table of the kind
+    of the weights it runs, whatever ``cfg.compress_ratios[N]`` says."""
+    from dsv4.harness import run as harness
+
+    tables = []
+    real = harness.DecodeAttention
+
+    def spy(weights, rope, cfg, **kwargs):
+        tables.append(rope)
+        return real(weights, rope, cfg, **kwargs)
+
+    monkeypatch.setattr(harness, "DecodeAttention", spy)
+    weights = load_layer(tiny_dir, 1)  # CSA; TINY lists layer 0 as SWA
+    harness.run_front_end(TINY, "reference", steps=1, start_pos=8, batch=1, weights=weights, layer=0)
+    (rope,) = tables
+    assert torch.equal(rope.cos, dsv4.rope_table(TINY, "compressed", rope.max_position).cos)
+
+
 # --- errors --------------------------------------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ import torch
 from .. import ops
 from ..engine.attention import DecodeAttention
 from ..model.config import COMPRESS_RATIO, LAYER_KINDS, DeepSeekV4Config
-from ..model.rope import layer_rope_table, rope_table
+from ..model.rope import rope_table
 from ..model.state import DEFAULT_BLOCK_SIZE, STATE_SLOTS, IndexerState
 from ..model.weights import MAX_SEED, LayerWeights, synthetic_activations, synthetic_weights
 from ..ops.backends import resolve
@@ -196,7 +196,8 @@ def run_attention_layer(
     weights: LayerWeights | None = None,
 ) -> None:
     """Layer ``layer``'s whole attention (``DecodeAttention``) over the steps of ``plan``, a row each
-    (``emit``), on ``backend`` (on a CPU, Triton's interpreter). Each step's ``y`` must be finite; the
+    (``emit``), on ``backend`` (on a CPU, Triton's interpreter), with the RoPE table of the kind of ``weights``
+    (default: synthetic weights of ``cfg``'s kind of ``layer``). Each step's ``y`` must be finite; the
     ops' numbers are checked op by op (the rows above: §8 compares each op from the same inputs, since
     a layer's FP8 row and activation quants turn last-bit differences of ``q``/``kv`` into whole e4m3
     steps of ``y``)."""
@@ -204,7 +205,7 @@ def run_attention_layer(
     end = max(p + s for _, p, s in plan)
     ratio = weights.compress_ratio
     max_position = -(-max(end, ratio, 1) // max(ratio, 1)) * max(ratio, 1)
-    rope = layer_rope_table(cfg, layer, max_position, device)
+    rope = rope_table(cfg, "window" if ratio == 0 else "compressed", max_position, device)  # the weights' kind
     module = DecodeAttention(weights, rope, cfg, batch=batch, max_position=max_position, backend=backend)
     ran = "+".join(sorted(set(module.op_backends.values())))
     for i, (label, _, s) in enumerate(plan):

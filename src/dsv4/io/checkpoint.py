@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..model.config import COMPRESS_RATIO, PRESETS, DeepSeekV4Config
+from ..model.config import COMPRESS_RATIO, PRESETS, DeepSeekV4Config, kind_of_ratio
 from ..model.quant import quantize_weight_int8
 from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights, LayerWeights, OProjWeights
 from ..ops.validate import INDEX_LIMIT, MAX_TOPK
@@ -265,10 +265,29 @@ class Checkpoint(ShardedCheckpoint):
             raise CheckpointError(f"{path}: compress_ratios must be a list of non-negative ints, got {ratios!r:.80}")
 
     def config(self) -> DeepSeekV4Config:
-        """The model dimensions from ``config.json`` (see ``config_from_json``)."""
+        """The model dimensions from ``config.json`` (see ``config_from_json``). When the file has no
+        ``compress_ratios``, the config's are the ratios the tensors decide (``tensor_ratios``), so that a
+        layer's kind is the same to ``load_layer`` and to ``layer_rope_table(cfg, layer)``."""
+        cfg = self._file_config()
+        if (self.config_json or {}).get("compress_ratios") is None:
+            ratios = self.tensor_ratios()
+            cfg = cfg if ratios == cfg.compress_ratios else cfg.replace(compress_ratios=ratios)
+        return cfg
+
+    def _file_config(self) -> DeepSeekV4Config:
+        """``config.json`` as ``config_from_json`` reads it (without it: a ``CheckpointError``)."""
         if self.config_json is None:
             raise CheckpointError(f"{self.directory}: no {CONFIG_FILE}; pass cfg= with the model's dimensions")
         return config_from_json(self.config_json, str(self.directory / CONFIG_FILE))
+
+    def tensor_ratios(self, prefix: str = DEFAULT_PREFIX) -> tuple[int, ...]:
+        """The compress ratios the tensors decide (``compress_ratio`` without ``config.json``) of layers 0, 1,
+        ... up to the first layer the checkpoint has no tensors of. Reads the headers of the shards holding
+        the layers' indexer and compressor tensors."""
+        present, ratios = set(self.layers(prefix)), list[int]()
+        while len(ratios) in present:
+            ratios.append(self._tensor_ratio(len(ratios), prefix)[0])
+        return tuple(ratios)
 
     def layers(self, prefix: str = DEFAULT_PREFIX) -> list[int]:
         """Layer numbers that have tensors under ``prefix`` (a template with ``{layer}``)."""
@@ -283,6 +302,10 @@ class Checkpoint(ShardedCheckpoint):
         ratios = (self.config_json or {}).get("compress_ratios")
         if prefix == DEFAULT_PREFIX and ratios is not None and 0 <= layer < len(ratios):
             return ratios[layer], f"{CONFIG_FILE} compress_ratios[{layer}]"
+        return self._tensor_ratio(layer, prefix)
+
+    def _tensor_ratio(self, layer: int, prefix: str) -> tuple[int, str]:
+        """``compress_ratio`` as the tensors present decide it."""
         p = prefix.format(layer=layer)
         if f"{p}attn.indexer.wq_b.weight" in self.weight_map:
             return COMPRESS_RATIO, "the layer has indexer tensors"
@@ -344,7 +367,7 @@ class Checkpoint(ShardedCheckpoint):
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
             raise CheckpointError(f"layer: expected a non-negative int, got {layer!r}")
         check_prefix(prefix)
-        cfg = self.config() if cfg is None else cfg
+        given, cfg = cfg is not None, self._file_config() if cfg is None else cfg  # the dims; the ratio: below
         share = cfg.rank(world)  # a world that would split a head or a group: a ValueError naming it
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
             raise CheckpointError(f"rank: expected an int in [0, {world}) (world={world}), got {rank!r}")
@@ -354,7 +377,7 @@ class Checkpoint(ShardedCheckpoint):
             raise CheckpointError(
                 f"{self.directory}: no tensors under {p!r} (layers found: {format_ranges(found) or 'none'})"
             )
-        ratio, _ = self.compress_ratio(layer, prefix)
+        ratio, source = self.compress_ratio(layer, prefix)
         kind_problem = self.kind_problem(layer, prefix)
         if kind_problem:
             raise CheckpointError(f"{self.directory}, layer {layer}: {kind_problem}")
@@ -367,6 +390,13 @@ class Checkpoint(ShardedCheckpoint):
         problems = self.check(p, specs)
         if problems:
             raise CheckpointError(f"{self.directory}, layer {layer}: " + "; ".join(problems))
+        listed = cfg.compress_ratios[layer] if given and layer < len(cfg.compress_ratios) else ratio
+        if prefix == DEFAULT_PREFIX and listed != ratio:  # another prefix's layer N need not be the model's
+            raise CheckpointError(
+                f"cfg: {cfg.name}'s compress_ratios[{layer}] is {listed} ({kind_of_ratio(listed).upper()}), but the "
+                f"checkpoint's layer {layer} has compress ratio {ratio} ({kind_of_ratio(ratio).upper()}; {source}): "
+                "its kind and RoPE table would disagree; pass a cfg (dsv4 run: a --preset) whose compress_ratios agree"
+            )
         infos = {s.name: info for s in specs if (info := self.info(p + s.name)) is not None}  # all: check()
         scales = {name[: -len(".scale")]: self._scale(info) for name, info in infos.items() if name.endswith(".scale")}
 
@@ -565,9 +595,11 @@ def load_layer(
     whole. Its config is ``cfg.rank(world)``.
 
     Raises ``CheckpointError`` (a ``ValueError``), before anything is built, naming each missing or
-    mismatched tensor with the expected and found dtype/shape (expected from the layer's kind), or
-    ``rank``; a ``ValueError`` naming ``world`` for ranks that would split a head, an output-projection
-    group or a scale block.
+    mismatched tensor with the expected and found dtype/shape (expected from the layer's kind), the
+    tensors of a kind other than the layer's ratio gives (a compressor on a ratio-0 layer, an indexer
+    on a layer of ratio other than 4), a ``cfg`` whose ``compress_ratios[layer]`` is not that ratio
+    (default prefix), or ``rank``; a ``ValueError`` naming ``world`` for ranks that would split a head,
+    an output-projection group or a scale block.
     """
     with Checkpoint(checkpoint_dir) as ckpt:
         return ckpt.load_layer(layer, cfg, prefix=prefix, device=device, rank=rank, world=world)

@@ -122,5 +122,5 @@ def describe_checkpoint(
         try:
             ckpt.load_layer(layer, cfg, prefix=prefix)
         except CheckpointError as e:
-            return [*lines, f"check: headers and shapes ok, but load_layer refuses the values: {e}"], False
+            return [*lines, f"check: headers and shapes ok, but load_layer refuses the layer: {e}"], False
         return [*lines, "check: ok, load_layer loads this layer (headers, shapes and every value checked)"], True
