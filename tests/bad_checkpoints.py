@@ -341,6 +341,10 @@ def _scaling(field: str, value: object) -> Callable[[dict[str, Any]], dict[str, 
     return lambda raw: {**raw, "rope_scaling": {**raw["rope_scaling"], field: value}}
 
 
+def _drop_scaling(field: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    return lambda raw: {**raw, "rope_scaling": {k: v for k, v in raw["rope_scaling"].items() if k != field}}
+
+
 def config_corruptions() -> list[Corruption]:
     """``config.json`` fields of the wrong type or out of range; the message names the file and field."""
     cases: list[tuple[str, Callable[[dict[str, Any]], object], tuple[str, ...]]] = [
@@ -369,6 +373,13 @@ def config_corruptions() -> list[Corruption]:
         ("rope_scaling-beta_fast-nan", _scaling("beta_fast", math.nan), ("rope_scaling.beta_fast",)),
         ("rope_scaling-beta_fast-negative", _scaling("beta_fast", -1e9), ("rope_scaling.beta_fast", "> 0")),
         ("rope_scaling-beta_slow-zero", _scaling("beta_slow", 0), ("rope_scaling.beta_slow", "> 0")),
+        ("rope_scaling-type-linear", _scaling("type", "linear"), ("rope_scaling.type", "yarn", "linear")),
+        ("rope_scaling-rope_type-dynamic", _scaling("rope_type", "dynamic"), ("rope_scaling.rope_type", "dynamic")),
+        (
+            "rope_scaling-factor-without-orig",
+            _drop_scaling("original_max_position_embeddings"),
+            ("rope_scaling.original_max_position_embeddings", "missing", "rope_scaling.factor"),
+        ),
         ("qk_rope_head_dim-odd", _field("qk_rope_head_dim", 63), ("qk_rope_head_dim", "even")),
         ("qk_rope_head_dim-over-head_dim", _field("qk_rope_head_dim", 256), ("qk_rope_head_dim", "head_dim")),
         ("index_head_dim-below-rope", _field("index_head_dim", 32), ("qk_rope_head_dim", "index_head_dim")),

@@ -225,6 +225,20 @@ def test_config_matches_presets_or_is_built_from_the_file():
         config_from_json({k: v for k, v in raw.items() if k not in ("q_lora_rank", "sliding_window")})
 
 
+def test_rope_scaling_is_yarn_in_either_spelling():
+    """``rope_scaling.type`` or ``rope_type`` "yarn" (or neither) is YaRN; a factor of 1 needs no context length
+    (it changes nothing). Other types and a factor without ``original_max_position_embeddings`` are refused
+    (tests/bad_checkpoints.py, config_corruptions)."""
+    raw = config_json(PRESETS["flash"], None)
+    scaling = {k: v for k, v in raw["rope_scaling"].items() if k != "type"}
+    for extra in ({}, {"type": "yarn"}, {"rope_type": "yarn"}, {"type": "yarn", "rope_type": "yarn"}):
+        assert config_from_json(raw | {"rope_scaling": scaling | extra}) is PRESETS["flash"]
+    plain = {k: v for k, v in scaling.items() if k != "original_max_position_embeddings"} | {"factor": 1}
+    assert config_from_json(raw | {"rope_scaling": plain}).original_max_position_embeddings == 0
+    with pytest.raises(CheckpointError, match="rope_scaling.rope_type must be 'yarn'.*'linear'"):
+        config_from_json(raw | {"rope_scaling": scaling | {"type": "yarn", "rope_type": "linear"}})
+
+
 def test_block_size_from_config(tmp_path):
     raw = config_json(TINY, RATIOS)
     raw["quantization_config"]["weight_block_size"] = [128]

@@ -147,9 +147,11 @@ def config_from_json(raw: dict[str, Any], source: str = CONFIG_FILE) -> DeepSeek
     every dimension and RoPE parameter agrees with one, else a config named ``"checkpoint"``.
 
     YaRN comes from ``rope_scaling`` (``factor``, ``original_max_position_embeddings``,
-    ``beta_fast``, ``beta_slow``; absent: no YaRN); the window from ``sliding_window`` (or ``window_size``).
-    Every field used is checked (dimensions positive ints, thetas, factor and eps finite and
-    positive); ``CheckpointError`` names ``source`` and the field.
+    ``beta_fast``, ``beta_slow``; absent or null: no YaRN; a ``type``/``rope_type`` other than
+    ``"yarn"``, or a ``factor`` other than 1 without ``original_max_position_embeddings``, is
+    refused); the window from ``sliding_window`` (or ``window_size``). Every field used is checked
+    (dimensions positive ints, thetas, factor and eps finite and positive); ``CheckpointError`` names
+    ``source`` and the field.
     """
     if not isinstance(raw, dict):
         raise CheckpointError(f"{source}: expected a JSON object, got {type(raw).__name__}")
@@ -166,6 +168,18 @@ def config_from_json(raw: dict[str, Any], source: str = CONFIG_FILE) -> DeepSeek
 
     def scaling(name: str, default: float, kind: str) -> int | float:
         return _field(source, f"rope_scaling.{name}", yarn.get(name, default), kind)
+
+    types = {key: yarn[key] for key in ("type", "rope_type") if key in yarn}  # older and newer spellings
+    for key, value in types.items():
+        if value != "yarn":
+            raise CheckpointError(
+                f"{source}: rope_scaling.{key} must be 'yarn' (the only scaling supported), got {value!r:.60}"
+            )
+    if yarn and scaling("factor", 1.0, "pos") != 1 and "original_max_position_embeddings" not in yarn:
+        raise CheckpointError(
+            f"{source}: rope_scaling.original_max_position_embeddings missing: YaRN with rope_scaling.factor "
+            f"{yarn['factor']!r:.30} needs the context length it extends (0: no YaRN)"
+        )
 
     fields.update(
         sliding_window=_field(source, "sliding_window", window, "int"),
