@@ -546,3 +546,46 @@ def test_cli_inspect_without_a_config_still_fails_a_layer_missing_tensors(tmp_pa
     assert main(["inspect", str(tmp_path), "--layer", "1"]) == 1
     out = capsys.readouterr().out
     assert "layers.1.attn.wq_b.weight" in out and "MISSING" in out and "tensor(s) missing" in out
+
+
+def _nan_at(name: str, index: tuple[int, ...], byte: int | None = None):
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        t = tensors[name]
+        if byte is None:
+            t[index] = float("nan")
+        else:  # an FP8 code or UE8M0 scale byte
+            t.view(torch.uint8)[index] = byte
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        (lambda t: None, "check: dtypes and values ok; shapes not checked"),
+        (_nan_at("layers.1.attn.q_norm.weight", (3,)), "layers.1.attn.q_norm.weight: 1 value(s) are NaN"),
+        (_nan_at("layers.1.attn.wq_b.scale", (2, 0), 255), "layers.1.attn.wq_b.scale: 1 scale(s) are NaN"),
+        (_nan_at("layers.1.attn.wo_a.weight", (5, 7), 0x7F), "layers.1.attn.wo_a.weight: rows 0..127 hold NaN codes"),
+        (_nan_at("layers.1.attn.indexer.compressor.ape", (1, 2)), "indexer.compressor.ape: 1 value(s) are NaN"),
+        (
+            lambda t: t.update({"layers.1.attn.wkv.weight": t["layers.1.attn.wkv.weight"].to(torch.bfloat16)}),
+            "layers.1.attn.wkv.weight: expected F8_E4M3, found BF16",
+        ),
+    ],
+    ids=["clean", "nan-norm", "nan-scale", "nan-code", "nan-ape", "dtype"],
+)
+def test_cli_inspect_without_a_config_checks_the_values(edit, words, tmp_path, capsys):
+    """Without ``config.json`` the shapes go unchecked, but the values are checked as ``load_layer`` checks
+    them: a layer ``load_layer`` would refuse for its values or dtypes fails inspect (exit 1)."""
+    tensors = layer_tensors(TINY, 1, 4)
+    edit(tensors)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    clean = words.startswith("check: dtypes and values ok")
+    assert main(["inspect", str(tmp_path), "--layer", "1"]) == (0 if clean else 1)
+    out = capsys.readouterr().out
+    assert words in out and ("values ok" in out) == clean, out
+    if clean:
+        assert load_layer(tmp_path, 1, TINY).kind == "csa"
+    else:
+        with pytest.raises(CheckpointError):  # the loader, given the dims, refuses the same layer
+            load_layer(tmp_path, 1, TINY)

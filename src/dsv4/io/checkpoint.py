@@ -355,6 +355,38 @@ class Checkpoint(ShardedCheckpoint):
             + ", ".join(unused)
         )
 
+    def value_problems(self, prefix: str, specs: list[TensorSpec]) -> list[str]:
+        """What ``load_layer`` would refuse in the tensors of ``specs`` present under ``prefix``, found
+        without the model's dimensions: a dtype not accepted, a scale grid that does not fit its weight's
+        blocks, NaN or infinite values (bf16/fp32), NaN scales, FP8 codes or dequantized values that are NaN
+        or infinite. Reads every value of those tensors (empty: none)."""
+        problems = []
+        for spec in specs:
+            info = self.info(prefix + spec.name)
+            if info is None or spec.dtypes == SCALE:  # a scale: with its weight
+                continue
+            if info.dtype not in spec.dtypes:
+                problems.append(f"{info.name}: expected {' or '.join(spec.dtypes)}, found {info.dtype}")
+                continue
+            try:
+                if spec.dtypes != FP8:
+                    self._finite(info)
+                    continue
+                scale = self.info(info.name.removesuffix(".weight") + ".scale")
+                if scale is None or scale.dtype not in SCALE:
+                    continue  # missing or of another dtype: named by the caller's listing and the loop
+                grid = scale_grid(info.shape, self.block) if len(info.shape) == 2 else None
+                if scale.shape != grid:
+                    problems.append(
+                        f"{scale.name}: expected {list(grid or ())} scale blocks of {list(self.block)} over "
+                        f"{info.name} {list(info.shape)}, found {list(scale.shape)}"
+                    )
+                    continue
+                self._fp8_codes(info, self._scale(scale))
+            except CheckpointError as e:
+                problems.append(str(e))
+        return problems
+
     def check(self, prefix: str, specs: list[TensorSpec]) -> list[str]:
         """Every way the tensors under ``prefix`` differ from ``specs`` (empty: all present and right)."""
         problems = []

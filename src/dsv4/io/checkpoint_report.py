@@ -53,7 +53,8 @@ def describe_checkpoint(
     (every header is checked as ``load_layer`` checks it); when the layer's tensors are all present
     with the right dtypes and shapes, the layer is then loaded exactly as ``load_layer`` does, so the
     values are checked too (NaN/infinite values, NaN scales): ``check: ok`` is printed only for a layer
-    ``load_layer`` loads. Returns the report's lines and whether the layer loads."""
+    ``load_layer`` loads. Without a config the shapes go unchecked but the dtypes and values are checked
+    the same way. Returns the report's lines and whether the layer loads."""
     with Checkpoint(checkpoint_dir) as ckpt:
         files = sorted(set(ckpt.weight_map.values()))
         lines = [f"checkpoint {ckpt.directory}: {len(ckpt.weight_map)} tensors in {len(files)} safetensors file(s)"]
@@ -112,10 +113,16 @@ def describe_checkpoint(
         kind_problem = ckpt.kind_problem(layer, prefix)
         if kind_problem:
             return [*lines, f"check: {kind_problem}"], False
-        if cfg is None:
+        if cfg is None:  # no dims: every value still checked, as load_layer would
+            problems = ckpt.value_problems(p, specs)
             if missing:
-                return [*lines, f"check: {missing} tensor(s) missing (shapes not checked: no config)"], False
-            return [*lines, "check: shapes not checked (no config)"], True
+                problems.insert(0, f"{missing} tensor(s) missing")
+            if problems:
+                return [*lines, *(f"check: {q}" for q in problems), "(shapes not checked: no config)"], False
+            return [
+                *lines,
+                f"check: dtypes and values ok; shapes not checked (no {CONFIG_FILE}: --preset checks them)",
+            ], True
         problems = ckpt.check(p, specs)
         if problems:
             return lines + [f"check: {q}" for q in problems], False
