@@ -548,6 +548,20 @@ def test_cli_inspect_without_a_config_still_fails_a_layer_missing_tensors(tmp_pa
     assert "layers.1.attn.wq_b.weight" in out and "MISSING" in out and "tensor(s) missing" in out
 
 
+def test_cli_inspect_names_a_config_that_cannot_size_the_output_projection(tmp_path, capsys):
+    """A ``config.json`` without ``o_groups``/``o_lora_rank`` and dims of no preset: inspect names the config,
+    as ``load_layer`` does, instead of blaming the output projection's tensors for shapes of 0."""
+    raw = config_json(TINY, RATIOS) | {"sliding_window": 32}
+    del raw["o_groups"], raw["o_lora_rank"]
+    d = write_checkpoint(tmp_path, _tiny_shards(), raw)
+    with pytest.raises(CheckpointError, match="config: o_groups 0 / o_lora_rank 0 cannot size"):
+        load_layer(d, 1)
+    assert main(["inspect", str(d), "--layer", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "check: config: o_groups 0 / o_lora_rank 0 cannot size the output projection" in out
+    assert "wo_a.weight: expected" not in out and "[0, 0]" not in out
+
+
 def _nan_at(name: str, index: tuple[int, ...], byte: int | None = None):
     def edit(tensors: dict[str, torch.Tensor]) -> None:
         t = tensors[name]

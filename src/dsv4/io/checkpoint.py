@@ -427,11 +427,7 @@ class Checkpoint(ShardedCheckpoint):
         kind_problem = self.kind_problem(layer, prefix)
         if kind_problem:
             raise CheckpointError(f"{self.directory}, layer {layer}: {kind_problem}")
-        if cfg.o_groups < 1 or cfg.o_lora_rank < 1 or cfg.num_attention_heads % cfg.o_groups:
-            raise CheckpointError(
-                f"config: o_groups {cfg.o_groups} / o_lora_rank {cfg.o_lora_rank} cannot size the output projection "
-                f"of {cfg.num_attention_heads} heads (config.json's o_groups and o_lora_rank; or pass cfg=)"
-            )
+        check_o_proj_config(cfg)
         specs = layer_specs(cfg, ratio, self.block)
         problems = self.check(p, specs)
         if problems:
@@ -584,6 +580,17 @@ class Checkpoint(ShardedCheckpoint):
                 self._dequantized_rows(info, scale, r0, r1)
             )
         return q, q_scale
+
+
+def check_o_proj_config(cfg: DeepSeekV4Config) -> None:
+    """A ``CheckpointError`` unless ``cfg``'s ``o_groups`` and ``o_lora_rank`` can size a layer's output
+    projection (``o_groups`` >= 1 dividing the heads, ``o_lora_rank`` >= 1): ``layer_specs`` needs them."""
+    if cfg.o_groups < 1 or cfg.o_lora_rank < 1 or cfg.num_attention_heads % cfg.o_groups:
+        raise CheckpointError(
+            f"config: o_groups {cfg.o_groups} / o_lora_rank {cfg.o_lora_rank} cannot size the output projection "
+            f"of {cfg.num_attention_heads} heads (config.json's o_groups and o_lora_rank; or pass cfg=, "
+            "on the command line --preset)"
+        )
 
 
 def check_prefix(prefix: object) -> str:

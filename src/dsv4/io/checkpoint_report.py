@@ -14,6 +14,7 @@ from .checkpoint import (
     SCALE,
     Checkpoint,
     TensorSpec,
+    check_o_proj_config,
     format_ranges,
     layer_specs,
 )
@@ -123,6 +124,10 @@ def describe_checkpoint(
                 *lines,
                 f"check: dtypes and values ok; shapes not checked (no {CONFIG_FILE}: --preset checks them)",
             ], True
+        try:
+            check_o_proj_config(cfg)  # else the output projection's expected shapes are [0, 0]
+        except CheckpointError as e:
+            return [*lines, f"check: {e}"], False
         problems = ckpt.check(p, specs)
         if problems:
             return lines + [f"check: {q}" for q in problems], False
