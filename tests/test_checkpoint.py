@@ -191,6 +191,28 @@ def test_reads_only_the_layers_shards(tmp_path):
         load_layer(d, 3)
 
 
+def test_inspect_checks_every_shards_header(tmp_path, capsys):
+    """``dsv4 inspect`` lists every shard's layers, so it checks every header, also of shards that hold
+    none of the layer it reports on (``load_layer`` reads only the layer's own shards)."""
+    d = write_checkpoint(tmp_path, _tiny_shards(), config_json(TINY, RATIOS))
+    third = d / "model-00003-of-00003.safetensors"  # layer 3 alone
+    third.write_bytes(b"\xff" * 8 + b"not a safetensors file")
+    assert load_layer(d, 1).kind == "csa"
+    assert main(["inspect", str(d), "--layer", "1"]) == 2
+    captured = capsys.readouterr()
+    assert f"{third}: header length" in captured.err and "check: ok" not in captured.out
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    index["weight_map"]["layers.3.attn.attn_sink"] = "model-00001-of-00003.safetensors"  # not there
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    third.unlink()
+    write_checkpoint(tmp_path / "again", _tiny_shards(), None)
+    (tmp_path / "again" / third.name).rename(third)
+    assert main(["inspect", str(d), "--layer", "1"]) == 2
+    assert "maps layers.3.attn.attn_sink to model-00001-of-00003.safetensors, which does not hold it" in (
+        capsys.readouterr().err
+    )
+
+
 def test_falls_back_to_raw_bytes_when_safetensors_cannot_open(tiny_dir, monkeypatch):
     """An older safetensors that does not know F8_E8M0 refuses the whole file; the bytes still decode."""
     want = load_layer(tiny_dir, 1)

@@ -57,6 +57,7 @@ def describe_checkpoint(
     ``load_layer`` loads. Without a config the shapes go unchecked but the dtypes and values are checked
     the same way. Returns the report's lines and whether the layer loads."""
     with Checkpoint(checkpoint_dir) as ckpt:
+        ckpt.check_headers()  # the listing below is of every shard: each header is checked first
         files = sorted(set(ckpt.weight_map.values()))
         lines = [f"checkpoint {ckpt.directory}: {len(ckpt.weight_map)} tensors in {len(files)} safetensors file(s)"]
         if cfg is None and ckpt.config_json is not None:

@@ -237,6 +237,12 @@ class ShardedCheckpoint:
             raise CheckpointError(f"{INDEX_FILE} maps {name} to {shard}, which does not hold it")
         return found
 
+    def check_headers(self) -> None:
+        """Every shard's header read and checked (``read_header``), and every tensor the index lists found
+        in its shard: what ``info`` checks on first use, for all of them (headers only, no tensor data)."""
+        for name in self.weight_map:
+            self.info(name)
+
     def _handle(self, path: Path) -> Any | None:
         """An open ``safe_open`` of ``path``, or None when this ``safetensors`` refuses a file that holds
         a dtype older releases do not know (``NEWER_DTYPES``; the reason is kept in ``raw_reasons``).
