@@ -13,6 +13,8 @@ shares to bf16.
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -266,6 +268,22 @@ def test_a_rank_loads_its_share_of_a_checkpoint(raw_bytes: bool, checkpoint: Pat
                 ckpt.load_layer(1, rank=rank, world=2)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="^world: .*G=2"):
             ckpt.load_layer(1, rank=0, world=4)
+
+
+@pytest.mark.parametrize("block", [[128, 256], [256, 128], [256, 256]])
+def test_a_world_that_splits_a_scale_block_is_refused_for_every_rank(
+    block: list[int], checkpoint: Path, tmp_path: Path
+) -> None:
+    """Scale blocks of ``block`` and 2 ranks of 128 output-projection rows (``wo_a``) and columns (``wo_b``)
+    each: a block would be split between the ranks, so every rank is refused naming ``world`` (rank 0's
+    rows start at 0, a block's start, but rank 1's do not), before any tensor is read."""
+    shutil.copytree(checkpoint, tmp_path / "ckpt")
+    raw = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    raw["quantization_config"]["weight_block_size"] = block
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(raw))
+    for rank in range(2):
+        with pytest.raises(ValueError, match=rf"^world: 2 ranks would split {block[0]}x{block[1]} scale blocks"):
+            dsv4.load_layer(tmp_path / "ckpt", 1, rank=rank, world=2)
 
 
 def test_dsv4_run_of_a_ranks_checkpoint_share(checkpoint: Path, capsys: pytest.CaptureFixture) -> None:

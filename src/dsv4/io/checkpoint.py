@@ -417,6 +417,16 @@ class Checkpoint(ShardedCheckpoint):
         share = cfg.rank(world)  # a world that would split a head or a group: a ValueError naming it
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
             raise CheckpointError(f"rank: expected an int in [0, {world}) (world={world}), got {rank!r}")
+        # every rank's rows of wq_b (its heads) and of wo_a / columns of wo_b (its groups) must start a scale
+        # block, whichever rank is asked for: the step between ranks must be whole blocks
+        q_step, o_step = share.num_attention_heads * cfg.head_dim, share.o_groups * cfg.o_lora_rank
+        bm, bn = self.block
+        if world > 1 and (q_step % bm or o_step % bm or o_step % bn):
+            raise CheckpointError(
+                f"world: {world} ranks would split {bm}x{bn} scale blocks: each rank's {q_step} rows of attn.wq_b "
+                f"must be whole blocks of {bm} rows, its {o_step} rows of attn.wo_a (columns of attn.wo_b) whole "
+                f"blocks of {bm} rows ({bn} columns)"
+            )
         p = prefix.format(layer=layer)
         if not any(name.startswith(p) for name in self.weight_map):
             found = self.layers(prefix)
@@ -449,12 +459,6 @@ class Checkpoint(ShardedCheckpoint):
         heads, groups = share.num_attention_heads, share.o_groups * cfg.o_lora_rank
         q_rows = (rank * heads * cfg.head_dim, (rank + 1) * heads * cfg.head_dim)
         o_rows = (rank * groups, (rank + 1) * groups)
-        bm, bn = self.block
-        if q_rows[0] % bm or o_rows[0] % bm or o_rows[0] % bn:
-            raise CheckpointError(
-                f"world: a rank's rows of attn.wq_b (from {q_rows[0]}) and attn.wo_a (from {o_rows[0]}) must start "
-                f"whole {bm}x{bn} scale blocks"
-            )
         wq_b, wq_b_scale = self._requantized_int8(*weight("attn.wq_b"), rows=q_rows)
         plain = {name: self._finite(info) for name, info in infos.items() if info.dtype not in FP8 + SCALE}
         attn = AttnWeights(
