@@ -181,6 +181,22 @@ def test_device_and_bytes(tiny_dir):
     assert layer.nbytes() == expected
 
 
+@pytest.mark.parametrize(
+    "device", ["bogus", "meta", f"cuda:{torch.cuda.device_count()}", 3.5, torch.int8, False, 0], ids=repr
+)
+def test_a_device_that_is_not_one_is_refused_by_name(device, tiny_dir, monkeypatch):
+    """``device`` is parsed before anything is read: a dtype, a number or a bool is not a device (``.to`` would
+    take a dtype and change the weights' types), nor is a device type other than cpu/cuda, nor a CUDA
+    device this machine does not have."""
+    reads = []
+    monkeypatch.setattr(Checkpoint, "rows", lambda self, *a, **k: reads.append(a))
+    with pytest.raises(ValueError, match="^device: "):
+        load_layer(tiny_dir, 1, device=device)
+    assert not reads
+    monkeypatch.undo()
+    assert load_layer(tiny_dir, 1, device=torch.device("cpu")).attn.wq_b.dtype == torch.int8
+
+
 def test_reads_only_the_layers_shards(tmp_path):
     """Layer 1 lives in shards 1 and 2; deleting shard 3 (layer 3) does not matter to it."""
     d = write_checkpoint(tmp_path, _tiny_shards(), config_json(TINY, RATIOS))

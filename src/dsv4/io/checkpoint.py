@@ -413,6 +413,7 @@ class Checkpoint(ShardedCheckpoint):
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
             raise CheckpointError(f"layer: expected a non-negative int, got {layer!r}")
         check_prefix(prefix)
+        device = check_device(device)
         given, cfg = cfg is not None, self._file_config() if cfg is None else cfg  # the dims; the ratio: below
         share = cfg.rank(world)  # a world that would split a head or a group: a ValueError naming it
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
@@ -597,6 +598,27 @@ def check_o_proj_config(cfg: DeepSeekV4Config) -> None:
         )
 
 
+def check_device(device: object) -> torch.device | None:
+    """``device`` (None, or ``"cpu"``/``"cuda[:N]"`` as a string or ``torch.device``) parsed, a CUDA device
+    only where it exists; else a ``ValueError`` naming ``device``, before anything is read."""
+    if device is None:
+        return None
+    want = "None or a torch device (cpu, cuda[:N]) as a string or torch.device"
+    if not isinstance(device, str | torch.device):
+        raise ValueError(f"device: expected {want}, got {type(device).__name__} {device!r:.60}")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"device: expected {want}, got {device!r:.60} ({e})") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected {want}, got {device!r:.60}")
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (parsed.index or 0) >= count:
+            raise ValueError(f"device: {device!r:.60}, but there are {count} CUDA device(s)")
+    return parsed
+
+
 def check_prefix(prefix: object) -> str:
     """``prefix``, a tensor-name template with exactly one ``{layer}`` field and no other."""
     if not isinstance(prefix, str):
@@ -650,6 +672,9 @@ def load_layer(
     ``wq_b`` (and their INT8 scales) and of ``wo_a``, which are all it reads of those two, the same
     columns of ``wo_b``, the scale blocks of each, and its entries of ``attn_sink``; everything else
     whole. Its config is ``cfg.rank(world)``.
+
+    ``device``: None, ``"cpu"`` or ``"cuda[:N]"`` (a string or ``torch.device``); anything else, or a
+    CUDA device that does not exist, is a ``ValueError`` naming ``device`` before anything is read.
 
     Raises ``CheckpointError`` (a ``ValueError``), before anything is built, naming each missing or
     mismatched tensor with the expected and found dtype/shape (expected from the layer's kind), the
