@@ -395,6 +395,15 @@ def config_corruptions() -> list[Corruption]:
         ("compress_ratios-a-dict", _field("compress_ratios", {"1": 4}), ("compress_ratios",)),
     ]
     out = [Corruption(i, "config.json", _config_edit(edit), words) for i, edit, words in cases]
+    out.append(
+        Corruption(
+            "config-duplicate-key", "config.json",
+            lambda d: (d / "config.json").write_text(
+                (d / "config.json").read_text().replace('"rope_theta":', '"rope_theta": 50000,\n  "rope_theta":', 1)
+            ),
+            ("not valid JSON", "'rope_theta' appears twice"),
+        )
+    )  # fmt: skip
     out.append(Corruption("config-not-json", "config.json", _config_edit(lambda r: r, raw="{"), ("not valid JSON",)))
     out.append(
         Corruption(

@@ -526,6 +526,13 @@ def test_missing_files_and_layers(tiny_dir, tmp_path):
     assert load_layer(tmp_path, 1, TINY).attn.wq_a.shape == (128, 256)
 
 
+def test_cli_run_of_a_checkpoint_without_a_config_asks_for_a_preset(tmp_path, capsys):
+    save_file(layer_tensors(TINY, 1, 4), str(tmp_path / "model.safetensors"))  # no config.json
+    assert main(["run", "--checkpoint", str(tmp_path), "--layer", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "has no config.json; give the model's dimensions with --preset NAME" in err and "cfg=" not in err
+
+
 # --- command line --------------------------------------------------------------------------------
 
 

@@ -111,6 +111,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             )
         t0 = time.perf_counter()
         with Checkpoint(args.checkpoint) as ckpt:
+            if cfg is None and ckpt.config_json is None:
+                raise ValueError(
+                    f"--checkpoint: {args.checkpoint} has no config.json; "
+                    "give the model's dimensions with --preset NAME"
+                )
             cfg = cfg or ckpt.config()
             weights = ckpt.load_layer(args.layer, cfg, device=args.device, rank=args.rank, world=args.world)
         cfg = cfg.rank(args.world)

@@ -23,7 +23,7 @@ from ..model.quant import quantize_weight_int8
 from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights, LayerWeights, OProjWeights
 from ..ops.validate import INDEX_LIMIT, MAX_TOPK
 from .fp8 import dequantize_rows_, scale_grid
-from .json_files import JSONFileError, read_json
+from .json_files import JSONFileError, read_json, unique_keys
 from .safetensors_files import CheckpointError, ShardedCheckpoint, TensorInfo
 
 CONFIG_FILE = "config.json"
@@ -160,7 +160,9 @@ def config_from_json(raw: dict[str, Any], source: str = CONFIG_FILE) -> DeepSeek
     if window is None:
         missing.append("sliding_window")
     if missing:
-        raise CheckpointError(f"{source}: missing field(s) {', '.join(missing)}; pass cfg= to load_layer instead")
+        raise CheckpointError(
+            f"{source}: missing field(s) {', '.join(missing)}; pass cfg= to load_layer (dsv4: --preset) instead"
+        )
     fields: dict[str, Any] = {k: _field(source, k, raw[k], "int") for k in _INT_FIELDS}
     yarn = raw.get("rope_scaling") or {}
     if not isinstance(yarn, dict):
@@ -259,7 +261,7 @@ class Checkpoint(ShardedCheckpoint):
         super().__init__(directory, raw_bytes)
         path = self.directory / CONFIG_FILE
         try:
-            self.config_json: dict[str, Any] | None = read_json(path) if path.is_file() else None
+            self.config_json: dict[str, Any] | None = read_json(path, unique_keys) if path.is_file() else None
         except JSONFileError as e:
             raise CheckpointError(str(e)) from None
         if self.config_json is not None and not isinstance(self.config_json, dict):
