@@ -422,21 +422,37 @@ def _paging(
     return [(sorted(p.free), [dict(d) for d in p.slots], list(p.runs), list(m.paging.quiet)) for p in m.paging.pools]
 
 
+def _rings(m: dsv4.DecodeAttention) -> dict[str, torch.Tensor]:
+    """The layer's compressor rings (the main compressor's, the indexer's), copied."""
+    return {n: t.clone() for n, t in m.named_buffers() if n.endswith(("kv_state", "score_state"))}
+
+
+@pytest.mark.parametrize(
+    ("kind", "pre", "s"),
+    [("csa", 64, 4), ("csa", 6, 3), ("hca", 12, 6), ("csa", 69, 4)],
+    ids=["csa-exact-rerun", "csa-ring-wraps", "hca-ring-wraps", "csa-block-crossed"],
+)
 @pytest.mark.parametrize("captured", [False, True], ids=["eager", "captured"])
-def test_a_step_that_raises_in_an_op_gives_its_blocks_back(captured: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An op raising mid-step (out of memory, a compile error) after the step was given its blocks: the
-    blocks go back to the pools and out of the device tables, and the slots stay where they stood. The
-    ops before it wrote the rings, as a re-run does; here the step run again is an exact re-run (spec A3:
-    64 + 4 <= 4 * 16 + 4), so it gives what it gives on a module that never failed."""
-    m, fresh = module("csa", batch=2), module("csa", batch=2)
-    m(x_of(2, 64, 7)), fresh(x_of(2, 64, 7))
-    paging, tables = _paging(m), [t.clone() for t in m._tables()]
+def test_a_step_that_raises_in_an_op_gives_its_blocks_back(
+    captured: bool, kind: str, pre: int, s: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An op raising mid-step (out of memory, a compile error) after the step was given its blocks and the
+    compressors wrote their rings: the blocks go back to the pools and out of the device tables, the slots
+    stay where they stood, and the ring rows a step from the same start reads are as before the step. The
+    step run again, and the next one, give what they give on a module that never failed. From 64 with 4
+    tokens the step is an exact re-run of itself (spec A3: 64 + 4 <= 4 * 16 + 4); from 6 with 3 (CSA:
+    position 8 overwrites ring slot 0, which the step from 6 reads), 12 with 6 (HCA, ratio 16) and 69 with
+    4 (crossing a CSA block) it is not, and without the rings put back the run again gave other numbers
+    (0.37 off ``y`` from 6)."""
+    m, fresh = module(kind, batch=2), module(kind, batch=2)
+    m(x_of(2, pre, 7)), fresh(x_of(2, pre, 7))
+    paging, tables, rings = _paging(m), [t.clone() for t in m._tables()], _rings(m)
 
     def out_of_memory(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("out of memory")
 
     if captured:  # the step's last launch (o_proj's) raises
-        run: Any = m.capture(4)
+        run: Any = m.capture(s)
         last = run.launches[-1]
         run.launches[-1] = (out_of_memory, (), {})
     else:
@@ -444,17 +460,20 @@ def test_a_step_that_raises_in_an_op_gives_its_blocks_back(captured: bool, monke
         monkeypatch.setattr(
             m, "_launch", lambda op, *a, **k: (out_of_memory if op == "o_proj" else launch)(op, *a, **k)
         )
-    x = x_of(2, 4, 8)  # positions 64..67: a window block, and the compressed and indexer pools' second (row 16)
+    x = x_of(2, s, 8)  # from 64: a window block, and the compressed and indexer pools' second (row 16)
     with pytest.raises(RuntimeError, match="out of memory"):
         run(x)
-    assert m.next_pos == [64, 64] and _paging(m) == paging
+    assert m.next_pos == [pre, pre] and _paging(m) == paging
     assert all(torch.equal(t, before) for t, before in zip(m._tables(), tables, strict=True))
+    if pre != 64:  # the rings as before the step (from 64 it rewrites what it wrote before reading it)
+        assert all(torch.equal(t, rings[n]) for n, t in _rings(m).items())
     if captured:
         run.launches[-1] = last
     else:
         monkeypatch.setattr(m, "_launch", launch)
     assert bit_identical(run(x), fresh(x), "y")
     assert _paging(m) == _paging(fresh)
+    assert bit_identical(m(x_of(2, 2, 9)), fresh(x_of(2, 2, 9)), "y")
 
 
 def test_module_moves_with_to_and_names_its_buffers() -> None:

@@ -274,6 +274,43 @@ def test_rollback_keeps_the_allocator_consistent() -> None:
     assert m.free_blocks == list(range(m.keys.shape[0])) and (m.block_table == -1).all()
 
 
+@pytest.mark.parametrize(("pre", "s"), [(6, 3), (67, 2)])
+def test_a_step_that_raises_after_the_indexer_ran_changes_what_a_retry_reads_not(
+    pre: int, s: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An op raising after the indexer's compressor wrote its ring (out of memory in the scoring stage):
+    the blocks go back, the slot stays where it stood and the ring is as before, so the step run again,
+    and the next one, equal a module's that never failed. From 6 with 3 tokens position 8 overwrites ring
+    slot 0, which the step from 6 reads; from 67 with 2, 67 and 68 cross a block (before, the run again
+    gave other keys and scores)."""
+    m, fresh = tiny_frontend("reference", 1, 128), tiny_frontend("reference", 1, 128)
+    prompt = dsv4.synthetic_activations((1, pre, CFG.hidden_size), seed=1, device=DEVICE)
+    m(prompt), fresh(prompt)
+    before = (list(m.next_pos), [list(b) for b in m.slot_blocks], list(m.free_blocks), m.block_table.clone())
+    rings = (m.kv_state.clone(), m.score_state.clone())
+    launch = m._launch
+
+    def fails_after_indexer(op: str, *args: Any, **kwargs: Any) -> Any:
+        out = launch(op, *args, **kwargs)
+        if op == "indexer":
+            raise RuntimeError("out of memory")
+        return out
+
+    monkeypatch.setattr(m, "_launch", fails_after_indexer)
+    x = dsv4.synthetic_activations((1, s, CFG.hidden_size), seed=2, device=DEVICE)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        m(x)
+    assert (list(m.next_pos), m.slot_blocks, m.free_blocks) == before[:3] and torch.equal(m.block_table, before[3])
+    assert torch.equal(m.kv_state, rings[0]) and torch.equal(m.score_state, rings[1])
+    monkeypatch.setattr(m, "_launch", launch)
+    for step in (x, dsv4.synthetic_activations((1, 2, CFG.hidden_size), seed=3, device=DEVICE)):
+        got, want = m(step), fresh(step)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+        assert torch.equal(last_score(m), last_score(fresh))
+        states = zip(m.state.tensors().values(), fresh.state.tensors().values(), strict=True)
+        assert all(torch.equal(a, b) for a, b in states)
+
+
 def test_a_step_past_the_free_blocks_is_refused_and_a_reset_makes_room() -> None:
     """Three pool blocks for two slots: a step that would need two more than the one free is refused
     with the count, changing nothing; after one slot is reset, the other's step gets its block."""

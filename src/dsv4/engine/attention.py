@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..model.attention_state import CompressorState, KVPool, rerun_exact
+from ..model.attention_state import CompressorState, KVPool, RingRows, rerun_exact, restore_rings, save_rings
 from ..model.config import COMPRESS_RATIO, DeepSeekV4Config
 from ..model.rope import RopeTable
 from ..model.state import DEFAULT_BLOCK_SIZE, UNALLOCATED, IndexerState
@@ -51,8 +51,11 @@ class DecodeAttention(CheckedBuffers):
     blocks as its sequence grows and gives back those whose positions no later token sees (all
     ``<= start - W`` of the step just run), and gets compressed and indexer blocks as rows close
     (kept until ``reset``). A call that needs more blocks than are free raises before anything
-    runs. A step whose op raises all the same (out of memory) gives its blocks back and leaves the
-    slots where they stood. A call longer than ``prefill_chunk`` tokens runs as steps of that many.
+    runs. A step whose op raises all the same (out of memory) gives its blocks back, leaves the slots
+    where they stood and puts back the compressor ring rows it overwrote that a step from the same
+    starts reads (pool rows past where a slot stands may hold its writes: a step writes them again
+    before it reads them), so the step run again equals a fresh run. A call longer than
+    ``prefill_chunk`` tokens runs as steps of that many.
 
     Every op's checks (spec §7) run when the module is built, on its weights, pools and rings, and
     again on the first call after its buffers change (``.to()``, a cast, a buffer replaced); a call
@@ -368,9 +371,20 @@ class DecodeAttention(CheckedBuffers):
             self.paging.flush(self._tables())
         return plan
 
-    def abort_step(self) -> None:
-        """Host side of a step that raised after ``begin_step``: the blocks it was given go back to their
+    def save_rings(self, starts: list[int], s: int) -> RingRows:
+        """Before a step of ``s`` tokens from ``starts``: the ring rows (the compressor's, the indexer's)
+        it overwrites that a step from the same starts reads again, copied for ``abort_step``
+        (``save_rings`` of ``model.attention_state``: none for a step of one token)."""
+        rings = [(self.ratio, (self.cmp_kv_state, self.cmp_score_state))] if self.ratio else []
+        if self.kind == "csa":
+            rings.append((COMPRESS_RATIO, (self.idx_kv_state, self.idx_score_state)))
+        return save_rings(rings, starts, s)
+
+    def abort_step(self, saved: RingRows) -> None:
+        """Host side of a step that raised after ``begin_step``: the ring rows ``saved`` go back (so a
+        step from the same starts reads what it read before), the blocks it was given go back to their
         pools and out of the tables; the slots stay where they stood."""
+        restore_rings(saved)
         self.paging.abort()
         self.paging.flush(self._tables())
 
@@ -384,11 +398,12 @@ class DecodeAttention(CheckedBuffers):
 
     def _step(self, xn: torch.Tensor, starts: list[int]) -> torch.Tensor:
         b, s, d = xn.shape
+        saved = self.save_rings(starts, s)
         plan = self.begin_step(starts, s)
         try:
             y = self._ops(xn, starts)
         except BaseException:
-            self.abort_step()
+            self.abort_step(saved)
             raise
         self.end_step(plan, starts, s)
         return y.view(b, s, d)

@@ -199,6 +199,8 @@ class AttentionGraph:
             self.start.copy_(staged(starts, self.start.device), non_blocking=True)
             if xn is not self.xn:  # a caller may write its activations into the graph's input itself
                 self.xn.copy_(xn)
+            # a replay is one launch, which runs whole or not at all: only the eager launches may stop partway
+            saved = layer.save_rings(starts, self.seq) if self.graph is None else []
             plan = layer.begin_step(starts, self.seq)
             try:
                 if self.graph is not None:
@@ -207,7 +209,7 @@ class AttentionGraph:
                 else:
                     self.launch()
             except BaseException:
-                layer.abort_step()
+                layer.abort_step(saved)
                 raise
             layer.end_step(plan, starts, self.seq)
         return self.y.y.view(self.batch, self.seq, -1)

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..model.attention_state import rerun_exact
+from ..model.attention_state import rerun_exact, restore_rings, save_rings
 from ..model.config import COMPRESS_RATIO
 from ..model.rope import RopeTable
 from ..model.state import DEFAULT_BLOCK_SIZE, UNALLOCATED, IndexerState
@@ -48,7 +48,11 @@ class DecodeFrontEnd(CheckedBuffers):
     The key pool is paged: a slot is given pool blocks (``block_size`` compressed rows each) as its
     sequence grows, and gives them back on ``reset``; a step that needs more blocks than are free
     raises before anything runs. The allocator lives on the host, so it never waits on the device.
-    A call that raises changes nothing: positions, state, block table and free list stay as they were.
+    A call that raises changes nothing a later call sees: positions, block table and free list stay as
+    they were, and so do the ring rows a step from the same positions reads (an op that fails partway,
+    out of memory, after the indexer's compressor wrote its ring: the rows it overwrote are put back);
+    key rows past where a slot stands may hold the failed step's writes, which a step writes again
+    before it reads them, so the step run again equals a fresh run.
 
     A step may start a slot again at an earlier position ``r`` (speculative decoding: rejected draft
     tokens) when that re-run equals a fresh run (spec §4, ``rollback_exact``); a deeper rollback is
@@ -257,13 +261,17 @@ class DecodeFrontEnd(CheckedBuffers):
         self.free_blocks = sorted(self.free_blocks + [block for _, block in given])
 
     @contextmanager
-    def reserved(self, start: list[int], s: int) -> Iterator[None]:
+    def reserved(self, start: list[int], s: int, rings: bool = True) -> Iterator[None]:
         """``reserve`` for a step, released again if the step raises: a refused call leaves the allocator
-        as it was."""
+        as it was. With ``rings``, the ring rows the step overwrites that a step from the same starts
+        reads again (``model.attention_state.save_rings``: none for a step of one token) are copied
+        first and put back if the step raises, so the step run again equals a fresh run."""
+        saved = save_rings([(COMPRESS_RATIO, (self.kv_state, self.score_state))], start, s) if rings else []
         given = self.reserve(start, s)
         try:
             yield
         except BaseException:
+            restore_rings(saved)
             self.release(given)
             raise
 
@@ -297,8 +305,9 @@ class DecodeFrontEnd(CheckedBuffers):
             ``q [B, S, H, HD] bf16``, ``kv [B, S, HD] bf16``, ``topk_idxs [B, S, topk] int32``.
             ``last_score`` keeps this step's ``[B, S, max cache_len]`` scores.
 
-        A call that raises changes nothing (``x`` and ``start_pos`` are checked before any block is
-        reserved, and blocks reserved for a step that then raises are given back).
+        A call that raises changes nothing a later call sees (``x`` and ``start_pos`` are checked before
+        any block is reserved; a step that then raises gives its blocks back and puts back the ring rows
+        it overwrote that a step from the same starts reads).
         """
         refuse_capture(self.attn_wq_a.device, "DecodeFrontEnd", "DecodeFrontEnd.capture(seq)")
         self.recheck()
@@ -374,7 +383,8 @@ class CapturedDecodeStep:
         fe.check_captured(self.generation, "frontend")
         start = fe.check_starts(step.batch, step.seq, start_pos)
         step.check_inputs(x, start)  # before any block is reserved: a refused call changes nothing
-        with fe.captured_writing(step.x), fe.reserved(start, step.seq):
+        # a replay is one launch, which runs whole or not at all: no ring rows to save for it
+        with fe.captured_writing(step.x), fe.reserved(start, step.seq, rings=False):
             results = self.graph.replay(x, start)
         fe.advance(start, step.seq)
         fe.last_score = step.out.score

@@ -14,7 +14,7 @@ overwrites its slot.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import Field, dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
@@ -179,6 +179,32 @@ def rerun_exact(r: int, current: int, ratio: int) -> bool:
     slot the re-run reads (``r + k <= max(COFF*RC, RC*(r // RC) + RC)``; spec §4, attention spec A3)."""
     _, slots = compressor_dims(ratio, 1)
     return current <= max(slots, ratio * (r // ratio + 1))
+
+
+RingRows = list[tuple[torch.Tensor, torch.Tensor]]  # (the ring rows of a step's slots, a copy of them)
+
+
+def save_rings(rings: Sequence[tuple[int, Sequence[torch.Tensor]]], starts: Sequence[int], s: int) -> RingRows:
+    """Before a step of ``s`` tokens from ``starts`` (slots ``0..len(starts)-1``) on the rings of the
+    compressors ``rings`` (``(ratio, [kv_state, score_state])`` each): a copy of the slots' ring rows of
+    each compressor whose step overwrites ring slots a step from the same starts reads again (``rerun_exact
+    (start, start + s, ratio)`` false for a slot), for ``restore_rings`` should the step raise partway.
+    Empty where every slot's step is an exact re-run of itself (every step of one token): a step from the
+    same starts then overwrites whatever the failed one wrote before reading it, as a re-run does."""
+    saved: RingRows = []
+    b = len(starts)
+    for ratio, tensors in rings:
+        slots = compressor_dims(ratio, 1)[1]
+        last = ratio - s  # p + s > ratio * (p // ratio + 1) where p % ratio > ratio - s
+        if s > 1 and any(p % ratio > last and p + s > slots for p in starts):
+            saved += [(t[:b], t[:b].clone()) for t in tensors]
+    return saved
+
+
+def restore_rings(saved: RingRows) -> None:
+    """Put back the ring rows ``save_rings`` copied (after a step that raised)."""
+    for rows, copy in saved:
+        rows.copy_(copy)
 
 
 @dataclass
