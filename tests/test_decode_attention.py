@@ -160,6 +160,43 @@ def test_chunked_prefill_is_within_the_rule_of_one_long_step(kind: str) -> None:
     assert ratio_allclose(chunked(x), one(x), Y.atol, Y.rtol, Y.max_error_ratio)
 
 
+@pytest.mark.parametrize("failing", [1, 2])
+def test_a_chunked_call_whose_later_step_raises_says_how_far_it_got(
+    failing: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 40-token call in steps of 16 whose ``failing``-th step raises (out of memory in ``o_proj``): the
+    steps before it stay, and the call raises ``PartialCallError`` with how many tokens ran and where the
+    slots stand (before, it raised the step's error alone, and the same call run again appended the first
+    16 tokens twice); going on with the rest gives what a call that never failed gives. A failure in the
+    first step raises the step's own error and changes nothing."""
+    m, fresh = module("csa", batch=2, prefill_chunk=16), module("csa", batch=2, prefill_chunk=16)
+    launch, calls = m._launch, []
+
+    def flaky(op: str, *args: Any, **kwargs: Any) -> Any:
+        if op == "o_proj":
+            calls.append(op)
+            if len(calls) == failing:
+                raise RuntimeError("out of memory")
+        return launch(op, *args, **kwargs)
+
+    monkeypatch.setattr(m, "_launch", flaky)
+    x = x_of(2, 40, 11)
+    ran = 16 * (failing - 1)
+    if failing == 1:
+        with pytest.raises(RuntimeError, match="out of memory") as info:
+            m(x)
+        assert not isinstance(info.value, dsv4.PartialCallError)
+    else:
+        with pytest.raises(dsv4.PartialCallError, match=r"first 16 tokens ran .* now stand at \[16, 16\]") as info:
+            m(x)
+        assert isinstance(info.value.__cause__, RuntimeError) and "out of memory" in str(info.value.__cause__)
+        assert (info.value.ran, info.value.next_pos) == (ran, [ran, ran])
+    assert m.next_pos == [ran, ran]
+    want = fresh(x)
+    assert bit_identical(m(x[:, ran:].contiguous()), want[:, ran:], "y")
+    assert m.next_pos == fresh.next_pos == [40, 40] and _paging(m) == _paging(fresh)
+
+
 def test_window_blocks_are_recycled_so_a_small_pool_serves_long_sequences() -> None:
     """Two slots, 3 window blocks each (``ceil((W + S - 2) / bs) + 1`` for S=2 decode is 2), over 120
     positions: the window pool never runs out; the compressed pool grows with the sequence."""

@@ -1,7 +1,7 @@
 """dsv4: fused kernels for the DeepSeek-V4 attention front end, with a spec-exact reference."""
 
 from . import library  # registers torch.ops.dsv4.*
-from .engine.attention import DecodeAttention
+from .engine.attention import DecodeAttention, PartialCallError
 from .engine.frontend import DecodeFrontEnd
 from .harness import golden
 from .io import golden_io
@@ -56,6 +56,7 @@ __all__ = [
     "LayerWeights",
     "OProjOut",
     "OProjWeights",
+    "PartialCallError",
     "RopeTable",
     "available_backends",
     "checkpoint_config",

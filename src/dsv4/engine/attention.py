@@ -35,6 +35,24 @@ DEFAULT_PREFILL_CHUNK = 128  # tokens per step when a call brings more (one seed
 OPS = ("qkv_proj_rope", "kv_compressor", "indexer", "sparse_attn_write", "o_proj")
 
 
+class PartialCallError(RuntimeError):
+    """A ``DecodeAttention`` call of several steps (longer than ``prefill_chunk``) whose step after the
+    first raised (out of memory): the steps before it ran and stay, so the call's first ``ran`` tokens
+    are in every slot's sequence (``next_pos``: where slots ``0..B-1`` stand now); the step that raised
+    changed nothing a later call sees. The error it raised is ``__cause__``. Go on with ``xn[:, ran:]``
+    (or ``reset`` the slots); the same call again would append its first ``ran`` tokens twice. The
+    state before the call cannot come back: the steps that ran gave back window blocks whose rows the
+    later steps may have overwritten."""
+
+    def __init__(self, ran: int, next_pos: list[int], cause: Exception) -> None:
+        self.ran, self.next_pos = ran, next_pos
+        super().__init__(
+            f"DecodeAttention: the call's step from token {ran} raised ({type(cause).__name__}: {cause}); its first "
+            f"{ran} tokens ran and stay, slots 0..{len(next_pos) - 1} now stand at {next_pos}: go on with "
+            f"xn[:, {ran}:] or reset the slots (the same call again would append those tokens twice)"
+        )
+
+
 class DecodeAttention(CheckedBuffers):
     """One attention layer of any kind (SWA, CSA, HCA) for ``batch`` sequence slots, step after step.
 
@@ -55,7 +73,8 @@ class DecodeAttention(CheckedBuffers):
     where they stood and puts back the compressor ring rows it overwrote that a step from the same
     starts reads (pool rows past where a slot stands may hold its writes: a step writes them again
     before it reads them), so the step run again equals a fresh run. A call longer than
-    ``prefill_chunk`` tokens runs as steps of that many.
+    ``prefill_chunk`` tokens runs as steps of that many; where one after the first raises, the
+    steps before it stay and the call raises ``PartialCallError``, which says how far they got.
 
     Every op's checks (spec §7) run when the module is built, on its weights, pools and rings, and
     again on the first call after its buffers change (``.to()``, a cast, a buffer replaced); a call
@@ -331,7 +350,9 @@ class DecodeAttention(CheckedBuffers):
     def forward(self, xn: torch.Tensor, start_pos: int | list[int] | torch.Tensor | None = None) -> torch.Tensor:
         """One call of ``S`` tokens for slots ``0..B-1``: ``xn [B, S, D] bf16`` (after ``attn_norm``) ->
         ``y [B, S, D] bf16`` (to ``hc_post``). ``start_pos``: by default where each slot stands; an
-        earlier position re-runs (see the class). Split into steps of at most ``prefill_chunk`` tokens."""
+        earlier position re-runs (see the class). Split into steps of at most ``prefill_chunk`` tokens:
+        where a step after the first raises, the steps before it stay and ``PartialCallError`` (the step's
+        error its cause) says how many tokens ran."""
         refuse_capture(self.attn_wq_a.device, "DecodeAttention", "DecodeAttention.capture(seq)")
         self.recheck()
         if not isinstance(xn, torch.Tensor) or xn.dim() != 3:
@@ -347,8 +368,16 @@ class DecodeAttention(CheckedBuffers):
             raise ValueError(f"xn: expected device {self.attn_wq_a.device}, got {xn.device}")
         starts = self.step_starts(b, s, start_pos, self.prefill_chunk)
         chunks = [(c, min(self.prefill_chunk, s - c)) for c in range(0, s, self.prefill_chunk)]
+        ys: list[torch.Tensor] = []
         with self.writing():
-            return torch.cat([self._step(xn[:, c : c + n], [p + c for p in starts]) for c, n in chunks], dim=1)
+            for c, n in chunks:
+                try:
+                    ys.append(self._step(xn[:, c : c + n], [p + c for p in starts]))
+                except Exception as e:
+                    if not ys:  # the first step: the call changed nothing a later call sees
+                        raise
+                    raise PartialCallError(c, self.next_pos[:b], e) from e
+        return torch.cat(ys, dim=1)
 
     def step_starts(self, b: int, s: int, start_pos: int | list[int] | torch.Tensor | None, chunk: int) -> list[int]:
         """The host start positions of a call of ``s`` tokens for slots ``0..b-1`` run in steps of at
