@@ -543,6 +543,37 @@ def test_a_cast_after_build_is_refused_before_anything_changes(backend: str) -> 
     assert all(not slot for pool in m.paging.pools for slot in pool.slots)
 
 
+@pytest.mark.parametrize(
+    ("kind", "replace", "words"),
+    [
+        ("swa", {"rope_cos": 32, "rope_sin": 32}, "rope_cos: the RoPE table has 32 positions, max_position is 64"),
+        ("csa", {"rope_cos": 32, "rope_sin": 32}, "rope_cos: the RoPE table has 32 positions, max_position is 64"),
+        ("swa", {"win_nope": 2, "win_rope": 2, "win_scale": 2}, r"win_nope: expected shape \[8, 16, 64\]"),
+        ("hca", {"cmp_nope": 1, "cmp_rope": 1, "cmp_scale": 1}, r"cmp_nope: expected shape \[2, 16, 64\]"),
+        ("swa", {"win_block_table": 1}, r"win_block_table: expected shape \[2, 4\]"),
+        ("csa", {"idx_kv_state": 1}, r"idx_kv_state: expected shape \[2, 8, 256\]"),
+    ],
+    ids=["swa-rope", "csa-rope", "window-pool", "compressed-pool", "block-table", "indexer-ring"],
+)
+def test_a_replaced_buffer_the_host_bookkeeping_no_longer_fits_is_refused(
+    kind: str, replace: dict[str, int], words: str
+) -> None:
+    """The ops' checks judge a one-token step at position 0, not what the host sized at build: a RoPE
+    table shorter than ``max_position`` (before, a step past its end was accepted, and on Triton read past
+    it), pools of fewer blocks than the allocator hands out (before, the kernels wrote past the pool), a
+    block table or a ring of other rows. Each is refused on the next call, naming it, before anything
+    changes."""
+    m = module(kind, batch=2, max_position=64)
+    m(x_of(2, 40, 1))
+    for name, rows in replace.items():
+        setattr(m, name, getattr(m, name)[:rows].clone())
+    paging, tables = _paging(m), [t.clone() for t in m._tables()]
+    with pytest.raises(ValueError, match="DecodeAttention: a buffer changed .*: " + words):
+        m(x_of(2, 2, 2))
+    assert m.next_pos == [40, 40] and _paging(m) == paging
+    assert all(torch.equal(t, before) for t, before in zip(m._tables(), tables, strict=True))
+
+
 def test_a_replaced_buffer_is_checked_again_and_one_that_fits_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
     """A buffer replaced after build (``setattr``): one that no longer fits its op is refused on the next
     call, naming it; one that fits is checked once and used from then on (the call equals a module built

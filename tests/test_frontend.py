@@ -142,6 +142,35 @@ def test_a_cast_after_build_is_refused_before_anything_changes(backend: str) -> 
     assert after[:3] == before[:3] and torch.equal(after[3], before[3])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("replace", "words"),
+    [
+        ({"rope_cos": 32, "rope_sin": 32}, "rope_cos: the RoPE table has 32 positions, max_position is 64"),
+        ({"keys": 1, "key_scale": 1}, r"key_scale: expected shape \[2, 16\]"),
+        ({"block_table": 1}, r"block_table: expected shape \[2, 1\]"),
+    ],
+    ids=["rope", "pool", "block-table"],
+)
+def test_a_replaced_buffer_the_host_bookkeeping_no_longer_fits_is_refused(
+    backend: str, replace: dict[str, int], words: str
+) -> None:
+    """A RoPE table replaced by one shorter than ``max_position`` (before, the step from 40 was accepted:
+    on Triton it read past the table and gave other ``q``; on the reference an IndexError), a key pool
+    of fewer blocks than the allocator hands out, a block table of other rows: refused on the next call,
+    naming the buffer, before any block is reserved."""
+    m = tiny_frontend(backend, 2, 64)
+    m(dsv4.synthetic_activations((2, 40, CFG.hidden_size), seed=1, device=DEVICE))
+    for name, rows in replace.items():
+        setattr(m, name, getattr(m, name)[:rows].clone())
+    before = _allocator(m)
+    x = dsv4.synthetic_activations((2, 2, CFG.hidden_size), seed=2, device=DEVICE)
+    with pytest.raises(ValueError, match="DecodeFrontEnd: a buffer changed .*: " + words):
+        m(x)
+    after = _allocator(m)
+    assert after[:3] == before[:3] and torch.equal(after[3], before[3])
+
+
 def test_a_backend_that_cannot_run_is_refused_when_the_module_is_built(monkeypatch) -> None:
     """The module resolves its ops' backends when it is built (and after its buffers change): one that
     cannot run on the device is named then, with the reason, not inside a step; ``auto`` takes the

@@ -77,8 +77,10 @@ class DecodeAttention(CheckedBuffers):
     steps before it stay and the call raises ``PartialCallError``, which says how far they got.
 
     Every op's checks (spec §7) run when the module is built, on its weights, pools and rings, and
-    again on the first call after its buffers change (``.to()``, a cast, a buffer replaced); a call
-    checks ``xn`` and the positions, and its steps launch the ops without checking them again.
+    again on the first call after its buffers change (``.to()``, a cast, a buffer replaced), with what
+    the host sized at build: a replaced pool, ring or block table must keep its shape, a RoPE table
+    cover ``max_position``; a call checks ``xn`` and the positions, and its steps launch the ops
+    without checking them again.
 
     Re-running positions (a rejected draft token): a step may start anywhere from the previous
     step's start to where the slot stands; the ring of each compressor must still hold what the
@@ -185,15 +187,19 @@ class DecodeAttention(CheckedBuffers):
         self.paging = LayerPaging(pools, batch, block_size, self.window, self._ratios)
         self.next_pos = [0] * batch  # where each slot's next token sits (host-side: no device sync)
         self.last_start = [0] * batch  # the start of each slot's last step (re-runs may go back to it)
+        self._keep_sizes(max_position)
         self.recheck()
 
     def _check_ops(self) -> None:
-        """The backend of each op on the buffers' device (``op_backends``), then every op's checks
+        """The buffers' sizes against the host's bookkeeping (``_check_sizes``: the pools, rings and
+        tables as built, a RoPE table covering ``max_position``), the backend of each op on the buffers'
+        device (``op_backends``), then every op's checks
         (spec §7) on the layer's weights, pools and rings: a step of one token of slot 0 at position 0,
         which reads no pool row and needs no block, so only the buffers' shapes, dtypes and devices are
         judged. A step's own values are the host's (``step_starts``, the paging); the captured step
         (``capture``) runs no op checks of its own. Run by ``recheck``: at build, and after the buffers
         change."""
+        self._check_sizes()
         rope, eps, dev = self.rope, self.eps, self.attn_wq_a.device
         self._resolve_backends(OPS, dev)
         check_front_end_ops(self.attn, self.indexer_weights, rope, self.indexer_state, self.topk, self.window, eps)

@@ -41,7 +41,8 @@ class DecodeFrontEnd(CheckedBuffers):
     moves them all); ``state_dict`` holds the weights and the RoPE table only (the state and its
     block table belong to the slots' sequences, which the host's allocator tracks). Both ops' checks
     (spec §7) run on the buffers when the module is built, and again on the first call after they
-    change (``.to()``, a cast, a buffer replaced); each step launches the ops without them. Each
+    change (``.to()``, a cast, a buffer replaced; the state and its block table must then keep their
+    shapes, the RoPE table cover ``max_position``); each step launches the ops without them. Each
     slot remembers where its sequence stands, so ``forward(x)`` continues every sequence;
     ``reset(rows)`` hands slots to new sequences (continuous batching).
 
@@ -136,11 +137,15 @@ class DecodeFrontEnd(CheckedBuffers):
         self.slot_blocks: list[list[int]] = [[] for _ in range(batch)]  # each slot's pool blocks, in row order
         self.free_blocks = list(range(num_blocks))  # handed out lowest first
         self.last_score: torch.Tensor | None = None
+        self._keep_sizes(max_position)
         self.recheck()  # each op's backend and checks on these buffers (again after they change: CheckedBuffers)
 
     def _check_ops(self) -> None:
-        """Each op's backend on the buffers' device (``op_backends``), then both ops' checks on the
-        module's buffers (``check_front_end_ops``): at build, and after the buffers change (``recheck``)."""
+        """The buffers' sizes against the host's bookkeeping (``_check_sizes``: the state and its block
+        table as built, a RoPE table covering ``max_position``), each op's backend on the buffers' device
+        (``op_backends``), then both ops' checks on the module's buffers (``check_front_end_ops``): at
+        build, and after the buffers change (``recheck``)."""
+        self._check_sizes()
         self._resolve_backends(("qkv_proj_rope", "indexer"), self.attn_wq_a.device)
         check_front_end_ops(self.attn, self.indexer_weights, self.rope, self.state, self.topk, self.offset, self.eps)
 

@@ -87,7 +87,8 @@ class CheckedBuffers(torch.nn.Module):
     (``.to()``, ``.cuda()``, ``.bfloat16()``: ``_apply``, also when a parent module is moved; a move to
     the device the buffers are on changes none) and a buffer registered or replaced. ``recheck()``,
     which a step calls first, runs ``_check_ops`` again after such a change, so a buffer that no longer
-    fits its op (``model.to(torch.bfloat16)`` casting an fp32 scale or an FP8 weight) is refused, naming
+    fits its op (``model.to(torch.bfloat16)`` casting an fp32 scale or an FP8 weight) or what the host
+    sized at build (``_check_sizes``: a pool of fewer blocks, a shorter RoPE table) is refused, naming
     it, before anything runs. Whatever was built on the old buffers (a captured step) compares
     ``generation`` with the one it was built at.
 
@@ -103,6 +104,8 @@ class CheckedBuffers(torch.nn.Module):
     _inference = False  # whether a buffer is an inference tensor, as of generation _inference_at
     _inference_at = -1
     op_backends: dict[str, str]  # the backend each op runs on (_resolve_backends)
+    _sizes: dict[str, torch.Size]  # the state buffers' shapes at build (_keep_sizes)
+    _max_position = 0  # the positions a slot reaches (_keep_sizes)
 
     if TYPE_CHECKING:  # the buffers are registered by name, so a type checker cannot list them
 
@@ -114,6 +117,34 @@ class CheckedBuffers(torch.nn.Module):
         implementation on the reference."""
         name = resolve(self.backend, device)
         self.op_backends = {op: name if name in get_op(op).implementations else "reference" for op in ops}
+
+    def _keep_sizes(self, max_position: int) -> None:
+        """Record what the host's bookkeeping was sized for at build: the state buffers' shapes (the
+        non-persistent ones: pools, rings, block tables; the blocks the allocator hands out, the tables'
+        widths, the slots) and the positions a slot reaches, ``max_position`` (the RoPE rows it reads).
+        ``_check_sizes`` holds a changed buffer to them."""
+        self._sizes = {name: getattr(self, name).shape for name in sorted(self._non_persistent_buffers_set)}
+        self._max_position = max_position
+
+    def _check_sizes(self) -> None:
+        """Raise ``ValueError`` naming the buffer where one no longer fits what the host's bookkeeping
+        was sized for (``_keep_sizes``): a state buffer of another shape (a pool of fewer blocks than the
+        allocator hands out, a block table of another width), a RoPE table of fewer rows than the
+        positions a slot reaches. The ops' checks (a one-token step at position 0) judge neither. Run
+        first by ``_check_ops``."""
+        for name, shape in self._sizes.items():
+            got = self._buffers[name]
+            if got is None or got.shape != shape:
+                raise ValueError(
+                    f"{name}: expected shape {list(shape)} (the blocks, table widths and slots the module hands out "
+                    f"were sized for it), got {None if got is None else list(got.shape)}"
+                )
+        for name in ("rope_cos", "rope_sin"):
+            rows = self._buffers[name]
+            if rows is not None and rows.dim() >= 1 and rows.shape[0] < self._max_position:
+                raise ValueError(
+                    f"{name}: the RoPE table has {rows.shape[0]} positions, max_position is {self._max_position}"
+                )
 
     def _launch(self, op: str, out: object = None, **args: object) -> Any:
         """``op`` on its backend (``op_backends``), with ``args`` in the form the backends take (``start_pos``
