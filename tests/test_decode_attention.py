@@ -452,6 +452,34 @@ def test_bad_input_changes_nothing() -> None:
         dsv4.DecodeAttention(dsv4.synthetic_weights(CFG), dsv4.rope_table(CFG), CFG, batch=1, max_position=64)
 
 
+@pytest.mark.parametrize(
+    ("kind", "num_blocks", "exc", "words"),
+    [
+        ("swa", 100, TypeError, r"num_blocks: expected a dict of blocks per pool .* got int"),
+        (
+            "swa",
+            {"compressed": 1, "indexer": 1},
+            ValueError,
+            "num_blocks: a swa layer has the pools window, got compressed, indexer",
+        ),
+        ("hca", {"indexer": 1}, ValueError, "num_blocks: a hca layer has the pools window, compressed, got indexer"),
+        (
+            "csa",
+            {"window": 4, "cache": 4},
+            ValueError,
+            "num_blocks: a csa layer has the pools window, compressed, indexer, got cache",
+        ),
+    ],
+    ids=["int", "swa-extra-pools", "hca-indexer-pool", "csa-unknown-pool"],
+)
+def test_num_blocks_names_only_the_pools_the_layer_has(kind: str, num_blocks: Any, exc: type, words: str) -> None:
+    """``num_blocks`` sizes the layer's own pools: an int (``DecodeFrontEnd``'s form) is refused naming the
+    argument (before, a bare "'int' object is not iterable"), and a pool the layer lacks is refused, not
+    ignored (before, ``{"indexer": 1}`` on an HCA layer passed as if it sized something)."""
+    with pytest.raises(exc, match=words):
+        module(kind, batch=2, num_blocks=num_blocks)
+
+
 def _paging(
     m: dsv4.DecodeAttention,
 ) -> list[tuple[list[int], list[dict[int, int]], list[range], list[tuple[int, int, int]]]]:

@@ -95,8 +95,9 @@ class DecodeAttention(CheckedBuffers):
         batch: sequence slots; max_position: longest sequence a slot holds.
         backend: ``"auto"``, ``"reference"`` or ``"triton"``; an op without the named backend's
             implementation runs on the reference (``op_backends`` says which runs where).
-        block_size: rows per pool block; num_blocks: per pool (``"window"``, ``"compressed"``,
-            ``"indexer"``), default enough for every slot to reach ``max_position``.
+        block_size: rows per pool block; num_blocks: a dict of blocks per pool the layer has
+            (``"window"``; ``"compressed"`` on CSA and HCA; ``"indexer"`` on CSA), default enough for
+            every slot to reach ``max_position``.
         prefill_chunk: the longest step a call is split into.
     """
 
@@ -150,10 +151,18 @@ class DecodeAttention(CheckedBuffers):
         self.register_buffer("rope_sin", rope.sin)
         device = weights.attn.wq_a.device
         hd, r = weights.attn.wkv.shape[0], rope.rope_dim
+        if num_blocks is not None and not isinstance(num_blocks, dict):
+            raise TypeError(
+                f"num_blocks: expected a dict of blocks per pool ({{'window': n, ...}}) or None, got "
+                f"{type(num_blocks).__name__}"
+            )
         blocks = dict(num_blocks or {})
-        unknown = set(blocks) - {"window", "compressed", "indexer"}
+        names = ["window", "compressed", "indexer"][: 1 + bool(self.ratio) + (self.kind == "csa")]
+        unknown = [str(k) for k in blocks if k not in names]
         if unknown:
-            raise ValueError(f"num_blocks: expected keys among window, compressed, indexer, got {sorted(unknown)}")
+            raise ValueError(
+                f"num_blocks: a {self.kind} layer has the pools {', '.join(names)}, got {', '.join(sorted(unknown))}"
+            )
 
         def pool_size(name: str, rows: int) -> tuple[int, int]:  # (table width, blocks)
             width = -(-rows // block_size)
