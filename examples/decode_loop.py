@@ -2,8 +2,8 @@
 
 Prints each step's time and how the indexer's top-k set moves: how many of the selected cache
 positions are new compared with the previous step (slot 0, last token). With ``--capture`` (CUDA
-only) the steps run as eager launches first, then as replays of one captured CUDA graph, and the
-medians of both are printed.
+and the Triton backend only: elsewhere a usage error, exit 2) the steps run as eager launches first,
+then as replays of one captured CUDA graph, and the medians of both are printed.
 
     python examples/decode_loop.py --preset tiny --steps 32
     python examples/decode_loop.py --preset flash --batch 64 --steps 100 --prefill 4096 --capture   # GPU
@@ -41,6 +41,8 @@ def main() -> None:
     except ValueError as e:
         parser.error(f"--preset: {e}")
     device = torch.device(args.device)
+    if args.capture and device.type != "cuda":
+        parser.error(f"--capture: CUDA graphs need a CUDA device, --device is {device}")
     runs = 2 if args.capture else 1
     max_position = 4 * -(-(args.prefill + runs * args.seq * args.steps) // 4)
     frontend = dsv4.DecodeFrontEnd(
@@ -56,7 +58,10 @@ def main() -> None:
     print(f"{'step':>5} {'mode':>6} {'position':>9} {'ms':>9} {'selected':>9} {'new':>5}")
     modes: list[tuple[str, Callable[..., Any]]] = [("eager", frontend)]
     if args.capture:
-        modes.append(("graph", frontend.capture(seq=args.seq)))
+        try:
+            modes.append(("graph", frontend.capture(seq=args.seq)))
+        except ValueError as e:  # the backend is not Triton
+            parser.error(f"--capture: {e}")
     previous: set[int] = set()
     medians = {}
     for mode, step_fn in modes:

@@ -14,6 +14,7 @@ import dsv4
 from conftest import DEVICE
 from dsv4.harness.golden import bit_identical, ratio_allclose
 from dsv4.model.structs import IndexerOut
+from subprocesses import ROOT, run_python
 
 CFG = dsv4.get_config("tiny")
 LAYERS = {"swa": 0, "csa": 1, "hca": 2}
@@ -344,6 +345,27 @@ def test_a_backend_that_cannot_run_is_refused_when_the_module_is_built(monkeypat
         dsv4.DecodeAttention(w, rope, CFG, batch=2, max_position=64, backend="triton")
     m = dsv4.DecodeAttention(w, rope, CFG, batch=2, max_position=64, backend="auto")
     assert set(m.op_backends.values()) == {"reference"}
+
+
+@pytest.mark.parametrize(
+    ("kind", "ops"),
+    [
+        ("swa", ["qkv_proj_rope", "sparse_attn_write", "o_proj"]),
+        ("hca", ["qkv_proj_rope", "kv_compressor", "sparse_attn_write", "o_proj"]),
+        ("csa", ["qkv_proj_rope", "kv_compressor", "indexer", "sparse_attn_write", "o_proj"]),
+    ],
+)
+def test_op_backends_name_the_ops_the_layer_runs(kind: str, ops: list[str]) -> None:
+    """``op_backends`` (which ``examples/attention_loop.py`` prints) names each op a step of the layer runs
+    and no other: an SWA layer has no compressor and no indexer (before, their backends were listed too)."""
+    m = module(kind, batch=1)
+    assert list(m.ops) == ops and list(m.op_backends) == ops
+    proc = run_python(
+        [str(ROOT / "examples" / "attention_loop.py"), "--kind", kind, "--steps", "1", "--prefill", "4",
+         "--batch", "1", "--device", "cpu", "--backend", "reference"], timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"backends={dict.fromkeys(ops, 'reference')}" in proc.stdout.splitlines()[0]
 
 
 def test_backends_are_resolved_again_after_a_move(monkeypatch) -> None:

@@ -245,6 +245,15 @@ def test_decode_loop_example_runs() -> None:
     assert lines[-1].startswith("median ms per step: eager")
 
 
+def test_decode_loop_capture_without_a_gpu_is_a_usage_error() -> None:
+    """``--capture`` needs a CUDA device: on the CPU the example says so as a usage error (exit 2) before
+    it builds anything, not with a traceback from ``capture``."""
+    proc = run_python([str(ROOT / "examples" / "decode_loop.py"), "--device", "cpu", "--capture"], timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "error: --capture: CUDA graphs need a CUDA device, --device is cpu" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 # --- rollback (spec §4 "Re-running positions") ----------------------------------------------------
 
 

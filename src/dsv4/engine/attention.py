@@ -94,7 +94,8 @@ class DecodeAttention(CheckedBuffers):
         cfg: the model's config (window, top-k, eps).
         batch: sequence slots; max_position: longest sequence a slot holds.
         backend: ``"auto"``, ``"reference"`` or ``"triton"``; an op without the named backend's
-            implementation runs on the reference (``op_backends`` says which runs where).
+            implementation runs on the reference (``op_backends`` says which runs where, for each
+            op the layer runs: ``ops``).
         block_size: rows per pool block; num_blocks: a dict of blocks per pool the layer has
             (``"window"``; ``"compressed"`` on CSA and HCA; ``"indexer"`` on CSA), default enough for
             every slot to reach ``max_position``.
@@ -210,7 +211,7 @@ class DecodeAttention(CheckedBuffers):
         change."""
         self._check_sizes()
         rope, eps, dev = self.rope, self.eps, self.attn_wq_a.device
-        self._resolve_backends(OPS, dev)
+        self._resolve_backends(self.ops, dev)
         check_front_end_ops(self.attn, self.indexer_weights, rope, self.indexer_state, self.topk, self.window, eps)
         x = torch.zeros(1, 1, self.attn_wq_a.shape[1], dtype=torch.bfloat16, device=dev)
         if self.ratio:
@@ -295,6 +296,13 @@ class DecodeAttention(CheckedBuffers):
     @property
     def batch(self) -> int:
         return len(self.next_pos)
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        """The ops a step of this layer runs, in order: ``kv_compressor`` on CSA and HCA, ``indexer`` on
+        CSA; ``op_backends`` names the backend of each."""
+        skip = ({"kv_compressor"} if not self.ratio else set()) | ({"indexer"} if self.kind != "csa" else set())
+        return tuple(op for op in OPS if op not in skip)
 
     # --- slots and blocks -----------------------------------------------------------------------
 

@@ -124,11 +124,7 @@ class AttentionGraph:
             self._capture()
 
     def _ops(self) -> list[str]:
-        layer = self.layer
-        skip = {"kv_compressor"} if not layer.ratio else set()
-        skip |= {"indexer"} if layer.kind != "csa" else set()
-        return [op for op in ("qkv_proj_rope", "kv_compressor", "indexer", "sparse_attn_write", "o_proj")
-                if op not in skip]  # fmt: skip
+        return list(self.layer.ops)
 
     def _workspace(self, used: list[str]) -> Any:
         if all(self.layer.op_backends[op] == "reference" for op in used):
