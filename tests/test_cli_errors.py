@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import dsv4
 from bad_checkpoints import config_corruptions, digest, structure_corruptions, write_valid
 from dsv4.cli import main
 from subprocesses import run_dsv4
@@ -165,16 +166,25 @@ def test_the_command_itself(argv) -> None:
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stdout == "", proc.stderr
 
 
+def _partial(cause: Exception) -> dsv4.PartialCallError:
+    """A chunked call's error for a later step that raised ``cause`` (its ``__cause__``, as ``raise ... from``)."""
+    error = dsv4.PartialCallError(16, [16], cause)
+    error.__cause__ = cause
+    return error
+
+
 @pytest.mark.parametrize(
     "error",
     [
         torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB"),
         RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried ..."),
+        _partial(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")),
     ],
-    ids=["cuda", "cpu"],
+    ids=["cuda", "cpu", "cuda-in-a-later-chunk"],
 )
 def test_an_allocation_that_fails_anyway_is_one_line(error, monkeypatch, capsys) -> None:
-    """Memory the size check did not foresee (another process holds the GPU): one line, not a traceback."""
+    """Memory the size check did not foresee (another process holds the GPU): one line, not a traceback;
+    also where it failed in a later step of a chunked prefill (``PartialCallError``, the error its cause)."""
 
     def run_out_of_memory(*args, **kwargs):
         raise error

@@ -495,7 +495,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, OSError) as e:  # user errors (bad input, files); anything else is a bug
         return _error(args, str(e))
     except RuntimeError as e:  # memory a run asked for that the device or host does not have
-        if not (isinstance(e, torch.OutOfMemoryError) or CPU_ALLOCATOR_FAILED in str(e)):
+        from .engine.attention import PartialCallError  # a chunked call's later step: the step's error its cause
+
+        failed = e.__cause__ if isinstance(e, PartialCallError) else e
+        if not (isinstance(failed, torch.OutOfMemoryError) or CPU_ALLOCATOR_FAILED in str(failed)):
             raise
         hint = "; try a smaller --batch, --seq or --start-pos" if args.command == "run" else ""
         return _error(args, f"out of memory ({str(e)[:300]}){hint}")
