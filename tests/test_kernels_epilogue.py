@@ -1,0 +1,52 @@
+"""The register-tile bf16 rounding (``dsv4.kernels.epilogue``) against torch's fp32 -> bf16 cast, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+kernels = pytest.importorskip("dsv4.kernels")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from conftest import DEVICE  # noqa: E402
+from dsv4.kernels.epilogue import round_bf16, to_bf16  # noqa: E402
+
+
+@triton.jit
+def _bf16_kernel(v_ptr, round_ptr, cast_ptr, N: tl.constexpr):
+    at = tl.arange(0, N)
+    v = tl.load(v_ptr + at)
+    tl.store(round_ptr + at, round_bf16(v))
+    tl.store(cast_ptr + at, to_bf16(v))
+
+
+def _values() -> torch.Tensor:
+    """fp32 values just below, exactly at and just above a bf16 rounding tie (low half 0x7FFF,
+    0x8000, 0x8001) for even and odd bf16 neighbours of either sign, one whose rounding carries into
+    the exponent (0x3FFF) and one whose tie rounds to infinity (0x7F7F); then +-inf, NaN and +-0."""
+    bits = [
+        (hi << 16) | lo for hi in (0x3F80, 0x3F81, 0xBF80, 0xBF81, 0x3FFF, 0x7F7F) for lo in (0x7FFF, 0x8000, 0x8001)
+    ]
+    bits += [0x7F800000, 0xFF800000, 0x7FC00000, 0x00000000, 0x80000000]
+    bits += [0x3F800000] * ((1 << (len(bits) - 1).bit_length()) - len(bits))  # to a power of two
+    return torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+
+
+def test_round_bf16_rounds_ties_to_even_as_torch_does() -> None:
+    """A tie goes to the even bf16 (0x3F808000 -> 0x3F80, 0x3F818000 -> 0x3F82), a carry reaches the
+    exponent and the largest tie becomes infinity, as torch's cast gives; infinities and zeros keep
+    their sign and NaN stays NaN. Rounding ties away from zero would differ on every even tie."""
+    v = _values()
+    n = v.numel()
+    rounded = torch.empty(n, device=DEVICE)
+    cast = torch.empty(n, dtype=torch.bfloat16, device=DEVICE)
+    _bf16_kernel[(1,)](v.to(DEVICE), rounded, cast, n)
+    rounded, cast = rounded.cpu(), cast.cpu().float()
+    want = v.to(torch.bfloat16).float()
+    nan = want.isnan()
+    assert torch.equal(rounded.isnan(), nan)
+    assert torch.equal(rounded[~nan].view(torch.int32), want[~nan].view(torch.int32))
+    # The cast itself: on normal values only (the interpreter's cast flushes bf16 subnormals to 0).
+    assert torch.equal(cast.isnan(), nan)
+    assert torch.equal(cast[~nan].view(torch.int32), want[~nan].view(torch.int32))
