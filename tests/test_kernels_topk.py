@@ -344,6 +344,24 @@ def test_a_row_that_overflows_its_list_is_finished_from_its_scores(values: int) 
     assert ws._buffers["topk.candidates"].shape[-1] == module.LIST_PER_TOPK * 256 < n
 
 
+@pytest.mark.parametrize("hist_given", [False, True], ids=["standalone", "hist"])
+def test_a_row_finished_from_its_scores_takes_only_the_ties_left(hist_given: bool) -> None:
+    """Ten winners near the end of the row and every other key tied at 0, far more ties than the row's
+    list holds: finishing from the scores takes the lowest-index ties only while the count of ties in
+    earlier blocks leaves room, so the ten winners at the end are not crowded out of the k taken."""
+    from dsv4.kernels.topk import LIST_PER_TOPK
+
+    n = 16 * CHUNK
+    assert n - 100 > LIST_PER_TOPK * 256  # the zeros overflow the list
+    pos = _positions(1, 2, 4 * n - 2)  # the rows see n - 1 and n keys
+    score = torch.zeros(1, 2, n)
+    score[..., n - 100 : n - 90] = 1.0
+    score = _masked(score.to(DEVICE), pos)
+    hist = _score_kernel_hist(score, pos) if hist_given else None
+    got = select_topk(score, pos, 256, OFFSET, hist=hist)
+    assert torch.equal(got, reference_select_topk(score, pos, 256, OFFSET))
+
+
 @pytest.mark.skipif(not interpreted(), reason="counts interpreted launches")
 def test_chunks_list_only_tie_keys_that_can_still_be_taken() -> None:
     """Scores uniform in [2, 8): every key shares the threshold's first digit. A chunk program lists the
