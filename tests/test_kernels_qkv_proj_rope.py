@@ -283,6 +283,30 @@ def test_pairs_in_many_waves_compute_the_same_bits(t: int) -> None:
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("t", [4, 5])
+def test_rows_kernel_resets_the_whole_exchange_buffer(t: int) -> None:
+    """A reused workspace's exchange buffer holds stale words (here a garbage pattern, positive as a
+    published word is): the rows kernel sets every one of a token's ``3H`` words back to -1 before the
+    "many" plan's pairs read them. The halves' sums end published, the arrival words that plan never
+    writes stay -1, and the outputs are the one-program-per-head plan's bit for bit."""
+    from dsv4.kernels.qkv_proj_rope import qkv_proj_rope
+    from dsv4.kernels.workspace import Workspace
+
+    x, w, positions, rope = qkv_inputs(TINY, decode_positions(t, 256, seed=t), 256, seed=t, outliers=2)
+    expected = dsv4.qkv_proj_rope(x, w, positions, rope, backend="triton")
+    h = TINY.num_attention_heads
+    ws = Workspace()
+    words = ws.empty("qkv.sumsq", (pair_words(t, h),), torch.int64, DEVICE)
+    words.fill_(0x7F7F7F7F7F7F7F7F)
+    with tuning.forced("qkv.q_heads", {"pair_waves": "many", "num_stages": 2}):
+        got = qkv_proj_rope(x, w, positions, rope, TINY.rms_norm_eps, ws=ws)
+    assert ws._buffers["qkv.sumsq"] is words, "the paired plan ran on the pre-filled buffer"
+    assert bool((words[: 2 * h * t] != 0x7F7F7F7F7F7F7F7F).all() and (words[: 2 * h * t] >= 0).all())
+    assert bool((words[2 * h * t :] == -1).all()), "every arrival word reset"
+    for name, a, b in zip(expected._fields, expected, got, strict=True):
+        assert torch.equal(a, b), name
+
+
 _HELD_SMS = """
 import torch, triton, triton.language as tl, dsv4
 from dsv4.harness.cases import make_case
