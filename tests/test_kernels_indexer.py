@@ -51,6 +51,13 @@ def test_indexer_block_boundaries(name: str) -> None:
     assert_matches_reference(case_at(TINY, "indexer", batch, seq, start, seed=len(name)))
 
 
+def test_indexer_q_lora_rank_not_a_multiple_of_the_query_step() -> None:
+    """q_lora_rank 160: the query programs' reduction over QL ends in a 32-wide partial tile of their
+    64-wide steps, masked and still summed."""
+    cfg = TINY.replace(name="ql160", q_lora_rank=160)
+    assert_matches_reference(case_at(cfg, "indexer", 2, 2, seed=3))
+
+
 def test_indexer_prefill() -> None:
     """One prompt chunk: the causal rule masks each token's later blocks."""
     case = make_case(TINY, "indexer", "prefill", seed=4, device=DEVICE)
