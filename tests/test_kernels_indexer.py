@@ -58,6 +58,12 @@ def test_indexer_q_lora_rank_not_a_multiple_of_the_query_step() -> None:
     assert_matches_reference(case_at(cfg, "indexer", 2, 2, seed=3))
 
 
+def test_indexer_hidden_size_not_a_multiple_of_the_k_step() -> None:
+    """hidden_size 208: the projection of ``x`` (compressor kv and gate, head weights) reduces over D
+    in 64-wide steps, the last a 16-wide partial block, masked and still summed."""
+    assert_matches_reference(case_at(TINY.replace(name="d208", hidden_size=208), "indexer", 2, 2, seed=3))
+
+
 def test_indexer_prefill() -> None:
     """One prompt chunk: the causal rule masks each token's later blocks."""
     case = make_case(TINY, "indexer", "prefill", seed=4, device=DEVICE)

@@ -99,6 +99,13 @@ def test_dims_of_no_preset(t: int) -> None:
     check(ODD, decode_positions(t, 512, seed=5), 512, seed=5, outliers=2)
 
 
+@pytest.mark.parametrize("t", [2, 4])
+def test_hidden_size_not_a_multiple_of_the_k_step(t: int) -> None:
+    """hidden_size 208: the projection's reduction over D ends in a 16-wide partial block of its
+    64-wide steps, masked and still summed, in whichever K-slice holds it."""
+    check(TINY.replace(name="d208", hidden_size=208), decode_positions(t, 256, seed=3), 256, seed=3, outliers=2)
+
+
 def test_tiny_prefill_from_a_block_boundary() -> None:
     """A prompt chunk continuing at position 128 and running to the end of the table."""
     check(TINY, torch.arange(128, 256 + 64), 256 + 64, seed=11, outliers=2)
