@@ -90,6 +90,36 @@ def test_split_counters_independent_of_program_order(t: int) -> None:
                 assert bit_identical(dsv4.o_proj(o, w, backend="triton").y, want, f"y (order {order})")
 
 
+def test_three_slices_are_summed_in_slice_order_in_any_program_order() -> None:
+    """OL=192 (K=384) with wo_b in three slices, whose sum's order shows in its bits (two fp32 values add
+    alike either way round, three may not): whichever slice of a tile counts last adds slice 0, then 1,
+    then 2. On random inputs another order moves an fp32 sum by an ulp, which the bf16 ``y`` seldom
+    shows, so here slices 0 and 1 cancel exactly (r's K block 1 repeats block 0, against wo_b codes of
+    the opposite sign) and slice 2 is 2^-20 of their size: in slice order ``(s0 + s1) + s2`` is ``s2``
+    exactly, the ``y`` of the same inputs with wo_b's blocks 0 and 1 zeroed, in every program order;
+    adding ``s2`` to either first would round most of it away."""
+    cfg = dataclasses.replace(TINY, o_lora_rank=192)
+    o, w = _inputs(cfg, 5, seed=19)
+    o[:, 2:] = o[:, :2]  # group 1's heads are group 0's
+    wo_a, wo_a_scale = w.wo_a.clone(), w.wo_a_scale.clone()
+    wo_a[128:256], wo_a_scale[1] = wo_a[:128], wo_a_scale[0]  # r[:, 128:256] (both groups) repeats r[:, :128]
+    codes, wo_b_scale = w.wo_b.view(torch.uint8).clone(), w.wo_b_scale.clone()
+    codes[:, 128:256], wo_b_scale[:, 1] = codes[:, :128] ^ 0x80, wo_b_scale[:, 0]  # the sign bit flipped
+    wo_b_scale[:, 2] *= 2.0**-20
+    cancelling = dsv4.OProjWeights(wo_a, wo_a_scale, codes.view(torch.float8_e4m3fn), wo_b_scale)
+    codes = codes.clone()
+    codes[:, :256] = 0
+    alone = dsv4.OProjWeights(wo_a, wo_a_scale, codes.view(torch.float8_e4m3fn), wo_b_scale)
+    with tuning.forced("o_proj.wo_b", {"splits": 3}):
+        want = _check(o, alone)
+        ws = Workspace()
+        assert bit_identical(fused_o_proj(o, alone, ws=ws).y, want)
+        assert ws._buffers["o_proj.y_part"].shape[0] == 3, "wo_b ran in three slices"
+        for order in program_orders():
+            with in_order(order):
+                assert bit_identical(dsv4.o_proj(o, cancelling, backend="triton").y, want, f"y (order {order})")
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_o_spoils_only_its_token(bad: float) -> None:
     """A NaN or an infinity in one token's o: its group's r blocks quantize to NaN codes with the NaN
