@@ -94,9 +94,13 @@ def _ragged_workload(
         call = bind(case, "triton")
         return call, call.outputs
 
+    def reference():
+        call = bind(case, "reference")
+        return call.outputs(call())
+
     label = f"{preset} {op} decode B={batch} S={seq}" + (f" starts={starts}" if starts else "")
     label += f" kind={kind}" if kind else ""
-    return Workload(label, op, make, case.compare_inputs(), None, kind)
+    return Workload(label, op, make, case.compare_inputs(), None, kind, reference)
 
 
 @INTERPRETER_ONLY
@@ -104,9 +108,9 @@ def _ragged_workload(
 @pytest.mark.parametrize("rows", sorted(RAGGED))
 def test_every_candidate_matches_the_default_at_ragged_rows_of_its_bucket(rows: str, tmp_path) -> None:
     """A tuned file's entry runs at every shape of its bucket, not only the one the tune timed: the dry
-    run's check (each candidate against the op at every default: bit for bit where only exact parameters
-    changed, else by the spec's rules) at rows that fill their buckets partly and start at block edges,
-    every op in every layer kind, and a rank's q heads at the flash widths."""
+    run's check (each candidate bit for bit against the op at every default where only exact parameters
+    changed, else against the reference by the spec's rules) at rows that fill their buckets partly and
+    start at block edges, every op in every layer kind, and a rank's q heads at the flash widths."""
     preset, kernels, shapes = RAGGED[rows]
     loads = [
         _ragged_workload(preset, op, kind, b, s, starts)

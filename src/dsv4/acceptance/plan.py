@@ -25,7 +25,8 @@ OPS = op_names("triton")
 PREFILL_OPS = tuple(sorted(OPS, key=lambda op: op == "qkv_proj_rope"))
 
 # The GPU run's pytest selection: the op tests (every backend; on CUDA the compiled kernels),
-# top-k, the decode step as a CUDA graph, the torch.library ops and the bad-input checks.
+# top-k, the decode step as a CUDA graph, the torch.library ops, the bad-input checks and the
+# bench's CUDA-event timing.
 GPU_TESTS = (
     "test_kernels_*.py", "test_indexer.py", "test_compressor.py", "test_paged_cache.py", "test_golden_vectors.py",
     "test_frontend.py", "test_library.py", "test_validation.py", "test_nonfinite.py", "test_decode_graph.py",

@@ -1,5 +1,6 @@
 """Reading each step's figures back: from the files it wrote (junit XML, bench JSON, the trace) or
-from the lines it printed (decode loop medians, ncu CSV, checkpoint load times).
+from the lines it printed (decode loop medians, ncu CSV, checkpoint load times, compute-sanitizer's
+ERROR SUMMARY).
 
 Each parser takes the step's ``files`` and its output and returns a JSON-able dict; a parser that
 finds nothing raises, and the runner records why.

@@ -3,7 +3,8 @@
 Per op and shape: time (median, p10-p90), the floor and % of it for the device table's and the
 measured copy bandwidth, speed-up over the eager reference and over ``torch.compile``, how it was
 launched, and the check against the reference; the test counts; the decode step as a CUDA graph;
-the per-kernel ncu bytes; checkpoint loading; random cases at tuning candidates. A figure that a
+the per-kernel ncu bytes; checkpoint loading; random cases at tuning candidates; one tensor-parallel
+rank's decode table and tune; compute-sanitizer's error counts (``sanitize``, ``initcheck``). A figure that a
 failed or skipped step did not produce is written as absent, with the step and why.
 """
 

@@ -690,6 +690,7 @@ def load_layer(
 
 
 def checkpoint_config(checkpoint_dir: str | Path) -> DeepSeekV4Config:
-    """The ``DeepSeekV4Config`` of a checkpoint, from its ``config.json`` (a preset when one matches)."""
+    """The ``DeepSeekV4Config`` of a checkpoint, from its ``config.json`` (a preset when one matches);
+    without ``compress_ratios`` there, the ratios the tensors decide (``Checkpoint.tensor_ratios``)."""
     with Checkpoint(checkpoint_dir) as ckpt:
         return ckpt.config()
