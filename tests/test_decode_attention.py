@@ -333,6 +333,43 @@ def test_a_layer_whose_indexer_does_not_fit_its_ratio_is_refused(kind: str, inde
         dsv4.DecodeAttention(mixed, rope, CFG, batch=2, max_position=128, backend="reference")
 
 
+@pytest.mark.parametrize(
+    "dims, kind, words",
+    [
+        ({"hidden_size": 200}, "csa", r"indexer on the 'triton' backend: w\.compressor\.wkv: .*hidden size D .*16"),
+        ({"hidden_size": 200}, "hca", r"kv_compressor on the 'triton' backend: w\.wkv: .*hidden size D .*16"),
+        (
+            {"num_attention_heads": 16, "o_groups": 16, "o_lora_rank": 8},
+            "swa",
+            r"o_proj on the 'triton' backend: w\.wo_a: .*OL a multiple of 16, got 8",
+        ),
+    ],
+    ids=["d200-csa", "d200-hca", "ol8"],
+)
+def test_dims_the_triton_kernels_cannot_take_are_refused_when_the_module_is_built(
+    dims: dict[str, int], kind: str, words: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A layer whose dims a Triton kernel cannot take (a hidden size D not a multiple of 16, an o LoRA
+    rank OL not a multiple of 16) is refused when the module is built on Triton, naming the op and the
+    weight, not on its first call; ``auto`` where it picks Triton refuses alike. On the reference the
+    same layer builds and runs."""
+    cfg = CFG.replace(name="odd-dims", **dims)
+    layer = LAYERS[kind]
+    w = dsv4.synthetic_weights(cfg, seed=0, device=DEVICE, layer=layer)
+    rope = dsv4.layer_rope_table(cfg, layer, 64, DEVICE)
+    with pytest.raises(ValueError, match=words):
+        dsv4.DecodeAttention(w, rope, cfg, batch=1, max_position=64, backend="triton")
+    import dsv4.engine.op_checks as op_checks
+
+    with monkeypatch.context() as patch:  # auto as on a GPU: Triton for every op
+        patch.setattr(op_checks, "resolve", lambda backend, device: "triton")
+        with pytest.raises(ValueError, match=words):
+            dsv4.DecodeAttention(w, rope, cfg, batch=1, max_position=64, backend="auto")
+    m = dsv4.DecodeAttention(w, rope, cfg, batch=1, max_position=64, backend="reference")
+    y = m(dsv4.synthetic_activations((1, 2, cfg.hidden_size), seed=1, device=DEVICE))
+    assert y.shape == (1, 2, cfg.hidden_size) and bool(torch.isfinite(y).all())
+
+
 def test_a_backend_that_cannot_run_is_refused_when_the_module_is_built(monkeypatch) -> None:
     """The module resolves its backend when it is built: one that cannot run on the device is named then,
     with the reason, not in the middle of a step; ``auto`` takes the reference instead."""

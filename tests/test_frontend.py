@@ -183,6 +183,35 @@ def test_a_backend_that_cannot_run_is_refused_when_the_module_is_built(monkeypat
     assert set(tiny_frontend("auto", 2, 64).op_backends.values()) == {"reference"}
 
 
+def test_a_hidden_size_the_triton_kernels_cannot_take_is_refused_when_the_module_is_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hidden size D that is not a multiple of 16 (the indexer's front launch steps over D in 16-wide
+    K-slices) is refused when the module is built on Triton, naming the op and the weight, not on its
+    first call; ``auto`` where it picks Triton refuses alike. On the reference it builds and runs."""
+    cfg = CFG.replace(name="d200", hidden_size=200)
+    weights = dsv4.synthetic_weights(cfg, seed=0, device=DEVICE)
+    rope = dsv4.rope_table(cfg, "compressed", max_position=64, device=DEVICE)
+
+    def build(backend: str) -> dsv4.DecodeFrontEnd:
+        return dsv4.DecodeFrontEnd(
+            weights, rope, batch=1, max_position=64, topk=cfg.index_topk, offset=cfg.sliding_window,
+            backend=backend, block_size=16,
+        )  # fmt: skip
+
+    words = r"indexer on the 'triton' backend: w\.compressor\.wkv: .*hidden size D that is a multiple of 16"
+    with pytest.raises(ValueError, match=words):
+        build("triton")
+    import dsv4.engine.op_checks as op_checks
+
+    with monkeypatch.context() as patch:  # auto as on a GPU: Triton for both ops
+        patch.setattr(op_checks, "resolve", lambda backend, device: "triton")
+        with pytest.raises(ValueError, match=words):
+            build("auto")
+    q, kv, topk = build("reference")(dsv4.synthetic_activations((1, SEQ, 200), seed=1, device=DEVICE))
+    assert q.shape[:2] == kv.shape[:2] == topk.shape[:2] == (1, SEQ) and bool(torch.isfinite(q).all())
+
+
 def test_a_module_built_under_inference_mode_runs_outside_it() -> None:
     """Its pool and rings, made under ``torch.inference_mode``, are inference tensors, which torch lets be
     written in place only in that mode: called outside it, the module writes them in that mode and

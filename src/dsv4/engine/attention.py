@@ -16,9 +16,8 @@ from ..model.structs import IndexerOut, StepPositions
 from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights, LayerWeights, OProjWeights
 from ..ops.backends import BACKENDS
 from ..ops.device import on_device, spec_numerics
-from ..ops.registry import get_op
 from ..ops.validate import check_eps, check_int
-from .op_checks import CheckedBuffers, check_front_end_ops, not_compiled, refuse_capture
+from .op_checks import CheckedBuffers, check_front_end_ops, check_op, not_compiled, refuse_capture
 from .paging import LayerPaging, Plan
 from .staging import host_ints, staged
 
@@ -80,7 +79,10 @@ class DecodeAttention(CheckedBuffers):
     again on the first call after its buffers change (``.to()``, a cast, a buffer replaced), with what
     the host sized at build: a replaced pool, ring or block table must keep its shape, a RoPE table
     cover ``max_position``; a call checks ``xn`` and the positions, and its steps launch the ops
-    without checking them again.
+    without checking them again. An op that runs on Triton (``"triton"``, or ``"auto"`` on CUDA)
+    also has its kernels' dims checked then: a layer whose dims they cannot take (a hidden size D
+    not a multiple of 16, an o LoRA rank OL not a multiple of 16, ...) is a ``ValueError`` naming the
+    op and the weight at build, not on the first call; ``backend="reference"`` runs such a layer.
 
     Re-running positions (a rejected draft token): a step may start anywhere from the previous
     step's start to where the slot stands; the ring of each compressor must still hold what the
@@ -95,7 +97,8 @@ class DecodeAttention(CheckedBuffers):
         batch: sequence slots; max_position: longest sequence a slot holds.
         backend: ``"auto"``, ``"reference"`` or ``"triton"``; an op without the named backend's
             implementation runs on the reference (``op_backends`` says which runs where, for each
-            op the layer runs: ``ops``).
+            op the layer runs: ``ops``); dims the Triton kernels cannot take are refused, not run
+            on the reference.
         block_size: rows per pool block; num_blocks: a dict of blocks per pool the layer has
             (``"window"``; ``"compressed"`` on CSA and HCA; ``"indexer"`` on CSA), default enough for
             every slot to reach ``max_position``.
@@ -203,21 +206,24 @@ class DecodeAttention(CheckedBuffers):
     def _check_ops(self) -> None:
         """The buffers' sizes against the host's bookkeeping (``_check_sizes``: the pools, rings and
         tables as built, a RoPE table covering ``max_position``), the backend of each op on the buffers'
-        device (``op_backends``), then every op's checks
-        (spec §7) on the layer's weights, pools and rings: a step of one token of slot 0 at position 0,
-        which reads no pool row and needs no block, so only the buffers' shapes, dtypes and devices are
-        judged. A step's own values are the host's (``step_starts``, the paging); the captured step
+        device (``op_backends``), then every op's checks (spec §7; on Triton also its kernels' dims,
+        ``check_op``) on the layer's weights, pools and rings: a step of one token of slot 0 at
+        position 0, which reads no pool row and needs no block, so only the buffers' shapes, dtypes and
+        devices are judged. A step's own values are the host's (``step_starts``, the paging); the captured step
         (``capture``) runs no op checks of its own. Run by ``recheck``: at build, and after the buffers
         change."""
         self._check_sizes()
         rope, eps, dev = self.rope, self.eps, self.attn_wq_a.device
         self._resolve_backends(self.ops, dev)
-        check_front_end_ops(self.attn, self.indexer_weights, rope, self.indexer_state, self.topk, self.window, eps)
+        backends = self.op_backends
+        check_front_end_ops(
+            self.attn, self.indexer_weights, rope, self.indexer_state, self.topk, self.window, eps, backends
+        )
         x = torch.zeros(1, 1, self.attn_wq_a.shape[1], dtype=torch.bfloat16, device=dev)
         if self.ratio:
             w, state = self.compressor_weights, self.compressor_state
             args: dict[str, object] = dict(x=x, w=w, state=state, start_pos=0, rope=rope, eps=eps)
-            get_op("kv_compressor").backend_args(args)
+            check_op("kv_compressor", backends["kv_compressor"], args)
         hd = self.attn_wkv.shape[0]
         heads = self.attn_wq_b.shape[0] // hd
         topk = torch.zeros(1, 1, self.topk, dtype=torch.int32, device=dev) if self.kind == "csa" else None
@@ -234,9 +240,9 @@ class DecodeAttention(CheckedBuffers):
             compressed_pool=compressed, topk_idxs=topk,
             topk_offset=self.window if topk is not None else 0,
         )  # fmt: skip
-        get_op("sparse_attn_write").backend_args(args)
+        check_op("sparse_attn_write", backends["sparse_attn_write"], args)
         o = torch.zeros(1, heads, hd, **bf16)
-        get_op("o_proj").backend_args(dict(o=o, w=self.o_weights))
+        check_op("o_proj", backends["o_proj"], dict(o=o, w=self.o_weights))
 
     # --- buffers and the records built from them ----------------------------------------------
 

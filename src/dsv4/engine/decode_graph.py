@@ -22,6 +22,8 @@ from ..ops.device import on_device, spec_numerics
 from .op_checks import check_front_end_ops
 from .staging import staged
 
+_OPS = ("qkv_proj_rope", "indexer")  # the step's ops, both launched on Triton
+
 
 def _triton_backend() -> ModuleType:
     """``dsv4.kernels``, imported when a step is built: Triton is an optional dependency of ``dsv4``."""
@@ -64,7 +66,7 @@ class StaticDecodeStep:
         t, d = batch * seq, attn.wq_a.shape[1]
         hd, ql = attn.wkv.shape[0], attn.wq_a.shape[0]
         # a step's positions are checked by check_inputs, its block table is the caller's
-        check_front_end_ops(attn, indexer, rope, state, topk, offset, eps)
+        check_front_end_ops(attn, indexer, rope, state, topk, offset, eps, dict.fromkeys(_OPS, "triton"))
         self.attn, self.indexer, self.rope, self.state = attn, indexer, rope, state
         self.topk, self.offset, self.eps = topk, offset, eps
         self.batch, self.seq, self.max_cache_len = batch, seq, length

@@ -42,7 +42,10 @@ class DecodeFrontEnd(CheckedBuffers):
     block table belong to the slots' sequences, which the host's allocator tracks). Both ops' checks
     (spec §7) run on the buffers when the module is built, and again on the first call after they
     change (``.to()``, a cast, a buffer replaced; the state and its block table must then keep their
-    shapes, the RoPE table cover ``max_position``); each step launches the ops without them. Each
+    shapes, the RoPE table cover ``max_position``); each step launches the ops without them. An op
+    on Triton (``"triton"``, or ``"auto"`` on CUDA) also has its kernels' dims checked then: a hidden
+    size D not a multiple of 16, say, is a ``ValueError`` naming the op and the weight at build, not
+    on the first call; ``backend="reference"`` runs such a layer. Each
     slot remembers where its sequence stands, so ``forward(x)`` continues every sequence;
     ``reset(rows)`` hands slots to new sequences (continuous batching).
 
@@ -68,7 +71,7 @@ class DecodeFrontEnd(CheckedBuffers):
         max_position: longest sequence a slot holds (up to ``max_position // 4`` compressed rows).
         topk: indices selected per token (``index_topk``, 1..``MAX_TOPK``); offset: added to them (the
             window size), ``>= 0``.
-        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
+        backend: ``"auto"``, ``"reference"`` or ``"triton"`` (``op_backends`` says which runs where).
         block_size: compressed rows per pool block (a power of two >= 16).
         num_blocks: blocks in the pool (default: enough for every slot to reach ``max_position``).
 
@@ -143,11 +146,14 @@ class DecodeFrontEnd(CheckedBuffers):
     def _check_ops(self) -> None:
         """The buffers' sizes against the host's bookkeeping (``_check_sizes``: the state and its block
         table as built, a RoPE table covering ``max_position``), each op's backend on the buffers' device
-        (``op_backends``), then both ops' checks on the module's buffers (``check_front_end_ops``): at
+        (``op_backends``), then both ops' checks on the module's buffers (``check_front_end_ops``; on Triton also the
+        kernels' dims): at
         build, and after the buffers change (``recheck``)."""
         self._check_sizes()
         self._resolve_backends(("qkv_proj_rope", "indexer"), self.attn_wq_a.device)
-        check_front_end_ops(self.attn, self.indexer_weights, self.rope, self.state, self.topk, self.offset, self.eps)
+        check_front_end_ops(
+            self.attn, self.indexer_weights, self.rope, self.state, self.topk, self.offset, self.eps, self.op_backends
+        )
 
     @property
     def attn(self) -> AttnWeights:

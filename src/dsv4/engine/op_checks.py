@@ -15,8 +15,37 @@ from ..model.rope import RopeTable
 from ..model.state import IndexerState
 from ..model.weights import AttnWeights, IndexerWeights
 from ..ops.backends import resolve
-from ..ops.defs import INDEXER, QKV_PROJ_ROPE
 from ..ops.registry import get_op
+
+
+def check_op(op: str, backend: str, args: dict[str, Any]) -> None:
+    """``op``'s checks on ``args`` (its arguments as the op takes them) and, when it runs on Triton
+    (``backend``), the dims its launches need whatever the step (each kernel module's own
+    ``check_dims``, which its launcher also runs): a ``ValueError`` naming the op, the backend and the
+    weight or dim the kernels cannot take, before anything is launched. A hidden size ``D`` is named
+    as ``w.wkv``'s columns (a module holds no ``x``)."""
+    get_op(op).backend_args(args)
+    if backend != "triton":
+        return
+    from ..kernels.compressor import check_kv_dims
+    from ..kernels.lightning_indexer import check_dims as indexer_dims
+    from ..kernels.o_proj import check_dims as o_proj_dims
+    from ..kernels.qkv_proj_rope import check_dims as qkv_dims
+    from ..kernels.sparse_attn import check_dims as attn_dims
+
+    try:
+        if op == "qkv_proj_rope":
+            qkv_dims(args["w"], args["rope"].rope_dim)
+        elif op == "kv_compressor":
+            check_kv_dims(args["x"].shape[-1], args["w"], x="w.wkv")
+        elif op == "indexer":
+            indexer_dims(args["x"].shape[-1], args["w"], args["rope"].rope_dim, x="w.compressor.wkv")
+        elif op == "sparse_attn_write":
+            attn_dims(args["q"].shape[-1], args["rope"].rope_dim)
+        elif op == "o_proj":
+            o_proj_dims(args["o"].shape[-2], args["o"].shape[-1], args["w"])
+    except ValueError as e:
+        raise ValueError(f"{op} on the 'triton' backend: {e} (backend='reference' runs the op on the reference)") from e
 
 
 def check_front_end_ops(
@@ -27,20 +56,25 @@ def check_front_end_ops(
     topk: int,
     offset: int,
     eps: float,
+    backends: dict[str, str] | None = None,
 ) -> None:
     """``qkv_proj_rope``'s checks and, with ``indexer`` and ``state``, ``indexer``'s, on a one-token step
     of row 0 at position 0: it reads no pool row and needs no block, so only the operands' shapes,
-    dtypes and devices (and ``topk``, ``offset``, ``eps``) are judged."""
+    dtypes and devices (and ``topk``, ``offset``, ``eps``) are judged; with ``backends`` (op ->
+    backend), also the dims of the ops that run on Triton (``check_op``)."""
+    backends = backends or {}
     dev = attn.wq_a.device
     x = torch.zeros(1, 1, attn.wq_a.shape[1], dtype=torch.bfloat16, device=dev)
     one = torch.zeros(1, dtype=torch.int64, device=dev)
-    QKV_PROJ_ROPE.backend_args({"x": x[0], "w": attn, "positions": one, "rope": rope, "eps": eps})
+    args: dict[str, Any] = {"x": x[0], "w": attn, "positions": one, "rope": rope, "eps": eps}
+    check_op("qkv_proj_rope", backends.get("qkv_proj_rope", "reference"), args)
     if indexer is None:
         return
     qr = torch.zeros(1, attn.wq_a.shape[0], dtype=torch.int8, device=dev)
     qr_scale = torch.ones(1, 1, dtype=torch.float32, device=dev)
-    INDEXER.backend_args({"x": x, "qr": qr, "qr_scale": qr_scale, "w": indexer, "state": state, "start_pos": 0,
-                          "offset": offset, "rope": rope, "topk": topk, "eps": eps})  # fmt: skip
+    args = {"x": x, "qr": qr, "qr_scale": qr_scale, "w": indexer, "state": state, "start_pos": 0,
+            "offset": offset, "rope": rope, "topk": topk, "eps": eps}  # fmt: skip
+    check_op("indexer", backends.get("indexer", "reference"), args)
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -67,6 +67,7 @@ from ..model.structs import StepPositions
 from ..model.weights import CompressorWeights
 from .epilogue import overflow_scale, quantize_rows, rms_scale, round_bf16
 from .head_rotation import hadamard_rows, rope_pairs, split_head_dims
+from .index_front import check_dims as check_front_dims
 from .index_front import front
 from .launch import is_pow2, pdl_supported, require
 from .split_k import sum_block, sum_k_slices, sum_slices
@@ -544,6 +545,15 @@ def indexer_compressor(
     compressor_step(xp, w, state, pos, rope, eps, ws)
 
 
+def check_kv_dims(d: int, w: CompressorWeights, x: str = "x") -> None:
+    """``ValueError`` naming what ``kv_compressor``'s launches cannot take: a row width ``HD``
+    (``w.norm_w``) that is not a power of two, or the front launch's dims (``check_front_dims``: the
+    hidden size ``d``, which ``x`` names, and ``w.wkv``'s rows)."""
+    hd = w.norm_w.shape[0]
+    require(is_pow2(hd), "w.norm_w", f"a row width HD that is a power of two, got {hd}")
+    check_front_dims(d, w, x=x)
+
+
 def kv_compressor(
     x: torch.Tensor,
     w: CompressorWeights,
@@ -560,8 +570,8 @@ def kv_compressor(
     compressor step with FP8 rows, ``(B, ceil(ceil(S / RC) / COFF))`` programs; three where a row is
     long (its K-slices added by ``split_k.sum_slices`` first).
     """
-    hd, ratio = w.norm_w.shape[0], w.ape.shape[0]
-    require(is_pow2(hd), "w.norm_w", f"a row width HD that is a power of two, got {hd}")
+    ratio = w.ape.shape[0]
+    check_kv_dims(x.shape[-1], w)
     xp, _, _ = front(x, w, pos, ws=ws, name="kv_compressor")
     cfg = KV_STEP_TUNING.config(x.device, B=pos.batch, S=pos.seq, RC=ratio)
     p = state.pool

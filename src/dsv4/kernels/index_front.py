@@ -38,7 +38,7 @@ from .launch import pdl_supported, require, sm_count
 from .split_k import BLOCK_K, SPLIT_CHOICES
 from .tuning import Param, Tunable
 from .workspace import Workspace, scratch
-from .x_proj import BLOCK_N, x_proj_tile, x_proj_tiles
+from .x_proj import BLOCK_N, check_rows, x_proj_tile, x_proj_tiles
 
 NUM_WARPS = 8  # both families' tiles: [128, 128] fp32 accumulators (x-projection), three int32 and one fp32
 #                [128, <=128] tiles (query head); registers and spills in docs/DESIGN.md
@@ -139,6 +139,16 @@ def _front_kernel(
             tl.store(zero_ptr + offs, tl.zeros([ZERO_BLOCK], dtype=tl.int32), mask=offs < n_zero)
 
 
+def check_dims(d: int, w: CompressorWeights, indexer: IndexerWeights | None = None, rope_dim: int = 0,
+               x: str = "x") -> None:  # fmt: skip
+    """``ValueError`` naming what the front launch cannot take: the hidden size ``d`` (``x``'s last dim;
+    ``x`` names it), ``w.wkv``'s rows and, with ``indexer``, its query heads' split at ``rope_dim``."""
+    require(d % 16 == 0, x, f"a hidden size D that is a multiple of 16 (the K-slices' {BLOCK_K}-wide steps)")
+    if indexer is not None:
+        split_head_dims(w.wkv.shape[0] // 2, rope_dim)
+    check_rows(w.wkv.shape[0])
+
+
 def front(
     x: torch.Tensor,
     w: CompressorWeights,
@@ -162,7 +172,7 @@ def front(
     hid = two_hid // 2
     hi = 0 if indexer is None else indexer.weights_proj.shape[0]
     cfg = TUNING.config(x.device, T=t, D=d, N=2 * two_hid + hi, HI=hi)
-    require(d % 16 == 0, "x", f"a hidden size D that is a multiple of 16 (the K-slices' {BLOCK_K}-wide steps)")
+    check_dims(d, w, indexer, 0 if rope is None else rope.rope_dim)
     q8 = q_scale = None
     if indexer is None:
         q_programs, q_block_m, ql = 0, 16, 0

@@ -22,11 +22,21 @@ from ..model.state import IndexerState
 from ..model.structs import IndexerOut, StepPositions
 from ..model.weights import IndexerWeights
 from .compressor import compressor_step
+from .head_rotation import split_head_dims
+from .index_front import check_dims as check_front_dims
 from .index_front import front
 from .index_score import index_scores
 from .launch import require
 from .topk import HIST_WORDS, ROW_IN_REGISTERS, TIE_INDEX_BITS, select_topk
 from .workspace import Workspace, scratch
+
+
+def check_dims(d: int, w: IndexerWeights, rope_dim: int, x: str = "x") -> None:
+    """``ValueError`` naming what the indexer's launches cannot take whatever the step: the front
+    launch's dims (the hidden size ``d``, which ``x`` names; ``w.compressor.wkv``'s rows; the query
+    heads' split at ``rope_dim``) and the compressor step's head split."""
+    check_front_dims(d, w.compressor, w, rope_dim, x=x)
+    split_head_dims(w.compressor.norm_w.shape[0], rope_dim)
 
 
 def indexer(
@@ -53,6 +63,7 @@ def indexer(
     # the selection's limit, checked before the first launch changes the state
     limit = 1 << TIE_INDEX_BITS
     require(width <= limit, "out.score" if out else "state", f"rows of at most {limit} keys, got {width}")
+    check_dims(x.shape[-1], w, rope.rope_dim)
     # Rows longer than one program selects alone: the score launch builds the first-digit histograms
     # the selection starts from, in counters the front launch zeroes.
     hist = scratch(ws, "indexer.hist", (b * s, HIST_WORDS), torch.int32, x.device) if width > ROW_IN_REGISTERS else None

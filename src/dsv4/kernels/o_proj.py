@@ -309,6 +309,16 @@ def _wo_b_kernel(
             tl.store(y, to_bf16(total), mask=mask)
 
 
+def check_dims(heads: int, hd: int, w: OProjWeights) -> None:
+    """``ValueError`` naming ``w.wo_a`` where its dims do not fit the kernels' tiles, for ``o`` of
+    ``heads`` heads of ``hd``: its columns ``HG*HD`` a multiple of ``BLOCK_K``, ``OL`` a multiple of
+    ``BLOCK_N_MIN``."""
+    n, inner = w.wo_a.shape
+    ol = n // (heads * hd // inner)
+    require(inner % BLOCK_K == 0, "w.wo_a", f"HG*HD (its columns) a multiple of {BLOCK_K}, got {inner}")
+    require(pow2_divisor(ol, BLOCK_N_MAX) >= BLOCK_N_MIN, "w.wo_a", f"OL a multiple of {BLOCK_N_MIN}, got {ol}")
+
+
 def o_proj(o: torch.Tensor, w: OProjWeights, out: OProjOut | None = None, ws: Workspace | None = None) -> OProjOut:
     """Fused attention spec §6 on validated arguments, in three launches or two (module docstring).
 
@@ -321,8 +331,7 @@ def o_proj(o: torch.Tensor, w: OProjWeights, out: OProjOut | None = None, ws: Wo
     groups = h * hd // inner
     ol = n // groups
     d = w.wo_b.shape[0]
-    require(inner % BLOCK_K == 0, "w.wo_a", f"HG*HD (its columns) a multiple of {BLOCK_K}, got {inner}")
-    require(pow2_divisor(ol, BLOCK_N_MAX) >= BLOCK_N_MIN, "w.wo_a", f"OL a multiple of {BLOCK_N_MIN}, got {ol}")
+    check_dims(h, hd, w)
     dev = o.device
     sms, pdl = sm_count(dev), pdl_supported(dev)
     cfg_a = WO_A_TUNING.config(dev, T=t, K=inner, N=n)

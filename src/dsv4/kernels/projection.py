@@ -77,6 +77,14 @@ class ProjectionTiles:
         return (n // self.block_n, triton.cdiv(t, self.block_m), self.splits)
 
 
+def check_widths(n0: int, n1: int) -> None:
+    """``ValueError`` unless both projection widths ``n0``, ``n1`` are multiples of ``BLOCK_N_MIN``."""
+    if min(pow2_divisor(n0, BLOCK_N_MAX), pow2_divisor(n1, BLOCK_N_MAX)) < BLOCK_N_MIN:
+        raise ValueError(
+            f"w: the Triton backend needs projection widths that are multiples of {BLOCK_N_MIN}, got {n0}, {n1}"
+        )
+
+
 def projection_tiles(
     t: int, d: int, n0: int, n1: int, sms: int, block_n_max: int = BLOCK_N_MAX, splits: int | None = None
 ) -> ProjectionTiles:
@@ -84,10 +92,7 @@ def projection_tiles(
     ``splits`` K-slices (at most one per ``BLOCK_K`` step of D) or, when None, as many as fill one wave
     of ``sms`` programs (``split_k.k_splits`` without its bound on the partials' bytes)."""
     block_m = min(BLOCK_M_MAX, max(BLOCK_M_MIN, triton.next_power_of_2(t)))
-    if min(pow2_divisor(n0, BLOCK_N_MAX), pow2_divisor(n1, BLOCK_N_MAX)) < BLOCK_N_MIN:
-        raise ValueError(
-            f"w: the Triton backend needs projection widths that are multiples of {BLOCK_N_MIN}, got {n0}, {n1}"
-        )
+    check_widths(n0, n1)
     block_n = max(BLOCK_N_MIN, min(pow2_divisor(n0, block_n_max), pow2_divisor(n1, block_n_max)))
     tiles = triton.cdiv(t, block_m) * (n0 + n1) // block_n
     if splits is None:

@@ -39,7 +39,7 @@ from .epilogue import quantize_int8_rows, rms_scale, store_rope_bf16, to_bf16
 from .interpreter import interpreted
 from .l2_prefetch import can_prefetch, prefetch_l2
 from .launch import is_pow2, pdl_supported, pow2_divisor, sm_count
-from .projection import split_k_projection
+from .projection import check_widths, split_k_projection
 from .q_head_epilogue import dequant_half, head_rms, rope_rows, store_q_half, store_q_head
 from .q_heads_split import launch_q_heads_split
 from .split_k import sum_k_slices
@@ -607,6 +607,24 @@ def launch_q_heads(
     )  # fmt: skip
 
 
+def check_dims(w: AttnWeights, rope_dim: int) -> None:
+    """``ValueError`` naming the weight whose dims the kernels cannot take (``w``'s head dim ``HD`` with
+    the RoPE table's ``rope_dim``, the q LoRA rank ``QL``, the projection's widths); the launcher's
+    checks, which a module built on Triton also runs at build."""
+    hd, ql = w.wkv.shape[0], w.wq_a.shape[0]
+    r = rope_dim
+    if not is_pow2(hd) or hd % (2 * r) or not is_pow2(hd // r):
+        raise ValueError(
+            f"w.wkv: the Triton backend needs a head dim that is a power of two and a power-of-two multiple "
+            f"of twice the rope dim (a tile holds half a head), got HD={hd}, R={r}"
+        )
+    if pow2_divisor(ql, Q_BLOCK_K_MAX) < Q_BLOCK_K_MIN:
+        raise ValueError(
+            f"w.wq_a: the Triton backend needs a q LoRA rank that is a multiple of {Q_BLOCK_K_MIN}, got {ql}"
+        )
+    check_widths(ql, hd)
+
+
 def qkv_proj_rope(
     x: torch.Tensor,
     w: AttnWeights,
@@ -628,15 +646,7 @@ def qkv_proj_rope(
     hd, ql = w.wkv.shape[0], w.wq_a.shape[0]
     h = w.wq_b.shape[0] // hd
     r = rope.rope_dim
-    if not is_pow2(hd) or hd % (2 * r) or not is_pow2(hd // r):
-        raise ValueError(
-            f"w.wkv: the Triton backend needs a head dim that is a power of two and a power-of-two multiple "
-            f"of twice the rope dim (a tile holds half a head), got HD={hd}, R={r}"
-        )
-    if pow2_divisor(ql, Q_BLOCK_K_MAX) < Q_BLOCK_K_MIN:
-        raise ValueError(
-            f"w.wq_a: the Triton backend needs a q LoRA rank that is a multiple of {Q_BLOCK_K_MIN}, got {ql}"
-        )
+    check_dims(w, r)
     dev = x.device
 
     if out is None:

@@ -544,6 +544,16 @@ def _compressed_keys(kind: str, cmp: KVPool, topk_idxs: torch.Tensor | None) -> 
     return 0
 
 
+def check_dims(hd: int, rope_dim: int) -> None:
+    """``ValueError`` naming ``q`` where its head dim ``hd`` (with the RoPE table's ``rope_dim``) does
+    not fit the kernels: a power of two in [64, 512] and a multiple of ``rope_dim``, a power of two."""
+    r = rope_dim
+    require(
+        is_pow2(hd) and ROW_BLOCK <= hd <= ROW_BLOCK * SCALE_BYTES and hd % r == 0 and is_pow2(r),
+        "q", "a head dim that is a power of two in [64, 512] and a multiple of R (a power of two)",
+    )  # fmt: skip
+
+
 def _launch(
     q: torch.Tensor,
     kv: torch.Tensor,
@@ -564,10 +574,7 @@ def _launch(
     """Both ops' launch; ``write``: also store the window rows."""
     b, s, h, hd = q.shape
     r = rope.rope_dim
-    require(
-        is_pow2(hd) and ROW_BLOCK <= hd <= ROW_BLOCK * SCALE_BYTES and hd % r == 0 and is_pow2(r),
-        "q", "a head dim that is a power of two in [64, 512] and a multiple of R (a power of two)",
-    )  # fmt: skip
+    check_dims(hd, r)
     o = torch.empty(q.shape, dtype=torch.bfloat16, device=q.device) if out is None else out.o
     cmp = window_pool if compressed is None else compressed
     n_keys = _compressed_keys(kind, cmp, topk_idxs)

@@ -56,6 +56,12 @@ def fill_splits(tiles: int, others: int, t: int, d: int, sms: int) -> int:
     return max(1, k_splits(tiles, t, d, sms), min(fill, cap))
 
 
+def check_rows(two_hid: int) -> None:
+    """``ValueError`` unless ``2*HID`` (``w.wkv``'s rows) splits into whole column tiles of ``BLOCK_N``."""
+    if two_hid % BLOCK_N:
+        raise ValueError(f"w.wkv: the Triton backend needs 2*HID rows that are a multiple of {BLOCK_N}, got {two_hid}")
+
+
 def x_proj_tiles(
     t: int, d: int, two_hid: int, hi: int, sms: int, block_n: int = BLOCK_N, splits: int | None = None,
     others: int = 0,
@@ -63,8 +69,7 @@ def x_proj_tiles(
     """Tiles of ``[T, D] @ [wkv; wgate; weights_proj].T`` (``hi`` head-weight rows, 0 for the
     compressor alone) in columns of ``block_n``; ``splits`` K-slices (at most one per ``BLOCK_K`` step
     of D) or, when None, as many as fill the ``sms`` beside ``others`` programs (``fill_splits``)."""
-    if two_hid % BLOCK_N:
-        raise ValueError(f"w.wkv: the Triton backend needs 2*HID rows that are a multiple of {BLOCK_N}, got {two_hid}")
+    check_rows(two_hid)
     block_m = min(BLOCK_M_MAX, max(BLOCK_M_MIN, triton.next_power_of_2(t)))
     n_tiles = 2 * (two_hid // block_n) + triton.cdiv(hi, block_n)
     m_tiles = triton.cdiv(t, block_m)
