@@ -209,9 +209,9 @@ class DecodeAttention(CheckedBuffers):
         device (``op_backends``), then every op's checks (spec §7; on Triton also its kernels' dims,
         ``check_op``) on the layer's weights, pools and rings: a step of one token of slot 0 at
         position 0, which reads no pool row and needs no block, so only the buffers' shapes, dtypes and
-        devices are judged. A step's own values are the host's (``step_starts``, the paging); the captured step
-        (``capture``) runs no op checks of its own. Run by ``recheck``: at build, and after the buffers
-        change."""
+        devices are judged. A step's own values are the host's (``step_starts``, the paging); the
+        captured step (``capture``) runs no op checks of its own. Run by ``recheck``: at build, and after
+        the buffers change."""
         self._check_sizes()
         rope, eps, dev = self.rope, self.eps, self.attn_wq_a.device
         self._resolve_backends(self.ops, dev)

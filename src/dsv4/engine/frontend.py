@@ -146,9 +146,8 @@ class DecodeFrontEnd(CheckedBuffers):
     def _check_ops(self) -> None:
         """The buffers' sizes against the host's bookkeeping (``_check_sizes``: the state and its block
         table as built, a RoPE table covering ``max_position``), each op's backend on the buffers' device
-        (``op_backends``), then both ops' checks on the module's buffers (``check_front_end_ops``; on Triton also the
-        kernels' dims): at
-        build, and after the buffers change (``recheck``)."""
+        (``op_backends``), then both ops' checks on the module's buffers (``check_front_end_ops``; on
+        Triton also the kernels' dims): at build, and after the buffers change (``recheck``)."""
         self._check_sizes()
         self._resolve_backends(("qkv_proj_rope", "indexer"), self.attn_wq_a.device)
         check_front_end_ops(
