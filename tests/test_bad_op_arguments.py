@@ -438,14 +438,16 @@ STATE_RESETS = [
 ]
 
 
+@pytest.mark.parametrize("op", ["indexer", "kv_compressor"])
 @pytest.mark.parametrize(("what", "rows", "exc"), STATE_RESETS, ids=[s[0] for s in STATE_RESETS])
-def test_state_reset_refuses_what_it_would_truncate_or_wrap(what, rows, exc) -> None:
-    """``IndexerState.reset`` itself: a float would be truncated to a slot, -1 would wrap to the last."""
-    state = _case("indexer").args["state"]
+def test_state_reset_refuses_what_it_would_truncate_or_wrap(op, what, rows, exc) -> None:
+    """``IndexerState.reset`` and ``CompressorState.reset`` themselves: a float would be truncated to a
+    slot, -1 would wrap to the last."""
+    state = _case(op).args["state"]
     before = {k: v.clone() for k, v in state.tensors().items()}
     with pytest.raises(exc, match="rows"):
         state.reset(rows)
-    assert all(torch.equal(getattr(state, k), v) for k, v in before.items())
+    assert all(torch.equal(state.tensors()[k], v) for k, v in before.items())
 
 
 @pytest.mark.parametrize("op", dsv4.ops.op_names())

@@ -23,7 +23,7 @@ import torch
 from .config import COMPRESS_RATIO, DeepSeekV4Config
 from .fp8_row import check_row_dims, dequantize_fp8_rows, fp8_rows
 from .pool_format import FP8_KV, PoolFormat
-from .state import DEFAULT_BLOCK_SIZE, IndexerState, _check_block_size, engine_table
+from .state import DEFAULT_BLOCK_SIZE, IndexerState, _check_block_size, engine_table, slot_rows
 
 
 class _Record:
@@ -271,9 +271,12 @@ class CompressorState(_Record):
     def ratio(self) -> int:
         return self.kv_state.shape[1] // self.coff
 
-    def reset(self, rows: list[int]) -> None:
-        """Return slots ``rows`` to the empty ring (pool rows past a sequence's length are never read)."""
-        idx = torch.tensor(rows, dtype=torch.long, device=self.kv_state.device)
+    def reset(self, rows: torch.Tensor | list[int] | int) -> None:
+        """Return slots ``rows`` to the empty ring (pool rows past a sequence's length are never read).
+
+        ``rows``: an int, a list of ints or an integer tensor, each in ``[0, batch)``; anything else
+        raises before any change (``IndexerState.reset``'s rule)."""
+        idx = slot_rows(rows, self.batch, self.kv_state.device)
         self.kv_state[idx] = 0.0
         self.score_state[idx] = float("-inf")
 

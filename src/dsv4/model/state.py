@@ -163,25 +163,33 @@ class IndexerState:
         ``rows``: an int, a list of ints or an integer tensor, each in ``[0, batch)``; anything else
         (a float that would be truncated, a negative index that would wrap) raises before any change.
         A tensor on a GPU is range-checked there (a device-side assert, no host read)."""
-        if isinstance(rows, torch.Tensor):
-            if rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool:
-                raise TypeError(f"rows: expected an integer tensor, got {rows.dtype}")
-            idx = rows.to(device=self.kv_state.device, dtype=torch.long).reshape(-1)
-            ok = ((idx >= 0) & (idx < self.batch)).all()
-            message = f"rows: expected slots in [0, {self.batch})"
-            if idx.device.type != "cpu":
-                torch._assert_async(ok, message)
-            elif not ok:
-                raise ValueError(f"{message}, got {idx.tolist()}")
-        else:
-            items = list(rows) if isinstance(rows, list | tuple) else [rows]
-            if any(isinstance(r, bool) or not isinstance(r, int) for r in items):
-                raise TypeError(f"rows: expected ints, got {items!r:.80}")
-            if any(not 0 <= r < self.batch for r in items):
-                raise ValueError(f"rows: expected slots in [0, {self.batch}), got {items}")
-            idx = torch.tensor(items, dtype=torch.long, device=self.kv_state.device)
+        idx = slot_rows(rows, self.batch, self.kv_state.device)
         self.kv_state[idx] = 0.0
         self.score_state[idx] = float("-inf")
+
+
+def slot_rows(rows: torch.Tensor | list[int] | int, batch: int, device: torch.device) -> torch.Tensor:
+    """``rows`` (an int, a list of ints or an integer tensor, each in ``[0, batch)``) as a long tensor on
+    ``device``; anything else (a float that would be truncated, a negative index that would wrap) raises,
+    naming ``rows``. A tensor on a GPU is range-checked there (a device-side assert, no host read)."""
+    if isinstance(rows, torch.Tensor):
+        if rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool:
+            raise TypeError(f"rows: expected an integer tensor, got {rows.dtype}")
+        idx = rows.to(device=device, dtype=torch.long).reshape(-1)
+        ok = ((idx >= 0) & (idx < batch)).all()
+        message = f"rows: expected slots in [0, {batch})"
+        if idx.device.type != "cpu":
+            torch._assert_async(ok, message)
+        elif not ok:
+            raise ValueError(f"{message}, got {idx.tolist()}")
+    else:
+        items = list(rows) if isinstance(rows, list | tuple) else [rows]
+        if any(isinstance(r, bool) or not isinstance(r, int) for r in items):
+            raise TypeError(f"rows: expected ints, got {items!r:.80}")
+        if any(not 0 <= r < batch for r in items):
+            raise ValueError(f"rows: expected slots in [0, {batch}), got {items}")
+        idx = torch.tensor(items, dtype=torch.long, device=device)
+    return idx
 
 
 def engine_table(
