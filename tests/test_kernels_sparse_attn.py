@@ -180,6 +180,58 @@ def test_nan_goes_where_the_reference_puts_it(kind: str, tokens: int) -> None:
     assert compare("sparse_attn", {"o": torch.where(finite, o, 0)}, {"o": torch.where(finite, ref, 0)})
 
 
+def _same_non_finite(o: torch.Tensor, ref: torch.Tensor) -> None:
+    """``o`` is NaN and infinite exactly where ``ref`` is, and within §8's rule elsewhere."""
+    assert torch.equal(o.isnan(), ref.isnan()) and torch.equal(o.isinf(), ref.isinf())
+    finite = ref.isfinite()
+    assert compare("sparse_attn", {"o": torch.where(finite, o, 0)}, {"o": torch.where(finite, ref, 0)})
+
+
+@pytest.mark.parametrize("kind,tokens", [("swa", 1), ("csa", 2), ("hca", 1)])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_an_infinite_key_goes_where_the_reference_puts_it(kind: str, tokens: int, sign: float) -> None:
+    """An infinity in a key's bf16 rope tail (stored as it is) gives each row that sees it ``z = +-inf``
+    by the sign of its query there: ``+inf`` makes the head NaN, ``-inf`` gives ``e = 0`` and NaN only in
+    that column (``0 * inf``) and its rope partner; every other entry of the head stays finite."""
+    args = attn_setup(kind, 2, seed=7)
+    hd = args["q"].shape[-1]
+    args["kv"][1, 0, hd - 3] = sign * float("inf")  # token 0's own row: both tokens see it
+    args["window_pool"].rope[..., 5] = sign * float("inf")  # every window row of the pool
+    if args["compressed_pool"] is not None:
+        args["compressed_pool"].rope[..., 9] = sign * float("inf")
+    with tuning.forced("sparse_attn", {"tokens": tokens, "heads": 16 // tokens}):
+        o = run(args)
+    ref = run(args, "reference")
+    heads = ref.isnan().all(dim=-1)
+    assert heads.any() and (ref.isnan().any(dim=-1) & ~heads).any()  # both outcomes occur
+    _same_non_finite(o, ref)
+
+
+def test_a_split_whose_keys_all_score_minus_inf_keeps_its_nan_columns() -> None:
+    """HCA split in two over one compressed tile: split 1 holds every compressed row and no window.
+    With ``+inf`` in one rope column of every compressed row, a head whose query is negative there scores
+    them all ``-inf``: the split's ``m`` stays ``-inf`` while its ``acc`` holds NaN in that column, which
+    the combine must still take (the reference: ``0 * inf``)."""
+    args = attn_setup("hca", 2, seed=9, start=[40, 70])
+    args["compressed_pool"].rope[..., 9] = float("inf")
+    with tuning.forced("sparse_attn", {"splits": 2}):
+        o = run(args)
+    ref = run(args, "reference")
+    assert (ref.isnan().any(dim=-1) & ~ref.isnan().all(dim=-1)).any()
+    _same_non_finite(o, ref)
+
+
+def test_a_head_whose_every_score_is_minus_inf_is_nan() -> None:
+    """A query of ``-inf`` against keys all positive in that entry scores every key ``-inf``: the
+    reference's ``exp(-inf - -inf)`` is NaN, not the sink's 0."""
+    args = attn_setup("swa", 1, seed=3, start=[0])
+    args["kv"][0, 0, 0] = 1.0  # at start 0 a token's only key is its own row
+    args["q"][0, 0, 1, 0] = float("-inf")
+    o, ref = run(args), run(args, "reference")
+    assert ref[0, 0, 1].isnan().all()
+    _same_non_finite(o, ref)
+
+
 @FULL
 def test_demo_decode() -> None:
     """Full-size dims (H 64, HD 512, NOPE 448: seven FP8 blocks and the rope tail), a CSA decode step."""

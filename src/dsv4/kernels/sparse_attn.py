@@ -45,10 +45,14 @@ bit-identical. ``o1 = bf16(acc / (l + exp(sink - m)))``, then the inverse RoPE o
 entries at ``p`` (fp32, ``epilogue.store_rope_bf16`` with ``-sin``) and the bf16 store. The running
 max against the reference's global max moves ``o`` within §8's rule.
 
-**Non-finite values.** Key entries that are not finite are zeroed in the tile before both products
-and the rows that see such a key are marked: their output is NaN (the reference's NaN spreads to
-every head of the token). A NaN in ``q`` makes its row's ``z`` NaN, and NaN follows by the formulas.
-So no row is polluted by a key it does not see (``0 * NaN``) and no NaN becomes a number.
+**Non-finite values** follow the formulas, as the reference: ``z`` takes the keys as they are (a NaN
+gives NaN, an infinity ``+-inf`` or NaN; a row's ``z`` of a key it does not see is replaced by
+``-inf``), so a ``z`` of NaN or ``+inf`` makes the row's ``l`` NaN. The PV product takes the keys with
+their non-finite entries zeroed (``e = 0`` of a row that does not see a key would otherwise make
+``0 * inf`` NaN there), and a tile holding such a key (rare: a branch) then sets NaN in the columns
+where a row sees a non-finite entry: ``bf16(e) * inf`` is NaN for ``e = 0`` (``z = -inf``), the only
+finite ``e`` a key with an infinity can give. A live row always sees its own key; one whose every
+``z`` is ``-inf`` has ``m = -inf`` and gives NaN, as ``exp(-inf - -inf)`` does in the reference.
 
 **Split** (``splits > 1``: HCA at long context, few slots): of a token's ``n`` compressed tiles
 (HCA: its visible rows; CSA: its list), split ``i`` takes ``[i * n // splits, (i + 1) * n //
@@ -212,18 +216,16 @@ def _list_tile(topk_ptr, b, s, S, K, c, c_hi, topk_offset, vis, KEYS: tl.constex
 
 
 @triton.jit
-def _attend(q, k, seen, m, l, acc, bad, sm_scale):
+def _attend(q, k, seen, m, l, acc, sm_scale):
     """One key tile into the online softmax of the rows: ``q [HD / C, M, C]`` bf16 (``C = QK_CHUNK``),
     ``k [KEYS, HD]`` bf16 (fp32 under the interpreter), ``seen [M, KEYS]`` (row sees key); state ``m``,
-    ``l``, ``bad`` ``[M]``, ``acc [M, HD]`` fp32."""
+    ``l`` ``[M]``, ``acc [M, HD]`` fp32."""
     KEYS: tl.constexpr = k.shape[0]
     finite = tl.abs(k) < float("inf")
-    key_bad = tl.sum((~finite).to(tl.int32), axis=1) > 0
     kb = tl.where(finite, k, 0.0).to(BF16_DOT_DTYPE)
     # z: one [M, C] x [C, KEYS] product a chunk of HD (a warp each), fp32, summed over the chunks
-    k_chunks = tl.permute(tl.reshape(kb, [KEYS, q.shape[0], q.shape[2]]), 1, 2, 0)
+    k_chunks = tl.permute(tl.reshape(k.to(BF16_DOT_DTYPE), [KEYS, q.shape[0], q.shape[2]]), 1, 2, 0)
     z = tl.sum(tl.dot(q.to(BF16_DOT_DTYPE), k_chunks), axis=0) * sm_scale
-    bad = bad | (tl.sum((seen & key_bad[None, :]).to(tl.int32), axis=1) > 0)
     z = tl.where(seen, z, float("-inf"))  # a key the row does not see weighs exp(-inf) = 0
     m_new = tl.maximum(m, tl.max(z, axis=1))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: nothing to rescale
@@ -231,14 +233,18 @@ def _attend(q, k, seen, m, l, acc, bad, sm_scale):
     e = tl.exp(z - m_ref[:, None])
     l = l * alpha + tl.sum(e, axis=1)
     acc = acc * alpha[:, None] + tl.dot(to_bf16(e).to(BF16_DOT_DTYPE), kb)
-    return m_new, l, acc, bad
+    if tl.max(tl.sum((~finite).to(tl.int32), axis=1), axis=0) > 0:  # a non-finite key entry: 0 * inf
+        hits = tl.dot(seen.to(BF16_DOT_DTYPE), (~finite).to(BF16_DOT_DTYPE))  # [M, HD] seen entries
+        acc = tl.where(hits > 0, float("nan"), acc)
+    return m_new, l, acc
 
 
 @triton.jit
 def _saw_keys(m, l):
-    """Rows of a split's partial that saw a key: ``m > -inf``, or a NaN ``l`` (a non-finite key, or a
-    NaN query whose scores the max dropped)."""
-    return (m > float("-inf")) | (l != 0.0)
+    """Rows of a split's partial that saw a key: ``m > -inf``, or an ``l`` other than ``+0.0``: NaN (a
+    NaN score the max dropped) or ``-0.0``, which marks a row whose keys all scored ``-inf`` and whose
+    ``acc`` holds NaN columns (``0 * inf``)."""
+    return (m > float("-inf")) | (l.to(tl.int32, bitcast=True) != 0)
 
 
 @triton.jit
@@ -252,9 +258,11 @@ def _finish(o_ptr, sink_ptr, cos_ptr, sin_ptr, m, l, acc, start, b, s0, h0, S, H
     h = h0 + r % HEADS
     live = (s < S) & (h < H) & (r // HEADS < TOKENS)
     # a row that saw no key (m = -inf: the rows past S or H) is taken against m = 0 and, past S or H,
-    # sink = 0, so nothing computes -inf - -inf; its acc is 0, so its o1 is 0 either way
+    # sink = 0, so nothing computes -inf - -inf; its acc is 0, so its o1 is 0 either way. A live row
+    # sees its own key: m = -inf there is every z -inf, NaN by the formula (exp(-inf - -inf))
     sink = tl.load(sink_ptr + h, mask=live, other=0.0)
     den = l + tl.exp(sink - tl.where(m == float("-inf"), 0.0, m))
+    den = tl.where(live & (m == float("-inf")), float("nan"), den)
     o1 = round_bf16(tl.div_rn(acc, den[:, None]))
     half = tl.arange(0, R // 2)
     p = (start + s).to(tl.int64)
@@ -342,7 +350,6 @@ def _attn_kernel(
     m = tl.full([M], float("-inf"), tl.float32)
     l = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, HD], tl.float32)
-    bad = tl.zeros([M], tl.int1)
     key = tl.arange(0, KEYS)
 
     # 1. the window (split 0): tiles aligned to absolute positions
@@ -367,7 +374,7 @@ def _attn_kernel(
             own = (u >= start) & (u >= lo) & (u < hi)
             k = tl.where(own[:, None], _own_rows(kv_ptr, b * S + u - start, own, HD, NOPE), k)
         seen = (u[None, :] >= r_first[:, None]) & (u[None, :] <= r_p[:, None]) & r_live[:, None]
-        m, l, acc, bad = _attend(q, k, seen, m, l, acc, bad, sm_scale)
+        m, l, acc = _attend(q, k, seen, m, l, acc, sm_scale)
 
     # 2. the compressed rows, this split's share: of a token's tiles (HCA: its visible rows; CSA: its
     # list), split i takes [i * n // SPLITS, (i + 1) * n // SPLITS). A row's range is its own token's, so
@@ -395,7 +402,7 @@ def _attn_kernel(
                         r_in = r_in & (c >= split * r_tiles // SPLITS) & (c < (split + 1) * r_tiles // SPLITS)
                 seen = (j[None, :] < r_vis[:, None]) & r_in[:, None]
                 k = _pool_rows(cmp_codes_ptr, cmp_scale_ptr, cmp_rope_ptr, slot, j < rows_hi, HD, NOPE, R)
-                m, l, acc, bad = _attend(q, k, seen, m, l, acc, bad, sm_scale)
+                m, l, acc = _attend(q, k, seen, m, l, acc, sm_scale)
         else:  # token after token, each its own list
             lo_t = split * tl.cdiv(K, KEYS) // SPLITS
             hi_t = (split + 1) * tl.cdiv(K, KEYS) // SPLITS
@@ -416,9 +423,8 @@ def _attn_kernel(
                     j_after, valid_after = _list_tile(topk_ptr, b, s, S, K, c + 2, hi_t, topk_offset, vis, KEYS)
                     seen = valid[None, :] & (r_tok == tok)[:, None] & r_live[:, None]
                     k = _pool_rows(cmp_codes_ptr, cmp_scale_ptr, cmp_rope_ptr, slot, valid, HD, NOPE, R)
-                    m, l, acc, bad = _attend(q, k, seen, m, l, acc, bad, sm_scale)
+                    m, l, acc = _attend(q, k, seen, m, l, acc, sm_scale)
 
-    l = tl.where(bad, float("nan"), l)  # a row that sees a non-finite key: NaN
     if SPLITS == 1:
         _finish(o_ptr, sink_ptr, cos_ptr, sin_ptr, m, l, acc, start, b, s0, h0, S, H, HEADS, TOKENS, HD, R)
     else:
@@ -426,6 +432,9 @@ def _attn_kernel(
         slots = tl.num_programs(0) // (tl.cdiv(S, TOKENS) * tl.cdiv(H, HEADS))  # B
         part = split.to(tl.int64) * slots * S * H + rows
         tl.store(part_m_ptr + part, m, mask=r_live)
+        # l = -0.0 marks a row whose keys here all scored -inf with NaN columns in its acc (0 * inf)
+        nan_cols = tl.sum((acc != acc).to(tl.int32), axis=1) > 0
+        l = tl.where(nan_cols & (m == float("-inf")), -0.0, l)
         tl.store(part_l_ptr + part, l, mask=r_live)
         # a split in which no row saw a key (a history of fewer tiles than splits; never split 0, which
         # has the window) stores no acc: every row's is 0, and the combine reads only rows that saw keys.
