@@ -72,6 +72,21 @@ def test_codes_round_half_to_even() -> None:
     assert int(e[0]) == 0 and codes[:3].float().tolist() == [448.0, 1.0, 1.25]
 
 
+def test_the_top_binade_decodes_to_inf() -> None:
+    """At ``e = 120`` an entry of at least ``248 * 2^120`` (finite in bf16) rounds to code 256 and
+    ``256 * 2^120 = 2^128`` overflows: the formula's value (docs/SPEC.md, FP8 KV row). One bf16 step
+    below, the entry rounds to code 240 and decodes finite."""
+    big = torch.tensor(248 * 2.0**120, dtype=torch.bfloat16)
+    v = torch.ones(2, 128, dtype=torch.bfloat16)
+    v[0, 0] = big
+    v[1, 0] = 247 * 2.0**120  # the bf16 below
+    rows = dsv4.fp8_rows(v, 64)
+    assert rows.scale[:, 0].tolist() == [127 + 120] * 2
+    assert rows.nope[:, 0].float().tolist() == [256.0, 240.0]
+    deq = dsv4.dequantize_fp8_rows(*rows)
+    assert deq[0, 0] == float("inf") and torch.isfinite(deq[1]).all()
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_a_nonfinite_block_stores_nan(bad: float) -> None:
     v = torch.ones(2, 192, dtype=torch.bfloat16)  # HD 192, R 64: two blocks of 64

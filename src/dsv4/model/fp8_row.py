@@ -9,7 +9,9 @@ HD 512, R 64, against 1024 in bf16. Per block: ``amax = max(max|blk|, 1e-4)``,
 ``e = ceil(log2(amax / 448))`` exactly (the smallest ``e`` with ``amax <= 448 * 2^e``), codes
 ``e4m3(blk / 2^e)`` (round to nearest even; ``|blk / 2^e| <= 448``, so it never saturates). A block
 holding NaN or an infinity stores scale byte 255 and 64 NaN codes (``0x7F``). Dequantization
-``codes * 2^e`` is exact in bf16. These are the values DeepSeek's inference code keeps after its
+``codes * 2^e`` is exact in bf16, but for the top binade: an entry ``>= 248 * 2^120`` (about 3.297e38,
+below bf16's largest 3.390e38) rounds to code 256 at ``e = 120`` and decodes to ``2^128 = inf``, as
+DeepSeek's ``act_quant`` values do. These are the values DeepSeek's inference code keeps after its
 ``act_quant(kv[..., :-R], 64, ue8m0)`` (the rows FlashMLA's FP8 cache holds), stored losslessly.
 
 **FP8 activation quant per 128** (``fp8_act_quant``): the same rule with 128-wide blocks over the
