@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import dsv4
-from dsv4.harness.cases import make_case, run_case
+from dsv4.harness.cases import make_case, record_outputs, run_case
 from dsv4.harness.golden import compare, ratio_allclose, step_inputs, tolerance, topk_allclose
+from dsv4.io import golden_io
+from dsv4.ops.api import call_op
 
 MASKED = torch.finfo(torch.float32).min
 
@@ -139,6 +141,54 @@ def test_case_compare_inputs_spread_an_int_start_over_the_batch() -> None:
     assert inputs["start_pos"].tolist() == [6, 6, 6]
     outputs = run_case(case, "reference")
     assert compare("indexer_compressor", outputs, outputs, inputs)
+
+
+def _corrupting_kernel(op: str, changed: list[tuple[int, int]]):
+    """A kernel that runs the reference in place on its arguments and then adds one to the first
+    byte of a pool row the step does not write (recorded in ``changed``): attention spec §8 and the
+    key cache rule require every such row bit-identical to before."""
+
+    def kernel(args: dict) -> dict[str, torch.Tensor]:
+        state = args["state"]
+        pool = state.keys if op == "indexer" else state.pool.rope
+        before = pool.clone()
+        result = call_op(op, "reference", **args)
+        untouched = ~(pool != before).flatten(2).any(-1)  # [NB, bs] rows the step left alone
+        nb, row = untouched.nonzero()[-1].tolist()
+        pool.view(torch.uint8)[nb, row, 0] += 1
+        changed.append((nb, row))
+        return {**({} if result is None else result._asdict()), **record_outputs({"state": state})}
+
+    return kernel
+
+
+@pytest.mark.parametrize("op", ["indexer", "kv_compressor"])
+def test_readme_golden_recipe_catches_a_row_the_step_must_not_write(op, tmp_path) -> None:
+    """The README's recipe, ``case, expected = load(path); compare(case.op, outputs, expected,
+    case.compare_inputs())``, with the kernel run on ``case.args`` in place (the state it updates is
+    the case's own): a changed byte of a pool row the step does not write fails it, blamed on the
+    kernel's output, not on the expected file."""
+    made = make_case(dsv4.get_config("tiny"), op, "decode", seed=0)
+    path = golden_io.save(made, run_case(made, "reference"), tmp_path)
+    case, expected = golden_io.load(path)
+    assert compare(case.op, run_case(case, "reference"), expected, case.compare_inputs())  # the honest kernel
+    case, expected = golden_io.load(path)
+    changed: list[tuple[int, int]] = []
+    outputs = _corrupting_kernel(op, changed)(case.args)
+    report = compare(case.op, outputs, expected, case.compare_inputs())
+    assert changed and not report
+    assert "1 pool row(s) the step does not write changed" in report.failures(), report.failures()
+    assert "expected" not in report.failures(), report.failures()
+
+
+def test_compare_inputs_are_copies() -> None:
+    """A case's ``compare_inputs()`` and ``step_inputs`` share no tensor with the case's state."""
+    for op, record in (("indexer", "state"), ("window_kv_write", "pool")):
+        case = make_case(dsv4.get_config("tiny"), op, "decode", seed=0, max_position=64)
+        state = {t.data_ptr() for t in case.args[record].tensors().values()}
+        inputs = case.compare_inputs()
+        tensors = [t for t in (inputs.get("before") or inputs).values() if torch.is_tensor(t)]
+        assert tensors and not {t.data_ptr() for t in tensors} & state, op
 
 
 def test_topk_indices_must_be_integers() -> None:

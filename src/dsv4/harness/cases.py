@@ -7,7 +7,7 @@ op draws from are made here once; the op's descriptor picks its arguments from t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,6 +31,7 @@ class Case:
     op: str
     args: dict[str, Any]
     meta: dict[str, Any]
+    recorded_inputs: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def state(self) -> Any:
         return self.args.get("state")
@@ -38,12 +39,25 @@ class Case:
     def compare_inputs(self) -> dict[str, Any]:
         """What ``golden.compare`` needs of the inputs of a stateful step: for the indexer's state its
         offset, start_pos, seq and pre-step cache; for any other record the op updates, its tensors
-        before the step (``before``, by output name); nothing for an op without state."""
+        before the step (``before``, by output name); nothing for an op without state.
+
+        Copies on the CPU, never ``args``' own tensors. After ``record_inputs`` (``golden_io.load``
+        calls it) they are the inputs as recorded, so a kernel run on ``args`` in place, which updates
+        the state, is still held to the state before it ran; otherwise the inputs as ``args`` hold them
+        now: take them before running a kernel on ``args`` in place, or run it on ``clone_args``."""
+        if self.recorded_inputs is not None:
+            return dict(self.recorded_inputs)
         a = self.args
         if isinstance(a.get("state"), IndexerState) and "start_pos" in a:
             return step_inputs(a["x"], a["start_pos"], a["state"], a.get("offset", 0))
         before = record_outputs({name: a[name] for name in mutated_args(self.op)})
-        return {"before": before} if before else {}
+        copies = {k: t.detach().to("cpu", copy=True) for k, t in before.items()}
+        return {"before": copies} if copies else {}
+
+    def record_inputs(self) -> None:
+        """Keep ``compare_inputs()`` as ``args`` hold them now (copies): what later calls return."""
+        self.recorded_inputs = None
+        self.recorded_inputs = self.compare_inputs()
 
 
 def make_case(

@@ -482,10 +482,15 @@ def step_inputs(
 ) -> dict[str, Any]:
     """``compare``'s ``inputs`` for one step of a stateful op on ``x [B, S, D]``: ``start_pos`` per
     row (an int applies to every row), ``seq``, the key pool and block table from ``before`` the
-    step, and the ``offset`` the indexer added."""
+    step, and the ``offset`` the indexer added. The tensors are copies on the CPU, so the step may
+    then run on ``before`` itself."""
     b, s = x.shape[:2]
-    start = torch.as_tensor(start_pos).reshape(-1).cpu().expand(b)
+
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu", copy=True)
+
+    start = copy(torch.as_tensor(start_pos).reshape(-1)).expand(b)
     return {
-        "offset": offset, "start_pos": start, "seq": s, "keys": before.keys.cpu(), "key_scale": before.key_scale.cpu(),
-        "block_table": before.block_table.cpu(),
+        "offset": offset, "start_pos": start, "seq": s, "keys": copy(before.keys),
+        "key_scale": copy(before.key_scale), "block_table": copy(before.block_table),
     }  # fmt: skip

@@ -1,8 +1,9 @@
 """Golden cases on disk: ``save`` writes a case's inputs and reference outputs (safetensors) with a
 JSON manifest; ``check`` replays every case of a folder on a backend and compares (spec §6).
 
-Anyone can check their own kernel against our golden: load a case with ``load``, run it, and
-``golden.compare`` the outputs with ``expected``.
+Anyone can check their own kernel against our golden: load a case with ``load``, run it (on
+``case.args`` in place, or on a copy), and ``golden.compare`` the outputs with ``expected`` and
+``case.compare_inputs()`` (the inputs as loaded, so the pool rows a step must not write are checked).
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ def _tensors(path: Path, device: torch.device | str) -> dict[str, torch.Tensor]:
 
 def load(manifest_path: str | Path, device: torch.device | str = "cpu") -> tuple[Case, dict[str, torch.Tensor]]:
     """Read a saved case: ``(case, expected outputs)``, tensors on ``device``; the op's arguments are
-    rebuilt by their kinds (its descriptor's ``params``).
+    rebuilt by their kinds (its descriptor's ``params``). The case records its ``compare_inputs()``
+    as loaded (``Case.record_inputs``): a kernel may then run on ``case.args`` in place.
 
     Raises ``ValueError`` naming the file for a malformed manifest (see ``_manifest``) or tensor file,
     or a tensor the op needs that the file lacks."""
@@ -170,7 +172,9 @@ def load(manifest_path: str | Path, device: torch.device | str = "cpu") -> tuple
                 args[p.name] = tensors[p.name]
     except KeyError as e:
         raise ValueError(f"{inputs_file}: no tensor {e} (needed by {op})") from None
-    return Case(op, args, manifest["meta"]), expected
+    case = Case(op, args, manifest["meta"])
+    case.record_inputs()  # compare_inputs(): the state as loaded, even after a kernel updated args in place
+    return case, expected
 
 
 def check(folder: str | Path, backend: str, device: torch.device | str = "cpu") -> list[tuple[str, Report]]:
