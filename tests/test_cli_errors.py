@@ -133,6 +133,21 @@ def test_golden_save_does_not_overwrite(tmp_path, capsys) -> None:
     assert digest(tmp_path) == before
 
 
+@pytest.mark.parametrize("which", ["json", "inputs.safetensors", "expected.safetensors"])
+def test_golden_save_does_not_write_through_a_link(which, tmp_path, capsys) -> None:
+    """A link to nothing named like a file of the case is there too: refused, nothing written
+    (neither where it leads, outside the folder, nor the case's other files)."""
+    folder, outside = tmp_path / "cases", tmp_path / "outside"
+    folder.mkdir()
+    outside.mkdir()
+    link = folder / f"o_proj-tiny-decode-seed0.{which}"
+    link.symlink_to(outside / "victim")
+    code, out, err = _run(["golden", "save", str(folder), "--op", "o_proj"], capsys)
+    _assert_one_line_error(code, err, ("already", str(link), "not overwritten"))
+    assert "saved" not in out
+    assert list(outside.iterdir()) == [] and list(folder.iterdir()) == [link]
+
+
 ONE_LINE_CORRUPTIONS = [
     *structure_corruptions()[:3],
     *(c for c in structure_corruptions() + config_corruptions() if c.id.endswith("deeply-nested")),

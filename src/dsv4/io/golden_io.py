@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 
 from ..harness.cases import Case, run_case
 from ..harness.golden import Report, compare
@@ -41,18 +42,20 @@ def _case_files(folder: Path, name: str) -> list[Path]:
 def save(case: Case, outputs: dict[str, torch.Tensor], folder: str | Path) -> Path:
     """Write ``case`` and its expected ``outputs`` into ``folder``; returns the manifest path.
 
-    Raises ``FileExistsError`` (writing nothing) when a file of the case is already there."""
+    Raises ``FileExistsError`` (writing nothing) when a file of the case is already there, a link
+    (even one to nothing) included; each file is created anew, never written through a link."""
     folder = Path(folder)
     name = case_name(case)
-    existing = [str(f) for f in _case_files(folder, name) if f.exists()]
+    existing = [str(f) for f in _case_files(folder, name) if f.exists() or f.is_symlink()]
     if existing:
         raise FileExistsError(f"golden case {name} is already in {folder} ({', '.join(existing)}); not overwritten")
     folder.mkdir(parents=True, exist_ok=True)
     inputs: dict[str, torch.Tensor] = {}
     for key, value in case.args.items():
         inputs.update((path, v.detach().cpu().contiguous()) for path, v in leaves(value, key) if torch.is_tensor(v))
-    save_file(inputs, folder / f"{name}.inputs.safetensors")
-    save_file({k: v.detach().cpu().contiguous() for k, v in outputs.items()}, folder / f"{name}.expected.safetensors")
+    _create(folder / f"{name}.inputs.safetensors", save_tensors(inputs))
+    expected = {k: v.detach().cpu().contiguous() for k, v in outputs.items()}
+    _create(folder / f"{name}.expected.safetensors", save_tensors(expected))
     manifest = {
         "name": name,
         "op": case.op,
@@ -64,8 +67,15 @@ def save(case: Case, outputs: dict[str, torch.Tensor], folder: str | Path) -> Pa
         "torch_version": torch.__version__,
     }
     path = folder / f"{name}.json"
-    path.write_text(json.dumps(manifest, indent=1) + "\n")
+    _create(path, (json.dumps(manifest, indent=1) + "\n").encode())
     return path
+
+
+def _create(path: Path, data: bytes) -> None:
+    """Write ``data`` to a new file ``path``: ``FileExistsError`` if anything is there, a link included
+    (``open``'s exclusive mode does not follow one)."""
+    with open(path, "xb") as f:
+        f.write(data)
 
 
 def _manifest(path: Path) -> dict[str, Any]:
