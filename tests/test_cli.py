@@ -107,6 +107,27 @@ def test_golden_save_takes_the_layer_kind(tmp_path: Path, capsys: pytest.Capture
     assert "4/4 golden cases passed" in capsys.readouterr().out
 
 
+def test_golden_case_with_an_int_start_pos(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """An int ``start_pos`` (every row at that position; the ops take an int or a ``[B]`` tensor) is
+    saved among the manifest's scalars and read back as that int; a start the op cannot take (a
+    float) is refused before anything is written, not saved into a file ``load`` would refuse."""
+    from dsv4.harness.cases import make_case, run_case
+    from dsv4.io import golden_io
+
+    case = make_case(dsv4.get_config("tiny"), "indexer", "decode", 0, start_pos=100)
+    case.args["start_pos"] = 100
+    path = golden_io.save(case, run_case(case, "reference"), tmp_path / "cases")
+    assert json.loads(path.read_text())["scalars"]["start_pos"] == 100
+    loaded, _ = golden_io.load(path)
+    assert loaded.args["start_pos"] == 100 and type(loaded.args["start_pos"]) is int
+    assert main(["golden", "check", str(tmp_path / "cases"), "--backend", "reference", "--device", "cpu"]) == 0
+    assert "1/1 golden cases passed" in capsys.readouterr().out
+    case.args["start_pos"] = 100.0
+    with pytest.raises(ValueError, match=r"scalars\.start_pos must be a int, got 100\.0"):
+        golden_io.save(case, run_case(make_case(dsv4.get_config("tiny"), "indexer"), "reference"), tmp_path / "f")
+    assert not (tmp_path / "f").exists()
+
+
 def test_golden_check_empty_folder(tmp_path: Path) -> None:
     assert main(["golden", "check", str(tmp_path), "--backend", "reference", "--device", "cpu"]) == 2
 

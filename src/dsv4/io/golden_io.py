@@ -20,7 +20,7 @@ from safetensors.torch import save as save_tensors
 from ..harness.cases import Case, run_case
 from ..harness.golden import Report, compare
 from ..model.fields import build, leaves
-from ..ops.registry import get_op, op_names
+from ..ops.registry import INT_OR_TENSOR, get_op, op_names
 from ..version import __version__
 from .json_files import read_json
 
@@ -46,6 +46,10 @@ def save(case: Case, outputs: dict[str, torch.Tensor], folder: str | Path) -> Pa
     (even one to nothing) included; each file is created anew, never written through a link."""
     folder = Path(folder)
     name = case_name(case)
+    scalars = {k: v for k, v in case.args.items() if isinstance(v, int | float | str)}
+    problem = _scalars_problem(case.op, scalars)
+    if problem:  # a manifest load would refuse
+        raise ValueError(f"golden case {name}: {problem}")
     existing = [str(f) for f in _case_files(folder, name) if f.exists() or f.is_symlink()]
     if existing:
         raise FileExistsError(f"golden case {name} is already in {folder} ({', '.join(existing)}); not overwritten")
@@ -60,7 +64,7 @@ def save(case: Case, outputs: dict[str, torch.Tensor], folder: str | Path) -> Pa
         "name": name,
         "op": case.op,
         "meta": case.meta,
-        "scalars": {k: v for k, v in case.args.items() if isinstance(v, int | float | str)},
+        "scalars": scalars,
         "inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in inputs.items()},
         "expected": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in outputs.items()},
         "dsv4_version": __version__,
@@ -76,6 +80,24 @@ def _create(path: Path, data: bytes) -> None:
     (``open``'s exclusive mode does not follow one)."""
     with open(path, "xb") as f:
         f.write(data)
+
+
+def _scalar_kinds(op: str) -> dict[str, type]:
+    """The arguments of ``op`` a manifest's ``scalars`` may hold, by the type each must be: its int,
+    float and str parameters, and an int one (``start_pos``) that is an int for every batch row or a tensor."""
+    kinds = (int, float, str, INT_OR_TENSOR)
+    return {p.name: int if p.kind == INT_OR_TENSOR else p.kind for p in get_op(op).params if p.kind in kinds}
+
+
+def _scalars_problem(op: str, scalars: Any) -> str:
+    """Why ``scalars`` are not scalar arguments of ``op`` ('' when they are)."""
+    kinds = _scalar_kinds(op)
+    if not (isinstance(scalars, dict) and set(scalars) <= set(kinds)):
+        return f"scalars must be an object with keys among {', '.join(kinds)}, got {scalars!r:.80}"
+    for key, value in scalars.items():
+        if isinstance(value, bool) or not isinstance(value, kinds[key]):
+            return f"scalars.{key} must be a {kinds[key].__name__}, got {value!r:.80}"
+    return ""
 
 
 def _manifest(path: Path) -> dict[str, Any]:
@@ -98,13 +120,10 @@ def _manifest(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: name must be the manifest's own file stem {path.stem!r}, got {name!r:.80}")
     if op not in op_names():
         raise ValueError(f"{path}: op must be one of {', '.join(op_names())}, got {op!r:.40}")
-    kinds = {p.name: p.kind for p in get_op(op).params if p.kind in (int, float, str)}
-    scalars, meta = manifest["scalars"], manifest["meta"]
-    if not (isinstance(scalars, dict) and set(scalars) <= set(kinds)):
-        raise ValueError(f"{path}: scalars must be an object with keys among {', '.join(kinds)}, got {scalars!r:.80}")
-    for key, value in scalars.items():
-        if isinstance(value, bool) or not isinstance(value, kinds[key]):
-            raise ValueError(f"{path}: scalars.{key} must be a {kinds[key].__name__}, got {value!r}")
+    problem = _scalars_problem(op, manifest["scalars"])
+    if problem:
+        raise ValueError(f"{path}: {problem}")
+    meta = manifest["meta"]
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: meta must be a JSON object, got {meta!r:.80}")
     for field in ("inputs", "expected"):  # the tensors golden save wrote: checked against the files on load
