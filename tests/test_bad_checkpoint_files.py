@@ -4,9 +4,13 @@ or field, on the ``safetensors`` path and the raw-bytes path alike, and no file 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -359,6 +363,41 @@ def test_golden_files_that_are_links_are_refused(which, golden_dir, tmp_path, ca
     assert _check_golden(folder) == 2
     err = capsys.readouterr().err
     assert "must be a regular file" in err and len(err.strip().splitlines()) == 1, err
+
+
+@contextlib.contextmanager
+def _unblocking_readers(path: Path) -> Iterator[None]:
+    """While inside, another process opens the named pipe ``path`` for writing whenever a reader opens
+    it, and closes it at once: the reader reads an empty file instead of waiting forever (a process,
+    not a thread: safetensors waits in its open holding the GIL)."""
+    if not path.is_fifo():
+        yield
+        return
+    writer = subprocess.Popen(["sh", "-c", 'while :; do : > "$0"; done', str(path)])
+    try:
+        yield
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+@pytest.mark.parametrize("which", ["json", "inputs.safetensors", "expected.safetensors"])
+@pytest.mark.parametrize("kind", ["named pipe", "directory"])
+def test_golden_files_that_are_not_regular_files_are_refused(which, kind, golden_dir, tmp_path, capsys) -> None:
+    """A case file that is a named pipe is refused, not opened (the read would wait for a writer forever);
+    a directory is refused the same way."""
+    folder, manifest = _golden_copy(golden_dir, tmp_path)
+    path = folder / f"{manifest.stem}.{which}"
+    path.unlink()
+    if kind == "named pipe":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    with _unblocking_readers(path):  # a read of the pipe ends (in a wrong message) instead of hanging the test
+        assert _check_golden(folder) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: a golden file must be a regular file in {folder} (it is a {kind})" in err, err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def test_golden_case_files_without_a_manifest_are_refused(golden_dir, tmp_path, capsys) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -137,9 +138,15 @@ def _manifest(path: Path) -> dict[str, Any]:
 
 
 def _regular_file(path: Path, folder: Path) -> Path:
-    """``path``, a file of ``folder`` itself: a symbolic link (which could lead anywhere) is refused."""
+    """``path``, a file of ``folder`` itself: a symbolic link (which could lead anywhere) is refused, and
+    so is anything but a regular file (a named pipe would block the read). A missing file passes: its
+    reader names it."""
     if path.is_symlink() or path.resolve().parent != folder.resolve():
         raise ValueError(f"{path}: a golden file must be a regular file in {folder} (it links to {path.resolve()})")
+    if path.exists() and not path.is_file():
+        mode = path.stat().st_mode
+        what = "a directory" if stat.S_ISDIR(mode) else "a named pipe" if stat.S_ISFIFO(mode) else "a special file"
+        raise ValueError(f"{path}: a golden file must be a regular file in {folder} (it is {what})")
     return path
 
 
