@@ -251,6 +251,7 @@ def _manifest_edits(outside: Path) -> list[tuple[str, object, tuple[str, ...]]]:
         ("manifest-deeply-nested", "[" * 200_000 + "]" * 200_000, ("nested", "levels deep")),
         ("field-deeply-nested", lambda text: deep_in_object(text, "scalars"), ("nested", "levels deep")),
         ("no-scalars", lambda text: _without(text, "scalars"), ("missing field", "scalars")),
+        ("key-twice", lambda text: text.replace('"offset": ', '"offset": 999, "offset": ', 1), ("'offset'", "twice")),
         ("no-meta", lambda text: _without(text, "meta"), ("missing field", "meta")),
         ("no-name-no-op", lambda text: _without(text, "name", "op"), ("missing field", "name, op")),
     ]

@@ -23,7 +23,7 @@ from ..harness.golden import Report, compare
 from ..model.fields import build, leaves
 from ..ops.registry import INT_OR_TENSOR, get_op, op_names
 from ..version import __version__
-from .json_files import read_json
+from .json_files import read_json, unique_keys
 
 
 def case_name(case: Case) -> str:
@@ -105,8 +105,9 @@ def _manifest(path: Path) -> dict[str, Any]:
     """The manifest at ``path`` with the fields ``load`` uses checked; ``ValueError`` names the file and field.
 
     ``name`` derives the tensor files' names, so it must be a plain file stem: no path separator, no
-    ``..``, not absolute (a manifest cannot make ``load`` read outside its folder)."""
-    manifest = read_json(path)
+    ``..``, not absolute (a manifest cannot make ``load`` read outside its folder). A key twice in
+    one object is refused (JSON would keep the last)."""
+    manifest = read_json(path, unique_keys)
     if not isinstance(manifest, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     missing = [k for k in ("name", "op", "scalars", "meta") if k not in manifest]
