@@ -148,6 +148,23 @@ def test_golden_save_does_not_write_through_a_link(which, tmp_path, capsys) -> N
     assert list(outside.iterdir()) == [] and list(folder.iterdir()) == [link]
 
 
+@pytest.mark.parametrize("what", ["a file", "a link to nothing"])
+@pytest.mark.parametrize("command", ["save", "check"])
+def test_golden_folder_that_is_not_a_directory(command, what, tmp_path, capsys) -> None:
+    """``golden save`` or ``check`` given a file (or a link to nothing) for its directory: one line
+    naming it, not ``[Errno 17] File exists`` or ``no golden cases``; nothing written."""
+    path = tmp_path / "afile"
+    if what == "a file":
+        path.write_text("mine\n")
+    else:
+        path.symlink_to(tmp_path / "nowhere")
+    argv = ["golden", command, str(path)] + (["--op", "o_proj"] if command == "save" else ["--device", "cpu"])
+    code, out, err = _run(argv, capsys)
+    _assert_one_line_error(code, err, (f"{path}: is {what}, not a directory",))
+    assert "saved" not in out and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    assert what != "a file" or path.read_text() == "mine\n"
+
+
 ONE_LINE_CORRUPTIONS = [
     *structure_corruptions()[:3],
     *(c for c in structure_corruptions() + config_corruptions() if c.id.endswith("deeply-nested")),

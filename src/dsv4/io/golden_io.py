@@ -44,8 +44,9 @@ def save(case: Case, outputs: dict[str, torch.Tensor], folder: str | Path) -> Pa
     """Write ``case`` and its expected ``outputs`` into ``folder``; returns the manifest path.
 
     Raises ``FileExistsError`` (writing nothing) when a file of the case is already there, a link
-    (even one to nothing) included; each file is created anew, never written through a link."""
-    folder = Path(folder)
+    (even one to nothing) included; each file is created anew, never written through a link.
+    ``NotADirectoryError`` when ``folder`` is there and not a directory."""
+    folder = _folder(folder)
     name = case_name(case)
     scalars = {k: v for k, v in case.args.items() if isinstance(v, int | float | str)}
     problem = _scalars_problem(case.op, scalars)
@@ -74,6 +75,15 @@ def save(case: Case, outputs: dict[str, torch.Tensor], folder: str | Path) -> Pa
     path = folder / f"{name}.json"
     _create(path, (json.dumps(manifest, indent=1) + "\n").encode())
     return path
+
+
+def _folder(folder: str | Path) -> Path:
+    """``folder`` as a path; ``NotADirectoryError`` naming it when it is there and not a directory."""
+    folder = Path(folder)
+    if (folder.exists() or folder.is_symlink()) and not folder.is_dir():
+        what = "a file" if folder.exists() else "a link to nothing"
+        raise NotADirectoryError(f"{folder}: is {what}, not a directory (golden cases are the files of a directory)")
+    return folder
 
 
 def _create(path: Path, data: bytes) -> None:
@@ -215,12 +225,16 @@ def load(manifest_path: str | Path, device: torch.device | str = "cpu") -> tuple
 
 
 def check(folder: str | Path, backend: str, device: torch.device | str = "cpu") -> list[tuple[str, Report]]:
-    """Replay every case in ``folder`` on ``backend``; returns ``(case name, report)`` pairs."""
-    manifests = sorted(Path(folder).glob("*.json"))
+    """Replay every case in ``folder`` on ``backend``; returns ``(case name, report)`` pairs.
+
+    Raises ``NotADirectoryError`` when ``folder`` is there and not a directory, ``FileNotFoundError``
+    when it holds no case."""
+    folder = _folder(folder)
+    manifests = sorted(folder.glob("*.json"))
     if not manifests:
         raise FileNotFoundError(f"no golden cases (*.json manifests) in {folder}")
-    claimed = {f.name for path in manifests for f in _case_files(Path(folder), path.stem)}
-    orphans = sorted(str(f) for f in Path(folder).glob("*.safetensors") if f.name not in claimed)
+    claimed = {f.name for path in manifests for f in _case_files(folder, path.stem)}
+    orphans = sorted(str(f) for f in folder.glob("*.safetensors") if f.name not in claimed)
     if orphans:  # a case whose manifest is gone would otherwise go unchecked
         raise ValueError(f"{orphans[0]}: a golden tensor file no manifest in {folder} names (a partial case)")
     results = []
