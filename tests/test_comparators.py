@@ -213,6 +213,71 @@ def test_topk_a_nan_score_matches_only_a_nan() -> None:
     assert not topk_allclose(torch.tensor([[[4, 2, 3]]]), ref, sc)  # the NaN left out
 
 
+INF = float("inf")
+
+
+def test_topk_an_infinite_score_matches_only_the_same_infinity() -> None:
+    """The score tolerance ``atol + rtol*|ref|`` is infinite at an infinite reference score: a pick
+    there must be the same infinity (equal infinities may swap), never a finite score."""
+    sc = torch.tensor([[[0.5, INF, 0.25, 0.1, MASKED, MASKED]]])
+    ref = torch.tensor([[[1]]])
+    assert topk_allclose(ref.clone(), ref, sc)
+    check = topk_allclose(torch.tensor([[[3]]]), ref, sc)  # 0.1 where the reference's top-1 is +inf
+    assert not check and "slot 0: score 0.1 where the reference's top-k has inf" in check.detail, check.detail
+    sc = torch.tensor([[[0.1, INF, INF, 0.2, 0.3, MASKED]]])
+    ref = torch.tensor([[[1, 2]]])
+    assert topk_allclose(torch.tensor([[[2, 1]]]), ref, sc)  # the two +inf in either order
+    assert not topk_allclose(torch.tensor([[[3, 0]]]), ref, sc)  # 0.2, 0.1: neither is +inf
+    assert not topk_allclose(torch.tensor([[[1, 4]]]), ref, sc)  # 0.3 for the second +inf
+    sc = torch.tensor([[[0.5, -INF, MASKED, MASKED]]])  # a visible -inf ranks last among the visible keys
+    ref = torch.tensor([[[0, 1]]])
+    assert topk_allclose(ref.clone(), ref, sc)
+    assert topk_allclose(ref.clone(), ref, sc, start_pos=7)  # (7 + 1) // 4 = 2 keys visible
+    for start_pos in (None, 7):
+        check = topk_allclose(torch.tensor([[[0, 3]]]), ref, sc, start_pos=start_pos)  # 3: not visible
+        assert not check and "index 3 is a key the token cannot see (it sees 2)" in check.detail, check.detail
+    rising = torch.tensor([[[1, 0]]])  # -inf, then 0.5 (a reference listing them so: nothing is after -inf)
+    check = topk_allclose(rising, rising, sc)
+    assert not check and "not in descending order" in check.detail, check.detail
+
+
+def test_topk_picks_only_keys_the_token_sees() -> None:
+    """Token ``s`` of row ``b`` sees keys ``j < (start_pos[b] + s + 1) // 4`` (spec §5); a key past
+    them is refused even where its masked score is within the tolerance of a real one."""
+    sc = torch.tensor([[[0.5, -3.39e38, MASKED, MASKED]]])  # 2 keys visible; the second's score near MASKED
+    ref = torch.tensor([[[100, 101]]])
+    assert topk_allclose(ref.clone(), ref, sc, offset=100, start_pos=7)
+    for start_pos in (None, 7, torch.tensor([7])):
+        check = topk_allclose(torch.tensor([[[100, 102]]]), ref, sc, offset=100, start_pos=start_pos)
+        assert not check and "index 102 is a key the token cannot see (it sees 2)" in check.detail, check.detail
+    # keys 1 and 2 visible with the most negative finite score: start_pos tells them from hidden ones
+    sc = torch.tensor([[[0.5, MASKED, MASKED, MASKED]]])
+    ref = torch.tensor([[[0, 1]]])
+    assert topk_allclose(torch.tensor([[[0, 2]]]), ref, sc, start_pos=11)  # (11 + 1) // 4 = 3 keys: a tie
+    assert not topk_allclose(torch.tensor([[[0, 3]]]), ref, sc, start_pos=11)
+    assert not topk_allclose(torch.tensor([[[0, 2]]]), ref, sc, start_pos=7)
+    with pytest.raises(ValueError, match=r"start_pos: expected an int or one value per row \(1\), got 2 values"):
+        topk_allclose(ref, ref, sc, start_pos=torch.tensor([7, 7]))
+
+
+def test_compare_holds_topk_to_the_keys_each_token_sees() -> None:
+    """``compare`` takes the start positions from its ``inputs``: rows at their own positions (row 0
+    sees 3 keys, row 1 all 4), a pick past row 0's keys fails, the same pick in row 1 passes; row 0's
+    keys 1 and 2 score the most negative finite value, so its scores alone would not show key 2 visible."""
+    before = dsv4.IndexerState.paged(2, 4, 16, 8, torch.tensor([[0], [1]]))
+    inputs = step_inputs(torch.zeros(2, 1, 8), torch.tensor([11, 15]), before)
+    sc = torch.tensor([[[0.5, MASKED, MASKED, MASKED]], [[0.5, MASKED, MASKED, MASKED]]])
+    ref = torch.tensor([[[0, 1]], [[0, 1]]])
+
+    def topk_check(got: torch.Tensor) -> dsv4.golden.Check:
+        report = compare("indexer", {"score": sc, "topk_idxs": got}, {"score": sc, "topk_idxs": ref}, inputs)
+        return next(c for c in report.checks if c.name == "topk_idxs")
+
+    assert topk_check(torch.tensor([[[0, 2]], [[0, 3]]]))
+    check = topk_check(torch.tensor([[[0, 3]], [[0, 3]]]))
+    assert not check and "[b=0, s=0] index 3 is a key the token cannot see (it sees 3)" in check.detail
+
+
 def test_compare_needs_every_part_of_a_record_and_the_same_dtypes() -> None:
     """An output made of several tensors (a pool, the key cache) is judged only with every part on
     both sides; an output in another dtype than the expected one fails."""

@@ -15,6 +15,7 @@ import torch
 from ..model.config import COMPRESS_RATIO
 from ..model.fp8_row import ROW_BLOCK, SCALE_BIAS, dequantize_fp8_rows
 from ..model.state import IndexerState
+from ..model.structs import MASKED_SCORE
 from ..ops.registry import Output, Tolerance, get_op, op_names
 
 _MASK_LIKE = -1e38  # anything below this counts as "masked" (-inf or the most negative finite)
@@ -101,14 +102,21 @@ def topk_allclose(
     atol: float = 1e-4,
     rtol: float = 1 / 128,
     name: str = "topk_idxs",
+    start_pos: int | torch.Tensor | None = None,
 ) -> Check:
     """Tie-tolerant top-k comparison (spec §6).
 
     ``actual``, ``expected``: ``[B, S, K]`` int indices (``+offset``, ``-1`` padded); ``ref_score``:
     the reference's ``[B, S, N]`` scores. Per token: the same number of valid entries, as a prefix;
-    no duplicates; every index inside the scored range; the reference scores at the chosen indices
+    no duplicates; every index one the token can see; the reference scores at the chosen indices
     non-increasing and equal to the reference's own top-k scores position by position, both within
-    the score tolerance — so only near-equal scores may swap.
+    the score tolerance — so only near-equal scores may swap. An infinite reference score matches
+    only the same infinity, a NaN only a NaN.
+
+    Token ``s`` of row ``b`` sees keys ``j < vis(b,s) = (start_pos[b] + s + 1) // 4`` (spec §5) when
+    ``start_pos`` (an int for every row, or ``[B]``) is given; without it, those before the run of
+    masked scores (``MASKED_SCORE``, which the reference writes at every ``j >= vis``) that ends the
+    row, and at least those up to the reference's own choice.
     """
     rule = f"tie-tolerant, score atol={atol:g} rtol={rtol:g}"
     if actual.shape != expected.shape:
@@ -120,6 +128,7 @@ def topk_allclose(
     e = expected.detach().to("cpu", torch.int64)
     sc = ref_score.detach().to("cpu", torch.float64)
     n = sc.shape[-1]
+    vis = _visible(sc, e, offset, start_pos)
     worst = 0.0
     failures: list[str] = []
     rows = a.reshape(-1, a.shape[-1])
@@ -135,6 +144,11 @@ def topk_allclose(
         if k and (int(got.min()) < 0 or int(got.max()) >= n):
             failures.append(f"{where} index out of [offset, offset+{n})")
             continue
+        if k and int(got.max()) >= int(vis[b, s]):
+            failures.append(
+                f"{where} index {int(got.max()) + offset} is a key the token cannot see (it sees {int(vis[b, s])})"
+            )
+            continue
         if torch.unique(got).numel() != k:
             failures.append(f"{where} duplicate indices")
             continue
@@ -142,21 +156,40 @@ def topk_allclose(
         tol = atol + rtol * ref_s.abs()
         diff = (got_s - ref_s).abs()
         worst = max(worst, float(diff.nan_to_num(0.0).max()) if k else 0.0)
-        # a NaN score matches only a NaN (NaNs rank first: spec §6); any other NaN comparison is a miss
-        off = ~(diff <= tol) & ~(got_s.isnan() & ref_s.isnan())
+        # the same value (an infinity only the same infinity), a NaN for a NaN (NaNs rank first: spec
+        # §6), or a finite reference score within the tolerance; anything else is a miss
+        same = (got_s == ref_s) | (got_s.isnan() & ref_s.isnan())
+        off = ~(same | (ref_s.isfinite() & (diff <= tol)))
         nan = got_s.isnan()
+        prev = got_s[:-1]
+        bound = torch.where(prev.isinf(), prev, prev + atol + rtol * prev.abs())  # an infinity's bound is itself
         if bool(off.any()):
             i = int(off.nonzero()[0])
             failures.append(
                 f"{where} slot {i}: score {float(got_s[i]):.6g} where the reference's top-k has {float(ref_s[i]):.6g}"
             )
-        elif k > 1 and (
-            bool((got_s[1:] > got_s[:-1] + atol + rtol * got_s[:-1].abs()).any()) or bool((nan[1:] & ~nan[:-1]).any())
-        ):
+        elif k > 1 and (bool((got_s[1:] > bound).any()) or bool((nan[1:] & ~nan[:-1]).any())):
             failures.append(f"{where} scores not in descending order")
     ratio = len(failures) / max(1, rows.shape[0])
     detail = f"{len(failures)} token(s) off; first {failures[0]}" if failures else ""
     return Check(name, not failures, rule, worst, 0.0, ratio, detail)
+
+
+def _visible(
+    score: torch.Tensor, expected: torch.Tensor, offset: int, start_pos: int | torch.Tensor | None
+) -> torch.Tensor:
+    """``[B, S]`` int64: how many keys each token sees (see ``topk_allclose``), from ``start_pos``
+    (an int or ``[B]``) or else from the reference's ``score [B, S, N]`` and ``expected`` indices."""
+    batch, seq = expected.shape[:2]
+    if start_pos is not None:
+        start = torch.as_tensor(start_pos).detach().to("cpu", torch.int64).reshape(-1)
+        if start.numel() not in (1, batch):
+            raise ValueError(f"start_pos: expected an int or one value per row ({batch}), got {start.numel()} values")
+        return (start.expand(batch)[:, None] + torch.arange(seq) + 1) // COMPRESS_RATIO
+    n = score.shape[-1]
+    shown = torch.where(score != MASKED_SCORE, torch.arange(1, n + 1), 0)
+    chosen = torch.where(expected != -1, expected - offset + 1, 0)
+    return torch.cat((shown, chosen, torch.zeros(batch, seq, 1, dtype=torch.int64)), -1).amax(-1)
 
 
 def _written_slots(table: torch.Tensor, pool: torch.Size, start_pos: torch.Tensor, seq: int) -> torch.Tensor:
@@ -419,7 +452,8 @@ def _check(
     actual = outputs[out.name]
     if out.rule == "topk":
         ref_score = expected["score"]
-        return topk_allclose(actual, expected[out.name], ref_score, int(inputs.get("offset", 0)), tol.atol, tol.rtol)
+        offset, start = int(inputs.get("offset", 0)), inputs.get("start_pos")
+        return topk_allclose(actual, expected[out.name], ref_score, offset, tol.atol, tol.rtol, start_pos=start)
     if out.rule == "score":
         return _check_score(actual, expected[out.name], tol)
     return ratio_allclose(actual, expected[out.name], tol.atol, tol.rtol, tol.max_error_ratio, out.name)
@@ -433,10 +467,11 @@ def compare(
 ) -> Report:
     """Check every output of ``op`` against ``expected`` with the spec §6 rule its descriptor gives.
 
-    ``inputs`` (optional) lets the stricter rules apply: ``offset`` for ``topk_idxs``; the pre-step
-    ``idx_kv_cache`` with ``start_pos`` (``[B]``) and ``seq`` (S) so rows the step did not write
-    must be bit-identical to before; for an FP8 pool, ``before`` (the tensors before the step, by
-    output name) and optionally ``written`` (output name -> ``[NB, bs]`` bool of the rows written).
+    ``inputs`` (optional) lets the stricter rules apply: ``offset`` for ``topk_idxs``, and
+    ``start_pos`` (``[B]``) for the keys each token sees; the pre-step ``idx_kv_cache`` with
+    ``start_pos`` and ``seq`` (S) so rows the step did not write must be bit-identical to before;
+    for an FP8 pool, ``before`` (the tensors before the step, by output name) and optionally
+    ``written`` (output name -> ``[NB, bs]`` bool of the rows written).
     """
     desc = get_op(op)
     inputs = inputs or {}
