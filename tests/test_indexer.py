@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -117,6 +119,26 @@ def test_start_pos_int_equals_tensor(backend: str) -> None:
     b = _step(batch=3, seq=2, start=[17, 17, 17], seed=2)
     (_, oa), (_, ob) = _run(a, backend), _run(b, backend)
     assert torch.equal(oa.score, ob.score) and torch.equal(oa.topk_idxs, ob.topk_idxs)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (the interpreter) on inf arithmetic
+def test_head_weight_times_query_scale_past_fp32_scores_and_selects_as_the_reference() -> None:
+    """Every input finite, one head whose weight (~1e30) times its query scale (1e12) passes fp32's max: a key
+    whose dot is <= 0 scores ``relu(dot * qs) * w = 0`` (spec §5 step 5's order), not NaN, so the top-k is the
+    reference's (+inf keys first, then zeros by index), never the zero keys a NaN would rank first."""
+    case = make_case(CFG.replace(name="one-head", index_n_heads=1), "indexer", seed=0, device=DEVICE, batch=1, seq=1,
+                     start_pos=400)  # fmt: skip
+    args = case.args
+    args["w"] = dataclasses.replace(args["w"], weights_proj=torch.full_like(args["w"].weights_proj, 1e30))
+    args["qr_scale"] = torch.full_like(args["qr_scale"], 1e12)
+    args["x"] = args["x"].abs()  # the head weight x @ weights_proj.T * HID^-0.5 > 0
+    args["topk"] = 16
+    ref = dsv4.indexer(**clone_args(args), backend="reference")
+    out = dsv4.indexer(**clone_args(args), backend="triton")
+    vis = ref.score[0, 0, :100]  # (400 + 1) // 4 visible keys
+    assert not vis.isnan().any() and (vis == float("inf")).any() and (vis == 0).sum() > 16, "not the overflow case"
+    assert torch.equal(out.score, ref.score)
+    assert torch.equal(out.topk_idxs, ref.topk_idxs)
 
 
 def test_reference_topk_order_and_tie_rule() -> None:

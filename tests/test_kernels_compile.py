@@ -128,8 +128,9 @@ PDL_ORDER = {
 PIPELINED = {"_front_kernel", "_score_kernel", "_wo_a_kernel", "_wo_b_kernel"}
 # SASS instructions of one iteration of the score loop (a 128-key tile), one warp: the target of the
 # streaming layout (at ~4.3 TB/s an SM has ~700 issue slots per warp for each 16.5 KB tile it reads),
-# rows past ROW_IN_REGISTERS that also count the first digit (HIST) included: 463 / 519 without it and
-# 508 / 620 with it on Triton 3.9 / 3.6, whose tl.histogram is built from warp ballots (docs/DESIGN.md).
+# rows past ROW_IN_REGISTERS that also count the first digit (HIST) included: 454 / 519 without it and
+# 503 / 620 with it on Triton 3.9 / 3.6, whose tl.histogram is built from warp ballots (docs/DESIGN.md).
+# The smallest loop holding the MMA is measured: the common one (the rare spec-order loop is longer).
 SCORE_TILE_SASS_AT_MOST = 700
 
 

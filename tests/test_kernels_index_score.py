@@ -20,7 +20,8 @@ from dsv4.kernels.topk import FIRST_DIGIT_BINS, HIST_WORDS
 from dsv4.model.config import PRESETS
 from dsv4.model.quant import quantize_int8_per_row
 from dsv4.model.state import IndexerState
-from dsv4.model.structs import MASKED_SCORE
+from dsv4.model.structs import MASKED_SCORE, StepPositions
+from dsv4.model.weights import IndexerWeights
 from dsv4.ops.validate import step_positions
 from dsv4.reference.indexer import index_scores as reference_index_scores
 
@@ -60,15 +61,10 @@ def _order_bits(score: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, ~bits & 0xFFFFFFFF, bits | 0x80000000)
 
 
-def _check_scores(batch: int, seq: int, heads: int, start_pos, extra_cache_batch: int = 0, seed: int = 0) -> None:
-    """Scores of the kernel and the reference from one key pool: blocks of 16 rows in shuffled
-    order; every pool row the step does not read holds garbage keys and a NaN scale, so a read of
-    one shows as a NaN score. The launch adds each token's first-digit histogram into ``hist``."""
-    g = torch.Generator().manual_seed(seed)
-    cfg = PRESETS["tiny"]
-    start = torch.tensor(start_pos) if isinstance(start_pos, list) else start_pos
-    pos = step_positions(start, batch, seq, DEVICE)
-    slots, block_size = batch + extra_cache_batch, 16
+def _shuffled_pool(pos: StepPositions, slots: int, g: torch.Generator) -> IndexerState:
+    """A pool of ``slots`` rows in blocks of 16 rows in shuffled order, holding each row's keys of ``pos``;
+    every pool row the step does not read holds garbage keys and a NaN scale."""
+    block_size = 16
     per_slot = -(-(max(pos.max_cache_len, 1) + 3) // block_size)
     table = torch.randperm(slots * per_slot, generator=g).view(slots, per_slot)
     state = IndexerState.paged(slots, slots * per_slot, block_size, HEAD_DIM, table, DEVICE)
@@ -79,9 +75,25 @@ def _check_scores(batch: int, seq: int, heads: int, start_pos, extra_cache_batch
         state.write_keys(torch.full((n,), b, device=DEVICE), torch.arange(n, device=DEVICE), keys)
     state.kv_state.copy_(torch.randn(state.kv_state.shape, generator=g))
     state.score_state.copy_(torch.randn(state.score_state.shape, generator=g))
+    return state
 
+
+def _weights(heads: int) -> IndexerWeights:
+    """The tiny preset's indexer weights with ``heads`` heads (the kernel reads their shapes only)."""
+    cfg = PRESETS["tiny"]
     w = make_case(cfg, "indexer", device=DEVICE, batch=1, seq=1).args["w"]
-    w = dataclasses.replace(w, weights_proj=torch.empty(heads, cfg.hidden_size, dtype=torch.bfloat16, device=DEVICE))
+    return dataclasses.replace(w, weights_proj=torch.empty(heads, cfg.hidden_size, dtype=torch.bfloat16, device=DEVICE))
+
+
+def _check_scores(batch: int, seq: int, heads: int, start_pos, extra_cache_batch: int = 0, seed: int = 0) -> None:
+    """Scores of the kernel and the reference from one key pool: blocks of 16 rows in shuffled
+    order; every pool row the step does not read holds garbage keys and a NaN scale, so a read of
+    one shows as a NaN score. The launch adds each token's first-digit histogram into ``hist``."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.tensor(start_pos) if isinstance(start_pos, list) else start_pos
+    pos = step_positions(start, batch, seq, DEVICE)
+    state = _shuffled_pool(pos, batch + extra_cache_batch, g)
+    w = _weights(heads)
     t = batch * seq
     xp = torch.randn(1, t, 4 * HEAD_DIM + heads, generator=g).to(DEVICE)  # kv | gate | head weights, one K-slice
     q = torch.randn(batch, seq, heads, HEAD_DIM, generator=g).to(DEVICE)
@@ -147,3 +159,52 @@ def test_scores_long_context() -> None:
     t0 = time.perf_counter()
     _check_scores(1, 1, heads=4, start_pos=65536 * 4 - 1, seed=2)
     print(f"index_scores, 65536 keys, 4 heads, interpreter: {time.perf_counter() - t0:.1f} s")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (the interpreter) on inf/NaN arithmetic
+@pytest.mark.parametrize("programs", [1, 3])
+def test_a_folded_weight_past_fp32_scores_in_the_spec_order(programs: int, monkeypatch) -> None:
+    """Finite ``w`` and ``qs`` whose product passes fp32's max: a key whose dot is <= 0 scores ``relu(dot * qs)
+    * w = 0`` as the reference, not ``0 * inf = NaN``, and the group's NaN cases stay the reference's (an
+    infinite or NaN ``qs``, a NaN ``w``). One token per group (``S = 1``); with 1 or 3 programs, a program
+    walks groups of both kinds."""
+    monkeypatch.setattr(index_score_module, "sm_count", lambda device: programs)
+    g = torch.Generator().manual_seed(3)
+    batch, heads = 8, 2
+    pos = step_positions(torch.tensor([403, 250, 600, 520, 330, 701, 288, 455]), batch, 1, DEVICE)
+    state = _shuffled_pool(pos, batch, g)
+    huge_w = 1e30 / (HEAD_DIM**-0.5 * heads**-0.5)  # the projection column whose head weight is 1e30
+    proj = torch.randn(batch, heads, generator=g)
+    q = torch.randn(batch, heads, HEAD_DIM, generator=g)
+    big = 1e12 * 127 / q.abs().amax(-1)  # scales each query row to qs = 1e12: w * qs = 1e42 > 3.4e38
+    proj[0, 0], q[0, 0] = huge_w, q[0, 0] * big[0, 0]  # head 1 ordinary: inf where dot_0 > 0, else its term
+    proj[1], q[1] = torch.tensor([-huge_w, huge_w]), q[1] * big[1, :, None]  # -inf + inf = NaN, one of them, 0
+    proj[2, 0], q[2, 0], q[2, 1] = huge_w, q[2, 0] * big[2, 0], float("inf")  # head 1: qs = inf, dot = 0: NaN
+    proj[3, 0], q[3, 0], q[3, 1, 5] = huge_w, q[3, 0] * big[3, 0], float("nan")  # head 1: qs = NaN
+    proj[4, 0] = float("nan")  # w = NaN: NaN everywhere
+    proj[5, 1], q[5, 1] = -huge_w, q[5, 1] * big[5, 1]  # -inf where dot_1 > 0
+    q[6, 0] = float("inf")  # w * qs = inf from an infinite qs (dot = 0): NaN in either order
+    # row 7: ordinary
+    q8, q_scale = quantize_int8_per_row(q)
+    xp = torch.cat([torch.randn(batch, 4 * HEAD_DIM, generator=g), proj], 1).to(DEVICE)
+    score = index_scores(xp, q8, q_scale.view(batch, heads), _weights(heads), state, pos)
+    weights = (xp[:, 4 * HEAD_DIM :] * (HEAD_DIM**-0.5 * heads**-0.5)).view(batch, 1, heads)
+    expected = reference_index_scores(q.view(batch, 1, heads, HEAD_DIM).to(DEVICE), weights, state, pos)
+
+    assert torch.isfinite(q_scale[:2]).all() and torch.isfinite(weights[:2]).all(), "every factor of rows 0, 1 finite"
+    assert bool(torch.isinf(weights[:2] * q_scale[:2].view(2, 1, heads)).any()), "no folded factor overflowed"
+    for b in range(batch):
+        got, exp = score[b, 0], expected[b, 0]
+        assert torch.equal(got.isnan(), exp.isnan()), (b, "NaN where the reference has none, or not where it has")
+        inf = exp.isinf()
+        assert torch.equal(got.isinf(), inf) and torch.equal(got[inf], exp[inf]), (b, "infinities differ")
+        fin = exp.isfinite()
+        tol = tolerance("score")
+        check = ratio_allclose(got[fin], exp[fin], tol.atol, tol.rtol, tol.max_error_ratio, f"score row {b}")
+        assert check, check.detail
+    # what the reference gives the rows, so that each case is reached: infinities next to finite scores (rows 0, 5),
+    # NaN, infinities and exact zeros (row 1), NaN at every visible key (rows 2, 3, 4, 6)
+    vis = [expected[b, 0, :n] for b, n in enumerate(pos.cache_lens)]
+    assert all(v.isinf().any() and v.isfinite().any() and not v.isnan().any() for v in (vis[0], vis[5]))
+    assert vis[1].isnan().any() and vis[1].isinf().any() and (vis[1] == 0).any()
+    assert all(vis[b].isnan().all() for b in (2, 3, 4, 6)) and vis[7].isfinite().all()

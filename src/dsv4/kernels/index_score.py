@@ -16,8 +16,12 @@ scale once per key after the sum. ``relu(dot*qs)*w`` and ``relu(dot)*(w*qs)`` ar
 number (``qs > 0``: a per-row scale of at least ``1e-4/127``) and differ by the rounding of one
 product; non-finite values come out as the reference's (an infinite or NaN ``qs`` belongs to a query
 row quantized to zeros, so ``dot = 0`` and both give ``0 * inf``/``0 * NaN`` = NaN; a NaN head weight
-makes every term NaN either way). Keys a token cannot see (``j >= (start + s + 1) // 4``) get
-``MASKED_SCORE``.
+makes every term NaN either way). A finite ``w`` and ``qs`` whose product passes fp32's max would
+make ``wq`` infinite and a dot ``<= 0`` NaN (``0 * inf``) where the spec's order gives 0: a group
+where that happens (one reduction over its pairs, before its tiles) runs its tiles through a second,
+unpipelined loop in the spec's order, ``relu(dot * qs) * w`` (NaN kept by the ReLU, ``w`` and ``qs``
+reloaded per tile); the branch is uniform and the common loop is unchanged. Keys a token cannot see
+(``j >= (start + s + 1) // 4``) get ``MASKED_SCORE``.
 
 **Work.** The items are (query group, tile) pairs, group-major: batch row ``b``'s groups, each with
 ``ceil(N / KEYS)`` tiles over the score's width ``N``. Program ``p`` of ``P`` takes the contiguous run
@@ -131,6 +135,47 @@ def _tile_slots(table_ptr, b, key, present, max_blocks, BLOCK_SIZE: tl.constexpr
     return block * BLOCK_SIZE + key % BLOCK_SIZE
 
 
+@triton.jit
+def _score_tile(
+    t, b, keys_ptr, key_scale_ptr, table_ptr, max_blocks, n_keys, q8, wq, qs_at, w_at, live, weights_scale, load_hi,
+    visible, tok_live, out_row, counts,
+    TOKENS: tl.constexpr, HEADS_PAD: tl.constexpr, HID: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HIST: tl.constexpr, SPEC_ORDER: tl.constexpr,
+):  # fmt: skip
+    """Key tile ``t`` of a query group: its scores stored through ``out_row [TOKENS]`` (row pointers)
+    and, with ``HIST``, their first digits added to ``counts [TOKENS * BINS] int32`` (returned). A pair's
+    term is ``max(dot, 0) * wq`` (``wq [PAIRS] fp32``: the folded ``w * qs``) or, with ``SPEC_ORDER``, the
+    spec's ``relu(dot * qs) * w`` with ``qs`` and ``w`` loaded here from ``qs_at``/``w_at [PAIRS]``
+    (``live``: the pairs that exist; ``w`` is the load times ``weights_scale``), NaN kept by the ReLU."""
+    dim = tl.arange(0, HID)
+    col_tok = tl.arange(0, TOKENS)
+    key = t * _KEYS + tl.arange(0, _KEYS)
+    present = key < load_hi
+    slot = _tile_slots(table_ptr, b, key, present, max_blocks, BLOCK_SIZE)
+    k8 = tl.load(keys_ptr + slot[:, None] * HID + dim[None, :], mask=present[:, None], other=0, cache_modifier=".cg")
+    k_scale = tl.load(key_scale_ptr + slot, mask=present, other=0.0, cache_modifier=".cg")
+    dots = tl.dot(k8, q8, out_dtype=tl.int32)  # [KEYS, PAIRS]
+    if SPEC_ORDER:
+        q_scale = tl.load(qs_at, mask=live, other=0.0)
+        relu = tl.maximum(dots.to(tl.float32) * q_scale[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
+        weight = tl.load(w_at, mask=live, other=0.0) * weights_scale
+        terms = relu * weight[None, :]
+    else:
+        terms = tl.maximum(dots, 0).to(tl.float32) * wq[None, :]
+    head_sum = tl.sum(tl.reshape(terms, [_KEYS, TOKENS, HEADS_PAD]), 2)  # [KEYS, TOKENS]
+    seen = (key[:, None] < visible[None, :]) & tok_live[None, :]
+    score = tl.where(seen, head_sum * k_scale[:, None], _MASKED)  # the key scale after the head sum
+    tl.store(out_row[None, :] + key[:, None], score, mask=(key < n_keys)[:, None] & tok_live[None, :])
+    if HIST:
+        # Every entry is counted and the unseen ones (_MASKED) come off after the loop, not masked:
+        # compiled, tl.histogram pairs a mask with its input register by register, and the flattens
+        # of the two may reorder differently (Triton 3.6 does). Flattened token-major, the digits
+        # are computed in the store's key-major layout and share its layout change (Triton 3.6).
+        digit = (order_bits(score) >> _FIRST_SHIFT).to(tl.int32) + col_tok[None, :] * _BINS
+        counts += tl.histogram(tl.reshape(tl.trans(digit), [_KEYS * TOKENS]), TOKENS * _BINS)
+    return counts
+
+
 # A block table's width is the caller's cache size: not specialized on (== 1, divisible by 16), one variant
 # serves every width (its loads are gathers either way).
 @triton.jit(do_not_specialize=["max_blocks"])
@@ -196,9 +241,15 @@ def _score_kernel(
         live = (pair_head < HI) & (s0 + pair_tok < S)
         tok = tok0 + pair_tok
         q8 = tl.load(q8_ptr + ((tok * HI + pair_head) * HID)[None, :] + dim[:, None], mask=live[None, :], other=0)
-        q_scale = tl.load(q_scale_ptr + tok * HI + pair_head, mask=live, other=0.0)
-        weight = tl.load(proj_ptr + tok * n_proj + w_col + pair_head, mask=live, other=0.0) * weights_scale
+        qs_at = q_scale_ptr + tok * HI + pair_head
+        w_at = proj_ptr + tok * n_proj + w_col + pair_head
+        q_scale = tl.load(qs_at, mask=live, other=0.0)
+        weight = tl.load(w_at, mask=live, other=0.0) * weights_scale
         wq = weight * q_scale
+        # A folded factor past fp32's range from finite factors (|w * qs| > 3.4e38): a key whose dot is <= 0
+        # would get 0 * inf = NaN where the spec's order gives 0, so such a group (rare) takes that order.
+        finite = (tl.abs(weight) < float("inf")) & (tl.abs(q_scale) < float("inf"))
+        spec_order = tl.max(((tl.abs(wq) == float("inf")) & finite).to(tl.int32), 0) != 0
         tok_live = s0 + col_tok < S
         # [TOKENS]; at most n_keys (a valid step's are), so that the tile loop's key arithmetic is int32
         visible = tl.minimum((start + s0 + col_tok + 1) // _RATIO, n_keys).to(tl.int32)
@@ -207,27 +258,20 @@ def _score_kernel(
         counts = tl.zeros([TOKENS * _BINS], dtype=tl.int32)
         t_lo = tl.maximum(lo - g * tiles, 0).to(tl.int32)  # the group's tiles: int32 keys below
         t_hi = tl.minimum(hi - g * tiles, tiles).to(tl.int32)
-        for t in tl.range(t_lo, t_hi, num_stages=KEY_STAGES):
-            key = t * _KEYS + tl.arange(0, _KEYS)
-            present = key < load_hi
-            slot = _tile_slots(table_ptr, b, key, present, max_blocks, BLOCK_SIZE)
-            k8 = tl.load(
-                keys_ptr + slot[:, None] * HID + dim[None, :], mask=present[:, None], other=0, cache_modifier=".cg"
-            )
-            k_scale = tl.load(key_scale_ptr + slot, mask=present, other=0.0, cache_modifier=".cg")
-            dots = tl.dot(k8, q8, out_dtype=tl.int32)  # [KEYS, PAIRS]
-            terms = tl.maximum(dots, 0).to(tl.float32) * wq[None, :]
-            head_sum = tl.sum(tl.reshape(terms, [_KEYS, TOKENS, HEADS_PAD]), 2)  # [KEYS, TOKENS]
-            seen = (key[:, None] < visible[None, :]) & tok_live[None, :]
-            score = tl.where(seen, head_sum * k_scale[:, None], _MASKED)  # the key scale after the head sum
-            tl.store(out_row[None, :] + key[:, None], score, mask=(key < n_keys)[:, None] & tok_live[None, :])
-            if HIST:
-                # Every entry is counted and the unseen ones (_MASKED) come off after the loop, not masked:
-                # compiled, tl.histogram pairs a mask with its input register by register, and the flattens
-                # of the two may reorder differently (Triton 3.6 does). Flattened token-major, the digits
-                # are computed in the store's key-major layout and share its layout change (Triton 3.6).
-                digit = (order_bits(score) >> _FIRST_SHIFT).to(tl.int32) + col_tok[None, :] * _BINS
-                counts += tl.histogram(tl.reshape(tl.trans(digit), [_KEYS * TOKENS]), TOKENS * _BINS)
+        if spec_order:  # uniform over the program; w and qs are not live across the common loop
+            for t in tl.range(t_lo, t_hi, num_stages=1):
+                counts = _score_tile(
+                    t, b, keys_ptr, key_scale_ptr, table_ptr, max_blocks, n_keys, q8, wq, qs_at, w_at, live,
+                    weights_scale, load_hi, visible, tok_live, out_row, counts,
+                    TOKENS, HEADS_PAD, HID, BLOCK_SIZE, HIST, True,
+                )  # fmt: skip
+        else:
+            for t in tl.range(t_lo, t_hi, num_stages=KEY_STAGES):
+                counts = _score_tile(
+                    t, b, keys_ptr, key_scale_ptr, table_ptr, max_blocks, n_keys, q8, wq, qs_at, w_at, live,
+                    weights_scale, load_hi, visible, tok_live, out_row, counts,
+                    TOKENS, HEADS_PAD, HID, BLOCK_SIZE, HIST, False,
+                )  # fmt: skip
         if HIST:
             # Per token, the entries of tiles [t_lo, t_hi) past its visible keys, all in its bin of _MASKED.
             span = (t_hi - t_lo) * _KEYS
