@@ -121,6 +121,20 @@ def test_start_pos_int_equals_tensor(backend: str) -> None:
     assert torch.equal(oa.score, ob.score) and torch.equal(oa.topk_idxs, ob.topk_idxs)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_is_filled_in_place_and_returned(backend: str) -> None:
+    """``out=`` (a ``score`` wider than the cache) is written in place and is what the call returns, as the
+    op's docstring says; its values are the plain call's, masked past it."""
+    case = _step(batch=2, seq=2, start=[37, 200], topk=16, seed=5)
+    plain = dsv4.indexer(**clone_args(case.args), backend=backend)
+    n = plain.score.shape[-1]
+    score = torch.full((2, 2, n + 3), 7.0, device=DEVICE)
+    out = dsv4.IndexerOut(score, torch.full((2, 2, 16), 7, dtype=torch.int32, device=DEVICE))
+    assert dsv4.indexer(**clone_args(case.args), backend=backend, out=out) is out
+    assert torch.equal(out.score[..., :n], plain.score) and torch.equal(out.topk_idxs, plain.topk_idxs)
+    assert (out.score[..., n:] == MASKED).all()
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (the interpreter) on inf arithmetic
 def test_head_weight_times_query_scale_past_fp32_scores_and_selects_as_the_reference() -> None:
     """Every input finite, one head whose weight (~1e30) times its query scale (1e12) passes fp32's max: a key

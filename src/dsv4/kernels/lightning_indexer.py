@@ -56,8 +56,8 @@ def indexer(
     """x ``[B, S, D] bf16``, ``qr [B*S, QL] int8``, ``qr_scale [B*S, 1] fp32`` -> ``IndexerOut(score
     [B, S, max cache_len] fp32, topk_idxs [B, S, topk] int32)``; updates rows ``0..B-1`` of ``state``.
 
-    Writes into ``out`` when given (a wider ``score`` is filled whole, masked past each token's
-    visible rows); scratch comes from ``ws`` when given."""
+    Writes into ``out`` when given and returns ``out`` itself (a wider ``score`` is filled whole, masked
+    past each token's visible rows); scratch comes from ``ws`` when given."""
     b, s = pos.batch, pos.seq
     width = pos.max_cache_len if out is None else out.score.shape[2]
     # the selection's limit, checked before the first launch changes the state
@@ -72,4 +72,4 @@ def indexer(
     proj = compressor_step(xp, w.compressor, state, pos, rope, eps, ws)
     score = index_scores(proj, q8, q_scale, w, state, pos, None if out is None else out.score, hist)
     topk_idxs = select_topk(score, pos, topk, offset, None if out is None else out.topk_idxs, ws, hist)
-    return IndexerOut(score, topk_idxs)
+    return IndexerOut(score, topk_idxs) if out is None else out
