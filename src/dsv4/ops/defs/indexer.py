@@ -56,7 +56,10 @@ def indexer(
         backend: ``"reference"``, ``"triton"`` or ``"auto"`` (Triton on CUDA, else the reference).
         out: optional preallocated ``IndexerOut`` to write into (returned): ``score [B, S, L] fp32``
             with ``L >= max_b cache_len[b]`` (every entry a token cannot see is written as masked,
-            so a fixed ``L`` serves every step) and ``topk_idxs [B, S, topk] int32``.
+            so a fixed ``L`` serves every step) and ``topk_idxs [B, S, topk] int32``. The Triton
+            backend takes ``L <= 2^24`` (16777216 keys, its top-k's limit; without ``out`` the same
+            holds for ``max_b cache_len[b]``): a wider ``L`` is refused with a ``ValueError`` naming
+            ``out.score`` before anything is written; the reference takes any ``L``.
 
     Returns:
         ``IndexerOut(score [B, S, max_b cache_len[b]] fp32, topk_idxs [B, S, topk] int32)`` with
