@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import bench_kernels
+import dsv4.reference
 from conftest import INTERPRETER_TRAFFIC
 from dsv4.bench import report
 from dsv4.bench.calls import BoundCall
@@ -21,6 +22,7 @@ from dsv4.bench.traffic import measure_traffic
 from dsv4.cli import main
 from dsv4.harness.cases import make_case
 from dsv4.model.config import get_config
+from dsv4.model.structs import OProjOut
 from dsv4.ops import get_op, op_names
 from dsv4.ops.costs import OpCost, ring_traffic
 
@@ -372,6 +374,37 @@ def test_cli_bench_tiny_cpu(tmp_path) -> None:
         for key in ("requested_over_minimal", "sector_over_minimal", "unique_over_minimal"):
             assert math.isfinite(row[key]) and row[key] >= 1.0, (key, row)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _o_proj_5_percent_off(*args, **kwargs) -> OProjOut:
+    out = dsv4.reference.o_proj(*args, **kwargs)
+    return OProjOut((out.y.float() * 1.05).to(torch.bfloat16))
+
+
+def _o_proj_raises(*args, **kwargs) -> OProjOut:
+    raise RuntimeError("a kernel that fails")
+
+
+@INTERPRETER_TRAFFIC
+@pytest.mark.parametrize(
+    ("impl", "verdict"), [(_o_proj_5_percent_off, "MISMATCH y"), (_o_proj_raises, "a kernel that fails")],
+    ids=["mismatch", "error"],
+)  # fmt: skip
+def test_bench_exits_1_when_a_check_fails(impl, verdict, tmp_path, monkeypatch, capsys) -> None:
+    """A Triton ``o_proj`` whose ``y`` is 5% off (or that raises): the table and ``--json`` still say so
+    row by row, and then ``dsv4 bench`` exits 1, its last line naming the rows, as ``run`` does."""
+    monkeypatch.setitem(get_op("o_proj")._impls, "triton", impl)
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--preset", "tiny", "--cpu", "--ops", "o_proj", "--backends", "reference,triton"]
+    assert main([*argv, "--reps", "2", "--budget-s", "0.1", "--json", str(out)]) == 1
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("dsv4 bench: 2 row(s) not ok") and "o_proj decode B=4 S=2 triton" in last
+    assert verdict in last
+    result = json.loads(out.read_text())
+    triton = [r for r in result["timings"] + result["traffic"] if r["backend"] == "triton"]
+    assert len(triton) == 2 and all(verdict in r.get("check", r.get("error", "")) for r in triton)
+    monkeypatch.setitem(get_op("o_proj")._impls, "triton", dsv4.reference.o_proj)  # the same run, every check ok
+    assert main([*argv, "--reps", "2", "--budget-s", "0.1"]) == 0
 
 
 def test_trace_of_one_decode_step(tmp_path) -> None:

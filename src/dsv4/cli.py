@@ -218,7 +218,7 @@ def _cmd_golden_check(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import report
-    from .bench.runner import MODES, run_bench
+    from .bench.runner import MODES, failed_rows, run_bench
     from .bench.trace import trace_decode_step
 
     cfg = get_config(args.preset)
@@ -247,6 +247,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.trace:
         backend = trace_decode_step(cfg, args.trace, device, seed=args.seed)
         print(f"wrote {args.trace} (one decode step on backend {backend})")
+    failed = failed_rows(result)
+    if failed:
+        print(f"dsv4 bench: {len(failed)} row(s) not ok against the reference: {'; '.join(failed)}")
+        return 1
     return 0
 
 
@@ -429,7 +433,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench.calls import BENCH_BACKENDS
 
-    bench = sub.add_parser("bench", help="roofline benchmark: bytes model, GPU timings vs floor, CPU traffic counts")
+    bench = sub.add_parser(
+        "bench",
+        help="roofline benchmark: bytes model, GPU timings vs floor, CPU traffic counts",
+        epilog="Every backend but the reference is checked against it first (the check column). Exit code 1 when "
+        "a row's check is not ok (MISMATCH) or a row raised (error), after the table and files are written; 2 on "
+        "a user error.",
+    )
     bench.add_argument("--preset", default="flash", type=_preset, help=PRESET_HELP)
     bench.add_argument("--mode", default="decode", choices=["decode", "prefill", "all"])
     bench.add_argument("--cpu", action="store_true", help="run on the CPU: Triton traffic counts and reference timings")

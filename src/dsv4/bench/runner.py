@@ -350,3 +350,20 @@ def run_bench(
     if bar is not None:
         bar.close()
     return result
+
+
+PASSING_CHECKS = ("ok", "is the reference")  # a row's ``check``: compared and matched, or the reference itself
+
+
+def failed_rows(result: dict[str, Any]) -> list[str]:
+    """The timing and traffic rows of ``result`` (``run_bench``'s) whose check against the reference is
+    not ok (a ``MISMATCH``) or that raised (``status == "error"``), each as "op shape backend: why";
+    a skipped row (no implementation of the op on that backend) is not a failure."""
+    failed = []
+    for row in [*result.get("timings", ()), *result.get("traffic", ())]:
+        if row["status"] == "skipped":
+            continue
+        why = row["error"] if row["status"] == "error" else row.get("check", "not checked")
+        if row["status"] == "error" or why not in PASSING_CHECKS:
+            failed.append(f"{row['op']} {row['shape']} {row['backend']}: {why}")
+    return failed
