@@ -140,7 +140,8 @@ def test_dry_run_record_holds_every_figure(dry_run) -> None:
     assert set(steps["attention_graph"]["result"]["host_ms"]) == {"eager", "graph"}
     with gzip.open(out / "trace.json.gz") as f:
         assert json.load(f)["traceEvents"]
-    assert steps["checkpoint"]["result"]["run_result"] == "all checks passed"
+    # the dry run's checkpoint layer runs on the reference (checkpoint_backend): nothing compared, and it says so
+    assert steps["checkpoint"]["result"]["run_result"].startswith("on the reference alone: nothing compared")
     assert steps["checkpoint"]["result"]["load_s"] >= 0 and steps["checkpoint"]["result"]["loaded_mib"] > 0
     fuzz = steps["fuzz"]["result"]
     assert fuzz["cases"] > 0 and fuzz["findings"] == 0 and fuzz["preset"] == "tiny"

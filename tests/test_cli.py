@@ -6,6 +6,7 @@ process (``test_cli_errors.py`` runs user errors both ways)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,20 @@ def test_run_prints_table_and_passes() -> None:
     decode = [line for line in lines if line.startswith("decode")]
     assert len(decode) == 4 and all("ok (vs reference" in line for line in decode)  # 2 steps x 2 ops
     assert "all checks passed" in lines[-1]
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_run_on_the_reference_says_nothing_was_compared(backend: str, capsys: pytest.CaptureFixture) -> None:
+    """``--backend auto`` on a CPU is the reference, which compares nothing: the header names the backend
+    that ran and the last line says nothing was compared (not "all checks passed"); exit 0, as asked."""
+    argv = ["run", "--backend", backend, "--steps", "1", "--start-pos", "0", "--batch", "1", "--seq", "1"]
+    assert main([*argv, "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "backend=reference" in lines[0] and "backend=auto" not in lines[0]
+    rows = lines[2:-1]  # under the header: step (13 wide), op (17), backend (9), ...
+    assert len(rows) == 10 and all(row[32:41] == "reference" and "is the reference" in row for row in rows)
+    assert "all checks passed" not in lines[-1]
+    assert re.fullmatch(r"10 op calls in [\d.]+ s; on the reference alone: nothing compared .*", lines[-1])
 
 
 def test_info_lists_backends(capsys: pytest.CaptureFixture) -> None:
