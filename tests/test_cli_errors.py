@@ -286,6 +286,24 @@ def test_bench_output_paths_are_checked_before_measuring(flag, where, tmp_path, 
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no stray .partial
 
 
+@pytest.mark.parametrize(
+    "argv", [["tune", "--dry-run", "--kernels", "o_proj.quant", "--ops", "o_proj"], ["tune", "--probe", "--dry-run"]],
+    ids=["tune", "probe"],
+)  # fmt: skip
+@pytest.mark.parametrize("where", ["a-directory", "in-a-missing-directory"])
+def test_tune_json_path_is_checked_before_tuning(argv, where, tmp_path, capsys) -> None:
+    """``dsv4 tune --json`` into a missing folder used to tune a bucket first, then fail naming
+    ``<path>.partial``, the bucket's config entry lost; now it is refused before anything runs."""
+    target = tmp_path / "out"
+    target.mkdir()
+    path = target if where == "a-directory" else target / "missing" / "tune.json"
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code, out, err = _run([*argv, "--config", str(tmp_path / "cpu.json"), "--json", str(path)], capsys)
+    _assert_one_line_error(code, err, ("--json", str(path)))
+    assert out == ""  # refused before anything ran
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no config file, no stray .partial
+
+
 def test_write_json_leaves_no_partial_file(tmp_path) -> None:
     from dsv4.bench.report import write_json
 

@@ -298,6 +298,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         raise ValueError(f"--kernels: unknown {', '.join(unknown)}; the kernels are {known}")
     device = _tune_device(args)
     json_path = args.json or (None if args.dry_run else f"tune-{tuning.device_key(device)}.json")
+    _check_output_file("--json", json_path)  # before the tuning, not after its first bucket
     words = ["tune", "--preset", ",".join(args.preset), "--mode", args.mode, "--budget-s", f"{args.budget_s:g}"]
     words += ["--dry-run"] if args.dry_run else []
     words += ["--resume"] if args.resume else []
@@ -346,6 +347,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         print(probe.describe_experiments())
         return 0
     device = _tune_device(args)
+    _check_output_file("--json", args.json)  # before the measurements, not after them
     t0 = time.perf_counter()
     result = probe.dry_run_probe() if args.dry_run else probe.run_probe()
     result = {"meta": report.provenance("tune --probe" + (" --dry-run" if args.dry_run else ""), device), **result}
