@@ -4,6 +4,7 @@ no silent exit 0, and nothing written (spec §7)."""
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -302,6 +303,16 @@ def test_tune_json_path_is_checked_before_tuning(argv, where, tmp_path, capsys) 
     _assert_one_line_error(code, err, ("--json", str(path)))
     assert out == ""  # refused before anything ran
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no config file, no stray .partial
+
+
+def test_bench_plot_without_matplotlib_is_refused_before_measuring(tmp_path, monkeypatch, capsys) -> None:
+    """Installed without the bench extra (no matplotlib), ``--plot`` used to end in a traceback after the
+    whole measurement; now one line naming the extra, before anything is measured or written."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises, as when it is not installed
+    argv = ["bench", "--preset", "tiny", "--cpu", "--ops", "o_proj", "--reps", "2", "--budget-s", "0.1"]
+    code, out, err = _run([*argv, "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")], capsys)
+    _assert_one_line_error(code, err, ("--plot", "matplotlib", 'pip install -e ".[bench]"'))
+    assert out == "" and list(tmp_path.iterdir()) == []
 
 
 def test_write_json_leaves_no_partial_file(tmp_path) -> None:

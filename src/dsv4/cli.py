@@ -231,6 +231,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     cfg = get_config(args.preset)
     for flag, path in (("--json", args.json), ("--plot", args.plot), ("--trace", args.trace)):
         _check_output_file(flag, path)  # before the measurements, not after them
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (report.plot draws with it)
+        except ImportError:
+            raise ValueError(
+                '--plot: needs matplotlib, which is not installed: pip install -e ".[bench]", or leave out --plot'
+            ) from None
     device = "cpu" if args.cpu else _default_device()
     result = {"meta": report.provenance(_bench_command(args), device)}
     measure = {"backends": [], "traffic": False} if args.model_only else {"backends": args.backends}
@@ -473,7 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--seed", type=SEED, default=0)
     bench.add_argument("--json", metavar="PATH", help="write every figure with device, versions, commit, command")
-    bench.add_argument("--plot", metavar="PATH.png", help="bar chart: %% of floor (GPU) or traffic ratios (CPU)")
+    bench.add_argument(
+        "--plot",
+        metavar="PATH.png",
+        help="bar chart: %% of floor (GPU) or traffic ratios (CPU); needs matplotlib (the bench extra)",
+    )
     bench.add_argument("--trace", metavar="PATH.json", help="Chrome/Perfetto trace of one decode step")
     bench.set_defaults(func=_cmd_bench)
 
