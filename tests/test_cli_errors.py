@@ -3,6 +3,7 @@ no silent exit 0, and nothing written (spec §7)."""
 
 from __future__ import annotations
 
+import functools
 import shutil
 import sys
 from pathlib import Path
@@ -49,6 +50,7 @@ ARGS = [
     (["run", "--steps", "-2"], ("--steps",)),
     (["run", "--batch", "0"], ("--batch",)),
     (["run", "--seq", "0"], ("--seq",)),
+    (["run", "--seq", "4093", "--start-pos", "0", "--steps", "1", "--backend", "reference"], ("--seq", "at most 4092")),
     (["run", "--seed", "-1"], ("--seed",)),
     (["run", "--layer", "-1", "--checkpoint", "{ckpt}"], ("--layer",)),
     (["run", "--device", "bogus"], ("--device", "bogus")),
@@ -271,6 +273,25 @@ def test_run_front_end_checks_its_arguments(name, value, exc) -> None:
     with pytest.raises(exc) as info:
         run_front_end(**kwargs)
     assert name in str(info.value) or (name == "start_pos" and "max_position_embeddings" in str(info.value))
+
+
+def test_run_front_end_checks_the_room_of_its_cases_first(monkeypatch) -> None:
+    """The other ops' cases (``make_case``) need 4 positions beyond a step, in whole compressed blocks of
+    ``max_position_embeddings``: a ``seq`` or an end past that room is refused before anything runs,
+    naming ``seq`` (not make_case's ``max_position``, after the front end ran)."""
+    from dsv4.harness import run
+    from dsv4.model.config import get_config
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(run, "synthetic_weights", no_weights)
+    front_end = functools.partial(run.run_front_end, backend="reference", device="cpu", steps=1, batch=1)
+    with pytest.raises(ValueError, match=r"^seq: at most 4092 new tokens per step .* got 4093$"):
+        front_end(get_config("tiny"), start_pos=0, seq=4093)  # max_position_embeddings 4096
+    unaligned = get_config("tiny").replace(max_position_embeddings=4098)
+    with pytest.raises(ValueError, match=r"^start_pos \+ steps\*seq = 4098 exceeds 4096 "):
+        front_end(unaligned, start_pos=4096, seq=2)
 
 
 @pytest.mark.parametrize("flag", ["--json", "--plot", "--trace"])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .model.config import LAYER_KINDS, PRESETS, get_config
+from .model.config import COMPRESS_RATIO, LAYER_KINDS, PRESETS, get_config
 from .model.weights import MAX_SEED
 from .ops.backends import BACKENDS, available_backends, resolve, unavailable_reason
 from .ops.registry import op_names
@@ -95,7 +95,7 @@ NON_NEGATIVE, POSITIVE, SEED = _int_at_least(0), _int_at_least(1), _int_at_least
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .harness.run import HEADER, format_row, run_front_end
+    from .harness.run import HEADER, format_row, max_seq, run_front_end
 
     cfg = get_config(args.preset) if args.preset else None
     weights = None
@@ -134,6 +134,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
             f"come from --preset NAME/tp{args.world}"
         )
     cfg = cfg or get_config("tiny")
+    if args.seq > max_seq(cfg):  # before the run, not at the other ops' cases after the front end
+        raise ValueError(
+            f"--seq: at most {max_seq(cfg)} new tokens per step at {cfg.name}'s max_position_embeddings "
+            f"{cfg.max_position_embeddings} (a case of the other ops needs {COMPRESS_RATIO} positions beyond its "
+            f"step), got {args.seq}"
+        )
     backend = args.backend or available_backends(args.device)[0]
     name = resolve(backend, args.device)  # the backend that runs: auto is Triton on CUDA, else the reference
     where = " (auto)" if backend == "auto" else ""

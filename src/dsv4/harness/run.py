@@ -60,6 +60,18 @@ def _verdict(report: Report) -> tuple[str, bool]:
     return report.verdict(), False
 
 
+def positions_room(cfg: DeepSeekV4Config) -> int:
+    """The positions a run at ``cfg`` can use: ``max_position_embeddings`` in whole compressed blocks
+    (what ``make_case`` keeps for the other ops' cases)."""
+    return cfg.max_position_embeddings - cfg.max_position_embeddings % COMPRESS_RATIO
+
+
+def max_seq(cfg: DeepSeekV4Config) -> int:
+    """The most new tokens per sequence per step a run at ``cfg`` takes: a case of the other ops
+    (``make_case``) needs ``COMPRESS_RATIO`` positions of room beyond its step."""
+    return max(positions_room(cfg) - COMPRESS_RATIO, 0)
+
+
 def run_front_end(
     cfg: DeepSeekV4Config,
     backend: str = "auto",
@@ -86,7 +98,8 @@ def run_front_end(
 
     Raises ``TypeError``/``ValueError`` naming the argument before anything is allocated: sizes are
     Python ints (``steps``, ``batch``, ``seq`` >= 1; ``start_pos`` >= 0; ``0 <= seed <= MAX_SEED``), the
-    positions fit ``cfg.max_position_embeddings``, and the run's tensors fit the device's memory."""
+    positions fit ``cfg.max_position_embeddings`` (in whole compressed blocks; ``seq`` at most
+    ``max_seq(cfg)``), and the run's tensors fit the device's memory."""
     if not isinstance(cfg, DeepSeekV4Config):
         raise TypeError(f"cfg: expected a DeepSeekV4Config, got {type(cfg).__name__}")
     for arg, value, minimum in (("steps", steps, 1), ("start_pos", start_pos, 0), ("batch", batch, 1), ("seq", seq, 1)):
@@ -101,9 +114,18 @@ def run_front_end(
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device: expected a torch device (cpu, cuda[:N]), got {device!r} ({e})") from None
     name = resolve(backend, device)
-    end = start_pos + steps * seq
-    if end > cfg.max_position_embeddings:
-        raise ValueError(f"start_pos + steps*seq = {end} exceeds max_position_embeddings {cfg.max_position_embeddings}")
+    if seq > max_seq(cfg):
+        raise ValueError(
+            f"seq: at most {max_seq(cfg)} new tokens per step at max_position_embeddings "
+            f"{cfg.max_position_embeddings} (a case of the other ops needs {COMPRESS_RATIO} positions beyond "
+            f"its step), got {seq}"
+        )
+    end, room = start_pos + steps * seq, positions_room(cfg)
+    if end > room:
+        limit = f"max_position_embeddings {cfg.max_position_embeddings}"
+        if room != cfg.max_position_embeddings:
+            limit = f"{room} ({limit} in whole blocks of {COMPRESS_RATIO})"
+        raise ValueError(f"start_pos + steps*seq = {end} exceeds {limit}")
     max_position = -(-end // COMPRESS_RATIO) * COMPRESS_RATIO
     check_fits(run_bytes(cfg, batch, seq, start_pos, max_position), device, f"batch={batch}, seq={seq}, "
                f"start_pos={start_pos}, steps={steps}")  # fmt: skip
