@@ -275,6 +275,41 @@ def test_run_front_end_checks_its_arguments(name, value, exc) -> None:
     assert name in str(info.value) or (name == "start_pos" and "max_position_embeddings" in str(info.value))
 
 
+MAKE_CASE_ARGS = [
+    ("batch", 0, ValueError), ("batch", -1, ValueError), ("batch", 2.5, TypeError), ("batch", True, TypeError),
+    ("seq", 0, ValueError), ("seq", -2, ValueError), ("max_position", 0, ValueError), ("max_position", -8, ValueError),
+    ("seed", -1, ValueError), ("seed", 2**70, ValueError), ("seed", 1.0, TypeError), ("start_pos", 2.5, TypeError),
+    ("start_pos", [0, 1.5, 2, 3], TypeError), ("start_pos", -3, ValueError),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "value", "exc"), MAKE_CASE_ARGS, ids=[f"{n}={v!r:.20}" for n, v, _ in MAKE_CASE_ARGS])
+def test_make_case_checks_its_sizes(name, value, exc, monkeypatch) -> None:
+    """``make_case``'s sizes: 0 is refused, not taken as "the default" (None is), a negative size is a
+    ValueError naming it, not torch's error from an empty shape; before anything is drawn."""
+    from dsv4.harness import cases
+    from dsv4.model.config import get_config
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("drawn before the arguments were checked")
+
+    monkeypatch.setattr(cases, "synthetic_weights", no_weights)
+    with pytest.raises(exc, match=f"^{name}: "):
+        cases.make_case(get_config("tiny"), "o_proj", **{name: value})
+
+
+def test_make_case_takes_none_as_the_default() -> None:
+    from dsv4.harness.cases import DEFAULT_MAX_POSITION, make_case
+    from dsv4.model.config import get_config, mode_shape
+
+    tiny = get_config("tiny")
+    meta = make_case(tiny, "o_proj", batch=None, seq=None, max_position=None).meta
+    shape = mode_shape(tiny, "decode")
+    assert (meta["batch"], meta["seq"]) == (shape.batch, shape.seq)
+    assert meta["max_position"] == min(DEFAULT_MAX_POSITION, tiny.max_position_embeddings)
+    assert make_case(tiny, "o_proj", batch=1, seq=1, max_position=8).meta["max_position"] == 8
+
+
 def test_run_front_end_checks_the_room_of_its_cases_first(monkeypatch) -> None:
     """The other ops' cases (``make_case``) need 4 positions beyond a step, in whole compressed blocks of
     ``max_position_embeddings``: a ``seq`` or an end past that room is refused before anything runs,

@@ -15,10 +15,11 @@ import torch
 from ..model.config import COMPRESS_RATIO, DeepSeekV4Config, mode_shape
 from ..model.rope import rope_table
 from ..model.state import IndexerState
-from ..model.weights import synthetic_activations, synthetic_weights
+from ..model.weights import MAX_SEED, synthetic_activations, synthetic_weights
 from ..ops.api import call_op
 from ..ops.case_inputs import CaseInputs
 from ..ops.registry import get_op
+from ..ops.validate import check_int
 from .golden import step_inputs
 
 DEFAULT_MAX_POSITION = 8192  # positions a case spans unless told otherwise (keeps flash tables small)
@@ -80,12 +81,24 @@ def make_case(
     ``start_pos[b]`` (state prefilled either way). ``meta["start_pos"]`` lists each row's start.
     ``kind``: the attention layer kind (``"csa"``, ``"hca"``, ``"swa"``) of an op that runs
     differently in each (``OpDescriptor.kinds``; default its first); ``meta["kind"]`` says which.
+
+    Raises ``TypeError``/``ValueError`` naming the argument before anything is drawn: ``batch``,
+    ``seq`` and ``max_position`` are ints >= 1 or None (the default), ``0 <= seed <= MAX_SEED``,
+    ``start_pos`` an int or a list of ints.
     """
+    for name, value in (("batch", batch), ("seq", seq), ("max_position", max_position)):
+        if value is not None:  # None: the mode's shape, or DEFAULT_MAX_POSITION
+            check_int(name, value, 1)
+    check_int("seed", seed, 0, MAX_SEED)
+    if start_pos is not None:  # its range is checked below, against the case's positions
+        for row_start in start_pos if isinstance(start_pos, list) else [start_pos]:
+            check_int("start_pos", row_start)
     desc = get_op(op)
     kind_args = desc.kind_args(kind)  # checked before anything is drawn
     shape = mode_shape(cfg, mode)
-    b, s = batch or shape.batch, seq or shape.seq
-    n = min(cfg.max_position_embeddings, max_position or DEFAULT_MAX_POSITION)
+    b = shape.batch if batch is None else batch
+    s = shape.seq if seq is None else seq
+    n = min(cfg.max_position_embeddings, DEFAULT_MAX_POSITION if max_position is None else max_position)
     n -= n % COMPRESS_RATIO
     if n < s + COMPRESS_RATIO:
         raise ValueError(f"max_position {n} too small for S={s}")
