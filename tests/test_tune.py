@@ -308,6 +308,21 @@ def test_the_exit_status_says_when_nothing_was_tuned(tmp_path, capsys, monkeypat
     assert not (tmp_path / "c.json").exists()  # nothing tuned, nothing written
 
 
+@INTERPRETER_ONLY
+def test_a_budget_spent_before_the_first_candidate_exits_1(tmp_path, capsys) -> None:
+    """``--budget-s`` that runs out before any candidate ran: nothing was tuned or checked, which is a
+    failure (exit 1) that says so, not a run that passed; nothing is written."""
+    argv = ["tune", "--dry-run", "--ops", "o_proj", "--config", str(tmp_path / "c.json"), "--budget-s", "1e-9"]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "stopped: budget spent" in out
+    assert (
+        out.splitlines()[-1]
+        == "dsv4 tune: --budget-s 1e-09 ran out before the first candidate: nothing tuned or checked"
+    )
+    assert not (tmp_path / "c.json").exists()
+
+
 def test_a_candidate_is_held_to_the_reference_not_to_the_default() -> None:
     """A candidate that drifts from the default by less than the tolerance but, with the default's own
     drift, leaves the reference by more fails its check: the tolerance is the spec's, against the

@@ -336,6 +336,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if not result["buckets"] and not result["stopped"] and not args.resume:
         print("dsv4 tune: no bucket tuned: the workloads chosen (--ops, --shapes) launch none of --kernels")
         return 1
+    if result["stopped"] == "budget spent" and not any(b["variants"] for b in result["buckets"]):
+        what = "checked" if args.dry_run else "timed"
+        print(f"dsv4 tune: --budget-s {args.budget_s:g} ran out before the first candidate: nothing tuned or {what}")
+        return 1
     return 1 if result["stopped"] and result["stopped"] != "budget spent" else 0
 
 
