@@ -29,9 +29,11 @@ them for sm_90, ``benchmarks/compile_candidates.py``, and only ``--device cuda``
 Exit status 1 when a case raised (an error is never a rounding) or, with ``--candidates``, failed at
 its candidates and passes at the built-in defaults (the candidates' own failure, to trace before a tuned
 file holds them: a bug, or a rounding of a kind TESTING.md lists where a candidate sums in another
-order); else 0, also when some case failed the spec's rules at the defaults, which every run prints and
-counts; 130 when interrupted (Ctrl-C, SIGINT) with no such case, after the summary of the cases judged
-so far. ``docs/TESTING.md`` ("Random cases") says what the failures found so far were.
+order), and when no case was judged; else 0, also when some case failed the spec's rules at the
+defaults, which every run prints and counts; 130 when interrupted (Ctrl-C, SIGINT) with no such case,
+after the summary of the cases judged so far; 2 on a bad argument (``--seconds`` not > 0, a ``--json``
+that cannot be written), before any case. ``docs/TESTING.md`` ("Random cases") says what the failures
+found so far were.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import random
 import sys
@@ -116,11 +119,22 @@ def report(record: dict[str, Any]) -> str:
     return "\n".join(lines + [f"    {line}" for line in more])
 
 
+def positive_seconds(text: str) -> float:
+    """``--seconds``: a finite number > 0 (at 0 no case would be judged)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0, got {text!r}")
+    return value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu (Triton's interpreter) or cuda (compiled kernels)")
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--seconds", type=float, default=600.0, help="stop drawing cases after this long")
+    parser.add_argument("--seconds", type=positive_seconds, default=600.0, help="stop drawing cases after this long")
     parser.add_argument("--seed", type=int, default=0, help="seeds the draw of the cases")
     parser.add_argument("--ops", help="comma-separated (default: every op with a Triton backend)")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="the B to draw from")
@@ -132,6 +146,10 @@ def main() -> int:
     args = parser.parse_args()
     if args.device != "cpu" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device here")
+    if args.json and Path(args.json).is_dir():  # before the run, not after it
+        parser.error(f"--json {args.json}: is a directory; name a file to write")
+    if args.json and not Path(args.json).parent.is_dir():
+        parser.error(f"--json {args.json}: its directory does not exist")
     cfg = get_config(args.preset)
     ops = args.ops.split(",") if args.ops else [op for op in op_names() if "triton" in get_op(op).implementations]
     batches = [int(v) for v in args.batches.split(",")]
@@ -195,6 +213,9 @@ def main() -> int:
     if args.json:
         meta = {"preset": args.preset, "seed": args.seed, "candidates": args.candidates}
         Path(args.json).write_text(json.dumps({**meta, "cases": records}, indent=1))
+    if not records and not interrupted:
+        print(f"no case judged in --seconds {args.seconds:g}: nothing was compared")
+        return 1
     return 1 if findings else 130 if interrupted else 0
 
 

@@ -201,6 +201,32 @@ def test_an_interrupted_run_reports_the_cases_judged(tmp_path: Path) -> None:
     assert len(json.loads(out.read_text())["cases"]) == 2
 
 
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--seconds", "0"], "--seconds"), (["--seconds", "-1"], "--seconds"), (["--seconds", "nan"], "--seconds"),
+        (["--json", "{tmp}"], "is a directory"), (["--json", "{tmp}/missing/cases.json"], "does not exist"),
+    ],
+    ids=["seconds=0", "seconds=-1", "seconds=nan", "json-a-directory", "json-in-a-missing-directory"],
+)  # fmt: skip
+def test_bad_arguments_are_refused_before_any_case(args: list[str], words: str, tmp_path: Path) -> None:
+    """``--seconds 0`` judged no case and exited 0; a ``--json`` that cannot be written failed after the
+    whole run. Both are refused first: exit 2, the argument named, no case drawn, nothing written."""
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    done = _run("--ops", "window_kv_write", "--seconds", "2", *args)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert args[0] in done.stderr and words in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def test_a_run_that_judged_no_case_exits_1() -> None:
+    """A time too short for even one case (a deadline that has passed by the first check) compared nothing:
+    exit 1, saying so, not a run that passed."""
+    done = _run("--ops", "window_kv_write", "--seconds", "1e-12")
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert done.stdout.startswith("0 cases, 0 failed") and "no case judged in --seconds 1e-12" in done.stdout
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 def test_cuda_refused_without_a_gpu() -> None:
     done = _run("--device", "cuda", "--seconds", "1")
