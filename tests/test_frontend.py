@@ -283,6 +283,21 @@ def test_decode_loop_capture_without_a_gpu_is_a_usage_error() -> None:
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("example", ["decode_loop.py", "attention_loop.py"])
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--steps", "0"), ("--prefill", "-4"), ("--batch", "0"), ("--seq", "-1"), ("--device", "bogus")],
+)
+def test_loop_examples_refuse_bad_arguments_as_usage_errors(example: str, flag: str, value: str) -> None:
+    """The examples' sizes and device are checked by argparse: exit 2 naming the option, before anything
+    is built (``--steps 0`` was a ``statistics.StatisticsError`` traceback after the prefill, ``--prefill
+    -4`` a torch ``RuntimeError``)."""
+    proc = run_python([str(ROOT / "examples" / example), "--preset", "tiny", flag, value], timeout=300)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert f"error: argument {flag}: " in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
 # --- rollback (spec §4 "Re-running positions") ----------------------------------------------------
 
 
