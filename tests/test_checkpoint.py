@@ -516,6 +516,10 @@ def test_nan_scale(tmp_path):
 def test_missing_files_and_layers(tiny_dir, tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_layer(tmp_path / "nowhere", 1)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(CheckpointError, match=r"a-file is not a directory: a checkpoint is a folder"):
+        load_layer(tmp_path / "a-file", 1)
+    (tmp_path / "a-file").unlink()
     with pytest.raises(CheckpointError, match="neither model.safetensors.index.json nor model.safetensors"):
         load_layer(tmp_path, 1)
     with pytest.raises(CheckpointError, match=r"no tensors under 'layers\.7\.' \(layers found: 0-3\)"):

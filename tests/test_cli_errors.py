@@ -121,6 +121,18 @@ def test_user_error_is_one_line_and_exit_2(argv, words, valid_dir, tmp_path, cap
     assert digest(valid_dir) == before
 
 
+@pytest.mark.parametrize(
+    "argv", [["inspect", "{file}"], ["run", "--checkpoint", "{file}", "--layer", "1", "--device", "cpu"]]
+)
+def test_a_checkpoint_that_is_a_file_is_named_so(argv, tmp_path, capsys) -> None:
+    """A file given as the checkpoint folder: "is not a directory", not "does not exist"."""
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"")
+    code, _, err = _run([a.replace("{file}", str(path)) for a in argv], capsys)
+    _assert_one_line_error(code, err, (str(path), "is not a directory"))
+    assert "does not exist" not in err
+
+
 def test_golden_save_does_not_overwrite(tmp_path, capsys) -> None:
     argv = ["golden", "save", str(tmp_path), "--op", "qkv_proj_rope"]
     assert _run(argv, capsys)[0] == 0

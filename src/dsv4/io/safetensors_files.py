@@ -181,6 +181,11 @@ class ShardedCheckpoint:
 
     def __init__(self, directory: str | Path, raw_bytes: bool | None = None):
         self.directory = Path(directory)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise CheckpointError(
+                f"checkpoint {self.directory} is not a directory: a checkpoint is a folder holding "
+                f"{INDEX_FILE} and its shards, or {SINGLE_FILE}"
+            )
         if not self.directory.is_dir():
             raise CheckpointError(f"checkpoint directory {self.directory} does not exist")
         index = self.directory / INDEX_FILE
