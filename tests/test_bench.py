@@ -296,6 +296,20 @@ def test_time_cpu_reports_quantiles() -> None:
     assert _reps_for(0.001, reps=100, budget_s=2.0, min_reps=5) == 100
 
 
+def test_reps_below_the_minimum_run_the_minimum_and_say_so(capsys) -> None:
+    """``--reps 1`` on a CPU runs 3 repetitions (a median and p10-p90 need a few): each timing records the
+    3 it ran, the settings the 1 asked and the minimum, and ``--help`` says so rather than "fewer"."""
+    result = run_bench(
+        TINY, ops=["o_proj"], backends=["reference"], traffic=False, reps=1, budget_s=0.1, progress=False
+    )
+    assert (result["settings"]["reps"], result["settings"]["min_reps"]) == (1, 3)
+    (timing,) = result["timings"]
+    assert timing["status"] == "ok" and timing["reps"] == 3
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "never fewer than 5 on a GPU, 3 on a CPU" in " ".join(capsys.readouterr().out.split())
+
+
 @INTERPRETER_TRAFFIC
 def test_measure_traffic_counts_kernels_and_torch_ops() -> None:
     src = torch.randn(1000)

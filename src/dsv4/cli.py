@@ -479,7 +479,13 @@ def build_parser() -> argparse.ArgumentParser:
     default_backends = "triton,reference,compile on a GPU; reference on a CPU"
     bench.add_argument("--backends", type=_names(BENCH_BACKENDS), help=f"backends to time ({default_backends})")
     bench.add_argument("--model-only", action="store_true", help="bytes model and floors only: time and count nothing")
-    bench.add_argument("--reps", type=POSITIVE, default=100, help="repetitions per timing (fewer if over --budget-s)")
+    bench.add_argument(
+        "--reps",
+        type=POSITIVE,
+        default=100,
+        help="repetitions per timing (fewer if over --budget-s), never fewer than 5 on a GPU, 3 on a CPU (a median "
+        "and p10-p90 need a few samples); each timing in --json records the repetitions it ran",
+    )
     bench.add_argument(
         "--budget-s", type=_positive_float, default=2.0, help="seconds per timing at most (a few reps always run)"
     )
@@ -514,7 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--kernels", type=_names_any, help="comma-separated kernels (default: all; --list names them)")
     tune.add_argument("--shapes", type=_names_any, help="keep shapes whose label holds one of these (e.g. 'B=64')")
     tune.add_argument("--budget-s", type=_positive_float, default=600.0, help="seconds in all; saved as it goes")
-    tune.add_argument("--reps", type=POSITIVE, default=30, help="timed repetitions per candidate")
+    tune.add_argument(
+        "--reps",
+        type=POSITIVE,
+        default=30,
+        help="timed repetitions per candidate on the GPU, fewer if over --timing-s, never fewer than 5 (each variant "
+        "in --json records how many ran)",
+    )
     tune.add_argument("--timing-s", type=_positive_float, default=0.25, help="seconds per candidate timing at most")
     tune.add_argument("--json", metavar="PATH", help="every variant's µs and GB/s (default tune-<device>.json)")
     tune.add_argument("--config", metavar="PATH", help="the config file to write (default: the package's, per device)")

@@ -20,6 +20,8 @@ from ..reference.indexer import indexer_scores as reference_indexer_scores
 from .calls import COMPILED, LIBRARY, BoundCall, backend_reason, bind
 from .timing import (
     DEVICE_TABLE,
+    MIN_REPS_CPU,
+    MIN_REPS_GPU,
     DeviceSpec,
     L2Flush,
     Timing,
@@ -287,6 +289,7 @@ def run_bench(
             "traffic": count_traffic,
             "traffic_skipped": None if count_traffic else traffic_reason,
             "reps": reps,
+            "min_reps": MIN_REPS_GPU if on_gpu else MIN_REPS_CPU,  # run even where reps is fewer
             "budget_s_per_timing": budget_s,
             "l2": ("flushed (read-only pass)" if flush_l2 else "warm") if on_gpu else "n/a",
             "cuda_graph": use_graph and on_gpu,

@@ -34,6 +34,9 @@ COPY_BYTES = 1 << 30  # per copy direction: far larger than L2, so the copy runs
 # a spin ahead of a timed call with nothing else ahead of it: 50-70 µs at Hopper's 1.4-2 GHz, longer than
 # the host takes to submit a graph replay (~15 µs), so the call is queued before the start event fires
 BUSY_LEAD_CYCLES = 100_000
+# the fewest repetitions a timing runs, whatever its reps and budget: a median and p10-p90 of fewer samples
+# say little (each Timing's reps is the number that ran)
+MIN_REPS_CPU, MIN_REPS_GPU = 3, 5
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,7 @@ def _reps_for(estimate_s: float, reps: int, budget_s: float, min_reps: int) -> i
     return max(min_reps, min(reps, int(budget_s / max(estimate_s, 1e-9))))
 
 
-def time_cpu(fn: Callable[[], Any], reps: int = 20, budget_s: float = 2.0, min_reps: int = 3) -> Timing:
+def time_cpu(fn: Callable[[], Any], reps: int = 20, budget_s: float = 2.0, min_reps: int = MIN_REPS_CPU) -> Timing:
     """Host-clock time of ``fn()`` on the CPU, after one warm-up call."""
     t0 = time.perf_counter()
     fn()
@@ -278,7 +281,7 @@ def time_cuda(
     fn: Callable[[], Any],
     reps: int = 100,
     budget_s: float = 2.0,
-    min_reps: int = 5,
+    min_reps: int = MIN_REPS_GPU,
     warmup: int = 3,
     flush_l2: bool = True,
     use_graph: bool = True,
