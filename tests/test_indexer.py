@@ -155,6 +155,23 @@ def test_head_weight_times_query_scale_past_fp32_scores_and_selects_as_the_refer
     assert torch.equal(out.topk_idxs, ref.topk_idxs)
 
 
+def test_a_query_scale_whose_dot_overflows_scores_as_the_reference() -> None:
+    """Every input finite, the query rows near 1e36 (``wq_b_scale`` times 1e36): ``qs`` near 2e34, so
+    the spec's ``relu(dot * qs)`` passes fp32's max for large dots and the head sum gives ``inf``, ``-inf``
+    or NaN, where folding ``w * qs`` first (``|w| < 1``) would keep a plausible finite score."""
+    case = make_case(CFG, "indexer", seed=0, device=DEVICE, batch=2, seq=2, start_pos=[6, 14])
+    args = case.args
+    args["w"] = dataclasses.replace(args["w"], wq_b_scale=args["w"].wq_b_scale * 1e36)
+    ref = dsv4.indexer(**clone_args(args), backend="reference")
+    out = dsv4.indexer(**clone_args(args), backend="triton")
+    assert (~ref.score.isfinite()).sum() > 0 and ref.score.isfinite().any(), "not the overflow case"
+    assert torch.equal(out.score.isnan(), ref.score.isnan()) and torch.equal(out.score.isinf(), ref.score.isinf())
+    assert torch.equal(out.score[out.score.isinf()], ref.score[ref.score.isinf()])
+    finite = ref.score.isfinite()
+    assert torch.allclose(out.score[finite], ref.score[finite], rtol=1e-5, atol=0)
+    assert torch.equal(out.topk_idxs, ref.topk_idxs)
+
+
 def test_reference_topk_order_and_tie_rule() -> None:
     """Descending score; equal scores (ReLU makes exact zeros common) by lower index first."""
     case = _step(batch=2, seq=1, start=[200, 150], topk=16, seed=3)

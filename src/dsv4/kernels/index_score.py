@@ -17,8 +17,9 @@ number (``qs > 0``: a per-row scale of at least ``1e-4/127``) and differ by the 
 product; non-finite values come out as the reference's (an infinite or NaN ``qs`` belongs to a query
 row quantized to zeros, so ``dot = 0`` and both give ``0 * inf``/``0 * NaN`` = NaN; a NaN head weight
 makes every term NaN either way). A finite ``w`` and ``qs`` whose product passes fp32's max would
-make ``wq`` infinite and a dot ``<= 0`` NaN (``0 * inf``) where the spec's order gives 0: a group
-where that happens (one reduction over its pairs, before its tiles) runs its tiles through a second,
+make ``wq`` infinite and a dot ``<= 0`` NaN (``0 * inf``) where the spec's order gives 0, and a ``qs``
+past ``3.4e38 / (127^2 HID)`` lets ``dot * qs`` overflow where a ``|w| < 1`` keeps ``dot * wq`` finite:
+a group where either can happen (one reduction over its pairs, before its tiles) runs its tiles through a second,
 unpipelined loop in the spec's order, ``relu(dot * qs) * w`` (NaN kept by the ReLU, ``w`` and ``qs``
 reloaded per tile); the branch is uniform and the common loop is unchanged. Keys a token cannot see
 (``j >= (start + s + 1) // 4``) get ``MASKED_SCORE``.
@@ -79,6 +80,8 @@ _BINS = tl.constexpr(FIRST_DIGIT_BINS)
 _FIRST_SHIFT = tl.constexpr(32 - (FIRST_DIGIT_BINS.bit_length() - 1))
 _HIST_ROW = tl.constexpr(HIST_WORDS)
 _PREFETCH_TILES = tl.constexpr(PREFETCH_TILES)
+_DOT_MAX = tl.constexpr(127.0 * 127.0)  # |q8 . k8| per dim: INT8 codes are within +-127
+_FP32_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 def pipeline_stages(keys_ahead: int) -> int:
@@ -248,8 +251,10 @@ def _score_kernel(
         wq = weight * q_scale
         # A folded factor past fp32's range from finite factors (|w * qs| > 3.4e38): a key whose dot is <= 0
         # would get 0 * inf = NaN where the spec's order gives 0, so such a group (rare) takes that order.
+        # So does a group whose dot * qs could pass it (|dot| <= 127^2 HID), which a |w| < 1 would hide.
         finite = (tl.abs(weight) < float("inf")) & (tl.abs(q_scale) < float("inf"))
-        spec_order = tl.max(((tl.abs(wq) == float("inf")) & finite).to(tl.int32), 0) != 0
+        past = (tl.abs(wq) == float("inf")) | (tl.abs(q_scale) * (_DOT_MAX * HID) > _FP32_MAX)
+        spec_order = tl.max((past & finite).to(tl.int32), 0) != 0
         tok_live = s0 + col_tok < S
         # [TOKENS]; at most n_keys (a valid step's are), so that the tile loop's key arithmetic is int32
         visible = tl.minimum((start + s0 + col_tok + 1) // _RATIO, n_keys).to(tl.int32)
