@@ -24,11 +24,13 @@ def _bf16_kernel(v_ptr, round_ptr, cast_ptr, N: tl.constexpr):
 def _values() -> torch.Tensor:
     """fp32 values just below, exactly at and just above a bf16 rounding tie (low half 0x7FFF,
     0x8000, 0x8001) for even and odd bf16 neighbours of either sign, one whose rounding carries into
-    the exponent (0x3FFF) and one whose tie rounds to infinity (0x7F7F); then +-inf, NaN and +-0."""
-    bits = [
-        (hi << 16) | lo for hi in (0x3F80, 0x3F81, 0xBF80, 0xBF81, 0x3FFF, 0x7F7F) for lo in (0x7FFF, 0x8000, 0x8001)
-    ]
-    bits += [0x7F800000, 0xFF800000, 0x7FC00000, 0x00000000, 0x80000000]
+    the exponent (0x3FFF) and one whose tie rounds to infinity (0x7F7F); the same about subnormals (0x0000,
+    0x0001, 0x8079) and the largest one, whose rounding carries into the normals (0x007F); subnormals that
+    are bf16 values already; then +-inf, NaN, a NaN whose payload lies in the low half alone and +-0."""
+    his = (0x3F80, 0x3F81, 0xBF80, 0xBF81, 0x3FFF, 0x7F7F, 0x0000, 0x0001, 0x8079, 0x007F)
+    bits = [(hi << 16) | lo for hi in his for lo in (0x7FFF, 0x8000, 0x8001)]
+    bits += [0x00010000, 0x00790000, 0x807F0000, 0x00800000]
+    bits += [0x7F800000, 0xFF800000, 0x7FC00000, 0x7F800001, 0x00000000, 0x80000000]
     bits += [0x3F800000] * ((1 << (len(bits) - 1).bit_length()) - len(bits))  # to a power of two
     return torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
 
@@ -47,6 +49,5 @@ def test_round_bf16_rounds_ties_to_even_as_torch_does() -> None:
     nan = want.isnan()
     assert torch.equal(rounded.isnan(), nan)
     assert torch.equal(rounded[~nan].view(torch.int32), want[~nan].view(torch.int32))
-    # The cast itself: on normal values only (the interpreter's cast flushes bf16 subnormals to 0).
     assert torch.equal(cast.isnan(), nan)
     assert torch.equal(cast[~nan].view(torch.int32), want[~nan].view(torch.int32))
