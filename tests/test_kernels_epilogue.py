@@ -10,7 +10,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from conftest import DEVICE  # noqa: E402
-from dsv4.kernels.epilogue import round_bf16, to_bf16  # noqa: E402
+from dsv4.kernels.epilogue import from_bf16, round_bf16, to_bf16  # noqa: E402
 
 
 @triton.jit
@@ -51,3 +51,21 @@ def test_round_bf16_rounds_ties_to_even_as_torch_does() -> None:
     assert torch.equal(rounded[~nan].view(torch.int32), want[~nan].view(torch.int32))
     assert torch.equal(cast.isnan(), nan)
     assert torch.equal(cast[~nan].view(torch.int32), want[~nan].view(torch.int32))
+
+
+@triton.jit
+def _widen_kernel(v_ptr, out_ptr, N: tl.constexpr):
+    at = tl.arange(0, N)
+    tl.store(out_ptr + at, from_bf16(tl.load(v_ptr + at)))
+
+
+def test_from_bf16_widens_every_bf16_exactly() -> None:
+    """Every bf16 (all 2^16 bit patterns) widens to the fp32 torch gives, bit for bit: subnormals
+    (0x0001 is 9.2e-41, not 0), zeros of either sign, infinities; NaN stays NaN."""
+    v = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    out = torch.empty(v.numel(), device=DEVICE)
+    _widen_kernel[(1,)](v.to(DEVICE), out, v.numel())
+    out, want = out.cpu(), v.float()
+    nan = want.isnan()
+    assert torch.equal(out.isnan(), nan)
+    assert torch.equal(out[~nan].view(torch.int32), want[~nan].view(torch.int32))

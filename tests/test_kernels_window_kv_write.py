@@ -1,6 +1,7 @@
 """``window_kv_write``'s Triton kernel against the reference, pool bytes equal: rows with every kind of
-64-block the FP8 row format has (scales across the range, zeros, NaN, infinities), a slot whose blocks
-are unallocated, and the full-size row (HD 512) over a prefill longer than the window."""
+64-block the FP8 row format has (scales across the range, zeros, NaN, infinities), rows of bf16
+subnormals, a slot whose blocks are unallocated, and the full-size row (HD 512) over a prefill longer
+than the window."""
 
 from __future__ import annotations
 
@@ -52,6 +53,23 @@ def test_edge_rows_are_bit_identical(seq: int) -> None:
     pool.block_table[2, 1] = -1  # slot 2's rows 16..31 are skipped
     start = torch.tensor([0, 17, 13])
     _run_both(_edge_rows(b, seq, hd, g), pool, start, window)
+
+
+def test_subnormal_rows_are_bit_identical() -> None:
+    """Rows of bf16 subnormals (about 2^-130, down to 0x0001: 9.2e-41) store the rope tail as given, bit for bit:
+    the values are widened to fp32 and the tail rounded back to bf16 exactly, as on a GPU."""
+    cfg = dsv4.get_config("tiny")
+    hd, r, window = cfg.head_dim, cfg.qk_rope_head_dim, cfg.sliding_window
+    g = torch.Generator().manual_seed(5)
+    b, seq = 2, 3
+    kv = (torch.randn(b, seq, hd, generator=g) * 2.0**-130).to(torch.bfloat16)
+    kv.view(-1)[-4:] = (
+        torch.tensor([0x0001, 0x8001, 0x007F, 0x0080], dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    )
+    tail = kv[..., hd - r :].float()
+    assert ((tail != 0) & (tail.abs() < torch.finfo(torch.float32).tiny)).float().mean() > 0.8  # subnormals
+    pool = dsv4.KVPool.dense(b, 64, hd, r, block_size=16)
+    _run_both(kv, pool, torch.tensor([0, 21]), window)
 
 
 @FULL

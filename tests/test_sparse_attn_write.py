@@ -66,6 +66,17 @@ def test_the_writing_program_of_other_tiles(kind: str, seq: int, params: dict) -
     assert same_pool(args["window_pool"], pool_two)
 
 
+def test_subnormal_rows_are_stored_as_the_reference_stores_them() -> None:
+    """kv rows of bf16 subnormals (kv * 1e-40): the fused launch's pool bytes equal the reference's
+    ``window_kv_write``'s, bit for bit (the rope tails as given)."""
+    args = attn_setup("swa", 2, seed=13)
+    args["kv"] = (args["kv"].float() * 1e-40).to(torch.bfloat16)
+    _, pool_ref = two_ops(args, "reference")
+    args = on_device(args)
+    dsv4.sparse_attn_write(**args, backend="triton")
+    assert same_pool(args["window_pool"].to("cpu"), pool_ref)
+
+
 RING_REFUSED = "window_pool.block_table: a row this step writes is a pool row it reads"
 
 

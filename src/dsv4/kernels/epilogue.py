@@ -60,6 +60,19 @@ def to_bf16(v):
 
 
 @triton.jit
+def from_bf16(v):
+    """bf16 -> fp32, exact (as torch and the GPU widen), subnormals included.
+
+    The interpreter's own bf16 -> fp32 cast (Triton 3.9) gets bf16 subnormals wrong (``0x0001``, 9.2e-41,
+    becomes 0), so there the value is widened through its bits: a bf16 is the top half of its fp32.
+    """
+    if INTERPRETED:
+        return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return v.to(tl.float32)
+
+
+@triton.jit
 def overflow_scale(amax):
     """The power of two a row is scaled by before its squares are summed (``dsv4.model.rms``):
     ``amax [BM]`` fp32 (each row's ``max|v|``) -> ``[BM]``: 1 where it is below ``2^48`` or not finite,

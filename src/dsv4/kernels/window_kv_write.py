@@ -24,7 +24,7 @@ from ..model.attention_state import KVPool
 from ..model.fp8_row import ROW_BLOCK as _ROW_BLOCK
 from ..model.fp8_row import SCALE_BYTES as _SCALE_BYTES
 from ..model.structs import StepPositions
-from .epilogue import to_bf16
+from .epilogue import from_bf16, to_bf16
 from .fp8_quant import quant_e4m3, scale_byte
 from .launch import pdl_supported
 from .tuning import Param, Tunable
@@ -86,7 +86,7 @@ def store_window_rows(kv_ptr, b, s, S, start, table_ptr, max_blocks, nope_ptr, s
     row = (b * S + s).to(tl.int64) * hd
     # the rows are read whether their block is held or not: their load need not wait for the table's
     v = tl.load(kv_ptr + row[:, None] + cols, mask=ok[:, None] & (cols < hd), other=0.0)
-    store_fp8_rows(nope_ptr, scale_ptr, rope_ptr, block * BLOCK_SIZE + p % BLOCK_SIZE, held, v.to(tl.float32), NOPE, R)
+    store_fp8_rows(nope_ptr, scale_ptr, rope_ptr, block * BLOCK_SIZE + p % BLOCK_SIZE, held, from_bf16(v), NOPE, R)
 
 
 # A block table's width is the caller's cache size: not specialized on (== 1, divisible by 16), one variant
