@@ -23,7 +23,8 @@ from bad_checkpoints import LAYER, PREFIX, SHARDS, digest, write_valid
 from conftest import DEVICE
 from dsv4 import CheckpointError
 from dsv4.cli import main
-from dsv4.harness.cases import Case, run_case
+from dsv4.harness.cases import Case, make_case, run_case
+from dsv4.harness.golden import compare
 from dsv4.io.checkpoint import Checkpoint
 from dsv4.kernels import epilogue
 from dsv4.kernels.epilogue import quantize_int8_rows
@@ -127,6 +128,58 @@ def test_nonfinite_input_stays_visible_on_every_backend(op, path, index, value) 
     if "topk_idxs" in want:  # NaN scores rank first (torch's descending sort), ties by lower index
         rows = _nonfinite(want["score"]).any(-1)
         assert torch.equal(got["topk_idxs"][rows], want["topk_idxs"][rows])
+
+
+# --- a non-finite entry in a column RoPE leaves alone -------------------------------------------------
+
+NOPE = 7  # a column of a head's first R-chunk (tiny: head_dim 128, rope 64), not rotated; pair partner 6
+
+
+def _nope_case(op: str, value: float) -> Case:
+    """``qkv_proj_rope`` with ``gamma_ckv[NOPE] = value`` (kv's column ``NOPE`` is ``+-value`` or NaN for
+    every token), or ``sparse_attn`` with every key's column ``NOPE`` at ``value`` and head 0's q 0 (all
+    its scores 0, so its ``o[..., NOPE]`` sums the keys' ``value``: +inf past fp32 for 3e38)."""
+    if op == "qkv_proj_rope":
+        case = case_at(CFG, op, batch=2, seq=2, start=START, max_position=64)
+        args = dict(case.args)
+        gamma = args["w"].gamma_ckv.clone()
+        gamma[NOPE] = value
+        _set(args, "w.gamma_ckv", gamma)
+    else:
+        case = make_case(CFG, op, seed=0, device=DEVICE, batch=2, seq=2, max_position=64, start_pos=[6, 14], kind="swa")
+        args = dict(case.args)
+        kv, q = args["kv"].clone(), args["q"].clone()
+        kv[..., NOPE] = value
+        q[:, :, 0, :] = 0
+        args["kv"], args["q"] = kv, q
+    return Case(op, args, case.meta)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize(
+    ("op", "out", "value"),
+    [("qkv_proj_rope", "kv", v) for v in (float("inf"), float("-inf"), float("nan"))] + [("sparse_attn", "o", 3e38)],
+)
+def test_a_nonfinite_entry_rope_leaves_alone_keeps_its_pair_partner(op: str, out: str, value: float) -> None:
+    """The RoPE epilogue rotates only a row's last R columns: an infinity or NaN in another column stays
+    there, and its pair partner keeps its value (rotating it with cos=1, sin=0 would give ``inf*0``, NaN)."""
+    case = _nope_case(op, value)
+    want, got = run_case(case, "reference"), run_case(case, "triton")
+    w = want[out].float()
+    assert not torch.isfinite(w[..., NOPE]).all() and torch.isfinite(w[..., NOPE - 1]).any(), "premise"
+    for name, wt in want.items():
+        if wt.is_floating_point():
+            wf, gf = wt.float(), got[name].float()
+            assert torch.equal(wf.isnan(), gf.isnan()), name
+            inf = wf.isinf()
+            assert torch.equal(inf, gf.isinf()) and torch.equal(wf[inf], gf[inf]), name
+
+    # the finite values within spec §6's rule, every non-finite entry set to 0 on both sides
+    def finite(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: t.masked_fill(~torch.isfinite(t), 0) if t.is_floating_point() else t for n, t in outputs.items()}
+
+    report = compare(op, finite(got), finite(want), case.compare_inputs())
+    assert report, str(report)
 
 
 # --- top-k of non-finite scores ---------------------------------------------------------------------

@@ -159,13 +159,14 @@ def store_rope_bf16(out_ptrs, v, cos, sin, mask, HD: tl.constexpr, R: tl.constex
 
     ``v``, ``out_ptrs``, ``mask``: ``[BM, HD]``; ``cos``, ``sin``: ``[BM, R/2]`` fp32, each row at its
     token's position. The row is viewed as ``[HD/R, R/2, 2]`` pairs: the last ``R``-chunk rotates, the
-    others keep cos=1, sin=0, which leaves them bit-exact (``u*1 - w*0 == u``).
+    others are selected as they are, so an infinity or NaN there stays in its own entry (rotating them
+    with cos=1, sin=0 would make its pair partner ``w*0``, NaN).
     """
     BM: tl.constexpr = v.shape[0]
     CHUNKS: tl.constexpr = HD // R
     even, odd = tl.split(tl.reshape(v, (BM, CHUNKS, R // 2, 2)))
     is_rope = (tl.arange(0, CHUNKS) == CHUNKS - 1)[None, :, None]
-    c = tl.where(is_rope, cos[:, None, :], 1.0)
-    s = tl.where(is_rope, sin[:, None, :], 0.0)
-    rotated = tl.join(even * c - odd * s, even * s + odd * c)
+    c = cos[:, None, :]
+    s = sin[:, None, :]
+    rotated = tl.join(tl.where(is_rope, even * c - odd * s, even), tl.where(is_rope, even * s + odd * c, odd))
     tl.store(out_ptrs, to_bf16(tl.reshape(rotated, (BM, HD))), mask=mask)

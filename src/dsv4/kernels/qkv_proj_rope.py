@@ -437,9 +437,8 @@ def _store_parked_half(q_ptr, park_ptr, sumsq_ptr, T, eps, positions_ptr, cos_pt
         cos, sin = rope_rows(positions_ptr, cos_ptr, sin_ptr, rows, row_ok, R)
     for c in tl.range(0, HALF, R, num_stages=1):  # a fallback: no pipelining, fewest registers
         qn = (tl.load(parked + c, mask=row_ok[:, None], other=0.0, cache_modifier=".cg") * scale) * inv
-        if HALF_IDX == 1:
-            last = c == HALF - R
-            store_rope_bf16(out + c, qn, tl.where(last, cos, 1.0), tl.where(last, sin, 0.0), row_ok[:, None], R, R)
+        if HALF_IDX == 1 and c == HALF - R:  # the head's last R columns: the RoPE ones
+            store_rope_bf16(out + c, qn, cos, sin, row_ok[:, None], R, R)
         else:
             tl.store(out + c, to_bf16(qn), mask=row_ok[:, None])
 
