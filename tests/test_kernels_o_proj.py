@@ -49,6 +49,21 @@ def test_output_width_not_a_multiple_of_the_tile() -> None:
     _check(*_inputs(dataclasses.replace(WIDE, hidden_size=200), 3, seed=7))
 
 
+@pytest.mark.parametrize("factor", [1.1, 3.0])
+def test_scales_not_powers_of_two(factor: float) -> None:
+    """wo_a's block scales times 1.1 or 3: code x scale is then no bf16 value, and the dequantized weight is
+    bf16(code x scale) (``dequantize_fp8_weight``) on every backend."""
+    o, w = _inputs(TINY, 5, seed=5)
+    _check(o, dataclasses.replace(w, wo_a_scale=w.wo_a_scale * factor))
+
+
+def test_scales_with_subnormal_products() -> None:
+    """wo_a's scales at 2^-127 (UE8M0's smallest): code x scale lies in bf16's subnormal range, rounded there."""
+    o, w = _inputs(TINY, 5, seed=5)
+    o = (o.float() * 2.0**120).to(torch.bfloat16)
+    _check(o, dataclasses.replace(w, wo_a_scale=torch.full_like(w.wo_a_scale, 2.0**-127)))
+
+
 @pytest.mark.parametrize(
     ("kernel", "params"),
     [

@@ -55,7 +55,7 @@ from ..model.weights import OProjWeights
 from .epilogue import round_bf16, to_bf16
 from .fp8_quant import NAN_EXP, pow2, quant_e4m3
 from .interpreter import interpreted
-from .launch import pdl_supported, pow2_divisor, require, sm_count
+from .launch import INTERPRETED, pdl_supported, pow2_divisor, require, sm_count
 from .split_k import BF16_DOT_DTYPE, SPLIT_CHOICES
 from .tuning import Param, Tunable
 from .workspace import Workspace, scratch
@@ -189,8 +189,11 @@ def _wo_a_kernel(
     for kb in range(split * steps // SPLITS, (split + 1) * steps // SPLITS):
         k = kb * _BLOCK_K + ks
         a = tl.load(a_rows + k[None, :], mask=row_ok[:, None], other=0.0)
-        # [BLOCK_K, BLOCK_N], K contiguous in memory; code x 2^e is exact in bf16
+        # [BLOCK_K, BLOCK_N], K contiguous in memory: bf16(code x scale), as dequantize_fp8_weight rounds it
+        # (exact for a power-of-two scale). The interpreter's dot takes fp32 operands: rounded there on the bits.
         w = tl.load(w_cols + k[:, None]).to(tl.float8e4nv, bitcast=True).to(tl.float32) * tl.load(scales + kb)
+        if INTERPRETED:
+            w = round_bf16(w)
         acc = tl.dot(a.to(BF16_DOT_DTYPE), w.to(BF16_DOT_DTYPE), acc)
     if QUANT:
         _quant_store(acc, a8_ptr, a_exp_ptr, rows, row_ok, cols, pid_n, N)
