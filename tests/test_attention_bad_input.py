@@ -81,6 +81,7 @@ BAD: list[tuple[str, str, Callable, type, tuple[str, ...]]] = [
     ("kv_compressor", "start_pos", lambda t: t + 60, ValueError, ("start_pos", "rope table")),
     ("kv_compressor", "start_pos", lambda t: -1, ValueError, ("start_pos", ">= 0")),
     ("kv_compressor", "eps", lambda e: 0.0, ValueError, ("eps",)),
+    ("kv_compressor", "eps", lambda e: 1e-50, ValueError, ("eps", "fp32")),
     ("window_kv_write", "kv", lambda t: t[..., :96].contiguous(), ValueError, ("pool", "HD - R")),
     ("window_kv_write", "kv", lambda t: t.half(), TypeError, ("kv:", "bfloat16")),
     ("window_kv_write", "window", lambda w: 0, ValueError, ("window", ">= 1")),

@@ -63,6 +63,8 @@ INDEXER_SCALARS = [
     ("eps", float("nan"), ValueError, ("eps",)),
     ("eps", 0.0, ValueError, ("eps",)),
     ("eps", -1e-6, ValueError, ("eps",)),
+    ("eps", 1e-50, ValueError, ("eps", "fp32")),  # positive, but 0 in fp32: a zero row would normalize to NaN
+    ("eps", 1e39, ValueError, ("eps", "fp32")),  # finite, but inf in fp32
 ]
 
 
@@ -97,7 +99,7 @@ def test_bounds_are_inclusive(backend) -> None:
         assert int(got.topk_idxs.max()) <= 2**31 - 1 and int(got.topk_idxs[got.topk_idxs >= 0].min()) >= offset
 
 
-@pytest.mark.parametrize("value", [float("inf"), float("nan"), 0.0])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 0.0, 1e-50, 1e39])
 def test_qkv_eps_must_be_finite_and_positive(value) -> None:
     with pytest.raises(ValueError, match="eps"):
         dsv4.qkv_proj_rope(**_case("qkv_proj_rope").args, eps=value, backend="reference")
@@ -129,6 +131,7 @@ CONSTRUCTOR = [
     ("offset", "16", TypeError),
     ("eps", float("nan"), ValueError),
     ("eps", -1.0, ValueError),
+    ("eps", 1e-50, ValueError),
     ("backend", "bogus", ValueError),
     ("backend", "cuda", ValueError),
     ("weights", "weights", TypeError),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -97,10 +98,16 @@ def _check_int(name: str, value: Any, minimum: int | None = None) -> int:
 def _check_eps(eps: Any) -> None:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"eps: expected a positive finite float, got {eps!r}")
+    try:  # the kernels and the reference add it in fp32 (rounded to nearest; a host value, no device read)
+        eps32 = struct.unpack("f", struct.pack("f", eps))[0]
+    except OverflowError:
+        eps32 = math.inf
+    if not (eps32 > 0 and math.isfinite(eps32)):
+        raise ValueError(f"eps: expected a positive finite float in fp32, got {eps!r} (fp32: {eps32!r})")
 
 
 def check_eps(eps: Any) -> float:
-    """``eps``: a positive finite number."""
+    """``eps``: a positive finite number, also once rounded to fp32 (a smaller one would be 0 there)."""
     _check_eps(eps)
     return eps
 
