@@ -47,7 +47,7 @@ def to_bf16(v):
     """fp32 -> bf16, rounded to nearest even (as torch and the GPU's ``cvt.rn`` do), subnormals included.
 
     The interpreter's own fp32 -> bf16 cast truncates (Triton 3.6-3.9 pass it no rounding mode) and
-    gets subnormals wrong even when they are already bf16 values (``0x00790000`` becomes ``0x0064``),
+    gets subnormals wrong even when they are already bf16 values (``0x00790000`` becomes ``0x0072``),
     so there the rounding is done on the bits and the bf16 is their high half. A NaN stays a NaN (its
     quiet bit set: the high half of a NaN whose payload lies in the low half alone is an infinity's).
     """

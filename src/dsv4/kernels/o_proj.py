@@ -9,8 +9,9 @@ are added in slice order (deterministic; no float atomics).
 
 1. ``_wo_a_kernel``, grid ``(G*OL / BLOCK_N, T tiles, SPLITS_A)``: a column tile of ``r`` lies in one
    group (``BLOCK_N`` divides ``OL``) and in one 128-row block of ``wo_a``'s scales; each ``BLOCK_K``
-   = 128 step of the reduction axis reads one scale. The codes are dequantized on chip (``code x
-   2^e``, exact in bf16, as ``dequantize_fp8_weight``) and multiplied with the group's bf16 ``o``
+   = 128 step of the reduction axis reads one scale. The codes are dequantized on chip as
+   ``bf16(code x scale)``, as ``dequantize_fp8_weight`` rounds them (exact for a power-of-two scale
+   whose products stay in bf16's normal range) and multiplied with the group's bf16 ``o``
    (exact products, fp32 sums). Each program writes the fp32 sums of its K-slice to
    ``r_part [SPLITS_A, T, G*OL]``.
 2. ``_act_quant_kernel``, grid ``(G*OL / 128, T tiles)``: one 128-block of ``r`` per program; adds

@@ -117,7 +117,8 @@ def fp8_rows(v: torch.Tensor, rope_dim: int) -> FP8Rows:
 
 
 def dequantize_fp8_rows(nope: torch.Tensor, scale: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """``deq`` of attention spec §2: rows in the pool format -> ``[..., HD] bf16`` (exact)."""
+    """``deq`` of attention spec §2: rows in the pool format -> ``[..., HD] bf16`` (exact, but for an entry
+    ``>= 248 * 2^120``, which decodes to inf: see the module docstring)."""
     return torch.cat((fp8_blocks_dequantized(nope, scale).to(torch.bfloat16), rope.to(torch.bfloat16)), dim=-1)
 
 
@@ -149,7 +150,8 @@ def quantize_fp8_weight(w: torch.Tensor, block: int = WEIGHT_BLOCK) -> tuple[tor
 
 
 def dequantize_fp8_weight(w8: torch.Tensor, scale: torch.Tensor, block: int = WEIGHT_BLOCK) -> torch.Tensor:
-    """``w8 [out, in] float8_e4m3fn`` times its block scales -> ``[out, in]`` bf16 (exact)."""
+    """``w8 [out, in] float8_e4m3fn`` times its block scales -> ``[out, in]`` bf16: ``bf16(code x scale)``,
+    exact for a power-of-two scale whose products stay in bf16's normal range."""
     out, inp = w8.shape
     s = scale.repeat_interleave(block, 0)[:out].repeat_interleave(block, 1)[:, :inp]
     return (w8.to(torch.float32) * s).to(torch.bfloat16)
