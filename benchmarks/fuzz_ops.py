@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import random
 import sys
@@ -59,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
+from dsv4.arg_types import positive_float  # noqa: E402
 from dsv4.bench.interp_traffic import bounds_checked, dots_checked  # noqa: E402
 from dsv4.harness.cases import make_case, run_case  # noqa: E402
 from dsv4.harness.golden import compare  # noqa: E402
@@ -119,22 +119,11 @@ def report(record: dict[str, Any]) -> str:
     return "\n".join(lines + [f"    {line}" for line in more])
 
 
-def positive_seconds(text: str) -> float:
-    """``--seconds``: a finite number > 0 (at 0 no case would be judged)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0, got {text!r}")
-    return value
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu (Triton's interpreter) or cuda (compiled kernels)")
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--seconds", type=positive_seconds, default=600.0, help="stop drawing cases after this long")
+    parser.add_argument("--seconds", type=positive_float, default=600.0, help="stop drawing cases after this long")
     parser.add_argument("--seed", type=int, default=0, help="seeds the draw of the cases")
     parser.add_argument("--ops", help="comma-separated (default: every op with a Triton backend)")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="the B to draw from")

@@ -29,36 +29,10 @@ from typing import Any
 import torch
 
 import dsv4
+from dsv4.arg_types import device as device_arg
+from dsv4.arg_types import int_at_least
 from dsv4.bench.timing import DeviceSpec, device_spec
 from dsv4.ops.step_cost import step_bytes
-
-
-def at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an int >= ``minimum`` (else a usage error naming the option, exit 2)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def a_device(text: str) -> torch.device:
-    """An argparse type: ``cpu`` or ``cuda[:N]`` on a machine that has it (else a usage error, exit 2)."""
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available here")
-    return device
 
 
 def main() -> None:
@@ -68,11 +42,11 @@ def main() -> None:
     )
     parser.add_argument("--kind", default="csa", choices=["swa", "csa", "hca"])
     parser.add_argument("--backend", default="auto", choices=["auto", *dsv4.BACKENDS])
-    parser.add_argument("--batch", type=at_least(1), default=4)
-    parser.add_argument("--seq", type=at_least(1), default=2, help="tokens per sequence per step (MTP)")
-    parser.add_argument("--prefill", type=at_least(0), default=64, help="prompt tokens before decoding")
-    parser.add_argument("--steps", type=at_least(1), default=8)
-    parser.add_argument("--device", type=a_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int_at_least(1), default=4)
+    parser.add_argument("--seq", type=int_at_least(1), default=2, help="tokens per sequence per step (MTP)")
+    parser.add_argument("--prefill", type=int_at_least(0), default=64, help="prompt tokens before decoding")
+    parser.add_argument("--steps", type=int_at_least(1), default=8)
+    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--capture", action="store_true", help="then replay the steps from one CUDA graph")
     parser.add_argument(
         "--back-to-back", action="store_true",
@@ -84,7 +58,7 @@ def main() -> None:
         cfg = dsv4.get_config(args.preset)
     except ValueError as e:
         parser.error(f"--preset: {e}")
-    device = args.device
+    device = torch.device(args.device)
     layer = cfg.first_layer(args.kind)
     runs = (2 if args.capture else 1) * (3 if args.back_to_back else 1)
     ratio = max(cfg.layer_ratio(layer), 4)

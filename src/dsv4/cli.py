@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import sys
 import time
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .arg_types import device as device_arg
+from .arg_types import int_at_least, positive_float
 from .model.config import COMPRESS_RATIO, LAYER_KINDS, PRESETS, get_config
 from .model.weights import MAX_SEED
 from .ops.backends import BACKENDS, available_backends, resolve, unavailable_reason
@@ -28,31 +29,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _int_at_least(minimum: int, maximum: int | None = None):
-    want = f"an int >= {minimum}" + ("" if maximum is None else f" and <= {maximum}")
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
-        if value < minimum or (maximum is not None and value > maximum):
-            raise argparse.ArgumentTypeError(f"expected {want}, got {value}")
-        return value
-
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
 
 
 def _preset(text: str) -> str:
@@ -74,24 +50,7 @@ def _presets(text: str) -> list[str]:
 PRESET_HELP = f"{', '.join(sorted(PRESETS))}, or one of N tensor-parallel ranks of one (e.g. flash/tp8)"
 
 
-def _device(text: str) -> str:
-    """``cpu`` or an available ``cuda[:N]``."""
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}") from None
-    if device.type == "cpu":
-        return "cpu"
-    if device.type != "cuda":
-        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}")
-    if not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available (a CPU-only torch, or no GPU found)")
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text!r}: there are {torch.cuda.device_count()} CUDA device(s)")
-    return str(device)
-
-
-NON_NEGATIVE, POSITIVE, SEED = _int_at_least(0), _int_at_least(1), _int_at_least(0, MAX_SEED)
+NON_NEGATIVE, POSITIVE, SEED = int_at_least(0), int_at_least(1), int_at_least(0, MAX_SEED)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -421,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch", type=POSITIVE, default=4, help="sequences per step")
     run.add_argument("--seq", type=POSITIVE, default=2, help="new tokens per sequence per decode step")
     run.add_argument("--seed", type=SEED, default=0)
-    run.add_argument("--device", type=_device, default=_default_device())
+    run.add_argument("--device", type=device_arg, default=_default_device())
     run.set_defaults(func=_cmd_run)
 
     inspect = sub.add_parser("inspect", help="a checkpoint's layers, their kinds and one layer's attention tensors")
@@ -447,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--kind", choices=LAYER_KINDS, help="the layer kind of an op that runs differently in each (default: CSA)"
     )
     save.add_argument("--seed", type=SEED, default=0)
-    save.add_argument("--device", type=_device, default="cpu")
+    save.add_argument("--device", type=device_arg, default="cpu")
     save.set_defaults(func=_cmd_golden_save)
     chk = gsub.add_parser("check", help="replay every case in DIR on a backend and compare (spec §6)")
     chk.add_argument("dir")
@@ -455,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend", choices=backends,
         help="default: triton wherever it runs (on a CPU, its interpreter), else reference",
     )  # fmt: skip
-    chk.add_argument("--device", type=_device, default=_default_device())
+    chk.add_argument("--device", type=device_arg, default=_default_device())
     chk.set_defaults(func=_cmd_golden_check)
 
     from .bench.calls import BENCH_BACKENDS
@@ -487,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and p10-p90 need a few samples); each timing in --json records the repetitions it ran",
     )
     bench.add_argument(
-        "--budget-s", type=_positive_float, default=2.0, help="seconds per timing at most (a few reps always run)"
+        "--budget-s", type=positive_float, default=2.0, help="seconds per timing at most (a few reps always run)"
     )
     bench.add_argument("--warm-l2", action="store_true", help="do not flush L2 between repetitions")
     bench.add_argument("--no-graph", action="store_true", help="time plain launches, no CUDA graph")
@@ -519,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("--kernels", type=_names_any, help="comma-separated kernels (default: all; --list names them)")
     tune.add_argument("--shapes", type=_names_any, help="keep shapes whose label holds one of these (e.g. 'B=64')")
-    tune.add_argument("--budget-s", type=_positive_float, default=600.0, help="seconds in all; saved as it goes")
+    tune.add_argument("--budget-s", type=positive_float, default=600.0, help="seconds in all; saved as it goes")
     tune.add_argument(
         "--reps",
         type=POSITIVE,
@@ -527,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="timed repetitions per candidate on the GPU, fewer if over --timing-s, never fewer than 5 (each variant "
         "in --json records how many ran)",
     )
-    tune.add_argument("--timing-s", type=_positive_float, default=0.25, help="seconds per candidate timing at most")
+    tune.add_argument("--timing-s", type=positive_float, default=0.25, help="seconds per candidate timing at most")
     tune.add_argument("--json", metavar="PATH", help="every variant's µs and GB/s (default tune-<device>.json)")
     tune.add_argument("--config", metavar="PATH", help="the config file to write (default: the package's, per device)")
     tune.add_argument("--dry-run", action="store_true", help="the CPU interpreter, tiny preset: check the candidates")

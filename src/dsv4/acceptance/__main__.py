@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import math
 import os
 import shlex
 import shutil
@@ -14,6 +13,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..arg_types import positive_float
 from .out_dir import KIND, OutDirError, prepare_out_dir
 from .plan import DRY, GPU, Paths, build_plan, injected_failure
 from .runner import OUTPUTS, Runner
@@ -42,16 +42,6 @@ def source_sha256(root: Path) -> str:
     return digest.hexdigest()
 
 
-def _budget(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0, got {text!r}")
-    return value
-
-
 def _step_names(text: str) -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
     if not names:
@@ -67,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the whole run on the CPU with the tiny preset and tiny budgets (also: {DRY_ENV}=1)",
     )  # fmt: skip
     parser.add_argument(
-        "--budget-s", type=_budget,
+        "--budget-s", type=positive_float,
         help=f"total seconds the steps share (default {GPU.budget_s:g}; dry run {DRY.budget_s:g})",
     )  # fmt: skip
     parser.add_argument(
