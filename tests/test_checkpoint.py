@@ -249,6 +249,22 @@ def test_fp8_byte_decoders_match_torch():
     assert e8m0_bytes_to_float32(torch.tensor([0, 127, 254], dtype=torch.uint8)).tolist() == [2.0**-127, 1.0, 2.0**127]
 
 
+@pytest.mark.parametrize("block", [(2, 3), (3, 2), (8, 2)], ids=["2x3", "3x2", "taller-than-the-rows"])
+def test_block_scales_of_blocks_that_are_not_square(block: tuple[int, int]) -> None:
+    """``weight_block_size`` may give blocks of other rows than columns (e.g. ``[256, 128]``): entry
+    ``(i, j)`` of a weight is scaled by block ``(i // rows, j // columns)``'s scale, edge blocks partial.
+    Every checkpoint of the other tests has square blocks, where the rows and columns of a block are
+    interchangeable."""
+    from dsv4.io.fp8 import dequantize_rows_, scale_grid
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(5, 7, generator=g)
+    scale = torch.exp2(torch.randint(-4, 5, scale_grid((5, 7), block), generator=g).float())
+    i, j = torch.arange(5)[:, None], torch.arange(7)[None, :]
+    want = w.double() * scale.double()[i // block[0], j // block[1]]
+    assert torch.equal(dequantize_rows_(w.clone(), scale, block).double(), want)
+
+
 # --- configuration -------------------------------------------------------------------------------
 
 
