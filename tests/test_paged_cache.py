@@ -290,6 +290,8 @@ def test_a_paged_state_holds_a_copy_of_the_engine_table(cls: str) -> None:
             r"expected entries in \[0, 4\) or -1",
         ),  # checked before the int32 cast
         (torch.tensor([[-(2**32) + 1, 0]]), ValueError, r"expected entries in \[0, 4\) or -1"),
+        (torch.tensor([[4, -1]]), ValueError, r"expected entries in \[0, 4\) or -1"),  # one past the pool
+        (torch.tensor([[-2, 0]]), ValueError, r"expected entries in \[0, 4\) or -1"),  # one below UNALLOCATED
         (torch.tensor([[1.0, 2.0]]), TypeError, "expected an integer tensor, got float32"),
         (torch.tensor([[True, False]]), TypeError, "expected an integer tensor, got bool"),
         (torch.tensor([0, 1]), ValueError, "expected shape"),
@@ -298,3 +300,12 @@ def test_a_paged_state_holds_a_copy_of_the_engine_table(cls: str) -> None:
 def test_a_paged_table_of_other_values_is_refused(cls: str, table: torch.Tensor, error: type, words: str) -> None:
     with pytest.raises(error, match="block_table: " + words):
         PAGED[cls](table)
+
+
+def test_dense_keys_of_a_row_in_no_block_are_refused() -> None:
+    """``dense_keys`` reads through the block table: a row whose block is -1 is refused naming the table,
+    not read from the last block of the pool (where index -1 lands)."""
+    state = dsv4.IndexerState.paged(1, 2, 16, 128, torch.tensor([[1, -1]]))
+    assert state.dense_keys(0, 16)[0].shape == (16, 128)  # every row in block 1
+    with pytest.raises(ValueError, match="block_table: slot 0 reads rows \\[0, 17\\)"):
+        state.dense_keys(0, 17)
