@@ -46,6 +46,22 @@ def test_table_matches_float64(preset: str, kind: Literal["compressed", "window"
     np.testing.assert_allclose(table.sin.double().numpy(), sin, rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("preset", ["pro", "tiny"])
+def test_each_layer_takes_the_table_of_its_kind(preset: str) -> None:
+    """Attention spec §1: a layer with a compressor (CSA ratio 4, HCA any other ratio) rotates with
+    ``compress_rope_theta`` and YaRN, a sliding-window-only layer (ratio 0) with ``rope_theta``. Every
+    layer of a preset, against the float64 tables; the pro preset starts with HCA layers, tiny's third
+    layer is HCA at ratio 16."""
+    cfg = dsv4.get_config(preset)
+    compressed = _yarn_table_float64(cfg, cfg.compress_rope_theta, True, 64)
+    window = _yarn_table_float64(cfg, cfg.rope_theta, False, 64)
+    for layer, ratio in enumerate(cfg.compress_ratios):
+        table = dsv4.layer_rope_table(cfg, layer, max_position=64)
+        cos, sin = window if ratio == 0 else compressed
+        np.testing.assert_allclose(table.cos.double().numpy(), cos, rtol=0, atol=1e-7, err_msg=f"layer {layer}")
+        np.testing.assert_allclose(table.sin.double().numpy(), sin, rtol=0, atol=1e-7, err_msg=f"layer {layer}")
+
+
 def test_far_positions_keep_fp32_accuracy() -> None:
     """At 1M tokens an fp32 angle p*f would be off by ~0.06 rad; the table is computed in float64."""
     cfg = dsv4.get_config("flash")
