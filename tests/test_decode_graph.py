@@ -103,7 +103,8 @@ def test_static_step_checks_its_inputs() -> None:
     step = fe.static_step(batch=2, seq=2, max_cache_len=4)
     with pytest.raises(ValueError, match="x: expected"):
         step.set_inputs(torch.zeros(1, 2, CFG.hidden_size, dtype=torch.bfloat16, device=DEVICE), [0, 0])
-    with pytest.raises(ValueError, match="max_cache_len"):
+    step.set_inputs(torch.zeros(2, 2, CFG.hidden_size, dtype=torch.bfloat16, device=DEVICE), [14, 0])  # the last
+    with pytest.raises(ValueError, match="max_cache_len"):  # one more: position 16, past the rows 0..3 cover
         step.set_inputs(torch.zeros(2, 2, CFG.hidden_size, dtype=torch.bfloat16, device=DEVICE), [15, 0])
     with pytest.raises(ValueError, match="max_cache_len"):
         fe.static_step(batch=2, seq=2, max_cache_len=17)
