@@ -89,6 +89,26 @@ def test_a_refused_call_changes_nothing() -> None:
         assert bit_identical(t, before[name]), name
 
 
+def test_the_last_step_the_layer_allows_runs_captured() -> None:
+    """The captured step reaches the last positions ``max_position`` allows (62 and 63 of 64: the CSA
+    indexer pool's 16 rows, all of them then), equal to ``forward``; one step more is refused naming
+    ``start_pos`` with nothing changed. Its own bound on the indexer's rows must not be one short."""
+    backend = BACKEND if DEVICE.type == "cuda" else "reference"  # the bounds are the host's: no kernel needed
+    eager = layer("csa", backend=backend, batch=1)
+    eager(x_of(1, 62, seed=50))
+    static = copy.deepcopy(eager)
+    graph = static.capture(seq=2)
+    x = x_of(1, 2, seed=51)
+    assert bit_identical(graph(x), eager(x)), "y"
+    assert static.next_pos == eager.next_pos == [64]
+    before = state(static)
+    with pytest.raises(ValueError, match="start_pos"):
+        graph(x)
+    assert static.next_pos == [64]
+    for name, t in state(static).items():
+        assert bit_identical(t, before[name]), name
+
+
 def test_calls_inside_a_foreign_cuda_graph_capture_are_refused(monkeypatch) -> None:
     """An engine that captures its whole model would freeze a call's host side (positions, blocks, table
     entries copied from pinned host memory) into its graph, and replay it stale: ``forward``, ``reset``
