@@ -493,6 +493,25 @@ def test_torch_compile_of_a_model_runs_the_step_as_it_is() -> None:
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
 
 
+@pytest.mark.parametrize("rows", [63, 64])
+def test_a_replaced_rope_table_must_cover_max_position_to_its_last_row(rows: int) -> None:
+    """A RoPE table replaced after build is held to ``max_position`` at its edge: 64 rows (a copy of the
+    table) run the next call, 63 are refused naming the buffer before anything changes (the other tests
+    of the check replace the table by one of half its rows, where a bound one off goes unseen)."""
+    m = module("csa", batch=1, max_position=64)
+    m(x_of(1, 2, 30))
+    m.rope_cos, m.rope_sin = m.rope_cos[:rows].clone(), m.rope_sin[:rows].clone()
+    before, pos = {k: v.clone() for k, v in m.named_buffers()}, list(m.next_pos)
+    if rows == 64:
+        m(x_of(1, 2, 31))
+        assert m.next_pos == [4]
+        return
+    with pytest.raises(ValueError, match="rope_cos: the RoPE table has 63 positions, max_position is 64"):
+        m(x_of(1, 2, 31))
+    assert m.next_pos == pos
+    assert all(bit_identical(v, before[k], k) for k, v in m.named_buffers())
+
+
 def test_bad_input_changes_nothing() -> None:
     m = module("swa", batch=2)
     m(x_of(2, 4, 21))
