@@ -45,7 +45,9 @@ def test_kv_compressor_first_block(backend: str) -> None:
 
 @pytest.mark.parametrize("backend", backends_of("indexer_compressor"))
 def test_indexer_compressor_first_block(backend: str) -> None:
-    w = dsv4.synthetic_weights(CFG, seed=2).indexer.compressor
+    indexer = dsv4.synthetic_weights(CFG, seed=2).indexer
+    assert indexer is not None  # the front end of a CSA layer
+    w = indexer.compressor
     keys = {}
     for name in ("fresh", "stale"):
         state = dsv4.IndexerState.empty(CFG, 2, 64)

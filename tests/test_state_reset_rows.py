@@ -41,7 +41,7 @@ def test_reset_empties_exactly_the_named_slots(ratio: int, rows) -> None:
         assert bool((state.score_state[named] == float("-inf")).all()), name
 
 
-def _modules() -> dict[str, torch.nn.Module]:
+def _modules() -> dict[str, dsv4.DecodeAttention | dsv4.DecodeFrontEnd]:
     """A ``DecodeAttention`` (CSA: every pool and ring) and a ``DecodeFrontEnd`` of 2 slots, each after
     a step of 5 tokens (the slots stand at 5, hold blocks, their rings filled)."""
     w = dsv4.synthetic_weights(CFG, seed=0, device=DEVICE, layer=1)
@@ -58,7 +58,7 @@ def _modules() -> dict[str, torch.nn.Module]:
     return {"attention": layer, "frontend": front}
 
 
-def _host(m: torch.nn.Module) -> object:
+def _host(m: dsv4.DecodeAttention | dsv4.DecodeFrontEnd) -> object:
     """What the module keeps on the host: positions and the blocks each slot holds."""
     if isinstance(m, dsv4.DecodeAttention):
         pools = [(sorted(p.free), [dict(s) for s in p.slots], list(p.runs)) for p in m.paging.pools]
