@@ -27,3 +27,14 @@ def test_the_package_ships_its_types_and_ci_checks_them() -> None:
     assert set(project["tool"]["mypy"]["files"]) == {"src/dsv4", "examples", "benchmarks", "tests"}
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert any(re.fullmatch(r"(.*&& )?mypy", line) for line in ci_lines), ci_lines
+
+
+def test_the_safetensors_floor_can_save_and_read_float8() -> None:
+    """Golden cases hold float8_e4m3fn tensors: safetensors 0.4.1 cannot save one (KeyError on the dtype)
+    nor read one back ("Dtype not understood: F8_E4M3"); 0.4.2 does both. The declared floor keeps 0.4.1 out."""
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    (req,) = [Requirement(r) for r in project["project"]["dependencies"] if Requirement(r).name == "safetensors"]
+    assert not req.specifier.contains("0.4.1")
+    assert req.specifier.contains("0.4.2")
