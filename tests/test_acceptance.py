@@ -739,7 +739,7 @@ def test_a_commit_that_is_not_the_checkouts_head_is_refused(tmp_path, capsys, mo
     from dsv4.acceptance import __main__ as acceptance_main
 
     head = "1" * 40
-    monkeypatch.setattr(acceptance_main, "_git", lambda *args: head if args == ("rev-parse", "HEAD") else "")
+    monkeypatch.setattr(acceptance_main.checkout, "commit", lambda: (head, False))
     other = "0" * 40
     out = tmp_path / "out"
     assert main([str(out), "--dry-run", "--steps", "environment", "--commit", other[:12]]) == 2

@@ -7,12 +7,12 @@ import hashlib
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from .. import checkout
 from ..arg_types import positive_float
 from .out_dir import KIND, OutDirError, prepare_out_dir
 from .plan import DRY, GPU, Paths, build_plan, injected_failure
@@ -20,14 +20,6 @@ from .runner import OUTPUTS, Runner
 
 ROOT = Path(__file__).resolve().parents[3]
 DRY_ENV = "DSV4_ACCEPTANCE_DRY"
-
-
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
 
 
 SOURCES = ("src/**/*.py", "src/**/*.json", "benchmarks/*.py", "examples/*.py")  # the code and configs a step runs
@@ -97,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{s.name} (timeout {s.timeout_s:g} s){': skipped, ' + s.skip if s.skip else ''}")
                 print("\n".join("    " + shlex.join(c) for c in s.commands))
             return 0
-        head = _git("rev-parse", "HEAD")
+        head, dirty = checkout.commit()
         if args.commit and head and not head.startswith(args.commit.lower()):
             print(f"--commit: {args.commit} is not this checkout's HEAD ({head})", file=sys.stderr)
             return 2
@@ -106,14 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OutDirError as e:
             print(e, file=sys.stderr)
             return 2
-        status = _git("status", "--porcelain", "--untracked-files=no")
         meta = {
             "kind": KIND,
             "dry_run": dry,
             "profile": profile.name,
             "command": shlex.join(["python", "-m", "dsv4.acceptance", *(sys.argv[1:] if argv is None else argv)]),
             "commit": args.commit or head,
-            "commit_dirty": None if status is None else bool(status),
+            "commit_dirty": dirty,
             "source_sha256": source_sha256(ROOT),
         }
         budget = profile.budget_s if args.budget_s is None else args.budget_s

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import json
 import platform
-import subprocess
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
@@ -13,17 +12,9 @@ from typing import Any
 
 import torch
 
+from .. import checkout
+
 MB = 1e6
-
-
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
 
 
 def _version(dist: str) -> str | None:
@@ -34,21 +25,23 @@ def _version(dist: str) -> str | None:
 
 
 def provenance(command: str, device: torch.device | str) -> dict[str, Any]:
-    """Device, versions, commit, date and ``command`` (the ``dsv4`` arguments that reproduce the run)."""
+    """Device, versions, commit, date and ``command`` (the ``dsv4`` arguments that reproduce the run).
+    The commit (and whether the tree differs from it) is None unless ``dsv4`` runs from a git checkout
+    of this project (``dsv4.checkout``): an installed package is named by its version."""
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         name = f"CPU ({platform.processor() or platform.machine()})"
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    commit, dirty = checkout.commit()
     import dsv4
 
     return {
         "device": name,
         "device_type": device.type,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": _git("rev-parse", "HEAD"),
-        "commit_dirty": bool(status) if status is not None else None,
+        "commit": commit,
+        "commit_dirty": dirty,
         "command": f"dsv4 {command}",
         "versions": {
             "dsv4": dsv4.__version__,
