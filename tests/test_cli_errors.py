@@ -4,6 +4,7 @@ no silent exit 0, and nothing written (spec §7)."""
 from __future__ import annotations
 
 import functools
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 import dsv4
 from bad_checkpoints import config_corruptions, digest, structure_corruptions, write_valid
 from dsv4.cli import main
-from subprocesses import run_dsv4
+from subprocesses import run_dsv4, run_python
 
 NO_CUDA = not torch.cuda.is_available()
 
@@ -390,3 +391,42 @@ def test_write_json_leaves_no_partial_file(tmp_path) -> None:
     with pytest.raises(OSError):
         write_json({"a": 1}, tmp_path / "taken")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_tune_without_triton_is_one_line_naming_the_extra() -> None:
+    """Installed without the triton extra, every ``dsv4 tune`` form (``--list``, ``--dry-run``, ``--probe``)
+    used to end in a ModuleNotFoundError traceback; now one line naming Triton and how to install it, exit 2.
+    A fresh interpreter where ``import triton`` fails, as when it is not installed (this one has imported it)."""
+    forms = [
+        ["tune", "--list"],
+        ["tune", "--dry-run", "--ops", "o_proj"],
+        ["tune", "--probe"],
+        ["tune", "--probe", "--list"],
+    ]
+    code = (
+        "import contextlib, io, json, sys\n"
+        "sys.modules['triton'] = None\n"
+        "from dsv4.cli import main\n"
+        "results = []\n"
+        f"for argv in {forms!r}:\n"
+        "    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err):\n"
+        "        results.append([main(argv), err.getvalue()])\n"
+        "print(json.dumps(results))\n"
+    )
+    done = run_python(["-c", code])
+    assert done.returncode == 0, done.stderr
+    for argv, (rc, err) in zip(forms, json.loads(done.stdout.splitlines()[-1]), strict=True):
+        _assert_one_line_error(rc, err, ("dsv4 tune", "triton", 'pip install "dsv4-kernels[triton]"'))
+        assert "Traceback" not in err, (argv, err)
+
+
+def test_tune_with_a_triton_too_old_is_one_line(monkeypatch, capsys) -> None:
+    """An installed Triton older than the kernels run on: ``dsv4 tune`` refuses up front, naming the version."""
+    from dsv4.ops import backends
+
+    monkeypatch.setattr(backends.metadata, "version", lambda dist: "3.5.1")
+    for argv in (["tune", "--list"], ["tune", "--probe", "--list"]):
+        code, out, err = _run(argv, capsys)
+        _assert_one_line_error(code, err, ("dsv4 tune", "Triton 3.5.1 is older than 3.6", "dsv4-kernels[triton]"))
+        assert out == ""

@@ -16,7 +16,7 @@ from .arg_types import device as device_arg
 from .arg_types import int_at_least, positive_float
 from .model.config import COMPRESS_RATIO, LAYER_KINDS, PRESETS, get_config
 from .model.weights import MAX_SEED
-from .ops.backends import BACKENDS, available_backends, resolve, unavailable_reason
+from .ops.backends import BACKENDS, available_backends, resolve, triton_missing, unavailable_reason
 from .ops.registry import op_names
 
 
@@ -255,7 +255,13 @@ def _bench_command(args: argparse.Namespace) -> str:
     return " ".join(words + [flag for flag, on in flags.items() if on])
 
 
+INSTALL_TRITON = 'pip install "dsv4-kernels[triton]"'  # the extra that brings a Triton the kernels run on
+
+
 def _cmd_tune(args: argparse.Namespace) -> int:
+    missing = triton_missing()  # every form (--list, --dry-run, --probe) imports the Triton kernels
+    if missing is not None:
+        raise ValueError(f"needs Triton: {missing}; {INSTALL_TRITON} installs one that runs the kernels")
     if args.probe:
         return _cmd_probe(args)
     from .bench import tune

@@ -35,6 +35,19 @@ def _old_triton() -> str | None:
     return f"Triton {version} is older than {'.'.join(map(str, TRITON_MIN))}, the oldest these kernels run on"
 
 
+def triton_missing() -> str | None:
+    """Why the installed Triton cannot run the kernels at all (not installed, or older than ``TRITON_MIN``),
+    or None when it can: what a command that needs Triton itself (``dsv4 tune``) checks first."""
+    old = _old_triton()
+    if old is not None:
+        return old
+    try:
+        importlib.import_module("triton")
+    except ImportError as e:
+        return f"cannot import triton: {e}"
+    return None
+
+
 def unavailable_reason(name: str, device: torch.device | str) -> str | None:
     """Why backend ``name`` cannot run on ``device``, or None when it can."""
     if name not in BACKENDS:
