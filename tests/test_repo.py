@@ -4,8 +4,11 @@ package ships its types."""
 from __future__ import annotations
 
 import re
+import runpy
 import tomllib
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,6 +30,19 @@ def test_the_package_ships_its_types_and_ci_checks_them() -> None:
     assert set(project["tool"]["mypy"]["files"]) == {"src/dsv4", "examples", "benchmarks", "tests"}
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert any(re.fullmatch(r"(.*&& )?mypy", line) for line in ci_lines), ci_lines
+
+
+def test_the_readme_api_snippets_are_the_type_checked_example_and_run() -> None:
+    """The README's two API snippets are a caller's code: ``examples/readme_api.py`` holds them verbatim,
+    so ``mypy`` (which checks examples/, CI runs it) type-checks them as written, and they run."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    script = ROOT / "examples" / "readme_api.py"
+    assert len(blocks) >= 2
+    for block in blocks[:2]:
+        assert block in script.read_text(), block
+    scope = runpy.run_path(str(script), run_name="readme_api")
+    assert tuple(scope["y"].shape) == (8, scope["cfg"].hidden_size) and scope["y"].dtype == torch.bfloat16
+    assert bool(torch.isfinite(scope["y"].float()).all())
 
 
 def test_the_safetensors_floor_can_save_and_read_float8() -> None:
