@@ -799,3 +799,22 @@ def test_planted_links_are_never_written_through(tmp_path) -> None:
     assert json.loads((out / RECORD).read_text())["kind"] == KIND
     assert (out / "notes.txt").read_text() == "kept\n"  # not an output of the run: untouched
     assert main([str(out), "--dry-run", "--steps", "environment", "--budget-s", "120"]) == 0  # its own dir again
+
+
+def test_an_installed_package_is_refused_before_anything_runs(tmp_path) -> None:
+    """From an installed copy of the package (a venv's site-packages), the steps' scripts are not there:
+    the run used to go ahead, fail every step and record the digest of no files; now it is refused up
+    front, exit 2 naming the missing folders, and nothing is written."""
+    site = tmp_path / "venv" / "lib" / "python3.11" / "site-packages"
+    shutil.copytree(ROOT / "src" / "dsv4", site / "dsv4", ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "out"
+    for extra in (["--dry-run", "--steps", "decode_graph"], ["--list"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "dsv4.acceptance", str(out), *extra],
+            capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)}, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 2, (extra, done.stdout, done.stderr)
+        err = done.stderr.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert all(f"{d}/" in err for d in ("tests", "benchmarks", "examples")) and str(site.parent) in err, err
+        assert done.stdout == "" and not out.exists()

@@ -22,6 +22,15 @@ ROOT = Path(__file__).resolve().parents[3]
 DRY_ENV = "DSV4_ACCEPTANCE_DRY"
 
 
+PROJECT_DIRS = ("tests", "benchmarks", "examples")  # what the steps run, next to src/ in the project's tree
+
+
+def missing_project_dirs(root: Path) -> list[str]:
+    """The folders of ``PROJECT_DIRS`` that ``root`` lacks: all of them where ``dsv4`` is an installed
+    package (``root`` is then a folder of the environment, not the project's tree)."""
+    return [d for d in PROJECT_DIRS if not (root / d).is_dir()]
+
+
 SOURCES = ("src/**/*.py", "src/**/*.json", "benchmarks/*.py", "examples/*.py")  # the code and configs a step runs
 
 
@@ -67,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    missing = missing_project_dirs(ROOT)
+    if missing:  # before anything is listed, run or written: every step would run a script that is not there
+        print(
+            "python -m dsv4.acceptance: error: its steps run the project's tests/, benchmarks/ and examples/, "
+            f"and {ROOT} (two folders above this dsv4 package) has no {', '.join(d + '/' for d in missing)}: "
+            "run it from a checkout of the project (benchmarks/gpu_acceptance.sh, or PYTHONPATH=src), "
+            "not from an installed package",
+            file=sys.stderr,
+        )
+        return 2
     dry = args.dry_run or os.environ.get(DRY_ENV, "") not in ("", "0")
     profile = DRY if dry else GPU
     out = Path(args.out_dir).resolve()
