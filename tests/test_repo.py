@@ -8,6 +8,7 @@ import runpy
 import tomllib
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,3 +55,39 @@ def test_the_safetensors_floor_can_save_and_read_float8() -> None:
     (req,) = [Requirement(r) for r in project["project"]["dependencies"] if Requirement(r).name == "safetensors"]
     assert not req.specifier.contains("0.4.1")
     assert req.specifier.contains("0.4.2")
+
+
+def test_the_license_is_the_apache_text_the_metadata_declares() -> None:
+    """pyproject declares Apache-2.0 as an SPDX expression and ships ``LICENSE`` (wheel and sdist), which
+    holds the license's whole text, not a summary."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "Apache-2.0"
+    assert project["project"]["license-files"] == ["LICENSE"]
+    from packaging.requirements import Requirement
+
+    (setuptools,) = [Requirement(r) for r in project["build-system"]["requires"] if r.startswith("setuptools")]
+    assert not setuptools.specifier.contains("76.9")  # the SPDX string and license-files need setuptools 77
+    text = (ROOT / "LICENSE").read_text()
+    assert text.split()[:4] == ["Apache", "License", "Version", "2.0,"]
+    titles = re.findall(r"^   \d\. ([A-Z][^.]*)\.", text, flags=re.M)  # the nine sections of the terms
+    assert len(titles) == 9 and titles[0] == "Definitions", titles
+    assert titles[-1] == "Accepting Warranty or Additional Liability", titles
+    assert "END OF TERMS AND CONDITIONS" in text
+
+
+def test_the_sdist_holds_what_pytest_needs() -> None:
+    """MANIFEST.in, as setuptools reads it, puts the whole test suite into the sdist (its conftest and data,
+    the scripts and examples the tests run, the CI script a test reads) and the docs and the license."""
+    filelist = pytest.importorskip("setuptools._distutils.filelist")
+    files = filelist.FileList()
+    folders = ("tests", "benchmarks", "examples", "docs", ".ci")
+    files.allfiles = [str(p.relative_to(ROOT)) for d in folders for p in (ROOT / d).rglob("*") if p.is_file()]
+    files.allfiles += [p.name for p in ROOT.iterdir() if p.is_file()]
+    for line in (ROOT / "MANIFEST.in").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            files.process_template_line(line)
+    shipped = set(files.files)
+    needed = [p for p in files.allfiles if p.split("/")[0] in folders and "__pycache__" not in p]
+    assert sorted(set(needed) - shipped) == []
+    assert {"LICENSE", "README.md", "tests/conftest.py", "tests/data/golden_vectors/index.json"} <= shipped
+    assert {"docs/SPEC.md", "benchmarks/gpu_acceptance.sh", ".ci/run"} <= shipped
