@@ -3,6 +3,7 @@ package ships its types."""
 
 from __future__ import annotations
 
+import importlib
 import re
 import runpy
 import tomllib
@@ -101,3 +102,29 @@ def test_the_dev_extra_holds_every_other_extra_and_the_checkers() -> None:
     for name, requirements in extras.items():
         assert set(requirements) <= dev, (name, sorted(set(requirements) - dev))
     assert {r.split(">")[0] for r in dev} >= {"ruff", "mypy", "matplotlib", "tqdm", "pytest"}
+
+
+def _resolves(dotted: str) -> bool:
+    """Whether ``dotted`` (``dsv4.x.y``) names a module, or an attribute of the longest module prefix."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        obj: object
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        return all((obj := getattr(obj, p, None)) is not None for p in parts[i:])
+    return False
+
+
+def test_the_docs_name_modules_and_objects_that_exist() -> None:
+    """Every ``dsv4.<name>`` the README and docs/ write imports, or is an attribute of a module that does."""
+    pytest.importorskip("triton")  # the docs name the kernels' modules too
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    missing = {
+        f"{doc.relative_to(ROOT)}: {m.group(0)}"
+        for doc in docs
+        for m in re.finditer(r"(?<![\w/.])dsv4(?:\.[A-Za-z_]\w*)+", doc.read_text())
+        if not _resolves(m.group(0))
+    }
+    assert sorted(missing) == []
