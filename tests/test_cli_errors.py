@@ -380,7 +380,7 @@ def test_bench_plot_without_matplotlib_is_refused_before_measuring(tmp_path, mon
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises, as when it is not installed
     argv = ["bench", "--preset", "tiny", "--cpu", "--ops", "o_proj", "--reps", "2", "--budget-s", "0.1"]
     code, out, err = _run([*argv, "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")], capsys)
-    _assert_one_line_error(code, err, ("--plot", "matplotlib", 'pip install -e ".[bench]"'))
+    _assert_one_line_error(code, err, ("--plot", "matplotlib", 'pip install "dsv4-kernels[bench]"', '-e ".[bench]"'))
     assert out == "" and list(tmp_path.iterdir()) == []
 
 

@@ -201,7 +201,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             import matplotlib  # noqa: F401  (report.plot draws with it)
         except ImportError:
             raise ValueError(
-                '--plot: needs matplotlib, which is not installed: pip install -e ".[bench]", or leave out --plot'
+                '--plot: needs matplotlib, which is not installed: pip install "dsv4-kernels[bench]" '
+                '(in a checkout: pip install -e ".[bench]"), or leave out --plot'
             ) from None
     device = "cpu" if args.cpu else _default_device()
     result = {"meta": report.provenance(_bench_command(args), device)}
