@@ -128,3 +128,22 @@ def test_the_docs_name_modules_and_objects_that_exist() -> None:
         if not _resolves(m.group(0))
     }
     assert sorted(missing) == []
+
+
+def test_the_readme_names_the_ops_that_take_eps() -> None:
+    """README: every op takes ``backend``, and the ops it lists as applying an RMSNorm take ``eps=1e-6``; the
+    others (the attention, the window write, the output projection) have no ``eps``."""
+    import inspect
+
+    import dsv4
+    from dsv4.ops.registry import op_names
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    listed = re.search(r"the ops that apply an RMSNorm \(([^)]*)\) also take `eps=1e-6`", readme)
+    assert listed is not None
+    with_eps = set(re.findall(r"`(\w+)`", listed.group(1)))
+    for name in op_names():
+        params = inspect.signature(getattr(dsv4, name)).parameters
+        assert params["backend"].default == "auto", name
+        assert ("eps" in params) == (name in with_eps), name
+        assert name not in with_eps or params["eps"].default == 1e-6, name
