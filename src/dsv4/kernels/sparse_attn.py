@@ -434,7 +434,9 @@ def _attn_kernel(
         tl.store(part_m_ptr + part, m, mask=r_live)
         # l = -0.0 marks a row whose keys here all scored -inf with NaN columns in its acc (0 * inf)
         nan_cols = tl.sum((acc != acc).to(tl.int32), axis=1) > 0
-        l = tl.where(nan_cols & (m == float("-inf")), -0.0, l)
+        # -0.0 from its bits: Triton 3.6 turns a -0.0 literal into +0.0 (compiled and interpreted alike)
+        neg_zero = tl.full(l.shape, -2147483648, tl.int32).to(tl.float32, bitcast=True)
+        l = tl.where(nan_cols & (m == float("-inf")), neg_zero, l)
         tl.store(part_l_ptr + part, l, mask=r_live)
         # a split in which no row saw a key (a history of fewer tiles than splits; never split 0, which
         # has the window) stores no acc: every row's is 0, and the combine reads only rows that saw keys.
