@@ -92,6 +92,28 @@ def test_uneven_slices_and_groups_across_blocks() -> None:
         _check(o, w)
 
 
+@pytest.mark.parametrize(
+    ("heads", "groups", "splits"), [(4, 1, 3), (6, 2, 2)], ids=["4-steps-in-3-slices", "3-steps-in-2-slices"]
+)
+def test_wo_a_slices_of_uneven_length_cover_every_k_step(heads: int, groups: int, splits: int) -> None:
+    """``wo_a``'s reduction axis (HG*HD: four 128-steps for one group of 4 heads, three for groups of 3)
+    in slices of uneven length (1, 1, 2 steps; 1, 2): every step is in exactly one slice."""
+    cfg = dataclasses.replace(WIDE, num_attention_heads=heads, o_groups=groups)
+    o, w = _inputs(cfg, 3, seed=23)
+    assert (w.wo_a.shape[1] // 128) % splits != 0, "the slices are of uneven length"
+    with tuning.forced("o_proj.wo_a", {"splits": splits}):
+        _check(o, w)
+
+
+def test_split_counters_of_a_grid_that_is_not_square() -> None:
+    """``wo_b`` in two slices over 4 column tiles (64 wide) x 2 token tiles (T=130): each tile has its own
+    split counter (a counter indexed as if the grid were square would be shared by two tiles, and the
+    second tile's arrival would finish the first before its slices are in)."""
+    o, w = _inputs(WIDE, 130, seed=29)
+    with tuning.forced("o_proj.wo_b", {"splits": 2, "block_n": 64}):
+        _check(o, w)
+
+
 @pytest.mark.parametrize("t", [5, 130])
 def test_split_counters_independent_of_program_order(t: int) -> None:
     """The ``wo_a`` and ``wo_b`` K-slices in any order of their programs: whichever slice of a tile counts
