@@ -81,3 +81,24 @@ def test_full_size_rows(ratio: int) -> None:
 def test_a_ratio_that_is_not_a_power_of_two() -> None:
     """RC 12: the last candidate tile is partly empty (those candidates weigh 0)."""
     _check(dsv4.get_config("tiny"), 12, [11, 22, 5], 2, seed=3)
+
+
+@pytest.mark.parametrize("ratio", [4, 16])
+def test_very_large_activations_give_the_spec_rows(ratio: int) -> None:
+    """x times 2^100 (exactly: the projections scale with it): the pooled rows' squares overflow fp32, so
+    the RMSNorm scales a row by a power of two before it squares it (``dsv4.model.rms``), and the stored
+    rows are still the reference's. (The rings are compared apart: at this size ``atol`` is nothing, and
+    an fp32 sum in another order differs by more than their ``rtol`` 1e-4 here and there.)"""
+    w, state, x, start, rope = _setup(dsv4.get_config("tiny"), ratio, [ratio - 1, 2 * ratio - 2], 2, 2, seed=5)
+    x = (x.float() * 2.0**100).to(torch.bfloat16)
+    before = record_outputs({"state": state})
+    results = {}
+    for backend in ("reference", "triton"):
+        s = state.clone().to(DEVICE)
+        dsv4.kv_compressor(x.to(DEVICE), w.to(DEVICE), s, start.to(DEVICE), rope.to(DEVICE), backend=backend)
+        results[backend] = record_outputs({"state": s.to("cpu")})
+    report = compare("kv_compressor", results["triton"], results["reference"], {"before": before})
+    pool = [check for check in report.checks if check.name.startswith("pool")]
+    assert pool and all(check.passed for check in pool), str(report)
+    for name in ("kv_state", "score_state"):
+        torch.testing.assert_close(results["triton"][name], results["reference"][name], rtol=1e-3, atol=0)
