@@ -72,6 +72,16 @@ def test_subnormal_rows_are_bit_identical() -> None:
     _run_both(kv, pool, torch.tensor([0, 21]), window)
 
 
+def test_a_head_dim_that_is_not_a_power_of_two() -> None:
+    """HD 192 (NOPE 128 + R 64), which the op takes: the kernel's tile is padded to 256 columns, and each
+    token's row is still read at its own stride of 192."""
+    hd, r = 192, 64
+    g = torch.Generator().manual_seed(7)
+    b, seq = 2, 3
+    pool = dsv4.KVPool.dense(b, 64, hd, r, block_size=16)
+    _run_both(_edge_rows(b, seq, hd, g), pool, torch.tensor([0, 21]), 16)
+
+
 @FULL
 def test_full_size_rows_over_a_prefill_longer_than_the_window() -> None:
     cfg = dsv4.get_config("demo")
