@@ -99,6 +99,13 @@ def test_dims_of_no_preset(t: int) -> None:
     check(ODD, decode_positions(t, 512, seed=5), 512, seed=5, outliers=2)
 
 
+@pytest.mark.parametrize("t", [1, 3])
+def test_a_kv_width_with_a_smaller_tile_than_the_q_lora_rank(t: int) -> None:
+    """HD 64 (R 32) beside QL 128: the projection's column tiles divide both widths (64 columns), so no
+    tile straddles ``wq_a`` and ``wkv`` and every kv column is computed."""
+    check(TINY.replace(name="hd64", head_dim=64, qk_rope_head_dim=32), decode_positions(t, 256, seed=3), 256, 3, 0)
+
+
 @pytest.mark.parametrize("t", [2, 4])
 def test_hidden_size_not_a_multiple_of_the_k_step(t: int) -> None:
     """hidden_size 208: the projection's reduction over D ends in a 16-wide partial block of its
