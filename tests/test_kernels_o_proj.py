@@ -114,6 +114,14 @@ def test_split_counters_of_a_grid_that_is_not_square() -> None:
         _check(o, w)
 
 
+def test_more_output_tiles_than_sms_run_in_one_slice() -> None:
+    """A prefill's ``wo_b``: 16 column tiles (16 wide) x 9 token tiles (T=1030) are more programs than an
+    H100 has SMs, so the default split is one slice (not none): every tile of ``y`` is computed."""
+    o, w = _inputs(WIDE, 1030, seed=31)
+    with tuning.forced("o_proj.wo_b", {"block_n": 16}):
+        _check(o, w)
+
+
 @pytest.mark.parametrize("t", [5, 130])
 def test_split_counters_independent_of_program_order(t: int) -> None:
     """The ``wo_a`` and ``wo_b`` K-slices in any order of their programs: whichever slice of a tile counts
