@@ -42,14 +42,20 @@ def _setup(cfg: dsv4.DeepSeekV4Config, ratio: int, start: list[int], seq: int, s
     return w, state, x, torch.tensor(start), rope
 
 
-def _check(cfg, ratio: int, start: list[int], seq: int, slots: int | None = None, seed: int = 0) -> None:
-    w, state, x, start_t, rope = _setup(cfg, ratio, start, seq, slots or len(start), seed)
+def _both_backends(w, state: CompressorState, x: torch.Tensor, start: torch.Tensor, rope) -> tuple[dict, dict]:
+    """The state's tensors before the step, and after it per backend (each from a copy of ``state``)."""
     before = record_outputs({"state": state})
     results = {}
     for backend in ("reference", "triton"):
         s = state.clone().to(DEVICE)
-        dsv4.kv_compressor(x.to(DEVICE), w.to(DEVICE), s, start_t.to(DEVICE), rope.to(DEVICE), backend=backend)
+        dsv4.kv_compressor(x.to(DEVICE), w.to(DEVICE), s, start.to(DEVICE), rope.to(DEVICE), backend=backend)
         results[backend] = record_outputs({"state": s.to("cpu")})
+    return before, results
+
+
+def _check(cfg, ratio: int, start: list[int], seq: int, slots: int | None = None, seed: int = 0) -> None:
+    w, state, x, start_t, rope = _setup(cfg, ratio, start, seq, slots or len(start), seed)
+    before, results = _both_backends(w, state, x, start_t, rope)
     report = compare("kv_compressor", results["triton"], results["reference"], {"before": before})
     assert report, str(report)
     written = results["reference"]["pool.nope"].view(torch.uint8) != before["pool.nope"].view(torch.uint8)
@@ -91,12 +97,7 @@ def test_very_large_activations_give_the_spec_rows(ratio: int) -> None:
     an fp32 sum in another order differs by more than their ``rtol`` 1e-4 here and there.)"""
     w, state, x, start, rope = _setup(dsv4.get_config("tiny"), ratio, [ratio - 1, 2 * ratio - 2], 2, 2, seed=5)
     x = (x.float() * 2.0**100).to(torch.bfloat16)
-    before = record_outputs({"state": state})
-    results = {}
-    for backend in ("reference", "triton"):
-        s = state.clone().to(DEVICE)
-        dsv4.kv_compressor(x.to(DEVICE), w.to(DEVICE), s, start.to(DEVICE), rope.to(DEVICE), backend=backend)
-        results[backend] = record_outputs({"state": s.to("cpu")})
+    before, results = _both_backends(w, state, x, start, rope)
     report = compare("kv_compressor", results["triton"], results["reference"], {"before": before})
     pool = [check for check in report.checks if check.name.startswith("pool")]
     assert pool and all(check.passed for check in pool), str(report)
