@@ -12,7 +12,7 @@ import triton.language as tl
 
 from conftest import DEVICE, FULL
 from dsv4.harness.cases import make_case
-from dsv4.harness.golden import ratio_allclose, tolerance
+from dsv4.harness.golden import bit_identical, ratio_allclose, tolerance
 from dsv4.kernels import index_score as index_score_module
 from dsv4.kernels.epilogue import quantize_int8_rows
 from dsv4.kernels.index_score import index_scores
@@ -53,6 +53,26 @@ def test_key_quantization_is_bit_exact() -> None:
     _quantize_kernel[(1,)](rows, q, scale, M=16, K=HEAD_DIM)
     assert torch.equal(q, q_ref)
     assert torch.equal(scale, scale_ref.squeeze(-1))
+
+
+def test_int8_rows_are_the_spec_rule_bit_for_bit() -> None:
+    """Rows of amax from 2^-20 to 2^20 (some below the 1e-4 floor): codes and scales bit for bit
+    ``s = fp32(127 / amax)``, ``scale = fp32(1 / s)``, ``q = round_half_even(v * s)`` (spec §2). The ops'
+    comparators allow the scales a relative 5e-3, so a scale one ulp off (``amax / 127``) passes them."""
+    g = torch.Generator().manual_seed(11)
+    ROWS, COLS = 64, 128
+    v = torch.randn(ROWS, COLS, generator=g) * 2.0 ** torch.randint(-20, 21, (ROWS, 1), generator=g).float()
+    q = torch.empty(ROWS, COLS, dtype=torch.int8, device=DEVICE)
+    scale = torch.empty(ROWS, dtype=torch.float32, device=DEVICE)
+    _quantize_kernel[(1,)](v.to(DEVICE), q, scale, M=ROWS, K=COLS)
+
+    amax = v.abs().amax(dim=1).clamp_min(1e-4)
+    s = torch.full_like(amax, 127.0) / amax  # fp32 divisions, correctly rounded on the CPU
+    want_scale = torch.full_like(s, 1.0) / s
+    assert not torch.equal(want_scale, amax / 127.0), "rows where amax/127 is not 1/s: the rule shows"
+    assert bit_identical(scale.cpu(), want_scale, "scale")
+    want_q = torch.round(v * s[:, None]).clamp(-127, 127).to(torch.int8)
+    assert torch.equal(q.cpu(), want_q)
 
 
 def _order_bits(score: torch.Tensor) -> torch.Tensor:
