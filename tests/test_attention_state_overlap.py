@@ -31,6 +31,15 @@ def _sharing(owner: torch.Tensor, guest: torch.Tensor) -> tuple[torch.Tensor, to
     return buf, g
 
 
+def _pool_over(args: dict, pool_name: str, field: str, arg_name: str) -> None:
+    """Set ``args[pool_name].<field>`` and ``args[arg_name]`` to copies where the argument's bytes are
+    the pool tensor's first bytes."""
+    pool = args[pool_name]
+    shared, arg = _sharing(getattr(pool, field), args[arg_name])
+    args[pool_name] = dataclasses.replace(pool, **{field: shared})
+    args[arg_name] = arg
+
+
 def _refused_unchanged(op: str, args: dict, words: tuple[str, ...]) -> None:
     records = {name: args[name] for name in mutated_args(op)}
     before = {k: v.clone() for k, v in record_outputs(records).items()}
@@ -56,10 +65,7 @@ def test_kv_compressor_ring_over_its_weights_is_refused() -> None:
 def test_window_kv_write_pool_over_its_kv_is_refused() -> None:
     """``pool.rope`` whose first bytes hold ``kv``: the write would overwrite the rows it reads."""
     args = _args("window_kv_write")
-    pool = args["pool"]
-    rope, kv = _sharing(pool.rope, args["kv"])
-    args["pool"] = dataclasses.replace(pool, rope=rope)
-    args["kv"] = kv
+    _pool_over(args, "pool", "rope", "kv")
     _refused_unchanged("window_kv_write", args, ("pool.rope: shares memory with kv",))
 
 
@@ -67,9 +73,6 @@ def test_sparse_attn_write_window_pool_over_an_input_is_refused() -> None:
     """``window_pool.scale`` whose first bytes are ``attn_sink``: only ``sparse_attn_write`` writes the
     window pool, and its reads (here the sink) must lie apart from it."""
     args = _args("sparse_attn_write")
-    pool = args["window_pool"]
-    scale, sink = _sharing(pool.scale, args["attn_sink"])
-    args["window_pool"] = dataclasses.replace(pool, scale=scale)
-    args["attn_sink"] = sink
+    _pool_over(args, "window_pool", "scale", "attn_sink")
     _refused_unchanged("sparse_attn_write", args, ("window_pool.scale: shares memory with attn_sink",))
     dsv4.sparse_attn(**{k: v for k, v in args.items()}, backend="reference")  # reading both is fine
