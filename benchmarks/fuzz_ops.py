@@ -56,8 +56,7 @@ if DEVICE == "cpu":  # chosen before Triton is imported: on the CPU its interpre
     os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import torch  # noqa: E402
-
+from dsv4.arg_types import device as device_arg  # noqa: E402
 from dsv4.arg_types import positive_float  # noqa: E402
 from dsv4.bench.interp_traffic import bounds_checked, dots_checked  # noqa: E402
 from dsv4.harness.cases import make_case, run_case  # noqa: E402
@@ -121,7 +120,9 @@ def report(record: dict[str, Any]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", help="cpu (Triton's interpreter) or cuda (compiled kernels)")
+    parser.add_argument(
+        "--device", type=device_arg, default="cpu", help="cpu (Triton's interpreter) or cuda[:N] (compiled kernels)"
+    )
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--seconds", type=positive_float, default=600.0, help="stop drawing cases after this long")
     parser.add_argument("--seed", type=int, default=0, help="seeds the draw of the cases")
@@ -133,8 +134,6 @@ def main() -> int:
         "--candidates", action="store_true", help="launch each kernel with a declared tuning candidate drawn per case"
     )
     args = parser.parse_args()
-    if args.device != "cpu" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: no CUDA device here")
     if args.json and Path(args.json).is_dir():  # before the run, not after it
         parser.error(f"--json {args.json}: is a directory; name a file to write")
     if args.json and not Path(args.json).parent.is_dir():

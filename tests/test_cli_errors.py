@@ -95,6 +95,7 @@ ARGS = [
     (["golden", "save", "{tmp}", "--op", "kv_compressor", "--kind", "swa"], ("kind", "kv_compressor", "swa")),
     (["golden", "save", "{tmp}", "--op", "sparse_attn", "--kind", "mla"], ("--kind", "mla")),
     (["golden", "check", "{tmp}", "--device", "bogus"], ("--device",)),
+    (["run", "--device", "meta"], ("--device", "'meta'")),
     (["golden", "check", "{tmp}", "--device", "cpu"], ("no golden cases",)),
     ([], ("command",)),
     (["run", "--batch", "1000000000"], ("batch=1000000000", "GiB")),  # before any allocation
@@ -272,7 +273,8 @@ RUN_ARGS = [
     ("start_pos", -1, ValueError), ("start_pos", "64", TypeError), ("batch", 0, ValueError),
     ("batch", 10**9, ValueError), ("batch", 4.5, TypeError), ("seq", 0, ValueError), ("seq", None, TypeError),
     ("seed", -1, ValueError), ("seed", 2**70, ValueError), ("seed", 1.5, TypeError), ("device", "bogus", ValueError),
-    ("device", 3.5, ValueError), ("backend", "bogus", ValueError), ("log", "print", TypeError),
+    ("device", 3.5, ValueError), ("device", "meta", ValueError), ("device", torch.int8, ValueError),
+    ("device", f"cuda:{torch.cuda.device_count()}", ValueError), ("backend", "bogus", ValueError), ("log", "print", TypeError),
     ("weights", "weights", TypeError), ("start_pos", 5000, ValueError),
 ]  # fmt: skip
 

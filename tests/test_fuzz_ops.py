@@ -230,4 +230,4 @@ def test_a_run_that_judged_no_case_exits_1() -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 def test_cuda_refused_without_a_gpu() -> None:
     done = _run("--device", "cuda", "--seconds", "1")
-    assert done.returncode == 2 and "--device cuda: no CUDA device here" in done.stderr
+    assert done.returncode == 2 and "argument --device: 'cuda', but CUDA is not available" in done.stderr

@@ -36,19 +36,10 @@ def positive_float(text: str) -> float:
 
 
 def device(text: str) -> str:
-    """``cpu`` or a ``cuda[:N]`` this machine has, as ``torch.device`` spells it."""
-    import torch  # here: the acceptance run's parser does not load torch
+    """``cpu`` or a ``cuda[:N]`` this machine has, as ``torch.device`` spells it (``dsv4.devices``)."""
+    from .devices import check_device  # here: the acceptance run's parser does not load torch
 
     try:
-        dev = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}") from None
-    if dev.type == "cpu":
-        return "cpu"
-    if dev.type != "cuda":
-        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}")
-    if not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available (a CPU-only torch, or no GPU found)")
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text!r}: there are {torch.cuda.device_count()} CUDA device(s)")
-    return str(dev)
+        return str(check_device(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("device: ")) from None

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .. import ops
+from ..devices import check_device
 from ..engine.attention import DecodeAttention
 from ..model.config import COMPRESS_RATIO, LAYER_KINDS, DeepSeekV4Config
 from ..model.rope import rope_table
@@ -109,10 +110,7 @@ def run_front_end(
         raise TypeError(f"log: expected a callable or None, got {type(log).__name__}")
     if weights is not None and not isinstance(weights, LayerWeights):
         raise TypeError(f"weights: expected LayerWeights or None, got {type(weights).__name__}")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device: expected a torch device (cpu, cuda[:N]), got {device!r} ({e})") from None
+    device = check_device(device)
     name = resolve(backend, device)
     if seq > max_seq(cfg):
         raise ValueError(

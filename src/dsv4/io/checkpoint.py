@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..devices import check_device
 from ..model.config import COMPRESS_RATIO, PRESETS, DeepSeekV4Config, kind_of_ratio
 from ..model.quant import quantize_weight_int8
 from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights, LayerWeights, OProjWeights
@@ -415,7 +416,7 @@ class Checkpoint(ShardedCheckpoint):
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
             raise CheckpointError(f"layer: expected a non-negative int, got {layer!r}")
         check_prefix(prefix)
-        device = check_device(device)
+        device = None if device is None else check_device(device)
         given, cfg = cfg is not None, self._file_config() if cfg is None else cfg  # the dims; the ratio: below
         share = cfg.rank(world)  # a world that would split a head or a group: a ValueError naming it
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
@@ -598,27 +599,6 @@ def check_o_proj_config(cfg: DeepSeekV4Config) -> None:
             f"of {cfg.num_attention_heads} heads (config.json's o_groups and o_lora_rank; or pass cfg=, "
             "on the command line --preset)"
         )
-
-
-def check_device(device: object) -> torch.device | None:
-    """``device`` (None, or ``"cpu"``/``"cuda[:N]"`` as a string or ``torch.device``) parsed, a CUDA device
-    only where it exists; else a ``ValueError`` naming ``device``, before anything is read."""
-    if device is None:
-        return None
-    want = "None or a torch device (cpu, cuda[:N]) as a string or torch.device"
-    if not isinstance(device, str | torch.device):
-        raise ValueError(f"device: expected {want}, got {type(device).__name__} {device!r:.60}")
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise ValueError(f"device: expected {want}, got {device!r:.60} ({e})") from None
-    if parsed.type not in ("cpu", "cuda"):
-        raise ValueError(f"device: expected {want}, got {device!r:.60}")
-    if parsed.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (parsed.index or 0) >= count:
-            raise ValueError(f"device: {device!r:.60}, but there are {count} CUDA device(s)")
-    return parsed
 
 
 def check_prefix(prefix: object) -> str:
