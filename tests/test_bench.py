@@ -7,16 +7,17 @@ import json
 import math
 import time
 
+import numpy as np
 import pytest
 import torch
 
 import bench_kernels
 import dsv4.reference
 from conftest import INTERPRETER_TRAFFIC
-from dsv4.bench import report
-from dsv4.bench.calls import BoundCall
-from dsv4.bench.runner import bench_cost, floors_us, make_bench_case, run_bench, shape_grid
-from dsv4.bench.timing import DeviceSpec, _reps_for, device_spec, time_cpu
+from dsv4.bench import report, timing
+from dsv4.bench.calls import BoundCall, bind
+from dsv4.bench.runner import _time_backend, bench_cost, floors_us, make_bench_case, run_bench, shape_grid
+from dsv4.bench.timing import DeviceSpec, Timing, _reps_for, device_spec, time_cpu
 from dsv4.bench.trace import trace_decode_step
 from dsv4.bench.traffic import measure_traffic
 from dsv4.cli import main
@@ -296,6 +297,21 @@ def test_time_cpu_reports_quantiles() -> None:
     assert _reps_for(0.001, reps=100, budget_s=2.0, min_reps=5) == 100
 
 
+def test_time_cpu_gives_the_median_and_the_10th_and_90th_percentiles(monkeypatch) -> None:
+    """Five timed calls of 5, 1, 2, 3 and 100 µs after a warm-up: the median, not the mean, and the 10th and
+    90th percentiles (linear between samples, as numpy takes them)."""
+    now = [0.0]
+    durations = iter([1e-6, 5e-6, 1e-6, 2e-6, 3e-6, 100e-6])  # the warm-up, then the timed calls
+
+    def call() -> None:
+        now[0] += next(durations)
+
+    monkeypatch.setattr(timing, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: now[0])}))
+    t = timing.time_cpu(call, reps=5, budget_s=1.0)
+    p10, p90 = np.percentile([5.0, 1.0, 2.0, 3.0, 100.0], [10, 90])
+    assert t.reps == 5 and (t.median_us, t.p10_us, t.p90_us) == pytest.approx((3.0, p10, p90))
+
+
 def test_reps_below_the_minimum_run_the_minimum_and_say_so(capsys) -> None:
     """``--reps 1`` on a CPU runs 3 repetitions (a median and p10-p90 need a few): each timing records the
     3 it ran, the settings the 1 asked and the minimum, and ``--help`` says so rather than "fewer"."""
@@ -419,6 +435,107 @@ def test_bench_exits_1_when_a_check_fails(impl, verdict, tmp_path, monkeypatch, 
     assert len(triton) == 2 and all(verdict in r.get("check", r.get("error", "")) for r in triton)
     monkeypatch.setitem(get_op("o_proj")._impls, "triton", dsv4.reference.o_proj)  # the same run, every check ok
     assert main([*argv, "--reps", "2", "--budget-s", "0.1"]) == 0
+
+
+def _shape(op: str, label: str, memory: float, compute: float) -> dict:
+    """A shape of a bench record whose floors on both reference devices are ``memory`` and ``compute`` µs."""
+    floors = {"memory": memory, "compute": compute, "floor": max(memory, compute)}
+    none = {"memory": None, "compute": None, "floor": None}
+    model = {"bytes": 3_000_000, "read_bytes": 2_000_000, "write_bytes": 1_000_000, "flops": {"bf16": 4_000_000_000}}
+    return {
+        "op": op, "shape": label, "model": model, "floor_us_device_table": none, "floor_us_measured_copy": none,
+        "floor_us_reference_devices": {"H100 SXM": floors, "H200": floors},
+    }  # fmt: skip
+
+
+def _record(device_type: str = "cpu") -> dict:
+    """A bench record of known figures, laid out as ``dsv4 bench --json`` writes it."""
+    timing = {
+        "op": "o_proj", "shape": "decode B=4 S=2", "backend": "triton", "status": "ok", "launch": "cuda graph",
+        "median_us": 100.0, "p10_us": 90.0, "p90_us": 110.0, "zero_point_us": None, "gb_per_s": 30.0,
+        "pct_of_floor_device_table": 50.0, "pct_of_floor_measured_copy": 40.0, "speedup_vs": {}, "check": "ok",
+        "kernels": [{"kernel": "_wo_a_kernel", "us_per_call": 60.0, "us_after_previous_per_call": 25.0,
+                     "launches_per_call": 1.0}],
+    }  # fmt: skip
+    return {
+        "meta": {"device": "a device", "device_type": device_type, "commit": None, "commit_dirty": None},
+        "bandwidth": {"device_table": None, "measured_copy_bytes_per_s": None},
+        "settings": {
+            "preset": "tiny",
+            "modes": ["decode"],
+            "skipped_backends": {},
+            "traffic_skipped": "not requested",
+            "l2": "n/a",
+        },
+        "shapes": [_shape("o_proj", "decode B=4 S=2", 2.0, 5.0), _shape("indexer", "decode B=4 S=2", 5.0, 2.0)],
+        "timings": [timing],
+        "traffic": [],
+    }
+
+
+def _line(text: str, *words: str) -> list[str]:
+    (line,) = [row for row in text.splitlines() if all(w in row for w in words)]
+    return line.split()
+
+
+def test_the_tables_put_each_figure_under_its_heading() -> None:
+    """The tables of a record of known figures: the bound is the larger floor's (floors = max(bytes /
+    bandwidth, FLOPs / peak)), the spread reads p10-p90, and a kernel's share is a percentage of the median."""
+    record = _record()
+    models = report.model_table(record)
+    assert _line(models, "o_proj")[-1] == "compute"  # its compute floor (5 µs) is above its memory floor (2 µs)
+    assert _line(models, "indexer")[-1] == "memory"
+    assert "90.0-110.0" in _line(report.timing_table(record), "o_proj")
+    assert _line(report.kernel_table(record), "_wo_a_kernel")[-1] == "25.0"  # 25 µs after the others, of 100 µs
+
+
+def test_a_gpu_plot_shows_the_percent_of_the_measured_copy_floor(tmp_path, monkeypatch) -> None:
+    """The GPU plot's bars are the % of the floor at the measured copy bandwidth, as its title says; the
+    device table's floor only where the copy's is missing."""
+    import matplotlib.axes
+
+    heights: list[list[float]] = []
+    real = matplotlib.axes.Axes.bar
+
+    def bar(self, x, height, *args, **kwargs):
+        heights.append(list(height))
+        return real(self, x, height, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", bar)
+    record = _record("cuda")
+    report.plot(record, tmp_path / "a.png")
+    record["timings"][0]["pct_of_floor_measured_copy"] = None
+    report.plot(record, tmp_path / "b.png")
+    assert heights == [[40.0], [50.0]]
+
+
+def test_percent_of_floor_and_speed_ups_are_of_the_measured_time(monkeypatch) -> None:
+    """% of floor = floor / measured time x 100 (100% = at the floor), GB/s = minimal bytes / time, and
+    ``speedup_vs[b]`` = b's median / this row's median (how many times faster than b)."""
+    medians = {"reference": 300.0, "triton": 100.0}
+
+    def timer(call, **kwargs) -> Timing:
+        us = medians[call.backend]
+        return Timing(us, us, us, reps=3, launch="host clock", l2="n/a")
+
+    monkeypatch.setattr("dsv4.bench.runner.time_cpu", timer)
+    monkeypatch.setitem(get_op("o_proj")._impls, "triton", dsv4.reference.o_proj)
+    result = run_bench(TINY, ops=["o_proj"], backends=["reference", "triton"], traffic=False, progress=False)
+    rows = {r["backend"]: r for r in result["timings"]}
+    assert rows["triton"]["speedup_vs"] == {"reference": 3.0}
+    assert rows["reference"]["speedup_vs"] == {}  # the baselines: reference, compile, library
+
+    (shape,) = shape_grid(TINY, ["decode"], ["o_proj"])
+    case = make_bench_case(TINY, shape, 0, "cpu")
+    call = bind(case, "reference")
+    cost = get_op("o_proj").cost(TINY, case.meta["start_pos"], shape.seq)
+    table: dict[str, float | None] = {"floor": 50.0}  # µs, at the device table's bandwidth
+    copy: dict[str, float | None] = {"floor": 25.0}  # µs, at the measured copy's
+    row = _time_backend(
+        case, shape, "reference", call, {}, cost, (table, copy), lambda _: Timing(100.0, 100.0, 100.0, 3, "", "")
+    )
+    assert row["pct_of_floor_device_table"] == 50.0 and row["pct_of_floor_measured_copy"] == 25.0
+    assert row["gb_per_s"] == pytest.approx(cost.bytes / 100e-6 / 1e9)
 
 
 def test_trace_of_one_decode_step(tmp_path) -> None:
