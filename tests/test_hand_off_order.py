@@ -16,12 +16,14 @@ load may be laid out over them otherwise than the store (``Launch.unfenced``).
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import triton
 import triton.language as tl
 
 from conftest import DEVICE, INTERPRETER_TRAFFIC
+from dsv4.bench.hand_offs import Call, shared_bytes
 from dsv4.bench.interp_traffic import count_traffic
 from op_cases import hand_off_cases, split_o_proj
 from program_order import in_order, program_orders
@@ -80,6 +82,14 @@ def test_the_checker_finds_a_hand_off_without_release_or_acquire(
         assert found == []
     else:
         assert found == [f"a write by program (0, 0, 0), then a read of the same bytes by program (1, 0, 0): {why}"]
+
+
+def test_shared_writes_are_the_bytes_two_programs_store() -> None:
+    """``shared_bytes``' ``write``: the bytes stored by two or more programs; a program that stores its own
+    bytes twice shares none of them."""
+    span = lambda lo, hi: np.arange(lo, hi, dtype=np.uint64)  # noqa: E731
+    calls = [Call("write", span(0, 8), 0, 0), Call("write", span(0, 8), 0, 1), Call("write", span(4, 12), 1, 0)]
+    assert shared_bytes(calls) == {"write": 4, "read": 0, "atomic": 0}  # bytes 4..7: programs 0 and 1
 
 
 @triton.jit
