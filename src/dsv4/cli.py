@@ -494,7 +494,11 @@ def build_parser() -> argparse.ArgumentParser:
         "in --json records how many ran)",
     )
     tune.add_argument("--timing-s", type=positive_float, default=0.25, help="seconds per candidate timing at most")
-    tune.add_argument("--json", metavar="PATH", help="every variant's µs and GB/s (default tune-<device>.json)")
+    tune.add_argument(
+        "--json",
+        metavar="PATH",
+        help="every variant's µs and GB/s (default tune-<device>.json; a --dry-run writes none)",
+    )
     tune.add_argument("--config", metavar="PATH", help="the config file to write (default: the package's, per device)")
     tune.add_argument("--dry-run", action="store_true", help="the CPU interpreter, tiny preset: check the candidates")
     tune.add_argument(
