@@ -7,7 +7,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -278,6 +280,81 @@ def test_a_bucket_cut_short_by_the_budget_keeps_its_entry(tmp_path) -> None:
     assert config.read_text() == text
 
 
+Q_HEADS_BUCKET = "T=2,H=4,QL=128"  # the dry run's q heads (tiny, one decode row of S=2)
+
+
+def _config(path, params) -> None:
+    """A config file of the CPU holding ``params`` for the q heads' dry-run bucket."""
+    path.write_text(json.dumps({"schema": 1, "device": "cpu", "kernels": {"qkv.q_heads": {Q_HEADS_BUCKET: params}}}))
+
+
+def test_a_candidate_is_written_only_when_it_beats_the_default_by_min_gain(tmp_path) -> None:
+    """A bucket's fastest candidate is written when its median is at least 2% (``MIN_GAIN``) below the
+    default's; when the default wins (again), the bucket's entry from an earlier run is dropped, so the
+    bucket holds no entry."""
+    config = tmp_path / "cpu.json"
+    _config(config, {"paired": False})
+    tuner = Tuner(torch.device("cpu"), config, None, "test", dry_run=True, log=lambda _: None)
+    default = Q_HEADS_TUNING.default
+    faster = {**default, "num_warps": 16}
+
+    def choose(default_us: float, candidate_us: float) -> tuple:
+        entry = {"kernel": "qkv.q_heads", "bucket": Q_HEADS_BUCKET}
+        variants = [
+            {"params": dict(default), "changed": {}, "check": "bit-identical", "median_us": default_us},
+            {"params": faster, "changed": {"num_warps": 16}, "check": "bit-identical", "median_us": candidate_us},
+        ]
+        tuner._choose(entry, variants, default)
+        return entry["winner"], tuner.entries.get("qkv.q_heads", {}).get(Q_HEADS_BUCKET)
+
+    assert choose(100.0, 99.0) == (None, None)  # 1% faster: run-to-run noise; the earlier entry goes
+    assert choose(100.0, 97.0) == (faster, faster)
+    tuner.save()
+    assert dict(tuning.load_config(config, "cpu").entries["qkv.q_heads"][Q_HEADS_BUCKET]) == faster
+
+
+def test_a_tune_goes_on_from_its_own_config_file_before_the_packages(tmp_path, monkeypatch) -> None:
+    """A run starts from the config file it writes when there is one (an earlier run's), else from the
+    package's file for the device."""
+    package = tmp_path / "configs"
+    package.mkdir()
+    _config(package / "cpu.json", {"paired": False})
+    monkeypatch.setattr(tuning, "CONFIG_DIR", package)
+    own = tmp_path / "own.json"
+    tuner = Tuner(torch.device("cpu"), own, None, "test", dry_run=True, log=lambda _: None)
+    assert tuner.entries["qkv.q_heads"][Q_HEADS_BUCKET]["paired"] is False
+    _config(own, {"block_k": 64})
+    tuner = Tuner(torch.device("cpu"), own, None, "test", dry_run=True, log=lambda _: None)
+    assert tuner.entries["qkv.q_heads"][Q_HEADS_BUCKET] == {**Q_HEADS_TUNING.default, "block_k": 64}
+
+
+def test_a_shape_is_started_with_5_s_of_the_budget_left_on_a_gpu_and_any_left_in_a_dry_run(tmp_path) -> None:
+    """``MIN_WORKLOAD_S``: a GPU tune (any run but the dry run) starts no new shape with less than 5 s of the
+    budget left (building a case takes seconds there); the dry run starts one while any budget is left."""
+
+    def build():
+        raise ValueError("built")
+
+    for dry_run, status in ((True, "error: ValueError: built"), (False, "not run: budget spent")):
+        tuner = Tuner(
+            torch.device("cpu"), tmp_path / "c.json", None, "test", budget_s=3.0, dry_run=dry_run, log=lambda _: None
+        )
+        (record,) = tuner.run([build], ["a shape"])["workloads"]
+        assert record["status"] == status
+
+
+@INTERPRETER_ONLY
+def test_a_dry_run_writes_no_file_into_the_package(tmp_path, monkeypatch) -> None:
+    """Nothing a CPU times is a GPU figure: without ``--config`` the dry run's config file goes to a
+    temporary folder, never the package's ``configs/``."""
+    package = tmp_path / "configs"
+    package.mkdir()
+    monkeypatch.setattr(tuning, "CONFIG_DIR", package)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the dry run's own folder goes
+    result = run_tune(device="cpu", dry_run=True, ops=["o_proj"], budget_s=1e-9, log=lambda _: None)
+    assert Path(result["config_file"]).parent != package and not any(package.iterdir())
+
+
 def test_a_tune_checks_its_config_file_and_filters_first(tmp_path) -> None:
     """A config file it cannot write and a --shapes filter that matches nothing are refused before any
     workload runs."""
@@ -321,6 +398,41 @@ def test_a_budget_spent_before_the_first_candidate_exits_1(tmp_path, capsys) -> 
         == "dsv4 tune: --budget-s 1e-09 ran out before the first candidate: nothing tuned or checked"
     )
     assert not (tmp_path / "c.json").exists()
+
+
+def test_a_probe_dry_run_whose_check_fails_exits_1(monkeypatch, capsys) -> None:
+    """``dsv4 tune --probe --dry-run`` exits 1 when a kernel's check says MISMATCH, as when an experiment raised."""
+    rows = [{"name": "stream", "check": "ok"}, {"name": "launch_gap", "check": "MISMATCH chain 7 != 8"}]
+    monkeypatch.setattr(probe, "dry_run_probe", lambda: {"dry_run": True, "rows": rows})
+    assert main(["tune", "--probe", "--dry-run"]) == 1
+    assert "MISMATCH chain 7 != 8" in capsys.readouterr().out
+    monkeypatch.setattr(probe, "dry_run_probe", lambda: {"dry_run": True, "rows": rows[:1]})
+    assert main(["tune", "--probe", "--dry-run"]) == 0
+
+
+@INTERPRETER_ONLY
+def test_a_dry_run_writes_no_json_unless_asked(tmp_path, monkeypatch, capsys) -> None:
+    """Without ``--json`` the dry run writes no ``tune-cpu.json`` where it runs (a GPU tune writes
+    ``tune-<device>.json`` there)."""
+    monkeypatch.chdir(tmp_path)
+    main(["tune", "--dry-run", "--ops", "o_proj", "--config", str(tmp_path / "c.json"), "--budget-s", "1e-9"])
+    assert "wrote" not in capsys.readouterr().out and list(tmp_path.iterdir()) == []
+
+
+def test_a_tune_stopped_by_a_failed_cuda_context_exits_1(tmp_path, monkeypatch, capsys) -> None:
+    """A tune stopped because a candidate left the CUDA context unusable (a device assert) exits 1 after its
+    table: the buckets after it were never tuned."""
+    failed = "error: RuntimeError: CUDA error: an illegal memory access was encountered"
+    label = "flash qkv_proj_rope decode B=64 S=2"
+    result = {
+        "meta": {"device": "NVIDIA H200"}, "device_key": "h200-132", "config_file": "c.json", "elapsed_s": 1.0,
+        "stopped": f"the CUDA context failed: {failed}", "workloads": [{"label": label, "status": "done"}],
+        "buckets": [{"kernel": "qkv.rows", "bucket": "T=128,QL=1024,HD=512", "workload": label, "winner": None,
+                     "variants": [{"params": {}, "changed": {"num_warps": 8}, "check": failed}]}],
+    }  # fmt: skip
+    monkeypatch.setattr(tune, "run_tune", lambda **kwargs: result)
+    assert main(["tune", "--dry-run", "--config", str(tmp_path / "c.json")]) == 1
+    assert "stopped: the CUDA context failed" in capsys.readouterr().out
 
 
 def test_a_candidate_is_held_to_the_reference_not_to_the_default() -> None:
