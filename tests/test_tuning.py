@@ -181,6 +181,7 @@ def test_drawn_candidates_are_declared_kept_per_bucket_and_written_as_a_file(tmp
             "T must be a power of two",
         ),
         ({"schema": 1, "device": "cpu", "kernels": {"qkv.rows": {"T=0128,QL=128,HD=128": {}}}}, "is not of the form"),
+        ({"schema": 1, "device": "cpu", "kernels": {"qkv.rows": {"QL=128,T=2,HD=128": {}}}}, "is not of the form"),
         (
             {"schema": 1, "device": "cpu", "kernels": {"qkv.rows": {"T=\u0661\u0662,QL=128,HD=128": {}}}},
             "is not of the form",
@@ -244,6 +245,26 @@ def test_one_file_per_device(tmp_path, monkeypatch, capsys) -> None:
     tuning.reload()
     with pytest.raises(ValueError, match="the file of device 'cpu' says 'device': 'h200-132'"):
         tuning.TUNABLES["qkv.rows"].config(torch.device("cpu"), T=2, QL=128, HD=128)
+
+
+def test_the_file_dsv4_kernel_config_names_sets_every_device(tmp_path, monkeypatch) -> None:
+    """``DSV4_KERNEL_CONFIG=PATH``: that file for every device, whatever device its ``device`` names (a GPU's
+    tuned file runs on the CPU interpreter too)."""
+    rows = {"qkv.rows": {"T=2,QL=128,HD=128": {"num_warps": 8}}}
+    monkeypatch.setenv(tuning.ENV, str(_file(tmp_path / "h200.json", rows, device="h200-132")))
+    assert tuning.TUNABLES["qkv.rows"].config(torch.device("cpu"), T=2, QL=128, HD=128).num_warps == 8
+
+
+def test_a_lookup_after_a_write_reads_the_file_written(tmp_path, monkeypatch) -> None:
+    """``write_config`` replaces the file a launch reads: the next lookup in the same process sees the new
+    entry, not the table read before the write."""
+    path = tmp_path / "cpu.json"
+    tuning.write_config(path, "cpu", {"qkv.rows": {"T=2,QL=128,HD=128": {"num_warps": 8}}}, {})
+    monkeypatch.setenv(tuning.ENV, str(path))
+    rows = tuning.TUNABLES["qkv.rows"]
+    assert rows.config(torch.device("cpu"), T=2, QL=128, HD=128).num_warps == 8
+    tuning.write_config(path, "cpu", {"qkv.rows": {"T=2,QL=128,HD=128": {"num_warps": 2}}}, {})
+    assert rows.config(torch.device("cpu"), T=2, QL=128, HD=128).num_warps == 2
 
 
 def test_write_then_read(tmp_path) -> None:
