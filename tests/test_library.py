@@ -154,6 +154,7 @@ def test_a_meta_tensor_among_real_ones_is_refused() -> None:
         ({"eps": True}, "eps: expected a float, got bool"),
         ({"offset": 2.0}, "offset: expected an int, got float"),
         ({"offset": 2**70}, "offset: expected an int64"),
+        ({"offset": 2**63}, "offset: expected an int64"),  # one past the largest
         ({"w": "weights"}, "w: expected IndexerWeights, got str"),
         ({"rope": None}, "rope: expected RopeTable, got NoneType"),
     ],
