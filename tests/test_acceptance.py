@@ -24,8 +24,8 @@ import pytest
 
 from dsv4.acceptance.__main__ import main
 from dsv4.acceptance.out_dir import KIND, RECORD
-from dsv4.acceptance.plan import GPU, OPS, Paths, Step
-from dsv4.acceptance.results import parse_decode_loop, parse_fuzz, parse_ncu, parse_tests
+from dsv4.acceptance.plan import GPU, OPS, TUNE_MARGIN_S, Paths, Step, build_plan
+from dsv4.acceptance.results import parse_decode_loop, parse_fuzz, parse_ncu, parse_tests, parse_tune
 from dsv4.acceptance.runner import KILL_GRACE_S, OUTPUTS, Runner
 from dsv4.acceptance.summary import render
 from subprocesses import ROOT, run_python
@@ -230,6 +230,18 @@ def test_the_budget_stops_a_running_step_and_no_other_starts(tmp_path) -> None:
     assert steps["hang"]["reason"].startswith("stopped at the end of the budget")
     assert steps["after"]["status"] == "not run" and "budget spent" in steps["after"]["reason"]
     assert "never" not in (tmp_path / "log.txt").read_text()
+
+
+def test_a_step_stops_at_its_first_command_that_fails(tmp_path) -> None:
+    """A step of several commands (the checkpoint's write, load and run) stops at the first that fails:
+    the step failed, with that command's exit code, and the commands after it do not run."""
+    after = tmp_path / "after"
+    commands = ((sys.executable, "-c", "raise SystemExit(3)"), (sys.executable, "-c", f"open({str(after)!r}, 'w')"))
+    runner = _runner(tmp_path, [Step("two", "two", commands, 30, 0.5)], budget_s=60)
+    assert runner.run() == 1
+    (step,) = runner.record["steps"]
+    assert (step["status"], step["reason"], step["returncodes"]) == ("failed", "exit code 3 from command 1 of 2", [3])
+    assert not after.exists()
 
 
 def _running(pid: int) -> bool:
@@ -450,6 +462,16 @@ def test_missing_probe_figures_are_dashes() -> None:
     assert "None" not in probe and " 0 MiB" not in probe
 
 
+def test_a_tune_stops_starting_candidates_before_its_step_times_out(tmp_path) -> None:
+    """The tune steps' ``--budget-s`` is their timeout less ``TUNE_MARGIN_S`` (20 s: the tune step's 100 of
+    120): a tune stopped at its timeout would lose the bucket it was in; one whose budget ends saves it."""
+    paths = Paths(root=ROOT, out=tmp_path / "out", work=tmp_path / "work", python=sys.executable)
+    plan = {s.name: s for s in build_plan(GPU, paths)}
+    for name, budget in (("tune", 100), ("tune_rank", 40)):
+        (command,) = plan[name].commands
+        assert float(command[command.index("--budget-s") + 1]) == plan[name].timeout_s - TUNE_MARGIN_S == budget
+
+
 def test_sanitizer_findings_and_failed_checks_are_told_apart(tmp_path) -> None:
     """compute-sanitizer's error count and first errors come back from its output, apart from ``dsv4 run``'s
     own verdict under it; each tool is a step of its own, with PyTorch's caching allocator off and an exit
@@ -575,6 +597,45 @@ def test_test_counts_come_from_pytest_lines_when_junit_is_missing(tmp_path) -> N
     assert counts["failures"] == ["tests/test_a.py::test_two[flash]", "tests/test_b.py::test_teardown"]
     with pytest.raises(ValueError, match="no junit XML"):
         parse_tests({"junit": str(tmp_path / "missing.xml")}, "collected 0 items")
+
+
+def test_every_test_the_pytest_lines_name_is_counted_once(tmp_path) -> None:
+    """From pytest's ``-v`` lines the passed, failed, errors and skipped counts add up to the tests run,
+    whatever their outcomes (an expected failure, ``XFAIL``, and an unexpected pass, ``XPASS``, included)."""
+    log = "\n".join([
+        "tests/test_a.py::test_one PASSED                [ 25%]",
+        "tests/test_a.py::test_two XPASS                 [ 50%]",
+        "[gw0] [ 75%] XFAIL tests/test_b.py::test_three",
+        "tests/test_b.py::test_four SKIPPED              [100%]",
+    ])  # fmt: skip
+    counts = parse_tests({"junit": str(tmp_path / "missing.xml")}, log)
+    assert counts["total"] == 4 == sum(counts[k] for k in ("passed", "failed", "errors", "skipped"))
+    assert counts["skipped"] == 1
+
+
+def test_the_tuned_config_files_entries_are_its_buckets(tmp_path) -> None:
+    """The tune step's figures: the config file it wrote, its device and how many tuned buckets it holds
+    (what the summary says to commit)."""
+    config, tune = tmp_path / "kernel-config.json", tmp_path / "tune.json"
+    kernels = {"qkv.rows": {"T=2,QL=128,HD=128": {"num_warps": 8}, "T=4,QL=128,HD=128": {"num_warps": 8}},
+               "o_proj.quant": {"T=2,N=128": {"num_warps": 8}}}  # fmt: skip
+    config.write_text(json.dumps({"schema": 1, "device": "h200-132", "kernels": kernels}))
+    tune.write_text(json.dumps({"buckets": [], "workloads": []}))
+    result = parse_tune({"json": str(tune), "config": str(config)}, "")
+    assert result["config"] == {"file": "kernel-config.json", "device": "h200-132", "entries": 3}
+
+
+def test_a_tools_version_is_the_last_line_it_prints(monkeypatch) -> None:
+    """``ncu --version`` prints a banner and a copyright before its version: the environment keeps the last line."""
+    from dsv4.acceptance import environment
+
+    printed = (
+        "NVIDIA (R) Nsight Compute Command Line Profiler\nCopyright (c) 2018-2024 NVIDIA Corporation\n"
+        "Version 2024.1.1.0 (build 33998838) (public-release)"
+    )
+    monkeypatch.setattr(environment.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    monkeypatch.setattr(environment, "_run", lambda argv: printed if argv == ["ncu", "--version"] else None)
+    assert environment._tool_version("ncu") == "Version 2024.1.1.0 (build 33998838) (public-release)"
 
 
 # fuzz_ops.py's output: a case that failed at its candidates and passes at the defaults, a case that
