@@ -166,6 +166,30 @@ def test_run_exits_nonzero_on_mismatch(monkeypatch: pytest.MonkeyPatch, capsys: 
     assert indexer and all("ok (vs reference" in line for line in indexer)
 
 
+def test_run_exits_1_when_a_layers_output_is_not_finite(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Each step's ``y`` of a layer's whole attention must be finite: an HCA layer whose output holds NaN is a
+    MISMATCH row, and ``dsv4 run`` exits 1 (here on the reference, which compares nothing else)."""
+    from dsv4.harness import run
+
+    real = run.DecodeAttention
+
+    def nan_in_hca(*args, **kwargs):
+        module = real(*args, **kwargs)
+        if module.kind == "hca":
+            forward = module.forward
+            monkeypatch.setattr(module, "forward", lambda x, *a: forward(x, *a) * float("nan"))
+        return module
+
+    monkeypatch.setattr(run, "DecodeAttention", nan_in_hca)
+    argv = ["run", "--backend", "reference", "--steps", "1", "--start-pos", "0", "--batch", "1", "--seq", "1"]
+    assert main([*argv, "--device", "cpu"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    kinds = {line.split()[3]: line for line in lines if "attention" in line}  # "L2 decode 1 hca attention ..."
+    assert "MISMATCH y holds NaN or inf" in kinds["hca"]
+    assert "y finite" in kinds["swa"] and "y finite" in kinds["csa"]
+    assert lines[-1].endswith("1 MISMATCH(ES)")
+
+
 def test_golden_case_names_of_a_rank_preset_are_file_stems() -> None:
     """A rank's preset (``demo/tp2``) names one file, not a folder."""
     from dsv4.harness.cases import Case
