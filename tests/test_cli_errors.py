@@ -274,8 +274,8 @@ RUN_ARGS = [
     ("batch", 10**9, ValueError), ("batch", 4.5, TypeError), ("seq", 0, ValueError), ("seq", None, TypeError),
     ("seed", -1, ValueError), ("seed", 2**70, ValueError), ("seed", 1.5, TypeError), ("device", "bogus", ValueError),
     ("device", 3.5, ValueError), ("device", "meta", ValueError), ("device", torch.int8, ValueError),
-    ("device", f"cuda:{torch.cuda.device_count()}", ValueError), ("backend", "bogus", ValueError), ("log", "print", TypeError),
-    ("weights", "weights", TypeError), ("start_pos", 5000, ValueError),
+    ("device", f"cuda:{torch.cuda.device_count()}", ValueError), ("backend", "bogus", ValueError),
+    ("log", "print", TypeError), ("weights", "weights", TypeError), ("start_pos", 5000, ValueError),
 ]  # fmt: skip
 
 
