@@ -9,21 +9,21 @@ import torch
 WANT = "cpu or cuda[:N]"
 
 
-def check_device(device: object, arg: str = "device") -> torch.device:
+def check_device(device: object) -> torch.device:
     """``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device`` of those) parsed; a CUDA device
-    only where this machine has it. Anything else: a ``ValueError`` naming ``arg``."""
+    only where this machine has it. Anything else: a ``ValueError`` naming ``device``."""
     if not isinstance(device, str | torch.device):
-        raise ValueError(f"{arg}: expected {WANT}, got {type(device).__name__} {device!r:.60}")
+        raise ValueError(f"device: expected {WANT}, got {type(device).__name__} {device!r:.60}")
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as e:
-        raise ValueError(f"{arg}: expected {WANT}, got {device!r:.60} ({e})") from None
+        raise ValueError(f"device: expected {WANT}, got {device!r:.60} ({e})") from None
     if parsed.type not in ("cpu", "cuda"):
-        raise ValueError(f"{arg}: expected {WANT}, got {device!r:.60}")
+        raise ValueError(f"device: expected {WANT}, got {device!r:.60}")
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"{arg}: {device!r:.60}, but CUDA is not available (a CPU-only torch, or no GPU found)")
+            raise ValueError(f"device: {device!r:.60}, but CUDA is not available (a CPU-only torch, or no GPU found)")
         count = torch.cuda.device_count()
         if (parsed.index or 0) >= count:
-            raise ValueError(f"{arg}: {device!r:.60}, but there are {count} CUDA device(s)")
+            raise ValueError(f"device: {device!r:.60}, but there are {count} CUDA device(s)")
     return parsed
