@@ -599,20 +599,6 @@ def test_test_counts_come_from_pytest_lines_when_junit_is_missing(tmp_path) -> N
         parse_tests({"junit": str(tmp_path / "missing.xml")}, "collected 0 items")
 
 
-def test_every_test_the_pytest_lines_name_is_counted_once(tmp_path) -> None:
-    """From pytest's ``-v`` lines the passed, failed, errors and skipped counts add up to the tests run,
-    whatever their outcomes (an expected failure, ``XFAIL``, and an unexpected pass, ``XPASS``, included)."""
-    log = "\n".join([
-        "tests/test_a.py::test_one PASSED                [ 25%]",
-        "tests/test_a.py::test_two XPASS                 [ 50%]",
-        "[gw0] [ 75%] XFAIL tests/test_b.py::test_three",
-        "tests/test_b.py::test_four SKIPPED              [100%]",
-    ])  # fmt: skip
-    counts = parse_tests({"junit": str(tmp_path / "missing.xml")}, log)
-    assert counts["total"] == 4 == sum(counts[k] for k in ("passed", "failed", "errors", "skipped"))
-    assert counts["skipped"] == 1
-
-
 def test_the_tuned_config_files_entries_are_its_buckets(tmp_path) -> None:
     """The tune step's figures: the config file it wrote, its device and how many tuned buckets it holds
     (what the summary says to commit)."""
@@ -879,3 +865,32 @@ def test_an_installed_package_is_refused_before_anything_runs(tmp_path) -> None:
         assert len(err.splitlines()) == 1 and "Traceback" not in err, err
         assert all(f"{d}/" in err for d in ("tests", "benchmarks", "examples")) and str(site.parent) in err, err
         assert done.stdout == "" and not out.exists()
+
+
+def test_the_pytest_lines_count_as_the_junit_xml_does(tmp_path) -> None:
+    """A run that stopped before its junit XML is counted from its ``-v`` lines as the XML would have
+    counted it: an expected failure (``XFAIL``) as skipped, an unexpected pass that is not strict
+    (``XPASS``) as passed, a strict one as failed; from a real pytest run of each outcome."""
+    (tmp_path / "test_outcomes.py").write_text(
+        "import pytest\n"
+        "def test_pass(): pass\n"
+        "def test_fail(): assert False\n"
+        "@pytest.mark.skip(reason='x')\ndef test_skip(): pass\n"
+        "@pytest.mark.xfail(reason='x')\ndef test_xfail(): assert False\n"
+        "@pytest.mark.xfail(reason='x')\ndef test_xpass(): pass\n"
+        "@pytest.mark.xfail(reason='x', strict=True)\ndef test_xpass_strict(): pass\n"
+    )
+    junit = tmp_path / "junit.xml"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-p", "no:xdist", f"--junitxml={junit}",
+         "--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path / "test_outcomes.py")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert junit.is_file(), done.stdout[-2000:] + done.stderr[-2000:]
+    from_xml = parse_tests({"junit": str(junit)}, done.stdout)
+    from_lines = parse_tests({"junit": str(tmp_path / "missing.xml")}, done.stdout)
+    keys = ("passed", "failed", "errors", "skipped", "total")
+    assert [from_xml[k] for k in keys] == [2, 2, 0, 2, 6]
+    assert [from_lines[k] for k in keys] == [from_xml[k] for k in keys]
+    assert [t.rsplit("::", 1)[-1] for t in from_lines["failures"]] == ["test_fail", "test_xpass_strict"]
+    assert [t.rsplit("::", 1)[-1] for t in from_xml["failures"]] == ["test_fail", "test_xpass_strict"]
