@@ -96,7 +96,9 @@ def _check_int(name: str, value: Any, minimum: int | None = None) -> int:
 
 
 def _check_eps(eps: Any) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):  # as torch.ops.dsv4's schema refuses it
+        raise TypeError(f"eps: expected a float, got {type(eps).__name__}")
+    if not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"eps: expected a positive finite float, got {eps!r}")
     try:  # the kernels and the reference add it in fp32 (rounded to nearest; a host value, no device read)
         eps32 = struct.unpack("f", struct.pack("f", eps))[0]
@@ -107,7 +109,8 @@ def _check_eps(eps: Any) -> None:
 
 
 def check_eps(eps: Any) -> float:
-    """``eps``: a positive finite number, also once rounded to fp32 (a smaller one would be 0 there)."""
+    """``eps``: a positive finite number (a ``TypeError`` for a bool or a non-number), also once rounded to
+    fp32 (a smaller one would be 0 there)."""
     _check_eps(eps)
     return eps
 
