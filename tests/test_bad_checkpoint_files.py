@@ -178,6 +178,7 @@ CONFIG_VALUES = [
     ("qk_rope_head_dim", 63), ("qk_rope_head_dim", 0), ("index_head_dim", 96), ("max_position_embeddings", 3),
     ("rope_theta", 1.0), ("compress_rope_theta", math.inf), ("rope_factor", 0.0), ("rope_factor", math.nan),
     ("beta_fast", -1e9), ("beta_slow", 0.0), ("rms_norm_eps", 0.0), ("rms_norm_eps", "1e-6"),
+    ("rms_norm_eps", 1e-50), ("rms_norm_eps", 1e39),  # finite, but 0 and inf in fp32, where the norms add it
 ]  # fmt: skip
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,10 @@ class DeepSeekV4Config:
             _check_field(name, getattr(self, name), "number", above=1.0)
         for name in ("rope_factor", "beta_fast", "beta_slow", "rms_norm_eps"):  # YaRN takes log(orig / beta)
             _check_field(name, getattr(self, name), "number", above=0.0)
+        eps32 = round_fp32(self.rms_norm_eps)  # the norms add it in fp32: a smaller one would be 0 there
+        if not (eps32 > 0 and math.isfinite(eps32)):
+            raise ValueError(f"rms_norm_eps: expected a positive finite float in fp32, got {self.rms_norm_eps!r} "
+                             f"(fp32: {eps32!r})")  # fmt: skip
         r = self.qk_rope_head_dim
         if r % 2 or r > self.head_dim or r > self.index_head_dim:
             raise ValueError(
@@ -157,6 +162,14 @@ _DIMENSIONS = (  # fields that are positive ints
     "hidden_size", "num_attention_heads", "head_dim", "qk_rope_head_dim", "q_lora_rank", "index_n_heads",
     "index_head_dim", "index_topk", "sliding_window", "max_position_embeddings",
 )  # fmt: skip
+
+
+def round_fp32(value: float) -> float:
+    """``value`` rounded to the nearest fp32, on the host (an infinity past fp32's range)."""
+    try:
+        return float(struct.unpack("f", struct.pack("f", value))[0])
+    except OverflowError:
+        return math.copysign(math.inf, value)
 
 
 def _check_field(name: str, value: object, kind: str, above: float = 0.0) -> None:

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import struct
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from ..model.config import COMPRESS_RATIO
+from ..model.config import COMPRESS_RATIO, round_fp32
 from ..model.rope import RopeTable
 from ..model.state import STATE_SLOTS, UNALLOCATED, IndexerState
 from ..model.structs import QKV, IndexerOut, StepPositions
@@ -100,10 +99,7 @@ def _check_eps(eps: Any) -> None:
         raise TypeError(f"eps: expected a float, got {type(eps).__name__}")
     if not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"eps: expected a positive finite float, got {eps!r}")
-    try:  # the kernels and the reference add it in fp32 (rounded to nearest; a host value, no device read)
-        eps32 = struct.unpack("f", struct.pack("f", eps))[0]
-    except OverflowError:
-        eps32 = math.inf
+    eps32 = round_fp32(eps)  # the kernels and the reference add it in fp32 (a host value, no device read)
     if not (eps32 > 0 and math.isfinite(eps32)):
         raise ValueError(f"eps: expected a positive finite float in fp32, got {eps!r} (fp32: {eps32!r})")
 
