@@ -61,8 +61,12 @@ def main() -> None:
     device = torch.device(args.device)
     layer = cfg.first_layer(args.kind)
     runs = (2 if args.capture else 1) * (3 if args.back_to_back else 1)
+    positions = args.prefill + runs * args.seq * args.steps  # the prompt, then the steps of every mode run
+    if positions > cfg.max_position_embeddings:
+        parser.error(f"--prefill/--steps/--seq: {positions} positions, past {args.preset}'s max_position_embeddings "
+                     f"{cfg.max_position_embeddings}")  # fmt: skip
     ratio = max(cfg.layer_ratio(layer), 4)
-    max_position = ratio * -(-(args.prefill + runs * args.seq * args.steps) // ratio)
+    max_position = ratio * -(-positions // ratio)
     attn = dsv4.DecodeAttention(
         dsv4.synthetic_weights(cfg, seed=0, device=device, layer=layer),
         dsv4.layer_rope_table(cfg, layer, max_position, device),

@@ -46,7 +46,11 @@ def main() -> None:
     if args.capture and device.type != "cuda":
         parser.error(f"--capture: CUDA graphs need a CUDA device, --device is {device}")
     runs = 2 if args.capture else 1
-    max_position = 4 * -(-(args.prefill + runs * args.seq * args.steps) // 4)
+    positions = args.prefill + runs * args.seq * args.steps  # the prompt, then the steps of every mode run
+    if positions > cfg.max_position_embeddings:
+        parser.error(f"--prefill/--steps/--seq: {positions} positions, past {args.preset}'s max_position_embeddings "
+                     f"{cfg.max_position_embeddings}")  # fmt: skip
+    max_position = 4 * -(-positions // 4)
     frontend = dsv4.DecodeFrontEnd(
         dsv4.synthetic_weights(cfg, seed=0, device=device),
         dsv4.rope_table(cfg, "compressed", max_position=max_position, device=device),

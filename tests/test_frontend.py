@@ -298,6 +298,18 @@ def test_loop_examples_refuse_bad_arguments_as_usage_errors(example: str, flag: 
     assert proc.stdout == ""
 
 
+@pytest.mark.parametrize("example", ["decode_loop.py", "attention_loop.py"])
+def test_loop_examples_refuse_positions_past_the_presets_limit(example: str) -> None:
+    """A prompt and steps that would run past the preset's ``max_position_embeddings`` are a usage error
+    (exit 2) before anything is built, as ``dsv4 run`` refuses them."""
+    limit = dsv4.get_config("tiny").max_position_embeddings
+    proc = run_python([str(ROOT / "examples" / example), "--preset", "tiny", "--prefill", str(limit - 1),
+                       "--steps", "1", "--seq", "2"], timeout=300)  # fmt: skip
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert f"{limit + 1} positions, past tiny's max_position_embeddings {limit}" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
 # --- rollback (spec §4 "Re-running positions") ----------------------------------------------------
 
 
