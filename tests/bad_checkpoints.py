@@ -366,6 +366,7 @@ def config_corruptions() -> list[Corruption]:
         ("rms_norm_eps-zero", _field("rms_norm_eps", 0), ("rms_norm_eps",)),
         ("rms_norm_eps-nan", _field("rms_norm_eps", math.nan), ("rms_norm_eps",)),
         ("rms_norm_eps-zero-in-fp32", _field("rms_norm_eps", 1e-50), ("rms_norm_eps", "fp32")),
+        ("rope_theta-past-a-float", _field("rope_theta", 10**400), ("rope_theta",)),  # JSON has no such limit
         ("rope_scaling-a-string", _field("rope_scaling", "yarn"), ("rope_scaling",)),
         ("rope_scaling-a-list", _field("rope_scaling", [16]), ("rope_scaling",)),
         ("rope_scaling-factor-string", _scaling("factor", "16"), ("rope_scaling.factor",)),

@@ -179,6 +179,7 @@ CONFIG_VALUES = [
     ("rope_theta", 1.0), ("compress_rope_theta", math.inf), ("rope_factor", 0.0), ("rope_factor", math.nan),
     ("beta_fast", -1e9), ("beta_slow", 0.0), ("rms_norm_eps", 0.0), ("rms_norm_eps", "1e-6"),
     ("rms_norm_eps", 1e-50), ("rms_norm_eps", 1e39),  # finite, but 0 and inf in fp32, where the norms add it
+    ("rope_theta", 10**400), ("rms_norm_eps", 10**400),  # ints past a float's range: not an OverflowError
 ]  # fmt: skip
 
 

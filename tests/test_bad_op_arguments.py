@@ -65,6 +65,7 @@ INDEXER_SCALARS = [
     ("eps", -1e-6, ValueError, ("eps",)),
     ("eps", 1e-50, ValueError, ("eps", "fp32")),  # positive, but 0 in fp32: a zero row would normalize to NaN
     ("eps", 1e39, ValueError, ("eps", "fp32")),  # finite, but inf in fp32
+    ("eps", 10**400, ValueError, ("eps", "finite")),  # an int past a float's range: not an OverflowError
     ("eps", True, TypeError, ("eps", "float", "bool")),  # the custom op's schema refuses it with the same words
     ("eps", "1e-6", TypeError, ("eps", "float", "str")),
 ]

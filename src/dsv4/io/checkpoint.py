@@ -9,7 +9,6 @@ kernels take; ``attn.wo_a`` and ``attn.wo_b`` stay FP8 with their block scales a
 
 from __future__ import annotations
 
-import math
 import re
 import string
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 
 from ..devices import check_device
-from ..model.config import COMPRESS_RATIO, PRESETS, DeepSeekV4Config, kind_of_ratio
+from ..model.config import COMPRESS_RATIO, PRESETS, DeepSeekV4Config, finite, kind_of_ratio
 from ..model.quant import quantize_weight_int8
 from ..model.weights import AttnWeights, CompressorWeights, IndexerWeights, LayerWeights, OProjWeights
 from ..ops.validate import INDEX_LIMIT, MAX_TOPK
@@ -136,7 +135,7 @@ def _field(source: str, name: str, value: Any, kind: str) -> int | float:
         ok = isinstance(value, int) and not isinstance(value, bool) and value >= (0 if kind == "int0" else 1)
         want = "a non-negative int" if kind == "int0" else "a positive int"
     else:
-        ok = is_number and math.isfinite(value) and (kind == "num" or value > 0)
+        ok = is_number and finite(value) and (kind == "num" or value > 0)
         want = "a finite number" + (" > 0" if kind == "pos" else "")
     if not ok:
         raise CheckpointError(f"{source}: {name} must be {want}, got {value!r:.60}")

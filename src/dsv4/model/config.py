@@ -164,6 +164,14 @@ _DIMENSIONS = (  # fields that are positive ints
 )  # fmt: skip
 
 
+def finite(value: float) -> bool:
+    """``math.isfinite`` that takes an int past a float's range as infinite, not as an ``OverflowError``."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def round_fp32(value: float) -> float:
     """``value`` rounded to the nearest fp32, on the host (an infinity past fp32's range)."""
     try:
@@ -181,7 +189,7 @@ def _check_field(name: str, value: object, kind: str, above: float = 0.0) -> Non
         raise ValueError(f"{name}: expected an int >= 1, got {value}")
     if kind == "int0" and value < 0:
         raise ValueError(f"{name}: expected an int >= 0, got {value}")
-    if kind == "number" and not (math.isfinite(value) and value > above):
+    if kind == "number" and not (finite(value) and value > above):
         raise ValueError(f"{name}: expected a finite number > {above:g}, got {value!r}")
 
 
