@@ -53,10 +53,7 @@ class DeepSeekV4Config:
             _check_field(name, getattr(self, name), "number", above=1.0)
         for name in ("rope_factor", "beta_fast", "beta_slow", "rms_norm_eps"):  # YaRN takes log(orig / beta)
             _check_field(name, getattr(self, name), "number", above=0.0)
-        eps32 = round_fp32(self.rms_norm_eps)  # the norms add it in fp32: a smaller one would be 0 there
-        if not (eps32 > 0 and math.isfinite(eps32)):
-            raise ValueError(f"rms_norm_eps: expected a positive finite float in fp32, got {self.rms_norm_eps!r} "
-                             f"(fp32: {eps32!r})")  # fmt: skip
+        check_eps_value("rms_norm_eps", self.rms_norm_eps)
         r = self.qk_rope_head_dim
         if r % 2 or r > self.head_dim or r > self.index_head_dim:
             raise ValueError(
@@ -178,6 +175,16 @@ def round_fp32(value: float) -> float:
         return float(struct.unpack("f", struct.pack("f", value))[0])
     except OverflowError:
         return math.copysign(math.inf, value)
+
+
+def check_eps_value(name: str, eps: float) -> None:
+    """A norm's ``eps`` (a number): positive and finite, also once rounded to fp32, where the kernels and the
+    reference add it (a smaller one would be 0 there); else a ``ValueError`` naming ``name``."""
+    if not (eps > 0 and finite(eps)):
+        raise ValueError(f"{name}: expected a positive finite float, got {eps!r:.60}")
+    eps32 = round_fp32(eps)  # a host value, no device read
+    if not (eps32 > 0 and math.isfinite(eps32)):
+        raise ValueError(f"{name}: expected a positive finite float in fp32, got {eps!r} (fp32: {eps32!r})")
 
 
 def _check_field(name: str, value: object, kind: str, above: float = 0.0) -> None:

@@ -14,13 +14,12 @@ device ``start_pos`` is read on the host then; pass ``out=`` (or ``start_pos`` o
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from ..model.config import COMPRESS_RATIO, finite, round_fp32
+from ..model.config import COMPRESS_RATIO, check_eps_value
 from ..model.rope import RopeTable
 from ..model.state import STATE_SLOTS, UNALLOCATED, IndexerState
 from ..model.structs import QKV, IndexerOut, StepPositions
@@ -97,11 +96,7 @@ def _check_int(name: str, value: Any, minimum: int | None = None) -> int:
 def _check_eps(eps: Any) -> None:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):  # as torch.ops.dsv4's schema refuses it
         raise TypeError(f"eps: expected a float, got {type(eps).__name__}")
-    if not (eps > 0 and finite(eps)):
-        raise ValueError(f"eps: expected a positive finite float, got {eps!r:.60}")
-    eps32 = round_fp32(eps)  # the kernels and the reference add it in fp32 (a host value, no device read)
-    if not (eps32 > 0 and math.isfinite(eps32)):
-        raise ValueError(f"eps: expected a positive finite float in fp32, got {eps!r} (fp32: {eps32!r})")
+    check_eps_value("eps", eps)
 
 
 def check_eps(eps: Any) -> float:
