@@ -871,6 +871,8 @@ def test_the_pytest_lines_count_as_the_junit_xml_does(tmp_path) -> None:
     """A run that stopped before its junit XML is counted from its ``-v`` lines as the XML would have
     counted it: an expected failure (``XFAIL``) as skipped, an unexpected pass that is not strict
     (``XPASS``) as passed, a strict one as failed; from a real pytest run of each outcome."""
+    # a file of one test per outcome for the child pytest to run: its skip and xfail marks are the outcomes
+    # under test, not tests of this suite left out
     (tmp_path / "test_outcomes.py").write_text(
         "import pytest\n"
         "def test_pass(): pass\n"
