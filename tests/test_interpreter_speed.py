@@ -1,0 +1,99 @@
+"""``dsv4.kernels.interpreter_speed``: Triton's interpreter patches ``triton.language`` once a launch, not
+again at each helper call, and still patches a helper's other language module (``tl.core``). The
+suite runs with it (``conftest.py``), so every kernel test also holds its results to the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from conftest import INTERPRETER_TRAFFIC
+from dsv4.kernels.interpreter_speed import patch_language_once_per_launch
+from lang_core_helper import magnitude
+from subprocesses import run_python
+
+pytestmark = INTERPRETER_TRAFFIC
+
+N = 16
+
+
+@triton.jit
+def _halved(x):
+    return x * 0.5
+
+
+@triton.jit
+def _helpers_kernel(x_ptr, out_ptr, N: tl.constexpr, CALLS: tl.constexpr, CORE: tl.constexpr):
+    x = tl.load(x_ptr + tl.arange(0, N))
+    for _ in tl.static_range(CALLS):
+        x = _halved(x)
+    if CORE:
+        x = magnitude(x)
+    tl.store(out_ptr + tl.arange(0, N), x)
+
+
+def _run(calls: int, core: bool) -> torch.Tensor:
+    x = torch.linspace(-4, 4, N)
+    out = torch.empty(N)
+    _helpers_kernel[(1,)](x, out, N=N, CALLS=calls, CORE=core)
+    return out
+
+
+def _installed() -> None:
+    if not patch_language_once_per_launch():
+        pytest.skip("this Triton's interpreter is built otherwise: it patches at each helper call, as it comes")
+
+
+def test_a_helper_naming_tl_core_is_patched_inside_the_launch() -> None:
+    """The kernel's module names ``tl``; the helper's names ``core`` alone, which the launch did not patch."""
+    _installed()
+    x = torch.linspace(-4, 4, N)
+    assert torch.equal(_run(2, core=True), (x * 0.25).abs())
+
+
+def test_helper_calls_patch_nothing_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A launch whose kernel calls a helper 3 times scans the language modules as often as one that calls
+    none; the helper's results are as written."""
+    import triton.runtime.interpreter as interpreter
+
+    _installed()
+    scans = []
+    real = interpreter._patch_builtin
+
+    def counted(pkg: object, *args: object) -> None:
+        scans.append(pkg)
+        real(pkg, *args)
+
+    monkeypatch.setattr(interpreter, "_patch_builtin", counted)
+    x = torch.linspace(-4, 4, N)
+    assert torch.equal(_run(0, core=False), x)
+    alone = len(scans)
+    assert alone > 0
+    assert torch.equal(_run(3, core=False), x * 0.125)
+    assert len(scans) == 2 * alone
+
+
+def test_it_is_turned_on_once() -> None:
+    """A second call changes nothing: the launch is wrapped once, not once per call."""
+    import triton.runtime.interpreter as interpreter
+
+    _installed()
+    patch, launch = interpreter._patch_lang, interpreter.GridExecutor.__call__
+    assert patch_language_once_per_launch()
+    assert (interpreter._patch_lang, interpreter.GridExecutor.__call__) == (patch, launch)
+
+
+def test_the_dsv4_command_turns_it_on() -> None:
+    """``dsv4`` (here ``dsv4 info``) runs its interpreted kernels so; importing ``dsv4`` alone changes nothing."""
+    code = (
+        "import triton.runtime.interpreter as i, dsv4\n"
+        "before = getattr(i._patch_lang, 'once_per_launch', False)\n"
+        "from dsv4.cli import main\n"
+        "main(['info'])\n"
+        "print(before, getattr(i._patch_lang, 'once_per_launch', False))\n"
+    )
+    done = run_python(["-c", code], CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-2:] == ["False", "True"]
