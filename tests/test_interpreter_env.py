@@ -5,13 +5,10 @@ Triton backend is then unavailable on the CPU while the reference runs."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from subprocesses import ROOT
+from subprocesses import run_python_without_cuda
 
 CODE = """
 import json, os, subprocess, sys
@@ -26,12 +23,7 @@ print(json.dumps({"before": before, "after": os.environ.get("TRITON_INTERPRET"),
 
 
 def _run(interpret: str | None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the suite's own process set it
-    if interpret is not None:
-        env["TRITON_INTERPRET"] = interpret
-    env["CUDA_VISIBLE_DEVICES"] = ""  # no CUDA device, on any machine
-    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    done = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, env=env, timeout=300)
+    done = run_python_without_cuda(["-c", CODE], interpret)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.splitlines()[-1])
 
@@ -47,3 +39,45 @@ def test_interpreter_choice_in_the_environment(interpret: str | None) -> None:
     else:
         assert seen["after"] == "0" and seen["child"] == "0"
         assert seen["backends"] == ["reference"]
+
+
+# What a process asks first must not load Triton before the interpreter is chosen: Triton reads
+# ``TRITON_INTERPRET`` when its own library functions (``tl.cdiv``) are defined, and a kernel calling
+# them fails at its launch otherwise.
+RUN_AN_OP = (
+    "from dsv4.harness.cases import make_case, run_case\n"
+    "from dsv4.model.config import get_config\n"
+    "run_case(make_case(get_config('tiny'), 'o_proj', seed=1), 'triton')\n"
+)
+
+
+def test_asking_whether_triton_runs_chooses_the_interpreter_first() -> None:
+    pytest.importorskip("triton")
+    asks = "from dsv4.ops.backends import triton_missing\nassert triton_missing() is None\n"
+    done = run_python_without_cuda(["-c", asks + RUN_AN_OP])
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_dsv4_tune_runs_the_interpreter_from_a_fresh_shell() -> None:
+    pytest.importorskip("triton")
+    tune = ["tune", "--dry-run", "--preset", "tiny", "--ops", "o_proj", "--mode", "decode"]
+    done = run_python_without_cuda(["-m", "dsv4", *tune])
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "error" not in done.stdout
+
+
+def test_without_triton_it_says_so() -> None:
+    """Triton installed but not importable: ``triton_missing`` names the import failure."""
+    code = (
+        "import sys\n"
+        "class NoTriton:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'triton' or name.startswith('triton.'):\n"
+        "            raise ImportError('no triton here')\n"
+        "sys.meta_path.insert(0, NoTriton())\n"
+        "from dsv4.ops.backends import triton_missing\n"
+        "print(triton_missing())\n"
+    )
+    done = run_python_without_cuda(["-c", code])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "cannot import triton: no triton here"

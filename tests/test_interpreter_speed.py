@@ -12,7 +12,7 @@ import triton.language as tl
 from conftest import INTERPRETER_TRAFFIC
 from dsv4.kernels.interpreter_speed import patch_language_once_per_launch
 from lang_core_helper import magnitude
-from subprocesses import run_python
+from subprocesses import run_python_without_cuda
 
 pytestmark = INTERPRETER_TRAFFIC
 
@@ -86,7 +86,8 @@ def test_it_is_turned_on_once() -> None:
 
 
 def test_the_dsv4_command_turns_it_on() -> None:
-    """``dsv4`` (here ``dsv4 info``) runs its interpreted kernels so; importing ``dsv4`` alone changes nothing."""
+    """``dsv4`` (here ``dsv4 info``, from a fresh shell) runs its interpreted kernels so; importing ``dsv4``
+    alone changes nothing."""
     code = (
         "import triton.runtime.interpreter as i, dsv4\n"
         "before = getattr(i._patch_lang, 'once_per_launch', False)\n"
@@ -94,6 +95,6 @@ def test_the_dsv4_command_turns_it_on() -> None:
         "main(['info'])\n"
         "print(before, getattr(i._patch_lang, 'once_per_launch', False))\n"
     )
-    done = run_python(["-c", code], CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
+    done = run_python_without_cuda(["-c", code])
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-2:] == ["False", "True"]

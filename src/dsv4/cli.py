@@ -531,11 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _lighter_interpreter() -> None:
     """Where the kernels run through Triton's interpreter, it patches its language once a launch
     (``dsv4.kernels.interpreter_speed``): a CPU run of this command is faster, with the same bits."""
-    if triton_missing() is not None:
-        return
-    from .kernels.interpreter import interpreted
-
-    if interpreted():
+    if unavailable_reason("triton", "cpu") is None:  # imports the kernels, the interpreter chosen first
         from .kernels.interpreter_speed import patch_language_once_per_launch
 
         patch_language_once_per_launch()

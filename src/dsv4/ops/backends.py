@@ -41,8 +41,8 @@ def triton_missing() -> str | None:
     old = _old_triton()
     if old is not None:
         return old
-    try:
-        importlib.import_module("triton")
+    try:  # the kernels package first: without CUDA it chooses the interpreter before Triton is loaded
+        importlib.import_module(_PACKAGES["triton"])
     except ImportError as e:
         return f"cannot import triton: {e}"
     return None
