@@ -7,9 +7,10 @@ version, and restores them when the launch ends. It does the same again at every
 the modules' members by ``inspect.getmembers`` for each call, a third or more of the time of the
 helper-heavy kernels here (``sparse_attn``'s tile loop, the q-head epilogue).
 
-``patch_language_once_per_launch()`` skips that repeat where it changes nothing: a helper whose
-module names no language module the launch has not patched yet. A helper that names another one
-(``tl.core`` beside ``tl``) is patched as before. Results are the same bits; only the interpreter's
+``patch_language_once_per_launch()`` skips that repeat where it changes nothing: at a helper whose
+module names only language modules the launch has patched already. A helper that names another one
+(``tl.core`` where the kernel's module names ``tl``), or none (which Triton refuses), goes through
+Triton's own patch as before. Results are the same bits; only the interpreter's
 own work shrinks. It is opt-in and process-wide: the ``dsv4`` command, the test suite and
 ``benchmarks/fuzz_ops.py`` turn it on; importing ``dsv4`` does not.
 """
@@ -52,7 +53,7 @@ def patch_language_once_per_launch() -> bool:
 
     def patch_lang(fn: Any) -> Any:
         langs, patched = langs_of(fn), _Launch.patched
-        if patched and langs <= patched:  # a helper inside a launch that has patched its modules
+        if patched and langs and langs <= patched:  # a helper inside a launch that has patched its modules
             return None  # a helper's call discards what the patch returns
         scope = real_patch(fn)
         if patched is not None:
