@@ -58,6 +58,13 @@ def test_asking_whether_triton_runs_chooses_the_interpreter_first() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def test_counting_traffic_first_chooses_the_interpreter_first() -> None:
+    pytest.importorskip("triton")
+    counts = "from dsv4.bench.interp_traffic import count_traffic\nwith count_traffic() as log:\n    "
+    done = run_python_without_cuda(["-c", counts + RUN_AN_OP.replace("\n", "\n    ") + "\nassert log.launches"])
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_dsv4_tune_runs_the_interpreter_from_a_fresh_shell() -> None:
     pytest.importorskip("triton")
     tune = ["tune", "--dry-run", "--preset", "tiny", "--ops", "o_proj", "--mode", "decode"]

@@ -385,6 +385,9 @@ def mark_launch_dependents() -> None:
 
 def _interpreter_module() -> Any:
     """``triton.runtime.interpreter``, checked to still have the hook points this file relies on."""
+    from ..kernels import interpreter  # noqa: F401  (first: without CUDA it chooses the interpreter before Triton loads)
+
+    # isort: split
     import triton
     import triton.runtime.interpreter as interp
 
