@@ -65,6 +65,14 @@ def test_counting_traffic_first_chooses_the_interpreter_first() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def test_describing_the_machine_first_chooses_the_interpreter_first() -> None:
+    """The acceptance run's ``environment`` step reads Triton's version."""
+    pytest.importorskip("triton")
+    describes = "from dsv4.acceptance.environment import collect\nassert collect()['triton']\n"
+    done = run_python_without_cuda(["-c", describes + RUN_AN_OP])
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_dsv4_tune_runs_the_interpreter_from_a_fresh_shell() -> None:
     pytest.importorskip("triton")
     tune = ["tune", "--dry-run", "--preset", "tiny", "--ops", "o_proj", "--mode", "decode"]

@@ -7,6 +7,7 @@ CUDA install fails this step, not the runner.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -54,6 +55,8 @@ def collect() -> dict[str, Any]:
     """Everything the summary prints about the machine; GPU fields are None without CUDA."""
     import torch
 
+    with contextlib.suppress(ImportError):  # first: without CUDA it chooses the interpreter before Triton loads
+        from ..kernels import interpreter  # noqa: F401
     try:
         import triton
 
