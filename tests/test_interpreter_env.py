@@ -51,25 +51,19 @@ RUN_AN_OP = (
 )
 
 
-def test_asking_whether_triton_runs_chooses_the_interpreter_first() -> None:
+# The entry points that load Triton themselves, each asked first: whether Triton runs, a traffic count,
+# the acceptance run's description of the machine (which reads Triton's version).
+FIRST = {
+    "triton_missing": "from dsv4.ops.backends import triton_missing\nassert triton_missing() is None\n",
+    "count_traffic": "from dsv4.bench.interp_traffic import count_traffic\nwith count_traffic():\n    pass\n",
+    "environment": "from dsv4.acceptance.environment import collect\nassert collect()['triton']\n",
+}
+
+
+@pytest.mark.parametrize("first", FIRST)
+def test_what_loads_triton_first_chooses_the_interpreter_before(first: str) -> None:
     pytest.importorskip("triton")
-    asks = "from dsv4.ops.backends import triton_missing\nassert triton_missing() is None\n"
-    done = run_python_without_cuda(["-c", asks + RUN_AN_OP])
-    assert done.returncode == 0, done.stderr[-2000:]
-
-
-def test_counting_traffic_first_chooses_the_interpreter_first() -> None:
-    pytest.importorskip("triton")
-    counts = "from dsv4.bench.interp_traffic import count_traffic\nwith count_traffic() as log:\n    "
-    done = run_python_without_cuda(["-c", counts + RUN_AN_OP.replace("\n", "\n    ") + "\nassert log.launches"])
-    assert done.returncode == 0, done.stderr[-2000:]
-
-
-def test_describing_the_machine_first_chooses_the_interpreter_first() -> None:
-    """The acceptance run's ``environment`` step reads Triton's version."""
-    pytest.importorskip("triton")
-    describes = "from dsv4.acceptance.environment import collect\nassert collect()['triton']\n"
-    done = run_python_without_cuda(["-c", describes + RUN_AN_OP])
+    done = run_python_without_cuda(["-c", FIRST[first] + RUN_AN_OP])
     assert done.returncode == 0, done.stderr[-2000:]
 
 
