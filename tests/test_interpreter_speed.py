@@ -98,3 +98,13 @@ def test_the_dsv4_command_turns_it_on() -> None:
     done = run_python_without_cuda(["-c", code])
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-2:] == ["False", "True"]
+
+
+@pytest.mark.parametrize("version", ["3.5.1", "3.10.0", "4.0.0+git1234"])
+def test_a_release_it_was_not_checked_on_runs_as_it_comes(version: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import triton.runtime.interpreter as interpreter
+
+    patch, launch = interpreter._patch_lang, interpreter.GridExecutor.__call__
+    monkeypatch.setattr(triton, "__version__", version)
+    assert not patch_language_once_per_launch()
+    assert (interpreter._patch_lang, interpreter.GridExecutor.__call__) == (patch, launch)

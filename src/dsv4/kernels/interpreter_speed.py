@@ -10,15 +10,19 @@ helper-heavy kernels here (``sparse_attn``'s tile loop, the q-head epilogue).
 ``patch_language_once_per_launch()`` skips that repeat where it changes nothing: at a helper whose
 module names only language modules the launch has patched already. A helper that names another one
 (``tl.core`` where the kernel's module names ``tl``), or none (which Triton refuses), goes through
-Triton's own patch as before. Results are the same bits; only the interpreter's
-own work shrinks. It is opt-in and process-wide: the ``dsv4`` command, the test suite and
-``benchmarks/fuzz_ops.py`` turn it on; importing ``dsv4`` does not.
+Triton's own patch as before. Results are the same bits; only the interpreter's own work shrinks.
+It is opt-in and process-wide: the ``dsv4`` command, the test suite and ``benchmarks/fuzz_ops.py``
+turn it on; importing ``dsv4`` does not. It is taken only on the Triton releases whose interpreter
+it was checked against (``CHECKED``, the whole suite on each); another runs as it comes.
 """
 
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any
+
+CHECKED = ((3, 6), (3, 9))  # the oldest and newest Triton releases (major, minor) whose interpreter this was checked on
 
 _LANGS: dict[Any, frozenset[int]] = {}  # a kernel or helper function: the language modules its module names
 
@@ -31,9 +35,15 @@ def patch_language_once_per_launch() -> bool:
     """Patch ``triton.language`` once per interpreted launch, not again at each helper call.
 
     Returns True when the interpreter runs so from now on (also when an earlier call turned it on),
-    False where this Triton's interpreter is not built as expected (then nothing is changed)."""
+    False on a Triton release outside ``CHECKED`` or whose interpreter is not built as expected (then
+    nothing is changed)."""
+    import triton
     import triton.language as tl
     import triton.runtime.interpreter as interpreter
+
+    release = tuple(int(n) for n in re.findall(r"\d+", triton.__version__)[:2])
+    if not CHECKED[0] <= release <= CHECKED[1]:
+        return False
 
     real_patch: Any = getattr(interpreter, "_patch_lang", None)
     if getattr(real_patch, "once_per_launch", False):
