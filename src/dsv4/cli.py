@@ -531,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _lighter_interpreter() -> None:
     """Where the kernels run through Triton's interpreter, it patches its language once a launch
     (``dsv4.kernels.interpreter_speed``): a CPU run of this command is faster, with the same bits."""
-    if unavailable_reason("triton", "cpu") is None:  # imports the kernels, the interpreter chosen first
+    if triton_missing() is None:  # imports the kernels, the interpreter chosen first
         from .kernels.interpreter_speed import patch_language_once_per_launch
 
         patch_language_once_per_launch()

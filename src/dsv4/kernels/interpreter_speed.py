@@ -35,12 +35,16 @@ def patch_language_once_per_launch() -> bool:
     """Patch ``triton.language`` once per interpreted launch, not again at each helper call.
 
     Returns True when the interpreter runs so from now on (also when an earlier call turned it on),
-    False on a Triton release outside ``CHECKED`` or whose interpreter is not built as expected (then
-    nothing is changed)."""
+    False where the kernels are compiled, not interpreted, and on a Triton release outside ``CHECKED``
+    or whose interpreter is not built as expected (then nothing is changed)."""
     import triton
     import triton.language as tl
     import triton.runtime.interpreter as interpreter
 
+    from .interpreter import interpreted
+
+    if not interpreted():
+        return False
     release = tuple(int(n) for n in re.findall(r"\d+", triton.__version__)[:2])
     if not CHECKED[0] <= release <= CHECKED[1]:
         return False
