@@ -277,17 +277,19 @@ def test_overlapping_outputs_and_state_are_refused(build, backend) -> None:
     assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True)), "a refused call wrote"
 
 
-def test_disjoint_views_of_one_buffer_are_fine() -> None:
+@pytest.mark.parametrize("order", ["forward", "reversed"])
+def test_disjoint_views_of_one_buffer_are_fine(order: str) -> None:
     """State and outputs carved side by side out of one allocation (as an engine's arena would) run,
-    with the same results as separate tensors."""
+    with the same results as separate tensors: each tensor ends where the next begins, in either order
+    (a tensor that begins where another ends shares no byte with it)."""
     args = _case("indexer")
     state, out = args["state"], _indexer_out(args)
     tensors = [*state.tensors().values(), *out]
     buf = _buffer(*tensors)
-    offset, placed = 0, []
-    for t in tensors:
-        placed.append(_in(buf, t, offset))
-        offset += t.numel() * t.element_size()
+    offset, placed = 0, list(tensors)
+    for i in range(len(tensors)) if order == "forward" else reversed(range(len(tensors))):
+        placed[i] = _in(buf, tensors[i], offset)
+        offset += tensors[i].numel() * tensors[i].element_size()
     n_state = len(state.tensors())
     arena_state = dsv4.IndexerState(*placed[:n_state])
     got = dsv4.indexer(**{**args, "state": arena_state}, out=IndexerOut(*placed[n_state:]), backend="reference")

@@ -111,6 +111,40 @@ def test_out_buffers_are_validated() -> None:
     assert all(torch.equal(t, getattr(before, name)) for name, t in state.tensors().items())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_buffers_one_size_off_are_refused_naming_the_field(backend: str) -> None:
+    """``out`` buffers one head, one score column or one top-k slot off the op's outputs: refused naming
+    the field, the state unchanged (a score row of ``max cache_len - 1`` columns would lose the last
+    cache row); buffers of exactly the outputs' sizes run."""
+    x, w, positions, start, rope, state = _step_inputs()
+    qkv = dsv4.qkv_proj_rope(x.view(4, -1), w.attn, positions, rope, backend=backend)
+    heads, hd = qkv.q.shape[1:]
+    q = torch.empty(4, heads - 1, hd, dtype=torch.bfloat16, device=DEVICE)
+    out = dsv4.QKV(q, torch.empty_like(qkv.kv), torch.empty_like(qkv.qr), torch.empty_like(qkv.qr_scale))
+    with pytest.raises(ValueError, match=rf"out.q: expected shape \[4, {heads}, {hd}\]"):
+        dsv4.qkv_proj_rope(x.view(4, -1), w.attn, positions, rope, out=out, backend=backend)
+    start = start.cpu()  # on the host: the score width is checked there
+    rows = int(((start + 2) // 4).max())  # the cache rows after the step: (start_pos + S) // 4
+
+    def call(width: int, k: int) -> dsv4.IndexerOut:
+        out = dsv4.IndexerOut(
+            torch.empty(2, 2, width, device=DEVICE), torch.empty(2, 2, k, dtype=torch.int32, device=DEVICE)
+        )
+        return dsv4.indexer(
+            x, qkv.qr, qkv.qr_scale, w.indexer, state, start, 16, rope, topk=16, out=out, backend=backend
+        )
+
+    before = state.clone()
+    for width, k, words in (
+        (rows - 1, 16, f"out.score: expected at least {rows} columns"),
+        (rows, 15, "out.topk_idxs"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            call(width, k)
+        assert all(torch.equal(t, getattr(before, name)) for name, t in state.tensors().items())
+    assert call(rows, 16).score.shape == (2, 2, rows)
+
+
 # The ops are opaque to the compiler: the graph and its guards do not depend on the backend argument.
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=FULL)])
 def test_compile_fullgraph_decode_step(backend: str) -> None:

@@ -105,7 +105,32 @@ BAD: list[tuple[str, str, Callable, type, tuple[str, ...]]] = [
     ("indexer", "offset", lambda k: "128", TypeError, ("offset",)),
     # read on the host even from a GPU: without out=, the score width depends on start_pos
     ("indexer", "start_pos", lambda t: t + 62, ValueError, ("start_pos", "rope table")),
+    # w.wq_b and its scale agree, but their rows are no whole number of heads of w.wkv's head dim
+    ("qkv_proj_rope", "w", lambda w: _rows_cut(w, 3), ValueError, ("w.wq_b:", "H*", "head dim from w.wkv")),
+    # a RoPE table of rope dim R wider than the head dim: 3 times this one's
+    (
+        "qkv_proj_rope",
+        "rope",
+        lambda r: dsv4.RopeTable(r.cos.repeat(1, 3), r.sin.repeat(1, 3)),
+        ValueError,
+        ("rope:", "exceeds head dim"),
+    ),
+    # one batch row more than the state holds (the state's batch is 2)
+    ("indexer_compressor", "x", lambda t: torch.cat([t, t[:1]]), ValueError, ("x:", "batch 3", "state")),
+    # a power of two, but below the 16 rows a pool block needs
+    (
+        "indexer_compressor",
+        "state.keys",
+        lambda t: t[:, :8].contiguous(),
+        ValueError,
+        ("state.keys", "power of two >= 16", "got 8"),
+    ),
 ]
+
+
+def _rows_cut(w: dsv4.AttnWeights, n: int) -> dsv4.AttnWeights:
+    """``w`` with its last ``n`` rows of ``wq_b`` and of ``wq_b_scale`` cut off (still agreeing)."""
+    return dataclasses.replace(w, wq_b=w.wq_b[:-n].contiguous(), wq_b_scale=w.wq_b_scale[:-n].contiguous())
 
 
 def _broken_args(op: str, path: str, breaker: Callable) -> dict:
