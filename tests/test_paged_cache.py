@@ -20,6 +20,7 @@ from conftest import DEVICE, FULL
 from device_assert import assert_stops_on_device
 from dsv4.harness.cases import Case, make_case, run_case
 from dsv4.harness.golden import compare
+from dsv4.model.attention_state import CompressorState
 from dsv4.model.state import UNALLOCATED
 from dsv4.ops.validate import (
     READ_AS_ANOTHER_ROW,
@@ -186,6 +187,36 @@ def test_an_entry_outside_the_pool_is_named_by_slot_and_column(op, slot, column,
     assert all(torch.equal(t, getattr(before, n)) for n, t in state.tensors().items())
 
 
+@pytest.mark.parametrize("op", ["indexer_compressor", "indexer"])
+def test_an_entry_one_past_the_last_block_is_refused(op: str) -> None:
+    """An entry equal to the pool's block count ``NB`` (one past its last block) in a column the step
+    writes (the compressor) or reads (the indexer): refused like any entry outside ``[0, NB)``."""
+    case = make_case(TINY, op, seed=4, device=DEVICE, batch=2, seq=2, start_pos=[70, 78], max_position=1024)
+    state = relayout(case.state(), 16, [18, 20], seed=4)
+    n = state.keys.shape[0]
+    state.block_table[1, 1] = n  # slot 1 at 78 writes its row 19 and reads rows 0..19: column 1 both
+    case.args["state"] = state
+    before = state.clone()
+    with pytest.raises(ValueError, match=re.escape("slot 1 column 1 (rows 16..31, which the step")) as info:
+        getattr(dsv4, op)(**case.args, backend="reference")
+    assert f"needs a pool block in [0, {n})" in str(info.value) and str(info.value).endswith(f"got {n}")
+    assert all(torch.equal(t, getattr(before, k)) for k, t in state.tensors().items())
+
+
+def test_two_writers_of_unequal_row_counts_are_refused() -> None:
+    """Slot 0 at 68 (S=5) writes one row (17: column 1, offset 1), slot 1 at 3 two (rows 0 and 1 of
+    column 0), and slot 1's column 0 maps slot 0's column 1: slot 1's second row is slot 0's row 17.
+    The check covers every row of the slot writing the most, not as many as the one writing the fewest."""
+    case = make_case(TINY, "indexer_compressor", seed=2, device=DEVICE, batch=2, seq=5, start_pos=[68, 3])
+    state = relayout(case.state(), 16, [18, 2], seed=2)
+    state.block_table[1, 0] = state.block_table[0, 1]
+    case.args["state"] = state
+    before = state.clone()
+    with pytest.raises(ValueError, match="two slots write the same pool row"):
+        dsv4.indexer_compressor(**case.args, backend="reference")
+    assert all(torch.equal(t, getattr(before, k)) for k, t in state.tensors().items())
+
+
 # (starts, (slot, column) <- (slot, column) of the table, refused): pool blocks of 16 rows; a slot at 70
 # (S=2) writes its row 17, column 1, offset 1, and reads rows 0..17
 ALIASES = {
@@ -193,6 +224,8 @@ ALIASES = {
     "own-two-columns-none-written": ([68, 10], ((0, 1), (0, 0)), False),  # reads rows 16, 17 twice: no write
     "other-slot-reads-it": ([70, 10], ((1, 0), (0, 1)), True),  # slot 1 reads offsets 0..2 of slot 0's block
     "other-slot-reads-below-it": ([70, 4], ((1, 0), (0, 1)), False),  # slot 1 reads offset 0 only, writes none
+    # slot 1 at 8 reads offsets 0..1, as far as slot 0's entry reaches (a tie: neither covers more)
+    "other-slot-reads-as-far": ([70, 8], ((1, 0), (0, 1)), True),
 }
 
 
@@ -300,6 +333,26 @@ def test_a_paged_state_holds_a_copy_of_the_engine_table(cls: str) -> None:
 def test_a_paged_table_of_other_values_is_refused(cls: str, table: torch.Tensor, error: type, words: str) -> None:
     with pytest.raises(error, match="block_table: " + words):
         PAGED[cls](table)
+
+
+def test_kv_pool_read_of_a_row_in_no_block_is_refused() -> None:
+    """``KVPool.read`` reads through the block table: a row whose block is -1 is refused naming the
+    table, not read from the last block of the pool (where index -1 lands)."""
+    pool = dsv4.KVPool.paged(2, 16, 128, 64, torch.tensor([[1, -1]]))
+    assert pool.read(torch.tensor([0]), torch.tensor([15])).shape == (1, 128)  # row 15: in block 1
+    with pytest.raises(ValueError, match="block_table: a row read is in an unallocated block"):
+        pool.read(torch.tensor([0, 0]), torch.tensor([3, 16]))
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_a_paged_table_of_another_batch_is_refused(rows: int) -> None:
+    """A block table with a row count other than the batch: refused naming the table, for the
+    indexer's state and the main compressor's alike."""
+    table = torch.zeros(rows, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match=rf"block_table: expected shape \[2, max_blocks\], got \[{rows}, 2\]"):
+        dsv4.IndexerState.paged(2, 4, 16, 64, table)
+    with pytest.raises(ValueError, match=rf"block_table: expected 2 rows \(one per slot\), got {rows}"):
+        CompressorState.paged(2, 4, 128, 64, 4, 16, table)
 
 
 def test_dense_keys_of_a_row_in_no_block_are_refused() -> None:
