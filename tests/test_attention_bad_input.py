@@ -5,6 +5,7 @@ non-finite values propagated by the formulas (NaN in, NaN out)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 
 import pytest
@@ -17,6 +18,7 @@ from dsv4.harness.cases import make_case, mutated_args, record_outputs
 from dsv4.harness.golden import bit_identical
 from dsv4.ops.backends import implementation
 from dsv4.ops.registry import get_op
+from test_attention_ops import BS, RATIOS, W, attn_setup
 from test_bad_op_arguments import HostReadWatch
 
 CFG = dsv4.get_config("tiny")
@@ -121,7 +123,19 @@ BAD: list[tuple[str, str, Callable, type, tuple[str, ...]]] = [
     ("o_proj", "w.wo_b", lambda t: t[:, :64].contiguous(), ValueError, ("w.wo_b", "shape")),
     ("o_proj", "w.wo_b", lambda t: t.view(torch.uint8), TypeError, ("w.wo_b", "float8_e4m3fn")),
     ("o_proj", "w.wo_b_scale", lambda t: t[:1].contiguous(), ValueError, ("w.wo_b_scale", "shape")),
+    # one step past a rule: a block of 24 rows (>= 16, no power of two), one batch row more than the
+    # state's 2, w.wgate alone of another shape, 192 rows of w.wo_a (G*OL no multiple of 128)
+    ("window_kv_write", "pool.nope", lambda t: t[:, :24].contiguous(), ValueError, ("pool.nope", "power of two")),
+    ("kv_compressor", "x", lambda t: torch.cat([t, t[:1]]), ValueError, ("x:", "batch 3", "state")),
+    ("kv_compressor", "w.wgate", lambda t: t[:128].contiguous(), ValueError, ("w.wgate", "shape")),
+    ("o_proj", "w", lambda w: _wo_rows(w, 64), ValueError, ("w.wo_a", "positive multiple of 128", "got 192")),
 ]
+
+
+def _wo_rows(w: dsv4.OProjWeights, n: int) -> dsv4.OProjWeights:
+    """``w`` with ``n`` more rows of ``wo_a`` (its first ``n`` again) and as many more columns of ``wo_b``."""
+    wo_a, wo_b = torch.cat([w.wo_a, w.wo_a[:n]]), torch.cat([w.wo_b, w.wo_b[:, :n]], 1).contiguous()
+    return dataclasses.replace(w, wo_a=wo_a, wo_b=wo_b)
 
 
 @pytest.mark.parametrize(
@@ -162,6 +176,47 @@ def test_an_out_buffer_that_overlaps_an_input_is_refused() -> None:
         dsv4.sparse_attn(**args, out=dsv4.AttnOut(args["q"]))
     with pytest.raises(ValueError, match="out.y"):
         dsv4.o_proj(**_args("o_proj"), out=dsv4.OProjOut(torch.empty(4, 7, dtype=torch.bfloat16)))
+    args = _args("o_proj")
+    o, d = args["o"], args["w"].wo_b.shape[0]
+    with pytest.raises(ValueError, match="out.y: shares memory with o"):  # y of the right shape, in o's bytes
+        dsv4.o_proj(**args, out=dsv4.OProjOut(o.view(-1)[: o.shape[0] * d].view(o.shape[0], d)))
+
+
+def test_a_sliding_window_layer_with_a_compress_ratio_is_refused() -> None:
+    """``kind="swa"`` with every other argument of a sliding-window layer but a ratio of 4: refused
+    naming ``compress_ratio``; with ratio 0 the call runs."""
+    args = _args("sparse_attn")
+    assert args["kind"] == "csa" and args["compress_ratio"] == 4
+    args.update(kind="swa", compressed_pool=None, topk_idxs=None, topk_offset=0)
+    with pytest.raises(ValueError, match="compress_ratio: a swa layer needs 0, got 4"):
+        dsv4.sparse_attn(**args, backend="reference")
+    dsv4.sparse_attn(**{**args, "compress_ratio": 0}, backend="reference")
+
+
+def test_the_first_window_row_read_must_be_in_a_block() -> None:
+    """Slot 0 at W + 14 reads rows 15..W + 13: row 15 alone in column 0 (rows 0..15). That column
+    unallocated is refused naming it, before anything runs."""
+    start = [W + 14, 3]
+    args = attn_setup("swa", 1, seed=5, start=start)
+    assert (start[0] - W + 1) % BS == BS - 1
+    args["window_pool"].block_table[0, 0] = -1
+    before = args["window_pool"].clone()
+    words = "window_pool.block_table: slot 0 column 0 (rows 0..15, which the step reads) needs a pool block"
+    with pytest.raises(ValueError, match=re.escape(words)):
+        dsv4.sparse_attn(**args, backend="reference")
+    kept = before.tensors()
+    assert all(bit_identical(t, kept[k], k) for k, t in args["window_pool"].tensors().items())
+
+
+@pytest.mark.parametrize("kind", ["csa", "hca"])
+def test_a_compressed_row_closed_by_the_step_must_be_in_a_block(kind: str) -> None:
+    """Slot 0 at 17*RC - 2 (S = 2) closes compressed row 16 (column 1) at its last token, which reads
+    it (rows below vis(start + S - 1) = 17): that column unallocated is refused naming it."""
+    ratio = RATIOS[kind]
+    args = attn_setup(kind, 2, seed=5, start=[17 * ratio - 2, 10])
+    args["compressed_pool"].block_table[0, 1] = -1
+    with pytest.raises(ValueError, match=re.escape("compressed_pool.block_table: slot 0 column 1 (rows 16..31")):
+        dsv4.sparse_attn(**args, backend="reference")
 
 
 @pytest.mark.parametrize("op", ["kv_compressor", "window_kv_write", "sparse_attn", "sparse_attn_write", "o_proj"])
@@ -211,6 +266,8 @@ def test_device_tensors_are_checked_without_a_host_read(op: str) -> None:
         ("sparse_attn", "start_pos", lambda t: torch.full_like(t, 2**63 - 1), "start_pos"),
         ("sparse_attn_write", "start_pos", lambda t: torch.full_like(t, 2**63 - 1), "start_pos"),
         ("sparse_attn", "window_pool.block_table", _unallocate(0), "window_pool.block_table"),
+        # p + S = 65: one row past the 64 the table addresses (p = 62 is the last start it takes)
+        ("window_kv_write", "start_pos", lambda t: torch.full_like(t, 63), "start_pos"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -225,6 +282,17 @@ def test_device_checks_catch_bad_values(op, path, breaker, words, monkeypatch) -
         get_op(op).backend_args(args)
     assert watch.asserts and not watch.reads, watch.reads
     assert all(bit_identical(record_outputs(records)[k], t, k) for k, t in before.items())
+
+
+def test_device_checks_take_the_last_start_the_table_addresses(monkeypatch) -> None:
+    """The device-side branch takes a start ``p`` with ``p + S`` equal to the rows the table addresses
+    (the row above it is refused: the case above)."""
+    monkeypatch.setattr(validate, "HOST_DEVICE_TYPES", ())
+    args = _args("window_kv_write")
+    args["start_pos"] = torch.full_like(args["start_pos"], args["pool"].rows - args["kv"].shape[1])
+    with HostReadWatch() as watch:
+        get_op("window_kv_write").backend_args(args)
+    assert watch.asserts and not watch.reads, watch.reads
 
 
 # --- non-finite values -----------------------------------------------------------------------------

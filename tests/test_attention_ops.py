@@ -5,6 +5,7 @@ expectations of ``attention_expect`` (float64, dense, from the spec), with §8's
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -342,6 +343,20 @@ def test_o_proj_against_float64(t: int, backend: str) -> None:
     )
     acc = sum(blocks, torch.zeros((), dtype=F64))
     assert ratio_allclose(y, acc.to(torch.bfloat16), 1e-4, 1 / 128)
+
+
+@pytest.mark.parametrize("backend", backends_of("o_proj"))
+def test_o_proj_of_an_output_width_not_a_multiple_of_128(backend: str) -> None:
+    """``D = 192``: ``wo_b_scale`` holds ``ceil(D / 128) = 2`` rows of blocks, the last one partly
+    used. The first 192 rows of a layer's ``wo_b`` (and its scale as it is) give the first 192
+    columns of that layer's ``y``: each output column reads only its own row and block."""
+    g = torch.Generator().manual_seed(3)
+    w = synthetic_o_proj(CFG, seed=3).to(DEVICE)
+    assert w.wo_b.shape[0] == 256 and w.wo_b_scale.shape[0] == 2
+    o = rows(4, CFG.num_attention_heads, HD, g=g).to(DEVICE)
+    full = dsv4.o_proj(o, w, backend=backend).y
+    y = dsv4.o_proj(o, dataclasses.replace(w, wo_b=w.wo_b[:192].contiguous()), backend=backend).y
+    assert y.shape == (4, 192) and bit_identical(y, full[:, :192])
 
 
 # --- bytes models ----------------------------------------------------------------------------------

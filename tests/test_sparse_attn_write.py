@@ -122,6 +122,38 @@ def test_a_ring_is_refused_by_the_device_check(monkeypatch: pytest.MonkeyPatch) 
     assert same_pool(args["window_pool"], before)
 
 
+def last_row_args(device: torch.device = DEVICE) -> dict:
+    """Slot 1 at 2W + 3 (S = 1) writes its row 2W + 3 (column 2, offset 3); its column 2 maps slot 0's
+    column 1, where slot 0 at W + 4 reads its last window row W + 3 (offset 3), and no other row."""
+    start = [W + 4, 2 * W + 3]
+    args = attn_setup("swa", 1, seed=13, start=start)
+    assert (start[1] // BS, start[1] % BS) == (2, (start[0] - 1) % BS) and (start[0] - 1) // BS == 1
+    table = args["window_pool"].block_table
+    table[1, 2] = table[0, 1]
+    return on_device(args, device)
+
+
+def last_row_call(backend: str) -> None:
+    """The refused call of the test below on the device (for a child process: see ``device_assert``)."""
+    dsv4.sparse_attn_write(**last_row_args(), backend=backend)
+
+
+@pytest.mark.parametrize("backend", backends_of("sparse_attn_write"))
+def test_a_write_onto_another_slots_last_window_row_is_refused(backend: str) -> None:
+    """A row one slot writes that another reads as the last row below its start (``start - 1``; the
+    first row a step writes, the last a step reads: the ends of both spans): refused, the pool
+    untouched; the two ops, attention first, run on the same table."""
+    args = last_row_args()
+    if DEVICE.type == "cuda":
+        assert_stops_on_device(f"import test_sparse_attn_write as t\nt.last_row_call({backend!r})", (RING_REFUSED,))
+    else:
+        before = args["window_pool"].clone()
+        with pytest.raises(ValueError, match=re.escape(RING_REFUSED)):
+            dsv4.sparse_attn_write(**args, backend=backend)
+        assert same_pool(args["window_pool"], before)
+    two_ops(args, backend)
+
+
 @FULL
 def test_demo_decode() -> None:
     """Full-size dims (H 64, HD 512, NOPE 448), a CSA decode step: the fused launch's pool rows and ``o``
