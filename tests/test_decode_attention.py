@@ -13,6 +13,7 @@ import torch
 import dsv4
 from conftest import DEVICE
 from dsv4.harness.golden import bit_identical, ratio_allclose
+from dsv4.model.attention_state import compressor_dims
 from dsv4.model.structs import IndexerOut
 from subprocesses import ROOT, run_python
 
@@ -221,6 +222,25 @@ def test_too_few_blocks_is_refused_before_anything_changes() -> None:
     assert all(bit_identical(v, before[k], k) for k, v in m.named_buffers())
 
 
+@pytest.mark.parametrize("blocks", [2, 3])
+def test_a_later_step_one_block_short_is_refused_before_the_first_runs(blocks: int) -> None:
+    """A call of 48 tokens in steps of 16 (W = 16, blocks of 16): the third step (32..47) still holds
+    columns 0 and 1 (its first token sees rows 17..32) and needs column 2, three blocks at once. Two
+    blocks are refused before the first step runs, counting what the earlier steps hold and give back;
+    three run."""
+    m = module("swa", batch=1, num_blocks={"window": blocks}, prefill_chunk=16)
+    x = x_of(1, 48, 3)
+    if blocks == 3:
+        m(x)
+        assert m.next_pos == [48]
+        return
+    before = {k: v.clone() for k, v in m.named_buffers()}
+    with pytest.raises(ValueError, match="the step needs 1 more window pool blocks, 0 are free"):
+        m(x)
+    assert m.next_pos == [0] and not m.paging.pools[0].slots[0] and len(m.paging.pools[0].free) == blocks
+    assert all(bit_identical(v, before[k], k) for k, v in m.named_buffers())
+
+
 @pytest.mark.parametrize("kind", ["csa", "hca"])
 def test_a_rejected_draft_token_rerun_equals_the_accepted_sequence(kind: str) -> None:
     """Step (x0, draft) at 13 (CSA: the draft's position 14 writes the ring; 15 would close); the draft
@@ -251,6 +271,25 @@ def test_deeper_rollbacks_and_skips_are_refused_and_change_nothing() -> None:
     long(x_of(1, 6, 17))  # positions 14..19: 16..19 overwrote ring slots 0..3 of block 0
     with pytest.raises(ValueError, match="ring slots"):
         long(x_of(1, 1, 18), start_pos=15)
+
+
+@pytest.mark.parametrize("kind", ["csa", "hca"])
+def test_a_rerun_is_taken_up_to_the_ring_and_refused_one_past_it(kind: str) -> None:
+    """From 1, a slot that stands at COFF*RC (the ring's slots) re-runs: no position since 1 overwrote
+    a ring slot (position ``p`` in ``p % (COFF*RC)``). One position further, position COFF*RC overwrote
+    position 0's slot, which a re-run from 1 reads: refused."""
+    for ran, refused in ((0, False), (1, True)):
+        m = module(kind, batch=1)
+        ring = compressor_dims(m.ratio, 1)[1]
+        m(x_of(1, 1, 1))
+        m(x_of(1, ring - 1 + ran, 2))  # positions 1..ring - 1 + ran
+        assert m.last_start == [1] and m.next_pos == [ring + ran]
+        if refused:
+            with pytest.raises(ValueError, match="ring slots"):
+                m(x_of(1, 1, 3), start_pos=1)
+        else:
+            m(x_of(1, 1, 3), start_pos=1)
+            assert m.next_pos == [2]
 
 
 def test_reset_gives_a_slot_to_a_new_sequence() -> None:
@@ -530,6 +569,37 @@ def test_bad_input_changes_nothing() -> None:
         dsv4.DecodeAttention(dsv4.synthetic_weights(CFG), dsv4.rope_table(CFG), CFG, batch=1, max_position=64)
 
 
+def test_slots_and_positions_of_another_form_are_refused_naming_them() -> None:
+    """``batch_rows`` and ``start_pos`` are ints, lists of ints or integer tensors of at most one
+    dimension, ``start_pos`` one per slot of ``xn``: a 2-D tensor, a bool, or one position more
+    than ``xn``'s slots is refused naming the argument, changing nothing."""
+    m = module("swa", batch=3)
+    m(x_of(3, 3, 1))
+    before = {k: v.clone() for k, v in m.named_buffers()}
+    for call, exc, words in (
+        (lambda: m.reset(torch.tensor([[0], [1]])), TypeError, "batch_rows: expected an integer tensor of at most"),
+        (lambda: m.reset([0, True]), TypeError, r"batch_rows: expected ints, got True \(bool\)"),
+        (lambda: m(x_of(2, 1, 2), start_pos=torch.tensor([[3], [3]])), TypeError, "start_pos: expected an integer"),
+        (lambda: m(x_of(2, 1, 2), start_pos=[3, True]), TypeError, r"start_pos: expected ints, got True \(bool\)"),
+        (lambda: m(x_of(2, 1, 2), start_pos=[3, 3, 3]), ValueError, r"start_pos: expected 2 positions .* got 3"),
+    ):
+        with pytest.raises(exc, match=words):
+            call()
+    assert m.next_pos == [3, 3, 3]
+    assert all(bit_identical(v, before[k], k) for k, v in m.named_buffers())
+
+
+@pytest.mark.parametrize("kind", ["csa", "hca"])
+def test_max_position_below_the_compress_ratio_is_refused_naming_it(kind: str) -> None:
+    """A slot must reach a compressed row: ``max_position >= RC`` (one row), refused naming it below."""
+    w = dsv4.synthetic_weights(CFG, seed=0, device=DEVICE, layer=LAYERS[kind])
+    rope = dsv4.layer_rope_table(CFG, LAYERS[kind], 64, DEVICE)
+    ratio = w.compress_ratio
+    with pytest.raises(ValueError, match=f"max_position: expected >= {ratio}, got {ratio - 1}"):
+        dsv4.DecodeAttention(w, rope, CFG, batch=1, max_position=ratio - 1, backend="reference", block_size=BS)
+    dsv4.DecodeAttention(w, rope, CFG, batch=1, max_position=ratio, backend="reference", block_size=BS)
+
+
 @pytest.mark.parametrize(
     ("kind", "num_blocks", "exc", "words"),
     [
@@ -547,8 +617,9 @@ def test_bad_input_changes_nothing() -> None:
             ValueError,
             "num_blocks: a csa layer has the pools window, compressed, indexer, got cache",
         ),
+        ("swa", {"window": 0}, ValueError, r"num_blocks\['window'\]: expected >= 1, got 0"),
     ],
-    ids=["int", "swa-extra-pools", "hca-indexer-pool", "csa-unknown-pool"],
+    ids=["int", "swa-extra-pools", "hca-indexer-pool", "csa-unknown-pool", "no-blocks"],
 )
 def test_num_blocks_names_only_the_pools_the_layer_has(kind: str, num_blocks: Any, exc: type, words: str) -> None:
     """``num_blocks`` sizes the layer's own pools: an int (``DecodeFrontEnd``'s form) is refused naming the

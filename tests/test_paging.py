@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from dsv4.engine.paging import Blocks
+from dsv4.engine.paging import Blocks, LayerPaging
 from dsv4.engine.staging import staged, write_cells
 from dsv4.model.state import UNALLOCATED
 
@@ -79,3 +79,23 @@ def test_staged_values_are_the_hosts_whatever_the_default_device() -> None:
         write_cells(table, [(1, 2, 7)])
     assert host.device.type == "cpu" and host.tolist() == [3, 5]
     assert table[1, 2] == 7 and int((table != UNALLOCATED).sum()) == 1
+
+
+def test_begin_after_a_check_of_other_starts_plans_its_own() -> None:
+    """``begin`` takes the plan ``check`` kept only for the same starts: after a check of slot 0 at 0,
+    a step of slot 0 at 20 (window 16, blocks of 16: it sees rows 5..20, columns 0 and 1) gets both."""
+    paging = LayerPaging([8], batch=2, block_size=16, window=16, ratios=[])
+    paging.check([([0, 0], 1)])
+    paging.begin([20, 0], 1)
+    assert sorted(paging.pools[0].slots[0]) == [0, 1] and sorted(paging.pools[0].slots[1]) == [0]
+
+
+def test_begin_after_a_reset_plans_again() -> None:
+    """A plan ``check`` kept is stale once ``reset`` takes a slot's blocks back: the slot's next step
+    gets its block again."""
+    paging = LayerPaging([8], batch=2, block_size=16, window=16, ratios=[])
+    paging.end(paging.begin([0, 0], 1))
+    paging.check([([1, 1], 1)])  # both slots hold column 0: nothing to give
+    paging.reset([0])
+    paging.begin([1, 1], 1)
+    assert sorted(paging.pools[0].slots[0]) == [0] and len(paging.pools[0].free) == 6
