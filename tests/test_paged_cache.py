@@ -296,6 +296,13 @@ def test_block_size_must_be_a_power_of_two_of_at_least_16(block_size, error) -> 
         dsv4.IndexerState.empty(TINY, 2, 256, block_size=block_size)
 
 
+def test_an_indexer_state_for_fewer_positions_than_one_compressed_row_is_refused() -> None:
+    """``max_position`` 3 holds no compressed row (``3 // 4 = 0``): refused naming it; 4 holds one."""
+    with pytest.raises(ValueError, match="max_position >= 4, got 2, 3"):
+        dsv4.IndexerState.empty(TINY, 2, 3)
+    assert dsv4.IndexerState.empty(TINY, 2, 4).cache_rows >= 1
+
+
 PAGED: dict[str, Callable[[torch.Tensor], dsv4.IndexerState | dsv4.KVPool]] = {
     "IndexerState": lambda table: dsv4.IndexerState.paged(table.shape[0], 4, 16, 128, table),
     "KVPool": lambda table: dsv4.KVPool.paged(4, 16, 128, 64, table),

@@ -41,6 +41,32 @@ def test_reset_empties_exactly_the_named_slots(ratio: int, rows) -> None:
         assert bool((state.score_state[named] == float("-inf")).all()), name
 
 
+@pytest.mark.parametrize(
+    ("rows", "exc", "words"),
+    [
+        ([4], ValueError, r"rows: expected slots in \[0, 4\)"),  # one past the batch
+        (torch.tensor([4]), ValueError, r"rows: expected slots in \[0, 4\)"),
+        ([-1], ValueError, r"rows: expected slots in \[0, 4\)"),  # would wrap to the last slot
+        (torch.tensor([0, -1]), ValueError, r"rows: expected slots in \[0, 4\)"),
+        ([0, True], TypeError, "rows: expected ints"),  # would be slot 1
+    ],
+    ids=["4", "tensor-4", "-1", "tensor-0,-1", "bool"],
+)
+def test_a_reset_naming_a_slot_outside_changes_no_slot(rows, exc: type, words: str) -> None:
+    """A reset of rows holding a slot outside ``[0, batch)``, negative ones included (they would wrap
+    to the last slots), or a bool (which would be slot 1): refused naming ``rows``, every slot's ring
+    as it was, the ones named before the bad one included."""
+    states = {
+        "indexer": _filled(dsv4.IndexerState.empty(CFG, 4, 64, DEVICE)),
+        "compressor": _filled(CompressorState.dense(4, 4, CFG.head_dim, CFG.qk_rope_head_dim, 64, DEVICE)),
+    }
+    for name, state in states.items():
+        kv, score = state.kv_state.clone(), state.score_state.clone()
+        with pytest.raises(exc, match=words):
+            state.reset(rows)
+        assert torch.equal(state.kv_state, kv) and torch.equal(state.score_state, score), name
+
+
 def _modules() -> dict[str, dsv4.DecodeAttention | dsv4.DecodeFrontEnd]:
     """A ``DecodeAttention`` (CSA: every pool and ring) and a ``DecodeFrontEnd`` of 2 slots, each after
     a step of 5 tokens (the slots stand at 5, hold blocks, their rings filled)."""
