@@ -182,6 +182,17 @@ def test_an_out_buffer_that_overlaps_an_input_is_refused() -> None:
         dsv4.o_proj(**args, out=dsv4.OProjOut(o.view(-1)[: o.shape[0] * d].view(o.shape[0], d)))
 
 
+def test_o_proj_groups_must_divide_the_rows_of_wo_a() -> None:
+    """3 heads of 128 in groups of 128 columns (G = 3): ``w.wo_a``'s 128 rows split into no 3 groups
+    of ``OL`` rows, refused naming it."""
+    args = _args("o_proj")
+    w = args["w"]
+    args["o"] = args["o"][:, :3].contiguous()
+    args["w"] = dataclasses.replace(w, wo_a=w.wo_a[:, :128].contiguous(), wo_a_scale=w.wo_a_scale[:, :1].contiguous())
+    with pytest.raises(ValueError, match=r"w.wo_a: expected \[G\*OL, HG\*HD\] .* got \[128, 128\]"):
+        dsv4.o_proj(**args, backend="reference")
+
+
 def test_a_sliding_window_layer_with_a_compress_ratio_is_refused() -> None:
     """``kind="swa"`` with every other argument of a sliding-window layer but a ratio of 4: refused
     naming ``compress_ratio``; with ratio 0 the call runs."""
@@ -266,6 +277,7 @@ def test_device_tensors_are_checked_without_a_host_read(op: str) -> None:
         ("sparse_attn", "start_pos", lambda t: torch.full_like(t, 2**63 - 1), "start_pos"),
         ("sparse_attn_write", "start_pos", lambda t: torch.full_like(t, 2**63 - 1), "start_pos"),
         ("sparse_attn", "window_pool.block_table", _unallocate(0), "window_pool.block_table"),
+        ("kv_compressor", "start_pos", lambda t: t - 7, "start_pos"),  # -1: one below the first position
         # p + S = 65: one row past the 64 the table addresses (p = 62 is the last start it takes)
         ("window_kv_write", "start_pos", lambda t: torch.full_like(t, 63), "start_pos"),
     ],

@@ -105,6 +105,10 @@ BAD: list[tuple[str, str, Callable, type, tuple[str, ...]]] = [
     ("indexer", "offset", lambda k: "128", TypeError, ("offset",)),
     # read on the host even from a GPU: without out=, the score width depends on start_pos
     ("indexer", "start_pos", lambda t: t + 62, ValueError, ("start_pos", "rope table")),
+    ("qkv_proj_rope", "x", lambda t: t[:0], ValueError, ("x:", "T >= 1")),
+    ("indexer_compressor", "x", lambda t: t[:, :0], ValueError, ("x:", "S >= 1")),
+    # a start_pos on a device that is neither x's nor the host (meta stands in for another GPU)
+    ("indexer_compressor", "start_pos", _meta, ValueError, ("start_pos", "meta")),
     # w.wq_b and its scale agree, but their rows are no whole number of heads of w.wkv's head dim
     ("qkv_proj_rope", "w", lambda w: _rows_cut(w, 3), ValueError, ("w.wq_b:", "H*", "head dim from w.wkv")),
     # a RoPE table of rope dim R wider than the head dim: 3 times this one's
