@@ -38,6 +38,24 @@ def test_exponent_is_the_smallest_that_fits_448() -> None:
     assert _e(3.3895e38) == 120  # the largest bf16
 
 
+@pytest.mark.parametrize("ulps", [1, -1])
+def test_exponent_stays_exact_where_log2_is_an_ulp_off(ulps: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exponent is exact whatever the last bit of ``log2`` (a device's float64 ``log2`` need not be
+    correctly rounded): ``log2`` one ulp high at ``amax = 448 * 2^k`` gives ``ceil = k + 1``, one ulp low
+    just above it gives ``k``; both sides are checked against ``448 * 2^e`` and corrected."""
+    log2 = torch.log2
+
+    def off(x: torch.Tensor) -> torch.Tensor:
+        y = log2(x)
+        return torch.nextafter(y, torch.full_like(y, math.inf * ulps))
+
+    monkeypatch.setattr(torch, "log2", off)
+    for k in range(-20, 120):
+        edge = 448.0 * 2.0**k
+        assert _e(edge) == k and _e(math.nextafter(edge, math.inf)) == k + 1, k
+        assert _e(math.nextafter(edge, 0.0)) == k, k
+
+
 def test_row_codes_never_saturate_and_decode_exactly() -> None:
     g = torch.Generator().manual_seed(0)
     v = (
@@ -96,6 +114,22 @@ def test_a_nonfinite_block_stores_nan(bad: float) -> None:
     assert (rows.nope[0, 64:].view(torch.uint8) == 0x7F).all() and not rows.nope[0, :64].float().isnan().any()
     deq = dsv4.dequantize_fp8_rows(*rows)
     assert deq[0, 64:128].isnan().all() and torch.isfinite(deq[0, :64]).all() and torch.isfinite(deq[1]).all()
+
+
+@pytest.mark.parametrize(("hd", "r"), [(128, 96), (160, 64), (640, 64), (64, 64)])
+def test_rows_whose_nope_part_has_no_fp8_layout_are_refused(hd: int, r: int) -> None:
+    """An FP8 KV row stores ``NOPE = HD - R`` codes in 64-blocks with 8 scale bytes: NOPE must be a multiple
+    of 64 in [64, 512] (32, 96, 576 and 0 are not), a ``ValueError`` naming ``head_dim`` before anything is
+    quantized."""
+    with pytest.raises(ValueError, match="head_dim"):
+        dsv4.fp8_rows(torch.ones(2, hd, dtype=torch.bfloat16), r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rows_that_are_not_bf16_are_refused(dtype: torch.dtype) -> None:
+    """KV rows come as bf16 (attention spec §2): an fp32 row would keep rope entries bf16 cannot hold."""
+    with pytest.raises(TypeError, match="v: expected bf16"):
+        dsv4.fp8_rows(torch.ones(2, 128, dtype=dtype), 64)
 
 
 def test_activation_quant_per_128() -> None:
