@@ -11,7 +11,7 @@ import dsv4
 from conftest import DEVICE
 from dsv4.harness.cases import make_case, run_case
 from dsv4.harness.golden import compare
-from dsv4.model.pool_format import INT8_KEYS
+from dsv4.model.pool_format import FP8_KV, INT8_KEYS
 from dsv4.model.state import IndexerState
 
 
@@ -44,6 +44,19 @@ def test_amax_floor_and_zero_rows() -> None:
     assert q[2].tolist() == [127, 0, 0, -127]
 
 
+def test_a_formats_code_max_and_floor_replace_127_and_1e_4() -> None:
+    """``code_max`` and ``amax_floor`` (a pool format's constants) replace 127 and 1e-4: with 31 and 2^-10,
+    a row under the floor is scaled as if its amax were 2^-10, codes within +-31 (every value here and
+    every product a power-of-two multiple, exact in fp32 and float64)."""
+    floor = 2.0**-10
+    rows = torch.tensor([[2.0**-11, -(2.0**-12), 0.0, 2.0**-13], [2.0**-9, -(2.0**-10), 2.0**-11, 0.0]])
+    q, scale = dsv4.quantize_int8_per_row(rows, 31.0, floor)
+    s = 31.0 / rows.double().abs().amax(-1, keepdim=True).clamp_min(floor)
+    assert torch.equal(q, torch.round(rows.double() * s).to(torch.int8))
+    assert q.tolist() == [[16, -8, 0, 4], [31, -16, 8, 0]]  # 15.5 -> 16, -15.5 -> -16: half to even
+    assert torch.equal(scale, (1.0 / s).float())
+
+
 def test_leading_axes_and_bf16_input() -> None:
     x = torch.randn(2, 3, 5, 128).to(torch.bfloat16)
     q, scale = dsv4.quantize_int8_per_row(x)
@@ -59,6 +72,14 @@ def test_weight_quantization_per_output_channel() -> None:
     amax = w.abs().amax(1).clamp_min(1e-4)
     assert torch.allclose(scale, amax / 127, rtol=1e-6)
     assert torch.all((q.float() * scale[:, None] - w).abs() <= 0.5 * scale[:, None] * (1 + 1e-5))
+
+
+@pytest.mark.parametrize("shape", [(96,), (2, 96, 40)])
+def test_weights_that_are_not_2d_are_refused(shape: tuple[int, ...]) -> None:
+    """Per-output-channel INT8 takes ``[out, in]``: a vector or a stack of matrices has no output channels
+    to give one scale each, a ``ValueError`` naming ``w``."""
+    with pytest.raises(ValueError, match="w must be 2-D"):
+        dsv4.quantize_weight_int8(torch.randn(shape))
 
 
 def test_int8_keys_format_is_the_spec_row() -> None:
@@ -90,6 +111,15 @@ def test_the_record_holds_the_fp8_kv_row() -> None:
     codes, scales = fp8.empty(3, 16, 448)
     assert (codes.dtype, tuple(codes.shape)) == (torch.float8_e4m3fn, (3, 16, 448))
     assert (scales.dtype, tuple(scales.shape)) == (torch.uint8, (3, 16, 8))
+
+
+def test_a_partial_block_of_columns_gets_its_own_scale() -> None:
+    """A row's scale count is ``ceil(W / scale_block)`` rounded up to ``scale_align``: 65 columns in blocks
+    of 64 take two scales, 520 take nine, stored in 16 bytes at the FP8 row's alignment of 8."""
+    unaligned = dataclasses.replace(FP8_KV, scale_align=1)
+    assert unaligned.scale_shape(64) == (1,) and unaligned.scale_shape(65) == (2,)
+    assert unaligned.row_bytes(65) == 65 + 2
+    assert FP8_KV.scale_shape(512) == (8,) and FP8_KV.scale_shape(520) == (16,)
 
 
 def _int6_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
