@@ -84,6 +84,18 @@ def test_yarn_only_when_original_length_set() -> None:
     assert torch.equal(yarn.cos[:, 0], no_yarn.cos[:, 0])  # the fastest frequencies are not interpolated
 
 
+def test_a_ramp_ending_past_the_last_frequency_matches_float64() -> None:
+    """The YaRN ramp's upper end is clamped to ``R - 1`` (DeepSeek's ``min(high, dim - 1)``), not to the last
+    of the ``R/2`` frequencies: with ``beta_slow`` 0.01 (a checkpoint's ``rope_scaling`` may say so) the
+    ramp ends at dimension 38 of flash's 64, past the 31 the table has, so every frequency is only partly
+    interpolated."""
+    cfg = dsv4.get_config("flash").replace(beta_slow=0.01)
+    cos, sin = _yarn_table_float64(cfg, cfg.compress_rope_theta, True, 4096)
+    table = dsv4.rope_table(cfg, "compressed", max_position=4096)
+    np.testing.assert_allclose(table.cos.double().numpy(), cos, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(table.sin.double().numpy(), sin, rtol=0, atol=1e-7)
+
+
 def test_golden_vectors_use_this_table() -> None:
     v = Vectors("qkv_T7", torch.device("cpu"))
     table = dsv4.rope_table(dsv4.get_config("flash"), "compressed", max_position=v.t("rope_cos").shape[0])
