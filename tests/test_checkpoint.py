@@ -116,6 +116,16 @@ def test_loaded_layer_equals_float64_dequantization(which, raw_bytes, tiny_dir, 
     assert_same_layer(got, _expected_layer(stored))
 
 
+def test_a_layer_read_in_row_chunks_equals_one_read(odd_dir, monkeypatch):
+    """The rows dequantized at once are bounded (``ROW_CHUNK_BYTES``); each chunk starts a scale block, so
+    a layer read in chunks equals the float64 dequantization. At 100 rows of ``attn.wq_b`` (192 columns of
+    fp32) a chunk, a chunk not rounded to the 128-row block would start at row 200 and take block 1's
+    scale for rows 256..287, which are block 2's."""
+    monkeypatch.setattr("dsv4.io.checkpoint.ROW_CHUNK_BYTES", 100 * 4 * ODD.q_lora_rank)
+    assert ODD.num_attention_heads * ODD.head_dim > 256, "test premise: wq_b has a third row block"
+    assert_same_layer(load_layer(odd_dir, 0), _expected_layer(_stored(odd_dir, 0)))
+
+
 @pytest.mark.parametrize("name", ["attn.wq_b", "attn.indexer.wq_b"])
 def test_int8_requantization_follows_spec(name, odd_dir):
     """Spec §2 per output channel, evaluated in float64: amax = max(max|row|, 1e-4), q = round(row*127/amax).
