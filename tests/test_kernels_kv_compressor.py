@@ -89,6 +89,14 @@ def test_a_ratio_that_is_not_a_power_of_two() -> None:
     _check(dsv4.get_config("tiny"), 12, [11, 22, 5], 2, seed=3)
 
 
+@pytest.mark.parametrize("ratio", [0, -4, True, 4.0])
+def test_synthetic_compressor_refuses_a_ratio_no_compressor_has(ratio: object) -> None:
+    """A compressor closes a row every ``ratio >= 1`` positions: 0 (an SWA layer has no compressor), a
+    negative, a bool or a float is a ``ValueError`` naming ``ratio``, not weights with an empty ``ape``."""
+    with pytest.raises(ValueError, match="ratio: expected a compress ratio >= 1"):
+        synthetic_compressor(dsv4.get_config("tiny"), ratio)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("ratio", [4, 16])
 def test_very_large_activations_give_the_spec_rows(ratio: int) -> None:
     """x times 2^100 (exactly: the projections scale with it): the pooled rows' squares overflow fp32, so

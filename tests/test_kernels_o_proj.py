@@ -105,6 +105,15 @@ def test_wo_a_slices_of_uneven_length_cover_every_k_step(heads: int, groups: int
         _check(o, w)
 
 
+@pytest.mark.parametrize(("groups", "rank"), [(3, 64), (0, 64), (2, 0)])
+def test_synthetic_o_proj_refuses_groups_that_cannot_split_the_heads(groups: int, rank: int) -> None:
+    """A group holds ``H/G`` whole heads (attention spec §6): 3 groups of 4 heads, no group or a rank of 0
+    cannot size ``wo_a``, a ``ValueError`` naming ``cfg`` (not weights of 1 head a group)."""
+    cfg = dataclasses.replace(TINY, num_attention_heads=4, o_groups=groups, o_lora_rank=rank)
+    with pytest.raises(ValueError, match="cfg: .* needs o_groups >= 1 dividing H=4"):
+        synthetic_o_proj(cfg)
+
+
 def test_split_counters_of_a_grid_that_is_not_square() -> None:
     """``wo_b`` in two slices over 4 column tiles (64 wide) x 2 token tiles (T=130): each tile has its own
     split counter (a counter indexed as if the grid were square would be shared by two tiles, and the

@@ -84,6 +84,21 @@ def check(cfg: DeepSeekV4Config, positions: torch.Tensor, table: int, seed: int,
         assert differ < DIFFER_MAX, f"{name}: {differ:.2%} of the bf16 values differ from the reference"
 
 
+def test_the_outlier_activations_these_cases_ask_for_are_there() -> None:
+    """``synthetic_activations(outliers=k)``: the same draw as without, k entries a row (fewer where two
+    picks coincide) 20x larger before the rows are RMS-normalized; the cases above rely on them to reach
+    the large-activation channels."""
+    plain = dsv4.synthetic_activations((6, 256), seed=3).double()
+    spiky = dsv4.synthetic_activations((6, 256), seed=3, outliers=4).double()
+    for row in range(6):
+        torch.testing.assert_close(spiky[row].pow(2).mean(), torch.tensor(1.0, dtype=torch.float64), rtol=0.02, atol=0)
+        ratio = spiky[row] / plain[row]
+        calm = ratio.median()
+        big = (ratio / calm - 20).abs() < 0.5
+        assert 1 <= int(big.sum()) <= 4, row
+        torch.testing.assert_close(ratio[~big], torch.full_like(ratio[~big], float(calm)), rtol=0.01, atol=0)
+
+
 @pytest.mark.parametrize("outliers", [0, 4], ids=["uniform", "outliers4"])
 @pytest.mark.parametrize("t", [1, 2, 3, 17, 64, 128, 130])
 def test_tiny_token_counts(t: int, outliers: int) -> None:
