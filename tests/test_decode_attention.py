@@ -15,6 +15,8 @@ from conftest import DEVICE
 from dsv4.harness.golden import bit_identical, ratio_allclose
 from dsv4.model.attention_state import compressor_dims
 from dsv4.model.structs import IndexerOut
+from dsv4.ops import get_op
+from dsv4.ops.step_cost import step_bytes, step_costs
 from subprocesses import ROOT, run_python
 
 CFG = dsv4.get_config("tiny")
@@ -442,6 +444,54 @@ def test_op_backends_name_the_ops_the_layer_runs(kind: str, ops: list[str]) -> N
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert f"backends={dict.fromkeys(ops, 'reference')}" in proc.stdout.splitlines()[0]
+
+
+@pytest.mark.parametrize(("layer", "kind"), [(0, "swa"), (1, "csa"), (3, "hca")])
+def test_the_step_bytes_model_costs_each_op_a_step_launches(layer: int, kind: str, monkeypatch) -> None:
+    """``step_costs`` (the memory floor ``examples/attention_loop.py`` reports) holds one cost per op a step
+    of the layer launches, in launch order, each the op's model for the kind and compress ratio the op was
+    launched with; ``step_bytes`` is their sum. Layer 3 is an HCA layer of ratio 2 in a model whose first
+    HCA layer has ratio 16, so a cost taken at the kind's first ratio is seen."""
+    cfg = CFG.replace(compress_ratios=(0, 4, 16, 2))
+    w = dsv4.synthetic_weights(cfg, seed=0, device=DEVICE, layer=layer)
+    rope = dsv4.layer_rope_table(cfg, layer, 128, DEVICE)
+    m = dsv4.DecodeAttention(w, rope, cfg, batch=2, max_position=128, backend="reference", block_size=BS)
+    m(x_of(2, 5, 1))
+    launched: list[tuple[str, dict[str, Any]]] = []
+    launch = m._launch
+
+    def recorded(op: str, *args: object, **kw: Any) -> Any:
+        launched.append((op, kw))
+        return launch(op, *args, **kw)
+
+    monkeypatch.setattr(m, "_launch", recorded)
+    starts, s = [5, 5], 3
+    m(x_of(2, s, 2))
+    want = []
+    for op, kw in launched:
+        if op == "kv_compressor":
+            want.append(get_op(op).cost(cfg, starts, s, kind, kw["w"].ape.shape[0]))
+        elif op == "sparse_attn_write":
+            want.append(get_op(op).cost(cfg, starts, s, kw["kind"], kw["compress_ratio"] or None))
+        else:
+            want.append(get_op(op).cost(cfg, starts, s))
+    got = step_costs(cfg, layer, starts, s)
+    assert [c.op for c in got] == [op for op, _ in launched]
+    assert got == want
+    assert step_bytes(cfg, layer, starts, s) == sum(c.read_bytes + c.write_bytes for c in want)
+
+
+@pytest.mark.parametrize("missing", ["attn_sink", "o_proj", "both"])
+def test_weights_without_the_rest_of_the_layer_are_refused(missing: str) -> None:
+    """A step needs the sink and the output projection: weights lacking either (a front end only, as
+    ``synthetic_weights`` without a layer makes) are a ``ValueError`` naming ``weights`` when the module is
+    built, not a failure inside the first step."""
+    w = dsv4.synthetic_weights(CFG, seed=0, device=DEVICE, layer=LAYERS["csa"])
+    gone = ["attn_sink", "o_proj"] if missing == "both" else [missing]
+    part = dataclasses.replace(w, **dict.fromkeys(gone))
+    rope = dsv4.layer_rope_table(CFG, LAYERS["csa"], 64, DEVICE)
+    with pytest.raises(ValueError, match="weights: the layer's attn_sink and o_proj are missing"):
+        dsv4.DecodeAttention(part, rope, CFG, batch=2, max_position=64, backend="reference")
 
 
 def test_backends_are_resolved_again_after_a_move(monkeypatch) -> None:
