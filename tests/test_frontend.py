@@ -71,6 +71,43 @@ def test_explicit_start_positions_and_reset_validation() -> None:
     assert all(torch.equal(a, b) for a, b in zip(m.state.tensors().values(), before.tensors().values(), strict=True))
 
 
+@pytest.mark.parametrize("max_position", [64, 72])
+def test_a_step_ending_one_past_max_position_is_refused_whatever_the_rope_covers(max_position: int) -> None:
+    """A step's last token sits at ``start + S - 1``, so ``start + S <= max_position``, whatever more the
+    RoPE table (128 rows) and the block table cover (at 72, two blocks of 16 rows: 128 positions): 4 tokens
+    from ``max_position - 4`` run and 5 are refused naming ``start_pos``, changing nothing."""
+    weights = dsv4.synthetic_weights(CFG, seed=0, device=DEVICE)
+    rope = dsv4.rope_table(CFG, "compressed", max_position=128, device=DEVICE)
+    m = dsv4.DecodeFrontEnd(
+        weights, rope, batch=1, max_position=max_position, topk=CFG.index_topk, offset=CFG.sliding_window,
+        backend="reference", block_size=16,
+    )  # fmt: skip
+    start = max_position - 4
+    m(dsv4.synthetic_activations((1, start, CFG.hidden_size), seed=1, device=DEVICE))
+    state, blocks = m.state.clone(), [b[:] for b in m.slot_blocks]
+    words = rf"start_pos: expected 1 positions in \[0, {max_position - 5}\] \(S=5, max_position={max_position}\)"
+    with pytest.raises(ValueError, match=words):
+        m(dsv4.synthetic_activations((1, 5, CFG.hidden_size), seed=2, device=DEVICE))
+    assert m.next_pos == [start] and m.slot_blocks == blocks
+    assert all(torch.equal(a, b) for a, b in zip(m.state.tensors().values(), state.tensors().values(), strict=True))
+    m(dsv4.synthetic_activations((1, 4, CFG.hidden_size), seed=2, device=DEVICE))
+    assert m.next_pos == [max_position]
+
+
+@pytest.mark.parametrize("rows", [63, 64])
+def test_a_rope_table_must_cover_max_position_to_its_last_row(rows: int) -> None:
+    """Positions run to ``max_position - 1``, so the table needs ``max_position`` rows: one short is a
+    ``ValueError`` naming ``rope`` when the module is built; exactly enough builds."""
+    weights = dsv4.synthetic_weights(CFG, seed=0, device=DEVICE)
+    rope = dsv4.rope_table(CFG, "compressed", max_position=rows, device=DEVICE)
+    kw: dict[str, Any] = dict(batch=1, max_position=64, topk=CFG.index_topk, offset=CFG.sliding_window)
+    if rows < 64:
+        with pytest.raises(ValueError, match="rope: the table has 63 positions, max_position is 64"):
+            dsv4.DecodeFrontEnd(weights, rope, backend="reference", **kw)
+    else:
+        assert dsv4.DecodeFrontEnd(weights, rope, backend="reference", **kw).max_position == 64
+
+
 def test_a_start_later_than_the_slot_stands_is_refused() -> None:
     """A slot that stands at 2 after a reset and one step cannot start at 60: positions 2..59 never ran,
     and the pool blocks it would be given (freed by the reset, not cleared) hold the previous sequence's
