@@ -363,6 +363,19 @@ def test_compress_ratio_from_config_or_tensors(tiny_dir, tmp_path):
     assert layer.kind == "hca" and layer.compress_ratio == 128
 
 
+def test_under_another_prefix_the_tensors_decide_the_ratio(tmp_path):
+    """``config.json``'s ``compress_ratios[N]`` is the model's layer N, not layer N under another prefix
+    (an MTP block, say): there the tensors present decide. ``mtp.0.`` holds a CSA layer (indexer tensors)
+    while the model's layer 0 is SWA; it loads as CSA."""
+    mtp = {k.replace("layers.0.", "mtp.0.", 1): v for k, v in layer_tensors(TINY, 0, 4, seed=5).items()}
+    d = write_checkpoint(tmp_path, [{**layer_tensors(TINY, 0, 0), **mtp}], config_json(TINY, RATIOS))
+    with Checkpoint(d) as ckpt:
+        assert ckpt.compress_ratio(0) == (0, "config.json compress_ratios[0]")
+        assert ckpt.compress_ratio(0, "mtp.{layer}.") == (4, "the layer has indexer tensors")
+    w = load_layer(d, 0, prefix="mtp.{layer}.")
+    assert w.kind == "csa" and w.compress_ratio == 4 and w.indexer is not None
+
+
 def test_a_config_without_ratios_takes_the_tensors_kinds(tmp_path, capsys):
     """Without ``compress_ratios`` in ``config.json`` the config's are the tensors' (for layers 0, 1, ... up
     to the first one missing), so ``layer_rope_table(cfg, n)`` and ``load_layer`` agree on each layer's kind."""
