@@ -157,6 +157,21 @@ def test_weight_quant_matches_the_checkpoint_format() -> None:
     assert torch.equal(dequantize_fp8_weight(w8, scale).double(), dequantize_f64(ref8, ref_scale))
 
 
+def test_weight_blocks_are_scaled_by_their_largest_magnitude_even_when_negative() -> None:
+    """A weight block's exponent comes from ``max|w|``: in a block whose extreme is -20 among entries below
+    0.2, the scale is ``2^ceil(log2(20 / 448))`` and every code decodes finite (a signed max would pick
+    ``0.2``'s exponent and overflow the -20), as the independent quantizer writes it."""
+    w = torch.randn(256, 200, generator=torch.Generator().manual_seed(4)) * 0.05
+    w[130, 7] = -20.0  # block (1, 0)
+    w8, scale = quantize_fp8_weight(w)
+    assert float(scale[1, 0]) == 2.0 ** math.ceil(math.log2(20 / 448))
+    ref8, ref_scale = quantize_fp8_blocks(w)
+    assert torch.equal(w8.view(torch.uint8), ref8.view(torch.uint8))
+    assert torch.equal(scale, torch.exp2(ref_scale.view(torch.uint8).double() - 127).float())
+    deq = dequantize_fp8_weight(w8, scale)
+    assert torch.isfinite(deq).all() and float(deq[130, 7]) == -20.0
+
+
 # --- the §8 comparators ----------------------------------------------------------------------------
 
 
