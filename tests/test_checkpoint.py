@@ -650,6 +650,16 @@ def test_cli_inspect_names_a_config_that_cannot_size_the_output_projection(tmp_p
     assert "wo_a.weight: expected" not in out and "[0, 0]" not in out
 
 
+def test_a_config_whose_groups_do_not_split_the_heads_is_refused(tmp_path):
+    """``o_groups`` 3 over 4 heads: a group would hold 1 head and the fourth none. Tensors stored to that
+    config's shapes would load as a layer that ``o_proj`` takes as 4 groups; it is refused naming the
+    config instead."""
+    cfg = TINY.replace(o_groups=3)
+    d = write_checkpoint(tmp_path, [layer_tensors(cfg, 0, 0)], config_json(cfg, [0]))
+    with pytest.raises(CheckpointError, match="config: o_groups 3 / o_lora_rank 64 cannot size .* of 4 heads"):
+        load_layer(d, 0)
+
+
 def _nan_at(name: str, index: tuple[int, ...], byte: int | None = None):
     def edit(tensors: dict[str, torch.Tensor]) -> None:
         t = tensors[name]
