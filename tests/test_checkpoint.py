@@ -303,6 +303,17 @@ def test_rope_scaling_is_yarn_in_either_spelling():
         config_from_json(raw | {"rope_scaling": scaling | {"type": "yarn", "rope_type": "linear"}})
 
 
+def test_the_window_is_read_from_sliding_window_or_window_size():
+    """``config.json`` names the window ``sliding_window`` or ``window_size``: either gives the preset; with
+    neither the field is named as missing."""
+    raw = config_json(PRESETS["flash"], None)
+    window = raw.pop("sliding_window")
+    assert config_from_json(raw | {"window_size": window}) is PRESETS["flash"]
+    assert config_from_json(raw | {"window_size": 64}).sliding_window == 64
+    with pytest.raises(CheckpointError, match="missing field.*sliding_window"):
+        config_from_json(raw)
+
+
 def test_block_size_from_config(tmp_path):
     raw = config_json(TINY, RATIOS)
     raw["quantization_config"]["weight_block_size"] = [128]
