@@ -487,8 +487,9 @@ def test_weights_without_the_rest_of_the_layer_are_refused(missing: str) -> None
     ``synthetic_weights`` without a layer makes) are a ``ValueError`` naming ``weights`` when the module is
     built, not a failure inside the first step."""
     w = dsv4.synthetic_weights(CFG, seed=0, device=DEVICE, layer=LAYERS["csa"])
-    gone = ["attn_sink", "o_proj"] if missing == "both" else [missing]
-    part = dataclasses.replace(w, **dict.fromkeys(gone))
+    sink = None if missing in ("attn_sink", "both") else w.attn_sink
+    o_proj = None if missing in ("o_proj", "both") else w.o_proj
+    part = dataclasses.replace(w, attn_sink=sink, o_proj=o_proj)
     rope = dsv4.layer_rope_table(CFG, LAYERS["csa"], 64, DEVICE)
     with pytest.raises(ValueError, match="weights: the layer's attn_sink and o_proj are missing"):
         dsv4.DecodeAttention(part, rope, CFG, batch=2, max_position=64, backend="reference")
