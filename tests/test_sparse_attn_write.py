@@ -91,26 +91,6 @@ def ring_args(device: torch.device = DEVICE) -> dict:
     return on_device(args, device)
 
 
-def ring_call(backend: str) -> None:
-    """The refused call of the test below on the device (for a child process: see ``device_assert``)."""
-    dsv4.sparse_attn_write(**ring_args(), backend=backend)
-
-
-@pytest.mark.parametrize("backend", backends_of("sparse_attn_write"))
-def test_a_ring_of_w_rows_is_refused(backend: str) -> None:
-    """Refused before anything runs (on a GPU by a device-side assert, which leaves the process's CUDA
-    context unusable: in a child); the two ops, attention first, run on the same table."""
-    args = ring_args()
-    if DEVICE.type == "cuda":
-        assert_stops_on_device(f"import test_sparse_attn_write as t\nt.ring_call({backend!r})", (RING_REFUSED,))
-    else:
-        before = args["window_pool"].clone()
-        with pytest.raises(ValueError, match=re.escape(RING_REFUSED)):
-            dsv4.sparse_attn_write(**args, backend=backend)
-        assert same_pool(args["window_pool"], before)
-    two_ops(args, backend)
-
-
 def test_a_ring_is_refused_by_the_device_check(monkeypatch: pytest.MonkeyPatch) -> None:
     """The check's device branch (``torch._assert_async``, which raises at once on the CPU: the
     arguments stay there, also beside a GPU, where the assert would stop the process's stream)."""
@@ -133,19 +113,28 @@ def last_row_args(device: torch.device = DEVICE) -> dict:
     return on_device(args, device)
 
 
-def last_row_call(backend: str) -> None:
+# a row the step writes that a slot reads: the slot's own first rows (a ring of W rows), or another
+# slot's last window row
+READ_ROW_WRITES = {"ring": ring_args, "last_row": last_row_args}
+
+
+def refused_call(case: str, backend: str) -> None:
     """The refused call of the test below on the device (for a child process: see ``device_assert``)."""
-    dsv4.sparse_attn_write(**last_row_args(), backend=backend)
+    dsv4.sparse_attn_write(**READ_ROW_WRITES[case](), backend=backend)
 
 
 @pytest.mark.parametrize("backend", backends_of("sparse_attn_write"))
-def test_a_write_onto_another_slots_last_window_row_is_refused(backend: str) -> None:
-    """A row one slot writes that another reads as the last row below its start (``start - 1``; the
-    first row a step writes, the last a step reads: the ends of both spans): refused, the pool
-    untouched; the two ops, attention first, run on the same table."""
-    args = last_row_args()
+@pytest.mark.parametrize("case", READ_ROW_WRITES)
+def test_a_write_onto_a_row_the_step_reads_is_refused(case: str, backend: str) -> None:
+    """A ring of W rows (``ring_args``), or a row one slot writes that another reads as the last row
+    below its start (``last_row_args``: the first row a step writes, the last a step reads, the ends of
+    both spans): refused before anything runs (on a GPU by a device-side assert, which leaves the
+    process's CUDA context unusable: in a child), the pool untouched; the two ops, attention first,
+    run on the same table."""
+    args = READ_ROW_WRITES[case]()
     if DEVICE.type == "cuda":
-        assert_stops_on_device(f"import test_sparse_attn_write as t\nt.last_row_call({backend!r})", (RING_REFUSED,))
+        child = f"import test_sparse_attn_write as t\nt.refused_call({case!r}, {backend!r})"
+        assert_stops_on_device(child, (RING_REFUSED,))
     else:
         before = args["window_pool"].clone()
         with pytest.raises(ValueError, match=re.escape(RING_REFUSED)):
