@@ -1,0 +1,44 @@
+"""The seeded pieces of a case: a prefilled indexer state holds, for each row, the history its start
+position says it has seen (the keys of its closed blocks, the compressor ring's values at the slots
+of the positions the next step reads), and a case whose layer has no indexer says so."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import dsv4
+from dsv4.model.config import COMPRESS_RATIO
+from dsv4.model.rope import rope_table
+from dsv4.model.weights import synthetic_activations, synthetic_weights
+from dsv4.ops.case_inputs import CaseInputs, prefilled_state
+
+CFG = dsv4.get_config("tiny")
+STARTS = list(range(13))  # no history, the first block open, closed, and the ring's two halves each way
+
+
+def test_a_prefilled_row_holds_the_history_of_its_start_position() -> None:
+    state = prefilled_state(CFG, len(STARTS), 64, torch.tensor(STARTS), seed=4)
+    assert state.block_table.shape == (len(STARTS), 1)  # 16 rows a slot: one block each
+    for b, p in enumerate(STARTS):
+        done = p // COMPRESS_RATIO
+        rows = state.keys[int(state.block_table[b, 0])].float()
+        assert rows[:done].abs().sum(-1).gt(0).all() and not rows[done:].any(), (p, "keys")
+        readable = range(COMPRESS_RATIO * max(done - 1, 0), p)  # the last closed block and the open one
+        for ring in (state.kv_state[b], state.score_state[b]):
+            slots = ring[[q % 8 for q in readable]]
+            assert slots.isfinite().all() and slots.ne(0).all(), (p, "ring")
+
+
+def test_a_case_whose_layer_has_no_indexer_says_so() -> None:
+    weights = synthetic_weights(CFG, seed=1)
+    case = CaseInputs(
+        cfg=CFG, mode="decode", seed=1, device=None, max_position=64, start=torch.tensor([3]),
+        weights=dataclasses.replace(weights, indexer=None), rope=rope_table(CFG, "compressed", max_position=64),
+        x=synthetic_activations((1, 1, CFG.hidden_size), seed=2), generator=torch.Generator().manual_seed(1),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="^weights: the case's layer holds no lightning indexer"):
+        _ = case.indexer_weights
+    assert case.positions().tolist() == [3]
