@@ -42,3 +42,9 @@ def test_a_case_whose_layer_has_no_indexer_says_so() -> None:
     with pytest.raises(ValueError, match="^weights: the case's layer holds no lightning indexer"):
         _ = case.indexer_weights
     assert case.positions().tolist() == [3]
+
+
+def test_a_prefilled_state_is_on_the_device_asked_for() -> None:
+    """Filled on the host, then moved: ``meta`` stands for any device the machine may lack."""
+    state = prefilled_state(CFG, 2, 64, torch.tensor([5, 9]), seed=4, device="meta")
+    assert {t.device.type for t in state.tensors().values()} == {"meta"}
