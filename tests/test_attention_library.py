@@ -84,6 +84,10 @@ def test_optional_pools_and_indices_pass_as_none(kind: str) -> None:
     args = sparse_attn_args(c, kind)
     flat = (*flatten(get_op("sparse_attn"), args), "reference")
     assert sum(v is None for v in flat) == (5 if kind == "swa" else 1)  # the compressed pool's 4 tensors, topk_idxs
+    schema = torch.ops.dsv4.sparse_attn.default._schema
+    optional = {a.name for a in schema.arguments if isinstance(a.type, torch.OptionalType)}
+    assert optional == {"compressed_pool_nope", "compressed_pool_rope", "compressed_pool_scale",
+                        "compressed_pool_block_table", "topk_idxs"}  # fmt: skip
     torch.library.opcheck(torch.ops.dsv4.sparse_attn.default, flat, test_utils=CHECKS)
     assert bit_identical(lib.sparse_attn(**args).o, dsv4.sparse_attn(**args).o)
 

@@ -337,3 +337,12 @@ def test_a_record_the_op_updates_made_under_inference_mode_is_refused_outside_it
     with pytest.raises(ValueError, match="^state.total: an inference tensor .* toy_accumulate writes in place"):
         dsv4.ops.call_op("toy_accumulate", "reference", x=torch.ones(3, device=DEVICE), state=state)
     assert state.total.tolist() == [0.0, 0.0, 0.0] and state.count.item() == 0
+
+
+def test_a_library_function_says_which_ints_it_takes_as_tensors() -> None:
+    """``start_pos`` (``int | Tensor``) must be a tensor through ``torch.ops.dsv4``: its doc says so, first."""
+    assert (lib.indexer.__doc__ or "").startswith(
+        "``dsv4.indexer`` through ``torch.ops.dsv4.indexer``; ``start_pos`` must be an int tensor ``[B]``.\n\n"
+        "Lightning indexer"
+    )
+    assert (lib.o_proj.__doc__ or "").startswith("``dsv4.o_proj`` through ``torch.ops.dsv4.o_proj``.\n\nGrouped FP8")
