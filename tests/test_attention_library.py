@@ -92,6 +92,16 @@ def test_optional_pools_and_indices_pass_as_none(kind: str) -> None:
     assert bit_identical(lib.sparse_attn(**args).o, dsv4.sparse_attn(**args).o)
 
 
+@pytest.mark.parametrize("missing", ["nope", "scale"])  # the record's first tensor, and a later one
+def test_an_optional_record_given_in_part_is_refused_naming_the_missing_tensor(missing: str) -> None:
+    """Only a record whose tensors are all None is None; one None among tensors is that tensor missing."""
+    flat = flatten(get_op("sparse_attn"), _args("sparse_attn", "csa"))
+    names = [a.name for a in torch.ops.dsv4.sparse_attn.default._schema.arguments]
+    flat[names.index(f"compressed_pool_{missing}")] = None
+    with pytest.raises(TypeError, match=f"^compressed_pool.{missing}: expected a torch.Tensor, got NoneType"):
+        torch.ops.dsv4.sparse_attn(*flat, "reference")
+
+
 def test_typed_wrappers_equal_plain_calls_and_mutate_the_same() -> None:
     for op in ("kv_compressor", "window_kv_write"):
         args, plain = _args(op), _args(op)

@@ -12,6 +12,7 @@ import torch
 import dsv4
 import dsv4.library as lib
 from conftest import BACKENDS, DEVICE, FULL
+from dsv4.engine.custom_ops import _leaf_names
 from dsv4.harness.cases import make_case
 from dsv4.ops import OpDescriptor, Output, Tolerance, register_op
 from dsv4.ops.costs import OpCost
@@ -250,3 +251,10 @@ def test_an_op_the_custom_ops_cannot_take_is_left_out_of_the_registry() -> None:
     with pytest.raises(ValueError, match=r"toy_unregistrable.*w\.bias"):
         register_op(desc)
     assert "toy_unregistrable" not in op_names() and not hasattr(torch.ops.dsv4, "toy_unregistrable")
+
+
+def test_flattened_arguments_are_named_by_their_last_field_or_else_their_whole_path() -> None:
+    assert _leaf_names(["x", "w.compressor.wkv", "rope.cos"]) == ["x", "wkv", "cos"]
+    assert _leaf_names(["pool.nope", "window_pool.nope"]) == ["pool_nope", "window_pool_nope"]
+    with pytest.raises(ValueError, match=r"^flattened argument names repeat: \['w_a_b_c', 'w_a_b_c'\]"):
+        _leaf_names(["w.a_b.c", "w_a.b.c"])  # both last fields c, both paths w_a_b_c
