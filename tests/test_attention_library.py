@@ -102,6 +102,15 @@ def test_an_optional_record_given_in_part_is_refused_naming_the_missing_tensor(m
         torch.ops.dsv4.sparse_attn(*flat, "reference")
 
 
+def test_start_pos_on_the_host_is_taken_by_the_fake_implementation() -> None:
+    """Traced on ``meta`` (standing for a device the machine may lack), the step's tensors on one device
+    and ``start_pos`` on the host, as the real op takes them (spec §7): the fake gives the output's shape."""
+    args = _args("sparse_attn", "csa")
+    on_meta: dict[str, Any] = {k: v if isinstance(v, int | str) else v.to("meta") for k, v in args.items()}
+    o = lib.sparse_attn(**{**on_meta, "start_pos": torch.tensor([6, 13])}).o
+    assert o.device.type == "meta" and o.shape == (2, 2, CFG.num_attention_heads, CFG.head_dim)
+
+
 def test_typed_wrappers_equal_plain_calls_and_mutate_the_same() -> None:
     for op in ("kv_compressor", "window_kv_write"):
         args, plain = _args(op), _args(op)

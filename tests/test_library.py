@@ -192,6 +192,7 @@ def test_a_meta_tensor_among_real_ones_is_refused() -> None:
         ({"offset": 2**63}, "offset: expected an int64"),  # one past the largest
         ({"w": "weights"}, "w: expected IndexerWeights, got str"),
         ({"rope": None}, "rope: expected RopeTable, got NoneType"),
+        ({"start_pos": 5}, r"start_pos: torch.ops.dsv4.indexer takes an int tensor \[B\], got int"),
     ],
 )
 def test_arguments_of_another_kind_are_refused_by_name(change: dict, words: str) -> None:
