@@ -226,6 +226,16 @@ def test_weights_that_require_grad_give_outputs_without_a_gradient() -> None:
     assert not q.requires_grad and torch.equal(q, expected.q)
 
 
+def test_an_op_that_updates_state_and_returns_gives_outputs_without_a_gradient() -> None:
+    """The indexer updates its state, so its custom op has no autograd formula: with a weight that
+    requires grad, neither its outputs nor the state it wrote require one."""
+    x, w, positions, start, rope, state = _step_inputs()
+    qkv = dsv4.qkv_proj_rope(x.view(4, -1), w.attn, positions, rope)
+    indexer = dataclasses.replace(w.indexer, weights_proj=torch.nn.Parameter(w.indexer.weights_proj.clone()))
+    out = lib.indexer(x, qkv.qr, qkv.qr_scale, indexer, state, start, 16, rope, topk=16)
+    assert not any(t.requires_grad for t in (*out, *state.tensors().values()))
+
+
 @dataclasses.dataclass
 class _Gain:
     gain: torch.Tensor
