@@ -384,16 +384,17 @@ def test_a_layer_whose_indexer_does_not_fit_its_ratio_is_refused(kind: str, inde
             "swa",
             r"o_proj on the 'triton' backend: w\.wo_a: .*OL a multiple of 16, got 8",
         ),
+        ({"head_dim": 192}, "swa", r"qkv_proj_rope on the 'triton' backend: w\.wkv: .*got HD=192, R=64"),
     ],
-    ids=["d200-csa", "d200-hca", "ol8"],
+    ids=["d200-csa", "d200-hca", "ol8", "hd192"],
 )
 def test_dims_the_triton_kernels_cannot_take_are_refused_when_the_module_is_built(
     dims: dict[str, int], kind: str, words: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A layer whose dims a Triton kernel cannot take (a hidden size D not a multiple of 16, an o LoRA
-    rank OL not a multiple of 16) is refused when the module is built on Triton, naming the op and the
-    weight, not on its first call; ``auto`` where it picks Triton refuses alike. On the reference the
-    same layer builds and runs."""
+    rank OL not a multiple of 16, a head dim not a power of two) is refused when the module is built on
+    Triton, naming the op and the weight, not on its first call; ``auto`` where it picks Triton refuses
+    alike. On the reference the same layer builds and runs."""
     cfg = CFG.replace(name="odd-dims", **dims)
     layer = LAYERS[kind]
     w = dsv4.synthetic_weights(cfg, seed=0, device=DEVICE, layer=layer)
