@@ -220,13 +220,25 @@ def test_a_backend_that_cannot_run_is_refused_when_the_module_is_built(monkeypat
     assert set(tiny_frontend("auto", 2, 64).op_backends.values()) == {"reference"}
 
 
-def test_a_hidden_size_the_triton_kernels_cannot_take_is_refused_when_the_module_is_built(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize(
+    ("dims", "words"),
+    [
+        (
+            {"hidden_size": 200},
+            r"indexer on the 'triton' backend: w\.compressor\.wkv: .*hidden size D that is a multiple of 16",
+        ),
+        ({"head_dim": 192}, r"qkv_proj_rope on the 'triton' backend: w\.wkv: .*got HD=192, R=64"),
+    ],
+    ids=["d200", "hd192"],
+)
+def test_dims_the_triton_kernels_cannot_take_are_refused_when_the_module_is_built(
+    dims: dict[str, int], words: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A hidden size D that is not a multiple of 16 (the indexer's front launch steps over D in 16-wide
-    K-slices) is refused when the module is built on Triton, naming the op and the weight, not on its
-    first call; ``auto`` where it picks Triton refuses alike. On the reference it builds and runs."""
-    cfg = CFG.replace(name="d200", hidden_size=200)
+    K-slices), a head dim that is not a power of two (a qkv tile holds half a head) is refused when the
+    module is built on Triton, naming the op and the weight, not on its first call; ``auto`` where it
+    picks Triton refuses alike. On the reference it builds and runs."""
+    cfg = CFG.replace(name="odd-dims", **dims)
     weights = dsv4.synthetic_weights(cfg, seed=0, device=DEVICE)
     rope = dsv4.rope_table(cfg, "compressed", max_position=64, device=DEVICE)
 
@@ -236,7 +248,6 @@ def test_a_hidden_size_the_triton_kernels_cannot_take_is_refused_when_the_module
             backend=backend, block_size=16,
         )  # fmt: skip
 
-    words = r"indexer on the 'triton' backend: w\.compressor\.wkv: .*hidden size D that is a multiple of 16"
     with pytest.raises(ValueError, match=words):
         build("triton")
     import dsv4.engine.op_checks as op_checks
@@ -245,7 +256,7 @@ def test_a_hidden_size_the_triton_kernels_cannot_take_is_refused_when_the_module
         patch.setattr(op_checks, "resolve", lambda backend, device: "triton")
         with pytest.raises(ValueError, match=words):
             build("auto")
-    q, kv, topk = build("reference")(dsv4.synthetic_activations((1, SEQ, 200), seed=1, device=DEVICE))
+    q, kv, topk = build("reference")(dsv4.synthetic_activations((1, SEQ, cfg.hidden_size), seed=1, device=DEVICE))
     assert q.shape[:2] == kv.shape[:2] == topk.shape[:2] == (1, SEQ) and bool(torch.isfinite(q).all())
 
 
