@@ -399,7 +399,7 @@ def test_dims_the_triton_kernels_cannot_take_are_refused_when_the_module_is_buil
     layer = LAYERS[kind]
     w = dsv4.synthetic_weights(cfg, seed=0, device=DEVICE, layer=layer)
     rope = dsv4.layer_rope_table(cfg, layer, 64, DEVICE)
-    with pytest.raises(ValueError, match=words):
+    with pytest.raises(ValueError, match="^" + words):  # the op's words first: not a change since the last check
         dsv4.DecodeAttention(w, rope, cfg, batch=1, max_position=64, backend="triton")
     import dsv4.engine.op_checks as op_checks
 
@@ -534,6 +534,18 @@ def test_a_layer_made_under_inference_mode_runs_outside_it(where: str) -> None:
     assert all(bit_identical(a, b, f"y of call {i}") for i, (a, b) in enumerate(zip(got, want, strict=True)))
     assert m.next_pos == plain.next_pos == [10, 2]
     assert all(bit_identical(v, dict(plain.named_buffers())[k], k) for k, v in m.named_buffers())
+
+
+def test_a_layer_whose_buffers_become_inference_tensors_after_a_step_runs_outside_inference_mode() -> None:
+    """Buffers replaced by inference tensors after the layer has stepped (cloned under
+    ``torch.inference_mode``): the next step outside the mode writes them in it, as a layer built
+    there does, and gives what a plain layer gives."""
+    m, plain = module("csa", batch=2), module("csa", batch=2)
+    assert bit_identical(m(x_of(2, 6, 70)), plain(x_of(2, 6, 70)), "y before")
+    with torch.inference_mode():
+        m._apply(torch.clone)
+    assert all(t.is_inference() for t in m.buffers())
+    assert bit_identical(m(x_of(2, 2, 71)), plain(x_of(2, 2, 71)), "y after")
 
 
 def test_weights_that_require_grad_leave_no_autograd_graph_in_the_state() -> None:
