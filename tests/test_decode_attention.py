@@ -596,14 +596,21 @@ def test_torch_compile_of_a_model_runs_the_step_as_it_is() -> None:
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 0
 
 
+@pytest.mark.parametrize("how", ["assigned", "registered"])
 @pytest.mark.parametrize("rows", [63, 64])
-def test_a_replaced_rope_table_must_cover_max_position_to_its_last_row(rows: int) -> None:
-    """A RoPE table replaced after build is held to ``max_position`` at its edge: 64 rows (a copy of the
-    table) run the next call, 63 are refused naming the buffer before anything changes (the other tests
-    of the check replace the table by one of half its rows, where a bound one off goes unseen)."""
+def test_a_replaced_rope_table_must_cover_max_position_to_its_last_row(rows: int, how: str) -> None:
+    """A RoPE table replaced after build (assigned, or given to ``register_buffer``) is held to
+    ``max_position`` at its edge: 64 rows (a copy of the table) run the next call, 63 are refused naming
+    the buffer before anything changes (the other tests of the check replace the table by one of half
+    its rows, where a bound one off goes unseen)."""
     m = module("csa", batch=1, max_position=64)
     m(x_of(1, 2, 30))
-    m.rope_cos, m.rope_sin = m.rope_cos[:rows].clone(), m.rope_sin[:rows].clone()
+    cos, sin = m.rope_cos[:rows].clone(), m.rope_sin[:rows].clone()
+    if how == "assigned":
+        m.rope_cos, m.rope_sin = cos, sin
+    else:
+        m.register_buffer("rope_cos", cos, persistent="rope_cos" not in m._non_persistent_buffers_set)
+        m.register_buffer("rope_sin", sin, persistent="rope_sin" not in m._non_persistent_buffers_set)
     before, pos = {k: v.clone() for k, v in m.named_buffers()}, list(m.next_pos)
     if rows == 64:
         m(x_of(1, 2, 31))
