@@ -7,6 +7,7 @@ op draws from are made here once; the op's descriptor picks its arguments from t
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ from ..ops.api import call_op
 from ..ops.case_inputs import CaseInputs
 from ..ops.registry import get_op
 from ..ops.validate import check_int
+from ..reference.indexer import indexer_scores
 from .golden import step_inputs
 
 DEFAULT_MAX_POSITION = 8192  # positions a case spans unless told otherwise (keeps flash tables small)
@@ -170,3 +172,18 @@ def run_case(case: Case, backend: str) -> dict[str, torch.Tensor]:
         out.update(result._asdict())
     out.update(record_outputs({name: args[name] for name in mutated_args(case.op) if name in args}))
     return out
+
+
+def expected_outputs(case: Case, got: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a backend's outputs of ``case`` (``got``, from ``run_case``) are judged against (spec §6,
+    outputs "from the same inputs"): the reference's outputs of the case, except the indexer's scores and
+    top-k, which are the reference's on the key pool ``got`` holds. The keys the step wrote are judged
+    against the reference's own by the key cache rule, which lets a code differ by one; through a key
+    scored in the same step such a code can move a score by more than the score's tolerance, and at a
+    near-tie swap two top-k indices. ``dsv4 run`` and ``dsv4 bench`` judge the indexer alike."""
+    expected = run_case(case, "reference")
+    if case.op == "indexer":
+        state = IndexerState(**{f.name: got[f.name] for f in dataclasses.fields(IndexerState)})
+        call = get_op("indexer").backend_args({**case.args, "state": state})
+        expected |= indexer_scores(*call[:9])._asdict()
+    return expected
