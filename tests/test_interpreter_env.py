@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from subprocesses import run_python_without_cuda
 
@@ -28,17 +29,20 @@ def _run(interpret: str | None) -> dict:
     return json.loads(done.stdout.splitlines()[-1])
 
 
-@pytest.mark.parametrize("interpret", [None, "0"], ids=["unset", "explicit-0"])
-def test_interpreter_choice_in_the_environment(interpret: str | None) -> None:
+@pytest.mark.parametrize(
+    ("interpret", "interpreted"),
+    [(None, True), ("0", False), ("false", False), ("", False), ("True", True)],
+    ids=["unset", "explicit-0", "explicit-false", "empty", "explicit-True"],
+)
+def test_interpreter_choice_in_the_environment(interpret: str | None, interpreted: bool) -> None:
+    """A value the caller chose is kept and read as Triton reads it (``false`` and an empty value run
+    compiled, so the Triton backend is unavailable on the CPU)."""
     pytest.importorskip("triton")
     seen = _run(interpret)
     assert seen["before"] == interpret  # ``import dsv4`` alone sets nothing
-    if interpret is None:
-        assert seen["after"] == "1" and seen["child"] == "1"
-        assert seen["backends"] == ["triton", "reference"]
-    else:
-        assert seen["after"] == "0" and seen["child"] == "0"
-        assert seen["backends"] == ["reference"]
+    kept = "1" if interpret is None else interpret
+    assert seen["after"] == kept and seen["child"] == kept
+    assert seen["backends"] == (["triton", "reference"] if interpreted else ["reference"])
 
 
 # What a process asks first must not load Triton before the interpreter is chosen: Triton reads
@@ -90,3 +94,12 @@ def test_without_triton_it_says_so() -> None:
     done = run_python_without_cuda(["-c", code])
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "cannot import triton: no triton here"
+
+
+def test_the_triton_backend_runs_on_cuda_and_on_an_interpreted_cpu_only() -> None:
+    pytest.importorskip("triton")
+    from dsv4.kernels.interpreter import interpreted, unavailable_reason
+
+    assert unavailable_reason(torch.device("cuda")) is None
+    assert (unavailable_reason(torch.device("cpu")) is None) is interpreted()
+    assert unavailable_reason(torch.device("meta")) == "no Triton target for device type 'meta'"

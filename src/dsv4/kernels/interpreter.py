@@ -16,8 +16,11 @@ if not torch.cuda.is_available():
 
 
 def interpreted() -> bool:
-    """True when kernels run through Triton's CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when kernels run through Triton's CPU interpreter: Triton's own reading of ``TRITON_INTERPRET``
+    (``1``, ``true``, ``on``, ``yes`` in any case; ``false``, ``off`` and anything else run compiled)."""
+    from triton import knobs
+
+    return bool(knobs.runtime.interpret)
 
 
 def unavailable_reason(device: torch.device) -> str | None:
