@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from conftest import DEVICE, INTERPRETER_TRAFFIC
-from dsv4.bench.hand_offs import Call, shared_bytes
+from dsv4.bench.hand_offs import Call, shared_bytes, unfenced, unordered
 from dsv4.bench.interp_traffic import count_traffic
 from op_cases import hand_off_cases, split_o_proj
 from program_order import in_order, program_orders
@@ -92,6 +92,33 @@ def test_shared_writes_are_the_bytes_two_programs_store() -> None:
     assert shared_bytes(calls) == {"write": 4, "read": 0, "atomic": 0}  # bytes 4..7: programs 0 and 1
 
 
+def test_shared_reads_and_atomics_count_each_byte_once() -> None:
+    """``shared_bytes``' ``read`` and ``atomic``: the distinct bytes another program touches, however often."""
+    span = lambda lo, hi: np.arange(lo, hi, dtype=np.uint64)  # noqa: E731
+    calls = [Call("write", span(0, 8), 0, 0), *(Call("read", span(0, 8), 1, e) for e in (0, 1))]
+    calls += [Call("atomic", span(4, 8), 2, e, "ACQUIRE_RELEASE", "GPU") for e in (0, 1)]
+    assert shared_bytes(calls) == {"write": 0, "read": 8, "atomic": 4}
+
+
+@pytest.mark.parametrize("acquire_first", [True, False])
+def test_an_acquire_orders_only_the_accesses_after_it(acquire_first: bool) -> None:
+    """Program 1 reads what program 0 stored and released; its acquire of the released word orders the
+    read only when it comes before the read (an acquire after it orders nothing)."""
+    span = lambda lo, hi: np.arange(lo, hi, dtype=np.uint64)  # noqa: E731
+    word = span(100, 104)
+    acquire, read = (0, 1) if acquire_first else (1, 0)  # program 1's events
+    calls = [
+        Call("write", span(0, 8), 0, 0),
+        Call("atomic", word, 0, 2, "RELEASE", "GPU"),  # after program 0's barrier (event 1)
+        Call("atomic", word, 1, acquire, "ACQUIRE", "GPU"),
+        Call("read", span(0, 8), 1, read),
+    ]
+    found = unordered(calls, {0: [1]}, {0: (0, 0, 0), 1: (1, 0, 0)})
+    why = "a write by program (0, 0, 0), then a read of the same bytes by program (1, 0, 0): "
+    why += "no acquire before the second"
+    assert found == ([] if acquire_first else [why])
+
+
 @triton.jit
 def _two_counters(buf, counters, out, N: tl.constexpr):
     """Program 0 stores ``buf`` and releases one counter; program 1 acquires the other, then reads ``buf``."""
@@ -117,27 +144,40 @@ def test_the_release_and_the_acquire_must_meet_on_one_word() -> None:
 
 @triton.jit
 def _read_back(scratch, out, BARRIER: tl.constexpr, N: tl.constexpr):
-    """Stores ``N`` values to ``scratch`` and reads them back reversed (another thread's), with or without
-    a barrier between."""
+    """Stores ``N`` values to ``scratch`` and reads them back reversed (another thread's), with a barrier
+    between (``BARRIER`` 1), only after both (2) or none (0)."""
     offs = tl.arange(0, N)
     tl.store(scratch + offs, offs.to(tl.float32))
-    if BARRIER:
+    if BARRIER == 1:
         tl.debug_barrier()
     tl.store(out + offs, tl.load(scratch + N - 1 - offs))
+    if BARRIER == 2:
+        tl.debug_barrier()
 
 
-@pytest.mark.parametrize("barrier", [True, False])
-def test_the_checker_finds_a_read_back_without_a_barrier(barrier: bool) -> None:
+@pytest.mark.parametrize("barrier", ["between", "after", "none"])
+def test_the_checker_finds_a_read_back_without_a_barrier(barrier: str) -> None:
+    """Only a barrier between the store and the read orders them (one after both does not)."""
     scratch, out = torch.zeros(N, device=DEVICE), torch.zeros(N, device=DEVICE)
     with count_traffic(addresses=True) as log:
-        _read_back[(1,)](scratch, out, BARRIER=barrier, N=N)
+        _read_back[(1,)](scratch, out, BARRIER=("none", "between", "after").index(barrier), N=N)
     assert torch.equal(out, torch.arange(N - 1, -1, -1, dtype=torch.float32, device=DEVICE))
     want = (
         []
-        if barrier
+        if barrier == "between"
         else ["program (0, 0, 0) stores bytes and then reads them with no barrier between (its accesses 0 and 1)"]
     )
     assert log.launches[0].unfenced == want
+
+
+def test_a_read_back_is_found_once_per_store_where_it_overlaps_the_store_at_all() -> None:
+    """A read of the stored bytes and more (a wider tile), with no barrier between: one line per store,
+    at the first access that meets it."""
+    span = lambda lo, hi: np.arange(lo, hi, dtype=np.uint64)  # noqa: E731
+    calls = [Call("write", span(0, 8), 0, 0), Call("read", span(4, 12), 0, 1), Call("read", span(0, 8), 0, 2)]
+    assert unfenced(calls, {}, {0: (0, 0, 0)}) == [
+        "program (0, 0, 0) stores bytes and then reads them with no barrier between (its accesses 0 and 1)"
+    ]
 
 
 # The kernels whose programs hand bytes to each other (one stores them, another of the same launch loads,

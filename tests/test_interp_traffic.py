@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import pytest
 import torch
 import triton
@@ -17,7 +18,8 @@ from triton.runtime.errors import InterpreterError
 
 from bench_kernels import masked_copy_kernel
 from conftest import INTERPRETER_TRAFFIC
-from dsv4.bench.interp_traffic import SECTOR, bounds_checked, count_traffic, dots_checked
+from dsv4.bench import interp_traffic
+from dsv4.bench.interp_traffic import SECTOR, Launch, bounds_checked, count_traffic, dots_checked
 
 pytestmark = INTERPRETER_TRAFFIC
 
@@ -87,6 +89,22 @@ def test_atomics_count_a_read_and_a_write_and_unique_bytes_dedupe_programs() -> 
     assert launch.unique_bytes == 2 * 4 * SECTOR  # the same 4 sectors, read once and written once
 
 
+def test_unique_bytes_count_a_sector_once_across_merges(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A launch's sector ids are deduplicated in batches (so a large launch's memory stays bounded); a
+    sector touched before a merge and again after it still counts once, and no batch is lost. Here the
+    merge threshold is 4 sectors, not millions."""
+    monkeypatch.setattr(interp_traffic, "_MERGE_EVERY", 4)
+    launch = Launch("k", (1, 1, 1), _merge_at=4)
+    first = np.arange(0, 64 * SECTOR, 4, dtype=np.uint64)  # 64 sectors of fp32
+    second = first + np.uint64(64 * SECTOR)  # 64 more
+    for rows in (first, second, first):
+        launch._touch(rows, 4, 1, 0)
+    launch._touch(first[8:16], 4, 0, 1)  # one sector written
+    launch._finish()
+    assert launch.unique_bytes == (64 + 64 + 1) * SECTOR
+    assert launch.sector_bytes == (3 * 64 + 1) * SECTOR
+
+
 def test_tensor_descriptor_accesses_are_counted_within_bounds() -> None:
     rows, cols = 10, 48  # a 4 x 64 block: rows past 10 and columns past 48 are out of bounds
     src = torch.randn(rows, cols)
@@ -150,6 +168,55 @@ def test_bounds_checked_refuses_an_access_past_a_tensor(where: str, what: str | 
 
 
 @triton.jit
+def _word_read_kernel(src, dst, WORDS: tl.constexpr):
+    offs = tl.arange(0, WORDS)
+    tl.store(dst + offs, tl.load(src.to(tl.pointer_type(tl.int32)) + offs))
+
+
+def test_bounds_checked_refuses_a_wide_access_that_runs_past_a_tensor() -> None:
+    """A load wider than the tensor's elements (its bytes read as int32 words) is in bounds only when
+    all of its bytes are: of 6 bytes, the second word's last two lie past the tensor."""
+    src, dst = torch.arange(8, dtype=torch.uint8), torch.zeros(2, dtype=torch.int32)
+    with bounds_checked():
+        _word_read_kernel[(1,)](src, dst, WORDS=2)
+        assert torch.equal(dst.view(torch.uint8), src)
+        refused = pytest.raises(InterpreterError, match="OutOfBounds.*_word_read_kernel: a load of 1 x 4 B")
+        with refused:
+            _word_read_kernel[(1,)](src[:6], dst, WORDS=2)
+
+
+def test_bounds_checked_refuses_every_access_of_a_launch_given_no_bytes() -> None:
+    """A launch whose tensors are all empty may touch nothing."""
+    refused = pytest.raises(InterpreterError, match="OutOfBounds.*_past_the_end_kernel: a load of 1 x 4 B")
+    with bounds_checked(), refused:
+        _past_the_end_kernel[(1,)](torch.zeros(0), torch.zeros(0), 0, READ_PAST=1, WRITE_PAST=0, BLOCK=16)
+
+
+@triton.jit
+def _copy_beside_a_view_kernel(src, view, dst, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(dst + offs, tl.load(src + offs))
+
+
+@triton.jit
+def _copy_pair_kernel(pair, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(pair[1] + offs, tl.load(pair[0] + offs))
+
+
+def test_bounds_checked_takes_every_tensor_a_launch_is_given() -> None:
+    """The bytes a launch may touch are each tensor's, however its tensors are passed: a view that lies
+    inside another argument leaves the rest of that argument in bounds, and tensors inside a tuple
+    argument are the launch's too."""
+    src, dst = torch.randn(64), torch.zeros(64)
+    with bounds_checked():
+        _copy_beside_a_view_kernel[(1,)](src, src[8:16], dst, BLOCK=64)
+        assert torch.equal(dst, src)
+        _copy_pair_kernel[(1,)]((src, dst.zero_()), BLOCK=64)
+    assert torch.equal(dst, src)
+
+
+@triton.jit
 def _fp32_dot_kernel(a, b, out, IEEE: tl.constexpr, N: tl.constexpr):
     offs = tl.arange(0, N)
     x = tl.load(a + offs[:, None] * N + offs[None, :])
@@ -163,21 +230,29 @@ def _fp32_dot_kernel(a, b, out, IEEE: tl.constexpr, N: tl.constexpr):
     [
         ("bf16", False, False),
         ("bf16 and a NaN with payload bits", False, False),
+        ("bf16 and one value of 11 mantissa bits", False, True),
+        ("bf16 and a second operand in fp32", False, True),
         ("fp32", False, True),
         ("fp32", True, False),
     ],
 )
 def test_dots_checked_refuses_fp32_operands_tf32_would_round(values: str, ieee: bool, refused: bool) -> None:
-    """fp32 operands that are bf16 values multiply the same in tf32 as in the interpreter; others do not
-    (refused, naming the kernel) unless the dot asks for ``ieee`` (the suite runs under ``dots_checked``)."""
+    """fp32 operands that are bf16 values multiply the same in tf32 as in the interpreter; others do not,
+    down to one value with a mantissa bit past tf32's ten, in either operand (refused, naming the kernel
+    and the operand) unless the dot asks for ``ieee`` (the suite runs under ``dots_checked``)."""
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(16, 16, generator=g), torch.randn(16, 16, generator=g)
     if values.startswith("bf16"):
         a, b = a.bfloat16().float(), b.bfloat16().float()
     if values.endswith("payload bits"):  # a NaN stays a NaN in tf32: its dropped bits change nothing
         a.view(torch.int32)[3, 5] = 0x7FC00123
+    if values.endswith("11 mantissa bits"):  # tf32 keeps 10
+        a[2, 3] = 1 + 2**-11
+    operand = "first"
+    if values.endswith("second operand in fp32"):
+        b, operand = torch.randn(16, 16, generator=g), "second"
     out = torch.empty(16, 16)
-    check = pytest.raises(InterpreterError, match="InexactDot.*_fp32_dot_kernel: a tl.dot's first operand")
+    check = pytest.raises(InterpreterError, match=f"InexactDot.*_fp32_dot_kernel: a tl.dot's {operand} operand")
     with dots_checked(), check if refused else contextlib.nullcontext():
         _fp32_dot_kernel[(1,)](a, b, out, IEEE=ieee, N=16)
     if not refused:

@@ -35,14 +35,19 @@ pytestmark = pytest.mark.skipif(not interpreted(), reason="marks the waits of in
 TINY = dsv4.get_config("tiny")
 N = 64  # values a test kernel touches
 BYTES = f"{4 * N} B before its wait that launch 0 (_write)"  # a race's line, after its launch and verb
+READ_BY_0 = f"{4 * N} B before its wait that launch 0 (_touch)"  # which reads them
 
 
 @triton.jit
-def _write(buf, value, N: tl.constexpr):
-    """A predecessor: lets its dependents start at once, waits, then writes ``buf``."""
+def _write(buf, value, WRITE_EARLY: tl.constexpr, N: tl.constexpr):
+    """A predecessor: lets its dependents start at once, then writes ``buf`` after its wait (or, with
+    ``WRITE_EARLY``, before it)."""
     mark_launch_dependents()
-    mark_wait()
+    if not WRITE_EARLY:
+        mark_wait()
     tl.store(buf + tl.arange(0, N), tl.full((N,), value, tl.float32))
+    if WRITE_EARLY:
+        mark_wait()
 
 
 @triton.jit
@@ -70,7 +75,7 @@ def _launches(*steps: tuple[str, dict]) -> list:
         for kind, kw in steps:
             pdl = kw.pop("pdl", True)
             if kind == "write":
-                _write[(1,)](buf, 1.0, N=N, launch_pdl=pdl)
+                _write[(1,)](buf, 1.0, WRITE_EARLY=kw.pop("early", False), N=N, launch_pdl=pdl)
             else:
                 target = other if kw.pop("elsewhere", False) else buf
                 flags = {"READ_EARLY": False, "WRITE_EARLY": False, "TRIGGER_EARLY": True, **kw}
@@ -82,21 +87,65 @@ def _launches(*steps: tuple[str, dict]) -> list:
     ("steps", "expected"),
     [
         ((("write", {}), ("touch", {"READ_EARLY": True})), [f"launch 1 (_touch) reads {BYTES}"]),
+        ((("write", {"early": True}), ("touch", {"READ_EARLY": True})), [f"launch 1 (_touch) reads {BYTES}"]),
         ((("write", {}), ("touch", {"WRITE_EARLY": True})), [f"launch 1 (_touch) writes {BYTES}"]),
+        ((("touch", {}), ("touch", {"WRITE_EARLY": True})), [f"launch 1 (_touch) writes {READ_BY_0}"]),
         ((("write", {}), ("touch", {})), []),
         ((("write", {}), ("touch", {"READ_EARLY": True, "pdl": False})), []),
         ((("write", {}), ("touch", {"elsewhere": True}), ("touch", {"READ_EARLY": True})),
          [f"launch 2 (_touch) reads {BYTES}"]),
         ((("write", {}), ("touch", {"elsewhere": True, "TRIGGER_EARLY": False}), ("touch", {"READ_EARLY": True})), []),
     ],
-    ids=["read-early", "write-early", "after-the-wait", "not-pdl", "two-back", "two-back-trigger-late"],
+    ids=[
+        "read-early", "predecessor-writes-before-its-wait", "write-early", "write-what-it-reads", "after-the-wait",
+        "not-pdl", "two-back", "two-back-trigger-late",
+    ],
 )  # fmt: skip
 def test_checker_finds_the_races(steps: tuple, expected: list[str]) -> None:
     """Each race the checker is for, and its absence: the dependent reads (or writes) the predecessor's
-    bytes before its wait; after it; a dependent not launched with PDL; two launches back, reached
+    bytes before its wait (whether the predecessor wrote them after its own wait or before it), or writes
+    bytes the predecessor reads; after it; a dependent not launched with PDL; two launches back, reached
     only while the launch between lets its dependents start before its own wait."""
     found = hazards(_launches(*[(k, dict(kw)) for k, kw in steps]))
     assert [line.split(", which")[0] for line in found] == expected, found
+
+
+@triton.jit
+def _read_own_half_early(buf, out, N: tl.constexpr):
+    """A dependent whose two programs each read their own half of ``buf`` before their waits."""
+    offs = tl.program_id(0) * (N // 2) + tl.arange(0, N // 2)
+    tl.store(out + offs, tl.load(buf + offs))
+    mark_wait()
+
+
+def test_every_program_reads_before_its_own_wait() -> None:
+    """Each program of a launch starts before its wait, whatever the programs run before it did: the
+    second program's early read of its half races as the first's does, so the race covers all of
+    ``buf``."""
+    buf = torch.zeros(N, device=DEVICE)
+    with count_traffic(addresses=True) as log:
+        _write[(1,)](buf, 1.0, WRITE_EARLY=False, N=N, launch_pdl=True)
+        _read_own_half_early[(2,)](buf, torch.zeros(N, device=DEVICE), N=N, launch_pdl=True)
+    found = hazards(log.launches)
+    assert [line.split(", which")[0] for line in found] == [f"launch 1 (_read_own_half_early) reads {BYTES}"], found
+
+
+@triton.jit
+def _first_program_triggers_early():
+    """Program 0 lets the next launch start before its wait; program 1 only after its own."""
+    if tl.program_id(0) == 0:
+        mark_launch_dependents()
+    mark_wait()
+    if tl.program_id(0) != 0:
+        mark_launch_dependents()
+
+
+def test_one_program_triggering_before_its_wait_marks_the_launch() -> None:
+    """A launch lets its dependents start before its wait when any of its programs does, whatever the
+    programs run after it do (``Launch.triggers_before_wait``, which reaches two launches back)."""
+    with count_traffic(addresses=True) as log:
+        _first_program_triggers_early[(2,)](launch_pdl=True)
+    assert log.launches[0].triggers_before_wait
 
 
 @pytest.mark.parametrize("mode", ["decode", "prefill"])
