@@ -57,9 +57,30 @@ def test_a_checkout_of_the_project_names_its_head_and_dirty_tree(tmp_path) -> No
     head = _git(repo, "rev-parse", "HEAD")
     assert checkout_root(package) == repo.resolve()
     assert commit(package) == (head, False)
+    (repo / "notes.txt").write_text("untracked\n")  # a file git does not track changes no tracked file
+    assert commit(package) == (head, False)
     with (package / "version.py").open("a") as f:
         f.write("# changed\n")
     assert commit(package) == (head, True)
+
+
+def test_only_src_dsv4_at_gits_top_level_is_the_checkout(tmp_path) -> None:
+    """The project's tracked ``src/dsv4`` is its checkout, also through a link of another name; beside
+    it, a copy in another folder of it (``lib/dsv4``) is an installed copy; and a ``src/dsv4`` whose
+    ``src`` is not at git's top level (a project inside another git project) is not this project's
+    checkout either."""
+    repo = _user_repo(tmp_path)
+    _copy_package(repo / "src" / "dsv4")
+    inner = _copy_package(repo / "sub" / "src" / "dsv4")
+    _git(repo, "add", "src", "sub")
+    _git(repo, "commit", "-q", "-m", "dsv4, twice")
+    lib = _copy_package(repo / "lib" / "dsv4")
+    assert checkout_root(repo / "src" / "dsv4") == repo.resolve()
+    link = tmp_path / "pkg"  # the checkout's package reached through a link named otherwise
+    link.symlink_to(repo / "src" / "dsv4", target_is_directory=True)
+    assert checkout_root(link) == repo.resolve()
+    assert checkout_root(lib) is None and commit(lib) == (None, None)
+    assert checkout_root(inner) is None and commit(inner) == (None, None)
 
 
 def test_a_bench_record_from_an_install_inside_a_users_repo_names_no_commit(tmp_path) -> None:

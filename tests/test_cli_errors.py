@@ -432,3 +432,16 @@ def test_tune_with_a_triton_too_old_is_one_line(monkeypatch, capsys) -> None:
         code, out, err = _run(argv, capsys)
         _assert_one_line_error(code, err, ("dsv4 tune", "Triton 3.5.1 is older than 3.6", "dsv4-kernels[triton]"))
         assert out == ""
+
+
+@pytest.mark.parametrize(
+    ("version", "too_old"), [("3.5.9", True), ("3.6.0", False), ("3.6.0+git1a2b3c", False), ("3.10.1", False)]
+)
+def test_triton_3_6_is_the_oldest_release_taken(monkeypatch, version: str, too_old: bool) -> None:
+    """The kernels run on Triton 3.6 and later (the GPU machines' release among them); a 3.5 is refused
+    by its release, not by its patch number."""
+    from dsv4.ops import backends
+
+    monkeypatch.setattr(backends.metadata, "version", lambda dist: version)
+    reason = backends.unavailable_reason("triton", "cpu")
+    assert (reason is not None and f"Triton {version} is older than 3.6" in reason) is too_old, reason

@@ -18,7 +18,18 @@ import dsv4
 import dsv4.library as lib
 from conftest import DEVICE
 from dsv4.harness.cases import make_case, mutated_args, record_outputs
-from dsv4.ops import OpDescriptor, Output, Param, Tolerance, get_op, op_function, op_names, register_op, registry
+from dsv4.ops import (
+    OpDescriptor,
+    Output,
+    Param,
+    Tolerance,
+    backends,
+    get_op,
+    op_function,
+    op_names,
+    register_op,
+    registry,
+)
 from dsv4.ops.costs import OpCost
 from dsv4.ops.registry import INT_OR_TENSOR, NO_DEFAULT
 
@@ -192,6 +203,19 @@ def test_a_backend_the_op_lacks_is_named_with_those_it_has() -> None:
     lacks = r"^backend: toy_described has no 'triton' implementation \(it has: reference\)"
     with pytest.raises(ValueError, match=lacks):
         desc.implementation("triton")
+
+
+def test_auto_takes_the_reference_for_an_op_without_the_backend_it_would_pick() -> None:
+    """``backend='auto'`` on a CUDA device picks Triton (whose launchers would run there), and for an op
+    that has no Triton implementation, its reference; naming Triton for it is refused. Nothing runs: the
+    choice is made from the device's type."""
+    desc = _describe(_good)
+    assert backends.resolve("auto", "cuda") == "triton"
+    assert backends.implementation(desc, "auto", "cuda") is _reference
+    assert backends.op_backend(desc, "auto", "cuda") == "reference"
+    with pytest.raises(ValueError, match=r"^backend: toy_described has no 'triton' implementation"):
+        backends.implementation(desc, "triton", "cuda")
+    assert backends.op_backend(get_op("indexer"), "auto", "cuda") == "triton"
 
 
 def test_a_kind_is_taken_only_by_an_op_that_runs_differently_for_it() -> None:
