@@ -3,10 +3,19 @@ fails on the planted bug its docstring names (docs/TESTING.md, "Bugs planted on 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import dsv4
-from dsv4.harness.golden import compare, fp8_rows_allclose, ratio_allclose, step_inputs, topk_allclose
+from dsv4.harness.golden import (
+    bit_identical,
+    compare,
+    exact_outputs,
+    fp8_rows_allclose,
+    ratio_allclose,
+    step_inputs,
+    topk_allclose,
+)
 from dsv4.ops import Tolerance
 
 MASKED = torch.finfo(torch.float32).min
@@ -77,7 +86,8 @@ def _pool(seed: int) -> dict[str, torch.Tensor]:
 def test_fp8_rows_comparator_refuses_a_scale_byte_two_off_even_where_values_decode_equal() -> None:
     """Scale bytes equal or ±1 (attention spec §8), judged on the bytes: a block of zero codes decodes
     to 0 whatever its scale byte, so only the byte rule can see a byte 2 off, and an unused scale byte
-    (beyond NOPE/64) is held to it too. Plant: ``> 1`` loosened to ``> 2``."""
+    (beyond NOPE/64) is held to it too, a byte two below as two above. Plants: ``> 1`` loosened to ``> 2``;
+    the difference taken without its sign."""
     before, expected = _pool(0), _pool(0)
     new = _pool(1)
     for k in expected:
@@ -90,6 +100,9 @@ def test_fp8_rows_comparator_refuses_a_scale_byte_two_off_even_where_values_deco
     actual["scale"][2, 5, 0] += 1
     assert fp8_rows_allclose(actual, expected, ROWS, before, written)  # ±1 allowed
     actual["scale"][2, 5, 0] += 1
+    check = fp8_rows_allclose(actual, expected, ROWS, before, written)
+    assert not check and "scale byte more than 1 off" in check.detail
+    actual["scale"][2, 5, 0] -= 4  # two below
     check = fp8_rows_allclose(actual, expected, ROWS, before, written)
     assert not check and "scale byte more than 1 off" in check.detail
     actual = {k: v.clone() for k, v in expected.items()}
@@ -109,3 +122,125 @@ def test_topk_a_reference_listing_a_nan_after_a_number_is_out_of_order() -> None
     rising = torch.tensor([[[2, 1]]])  # 2.0, then NaN
     check = topk_allclose(rising, rising, sc)
     assert not check and "not in descending order" in check.detail, check.detail
+
+
+def test_ratio_allclose_refuses_a_number_where_the_reference_is_nan() -> None:
+    """NaN violates on either side: a finite value where the reference holds NaN is off (plant: only the
+    backend's NaNs counted)."""
+    e = torch.tensor([1.0, float("nan"), 2.0, 3.0])
+    check = ratio_allclose(torch.tensor([1.0, 0.0, 2.0, 3.0]), e, 1e-4, 1 / 128, 0.2)
+    assert not check and check.violation_ratio == 0.25, check
+
+
+def test_topk_refuses_an_index_below_the_offset_and_a_gap_in_the_prefix() -> None:
+    """An index below ``offset`` is no key of the call's (plant: only the upper end checked, so it read a
+    score from the row's far end); a ``-1`` inside the valid prefix is named as such."""
+    sc = torch.tensor([[[0.5, 3.0, 2.0, 1.0, MASKED, MASKED]]])
+    ref = torch.tensor([[[101, 102, 103, -1]]])
+    below = topk_allclose(torch.tensor([[[101, 102, 96, -1]]]), ref, sc, offset=100)
+    assert not below and "index out of [offset, offset+6)" in below.detail, below
+    gap = topk_allclose(torch.tensor([[[101, -1, 102, 103]]]), ref, sc, offset=100)
+    assert not gap and "3 valid entries, expected 3 as a prefix" in gap.detail, gap
+
+
+def test_topk_fails_on_one_token_off_among_many() -> None:
+    """Top-k has no share of tokens allowed off: one token of 400 with a real miss fails the check
+    (plant: passed while at most 0.5% of tokens were off)."""
+    sc = torch.tensor([0.5, 3.0, 2.0, 1.0]).expand(1, 400, 4).clone()
+    ref = torch.tensor([1, 2, 3]).expand(1, 400, 3).clone()
+    got = ref.clone()
+    got[0, 123] = torch.tensor([1, 2, 0])  # 0.5 where the reference's third is 1.0
+    check = topk_allclose(got, ref, sc, start_pos=400)
+    assert not check and check.violation_ratio == 1 / 400 and "[b=0, s=123] slot 2" in check.detail, check
+
+
+def test_topk_start_pos_must_be_one_value_or_one_per_row() -> None:
+    """``start_pos`` of two values for three rows is a ``ValueError`` naming it (plant: any count up to
+    the batch taken, and torch's expand failing instead)."""
+    sc = torch.zeros(3, 1, 8)
+    idx = torch.zeros(3, 1, 2, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"^start_pos: expected an int or one value per row \(3\), got 2 values"):
+        topk_allclose(idx, idx, sc, start_pos=torch.tensor([8, 8]))
+
+
+def test_topk_without_start_pos_sees_up_to_the_references_own_choice() -> None:
+    """Without ``start_pos`` a token sees at least every key the reference chose, even one whose real
+    score is the masked value (plant: the chosen key itself left out)."""
+    sc = torch.tensor([[[1.0, MASKED, MASKED, MASKED]]])
+    ref = torch.tensor([[[0, 1]]])
+    assert topk_allclose(ref.clone(), ref, sc)
+
+
+def test_compare_key_pool_a_step_into_an_unallocated_block_writes_no_row() -> None:
+    """A step whose row lies in an unallocated block (table entry -1) writes nothing: the pool's last
+    block, which a negative index would reach, must stay as it was (plant: -1 taken as a block index,
+    so that row counted as written and a change to it passed within ``ks``'s tolerance)."""
+    before = dsv4.IndexerState.paged(2, 4, 16, 8, torch.tensor([[-1, 0], [1, 3]]))
+    before.key_scale[3, 1] = 1.0  # slot 1's row 49, filled before the step
+    expected = before.clone()
+    inputs = step_inputs(torch.zeros(1, 4, 8), 4, before)  # slot 0's row 1: in its unallocated block 0
+    got = expected.clone()
+    got.key_scale[3, 1] = 1.0 + 1 / 1024
+    report = compare("indexer_compressor", got.tensors(), expected.tensors(), inputs)
+    assert not report and "does not write changed" in str(report), report
+
+
+def test_compare_key_pool_refuses_an_expected_pool_that_changed_an_unwritten_row() -> None:
+    """An expected pool (a golden file) whose row the step does not write differs from the pool before
+    the step is a corrupt expected file, named so, even where the backend's pool matches it (plant:
+    only the backend's pool checked)."""
+    before = dsv4.IndexerState.paged(1, 2, 16, 8, torch.tensor([[0, 1]]))
+    inputs = step_inputs(torch.zeros(1, 4, 8), 4, before)  # writes row 1 of block 0
+    expected = before.clone()
+    expected.key_scale[1, 5] = 0.5  # a row of block 1, which the step does not write
+    report = compare("indexer_compressor", expected.clone().tensors(), expected.tensors(), inputs)
+    assert not report and "in the expected pool (a corrupt expected file)" in str(report), report
+
+
+def test_compare_score_of_another_batch_or_seq_is_a_failed_check() -> None:
+    """A score whose leading dims differ from the reference's fails by its shape, not by an exception
+    from the masking (plant: only the key axis compared)."""
+    e = torch.zeros(1, 3, 8)
+    check = next(
+        c for c in compare("indexer", {"score": torch.zeros(2, 3, 8)}, {"score": e}).checks if c.name == "score"
+    )
+    assert not check and "does not cover expected [1, 3, 8]" in check.detail, check
+
+
+def test_bit_identical_needs_the_same_dtype_as_well_as_the_same_bytes() -> None:
+    """Zeros of fp32 and of int32 have the same bytes; they are not the same output (plant: dtype not
+    compared)."""
+    check = bit_identical(torch.zeros(4), torch.zeros(4, dtype=torch.int32), "y")
+    assert not check and "torch.float32 [4] != expected torch.int32 [4]" in check.detail, check
+
+
+def test_fp8_rows_comparator_fails_pools_of_other_shapes() -> None:
+    """A pool of another shape fails by its shapes (plant: went on to compare rows)."""
+    expected = _pool(0)
+    actual = {k: v[:3].clone() for k, v in expected.items()}  # one block short
+    check = fp8_rows_allclose(actual, expected, ROWS)
+    assert not check and "pool shapes" in check.detail, check
+
+
+def test_exact_outputs_of_a_record_are_its_own_tensors_only() -> None:
+    """``exact_outputs(..., "ring")`` holds ``ring`` and every ``ring.*`` tensor to its bits, not another
+    output whose name merely starts the same (plant: ``ring_scale`` taken as part of ``ring``)."""
+    expected = {"ring.kv": torch.ones(2), "ring.score": torch.zeros(2), "ring_scale": torch.ones(2)}
+    actual = {**expected, "ring_scale": torch.full((2,), 2.0)}
+    assert exact_outputs(actual, expected, "ring")
+    actual["ring.score"] = torch.full((2,), -0.0)  # one bit apart
+    check = exact_outputs(actual, expected, "ring")
+    assert not check and check.name == "ring", check
+
+
+def test_fp8_rows_comparator_refuses_a_number_where_the_reference_decodes_nan() -> None:
+    """A NaN matches only a NaN: a written row whose expected code is e4m3's NaN and whose actual code is
+    a number fails (plant: every expected NaN taken as matched)."""
+    expected = _pool(0)
+    actual = {k: v.clone() for k, v in expected.items()}
+    expected["nope"].view(torch.uint8)[2, 5, 7] = 0x7F  # e4m3fn's NaN
+    written = torch.zeros(4, 16, dtype=torch.bool)
+    written[2, 5] = True
+    assert fp8_rows_allclose({k: v.clone() for k, v in expected.items()}, expected, ROWS, written=written)
+    check = fp8_rows_allclose(actual, expected, ROWS, written=written)
+    assert not check, check
