@@ -33,6 +33,11 @@ pytestmark = INTERPRETER_TRAFFIC
 N = 64  # values handed over
 
 
+def span(lo: int, hi: int) -> np.ndarray:
+    """Bytes ``[lo, hi)`` as a recorded access holds them."""
+    return np.arange(lo, hi, dtype=np.uint64)
+
+
 @triton.jit
 def _hand_over(buf, counter, out, PUT: tl.constexpr, TAKE: tl.constexpr, SCOPE: tl.constexpr,
                BARRIER: tl.constexpr, N: tl.constexpr):  # fmt: skip
@@ -87,14 +92,12 @@ def test_the_checker_finds_a_hand_off_without_release_or_acquire(
 def test_shared_writes_are_the_bytes_two_programs_store() -> None:
     """``shared_bytes``' ``write``: the bytes stored by two or more programs; a program that stores its own
     bytes twice shares none of them."""
-    span = lambda lo, hi: np.arange(lo, hi, dtype=np.uint64)  # noqa: E731
     calls = [Call("write", span(0, 8), 0, 0), Call("write", span(0, 8), 0, 1), Call("write", span(4, 12), 1, 0)]
     assert shared_bytes(calls) == {"write": 4, "read": 0, "atomic": 0}  # bytes 4..7: programs 0 and 1
 
 
 def test_shared_reads_and_atomics_count_each_byte_once() -> None:
     """``shared_bytes``' ``read`` and ``atomic``: the distinct bytes another program touches, however often."""
-    span = lambda lo, hi: np.arange(lo, hi, dtype=np.uint64)  # noqa: E731
     calls = [Call("write", span(0, 8), 0, 0), *(Call("read", span(0, 8), 1, e) for e in (0, 1))]
     calls += [Call("atomic", span(4, 8), 2, e, "ACQUIRE_RELEASE", "GPU") for e in (0, 1)]
     assert shared_bytes(calls) == {"write": 0, "read": 8, "atomic": 4}
@@ -104,7 +107,6 @@ def test_shared_reads_and_atomics_count_each_byte_once() -> None:
 def test_an_acquire_orders_only_the_accesses_after_it(acquire_first: bool) -> None:
     """Program 1 reads what program 0 stored and released; its acquire of the released word orders the
     read only when it comes before the read (an acquire after it orders nothing)."""
-    span = lambda lo, hi: np.arange(lo, hi, dtype=np.uint64)  # noqa: E731
     word = span(100, 104)
     acquire, read = (0, 1) if acquire_first else (1, 0)  # program 1's events
     calls = [
@@ -173,7 +175,6 @@ def test_the_checker_finds_a_read_back_without_a_barrier(barrier: str) -> None:
 def test_a_read_back_is_found_once_per_store_where_it_overlaps_the_store_at_all() -> None:
     """A read of the stored bytes and more (a wider tile), with no barrier between: one line per store,
     at the first access that meets it."""
-    span = lambda lo, hi: np.arange(lo, hi, dtype=np.uint64)  # noqa: E731
     calls = [Call("write", span(0, 8), 0, 0), Call("read", span(4, 12), 0, 1), Call("read", span(0, 8), 0, 2)]
     assert unfenced(calls, {}, {0: (0, 0, 0)}) == [
         "program (0, 0, 0) stores bytes and then reads them with no barrier between (its accesses 0 and 1)"
