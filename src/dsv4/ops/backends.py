@@ -84,10 +84,7 @@ def implementation(desc: OpDescriptor, backend: str, device: torch.device | str)
     """The function implementing ``desc`` on ``backend`` (``"reference"``, ``"triton"`` or ``"auto"``) on
     ``device``. ``auto`` takes the reference for an op that has no implementation in the backend it
     would pick; a backend named explicitly that the op lacks is a ``ValueError`` naming both."""
-    name = resolve(backend, device)
-    if backend == "auto" and name not in desc.implementations:
-        name = "reference"
-    return desc.implementation(name)
+    return desc.implementation(op_backend(desc, backend, device))
 
 
 def op_backend(desc: OpDescriptor, backend: str, device: torch.device | str) -> str:
