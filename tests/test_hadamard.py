@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dsv4
+from dsv4.model.hadamard import shared_hadamard
 
 
 def test_order_128_orthonormal_symmetric() -> None:
@@ -28,3 +29,11 @@ def test_sylvester_construction() -> None:
 def test_rejects_non_power_of_two() -> None:
     with pytest.raises(ValueError, match="power of two"):
         dsv4.hadamard_matrix(96)
+
+
+def test_a_written_result_changes_no_later_call() -> None:
+    fresh = dsv4.hadamard_matrix(16, dtype=torch.float64).clone()
+    dsv4.hadamard_matrix(16, dtype=torch.float64).mul_(2)  # the dtype the cache holds: no conversion to copy
+    dsv4.hadamard_matrix(16).zero_()
+    assert torch.equal(dsv4.hadamard_matrix(16, dtype=torch.float64), fresh)
+    assert torch.equal(shared_hadamard(16, "cpu"), fresh.float())

@@ -20,8 +20,9 @@ def _hadamard_cpu(n: int) -> torch.Tensor:
 def hadamard_matrix(
     n: int = 128, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
 ) -> torch.Tensor:
-    """``[n, n]`` Sylvester Hadamard matrix times ``n^-0.5`` (orthonormal and symmetric)."""
-    return _hadamard_cpu(n).to(dtype=dtype, device=device)
+    """``[n, n]`` Sylvester Hadamard matrix times ``n^-0.5`` (orthonormal and symmetric), a tensor of
+    the caller's own (writing it changes no later call's)."""
+    return _hadamard_cpu(n).to(dtype=dtype, device=device, copy=True)
 
 
 @functools.lru_cache(maxsize=16)
