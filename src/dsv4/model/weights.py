@@ -125,7 +125,12 @@ class LayerWeights(_Tensors):
 
 
 MAX_SEED = 2**62  # largest seed the harnesses take: the seeds they derive from it (seed + 1000 + step,
-# seed + 7919, ...) stay within torch.Generator's int64
+# seed + 7919, ...) stay within torch.Generator's int64; a product (seed * 1009) wraps, `_mixed`
+
+
+def _mixed(seed: int, salt: int) -> torch.Generator:
+    """A generator seeded with ``seed * 1009 + salt`` modulo 2**64, the seeds ``torch.Generator`` takes."""
+    return torch.Generator().manual_seed((seed * 1009 + salt) % 2**64)
 
 
 def _normal(g: torch.Generator, shape: tuple[int, ...], std: float) -> torch.Tensor:
@@ -201,7 +206,7 @@ def synthetic_compressor(cfg: DeepSeekV4Config, ratio: int, seed: int = 0) -> Co
     ``[COFF*HD, D] bf16`` (COFF 2 at ratio 4, else 1), ``ape [ratio, COFF*HD] fp32``, ``norm_w [HD]``."""
     if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
         raise ValueError(f"ratio: expected a compress ratio >= 1, got {ratio!r}")
-    g = torch.Generator().manual_seed(seed * 1009 + ratio)
+    g = _mixed(seed, ratio)
     d, hd = cfg.hidden_size, cfg.head_dim
     width = (2 if ratio == 4 else 1) * hd
     return CompressorWeights(
@@ -218,7 +223,7 @@ def synthetic_o_proj(cfg: DeepSeekV4Config, seed: int = 0) -> OProjWeights:
     h, hd, gr, ol = cfg.num_attention_heads, cfg.head_dim, cfg.o_groups, cfg.o_lora_rank
     if gr < 1 or ol < 1 or h % gr:
         raise ValueError(f"cfg: {cfg.name} needs o_groups >= 1 dividing H={h} and o_lora_rank >= 1, got {gr}, {ol}")
-    g = torch.Generator().manual_seed(seed * 1009 + 3)
+    g = _mixed(seed, 3)
     inner = h // gr * hd
     wo_a, wo_a_scale = quantize_fp8_weight(_normal(g, (gr * ol, inner), inner**-0.5))
     wo_b, wo_b_scale = quantize_fp8_weight(_normal(g, (cfg.hidden_size, gr * ol), (gr * ol) ** -0.5))
