@@ -615,6 +615,18 @@ def test_cli_inspect(tiny_dir, capsys):
     assert "check: layers.1.attn.wq_a.weight: expected F8_E4M3 [1024, 4096], found F8_E4M3 [128, 256]" in out
 
 
+def test_cli_inspect_names_an_hca_layer_of_any_ratio(tmp_path, capsys):
+    """An HCA layer's ratio need not be 128: its line says what the layer holds, as its kind does."""
+    layers = {**layer_tensors(TINY, 0, 16), **layer_tensors(TINY, 1, 4), **layer_tensors(TINY, 2, 2)}
+    write_checkpoint(tmp_path, [layers], config_json(TINY, [16, 4, 2]))
+    assert main(["inspect", str(tmp_path), "--layer", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "compress ratio   2: layers 2 (compressor, no indexer)" in out
+    assert "compress ratio  16: layers 0 (compressor, no indexer)" in out
+    assert "compress ratio   4: layers 1 (compressor + lightning indexer)" in out
+    assert "layer kinds: CSA 1; HCA 0, 2" in out and "unknown" not in out and "check: ok" in out
+
+
 def test_cli_run_checkpoint(tiny_dir, capsys):
     """The front end of a CSA layer op by op, then the layer's whole attention; an HCA layer (no
     indexer) runs its projection and its whole attention."""

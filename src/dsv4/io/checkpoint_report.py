@@ -20,10 +20,10 @@ from .checkpoint import (
 )
 from .safetensors_files import CheckpointError, TensorInfo
 
-_RATIO_MEANING = {
-    0: "sliding window only, no indexer",
-    COMPRESS_RATIO: "compressor + lightning indexer",
-    128: "compressor, no indexer",
+_KIND_MEANING = {  # by kind_of_ratio: an HCA layer may have any ratio but 0 and 4
+    "swa": "sliding window only, no indexer",
+    "csa": "compressor + lightning indexer",
+    "hca": "compressor, no indexer",
 }
 
 
@@ -76,7 +76,7 @@ def describe_checkpoint(
         ratios = {n: ckpt.compress_ratio(n, prefix) for n in layers}
         for ratio in sorted({r for r, _ in ratios.values()}):
             members = [n for n, (r, _) in ratios.items() if r == ratio]
-            meaning = _RATIO_MEANING.get(ratio, "unknown kind")
+            meaning = _KIND_MEANING[kind_of_ratio(ratio)]
             lines.append(f"  compress ratio {ratio:>3}: layers {format_ranges(members)} ({meaning})")
         kinds = {k: [n for n, (r, _) in ratios.items() if kind_of_ratio(r) == k] for k in LAYER_KINDS}
         lines.append("layer kinds: " + "; ".join(f"{k.upper()} {format_ranges(v)}" for k, v in kinds.items() if v))
