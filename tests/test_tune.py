@@ -10,6 +10,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -398,6 +399,33 @@ def test_a_budget_spent_before_the_first_candidate_exits_1(tmp_path, capsys) -> 
         == "dsv4 tune: --budget-s 1e-09 ran out before the first candidate: nothing tuned or checked"
     )
     assert not (tmp_path / "c.json").exists()
+
+
+def test_a_probe_experiment_that_loses_the_cuda_context_keeps_the_rows_measured(monkeypatch) -> None:
+    """After a sticky CUDA error (an illegal address) even the wait after the failed experiment raises:
+    each later experiment becomes a row with its error, and the rows measured before are returned."""
+
+    def lost(*args: object, **kwargs: object) -> list[dict[str, object]]:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(probe.torch.cuda, "get_device_properties", lambda _: SimpleNamespace(multi_processor_count=2))
+    monkeypatch.setattr(probe.torch.cuda, "synchronize", lost)
+    monkeypatch.setattr(probe, "probe_zero_point", lambda: [{"name": "zero_point", "us": 1.5}])
+    for experiment in ("probe_copy", "probe_stream", "probe_l2", "probe_prefetch", "probe_launch_gap"):
+        monkeypatch.setattr(probe, experiment, lost)
+    monkeypatch.setattr(probe, "probe_flush_method", lambda *a, **k: [{"name": "flush_method", "us": 2.5}])
+    rows = probe.run_probe(log=lambda _: None)["rows"]
+    assert [r["name"] for r in rows] == [
+        "zero_point",
+        "copy",
+        "stream",
+        "l2",
+        "l2_prefetch",
+        "launch_gap",
+        "flush_method",
+    ]
+    assert rows[0]["us"] == 1.5 and rows[-1]["us"] == 2.5 and "error" not in rows[0]
+    assert all("illegal memory access" in r["error"] and "illegal" in r["sync_error"] for r in rows[1:-1])
 
 
 def test_a_probe_dry_run_whose_check_fails_exits_1(monkeypatch, capsys) -> None:

@@ -292,8 +292,11 @@ def run_probe(log: Callable[[str], None] = print) -> dict[str, Any]:
         try:
             got = fn()
         except Exception as e:
-            torch.cuda.synchronize()
             got = [{"name": name, "error": describe_error(e)}]
+            try:
+                torch.cuda.synchronize()  # the failed experiment's launches end before the next one's
+            except Exception as lost:  # a sticky error: later experiments fail too; the rows so far are kept
+                got[0]["sync_error"] = describe_error(lost)
         for r in got:
             r.setdefault("seconds", round(time.perf_counter() - t0, 2))
         rows.extend(got)
