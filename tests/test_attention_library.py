@@ -13,11 +13,11 @@ import dsv4
 import dsv4.library as lib
 from conftest import DEVICE, backends_of
 from dsv4.engine.custom_ops import flatten
-from dsv4.harness.cases import make_case, record_outputs
+from dsv4.harness.cases import make_case, mutated_args, record_outputs
 from dsv4.harness.golden import bit_identical
 from dsv4.ops.attention_cases import sparse_attn_args
 from dsv4.ops.case_inputs import CaseInputs
-from dsv4.ops.registry import get_op
+from dsv4.ops.registry import get_op, op_names
 
 CFG = dsv4.get_config("tiny")
 
@@ -122,6 +122,20 @@ def test_typed_wrappers_equal_plain_calls_and_mutate_the_same() -> None:
     out = dsv4.OProjOut(torch.empty(4, CFG.hidden_size, dtype=torch.bfloat16, device=DEVICE))
     assert lib.o_proj(**_args("o_proj"), out=out) is out
     assert bit_identical(out.y, dsv4.o_proj(**_args("o_proj")).y)
+
+
+@pytest.mark.parametrize("op", sorted(set(lib.__all__) & set(op_names())))
+def test_each_wrapper_runs_its_own_op(op: str) -> None:
+    """``dsv4.library.<op>`` gives the outputs of ``dsv4.<op>`` and updates the same records (the window a
+    ``sparse_attn_write`` writes included), on the same arguments."""
+    kind = get_op(op).kinds[0] if get_op(op).kinds else None
+    args, plain = _args(op, kind), _args(op, kind)
+    got, want = getattr(lib, op)(**args), getattr(dsv4, op)(**plain)
+    mutated = [name for name in mutated_args(op) if name in args]
+    got_all = {**(got._asdict() if got is not None else {}), **record_outputs({n: args[n] for n in mutated})}
+    want_all = {**(want._asdict() if want is not None else {}), **record_outputs({n: plain[n] for n in mutated})}
+    assert got_all.keys() == want_all.keys() and got_all
+    assert all(bit_identical(got_all[k], want_all[k], k) for k in want_all)
 
 
 @pytest.mark.parametrize("kind", ["csa", "swa"])  # SWA: the compressed pool and the indices left out (None)

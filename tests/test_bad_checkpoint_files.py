@@ -246,6 +246,7 @@ def _manifest_edits(outside: Path) -> list[tuple[str, object, tuple[str, ...]]]:
         ("scalars-a-list", {"scalars": [1]}, ("scalars",)),
         ("scalars-unknown-key", {"scalars": {"topk": 16, "path": "x"}}, ("scalars",)),
         ("scalars-topk-float", {"scalars": {"topk": 16.5}}, ("scalars.topk",)),
+        ("scalars-topk-bool", {"scalars": {"topk": True}}, ("scalars.topk",)),
         ("scalars-offset-string", {"scalars": {"offset": "16"}}, ("scalars.offset",)),
         ("meta-a-list", {"meta": []}, ("meta",)),
         ("manifest-a-list", [1, 2], ("JSON object",)),

@@ -25,7 +25,7 @@ from dsv4.harness.cases import make_case
 from dsv4.model.config import get_config
 from dsv4.model.structs import OProjOut
 from dsv4.ops import get_op, op_names
-from dsv4.ops.costs import OpCost, ring_traffic
+from dsv4.ops.costs import OpCost, blocks_spanned, closed_rows, ring_traffic
 
 FLASH = get_config("flash")
 TINY = get_config("tiny")
@@ -93,6 +93,36 @@ def test_ring_traffic_long_step_counts_each_half_once() -> None:
     # 16 blocks close; no pool needs a pre-step value (block 0 has no previous block, every later
     # candidate was written in the step); every half is written, each counted once
     assert ring_traffic(0, 64) == (0, 16, 16)
+
+
+@pytest.mark.parametrize(
+    ("start", "seq", "expected"),
+    [
+        (5, 3, (5, 3, 1)),  # slots 5-7 written, block 0 closes at 7 and reads slots 0-4
+        (8, 16, (0, 8, 2)),  # blocks 1 and 2 written whole in the step: nothing read
+        # 13-15 close block 1 (slots 0-4 read), 16-23 rewrite every slot and close block 2, 24 writes slot 0
+        (13, 12, (5, 8, 2)),
+        (3, 2, (0, 2, 0)),  # no block closes
+    ],
+)
+def test_a_disjoint_ring_of_ratio_slots_by_hand(start: int, seq: int, expected: tuple[int, int, int]) -> None:
+    """An HCA compressor's ring (``coff`` 1) holds ``ratio`` slots, one a position modulo ``ratio``."""
+    assert ring_traffic(start, seq, ratio=8, coff=1) == expected
+
+
+def test_closed_rows_are_the_blocks_whose_last_position_the_step_holds() -> None:
+    for ratio in (4, 16):
+        for start in range(3 * ratio):
+            for seq in range(2 * ratio + 2):
+                last = range(start, start + seq)
+                want = [j for j in range(start // ratio + seq + 1) if ratio * j + ratio - 1 in last]
+                assert list(closed_rows(start, seq, ratio)) == want, (ratio, start, seq)
+
+
+def test_blocks_spanned_counts_the_distinct_blocks_of_the_rows() -> None:
+    for lo in range(20):
+        for hi in range(24):
+            assert blocks_spanned(lo, hi, 8) == len({r // 8 for r in range(lo, hi)}), (lo, hi)
 
 
 def test_compressor_bytes_at_flash_decode() -> None:
@@ -249,6 +279,9 @@ def test_shapes_keeps_the_shapes_whose_op_or_label_holds_a_text(tmp_path, capsys
         ("sparse_attn", "decode B=1 S=2 cache=512 kind=swa"),
     ]
     assert result["settings"]["shapes"] == ["kind=swa", "o_proj"]
+    model = result["shapes"][0]["model"]  # o_proj at B=4, S=2: it writes y, bf16, and reads the rest
+    assert model["write_bytes"] == sum(model["writes"].values()) == 4 * 2 * TINY.hidden_size * 2
+    assert model["read_bytes"] == sum(model["reads"].values()) == model["bytes"] - model["write_bytes"]
     assert "--shapes kind=swa,o_proj" in result["meta"]["command"]
     capsys.readouterr()
     with pytest.raises(ValueError, match=r"^shapes: none of B=128 is in an op or shape of tiny"):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import dsv4
+from dsv4.harness.cases import make_case
 from dsv4.model.config import COMPRESS_RATIO
 from dsv4.model.rope import rope_table
 from dsv4.model.weights import synthetic_activations, synthetic_weights
@@ -48,3 +49,10 @@ def test_a_prefilled_state_is_on_the_device_asked_for() -> None:
     """Filled on the host, then moved: ``meta`` stands for any device the machine may lack."""
     state = prefilled_state(CFG, 2, 64, torch.tensor([5, 9]), seed=4, device="meta")
     assert {t.device.type for t in state.tensors().values()} == {"meta"}
+
+
+def test_a_qkv_case_rotates_each_token_at_its_own_rows_position() -> None:
+    """``x`` is ``[B, S, D]`` flattened row by row, so the positions are too: row 1's tokens at row 1's start."""
+    case = make_case(CFG, "qkv_proj_rope", seed=2, batch=2, seq=3, start_pos=[8, 100])
+    assert case.args["positions"].tolist() == [8, 9, 10, 100, 101, 102]
+    assert case.args["x"].shape == (6, CFG.hidden_size)

@@ -585,6 +585,9 @@ def test_cli_run_of_a_checkpoint_without_a_config_asks_for_a_preset(tmp_path, ca
     assert main(["run", "--checkpoint", str(tmp_path), "--layer", "1", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "has no config.json; give the model's dimensions with --preset NAME" in err and "cfg=" not in err
+    argv = ["run", "--checkpoint", str(tmp_path), "--layer", "1", "--preset", "tiny", "--backend", "reference"]
+    assert main([*argv, "--steps", "1", "--batch", "1", "--seq", "1", "--start-pos", "0", "--device", "cpu"]) == 0
+    assert "loaded layer 1 of" in capsys.readouterr().out  # --preset gives the dims
 
 
 # --- command line --------------------------------------------------------------------------------
@@ -605,11 +608,15 @@ def test_cli_inspect(tiny_dir, capsys):
         stored = sum(i.nbytes for i in infos if i is not None)
         assert len(infos) > 0 and None not in infos
     assert f"attention of layer 1: {stored:,} bytes stored" in out
-    assert f"{load_layer(tiny_dir, 1).nbytes():,} bytes loaded as bf16 + INT8 + FP8" in out
+    loaded = load_layer(tiny_dir, 1).nbytes()
+    assert f"{loaded:,} bytes loaded as bf16 + INT8 + FP8 ({loaded / 2**20:.1f} MiB)" in out
+    assert f"{stored:,} bytes stored ({stored / 2**20:.1f} MiB)" in out
     assert "check: ok" in out
     assert main(["inspect", str(tiny_dir), "--layer", "2"]) == 0  # every kind loads
     out = capsys.readouterr().out
     assert "layer 2: compress ratio 128" in out and "HCA" in out and "check: ok" in out
+    assert main(["inspect", str(tiny_dir), "--layer", "7"]) == 1  # a layer the checkpoint lacks
+    assert "layer 7: no tensors under 'layers.7.'" in capsys.readouterr().out
     assert main(["inspect", str(tiny_dir), "--preset", "demo"]) == 1
     out = capsys.readouterr().out
     assert "check: layers.1.attn.wq_a.weight: expected F8_E4M3 [1024, 4096], found F8_E4M3 [128, 256]" in out
@@ -619,8 +626,9 @@ def test_cli_inspect_names_an_hca_layer_of_any_ratio(tmp_path, capsys):
     """An HCA layer's ratio need not be 128: its line says what the layer holds, as its kind does."""
     layers = {**layer_tensors(TINY, 0, 16), **layer_tensors(TINY, 1, 4), **layer_tensors(TINY, 2, 2)}
     write_checkpoint(tmp_path, [layers], config_json(TINY, [16, 4, 2]))
-    assert main(["inspect", str(tmp_path), "--layer", "0"]) == 0
+    assert main(["inspect", str(tmp_path)]) == 0
     out = capsys.readouterr().out
+    assert "layer 1: compress ratio 4" in out  # without --layer: the first CSA layer, not the first compressed
     assert "compress ratio   2: layers 2 (compressor, no indexer)" in out
     assert "compress ratio  16: layers 0 (compressor, no indexer)" in out
     assert "compress ratio   4: layers 1 (compressor + lightning indexer)" in out
@@ -639,6 +647,7 @@ def test_cli_run_checkpoint(tiny_dir, capsys):
     assert main([*args[:3], "--layer", "2", "--steps", "1", "--start-pos", "8", "--batch", "2", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert out.count("hca attention") == 2 and "indexer " not in out.split("one call")[0]
+    assert out.count("qkv_proj_rope") == 2  # the prefill's and the step's: no indexer, the chain goes on
     assert main(args[:3]) == 2
     assert "--checkpoint needs --layer N" in capsys.readouterr().err
 
@@ -657,6 +666,7 @@ def test_cli_inspect_without_a_config_still_fails_a_layer_missing_tensors(tmp_pa
     assert main(["inspect", str(tmp_path), "--layer", "1"]) == 1
     out = capsys.readouterr().out
     assert "layers.1.attn.wq_b.weight" in out and "MISSING" in out and "tensor(s) missing" in out
+    assert "other tensors under 'layers.1.' (not used by the attention): 1" in out  # the missing ones not counted
 
 
 def test_cli_inspect_names_a_config_that_cannot_size_the_output_projection(tmp_path, capsys):

@@ -5,6 +5,7 @@ process (``test_cli_errors.py`` runs user errors both ways)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from pathlib import Path
@@ -17,7 +18,7 @@ import dsv4.reference
 from conftest import DEVICE
 from dsv4.cli import main
 from dsv4.model.structs import QKV
-from dsv4.ops import get_op
+from dsv4.ops import get_op, op_names
 from subprocesses import run_dsv4
 
 
@@ -166,9 +167,11 @@ def test_run_exits_nonzero_on_mismatch(monkeypatch: pytest.MonkeyPatch, capsys: 
     assert indexer and all("ok (vs reference" in line for line in indexer)
 
 
-def test_run_exits_1_when_a_layers_output_is_not_finite(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    """Each step's ``y`` of a layer's whole attention must be finite: an HCA layer whose output holds NaN is a
-    MISMATCH row, and ``dsv4 run`` exits 1 (here on the reference, which compares nothing else)."""
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_run_exits_1_when_a_layers_output_is_not_finite(bad: str, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Each step's ``y`` of a layer's whole attention must be finite: an HCA layer whose output holds NaN
+    (or infinities, no NaN) is a MISMATCH row, and ``dsv4 run`` exits 1 (here on the reference, which
+    compares nothing else)."""
     from dsv4.harness import run
 
     real = run.DecodeAttention
@@ -177,7 +180,7 @@ def test_run_exits_1_when_a_layers_output_is_not_finite(monkeypatch: pytest.Monk
         module = real(*args, **kwargs)
         if module.kind == "hca":
             forward = module.forward
-            monkeypatch.setattr(module, "forward", lambda x, *a: forward(x, *a) * float("nan"))
+            monkeypatch.setattr(module, "forward", lambda x, *a: forward(x, *a) + float(bad))
         return module
 
     monkeypatch.setattr(run, "DecodeAttention", nan_in_hca)
@@ -188,6 +191,54 @@ def test_run_exits_1_when_a_layers_output_is_not_finite(monkeypatch: pytest.Monk
     assert "MISMATCH y holds NaN or inf" in kinds["hca"]
     assert "y finite" in kinds["swa"] and "y finite" in kinds["csa"]
     assert lines[-1].endswith("1 MISMATCH(ES)")
+
+
+def _reference_as_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every op's "triton" backend replaced by its reference (a run as fast as the reference's, still checked)."""
+    for op in op_names():
+        impls = get_op(op)._impls
+        if "triton" in impls:
+            monkeypatch.setitem(impls, "triton", impls["reference"])
+
+
+def test_run_judges_an_indexer_step_against_the_pool_before_it(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """A backend whose decode step also changes a key it must not write (row 0, written by the prefill) is a
+    MISMATCH: the reference runs the step on a copy of the state taken before the backend's step."""
+
+    def scribbling_indexer(*args, **kwargs):
+        out = dsv4.reference.indexer(*args, **kwargs)
+        call = inspect.signature(dsv4.reference.indexer).bind(*args, **kwargs).arguments
+        if int(call["pos"].start.max()) > 0:  # a decode step: the prefill wrote row 0
+            state = call["state"]
+            state.keys[int(state.block_table[0, 0]), 0, :4] += 1
+        return out
+
+    _reference_as_triton(monkeypatch)
+    monkeypatch.setitem(get_op("indexer")._impls, "triton", scribbling_indexer)
+    argv = ["run", "--backend", "triton", "--steps", "1", "--start-pos", "8", "--batch", "1", "--seq", "1"]
+    assert main([*argv, "--device", "cpu"]) == 1
+    rows = {tuple(line.split()[:3]): line for line in capsys.readouterr().out.splitlines()}
+    assert "ok (vs reference" in rows[("prefill", "indexer", "triton")]
+    assert "MISMATCH" in rows[("decode", "1", "indexer")]
+
+
+def test_run_calls_the_other_ops_at_the_runs_start(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """The "one call" rows run at the first decode step's positions (``--start-pos``), not at a case's
+    random ones: a start at a block boundary is the boundary they are run at."""
+    from dsv4.harness import run
+
+    starts = []
+    real = run.make_case
+
+    def recorded(*args, **kwargs):
+        case = real(*args, **kwargs)
+        starts.append(case.meta["start_pos"])
+        return case
+
+    monkeypatch.setattr(run, "make_case", recorded)
+    argv = ["run", "--backend", "reference", "--steps", "1", "--start-pos", "252", "--batch", "3", "--seq", "4"]
+    assert main([*argv, "--device", "cpu"]) == 0
+    assert len(starts) == len(op_names()) - 3 and all(s == [252, 252, 252] for s in starts)
 
 
 def test_golden_case_names_of_a_rank_preset_are_file_stems() -> None:

@@ -342,6 +342,44 @@ def test_run_front_end_checks_the_room_of_its_cases_first(monkeypatch) -> None:
     unaligned = get_config("tiny").replace(max_position_embeddings=4098)
     with pytest.raises(ValueError, match=r"^start_pos \+ steps\*seq = 4098 exceeds 4096 "):
         front_end(unaligned, start_pos=4096, seq=2)
+    with pytest.raises(AssertionError, match="the run started"):  # the end at the room's last position
+        front_end(unaligned, start_pos=4094, seq=2)
+    with pytest.raises(AssertionError, match="the run started"):  # seq at max_seq
+        front_end(get_config("tiny"), start_pos=0, seq=4092)
+
+
+def test_make_case_takes_the_last_start_and_the_least_room() -> None:
+    """A case needs ``S + 4`` positions (a compressed block beyond its step); a row may start at
+    ``max_position - S``, the last start whose step fits."""
+    from dsv4.harness.cases import make_case
+    from dsv4.model.config import get_config
+
+    tiny = get_config("tiny")
+    assert make_case(tiny, "o_proj", batch=1, seq=4, max_position=8).meta["max_position"] == 8
+    with pytest.raises(ValueError, match="^max_position 8 too small for S=5$"):
+        make_case(tiny, "o_proj", batch=1, seq=5, max_position=8)
+    assert make_case(tiny, "o_proj", batch=2, seq=2, max_position=16, start_pos=14).meta["start_pos"] == [14, 14]
+    with pytest.raises(ValueError, match=r"^start_pos: expected 2 values in \[0, 14\]"):
+        make_case(tiny, "o_proj", batch=2, seq=2, max_position=16, start_pos=[3, 15])
+
+
+def test_dsv4_run_hands_its_options_on_as_given(monkeypatch, capsys) -> None:
+    """The largest ``--seed`` and ``--seq`` the preset allows reach the run unchanged."""
+    from dsv4.model.weights import MAX_SEED
+
+    calls = []
+    monkeypatch.setattr("dsv4.harness.run.run_front_end", lambda cfg, **kwargs: calls.append((cfg, kwargs)) or [])
+    argv = ["run", "--seed", str(MAX_SEED), "--seq", "4092", "--start-pos", "0", "--steps", "3", "--batch", "5"]
+    assert main([*argv, "--backend", "reference", "--device", "cpu"]) == 0
+    ((cfg, kwargs),) = calls
+    assert cfg.name == "tiny" and kwargs["backend"] == "reference" and str(kwargs["device"]) == "cpu"
+    assert (kwargs["seed"], kwargs["seq"], kwargs["start_pos"], kwargs["steps"], kwargs["batch"]) == (
+        MAX_SEED,
+        4092,
+        0,
+        3,
+        5,
+    )
 
 
 @pytest.mark.parametrize("flag", ["--json", "--plot", "--trace"])

@@ -26,9 +26,10 @@ def test_sylvester_construction() -> None:
     assert torch.equal(h, (1 - 2 * (parity % 2)).double())
 
 
-def test_rejects_non_power_of_two() -> None:
+@pytest.mark.parametrize("n", [96, 3, 0, -4])
+def test_rejects_non_power_of_two(n: int) -> None:
     with pytest.raises(ValueError, match="power of two"):
-        dsv4.hadamard_matrix(96)
+        dsv4.hadamard_matrix(n)
 
 
 def test_a_written_result_changes_no_later_call() -> None:
