@@ -22,9 +22,11 @@ from dsv4.bench.trace import trace_decode_step
 from dsv4.bench.traffic import measure_traffic
 from dsv4.cli import main
 from dsv4.harness.cases import make_case
+from dsv4.harness.golden import bit_identical
 from dsv4.model.config import get_config
 from dsv4.model.structs import OProjOut
 from dsv4.ops import get_op, op_names
+from dsv4.ops.backends import available_backends
 from dsv4.ops.costs import OpCost, blocks_spanned, closed_rows, ring_traffic
 
 FLASH = get_config("flash")
@@ -279,6 +281,9 @@ def test_shapes_keeps_the_shapes_whose_op_or_label_holds_a_text(tmp_path, capsys
         ("sparse_attn", "decode B=1 S=2 cache=512 kind=swa"),
     ]
     assert result["settings"]["shapes"] == ["kind=swa", "o_proj"]
+    assert main([*argv, "--mode", "prefill"]) == 0
+    shapes = [s["shape"] for s in json.loads(out.read_text())["shapes"]]
+    assert shapes and all(s.startswith("prefill ") for s in shapes)  # --mode prefill: no decode shape
     model = result["shapes"][0]["model"]  # o_proj at B=4, S=2: it writes y, bf16, and reads the rest
     assert model["write_bytes"] == sum(model["writes"].values()) == 4 * 2 * TINY.hidden_size * 2
     assert model["read_bytes"] == sum(model["reads"].values()) == model["bytes"] - model["write_bytes"]
@@ -375,6 +380,31 @@ def test_measure_traffic_counts_kernels_and_torch_ops() -> None:
     assert traffic.torch_op_bytes == 8000
     assert traffic.requested_bytes == 16000
     assert torch.equal(dst, src + 1.0)
+
+
+@INTERPRETER_TRAFFIC
+def test_measure_traffic_totals_each_kind_of_bytes_apart() -> None:
+    """Loads and stores apart; sectors and unique sectors apart (four programs read the same RoPE rows:
+    four times the sectors, once unique); both with the PyTorch op's estimate added, as requested bytes."""
+    half = 32
+    positions, cos, sin = torch.zeros(4, dtype=torch.int64), torch.randn(1, half), torch.randn(1, half)
+    sink, src = torch.empty(4), torch.randn(1000)
+    dst = torch.empty_like(src)
+
+    def op() -> None:
+        bench_kernels.rope_rows_kernel[(4,)](positions, cos, sin, sink, HALF=half)  # reads only
+        bench_kernels.masked_copy_kernel[(8,)](src, dst, 1000, BLOCK=128)
+        dst.add_(1.0)  # 8000 B by the estimate
+
+    traffic, _ = measure_traffic(BoundCall("rows", "triton", op, (), None))
+    per_program = 32 + 2 * 4 * 32  # a position's sector, then 4 sectors of cos and 4 of sin
+    assert (traffic.load_bytes, traffic.store_bytes) == (4 * (8 + 2 * 4 * half) + 4000, 4000)
+    assert traffic.sector_bytes == 4 * per_program + 8000 + 8000
+    assert traffic.unique_bytes == per_program + 8000 + 8000
+    row = traffic.to_dict()
+    assert (row["load_bytes"], row["store_bytes"]) == (traffic.load_bytes, 4000)
+    assert (row["sector_bytes"], row["unique_bytes"]) == (traffic.sector_bytes, traffic.unique_bytes)
+    assert row["requested_bytes"] == traffic.load_bytes + 4000 + 8000
 
 
 @pytest.fixture(scope="session")
@@ -571,11 +601,46 @@ def test_percent_of_floor_and_speed_ups_are_of_the_measured_time(monkeypatch) ->
     assert row["gb_per_s"] == pytest.approx(cost.bytes / 100e-6 / 1e9)
 
 
-def test_trace_of_one_decode_step(tmp_path) -> None:
+def test_trace_of_one_decode_step(tmp_path, monkeypatch) -> None:
+    """The first backend that runs the step is traced (the kernels under the interpreter), the indexer on
+    the activations and positions of the traced ``qkv_proj_rope``."""
+    from dsv4.bench import trace
+
+    cases = []
+    real = trace.make_case
+    monkeypatch.setattr(trace, "make_case", lambda *a, **k: cases.append(real(*a, **k)) or cases[-1])
     path = tmp_path / "trace.json"
     backend = trace_decode_step(TINY, path, "cpu")
+    assert backend == available_backends("cpu")[0]
     names = {e.get("name") for e in json.loads(path.read_text())["traceEvents"]}
     assert {"qkv_proj_rope", "indexer", f"decode step ({backend})"} <= names
+    qkv, idx = (c.args for c in cases)
+    assert torch.equal(qkv["x"], idx["x"].reshape(qkv["x"].shape))
+    seq = idx["x"].shape[1]
+    assert qkv["positions"].tolist() == [p + s for p in idx["start_pos"].tolist() for s in range(seq)]
+
+
+@pytest.mark.parametrize("op", ["indexer", "kv_compressor", "window_kv_write", "sparse_attn_write"])
+def test_a_bound_call_runs_on_its_own_copy_of_the_records_it_updates(op: str) -> None:
+    """``bind`` copies every record the op updates (a window pool too): the call's outputs hold the state
+    it wrote, as ``run_case``'s do, and the case's own records stay as they were for the next backend."""
+    from dsv4.harness.cases import mutated_args, record_outputs, run_case
+
+    case = make_case(TINY, op, seed=2, batch=2, seq=2, start_pos=[6, 13])
+    records = {name: case.args[name] for name in mutated_args(op)}
+    before = {k: t.clone() for k, t in record_outputs(records).items()}
+    call = bind(case, "reference")
+    got, want = call.outputs(call()), run_case(case, "reference")
+    assert got.keys() == want.keys() and all(bit_identical(got[k], want[k], k) for k in want)
+    assert any(not bit_identical(got[k], before[k], k) for k in before)  # the step wrote something
+    assert all(bit_identical(t, before[k], k) for k, t in record_outputs(records).items())
+
+
+def test_the_baselines_run_where_the_reference_runs() -> None:
+    from dsv4.bench.calls import COMPILED, LIBRARY, backend_reason
+
+    assert backend_reason(LIBRARY, "cpu") is None and backend_reason(COMPILED, "cpu") is None
+    assert backend_reason("bogus", "cpu") is not None
 
 
 def test_baselines_and_tune_take_the_ops_with_a_fused_kernel() -> None:

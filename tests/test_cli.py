@@ -59,6 +59,8 @@ def test_golden_save_then_check(tmp_path: Path, capsys: pytest.CaptureFixture) -
         assert main(["golden", "save", str(tmp_path), "--op", op, "--seed", "3"]) == 0
     assert main(["golden", "save", str(tmp_path), "--op", "indexer", "--mode", "prefill"]) == 0
     assert len(list(tmp_path.glob("*.json"))) == 4
+    prefill = json.loads((tmp_path / "indexer-tiny-prefill-seed0.json").read_text())
+    assert prefill["meta"]["mode"] == "prefill" and set(prefill["meta"]["start_pos"]) == {0}  # --mode taken
     capsys.readouterr()
     check = ["golden", "check", str(tmp_path), "--backend", "reference", "--device", "cpu"]
     code, out = main(check), capsys.readouterr().out

@@ -221,9 +221,20 @@ def test_each_kind_of_a_tuned_shape_reaches_its_own_buckets() -> None:
 
 
 @INTERPRETER_ONLY
-def test_probe_dry_run_checks_its_kernels(tmp_path, capsys) -> None:
+def test_probe_dry_run_checks_its_kernels(tmp_path, capsys, monkeypatch) -> None:
+    launched = []
+    real = probe._stream
+
+    def stream(src, out, programs, unroll, *args, **kwargs):
+        launched.append((programs, unroll))
+        return real(src, out, programs, unroll, *args, **kwargs)
+
+    monkeypatch.setattr(probe, "_stream", stream)
     result = probe.dry_run_probe(log=lambda _: None)
     assert result["rows"] and all(r["check"] == "ok" for r in result["rows"])
+    stream = [(r["programs"], r["unroll"]) for r in result["rows"] if r["name"] in ("stream", "l2")]
+    assert launched == stream and {p for p, _ in stream} == {1, 3}  # each row's check ran the grid it names
+    monkeypatch.undo()
     assert main(["tune", "--probe", "--dry-run", "--json", str(tmp_path / "probe.json")]) == 0
     assert json.loads((tmp_path / "probe.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
     assert main(["tune", "--probe", "--list"]) == 0
@@ -254,6 +265,17 @@ def test_resume_leaves_out_the_buckets_its_config_file_holds(tmp_path) -> None:
     assert json.loads(config.read_text())["kernels"]["qkv.q_heads"]["T=2,H=4,QL=128"]["block_k"] == 64  # kept
     result = run_tune(config_path=config, log=lambda _: None, **args)
     assert [b["kernel"] for b in result["buckets"]] == ["qkv.rows", "qkv.q_heads"]
+
+
+@INTERPRETER_ONLY
+def test_resume_of_a_config_file_that_holds_every_bucket_exits_0(tmp_path, capsys) -> None:
+    """Nothing left to tune is where a resumed run ends, not "no bucket tuned" (exit 1)."""
+    config = tmp_path / "cpu.json"
+    config.write_text(json.dumps({"schema": 1, "device": "cpu", "kernels": {"qkv.q_heads": {"T=2,H=4,QL=128": {}}}}))
+    argv = ["tune", "--dry-run", "--ops", "qkv_proj_rope", "--kernels", "qkv.q_heads", "--config", str(config)]
+    assert main([*argv, "--resume"]) == 0
+    assert "no bucket tuned" not in capsys.readouterr().out
+    assert main(argv) == 0  # without --resume the bucket is tuned again
 
 
 @INTERPRETER_ONLY
@@ -435,6 +457,12 @@ def test_a_probe_dry_run_whose_check_fails_exits_1(monkeypatch, capsys) -> None:
     assert main(["tune", "--probe", "--dry-run"]) == 1
     assert "MISMATCH chain 7 != 8" in capsys.readouterr().out
     monkeypatch.setattr(probe, "dry_run_probe", lambda: {"dry_run": True, "rows": rows[:1]})
+    assert main(["tune", "--probe", "--dry-run"]) == 0
+    raised = [rows[0], {"name": "l2", "error": "RuntimeError: no such eviction hint"}]  # an error, no check
+    monkeypatch.setattr(probe, "dry_run_probe", lambda: {"dry_run": True, "rows": raised})
+    assert main(["tune", "--probe", "--dry-run"]) == 1
+    measured = [{"name": "copy", "gb_per_s": 3900.0}, {"name": "launch_gap", "us_per_launch": 2.1}]  # no check
+    monkeypatch.setattr(probe, "dry_run_probe", lambda: {"dry_run": True, "rows": measured})
     assert main(["tune", "--probe", "--dry-run"]) == 0
 
 
