@@ -114,8 +114,14 @@ if NO_CUDA:  # on a CPU-only torch (or no GPU), asking for CUDA is a user error
 
 
 @pytest.mark.parametrize(("argv", "words"), ARGS, ids=[" ".join(a) or "(none)" for a, _ in ARGS])
-def test_user_error_is_one_line_and_exit_2(argv, words, valid_dir, tmp_path, capsys) -> None:
+def test_user_error_is_one_line_and_exit_2(argv, words, valid_dir, tmp_path, capsys, monkeypatch) -> None:
     argv = [a.replace("{ckpt}", str(valid_dir)).replace("{tmp}", str(tmp_path)) for a in argv]
+    if argv[:1] == ["bench"]:  # refused before measuring: a bench that started would run for many minutes
+
+        def started(*args, **kwargs):
+            raise AssertionError("the bench started")
+
+        monkeypatch.setattr("dsv4.bench.runner.run_bench", started)
     before = digest(valid_dir)
     code, out, err = _run(argv, capsys)
     _assert_one_line_error(code, err, words)
