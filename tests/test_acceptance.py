@@ -591,10 +591,20 @@ def test_test_counts_come_from_pytest_lines_when_junit_is_missing(tmp_path) -> N
         "[gw0] [ 75%] SKIPPED tests/test_b.py::test_gpu_only",
         "tests/test_b.py::test_teardown PASSED           [100%]",
         "tests/test_b.py::test_teardown ERROR            [100%]",
+        "tests/test_c.py::test_args[--steps ,] PASSED    [100%]",  # parameters with spaces and brackets
+        "tests/test_c.py::TestK::test_rows[[0, 1]] FAILED [100%]",
+        "[gw1] [100%] FAILED tests/test_c.py::test_args[--budget-s -5]",
+        "[gw0] [100%] PASSED tests/test_c.py::test_args[--budget-s nan]",
+        "FAILED tests/test_c.py::test_args[--budget-s -5] - assert 1 == 2",  # the summary repeats a failure
     ])  # fmt: skip
     counts = parse_tests({"junit": str(tmp_path / "missing.xml")}, log)
-    assert (counts["passed"], counts["failed"], counts["errors"], counts["skipped"]) == (1, 1, 1, 1)
-    assert counts["failures"] == ["tests/test_a.py::test_two[flash]", "tests/test_b.py::test_teardown"]
+    assert (counts["passed"], counts["failed"], counts["errors"], counts["skipped"]) == (3, 3, 1, 1)
+    assert counts["failures"] == [
+        "tests/test_a.py::test_two[flash]",
+        "tests/test_b.py::test_teardown",
+        "tests/test_c.py::TestK::test_rows[[0, 1]]",
+        "tests/test_c.py::test_args[--budget-s -5]",
+    ]  # fmt: skip
     with pytest.raises(ValueError, match="no junit XML"):
         parse_tests({"junit": str(tmp_path / "missing.xml")}, "collected 0 items")
 
@@ -881,6 +891,7 @@ def test_the_pytest_lines_count_as_the_junit_xml_does(tmp_path) -> None:
         "@pytest.mark.xfail(reason='x')\ndef test_xfail(): assert False\n"
         "@pytest.mark.xfail(reason='x')\ndef test_xpass(): pass\n"
         "@pytest.mark.xfail(reason='x', strict=True)\ndef test_xpass_strict(): pass\n"
+        "@pytest.mark.parametrize('a', ['x y', '[0, 1]'])\ndef test_spaced(a): assert a == 'x y'\n"
     )
     junit = tmp_path / "junit.xml"
     done = subprocess.run(
@@ -892,7 +903,8 @@ def test_the_pytest_lines_count_as_the_junit_xml_does(tmp_path) -> None:
     from_xml = parse_tests({"junit": str(junit)}, done.stdout)
     from_lines = parse_tests({"junit": str(tmp_path / "missing.xml")}, done.stdout)
     keys = ("passed", "failed", "errors", "skipped", "total")
-    assert [from_xml[k] for k in keys] == [2, 2, 0, 2, 6]
+    assert [from_xml[k] for k in keys] == [3, 3, 0, 2, 8]
     assert [from_lines[k] for k in keys] == [from_xml[k] for k in keys]
-    assert [t.rsplit("::", 1)[-1] for t in from_lines["failures"]] == ["test_fail", "test_xpass_strict"]
-    assert [t.rsplit("::", 1)[-1] for t in from_xml["failures"]] == ["test_fail", "test_xpass_strict"]
+    failed = ["test_fail", "test_xpass_strict", "test_spaced[[0, 1]]"]
+    assert [t.rsplit("::", 1)[-1] for t in from_lines["failures"]] == failed
+    assert [t.rsplit("::", 1)[-1] for t in from_xml["failures"]] == failed

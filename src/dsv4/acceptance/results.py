@@ -22,11 +22,14 @@ from typing import Any
 
 from .out_dir import open_nofollow
 
-# pytest -v lines, without and with xdist: "tests/a.py::t PASSED [ 5%]", "[gw0] [ 5%] PASSED tests/a.py::t"
+# pytest -v lines, without and with xdist: "tests/a.py::t PASSED [ 5%]", "[gw0] [ 5%] PASSED tests/a.py::t";
+# a test id's parameters may hold spaces and brackets ("t[x y]", "t[[0, 1]]"): the shortest bracket part
+# followed by the outcome, or by the end of the line or a summary's " - reason"
 _OUTCOMES = "PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS"
+_TEST_ID = r"[^\s:]+(?:::[^\s\[:]+)+(?:\[.*?\])?"
 _PYTEST_LINE = re.compile(
-    rf"^(?:(?P<id1>\S+::\S+) (?P<o1>{_OUTCOMES})\b"  # without xdist
-    rf"|(?:\[gw\d+\] \[\s*\d+%\] )?(?P<o2>{_OUTCOMES}) (?P<id2>\S+::\S+))"  # with xdist
+    rf"^(?:(?P<id1>{_TEST_ID}) (?P<o1>{_OUTCOMES})\b"  # without xdist
+    rf"|(?:\[gw\d+\] \[\s*\d+%\] )?(?P<o2>{_OUTCOMES}) (?P<id2>{_TEST_ID})(?= - |$))"  # with xdist, the summary
 )
 _MEDIANS = re.compile(r"^median ms per step: ([^;\n]+)(?:; memory floor ([0-9.]+) ms)?", re.M)
 _BACK_TO_BACK = re.compile(r"^back to back, ms per step: ([^;\n]+)", re.M)
