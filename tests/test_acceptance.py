@@ -18,14 +18,23 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
 
 from dsv4.acceptance.__main__ import main
 from dsv4.acceptance.out_dir import KIND, RECORD
 from dsv4.acceptance.plan import GPU, OPS, TUNE_MARGIN_S, Paths, Step, build_plan
-from dsv4.acceptance.results import parse_decode_loop, parse_fuzz, parse_ncu, parse_tests, parse_tune
+from dsv4.acceptance.results import (
+    parse_checkpoint,
+    parse_decode_loop,
+    parse_fuzz,
+    parse_ncu,
+    parse_tests,
+    parse_tune,
+)
 from dsv4.acceptance.runner import KILL_GRACE_S, OUTPUTS, Runner
 from dsv4.acceptance.summary import render
 from subprocesses import ROOT, run_python
@@ -634,6 +643,34 @@ def test_a_tools_version_is_the_last_line_it_prints(monkeypatch) -> None:
     assert environment._tool_version("ncu") == "Version 2024.1.1.0 (build 33998838) (public-release)"
 
 
+def test_the_environment_names_the_first_gpu_in_its_units(monkeypatch) -> None:
+    """nvidia-smi prints a line per GPU: the first is device 0's. Memory in GiB, the runtime's clocks
+    (kHz) in MHz."""
+    from dsv4.acceptance import environment
+
+    lines = (
+        "NVIDIA H200, 570.1, 1980, 1980, 3201, 3201, 700.00, 35\nNVIDIA H200, 570.1, 345, 1980, 1593, 3201, 700.00, 30"
+    )
+    monkeypatch.setattr(environment.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    monkeypatch.setattr(environment, "_run", lambda argv: lines if argv[0] == "nvidia-smi" else None)
+    smi = environment._nvidia_smi()
+    assert smi is not None and smi["clocks.sm"] == "1980" and smi["clocks.mem"] == "3201"
+    props = SimpleNamespace(name="NVIDIA H200", major=9, minor=0, multi_processor_count=132, total_memory=150 * 2**30,
+                            L2_cache_size=60 * 2**20)  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    env = environment.collect()
+    assert env["gpu"]["memory_gib"] == 150.0 and env["gpu"]["l2_mib"] == 60.0 and env["gpu"]["sm_count"] == 132
+    env["gpu"]["triton_device_properties"] = {
+        "sm_clock_rate": 1980000,
+        "mem_clock_rate": 3201000,
+        "mem_bus_width": 6144,
+    }
+    text = "\n".join(environment.describe(env))
+    assert "150.0 GiB" in text and "clocks (CUDA runtime): SM 1980 MHz, memory 3201 MHz, bus 6144 bit" in text
+
+
 # fuzz_ops.py's output: a case that failed at its candidates and passes at the defaults, a case that
 # raised, then the summary of a run stopped at its time limit
 FUZZ_LOG = """$ python benchmarks/fuzz_ops.py --device cuda --preset flash --candidates
@@ -684,6 +721,22 @@ def test_fuzz_summary_cases_and_candidates_are_read_back() -> None:
     assert "| `qkv.q_heads` | 20 | 9 | 4 |" in section  # 9 drawn elsewhere, 5 of them run by the interpreter
 
 
+def test_fuzz_findings_are_the_raised_count_not_the_failed_count() -> None:
+    r = parse_fuzz({}, "30 cases, 2 failed (preset tiny, seed 5); 0 raised or failed at candidates alone\n")
+    assert (r["cases"], r["failed"], r["findings"], r["seed"]) == (30, 2, 0, 5)
+
+
+def test_the_checkpoint_steps_load_line_is_read_back() -> None:
+    log = (
+        "load_layer(/tmp/ckpt, 1, device=cuda): 0.20 s wall; loaded 136.7 MiB; RSS 620 MiB after imports (heap 308, "
+        "file pages 303), peak 887 MiB (+267 MiB), now 662 MiB (heap 341, file pages 311); torch threads 16\n"
+        "12 op calls in 3.5 s; all checks passed\n"
+    )
+    r = parse_checkpoint({}, log)
+    assert (r["load_s"], r["loaded_mib"], r["peak_rss_mib"], r["rss_growth_mib"]) == (0.2, 136.7, 887, 267)
+    assert (r["run_op_calls"], r["run_s"], r["run_result"]) == (12, 3.5, "all checks passed")
+
+
 def test_decode_loop_medians() -> None:
     log = "preset=flash ...\nmedian ms per step: eager 1.250, graph 0.500\n"
     assert parse_decode_loop({}, log)["median_ms"] == {"eager": 1.25, "graph": 0.5}
@@ -707,7 +760,7 @@ def test_ncu_csv_is_grouped_per_kernel_and_grid(tmp_path) -> None:
     rows = [
         '"","","","","byte","byte"',
         '"0","_score_kernel","(16, 64, 1)","(128, 1, 1)","1,000","5000"',
-        '"1","_score_kernel","(16, 64, 1)","(128, 1, 1)","3000","7000"',
+        '"1","_score_kernel","(16, 64, 1)","(128, 1, 1)","6000","9000"',  # the median, not the mean
         '"2","_score_kernel","(16, 64, 1)","(128, 1, 1)","2000","6000"',
         '"3","_score_kernel","(2048, 1, 1)","(128, 1, 1)","9000","9000"',
     ]
@@ -892,6 +945,7 @@ def test_the_pytest_lines_count_as_the_junit_xml_does(tmp_path) -> None:
         "@pytest.mark.xfail(reason='x')\ndef test_xpass(): pass\n"
         "@pytest.mark.xfail(reason='x', strict=True)\ndef test_xpass_strict(): pass\n"
         "@pytest.mark.parametrize('a', ['x y', '[0, 1]'])\ndef test_spaced(a): assert a == 'x y'\n"
+        "@pytest.fixture\ndef broken(): raise RuntimeError('x')\ndef test_error(broken): pass\n"
     )
     junit = tmp_path / "junit.xml"
     done = subprocess.run(
@@ -903,8 +957,8 @@ def test_the_pytest_lines_count_as_the_junit_xml_does(tmp_path) -> None:
     from_xml = parse_tests({"junit": str(junit)}, done.stdout)
     from_lines = parse_tests({"junit": str(tmp_path / "missing.xml")}, done.stdout)
     keys = ("passed", "failed", "errors", "skipped", "total")
-    assert [from_xml[k] for k in keys] == [3, 3, 0, 2, 8]
+    assert [from_xml[k] for k in keys] == [3, 3, 1, 2, 9]
     assert [from_lines[k] for k in keys] == [from_xml[k] for k in keys]
-    failed = ["test_fail", "test_xpass_strict", "test_spaced[[0, 1]]"]
+    failed = ["test_fail", "test_xpass_strict", "test_spaced[[0, 1]]", "test_error"]
     assert [t.rsplit("::", 1)[-1] for t in from_lines["failures"]] == failed
     assert [t.rsplit("::", 1)[-1] for t in from_xml["failures"]] == failed

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dsv4
 import dsv4.ops.validate as validate
 from conftest import BACKENDS, DEVICE
-from dsv4.harness.cases import make_case, mutated_args, record_outputs
+from dsv4.harness.cases import clone_args, make_case, mutated_args, record_outputs
 from dsv4.model.structs import QKV, IndexerOut
 from dsv4.ops.registry import OpDescriptor
 from frontends import tiny_frontend
@@ -481,6 +481,27 @@ def test_what_an_op_writes_made_under_inference_mode_is_refused_outside_it(op: s
         getattr(dsv4, op)(**args, backend="reference")
 
 
+@pytest.mark.parametrize("op", [op for op in dsv4.ops.op_names() if dsv4.ops.get_op(op).mutates])
+def test_each_tensor_an_op_writes_is_checked_for_inference_mode(op: str) -> None:
+    """The first tensor of the op's state made under ``torch.inference_mode``, the rest outside it; and, for
+    an op that also returns, an ``out`` made there beside a state made outside: each is refused by name."""
+    desc = dsv4.ops.get_op(op)
+    head, field = desc.mutates[0].split(".")
+    args = dict(make_case(CFG, op, seed=3, device=DEVICE, batch=2, seq=2).args)
+    with torch.inference_mode():
+        made = getattr(args[head], field).clone()
+    one = {**args, head: dataclasses.replace(args[head], **{field: made})}
+    with pytest.raises(ValueError, match=f"^{head}.{field}: an inference tensor"):
+        getattr(dsv4, op)(**one, backend="reference")
+    if desc.result is not None:
+        with torch.inference_mode():  # a result of the op's own shapes, made there
+            out = getattr(dsv4, op)(**clone_args(args, op), backend="reference")
+        before = {k: v.clone() for k, v in record_outputs({head: args[head]}).items()}
+        with pytest.raises(ValueError, match=r"^out\.\S+: an inference tensor"):
+            getattr(dsv4, op)(**args, out=out, backend="reference")
+        assert all(torch.equal(t, before[k]) for k, t in record_outputs({head: args[head]}).items())
+
+
 def _requiring_grad(record: object) -> object:
     """``record`` (a tensor, weights, nested records) with every fp32 and bf16 tensor an ``nn.Parameter``,
     which requires grad, as an engine's weights may be."""
@@ -556,6 +577,21 @@ def test_a_callers_float32_matmul_precision_changes_nothing(op: str, precision: 
     finally:
         _set_precision("none/none/none")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_generic_tf32_precision_is_made_ieee_for_the_call() -> None:
+    """``torch.backends.fp32_precision = "tf32"`` with the per-backend settings at "none" (inheriting it):
+    inside the call each backend's float32 matmuls are IEEE, and the caller's settings come back after."""
+    from dsv4.ops.device import spec_numerics
+
+    b: Any = torch.backends
+    try:
+        callers = _set_precision("tf32/none/none")
+        with spec_numerics("cpu"):
+            assert (b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision) == ("ieee", "ieee")
+        assert (b.fp32_precision, b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision) == callers
+    finally:
+        _set_precision("none/none/none")
 
 
 @pytest.mark.parametrize("op", ["indexer_compressor", "indexer"])

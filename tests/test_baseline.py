@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from dsv4.bench import baseline
 from dsv4.bench.calls import LIBRARY, bind
 from dsv4.bench.runner import make_bench_case, shape_grid
-from dsv4.harness.cases import make_case
+from dsv4.harness.cases import Case, make_case
 from dsv4.harness.golden import compare
 from dsv4.model.config import get_config
 
@@ -22,13 +22,17 @@ TINY = get_config("tiny")
 
 
 def _check(op: str, mode: str = "decode", **shape) -> None:
-    case = make_case(TINY, op, mode, seed=3, **shape)
+    _check_case(make_case(TINY, op, mode, seed=3, **shape))
+
+
+def _check_case(case: Case) -> dict[str, torch.Tensor]:
     outputs = {}
     for backend in ("reference", "library"):
         call = bind(case, backend)
         outputs[backend] = call.outputs(call())
-    report = compare(op, outputs["library"], outputs["reference"], case.compare_inputs())
+    report = compare(case.op, outputs["library"], outputs["reference"], case.compare_inputs())
     assert report, str(report)
+    return outputs["library"]
 
 
 @pytest.mark.parametrize("mode", ["decode", "prefill"])
@@ -68,7 +72,26 @@ def test_capturable_writes_leave_other_rows_alone() -> None:
     assert torch.equal(after.keys, before.keys) and torch.equal(after.key_scale, before.key_scale)
 
 
+def test_a_row_closed_into_an_unallocated_block_is_written_nowhere() -> None:
+    """Slot 0's table entry is -1 where its step closes row 0: no row is written (not into block 0, where a
+    clamped entry would put it), as the reference writes none."""
+    case = make_case(TINY, "indexer_compressor", seed=1, batch=2, seq=1, start_pos=[3, 7])
+    case.args["state"].block_table[0, 0] = -1
+    before, other = case.args["state"].keys.clone(), int(case.args["state"].block_table[1, 0])
+    keys = _check_case(case)["keys"]
+    assert torch.equal(keys[0], before[0]) and not torch.equal(keys[other], before[other])  # slot 1's row written
+
+
 # --- the attention ops -------------------------------------------------------------------------------
+
+
+def test_csa_entries_below_the_offset_are_left_out() -> None:
+    """Indices below ``topk_offset`` name no compressed row: the library leaves them out, as the reference does."""
+    case = make_case(TINY, "sparse_attn", seed=3, batch=2, seq=2, start_pos=[40, 77], kind="csa")
+    idx = case.args["topk_idxs"]
+    assert case.args["topk_offset"] == TINY.sliding_window == 16
+    idx[0, 0, 1], idx[1, 1, 0] = 3, 0
+    _check_case(case)
 
 
 @pytest.mark.parametrize("seq", [1, 2, 5])

@@ -550,6 +550,57 @@ def test_the_tables_put_each_figure_under_its_heading() -> None:
     assert _line(models, "indexer")[-1] == "memory"
     assert "90.0-110.0" in _line(report.timing_table(record), "o_proj")
     assert _line(report.kernel_table(record), "_wo_a_kernel")[-1] == "25.0"  # 25 µs after the others, of 100 µs
+    assert _line(models, "o_proj")[4:8] == ["3.00", "2.00", "1.00", "4.00"]  # minimal, read, write MB (1e6 B); GFLOP
+    timing = _line(report.timing_table(record), "o_proj")
+    assert timing[timing.index("30") + 1 : timing.index("30") + 3] == ["50.0", "40.0"]  # GB/s, % floor table, copy
+    assert "(dirty)" not in report.render(record).splitlines()[0]
+    for dirty in (False, True):
+        record["meta"].update(commit="0123456789abcdef", commit_dirty=dirty)
+        header = report.render(record).splitlines()[0]
+        assert "commit=0123456789ab" in header and ("(dirty)" in header) == dirty
+
+
+def test_failed_rows_are_those_that_raised_or_whose_check_is_not_ok() -> None:
+    from dsv4.bench.runner import failed_rows
+
+    def row(status: str, **fields: str) -> dict:
+        return {"op": "o_proj", "shape": "decode B=4 S=2", "backend": fields.pop("backend", "triton"),
+                "status": status, **fields}  # fmt: skip
+
+    result = {
+        "timings": [row("ok", check="ok"), row("ok", backend="reference", check="is the reference"),
+                    row("skipped", error="no triton implementation"), row("error", error="RuntimeError: x"),
+                    row("ok", check="MISMATCH y: 3/100 off")],
+        "traffic": [row("ok"), row("ok", check="ok")],
+    }  # fmt: skip
+    assert failed_rows(result) == [
+        "o_proj decode B=4 S=2 triton: RuntimeError: x",
+        "o_proj decode B=4 S=2 triton: MISMATCH y: 3/100 off",
+        "o_proj decode B=4 S=2 triton: not checked",
+    ]
+
+
+def test_provenance_names_the_device_the_run_used_and_the_date_in_utc(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine running the bench with --cpu
+    meta = report.provenance("bench --cpu", "cpu")
+    assert meta["device_type"] == "cpu" and meta["device"].startswith("CPU")
+    assert meta["date"].endswith("+00:00") and meta["command"] == "dsv4 bench --cpu"
+
+
+def test_write_json_stopped_mid_write_leaves_the_last_file(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "bench.json"
+    report.write_json({"run": 1}, path)
+
+    def stopped(self, text, *args, **kwargs):
+        with open(self, "w") as f:
+            f.write(text[: len(text) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(path), "write_text", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_json({"run": 2, "rows": list(range(100))}, path)
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"run": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]
 
 
 def test_a_gpu_plot_shows_the_percent_of_the_measured_copy_floor(tmp_path, monkeypatch) -> None:
@@ -595,8 +646,8 @@ def test_percent_of_floor_and_speed_ups_are_of_the_measured_time(monkeypatch) ->
     table: dict[str, float | None] = {"floor": 50.0}  # µs, at the device table's bandwidth
     copy: dict[str, float | None] = {"floor": 25.0}  # µs, at the measured copy's
     row = _time_backend(
-        case, shape, "reference", call, {}, cost, (table, copy), lambda _: Timing(100.0, 100.0, 100.0, 3, "", "")
-    )
+        case, shape, "reference", call, {}, cost, (table, copy), lambda _: Timing(100.0, 80.0, 130.0, 3, "", "")
+    )  # median 100 µs: the % of floor and GB/s are the median's
     assert row["pct_of_floor_device_table"] == 50.0 and row["pct_of_floor_measured_copy"] == 25.0
     assert row["gb_per_s"] == pytest.approx(cost.bytes / 100e-6 / 1e9)
 

@@ -67,6 +67,8 @@ def test_explicit_start_positions_and_reset_validation() -> None:
     before = m.state.clone()
     with pytest.raises(ValueError, match="start_pos"):
         m(x, start_pos=[64, 0])  # past the cache: refused before anything changes
+    with pytest.raises(ValueError, match=r"^start_pos: expected 1 positions"):
+        m(x[:1], start_pos=[4, 4])  # a position for a row the step does not have
     assert m.next_pos == [4, 4]
     assert all(torch.equal(a, b) for a, b in zip(m.state.tensors().values(), before.tensors().values(), strict=True))
 

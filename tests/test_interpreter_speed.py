@@ -11,7 +11,7 @@ import triton.language as tl
 
 from conftest import INTERPRETER_TRAFFIC
 from dsv4.kernels.interpreter_speed import patch_language_once_per_launch
-from lang_core_helper import magnitude
+from lang_core_helper import clamped_magnitude_kernel, magnitude
 from subprocesses import run_python_without_cuda
 
 pytestmark = INTERPRETER_TRAFFIC
@@ -53,6 +53,14 @@ def test_a_helper_naming_tl_core_is_patched_inside_the_launch() -> None:
     _installed()
     x = torch.linspace(-4, 4, N)
     assert torch.equal(_run(2, core=True), (x * 0.25).abs())
+
+
+def test_a_helper_naming_tl_as_well_is_patched_inside_a_launch_that_patched_core_alone() -> None:
+    _installed()
+    x = torch.linspace(-4, 4, N)
+    out = torch.empty(N)
+    clamped_magnitude_kernel[(1,)](x, out)
+    assert torch.equal(out, x.abs().clamp(max=2.0))
 
 
 def test_helper_calls_patch_nothing_again(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -100,6 +108,13 @@ def test_the_dsv4_command_turns_it_on() -> None:
     done = run_python_without_cuda(["-c", code])
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-2:] == ["False", "True"]
+
+
+@pytest.mark.parametrize("version", ["3.6.0", "3.9.1"])
+def test_the_releases_it_was_checked_on_take_it(version: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _installed()
+    monkeypatch.setattr(triton, "__version__", version)
+    assert patch_language_once_per_launch()
 
 
 @pytest.mark.parametrize("version", ["3.5.1", "3.10.0", "4.0.0+git1234"])

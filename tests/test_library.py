@@ -4,6 +4,7 @@ and ``torch.compile(fullgraph=True)`` over a decode step."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import NamedTuple
 
 import pytest
@@ -16,7 +17,7 @@ from dsv4.engine.custom_ops import _leaf_names
 from dsv4.harness.cases import make_case
 from dsv4.ops import OpDescriptor, Output, Tolerance, register_op
 from dsv4.ops.costs import OpCost
-from dsv4.ops.registry import op_names
+from dsv4.ops.registry import get_op, op_names
 
 CFG = dsv4.get_config("tiny")
 
@@ -179,7 +180,29 @@ def test_a_meta_tensor_among_real_ones_is_refused() -> None:
     meta_w = dataclasses.replace(w.indexer, weights_proj=w.indexer.weights_proj.to("meta"))
     with pytest.raises(ValueError, match=r"w\.weights_proj: expected device .*, got meta"):
         lib.indexer(x, qkv.qr, qkv.qr_scale, meta_w, state, start, 16, rope, topk=16)
+    with pytest.raises(ValueError, match=r"start_pos: expected device .*, got meta"):  # only the host may differ
+        lib.indexer(x, qkv.qr, qkv.qr_scale, w.indexer, state, start.to("meta"), 16, rope, topk=16)
     assert all(torch.equal(t, getattr(before, name)) for name, t in state.tensors().items())
+
+
+def test_a_record_of_another_kind_is_refused_by_name() -> None:
+    x, w, positions, start, rope, state = _step_inputs()
+    qkv = dsv4.qkv_proj_rope(x.view(4, -1), w.attn, positions, rope)
+    with pytest.raises(TypeError, match="^w: expected IndexerWeights, got AttnWeights"):
+        lib.indexer(x, qkv.qr, qkv.qr_scale, w.attn, state, start, 16, rope, topk=16)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("op", op_names())
+def test_each_tensor_an_op_writes_has_an_alias_set_of_its_own(op: str) -> None:
+    """``Tensor(a0!) kv_state, Tensor(a1!) score_state, ...``: one set each, so that no two tensors an op
+    writes (its state, its ``out``) are declared aliases of one another."""
+    schemas = [str(getattr(torch.ops.dsv4, op).default._schema)]
+    if get_op(op).result is not None:
+        schemas.append(str(getattr(torch.ops.dsv4, f"{op}_out").default._schema))
+    for schema in schemas:
+        sets = re.findall(r"Tensor\((a\d+)!\)", schema)
+        assert len(sets) == len(set(sets)), schema
+        assert len(sets) == len(get_op(op).mutates) + (0 if schema == schemas[0] else len(get_op(op).result._fields))
 
 
 @pytest.mark.parametrize(

@@ -103,6 +103,12 @@ def _tensor_or_str(x: torch.Tensor, n: torch.Tensor | str, *, backend: str = "au
     """A tensor or a str."""
 
 
+def _tensor_int_or_none(
+    x: torch.Tensor, n: torch.Tensor | int | None, *, backend: str = "auto", out: _Out | None = None
+) -> _Out:
+    """A tensor, an int or None."""
+
+
 def _int_list(x: torch.Tensor, n: list[int], *, backend: str = "auto", out: _Out | None = None) -> _Out:
     """A list."""
 
@@ -147,7 +153,7 @@ def test_a_stub_breaking_the_rules_of_backend_out_or_the_result_is_refused(stub:
 
 @pytest.mark.parametrize(
     ("stub", "arg"),
-    [(_optional_int, "n"), (_int_or_float, "n"), (_tensor_or_str, "n"), (_int_list, "n")],
+    [(_optional_int, "n"), (_int_or_float, "n"), (_tensor_or_str, "n"), (_int_list, "n"), (_tensor_int_or_none, "n")],
     ids=lambda v: v.__name__.strip("_") if callable(v) else None,
 )
 def test_an_annotation_no_op_takes_is_refused_naming_the_argument(stub: Callable, arg: str) -> None:

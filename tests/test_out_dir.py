@@ -1,0 +1,61 @@
+"""The acceptance run's ``OUT_DIR`` helpers (``dsv4.acceptance.out_dir``): a link at a name is never
+written through, a file is replaced whole from a temp file beside it, and an earlier run's record of
+any real size marks a directory the run may use again."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from dsv4.acceptance import out_dir
+from dsv4.acceptance.out_dir import KIND, RECORD, OutDirError, open_nofollow, prepare_out_dir, write_atomic
+
+
+def test_open_nofollow_refuses_a_link(tmp_path) -> None:
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("theirs\n")
+    (tmp_path / "log.txt").symlink_to(target)
+    for append in (False, True):
+        with pytest.raises(OSError):
+            open_nofollow(tmp_path / "log.txt", append=append)
+    assert target.read_text() == "theirs\n"
+
+
+def test_write_atomic_renames_a_file_made_beside_its_target(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "summary.md"
+    path.write_text("before\n")
+    renamed = []
+    real = os.replace
+
+    def replace(src, dst):
+        renamed.append((src, dst))
+        real(src, dst)
+
+    monkeypatch.setattr(out_dir.os, "replace", replace)
+    write_atomic(path, "after\n")
+    ((src, dst),) = renamed
+    assert os.path.dirname(src) == str(tmp_path) and dst == path and path.read_text() == "after\n"
+
+    def fails(src, dst):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(out_dir.os, "replace", fails)
+    with pytest.raises(OSError, match="no space"):
+        write_atomic(path, "lost\n")
+    assert path.read_text() == "after\n" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.md"]
+
+
+def test_an_earlier_runs_record_of_a_megabyte_marks_the_directory(tmp_path) -> None:
+    """A record holding a long log excerpt is still an earlier run's: its directory is used again."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / RECORD).write_text(json.dumps({"kind": KIND, "steps": [{"log": "x" * (1 << 20)}]}))
+    (out / "summary.md").write_text("old summary\n")
+    prepare_out_dir(out, ["summary.md"])
+    assert sorted(p.name for p in out.iterdir()) == [RECORD]
+    (out / RECORD).write_text(json.dumps({"kind": "something else"}))
+    (out / "notes.txt").write_text("mine\n")
+    with pytest.raises(OutDirError, match="not empty"):
+        prepare_out_dir(out, ["summary.md"])
