@@ -5,7 +5,7 @@ kernel's module names ``tl`` alone; and a kernel naming ``core`` alone whose hel
 import triton
 from triton.language import core
 
-from lang_both_helper import clamped_magnitude
+from lang_both_helper import root_magnitude
 
 
 @triton.jit
@@ -14,7 +14,7 @@ def magnitude(x):
 
 
 @triton.jit
-def clamped_magnitude_kernel(x_ptr, out_ptr):
+def root_magnitude_kernel(x_ptr, out_ptr):
     """A kernel whose module names ``core`` alone, calling a helper that names ``tl`` as well: 16 values."""
     offs = core.arange(0, 16)
-    core.store(out_ptr + offs, clamped_magnitude(core.load(x_ptr + offs)))
+    core.store(out_ptr + offs, root_magnitude(core.load(x_ptr + offs)))

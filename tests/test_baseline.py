@@ -90,7 +90,7 @@ def test_csa_entries_below_the_offset_are_left_out() -> None:
     case = make_case(TINY, "sparse_attn", seed=3, batch=2, seq=2, start_pos=[40, 77], kind="csa")
     idx = case.args["topk_idxs"]
     assert case.args["topk_offset"] == TINY.sliding_window == 16
-    idx[0, 0, 1], idx[1, 1, 0] = 3, 0
+    idx[..., :12] = torch.arange(12, dtype=idx.dtype)  # twelve of each token's sixteen below topk_offset
     _check_case(case)
 
 
