@@ -58,7 +58,7 @@ if DEVICE == "cpu":  # chosen before Triton is imported: on the CPU its interpre
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from dsv4.arg_types import device as device_arg  # noqa: E402
-from dsv4.arg_types import positive_float  # noqa: E402
+from dsv4.arg_types import ints_at_least, names_in, positive_float  # noqa: E402
 from dsv4.bench.interp_traffic import bounds_checked, dots_checked  # noqa: E402
 from dsv4.harness.cases import expected_outputs, make_case, run_case  # noqa: E402
 from dsv4.harness.golden import compare  # noqa: E402
@@ -129,9 +129,13 @@ def main() -> int:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--seconds", type=positive_float, default=600.0, help="stop drawing cases after this long")
     parser.add_argument("--seed", type=int, default=0, help="seeds the draw of the cases")
-    parser.add_argument("--ops", help="comma-separated (default: every op with a Triton backend)")
-    parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="the B to draw from")
-    parser.add_argument("--seqs", default=",".join(map(str, SEQS)), help="the S to draw from (e.g. 17,64,130: chunks)")
+    fused = op_names("triton")
+    help_ops = "comma-separated (default: every op with a Triton backend)"
+    parser.add_argument("--ops", type=names_in(fused), default=list(fused), help=help_ops)
+    parser.add_argument("--batches", type=ints_at_least(1), default=list(BATCHES), help="the B to draw from")
+    parser.add_argument(
+        "--seqs", type=ints_at_least(1), default=list(SEQS), help="the S to draw from (e.g. 17,64,130: chunks)"
+    )
     parser.add_argument("--json", help="write every case and its verdict here")
     parser.add_argument(
         "--candidates", action="store_true", help="launch each kernel with a declared tuning candidate drawn per case"
@@ -143,9 +147,7 @@ def main() -> int:
         parser.error(f"--json {args.json}: its directory does not exist")
     patch_language_once_per_launch()  # under the interpreter: the same bits, less of its own work
     cfg = get_config(args.preset)
-    ops = args.ops.split(",") if args.ops else [op for op in op_names() if "triton" in get_op(op).implementations]
-    batches = [int(v) for v in args.batches.split(",")]
-    seqs = [int(v) for v in args.seqs.split(",")]
+    ops, batches, seqs = args.ops, args.batches, args.seqs
     rng = random.Random(args.seed)
     runs: Counter = Counter()
     fails: Counter = Counter()

@@ -206,12 +206,17 @@ def test_an_interrupted_run_reports_the_cases_judged(tmp_path: Path) -> None:
     [
         (["--seconds", "0"], "--seconds"), (["--seconds", "-1"], "--seconds"), (["--seconds", "nan"], "--seconds"),
         (["--json", "{tmp}"], "is a directory"), (["--json", "{tmp}/missing/cases.json"], "does not exist"),
+        (["--batches", "x"], "ints >= 1"), (["--batches", "2,0"], "ints >= 1"), (["--seqs", "0"], "ints >= 1"),
+        (["--ops", "bogus"], "window_kv_write"),
     ],
-    ids=["seconds=0", "seconds=-1", "seconds=nan", "json-a-directory", "json-in-a-missing-directory"],
+    ids=["seconds=0", "seconds=-1", "seconds=nan", "json-a-directory", "json-in-a-missing-directory", "batches=x",
+         "batches=2,0", "seqs=0", "ops=bogus"],
 )  # fmt: skip
 def test_bad_arguments_are_refused_before_any_case(args: list[str], words: str, tmp_path: Path) -> None:
     """``--seconds 0`` judged no case and exited 0; a ``--json`` that cannot be written failed after the
-    whole run. Both are refused first: exit 2, the argument named, no case drawn, nothing written."""
+    whole run; ``--batches 0`` or ``--seqs 0`` judged every case of the time given as failed, and an
+    unknown op or a B that is not a number ended in a traceback. Each is refused first: exit 2, the
+    argument named, no case drawn, nothing written."""
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     done = _run("--ops", "window_kv_write", "--seconds", "2", *args)
     assert done.returncode == 2, (done.stdout, done.stderr)

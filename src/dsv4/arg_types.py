@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 
 def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
@@ -20,6 +20,33 @@ def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], in
         if value < minimum or (maximum is not None and value > maximum):
             raise argparse.ArgumentTypeError(f"expected {want}, got {value}")
         return value
+
+    return parse
+
+
+def ints_at_least(minimum: int) -> Callable[[str], list[int]]:
+    """A comma-separated list of ints, each ``>= minimum`` (``1,2,5``)."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",")]
+        except ValueError:
+            values = []
+        if not values or min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of ints >= {minimum}, got {text!r}")
+        return values
+
+    return parse
+
+
+def names_in(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """A comma-separated list of names, each one of ``choices``."""
+
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        if not names or any(n not in choices for n in names):
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(choices)}, got {text!r}")
+        return names
 
     return parse
 

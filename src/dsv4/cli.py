@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .arg_types import device as device_arg
-from .arg_types import int_at_least, positive_float
+from .arg_types import int_at_least, names_in, positive_float
 from .model.config import COMPRESS_RATIO, LAYER_KINDS, PRESETS, get_config
 from .model.weights import MAX_SEED
 from .ops.backends import BACKENDS, available_backends, resolve, triton_missing, unavailable_reason
@@ -350,17 +350,6 @@ def _names_any(text: str) -> list[str]:
     return names
 
 
-def _names(choices: Sequence[str]):
-    def parse(text: str) -> list[str]:
-        names = [n.strip() for n in text.split(",") if n.strip()]
-        bad = [n for n in names if n not in choices]
-        if bad or not names:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(choices)}, got {text!r}")
-        return names
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dsv4", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -437,13 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--mode", default="decode", choices=["decode", "prefill", "all"])
     bench.add_argument("--cpu", action="store_true", help="run on the CPU: Triton traffic counts and reference timings")
     bench.add_argument(
-        "--ops", type=_names(op_names()), default=list(op_names()), help="comma-separated ops (default: all)"
+        "--ops", type=names_in(op_names()), default=list(op_names()), help="comma-separated ops (default: all)"
     )
     bench.add_argument(
         "--shapes", type=_names_any, help="keep shapes whose op and label hold one of these (e.g. 'B=64', 'kind=hca')"
     )
     default_backends = "triton,reference,compile on a GPU; reference on a CPU"
-    bench.add_argument("--backends", type=_names(BENCH_BACKENDS), help=f"backends to time ({default_backends})")
+    bench.add_argument("--backends", type=names_in(BENCH_BACKENDS), help=f"backends to time ({default_backends})")
     bench.add_argument("--model-only", action="store_true", help="bytes model and floors only: time and count nothing")
     bench.add_argument(
         "--reps",
@@ -479,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--mode", default="all", choices=sorted(MODES_OF), help="decode and/or prefill shapes")
     tune.add_argument(
         "--ops",
-        type=_names(op_names("triton")),
+        type=names_in(op_names("triton")),
         default=list(op_names("triton")),
         help="comma-separated ops (default: every op with a fused kernel)",
     )
