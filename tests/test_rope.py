@@ -129,3 +129,6 @@ def test_rejects_bad_kind_and_size() -> None:
         dsv4.rope_table(cfg, "yarn")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_position"):
         dsv4.rope_table(cfg, max_position=0)
+    for size in (10.7, True, torch.tensor(16)):  # not truncated to 10 rows, 1 row, or taken from a tensor
+        with pytest.raises(TypeError, match="^max_position: expected an int or None"):
+            dsv4.rope_table(cfg, max_position=size)  # type: ignore[arg-type]
