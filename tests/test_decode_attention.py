@@ -445,6 +445,7 @@ def test_op_backends_name_the_ops_the_layer_runs(kind: str, ops: list[str]) -> N
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert f"backends={dict.fromkeys(ops, 'reference')}" in proc.stdout.splitlines()[0]
+    assert proc.stdout.splitlines()[2].split()[:3] == ["0", "eager", "4"]  # the step's start: after the prefill
 
 
 @pytest.mark.parametrize(("layer", "kind"), [(0, "swa"), (1, "csa"), (3, "hca")])

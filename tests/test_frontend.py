@@ -319,7 +319,7 @@ def test_decode_loop_example_runs() -> None:
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     rows = [line.split() for line in lines[2:-1]]
-    assert [r[:2] for r in rows] == [["0", "eager"], ["1", "eager"], ["2", "eager"]]
+    assert [r[:3] for r in rows] == [["0", "eager", "17"], ["1", "eager", "19"], ["2", "eager", "21"]]  # last tokens
     assert all(int(r[4]) == min(CFG.index_topk, (int(r[2]) + 1) // 4) for r in rows)  # k = min(topk, vis)
     assert lines[-1].startswith("median ms per step: eager")
 

@@ -105,6 +105,7 @@ GIVEN_VERDICTS = """
 import sys
 sys.path.insert(0, sys.argv[1])
 import fuzz_ops
+from dsv4.kernels import tuning
 
 own, at_defaults = sys.argv[2], sys.argv[3]
 last = None
@@ -112,7 +113,10 @@ last = None
 
 def judge(*case):
     global last
-    verdict = at_defaults if case == last else own
+    if case == last:  # judged again: at the built-in defaults, whatever a config file holds
+        verdict = at_defaults if tuning._STATE.defaults_only else "ERROR judged again at a config file's choice"
+    else:
+        verdict = own
     last = None if case == last else case
     return verdict
 
@@ -172,7 +176,7 @@ import sys
 sys.path.insert(0, sys.argv[1])
 import fuzz_ops
 
-calls = 0
+calls, first = 0, sys.argv[3]
 
 
 def judge(*case):
@@ -180,7 +184,7 @@ def judge(*case):
     calls += 1
     if calls == 3:
         raise KeyboardInterrupt
-    return "ok"
+    return first if calls == 1 else "ok"
 
 
 fuzz_ops.judge = judge
@@ -189,15 +193,18 @@ sys.exit(fuzz_ops.main())
 """
 
 
-def test_an_interrupted_run_reports_the_cases_judged(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("first", "status"), [("ok", 130), ("ERROR RuntimeError: boom", 1)])
+def test_an_interrupted_run_reports_the_cases_judged(first: str, status: int, tmp_path: Path) -> None:
     """Interrupted inside a case, the run still prints its summary and writes its JSON, without the
-    case in progress, and exits 130."""
+    case in progress, and exits 130; 1 when a case judged before raised (a finding outranks the
+    interruption)."""
     script, out = tmp_path / "interrupted.py", tmp_path / "cases.json"
     script.write_text(INTERRUPTED_IN_THE_THIRD_CASE)
-    done = run_python([str(script), str(SCRIPT.parent), str(out)], TRITON_INTERPRET="1")
-    assert done.returncode == 130, done.stderr
+    done = run_python([str(script), str(SCRIPT.parent), str(out), first], TRITON_INTERPRET="1")
+    assert done.returncode == status, done.stderr
     assert "interrupted: the case in progress is left out" in done.stdout
-    assert "2 cases, 0 failed (preset tiny, seed 0); 0 raised or failed at candidates alone" in done.stdout
+    n = int(first != "ok")
+    assert f"2 cases, {n} failed (preset tiny, seed 0); {n} raised or failed at candidates alone" in done.stdout
     assert len(json.loads(out.read_text())["cases"]) == 2
 
 
@@ -236,3 +243,111 @@ def test_a_run_that_judged_no_case_exits_1() -> None:
 def test_cuda_refused_without_a_gpu() -> None:
     done = _run("--device", "cuda", "--seconds", "1")
     assert done.returncode == 2 and "argument --device: 'cuda', but CUDA is not available" in done.stderr
+
+
+# fuzz_ops.main with a judge that records what it is asked and passes every case at once: what is drawn
+RECORDED_DRAWS = """
+import json
+import sys
+sys.path.insert(0, sys.argv[1])
+import fuzz_ops
+
+asked = []
+
+
+def judge(cfg, op, seed, device, b, s, starts, kind):
+    asked.append({"op": op, "b": b, "s": s, "starts": starts, "kind": kind})
+    return "ok"
+
+
+fuzz_ops.judge = judge
+out = __file__ + ".asked.json"
+sys.argv = ["fuzz_ops.py", "--seconds", "1", "--seed", "5", *sys.argv[2:]]
+try:
+    fuzz_ops.main()
+finally:
+    open(out, "w").write(json.dumps(asked))
+"""
+
+
+def test_the_draws_cover_the_options_given_and_the_printed_call_is_the_case(tmp_path: Path) -> None:
+    """Every kind of each op, every B of ``--batches`` and every S of ``--seqs`` (and no other), and each
+    case recorded with the ``make_case`` call of the very draw judged."""
+    script, out = tmp_path / "draws.py", tmp_path / "cases.json"
+    script.write_text(RECORDED_DRAWS)
+    argv = ["--ops", "sparse_attn,kv_compressor", "--batches", "2,3", "--seqs", "5,17", "--json", str(out)]
+    done = run_python([str(script), str(SCRIPT.parent), *argv], TRITON_INTERPRET="1")
+    assert done.returncode == 0, done.stderr
+    asked = json.loads(Path(f"{script}.asked.json").read_text())
+    cases = json.loads(out.read_text())["cases"]
+    assert len(asked) == len(cases) > 100
+    assert {(a["op"], a["kind"]) for a in asked} == {("sparse_attn", k) for k in ("csa", "hca", "swa")} | {
+        ("kv_compressor", k) for k in ("csa", "hca")
+    }
+    assert {a["b"] for a in asked} == {2, 3} and {a["s"] for a in asked} == {5, 17}
+    for a, c in zip(asked, cases, strict=True):
+        call = f"batch={a['b']}, seq={a['s']}, start_pos={a['starts']}, kind={a['kind']!r}"
+        assert f"'{a['op']}', 'decode', " in c["case"] and call in c["case"], (a, c["case"])
+
+
+DRAWN_STARTS = """
+import random
+import sys
+sys.path.insert(0, sys.argv[1])
+import fuzz_ops
+
+rng = random.Random(0)
+print(" ".join(str(fuzz_ops.draw_start(rng)) for _ in range(4000)))
+"""
+
+
+def test_half_the_starts_are_at_or_next_to_a_boundary(tmp_path: Path) -> None:
+    """Each boundary (4, 16, 64, 128, 256) is drawn and, beside it, its two positions below, itself and the
+    one above: a start exactly on a boundary of 256 is about one draw in 40, not one in 256."""
+    script = tmp_path / "starts.py"
+    script.write_text(DRAWN_STARTS)
+    done = run_python([str(script), str(SCRIPT.parent)], TRITON_INTERPRET="1")
+    assert done.returncode == 0, done.stderr
+    starts = [int(v) for v in done.stdout.split()]
+    assert all(0 <= p <= 2000 + 1 for p in starts)
+    for m in (128, 256):
+        for offset in (-2, -1, 0, 1):
+            assert sum(1 for p in starts if p > 2 and (p - offset) % m == 0) > 4000 // 256, (m, offset)
+    assert sum(1 for p in starts if p and p % 256 == 0) > 4000 // 80
+
+
+INEXACT_DOT = """
+import sys
+import torch
+import triton
+import triton.language as tl
+sys.path.insert(0, sys.argv[1])
+import fuzz_ops
+from dsv4.model.config import get_config
+
+
+@triton.jit
+def _fp32_dot(a_ptr, out_ptr):
+    r = tl.arange(0, 16)
+    a = tl.load(a_ptr + r[:, None] * 16 + r[None, :])
+    tl.store(out_ptr + r[:, None] * 16 + r[None, :], tl.dot(a, a))
+
+
+def run_case(case, backend):
+    a = torch.full((16, 16), 1 + 2**-20)  # not a tf32 value: a GPU's tf32 dot would round it
+    _fp32_dot[(1,)](a, torch.empty(16, 16))
+    return {}
+
+
+fuzz_ops.run_case = run_case
+print(fuzz_ops.judge(get_config("tiny"), "window_kv_write", 0, "cpu", 1, 2, [0], None))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the check is the interpreter's")
+def test_an_fp32_dot_that_tf32_would_round_is_a_named_error(tmp_path: Path) -> None:
+    script = tmp_path / "inexact_dot.py"
+    script.write_text(INEXACT_DOT)
+    done = run_python([str(script), str(SCRIPT.parent)], TRITON_INTERPRET="1")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ERROR ") and "InexactDot" in done.stdout and "_fp32_dot" in done.stdout

@@ -32,3 +32,19 @@ def test_the_largest_seeds_draw_weights_of_their_own() -> None:
     assert not torch.equal(a.wo_a.view(torch.uint8), b.wo_a.view(torch.uint8))
     c, d = synthetic_compressor(TINY, 4, seed=MAX_SEED), synthetic_compressor(TINY, 4, seed=MAX_SEED - 1)
     assert not torch.equal(c.wkv, d.wkv)
+
+
+def test_synthetic_weights_are_drawn_as_documented() -> None:
+    """``wo_a`` with std ``1/sqrt(in features)``; a whole layer's front end is ``synthetic_weights(cfg, seed)``'s;
+    an outlier may fall on any channel, the last one too."""
+    from dsv4.model.fp8_row import dequantize_fp8_weight
+    from dsv4.model.weights import synthetic_activations, synthetic_weights
+
+    w = synthetic_o_proj(TINY, seed=1)
+    inner = TINY.num_attention_heads // TINY.o_groups * TINY.head_dim
+    std = float(dequantize_fp8_weight(w.wo_a, w.wo_a_scale).std())
+    assert abs(std * inner**0.5 - 1) < 0.05, std
+    front, layer = synthetic_weights(TINY, seed=4), synthetic_weights(TINY, seed=4, layer=1)
+    assert torch.equal(layer.attn.wq_a, front.attn.wq_a) and torch.equal(layer.attn.wkv, front.attn.wkv)
+    x = synthetic_activations((4000, TINY.hidden_size), seed=2, outliers=2).float()
+    assert x.abs().argmax(dim=-1).eq(TINY.hidden_size - 1).any()

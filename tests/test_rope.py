@@ -132,3 +132,12 @@ def test_rejects_bad_kind_and_size() -> None:
     for size in (10.7, True, torch.tensor(16)):  # not truncated to 10 rows, 1 row, or taken from a tensor
         with pytest.raises(TypeError, match="^max_position: expected an int or None"):
             dsv4.rope_table(cfg, max_position=size)  # type: ignore[arg-type]
+
+
+def test_a_zero_width_yarn_ramp_gives_finite_frequencies() -> None:
+    """``beta_fast`` and ``beta_slow`` that correct the same dimension (low == high): the ramp is widened, as
+    upstream does, instead of dividing by zero."""
+    from dsv4.model.rope import rope_frequencies
+
+    freqs = rope_frequencies(64, 160000.0, 16.0, 65536, beta_fast=8.0, beta_slow=8.0)
+    assert freqs.isfinite().all() and freqs.gt(0).all()
