@@ -135,9 +135,11 @@ def test_rejects_bad_kind_and_size() -> None:
 
 
 def test_a_zero_width_yarn_ramp_gives_finite_frequencies() -> None:
-    """``beta_fast`` and ``beta_slow`` that correct the same dimension (low == high): the ramp is widened, as
-    upstream does, instead of dividing by zero."""
-    from dsv4.model.rope import rope_frequencies
+    """``beta_fast`` and ``beta_slow`` whose correction dimensions round to the same one (here both below
+    dimension 0: low == high == 0): the ramp is widened, as upstream does, instead of dividing by zero."""
+    from dsv4.model.rope import _correction_dim, rope_frequencies
 
-    freqs = rope_frequencies(64, 160000.0, 16.0, 65536, beta_fast=8.0, beta_slow=8.0)
+    beta = 65536 / (2 * math.pi) * 1.01  # a little over one rotation in the original context
+    assert -1 < _correction_dim(beta, 64, 160000.0, 65536) < 0
+    freqs = rope_frequencies(64, 160000.0, 16.0, 65536, beta_fast=beta, beta_slow=beta)
     assert freqs.isfinite().all() and freqs.gt(0).all()
