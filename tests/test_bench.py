@@ -659,7 +659,12 @@ def test_trace_of_one_decode_step(tmp_path, monkeypatch) -> None:
 
     cases = []
     real = trace.make_case
-    monkeypatch.setattr(trace, "make_case", lambda *a, **k: cases.append(real(*a, **k)) or cases[-1])
+
+    def make_case(*args, **kwargs):
+        cases.append(real(*args, **kwargs))
+        return cases[-1]
+
+    monkeypatch.setattr(trace, "make_case", make_case)
     path = tmp_path / "trace.json"
     backend = trace_decode_step(TINY, path, "cpu")
     assert backend == available_backends("cpu")[0]

@@ -374,7 +374,12 @@ def test_dsv4_run_hands_its_options_on_as_given(monkeypatch, capsys) -> None:
     from dsv4.model.weights import MAX_SEED
 
     calls = []
-    monkeypatch.setattr("dsv4.harness.run.run_front_end", lambda cfg, **kwargs: calls.append((cfg, kwargs)) or [])
+
+    def run_front_end(cfg, **kwargs):
+        calls.append((cfg, kwargs))
+        return []
+
+    monkeypatch.setattr("dsv4.harness.run.run_front_end", run_front_end)
     argv = ["run", "--seed", str(MAX_SEED), "--seq", "4092", "--start-pos", "0", "--steps", "3", "--batch", "5"]
     assert main([*argv, "--backend", "reference", "--device", "cpu"]) == 0
     ((cfg, kwargs),) = calls

@@ -196,13 +196,14 @@ def test_a_record_of_another_kind_is_refused_by_name() -> None:
 def test_each_tensor_an_op_writes_has_an_alias_set_of_its_own(op: str) -> None:
     """``Tensor(a0!) kv_state, Tensor(a1!) score_state, ...``: one set each, so that no two tensors an op
     writes (its state, its ``out``) are declared aliases of one another."""
-    schemas = [str(getattr(torch.ops.dsv4, op).default._schema)]
-    if get_op(op).result is not None:
-        schemas.append(str(getattr(torch.ops.dsv4, f"{op}_out").default._schema))
-    for schema in schemas:
+    desc = get_op(op)
+    written = {str(getattr(torch.ops.dsv4, op).default._schema): len(desc.mutates)}
+    if desc.result is not None:
+        out_schema = str(getattr(torch.ops.dsv4, f"{op}_out").default._schema)
+        written[out_schema] = len(desc.mutates) + len(desc.result._fields)
+    for schema, count in written.items():
         sets = re.findall(r"Tensor\((a\d+)!\)", schema)
-        assert len(sets) == len(set(sets)), schema
-        assert len(sets) == len(get_op(op).mutates) + (0 if schema == schemas[0] else len(get_op(op).result._fields))
+        assert len(sets) == len(set(sets)) == count, schema
 
 
 @pytest.mark.parametrize(

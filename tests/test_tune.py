@@ -232,8 +232,8 @@ def test_probe_dry_run_checks_its_kernels(tmp_path, capsys, monkeypatch) -> None
     monkeypatch.setattr(probe, "_stream", stream)
     result = probe.dry_run_probe(log=lambda _: None)
     assert result["rows"] and all(r["check"] == "ok" for r in result["rows"])
-    stream = [(r["programs"], r["unroll"]) for r in result["rows"] if r["name"] in ("stream", "l2")]
-    assert launched == stream and {p for p, _ in stream} == {1, 3}  # each row's check ran the grid it names
+    grids = [(r["programs"], r["unroll"]) for r in result["rows"] if r["name"] in ("stream", "l2")]
+    assert launched == grids and {p for p, _ in grids} == {1, 3}  # each row's check ran the grid it names
     monkeypatch.undo()
     assert main(["tune", "--probe", "--dry-run", "--json", str(tmp_path / "probe.json")]) == 0
     assert json.loads((tmp_path / "probe.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
