@@ -360,6 +360,16 @@ def test_loop_examples_refuse_positions_past_the_presets_limit(example: str) -> 
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
+def test_attention_loop_counts_every_back_to_back_run_in_its_room() -> None:
+    """``--back-to-back`` runs the steps three times in each mode (the timed run, its warm-up and the
+    per-step run): a prompt that leaves room for two is refused, before anything is built."""
+    limit = dsv4.get_config("tiny").max_position_embeddings
+    argv = ["--preset", "tiny", "--kind", "swa", "--prefill", str(limit - 5), "--steps", "1", "--seq", "2"]
+    proc = run_python([str(ROOT / "examples" / "attention_loop.py"), *argv, "--back-to-back"], timeout=300)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert f"{limit + 1} positions, past tiny's max_position_embeddings {limit}" in proc.stderr
+
+
 # --- rollback (spec §4 "Re-running positions") ----------------------------------------------------
 
 
