@@ -1,4 +1,5 @@
-"""The largest seed the harnesses take (``MAX_SEED``) draws every op's case: the generators seeded
+"""The seeded synthetic weights and activations (``dsv4.model.weights``): drawn as their docstrings say,
+and at the largest seed the harnesses take (``MAX_SEED``) for every op's case: the generators seeded
 from a product of it (the compressor's and the output projection's weights) wrap into the seeds
 ``torch.Generator`` takes instead of overflowing."""
 
