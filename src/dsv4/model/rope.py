@@ -74,9 +74,9 @@ def rope_table(
     sliding-window-only layers use ``rope_theta`` without YaRN. Angles are computed in float64 and
     stored as fp32, so far positions (1M tokens) keep full fp32 accuracy.
     """
-    if max_position is not None and (isinstance(max_position, bool) or not isinstance(max_position, int)):
-        raise TypeError(f"max_position: expected an int or None, got {type(max_position).__name__}")  # not truncated
     n = cfg.max_position_embeddings if max_position is None else max_position
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"max_position: expected an int or None, got {type(n).__name__}")
     if n < 1:
         raise ValueError(f"max_position must be >= 1, got {n}")
     if kind == "compressed":
