@@ -59,7 +59,7 @@ def main() -> None:
     )  # fmt: skip
     if args.prefill:
         frontend(dsv4.synthetic_activations((args.batch, args.prefill, cfg.hidden_size), seed=1, device=device))
-    print(f"preset={cfg.name} backend={args.backend} device={device} batch={args.batch} seq={args.seq} "
+    print(f"preset={cfg.name} backends={frontend.op_backends} device={device} batch={args.batch} seq={args.seq} "
           f"prefill={args.prefill}")  # fmt: skip
     print(f"{'step':>5} {'mode':>6} {'position':>9} {'ms':>9} {'selected':>9} {'new':>5}")
     modes: list[tuple[str, Callable[..., Any]]] = [("eager", frontend)]

@@ -448,6 +448,20 @@ def test_op_backends_name_the_ops_the_layer_runs(kind: str, ops: list[str]) -> N
     assert proc.stdout.splitlines()[2].split()[:3] == ["0", "eager", "4"]  # the step's start: after the prefill
 
 
+def test_attention_loop_example_runs_the_backend_it_is_given() -> None:
+    """``--backend triton`` reaches the layer: every op of a CSA step names Triton (the default, ``auto``,
+    is the reference on a CPU, as the test above runs it), and the step's ``y`` passed the example's
+    finite check."""
+    ops = ["qkv_proj_rope", "kv_compressor", "indexer", "sparse_attn_write", "o_proj"]
+    proc = run_python(
+        [str(ROOT / "examples" / "attention_loop.py"), "--kind", "csa", "--steps", "1", "--prefill", "4",
+         "--batch", "1", "--device", "cpu", "--backend", "triton"], timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert f"backends={dict.fromkeys(ops, 'triton')}" in proc.stdout.splitlines()[0]
+    assert proc.stdout.splitlines()[-1].startswith("median ms per step: eager ")
+
+
 @pytest.mark.parametrize(("layer", "kind"), [(0, "swa"), (1, "csa"), (3, "hca")])
 def test_the_step_bytes_model_costs_each_op_a_step_launches(layer: int, kind: str, monkeypatch) -> None:
     """``step_costs`` (the memory floor ``examples/attention_loop.py`` reports) holds one cost per op a step

@@ -324,6 +324,18 @@ def test_decode_loop_example_runs() -> None:
     assert lines[-1].startswith("median ms per step: eager")
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_decode_loop_example_runs_the_backend_it_is_given(backend: str) -> None:
+    """``--backend`` reaches the front end: the header names the backend each op ran on (``auto``, the
+    default, is the reference on a CPU, so a ``--backend`` left behind ran the reference unseen)."""
+    argv = ["--backend", backend, "--steps", "1", "--prefill", "4", "--batch", "1", "--device", "cpu"]
+    proc = run_python([str(ROOT / "examples" / "decode_loop.py"), *argv], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    ops = ["qkv_proj_rope", "indexer"]
+    assert f" backends={dict.fromkeys(ops, backend)} device=cpu " in proc.stdout.splitlines()[0]
+    assert proc.stdout.splitlines()[2].split()[:3] == ["0", "eager", "5"]
+
+
 def test_decode_loop_capture_without_a_gpu_is_a_usage_error() -> None:
     """``--capture`` needs a CUDA device: on the CPU the example says so as a usage error (exit 2) before
     it builds anything, not with a traceback from ``capture``."""
