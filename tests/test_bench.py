@@ -724,11 +724,13 @@ def test_baselines_and_tune_take_the_ops_with_a_fused_kernel() -> None:
 
 
 def test_a_kernels_share_of_the_span_leaves_out_its_wait_for_the_one_before() -> None:
-    """Three launches of one call: the second starts early (PDL) and ends 3 µs after the first, the third
-    starts after a 1 µs gap; a kernel that ends before the others did takes nothing. The shares add up
-    to the span less the gap."""
+    """Launches of one call: the second starts early (PDL) and ends 3 µs after the first; a kernel that
+    ends before the others did takes nothing, and the one after it counts from the latest end so far
+    (13), not from that kernel's (12); the last starts after a 1 µs gap. The shares add up to the span
+    less the gap."""
     from dsv4.bench.timing import after_previous
 
-    events = [("front", 0.0, 10.0), ("step", 2.0, 13.0), ("inner", 4.0, 12.0), ("score", 14.0, 20.0)]
-    assert after_previous(events) == [10.0, 3.0, 0.0, 6.0]
+    events = [("front", 0.0, 10.0), ("step", 2.0, 13.0), ("inner", 4.0, 12.0), ("tail", 12.5, 14.0),
+              ("score", 15.0, 20.0)]  # fmt: skip
+    assert after_previous(events) == [10.0, 3.0, 0.0, 1.0, 5.0]
     assert sum(after_previous(events)) == 20.0 - 1.0
