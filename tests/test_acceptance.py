@@ -391,7 +391,9 @@ def test_summary_merges_runs_marks_absent_figures_and_judges_targets() -> None:
     assert rows[("qkv_proj_rope", "triton")]["% floor (table)"] == "80.0"
     assert rows[("indexer", "compile")]["launch"] == "absent"
     assert "bench_decode_compile_indexer timeout" in rows[("indexer", "compile")]["check"]
-    assert re.search(r"`qkv_proj_rope` decode B=64 S=2: .*\*\*80\.0%\*\* .* met", summary)
+    # exactly at the target (80.0% is 1.25x) is met
+    assert re.search(r"^- `qkv_proj_rope` decode B=64 S=2: target within 1\.25x of the floor \(>= 80\.0%\): "
+                     r"\*\*80\.0%\*\* .* — met$", summary, re.M)  # fmt: skip
     assert re.search(
         r"1\.3x of the floor at the measured copy bandwidth .*\*\*80\.0%\*\* "
         r"\(20\.0 µs; 2\.00x faster than compile\) — met",
@@ -401,6 +403,58 @@ def test_summary_merges_runs_marks_absent_figures_and_judges_targets() -> None:
     assert re.search(r"`indexer` cache=2048: .*\*\*50\.0%\*\* .* missed, but the check says MISMATCH", summary)
     assert re.search(r"`indexer` cache=262144: .* not measured", summary)
     assert "No test counts: no step measures it." in summary
+
+
+def _record(*steps: dict) -> dict:
+    return {
+        "started": "2026-01-01T00:00:00+00:00", "finished": "2026-01-01T00:01:00+00:00", "elapsed_s": 60.0,
+        "budget_s": 480, "command": "python -m dsv4.acceptance out", "environment": None, "steps": list(steps),
+    }  # fmt: skip
+
+
+def test_a_kernels_share_is_a_percentage_of_the_calls_median() -> None:
+    """The profiler's split of a timed call: a kernel that ended 8 µs after the kernels before it, in a
+    call of 20 µs median, is 40% of it."""
+    qkv = ("qkv_proj_rope", "decode B=64 S=2")
+    kernels = [{"kernel": "_q_heads_kernel", "us_per_call": 12.0, "us_after_previous_per_call": 8.0,
+                "launches_per_call": 1}]  # fmt: skip
+    timing = {**_timing(*qkv, "triton", 20.0, 16.0), "kernels": kernels}
+    bench = _bench([timing], [_shape(*qkv, 16.0)], "dsv4 bench ... --backends triton")
+    summary = render(_record(_entry("bench_decode", "ok", ["qkv_proj_rope"], ["triton"], bench)))
+    _assert_well_formed(summary)
+    table = next(t for t in _tables(summary) if "% of median" in _cells(t[0]))
+    (row,) = [dict(zip(_cells(table[0]), _cells(line), strict=True)) for line in table[2:]]
+    assert (row["µs from its start"], row["µs after the previous"], row["% of median"]) == ("12.0", "8", "40")
+
+
+def test_the_ncu_table_scales_each_metric_from_the_unit_ncu_printed() -> None:
+    """ncu prints each metric in a unit of its choosing: 25 Kbyte are 0.025 MB, 1.5 Mbyte 1.5 MB, 3 usecond
+    3 µs; a unit the table does not know (registers) is taken as it is."""
+    kernel = {"kernel": "_score_kernel", "grid": "(16, 64, 1)", "block": "(128, 1, 1)", "launches": 3,
+              "dram__bytes_read.sum": 25.0, "dram__bytes_write.sum": 1.5, "lts__t_bytes.sum": 4000.0,
+              "gpu__time_duration.sum": 3.0, "launch__registers_per_thread": 128.0}  # fmt: skip
+    units = {"dram__bytes_read.sum": "Kbyte", "dram__bytes_write.sum": "Mbyte", "lts__t_bytes.sum": "byte",
+             "gpu__time_duration.sum": "usecond", "launch__registers_per_thread": "register/thread"}  # fmt: skip
+    ncu = {"file": "ncu.csv", "profiled_launches": 3, "units": units, "kernels": [kernel]}
+    summary = render(_record({"name": "ncu", "status": "ok", "reason": "", "seconds": 30.0, "result": ncu}))
+    _assert_well_formed(summary)
+    table = next(t for t in _tables(summary) if "DRAM read MB" in _cells(t[0]))
+    (row,) = [dict(zip(_cells(table[0]), _cells(line), strict=True)) for line in table[2:]]
+    assert (row["DRAM read MB"], row["DRAM write MB"], row["L2 MB"]) == ("0.025", "1.500", "0.004")
+    assert (row["time µs"], row["registers"], row["launches"]) == ("3.000", "128", "3")
+
+
+@pytest.mark.parametrize(("failed", "more"), [(30, None), (31, "- ... and 1 more (junit.xml)")])
+def test_the_failing_tests_listed_stop_at_thirty(failed: int, more: str | None) -> None:
+    """The summary lists the first 30 failing tests, then how many more the junit XML holds; at exactly
+    30 there is no such line."""
+    failures = [f"tests/test_a.py::test_{i}" for i in range(failed)]
+    result = {"passed": 1, "failed": failed, "errors": 0, "skipped": 0, "total": failed + 1,
+              "source": "junit.xml", "failures": failures}  # fmt: skip
+    summary = render(_record({"name": "tests", "status": "failed", "reason": "", "seconds": 9.0, "result": result}))
+    listed = [line for line in summary.splitlines() if line.startswith("- `tests/test_a.py::")]
+    assert listed == [f"- `{t}`" for t in failures[:30]]
+    assert [line for line in summary.splitlines() if "more (junit.xml)" in line] == ([more] if more else [])
 
 
 def test_a_table_target_on_a_gpu_the_table_lacks_says_which_floor_it_used() -> None:
@@ -479,6 +533,35 @@ def test_a_tune_stops_starting_candidates_before_its_step_times_out(tmp_path) ->
     for name, budget in (("tune", 100), ("tune_rank", 40)):
         (command,) = plan[name].commands
         assert float(command[command.index("--budget-s") + 1]) == plan[name].timeout_s - TUNE_MARGIN_S == budget
+
+
+def test_the_bench_steps_take_their_modes_repetitions_and_prefill_times_qkv_last(tmp_path, monkeypatch) -> None:
+    """Decode timings take the profile's ``reps`` (100), prefill ones its ``prefill_reps`` (20); the prefill
+    step times ``qkv_proj_rope`` last (its figures were taken before, the others' are owed); the tests
+    step passes pytest-timeout's ``--timeout`` where that plugin is installed."""
+    import importlib.util
+
+    from dsv4.acceptance.plan import TEST_TIMEOUT_S
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "pytest_timeout" else
+                        find_spec(name, *a))  # fmt: skip
+    paths = Paths(root=ROOT, out=tmp_path / "out", work=tmp_path / "work", python=sys.executable)
+    plan = {s.name: s for s in build_plan(GPU, paths)}
+
+    def option(name: str, flag: str) -> str:
+        (command,) = plan[name].commands
+        return command[command.index(flag) + 1]
+
+    assert (option("bench_decode", "--reps"), option("bench_prefill", "--reps")) == (
+        str(GPU.reps),
+        str(GPU.prefill_reps),
+    )
+    assert GPU.reps != GPU.prefill_reps
+    prefill_ops = option("bench_prefill", "--ops").split(",")
+    assert sorted(prefill_ops) == sorted(OPS) and prefill_ops[-1] == "qkv_proj_rope" != prefill_ops[0]
+    (command,) = plan["tests"].commands
+    assert f"--timeout={TEST_TIMEOUT_S}" in command
 
 
 def test_sanitizer_findings_and_failed_checks_are_told_apart(tmp_path) -> None:

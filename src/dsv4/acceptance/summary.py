@@ -17,9 +17,9 @@ from .environment import describe
 
 BACKEND_ORDER = ("triton", "reference", "compile", "library")
 BASELINES = {"reference": "eager", "compile": "compile", "library": "library"}
-# (op, text in the shape label, allowed ratio to the floor): the issues' decode targets
-# (op, shape text, within this many times the floor, the floor's bandwidth: the device table's or the
-# measured copy's); the issues' targets: the front end's first ones, then qkv on Hopper and the attention
+# The issues' decode targets: (op, text in the shape label, within this many times the floor, the floor's
+# bandwidth: the device table's or the measured copy's); the front end's first ones, then qkv on Hopper
+# and the attention
 TARGETS = (
     ("qkv_proj_rope", "decode B=64 S=2", 1.25, "table"),
     ("indexer", "cache=2048", 1.4, "table"),
