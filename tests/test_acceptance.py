@@ -253,6 +253,21 @@ def test_a_step_stops_at_its_first_command_that_fails(tmp_path) -> None:
     assert not after.exists()
 
 
+def test_a_long_step_log_keeps_its_head_and_its_tail(tmp_path, monkeypatch) -> None:
+    """A step's output past the log's cap keeps its start and its end (where an error is), with the count
+    of characters left out between them."""
+    import dsv4.acceptance.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "LOG_CAP_BYTES", 200)
+    code = "print('HEAD-LINE' + 'x' * 1000 + 'Traceback: the error at the end')"
+    runner = _runner(tmp_path, [_python_step("long", code, timeout_s=30)], budget_s=60)
+    assert runner.run() == 0
+    log = (tmp_path / "log.txt").read_text()
+    assert "HEAD-LINE" in log and "Traceback: the error at the end" in log
+    assert re.search(r"\[\.\.\. (\d+) characters left out \.\.\.\]", log)
+    assert log.count("HEAD-LINE") == 1 and log.count("x" * 101) == 0
+
+
 def _running(pid: int) -> bool:
     """Whether process ``pid`` exists and is not a zombie (killed, waiting to be reaped)."""
     try:
@@ -818,6 +833,9 @@ def test_the_checkpoint_steps_load_line_is_read_back() -> None:
     r = parse_checkpoint({}, log)
     assert (r["load_s"], r["loaded_mib"], r["peak_rss_mib"], r["rss_growth_mib"]) == (0.2, 136.7, 887, 267)
     assert (r["run_op_calls"], r["run_s"], r["run_result"]) == (12, 3.5, "all checks passed")
+    # a peak that rounds below the RSS before the load (ru_maxrss and /proc's figure): the growth as printed
+    r = parse_checkpoint({}, log.replace("peak 887 MiB (+267 MiB)", "peak 620 MiB (+-0 MiB)"))
+    assert (r["peak_rss_mib"], r["rss_growth_mib"]) == (620, 0)
 
 
 def test_decode_loop_medians() -> None:
@@ -923,6 +941,22 @@ def test_bad_arguments_are_refused(argv, capsys) -> None:
         main(["unused-out-dir", "--list", *argv])
     assert info.value.code == 2
     assert argv[0] in capsys.readouterr().err
+
+
+def test_chosen_steps_keep_the_environment_and_the_dry_run_has_its_own_budget(tmp_path, capsys, monkeypatch) -> None:
+    """``--steps`` runs the steps named and the environment step before them (the record's description of
+    the machine); the dry run's budget is its own (300 s), not the GPU run's (480 s)."""
+    from dsv4.acceptance.plan import DRY
+
+    monkeypatch.delenv("DSV4_ACCEPTANCE_DRY", raising=False)
+    assert main(["unused-out-dir", "--list", "--steps", "tests"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]
+    assert listed == ["environment", "tests"]
+    out = tmp_path / "out"
+    assert main([str(out), "--dry-run", "--steps", "environment"]) == 0
+    record = json.loads((out / RECORD).read_text())
+    assert record["budget_s"] == DRY.budget_s != GPU.budget_s
+    assert [s["name"] for s in record["steps"]] == ["environment"]
 
 
 def test_a_commit_that_is_not_the_checkouts_head_is_refused(tmp_path, capsys, monkeypatch) -> None:
