@@ -205,7 +205,10 @@ def attn_setup(
     shared_prefix: bool = False,
     k: int = CFG.index_topk,
     start: list[int] | None = None,
+    offset: int | None = None,
 ):
+    """``sparse_attn``'s arguments for ``kind``; ``offset``: CSA's ``topk_offset`` (the window ``W`` unless
+    given)."""
     g = torch.Generator().manual_seed(seed)
     ratio = RATIOS[kind]
     start = start or (starts(ratio) if not shared_prefix else [40, 40, 45])
@@ -213,7 +216,7 @@ def attn_setup(
     end = max(start) + seq
     win = paged_pool(g, [(max(0, p - W + 1), p + seq) for p in start], -(-end // BS), CFG, BS)
     cmp = topk = None
-    offset = W if kind == "csa" else 0
+    offset = (W if kind == "csa" else 0) if offset is None else offset
     if kind != "swa":
         cmp = paged_pool(g, [(0, (p + seq) // ratio) for p in start], -(-(end // ratio) // BS) + 1, CFG, BS)
     if kind == "csa":

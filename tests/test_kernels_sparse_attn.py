@@ -20,7 +20,7 @@ from conftest import DEVICE, FULL
 from dsv4.harness.cases import make_case
 from dsv4.harness.golden import bit_identical, compare
 from dsv4.kernels import Workspace, tuning
-from dsv4.kernels.sparse_attn import _program_rows, key_splits
+from dsv4.kernels.sparse_attn import KEYS, _program_rows, key_splits
 from dsv4.kernels.sparse_attn import sparse_attn as triton_sparse_attn
 from dsv4.ops import get_op
 from op_cases import assert_matches_reference
@@ -75,6 +75,17 @@ def test_a_key_split_matches_one_launch(kind: str, seq: int, k: int) -> None:
     assert bit_identical(split, again)
     assert compare("sparse_attn", {"o": split}, {"o": whole})
     assert compare("sparse_attn", {"o": split}, {"o": expected_o(args)})
+
+
+@pytest.mark.parametrize("k", [5, 21])
+def test_lists_counted_from_row_zero_end_inside_a_key_tile(k: int) -> None:
+    """``topk_offset = 0`` (entries are compressed rows themselves) and a list that ends inside a key
+    tile: the tile's places past the list are no entries, not row 0 (with the window's offset, a place
+    taken as entry 0 is a row below the offset and ignored either way)."""
+    args = attn_setup("csa", 2, seed=7, k=k, offset=0)
+    assert args["topk_offset"] == 0 and k % KEYS
+    report = compare("sparse_attn", {"o": run(args)}, {"o": expected_o(args)})
+    assert report, str(report)
 
 
 @pytest.mark.parametrize(
