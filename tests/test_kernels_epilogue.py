@@ -1,4 +1,5 @@
-"""The register-tile bf16 rounding (``dsv4.kernels.epilogue``) against torch's fp32 -> bf16 cast, bit for bit."""
+"""The register-tile roundings (``dsv4.kernels.epilogue``) bit for bit: bf16 against torch's fp32 -> bf16 cast,
+INT8 rows against ``dsv4.quantize_int8_per_row``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from conftest import DEVICE  # noqa: E402
-from dsv4.kernels.epilogue import from_bf16, round_bf16, to_bf16  # noqa: E402
+from dsv4.kernels.epilogue import from_bf16, quantize_int8_rows, round_bf16, to_bf16  # noqa: E402
+from dsv4.model.quant import quantize_int8_per_row  # noqa: E402
 
 
 @triton.jit
@@ -69,3 +71,28 @@ def test_from_bf16_widens_every_bf16_exactly() -> None:
     nan = want.isnan()
     assert torch.equal(out.isnan(), nan)
     assert torch.equal(out[~nan].view(torch.int32), want[~nan].view(torch.int32))
+
+
+@triton.jit
+def _int8_rows_kernel(v_ptr, q_ptr, scale_ptr, M: tl.constexpr, N: tl.constexpr):
+    rows, cols = tl.arange(0, M), tl.arange(0, N)
+    q, scale = quantize_int8_rows(tl.load(v_ptr + rows[:, None] * N + cols[None, :]))
+    tl.store(q_ptr + rows[:, None] * N + cols[None, :], q)
+    tl.store(scale_ptr + rows, scale)
+
+
+def test_int8_rows_round_exact_ties_to_even_as_the_model_does() -> None:
+    """Rows whose ``v * s`` lands exactly on a half (``s`` = 1, 1/2 and 2: amax 127, 254 and 63.5): the
+    codes go to the even neighbour (2.5 -> 2, -3.5 -> -4, 0.5 -> 0, 126.5 -> 126), bit for bit
+    ``dsv4.quantize_int8_per_row``; rounding halves up or away from zero differs on each."""
+    ties = torch.tensor([2.5, -3.5, 0.5, 1.5, -0.5, 126.5, -2.5])
+    v = torch.stack([torch.cat([torch.tensor([127.0]), ties]), torch.cat([torch.tensor([254.0]), 2 * ties]),
+                     torch.cat([torch.tensor([-63.5]), ties / 2])])  # fmt: skip
+    v = torch.cat([v, torch.zeros(1, 8)])  # to a power of two: a zero row (amax at the floor)
+    q = torch.empty(4, 8, dtype=torch.int8, device=DEVICE)
+    scale = torch.empty(4, device=DEVICE)
+    _int8_rows_kernel[(1,)](v.to(DEVICE), q, scale, 4, 8)
+    want_q, want_scale = quantize_int8_per_row(v)
+    assert torch.equal(q.cpu(), want_q), (q, want_q)
+    assert torch.equal(scale.cpu().view(torch.int32), want_scale.reshape(-1).view(torch.int32))
+    assert q[0, 1:].tolist() == [2, -4, 0, 2, 0, 126, -2]

@@ -92,6 +92,16 @@ def test_uneven_slices_and_groups_across_blocks() -> None:
         _check(o, w)
 
 
+def test_each_column_tile_takes_its_own_row_of_weight_scales() -> None:
+    """wo_a's rows of 128x128 scale blocks told apart (row i times 2^i; the synthetic scales are one value
+    a matrix): at OL=192 a group's third column tile lies in another block row than its first, and the
+    second group starts inside a block row."""
+    o, w = _inputs(dataclasses.replace(TINY, o_lora_rank=192), 3, seed=13)
+    rows = torch.arange(w.wo_a_scale.shape[0], device=w.wo_a_scale.device, dtype=torch.float32)
+    assert rows.numel() == 3
+    _check(o, dataclasses.replace(w, wo_a_scale=w.wo_a_scale * (2.0**rows)[:, None]))
+
+
 @pytest.mark.parametrize(
     ("heads", "groups", "splits"), [(4, 1, 3), (6, 2, 2)], ids=["4-steps-in-3-slices", "3-steps-in-2-slices"]
 )

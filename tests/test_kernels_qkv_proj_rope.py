@@ -41,6 +41,8 @@ ODD = TINY.replace(name="odd", hidden_size=384, num_attention_heads=3, q_lora_ra
 # Too many heads for half-head pairs in one wave of SMs at T > 128 (2 M-tiles x 2 x 34 > 132): one
 # program per head and 64-token tiles, the q heads' plan of a full-size prefill chunk.
 MANY_HEADS = TINY.replace(name="many-heads", num_attention_heads=34)
+# Half heads of 128 columns, the RoPE ones the last 64 of the second (at tiny, a half is all one or the other).
+HD256 = TINY.replace(name="hd256", head_dim=256)
 
 
 def decode_positions(t: int, table: int, seed: int) -> torch.Tensor:
@@ -172,9 +174,10 @@ def test_repeatable_bit_for_bit(t: int) -> None:
             assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("cfg", [TINY, HD256], ids=["tiny", "hd256"])
 @pytest.mark.parametrize("huge", [False, True], ids=["plain", "huge-half-heads"])
 @pytest.mark.parametrize("t", [5, 130])
-def test_paired_halves_compute_the_same_bits(t: int, huge: bool) -> None:
+def test_paired_halves_compute_the_same_bits(t: int, huge: bool, cfg: DeepSeekV4Config) -> None:
     """The GPU's paired q-heads path (a program per half head), both ways a pair can meet. (1) The
     exchange words as the rows kernel leaves them (-1) and no wait (``spins=0``): a pair's first half
     parks its values and leaves, and the second finishes both halves (under the interpreter, which runs
@@ -183,12 +186,13 @@ def test_paired_halves_compute_the_same_bits(t: int, huge: bool) -> None:
     half finds its partner's sums and finishes its own. Both give the one-program-per-head path's ``q``
     bit for bit, every element written, in any order of the programs (under the interpreter: grid order,
     where a pair's first half is half 0, and shuffled orders, where it may be half 1). ``huge``: half
-    heads whose squares overflow fp32, so the pairs swap scaled sums."""
-    x, w, positions, rope = qkv_inputs(TINY, decode_positions(t, 256, seed=7), 256, seed=7, outliers=2)
+    heads whose squares overflow fp32, so the pairs swap scaled sums. ``hd256``: a half of 128 columns
+    whose last 64 are the RoPE ones (tiny's halves are all NOPE or all RoPE)."""
+    x, w, positions, rope = qkv_inputs(cfg, decode_positions(t, 256, seed=7), 256, seed=7, outliers=2)
     if huge:
         w = _huge_half_heads(w)
     expected = dsv4.qkv_proj_rope(x, w, positions, rope, backend="triton")
-    h, hd = TINY.num_attention_heads, expected.q.shape[2]
+    h, hd = cfg.num_attention_heads, expected.q.shape[2]
     block_m, paired = q_heads_tiles(t, h, H100_SMS)
     assert paired
     words = torch.full((pair_words(t, h),), -1, dtype=torch.int64, device=DEVICE)
@@ -198,12 +202,12 @@ def test_paired_halves_compute_the_same_bits(t: int, huge: bool) -> None:
         words.fill_(-1)
         if meeting == "partner waits":
             # the sums as the first way left them, and every pair's word at "one half waits"
-            launch_q_heads(expected.qr, expected.qr_scale, w, positions, rope, TINY.rms_norm_eps,
+            launch_q_heads(expected.qr, expected.qr_scale, w, positions, rope, cfg.rms_norm_eps,
                            torch.empty_like(expected.q), words, park, block_m, True, spins=0)  # fmt: skip
             arrivals.fill_(1)
         q = torch.full_like(expected.q, float("nan"))
         with in_order(order):
-            launch_q_heads(expected.qr, expected.qr_scale, w, positions, rope, TINY.rms_norm_eps, q, words, park,
+            launch_q_heads(expected.qr, expected.qr_scale, w, positions, rope, cfg.rms_norm_eps, q, words, park,
                            block_m, True, spins=0 if meeting == "first half parks" else None)  # fmt: skip
         assert torch.equal(q, expected.q), (meeting, order)
         if meeting == "first half parks" and interpreted():

@@ -324,6 +324,21 @@ def test_sparse_attn_buckets_name_the_keys_a_token_walks() -> None:
     assert len({key for k in keys.values() for key in k}) == 3
 
 
+def test_o_proj_gemms_look_up_buckets_of_their_own_widths() -> None:
+    """``o_proj``'s two GEMMs are tuned per shape: ``wo_a`` reduces over a group's heads (``K = HG*HD``)
+    into ``N = G*OL``, ``wo_b`` over ``G*OL`` into ``D``; at ``tiny`` (256 and 128) a lookup by the other
+    GEMM's width finds another bucket."""
+    case = make_case(TINY, "o_proj", batch=3, seq=1, device=DEVICE)
+    t, h, hd = case.args["o"].shape
+    g, ol, d = TINY.o_groups, TINY.o_lora_rank, TINY.hidden_size
+    assert h * hd // g != g * ol
+    with tuning.recording() as seen:
+        bind(case, "triton")()
+    keys = {kernel: key for kernel, key in seen if kernel.startswith("o_proj.wo_")}
+    tb = tuning.pow2_bucket(t)
+    assert keys == {"o_proj.wo_a": f"T={tb},K={h * hd // g},N={g * ol}", "o_proj.wo_b": f"T={tb},K={g * ol},N={d}"}
+
+
 def test_the_docs_table_lists_every_kernel_its_dims_and_parameters() -> None:
     """docs/PERFORMANCE.md's table of tunable kernels, row by row, against the declarations."""
     text = (ROOT / "docs" / "PERFORMANCE.md").read_text()
