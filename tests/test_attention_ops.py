@@ -385,3 +385,35 @@ def test_bytes_models_by_hand() -> None:
     # the ring: HCA closes block 0 at 127, reading the 126 slots this step did not write
     assert ring_traffic(126, 2, ratio=128, coff=1) == (126, 2, 1)
     assert ring_traffic(6, 2, ratio=4, coff=2) == ring_traffic(6, 2)  # the indexer's ring
+
+
+def test_bytes_models_where_a_count_turns() -> None:
+    """The bytes models at flash where a count changes by one: slots at different places of a compressor
+    block, a step that closes no row, a window that starts a pool block, a compressed row one past a pool
+    block, written rows that straddle a block, a prompt longer than the window, a start that is the last
+    position of an indexer block; and the block size a caller gives, in every term that counts entries."""
+    flash = dsv4.get_config("flash")
+    w, hd, hid, bs = flash.sliding_window, flash.head_dim, flash.index_head_dim, 64
+    assert (w, hd, hid) == (128, 512, 128)
+    # the indexer's compressor: an ape row (2 x HID fp32) per place in the block some token takes
+    assert get_op("indexer_compressor").cost(flash, [0, 1], 1).reads["compressor.ape"] == 2 * 2 * hid * 4
+    # the attention's compressor reads its norm weights only when a row closes (position 8191, not 8188)
+    kvc = get_op("kv_compressor").cost
+    assert kvc(flash, [8188], 1, ratio=4).reads["w.norm_w"] == 0
+    assert kvc(flash, [8191], 1, ratio=4).reads["w.norm_w"] == hd * 2
+    # HCA at 128, position 8319: window rows 8192..8318 (blocks 128, 129), compressed rows 0..64 (blocks 0, 1)
+    hca = get_op("sparse_attn").cost(flash, [8319], 1, kind="hca", ratio=128, block_size=bs)
+    assert hca.reads["block_table (rows read)"] == 4 * 4
+    # rows 8191 and 8192 written (blocks 127, 128); block 127 is the last one read, its entry read once
+    write = get_op("sparse_attn_write").cost(flash, [8191], 2, kind="swa", block_size=bs)
+    assert write.reads["block_table (rows written, blocks not read)"] == 1 * 4
+    # a prompt of 300 from 0 keeps its last 128 rows, 172..299: blocks 2, 3, 4
+    prompt = get_op("window_kv_write").cost(flash, [0], 300)
+    assert prompt.reads["kv (rows written)"] == w * hd * 2 and prompt.reads["block_table (written rows)"] == 3 * 4
+    # from 8191 (a block's last position) the step closes key 2047; the 2047 keys before it are old
+    key = dsv4.IndexerState.key_format.row_bytes(hid)
+    assert get_op("indexer").cost(flash, [8191], 2).reads["keys + key_scale (old rows)"] == 2047 * key
+    # 16-row blocks: the window read 8064..8190 (blocks 504..511); a prompt's 64 rows written, blocks 0..3
+    small = get_op("sparse_attn_write").cost
+    assert small(flash, [8191], 2, kind="swa", block_size=16).reads["block_table (rows read)"] == 8 * 4
+    assert small(flash, [0], 64, kind="swa", block_size=16).reads["block_table (rows written, blocks not read)"] == 4 * 4

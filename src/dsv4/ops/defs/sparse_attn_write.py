@@ -69,7 +69,7 @@ def cost(
     attention's, read once; a window block-table entry that both the rows read and the rows written use is
     read once)."""
     a = attn.cost(cfg, start_pos, seq, kind, ratio, topk, block_size)
-    w = write.cost(cfg, start_pos, seq)
+    w = write.cost(cfg, start_pos, seq, block_size)
     kept = min(seq, cfg.sliding_window)
     shared = sum(
         max(0, p - cfg.sliding_window + 1) < p and (p - 1) // block_size == (p + seq - kept) // block_size
