@@ -41,6 +41,16 @@ def test_opcheck(op: str) -> None:
     torch.library.opcheck(getattr(torch.ops.dsv4, op).default, flat, test_utils=CHECKS)
 
 
+def test_opcheck_of_an_output_projection_wider_than_the_heads() -> None:
+    """``o_proj``'s fake result is ``[T, D]`` where ``D`` is not the heads' ``HG*HD`` (384 against 256 here;
+    ``pro``: 7168 against 4096), as the op's own result is."""
+    cfg = CFG.replace(name="wide-d", hidden_size=384)
+    case = make_case(cfg, "o_proj", seed=1, device=DEVICE, max_position=64, batch=2, seq=2, start_pos=[6, 13])
+    assert case.args["w"].wo_b.shape[0] != case.args["w"].wo_a.shape[1]
+    flat = (*flatten(get_op("o_proj"), dict(case.args)), "reference")
+    torch.library.opcheck(torch.ops.dsv4.o_proj.default, flat, test_utils=CHECKS)
+
+
 @pytest.mark.parametrize(
     ("op", "backend"),
     [

@@ -416,4 +416,5 @@ def test_bytes_models_where_a_count_turns() -> None:
     # 16-row blocks: the window read 8064..8190 (blocks 504..511); a prompt's 64 rows written, blocks 0..3
     small = get_op("sparse_attn_write").cost
     assert small(flash, [8191], 2, kind="swa", block_size=16).reads["block_table (rows read)"] == 8 * 4
-    assert small(flash, [0], 64, kind="swa", block_size=16).reads["block_table (rows written, blocks not read)"] == 4 * 4
+    prompt_rows = small(flash, [0], 64, kind="swa", block_size=16).reads
+    assert prompt_rows["block_table (rows written, blocks not read)"] == 4 * 4

@@ -14,6 +14,7 @@ from dsv4.model.fp8_row import (
     block_exponents,
     dequantize_fp8_weight,
     fp8_round_trip,
+    fp8_rows,
     quantize_e4m3_blocks,
     quantize_fp8_weight,
 )
@@ -244,3 +245,14 @@ def test_bit_identical_sees_nan_payloads_and_signed_zeros() -> None:
     a = torch.tensor([0.0, float("nan")])
     assert bit_identical(a, a.clone())
     assert not bit_identical(a, torch.tensor([-0.0, float("nan")]))
+
+
+def test_the_rope_part_is_the_rows_own_copy() -> None:
+    """``fp8_rows`` keeps the rope part in a tensor of its own: a caller that then reuses the buffer of
+    its rows leaves the stored rows as they were."""
+    v = torch.randn(3, 512, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    rows = fp8_rows(v, 64)
+    kept = rows.rope.clone()
+    assert torch.equal(kept, v[:, 448:])
+    v.zero_()
+    assert torch.equal(rows.rope, kept)

@@ -369,3 +369,16 @@ def test_dense_keys_of_a_row_in_no_block_are_refused() -> None:
     assert state.dense_keys(0, 16)[0].shape == (16, 128)  # every row in block 1
     with pytest.raises(ValueError, match="block_table: slot 0 reads rows \\[0, 17\\)"):
         state.dense_keys(0, 17)
+
+
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_fresh_states_take_the_block_size_given(block_size: int) -> None:
+    """A CSA layer's dense state holds every pool in blocks of ``block_size``, its indexer's keys too;
+    a slot's ``cache_rows`` keys that fill its blocks exactly take no block more (256 keys: 16 or 4)."""
+    cfg = dsv4.get_config("tiny")
+    layer = cfg.first_layer("csa")
+    state = dsv4.AttentionState.empty(cfg, layer, batch=2, max_position=1024, device=DEVICE, block_size=block_size)
+    assert state.indexer is not None and state.compressor is not None
+    assert state.window.block_size == state.compressor.pool.block_size == block_size
+    assert state.indexer.keys.shape[1] == block_size
+    assert tuple(state.indexer.block_table.shape) == (2, 1024 // 4 // block_size)
