@@ -391,7 +391,9 @@ def test_bytes_models_where_a_count_turns() -> None:
     """The bytes models at flash where a count changes by one: slots at different places of a compressor
     block, a step that closes no row, a window that starts a pool block, a compressed row one past a pool
     block, written rows that straddle a block, a prompt longer than the window, a start that is the last
-    position of an indexer block; and the block size a caller gives, in every term that counts entries."""
+    position of an indexer block; the block size a caller gives, in every term that counts entries; and
+    what differs by kind and slot (HCA's single-half ring, no top-k list outside CSA, a short context's
+    few compressed rows, slots of different lengths, each slot's own ring) and the GEMMs' flops."""
     flash = dsv4.get_config("flash")
     w, hd, hid, bs = flash.sliding_window, flash.head_dim, flash.index_head_dim, 64
     assert (w, hd, hid) == (128, 512, 128)
@@ -413,6 +415,38 @@ def test_bytes_models_where_a_count_turns() -> None:
     # from 8191 (a block's last position) the step closes key 2047; the 2047 keys before it are old
     key = dsv4.IndexerState.key_format.row_bytes(hid)
     assert get_op("indexer").cost(flash, [8191], 2).reads["keys + key_scale (old rows)"] == 2047 * key
+    # the indexer's compressor writes no row from 1024 (positions 1024, 1025) and row 255 (block 3) from 1022
+    icc = get_op("indexer_compressor").cost
+    assert icc(flash, [1024], 2).reads["block_table (written rows)"] == 0
+    assert icc(flash, [1022], 2).reads["block_table (written rows)"] == 1 * 4
+    # each slot's ring is its own: two slots read what each reads alone
+    ring = "kv_state + score_state"
+    assert (
+        icc(flash, [1024, 1026], 2).reads[ring] == icc(flash, [1024], 2).reads[ring] + icc(flash, [1026], 2).reads[ring]
+    )
+    # CSA's ape rows by place in the block (positions 0 and 4: one row of 2 x 512 fp32), not by ring slot
+    assert kvc(flash, [0, 4], 1, ratio=4).reads["w.ape (rows used)"] == 1 * 2 * hd * 4
+    # HCA at 128 from 8190: its ring of 128 single-half slots; position 8191 closes block 63, which reads the
+    # 126 slots the step did not write, of kv_state and score_state (512 fp32 each), and writes 2
+    hca_c = kvc(flash, [8190] * 64, 2, kind="hca", ratio=128)
+    assert hca_c.reads[ring] == 64 * 2 * 126 * hd * 4 and hca_c.writes[ring] == 64 * 2 * 2 * hd * 4
+    # the indexer's scores: B x S rows of the longest cache (8192 // 4 = 2048 keys), not the sum of them
+    assert get_op("indexer").cost(flash, [1024, 8190], 2).writes["score"] == 2 * 2 * 2048 * 4
+    # HCA reads no top-k list; CSA at position 100 sees 25 compressed rows, not its list's 512
+    attn = get_op("sparse_attn").cost
+    assert attn(flash, [8190] * 64, 2, kind="hca").reads["topk_idxs"] == 0
+    row = 448 + 2 * 64 + 8
+    assert attn(flash, [100] * 4, 2, kind="csa").reads["compressed rows (FP8)"] == 4 * 25 * row
+    # SWA past the window: each token attends to W keys, q.k and p.v per key and head
+    h = flash.num_attention_heads
+    assert attn(flash, [8190] * 64, 2, kind="swa").flops["bf16"] == 2 * 2 * h * hd * (64 * 2 * w)
+    # o_proj: each group's [T, H*HD/G] x [H*HD/G, OL]; wo_b [T, G*OL] x [G*OL, D]
+    g, ol, d = flash.o_groups, flash.o_lora_rank, flash.hidden_size
+    o_cost = get_op("o_proj").cost(flash, [0], 2)
+    assert o_cost.flops == {"bf16": 2 * 2 * h * hd * ol, "fp8": 2 * 2 * (g * ol) * d}
+    # wo_b's scale blocks along D round up: D 192 is two blocks of 128 rows (tiny: G*OL 128, one column)
+    tiny_d192 = dsv4.get_config("tiny").replace(name="d192", hidden_size=192)
+    assert get_op("o_proj").cost(tiny_d192, [0], 1).reads["w.wo_b_scale"] == 2 * 1 * 4
     # 16-row blocks: the window read 8064..8190 (blocks 504..511); a prompt's 64 rows written, blocks 0..3
     small = get_op("sparse_attn_write").cost
     assert small(flash, [8191], 2, kind="swa", block_size=16).reads["block_table (rows read)"] == 8 * 4
