@@ -466,13 +466,14 @@ def test_attention_loop_example_runs_the_backend_it_is_given() -> None:
 def test_the_step_bytes_model_costs_each_op_a_step_launches(layer: int, kind: str, monkeypatch) -> None:
     """``step_costs`` (the memory floor ``examples/attention_loop.py`` reports) holds one cost per op a step
     of the layer launches, in launch order, each the op's model for the kind and compress ratio the op was
-    launched with; ``step_bytes`` is their sum. Layer 3 is an HCA layer of ratio 2 in a model whose first
-    HCA layer has ratio 16, so a cost taken at the kind's first ratio is seen."""
+    launched with, at the module's pool blocks (16 rows: the window's rows 0..19 span two, where 64-row
+    blocks hold them in one); ``step_bytes`` is their sum. Layer 3 is an HCA layer of ratio 2 in a model
+    whose first HCA layer has ratio 16, so a cost taken at the kind's first ratio is seen."""
     cfg = CFG.replace(compress_ratios=(0, 4, 16, 2))
     w = dsv4.synthetic_weights(cfg, seed=0, device=DEVICE, layer=layer)
     rope = dsv4.layer_rope_table(cfg, layer, 128, DEVICE)
     m = dsv4.DecodeAttention(w, rope, cfg, batch=2, max_position=128, backend="reference", block_size=BS)
-    m(x_of(2, 5, 1))
+    m(x_of(2, 20, 1))
     launched: list[tuple[str, dict[str, Any]]] = []
     launch = m._launch
 
@@ -481,20 +482,22 @@ def test_the_step_bytes_model_costs_each_op_a_step_launches(layer: int, kind: st
         return launch(op, *args, **kw)
 
     monkeypatch.setattr(m, "_launch", recorded)
-    starts, s = [5, 5], 3
+    starts, s = [20, 20], 3
     m(x_of(2, s, 2))
     want = []
     for op, kw in launched:
         if op == "kv_compressor":
-            want.append(get_op(op).cost(cfg, starts, s, kind, kw["w"].ape.shape[0]))
+            want.append(get_op(op).cost(cfg, starts, s, kind, kw["w"].ape.shape[0], block_size=BS))
         elif op == "sparse_attn_write":
-            want.append(get_op(op).cost(cfg, starts, s, kw["kind"], kw["compress_ratio"] or None))
+            want.append(get_op(op).cost(cfg, starts, s, kw["kind"], kw["compress_ratio"] or None, block_size=BS))
+        elif op == "indexer":
+            want.append(get_op(op).cost(cfg, starts, s, block_size=BS))
         else:
             want.append(get_op(op).cost(cfg, starts, s))
-    got = step_costs(cfg, layer, starts, s)
+    got = step_costs(cfg, layer, starts, s, block_size=BS)
     assert [c.op for c in got] == [op for op, _ in launched]
-    assert got == want
-    assert step_bytes(cfg, layer, starts, s) == sum(c.read_bytes + c.write_bytes for c in want)
+    assert got == want and got != step_costs(cfg, layer, starts, s)
+    assert step_bytes(cfg, layer, starts, s, BS) == sum(c.read_bytes + c.write_bytes for c in want)
 
 
 @pytest.mark.parametrize("missing", ["attn_sink", "o_proj", "both"])
