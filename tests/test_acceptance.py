@@ -377,6 +377,14 @@ def _entry(
     return entry
 
 
+def _record(*steps: dict) -> dict:
+    """A one-minute run's record of ``steps`` (the summary's input)."""
+    return {
+        "started": "2026-01-01T00:00:00+00:00", "finished": "2026-01-01T00:01:00+00:00", "elapsed_s": 60.0,
+        "budget_s": 480, "command": "python -m dsv4.acceptance out", "environment": None, "steps": list(steps),
+    }  # fmt: skip
+
+
 def test_summary_merges_runs_marks_absent_figures_and_judges_targets() -> None:
     qkv, idx = ("qkv_proj_rope", "decode B=64 S=2"), ("indexer", "decode B=64 S=2 cache=2048")
     shapes = [_shape(*qkv, 16.0), _shape(*idx, 15.0)]
@@ -418,13 +426,6 @@ def test_summary_merges_runs_marks_absent_figures_and_judges_targets() -> None:
     assert re.search(r"`indexer` cache=2048: .*\*\*50\.0%\*\* .* missed, but the check says MISMATCH", summary)
     assert re.search(r"`indexer` cache=262144: .* not measured", summary)
     assert "No test counts: no step measures it." in summary
-
-
-def _record(*steps: dict) -> dict:
-    return {
-        "started": "2026-01-01T00:00:00+00:00", "finished": "2026-01-01T00:01:00+00:00", "elapsed_s": 60.0,
-        "budget_s": 480, "command": "python -m dsv4.acceptance out", "environment": None, "steps": list(steps),
-    }  # fmt: skip
 
 
 def test_a_kernels_share_is_a_percentage_of_the_calls_median() -> None:
@@ -481,11 +482,7 @@ def test_a_table_target_on_a_gpu_the_table_lacks_says_which_floor_it_used() -> N
     bench = _bench([timing], [shape], "dsv4 bench ... --backends triton")
     bench["meta"]["device"] = "NVIDIA A100-SXM4-80GB"
     bench["bandwidth"]["device_table"] = None
-    record = {
-        "started": "2026-01-01T00:00:00+00:00", "finished": "2026-01-01T00:01:00+00:00", "elapsed_s": 60.0,
-        "budget_s": 480, "command": "python -m dsv4.acceptance out", "environment": None,
-        "steps": [_entry("bench_decode", "ok", ["qkv_proj_rope"], ["triton"], bench)],
-    }  # fmt: skip
+    record = _record(_entry("bench_decode", "ok", ["qkv_proj_rope"], ["triton"], bench))
     summary = render(record)
     _assert_well_formed(summary)
     target = next(line for line in summary.splitlines() if "target within 1.25x of the floor" in line)
@@ -529,11 +526,9 @@ def test_a_ranks_figures_have_sections_of_their_own() -> None:
 def test_missing_probe_figures_are_dashes() -> None:
     """A probe whose stream and L2 experiments failed: their figures are '-', not 0 or None."""
     rows = [{"name": "stream", "error": "RuntimeError: boom"}, {"name": "l2", "error": "RuntimeError: boom"}]
-    record = {
-        "started": "2026-01-01T00:00:00+00:00", "finished": "2026-01-01T00:01:00+00:00", "elapsed_s": 60.0,
-        "budget_s": 480, "command": "python -m dsv4.acceptance out", "environment": None,
-        "steps": [{"name": "probe", "status": "ok", "reason": "", "seconds": 9.0, "result": {"probe": {"rows": rows}}}],
-    }  # fmt: skip
+    record = _record(
+        {"name": "probe", "status": "ok", "reason": "", "seconds": 9.0, "result": {"probe": {"rows": rows}}}
+    )
     probe = render(record).split("## Machine limits")[1].split("\n## ")[0]
     assert "| L2 reported / read from L2 up to | - MiB / - MiB |" in probe
     assert "- programs/SM, - B in flight each" in probe
@@ -608,12 +603,10 @@ def test_sanitizer_findings_and_failed_checks_are_told_apart(tmp_path) -> None:
     assert (clean["errors"], clean["mismatches"]) == (0, 0)
     with pytest.raises(ValueError, match="ERROR SUMMARY"):
         parse_sanitize({}, "30 op calls in 9.1 s; all checks passed\n")
-    record = {
-        "started": "2026-01-01T00:00:00+00:00", "finished": "2026-01-01T00:01:00+00:00", "elapsed_s": 60.0,
-        "budget_s": 480, "command": "python -m dsv4.acceptance out", "environment": None,
-        "steps": [{"name": "sanitize", "status": "failed", "reason": f"exit code {SANITIZER_EXIT}", "seconds": 30.0,
-                   "result": found}],
-    }  # fmt: skip
+    record = _record(
+        {"name": "sanitize", "status": "failed", "reason": f"exit code {SANITIZER_EXIT}", "seconds": 30.0,
+         "result": found}
+    )  # fmt: skip
     summary = render(record)
     assert "- `sanitize`: **1 error(s)**; `dsv4 run` under it: 30 op calls, 2 mismatch(es)" in summary
     assert "  - `Invalid __global__ read of size 4 bytes`" in summary
