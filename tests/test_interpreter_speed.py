@@ -4,6 +4,8 @@ suite runs with it (``conftest.py``), so every kernel test also holds its result
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import triton
@@ -61,6 +63,33 @@ def test_a_helper_naming_tl_as_well_is_patched_inside_a_launch_that_patched_core
     out = torch.empty(N)
     root_magnitude_kernel[(1,)](x, out)
     assert torch.allclose(out, x.abs().sqrt())
+
+
+def test_a_helper_naming_core_as_well_is_patched_inside_a_launch_that_patched_tl_alone() -> None:
+    """The kernel's module names ``tl`` (and, once the interpreter has rewritten a function of it, only
+    ``tl`` more); the helper's names ``tl`` and ``core``: sharing one module with the launch is not
+    enough, ``core`` must still be patched for it. In a fresh process: run after the tests above in
+    this one, the same launch passed with ``core`` left unpatched."""
+    code = (
+        "import sys, torch, triton, triton.language as tl\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from dsv4.kernels.interpreter_speed import patch_language_once_per_launch\n"
+        "from lang_both_helper import root_magnitude\n"
+        "@triton.jit\n"
+        "def root_kernel(x_ptr, out_ptr):\n"
+        "    offs = tl.arange(0, 16)\n"
+        "    tl.store(out_ptr + offs, root_magnitude(tl.load(x_ptr + offs)))\n"
+        "print(patch_language_once_per_launch())\n"
+        "x, out = torch.linspace(-4, 4, 16), torch.empty(16)\n"
+        "root_kernel[(1,)](x, out)\n"
+        "print(torch.allclose(out, x.abs().sqrt()))\n"
+    )
+    done = run_python_without_cuda(["-c", code], interpret="1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    installed, right = done.stdout.split()[-2:]
+    if installed != "True":
+        pytest.skip("this Triton's interpreter is built otherwise: it patches at each helper call, as it comes")
+    assert right == "True"
 
 
 def test_helper_calls_patch_nothing_again(monkeypatch: pytest.MonkeyPatch) -> None:
