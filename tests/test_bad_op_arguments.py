@@ -627,6 +627,27 @@ def test_a_score_row_longer_than_the_selection_takes_is_refused_before_any_write
     _assert_unchanged(args, before)
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton backend's limit")
+def test_a_score_row_of_exactly_the_selections_limit_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``out.score`` of exactly 2^24 keys passes the limit above: the indexer goes on to its first launch
+    (stubbed here, to stop there: the interpreter over 64 MB rows would take minutes)."""
+    import dsv4.kernels.lightning_indexer as lightning_indexer
+
+    class Launched(Exception):
+        pass
+
+    def front(*args: object, **kwargs: object) -> None:
+        raise Launched
+
+    monkeypatch.setattr(lightning_indexer, "front", front)
+    args = dict(_case("indexer").args)
+    b, s = args["x"].shape[:2]
+    score = torch.empty(b, s, 2**24, device=DEVICE)
+    args["out"] = IndexerOut(score, torch.empty(b, s, args["topk"], dtype=torch.int32, device=DEVICE))
+    with pytest.raises(Launched):
+        dsv4.indexer(**args, backend="triton")
+
+
 def test_zero_sized_projection_dims_are_named() -> None:
     args = dict(_case("qkv_proj_rope").args)
     w = args["w"]
