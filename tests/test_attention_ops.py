@@ -6,6 +6,7 @@ expectations of ``attention_expect`` (float64, dense, from the spec), with §8's
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import pytest
@@ -269,6 +270,35 @@ def test_sparse_attn_matrix(kind: str, seq: int, backend: str) -> None:
     o = dsv4.sparse_attn(**on_device(args), backend=backend).o
     report = compare("sparse_attn", {"o": o}, {"o": expected_o(args)})
     assert report, str(report)
+
+
+@pytest.mark.parametrize("backend", backends_of("sparse_attn"))
+def test_probabilities_enter_the_value_product_as_bf16(backend: str) -> None:
+    """Spec A5 step 3: ``acc = sum bf16(e_i) * k_i``, with ``l`` summed unrounded. Two keys ``+c`` and
+    ``-c`` (one column, exact in FP8) whose logits differ by ``d``: ``acc = c * (1 - bf16(exp(-d)))``,
+    where ``exp(-d)`` lies 1.4 bf16 steps below 1, so the rounded and the unrounded probability give
+    outputs 30% apart, far outside §8's ``o`` rule; random keys never show it."""
+    c = 256.0  # a power of two: the FP8 row holds it exactly
+    args = attn_setup("swa", 2, start=[0])
+    h = args["q"].shape[2]
+    d = -math.log(1 - 1.4 * 2.0**-8)  # the logit gap: exp(-d) 1.4 steps of bf16 (2^-8 below 1) under 1
+    q0 = torch.tensor(d / 2 * HD**0.5 / c, dtype=torch.bfloat16)
+    args["q"] = torch.zeros_like(args["q"])
+    args["q"][..., 0] = q0
+    args["kv"] = torch.zeros_like(args["kv"])
+    args["kv"][0, 0, 0], args["kv"][0, 1, 0] = c, -c  # token 1 sees both (positions 0 and 1), token 0 the first
+    args["attn_sink"] = torch.full_like(args["attn_sink"], float("-inf"))
+    o = dsv4.sparse_attn(**on_device(args), backend=backend).o.cpu().double()
+
+    z = float(torch.tensor(float(q0) * c, dtype=torch.float32) * torch.tensor(HD**-0.5, dtype=torch.float32))
+    e2 = math.exp(-2 * z)  # the second key's e_i, the first's being exp(0) = 1
+    rounded = float(torch.tensor(e2).to(torch.bfloat16))
+    want = float(torch.tensor(c * (1 - rounded) / (1 + e2)).to(torch.bfloat16))
+    unrounded = c * (1 - e2) / (1 + e2)
+    assert abs(unrounded - want) > 10 * (1e-3 + abs(want) / 128)  # the test tells the two apart
+    assert torch.allclose(o[0, 1, :, 0], torch.full((h,), want, dtype=torch.float64), atol=1e-3, rtol=1 / 128)
+    assert torch.equal(o[0, 0, :, 0], torch.full((h,), c, dtype=torch.float64))  # one key: weight 1
+    assert not o[..., 1:].any()
 
 
 def shared_prefix_args() -> dict:
