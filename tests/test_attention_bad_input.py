@@ -170,6 +170,16 @@ def test_every_op_runs_unbroken() -> None:
         getattr(dsv4, op)(**_args(op), backend="reference")
 
 
+@pytest.mark.parametrize(("op", "field"), [("sparse_attn", "o"), ("sparse_attn_write", "o"), ("o_proj", "y")])
+def test_an_out_buffer_of_another_two_byte_dtype_is_refused(op: str, field: str) -> None:
+    """float16 is bf16's size, not its format: ``out`` of float16 is refused naming it, before anything runs."""
+    args = _args(op)
+    good = getattr(dsv4, op)(**args, backend="reference")
+    out = type(good)(torch.empty_like(getattr(good, field), dtype=torch.float16))
+    with pytest.raises(TypeError, match=f"out.{field}:.*bfloat16"):
+        getattr(dsv4, op)(**_args(op), out=out, backend="reference")
+
+
 def test_an_out_buffer_that_overlaps_an_input_is_refused() -> None:
     args = _args("sparse_attn")
     with pytest.raises(ValueError, match="out.o: shares memory with q"):

@@ -14,7 +14,7 @@ import torch
 import bench_kernels
 import dsv4.reference
 from conftest import INTERPRETER_TRAFFIC
-from dsv4.bench import report, timing
+from dsv4.bench import report, runner, timing
 from dsv4.bench.calls import BoundCall, bind
 from dsv4.bench.runner import _time_backend, bench_cost, floors_us, make_bench_case, run_bench, shape_grid
 from dsv4.bench.timing import DeviceSpec, Timing, _reps_for, device_spec, time_cpu
@@ -291,6 +291,35 @@ def test_shapes_keeps_the_shapes_whose_op_or_label_holds_a_text(tmp_path, capsys
     capsys.readouterr()
     with pytest.raises(ValueError, match=r"^shapes: none of B=128 is in an op or shape of tiny"):
         run_bench(TINY, ops=["o_proj"], shapes=["B=128"], backends=[], traffic=False)
+
+
+def test_the_indexer_check_scores_the_key_pool_the_checked_call_wrote() -> None:
+    """``dsv4 bench``'s check of an indexer call judges its scores and top-k against the reference's
+    scores of the key pool that call wrote (spec §6: from the same inputs), not against the scores of
+    the reference's own run: expected scores off by one everywhere change nothing, while the keys the
+    call wrote are still held to the reference's."""
+    case = make_case(TINY, "indexer", seed=0, max_position=64, batch=2, seq=2, start_pos=[6, 9])
+    reference = bind(case, "reference")
+    expected = {k: v.clone() for k, v in reference.outputs(reference()).items()}
+    off = {**expected, "score": expected["score"] + 1.0}
+    assert runner._check("indexer", bind(case, "reference"), off, case).startswith("ok")
+    keys = next(k for k in expected if expected[k].dtype == torch.int8)  # the INT8 key pool
+    wrong_keys = {**expected, keys: expected[keys] ^ 1}
+    assert not runner._check("indexer", bind(case, "reference"), wrong_keys, case).startswith("ok")
+
+
+def test_each_reference_device_floor_is_at_that_devices_bandwidth() -> None:
+    """The floors printed for the reference devices (on any machine) divide the shape's bytes by each
+    device's own bandwidth: the H200's memory floor is below the H100's by their bandwidths' ratio."""
+    result = run_bench(TINY, ops=["o_proj"], backends=[], traffic=False, progress=False)
+    specs = {spec.name: spec for _, spec in timing.DEVICE_TABLE}
+    assert result["shapes"]
+    for shape in result["shapes"]:
+        floors = shape["floor_us_reference_devices"]
+        assert set(floors) == {"H100 SXM", "H200"}
+        for name, floor in floors.items():
+            assert floor["memory"] == pytest.approx(shape["model"]["bytes"] / specs[name].bandwidth * 1e6, rel=1e-12)
+        assert floors["H200"]["memory"] < floors["H100 SXM"]["memory"]
 
 
 def test_a_tensor_parallel_rank_is_a_preset(tmp_path, capsys) -> None:

@@ -56,3 +56,15 @@ def test_a_qkv_case_rotates_each_token_at_its_own_rows_position() -> None:
     case = make_case(CFG, "qkv_proj_rope", seed=2, batch=2, seq=3, start_pos=[8, 100])
     assert case.args["positions"].tolist() == [8, 9, 10, 100, 101, 102]
     assert case.args["x"].shape == (6, CFG.hidden_size)
+
+
+def test_the_indexer_and_csa_cases_take_the_window_as_the_top_k_offset() -> None:
+    """The indexer's indices are offset by the sliding window (the rows before them in the attention's
+    key list) and a CSA step reads them back by the same offset; at ``demo`` the window (128) and the
+    top-k (512) differ, where at ``tiny`` both are 16."""
+    cfg = dsv4.get_config("demo")
+    assert cfg.sliding_window != cfg.index_topk
+    idx = make_case(cfg, "indexer", "decode", 0, batch=1, seq=1, start_pos=[9], max_position=256).args
+    assert (idx["offset"], idx["topk"]) == (cfg.sliding_window, cfg.index_topk)
+    csa = make_case(cfg, "sparse_attn", "decode", 0, batch=1, seq=1, start_pos=[9], kind="csa", max_position=256).args
+    assert csa["topk_offset"] == cfg.sliding_window

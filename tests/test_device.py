@@ -116,3 +116,10 @@ def test_an_op_on_the_second_gpu_while_the_first_is_current() -> None:
     assert torch.cuda.current_device() == 0
     for name, t in want.items():
         assert got[name].device == torch.device("cuda", 1) and torch.equal(got[name].cpu(), t.cpu()), name
+
+
+def test_two_gpus_of_one_type_are_two_devices() -> None:
+    """``same_device`` compares the index too: ``cuda:1`` is not ``cuda:0`` (no GPU needed: both named)."""
+    assert not same_device("cuda:0", "cuda:1")
+    assert same_device("cuda:1", torch.device("cuda", 1))
+    assert same_device("cpu", torch.device("cpu"))

@@ -172,6 +172,21 @@ def test_other_tiles_match_the_expectation(params: dict) -> None:
     assert compare("sparse_attn", {"o": o}, {"o": expected_o(args)})
 
 
+@pytest.mark.parametrize("kind", ["swa", "csa", "hca"])
+def test_every_head_block_takes_its_own_heads_sinks(kind: str) -> None:
+    """20 heads in blocks of 8 (the last one partial), each head with a sink of its own: every block's
+    program reads its heads' queries and sinks, not the first block's (at ``tiny``'s 4 heads one block
+    holds them all)."""
+    args = attn_setup(kind, 2, seed=8)
+    g = torch.Generator().manual_seed(8)
+    b, s, _, hd = args["q"].shape
+    args["q"] = torch.randn(b, s, 20, hd, generator=g).to(torch.bfloat16)
+    args["attn_sink"] = torch.linspace(-3.0, 3.0, 20)
+    with tuning.forced("sparse_attn", {"heads": 8}):
+        o = run(args)
+    assert compare("sparse_attn", {"o": o}, {"o": expected_o(args)})
+
+
 @pytest.mark.parametrize("kind,tokens", [("swa", 1), ("csa", 2), ("hca", 1), ("hca", 2)])
 def test_nan_goes_where_the_reference_puts_it(kind: str, tokens: int) -> None:
     """NaN in one head of one query, in this call's last row of a slot (seen by its last token only)

@@ -231,6 +231,7 @@ def test_a_kind_is_taken_only_by_an_op_that_runs_differently_for_it() -> None:
         _describe(_good).kind_args("csa")
     kinds = _describe(_good, kinds=("csa", "hca"))
     assert kinds.kind_args("hca") == {"kind": "hca"}
+    assert kinds.kind_args("csa") == {"kind": "csa"}  # the first kind, named, as any other
     with pytest.raises(ValueError, match="^kind: toy_described takes one of csa, hca, got 'swa'"):
         kinds.kind_args("swa")
 

@@ -43,6 +43,10 @@ def test_qkv_proj_rope_positions_up_to_the_last_rope_row() -> None:
     positions[-1] = last + 1
     with pytest.raises(ValueError, match="positions: expected values in"):
         dsv4.qkv_proj_rope(**{**args, "positions": positions}, backend="reference")
+    positions = torch.zeros_like(args["positions"])
+    positions[positions.numel() // 2] = last + 1  # neither the first nor the last: the range is every entry's
+    with pytest.raises(ValueError, match="positions: expected values in"):
+        dsv4.qkv_proj_rope(**{**args, "positions": positions}, backend="reference")
 
 
 @pytest.mark.parametrize("op", ["indexer_compressor", "indexer"])
@@ -80,6 +84,39 @@ def test_attention_ops_reach_the_last_position_and_no_further(op: str, words: tu
     ``check_positions``: ``(p + S - 1) // ratio > bound``)."""
     getattr(dsv4, op)(**_args(op, 62), backend="reference")
     _refused_unchanged(op, _args(op, 63), words)
+
+
+@pytest.mark.parametrize(
+    ("op", "words"),
+    [
+        ("indexer_compressor", ("start_pos: row 1", "rope table")),
+        ("indexer", ("start_pos: row 1", "rope table")),
+        ("kv_compressor", ("start_pos: row 1", "rope table")),
+        ("window_kv_write", ("start_pos: row 1", "pool.block_table addresses")),
+        ("sparse_attn", ("start_pos: row 1", "rope table")),
+        ("sparse_attn_write", ("start_pos: row 1", "rope table")),
+    ],
+)
+def test_a_start_past_a_bound_in_a_later_row_is_refused(op: str, words: tuple[str, ...]) -> None:
+    """Every row's start is held to the bounds, not the first row's alone: row 0 at 6, row 1 at 63."""
+    args = _args(op, 6) | {"start_pos": torch.tensor([6, 63], device=DEVICE)}
+    _refused_unchanged(op, args, words)
+
+
+@pytest.mark.parametrize(
+    ("op", "pool"),
+    [("kv_compressor", "state.pool"), ("sparse_attn", "window_pool"), ("sparse_attn_write", "window_pool")],
+)
+def test_a_pool_shorter_than_the_rope_table_is_its_own_bound(op: str, pool: str) -> None:
+    """With a rope table long enough not to bind, a pool's rows are the bound that refuses a start:
+    ``(p + S) // ratio`` one past the rows its table addresses, named (every bound is checked, not
+    only the first: the rope table's)."""
+    args = _args(op, 6)
+    rope = dsv4.layer_rope_table(CFG, 1, max_position=4096, device=DEVICE)
+    target, ratio = (args["state"].pool, 4) if op == "kv_compressor" else (args[pool], 1)
+    start = (target.rows + 1) * ratio - 2  # S = 2: (p + S) // ratio = rows + 1
+    args |= {"rope": rope, "start_pos": torch.tensor([6, start], device=DEVICE)}
+    _refused_unchanged(op, args, ("start_pos: row 1", f"= {target.rows + 1} <= {target.rows}", f"{pool}.block_table"))
 
 
 @pytest.mark.parametrize("op", ["sparse_attn", "sparse_attn_write"])

@@ -331,6 +331,8 @@ def test_a_candidate_is_written_only_when_it_beats_the_default_by_min_gain(tmp_p
         return entry["winner"], tuner.entries.get("qkv.q_heads", {}).get(Q_HEADS_BUCKET)
 
     assert choose(100.0, 99.0) == (None, None)  # 1% faster: run-to-run noise; the earlier entry goes
+    tuner.save()  # and goes from the file too, though no candidate won
+    assert Q_HEADS_BUCKET not in tuning.load_config(config, "cpu").entries.get("qkv.q_heads", {})
     assert choose(100.0, 97.0) == (faster, faster)
     tuner.save()
     assert dict(tuning.load_config(config, "cpu").entries["qkv.q_heads"][Q_HEADS_BUCKET]) == faster

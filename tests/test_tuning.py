@@ -104,10 +104,11 @@ def test_a_file_entry_reaches_the_launch(tmp_path, monkeypatch) -> None:
 def test_forced_config_wins_and_ends_with_the_block(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv(tuning.ENV, str(_file(tmp_path / "c.json", ONE_SLICE)))
     proj = tuning.TUNABLES["qkv.projection"]
-    with tuning.forced("qkv.projection", {"splits": 2}):
+    with tuning.forced("qkv.projection", {"splits": 2}), tuning.recording() as seen:
         assert proj.config(torch.device("cpu"), T=4, D=256, N=256).splits == 2
-        with tuning.defaults_only():
-            assert proj.config(torch.device("cpu"), T=4, D=256, N=256).splits == 2  # forced still wins
+    assert seen == [("qkv.projection", "T=4,D=256,N=256")]  # a forced lookup is a lookup all the same
+    with tuning.forced("qkv.projection", {"splits": 2}), tuning.defaults_only():
+        assert proj.config(torch.device("cpu"), T=4, D=256, N=256).splits == 2  # forced still wins
     with tuning.defaults_only():
         assert proj.config(torch.device("cpu"), T=4, D=256, N=256).splits is None
     assert proj.config(torch.device("cpu"), T=4, D=256, N=256).splits == 1
