@@ -94,6 +94,17 @@ def test_topk_matches_reference(batch: int, seq: int, start_pos, topk: int, dist
 
 
 @pytest.mark.parametrize("n", [300, 3 * CHUNK + 77], ids=["one-program", "chunked"])
+def test_hidden_columns_are_not_read(n: int) -> None:
+    """Only ``j < vis(b, s)`` is read: hidden columns holding the largest scores of the row (not the
+    reference's mask) change no index, also where the row's first-digit histogram is built from it."""
+    pos = _positions(2, 2, [4 * n - 2, 4 * n - 4 * (n // 3)])  # rows see n-1, n, n//3-1 and n//3 keys
+    masked = _masked(_random_scores(2, 2, n, seed=n), pos)
+    garbage = masked.masked_fill(masked == MASKED_SCORE, 1e30)
+    expected = reference_select_topk(masked, pos, 64, OFFSET)
+    assert torch.equal(select_topk(garbage, pos, 64, OFFSET), expected)
+
+
+@pytest.mark.parametrize("n", [300, 3 * CHUNK + 77], ids=["one-program", "chunked"])
 def test_topk_special_rows(n: int) -> None:
     """Rows that stress the threshold search: all equal, signed zeros, outliers, negatives."""
     _check(*_special_rows(n), 16)
@@ -405,7 +416,8 @@ def test_topk_candidate_buffer_is_capped(hist_given: bool, monkeypatch) -> None:
 
     n, topk_k = ROW_IN_REGISTERS + 1, 64
     pos = _positions(3, 2, [4 * n - 2, 4 * n - 40, 4 * n - 9000])  # rows see n, n-9 .. n-2250 keys
-    score = _masked(_random_scores(3, 2, n, seed=21, distinct_values=97), pos)
+    rows_apart = 64.0 * torch.arange(6.0, device=DEVICE).view(3, 2, 1)  # each row's first digits its own
+    score = _masked(_random_scores(3, 2, n, seed=21, distinct_values=97) + rows_apart, pos)
     hist = (lambda: _score_kernel_hist(score, pos)) if hist_given else (lambda: None)
     whole = select_topk(score, pos, topk_k, OFFSET, hist=hist())
     monkeypatch.setattr(topk, "CANDIDATE_BYTES", 2 * 8 * n + 8 * n // 2)  # room for 2.5 rows: groups of 2
