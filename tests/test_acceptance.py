@@ -735,17 +735,17 @@ def test_a_tools_version_is_the_last_line_it_prints(monkeypatch) -> None:
 
 
 def test_the_environment_names_the_first_gpu_in_its_units(monkeypatch) -> None:
-    """nvidia-smi prints a line per GPU: the first is device 0's. Memory in GiB, the runtime's clocks
-    (kHz) in MHz."""
+    """nvidia-smi prints a line per GPU: the first is device 0's, its current clocks beside their maxima.
+    Memory in GiB, the runtime's clocks (kHz) in MHz."""
     from dsv4.acceptance import environment
 
     lines = (
-        "NVIDIA H200, 570.1, 1980, 1980, 3201, 3201, 700.00, 35\nNVIDIA H200, 570.1, 345, 1980, 1593, 3201, 700.00, 30"
+        "NVIDIA H200, 570.1, 1755, 1980, 2619, 3201, 700.00, 35\nNVIDIA H200, 570.1, 345, 1980, 1593, 3201, 700.00, 30"
     )
     monkeypatch.setattr(environment.shutil, "which", lambda tool: f"/usr/bin/{tool}")
     monkeypatch.setattr(environment, "_run", lambda argv: lines if argv[0] == "nvidia-smi" else None)
     smi = environment._nvidia_smi()
-    assert smi is not None and smi["clocks.sm"] == "1980" and smi["clocks.mem"] == "3201"
+    assert smi is not None and smi["clocks.sm"] == "1755" and smi["clocks.mem"] == "2619"
     props = SimpleNamespace(name="NVIDIA H200", major=9, minor=0, multi_processor_count=132, total_memory=150 * 2**30,
                             L2_cache_size=60 * 2**20)  # fmt: skip
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -760,6 +760,18 @@ def test_the_environment_names_the_first_gpu_in_its_units(monkeypatch) -> None:
     }
     text = "\n".join(environment.describe(env))
     assert "150.0 GiB" in text and "clocks (CUDA runtime): SM 1980 MHz, memory 3201 MHz, bus 6144 bit" in text
+    assert "clocks: SM 1755 MHz (max 1980), memory 2619 MHz (max 3201); power limit 700.00 W" in text
+
+
+def test_the_environment_step_takes_one_path(tmp_path, capsys) -> None:
+    """``python -m dsv4.acceptance.environment PATH.json``: no path, or more than one, prints the usage
+    and exits 2 before anything is collected or written."""
+    from dsv4.acceptance import environment
+
+    for argv in ([], [str(tmp_path / "a.json"), str(tmp_path / "b.json")]):
+        assert environment.main(argv) == 2
+        assert capsys.readouterr().err.startswith("usage: python -m dsv4.acceptance.environment PATH.json")
+    assert list(tmp_path.iterdir()) == []
 
 
 # fuzz_ops.py's output: a case that failed at its candidates and passes at the defaults, a case that
@@ -934,6 +946,24 @@ def test_bad_arguments_are_refused(argv, capsys) -> None:
         main(["unused-out-dir", "--list", *argv])
     assert info.value.code == 2
     assert argv[0] in capsys.readouterr().err
+
+
+def test_an_unknown_step_is_refused_with_the_steps_named(tmp_path, capsys) -> None:
+    """``--steps`` naming a step the plan has not is a usage error (exit 2, as argparse's), not a failed
+    step (exit 1); the message lists the plan's steps, and ``OUT_DIR`` is not made."""
+    out = tmp_path / "out"
+    assert main([str(out), "--dry-run", "--steps", "tests,bench_decode,benchmark"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("--steps: unknown benchmark; the steps are environment, tests, bench_decode, ")
+    assert not out.exists()
+
+
+def test_a_relative_out_dir_is_the_callers(tmp_path, capsys, monkeypatch) -> None:
+    """The steps run in the project's root, so a relative ``OUT_DIR`` is made absolute from the directory
+    the run was started in, where the user named it."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["relative-out", "--dry-run", "--list", "--steps", "tests"]) == 0
+    assert f"--junitxml={tmp_path.resolve() / 'relative-out' / 'junit.xml'} " in capsys.readouterr().out
 
 
 def test_chosen_steps_keep_the_environment_and_the_dry_run_has_its_own_budget(tmp_path, capsys, monkeypatch) -> None:

@@ -19,11 +19,11 @@ BS = 16
 BACKEND = available_backends(DEVICE)[0]  # Triton where it runs (the interpreter on a CPU)
 
 
-def layer(kind: str, backend: str = BACKEND, batch: int = 3) -> dsv4.DecodeAttention:
+def layer(kind: str, backend: str = BACKEND, batch: int = 3, **kwargs) -> dsv4.DecodeAttention:
     n = LAYERS[kind]
     w = dsv4.synthetic_weights(CFG, seed=0, device=DEVICE, layer=n)
     rope = dsv4.layer_rope_table(CFG, n, 64, DEVICE)
-    return dsv4.DecodeAttention(w, rope, CFG, batch=batch, max_position=64, backend=backend, block_size=BS)
+    return dsv4.DecodeAttention(w, rope, CFG, batch=batch, max_position=64, backend=backend, block_size=BS, **kwargs)
 
 
 def state(m: dsv4.DecodeAttention) -> dict[str, torch.Tensor]:
@@ -71,19 +71,25 @@ def test_activations_written_into_the_graph_input_need_no_copy() -> None:
 
 
 def test_a_refused_call_changes_nothing() -> None:
-    """A wrong shape or a start past the slot's position raises naming the argument, state untouched."""
+    """A wrong shape or dtype, a start past the slot's position or a ``seq`` longer than the layer's
+    ``prefill_chunk`` raises naming the argument, state untouched."""
     # a CUDA graph needs every op on Triton; the refusals come before any op runs, so a CPU takes the
     # reference (seconds faster than the interpreter)
-    m = layer("csa", backend=BACKEND if DEVICE.type == "cuda" else "reference")
+    m = layer("csa", backend=BACKEND if DEVICE.type == "cuda" else "reference", prefill_chunk=8)
     m(x_of(3, 4, seed=0))
     graph = m.capture(seq=2)
     before, pos = state(m), list(m.next_pos)
     with pytest.raises(ValueError, match="xn"):
         graph(x_of(3, 1, seed=1))
+    with pytest.raises(ValueError, match="xn"):  # bf16 only: fp32 activations are not rounded silently
+        graph(x_of(3, 2, seed=1).float())
     with pytest.raises(ValueError, match="start_pos"):
         graph(x_of(3, 2, seed=1), start_pos=[9, 4, 4])
     with pytest.raises(ValueError, match="seq"):
         m.capture(seq=0)
+    with pytest.raises(ValueError, match=r"^seq: at most the layer's prefill_chunk \(8\), got 9$"):
+        m.capture(seq=9)
+    assert m.capture(seq=8).seq == 8  # a step as long as the layer's longest
     assert m.next_pos == pos
     for name, t in state(m).items():
         assert bit_identical(t, before[name]), name

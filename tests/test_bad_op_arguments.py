@@ -5,6 +5,7 @@ never read a device tensor on the host (no GPU stream synchronization)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -483,16 +484,24 @@ def test_what_an_op_writes_made_under_inference_mode_is_refused_outside_it(op: s
 
 @pytest.mark.parametrize("op", [op for op in dsv4.ops.op_names() if dsv4.ops.get_op(op).mutates])
 def test_each_tensor_an_op_writes_is_checked_for_inference_mode(op: str) -> None:
-    """The first tensor of the op's state made under ``torch.inference_mode``, the rest outside it; and, for
-    an op that also returns, an ``out`` made there beside a state made outside: each is refused by name."""
+    """The first tensor the op writes made under ``torch.inference_mode``, the rest outside it, then the last
+    alone; and, for an op that also returns, an ``out`` made there beside a state made outside: each is
+    refused by name."""
     desc = dsv4.ops.get_op(op)
-    head, field = desc.mutates[0].split(".")
     args = dict(make_case(CFG, op, seed=3, device=DEVICE, batch=2, seq=2).args)
-    with torch.inference_mode():
-        made = getattr(args[head], field).clone()
-    one = {**args, head: dataclasses.replace(args[head], **{field: made})}
-    with pytest.raises(ValueError, match=f"^{head}.{field}: an inference tensor"):
-        getattr(dsv4, op)(**one, backend="reference")
+
+    def replaced(record: Any, fields: list[str]) -> Any:  # the field at the end of ``fields`` made there
+        if not fields:
+            with torch.inference_mode():
+                return record.clone()
+        return dataclasses.replace(record, **{fields[0]: replaced(getattr(record, fields[0]), fields[1:])})
+
+    for path in dict.fromkeys((desc.mutates[0], desc.mutates[-1])):  # state.pool.scale: a record's record
+        head, *fields = path.split(".")
+        one = {**args, head: replaced(args[head], fields)}
+        with pytest.raises(ValueError, match=f"^{re.escape(path)}: an inference tensor"):
+            getattr(dsv4, op)(**one, backend="reference")
+    head = desc.mutates[0].split(".")[0]
     if desc.result is not None:
         with torch.inference_mode():  # a result of the op's own shapes, made there
             out = getattr(dsv4, op)(**clone_args(args, op), backend="reference")
@@ -579,14 +588,16 @@ def test_a_callers_float32_matmul_precision_changes_nothing(op: str, precision: 
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
-def test_a_generic_tf32_precision_is_made_ieee_for_the_call() -> None:
-    """``torch.backends.fp32_precision = "tf32"`` with the per-backend settings at "none" (inheriting it):
-    inside the call each backend's float32 matmuls are IEEE, and the caller's settings come back after."""
+@pytest.mark.parametrize("precision", ["tf32/none/none", "none/ieee/bf16", "none/tf32/ieee"])
+def test_a_reduced_precision_is_made_ieee_for_the_call(precision: str) -> None:
+    """``torch.backends.fp32_precision = "tf32"`` with the per-backend settings at "none" (inheriting it),
+    or one backend at IEEE and the other below it: inside the call each backend's float32 matmuls are
+    IEEE, and the caller's settings come back after."""
     from dsv4.ops.device import spec_numerics
 
     b: Any = torch.backends
     try:
-        callers = _set_precision("tf32/none/none")
+        callers = _set_precision(precision)
         with spec_numerics("cpu"):
             assert (b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision) == ("ieee", "ieee")
         assert (b.fp32_precision, b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision) == callers

@@ -331,6 +331,17 @@ def test_make_case_takes_none_as_the_default() -> None:
     assert make_case(tiny, "o_proj", batch=1, seq=1, max_position=8).meta["max_position"] == 8
 
 
+def test_an_explicit_max_position_is_capped_at_the_configs() -> None:
+    """A case never spans positions the model has no RoPE rows for: ``max_position`` past
+    ``max_position_embeddings`` is taken as that."""
+    from dsv4.harness.cases import make_case
+    from dsv4.model.config import get_config
+
+    tiny = get_config("tiny")
+    case = make_case(tiny, "o_proj", batch=1, seq=1, max_position=tiny.max_position_embeddings + 64)
+    assert case.meta["max_position"] == tiny.max_position_embeddings
+
+
 def test_run_front_end_checks_the_room_of_its_cases_first(monkeypatch) -> None:
     """The other ops' cases (``make_case``) need 4 positions beyond a step, in whole compressed blocks of
     ``max_position_embeddings``: a ``seq`` or an end past that room is refused before anything runs,
@@ -350,6 +361,8 @@ def test_run_front_end_checks_the_room_of_its_cases_first(monkeypatch) -> None:
         front_end(unaligned, start_pos=4096, seq=2)
     with pytest.raises(AssertionError, match="the run started"):  # the end at the room's last position
         front_end(unaligned, start_pos=4094, seq=2)
+    with pytest.raises(ValueError, match=r"^seq: at most 4092 new tokens per step .* got 4093$"):  # whole blocks
+        front_end(unaligned, start_pos=0, seq=4093)
     with pytest.raises(AssertionError, match="the run started"):  # seq at max_seq
         front_end(get_config("tiny"), start_pos=0, seq=4092)
 

@@ -104,8 +104,10 @@ def test_static_step_checks_its_inputs() -> None:
     with pytest.raises(ValueError, match="x: expected"):
         step.set_inputs(torch.zeros(1, 2, CFG.hidden_size, dtype=torch.bfloat16, device=DEVICE), [0, 0])
     step.set_inputs(torch.zeros(2, 2, CFG.hidden_size, dtype=torch.bfloat16, device=DEVICE), [14, 0])  # the last
-    with pytest.raises(ValueError, match="max_cache_len"):  # one more: position 16, past the rows 0..3 cover
-        step.set_inputs(torch.zeros(2, 2, CFG.hidden_size, dtype=torch.bfloat16, device=DEVICE), [15, 0])
+    for start in ([15, 0], [0, 15]):  # one more: position 16, past the rows 0..3 cover, in either slot
+        with pytest.raises(ValueError, match="max_cache_len"):
+            step.set_inputs(torch.zeros(2, 2, CFG.hidden_size, dtype=torch.bfloat16, device=DEVICE), start)
+    assert tuple(step.out.score.shape) == (2, 2, 4)  # [batch, seq, max_cache_len], not the cache's 16 rows
     with pytest.raises(ValueError, match="max_cache_len"):
         fe.static_step(batch=2, seq=2, max_cache_len=17)
 

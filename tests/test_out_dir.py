@@ -59,3 +59,18 @@ def test_an_earlier_runs_record_of_a_megabyte_marks_the_directory(tmp_path) -> N
     (out / "notes.txt").write_text("mine\n")
     with pytest.raises(OutDirError, match="not empty"):
         prepare_out_dir(out, ["summary.md"])
+
+
+def test_a_record_that_is_a_link_does_not_mark_the_directory(tmp_path) -> None:
+    """An ``acceptance.json`` linking to a real record elsewhere is not read through: the directory is
+    refused as a user's, and nothing in it changes."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / RECORD).write_text(json.dumps({"kind": KIND}))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / RECORD).symlink_to(elsewhere / RECORD)
+    (out / "summary.md").write_text("mine\n")
+    with pytest.raises(OutDirError, match="not empty"):
+        prepare_out_dir(out, ["summary.md"])
+    assert (out / "summary.md").read_text() == "mine\n" and (out / RECORD).is_symlink()
