@@ -428,6 +428,30 @@ def test_summary_merges_runs_marks_absent_figures_and_judges_targets() -> None:
     assert "No test counts: no step measures it." in summary
 
 
+def test_each_shape_is_sped_up_against_its_own_baselines() -> None:
+    """Two shapes of one op: each Triton row's "× vs eager" is over the reference's time at that shape."""
+    big, small = ("qkv_proj_rope", "decode B=64 S=2"), ("qkv_proj_rope", "decode B=1 S=1")
+    timings = [_timing(*big, "triton", 20.0, 16.0), _timing(*big, "reference", 60.0, 16.0),
+               _timing(*small, "triton", 10.0, 5.0), _timing(*small, "reference", 50.0, 5.0)]  # fmt: skip
+    bench = _bench(timings, [_shape(*big, 16.0), _shape(*small, 5.0)], "dsv4 bench ... --backends triton,reference")
+    summary = render(_record(_entry("bench_decode", "ok", ["qkv_proj_rope"], ["triton", "reference"], bench)))
+    _assert_well_formed(summary)
+    table = next(t for t in _tables(summary) if "median µs" in _cells(t[0]))
+    rows = [dict(zip(_cells(table[0]), _cells(line), strict=True)) for line in table[2:]]
+    faster = {r["shape"]: r["× vs eager"] for r in rows if r["backend"] == "triton"}
+    assert faster == {"decode B=64 S=2": "3.00", "decode B=1 S=1": "5.00"}
+
+
+def test_a_target_finds_its_shape_inside_a_longer_label() -> None:
+    """``sparse_attn``'s target names "decode B=64 S=2"; the bench labels its shapes with the layer's
+    kind after it ("decode B=64 S=2 kind=csa"): the target is judged on that row."""
+    attn = ("sparse_attn", "decode B=64 S=2 kind=csa")
+    bench = _bench([_timing(*attn, "triton", 20.0, 15.0)], [_shape(*attn, 15.0)], "dsv4 bench ... --backends triton")
+    summary = render(_record(_entry("bench_decode", "ok", ["sparse_attn"], ["triton"], bench)))
+    _assert_well_formed(summary)
+    assert re.search(r"^- `sparse_attn` decode B=64 S=2: target within 1\.5x .*\*\*75\.0%\*\* .* — met$", summary, re.M)
+
+
 def test_a_kernels_share_is_a_percentage_of_the_calls_median() -> None:
     """The profiler's split of a timed call: a kernel that ended 8 µs after the kernels before it, in a
     call of 20 µs median, is 40% of it."""
@@ -471,6 +495,7 @@ def test_the_failing_tests_listed_stop_at_thirty(failed: int, more: str | None) 
     listed = [line for line in summary.splitlines() if line.startswith("- `tests/test_a.py::")]
     assert listed == [f"- `{t}`" for t in failures[:30]]
     assert [line for line in summary.splitlines() if "more (junit.xml)" in line] == ([more] if more else [])
+    assert "time limit" not in summary  # failed, not stopped: the counts are the whole run's
 
 
 def test_a_table_target_on_a_gpu_the_table_lacks_says_which_floor_it_used() -> None:
@@ -670,6 +695,7 @@ def test_summary_shows_the_probe_and_the_tuning() -> None:
     summary = render(record)
     _assert_well_formed(summary)
     assert "| graph-launch zero point (empty graph) | 2.10 µs |" in summary
+    assert "| L2 reported / read from L2 up to | 60 MiB / 48 MiB |" in summary  # 60 << 20 bytes
     assert "| launch gap, graph + PDL | 0.80 µs per dependent launch |" in summary
     assert "| 16 KiB | 1000 | 2000 |" in summary  # the bytes-in-flight curve
     assert "`flush_method` failed: RuntimeError: out of memory" in summary
