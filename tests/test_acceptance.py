@@ -216,6 +216,24 @@ def _python_step(name: str, code: str, timeout_s: float) -> Step:
     return Step(name, name, ((sys.executable, "-c", code),), timeout_s, min_s=0.5)
 
 
+def test_a_failed_step_is_parsed_and_its_last_lines_are_echoed(tmp_path, capsys, monkeypatch) -> None:
+    """A step that exits 1 still has its output parsed (a tests step's counts are what failed), and the
+    terminal shows its last lines, where the error is, not its first."""
+    from dsv4.acceptance import runner as runner_module
+
+    monkeypatch.setitem(
+        runner_module.PARSERS, "lines", lambda files, log: {"lines": len(re.findall(r"^line \d+$", log, re.M))}
+    )
+    code = "import sys\nfor i in range(40): print(f'line {i}')\nsys.exit(1)"
+    step = Step("fails", "fails", ((sys.executable, "-c", code),), 30, min_s=0.5, parse="lines")
+    runner = _runner(tmp_path, [step], budget_s=60)
+    assert runner.run() == 1
+    (entry,) = runner.record["steps"]
+    assert entry["status"] == "failed" and entry["result"] == {"lines": 40}
+    echoed = [line.strip() for line in capsys.readouterr().out.splitlines() if line.startswith("    line ")]
+    assert echoed == [f"line {i}" for i in range(25, 40)]
+
+
 def test_a_step_past_its_timeout_is_stopped_and_the_next_one_runs(tmp_path) -> None:
     hang = _python_step("hang", "import time; time.sleep(60)", timeout_s=1)
     after = _python_step("after", "print('after the hang')", timeout_s=30)
@@ -314,6 +332,19 @@ def test_a_signal_during_a_parse_stops_the_run(tmp_path, monkeypatch) -> None:
     steps = {s["name"]: s for s in runner.record["steps"]}
     assert "parse_error" not in steps["first"]
     assert steps["second"]["status"] == "not run" and steps["second"]["reason"] == "the run was interrupted"
+
+
+def test_ncu_profiles_the_triton_kernels_alone() -> None:
+    """The ncu step's kernel filter (a regular expression searched in each kernel's function name)
+    takes the project's Triton kernels, whose names begin with an underscore, and none of PyTorch's
+    (the reference's checks run in the same process), whose names may hold one further in."""
+    (ncu,) = [s for s in build_plan(GPU, Paths(ROOT, Path("out"), Path("work"), "python")) if s.name == "ncu"]
+    (command,) = ncu.commands
+    pattern = command[command.index("--kernel-name") + 1].removeprefix("regex:")
+    for name in ("_q_heads_kernel", "_split_k_projection_kernel", "_score_kernel", "_select_row_kernel"):
+        assert re.search(pattern, name), name
+    for name in ("vectorized_elementwise_kernel", "reduce_kernel", "gemv2T_kernel_val", "ampere_bf16_s16816gemm"):
+        assert not re.search(pattern, name), name
 
 
 def test_the_gpu_plan_covers_every_owed_figure(capsys, monkeypatch) -> None:
@@ -528,12 +559,13 @@ def test_a_ranks_figures_have_sections_of_their_own() -> None:
     ok = {"check": "bit-identical", "median_us": 5.0, "changed": {}}
     tune = {"buckets": [{"kernel": "qkv.q_heads", "bucket": "T=128,H=8", "workload": "flash/tp8 qkv_proj_rope",
                          "variants": [ok, bad], "gain_pct": 0.0, "winner": None}], "workloads": []}  # fmt: skip
+    modes = {s.name: s.covers.get("mode") for s in build_plan(GPU, Paths(ROOT, Path("out"), Path("work"), "python"))}
     record = {
         "started": "2026-01-01T00:00:00+00:00", "finished": "2026-01-01T00:08:00+00:00", "elapsed_s": 470.0,
         "budget_s": 480, "command": "python -m dsv4.acceptance out", "environment": None,
         "steps": [
-            _entry("bench_decode", "ok", ["qkv_proj_rope"], ["triton"], layer),
-            _entry("bench_rank", "ok", ["qkv_proj_rope"], ["triton"], rank, mode="rank"),
+            _entry("bench_decode", "ok", ["qkv_proj_rope"], ["triton"], layer, mode=modes["bench_decode"]),
+            _entry("bench_rank", "ok", ["qkv_proj_rope"], ["triton"], rank, mode=modes["bench_rank"]),  # the plan's
             {"name": "tune_rank", "status": "ok", "reason": "", "seconds": 50.0, "result": {"tune": tune}},
         ],
     }  # fmt: skip
