@@ -117,11 +117,11 @@ def test_dims_of_no_preset(t: int) -> None:
     check(ODD, decode_positions(t, 512, seed=5), 512, seed=5, outliers=2)
 
 
-@pytest.mark.parametrize("t", [1, 3, 130])
+@pytest.mark.parametrize("t", [1, 3, 200])
 def test_a_kv_width_with_a_smaller_tile_than_the_q_lora_rank(t: int) -> None:
     """HD 64 (R 32) beside QL 128: the projection's column tiles divide both widths (64 columns), so no
-    tile straddles ``wq_a`` and ``wkv`` and every kv column is computed; at T=130, in two token tiles of
-    128 rows, tiles of another width than their rows."""
+    tile straddles ``wq_a`` and ``wkv`` and every kv column is computed; at T=200, in two token tiles of
+    128 rows, tiles of another width than their rows (the second tile's rows past 64 of it are its own)."""
     check(TINY.replace(name="hd64", head_dim=64, qk_rope_head_dim=32), decode_positions(t, 256, seed=3), 256, 3, 0)
 
 
