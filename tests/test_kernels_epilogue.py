@@ -96,3 +96,19 @@ def test_int8_rows_round_exact_ties_to_even_as_the_model_does() -> None:
     assert torch.equal(q.cpu(), want_q), (q, want_q)
     assert torch.equal(scale.cpu().view(torch.int32), want_scale.reshape(-1).view(torch.int32))
     assert q[0, 1:].tolist() == [2, -4, 0, 2, 0, 126, -2]
+
+
+def test_int8_row_scales_are_the_models_bit_for_bit() -> None:
+    """The stored scale is ``1/s`` with ``s = 127/amax`` (spec §2), not ``amax/127``: 256 rows whose amax
+    spans twelve binades, among them rows where the two differ by an fp32 ulp, each scale bit for bit
+    ``dsv4.quantize_int8_per_row``'s, and the codes too."""
+    g = torch.Generator().manual_seed(7)
+    v = torch.randn(256, 16, generator=g) * torch.logspace(-6, 6, 256, base=2.0)[:, None]
+    amax = v.abs().amax(1)
+    assert (amax / 127 != 1 / (127 / amax)).sum() > 10  # rows on which the two formulas differ
+    q = torch.empty(256, 16, dtype=torch.int8, device=DEVICE)
+    scale = torch.empty(256, device=DEVICE)
+    _int8_rows_kernel[(1,)](v.to(DEVICE), q, scale, 256, 16)
+    want_q, want_scale = quantize_int8_per_row(v)
+    assert torch.equal(q.cpu(), want_q)
+    assert torch.equal(scale.cpu().view(torch.int32), want_scale.reshape(-1).view(torch.int32))
