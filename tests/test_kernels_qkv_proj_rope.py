@@ -493,16 +493,28 @@ def _huge_half_heads(w: AttnWeights) -> AttnWeights:
     return dataclasses.replace(w, wq_b_scale=scale)
 
 
+def _unevenly_scaled_halves(w: AttnWeights) -> AttnWeights:
+    """``wq_b_scale`` of head 0 times 2^52 on half 0 and 2^46 on half 1: half 0's values reach about 2^53,
+    past the ``2^48`` from which a row is scaled before squaring, half 1's about 2^47, below it, so the
+    head's norm adds two sums of squares taken at different scales."""
+    hd = w.wkv.shape[0]
+    scale = w.wq_b_scale.clone()
+    scale[: hd // 2] *= 2.0**52
+    scale[hd // 2 : hd] *= 2.0**46
+    return dataclasses.replace(w, wq_b_scale=scale)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("what", ["x-1e30", "huge-half-heads"])
+@pytest.mark.parametrize("what", ["x-1e30", "huge-half-heads", "unevenly-scaled-halves"])
 def test_very_large_finite_activations(backend: str, what: str) -> None:
-    """x = 1e30 (the q-LoRA and kv norms' squares overflow fp32), or q heads of 1e25 (the per-head
-    norm's): ``q``, ``kv`` and ``qr_scale`` are the float64 spec's, finite, not zeros."""
+    """x = 1e30 (the q-LoRA and kv norms' squares overflow fp32), q heads of 1e25 (the per-head norm's),
+    or a head whose halves are scaled by different powers of two before squaring: ``q``, ``kv`` and
+    ``qr_scale`` are the float64 spec's, finite, not zeros."""
     x, w, positions, rope = qkv_inputs(TINY, decode_positions(3, 64, seed=9), 64, seed=9)
     if what == "x-1e30":
         x = (x.float() * 1e30).to(torch.bfloat16)
     else:
-        w = _huge_half_heads(w)
+        w = _huge_half_heads(w) if what == "huge-half-heads" else _unevenly_scaled_halves(w)
     out = dsv4.qkv_proj_rope(x, w, positions, rope, backend=backend)
     want = _spec_qkv(x, w, positions, rope, out.qr, out.qr_scale)
     for name, e in want.items():
