@@ -559,7 +559,9 @@ def test_a_ranks_figures_have_sections_of_their_own() -> None:
     ok = {"check": "bit-identical", "median_us": 5.0, "changed": {}}
     tune = {"buckets": [{"kernel": "qkv.q_heads", "bucket": "T=128,H=8", "workload": "flash/tp8 qkv_proj_rope",
                          "variants": [ok, bad], "gain_pct": 0.0, "winner": None}], "workloads": []}  # fmt: skip
-    modes = {s.name: s.covers.get("mode") for s in build_plan(GPU, Paths(ROOT, Path("out"), Path("work"), "python"))}
+    modes = {
+        s.name: str(s.covers.get("mode")) for s in build_plan(GPU, Paths(ROOT, Path("out"), Path("work"), "python"))
+    }
     record = {
         "started": "2026-01-01T00:00:00+00:00", "finished": "2026-01-01T00:08:00+00:00", "elapsed_s": 470.0,
         "budget_s": 480, "command": "python -m dsv4.acceptance out", "environment": None,
