@@ -32,6 +32,7 @@ os.environ["TRITON_INTERPRET"] = "0"
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
 import sm90  # noqa: E402  (after the interpreter switch and the path)
+from dsv4.model.config import get_config  # noqa: E402
 from dsv4.ops.registry import get_op  # noqa: E402
 
 # the @triton.jit functions behind each tuned kernel (a candidate may launch another: each of the names it
@@ -87,6 +88,21 @@ def main() -> None:
     from dsv4.kernels import tuning
 
     wanted = args.kernels.split(",") if args.kernels else list(KERNELS)
+    unknown = [name for name in wanted if name not in KERNELS]
+    if unknown:
+        parser.error(f"--kernels: no tuned kernel {', '.join(unknown)} (known: {', '.join(KERNELS)})")
+    try:
+        positions = get_config(args.preset).max_position_embeddings
+    except ValueError as e:
+        parser.error(f"--preset: {e}")
+    for name in wanted:  # the plans are decode steps at a deployment's positions, which a short preset lacks
+        plan = PLANS[KERNELS[name][1]]
+        reach = max(plan.start_pos + plan.seq, plan.max_position or 0)
+        if reach > positions:
+            parser.error(
+                f"--preset {args.preset}: {positions} positions, fewer than the {reach} that {name}'s plan "
+                f"({plan.op} from position {plan.start_pos}) reaches"
+            )
     rows = []
     for name in wanted:
         fn_name, plan_name = KERNELS[name]
