@@ -2,12 +2,14 @@
 
     python benchmarks/fuzz_ops.py [--device cpu|cuda] [--preset tiny] [--seconds 600] [--seed 0]
                                   [--ops qkv_proj_rope,...] [--batches 1,2,3,5] [--seqs 1,2,2,3,5] [--json out.json]
-                                  [--candidates]
+                                  [--candidates] [--max-start 2000]
 
 Each case draws an op (and one of its layer kinds where it has several), B in {1, 2, 3, 5}, S in
 {1, 2, 3, 5} (2 twice as often; ``--batches`` and ``--seqs`` choose others, e.g. prompt chunks) and
-every row's own start position, half of them at or next to a multiple of 4, 16, 64, 128 or 256
-(compressor blocks, pool blocks, key tiles); ``make_case`` draws the inputs from the case's seed.
+every row's own start position up to ``--max-start`` (2000), half of them at or next to a multiple of 4,
+16, 64, 128 or 256 (compressor blocks, pool blocks, key tiles); ``make_case`` draws the inputs from the
+case's seed. Starts past 16,384 at a preset whose positions reach that far (``flash``, ``pro`` and their
+ranks) give the indexer rows of more than 4,096 keys, which the top-k selects in chunks (long context).
 The Triton backend (Triton's interpreter with ``--device cpu``, the default; compiled with ``cuda``)
 is compared with the reference by the spec's rules (``dsv4.harness.golden.compare``, as ``dsv4 run``
 and the tests compare), from the same inputs (the indexer's scores and top-k from the reference on the
@@ -33,8 +35,8 @@ file holds them: a bug, or a rounding of a kind TESTING.md lists where a candida
 order), and when no case was judged; else 0, also when some case failed the spec's rules at the
 defaults, which every run prints and counts; 130 when interrupted (Ctrl-C, SIGINT) with no such case,
 after the summary of the cases judged so far; 2 on a bad argument (``--seconds`` not > 0, a ``--json``
-that cannot be written), before any case. ``docs/TESTING.md`` ("Random cases") says what the failures
-found so far were.
+that cannot be written, an unknown ``--preset``, a ``--max-start`` past its positions), before any case.
+``docs/TESTING.md`` ("Random cases") says what the failures found so far were.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ if DEVICE == "cpu":  # chosen before Triton is imported: on the CPU its interpre
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from dsv4.arg_types import device as device_arg  # noqa: E402
-from dsv4.arg_types import ints_at_least, names_in, positive_float  # noqa: E402
+from dsv4.arg_types import int_at_least, ints_at_least, names_in, positive_float  # noqa: E402
 from dsv4.bench.interp_traffic import bounds_checked, dots_checked  # noqa: E402
 from dsv4.harness.cases import expected_outputs, make_case, run_case  # noqa: E402
 from dsv4.harness.golden import compare  # noqa: E402
@@ -71,19 +73,33 @@ BATCHES = (1, 2, 3, 5)
 SEQS = (1, 2, 2, 3, 5)  # 2, the decode step of the deployment, twice as often
 BOUNDARIES = (4, 16, 64, 128, 256)  # compress ratio, pool block, key tiles
 MAX_START = 2000
-MAX_POSITION = 2304  # room for MAX_START + the longest step, rounded to a pool block
+ROOM = 256  # positions past the last start: a pool block, or the longest step drawn where that is longer
 
 
-def draw_start(rng: random.Random) -> int:
-    """A row's start: half the time at or next to a boundary, else anywhere below ``MAX_START``."""
+def max_position(max_start: int, seqs: list[int]) -> int:
+    """The ``max_position`` of every case: room for ``max_start`` and the longest step, in whole pool blocks
+    (2304 at the defaults)."""
+    return -(-(max_start + max(ROOM, *seqs)) // ROOM) * ROOM
+
+
+def draw_start(rng: random.Random, max_start: int = MAX_START) -> int:
+    """A row's start: half the time at or next to a boundary, else anywhere up to ``max_start``."""
     if rng.random() < 0.5:
         m = rng.choice(BOUNDARIES)
-        return max(0, m * rng.randint(0, MAX_START // m) + rng.choice((-2, -1, 0, 1)))
-    return rng.randint(0, MAX_START)
+        return max(0, m * rng.randint(0, max_start // m) + rng.choice((-2, -1, 0, 1)))
+    return rng.randint(0, max_start)
 
 
 def judge(
-    cfg: DeepSeekV4Config, op: str, seed: int, device: str, b: int, s: int, starts: list[int], kind: str | None
+    cfg: DeepSeekV4Config,
+    op: str,
+    seed: int,
+    device: str,
+    b: int,
+    s: int,
+    starts: list[int],
+    kind: str | None,
+    positions: int = max_position(MAX_START, list(SEQS)),
 ) -> str:
     """The verdict of one case: the Triton backend against the reference, or the error it raised. Under
     the interpreter with the tests' checks: an access outside the launch's tensors (``OutOfBounds``, where
@@ -94,7 +110,7 @@ def judge(
             checks.enter_context(bounds_checked())
             checks.enter_context(dots_checked())
         try:
-            case = make_case(cfg, op, "decode", seed, device, MAX_POSITION, b, s, starts, kind)
+            case = make_case(cfg, op, "decode", seed, device, positions, b, s, starts, kind)
             got = run_case(case, "triton")
             return compare(op, got, expected_outputs(case, got), case.compare_inputs()).verdict()
         except Exception as e:  # noqa: BLE001  (a case that raises is a finding too)
@@ -140,14 +156,26 @@ def main() -> int:
     parser.add_argument(
         "--candidates", action="store_true", help="launch each kernel with a declared tuning candidate drawn per case"
     )
+    parser.add_argument(
+        "--max-start", type=int_at_least(0), default=MAX_START, help="the latest start position drawn (default 2000)"
+    )
     args = parser.parse_args()
     if args.json and Path(args.json).is_dir():  # before the run, not after it
         parser.error(f"--json {args.json}: is a directory; name a file to write")
     if args.json and not Path(args.json).parent.is_dir():
         parser.error(f"--json {args.json}: its directory does not exist")
-    patch_language_once_per_launch()  # under the interpreter: the same bits, less of its own work
-    cfg = get_config(args.preset)
+    try:
+        cfg = get_config(args.preset)
+    except ValueError as e:
+        parser.error(f"--preset: {e}")
     ops, batches, seqs = args.ops, args.batches, args.seqs
+    positions = max_position(args.max_start, seqs)
+    if positions > cfg.max_position_embeddings:
+        parser.error(
+            f"--max-start {args.max_start}: its cases hold {positions} positions (the start, the longest step, "
+            f"whole pool blocks), more than {args.preset}'s {cfg.max_position_embeddings}"
+        )
+    patch_language_once_per_launch()  # under the interpreter: the same bits, less of its own work
     rng = random.Random(args.seed)
     runs: Counter = Counter()
     fails: Counter = Counter()
@@ -162,21 +190,21 @@ def main() -> int:
             op = rng.choice(ops)
             kind = rng.choice(get_op(op).kinds or (None,))
             b, s = rng.choice(batches), rng.choice(seqs)
-            starts = [draw_start(rng) for _ in range(b)]
+            starts = [draw_start(rng, args.max_start) for _ in range(b)]
             seed = rng.randint(0, 10**6)
             call = (
                 f"make_case(get_config({args.preset!r}), {op!r}, 'decode', {seed}, batch={b}, seq={s}, "
-                f"start_pos={starts}, kind={kind!r}, max_position={MAX_POSITION})"
+                f"start_pos={starts}, kind={kind!r}, max_position={positions})"
             )
             draws = tuning.drawn(random.Random(seed)) if args.candidates else contextlib.nullcontext()
             with draws as drawn:
-                verdict = judge(cfg, op, seed, args.device, b, s, starts, kind)
+                verdict = judge(cfg, op, seed, args.device, b, s, starts, kind, positions)
             record: dict[str, Any] = {"case": call, "verdict": verdict}
             if drawn is not None:
                 record["kernels"] = drawn.changes()
             if verdict != "ok" and drawn is not None:  # is it the candidates'? the same case at the defaults
                 with tuning.defaults_only():
-                    record["defaults"] = judge(cfg, op, seed, args.device, b, s, starts, kind)
+                    record["defaults"] = judge(cfg, op, seed, args.device, b, s, starts, kind, positions)
             # counted once judged: an interrupted case is left out
             runs[(op, kind)] += 1
             if drawn is not None:
@@ -205,7 +233,7 @@ def main() -> int:
             f"{ran[name]} in parameters the interpreter runs"
         )
     if args.json:
-        meta = {"preset": args.preset, "seed": args.seed, "candidates": args.candidates}
+        meta = {"preset": args.preset, "seed": args.seed, "candidates": args.candidates, "max_start": args.max_start}
         Path(args.json).write_text(json.dumps({**meta, "cases": records}, indent=1))
     if not records and not interrupted:
         print(f"no case judged in --seconds {args.seconds:g}: nothing was compared")

@@ -214,16 +214,20 @@ def test_an_interrupted_run_reports_the_cases_judged(first: str, status: int, tm
         (["--seconds", "0"], "--seconds"), (["--seconds", "-1"], "--seconds"), (["--seconds", "nan"], "--seconds"),
         (["--json", "{tmp}"], "is a directory"), (["--json", "{tmp}/missing/cases.json"], "does not exist"),
         (["--batches", "x"], "ints >= 1"), (["--batches", "2,0"], "ints >= 1"), (["--seqs", "0"], "ints >= 1"),
-        (["--ops", "bogus"], "window_kv_write"),
+        (["--ops", "bogus"], "window_kv_write"), (["--preset", "bogus"], "unknown preset 'bogus'"),
+        (["--max-start", "-1"], "an int >= 0"), (["--max-start", "3841"], "4352 positions (the start, the longest"),
+        (["--max-start", "1000", "--seqs", "3200"], "4352 positions"),
     ],
     ids=["seconds=0", "seconds=-1", "seconds=nan", "json-a-directory", "json-in-a-missing-directory", "batches=x",
-         "batches=2,0", "seqs=0", "ops=bogus"],
+         "batches=2,0", "seqs=0", "ops=bogus", "preset=bogus", "max-start=-1", "max-start-past-tiny",
+         "a-step-past-tiny"],
 )  # fmt: skip
 def test_bad_arguments_are_refused_before_any_case(args: list[str], words: str, tmp_path: Path) -> None:
     """``--seconds 0`` judged no case and exited 0; a ``--json`` that cannot be written failed after the
     whole run; ``--batches 0`` or ``--seqs 0`` judged every case of the time given as failed, and an
     unknown op or a B that is not a number ended in a traceback. Each is refused first: exit 2, the
-    argument named, no case drawn, nothing written."""
+    argument named, no case drawn, nothing written. ``tiny`` has 4,096 positions: ``--max-start 3840``
+    (3,840 and a pool block of room) fits, 3,841 does not, nor a start of 1,000 with a step of 3,200."""
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     done = _run("--ops", "window_kv_write", "--seconds", "2", *args)
     assert done.returncode == 2, (done.stdout, done.stderr)
@@ -255,8 +259,8 @@ import fuzz_ops
 asked = []
 
 
-def judge(cfg, op, seed, device, b, s, starts, kind):
-    asked.append({"op": op, "b": b, "s": s, "starts": starts, "kind": kind})
+def judge(cfg, op, seed, device, b, s, starts, kind, positions):
+    asked.append({"op": op, "b": b, "s": s, "starts": starts, "kind": kind, "positions": positions})
     return "ok"
 
 
@@ -286,8 +290,39 @@ def test_the_draws_cover_the_options_given_and_the_printed_call_is_the_case(tmp_
     }
     assert {a["b"] for a in asked} == {2, 3} and {a["s"] for a in asked} == {5, 17}
     for a, c in zip(asked, cases, strict=True):
-        call = f"batch={a['b']}, seq={a['s']}, start_pos={a['starts']}, kind={a['kind']!r}"
+        call = f"batch={a['b']}, seq={a['s']}, start_pos={a['starts']}, kind={a['kind']!r}, max_position=2304)"
         assert f"'{a['op']}', 'decode', " in c["case"] and call in c["case"], (a, c["case"])
+        assert a["positions"] == 2304  # the positions of the runs TESTING.md lists, whose calls rebuild them
+
+
+def test_late_starts_are_drawn_up_to_max_start(tmp_path: Path) -> None:
+    """``--max-start 20000`` at a flash rank: starts up to 20,000 (and one past a boundary), at and next to
+    the boundaries as below it, every case holding 20,480 positions (20,000 and a pool block, in blocks)."""
+    script, out = tmp_path / "draws.py", tmp_path / "cases.json"
+    script.write_text(RECORDED_DRAWS)
+    argv = ["--preset", "flash/tp8", "--max-start", "20000", "--batches", "3", "--json", str(out)]
+    done = run_python([str(script), str(SCRIPT.parent), *argv], TRITON_INTERPRET="1")
+    assert done.returncode == 0, done.stderr
+    asked = json.loads(Path(f"{script}.asked.json").read_text())
+    got = json.loads(out.read_text())
+    assert got["max_start"] == 20000 and len(got["cases"]) == len(asked) > 100
+    starts = [p for a in asked for p in a["starts"]]
+    assert all(0 <= p <= 20001 for p in starts) and {a["positions"] for a in asked} == {20480}
+    assert sum(p > 16384 for p in starts) > len(starts) // 10  # the indexer's rows of over 4,096 keys
+    assert sum(p % 256 == 0 for p in starts) > len(starts) // 80
+    assert all("max_position=20480)" in c["case"] for c in got["cases"])
+
+
+def test_a_late_start_runs_the_chunked_top_k(tmp_path: Path) -> None:
+    """A row of 4,416 keys (start 17,664 at a flash rank, seed 27's first case), judged like any other:
+    the top-k selects it in chunks (``topk.select_chunks`` looked up), and the case passes."""
+    out = tmp_path / "cases.json"
+    args = ["--preset", "flash/tp8", "--ops", "indexer", "--max-start", "20000", "--batches", "1", "--seqs", "1"]
+    done = _run(*args, "--candidates", "--seconds", "1", "--seed", "27", "--json", str(out))
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    cases = json.loads(out.read_text())["cases"]
+    assert "start_pos=[17664]" in cases[0]["case"] and all(c["verdict"] == "ok" for c in cases)
+    assert re.search(r"topk\.select_chunks: [1-9]\d* buckets looked up", done.stdout), done.stdout
 
 
 DRAWN_STARTS = """
