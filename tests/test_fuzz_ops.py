@@ -274,17 +274,23 @@ finally:
 """
 
 
+def _recorded_draws(tmp_path: Path, *argv: str) -> tuple[list[dict], dict]:
+    """``fuzz_ops.py argv`` with ``RECORDED_DRAWS``'s judge -> (what it was asked, the JSON it wrote)."""
+    script, out = tmp_path / "draws.py", tmp_path / "cases.json"
+    script.write_text(RECORDED_DRAWS)
+    done = run_python([str(script), str(SCRIPT.parent), *argv, "--json", str(out)], TRITON_INTERPRET="1")
+    assert done.returncode == 0, done.stderr
+    asked, got = json.loads(Path(f"{script}.asked.json").read_text()), json.loads(out.read_text())
+    assert len(asked) == len(got["cases"]) > 100
+    return asked, got
+
+
 def test_the_draws_cover_the_options_given_and_the_printed_call_is_the_case(tmp_path: Path) -> None:
     """Every kind of each op, every B of ``--batches`` and every S of ``--seqs`` (and no other), and each
     case recorded with the ``make_case`` call of the very draw judged."""
-    script, out = tmp_path / "draws.py", tmp_path / "cases.json"
-    script.write_text(RECORDED_DRAWS)
-    argv = ["--ops", "sparse_attn,kv_compressor", "--batches", "2,3", "--seqs", "5,17", "--json", str(out)]
-    done = run_python([str(script), str(SCRIPT.parent), *argv], TRITON_INTERPRET="1")
-    assert done.returncode == 0, done.stderr
-    asked = json.loads(Path(f"{script}.asked.json").read_text())
-    cases = json.loads(out.read_text())["cases"]
-    assert len(asked) == len(cases) > 100
+    argv = ["--ops", "sparse_attn,kv_compressor", "--batches", "2,3", "--seqs", "5,17"]
+    asked, got = _recorded_draws(tmp_path, *argv)
+    cases = got["cases"]
     assert {(a["op"], a["kind"]) for a in asked} == {("sparse_attn", k) for k in ("csa", "hca", "swa")} | {
         ("kv_compressor", k) for k in ("csa", "hca")
     }
@@ -298,14 +304,8 @@ def test_the_draws_cover_the_options_given_and_the_printed_call_is_the_case(tmp_
 def test_late_starts_are_drawn_up_to_max_start(tmp_path: Path) -> None:
     """``--max-start 20000`` at a flash rank: starts up to 20,000 (and one past a boundary), at and next to
     the boundaries as below it, every case holding 20,480 positions (20,000 and a pool block, in blocks)."""
-    script, out = tmp_path / "draws.py", tmp_path / "cases.json"
-    script.write_text(RECORDED_DRAWS)
-    argv = ["--preset", "flash/tp8", "--max-start", "20000", "--batches", "3", "--json", str(out)]
-    done = run_python([str(script), str(SCRIPT.parent), *argv], TRITON_INTERPRET="1")
-    assert done.returncode == 0, done.stderr
-    asked = json.loads(Path(f"{script}.asked.json").read_text())
-    got = json.loads(out.read_text())
-    assert got["max_start"] == 20000 and len(got["cases"]) == len(asked) > 100
+    asked, got = _recorded_draws(tmp_path, "--preset", "flash/tp8", "--max-start", "20000", "--batches", "3")
+    assert got["max_start"] == 20000
     starts = [p for a in asked for p in a["starts"]]
     assert all(0 <= p <= 20001 for p in starts) and {a["positions"] for a in asked} == {20480}
     assert sum(p > 16384 for p in starts) > len(starts) // 10  # the indexer's rows of over 4,096 keys
