@@ -77,9 +77,9 @@ ROOM = 256  # positions past the last start: a pool block, or the longest step d
 
 
 def max_position(max_start: int, seqs: list[int]) -> int:
-    """The ``max_position`` of every case: room for ``max_start`` and the longest step, in whole pool blocks
-    (2304 at the defaults)."""
-    return -(-(max_start + max(ROOM, *seqs)) // ROOM) * ROOM
+    """The ``max_position`` of every case: room for the latest start (``max_start + 1``, a boundary draw's
+    position past it) and the longest step, in whole pool blocks (2304 at the defaults)."""
+    return -(-(max_start + 1 + max(ROOM, *seqs)) // ROOM) * ROOM
 
 
 def draw_start(rng: random.Random, max_start: int = MAX_START) -> int:

@@ -215,8 +215,8 @@ def test_an_interrupted_run_reports_the_cases_judged(first: str, status: int, tm
         (["--json", "{tmp}"], "is a directory"), (["--json", "{tmp}/missing/cases.json"], "does not exist"),
         (["--batches", "x"], "ints >= 1"), (["--batches", "2,0"], "ints >= 1"), (["--seqs", "0"], "ints >= 1"),
         (["--ops", "bogus"], "window_kv_write"), (["--preset", "bogus"], "unknown preset 'bogus'"),
-        (["--max-start", "-1"], "an int >= 0"), (["--max-start", "3841"], "4352 positions (the start, the longest"),
-        (["--max-start", "1000", "--seqs", "3200"], "4352 positions"),
+        (["--max-start", "-1"], "an int >= 0"), (["--max-start", "3840"], "4352 positions (the start, the longest"),
+        (["--max-start", "1000", "--seqs", "3096"], "4352 positions"),
     ],
     ids=["seconds=0", "seconds=-1", "seconds=nan", "json-a-directory", "json-in-a-missing-directory", "batches=x",
          "batches=2,0", "seqs=0", "ops=bogus", "preset=bogus", "max-start=-1", "max-start-past-tiny",
@@ -226,8 +226,9 @@ def test_bad_arguments_are_refused_before_any_case(args: list[str], words: str, 
     """``--seconds 0`` judged no case and exited 0; a ``--json`` that cannot be written failed after the
     whole run; ``--batches 0`` or ``--seqs 0`` judged every case of the time given as failed, and an
     unknown op or a B that is not a number ended in a traceback. Each is refused first: exit 2, the
-    argument named, no case drawn, nothing written. ``tiny`` has 4,096 positions: ``--max-start 3840``
-    (3,840 and a pool block of room) fits, 3,841 does not, nor a start of 1,000 with a step of 3,200."""
+    argument named, no case drawn, nothing written. ``tiny`` has 4,096 positions: ``--max-start 3839``
+    fits (a start up to 3,840, one past it at a boundary, and a pool block of room), 3,840 does not, nor a
+    start of 1,000 with a step of 3,200."""
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     done = _run("--ops", "window_kv_write", "--seconds", "2", *args)
     assert done.returncode == 2, (done.stdout, done.stderr)
