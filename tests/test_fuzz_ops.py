@@ -228,7 +228,7 @@ def test_bad_arguments_are_refused_before_any_case(args: list[str], words: str, 
     unknown op or a B that is not a number ended in a traceback. Each is refused first: exit 2, the
     argument named, no case drawn, nothing written. ``tiny`` has 4,096 positions: ``--max-start 3839``
     fits (a start up to 3,840, one past it at a boundary, and a pool block of room), 3,840 does not, nor a
-    start of 1,000 with a step of 3,200."""
+    start of 1,000 with a step of 3,096."""
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     done = _run("--ops", "window_kv_write", "--seconds", "2", *args)
     assert done.returncode == 2, (done.stdout, done.stderr)
