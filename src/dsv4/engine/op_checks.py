@@ -227,15 +227,10 @@ class CheckedBuffers(torch.nn.Module):
         return torch.inference_mode() if static.is_inference() else self.writing()
 
     def register_buffer(self, name: str, tensor: torch.Tensor | None, persistent: bool = True) -> None:
+        """Also an assignment ``module.name = tensor`` to a buffer: ``nn.Module.__setattr__`` registers it."""
         changed = name not in self._buffers or self._buffers[name] is not tensor
         super().register_buffer(name, tensor, persistent)
         self.generation += changed
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        buffers = self.__dict__.get("_buffers", {})
-        if name in buffers and buffers[name] is not value:
-            self.__dict__["generation"] = self.generation + 1
-        super().__setattr__(name, value)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> CheckedBuffers:
         before = dict(self._buffers)
