@@ -9,6 +9,7 @@ produce) into one element of one input at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -233,6 +234,51 @@ def test_nonfinite_key_pool_selects_the_same_visible_rows_on_every_backend() -> 
             idx = want["topk_idxs"][b, s].tolist()
             assert sorted(i - offset for i in idx if i >= 0) == list(range(min(vis, topk)))
             assert idx[min(vis, topk) :] == [-1] * (topk - min(vis, topk))
+
+
+# One e4m3 NaN code (0x7F) among the finite codes of its block: the reference decodes it as NaN, as does a GPU.
+# The interpreter decodes it as 480 (and 0xFF as -480), so there the Triton kernels' outputs stay finite:
+# their check is the compiled one.
+NAN_CODE = 0x7F
+COMPILED_ONLY = pytest.mark.skipif(
+    DEVICE.type != "cuda", reason="the interpreter decodes the e4m3 NaN code 0x7F as 480: the check is compiled"
+)
+
+
+def _with_nan_code(op: str, where: str) -> tuple[dict, torch.Tensor]:
+    """A tiny case of ``op`` (B=2, S=2 from position 6) with one NaN code at ``where``, and the outputs
+    the spec makes NaN: a key row slot 0's tokens both see (every head of theirs), a row of ``wo_a``
+    (its block of ``r`` in every token, so every ``y``), or an element of ``wo_b`` (one column of ``y``)."""
+    args = dict(make_case(CFG, op, seed=0, device=DEVICE, max_position=64, batch=2, seq=2, start_pos=[6, 6]).args)
+    if where == "window_pool.nope":
+        pool = args["window_pool"]
+        p = 3  # a window row below the start: both tokens (positions 6, 7) see it
+        block, offset = int(pool.block_table[0, p // pool.block_size]), p % pool.block_size
+        pool.nope.view(torch.uint8)[block, offset, 7] = NAN_CODE
+        nan = torch.zeros(args["q"].shape, dtype=torch.bool, device=DEVICE)
+        nan[0] = True
+        return args, nan
+    name = where.removeprefix("w.")
+    weight = getattr(args["w"], name).clone()
+    weight.view(torch.uint8)[5, 7] = NAN_CODE
+    args["w"] = dataclasses.replace(args["w"], **{name: weight})
+    t, d = args["o"].shape[0], args["w"].wo_b.shape[0]
+    nan = torch.zeros((t, d), dtype=torch.bool, device=DEVICE)
+    nan[:, 5 if name == "wo_b" else slice(None)] = True
+    return args, nan
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=COMPILED_ONLY)])
+@pytest.mark.parametrize(
+    ("op", "where"), [("sparse_attn", "window_pool.nope"), ("o_proj", "w.wo_a"), ("o_proj", "w.wo_b")]
+)
+def test_one_fp8_nan_code_in_a_finite_block_is_nan(op: str, where: str, backend: str) -> None:
+    """Spec §7 for an FP8 code rather than a whole NaN block (scale byte 255, `test_attention_bad_input.py`):
+    NaN exactly in the outputs that read it."""
+    args, nan = _with_nan_code(op, where)
+    out = getattr(dsv4, op)(**args, backend=backend)
+    got = out.o if op == "sparse_attn" else out.y
+    assert torch.equal(got.isnan(), nan), (int(got.isnan().sum()), int(nan.sum()))
 
 
 @triton.jit

@@ -81,7 +81,7 @@ def dequant_e4m3(codes, e):
     """``codes [M, BLOCK]`` uint8 e4m3 bits, ``e [M]`` int32 -> ``[M, BLOCK]`` fp32 ``codes * 2^e``
     (exact; NaN for a block whose ``e`` is 128)."""
     c = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-    # A NaN block is made NaN here: the interpreter decodes the e4m3 NaN code as an infinity.
+    # A NaN block is made NaN here: the interpreter decodes the e4m3 NaN code 0x7F as 480 (a GPU as NaN).
     scale = tl.where(e == NAN_EXP, float("nan"), pow2(tl.minimum(e, 127)))
     return c * scale[:, None]
 
