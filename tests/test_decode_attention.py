@@ -855,7 +855,7 @@ def test_a_replaced_buffer_is_checked_again_and_one_that_fits_is_used(monkeypatc
     graph(x_of(2, 2, 51), [3, 3])
     m(x_of(2, 2, 51), [3, 3])  # the same step again (a re-run from the previous start)
     assert checks == []  # nothing changed: no checks again
-    sink = m.attn_sink
+    sink = m.get_buffer("attn_sink")
     m.attn_sink = sink.double()
     with pytest.raises(TypeError, match="DecodeAttention: a buffer changed .*attn_sink: expected dtype float32"):
         m(x_of(2, 2, 52))
