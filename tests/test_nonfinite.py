@@ -35,6 +35,7 @@ from dsv4.model.structs import MASKED_SCORE as MASKED
 from dsv4.ops.validate import step_positions
 from dsv4.reference.indexer import select_topk as reference_select_topk
 from op_cases import case_at
+from test_attention_bad_input import _args as attention_args
 from test_validation import _get, _set
 
 CFG = dsv4.get_config("tiny")
@@ -249,7 +250,7 @@ def _with_nan_code(op: str, where: str) -> tuple[dict, torch.Tensor]:
     """A tiny case of ``op`` (B=2, S=2 from position 6) with one NaN code at ``where``, and the outputs
     the spec makes NaN: a key row slot 0's tokens both see (every head of theirs), a row of ``wo_a``
     (its block of ``r`` in every token, so every ``y``), or an element of ``wo_b`` (one column of ``y``)."""
-    args = dict(make_case(CFG, op, seed=0, device=DEVICE, max_position=64, batch=2, seq=2, start_pos=[6, 6]).args)
+    args = attention_args(op)
     if where == "window_pool.nope":
         pool = args["window_pool"]
         p = 3  # a window row below the start: both tokens (positions 6, 7) see it
