@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import torch
 
+from dsv4.bench.interp_traffic import count_traffic
+
 
 def device_launches(call: Callable[[], object]) -> list[str]:
     """Every kernel, memset and copy ``call`` runs on the GPU, by name in the order they started (a
@@ -21,3 +23,12 @@ def device_launches(call: Callable[[], object]) -> list[str]:
         torch.cuda.synchronize()
     on_device = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     return [e.name for e in sorted(on_device, key=lambda e: e.time_range.start)]
+
+
+def kernels_of(call: Callable[[], object]) -> list[str]:
+    """The kernels ``call`` launches, in order: the profiler's on a GPU, the interpreter's count on a CPU."""
+    if torch.cuda.is_available():
+        return device_launches(call)
+    with count_traffic() as log:
+        call()
+    return [launch.kernel for launch in log.launches]

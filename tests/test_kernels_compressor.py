@@ -19,6 +19,7 @@ from dsv4.model.weights import synthetic_activations
 from dsv4.ops.case_inputs import prefilled_state
 from dsv4.ops.validate import step_positions
 from dsv4.reference.common import linear
+from launches import kernels_of
 from op_cases import Start, assert_matches_reference, case_at
 
 TINY = PRESETS["tiny"]
@@ -162,3 +163,26 @@ def test_the_slice_sum_launch_reads_each_slice_once(op: str, batch: int, seq: in
             splits, rest = divmod(summed.load_bytes, sums)
             assert summed.store_bytes == sums and rest == 0 and splits > 1, (summed, sums)
             assert front.store_bytes >= splits * sums  # the slices the front wrote, each read once
+
+
+# (op, kind, batch, seq, start): steps that close blocks at the first, last and no token of a row, and a
+# prefill chunk whose closed blocks take a chunk of their own (CLOSE_TILE)
+ONE_SLICE = [
+    ("indexer_compressor", None, 3, 3, [3, 0, 6]),
+    ("indexer_compressor", None, 1, 70, 3),
+    ("indexer", None, 2, 5, [3, 9]),
+    ("kv_compressor", "csa", 2, 5, [3, 9]),
+    ("kv_compressor", "hca", 2, 37, [3, 9]),
+]
+
+
+@pytest.mark.parametrize(("op", "kind", "batch", "seq", "start"), ONE_SLICE)
+def test_one_k_slice_is_read_in_place(op: str, kind: str | None, batch: int, seq: int, start: Start) -> None:
+    """The front launch's x-projection in one K-slice (``index.front`` ``splits`` 1: what ``fill_splits``
+    gives a prefill chunk whose tiles alone fill the GPU): the step reads the slice itself, with no
+    slice-sum launch, and the outputs match the reference."""
+    case = make_case(TINY, op, seed=seq, device=DEVICE, batch=batch, seq=seq, start_pos=start, kind=kind)
+    with tuning.forced("index.front", {"splits": 1}):
+        assert_matches_reference(case)
+        names = kernels_of(lambda: run_case(case, "triton"))
+    assert names[:2] == ["_front_kernel", "_compressor_step_kernel"], names

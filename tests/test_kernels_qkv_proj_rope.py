@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -31,7 +30,7 @@ from dsv4.model.config import DeepSeekV4Config, get_config
 from dsv4.model.rope import RopeTable, rope_table
 from dsv4.model.weights import AttnWeights, synthetic_activations, synthetic_weights
 from dsv4.reference.common import rms_norm
-from launches import device_launches
+from launches import kernels_of
 from program_order import in_order, program_orders
 
 TINY = get_config("tiny")
@@ -247,15 +246,6 @@ def test_few_heads_in_smaller_m_tiles(tokens: int) -> None:
         assert check, check.detail
     for name in ("kv", "qr", "qr_scale"):
         assert torch.equal(getattr(again, name), getattr(expected, name)), name
-
-
-def kernels_of(call: Callable[[], object]) -> list[str]:
-    """The kernels ``call`` launches, in order: the profiler's on a GPU, the interpreter's count on a CPU."""
-    if DEVICE.type == "cuda":
-        return device_launches(call)
-    with count_traffic() as log:
-        call()
-    return [launch.kernel for launch in log.launches]
 
 
 @pytest.mark.parametrize(

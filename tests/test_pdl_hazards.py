@@ -162,6 +162,22 @@ def test_op_launches_race_with_nothing(op: str, mode: str) -> None:
     assert got.keys() == want.keys() and all(bit_identical(got[k], want[k], k) for k in want)
 
 
+@pytest.mark.parametrize(("op", "kind"), [("sparse_attn", "csa"), ("sparse_attn_write", "csa"), ("sparse_attn", "hca")])
+def test_key_split_attention_races_with_nothing(op: str, kind: str) -> None:
+    """``sparse_attn`` with its keys split in two (``tiny``'s steps split none; at flash widths the
+    default splits B=2's): the combine launch reads the splits' partials only after its wait, nothing
+    touched before a wait races, and the bits are those without PDL."""
+    case = make_case(TINY, op, mode="decode", seed=3, device=DEVICE, kind=kind)
+    with tuning.forced("sparse_attn", {"splits": 2}):
+        want = run_case(case, "triton")
+        with pdl_interpreted() as log:
+            got = run_case(case, "triton")
+    assert [launch.kernel for launch in log.launches] == ["_attn_kernel", "_combine_kernel"], log.launches
+    assert all(launch.pdl and launch.waits for launch in log.launches), log.launches
+    assert hazards(log.launches) == []
+    assert got.keys() == want.keys() and all(bit_identical(got[k], want[k], k) for k in want)
+
+
 def _attention_steps(kind: str) -> list:
     """A tiny ``DecodeAttention`` layer of ``kind``, Triton backend: a 9-token prefill, then steps of 2
     and 1 tokens; the launches of the three calls, as sm_90 runs them, in order."""
