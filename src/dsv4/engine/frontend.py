@@ -232,11 +232,6 @@ class DecodeFrontEnd(CheckedBuffers):
         self.reserve(start, s)
         return start
 
-    @property
-    def cache_rows(self) -> int:
-        """Compressed rows each slot's block table addresses."""
-        return self.block_table.shape[1] * self.keys.shape[1]
-
     def reserve(self, start: list[int], s: int) -> list[tuple[int, int]]:
         """Give each slot ``b`` the pool blocks its rows up to ``(start[b] + s) // 4`` need; raises,
         changing nothing, when the pool has too few free blocks. Returns the ``(slot, block)`` pairs

@@ -7,11 +7,12 @@ M-tile holds every decode token (T <= 128), so each weight byte is read once. De
 tokens, so ``D`` is split over enough programs that the front launch as a whole (these and the
 query programs beside them) fills the SMs (``fill_splits``; the K-slice dot is ``split_k.py``'s, shared
 with qkv's projection). Every program writes the raw fp32 sums of its
-K-slice to ``xp [SPLITS, T, 4*HID + HI]`` (columns: kv | gate | head weights); there is no summing
-launch. The consumers add the slices in slice order and apply the epilogues where they read them
-(``kvg_rows``, ``head_weights``): the gate adds ``ape[p % RC]`` (spec §4 step 1), the head weights
-are multiplied by ``HID^-0.5 * HI^-0.5`` (spec §5 step 3). Deterministic, and the same numbers as
-summing first and storing ``kvg``.
+K-slice to ``xp [SPLITS, T, 4*HID + HI]`` (columns: kv | gate | head weights). The compressor step
+adds the slices in slice order and stores the sums (``kvg``; a row whose slices would take it too
+many steps has them added by a launch of its own first, ``split_k.sum_slices``), and the epilogues
+are applied where the sums are read: the gate adds ``ape[p % RC]`` (spec §4 step 1, ``kvg_rows``),
+the score launch multiplies the head weights by ``HID^-0.5 * HI^-0.5`` (spec §5 step 3).
+Deterministic: one order of the slices everywhere.
 """
 
 from __future__ import annotations
@@ -129,11 +130,3 @@ def kvg_rows(xp_ptr, ape_ptr, tokens, positions, cols, mask, T, HI, GATE: tl.con
     if GATE:
         v += tl.load(ape_ptr + (positions % RC)[:, None] * TWO_HID + cols, mask=mask, other=0.0)
     return v
-
-
-@triton.jit
-def head_weights(xp_ptr, tokens, heads, mask, T, HI, scale, TWO_HID: tl.constexpr, SPLITS: tl.constexpr):
-    """Head weight of (``tokens``, ``heads``) (index tensors of one shape): fp32
-    ``(x @ weights_proj.T) * scale``, the K-slices added in slice order."""
-    n_out = 2 * TWO_HID + HI
-    return sum_k_slices(xp_ptr + tokens * n_out + 2 * TWO_HID + heads, mask, T * n_out, SPLITS) * scale

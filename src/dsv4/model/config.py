@@ -79,11 +79,6 @@ class DeepSeekV4Config:
         return self.head_dim - self.qk_rope_head_dim
 
     @property
-    def index_nope_head_dim(self) -> int:
-        """HID - R for the indexer heads."""
-        return self.index_head_dim - self.qk_rope_head_dim
-
-    @property
     def index_weights_scale(self) -> float:
         """HID^-0.5 * HI^-0.5, folded into the indexer head weights."""
         return self.index_head_dim**-0.5 * self.index_n_heads**-0.5
@@ -145,9 +140,6 @@ class DeepSeekV4Config:
     def replace(self, **changes: Any) -> DeepSeekV4Config:
         """A copy with some fields changed (e.g. a smaller ``max_position_embeddings``)."""
         return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def kind_of_ratio(ratio: int) -> str:
@@ -311,10 +303,6 @@ class Shape:
 
     batch: int
     seq: int
-
-    @property
-    def tokens(self) -> int:
-        return self.batch * self.seq
 
 
 # Deployment shapes of the seeds: decode runs two tokens per sequence per step (multi-token

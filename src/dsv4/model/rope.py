@@ -27,10 +27,6 @@ class RopeTable:
         """R, the number of rotated entries (twice the table width)."""
         return 2 * self.cos.shape[1]
 
-    @property
-    def device(self) -> torch.device:
-        return self.cos.device
-
     def to(self, device: torch.device | str) -> RopeTable:
         return RopeTable(self.cos.to(device), self.sin.to(device))
 

@@ -66,10 +66,6 @@ class OpCost:
     def bytes(self) -> int:
         return self.read_bytes + self.write_bytes
 
-    @property
-    def total_flops(self) -> int:
-        return sum(self.flops.values())
-
     def to_dict(self) -> dict:
         return {
             "op": self.op,
