@@ -243,6 +243,18 @@ def test_a_later_step_one_block_short_is_refused_before_the_first_runs(blocks: i
     assert all(bit_identical(v, before[k], k) for k, v in m.named_buffers())
 
 
+def test_a_later_step_of_a_call_takes_the_window_block_an_earlier_step_gave_back() -> None:
+    """A call of 64 tokens in steps of 16 (W = 16, blocks of 16) on 3 window blocks: the third step
+    (32..47) holds columns 0..2 and gives column 0 back, and the fourth (48..63) takes that block for
+    column 3 (the last step gives column 1 back in turn). The check before the first step counts the
+    block given back, so the call runs, equal to one on a pool of every block."""
+    m, roomy = module("swa", batch=1, num_blocks={"window": 3}, prefill_chunk=16), module("swa", batch=1)
+    x = x_of(1, 64, 4)
+    assert bit_identical(m(x), roomy(x), "y")
+    window = m.paging.pools[0]
+    assert m.next_pos == [64] and window.slots[0] == {2: 2, 3: 0} and window.free == [1]
+
+
 @pytest.mark.parametrize("kind", ["csa", "hca"])
 def test_a_rejected_draft_token_rerun_equals_the_accepted_sequence(kind: str) -> None:
     """Step (x0, draft) at 13 (CSA: the draft's position 14 writes the ring; 15 would close); the draft
@@ -648,6 +660,8 @@ def test_bad_input_changes_nothing() -> None:
         (x_of(2, 4, 22).float(), TypeError, "xn"),
         (x_of(3, 4, 22), ValueError, "xn"),
         (x_of(2, 4, 22)[..., :128].contiguous(), ValueError, "xn"),
+        (x_of(2, 4, 22)[0], ValueError, r"xn: expected a \[B, S, D\] tensor, got torch.Size\(\[4, 256\]\)"),
+        (x_of(2, 4, 22).to("meta"), ValueError, "xn: expected device .*, got meta"),
         (x_of(2, 125, 22), ValueError, "start_pos"),  # past max_position
     ):
         with pytest.raises(exc, match=words):
@@ -687,6 +701,33 @@ def test_max_position_below_the_compress_ratio_is_refused_naming_it(kind: str) -
     with pytest.raises(ValueError, match=f"max_position: expected >= {ratio}, got {ratio - 1}"):
         dsv4.DecodeAttention(w, rope, CFG, batch=1, max_position=ratio - 1, backend="reference", block_size=BS)
     dsv4.DecodeAttention(w, rope, CFG, batch=1, max_position=ratio, backend="reference", block_size=BS)
+
+
+@pytest.mark.parametrize(
+    ("change", "exc", "words"),
+    [
+        (lambda w, rope: {"weights": w.attn}, TypeError, "^weights: expected LayerWeights, got AttnWeights$"),
+        (lambda w, rope: {"rope": (rope.cos, rope.sin)}, TypeError, "^rope: expected RopeTable, got tuple$"),
+        (lambda w, rope: {"cfg": "tiny"}, TypeError, "^cfg: expected DeepSeekV4Config, got str$"),
+        (lambda w, rope: {"block_size": 48}, ValueError, "^block_size: expected a power of two >= 16, got 48$"),
+        (
+            lambda w, rope: {"rope": dsv4.layer_rope_table(CFG, LAYERS["csa"], 127, DEVICE)},
+            ValueError,
+            "^rope: the table has 127 positions, max_position is 128$",
+        ),
+        (lambda w, rope: {"backend": "cuda"}, ValueError, "^backend: expected 'auto' or one of .*, got 'cuda'$"),
+    ],
+    ids=["weights-part", "rope-tuple", "cfg-name", "block-size-48", "rope-short", "backend-unknown"],
+)
+def test_arguments_of_another_kind_or_size_are_refused_naming_them(change: Any, exc: type, words: str) -> None:
+    """Building the module, an argument of another class (a part of the weights, a ``(cos, sin)`` pair, a
+    preset's name), a block size that is not a power of two, a RoPE table one row short of
+    ``max_position`` or a backend of no name the library has is refused naming that argument."""
+    w = dsv4.synthetic_weights(CFG, seed=0, device=DEVICE, layer=LAYERS["csa"])
+    rope = dsv4.layer_rope_table(CFG, LAYERS["csa"], 128, DEVICE)
+    args = dict(weights=w, rope=rope, cfg=CFG, batch=2, max_position=128, backend="reference", block_size=BS)
+    with pytest.raises(exc, match=words):
+        dsv4.DecodeAttention(**{**args, **change(w, rope)})
 
 
 @pytest.mark.parametrize(

@@ -501,6 +501,22 @@ def test_a_step_past_the_free_blocks_is_refused_and_a_reset_makes_room() -> None
     assert m.block_table.cpu().tolist()[0][:2] == [0, 1]
 
 
+@pytest.mark.parametrize("start_pos", [None, [0, 0, 0]], ids=["where-they-stand", "given"])
+def test_a_host_step_of_more_slots_than_the_module_has_is_refused(start_pos: list[int] | None) -> None:
+    """The host side a caller's loop drives itself (``check_starts``, ``step_starts``, as a static step's
+    loop and ``benchmarks/host_step.py`` do): three slots on a module of two are refused naming the batch,
+    before any block is reserved, whether the starts are given or taken from where the slots stand."""
+    m = tiny_frontend("reference", 2, 128)
+    m(dsv4.synthetic_activations((2, 6, CFG.hidden_size), seed=1, device=DEVICE))
+    before = _allocator(m)
+    for host_step in (m.check_starts, m.step_starts):
+        with pytest.raises(ValueError, match=r"^x: batch 3 exceeds the module's 2 slots$"):
+            host_step(3, 2, start_pos)
+    after = _allocator(m)
+    assert after[:3] == before[:3] and torch.equal(after[3], before[3])
+    assert m.step_starts(2, 2, None) == [6, 6]
+
+
 class _NoReplay:
     """A stand-in for ``DecodeGraph`` on the CPU: the checks of ``CapturedDecodeStep`` run before any replay."""
 

@@ -216,6 +216,7 @@ def test_each_tensor_an_op_writes_has_an_alias_set_of_its_own(op: str) -> None:
         ({"offset": 2**63}, "offset: expected an int64"),  # one past the largest
         ({"w": "weights"}, "w: expected IndexerWeights, got str"),
         ({"rope": None}, "rope: expected RopeTable, got NoneType"),
+        ({"qr_scale": 1.0}, "qr_scale: expected a torch.Tensor, got float"),
         ({"start_pos": 5}, r"start_pos: torch.ops.dsv4.indexer takes an int tensor \[B\], got int"),
     ],
 )
