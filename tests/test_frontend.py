@@ -510,7 +510,7 @@ def test_a_host_step_of_more_slots_than_the_module_has_is_refused(start_pos: lis
     m(dsv4.synthetic_activations((2, 6, CFG.hidden_size), seed=1, device=DEVICE))
     before = _allocator(m)
     for host_step in (m.check_starts, m.step_starts):
-        with pytest.raises(ValueError, match=r"^x: batch 3 exceeds the module's 2 slots$"):
+        with pytest.raises(ValueError, match=r"^b: batch 3 exceeds the module's 2 slots$"):
             host_step(3, 2, start_pos)
     after = _allocator(m)
     assert after[:3] == before[:3] and torch.equal(after[3], before[3])

@@ -198,7 +198,7 @@ class DecodeFrontEnd(CheckedBuffers):
         ``max_position``, the rope table and the block table, no later than where the slot stands, and
         no rollback deeper than spec §4 allows (``rollback_exact``). Changes nothing."""
         if b > self.batch:
-            raise ValueError(f"x: batch {b} exceeds the module's {self.batch} slots")
+            raise ValueError(f"b: batch {b} exceeds the module's {self.batch} slots")
         if start_pos is None:
             start = self.next_pos[:b]
         elif isinstance(start_pos, int) and not isinstance(start_pos, bool):
