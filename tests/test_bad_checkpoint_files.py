@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -35,7 +36,7 @@ from bad_checkpoints import (
 from dsv4 import CheckpointError, load_layer
 from dsv4.cli import main
 from dsv4.io.checkpoint import Checkpoint
-from dsv4.io.safetensors_files import ShardedCheckpoint
+from dsv4.io.safetensors_files import ShardedCheckpoint, read_header
 
 FILE_CORRUPTIONS = [*structure_corruptions(), *entry_corruptions(), *tiling_corruptions()]
 
@@ -111,6 +112,30 @@ def test_safetensors_refusal_is_not_papered_over(tmp_path, monkeypatch) -> None:
         assert not ckpt.raw_reasons
 
 
+def test_raw_bytes_of_a_dtype_they_do_not_decode_are_refused_naming_the_tensor(tmp_path) -> None:
+    """``raw_bytes=True`` decodes the checkpoint dtypes (FP8, UE8M0, BF16, F32) itself: a tensor of another dtype
+    is a ``CheckpointError`` naming it and its dtype, not bytes misread; ``safetensors`` reads it."""
+    save_file({"a": torch.ones(4, dtype=torch.float16)}, str(tmp_path / "model.safetensors"))
+    with ShardedCheckpoint(tmp_path, raw_bytes=True) as ckpt:
+        info = ckpt.info("a")
+        assert info is not None
+        with pytest.raises(CheckpointError, match="^a: cannot decode dtype F16 from raw bytes$"):
+            ckpt.rows(info)
+    with ShardedCheckpoint(tmp_path) as ckpt:
+        assert torch.equal(ckpt.rows(info), torch.ones(4, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("kind", ["directory", "missing"])
+def test_a_safetensors_path_that_cannot_be_read_is_named(kind: str, tmp_path) -> None:
+    """``read_header`` of a path that is a directory, or of nothing, is a ``CheckpointError`` naming the path,
+    not an ``OSError``."""
+    path = tmp_path / "model.safetensors"
+    if kind == "directory":
+        path.mkdir()
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: not a readable file"):
+        read_header(path)
+
+
 def test_raw_bytes_fallback_states_its_reason(valid_dir, monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise RuntimeError("unknown dtype F8_E8M0")
@@ -180,6 +205,8 @@ CONFIG_VALUES = [
     ("beta_fast", -1e9), ("beta_slow", 0.0), ("rms_norm_eps", 0.0), ("rms_norm_eps", "1e-6"),
     ("rms_norm_eps", 1e-50), ("rms_norm_eps", 1e39),  # finite, but 0 and inf in fp32, where the norms add it
     ("rope_theta", 10**400), ("rms_norm_eps", 10**400),  # ints past a float's range: not an OverflowError
+    ("compress_ratios", [0, 4]), ("compress_ratios", (0, -4)), ("compress_ratios", (0, True)),
+    ("compress_ratios", (0, 4.0)),
 ]  # fmt: skip
 
 
@@ -249,6 +276,8 @@ def _manifest_edits(outside: Path) -> list[tuple[str, object, tuple[str, ...]]]:
         ("scalars-topk-bool", {"scalars": {"topk": True}}, ("scalars.topk",)),
         ("scalars-offset-string", {"scalars": {"offset": "16"}}, ("scalars.offset",)),
         ("meta-a-list", {"meta": []}, ("meta",)),
+        ("inputs-a-list", {"inputs": [1]}, ("inputs must map tensor names to {shape, dtype}",)),
+        ("expected-entry-without-shape", {"expected": {"score": {"dtype": "torch.float32"}}}, ("expected must map",)),
         ("manifest-a-list", [1, 2], ("JSON object",)),
         ("manifest-not-json", "{", ("not valid JSON",)),
         ("manifest-deeply-nested", "[" * 200_000 + "]" * 200_000, ("nested", "levels deep")),
@@ -422,6 +451,22 @@ def test_golden_manifest_names_its_own_files(golden_dir, tmp_path, capsys) -> No
     with pytest.raises(ValueError, match=f"name must be the manifest's own file stem 'other', got '{manifest.stem}'"):
         load(other)
     assert _check_golden(folder) == 2
+
+
+def test_golden_manifest_that_lists_no_tensors_still_loads_and_checks(golden_dir, tmp_path, capsys) -> None:
+    """A manifest without its ``inputs`` and ``expected`` listings (or with empty ones) has no names, shapes or
+    dtypes to hold the tensor files to: the case loads from the files and ``golden check`` passes it."""
+    from dsv4.io.golden_io import load
+
+    folder, manifest = _golden_copy(golden_dir, tmp_path)
+    data = json.loads(manifest.read_text())
+    listed = set(data["expected"])
+    unlisted = {k: v for k, v in data.items() if k not in ("inputs", "expected")}
+    for edited in ({**unlisted, "inputs": {}, "expected": {}}, unlisted):
+        manifest.write_text(json.dumps(edited))
+        case, expected = load(manifest)
+        assert case.op == "indexer" and set(expected) == listed
+        assert _check_golden(folder) == 0, capsys.readouterr()
 
 
 @pytest.mark.parametrize(("which", "edit"), [("expected", "dtype"), ("inputs", "shape"), ("expected", "extra")])

@@ -356,6 +356,16 @@ def test_a_case_is_made_for_the_kind_asked() -> None:
         make_case(TINY, "kv_compressor", kind="swa")
 
 
+def test_a_case_of_a_kind_the_config_has_no_layer_of_is_refused() -> None:
+    """A config whose ``compress_ratios`` hold no HCA layer has no HCA ratio to build a case with: the kind
+    is refused naming ``kind`` and the config's list."""
+    no_hca = TINY.replace(compress_ratios=(0, 4, 0))
+    for op in ("kv_compressor", "sparse_attn"):
+        with pytest.raises(ValueError, match=r"^kind: tiny has no 'hca' layer \(compress_ratios \[0, 4, 0\]\)$"):
+            make_case(no_hca, op, kind="hca")
+    assert make_case(no_hca, "kv_compressor", kind="csa").meta["kind"] == "csa"
+
+
 def test_time_cpu_reports_quantiles() -> None:
     t = time_cpu(lambda: time.sleep(0.002), reps=5, budget_s=10.0)
     assert t.reps == 5 and t.launch == "host clock"

@@ -314,6 +314,28 @@ def test_the_window_is_read_from_sliding_window_or_window_size():
         config_from_json(raw)
 
 
+NOT_RATIOS = "compress_ratios must be a list of non-negative ints"
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        ([1, 2], "expected a JSON object, got list"),
+        ("tiny", "expected a JSON object, got str"),
+        (config_json(TINY, None) | {"compress_ratios": ["0", "4"]}, NOT_RATIOS),
+        (config_json(TINY, None) | {"compress_ratios": [0, -4]}, NOT_RATIOS),
+        (config_json(TINY, None) | {"compress_ratios": [0, True]}, NOT_RATIOS),
+        (config_json(TINY, None) | {"compress_ratios": {"1": 4}}, NOT_RATIOS),
+    ],
+    ids=["a-list", "a-string", "ratios-strings", "ratio-negative", "ratio-bool", "ratios-a-dict"],
+)
+def test_config_from_json_refuses_a_value_that_is_not_a_config_naming_the_source(raw: object, words: str) -> None:
+    """``config_from_json`` given fields that are not a JSON object, or ``compress_ratios`` that are not a list of
+    non-negative ints, raises a ``CheckpointError`` naming the source it was told and the field."""
+    with pytest.raises(CheckpointError, match=f"^ckpt/config.json: {words}"):
+        config_from_json(raw, "ckpt/config.json")  # type: ignore[arg-type]
+
+
 def test_block_size_from_config(tmp_path):
     raw = config_json(TINY, RATIOS)
     raw["quantization_config"]["weight_block_size"] = [128]
@@ -669,6 +691,15 @@ def test_cli_inspect_without_a_config_still_fails_a_layer_missing_tensors(tmp_pa
     assert "other tensors under 'layers.1.' (not used by the attention): 1" in out  # the missing ones not counted
 
 
+def test_cli_inspect_of_a_prefix_no_tensor_has_lists_no_layers_and_fails(tiny_dir, capsys) -> None:
+    """A ``--prefix`` under which the checkpoint holds no tensor: the report says no layers were found and
+    inspect fails (exit 1) with no layer to describe or check."""
+    assert main(["inspect", str(tiny_dir), "--prefix", "mtp.{layer}."]) == 1
+    out = capsys.readouterr().out
+    assert "layers under 'mtp.{layer}.': none (0)" in out, out
+    assert "check:" not in out and "attention tensors" not in out
+
+
 def test_cli_inspect_names_a_config_that_cannot_size_the_output_projection(tmp_path, capsys):
     """A ``config.json`` without ``o_groups``/``o_lora_rank`` and dims of no preset: inspect names the config,
     as ``load_layer`` does, instead of blaming the output projection's tensors for shapes of 0."""
@@ -716,8 +747,14 @@ def _nan_at(name: str, index: tuple[int, ...], byte: int | None = None):
             lambda t: t.update({"layers.1.attn.wkv.weight": t["layers.1.attn.wkv.weight"].to(torch.bfloat16)}),
             "layers.1.attn.wkv.weight: expected F8_E4M3, found BF16",
         ),
+        (lambda t: t.pop("layers.1.attn.wq_b.scale"), "check: 1 tensor(s) missing"),
+        (
+            lambda t: t.update({"layers.1.attn.wq_b.scale": t["layers.1.attn.wq_b.scale"].repeat(1, 2)}),
+            "layers.1.attn.wq_b.scale: expected [4, 1] scale blocks of [128, 128] over layers.1.attn.wq_b.weight "
+            "[512, 128], found [4, 2]",
+        ),
     ],
-    ids=["clean", "nan-norm", "nan-scale", "nan-code", "nan-ape", "dtype"],
+    ids=["clean", "nan-norm", "nan-scale", "nan-code", "nan-ape", "dtype", "no-scale", "scale-grid"],
 )
 def test_cli_inspect_without_a_config_checks_the_values(edit, words, tmp_path, capsys):
     """Without ``config.json`` the shapes go unchecked, but the values are checked as ``load_layer`` checks

@@ -331,6 +331,16 @@ def test_make_case_takes_none_as_the_default() -> None:
     assert make_case(tiny, "o_proj", batch=1, seq=1, max_position=8).meta["max_position"] == 8
 
 
+def test_make_case_refuses_a_mode_it_has_no_shape_for() -> None:
+    """``mode`` names one of the deployment shapes (decode, prefill): another name is refused listing them,
+    not taken as either."""
+    from dsv4.harness.cases import make_case
+    from dsv4.model.config import get_config
+
+    with pytest.raises(ValueError, match=r"^unknown mode 'warmup'; expected one of \['decode', 'prefill'\]$"):
+        make_case(get_config("tiny"), "o_proj", mode="warmup")
+
+
 def test_an_explicit_max_position_is_capped_at_the_configs() -> None:
     """A case never spans positions the model has no RoPE rows for: ``max_position`` past
     ``max_position_embeddings`` is taken as that."""

@@ -65,6 +65,28 @@ def test_topk_rejects_real_miss_duplicates_count_and_range() -> None:
     assert not topk_allclose(wrong_order, ref, sc, offset=100)
 
 
+def test_topk_of_another_shape_is_a_failed_check_naming_both_shapes() -> None:
+    """Index lists of another shape than the reference's (another ``K``) fail by their shapes, not by an
+    exception from the per-token comparison."""
+    sc = _scores()
+    ref = torch.tensor([[[101, 103, 102, -1]]])
+    check = topk_allclose(ref[..., :3].clone(), ref, sc, offset=100)
+    assert not check and check.detail == "shape [1, 1, 3] != expected [1, 1, 4]", check
+
+
+@pytest.mark.parametrize("part", ["keys", "key_scale"])
+def test_compare_key_pool_of_another_shape_is_a_failed_check(part: str) -> None:
+    """A key pool (codes or scales) of another shape than the expected one fails the ``keys`` check by its
+    shape, not by an exception from indexing the written rows."""
+    before = dsv4.IndexerState.paged(2, 4, 16, 8, torch.tensor([[2, 0], [1, 3]]))
+    expected = before.clone()
+    inputs = step_inputs(torch.zeros(1, 4, 8), 4, before)
+    got = {**expected.tensors(), part: expected.tensors()[part][:3].clone()}  # one block short
+    report = compare("indexer_compressor", got, expected.tensors(), inputs)
+    check = next(c for c in report.checks if c.name == "keys")
+    assert not check and "pool shape" in check.detail, check
+
+
 def test_compare_key_pool_rows_not_written_must_be_identical() -> None:
     """Slot 0 at start_pos 4, S=4 writes its row 1, which the shuffled table puts in pool block 2."""
     before = dsv4.IndexerState.paged(2, 4, 16, 8, torch.tensor([[2, 0], [1, 3]]))

@@ -5,12 +5,15 @@ off goes unseen (docs/TESTING.md, "Bugs planted on purpose")."""
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 
 import dsv4
 from dsv4 import CheckpointError
 from dsv4.io.checkpoint import config_from_json
-from dsv4.io.json_files import MAX_JSON_DEPTH, JSONFileError, parse_json
+from dsv4.io.json_files import MAX_JSON_DEPTH, JSONFileError, parse_json, read_json
 from dsv4.ops.validate import INDEX_LIMIT, MAX_TOPK
 from fp8_checkpoint import config_json
 
@@ -51,3 +54,17 @@ def test_json_nested_as_deep_as_allowed_is_parsed() -> None:
     assert parse_json(deepest, "deep.json") == nested
     with pytest.raises(JSONFileError, match=f"deep.json: JSON nested {MAX_JSON_DEPTH + 1} levels deep"):
         parse_json("[" + deepest + "]", "deep.json")
+
+
+def test_a_json_file_as_large_as_allowed_is_read(tmp_path, monkeypatch) -> None:
+    """A file of ``MAX_JSON_BYTES`` bytes is read, one byte more is refused naming the file (the limit lowered
+    to the size of a small ``config.json``)."""
+    path = tmp_path / "config.json"
+    text = json.dumps(config_json(TINY, RATIOS))
+    path.write_text(text)
+    monkeypatch.setattr("dsv4.io.json_files.MAX_JSON_BYTES", len(text))
+    assert read_json(path) == json.loads(text)
+    path.write_text(text + " ")
+    words = f"{path}: {len(text) + 1} bytes of JSON, more than the {len(text)} accepted"
+    with pytest.raises(JSONFileError, match=f"^{re.escape(words)}$"):
+        read_json(path)

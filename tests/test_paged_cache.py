@@ -303,6 +303,29 @@ def test_an_indexer_state_for_fewer_positions_than_one_compressed_row_is_refused
     assert dsv4.IndexerState.empty(TINY, 2, 4).cache_rows >= 1
 
 
+@pytest.mark.parametrize(("batch", "max_position"), [(0, 64), (2, 15)], ids=["no-slot", "below-the-ratio"])
+def test_an_attention_state_of_no_slot_or_fewer_positions_than_its_ratio_is_refused(
+    batch: int, max_position: int
+) -> None:
+    """An HCA layer's state (ratio 16) needs a slot and room for one compressed row: batch 0 or 15 positions
+    are refused naming both; 16 positions hold one row."""
+    layer = TINY.first_layer("hca")
+    assert TINY.layer_ratio(layer) == 16
+    with pytest.raises(ValueError, match=rf"^need batch >= 1 and max_position >= 16, got {batch}, {max_position}$"):
+        dsv4.AttentionState.empty(TINY, layer, batch, max_position)
+    state = dsv4.AttentionState.empty(TINY, layer, 2, 16)
+    assert state.compressor is not None and state.compressor.pool.block_table.shape == (2, 1)
+
+
+@pytest.mark.parametrize("ratio", [0, -4, 4.0, True], ids=repr)
+def test_a_compressor_state_of_a_ratio_below_one_or_not_an_int_is_refused(ratio: object) -> None:
+    """A compressor's ring is ``COFF * ratio`` positions: a ratio below 1, or not an int (a float or a bool),
+    is refused naming ``ratio`` before any pool is made."""
+    table = torch.zeros(2, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match=rf"^ratio: expected a compress ratio >= 1, got {ratio!r}$"):
+        CompressorState.paged(2, ratio, 128, 64, 4, 16, table)  # type: ignore[arg-type]
+
+
 PAGED: dict[str, Callable[[torch.Tensor], dsv4.IndexerState | dsv4.KVPool]] = {
     "IndexerState": lambda table: dsv4.IndexerState.paged(table.shape[0], 4, 16, 128, table),
     "KVPool": lambda table: dsv4.KVPool.paged(4, 16, 128, 64, table),

@@ -62,6 +62,23 @@ def test_each_layer_takes_the_table_of_its_kind(preset: str) -> None:
         np.testing.assert_allclose(table.sin.double().numpy(), sin, rtol=0, atol=1e-7, err_msg=f"layer {layer}")
 
 
+@pytest.mark.parametrize(
+    ("layer", "error", "words"),
+    [
+        (4, ValueError, r"expected 0 <= layer < 4 \(tiny's compress_ratios\), got 4"),
+        (-1, ValueError, r"expected 0 <= layer < 4 \(tiny's compress_ratios\), got -1"),
+        (1.0, TypeError, "expected an int, got float"),
+        (True, TypeError, "expected an int, got bool"),
+    ],
+    ids=["past-the-list", "negative", "float", "bool"],
+)
+def test_a_layer_the_config_does_not_list_has_no_table(layer: object, error: type, words: str) -> None:
+    """A layer's table follows its kind in ``compress_ratios``: a layer past the list or before it, or one that
+    is not an int (a float, a bool), is refused naming ``layer`` rather than given some other layer's kind."""
+    with pytest.raises(error, match=f"^layer: {words}$"):
+        dsv4.layer_rope_table(dsv4.get_config("tiny"), layer, max_position=64)  # type: ignore[arg-type]
+
+
 def test_far_positions_keep_fp32_accuracy() -> None:
     """At 1M tokens an fp32 angle p*f would be off by ~0.06 rad; the table is computed in float64."""
     cfg = dsv4.get_config("flash")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import tomllib
 from pathlib import Path
 
@@ -114,6 +115,71 @@ def test_forced_config_wins_and_ends_with_the_block(tmp_path, monkeypatch) -> No
     assert proj.config(torch.device("cpu"), T=4, D=256, N=256).splits == 1
 
 
+def test_a_nested_forcing_of_the_same_kernel_gives_the_outer_one_back(tmp_path, monkeypatch) -> None:
+    """``tuning.forced`` of a kernel already forced: the inner block's config inside it, the outer block's
+    again after it, the file's after both."""
+    monkeypatch.setenv(tuning.ENV, str(_file(tmp_path / "c.json", ONE_SLICE)))
+    proj = tuning.TUNABLES["qkv.projection"]
+
+    def splits() -> int | None:
+        return proj.config(torch.device("cpu"), T=4, D=256, N=256).splits
+
+    with tuning.forced("qkv.projection", {"splits": 2}):
+        with tuning.forced("qkv.projection", {"splits": 4}):
+            assert splits() == 4
+        assert splits() == 2
+    assert splits() == 1
+
+
+def test_a_lookup_by_dims_other_than_the_declared_is_refused() -> None:
+    """A launch looks its bucket up by the kernel's dims in their declared order: a dim missing, one more or
+    the same dims in another order are refused naming the kernel and both lists, not looked up as another
+    bucket."""
+    proj = tuning.TUNABLES["qkv.projection"]
+    assert proj.dims == ("T", "D", "N")
+    for dims in ({"T": 4, "D": 256}, {"T": 4, "D": 256, "N": 256, "H": 4}, {"D": 256, "T": 4, "N": 256}):
+        words = f"kernel 'qkv.projection': bucket dims {tuple(dims)} != declared {proj.dims}"
+        with pytest.raises(ValueError, match=f"^{re.escape(words)}$"):
+            proj.config(torch.device("cpu"), **dims)
+
+
+def test_a_param_whose_default_is_not_among_its_choices_is_refused() -> None:
+    """A declared default must be one a config file could hold: another value, a bool, or the same number of
+    another type (``4.0`` for ``4``) is refused naming the parameter."""
+    assert tuning.Param("num_warps", 4, (2, 4, 8), "warps").default == 4
+    for default in (16, True, 4.0):
+        with pytest.raises(ValueError, match=rf"^num_warps: default {default!r} is not among \(2, 4, 8\)$"):
+            tuning.Param("num_warps", default, (2, 4, 8), "warps")
+
+
+def test_a_config_is_read_only_and_names_a_parameter_it_lacks() -> None:
+    """A resolved ``Config`` reads its parameters as attributes or items; a parameter it lacks is an
+    ``AttributeError`` naming it, and no attribute can be set (a launch cannot change a shared config)."""
+    cfg = tuning.TUNABLES["qkv.projection"].resolve({"splits": 2})
+    assert cfg.splits == cfg["splits"] == 2
+    assert repr(cfg) == f"Config({dict(cfg)})" and "'splits': 2" in repr(cfg)
+    with pytest.raises(AttributeError, match="^num_stages_x$"):
+        _ = cfg.num_stages_x
+    for name in ("splits", "anything"):
+        with pytest.raises(AttributeError, match="^Config is read-only$"):
+            setattr(cfg, name, 4)
+    assert cfg.splits == 2 and "anything" not in cfg
+
+
+def test_a_tunable_declared_wrongly_or_twice_is_refused_and_not_registered(monkeypatch) -> None:
+    """A ``Tunable`` whose ``pow2_dims`` are not among its dims, or of a name another kernel already declares,
+    is refused naming the kernel; the registry keeps what it had."""
+    monkeypatch.setattr(tuning, "TUNABLES", dict(tuning.TUNABLES))
+    before = dict(tuning.TUNABLES)
+    warps = (tuning.Param("num_warps", 4, (2, 4, 8), "warps"),)
+    words = "kernel 'test.kernel': pow2_dims ('K',) are not among its dims ('T', 'D')"
+    with pytest.raises(ValueError, match=f"^{re.escape(words)}$"):
+        tuning.Tunable("test.kernel", "a test kernel", ("T", "D"), warps, pow2_dims=("K",))
+    with pytest.raises(ValueError, match="^kernel 'qkv.projection' already declares its launch parameters$"):
+        tuning.Tunable("qkv.projection", "a second declaration", ("T",), warps)
+    assert before == tuning.TUNABLES and tuning.TUNABLES["qkv.projection"] is before["qkv.projection"]
+
+
 def test_drawn_candidates_are_declared_kept_per_bucket_and_written_as_a_file(tmp_path, monkeypatch) -> None:
     """``tuning.drawn``: each bucket's launch is one of its declared candidates, the same at every later
     lookup; a forced kernel keeps its config; the block ends with the file's choices back; the draws
@@ -158,6 +224,11 @@ def test_drawn_candidates_are_declared_kept_per_bucket_and_written_as_a_file(tmp
         ({"schema": 1, "kernels": {}}, "'device' must name the device"),
         ({"schema": 1, "device": "cpu", "kernels": []}, "'kernels' must be an object"),
         ({"schema": 1, "device": "cpu", "kernels": {"qkv.nope": {}}}, "unknown kernel 'qkv.nope'"),
+        ({"schema": 1, "device": "cpu", "kernels": {"qkv.rows": []}}, "kernels.qkv.rows must be an object of bucket"),
+        (
+            {"schema": 1, "device": "cpu", "kernels": {"qkv.rows": {"T=2,QL=128,HD=128": [["num_warps", 8]]}}},
+            r"kernels.qkv.rows\['T=2,QL=128,HD=128'\] must be an object of parameters",
+        ),
         ({"schema": 1, "device": "cpu", "kernels": {"qkv.rows": {"T=128": {}}}}, "is not of the form 'T=<int>,QL"),
         (
             {"schema": 1, "device": "cpu", "kernels": {"qkv.rows": {"T=2,QL=128,HD=128": {"warps": 4}}}},
