@@ -129,6 +129,23 @@ BAD: list[tuple[str, str, Callable, type, tuple[str, ...]]] = [
     ("kv_compressor", "x", lambda t: torch.cat([t, t[:1]]), ValueError, ("x:", "batch 3", "state")),
     ("kv_compressor", "w.wgate", lambda t: t[:128].contiguous(), ValueError, ("w.wgate", "shape")),
     ("o_proj", "w", lambda w: _wo_rows(w, 64), ValueError, ("w.wo_a", "positive multiple of 128", "got 192")),
+    # a block table of fewer rows than the batch, one of no columns; weights with no ratio, no output rows
+    (
+        "window_kv_write",
+        "pool.block_table",
+        lambda t: t[:1].contiguous(),
+        ValueError,
+        ("pool.block_table", "[>= 2, >= 1]", "[1, "),
+    ),
+    (
+        "kv_compressor",
+        "state.pool.block_table",
+        lambda t: t[:, :0].contiguous(),
+        ValueError,
+        ("state.pool.block_table", "[>= 2, >= 1]", "[2, 0]"),
+    ),
+    ("kv_compressor", "w.ape", lambda t: t[:0], ValueError, ("w.ape", "compress ratio (rows) >= 1", "got 0")),
+    ("o_proj", "w.wo_b", lambda t: t[:0], ValueError, ("w.wo_b:", "at least one output row", "got 0")),
 ]
 
 

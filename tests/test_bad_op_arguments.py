@@ -659,6 +659,42 @@ def test_a_score_row_of_exactly_the_selections_limit_is_taken(monkeypatch: pytes
         dsv4.indexer(**args, backend="triton")
 
 
+# (op, config changes, the Triton backend's words): dims the reference takes that the kernels' tiles do not
+TRITON_DIMS = [
+    (
+        "qkv_proj_rope",
+        {"head_dim": 8, "qk_rope_head_dim": 4},
+        "w: the Triton backend needs projection widths that are multiples of 16, got 128, 8",
+    ),
+    (
+        "indexer_compressor",
+        {"index_head_dim": 32, "qk_rope_head_dim": 32},
+        "w.wkv: the Triton backend needs 2*HID rows that are a multiple of 128, got 64",
+    ),
+    ("indexer", {"qk_rope_head_dim": 16}, "HID - R = 112: the fused kernels need a power of two >= 16 (HID=128, R=16)"),
+    (
+        "indexer",
+        {"index_head_dim": 32, "qk_rope_head_dim": 16},
+        "R/2 = 8: the fused kernels need a power of two >= 16 (HID=32, R=16)",
+    ),
+]
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton backend's limits")
+@pytest.mark.parametrize(("op", "dims", "words"), TRITON_DIMS, ids=["hd8", "hid32", "r16", "hid32-r16"])
+def test_dims_the_triton_kernels_cannot_take_are_refused_by_the_op(op: str, dims: dict, words: str) -> None:
+    """A head dim of 8 (a projection tile of 16 columns), an indexer head dim of 32 (2*HID no whole
+    128-column tile), a rope dim whose split of the indexer head is no power of two >= 16: the op on
+    Triton refuses it naming what it cannot take, the state unchanged; the reference runs the same case."""
+    cfg = CFG.replace(name="odd-dims", **dims)
+    args = dict(make_case(cfg, op, seed=0, device=DEVICE, batch=2, seq=2, max_position=64).args)
+    before = _snapshot(args)
+    with pytest.raises(ValueError, match="^" + re.escape(words) + "$"):
+        getattr(dsv4, op)(**args, backend="triton")
+    _assert_unchanged(args, before)
+    getattr(dsv4, op)(**args, backend="reference")
+
+
 def test_zero_sized_projection_dims_are_named() -> None:
     args = dict(_case("qkv_proj_rope").args)
     w = args["w"]

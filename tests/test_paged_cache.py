@@ -9,6 +9,7 @@ other pool row bit-identical), and the reference against itself on the dense lay
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 
@@ -22,6 +23,9 @@ from dsv4.harness.cases import Case, make_case, run_case
 from dsv4.harness.golden import compare
 from dsv4.model.attention_state import CompressorState
 from dsv4.model.state import UNALLOCATED
+from dsv4.model.structs import IndexerOut
+from dsv4.ops import validate
+from dsv4.ops.registry import get_op
 from dsv4.ops.validate import (
     READ_AS_ANOTHER_ROW,
     TWO_WRITERS,
@@ -32,6 +36,7 @@ from dsv4.ops.validate import (
 )
 from op_cases import assert_matches_reference
 from pools import relayout
+from test_bad_op_arguments import HostReadWatch
 
 TINY = dsv4.get_config("tiny")
 
@@ -288,6 +293,50 @@ def test_unallocated_rows_are_skipped_by_the_compressor() -> None:
         assert got["keys"][0, :2].any(), backend
     report = compare("indexer_compressor", run_case(case, "triton"), run_case(case, "reference"), case.compare_inputs())
     assert report, str(report)
+
+
+def _without_columns(case: Case) -> Case:
+    """``case`` with its state's block table cut to no columns (an engine that gave the slots no block yet)."""
+    state = case.state()
+    no_blocks = dataclasses.replace(state, block_table=state.block_table[:, :0].contiguous())
+    return Case(case.op, {**case.args, "state": no_blocks}, case.meta)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("op", ["indexer_compressor", "indexer"])
+def test_a_table_of_no_columns_serves_only_a_step_that_closes_no_block(op: str, backend: str) -> None:
+    """Slots at 0 and 1 with S=2 close no compressed block (the step writes and reads no pool row): a
+    block table of no columns serves it, with what the full table gives. One token more closes slot 1's
+    first block: refused, naming ``start_pos`` and the table, before anything changes."""
+    case = make_case(TINY, op, seed=1, device=DEVICE, batch=2, seq=2, start_pos=[0, 1])
+    got, want = run_case(_without_columns(case), backend), run_case(case, backend)
+    assert got.pop("block_table").shape == (2, 0) and set(got) == set(want) - {"block_table"}
+    assert all(torch.equal(t, want[k]) for k, t in got.items())
+    if op == "indexer":
+        assert got["score"].shape == (2, 2, 0) and bool((got["topk_idxs"] == -1).all())
+    longer = _without_columns(make_case(TINY, op, seed=1, device=DEVICE, batch=2, seq=3, start_pos=[0, 1]))
+    before = longer.state().clone()
+    words = "start_pos: row 1 at 1 with S=3 needs 1 cache rows, state.block_table addresses 0 (0 blocks of 64)"
+    with pytest.raises(ValueError, match=re.escape(words)):  # start_pos on the host: read there, also beside a GPU
+        getattr(dsv4, op)(**{**longer.args, "start_pos": torch.tensor([0, 1])}, backend=backend)
+    assert all(torch.equal(t, getattr(before, n)) for n, t in longer.state().tensors().items())
+
+
+@pytest.mark.parametrize("op", ["indexer_compressor", "indexer"])
+def test_the_device_checks_take_a_table_of_no_columns(op: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checks' device branch (run on the CPU) on the step above: a table of no columns holds no row
+    two slots could write or a written row could be read as, so only its entries' check is queued
+    beside the positions' (and ``out.score``'s), and nothing is read back."""
+    monkeypatch.setattr(validate, "HOST_DEVICE_TYPES", ())
+    case = _without_columns(make_case(TINY, op, seed=1, device="cpu", batch=2, seq=2, start_pos=[0, 1]))
+    out = None
+    if op == "indexer":  # out= keeps start_pos on the device
+        out = IndexerOut(torch.empty(2, 2, 0), torch.empty(2, 2, case.args["topk"], dtype=torch.int32))
+    with HostReadWatch() as watch:
+        get_op(op).backend_args(case.args, out)
+    assert not watch.reads, watch.reads
+    expected = ["start_pos", "state.block_table"] + (["out.score"] if op == "indexer" else [])
+    assert [a.split(":")[0] for a in watch.asserts] == expected
 
 
 @pytest.mark.parametrize(("block_size", "error"), [(48, ValueError), (8, ValueError), (16.0, ValueError)])

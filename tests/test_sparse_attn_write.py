@@ -17,11 +17,11 @@ import torch
 import dsv4
 from conftest import DEVICE, FULL, backends_of
 from device_assert import assert_stops_on_device
-from dsv4.harness.cases import make_case
-from dsv4.harness.golden import bit_identical
+from dsv4.harness.cases import make_case, record_outputs
+from dsv4.harness.golden import bit_identical, compare
 from dsv4.kernels import tuning
 from dsv4.ops import validate
-from test_attention_ops import BS, SEQS, W, attn_setup, on_device
+from test_attention_ops import BS, GARBAGE, SEQS, W, attn_setup, on_device
 
 
 def same_pool(a, b) -> bool:
@@ -75,6 +75,27 @@ def test_subnormal_rows_are_stored_as_the_reference_stores_them() -> None:
     args = on_device(args)
     dsv4.sparse_attn_write(**args, backend="triton")
     assert same_pool(args["window_pool"].to("cpu"), pool_ref)
+
+
+@pytest.mark.parametrize("kind", ["swa", "csa"])
+def test_a_window_of_one_row_reads_no_pool_row(kind: str) -> None:
+    """``window=1``, the smallest window a layer may have: each token attends to its own row (and, CSA,
+    its selected compressed rows), so no window-pool row is read and none can be the row the step writes.
+    On each backend ``o`` and the pool are the two ops', ``o`` is the same whatever the pool holds, and
+    Triton's is within §8 of the reference's."""
+    got = {}
+    for backend in backends_of("sparse_attn_write"):
+        args = {**on_device(attn_setup(kind, 2, seed=14)), "window": 1}
+        o_two, pool_two = two_ops(args, backend)
+        garbled = args["window_pool"].clone()
+        garbled.rope.fill_(GARBAGE)
+        o_garbled = dsv4.sparse_attn_write(**{**args, "window_pool": garbled}, backend=backend).o
+        assert bit_identical(o_garbled, o_two), backend
+        o = dsv4.sparse_attn_write(**args, backend=backend).o
+        assert bit_identical(o, o_two) and same_pool(args["window_pool"], pool_two), backend
+        got[backend] = {"o": o, **record_outputs({"window_pool": args["window_pool"]})}
+    report = compare("sparse_attn_write", got["triton"], got["reference"])
+    assert report, str(report)
 
 
 RING_REFUSED = "window_pool.block_table: a row this step writes is a pool row it reads"

@@ -129,6 +129,28 @@ BAD: list[tuple[str, str, Callable, type, tuple[str, ...]]] = [
         ValueError,
         ("state.keys", "power of two >= 16", "got 8"),
     ),
+    # a RoPE table of no positions, and one of no rotated pairs
+    (
+        "qkv_proj_rope",
+        "rope",
+        lambda r: dsv4.RopeTable(r.cos[:0], r.sin[:0]),
+        ValueError,
+        ("rope:", "non-empty", "[0, 32]"),
+    ),
+    (
+        "indexer_compressor",
+        "rope",
+        lambda r: dsv4.RopeTable(r.cos[:, :0], r.sin[:, :0]),
+        ValueError,
+        ("rope:", "non-empty", "[64, 0]"),
+    ),
+    (
+        "indexer",
+        "w.weights_proj",
+        lambda t: t[:0],
+        ValueError,
+        ("w.weights_proj:", "at least one indexer head", "0 rows"),
+    ),
 ]
 
 
