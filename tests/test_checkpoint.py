@@ -753,8 +753,12 @@ def _nan_at(name: str, index: tuple[int, ...], byte: int | None = None):
             "layers.1.attn.wq_b.scale: expected [4, 1] scale blocks of [128, 128] over layers.1.attn.wq_b.weight "
             "[512, 128], found [4, 2]",
         ),
+        (
+            lambda t: t.update({"layers.1.attn.wq_b.scale": t["layers.1.attn.wq_b.scale"].float()}),
+            "layers.1.attn.wq_b.scale: expected F8_E8M0, found F32",
+        ),
     ],
-    ids=["clean", "nan-norm", "nan-scale", "nan-code", "nan-ape", "dtype", "no-scale", "scale-grid"],
+    ids=["clean", "nan-norm", "nan-scale", "nan-code", "nan-ape", "dtype", "no-scale", "scale-grid", "scale-dtype"],
 )
 def test_cli_inspect_without_a_config_checks_the_values(edit, words, tmp_path, capsys):
     """Without ``config.json`` the shapes go unchecked, but the values are checked as ``load_layer`` checks

@@ -365,10 +365,12 @@ class Checkpoint(ShardedCheckpoint):
         problems = []
         for spec in specs:
             info = self.info(prefix + spec.name)
-            if info is None or spec.dtypes == SCALE:  # a scale: with its weight
+            if info is None:
                 continue
             if info.dtype not in spec.dtypes:
                 problems.append(f"{info.name}: expected {' or '.join(spec.dtypes)}, found {info.dtype}")
+                continue
+            if spec.dtypes == SCALE:  # its grid and values: with its weight
                 continue
             try:
                 if spec.dtypes != FP8:
@@ -376,7 +378,7 @@ class Checkpoint(ShardedCheckpoint):
                     continue
                 scale = self.info(info.name.removesuffix(".weight") + ".scale")
                 if scale is None or scale.dtype not in SCALE:
-                    continue  # missing or of another dtype: named by the caller's listing and the loop
+                    continue  # missing (named by the caller's listing) or of another dtype (named above)
                 grid = scale_grid(info.shape, self.block) if len(info.shape) == 2 else None
                 if scale.shape != grid:
                     problems.append(
