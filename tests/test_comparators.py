@@ -76,15 +76,16 @@ def test_topk_of_another_shape_is_a_failed_check_naming_both_shapes() -> None:
 
 @pytest.mark.parametrize("part", ["keys", "key_scale"])
 def test_compare_key_pool_of_another_shape_is_a_failed_check(part: str) -> None:
-    """A key pool (codes or scales) of another shape than the expected one fails the ``keys`` check by its
-    shape, not by an exception from indexing the written rows."""
+    """A key pool (codes or scales) of another shape than the expected one fails the ``keys`` check naming
+    the part and both shapes, not by an exception from indexing the written rows."""
     before = dsv4.IndexerState.paged(2, 4, 16, 8, torch.tensor([[2, 0], [1, 3]]))
     expected = before.clone()
     inputs = step_inputs(torch.zeros(1, 4, 8), 4, before)
     got = {**expected.tensors(), part: expected.tensors()[part][:3].clone()}  # one block short
     report = compare("indexer_compressor", got, expected.tensors(), inputs)
     check = next(c for c in report.checks if c.name == "keys")
-    assert not check and "pool shape" in check.detail, check
+    want = list(expected.tensors()[part].shape)
+    assert not check and check.detail == f"pool {part} shape {[3, *want[1:]]} != expected {want}", check
 
 
 def test_compare_key_pool_rows_not_written_must_be_identical() -> None:

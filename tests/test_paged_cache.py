@@ -347,20 +347,26 @@ def test_block_size_must_be_a_power_of_two_of_at_least_16(block_size, error) -> 
 
 def test_an_indexer_state_for_fewer_positions_than_one_compressed_row_is_refused() -> None:
     """``max_position`` 3 holds no compressed row (``3 // 4 = 0``): refused naming it; 4 holds one."""
-    with pytest.raises(ValueError, match="max_position >= 4, got 2, 3"):
+    with pytest.raises(ValueError, match="^max_position: expected >= 4, got 3$"):
         dsv4.IndexerState.empty(TINY, 2, 3)
+    with pytest.raises(ValueError, match="^batch: expected >= 1, got 0$"):
+        dsv4.IndexerState.empty(TINY, 0, 4)
     assert dsv4.IndexerState.empty(TINY, 2, 4).cache_rows >= 1
 
 
-@pytest.mark.parametrize(("batch", "max_position"), [(0, 64), (2, 15)], ids=["no-slot", "below-the-ratio"])
+@pytest.mark.parametrize(
+    ("batch", "max_position", "words"),
+    [(0, 64, "batch: expected >= 1, got 0"), (2, 15, "max_position: expected >= 16, got 15")],
+    ids=["no-slot", "below-the-ratio"],
+)
 def test_an_attention_state_of_no_slot_or_fewer_positions_than_its_ratio_is_refused(
-    batch: int, max_position: int
+    batch: int, max_position: int, words: str
 ) -> None:
     """An HCA layer's state (ratio 16) needs a slot and room for one compressed row: batch 0 or 15 positions
-    are refused naming both; 16 positions hold one row."""
+    are refused naming the argument at fault; 16 positions hold one row."""
     layer = TINY.first_layer("hca")
     assert TINY.layer_ratio(layer) == 16
-    with pytest.raises(ValueError, match=rf"^need batch >= 1 and max_position >= 16, got {batch}, {max_position}$"):
+    with pytest.raises(ValueError, match=f"^{words}$"):
         dsv4.AttentionState.empty(TINY, layer, batch, max_position)
     state = dsv4.AttentionState.empty(TINY, layer, 2, 16)
     assert state.compressor is not None and state.compressor.pool.block_table.shape == (2, 1)
@@ -373,6 +379,8 @@ def test_a_compressor_state_of_a_ratio_below_one_or_not_an_int_is_refused(ratio:
     table = torch.zeros(2, 2, dtype=torch.int32)
     with pytest.raises(ValueError, match=rf"^ratio: expected a compress ratio >= 1, got {ratio!r}$"):
         CompressorState.paged(2, ratio, 128, 64, 4, 16, table)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=rf"^ratio: expected a compress ratio >= 1, got {ratio!r}$"):
+        CompressorState.dense(2, ratio, 128, 64, 64)  # type: ignore[arg-type]
 
 
 PAGED: dict[str, Callable[[torch.Tensor], dsv4.IndexerState | dsv4.KVPool]] = {

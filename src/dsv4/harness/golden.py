@@ -214,8 +214,9 @@ def _check_keys(
     k8, ks = actual["keys"].detach().cpu(), actual["key_scale"].detach().cpu()
     e8, es = expected["keys"].detach().cpu(), expected["key_scale"].detach().cpu()
     rule = f"k8 within ±1, at most {tol.max_error_ratio:.0%} of a row's k8 differing, ks rtol {tol.rtol:g}"
-    if k8.shape != e8.shape or ks.shape != es.shape:
-        return _fail("keys", rule, f"pool shape {list(k8.shape)} != expected {list(e8.shape)}")
+    for part, got, want in (("keys", k8, e8), ("key_scale", ks, es)):
+        if got.shape != want.shape:
+            return _fail("keys", rule, f"pool {part} shape {list(got.shape)} != expected {list(want.shape)}")
     written = torch.ones(ks.shape, dtype=torch.bool)
     if "keys" in inputs:
         start = torch.as_tensor(inputs["start_pos"]).reshape(-1)

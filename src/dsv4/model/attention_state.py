@@ -256,6 +256,7 @@ class CompressorState(_Record):
         block_size: int = DEFAULT_BLOCK_SIZE,
     ) -> CompressorState:
         """``paged`` with room for ``max_position // ratio`` compressed rows per slot, each slot owning its blocks."""
+        compressor_dims(ratio, head_dim)  # a ratio below 1 is refused by name before it divides
         num_blocks, table = kv_row_tables(batch, max_position // ratio, block_size)
         return cls.paged(batch, ratio, head_dim, rope_dim, num_blocks, block_size, table, device)
 
@@ -312,8 +313,10 @@ class AttentionState(_Record):
         ``max_position // RC`` compressed rows and (CSA) ``max_position // 4`` indexer keys per slot."""
         n = cfg.max_position_embeddings if max_position is None else int(max_position)
         ratio = cfg.layer_ratio(layer)
-        if batch < 1 or n < max(1, ratio):
-            raise ValueError(f"need batch >= 1 and max_position >= {max(1, ratio)}, got {batch}, {n}")
+        if batch < 1:
+            raise ValueError(f"batch: expected >= 1, got {batch}")
+        if n < max(1, ratio):
+            raise ValueError(f"max_position: expected >= {max(1, ratio)}, got {n}")
         hd, r = cfg.head_dim, cfg.qk_rope_head_dim
         window = KVPool.dense(batch, n, hd, r, device, block_size)
         compressor = CompressorState.dense(batch, ratio, hd, r, n, device, block_size) if ratio else None

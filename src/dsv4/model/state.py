@@ -60,8 +60,10 @@ class IndexerState:
         ``max_position // 4``.
         """
         n = cfg.max_position_embeddings if max_position is None else int(max_position)
-        if batch < 1 or n < COMPRESS_RATIO:
-            raise ValueError(f"need batch >= 1 and max_position >= {COMPRESS_RATIO}, got {batch}, {n}")
+        if batch < 1:
+            raise ValueError(f"batch: expected >= 1, got {batch}")
+        if n < COMPRESS_RATIO:
+            raise ValueError(f"max_position: expected >= {COMPRESS_RATIO}, got {n}")
         return cls.fresh(batch, n // COMPRESS_RATIO, cfg.index_head_dim, device, block_size)
 
     @classmethod
