@@ -4,6 +4,7 @@ never read a device tensor on the host (no GPU stream synchronization)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dsv4
 import dsv4.ops.validate as validate
 from conftest import BACKENDS, DEVICE
+from dsv4.bench.interp_traffic import count_traffic
 from dsv4.harness.cases import clone_args, make_case, mutated_args, record_outputs
 from dsv4.model.structs import QKV, IndexerOut
 from dsv4.ops.registry import OpDescriptor
@@ -671,26 +673,42 @@ TRITON_DIMS = [
         {"index_head_dim": 32, "qk_rope_head_dim": 32},
         "w.wkv: the Triton backend needs 2*HID rows that are a multiple of 128, got 64",
     ),
-    ("indexer", {"qk_rope_head_dim": 16}, "HID - R = 112: the fused kernels need a power of two >= 16 (HID=128, R=16)"),
+    (
+        "indexer",
+        {"qk_rope_head_dim": 16},
+        "w, rope: HID - R = 112: the fused kernels need a power of two >= 16 (HID=128 from w, R=16 from rope)",
+    ),
     (
         "indexer",
         {"index_head_dim": 32, "qk_rope_head_dim": 16},
-        "R/2 = 8: the fused kernels need a power of two >= 16 (HID=32, R=16)",
+        "w, rope: R/2 = 8: the fused kernels need a power of two >= 16 (HID=32 from w, R=16 from rope)",
+    ),
+    (
+        "indexer_compressor",
+        {"index_head_dim": 64, "qk_rope_head_dim": 16},
+        "w, rope: HID - R = 48: the fused kernels need a power of two >= 16 (HID=64 from w, R=16 from rope)",
     ),
 ]
 
 
+def launch_log() -> contextlib.AbstractContextManager[Any]:
+    """The interpreter's log of a CPU run's launches; None on a GPU, whose launches it does not see."""
+    return count_traffic() if DEVICE.type == "cpu" else contextlib.nullcontext()
+
+
 @pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton backend's limits")
-@pytest.mark.parametrize(("op", "dims", "words"), TRITON_DIMS, ids=["hd8", "hid32", "r16", "hid32-r16"])
+@pytest.mark.parametrize(("op", "dims", "words"), TRITON_DIMS, ids=["hd8", "hid32", "r16", "hid32-r16", "hid64-r16"])
 def test_dims_the_triton_kernels_cannot_take_are_refused_by_the_op(op: str, dims: dict, words: str) -> None:
     """A head dim of 8 (a projection tile of 16 columns), an indexer head dim of 32 (2*HID no whole
     128-column tile), a rope dim whose split of the indexer head is no power of two >= 16: the op on
-    Triton refuses it naming what it cannot take, the state unchanged; the reference runs the same case."""
+    Triton refuses it naming what it cannot take, before any launch (counted on a CPU), the state
+    unchanged; the reference runs the same case."""
     cfg = CFG.replace(name="odd-dims", **dims)
     args = dict(make_case(cfg, op, seed=0, device=DEVICE, batch=2, seq=2, max_position=64).args)
     before = _snapshot(args)
-    with pytest.raises(ValueError, match="^" + re.escape(words) + "$"):
+    with pytest.raises(ValueError, match="^" + re.escape(words) + "$"), launch_log() as log:
         getattr(dsv4, op)(**args, backend="triton")
+    assert log is None or log.launches == [], log.launches
     _assert_unchanged(args, before)
     getattr(dsv4, op)(**args, backend="reference")
 

@@ -541,6 +541,8 @@ def indexer_compressor(
     and the compressor step (which adds the projection's K-slices and ``ape`` as it reads them); three
     where a row is too long for its step program to add its slices in a few steps (``split_k.sum_slices``).
     """
+    check_front_dims(x.shape[-1], w)  # the front launch's limits, then the step's, all before the first launch
+    split_head_dims(w.norm_w.shape[0], rope.rope_dim)
     xp, _, _ = front(x, w, pos, ws=ws)
     compressor_step(xp, w, state, pos, rope, eps, ws)
 

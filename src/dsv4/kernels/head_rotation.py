@@ -28,7 +28,10 @@ def split_head_dims(hid: int, rope_dim: int) -> tuple[int, int]:
     nope, half_r = hid - rope_dim, rope_dim // 2
     for name, v in (("HID - R", nope), ("R/2", half_r)):
         if v < 16 or not is_pow2(v):
-            raise ValueError(f"{name} = {v}: the fused kernels need a power of two >= 16 (HID={hid}, R={rope_dim})")
+            raise ValueError(
+                f"w, rope: {name} = {v}: the fused kernels need a power of two >= 16 "
+                f"(HID={hid} from w, R={rope_dim} from rope)"
+            )
     return nope, half_r
 
 
