@@ -367,7 +367,7 @@ def check_block_entries(state: IndexerState, pos: StepPositions, reads: bool) ->
         return
     check_table_rows("state", table, blocks, bs, pos, torch.zeros_like(first), end, writes=False)
     check_one_writer("state", table, bs, pos, first, end)
-    if not table.shape[1]:  # a table with no columns is refused by the cache-rows check of start_pos
+    if not table.shape[1]:  # no columns: no row to read (a step that closes a block is refused by the cache-rows check)
         return
     clash = _read_as_another_row(table, pos, bs, blocks)
     if not on_host(table) or pos.start_host is None:
