@@ -303,6 +303,33 @@ def test_a_bucket_cut_short_by_the_budget_keeps_its_entry(tmp_path) -> None:
     assert config.read_text() == text
 
 
+def test_a_candidate_that_raises_is_a_row_of_its_own_and_the_bucket_goes_on(tmp_path, monkeypatch) -> None:
+    """A candidate whose run raises (on a GPU, one that does not compile or exceeds the shared memory) is
+    its row's finding, named by the exception: the bucket's other candidates still run and pass, and
+    the bucket is not stopped."""
+    load = next(w for w in dry_workloads(["qkv_proj_rope"], torch.device("cpu"), 0))
+    config = tmp_path / "cpu.json"
+    tuner = Tuner(torch.device("cpu"), config, None, "test", kernels_wanted=["qkv.q_heads"], dry_run=True,
+                  log=lambda _: None)  # fmt: skip
+    real = tuner._run
+
+    def run(load: Workload, kernel: str, cfg: tuning.Config, *args: Any) -> dict[str, Any]:
+        if cfg["paired"] is False:
+            raise RuntimeError("out of resources: Required: 262144, Hardware limit: 232448\nmore")
+        return real(load, kernel, cfg, *args)
+
+    monkeypatch.setattr(tuner, "_run", run)
+    result = tuner.run([functools.partial(_given, load)], [load.label])
+    (bucket,) = result["buckets"]
+    failed = [v for v in bucket["variants"] if v["params"]["paired"] is False]
+    others = [v for v in bucket["variants"] if v["params"]["paired"] is not False]
+    assert failed and others and "stopped" not in bucket and not result["stopped"]
+    assert {v["check"] for v in failed} == {
+        "error: RuntimeError: out of resources: Required: 262144, Hardware limit: 232448"
+    }
+    assert all(passed(v["check"]) for v in others), [v["check"] for v in others]
+
+
 Q_HEADS_BUCKET = "T=2,H=4,QL=128"  # the dry run's q heads (tiny, one decode row of S=2)
 
 
