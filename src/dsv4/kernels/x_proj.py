@@ -42,10 +42,6 @@ class XProjTiles:
     m_tiles: int
     splits: int
 
-    @property
-    def programs(self) -> int:
-        return self.n_tiles * self.m_tiles * self.splits
-
 
 def fill_splits(tiles: int, others: int, t: int, d: int, sms: int) -> int:
     """K-slices of the x-projection's ``tiles`` output tiles when ``others`` programs share its launch:
