@@ -95,13 +95,13 @@ def test_the_sdist_holds_what_pytest_needs() -> None:
 
 
 def test_the_dev_extra_holds_every_other_extra_and_the_checkers() -> None:
-    """``pip install ".[dev]"`` is enough for the tests, ruff and mypy: mypy reads matplotlib (bench/report.py,
-    cli.py) and tqdm, so the dev extra holds the test and bench extras' requirements as well."""
+    """``pip install ".[dev]"`` is enough for the tests, ruff, mypy and ``pytest --cov``: mypy reads matplotlib
+    (bench/report.py, cli.py) and tqdm, so the dev extra holds the test and bench extras' requirements as well."""
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     dev = set(extras["dev"])
     for name, requirements in extras.items():
         assert set(requirements) <= dev, (name, sorted(set(requirements) - dev))
-    assert {r.split(">")[0] for r in dev} >= {"ruff", "mypy", "matplotlib", "tqdm", "pytest"}
+    assert {r.split(">")[0] for r in dev} >= {"ruff", "mypy", "matplotlib", "tqdm", "pytest", "pytest-cov"}
 
 
 def _resolves(dotted: str) -> bool:
