@@ -135,12 +135,13 @@ def config_json(cfg: DeepSeekV4Config, compress_ratios: list[int] | None) -> dic
 
 def write_checkpoint(directory: Path, shards: list[dict[str, torch.Tensor]], config: dict | None) -> Path:
     """Write ``shards`` as ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``
-    (one shard: a single ``model.safetensors``, no index) and ``config`` as ``config.json``."""
+    (one shard: a single ``model.safetensors``, no index) and ``config`` as ``config.json``. Each shard's
+    header holds ``__metadata__`` ``{"format": "pt"}``, as ``save_pretrained``'s shards do."""
     directory.mkdir(parents=True, exist_ok=True)
     weight_map = {}
     for i, tensors in enumerate(shards):
         name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / name))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
     if len(shards) > 1:
         (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
