@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -496,6 +497,38 @@ def test_tune_without_triton_is_one_line_naming_the_extra() -> None:
     for argv, (rc, err) in zip(forms, json.loads(done.stdout.splitlines()[-1]), strict=True):
         _assert_one_line_error(rc, err, ("dsv4 tune", "triton", 'pip install "dsv4-kernels[triton]"'))
         assert "Traceback" not in err, (argv, err)
+
+
+def test_without_triton_installed_run_takes_the_reference_and_info_says_why() -> None:
+    """Installed without the triton extra (no distribution to read a version from, ``import triton``
+    failing): ``dsv4 info`` names the Triton backend unavailable and why, and ``dsv4 run`` runs on the
+    reference, its header saying so and its last line that nothing was compared, exit 0."""
+    code = (
+        "import contextlib, io, json, sys\n"
+        "from importlib import metadata\n"
+        "sys.modules['triton'] = None\n"
+        "real = metadata.version\n"
+        "def version(dist):\n"
+        "    if dist == 'triton':\n"
+        "        raise metadata.PackageNotFoundError(dist)\n"
+        "    return real(dist)\n"
+        "metadata.version = version\n"
+        "from dsv4.cli import main\n"
+        "results = []\n"
+        "for argv in (['info'], ['run', '--steps', '1', '--batch', '1', '--seq', '1', '--device', 'cpu']):\n"
+        "    out = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out):\n"
+        "        results.append([main(argv), out.getvalue()])\n"
+        "print(json.dumps(results))\n"
+    )
+    done = run_python(["-c", code])
+    assert done.returncode == 0, done.stderr
+    (info_rc, info), (run_rc, run) = json.loads(done.stdout.splitlines()[-1])
+    assert info_rc == 0 and "backend reference available" in info
+    assert re.search(r"backend triton\s+unavailable: cannot import dsv4\.kernels: .*triton", info), info
+    lines = run.splitlines()
+    assert run_rc == 0 and "backend=reference" in lines[0], run
+    assert "all checks passed" not in lines[-1] and "nothing compared" in lines[-1], run
 
 
 def test_tune_with_a_triton_too_old_is_one_line(monkeypatch, capsys) -> None:
