@@ -7,6 +7,8 @@ them, these counts stop matching (or the hook check raises) and this file fails 
 from __future__ import annotations
 
 import contextlib
+import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -128,6 +130,22 @@ def test_hooks_are_removed_and_not_reentrant() -> None:
     with count_traffic() as again:
         masked_copy_kernel[(1,)](src, dst, 16, BLOCK=16)
     assert len(again.launches) == 1 and again.launches[0].requested_bytes == 2 * 16 * 4
+
+
+@pytest.mark.parametrize(("owner", "name"), [("_interpreter", "atomic_cas"), ("interpreter_builder", "create_dot")])
+def test_an_interpreter_without_a_hook_point_is_named_before_counting(
+    owner: str, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Triton whose interpreter lost a function the counter patches (a future release's rename): the
+    counter refuses to start, naming the release and what it did not find, instead of counting wrong."""
+    import triton.runtime.interpreter as interp
+
+    real = getattr(interp, owner)
+    kept = {n: getattr(real, n) for n in dir(real) if not n.startswith("__") and n != name}
+    monkeypatch.setattr(interp, owner, SimpleNamespace(**kept))
+    words = rf"^Triton {re.escape(triton.__version__)} changed its interpreter: {owner}\.{name} not found;"
+    with pytest.raises(RuntimeError, match=words), count_traffic():
+        pass
 
 
 def test_address_hooks_are_removed() -> None:
