@@ -42,6 +42,8 @@ from subprocesses import ROOT, run_python
 # What the device tool brings back: at most 8 files, names of letters, digits, '.', '_', '-'
 MAX_FILES = 8
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+# parse_ncu's error when ncu printed no CSV rows
+NCU_NO_CSV = "ncu printed no CSV (no kernel matched, or profiling was not permitted: see log.txt)"
 
 
 def _tables(markdown: str) -> list[list[str]]:
@@ -332,6 +334,116 @@ def test_a_signal_during_a_parse_stops_the_run(tmp_path, monkeypatch) -> None:
     steps = {s["name"]: s for s in runner.record["steps"]}
     assert "parse_error" not in steps["first"]
     assert steps["second"]["status"] == "not run" and steps["second"]["reason"] == "the run was interrupted"
+
+
+def test_a_command_that_cannot_start_fails_its_step_and_the_next_one_runs(tmp_path) -> None:
+    """A step whose program is not there (a tool missing on the rented machine) fails, saying it could not
+    start it, with no exit code; the steps after it still run."""
+    missing = str(tmp_path / "no-such-tool")
+    absent = Step("absent", "absent", ((missing, "--version"),), 30, 0.5)
+    runner = _runner(tmp_path, [absent, _python_step("after", "print('after the absent tool')", 30)], 60)
+    assert runner.run() == 1
+    steps = {s["name"]: s for s in runner.record["steps"]}
+    assert (steps["absent"]["status"], steps["absent"]["returncodes"]) == ("failed", [None])
+    assert steps["absent"]["reason"].startswith(f"could not start {missing}: [Errno 2] No such file or directory")
+    assert steps["after"]["status"] == "ok"
+    row = _step_rows((tmp_path / "summary.md").read_text())["absent"]
+    assert row[2] == "failed" and row[4] == steps["absent"]["reason"]
+
+
+@pytest.mark.parametrize(
+    ("ignored", "stopped_by"), [(("SIGINT",), signal.SIGTERM), (("SIGINT", "SIGTERM"), signal.SIGKILL)]
+)
+def test_a_step_that_ignores_a_signal_is_sent_the_next_one(
+    ignored: tuple[str, ...], stopped_by: signal.Signals, tmp_path, monkeypatch
+) -> None:
+    """A step past its timeout that ignores SIGINT gets SIGTERM after the grace period, and one that ignores
+    SIGTERM too gets SIGKILL: it is stopped all the same and the next step runs."""
+    from dsv4.acceptance import runner as runner_module
+
+    monkeypatch.setattr(runner_module, "KILL_GRACE_S", (0.2, 0.2))
+    ready = tmp_path / "ready"
+    ignore = "; ".join(f"signal.signal(signal.{name}, signal.SIG_IGN)" for name in ignored)
+    code = f"import signal, time; {ignore}; open({str(ready)!r}, 'w').close(); time.sleep(30)"
+    runner = _runner(tmp_path, [_python_step("deaf", code, 2), _python_step("after", "print('after')", 30)], 60)
+    assert runner.run() == 1
+    steps = {s["name"]: s for s in runner.record["steps"]}
+    assert ready.exists()
+    assert (steps["deaf"]["status"], steps["deaf"]["returncodes"]) == ("timeout", [-stopped_by])
+    assert steps["deaf"]["seconds"] < 2 + 0.4 + 2
+    assert steps["after"]["status"] == "ok"
+
+
+def test_stopping_a_step_whose_processes_are_gone_does_nothing() -> None:
+    """A signal that reaches the runner as its step ends: the step's process group is gone by the time it is
+    stopped, and stopping it is quiet, not a ``ProcessLookupError`` that would lose the record."""
+    from dsv4.acceptance.runner import _stop
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+    proc.wait()
+    _stop(proc)
+    assert proc.returncode == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_a_signal_while_a_step_runs_stops_the_step_and_the_run(tmp_path) -> None:
+    """SIGTERM to the runner (the machine's time is up) while a step runs: the step's process is stopped, the
+    step is recorded as interrupted with its output in the log, no later step starts, and the record and
+    the summary are written."""
+    pid_file = tmp_path / "step.pid"
+    code = (
+        f"import os, signal, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+        "print('step started', flush=True); os.kill(os.getppid(), signal.SIGTERM); time.sleep(60)"
+    )
+    runner = _runner(tmp_path, [_python_step("first", code, 30), _python_step("second", "print('second ran')", 30)], 60)
+    assert runner.run() == 1
+    pid = int(pid_file.read_text())
+    try:
+        assert not _running(pid), "the interrupted step still runs"
+    finally:
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)
+    steps = {s["name"]: s for s in json.loads((tmp_path / RECORD).read_text())["steps"]}
+    assert (steps["first"]["status"], steps["first"]["reason"]) == ("interrupted", "the run was interrupted (SIGTERM)")
+    assert (steps["second"]["status"], steps["second"]["reason"]) == ("not run", "the run was interrupted")
+    log = (tmp_path / "log.txt").read_text()
+    assert "===== first: interrupted (the run was interrupted (SIGTERM)) in " in log and "step started" in log
+    assert "second ran" not in log
+    assert _step_rows((tmp_path / "summary.md").read_text())["first"][2] == "interrupted"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_step_dies_with_the_runner(tmp_path) -> None:
+    """Each step's first process is set to get SIGKILL when the runner dies, so that a runner killed outright
+    does not leave its step holding the GPU."""
+    code = (
+        "import ctypes; PR_GET_PDEATHSIG = 2; sig = ctypes.c_int(); "
+        "ctypes.CDLL(None, use_errno=True).prctl(PR_GET_PDEATHSIG, ctypes.byref(sig)); "
+        "print(f'death signal {sig.value}')"
+    )
+    runner = _runner(tmp_path, [_python_step("asks", code, 30)], 60)
+    assert runner.run() == 0
+    assert f"death signal {int(signal.SIGKILL)}" in (tmp_path / "log.txt").read_text()
+
+
+def test_a_step_whose_output_cannot_be_read_records_why_and_the_run_goes_on(tmp_path) -> None:
+    """An ncu step that profiled nothing exits 0 with no CSV: the step is ok, the parser's error is recorded,
+    no ``ncu.csv`` is written, the next step runs, and the summary says why there are no ncu figures."""
+    printed = "==PROF== Connected to process 1\n==WARNING== No kernels were profiled.\n"
+    csv_file = tmp_path / "ncu.csv"
+    ncu = Step(
+        "ncu", "ncu", ((sys.executable, "-c", f"print({printed!r})"),), 30, 0.5, parse="ncu",
+        files={"csv": str(csv_file)},
+    )  # fmt: skip
+    runner = _runner(tmp_path, [ncu, _python_step("after", "print('after')", 30)], 60)
+    runner.run()
+    steps = {s["name"]: s for s in runner.record["steps"]}
+    assert steps["ncu"]["status"] == "ok" and "result" not in steps["ncu"]
+    assert steps["ncu"]["parse_error"] == f"ValueError: {NCU_NO_CSV}"
+    assert steps["after"]["status"] == "ok" and not csv_file.exists()
+    summary = (tmp_path / "summary.md").read_text()
+    assert _step_rows(summary)["ncu"][4] == f"output not read: ValueError: {NCU_NO_CSV}"
+    assert f"No ncu figures: step ncu ran but its output could not be read (ValueError: {NCU_NO_CSV})." in summary
 
 
 def test_ncu_profiles_the_triton_kernels_alone() -> None:
@@ -741,6 +853,142 @@ def test_summary_shows_the_probe_and_the_tuning() -> None:
     assert "shapes left: flash indexer decode B=1 S=2 cache=65536" in summary
 
 
+@pytest.mark.parametrize(
+    ("status", "reason", "note", "why"),
+    [
+        ("ok", "", f"output not read: ValueError: {NCU_NO_CSV}",
+         f"step ncu ran but its output could not be read (ValueError: {NCU_NO_CSV})"),
+        ("failed", "exit code 1", f"exit code 1; output not read: ValueError: {NCU_NO_CSV}",
+         "step ncu failed: exit code 1"),
+    ],
+    ids=["ok", "failed"],
+)  # fmt: skip
+def test_a_step_whose_output_was_not_read_says_so_in_its_row_and_its_section(
+    status: str, reason: str, note: str, why: str
+) -> None:
+    """The parser's error is the steps table's note, after the step's own reason where it has one; the
+    section of a step that ran but left no figures says so, apart from one that failed."""
+    entry = {"name": "ncu", "status": status, "reason": reason, "seconds": 30.0,
+             "parse_error": f"ValueError: {NCU_NO_CSV}"}  # fmt: skip
+    summary = render(_record(entry))
+    _assert_well_formed(summary)
+    assert _step_rows(summary)["ncu"][4] == note
+    assert f"No ncu figures: {why}." in summary.splitlines()
+
+
+def test_a_tests_step_stopped_at_its_time_limit_says_its_counts_are_partial() -> None:
+    """A tests step stopped at its timeout (pytest still wrote its junit XML): the counts are of the tests
+    that finished, and the summary says so."""
+    result = {"passed": 40, "failed": 0, "errors": 0, "skipped": 2, "total": 42, "source": "junit.xml",
+              "failures": []}  # fmt: skip
+    entry = {"name": "tests", "status": "timeout", "reason": "stopped at its time limit (150 s)", "seconds": 150.0,
+             "result": result}  # fmt: skip
+    summary = render(_record(entry))
+    _assert_well_formed(summary)
+    tests = summary.split("## Tests compiled on the device")[1].split("\n## ")[0].strip()
+    assert tests == (
+        "**40 passed, 0 failed, 0 errors, 2 skipped** of 42 (from junit.xml); the step was stopped at its time "
+        "limit, so these are the tests that finished"
+    )
+
+
+def _decode_rows(summary: str) -> dict[str, dict[str, str]]:
+    """The decode timing table's rows by backend."""
+    table = next(t for t in _tables(summary) if "median µs" in _cells(t[0]))
+    rows = (dict(zip(_cells(table[0]), _cells(line), strict=True)) for line in table[2:])
+    return {r["backend"]: r for r in rows}
+
+
+def test_a_timing_that_raised_is_an_error_row_with_its_error() -> None:
+    """A backend that raised at a shape (out of memory) is a row saying so, with its error and no time,
+    and the Triton row has no speed-up over it."""
+    qkv = ("qkv_proj_rope", "decode B=64 S=2")
+    oom = {"op": qkv[0], "shape": qkv[1], "backend": "reference", "status": "error",
+           "error": "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"}  # fmt: skip
+    bench = _bench([_timing(*qkv, "triton", 20.0, 16.0), oom], [_shape(*qkv, 16.0)], "dsv4 bench ... --backends t,r")
+    summary = render(_record(_entry("bench_decode", "ok", ["qkv_proj_rope"], ["triton", "reference"], bench)))
+    _assert_well_formed(summary)
+    rows = _decode_rows(summary)
+    reference = rows["reference"]
+    assert (reference["launch"], reference["median µs"], reference["check"]) == ("error", "", oom["error"])
+    assert reference["floor µs table / copy"] == "16.0 / 16.0"
+    assert rows["triton"]["× vs eager"] == "-"
+
+
+def test_a_timing_with_a_note_is_starred_and_the_note_printed_under_the_table() -> None:
+    """A timing the bench could not take as a CUDA graph: its launch is starred and the reason is printed
+    under the table."""
+    qkv = ("qkv_proj_rope", "decode B=64 S=2")
+    note = "not capturable (a host synchronization: .item())"
+    timing = {**_timing(*qkv, "triton", 20.0, 16.0), "launch": "plain launches", "note": note}
+    bench = _bench([timing], [_shape(*qkv, 16.0)], "dsv4 bench ... --backends triton")
+    summary = render(_record(_entry("bench_decode", "ok", ["qkv_proj_rope"], ["triton"], bench)))
+    _assert_well_formed(summary)
+    assert _decode_rows(summary)["triton"]["launch"] == "plain launches*"
+    assert f"\\* qkv_proj_rope decode B=64 S=2 triton: {note}" in summary.splitlines()
+
+
+def test_the_graph_launch_zero_point_is_printed_under_the_table() -> None:
+    """The bench's graph-launch zero point (what any timed replay costs before its work) is the line under
+    the timing table."""
+    qkv = ("qkv_proj_rope", "decode B=64 S=2")
+    bench = _bench([_timing(*qkv, "triton", 20.0, 16.0)], [_shape(*qkv, 16.0)], "dsv4 bench ... --backends triton")
+    bench["zero_point"] = {"empty_graph_us": 2.1, "one_kernel_graph_us": 4.0, "us": 2.1}
+    summary = render(_record(_entry("bench_decode", "ok", ["qkv_proj_rope"], ["triton"], bench)))
+    _assert_well_formed(summary)
+    assert "Graph-launch zero point (events around an empty graph's replay): 2.10 µs." in summary.splitlines()
+
+
+def test_a_target_with_no_floor_on_this_device_says_so() -> None:
+    """A bench with neither the device table's bandwidth nor a measured copy (the CPU): each target of a
+    timed shape says there is no floor, not a percentage of nothing."""
+    qkv = ("qkv_proj_rope", "decode B=64 S=2")
+    none = {"memory": None, "compute": None, "floor": None}
+    shape = {**_shape(*qkv, 16.0), "floor_us_device_table": none, "floor_us_measured_copy": none}
+    timing = {**_timing(*qkv, "triton", 20.0, 16.0), "pct_of_floor_device_table": None,
+              "pct_of_floor_measured_copy": None}  # fmt: skip
+    bench = _bench([timing], [shape], "dsv4 bench ... --backends triton")
+    bench["bandwidth"] = {"device_table": None, "measured_copy_bytes_per_s": None}
+    summary = render(_record(_entry("bench_decode", "ok", ["qkv_proj_rope"], ["triton"], bench)))
+    _assert_well_formed(summary)
+    assert "Bandwidth: device table n/a, measured copy n/a" in summary.splitlines()
+    assert [line for line in summary.splitlines() if line.startswith("- `qkv_proj_rope` ")] == [
+        "- `qkv_proj_rope` decode B=64 S=2: target within 1.25x of the floor (>= 80.0%): no floor on this device "
+        "(decode B=64 S=2)",
+        "- `qkv_proj_rope` decode B=64 S=2: target within 1.3x of the floor at the measured copy bandwidth "
+        "(>= 76.9%): no floor on this device (decode B=64 S=2)",
+    ]
+
+
+DECODE_LOOP_GPU = (
+    "median ms per step: eager 0.900, graph 0.120; memory floor 0.0473 ms (H200): eager 19.0x, graph 2.5x\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("log", "lines"),
+    [
+        ("median ms per step: eager 1.250\n", ["No graph replay in this run (`--capture` needs CUDA)."]),
+        (DECODE_LOOP_GPU,
+         ["One CUDA graph per step is 7.50x the eager launches.", "Memory floor 0.0473 ms: eager 19.0x, graph 2.5x"]),
+        (DECODE_LOOP_GPU + "back to back, ms per step: eager 0.700, graph 0.060; memory floor 0.0473 ms (H200): "
+         "eager 14.8x, graph 1.3x\n",
+         ["One CUDA graph per step is 7.50x the eager launches.",
+          "Memory floor 0.0473 ms: eager 19.0x, graph 2.5x; back to back: eager 14.8x, graph 1.3x"]),
+    ],
+    ids=["eager only", "floor", "floor and back to back"],
+)  # fmt: skip
+def test_the_decode_loops_lines_under_its_table(log: str, lines: list[str]) -> None:
+    """Under the decode loop's table: without a graph (the CPU), that nothing was replayed; with the loop's
+    memory floor, each mode's time as a multiple of it, back to back too where the loop ran so."""
+    entry = {"name": "decode_graph", "status": "ok", "reason": "", "seconds": 20.0,
+             "commands": ["python examples/decode_loop.py"], "result": parse_decode_loop({}, log)}  # fmt: skip
+    summary = render(_record(entry))
+    _assert_well_formed(summary)
+    section = summary.split("## Decode step: one CUDA graph against eager launches")[1].split("\n## ")[0]
+    assert [line for line in section.splitlines() if line and not line.startswith(("|", "<sub>"))] == lines
+
+
 # -- parsers -------------------------------------------------------------------------------
 
 
@@ -769,6 +1017,21 @@ def test_test_counts_come_from_pytest_lines_when_junit_is_missing(tmp_path) -> N
         parse_tests({"junit": str(tmp_path / "missing.xml")}, "collected 0 items")
 
 
+def test_a_junit_xml_cut_off_mid_write_falls_back_to_the_pytest_lines(tmp_path) -> None:
+    """A tests step killed while pytest wrote its junit XML: the counts come from the ``-v`` lines it
+    printed, and say so, rather than the step losing its figures."""
+    junit = tmp_path / "junit.xml"
+    junit.write_text(
+        '<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="2">'
+        '<testcase classname="tests.test_a" name="test_one"'
+    )
+    log = "tests/test_a.py::test_one PASSED    [ 50%]\ntests/test_a.py::test_two FAILED    [100%]\n"
+    counts = parse_tests({"junit": str(junit)}, log)
+    assert (counts["passed"], counts["failed"], counts["total"]) == (1, 1, 2)
+    assert counts["source"] == "pytest -v lines (no junit XML)"
+    assert counts["failures"] == ["tests/test_a.py::test_two"]
+
+
 def test_the_tuned_config_files_entries_are_its_buckets(tmp_path) -> None:
     """The tune step's figures: the config file it wrote, its device and how many tuned buckets it holds
     (what the summary says to commit)."""
@@ -779,6 +1042,22 @@ def test_the_tuned_config_files_entries_are_its_buckets(tmp_path) -> None:
     tune.write_text(json.dumps({"buckets": [], "workloads": []}))
     result = parse_tune({"json": str(tune), "config": str(config)}, "")
     assert result["config"] == {"file": "kernel-config.json", "device": "h200-132", "entries": 3}
+
+
+def test_a_tune_that_wrote_no_config_file_leaves_nothing_to_commit(tmp_path) -> None:
+    """A tune in which no candidate beat a default writes no config file: its figures are read back with
+    no config, and the summary shows the tuned buckets with no file to commit."""
+    tune = tmp_path / "tune.json"
+    variant = {"check": "bit-identical", "median_us": 40.0, "changed": {}}
+    bucket = {"kernel": "qkv.rows", "bucket": "T=128,QL=128,HD=128", "workload": "flash qkv_proj_rope",
+              "variants": [variant], "gain_pct": 0.0, "winner": None}  # fmt: skip
+    tune.write_text(json.dumps({"buckets": [bucket], "workloads": [], "stopped": None}))
+    result = parse_tune({"json": str(tune), "config": str(tmp_path / "kernel-config.json")}, "")
+    assert result["config"] is None
+    summary = render(_record({"name": "tune", "status": "ok", "reason": "", "seconds": 100.0, "result": result}))
+    _assert_well_formed(summary)
+    tuning = summary.split("## Tuning: each kernel's candidates against its default (dsv4 tune)")[1].split("\n## ")[0]
+    assert "| `qkv.rows` | T=128,QL=128,HD=128 |" in tuning and "Config file" not in tuning
 
 
 def test_a_tools_version_is_the_last_line_it_prints(monkeypatch) -> None:
@@ -889,18 +1168,40 @@ def test_fuzz_findings_are_the_raised_count_not_the_failed_count() -> None:
     assert (r["cases"], r["failed"], r["findings"], r["seed"]) == (30, 2, 0, 5)
 
 
+# the checkpoint step's log: load_checkpoint.py load's line, then dsv4 run --checkpoint's verdict
+CHECKPOINT_LOG = (
+    "load_layer(/tmp/ckpt, 1, device=cuda): 0.20 s wall; loaded 136.7 MiB; RSS 620 MiB after imports (heap 308, "
+    "file pages 303), peak 887 MiB (+267 MiB), now 662 MiB (heap 341, file pages 311); torch threads 16\n"
+    "12 op calls in 3.5 s; all checks passed\n"
+)
+
+
 def test_the_checkpoint_steps_load_line_is_read_back() -> None:
-    log = (
-        "load_layer(/tmp/ckpt, 1, device=cuda): 0.20 s wall; loaded 136.7 MiB; RSS 620 MiB after imports (heap 308, "
-        "file pages 303), peak 887 MiB (+267 MiB), now 662 MiB (heap 341, file pages 311); torch threads 16\n"
-        "12 op calls in 3.5 s; all checks passed\n"
-    )
+    log = CHECKPOINT_LOG
     r = parse_checkpoint({}, log)
     assert (r["load_s"], r["loaded_mib"], r["peak_rss_mib"], r["rss_growth_mib"]) == (0.2, 136.7, 887, 267)
     assert (r["run_op_calls"], r["run_s"], r["run_result"]) == (12, 3.5, "all checks passed")
     # a peak that rounds below the RSS before the load (ru_maxrss and /proc's figure): the growth as printed
     r = parse_checkpoint({}, log.replace("peak 887 MiB (+267 MiB)", "peak 620 MiB (+-0 MiB)"))
     assert (r["peak_rss_mib"], r["rss_growth_mib"]) == (620, 0)
+    # the write or the load failed before either line was printed
+    with pytest.raises(ValueError, match="neither the load line nor the run line was printed"):
+        parse_checkpoint({}, "Traceback (most recent call last):\nOSError: [Errno 28] No space left on device\n")
+
+
+def test_a_failed_checkpoint_step_keeps_its_load_figures_and_says_why() -> None:
+    """The load printed its line and then ``dsv4 run --checkpoint`` failed: the load's figures stand, and the
+    step's failure is the line after them."""
+    result = parse_checkpoint({}, CHECKPOINT_LOG.splitlines()[0] + "\nTraceback (most recent call last):\n")
+    entry = {"name": "checkpoint", "status": "failed", "reason": "exit code 1 from command 3 of 3", "seconds": 40.0,
+             "result": result}  # fmt: skip
+    summary = render(_record(entry))
+    _assert_well_formed(summary)
+    section = summary.split("## Checkpoint loading")[1].split("\n## ")[0].strip()
+    assert section.splitlines() == [
+        "- `load_layer`: 0.20 s, 136.7 MiB loaded, peak RSS 887 MiB (+267 MiB)",
+        "- step checkpoint failed: exit code 1 from command 3 of 3",
+    ]
 
 
 def test_decode_loop_medians() -> None:
@@ -941,6 +1242,37 @@ def test_ncu_csv_is_grouped_per_kernel_and_grid(tmp_path) -> None:
     )  # fmt: skip
     assert (second["grid"], second["launches"]) == ("(2048, 1, 1)", 1)
     assert (tmp_path / "ncu.csv").read_text().splitlines()[0] == header
+
+
+def test_ncu_values_that_are_not_numbers_are_left_out_of_the_median(tmp_path) -> None:
+    """ncu prints ``n/a`` for a metric it could not collect on a launch: the median is of the launches that
+    have a number, and a metric with none is ``None`` (a '-' in the summary), not 0."""
+    header = '"ID","Kernel Name","Grid Size","Block Size","dram__bytes_read.sum","lts__t_bytes.sum"'
+    rows = [
+        '"","","","","byte","byte"',
+        '"0","_score_kernel","(16, 64, 1)","(128, 1, 1)","n/a","n/a"',
+        '"1","_score_kernel","(16, 64, 1)","(128, 1, 1)","1,000","n/a"',
+        '"2","_score_kernel","(16, 64, 1)","(128, 1, 1)","3000","n/a"',
+    ]
+    (kernel,) = parse_ncu({"csv": str(tmp_path / "ncu.csv")}, "\n".join([header, *rows]))["kernels"]
+    assert (kernel["launches"], kernel["dram__bytes_read.sum"], kernel["lts__t_bytes.sum"]) == (3, 2000.0, None)
+
+
+@pytest.mark.parametrize(
+    "log",
+    [
+        "==PROF== Connected to process 1\n==WARNING== No kernels were profiled.\n==PROF== Disconnected from process 1",
+        '"ID","Kernel Name","Grid Size","Block Size","dram__bytes_read.sum"\n==WARNING== No kernels were profiled.',
+    ],
+    ids=["no CSV", "a header alone"],
+)
+def test_ncu_output_without_csv_rows_is_refused_and_writes_no_file(log: str, tmp_path) -> None:
+    """ncu that matched no kernel (or was not permitted to profile) prints no CSV rows: the parser raises
+    saying so and writes no ``ncu.csv``."""
+    csv_file = tmp_path / "ncu.csv"
+    with pytest.raises(ValueError, match=r"^ncu printed no CSV \(no kernel matched, or profiling was not permitted"):
+        parse_ncu({"csv": str(csv_file)}, log)
+    assert not csv_file.exists()
 
 
 def test_ncu_profiles_every_layer_kind_at_the_deployment_batch_and_the_longest_context(tmp_path) -> None:
