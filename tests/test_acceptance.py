@@ -901,17 +901,24 @@ def _decode_rows(summary: str) -> dict[str, dict[str, str]]:
 
 def test_a_timing_that_raised_is_an_error_row_with_its_error() -> None:
     """A backend that raised at a shape (out of memory) is a row saying so, with its error and no time,
-    and the Triton row has no speed-up over it."""
+    and the Triton row has no speed-up over it; a backend the bench skipped (no library composition of
+    the op) is a skipped row with its reason, not an error."""
     qkv = ("qkv_proj_rope", "decode B=64 S=2")
     oom = {"op": qkv[0], "shape": qkv[1], "backend": "reference", "status": "error",
            "error": "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"}  # fmt: skip
-    bench = _bench([_timing(*qkv, "triton", 20.0, 16.0), oom], [_shape(*qkv, 16.0)], "dsv4 bench ... --backends t,r")
-    summary = render(_record(_entry("bench_decode", "ok", ["qkv_proj_rope"], ["triton", "reference"], bench)))
+    none = {"op": qkv[0], "shape": qkv[1], "backend": "library", "status": "skipped",
+            "error": "no library composition of qkv_proj_rope"}  # fmt: skip
+    timings = [_timing(*qkv, "triton", 20.0, 16.0), oom, none]
+    bench = _bench(timings, [_shape(*qkv, 16.0)], "dsv4 bench ... --backends t,r,l")
+    summary = render(
+        _record(_entry("bench_decode", "ok", ["qkv_proj_rope"], ["triton", "reference", "library"], bench))
+    )
     _assert_well_formed(summary)
     rows = _decode_rows(summary)
     reference = rows["reference"]
     assert (reference["launch"], reference["median µs"], reference["check"]) == ("error", "", oom["error"])
     assert reference["floor µs table / copy"] == "16.0 / 16.0"
+    assert (rows["library"]["launch"], rows["library"]["check"]) == ("skipped", none["error"])
     assert rows["triton"]["× vs eager"] == "-"
 
 

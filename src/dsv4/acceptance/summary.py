@@ -169,8 +169,8 @@ def bench_section(record: dict[str, Any], mode: str) -> list[str]:
                 if owner is not None:
                     rows.append([op, label, backend, "absent", "", "", floors, *blank, _why(owner)])
                 continue
-            if t["status"] != "ok":
-                rows.append([op, label, backend, "error", "", "", floors, *blank, t.get("error", "")])
+            if t["status"] != "ok":  # "skipped" (no such composition of the op) or "error"
+                rows.append([op, label, backend, t["status"], "", "", floors, *blank, t.get("error", "")])
                 continue
             speed = [
                 _num(ok[base]["median_us"] / t["median_us"], ".2f") if base in ok and base != backend else "-"
