@@ -428,7 +428,8 @@ def test_a_step_dies_with_the_runner(tmp_path) -> None:
 
 def test_a_step_whose_output_cannot_be_read_records_why_and_the_run_goes_on(tmp_path) -> None:
     """An ncu step that profiled nothing exits 0 with no CSV: the step is ok, the parser's error is recorded,
-    no ``ncu.csv`` is written, the next step runs, and the summary says why there are no ncu figures."""
+    no ``ncu.csv`` is written, the next step runs, the summary says why there are no ncu figures, and the
+    run exits 1 (figures it was to give are missing)."""
     printed = "==PROF== Connected to process 1\n==WARNING== No kernels were profiled.\n"
     csv_file = tmp_path / "ncu.csv"
     ncu = Step(
@@ -436,7 +437,7 @@ def test_a_step_whose_output_cannot_be_read_records_why_and_the_run_goes_on(tmp_
         files={"csv": str(csv_file)},
     )  # fmt: skip
     runner = _runner(tmp_path, [ncu, _python_step("after", "print('after')", 30)], 60)
-    runner.run()
+    assert runner.run() == 1
     steps = {s["name"]: s for s in runner.record["steps"]}
     assert steps["ncu"]["status"] == "ok" and "result" not in steps["ncu"]
     assert steps["ncu"]["parse_error"] == f"ValueError: {NCU_NO_CSV}"

@@ -214,7 +214,8 @@ class Runner:
 
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> int:
-        """Every step in order; returns 0 when every step that should run ran and passed."""
+        """Every step in order; returns 0 when every step that should run ran, passed and printed what its
+        parser reads (a step whose figures could not be read has none to show: 1)."""
         start = time.monotonic()
         run_deadline = start + self.budget_s
         previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -239,5 +240,5 @@ class Runner:
             self.record["elapsed_s"] = round(time.monotonic() - start, 1)
             self.save()
         print("\n" + render(self.record), flush=True)
-        bad = [e for e in self.record["steps"] if e["status"] not in ("ok", "skipped")]
+        bad = [e for e in self.record["steps"] if e["status"] not in ("ok", "skipped") or e.get("parse_error")]
         return 1 if bad else 0
