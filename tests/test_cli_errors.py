@@ -471,6 +471,40 @@ def test_write_json_leaves_no_partial_file(tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
+def _mains_without_triton(forms: list[list[str]], stream: str, installed: bool) -> list[tuple[int, str]]:
+    """``main(argv)`` for each of ``forms`` in a fresh interpreter where ``import triton`` fails (this one
+    has imported it) and, unless ``installed``, no Triton distribution gives a version -> each exit code
+    and what it printed on ``stream`` (``"stdout"`` or ``"stderr"``)."""
+    hide_version = (
+        ""
+        if installed
+        else (
+            "from importlib import metadata\n"
+            "real = metadata.version\n"
+            "def version(dist):\n"
+            "    if dist == 'triton':\n"
+            "        raise metadata.PackageNotFoundError(dist)\n"
+            "    return real(dist)\n"
+            "metadata.version = version\n"
+        )
+    )
+    code = (
+        "import contextlib, io, json, sys\n"
+        "sys.modules['triton'] = None\n"
+        f"{hide_version}"
+        "from dsv4.cli import main\n"
+        "results = []\n"
+        f"for argv in {forms!r}:\n"
+        "    text = io.StringIO()\n"
+        f"    with contextlib.redirect_{stream}(text):\n"
+        "        results.append([main(argv), text.getvalue()])\n"
+        "print(json.dumps(results))\n"
+    )
+    done = run_python(["-c", code])
+    assert done.returncode == 0, done.stderr
+    return [(rc, text) for rc, text in json.loads(done.stdout.splitlines()[-1])]
+
+
 def test_tune_without_triton_is_one_line_naming_the_extra() -> None:
     """Installed without the triton extra, every ``dsv4 tune`` form (``--list``, ``--dry-run``, ``--probe``)
     used to end in a ModuleNotFoundError traceback; now one line naming Triton and how to install it, exit 2.
@@ -481,20 +515,7 @@ def test_tune_without_triton_is_one_line_naming_the_extra() -> None:
         ["tune", "--probe"],
         ["tune", "--probe", "--list"],
     ]
-    code = (
-        "import contextlib, io, json, sys\n"
-        "sys.modules['triton'] = None\n"
-        "from dsv4.cli import main\n"
-        "results = []\n"
-        f"for argv in {forms!r}:\n"
-        "    err = io.StringIO()\n"
-        "    with contextlib.redirect_stderr(err):\n"
-        "        results.append([main(argv), err.getvalue()])\n"
-        "print(json.dumps(results))\n"
-    )
-    done = run_python(["-c", code])
-    assert done.returncode == 0, done.stderr
-    for argv, (rc, err) in zip(forms, json.loads(done.stdout.splitlines()[-1]), strict=True):
+    for argv, (rc, err) in zip(forms, _mains_without_triton(forms, "stderr", installed=True), strict=True):
         _assert_one_line_error(rc, err, ("dsv4 tune", "triton", 'pip install "dsv4-kernels[triton]"'))
         assert "Traceback" not in err, (argv, err)
 
@@ -503,27 +524,8 @@ def test_without_triton_installed_run_takes_the_reference_and_info_says_why() ->
     """Installed without the triton extra (no distribution to read a version from, ``import triton``
     failing): ``dsv4 info`` names the Triton backend unavailable and why, and ``dsv4 run`` runs on the
     reference, its header saying so and its last line that nothing was compared, exit 0."""
-    code = (
-        "import contextlib, io, json, sys\n"
-        "from importlib import metadata\n"
-        "sys.modules['triton'] = None\n"
-        "real = metadata.version\n"
-        "def version(dist):\n"
-        "    if dist == 'triton':\n"
-        "        raise metadata.PackageNotFoundError(dist)\n"
-        "    return real(dist)\n"
-        "metadata.version = version\n"
-        "from dsv4.cli import main\n"
-        "results = []\n"
-        "for argv in (['info'], ['run', '--steps', '1', '--batch', '1', '--seq', '1', '--device', 'cpu']):\n"
-        "    out = io.StringIO()\n"
-        "    with contextlib.redirect_stdout(out):\n"
-        "        results.append([main(argv), out.getvalue()])\n"
-        "print(json.dumps(results))\n"
-    )
-    done = run_python(["-c", code])
-    assert done.returncode == 0, done.stderr
-    (info_rc, info), (run_rc, run) = json.loads(done.stdout.splitlines()[-1])
+    run_argv = ["run", "--steps", "1", "--batch", "1", "--seq", "1", "--device", "cpu"]
+    (info_rc, info), (run_rc, run) = _mains_without_triton([["info"], run_argv], "stdout", installed=False)
     assert info_rc == 0 and "backend reference available" in info
     assert re.search(r"backend triton\s+unavailable: cannot import dsv4\.kernels: .*triton", info), info
     lines = run.splitlines()
