@@ -296,6 +296,16 @@ def _running(pid: int) -> bool:
         return False
 
 
+def _assert_stopped(pid: int, what: str) -> None:
+    """Process ``pid`` no longer runs (``what`` says which, if it does); killed either way, so a failing
+    test leaves nothing behind."""
+    try:
+        assert not _running(pid), what
+    finally:
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
 def test_a_worker_that_outlives_its_step_is_stopped_with_it(tmp_path) -> None:
     """A step's first process that exits on SIGINT while a worker of its process group ignores it: the
@@ -310,11 +320,7 @@ def test_a_worker_that_outlives_its_step_is_stopped_with_it(tmp_path) -> None:
     runner = _runner(tmp_path, [_python_step("hang", leader, timeout_s=2), _python_step("next", check, 30)], 60)
     runner.run()
     pid = int(pid_file.read_text())
-    try:
-        assert not _running(pid), "the worker of a stopped step still runs"
-    finally:
-        if _running(pid):
-            os.kill(pid, signal.SIGKILL)
+    _assert_stopped(pid, "the worker of a stopped step still runs")
 
 
 def test_a_signal_during_a_parse_stops_the_run(tmp_path, monkeypatch) -> None:
@@ -398,11 +404,7 @@ def test_a_signal_while_a_step_runs_stops_the_step_and_the_run(tmp_path) -> None
     runner = _runner(tmp_path, [_python_step("first", code, 30), _python_step("second", "print('second ran')", 30)], 60)
     assert runner.run() == 1
     pid = int(pid_file.read_text())
-    try:
-        assert not _running(pid), "the interrupted step still runs"
-    finally:
-        if _running(pid):
-            os.kill(pid, signal.SIGKILL)
+    _assert_stopped(pid, "the interrupted step still runs")
     steps = {s["name"]: s for s in json.loads((tmp_path / RECORD).read_text())["steps"]}
     assert (steps["first"]["status"], steps["first"]["reason"]) == ("interrupted", "the run was interrupted (SIGTERM)")
     assert (steps["second"]["status"], steps["second"]["reason"]) == ("not run", "the run was interrupted")
