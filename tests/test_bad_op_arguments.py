@@ -666,7 +666,7 @@ TRITON_DIMS = [
     (
         "qkv_proj_rope",
         {"head_dim": 8, "qk_rope_head_dim": 4},
-        "w: the Triton backend needs projection widths that are multiples of 16, got 128, 8",
+        "w.wkv: the Triton backend needs projection widths (rows) that are multiples of 16, got 8",
     ),
     (
         "indexer_compressor",

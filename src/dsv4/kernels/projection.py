@@ -77,12 +77,15 @@ class ProjectionTiles:
         return (n // self.block_n, triton.cdiv(t, self.block_m), self.splits)
 
 
-def check_widths(n0: int, n1: int) -> None:
-    """``ValueError`` unless both projection widths ``n0``, ``n1`` are multiples of ``BLOCK_N_MIN``."""
-    if min(pow2_divisor(n0, BLOCK_N_MAX), pow2_divisor(n1, BLOCK_N_MAX)) < BLOCK_N_MIN:
-        raise ValueError(
-            f"w: the Triton backend needs projection widths that are multiples of {BLOCK_N_MIN}, got {n0}, {n1}"
-        )
+def check_widths(n0: int, n1: int, names: tuple[str, str] = ("w.wq_a", "w.wkv")) -> None:
+    """``ValueError`` naming the weight (``names``: those of ``n0``, ``n1``) whose projection width is
+    not a multiple of ``BLOCK_N_MIN``."""
+    for name, n in zip(names, (n0, n1), strict=True):
+        if pow2_divisor(n, BLOCK_N_MAX) < BLOCK_N_MIN:
+            raise ValueError(
+                f"{name}: the Triton backend needs projection widths (rows) that are multiples of {BLOCK_N_MIN}, "
+                f"got {n}"
+            )
 
 
 def projection_tiles(
