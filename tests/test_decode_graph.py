@@ -98,14 +98,31 @@ def test_static_step_allocates_nothing_and_matches_eager() -> None:
         assert torch.equal(t, getattr(eager_fe.state, name)), name
 
 
+def test_a_static_step_whose_last_row_fills_max_cache_len_matches_eager() -> None:
+    """At ``max_cache_len=4`` a slot at 17 takes positions 17, 18: 4 visible rows, every score column
+    filled, none past them; the step equals the eager module's."""
+    static_fe, eager_fe = tiny_frontend("triton", batch=1), tiny_frontend("triton", batch=1)
+    prompt = dsv4.synthetic_activations((1, 17, CFG.hidden_size), seed=1, device=DEVICE)
+    static_fe(prompt)
+    eager_fe(prompt)
+    step = static_fe.static_step(batch=1, seq=2, max_cache_len=4)
+    x = dsv4.synthetic_activations((1, 2, CFG.hidden_size), seed=2, device=DEVICE)
+    step.set_inputs(x, [17])
+    step.launch()
+    q, kv, topk = step.results()
+    eq, ekv, etopk = eager_fe(x)
+    assert torch.equal(q, eq) and torch.equal(kv, ekv) and torch.equal(topk, etopk)
+    assert torch.equal(step.out.score, last_score(eager_fe))
+
+
 def test_static_step_checks_its_inputs() -> None:
     fe = tiny_frontend("triton", batch=2, max_position=64)
     step = fe.static_step(batch=2, seq=2, max_cache_len=4)
     with pytest.raises(ValueError, match="x: expected"):
         step.set_inputs(torch.zeros(1, 2, CFG.hidden_size, dtype=torch.bfloat16, device=DEVICE), [0, 0])
-    step.set_inputs(torch.zeros(2, 2, CFG.hidden_size, dtype=torch.bfloat16, device=DEVICE), [14, 0])  # the last
-    for start in ([15, 0], [0, 15]):  # one more: position 16, past the rows 0..3 cover, in either slot
-        with pytest.raises(ValueError, match="max_cache_len"):
+    step.set_inputs(torch.zeros(2, 2, CFG.hidden_size, dtype=torch.bfloat16, device=DEVICE), [17, 0])  # the last
+    for start in ([18, 0], [0, 18]):  # one more: positions 18, 19 close row 4, past the 4 columns, in either slot
+        with pytest.raises(ValueError, match="start_pos: .* leaves 5 cache rows, past max_cache_len=4"):
             step.set_inputs(torch.zeros(2, 2, CFG.hidden_size, dtype=torch.bfloat16, device=DEVICE), start)
     assert tuple(step.out.score.shape) == (2, 2, 4)  # [batch, seq, max_cache_len], not the cache's 16 rows
     with pytest.raises(ValueError, match="max_cache_len"):

@@ -73,11 +73,12 @@ def test_explicit_start_positions_and_reset_validation() -> None:
     assert all(torch.equal(a, b) for a, b in zip(m.state.tensors().values(), before.tensors().values(), strict=True))
 
 
-@pytest.mark.parametrize("max_position", [64, 72])
+@pytest.mark.parametrize("max_position", [64, 66, 67, 72])
 def test_a_step_ending_one_past_max_position_is_refused_whatever_the_rope_covers(max_position: int) -> None:
     """A step's last token sits at ``start + S - 1``, so ``start + S <= max_position``, whatever more the
     RoPE table (128 rows) and the block table cover (at 72, two blocks of 16 rows: 128 positions): 4 tokens
-    from ``max_position - 4`` run and 5 are refused naming ``start_pos``, changing nothing."""
+    from ``max_position - 4`` run and 5 are refused naming ``start_pos``, changing nothing. At 66 and 67
+    the one block's 16 rows hold every row of positions below 68, so the last positions run too."""
     weights = dsv4.synthetic_weights(CFG, seed=0, device=DEVICE)
     rope = dsv4.rope_table(CFG, "compressed", max_position=128, device=DEVICE)
     m = dsv4.DecodeFrontEnd(

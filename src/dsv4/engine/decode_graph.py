@@ -106,9 +106,12 @@ class StaticDecodeStep:
         if not isinstance(x, torch.Tensor) or tuple(x.shape) != tuple(self.x.shape) or x.dtype != self.x.dtype:
             got = f"{list(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x: expected {list(self.x.shape)} bf16 (the captured shape), got {got}")
-        limit = self.max_cache_len * COMPRESS_RATIO
-        if max(start) + self.seq > limit:
-            raise ValueError(f"start_pos: {start} with S={self.seq} passes max_cache_len={self.max_cache_len} rows")
+        rows = (max(start) + self.seq) // COMPRESS_RATIO  # the cache rows after the step
+        if rows > self.max_cache_len:
+            raise ValueError(
+                f"start_pos: {start} with S={self.seq} leaves {rows} cache rows, "
+                f"past max_cache_len={self.max_cache_len}"
+            )
 
     def set_inputs(self, x: torch.Tensor, start: list[int]) -> None:
         """Copy a step's inputs into the static buffers (no device sync; ``start`` checked on the host)."""

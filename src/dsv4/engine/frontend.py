@@ -135,7 +135,6 @@ class DecodeFrontEnd(CheckedBuffers):
             self.register_buffer(name, t, persistent=False)  # the sequences' state: not in state_dict
         self.topk, self.offset, self.eps, self.backend = topk, offset, eps, backend
         self.max_position = max_position
-        self._limit = min(max_position, rope.max_position, per_slot * block_size * COMPRESS_RATIO)  # positions reached
         self.next_pos = [0] * batch  # where each slot's next token sits (host-side: no device sync)
         self.slot_blocks: list[list[int]] = [[] for _ in range(batch)]  # each slot's pool blocks, in row order
         self.free_blocks = list(range(num_blocks))  # handed out lowest first
@@ -205,7 +204,7 @@ class DecodeFrontEnd(CheckedBuffers):
             start = [start_pos] * b
         else:
             start = host_ints("start_pos", start_pos)
-        limit = self._limit
+        limit = self.max_position  # the table's rows and the rope cover every position below it
         if len(start) != b or (start and (min(start) < 0 or max(start) + s > limit)):
             raise ValueError(
                 f"start_pos: expected {b} positions in [0, {limit - s}] (S={s}, max_position={self.max_position}), "
