@@ -122,6 +122,17 @@ def test_attention_state_holds_the_parts_of_its_kind(kind: str) -> None:
         dsv4.AttentionState.paged(CFG, layer, 2, **wrong, block_size=BS)
     with pytest.raises(ValueError, match="window: expected a block table of 3 rows"):
         dsv4.AttentionState.paged(CFG, layer, 3, **pools, block_size=BS)
+    outside = torch.tensor([[3, -1], [0, 1]], dtype=torch.int32)  # block 3 of a 3-block pool
+    three = torch.tensor([[2, -1], [0, 1], [-1, -1]], dtype=torch.int32)
+    for part in pools:  # each part's table is named, though their inner checks share their words
+        with pytest.raises(ValueError, match=rf"^{part}: block_table: expected entries in \[0, 3\) or -1"):
+            dsv4.AttentionState.paged(CFG, layer, 2, **{**pools, part: (3, outside)}, block_size=BS)
+        with pytest.raises(TypeError, match=f"^{part}: block_table: expected an integer tensor, got float32"):
+            dsv4.AttentionState.paged(CFG, layer, 2, **{**pools, part: (3, table.float())}, block_size=BS)
+        with pytest.raises(
+            ValueError, match=rf"^{part}: (expected a block table of 2 rows|block_table: expected (2 rows|shape \[2,))"
+        ):
+            dsv4.AttentionState.paged(CFG, layer, 2, **{**pools, part: (3, three)}, block_size=BS)
 
 
 @pytest.mark.parametrize("kind", ["swa", "csa", "hca"])

@@ -14,7 +14,8 @@ overwrites its slot.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import Field, dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
@@ -338,19 +339,33 @@ class AttentionState(_Record):
         device: torch.device | str | None = None,
     ) -> AttentionState:
         """Fresh state of ``layer`` over pools of the given ``(num_blocks, block_table [batch, width])``:
-        ``window`` always, ``compressed`` for CSA/HCA layers, ``indexer`` (the indexer's key pool) for CSA."""
+        ``window`` always, ``compressed`` for CSA/HCA layers, ``indexer`` (the indexer's key pool) for CSA.
+        A refusal of a pool's arguments names its part first (``compressed: block_table: ...``)."""
         ratio, kind = cfg.layer_ratio(layer), cfg.layer_kind(layer)
         hd, r = cfg.head_dim, cfg.qk_rope_head_dim
         for name, given, needed in (("compressed", compressed, ratio > 0), ("indexer", indexer, kind == "csa")):
             if (given is not None) != needed:
                 raise ValueError(f"{name}: a {kind} layer {'needs' if needed else 'takes no'} {name} pool")
-        win = KVPool.paged(window[0], block_size, hd, r, window[1], device)
-        if win.batch != batch:
-            raise ValueError(f"window: expected a block table of {batch} rows, got {win.batch}")
+        with _part("window"):
+            win = KVPool.paged(window[0], block_size, hd, r, window[1], device)
+            if win.batch != batch:
+                raise ValueError(f"expected a block table of {batch} rows, got {win.batch}")
         comp = None
         if compressed is not None:
-            comp = CompressorState.paged(batch, ratio, hd, r, compressed[0], block_size, compressed[1], device)
+            with _part("compressed"):
+                comp = CompressorState.paged(batch, ratio, hd, r, compressed[0], block_size, compressed[1], device)
         idx = None
         if indexer is not None:
-            idx = IndexerState.paged(batch, indexer[0], block_size, cfg.index_head_dim, indexer[1], device)
+            with _part("indexer"):
+                idx = IndexerState.paged(batch, indexer[0], block_size, cfg.index_head_dim, indexer[1], device)
         return cls(win, comp, idx)
+
+
+@contextlib.contextmanager
+def _part(name: str) -> Iterator[None]:
+    """Refusals of one ``(num_blocks, block_table)`` argument of ``AttentionState.paged`` name it first:
+    the three parts' tables share their inner names."""
+    try:
+        yield
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{name}: {e}") from None
