@@ -145,8 +145,30 @@ BAD: list[tuple[str, str, Callable, type, tuple[str, ...]]] = [
         ("state.pool.block_table", "[>= 2, >= 1]", "[2, 0]"),
     ),
     ("kv_compressor", "w.ape", lambda t: t[:0], ValueError, ("w.ape", "compress ratio (rows) >= 1", "got 0")),
+    # a rope table of R 32 with the head dim 128 of the weights and pools: the table is named, not a pool
+    (
+        "kv_compressor",
+        "rope",
+        lambda r: _narrow_rope(r, 32),
+        ValueError,
+        ("rope: with head dim (w.norm_w) 128,", "R 32"),
+    ),
+    (
+        "sparse_attn",
+        "rope",
+        lambda r: _narrow_rope(r, 32),
+        ValueError,
+        ("rope: with head dim (q) 128,", "HD - R", "R 32"),
+    ),
+    ("sparse_attn_write", "rope", lambda r: _narrow_rope(r, 32), ValueError, ("rope: with head dim (q) 128,", "R 32")),
     ("o_proj", "w.wo_b", lambda t: t[:0], ValueError, ("w.wo_b:", "at least one output row", "got 0")),
 ]
+
+
+def _narrow_rope(rope: dsv4.RopeTable, rope_dim: int) -> dsv4.RopeTable:
+    """``rope``'s first ``rope_dim / 2`` pairs: a table of rope dim ``rope_dim``."""
+    half = rope_dim // 2
+    return dsv4.RopeTable(rope.cos[:, :half].contiguous(), rope.sin[:, :half].contiguous())
 
 
 def _wo_rows(w: dsv4.OProjWeights, n: int) -> dsv4.OProjWeights:

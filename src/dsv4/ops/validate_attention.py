@@ -68,6 +68,16 @@ def check_kv_pool(name: str, pool: Any, batch: int, head_dim: int, rope_dim: int
     return pool
 
 
+def check_row_rope(rope: Any, device: torch.device, head_dim: int, what: str) -> None:
+    """``check_rope``, and the FP8 KV rows' rule on ``HD - R`` for the table's ``R`` with ``head_dim``
+    (``what``): the pools' rows follow from both, so the table is named before any pool."""
+    check_rope(rope, device, head_dim, what)
+    try:
+        check_row_dims(head_dim, rope.rope_dim)
+    except ValueError as e:
+        raise ValueError(f"rope: with {what} {head_dim}, {str(e).split(': ', 1)[1]}") from None
+
+
 def check_positions(
     start_pos: Any, batch: int, seq: int, device: torch.device, limits: list[tuple[int, int, str]]
 ) -> StepPositions:
@@ -143,7 +153,7 @@ def check_kv_compressor(x: Any, w: Any, state: Any, start_pos: Any, rope: Any, e
     b, s, d = x.shape
     dev = x.device
     hd, ratio, coff = check_compressor_weights(w, d, dev)
-    check_rope(rope, dev, hd, "head dim (w.norm_w)")
+    check_row_rope(rope, dev, hd, "head dim (w.norm_w)")
     _check_instance("state", state, CompressorState)
     check_tensor("state.kv_state", state.kv_state, torch.float32, (None, coff * ratio, coff * hd), dev)
     check_tensor("state.score_state", state.score_state, torch.float32, tuple(state.kv_state.shape), dev)
@@ -205,7 +215,7 @@ def check_sparse_attn(
     dev = q.device
     check_tensor("kv", kv, torch.bfloat16, (b, s, hd), dev)
     check_tensor("attn_sink", attn_sink, torch.float32, (h,), dev)
-    check_rope(rope, dev, hd, "head dim (q)")
+    check_row_rope(rope, dev, hd, "head dim (q)")
     if kind not in LAYER_KINDS:
         raise ValueError(f"kind: expected one of {', '.join(LAYER_KINDS)}, got {kind!r}")
     check_window(window)
