@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -370,6 +372,30 @@ def test_an_attention_state_of_no_slot_or_fewer_positions_than_its_ratio_is_refu
         dsv4.AttentionState.empty(TINY, layer, batch, max_position)
     state = dsv4.AttentionState.empty(TINY, layer, 2, 16)
     assert state.compressor is not None and state.compressor.pool.block_table.shape == (2, 1)
+
+
+@pytest.mark.parametrize("state", ["indexer", "attention"])
+@pytest.mark.parametrize(
+    ("batch", "max_position", "words"),
+    [(2, 64.7, "max_position: expected an int, got 64.7"), (2.0, 64, "batch: expected an int, got 2.0")],
+    ids=["max_position", "batch"],
+)
+def test_a_state_size_that_is_no_int_is_refused_not_truncated(
+    state: str, batch: object, max_position: object, words: str
+) -> None:
+    """A float ``max_position`` or ``batch`` is refused naming it (``64.7`` is no size), where an int
+    of any kind (NumPy, a 0-d tensor) is taken as its value."""
+    layer = TINY.first_layer("csa")
+
+    def make(b: Any, n: Any) -> dsv4.IndexerState | None:
+        if state == "indexer":
+            return dsv4.IndexerState.empty(TINY, b, n)
+        return dsv4.AttentionState.empty(TINY, layer, b, n).indexer
+
+    with pytest.raises(TypeError, match=f"^{words}$"):
+        make(batch, max_position)
+    indexer = make(np.int64(2), torch.tensor(64))
+    assert indexer is not None and indexer.block_table.shape[0] == 2 and indexer.cache_rows >= 16
 
 
 @pytest.mark.parametrize("ratio", [0, -4, 4.0, True], ids=repr)

@@ -24,7 +24,7 @@ import torch
 from .config import COMPRESS_RATIO, DeepSeekV4Config
 from .fp8_row import check_row_dims, dequantize_fp8_rows, fp8_rows
 from .pool_format import FP8_KV, PoolFormat
-from .state import DEFAULT_BLOCK_SIZE, IndexerState, _check_block_size, engine_table, slot_rows
+from .state import DEFAULT_BLOCK_SIZE, IndexerState, _check_block_size, engine_table, size_arg, slot_rows
 
 
 class _Record:
@@ -312,7 +312,8 @@ class AttentionState(_Record):
         """Fresh state of ``layer`` (its kind from ``cfg.compress_ratios``) in the dense layout: room
         for ``max_position`` (default ``cfg.max_position_embeddings``) window rows,
         ``max_position // RC`` compressed rows and (CSA) ``max_position // 4`` indexer keys per slot."""
-        n = cfg.max_position_embeddings if max_position is None else int(max_position)
+        n = cfg.max_position_embeddings if max_position is None else size_arg("max_position", max_position)
+        batch = size_arg("batch", batch)
         ratio = cfg.layer_ratio(layer)
         if batch < 1:
             raise ValueError(f"batch: expected >= 1, got {batch}")

@@ -9,6 +9,7 @@ block ``block_table[b, j // block_size]``, offset ``j % block_size``, as a row o
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -59,7 +60,8 @@ class IndexerState:
         ``max_position`` (default ``cfg.max_position_embeddings``) sets the rows per slot to
         ``max_position // 4``.
         """
-        n = cfg.max_position_embeddings if max_position is None else int(max_position)
+        n = cfg.max_position_embeddings if max_position is None else size_arg("max_position", max_position)
+        batch = size_arg("batch", batch)
         if batch < 1:
             raise ValueError(f"batch: expected >= 1, got {batch}")
         if n < COMPRESS_RATIO:
@@ -209,6 +211,17 @@ def engine_table(
     if table.numel() and (int(table.min()) < UNALLOCATED or int(table.max()) >= num_blocks):
         raise ValueError(f"block_table: expected entries in [0, {num_blocks}) or -1")
     return table.to(device=device, dtype=torch.int32, memory_format=torch.contiguous_format, copy=True)
+
+
+def size_arg(name: str, value: object) -> int:
+    """``value`` as an int (a Python, NumPy or 0-d tensor integer); ``TypeError`` naming ``name`` for
+    anything else, a float included, rather than truncating it."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name}: expected an int, got {value!r}")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name}: expected an int, got {value!r:.60}") from None
 
 
 def _check_block_size(block_size: int) -> int:
