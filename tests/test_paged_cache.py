@@ -347,6 +347,16 @@ def test_block_size_must_be_a_power_of_two_of_at_least_16(block_size, error) -> 
         dsv4.IndexerState.empty(TINY, 2, 256, block_size=block_size)
 
 
+@pytest.mark.parametrize(("b", "row"), [(-1, 0), (0, -1), (2, 0), (0, 16)])
+def test_row_location_refuses_a_slot_or_row_outside_the_table(b: int, row: int) -> None:
+    """A state of 2 slots and 16 rows a slot: a negative slot or row is no location (not the last one,
+    as a tensor index would take it), nor one past the table; the last row of the last slot is."""
+    state = dsv4.IndexerState.empty(TINY, 2, 64, block_size=16)
+    with pytest.raises(IndexError, match=r"^b, row: expected a slot in \[0, 2\) and a row in \[0, 16\)"):
+        state.row_location(b, row)
+    assert state.row_location(1, 15) == (int(state.block_table[1, 0]), 15)
+
+
 def test_an_indexer_state_for_fewer_positions_than_one_compressed_row_is_refused() -> None:
     """``max_position`` 3 holds no compressed row (``3 // 4 = 0``): refused naming it; 4 holds one."""
     with pytest.raises(ValueError, match="^max_position: expected >= 4, got 3$"):

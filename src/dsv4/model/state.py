@@ -137,7 +137,13 @@ class IndexerState:
         return IndexerState(**{k: v.clone() for k, v in self.tensors().items()})
 
     def row_location(self, b: int, row: int) -> tuple[int, int] | None:
-        """``(block, offset)`` of compressed row ``row`` of slot ``b``, or None when no block holds it."""
+        """``(block, offset)`` of compressed row ``row`` of slot ``b``, or None when no block holds it;
+        ``IndexError`` for a slot or row outside the table (a negative one included)."""
+        if not (0 <= b < self.block_table.shape[0] and 0 <= row < self.cache_rows):
+            raise IndexError(
+                f"b, row: expected a slot in [0, {self.block_table.shape[0]}) and a row in [0, {self.cache_rows}), "
+                f"got {b}, {row}"
+            )
         block = int(self.block_table[b, row // self.block_size])
         return None if block == UNALLOCATED else (block, row % self.block_size)
 
