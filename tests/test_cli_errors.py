@@ -462,6 +462,18 @@ def test_bench_plot_without_matplotlib_is_refused_before_measuring(tmp_path, mon
     assert out == "" and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("name", ["chart", "chart.svgx", "chart.png.txt"])
+def test_bench_plot_of_a_format_matplotlib_cannot_write_is_refused_before_measuring(name, tmp_path, capsys) -> None:
+    """``--plot chart`` used to be written as ``chart.png`` while saying ``wrote chart``, and an unknown
+    suffix failed after the whole measurement, naming neither ``--plot`` nor the file, with ``--json``
+    written and ``--trace`` not; now one line naming both, before anything is measured or written."""
+    pytest.importorskip("matplotlib")
+    argv = ["bench", "--preset", "tiny", "--cpu", "--ops", "o_proj", "--reps", "2", "--budget-s", "0.1"]
+    code, out, err = _run([*argv, "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / name)], capsys)
+    _assert_one_line_error(code, err, ("--plot", str(tmp_path / name), "image format", ".png", ".svg"))
+    assert out == "" and list(tmp_path.iterdir()) == []
+
+
 def test_write_json_leaves_no_partial_file(tmp_path) -> None:
     from dsv4.bench.report import write_json
 

@@ -197,13 +197,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for flag, path in (("--json", args.json), ("--plot", args.plot), ("--trace", args.trace)):
         _check_output_file(flag, path)  # before the measurements, not after them
     if args.plot:
-        try:
-            import matplotlib  # noqa: F401  (report.plot draws with it)
-        except ImportError:
-            raise ValueError(
-                '--plot: needs matplotlib, which is not installed: pip install "dsv4-kernels[bench]" '
-                '(in a checkout: pip install -e ".[bench]"), or leave out --plot'
-            ) from None
+        _check_plot_format(args.plot)
     device = "cpu" if args.cpu else _default_device()
     result = {"meta": report.provenance(_bench_command(args), device)}
     measure = {"backends": [], "traffic": False} if args.model_only else {"backends": args.backends}
@@ -243,6 +237,24 @@ def _check_output_file(flag: str, path: str | None) -> None:
         raise ValueError(f"{flag}: {path} is a directory; name a file to write")
     if not target.parent.is_dir():
         raise ValueError(f"{flag}: the directory of {path} does not exist")
+
+
+def _check_plot_format(path: str) -> None:
+    """matplotlib is installed and writes the format ``path``'s suffix names (it would otherwise add
+    ``.png`` to a name without one, or refuse an unknown one after the whole measurement)."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase  # report.plot draws with it
+    except ImportError:
+        raise ValueError(
+            '--plot: needs matplotlib, which is not installed: pip install "dsv4-kernels[bench]" '
+            '(in a checkout: pip install -e ".[bench]"), or leave out --plot'
+        ) from None
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if Path(path).suffix.lower().removeprefix(".") not in formats:
+        raise ValueError(
+            f"--plot: {path}: expected a file name ending in an image format matplotlib writes "
+            f"({', '.join('.' + f for f in sorted(formats))})"
+        )
 
 
 def _bench_command(args: argparse.Namespace) -> str:
