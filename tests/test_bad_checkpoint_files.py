@@ -275,6 +275,8 @@ def _manifest_edits(outside: Path) -> list[tuple[str, object, tuple[str, ...]]]:
         ("scalars-topk-float", {"scalars": {"topk": 16.5}}, ("scalars.topk",)),
         ("scalars-topk-bool", {"scalars": {"topk": True}}, ("scalars.topk",)),
         ("scalars-offset-string", {"scalars": {"offset": "16"}}, ("scalars.offset",)),
+        ("scalars-start-past-int64", {"scalars": {"start_pos": 2**63}}, ("scalars.start_pos", "int64")),
+        ("scalars-start-below-int64", {"scalars": {"start_pos": -(2**63) - 1}}, ("scalars.start_pos", "int64")),
         ("meta-a-list", {"meta": []}, ("meta",)),
         ("inputs-a-list", {"inputs": [1]}, ("inputs must map tensor names to {shape, dtype}",)),
         ("expected-entry-without-shape", {"expected": {"score": {"dtype": "torch.float32"}}}, ("expected must map",)),

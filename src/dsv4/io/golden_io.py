@@ -108,6 +108,8 @@ def _scalars_problem(op: str, scalars: Any) -> str:
     for key, value in scalars.items():
         if isinstance(value, bool) or not isinstance(value, kinds[key]):
             return f"scalars.{key} must be a {kinds[key].__name__}, got {value!r:.80}"
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:  # the ops take them as int64
+            return f"scalars.{key} must fit int64, got {value!r:.80}"
     return ""
 
 
