@@ -666,12 +666,39 @@ def test_cli_run_checkpoint(tiny_dir, capsys):
     assert "loaded layer 3 of" in out and "preset=tiny" in out
     assert out.count("qkv_proj_rope") == 3 and out.count("indexer ") >= 3
     assert out.count("csa attention") == 3 and "L3 decode 2   csa attention" in out and "hca attention" not in out
+    for op in ("kv_compressor", "sparse_attn", "sparse_attn_write", "o_proj"):  # on the layer's own weights
+        assert re.search(rf"^L3 call +{op} ", out, re.M), op
+    assert re.search(r"^one call +window_kv_write +reference +B=2 S=2 .* is the reference$", out, re.M)
     assert main([*args[:3], "--layer", "2", "--steps", "1", "--start-pos", "8", "--batch", "2", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert out.count("hca attention") == 2 and "indexer " not in out.split("one call")[0]
     assert out.count("qkv_proj_rope") == 2  # the prefill's and the step's: no indexer, the chain goes on
+    assert re.search(r"^L2 call +kv_compressor ", out, re.M) and re.search(r"^L2 call +o_proj ", out, re.M)
     assert main(args[:3]) == 2
     assert "--checkpoint needs --layer N" in capsys.readouterr().err
+
+
+def test_run_puts_the_layers_own_weights_into_the_cases_of_its_kind(tiny_dir) -> None:
+    """``dsv4 run --checkpoint``'s calls of the rest of the layer run on the layer's own compressor,
+    sink and output projection; a case of another kind (a window-only layer has no compressor) or of
+    other shapes keeps its synthetic weights, and an op without weights is left alone."""
+    from dsv4.harness.cases import make_case
+    from dsv4.harness.run import _use_layer_weights
+
+    cfg = dsv4.checkpoint_config(tiny_dir)
+    swa, csa = load_layer(tiny_dir, 0), load_layer(tiny_dir, 1)
+    case = make_case(cfg, "o_proj", batch=2, seq=2, start_pos=8)
+    assert _use_layer_weights(case, csa) is True and case.args["w"] is csa.o_proj
+    case = make_case(cfg, "sparse_attn_write", batch=2, seq=2, start_pos=8, kind="swa")
+    assert _use_layer_weights(case, swa) is True and case.args["attn_sink"] is swa.attn_sink
+    case = make_case(cfg, "kv_compressor", batch=2, seq=2, start_pos=8, kind="csa")
+    assert _use_layer_weights(case, csa) is True and case.args["w"] is csa.compressor
+    synthetic = case.args["w"]
+    assert _use_layer_weights(case, swa) is False and case.args["w"] is synthetic
+    other = make_case(TINY.replace(o_lora_rank=256), "o_proj", batch=2, seq=2, start_pos=8)
+    synthetic = other.args["w"]
+    assert _use_layer_weights(other, csa) is False and other.args["w"] is synthetic
+    assert _use_layer_weights(make_case(cfg, "window_kv_write", batch=2, seq=2, start_pos=8), csa) is None
 
 
 def test_cli_subprocess_inspect(odd_dir):

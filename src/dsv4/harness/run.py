@@ -3,6 +3,7 @@ against the reference."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from ..ops.backends import resolve
 from ..ops.registry import get_op, op_names
 from ..ops.validate import check_int, step_positions
 from ..reference.indexer import indexer_scores as reference_indexer_scores
-from .cases import make_case, run_case
+from .cases import Case, make_case, run_case
 from .golden import Report, compare, step_inputs
 
 FRONT_END = (
@@ -93,9 +94,11 @@ def run_front_end(
     not the reference, every call is checked against the reference run on the same inputs.
 
     ``weights``: the layer's weights for ``cfg`` (e.g. from ``dsv4.load_layer``; default: seeded
-    synthetic ones; the other ops' cases use synthetic ones), and ``layer`` its number: then the
-    attention rows are that layer's (and without an indexer, a non-CSA layer, the front-end chain
-    runs ``qkv_proj_rope`` alone). Activations are always synthetic RMS-normalized rows.
+    synthetic ones), and ``layer`` its number: then the other ops' cases of the layer's kind run on
+    its own compressor, sink and output projection (rows ``L<layer> call``; the others' on synthetic
+    ones, which their rows say), and the attention rows are that layer's (and without an indexer, a
+    non-CSA layer, the front-end chain runs ``qkv_proj_rope`` alone). Activations are always synthetic
+    RMS-normalized rows.
 
     Raises ``TypeError``/``ValueError`` naming the argument before anything is allocated: sizes are
     Python ints (``steps``, ``batch``, ``seq`` >= 1; ``start_pos`` >= 0; ``0 <= seed <= MAX_SEED``), the
@@ -178,19 +181,24 @@ def run_front_end(
         shapes = f"B={batch} S={s} cache={idx.score.shape[-1]} topk={cfg.index_topk}"
         emit(Row(label, "indexer", name, shapes, ms, check, ok))
 
+    checkpoint = layer is not None and weights.whole
     for op in op_names():  # every other registered op: one checked call at the first decode step's shape
         if op in FRONT_END:
             continue
         op_backend = name if name in get_op(op).implementations else "reference"
         room = max(max_position, -(-(seq + COMPRESS_RATIO) // COMPRESS_RATIO) * COMPRESS_RATIO)  # make_case's minimum
-        case = make_case(cfg, op, "decode", seed, device, room, batch, seq, start_pos)
+        kind = weights.kind if checkpoint and weights.kind in get_op(op).kinds else None
+        case = make_case(cfg, op, "decode", seed, device, room, batch, seq, start_pos, kind)
+        own = _use_layer_weights(case, weights) if checkpoint else None
         got, ms = _timed(device, run_case, case, op_backend)
         check, ok = "is the reference", True
         if op_backend != name:
             check = f"is the reference (no {name} implementation yet)"
         elif name != "reference":
             check, ok = _verdict(compare(op, got, run_case(case, "reference"), case.compare_inputs()))
-        emit(Row("one call", op, op_backend, f"B={batch} S={seq}", ms, check, ok))
+        if own is False:
+            check += "; synthetic weights (the layer has none for it)"
+        emit(Row(f"L{layer} call" if own else "one call", op, op_backend, f"B={batch} S={seq}", ms, check, ok))
 
     if layer is not None and weights.whole:  # the checkpoint's layer
         run_attention_layer(cfg, layer, plan, name, batch, seed, device, emit, weights)
@@ -198,6 +206,36 @@ def run_front_end(
         for kind in (k for k in LAYER_KINDS if k in _kinds(cfg)):
             run_attention_layer(cfg, cfg.first_layer(kind), plan, name, batch, seed, device, emit, None)
     return rows
+
+
+def _use_layer_weights(case: Case, weights: LayerWeights) -> bool | None:
+    """Put the checkpoint layer's own weights for ``case.op`` into ``case`` (its main compressor, its
+    sink, its output projection) where the layer has them, of the case's kind and shapes: whether it
+    did; None for an op that takes no weights (``window_kv_write``)."""
+    if not {p.name for p in get_op(case.op).params} & {"w", "attn_sink"}:
+        return None
+    kind = case.meta.get("kind")
+    own: dict[str, Any] = {}
+    if case.op == "kv_compressor" and kind == weights.kind:
+        own["w"] = weights.compressor
+    elif case.op in ("sparse_attn", "sparse_attn_write") and kind == weights.kind:
+        own["attn_sink"] = weights.attn_sink
+    elif case.op == "o_proj":
+        own["w"] = weights.o_proj
+    own = {k: v for k, v in own.items() if v is not None}
+    if not own or any(not _alike(v, case.args[k]) for k, v in own.items()):
+        return False
+    case.args.update(own)
+    return True
+
+
+def _alike(a: Any, b: Any) -> bool:
+    """Two tensors, or two records of tensors, of the same shapes and dtypes."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype
+    if type(a) is not type(b) or not dataclasses.is_dataclass(a):
+        return False
+    return all(_alike(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
 
 
 def _kinds(cfg: DeepSeekV4Config) -> set[str]:
