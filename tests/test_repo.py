@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import dsv4
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -45,6 +47,23 @@ def test_the_readme_api_snippets_are_the_type_checked_example_and_run() -> None:
     scope = runpy.run_path(str(script), run_name="readme_api")
     assert tuple(scope["y"].shape) == (8, scope["cfg"].hidden_size) and scope["y"].dtype == torch.bfloat16
     assert bool(torch.isfinite(scope["y"].float()).all())
+
+
+def test_the_readme_golden_snippet_passes_a_kernel_and_fails_a_wrong_one(tmp_path, monkeypatch) -> None:
+    """The README's golden snippet as written, on the case its ``dsv4 golden save`` line writes, with the
+    indexer as "your kernel": it passes, and a kernel whose scores are all zero fails its assert."""
+    from dsv4.cli import main
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    (snippet,) = [b for b in blocks if "golden_io import load" in b]
+    monkeypatch.chdir(tmp_path)
+    save = "golden save golden/ --preset tiny --op indexer --mode decode --seed 0"  # the README's line
+    assert save in (ROOT / "README.md").read_text()
+    assert main(save.split()) == 0
+    exec(snippet, {"my_indexer": dsv4.indexer})
+    zero_scores = lambda **args: (o := dsv4.indexer(**args))._replace(score=torch.zeros_like(o.score))  # noqa: E731
+    with pytest.raises(AssertionError, match="MISMATCH score"):
+        exec(snippet, {"my_indexer": zero_scores})
 
 
 def test_the_safetensors_floor_can_save_and_read_float8() -> None:
