@@ -73,7 +73,7 @@ ARGS = [
     (["run", "--checkpoint", "{ckpt}", "--layer", "1", "--rank", "1", "--device", "cpu"], ("rank", "[0, 1)")),
     (["run", "--world", "2"], ("--rank/--world", "--checkpoint", "tp2")),
     (["run", "--checkpoint", "{ckpt}", "--layer", "1", "--preset", "flash/tp8"], ("--preset", "--rank R --world W")),
-    (["run", "--rank", "1"], ("--rank/--world", "--checkpoint")),
+    (["run", "--rank", "1"], ("--rank/--world", "--checkpoint", "NAME/tpW (W ranks)")),
     (["run", "--layer", "3"], ("--layer", "--checkpoint", "synthetic")),
     (["run", "--world", "0"], ("--world",)),
     (["run", "--rank", "-1"], ("--rank",)),

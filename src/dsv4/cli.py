@@ -90,7 +90,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     elif args.world > 1 or args.rank:
         raise ValueError(
             "--rank/--world: a rank's share of a checkpoint layer needs --checkpoint; synthetic weights of a rank "
-            f"come from --preset NAME/tp{args.world}"
+            f"come from --preset NAME/{f'tp{args.world}' if args.world > 1 else 'tpW (W ranks)'}"
         )
     cfg = cfg or get_config("tiny")
     if args.seq > max_seq(cfg):  # before the run, not at the other ops' cases after the front end
@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--device", type=device_arg, default=_default_device())
     chk.set_defaults(func=_cmd_golden_check)
 
-    from .bench.calls import BENCH_BACKENDS
+    from .bench.calls import BENCH_BACKENDS, GPU_BACKENDS
 
     bench = sub.add_parser(
         "bench",
@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--shapes", type=_names_any, help="keep shapes whose op and label hold one of these (e.g. 'B=64', 'kind=hca')"
     )
-    default_backends = "triton,reference,compile on a GPU; reference on a CPU"
+    default_backends = f"{','.join(GPU_BACKENDS)} on a GPU; reference on a CPU"
     bench.add_argument("--backends", type=names_in(BENCH_BACKENDS), help=f"backends to time ({default_backends})")
     bench.add_argument("--model-only", action="store_true", help="bytes model and floors only: time and count nothing")
     bench.add_argument(

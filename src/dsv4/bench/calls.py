@@ -23,6 +23,7 @@ from ..ops.registry import get_op
 COMPILED = "compile"  # torch.compile of the reference backend
 LIBRARY = "library"  # the op composed of library calls (cuBLAS GEMMs, torch.topk): ``baseline.py``
 BENCH_BACKENDS = (*BACKENDS, COMPILED, LIBRARY)
+GPU_BACKENDS = ("triton", "reference", COMPILED, LIBRARY)  # what dsv4 bench times on a GPU by default
 
 
 @dataclass

@@ -17,7 +17,7 @@ from ..model.config import COMPRESS_RATIO, DeepSeekV4Config, mode_shape
 from ..ops.costs import OpCost
 from ..ops.registry import get_op, op_names
 from ..reference.indexer import indexer_scores as reference_indexer_scores
-from .calls import COMPILED, LIBRARY, BoundCall, backend_reason, bind
+from .calls import COMPILED, GPU_BACKENDS, LIBRARY, BoundCall, backend_reason, bind
 from .timing import (
     DEVICE_TABLE,
     MIN_REPS_CPU,
@@ -255,7 +255,7 @@ def run_bench(
     device = torch.device(device)
     on_gpu = device.type == "cuda"
     if backends is None:
-        backends = ["triton", "reference", COMPILED, LIBRARY] if on_gpu else ["reference"]
+        backends = list(GPU_BACKENDS) if on_gpu else ["reference"]
     traffic = (not on_gpu) if traffic is None else traffic
     skipped = {b: backend_reason(b, device) for b in backends}
     timed = [b for b in backends if skipped[b] is None]
