@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 import dsv4
+from dsv4.arg_types import int_at_least
 from dsv4.model.structs import QKV, AttnOut, OProjOut
 from dsv4.model.weights import AttnWeights
 from dsv4.ops.registry import OpDescriptor
@@ -166,11 +167,11 @@ def main() -> None:
         "--preset", default="flash", help="a preset, or one of N tensor-parallel ranks of one (e.g. flash/tp8)"
     )
     parser.add_argument("--kind", nargs="+", default=["csa", "hca", "swa"], choices=["swa", "csa", "hca"])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--seq", type=int, default=2, help="tokens per sequence per step (MTP)")
-    parser.add_argument("--context", type=int, nargs="+", default=[2048], help="where each slot stands")
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--batch", type=int_at_least(1), default=64)
+    parser.add_argument("--seq", type=int_at_least(1), default=2, help="tokens per sequence per step (MTP)")
+    parser.add_argument("--context", type=int_at_least(0), nargs="+", default=[2048], help="where each slot stands")
+    parser.add_argument("--steps", type=int_at_least(1), default=400)
+    parser.add_argument("--warmup", type=int_at_least(0), default=50)
     parser.add_argument(
         "--eager", action="store_true",
         help="also time DecodeAttention.forward of a decode step with every op a stub (its host work alone)",

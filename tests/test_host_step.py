@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from subprocesses import ROOT, run_python
 
 KINDS = ["csa", "hca", "swa"]
@@ -33,3 +35,14 @@ def test_host_step_times_every_module_and_part(tmp_path) -> None:
 def test_host_step_refuses_a_warmup_past_its_steps() -> None:
     proc = run_python([str(ROOT / "benchmarks" / "host_step.py"), "--preset", "tiny", "--steps", "5", "--warmup", "5"])
     assert proc.returncode == 2 and "--warmup" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--batch", "0"), ("--seq", "0"), ("--context", "-5"), ("--steps", "0"), ("--warmup", "-1")]
+)
+def test_host_step_refuses_bad_sizes_as_usage_errors(flag: str, value: str) -> None:
+    """A size no step can have is one line naming the flag and exit status 2, before any module is
+    built (a traceback from the module, or ``range()``'s, before)."""
+    proc = run_python([str(ROOT / "benchmarks" / "host_step.py"), "--preset", "tiny", flag, value])
+    assert proc.returncode == 2, proc.stderr
+    assert f"argument {flag}: expected an int >= " in proc.stderr and "Traceback" not in proc.stderr
