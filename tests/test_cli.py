@@ -48,6 +48,20 @@ def test_run_on_the_reference_says_nothing_was_compared(backend: str, capsys: py
     assert re.fullmatch(r"10 op calls in [\d.]+ s; on the reference alone: nothing compared .*", lines[-1])
 
 
+@pytest.mark.parametrize("device", ["cpu", "cpu:0"])
+def test_run_header_says_triton_is_interpreted_on_any_cpu_device(
+    device: str, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The header of a Triton run on the CPU says the interpreter runs it, ``cpu:0`` as ``cpu`` (the run
+    itself stubbed: the header is printed before it)."""
+    import dsv4.harness.run
+
+    monkeypatch.setattr(dsv4.harness.run, "run_front_end", lambda *args, **kwargs: [])
+    assert main(["run", "--backend", "triton", "--steps", "1", "--device", device]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert f"device={device} backend=triton (Triton's interpreter on the CPU)" in header
+
+
 def test_info_lists_backends(capsys: pytest.CaptureFixture) -> None:
     assert main(["info"]) == 0
     out = capsys.readouterr().out

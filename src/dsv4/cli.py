@@ -102,7 +102,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     backend = args.backend or available_backends(args.device)[0]
     name = resolve(backend, args.device)  # the backend that runs: auto is Triton on CUDA, else the reference
     where = " (auto)" if backend == "auto" else ""
-    where += " (Triton's interpreter on the CPU)" if name == "triton" and args.device == "cpu" else ""
+    interpreted = name == "triton" and torch.device(args.device).type == "cpu"
+    where += " (Triton's interpreter on the CPU)" if interpreted else ""
     print(f"dsv4 run: preset={cfg.name} device={args.device} backend={name}{where} batch={args.batch} "
           f"seq={args.seq} start_pos={args.start_pos} steps={args.steps}")  # fmt: skip
     print(HEADER)
@@ -500,7 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="every variant's µs and GB/s (default tune-<device>.json; a --dry-run writes none)",
     )
-    tune.add_argument("--config", metavar="PATH", help="the config file to write (default: the package's, per device)")
+    tune.add_argument(
+        "--config", metavar="PATH",
+        help="the config file to write (default: the package's, per device; with --dry-run a fresh temporary one)",
+    )  # fmt: skip
     tune.add_argument("--dry-run", action="store_true", help="the CPU interpreter, tiny preset: check the candidates")
     tune.add_argument(
         "--resume", action="store_true", help="leave out the buckets the config file it starts from already holds"
