@@ -178,9 +178,12 @@ def test_rope_rows_and_block_table_entries_are_counted_once_per_op() -> None:
     # the window below start 8190: pool rows 8063..8189 straddle blocks 125, 126 and 127
     swa = get_op("sparse_attn").cost(FLASH, [8190], 2, kind="swa")
     assert swa.reads["block_table (rows read)"] == 3 * entry
-    # CSA adds the compressed rows the last token may read: 8192 // 4 = 2048 rows, 32 blocks
+    # CSA adds the blocks of the rows it selects at the floor: 512 of the 2048 it sees, packed, 8 blocks
     csa = get_op("sparse_attn").cost(FLASH, [8190], 2, kind="csa")
-    assert csa.reads["block_table (rows read)"] == (3 + 32) * entry
+    assert csa.reads["block_table (rows read)"] == (3 + 8) * entry
+    # HCA (ratio 128) reads every compressed row it sees: 8192 // 128 = 64 rows, one block
+    hca = get_op("sparse_attn").cost(FLASH, [8190], 2, kind="hca")
+    assert hca.reads["block_table (rows read)"] == (3 + 1) * entry
     # the fused write reads 127's entry once: the rows written, 8190 and 8191, share the last block read
     fused = get_op("sparse_attn_write").cost(FLASH, [8190, 8192], 2, kind="swa")
     assert fused.reads["block_table (rows read)"] == (3 + 2) * entry  # 8192's window: 8065..8191, blocks 126-127

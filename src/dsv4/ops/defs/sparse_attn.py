@@ -112,8 +112,8 @@ def cost(
     compressed_rows = sum(max(c for _, _, c in slot) for slot in counts)
     keys = sum(sum(c) for slot in counts for c in slot)
     tables = sum(blocks_spanned(max(0, p - w + 1), p, block_size) for p in start_pos)  # the window rows read
-    if kind != "swa":  # the compressed rows the last token may read: [0, vis)
-        tables += sum(blocks_spanned(0, (p + seq) // ratio, block_size) for p in start_pos)
+    # the compressed rows a slot reads, packed from row 0 (HCA: all it sees; CSA: its selection at the floor)
+    tables += sum(blocks_spanned(0, max(c for _, _, c in slot), block_size) for slot in counts)
     reads = {
         "q": t * h * hd * BF16,
         "kv": t * hd * BF16,
