@@ -106,9 +106,63 @@ def test_fp8_rows_comparator_refuses_a_scale_byte_two_off_even_where_values_deco
     check = fp8_rows_allclose(actual, expected, ROWS, before, written)
     assert not check and "scale byte more than 1 off" in check.detail
     actual = {k: v.clone() for k, v in expected.items()}
-    actual["scale"][2, 5, 3] = 2  # an unused byte (NOPE 64: one block), expected 0
-    check = fp8_rows_allclose(actual, expected, ROWS, before, written)
-    assert not check and "scale byte more than 1 off" in check.detail
+    for byte in (2, 1):  # an unused byte (NOPE 64: one block) is written 0 (spec A2): no ±1 there
+        actual["scale"][2, 5, 3] = byte
+        check = fp8_rows_allclose(actual, expected, ROWS, before, written)
+        assert not check and "padding scale byte not as written" in check.detail, byte
+
+
+def test_fp8_rows_comparator_matches_an_infinity_with_the_same_infinity_only() -> None:
+    """A written row whose rope part holds +inf (the bf16 tail keeps it) passes against itself, and
+    fails where the backend has -inf or a number there (plant: equal infinities left to the step check,
+    whose |inf - inf| is NaN)."""
+    expected = _pool(0)
+    expected["rope"][2, 5, 3] = INF
+    written = torch.zeros(4, 16, dtype=torch.bool)
+    written[2, 5] = True
+    assert fp8_rows_allclose({k: v.clone() for k, v in expected.items()}, expected, ROWS, written=written)
+    for other in (-INF, 1.0):
+        actual = {k: v.clone() for k, v in expected.items()}
+        actual["rope"][2, 5, 3] = other
+        assert not fp8_rows_allclose(actual, expected, ROWS, written=written), other
+
+
+def test_compare_key_pool_holds_an_infinite_reference_scale_to_the_same_infinity() -> None:
+    """A written key row whose reference scale is +inf (an infinite ``norm_w`` makes one) passes only
+    with +inf: a finite scale, 0 or -inf fails (plant: ``|a - inf| <= rtol * inf`` held for any a)."""
+    before = dsv4.IndexerState.paged(1, 2, 16, 40, torch.tensor([[1, 0]]))
+    expected = before.clone()
+    expected.key_scale[1, 1] = INF
+    inputs = step_inputs(torch.zeros(1, 4, 8), 4, before)
+    assert compare("indexer_compressor", expected.tensors(), expected.tensors(), inputs)
+    for other in (1.0, 0.0, -INF, 1e-30):
+        scale = expected.key_scale.clone()
+        scale[1, 1] = other
+        report = compare("indexer_compressor", {**expected.tensors(), "key_scale": scale}, expected.tensors(), inputs)
+        assert not report and "ks off" in str(report), other
+
+
+def test_compare_key_pool_needs_one_start_per_row() -> None:
+    """The key-pool rule marks the rows each of the step's rows writes, so ``start_pos`` must give one
+    per row: an int is refused naming it (it marked row 0's rows only and blamed the expected pool)."""
+    before = dsv4.IndexerState.paged(1, 2, 16, 40, torch.tensor([[1, 0]]))
+    inputs = {**step_inputs(torch.zeros(1, 4, 8), 4, before), "start_pos": 4}
+    with pytest.raises(ValueError, match=r"inputs\['start_pos'\]: expected one value per row"):
+        compare("indexer_compressor", before.tensors(), before.tensors(), inputs)
+
+
+def test_compare_score_holds_a_visible_minus_inf_to_minus_inf() -> None:
+    """A visible score the reference makes -inf (an infinite head weight) is a score, not a mask: the
+    most negative finite value or -2e38 there fails, -inf passes (plant: every value below -1e38 taken
+    as masked, whatever its column)."""
+    e = torch.tensor([[[1.0, -INF, MASKED]]])
+
+    def score_check(actual: torch.Tensor) -> bool:
+        return bool(next(c for c in compare("indexer", {"score": actual}, {"score": e}).checks if c.name == "score"))
+
+    assert score_check(e.clone()) and score_check(torch.tensor([[[1.0, -INF, -INF]]]))
+    for other in (MASKED, -2e38):
+        assert not score_check(torch.tensor([[[1.0, other, MASKED]]])), other
 
 
 def test_topk_a_reference_listing_a_nan_after_a_number_is_out_of_order() -> None:

@@ -219,15 +219,20 @@ def _check_keys(
             return _fail("keys", rule, f"pool {part} shape {list(got.shape)} != expected {list(want.shape)}")
     written = torch.ones(ks.shape, dtype=torch.bool)
     if "keys" in inputs:
-        start = torch.as_tensor(inputs["start_pos"]).reshape(-1)
+        start = torch.as_tensor(inputs["start_pos"])
+        if start.dim() != 1:  # the rows a step writes are its rows': an int says not how many there are
+            raise ValueError(
+                f"inputs['start_pos']: expected one value per row of the step ([B], as compare_inputs() gives), "
+                f"got {start.tolist()!r:.60}"
+            )
         written = _written_slots(inputs["block_table"].cpu(), ks.shape, start, int(inputs["seq"]))
         rule += "; unwritten pool rows bit-identical"
     codes = (k8[written].int() - e8[written].int()).abs()  # [rows written, HID]
     a_s, e_s = ks[written].double(), es[written].double()
     same = (a_s == e_s) | (a_s.isnan() & e_s.isnan())  # an infinity or a NaN where the reference has it
-    scale_off = ~(same | ((a_s - e_s).abs() <= tol.rtol * e_s.abs()))
+    scale_off = ~(same | (e_s.isfinite() & ((a_s - e_s).abs() <= tol.rtol * e_s.abs())))
     differing = (codes > 0).double().mean(-1) if codes.numel() else torch.zeros(0, dtype=torch.float64)
-    rel = torch.where(same, 0.0, (a_s - e_s).abs() / e_s.abs())
+    rel = torch.where(same, 0.0, torch.where(e_s.isfinite(), (a_s - e_s).abs() / e_s.abs(), torch.inf))
     check = Check(
         "keys", True, rule, float(codes.max()) if codes.numel() else 0.0,
         float(rel.max()) if rel.numel() else 0.0, float(differing.max()) if differing.numel() else 0.0,
@@ -262,7 +267,7 @@ def _check_score(actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance) -
     n = e.shape[-1]
     if a.shape[:-1] != e.shape[:-1] or a.shape[-1] < n:
         return _fail("score", str(tol), f"shape {list(a.shape)} does not cover expected {list(e.shape)}")
-    masked_e = e <= _MASK_LIKE
+    masked_e = (e <= _MASK_LIKE) & e.isfinite()  # the reference's MASKED_SCORE; a visible -inf stays a score
     a_head = a[..., :n]
     extra_ok = bool((a[..., n:] <= _MASK_LIKE).all())
     mask_ok = bool((a_head[masked_e] <= _MASK_LIKE).all())
@@ -338,9 +343,12 @@ def fp8_rows_allclose(
     ``before``, or every row without ``before``): decoded values within ``tol`` (``ratio_allclose``;
     NaN matches NaN), and every element beyond ``tol`` within one e4m3 step of the expected value
     (``e4m3_step`` with the expected block's exponent for a NOPE element, at ``e = 0`` for a rope
-    element), scale bytes equal or ±1. Every other row bit-identical to ``before`` (and to
-    ``expected``)."""
-    rule = f"written rows: deq {tol}, the rest within one e4m3 step, scale bytes ±1; other rows bit-identical"
+    element), scale bytes of the row's blocks equal or ±1 and those past them equal. Every other row
+    bit-identical to ``before`` (and to ``expected``)."""
+    rule = (
+        f"written rows: deq {tol}, the rest within one e4m3 step, scale bytes ±1 (padding equal); "
+        "other rows bit-identical"
+    )
     shapes = {p: (list(actual[p].shape), list(expected[p].shape)) for p in POOL_PARTS}
     if any(a != e for a, e in shapes.values()):
         return _fail(name, rule, f"pool shapes {shapes} differ")
@@ -355,8 +363,8 @@ def fp8_rows_allclose(
     e = {p: expected[p][written] for p in POOL_PARTS}
     deq_a = dequantize_fp8_rows(a["nope"], a["scale"], a["rope"]).to(torch.float64)
     deq_e = dequantize_fp8_rows(e["nope"], e["scale"], e["rope"]).to(torch.float64)
-    both_nan = deq_a.isnan() & deq_e.isnan()
-    deq_a, deq_e = deq_a.masked_fill(both_nan, 0.0), deq_e.masked_fill(both_nan, 0.0)
+    agree = (deq_a.isnan() & deq_e.isnan()) | (deq_a == deq_e)  # NaN where the reference has NaN; same infinity
+    deq_a, deq_e = deq_a.masked_fill(agree, 0.0), deq_e.masked_fill(agree, 0.0)
     check = ratio_allclose(deq_a, deq_e, tol.atol, tol.rtol, tol.max_error_ratio, name)
     check.rule = rule
     problems = []
@@ -372,9 +380,13 @@ def fp8_rows_allclose(
         problems.append(
             f"{int(off.any(-1).sum())} written row(s) with an element beyond {tol} and more than one e4m3 step off"
         )
-    scale_off = (a["scale"].to(torch.int32) - e["scale"].to(torch.int32)).abs() > 1
+    scale_diff = (a["scale"].to(torch.int32) - e["scale"].to(torch.int32)).abs()
+    scale_off = scale_diff[..., :used] > 1
     if bool(scale_off.any()):
         problems.append(f"{int(scale_off.any(-1).sum())} written row(s) with a scale byte more than 1 off")
+    padding_off = scale_diff[..., used:] > 0  # the bytes past the row's blocks are written 0 (spec A2)
+    if bool(padding_off.any()):
+        problems.append(f"{int(padding_off.any(-1).sum())} written row(s) with a padding scale byte not as written")
     if before is not None:
         for part in POOL_PARTS:
             moved = (_bytes(actual[part]) != _bytes(before[part])).flatten(2).any(-1) & ~written
