@@ -6,10 +6,12 @@ import pytest
 import torch
 
 import dsv4
-from dsv4.harness.cases import make_case, record_outputs, run_case
+from dsv4.harness.cases import Case, expected_for, make_case, record_outputs, run_case
 from dsv4.harness.golden import compare, ratio_allclose, step_inputs, tolerance, topk_allclose
 from dsv4.io import golden_io
 from dsv4.ops.api import call_op
+from dsv4.ops.registry import get_op
+from dsv4.reference.indexer import indexer_scores
 
 MASKED = torch.finfo(torch.float32).min
 
@@ -202,6 +204,41 @@ def test_readme_golden_recipe_catches_a_row_the_step_must_not_write(op, tmp_path
     assert changed and not report
     assert "1 pool row(s) the step does not write changed" in report.failures(), report.failures()
     assert "expected" not in report.failures(), report.failures()
+
+
+def _keys_one_off(case: Case, got: dict[str, torch.Tensor], before: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``got`` (the reference's outputs of an indexer ``case``) as a kernel within the key cache rule
+    returns them: 5 codes of each key row the step wrote moved by one (4%), with the scores and top-k
+    the reference computes on that pool."""
+    got = {k: v.clone() for k, v in got.items()}
+    written = (got["keys"] != before).any(-1)
+    k8 = got["keys"][written].int()
+    g = torch.Generator().manual_seed(1)
+    picked = torch.rand(k8.shape, generator=g).argsort(-1)[:, :5]
+    sign = torch.where(torch.rand(k8.shape, generator=g) < 0.5, 1, -1)
+    got["keys"][written] = (k8 + torch.zeros_like(k8).scatter_(1, picked, 1) * sign).clamp(-127, 127).to(torch.int8)
+    state = dsv4.IndexerState(**{k: got[k] for k in case.args["state"].tensors()})
+    call = get_op("indexer").backend_args({**case.args, "state": state})
+    return got | indexer_scores(*call[:9])._asdict()
+
+
+def test_golden_check_judges_the_indexer_on_the_key_pool_it_wrote(tmp_path, monkeypatch) -> None:
+    """``dsv4 golden check`` judges a saved indexer case "from the same inputs" (spec §6): a kernel whose
+    written keys differ from the reference's within the key cache rule, and whose scores and top-k are
+    then the reference's on its own pool, passes, as in ``dsv4 run`` and ``dsv4 bench``; against the
+    saved scores (the reference's pool) it failed. Its keys are still held to the saved ones."""
+    made = make_case(dsv4.get_config("tiny"), "indexer", mode="prefill", seed=0)
+    golden_io.save(made, run_case(made, "reference"), tmp_path)
+    case, saved = golden_io.load(next(tmp_path.glob("*.json")))
+    got = _keys_one_off(case, run_case(case, "reference"), case.compare_inputs()["keys"])
+    assert not compare("indexer", got, saved, case.compare_inputs())  # the saved scores: another pool's
+    assert compare("indexer", got, expected_for(case, got, saved), case.compare_inputs())
+    monkeypatch.setattr(golden_io, "run_case", lambda case, backend: got)
+    ((name, report),) = golden_io.check(tmp_path, "triton")
+    assert report, report.failures()
+    got["keys"][got["keys"] != case.compare_inputs()["keys"]] += 1  # now 2 off where it moved: the keys fail
+    ((name, report),) = golden_io.check(tmp_path, "triton")
+    assert not report and "keys" in report.failures()
 
 
 def test_compare_inputs_are_copies() -> None:

@@ -7,6 +7,7 @@ op draws from are made here once; the op's descriptor picks its arguments from t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,10 +180,20 @@ def expected_outputs(case: Case, got: dict[str, torch.Tensor]) -> dict[str, torc
     top-k, which are the reference's on the key pool ``got`` holds. The keys the step wrote are judged
     against the reference's own by the key cache rule, which lets a code differ by one; through a key
     scored in the same step such a code can move a score by more than the score's tolerance, and at a
-    near-tie swap two top-k indices. ``dsv4 run`` and ``dsv4 bench`` judge the indexer alike."""
-    expected = run_case(case, "reference")
-    if case.op == "indexer":
-        state = IndexerState(**{k: got[k] for k in case.args["state"].tensors()})
-        call = get_op("indexer").backend_args({**case.args, "state": state})
-        expected |= indexer_scores(*call[:9])._asdict()
-    return expected
+    near-tie swap two top-k indices. ``dsv4 run``, ``dsv4 bench`` and ``dsv4 golden check`` (``expected_for``)
+    judge the indexer alike."""
+    return expected_for(case, got, run_case(case, "reference"))
+
+
+def expected_for(
+    case: Case, got: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``expected`` (the reference's outputs of ``case``, run or saved) as spec §6 judges ``got`` by them,
+    "from the same inputs": for the indexer whose key pool in ``got`` is not the expected one (the key
+    cache rule lets a code differ by one), its scores and top-k are the reference's on ``got``'s pool;
+    anything else as it is. ``case.args`` other than its state must hold the step's inputs."""
+    if case.op != "indexer" or all(torch.equal(got[k], expected[k]) for k in ("keys", "key_scale")):
+        return dict(expected)
+    state = IndexerState(**{k: got[k] for k in case.args["state"].tensors()})
+    call = get_op("indexer").backend_args({**case.args, "state": state})
+    return {**expected, **indexer_scores(*call[:9])._asdict()}
