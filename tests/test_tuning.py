@@ -341,12 +341,12 @@ def test_a_lookup_after_a_write_reads_the_file_written(tmp_path, monkeypatch) ->
 
 def test_write_then_read(tmp_path) -> None:
     path = tmp_path / "sub" / "cpu.json"
-    tuning.write_config(path, "cpu", {"topk.select_row": {"R=2,N=16": {"num_warps": 4}}}, {"made_by": "test"})
+    tuning.write_config(path, "cpu", {"topk.select_row": {"R=2,N=16,K=16": {"num_warps": 4}}}, {"made_by": "test"})
     table = tuning.load_config(path, "cpu")
-    assert table.entries["topk.select_row"]["R=2,N=16"].num_warps == 4 and table.meta["made_by"] == "test"
+    assert table.entries["topk.select_row"]["R=2,N=16,K=16"].num_warps == 4 and table.meta["made_by"] == "test"
     with pytest.raises(ValueError, match="num_warps must be one of"):
-        tuning.write_config(path, "cpu", {"topk.select_row": {"R=2,N=16": {"num_warps": 3}}}, {})
-    assert tuning.load_config(path, "cpu").entries["topk.select_row"]["R=2,N=16"].num_warps == 4  # not overwritten
+        tuning.write_config(path, "cpu", {"topk.select_row": {"R=2,N=16,K=16": {"num_warps": 3}}}, {})
+    assert tuning.load_config(path, "cpu").entries["topk.select_row"]["R=2,N=16,K=16"].num_warps == 4  # not overwritten
 
 
 def test_each_front_launch_geometry_has_its_own_bucket() -> None:
@@ -374,6 +374,27 @@ def test_each_front_launch_geometry_has_its_own_bucket() -> None:
         t, d = a["x"].shape[0] * a["x"].shape[1], a["x"].shape[2]
         assert keys[name] == [f"T={tuning.pow2_bucket(t)},D={d},N={2 * w.wkv.shape[0] + hi},HI={hi}"], (name, keys)
     assert keys["kv_compressor csa"] != keys["kv_compressor hca"]
+
+
+def test_compressor_step_and_topk_buckets_name_their_launch_geometry() -> None:
+    """The compressor step sums other K-slices of other columns for ``indexer_compressor`` (the kv and
+    gate projections) than for the indexer (plus the head weights), and the top-k kernels tile the
+    padded top-k: each launch looks up a bucket of its own (``N``, ``K``), not the first tuned one."""
+    steps, selects = {}, {}
+    for op in ("indexer_compressor", "indexer"):
+        case = make_case(TINY, op, batch=2, seq=2, start_pos=61, device=DEVICE)
+        with tuning.recording() as seen:
+            bind(case, "triton")()
+        steps[op] = [key for kernel, key in seen if kernel == "compressor.step"]
+        width = 4 * TINY.index_head_dim + (TINY.index_n_heads if op == "indexer" else 0)
+        assert len(steps[op]) == 1 and f",N={width},K=" in steps[op][0], (op, steps)
+    assert steps["indexer_compressor"] != steps["indexer"]
+    for topk in (16, 32):
+        case = make_case(TINY.replace(index_topk=topk), "indexer", batch=2, seq=2, start_pos=61, device=DEVICE)
+        with tuning.recording() as seen:
+            bind(case, "triton")()
+        selects[topk] = [key for kernel, key in seen if kernel.startswith("topk.")]
+        assert len(selects[topk]) == 1 and selects[topk][0].endswith(f",K={topk}"), (topk, selects)
 
 
 def test_sparse_attn_buckets_name_the_keys_a_token_walks() -> None:

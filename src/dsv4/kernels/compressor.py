@@ -432,7 +432,7 @@ STEP_TUNING = Tunable(
     "compressor.step",
     "_compressor_step_kernel: ring update, the closing blocks' keys, the K-slices summed (compressor launch 2, "
     "indexer launch 2)",
-    dims=("B", "S"),
+    dims=("B", "S", "N", "K"),  # N, K: the projection's columns and K-slices, which differ per caller
     pow2_dims=("B", "S"),
     params=(
         Param("num_warps", NUM_WARPS, (4, 8, 16), "warps per chunk program", compiled_only=True),
@@ -518,7 +518,7 @@ def compressor_step(
     ``[B*S, 4*HID + HI] fp32`` (scratch from ``ws``; ``xp[0]`` when there is one slice).
     """
     split_head_dims(w.norm_w.shape[0], rope.rope_dim)
-    cfg = STEP_TUNING.config(xp.device, B=pos.batch, S=pos.seq)
+    cfg = STEP_TUNING.config(xp.device, B=pos.batch, S=pos.seq, N=xp.shape[2], K=xp.shape[0])
     return _step(
         xp, w, pos, rope, eps, ws, "compressor", cfg, (state.kv_state, state.score_state),
         (state.keys, state.key_scale, state.keys), state.block_table, state.block_size, False,

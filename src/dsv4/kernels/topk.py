@@ -639,7 +639,7 @@ def _select_chunks_kernel(
 ROW_TUNING = Tunable(
     "topk.select_row",
     "_select_row_kernel: a whole row per program, its radix digits in registers (rows of <= 4096 keys)",
-    dims=("R", "N"),
+    dims=("R", "N", "K"),  # K: the top-k padded to a power of two (TOPK_PAD), 512 at flash, 1024 at pro
     pow2_dims=("R", "N"),
     params=(
         Param(
@@ -679,7 +679,7 @@ ROW_TUNING = Tunable(
 CHUNKS_TUNING = Tunable(
     "topk.select_chunks",
     "_select_chunks_kernel: CHUNK keys per program, the last program of a row finishes it (longer rows)",
-    dims=("R", "N"),
+    dims=("R", "N", "K"),  # K: the top-k padded to a power of two (TOPK_PAD), 512 at flash, 1024 at pro
     pow2_dims=("R", "N"),
     params=(
         Param("chunk", CHUNK, (1024, 2048, 4096, 8192), "keys per program (the selected set is the same)", exact=True),
@@ -731,7 +731,7 @@ def select_topk(
     topk_pad = triton.next_power_of_2(max(topk, 2))
     winners = scratch(ws, "topk.cand", (rows, topk_pad), torch.int64, score.device)
     if n <= ROW_IN_REGISTERS:
-        cfg = ROW_TUNING.config(score.device, R=rows, N=n)
+        cfg = ROW_TUNING.config(score.device, R=rows, N=n, K=topk_pad)
         pdl = cfg.pdl and pdl_supported(score.device)
         if cfg.bin_slots:
             bin_list = scratch(ws, "topk.bin", (rows, cfg.bin_slots), torch.int64, score.device)
@@ -764,7 +764,7 @@ def select_topk(
         return out
 
     require(n <= 1 << TIE_INDEX_BITS, "score", f"rows of at most {1 << TIE_INDEX_BITS} keys")
-    cfg = CHUNKS_TUNING.config(score.device, R=rows, N=n)
+    cfg = CHUNKS_TUNING.config(score.device, R=rows, N=n, K=topk_pad)
     chunk = cfg.chunk
     pdl = cfg.pdl and pdl_supported(score.device)
     n_chunks = triton.cdiv(n, chunk)
