@@ -180,6 +180,34 @@ def test_a_tunable_declared_wrongly_or_twice_is_refused_and_not_registered(monke
     assert before == tuning.TUNABLES and tuning.TUNABLES["qkv.projection"] is before["qkv.projection"]
 
 
+def test_a_draw_is_a_candidate_of_the_bucket_and_defaults_only_overrides_it() -> None:
+    """A drawn launch is what a file may hold: a candidate of the case's bucket (T=17 looks up T=32,
+    whose candidates omit the 8 QL splits that 17 tokens alone would offer); inside ``defaults_only``
+    every kernel is at its defaults, even within a ``drawn`` block."""
+    cpu = torch.device("cpu")
+    heads = tuning.TUNABLES["qkv.q_heads"]
+    raw, bucket = dict(T=17, H=8, QL=1536), dict(T=32, H=8, QL=1536)
+    offered = [c for c in heads.candidate_configs(raw) if c not in heads.candidate_configs(bucket)]
+    assert offered  # a candidate the raw token count offers and the bucket does not
+    drawn_here = set()
+    for seed in range(40):
+        with tuning.drawn(random.Random(seed)):
+            cfg = heads.config(cpu, **raw)
+            assert cfg in heads.candidate_configs(bucket)
+            drawn_here.add(tuple(sorted(cfg.items())))
+            with tuning.defaults_only():
+                assert heads.config(cpu, **raw) == heads.default
+                proj = tuning.TUNABLES["qkv.projection"]
+                assert proj.config(cpu, T=17, D=256, N=256) == proj.default
+    assert len(drawn_here) > 1
+
+
+def test_forcing_a_kernel_that_declares_no_parameters_is_refused_naming_it() -> None:
+    forcing = tuning.forced("window_kv_writ", {})
+    with pytest.raises(ValueError, match=r"kernel: expected one of .*qkv\.q_heads.*, got 'window_kv_writ'"):
+        forcing.__enter__()
+
+
 def test_drawn_candidates_are_declared_kept_per_bucket_and_written_as_a_file(tmp_path, monkeypatch) -> None:
     """``tuning.drawn``: each bucket's launch is one of its declared candidates, the same at every later
     lookup; a forced kernel keeps its config; the block ends with the file's choices back; the draws

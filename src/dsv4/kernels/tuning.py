@@ -181,14 +181,15 @@ class Tunable:
     def config(self, device: torch.device, **dims: int) -> Config:
         """The launch parameters at the bucket ``dims`` on ``device`` (see the module docstring); the
         ``pow2_dims`` are rounded up to a power of two here."""
-        key = self.bucket_key({d: pow2_bucket(v) if d in self.pow2_dims else v for d, v in dims.items()})
+        bucket = {d: pow2_bucket(v) if d in self.pow2_dims else v for d, v in dims.items()}
+        key = self.bucket_key(bucket)
         if _STATE.recording is not None:
             _STATE.recording.append((self.name, key))
         forced = _STATE.forced.get(self.name)
         if forced is not None:
             return forced
-        if _STATE.drawn is not None:
-            return _STATE.drawn.choose(self, key, dims)
+        if _STATE.drawn is not None and not _STATE.defaults_only:  # a draw is what a file may hold at the bucket
+            return _STATE.drawn.choose(self, key, bucket)
         return _table_for(device).entries.get(self.name, {}).get(key) or self.default
 
 
@@ -394,7 +395,10 @@ _STATE = _State()
 
 @contextmanager
 def forced(kernel: str, params: Mapping[str, Any]) -> Iterator[Config]:
-    """Launch ``kernel`` with ``params`` (changes from its defaults) at every bucket inside the block."""
+    """Launch ``kernel`` with ``params`` (changes from its defaults) at every bucket inside the block;
+    ``ValueError`` for a kernel that declares no launch parameters."""
+    if kernel not in TUNABLES:
+        raise ValueError(f"kernel: expected one of {', '.join(sorted(TUNABLES))}, got {kernel!r}")
     cfg = TUNABLES[kernel].resolve(params)
     previous = _STATE.forced.get(kernel)
     _STATE.forced[kernel] = cfg
@@ -409,7 +413,8 @@ def forced(kernel: str, params: Mapping[str, Any]) -> Iterator[Config]:
 
 @contextmanager
 def defaults_only() -> Iterator[None]:
-    """Every kernel at its built-in defaults inside the block, whatever config file exists."""
+    """Every kernel at its built-in defaults inside the block, whatever config file exists or candidates
+    an enclosing ``drawn`` block draws (a ``forced`` kernel keeps its forced config)."""
     previous, _STATE.defaults_only = _STATE.defaults_only, True
     try:
         yield
