@@ -14,9 +14,10 @@ bits from run to run.
 - File schema (``SCHEMA``): ``{"schema": 1, "device": KEY, "kernels": {KERNEL: {BUCKET: {PARAM:
   VALUE}}}}`` plus free provenance fields; a bucket is ``"T=128,D=4096,N=1536"`` (the kernel's
   dims in order, its ``pow2_dims`` rounded up to a power of two). Every kernel, bucket, parameter
-  and value is checked when the file is read, repeated keys and bucket keys no launch can look up
+  and value is checked when the file is read, repeated keys and rounded dims that are no power of two
   included: a malformed file is a ``ValueError`` naming the file and the entry, never a silent
-  fallback.
+  fallback. Exact dims are not checked against each other: an entry of a shape no launch has is
+  loaded and never looked up.
 """
 
 from __future__ import annotations
