@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 
 import numpy as np
@@ -633,12 +634,23 @@ def test_write_json_stopped_mid_write_leaves_the_last_file(tmp_path, monkeypatch
     path = tmp_path / "bench.json"
     report.write_json({"run": 1}, path)
 
-    def stopped(self, text, *args, **kwargs):
-        with open(self, "w") as f:
-            f.write(text[: len(text) // 2])
-        raise KeyboardInterrupt
+    real_fdopen = os.fdopen
 
-    monkeypatch.setattr(type(path), "write_text", stopped)
+    class Stopped:  # the file the write goes to: half of the data, then Ctrl-C
+        def __init__(self, fd: int, mode: str) -> None:
+            self.f = real_fdopen(fd, mode)
+
+        def __enter__(self) -> Stopped:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+        def write(self, data: bytes) -> None:
+            self.f.write(data[: len(data) // 2])
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fdopen", Stopped)
     with pytest.raises(KeyboardInterrupt):
         report.write_json({"run": 2, "rows": list(range(100))}, path)
     monkeypatch.undo()

@@ -36,19 +36,6 @@ def open_nofollow(path: Path, append: bool = False) -> BinaryIO:
     return os.fdopen(_nofollow(path, flags), "ab" if append else "wb")
 
 
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """``path`` replaced whole by ``data``: written to a new file of a random name beside it, then renamed
-    over it (a rename replaces a link at ``path`` itself, never its target)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _written_by_a_run(out: Path) -> bool:
     """Whether ``out`` holds the record of an earlier acceptance run (a regular file, not a link)."""
     try:

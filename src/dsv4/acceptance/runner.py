@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..io.atomic_write import write_atomic
 from .environment import describe
-from .out_dir import RECORD, open_nofollow, write_atomic
+from .out_dir import RECORD, open_nofollow
 from .plan import Paths, Step
 from .results import PARSERS
 from .summary import render

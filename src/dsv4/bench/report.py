@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .. import checkout
+from ..io.atomic_write import write_atomic
 
 MB = 1e6
 
@@ -184,14 +185,7 @@ def render(result: dict[str, Any]) -> str:
 
 def write_json(result: dict[str, Any], path: str | Path) -> None:
     """Write ``result`` to ``path`` whole or not at all (a run stopped mid-write leaves the last file)."""
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    try:
-        partial.write_text(json.dumps(result, indent=1, sort_keys=False) + "\n")
-        partial.replace(path)
-    except BaseException:
-        partial.unlink(missing_ok=True)  # no stray file beside a path that could not be written
-        raise
+    write_atomic(path, json.dumps(result, indent=1, sort_keys=False) + "\n")
 
 
 def plot(result: dict[str, Any], path: str | Path) -> None:

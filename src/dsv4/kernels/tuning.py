@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ..io.atomic_write import write_atomic
 from ..io.json_files import JSONFileError, read_json, unique_keys
 
 SCHEMA = 1
@@ -347,9 +348,7 @@ def write_config(
     parse_config(data, f"kernel config {path}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=False) + "\n")
     reload()
 
 
