@@ -286,6 +286,15 @@ def test_drawn_candidates_are_declared_kept_per_bucket_and_written_as_a_file(tmp
             {"schema": 1, "device": "cpu", "kernels": {"qkv.rows": {"T=\u0661\u0662,QL=128,HD=128": {}}}},
             "is not of the form",
         ),
+        # a dim past any launch's (Python refuses to read an int of more than 4300 digits, naming no entry)
+        (
+            {"schema": 1, "device": "cpu", "kernels": {"qkv.rows": {f"T=1,QL={'9' * 5000},HD=128": {}}}},
+            "kernel 'qkv.rows': bucket 'T=1,QL=999.* is not of the form",
+        ),
+        (
+            {"schema": 1, "device": "cpu", "kernels": {"qkv.rows": {f"T=1,QL={10**18},HD=128": {}}}},
+            "is not of the form",
+        ),
     ],
 )
 def test_malformed_files_are_named_errors(tmp_path, data, message: str) -> None:

@@ -44,7 +44,8 @@ CPU_KEY = "cpu"
 # Driver names that the general rule would shorten too far: the H100 SXM part reports no form factor.
 _ALIASES = {"h100 80gb hbm3": "h100-sxm"}
 _DROP = re.compile(r"\d+gb|hbm\d*e?")  # memory size and type: the same chip whatever its memory
-_BUCKET_ITEM = re.compile(r"([A-Z][A-Z0-9_]*)=(0|[1-9][0-9]*)")  # ASCII digits, no leading zero: one key a bucket
+# ASCII digits, no leading zero (one key a bucket), at most 18 (below 2^63: no dim of a launch is longer)
+_BUCKET_ITEM = re.compile(r"([A-Z][A-Z0-9_]*)=(0|[1-9][0-9]{0,17})")
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ class Tunable:
         items = [m for part in parts if (m := _BUCKET_ITEM.fullmatch(part))]
         if len(items) < len(parts) or tuple(m[1] for m in items) != self.dims:
             form = ",".join(f"{d}=<int>" for d in self.dims)
-            raise ValueError(f"kernel {self.name!r}: bucket {key!r} is not of the form {form!r}")
+            raise ValueError(f"kernel {self.name!r}: bucket {key!r:.80} is not of the form {form!r} (ints below 10^18)")
         bucket = {m[1]: int(m[2]) for m in items}
         odd = [d for d in self.pow2_dims if bucket[d] != pow2_bucket(bucket[d])]
         if odd:  # a launch rounds these up: no launch would look such a bucket up
