@@ -244,7 +244,8 @@ def _check_plot_format(path: str) -> None:
     """matplotlib is installed and writes the format ``path``'s suffix names (it would otherwise add
     ``.png`` to a name without one, or refuse an unknown one after the whole measurement)."""
     try:
-        from matplotlib.backend_bases import FigureCanvasBase  # report.plot draws with it
+        import matplotlib  # noqa: F401  (report.plot draws with it; first: its submodules may be loaded already)
+        from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
         raise ValueError(
             '--plot: needs matplotlib, which is not installed: pip install "dsv4-kernels[bench]" '
