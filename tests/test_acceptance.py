@@ -26,7 +26,7 @@ import torch
 
 from dsv4.acceptance.__main__ import main
 from dsv4.acceptance.out_dir import KIND, RECORD
-from dsv4.acceptance.plan import GPU, OPS, TUNE_MARGIN_S, Paths, Step, build_plan
+from dsv4.acceptance.plan import DRY, GPU, OPS, TUNE_MARGIN_S, Paths, Step, build_plan
 from dsv4.acceptance.results import (
     parse_checkpoint,
     parse_decode_loop,
@@ -450,16 +450,37 @@ def test_a_step_whose_output_cannot_be_read_records_why_and_the_run_goes_on(tmp_
 
 
 def test_ncu_profiles_the_triton_kernels_alone() -> None:
-    """The ncu step's kernel filter (a regular expression searched in each kernel's function name)
-    takes the project's Triton kernels, whose names begin with an underscore, and none of PyTorch's
-    (the reference's checks run in the same process), whose names may hold one further in."""
+    """The ncu step's kernel filter (a regular expression searched in each kernel's mangled name) takes
+    the project's Triton kernels, whose unmangled names begin with an underscore, and none of PyTorch's
+    (the reference's checks run in the same process): mangled C++ names begin with ``_Z``, and by
+    function name ``at::_assert_async_cuda_kernel`` and ``at::_scatter_gather_elementwise_kernel``
+    matched (the H100 run's ncu.csv holds both). The bench under it times no per-kernel split (ten
+    more profiler runs a shape)."""
     (ncu,) = [s for s in build_plan(GPU, Paths(ROOT, Path("out"), Path("work"), "python")) if s.name == "ncu"]
     (command,) = ncu.commands
+    assert command[command.index("--kernel-name-base") + 1] == "mangled" and "--no-kernel-split" in command
     pattern = command[command.index("--kernel-name") + 1].removeprefix("regex:")
     for name in ("_q_heads_kernel", "_split_k_projection_kernel", "_score_kernel", "_select_row_kernel"):
         assert re.search(pattern, name), name
-    for name in ("vectorized_elementwise_kernel", "reduce_kernel", "gemv2T_kernel_val", "ampere_bf16_s16816gemm"):
+    pytorch = (
+        "_ZN2at6native24_assert_async_cuda_kernelIbEEvPKT_NS_3MsgE",
+        "_ZN2at6native34_scatter_gather_elementwise_kernelILi128ELi8EZNS0_16_cuda_scatter_gather_internal_kernel",
+        "vectorized_elementwise_kernel", "reduce_kernel", "gemv2T_kernel_val", "ampere_bf16_s16816gemm",
+    )  # fmt: skip
+    for name in pytorch:
         assert not re.search(pattern, name), name
+
+
+def test_the_dry_runs_ncu_bench_keeps_a_shape_of_its_preset(tmp_path) -> None:
+    """Where ``ncu`` exists, the dry run profiles its bench: the bench under it, run here without ncu,
+    must keep a shape of tiny's (the GPU run's ``B=64,cache=262144`` keep none, and it refused to start)."""
+    paths = Paths(ROOT, tmp_path / "out", tmp_path, sys.executable)
+    (ncu,) = [s for s in build_plan(DRY, paths) if s.name == "ncu"]
+    (command,) = ncu.commands
+    bench = list(command[command.index(sys.executable) :])
+    proc = run_python(bench[1:], DSV4_ACCEPTANCE_DRY="1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "decode B=4 S=2" in proc.stdout
 
 
 def test_the_gpu_plan_covers_every_owed_figure(capsys, monkeypatch) -> None:

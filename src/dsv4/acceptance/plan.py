@@ -53,10 +53,13 @@ NCU_METRICS = (
     "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio",
     "smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio",
 )  # fmt: skip
-NCU_KERNELS = "regex:^_"
+# the project's Triton kernels: unmangled names that begin with an underscore and a lower-case letter; a
+# PyTorch kernel's mangled name begins with "_Z" (by function name, at::_assert_async_cuda_kernel matched)
+NCU_KERNELS = "regex:^_[a-z]"
 # the shapes ncu profiles: the deployment batch in every layer kind and the longest context, each kernel
 # once per shape family (sparse_attn_write runs sparse_attn's kernel)
 NCU_SHAPES = ("B=64", "cache=262144")
+NCU_SHAPES_DRY = ("B=4",)  # tiny's decode batch: the dry run's bench must keep a shape where ncu exists
 NCU_SKIP_OPS = ("sparse_attn_write",)
 SANITIZER_EXIT = 86  # compute-sanitizer's exit on a finding: not dsv4 run's 1 for a failed check
 CHECKPOINT_LAYER = 1  # a compress-ratio-4 layer of benchmarks/load_checkpoint.py's checkpoint
@@ -87,11 +90,13 @@ class Profile:
     probe: tuple[str, ...]  # dsv4 tune --probe arguments (besides --json)
     rank: str  # one tensor-parallel rank of the preset ("flash/tp8"), timed and tuned at its own shapes
     fuzz: tuple[str, ...]  # benchmarks/fuzz_ops.py arguments
+    ncu_shapes: tuple[str, ...] = NCU_SHAPES  # the shapes the ncu step profiles (dsv4 bench --shapes)
     dry_skips: dict[str, str] = field(default_factory=dict)  # step -> why the dry run leaves it out
 
 
 # GPU: at most 100 repetitions or 1 s per timing (100 L2-flushed repetitions of a decode op take far less);
-# even if every step before it runs to its timeout, 35 s of the 480 s budget are left to the decode graph
+# even if every step before it runs to its timeout, 35 s of the 480 s budget are left to the decode graph,
+# less the seconds a stopped step takes to stop (KILL_GRACE_S: at most 8 s a step, 1-4 s in the runs so far)
 # (H200, 2026-12-04: the tests took 136 s, the probe 7 s).
 # The probe and the tune come right after the decode figures: what they leave (the machine's limits, a
 # tuned config file) lasts beyond the slice; the torch.compile baselines come last.
@@ -148,6 +153,7 @@ DRY = Profile(
     tune=("--dry-run", "--ops", "qkv_proj_rope", "--kernels", "qkv.rows,qkv.q_heads"), probe=("--dry-run",),
     rank="tiny/tp1",  # not run (below): the whole layer, as a rank of one
     fuzz=("--device", "cpu", "--preset", "tiny", "--ops", "qkv_proj_rope", "--candidates", "--seconds", "3"),
+    ncu_shapes=NCU_SHAPES_DRY,
     dry_skips={
         **dict.fromkeys(
             ("bench_decode_compile", "bench_decode_compile_indexer", "bench_prefill_compile"),
@@ -294,16 +300,18 @@ def build_plan(profile: Profile, paths: Paths) -> list[Step]:
     )  # fmt: skip
     ncu = shutil.which("ncu")
     # plain launches, the fewest repetitions the bench takes (5; a per-timing budget of 1 ms keeps it at
-    # that minimum): each kernel is profiled ~11 times per shape
+    # that minimum), no per-kernel split (its 10 profiler runs would double the launches, and the PyTorch
+    # profiler's CUPTI cannot run under ncu's): each kernel is profiled ~10 times per shape
     ncu_ops = tuple(op for op in profile.ops if op not in NCU_SKIP_OPS)
     profiled = _bench(
-        paths, profile, "decode", ncu_ops, "triton", "ncu-bench.json", "--no-graph", "--shapes", ",".join(NCU_SHAPES),
+        paths, profile, "decode", ncu_ops, "triton", "ncu-bench.json", "--no-graph", "--no-kernel-split",
+        "--shapes", ",".join(profile.ncu_shapes),
         reps=5, budget_s=1e-3,
     )  # fmt: skip
     add(
         "ncu", "ncu: DRAM and L2 bytes, registers, occupancy and stall reasons per Triton kernel at decode",
         (ncu or "ncu", "--target-processes", "all", "--clock-control", "none",  # the card's clocks as they are
-         "--kernel-name-base", "function", "--kernel-name", NCU_KERNELS,
+         "--kernel-name-base", "mangled", "--kernel-name", NCU_KERNELS,
          "--metrics", ",".join(NCU_METRICS), "--csv", "--page", "raw", "--print-units", "base", *profiled),
         parse="ncu", files={"csv": str(out / "ncu.csv")},
         skip=None if ncu else "ncu not found on PATH",
